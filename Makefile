@@ -1,0 +1,41 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both build .venv by themselves.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: venv demo test test-slow test-all bench weights reproduce clean-outputs
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+## The main job: prepare the embedded data set and run the demo (outputs/demo/).
+demo: venv
+	$(PY) -m mardini.demo
+
+## The fast test suite (what CI runs).
+test: venv
+	$(PY) -m pytest -m "not slow" -q
+
+## The longer tests (real videos, real metric weights, long runs).
+test-slow: venv
+	$(PY) -m pytest -m slow -q
+
+test-all: venv
+	$(PY) -m pytest -q
+
+## Benchmarks: write bench/results/*.json.
+bench: venv
+	$(PY) -m bench.run_all
+
+clean-outputs:
+	rm -rf outputs lightning_logs data/shards bench/results

@@ -1,0 +1,76 @@
+"""The per-frame autoencoder interface every other module talks to."""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+
+
+class FrameAutoencoder(nn.Module):
+    """Encodes and decodes video frame by frame (no temporal compression, PAPER.md §2.1).
+
+    Subclasses implement :meth:`encode_frames` / :meth:`decode_frames` on ``(N, 3, H, W)`` images;
+    this class handles the time axis, chunking and the latent normalisation
+    ``z = (raw - shift) * scale``.
+
+    Attributes:
+        latent_channels: channels C of a latent frame.
+        downsample: spatial factor f, so a ``(H, W)`` frame gives an ``(H/f, W/f)`` latent.
+        scale, shift: latent normalisation factors (1 and 0 when the latents are already unit-scale).
+    """
+
+    latent_channels: int
+    downsample: int
+    scale: float = 1.0
+    shift: float = 0.0
+
+    def __init__(self, chunk_size: int = 16) -> None:
+        super().__init__()
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.chunk_size = chunk_size
+
+    # -- to implement ------------------------------------------------------------------------------
+    def encode_frames(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, 3, H, W)`` in [-1, 1] -> raw latents ``(N, C, H/f, W/f)``."""
+        raise NotImplementedError
+
+    def decode_frames(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw latents ``(N, C, h, w)`` -> ``(N, 3, h*f, w*f)`` in about [-1, 1]."""
+        raise NotImplementedError
+
+    # -- public API --------------------------------------------------------------------------------
+    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        """Latent ``(h, w)`` of a frame; raises if the frame is not divisible by the downsampling factor."""
+        f = self.downsample
+        if height % f or width % f:
+            raise ValueError(
+                f"frame size {height}x{width} is not divisible by the autoencoder's downsampling factor {f}; "
+                f"resize or crop the video to a multiple of {f}"
+            )
+        return height // f, width // f
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """``(B, T, 3, H, W)`` in [-1, 1] -> normalised latents ``(B, T, C, H/f, W/f)``."""
+        if video.dim() != 5 or video.shape[2] != 3:
+            raise ValueError(f"expected video of shape (B, T, 3, H, W), got {tuple(video.shape)}")
+        self.latent_size(video.shape[-2], video.shape[-1])
+        b = video.shape[0]
+        frames = rearrange(video, "b t c h w -> (b t) c h w")  # (B*T, 3, H, W)
+        z = torch.cat([self.encode_frames(c) for c in frames.split(self.chunk_size)])  # (B*T, C, h, w)
+        z = (z - self.shift) * self.scale
+        return rearrange(z, "(b t) c h w -> b t c h w", b=b)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents ``(B, T, C, h, w)`` -> video ``(B, T, 3, h*f, w*f)`` clamped to [-1, 1]."""
+        if latents.dim() != 5 or latents.shape[2] != self.latent_channels:
+            raise ValueError(
+                f"expected latents of shape (B, T, {self.latent_channels}, h, w), got {tuple(latents.shape)}"
+            )
+        b = latents.shape[0]
+        z = rearrange(latents, "b t c h w -> (b t) c h w") / self.scale + self.shift  # (B*T, C, h, w)
+        x = torch.cat([self.decode_frames(c) for c in z.split(self.chunk_size)])  # (B*T, 3, H, W)
+        return rearrange(x.clamp(-1, 1), "(b t) c h w -> b t c h w", b=b)

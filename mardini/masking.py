@@ -1,0 +1,126 @@
+"""Frame masks: the one convention every module shares, task templates, and keep-ratio sampling.
+
+A frame mask is a ``(B, T)`` bool tensor, **True = generate** (masked), False = reference (given).
+
+``keep_ratio`` is what the paper calls "mask ratio": the fraction of frames *kept* as references
+(PAPER.md §3.2). A drawn ratio r gives ``n_ref = clamp(round(r * T), 1, T - 1)`` references, so every
+row always has at least one given and one generated frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+# Task templates, in a fixed order: their index is what the training step logs per template.
+TEMPLATES: tuple[str, ...] = ("random", "interpolation", "image_to_video", "expansion")
+
+
+# --------------------------------------------------------------------------------------------------
+# Single-row masks for the named tasks
+# --------------------------------------------------------------------------------------------------
+
+
+def mask_from_given(frames: int, given: list[int] | tuple[int, ...]) -> torch.Tensor:
+    """Mask of one clip from the indices of its given frames. Returns ``(T,)`` bool, True = generate."""
+    if frames < 2:
+        raise ValueError(f"frames must be >= 2 (one given and one generated), got {frames}")
+    idx = sorted(set(int(i) for i in given))
+    if not idx:
+        raise ValueError("no frame is given: give at least one reference frame")
+    bad = [i for i in idx if not 0 <= i < frames]
+    if bad:
+        raise ValueError(f"given frame indices {bad} are outside the window [0, {frames - 1}]")
+    if len(idx) == frames:
+        raise ValueError(f"every one of the {frames} frames is given: leave at least one frame to generate")
+    mask = torch.ones(frames, dtype=torch.bool)
+    mask[idx] = False
+    return mask
+
+
+def interpolation_mask(frames: int) -> torch.Tensor:
+    """First and last frames given, the middle generated. ``(T,)``"""
+    return mask_from_given(frames, [0, frames - 1])
+
+
+def image_to_video_mask(frames: int, index: int = 0) -> torch.Tensor:
+    """One frame given at ``index`` (negative counts from the end). ``(T,)``"""
+    return mask_from_given(frames, [index % frames if index < 0 else index])
+
+
+def expansion_mask(frames: int, n_given: int) -> torch.Tensor:
+    """A prefix of ``n_given`` frames given, the continuation generated. ``(T,)``"""
+    return mask_from_given(frames, list(range(n_given)))
+
+
+def validate_mask(mask: torch.Tensor) -> None:
+    """Raise if ``mask`` is not a ``(B, T)`` bool mask with a given and a generated frame in every row."""
+    if mask.dtype != torch.bool or mask.dim() != 2:
+        raise ValueError(f"mask must be a (B, T) bool tensor, got dtype={mask.dtype} shape={tuple(mask.shape)}")
+    if bool(mask.all(dim=1).any()):
+        raise ValueError("a mask row generates every frame: give at least one reference frame per clip")
+    if bool((~mask).all(dim=1).any()):
+        raise ValueError("a mask row gives every frame: leave at least one frame to generate per clip")
+
+
+def n_ref_from_ratio(keep_ratio: torch.Tensor | float, frames: int) -> torch.Tensor:
+    """Number of reference frames for a kept fraction: ``clamp(round(r T), 1, T - 1)``."""
+    r = torch.as_tensor(keep_ratio, dtype=torch.float64)
+    return torch.clamp(torch.round(r * frames), 1, frames - 1).long()
+
+
+# --------------------------------------------------------------------------------------------------
+# Training-time sampler
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MaskSampler:
+    """Draws training masks: a task template per clip, then its references.
+
+    Args:
+        keep_ratio: ``(min, max)`` of the kept fraction, ``0 < min <= max <= 1``; r ~ U[min, max].
+        template_probs: probability of each template in :data:`TEMPLATES`; missing ones are 0.
+            ``random`` puts ``n_ref(r)`` references at uniform positions, ``expansion`` puts them as a
+            prefix, ``interpolation`` gives first + last, ``image_to_video`` gives one frame at a
+            uniformly drawn index.
+    """
+
+    keep_ratio: tuple[float, float] = (0.35, 1.0)
+    template_probs: dict[str, float] = field(default_factory=lambda: {"random": 1.0})
+
+    def __post_init__(self) -> None:
+        lo, hi = (float(v) for v in self.keep_ratio)
+        if not (0.0 < lo <= hi <= 1.0):
+            raise ValueError(f"keep_ratio must satisfy 0 < min <= max <= 1, got {self.keep_ratio}")
+        self.keep_ratio = (lo, hi)
+        unknown = set(self.template_probs) - set(TEMPLATES)
+        if unknown:
+            raise ValueError(f"unknown task templates {sorted(unknown)}; allowed: {list(TEMPLATES)}")
+        probs = [float(self.template_probs.get(name, 0.0)) for name in TEMPLATES]
+        if any(p < 0 for p in probs) or sum(probs) <= 0:
+            raise ValueError(f"template_probs must be >= 0 with a positive sum, got {self.template_probs}")
+        self._probs = torch.tensor(probs, dtype=torch.float64) / sum(probs)
+
+    def sample(
+        self, batch: int, frames: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``mask (B, T)`` bool (True = generate) and ``template (B,)`` long (index into TEMPLATES)."""
+        if frames < 2:
+            raise ValueError(f"frames must be >= 2, got {frames}")
+        template = torch.multinomial(self._probs.expand(batch, -1), 1, generator=generator).squeeze(1)  # (B,)
+        lo, hi = self.keep_ratio
+        r = lo + (hi - lo) * torch.rand(batch, generator=generator, dtype=torch.float64)  # (B,)
+        n_ref = n_ref_from_ratio(r, frames)  # (B,)
+        order = torch.rand(batch, frames, generator=generator).argsort(dim=1)  # (B, T) random permutation
+        rank = order.argsort(dim=1)  # (B, T) position of each frame in the permutation
+        ar = torch.arange(frames).expand(batch, -1)  # (B, T)
+        given_random = rank < n_ref[:, None]  # (B, T)
+        given_prefix = ar < n_ref[:, None]  # (B, T)
+        given_interp = (ar == 0) | ((ar == frames - 1) & (frames > 2))  # (B, T); T=2 keeps only the first
+        i2v_index = torch.randint(0, frames, (batch,), generator=generator)  # (B,)
+        given_i2v = ar == i2v_index[:, None]  # (B, T)
+        given = torch.stack([given_random, given_interp, given_i2v, given_prefix], dim=1)  # (B, 4, T)
+        given = given[torch.arange(batch), template]  # (B, T)
+        return ~given, template
