@@ -1,0 +1,58 @@
+"""The LightningCLI used by ``train.py``: stage YAMLs with ``class_path``/``init_args``, safe defaults."""
+
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from mardini.lit.base import MarDiniBase
+from mardini.lit.checkpoint_io import AtomicCheckpointIO
+
+
+class MarDiniCLI(LightningCLI):
+    """``fit``/``validate``/``test`` over any MarDini stage module and any LightningDataModule."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--checkpoint_every", type=int, default=500,
+            help="write last.ckpt (atomically) every this many training steps",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        sub = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        every = sub.get("checkpoint_every", 500)
+        if every is None or every < 1:
+            raise ValueError(f"checkpoint_every={every} is impossible: it must be >= 1")
+        self._checkpoint_every = every
+
+    def instantiate_trainer(self, **kwargs):
+        extra = [
+            ModelCheckpoint(filename="step{step:08d}", auto_insert_metric_name=False, save_last=True,
+                            every_n_train_steps=self._checkpoint_every, save_top_k=1),
+            LearningRateMonitor(logging_interval="step"),
+        ]
+        kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + extra
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # atomic local saves unless the user chose one
+        return trainer
+
+
+def trainer_defaults() -> dict:
+    return {"log_every_n_steps": 10}
+
+
+def main(args: list[str] | None = None, run: bool = True) -> MarDiniCLI:
+    from mardini.data.datamodule import VideoDataModule
+
+    return MarDiniCLI(
+        model_class=MarDiniBase,
+        subclass_mode_model=True,
+        datamodule_class=VideoDataModule,
+        subclass_mode_data=True,
+        trainer_defaults=trainer_defaults(),
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+        auto_configure_optimizers=False,
+    )

@@ -1,0 +1,367 @@
+"""Shared base of the three training stages: optimiser, LR schedule, EMA, RNG, logging, safety checks.
+
+Subclasses build their networks into ``self.networks`` (an ``nn.ModuleDict``) and implement
+:meth:`compute_loss`. Everything else -- AdamW with ``blr * global_batch / 256``, warm-up + cosine,
+EMA of the networks only (timm ``ModelEmaV3``), per-step RNG derived from (seed, rank, step), the
+non-finite policy, the latents of a batch, checkpoint metadata -- lives here once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, ClassVar, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import grad_norm
+from timm.utils.model_ema import ModelEmaV3
+from torch import nn
+
+from mardini.autoencoders import FrameAutoencoder, SpaceToDepthAutoencoder
+from mardini.lit.schedules import scaled_lr, warmup_cosine
+from mardini.masking import TEMPLATES, MaskSampler
+
+CHECKPOINT_FORMAT = 1  # bump when the layout of checkpoint["mardini"] or the network keys change
+
+
+class MarDiniBase(L.LightningModule):
+    """Common machinery; see the subclasses for the losses.
+
+    Args:
+        size: model size name from ``mardini.models.registry`` (``tiny``, ``small``, ``mardini-s/st`` ...).
+        planner, generator: overrides of the size's config fields, e.g. ``{"depth": 2}``.
+        autoencoder: a :class:`FrameAutoencoder` (default: exact space-to-depth with factor 2). Frozen; kept
+            out of the optimiser, the EMA and the checkpoints.
+        planner_resolution: side of the low-resolution copy the planner sees (pixels).
+        frames: frames per training clip; ``None`` takes the data's window. Smaller than the data's window
+            takes a random contiguous crop (so a curriculum can change it without rebuilding the loader).
+        keep_ratio: ``(min, max)`` fraction of frames kept as references (the paper's "mask ratio").
+        templates: task-template probabilities for :class:`MaskSampler`.
+        blr, lr: base LR (scaled by ``global_batch / 256``), or an absolute LR that overrides it.
+        warmup_steps, decay_steps, min_lr_ratio: linear warm-up, then cosine to ``min_lr_ratio`` at
+            ``decay_steps`` (default: ``trainer.max_steps``).
+        ema_decay, ema_warmup: EMA of the networks; with warm-up the decay ramps up (timm's rule).
+        nonfinite: ``stop`` raises naming the step and batch; ``skip`` drops the step and counts it.
+        seed: base of every random draw (mask, t, noise, dropout) via (seed, rank, step).
+        init_from: checkpoint of a previous stage of the same kind to start from (weights + EMA only).
+    """
+
+    KIND: ClassVar[str] = "base"
+
+    def __init__(
+        self,
+        size: str = "tiny",
+        planner: dict[str, Any] | None = None,
+        generator: dict[str, Any] | None = None,
+        autoencoder: FrameAutoencoder | None = None,
+        planner_resolution: int = 16,
+        frames: int | None = None,
+        keep_ratio: tuple[float, float] = (0.35, 1.0),
+        templates: dict[str, float] | None = None,
+        blr: float = 3.5e-5,
+        lr: float | None = None,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 0,
+        decay_steps: int | None = None,
+        min_lr_ratio: float = 0.1,
+        ema_decay: float = 0.9999,
+        ema_warmup: bool = True,
+        nonfinite: Literal["stop", "skip"] = "stop",
+        seed: int = 0,
+        init_from: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["autoencoder"])
+        _check_settings(planner_resolution=planner_resolution, frames=frames, blr=blr, lr=lr,
+                        warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, ema_decay=ema_decay,
+                        nonfinite=nonfinite)
+        self.autoencoder = autoencoder if autoencoder is not None else SpaceToDepthAutoencoder(2)
+        self.autoencoder.requires_grad_(False)
+        self.mask_sampler = MaskSampler(tuple(keep_ratio), dict(templates or {"random": 1.0}))
+        self.frames = frames
+        self.networks = nn.ModuleDict(self.build_networks())
+        self.ema = ModelEmaV3(self.networks, decay=ema_decay, use_warmup=ema_warmup)
+        self.ema.requires_grad_(False)
+        self.nonfinite_skipped = 0
+        self._ema_step = -1
+        self._last_batch_time: float | None = None
+        self._ema_backup: list[torch.Tensor] | None = None
+        if init_from:
+            self.load_networks_from(init_from, kinds=(self.KIND,))
+
+    # ----------------------------------------------------------------------------------------------
+    # To implement
+    # ----------------------------------------------------------------------------------------------
+    def build_networks(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def compute_loss(self, batch: dict, generator: torch.Generator, train: bool) -> torch.Tensor:
+        """Returns the per-sample loss ``(B,)``; also sets ``self._last_template (B,)``."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------------------
+    # Latents and randomness
+    # ----------------------------------------------------------------------------------------------
+    def step_generator(self, step: int, salt: int = 0) -> torch.Generator:
+        """A CPU generator seeded from (seed, rank, step, salt): resumable and different on every rank."""
+        rank = self.global_rank if self._trainer is not None else 0
+        return torch.Generator().manual_seed(hash((self.hparams.seed, rank, step, salt)) & 0x7FFF_FFFF_FFFF_FFFF)
+
+    def crop_frames(self, batch: dict, generator: torch.Generator) -> dict:
+        """Random contiguous crop of every per-frame tensor of the batch to ``self.frames``."""
+        key = "video" if "video" in batch else "z_high"
+        total = batch[key].shape[1]
+        if self.frames is None or self.frames == total:
+            return batch
+        if self.frames > total:
+            raise ValueError(f"frames={self.frames} is more than the data's window of {total}; raise data.frames")
+        start = int(torch.randint(0, total - self.frames + 1, (1,), generator=generator))
+        out = dict(batch)
+        for name in ("video", "z_high", "z_low", "positions"):
+            if name in batch and torch.is_tensor(batch[name]):
+                out[name] = batch[name][:, start : start + self.frames]
+        return out
+
+    def latents_high(self, batch: dict) -> torch.Tensor:
+        """High-resolution latents ``(B, T, C, h, w)`` of the batch (cached, or encoded from pixels)."""
+        if "z_high" in batch:
+            return batch["z_high"].float()
+        return self.autoencoder.encode(batch["video"])
+
+    def latents_low(self, batch: dict) -> torch.Tensor:
+        """Planner latents ``(B, T, C, h', w')``: the clip resized to ``planner_resolution``, then encoded."""
+        if "z_low" in batch:
+            return batch["z_low"].float()
+        from mardini.data.transforms import resize_video
+
+        video = batch["video"]
+        size = self.hparams.planner_resolution
+        if max(video.shape[-2:]) < size:
+            raise ValueError(
+                f"planner_resolution={size} is larger than the training resolution {tuple(video.shape[-2:])}; "
+                "lower model.planner_resolution or raise data.resolution"
+            )
+        return self.autoencoder.encode(resize_video(video, size))
+
+    # ----------------------------------------------------------------------------------------------
+    # Steps
+    # ----------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        gen = self.step_generator(self.global_step)
+        batch = self.crop_frames(batch, gen)
+        per_sample = self.compute_loss(batch, gen, train=True)  # (B,)
+        loss = per_sample.mean()
+        if not self._all_finite(loss):
+            return self._on_nonfinite("loss", batch)
+        self._log_train(batch, per_sample, loss)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        gen = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + batch_idx)
+        batch = self.crop_frames(batch, gen)
+        per_sample = self.compute_loss(batch, gen, train=False)  # (B,)
+        bs = per_sample.shape[0]
+        self.log("val/loss", per_sample.mean(), sync_dist=True, batch_size=bs, prog_bar=True)
+        for i, name in enumerate(TEMPLATES):
+            sel = self._last_template == i
+            if sel.any():
+                self.log(f"val/loss_{name}", per_sample[sel].mean(), sync_dist=True, batch_size=int(sel.sum()))
+
+    # ----------------------------------------------------------------------------------------------
+    # Optimiser and schedule
+    # ----------------------------------------------------------------------------------------------
+    def global_batch_size(self) -> int:
+        trainer = self.trainer
+        dm = trainer.datamodule if trainer is not None else None
+        per_rank = getattr(dm, "per_rank_batch_size", None)
+        if per_rank is None:
+            per_rank = getattr(dm, "batch_size", 1) // max(1, trainer.world_size)
+        return int(per_rank) * trainer.world_size * trainer.accumulate_grad_batches
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        lr = hp.lr if hp.lr is not None else scaled_lr(hp.blr, self.global_batch_size())
+        decay, no_decay = [], []
+        for p in self.networks.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas))
+        total = hp.decay_steps or max(1, self.trainer.max_steps if self.trainer.max_steps > 0 else 1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: warmup_cosine(s, hp.warmup_steps, total, hp.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        norms = grad_norm(self.networks, norm_type=2)
+        total = norms.get("grad_2.0_norm_total")
+        if total is None:
+            return
+        self.log("train/grad_norm", total, on_step=True, on_epoch=False)
+        if not torch.isfinite(total):
+            if self.hparams.nonfinite == "stop":
+                raise FloatingPointError(
+                    f"non-finite gradient norm ({float(total)}) at step {self.global_step}; "
+                    "lower the LR, enable gradient clipping, or set model.nonfinite=skip"
+                )
+            optimizer.zero_grad(set_to_none=True)  # AdamW skips parameters whose grad is None
+            self.nonfinite_skipped += 1
+
+    # ----------------------------------------------------------------------------------------------
+    # EMA: updated after each optimiser step, swapped in for validation and sampling
+    # ----------------------------------------------------------------------------------------------
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.global_step != self._ema_step:
+            self.ema.update(self.networks, step=self.global_step)
+            self._ema_step = self.global_step
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Context manager: the networks hold the EMA weights inside, their own weights again after."""
+        self._swap_in_ema()
+        try:
+            yield self
+        finally:
+            self._swap_out_ema()
+
+    def _swap_in_ema(self) -> None:
+        if self._ema_backup is not None:
+            return
+        live = list(self.networks.state_dict().values())
+        self._ema_backup = [t.detach().clone() for t in live]
+        torch._foreach_copy_(live, list(self.ema.module.state_dict().values()))
+
+    def _swap_out_ema(self) -> None:
+        if self._ema_backup is None:
+            return
+        torch._foreach_copy_(list(self.networks.state_dict().values()), self._ema_backup)
+        self._ema_backup = None
+
+    def on_validation_epoch_start(self) -> None:
+        self._swap_in_ema()
+
+    def on_validation_epoch_end(self) -> None:
+        self._swap_out_ema()
+
+    # ----------------------------------------------------------------------------------------------
+    # Checkpoints: metadata, the frozen autoencoder kept out, loading networks of earlier stages
+    # ----------------------------------------------------------------------------------------------
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "kind": self.KIND,
+            "size": self.hparams.size,
+            "networks": sorted(self.networks.keys()),
+            "autoencoder": type(self.autoencoder).__name__,
+            "latent_channels": self.autoencoder.latent_channels,
+            "nonfinite_skipped": self.nonfinite_skipped,
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["mardini"] = self.checkpoint_metadata()
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("autoencoder.")
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        from mardini.lit.checkpoints import check_metadata
+
+        check_metadata(checkpoint, kinds=(self.KIND,), path="<resumed checkpoint>")
+        self.nonfinite_skipped = int(checkpoint["mardini"].get("nonfinite_skipped", 0))
+        state = checkpoint["state_dict"]
+        for k, v in self.autoencoder.state_dict().items():
+            state.setdefault(f"autoencoder.{k}", v)
+
+    def load_networks_from(self, path: str, kinds: tuple[str, ...], names: tuple[str, ...] | None = None) -> None:
+        """Copy networks (raw and EMA) from a checkpoint of an allowed kind; shapes must match."""
+        from mardini.lit.checkpoints import load_network_states
+
+        raw, ema = load_network_states(path, kinds=kinds, names=names or tuple(self.networks.keys()))
+        for name, state in raw.items():
+            _load_into(self.networks[name], state, f"{path}: network '{name}'")
+        for name, state in ema.items():
+            _load_into(self.ema.module[name], state, f"{path}: EMA of '{name}'")
+
+    # ----------------------------------------------------------------------------------------------
+    # Logging and the non-finite policy
+    # ----------------------------------------------------------------------------------------------
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        finite = torch.isfinite(loss.detach()).float()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce(finite, reduce_op="min")
+        return bool(finite > 0)
+
+    def _on_nonfinite(self, what: str, batch: dict) -> None:
+        keys = batch.get("key")
+        if self.hparams.nonfinite == "stop":
+            raise FloatingPointError(
+                f"non-finite {what} at step {self.global_step} (batch keys: {keys}); "
+                "set model.nonfinite=skip to skip such steps and count them"
+            )
+        self.nonfinite_skipped += 1
+        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True)
+        return None
+
+    def _log_train(self, batch: dict, per_sample: torch.Tensor, loss: torch.Tensor) -> None:
+        bs = per_sample.shape[0]
+        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=bs)
+        for i, name in enumerate(TEMPLATES):
+            sel = self._last_template == i
+            if sel.any():
+                self.log(f"train/loss_{name}", per_sample[sel].mean(), on_step=True, batch_size=int(sel.sum()))
+        lo, hi = self.mask_sampler.keep_ratio
+        self.log("curriculum/keep_ratio_min", lo, on_step=True)
+        self.log("curriculum/keep_ratio_max", hi, on_step=True)
+        now = time.perf_counter()
+        if self._last_batch_time is not None:
+            dt = max(now - self._last_batch_time, 1e-9)
+            world = self.trainer.world_size
+            self.log("perf/clips_per_s", bs * world / dt, on_step=True)
+            self.log("perf/tokens_per_s", self.tokens_per_clip(batch) * bs * world / dt, on_step=True)
+        self._last_batch_time = now
+
+    def tokens_per_clip(self, batch: dict) -> int:
+        """Transformer tokens one clip costs (all networks of the stage); for throughput logging."""
+        return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _load_into(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"{where} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"shape mismatch {[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in mismatched[:5]]}. "
+            "Was it trained with another model size or latent channel count?"
+        )
+    module.load_state_dict(state)
+
+
+def _check_settings(**s: Any) -> None:
+    """Impossible settings fail at construction with the key and its allowed range."""
+    rules = [
+        ("planner_resolution", s["planner_resolution"] >= 1, ">= 1"),
+        ("frames", s["frames"] is None or s["frames"] >= 2, ">= 2 (one given and one generated frame)"),
+        ("blr", s["blr"] > 0, "> 0"),
+        ("lr", s["lr"] is None or s["lr"] > 0, "> 0 or null"),
+        ("warmup_steps", s["warmup_steps"] >= 0, ">= 0"),
+        ("min_lr_ratio", 0 <= s["min_lr_ratio"] <= 1, "in [0, 1]"),
+        ("ema_decay", 0 <= s["ema_decay"] < 1, "in [0, 1)"),
+        ("nonfinite", s["nonfinite"] in ("stop", "skip"), "'stop' or 'skip'"),
+    ]
+    for key, ok, allowed in rules:
+        if not ok:
+            raise ValueError(f"model.{key}={s[key]!r} is impossible: it must be {allowed}")
+
+
+__all__ = ["MarDiniBase", "CHECKPOINT_FORMAT"]

@@ -1,0 +1,69 @@
+"""Reading MarDini checkpoints safely: kind checks with clear errors, ``weights_only`` loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+KINDS = ("planning", "generation", "joint")
+WHAT_KIND_HOLDS = {"planning": ("planner",), "generation": ("generator",), "joint": ("planner", "generator")}
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` with errors that say what went wrong and what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; check the path (or the stage that writes it)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with context
+        raise ValueError(
+            f"{path} could not be read as a MarDini checkpoint ({type(e).__name__}: {e}). "
+            "It may be truncated (an interrupted copy) or not a torch checkpoint."
+        ) from e
+
+
+def check_metadata(checkpoint: dict[str, Any], kinds: tuple[str, ...], path: str | Path) -> dict[str, Any]:
+    """Return ``checkpoint['mardini']`` if its kind is one of ``kinds``; raise a clear error otherwise."""
+    meta = checkpoint.get("mardini")
+    if not isinstance(meta, dict) or "kind" not in meta:
+        raise ValueError(
+            f"{path} is not a MarDini checkpoint (no 'mardini' metadata); expected a {' or '.join(kinds)} "
+            "checkpoint written by train.py"
+        )
+    from mardini.lit.base import CHECKPOINT_FORMAT
+
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{path} has checkpoint format {meta.get('format')}, this code reads format {CHECKPOINT_FORMAT}; "
+            "use the code version that wrote it or convert it"
+        )
+    if meta["kind"] not in kinds:
+        raise ValueError(
+            f"{path} is a '{meta['kind']}' checkpoint (size {meta.get('size')}, networks {meta.get('networks')}), "
+            f"but a {' or '.join(repr(k) for k in kinds)} checkpoint is expected here"
+        )
+    return meta
+
+
+def load_network_states(
+    path: str | Path, kinds: tuple[str, ...], names: tuple[str, ...]
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, torch.Tensor]]]:
+    """Raw and EMA state dicts of the networks ``names`` from a checkpoint of one of ``kinds``."""
+    ckpt = read_checkpoint(path)
+    meta = check_metadata(ckpt, kinds, path)
+    state = ckpt["state_dict"]
+    raw: dict[str, dict[str, torch.Tensor]] = {}
+    ema: dict[str, dict[str, torch.Tensor]] = {}
+    for name in names:
+        if name not in meta["networks"]:
+            raise ValueError(f"{path} ({meta['kind']}) holds networks {meta['networks']}, not '{name}'")
+        raw[name] = _sub(state, f"networks.{name}.")
+        ema[name] = _sub(state, f"ema.module.{name}.")
+    return raw, ema
+
+
+def _sub(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -1,0 +1,103 @@
+"""In-stage curriculum: move the kept fraction, the clip length, the task mix and the DM attention by step.
+
+A stage YAML lists milestones; at every training step the callback applies the last milestone whose
+``step`` has been reached (and, with ``interpolate``, moves the keep-ratio range linearly towards the next
+one). The position is a pure function of ``global_step``, so a resumed run lands in the same place; the
+callback's state is still saved so a changed schedule on resume is noticed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+
+from mardini.masking import MaskSampler
+
+
+@dataclass
+class Milestone:
+    """Settings that hold from ``step`` on; ``None`` leaves a setting as it is."""
+
+    step: int
+    keep_ratio: tuple[float, float] | None = None
+    frames: int | None = None
+    attention: str | None = None  # "st" | "t": the generator's temporal layer
+    templates: dict[str, float] | None = None
+
+
+class Curriculum(L.Callback):
+    """Applies :class:`Milestone` s to the module during training.
+
+    Args:
+        milestones: in increasing ``step`` order.
+        interpolate: move the keep-ratio range linearly between consecutive milestones instead of in steps.
+    """
+
+    def __init__(self, milestones: list[Milestone], interpolate: bool = False) -> None:
+        steps = [m.step for m in milestones]
+        if not milestones:
+            raise ValueError("Curriculum needs at least one milestone")
+        if steps != sorted(steps) or len(set(steps)) != len(steps) or steps[0] < 0:
+            raise ValueError(f"curriculum milestone steps must be >= 0 and strictly increasing, got {steps}")
+        for m in milestones:
+            if m.attention not in (None, "st", "t"):
+                raise ValueError(f"milestone at step {m.step}: attention={m.attention!r} must be 'st' or 't'")
+            if m.frames is not None and m.frames < 2:
+                raise ValueError(f"milestone at step {m.step}: frames={m.frames} must be >= 2")
+            if m.keep_ratio is not None or m.templates is not None:
+                MaskSampler(m.keep_ratio or (0.5, 0.5), m.templates or {"random": 1.0})  # validates
+        self.milestones = milestones
+        self.interpolate = interpolate
+        self.applied: int | None = None
+
+    # ----------------------------------------------------------------------------------------------
+    def settings_at(self, step: int) -> dict:
+        """The merged settings in force at ``step`` (keep ratio interpolated when asked)."""
+        merged: dict = {}
+        index = -1
+        for i, m in enumerate(self.milestones):
+            if m.step <= step:
+                index = i
+                merged.update({k: v for k, v in asdict(m).items() if v is not None and k != "step"})
+        if self.interpolate and 0 <= index < len(self.milestones) - 1:
+            a, b = self.milestones[index], self.milestones[index + 1]
+            if a.keep_ratio is not None and b.keep_ratio is not None:
+                w = (step - a.step) / (b.step - a.step)
+                merged["keep_ratio"] = tuple(x + w * (y - x) for x, y in zip(a.keep_ratio, b.keep_ratio))
+        merged["index"] = index
+        return merged
+
+    def apply(self, pl_module: L.LightningModule, step: int) -> None:
+        s = self.settings_at(step)
+        if "keep_ratio" in s or "templates" in s:
+            old = pl_module.mask_sampler
+            pl_module.mask_sampler = MaskSampler(
+                tuple(s.get("keep_ratio", old.keep_ratio)), dict(s.get("templates", old.template_probs))
+            )
+        if "frames" in s:
+            pl_module.frames = int(s["frames"])
+        if "attention" in s and "generator" in pl_module.networks:
+            pl_module.networks["generator"].set_attention(s["attention"])
+            pl_module.ema.module["generator"].set_attention(s["attention"])
+        if s["index"] != self.applied:
+            rank_zero_info(f"curriculum: step {step} -> milestone {s['index']}: "
+                           f"{ {k: v for k, v in s.items() if k != 'index'} }")
+            self.applied = s["index"]
+
+    # ----------------------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.apply(pl_module, trainer.global_step)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.apply(pl_module, trainer.global_step)
+
+    def state_dict(self) -> dict:
+        return {"applied": self.applied, "milestones": [asdict(m) for m in self.milestones]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict.get("milestones")
+        if saved is not None and saved != [asdict(m) for m in self.milestones]:
+            rank_zero_info("curriculum: the milestones differ from the resumed checkpoint's; using the new ones")
+        self.applied = state_dict.get("applied")

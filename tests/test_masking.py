@@ -1,0 +1,98 @@
+import pytest
+import torch
+
+from mardini.masking import (
+    TEMPLATES,
+    MaskSampler,
+    expansion_mask,
+    image_to_video_mask,
+    interpolation_mask,
+    mask_from_given,
+    n_ref_from_ratio,
+    validate_mask,
+)
+
+
+def test_named_templates():
+    assert interpolation_mask(9).tolist() == [False] + [True] * 7 + [False]
+    assert image_to_video_mask(5, 2).tolist() == [True, True, False, True, True]
+    assert image_to_video_mask(5, -1).tolist() == [True] * 4 + [False]
+    assert expansion_mask(6, 2).tolist() == [False, False, True, True, True, True]
+
+
+@pytest.mark.parametrize(
+    "frames, given, message",
+    [(5, [], "no frame is given"), (3, [0, 1, 2], "every one"), (4, [4], "outside"), (1, [0], ">= 2")],
+)
+def test_mask_from_given_errors(frames, given, message):
+    with pytest.raises(ValueError, match=message):
+        mask_from_given(frames, given)
+
+
+def test_n_ref_rounding_and_clamp():
+    assert n_ref_from_ratio(1.0, 9).item() == 8  # never every frame
+    assert n_ref_from_ratio(0.01, 17).item() == 1  # never none
+    assert n_ref_from_ratio(0.06, 17).item() == 1  # paper: 6 % of 17 ~ image-to-video
+    assert n_ref_from_ratio(0.30, 17).item() == 5  # paper: 1-5 of 17
+
+
+@pytest.mark.parametrize("frames", [2, 4, 9, 17])
+def test_sampler_masks_are_valid_and_match_ratio(frames):
+    sampler = MaskSampler(keep_ratio=(0.15, 0.6), template_probs={"random": 1.0})
+    gen = torch.Generator().manual_seed(0)
+    mask, template = sampler.sample(512, frames, gen)
+    validate_mask(mask)
+    assert (template == TEMPLATES.index("random")).all()
+    n_ref = (~mask).sum(1)
+    lo, hi = n_ref_from_ratio(0.15, frames).item(), n_ref_from_ratio(0.6, frames).item()
+    assert n_ref.min() >= lo and n_ref.max() <= hi
+    if frames >= 9:
+        assert n_ref.min() == lo and n_ref.max() == hi  # the whole range is reached
+        # positions are uniform: every frame is a reference sometimes
+        assert (~mask).any(0).all()
+
+
+def test_sampler_templates():
+    sampler = MaskSampler(keep_ratio=(0.3, 0.5), template_probs={"interpolation": 1, "image_to_video": 1, "expansion": 1})
+    mask, template = sampler.sample(600, 9, torch.Generator().manual_seed(1))
+    validate_mask(mask)
+    counts = torch.bincount(template, minlength=len(TEMPLATES))
+    assert counts[0] == 0 and (counts[1:] > 150).all()
+    interp = mask[template == 1]
+    assert (~interp[:, 0]).all() and (~interp[:, -1]).all() and interp[:, 1:-1].all()
+    i2v = mask[template == 2]
+    assert ((~i2v).sum(1) == 1).all()
+    expand = mask[template == 3]
+    n = (~expand).sum(1)
+    assert all((~row[:k]).all() and row[k:].all() for row, k in zip(expand, n.tolist()))
+
+
+def test_sampler_is_deterministic_by_generator():
+    sampler = MaskSampler()
+    a = sampler.sample(8, 9, torch.Generator().manual_seed(3))
+    b = sampler.sample(8, 9, torch.Generator().manual_seed(3))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"keep_ratio": (0.0, 0.5)}, "keep_ratio"),
+        ({"keep_ratio": (0.6, 0.5)}, "keep_ratio"),
+        ({"keep_ratio": (0.5, 1.2)}, "keep_ratio"),
+        ({"template_probs": {"bogus": 1.0}}, "unknown task templates"),
+        ({"template_probs": {"random": 0.0}}, "positive sum"),
+    ],
+)
+def test_sampler_rejects_impossible_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MaskSampler(**kwargs)
+
+
+def test_validate_mask_errors():
+    with pytest.raises(ValueError, match="every frame"):
+        validate_mask(torch.tensor([[True, True]]))
+    with pytest.raises(ValueError, match="gives every frame"):
+        validate_mask(torch.tensor([[False, False]]))
+    with pytest.raises(ValueError, match="bool"):
+        validate_mask(torch.zeros(1, 3))
