@@ -1,0 +1,102 @@
+"""Adapter for any diffusers ``AutoencoderKL`` read from a local directory (real runs; PAPER.md §2.1).
+
+The paper uses a per-frame 16-channel, 8x VAE; any diffusers AutoencoderKL with that shape matches it. The
+weights are never fetched from the hub: point ``path`` at a directory written by ``save_pretrained`` (or a
+pipeline directory with ``subfolder="vae"``). diffusers is an optional extra: ``pip install .[diffusers]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from mardini.autoencoders.base import FrameAutoencoder
+
+
+def _import_autoencoder_kl():
+    """diffusers' AutoencoderKL, with an install hint when the optional extra is missing."""
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "DiffusersAutoencoder needs the optional 'diffusers' package: pip install .[diffusers] "
+            "(or pip install -r requirements-dev.txt)"
+        ) from err
+    return AutoencoderKL
+
+
+class DiffusersAutoencoder(FrameAutoencoder):
+    """Per-frame encode/decode through a frozen diffusers ``AutoencoderKL``.
+
+    Latents are normalised as diffusers does, ``z = (raw - shift_factor) * scaling_factor`` (shift None -> 0),
+    by :class:`FrameAutoencoder`. ``downsample = 2 ** (len(block_out_channels) - 1)``, ``latent_channels`` from
+    the config. Encoding returns the posterior mean unless ``sample_posterior`` is set.
+
+    Args:
+        path: local directory holding ``config.json`` and the weights (never a hub id).
+        subfolder: e.g. ``"vae"`` inside a full pipeline directory.
+        chunk_size: frames per encoder/decoder call (bounds memory; the result does not depend on it).
+        sample_posterior: draw ``mean + std * eps`` instead of the mean; eps comes from ``generator``.
+        generator: the torch.Generator for posterior samples (required when ``sample_posterior``).
+        dtype: weight dtype (default float32). VAEs whose config sets ``force_upcast`` always run with
+            autocast disabled, so bf16-mixed training does not push them to half precision.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        subfolder: str | None = None,
+        chunk_size: int = 16,
+        sample_posterior: bool = False,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__(chunk_size=chunk_size)
+        autoencoder_kl = _import_autoencoder_kl()
+        root = Path(path).expanduser()
+        folder = root / subfolder if subfolder else root
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"no AutoencoderKL at {folder} (config.json missing). Give a local directory written by "
+                "AutoencoderKL.save_pretrained (for a pipeline directory pass subfolder='vae'); hub ids are not used"
+            )
+        if sample_posterior and generator is None:
+            raise ValueError("sample_posterior=True draws noise: pass generator=torch.Generator().manual_seed(...)")
+        kwargs = {"subfolder": subfolder} if subfolder else {}
+        self.vae = autoencoder_kl.from_pretrained(str(root), local_files_only=True, torch_dtype=dtype, **kwargs)
+        self.vae.requires_grad_(False).eval()
+        cfg = self.vae.config
+        self.latent_channels = int(cfg.latent_channels)
+        self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
+        self.scale = float(cfg.scaling_factor)
+        self.shift = float(cfg.shift_factor) if getattr(cfg, "shift_factor", None) is not None else 0.0
+        self.force_upcast = bool(getattr(cfg, "force_upcast", False))
+        self.sample_posterior = sample_posterior
+        self.generator = generator
+
+    def train(self, mode: bool = True) -> DiffusersAutoencoder:
+        """The VAE is frozen: it stays in eval mode whatever the parent module does."""
+        super().train(mode)
+        self.vae.eval()
+        return self
+
+    def _precision(self, x: torch.Tensor):
+        """Autocast off for ``force_upcast`` VAEs, a no-op context otherwise."""
+        if self.force_upcast:
+            return torch.autocast(device_type=x.device.type, enabled=False)
+        return contextlib.nullcontext()
+
+    def encode_frames(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, 3, H, W)`` in [-1, 1] -> raw latents ``(N, C, H/f, W/f)`` in x's dtype."""
+        with self._precision(x):
+            dist = self.vae.encode(x.to(self.vae.dtype)).latent_dist
+            z = dist.sample(generator=self.generator) if self.sample_posterior else dist.mean  # (N, C, h, w)
+        return z.to(x.dtype)  # (N, C, h, w)
+
+    def decode_frames(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw latents ``(N, C, h, w)`` -> ``(N, 3, h*f, w*f)`` in z's dtype."""
+        with self._precision(z):
+            x = self.vae.decode(z.to(self.vae.dtype)).sample  # (N, 3, H, W)
+        return x.to(z.dtype)  # (N, 3, H, W)

@@ -1,0 +1,39 @@
+"""Input checks shared by the diffusion modules, with messages that name the problem and the fix."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_latents(z: torch.Tensor, name: str = "latents") -> None:
+    """Raise unless ``z`` is a floating ``(B, T, C, h, w)`` tensor."""
+    if not torch.is_tensor(z) or z.dim() != 5 or not z.is_floating_point():
+        shape = tuple(z.shape) if torch.is_tensor(z) else type(z).__name__
+        raise ValueError(f"{name} must be a float tensor of shape (B, T, C, h, w), got {shape}")
+
+
+def check_mask(mask: torch.Tensor, z: torch.Tensor) -> None:
+    """Raise unless ``mask`` is a ``(B, T)`` bool frame mask (True = generate) matching latents ``z``."""
+    if not torch.is_tensor(mask) or mask.dtype != torch.bool:
+        raise ValueError(
+            f"mask must be a (B, T) bool tensor (True = generate), got "
+            f"{mask.dtype if torch.is_tensor(mask) else type(mask).__name__}; build it with mardini.masking"
+        )
+    if tuple(mask.shape) != tuple(z.shape[:2]):
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match the latents' (B, T) = {tuple(z.shape[:2])}")
+
+
+def check_t(t: torch.Tensor, batch: int | None = None) -> None:
+    """Raise unless ``t`` is a ``(B,)`` float tensor of times in [0, 1] (B = ``batch`` when given)."""
+    ok = torch.is_tensor(t) and t.dim() == 1 and t.is_floating_point()
+    if not ok or (batch is not None and t.shape[0] != batch):
+        shape = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+        want = "(B,)" if batch is None else f"(B,) = ({batch},)"
+        raise ValueError(f"t must be a float tensor of shape {want}, one time per clip; got {shape}")
+    if bool(((t < 0) | (t > 1)).any()):
+        raise ValueError(f"t must lie in [0, 1] (0 = clean, 1 = pure noise), got min {t.min():.4g} max {t.max():.4g}")
+
+
+def frame_mask(mask: torch.Tensor) -> torch.Tensor:
+    """``(B, T)`` bool -> ``(B, T, 1, 1, 1)`` so it broadcasts over latents."""
+    return mask[:, :, None, None, None]  # (B, T, 1, 1, 1)

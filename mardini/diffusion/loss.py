@@ -1,0 +1,56 @@
+"""Masked MSE: the loss counts generated frames only (PAPER.md Eq. 1 and 3).
+
+What the paper fixes: v-prediction, the loss on the masked ([NOISE]) frames only, DDIM sampling, CFG on the
+planning signal (2.5 for I2V, none for interpolation). What we choose: unweighted MSE (no SNR weighting) with
+uniform t from a 1000-step grid of a continuous-time cosine schedule. Reference frames never enter the loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mardini.diffusion.checks import check_latents, check_mask, frame_mask
+
+
+def _masked_sq_error(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Squared error in float32 with reference frames zeroed. ``(B, T, C, h, w)``"""
+    check_latents(pred, "pred")
+    if target.shape != pred.shape:
+        raise ValueError(f"target shape {tuple(target.shape)} must equal pred shape {tuple(pred.shape)}")
+    check_mask(mask, pred)
+    err = (pred.float() - target.float()).square()  # (B, T, C, h, w)
+    # where, not multiply: a NaN/inf in a reference frame's prediction must not leak into the loss.
+    return torch.where(frame_mask(mask), err, torch.zeros_like(err))  # (B, T, C, h, w)
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the elements of the masked frames of the whole batch.
+
+    ``loss = sum_{b,t: mask} ||pred - target||^2 / (n_masked_frames * C * h * w)``: every masked element of the
+    batch weighs the same, so clips with more generated frames count more. Computed in float32.
+
+    Args:
+        pred, target: ``(B, T, C, h, w)``.
+        mask: ``(B, T)`` bool, True = generated frame (in the loss), False = reference (ignored).
+    Returns:
+        scalar float32; 0 (still connected to ``pred``'s graph) when no frame is masked.
+    """
+    err = _masked_sq_error(pred, target, mask)  # (B, T, C, h, w)
+    per_frame = err[0, 0].numel()  # C * h * w
+    count = mask.sum().clamp(min=1) * per_frame  # ()
+    return err.sum() / count  # ()
+
+
+def masked_mse_per_sample(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-clip masked MSE ``(B,)`` (for logging per task template, or for a per-clip mean).
+
+    ``loss[b] = sum_{t: mask[b,t]} ||pred - target||^2 / (n_masked_frames[b] * C * h * w)``; a clip with no masked
+    frame gives 0. Note ``masked_mse_per_sample(...).mean()`` weighs every clip equally, while :func:`masked_mse`
+    weighs every masked element equally; they agree when all clips have the same number of masked frames.
+
+    Args: as :func:`masked_mse`. Returns ``(B,)`` float32.
+    """
+    err = _masked_sq_error(pred, target, mask)  # (B, T, C, h, w)
+    per_frame = err[0, 0].numel()  # C * h * w
+    count = mask.sum(dim=1).clamp(min=1) * per_frame  # (B,)
+    return err.flatten(1).sum(dim=1) / count  # (B,)

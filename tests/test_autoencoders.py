@@ -1,0 +1,143 @@
+"""Autoencoders: exact space-to-depth round trip and the diffusers AutoencoderKL adapter (tiny random VAE)."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mardini.autoencoders import SpaceToDepthAutoencoder
+
+
+def _video(b=2, t=3, h=8, w=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, t, 3, h, w, generator=g) * 2 - 1  # (B, T, 3, H, W) in [-1, 1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Space-to-depth (embedded default)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("f", [1, 2, 4])
+def test_space_to_depth_exact_round_trip(f):
+    ae = SpaceToDepthAutoencoder(downsample=f, scale=2.0, chunk_size=2)
+    x = _video()
+    z = ae.encode(x)
+    assert z.shape == (2, 3, 3 * f * f, 8 // f, 12 // f) and ae.latent_channels == 3 * f * f
+    torch.testing.assert_close(z[0, 1], 2.0 * F.pixel_unshuffle(x[0, 1], f), rtol=0, atol=0)  # scale applied
+    assert torch.equal(ae.decode(z), x)
+
+
+def test_space_to_depth_shape_errors():
+    ae = SpaceToDepthAutoencoder(downsample=4)
+    with pytest.raises(ValueError, match="divisible"):
+        ae.encode(_video(h=10))
+    with pytest.raises(ValueError, match=r"\(B, T, 3, H, W\)"):
+        ae.encode(_video()[:, :, :2])
+    with pytest.raises(ValueError, match=r"\(B, T, 3, H, W\)"):
+        ae.encode(_video()[0])
+    with pytest.raises(ValueError, match="latents of shape"):
+        ae.decode(torch.zeros(1, 2, 5, 2, 2))
+    with pytest.raises(ValueError, match="downsample"):
+        SpaceToDepthAutoencoder(downsample=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# diffusers AutoencoderKL adapter
+# --------------------------------------------------------------------------------------------------
+
+SCALE, SHIFT = 0.7, 0.2
+
+
+def _save_tiny_vae(folder, shift_factor=SHIFT):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)  # diffusers initialises weights from the global RNG
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+        sample_size=16, scaling_factor=SCALE, shift_factor=shift_factor,
+    )
+    vae.save_pretrained(folder)
+    return vae.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    folder = tmp_path_factory.mktemp("tiny_vae")
+    return folder, _save_tiny_vae(folder)
+
+
+def test_diffusers_adapter_shapes_and_normalisation(tiny_vae):
+    from mardini.autoencoders import DiffusersAutoencoder
+
+    folder, vae = tiny_vae
+    ae = DiffusersAutoencoder(folder, chunk_size=4)
+    assert (ae.latent_channels, ae.downsample, ae.scale, ae.shift) == (4, 2, SCALE, SHIFT)
+    x = _video(h=8, w=12)
+    z = ae.encode(x)
+    assert z.shape == (2, 3, 4, 4, 6)
+    with torch.no_grad():
+        raw = vae.encode(x.flatten(0, 1)).latent_dist.mean  # (B*T, 4, 4, 6), the posterior mean
+        torch.testing.assert_close(z.flatten(0, 1), (raw - SHIFT) * SCALE, atol=1e-5, rtol=1e-5)
+        y = ae.decode(z)
+        assert y.shape == x.shape and y.abs().max() <= 1
+        ref = vae.decode(z.flatten(0, 1) / SCALE + SHIFT).sample.clamp(-1, 1)  # (B*T, 3, 8, 12)
+        torch.testing.assert_close(y.flatten(0, 1), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_diffusers_adapter_chunking_is_invisible(tiny_vae):
+    from mardini.autoencoders import DiffusersAutoencoder
+
+    folder, _ = tiny_vae
+    x = _video(t=5)
+    one, whole = DiffusersAutoencoder(folder, chunk_size=1), DiffusersAutoencoder(folder, chunk_size=64)
+    z = whole.encode(x)
+    torch.testing.assert_close(one.encode(x), z, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(one.decode(z), whole.decode(z), atol=1e-5, rtol=1e-5)
+
+
+def test_diffusers_adapter_posterior_sampling_is_seeded(tiny_vae):
+    from mardini.autoencoders import DiffusersAutoencoder
+
+    folder, _ = tiny_vae
+    x = _video()
+    mean = DiffusersAutoencoder(folder).encode(x)
+
+    def sample(seed):
+        g = torch.Generator().manual_seed(seed)
+        return DiffusersAutoencoder(folder, sample_posterior=True, generator=g).encode(x)
+
+    a, b, c = sample(0), sample(0), sample(1)
+    assert torch.equal(a, b) and not torch.allclose(a, c) and not torch.allclose(a, mean)
+    with pytest.raises(ValueError, match="generator"):
+        DiffusersAutoencoder(folder, sample_posterior=True)
+
+
+def test_diffusers_adapter_frozen_and_shift_none(tiny_vae, tmp_path):
+    from mardini.autoencoders import DiffusersAutoencoder
+
+    folder, _ = tiny_vae
+    ae = DiffusersAutoencoder(folder).train()
+    assert not ae.vae.training and not any(p.requires_grad for p in ae.parameters())
+    _save_tiny_vae(tmp_path / "no_shift", shift_factor=None)
+    assert DiffusersAutoencoder(tmp_path / "no_shift").shift == 0.0
+
+
+def test_diffusers_adapter_missing_path(tmp_path):
+    pytest.importorskip("diffusers")
+    from mardini.autoencoders import DiffusersAutoencoder
+
+    with pytest.raises(FileNotFoundError, match="save_pretrained"):
+        DiffusersAutoencoder(tmp_path / "nowhere")
+
+
+def test_package_import_does_not_import_diffusers():
+    code = "import sys, mardini.autoencoders as a; assert 'diffusers' not in sys.modules; print(a.__all__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
