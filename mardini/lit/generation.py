@@ -1,0 +1,61 @@
+"""Generator warm-up (PAPER.md Eq. 1): masked v-prediction with the learned null planning signal."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mardini.diffusion.loss import masked_mse_per_sample
+from mardini.diffusion.schedule import CosineSchedule
+from mardini.lit.base import MarDiniBase
+from mardini.models.registry import build_generator
+
+
+class GenerationModule(MarDiniBase):
+    """Trains the generator alone on ``|| M v - M G(z_t, t, null_plan, M) ||^2``; references stay clean at t=0.
+
+    Args:
+        schedule_shift: resolution shift of the cosine schedule (1 = none); see ``CosineSchedule``.
+        **kwargs: see :class:`MarDiniBase`.
+    """
+
+    KIND = "generation"
+
+    def __init__(self, *args, schedule_shift: float = 1.0, **kwargs) -> None:
+        if schedule_shift <= 0:
+            raise ValueError(f"model.schedule_shift={schedule_shift!r} is impossible: it must be > 0")
+        super().__init__(*args, **kwargs)
+        self.schedule = CosineSchedule(shift=schedule_shift)
+
+    def build_networks(self) -> dict[str, nn.Module]:
+        overrides = dict(self.hparams.generator or {})
+        overrides.setdefault("in_channels", self.autoencoder.latent_channels)
+        return {"generator": build_generator(self.hparams.size, **overrides)}
+
+    def diffusion_loss(
+        self, z_high: torch.Tensor, plan: torch.Tensor | None, mask: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Per-sample masked v-prediction loss ``(B,)`` for latents ``(B, T, C, h, w)`` and a plan (or None)."""
+        b = z_high.shape[0]
+        t = self.schedule.sample_t(b, generator=generator).to(z_high.device)  # (B,)
+        noise = torch.randn(z_high.shape, generator=generator).to(z_high.device)  # (B, T, C, h, w)
+        z_t = self.schedule.q_sample(z_high, noise, t, mask)  # (B, T, C, h, w), references clean
+        v_target = self.schedule.v_target(z_high, noise, t)  # (B, T, C, h, w)
+        v_hat = self.networks["generator"](z_t, t, plan, mask)  # (B, T, C, h, w)
+        return masked_mse_per_sample(v_hat.float(), v_target, mask)  # (B,)
+
+    def compute_loss(self, batch: dict, generator: torch.Generator, train: bool) -> torch.Tensor:
+        z_high = self.latents_high(batch)  # (B, T, C, h, w)
+        b, t = z_high.shape[:2]
+        mask, template = self.mask_sampler.sample(b, t, generator)  # (B, T), (B,)
+        mask = mask.to(z_high.device)
+        self._last_template = template.to(z_high.device)
+        return self.diffusion_loss(z_high, None, mask, generator)
+
+    def tokens_per_clip(self, batch: dict) -> int:
+        f = self.autoencoder.downsample * self.networks["generator"].cfg.patch_size
+        key = "z_high" if "z_high" in batch else "video"
+        t, h, w = batch[key].shape[1], batch[key].shape[-2], batch[key].shape[-1]
+        if key == "z_high":
+            f = self.networks["generator"].cfg.patch_size
+        return int(t if self.frames is None else self.frames) * (h // f) * (w // f)

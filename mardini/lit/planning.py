@@ -1,0 +1,41 @@
+"""Planner warm-up (PAPER.md Eq. 2): masked regression of the low-resolution latents through the projection head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mardini.diffusion.loss import masked_mse_per_sample
+from mardini.lit.base import MarDiniBase
+from mardini.models.registry import build_planner
+
+
+class PlanningModule(MarDiniBase):
+    """Trains the planner alone: ``|| M z_low - M head(planner(z_low, M)) ||^2`` over masked frames."""
+
+    KIND = "planning"
+
+    def build_networks(self) -> dict[str, nn.Module]:
+        overrides = dict(self.hparams.planner or {})
+        overrides.setdefault("in_channels", self.autoencoder.latent_channels)
+        return {"planner": build_planner(self.hparams.size, **overrides)}
+
+    def compute_loss(self, batch: dict, generator: torch.Generator, train: bool) -> torch.Tensor:
+        z_low = self.latents_low(batch)  # (B, T, C, h', w')
+        b, t = z_low.shape[:2]
+        mask, template = self.mask_sampler.sample(b, t, generator)  # (B, T), (B,)
+        mask = mask.to(z_low.device)
+        planner = self.networks["planner"]
+        plan = planner(z_low, mask)  # (B, T, N_low, D)
+        recon = planner.project(plan, size=tuple(z_low.shape[-2:]))  # (B, T, C, h', w')
+        self._last_template = template.to(z_low.device)
+        return masked_mse_per_sample(recon.float(), z_low, mask)  # (B,)
+
+    def tokens_per_clip(self, batch: dict) -> int:
+        return self._planner_tokens(batch)
+
+    def _planner_tokens(self, batch: dict) -> int:
+        f = self.autoencoder.downsample * self.networks["planner"].cfg.patch_size
+        t = batch["z_low"].shape[1] if "z_low" in batch else batch["video"].shape[1]
+        side = self.hparams.planner_resolution // f
+        return int(t if self.frames is None else self.frames) * side * side

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Multi-node training under SLURM: one task per GPU; Lightning reads the SLURM environment
+# (SLURM_NTASKS, SLURM_PROCID, SLURM_LOCALID, the node list) and sets up torch.distributed itself.
+#
+#   sbatch --nodes 32 --gpus-per-node 8 scripts/slurm_train.sh configs/paper/mardini-s/05_joint_model.yaml
+#
+# Resume after a preemption or a crash: submit the same command; it passes --ckpt_path last.
+#SBATCH --job-name=mardini
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=12
+#SBATCH --time=72:00:00
+#SBATCH --requeue
+#SBATCH --signal=SIGUSR1@120
+set -euo pipefail
+CONFIG=${1:?usage: sbatch [--nodes N] scripts/slurm_train.sh CONFIG.yaml [extra CLI args]}
+shift
+NODES=${SLURM_JOB_NUM_NODES:-1}
+GPUS=${SLURM_GPUS_PER_NODE:-8}
+srun .venv/bin/python train.py fit --config "$CONFIG" \
+  --trainer.num_nodes "$NODES" --trainer.devices "${GPUS##*:}" \
+  --ckpt_path last "$@"

@@ -1,0 +1,84 @@
+"""Unit tests of the Lightning glue that need no network: LR rule, atomic saves, curriculum, checkpoint checks."""
+
+import math
+import os
+
+import pytest
+import torch
+
+from mardini.lit.checkpoint_io import atomic_torch_save
+from mardini.lit.checkpoints import check_metadata, read_checkpoint
+from mardini.lit.curriculum import Curriculum, Milestone
+from mardini.lit.schedules import scaled_lr, warmup_cosine
+
+
+def test_lr_rule_and_schedule():
+    assert scaled_lr(3.5e-5, 1024) == pytest.approx(1.4e-4)  # the paper's LR at its 256^2 batch
+    assert warmup_cosine(0, 10, 110, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 110, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(10, 10, 110, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(60, 10, 110, 0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert warmup_cosine(110, 10, 110, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(500, 10, 110, 0.1) == pytest.approx(0.1)
+
+
+def test_atomic_save_leaves_old_file_on_failure(tmp_path):
+    path = tmp_path / "last.ckpt"
+    atomic_torch_save({"step": 1}, path)
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        atomic_torch_save({"step": 2, "bad": Boom()}, path)
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert os.listdir(tmp_path) == ["last.ckpt"]  # no temp file left behind
+
+
+def test_read_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_checkpoint(tmp_path / "nope.ckpt")
+    broken = tmp_path / "broken.ckpt"
+    atomic_torch_save({"a": torch.zeros(1000)}, broken)
+    broken.write_bytes(broken.read_bytes()[:100])
+    with pytest.raises(ValueError, match="truncated"):
+        read_checkpoint(broken)
+
+
+def test_check_metadata_names_kinds():
+    from mardini.lit.base import CHECKPOINT_FORMAT
+
+    ckpt = {"mardini": {"format": CHECKPOINT_FORMAT, "kind": "planning", "size": "tiny", "networks": ["planner"]}}
+    assert check_metadata(ckpt, ("planning",), "x")["kind"] == "planning"
+    with pytest.raises(ValueError, match="'planning' checkpoint.*'generation'"):
+        check_metadata(ckpt, ("generation",), "x")
+    with pytest.raises(ValueError, match="not a MarDini checkpoint"):
+        check_metadata({"state_dict": {}}, ("joint",), "x")
+    with pytest.raises(ValueError, match="format"):
+        check_metadata({"mardini": {**ckpt["mardini"], "format": 999}}, ("planning",), "x")
+
+
+def test_curriculum_settings_steps_and_interpolation():
+    ms = [Milestone(0, keep_ratio=(0.35, 1.0), frames=4), Milestone(100, keep_ratio=(0.15, 0.6), attention="t")]
+    cur = Curriculum(ms)
+    assert cur.settings_at(50)["keep_ratio"] == (0.35, 1.0) and cur.settings_at(50)["frames"] == 4
+    s = cur.settings_at(100)
+    assert s["keep_ratio"] == (0.15, 0.6) and s["frames"] == 4 and s["attention"] == "t"
+    smooth = Curriculum(ms, interpolate=True).settings_at(50)["keep_ratio"]
+    assert smooth == pytest.approx((0.25, 0.8))
+
+
+@pytest.mark.parametrize(
+    "milestones, message",
+    [
+        ([], "at least one"),
+        ([Milestone(10), Milestone(5)], "strictly increasing"),
+        ([Milestone(0, attention="x")], "attention"),
+        ([Milestone(0, frames=1)], "frames"),
+        ([Milestone(0, keep_ratio=(0.0, 0.5))], "keep_ratio"),
+    ],
+)
+def test_curriculum_rejects_impossible(milestones, message):
+    with pytest.raises(ValueError, match=message):
+        Curriculum(milestones)
