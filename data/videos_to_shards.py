@@ -1,0 +1,52 @@
+"""Turn a folder of videos (mp4, avi, mov, mpg, ogv, webm, mkv; any codec PyAV decodes) into WebDataset shards
+of fixed-length H.264 clips (``video.mp4`` + ``json``), with several worker processes, resumable.
+
+    python data/videos_to_shards.py data/videos/mecavideo data/shards/videos/train --clip-frames 32 --short-side 256
+    python data/videos_to_shards.py IN OUT --max-fps 12 --shard-max-count 500 --shard-max-bytes 2e9 --workers 8
+
+Re-running the same command finishes an interrupted run (finished files and shards are not redone).
+Files that cannot be decoded are reported and skipped; the summary at the end counts clips and skipped files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mardini.data.video_shards import ShardSettings, videos_to_shards
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="folder of videos (searched recursively)")
+    p.add_argument("out", help="output folder for the shards")
+    p.add_argument("--clip-frames", type=int, default=32, help="frames per stored clip")
+    p.add_argument("--clip-hop", type=int, default=None, help="stored frames between clip starts (default: no overlap)")
+    p.add_argument("--max-fps", type=float, default=None, help="drop frames (integer stride) to at most this fps")
+    p.add_argument("--short-side", type=int, default=None, help="resize so the short side is this (default: source)")
+    p.add_argument("--max-clips-per-video", type=int, default=None)
+    p.add_argument("--crf", type=int, default=18, help="H.264 quality (lower = better, bigger)")
+    p.add_argument("--shard-max-count", type=int, default=256, help="clips per shard at most")
+    p.add_argument("--shard-max-bytes", type=float, default=1 << 30, help="bytes per shard, about")
+    p.add_argument("--prefix", default="clips", help="shard file name prefix")
+    p.add_argument("--workers", type=int, default=2, help="worker processes")
+    p.add_argument("--keep-staging", action="store_true", help="keep the per-file staging tars")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    settings = ShardSettings(
+        clip_frames=a.clip_frames, clip_hop=a.clip_hop, max_fps=a.max_fps, short_side=a.short_side,
+        max_clips_per_video=a.max_clips_per_video, crf=a.crf, shard_max_count=a.shard_max_count,
+        shard_max_bytes=int(a.shard_max_bytes), prefix=a.prefix,
+    )
+    summary = videos_to_shards(a.src, a.out, settings, workers=a.workers, progress=not a.no_progress,
+                               keep_staging=a.keep_staging)
+    print(summary.text())
+    return 0 if summary.clips > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

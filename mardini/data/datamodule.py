@@ -1,0 +1,225 @@
+"""``VideoDataModule``: streaming clips (or cached latents) from WebDataset shards for any number of ranks.
+
+Batches are dicts:
+
+- pixels: ``video`` ``(B, T, 3, H, W)`` float32 in [-1, 1];
+- latents (``latents=True``): ``z_high`` ``(B, T, C, h, w)`` and ``z_low`` ``(B, T, C, h', w')`` float32;
+- always: ``fps`` ``(B,)`` float32 (effective rate of the sampled frames), ``key`` list[str], ``skipped``
+  (long scalar: bad samples the producing worker dropped since its previous batch);
+- when the shards carry them (synthetic): ``positions`` ``(B, T, K, 2)`` float32, (x, y) in [0, 1] of the
+  cropped frame, NaN-padded to the most objects in the batch.
+
+Training reads resampled shards (each (rank, worker) its own seed from (seed, rank, worker, epoch) and its
+own share of the shards when there are enough), a shuffle buffer, and ``epoch_size`` clips per rank per
+epoch. Validation reads a finite split once, each shard by exactly one (rank, worker), centre-cropped.
+Bad samples are skipped and counted (``batch["skipped"]``, :attr:`VideoDataModule.skipped`).
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from typing import Literal
+
+import lightning as L
+import torch
+
+from mardini.data.sharding import list_shards
+from mardini.data.stream import ClipStream, StreamLoader, StreamState
+
+
+class VideoDataModule(L.LightningDataModule):
+    """Streams fixed-length clips for training and validation.
+
+    Args:
+        train_shards: training shards: a directory, brace pattern (``a-{000..099}.tar``), glob, or ``::``-joined.
+        val_shards: validation shards (finite split), or None for no validation.
+        frames: frames per clip (T).
+        fps: target frame rate; the frame stride comes from each clip's own fps (None = native rate).
+        resolution: output size, ``int`` for square or ``(H, W)``; for latents, the pixel size they were cached at.
+        batch_size: GLOBAL batch size, divided by the world size in ``setup`` (must be divisible).
+        num_workers: DataLoader worker processes per rank.
+        shuffle_buffer: samples in the training shuffle buffer (0 = off).
+        seed: base seed of every random draw of the stream.
+        epoch_size: training clips per rank per epoch (the resampled stream is endless).
+        crop: ``random`` (crop window and start frame drawn) or ``center`` for training; validation is
+            always centred.
+        crop_scale: ``(min, max)`` side fraction of the largest window of the target aspect ratio.
+        val_clips: at most this many validation clips per rank (None = the whole split).
+        val_batch_size: per-rank validation batch (default: the per-rank training batch).
+        latents: read cached latent shards (``data/cache_latents.py``) instead of pixels.
+        pin_memory, prefetch_factor: DataLoader settings.
+    """
+
+    def __init__(
+        self,
+        train_shards: str = "data/shards/synthetic/train",
+        val_shards: str | None = "data/shards/synthetic/val",
+        frames: int = 9,
+        fps: float | None = 8.0,
+        resolution: int | tuple[int, int] = 32,
+        batch_size: int = 8,
+        num_workers: int = 2,
+        shuffle_buffer: int = 256,
+        seed: int = 0,
+        epoch_size: int = 10_000,
+        crop: Literal["random", "center"] = "random",
+        crop_scale: tuple[float, float] = (1.0, 1.0),
+        val_clips: int | None = 64,
+        val_batch_size: int | None = None,
+        latents: bool = False,
+        pin_memory: bool = False,
+        prefetch_factor: int = 2,
+    ) -> None:
+        super().__init__()
+        checks = [
+            ("frames", frames >= 1, ">= 1"),
+            ("fps", fps is None or fps > 0, "> 0 or null (native)"),
+            ("batch_size", batch_size >= 1, ">= 1"),
+            ("num_workers", num_workers >= 0, ">= 0"),
+            ("shuffle_buffer", shuffle_buffer >= 0, ">= 0"),
+            ("epoch_size", epoch_size >= 1, ">= 1"),
+            ("crop", crop in ("random", "center"), "'random' or 'center'"),
+            ("crop_scale", 0 < crop_scale[0] <= crop_scale[1] <= 1, "0 < min <= max <= 1"),
+            ("val_clips", val_clips is None or val_clips >= 1, ">= 1 or null"),
+        ]
+        for key, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"data.{key}={locals()[key]!r} is impossible: it must be {allowed}")
+        self.save_hyperparameters()
+        self.train_shards, self.val_shards = train_shards, val_shards
+        self.frames, self.fps, self.resolution = frames, fps, resolution
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.shuffle_buffer, self.epoch_size = shuffle_buffer, epoch_size
+        self.crop, self.crop_scale = crop, tuple(crop_scale)
+        self.val_clips, self.val_batch_size = val_clips, val_batch_size
+        self.latents, self.pin_memory, self.prefetch_factor = latents, pin_memory, prefetch_factor
+        self.state = StreamState(seed=seed)
+        self.rank, self.world_size = 0, 1
+        self.per_rank_batch_size = batch_size
+        self.train_set: ClipStream | None = None
+        self.val_set: ClipStream | None = None
+
+    # ----------------------------------------------------------------------------------------------
+    # Setup
+    # ----------------------------------------------------------------------------------------------
+    def configure_ranks(self, rank: int, world_size: int) -> None:
+        """Set this process's rank and the world size (``setup`` takes them from the trainer)."""
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} does not fit world size {world_size}")
+        if self.batch_size % world_size:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} is the GLOBAL batch and must be divisible by the world size "
+                f"{world_size}; use a multiple of {world_size}, "
+                f"e.g. {world_size * max(1, self.batch_size // world_size)}"
+            )
+        self.rank, self.world_size = rank, world_size
+        self.per_rank_batch_size = self.batch_size // world_size
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.trainer is not None:
+            self.configure_ranks(self.trainer.global_rank, self.trainer.world_size)
+        elif torch.distributed.is_available() and torch.distributed.is_initialized():
+            self.configure_ranks(torch.distributed.get_rank(), torch.distributed.get_world_size())
+        else:
+            self.configure_ranks(self.rank, self.world_size)
+        common = dict(frames=self.frames, fps=self.fps, resolution=self.resolution, rank=self.rank,
+                      world_size=self.world_size, latents=self.latents, state=self.state)
+        if stage in (None, "fit"):
+            shards = list_shards(self.train_shards)
+            if self.latents:
+                check_latent_shards(shards[0], self.frames, self.fps, self.resolution)
+            batches = self.epoch_size // self.per_rank_batch_size
+            if batches < 1:
+                raise ValueError(
+                    f"data.epoch_size={self.epoch_size} is smaller than one per-rank batch "
+                    f"({self.per_rank_batch_size}); raise epoch_size"
+                )
+            self.train_set = ClipStream(
+                shards, batch_size=self.per_rank_batch_size, train=True, shuffle_buffer=self.shuffle_buffer,
+                crop=self.crop, crop_scale=self.crop_scale, epoch_batches=batches, **common,
+            )
+        if stage in (None, "fit", "validate") and self.val_shards:
+            shards = list_shards(self.val_shards)
+            workers = max(1, self.num_workers)
+            if len(shards) < self.world_size * workers:
+                raise ValueError(
+                    f"the validation split {self.val_shards!r} has {len(shards)} shards but {self.world_size} ranks "
+                    f"x {workers} workers = {self.world_size * workers} readers need one each; write it in more "
+                    "shards or lower data.num_workers"
+                )
+            if self.latents:
+                check_latent_shards(shards[0], self.frames, self.fps, self.resolution)
+            self.val_set = ClipStream(
+                shards, batch_size=self.val_batch_size or self.per_rank_batch_size, train=False,
+                max_clips=self.val_clips, **common,
+            )
+
+    # ----------------------------------------------------------------------------------------------
+    # Loaders
+    # ----------------------------------------------------------------------------------------------
+    def _loader(self, dataset: ClipStream) -> StreamLoader:
+        extra = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
+        return StreamLoader(
+            dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+            persistent_workers=False, **extra,
+        )
+
+    def train_dataloader(self) -> StreamLoader:
+        if self.train_set is None:
+            self.setup("fit")
+        return self._loader(self.train_set)
+
+    def val_dataloader(self) -> StreamLoader | list:
+        if self.val_set is None and self.val_shards:
+            self.setup("validate")
+        return self._loader(self.val_set) if self.val_set is not None else []
+
+    # ----------------------------------------------------------------------------------------------
+    # Resumable stream state (Lightning saves it in checkpoints)
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def skipped(self) -> int:
+        """Bad samples skipped so far in this process (summed from the batches it received)."""
+        return self.state.skipped
+
+    def state_dict(self) -> dict:
+        """``seed`` and ``epoch`` (the number of training epochs started): a resumed run starts a fresh
+        epoch seed, so it never replays the stream of an interrupted epoch."""
+        return {"seed": self.state.seed, "epoch": self.state.epoch, "skipped": self.state.skipped}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.state.seed = int(state_dict.get("seed", self.state.seed))
+        self.state.epoch = int(state_dict.get("epoch", self.state.epoch))
+        self.state.skipped = int(state_dict.get("skipped", self.state.skipped))
+
+
+# --------------------------------------------------------------------------------------------------
+# Latent shards must match the loader settings
+# --------------------------------------------------------------------------------------------------
+
+
+def first_json(shard: str) -> dict:
+    """The ``json`` member of the first sample of a shard."""
+    with tarfile.open(shard) as tar:
+        for member in tar:
+            if member.name.endswith(".json"):
+                return json.loads(tar.extractfile(member).read())
+    raise ValueError(f"shard {shard} has no json member")
+
+
+def check_latent_shards(shard: str, frames: int, fps: float | None, resolution: int | tuple[int, int]) -> None:
+    """Raise if cached latents were made for another resolution, frame rate, or too few frames."""
+    meta = first_json(shard)
+    cache = meta.get("latent_cache")
+    if cache is None:
+        raise ValueError(f"{shard} is not a latent shard (no 'latent_cache' in its json); set data.latents=false")
+    want = [resolution, resolution] if isinstance(resolution, int) else list(resolution)
+    if list(cache["resolution"]) != want:
+        raise ValueError(f"latents in {shard} were cached at {cache['resolution']}, data.resolution asks {want}")
+    if fps is not None and abs(float(meta["fps"]) - fps) > 0.5:
+        raise ValueError(
+            f"latents in {shard} were cached at {meta['fps']} fps, data.fps asks {fps}; re-cache or set data.fps"
+        )
+    if cache["frames"] < frames:
+        raise ValueError(f"latents in {shard} hold {cache['frames']} frames, data.frames asks {frames}")

@@ -1,0 +1,159 @@
+"""Decoding shard members: frame selection at a target fps, ``video.mp4`` (PyAV) and ``video.npy``.
+
+Every failure raises a :class:`BadSample` subclass whose message names the problem; the loader catches
+exactly these, skips the sample and counts it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import av
+import numpy as np
+
+# --------------------------------------------------------------------------------------------------
+# Errors: what a bad sample can be
+# --------------------------------------------------------------------------------------------------
+
+
+class BadSample(Exception):
+    """A sample the loader must skip (and count). ``reason`` is a short key for the counters."""
+
+    reason = "bad sample"
+
+
+class CorruptVideo(BadSample):
+    reason = "corrupt video"
+
+
+class ClipTooShort(BadSample):
+    reason = "too few frames"
+
+
+class BadMetadata(BadSample):
+    reason = "bad json"
+
+
+class BadShape(BadSample):
+    reason = "wrong shape"
+
+
+# --------------------------------------------------------------------------------------------------
+# Frame selection
+# --------------------------------------------------------------------------------------------------
+
+
+def frame_stride(src_fps: float, target_fps: float | None) -> int:
+    """Integer stride that brings ``src_fps`` closest to ``target_fps`` (>= 1; 1 when ``target_fps`` is None).
+
+    An integer stride keeps the frames evenly spaced; the effective rate is ``src_fps / stride``.
+    """
+    if not (src_fps > 0 and math.isfinite(src_fps)):
+        raise BadMetadata(f"clip fps must be a positive number, got {src_fps!r}")
+    if target_fps is None:
+        return 1
+    if not target_fps > 0:
+        raise ValueError(f"target fps must be > 0 or None (native), got {target_fps}")
+    return max(1, int(round(src_fps / target_fps)))
+
+
+def frame_indices(
+    src_fps: float, n_src_frames: int, target_fps: float | None, frames: int, start: int = 0
+) -> tuple[np.ndarray, float]:
+    """Indices of ``frames`` evenly spaced frames at about ``target_fps``, from frame ``start``.
+
+    Args:
+        src_fps: the clip's own frame rate.
+        n_src_frames: frames in the clip.
+        target_fps: wanted rate; None keeps every frame (native rate). Higher than ``src_fps`` gives stride 1.
+        frames: how many frames to take (>= 1).
+        start: first index; ``0 <= start <= n_src_frames - span`` (see :func:`max_start`).
+    Returns ``(indices (frames,) int64, effective_fps)``; raises :class:`ClipTooShort` if they do not fit.
+    """
+    if frames < 1:
+        raise ValueError(f"frames must be >= 1, got {frames}")
+    stride = frame_stride(src_fps, target_fps)
+    span = (frames - 1) * stride + 1
+    if start < 0 or start + span > n_src_frames:
+        raise ClipTooShort(
+            f"need {frames} frames at stride {stride} (span {span}) from frame {start}, "
+            f"but the clip has {n_src_frames} frames; use fewer frames, a higher fps, or longer clips"
+        )
+    return start + stride * np.arange(frames, dtype=np.int64), src_fps / stride
+
+
+def max_start(src_fps: float, n_src_frames: int, target_fps: float | None, frames: int) -> int:
+    """Largest valid ``start`` for :func:`frame_indices` (raises :class:`ClipTooShort` if none fits)."""
+    stride = frame_stride(src_fps, target_fps)
+    last = n_src_frames - ((frames - 1) * stride + 1)
+    if last < 0:
+        frame_indices(src_fps, n_src_frames, target_fps, frames, 0)  # raises with the full message
+    return last
+
+
+# --------------------------------------------------------------------------------------------------
+# Members
+# --------------------------------------------------------------------------------------------------
+
+
+def decode_json(data: bytes) -> dict:
+    """The ``json`` member; must be an object with a positive ``fps`` and ``frames``."""
+    try:
+        meta = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
+        raise BadMetadata(f"json member does not parse: {e}") from None
+    if not isinstance(meta, dict):
+        raise BadMetadata(f"json member must be an object, got {type(meta).__name__}")
+    for key in ("fps", "frames"):
+        value = meta.get(key)
+        if not isinstance(value, (int, float)) or not value > 0:
+            raise BadMetadata(f"json member needs a positive number '{key}', got {value!r}")
+    return meta
+
+
+def decode_npy(data: bytes, indices: np.ndarray | None = None) -> np.ndarray:
+    """``video.npy`` bytes -> uint8 ``(len(indices) or T, H, W, 3)``."""
+    try:
+        video = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise CorruptVideo(f"video.npy does not load: {e}") from None
+    if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
+        raise BadShape(f"video.npy must be uint8 (T, H, W, 3), got {video.dtype} {video.shape}")
+    if indices is None:
+        return video
+    if len(indices) and int(indices.max()) >= video.shape[0]:
+        raise ClipTooShort(f"video.npy has {video.shape[0]} frames, need index {int(indices.max())}")
+    return video[indices]  # (len(indices), H, W, 3)
+
+
+def decode_mp4(data: bytes, indices: np.ndarray | None = None) -> np.ndarray:
+    """Encoded video bytes -> uint8 ``(len(indices) or T, H, W, 3)``, decoding only up to the last index.
+
+    Frames are counted in presentation order from the first decoded frame.
+    """
+    wanted = None if indices is None else {int(i): n for n, i in enumerate(indices)}
+    last = None if indices is None else (int(np.max(indices)) if len(indices) else -1)
+    out: list[np.ndarray | None] = [] if indices is None else [None] * len(indices)
+    count = 0
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            if not container.streams.video:
+                raise CorruptVideo("the video member has no video stream")
+            for frame in container.decode(video=0):
+                if last is not None and count > last:
+                    break
+                if wanted is None:
+                    out.append(frame.to_ndarray(format="rgb24"))  # (H, W, 3)
+                elif count in wanted:
+                    out[wanted[count]] = frame.to_ndarray(format="rgb24")  # (H, W, 3)
+                count += 1
+    except av.FFmpegError as e:
+        raise CorruptVideo(f"video does not decode: {e}") from None
+    if any(f is None for f in out) or (indices is None and not out):
+        need = "any frame" if last is None else f"index {last}"
+        raise ClipTooShort(f"video decoded to {count} frames, need {need}")
+    if len({f.shape for f in out}) > 1:
+        raise BadShape(f"video frames change size mid-stream: {sorted({f.shape for f in out})}")
+    return np.stack(out)  # (T', H, W, 3)

@@ -1,0 +1,112 @@
+"""Latent cache: encode the clips of a shard set once, so training reads latents instead of running the encoder.
+
+For every input shard ``X.tar`` the cache writes ``<out>/X.tar`` (atomically; existing ones are kept, so a
+re-run resumes) holding, per clip:
+
+- ``z_high.npy``: ``(T, C, h, w)`` latents of the clip at ``resolution``;
+- ``z_low.npy``: ``(T, C, h', w')`` latents of the planner's copy, made with
+  :func:`mardini.data.transforms.resize_video` to ``planner_resolution`` and then encoded (exactly what the
+  Lightning modules do on the fly);
+- ``json``: the clip's metadata with ``frames``/``fps`` of the cached selection, ``positions`` restricted to
+  it (crop-relative), and ``latent_cache`` (autoencoder, sizes, dtype, frame indices, crop window).
+
+The cache FREEZES augmentation: every clip is centre-cropped and its frames are the fixed centred selection
+of ``frames`` at ``fps``. Training from the cache can only pick sub-windows in time (``data.frames`` smaller
+than the cached count). Re-cache to change frames, fps, resolution, crop or the autoencoder.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mardini.autoencoders.base import FrameAutoencoder
+from mardini.data.sharding import atomic_tar, json_bytes, list_shards, npy_bytes
+from mardini.data.stream import ClipStream
+from mardini.data.transforms import Size, as_size, resize_video
+
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def load_autoencoder(class_path: str, kwargs: dict | None = None) -> FrameAutoencoder:
+    """Instantiate ``package.module.Class(**kwargs)``; it must be a :class:`FrameAutoencoder`."""
+    module, _, name = class_path.rpartition(".")
+    if not module:
+        raise ValueError(f"autoencoder class path {class_path!r} must look like 'package.module.Class'")
+    cls = getattr(importlib.import_module(module), name, None)
+    if cls is None or not (isinstance(cls, type) and issubclass(cls, FrameAutoencoder)):
+        raise ValueError(f"{class_path} is not a FrameAutoencoder subclass")
+    return cls(**(kwargs or {}))
+
+
+def encode_pair(
+    ae: FrameAutoencoder, video: torch.Tensor, planner_resolution: Size
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``video (B, T, 3, H, W)`` in [-1, 1] -> ``z_high (B, T, C, h, w)``, ``z_low (B, T, C, h', w')``."""
+    z_high = ae.encode(video)  # (B, T, C, h, w)
+    z_low = ae.encode(resize_video(video, planner_resolution))  # (B, T, C, h', w')
+    return z_high, z_low
+
+
+def cache_latents(
+    shards: str,
+    out: str | Path,
+    autoencoder: FrameAutoencoder,
+    frames: int,
+    fps: float | None,
+    resolution: Size,
+    planner_resolution: Size,
+    dtype: str = "float16",
+    batch_size: int = 8,
+    device: str = "cpu",
+    autoencoder_spec: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """Encode every clip of ``shards`` (see the module doc). Returns ``{shards, written, kept, clips, skipped}``."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    inputs = list_shards(shards)
+    out = Path(out)
+    ae = autoencoder.to(device).eval()
+    info = {
+        "autoencoder": autoencoder_spec or {"class_path": f"{type(ae).__module__}.{type(ae).__qualname__}"},
+        "resolution": list(as_size(resolution)), "planner_resolution": list(as_size(planner_resolution)),
+        "frames": frames, "fps": fps, "dtype": dtype, "crop": "center",
+    }
+    summary = {"shards": len(inputs), "written": 0, "kept": 0, "clips": 0, "skipped": 0}
+    for shard in tqdm(inputs, desc="latent cache", unit="shard", disable=not progress):
+        target = out / Path(shard).name
+        if target.exists():
+            summary["kept"] += 1
+            continue
+        stream = ClipStream([shard], frames=frames, fps=fps, resolution=resolution, batch_size=batch_size,
+                            train=False, keep_meta=True)
+        with atomic_tar(target) as sink:
+            for batch in stream:
+                summary["skipped"] += int(batch["skipped"])
+                video = batch["video"].to(device)  # (B, T, 3, H, W)
+                z_high, z_low = encode_pair(ae, video, planner_resolution)
+                for i, key in enumerate(batch["key"]):
+                    meta = dict(batch["meta"][i])
+                    cache = dict(info, source_fps=meta["fps"], source_frames=meta["frames"],
+                                 frame_indices=meta.pop("frame_indices"), crop_box=meta.pop("crop"))
+                    meta.update(frames=frames, fps=float(batch["fps"][i]), latent_cache=cache)
+                    if "positions" in batch:
+                        k = len(meta["positions"][0]) if meta.get("positions") else 0
+                        pos = batch["positions"][i, :, :k].tolist()  # (T, K, 2) crop-relative
+                        meta["positions"] = [[[round(v, 6) if math.isfinite(v) else None for v in p] for p in f]
+                                             for f in pos]
+                    sink.write({
+                        "__key__": key,
+                        "z_high.npy": npy_bytes(z_high[i].cpu().numpy().astype(DTYPES[dtype])),
+                        "z_low.npy": npy_bytes(z_low[i].cpu().numpy().astype(DTYPES[dtype])),
+                        "json": json_bytes(meta),
+                    })
+                    summary["clips"] += 1
+        summary["written"] += 1
+    return summary

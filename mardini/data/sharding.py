@@ -1,0 +1,118 @@
+"""Shard bookkeeping shared by every writer and the loader: listing shards, atomic writes, rank/worker splits.
+
+Writers never leave a half-written shard under its final name: each shard is written to ``NAME.tmp`` and
+renamed when complete, so a resumed run can trust every ``.tar`` it finds.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+
+# --------------------------------------------------------------------------------------------------
+# Finding shards
+# --------------------------------------------------------------------------------------------------
+
+
+def list_shards(pattern: str) -> list[str]:
+    """Shard paths of ``pattern``: a directory (its ``*.tar``), a brace pattern (``a-{000..009}.tar``),
+    a glob (``dir/*.tar``), or several of these joined by ``::``. Sorted, unique; raises if nothing matches.
+    """
+    if not pattern:
+        raise ValueError("empty shard pattern: give a directory, a brace pattern or a glob of .tar files")
+    found: list[str] = []
+    for part in wds.shardlists.expand_urls(pattern):  # splits '::' and expands braces
+        if os.path.isdir(part):
+            found.extend(sorted(glob.glob(os.path.join(part, "*.tar"))))
+        elif any(ch in part for ch in "*?["):
+            found.extend(sorted(glob.glob(part)))
+        elif os.path.isfile(part) or "://" in part or part.startswith("pipe:"):
+            found.append(part)
+    found = sorted(set(found))
+    if not found:
+        raise FileNotFoundError(
+            f"shard pattern {pattern!r} matches no shard; check the path, or build the shards first "
+            "(python data/make_synthetic.py, data/videos_to_shards.py or data/cache_latents.py)"
+        )
+    return found
+
+
+def split_shards(shards: list[str], rank: int, world_size: int, worker: int, num_workers: int) -> list[str]:
+    """The disjoint share of ``shards`` for (rank, worker): together the shares cover every shard once."""
+    slots = world_size * num_workers
+    if len(shards) < slots:
+        raise ValueError(
+            f"a finite split of {len(shards)} shards cannot feed {world_size} ranks x {num_workers} workers "
+            f"= {slots} readers; write the split in at least {slots} (smaller) shards or lower num_workers"
+        )
+    return shards[rank * num_workers + worker :: slots]
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing shards
+# --------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def atomic_tar(path: str | Path) -> Iterator[wds.TarWriter]:
+    """A ``wds.TarWriter`` on ``path.tmp``, renamed to ``path`` only if the block finishes without error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            writer = wds.TarWriter(f, mtime=0.0)  # fixed mtime: same content, same bytes
+            yield writer
+            writer.close()
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """An array as ``.npy`` bytes (what ``np.load`` reads back)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def json_bytes(meta: dict) -> bytes:
+    return json.dumps(meta, separators=(",", ":")).encode("utf-8")
+
+
+def write_json_atomic(path: str | Path, obj: object) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def pack(sizes: Iterable[int], max_count: int, max_bytes: int) -> list[list[int]]:
+    """Greedy, order-keeping packing of items (by byte size) into shards of at most ``max_count`` items and
+    about ``max_bytes`` bytes (a single item larger than ``max_bytes`` gets a shard of its own).
+    Returns the item indices of each shard. Deterministic: same sizes, same shards.
+    """
+    if max_count < 1 or max_bytes < 1:
+        raise ValueError(f"max_count and max_bytes must be >= 1, got {max_count}, {max_bytes}")
+    shards: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for i, size in enumerate(sizes):
+        if current and (len(current) >= max_count or used + size > max_bytes):
+            shards.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += size
+    if current:
+        shards.append(current)
+    return shards

@@ -1,0 +1,377 @@
+"""The clip stream: a WebDataset pipeline that yields ready batches, and the loader that counts skips.
+
+One :class:`ClipStream` serves either the training stream (resampled shards, endless, split into epochs by
+``with_epoch``) or a finite split (each shard read once by exactly one (rank, worker)). Batching happens
+inside the workers so that every batch can carry ``skipped``: the number of bad samples its worker dropped
+since its previous batch. :class:`StreamLoader` sums those into :attr:`StreamState.skipped` in the main
+process and advances the epoch every time the training stream starts.
+
+Seeds: every (seed, rank, worker, epoch) gets its own ``numpy.random.SeedSequence`` entropy, which drives
+the shard resampling, the shuffle buffer, the temporal start and the crop.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mardini.data.decode import (
+    BadSample,
+    BadShape,
+    decode_json,
+    decode_mp4,
+    decode_npy,
+    frame_indices,
+    max_start,
+)
+from mardini.data.sharding import split_shards
+from mardini.data.transforms import Size, crop_and_resize
+
+log = logging.getLogger("mardini.data")
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared state and seeds
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StreamState:
+    """What the DataModule saves in checkpoints, plus the skip counters (main process)."""
+
+    seed: int = 0
+    epoch: int = 0  # epoch number the next training stream will use
+    skipped: int = 0  # bad samples dropped so far (summed from the batches)
+
+
+def stream_seed(seed: int, rank: int, worker: int, epoch: int, salt: int = 0) -> int:
+    """A 63-bit seed unique to (seed, rank, worker, epoch, salt)."""
+    return int(np.random.SeedSequence([seed, rank, worker, epoch, salt]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def worker_info() -> tuple[int, int]:
+    """``(worker id, number of workers)`` of the current DataLoader process; ``(0, 1)`` in the main one."""
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _constant_zero() -> int:
+    return 0
+
+
+class SkipLog:
+    """Counts bad samples by reason inside one worker; logs the first few of each reason."""
+
+    def __init__(self, max_consecutive: int) -> None:
+        self.pending = 0
+        self.reasons: Counter[str] = Counter()
+        self.consecutive = 0
+        self.max_consecutive = max_consecutive
+
+    def add(self, reason: str, detail: str) -> None:
+        self.pending += 1
+        self.reasons[reason] += 1
+        self.consecutive += 1
+        if self.reasons[reason] <= 3:
+            log.warning("skipping a bad sample (%s): %s", reason, detail)
+        if self.max_consecutive and self.consecutive >= self.max_consecutive:
+            raise RuntimeError(
+                f"{self.consecutive} bad samples in a row (counts {dict(self.reasons)}; last: {detail}); "
+                "the shards do not fit the loader settings (frames, fps, latents?) or are broken"
+            )
+
+    def tar_handler(self, exn: Exception) -> bool:
+        """webdataset handler for unreadable shards / tar members: count and go on."""
+        self.add("corrupt shard", repr(exn))
+        return True
+
+    def drain(self) -> int:
+        n, self.pending = self.pending, 0
+        return n
+
+
+# --------------------------------------------------------------------------------------------------
+# The dataset
+# --------------------------------------------------------------------------------------------------
+
+
+class ClipStream(IterableDataset):
+    """Yields batch dicts (see :mod:`mardini.data.datamodule` for the keys) from shards.
+
+    Args:
+        shards: shard paths (already expanded).
+        frames, fps: frames per clip and target rate (None = the clip's own rate; ignored for latents,
+            whose frame selection was fixed by the cache).
+        resolution: ``int`` (square) or ``(H, W)`` output size; for latents, the pixel resolution the cache
+            was made at (checked by the DataModule).
+        batch_size: clips per batch on this rank.
+        train: True = endless resampled stream cut into ``epoch_batches`` per epoch; False = finite split.
+        rank, world_size: this process's place in distributed training.
+        shuffle_buffer: samples held by the shuffle buffer (train only; 0 = off).
+        crop, crop_scale: ``random`` or ``center`` crop window (train; a finite split always uses
+            ``center``); ``random`` also draws the temporal start, ``center`` centres it.
+        epoch_batches: batches per epoch on this rank (train).
+        max_clips: at most this many clips per rank from a finite split (None = all).
+        latents: read ``z_high.npy`` / ``z_low.npy`` instead of pixels.
+        keep_meta: also return each sample's parsed json (batch key ``meta``, a list of dicts).
+        state: shared :class:`StreamState` (seed, epoch).
+        max_consecutive_bad: this many bad samples in a row means a wrong setup: raise.
+    """
+
+    def __init__(
+        self,
+        shards: list[str],
+        frames: int,
+        fps: float | None,
+        resolution: Size,
+        batch_size: int,
+        train: bool,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 256,
+        crop: str = "random",
+        crop_scale: tuple[float, float] = (1.0, 1.0),
+        epoch_batches: int | None = None,
+        max_clips: int | None = None,
+        latents: bool = False,
+        keep_meta: bool = False,
+        state: StreamState | None = None,
+        max_consecutive_bad: int = 1000,
+    ) -> None:
+        super().__init__()
+        if not shards:
+            raise ValueError("ClipStream needs at least one shard")
+        if batch_size < 1 or frames < 1:
+            raise ValueError(f"batch_size and frames must be >= 1, got {batch_size}, {frames}")
+        if crop not in ("random", "center"):
+            raise ValueError(f"crop must be 'random' or 'center', got {crop!r}")
+        self.shards = list(shards)
+        self.frames, self.fps, self.resolution = frames, fps, resolution
+        self.batch_size, self.train = batch_size, train
+        self.rank, self.world_size = rank, world_size
+        self.shuffle_buffer = shuffle_buffer
+        self.crop = crop if train else "center"
+        self.crop_scale = tuple(crop_scale)
+        self.epoch_batches, self.max_clips = epoch_batches, max_clips
+        self.latents, self.keep_meta = latents, keep_meta
+        self.state = state if state is not None else StreamState()
+        self.current_epoch = self.state.epoch
+        self.max_consecutive_bad = max_consecutive_bad
+
+    def __len__(self) -> int:
+        if self.train and self.epoch_batches is not None:
+            return self.epoch_batches
+        raise TypeError("a finite split streams an unknown number of batches")
+
+    # ----------------------------------------------------------------------------------------------
+    def my_shards(self, worker: int, workers: int) -> list[str]:
+        """Shards this (rank, worker) reads. Finite split: a disjoint share (error if too few shards).
+        Train: a disjoint share too when there are enough shards, else all of them (resampling)."""
+        if not self.train or len(self.shards) >= self.world_size * workers:
+            return split_shards(self.shards, self.rank, self.world_size, worker, workers)
+        return self.shards
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, workers = worker_info()
+        epoch = self.current_epoch if self.train else 0
+        seed = stream_seed(self.state.seed, self.rank, worker, epoch, salt=int(not self.train))
+        skips = SkipLog(self.max_consecutive_bad if self.train else 0)
+        gen = torch.Generator().manual_seed(seed)
+        shards = self.my_shards(worker, workers)
+        if self.train:
+            source = wds.ResampledShards(shards, seed=seed, worker_seed=_constant_zero, deterministic=True)
+        else:
+            source = wds.SimpleShardList(shards)  # in order, each once
+        stages = [source, wds.tarfile_to_samples(handler=skips.tar_handler)]
+        if self.train and self.shuffle_buffer > 0:
+            stages.append(wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 64), rng=random.Random(seed)))
+        stages.append(lambda src: self._decode_all(src, gen, skips))
+        if not self.train and self.max_clips is not None:
+            share = self.max_clips // workers + (worker < self.max_clips % workers)
+            stages.append(lambda src: (s for _, s in zip(range(share), src)))
+        stages.append(lambda src: self._batches(src, skips))
+        pipeline = wds.DataPipeline(*stages)
+        if self.train and self.epoch_batches is not None:
+            mine = self.epoch_batches // workers + (worker < self.epoch_batches % workers)
+            if mine == 0:  # more workers than batches in an epoch: this one has nothing to do
+                return iter(())
+            pipeline = pipeline.with_epoch(nbatches=mine)
+        return iter(pipeline)
+
+    # ----------------------------------------------------------------------------------------------
+    def _decode_all(self, src: Iterator[dict], gen: torch.Generator, skips: SkipLog) -> Iterator[dict]:
+        for raw in src:
+            key = raw.get("__key__", "?")
+            try:
+                out = self.decode_latents(raw, gen) if self.latents else self.decode_pixels(raw, gen)
+            except BadSample as e:
+                skips.add(e.reason, f"{raw.get('__url__', '?')}:{key}: {e}")
+                continue
+            except Exception as e:  # noqa: BLE001 -- a bad sample must never stop training; counted
+                skips.add(f"error {type(e).__name__}", f"{raw.get('__url__', '?')}:{key}: {e!r}")
+                continue
+            skips.consecutive = 0
+            out["key"] = key
+            if not self.keep_meta:
+                for name in ("meta", "indices", "crop"):
+                    out.pop(name, None)
+            yield out
+
+    def _start(self, last: int, gen: torch.Generator) -> int:
+        if self.crop == "random":
+            return int(torch.randint(0, last + 1, (), generator=gen))
+        return last // 2
+
+    def decode_pixels(self, raw: dict, gen: torch.Generator) -> dict:
+        """One raw sample -> ``video (T, 3, H, W)`` in [-1, 1], ``fps``, optional ``positions (T, K, 2)``."""
+        if "json" not in raw:
+            raise BadSample("sample has no json member")
+        meta = decode_json(raw["json"])
+        n_src = int(meta["frames"])
+        start = self._start(max_start(float(meta["fps"]), n_src, self.fps, self.frames), gen)
+        idx, eff_fps = frame_indices(float(meta["fps"]), n_src, self.fps, self.frames, start)
+        if "video.mp4" in raw:
+            arr = decode_mp4(raw["video.mp4"], idx)  # (T, H, W, 3) uint8
+        elif "video.npy" in raw:
+            arr = decode_npy(raw["video.npy"], idx)  # (T, H, W, 3) uint8
+        else:
+            raise BadSample(f"sample has no video.mp4 or video.npy member (has {sorted(raw)})")
+        h, w = arr.shape[1:3]
+        video, (top, left, ch, cw) = crop_and_resize(arr, self.resolution, self.crop, gen, self.crop_scale)
+        # video: (T, 3, h, w) in [-1, 1]
+        out = {"video": video, "fps": eff_fps, "meta": meta, "indices": idx.tolist(), "crop": [top, left, ch, cw]}
+        if "positions" in meta:
+            pos = np.asarray(meta["positions"], dtype=np.float32)  # (T_src, K, 2)
+            if pos.ndim != 3 or pos.shape[0] != n_src or pos.shape[2] != 2:
+                raise BadShape(f"positions must be (frames={n_src}, K, 2), got {pos.shape}")
+            pos = pos[idx]  # (T, K, 2)
+            pos[..., 0] = (pos[..., 0] * w - left) / cw  # crop-relative x in [0, 1]
+            pos[..., 1] = (pos[..., 1] * h - top) / ch  # crop-relative y
+            out["positions"] = torch.from_numpy(pos)
+        return out
+
+    def decode_latents(self, raw: dict, gen: torch.Generator) -> dict:
+        """One cached sample -> ``z_high (T, C, h, w)``, ``z_low (T, C, h', w')`` float32, ``fps``, positions."""
+        if "json" not in raw or "z_high.npy" not in raw or "z_low.npy" not in raw:
+            raise BadSample(f"latent sample needs json, z_high.npy and z_low.npy (has {sorted(raw)})")
+        meta = decode_json(raw["json"])
+        z_high = _load_array(raw["z_high.npy"], "z_high")  # (T_c, C, h, w)
+        z_low = _load_array(raw["z_low.npy"], "z_low")  # (T_c, C, h', w')
+        if z_high.ndim != 4 or z_low.ndim != 4 or z_high.shape[0] != z_low.shape[0]:
+            raise BadShape(f"z_high {z_high.shape} and z_low {z_low.shape} must be (T, C, h, w) with the same T")
+        n = z_high.shape[0]
+        if n < self.frames:
+            raise BadSample(f"cached clip has {n} latent frames, need {self.frames}; re-cache with more frames")
+        start = self._start(n - self.frames, gen)
+        sl = slice(start, start + self.frames)
+        out = {
+            "z_high": torch.from_numpy(z_high[sl].astype(np.float32)),  # (T, C, h, w)
+            "z_low": torch.from_numpy(z_low[sl].astype(np.float32)),  # (T, C, h', w')
+            "fps": float(meta["fps"]),
+            "meta": meta,
+        }
+        if "positions" in meta:
+            pos = np.asarray(meta["positions"], dtype=np.float32)  # (T_c, K, 2)
+            if pos.ndim != 3 or pos.shape[0] != n:
+                raise BadShape(f"positions must be ({n}, K, 2), got {pos.shape}")
+            out["positions"] = torch.from_numpy(pos[sl])  # (T, K, 2)
+        return out
+
+    # ----------------------------------------------------------------------------------------------
+    def _batches(self, src: Iterator[dict], skips: SkipLog) -> Iterator[dict]:
+        """Group decoded samples into batches (by hand: each batch also carries this worker's skip count).
+
+        A finite split holds each batch back until the next one is ready, so the skips found after the last
+        sample still reach (the last) batch.
+        """
+        buf: list[dict] = []
+        held: dict | None = None
+        for sample in src:
+            buf.append(sample)
+            if len(buf) == self.batch_size:
+                batch = collate(buf, skips.drain())
+                buf = []
+                if self.train:
+                    yield batch
+                    continue
+                if held is not None:
+                    yield held
+                held = batch
+        if self.train:
+            return
+        if buf:
+            if held is not None:
+                yield held
+            held = collate(buf, 0)
+        if held is not None:
+            held["skipped"] += skips.drain()
+            yield held
+
+
+def _load_array(data: bytes, name: str) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise BadShape(f"{name}.npy does not load: {e}") from None
+
+
+def collate(samples: list[dict], skipped: int = 0) -> dict:
+    """Stack samples into a batch dict; ``positions`` NaN-padded to the most objects in the batch."""
+    batch: dict = {}
+    for name in ("video", "z_high", "z_low"):
+        if name in samples[0]:
+            shapes = {tuple(s[name].shape) for s in samples}
+            if len(shapes) > 1:
+                raise ValueError(f"cannot batch {name} of different shapes {sorted(shapes)}")
+            batch[name] = torch.stack([s[name] for s in samples])  # (B, T, C, H, W)
+    batch["fps"] = torch.tensor([s["fps"] for s in samples], dtype=torch.float32)  # (B,)
+    batch["key"] = [s["key"] for s in samples]
+    if "meta" in samples[0]:
+        batch["meta"] = [dict(s["meta"], frame_indices=s.get("indices"), crop=s.get("crop")) for s in samples]
+    if any("positions" in s for s in samples):
+        t = next(iter(batch.values())).shape[1]
+        k = max(s["positions"].shape[1] for s in samples if "positions" in s)
+        pos = torch.full((len(samples), t, k, 2), float("nan"))  # (B, T, K, 2)
+        for i, s in enumerate(samples):
+            if "positions" in s:
+                pos[i, :, : s["positions"].shape[1]] = s["positions"]
+        batch["positions"] = pos
+    batch["skipped"] = torch.tensor(skipped, dtype=torch.long)
+    return batch
+
+
+# --------------------------------------------------------------------------------------------------
+# The loader
+# --------------------------------------------------------------------------------------------------
+
+
+class StreamLoader(DataLoader):
+    """A DataLoader over a :class:`ClipStream` (``batch_size=None``: the stream batches).
+
+    Each new iteration of a training stream takes the next epoch number from the shared state (workers get
+    it when they start, so use ``persistent_workers=False``); every batch's ``skipped`` is added to
+    ``state.skipped``.
+    """
+
+    def __iter__(self) -> Iterator[dict]:
+        ds = self.dataset
+        if isinstance(ds, ClipStream) and ds.train:
+            ds.current_epoch = ds.state.epoch
+            ds.state.epoch += 1
+        return self._count(super().__iter__())
+
+    def _count(self, it: Iterator[dict]) -> Iterator[dict]:
+        state = getattr(self.dataset, "state", None)
+        for batch in it:
+            if state is not None:
+                state.skipped += int(batch.get("skipped", 0))
+            yield batch

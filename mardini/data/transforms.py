@@ -1,0 +1,117 @@
+"""Spatial transforms: crop to the target aspect ratio (random or centre), resize, and pixel scaling.
+
+:func:`resize_video` is THE resize of the project: the loader uses it to reach the training resolution, the
+Lightning modules use it to make the planner's low-resolution copy, and the latent cache uses it too, so the
+three always agree.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Size = int | tuple[int, int]
+
+
+def as_size(size: Size) -> tuple[int, int]:
+    """``int`` -> square ``(s, s)``; ``(H, W)`` as is. Sizes must be >= 1."""
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if h < 1 or w < 1:
+        raise ValueError(f"resolution must be >= 1, got {size}")
+    return h, w
+
+
+# --------------------------------------------------------------------------------------------------
+# Resize (the one everyone uses)
+# --------------------------------------------------------------------------------------------------
+
+
+def resize_video(video: torch.Tensor, size: Size) -> torch.Tensor:
+    """Bilinear, anti-aliased resize of every frame.
+
+    Args:
+        video: ``(B, T, C, H, W)`` float (any range; [-1, 1] by convention).
+        size: ``int`` for a square ``(size, size)`` output, or ``(h, w)``. The aspect ratio is not kept:
+            crop first (:func:`crop_box`) when it differs.
+    Returns ``(B, T, C, h, w)`` of the same dtype; the input itself when it already has that size.
+    """
+    if video.dim() != 5:
+        raise ValueError(f"resize_video expects (B, T, C, H, W), got shape {tuple(video.shape)}")
+    h, w = as_size(size)
+    b, t, c, hi, wi = video.shape
+    if (hi, wi) == (h, w):
+        return video
+    dtype = video.dtype
+    x = video.reshape(b * t, c, hi, wi)  # (B*T, C, H, W)
+    if not x.is_floating_point():
+        x = x.float()
+    x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)  # (B*T, C, h, w)
+    return x.reshape(b, t, c, h, w).to(dtype if dtype.is_floating_point else torch.float32)  # (B, T, C, h, w)
+
+
+# --------------------------------------------------------------------------------------------------
+# Crop window
+# --------------------------------------------------------------------------------------------------
+
+
+def crop_box(
+    height: int,
+    width: int,
+    size: Size,
+    mode: str = "center",
+    generator: torch.Generator | None = None,
+    scale: tuple[float, float] = (1.0, 1.0),
+) -> tuple[int, int, int, int]:
+    """The window ``(top, left, crop_h, crop_w)`` to cut before resizing to ``size``.
+
+    The window has the aspect ratio of ``size`` and spans a fraction ``s`` of the largest such window
+    (``s ~ U[scale]`` for ``random``, ``scale[1]`` for ``center``); ``random`` places it uniformly with
+    ``generator``, ``center`` centres it.
+    """
+    if mode not in ("random", "center"):
+        raise ValueError(f"crop mode must be 'random' or 'center', got {mode!r}")
+    if not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"crop scale must satisfy 0 < min <= max <= 1, got {scale}")
+    th, tw = as_size(size)
+    full_h = min(height, round(width * th / tw))  # largest window of the target aspect ratio
+    full_w = min(width, round(height * tw / th))
+    if mode == "random":
+        s = scale[0] + (scale[1] - scale[0]) * float(torch.rand((), generator=generator))
+    else:
+        s = scale[1]
+    ch, cw = max(1, round(full_h * s)), max(1, round(full_w * s))
+    if mode == "random":
+        top = int(torch.randint(0, height - ch + 1, (), generator=generator))
+        left = int(torch.randint(0, width - cw + 1, (), generator=generator))
+    else:
+        top, left = (height - ch) // 2, (width - cw) // 2
+    return top, left, ch, cw
+
+
+def to_unit_range(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [-1, 1] (same shape)."""
+    return frames.float().div_(127.5).sub_(1.0)
+
+
+def crop_and_resize(
+    frames: np.ndarray | torch.Tensor,
+    size: Size,
+    mode: str = "center",
+    generator: torch.Generator | None = None,
+    scale: tuple[float, float] = (1.0, 1.0),
+) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """uint8 ``(T, H, W, 3)`` -> float32 ``(T, 3, h, w)`` in [-1, 1], and the crop window used.
+
+    The crop and the scaling to [-1, 1] run in numpy (single-threaded: cheap on small clips, and no torch
+    thread-pool contention when the loader runs in the training process); the resize is :func:`resize_video`.
+    """
+    arr = frames.numpy() if isinstance(frames, torch.Tensor) else frames
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 (T, H, W, 3), got {arr.dtype} {arr.shape}")
+    t, h, w, _ = arr.shape
+    top, left, ch, cw = crop_box(h, w, size, mode, generator, scale)
+    x = arr[:, top : top + ch, left : left + cw].transpose(0, 3, 1, 2)  # (T, 3, ch, cw) uint8 view
+    x = x.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0)  # (T, 3, ch, cw) in [-1, 1]
+    video = resize_video(torch.from_numpy(x)[None], size)[0]  # (T, 3, h, w)
+    return video, (top, left, ch, cw)

@@ -1,0 +1,316 @@
+"""A folder of videos -> WebDataset shards of fixed-length H.264 clips (the logic of ``data/videos_to_shards.py``).
+
+Two phases, both resumable:
+
+1. **Stage** (parallel, one job per source file): decode with PyAV, optionally drop frames to a maximum fps
+   (integer stride) and resize, cut clips of ``clip_frames`` frames every ``clip_hop`` frames, encode each
+   to H.264 and write the file's clips to ``<out>/.staging/<n>.tar`` plus a result ``<n>.json`` (written
+   last, atomically: a file with a result json is done). A file that cannot be decoded gets a result with
+   its reason and is skipped.
+2. **Pack** (deterministic): all clips, in source-file order, are packed into shards of at most
+   ``shard_max_count`` clips and about ``shard_max_bytes`` bytes, ``<out>/<prefix>-NNNNNN.tar``, each written
+   to a temp name and renamed. Existing shards are kept (same inputs, same plan, same shard).
+
+``<out>/manifest.json`` fingerprints the settings and the input files (relative path + size); a re-run with
+other inputs or settings is refused instead of mixing two data sets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import tarfile
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+
+from mardini.data.encode import encode_mp4
+from mardini.data.sharding import atomic_tar, json_bytes, pack, write_json_atomic
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mpg", ".mpeg", ".ogv", ".webm", ".mkv", ".m4v")
+
+
+@dataclass
+class ShardSettings:
+    """How clips are cut and stored (part of the manifest fingerprint)."""
+
+    clip_frames: int = 32  # frames per stored clip
+    clip_hop: int | None = None  # stored frames between clip starts (None = clip_frames: no overlap)
+    max_fps: float | None = None  # keep every k-th frame so the stored rate is <= this (None = source rate)
+    short_side: int | None = None  # resize so the short side is this (None = source size, made even)
+    max_clips_per_video: int | None = None
+    crf: int = 18
+    shard_max_count: int = 256
+    shard_max_bytes: int = 1 << 30
+    prefix: str = "clips"
+
+    def check(self) -> None:
+        if self.clip_frames < 1:
+            raise ValueError(f"clip_frames must be >= 1, got {self.clip_frames}")
+        if self.clip_hop is not None and self.clip_hop < 1:
+            raise ValueError(f"clip_hop must be >= 1, got {self.clip_hop}")
+        if self.max_fps is not None and self.max_fps <= 0:
+            raise ValueError(f"max_fps must be > 0, got {self.max_fps}")
+        if self.short_side is not None and self.short_side < 2:
+            raise ValueError(f"short_side must be >= 2, got {self.short_side}")
+        if self.shard_max_count < 1 or self.shard_max_bytes < 1:
+            raise ValueError("shard_max_count and shard_max_bytes must be >= 1")
+
+
+@dataclass
+class Summary:
+    files: int = 0
+    clips: int = 0
+    shards: int = 0
+    shards_written: int = 0
+    shards_kept: int = 0
+    skipped: dict[str, str] = field(default_factory=dict)  # file -> reason (no clip kept)
+    partial: dict[str, str] = field(default_factory=dict)  # file -> reason (clips before the error kept)
+
+    def reasons(self) -> Counter:
+        return Counter(_reason_kind(r) for r in self.skipped.values())
+
+    def text(self) -> str:
+        lines = [
+            f"{self.clips} clips in {self.shards} shards ({self.shards_written} written, {self.shards_kept} kept) "
+            f"from {self.files} files; {len(self.skipped)} skipped, {len(self.partial)} partly decoded"
+        ]
+        for kind, n in sorted(self.reasons().items()):
+            lines.append(f"  skipped {n} x {kind}")
+        for name, reason in sorted(self.skipped.items()):
+            lines.append(f"    {name}: {reason}")
+        for name, reason in sorted(self.partial.items()):
+            lines.append(f"  partial {name}: {reason}")
+        return "\n".join(lines)
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(":", 1)[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Listing inputs
+# --------------------------------------------------------------------------------------------------
+
+
+def find_videos(root: str | Path) -> list[str]:
+    """Video files under ``root`` (recursive, by extension), as sorted paths relative to ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"video folder {root} does not exist")
+    found = [
+        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS
+    ]
+    if not found:
+        raise FileNotFoundError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) under {root}")
+    return sorted(found)
+
+
+def _slug(relpath: str) -> str:
+    """A key-safe name: WebDataset splits keys at the first dot, so no dots (or slashes) survive."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", Path(relpath).with_suffix("").as_posix())[-48:].strip("_") or "video"
+
+
+# --------------------------------------------------------------------------------------------------
+# Phase 1: one source file -> staged clips
+# --------------------------------------------------------------------------------------------------
+
+
+def _even_size(width: int, height: int, short_side: int | None) -> tuple[int, int]:
+    if short_side is not None:
+        s = short_side / min(width, height)
+        width, height = round(width * s), round(height * s)
+    return max(2, width - width % 2), max(2, height - height % 2)
+
+
+def stage_file(job: dict) -> dict:
+    """Decode one file and write its clips to ``job['tar']``; returns (and writes) its result dict."""
+    s = ShardSettings(**job["settings"])
+    rel, index = job["rel"], job["index"]
+    result = {"file": rel, "index": index, "status": "ok", "reason": "", "clips": []}
+    hop = s.clip_hop or s.clip_frames
+    emitted = 0
+    # Not an atomic write: the result json, written last, is what marks the file done.
+    f = open(job["tar"], "wb")
+    sink = wds.TarWriter(f, mtime=0.0)
+    try:
+        with av.open(job["path"]) as container:
+            if not container.streams.video:
+                raise ValueError("no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            if not rate or float(rate) <= 0:
+                raise ValueError("unknown frame rate")
+            rate = Fraction(rate)
+            stride = 1 if s.max_fps is None else max(1, int(-(-float(rate) // s.max_fps)))  # ceil: rate/k <= max
+            out_rate = rate / stride
+            src_w, src_h = stream.codec_context.width, stream.codec_context.height
+            if not src_w or not src_h:
+                raise ValueError("unknown frame size")
+            width, height = _even_size(src_w, src_h, s.short_side)
+            buf: list = []  # [(source index, (H, W, 3) uint8)]
+            skip = 0
+            n_src = 0
+            for frame in container.decode(stream):
+                i, n_src = n_src, n_src + 1
+                if i % stride:
+                    continue
+                if skip:
+                    skip -= 1
+                    continue
+                buf.append((i, frame.to_ndarray(width=width, height=height, format="rgb24")))  # (H, W, 3)
+                if len(buf) < s.clip_frames:
+                    continue
+                frames = np.stack([f for _, f in buf])  # (T, H, W, 3)
+                key = f"{index:06d}-{_slug(rel)}-c{emitted:04d}"
+                meta = {
+                    "source": rel, "source_fps": float(rate), "source_frames": [buf[0][0], buf[-1][0] + 1],
+                    "source_stride": stride, "source_width": src_w, "source_height": src_h,
+                    "fps": float(out_rate), "frames": s.clip_frames, "width": width, "height": height,
+                    "clip": emitted, "codec": "h264",
+                }
+                data = encode_mp4(frames, out_rate, crf=s.crf)
+                sink.write({"__key__": key, "video.mp4": data, "json": json_bytes(meta)})
+                result["clips"].append({"key": key, "bytes": len(data) + len(json_bytes(meta)) + 1536})
+                emitted += 1
+                if s.max_clips_per_video is not None and emitted >= s.max_clips_per_video:
+                    break
+                buf = buf[hop:] if hop < s.clip_frames else []
+                skip = max(0, hop - s.clip_frames)
+            if emitted == 0:
+                raise ValueError(
+                    f"too short: {n_src} frames give {n_src // stride} stored frames, fewer than one clip "
+                    f"of {s.clip_frames}"
+                )
+    except Exception as e:  # noqa: BLE001 -- any file PyAV cannot read is reported and skipped, never fatal
+        kind = "too short" if str(e).startswith("too short") else "undecodable"
+        reason = str(e)[len("too short: "):] if kind == "too short" else f"{type(e).__name__}: {e}"
+        if emitted == 0:
+            result.update(status="skipped", reason=f"{kind}: {reason}", clips=[])
+        else:  # the clips written before the error are complete tar members: keep them
+            result.update(status="partial", reason=f"error after {emitted} clips: {reason}")
+    finally:
+        sink.close()
+        f.close()
+    if not result["clips"]:
+        Path(job["tar"]).unlink(missing_ok=True)
+    write_json_atomic(job["result"], result)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Phase 2: pack staged clips into shards
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_staged(tar_path: Path) -> dict[str, dict[str, bytes]]:
+    samples: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(tar_path) as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                key, ext = m.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    except tarfile.ReadError:  # a partial staging tar ends early: keep the complete members
+        pass
+    return samples
+
+
+def fingerprint(root: Path, files: list[str], settings: ShardSettings) -> str:
+    h = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode())
+    for rel in files:
+        h.update(f"{rel}\0{(root / rel).stat().st_size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def videos_to_shards(
+    src: str | Path,
+    out: str | Path,
+    settings: ShardSettings | None = None,
+    workers: int = 2,
+    progress: bool = True,
+    keep_staging: bool = False,
+) -> Summary:
+    """Shard every video under ``src`` into ``out`` (resumable). Returns the :class:`Summary`."""
+    settings = settings or ShardSettings()
+    settings.check()
+    src, out = Path(src), Path(out)
+    files = find_videos(src)
+    fp = fingerprint(src, files, settings)
+    manifest = out / "manifest.json"
+    if manifest.exists():
+        old = json.loads(manifest.read_text())
+        if old.get("fingerprint") != fp:
+            raise ValueError(
+                f"{out} holds shards of other inputs or settings (fingerprint {old.get('fingerprint')} != {fp}); "
+                "use a new output folder or delete it"
+            )
+        if old.get("complete"):
+            return Summary(**old["summary"])
+    write_json_atomic(manifest, {"fingerprint": fp, "settings": asdict(settings), "complete": False})
+    staging = out / ".staging"
+    staging.mkdir(parents=True, exist_ok=True)
+
+    # -- phase 1 -----------------------------------------------------------------------------------
+    jobs = [
+        {"path": str(src / rel), "rel": rel, "index": i, "settings": asdict(settings),
+         "tar": str(staging / f"{i:06d}.tar"), "result": str(staging / f"{i:06d}.json")}
+        for i, rel in enumerate(files)
+    ]
+    results: dict[int, dict] = {}
+    for job in jobs:
+        if Path(job["result"]).exists():
+            results[job["index"]] = json.loads(Path(job["result"]).read_text())
+    todo = [j for j in jobs if j["index"] not in results]
+    bar = tqdm(total=len(jobs), initial=len(results), desc="videos", unit="file", disable=not progress)
+    if workers > 1 and len(todo) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for r in pool.map(stage_file, todo):
+                results[r["index"]] = r
+                bar.update(1)
+    else:
+        for job in todo:
+            r = stage_file(job)
+            results[r["index"]] = r
+            bar.update(1)
+    bar.close()
+
+    # -- phase 2 -----------------------------------------------------------------------------------
+    clips = [(i, c) for i in sorted(results) for c in results[i]["clips"]]
+    plan = pack([c["bytes"] for _, c in clips], settings.shard_max_count, settings.shard_max_bytes)
+    summary = Summary(files=len(files), clips=len(clips), shards=len(plan))
+    cache: tuple[int, dict] | None = None
+    for s_idx, members in enumerate(tqdm(plan, desc="shards", unit="shard", disable=not progress)):
+        path = out / f"{settings.prefix}-{s_idx:06d}.tar"
+        if path.exists():
+            summary.shards_kept += 1
+            continue
+        with atomic_tar(path) as sink:
+            for m in members:
+                file_index, clip = clips[m]
+                if cache is None or cache[0] != file_index:
+                    cache = (file_index, _read_staged(staging / f"{file_index:06d}.tar"))
+                sink.write({"__key__": clip["key"], **cache[1][clip["key"]]})
+        summary.shards_written += 1
+    for r in results.values():
+        if r["status"] == "skipped":
+            summary.skipped[r["file"]] = r["reason"]
+        elif r["status"] == "partial":
+            summary.partial[r["file"]] = r["reason"]
+    write_json_atomic(manifest, {"fingerprint": fp, "settings": asdict(settings), "complete": True,
+                                 "summary": asdict(summary), "shards": [f"{settings.prefix}-{i:06d}.tar"
+                                                                        for i in range(len(plan))]})
+    if not keep_staging:
+        shutil.rmtree(staging, ignore_errors=True)
+    return summary

@@ -1,0 +1,127 @@
+"""Shared machinery of the Fréchet metrics (FVD, FID): hidden feature network, running statistics, real-stats cache.
+
+Both metrics keep torchmetrics FID's six states (``{real,fake}_features_sum`` ``(D,)``, ``..._cov_sum`` ``(D, D)``
+float64, ``..._num_samples``), all reduced with ``sum`` across processes, so DDP needs no extra code.
+
+The feature network is stored as a plain attribute, not a submodule: it stays out of ``state_dict`` (so out of any
+LightningModule checkpoint), out of ``parameters()`` (so DDP never broadcasts it) and out of ``.to()`` calls; it is
+moved to the input's device on first use.
+
+Real statistics can be cached: :meth:`FrechetStatsMixin.save_real_stats` writes ``{protocol, feature, count, mean,
+cov}`` atomically; :meth:`~FrechetStatsMixin.load_real_stats` restores them as a fixed reference that is not a metric
+state, so it is neither reset nor summed across ranks (every rank loads the same file).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mardini.lit.checkpoint_io import atomic_torch_save
+from mardini.metrics.frechet import frechet_distance, gaussian_from_sums
+
+
+# ------------------------------------------------------------------------------------------------
+# Feature network kept out of the module tree
+# ------------------------------------------------------------------------------------------------
+def hide_module(owner: nn.Module, name: str, net: nn.Module) -> None:
+    """Attach ``net`` to ``owner`` as a plain attribute (not in ``_modules``), frozen and in eval mode."""
+    owner._modules.pop(name, None)
+    object.__setattr__(owner, name, net.eval().requires_grad_(False))
+
+
+def on_device(net: nn.Module, device: torch.device) -> nn.Module:
+    """Move ``net`` to ``device`` if it is elsewhere (device only; its dtype stays float32)."""
+    first = next(itertools.chain(net.parameters(), net.buffers()), None)
+    if first is not None and first.device != device:
+        net.to(device)
+    return net
+
+
+# ------------------------------------------------------------------------------------------------
+# States, compute and the real-statistics cache
+# ------------------------------------------------------------------------------------------------
+class FrechetStatsMixin:
+    """For ``torchmetrics.Metric`` subclasses; they set ``protocol``, ``feature_name`` and ``num_features``."""
+
+    protocol: str
+    feature_name: str
+    num_features: int
+    _real_ref: dict[str, Any] | None = None  # cached real statistics (not a state)
+
+    def _add_frechet_states(self, dim: int) -> None:
+        for kind in ("real", "fake"):
+            self.add_state(f"{kind}_features_sum", torch.zeros(dim, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(f"{kind}_features_cov_sum", torch.zeros(dim, dim, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(f"{kind}_features_num_samples", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def _check_real_update(self, real: bool) -> None:
+        if real and self._real_ref is not None:
+            raise RuntimeError(
+                f"{self.protocol}: real statistics were loaded from a cache; call clear_real_stats() before "
+                f"updating with real data"
+            )
+
+    def _accumulate(self, feats: torch.Tensor, real: bool) -> None:
+        """Add features ``(N, D)`` to the running sums in float64."""
+        feats = feats.double()  # (N, D)
+        kind = "real" if real else "fake"
+        setattr(self, f"{kind}_features_sum", getattr(self, f"{kind}_features_sum") + feats.sum(0))  # (D,)
+        setattr(self, f"{kind}_features_cov_sum", getattr(self, f"{kind}_features_cov_sum") + feats.T @ feats)  # (D,D)
+        setattr(self, f"{kind}_features_num_samples", getattr(self, f"{kind}_features_num_samples") + feats.shape[0])
+
+    def _gaussian(self, kind: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(mean (D,), cov (D, D), count) of the current states; call where states are synced."""
+        if kind == "real" and self._real_ref is not None:
+            ref = self._real_ref
+            return ref["mean"], ref["cov"], int(ref["count"])
+        n = getattr(self, f"{kind}_features_num_samples")
+        feat_sum, outer_sum = getattr(self, f"{kind}_features_sum"), getattr(self, f"{kind}_features_cov_sum")
+        mu, cov = gaussian_from_sums(feat_sum, outer_sum, n)
+        return mu, cov, int(n)
+
+    def _frechet(self) -> torch.Tensor:
+        """The Fréchet distance of real vs fake as a float64 scalar tensor (inside ``compute``: states are synced)."""
+        mu_r, cov_r, _ = self._gaussian("real")
+        mu_f, cov_f, _ = self._gaussian("fake")
+        d = frechet_distance(mu_r, cov_r, mu_f, cov_f)
+        return torch.tensor(d, dtype=torch.float64, device=self.fake_features_sum.device)
+
+    # -- cache ---------------------------------------------------------------------------------------
+    def real_stats(self) -> dict[str, Any]:
+        """``{protocol, feature, count, mean (D,), cov (D, D)}`` of the real data, synced across processes."""
+        if self._real_ref is not None:
+            return dict(self._real_ref)
+        with self.sync_context(should_unsync=True):
+            mu, cov, n = self._gaussian("real")
+        return {"protocol": self.protocol, "feature": self.feature_name, "count": n, "mean": mu.cpu(), "cov": cov.cpu()}
+
+    def set_real_stats(self, stats: dict[str, Any]) -> None:
+        """Use ``stats`` (from :meth:`real_stats`) as the fixed real reference; checks protocol and feature."""
+        for key, want in (("protocol", self.protocol), ("feature", self.feature_name)):
+            if stats.get(key) != want:
+                raise ValueError(
+                    f"cached real statistics are for {key} {stats.get(key)!r}, this metric is {want!r}; recompute them"
+                )
+        mean, cov = stats["mean"].double(), stats["cov"].double()
+        if mean.shape != (self.num_features,) or cov.shape != (self.num_features, self.num_features):
+            raise ValueError(f"cached statistics have shape {tuple(mean.shape)}, expected ({self.num_features},)")
+        self._real_ref = {**stats, "mean": mean, "cov": cov, "count": int(stats["count"])}
+
+    def clear_real_stats(self) -> None:
+        """Forget cached real statistics; real data then comes from ``update(..., real=True)`` again."""
+        self._real_ref = None
+
+    def save_real_stats(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`real_stats` atomically to ``path`` (a ``torch.save`` file); returns the path."""
+        atomic_torch_save(self.real_stats(), path)
+        return Path(path)
+
+    def load_real_stats(self, path: str | os.PathLike) -> None:
+        """Load statistics written by :meth:`save_real_stats` and use them as the real reference."""
+        self.set_real_stats(torch.load(path, map_location="cpu", weights_only=True))

@@ -1,0 +1,198 @@
+"""Attention kernels used by both networks: backend choice, mask-free identity attention, its dense oracle.
+
+All functions take and return the torch SDPA layout ``(B, heads, L, head_dim)``.
+
+Identity attention (PAPER.md §2.5, ARCHITECTURE.md decisions):
+
+* a query of a **generated** frame (mask True) attends to **all** keys of the sequence;
+* a query of a **reference** frame attends only within its scope:
+  ``"frame"`` = the keys of its own frame, ``"token"`` = itself only (softmax over one element,
+  so its output is exactly its own value).
+
+Because reference queries never read generated keys, reference activations do not depend on the
+generated frames, which is what allows a reference-frame K/V cache at sampling time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+SCOPES = ("token", "frame")
+BACKENDS = ("auto", "flash", "sdpa")
+
+# --------------------------------------------------------------------------------------------------
+# Backend choice: flash-attn when importable and the inputs are CUDA fp16/bf16, torch SDPA otherwise
+# --------------------------------------------------------------------------------------------------
+
+try:  # optional GPU extra (pyproject `gpu`); absent on CPU machines
+    from flash_attn import flash_attn_func as _flash_attn_func
+except Exception:  # ImportError, or a broken CUDA build
+    _flash_attn_func = None
+
+
+def flash_attn_available() -> bool:
+    """True when the flash-attn package could be imported."""
+    return _flash_attn_func is not None
+
+
+def select_backend(q: torch.Tensor, has_mask: bool = False, backend: str = "auto") -> str:
+    """Name of the kernel :func:`attention` will run: ``"flash"`` or ``"sdpa"``.
+
+    ``auto`` picks flash-attn only if it is importable, ``q`` is a CUDA fp16/bf16 tensor and no
+    attention mask is given (flash-attn takes none); ``flash`` forces it and raises if impossible.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; use one of {BACKENDS}")
+    usable = flash_attn_available() and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not has_mask
+    if backend == "flash" and not usable:
+        raise RuntimeError(
+            "backend='flash' needs the flash-attn package (pip install '.[gpu]'), CUDA fp16/bf16 inputs "
+            f"and no attention mask; got flash_attn={flash_attn_available()}, device={q.device}, dtype={q.dtype}, "
+            f"mask={has_mask}. Use backend='auto' to fall back to torch SDPA"
+        )
+    if backend == "sdpa":
+        return "sdpa"
+    return "flash" if usable else "sdpa"
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Softmax attention. ``q (B, H, Lq, d)``, ``k, v (B, H, Lk, d)`` -> ``(B, H, Lq, d)``.
+
+    Args:
+        attn_mask: optional bool ``(B or 1, H or 1, Lq, Lk)``, True = may attend (SDPA only).
+        backend: ``auto`` | ``flash`` | ``sdpa``, see :func:`select_backend`.
+    """
+    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"attention expects q (B, H, Lq, d) and k, v (B, H, Lk, d); got q={tuple(q.shape)}, "
+            f"k={tuple(k.shape)}, v={tuple(v.shape)}"
+        )
+    if select_backend(q, attn_mask is not None, backend) == "flash":
+        out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, Lq, H, d)
+        return out.transpose(1, 2)  # (B, H, Lq, d)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, Lq, d)
+
+
+# --------------------------------------------------------------------------------------------------
+# Identity attention without an L x L mask
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_identity_inputs(q, k, v, ref, scope, tokens_per_frame) -> int:
+    if scope not in SCOPES:
+        raise ValueError(f"identity attention scope must be one of {SCOPES}, got {scope!r}")
+    if q.dim() != 4 or q.shape != k.shape or k.shape != v.shape:
+        raise ValueError(
+            f"identity attention is self-attention: q, k, v must share one (B, H, L, d) shape; got "
+            f"q={tuple(q.shape)}, k={tuple(k.shape)}, v={tuple(v.shape)}"
+        )
+    b, _, length, _ = q.shape
+    if ref.dtype != torch.bool or tuple(ref.shape) != (b, length):
+        raise ValueError(
+            f"ref must be a (B, L) = ({b}, {length}) bool tensor, True = token of a reference frame; "
+            f"got dtype={ref.dtype} shape={tuple(ref.shape)}"
+        )
+    if scope == "token":
+        return 1
+    if tokens_per_frame is None or tokens_per_frame < 1 or length % tokens_per_frame:
+        raise ValueError(
+            f"scope='frame' needs tokens_per_frame dividing the sequence length {length} "
+            f"(frames laid out contiguously), got {tokens_per_frame}"
+        )
+    return tokens_per_frame
+
+
+def identity_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ref: torch.Tensor,
+    scope: str = "token",
+    tokens_per_frame: int | None = None,
+    backend: str = "auto",
+    check_frames: bool = True,
+) -> torch.Tensor:
+    """Identity attention computed without any ``L x L`` mask. Returns ``(B, H, L, d)``.
+
+    Args:
+        q, k, v: ``(B, H, L, d)`` self-attention inputs (RoPE already applied).
+        ref: ``(B, L)`` bool, True = the token belongs to a reference (given) frame; rows may differ.
+        scope: ``"token"`` (a reference query sees only itself) or ``"frame"`` (its own frame).
+        tokens_per_frame: N, tokens of one frame (frames contiguous, ``L = T * N``); needed for ``"frame"``.
+        backend: kernel for the dense parts, see :func:`attention`.
+        check_frames: for ``"frame"``, verify that ``ref`` is constant within each frame.
+
+    How: generated queries are gathered per row (padded to the row maximum, a no-op when the mask is
+    shared across the batch) and attend to all keys in one kernel call; reference queries with scope
+    ``"token"`` return their own value; with scope ``"frame"`` only reference frames are gathered into
+    a ``(frames, H, N, d)`` batch of per-frame attentions. The generated results are scattered into
+    the reference result. Memory is O(L d) beyond what the kernels use; no mask is ever built.
+    """
+    n = _check_identity_inputs(q, k, v, ref, scope, tokens_per_frame)
+    b, h, length, d = q.shape
+    n_gen = (~ref).sum(dim=1)  # (B,) generated tokens per row
+    n_max = int(n_gen.max())
+    if n_max == length and bool((n_gen == length).all()):  # no reference token anywhere: plain attention
+        return attention(q, k, v, backend=backend)  # (B, H, L, d)
+
+    # -- reference queries -------------------------------------------------------------------------
+    if scope == "token":
+        out_ref = v  # (B, H, L, d): softmax over a single key is exactly 1
+    else:
+        ref_frames = rearrange(ref, "b (f n) -> b f n", n=n)  # (B, F, N)
+        if check_frames and bool((ref_frames.any(-1) != ref_frames.all(-1)).any()):
+            raise ValueError("ref must be constant within each frame for scope='frame' (masks are per frame)")
+        ref_frames = ref_frames[..., 0]  # (B, F)
+        qf, kf, vf = (rearrange(x, "b h (f n) d -> b f h n d", n=n)[ref_frames] for x in (q, k, v))  # (R, H, N, d)
+        of = attention(qf, kf, vf, backend=backend)  # (R, H, N, d)
+        out_ref = q.new_zeros(b, h, length // n, n, d)  # (B, H, F, N, d); generated frames stay 0 here
+        out_ref.transpose(1, 2)[ref_frames] = of.to(q.dtype)  # write through a (B, F, H, N, d) view
+        out_ref = out_ref.view(b, h, length, d)  # (B, H, L, d), no copy
+    if n_max == 0:  # every query is a reference one
+        return out_ref
+
+    # -- generated queries: all keys ---------------------------------------------------------------
+    idx = torch.argsort(ref.to(torch.uint8), dim=1, stable=True)[:, :n_max]  # (B, n_max) generated first
+    valid = torch.arange(n_max, device=q.device)[None, :] < n_gen[:, None]  # (B, n_max); False = padding
+    idx = idx[:, None, :, None].expand(b, h, n_max, d)  # (B, H, n_max, d)
+    og = attention(q.gather(2, idx), k, v, backend=backend).to(out_ref.dtype)  # (B, H, n_max, d)
+    if not bool(valid.all()):  # padding slots point at reference tokens: write their own result back
+        og = torch.where(valid[:, None, :, None], og, out_ref.gather(2, idx))  # (B, H, n_max, d)
+    return out_ref.scatter(2, idx, og)  # (B, H, L, d)
+
+
+# --------------------------------------------------------------------------------------------------
+# Dense-mask version: a TEST ORACLE and benchmark baseline only, never used by the models
+# --------------------------------------------------------------------------------------------------
+
+
+def identity_mask_dense(ref: torch.Tensor, scope: str = "token", tokens_per_frame: int | None = None) -> torch.Tensor:
+    """The ``(B, 1, L, L)`` bool mask of identity attention (True = may attend). Oracle only."""
+    _, length = ref.shape
+    pos = torch.arange(length, device=ref.device)  # (L,)
+    group = pos if scope == "token" else pos // tokens_per_frame  # (L,)
+    same = group[:, None] == group[None, :]  # (L, L)
+    allow = (~ref)[:, :, None] | same[None]  # (B, L, L)
+    return allow[:, None]  # (B, 1, L, L)
+
+
+def dense_identity_attention_oracle(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ref: torch.Tensor,
+    scope: str = "token",
+    tokens_per_frame: int | None = None,
+) -> torch.Tensor:
+    """Identity attention through an explicit ``L x L`` mask and SDPA. Test oracle / benchmark baseline."""
+    _check_identity_inputs(q, k, v, ref, scope, tokens_per_frame)
+    mask = identity_mask_dense(ref, scope, tokens_per_frame)  # (B, 1, L, L)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, d)

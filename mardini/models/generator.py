@@ -1,0 +1,229 @@
+"""Generation model (DM, PAPER.md §2.4): a DiT over the high-resolution latents, conditioned on the plan.
+
+Block (one per depth), per frame f with timestep embedding ``c_t[f]`` and pooled-plan embedding ``c_p[f]``:
+
+    x = x + gate_s * SpatialAttn(modulate(norm(x), shift_s, scale_s))   # within each frame, c_t
+    x = x + TemporalAttn(norm(x))                                        # /T or /ST, identity attention
+    x = x + CrossAttn(norm(x), plan)                                     # frame's own plan tokens (or all)
+    x = x + gate_m * MLP(modulate(norm(x), shift_m, scale_m))            # c_t + c_p
+
+Reference frames carry t = 0, and identity attention lets a reference token see only itself, so their
+activations depend on nothing generated: a later reference-frame cache can compute their K/V once per
+layer (``SelfAttentionProj.qkv`` / ``.out`` are separate from the kernel for that reason).
+
+Choices beyond the paper: adaLN-Zero also zero-inits the output projections of the ungated temporal and
+cross attentions, so every block starts as the identity; cross-attention uses no RoPE (plan tokens live
+on the low-resolution grid).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from einops import rearrange
+from timm.layers import Mlp, RmsNormFp32
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mardini.models.attention import attention, identity_attention
+from mardini.models.layers import (
+    AdaLNModulation,
+    CrossAttentionProj,
+    SelfAttentionProj,
+    TimestepEmbedder,
+    modulate,
+    patchify,
+    unpatchify,
+)
+from mardini.models.registry import GeneratorConfig
+from mardini.models.rope import AxialRope3d
+
+# --------------------------------------------------------------------------------------------------
+# Block
+# --------------------------------------------------------------------------------------------------
+
+
+class GeneratorBlock(nn.Module):
+    """One DiT block; all tensors are ``(B, T, N, D)`` with per-frame conditioning ``(B, T, 1, D)``."""
+
+    def __init__(self, cfg: GeneratorConfig) -> None:
+        super().__init__()
+        d = cfg.dim
+        self.cross_mode = cfg.cross_attention
+        self.norm_s = RmsNormFp32(d, affine=False)
+        self.spatial = SelfAttentionProj(d, cfg.heads, qk_norm=cfg.qk_norm)
+        self.norm_t = RmsNormFp32(d)
+        self.temporal = SelfAttentionProj(d, cfg.heads, qk_norm=cfg.qk_norm)
+        self.norm_c = RmsNormFp32(d)
+        self.cross = CrossAttentionProj(d, cfg.plan_dim, cfg.heads, qk_norm=cfg.qk_norm)
+        self.norm_m = RmsNormFp32(d, affine=False)
+        self.mlp = Mlp(d, cfg.mlp_hidden, act_layer=partial(nn.GELU, approximate="tanh"))
+        self.mod_s = AdaLNModulation(d, 3)  # from c_t: shift, scale, gate of the spatial attention
+        self.mod_m = AdaLNModulation(d, 3)  # from c_t + c_p: shift, scale, gate of the MLP
+
+    def spatial_attn(self, x: torch.Tensor, c_t: torch.Tensor, rope) -> torch.Tensor:
+        """Per-frame attention (no identity mask), adaLN from the timestep. ``(B, T, N, D)``."""
+        t = x.shape[1]
+        shift, scale, gate = self.mod_s(c_t)  # (B, T, 1, D) x3
+        h = rearrange(modulate(self.norm_s(x), shift, scale), "b t n d -> b (t n) d")  # (B, L, D)
+        q, k, v = (rearrange(a, "b h (t n) d -> (b t) h n d", t=t) for a in self.spatial.qkv(h, rope))  # (BT,H,N,d)
+        o = rearrange(attention(q, k, v), "(b t) h n d -> b h (t n) d", t=t)  # (B, H, L, d)
+        return x + gate * rearrange(self.spatial.out(o), "b (t n) d -> b t n d", t=t)  # (B, T, N, D)
+
+    def temporal_attn(self, x: torch.Tensor, mask: torch.Tensor, rope, mode: str) -> torch.Tensor:
+        """``/ST``: all tokens of all frames; ``/T``: tokens at one spatial position across frames.
+
+        Identity attention in both: a reference token sees only itself. ``mask (B, T)`` True = generated.
+        """
+        b, t, n, _ = x.shape
+        q, k, v = self.temporal.qkv(rearrange(self.norm_t(x), "b t n d -> b (t n) d"), rope)  # (B, H, L, d) x3
+        if mode == "st":
+            ref = (~mask).repeat_interleave(n, dim=1)  # (B, L)
+            o = identity_attention(q, k, v, ref, "token")  # (B, H, L, d)
+        else:
+            q, k, v = (rearrange(a, "b h (t n) d -> (b n) h t d", t=t) for a in (q, k, v))  # (B*N, H, T, d)
+            ref = (~mask).repeat_interleave(n, dim=0)  # (B*N, T), row b*N + j = position j of clip b
+            o = identity_attention(q, k, v, ref, "token")  # (B*N, H, T, d)
+            o = rearrange(o, "(b n) h t d -> b h (t n) d", b=b)  # (B, H, L, d)
+        return x + rearrange(self.temporal.out(o), "b (t n) d -> b t n d", t=t)  # (B, T, N, D)
+
+    def cross_attn(self, x: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
+        """Queries: the frame's tokens; keys/values: its plan tokens (``frame``) or all plan tokens (``all``)."""
+        t = x.shape[1]
+        h = self.norm_c(x)  # (B, T, N, D)
+        if self.cross_mode == "frame":
+            q = self.cross.q(rearrange(h, "b t n d -> (b t) n d"))  # (BT, H, N, d)
+            k, v = self.cross.kv(rearrange(plan, "b t m c -> (b t) m c"))  # (BT, H, M, d)
+            o = rearrange(attention(q, k, v), "(b t) h n d -> b h (t n) d", t=t)  # (B, H, L, d)
+        else:
+            q = self.cross.q(rearrange(h, "b t n d -> b (t n) d"))  # (B, H, L, d)
+            k, v = self.cross.kv(rearrange(plan, "b t m c -> b (t m) c"))  # (B, H, T*M, d)
+            o = attention(q, k, v)  # (B, H, L, d)
+        return x + rearrange(self.cross.out(o), "b (t n) d -> b t n d", t=t)  # (B, T, N, D)
+
+    def mlp_block(self, x: torch.Tensor, c_m: torch.Tensor) -> torch.Tensor:
+        """GELU MLP with adaLN from timestep + pooled plan. ``(B, T, N, D)``."""
+        shift, scale, gate = self.mod_m(c_m)  # (B, T, 1, D) x3
+        return x + gate * self.mlp(modulate(self.norm_m(x), shift, scale))  # (B, T, N, D)
+
+    def forward(self, x, c_t, c_m, plan, mask, rope, mode: str) -> torch.Tensor:
+        x = self.spatial_attn(x, c_t, rope)  # (B, T, N, D)
+        x = self.temporal_attn(x, mask, rope, mode)  # (B, T, N, D)
+        x = self.cross_attn(x, plan)  # (B, T, N, D)
+        return self.mlp_block(x, c_m)  # (B, T, N, D)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------
+
+
+class Generator(nn.Module):
+    """DiT generation model predicting v for every frame.
+
+    ``forward(z, t, plan, mask)``:
+        z: ``(B, T, C, h, w)`` latents, references clean, generated frames noised.
+        t: ``(B,)`` or ``(B, T)`` continuous diffusion time in [0, 1] (0 = clean); reference frames get 0.
+        plan: ``(B, T, N_low, plan_dim)`` planning signal, or None for the learned null plan.
+        mask: ``(B, T)`` bool, True = generated frame.
+        returns v ``(B, T, C, h, w)`` (float, the model's compute dtype).
+    """
+
+    def __init__(self, cfg: GeneratorConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        p, c, d = cfg.patch_size, cfg.in_channels, cfg.dim
+        self.attention_mode = cfg.attention
+        self.embed = nn.Linear(p * p * c, d)  # a p x p patch embedding (equal to a stride-p Conv2d)
+        self.t_embed = TimestepEmbedder(d, cfg.freq_dim, cfg.time_scale)
+        self.plan_embed = Mlp(cfg.plan_dim, d, d, act_layer=nn.SiLU)  # pooled plan of a frame -> MLP modulation
+        self.null_plan_token = nn.Parameter(torch.zeros(cfg.plan_dim))
+        self.rope = AxialRope3d(cfg.head_dim, cfg.rope_theta)
+        self.blocks = nn.ModuleList(GeneratorBlock(cfg) for _ in range(cfg.depth))
+        self.norm_out = RmsNormFp32(d, affine=False)
+        self.mod_out = AdaLNModulation(d, 2)  # shift, scale of the final layer
+        self.out = nn.Linear(d, p * p * c)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Xavier linears; adaLN-Zero (modulations, ungated attention outputs, final layer) start at zero."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for emb_linear in (self.t_embed.mlp[0], self.t_embed.mlp[2]):
+            nn.init.normal_(emb_linear.weight, std=0.02)
+        nn.init.normal_(self.null_plan_token, std=0.02)
+        zero = [self.mod_out.linear, self.out]
+        for blk in self.blocks:
+            zero += [blk.mod_s.linear, blk.mod_m.linear, blk.temporal.proj, blk.cross.proj]
+        for lin in zero:
+            nn.init.zeros_(lin.weight)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+
+    # -- public API --------------------------------------------------------------------------------
+    def set_attention(self, mode: str) -> None:
+        """Switch the temporal layers between ``"st"`` and ``"t"`` (same weights, PAPER.md §3.3)."""
+        if mode not in ("st", "t"):
+            raise ValueError(f"attention mode must be 'st' or 't', got {mode!r}")
+        self.attention_mode = mode
+        self.cfg.attention = mode
+
+    def null_plan(self, batch: int, frames: int, tokens: int) -> torch.Tensor:
+        """The learned unconditional plan broadcast to ``(B, T, N, plan_dim)``."""
+        return self.null_plan_token.expand(batch, frames, tokens, -1)  # (B, T, N, plan_dim)
+
+    def forward(
+        self, z: torch.Tensor, t: torch.Tensor, plan: torch.Tensor | None, mask: torch.Tensor
+    ) -> torch.Tensor:
+        b, frames, _, h, w = z.shape
+        t_frame = self._frame_times(z, t, mask)  # (B, T)
+        if plan is None:
+            plan = self.null_plan(b, frames, 1)  # (B, T, 1, plan_dim); identical tokens: one is enough
+        self._check_plan(plan, b, frames)
+        p = self.cfg.patch_size
+        x = self.embed(patchify(z, p))  # (B, T, N, D)
+        c_t = self.t_embed(t_frame)[:, :, None]  # (B, T, 1, D)
+        plan = plan.to(x.dtype)  # (B, T, M, plan_dim)
+        c_m = c_t + self.plan_embed(plan.mean(dim=2))[:, :, None]  # (B, T, 1, D)
+        rope = self.rope((frames, h // p, w // p), z.device)  # (L, d) x2
+        for block in self.blocks:
+            args = (x, c_t, c_m, plan, mask, rope, self.attention_mode)
+            if self.cfg.checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, *args, use_reentrant=False)  # (B, T, N, D)
+            else:
+                x = block(*args)  # (B, T, N, D)
+        shift, scale = self.mod_out(c_t)  # (B, T, 1, D) x2
+        x = self.out(modulate(self.norm_out(x), shift, scale))  # (B, T, N, p*p*C)
+        return unpatchify(x, p, (h, w))  # (B, T, C, h, w)
+
+    # -- checks ------------------------------------------------------------------------------------
+    def _frame_times(self, z: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        c = self.cfg.in_channels
+        if z.dim() != 5 or z.shape[2] != c:
+            raise ValueError(
+                f"generator expects latents (B, T, {c}, h, w), got {tuple(z.shape)}; "
+                "set in_channels to the autoencoder's latent channels"
+            )
+        bt = tuple(z.shape[:2])
+        if mask.dtype != torch.bool or tuple(mask.shape) != bt:
+            raise ValueError(
+                f"mask must be a (B, T) = {bt} bool tensor (True = generate), "
+                f"got dtype={mask.dtype} shape={tuple(mask.shape)}"
+            )
+        t = torch.as_tensor(t, device=z.device)
+        if t.dim() == 1 and t.shape[0] == bt[0]:
+            t = t[:, None].expand(bt)  # (B, T)
+        elif tuple(t.shape) != bt:
+            raise ValueError(f"t must have shape (B,) = ({bt[0]},) or (B, T) = {bt}, got {tuple(t.shape)}")
+        return torch.where(mask, t.float(), torch.zeros((), device=z.device))  # (B, T); references at t = 0
+
+    def _check_plan(self, plan: torch.Tensor, b: int, frames: int) -> None:
+        if plan.dim() != 4 or tuple(plan.shape[:2]) != (b, frames) or plan.shape[-1] != self.cfg.plan_dim:
+            raise ValueError(
+                f"plan must be (B, T, N_low, plan_dim) = ({b}, {frames}, N, {self.cfg.plan_dim}) or None, "
+                f"got {tuple(plan.shape)}; plan_dim must equal the planner's dim"
+            )

@@ -1,0 +1,152 @@
+"""Building blocks shared by the planner and the generator: patching, attention projections, embedders.
+
+Norms and MLPs come from ``timm.layers`` (RmsNormFp32, LayerNormFp32, SwiGLU, Mlp; the Fp32 norms compute in
+float32 and return the input dtype, so q, k, v share one dtype under bf16 autocast). This file holds only the
+pieces timm does not provide in the form the two models need.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange
+from timm.layers import LayerNormFp32
+from torch import nn
+
+from mardini.models.rope import apply_rope
+
+# --------------------------------------------------------------------------------------------------
+# Patching
+# --------------------------------------------------------------------------------------------------
+
+
+def patchify(z: torch.Tensor, p: int) -> torch.Tensor:
+    """``(B, T, C, h, w)`` -> ``(B, T, (h/p)*(w/p), p*p*C)`` (row-major patches)."""
+    if z.shape[-2] % p or z.shape[-1] % p:
+        raise ValueError(
+            f"latent size {tuple(z.shape[-2:])} is not divisible by patch_size={p}; "
+            f"use latents whose sides are multiples of {p} or a smaller patch_size"
+        )
+    return rearrange(z, "b t c (h p1) (w p2) -> b t (h w) (p1 p2 c)", p1=p, p2=p)  # (B, T, N, p*p*C)
+
+
+def unpatchify(x: torch.Tensor, p: int, size: tuple[int, int]) -> torch.Tensor:
+    """``(B, T, N, p*p*C)`` -> ``(B, T, C, h, w)`` with ``(h, w) = size`` in latent pixels."""
+    h, w = size
+    if h % p or w % p or x.shape[2] != (h // p) * (w // p):
+        raise ValueError(f"cannot unpatchify {x.shape[2]} tokens of patch {p} into a {h}x{w} latent")
+    return rearrange(x, "b t (h w) (p1 p2 c) -> b t c (h p1) (w p2)", h=h // p, p1=p, p2=p)  # (B, T, C, h, w)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: ``x * (1 + scale) + shift``; x ``(B, T, N, D)``, shift/scale ``(B, T, 1, D)``."""
+    return x * (1 + scale) + shift  # (B, T, N, D)
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention projections (kernels live in attention.py)
+# --------------------------------------------------------------------------------------------------
+
+
+class SelfAttentionProj(nn.Module):
+    """Q/K/V projection with QK-norm and RoPE, and the output projection, around any attention kernel.
+
+    Kept apart from the kernel so a caller can compute (and cache) K/V of some tokens once and attend
+    with its own rule: ``q, k, v = m.qkv(x, rope)``; ``o = kernel(q, k, v)``; ``y = m.out(o)``.
+    """
+
+    def __init__(self, dim: int, heads: int, qk_norm: bool = True, bias: bool = False) -> None:
+        super().__init__()
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.qkv_proj = nn.Linear(dim, 3 * dim, bias=bias)
+        self.q_norm = LayerNormFp32(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = LayerNormFp32(self.head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim, bias=bias)
+
+    def qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None):
+        """``x (B, L, D)`` -> q, k, v ``(B, H, L, d)`` with QK-norm and RoPE applied to q and k."""
+        q, k, v = rearrange(self.qkv_proj(x), "b l (s h d) -> s b h l d", s=3, h=self.heads)  # (B, H, L, d) x3
+        q, k = self.q_norm(q), self.k_norm(k)  # (B, H, L, d)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # (B, H, L, d)
+        return q, k, v
+
+    def out(self, o: torch.Tensor) -> torch.Tensor:
+        """``o (B, H, L, d)`` -> ``(B, L, D)``."""
+        return self.proj(rearrange(o, "b h l d -> b l (h d)"))  # (B, L, D)
+
+
+class CrossAttentionProj(nn.Module):
+    """Queries from the generator's tokens (width D), keys/values from planning tokens (width plan_dim)."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, qk_norm: bool = True) -> None:
+        super().__init__()
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.q_proj = nn.Linear(dim, dim)
+        self.kv_proj = nn.Linear(context_dim, 2 * dim)
+        self.q_norm = LayerNormFp32(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = LayerNormFp32(self.head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def q(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (B, L, D)`` -> ``(B, H, L, d)``."""
+        return self.q_norm(rearrange(self.q_proj(x), "b l (h d) -> b h l d", h=self.heads))  # (B, H, L, d)
+
+    def kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``context (B, M, plan_dim)`` -> k, v ``(B, H, M, d)``."""
+        k, v = rearrange(self.kv_proj(context), "b m (s h d) -> s b h m d", s=2, h=self.heads)  # (B, H, M, d) x2
+        return self.k_norm(k), v
+
+    def out(self, o: torch.Tensor) -> torch.Tensor:
+        """``o (B, H, L, d)`` -> ``(B, L, D)``."""
+        return self.proj(rearrange(o, "b h l d -> b l (h d)"))  # (B, L, D)
+
+
+# --------------------------------------------------------------------------------------------------
+# Conditioning embedders
+# --------------------------------------------------------------------------------------------------
+
+
+class TimestepEmbedder(nn.Module):
+    """Continuous time ``t`` in [0, 1] -> ``(…, D)``: sinusoid of ``scale * t`` then a 2-layer SiLU MLP.
+
+    Written here because timm has no timestep embedder and diffusers is only an optional extra.
+    """
+
+    def __init__(self, dim: int, freq_dim: int = 256, scale: float = 1000.0, max_period: float = 10000.0) -> None:
+        super().__init__()
+        if freq_dim % 2:
+            raise ValueError(f"freq_dim must be even, got {freq_dim}")
+        self.freq_dim, self.scale, self.max_period = freq_dim, scale, max_period
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def sinusoid(self, t: torch.Tensor) -> torch.Tensor:
+        """``t (...)`` -> ``(..., freq_dim)`` float32 ``[cos, sin]`` features."""
+        half = self.freq_dim // 2
+        freqs = torch.exp(
+            -math.log(self.max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half
+        )  # (half,)
+        args = self.scale * t.float()[..., None] * freqs  # (..., half)
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (..., freq_dim)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """``t (...)`` in [0, 1] -> ``(..., D)``."""
+        return self.mlp(self.sinusoid(t).to(self.mlp[0].weight.dtype))  # (..., D)
+
+
+class AdaLNModulation(nn.Module):
+    """``c (..., D)`` -> ``chunks`` tensors ``(..., D)`` (shift/scale/gate); zero-initialised (adaLN-Zero)."""
+
+    def __init__(self, dim: int, chunks: int) -> None:
+        super().__init__()
+        self.chunks = chunks
+        self.act = nn.SiLU()
+        self.linear = nn.Linear(dim, chunks * dim)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.linear(self.act(c)).chunk(self.chunks, dim=-1)  # chunks x (..., D)

@@ -1,0 +1,184 @@
+"""Named model sizes and the two factories every stage calls: ``build_planner`` and ``build_generator``.
+
+Paper sizes follow PAPER.md Table 1 (depth, hidden width, MLP width). Head counts are not in the paper;
+we choose head dim 128 for the planner (32 heads at 4096) and 64 for the generator (16 heads at 1024).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+# --------------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_common(name: str, cfg) -> None:
+    for key in ("dim", "depth", "heads", "mlp_hidden", "patch_size", "in_channels"):
+        if int(getattr(cfg, key)) < 1:
+            raise ValueError(f"{name}.{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.dim % cfg.heads:
+        raise ValueError(f"{name}.dim={cfg.dim} is not divisible by heads={cfg.heads}; pick heads dividing dim")
+    head_dim = cfg.dim // cfg.heads
+    if head_dim % 2 or head_dim < 6:
+        raise ValueError(
+            f"{name} head dim dim/heads = {head_dim} must be even and >= 6 for the 3-D RoPE "
+            "(one frequency pair per axis t, h, w); use fewer heads"
+        )
+
+
+@dataclass
+class PlannerConfig:
+    """Planning model (MAR). ``mlp_hidden`` is the SwiGLU hidden width (Table 1's "MLP")."""
+
+    dim: int
+    depth: int
+    heads: int
+    mlp_hidden: int
+    patch_size: int = 1
+    in_channels: int = 16
+    identity_scope: str = "frame"  # a reference token attends to its own frame ("frame") or itself ("token")
+    qk_norm: bool = True
+    rope_theta: float = 10000.0
+    checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        _check_common("PlannerConfig", self)
+        if self.identity_scope not in ("frame", "token"):
+            raise ValueError(f"PlannerConfig.identity_scope must be 'frame' or 'token', got {self.identity_scope!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+
+@dataclass
+class GeneratorConfig:
+    """Generation model (DM). ``plan_dim`` must equal the planner's ``dim``; ``mlp_hidden`` is the GELU MLP width."""
+
+    dim: int
+    depth: int
+    heads: int
+    mlp_hidden: int
+    plan_dim: int
+    patch_size: int = 1
+    in_channels: int = 16
+    attention: str = "st"  # "st": spatio-temporal, "t": temporal-only (same weights)
+    cross_attention: str = "frame"  # "frame": a frame reads its own plan tokens; "all": all frames' tokens
+    qk_norm: bool = True
+    rope_theta: float = 10000.0
+    freq_dim: int = 256  # sinusoidal timestep features
+    time_scale: float = 1000.0  # the embedding sees time_scale * t, t in [0, 1]
+    checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        _check_common("GeneratorConfig", self)
+        if self.plan_dim < 1:
+            raise ValueError(f"GeneratorConfig.plan_dim must be >= 1, got {self.plan_dim}")
+        if self.attention not in ("st", "t"):
+            raise ValueError(f"GeneratorConfig.attention must be 'st' or 't', got {self.attention!r}")
+        if self.cross_attention not in ("frame", "all"):
+            raise ValueError(
+                f"GeneratorConfig.cross_attention must be 'frame' or 'all', got {self.cross_attention!r}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """A named pair of configs; ``frames`` is the clip window of the paper configuration (info only)."""
+
+    planner: PlannerConfig
+    generator: GeneratorConfig
+    frames: int | None = None
+    note: str = ""
+    paper_params: dict = field(default_factory=dict)  # Table 1 counts, for reports
+
+
+# --------------------------------------------------------------------------------------------------
+# Sizes
+# --------------------------------------------------------------------------------------------------
+
+
+def _paper(planner_depth: int, planner_mlp: int, attention: str, frames: int, planner_params: float) -> ModelSize:
+    return ModelSize(
+        planner=PlannerConfig(dim=4096, depth=planner_depth, heads=32, mlp_hidden=planner_mlp),
+        generator=GeneratorConfig(dim=1024, depth=8, heads=16, mlp_hidden=4096, plan_dim=4096, attention=attention),
+        frames=frames,
+        note="PAPER.md Table 1; heads chosen here (head dim 128 planner, 64 generator)",
+        paper_params={"planner": planner_params, "generator": 288e6},
+    )
+
+
+MODEL_SIZES: dict[str, ModelSize] = {
+    # CPU sizes: SpaceToDepth(2) latents, 12 channels; generator 16x16 (32 px), planner 8x8 (16 px)
+    "tiny": ModelSize(
+        planner=PlannerConfig(dim=128, depth=2, heads=4, mlp_hidden=256, in_channels=12),
+        generator=GeneratorConfig(dim=96, depth=2, heads=4, mlp_hidden=384, plan_dim=128, in_channels=12),
+        frames=4,
+        note="trains on 2 CPU cores in minutes",
+    ),
+    "small": ModelSize(
+        planner=PlannerConfig(dim=512, depth=8, heads=8, mlp_hidden=1536),
+        generator=GeneratorConfig(dim=384, depth=8, heads=6, mlp_hidden=1536, plan_dim=512),
+        frames=9,
+        note="a few tens of M parameters per network, for one GPU",
+    ),
+    "mardini-s/st": _paper(8, 4096, "st", 9, 1.3e9),
+    "mardini-l/st": _paper(16, 8192, "st", 9, 3.1e9),
+    "mardini-s/t": _paper(8, 4096, "t", 17, 1.3e9),
+    "mardini-l/t": _paper(16, 8192, "t", 17, 3.1e9),
+}
+
+
+def list_sizes() -> list[str]:
+    """Registered size names."""
+    return list(MODEL_SIZES)
+
+
+def get_size(size: str) -> ModelSize:
+    """The :class:`ModelSize` of a name (case-insensitive)."""
+    key = str(size).lower()
+    if key not in MODEL_SIZES:
+        raise KeyError(f"unknown model size {size!r}; registered sizes: {list_sizes()}")
+    return MODEL_SIZES[key]
+
+
+def _override(cfg, overrides: dict, what: str):
+    allowed = [f.name for f in fields(cfg)]
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown {what} config field(s) {unknown}; allowed fields: {allowed}")
+    return replace(cfg, **overrides)  # re-runs __post_init__ validation
+
+
+def planner_config(size: str, **overrides) -> PlannerConfig:
+    """The planner config of ``size`` with fields replaced by ``overrides``."""
+    return _override(get_size(size).planner, overrides, "planner")
+
+
+def generator_config(size: str, **overrides) -> GeneratorConfig:
+    """The generator config of ``size`` with fields replaced by ``overrides``."""
+    return _override(get_size(size).generator, overrides, "generator")
+
+
+# --------------------------------------------------------------------------------------------------
+# Factories
+# --------------------------------------------------------------------------------------------------
+
+
+def build_planner(size: str, **overrides):
+    """A :class:`~mardini.models.planner.Planner` of a registered size: ``build_planner("tiny", in_channels=12)``."""
+    from mardini.models.planner import Planner
+
+    return Planner(planner_config(size, **overrides))
+
+
+def build_generator(size: str, **overrides):
+    """A :class:`~mardini.models.generator.Generator` of a registered size; ``attention='t'`` for /T."""
+    from mardini.models.generator import Generator
+
+    return Generator(generator_config(size, **overrides))

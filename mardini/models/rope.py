@@ -1,0 +1,67 @@
+"""Axial 3-D rotary position embedding (time, height, width) shared by the planner and the generator.
+
+The head dimension is split into three equal axial parts, one per axis (t, h, w); each part holds
+``head_dim // 6`` frequency bands. When ``head_dim`` is not a multiple of 6 the last
+``head_dim % 6`` channels are left unrotated (cos = 1, sin = 0), which keeps any even head size usable
+(128 -> 3 x 42 rotated + 2 plain). The sin/cos tables come from ``timm.layers.build_rotary_pos_embed``
+(interleaved layout) and are applied with ``timm.layers.apply_rot_embed``; this file only adds the 3-D
+axis split, the padding and a small cache.
+
+Positions are integer indices, so for any two tokens ``<rope(q, p1), rope(k, p2)>`` depends only on
+``p1 - p2``. Temporal-only attention therefore sees only the time offset (h, w cancel), and per-frame
+spatial attention only the (h, w) offset.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import apply_rot_embed, build_rotary_pos_embed
+from torch import nn
+
+
+class AxialRope3d(nn.Module):
+    """Builds ``(sin, cos)`` tables of shape ``(T*h*w, head_dim)`` for a ``(T, h, w)`` token grid.
+
+    Tokens are ordered time-major then row-major: index ``(t * h + y) * w + x``, the order of
+    ``rearrange(x, "b t c h w -> b (t h w) c")``.
+
+    Args:
+        head_dim: attention head size, even and >= 6 (one band per axis).
+        theta: RoPE base (the "temperature" of the inverse-frequency bands).
+    """
+
+    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        if head_dim % 2 or head_dim < 6:
+            raise ValueError(f"3-D RoPE needs an even head_dim >= 6 (one frequency band per axis), got {head_dim}")
+        self.head_dim = head_dim
+        self.bands = head_dim // 6
+        self.theta = float(theta)
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def forward(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``sin, cos``, each ``(T*h*w, head_dim)`` float32 on ``device``."""
+        key = (tuple(int(g) for g in grid), str(device))
+        if key not in self._cache:
+            if len(self._cache) > 16:  # grids change rarely (curriculum); keep the cache small
+                self._cache.clear()
+            self._cache[key] = self._build(key[0], device)
+        return self._cache[key]
+
+    def _build(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device.type == "meta":
+            n = grid[0] * grid[1] * grid[2]
+            return (torch.empty(n, self.head_dim, device=device),) * 2
+        sin, cos = build_rotary_pos_embed(
+            list(grid), dim=4 * self.bands, in_pixels=False, temperature=self.theta, device=device
+        )  # (L, 6 * bands) each, axis-major, interleaved pairs
+        pad = self.head_dim - sin.shape[-1]
+        if pad:
+            sin = torch.cat([sin, sin.new_zeros(sin.shape[0], pad)], dim=-1)  # (L, head_dim)
+            cos = torch.cat([cos, cos.new_ones(cos.shape[0], pad)], dim=-1)  # (L, head_dim)
+        return sin, cos
+
+
+def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x (B, H, L, head_dim)`` by tables ``(L, head_dim)``; returns x's dtype."""
+    return apply_rot_embed(x, sin.to(x.device), cos.to(x.device))  # (B, H, L, head_dim)

@@ -1,0 +1,94 @@
+"""Looking at clips: a PNG contact sheet (given frames framed in colour), GIF and MP4 writers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+GIVEN_COLOR = (40, 200, 60)  # border of reference (given) frames
+GENERATED_COLOR = (70, 70, 70)  # border of generated frames
+BACKGROUND = (20, 20, 20)
+
+
+def to_uint8(video: torch.Tensor) -> np.ndarray:
+    """``(..., 3, H, W)`` in [-1, 1] -> uint8 ``(..., H, W, 3)``."""
+    x = ((video.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (..., 3, H, W)
+    return x.movedim(-3, -1).numpy()  # (..., H, W, 3)
+
+
+def contact_sheet(
+    video: torch.Tensor,
+    path: str | Path,
+    mask: torch.Tensor | None = None,
+    row_labels: list[str] | None = None,
+    min_cell: int = 64,
+    border: int = 2,
+) -> Path:
+    """Write a grid PNG: one row per clip, one column per frame.
+
+    Args:
+        video: ``(B, T, 3, H, W)`` in [-1, 1].
+        path: output ``.png``.
+        mask: ``(B, T)`` bool, True = generated; given frames (False) get a green border. None = no borders.
+        row_labels: one text label per row, drawn left of the row.
+        min_cell: frames smaller than this are enlarged (nearest, integer factor) so they stay visible.
+    """
+    if video.dim() != 5 or video.shape[2] != 3:
+        raise ValueError(f"contact_sheet expects video (B, T, 3, H, W), got {tuple(video.shape)}")
+    b, t, _, h, w = video.shape
+    if mask is not None and tuple(mask.shape) != (b, t):
+        raise ValueError(f"mask must be (B, T) = {(b, t)}, got {tuple(mask.shape)}")
+    if row_labels is not None and len(row_labels) != b:
+        raise ValueError(f"row_labels needs {b} labels (one per clip), got {len(row_labels)}")
+    frames = to_uint8(video)  # (B, T, H, W, 3)
+    k = max(1, -(-min_cell // max(h, w)))  # integer enlargement
+    frames = frames.repeat(k, axis=2).repeat(k, axis=3)  # (B, T, kH, kW, 3)
+    ch, cw = h * k + 2 * border, w * k + 2 * border  # cell size with its border
+    gap = 2
+    label_w = 0 if row_labels is None else 8 + 7 * max(len(s) for s in row_labels)
+    sheet = np.empty((b * (ch + gap) + gap, label_w + t * (cw + gap) + gap, 3), np.uint8)  # (H_s, W_s, 3)
+    sheet[:] = BACKGROUND
+    for i in range(b):
+        for j in range(t):
+            y, x = gap + i * (ch + gap), label_w + gap + j * (cw + gap)
+            if mask is not None:
+                sheet[y : y + ch, x : x + cw] = GENERATED_COLOR if bool(mask[i, j]) else GIVEN_COLOR
+            sheet[y + border : y + ch - border, x + border : x + cw - border] = frames[i, j]
+    img = Image.fromarray(sheet)
+    if row_labels is not None:
+        draw = ImageDraw.Draw(img)
+        for i, label in enumerate(row_labels):
+            draw.text((4, gap + i * (ch + gap) + ch // 2 - 5), label, fill=(230, 230, 230))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def save_gif(video: torch.Tensor, path: str | Path, fps: float = 8.0) -> Path:
+    """``(T, 3, H, W)`` in [-1, 1] -> looping GIF (PIL)."""
+    if video.dim() != 4 or video.shape[1] != 3:
+        raise ValueError(f"save_gif expects (T, 3, H, W), got {tuple(video.shape)}")
+    frames = [Image.fromarray(f) for f in to_uint8(video)]  # T x (H, W, 3)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
+    return path
+
+
+def save_mp4(video: torch.Tensor, path: str | Path, fps: float = 8.0) -> Path:
+    """``(T, 3, H, W)`` in [-1, 1] -> H.264 MP4 (PyAV); odd sizes are padded by one pixel to even."""
+    from mardini.data.encode import encode_mp4
+
+    if video.dim() != 4 or video.shape[1] != 3:
+        raise ValueError(f"save_mp4 expects (T, 3, H, W), got {tuple(video.shape)}")
+    frames = to_uint8(video)  # (T, H, W, 3)
+    _, h, w, _ = frames.shape
+    frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")  # (T, H', W', 3) even
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode_mp4(frames, fps))
+    return path

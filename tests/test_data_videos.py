@@ -1,0 +1,137 @@
+"""Real-video sharding on small clips made here with PyAV: odd codecs, frame rates and sizes; corrupt and
+truncated files; shard limits; resumable runs; the mp4 shard round trip through the loader."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import tarfile
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+from mardini.data import video_shards
+from mardini.data.datamodule import VideoDataModule
+from mardini.data.decode import decode_mp4
+from mardini.data.testing import moving_frames, write_video
+from mardini.data.video_shards import ShardSettings, videos_to_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def video_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("videos")
+    write_video(d / "h264.mp4", moving_frames(40, 48, 64), 24)  # 5 clips of 8
+    write_video(d / "sub dir/odd.mpeg4.avi", moving_frames(30, 33, 47, seed=1), 7, codec="mpeg4")  # 3 clips
+    write_video(d / "ntsc.mov", moving_frames(50, 36, 50, seed=2), Fraction(30000, 1001))  # 6 clips
+    write_video(d / "vp9.webm", moving_frames(20, 32, 32, seed=3), 10, codec="libvpx-vp9")  # 2 clips
+    write_video(d / "short.mp4", moving_frames(5, 32, 32), 24)  # too short
+    (d / "garbage.mp4").write_bytes(b"definitely not a video " * 50)
+    good = (d / "h264.mp4").read_bytes()
+    (d / "truncated.mp4").write_bytes(good[: len(good) // 2])
+    (d / "notes.txt").write_text("not a video extension: ignored")
+    return d
+
+
+def _keys_and_meta(folder: Path) -> list[tuple[str, dict, bytes]]:
+    out = []
+    for shard in sorted(folder.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            files = {m.name: tar.extractfile(m).read() for m in tar}
+        for name in sorted(files):
+            if name.endswith(".json"):
+                key = name[: -len(".json")]
+                out.append((key, json.loads(files[name]), files[key + ".video.mp4"]))
+    return out
+
+
+def test_shards_odd_codecs_and_reports_bad_files(video_dir, tmp_path):
+    s = videos_to_shards(video_dir, tmp_path, ShardSettings(clip_frames=8, shard_max_count=3), workers=2,
+                         progress=False)
+    assert s.files == 7 and s.clips == 16 and s.shards == 6 and s.shards_written == 6
+    assert set(s.skipped) == {"short.mp4", "garbage.mp4", "truncated.mp4"}
+    assert s.skipped["short.mp4"].startswith("too short")
+    assert s.skipped["garbage.mp4"].startswith("undecodable")
+    assert s.reasons() == {"too short": 1, "undecodable": 2}
+    assert "16 clips in 6 shards" in s.text() and "garbage.mp4" in s.text()
+    clips = _keys_and_meta(tmp_path)
+    assert len(clips) == 16 and len({k for k, _, _ in clips}) == 16 and all("." not in k for k, _, _ in clips)
+    by_source = {}
+    for key, meta, data in clips:
+        by_source.setdefault(meta["source"], []).append(meta)
+        frames = decode_mp4(data)
+        assert frames.shape == (8, meta["height"], meta["width"], 3)
+        assert meta["height"] % 2 == 0 and meta["width"] % 2 == 0
+    odd = by_source["sub dir/odd.mpeg4.avi"]
+    assert [m["source_frames"] for m in odd] == [[0, 8], [8, 16], [16, 24]]
+    assert odd[0]["source_fps"] == pytest.approx(7) and (odd[0]["source_width"], odd[0]["source_height"]) == (47, 33)
+    assert by_source["ntsc.mov"][0]["fps"] == pytest.approx(29.97, abs=1e-3)
+    assert len(by_source["vp9.webm"]) == 2
+
+
+def test_max_fps_resize_hop_and_byte_limit(video_dir, tmp_path):
+    settings = ShardSettings(clip_frames=4, clip_hop=6, max_fps=12, short_side=16, shard_max_count=100,
+                             shard_max_bytes=6000, max_clips_per_video=2)
+    s = videos_to_shards(video_dir, tmp_path, settings, workers=1, progress=False)
+    clips = _keys_and_meta(tmp_path)
+    h264 = [m for _, m, _ in clips if m["source"] == "h264.mp4"]
+    assert h264[0]["source_stride"] == 2 and h264[0]["fps"] == 12.0  # 24 fps -> every 2nd frame
+    assert [m["source_frames"] for m in h264] == [[0, 7], [12, 19]]  # 4 stored frames, hop 6 stored = 12 source
+    assert min(h264[0]["width"], h264[0]["height"]) == 16
+    sizes = [p.stat().st_size for p in tmp_path.glob("*.tar")]
+    assert s.shards == len(sizes) > 1 and max(sizes) < 6000 + 8192  # byte limit (+ tar end padding)
+
+
+def test_resume_keeps_finished_work(video_dir, tmp_path, monkeypatch):
+    settings = ShardSettings(clip_frames=8, shard_max_count=4)
+    videos_to_shards(video_dir, tmp_path, settings, workers=1, progress=False, keep_staging=True)
+    shards = sorted(tmp_path.glob("*.tar"))
+    before = {p.name: p.read_bytes() for p in shards}
+    stamp = {p.name: p.stat().st_mtime_ns for p in shards}
+    # an interrupted run: the last shard is missing and the manifest is not complete
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps(dict(manifest, complete=False)))
+    shards[-1].unlink()
+    monkeypatch.setattr(video_shards, "stage_file", lambda job: pytest.fail(f"re-decoded {job['rel']}"))
+    s = videos_to_shards(video_dir, tmp_path, settings, workers=1, progress=False)
+    assert s.shards_written == 1 and s.shards_kept == len(shards) - 1
+    for p in shards[:-1]:
+        assert p.stat().st_mtime_ns == stamp[p.name]
+    assert shards[-1].read_bytes() == before[shards[-1].name]  # deterministic plan: the same shard again
+    assert not (tmp_path / ".staging").exists()
+    again = videos_to_shards(video_dir, tmp_path, settings, workers=1, progress=False)  # complete: nothing to do
+    assert again.clips == s.clips
+    with pytest.raises(ValueError, match="other inputs or settings"):
+        videos_to_shards(video_dir, tmp_path, ShardSettings(clip_frames=4), workers=1, progress=False)
+
+
+def test_loader_reads_mp4_shards_at_target_fps(video_dir, tmp_path):
+    videos_to_shards(video_dir, tmp_path, ShardSettings(clip_frames=8, shard_max_count=2), workers=1, progress=False)
+    dm = VideoDataModule(str(tmp_path), str(tmp_path), frames=3, fps=12, resolution=(16, 24), batch_size=4,
+                         num_workers=0, val_clips=None)
+    dm.setup("fit")
+    fps, keys = [], []
+    for batch in dm.val_dataloader():
+        assert batch["video"].shape[1:] == (3, 3, 16, 24)
+        assert -1 <= float(batch["video"].min()) and float(batch["video"].max()) <= 1
+        fps += batch["fps"].tolist()
+        keys += batch["key"]
+    assert len(keys) == 16 and dm.skipped == 0
+    # 24 fps -> stride 2 (12), 29.97 -> stride 2 (14.985), 7 -> 1 (7), 10 -> 1 (10)
+    assert sorted({round(f, 3) for f in fps}) == [7.0, 10.0, 12.0, 14.985]
+    train = next(iter(dm.train_dataloader()))
+    assert train["video"].shape == (4, 3, 3, 16, 24) and "positions" not in train
+
+
+def test_cli_summary_and_exit_code(video_dir, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("videos_to_shards", ROOT / "data" / "videos_to_shards.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    code = cli.main([str(video_dir), str(tmp_path), "--clip-frames", "16", "--workers", "1", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0 and "skipped" in out and "truncated.mp4" in out
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no video files"):
+        cli.main([str(tmp_path / "empty"), str(tmp_path / "o")])

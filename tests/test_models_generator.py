@@ -1,0 +1,184 @@
+"""Generation model: reference frames are untouched by noisy frames, ST/T switch, plans, bf16 training step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from einops import rearrange
+
+from mardini.models import build_generator, build_planner
+
+MASK = torch.tensor([[False, True, True, False], [True, False, True, True]])  # (B, T), True = generate
+
+
+def _randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Perturb every parameter so zero-initialised layers (adaLN-Zero) do not hide any path."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return module
+
+
+def _generator(**kw):
+    torch.manual_seed(0)
+    return _randomize(build_generator("tiny", **kw).double())
+
+
+def _inputs(seed=0, b=2, t=4, size=8, tokens=16):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(b, t, 12, size, size, generator=g, dtype=torch.float64)
+    plan = torch.randn(b, t, tokens, 128, generator=g, dtype=torch.float64)
+    return z, torch.rand(b, generator=g, dtype=torch.float64), plan
+
+
+def test_output_shape_and_zero_init():
+    gen = build_generator("tiny")
+    z, t, plan = (x.float() for x in _inputs())
+    v = gen(z, t, plan, MASK)
+    assert v.shape == z.shape and torch.all(v == 0)  # adaLN-Zero: the final layer starts at zero
+    assert gen(z, t, None, MASK).shape == z.shape
+
+
+@pytest.mark.parametrize("mode", ["st", "t"])
+@pytest.mark.parametrize("cross", ["frame", "all"])
+def test_reference_outputs_do_not_depend_on_noisy_frames_or_t(mode, cross):
+    gen = _generator(attention=mode, cross_attention=cross)
+    z, t, plan = _inputs(0)
+    v = gen(z, t, plan, MASK)
+    z2 = z.clone()
+    z2[MASK] = _inputs(1)[0][MASK]
+    v2 = gen(z2, t + 0.3, plan, MASK)
+    torch.testing.assert_close(v2[~MASK], v[~MASK], rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(v2[MASK], v[MASK])
+
+
+def test_per_frame_t_shapes_agree_and_references_ignore_t():
+    gen = _generator()
+    z, t, plan = _inputs(0)
+    v = gen(z, t, plan, MASK)
+    t_bt = torch.where(MASK, t[:, None], torch.full_like(MASK, 0.7, dtype=t.dtype))  # refs' t is ignored
+    torch.testing.assert_close(gen(z, t_bt, plan, MASK), v)
+
+
+def test_set_attention_changes_interactions_not_parameters():
+    gen = _generator()
+    state = {k: x.clone() for k, x in gen.state_dict().items()}
+    z, t, plan = _inputs(0)
+    v_st = gen(z, t, plan, MASK)
+    gen.set_attention("t")
+    assert gen.cfg.attention == "t"
+    assert gen.state_dict().keys() == state.keys()
+    assert all(torch.equal(gen.state_dict()[k], x) for k, x in state.items())
+    v_t = gen(z, t, plan, MASK)
+    assert not torch.allclose(v_t[MASK], v_st[MASK])
+    with pytest.raises(ValueError, match="'st' or 't'"):
+        gen.set_attention("s")
+    # with one token per frame, temporal-only and spatio-temporal attention are the same thing
+    z1, t1, plan1 = _inputs(2, size=1, tokens=3)
+    gen.set_attention("st")
+    v1 = gen(z1, t1, plan1, MASK)
+    gen.set_attention("t")
+    torch.testing.assert_close(gen(z1, t1, plan1, MASK), v1)
+
+
+@pytest.mark.parametrize("mode", ["st", "t"])
+def test_temporal_layer_token_interactions(mode):
+    """Which tokens reach generated token (frame 1, position 0) through the temporal layer."""
+    gen = _generator()
+    block = gen.blocks[0]
+    b, t, n = 2, 4, 16
+    x = torch.randn(b, t, n, 96, dtype=torch.float64, requires_grad=True)
+    rope = gen.rope((t, 4, 4), x.device)
+    out = block.temporal_attn(x, MASK, rope, mode)
+    (grad,) = torch.autograd.grad(out[0, 1, 0].sum(), x, retain_graph=True)
+    reach = grad.abs().sum(-1) > 0  # (B, T, N)
+    assert not reach[1].any()  # never another clip
+    assert reach[0, :, 0].all()  # same position, every frame
+    other_positions = reach[0, :, 1:]
+    assert other_positions.any() if mode == "st" else not other_positions.any()
+    # reference token (frame 0, position 3) of clip 0 sees only itself, in both modes
+    (grad_ref,) = torch.autograd.grad(out[0, 0, 3].sum(), x)
+    reach_ref = grad_ref.abs().sum(-1) > 0
+    assert reach_ref[0, 0, 3] and reach_ref.sum() == 1
+
+
+@pytest.mark.parametrize("cross", ["frame", "all"])
+def test_cross_attention_reads_own_frame_plan_or_all(cross):
+    gen = _generator(cross_attention=cross)
+    x = torch.randn(2, 4, 16, 96, dtype=torch.float64)
+    plan = torch.randn(2, 4, 5, 128, dtype=torch.float64, requires_grad=True)
+    out = gen.blocks[0].cross_attn(x, plan)
+    (grad,) = torch.autograd.grad(out[0, 2].sum(), plan)
+    reach = grad.abs().sum((-1, -2)) > 0  # (B, T)
+    assert reach[0, 2] and not reach[1].any()
+    assert reach[0].sum() == (1 if cross == "frame" else 4)
+
+
+def test_null_plan_is_one_learned_vector_and_default():
+    gen = _generator()
+    z, t, _ = _inputs(0)
+    null = gen.null_plan(2, 4, 7)
+    assert null.shape == (2, 4, 7, 128) and torch.equal(null[1, 3, 6], gen.null_plan_token)
+    torch.testing.assert_close(gen(z, t, None, MASK), gen(z, t, null, MASK))
+
+
+def test_plan_reaches_generated_frames():
+    gen = _generator()
+    z, t, plan = _inputs(0)
+    plan.requires_grad_(True)
+    gen(z, t, plan, MASK)[MASK].square().sum().backward()
+    assert plan.grad.abs().sum() > 0
+
+
+def test_bf16_autocast_joint_forward_backward_reaches_planner():
+    torch.manual_seed(0)
+    planner, gen = build_planner("tiny"), build_generator("tiny", checkpointing=True)
+    _randomize(gen)
+    g = torch.Generator().manual_seed(0)
+    z_low = torch.randn(2, 4, 12, 8, 8, generator=g)
+    z_high = torch.randn(2, 4, 12, 16, 16, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plan = planner(z_low, MASK)  # (B, T, 64, 128)
+        v = gen(z_high, torch.rand(2, generator=g), plan, MASK)
+        assert v.dtype == torch.bfloat16
+        loss = v.float()[MASK].square().mean()
+    loss.backward()
+    for name, net in (("planner", planner), ("generator", gen)):
+        grads = [p.grad for p in net.parameters() if p.requires_grad and p.grad is not None]
+        assert grads and all(torch.isfinite(x).all() for x in grads), name
+    assert planner.blocks[0].attn.qkv_proj.weight.grad.abs().sum() > 0
+    assert planner.head.weight.grad is None  # the warm-up head is not on the joint path
+
+
+def test_checkpointing_matches_plain():
+    z, t, plan = (x.float() for x in _inputs(0))
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        gen = _randomize(build_generator("tiny", checkpointing=ckpt))
+        gen(z, t, plan, MASK).square().mean().backward()
+        grads.append([p.grad for p in gen.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_spatial_sizes_of_plan_and_latents_may_differ():
+    gen = _generator(patch_size=2)
+    z, t, plan = _inputs(0, size=8, tokens=9)  # 16 high-res tokens per frame, 9 plan tokens
+    assert gen(z, t, plan, MASK).shape == z.shape
+
+
+def test_bad_inputs():
+    gen = _generator()
+    z, t, plan = _inputs(0)
+    with pytest.raises(ValueError, match="in_channels"):
+        gen(z[:, :, :3], t, plan, MASK)
+    with pytest.raises(ValueError, match="mask must be a"):
+        gen(z, t, plan, MASK[:, :3])
+    with pytest.raises(ValueError, match="t must have shape"):
+        gen(z, t[:1], plan, MASK)
+    with pytest.raises(ValueError, match="plan_dim must equal"):
+        gen(z, t, plan[..., :64], MASK)
+    with pytest.raises(ValueError, match="plan must be"):
+        gen(z, t, rearrange(plan, "b t n c -> b (t n) c"), MASK)

@@ -1,0 +1,53 @@
+"""Axial 3-D RoPE: relative-position property, axis split, padding channels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mardini.models.rope import AxialRope3d, apply_rope
+
+
+def _pos(t, y, x, grid):
+    return (t * grid[1] + y) * grid[2] + x
+
+
+@pytest.mark.parametrize("head_dim", [24, 32, 64])
+def test_rope_dot_product_depends_only_on_offset(head_dim):
+    grid = (5, 6, 7)
+    sin, cos = AxialRope3d(head_dim)(grid, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, head_dim, generator=g, dtype=torch.float64)
+
+    def score(pq, pk):
+        qr = apply_rope(q.view(1, 1, 1, -1), sin[pq : pq + 1].double(), cos[pq : pq + 1].double())
+        kr = apply_rope(k.view(1, 1, 1, -1), sin[pk : pk + 1].double(), cos[pk : pk + 1].double())
+        return float((qr * kr).sum())
+
+    # the same (t, h, w) offset (1, 2, -3) at two different absolute places
+    s1 = score(_pos(1, 4, 1, grid), _pos(0, 2, 4, grid))
+    s2 = score(_pos(4, 5, 3, grid), _pos(3, 3, 6, grid))
+    assert s1 == pytest.approx(s2, rel=1e-5, abs=1e-6)  # float32 tables
+    s3 = score(_pos(4, 5, 3, grid), _pos(3, 3, 5, grid))  # a different offset changes the score
+    assert abs(s3 - s2) > 1e-3
+
+
+def test_rope_axes_and_padding():
+    head_dim = 32  # 5 bands per axis -> 30 rotated channels + 2 plain
+    rope = AxialRope3d(head_dim)
+    sin, cos = rope((3, 4, 5), torch.device("cpu"))
+    assert sin.shape == cos.shape == (60, head_dim)
+    assert torch.all(sin[:, 30:] == 0) and torch.all(cos[:, 30:] == 1)
+    # moving only in time changes only the time channels (0..9), only in width only 20..29
+    d_t = (sin[_pos(1, 0, 0, (3, 4, 5))] - sin[0]).abs() > 0
+    d_w = (sin[_pos(0, 0, 1, (3, 4, 5))] - sin[0]).abs() > 0
+    assert d_t[:10].any() and not d_t[10:].any()
+    assert d_w[20:30].any() and not d_w[:20].any()
+    assert rope((3, 4, 5), torch.device("cpu"))[0] is sin  # cached
+
+
+def test_rope_rejects_bad_head_dim():
+    with pytest.raises(ValueError, match="even head_dim >= 6"):
+        AxialRope3d(7)
+    with pytest.raises(ValueError, match="even head_dim >= 6"):
+        AxialRope3d(4)

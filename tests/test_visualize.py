@@ -1,0 +1,41 @@
+"""Contact sheets, GIFs and MP4s."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mardini.data.decode import decode_mp4
+from mardini.visualize import GENERATED_COLOR, GIVEN_COLOR, contact_sheet, save_gif, save_mp4
+
+
+def test_contact_sheet_layout_and_given_frame_borders(tmp_path):
+    video = torch.zeros(2, 3, 3, 16, 16)  # grey frames
+    video[1] = 1.0  # white row
+    mask = torch.tensor([[False, True, False], [True, True, False]])
+    path = contact_sheet(video, tmp_path / "sheet.png", mask=mask, min_cell=32, border=2)
+    img = np.asarray(Image.open(path))
+    cell, gap = 32 + 4, 2
+    assert img.shape == (2 * (cell + gap) + gap, 3 * (cell + gap) + gap, 3)
+    for i in range(2):
+        for j in range(3):
+            y, x = gap + i * (cell + gap), gap + j * (cell + gap)
+            want = GENERATED_COLOR if mask[i, j] else GIVEN_COLOR
+            assert tuple(img[y, x + cell // 2]) == want
+            centre = img[y + cell // 2, x + cell // 2]
+            assert tuple(centre) == ((128,) * 3 if i == 0 else (255,) * 3)
+    labelled = np.asarray(Image.open(contact_sheet(video, tmp_path / "l.png", row_labels=["a", "bb"])))
+    assert labelled.shape[1] > img.shape[1]
+    with pytest.raises(ValueError, match="mask"):
+        contact_sheet(video, tmp_path / "x.png", mask=mask[:, :2])
+
+
+def test_gif_and_mp4(tmp_path):
+    video = torch.linspace(-1, 1, 5)[:, None, None, None].expand(5, 3, 15, 21).contiguous()  # odd size
+    gif = Image.open(save_gif(video, tmp_path / "a.gif", fps=5))
+    assert gif.n_frames == 5 and gif.size == (21, 15)
+    frames = decode_mp4((save_mp4(video, tmp_path / "a.mp4", fps=5)).read_bytes())
+    assert frames.shape == (5, 16, 22, 3)  # padded to even
+    assert np.all(np.diff(frames[:, 5, 5, 0].astype(int)) > 0)  # brightness rises frame by frame

