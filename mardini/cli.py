@@ -18,6 +18,14 @@ class MarDiniCLI(LightningCLI):
             help="write last.ckpt (atomically) every this many training steps",
         )
 
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "fit":
+            # The same command resumes: fit starts from <log dir>/checkpoints/last.ckpt when one exists
+            # (Lightning's ckpt_path="last"); pass --ckpt_path null to start over.
+            parser.set_defaults({"ckpt_path": "last"})
+        return parser
+
     def before_instantiate_classes(self) -> None:
         sub = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         every = sub.get("checkpoint_every", 500)

@@ -3,10 +3,10 @@
 ``DiffusersAutoencoder`` is imported lazily, so ``import mardini.autoencoders`` never imports diffusers.
 """
 
-from mardini.autoencoders.base import FrameAutoencoder
+from mardini.autoencoders.base import FrameAutoencoder, build_autoencoder
 from mardini.autoencoders.pixel import SpaceToDepthAutoencoder
 
-__all__ = ["DiffusersAutoencoder", "FrameAutoencoder", "SpaceToDepthAutoencoder"]
+__all__ = ["DiffusersAutoencoder", "FrameAutoencoder", "SpaceToDepthAutoencoder", "build_autoencoder"]
 
 
 def __getattr__(name: str):

@@ -40,6 +40,10 @@ class FrameAutoencoder(nn.Module):
         """Raw latents ``(N, C, h, w)`` -> ``(N, 3, h*f, w*f)`` in about [-1, 1]."""
         raise NotImplementedError
 
+    def spec(self) -> dict:
+        """``{"class_path", "init_args"}`` that rebuilds this autoencoder (stored in checkpoints)."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how to rebuild itself; implement spec()")
+
     # -- public API --------------------------------------------------------------------------------
     def latent_size(self, height: int, width: int) -> tuple[int, int]:
         """Latent ``(h, w)`` of a frame; raises if the frame is not divisible by the downsampling factor."""
@@ -74,3 +78,15 @@ class FrameAutoencoder(nn.Module):
         z = rearrange(latents, "b t c h w -> (b t) c h w") / self.scale + self.shift  # (B*T, C, h, w)
         x = torch.cat([self.decode_frames(c) for c in z.split(self.chunk_size)])  # (B*T, 3, H, W)
         return rearrange(x.clamp(-1, 1), "(b t) c h w -> b t c h w", b=b)
+
+
+def build_autoencoder(spec: dict) -> FrameAutoencoder:
+    """Rebuild an autoencoder from :meth:`FrameAutoencoder.spec` (only classes under ``mardini.autoencoders``)."""
+    import importlib
+
+    path = spec.get("class_path", "")
+    module, _, name = path.rpartition(".")
+    if not module.startswith("mardini.autoencoders"):
+        raise ValueError(f"autoencoder class {path!r} is not one of mardini.autoencoders; refusing to import it")
+    cls = getattr(importlib.import_module(module), name)
+    return cls(**dict(spec.get("init_args", {})))

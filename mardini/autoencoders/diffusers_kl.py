@@ -75,6 +75,11 @@ class DiffusersAutoencoder(FrameAutoencoder):
         self.force_upcast = bool(getattr(cfg, "force_upcast", False))
         self.sample_posterior = sample_posterior
         self.generator = generator
+        self._spec_args = {"path": str(path), "subfolder": subfolder, "chunk_size": chunk_size}
+
+    def spec(self) -> dict:
+        """Rebuilds the frozen VAE from the same local folder (posterior sampling is a training-time choice)."""
+        return {"class_path": "mardini.autoencoders.diffusers_kl.DiffusersAutoencoder", "init_args": self._spec_args}
 
     def train(self, mode: bool = True) -> DiffusersAutoencoder:
         """The VAE is frozen: it stays in eval mode whatever the parent module does."""

@@ -23,6 +23,10 @@ class SpaceToDepthAutoencoder(FrameAutoencoder):
         self.scale = float(scale)
         self.shift = 0.0
 
+    def spec(self) -> dict:
+        return {"class_path": "mardini.autoencoders.pixel.SpaceToDepthAutoencoder",
+                "init_args": {"downsample": self.downsample, "scale": self.scale, "chunk_size": self.chunk_size}}
+
     def encode_frames(self, x: torch.Tensor) -> torch.Tensor:
         return F.pixel_unshuffle(x, self.downsample)  # (N, 3 f^2, H/f, W/f)
 

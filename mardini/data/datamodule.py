@@ -86,7 +86,7 @@ class VideoDataModule(L.LightningDataModule):
         for key, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"data.{key}={locals()[key]!r} is impossible: it must be {allowed}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the CLI writes config.yaml; avoids key clashes with the model (frames, seed)
         self.train_shards, self.val_shards = train_shards, val_shards
         self.frames, self.fps, self.resolution = frames, fps, resolution
         self.batch_size, self.num_workers = batch_size, num_workers

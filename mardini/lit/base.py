@@ -256,6 +256,8 @@ class MarDiniBase(L.LightningModule):
             "size": self.hparams.size,
             "networks": sorted(self.networks.keys()),
             "autoencoder": type(self.autoencoder).__name__,
+            "autoencoder_spec": self.autoencoder.spec(),
+            "planner_resolution": self.hparams.planner_resolution,
             "latent_channels": self.autoencoder.latent_channels,
             "nonfinite_skipped": self.nonfinite_skipped,
         }
@@ -281,9 +283,9 @@ class MarDiniBase(L.LightningModule):
 
         raw, ema = load_network_states(path, kinds=kinds, names=names or tuple(self.networks.keys()))
         for name, state in raw.items():
-            _load_into(self.networks[name], state, f"{path}: network '{name}'")
+            _load_into(self.networks[name], _drop_dropped_head(self.networks[name], state), f"{path}: network '{name}'")
         for name, state in ema.items():
-            _load_into(self.ema.module[name], state, f"{path}: EMA of '{name}'")
+            _load_into(self.ema.module[name], _drop_dropped_head(self.ema.module[name], state), f"{path}: EMA of '{name}'")
 
     # ----------------------------------------------------------------------------------------------
     # Logging and the non-finite policy
@@ -331,6 +333,13 @@ class MarDiniBase(L.LightningModule):
 # --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
+
+
+def _drop_dropped_head(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A planner warm-up checkpoint carries the projection head; the joint planner has none (dropped)."""
+    if getattr(module, "head", "absent") is None:
+        return {k: v for k, v in state.items() if not k.startswith("head.")}
+    return state
 
 
 def _load_into(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
