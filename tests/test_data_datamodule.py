@@ -133,6 +133,48 @@ def test_train_stream_is_seeded_by_rank_and_epoch_and_resumable(synth):
     assert _epoch_keys(other_seed) != e0
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_mid_epoch_resume_continues_the_stream_exactly(synth, workers):
+    """Train on k batches, save the state, resume in a new module: the rest of the epoch is bit-identical."""
+    full = _dm(synth, num_workers=workers, epoch_size=24)
+    full.setup("fit")
+    reference = list(full.train_dataloader())  # 6 batches
+    assert len(reference) == 6
+
+    first = _dm(synth, num_workers=workers, epoch_size=24)
+    first.setup("fit")
+    it = iter(first.train_dataloader())
+    for _ in range(4):  # the loader runs ahead (prefetch); only batches "trained on" count
+        first.on_before_batch_transfer(next(it), 0)
+    next(it)  # fetched but never trained on: must be delivered again after the resume
+    state = first.state_dict()
+    del it
+
+    resumed = _dm(synth, num_workers=workers, epoch_size=24)
+    resumed.load_state_dict(state)
+    resumed.setup("fit")
+    rest = list(resumed.train_dataloader())
+    assert [b["key"] for b in rest] == [b["key"] for b in reference[4:]]
+    for got, want in zip(rest, reference[4:]):
+        assert torch.equal(got["video"], want["video"])  # same crops and temporal starts
+    assert resumed.state_dict()["epoch"] == 1  # the next epoch is a fresh one
+    assert _epoch_keys(resumed) == _epoch_keys(full)  # and equal to the uninterrupted run's second epoch
+
+
+def test_resume_with_another_worker_count_starts_a_fresh_epoch(synth, caplog):
+    first = _dm(synth, num_workers=0, epoch_size=24)
+    first.setup("fit")
+    it = iter(first.train_dataloader())
+    first.on_before_batch_transfer(next(it), 0)
+    state = first.state_dict()
+    resumed = _dm(synth, num_workers=2, epoch_size=24)
+    resumed.load_state_dict(state)
+    resumed.setup("fit")
+    with caplog.at_level("WARNING", logger="mardini.data"):
+        keys = _epoch_keys(resumed)
+    assert "not continuing epoch 0" in caplog.text and len(keys) == 24
+
+
 def test_train_epoch_length_with_workers(synth):
     dm = _dm(synth, num_workers=2, epoch_size=20)  # 20 // 4 = 5 batches, split 3 + 2 over the workers
     dm.setup("fit")

@@ -183,15 +183,29 @@ class VideoDataModule(L.LightningDataModule):
         """Bad samples skipped so far in this process (summed from the batches it received)."""
         return self.state.skipped
 
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Record where the training stream stands at the batch about to be trained on (exact resume)."""
+        if isinstance(batch, dict) and "stream" in batch:
+            self.state.mark_trained(batch.pop("stream"))
+        return batch
+
     def state_dict(self) -> dict:
-        """``seed`` and ``epoch`` (the number of training epochs started): a resumed run starts a fresh
-        epoch seed, so it never replays the stream of an interrupted epoch."""
-        return {"seed": self.state.seed, "epoch": self.state.epoch, "skipped": self.state.skipped}
+        """The stream position: ``seed``, ``epoch`` (next to start), the epoch in progress and, per worker, the
+        raw samples read and batches delivered up to the last batch trained on. A resumed run with the same
+        worker count continues that epoch exactly where it stopped (same clips, crops and order)."""
+        s = self.state
+        return {"seed": s.seed, "epoch": s.epoch, "skipped": s.skipped, "in_epoch": s.in_epoch,
+                "workers": s.workers, "progress": [[w, *p] for w, p in sorted(s.progress.items())]}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.state.seed = int(state_dict.get("seed", self.state.seed))
-        self.state.epoch = int(state_dict.get("epoch", self.state.epoch))
-        self.state.skipped = int(state_dict.get("skipped", self.state.skipped))
+        s = self.state
+        s.seed = int(state_dict.get("seed", s.seed))
+        s.epoch = int(state_dict.get("epoch", s.epoch))
+        s.skipped = int(state_dict.get("skipped", s.skipped))
+        progress = {int(w): [int(r), int(b)] for w, r, b in state_dict.get("progress", [])}
+        if progress and int(state_dict.get("in_epoch", -1)) >= 0:
+            s.resume = {"epoch": int(state_dict["in_epoch"]), "workers": int(state_dict.get("workers", 1)),
+                        "progress": progress}
 
 
 # --------------------------------------------------------------------------------------------------

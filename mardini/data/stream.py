@@ -17,7 +17,7 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -51,6 +51,17 @@ class StreamState:
     seed: int = 0
     epoch: int = 0  # epoch number the next training stream will use
     skipped: int = 0  # bad samples dropped so far (summed from the batches)
+    in_epoch: int = -1  # epoch of the training stream being consumed (-1: none started)
+    workers: int = 1  # worker processes of that stream
+    # worker -> [raw samples read, batches delivered] up to the last batch TRAINED ON (see
+    # VideoDataModule.on_before_batch_transfer); a resumed run skips exactly these.
+    progress: dict[int, list[int]] = field(default_factory=dict)
+    resume: dict | None = None  # set by load_state_dict: continue epoch ``resume["epoch"]`` mid-way
+
+    def mark_trained(self, position: torch.Tensor) -> None:
+        """Record a training batch's ``stream`` position ``[worker, raw samples read, batches delivered]``."""
+        worker, raw, batches = (int(v) for v in position.tolist())
+        self.progress[worker] = [raw, batches]
 
 
 def stream_seed(seed: int, rank: int, worker: int, epoch: int, salt: int = 0) -> int:
@@ -165,6 +176,7 @@ class ClipStream(IterableDataset):
         self.latents, self.keep_meta = latents, keep_meta
         self.state = state if state is not None else StreamState()
         self.current_epoch = self.state.epoch
+        self.resume_progress: dict[int, list[int]] = {}  # worker -> [raw samples, batches] already trained on
         self.max_consecutive_bad = max_consecutive_bad
 
     def __len__(self) -> int:
@@ -185,7 +197,7 @@ class ClipStream(IterableDataset):
         epoch = self.current_epoch if self.train else 0
         seed = stream_seed(self.state.seed, self.rank, worker, epoch, salt=int(not self.train))
         skips = SkipLog(self.max_consecutive_bad if self.train else 0)
-        gen = torch.Generator().manual_seed(seed)
+        skip_raw, done_batches = self.resume_progress.get(worker, [0, 0]) if self.train else (0, 0)
         shards = self.my_shards(worker, workers)
         if self.train:
             source = wds.ResampledShards(shards, seed=seed, worker_seed=_constant_zero, deterministic=True)
@@ -194,22 +206,28 @@ class ClipStream(IterableDataset):
         stages = [source, wds.tarfile_to_samples(handler=skips.tar_handler)]
         if self.train and self.shuffle_buffer > 0:
             stages.append(wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 64), rng=random.Random(seed)))
-        stages.append(lambda src: self._decode_all(src, gen, skips))
+        stages.append(lambda src: self._decode_all(src, seed, skips, skip_raw))
         if not self.train and self.max_clips is not None:
             share = self.max_clips // workers + (worker < self.max_clips % workers)
             stages.append(lambda src: (s for _, s in zip(range(share), src)))
-        stages.append(lambda src: self._batches(src, skips))
+        stages.append(lambda src: self._batches(src, skips, worker, done_batches))
         pipeline = wds.DataPipeline(*stages)
         if self.train and self.epoch_batches is not None:
-            mine = self.epoch_batches // workers + (worker < self.epoch_batches % workers)
-            if mine == 0:  # more workers than batches in an epoch: this one has nothing to do
+            mine = self.epoch_batches // workers + (worker < self.epoch_batches % workers) - done_batches
+            if mine <= 0:  # more workers than batches in an epoch: this one has nothing to do
                 return iter(())
             pipeline = pipeline.with_epoch(nbatches=mine)
         return iter(pipeline)
 
     # ----------------------------------------------------------------------------------------------
-    def _decode_all(self, src: Iterator[dict], gen: torch.Generator, skips: SkipLog) -> Iterator[dict]:
-        for raw in src:
+    def _decode_all(self, src: Iterator[dict], seed: int, skips: SkipLog, skip_raw: int = 0) -> Iterator[dict]:
+        """Decode raw samples; the random draws of sample ``i`` come from (seed, i) alone, so a resumed stream
+        skips the first ``skip_raw`` raw samples without decoding them and continues bit-identically."""
+        gen = torch.Generator()
+        for index, raw in enumerate(src):
+            if index < skip_raw:
+                continue
+            gen.manual_seed(stream_seed(seed, index, 0, 0, salt=7))
             key = raw.get("__key__", "?")
             try:
                 out = self.decode_latents(raw, gen) if self.latents else self.decode_pixels(raw, gen)
@@ -221,6 +239,7 @@ class ClipStream(IterableDataset):
                 continue
             skips.consecutive = 0
             out["key"] = key
+            out["raw_read"] = index + 1
             if not self.keep_meta:
                 for name in ("meta", "indices", "crop"):
                     out.pop(name, None)
@@ -287,11 +306,12 @@ class ClipStream(IterableDataset):
         return out
 
     # ----------------------------------------------------------------------------------------------
-    def _batches(self, src: Iterator[dict], skips: SkipLog) -> Iterator[dict]:
+    def _batches(self, src: Iterator[dict], skips: SkipLog, worker: int = 0, done: int = 0) -> Iterator[dict]:
         """Group decoded samples into batches (by hand: each batch also carries this worker's skip count).
 
-        A finite split holds each batch back until the next one is ready, so the skips found after the last
-        sample still reach (the last) batch.
+        Training batches also carry ``stream = [worker, raw samples read, batches delivered]`` (the resume
+        position). A finite split holds each batch back until the next one is ready, so the skips found after
+        the last sample still reach (the last) batch.
         """
         buf: list[dict] = []
         held: dict | None = None
@@ -299,8 +319,11 @@ class ClipStream(IterableDataset):
             buf.append(sample)
             if len(buf) == self.batch_size:
                 batch = collate(buf, skips.drain())
+                raw_read = buf[-1]["raw_read"]
                 buf = []
                 if self.train:
+                    done += 1
+                    batch["stream"] = torch.tensor([worker, raw_read, done], dtype=torch.long)
                     yield batch
                     continue
                 if held is not None:
@@ -365,8 +388,22 @@ class StreamLoader(DataLoader):
     def __iter__(self) -> Iterator[dict]:
         ds = self.dataset
         if isinstance(ds, ClipStream) and ds.train:
-            ds.current_epoch = ds.state.epoch
-            ds.state.epoch += 1
+            state, workers = ds.state, max(1, self.num_workers)
+            resume, state.resume = state.resume, None
+            ds.current_epoch, ds.resume_progress = state.epoch, {}
+            if resume is not None:
+                delivered = sum(b for _, b in resume["progress"].values())
+                if resume["workers"] != workers:
+                    log.warning(
+                        "not continuing epoch %d mid-way: it was read by %d workers, now %d; starting epoch %d",
+                        resume["epoch"], resume["workers"], workers, state.epoch,
+                    )
+                elif ds.epoch_batches is None or delivered < ds.epoch_batches:
+                    ds.current_epoch = resume["epoch"]
+                    ds.resume_progress = {w: list(p) for w, p in resume["progress"].items()}
+            state.epoch = ds.current_epoch + 1
+            state.in_epoch, state.workers = ds.current_epoch, workers
+            state.progress = {w: list(p) for w, p in ds.resume_progress.items()}
         return self._count(super().__iter__())
 
     def _count(self, it: Iterator[dict]) -> Iterator[dict]:
