@@ -8,8 +8,9 @@ Block (one per depth), per frame f with timestep embedding ``c_t[f]`` and pooled
     x = x + gate_m * MLP(modulate(norm(x), shift_m, scale_m))            # c_t + c_p
 
 Reference frames carry t = 0, and identity attention lets a reference token see only itself, so their
-activations depend on nothing generated: a later reference-frame cache can compute their K/V once per
-layer (``SelfAttentionProj.qkv`` / ``.out`` are separate from the kernel for that reason).
+activations depend on nothing generated: :class:`ReferenceCache` keeps their temporal K/V (and the plan's
+cross-attention K/V) from the first denoising step of a window, and later steps run the generated frames
+only (``SelfAttentionProj.qkv`` / ``.out`` are separate from the kernel for that reason).
 
 Choices beyond the paper: adaLN-Zero also zero-inits the output projections of the ungated temporal and
 cross attentions, so every block starts as the identity; cross-attention uses no RoPE (plan tokens live
@@ -71,13 +72,16 @@ class GeneratorBlock(nn.Module):
         o = rearrange(attention(q, k, v), "(b t) h n d -> b h (t n) d", t=t)  # (B, H, L, d)
         return x + gate * rearrange(self.spatial.out(o), "b (t n) d -> b t n d", t=t)  # (B, T, N, D)
 
-    def temporal_attn(self, x: torch.Tensor, mask: torch.Tensor, rope, mode: str) -> torch.Tensor:
+    def temporal_attn(self, x: torch.Tensor, mask: torch.Tensor, rope, mode: str, record: dict | None = None):
         """``/ST``: all tokens of all frames; ``/T``: tokens at one spatial position across frames.
 
         Identity attention in both: a reference token sees only itself. ``mask (B, T)`` True = generated.
+        ``record`` (a dict) receives the keys/values of every token for a :class:`ReferenceCache`.
         """
         b, t, n, _ = x.shape
         q, k, v = self.temporal.qkv(rearrange(self.norm_t(x), "b t n d -> b (t n) d"), rope)  # (B, H, L, d) x3
+        if record is not None:
+            record["temporal"] = (k.contiguous(), v.contiguous())  # (B, H, L, d) x2
         if mode == "st":
             ref = (~mask).repeat_interleave(n, dim=1)  # (B, L)
             o = identity_attention(q, k, v, ref, "token")  # (B, H, L, d)
@@ -88,18 +92,24 @@ class GeneratorBlock(nn.Module):
             o = rearrange(o, "(b n) h t d -> b h (t n) d", b=b)  # (B, H, L, d)
         return x + rearrange(self.temporal.out(o), "b (t n) d -> b t n d", t=t)  # (B, T, N, D)
 
-    def cross_attn(self, x: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
-        """Queries: the frame's tokens; keys/values: its plan tokens (``frame``) or all plan tokens (``all``)."""
+    def cross_attn(self, x: torch.Tensor, plan: torch.Tensor | None, kv=None, record: dict | None = None):
+        """Queries: the frame's tokens; keys/values: its plan tokens (``frame``) or all plan tokens (``all``).
+
+        ``kv``: precomputed plan keys/values (a :class:`ReferenceCache`), then ``plan`` is unused;
+        ``record`` receives the keys/values computed here.
+        """
         t = x.shape[1]
         h = self.norm_c(x)  # (B, T, N, D)
         if self.cross_mode == "frame":
             q = self.cross.q(rearrange(h, "b t n d -> (b t) n d"))  # (BT, H, N, d)
-            k, v = self.cross.kv(rearrange(plan, "b t m c -> (b t) m c"))  # (BT, H, M, d)
+            k, v = kv if kv is not None else self.cross.kv(rearrange(plan, "b t m c -> (b t) m c"))  # (BT, H, M, d)
             o = rearrange(attention(q, k, v), "(b t) h n d -> b h (t n) d", t=t)  # (B, H, L, d)
         else:
             q = self.cross.q(rearrange(h, "b t n d -> b (t n) d"))  # (B, H, L, d)
-            k, v = self.cross.kv(rearrange(plan, "b t m c -> b (t m) c"))  # (B, H, T*M, d)
+            k, v = kv if kv is not None else self.cross.kv(rearrange(plan, "b t m c -> b (t m) c"))  # (B,H,TM,d)
             o = attention(q, k, v)  # (B, H, L, d)
+        if record is not None:
+            record["cross"] = (k, v)
         return x + rearrange(self.cross.out(o), "b (t n) d -> b t n d", t=t)  # (B, T, N, D)
 
     def mlp_block(self, x: torch.Tensor, c_m: torch.Tensor) -> torch.Tensor:
@@ -107,11 +117,99 @@ class GeneratorBlock(nn.Module):
         shift, scale, gate = self.mod_m(c_m)  # (B, T, 1, D) x3
         return x + gate * self.mlp(modulate(self.norm_m(x), shift, scale))  # (B, T, N, D)
 
-    def forward(self, x, c_t, c_m, plan, mask, rope, mode: str) -> torch.Tensor:
+    def forward(self, x, c_t, c_m, plan, mask, rope, mode: str, record: dict | None = None) -> torch.Tensor:
         x = self.spatial_attn(x, c_t, rope)  # (B, T, N, D)
-        x = self.temporal_attn(x, mask, rope, mode)  # (B, T, N, D)
-        x = self.cross_attn(x, plan)  # (B, T, N, D)
+        x = self.temporal_attn(x, mask, rope, mode, record)  # (B, T, N, D)
+        x = self.cross_attn(x, plan, record=record)  # (B, T, N, D)
         return self.mlp_block(x, c_m)  # (B, T, N, D)
+
+    def forward_generated(self, x, c_t, c_m, rope, layer: dict, tokens: torch.Tensor, mode: str) -> torch.Tensor:
+        """A cached step: ``x (B, Tg, N, D)`` holds the generated frames only, the references come from ``layer``.
+
+        ``layer``: one block's entry of a :class:`ReferenceCache`; ``tokens (B, Tg*N)`` the generated tokens'
+        sequence positions; ``rope``: their tables ``(B, 1, Tg*N, d)``; ``c_t, c_m (B, Tg, 1, D)``.
+        """
+        x = self.spatial_attn(x, c_t, rope)  # (B, Tg, N, D); per frame, as in forward
+        b, tg, n, _ = x.shape
+        q, k, v = self.temporal.qkv(rearrange(self.norm_t(x), "b t n d -> b (t n) d"), rope)  # (B, H, Lg, d) x3
+        k_all, v_all = layer["temporal"]  # (B, H, L, d): reference keys/values from the first step
+        idx = tokens[:, None, :, None].expand_as(k)  # (B, H, Lg, d)
+        k_all.scatter_(2, idx, k.to(k_all.dtype))  # generated positions rewritten, references untouched
+        v_all.scatter_(2, idx, v.to(v_all.dtype))
+        if mode == "st":
+            o = attention(q, k_all, v_all)  # (B, H, Lg, d): a generated query reads every key
+        else:
+            q = rearrange(q, "b h (t n) d -> (b n) h t d", t=tg)  # (B*N, H, Tg, d)
+            k_t, v_t = (rearrange(a, "b h (t n) d -> (b n) h t d", n=n) for a in (k_all, v_all))  # (B*N, H, T, d)
+            o = rearrange(attention(q, k_t, v_t), "(b n) h t d -> b h (t n) d", b=b)  # (B, H, Lg, d)
+        x = x + rearrange(self.temporal.out(o), "b (t n) d -> b t n d", t=tg)  # (B, Tg, N, D)
+        x = self.cross_attn(x, None, kv=layer["cross"])  # (B, Tg, N, D)
+        return self.mlp_block(x, c_m)  # (B, Tg, N, D)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference-frame cache (sampling)
+# --------------------------------------------------------------------------------------------------
+
+
+class ReferenceCache:
+    """What the generated frames of one window need from its reference frames, kept across denoising steps.
+
+    Exact because reference frames carry t = 0 and identity attention lets them see only themselves: their
+    temporal keys/values and their outputs never change, and neither do the plan's cross-attention keys/values
+    and pooled-plan embedding. The first ``Generator.forward(..., cache=c)`` of a window runs every frame and
+    fills ``c``; later calls run the generated frames only. Valid for one window: the same mask, plan,
+    reference latents and batch at every call (a cond + null guidance batch counts as one batch), and the
+    same number of generated frames in every row. Sampling only: call under ``torch.no_grad()``.
+    """
+
+    def __init__(self) -> None:
+        self.ready = False
+        self.calls = 0  # forwards served from the cache (for tests and benchmarks)
+
+    def start(self, z: torch.Tensor, mask: torch.Tensor) -> None:
+        """Checks before the filling call: no autograd, equal generated-frame counts per row."""
+        if torch.is_grad_enabled():
+            raise RuntimeError("ReferenceCache is for sampling: call the generator under torch.no_grad()")
+        counts = mask.sum(dim=1)  # (B,)
+        if bool((counts != counts[0]).any()):
+            raise ValueError(
+                f"a ReferenceCache needs the same number of generated frames in every row, got {counts.tolist()}; "
+                "sample rows with different counts separately (MarDiniPipeline.generate does)"
+            )
+        self.mask = mask.clone()  # (B, T)
+        self.shape = tuple(z.shape)
+        b, t = mask.shape
+        tg = int(counts[0])
+        self.frames = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)[:, :tg]  # (B, Tg) ascending
+        self.rows = torch.arange(b, device=mask.device)[:, None]  # (B, 1)
+
+    def fill(self, v, c_p, rope, records, mode: str, cross_mode: str) -> None:
+        """Keep the first call's output ``v (B, T, C, h, w)`` and per-block keys/values (see Generator.forward)."""
+        rows, gen = self.rows, self.frames
+        b, tg = gen.shape
+        n = records[0]["temporal"][0].shape[2] // self.shape[1] if records else 0  # tokens per frame
+        self.tokens = (gen[:, :, None] * n + torch.arange(n, device=gen.device)).flatten(1)  # (B, Tg*N)
+        self.rope = tuple(r[self.tokens][:, None] for r in rope)  # (B, 1, Tg*N, d) x2
+        self.c_p = c_p[rows, gen]  # (B, Tg, 1, D)
+        self.v = v  # (B, T, C, h, w)
+        self.mode = mode
+        self.layers = []
+        for rec in records:
+            k, v_ = rec["cross"]
+            if cross_mode == "frame":  # (B*T, H, M, d) -> the generated frames' (B*Tg, H, M, d)
+                k, v_ = (rearrange(a.unflatten(0, (b, -1))[rows, gen], "b t h m d -> (b t) h m d") for a in (k, v_))
+            self.layers.append({"temporal": rec["temporal"], "cross": (k, v_)})
+        self.ready = True
+
+    def check(self, z: torch.Tensor, mask: torch.Tensor, mode: str) -> None:
+        """Raise if a call does not belong to the window this cache was filled for."""
+        if tuple(z.shape) != self.shape or not torch.equal(mask, self.mask) or mode != self.mode:
+            raise ValueError(
+                f"this ReferenceCache was filled for latents {self.shape}, attention '{self.mode}' and another mask; "
+                f"got {tuple(z.shape)}, '{mode}'. Use a new ReferenceCache for every window"
+            )
+        self.calls += 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -122,11 +220,13 @@ class GeneratorBlock(nn.Module):
 class Generator(nn.Module):
     """DiT generation model predicting v for every frame.
 
-    ``forward(z, t, plan, mask)``:
+    ``forward(z, t, plan, mask, cache=None)``:
         z: ``(B, T, C, h, w)`` latents, references clean, generated frames noised.
         t: ``(B,)`` or ``(B, T)`` continuous diffusion time in [0, 1] (0 = clean); reference frames get 0.
         plan: ``(B, T, N_low, plan_dim)`` planning signal, or None for the learned null plan.
         mask: ``(B, T)`` bool, True = generated frame.
+        cache: optional :class:`ReferenceCache` of the window (sampling only): an empty one is filled by this
+            call; a filled one makes the call run the generated frames only (same result, less work).
         returns v ``(B, T, C, h, w)`` (float, the model's compute dtype).
     """
 
@@ -177,8 +277,17 @@ class Generator(nn.Module):
         return self.null_plan_token.expand(batch, frames, tokens, -1)  # (B, T, N, plan_dim)
 
     def forward(
-        self, z: torch.Tensor, t: torch.Tensor, plan: torch.Tensor | None, mask: torch.Tensor
+        self,
+        z: torch.Tensor,
+        t: torch.Tensor,
+        plan: torch.Tensor | None,
+        mask: torch.Tensor,
+        cache: ReferenceCache | None = None,
     ) -> torch.Tensor:
+        if cache is not None:
+            if cache.ready:
+                return self._forward_generated(z, t, mask, cache)
+            cache.start(z, mask)
         b, frames, _, h, w = z.shape
         t_frame = self._frame_times(z, t, mask)  # (B, T)
         if plan is None:
@@ -188,17 +297,39 @@ class Generator(nn.Module):
         x = self.embed(patchify(z, p))  # (B, T, N, D)
         c_t = self.t_embed(t_frame)[:, :, None]  # (B, T, 1, D)
         plan = plan.to(x.dtype)  # (B, T, M, plan_dim)
-        c_m = c_t + self.plan_embed(plan.mean(dim=2))[:, :, None]  # (B, T, 1, D)
+        c_p = self.plan_embed(plan.mean(dim=2))[:, :, None]  # (B, T, 1, D)
+        c_m = c_t + c_p  # (B, T, 1, D)
         rope = self.rope((frames, h // p, w // p), z.device)  # (L, d) x2
-        for block in self.blocks:
+        records = [{} if cache is not None else None for _ in self.blocks]
+        for block, record in zip(self.blocks, records):
             args = (x, c_t, c_m, plan, mask, rope, self.attention_mode)
             if self.cfg.checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, *args, use_reentrant=False)  # (B, T, N, D)
             else:
-                x = block(*args)  # (B, T, N, D)
+                x = block(*args, record)  # (B, T, N, D)
         shift, scale = self.mod_out(c_t)  # (B, T, 1, D) x2
         x = self.out(modulate(self.norm_out(x), shift, scale))  # (B, T, N, p*p*C)
-        return unpatchify(x, p, (h, w))  # (B, T, C, h, w)
+        v = unpatchify(x, p, (h, w))  # (B, T, C, h, w)
+        if cache is not None:
+            cache.fill(v, c_p, rope, records, self.attention_mode, self.cfg.cross_attention)
+        return v
+
+    def _forward_generated(self, z: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, cache: ReferenceCache):
+        """A step after the first one of a window: the generated frames through every block, references cached."""
+        cache.check(z, mask, self.attention_mode)
+        t_frame = self._frame_times(z, t, mask)  # (B, T)
+        rows, gen = cache.rows, cache.frames  # (B, 1), (B, Tg)
+        p, (h, w) = self.cfg.patch_size, z.shape[-2:]
+        x = self.embed(patchify(z[rows, gen], p))  # (B, Tg, N, D)
+        c_t = self.t_embed(t_frame.gather(1, gen))[:, :, None]  # (B, Tg, 1, D)
+        c_m = c_t + cache.c_p  # (B, Tg, 1, D)
+        for block, layer in zip(self.blocks, cache.layers):
+            x = block.forward_generated(x, c_t, c_m, cache.rope, layer, cache.tokens, self.attention_mode)
+        shift, scale = self.mod_out(c_t)  # (B, Tg, 1, D) x2
+        x = self.out(modulate(self.norm_out(x), shift, scale))  # (B, Tg, N, p*p*C)
+        v = cache.v.clone()  # (B, T, C, h, w): reference frames' output of the first step
+        v[rows, gen] = unpatchify(x, p, (h, w)).to(v.dtype)  # (B, Tg, C, h, w) written in
+        return v
 
     # -- checks ------------------------------------------------------------------------------------
     def _frame_times(self, z: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
