@@ -1,0 +1,247 @@
+"""Lightning callbacks that score the model on the validation set: ``InterpolationEval`` and ``ImageToVideoEval``.
+
+During validation (every ``every_n_epochs`` epochs, not in the sanity check) each rank takes its first clips of
+the validation loader (``num_clips`` in all, split over the ranks), samples the task's frames with fixed seeds
+(from (seed, rank, batch)), and updates the metrics; at the end of the epoch every rank computes (torchmetrics
+syncs the states) and the results are logged as ``eval/<task>/<name>``.
+
+Real statistics of FVD/FID are cached in ``cache_dir`` keyed by the data (validation shards, their sizes and
+times, loader settings, world size) and the protocol; a cached file also records the digest of the clip keys it
+was computed on, and a later epoch that sees other clips drops the file and does not log Fréchet numbers.
+
+The metrics (and their I3D / InceptionV3 networks) live in the callback, never in the LightningModule: they are
+not in its ``state_dict`` (so not in checkpoints), not in ``parameters()`` (DDP, optimiser) and not in the EMA.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from mardini.evaluation.protocol import EvalProtocol, EvalSuite, RealStatsCache, batch_seed, files_id, keys_digest
+from mardini.evaluation.samplers import Sampler, ema_context, make_sampler
+
+
+class _TaskEval(L.Callback):
+    """Shared body of the two callbacks; see the module docstring.
+
+    Args:
+        sampler: ``"pipeline"`` (the model, built from the LightningModule with its EMA weights),
+            ``"linear_blend"``, ``"nearest_frame"``, or a callable ``(video, mask, seed) -> video``.
+        num_clips: N clips over all ranks (the validation loader must deliver them).
+        frames: window length; a longer validation clip is cut to its centred window.
+        resolution: evaluation side; None keeps the validation data's.
+        metrics: subset of ``fvd fid midf traj`` (None = the task's default).
+        every_n_epochs: run on validation epochs whose index is a multiple of this.
+        cache_dir: folder of cached real statistics (None: no cache).
+        missing_weights: ``skip`` (default here: warn and train on) or ``error``.
+        networks: ready feature networks ``{"fvd": ..., "fid": ...}`` (tests; default: pretrained weights).
+        other arguments: see :class:`~mardini.evaluation.protocol.EvalProtocol`.
+    """
+
+    TASK = ""
+
+    def __init__(
+        self,
+        sampler: str | Sampler = "pipeline",
+        num_clips: int = 64,
+        frames: int = 9,
+        resolution: int | None = None,
+        metrics: list[str] | None = None,
+        seed: int = 0,
+        steps: int = 25,
+        guidance_scale: float | None = None,
+        every_n_epochs: int = 1,
+        cache_dir: str | None = "outputs/eval/real_stats",
+        missing_weights: str = "skip",
+        i3d_weights: str | None = None,
+        inception_weights: str | None = None,
+        lpips_weights: str | None = None,
+        fvd_pad_short: bool = False,
+        networks: dict[str, nn.Module] | None = None,
+    ) -> None:
+        super().__init__()
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        self.protocol = EvalProtocol(
+            task=self.TASK, frames=frames, resolution=resolution, num_clips=num_clips, seed=seed,
+            metrics=None if metrics is None else tuple(metrics), missing_weights=missing_weights,
+            i3d_weights=i3d_weights, inception_weights=inception_weights, lpips_weights=lpips_weights,
+            fvd_pad_short=fvd_pad_short, steps=steps, guidance_scale=guidance_scale,
+        )
+        self.sampler_spec, self.every_n_epochs = sampler, every_n_epochs
+        self.cache = RealStatsCache(cache_dir) if cache_dir else None
+        self.networks = networks
+        self.prefix = f"eval/{self.TASK}"
+        self.suite: EvalSuite | None = None  # built on first use, in the process that evaluates
+        self._active = False
+        self._sampler: Sampler | None = None
+        self._seen = 0
+        self._keys: list[str] = []
+        self._data_id: Any = None
+        self._cache_paths: dict[str, str] | None = None
+        self.last_results: dict[str, float] = {}
+
+    # ----------------------------------------------------------------------------------------------
+    # Hooks
+    # ----------------------------------------------------------------------------------------------
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._active = not trainer.sanity_checking and trainer.current_epoch % self.every_n_epochs == 0
+        if not self._active:
+            return
+        if self.suite is None:
+            self.suite = EvalSuite(self.protocol, self.networks)
+        self.suite.to(pl_module.device).reset()
+        p = self.protocol
+        self._sampler = make_sampler(self.sampler_spec, pl_module, p.steps, p.guidance_scale)
+        self._seen, self._keys = 0, []
+        self._data_id = data_identity(trainer, p)
+        if self.cache is not None and self._data_id is not None and not self.suite.real_cached:
+            self._cache_paths = self.suite.load_real_cache(self.cache, self._data_id)
+            if self._cache_paths:
+                rank_zero_info(f"{self.prefix}: real statistics from {sorted(self._cache_paths.values())}")
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        quota = clips_for_rank(self.protocol.num_clips, trainer.global_rank, trainer.world_size)
+        if not self._active or dataloader_idx != 0 or self._seen >= quota:
+            return
+        real, positions = eval_window(batch, pl_module, self.protocol)  # (B, T, 3, H, W), (B, T, K, 2) | None
+        keep = min(real.shape[0], quota - self._seen)
+        real = real[:keep]
+        positions = None if positions is None else positions[:keep]
+        mask = self.protocol.mask(keep, real.device)  # (B, T)
+        seed = batch_seed(self.protocol.seed, trainer.global_rank, batch_idx)
+        with torch.no_grad(), ema_context(pl_module):
+            fake = self._sampler(real, mask, seed).clamp(-1, 1)  # (B, T, 3, H, W)
+        self.suite.update(real, fake, mask, positions)
+        self._seen += keep
+        self._keys += [str(k) for k in batch.get("key", [])][:keep]
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._active:
+            return
+        self._active = False
+        digest, count = self._reduce_keys(pl_module)
+        stale = self._stale_cache(digest, count)
+        if stale:  # the same on every rank: the cached files record the global digest
+            rank_zero_warn(f"{self.prefix}: cached real statistics were computed on other clips; dropping "
+                           f"{sorted(self._cache_paths.values())}, FVD/FID not logged this epoch")
+            if trainer.is_global_zero:
+                for path in self._cache_paths.values():
+                    if os.path.exists(path):
+                        os.remove(path)
+            for m in self.suite.frechet.values():
+                m.clear_real_stats()
+            self.suite.real_cached, self._cache_paths = False, None
+        results = {**self._compute(skip_frechet=stale), "clips": float(count)}
+        if not stale and not self.suite.real_cached and self.suite.frechet and self.cache and self._data_id:
+            paths = self.suite.save_real_cache(self.cache, self._data_id, digest, count, write=trainer.is_global_zero)
+            rank_zero_info(f"{self.prefix}: real statistics cached in {sorted(paths.values())}")
+        self.last_results = results
+        for name, value in results.items():
+            pl_module.log(f"{self.prefix}/{name}", value, on_epoch=True, sync_dist=False)
+        self.suite.reset()
+        self._sampler = None
+
+    # ----------------------------------------------------------------------------------------------
+    def _compute(self, skip_frechet: bool) -> dict[str, float]:
+        if skip_frechet:
+            frechet = self.suite.frechet
+            keep = {k: m for k, m in self.suite.metrics.items() if k not in frechet}
+            full, self.suite.metrics = self.suite.metrics, keep
+            try:
+                return self.suite.compute()
+            finally:
+                self.suite.metrics = full
+        return self.suite.compute()
+
+    def _reduce_keys(self, pl_module: L.LightningModule) -> tuple[int, int]:
+        """Digest and number of the clips scored on all ranks (a collective when distributed)."""
+        t = torch.tensor([keys_digest(self._keys), self._seen], dtype=torch.long, device=pl_module.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(t)
+        return int(t[0]), int(t[1])
+
+    def _stale_cache(self, digest: int, count: int) -> bool:
+        if not self.suite.real_cached or not self._cache_paths:
+            return False
+        ref = next(iter(self.suite.frechet.values()))._real_ref or {}
+        return ref.get("keys_digest") not in (None, digest) or ref.get("clips") not in (None, count)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # nothing of the metrics goes into checkpoints
+
+
+class InterpolationEval(_TaskEval):
+    """Interpolation (first and last frames given): FVD, FID, MidF-PSNR/SSIM, trajectory error on synthetic data."""
+
+    TASK = "interpolation"
+
+
+class ImageToVideoEval(_TaskEval):
+    """Image-to-video (first frame given): FVD, FID, trajectory error on synthetic data."""
+
+    TASK = "image_to_video"
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+# ------------------------------------------------------------------------------------------------
+def clips_for_rank(total: int, rank: int, world_size: int) -> int:
+    """This rank's share of ``total`` clips."""
+    return total // world_size + (rank < total % world_size)
+
+
+def eval_window(
+    batch: dict, pl_module: Any, protocol: EvalProtocol
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The protocol's window of a validation batch: ``video (B, T, 3, H, W)`` in [-1, 1] and ``positions``.
+
+    Latent batches (``z_high``) are decoded with the module's autoencoder. A longer clip is cut to its centred
+    ``frames`` window; ``resolution`` resizes (positions are relative, so they stay valid).
+    """
+    from mardini.data.transforms import resize_video
+
+    if "video" in batch:
+        video = batch["video"]
+    elif "z_high" in batch and hasattr(pl_module, "autoencoder"):
+        video = pl_module.autoencoder.decode(batch["z_high"].float()).clamp(-1, 1)
+    else:
+        raise ValueError(f"an evaluation batch needs 'video' (or 'z_high' and an autoencoder), got {sorted(batch)}")
+    t = video.shape[1]
+    if t < protocol.frames:
+        raise ValueError(f"validation clips have {t} frames, the {protocol.task} protocol needs {protocol.frames}; "
+                         "raise data.frames or lower the callback's frames")
+    start = (t - protocol.frames) // 2
+    video = video[:, start : start + protocol.frames].float()  # (B, T, 3, H, W)
+    positions = batch.get("positions")
+    if positions is not None:
+        positions = positions[:, start : start + protocol.frames].to(video.device)  # (B, T, K, 2)
+    if protocol.resolution is not None:
+        video = resize_video(video, protocol.resolution).clamp(-1, 1)  # (B, T, 3, R, R)
+    return video, positions
+
+
+def data_identity(trainer: L.Trainer, protocol: EvalProtocol) -> Any:
+    """What the validation data of this run is: shard files and loader settings (None when unknown: no cache)."""
+    dm = getattr(trainer, "datamodule", None)
+    shards = getattr(dm, "val_shards", None)
+    if dm is None or not shards:
+        return None
+    from mardini.data.sharding import list_shards
+
+    try:
+        files = files_id(list_shards(shards))
+    except (OSError, ValueError):
+        return None
+    settings = {k: getattr(dm, k, None) for k in ("frames", "fps", "resolution", "val_clips", "num_workers",
+                                                   "latents")}
+    return {"shards": files, "loader": settings, "world_size": trainer.world_size}

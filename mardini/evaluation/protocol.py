@@ -1,0 +1,304 @@
+"""An evaluation protocol (task, window, metrics, weights) and the metric suite that scores one sampler on it.
+
+The same :class:`EvalSuite` runs inside the training callbacks and in the ``evaluate`` command, so both compute
+the numbers the same way. Metrics and their names:
+
+| key | metric | names in the results |
+|---|---|---|
+| ``fvd`` | :class:`~mardini.metrics.FrechetVideoDistance` (I3D weights) | ``fvd{N}_{T}f`` |
+| ``fid`` | :class:`~mardini.metrics.FrameFID` on the generated frames (InceptionV3 weights) | ``fid{N}_{T}f`` |
+| ``midf`` | :class:`~mardini.metrics.MidFrameMetrics` (LPIPS with ``lpips_weights``) | ``midf_psnr``, ``midf_ssim`` |
+| ``traj`` | :class:`~mardini.evaluation.trajectory.TrajectoryError` (batches with ``positions``) | ``traj_err_px`` ... |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torchmetrics import Metric
+from torchmetrics.utilities import rank_zero_warn
+
+from mardini.masking import image_to_video_mask, interpolation_mask
+
+TASKS = ("interpolation", "image_to_video")
+METRICS = ("fvd", "fid", "midf", "traj")
+DEFAULT_METRICS = {"interpolation": ("fvd", "fid", "midf", "traj"), "image_to_video": ("fvd", "fid", "traj")}
+DEFAULT_GUIDANCE = {"interpolation": 1.0, "image_to_video": 2.5}  # PAPER.md: no CFG for interpolation, 2.5 for I2V
+FRECHET = ("fvd", "fid")
+
+
+# ------------------------------------------------------------------------------------------------
+# Protocol settings
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class EvalProtocol:
+    """Settings of one evaluation protocol.
+
+    Args:
+        task: ``interpolation`` (first and last frames given) or ``image_to_video`` (first frame given).
+        frames: window length T (VIDIM-Bench: 9).
+        resolution: square side the clips are evaluated at; None keeps the data's.
+        num_clips: N, the clips the protocol is defined on (in the FVD/FID names).
+        seed: base seed of the sampler (each batch gets one derived from (seed, rank, batch)).
+        metrics: any of ``fvd fid midf traj``; None = the task's default (``traj`` runs only where batches carry
+            ``positions``).
+        missing_weights: ``error`` (raise, saying how to get them) or ``skip`` (warn, leave the metric out).
+        i3d_weights, inception_weights: file or folder of the weights (None: ``$MARDINI_WEIGHTS`` or ``weights/``).
+        lpips_weights: torchvision backbone file to add MidF-LPIPS (none by default: it cannot be downloaded here).
+        fvd_pad_short: allow T < 9 for FVD by repeating the last frame (the name gets ``_pad``).
+        steps, guidance_scale: sampler settings for the model (guidance None = 1.0 interpolation, 2.5 I2V).
+    """
+
+    task: Literal["interpolation", "image_to_video"] = "interpolation"
+    frames: int = 9
+    resolution: int | None = 256
+    num_clips: int = 256
+    seed: int = 0
+    metrics: tuple[str, ...] | None = None
+    missing_weights: Literal["error", "skip"] = "error"
+    i3d_weights: str | None = None
+    inception_weights: str | None = None
+    lpips_weights: str | None = None
+    fvd_pad_short: bool = False
+    steps: int = 25
+    guidance_scale: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # recorded in reports, not used
+
+    def __post_init__(self) -> None:
+        self.metrics = tuple(DEFAULT_METRICS[self.task] if self.metrics is None else self.metrics) if \
+            self.task in TASKS else ()
+        checks = [
+            ("task", self.task in TASKS, f"one of {TASKS}"),
+            ("frames", self.frames >= (3 if self.task == "interpolation" else 2), ">= 3 for interpolation, 2 for I2V"),
+            ("resolution", self.resolution is None or self.resolution >= 8, ">= 8 or None (the data's)"),
+            ("num_clips", self.num_clips >= 2, ">= 2 (a covariance needs two clips)"),
+            ("metrics", set(self.metrics) <= set(METRICS) and len(self.metrics) > 0, f"a non-empty subset of {METRICS}"),
+            ("missing_weights", self.missing_weights in ("error", "skip"), "'error' or 'skip'"),
+            ("steps", self.steps >= 1, ">= 1"),
+        ]
+        for key, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"evaluation {key}={getattr(self, key)!r} is impossible: it must be {allowed}")
+        if "fvd" in self.metrics and self.frames < 9 and not self.fvd_pad_short:
+            raise ValueError(
+                f"FVD's I3D needs >= 9 frames, the protocol has {self.frames}: use frames >= 9, fvd_pad_short=True, "
+                "or leave 'fvd' out of metrics"
+            )
+        if self.guidance_scale is None:
+            self.guidance_scale = DEFAULT_GUIDANCE[self.task]
+
+    def mask(self, batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The task's frame mask, ``(B, T)`` bool, True = generate."""
+        row = interpolation_mask(self.frames) if self.task == "interpolation" else image_to_video_mask(self.frames)
+        return row.to(device).expand(batch, -1).clone()  # (B, T)
+
+    def real_stats_fields(self) -> dict[str, Any]:
+        """What the real statistics depend on (besides the data): the cache key uses exactly these."""
+        return {"task": self.task, "frames": self.frames, "resolution": self.resolution, "num_clips": self.num_clips,
+                "mask": self.mask(1)[0].tolist()}
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def batch_seed(seed: int, rank: int, batch_idx: int) -> int:
+    """Seed of one batch, fixed by (seed, rank, batch index)."""
+    h = hashlib.sha256(f"{seed}/{rank}/{batch_idx}".encode()).digest()
+    return int.from_bytes(h[:7], "little")
+
+
+# ------------------------------------------------------------------------------------------------
+# Real-statistics cache
+# ------------------------------------------------------------------------------------------------
+def fingerprint(obj: Any) -> str:
+    """A short sha256 of a JSON-able object (sorted keys)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def files_id(paths: list[str]) -> list[list[Any]]:
+    """``[[path, size, mtime_ns], ...]``: identifies data files (a rewritten file changes the key)."""
+    out = []
+    for p in sorted(paths):
+        st = os.stat(p)
+        out.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def keys_digest(keys: list[str]) -> int:
+    """Order-free digest of clip keys: sum of 40-bit hashes (so per-rank sums add up across ranks)."""
+    return sum(int(hashlib.sha1(k.encode()).hexdigest()[:10], 16) for k in keys)
+
+
+class RealStatsCache:
+    """Real statistics of Fréchet metrics on disk: ``root/<metric protocol>-<task>-<key>.pt``.
+
+    The key hashes the data identity, the protocol fields and the metric's feature network; files are written
+    atomically (temp file + ``os.replace``) and carry the digest of the clip keys they were computed on.
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = os.fspath(root)
+
+    def path(self, metric: Metric, protocol: EvalProtocol, data_id: Any) -> str:
+        net = getattr(metric, "network", None) or getattr(metric, "inception", None)
+        key = fingerprint({
+            "data": data_id, "protocol": protocol.real_stats_fields(), "metric": metric.protocol,
+            "feature": metric.feature_name, "network": type(net).__qualname__,
+            "resize": getattr(net, "resize", getattr(metric, "resize", None)),
+            "quantize": getattr(net, "quantize", getattr(metric, "quantize", None)), "version": 1,
+        })
+        return os.path.join(self.root, f"{metric.protocol}-{protocol.task}-{key}.pt")
+
+    @staticmethod
+    def load(path: str) -> dict | None:
+        if not os.path.isfile(path):
+            return None
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    @staticmethod
+    def save(stats: dict, path: str) -> None:
+        from mardini.lit.checkpoint_io import atomic_torch_save
+
+        atomic_torch_save(stats, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Metric suite
+# ------------------------------------------------------------------------------------------------
+def _weights_missing(name: str, err: Exception, protocol: EvalProtocol) -> str:
+    msg = f"{name} is off: {err}"
+    if protocol.missing_weights == "error":
+        raise FileNotFoundError(f"{msg}\n(or evaluate without it: leave '{name}' out of metrics, "
+                                f"or set missing_weights='skip')") from err
+    rank_zero_warn(msg)
+    return msg
+
+
+class EvalSuite:
+    """The metrics of one protocol for one sampler; DDP-safe (torchmetrics states, synced at ``compute``).
+
+    Args:
+        protocol: the settings.
+        networks: optional ready feature networks ``{"fvd": module, "fid": module}`` (tests, or sharing one
+            network between suites); otherwise the pretrained ones are loaded from the weights files.
+    The metrics are plain attributes of the suite: whoever holds the suite (a callback) keeps them out of the
+    LightningModule, its checkpoints and its EMA.
+    """
+
+    def __init__(self, protocol: EvalProtocol, networks: dict[str, nn.Module] | None = None) -> None:
+        from mardini.evaluation.trajectory import TrajectoryError
+        from mardini.metrics import FrameFID, FrechetVideoDistance, MidFrameMetrics
+
+        self.protocol = p = protocol
+        networks = networks or {}
+        self.metrics: dict[str, Any] = {}
+        self.skipped: dict[str, str] = {}
+        n, t = p.num_clips, p.frames
+        builders = {
+            "fvd": lambda: FrechetVideoDistance(n, t, weights=p.i3d_weights, network=networks.get("fvd"),
+                                                pad_short=p.fvd_pad_short),
+            "fid": lambda: FrameFID(n, t, weights=p.inception_weights, network=networks.get("fid")),
+            "midf": lambda: MidFrameMetrics(lpips_weights=p.lpips_weights),
+            "traj": lambda: TrajectoryError(),
+        }
+        for name in p.metrics:
+            try:
+                self.metrics[name] = builders[name]()
+            except FileNotFoundError as err:
+                self.skipped[name] = _weights_missing(name, err, p)
+        self.real_cached = False  # True once the Fréchet metrics hold real statistics from a cache
+
+    # -- state --------------------------------------------------------------------------------------
+    @property
+    def frechet(self) -> dict[str, Any]:
+        return {k: m for k, m in self.metrics.items() if k in FRECHET}
+
+    def to(self, device: torch.device | str) -> EvalSuite:
+        for m in self.metrics.values():
+            m.to(device)
+        return self
+
+    def reset(self) -> None:
+        for m in self.metrics.values():
+            m.reset()
+
+    # -- update / compute ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def update(
+        self, real: torch.Tensor, fake: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> None:
+        """Score one batch: ``real``/``fake`` ``(B, T, 3, H, W)`` in [-1, 1], ``mask (B, T)``, ``positions
+        (B, T, K, 2)`` or None. Real statistics are updated unless they came from the cache."""
+        for name, m in self.frechet.items():
+            kw = {"mask": mask} if name == "fid" else {}
+            if not self.real_cached:
+                m.update(real, real=True, **kw)
+            m.update(fake, real=False, **kw)
+        if "midf" in self.metrics:
+            self.metrics["midf"].update(fake, real)
+        if "traj" in self.metrics and positions is not None:
+            self.metrics["traj"].update(fake, real, positions, mask)
+
+    def compute(self) -> dict[str, float]:
+        """All results as floats, named by protocol (call on every rank: it syncs)."""
+        out: dict[str, float] = {}
+        for name, m in self.metrics.items():
+            if name == "traj" and not _any_rank_counted(m):
+                continue  # no positions in the data
+            value = m.compute()
+            if isinstance(value, dict):
+                out.update({k: float(v) for k, v in value.items()})
+            else:
+                out[m.protocol] = float(value)
+        return out
+
+    # -- real statistics ----------------------------------------------------------------------------
+    def use_real_stats(self, stats: dict[str, dict]) -> None:
+        """Install real statistics ``{metric key: stats}`` (from a cache or another suite) in the Fréchet metrics."""
+        for name, m in self.frechet.items():
+            m.set_real_stats(stats[name])
+        self.real_cached = True
+
+    def real_stats(self) -> dict[str, dict]:
+        """``{metric key: stats}`` of the Fréchet metrics (synced across processes; call on every rank)."""
+        return {name: m.real_stats() for name, m in self.frechet.items()}
+
+    def load_real_cache(self, cache: RealStatsCache, data_id: Any) -> dict[str, str] | None:
+        """Use cached real statistics if every Fréchet metric has a file; returns ``{key: path}`` or None."""
+        if not self.frechet:
+            return None
+        paths = {name: cache.path(m, self.protocol, data_id) for name, m in self.frechet.items()}
+        stats = {name: RealStatsCache.load(path) for name, path in paths.items()}
+        if any(s is None for s in stats.values()):
+            return None
+        self.use_real_stats(stats)
+        return paths
+
+    def save_real_cache(
+        self, cache: RealStatsCache, data_id: Any, digest: int, count: int, write: bool = True
+    ) -> dict[str, str]:
+        """Sync the real statistics (every rank), write them (``write``: rank zero only) and use them from now on.
+        Returns ``{metric key: path}``."""
+        stats, paths = self.real_stats(), {}
+        for name, m in self.frechet.items():
+            stats[name] = {**stats[name], "keys_digest": int(digest), "clips": int(count), "data": data_id}
+            paths[name] = cache.path(m, self.protocol, data_id)
+            if write:
+                RealStatsCache.save(stats[name], paths[name])
+        self.use_real_stats(stats)
+        return paths
+
+
+def _any_rank_counted(m: Metric) -> bool:
+    """Whether any process saw positions (collective when distributed, so every rank takes the same branch)."""
+    n = m.n_counted.clone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(n)
+    return int(n) > 0

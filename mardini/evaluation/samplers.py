@@ -1,0 +1,142 @@
+"""What the evaluation runs: any callable ``(video, mask, seed) -> video``, so baselines and the model plug in alike.
+
+A sampler takes ``video (B, T, 3, H, W)`` in [-1, 1] (the masked frames' content must not be used), ``mask (B, T)``
+bool (True = generate) and an int ``seed``, and returns ``(B, T, 3, H, W)`` in [-1, 1] with the given frames
+unchanged. Baselines: :class:`LinearBlend` (the two nearest given frames blended linearly in time) and
+:class:`NearestFrame` (the nearest given frame repeated). :class:`PipelineSampler` wraps ``MarDiniPipeline``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from mardini.masking import validate_mask
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """``(video (B, T, 3, H, W) in [-1, 1], mask (B, T) bool, seed) -> video (B, T, 3, H, W) in [-1, 1]``."""
+
+    def __call__(self, video: torch.Tensor, mask: torch.Tensor, seed: int) -> torch.Tensor: ...
+
+
+# ------------------------------------------------------------------------------------------------
+# Baselines
+# ------------------------------------------------------------------------------------------------
+def neighbour_given(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every frame, the index of the nearest given frame at or before it and at or after it.
+
+    Args:
+        mask: ``(B, T)`` bool, True = generate; every row has a given frame.
+    Returns:
+        ``prev, next`` ``(B, T)`` long; -1 where no given frame lies before, ``T`` where none lies after.
+    """
+    validate_mask(mask)
+    b, t = mask.shape
+    idx = torch.arange(t, device=mask.device).expand(b, t)  # (B, T)
+    given = ~mask  # (B, T)
+    prev = torch.where(given, idx, torch.full_like(idx, -1)).cummax(dim=1).values  # (B, T)
+    rev = torch.where(given, t - 1 - idx, torch.full_like(idx, -1)).flip(1).cummax(dim=1).values.flip(1)  # (B, T)
+    nxt = torch.where(rev >= 0, t - 1 - rev, torch.full_like(idx, t))  # (B, T)
+    return prev, nxt
+
+
+def _gather_frames(video: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``video (B, T, C, H, W)``, ``index (B, T)`` in [0, T) -> ``(B, T, C, H, W)`` with frame ``index[b, t]``."""
+    return video[torch.arange(video.shape[0], device=video.device)[:, None], index]  # (B, T, C, H, W)
+
+
+class LinearBlend:
+    """Each generated frame = linear blend in time of the nearest given frames before and after it.
+
+    Frames with a given frame on one side only (e.g. after the single frame of image-to-video) repeat it.
+    """
+
+    name = "linear_blend"
+
+    def __call__(self, video: torch.Tensor, mask: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        prev, nxt = neighbour_given(mask)  # (B, T) each
+        t = mask.shape[1]
+        lo = torch.where(prev < 0, nxt, prev)  # (B, T) one-sided: use the other side
+        hi = torch.where(nxt >= t, prev, nxt)  # (B, T)
+        span = (hi - lo).clamp(min=1)  # (B, T)
+        pos = torch.arange(t, device=mask.device)[None]  # (1, T)
+        w = ((pos - lo).clamp(min=0) / span).clamp(0, 1).to(video.dtype)  # (B, T) weight of the later frame
+        w = torch.where(hi == lo, torch.zeros_like(w), w)[..., None, None, None]  # (B, T, 1, 1, 1)
+        out = (1 - w) * _gather_frames(video, lo) + w * _gather_frames(video, hi)  # (B, T, C, H, W)
+        return torch.where(mask[..., None, None, None], out, video)  # given frames untouched
+
+
+class NearestFrame:
+    """Each generated frame repeats the nearest given frame in time (ties go to the earlier one)."""
+
+    name = "nearest_frame"
+
+    def __call__(self, video: torch.Tensor, mask: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        prev, nxt = neighbour_given(mask)  # (B, T) each
+        t = mask.shape[1]
+        pos = torch.arange(t, device=mask.device)[None]  # (1, T)
+        d_prev = torch.where(prev < 0, torch.full_like(prev, 2 * t), pos - prev)  # (B, T)
+        d_next = torch.where(nxt >= t, torch.full_like(nxt, 2 * t), nxt - pos)  # (B, T)
+        src = torch.where(d_prev <= d_next, prev, nxt)  # (B, T)
+        out = _gather_frames(video, src)  # (B, T, C, H, W)
+        return torch.where(mask[..., None, None, None], out, video)
+
+
+BASELINES: dict[str, type] = {"linear_blend": LinearBlend, "nearest_frame": NearestFrame}
+
+
+# ------------------------------------------------------------------------------------------------
+# The model
+# ------------------------------------------------------------------------------------------------
+class PipelineSampler:
+    """``MarDiniPipeline.generate`` as a :class:`Sampler` (DDIM ``steps``, guidance on the plan)."""
+
+    name = "mardini"
+
+    def __init__(self, pipeline: Any, steps: int = 25, guidance_scale: float = 1.0) -> None:
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        self.pipeline, self.steps, self.guidance_scale = pipeline, steps, guidance_scale
+
+    @torch.no_grad()
+    def __call__(self, video: torch.Tensor, mask: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        out = self.pipeline.generate(video, mask, steps=self.steps, guidance_scale=self.guidance_scale, seed=seed)
+        return out.clamp(-1, 1)  # (B, T, 3, H, W)
+
+
+def ema_context(pl_module: Any):
+    """The module's EMA weights for the duration (a no-op when they are already swapped in, e.g. in validation)."""
+    if getattr(pl_module, "_ema_backup", None) is not None or not hasattr(pl_module, "ema_weights"):
+        return contextlib.nullcontext()
+    return pl_module.ema_weights()
+
+
+def pipeline_from_module(pl_module: Any) -> Any:
+    """A ``MarDiniPipeline`` over the live networks of a training module (no copy of the weights)."""
+    try:
+        from mardini.pipeline import MarDiniPipeline
+    except ImportError as err:
+        raise RuntimeError(
+            "sampler='pipeline' needs mardini.pipeline (MarDiniPipeline), which is not importable here "
+            f"({err}); use sampler='linear_blend' or 'nearest_frame', or pass a callable (video, mask, seed) -> video"
+        ) from err
+    if not hasattr(MarDiniPipeline, "from_module"):
+        raise RuntimeError("MarDiniPipeline has no from_module(pl_module); update mardini.pipeline")
+    return MarDiniPipeline.from_module(pl_module)
+
+
+def make_sampler(spec: str | Sampler, pl_module: Any = None, steps: int = 25, guidance_scale: float = 1.0) -> Sampler:
+    """``"linear_blend"``, ``"nearest_frame"``, ``"pipeline"`` (built from ``pl_module``) or a callable."""
+    if callable(spec):
+        return spec
+    if spec in BASELINES:
+        return BASELINES[spec]()
+    if spec == "pipeline":
+        if pl_module is None:
+            raise ValueError("sampler='pipeline' needs the LightningModule (or use MarDiniPipeline.from_checkpoint)")
+        return PipelineSampler(pipeline_from_module(pl_module), steps, guidance_scale)
+    raise ValueError(f"unknown sampler {spec!r}; choose one of {[*BASELINES, 'pipeline']} or pass a callable")
