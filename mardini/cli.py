@@ -39,7 +39,10 @@ class MarDiniCLI(LightningCLI):
                             every_n_train_steps=self._checkpoint_every, save_top_k=1),
             LearningRateMonitor(logging_interval="step"),
         ]
-        kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + extra
+        # kwargs["callbacks"] replaces trainer.callbacks of the config in LightningCLI: keep the config's ones
+        configured = (self._get(self.config_init, "trainer", default={}) or {}).get("callbacks") or []
+        configured = configured if isinstance(configured, (list, tuple)) else [configured]
+        kwargs["callbacks"] = list(configured) + list(kwargs.get("callbacks") or []) + extra
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # atomic local saves unless the user chose one
