@@ -1,0 +1,200 @@
+"""The evaluation callbacks inside a real ``lightning.Trainer`` fit: results, EMA, checkpoints, cache, DDP."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from mardini.data.datamodule import VideoDataModule
+from mardini.data.testing import tiny_synthetic
+from mardini.evaluation import EvalProtocol, EvalSuite, ImageToVideoEval, InterpolationEval, LinearBlend
+
+FRAMES, SIZE, CLIPS = 9, 16, 8
+
+
+class VideoPool(nn.Module):
+    num_features = 12
+
+    def forward(self, x):  # (B, 3, T, 224, 224) -> (B, 12)
+        return nn.functional.adaptive_avg_pool3d(x, (1, 2, 2)).flatten(1)
+
+
+class FramePool(nn.Module):
+    num_features = 12
+
+    def forward(self, x):  # (N, 3, H, W) -> (N, 12)
+        return nn.functional.adaptive_avg_pool2d(x, (2, 2)).flatten(1)
+
+
+class TinyModule(L.LightningModule):
+    """The pieces the callbacks touch: ``networks``, ``ema_weights()``, training and validation steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.networks = nn.ModuleDict({"net": nn.Linear(4, 4)})
+        self.ema_entered = 0
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        self.ema_entered += 1
+        yield self
+
+    def training_step(self, batch, batch_idx):
+        return self.networks["net"](batch["video"].mean((1, 2, 3))[:, :4]).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        return None
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class CountingBlend(LinearBlend):
+    """The linear-blend baseline that records the seeds and whether the module's EMA was in."""
+
+    def __init__(self, module: TinyModule | None = None) -> None:
+        self.module, self.seeds, self.under_ema = module, [], []
+
+    def __call__(self, video, mask, seed=0):
+        self.seeds.append(seed)
+        return super().__call__(video, mask, seed)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return tiny_synthetic(tmp_path_factory.mktemp("synth"), train=12, val=CLIPS, frames=12, size=SIZE)
+
+
+def datamodule(shards, **kw):
+    return VideoDataModule(
+        train_shards=str(shards / "train"), val_shards=str(shards / "val"), frames=FRAMES, fps=None,
+        resolution=SIZE, batch_size=4, num_workers=0, shuffle_buffer=0, epoch_size=8, val_clips=CLIPS, **kw,
+    )
+
+
+def trainer(tmp_path, callbacks, steps=2, **kw):
+    kw.setdefault("num_sanity_val_steps", 0)
+    kw.setdefault("devices", 1)
+    return L.Trainer(
+        max_steps=steps, limit_train_batches=steps, val_check_interval=steps,
+        callbacks=callbacks, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu", **kw,
+    )
+
+
+def evals(cache_dir, sampler="linear_blend", **kw):
+    common = dict(num_clips=CLIPS, frames=FRAMES, cache_dir=str(cache_dir) if cache_dir else None, sampler=sampler,
+                  networks={"fvd": VideoPool(), "fid": FramePool()}, **kw)
+    return InterpolationEval(**common), ImageToVideoEval(**common)
+
+
+def expected_results(shards, protocol: EvalProtocol) -> dict[str, float]:
+    """The same protocol scored directly over the validation loader (the callback must agree)."""
+    dm = datamodule(shards)
+    dm.setup("validate")
+    suite = EvalSuite(protocol, {"fvd": VideoPool(), "fid": FramePool()})
+    for batch in dm.val_dataloader():
+        mask = protocol.mask(batch["video"].shape[0])
+        suite.update(batch["video"], LinearBlend()(batch["video"], mask, 0), mask, batch["positions"])
+    return suite.compute()
+
+
+def test_callbacks_in_fit_log_results_use_ema_and_stay_out_of_checkpoints(shards, tmp_path):
+    interp, i2v = evals(tmp_path / "stats")
+    module = TinyModule()
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    t = trainer(tmp_path, [interp, i2v, ckpt])
+    t.fit(module, datamodule=datamodule(shards))
+
+    logged = {k: float(v) for k, v in t.callback_metrics.items() if k.startswith("eval/")}
+    for cb in (interp, i2v):
+        want = expected_results(shards, cb.protocol)
+        for name, value in want.items():
+            assert logged[f"{cb.prefix}/{name}"] == pytest.approx(value, rel=1e-5, abs=1e-8), name
+        assert logged[f"{cb.prefix}/clips"] == CLIPS
+    assert "eval/interpolation/midf_psnr" in logged and "eval/image_to_video/midf_psnr" not in logged
+    assert logged["eval/interpolation/traj_err_px"] < logged["eval/image_to_video/traj_err_px"]  # blend beats hold
+    assert module.ema_entered >= 2  # the sampler ran under the module's EMA weights (2 batches x 2 callbacks)
+
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert all(k.startswith("networks.") for k in saved["state_dict"]), sorted(saved["state_dict"])
+    assert not any(isinstance(v, dict) and v for v in saved.get("callbacks", {}).values() if "Eval" in str(v))
+    for name, state in saved.get("callbacks", {}).items():
+        if "Eval" in name:
+            assert state == {}, name
+    assert not any(isinstance(m, nn.Module) and m is not module.networks for m in module.children()
+                   if m.__class__.__name__ in ("VideoPool", "FramePool"))
+    assert len(list(module.parameters())) == 2  # the Linear only: no metric network joined the module
+
+
+def test_callback_real_stats_cache_hit_miss_and_invalidation(shards, tmp_path):
+    cache_dir = tmp_path / "stats"
+    interp, _ = evals(cache_dir)
+    trainer(tmp_path, [interp]).fit(TinyModule(), datamodule=datamodule(shards))
+    files = sorted(os.listdir(cache_dir))
+    assert len(files) == 2 and all(f.endswith(".pt") for f in files)  # fvd + fid
+    first = dict(interp.last_results)
+
+    # same data and protocol: hit (no real update), same numbers
+    interp2, _ = evals(cache_dir)
+    trainer(tmp_path, [interp2]).fit(TinyModule(), datamodule=datamodule(shards))
+    assert interp2._cache_paths and sorted(os.listdir(cache_dir)) == files
+    assert int(interp2.suite.metrics["fvd"].real_features_num_samples) == 0
+    for k, v in first.items():
+        assert interp2.last_results[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+
+    # another protocol (resolution) and other data (fewer clips): misses, new files
+    interp3, _ = evals(cache_dir, resolution=8)
+    trainer(tmp_path, [interp3]).fit(TinyModule(), datamodule=datamodule(shards))
+    assert interp3._cache_paths is None and len(os.listdir(cache_dir)) == 4
+    interp4, _ = evals(cache_dir)
+    dm = datamodule(shards)
+    dm.hparams.val_clips = dm.val_clips = 4  # the loader serves other clips
+    trainer(tmp_path, [interp4]).fit(TinyModule(), datamodule=dm)
+    assert interp4._cache_paths is None and len(os.listdir(cache_dir)) == 6
+
+
+def test_callback_drops_a_cache_computed_on_other_clips(shards, tmp_path):
+    cache_dir = tmp_path / "stats"
+    interp, _ = evals(cache_dir)
+    trainer(tmp_path, [interp]).fit(TinyModule(), datamodule=datamodule(shards))
+    for f in os.listdir(cache_dir):  # pretend the files were computed on other clips
+        stats = torch.load(cache_dir / f, weights_only=True)
+        torch.save({**stats, "keys_digest": stats["keys_digest"] + 1}, cache_dir / f)
+    again, _ = evals(cache_dir)
+    with pytest.warns(UserWarning, match="computed on other clips"):
+        trainer(tmp_path, [again]).fit(TinyModule(), datamodule=datamodule(shards))
+    assert os.listdir(cache_dir) == [] and "fvd8_9f" not in again.last_results and "midf_psnr" in again.last_results
+
+
+def test_callback_skips_missing_weights_and_sanity_check(shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("MARDINI_WEIGHTS", str(tmp_path / "empty"))
+    with pytest.warns(UserWarning, match="fvd is off"):
+        cb = InterpolationEval(sampler="nearest_frame", num_clips=4, cache_dir=None, missing_weights="skip")
+        t = trainer(tmp_path, [cb], num_sanity_val_steps=1)
+        t.fit(TinyModule(), datamodule=datamodule(shards))
+    assert set(cb.suite.metrics) == {"midf", "traj"} and "fvd" in cb.suite.skipped
+    assert cb.last_results["clips"] == 4  # the sanity check did not count
+
+
+def _ddp_run(shards, tmp_path):
+    interp, _ = evals(tmp_path / "stats")
+    t = trainer(tmp_path, [interp], strategy="ddp_spawn", devices=2)
+    t.fit(TinyModule(), datamodule=datamodule(shards))
+    return {k: float(v) for k, v in t.callback_metrics.items() if k.startswith("eval/")}
+
+
+@pytest.mark.slow
+def test_callbacks_under_two_process_cpu_ddp(shards, tmp_path):
+    """2 ranks (gloo): each scores its half of the clips, the synced results equal one process on all of them."""
+    logged = _ddp_run(shards, tmp_path)
+    want = expected_results(shards, InterpolationEval(num_clips=CLIPS, frames=FRAMES, metrics=["midf", "traj"]).protocol)
+    assert logged["eval/interpolation/clips"] == CLIPS
+    for name in ("midf_psnr", "midf_ssim", "traj_err_px", "traj_detected"):
+        assert logged[f"eval/interpolation/{name}"] == pytest.approx(want[name], rel=1e-5), name
+    assert len(os.listdir(tmp_path / "stats")) == 2  # rank zero wrote the cache once
