@@ -1,0 +1,219 @@
+"""``python evaluate.py``: benchmark protocols over a folder of videos, shards, or the embedded synthetic set.
+
+    python evaluate.py --preset vidim --data data/videos/davis --checkpoint runs/joint/last.ckpt
+    python evaluate.py --preset synthetic --checkpoint outputs/demo/last.ckpt         # + trajectory error
+    python evaluate.py --preset synthetic --metrics midf traj --num-clips 16          # baselines only, no weights
+
+Every method (the baselines ``linear_blend`` and ``nearest_frame``, and ``mardini`` with ``--checkpoint``) sees the
+same clips, masks and seeds; real statistics are computed once (or read from ``--cache-dir``). Writes
+``OUT/report.md`` (a table per task) and ``OUT/report.json``. FVD/FID need the metric weights: ``make weights``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mardini.evaluation.data import count_clips, iter_batches, resolve_source
+from mardini.evaluation.protocol import (
+    METRICS, TASKS, EvalProtocol, EvalSuite, RealStatsCache, batch_seed, files_id, keys_digest,
+)
+from mardini.evaluation.samplers import BASELINES, PipelineSampler, Sampler
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # VIDIM-Bench (PAPER.md App. D): 9 consecutive frames at 256 px, first + last given, FVD/FID/MidF.
+    "vidim": {"tasks": ["interpolation"], "frames": 9, "resolution": 256, "fps": None},
+    # image-to-video on user videos: first frame given, FVD/FID.
+    "i2v": {"tasks": ["image_to_video"], "frames": 9, "resolution": 256, "fps": None},
+    # the embedded set at the demo loader's settings (9 frames at 8 fps, 32 px), both tasks, + trajectory error.
+    "synthetic": {"tasks": list(TASKS), "frames": 9, "resolution": 32, "fps": 8.0, "data": "synthetic"},
+}
+ARROWS = {"psnr": "↑", "ssim": "↑", "detected": "↑"}  # everything else: lower is better
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="protocol defaults (flags override)")
+    p.add_argument("--data", default=None, help="folder of videos, shard folder/pattern, or 'synthetic'")
+    p.add_argument("--tasks", nargs="+", choices=TASKS, default=None)
+    p.add_argument("--frames", type=int, default=None, help="window length T (default 9)")
+    p.add_argument("--resolution", type=int, default=None, help="square side in pixels (default 256)")
+    p.add_argument("--fps", type=float, default=None, help="frame rate of the window (default: native, every frame)")
+    p.add_argument("--num-clips", type=int, default=None, help="N clips (default: all the data has, at most 256)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--metrics", nargs="+", choices=METRICS, default=None, help="default: the task's metrics")
+    p.add_argument("--missing-weights", choices=("error", "skip"), default="error",
+                   help="FVD/FID without weights files: stop with instructions (default) or leave them out")
+    p.add_argument("--i3d-weights", default=None, help="I3D pickle or folder (default $MARDINI_WEIGHTS or weights/)")
+    p.add_argument("--inception-weights", default=None, help="InceptionV3 TorchScript or folder")
+    p.add_argument("--lpips-weights", default=None, help="torchvision alexnet-owt-7be5be79.pth: adds MidF-LPIPS")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help=f"of {[*BASELINES, 'mardini']} (default: the baselines, + mardini with --checkpoint)")
+    p.add_argument("--checkpoint", default=None, help="a joint checkpoint: adds the 'mardini' method (EMA weights)")
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps of the model")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default 1.0 interp., 2.5 I2V)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--out", default=None, help="report folder (default outputs/eval/<data name>)")
+    p.add_argument("--cache-dir", default="outputs/eval/real_stats", help="real-statistics cache ('' = off)")
+    args = p.parse_args(argv)
+    preset = PRESETS.get(args.preset, {}) if args.preset else {}
+    for key, default in (("tasks", list(TASKS)), ("frames", 9), ("resolution", 256), ("data", None)):
+        if getattr(args, key) is None:
+            setattr(args, key, preset.get(key, default))
+    if args.fps is None:
+        args.fps = preset.get("fps")
+    if args.data is None:
+        p.error("--data is required (a folder of videos, shards, or 'synthetic'; or --preset synthetic)")
+    if args.batch_size < 1 or (args.num_clips is not None and args.num_clips < 2):
+        p.error("--batch-size must be >= 1 and --num-clips >= 2")
+    if args.methods is None:
+        args.methods = [*BASELINES] + (["mardini"] if args.checkpoint else [])
+    unknown = set(args.methods) - {*BASELINES, "mardini"}
+    if unknown:
+        p.error(f"unknown methods {sorted(unknown)}; choose from {[*BASELINES, 'mardini']}")
+    if "mardini" in args.methods and not args.checkpoint:
+        p.error("method 'mardini' needs --checkpoint PATH (a joint checkpoint written by train.py)")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------
+# Running
+# ------------------------------------------------------------------------------------------------
+def build_samplers(args: argparse.Namespace) -> dict[str, Sampler]:
+    out: dict[str, Sampler] = {m: BASELINES[m]() for m in args.methods if m in BASELINES}
+    if "mardini" in args.methods:
+        from mardini.pipeline import MarDiniPipeline
+
+        pipe = MarDiniPipeline.from_checkpoint(args.checkpoint, ema=True, device=args.device, dtype=args.dtype)
+        out["mardini"] = pipe  # wrapped per task (guidance differs)
+    return out
+
+
+def run_task(
+    task: str, args: argparse.Namespace, samplers: dict[str, Any], kind: str, files: list[str], n: int,
+    networks: dict | None = None,
+) -> dict[str, Any]:
+    """Score every method on one task; returns ``{protocol, results: {method: {metric: value}}, ...}``."""
+    proto = EvalProtocol(
+        task=task, frames=args.frames, resolution=args.resolution, num_clips=n, seed=args.seed,
+        metrics=None if args.metrics is None else tuple(args.metrics), missing_weights=args.missing_weights,
+        i3d_weights=args.i3d_weights, inception_weights=args.inception_weights, lpips_weights=args.lpips_weights,
+        steps=args.steps, guidance_scale=args.guidance, extra={"fps": args.fps, "data": args.data},
+    )
+    first = EvalSuite(proto, networks)
+    shared = {"fvd": getattr(first.metrics.get("fvd"), "network", None),
+              "fid": getattr(first.metrics.get("fid"), "inception", None)}
+    suites = {m: first if i == 0 else EvalSuite(proto, {k: v for k, v in shared.items() if v is not None})
+              for i, m in enumerate(samplers)}
+    for s in list(suites.values())[1:]:
+        s.real_cached = True  # the first suite computes the real side; copied below
+    data_id = {"files": files_id(files), "frames": args.frames, "fps": args.fps, "resolution": args.resolution,
+               "num_clips": n}
+    cache = RealStatsCache(args.cache_dir) if args.cache_dir else None
+    hit = first.load_real_cache(cache, data_id) if cache else None
+    run = {m: (PipelineSampler(s, proto.steps, proto.guidance_scale) if m == "mardini" else s)
+           for m, s in samplers.items()}
+    skipped: dict[str, str] = {}
+    seen, keys, timing = 0, [], {m: 0.0 for m in run}
+    for b, batch in enumerate(iter_batches(kind, files, args.frames, args.fps, args.resolution, n, args.batch_size,
+                                           skipped)):
+        real = batch["video"].to(device_of(args))  # (B, T, 3, R, R)
+        mask = proto.mask(real.shape[0], real.device)  # (B, T)
+        seed = batch_seed(args.seed, 0, b)
+        for m, sampler in run.items():
+            start = time.perf_counter()
+            fake = sampler(real, mask, seed).clamp(-1, 1)  # (B, T, 3, R, R)
+            timing[m] += time.perf_counter() - start
+            suites[m].update(real, fake, mask, batch.get("positions"))
+        seen += real.shape[0]
+        keys += list(batch["key"])
+    if seen < n:
+        raise RuntimeError(f"the data gave {seen} usable clips, the protocol needs {n}; lower --num-clips to {seen}"
+                           + (f" ({len(skipped)} videos unusable: {dict(list(skipped.items())[:3])})" if skipped
+                              else ""))
+    if first.frechet:
+        if cache is not None and not hit:
+            first.save_real_cache(cache, data_id, keys_digest(keys), seen, write=True)
+        stats = first.real_stats()
+        for s in list(suites.values())[1:]:
+            s.use_real_stats(stats)
+    results = {m: suites[m].compute() for m in run}
+    return {"protocol": proto.as_dict(), "clips": seen, "real_stats_cache": ("hit" if hit else "computed") if first.frechet else "none (no FVD/FID)",
+            "skipped_metrics": first.skipped, "skipped_videos": skipped,
+            "seconds_per_clip": {m: t / max(seen, 1) for m, t in timing.items()}, "results": results}
+
+
+def device_of(args: argparse.Namespace) -> torch.device:
+    if args.device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(args.device)
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------
+def _fmt(value: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.4f}" if abs(value) < 100 else f"{value:.2f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Evaluation on `{report['data']}`", "",
+             f"{report['clips']} clips, {report['frames']} frames at {report['resolution']} px "
+             f"(fps: {report['fps'] or 'native'}), seed {report['seed']}. Command: `{report['command']}`", ""]
+    for task, res in report["tasks"].items():
+        names = sorted({k for r in res["results"].values() for k in r})
+        head = [f"{n} {ARROWS.get(n.split('_')[-1], '↓')}" for n in names]
+        lines += [f"## {task}", "", "| method | " + " | ".join(head) + " | s/clip |",
+                  "|---" * (len(names) + 2) + "|"]
+        for method, r in res["results"].items():
+            row = [_fmt(r.get(n)) for n in names] + [f"{res['seconds_per_clip'][method]:.3f}"]
+            lines.append(f"| {method} | " + " | ".join(row) + " |")
+        for metric, why in res["skipped_metrics"].items():
+            lines.append(f"\n- `{metric}` left out: {why.splitlines()[0]}")
+        lines.append(f"\nReal statistics: {res['real_stats_cache']}. Guidance {res['protocol']['guidance_scale']}, "
+                     f"{res['protocol']['steps']} DDIM steps (model only).\n")
+    lines.append("Metrics: FVD/FID lower is better; MidF = frame T//2; traj = colour-centroid position error of "
+                 "the synthetic objects in generated frames (pixels, fraction of the frame; detected = share found).")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    kind, files = resolve_source(args.data)
+    available = count_clips(kind, files)
+    n = args.num_clips if args.num_clips is not None else min(available, 256)
+    if n > available:
+        raise SystemExit(f"--num-clips {n} but {args.data} holds {available} clips; lower --num-clips")
+    samplers = build_samplers(args)
+    report: dict[str, Any] = {
+        "data": args.data, "source": kind, "clips": n, "frames": args.frames, "resolution": args.resolution,
+        "fps": args.fps, "seed": args.seed, "methods": list(samplers), "checkpoint": args.checkpoint,
+        "command": "python evaluate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "torch": torch.__version__, "python": platform.python_version(), "tasks": {},
+    }
+    for task in args.tasks:
+        report["tasks"][task] = run_task(task, args, samplers, kind, files, n)
+    out = Path(args.out or Path("outputs/eval") / Path(args.data.rstrip("/")).name)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    (out / "report.md").write_text(markdown(report))
+    print(markdown(report))
+    print(f"wrote {out / 'report.md'} and {out / 'report.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

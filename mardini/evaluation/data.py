@@ -1,0 +1,99 @@
+"""Evaluation clips from shards (synthetic or real) or straight from a folder of video files.
+
+Each clip is one centred window of ``frames`` frames at ``fps`` (None = every frame, as VIDIM-Bench takes
+consecutive frames), centre-cropped to a square and resized to ``resolution`` with the project's resize
+(``mardini.data.transforms``), in [-1, 1]. Batches: ``video (B, T, 3, R, R)``, ``key`` list, and
+``positions (B, T, K, 2)`` for synthetic shards.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import av
+import torch
+
+from mardini.data.decode import BadSample, decode_mp4, frame_indices, max_start
+from mardini.data.sharding import list_shards
+from mardini.data.stream import ClipStream, collate
+from mardini.data.transforms import crop_and_resize
+from mardini.data.video_shards import find_videos
+
+SYNTHETIC_VAL = "data/shards/synthetic/val"
+
+
+def resolve_source(data: str) -> tuple[str, list[str]]:
+    """``("shards" | "videos", files)`` for a shard folder/pattern or a folder of videos; clear errors otherwise."""
+    if data == "synthetic":
+        data = SYNTHETIC_VAL
+        if not Path(data).exists():
+            raise FileNotFoundError(
+                f"the embedded synthetic validation split {data} does not exist; write it with "
+                "`python data/make_synthetic.py` (or `make demo`)"
+            )
+    p = Path(data)
+    if p.is_dir() and not any(p.glob("*.tar")):
+        try:
+            return "videos", [str(p / v) for v in find_videos(p)]
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{data} holds neither .tar shards nor video files (mp4, avi, mov, ...)") from None
+    try:
+        return "shards", list_shards(data)
+    except (FileNotFoundError, ValueError) as err:
+        raise FileNotFoundError(f"--data {data!r}: not a folder of videos or shards ({err})") from err
+
+
+def count_clips(kind: str, files: list[str]) -> int:
+    """Clips available: video files, or samples in the shards (tar headers only)."""
+    if kind == "videos":
+        return len(files)
+    n = 0
+    for shard in files:
+        with tarfile.open(shard) as tar:
+            n += sum(1 for m in tar if m.name.endswith(".json"))
+    return n
+
+
+def read_video_clip(path: str, frames: int, fps: float | None, resolution: int) -> torch.Tensor:
+    """One centred window of a video file: ``(T, 3, R, R)`` in [-1, 1]."""
+    data = Path(path).read_bytes()
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        src_fps = float(stream.average_rate or stream.guessed_rate or 0)
+    arr = decode_mp4(data)  # (N, H, W, 3) uint8, every frame
+    start = max_start(src_fps, len(arr), fps, frames) // 2
+    idx, _ = frame_indices(src_fps, len(arr), fps, frames, start)
+    video, _ = crop_and_resize(arr[idx], resolution, "center")  # (T, 3, R, R)
+    return video
+
+
+def iter_batches(
+    kind: str, files: list[str], frames: int, fps: float | None, resolution: int, num_clips: int, batch_size: int,
+    skipped: dict[str, str] | None = None,
+) -> Iterator[dict]:
+    """Batches of the first ``num_clips`` usable clips, in a fixed order; unusable videos go to ``skipped``."""
+    if kind == "shards":
+        stream = ClipStream(files, frames=frames, fps=fps, resolution=resolution, batch_size=batch_size,
+                            train=False, max_clips=num_clips)
+        yield from stream
+        return
+    buf: list[dict] = []
+    used = 0
+    for path in files:
+        if used >= num_clips:
+            break
+        try:
+            video = read_video_clip(path, frames, fps, resolution)  # (T, 3, R, R)
+        except (BadSample, av.FFmpegError, OSError, IndexError) as err:
+            if skipped is not None:
+                skipped[path] = str(err)
+            continue
+        buf.append({"video": video, "fps": 0.0, "key": path})
+        used += 1
+        if len(buf) == batch_size:
+            yield collate(buf)
+            buf = []
+    if buf:
+        yield collate(buf)
