@@ -37,6 +37,12 @@ test-all: venv
 bench: venv
 	$(PY) -m bench.run_all
 
+## The tiny curriculum chain on CPU (stage after stage; a finished stage is skipped, a stopped one resumes).
+TINY_STAGES := 01_dm_warmup_4f 02_dm_warmup_9f 03_mar_warmup 04_joint_model 05_joint_task
+train-tiny: venv
+	test -d data/shards/synthetic/train || $(PY) data/make_synthetic.py
+	for s in $(TINY_STAGES); do $(PY) train.py fit --config configs/tiny/common.yaml --config configs/tiny/$$s.yaml || exit 1; done
+
 clean-outputs:
 	rm -rf outputs lightning_logs data/shards bench/results
 

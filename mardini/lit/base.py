@@ -45,6 +45,9 @@ class MarDiniBase(L.LightningModule):
         nonfinite: ``stop`` raises naming the step and batch; ``skip`` drops the step and counts it.
         seed: base of every random draw (mask, t, noise, dropout) via (seed, rank, step).
         init_from: checkpoint of a previous stage of the same kind to start from (weights + EMA only).
+        compile: ``torch.compile`` each network's forward in place (state-dict keys unchanged).
+            Activation checkpointing is a network setting: ``planner: {checkpointing: true}`` (same for
+            ``generator``); bf16 is the trainer's ``precision: bf16-mixed``.
     """
 
     KIND: ClassVar[str] = "base"
@@ -71,6 +74,7 @@ class MarDiniBase(L.LightningModule):
         nonfinite: Literal["stop", "skip"] = "stop",
         seed: int = 0,
         init_from: str | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["autoencoder"])
@@ -79,17 +83,24 @@ class MarDiniBase(L.LightningModule):
                         nonfinite=nonfinite)
         self.autoencoder = autoencoder if autoencoder is not None else SpaceToDepthAutoencoder(2)
         self.autoencoder.requires_grad_(False)
-        self.mask_sampler = MaskSampler(tuple(keep_ratio), dict(templates or {"random": 1.0}))
+        try:
+            self.mask_sampler = MaskSampler(tuple(keep_ratio), dict(templates or {"random": 1.0}))
+        except ValueError as e:
+            raise ValueError(f"model.keep_ratio / model.templates: {e}") from None
         self.frames = frames
         self.networks = nn.ModuleDict(self.build_networks())
         self.ema = ModelEmaV3(self.networks, decay=ema_decay, use_warmup=ema_warmup)
         self.ema.requires_grad_(False)
         self.nonfinite_skipped = 0
+        self._skipped_total = 0
         self._ema_step = -1
         self._last_batch_time: float | None = None
         self._ema_backup: list[torch.Tensor] | None = None
         if init_from:
             self.load_networks_from(init_from, kinds=(self.KIND,))
+        if compile:
+            for net in self.networks.values():
+                net.compile()
 
     # ----------------------------------------------------------------------------------------------
     # To implement
@@ -100,6 +111,40 @@ class MarDiniBase(L.LightningModule):
     def compute_loss(self, batch: dict, generator: torch.Generator, train: bool) -> torch.Tensor:
         """Returns the per-sample loss ``(B,)``; also sets ``self._last_template (B,)``."""
         raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------------------
+    # Start-up checks against the data: impossible combinations fail before the first step
+    # ----------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is not None:
+            self.check_data_settings(getattr(dm, "resolution", None), getattr(dm, "frames", None),
+                                     bool(getattr(dm, "latents", False)))
+
+    def check_data_settings(self, resolution: int | tuple[int, int] | None, frames: int | None,
+                            latents: bool = False) -> None:
+        """Raise naming the key when the data's resolution/frames cannot feed these networks."""
+        f = self.autoencoder.downsample
+        if frames is not None and self.frames is not None and self.frames > frames:
+            raise ValueError(f"model.frames={self.frames} is more than data.frames={frames}; lower it or raise data.frames")
+        if resolution is None or latents:
+            return
+        h, w = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+        low = self.hparams.planner_resolution
+        if low > min(h, w):
+            raise ValueError(
+                f"model.planner_resolution={low} is larger than the training resolution data.resolution={resolution}; "
+                "the planner sees a LOW-resolution copy: lower model.planner_resolution or raise data.resolution"
+            )
+        for name, net, size, key in (("generator", "generator", (h, w), "data.resolution"),
+                                     ("planner", "planner", (low, low), "model.planner_resolution")):
+            if net in self.networks:
+                step = f * self.networks[net].cfg.patch_size
+                if size[0] % step or size[1] % step:
+                    raise ValueError(
+                        f"{key}={size[0] if size[0] == size[1] else size} is not divisible by {step} (the autoencoder's "
+                        f"factor {f} x the {name}'s patch size {self.networks[net].cfg.patch_size}); use a multiple of {step}"
+                    )
 
     # ----------------------------------------------------------------------------------------------
     # Latents and randomness
@@ -317,6 +362,11 @@ class MarDiniBase(L.LightningModule):
         lo, hi = self.mask_sampler.keep_ratio
         self.log("curriculum/keep_ratio_min", lo, on_step=True)
         self.log("curriculum/keep_ratio_max", hi, on_step=True)
+        if self.frames is not None:
+            self.log("curriculum/frames", float(self.frames), on_step=True)
+        if "skipped" in batch:  # bad samples the loader dropped since its previous batch (summed over ranks)
+            self._skipped_total += int(batch["skipped"])
+            self.log("data/skipped", float(self._skipped_total), on_step=True)
         now = time.perf_counter()
         if self._last_batch_time is not None:
             dt = max(now - self._last_batch_time, 1e-9)
