@@ -191,6 +191,14 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except FileNotFoundError as err:  # missing data or weights: the message says what to do
+        print(f"evaluate.py: {err}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     kind, files = resolve_source(args.data)
     available = count_clips(kind, files)

@@ -175,8 +175,8 @@ class RealStatsCache:
 def _weights_missing(name: str, err: Exception, protocol: EvalProtocol) -> str:
     msg = f"{name} is off: {err}"
     if protocol.missing_weights == "error":
-        raise FileNotFoundError(f"{msg}\n(or evaluate without it: leave '{name}' out of metrics, "
-                                f"or set missing_weights='skip')") from err
+        raise FileNotFoundError(f"{msg}\n(or evaluate without it: leave '{name}' out of metrics (--metrics), "
+                                f"or set missing_weights='skip' (--missing-weights skip))") from err
     rank_zero_warn(msg)
     return msg
 
