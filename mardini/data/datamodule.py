@@ -49,6 +49,8 @@ class VideoDataModule(L.LightningDataModule):
         val_batch_size: per-rank validation batch (default: the per-rank training batch).
         latents: read cached latent shards (``data/cache_latents.py``) instead of pixels.
         pin_memory, prefetch_factor: DataLoader settings.
+        loader_timeout: seconds a worker may take to deliver one batch before the run fails with a timeout
+            error instead of hanging on a stuck read or decode (workers only; 0 = wait forever).
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class VideoDataModule(L.LightningDataModule):
         latents: bool = False,
         pin_memory: bool = False,
         prefetch_factor: int = 2,
+        loader_timeout: float = 600.0,
     ) -> None:
         super().__init__()
         checks = [
@@ -82,6 +85,11 @@ class VideoDataModule(L.LightningDataModule):
             ("crop", crop in ("random", "center"), "'random' or 'center'"),
             ("crop_scale", 0 < crop_scale[0] <= crop_scale[1] <= 1, "0 < min <= max <= 1"),
             ("val_clips", val_clips is None or val_clips >= 1, ">= 1 or null"),
+            ("resolution", min([resolution] if isinstance(resolution, int) else list(resolution)) >= 1
+             and (isinstance(resolution, int) or len(resolution) == 2), ">= 1, or [H, W] with both >= 1"),
+            ("val_batch_size", val_batch_size is None or val_batch_size >= 1, ">= 1 or null"),
+            ("prefetch_factor", prefetch_factor >= 1, ">= 1"),
+            ("loader_timeout", loader_timeout >= 0, ">= 0 seconds (0 = no timeout)"),
         ]
         for key, ok, allowed in checks:
             if not ok:
@@ -94,6 +102,7 @@ class VideoDataModule(L.LightningDataModule):
         self.crop, self.crop_scale = crop, tuple(crop_scale)
         self.val_clips, self.val_batch_size = val_clips, val_batch_size
         self.latents, self.pin_memory, self.prefetch_factor = latents, pin_memory, prefetch_factor
+        self.loader_timeout = loader_timeout
         self.state = StreamState(seed=seed)
         self.rank, self.world_size = 0, 1
         self.per_rank_batch_size = batch_size
@@ -159,7 +168,7 @@ class VideoDataModule(L.LightningDataModule):
     # Loaders
     # ----------------------------------------------------------------------------------------------
     def _loader(self, dataset: ClipStream) -> StreamLoader:
-        extra = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
+        extra = {"prefetch_factor": self.prefetch_factor, "timeout": self.loader_timeout} if self.num_workers > 0 else {}
         return StreamLoader(
             dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
             persistent_workers=False, **extra,

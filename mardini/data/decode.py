@@ -40,6 +40,11 @@ class BadShape(BadSample):
     reason = "wrong shape"
 
 
+# Limits on what a member may claim, so a corrupt header fails as a BadSample instead of allocating it.
+MAX_SOURCE_FRAMES = 10_000_000  # frames a clip's json may declare (about 4 days at 30 fps)
+MAX_FRAME_PIXELS = 8192 * 8192  # pixels of one decoded frame (mp4 stream size, npy H x W)
+
+
 # --------------------------------------------------------------------------------------------------
 # Frame selection
 # --------------------------------------------------------------------------------------------------
@@ -108,24 +113,44 @@ def decode_json(data: bytes) -> dict:
         raise BadMetadata(f"json member must be an object, got {type(meta).__name__}")
     for key in ("fps", "frames"):
         value = meta.get(key)
-        if not isinstance(value, (int, float)) or not value > 0:
-            raise BadMetadata(f"json member needs a positive number '{key}', got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise BadMetadata(f"json member needs a positive finite number '{key}', got {value!r}")
+    if meta["frames"] != int(meta["frames"]) or meta["frames"] > MAX_SOURCE_FRAMES:
+        raise BadMetadata(f"json 'frames' must be a whole number <= {MAX_SOURCE_FRAMES}, got {meta['frames']!r}")
     return meta
 
 
 def decode_npy(data: bytes, indices: np.ndarray | None = None) -> np.ndarray:
     """``video.npy`` bytes -> uint8 ``(len(indices) or T, H, W, 3)``."""
+    shape, dtype = npy_header(data, "video.npy")
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or min(shape) < 1:
+        raise BadShape(f"video.npy must be uint8 (T, H, W, 3) with T, H, W >= 1, got {dtype} {shape}")
+    if shape[1] * shape[2] > MAX_FRAME_PIXELS:
+        raise BadShape(f"video.npy frames of {shape[1]}x{shape[2]} exceed {MAX_FRAME_PIXELS} pixels")
     try:
         video = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise CorruptVideo(f"video.npy does not load: {e}") from None
-    if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
-        raise BadShape(f"video.npy must be uint8 (T, H, W, 3), got {video.dtype} {video.shape}")
+    except Exception as e:  # noqa: BLE001 - numpy raises many types on corrupt input
+        raise CorruptVideo(f"video.npy does not load: {type(e).__name__}: {e}") from None
     if indices is None:
         return video
     if len(indices) and int(indices.max()) >= video.shape[0]:
         raise ClipTooShort(f"video.npy has {video.shape[0]} frames, need index {int(indices.max())}")
     return video[indices]  # (len(indices), H, W, 3)
+
+
+def npy_header(data: bytes, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from an ``.npy`` header, checked against the bytes present before anything is allocated."""
+    f = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)  # v3 (utf-8 field names) never holds uint8 video; it fails as corrupt
+    except Exception as e:  # noqa: BLE001 - a corrupt header raises ValueError, SyntaxError, UnicodeError ...
+        raise CorruptVideo(f"{name} has no valid npy header: {type(e).__name__}: {e}") from None
+    need = math.prod(shape) * dtype.itemsize
+    if dtype.hasobject or need > len(data) - f.tell():
+        raise CorruptVideo(f"{name} header claims {dtype} {shape} ({need} bytes) but holds {len(data) - f.tell()} bytes")
+    return shape, dtype
 
 
 def decode_mp4(data: bytes, indices: np.ndarray | None = None) -> np.ndarray:
@@ -141,6 +166,10 @@ def decode_mp4(data: bytes, indices: np.ndarray | None = None) -> np.ndarray:
         with av.open(io.BytesIO(data), mode="r") as container:
             if not container.streams.video:
                 raise CorruptVideo("the video member has no video stream")
+            ctx = container.streams.video[0].codec_context
+            width, height = getattr(ctx, "width", 0) or 0, getattr(ctx, "height", 0) or 0
+            if width * height > MAX_FRAME_PIXELS:
+                raise BadShape(f"video stream of {width}x{height} exceeds {MAX_FRAME_PIXELS} pixels")
             for frame in container.decode(video=0):
                 if last is not None and count > last:
                     break
@@ -149,8 +178,10 @@ def decode_mp4(data: bytes, indices: np.ndarray | None = None) -> np.ndarray:
                 elif count in wanted:
                     out[wanted[count]] = frame.to_ndarray(format="rgb24")  # (H, W, 3)
                 count += 1
-    except av.FFmpegError as e:
-        raise CorruptVideo(f"video does not decode: {e}") from None
+    except BadSample:
+        raise
+    except Exception as e:  # noqa: BLE001 - FFmpegError, and UnicodeDecodeError/... from corrupt metadata
+        raise CorruptVideo(f"video does not decode: {type(e).__name__}: {e}") from None
     if any(f is None for f in out) or (indices is None and not out):
         need = "any frame" if last is None else f"index {last}"
         raise ClipTooShort(f"video decoded to {count} frames, need {need}")

@@ -32,6 +32,7 @@ from mardini.data.decode import (
     decode_npy,
     frame_indices,
     max_start,
+    npy_header,
 )
 from mardini.data.sharding import split_shards
 from mardini.data.transforms import Size, crop_and_resize
@@ -269,7 +270,7 @@ class ClipStream(IterableDataset):
         # video: (T, 3, h, w) in [-1, 1]
         out = {"video": video, "fps": eff_fps, "meta": meta, "indices": idx.tolist(), "crop": [top, left, ch, cw]}
         if "positions" in meta:
-            pos = np.asarray(meta["positions"], dtype=np.float32)  # (T_src, K, 2)
+            pos = _positions(meta["positions"])  # (T_src, K, 2)
             if pos.ndim != 3 or pos.shape[0] != n_src or pos.shape[2] != 2:
                 raise BadShape(f"positions must be (frames={n_src}, K, 2), got {pos.shape}")
             pos = pos[idx]  # (T, K, 2)
@@ -299,7 +300,7 @@ class ClipStream(IterableDataset):
             "meta": meta,
         }
         if "positions" in meta:
-            pos = np.asarray(meta["positions"], dtype=np.float32)  # (T_c, K, 2)
+            pos = _positions(meta["positions"])  # (T_c, K, 2)
             if pos.ndim != 3 or pos.shape[0] != n:
                 raise BadShape(f"positions must be ({n}, K, 2), got {pos.shape}")
             out["positions"] = torch.from_numpy(pos[sl])  # (T, K, 2)
@@ -341,10 +342,21 @@ class ClipStream(IterableDataset):
 
 
 def _load_array(data: bytes, name: str) -> np.ndarray:
+    npy_header(data, f"{name}.npy")  # a corrupt or lying header fails before anything is allocated
     try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise BadShape(f"{name}.npy does not load: {e}") from None
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - numpy raises many types on corrupt input
+        raise BadShape(f"{name}.npy does not load: {type(e).__name__}: {e}") from None
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise BadShape(f"{name}.npy holds NaN or inf values; re-cache this clip")
+    return array
+
+
+def _positions(value) -> np.ndarray:
+    try:
+        return np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise BadShape(f"json 'positions' is not an array of numbers: {e}") from None
 
 
 def collate(samples: list[dict], skipped: int = 0) -> dict:
