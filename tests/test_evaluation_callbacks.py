@@ -198,3 +198,17 @@ def test_callbacks_under_two_process_cpu_ddp(shards, tmp_path):
     for name in ("midf_psnr", "midf_ssim", "traj_err_px", "traj_detected"):
         assert logged[f"eval/interpolation/{name}"] == pytest.approx(want[name], rel=1e-5), name
     assert len(os.listdir(tmp_path / "stats")) == 2  # rank zero wrote the cache once
+
+
+@pytest.mark.slow
+def test_callback_samples_with_the_pipeline_of_a_training_module(shards, tmp_path):
+    """sampler='pipeline': MarDiniPipeline over the live (EMA) networks of a tiny joint module, inside fit (~20 s)."""
+    pytest.importorskip("mardini.pipeline")
+    from mardini.lit import MarDiniModule
+
+    module = MarDiniModule(size="tiny", planner_resolution=8)
+    cb = InterpolationEval(sampler="pipeline", num_clips=4, frames=FRAMES, metrics=["midf", "traj"], steps=2,
+                           cache_dir=None)
+    trainer(tmp_path, [cb]).fit(module, datamodule=datamodule(shards))
+    assert cb.last_results["clips"] == 4 and 0 < cb.last_results["midf_ssim"] < 1
+    assert all(k.startswith(("networks.", "ema.")) for k in module.state_dict())

@@ -98,7 +98,7 @@ class _TaskEval(L.Callback):
             self.suite = EvalSuite(self.protocol, self.networks)
         self.suite.to(pl_module.device).reset()
         p = self.protocol
-        self._sampler = make_sampler(self.sampler_spec, pl_module, p.steps, p.guidance_scale)
+        self._sampler = make_sampler(self.sampler_spec, pl_module, p.steps, p.guidance_scale, p.frames)
         self._seen, self._keys = 0, []
         self._data_id = data_identity(trainer, p)
         if self.cache is not None and self._data_id is not None and not self.suite.real_cached:

@@ -9,6 +9,8 @@ unchanged. Baselines: :class:`LinearBlend` (the two nearest given frames blended
 from __future__ import annotations
 
 import contextlib
+import inspect
+import warnings
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -100,11 +102,17 @@ class PipelineSampler:
     def __init__(self, pipeline: Any, steps: int = 25, guidance_scale: float = 1.0) -> None:
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
+        if getattr(pipeline, "planner", True) is None and guidance_scale != 1.0:
+            warnings.warn(f"the pipeline has no planner (a generation warm-up): guidance {guidance_scale} -> 1.0")
+            guidance_scale = 1.0
         self.pipeline, self.steps, self.guidance_scale = pipeline, steps, guidance_scale
+        params = inspect.signature(pipeline.generate).parameters
+        self._extra = {"progress": False} if "progress" in params else {}
 
     @torch.no_grad()
     def __call__(self, video: torch.Tensor, mask: torch.Tensor, seed: int = 0) -> torch.Tensor:
-        out = self.pipeline.generate(video, mask, steps=self.steps, guidance_scale=self.guidance_scale, seed=seed)
+        out = self.pipeline.generate(video, mask, steps=self.steps, guidance_scale=self.guidance_scale, seed=seed,
+                                     **self._extra)
         return out.clamp(-1, 1)  # (B, T, 3, H, W)
 
 
@@ -115,8 +123,9 @@ def ema_context(pl_module: Any):
     return pl_module.ema_weights()
 
 
-def pipeline_from_module(pl_module: Any) -> Any:
-    """A ``MarDiniPipeline`` over the live networks of a training module (no copy of the weights)."""
+def pipeline_from_module(pl_module: Any, window: int) -> Any:
+    """A ``MarDiniPipeline`` over the live networks of a training module (shared, not copied; the EMA weights are
+    in them while :func:`ema_context` is open). Uses the pipeline's plain constructor."""
     try:
         from mardini.pipeline import MarDiniPipeline
     except ImportError as err:
@@ -124,12 +133,22 @@ def pipeline_from_module(pl_module: Any) -> Any:
             "sampler='pipeline' needs mardini.pipeline (MarDiniPipeline), which is not importable here "
             f"({err}); use sampler='linear_blend' or 'nearest_frame', or pass a callable (video, mask, seed) -> video"
         ) from err
-    if not hasattr(MarDiniPipeline, "from_module"):
-        raise RuntimeError("MarDiniPipeline has no from_module(pl_module); update mardini.pipeline")
-    return MarDiniPipeline.from_module(pl_module)
+    nets = pl_module.networks
+    if "generator" not in nets:
+        raise ValueError(
+            f"{type(pl_module).__name__} has no generator (a planning warm-up cannot sample); evaluate a generation "
+            "or joint stage, or use sampler='linear_blend'"
+        )
+    return MarDiniPipeline(
+        nets["generator"], pl_module.autoencoder, nets["planner"] if "planner" in nets else None,
+        schedule=getattr(pl_module, "schedule", None), planner_resolution=pl_module.hparams.planner_resolution,
+        window=window, kind=getattr(pl_module, "KIND", "joint"), device=pl_module.device,
+    )
 
 
-def make_sampler(spec: str | Sampler, pl_module: Any = None, steps: int = 25, guidance_scale: float = 1.0) -> Sampler:
+def make_sampler(
+    spec: str | Sampler, pl_module: Any = None, steps: int = 25, guidance_scale: float = 1.0, window: int = 9
+) -> Sampler:
     """``"linear_blend"``, ``"nearest_frame"``, ``"pipeline"`` (built from ``pl_module``) or a callable."""
     if callable(spec):
         return spec
@@ -138,5 +157,5 @@ def make_sampler(spec: str | Sampler, pl_module: Any = None, steps: int = 25, gu
     if spec == "pipeline":
         if pl_module is None:
             raise ValueError("sampler='pipeline' needs the LightningModule (or use MarDiniPipeline.from_checkpoint)")
-        return PipelineSampler(pipeline_from_module(pl_module), steps, guidance_scale)
+        return PipelineSampler(pipeline_from_module(pl_module, window), steps, guidance_scale)
     raise ValueError(f"unknown sampler {spec!r}; choose one of {[*BASELINES, 'pipeline']} or pass a callable")
