@@ -1,0 +1,5 @@
+"""Sampling: ``MarDiniPipeline`` (one general ``generate`` call and the named tasks) and the ``sample.py`` CLI."""
+
+from mardini.pipeline.pipeline import MarDiniPipeline
+
+__all__ = ["MarDiniPipeline"]

@@ -1,0 +1,122 @@
+"""Rebuild the sampling networks of a MarDini checkpoint: EMA or raw weights, autoencoder, schedule, window.
+
+Kinds: a ``joint`` checkpoint samples every task; a ``generation`` warm-up has no planner, so it samples
+plan-free (the learned null plan) and cannot use guidance; a ``planning`` warm-up has no generator and
+cannot sample at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mardini.autoencoders import FrameAutoencoder, build_autoencoder
+from mardini.diffusion import CosineSchedule
+from mardini.lit.checkpoints import KINDS, check_metadata, read_checkpoint
+from mardini.models.registry import build_generator, build_planner, get_size
+
+
+@dataclass
+class Loaded:
+    """Everything a pipeline needs from one checkpoint (networks in eval mode, on CPU, float32)."""
+
+    kind: str
+    size: str
+    generator: nn.Module
+    planner: nn.Module | None
+    autoencoder: FrameAutoencoder
+    schedule: CosineSchedule
+    planner_resolution: int
+    window: int  # frames of the trained window (the last curriculum value when there is one)
+    resolution: tuple[int, int] | None  # pixel size of the training clips, when the checkpoint records it
+    fps: float | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def load_checkpoint(path: str | Path, ema: bool = True) -> Loaded:
+    """Read a Lightning checkpoint written by ``train.py`` and rebuild its networks for sampling.
+
+    Args:
+        path: a ``.ckpt`` of a ``joint`` (or ``generation``) stage.
+        ema: load the EMA weights (``ema.module.*``, the default for sampling) instead of the raw ones.
+    """
+    ckpt = read_checkpoint(path)
+    meta = check_metadata(ckpt, KINDS, path)
+    kind = meta["kind"]
+    if kind == "planning":
+        raise ValueError(
+            f"{path} is a 'planning' warm-up checkpoint: it holds only the planner (trained to regress low-res "
+            "latents) and no generator, so it cannot sample. Use a 'joint' checkpoint (or a 'generation' one for "
+            "plan-free sampling)"
+        )
+    if "autoencoder_spec" not in meta:
+        raise ValueError(f"{path} does not record its autoencoder (autoencoder_spec); re-save it with this code")
+    hp = dict(ckpt.get("hyper_parameters") or {})
+    state = ckpt["state_dict"]
+    prefix = "ema.module." if ema else "networks."
+    channels = int(meta["latent_channels"])
+    curriculum = _curriculum_settings(ckpt.get("callbacks") or {})
+
+    g_over = dict(hp.get("generator") or {})
+    g_over.setdefault("in_channels", channels)
+    generator = build_generator(meta["size"], **g_over)
+    _load(generator, state, f"{prefix}generator.", path, ema)
+    if "attention" in curriculum:
+        generator.set_attention(curriculum["attention"])
+    planner = None
+    if kind == "joint":
+        p_over = dict(hp.get("planner") or {})
+        p_over.setdefault("in_channels", channels)
+        planner = build_planner(meta["size"], **p_over)
+        planner.drop_head()
+        _load(planner, state, f"{prefix}planner.", path, ema)
+
+    data = dict(ckpt.get("datamodule_hyper_parameters") or {})
+    window = curriculum.get("frames") or hp.get("frames") or data.get("frames") or get_size(meta["size"]).frames
+    res = data.get("resolution")
+    resolution = None if res is None else ((int(res), int(res)) if isinstance(res, int) else tuple(int(r) for r in res))
+    return Loaded(
+        kind=kind,
+        size=meta["size"],
+        generator=generator.eval().requires_grad_(False),
+        planner=None if planner is None else planner.eval().requires_grad_(False),
+        autoencoder=build_autoencoder(meta["autoencoder_spec"]).eval(),
+        schedule=CosineSchedule(shift=float(hp.get("schedule_shift", 1.0))),
+        planner_resolution=int(meta["planner_resolution"]),
+        window=int(window),
+        resolution=resolution,
+        fps=None if data.get("fps") is None else float(data["fps"]),
+        info={"checkpoint": str(path), "kind": kind, "size": meta["size"], "ema": ema,
+              "global_step": ckpt.get("global_step"), "attention": generator.attention_mode},
+    )
+
+
+def _load(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, path, ema: bool) -> None:
+    sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not sub:
+        hint = " (it has no EMA weights: pass ema=False / --no-ema)" if ema else ""
+        raise ValueError(f"{path} holds no '{prefix}*' weights{hint}")
+    own = module.state_dict()
+    bad = sorted(set(own) ^ set(sub)) + [k for k in set(own) & set(sub) if own[k].shape != sub[k].shape]
+    if bad:
+        raise ValueError(
+            f"{path}: the '{prefix}*' weights do not fit the network rebuilt from its hyper-parameters "
+            f"(first mismatches: {bad[:5]}); was it written by another code version?"
+        )
+    module.load_state_dict(sub)
+
+
+def _curriculum_settings(callbacks: dict) -> dict:
+    """``frames`` / ``attention`` of the last applied curriculum milestone, when the run had a curriculum."""
+    out: dict = {}
+    for key, cb_state in callbacks.items():
+        if not str(key).startswith("Curriculum") or not isinstance(cb_state, dict):
+            continue
+        applied = cb_state.get("applied")
+        for m in (cb_state.get("milestones") or [])[: (applied + 1) if applied is not None else 0]:
+            out.update({k: m[k] for k in ("frames", "attention") if m.get(k) is not None})
+    return out

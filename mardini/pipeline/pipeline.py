@@ -1,0 +1,245 @@
+"""``MarDiniPipeline``: every MarDini task from one checkpoint through one general call (PAPER.md §4).
+
+``generate(video, mask)`` fills the masked frames of a window; the named tasks (``interpolate``,
+``image_to_video``, ``expand``, ``long_video``, ``slow_motion``) only build videos and masks for it.
+Per window: the planner runs once on the low-resolution clip; the DDIM loop calls the generator with a
+reference-frame cache and with guidance as one batched call; given frames come back bit-identical (their
+latents are kept, and their pixels are the inputs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from mardini.autoencoders import FrameAutoencoder
+from mardini.data.transforms import resize_video
+from mardini.diffusion import CosineSchedule, DDIMSampler
+from mardini.diffusion.checks import frame_mask
+from mardini.masking import validate_mask
+from mardini.pipeline import tasks
+from mardini.pipeline.denoise import make_denoise_fn
+from mardini.pipeline.loading import load_checkpoint
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp64": torch.float64, "float64": torch.float64}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"``/None = CUDA when available, else CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class MarDiniPipeline:
+    """Sampling from trained networks; build it with :meth:`from_checkpoint`.
+
+    Args:
+        generator, planner: the networks (``planner=None``: plan-free sampling with the null plan, scale 1 only).
+        autoencoder: the frame autoencoder the networks were trained on.
+        schedule: the training noise schedule. planner_resolution: side of the planner's low-res copy (pixels).
+        window: frames of the trained window; longer videos need :meth:`long_video` or :meth:`slow_motion`.
+        resolution, fps: the training clips' pixel size and frame rate (informational; used by ``sample.py``).
+        device: ``"cpu"``, ``"cuda"``, ``"auto"``. dtype: float32; bfloat16 runs under autocast (as bf16-mixed
+            training does); float64 is for exactness tests.
+    Attributes:
+        use_cache, batched_guidance: the two speed-ups (exact); False gives the naive loop (tests, benchmarks).
+        last_timings: seconds spent in ``encode``, ``planner``, ``generator`` (all steps) and ``decode`` by the
+            last :meth:`generate`.
+    """
+
+    def __init__(
+        self,
+        generator: torch.nn.Module,
+        autoencoder: FrameAutoencoder,
+        planner: torch.nn.Module | None = None,
+        schedule: CosineSchedule | None = None,
+        planner_resolution: int = 16,
+        window: int = 9,
+        resolution: tuple[int, int] | None = None,
+        fps: float | None = None,
+        kind: str = "joint",
+        device: str | torch.device | None = "cpu",
+        dtype: torch.dtype | str = torch.float32,
+        info: dict | None = None,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        if self.dtype not in (torch.float32, torch.bfloat16, torch.float64):
+            raise ValueError(f"dtype must be float32, bfloat16 or float64, got {dtype}")
+        self.param_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+        self.generator = generator.to(self.device, self.param_dtype).eval()
+        self.planner = None if planner is None else planner.to(self.device, self.param_dtype).eval()
+        self.autoencoder = autoencoder.to(self.device, self.param_dtype).eval()
+        self.schedule = schedule or CosineSchedule()
+        self.planner_resolution, self.window = int(planner_resolution), int(window)
+        self.resolution, self.fps, self.kind = resolution, fps, kind
+        self.info = dict(info or {})
+        self.use_cache = True
+        self.batched_guidance = True
+        self.last_timings: dict[str, float] = {}
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, ema: bool = True, device: str | torch.device | None = "cpu",
+        dtype: torch.dtype | str = torch.float32,
+    ) -> MarDiniPipeline:
+        """A pipeline from a ``joint`` (or ``generation``) checkpoint written by ``train.py``; EMA weights by default."""
+        ld = load_checkpoint(path, ema=ema)
+        return cls(ld.generator, ld.autoencoder, ld.planner, ld.schedule, ld.planner_resolution, ld.window,
+                   ld.resolution, ld.fps, ld.kind, device, dtype, ld.info)
+
+    # ----------------------------------------------------------------------------------------------
+    # The general call
+    # ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        video: torch.Tensor,
+        mask: torch.Tensor,
+        steps: int = 25,
+        guidance_scale: float = 1.0,
+        seed: int | Sequence[int] = 0,
+        num_samples: int = 1,
+        progress: bool = True,
+    ) -> torch.Tensor:
+        """Fill the masked frames of one window per clip.
+
+        Args:
+            video: ``(B, T, 3, H, W)`` float in [-1, 1]; the content of masked frames is ignored.
+            mask: ``(B, T)`` bool, True = generate; every row needs a given and a generated frame.
+            steps: DDIM steps. guidance_scale: classifier-free guidance on the plan (2.5 for I2V in the paper,
+                1 = none). seed: one int (clip b uses ``seed + b``) or one seed per clip; a clip's video does not
+                depend on the batch it is in. num_samples: samples per clip (sample 0 equals a single-sample call).
+            progress: a tqdm bar over the denoising steps.
+        Returns:
+            ``(B * num_samples, T, 3, H, W)`` float32 in [-1, 1] on video's device, the samples of a clip adjacent;
+            given frames are the input pixels.
+        """
+        z, x, m = self.generate_latents(video, mask, steps, guidance_scale, seed, num_samples, progress)
+        start = self._now()
+        with self._autocast():
+            decoded = self.autoencoder.decode(z.to(self.param_dtype)).float()  # (B*k, T, 3, H, W)
+        self.last_timings["decode"] = self._now() - start
+        return torch.where(frame_mask(m), decoded, x).to(video.device)  # (B*k, T, 3, H, W)
+
+    @torch.no_grad()
+    def generate_latents(
+        self, video: torch.Tensor, mask: torch.Tensor, steps: int = 25, guidance_scale: float = 1.0,
+        seed: int | Sequence[int] = 0, num_samples: int = 1, progress: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`generate` before decoding: latents ``(B*k, T, C, h, w)`` float32 (given frames bit-identical to
+        their encoding), and the repeated pixels ``(B*k, T, 3, H, W)`` (masked frames zeroed) and mask ``(B*k, T)``."""
+        self._check(video, mask, guidance_scale, num_samples)
+        b, t, _, h, w = video.shape
+        seeds = [seed + i for i in range(b)] if isinstance(seed, int) else [int(s) for s in seed]
+        if len(seeds) != b:
+            raise ValueError(f"seed must be an int or one seed per clip ({b}), got {len(seeds)} seeds")
+        m = mask.to(self.device).repeat_interleave(num_samples, 0)  # (B*k, T)
+        x = video.to(self.device, torch.float32).repeat_interleave(num_samples, 0)  # (B*k, T, 3, H, W)
+        x = torch.where(frame_mask(m), torch.zeros((), device=self.device), x)  # masked content never enters
+        lh, lw = self.autoencoder.latent_size(h, w)
+        noise = torch.cat([  # one CPU generator per clip: its samples do not depend on the batch
+            torch.randn((num_samples, t, self.autoencoder.latent_channels, lh, lw), generator=torch.Generator().manual_seed(s))
+            for s in seeds
+        ]).to(self.device)  # (B*k, T, C, h, w)
+        self.last_timings = {"encode": 0.0, "planner": 0.0, "generator": 0.0, "decode": 0.0}
+        z = torch.empty_like(noise)
+        counts = m.sum(dim=1)  # (B*k,) rows with equal counts share one cache
+        for c in counts.unique().tolist():
+            rows = (counts == c).nonzero().squeeze(1)  # (G,)
+            z[rows] = self._sample_window(x[rows], m[rows], noise[rows], steps, guidance_scale, progress)
+        return z, x, m
+
+    def _sample_window(self, x, m, noise, steps: int, scale: float, progress: bool) -> torch.Tensor:
+        """Encode, plan once, denoise: ``x (B, T, 3, H, W)``, ``m (B, T)``, ``noise (B, T, C, h, w)`` -> latents."""
+        with self._autocast():
+            start = self._now()
+            z_ref = self.autoencoder.encode(x.to(self.param_dtype)).float()  # (B, T, C, h, w)
+            plan = None
+            self.last_timings["encode"] += self._now() - start
+            if self.planner is not None:
+                start = self._now()
+                z_low = self.autoencoder.encode(resize_video(x, self.planner_resolution).to(self.param_dtype))
+                plan = self.planner(z_low, m)  # (B, T, N_low, D): once per window
+                self.last_timings["planner"] += self._now() - start
+            start = self._now()
+            fn = make_denoise_fn(self.generator, plan, m, scale, self.use_cache, self.batched_guidance,
+                                 self.param_dtype)
+            sampler = DDIMSampler(self.schedule, steps)
+            grid = sampler.timesteps().tolist()  # steps + 1 floats, 1 -> 0
+            z = torch.where(frame_mask(m), noise, z_ref)  # (B, T, C, h, w)
+            for i in tqdm(range(sampler.steps), desc="denoising", disable=not progress, leave=False):
+                z = sampler.step(fn, z, grid[i], grid[i + 1], m, z_ref)  # (B, T, C, h, w) float32
+            self.last_timings["generator"] += self._now() - start
+        return torch.where(frame_mask(m), z, z_ref)  # (B, T, C, h, w), references bit-identical
+
+    # ----------------------------------------------------------------------------------------------
+    # Named tasks (see mardini.pipeline.tasks)
+    # ----------------------------------------------------------------------------------------------
+    def interpolate(self, first, last, frames=None, **kw) -> torch.Tensor:
+        """Frames between ``first`` and ``last`` ``(B, 3, H, W)``: a ``(B, frames, 3, H, W)`` video."""
+        return tasks.interpolate(self, first, last, frames, **kw)
+
+    def image_to_video(self, image, frames=None, index=0, **kw) -> torch.Tensor:
+        """A video around one image ``(B, 3, H, W)`` placed at frame ``index``."""
+        return tasks.image_to_video(self, image, frames, index, **kw)
+
+    def expand(self, prefix, frames=None, **kw) -> torch.Tensor:
+        """Continue a prefix ``(B, n, 3, H, W)`` to ``frames`` frames (one window)."""
+        return tasks.expand(self, prefix, frames, **kw)
+
+    def long_video(self, prefix, total_frames, context=None, **kw) -> torch.Tensor:
+        """Continue a prefix to ``total_frames`` by windows that reuse the last ``context`` frames."""
+        return tasks.long_video(self, prefix, total_frames, context, **kw)
+
+    def slow_motion(self, video, factor=2, **kw) -> torch.Tensor:
+        """``factor - 1`` frames between consecutive frames (factor a power of 2), by repeated interpolation."""
+        return tasks.slow_motion(self, video, factor, **kw)
+
+    # ----------------------------------------------------------------------------------------------
+    # Checks and helpers
+    # ----------------------------------------------------------------------------------------------
+    def _check(self, video: torch.Tensor, mask: torch.Tensor, scale: float, num_samples: int) -> None:
+        if not torch.is_tensor(video) or video.dim() != 5 or video.shape[2] != 3 or not video.is_floating_point():
+            shape = tuple(video.shape) if torch.is_tensor(video) else type(video).__name__
+            raise ValueError(f"video must be a float (B, T, 3, H, W) tensor in [-1, 1], got {shape} "
+                             "(uint8 frames: convert with x / 127.5 - 1)")
+        if not torch.is_tensor(mask) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(video.shape[:2]):
+            raise ValueError(f"mask must be a (B, T) = {tuple(video.shape[:2])} bool tensor (True = generate), got "
+                             f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
+        validate_mask(mask)
+        t = video.shape[1]
+        if t > self.window:
+            raise ValueError(f"{t} frames is more than the checkpoint's trained window of {self.window} frames; "
+                             f"sample at most {self.window} frames per window, or use long_video / slow_motion "
+                             "(sample.py long_video | slow_motion), which go window by window")
+        if self.planner is None and scale != 1.0:
+            raise ValueError(f"this '{self.kind}' checkpoint has no planner: it samples plan-free (the learned "
+                             f"null plan), so guidance_scale must be 1 (got {scale}); use a joint checkpoint "
+                             "for guidance")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        given = video[~mask.to(video.device)]  # (n_given, 3, H, W)
+        if not bool(torch.isfinite(given).all()) or given.abs().max() > 1.0 + 1e-3:
+            raise ValueError(f"given frames must be finite pixels in [-1, 1], got [{given.min():.3g}, "
+                             f"{given.max():.3g}]; scale [0, 1] images with 2 x - 1, uint8 with x / 127.5 - 1")
+        if self.planner is not None and max(video.shape[-2:]) < self.planner_resolution:
+            raise ValueError(f"frames of {tuple(video.shape[-2:])} are smaller than the planner's resolution "
+                             f"{self.planner_resolution}; sample at the training resolution {self.resolution}")
+
+    def _autocast(self):
+        if self.dtype == torch.bfloat16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()

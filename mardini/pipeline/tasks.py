@@ -1,0 +1,172 @@
+"""The named MarDini tasks, all built on ``MarDiniPipeline.generate`` (PAPER.md §4.1-4.3).
+
+Each function takes the pipeline first and passes ``steps``, ``guidance_scale``, ``seed``, ``num_samples``,
+``progress`` through ``**kw``. Multi-window tasks derive one seed per (clip, window) from ``seed``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mardini.masking import expansion_mask, image_to_video_mask, interpolation_mask
+
+
+def _frames(pipe, frames: int | None) -> int:
+    t = pipe.window if frames is None else int(frames)
+    if t < 2:
+        raise ValueError(f"a window needs at least 2 frames (one given, one generated), got {t}")
+    return t
+
+
+def _images(x: torch.Tensor, name: str) -> torch.Tensor:
+    """``(3, H, W)`` or ``(B, 3, H, W)`` -> ``(B, 3, H, W)``."""
+    x = x[None] if x.dim() == 3 else x
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"{name} must be (3, H, W) or (B, 3, H, W), got {tuple(x.shape)}")
+    return x
+
+
+def _clips(x: torch.Tensor, name: str) -> torch.Tensor:
+    """``(n, 3, H, W)`` or ``(B, n, 3, H, W)`` -> ``(B, n, 3, H, W)``."""
+    x = x[None] if x.dim() == 4 else x
+    if x.dim() != 5 or x.shape[2] != 3:
+        raise ValueError(f"{name} must be (n, 3, H, W) or (B, n, 3, H, W), got {tuple(x.shape)}")
+    return x
+
+
+def _seeds(seed, batch: int, *salt: int) -> list[int]:
+    """Per-clip seeds ``seed + b`` (or the given list), mixed with a window salt."""
+    base = [seed + b for b in range(batch)] if isinstance(seed, int) else list(seed)
+    return [hash((int(s), *salt)) & 0x7FFF_FFFF for s in base] if salt else base
+
+
+def _window(pipe, given: torch.Tensor, mask_row: torch.Tensor, **kw) -> torch.Tensor:
+    """Run ``generate`` on a window whose given frames are ``given (B, T, 3, H, W)`` where ``mask_row (T,)`` is False."""
+    mask = mask_row[None].expand(given.shape[0], -1).clone()  # (B, T)
+    return pipe.generate(given, mask, **kw)
+
+
+def _place(batch_like: torch.Tensor, frames: int, items: dict[int, torch.Tensor]) -> torch.Tensor:
+    """A ``(B, frames, 3, H, W)`` zero video with ``items[i] (B, 3, H, W)`` at frame i."""
+    b, _, h, w = next(iter(items.values())).shape
+    video = batch_like.new_zeros(b, frames, 3, h, w)  # (B, T, 3, H, W)
+    for i, img in items.items():
+        video[:, i] = img
+    return video
+
+
+# --------------------------------------------------------------------------------------------------
+# One window
+# --------------------------------------------------------------------------------------------------
+
+
+def interpolate(pipe, first: torch.Tensor, last: torch.Tensor, frames: int | None = None, **kw) -> torch.Tensor:
+    """First and last frames given, the middle generated: ``(B*k, frames, 3, H, W)`` (no guidance in the paper)."""
+    first, last = _images(first, "first"), _images(last, "last")
+    if first.shape != last.shape:
+        raise ValueError(f"first {tuple(first.shape)} and last {tuple(last.shape)} must have the same shape")
+    t = _frames(pipe, frames)
+    return _window(pipe, _place(first, t, {0: first, t - 1: last}), interpolation_mask(t), **kw)
+
+
+def image_to_video(pipe, image: torch.Tensor, frames: int | None = None, index: int = 0, **kw) -> torch.Tensor:
+    """One frame given at ``index`` (negative from the end): ``(B*k, frames, 3, H, W)``; the paper guides with 2.5."""
+    image, t = _images(image, "image"), _frames(pipe, frames)
+    mask = image_to_video_mask(t, index)  # validates the index
+    return _window(pipe, _place(image, t, {int((~mask).nonzero()[0]): image}), mask, **kw)
+
+
+def expand(pipe, prefix: torch.Tensor, frames: int | None = None, **kw) -> torch.Tensor:
+    """A prefix of n frames given, continued to ``frames`` (one window): ``(B*k, frames, 3, H, W)``."""
+    prefix, t = _clips(prefix, "prefix"), _frames(pipe, frames)
+    n = prefix.shape[1]
+    mask = expansion_mask(t, n)  # raises when n >= t
+    video = torch.cat([prefix, prefix.new_zeros(prefix.shape[0], t - n, *prefix.shape[2:])], dim=1)  # (B, T, 3, H, W)
+    return _window(pipe, video, mask, **kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# Many windows
+# --------------------------------------------------------------------------------------------------
+
+
+def long_video(pipe, prefix: torch.Tensor, total_frames: int, context: int | None = None,
+               window: int | None = None, seed=0, num_samples: int = 1, **kw) -> torch.Tensor:
+    """Autoregressive expansion: each window gives the last ``context`` frames so far and generates the rest.
+
+    Args:
+        prefix: ``(B, n, 3, H, W)`` or ``(n, 3, H, W)`` given frames (one image is fine).
+        total_frames: length of the output, > n. context: frames carried into each next window
+            (default: half the window). window: frames per window (default: the trained window).
+    Returns ``(B*k, total_frames, 3, H, W)``; the prefix frames are the inputs.
+    """
+    prefix, w = _clips(prefix, "prefix"), _frames(pipe, window)
+    context = max(1, w // 2) if context is None else int(context)
+    if not 1 <= context < w:
+        raise ValueError(f"context must be in [1, window - 1] = [1, {w - 1}], got {context}")
+    if total_frames <= prefix.shape[1]:
+        raise ValueError(f"total_frames={total_frames} must exceed the {prefix.shape[1]} given frames")
+    seeds = _seeds(seed, prefix.shape[0])
+    out = prefix.repeat_interleave(num_samples, 0)  # (B*k, n, 3, H, W)
+    row_seeds = [s * 1_000_003 + j for s in seeds for j in range(num_samples)]  # one stream per (clip, sample)
+    index = 0
+    while out.shape[1] < total_frames:
+        c = min(context, out.shape[1]) if index else min(out.shape[1], w - 1)
+        new = min(w - c, total_frames - out.shape[1])
+        given = torch.cat([out[:, out.shape[1] - c:], out.new_zeros(out.shape[0], new, *out.shape[2:])], dim=1)
+        clip = _window(pipe, given, expansion_mask(c + new, c), seed=_seeds(row_seeds, len(row_seeds), index),
+                       **kw)  # (B*k, c + new, 3, H, W)
+        out = torch.cat([out, clip[:, c:]], dim=1)  # (B*k, T_so_far + new, 3, H, W)
+        index += 1
+    return out
+
+
+def slow_motion(pipe, video: torch.Tensor, factor: int = 2, window: int | None = None, seed=0,
+                num_samples: int = 1, **kw) -> torch.Tensor:
+    """Hierarchical interpolation: each level doubles the frame rate by generating one frame between neighbours.
+
+    A level lays the frames so far at the even indices of the new sequence and fills the odd ones, window by
+    window (an odd window of at most the trained length, its ends given, windows sharing their end frames);
+    all windows of a level run as one batch. ``log2(factor)`` levels.
+
+    Args:
+        video: ``(B, n, 3, H, W)`` or ``(n, 3, H, W)``, n >= 2. factor: 2, 4, 8, ...
+    Returns ``(B*k, (n - 1) * factor + 1, 3, H, W)``; the input frames are kept at every ``factor``-th index.
+    """
+    video = _clips(video, "video")
+    if factor < 2 or factor & (factor - 1):
+        raise ValueError(f"factor must be a power of 2 (2, 4, 8, ...), got {factor}")
+    if video.shape[1] < 2:
+        raise ValueError(f"slow motion needs at least 2 frames, got {video.shape[1]}")
+    w = _frames(pipe, window)
+    w = w if w % 2 else w - 1  # odd, so that given frames sit at both ends
+    if w < 3:
+        raise ValueError(f"slow motion needs a window of at least 3 frames, the checkpoint's is {w}")
+    seeds = _seeds(seed, video.shape[0])
+    out = video.repeat_interleave(num_samples, 0)  # (B*k, n, 3, H, W)
+    row_seeds = [s * 1_000_003 + j for s in seeds for j in range(num_samples)]
+    for level in range(int(math.log2(factor))):
+        out = _double(pipe, out, w, row_seeds, level, **kw)
+    return out
+
+
+def _double(pipe, clips: torch.Tensor, w: int, row_seeds: list[int], level: int, **kw) -> torch.Tensor:
+    """One slow-motion level: ``(B, m, 3, H, W)`` -> ``(B, 2m - 1, 3, H, W)``."""
+    b, m = clips.shape[:2]
+    length = 2 * m - 1
+    seq = clips.new_zeros(b, length, *clips.shape[2:])  # (B, 2m-1, 3, H, W)
+    seq[:, ::2] = clips
+    starts = list(range(0, length - 1, w - 1))  # windows [s, s + w - 1], the last one shorter
+    by_len: dict[int, list[int]] = {}
+    for s in starts:
+        by_len.setdefault(min(w, length - s), []).append(s)
+    for n, group in by_len.items():  # every window of one length in one batch
+        given = torch.cat([seq[:, s : s + n] for s in group])  # (len(group)*B, n, 3, H, W), window-major
+        mask = torch.arange(n) % 2 == 1  # (n,) odd frames generated
+        salts = [_seeds(row_seeds, b, level, s) for s in group]
+        filled = _window(pipe, given, mask, seed=[x for sl in salts for x in sl], num_samples=1, **kw)
+        for i, s in enumerate(group):
+            seq[:, s : s + n] = filled[i * b : (i + 1) * b]
+    return seq

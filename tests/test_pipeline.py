@@ -1,0 +1,179 @@
+"""MarDiniPipeline: exactness of the fast paths, given frames, seeds, the named tasks and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mardini.masking import interpolation_mask
+from mardini.pipeline import MarDiniPipeline
+from pipeline_helpers import make_checkpoint
+
+T, S = 5, 16  # window and frame side of the test checkpoints
+MASK = torch.tensor([[False, True, True, True, False], [False, True, False, True, True]])  # (B, T)
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    return {kind: make_checkpoint(root / f"{kind}.ckpt", kind, frames=T, size=S) for kind in ("joint", "generation")}
+
+
+@pytest.fixture()
+def pipe(ckpts):
+    return MarDiniPipeline.from_checkpoint(ckpts["joint"])
+
+
+def _video(b: int = 2, t: int = T, seed: int = 0) -> torch.Tensor:
+    return torch.rand(b, t, 3, S, S, generator=torch.Generator().manual_seed(seed)) * 2 - 1  # (B, T, 3, H, W)
+
+
+def _latents(pipe, scale, cache=True, batched=True, mask=MASK, **kw):
+    pipe.use_cache, pipe.batched_guidance = cache, batched
+    return pipe.generate_latents(_video(), mask, steps=STEPS, guidance_scale=scale, progress=False, **kw)[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Exactness of the fast paths
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale, attention", [(1.0, "st"), (2.5, "st"), (2.5, "t")])
+def test_cached_equals_uncached(pipe, scale, attention):
+    pipe.generator.set_attention(attention)
+    calls = []
+    pipe.generator.embed.register_forward_hook(lambda m, i, o: calls.append(o.shape[1]))  # frames per call
+    fast = _latents(pipe, scale, cache=True)
+    assert min(calls) < T  # the cache really skipped the reference frames after the first step
+    slow = _latents(pipe, scale, cache=False)
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-5)
+
+
+def test_batched_guidance_equals_two_calls(pipe):
+    sizes = []
+    pipe.generator.embed.register_forward_hook(lambda m, i, o: sizes.append(o.shape[0]))
+    batched = _latents(pipe, 2.5, batched=True)
+    assert set(sizes) == {4}  # both clips (3 generated frames each) share a window: cond + null in ONE call
+    naive = _latents(pipe, 2.5, cache=False, batched=False)
+    torch.testing.assert_close(batched, naive, rtol=0, atol=1e-5)
+
+
+def test_guidance_one_equals_no_guidance(pipe):
+    sizes = []
+    pipe.generator.embed.register_forward_hook(lambda m, i, o: sizes.append(o.shape[0]))
+    plain = _latents(pipe, 1.0)
+    assert set(sizes) == {2}  # scale 1: the two clips only, no null branch
+    both = _latents(pipe, 1.0, cache=False, batched=False)  # v_null + 1 * (v_cond - v_null), two calls
+    torch.testing.assert_close(plain, both, rtol=0, atol=1e-5)
+    assert not torch.allclose(plain, _latents(pipe, 2.5), atol=1e-3)  # guidance does change the sample
+
+
+def test_planner_once_per_window_and_timings(pipe):
+    planner_calls = []
+    pipe.planner.register_forward_hook(lambda m, i, o: planner_calls.append(o.shape[0]))
+    pipe.generate(_video(), interpolation_mask(T)[None].expand(2, -1), steps=4, progress=False)
+    assert planner_calls == [2]
+    assert set(pipe.last_timings) == {"encode", "planner", "generator", "decode"}
+    assert all(v >= 0 for v in pipe.last_timings.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# Given frames, seeds
+# --------------------------------------------------------------------------------------------------
+
+
+def test_given_frames_come_back_bit_identical(pipe):
+    video = _video()
+    out = pipe.generate(video, MASK, steps=STEPS, guidance_scale=2.0, progress=False)
+    assert out.shape == video.shape and out.dtype == torch.float32
+    assert torch.equal(out[~MASK], video[~MASK])
+    assert out[MASK].abs().max() <= 1 and not torch.equal(out[MASK], torch.zeros_like(out[MASK]))
+    z, _, m = pipe.generate_latents(video, MASK, steps=STEPS, progress=False)
+    assert torch.equal(z[~m], pipe.autoencoder.encode(video)[~m])
+    # masked frames' content is ignored
+    scrambled = torch.where(MASK[..., None, None, None], torch.full_like(video, 0.7), video)
+    assert torch.equal(pipe.generate(scrambled, MASK, steps=STEPS, guidance_scale=2.0, progress=False), out)
+
+
+def test_same_seed_same_video_and_batch_independence(pipe):
+    video = _video()
+    a = pipe.generate(video, MASK, steps=STEPS, seed=3, progress=False)
+    assert torch.equal(a, pipe.generate(video, MASK, steps=STEPS, seed=3, progress=False))
+    assert not torch.allclose(a, pipe.generate(video, MASK, steps=STEPS, seed=4, progress=False))
+    alone = pipe.generate(video[1:], MASK[1:], steps=STEPS, seed=4, progress=False)  # clip 1 has seed 3 + 1
+    torch.testing.assert_close(alone, a[1:], rtol=0, atol=1e-5)
+    many = pipe.generate(video, MASK, steps=STEPS, seed=3, num_samples=2, progress=False)
+    assert many.shape == (4, T, 3, S, S)
+    torch.testing.assert_close(many[::2], a, rtol=0, atol=1e-5)  # sample 0 of each clip
+    assert not torch.allclose(many[0], many[1])
+
+
+# --------------------------------------------------------------------------------------------------
+# Named tasks
+# --------------------------------------------------------------------------------------------------
+
+
+def test_named_tasks(pipe):
+    v = _video(1, 3)
+    kw = dict(steps=2, progress=False)
+    out = pipe.interpolate(v[:, 0], v[:, 2], **kw)
+    assert out.shape == (1, T, 3, S, S) and torch.equal(out[:, 0], v[:, 0]) and torch.equal(out[:, -1], v[:, 2])
+    out = pipe.image_to_video(v[0, 1], index=2, guidance_scale=2.5, **kw)
+    assert out.shape == (1, T, 3, S, S) and torch.equal(out[0, 2], v[0, 1])
+    out = pipe.expand(v[:, :2], **kw)
+    assert out.shape == (1, T, 3, S, S) and torch.equal(out[:, :2], v[:, :2])
+    out = pipe.long_video(v[:, :2], total_frames=11, context=2, **kw)  # windows: 2 + 3, then 2 + 3 twice
+    assert out.shape == (1, 11, 3, S, S) and torch.equal(out[:, :2], v[:, :2])
+    for factor in (2, 4):
+        out = pipe.slow_motion(v, factor=factor, **kw)
+        assert out.shape == (1, 2 * factor + 1, 3, S, S)
+        assert torch.equal(out[:, ::factor], v)
+
+
+def test_long_video_reuses_last_frames_as_references(pipe):
+    v = _video(1, 2)
+    seen = []
+    orig = pipe.generate
+    pipe.generate = lambda video, mask, **kw: (seen.append((video.clone(), mask.clone())), orig(video, mask, **kw))[1]
+    out = pipe.long_video(v, total_frames=8, context=2, steps=2, progress=False)
+    assert [m[0].tolist() for _, m in seen] == [[False, False, True, True, True]] * 2  # 2 + 3, then 2 + 3
+    torch.testing.assert_close(seen[1][0][:, :2], out[:, 3:5])  # window 2 starts from window 1's last 2 frames
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------------
+
+
+def test_clear_errors(pipe, ckpts, tmp_path):
+    v = _video()
+    with pytest.raises(ValueError, match="give at least one reference frame"):
+        pipe.generate(v, torch.ones(2, T, dtype=torch.bool), steps=1, progress=False)
+    with pytest.raises(ValueError, match="leave at least one frame to generate"):
+        pipe.generate(v, torch.zeros(2, T, dtype=torch.bool), steps=1, progress=False)
+    with pytest.raises(ValueError, match="trained window of 5 frames.*long_video"):
+        pipe.generate(_video(1, 7), interpolation_mask(7)[None], steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"in \[-1, 1\]"):
+        pipe.generate((v + 1) * 127.5, MASK, steps=1, progress=False)
+    with pytest.raises(ValueError, match="power of 2"):
+        pipe.slow_motion(v, factor=3)
+    planning = make_checkpoint(tmp_path / "planning.ckpt", "planning", frames=T, size=S)
+    with pytest.raises(ValueError, match="'planning' warm-up checkpoint.*cannot sample"):
+        MarDiniPipeline.from_checkpoint(planning)
+
+
+def test_generation_checkpoint_samples_plan_free_only(ckpts):
+    pipe = MarDiniPipeline.from_checkpoint(ckpts["generation"])
+    assert pipe.planner is None and pipe.kind == "generation"
+    with pytest.raises(ValueError, match="no planner.*guidance_scale must be 1"):
+        pipe.generate(_video(), MASK, steps=1, guidance_scale=2.5, progress=False)
+    out = pipe.generate(_video(), MASK, steps=2, progress=False)
+    assert torch.equal(out[~MASK], _video()[~MASK])
+
+
+def test_ema_and_raw_weights_differ(ckpts):
+    ema = MarDiniPipeline.from_checkpoint(ckpts["joint"])
+    raw = MarDiniPipeline.from_checkpoint(ckpts["joint"], ema=False)
+    assert not torch.equal(ema.generator.out.weight, raw.generator.out.weight)
+    assert ema.info["ema"] and not raw.info["ema"]
