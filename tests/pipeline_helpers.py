@@ -5,12 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from mardini.lit import GenerationModule, MarDiniModule, PlanningModule
 
 MODULES = {"joint": MarDiniModule, "generation": GenerationModule, "planning": PlanningModule}
+
+
+@pytest.fixture(scope="module", autouse=False)
+def one_thread():
+    """One intra-op thread for the module (restored after): on a shared 2-core machine two threads spin-wait
+    on each other and make these small networks many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _clips(n: int, frames: int, size: int) -> list[dict]:

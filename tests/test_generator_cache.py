@@ -7,6 +7,9 @@ import torch
 
 from mardini.models import build_generator
 from mardini.models.generator import ReferenceCache
+from pipeline_helpers import one_thread  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 MASK = torch.tensor([[False, True, True, False, True], [True, False, True, True, False]])  # (B, T), True = generate
 

@@ -7,15 +7,18 @@ import torch
 
 from mardini.masking import interpolation_mask
 from mardini.pipeline import MarDiniPipeline
-from pipeline_helpers import make_checkpoint
+from pipeline_helpers import make_checkpoint, one_thread  # noqa: F401 (fixture)
 
 T, S = 5, 16  # window and frame side of the test checkpoints
 MASK = torch.tensor([[False, True, True, True, False], [False, True, False, True, True]])  # (B, T)
 STEPS = 3
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
+def ckpts(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("ckpt")
     return {kind: make_checkpoint(root / f"{kind}.ckpt", kind, frames=T, size=S) for kind in ("joint", "generation")}
 

@@ -1,0 +1,252 @@
+"""Checkpoints and numerics: weights_only loading everywhere, clear errors for foreign checkpoints, EMA and raw
+weights never swapped, the non-finite loss/gradient policies (stop naming the step, skip and count)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from mardini.data.datamodule import VideoDataModule
+from mardini.data.testing import tiny_synthetic
+from mardini.lit import GenerationModule, MarDiniModule, PlanningModule
+from mardini.lit.checkpoints import read_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(size="tiny", planner_resolution=8, lr=1e-3, ema_decay=0.5, ema_warmup=False)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    return tiny_synthetic(tmp_path_factory.mktemp("synth"), train=12, val=2, frames=12, size=16)
+
+
+def _dm(root: Path) -> VideoDataModule:
+    return VideoDataModule(train_shards=str(root / "train"), val_shards=str(root / "val"), frames=4, fps=8,
+                           resolution=16, batch_size=2, num_workers=0, shuffle_buffer=4, epoch_size=100,
+                           val_clips=2)
+
+
+def _trainer(tmp: Path, max_steps: int, callbacks=(), **kw) -> L.Trainer:
+    args = dict(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                enable_model_summary=False, default_root_dir=tmp, limit_val_batches=0, callbacks=list(callbacks))
+    return L.Trainer(**{**args, **kw})
+
+
+def _gen(**kw) -> GenerationModule:
+    return GenerationModule(**{**TINY, "generator": {"depth": 1}, **kw})
+
+
+def _states(model) -> tuple[dict, dict]:
+    raw = {k: v.detach().clone() for k, v in model.networks.state_dict().items()}
+    ema = {k: v.detach().clone() for k, v in model.ema.module.state_dict().items()}
+    return raw, ema
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _sub(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+# --------------------------------------------------------------------------------------------------
+# weights_only everywhere
+# --------------------------------------------------------------------------------------------------
+
+
+def test_every_torch_load_in_the_code_is_weights_only():
+    files = [*ROOT.glob("mardini/**/*.py"), *ROOT.glob("*.py"), *ROOT.glob("data/*.py"), *ROOT.glob("bench/*.py")]
+    calls = []
+    for path in files:
+        text = path.read_text()
+        for m in re.finditer(r"torch\.load\(", text):
+            depth, end = 0, m.end() - 1
+            for end in range(m.end() - 1, len(text)):  # the call's closing parenthesis
+                depth += {"(": 1, ")": -1}.get(text[end], 0)
+                if depth == 0:
+                    break
+            calls.append((path.relative_to(ROOT), text[m.start(): end + 1]))
+    assert calls  # the scan finds the loaders
+    unsafe = [(str(p), c) for p, c in calls if "weights_only=True" not in c]
+    assert not unsafe, f"torch.load without weights_only=True: {unsafe}"
+
+
+def test_resume_loads_weights_only(capsys):
+    from mardini.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(ROOT / "configs" / "debug.yaml"), "--print_config"])
+    printed = capsys.readouterr().out
+    assert "\nweights_only: true\n" in printed and "\nckpt_path: last\n" in printed
+
+
+# --------------------------------------------------------------------------------------------------
+# Foreign checkpoints: another stage, size or format says what it is and what was expected
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved(synth, tmp_path_factory):
+    """A generation checkpoint after 4 steps (written by ModelCheckpoint mid-run) and the final model."""
+    tmp = tmp_path_factory.mktemp("ckpt")
+    model = _gen()
+    ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp, filename="s{step}", every_n_train_steps=4,
+                                                  save_top_k=-1)
+    _trainer(tmp, 4, [ckpt_cb]).fit(model, datamodule=_dm(synth))
+    return model, next(tmp.glob("*.ckpt"))
+
+
+def test_stage_mismatch_names_both_kinds(saved, synth, tmp_path):
+    _, path = saved
+    with pytest.raises(ValueError, match=r"is a 'generation' checkpoint.*but a 'planning' checkpoint is expected"):
+        PlanningModule(**TINY, init_from=str(path))
+    with pytest.raises(ValueError, match=r"'generation' checkpoint.*'planning'"):
+        MarDiniModule(**TINY, planner_ckpt=str(path))
+    with pytest.raises(ValueError, match=r"is a 'generation' checkpoint.*'planning' checkpoint is expected"):
+        _trainer(tmp_path, 6).fit(PlanningModule(**TINY), datamodule=_dm(synth), ckpt_path=str(path))
+
+
+def test_size_mismatch_names_both_sizes(saved, synth, tmp_path):
+    _, path = saved
+    with pytest.raises(ValueError, match=r"size 'tiny'.*this model is size 'small'"):
+        GenerationModule(**{**TINY, "size": "small"}, init_from=str(path))
+    with pytest.raises(ValueError, match=r"this model: size 'tiny'.*does not fit this model.*shape mismatch"):
+        _gen(generator={"depth": 1, "dim": 64}, init_from=str(path))  # same size name, other shapes
+    with pytest.raises(ValueError, match=r"size 'tiny'.*this model is size 'small'"):
+        _trainer(tmp_path, 6).fit(GenerationModule(**{**TINY, "size": "small"}), datamodule=_dm(synth),
+                                  ckpt_path=str(path))
+
+
+def test_format_mismatch_names_both_versions(saved, tmp_path):
+    _, path = saved
+    ckpt = read_checkpoint(path)
+    ckpt["mardini"]["format"] = 99
+    old = tmp_path / "future.ckpt"
+    torch.save(ckpt, old)
+    with pytest.raises(ValueError, match=r"checkpoint format 99, this code reads format 1"):
+        _gen(init_from=str(old))
+    torch.save({"state_dict": ckpt["state_dict"]}, old)
+    with pytest.raises(ValueError, match="not a MarDini checkpoint.*expected a generation checkpoint"):
+        _gen(init_from=str(old))
+
+
+# --------------------------------------------------------------------------------------------------
+# EMA and raw weights never mix up
+# --------------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_holds_the_ema_of_its_step(saved):
+    model, path = saved  # saved at step 4 by ModelCheckpoint; the model stopped at step 4 too
+    state = read_checkpoint(path)["state_dict"]
+    raw, ema = _states(model)
+    assert _equal(_sub(state, "networks."), raw)
+    assert _equal(_sub(state, "ema.module."), ema)  # the EMA update of step 4 is in the checkpoint of step 4
+    assert not _equal(raw, ema)
+
+
+def test_resume_restores_raw_and_ema_each_to_its_own(saved, synth, tmp_path):
+    _, path = saved
+    state = read_checkpoint(path)["state_dict"]
+    seen = {}
+
+    class AtStart(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["raw"], seen["ema"] = _states(pl_module)
+
+    _trainer(tmp_path, 5, [AtStart()]).fit(_gen(), datamodule=_dm(synth), ckpt_path=str(path))
+    assert _equal(seen["raw"], _sub(state, "networks."))
+    assert _equal(seen["ema"], _sub(state, "ema.module."))
+    assert not _equal(seen["raw"], seen["ema"])
+
+
+def test_checkpoint_saved_while_ema_is_swapped_in_keeps_raw_weights(synth, tmp_path):
+    model = _gen()
+    found = {}
+
+    class SaveInValidation(L.Callback):  # runs before the module's on_validation_epoch_end swaps the EMA out
+        def on_validation_epoch_end(self, trainer, pl_module):
+            found["raw"] = [t.clone() for t in pl_module._ema_backup]
+            trainer.save_checkpoint(tmp_path / "in_val.ckpt")
+
+    trainer = _trainer(tmp_path, 2, [SaveInValidation()], limit_val_batches=1, val_check_interval=2)
+    trainer.fit(model, datamodule=_dm(synth))
+    state = read_checkpoint(tmp_path / "in_val.ckpt")["state_dict"]
+    raw = _sub(state, "networks.")
+    assert all(torch.equal(a, b) for a, b in zip(raw.values(), found["raw"]))
+    assert _equal(raw, _states(model)[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Non-finite loss or gradient: stop naming the step, or skip and count
+# --------------------------------------------------------------------------------------------------
+
+
+class _PoisonLoss(L.Callback):
+    """Makes the loss of training step ``at`` NaN."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at:
+            batch["video"].fill_(float("nan"))
+
+
+class _PoisonGrad(L.Callback):
+    """Makes a gradient of step ``at`` infinite while the loss stays finite."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.handle = at, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at:
+            p = next(pl_module.networks.parameters())
+            self.handle = p.register_hook(lambda g: g * float("inf"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
+@pytest.mark.parametrize("poison, what", [(_PoisonLoss, "non-finite loss at step 2"),
+                                          (_PoisonGrad, r"non-finite gradient norm \(inf\) at step 2")])
+def test_nonfinite_stop_names_the_step(synth, tmp_path, poison, what):
+    with pytest.raises(FloatingPointError, match=what):
+        _trainer(tmp_path, 4, [poison(2)]).fit(_gen(nonfinite="stop"), datamodule=_dm(synth))
+
+
+@pytest.mark.parametrize("poison", [_PoisonLoss, _PoisonGrad])
+def test_nonfinite_skip_counts_leaves_weights_and_resumes_the_count(synth, tmp_path, poison):
+    before = {}
+
+    class Watch(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 2 and "raw" not in before:
+                before["raw"], before["ema"] = _states(pl_module)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if "after" not in before and "raw" in before:
+                before["after"] = _states(pl_module)
+
+    model = _gen(nonfinite="skip", weight_decay=0.1)
+    trainer = _trainer(tmp_path, 4, [poison(2), Watch()], logger=L.pytorch.loggers.CSVLogger(tmp_path),
+                       log_every_n_steps=1)
+    trainer.fit(model, datamodule=_dm(synth))
+    assert model.nonfinite_skipped == 1
+    raw, ema = before["after"]
+    assert _equal(raw, before["raw"]) and _equal(ema, before["ema"])  # the bad step changed nothing
+    assert all(torch.isfinite(v).all() for v in model.networks.state_dict().values())
+    if poison is _PoisonLoss:
+        assert float(trainer.logged_metrics["train/nonfinite_skipped"]) == 1
+    path = tmp_path / "end.ckpt"
+    trainer.save_checkpoint(path)
+    assert read_checkpoint(path)["mardini"]["nonfinite_skipped"] == 1
+    resumed = _gen(nonfinite="skip")
+    _trainer(tmp_path, trainer.global_step + 1).fit(resumed, datamodule=_dm(synth), ckpt_path=str(path))
+    assert resumed.nonfinite_skipped == 1  # the count survives a resume

@@ -1,0 +1,151 @@
+"""Training from the CLI: the tiny chain stage after stage, exact resume, start-up checks, checkpoint kinds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mardini.cli import main
+from mardini.data.testing import tiny_synthetic
+from mardini.lit.checkpoints import read_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny"
+STAGES = ["01_dm_warmup_4f", "02_dm_warmup_9f", "03_mar_warmup", "04_joint_model", "05_joint_task"]
+KINDS = ["generation", "generation", "planning", "joint", "joint"]
+FAST = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+        "--data.init_args.num_workers=0", "--data.init_args.epoch_size=64", "--data.init_args.batch_size=4",
+        "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0", "--trainer.precision=32-true"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A folder laid out like the repo root: data/shards/synthetic/{train,val} (32 px clips)."""
+    root = tmp_path_factory.mktemp("train")
+    tiny_synthetic(root / "data" / "shards" / "synthetic", train=24, val=16, frames=18, size=32)
+    return root
+
+
+def _fit(workdir: Path, monkeypatch, *args: str):
+    monkeypatch.chdir(workdir)
+    return main(["fit", *args])
+
+
+def _stage(name: str, steps: int, *extra: str) -> list[str]:
+    return ["--config", str(TINY / "common.yaml"), "--config", str(TINY / f"{name}.yaml"),
+            f"--trainer.max_steps={steps}", *FAST, *extra]
+
+
+# --------------------------------------------------------------------------------------------------
+# The tiny chain, stage after stage
+# --------------------------------------------------------------------------------------------------
+
+
+def test_tiny_chain_runs_stage_after_stage(workdir, monkeypatch):
+    for name, kind in zip(STAGES, KINDS):
+        cli = _fit(workdir, monkeypatch, *_stage(name, 2))
+        assert cli.trainer.global_step == 2
+        ckpt = read_checkpoint(workdir / "outputs" / "tiny" / name / "checkpoints" / "last.ckpt")
+        assert ckpt["mardini"]["kind"] == kind
+        assert not any(k.startswith("autoencoder.") for k in ckpt["state_dict"])  # frozen AE kept out
+    # the joint stage started from the warm-ups: its planner has no projection head, the generator patch is 2
+    joint = read_checkpoint(workdir / "outputs" / "tiny" / "04_joint_model" / "checkpoints" / "last.ckpt")
+    assert not any(".head." in k for k in joint["state_dict"])
+    # the curriculum of the last stage moved the kept fraction and logged it
+    metrics = cli.trainer.callback_metrics
+    assert "curriculum/keep_ratio_min" in metrics and "train/loss" in metrics
+    # re-running a finished stage resumes at its last step and trains no further
+    again = _fit(workdir, monkeypatch, *_stage(STAGES[-1], 2))
+    assert again.trainer.global_step == 2
+
+
+def test_joint_stage_rejects_checkpoints_of_the_wrong_kind(workdir, monkeypatch):
+    gen = "outputs/tiny/01_dm_warmup_4f/checkpoints/last.ckpt"
+    if not (workdir / gen).exists():
+        _fit(workdir, monkeypatch, *_stage(STAGES[0], 1))
+    with pytest.raises(ValueError, match=r"is a 'generation' checkpoint.*'planning' checkpoint is expected"):
+        _fit(workdir, monkeypatch, *_stage("04_joint_model", 1, f"--model.init_args.planner_ckpt={gen}",
+                                          f"--model.init_args.generator_ckpt={gen}"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Resume parity: N + M steps in one run == N steps, save, resume, M steps
+# --------------------------------------------------------------------------------------------------
+
+
+def _parity_config(tmp: Path, name: str) -> Path:
+    cfg = {
+        "seed_everything": 3,
+        "checkpoint_every": 3,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "limit_val_batches": 0, "log_every_n_steps": 1,
+            "gradient_clip_val": 1.0,
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                       "init_args": {"save_dir": str(tmp), "name": name, "version": ""}},
+            "callbacks": [{"class_path": "mardini.lit.curriculum.Curriculum", "init_args": {
+                "interpolate": True,
+                "milestones": [{"step": 0, "keep_ratio": [0.5, 1.0]},
+                               {"step": 5, "keep_ratio": [0.2, 0.5], "templates": {"random": 1.0, "interpolation": 1.0}}],
+            }}],
+        },
+        "model": {"class_path": "mardini.lit.MarDiniModule", "init_args": {
+            "size": "tiny", "planner_resolution": 16, "generator": {"patch_size": 2}, "lr": 1e-3, "warmup_steps": 2,
+            "decay_steps": 8, "ema_decay": 0.9, "templates": {"random": 1.0}}},
+        "data": {"class_path": "mardini.data.datamodule.VideoDataModule", "init_args": {
+            "train_shards": "data/shards/synthetic/train", "val_shards": None, "frames": 9, "fps": 8,
+            "resolution": 32, "batch_size": 2, "num_workers": 0, "epoch_size": 10, "shuffle_buffer": 8}},
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_resume_gives_the_same_weights_as_one_run(workdir, monkeypatch, tmp_path):
+    """8 steps at once vs 3 + resume + 5 (crossing a data-epoch boundary at step 5 and a milestone)."""
+    quiet = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    one = _fit(workdir, monkeypatch, "--config", str(_parity_config(tmp_path, "one")), "--trainer.max_steps=8", *quiet)
+    _fit(workdir, monkeypatch, "--config", str(_parity_config(tmp_path, "two")), "--trainer.max_steps=3", *quiet)
+    two = _fit(workdir, monkeypatch, "--config", str(_parity_config(tmp_path, "two")), "--trainer.max_steps=8", *quiet)
+    assert one.trainer.global_step == two.trainer.global_step == 8
+    a, b = one.model.state_dict(), two.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    assert one.model.mask_sampler.keep_ratio == two.model.mask_sampler.keep_ratio
+    opt_a = one.trainer.optimizers[0].state_dict()["state"]
+    opt_b = two.trainer.optimizers[0].state_dict()["state"]
+    assert all(torch.equal(opt_a[i]["exp_avg"], opt_b[i]["exp_avg"]) for i in opt_a)
+    assert one.trainer.lr_scheduler_configs[0].scheduler.last_epoch == two.trainer.lr_scheduler_configs[0].scheduler.last_epoch
+    # EMA and raw weights are different tensors and both survived the resume
+    raw = two.model.networks.state_dict()
+    ema = two.model.ema.module.state_dict()
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)
+
+
+# --------------------------------------------------------------------------------------------------
+# Impossible settings fail at start, naming the key
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--model.init_args.planner_resolution=64", r"model.planner_resolution=64 is larger than .*data.resolution=32"),
+        ("--data.init_args.resolution=30", r"data.resolution=30 is not divisible by 4"),
+        ("--model.init_args.planner_resolution=6", r"model.planner_resolution=6 is not divisible by 2"),
+        ("--model.init_args.keep_ratio=[0.0, 0.5]", r"model.keep_ratio.*0 < min <= max <= 1"),
+        ("--model.init_args.frames=1", r"model.frames=1 is impossible"),
+        ("--model.init_args.frames=12", r"model.frames=12 is more than data.frames=9"),
+        ("--model.init_args.plan_dropout=1.0", r"model.plan_dropout=1.0 is impossible"),
+        ("--checkpoint_every=0", r"checkpoint_every=0 is impossible"),
+    ],
+)
+def test_impossible_settings_fail_before_training(workdir, monkeypatch, tmp_path, override, message):
+    save = f"--trainer.logger.init_args.save_dir={tmp_path}"
+    with pytest.raises(ValueError, match=message):
+        _fit(workdir, monkeypatch, *_stage("04_joint_model", 1, save, "--model.init_args.planner_ckpt=null",
+                                          "--model.init_args.generator_ckpt=null", override))
+    assert not list(tmp_path.rglob("*.ckpt"))  # nothing trained, nothing written
