@@ -23,7 +23,7 @@ class MarDiniCLI(LightningCLI):
         if subcommand == "fit":
             # The same command resumes: fit starts from <log dir>/checkpoints/last.ckpt when one exists
             # (Lightning's ckpt_path="last"); pass --ckpt_path null to start over.
-            parser.set_defaults({"ckpt_path": "last"})
+            parser.set_defaults({"ckpt_path": "last", "weights_only": True})  # resume never unpickles code
         return parser
 
     def before_instantiate_classes(self) -> None:

@@ -312,11 +312,14 @@ class MarDiniBase(L.LightningModule):
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("autoencoder.")
         }
+        if self._ema_backup is not None:  # saved while validation holds the EMA in the networks: store the raw
+            for k, v in zip(self.networks.state_dict().keys(), self._ema_backup):
+                checkpoint["state_dict"][f"networks.{k}"] = v
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         from mardini.lit.checkpoints import check_metadata
 
-        check_metadata(checkpoint, kinds=(self.KIND,), path="<resumed checkpoint>")
+        check_metadata(checkpoint, kinds=(self.KIND,), path="<resumed checkpoint>", size=self.hparams.size)
         self.nonfinite_skipped = int(checkpoint["mardini"].get("nonfinite_skipped", 0))
         state = checkpoint["state_dict"]
         for k, v in self.autoencoder.state_dict().items():
@@ -326,9 +329,11 @@ class MarDiniBase(L.LightningModule):
         """Copy networks (raw and EMA) from a checkpoint of an allowed kind; shapes must match."""
         from mardini.lit.checkpoints import load_network_states
 
-        raw, ema = load_network_states(path, kinds=kinds, names=names or tuple(self.networks.keys()))
+        raw, ema = load_network_states(path, kinds=kinds, names=names or tuple(self.networks.keys()),
+                                       size=self.hparams.size)
         for name, state in raw.items():
-            _load_into(self.networks[name], _drop_dropped_head(self.networks[name], state), f"{path}: network '{name}'")
+            where = f"{path}: network '{name}' (this model: size '{self.hparams.size}', {name} {self.hparams.get(name)})"
+            _load_into(self.networks[name], _drop_dropped_head(self.networks[name], state), where)
         for name, state in ema.items():
             _load_into(self.ema.module[name], _drop_dropped_head(self.ema.module[name], state), f"{path}: EMA of '{name}'")
 

@@ -25,8 +25,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from e
 
 
-def check_metadata(checkpoint: dict[str, Any], kinds: tuple[str, ...], path: str | Path) -> dict[str, Any]:
-    """Return ``checkpoint['mardini']`` if its kind is one of ``kinds``; raise a clear error otherwise."""
+def check_metadata(
+    checkpoint: dict[str, Any], kinds: tuple[str, ...], path: str | Path, size: str | None = None
+) -> dict[str, Any]:
+    """Return ``checkpoint['mardini']`` if its kind is one of ``kinds`` (and its size ``size``); raise otherwise."""
     meta = checkpoint.get("mardini")
     if not isinstance(meta, dict) or "kind" not in meta:
         raise ValueError(
@@ -45,15 +47,20 @@ def check_metadata(checkpoint: dict[str, Any], kinds: tuple[str, ...], path: str
             f"{path} is a '{meta['kind']}' checkpoint (size {meta.get('size')}, networks {meta.get('networks')}), "
             f"but a {' or '.join(repr(k) for k in kinds)} checkpoint is expected here"
         )
+    if size is not None and meta.get("size") != size:
+        raise ValueError(
+            f"{path} is a '{meta['kind']}' checkpoint of model size {meta.get('size')!r}, this model is size "
+            f"{size!r}; set model.size={meta.get('size')!r} or use a checkpoint of size {size!r}"
+        )
     return meta
 
 
 def load_network_states(
-    path: str | Path, kinds: tuple[str, ...], names: tuple[str, ...]
+    path: str | Path, kinds: tuple[str, ...], names: tuple[str, ...], size: str | None = None
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, torch.Tensor]]]:
     """Raw and EMA state dicts of the networks ``names`` from a checkpoint of one of ``kinds``."""
     ckpt = read_checkpoint(path)
-    meta = check_metadata(ckpt, kinds, path)
+    meta = check_metadata(ckpt, kinds, path, size)
     state = ckpt["state_dict"]
     raw: dict[str, dict[str, torch.Tensor]] = {}
     ema: dict[str, dict[str, torch.Tensor]] = {}
