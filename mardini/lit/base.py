@@ -80,7 +80,7 @@ class MarDiniBase(L.LightningModule):
         self.save_hyperparameters(ignore=["autoencoder"])
         _check_settings(planner_resolution=planner_resolution, frames=frames, blr=blr, lr=lr,
                         warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, ema_decay=ema_decay,
-                        nonfinite=nonfinite)
+                        nonfinite=nonfinite, weight_decay=weight_decay, betas=betas, decay_steps=decay_steps)
         self.autoencoder = autoencoder if autoencoder is not None else SpaceToDepthAutoencoder(2)
         self.autoencoder.requires_grad_(False)
         try:
@@ -422,6 +422,9 @@ def _check_settings(**s: Any) -> None:
         ("min_lr_ratio", 0 <= s["min_lr_ratio"] <= 1, "in [0, 1]"),
         ("ema_decay", 0 <= s["ema_decay"] < 1, "in [0, 1)"),
         ("nonfinite", s["nonfinite"] in ("stop", "skip"), "'stop' or 'skip'"),
+        ("weight_decay", s["weight_decay"] >= 0, ">= 0"),
+        ("betas", len(s["betas"]) == 2 and all(0 <= b < 1 for b in s["betas"]), "two numbers in [0, 1)"),
+        ("decay_steps", s["decay_steps"] is None or s["decay_steps"] >= 1, ">= 1 or null (= trainer.max_steps)"),
     ]
     for key, ok, allowed in rules:
         if not ok:
