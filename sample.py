@@ -1,10 +1,14 @@
 #!/usr/bin/env python
-"""Sample videos from a trained MarDini checkpoint (interpolation, image-to-video, expansion, long video).
-
-Not built yet: the sampling pipeline is issue 5. This command says so and exits non-zero rather than pretend.
+"""Sample videos from a trained MarDini checkpoint: generate (any mask), interpolate, image_to_video, expand,
+long_video, slow_motion. ``python sample.py --help``; the logic lives in ``mardini/pipeline/cli.py``.
 """
 
 import sys
 
+from mardini.pipeline.cli import main
+
 if __name__ == "__main__":
-    sys.exit("sample.py: the sampling pipeline is not built yet (tracked as issue 5: MarDiniPipeline and sample.py).")
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # input and checkpoint problems: the message says the fix
+        sys.exit(f"sample.py: error: {e}")

@@ -1,0 +1,206 @@
+"""``sample.py``: every MarDini task from a checkpoint, on image files, a video file or clips from shards.
+
+    python sample.py interpolate --ckpt last.ckpt --images first.png last.png
+    python sample.py image_to_video --ckpt last.ckpt --images start.png --index 0 --guidance 2.5
+    python sample.py expand --ckpt last.ckpt --video clip.mp4 --keep 0-3
+    python sample.py long_video --ckpt last.ckpt --images start.png --total 32
+    python sample.py slow_motion --ckpt last.ckpt --video clip.mp4 --frames 3 --factor 4
+    python sample.py generate --ckpt last.ckpt --shards data/shards/synthetic/val --clips 4 --keep 0,4,8
+
+Writes ``<out>/<task>_NNN.mp4|.gif`` per sample, ``contact_sheet.png`` (given frames framed in green) and
+``settings.json``. Inputs are brought to the checkpoint's training resolution (centre crop + resize by
+default, with a message saying so); ``--resolution`` / ``--resize`` change that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from mardini.masking import mask_from_given
+from mardini.pipeline.inputs import (
+    RESIZE_MODES,
+    fit_frames,
+    parse_indices,
+    parse_size,
+    read_images,
+    read_shard_clips,
+    read_video,
+)
+from mardini.pipeline.outputs import write_outputs
+from mardini.pipeline.pipeline import MarDiniPipeline
+
+TASKS = ("generate", "interpolate", "image_to_video", "expand", "long_video", "slow_motion")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sample.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("task", choices=TASKS)
+    p.add_argument("--ckpt", required=True, help="a joint (or generation) checkpoint written by train.py")
+    src = p.add_argument_group("inputs (one of)")
+    src.add_argument("--images", nargs="+", help="image files: the given frames, in order")
+    src.add_argument("--video", help="a video file; --keep picks the given frames among those read")
+    src.add_argument("--shards", help="a shard split (directory, pattern); --clips clips, --keep picks given frames")
+    src.add_argument("--clips", type=int, default=1, help="clips to read from --shards")
+    src.add_argument("--keep", help="indices of the given frames among the frames read, e.g. 0,8 or 0-3 "
+                     "(default: generate needs it; interpolate 0,last; image_to_video 0; expand first half; "
+                     "long_video 0; slow_motion all)")
+    src.add_argument("--start", type=int, default=0, help="first video frame to read")
+    src.add_argument("--stride", type=int, default=1, help="read every stride-th video frame")
+    t = p.add_argument_group("task")
+    t.add_argument("--frames", type=int, help="window length (default: the trained window); frames read from a "
+                   "video or shards")
+    t.add_argument("--index", type=int, default=0, help="image_to_video: frame index of the given image")
+    t.add_argument("--total", type=int, help="long_video: output frames (default: 2 windows)")
+    t.add_argument("--context", type=int, help="long_video: frames carried into each next window")
+    t.add_argument("--factor", type=int, default=2, help="slow_motion: 2, 4, 8, ...")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--steps", type=int, default=25)
+    s.add_argument("--guidance", type=float, help="guidance scale (default 2.5 for image_to_video with a planner, "
+                   "else 1 = none, as in the paper)")
+    s.add_argument("--seed", type=int, default=0, help="clip i uses seed + i")
+    s.add_argument("--batch", type=int, default=4, help="clips per generate call (does not change the samples)")
+    s.add_argument("--num-samples", type=int, default=1, help="samples per clip")
+    s.add_argument("--resolution", help="sampling size N or HxW (default: the checkpoint's training resolution)")
+    s.add_argument("--resize", choices=RESIZE_MODES, default="crop",
+                   help="how inputs of another size get there: centre crop + resize, stretch, or refuse")
+    s.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    s.add_argument("--bf16", action="store_true", help="bf16 autocast (as bf16-mixed training)")
+    s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA ones")
+    s.add_argument("--no-progress", action="store_true")
+    o = p.add_argument_group("outputs")
+    o.add_argument("--out", type=Path, help="output folder (default outputs/samples/<task>)")
+    o.add_argument("--fps", type=float, help="fps of the written videos (default: the training fps, else 8)")
+    return p
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs -> given frames
+# --------------------------------------------------------------------------------------------------
+
+
+def default_keep(task: str, read: int) -> list[int] | None:
+    """Which of the ``read`` frames of a video / clip are given when ``--keep`` is not set."""
+    return {"interpolate": [0, read - 1], "image_to_video": [0], "expand": list(range(max(1, read // 2))),
+            "long_video": [0], "slow_motion": list(range(read))}.get(task)
+
+
+def load_inputs(a, pipe: MarDiniPipeline, size) -> tuple[torch.Tensor, list[str], list[int] | None, list[str]]:
+    """``given (B, n, 3, H, W)`` in [-1, 1], clip names, window positions of the given frames (video/shards), notes."""
+    sources = [x for x in (a.images, a.video, a.shards) if x]
+    if len(sources) != 1:
+        raise SystemExit("give exactly one input: --images, --video or --shards")
+    read = a.frames or pipe.window
+    if a.images:
+        frames, note = fit_frames(read_images(a.images), size, a.resize, f"{len(a.images)} image(s)")
+        keep = parse_indices(a.keep)
+        return frames[None], ["images"], keep, [note]
+    if a.video:
+        frames, note = fit_frames(read_video(a.video, read, a.start, a.stride), size, a.resize, f"video {a.video}")
+        clips, names = frames[None], [Path(a.video).stem]
+    else:
+        if size is None:
+            raise SystemExit("--shards needs a sampling size: pass --resolution (the checkpoint does not record one)")
+        clips, names = read_shard_clips(a.shards, a.clips, read, pipe.fps, size)
+        note = f"{len(names)} clip(s) of {read} frames from {a.shards} at {size[0]}x{size[1]} (centre crop)"
+    keep = parse_indices(a.keep) or default_keep(a.task, clips.shape[1])
+    if keep is None:
+        raise SystemExit(f"{a.task} needs --keep: the indices of the given frames among the {clips.shape[1]} read")
+    bad = [i for i in keep if not 0 <= i < clips.shape[1]]
+    if bad:
+        raise SystemExit(f"--keep indices {bad} are outside the {clips.shape[1]} frames read (0..{clips.shape[1] - 1})")
+    return clips[:, keep], names, keep, [note]
+
+
+# --------------------------------------------------------------------------------------------------
+# Tasks
+# --------------------------------------------------------------------------------------------------
+
+
+def run_task(a, pipe: MarDiniPipeline, given: torch.Tensor, positions, seeds: list[int], kw: dict):
+    """Samples ``(b*k, T, 3, H, W)`` and their given-frame mask ``(b*k, T)`` for one batch of clips."""
+    n = given.shape[1]
+    task, k = a.task, a.num_samples
+    kw = dict(kw, seed=seeds, num_samples=k)
+
+    def need(count: str, ok: bool) -> None:
+        if not ok:
+            raise SystemExit(f"{task} needs {count} given frame(s), got {n}; check --images / --keep")
+
+    if task == "generate":
+        if positions is None:
+            raise SystemExit("generate needs --keep: the window positions of the given frames")
+        frames = a.frames or (max(positions) + 1 if a.images else pipe.window)
+        need(f"{len(positions)} (one per --keep index)", len(positions) == n)
+        mask = mask_from_given(frames, positions)  # (T,)
+        video = given.new_zeros(given.shape[0], frames, *given.shape[2:])  # (B, T, 3, H, W)
+        video[:, positions] = given
+        out = pipe.generate(video, mask[None].expand(given.shape[0], -1).clone(), **kw)
+        return out, (~mask)[None].expand(out.shape[0], -1)
+    if task == "interpolate":
+        need("2", n == 2)
+        out = pipe.interpolate(given[:, 0], given[:, 1], frames=a.frames, **kw)
+        idx = [0, out.shape[1] - 1]
+    elif task == "image_to_video":
+        need("1", n == 1)
+        out = pipe.image_to_video(given[:, 0], frames=a.frames, index=a.index, **kw)
+        idx = [a.index % out.shape[1]]
+    elif task == "expand":
+        out = pipe.expand(given, frames=a.frames, **kw)
+        idx = list(range(n))
+    elif task == "long_video":
+        total = a.total or 2 * pipe.window
+        out = pipe.long_video(given, total_frames=total, context=a.context, **kw)
+        idx = list(range(n))
+    else:
+        need("at least 2", n >= 2)
+        out = pipe.slow_motion(given, factor=a.factor, **kw)
+        idx = list(range(0, out.shape[1], a.factor))
+    mask = torch.zeros(out.shape[:2], dtype=torch.bool)
+    mask[:, idx] = True
+    return out, mask
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse ``argv``, sample, write the outputs; returns the settings record (also in settings.json)."""
+    a = build_parser().parse_args(argv)
+    started = time.perf_counter()
+    dtype = torch.bfloat16 if a.bf16 else torch.float32
+    pipe = MarDiniPipeline.from_checkpoint(a.ckpt, ema=not a.no_ema, device=a.device, dtype=dtype)
+    size = parse_size(a.resolution) or pipe.resolution
+    given, names, positions, notes = load_inputs(a, pipe, size)
+    for note in notes:
+        print(f"[sample] {note}")
+    guidance = a.guidance if a.guidance is not None else (
+        2.5 if a.task == "image_to_video" and pipe.planner is not None else 1.0)
+    print(f"[sample] {a.task} with {pipe.kind} checkpoint {a.ckpt} (size {pipe.info.get('size')}, "
+          f"{'EMA' if not a.no_ema else 'raw'} weights, window {pipe.window}) on {pipe.device}: {a.steps} steps, "
+          f"guidance {guidance}, seed {a.seed}, {given.shape[0]} clip(s) x {a.num_samples} sample(s)")
+    kw = dict(steps=a.steps, guidance_scale=guidance, progress=not a.no_progress)
+    outs, masks, labels = [], [], []
+    for lo in range(0, given.shape[0], max(1, a.batch)):
+        chunk = given[lo : lo + a.batch]
+        seeds = [a.seed + lo + i for i in range(chunk.shape[0])]
+        out, mask = run_task(a, pipe, chunk, positions, seeds, kw)
+        outs.append(out.cpu())
+        masks.append(mask.cpu())
+        labels += [f"{names[lo + i]} s{j}" for i in range(chunk.shape[0]) for j in range(a.num_samples)]
+    videos = torch.cat(outs)  # (N, T, 3, H, W)
+    settings = {
+        "task": a.task, "checkpoint": str(a.ckpt), "kind": pipe.kind, "size": pipe.info.get("size"),
+        "ema": not a.no_ema, "seed": a.seed, "steps": a.steps, "guidance": guidance,
+        "num_samples": a.num_samples, "batch": a.batch, "frames": videos.shape[1],
+        "resolution": list(videos.shape[-2:]), "resize": a.resize, "inputs": notes, "given_positions": positions,
+        "device": str(pipe.device), "dtype": str(dtype), "window": pipe.window,
+        "task_options": {"index": a.index, "total": a.total, "context": a.context, "factor": a.factor},
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    out_dir = a.out or Path("outputs/samples") / a.task
+    record = write_outputs(out_dir, a.task, videos, torch.cat(masks), labels, settings, a.fps or pipe.fps or 8.0)
+    print(f"[sample] wrote {len(videos)} video(s) ({videos.shape[1]} frames, {videos.shape[-2]}x{videos.shape[-1]}) "
+          f"to {out_dir}/: mp4, gif, contact_sheet.png, settings.json")
+    return record

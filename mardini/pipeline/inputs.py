@@ -1,0 +1,109 @@
+"""Given frames for ``sample.py``: image files, frames of a video file, or clips from shards, at one resolution.
+
+Every reader returns uint8 or float frames as a float ``(B, n, 3, H, W)`` tensor in [-1, 1] and says what it
+did to the resolution (crop / resize), so that a changed input never goes unnoticed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mardini.data.decode import decode_mp4
+from mardini.data.transforms import as_size, crop_and_resize, resize_video, to_unit_range
+
+RESIZE_MODES = ("crop", "stretch", "none")
+
+
+def parse_size(text: str | None) -> tuple[int, int] | None:
+    """``"32"`` -> (32, 32); ``"48x64"`` -> (48, 64) (height x width); None stays None."""
+    if text is None:
+        return None
+    parts = str(text).lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"--resolution must be N or HxW (pixels), got {text!r}")
+    return as_size(int(parts[0]) if len(parts) == 1 else (int(parts[0]), int(parts[1])))
+
+
+def fit_frames(frames: np.ndarray, size: tuple[int, int] | None, mode: str, what: str) -> tuple[torch.Tensor, str]:
+    """uint8 ``(n, H, W, 3)`` -> float ``(n, 3, h, w)`` in [-1, 1] at ``size`` (None = keep), and a message.
+
+    ``crop``: centre crop to the aspect ratio of ``size``, then resize; ``stretch``: resize only;
+    ``none``: the frames must already have that size.
+    """
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"--resize must be one of {RESIZE_MODES}, got {mode!r}")
+    n, h, w, _ = frames.shape
+    if size is None or (h, w) == tuple(size):
+        video = to_unit_range(torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2))  # (n, 3, H, W)
+        return video, f"{what}: {h}x{w}, used as is"
+    if mode == "none":
+        raise ValueError(
+            f"{what} are {h}x{w} (HxW) but sampling runs at {size[0]}x{size[1]}; pass --resize crop (centre crop "
+            f"+ resize) or --resize stretch, or --resolution {h}x{w} (sides must suit the autoencoder)"
+        )
+    if mode == "crop":
+        video, (top, left, ch, cw) = crop_and_resize(frames, size, "center")  # (n, 3, h, w)
+        return video, f"{what}: {h}x{w} -> centre crop {ch}x{cw} at ({top}, {left}) -> resized to {size[0]}x{size[1]}"
+    video = to_unit_range(torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2))  # (n, 3, H, W)
+    return resize_video(video[None], size)[0], f"{what}: {h}x{w} -> stretched to {size[0]}x{size[1]}"
+
+
+def read_images(paths: list[str | Path]) -> np.ndarray:
+    """Image files -> uint8 ``(n, H, W, 3)``; all images must have one size."""
+    from PIL import Image
+
+    arrays, sizes = [], {}
+    for p in paths:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"image {p} does not exist")
+        with Image.open(p) as img:
+            arrays.append(np.asarray(img.convert("RGB")))  # (H, W, 3)
+        sizes[str(p)] = arrays[-1].shape[:2]
+    if len(set(sizes.values())) > 1:
+        listing = ", ".join(f"{p}: {h}x{w}" for p, (h, w) in sizes.items())
+        raise ValueError(f"the images have different sizes ({listing}); give images of one size "
+                         "(e.g. frames of one video), or resize them to one size first")
+    return np.stack(arrays)  # (n, H, W, 3)
+
+
+def read_video(path: str | Path, frames: int, start: int = 0, stride: int = 1) -> np.ndarray:
+    """``frames`` frames ``start, start + stride, ...`` of a video file -> uint8 ``(frames, H, W, 3)``."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"video {path} does not exist")
+    if start < 0 or stride < 1:
+        raise ValueError(f"--start must be >= 0 and --stride >= 1, got {start}, {stride}")
+    return decode_mp4(Path(path).read_bytes(), start + stride * np.arange(frames))  # (frames, H, W, 3)
+
+
+def read_shard_clips(shards: str, clips: int, frames: int, fps: float | None, size: tuple[int, int]):
+    """The first ``clips`` clips of a shard split (centre crop, like validation) -> ``(B, frames, 3, H, W)``, keys."""
+    from mardini.data.sharding import list_shards
+    from mardini.data.stream import ClipStream
+
+    stream = ClipStream(list_shards(shards), frames=frames, fps=fps, resolution=size, batch_size=1, train=False,
+                        max_clips=clips)
+    videos, keys = [], []
+    for batch in stream:
+        videos.append(batch["video"])  # (1, T, 3, H, W)
+        keys += batch["key"]
+        if len(keys) >= clips:
+            break
+    if not videos:
+        raise ValueError(f"no clip of {frames} frames at fps {fps} could be read from {shards}")
+    return torch.cat(videos)[:clips], keys[:clips]
+
+
+def parse_indices(text: str | None) -> list[int] | None:
+    """``"0,4,8"`` -> [0, 4, 8]; ``"0-3"`` -> [0, 1, 2, 3]; None stays None."""
+    if text is None:
+        return None
+    out: list[int] = []
+    for part in str(text).split(","):
+        a, _, b = part.strip().partition("-")
+        if not a.isdigit() or (b and not b.isdigit()):
+            raise ValueError(f"--keep must list frame indices like 0,4,8 or 0-3, got {text!r}")
+        out += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    return out

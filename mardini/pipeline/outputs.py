@@ -1,0 +1,25 @@
+"""What ``sample.py`` writes: one mp4 and one gif per sample, a PNG contact sheet (given frames framed in green)
+and ``settings.json`` (checkpoint, seed, steps, guidance, task, and the rest of the run)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from mardini.visualize import contact_sheet, save_gif, save_mp4
+
+
+def write_outputs(out: Path, task: str, videos: torch.Tensor, given: torch.Tensor, labels: list[str],
+                  settings: dict, fps: float) -> dict:
+    """Write every sample of ``videos (N, T, 3, H, W)`` in [-1, 1]; ``given (N, T)`` bool marks the given frames."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, video in enumerate(videos):
+        stem = out / f"{task}_{i:03d}"
+        files += [str(save_mp4(video, stem.with_suffix(".mp4"), fps)), str(save_gif(video, stem.with_suffix(".gif"), fps))]
+    sheet = contact_sheet(videos, out / "contact_sheet.png", mask=~given, row_labels=labels)
+    record = dict(settings, files=files, contact_sheet=str(sheet))
+    (out / "settings.json").write_text(json.dumps(record, indent=2, default=str))
+    return record
