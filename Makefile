@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test test-slow test-all bench weights reproduce clean-outputs
+.PHONY: venv demo test test-slow test-all bench weights reproduce train-tiny clean-outputs
 
 venv: $(STAMP)
 

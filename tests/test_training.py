@@ -135,7 +135,7 @@ def test_resume_gives_the_same_weights_as_one_run(workdir, monkeypatch, tmp_path
     [
         ("--model.init_args.planner_resolution=64", r"model.planner_resolution=64 is larger than .*data.resolution=32"),
         ("--data.init_args.resolution=30", r"data.resolution=30 is not divisible by 4"),
-        ("--model.init_args.planner_resolution=6", r"model.planner_resolution=6 is not divisible by 2"),
+        ("--model.init_args.planner_resolution=7", r"model.planner_resolution=7 is not divisible by 2"),
         ("--model.init_args.keep_ratio=[0.0, 0.5]", r"model.keep_ratio.*0 < min <= max <= 1"),
         ("--model.init_args.frames=1", r"model.frames=1 is impossible"),
         ("--model.init_args.frames=12", r"model.frames=12 is more than data.frames=9"),

@@ -258,7 +258,9 @@ class MarDiniBase(L.LightningModule):
     # ----------------------------------------------------------------------------------------------
     # EMA: updated after each optimiser step, swapped in for validation and sampling
     # ----------------------------------------------------------------------------------------------
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The optimiser step, then the EMA update -- before any callback can checkpoint this step."""
+        super().optimizer_step(*args, **kwargs)
         if self.global_step != self._ema_step:
             self.ema.update(self.networks, step=self.global_step)
             self._ema_step = self.global_step
