@@ -1,0 +1,104 @@
+"""sample.py (mardini.pipeline.cli): every task writes its files from images, a video or shards; clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mardini.data.synthetic_shards import write_synthetic_split
+from mardini.data.testing import moving_frames, write_video
+from mardini.pipeline.cli import main
+from mardini.visualize import GENERATED_COLOR, GIVEN_COLOR
+from pipeline_helpers import make_checkpoint, one_thread  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, one_thread):
+    root = tmp_path_factory.mktemp("cli")
+    frames = moving_frames(8, 24, 32)  # (T, H, W, 3) uint8, not the checkpoint's 16x16
+    images = []
+    for i in (0, 7):
+        images.append(root / f"f{i}.png")
+        Image.fromarray(frames[i]).save(images[-1])
+    Image.fromarray(frames[0][:16, :16]).save(root / "small.png")
+    write_video(root / "clip.mp4", frames, 8)
+    write_synthetic_split(root / "shards", "val", 2, 1, frames=8, height=16, width=16, fps=8.0, progress=False)
+    return {"root": root, "ckpt": str(make_checkpoint(root / "joint.ckpt", "joint", frames=5, size=16)),
+            "images": [str(p) for p in images], "video": str(root / "clip.mp4"), "small": str(root / "small.png"),
+            "shards": str(root / "shards" / "val")}
+
+
+def _marked(row: np.ndarray) -> list[bool]:
+    """Cells along one pixel row of a contact sheet: True = framed in the given-frame colour."""
+    out, x = [], 0
+    while x < len(row):
+        color = tuple(int(c) for c in row[x])
+        if color in (GIVEN_COLOR, GENERATED_COLOR):
+            end = x
+            while end < len(row) and tuple(int(c) for c in row[end]) == color:
+                end += 1
+            out.append(color == GIVEN_COLOR)
+            x = end
+        else:
+            x += 1
+    return out
+
+
+def _run(env, tmp_path, *args):
+    return main([*args, "--ckpt", env["ckpt"], "--steps", "1", "--no-progress", "--resolution", "16",
+                 "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("task, args, frames, given", [
+    ("interpolate", ["--images", "IMG0", "IMG1"], 5, [0, 4]),
+    ("image_to_video", ["--images", "IMG0", "--index", "2"], 5, [2]),
+    ("expand", ["--video", "VIDEO", "--keep", "0-1"], 5, [0, 1]),
+    ("long_video", ["--images", "IMG0", "--total", "9", "--context", "2"], 9, [0]),
+    ("slow_motion", ["--video", "VIDEO", "--frames", "3", "--factor", "2"], 5, [0, 2, 4]),
+    ("generate", ["--shards", "SHARDS", "--clips", "2", "--keep", "0,3", "--batch", "1", "--num-samples", "2"], 5,
+     [0, 3]),
+])
+def test_every_task_writes_videos_sheet_and_settings(env, tmp_path, task, args, frames, given):
+    names = {"IMG0": env["images"][0], "IMG1": env["images"][1], "VIDEO": env["video"], "SHARDS": env["shards"]}
+    record = _run(env, tmp_path, task, *[names.get(x, x) for x in args])
+    n = 4 if task == "generate" else 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"{task}_{i:03d}.{ext}" for i in range(n) for ext in ("mp4", "gif")] + ["contact_sheet.png", "settings.json"])
+    saved = json.loads((tmp_path / "settings.json").read_text())
+    assert saved == record
+    for key, value in {"task": task, "checkpoint": env["ckpt"], "seed": 0, "steps": 1, "frames": frames}.items():
+        assert saved[key] == value
+    assert saved["guidance"] == (2.5 if task == "image_to_video" else 1.0)
+    with Image.open(tmp_path / f"{task}_000.gif") as gif:
+        assert gif.n_frames == frames and gif.size == (16, 16)
+    sheet = np.asarray(Image.open(tmp_path / "contact_sheet.png"))  # (H, W, 3)
+    assert _marked(sheet[2]) == [j in given for j in range(frames)]  # top border of the first row's cells
+    if task != "generate":
+        assert "centre crop" in saved["inputs"][0]  # 24x32 inputs were cropped and resized, and it says so
+
+
+def test_clear_errors(env, tmp_path):
+    with pytest.raises(ValueError, match="images have different sizes"):
+        _run(env, tmp_path, "interpolate", "--images", env["images"][0], env["small"])
+    with pytest.raises(ValueError, match="trained window of 5 frames"):
+        _run(env, tmp_path, "generate", "--video", env["video"], "--frames", "7", "--keep", "0,6")
+    with pytest.raises(ValueError, match="every one of the 5 frames is given"):
+        _run(env, tmp_path, "generate", "--video", env["video"], "--keep", "0-4")
+    with pytest.raises(ValueError, match="--resize crop"):
+        _run(env, tmp_path, "interpolate", "--images", *env["images"], "--resize", "none")
+    with pytest.raises(SystemExit, match="interpolate needs 2 given frame"):
+        _run(env, tmp_path, "interpolate", "--images", env["images"][0])
+    planning = make_checkpoint(env["root"] / "planning.ckpt", "planning", frames=5, size=16)
+    with pytest.raises(ValueError, match="'planning' warm-up checkpoint.*cannot sample"):
+        main(["interpolate", "--ckpt", str(planning), "--images", *env["images"]])
+    generation = make_checkpoint(env["root"] / "generation.ckpt", "generation", frames=5, size=16)
+    args = ["image_to_video", "--ckpt", str(generation), "--images", env["images"][0], "--resolution", "16",
+            "--steps", "1", "--no-progress", "--out", str(tmp_path)]
+    assert main(args)["guidance"] == 1.0  # plan-free: the default guidance drops to 1
+    with pytest.raises(ValueError, match="no planner.*guidance_scale must be 1"):
+        main(args + ["--guidance", "2.5"])
