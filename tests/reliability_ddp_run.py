@@ -1,0 +1,36 @@
+"""Child script of tests/test_reliability_ddp.py: 2 CPU processes (gloo, ddp_spawn) on tiny data.
+
+    python reliability_ddp_run.py DATA_ROOT OUT_DIR uneven|raise
+"""
+
+import sys
+
+import lightning as L
+import torch
+
+from mardini.data.datamodule import VideoDataModule
+from mardini.lit import GenerationModule
+
+
+class RaiseOnRank1(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == 1 and trainer.global_step == 2:
+            raise RuntimeError("rank 1 failed on purpose at step 2")
+
+
+def main(root: str, out: str, mode: str) -> None:
+    torch.set_num_threads(1)
+    torch.multiprocessing.set_sharing_strategy("file_system")  # fd passing fails where /dev/shm is small
+    dm = VideoDataModule(train_shards=f"{root}/train", val_shards=f"{root}/val", frames=4, fps=8, resolution=16,
+                         batch_size=4, num_workers=0, shuffle_buffer=4, epoch_size=6, val_clips=None)
+    model = GenerationModule(size="tiny", generator={"depth": 1}, planner_resolution=8, lr=1e-3)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=6, val_check_interval=3,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[RaiseOnRank1()] if mode == "raise" else [],
+                        default_root_dir=out)
+    trainer.fit(model, datamodule=dm)
+    print(f"FINISHED global_step={trainer.global_step}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
