@@ -14,7 +14,7 @@ from einops import rearrange
 from timm.layers import LayerNormFp32
 from torch import nn
 
-from mardini.models.rope import apply_rope
+from mardini.models.rope import apply_rope_heads_last
 
 # --------------------------------------------------------------------------------------------------
 # Patching
@@ -66,12 +66,17 @@ class SelfAttentionProj(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=bias)
 
     def qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None):
-        """``x (B, L, D)`` -> q, k, v ``(B, H, L, d)`` with QK-norm and RoPE applied to q and k."""
-        q, k, v = rearrange(self.qkv_proj(x), "b l (s h d) -> s b h l d", s=3, h=self.heads)  # (B, H, L, d) x3
-        q, k = self.q_norm(q), self.k_norm(k)  # (B, H, L, d)
+        """``x (B, L, D)`` -> q, k, v ``(B, H, L, d)`` with QK-norm and RoPE applied to q and k.
+
+        Norm and RoPE run in the projection's ``(B, L, H, d)`` layout and the results are returned as
+        transposed views: no layout copy; SDPA takes the strides as they are and writes ``(B, L, H, d)``,
+        so :meth:`out` is a view too. ``rope``: tables ``(L, d)`` or ``(B, 1, L, d)``.
+        """
+        q, k, v = self.qkv_proj(x).unflatten(-1, (3, self.heads, self.head_dim)).unbind(2)  # (B, L, H, d) x3
+        q, k = self.q_norm(q), self.k_norm(k)  # (B, L, H, d)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # (B, H, L, d)
-        return q, k, v
+            q, k = apply_rope_heads_last(q, *rope), apply_rope_heads_last(k, *rope)  # (B, L, H, d)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, d) views
 
     def out(self, o: torch.Tensor) -> torch.Tensor:
         """``o (B, H, L, d)`` -> ``(B, L, D)``."""

@@ -65,3 +65,18 @@ class AxialRope3d(nn.Module):
 def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
     """Rotate ``x (B, H, L, head_dim)`` by tables ``(L, head_dim)``; returns x's dtype."""
     return apply_rot_embed(x, sin.to(x.device), cos.to(x.device))  # (B, H, L, head_dim)
+
+
+def apply_rope_heads_last(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rope` for the projection layout ``x (B, L, H, head_dim)``; same result, fewer copies.
+
+    Tables are ``(L, d)`` or broadcastable to ``(B, H, L, d)`` with H = 1 (e.g. ``(B, 1, L, d)``). Computes
+    ``x * cos + swap(x) * sin_signed`` where ``swap`` exchanges the two members of every pair and
+    ``sin_signed = sin * (-1, +1, ...)``: elementwise the same products as timm's ``x * cos + rot(x) * sin``
+    (a negated factor gives the negated product exactly), with one copy of ``x`` instead of three.
+    """
+    sin, cos = (t[:, None] if t.dim() == 2 else t.transpose(-3, -2) for t in (sin, cos))  # (.., L, 1, d)
+    sign = torch.tensor([-1.0, 1.0], device=sin.device, dtype=sin.dtype).repeat(sin.shape[-1] // 2)  # (d,)
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (B, L, H, d): [x1, x0, x3, x2, ...]
+    out = x * cos.to(x.device) + swapped * (sin * sign).to(x.device)  # promoted like timm: fp32 tables keep fp32
+    return out.to(x.dtype)  # (B, L, H, d)
