@@ -21,17 +21,17 @@ def to_uint8(video: torch.Tensor) -> np.ndarray:
 
 def contact_sheet(
     video: torch.Tensor,
-    path: str | Path,
+    path: str | Path | None,
     mask: torch.Tensor | None = None,
     row_labels: list[str] | None = None,
     min_cell: int = 64,
     border: int = 2,
-) -> Path:
+) -> Path | Image.Image:
     """Write a grid PNG: one row per clip, one column per frame.
 
     Args:
         video: ``(B, T, 3, H, W)`` in [-1, 1].
-        path: output ``.png``.
+        path: output ``.png``; None returns the ``PIL.Image`` instead of writing it.
         mask: ``(B, T)`` bool, True = generated; given frames (False) get a green border. None = no borders.
         row_labels: one text label per row, drawn left of the row.
         min_cell: frames smaller than this are enlarged (nearest, integer factor) so they stay visible.
@@ -62,6 +62,8 @@ def contact_sheet(
         draw = ImageDraw.Draw(img)
         for i, label in enumerate(row_labels):
             draw.text((4, gap + i * (ch + gap) + ch // 2 - 5), label, fill=(230, 230, 230))
+    if path is None:
+        return img
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)

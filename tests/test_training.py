@@ -149,3 +149,36 @@ def test_impossible_settings_fail_before_training(workdir, monkeypatch, tmp_path
         _fit(workdir, monkeypatch, *_stage("04_joint_model", 1, save, "--model.init_args.planner_ckpt=null",
                                           "--model.init_args.generator_ckpt=null", override))
     assert not list(tmp_path.rglob("*.ckpt"))  # nothing trained, nothing written
+
+
+# --------------------------------------------------------------------------------------------------
+# TensorBoard: sample grids of interpolation and image-to-video
+# --------------------------------------------------------------------------------------------------
+
+
+def test_sample_grids_reach_tensorboard(workdir, tmp_path):
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mardini.data.datamodule import VideoDataModule
+    from mardini.lit import MarDiniModule
+    from mardini.lit.sample_grids import SampleGrids
+
+    shards = workdir / "data" / "shards" / "synthetic"
+    dm = VideoDataModule(train_shards=str(shards / "train"), val_shards=str(shards / "val"), frames=9, fps=8,
+                         resolution=32, batch_size=2, num_workers=0, epoch_size=8, val_clips=2)
+    model = MarDiniModule(size="tiny", planner_resolution=16, generator={"patch_size": 2}, lr=1e-3)
+    grids = SampleGrids(every_n_steps=2, clips=2, steps=2)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=TensorBoardLogger(tmp_path, name="tb", version=""),
+                        callbacks=[grids], enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(model, dm)
+    assert grids.logged_steps == [2]
+    assert all(net.training for net in model.networks.values())  # sampling left train mode as it was
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = events.Tags()["images"]
+    assert {"samples/interpolation", "samples/image_to_video"} <= set(tags)
+    image = events.Images("samples/interpolation")[0]
+    assert image.step == 2 and image.height > 0 and image.width > 0
