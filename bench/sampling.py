@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--planner-resolution", type=int, default=16)
     p.add_argument("--steps", type=int, nargs="+", default=[1, 10, 25, 50])
     p.add_argument("--compare-steps", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--guidance", type=float, default=2.5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true")
