@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--high", type=int, default=16, help="generator latent side (tokens per frame = high^2)")
     p.add_argument("--low", type=int, default=8, help="planner latent side")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="torch.compile every transformer block")
     p.add_argument("--profile", action="store_true", help="also profile one step with torch.profiler")
     p.add_argument("--quick", action="store_true", help="tiny size and inputs, one round (smoke test)")

@@ -1,0 +1,139 @@
+"""PAPER.md Table 3 on CPU: sampling latency and peak memory of the asymmetric design vs its symmetric variants.
+
+    .venv/bin/python -m bench.asymmetric [--frames 9 13] [--steps 10] [--rounds 1] [--quick]
+
+Variants (same two networks, so parameter counts match exactly; only resolution and attention change):
+    a  MarDini       planner on the low-res copy, generator with temporal attention (/T)
+    b  asym. res.    planner on the low-res copy, generator with spatio-temporal attention (/ST)
+    c  symmetric     planner at the generator's resolution, generator /ST
+
+Scale: the paper's S/T networks at 512^2 shrunk by 16 in width AND tokens per frame, so each network keeps the
+paper's attention-to-linear FLOP balance (tokens / width) and the 4:1 high/low token ratio: generator width
+1024 -> 64 (one 64-d head), planner 4096 -> 256 (4 heads), depth 8 each, MLP as Table 1 (4096 -> 256 planner,
+4x generator); 64x64 -> 16x16 latent tokens per frame (32 px, exact space-to-depth autoencoder), planner
+32x32 -> 8x8 (16 px). Image-to-video (1 given frame), guidance 2.5, DDIM ``--steps``, bf16 autocast, through
+``MarDiniPipeline`` (planner once, reference cache and batched guidance on), as the paper's setting.
+
+Each (variant, frames) runs in its own subprocess: latency = planner + generator seconds of a second
+``generate`` call (the first, 1 step, warms up); peak memory = the subprocess's max RSS (``ru_maxrss``) and
+its growth over the RSS after the networks are built. Rounds interleave the variants; medians are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+
+import torch
+
+from bench.common import command, machine, median, write_result
+
+NAME = "asymmetric"
+VARIANTS = {"a": ("low", "t"), "b": ("low", "st"), "c": ("high", "st")}
+LABELS = {"a": "MarDini (low-res planner, /T)", "b": "low-res planner, /ST", "c": "full-res planner, /ST"}
+
+
+def child(variant: str, frames: int, steps: int, side: int, low: int, scale: int, threads: int | None) -> dict:
+    """One measurement in this process; returns seconds and memory."""
+    from mardini.autoencoders import SpaceToDepthAutoencoder
+    from mardini.masking import image_to_video_mask
+    from mardini.models import build_generator, build_planner
+    from mardini.pipeline import MarDiniPipeline
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    res_mode, attn = VARIANTS[variant]
+    ae = SpaceToDepthAutoencoder(2)
+    pw, gw = 4096 // scale, 1024 // scale
+    planner = build_planner("small", dim=pw, heads=max(1, pw // 64), mlp_hidden=pw, depth=8,
+                            in_channels=ae.latent_channels)
+    planner.drop_head()
+    generator = build_generator("small", dim=gw, heads=max(1, gw // 64), mlp_hidden=4 * gw, plan_dim=pw, depth=8,
+                                in_channels=ae.latent_channels, attention=attn)
+    with torch.no_grad():  # non-zero adaLN outputs, so every layer does its work
+        for p in generator.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    pix = 2 * side  # the autoencoder halves the side
+    pipe = MarDiniPipeline(generator, ae, planner, planner_resolution=2 * (low if res_mode == "low" else side),
+                           window=frames, dtype=torch.bfloat16)
+    video = torch.rand(1, frames, 3, pix, pix, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mask = image_to_video_mask(frames)[None]  # (1, T): frame 0 given
+    rss_built = _rss_now()
+    pipe.generate(video, mask, steps=1, guidance_scale=2.5, progress=False)  # warm-up
+    pipe.generate(video, mask, steps=steps, guidance_scale=2.5, progress=False)
+    tm = pipe.last_timings
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"variant": variant, "frames": frames, "latency_s": tm["planner"] + tm["generator"],
+            "planner_s": tm["planner"], "generator_s": tm["generator"], "peak_rss_mib": peak / 2**20,
+            "peak_growth_mib": (peak - rss_built) / 2**20,
+            "params_M": {"planner": sum(p.numel() for p in planner.parameters()) / 1e6,
+                         "generator": sum(p.numel() for p in generator.parameters()) / 1e6},
+            "tokens": {"generator": frames * side * side,
+                       "planner": frames * (low if res_mode == "low" else side) ** 2}}
+
+
+def _rss_now() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--frames", type=int, nargs="+", default=[9, 13])
+    p.add_argument("--steps", type=int, default=10, help="DDIM steps (the paper times 25; 10 keeps CPU runs short)")
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--side", type=int, default=16, help="generator latent side (tokens per frame = side^2)")
+    p.add_argument("--low", type=int, default=8, help="planner latent side in variants a, b")
+    p.add_argument("--scale", type=int, default=16, help="width divisor of the paper's networks")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="small, 2 steps, one round (smoke test)")
+    p.add_argument("--child", nargs=2, metavar=("VARIANT", "FRAMES"), help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.quick:
+        a.frames, a.steps, a.rounds, a.side, a.low, a.scale = [5], 2, 1, 8, 4, 64
+    if a.child:
+        print(json.dumps(child(a.child[0], int(a.child[1]), a.steps, a.side, a.low, a.scale, a.threads)))
+        return {}
+    runs = []
+    for r in range(a.rounds):
+        for frames in a.frames:
+            for v in VARIANTS:
+                args = ["--child", v, str(frames), "--steps", str(a.steps), "--side", str(a.side), "--low",
+                        str(a.low), "--scale", str(a.scale)] + (["--threads", str(a.threads)] if a.threads else [])
+                out = subprocess.run([sys.executable, "-m", f"bench.{NAME}", *args], capture_output=True, text=True)
+                if out.returncode:
+                    raise RuntimeError(f"variant {v} at {frames} frames failed:\n{out.stderr[-3000:]}")
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+                runs.append({**row, "round": r})
+                print(f"  round {r} {frames:2d} frames {v}: {row['latency_s']:.2f} s, peak RSS "
+                      f"{row['peak_rss_mib']:.0f} MiB (+{row['peak_growth_mib']:.0f})", flush=True)
+    table = []
+    for frames in a.frames:
+        med = {v: {k: median([x[k] for x in runs if x["variant"] == v and x["frames"] == frames])
+                   for k in ("latency_s", "planner_s", "generator_s", "peak_rss_mib", "peak_growth_mib")}
+               for v in VARIANTS}
+        for v in VARIANTS:
+            table.append({"frames": frames, "variant": v, "label": LABELS[v], **med[v],
+                          "c_over_this_latency": med["c"]["latency_s"] / med[v]["latency_s"],
+                          "this_over_c_memory": med[v]["peak_rss_mib"] / med["c"]["peak_rss_mib"]})
+    result = {"command": command(f"bench.{NAME}", argv), "settings": {k: v for k, v in vars(a).items() if k != "child"},
+              "machine": machine(), "params_M": runs[0]["params_M"], "table": table, "runs": runs}
+    path = write_result(NAME, result)
+    print(f"\n| frames | variant | latency s | planner s | generator s | peak RSS MiB | (c) latency / this |")
+    print("|---|---|---|---|---|---|---|")
+    for row in table:
+        print(f"| {row['frames']} | {row['label']} | {row['latency_s']:.2f} | {row['planner_s']:.2f} | "
+              f"{row['generator_s']:.2f} | {row['peak_rss_mib']:.0f} | {row['c_over_this_latency']:.2f}x |")
+    print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
