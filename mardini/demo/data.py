@@ -1,4 +1,4 @@
-"""``python -m mardini.demo`` (what ``make demo`` runs for now): build the embedded data set, stream it, show it.
+"""The demo's data: build the embedded synthetic set, stream it, show it (``python -m mardini.demo.data``).
 
 1. Builds the synthetic set under ``data/shards/synthetic/{train,val}`` if missing (reuses it when present).
 2. Streams the training split through :class:`VideoDataModule` for a few seconds and prints clips/s.

@@ -1,0 +1,84 @@
+"""Running a chain of stage configs in order: each stage resumes, or is skipped when its last checkpoint is final."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from mardini.lit.checkpoints import read_checkpoint
+
+TINY_DIR = Path("configs/tiny")
+TINY_STAGES = ("01_dm_warmup_4f", "02_dm_warmup_9f", "03_mar_warmup", "04_joint_model", "05_joint_task")
+
+
+@dataclass
+class StageRun:
+    """What one stage did: its settings (for the report), steps, seconds, and whether it was reused."""
+
+    name: str
+    kind: str
+    checkpoint: Path
+    settings: dict = field(default_factory=dict)
+    steps: int = 0
+    seconds: float = 0.0
+    reused: bool = False
+    log_dir: Path | None = None
+
+
+def stage_settings(common: Path, stage: Path) -> dict:
+    """The merged YAML of ``common`` then ``stage`` (top-level keys merged one level deep), for reports."""
+    merged: dict = {}
+    for path in (common, stage):
+        cfg = yaml.safe_load(path.read_text()) or {}
+        for key, value in cfg.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                inner = dict(merged[key])
+                for k, v in value.items():
+                    if isinstance(v, dict) and isinstance(inner.get(k), dict) and "init_args" in v:
+                        inner[k] = {**inner[k], **v, "init_args": {**inner[k].get("init_args", {}), **v["init_args"]}}
+                    else:
+                        inner[k] = v
+                merged[key] = inner
+            else:
+                merged[key] = value
+    return merged
+
+
+def finished_step(checkpoint: Path) -> int:
+    """``global_step`` of a checkpoint, or -1 when there is none (an unreadable one is left to the resume logic)."""
+    if not checkpoint.is_file():
+        return -1
+    try:
+        return int(read_checkpoint(checkpoint).get("global_step", -1))
+    except ValueError:
+        return -1
+
+
+def run_stage(name: str, config_dir: Path = TINY_DIR, extra: list[str] | None = None,
+              max_steps: int | None = None, progress: bool = True) -> StageRun:
+    """Train one stage from the CLI in this process; skipped when its ``last.ckpt`` has reached ``max_steps``."""
+    from mardini.cli import main as cli_main
+
+    common, stage = config_dir / "common.yaml", config_dir / f"{name}.yaml"
+    settings = stage_settings(common, stage)
+    steps = int(max_steps if max_steps is not None else settings["trainer"]["max_steps"])
+    logger = settings["trainer"]["logger"]["init_args"]
+    log_dir = Path(logger["save_dir"]) / logger["name"] / str(logger.get("version", ""))
+    checkpoint = log_dir / "checkpoints" / "last.ckpt"
+    kind = settings["model"]["class_path"].rsplit(".", 1)[-1]
+    run = StageRun(name, kind, checkpoint, settings, steps, log_dir=log_dir)
+    if finished_step(checkpoint) >= steps:
+        run.reused = True
+        return run
+    args = ["fit", "--config", str(common), "--config", str(stage), f"--trainer.max_steps={steps}",
+            f"--trainer.enable_progress_bar={str(progress).lower()}", "--trainer.enable_model_summary=false",
+            *(extra or [])]
+    start = time.perf_counter()
+    cli_main(args)
+    run.seconds = time.perf_counter() - start
+    if finished_step(checkpoint) < steps:
+        raise RuntimeError(f"stage {name} stopped before step {steps}; see the log under {log_dir}")
+    return run

@@ -1,0 +1,60 @@
+"""Loss curves of a chain of stages, read back from their TensorBoard event files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_scalars(log_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """``[(step, value)]`` of one scalar tag in a TensorBoard log folder (empty when absent)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not log_dir.is_dir():
+        return []
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    if tag not in events.Tags().get("scalars", []):
+        return []
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def smooth(values: list[float], weight: float = 0.9) -> list[float]:
+    """TensorBoard-style exponential moving average (bias-corrected)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, start=1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight**i))
+    return out
+
+
+def plot_losses(stages: list[tuple[str, Path]], path: Path) -> dict[str, dict[str, float]]:
+    """One panel per stage (train loss, smoothed, and val loss); returns first/last smoothed train loss per stage."""
+    fig, axes = plt.subplots(1, len(stages), figsize=(3.2 * len(stages), 2.8), squeeze=False)
+    summary: dict[str, dict[str, float]] = {}
+    for ax, (name, log_dir) in zip(axes[0], stages):
+        train = read_scalars(log_dir, "train/loss")
+        val = read_scalars(log_dir, "val/loss")
+        if train:
+            steps, values = zip(*train)
+            sm = smooth(list(values))
+            ax.plot(steps, values, color="0.8", lw=0.8)
+            ax.plot(steps, sm, color="C0", lw=1.5, label="train (smoothed)")
+            summary[name] = {"first": sm[0], "last": sm[-1], "steps": steps[-1]}
+        if val:
+            ax.plot(*zip(*val), "o-", color="C3", ms=3, label="val")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.set_yscale("log")
+    axes[0][0].set_ylabel("masked loss", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return summary

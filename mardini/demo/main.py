@@ -1,0 +1,156 @@
+"""``make demo`` / ``python -m mardini.demo``: MarDini end to end on CPU, written up in ``outputs/demo/report.md``.
+
+1. data: the embedded synthetic set under ``data/shards/synthetic`` (built once, reused);
+2. training: the tiny curriculum chain ``configs/tiny/`` -- generator warm-ups (4 then 9 frames), planner warm-up,
+   joint model, joint task training with the kept fraction decreasing (checkpoints under ``outputs/tiny``; a
+   finished stage is reused, an interrupted one resumes);
+3. evaluation: interpolation and image-to-video on held-out clips against linear blending and nearest-frame
+   repetition (MidF-PSNR/SSIM, trajectory error; FVD/FID too when ``make weights`` has been run);
+4. pictures: contact sheets next to ground truth and the baselines, GIF/MP4 samples, loss curves;
+5. ``outputs/demo/report.md`` (+ ``summary.json``).
+
+Re-running reuses what is done; ``--fresh`` starts over (deletes ``outputs/tiny`` and ``outputs/demo``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mardini.demo.chain import TINY_DIR, TINY_STAGES, run_stage
+from mardini.demo.data import SHARDS, build_synthetic
+
+OUTPUT = Path("outputs/demo")
+TRAIN_ROOT = Path("outputs/tiny")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m mardini.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=OUTPUT, help="report folder")
+    p.add_argument("--fresh", action="store_true", help="delete earlier checkpoints and results first")
+    p.add_argument("--eval-clips", type=int, default=64, help="held-out clips per task (the val split has 64)")
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps of the model at evaluation")
+    p.add_argument("--show", type=int, default=4, help="clips in the contact sheets")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's max_steps (quick runs: 0.05)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs)")
+    return p.parse_args(argv)
+
+
+def _weights_available() -> bool:
+    from mardini.weights import resolve_weights
+
+    try:
+        resolve_weights("i3d", verify=False)
+        resolve_weights("inception", verify=False)
+        return True
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    start = time.perf_counter()
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    if a.fresh:
+        shutil.rmtree(TRAIN_ROOT, ignore_errors=True)
+        shutil.rmtree(a.out, ignore_errors=True)
+    a.out.mkdir(parents=True, exist_ok=True)
+
+    print(f"[1/5] synthetic data set under {SHARDS}/ (built once, reused)", flush=True)
+    for s in build_synthetic(SHARDS, progress=not a.no_progress):
+        print(f"      {s['split']}: {s['clips']} clips in {s['shards']} shards ({s['kept']} reused)", flush=True)
+
+    print(f"[2/5] training the tiny chain ({len(TINY_STAGES)} stages, configs in {TINY_DIR}/)", flush=True)
+    stages = []
+    t_train = time.perf_counter()
+    for i, name in enumerate(TINY_STAGES, 1):
+        from mardini.demo.chain import stage_settings
+
+        steps = stage_settings(TINY_DIR / "common.yaml", TINY_DIR / f"{name}.yaml")["trainer"]["max_steps"]
+        steps = max(1, round(steps * a.scale))
+        run = run_stage(name, max_steps=steps, progress=not a.no_progress)
+        stages.append(run)
+        how = "reused (already trained)" if run.reused else f"trained in {run.seconds:.0f} s"
+        print(f"      stage {i}/{len(TINY_STAGES)} {name}: {run.steps} steps, {how}", flush=True)
+    train_s = time.perf_counter() - t_train
+    final = stages[-1].checkpoint
+
+    print(f"[3/5] evaluating {final} on {a.eval_clips} held-out clips (vs linear blend, nearest frame)", flush=True)
+    t_eval = time.perf_counter()
+    evaluation = evaluate(final, a.out / "eval", a.eval_clips, a.steps)
+    eval_s = time.perf_counter() - t_eval
+
+    print("[4/5] pictures: contact sheets, GIF/MP4 samples, loss curves", flush=True)
+    from mardini.demo.curves import plot_losses
+    from mardini.demo.showcase import showcase
+    from mardini.pipeline import MarDiniPipeline
+
+    pipe = MarDiniPipeline.from_checkpoint(final, ema=True)
+    val = next(iter(_val_loader(a.show)))
+    pictures = showcase(pipe, val["video"][: a.show], val["key"][: a.show], a.out / "samples", steps=a.steps)
+    losses = plot_losses([(s.name, s.log_dir) for s in stages], a.out / "loss_curves.png")
+
+    print("[5/5] report", flush=True)
+    from mardini.demo.report import verdict, write_report
+
+    info = {
+        "command": "make demo" if argv is None else "python -m mardini.demo " + " ".join(argv),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "total_s": time.perf_counter() - start, "train_s": train_s, "eval_s": eval_s,
+        "params": {n: sum(p.numel() for p in getattr(pipe, n).parameters()) for n in ("planner", "generator")},
+        "resolution": pipe.resolution[0] if pipe.resolution else 32, "frames": pipe.window,
+        "fps": pipe.fps or 8.0, "planner_resolution": pipe.planner_resolution,
+    }
+    report = write_report(a.out, info, stages, evaluation, pictures, losses)
+    checks = verdict(evaluation["tasks"])
+    summary = {"report": str(report), "total_s": info["total_s"], "train_s": train_s, "eval_s": eval_s,
+               "stages": {s.name: {"steps": s.steps, "seconds": s.seconds, "reused": s.reused} for s in stages},
+               "results": {t: r["results"] for t, r in evaluation["tasks"].items()},
+               "beats_baselines": {f"{t}/{m}": ok for t, m, ok, _ in checks}}
+    (a.out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+
+    print(f"\ndone in {info['total_s'] / 60:.1f} min (training {train_s / 60:.1f}, evaluation {eval_s / 60:.1f}).")
+    for task, metric, ok, detail in checks:
+        print(f"  {task:15s} {metric:12s} {'beats both baselines' if ok else 'does NOT beat both baselines'}: {detail}")
+    print(f"report: {report}")
+    return 0
+
+
+def _val_loader(clips: int):
+    from mardini.data import synthetic as S
+    from mardini.data.datamodule import VideoDataModule
+
+    dm = VideoDataModule(train_shards=str(SHARDS / "train"), val_shards=str(SHARDS / "val"),
+                         frames=S.DEMO_LOADER_FRAMES, fps=S.DEMO_LOADER_FPS, resolution=S.DEMO_LOADER_RESOLUTION,
+                         batch_size=clips, num_workers=0, val_clips=clips)
+    dm.setup("validate")
+    return dm.val_dataloader()
+
+
+def evaluate(checkpoint: Path, out: Path, clips: int, steps: int) -> dict:
+    """The synthetic protocol (both tasks) for the model and the baselines; returns ``report.json`` as a dict."""
+    from mardini.evaluation.cli import main as evaluate_main
+
+    metrics = ["midf", "traj"] + (["fvd", "fid"] if _weights_available() else [])
+    code = evaluate_main(["--preset", "synthetic", "--checkpoint", str(checkpoint), "--num-clips", str(clips),
+                          "--steps", str(steps), "--metrics", *metrics, "--out", str(out), "--device", "cpu",
+                          "--missing-weights", "skip"])
+    if code:
+        raise RuntimeError(f"evaluation failed with exit code {code}; see the messages above")
+    report = json.loads((out / "report.json").read_text())
+    report["steps"] = steps
+    if "fvd" not in metrics:
+        report["skipped"] = {"FVD/FID": "metric weights not found; `make weights` fetches them (then re-run)"}
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(main())
