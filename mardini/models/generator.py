@@ -52,6 +52,7 @@ class GeneratorBlock(nn.Module):
         super().__init__()
         d = cfg.dim
         self.cross_mode = cfg.cross_attention
+        self.identity = cfg.identity_attention  # False: the Fig. 6c ablation (references read every token)
         self.norm_s = RmsNormFp32(d, affine=False)
         self.spatial = SelfAttentionProj(d, cfg.heads, qk_norm=cfg.qk_norm)
         self.norm_t = RmsNormFp32(d)
@@ -75,7 +76,8 @@ class GeneratorBlock(nn.Module):
     def temporal_attn(self, x: torch.Tensor, mask: torch.Tensor, rope, mode: str, record: dict | None = None):
         """``/ST``: all tokens of all frames; ``/T``: tokens at one spatial position across frames.
 
-        Identity attention in both: a reference token sees only itself. ``mask (B, T)`` True = generated.
+        Identity attention in both: a reference token sees only itself (plain full attention when
+        ``cfg.identity_attention`` is False). ``mask (B, T)`` True = generated.
         ``record`` (a dict) receives the keys/values of every token for a :class:`ReferenceCache`.
         """
         b, t, n, _ = x.shape
@@ -84,11 +86,11 @@ class GeneratorBlock(nn.Module):
             record["temporal"] = (k.contiguous(), v.contiguous())  # (B, H, L, d) x2
         if mode == "st":
             ref = (~mask).repeat_interleave(n, dim=1)  # (B, L)
-            o = identity_attention(q, k, v, ref, "token")  # (B, H, L, d)
+            o = identity_attention(q, k, v, ref, "token") if self.identity else attention(q, k, v)  # (B, H, L, d)
         else:
             q, k, v = (rearrange(a, "b h (t n) d -> (b n) h t d", t=t) for a in (q, k, v))  # (B*N, H, T, d)
             ref = (~mask).repeat_interleave(n, dim=0)  # (B*N, T), row b*N + j = position j of clip b
-            o = identity_attention(q, k, v, ref, "token")  # (B*N, H, T, d)
+            o = identity_attention(q, k, v, ref, "token") if self.identity else attention(q, k, v)  # (B*N,H,T,d)
             o = rearrange(o, "(b n) h t d -> b h (t n) d", b=b)  # (B, H, L, d)
         return x + rearrange(self.temporal.out(o), "b (t n) d -> b t n d", t=t)  # (B, T, N, D)
 
@@ -284,6 +286,8 @@ class Generator(nn.Module):
         mask: torch.Tensor,
         cache: ReferenceCache | None = None,
     ) -> torch.Tensor:
+        if not self.cfg.identity_attention:  # references read generated tokens: their activations change per step
+            cache = None  # so the reference cache would be wrong; every step runs the full forward
         if cache is not None:
             if cache.ready:
                 return self._forward_generated(z, t, mask, cache)
