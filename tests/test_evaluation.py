@@ -136,7 +136,14 @@ def test_trajectory_error_counts_missing_objects_and_colours_under_occlusion():
     metric = TrajectoryError()
     blank = torch.full_like(video, -1.0)  # black frames: no object found
     metric.update(blank, video, pos, mask)
-    assert metric.compute()["traj_detected"] == 0
+    out = metric.compute()
+    assert out["traj_detected"] == 0
+    # every miss scores as a random guess: the mean distance of two uniform points, 0.5214 of the side
+    torch.testing.assert_close(out["traj_err_all_px"], torch.tensor(0.5214 * 32, dtype=torch.float64))
+    metric.reset()
+    metric.update(video, video, pos, mask)  # the real clip: everything found, the all-objects error is the plain one
+    out = metric.compute()
+    assert out["traj_detected"] == 1 and float(out["traj_err_all_px"]) == pytest.approx(float(out["traj_err_px"]))
 
 
 # ------------------------------------------------------------------------------------------------

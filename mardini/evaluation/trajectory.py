@@ -11,6 +11,9 @@ centre is the colour-weighted centroid of the pixels of its colour. Steps:
    ``visible`` times its largest mass over the clip, so occluded objects are left out); detected when the generated
    mass is at least ``detect`` times the real mass. The error is the distance between the generated centroid and
    the ground truth, in pixels and as a fraction of the frame (``sqrt(dx^2 + dy^2)`` in normalised (x, y)).
+4. ``traj_err_all_px`` also scores the misses: an object that is not found counts as a random guess, the mean
+   distance between two uniform points of the frame (``MISS_FRACTION`` of the side, 0.5214 for a square), so a
+   method cannot look good by producing objects only where they barely moved.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import torch
 from torchmetrics import Metric
 
 from mardini.data.synthetic import PALETTE
+
+MISS_FRACTION = 0.5214  # mean distance between two uniform random points of the unit square
 
 
 # ------------------------------------------------------------------------------------------------
@@ -95,9 +100,10 @@ def colour_centroids(
 class TrajectoryError(Metric):
     """Mean object-position error of generated frames vs ground truth (DDP-safe sums).
 
-    ``update(fake, real, positions, mask)``; ``compute()`` -> ``{traj_err_px, traj_err_frac, traj_detected}``:
-    mean error over detected object-frames in pixels of the evaluated frames and as a fraction of the frame, and
-    the fraction of counted object-frames where the object was found.
+    ``update(fake, real, positions, mask)``; ``compute()`` -> ``{traj_err_px, traj_err_frac, traj_detected,
+    traj_err_all_px}``: mean error over detected object-frames in pixels of the evaluated frames and as a fraction
+    of the frame, the fraction of counted object-frames where the object was found, and the mean error over all
+    counted object-frames with a miss scored as a random guess (``MISS_FRACTION`` of the frame's side).
     """
 
     is_differentiable = False
@@ -109,7 +115,7 @@ class TrajectoryError(Metric):
         if not (0 < tol and 0 < visible <= 1 and 0 < detect):
             raise ValueError(f"need tol > 0, 0 < visible <= 1, detect > 0; got {tol}, {visible}, {detect}")
         self.tol, self.visible, self.detect = tol, visible, detect
-        for name in ("err_px", "err_frac"):
+        for name in ("err_px", "err_frac", "err_all_px"):
             self.add_state(name, torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         for name in ("n_detected", "n_counted"):
             self.add_state(name, torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
@@ -142,6 +148,9 @@ class TrajectoryError(Metric):
         self.err_frac += err_frac[detected].double().sum()
         self.n_detected += detected.sum()
         self.n_counted += counted.sum()
+        h, w = real.shape[-2:]
+        miss = MISS_FRACTION * (h * w) ** 0.5  # random-guess error in pixels
+        self.err_all_px += err_px[detected].double().sum() + miss * (counted & ~detected).sum().double()
 
     def compute(self) -> dict[str, torch.Tensor]:
         nan = torch.tensor(float("nan"), dtype=torch.float64)
@@ -150,4 +159,5 @@ class TrajectoryError(Metric):
             "traj_err_px": self.err_px / n if n > 0 else nan,
             "traj_err_frac": self.err_frac / n if n > 0 else nan,
             "traj_detected": n / self.n_counted if self.n_counted > 0 else nan,
+            "traj_err_all_px": self.err_all_px / self.n_counted.double() if self.n_counted > 0 else nan,
         }
