@@ -40,6 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=25, help="DDIM steps of the model at evaluation")
     p.add_argument("--show", type=int, default=4, help="clips in the contact sheets")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's max_steps (quick runs: 0.05)")
+    p.add_argument("--train-clips", type=int, default=None, help="synthetic training clips (default: the demo's 2000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs)")
     return p.parse_args(argv)
 
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
 
     print(f"[1/5] synthetic data set under {SHARDS}/ (built once, reused)", flush=True)
-    for s in build_synthetic(SHARDS, progress=not a.no_progress):
+    extra = {} if a.train_clips is None else {"train_clips": a.train_clips}
+    for s in build_synthetic(SHARDS, progress=not a.no_progress, **extra):
         print(f"      {s['split']}: {s['clips']} clips in {s['shards']} shards ({s['kept']} reused)", flush=True)
 
     print(f"[2/5] training the tiny chain ({len(TINY_STAGES)} stages, configs in {TINY_DIR}/)", flush=True)
