@@ -21,6 +21,7 @@ from bench.common import RESULTS
 # name -> (full-run args, quick args); a bench whose module is missing is skipped (sampling lands separately)
 BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "train_mfu": (["--profile"], ["--quick"]),
+    "train_throughput": ([], ["--quick"]),
     "asymmetric": ([], ["--quick"]),
     "attention_memory": ([], ["--lengths", "512", "--dtypes", "fp32", "--repeats", "1"]),
     "data_vs_step": ([], ["--quick"]),
