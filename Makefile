@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test test-slow test-all bench weights reproduce train-tiny clean-outputs
+.PHONY: venv demo test test-slow test-all bench weights reproduce train-tiny clean-outputs notebooks
 
 venv: $(STAMP)
 
@@ -54,3 +54,8 @@ weights: venv
 ## Any folder of videos: ARGS="--preset vidim --data DIR". Reports in outputs/eval/ (see mardini/evaluation/README.md).
 evaluate: venv weights
 	$(PY) evaluate.py --preset synthetic $(ARGS)
+
+## Run the three notebooks (notebooks/*.ipynb) with the demo's checkpoint and data when present; the executed
+## copies go to outputs/notebooks/ (the committed notebooks stay without outputs). `make test` runs them quick.
+notebooks: venv
+	$(PY) notebooks/build.py --execute outputs/notebooks

@@ -1,7 +1,7 @@
 """Writes the three notebooks of this folder (clean: no outputs) from the cells below.
 
-    python notebooks/build.py           # rewrite notebooks/*.ipynb
-    make notebooks                      # execute them in place (outputs kept locally; do not commit them)
+    python notebooks/build.py                                # rewrite notebooks/*.ipynb (no outputs)
+    python notebooks/build.py --execute outputs/notebooks    # = make notebooks: run them, executed copies there
 
 Edit the cells here or in Jupyter; either way commit the notebooks without outputs (this script writes none,
 ``tests/test_notebooks.py`` checks it). The notebooks call the package only.
@@ -475,7 +475,30 @@ def build(cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
     return nb
 
 
-def main() -> None:
+def execute(out: Path) -> None:
+    """Run the committed notebooks (cwd = the repository root) and write the executed copies to ``out``."""
+    from nbclient import NotebookClient
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in NOTEBOOKS:
+        nb = nbformat.read(HERE / name, as_version=4)
+        print("running", HERE / name, flush=True)
+        NotebookClient(nb, timeout=1800, kernel_name="python3",
+                       resources={"metadata": {"path": str(HERE.parent)}}).execute()
+        nbformat.write(nb, out / name)
+        print("wrote", out / name, flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--execute", metavar="OUT", type=Path, default=None,
+                   help="run the notebooks and write the executed copies to OUT (the committed ones stay clean)")
+    args = p.parse_args(argv)
+    if args.execute is not None:
+        execute(args.execute)
+        return
     for name, cells in NOTEBOOKS.items():
         nbformat.write(build(cells), HERE / name)
         print("wrote", HERE / name)
