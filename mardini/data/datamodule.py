@@ -21,11 +21,16 @@ import json
 import tarfile
 from typing import Literal
 
+import warnings
+
 import lightning as L
 import torch
 
 from mardini.data.sharding import list_shards
 from mardini.data.stream import ClipStream, StreamLoader, StreamState
+
+# ClipStream splits its epoch across workers itself (``with_epoch`` per worker), so its __len__ is exact.
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 
 
 class VideoDataModule(L.LightningDataModule):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from typing import Any, ClassVar, Literal
 
 import lightning as L
@@ -21,6 +22,9 @@ from torch import nn
 from mardini.autoencoders import FrameAutoencoder, SpaceToDepthAutoencoder
 from mardini.lit.schedules import scaled_lr, warmup_cosine
 from mardini.masking import TEMPLATES, MaskSampler
+
+# The EMA copy is kept in eval mode on purpose (it is never trained).
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 CHECKPOINT_FORMAT = 1  # bump when the layout of checkpoint["mardini"] or the network keys change
 
