@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--show", type=int, default=4, help="clips in the contact sheets")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's max_steps (quick runs: 0.05)")
     p.add_argument("--train-clips", type=int, default=None, help="synthetic training clips (default: the demo's 2000)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (1: tiny ops gain little from more, and on a busy 2-core machine "
+                        "spinning threads slow training by 10x or more; the data worker uses the other core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs)")
     return p.parse_args(argv)
 
@@ -59,7 +62,7 @@ def _weights_available() -> bool:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     start = time.perf_counter()
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    torch.set_num_threads(max(1, a.threads))
     if a.fresh:
         shutil.rmtree(TRAIN_ROOT, ignore_errors=True)
         shutil.rmtree(a.out, ignore_errors=True)
