@@ -37,6 +37,11 @@ test-all: venv
 bench: venv
 	$(PY) -m bench.run_all
 
+## Toy-scale versions of the paper's analyses (Table 2, Fig. 6a, Fig. 6c, Table 3): a few hours on 2 CPU cores,
+## outputs/reproduce/report.md. Check that it runs in minutes: $(PY) -m mardini.reproduce --quick
+reproduce: venv
+	$(PY) -m mardini.reproduce $(ARGS)
+
 ## The tiny curriculum chain on CPU (stage after stage; a finished stage is skipped, a stopped one resumes).
 TINY_STAGES := 01_dm_warmup_4f 02_dm_warmup_9f 03_mar_warmup 04_joint_model 05_joint_task
 train-tiny: venv

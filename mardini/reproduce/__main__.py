@@ -1,0 +1,5 @@
+import sys
+
+from mardini.reproduce.main import main
+
+sys.exit(main())

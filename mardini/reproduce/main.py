@@ -1,0 +1,152 @@
+"""``make reproduce`` / ``python -m mardini.reproduce``: toy-scale versions of the paper's analyses, with a report.
+
+1. data: the embedded synthetic set (built once, reused);
+2. the tiny curriculum chain (``configs/tiny/`` copied under ``<out>/configs``, trained into ``<out>/runs``), or
+   existing checkpoints with ``--checkpoints DIR`` (e.g. ``outputs/tiny`` after ``make demo``; read only);
+3. Table 2: MAR only / DM only / MAR + DM on interpolation (synthetic protocol, held-out clips);
+4. Fig. 6a: the joint checkpoint at 1/10/25/50 DDIM steps, interpolation and image-to-video;
+5. Fig. 6c: the generator warm-up trained twice, identity attention on and off, loss curves;
+6. Table 3: latency and peak memory of the asymmetric design vs symmetric variants (``bench.asymmetric``);
+then ``<out>/report.md`` (+ ``results.json``, PNG plots) with a computed agree/disagree verdict per claim.
+
+Default: a few hours on 2 CPU cores (writes ``outputs/reproduce/``). ``--quick``: minutes, tiny step counts and
+few clips, only to check that everything runs (writes ``outputs/reproduce/quick/``; its numbers mean nothing).
+Re-running reuses finished training runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ANALYSES = ("table2", "fig6a", "fig6c", "table3")
+DEFAULTS = {"scale": 1.0, "identity_steps": 1000, "eval_clips": 64, "sweep": [1, 10, 25, 50]}
+QUICK = {"scale": 0.02, "identity_steps": 20, "eval_clips": 4, "sweep": [1, 10, 25, 50]}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m mardini.reproduce", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="minutes: validation only (numbers mean nothing)")
+    p.add_argument("--out", type=Path, default=None, help="default outputs/reproduce (quick: outputs/reproduce/quick)")
+    p.add_argument("--only", nargs="+", choices=ANALYSES, default=list(ANALYSES), help="analyses to run")
+    p.add_argument("--checkpoints", type=Path, default=None,
+                   help="folder holding the five chain stages (<dir>/<stage>/checkpoints/last.ckpt); no training")
+    p.add_argument("--scale", type=float, default=None, help="multiply every chain stage's max_steps (default 1)")
+    p.add_argument("--identity-steps", type=int, default=None, help="steps of each Fig. 6c run (default 1000)")
+    p.add_argument("--eval-clips", type=int, default=None, help="held-out clips per task (default 64, at most 64)")
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps for Table 2 (the paper's 25)")
+    p.add_argument("--sweep", type=int, nargs="+", default=None, help="DDIM steps of Fig. 6a (default 1 10 25 50)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    a = p.parse_args(argv)
+    for key, value in (QUICK if a.quick else DEFAULTS).items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
+    if a.out is None:
+        a.out = Path("outputs/reproduce/quick" if a.quick else "outputs/reproduce")
+    if a.eval_clips < 2 or a.identity_steps < 1 or a.scale <= 0 or min(a.sweep) < 1:
+        p.error("--eval-clips must be >= 2, --identity-steps >= 1, --scale > 0 and every --sweep value >= 1")
+    return a
+
+
+def _metrics() -> list[str]:
+    from mardini.demo.main import _weights_available
+
+    return ["midf", "traj"] + (["fvd", "fid"] if _weights_available() else [])
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    start = time.perf_counter()
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    a.out.mkdir(parents=True, exist_ok=True)
+    from mardini.demo.data import SHARDS, build_synthetic
+    from mardini.reproduce import curves, quality, runs, verdicts
+    from mardini.reproduce.report import write_report
+
+    print(f"[1/6] synthetic data set under {SHARDS}/ (built once, reused)", flush=True)
+    build_synthetic(SHARDS, progress=not a.no_progress)
+    configs = runs.prepare_configs(a.out)
+    needs_chain = {"table2", "fig6a"} & set(a.only)
+    ckpts: dict[str, Path] = {}
+    if needs_chain and a.checkpoints is None:
+        print(f"[2/6] tiny chain at {a.scale:g}x its steps (configs {configs}/, runs {a.out / 'runs'}/)", flush=True)
+        runs.train_chain(configs, a.scale, not a.no_progress)
+        ckpts = runs.chain_checkpoints(a.out / "runs")
+    elif needs_chain:
+        print(f"[2/6] chain checkpoints from {a.checkpoints}/ (no training)", flush=True)
+        ckpts = runs.chain_checkpoints(a.checkpoints)
+    args = quality.eval_args(a.eval_clips, a.steps, _metrics(), a.out / "real_stats")
+    results: dict = {}
+    found: dict = {}
+    pictures: dict = {}
+
+    if "table2" in a.only:
+        print(f"[3/6] Table 2 on {a.eval_clips} clips: MAR only, DM only, MAR + DM, baselines", flush=True)
+        results["table2"] = quality.table2(ckpts, args)
+        found["Table 2"] = verdicts.table2(results["table2"]["results"])
+    if "fig6a" in a.only:
+        print(f"[4/6] Fig. 6a: DDIM steps {a.sweep}, interpolation and image-to-video", flush=True)
+        results["fig6a"] = quality.fig6a(ckpts["05_joint_task"], args, a.sweep)
+        found["Fig. 6a"] = verdicts.fig6a(results["fig6a"])
+        shown = {t: [m for m in verdicts.headline_metrics(r["results"]) if t == "interpolation" or "midf" not in m]
+                 for t, r in results["fig6a"].items()}
+        pictures["fig6a"] = curves.plot_steps(results["fig6a"], shown, a.out / "fig6a_steps.png")
+    if "fig6c" in a.only:
+        print(f"[5/6] Fig. 6c: generator warm-up twice ({a.identity_steps} steps), identity attention on / off",
+              flush=True)
+        pair = runs.train_identity_pair(configs, a.identity_steps, not a.no_progress, log_every=2 if a.quick else 10)
+        loss = {("on" if on else "off"): curves.loss_summary(r.log_dir) for on, r in pair.items()}
+        results["fig6c"] = {**loss, "steps": a.identity_steps}
+        found["Fig. 6c"] = verdicts.fig6c(loss["on"], loss["off"])
+        pictures["fig6c"] = curves.plot_identity(
+            {f"identity attention {k}": v for k, v in loss.items()}, a.out / "fig6c_identity.png")
+    if "table3" in a.only:
+        print("[6/6] Table 3: bench.asymmetric" + (" --quick" if a.quick else ""), flush=True)
+        from mardini.reproduce.efficiency import table3
+
+        results["table3"] = table3(a.out, a.quick)
+        found["Table 3"] = verdicts.table3(results["table3"]["table"])
+
+    info = {
+        "mode": "quick" if a.quick else "default",
+        "command": "make reproduce" if argv is None and not a.quick else
+                   "python -m mardini.reproduce " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "total_s": time.perf_counter() - start, "table2_steps": a.steps,
+        "checkpoints": ", ".join(f"`{p}`" for p in ckpts.values()) or "–",
+        "params": _params(ckpts), "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+    }
+    report = write_report(a.out, info, results, found, pictures)
+    (a.out / "results.json").write_text(json.dumps({"info": info, "results": results, "verdicts": found},
+                                                   indent=1, default=float) + "\n")
+    print(f"\ndone in {info['total_s'] / 60:.1f} min")
+    for name, rows in found.items():
+        for r in rows:
+            print(f"  {name:8s} {r['verdict']:24s} {r['claim']}")
+    print(f"report: {report}")
+    return 0
+
+
+def _params(ckpts: dict[str, Path]) -> str:
+    """Parameter counts of the joint checkpoint's networks, or of the tiny size when no chain was loaded."""
+    from mardini.models import build_generator, build_planner
+
+    if "05_joint_task" in ckpts:
+        from mardini.pipeline.loading import load_checkpoint
+
+        ld = load_checkpoint(ckpts["05_joint_task"])
+        nets = {"planner": ld.planner, "generator": ld.generator}
+    else:
+        nets = {"planner": build_planner("tiny"), "generator": build_generator("tiny")}
+    return ", ".join(f"{n} {sum(p.numel() for p in m.parameters()) / 1e6:.2f} M parameters" for n, m in nets.items())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Table 2 and Fig. 6a on the synthetic protocol: which samplers, scored with the evaluation package's ``run_task``.
+
+Table 2 (PAPER.md §5.1, interpolation): the planner alone through its warm-up projection head ("MAR only"), the
+generator alone ("DM only": the generator warm-up, and the joint model's generator with the null plan, the two
+readings of the paper's row), and both (the joint checkpoint). Fig. 6a (PAPER.md §6.4): the joint checkpoint at
+several DDIM step counts, on interpolation and image-to-video. Baselines (linear blend, nearest frame) are scored
+beside them on the same clips, masks and seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mardini.autoencoders import build_autoencoder
+from mardini.data.transforms import resize_video
+from mardini.diffusion.checks import frame_mask
+from mardini.evaluation.protocol import DEFAULT_GUIDANCE
+from mardini.evaluation.samplers import BASELINES, PipelineSampler
+from mardini.lit.checkpoints import check_metadata, read_checkpoint
+from mardini.models.registry import build_planner
+
+
+# ------------------------------------------------------------------------------------------------
+# Samplers
+# ------------------------------------------------------------------------------------------------
+class PlannerOnly:
+    """PAPER.md Table 2 "MAR only": the warm-up planner's projection head, decoded and upsampled; no diffusion.
+
+    Fed as in training (``PlanningModule.compute_loss`` / ``MarDiniBase.latents_low``): the clip resized to the
+    planner resolution, encoded, masked frames replaced by the mask token inside the planner.
+    """
+
+    name = "mar_only"
+
+    def __init__(self, checkpoint: str | Path, ema: bool = True) -> None:
+        ckpt = read_checkpoint(checkpoint)
+        meta = check_metadata(ckpt, ("planning",), checkpoint)
+        over = dict((ckpt.get("hyper_parameters") or {}).get("planner") or {})
+        over.setdefault("in_channels", int(meta["latent_channels"]))
+        self.planner = build_planner(meta["size"], **over)
+        prefix = "ema.module.planner." if ema else "networks.planner."
+        state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+        if not state or self.planner.head is None:
+            raise ValueError(f"{checkpoint} holds no '{prefix}*' weights with a projection head; pass a planner "
+                             "warm-up checkpoint (03_mar_warmup)")
+        self.planner.load_state_dict(state)
+        self.planner.eval().requires_grad_(False)
+        self.autoencoder = build_autoencoder(meta["autoencoder_spec"]).eval()
+        self.planner_resolution = int(meta["planner_resolution"])
+
+    @torch.no_grad()
+    def __call__(self, video: torch.Tensor, mask: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        h, w = video.shape[-2:]
+        m = frame_mask(mask)  # (B, T, 1, 1, 1)
+        x = torch.where(m, torch.zeros((), device=video.device), video)  # (B, T, 3, H, W) masked content out
+        z_low = self.autoencoder.encode(resize_video(x, self.planner_resolution))  # (B, T, C, h', w')
+        plan = self.planner(z_low, mask)  # (B, T, N_low, D)
+        recon = self.planner.project(plan, size=tuple(z_low.shape[-2:]))  # (B, T, C, h', w')
+        low = self.autoencoder.decode(recon)  # (B, T, 3, r, r), r = planner resolution
+        up = resize_video(low, (h, w)).clamp(-1, 1)  # (B, T, 3, H, W)
+        return torch.where(m, up, video)  # given frames untouched
+
+
+def plan_free_pipeline(checkpoint: str | Path):
+    """The joint checkpoint's generator with the learned null plan (no planner): the other "DM only" reading."""
+    from mardini.pipeline import MarDiniPipeline
+    from mardini.pipeline.loading import load_checkpoint
+
+    ld = load_checkpoint(checkpoint)
+    return MarDiniPipeline(ld.generator, ld.autoencoder, None, ld.schedule, ld.planner_resolution, ld.window,
+                           ld.resolution, ld.fps, kind="generation", info=ld.info)
+
+
+# ------------------------------------------------------------------------------------------------
+# Scoring
+# ------------------------------------------------------------------------------------------------
+def eval_args(clips: int, steps: int, metrics: list[str], cache_dir: Path) -> argparse.Namespace:
+    """The synthetic preset's settings (9 frames at 8 fps, 32 px, held-out split) as ``evaluate.py`` parses them."""
+    from mardini.evaluation.cli import parse_args
+
+    return parse_args(["--preset", "synthetic", "--num-clips", str(clips), "--steps", str(steps),
+                       "--metrics", *metrics, "--device", "cpu", "--missing-weights", "skip",
+                       "--cache-dir", str(cache_dir)])
+
+
+def score(task: str, args: argparse.Namespace, samplers: dict[str, Any]) -> dict:
+    """Every sampler on one task, same clips, masks and seeds (``mardini.evaluation.cli.run_task``)."""
+    from mardini.evaluation.cli import run_task
+    from mardini.evaluation.data import resolve_source
+
+    kind, files = resolve_source(args.data)
+    return run_task(task, args, samplers, kind, files, args.num_clips)
+
+
+def table2(ckpts: dict[str, Path], args: argparse.Namespace) -> dict:
+    """Interpolation: MAR only, DM only (two readings), MAR + DM, and the baselines."""
+    from mardini.pipeline import MarDiniPipeline
+
+    g = DEFAULT_GUIDANCE["interpolation"]
+    samplers = {
+        "mar_only": PlannerOnly(ckpts["03_mar_warmup"]),
+        "dm_only": PipelineSampler(MarDiniPipeline.from_checkpoint(ckpts["02_dm_warmup_9f"]), args.steps, g),
+        "dm_only_null_plan": PipelineSampler(plan_free_pipeline(ckpts["05_joint_task"]), args.steps, g),
+        "mar_dm": PipelineSampler(MarDiniPipeline.from_checkpoint(ckpts["05_joint_task"]), args.steps, g),
+        **{name: cls() for name, cls in BASELINES.items()},
+    }
+    return score("interpolation", args, samplers)
+
+
+def fig6a(joint: Path, args: argparse.Namespace, steps: list[int]) -> dict[str, dict]:
+    """``{task: run_task result}`` with methods ``steps_<k>`` (the joint checkpoint) and the baselines."""
+    from mardini.pipeline import MarDiniPipeline
+
+    pipe = MarDiniPipeline.from_checkpoint(joint)
+    out = {}
+    for task in ("interpolation", "image_to_video"):
+        samplers = {f"steps_{k}": PipelineSampler(pipe, k, DEFAULT_GUIDANCE[task]) for k in steps}
+        samplers.update({name: cls() for name, cls in BASELINES.items()})
+        out[task] = score(task, args, samplers)
+    return out

@@ -1,0 +1,88 @@
+"""``make reproduce``: verdicts follow the numbers (fast); ``--quick`` runs end to end in a temp dir (slow)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mardini.reproduce import verdicts
+from mardini.reproduce.runs import prepare_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _res(psnr, ssim, err, det):
+    return {"midf_psnr": psnr, "midf_ssim": ssim, "traj_err_px": err, "traj_err_frac": err / 32, "traj_detected": det}
+
+
+def test_table2_verdicts_follow_the_numbers():
+    both, dm, mar = _res(20, 0.8, 1.0, 0.9), _res(18, 0.7, 2.0, 0.8), _res(15, 0.5, math.nan, 0.0)
+    rows = {r["claim"]: r["verdict"] for r in verdicts.table2({"mar_only": mar, "dm_only": dm, "mar_dm": both})}
+    assert set(rows.values()) == {"agrees"}  # a NaN error (nothing detected) loses
+    rows = {r["claim"]: r["verdict"] for r in verdicts.table2({"mar_only": mar, "dm_only": both, "mar_dm": dm})}
+    assert rows["MAR + DM beats DM only (generator warm-up)"] == "disagrees"
+    mixed = _res(19, 0.9, 1.5, 0.95)  # better SSIM and detection, worse PSNR and error than "both"
+    rows = {r["claim"]: r["verdict"] for r in verdicts.table2({"mar_only": mar, "dm_only": mixed, "mar_dm": both})}
+    assert rows["MAR + DM beats DM only (generator warm-up)"] == "mixed (2 of 4 metrics)"
+
+
+def test_fig6a_near_optimal_step():
+    assert verdicts.near_optimal_step([(1, 10.0), (10, 19.5), (25, 19.9), (50, 20.0)], "midf_psnr")[0] == 10
+    assert verdicts.near_optimal_step([(1, 9.0), (10, 5.0), (25, 2.0), (50, 1.0)], "traj_err_px")[0] == 50
+    assert verdicts.near_optimal_step([(1, math.nan), (10, 2.0), (25, 2.0)], "traj_err_px")[0] == 10
+
+
+def test_fig6c_verdicts():
+    def run(first, last, sem=0.01):
+        return {"first": first, "last": last, "last_sem": sem, "drop": 1 - last / first, "val_last": None}
+
+    rows = [r["verdict"] for r in verdicts.fig6c(run(1.0, 0.3), run(1.0, 0.9))]
+    assert rows == ["agrees", "agrees", "agrees"]
+    rows = [r["verdict"] for r in verdicts.fig6c(run(1.0, 0.3), run(1.0, 0.3))]
+    assert rows == ["agrees", "disagrees", "disagrees"]
+    assert verdicts.fig6c(run(1.0, 1.0), run(1.0, 1.0))[2]["verdict"].startswith("inconclusive")
+
+
+def test_table3_verdicts():
+    def row(v, lat, mem):
+        return {"frames": 9, "variant": v, "latency_s": lat, "peak_growth_mib": mem}
+
+    assert [r["verdict"] for r in verdicts.table3([row("a", 1, 10), row("b", 2, 20), row("c", 9, 90)])] == \
+        ["agrees", "agrees"]
+    assert [r["verdict"] for r in verdicts.table3([row("a", 9, 90), row("b", 2, 20), row("c", 1, 10)])] == \
+        ["disagrees", "disagrees"]
+
+
+def test_configs_are_copies_that_write_elsewhere(tmp_path):
+    dest = prepare_configs(tmp_path)
+    joint = yaml.safe_load((dest / "04_joint_model.yaml").read_text())
+    assert joint["trainer"]["logger"]["init_args"]["save_dir"] == str(tmp_path / "runs")
+    assert joint["model"]["init_args"]["planner_ckpt"] == str(tmp_path / "runs/03_mar_warmup/checkpoints/last.ckpt")
+    off = yaml.safe_load((dest / "fig6c_identity_off.yaml").read_text())
+    assert off["model"]["init_args"]["generator"] == {"patch_size": 2, "identity_attention": False}
+    assert "outputs/tiny" not in "".join(p.read_text() for p in dest.glob("*.yaml") if p.name != "common.yaml")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # --quick takes minutes; a shared, loaded CPU stretches it past the default 600 s
+def test_quick_mode_end_to_end(tmp_path, monkeypatch):
+    from mardini.reproduce.main import main
+
+    monkeypatch.chdir(ROOT)  # configs, data and bench/ are relative to the repository root
+    published = ROOT / "bench/results/asymmetric.json"
+    before = published.stat().st_mtime if published.exists() else None
+    assert main(["--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    for section in ("Table 2", "Fig. 6a", "Fig. 6c", "Table 3", "Quick mode"):
+        assert section in report
+    out = json.loads((tmp_path / "results.json").read_text())
+    assert set(out["results"]) == {"table2", "fig6a", "fig6c", "table3"}
+    assert {"mar_only", "dm_only", "dm_only_null_plan", "mar_dm"} <= set(out["results"]["table2"]["results"])
+    assert {f"steps_{k}" for k in (1, 10, 25, 50)} <= set(out["results"]["fig6a"]["interpolation"]["results"])
+    assert all(r["verdict"] for rows in out["verdicts"].values() for r in rows)
+    assert (tmp_path / "fig6a_steps.png").stat().st_size > 0 and (tmp_path / "fig6c_identity.png").stat().st_size > 0
+    assert (published.stat().st_mtime if published.exists() else None) == before  # the bench's figures untouched
