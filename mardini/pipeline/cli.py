@@ -165,9 +165,37 @@ def run_task(a, pipe: MarDiniPipeline, given: torch.Tensor, positions, seeds: li
     return out, mask
 
 
+# option -> (test, allowed range); checked before anything is loaded
+OPTION_RULES = {
+    "steps": (lambda v: v >= 1, ">= 1"),
+    "guidance": (lambda v: v is None or v >= 0, ">= 0 (1 = no guidance)"),
+    "batch": (lambda v: v >= 1, ">= 1"),
+    "num_samples": (lambda v: v >= 1, ">= 1"),
+    "clips": (lambda v: v >= 1, ">= 1"),
+    "start": (lambda v: v >= 0, ">= 0"),
+    "stride": (lambda v: v >= 1, ">= 1"),
+    "frames": (lambda v: v is None or v >= 2, ">= 2 (one given and one generated frame)"),
+    "index": (lambda v: True, "any frame index of the window"),
+    "total": (lambda v: v is None or v >= 2, ">= 2"),
+    "context": (lambda v: v is None or v >= 1, ">= 1"),
+    "factor": (lambda v: v >= 2 and v & (v - 1) == 0, "a power of two >= 2 (2, 4, 8, ...)"),
+    "fps": (lambda v: v is None or v > 0, "> 0"),
+}
+
+
+def check_options(a: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Impossible sampling options stop the command at once, naming the option and its allowed range."""
+    for key, (ok, allowed) in OPTION_RULES.items():
+        value = getattr(a, key)
+        if not ok(value):
+            parser.error(f"--{key.replace('_', '-')}={value} is impossible: it must be {allowed}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Parse ``argv``, sample, write the outputs; returns the settings record (also in settings.json)."""
-    a = build_parser().parse_args(argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    check_options(a, parser)
     started = time.perf_counter()
     dtype = torch.bfloat16 if a.bf16 else torch.float32
     pipe = MarDiniPipeline.from_checkpoint(a.ckpt, ema=not a.no_ema, device=a.device, dtype=dtype)
