@@ -54,7 +54,7 @@ def test_tiny_chain_runs_stage_after_stage(workdir, monkeypatch):
     # the joint stage started from the warm-ups: its planner has no projection head, the generator patch is 2
     joint = read_checkpoint(workdir / "outputs" / "tiny" / "04_joint_model" / "checkpoints" / "last.ckpt")
     assert not any(".head." in k for k in joint["state_dict"])
-    # the curriculum of the last stage moved the kept fraction and logged it
+    # the kept-fraction range is logged (the Curriculum's effect is checked in the resume test)
     metrics = cli.trainer.callback_metrics
     assert "curriculum/keep_ratio_min" in metrics and "train/loss" in metrics
     # re-running a finished stage resumes at its last step and trains no further
@@ -114,7 +114,7 @@ def test_resume_gives_the_same_weights_as_one_run(workdir, monkeypatch, tmp_path
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
-    assert one.model.mask_sampler.keep_ratio == two.model.mask_sampler.keep_ratio
+    assert one.model.mask_sampler.keep_ratio == two.model.mask_sampler.keep_ratio == (0.2, 0.5)  # the YAML's Curriculum ran
     opt_a = one.trainer.optimizers[0].state_dict()["state"]
     opt_b = two.trainer.optimizers[0].state_dict()["state"]
     assert all(torch.equal(opt_a[i]["exp_avg"], opt_b[i]["exp_avg"]) for i in opt_a)

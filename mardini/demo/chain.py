@@ -58,13 +58,14 @@ def finished_step(checkpoint: Path) -> int:
 
 
 def run_stage(name: str, config_dir: Path = TINY_DIR, extra: list[str] | None = None,
-              max_steps: int | None = None, progress: bool = True) -> StageRun:
-    """Train one stage from the CLI in this process; skipped when its ``last.ckpt`` has reached ``max_steps``."""
+              max_steps: int | None = None, progress: bool = True, scale: float = 1.0) -> StageRun:
+    """Train one stage from the CLI in this process; skipped when its ``last.ckpt`` has reached ``max_steps``
+    (default: the config's ``max_steps`` times ``scale``, at least 1)."""
     from mardini.cli import main as cli_main
 
     common, stage = config_dir / "common.yaml", config_dir / f"{name}.yaml"
     settings = stage_settings(common, stage)
-    steps = int(max_steps if max_steps is not None else settings["trainer"]["max_steps"])
+    steps = int(max_steps if max_steps is not None else max(1, round(settings["trainer"]["max_steps"] * scale)))
     logger = settings["trainer"]["logger"]["init_args"]
     log_dir = Path(logger["save_dir"]) / logger["name"] / str(logger.get("version", ""))
     checkpoint = log_dir / "checkpoints" / "last.ckpt"

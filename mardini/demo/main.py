@@ -79,11 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     stages = []
     t_train = time.perf_counter()
     for i, name in enumerate(TINY_STAGES, 1):
-        from mardini.demo.chain import stage_settings
-
-        steps = stage_settings(TINY_DIR / "common.yaml", TINY_DIR / f"{name}.yaml")["trainer"]["max_steps"]
-        steps = max(1, round(steps * a.scale))
-        run = run_stage(name, max_steps=steps, progress=not a.no_progress)
+        run = run_stage(name, scale=a.scale, progress=not a.no_progress)
         stages.append(run)
         how = "reused (already trained)" if run.reused else f"trained in {run.seconds:.0f} s"
         print(f"      stage {i}/{len(TINY_STAGES)} {name}: {run.steps} steps, {how}", flush=True)

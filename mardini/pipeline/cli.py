@@ -175,7 +175,6 @@ OPTION_RULES = {
     "start": (lambda v: v >= 0, ">= 0"),
     "stride": (lambda v: v >= 1, ">= 1"),
     "frames": (lambda v: v is None or v >= 2, ">= 2 (one given and one generated frame)"),
-    "index": (lambda v: True, "any frame index of the window"),
     "total": (lambda v: v is None or v >= 2, ">= 2"),
     "context": (lambda v: v is None or v >= 1, ">= 1"),
     "factor": (lambda v: v >= 2 and v & (v - 1) == 0, "a power of two >= 2 (2, 4, 8, ...)"),

@@ -12,14 +12,10 @@ from pathlib import Path
 
 import yaml
 
-from mardini.demo.chain import TINY_DIR, TINY_STAGES, StageRun, run_stage, stage_settings
+from mardini.demo.chain import TINY_DIR, TINY_STAGES, StageRun, run_stage
 
 CKPT_KEYS = ("init_from", "planner_ckpt", "generator_ckpt")  # model.init_args that name another stage's checkpoint
 IDENTITY_STAGE = "01_dm_warmup_4f"  # Fig. 6c: the generator warm-up from scratch (PAPER.md §2.5)
-
-
-def _scaled(steps: int, scale: float) -> int:
-    return max(1, round(steps * scale))
 
 
 def write_stage_config(name: str, dest: Path, runs: Path, run_name: str | None = None,
@@ -64,10 +60,8 @@ def train_chain(configs: Path, scale: float, progress: bool, log=print) -> list[
     """The five tiny stages in order, each at ``scale`` times its configured ``max_steps``."""
     done = []
     for i, name in enumerate(TINY_STAGES, 1):
-        steps = _scaled(stage_settings(configs / "common.yaml", configs / f"{name}.yaml")["trainer"]["max_steps"],
-                        scale)
-        run = run_stage(name, configs, max_steps=steps, progress=progress)
-        log(f"      chain {i}/{len(TINY_STAGES)} {name}: {steps} steps, "
+        run = run_stage(name, configs, progress=progress, scale=scale)
+        log(f"      chain {i}/{len(TINY_STAGES)} {name}: {run.steps} steps, "
             + ("reused" if run.reused else f"trained in {run.seconds:.0f} s"))
         done.append(run)
     return done
