@@ -28,10 +28,22 @@ MIXED = [[True, False, False, True], [False, True, False, False], [False, False,
 # --------------------------------------------------------------------------------------------------
 
 
+# A shared mask with three runs of generated frames, cut into chunks of 3 tokens (runs of 5 and 10 tokens).
+SHARED_RUNS = [[False, True, False, False, True, False, True]] * 2
+
+
 @pytest.mark.parametrize("scope", ["token", "frame"])
-@pytest.mark.parametrize("rows", [MIXED, [MIXED[0]] * 3], ids=["mixed_rows", "shared_mask"])
-def test_identity_attention_matches_dense_oracle_values_and_grads(scope, rows):
+@pytest.mark.parametrize(
+    "rows, chunk", [(MIXED, None), ([MIXED[0]] * 3, None), (SHARED_RUNS, 3)],
+    ids=["mixed_rows", "shared_mask", "shared_mask_chunked"],
+)
+def test_identity_attention_matches_dense_oracle_values_and_grads(scope, rows, chunk, monkeypatch):
     n = 5
+    if chunk is not None:  # the shared-mask path: query slices in chunks written into one output
+        monkeypatch.setattr(A, "QUERY_CHUNK_MIN", chunk)
+        monkeypatch.setattr(A, "QUERY_CHUNK_FRACTION", 0.0)
+        assert A._chunks(A._runs(~_frame_ref(rows, n)[0]), A._query_chunk(len(rows[0]) * n)) == [
+            (0, 3), (3, 5), (10, 13), (13, 16), (16, 19), (19, 20), (25, 28), (28, 30)]
     ref = _frame_ref(rows, n)  # (B, L)
     q, k, v = _qkv(len(rows), 2, ref.shape[1], 8, seed=0)
     out = A.identity_attention(q, k, v, ref, scope, tokens_per_frame=n)  # (B, H, L, d)

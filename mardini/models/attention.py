@@ -130,11 +130,14 @@ def identity_attention(
         backend: kernel for the dense parts, see :func:`attention`.
         check_frames: for ``"frame"``, verify that ``ref`` is constant within each frame.
 
-    How: generated queries are gathered per row (padded to the row maximum, a no-op when the mask is
-    shared across the batch) and attend to all keys in one kernel call; reference queries with scope
-    ``"token"`` return their own value; with scope ``"frame"`` only reference frames are gathered into
-    a ``(frames, H, N, d)`` batch of per-frame attentions. The generated results are scattered into
-    the reference result. Memory is O(L d) beyond what the kernels use; no mask is ever built.
+    How: reference queries with scope ``"token"`` return their own value; with scope ``"frame"`` only
+    reference frames are gathered into a ``(frames, H, N, d)`` batch of per-frame attentions. Generated
+    queries attend to all keys. When every row shares one mask (sampling, evaluation), the generated
+    queries are contiguous slices (views, no copy) sent through the kernel in chunks of at most
+    ``max(QUERY_CHUNK_MIN, L * QUERY_CHUNK_FRACTION)`` tokens and written into one preallocated output:
+    the peak beyond the output is one chunk. When rows differ (training batches), generated queries are
+    gathered per row (padded to the row maximum), attend in one kernel call and are scattered into the
+    reference result. No mask is ever built.
     """
     n = _check_identity_inputs(q, k, v, ref, scope, tokens_per_frame)
     b, h, length, d = q.shape
@@ -143,14 +146,23 @@ def identity_attention(
     if n_max == length and bool((n_gen == length).all()):  # no reference token anywhere: plain attention
         return attention(q, k, v, backend=backend)  # (B, H, L, d)
 
+    shared = b == 1 or bool((ref == ref[:1]).all())  # one mask for every row: sampling, evaluation, benchmarks
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if shared else None  # (B, H, L, d), filled in place
+
     # -- reference queries -------------------------------------------------------------------------
     if scope == "token":
-        out_ref = v  # (B, H, L, d): softmax over a single key is exactly 1
+        out_ref = v if out is None else out.copy_(v)  # (B, H, L, d): softmax over a single key is exactly 1
     else:
         ref_frames = rearrange(ref, "b (f n) -> b f n", n=n)  # (B, F, N)
         if check_frames and bool((ref_frames.any(-1) != ref_frames.all(-1)).any()):
             raise ValueError("ref must be constant within each frame for scope='frame' (masks are per frame)")
         ref_frames = ref_frames[..., 0]  # (B, F)
+    if scope == "frame" and shared:  # each reference frame attends within itself: slices, no gathered copies
+        for start, stop in _chunks(_runs(ref[0]), n):  # runs start on frame boundaries: one chunk = one frame
+            sl = slice(start, stop)
+            out[:, :, sl] = attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], backend=backend)  # (B, H, N, d)
+        out_ref = out
+    elif scope == "frame":
         qf, kf, vf = (rearrange(x, "b h (f n) d -> b f h n d", n=n)[ref_frames] for x in (q, k, v))  # (R, H, N, d)
         of = attention(qf, kf, vf, backend=backend)  # (R, H, N, d)
         out_ref = q.new_zeros(b, h, length // n, n, d)  # (B, H, F, N, d); generated frames stay 0 here
@@ -160,6 +172,10 @@ def identity_attention(
         return out_ref
 
     # -- generated queries: all keys ---------------------------------------------------------------
+    if shared:  # query slices are views: no gathered copy, no scattered result; peak = one chunk's output
+        for start, stop in _chunks(_runs(~ref[0]), _query_chunk(length)):
+            out[:, :, start:stop] = attention(q[:, :, start:stop], k, v, backend=backend)  # (B, H, chunk, d)
+        return out
     idx = torch.argsort(ref.to(torch.uint8), dim=1, stable=True)[:, :n_max]  # (B, n_max) generated first
     valid = torch.arange(n_max, device=q.device)[None, :] < n_gen[:, None]  # (B, n_max); False = padding
     idx = idx[:, None, :, None].expand(b, h, n_max, d)  # (B, H, n_max, d)
@@ -167,6 +183,30 @@ def identity_attention(
     if not bool(valid.all()):  # padding slots point at reference tokens: write their own result back
         og = torch.where(valid[:, None, :, None], og, out_ref.gather(2, idx))  # (B, H, n_max, d)
     return out_ref.scatter(2, idx, og)  # (B, H, L, d)
+
+
+# Generated queries of a shared mask go through the kernel in chunks of at most this fraction of the sequence
+# (and at least QUERY_CHUNK_MIN tokens): the only temporary is one chunk's output.
+QUERY_CHUNK_FRACTION = 1 / 8
+QUERY_CHUNK_MIN = 512
+
+
+def _query_chunk(length: int) -> int:
+    return max(QUERY_CHUNK_MIN, int(length * QUERY_CHUNK_FRACTION))
+
+
+def _runs(gen: torch.Tensor) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each run of True in a 1-D bool tensor."""
+    edges = torch.diff(gen.to(torch.int8), prepend=gen.new_zeros(1, dtype=torch.int8),
+                       append=gen.new_zeros(1, dtype=torch.int8))  # (L + 1,): +1 at a start, -1 after a stop
+    starts = (edges == 1).nonzero().flatten().tolist()
+    stops = (edges == -1).nonzero().flatten().tolist()
+    return list(zip(starts, stops))
+
+
+def _chunks(runs: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """The runs cut into pieces of at most ``size`` tokens."""
+    return [(s, min(s + size, stop)) for start, stop in runs for s in range(start, stop, size)]
 
 
 # --------------------------------------------------------------------------------------------------
