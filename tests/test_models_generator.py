@@ -6,6 +6,7 @@ import pytest
 import torch
 from einops import rearrange
 
+from mardini.models.generator import plan_grid
 from mardini.models import build_generator, build_planner
 
 MASK = torch.tensor([[False, True, True, False], [True, False, True, True]])  # (B, T), True = generate
@@ -75,7 +76,7 @@ def test_set_attention_changes_interactions_not_parameters():
     with pytest.raises(ValueError, match="'st' or 't'"):
         gen.set_attention("s")
     # with one token per frame, temporal-only and spatio-temporal attention are the same thing
-    z1, t1, plan1 = _inputs(2, size=1, tokens=3)
+    z1, t1, plan1 = _inputs(2, size=1, tokens=1)
     gen.set_attention("st")
     v1 = gen(z1, t1, plan1, MASK)
     gen.set_attention("t")
@@ -118,8 +119,8 @@ def test_cross_attention_reads_own_frame_plan_or_all(cross):
 def test_null_plan_is_one_learned_vector_and_default():
     gen = _generator()
     z, t, _ = _inputs(0)
-    null = gen.null_plan(2, 4, 7)
-    assert null.shape == (2, 4, 7, 128) and torch.equal(null[1, 3, 6], gen.null_plan_token)
+    null = gen.null_plan(2, 4, 4)
+    assert null.shape == (2, 4, 4, 128) and torch.equal(null[1, 3, 3], gen.null_plan_token)
     torch.testing.assert_close(gen(z, t, None, MASK), gen(z, t, null, MASK))
 
 
@@ -182,3 +183,41 @@ def test_bad_inputs():
         gen(z, t, plan[..., :64], MASK)
     with pytest.raises(ValueError, match="plan must be"):
         gen(z, t, rearrange(plan, "b t n c -> b (t n) c"), MASK)
+
+
+# --------------------------------------------------------------------------------------------------
+# Cross-attention positions: a generator token can find the plan token that covers its area
+# --------------------------------------------------------------------------------------------------
+
+
+def test_plan_grid_reads_the_aspect_ratio_and_rejects_others():
+    assert plan_grid(16, (8, 8)) == (4, 4)
+    assert plan_grid(8, (4, 8)) == (2, 4)
+    assert plan_grid(1, (8, 8)) == (1, 1)  # the null plan
+    with pytest.raises(ValueError, match="aspect ratio"):
+        plan_grid(12, (8, 8))
+
+
+@pytest.mark.parametrize("cross_attention", ["frame", "all"])
+def test_cross_rope_makes_the_plan_a_map_not_a_bag(cross_attention):
+    """With cross-attention RoPE, moving plan tokens around changes the output; without it, it cannot."""
+    z, t, plan = _inputs(0)  # 8 x 8 generator tokens, 4 x 4 plan tokens per frame
+    perm = torch.randperm(plan.shape[2], generator=torch.Generator().manual_seed(3))
+    for cross_rope in (True, False):
+        gen = _generator(cross_rope=cross_rope, cross_attention=cross_attention)
+        v, v_perm = gen(z, t, plan, MASK), gen(z, t, plan[:, :, perm], MASK)
+        if cross_rope:
+            assert not torch.allclose(v[MASK], v_perm[MASK])
+        else:  # no positions: attention over a permuted set of keys/values gives the same result
+            torch.testing.assert_close(v, v_perm)
+
+
+def test_cross_rope_key_positions_are_scaled_onto_the_generator_grid():
+    gen = _generator()
+    (q_sin, q_cos), (k_sin, k_cos) = gen.cross_rope(4, (8, 8), 16, torch.device("cpu"))  # plan 4 x 4
+    assert q_sin.shape == (64, gen.cfg.head_dim) and k_sin.shape == (16, gen.cfg.head_dim)
+    # plan token (row 1, col 2) sits at generator position (2, 4): the same rotation
+    torch.testing.assert_close(k_sin[1 * 4 + 2], q_sin[2 * 8 + 4])
+    torch.testing.assert_close(k_cos[1 * 4 + 2], q_cos[2 * 8 + 4])
+    assert gen.cross_rope(4, (8, 8), 16, torch.device("cpu")) is not None
+    assert _generator(cross_rope=False).cross_rope(4, (8, 8), 16, torch.device("cpu")) is None

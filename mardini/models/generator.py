@@ -45,6 +45,19 @@ from mardini.models.rope import AxialRope3d
 # --------------------------------------------------------------------------------------------------
 
 
+def plan_grid(tokens: int, grid: tuple[int, int]) -> tuple[int, int]:
+    """The ``(hp, wp)`` grid of ``tokens`` plan tokens of one frame, with the aspect ratio of ``grid (h, w)``."""
+    h, w = grid
+    hp = max(1, round((tokens * h / w) ** 0.5))
+    wp = tokens // hp
+    if hp * wp != tokens or (tokens > 1 and hp * w != wp * h):
+        raise ValueError(
+            f"{tokens} plan tokens per frame do not form a grid with the aspect ratio of the generator's "
+            f"{h}x{w} token grid; planner and generator must see frames of the same aspect ratio"
+        )
+    return hp, wp
+
+
 class GeneratorBlock(nn.Module):
     """One DiT block; all tensors are ``(B, T, N, D)`` with per-frame conditioning ``(B, T, 1, D)``."""
 
@@ -94,21 +107,24 @@ class GeneratorBlock(nn.Module):
             o = rearrange(o, "(b n) h t d -> b h (t n) d", b=b)  # (B, H, L, d)
         return x + rearrange(self.temporal.out(o), "b (t n) d -> b t n d", t=t)  # (B, T, N, D)
 
-    def cross_attn(self, x: torch.Tensor, plan: torch.Tensor | None, kv=None, record: dict | None = None):
+    def cross_attn(self, x: torch.Tensor, plan: torch.Tensor | None, kv=None, record: dict | None = None,
+                   rope=None):
         """Queries: the frame's tokens; keys/values: its plan tokens (``frame``) or all plan tokens (``all``).
 
         ``kv``: precomputed plan keys/values (a :class:`ReferenceCache`), then ``plan`` is unused;
-        ``record`` receives the keys/values computed here.
+        ``record`` receives the keys/values computed here. ``rope``: ``(query tables, key tables)`` that place
+        queries and plan tokens on one spatial grid (see ``Generator.cross_rope``), or None.
         """
         t = x.shape[1]
         h = self.norm_c(x)  # (B, T, N, D)
+        rope_q, rope_k = rope if rope is not None else (None, None)
         if self.cross_mode == "frame":
-            q = self.cross.q(rearrange(h, "b t n d -> (b t) n d"))  # (BT, H, N, d)
-            k, v = kv if kv is not None else self.cross.kv(rearrange(plan, "b t m c -> (b t) m c"))  # (BT, H, M, d)
+            q = self.cross.q(rearrange(h, "b t n d -> (b t) n d"), rope_q)  # (BT, H, N, d)
+            k, v = kv if kv is not None else self.cross.kv(rearrange(plan, "b t m c -> (b t) m c"), rope_k)  # (BT,H,M,d)
             o = rearrange(attention(q, k, v), "(b t) h n d -> b h (t n) d", t=t)  # (B, H, L, d)
         else:
-            q = self.cross.q(rearrange(h, "b t n d -> b (t n) d"))  # (B, H, L, d)
-            k, v = kv if kv is not None else self.cross.kv(rearrange(plan, "b t m c -> b (t m) c"))  # (B,H,TM,d)
+            q = self.cross.q(rearrange(h, "b t n d -> b (t n) d"), rope_q)  # (B, H, L, d)
+            k, v = kv if kv is not None else self.cross.kv(rearrange(plan, "b t m c -> b (t m) c"), rope_k)  # (B,H,TM,d)
             o = attention(q, k, v)  # (B, H, L, d)
         if record is not None:
             record["cross"] = (k, v)
@@ -119,17 +135,18 @@ class GeneratorBlock(nn.Module):
         shift, scale, gate = self.mod_m(c_m)  # (B, T, 1, D) x3
         return x + gate * self.mlp(modulate(self.norm_m(x), shift, scale))  # (B, T, N, D)
 
-    def forward(self, x, c_t, c_m, plan, mask, rope, mode: str, record: dict | None = None) -> torch.Tensor:
+    def forward(self, x, c_t, c_m, plan, mask, rope, cross_rope, mode: str, record: dict | None = None):
         x = self.spatial_attn(x, c_t, rope)  # (B, T, N, D)
         x = self.temporal_attn(x, mask, rope, mode, record)  # (B, T, N, D)
-        x = self.cross_attn(x, plan, record=record)  # (B, T, N, D)
+        x = self.cross_attn(x, plan, record=record, rope=cross_rope)  # (B, T, N, D)
         return self.mlp_block(x, c_m)  # (B, T, N, D)
 
-    def forward_generated(self, x, c_t, c_m, rope, layer: dict, tokens: torch.Tensor, mode: str) -> torch.Tensor:
+    def forward_generated(self, x, c_t, c_m, rope, cross_rope_q, layer: dict, tokens: torch.Tensor, mode: str):
         """A cached step: ``x (B, Tg, N, D)`` holds the generated frames only, the references come from ``layer``.
 
         ``layer``: one block's entry of a :class:`ReferenceCache`; ``tokens (B, Tg*N)`` the generated tokens'
-        sequence positions; ``rope``: their tables ``(B, 1, Tg*N, d)``; ``c_t, c_m (B, Tg, 1, D)``.
+        sequence positions; ``rope``: their tables ``(B, 1, Tg*N, d)``; ``cross_rope_q``: their cross-attention
+        query tables (None without cross-attention RoPE); ``c_t, c_m (B, Tg, 1, D)``.
         """
         x = self.spatial_attn(x, c_t, rope)  # (B, Tg, N, D); per frame, as in forward
         b, tg, n, _ = x.shape
@@ -145,7 +162,7 @@ class GeneratorBlock(nn.Module):
             k_t, v_t = (rearrange(a, "b h (t n) d -> (b n) h t d", n=n) for a in (k_all, v_all))  # (B*N, H, T, d)
             o = rearrange(attention(q, k_t, v_t), "(b n) h t d -> b h (t n) d", b=b)  # (B, H, Lg, d)
         x = x + rearrange(self.temporal.out(o), "b (t n) d -> b t n d", t=tg)  # (B, Tg, N, D)
-        x = self.cross_attn(x, None, kv=layer["cross"])  # (B, Tg, N, D)
+        x = self.cross_attn(x, None, kv=layer["cross"], rope=(cross_rope_q, None))  # (B, Tg, N, D)
         return self.mlp_block(x, c_m)  # (B, Tg, N, D)
 
 
@@ -186,13 +203,15 @@ class ReferenceCache:
         self.frames = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)[:, :tg]  # (B, Tg) ascending
         self.rows = torch.arange(b, device=mask.device)[:, None]  # (B, 1)
 
-    def fill(self, v, c_p, rope, records, mode: str, cross_mode: str) -> None:
+    def fill(self, v, c_p, rope, cross_rope, records, mode: str, cross_mode: str) -> None:
         """Keep the first call's output ``v (B, T, C, h, w)`` and per-block keys/values (see Generator.forward)."""
         rows, gen = self.rows, self.frames
         b, tg = gen.shape
         n = records[0]["temporal"][0].shape[2] // self.shape[1] if records else 0  # tokens per frame
         self.tokens = (gen[:, :, None] * n + torch.arange(n, device=gen.device)).flatten(1)  # (B, Tg*N)
         self.rope = tuple(r[self.tokens][:, None] for r in rope)  # (B, 1, Tg*N, d) x2
+        # cross-attention queries: per-frame tables (N, d) are the same for every frame; "all" uses the grid's
+        self.cross_rope_q = None if cross_rope is None else cross_rope[0] if cross_mode == "frame" else self.rope
         self.c_p = c_p[rows, gen]  # (B, Tg, 1, D)
         self.v = v  # (B, T, C, h, w)
         self.mode = mode
@@ -304,9 +323,10 @@ class Generator(nn.Module):
         c_p = self.plan_embed(plan.mean(dim=2))[:, :, None]  # (B, T, 1, D)
         c_m = c_t + c_p  # (B, T, 1, D)
         rope = self.rope((frames, h // p, w // p), z.device)  # (L, d) x2
+        cross_rope = self.cross_rope(frames, (h // p, w // p), plan.shape[2], z.device)
         records = [{} if cache is not None else None for _ in self.blocks]
         for block, record in zip(self.blocks, records):
-            args = (x, c_t, c_m, plan, mask, rope, self.attention_mode)
+            args = (x, c_t, c_m, plan, mask, rope, cross_rope, self.attention_mode)
             if self.cfg.checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, *args, use_reentrant=False)  # (B, T, N, D)
             else:
@@ -315,7 +335,7 @@ class Generator(nn.Module):
         x = self.out(modulate(self.norm_out(x), shift, scale))  # (B, T, N, p*p*C)
         v = unpatchify(x, p, (h, w))  # (B, T, C, h, w)
         if cache is not None:
-            cache.fill(v, c_p, rope, records, self.attention_mode, self.cfg.cross_attention)
+            cache.fill(v, c_p, rope, cross_rope, records, self.attention_mode, self.cfg.cross_attention)
         return v
 
     def _forward_generated(self, z: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, cache: ReferenceCache):
@@ -328,12 +348,27 @@ class Generator(nn.Module):
         c_t = self.t_embed(t_frame.gather(1, gen))[:, :, None]  # (B, Tg, 1, D)
         c_m = c_t + cache.c_p  # (B, Tg, 1, D)
         for block, layer in zip(self.blocks, cache.layers):
-            x = block.forward_generated(x, c_t, c_m, cache.rope, layer, cache.tokens, self.attention_mode)
+            x = block.forward_generated(x, c_t, c_m, cache.rope, cache.cross_rope_q, layer, cache.tokens,
+                                        self.attention_mode)
         shift, scale = self.mod_out(c_t)  # (B, Tg, 1, D) x2
         x = self.out(modulate(self.norm_out(x), shift, scale))  # (B, Tg, N, p*p*C)
         v = cache.v.clone()  # (B, T, C, h, w): reference frames' output of the first step
         v[rows, gen] = unpatchify(x, p, (h, w)).to(v.dtype)  # (B, Tg, C, h, w) written in
         return v
+
+    def cross_rope(self, frames: int, grid: tuple[int, int], plan_tokens: int, device: torch.device):
+        """``(query tables, key tables)`` of the cross-attention, or None when ``cfg.cross_rope`` is off.
+
+        Plan tokens of a frame form an ``(hp, wp)`` grid of the same aspect ratio as the generator's ``(h, w)``
+        token grid; their positions are scaled onto it (``i * h / hp``), so a generator token and the plan
+        token covering the same area get the same spatial rotation and attention can pick "its" plan token.
+        ``frame`` mode: one frame's tables (time 0 for both sides); ``all``: every frame's, time included.
+        """
+        if not self.cfg.cross_rope:
+            return None
+        hp, wp = plan_grid(plan_tokens, grid)
+        t = 1 if self.cfg.cross_attention == "frame" else frames
+        return self.rope((t, *grid), device), self.rope((t, hp, wp), device, scale_to=(t, *grid))
 
     # -- checks ------------------------------------------------------------------------------------
     def _frame_times(self, z: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

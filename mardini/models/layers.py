@@ -96,14 +96,22 @@ class CrossAttentionProj(nn.Module):
         self.k_norm = LayerNormFp32(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def q(self, x: torch.Tensor) -> torch.Tensor:
-        """``x (B, L, D)`` -> ``(B, H, L, d)``."""
-        return self.q_norm(rearrange(self.q_proj(x), "b l (h d) -> b h l d", h=self.heads))  # (B, H, L, d)
+    def q(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``x (B, L, D)`` -> ``(B, H, L, d)``; ``rope``: tables ``(L, d)`` or ``(B, 1, L, d)``."""
+        q = self.q_norm(self.q_proj(x).unflatten(-1, (self.heads, self.head_dim)))  # (B, L, H, d)
+        if rope is not None:
+            q = apply_rope_heads_last(q, *rope)  # (B, L, H, d)
+        return q.transpose(1, 2)  # (B, H, L, d)
 
-    def kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``context (B, M, plan_dim)`` -> k, v ``(B, H, M, d)``."""
-        k, v = rearrange(self.kv_proj(context), "b m (s h d) -> s b h m d", s=2, h=self.heads)  # (B, H, M, d) x2
-        return self.k_norm(k), v
+    def kv(
+        self, context: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``context (B, M, plan_dim)`` -> k, v ``(B, H, M, d)``; ``rope``: key tables ``(M, d)``."""
+        k, v = self.kv_proj(context).unflatten(-1, (2, self.heads, self.head_dim)).unbind(2)  # (B, M, H, d) x2
+        k = self.k_norm(k)  # (B, M, H, d)
+        if rope is not None:
+            k = apply_rope_heads_last(k, *rope)  # (B, M, H, d)
+        return k.transpose(1, 2), v.transpose(1, 2)  # (B, H, M, d) x2
 
     def out(self, o: torch.Tensor) -> torch.Tensor:
         """``o (B, H, L, d)`` -> ``(B, L, D)``."""

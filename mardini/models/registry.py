@@ -66,6 +66,7 @@ class GeneratorConfig:
     attention: str = "st"  # "st": spatio-temporal, "t": temporal-only (same weights)
     cross_attention: str = "frame"  # "frame": a frame reads its own plan tokens; "all": all frames' tokens
     identity_attention: bool = True  # False: plain full attention in the temporal layers (Fig. 6c ablation)
+    cross_rope: bool = True  # RoPE on cross-attention too (Fig. 2: "PosEmb" on every attention); False: a bag of plans
     qk_norm: bool = True
     rope_theta: float = 10000.0
     freq_dim: int = 256  # sinusoidal timestep features
@@ -78,6 +79,8 @@ class GeneratorConfig:
             raise ValueError(f"GeneratorConfig.plan_dim must be >= 1, got {self.plan_dim}")
         if self.attention not in ("st", "t"):
             raise ValueError(f"GeneratorConfig.attention must be 'st' or 't', got {self.attention!r}")
+        if not isinstance(self.cross_rope, bool):
+            raise ValueError(f"GeneratorConfig.cross_rope must be true or false, got {self.cross_rope!r}")
         if not isinstance(self.identity_attention, bool):
             raise ValueError(f"GeneratorConfig.identity_attention must be true or false, got {self.identity_attention!r}")
         if self.cross_attention not in ("frame", "all"):

@@ -39,21 +39,30 @@ class AxialRope3d(nn.Module):
         self.theta = float(theta)
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def forward(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns ``sin, cos``, each ``(T*h*w, head_dim)`` float32 on ``device``."""
-        key = (tuple(int(g) for g in grid), str(device))
+    def forward(
+        self, grid: tuple[int, int, int], device: torch.device, scale_to: tuple[int, int, int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``sin, cos``, each ``(T*h*w, head_dim)`` float32 on ``device``.
+
+        ``scale_to``: place the grid's positions on another grid's scale (position ``i`` of an axis of size
+        ``n`` becomes ``i * m / n``); cross-attention uses it to put low-resolution plan tokens at the
+        generator-grid coordinates of the area they cover.
+        """
+        scale_to = None if scale_to is None or tuple(scale_to) == tuple(grid) else tuple(int(g) for g in scale_to)
+        key = (tuple(int(g) for g in grid), scale_to, str(device))
         if key not in self._cache:
             if len(self._cache) > 16:  # grids change rarely (curriculum); keep the cache small
                 self._cache.clear()
-            self._cache[key] = self._build(key[0], device)
+            self._cache[key] = self._build(key[0], device, scale_to)
         return self._cache[key]
 
-    def _build(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _build(self, grid: tuple[int, int, int], device: torch.device, scale_to=None) -> tuple[torch.Tensor, torch.Tensor]:
         if device.type == "meta":
             n = grid[0] * grid[1] * grid[2]
             return (torch.empty(n, self.head_dim, device=device),) * 2
         sin, cos = build_rotary_pos_embed(
-            list(grid), dim=4 * self.bands, in_pixels=False, temperature=self.theta, device=device
+            list(grid), dim=4 * self.bands, in_pixels=False, temperature=self.theta, device=device,
+            ref_feat_shape=None if scale_to is None else list(scale_to),
         )  # (L, 6 * bands) each, axis-major, interleaved pairs
         pad = self.head_dim - sin.shape[-1]
         if pad:
