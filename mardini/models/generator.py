@@ -13,8 +13,11 @@ cross-attention K/V) from the first denoising step of a window, and later steps 
 only (``SelfAttentionProj.qkv`` / ``.out`` are separate from the kernel for that reason).
 
 Choices beyond the paper: adaLN-Zero also zero-inits the output projections of the ungated temporal and
-cross attentions, so every block starts as the identity; cross-attention uses no RoPE (plan tokens live
-on the low-resolution grid).
+cross attentions, so every block starts as the identity. Cross-attention carries RoPE too (Fig. 2 puts
+"PosEmb" on every attention): the low-resolution plan tokens are placed at the generator-grid coordinates of
+the area they cover (``Generator.cross_rope``), so a token can read the plan of its own area. Without it
+(``cross_rope: false``) queries and plan tokens carry no position at all and the plan is a bag of tokens:
+the demo recipe could not learn interpolation from it.
 """
 
 from __future__ import annotations
