@@ -16,8 +16,7 @@ Choices beyond the paper: adaLN-Zero also zero-inits the output projections of t
 cross attentions, so every block starts as the identity. Cross-attention carries RoPE too (Fig. 2 puts
 "PosEmb" on every attention): the low-resolution plan tokens are placed at the generator-grid coordinates of
 the area they cover (``Generator.cross_rope``), so a token can read the plan of its own area. Without it
-(``cross_rope: false``) queries and plan tokens carry no position at all and the plan is a bag of tokens:
-the demo recipe could not learn interpolation from it.
+(``cross_rope: false``) queries and plan tokens carry no position at all and the plan is a bag of tokens.
 """
 
 from __future__ import annotations
