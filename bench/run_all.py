@@ -24,6 +24,7 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "train_throughput": ([], ["--quick"]),
     "asymmetric": ([], ["--quick"]),
     "attention_memory": ([], ["--lengths", "512", "--dtypes", "fp32", "--repeats", "1"]),
+    "attention_dtype": ([], ["--quick"]),
     "data_vs_step": ([], ["--quick"]),
     "data_throughput": ([], ["--seconds", "1", "--workers", "0", "1"]),
     "sampling": (["--bf16"], ["--steps", "1", "--compare-steps", "2", "--rounds", "1", "--resolution", "16",
@@ -68,6 +69,13 @@ def summary(ran: dict[str, str]) -> str:
     if r:
         out += ["## Identity attention vs plain SDPA", f"`{ran.get('attention_memory', '.venv/bin/python -m bench.attention_memory')}`", "", "```",
                 r["table"], "```", ""]
+    r = _load("attention_dtype")
+    if r:
+        out += ["## CPU attention: bf16 autocast vs fp32 (forward + backward)", f"`{r['command']}`", "",
+                "| shape | B, H, L, d | bf16 ms | fp32 ms | bf16 / fp32 |", "|---|---|---|---|---|"]
+        out += [f"| {x['shape']} | {x['bhld']} | {x['bf16_ms']:.1f} | {x['fp32_ms']:.1f} | {x['bf16_over_fp32']:.2f}x |"
+                for x in r["rows"]]
+        out.append("")
     r = _load("data_vs_step")
     if r:
         m = r["median"]

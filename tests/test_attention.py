@@ -163,7 +163,8 @@ def test_cpu_attention_never_calls_flash_even_when_importable(monkeypatch):
 
     monkeypatch.setattr(A, "_flash_attn_func", boom)
     q, k, v = (x.detach() for x in _qkv(2, 2, 6, 4, seed=7, dtype=torch.bfloat16))
-    torch.testing.assert_close(A.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)  # small heads: fp32
+    torch.testing.assert_close(A.attention(q, k, v), expected)
 
 
 def test_flash_path_layout(monkeypatch):
@@ -178,3 +179,23 @@ def test_flash_path_layout(monkeypatch):
     monkeypatch.setattr(A, "select_backend", lambda q, has_mask=False, backend="auto": "flash")
     q, k, v = (x.detach() for x in _qkv(2, 3, 7, 4, seed=8))
     torch.testing.assert_close(A.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
+@pytest.mark.parametrize("head_dim, fp32", [(24, True), (A.CPU_FP32_BELOW_HEAD_DIM, False)])
+def test_cpu_autocast_runs_small_heads_in_fp32(monkeypatch, head_dim, fp32):
+    """Under CPU bf16 autocast, heads below the threshold reach the kernel as fp32 with autocast off."""
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.dtype, torch.is_autocast_enabled("cpu")))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(A.F, "scaled_dot_product_attention", spy)
+    q, k, v = _qkv(2, 2, 16, head_dim, seed=0, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = A.attention(q, k, v)
+    assert seen == [(torch.float32, False)] if fp32 else seen == [(torch.float32, True)]
+    assert out.dtype == (torch.float32 if fp32 else torch.bfloat16)
+    expected = real(q.float(), k.float(), v.float())
+    torch.testing.assert_close(out.float(), expected, rtol=0, atol=1e-6 if fp32 else 2e-2)

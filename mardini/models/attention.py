@@ -78,7 +78,23 @@ def attention(
     if select_backend(q, attn_mask is not None, backend) == "flash":
         out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, Lq, H, d)
         return out.transpose(1, 2)  # (B, H, Lq, d)
+    if _cpu_fp32_is_faster(q):
+        with torch.autocast("cpu", enabled=False):  # autocast would cast q, k, v back to bf16 inside SDPA
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask)
+        return out if torch.is_autocast_enabled("cpu") else out.to(q.dtype)  # (B, H, Lq, d)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, Lq, d)
+
+
+# Below this head dim torch's CPU flash-attention kernel runs faster in fp32 than in bf16, casts included
+# (`python -m bench.attention_dtype`); at 64 and above bf16 wins.
+CPU_FP32_BELOW_HEAD_DIM = 64
+
+
+def _cpu_fp32_is_faster(q: torch.Tensor) -> bool:
+    """True for CPU attention that would run in bf16/fp16 (half inputs or CPU autocast) with a small head dim."""
+    if q.device.type != "cpu" or q.shape[-1] >= CPU_FP32_BELOW_HEAD_DIM:
+        return False
+    return q.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cpu")
 
 
 # --------------------------------------------------------------------------------------------------
