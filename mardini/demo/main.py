@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import os
 import shutil
 import sys
 import time
@@ -43,9 +44,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-clips", type=int, default=None, help="synthetic training clips (default: the demo's 2000)")
     p.add_argument("--frechet", action="store_true",
                    help="add FVD and FID (needs `make weights`; I3D and InceptionV3 over every clip cost minutes on CPU)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (1: tiny ops gain little from more, and on a busy 2-core machine "
-                        "spinning threads slow training by 10x or more; the data worker uses the other core)")
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                   help="torch intra-op threads (default: up to 2). `python -m mardini.demo` sets OMP_WAIT_POLICY="
+                        "PASSIVE unless it is set: idle threads sleep instead of spinning, which on a busy 2-core "
+                        "machine otherwise slows training several-fold; use --threads 1 when other jobs hold the cores")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs)")
     return p.parse_args(argv)
 
