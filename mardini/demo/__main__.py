@@ -3,7 +3,7 @@
 import os
 import sys
 
-# Before torch loads OpenMP: waiting threads sleep instead of spinning. With 2 threads on 2 cores this costs ~10 %
+# Before torch loads OpenMP: waiting threads sleep instead of spinning. With 2 threads on 2 cores this costs a little
 # on an idle machine and avoids a several-fold slow-down when another process holds a core.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

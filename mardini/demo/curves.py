@@ -53,8 +53,14 @@ def plot_losses(stages: list[tuple[str, Path]], path: Path) -> dict[str, dict[st
         ax.set_yscale("log")
     axes[0][0].set_ylabel("masked loss", fontsize=8)
     axes[0][0].legend(fontsize=7)
+    save_figure(fig, path)
+    return summary
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write (PNG, 110 dpi, parent folders created) and close a matplotlib figure."""
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return summary
+    return path

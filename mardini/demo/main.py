@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import os
+import platform
 import shutil
 import sys
 import time

@@ -7,7 +7,8 @@ The head dimension is split into three equal axial parts, one per axis (t, h, w)
 (interleaved layout) and are applied with ``timm.layers.apply_rot_embed``; this file only adds the 3-D
 axis split, the padding and a small cache.
 
-Positions are integer indices, so for any two tokens ``<rope(q, p1), rope(k, p2)>`` depends only on
+Positions are integer indices (cross-attention scales a low-resolution grid onto a finer one, see
+``AxialRope3d.forward``), so for any two tokens ``<rope(q, p1), rope(k, p2)>`` depends only on
 ``p1 - p2``. Temporal-only attention therefore sees only the time offset (h, w cancel), and per-frame
 spatial attention only the (h, w) offset.
 """

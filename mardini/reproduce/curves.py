@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from mardini.demo.curves import read_scalars, smooth  # noqa: E402
+from mardini.demo.curves import read_scalars, save_figure, smooth  # noqa: E402
 
 
 def _window(values: list[float], frac: float = 0.2) -> list[float]:
@@ -48,11 +48,7 @@ def plot_identity(runs: dict[str, dict], path: Path) -> Path:
     ax.set_yscale("log")
     ax.set_title("Generator warm-up with / without identity attention (Fig. 6c)", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_steps(fig6a: dict[str, dict], metrics: dict[str, list[str]], path: Path) -> Path:
@@ -71,8 +67,4 @@ def plot_steps(fig6a: dict[str, dict], metrics: dict[str, list[str]], path: Path
         ax.set_title(f"{task}: {metric}", fontsize=8)
         ax.tick_params(labelsize=7)
     axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

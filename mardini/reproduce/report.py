@@ -67,8 +67,8 @@ def write_report(out: Path, info: dict, results: dict, verdicts: dict, pictures:
                   f"steps, no guidance. Checkpoints: {info['checkpoints']}.", "",
                   *metric_table(r["results"], TABLE2_LABELS), "", *verdict_lines(verdicts["Table 2"]), "",
                   "Notes: 'MAR only' decodes the planner warm-up's projection head at the planner's 16 px and "
-                  "upsamples it (the planner warm-up trains on 4 frames with 65-100 % kept, so 2 of 9 kept is "
-                  "outside its training range). The paper does not say which 'DM only' it used: both readings "
+                  "upsamples it (the tiny planner warm-up trains on 9 frames with 15-60 % kept and the task "
+                  "templates, interpolation among them). The paper does not say which 'DM only' it used: both readings "
                   "are scored. `traj_err_px` counts only detected objects: read it with `traj_detected`.", ""]
     if "fig6a" in results:
         lines += ["## Fig. 6a: quality against DDIM steps (joint checkpoint)", "",
