@@ -51,3 +51,38 @@ def test_rope_rejects_bad_head_dim():
         AxialRope3d(7)
     with pytest.raises(ValueError, match="even head_dim >= 6"):
         AxialRope3d(4)
+
+
+def _band_angles(rope: AxialRope3d) -> torch.Tensor:
+    """Angle per position of every width band ``(bands,)``: the table at w = 1 of a (1, 1, 2) grid."""
+    sin, cos = rope((1, 1, 2), torch.device("cpu"))
+    b = rope.bands
+    return torch.atan2(sin[1], cos[1])[4 * b : 6 * b : 2]  # (bands,) width channels, one per pair
+
+
+def test_rope_bands_fall_geometrically_from_max_freq():
+    default = _band_angles(AxialRope3d(32))
+    assert torch.allclose(default, 1.0 / 10000.0 ** (torch.arange(5) / 5))  # the usual RoPE
+    fast = _band_angles(AxialRope3d(32, theta=16.0, max_freq=2.5))
+    assert torch.allclose(fast, 2.5 / 16.0 ** (torch.arange(5) / 5))
+
+
+def test_rope_small_grid_setting_tells_neighbours_apart():
+    """On an 8-token axis the summed cosine of offset 1 (of offset 0 = 1) is what limits a sharp look-up."""
+
+    def worst_neighbour(rope: AxialRope3d) -> float:
+        f = _band_angles(rope).double()  # (bands,)
+        kernel = torch.cos(f[:, None] * torch.arange(8, dtype=torch.float64)[None]).mean(0)  # (8,)
+        return float(kernel[1:].max())
+
+    assert worst_neighbour(AxialRope3d(32)) > 0.85  # the usual bands barely turn over 8 positions
+    assert worst_neighbour(AxialRope3d(32, theta=16.0, max_freq=2.5)) < 0.45
+
+
+def test_rope_rejects_bad_max_freq():
+    with pytest.raises(ValueError, match="max_freq must be in"):
+        AxialRope3d(32, max_freq=3.5)
+    from mardini.models.registry import planner_config
+
+    with pytest.raises(ValueError, match="rope_max_freq=0.0 must be in"):
+        planner_config("tiny", rope_max_freq=0.0)

@@ -262,7 +262,7 @@ class Generator(nn.Module):
         self.t_embed = TimestepEmbedder(d, cfg.freq_dim, cfg.time_scale)
         self.plan_embed = Mlp(cfg.plan_dim, d, d, act_layer=nn.SiLU)  # pooled plan of a frame -> MLP modulation
         self.null_plan_token = nn.Parameter(torch.zeros(cfg.plan_dim))
-        self.rope = AxialRope3d(cfg.head_dim, cfg.rope_theta)
+        self.rope = AxialRope3d(cfg.head_dim, cfg.rope_theta, cfg.rope_max_freq)
         self.blocks = nn.ModuleList(GeneratorBlock(cfg) for _ in range(cfg.depth))
         self.norm_out = RmsNormFp32(d, affine=False)
         self.mod_out = AdaLNModulation(d, 2)  # shift, scale of the final layer

@@ -65,7 +65,7 @@ class Planner(nn.Module):
         p, c, d = cfg.patch_size, cfg.in_channels, cfg.dim
         self.embed = nn.Linear(p * p * c, d)  # a p x p patch embedding (equal to a stride-p Conv2d)
         self.mask_token = nn.Parameter(torch.zeros(d))
-        self.rope = AxialRope3d(cfg.head_dim, cfg.rope_theta)
+        self.rope = AxialRope3d(cfg.head_dim, cfg.rope_theta, cfg.rope_max_freq)
         self.blocks = nn.ModuleList(PlannerBlock(cfg) for _ in range(cfg.depth))
         self.norm = RmsNormFp32(d)
         self.head: nn.Linear | None = nn.Linear(d, p * p * c)  # warm-up projection f, removed for the joint stage

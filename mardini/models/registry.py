@@ -6,6 +6,7 @@ we choose head dim 128 for the planner (32 heads at 4096) and 64 for the generat
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 
 # --------------------------------------------------------------------------------------------------
@@ -25,6 +26,11 @@ def _check_common(name: str, cfg) -> None:
             f"{name} head dim dim/heads = {head_dim} must be even and >= 6 for the 3-D RoPE "
             "(one frequency pair per axis t, h, w); use fewer heads"
         )
+    if not 0 < cfg.rope_max_freq < math.pi or not cfg.rope_theta > 1:
+        raise ValueError(
+            f"{name}: rope_max_freq={cfg.rope_max_freq} must be in (0, pi) radians per position and "
+            f"rope_theta={cfg.rope_theta} must be > 1 (the bands fall from max_freq to max_freq / theta)"
+        )
 
 
 @dataclass
@@ -40,6 +46,7 @@ class PlannerConfig:
     identity_scope: str = "frame"  # a reference token attends to its own frame ("frame") or itself ("token")
     qk_norm: bool = True
     rope_theta: float = 10000.0
+    rope_max_freq: float = 1.0  # radians per position of the fastest RoPE band (see AxialRope3d)
     checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -69,6 +76,7 @@ class GeneratorConfig:
     cross_rope: bool = True  # RoPE on cross-attention too (Fig. 2: "PosEmb" on every attention); False: a bag of plans
     qk_norm: bool = True
     rope_theta: float = 10000.0
+    rope_max_freq: float = 1.0  # radians per position of the fastest RoPE band (see AxialRope3d)
     freq_dim: int = 256  # sinusoidal timestep features
     time_scale: float = 1000.0  # the embedding sees time_scale * t, t in [0, 1]
     checkpointing: bool = False
