@@ -77,6 +77,11 @@ def test_rope_small_grid_setting_tells_neighbours_apart():
 
     assert worst_neighbour(AxialRope3d(32)) > 0.85  # the usual bands barely turn over 8 positions
     assert worst_neighbour(AxialRope3d(32, theta=16.0, max_freq=2.5)) < 0.45
+    # the CPU size (8x8 planner and 8x8 generator token grids, 9 frames) uses such bands in both networks
+    from mardini.models.registry import generator_config, planner_config
+
+    for cfg in (planner_config("tiny"), generator_config("tiny")):
+        assert worst_neighbour(AxialRope3d(cfg.head_dim, cfg.rope_theta, cfg.rope_max_freq)) < 0.45
 
 
 def test_rope_rejects_bad_max_freq():

@@ -127,11 +127,15 @@ def _paper(planner_depth: int, planner_mlp: int, attention: str, frames: int, pl
     )
 
 
+# 8x8-16x16 token grids: faster, closer RoPE bands so attention can single out a neighbour (AxialRope3d)
+_SMALL_GRID_ROPE = {"rope_theta": 16.0, "rope_max_freq": 2.5}
+
 MODEL_SIZES: dict[str, ModelSize] = {
     # CPU sizes: SpaceToDepth(2) latents, 12 channels; generator 16x16 (32 px), planner 8x8 (16 px)
     "tiny": ModelSize(
-        planner=PlannerConfig(dim=128, depth=2, heads=4, mlp_hidden=256, in_channels=12),
-        generator=GeneratorConfig(dim=96, depth=2, heads=4, mlp_hidden=384, plan_dim=128, in_channels=12),
+        planner=PlannerConfig(dim=128, depth=2, heads=4, mlp_hidden=256, in_channels=12, **_SMALL_GRID_ROPE),
+        generator=GeneratorConfig(dim=96, depth=2, heads=4, mlp_hidden=384, plan_dim=128, in_channels=12,
+                                  **_SMALL_GRID_ROPE),
         frames=4,
         note="trains on 2 CPU cores in minutes",
     ),
