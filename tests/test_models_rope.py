@@ -85,9 +85,11 @@ def test_rope_small_grid_setting_tells_neighbours_apart():
 
 
 def test_rope_rejects_bad_max_freq():
-    with pytest.raises(ValueError, match="max_freq must be in"):
+    with pytest.raises(ValueError, match="max_freq=3.5 must be in"):
         AxialRope3d(32, max_freq=3.5)
+    with pytest.raises(ValueError, match="theta=1.0 must be > 1"):
+        AxialRope3d(32, theta=1.0)
     from mardini.models.registry import planner_config
 
-    with pytest.raises(ValueError, match="rope_max_freq=0.0 must be in"):
+    with pytest.raises(ValueError, match=r"PlannerConfig.rope_max_freq=0.0 must be in"):
         planner_config("tiny", rope_max_freq=0.0)

@@ -6,8 +6,9 @@ we choose head dim 128 for the planner (32 heads at 4096) and 64 for the generat
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields, replace
+
+from mardini.models.rope import check_rope_bands
 
 # --------------------------------------------------------------------------------------------------
 # Configs
@@ -26,11 +27,7 @@ def _check_common(name: str, cfg) -> None:
             f"{name} head dim dim/heads = {head_dim} must be even and >= 6 for the 3-D RoPE "
             "(one frequency pair per axis t, h, w); use fewer heads"
         )
-    if not 0 < cfg.rope_max_freq < math.pi or not cfg.rope_theta > 1:
-        raise ValueError(
-            f"{name}: rope_max_freq={cfg.rope_max_freq} must be in (0, pi) radians per position and "
-            f"rope_theta={cfg.rope_theta} must be > 1 (the bands fall from max_freq to max_freq / theta)"
-        )
+    check_rope_bands(cfg.rope_theta, cfg.rope_max_freq, prefix=f"{name}.rope_")
 
 
 @dataclass

@@ -15,9 +15,20 @@ spatial attention only the (h, w) offset.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from timm.layers import apply_rot_embed, build_rotary_pos_embed
 from torch import nn
+
+
+def check_rope_bands(theta: float, max_freq: float, prefix: str = "RoPE ") -> None:
+    """Raise a ValueError unless the bands can fall from ``max_freq`` in (0, pi) to ``max_freq / theta``, theta > 1."""
+    if not 0 < max_freq < math.pi or not theta > 1:
+        raise ValueError(
+            f"{prefix}max_freq={max_freq} must be in (0, pi) radians per position and {prefix}theta={theta} "
+            "must be > 1 (the bands fall geometrically from max_freq to max_freq / theta)"
+        )
 
 
 class AxialRope3d(nn.Module):
@@ -41,9 +52,8 @@ class AxialRope3d(nn.Module):
             raise ValueError(f"3-D RoPE needs an even head_dim >= 6 (one frequency band per axis), got {head_dim}")
         self.head_dim = head_dim
         self.bands = head_dim // 6
+        check_rope_bands(theta, max_freq)
         self.theta = float(theta)
-        if not 0 < max_freq < 3.1416:
-            raise ValueError(f"RoPE max_freq must be in (0, pi) radians per position, got {max_freq!r}")
         self.max_freq = float(max_freq)
         exponent = torch.arange(self.bands, dtype=torch.float32) / self.bands  # (bands,)
         self.freqs = self.max_freq / self.theta**exponent  # (bands,) radians per position, fastest first
