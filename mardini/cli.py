@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 
 from mardini.lit.base import MarDiniBase
 from mardini.lit.checkpoint_io import AtomicCheckpointIO
+from mardini.lit.step_checkpoint import StepCheckpoint
 
 
 class MarDiniCLI(LightningCLI):
@@ -15,7 +16,7 @@ class MarDiniCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
             "--checkpoint_every", type=int, default=500,
-            help="write last.ckpt (atomically) every this many training steps",
+            help="write last.ckpt (atomically) every this many training steps, and at the end of the fit",
         )
 
     def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
@@ -35,8 +36,8 @@ class MarDiniCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         extra = [
-            ModelCheckpoint(filename="step{step:08d}", auto_insert_metric_name=False, save_last=True,
-                            every_n_train_steps=self._checkpoint_every, save_top_k=1),
+            StepCheckpoint(filename="step{step:08d}", auto_insert_metric_name=False, save_last=True,
+                           every_n_train_steps=self._checkpoint_every, save_top_k=1),
             LearningRateMonitor(logging_interval="step"),
         ]
         # kwargs["callbacks"] replaces trainer.callbacks of the config in LightningCLI: keep the config's ones

@@ -125,6 +125,21 @@ def test_resume_gives_the_same_weights_as_one_run(workdir, monkeypatch, tmp_path
     assert any(not torch.equal(raw[k], ema[k]) for k in raw)
 
 
+def test_a_fit_ending_between_checkpoints_saves_its_last_step_and_resumes_exactly(workdir, monkeypatch, tmp_path):
+    """checkpoint_every=3, max_steps=4: step 4 is saved at train end (not lost), and resuming to 8 matches one run."""
+    quiet = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    one = _fit(workdir, monkeypatch, "--config", str(_parity_config(tmp_path, "one")), "--trainer.max_steps=8", *quiet)
+    _fit(workdir, monkeypatch, "--config", str(_parity_config(tmp_path, "two")), "--trainer.max_steps=4", *quiet)
+    ckpts = tmp_path / "two" / "checkpoints"
+    assert read_checkpoint(ckpts / "last.ckpt")["global_step"] == 4
+    assert (ckpts / "step00000004.ckpt").is_file()
+    two = _fit(workdir, monkeypatch, "--config", str(_parity_config(tmp_path, "two")), "--trainer.max_steps=8", *quiet)
+    assert two.trainer.global_step == 8
+    a, b = one.model.state_dict(), two.model.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resuming from the train-end checkpoint"
+
+
 # --------------------------------------------------------------------------------------------------
 # Impossible settings fail at start, naming the key
 # --------------------------------------------------------------------------------------------------
