@@ -28,7 +28,7 @@ def test_demo_end_to_end_and_rerun_reuses(tmp_path, monkeypatch):
     assert set(summary["results"]) == {"interpolation", "image_to_video"}
     assert {"linear_blend", "nearest_frame", "mardini"} <= set(summary["results"]["interpolation"])
     report = (out / "report.md").read_text()
-    for expected in ("## Training chain", "Does the model beat the baselines", "loss_curves.png",
+    for expected in ("## Training chain", "Does the model beat the baselines", "loss_curves.png", "eta 1.0",
                      "samples/interpolation_sheet.png", "samples/image_to_video_sheet.png"):
         assert expected in report
     for name in ("loss_curves.png", "samples/interpolation_sheet.png", "samples/interpolation_0.gif",

@@ -158,6 +158,7 @@ def test_trajectory_error_counts_missing_objects_and_colours_under_occlusion():
         ({"frames": 5, "metrics": ("fvd",)}, "9 frames"),
         ({"num_clips": 1}, "num_clips"),
         ({"missing_weights": "ignore"}, "missing_weights"),
+        ({"eta": -1.0}, "eta"),
     ],
 )
 def test_protocol_rejects_impossible_settings(kwargs, message):

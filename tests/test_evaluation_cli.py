@@ -51,6 +51,23 @@ def test_cli_end_to_end_on_synthetic_shards(shards, tmp_path, capsys):
     assert json.loads((out / "report.json").read_text())["tasks"]["interpolation"]["results"] == interp["results"]
 
 
+def test_cli_scores_a_checkpoint_with_the_chosen_eta(shards, tmp_path):
+    from mardini.testing import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "joint.ckpt", "joint", frames=9, size=16)
+    results = {}
+    for eta in ("0", "1"):
+        out = tmp_path / f"eta{eta}"
+        assert cli.main(["--data", str(shards), "--tasks", "interpolation", "--frames", "9", "--resolution", "16",
+                         "--num-clips", "4", "--metrics", "midf", "--checkpoint", str(ckpt), "--steps", "3",
+                         "--eta", eta, "--device", "cpu", "--cache-dir", "", "--out", str(out)]) == 0
+        report = json.loads((out / "report.json").read_text())["tasks"]["interpolation"]
+        assert report["protocol"]["eta"] == float(eta) and f"eta {float(eta)}" in (out / "report.md").read_text()
+        results[eta] = report["results"]
+    assert results["0"]["linear_blend"] == results["1"]["linear_blend"]
+    assert results["0"]["mardini"]["midf_psnr"] != results["1"]["mardini"]["midf_psnr"]  # eta reached the sampler
+
+
 def test_run_task_with_frechet_metrics_and_real_stats_cache(shards, tmp_path):
     args = cli.parse_args(["--data", str(shards), "--tasks", "interpolation", "--frames", "9", "--resolution", "16",
                            "--num-clips", "6", "--cache-dir", str(tmp_path / "stats")])

@@ -112,6 +112,24 @@ def test_same_seed_same_video_and_batch_independence(pipe):
     assert not torch.allclose(many[0], many[1])
 
 
+def test_ancestral_eta_is_seeded_per_clip_and_sample(pipe):
+    """eta > 0 draws fresh noise each step, still from the clip's seed: reproducible, independent of the batch
+    and of num_samples, and a different sample from deterministic DDIM."""
+    video = _video()
+    kw = dict(steps=STEPS, progress=False, eta=1.0)
+    a = pipe.generate(video, MASK, seed=3, **kw)
+    assert torch.equal(a, pipe.generate(video, MASK, seed=3, **kw))
+    assert not torch.allclose(a, pipe.generate(video, MASK, steps=STEPS, seed=3, progress=False))  # eta 0
+    alone = pipe.generate(video[1:], MASK[1:], seed=4, **kw)  # clip 1 has seed 3 + 1
+    torch.testing.assert_close(alone, a[1:], rtol=0, atol=1e-5)
+    many = pipe.generate(video, MASK, seed=3, num_samples=2, **kw)
+    torch.testing.assert_close(many[::2], a, rtol=0, atol=1e-5)  # sample 0 of each clip
+    assert not torch.allclose(many[0], many[1])
+    assert torch.equal(a[~MASK], video[~MASK])  # given frames stay the input pixels
+    with pytest.raises(ValueError, match="eta must be >= 0"):
+        pipe.generate(video, MASK, steps=STEPS, eta=-0.5, progress=False)
+
+
 # --------------------------------------------------------------------------------------------------
 # Named tasks
 # --------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from mardini.pipeline.cli import OPTION_RULES, main
 CASES = [
     ("--steps", "0", ">= 1"),
     ("--guidance", "-1.0", ">= 0"),
+    ("--eta", "-0.5", ">= 0"),
     ("--batch", "0", ">= 1"),
     ("--num-samples", "0", ">= 1"),
     ("--clips", "0", ">= 1"),

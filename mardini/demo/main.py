@@ -38,7 +38,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=OUTPUT, help="report folder")
     p.add_argument("--fresh", action="store_true", help="delete earlier checkpoints and results first")
     p.add_argument("--eval-clips", type=int, default=64, help="held-out clips per task (the val split has 64)")
-    p.add_argument("--steps", type=int, default=25, help="DDIM steps of the model at evaluation")
+    p.add_argument("--steps", type=int, default=10,
+                   help="DDIM steps of the model at evaluation (10: Fig. 6a finds few steps near-optimal; the paper's "
+                        "tables use 25)")
+    p.add_argument("--eta", type=float, default=1.0,
+                   help="DDIM eta at evaluation: 1 = ancestral (default here: the tiny model's deterministic samples "
+                        "keep leftover start noise), 0 = the paper's deterministic DDIM")
     p.add_argument("--show", type=int, default=4, help="clips in the contact sheets")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's max_steps (quick runs: 0.05)")
     p.add_argument("--train-clips", type=int, default=None, help="synthetic training clips (default: the demo's 2000)")
@@ -90,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"[3/5] evaluating {final} on {a.eval_clips} held-out clips (vs linear blend, nearest frame)", flush=True)
     t_eval = time.perf_counter()
-    evaluation = evaluate(final, a.out / "eval", a.eval_clips, a.steps, a.frechet)
+    evaluation = evaluate(final, a.out / "eval", a.eval_clips, a.steps, a.frechet, a.eta)
     eval_s = time.perf_counter() - t_eval
 
     print("[4/5] pictures: contact sheets, GIF/MP4 samples, loss curves", flush=True)
@@ -100,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
 
     pipe = MarDiniPipeline.from_checkpoint(final, ema=True)
     val = next(iter(_val_loader(a.show)))
-    pictures = showcase(pipe, val["video"][: a.show], val["key"][: a.show], a.out / "samples", steps=a.steps)
+    pictures = showcase(pipe, val["video"][: a.show], val["key"][: a.show], a.out / "samples", steps=a.steps,
+                        eta=a.eta)
     losses = plot_losses([(s.name, s.log_dir) for s in stages], a.out / "loss_curves.png")
 
     print("[5/5] report", flush=True)
@@ -140,7 +146,7 @@ def _val_loader(clips: int):
     return dm.val_dataloader()
 
 
-def evaluate(checkpoint: Path, out: Path, clips: int, steps: int, frechet: bool = False) -> dict:
+def evaluate(checkpoint: Path, out: Path, clips: int, steps: int, frechet: bool = False, eta: float = 0.0) -> dict:
     """The synthetic protocol (both tasks) for the model and the baselines; returns ``report.json`` as a dict."""
     from mardini.evaluation.cli import main as evaluate_main
 
@@ -148,12 +154,12 @@ def evaluate(checkpoint: Path, out: Path, clips: int, steps: int, frechet: bool 
         raise FileNotFoundError("--frechet needs the I3D and InceptionV3 weights: run `make weights` first")
     metrics = ["midf", "traj"] + (["fvd", "fid"] if frechet else [])
     code = evaluate_main(["--preset", "synthetic", "--checkpoint", str(checkpoint), "--num-clips", str(clips),
-                          "--steps", str(steps), "--metrics", *metrics, "--out", str(out), "--device", "cpu",
-                          "--missing-weights", "skip"])
+                          "--steps", str(steps), "--eta", str(eta), "--metrics", *metrics, "--out", str(out),
+                          "--device", "cpu", "--missing-weights", "skip"])
     if code:
         raise RuntimeError(f"evaluation failed with exit code {code}; see the messages above")
     report = json.loads((out / "report.json").read_text())
-    report["steps"] = steps
+    report["steps"], report["eta"] = steps, eta
     if "fvd" not in metrics:
         report["skipped"] = {"FVD/FID": "off by default on CPU; `make weights` then `python -m mardini.demo --frechet`"}
     return report

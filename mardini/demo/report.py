@@ -65,7 +65,8 @@ def write_report(out: Path, info: dict[str, Any], stages: list, evaluation: dict
              "| stage | smoothed loss at start | at end |", "|---|---|---|"]
     for name, v in losses.items():
         lines.append(f"| {name} | {v['first']:.4f} | {v['last']:.4f} |")
-    lines += ["", f"## Evaluation ({evaluation['clips']} held-out clips, {evaluation['steps']} DDIM steps)", ""]
+    sampler = f"{evaluation['steps']} DDIM steps, eta {evaluation.get('eta', 0.0)}"
+    lines += ["", f"## Evaluation ({evaluation['clips']} held-out clips, {sampler})", ""]
     for task, res in evaluation["tasks"].items():
         names = sorted({k for r in res["results"].values() for k in r})
         lines += [f"### {task}", "", "| method | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]

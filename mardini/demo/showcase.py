@@ -12,7 +12,7 @@ from mardini.visualize import contact_sheet, save_gif, save_mp4
 
 
 def showcase(pipe, video: torch.Tensor, keys: list[str], out: Path, steps: int = 25, i2v_guidance: float = 2.5,
-             seed: int = 0, fps: float = 8.0) -> dict[str, list[str]]:
+             seed: int = 0, fps: float = 8.0, eta: float = 0.0) -> dict[str, list[str]]:
     """Sample interpolation and image-to-video for ``video (B, T, 3, H, W)`` and write the pictures.
 
     Per task: ``<task>_sheet.png`` (per clip: ground truth, each baseline, the model; given frames framed in green)
@@ -26,7 +26,8 @@ def showcase(pipe, video: torch.Tensor, keys: list[str], out: Path, steps: int =
         rows: list[torch.Tensor] = []
         masks: list[torch.Tensor] = []
         labels: list[str] = []
-        model = pipe.generate(video, mask, steps=steps, guidance_scale=scale, seed=seed, progress=False)  # (B, T, 3, H, W)
+        model = pipe.generate(video, mask, steps=steps, guidance_scale=scale, seed=seed, progress=False,
+                              eta=eta)  # (B, T, 3, H, W)
         baselines = {name: make()(video, mask, seed) for name, make in BASELINES.items()}
         for i in range(b):
             entries = [("truth", video[i])] + [(name, out_b[i]) for name, out_b in baselines.items()]

@@ -114,6 +114,7 @@ class DDIMSampler:
         mask: torch.Tensor,
         z_ref: torch.Tensor,
         generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One network call and one update from time t to s; references are reset to ``z_ref``.
 
@@ -121,6 +122,8 @@ class DDIMSampler:
             denoise_fn: ``(z_t (B,T,C,h,w), t (B,)) -> v (B,T,C,h,w)``; a reference-frame cache can wrap it.
             z: float32 state ``(B, T, C, h, w)``. t, s: grid times, s < t. mask: ``(B, T)`` bool.
             z_ref: ``(B, T, C, h, w)`` latents whose reference frames are kept.
+            generator, noise: with eta > 0, the step's fresh N(0, I) noise ``(B, T, C, h, w)``, given or drawn
+                from ``generator`` (unused at eta = 0 and on the last step).
         Returns: float32 ``(B, T, C, h, w)``.
         """
         b = z.shape[0]
@@ -129,11 +132,14 @@ class DDIMSampler:
         v = denoise_fn(z, t_vec).float()  # (B, T, C, h, w)
         if v.shape != z.shape:
             raise ValueError(f"denoise_fn returned v of shape {tuple(v.shape)}, expected {tuple(z.shape)}")
-        noise = None
-        if self.eta > 0 and s > 0:
+        if self.eta == 0 or s == 0:
+            noise = None
+        elif noise is None:
             if generator is None:
-                raise ValueError("eta > 0 draws fresh noise every step: pass the sampling torch.Generator")
+                raise ValueError("eta > 0 draws fresh noise every step: pass the sampling torch.Generator or noise")
             noise = torch.randn(z.shape, generator=generator, device=generator.device).to(z.device)  # (B,T,C,h,w)
+        elif noise.shape != z.shape:
+            raise ValueError(f"noise of shape {tuple(noise.shape)} given for a state of shape {tuple(z.shape)}")
         z_s = ddim_update(self.schedule, z, v, t_vec, s_vec, self.eta if s > 0 else 0.0, noise)  # (B,T,C,h,w)
         return torch.where(frame_mask(mask), z_s, z_ref.float())  # (B, T, C, h, w)
 

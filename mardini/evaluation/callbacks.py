@@ -56,6 +56,7 @@ class _TaskEval(L.Callback):
         seed: int = 0,
         steps: int = 25,
         guidance_scale: float | None = None,
+        eta: float = 0.0,
         every_n_epochs: int = 1,
         cache_dir: str | None = "outputs/eval/real_stats",
         missing_weights: str = "skip",
@@ -72,7 +73,7 @@ class _TaskEval(L.Callback):
             task=self.TASK, frames=frames, resolution=resolution, num_clips=num_clips, seed=seed,
             metrics=None if metrics is None else tuple(metrics), missing_weights=missing_weights,
             i3d_weights=i3d_weights, inception_weights=inception_weights, lpips_weights=lpips_weights,
-            fvd_pad_short=fvd_pad_short, steps=steps, guidance_scale=guidance_scale,
+            fvd_pad_short=fvd_pad_short, steps=steps, guidance_scale=guidance_scale, eta=eta,
         )
         self.sampler_spec, self.every_n_epochs = sampler, every_n_epochs
         self.cache = RealStatsCache(cache_dir) if cache_dir else None
@@ -98,7 +99,7 @@ class _TaskEval(L.Callback):
             self.suite = EvalSuite(self.protocol, self.networks)
         self.suite.to(pl_module.device).reset()
         p = self.protocol
-        self._sampler = make_sampler(self.sampler_spec, pl_module, p.steps, p.guidance_scale, p.frames)
+        self._sampler = make_sampler(self.sampler_spec, pl_module, p.steps, p.guidance_scale, p.frames, p.eta)
         self._seen, self._keys = 0, []
         self._data_id = data_identity(trainer, p)
         if self.cache is not None and self._data_id is not None and not self.suite.real_cached:

@@ -62,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", default=None, help="a joint checkpoint: adds the 'mardini' method (EMA weights)")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps of the model")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default 1.0 interp., 2.5 I2V)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta of the model: 0 deterministic (paper), 1 ancestral")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--out", default=None, help="report folder (default outputs/eval/<data name>)")
@@ -109,7 +110,7 @@ def run_task(
         task=task, frames=args.frames, resolution=args.resolution, num_clips=n, seed=args.seed,
         metrics=None if args.metrics is None else tuple(args.metrics), missing_weights=args.missing_weights,
         i3d_weights=args.i3d_weights, inception_weights=args.inception_weights, lpips_weights=args.lpips_weights,
-        steps=args.steps, guidance_scale=args.guidance, extra={"fps": args.fps, "data": args.data},
+        steps=args.steps, guidance_scale=args.guidance, eta=args.eta, extra={"fps": args.fps, "data": args.data},
     )
     first = EvalSuite(proto, networks)
     shared = {"fvd": getattr(first.metrics.get("fvd"), "network", None),
@@ -122,7 +123,7 @@ def run_task(
                "num_clips": n}
     cache = RealStatsCache(args.cache_dir) if args.cache_dir else None
     hit = first.load_real_cache(cache, data_id) if cache else None
-    run = {m: (PipelineSampler(s, proto.steps, proto.guidance_scale) if m == "mardini" else s)
+    run = {m: (PipelineSampler(s, proto.steps, proto.guidance_scale, proto.eta) if m == "mardini" else s)
            for m, s in samplers.items()}
     skipped: dict[str, str] = {}
     seen, keys, timing = 0, [], {m: 0.0 for m in run}
@@ -184,7 +185,7 @@ def markdown(report: dict[str, Any]) -> str:
         for metric, why in res["skipped_metrics"].items():
             lines.append(f"\n- `{metric}` left out: {why.splitlines()[0]}")
         lines.append(f"\nReal statistics: {res['real_stats_cache']}. Guidance {res['protocol']['guidance_scale']}, "
-                     f"{res['protocol']['steps']} DDIM steps (model only).\n")
+                     f"{res['protocol']['steps']} DDIM steps, eta {res['protocol'].get('eta', 0.0)} (model only).\n")
     lines.append("Metrics: FVD/FID lower is better; MidF = frame T//2; traj = colour-centroid position error of "
                  "the synthetic objects in generated frames (pixels, fraction of the frame; detected = share found).")
     return "\n".join(lines) + "\n"

@@ -53,7 +53,8 @@ class EvalProtocol:
         i3d_weights, inception_weights: file or folder of the weights (None: ``$MARDINI_WEIGHTS`` or ``weights/``).
         lpips_weights: torchvision backbone file to add MidF-LPIPS (none by default: it cannot be downloaded here).
         fvd_pad_short: allow T < 9 for FVD by repeating the last frame (the name gets ``_pad``).
-        steps, guidance_scale: sampler settings for the model (guidance None = 1.0 interpolation, 2.5 I2V).
+        steps, guidance_scale, eta: sampler settings for the model (guidance None = 1.0 interpolation, 2.5 I2V;
+            eta 0 = deterministic DDIM, 1 = ancestral).
     """
 
     task: Literal["interpolation", "image_to_video"] = "interpolation"
@@ -69,6 +70,7 @@ class EvalProtocol:
     fvd_pad_short: bool = False
     steps: int = 25
     guidance_scale: float | None = None
+    eta: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)  # recorded in reports, not used
 
     def __post_init__(self) -> None:
@@ -82,6 +84,7 @@ class EvalProtocol:
             ("metrics", set(self.metrics) <= set(METRICS) and len(self.metrics) > 0, f"a non-empty subset of {METRICS}"),
             ("missing_weights", self.missing_weights in ("error", "skip"), "'error' or 'skip'"),
             ("steps", self.steps >= 1, ">= 1"),
+            ("eta", self.eta >= 0, ">= 0 (0 = deterministic DDIM, 1 = ancestral)"),
         ]
         for key, ok, allowed in checks:
             if not ok:

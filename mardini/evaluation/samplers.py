@@ -95,19 +95,25 @@ BASELINES: dict[str, type] = {"linear_blend": LinearBlend, "nearest_frame": Near
 # The model
 # ------------------------------------------------------------------------------------------------
 class PipelineSampler:
-    """``MarDiniPipeline.generate`` as a :class:`Sampler` (DDIM ``steps``, guidance on the plan)."""
+    """``MarDiniPipeline.generate`` as a :class:`Sampler` (DDIM ``steps`` and ``eta``, guidance on the plan)."""
 
     name = "mardini"
 
-    def __init__(self, pipeline: Any, steps: int = 25, guidance_scale: float = 1.0) -> None:
+    def __init__(self, pipeline: Any, steps: int = 25, guidance_scale: float = 1.0, eta: float = 0.0) -> None:
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
+        if not eta >= 0:
+            raise ValueError(f"eta must be >= 0 (0 = deterministic DDIM), got {eta}")
         if getattr(pipeline, "planner", True) is None and guidance_scale != 1.0:
             warnings.warn(f"the pipeline has no planner (a generation warm-up): guidance {guidance_scale} -> 1.0")
             guidance_scale = 1.0
         self.pipeline, self.steps, self.guidance_scale = pipeline, steps, guidance_scale
         params = inspect.signature(pipeline.generate).parameters
         self._extra = {"progress": False} if "progress" in params else {}
+        if eta != 0:
+            if "eta" not in params:
+                raise ValueError(f"eta={eta} needs a pipeline whose generate() takes eta")
+            self._extra["eta"] = eta
 
     @torch.no_grad()
     def __call__(self, video: torch.Tensor, mask: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -147,7 +153,8 @@ def pipeline_from_module(pl_module: Any, window: int) -> Any:
 
 
 def make_sampler(
-    spec: str | Sampler, pl_module: Any = None, steps: int = 25, guidance_scale: float = 1.0, window: int = 9
+    spec: str | Sampler, pl_module: Any = None, steps: int = 25, guidance_scale: float = 1.0, window: int = 9,
+    eta: float = 0.0,
 ) -> Sampler:
     """``"linear_blend"``, ``"nearest_frame"``, ``"pipeline"`` (built from ``pl_module``) or a callable."""
     if callable(spec):
@@ -157,5 +164,5 @@ def make_sampler(
     if spec == "pipeline":
         if pl_module is None:
             raise ValueError("sampler='pipeline' needs the LightningModule (or use MarDiniPipeline.from_checkpoint)")
-        return PipelineSampler(pipeline_from_module(pl_module, window), steps, guidance_scale)
+        return PipelineSampler(pipeline_from_module(pl_module, window), steps, guidance_scale, eta)
     raise ValueError(f"unknown sampler {spec!r}; choose one of {[*BASELINES, 'pipeline']} or pass a callable")

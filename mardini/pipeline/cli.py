@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=25)
     s.add_argument("--guidance", type=float, help="guidance scale (default 2.5 for image_to_video with a planner, "
                    "else 1 = none, as in the paper)")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity: 0 deterministic (paper), 1 ancestral")
     s.add_argument("--seed", type=int, default=0, help="clip i uses seed + i")
     s.add_argument("--batch", type=int, default=4, help="clips per generate call (does not change the samples)")
     s.add_argument("--num-samples", type=int, default=1, help="samples per clip")
@@ -169,6 +170,7 @@ def run_task(a, pipe: MarDiniPipeline, given: torch.Tensor, positions, seeds: li
 OPTION_RULES = {
     "steps": (lambda v: v >= 1, ">= 1"),
     "guidance": (lambda v: v is None or v >= 0, ">= 0 (1 = no guidance)"),
+    "eta": (lambda v: v >= 0, ">= 0 (0 = deterministic DDIM, 1 = ancestral)"),
     "batch": (lambda v: v >= 1, ">= 1"),
     "num_samples": (lambda v: v >= 1, ">= 1"),
     "clips": (lambda v: v >= 1, ">= 1"),
@@ -206,8 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
         2.5 if a.task == "image_to_video" and pipe.planner is not None else 1.0)
     print(f"[sample] {a.task} with {pipe.kind} checkpoint {a.ckpt} (size {pipe.info.get('size')}, "
           f"{'EMA' if not a.no_ema else 'raw'} weights, window {pipe.window}) on {pipe.device}: {a.steps} steps, "
-          f"guidance {guidance}, seed {a.seed}, {given.shape[0]} clip(s) x {a.num_samples} sample(s)")
-    kw = dict(steps=a.steps, guidance_scale=guidance, progress=not a.no_progress)
+          f"eta {a.eta}, guidance {guidance}, seed {a.seed}, {given.shape[0]} clip(s) x {a.num_samples} sample(s)")
+    kw = dict(steps=a.steps, guidance_scale=guidance, progress=not a.no_progress, eta=a.eta)
     outs, masks, labels = [], [], []
     for lo in range(0, given.shape[0], max(1, a.batch)):
         chunk = given[lo : lo + a.batch]
@@ -219,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     videos = torch.cat(outs)  # (N, T, 3, H, W)
     settings = {
         "task": a.task, "checkpoint": str(a.ckpt), "kind": pipe.kind, "size": pipe.info.get("size"),
-        "ema": not a.no_ema, "seed": a.seed, "steps": a.steps, "guidance": guidance,
+        "ema": not a.no_ema, "seed": a.seed, "steps": a.steps, "eta": a.eta, "guidance": guidance,
         "num_samples": a.num_samples, "batch": a.batch, "frames": videos.shape[1],
         "resolution": list(videos.shape[-2:]), "resize": a.resize, "inputs": notes, "given_positions": positions,
         "device": str(pipe.device), "dtype": str(dtype), "window": pipe.window,

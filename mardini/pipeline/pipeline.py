@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -28,6 +29,12 @@ from mardini.pipeline.loading import load_checkpoint
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp64": torch.float64, "float64": torch.float64}
+
+
+def _step_noise_seed(seed: int, sample: int) -> int:
+    """Seed of the per-step (eta > 0) noise of sample ``sample`` of a clip seeded ``seed``: independent of the
+    start noise's stream (which ``seed`` itself draws)."""
+    return int(np.random.SeedSequence([int(seed) % 2**63, int(sample), 0xE7A]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -108,6 +115,7 @@ class MarDiniPipeline:
         seed: int | Sequence[int] = 0,
         num_samples: int = 1,
         progress: bool = True,
+        eta: float = 0.0,
     ) -> torch.Tensor:
         """Fill the masked frames of one window per clip.
 
@@ -118,11 +126,13 @@ class MarDiniPipeline:
                 1 = none). seed: one int (clip b uses ``seed + b``) or one seed per clip; a clip's video does not
                 depend on the batch it is in. num_samples: samples per clip (sample 0 equals a single-sample call).
             progress: a tqdm bar over the denoising steps.
+            eta: DDIM stochasticity, 0 = deterministic DDIM (the paper's sampler), 1 = ancestral (fresh noise each
+                step, drawn per clip and sample so that results still do not depend on the batch).
         Returns:
             ``(B * num_samples, T, 3, H, W)`` float32 in [-1, 1] on video's device, the samples of a clip adjacent;
             given frames are the input pixels.
         """
-        z, x, m = self.generate_latents(video, mask, steps, guidance_scale, seed, num_samples, progress)
+        z, x, m = self.generate_latents(video, mask, steps, guidance_scale, seed, num_samples, progress, eta)
         start = self._now()
         with self._autocast():
             decoded = self.autoencoder.decode(z.to(self.param_dtype)).float()  # (B*k, T, 3, H, W)
@@ -132,11 +142,13 @@ class MarDiniPipeline:
     @torch.no_grad()
     def generate_latents(
         self, video: torch.Tensor, mask: torch.Tensor, steps: int = 25, guidance_scale: float = 1.0,
-        seed: int | Sequence[int] = 0, num_samples: int = 1, progress: bool = True,
+        seed: int | Sequence[int] = 0, num_samples: int = 1, progress: bool = True, eta: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`generate` before decoding: latents ``(B*k, T, C, h, w)`` float32 (given frames bit-identical to
         their encoding), and the repeated pixels ``(B*k, T, 3, H, W)`` (masked frames zeroed) and mask ``(B*k, T)``."""
         self._check(video, mask, guidance_scale, num_samples)
+        if not eta >= 0:
+            raise ValueError(f"eta must be >= 0 (0 = deterministic DDIM, 1 = ancestral sampling), got {eta!r}")
         b, t, _, h, w = video.shape
         seeds = [seed + i for i in range(b)] if isinstance(seed, int) else [int(s) for s in seed]
         if len(seeds) != b:
@@ -149,16 +161,22 @@ class MarDiniPipeline:
             torch.randn((num_samples, t, self.autoencoder.latent_channels, lh, lw), generator=torch.Generator().manual_seed(s))
             for s in seeds
         ]).to(self.device)  # (B*k, T, C, h, w)
+        # eta > 0: one generator per (clip, sample) for the per-step noise, so sample j never depends on k or B
+        step_gens = [torch.Generator().manual_seed(_step_noise_seed(s, j)) for s in seeds for j in range(num_samples)]
         self.last_timings = {"encode": 0.0, "planner": 0.0, "generator": 0.0, "decode": 0.0}
         z = torch.empty_like(noise)
         counts = m.sum(dim=1)  # (B*k,) rows with equal counts share one cache
         for c in counts.unique().tolist():
             rows = (counts == c).nonzero().squeeze(1)  # (G,)
-            z[rows] = self._sample_window(x[rows], m[rows], noise[rows], steps, guidance_scale, progress)
+            gens = [step_gens[r] for r in rows.tolist()]
+            z[rows] = self._sample_window(x[rows], m[rows], noise[rows], steps, guidance_scale, progress, eta, gens)
         return z, x, m
 
-    def _sample_window(self, x, m, noise, steps: int, scale: float, progress: bool) -> torch.Tensor:
-        """Encode, plan once, denoise: ``x (B, T, 3, H, W)``, ``m (B, T)``, ``noise (B, T, C, h, w)`` -> latents."""
+    def _sample_window(self, x, m, noise, steps: int, scale: float, progress: bool, eta: float = 0.0,
+                       step_gens: list[torch.Generator] | None = None) -> torch.Tensor:
+        """Encode, plan once, denoise: ``x (B, T, 3, H, W)``, ``m (B, T)``, ``noise (B, T, C, h, w)`` -> latents.
+
+        ``step_gens``: one CPU generator per row for the fresh noise of each step when ``eta > 0``."""
         with self._autocast():
             start = self._now()
             z_ref = self.autoencoder.encode(x.to(self.param_dtype)).float()  # (B, T, C, h, w)
@@ -172,11 +190,14 @@ class MarDiniPipeline:
             start = self._now()
             fn = make_denoise_fn(self.generator, plan, m, scale, self.use_cache, self.batched_guidance,
                                  self.param_dtype)
-            sampler = DDIMSampler(self.schedule, steps)
+            sampler = DDIMSampler(self.schedule, steps, eta)
             grid = sampler.timesteps().tolist()  # steps + 1 floats, 1 -> 0
             z = torch.where(frame_mask(m), noise, z_ref)  # (B, T, C, h, w)
             for i in tqdm(range(sampler.steps), desc="denoising", disable=not progress, leave=False):
-                z = sampler.step(fn, z, grid[i], grid[i + 1], m, z_ref)  # (B, T, C, h, w) float32
+                fresh = None
+                if eta > 0 and grid[i + 1] > 0:
+                    fresh = torch.stack([torch.randn(z.shape[1:], generator=g) for g in step_gens]).to(z)  # (B,T,C,h,w)
+                z = sampler.step(fn, z, grid[i], grid[i + 1], m, z_ref, noise=fresh)  # (B, T, C, h, w) float32
             self.last_timings["generator"] += self._now() - start
         return torch.where(frame_mask(m), z, z_ref)  # (B, T, C, h, w), references bit-identical
 

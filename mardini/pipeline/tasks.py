@@ -1,6 +1,6 @@
 """The named MarDini tasks, all built on ``MarDiniPipeline.generate`` (PAPER.md §4.1-4.3).
 
-Each function takes the pipeline first and passes ``steps``, ``guidance_scale``, ``seed``, ``num_samples``,
+Each function takes the pipeline first and passes ``steps``, ``eta``, ``guidance_scale``, ``seed``, ``num_samples``,
 ``progress`` through ``**kw``. Multi-window tasks derive one seed per (clip, window) from ``seed``.
 """
 
