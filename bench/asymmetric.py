@@ -17,6 +17,10 @@ paper's attention-to-linear FLOP balance (tokens / width) and the 4:1 high/low t
 Each (variant, frames) runs in its own subprocess: latency = planner + generator seconds of a second
 ``generate`` call (the first, 1 step, warms up); peak memory = the subprocess's max RSS (``ru_maxrss``) and
 its growth over the RSS after the networks are built. Rounds interleave the variants; medians are reported.
+
+FLOPs (model FLOPs of the whole sampling call, ``bench.common.flop_counter``, after the timed call): counted for
+1 and 2 steps, so ``total = f1 + (steps - 1) (f2 - f1)`` (the first step also fills the reference cache). The
+latency ratio (c)/(a) can exceed the FLOP ratio only where (a) runs at a higher FLOP/s than (c).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import sys
 
 import torch
 
-from bench.common import command, machine, median, write_result
+from bench.common import command, flop_counter, machine, median, write_result
 
 NAME = "asymmetric"
 VARIANTS = {"a": ("low", "t"), "b": ("low", "st"), "c": ("high", "st")}
@@ -67,9 +71,16 @@ def child(variant: str, frames: int, steps: int, side: int, low: int, scale: int
     pipe.generate(video, mask, steps=steps, guidance_scale=2.5, progress=False)
     tm = pipe.last_timings
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    counted = []
+    for n in (1, 2):
+        with flop_counter() as fc:
+            pipe.generate(video, mask, steps=n, guidance_scale=2.5, progress=False)
+        counted.append(fc.get_total_flops())
+    flops = counted[0] + (steps - 1) * (counted[1] - counted[0])
     return {"variant": variant, "frames": frames, "latency_s": tm["planner"] + tm["generator"],
             "planner_s": tm["planner"], "generator_s": tm["generator"], "peak_rss_mib": peak / 2**20,
-            "peak_growth_mib": (peak - rss_built) / 2**20,
+            "peak_growth_mib": (peak - rss_built) / 2**20, "gflop": flops / 1e9,
+            "gflop_per_s": flops / 1e9 / (tm["planner"] + tm["generator"]),
             "params_M": {"planner": sum(p.numel() for p in planner.parameters()) / 1e6,
                          "generator": sum(p.numel() for p in generator.parameters()) / 1e6},
             "tokens": {"generator": frames * side * side,
@@ -117,20 +128,24 @@ def main(argv: list[str] | None = None) -> dict:
     table = []
     for frames in a.frames:
         med = {v: {k: median([x[k] for x in runs if x["variant"] == v and x["frames"] == frames])
-                   for k in ("latency_s", "planner_s", "generator_s", "peak_rss_mib", "peak_growth_mib")}
+                   for k in ("latency_s", "planner_s", "generator_s", "peak_rss_mib", "peak_growth_mib", "gflop",
+                             "gflop_per_s")}
                for v in VARIANTS}
         for v in VARIANTS:
             table.append({"frames": frames, "variant": v, "label": LABELS[v], **med[v],
                           "c_over_this_latency": med["c"]["latency_s"] / med[v]["latency_s"],
+                          "c_over_this_flops": med["c"]["gflop"] / med[v]["gflop"],
                           "this_over_c_memory": med[v]["peak_rss_mib"] / med["c"]["peak_rss_mib"]})
     result = {"command": command(f"bench.{NAME}", argv), "settings": {k: v for k, v in vars(a).items() if k != "child"},
               "machine": machine(), "params_M": runs[0]["params_M"], "table": table, "runs": runs}
     path = write_result(NAME, result)
-    print(f"\n| frames | variant | latency s | planner s | generator s | peak RSS MiB | (c) latency / this |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| frames | variant | latency s | planner s | generator s | peak RSS MiB | GFLOP | GFLOP/s "
+          "| (c) latency / this | (c) FLOPs / this |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in table:
         print(f"| {row['frames']} | {row['label']} | {row['latency_s']:.2f} | {row['planner_s']:.2f} | "
-              f"{row['generator_s']:.2f} | {row['peak_rss_mib']:.0f} | {row['c_over_this_latency']:.2f}x |")
+              f"{row['generator_s']:.2f} | {row['peak_rss_mib']:.0f} | {row['gflop']:.1f} | {row['gflop_per_s']:.1f} "
+              f"| {row['c_over_this_latency']:.2f}x | {row['c_over_this_flops']:.2f}x |")
     print(f"wrote {path}")
     return result
 

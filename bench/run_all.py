@@ -59,11 +59,13 @@ def summary(ran: dict[str, str]) -> str:
     r = _load("asymmetric")
     if r:
         out += ["## Asymmetric design (PAPER.md Table 3)", f"`{r['command']}`", "",
-                "| frames | variant | latency s | planner s | generator s | peak RSS MiB | RSS growth MiB | (c) / this |",
-                "|---|---|---|---|---|---|---|---|"]
+                "| frames | variant | latency s | planner s | generator s | peak RSS MiB | RSS growth MiB | GFLOP "
+                "| GFLOP/s | (c) / this latency | (c) / this FLOPs |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         out += [f"| {x['frames']} | {x['label']} | {x['latency_s']:.2f} | {x['planner_s']:.2f} | {x['generator_s']:.2f} "
-                f"| {x['peak_rss_mib']:.0f} | {x['peak_growth_mib']:.0f} | {x['c_over_this_latency']:.2f}x |"
-                for x in r["table"]]
+                f"| {x['peak_rss_mib']:.0f} | {x['peak_growth_mib']:.0f} | {x.get('gflop', float('nan')):.1f} "
+                f"| {x.get('gflop_per_s', float('nan')):.1f} | {x['c_over_this_latency']:.2f}x "
+                f"| {x.get('c_over_this_flops', float('nan')):.2f}x |" for x in r["table"]]
         out.append("")
     r = _load("attention_memory")
     if r:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from bench import run_all, sampling_overhead, train_mfu
+from bench import asymmetric, run_all, sampling_overhead, train_mfu
 
 
 def _positive(*xs: float) -> bool:
@@ -30,6 +30,34 @@ def test_sampling_overhead_quick_and_summary(tmp_path, monkeypatch):
     assert 0 <= m["overhead_share"] < 1
     text = run_all.summary({})
     assert "Sampling per-step overhead" in text and r["command"] in text
+
+
+def test_asymmetric_flops_extrapolate_and_rank_the_variants():
+    """The 1-and-2-step extrapolation gives the FLOPs of a 3-step run; full-res /ST costs more FLOPs than MarDini."""
+    import torch
+
+    from bench.common import flop_counter
+
+    kw = dict(frames=5, steps=3, side=8, low=4, scale=64, threads=1)
+    a, c = asymmetric.child("a", **kw), asymmetric.child("c", **kw)
+    assert _positive(a["gflop"], c["gflop"], a["gflop_per_s"], c["gflop_per_s"]) and c["gflop"] > a["gflop"]
+    # the same networks counted directly over 3 steps (child seeds everything, so it rebuilds them identically)
+    from mardini.autoencoders import SpaceToDepthAutoencoder
+    from mardini.masking import image_to_video_mask
+    from mardini.models import build_generator, build_planner
+    from mardini.pipeline import MarDiniPipeline
+
+    torch.manual_seed(0)
+    ae = SpaceToDepthAutoencoder(2)
+    planner = build_planner("small", dim=64, heads=1, mlp_hidden=64, depth=8, in_channels=12)
+    planner.drop_head()
+    gen = build_generator("small", dim=16, heads=1, mlp_hidden=64, plan_dim=64, depth=8, in_channels=12,
+                          attention="t")
+    pipe = MarDiniPipeline(gen, ae, planner, planner_resolution=8, window=5, dtype=torch.bfloat16)
+    video = torch.rand(1, 5, 3, 16, 16) * 2 - 1
+    with flop_counter() as fc:
+        pipe.generate(video, image_to_video_mask(5)[None], steps=3, guidance_scale=2.5, progress=False)
+    assert a["gflop"] == pytest.approx(fc.get_total_flops() / 1e9, rel=1e-6)
 
 
 @pytest.mark.slow
