@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--scale", type=int, default=16, help="width divisor of the paper's networks")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="small, 2 steps, one round (smoke test)")
+    p.add_argument("--tag", default="", help="suffix of the result file name (other scales beside the default)")
     p.add_argument("--child", nargs=2, metavar=("VARIANT", "FRAMES"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.quick:
@@ -136,9 +137,10 @@ def main(argv: list[str] | None = None) -> dict:
                           "c_over_this_latency": med["c"]["latency_s"] / med[v]["latency_s"],
                           "c_over_this_flops": med["c"]["gflop"] / med[v]["gflop"],
                           "this_over_c_memory": med[v]["peak_rss_mib"] / med["c"]["peak_rss_mib"]})
-    result = {"command": command(f"bench.{NAME}", argv), "settings": {k: v for k, v in vars(a).items() if k != "child"},
+    result = {"command": command(f"bench.{NAME}", argv),
+              "settings": {k: v for k, v in vars(a).items() if k not in ("child", "tag")},
               "machine": machine(), "params_M": runs[0]["params_M"], "table": table, "runs": runs}
-    path = write_result(NAME, result)
+    path = write_result(NAME + (f"_{a.tag}" if a.tag else ""), result)
     print("\n| frames | variant | latency s | planner s | generator s | peak RSS MiB | GFLOP | GFLOP/s "
           "| (c) latency / this | (c) FLOPs / this |")
     print("|---|---|---|---|---|---|---|---|---|---|")

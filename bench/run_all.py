@@ -18,11 +18,15 @@ import time
 
 from bench.common import RESULTS
 
-# name -> (full-run args, quick args); a bench whose module is missing is skipped (sampling lands separately)
+# name -> (full-run args, quick args or None = not in --quick); a bench whose module is missing is skipped.
+# A name "<module>_<tag>" runs bench.<module> with other settings (MODULES).
 BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "train_mfu": (["--profile"], ["--quick"]),
     "train_throughput": ([], ["--quick"]),
     "asymmetric": ([], ["--quick"]),
+    # Table 3 at 1/4 of the paper's width and tokens per frame (minutes; not in --quick)
+    "asymmetric_scale4": (["--frames", "13", "--steps", "5", "--scale", "4", "--side", "32", "--low", "16",
+                           "--tag", "scale4"], None),
     "attention_memory": ([], ["--lengths", "512", "--dtypes", "fp32", "--repeats", "1"]),
     "attention_dtype": ([], ["--quick"]),
     "data_vs_step": ([], ["--quick"]),
@@ -32,6 +36,9 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "sampling_overhead": ([], ["--quick"]),
     "growth": ([], ["--quick"]),
 }
+
+
+MODULES = {"asymmetric_scale4": "asymmetric"}
 
 
 def _load(name: str) -> dict | None:
@@ -56,8 +63,9 @@ def summary(ran: dict[str, str]) -> str:
             tot = sum(r["profile_split_s"].values())
             out.append("- profiled time: " + ", ".join(f"{k} {v / tot:.0%}" for k, v in r["profile_split_s"].items()))
         out.append("")
-    r = _load("asymmetric")
-    if r:
+    for r in (_load("asymmetric"), _load("asymmetric_scale4")):
+        if not r:
+            continue
         out += ["## Asymmetric design (PAPER.md Table 3)", f"`{r['command']}`", "",
                 "| frames | variant | latency s | planner s | generator s | peak RSS MiB | RSS growth MiB | GFLOP "
                 "| GFLOP/s | (c) / this latency | (c) / this FLOPs |",
@@ -116,12 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     for name, (full, quick) in BENCHES.items():
         if a.summary_only or (a.only and name not in a.only):
             continue
-        if importlib.util.find_spec(f"bench.{name}") is None:
-            print(f"[skip] bench.{name} is not there")
+        module = MODULES.get(name, name)
+        if importlib.util.find_spec(f"bench.{module}") is None:
+            print(f"[skip] bench.{module} is not there")
+            continue
+        if a.quick and quick is None:
             continue
         args = quick if a.quick else full
-        cmd = [sys.executable, "-m", f"bench.{name}", *args]
-        ran[name] = f".venv/bin/python -m bench.{name} {' '.join(args)}".strip()
+        cmd = [sys.executable, "-m", f"bench.{module}", *args]
+        ran[name] = f".venv/bin/python -m bench.{module} {' '.join(args)}".strip()
         print(f"[run] {ran[name]}", flush=True)
         start = time.perf_counter()
         if subprocess.run(cmd).returncode:

@@ -1,7 +1,7 @@
 """Model FLOPs utilisation (MFU) of one joint training step, against matmul peaks measured in the same run.
 
     .venv/bin/python -m bench.train_mfu [--size small] [--batch 2] [--frames 9] [--high 16] [--low 8]
-                                        [--precision bf16] [--compile] [--profile] [--quick]
+                                        [--precision bf16] [--attention st|t] [--compile] [--profile] [--quick]
 
 The step is what ``MarDiniModule.training_step`` + Lightning's bf16-mixed loop do: planner on the low-res
 latents, plan dropout, generator on the noised high-res latents, masked v-loss (``compute_loss``) under
@@ -12,7 +12,8 @@ the paper's 512 vs 256 setting.
 FLOPs: ``torch.utils.flop_counter`` over one step (matmuls) plus the CPU SDPA kernels it does not count
 (``bench.common.flop_counter``: 4 B H Lq Lk d forward, twice that backward). Peaks: best 2048^2 matmul in
 bf16 and fp32, measured each round right before the step; MFU = (FLOPs / step time) / peak, median over
-rounds. ``--profile`` adds a torch.profiler pass and the time split matmul / attention / copies / rest.
+rounds. ``--profile`` adds a torch.profiler pass, the time split matmul / attention / copies / rest, and the
+MFU ceiling the attention kernels allow: their profiled time plus every other FLOP at the bf16 matmul peak.
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="torch.compile every transformer block")
+    p.add_argument("--attention", choices=["st", "t"], default=None,
+                   help="generator attention: st (spatio-temporal) or t (temporal, the /T models and the late "
+                        "curriculum); default: the size's")
     p.add_argument("--profile", action="store_true", help="also profile one step with torch.profiler")
     p.add_argument("--quick", action="store_true", help="tiny size and inputs, one round (smoke test)")
     p.add_argument("--tag", default="", help="suffix of the result file name")
@@ -81,12 +85,16 @@ def main(argv: list[str] | None = None) -> dict:
         a.size, a.batch, a.frames, a.high, a.low, a.rounds = "tiny", 1, 4, 8, 4, 1
     device = torch.device(a.device)
     module, data, opt = build(a.size, a.batch, a.frames, a.high, a.low, a.compile, device)
+    if a.attention:
+        module.networks["generator"].set_attention(a.attention)
     step, phases = make_step(module, data, opt, a.precision, device)
 
     step(0)  # warm-up (and compilation)
     with flop_counter() as fc:
         step(1)
     flops = fc.get_total_flops()
+    attn_flops = sum(n for op, n in fc.get_flop_counts().get("Global", {}).items()
+                     if "scaled_dot_product" in str(op) or "flash_attention" in str(op))
     rounds = []
     for r in range(a.rounds):
         peak_bf16 = matmul_peak(torch.bfloat16, device)
@@ -110,11 +118,21 @@ def main(argv: list[str] | None = None) -> dict:
         split = op_breakdown(prof)
         total = sum(split.values())
         result["profile_split_s"] = split
+        # Ceiling: the attention kernels at their profiled speed, every other FLOP at the bf16 matmul peak, and
+        # no time at all for anything else (copies, norms, optimizer): the best MFU this attention kernel allows.
+        peak = summary["peak_bf16"]
+        best_s = split["attention"] * summary["step_s"] / total + (flops - attn_flops) / peak
+        result["attention_flop_share"] = attn_flops / flops
+        result["attention_gflop_per_s"] = attn_flops / 1e9 / (split["attention"] * summary["step_s"] / total)
+        result["mfu_bf16_ceiling"] = flops / best_s / peak
         result["profile_top"] = [
             {"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "calls": e.count}
             for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]
         ]
         print("  profile split: " + ", ".join(f"{k} {v / total:.0%}" for k, v in split.items()))
+        print(f"  attention: {result['attention_flop_share']:.0%} of the FLOPs at "
+              f"{result['attention_gflop_per_s']:.0f} GFLOP/s; MFU ceiling with every other FLOP at the bf16 peak "
+              f"and nothing else costing time: {result['mfu_bf16_ceiling']:.1%}")
     path = write_result(NAME + (f"_{a.tag}" if a.tag else ""), result)
     print(f"MFU {summary['mfu_bf16']:.1%} of the bf16 matmul peak ({summary['peak_bf16'] / 1e9:.0f} GFLOP/s), "
           f"{summary['mfu_fp32']:.1%} of the fp32 peak ({summary['peak_fp32'] / 1e9:.0f}); step {summary['step_s']:.2f} s, "
