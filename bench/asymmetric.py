@@ -105,9 +105,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--scale", type=int, default=16, help="width divisor of the paper's networks")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="small, 2 steps, one round (smoke test)")
+    p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=sorted(VARIANTS),
+                   help="which variants to run (the ratios need c)")
     p.add_argument("--tag", default="", help="suffix of the result file name (other scales beside the default)")
     p.add_argument("--child", nargs=2, metavar=("VARIANT", "FRAMES"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if "c" not in a.variants:
+        p.error("--variants must include c: every ratio is (c) over a variant")
     if a.quick:
         a.frames, a.steps, a.rounds, a.side, a.low, a.scale = [5], 2, 1, 8, 4, 64
     if a.child:
@@ -116,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs = []
     for r in range(a.rounds):
         for frames in a.frames:
-            for v in VARIANTS:
+            for v in a.variants:
                 args = ["--child", v, str(frames), "--steps", str(a.steps), "--side", str(a.side), "--low",
                         str(a.low), "--scale", str(a.scale)] + (["--threads", str(a.threads)] if a.threads else [])
                 out = subprocess.run([sys.executable, "-m", f"bench.{NAME}", *args], capture_output=True, text=True)
@@ -131,8 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
         med = {v: {k: median([x[k] for x in runs if x["variant"] == v and x["frames"] == frames])
                    for k in ("latency_s", "planner_s", "generator_s", "peak_rss_mib", "peak_growth_mib", "gflop",
                              "gflop_per_s")}
-               for v in VARIANTS}
-        for v in VARIANTS:
+               for v in a.variants}
+        for v in a.variants:
             table.append({"frames": frames, "variant": v, "label": LABELS[v], **med[v],
                           "c_over_this_latency": med["c"]["latency_s"] / med[v]["latency_s"],
                           "c_over_this_flops": med["c"]["gflop"] / med[v]["gflop"],
