@@ -80,10 +80,13 @@ def summary(ran: dict[str, str]) -> str:
                 r["table"], "```", ""]
     r = _load("attention_dtype")
     if r:
-        out += ["## CPU attention: bf16 autocast vs fp32 (forward + backward)", f"`{r['command']}`", "",
-                "| shape | B, H, L, d | bf16 ms | fp32 ms | bf16 / fp32 |", "|---|---|---|---|---|"]
-        out += [f"| {x['shape']} | {x['bhld']} | {x['bf16_ms']:.1f} | {x['fp32_ms']:.1f} | {x['bf16_over_fp32']:.2f}x |"
-                for x in r["rows"]]
+        out += ["## CPU attention: bf16 autocast vs fp32 vs the math backend (forward + backward)", f"`{r['command']}`",
+                "", "| shape | B, H, L, d | bf16 ms | fp32 ms | math ms | bf16 / fp32 | GFLOP/s bf16 / fp32 / math "
+                "| best of the bf16 matmul peak |", "|---|---|---|---|---|---|---|---|"]
+        out += [f"| {x['shape']} | {x['bhld']} | {x['bf16_ms']:.1f} | {x['fp32_ms']:.1f} | {x.get('math_ms', float('nan')):.1f} "
+                f"| {x['bf16_over_fp32']:.2f}x | {x.get('bf16_gflop_per_s', float('nan')):.0f} / "
+                f"{x.get('fp32_gflop_per_s', float('nan')):.0f} / {x.get('math_gflop_per_s', float('nan')):.0f} "
+                f"| {x.get('best_of_bf16_peak', float('nan')):.0%} |" for x in r["rows"]]
         out.append("")
     r = _load("data_vs_step")
     if r:

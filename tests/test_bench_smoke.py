@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from bench import asymmetric, run_all, sampling_overhead, train_mfu
+from bench import asymmetric, attention_dtype, run_all, sampling_overhead, train_mfu
 
 
 def _positive(*xs: float) -> bool:
@@ -30,6 +30,20 @@ def test_sampling_overhead_quick_and_summary(tmp_path, monkeypatch):
     assert 0 <= m["overhead_share"] < 1
     text = run_all.summary({})
     assert "Sampling per-step overhead" in text and r["command"] in text
+
+
+def test_attention_dtype_quick_reports_every_backend(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    assert attention_dtype.main(["--quick"]) == 0
+    r = json.loads((tmp_path / "bench/results/attention_dtype.json").read_text())
+    assert r["peak_bf16"] > 0 and len(r["rows"]) == 2
+    for row in r["rows"]:
+        assert _positive(*(row[f"{m}_gflop_per_s"] for m in attention_dtype.MODES), row["best_of_bf16_peak"])
+        b, h, length, d = row["bhld"]
+        assert row["bf16_gflop_per_s"] == pytest.approx(12 * b * h * length**2 * d / 1e9 / (row["bf16_ms"] / 1e3))
+    assert "math backend" in run_all.summary({})
 
 
 def test_asymmetric_flops_extrapolate_and_rank_the_variants():
