@@ -21,7 +21,7 @@ from bench.common import RESULTS
 # name -> (full-run args, quick args or None = not in --quick); a bench whose module is missing is skipped.
 # A name "<module>_<tag>" runs bench.<module> with other settings (MODULES).
 BENCHES: dict[str, tuple[list[str], list[str]]] = {
-    "train_mfu": (["--profile"], ["--quick"]),
+    "train_mfu": (["--rounds", "3", "--profile"], ["--quick"]),
     "train_throughput": ([], ["--quick"]),
     "asymmetric": ([], ["--quick"]),
     # Table 3 at 1/4 of the paper's width and tokens per frame, 25 steps, (a) and (c): ~10 min; not in --quick
@@ -62,6 +62,10 @@ def summary(ran: dict[str, str]) -> str:
         if "profile_split_s" in r:
             tot = sum(r["profile_split_s"].values())
             out.append("- profiled time: " + ", ".join(f"{k} {v / tot:.0%}" for k, v in r["profile_split_s"].items()))
+        if "mfu_bf16_ceiling" in r:
+            out.append(f"- attention: {r['attention_flop_share']:.0%} of the FLOPs at {r['attention_gflop_per_s']:.0f} "
+                       f"GFLOP/s; MFU ceiling with every other FLOP at the bf16 peak and nothing else costing time: "
+                       f"**{r['mfu_bf16_ceiling']:.1%}**")
         out.append("")
     for path in sorted(RESULTS.glob("asymmetric*.json")):  # the default scale, then other scales (--tag)
         r = json.loads(path.read_text())
