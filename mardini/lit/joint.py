@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fnmatch
+
 import torch
 from torch import nn
 
+from mardini.diffusion.loss import masked_mse_per_sample
 from mardini.lit.generation import GenerationModule
 from mardini.lit.planning import PlanningModule
 from mardini.models.registry import build_generator, build_planner
@@ -21,6 +24,14 @@ class MarDiniModule(GenerationModule):
         planner_ckpt: a planner warm-up (``planning``) checkpoint to start the planner from.
         generator_ckpt: a generator warm-up (``generation``) checkpoint to start the generator from.
         plan_dropout: probability of the null plan per clip, in [0, 1).
+        plan_recon_weight: weight of an auxiliary masked reconstruction loss (the warm-up's Eq. 2) on the planner's
+            projection head during joint training. 0 (the paper): the head is removed. > 0 keeps the head (loaded
+            with the planner warm-up) so the plan stays a readable forecast of the masked frames while the
+            generator learns to read it; the head is never used at sampling time.
+        train_only: ``fnmatch`` patterns of the network parameters this stage trains (names as in
+            ``networks.named_parameters()``, e.g. ``generator.blocks.*.cross.*``); the rest stay frozen. None: all.
+            A joint-model stage can train the planner and the generator's plan-reading layers only, so that the
+            loss can only fall through the plan (a generator warmed up with a null plan otherwise ignores it).
         **kwargs: see :class:`GenerationModule` / :class:`MarDiniBase` (``init_from`` continues a joint stage).
     """
 
@@ -32,16 +43,35 @@ class MarDiniModule(GenerationModule):
         planner_ckpt: str | None = None,
         generator_ckpt: str | None = None,
         plan_dropout: float = 0.1,
+        plan_recon_weight: float = 0.0,
+        train_only: list[str] | None = None,
         **kwargs,
     ) -> None:
         if not 0.0 <= plan_dropout < 1.0:
             raise ValueError(f"model.plan_dropout={plan_dropout!r} is impossible: it must be in [0, 1)")
+        if not plan_recon_weight >= 0.0:
+            raise ValueError(f"model.plan_recon_weight={plan_recon_weight!r} is impossible: it must be >= 0 (0 = off)")
         super().__init__(*args, **kwargs)
         self.plan_dropout = plan_dropout
+        self.plan_recon_weight = plan_recon_weight
         if planner_ckpt:
             self.load_networks_from(planner_ckpt, kinds=("planning",), names=("planner",))
         if generator_ckpt:
             self.load_networks_from(generator_ckpt, kinds=("generation",), names=("generator",))
+        if train_only is not None:
+            self.freeze_all_but(list(train_only))
+
+    def freeze_all_but(self, patterns: list[str]) -> None:
+        """Freeze every network parameter whose name matches none of the ``fnmatch`` patterns."""
+        names = [name for name, _ in self.networks.named_parameters()]
+        unused = [pat for pat in patterns if not any(fnmatch.fnmatchcase(n, pat) for n in names)]
+        if not patterns or unused:
+            raise ValueError(
+                f"model.train_only={patterns!r}: {unused or 'no pattern'} matches no parameter; names look like "
+                f"{names[0]!r}, {names[-1]!r} (fnmatch patterns, e.g. 'planner.*', 'generator.blocks.*.cross.*')"
+            )
+        for name, param in self.networks.named_parameters():
+            param.requires_grad_(any(fnmatch.fnmatchcase(name, pat) for pat in patterns))
 
     def build_networks(self) -> dict[str, nn.Module]:
         channels = self.autoencoder.latent_channels
@@ -50,7 +80,8 @@ class MarDiniModule(GenerationModule):
         g_over = dict(self.hparams.generator or {})
         g_over.setdefault("in_channels", channels)
         planner = build_planner(self.hparams.size, **p_over)
-        planner.drop_head()
+        if not self.hparams.get("plan_recon_weight", 0.0):
+            planner.drop_head()
         return {"planner": planner, "generator": build_generator(self.hparams.size, **g_over)}
 
     def compute_loss(self, batch: dict, generator: torch.Generator, train: bool) -> torch.Tensor:
@@ -60,12 +91,22 @@ class MarDiniModule(GenerationModule):
         mask, template = self.mask_sampler.sample(b, t, generator)  # (B, T), (B,)
         mask = mask.to(z_high.device)
         self._last_template = template.to(z_high.device)
-        plan = self.networks["planner"](z_low, mask)  # (B, T, N_low, D)
+        planner = self.networks["planner"]
+        plan = planner(z_low, mask)  # (B, T, N_low, D)
+        recon_loss = None
+        if self.plan_recon_weight > 0:  # Eq. 2 on the masked frames, as in the planner warm-up
+            recon = planner.project(plan, size=tuple(z_low.shape[-2:]))  # (B, T, C, h', w')
+            recon_loss = masked_mse_per_sample(recon.float(), z_low, mask)  # (B,)
         if train and self.plan_dropout > 0:
             drop = (torch.rand(b, generator=generator) < self.plan_dropout).to(plan.device)  # (B,)
             null = self.networks["generator"].null_plan(b, t, plan.shape[2]).to(plan.dtype)  # (B, T, N_low, D)
             plan = torch.where(drop[:, None, None, None], null, plan)  # (B, T, N_low, D)
-        return self.diffusion_loss(z_high, plan, mask, generator)
+        loss = self.diffusion_loss(z_high, plan, mask, generator)  # (B,)
+        if recon_loss is not None:
+            if train and self._trainer is not None:
+                self.log("train/plan_recon_loss", recon_loss.mean(), on_step=True, batch_size=b)
+            loss = loss + self.plan_recon_weight * recon_loss  # (B,)
+        return loss
 
     def tokens_per_clip(self, batch: dict) -> int:
         return GenerationModule.tokens_per_clip(self, batch) + PlanningModule._planner_tokens(self, batch)

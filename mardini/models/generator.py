@@ -299,6 +299,21 @@ class Generator(nn.Module):
         """The learned unconditional plan broadcast to ``(B, T, N, plan_dim)``."""
         return self.null_plan_token.expand(batch, frames, tokens, -1)  # (B, T, N, plan_dim)
 
+    def normalize_plan(self, plan: torch.Tensor) -> torch.Tensor:
+        """``plan_norm='center'``: subtract the clip's mean plan token, scale the rest to unit RMS. ``(B, T, M, P)``
+
+        A planner's output tokens share one large component (about 95 % of their norm in the tiny chain) that
+        carries nothing about the clip; through the cross-attention keys it makes every plan token look alike, and
+        the generator learns to ignore the plan. Centring keeps only what differs between positions and frames.
+        A constant plan (the null plan) becomes zeros. Per clip, so results do not depend on the batch.
+        """
+        if self.cfg.plan_norm == "none":
+            return plan
+        p = plan.float() if plan.dtype in (torch.float16, torch.bfloat16) else plan  # statistics in fp32 or better
+        dev = p - p.mean(dim=(1, 2), keepdim=True)  # (B, T, M, P)
+        rms = dev.square().mean(dim=(1, 2, 3), keepdim=True).add(1e-6).sqrt()  # (B, 1, 1, 1)
+        return (dev / rms).to(plan.dtype)  # (B, T, M, P)
+
     def forward(
         self,
         z: torch.Tensor,
@@ -321,7 +336,7 @@ class Generator(nn.Module):
         p = self.cfg.patch_size
         x = self.embed(patchify(z, p))  # (B, T, N, D)
         c_t = self.t_embed(t_frame)[:, :, None]  # (B, T, 1, D)
-        plan = plan.to(x.dtype)  # (B, T, M, plan_dim)
+        plan = self.normalize_plan(plan).to(x.dtype)  # (B, T, M, plan_dim)
         c_p = self.plan_embed(plan.mean(dim=2))[:, :, None]  # (B, T, 1, D)
         c_m = c_t + c_p  # (B, T, 1, D)
         rope = self.rope((frames, h // p, w // p), z.device)  # (L, d) x2

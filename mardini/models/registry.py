@@ -71,6 +71,7 @@ class GeneratorConfig:
     cross_attention: str = "frame"  # "frame": a frame reads its own plan tokens; "all": all frames' tokens
     identity_attention: bool = True  # False: plain full attention in the temporal layers (Fig. 6c ablation)
     cross_rope: bool = True  # RoPE on cross-attention too (Fig. 2: "PosEmb" on every attention); False: a bag of plans
+    plan_norm: str = "none"  # "center": remove the plan's per-clip mean token and scale its spread to unit RMS
     qk_norm: bool = True
     rope_theta: float = 10000.0
     rope_max_freq: float = 1.0  # radians per position of the fastest RoPE band (see AxialRope3d)
@@ -88,6 +89,8 @@ class GeneratorConfig:
             raise ValueError(f"GeneratorConfig.cross_rope must be true or false, got {self.cross_rope!r}")
         if not isinstance(self.identity_attention, bool):
             raise ValueError(f"GeneratorConfig.identity_attention must be true or false, got {self.identity_attention!r}")
+        if self.plan_norm not in ("none", "center"):
+            raise ValueError(f"GeneratorConfig.plan_norm must be 'none' or 'center', got {self.plan_norm!r}")
         if self.cross_attention not in ("frame", "all"):
             raise ValueError(
                 f"GeneratorConfig.cross_attention must be 'frame' or 'all', got {self.cross_attention!r}"

@@ -72,7 +72,8 @@ def load_checkpoint(path: str | Path, ema: bool = True) -> Loaded:
         p_over = dict(hp.get("planner") or {})
         p_over.setdefault("in_channels", channels)
         planner = build_planner(meta["size"], **p_over)
-        planner.drop_head()
+        planner.drop_head()  # a joint run with plan_recon_weight > 0 kept a training-only head: left out
+        state = {k: v for k, v in state.items() if not k.startswith(f"{prefix}planner.head.")}
         _load(planner, state, f"{prefix}planner.", path, ema)
 
     data = dict(ckpt.get("datamodule_hyper_parameters") or {})

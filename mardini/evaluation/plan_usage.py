@@ -1,0 +1,132 @@
+"""Does the generator read the plan? One generator forward with the plan, with the null plan, with another clip's plan.
+
+    python -m mardini.evaluation.plan_usage --checkpoint outputs/tiny/05_joint_task/checkpoints/last.ckpt
+    python -m mardini.evaluation.plan_usage --planning outputs/tiny/03_mar_warmup/checkpoints/last.ckpt
+
+On the held-out synthetic clips with the interpolation mask, at diffusion time ``t``: the decoded one-step
+prediction's MidF-PSNR with the plan and with the null plan, the relative change of the velocity on the generated
+frames when the plan is swapped for the null plan or for the next clip's plan, and the plan's spread (RMS of its
+tokens' deviation from the clip's mean token over their RMS). ``--planning`` scores a planner warm-up checkpoint
+instead: its projection head's reconstruction, upsampled bilinearly, against the linear blend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+from mardini.diffusion.checks import frame_mask
+from mardini.masking import interpolation_mask
+from mardini.metrics.frame_metrics import MidFrameMetrics
+
+
+def _midf_psnr(fake: torch.Tensor, real: torch.Tensor) -> float:
+    metric = MidFrameMetrics()
+    metric.update(fake.clamp(-1, 1), real)
+    return float(metric.compute()["midf_psnr"])
+
+
+def plan_spread(plan: torch.Tensor) -> float:
+    """RMS of the tokens' deviation from their clip's mean token over the tokens' RMS. ``plan (B, T, M, P)``"""
+    dev = plan - plan.mean(dim=(1, 2), keepdim=True)  # (B, T, M, P)
+    return float(dev.square().mean().sqrt() / plan.square().mean().sqrt())
+
+
+@torch.no_grad()
+def plan_usage(pipe, video: torch.Tensor, t: float = 1.0, seed: int = 0) -> dict[str, float]:
+    """Plan vs null plan for a joint pipeline on clips ``video (B, T, 3, H, W)`` in [-1, 1], interpolation mask."""
+    from mardini.pipeline.pipeline import resize_video
+
+    b, frames = video.shape[:2]
+    mask = interpolation_mask(frames)[None].expand(b, -1)  # (B, T)
+    z0 = pipe.autoencoder.encode(video)  # (B, T, C, h, w)
+    given = torch.where(frame_mask(mask), torch.zeros_like(video), video)  # masked frames never reach the planner
+    plan = pipe.planner(pipe.autoencoder.encode(resize_video(given, pipe.planner_resolution)), mask)  # (B,T,M,P)
+    null = pipe.generator.null_plan(*plan.shape[:3]).to(plan)  # (B, T, M, P)
+    tt = torch.full((b,), float(t))  # (B,)
+    alpha, sigma = pipe.schedule.alpha_sigma(tt)
+    noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed))  # (B, T, C, h, w)
+    z_t = torch.where(frame_mask(mask), alpha * z0 + sigma * noise, z0)  # (B, T, C, h, w)
+    v = {name: pipe.generator(z_t, tt, p, mask) for name, p in
+         (("plan", plan), ("null", null), ("other", plan.roll(1, dims=0)))}  # (B, T, C, h, w) each
+    gen = frame_mask(mask).expand_as(z0)  # generated elements
+
+    def rel(a: torch.Tensor, c: torch.Tensor) -> float:
+        return float((a - c)[gen].norm() / a[gen].norm().clamp_min(1e-12))
+
+    out = {"t": float(t), "clips": b, "plan_spread": plan_spread(plan.float())}
+    for name in ("plan", "null"):
+        x0, _ = pipe.schedule.predict_x0_eps(z_t, v[name], tt)  # (B, T, C, h, w)
+        out[f"midf_psnr_{name}"] = _midf_psnr(pipe.autoencoder.decode(x0), video)
+    out["velocity_change_null"] = rel(v["plan"], v["null"])
+    out["velocity_change_other_clip"] = rel(v["plan"], v["other"])
+    return out
+
+
+@torch.no_grad()
+def planner_head_quality(module, video: torch.Tensor) -> dict[str, float]:
+    """A planner warm-up (``PlanningModule``, EMA weights): head reconstruction upsampled vs the linear blend."""
+    from mardini.pipeline.pipeline import resize_video
+
+    b, frames = video.shape[:2]
+    mask = interpolation_mask(frames)[None].expand(b, -1)  # (B, T)
+    with module.ema_weights():
+        planner = module.networks["planner"]
+        z_low = module.autoencoder.encode(resize_video(video, module.hparams.planner_resolution))  # (B,T,C,h',w')
+        plan = planner(z_low, mask)  # (B, T, M, P)
+        low = module.autoencoder.decode(planner.project(plan, size=tuple(z_low.shape[-2:])))  # (B, T, 3, h, w)
+    up = F.interpolate(low.flatten(0, 1), size=video.shape[-2:], mode="bilinear", align_corners=False)
+    up = up.unflatten(0, (b, frames))  # (B, T, 3, H, W)
+    ramp = torch.linspace(0, 1, frames)[None, :, None, None, None]  # (1, T, 1, 1, 1)
+    blend = video[:, :1] + (video[:, -1:] - video[:, :1]) * ramp  # (B, T, 3, H, W)
+    return {"clips": b, "plan_spread": plan_spread(plan.float()), "midf_psnr_head_upsampled": _midf_psnr(up, video),
+            "midf_psnr_linear_blend": _midf_psnr(blend, video)}
+
+
+def heldout_clips(n: int, frames: int, resolution: int, fps: float | None,
+                  shards: str = "data/shards/synthetic/val") -> torch.Tensor:
+    """The first ``n`` clips of the held-out synthetic shards (``make data``) as ``(n, T, 3, H, W)`` in [-1, 1]."""
+    from mardini.data.datamodule import VideoDataModule
+
+    dm = VideoDataModule(train_shards=shards, val_shards=shards, frames=frames, fps=fps, resolution=resolution,
+                         batch_size=n, num_workers=0, val_clips=n)
+    dm.setup("fit")
+    return next(iter(dm.val_dataloader()))["video"]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="a joint checkpoint (EMA weights)")
+    which.add_argument("--planning", help="a planner warm-up checkpoint: score its projection head instead")
+    parser.add_argument("--clips", type=int, default=64, help="held-out synthetic clips (the demo's 64)")
+    parser.add_argument("--t", type=float, default=1.0, help="diffusion time of the one-step prediction")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--frames", type=int, default=9, help="--planning only: window (the demo's 9)")
+    parser.add_argument("--resolution", type=int, default=32, help="--planning only: clip side (the demo's 32)")
+    parser.add_argument("--fps", type=float, default=8.0, help="--planning only: frame rate (the demo's 8)")
+    args = parser.parse_args(argv)
+    if args.checkpoint:
+        from mardini.pipeline.pipeline import MarDiniPipeline
+
+        pipe = MarDiniPipeline.from_checkpoint(args.checkpoint)
+        if pipe.planner is None:
+            raise SystemExit(f"{args.checkpoint} has no planner: plan usage needs a joint checkpoint")
+        side = pipe.resolution[0] if pipe.resolution else 32
+        video = heldout_clips(args.clips, pipe.window, side, pipe.fps)
+        result = plan_usage(pipe, video, args.t, args.seed)
+    else:
+        from mardini.lit import PlanningModule
+
+        module = PlanningModule.load_from_checkpoint(args.planning, map_location="cpu")
+        video = heldout_clips(args.clips, args.frames, args.resolution, args.fps)
+        result = planner_head_quality(module, video)
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+    return result
+
+
+if __name__ == "__main__":
+    main()

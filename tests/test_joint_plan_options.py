@@ -1,0 +1,118 @@
+"""Joint-stage options that make the generator read the plan: the kept reconstruction loss, training only some layers."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from mardini.diffusion.loss import masked_mse_per_sample
+from mardini.lit import MarDiniModule
+from mardini.pipeline.loading import load_checkpoint
+
+
+def _module(weight: float) -> MarDiniModule:
+    torch.manual_seed(0)
+    return MarDiniModule(size="tiny", frames=5, planner_resolution=16, plan_dropout=0.0, plan_recon_weight=weight)
+
+
+def _batch() -> dict:
+    g = torch.Generator().manual_seed(3)
+    return {"video": torch.rand(2, 5, 3, 32, 32, generator=g) * 2 - 1}  # (B, T, 3, H, W)
+
+
+def test_the_head_is_dropped_by_default_and_kept_with_a_weight():
+    assert _module(0.0).networks["planner"].head is None
+    assert _module(0.5).networks["planner"].head is not None
+
+
+def test_loss_adds_the_weighted_masked_reconstruction_and_trains_the_head():
+    with_recon, paper = _module(2.0), _module(0.0)
+    state = {k: v for k, v in with_recon.networks.state_dict().items() if ".head." not in k}
+    paper.networks.load_state_dict(state)  # same planner and generator, no head
+    batch = _batch()
+    loss = with_recon.compute_loss(dict(batch), torch.Generator().manual_seed(7), True)  # (B,)
+    base = paper.compute_loss(dict(batch), torch.Generator().manual_seed(7), True)  # (B,)
+
+    z_low = with_recon.latents_low(dict(batch))  # (B, T, C, h', w')
+    mask, _ = with_recon.mask_sampler.sample(2, 5, torch.Generator().manual_seed(7))  # the draw compute_loss made
+    planner = with_recon.networks["planner"]
+    with torch.no_grad():
+        recon = planner.project(planner(z_low, mask), size=tuple(z_low.shape[-2:]))  # (B, T, C, h', w')
+    expected = base.detach() + 2.0 * masked_mse_per_sample(recon.float(), z_low, mask)  # (B,)
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+
+    loss.mean().backward()
+    assert planner.head.weight.grad is not None and planner.head.weight.grad.abs().sum() > 0
+
+
+def test_negative_weight_is_refused():
+    with pytest.raises(ValueError, match=r"model\.plan_recon_weight=-1.0 is impossible: it must be >= 0"):
+        MarDiniModule(size="tiny", plan_recon_weight=-1.0)
+
+
+def test_a_checkpoint_trained_with_the_head_samples_without_it(tmp_path):
+    module = _module(1.0)
+    clips = [{"video": v} for v in _batch()["video"]]  # (T, 3, H, W) each
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=str(tmp_path))
+    trainer.fit(module, DataLoader(clips, batch_size=2))
+    path = tmp_path / "joint_recon.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = load_checkpoint(path)
+    assert loaded.planner is not None and loaded.planner.head is None
+    own = {k: v for k, v in module.ema.module["planner"].state_dict().items() if not k.startswith("head.")}
+    for key, value in loaded.planner.state_dict().items():
+        torch.testing.assert_close(value, own[key])
+
+
+PLAN_PATH = ["planner.*", "generator.plan_embed.*", "generator.blocks.*.cross.*"]
+
+
+def test_train_only_freezes_the_rest_and_a_step_moves_only_the_chosen_layers():
+    torch.manual_seed(0)
+    module = MarDiniModule(size="tiny", frames=5, planner_resolution=16, plan_dropout=0.0, warmup_steps=0,
+                           train_only=PLAN_PATH)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # zero-initialised output layers would stop every gradient on the first step
+        for p in module.networks.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    trainable = {n for n, p in module.networks.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("planner.", "generator.plan_embed.")) or ".cross." in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in module.networks.named_parameters()}
+    for frozen in ("generator.blocks.0.mlp.fc1.weight", "generator.embed.weight", "generator.blocks.0.temporal.qkv_proj.weight"):
+        assert frozen in before and frozen not in trainable
+    clips = [{"video": v} for v in _batch()["video"]]  # (T, 3, H, W) each
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, DataLoader(clips, batch_size=2))
+    moved = {n for n, p in module.networks.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert moved and moved <= trainable
+    assert "generator.blocks.0.cross.kv_proj.weight" in moved and "planner.blocks.0.attn.qkv_proj.weight" in moved
+
+
+def test_train_only_names_a_pattern_that_matches_nothing():
+    with pytest.raises(ValueError, match=r"model\.train_only=.*'generator\.cross\.\*'.* matches no parameter"):
+        MarDiniModule(size="tiny", train_only=["planner.*", "generator.cross.*"])
+
+
+def test_plan_usage_sees_a_plan_blind_generator_and_one_that_reads_the_plan(tmp_path):
+    from mardini.evaluation.plan_usage import plan_usage
+    from mardini.pipeline.pipeline import MarDiniPipeline
+    from mardini.testing import make_checkpoint
+
+    pipe = MarDiniPipeline.from_checkpoint(make_checkpoint(tmp_path / "joint.ckpt", frames=5, size=16))
+    video = torch.rand(3, 5, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1  # (B, T, 3, H, W)
+    reads = plan_usage(pipe, video)
+    assert reads["velocity_change_null"] > 1e-3 and reads["velocity_change_other_clip"] > 1e-3
+    with torch.no_grad():  # cut every path from the plan into the generator
+        pipe.generator.plan_embed.fc2.weight.zero_()
+        pipe.generator.plan_embed.fc2.bias.zero_()
+        for block in pipe.generator.blocks:
+            block.cross.proj.weight.zero_()
+            block.cross.proj.bias.zero_()
+    blind = plan_usage(pipe, video)
+    assert blind["velocity_change_null"] < 1e-6 and blind["velocity_change_other_clip"] < 1e-6
+    assert blind["midf_psnr_plan"] == pytest.approx(blind["midf_psnr_null"], abs=1e-4)
