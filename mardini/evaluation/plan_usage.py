@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mardini.diffusion.checks import frame_mask
+from mardini.evaluation.samplers import LinearBlend
 from mardini.masking import interpolation_mask
 from mardini.metrics.frame_metrics import MidFrameMetrics
 
@@ -43,8 +44,8 @@ def plan_usage(pipe, video: torch.Tensor, t: float = 1.0, seed: int = 0) -> dict
     b, frames = video.shape[:2]
     mask = interpolation_mask(frames)[None].expand(b, -1)  # (B, T)
     z0 = pipe.autoencoder.encode(video)  # (B, T, C, h, w)
-    given = torch.where(frame_mask(mask), torch.zeros_like(video), video)  # masked frames never reach the planner
-    plan = pipe.planner(pipe.autoencoder.encode(resize_video(given, pipe.planner_resolution)), mask)  # (B,T,M,P)
+    z_low = pipe.autoencoder.encode(resize_video(video, pipe.planner_resolution))  # (B, T, C, h', w')
+    plan = pipe.planner(z_low, mask)  # (B, T, M, P); the planner blanks the masked frames itself
     null = pipe.generator.null_plan(*plan.shape[:3]).to(plan)  # (B, T, M, P)
     tt = torch.full((b,), float(t))  # (B,)
     alpha, sigma = pipe.schedule.alpha_sigma(tt)
@@ -80,8 +81,7 @@ def planner_head_quality(module, video: torch.Tensor) -> dict[str, float]:
         low = module.autoencoder.decode(planner.project(plan, size=tuple(z_low.shape[-2:])))  # (B, T, 3, h, w)
     up = F.interpolate(low.flatten(0, 1), size=video.shape[-2:], mode="bilinear", align_corners=False)
     up = up.unflatten(0, (b, frames))  # (B, T, 3, H, W)
-    ramp = torch.linspace(0, 1, frames)[None, :, None, None, None]  # (1, T, 1, 1, 1)
-    blend = video[:, :1] + (video[:, -1:] - video[:, :1]) * ramp  # (B, T, 3, H, W)
+    blend = LinearBlend()(video, mask)  # (B, T, 3, H, W)
     return {"clips": b, "plan_spread": plan_spread(plan.float()), "midf_psnr_head_upsampled": _midf_psnr(up, video),
             "midf_psnr_linear_blend": _midf_psnr(blend, video)}
 

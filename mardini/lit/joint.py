@@ -66,8 +66,9 @@ class MarDiniModule(GenerationModule):
         names = [name for name, _ in self.networks.named_parameters()]
         unused = [pat for pat in patterns if not any(fnmatch.fnmatchcase(n, pat) for n in names)]
         if not patterns or unused:
+            what = f"{unused} matches no parameter" if unused else "is empty (null trains every parameter)"
             raise ValueError(
-                f"model.train_only={patterns!r}: {unused or 'no pattern'} matches no parameter; names look like "
+                f"model.train_only={patterns!r}: {what}; names look like "
                 f"{names[0]!r}, {names[-1]!r} (fnmatch patterns, e.g. 'planner.*', 'generator.blocks.*.cross.*')"
             )
         for name, param in self.networks.named_parameters():
