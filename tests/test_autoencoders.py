@@ -30,6 +30,38 @@ def test_space_to_depth_exact_round_trip(f):
     assert torch.equal(ae.decode(z), x)
 
 
+def test_space_to_depth_shift_and_scale_round_trip_and_travel_in_the_spec():
+    from mardini.autoencoders.base import build_autoencoder
+
+    ae = SpaceToDepthAutoencoder(downsample=2, scale=2.5, shift=-0.4)
+    x = _video()
+    z = ae.encode(x)
+    torch.testing.assert_close(z[1, 2], 2.5 * (F.pixel_unshuffle(x[1, 2], 2) + 0.4))  # (pixels - shift) * scale
+    torch.testing.assert_close(ae.decode(z), x)
+    again = build_autoencoder(ae.spec())  # what a checkpoint stores
+    assert (again.shift, again.scale) == (-0.4, 2.5)
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        SpaceToDepthAutoencoder(scale=0.0)
+
+
+def test_pixel_stats_normalise_the_latents_of_the_clips_they_were_measured_on(tmp_path):
+    from mardini.autoencoders.pixel_stats import main
+    from mardini.data.datamodule import VideoDataModule
+    from mardini.data.testing import tiny_synthetic
+
+    root = tiny_synthetic(tmp_path / "synth")
+    stats = main(["--shards", str(root / "train"), "--clips", "6", "--frames", "4", "--resolution", "8"])
+    assert stats["clips"] == 6 and stats["shift"] == stats["mean"] and stats["mean"] < -0.05  # dark backgrounds
+    dm = VideoDataModule(train_shards=str(root / "train"), val_shards=str(root / "train"), frames=4, fps=8.0,
+                         resolution=8, batch_size=6, num_workers=0, val_clips=6)
+    dm.setup("fit")
+    video = next(iter(dm.val_dataloader()))["video"]  # (6, 4, 3, 8, 8): the same clips
+    z = SpaceToDepthAutoencoder(2, scale=stats["scale"], shift=stats["shift"]).encode(video)
+    assert abs(float(z.mean())) < 1e-4 and abs(float(z.std(unbiased=False)) - 1) < 1e-4
+    with pytest.raises(FileNotFoundError, match="matches no shard"):
+        main(["--shards", str(tmp_path / "nothing-*.tar"), "--clips", "2"])
+
+
 def test_space_to_depth_shape_errors():
     ae = SpaceToDepthAutoencoder(downsample=4)
     with pytest.raises(ValueError, match="divisible"):

@@ -122,6 +122,17 @@ def test_size_mismatch_names_both_sizes(saved, synth, tmp_path):
                                   ckpt_path=str(path))
 
 
+def test_a_stage_refuses_networks_trained_on_other_latents(saved):
+    from mardini.autoencoders import SpaceToDepthAutoencoder
+
+    _, path = saved  # trained on SpaceToDepthAutoencoder(2), shift 0, scale 1
+    with pytest.raises(ValueError, match=r"trained on latents of .*differ: \['scale', 'shift'\].*model.autoencoder"):
+        _gen(init_from=str(path), autoencoder=SpaceToDepthAutoencoder(2, scale=2.5, shift=-0.4))
+    with pytest.raises(ValueError, match=r"differ: \['scale'\]"):
+        MarDiniModule(**TINY, generator_ckpt=str(path), autoencoder=SpaceToDepthAutoencoder(2, scale=2.0))
+    _gen(init_from=str(path), autoencoder=SpaceToDepthAutoencoder(2, chunk_size=3))  # a memory knob: accepted
+
+
 def test_format_mismatch_names_both_versions(saved, tmp_path):
     _, path = saved
     ckpt = read_checkpoint(path)

@@ -336,7 +336,7 @@ class MarDiniBase(L.LightningModule):
         from mardini.lit.checkpoints import load_network_states
 
         raw, ema = load_network_states(path, kinds=kinds, names=names or tuple(self.networks.keys()),
-                                       size=self.hparams.size)
+                                       size=self.hparams.size, autoencoder_spec=self.autoencoder.spec())
         for name, state in raw.items():
             where = f"{path}: network '{name}' (this model: size '{self.hparams.size}', {name} {self.hparams.get(name)})"
             _load_into(self.networks[name], _drop_dropped_head(self.networks[name], state), where)

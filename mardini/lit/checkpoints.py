@@ -55,12 +55,36 @@ def check_metadata(
     return meta
 
 
+def check_same_latents(meta: dict[str, Any], autoencoder_spec: dict[str, Any], path: str | Path) -> None:
+    """Raise if the checkpoint's networks were trained on other latents than ``autoencoder_spec`` describes.
+
+    Compares the class and every init argument both specs record except ``chunk_size`` (a memory knob), so a
+    checkpoint written before an argument existed is compared on the arguments it has.
+    """
+    theirs = meta.get("autoencoder_spec")
+    if not isinstance(theirs, dict):
+        return
+    a, b = theirs.get("init_args", {}), autoencoder_spec.get("init_args", {})
+    differ = sorted(k for k in set(a) & set(b) if k != "chunk_size" and a[k] != b[k])
+    if theirs.get("class_path") != autoencoder_spec.get("class_path") or differ:
+        raise ValueError(
+            f"{path} was trained on latents of {theirs.get('class_path')} {a}, this model encodes with "
+            f"{autoencoder_spec.get('class_path')} {b} (differ: {differ or 'class'}); its networks would see "
+            "other inputs. Set model.autoencoder to the checkpoint's, or start from a checkpoint trained on these latents"
+        )
+
+
 def load_network_states(
-    path: str | Path, kinds: tuple[str, ...], names: tuple[str, ...], size: str | None = None
+    path: str | Path, kinds: tuple[str, ...], names: tuple[str, ...], size: str | None = None,
+    autoencoder_spec: dict[str, Any] | None = None,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, torch.Tensor]]]:
-    """Raw and EMA state dicts of the networks ``names`` from a checkpoint of one of ``kinds``."""
+    """Raw and EMA state dicts of the networks ``names`` from a checkpoint of one of ``kinds``.
+
+    ``autoencoder_spec``: this model's autoencoder; a checkpoint trained on other latents is refused."""
     ckpt = read_checkpoint(path)
     meta = check_metadata(ckpt, kinds, path, size)
+    if autoencoder_spec is not None:
+        check_same_latents(meta, autoencoder_spec, path)
     state = ckpt["state_dict"]
     raw: dict[str, dict[str, torch.Tensor]] = {}
     ema: dict[str, dict[str, torch.Tensor]] = {}
