@@ -269,6 +269,22 @@ def test_training_stops_when_nothing_is_usable(synth, tmp_path):
         next(iter(stream))
 
 
+def test_first_clips_reads_the_validation_order_and_names_an_unreadable_set(synth, tmp_path):
+    from mardini.data.datamodule import first_clips
+
+    video = first_clips(str(synth / "val"), 3, frames=4, resolution=8, fps=8)  # (n', T, 3, H, W)
+    dm = _dm(synth, val_clips=3)
+    dm.setup("fit")
+    expected = torch.cat([b["video"] for b in dm.val_dataloader()])  # the same clips, in the same order
+    assert video.shape[1:] == (4, 3, 8, 8) and torch.equal(video, expected[: video.shape[0]])
+    meta = json.dumps({"fps": 16.0, "frames": 12}).encode()
+    with atomic_tar(tmp_path / "bad-000000.tar") as sink:
+        for i in range(2):
+            sink.write({"__key__": f"b{i}", "video.npy": b"junk", "json": meta})
+    with pytest.raises(ValueError, match="no clip of .* could be read"):
+        first_clips(str(tmp_path / "bad-000000.tar"), 2, frames=2, resolution=8, fps=None)
+
+
 # --------------------------------------------------------------------------------------------------
 # Inside Lightning: epochs advance the stream, the state goes into checkpoints
 # --------------------------------------------------------------------------------------------------

@@ -13,39 +13,21 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
 
-
-def pixel_stats(shards: str, clips: int = 512, frames: int = 9, fps: float | None = 8.0, resolution: int = 32,
-                batch_size: int = 64) -> dict[str, float]:
+def pixel_stats(shards: str, clips: int = 512, frames: int = 9, fps: float | None = 8.0,
+                resolution: int = 32) -> dict[str, float]:
     """Mean and standard deviation of the pixels (in [-1, 1]) of the first ``clips`` clips of ``shards``.
 
     Clips are read as training sees them (``frames`` frames at ``fps``, resized to ``resolution``), in the
-    deterministic order of the validation loader. Returns ``mean, std, clips, shift (= mean), scale (= 1 / std)``.
+    deterministic order of the validation loader. Returns ``clips, mean, std, shift (= mean), scale (= 1 / std)``.
     """
-    from mardini.data.datamodule import VideoDataModule
+    from mardini.data.datamodule import first_clips
 
-    if clips < 1:
-        raise ValueError(f"clips must be >= 1, got {clips}")
-    dm = VideoDataModule(train_shards=shards, val_shards=shards, frames=frames, fps=fps, resolution=resolution,
-                         batch_size=min(batch_size, clips), num_workers=0, val_clips=clips)
-    dm.setup("fit")
-    total, total_sq, count, seen = 0.0, 0.0, 0, 0
-    for batch in dm.val_dataloader():
-        video = batch["video"][: clips - seen].double()  # (B, T, 3, H, W) in [-1, 1]
-        total += float(video.sum())
-        total_sq += float(video.square().sum())
-        count += video.numel()
-        seen += video.shape[0]
-        if seen >= clips:
-            break
-    if count == 0:
-        raise ValueError(f"no clips could be read from {shards!r}; check the pattern (make data builds the demo's)")
-    mean = total / count
-    std = max(total_sq / count - mean * mean, 0.0) ** 0.5
+    video = first_clips(shards, clips, frames, resolution, fps).double()  # (N, T, 3, H, W) in [-1, 1]
+    mean, std = float(video.mean()), float(video.std(unbiased=False))
     if std == 0:
         raise ValueError(f"the pixels of {shards!r} are constant ({mean:.4f}): no scale normalises them")
-    return {"clips": seen, "mean": mean, "std": std, "shift": mean, "scale": 1.0 / std}
+    return {"clips": video.shape[0], "mean": mean, "std": std, "shift": mean, "scale": 1.0 / std}
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -227,6 +227,20 @@ class VideoDataModule(L.LightningDataModule):
 # --------------------------------------------------------------------------------------------------
 
 
+def first_clips(shards: str, n: int, frames: int, resolution: int, fps: float | None) -> torch.Tensor:
+    """The first ``n`` usable clips of ``shards`` as training reads them (``frames`` at ``fps``, resized to
+    ``resolution``), in the deterministic order of the validation loader: ``(n', T, 3, H, W)`` in [-1, 1], n' <= n."""
+    if n < 1:
+        raise ValueError(f"need at least one clip, got n={n}")
+    dm = VideoDataModule(train_shards=shards, val_shards=shards, frames=frames, fps=fps, resolution=resolution,
+                         batch_size=n, num_workers=0, val_clips=n)
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()), None)
+    if batch is None:
+        raise ValueError(f"no clip of {shards!r} could be read (every sample was bad); rebuild the shards")
+    return batch["video"]
+
+
 def first_json(shard: str) -> dict:
     """The ``json`` member of the first sample of a shard."""
     with tarfile.open(shard) as tar:

@@ -86,15 +86,11 @@ def planner_head_quality(module, video: torch.Tensor) -> dict[str, float]:
             "midf_psnr_linear_blend": _midf_psnr(blend, video)}
 
 
-def heldout_clips(n: int, frames: int, resolution: int, fps: float | None,
-                  shards: str = "data/shards/synthetic/val") -> torch.Tensor:
+def heldout_clips(n: int, frames: int, resolution: int, fps: float | None) -> torch.Tensor:
     """The first ``n`` clips of the held-out synthetic shards (``make data``) as ``(n, T, 3, H, W)`` in [-1, 1]."""
-    from mardini.data.datamodule import VideoDataModule
+    from mardini.data.datamodule import first_clips
 
-    dm = VideoDataModule(train_shards=shards, val_shards=shards, frames=frames, fps=fps, resolution=resolution,
-                         batch_size=n, num_workers=0, val_clips=n)
-    dm.setup("fit")
-    return next(iter(dm.val_dataloader()))["video"]
+    return first_clips("data/shards/synthetic/val", n, frames, resolution, fps)
 
 
 def main(argv: list[str] | None = None) -> dict:
