@@ -1,6 +1,8 @@
-"""PAPER.md Table 3 on CPU: sampling latency and peak memory of the asymmetric design vs its symmetric variants.
+"""PAPER.md Table 3: sampling latency and peak memory of the asymmetric design vs its symmetric variants.
 
-    .venv/bin/python -m bench.asymmetric [--frames 9 13] [--steps 10] [--rounds 1] [--quick]
+On CPU by default, on a GPU with ``--device cuda``:
+
+    .venv/bin/python -m bench.asymmetric [--frames 9 13] [--steps 10] [--rounds 1] [--quick] [--device cuda]
 
 Variants (same two networks, so parameter counts match exactly; only resolution and attention change):
     a  MarDini       planner on the low-res copy, generator with temporal attention (/T)
@@ -16,7 +18,8 @@ paper's attention-to-linear FLOP balance (tokens / width) and the 4:1 high/low t
 
 Each (variant, frames) runs in its own subprocess: latency = planner + generator seconds of a second
 ``generate`` call (the first, 1 step, warms up); peak memory = the subprocess's max RSS (``ru_maxrss``) and
-its growth over the RSS after the networks are built. Rounds interleave the variants; medians are reported.
+its growth over the RSS after the networks are built (on CUDA: ``torch.cuda.max_memory_allocated`` and its growth
+over the memory the networks hold). Rounds interleave the variants; medians are reported.
 
 FLOPs (model FLOPs of the whole sampling call, ``bench.common.flop_counter``, after the timed call): counted for
 1 and 2 steps, so ``total = f1 + (steps - 1) (f2 - f1)`` (the first step also fills the reference cache). The
@@ -40,7 +43,8 @@ VARIANTS = {"a": ("low", "t"), "b": ("low", "st"), "c": ("high", "st")}
 LABELS = {"a": "MarDini (low-res planner, /T)", "b": "low-res planner, /ST", "c": "full-res planner, /ST"}
 
 
-def child(variant: str, frames: int, steps: int, side: int, low: int, scale: int, threads: int | None) -> dict:
+def child(variant: str, frames: int, steps: int, side: int, low: int, scale: int, threads: int | None,
+          device: str = "cpu") -> dict:
     """One measurement in this process; returns seconds and memory."""
     from mardini.autoencoders import SpaceToDepthAutoencoder
     from mardini.masking import image_to_video_mask
@@ -63,14 +67,19 @@ def child(variant: str, frames: int, steps: int, side: int, low: int, scale: int
             p.add_(0.02 * torch.randn_like(p))
     pix = 2 * side  # the autoencoder halves the side
     pipe = MarDiniPipeline(generator, ae, planner, planner_resolution=2 * (low if res_mode == "low" else side),
-                           window=frames, dtype=torch.bfloat16)
+                           window=frames, dtype=torch.bfloat16, device=device)
     video = torch.rand(1, frames, 3, pix, pix, generator=torch.Generator().manual_seed(0)) * 2 - 1
     mask = image_to_video_mask(frames)[None]  # (1, T): frame 0 given
     rss_built = _rss_now()
+    cuda = pipe.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(pipe.device)
+        gpu_built = torch.cuda.memory_allocated(pipe.device)
     pipe.generate(video, mask, steps=1, guidance_scale=2.5, progress=False)  # warm-up
     pipe.generate(video, mask, steps=steps, guidance_scale=2.5, progress=False)
     tm = pipe.last_timings
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    gpu_peak = torch.cuda.max_memory_allocated(pipe.device) if cuda else None  # before the FLOP counting
     counted = []
     for n in (1, 2):
         with flop_counter() as fc:
@@ -80,6 +89,8 @@ def child(variant: str, frames: int, steps: int, side: int, low: int, scale: int
     return {"variant": variant, "frames": frames, "latency_s": tm["planner"] + tm["generator"],
             "planner_s": tm["planner"], "generator_s": tm["generator"], "peak_rss_mib": peak / 2**20,
             "peak_growth_mib": (peak - rss_built) / 2**20, "gflop": flops / 1e9,
+            "peak_gpu_mib": gpu_peak / 2**20 if cuda else None,
+            "peak_gpu_growth_mib": (gpu_peak - gpu_built) / 2**20 if cuda else None,
             "gflop_per_s": flops / 1e9 / (tm["planner"] + tm["generator"]),
             "params_M": {"planner": sum(p.numel() for p in planner.parameters()) / 1e6,
                          "generator": sum(p.numel() for p in generator.parameters()) / 1e6},
@@ -104,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--low", type=int, default=8, help="planner latent side in variants a, b")
     p.add_argument("--scale", type=int, default=16, help="width divisor of the paper's networks")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (memory: max_memory_allocated on cuda, max RSS on cpu)")
     p.add_argument("--quick", action="store_true", help="small, 2 steps, one round (smoke test)")
     p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=sorted(VARIANTS),
                    help="which variants to run (the ratios need c)")
@@ -115,42 +127,44 @@ def main(argv: list[str] | None = None) -> dict:
     if a.quick:
         a.frames, a.steps, a.rounds, a.side, a.low, a.scale = [5], 2, 1, 8, 4, 64
     if a.child:
-        print(json.dumps(child(a.child[0], int(a.child[1]), a.steps, a.side, a.low, a.scale, a.threads)))
+        print(json.dumps(child(a.child[0], int(a.child[1]), a.steps, a.side, a.low, a.scale, a.threads, a.device)))
         return {}
+    gpu = a.device.startswith("cuda")
+    mem, growth = ("peak_gpu_mib", "peak_gpu_growth_mib") if gpu else ("peak_rss_mib", "peak_growth_mib")
     runs = []
     for r in range(a.rounds):
         for frames in a.frames:
             for v in a.variants:
                 args = ["--child", v, str(frames), "--steps", str(a.steps), "--side", str(a.side), "--low",
-                        str(a.low), "--scale", str(a.scale)] + (["--threads", str(a.threads)] if a.threads else [])
+                        str(a.low), "--scale", str(a.scale), "--device", a.device] + (["--threads", str(a.threads)] if a.threads else [])
                 out = subprocess.run([sys.executable, "-m", f"bench.{NAME}", *args], capture_output=True, text=True)
                 if out.returncode:
                     raise RuntimeError(f"variant {v} at {frames} frames failed:\n{out.stderr[-3000:]}")
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 runs.append({**row, "round": r})
-                print(f"  round {r} {frames:2d} frames {v}: {row['latency_s']:.2f} s, peak RSS "
-                      f"{row['peak_rss_mib']:.0f} MiB (+{row['peak_growth_mib']:.0f})", flush=True)
+                print(f"  round {r} {frames:2d} frames {v}: {row['latency_s']:.2f} s, peak {'GPU' if gpu else 'RSS'} "
+                      f"{row[mem]:.0f} MiB (+{row[growth]:.0f})", flush=True)
     table = []
     for frames in a.frames:
         med = {v: {k: median([x[k] for x in runs if x["variant"] == v and x["frames"] == frames])
-                   for k in ("latency_s", "planner_s", "generator_s", "peak_rss_mib", "peak_growth_mib", "gflop",
-                             "gflop_per_s")}
+                   for k in ("latency_s", "planner_s", "generator_s", mem, growth, "gflop", "gflop_per_s")}
                for v in a.variants}
         for v in a.variants:
             table.append({"frames": frames, "variant": v, "label": LABELS[v], **med[v],
                           "c_over_this_latency": med["c"]["latency_s"] / med[v]["latency_s"],
                           "c_over_this_flops": med["c"]["gflop"] / med[v]["gflop"],
-                          "this_over_c_memory": med[v]["peak_rss_mib"] / med["c"]["peak_rss_mib"]})
+                          "this_over_c_memory": med[v][mem] / med["c"][mem]})
     result = {"command": command(f"bench.{NAME}", argv),
               "settings": {k: v for k, v in vars(a).items() if k not in ("child", "tag")},
+              "memory": "torch.cuda.max_memory_allocated" if gpu else "max RSS of the subprocess",
               "machine": machine(), "params_M": runs[0]["params_M"], "table": table, "runs": runs}
     path = write_result(NAME + (f"_{a.tag}" if a.tag else ""), result)
-    print("\n| frames | variant | latency s | planner s | generator s | peak RSS MiB | GFLOP | GFLOP/s "
+    print(f"\n| frames | variant | latency s | planner s | generator s | peak {'GPU' if gpu else 'RSS'} MiB | GFLOP | GFLOP/s "
           "| (c) latency / this | (c) FLOPs / this |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for row in table:
         print(f"| {row['frames']} | {row['label']} | {row['latency_s']:.2f} | {row['planner_s']:.2f} | "
-              f"{row['generator_s']:.2f} | {row['peak_rss_mib']:.0f} | {row['gflop']:.1f} | {row['gflop_per_s']:.1f} "
+              f"{row['generator_s']:.2f} | {row[mem]:.0f} | {row['gflop']:.1f} | {row['gflop_per_s']:.1f} "
               f"| {row['c_over_this_latency']:.2f}x | {row['c_over_this_flops']:.2f}x |")
     print(f"wrote {path}")
     return result

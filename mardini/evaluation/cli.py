@@ -119,6 +119,9 @@ def run_task(
               for i, m in enumerate(samplers)}
     for s in list(suites.values())[1:]:
         s.real_cached = True  # the first suite computes the real side; copied below
+    device = device_of(args)
+    for s in suites.values():
+        s.to(device)  # metric states (and the FVD/FID networks) where the clips are
     data_id = {"files": files_id(files), "frames": args.frames, "fps": args.fps, "resolution": args.resolution,
                "num_clips": n}
     cache = RealStatsCache(args.cache_dir) if args.cache_dir else None
@@ -129,14 +132,16 @@ def run_task(
     seen, keys, timing = 0, [], {m: 0.0 for m in run}
     for b, batch in enumerate(iter_batches(kind, files, args.frames, args.fps, args.resolution, n, args.batch_size,
                                            skipped)):
-        real = batch["video"].to(device_of(args))  # (B, T, 3, R, R)
+        real = batch["video"].to(device)  # (B, T, 3, R, R)
+        positions = batch.get("positions")
+        positions = None if positions is None else positions.to(device)  # (B, T, K, 2)
         mask = proto.mask(real.shape[0], real.device)  # (B, T)
         seed = batch_seed(args.seed, 0, b)
         for m, sampler in run.items():
             start = time.perf_counter()
             fake = sampler(real, mask, seed).clamp(-1, 1)  # (B, T, 3, R, R)
             timing[m] += time.perf_counter() - start
-            suites[m].update(real, fake, mask, batch.get("positions"))
+            suites[m].update(real, fake, mask, positions)
         seen += real.shape[0]
         keys += list(batch["key"])
     if seen < n:
