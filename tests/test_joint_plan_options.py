@@ -116,3 +116,22 @@ def test_plan_usage_sees_a_plan_blind_generator_and_one_that_reads_the_plan(tmp_
     blind = plan_usage(pipe, video)
     assert blind["velocity_change_null"] < 1e-6 and blind["velocity_change_other_clip"] < 1e-6
     assert blind["midf_psnr_plan"] == pytest.approx(blind["midf_psnr_null"], abs=1e-4)
+
+
+def test_planner_head_quality_reports_objects_found_and_the_low_resolution_ceiling(tmp_path):
+    from mardini.data.datamodule import first_batch
+    from mardini.data.testing import tiny_synthetic
+    from mardini.evaluation.plan_usage import found_share, planner_head_quality
+    from mardini.lit import PlanningModule
+    from mardini.masking import interpolation_mask
+
+    shards = tiny_synthetic(tmp_path / "synth", train=2, val=6, frames=12, size=64) / "val"
+    batch = first_batch(str(shards), 6, frames=9, resolution=64, fps=None)
+    video, positions = batch["video"], batch["positions"]  # (B, 9, 3, 64, 64), (B, 9, K, 2)
+    mask = interpolation_mask(9)[None].expand(video.shape[0], -1)  # (B, T)
+    assert found_share(video, video, positions, mask) == 1.0  # the truth: every object found
+    assert found_share(torch.zeros_like(video), video, positions, mask) == 0.0  # a blank frame: none
+    result = planner_head_quality(PlanningModule(size="tiny", frames=9, planner_resolution=16), video, positions)
+    assert 0.0 <= result["found_head_upsampled"] < 0.5  # an untrained head draws no crisp object
+    assert 0.0 < result["found_truth_at_planner_resolution"] < 1.0  # 16 px blurs some objects away, not all
+    assert "found_head_upsampled" not in planner_head_quality(PlanningModule(size="tiny", frames=9), video)

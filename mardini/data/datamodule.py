@@ -230,6 +230,11 @@ class VideoDataModule(L.LightningDataModule):
 def first_clips(shards: str, n: int, frames: int, resolution: int, fps: float | None) -> torch.Tensor:
     """The first ``n`` usable clips of ``shards`` as training reads them (``frames`` at ``fps``, resized to
     ``resolution``), in the deterministic order of the validation loader: ``(n', T, 3, H, W)`` in [-1, 1], n' <= n."""
+    return first_batch(shards, n, frames, resolution, fps)["video"]
+
+
+def first_batch(shards: str, n: int, frames: int, resolution: int, fps: float | None) -> dict:
+    """:func:`first_clips` as the loader's batch: ``video``, ``key`` and, for the synthetic set, ``positions``."""
     if n < 1:
         raise ValueError(f"need at least one clip, got n={n}")
     dm = VideoDataModule(train_shards=shards, val_shards=shards, frames=frames, fps=fps, resolution=resolution,
@@ -238,7 +243,7 @@ def first_clips(shards: str, n: int, frames: int, resolution: int, fps: float | 
     batch = next(iter(dm.val_dataloader()), None)
     if batch is None:
         raise ValueError(f"no clip of {shards!r} could be read (every sample was bad); rebuild the shards")
-    return batch["video"]
+    return batch
 
 
 def first_json(shard: str) -> dict:

@@ -7,7 +7,8 @@ On the held-out synthetic clips with the interpolation mask, at diffusion time `
 prediction's MidF-PSNR with the plan and with the null plan, the relative change of the velocity on the generated
 frames when the plan is swapped for the null plan or for the next clip's plan, and the plan's spread (RMS of its
 tokens' deviation from the clip's mean token over their RMS). ``--planning`` scores a planner warm-up checkpoint
-instead: its projection head's reconstruction, upsampled bilinearly, against the linear blend.
+instead: its projection head's reconstruction, upsampled bilinearly, against the linear blend, and the share of the
+objects found in it and in the true clips at the planner's resolution (the trajectory metric's detection).
 """
 
 from __future__ import annotations
@@ -68,8 +69,28 @@ def plan_usage(pipe, video: torch.Tensor, t: float = 1.0, seed: int = 0) -> dict
 
 
 @torch.no_grad()
-def planner_head_quality(module, video: torch.Tensor) -> dict[str, float]:
-    """A planner warm-up (``PlanningModule``, EMA weights): head reconstruction upsampled vs the linear blend."""
+def found_share(fake: torch.Tensor, real: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> float:
+    """Share of the moving objects' generated frames in which the trajectory metric finds the object."""
+    from mardini.evaluation.trajectory import TrajectoryError
+
+    _, _, counted, detected = TrajectoryError().errors(fake, real, positions, mask)  # (B, T, K) each
+    return float(detected.sum() / counted.sum().clamp_min(1))
+
+
+def _upsample(low: torch.Tensor, side: tuple[int, int]) -> torch.Tensor:
+    """``(B, T, 3, h, w)`` -> ``(B, T, 3, H, W)``, bilinear."""
+    up = F.interpolate(low.flatten(0, 1), size=side, mode="bilinear", align_corners=False)
+    return up.unflatten(0, low.shape[:2])
+
+
+@torch.no_grad()
+def planner_head_quality(module, video: torch.Tensor, positions: torch.Tensor | None = None) -> dict[str, float]:
+    """A planner warm-up (``PlanningModule``, EMA weights): head reconstruction upsampled vs the linear blend.
+
+    With the objects' ``positions (B, T, K, 2)`` (the synthetic set), also the share of objects the trajectory
+    metric finds in the upsampled reconstruction and in the true clip at the planner's resolution upsampled the same
+    way: what a plan read by upsampling could score at best.
+    """
     from mardini.pipeline.pipeline import resize_video
 
     b, frames = video.shape[:2]
@@ -79,18 +100,24 @@ def planner_head_quality(module, video: torch.Tensor) -> dict[str, float]:
         z_low = module.autoencoder.encode(resize_video(video, module.hparams.planner_resolution))  # (B,T,C,h',w')
         plan = planner(z_low, mask)  # (B, T, M, P)
         low = module.autoencoder.decode(planner.project(plan, size=tuple(z_low.shape[-2:])))  # (B, T, 3, h, w)
-    up = F.interpolate(low.flatten(0, 1), size=video.shape[-2:], mode="bilinear", align_corners=False)
-    up = up.unflatten(0, (b, frames))  # (B, T, 3, H, W)
+    up = _upsample(low, video.shape[-2:])  # (B, T, 3, H, W)
     blend = LinearBlend()(video, mask)  # (B, T, 3, H, W)
-    return {"clips": b, "plan_spread": plan_spread(plan.float()), "midf_psnr_head_upsampled": _midf_psnr(up, video),
-            "midf_psnr_linear_blend": _midf_psnr(blend, video)}
+    out = {"clips": b, "plan_spread": plan_spread(plan.float()), "midf_psnr_head_upsampled": _midf_psnr(up, video),
+           "midf_psnr_linear_blend": _midf_psnr(blend, video)}
+    if positions is not None:
+        given = ~frame_mask(mask)  # (B, T, 1, 1, 1)
+        truth_low = _upsample(resize_video(video, module.hparams.planner_resolution), video.shape[-2:])
+        out["found_head_upsampled"] = found_share(torch.where(given, video, up.clamp(-1, 1)), video, positions, mask)
+        out["found_truth_at_planner_resolution"] = found_share(truth_low.clamp(-1, 1), video, positions, mask)
+    return out
 
 
-def heldout_clips(n: int, frames: int, resolution: int, fps: float | None) -> torch.Tensor:
-    """The first ``n`` clips of the held-out synthetic shards (``make data``) as ``(n, T, 3, H, W)`` in [-1, 1]."""
-    from mardini.data.datamodule import first_clips
+def heldout_clips(n: int, frames: int, resolution: int, fps: float | None) -> dict:
+    """The first ``n`` clips of the held-out synthetic shards (``make data``): ``video (n, T, 3, H, W)`` in
+    [-1, 1] and the objects' ``positions``."""
+    from mardini.data.datamodule import first_batch
 
-    return first_clips("data/shards/synthetic/val", n, frames, resolution, fps)
+    return first_batch("data/shards/synthetic/val", n, frames, resolution, fps)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -112,14 +139,14 @@ def main(argv: list[str] | None = None) -> dict:
         if pipe.planner is None:
             raise SystemExit(f"{args.checkpoint} has no planner: plan usage needs a joint checkpoint")
         side = pipe.resolution[0] if pipe.resolution else 32
-        video = heldout_clips(args.clips, pipe.window, side, pipe.fps)
+        video = heldout_clips(args.clips, pipe.window, side, pipe.fps)["video"]
         result = plan_usage(pipe, video, args.t, args.seed)
     else:
         from mardini.lit import PlanningModule
 
         module = PlanningModule.load_from_checkpoint(args.planning, map_location="cpu")
-        video = heldout_clips(args.clips, args.frames, args.resolution, args.fps)
-        result = planner_head_quality(module, video)
+        batch = heldout_clips(args.clips, args.frames, args.resolution, args.fps)
+        result = planner_head_quality(module, batch["video"], batch.get("positions"))
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
     return result
 
