@@ -135,3 +135,20 @@ def test_planner_head_quality_reports_objects_found_and_the_low_resolution_ceili
     assert 0.0 <= result["found_head_upsampled"] < 0.5  # an untrained head draws no crisp object
     assert 0.0 < result["found_truth_at_planner_resolution"] < 1.0  # 16 px blurs some objects away, not all
     assert "found_head_upsampled" not in planner_head_quality(PlanningModule(size="tiny", frames=9), video)
+
+
+def test_plan_usage_counts_the_objects_restored_from_the_noised_truth(tmp_path):
+    from mardini.data.datamodule import first_batch
+    from mardini.data.testing import tiny_synthetic
+    from mardini.evaluation.plan_usage import plan_usage
+    from mardini.pipeline.pipeline import MarDiniPipeline
+    from mardini.testing import make_checkpoint
+
+    shards = tiny_synthetic(tmp_path / "synth", train=2, val=4, frames=12, size=32) / "val"
+    batch = first_batch(str(shards), 4, frames=5, resolution=32, fps=None)
+    pipe = MarDiniPipeline.from_checkpoint(make_checkpoint(tmp_path / "joint.ckpt", frames=5, size=32))
+    near_clean = plan_usage(pipe, batch["video"], t=1e-3, positions=batch["positions"])
+    assert near_clean["found_plan"] > 0.9 and near_clean["found_null"] > 0.9  # almost the truth itself
+    from_noise = plan_usage(pipe, batch["video"], t=1.0, positions=batch["positions"])
+    assert from_noise["found_plan"] < 0.5  # an untrained generator draws no object from noise
+    assert "found_plan" not in plan_usage(pipe, batch["video"])

@@ -5,10 +5,12 @@
 
 On the held-out synthetic clips with the interpolation mask, at diffusion time ``t``: the decoded one-step
 prediction's MidF-PSNR with the plan and with the null plan, the relative change of the velocity on the generated
-frames when the plan is swapped for the null plan or for the next clip's plan, and the plan's spread (RMS of its
-tokens' deviation from the clip's mean token over their RMS). ``--planning`` scores a planner warm-up checkpoint
-instead: its projection head's reconstruction, upsampled bilinearly, against the linear blend, and the share of the
-objects found in it and in the true clips at the planner's resolution (the trajectory metric's detection).
+frames when the plan is swapped for the null plan or for the next clip's plan, the plan's spread (RMS of its tokens'
+deviation from the clip's mean token over their RMS), and the share of the synthetic objects found in each
+prediction (the trajectory metric's detection; ``--t 0.5``: restored from the true clip half-noised).
+``--planning`` scores a planner warm-up checkpoint instead: its projection head's reconstruction, upsampled
+bilinearly, against the linear blend, and the share of the objects found in it and in the true clips at the
+planner's resolution.
 """
 
 from __future__ import annotations
@@ -38,8 +40,14 @@ def plan_spread(plan: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def plan_usage(pipe, video: torch.Tensor, t: float = 1.0, seed: int = 0) -> dict[str, float]:
-    """Plan vs null plan for a joint pipeline on clips ``video (B, T, 3, H, W)`` in [-1, 1], interpolation mask."""
+def plan_usage(pipe, video: torch.Tensor, t: float = 1.0, seed: int = 0,
+               positions: torch.Tensor | None = None) -> dict[str, float]:
+    """Plan vs null plan for a joint pipeline on clips ``video (B, T, 3, H, W)`` in [-1, 1], interpolation mask.
+
+    With the objects' ``positions (B, T, K, 2)`` (the synthetic set), also the share of objects the trajectory
+    metric finds in each one-step prediction: at ``t`` < 1 it says how much of an object the generator restores
+    from the true clip noised to ``t``.
+    """
     from mardini.pipeline.pipeline import resize_video
 
     b, frames = video.shape[:2]
@@ -62,7 +70,11 @@ def plan_usage(pipe, video: torch.Tensor, t: float = 1.0, seed: int = 0) -> dict
     out = {"t": float(t), "clips": b, "plan_spread": plan_spread(plan.float())}
     for name in ("plan", "null"):
         x0, _ = pipe.schedule.predict_x0_eps(z_t, v[name], tt)  # (B, T, C, h, w)
-        out[f"midf_psnr_{name}"] = _midf_psnr(pipe.autoencoder.decode(x0), video)
+        decoded = pipe.autoencoder.decode(x0)  # (B, T, 3, H, W)
+        out[f"midf_psnr_{name}"] = _midf_psnr(decoded, video)
+        if positions is not None:
+            out[f"found_{name}"] = found_share(torch.where(frame_mask(mask), decoded.clamp(-1, 1), video), video,
+                                               positions, mask)
     out["velocity_change_null"] = rel(v["plan"], v["null"])
     out["velocity_change_other_clip"] = rel(v["plan"], v["other"])
     return out
@@ -139,8 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
         if pipe.planner is None:
             raise SystemExit(f"{args.checkpoint} has no planner: plan usage needs a joint checkpoint")
         side = pipe.resolution[0] if pipe.resolution else 32
-        video = heldout_clips(args.clips, pipe.window, side, pipe.fps)["video"]
-        result = plan_usage(pipe, video, args.t, args.seed)
+        batch = heldout_clips(args.clips, pipe.window, side, pipe.fps)
+        result = plan_usage(pipe, batch["video"], args.t, args.seed, batch.get("positions"))
     else:
         from mardini.lit import PlanningModule
 
