@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.data_vs_step [--rounds 3] [--seconds 5] [--quick]
 
 Demo configuration = ``configs/tiny/common.yaml`` + ``05_joint_task.yaml``: synthetic shards, 9 frames at 8 fps,
-32x32, batch 16, ``num_workers`` 1; ``MarDiniModule`` size ``tiny``, planner 16 px, generator patch 2,
+32x32, batch 8 (``--batch-size``), ``num_workers`` 1; ``MarDiniModule`` size ``tiny``, planner 16 px, generator patch 2,
 bf16 autocast. The step is forward + backward + AdamW + EMA on the loader's own batch (pixels, so the
 autoencoder encode is included).
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=5.0, help="loader streaming time per round")
     p.add_argument("--steps", type=int, default=3, help="training steps per round")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=1, help="the demo's num_workers (configs/tiny/common.yaml)")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args(argv)

@@ -35,7 +35,7 @@ def build_synthetic(root: Path = SHARDS, train_clips: int = S.DEMO_TRAIN_CLIPS, 
     ]
 
 
-def demo_datamodule(root: Path = SHARDS, batch_size: int = 16, num_workers: int = 2) -> VideoDataModule:
+def demo_datamodule(root: Path = SHARDS, batch_size: int = 8, num_workers: int = 2) -> VideoDataModule:
     """The loader at the demo configuration (9 frames at 8 fps, 32x32)."""
     return VideoDataModule(
         train_shards=str(root / "train"), val_shards=str(root / "val"), frames=S.DEMO_LOADER_FRAMES,
