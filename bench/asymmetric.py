@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--low", type=int, default=8, help="planner latent side in variants a, b")
     p.add_argument("--scale", type=int, default=16, help="width divisor of the paper's networks")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (memory: max_memory_allocated on cuda, max RSS on cpu)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu or cuda (memory: max_memory_allocated on cuda, max RSS on cpu)")
     p.add_argument("--quick", action="store_true", help="small, 2 steps, one round (smoke test)")
     p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=sorted(VARIANTS),
                    help="which variants to run (the ratios need c)")
@@ -136,7 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
         for frames in a.frames:
             for v in a.variants:
                 args = ["--child", v, str(frames), "--steps", str(a.steps), "--side", str(a.side), "--low",
-                        str(a.low), "--scale", str(a.scale), "--device", a.device] + (["--threads", str(a.threads)] if a.threads else [])
+                        str(a.low), "--scale", str(a.scale), "--device", a.device]
+                args += ["--threads", str(a.threads)] if a.threads else []
                 out = subprocess.run([sys.executable, "-m", f"bench.{NAME}", *args], capture_output=True, text=True)
                 if out.returncode:
                     raise RuntimeError(f"variant {v} at {frames} frames failed:\n{out.stderr[-3000:]}")
@@ -159,8 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
               "memory": "torch.cuda.max_memory_allocated" if gpu else "max RSS of the subprocess",
               "machine": machine(), "params_M": runs[0]["params_M"], "table": table, "runs": runs}
     path = write_result(NAME + (f"_{a.tag}" if a.tag else ""), result)
-    print(f"\n| frames | variant | latency s | planner s | generator s | peak {'GPU' if gpu else 'RSS'} MiB | GFLOP | GFLOP/s "
-          "| (c) latency / this | (c) FLOPs / this |")
+    print(f"\n| frames | variant | latency s | planner s | generator s | peak {'GPU' if gpu else 'RSS'} MiB | GFLOP "
+          "| GFLOP/s | (c) latency / this | (c) FLOPs / this |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for row in table:
         print(f"| {row['frames']} | {row['label']} | {row['latency_s']:.2f} | {row['planner_s']:.2f} | "

@@ -19,7 +19,6 @@ import argparse
 import json
 
 import torch
-import torch.nn.functional as F
 
 from mardini.diffusion.checks import frame_mask
 from mardini.evaluation.samplers import LinearBlend
@@ -73,8 +72,7 @@ def plan_usage(pipe, video: torch.Tensor, t: float = 1.0, seed: int = 0,
         decoded = pipe.autoencoder.decode(x0)  # (B, T, 3, H, W)
         out[f"midf_psnr_{name}"] = _midf_psnr(decoded, video)
         if positions is not None:
-            out[f"found_{name}"] = found_share(torch.where(frame_mask(mask), decoded.clamp(-1, 1), video), video,
-                                               positions, mask)
+            out[f"found_{name}"] = found_share(decoded.clamp(-1, 1), video, positions, mask)  # generated frames only
     out["velocity_change_null"] = rel(v["plan"], v["null"])
     out["velocity_change_other_clip"] = rel(v["plan"], v["other"])
     return out
@@ -87,12 +85,6 @@ def found_share(fake: torch.Tensor, real: torch.Tensor, positions: torch.Tensor,
 
     _, _, counted, detected = TrajectoryError().errors(fake, real, positions, mask)  # (B, T, K) each
     return float(detected.sum() / counted.sum().clamp_min(1))
-
-
-def _upsample(low: torch.Tensor, side: tuple[int, int]) -> torch.Tensor:
-    """``(B, T, 3, h, w)`` -> ``(B, T, 3, H, W)``, bilinear."""
-    up = F.interpolate(low.flatten(0, 1), size=side, mode="bilinear", align_corners=False)
-    return up.unflatten(0, low.shape[:2])
 
 
 @torch.no_grad()
@@ -112,14 +104,13 @@ def planner_head_quality(module, video: torch.Tensor, positions: torch.Tensor | 
         z_low = module.autoencoder.encode(resize_video(video, module.hparams.planner_resolution))  # (B,T,C,h',w')
         plan = planner(z_low, mask)  # (B, T, M, P)
         low = module.autoencoder.decode(planner.project(plan, size=tuple(z_low.shape[-2:])))  # (B, T, 3, h, w)
-    up = _upsample(low, video.shape[-2:])  # (B, T, 3, H, W)
+    up = resize_video(low, tuple(video.shape[-2:]))  # (B, T, 3, H, W), bilinear
     blend = LinearBlend()(video, mask)  # (B, T, 3, H, W)
     out = {"clips": b, "plan_spread": plan_spread(plan.float()), "midf_psnr_head_upsampled": _midf_psnr(up, video),
            "midf_psnr_linear_blend": _midf_psnr(blend, video)}
     if positions is not None:
-        given = ~frame_mask(mask)  # (B, T, 1, 1, 1)
-        truth_low = _upsample(resize_video(video, module.hparams.planner_resolution), video.shape[-2:])
-        out["found_head_upsampled"] = found_share(torch.where(given, video, up.clamp(-1, 1)), video, positions, mask)
+        truth_low = resize_video(resize_video(video, module.hparams.planner_resolution), tuple(video.shape[-2:]))
+        out["found_head_upsampled"] = found_share(up.clamp(-1, 1), video, positions, mask)  # generated frames only
         out["found_truth_at_planner_resolution"] = found_share(truth_low.clamp(-1, 1), video, positions, mask)
     return out
 
