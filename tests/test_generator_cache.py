@@ -38,10 +38,12 @@ def _renoise(z: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "mode, cross, with_plan", [("st", "frame", True), ("t", "all", True), ("t", "frame", False), ("st", "all", False)]
+    "mode, cross, with_plan, abs_pos",
+    [("st", "frame", True, False), ("t", "all", True, False), ("t", "frame", False, False),
+     ("st", "all", False, False), ("st", "frame", True, True), ("t", "frame", True, True)],
 )
-def test_cached_steps_equal_full_forwards(mode, cross, with_plan):
-    gen = _generator(attention=mode, cross_attention=cross)
+def test_cached_steps_equal_full_forwards(mode, cross, with_plan, abs_pos):
+    gen = _generator(attention=mode, cross_attention=cross, abs_pos=abs_pos)
     z, plan = _inputs()
     plan = plan if with_plan else None
     cache = ReferenceCache()

@@ -37,6 +37,7 @@ from mardini.models.layers import (
     TimestepEmbedder,
     modulate,
     patchify,
+    position_features,
     unpatchify,
 )
 from mardini.models.registry import GeneratorConfig
@@ -335,6 +336,8 @@ class Generator(nn.Module):
         self._check_plan(plan, b, frames)
         p = self.cfg.patch_size
         x = self.embed(patchify(z, p))  # (B, T, N, D)
+        if self.cfg.abs_pos:
+            x = x + self.position_features((frames, h // p, w // p), x)  # (B, T, N, D)
         c_t = self.t_embed(t_frame)[:, :, None]  # (B, T, 1, D)
         plan = self.normalize_plan(plan).to(x.dtype)  # (B, T, M, plan_dim)
         c_p = self.plan_embed(plan.mean(dim=2))[:, :, None]  # (B, T, 1, D)
@@ -362,6 +365,8 @@ class Generator(nn.Module):
         rows, gen = cache.rows, cache.frames  # (B, 1), (B, Tg)
         p, (h, w) = self.cfg.patch_size, z.shape[-2:]
         x = self.embed(patchify(z[rows, gen], p))  # (B, Tg, N, D)
+        if self.cfg.abs_pos:
+            x = x + self.position_features((z.shape[1], h // p, w // p), x)[gen]  # (B, Tg, N, D)
         c_t = self.t_embed(t_frame.gather(1, gen))[:, :, None]  # (B, Tg, 1, D)
         c_m = c_t + cache.c_p  # (B, Tg, 1, D)
         for block, layer in zip(self.blocks, cache.layers):
@@ -372,6 +377,11 @@ class Generator(nn.Module):
         v = cache.v.clone()  # (B, T, C, h, w): reference frames' output of the first step
         v[rows, gen] = unpatchify(x, p, (h, w)).to(v.dtype)  # (B, Tg, C, h, w) written in
         return v
+
+    def position_features(self, grid: tuple[int, int, int], x: torch.Tensor) -> torch.Tensor:
+        """``abs_pos`` features of a ``(T, h, w)`` token grid as ``(T, N, D)`` in x's dtype and device."""
+        feats = position_features(grid, self.cfg.dim, x.device, x.dtype)  # (T*N, D)
+        return feats.view(grid[0], grid[1] * grid[2], -1)  # (T, N, D)
 
     def cross_rope(self, frames: int, grid: tuple[int, int], plan_tokens: int, device: torch.device):
         """``(query tables, key tables)`` of the cross-attention, or None when ``cfg.cross_rope`` is off.

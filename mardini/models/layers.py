@@ -39,6 +39,39 @@ def unpatchify(x: torch.Tensor, p: int, size: tuple[int, int]) -> torch.Tensor:
     return rearrange(x, "b t (h w) (p1 p2 c) -> b t c (h p1) (w p2)", h=h // p, p1=p, p2=p)  # (B, T, C, h, w)
 
 
+def position_features(grid: tuple[int, int, int], dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Fixed sin-cos features of every token's (frame, row, column), added to the patch embeddings (``abs_pos``).
+
+    RoPE tells attention how far apart two tokens are, but what a token reads (its values) says nothing about
+    where the read tokens are; with these features it does, so a generated frame's token that averages the
+    values of one object's tokens in the given frames gets the object's mean position (e.g. the midpoint, for
+    interpolation). Rows and columns are cell centres as a fraction of the frame, ``(i + 0.5) / h``, so grids of
+    different sizes over the same frame (the planner's and the generator's) get matching codes; time is the frame
+    index within the window. ``dim // 6`` bands per axis (sin and cos), zeros in the remaining dims; spatial bands
+    from pi to 16 pi radians per frame side, time bands from 1 to 1/16 radian per frame, geometric.
+
+    Args:
+        grid: ``(T, h, w)`` token grid. dim: model width (>= 6).
+    Returns:
+        ``(T * h * w, dim)`` in ``dtype``, frames then rows then columns (the token order of both models).
+    """
+    t, h, w = grid
+    n = dim // 6
+    if n < 1:
+        raise ValueError(f"position features need dim >= 6 (a sin-cos pair per axis), got {dim}")
+    ramp = torch.arange(n, device=device, dtype=torch.float64) / max(n - 1, 1)  # (n,) in [0, 1]
+    space_bands = math.pi * 16.0 ** ramp  # (n,) radians per frame side
+    time_bands = 16.0 ** -ramp  # (n,) radians per frame
+    ft = torch.arange(t, device=device, dtype=torch.float64)  # (T,)
+    fy = (torch.arange(h, device=device, dtype=torch.float64) + 0.5) / h  # (h,)
+    fx = (torch.arange(w, device=device, dtype=torch.float64) + 0.5) / w  # (w,)
+    gt, gy, gx = torch.meshgrid(ft, fy, fx, indexing="ij")  # (T, h, w) each
+    angles = torch.cat([gt.reshape(-1, 1) * time_bands, gy.reshape(-1, 1) * space_bands,
+                        gx.reshape(-1, 1) * space_bands], dim=1)  # (L, 3n)
+    feats = torch.cat([angles.sin(), angles.cos()], dim=1)  # (L, 6n)
+    return nn.functional.pad(feats, (0, dim - 6 * n)).to(dtype)  # (L, dim)
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN: ``x * (1 + scale) + shift``; x ``(B, T, N, D)``, shift/scale ``(B, T, 1, D)``."""
     return x * (1 + scale) + shift  # (B, T, N, D)

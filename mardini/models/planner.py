@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mardini.models.attention import identity_attention
-from mardini.models.layers import SelfAttentionProj, patchify, unpatchify
+from mardini.models.layers import SelfAttentionProj, patchify, position_features, unpatchify
 from mardini.models.registry import PlannerConfig
 from mardini.models.rope import AxialRope3d
 
@@ -90,6 +90,8 @@ class Planner(nn.Module):
         n = x.shape[2]
         x = torch.where(mask[:, :, None, None], self.mask_token.to(x.dtype), x)  # (B, T, N, D)
         x = rearrange(x, "b t n d -> b (t n) d")  # (B, L, D)
+        if self.cfg.abs_pos:  # [MASK] tokens too: each knows where it is
+            x = x + position_features((t, h // p, w // p), x.shape[-1], x.device, x.dtype)  # (B, L, D)
         ref = (~mask).repeat_interleave(n, dim=1)  # (B, L)
         rope = self.rope((t, h // p, w // p), x.device)  # (L, d) x2
         for block in self.blocks:

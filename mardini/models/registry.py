@@ -28,6 +28,8 @@ def _check_common(name: str, cfg) -> None:
             "(one frequency pair per axis t, h, w); use fewer heads"
         )
     check_rope_bands(cfg.rope_theta, cfg.rope_max_freq, prefix=f"{name}.rope_")
+    if not isinstance(cfg.abs_pos, bool):
+        raise ValueError(f"{name}.abs_pos must be true or false, got {cfg.abs_pos!r}")
 
 
 @dataclass
@@ -44,6 +46,7 @@ class PlannerConfig:
     qk_norm: bool = True
     rope_theta: float = 10000.0
     rope_max_freq: float = 1.0  # radians per position of the fastest RoPE band (see AxialRope3d)
+    abs_pos: bool = False  # add fixed sin-cos (t, y, x) features to the tokens (layers.position_features)
     checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -77,6 +80,7 @@ class GeneratorConfig:
     rope_max_freq: float = 1.0  # radians per position of the fastest RoPE band (see AxialRope3d)
     freq_dim: int = 256  # sinusoidal timestep features
     time_scale: float = 1000.0  # the embedding sees time_scale * t, t in [0, 1]
+    abs_pos: bool = False  # add fixed sin-cos (t, y, x) features to the tokens (layers.position_features)
     checkpointing: bool = False
 
     def __post_init__(self) -> None:
