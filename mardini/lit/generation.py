@@ -41,8 +41,25 @@ class GenerationModule(MarDiniBase):
         noise = torch.randn(z_high.shape, generator=generator).to(z_high.device)  # (B, T, C, h, w)
         z_t = self.schedule.q_sample(z_high, noise, t, mask)  # (B, T, C, h, w), references clean
         v_target = self.schedule.v_target(z_high, noise, t)  # (B, T, C, h, w)
-        v_hat = self.networks["generator"](z_t, t, plan, mask)  # (B, T, C, h, w)
+        net = self.networks["generator"]
+        estimate = self.self_cond_estimate(z_t, t, plan, mask, generator) if net.cfg.self_cond else None
+        v_hat = net(z_t, t, plan, mask, self_cond=estimate)  # (B, T, C, h, w)
         return masked_mse_per_sample(v_hat.float(), v_target, mask)  # (B,)
+
+    @torch.no_grad()
+    def self_cond_estimate(self, z_t: torch.Tensor, t: torch.Tensor, plan: torch.Tensor | None, mask: torch.Tensor,
+                           generator: torch.Generator) -> torch.Tensor:
+        """Self-conditioning in training (Chen et al. 2022): for half of the clips, the x0 estimate of a first,
+        gradient-free forward (what sampling feeds from the previous step); zeros for the rest (the first step).
+        ``(B, T, C, h, w)``; only the chosen clips run the extra forward."""
+        use = torch.rand(z_t.shape[0], generator=generator) < 0.5  # (B,) drawn on the CPU generator
+        estimate = torch.zeros_like(z_t)  # (B, T, C, h, w)
+        idx = use.nonzero().squeeze(1).to(z_t.device)  # (K,)
+        if idx.numel():
+            sub_plan = None if plan is None else plan.detach()[idx]  # (K, T, N, D)
+            v = self.networks["generator"](z_t[idx], t[idx], sub_plan, mask[idx])  # (K, T, C, h, w)
+            estimate[idx] = self.schedule.predict_x0_eps(z_t[idx], v.to(z_t.dtype), t[idx])[0].to(z_t.dtype)
+        return estimate
 
     def compute_loss(self, batch: dict, generator: torch.Generator, train: bool) -> torch.Tensor:
         z_high = self.latents_high(batch)  # (B, T, C, h, w)

@@ -251,6 +251,9 @@ class Generator(nn.Module):
         mask: ``(B, T)`` bool, True = generated frame.
         cache: optional :class:`ReferenceCache` of the window (sampling only): an empty one is filled by this
             call; a filled one makes the call run the generated frames only (same result, less work).
+        self_cond: ``cfg.self_cond`` only: ``(B, T, C, h, w)`` the previous step's estimate of the clean latents
+            of the generated frames, or None (zeros: the first step). Read beside ``z`` (channels concatenated);
+            reference frames read their own latents there, so their activations never change.
         returns v ``(B, T, C, h, w)`` (float, the model's compute dtype).
     """
 
@@ -259,7 +262,8 @@ class Generator(nn.Module):
         self.cfg = cfg
         p, c, d = cfg.patch_size, cfg.in_channels, cfg.dim
         self.attention_mode = cfg.attention
-        self.embed = nn.Linear(p * p * c, d)  # a p x p patch embedding (equal to a stride-p Conv2d)
+        inputs = 2 * c if cfg.self_cond else c  # latents, and the x0 estimate when self-conditioned
+        self.embed = nn.Linear(p * p * inputs, d)  # a p x p patch embedding (equal to a stride-p Conv2d)
         self.t_embed = TimestepEmbedder(d, cfg.freq_dim, cfg.time_scale)
         self.plan_embed = Mlp(cfg.plan_dim, d, d, act_layer=nn.SiLU)  # pooled plan of a frame -> MLP modulation
         self.null_plan_token = nn.Parameter(torch.zeros(cfg.plan_dim))
@@ -322,12 +326,13 @@ class Generator(nn.Module):
         plan: torch.Tensor | None,
         mask: torch.Tensor,
         cache: ReferenceCache | None = None,
+        self_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if not self.cfg.identity_attention:  # references read generated tokens: their activations change per step
             cache = None  # so the reference cache would be wrong; every step runs the full forward
         if cache is not None:
             if cache.ready:
-                return self._forward_generated(z, t, mask, cache)
+                return self._forward_generated(z, t, mask, cache, self_cond)
             cache.start(z, mask)
         b, frames, _, h, w = z.shape
         t_frame = self._frame_times(z, t, mask)  # (B, T)
@@ -335,7 +340,7 @@ class Generator(nn.Module):
             plan = self.null_plan(b, frames, 1)  # (B, T, 1, plan_dim); identical tokens: one is enough
         self._check_plan(plan, b, frames)
         p = self.cfg.patch_size
-        x = self.embed(patchify(z, p))  # (B, T, N, D)
+        x = self.embed(patchify(self._inputs(z, mask, self_cond), p))  # (B, T, N, D)
         if self.cfg.abs_pos:
             x = x + self.position_features((frames, h // p, w // p), x)  # (B, T, N, D)
         c_t = self.t_embed(t_frame)[:, :, None]  # (B, T, 1, D)
@@ -358,13 +363,14 @@ class Generator(nn.Module):
             cache.fill(v, c_p, rope, cross_rope, records, self.attention_mode, self.cfg.cross_attention)
         return v
 
-    def _forward_generated(self, z: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, cache: ReferenceCache):
+    def _forward_generated(self, z: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, cache: ReferenceCache,
+                           self_cond: torch.Tensor | None = None):
         """A step after the first one of a window: the generated frames through every block, references cached."""
         cache.check(z, mask, self.attention_mode)
         t_frame = self._frame_times(z, t, mask)  # (B, T)
         rows, gen = cache.rows, cache.frames  # (B, 1), (B, Tg)
         p, (h, w) = self.cfg.patch_size, z.shape[-2:]
-        x = self.embed(patchify(z[rows, gen], p))  # (B, Tg, N, D)
+        x = self.embed(patchify(self._inputs(z, mask, self_cond)[rows, gen], p))  # (B, Tg, N, D)
         if self.cfg.abs_pos:
             x = x + self.position_features((z.shape[1], h // p, w // p), x)[gen]  # (B, Tg, N, D)
         c_t = self.t_embed(t_frame.gather(1, gen))[:, :, None]  # (B, Tg, 1, D)
@@ -396,6 +402,19 @@ class Generator(nn.Module):
         hp, wp = plan_grid(plan_tokens, grid)
         t = 1 if self.cfg.cross_attention == "frame" else frames
         return self.rope((t, *grid), device), self.rope((t, hp, wp), device, scale_to=(t, *grid))
+
+    def _inputs(self, z: torch.Tensor, mask: torch.Tensor, self_cond: torch.Tensor | None) -> torch.Tensor:
+        """What the patch embedding reads: ``z``, or ``[z, x0 estimate]`` on channels when self-conditioned."""
+        if not self.cfg.self_cond:
+            if self_cond is not None:
+                raise ValueError("self_cond given to a generator built without self-conditioning (cfg.self_cond)")
+            return z
+        if self_cond is None:
+            self_cond = torch.zeros_like(z)  # (B, T, C, h, w): no estimate yet
+        elif self_cond.shape != z.shape:
+            raise ValueError(f"self_cond must have the latents' shape {tuple(z.shape)}, got {tuple(self_cond.shape)}")
+        estimate = torch.where(mask[:, :, None, None, None], self_cond.to(z.dtype), z)  # references: themselves
+        return torch.cat([z, estimate], dim=2)  # (B, T, 2C, h, w)
 
     # -- checks ------------------------------------------------------------------------------------
     def _frame_times(self, z: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

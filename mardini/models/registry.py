@@ -81,10 +81,13 @@ class GeneratorConfig:
     freq_dim: int = 256  # sinusoidal timestep features
     time_scale: float = 1000.0  # the embedding sees time_scale * t, t in [0, 1]
     abs_pos: bool = False  # add fixed sin-cos (t, y, x) features to the tokens (layers.position_features)
+    self_cond: bool = False  # also read the previous step's x0 estimate (self-conditioning, Chen et al. 2022)
     checkpointing: bool = False
 
     def __post_init__(self) -> None:
         _check_common("GeneratorConfig", self)
+        if not isinstance(self.self_cond, bool):
+            raise ValueError(f"GeneratorConfig.self_cond must be true or false, got {self.self_cond!r}")
         if self.plan_dim < 1:
             raise ValueError(f"GeneratorConfig.plan_dim must be >= 1, got {self.plan_dim}")
         if self.attention not in ("st", "t"):

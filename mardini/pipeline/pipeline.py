@@ -189,7 +189,7 @@ class MarDiniPipeline:
                 self.last_timings["planner"] += self._now() - start
             start = self._now()
             fn = make_denoise_fn(self.generator, plan, m, scale, self.use_cache, self.batched_guidance,
-                                 self.param_dtype)
+                                 self.param_dtype, self.schedule)
             sampler = DDIMSampler(self.schedule, steps, eta)
             grid = sampler.timesteps().tolist()  # steps + 1 floats, 1 -> 0
             z = torch.where(frame_mask(m), noise, z_ref)  # (B, T, C, h, w)
