@@ -10,7 +10,7 @@ from torch import nn
 from mardini.data.synthetic import render_clip
 from mardini.data.transforms import resize_video
 from mardini.evaluation import EvalProtocol, EvalSuite, LinearBlend, NearestFrame, RealStatsCache, TrajectoryError
-from mardini.evaluation.samplers import make_sampler, neighbour_given
+from mardini.evaluation.samplers import make_sampler, nearest_given, neighbour_given
 from mardini.evaluation.trajectory import object_colours
 from mardini.masking import image_to_video_mask, interpolation_mask, mask_from_given
 
@@ -144,6 +144,23 @@ def test_trajectory_error_counts_missing_objects_and_colours_under_occlusion():
     metric.update(video, video, pos, mask)  # the real clip: everything found, the all-objects error is the plain one
     out = metric.compute()
     assert out["traj_detected"] == 1 and float(out["traj_err_all_px"]) == pytest.approx(float(out["traj_err_px"]))
+
+
+def test_nearest_given_frame_breaks_ties_towards_the_earlier_one():
+    mask = torch.tensor([[False, True, True, True, False], [True, True, False, True, True]])
+    assert nearest_given(mask).tolist() == [[0, 0, 0, 4, 4], [2, 2, 2, 2, 2]]
+
+
+@pytest.mark.parametrize("make_mask", [image_to_video_mask, interpolation_mask])
+def test_motion_ratio_is_one_for_the_truth_and_near_zero_for_a_frozen_copy(make_mask):
+    video, pos, _ = synthetic_batch(6, size=32)
+    mask = make_mask(9).expand(6, -1)
+    metric = TrajectoryError()
+    metric.update(video, video, pos, mask)
+    assert float(metric.compute()["traj_motion_ratio"]) == pytest.approx(1.0, abs=0.05)
+    metric.reset()
+    metric.update(NearestFrame()(video, mask), video, pos, mask)  # objects stay where the given frame has them
+    assert float(metric.compute()["traj_motion_ratio"]) < 0.2
 
 
 # ------------------------------------------------------------------------------------------------

@@ -87,3 +87,15 @@ def test_quick_mode_end_to_end(tmp_path, monkeypatch):
     assert all(r["verdict"] for rows in out["verdicts"].values() for r in rows)
     assert (tmp_path / "fig6a_steps.png").stat().st_size > 0 and (tmp_path / "fig6c_identity.png").stat().st_size > 0
     assert (published.stat().st_mtime if published.exists() else None) == before  # the bench's figures untouched
+
+
+def test_steps_plot_draws_panels_without_finite_values(tmp_path):
+    """A quick run can find no object at all (trajectory error NaN for every step count): the panel stays empty."""
+    from mardini.reproduce.curves import plot_steps
+
+    nan = float("nan")
+    results = {f"steps_{k}": {"midf_psnr": 15.0 + k / 50, "traj_err_px": nan} for k in (1, 10, 25, 50)}
+    results["nearest_frame"] = {"midf_psnr": 14.0, "traj_err_px": nan}
+    path = plot_steps({"interpolation": {"results": results}}, {"interpolation": ["midf_psnr", "traj_err_px"]},
+                      tmp_path / "fig6a.png")
+    assert path.stat().st_size > 0

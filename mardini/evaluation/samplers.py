@@ -46,6 +46,16 @@ def neighbour_given(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return prev, nxt
 
 
+def nearest_given(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest given frame of every frame, the earlier one on a tie. ``mask (B, T)`` -> ``(B, T)`` long."""
+    prev, nxt = neighbour_given(mask)  # (B, T) each
+    t = mask.shape[1]
+    pos = torch.arange(t, device=mask.device)[None]  # (1, T)
+    d_prev = torch.where(prev < 0, torch.full_like(prev, 2 * t), pos - prev)  # (B, T)
+    d_next = torch.where(nxt >= t, torch.full_like(nxt, 2 * t), nxt - pos)  # (B, T)
+    return torch.where(d_prev <= d_next, prev, nxt)  # (B, T)
+
+
 def _gather_frames(video: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``video (B, T, C, H, W)``, ``index (B, T)`` in [0, T) -> ``(B, T, C, H, W)`` with frame ``index[b, t]``."""
     return video[torch.arange(video.shape[0], device=video.device)[:, None], index]  # (B, T, C, H, W)
@@ -78,13 +88,7 @@ class NearestFrame:
     name = "nearest_frame"
 
     def __call__(self, video: torch.Tensor, mask: torch.Tensor, seed: int = 0) -> torch.Tensor:
-        prev, nxt = neighbour_given(mask)  # (B, T) each
-        t = mask.shape[1]
-        pos = torch.arange(t, device=mask.device)[None]  # (1, T)
-        d_prev = torch.where(prev < 0, torch.full_like(prev, 2 * t), pos - prev)  # (B, T)
-        d_next = torch.where(nxt >= t, torch.full_like(nxt, 2 * t), nxt - pos)  # (B, T)
-        src = torch.where(d_prev <= d_next, prev, nxt)  # (B, T)
-        out = _gather_frames(video, src)  # (B, T, C, H, W)
+        out = _gather_frames(video, nearest_given(mask))  # (B, T, C, H, W)
         return torch.where(mask[..., None, None, None], out, video)
 
 

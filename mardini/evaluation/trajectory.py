@@ -14,6 +14,10 @@ centre is the colour-weighted centroid of the pixels of its colour. Steps:
 4. ``traj_err_all_px`` also scores the misses: an object that is not found counts as a random guess, the mean
    distance between two uniform points of the frame (``MISS_FRACTION`` of the side, 0.5214 for a square), so a
    method cannot look good by producing objects only where they barely moved.
+5. ``traj_motion_ratio``: do the found objects move as far as the real ones? Over the detected object-frames, the
+   summed distance of the generated centroid from the object's true position in the nearest given frame, over the
+   same sum for the true position: 0 for a frozen copy of a given frame, 1 for the truth. Unlike the error it does
+   not care about the direction, which one given frame (image-to-video) cannot tell.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 from torchmetrics import Metric
 
 from mardini.data.synthetic import PALETTE
+from mardini.evaluation.samplers import nearest_given
 
 MISS_FRACTION = 0.5214  # mean distance between two uniform random points of the unit square
 
@@ -101,9 +106,10 @@ class TrajectoryError(Metric):
     """Mean object-position error of generated frames vs ground truth (DDP-safe sums).
 
     ``update(fake, real, positions, mask)``; ``compute()`` -> ``{traj_err_px, traj_err_frac, traj_detected,
-    traj_err_all_px}``: mean error over detected object-frames in pixels of the evaluated frames and as a fraction
-    of the frame, the fraction of counted object-frames where the object was found, and the mean error over all
-    counted object-frames with a miss scored as a random guess (``MISS_FRACTION`` of the frame's side).
+    traj_err_all_px, traj_motion_ratio}``: mean error over detected object-frames in pixels of the evaluated frames
+    and as a fraction of the frame, the fraction of counted object-frames where the object was found, the mean error
+    over all counted object-frames with a miss scored as a random guess (``MISS_FRACTION`` of the frame's side), and
+    how far the found objects moved from the nearest given frame relative to the truth (step 5 above).
     """
 
     is_differentiable = False
@@ -115,7 +121,7 @@ class TrajectoryError(Metric):
         if not (0 < tol and 0 < visible <= 1 and 0 < detect):
             raise ValueError(f"need tol > 0, 0 < visible <= 1, detect > 0; got {tol}, {visible}, {detect}")
         self.tol, self.visible, self.detect = tol, visible, detect
-        for name in ("err_px", "err_frac", "err_all_px"):
+        for name in ("err_px", "err_frac", "err_all_px", "moved_px", "true_moved_px"):
             self.add_state(name, torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         for name in ("n_detected", "n_counted"):
             self.add_state(name, torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
@@ -124,6 +130,15 @@ class TrajectoryError(Metric):
         self, fake: torch.Tensor, real: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per object-frame ``err_px``, ``err_frac`` (normalised (x, y)), ``counted``, ``detected``; all ``(B, T, K)``."""
+        m = self.measure(fake, real, positions, mask)
+        return m["err_px"], m["err_frac"], m["counted"], m["detected"]
+
+    def measure(
+        self, fake: torch.Tensor, real: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Per object-frame ``(B, T, K)``: ``err_px``, ``err_frac``, ``counted``, ``detected``, and ``moved_px`` /
+        ``true_moved_px``, the generated and the true centroid's distance (pixels) from the object's true position
+        in the nearest given frame (NaN where that is unknown)."""
         if fake.shape != real.shape or positions.shape[:2] != real.shape[:2] or mask.shape != real.shape[:2]:
             raise ValueError(
                 f"trajectory error needs fake/real (B, T, 3, H, W), positions (B, T, K, 2), mask (B, T) of one "
@@ -140,10 +155,18 @@ class TrajectoryError(Metric):
         scale = torch.tensor([w, h], device=real.device, dtype=fake_c.dtype)  # (2,)
         err_px = ((fake_c - positions) * scale).norm(dim=-1)  # (B, T, K)
         err_frac = (fake_c - positions).norm(dim=-1)  # (B, T, K)
-        return err_px, err_frac, counted, detected
+        anchor = positions[torch.arange(real.shape[0], device=real.device)[:, None], nearest_given(mask)]  # (B,T,K,2)
+        moved_px = ((fake_c - anchor) * scale).norm(dim=-1)  # (B, T, K)
+        true_moved_px = ((positions - anchor) * scale).norm(dim=-1)  # (B, T, K)
+        return {"err_px": err_px, "err_frac": err_frac, "counted": counted, "detected": detected,
+                "moved_px": moved_px, "true_moved_px": true_moved_px}
 
     def update(self, fake: torch.Tensor, real: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> None:
-        err_px, err_frac, counted, detected = self.errors(fake, real, positions.to(real.device), mask)
+        m = self.measure(fake, real, positions.to(real.device), mask)
+        err_px, err_frac, counted, detected = m["err_px"], m["err_frac"], m["counted"], m["detected"]
+        moving = detected & m["moved_px"].isfinite() & m["true_moved_px"].isfinite()  # (B, T, K)
+        self.moved_px += m["moved_px"][moving].double().sum()
+        self.true_moved_px += m["true_moved_px"][moving].double().sum()
         self.err_px += err_px[detected].double().sum()
         self.err_frac += err_frac[detected].double().sum()
         self.n_detected += detected.sum()
@@ -160,4 +183,5 @@ class TrajectoryError(Metric):
             "traj_err_frac": self.err_frac / n if n > 0 else nan,
             "traj_detected": n / self.n_counted if self.n_counted > 0 else nan,
             "traj_err_all_px": self.err_all_px / self.n_counted.double() if self.n_counted > 0 else nan,
+            "traj_motion_ratio": self.moved_px / self.true_moved_px if self.true_moved_px > 0 else nan,
         }

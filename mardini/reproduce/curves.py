@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from statistics import fmean, pstdev
 
@@ -58,10 +59,13 @@ def plot_steps(fig6a: dict[str, dict], metrics: dict[str, list[str]], path: Path
     for ax, (task, metric) in zip(axes[0], panels):
         res = fig6a[task]["results"]
         points = sorted((int(k.split("_")[1]), r[metric]) for k, r in res.items() if k.startswith("steps_"))
-        ax.plot(*zip(*points), "o-", color="C0", label="MarDini (joint)")
+        finite = [(k, v) for k, v in points if math.isfinite(v)]  # NaN: e.g. no object found, nothing to place
+        ax.plot(*(zip(*finite) if finite else ([], [])), "o-", color="C0", label="MarDini (joint)")
         for j, base in enumerate(b for b in res if not b.startswith("steps_")):
-            ax.axhline(res[base][metric], color=f"C{j + 1}", ls="--", lw=1, label=base)
+            if math.isfinite(res[base][metric]):
+                ax.axhline(res[base][metric], color=f"C{j + 1}", ls="--", lw=1, label=base)
         ax.set_xscale("log")
+        ax.set_xlim(points[0][0] / 1.5, points[-1][0] * 1.5)  # fixed, so a panel without finite values still draws
         ax.set_xticks([p[0] for p in points], [str(p[0]) for p in points])
         ax.set_xlabel("DDIM steps", fontsize=8)
         ax.set_title(f"{task}: {metric}", fontsize=8)
