@@ -38,3 +38,23 @@ def test_demo_end_to_end_and_rerun_reuses(tmp_path, monkeypatch):
     assert main(args) == 0
     again = json.loads((out / "summary.json").read_text())
     assert all(s["reused"] for s in again["stages"].values())
+
+
+def test_verdict_checks_each_claim_against_every_baseline():
+    from mardini.demo.report import verdict
+
+    def task(model: dict, blend: dict, nearest: dict) -> dict:
+        return {"results": {"linear_blend": blend, "nearest_frame": nearest, "mardini": model}}
+
+    rows = verdict({
+        "interpolation": task({"midf_psnr": 16.0, "midf_ssim": 0.6, "traj_err_all_px": 5.0},
+                              {"midf_psnr": 15.0, "midf_ssim": 0.5, "traj_err_all_px": 14.0},
+                              {"midf_psnr": 14.0, "midf_ssim": 0.7, "traj_err_all_px": 4.0}),
+        "image_to_video": task({"traj_err_all_px": 9.0, "traj_motion_ratio": 0.8},
+                               {"traj_err_all_px": 6.0, "traj_motion_ratio": 0.0},
+                               {"traj_err_all_px": 6.0, "traj_motion_ratio": 0.01}),
+    })
+    got = {(t, m): ok for t, m, ok, _ in rows}
+    assert got == {("interpolation", "midf_psnr"): True, ("interpolation", "midf_ssim"): False,
+                   ("interpolation", "traj_err_all_px"): False, ("image_to_video", "traj_err_all_px"): False,
+                   ("image_to_video", "traj_motion_ratio"): True}

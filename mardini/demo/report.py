@@ -9,7 +9,7 @@ from typing import Any
 # metric -> True when higher is better; the verdict compares the model with every baseline on these
 CLAIMS = {
     "interpolation": {"midf_psnr": True, "midf_ssim": True, "traj_err_all_px": False},
-    "image_to_video": {"traj_err_all_px": False},
+    "image_to_video": {"traj_err_all_px": False, "traj_motion_ratio": True},
 }
 
 
@@ -80,7 +80,11 @@ def write_report(out: Path, info: dict[str, Any], stages: list, evaluation: dict
     lines += ["", "PSNR/SSIM on the middle frame (higher is better); `traj_err_px`: distance in pixels between the "
               "colour centroid of each object in the generated frames and its true position (lower is better; "
               "`traj_detected` is the share of objects found; `traj_err_all_px` also counts every object that was not found "
-              "as a random guess, 0.52 of the frame side, and is the trajectory figure the verdict uses). Baselines: `linear_blend` (cross-fade of the given "
+              "as a random guess, 0.52 of the frame side, and is the trajectory figure the verdict uses). "
+              "`traj_motion_ratio`: how far the found objects are from their place in the nearest given frame, "
+              "relative to the truth (0 frozen, 1 as far as the truth, any direction): from one given frame the "
+              "direction cannot be known, so a frozen copy has the smallest expected image-to-video error and the "
+              "ratio says whether the objects move at all. Baselines: `linear_blend` (cross-fade of the given "
               "frames) and `nearest_frame` (repeat the closest given frame).", ""]
     if evaluation.get("skipped"):
         lines += [f"- {m}: {why}" for m, why in evaluation["skipped"].items()] + [""]
