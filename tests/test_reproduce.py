@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from mardini.reproduce import verdicts
-from mardini.reproduce.runs import prepare_configs
+from mardini.reproduce.runs import IDENTITY_STAGE, prepare_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,8 @@ def test_configs_are_copies_that_write_elsewhere(tmp_path):
     assert joint["trainer"]["logger"]["init_args"]["save_dir"] == str(tmp_path / "runs")
     assert joint["model"]["init_args"]["planner_ckpt"] == str(tmp_path / "runs/03_mar_warmup/checkpoints/last.ckpt")
     off = yaml.safe_load((dest / "fig6c_identity_off.yaml").read_text())
-    assert off["model"]["init_args"]["generator"] == {"patch_size": 2, "attention": "t", "dim": 192, "mlp_hidden": 768,
+    stage = yaml.safe_load((ROOT / "configs/tiny" / f"{IDENTITY_STAGE}.yaml").read_text())
+    assert off["model"]["init_args"]["generator"] == {**stage["model"]["init_args"]["generator"],
                                                     "identity_attention": False}
     assert "outputs/tiny" not in "".join(p.read_text() for p in dest.glob("*.yaml") if p.name != "common.yaml")
 

@@ -36,7 +36,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the embedded set at the demo loader's settings (9 frames at 8 fps, 32 px), both tasks, + trajectory error.
     "synthetic": {"tasks": list(TASKS), "frames": 9, "resolution": 32, "fps": 8.0, "data": "synthetic"},
 }
-ARROWS = {"psnr": "↑", "ssim": "↑", "detected": "↑"}  # everything else: lower is better
+ARROWS = {"psnr": "↑", "ssim": "↑", "detected": "↑", "ratio": "(1 = true motion)"}  # everything else: lower is better
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
