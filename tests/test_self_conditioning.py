@@ -77,16 +77,20 @@ def test_training_feeds_a_gradient_free_estimate_to_about_half_the_clips():
     module = GenerationModule(size="tiny", frames=5, generator={"self_cond": True}, lr=1e-3)
     net = module.networks["generator"]
     calls = []
-    net.register_forward_pre_hook(lambda m, args, kwargs: calls.append((args[0].shape[0], kwargs.get("self_cond"),
-                                                                         torch.is_grad_enabled())), with_kwargs=True)
+    net.register_forward_hook(lambda m, args, kwargs, out: calls.append(
+        (args[0].clone(), args[1].clone(), kwargs.get("self_cond"), torch.is_grad_enabled(), out.detach())),
+        with_kwargs=True)
     z = torch.randn(16, 5, 12, 8, 8)
     mask = MASK[:1].expand(16, -1)
     loss = module.diffusion_loss(z, None, mask, torch.Generator().manual_seed(0))  # (B,)
-    (first_b, first_est, first_grad), (second_b, est, second_grad) = calls
+    (first_z, first_t, first_est, first_grad, first_v), (second_z, _, est, second_grad, _) = calls
     assert first_est is None and not first_grad  # the estimate's forward: no gradient, no estimate of its own
-    assert second_grad and second_b == 16 and not est.requires_grad
+    assert second_grad and second_z.shape[0] == 16 and not est.requires_grad
     chosen = est.flatten(1).abs().amax(dim=1) > 0  # (B,) clips that received an estimate
-    assert int(chosen.sum()) == first_b and 3 <= first_b <= 13  # half in expectation; the others read zeros
+    assert int(chosen.sum()) == first_z.shape[0] and 3 <= first_z.shape[0] <= 13  # half in expectation; others zeros
+    torch.testing.assert_close(first_z, second_z[chosen], rtol=0, atol=0)  # the same noised clips
+    expected = module.schedule.predict_x0_eps(first_z, first_v, first_t)[0]  # the first forward's x0 estimate
+    torch.testing.assert_close(est[chosen], expected, rtol=0, atol=1e-6)
     loss.mean().backward()
     assert net.embed.weight.grad is not None
 
