@@ -38,6 +38,19 @@ def test_demo_end_to_end_and_rerun_reuses(tmp_path, monkeypatch):
     assert main(args) == 0
     again = json.loads((out / "summary.json").read_text())
     assert all(s["reused"] for s in again["stages"].values())
+    # --final-steps lengthens the last stage only: it resumes there, every earlier stage is reused
+    final = summary["stages"]["05_joint_task"]["steps"] + 2
+    assert main([*args, "--final-steps", str(final)]) == 0
+    longer = json.loads((out / "summary.json").read_text())["stages"]
+    assert [s["reused"] for s in longer.values()] == [True, True, True, True, False]
+    assert longer["05_joint_task"]["steps"] == final
+    from mardini.lit.checkpoints import read_checkpoint
+    assert read_checkpoint(tmp_path / "outputs/tiny/05_joint_task/checkpoints/last.ckpt")["global_step"] == final
+
+
+def test_demo_rejects_impossible_final_steps():
+    with pytest.raises(SystemExit, match="--final-steps 0 is impossible"):
+        main(["--final-steps", "0"])
 
 
 def test_verdict_checks_each_claim_against_every_baseline():

@@ -46,6 +46,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "keep leftover start noise), 0 = the paper's deterministic DDIM")
     p.add_argument("--show", type=int, default=4, help="clips in the contact sheets")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's max_steps (quick runs: 0.05)")
+    p.add_argument("--final-steps", type=int, default=None,
+                   help="max_steps of the last stage, joint task training (default: its config's max_steps "
+                        "times --scale); more steps are what the tiny model needs most (README, the demo), at about 0.4 s each here. "
+                        "A finished shorter run resumes from its last checkpoint; --fresh reruns the recipe cleanly")
     p.add_argument("--train-clips", type=int, default=None, help="synthetic training clips (default: the demo's 2000)")
     p.add_argument("--frechet", action="store_true",
                    help="add FVD and FID (needs `make weights`; I3D and InceptionV3 over every clip cost minutes on CPU)")
@@ -70,6 +74,8 @@ def _weights_available() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.final_steps is not None and a.final_steps < 1:
+        raise SystemExit(f"--final-steps {a.final_steps} is impossible: give a number of steps >= 1 (or leave it out)")
     start = time.perf_counter()
     torch.set_num_threads(max(1, a.threads))
     if a.fresh:
@@ -86,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     stages = []
     t_train = time.perf_counter()
     for i, name in enumerate(TINY_STAGES, 1):
-        run = run_stage(name, scale=a.scale, progress=not a.no_progress)
+        last = i == len(TINY_STAGES)
+        run = run_stage(name, scale=a.scale, progress=not a.no_progress, max_steps=a.final_steps if last else None)
         stages.append(run)
         how = "reused (already trained)" if run.reused else f"trained in {run.seconds:.0f} s"
         print(f"      stage {i}/{len(TINY_STAGES)} {name}: {run.steps} steps, {how}", flush=True)
