@@ -48,8 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's max_steps (quick runs: 0.05)")
     p.add_argument("--final-steps", type=int, default=None,
                    help="max_steps of the last stage, joint task training (default: its config's max_steps "
-                        "times --scale); more steps are what the tiny model needs most (README, the demo), at about 0.4 s each here. "
-                        "A finished shorter run resumes from its last checkpoint; --fresh reruns the recipe cleanly")
+                        "times --scale); more steps are what the tiny model needs most (README, the demo), at about "
+                        "0.4 s each here. A finished shorter run resumes from its last checkpoint; --fresh reruns the "
+                        "recipe cleanly")
     p.add_argument("--train-clips", type=int, default=None, help="synthetic training clips (default: the demo's 2000)")
     p.add_argument("--frechet", action="store_true",
                    help="add FVD and FID (needs `make weights`; I3D and InceptionV3 over every clip cost minutes on CPU)")
