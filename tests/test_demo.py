@@ -31,6 +31,8 @@ def test_demo_end_to_end_and_rerun_reuses(tmp_path, monkeypatch):
     for expected in ("## Training chain", "Does the model beat the baselines", "loss_curves.png", "eta 1.0",
                      "samples/interpolation_sheet.png", "samples/image_to_video_sheet.png"):
         assert expected in report
+    if not all(summary["beats_baselines"].values()):  # a 0.01-scale model fails some: the report says what helps
+        assert "--final-steps N" in report
     for name in ("loss_curves.png", "samples/interpolation_sheet.png", "samples/interpolation_0.gif",
                  "samples/image_to_video_0.mp4"):
         assert (out / name).stat().st_size > 0
