@@ -106,12 +106,14 @@ def test_trajectory_error_zero_on_ground_truth_and_known_shift():
     video, pos, metas = synthetic_batch(6, size=64)
     mask = image_to_video_mask(9).expand(6, -1)
     metric = TrajectoryError()
-    err, frac, counted, detected = metric.errors(video, video, pos, mask)
+    m = metric.measure(video, video, pos, mask)
+    err, counted, detected = m["err_px"], m["counted"], m["detected"]
     assert counted.sum() > 60 and bool((detected == counted).all())
     assert err[detected].mean() < 0.5  # sub-pixel on the clip itself (partial occlusion adds a little)
     # shift by (dx, dy) = (3, 2) px: every object far enough from the border moves by sqrt(13) px
     shifted = torch.roll(video, shifts=(2, 3), dims=(-2, -1))
-    err, frac, counted, detected = metric.errors(shifted, video, pos, mask)
+    m = metric.measure(shifted, video, pos, mask)
+    err, frac, counted, detected = m["err_px"], m["err_frac"], m["counted"], m["detected"]
     radius = torch.zeros(pos.shape[0], pos.shape[2])
     for i, m in enumerate(metas):
         radius[i, : len(m["objects"])] = torch.tensor([o["radius"] for o in m["objects"]])

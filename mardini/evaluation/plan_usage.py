@@ -83,7 +83,8 @@ def found_share(fake: torch.Tensor, real: torch.Tensor, positions: torch.Tensor,
     """Share of the moving objects' generated frames in which the trajectory metric finds the object."""
     from mardini.evaluation.trajectory import TrajectoryError
 
-    _, _, counted, detected = TrajectoryError().errors(fake, real, positions, mask)  # (B, T, K) each
+    m = TrajectoryError().measure(fake, real, positions, mask)
+    counted, detected = m["counted"], m["detected"]  # (B, T, K) each
     return float(detected.sum() / counted.sum().clamp_min(1))
 
 

@@ -126,19 +126,12 @@ class TrajectoryError(Metric):
         for name in ("n_detected", "n_counted"):
             self.add_state(name, torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def errors(
-        self, fake: torch.Tensor, real: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per object-frame ``err_px``, ``err_frac`` (normalised (x, y)), ``counted``, ``detected``; all ``(B, T, K)``."""
-        m = self.measure(fake, real, positions, mask)
-        return m["err_px"], m["err_frac"], m["counted"], m["detected"]
-
     def measure(
         self, fake: torch.Tensor, real: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """Per object-frame ``(B, T, K)``: ``err_px``, ``err_frac``, ``counted``, ``detected``, and ``moved_px`` /
-        ``true_moved_px``, the generated and the true centroid's distance (pixels) from the object's true position
-        in the nearest given frame (NaN where that is unknown)."""
+        """Per object-frame ``(B, T, K)``: ``err_px``, ``err_frac`` (normalised (x, y)), ``counted``, ``detected``,
+        and ``moved_px`` / ``true_moved_px``, the generated and the true centroid's distance (pixels) from the
+        object's true position in the nearest given frame (NaN where that is unknown)."""
         if fake.shape != real.shape or positions.shape[:2] != real.shape[:2] or mask.shape != real.shape[:2]:
             raise ValueError(
                 f"trajectory error needs fake/real (B, T, 3, H, W), positions (B, T, K, 2), mask (B, T) of one "
