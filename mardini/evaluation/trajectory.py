@@ -31,6 +31,11 @@ from mardini.evaluation.samplers import nearest_given
 MISS_FRACTION = 0.5214  # mean distance between two uniform random points of the unit square
 
 
+def miss_px(h: int, w: int) -> float:
+    """The error a missed object scores, in pixels of an ``h x w`` frame: a random guess (``MISS_FRACTION``)."""
+    return MISS_FRACTION * (h * w) ** 0.5
+
+
 # ------------------------------------------------------------------------------------------------
 # Estimation
 # ------------------------------------------------------------------------------------------------
@@ -164,8 +169,7 @@ class TrajectoryError(Metric):
         self.err_frac += err_frac[detected].double().sum()
         self.n_detected += detected.sum()
         self.n_counted += counted.sum()
-        h, w = real.shape[-2:]
-        miss = MISS_FRACTION * (h * w) ** 0.5  # random-guess error in pixels
+        miss = miss_px(*real.shape[-2:])  # random-guess error in pixels
         self.err_all_px += err_px[detected].double().sum() + miss * (counted & ~detected).sum().double()
 
     def compute(self) -> dict[str, torch.Tensor]:

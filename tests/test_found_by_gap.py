@@ -1,0 +1,75 @@
+"""The trajectory metric split by the distance from the nearest given frame (mardini.evaluation.found_by_gap)."""
+
+import math
+
+import pytest
+import torch
+
+from mardini.data.datamodule import first_batch
+from mardini.data.testing import tiny_synthetic
+from mardini.evaluation.found_by_gap import found_by_gap, main, markdown
+from mardini.evaluation.samplers import NearestFrame
+from mardini.evaluation.trajectory import TrajectoryError, miss_px
+from mardini.masking import image_to_video_mask, interpolation_mask
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    shards = tiny_synthetic(tmp_path_factory.mktemp("synth"), train=2, val=6, frames=12, size=32) / "val"
+    return first_batch(str(shards), 6, frames=9, resolution=32, fps=None)
+
+
+def test_rows_add_up_to_the_trajectory_metric(clips):
+    video, positions = clips["video"], clips["positions"]  # (B, 9, 3, 32, 32), (B, 9, K, 2)
+    mask = interpolation_mask(9)[None].expand(video.shape[0], -1)  # (B, T)
+    fake = NearestFrame()(video, mask).roll(1, dims=-1)  # stale objects, shifted a pixel: errors and some misses
+    rows = found_by_gap(fake, video, positions, mask)
+    assert [r["gap"] for r in rows] == [1, 2, 3, 4]  # 9 frames, first and last given
+    metric = TrajectoryError()
+    metric.update(fake, video, positions, mask)
+    total = metric.compute()
+    n = sum(r["counted"] for r in rows)
+    assert n == int(metric.n_counted)
+    assert sum(r["found"] * r["counted"] for r in rows) / n == pytest.approx(float(total["traj_detected"]))
+    assert sum(r["err_all_px"] * r["counted"] for r in rows) / n == pytest.approx(float(total["traj_err_all_px"]))
+    found = [r["found"] * r["counted"] for r in rows]
+    assert sum(r["err_px"] * f for r, f in zip(rows, found)) / sum(found) == pytest.approx(float(total["traj_err_px"]))
+
+
+def test_truth_blank_and_a_frozen_copy(clips):
+    video, positions = clips["video"], clips["positions"]
+    mask = image_to_video_mask(9)[None].expand(video.shape[0], -1)  # gaps 1..8
+    truth = found_by_gap(video, video, positions, mask)
+    assert [r["gap"] for r in truth] == list(range(1, 9))
+    assert all(r["found"] == 1.0 and r["err_px"] < 0.5 for r in truth)  # centroids of anti-aliased shapes
+    blank = found_by_gap(torch.zeros_like(video), video, positions, mask)
+    assert all(r["found"] == 0.0 and math.isnan(r["err_px"]) for r in blank)
+    assert all(r["err_all_px"] == pytest.approx(miss_px(32, 32)) for r in blank)
+    frozen = found_by_gap(NearestFrame()(video, mask), video, positions, mask)
+    assert frozen[-1]["err_px"] > frozen[0]["err_px"]  # a copy of frame 0 falls further behind the moving objects
+
+
+def test_markdown_has_a_row_per_gap_and_a_column_per_method(clips):
+    video, positions = clips["video"], clips["positions"]
+    mask = interpolation_mask(9)[None].expand(video.shape[0], -1)
+    rows = found_by_gap(video, video, positions, mask)
+    text = markdown({"truth": rows, "blank": found_by_gap(torch.zeros_like(video), video, positions, mask)})
+    lines = text.splitlines()
+    assert "truth: found" in lines[0] and "blank: found" in lines[0]
+    assert len(lines) == 2 + len(rows) and lines[2].startswith("| 1 | ")
+
+
+def test_cli_scores_a_checkpoint_and_both_baselines(clips, tmp_path, monkeypatch, capsys):
+    import mardini.evaluation.plan_usage as plan_usage
+    from mardini.testing import make_checkpoint
+
+    monkeypatch.setattr(plan_usage, "heldout_clips", lambda n, frames, side, fps: {
+        "video": clips["video"][:n], "positions": clips["positions"][:n]})
+    ckpt = make_checkpoint(tmp_path / "joint.ckpt", frames=9, size=32)
+    tables = main(["--checkpoint", str(ckpt), "--clips", "4", "--steps", "2", "--json"])
+    assert set(tables) == {"linear_blend", "nearest_frame", "mardini"}
+    assert tables["nearest_frame"][0]["found"] > 0.9  # a copy of the neighbour keeps every object
+    assert tables["mardini"][0]["found"] < 0.5  # an untrained generator draws no object from noise
+    assert '"gap": 1' in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--clips and --steps"):
+        main(["--checkpoint", str(ckpt), "--steps", "0"])
