@@ -5,11 +5,11 @@
 
 On the held-out synthetic clips (the demo's 64 by default, in the validation loader's windows as ``plan_usage`` reads
 them; ``evaluate.py`` cuts its own windows, so the totals differ slightly from its report), the model samples the
-task once and the two baselines (linear blend, nearest frame) fill the same frames; for every gap d = 1, 2, ... (frames from the nearest given one)
-the table gives the share of the moving objects found, the mean error of the found ones and the error over all
-objects (a miss scored as a random guess), exactly as ``TrajectoryError`` counts them. A model that loses objects
-only far from the given frames has a motion problem; one that loses them next to a given frame, where copying it
-would find them, cannot yet draw them from noise.
+task once and the two baselines (linear blend, nearest frame) fill the same frames; for every gap d = 1, 2, ...
+(frames from the nearest given one) the table gives the share of the moving objects found, the mean error of the
+found ones and the error over all objects (a miss scored as a random guess), exactly as ``TrajectoryError`` counts
+them. A model that loses objects only far from the given frames has a motion problem; one that loses them next to a
+given frame, where copying it would find them, cannot yet draw them from noise.
 """
 
 from __future__ import annotations
