@@ -71,5 +71,9 @@ def test_cli_scores_a_checkpoint_and_both_baselines(clips, tmp_path, monkeypatch
     assert tables["nearest_frame"][0]["found"] > 0.9  # a copy of the neighbour keeps every object
     assert tables["mardini"][0]["found"] < 0.5  # an untrained generator draws no object from noise
     assert '"gap": 1' in capsys.readouterr().out
+    every_other = main(["--checkpoint", str(ckpt), "--clips", "2", "--steps", "1", "--given", "0,2,4,6,8", "--json"])
+    assert [r["gap"] for r in every_other["nearest_frame"]] == [1]  # every generated frame next to a given one
+    with pytest.raises(SystemExit, match="outside the window"):
+        main(["--checkpoint", str(ckpt), "--given", "0,9"])
     with pytest.raises(SystemExit, match="--clips and --steps"):
         main(["--checkpoint", str(ckpt), "--steps", "0"])

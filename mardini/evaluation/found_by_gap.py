@@ -2,6 +2,7 @@
 
     python -m mardini.evaluation.found_by_gap --checkpoint outputs/tiny/05_joint_task/checkpoints/last.ckpt
     python -m mardini.evaluation.found_by_gap --checkpoint ... --task image_to_video --steps 5 --eta 1
+    python -m mardini.evaluation.found_by_gap --checkpoint ... --given 0,2,4,6,8   # any mask (--guidance: task's)
 
 On the held-out synthetic clips (the demo's 64 by default, in the validation loader's windows as ``plan_usage`` reads
 them; ``evaluate.py`` cuts its own windows, so the totals differ slightly from its report), the model samples the
@@ -73,12 +74,14 @@ def markdown(tables: dict[str, list[dict[str, float]]]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     from mardini.evaluation.plan_usage import heldout_clips
     from mardini.evaluation.protocol import DEFAULT_GUIDANCE
-    from mardini.masking import image_to_video_mask, interpolation_mask
+    from mardini.masking import image_to_video_mask, interpolation_mask, mask_from_given
     from mardini.pipeline.pipeline import MarDiniPipeline
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a joint (or generation) checkpoint; EMA weights")
     parser.add_argument("--task", choices=("interpolation", "image_to_video"), default="interpolation")
+    parser.add_argument("--given", default=None,
+                        help="comma-separated given frames (e.g. 0,2,4,6,8): any mask instead of --task's")
     parser.add_argument("--clips", type=int, default=64, help="held-out synthetic clips (the demo's 64)")
     parser.add_argument("--steps", type=int, default=5, help="DDIM steps (the demo's 5)")
     parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta (the demo's 1)")
@@ -93,7 +96,13 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     if "positions" not in batch:
         raise SystemExit("the held-out shards carry no object positions: build them with data/make_synthetic.py")
     video, positions = batch["video"], batch["positions"]  # (B, T, 3, H, W), (B, T, K, 2)
-    row = interpolation_mask(pipe.window) if args.task == "interpolation" else image_to_video_mask(pipe.window)
+    if args.given:
+        try:
+            row = mask_from_given(pipe.window, [int(i) for i in args.given.split(",")])
+        except ValueError as err:
+            raise SystemExit(f"--given {args.given!r}: {err}") from err
+    else:
+        row = interpolation_mask(pipe.window) if args.task == "interpolation" else image_to_video_mask(pipe.window)
     mask = row[None].expand(video.shape[0], -1)  # (B, T)
     guidance = DEFAULT_GUIDANCE[args.task] if args.guidance is None else args.guidance
     fakes = {"linear_blend": LinearBlend()(video, mask), "nearest_frame": NearestFrame()(video, mask),
