@@ -47,6 +47,10 @@ def test_truth_blank_and_a_frozen_copy(clips):
     assert all(r["err_all_px"] == pytest.approx(miss_px(32, 32)) for r in blank)
     frozen = found_by_gap(NearestFrame()(video, mask), video, positions, mask)
     assert frozen[-1]["err_px"] > frozen[0]["err_px"]  # a copy of frame 0 falls further behind the moving objects
+    dimmed = video * 0.85  # every colour off by up to ~0.15: the 0.2 tolerance loses objects, 0.4 keeps them
+    strict = found_by_gap(dimmed, video, positions, mask)
+    loose = found_by_gap(dimmed, video, positions, mask, tol=0.4)
+    assert sum(r["found"] for r in loose) > sum(r["found"] for r in strict)
 
 
 def test_markdown_has_a_row_per_gap_and_a_column_per_method(clips):
@@ -75,5 +79,7 @@ def test_cli_scores_a_checkpoint_and_both_baselines(clips, tmp_path, monkeypatch
     assert [r["gap"] for r in every_other["nearest_frame"]] == [1]  # every generated frame next to a given one
     with pytest.raises(SystemExit, match="outside the window"):
         main(["--checkpoint", str(ckpt), "--given", "0,9"])
+    with pytest.raises(SystemExit, match="--tol must be > 0"):
+        main(["--checkpoint", str(ckpt), "--tol", "0"])
     with pytest.raises(SystemExit, match="--clips and --steps"):
         main(["--checkpoint", str(ckpt), "--steps", "0"])

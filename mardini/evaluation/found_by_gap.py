@@ -24,14 +24,15 @@ from mardini.evaluation.samplers import LinearBlend, NearestFrame, nearest_given
 from mardini.evaluation.trajectory import TrajectoryError, miss_px
 
 
-def found_by_gap(fake: torch.Tensor, real: torch.Tensor, positions: torch.Tensor,
-                 mask: torch.Tensor) -> list[dict[str, float]]:
+def found_by_gap(fake: torch.Tensor, real: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                 tol: float = 0.2) -> list[dict[str, float]]:
     """One row per gap ``d >= 1`` with counted objects: ``{gap, counted, found, err_px, err_all_px}``.
 
     ``fake, real (B, T, 3, H, W)`` in [-1, 1], ``positions (B, T, K, 2)``, ``mask (B, T)`` True = generated.
-    ``err_px`` is NaN for a gap where nothing is found.
+    ``err_px`` is NaN for a gap where nothing is found. ``tol``: the metric's colour tolerance (RGB distance in
+    [0, 1] at which a pixel stops counting for an object; 0.2 in every report).
     """
-    m = TrajectoryError().measure(fake.clamp(-1, 1), real, positions, mask)
+    m = TrajectoryError(tol=tol).measure(fake.clamp(-1, 1), real, positions, mask)
     counted, detected, err = m["counted"], m["detected"], m["err_px"]  # (B, T, K) each
     t = mask.shape[1]
     pos = torch.arange(t, device=mask.device)[None]  # (1, T)
@@ -87,10 +88,14 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta (the demo's 1)")
     parser.add_argument("--guidance", type=float, default=None, help="default: 1 interpolation, 2.5 I2V")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tol", type=float, default=0.2,
+                        help="colour tolerance of the detection (the reports' 0.2); larger forgives off colours")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     args = parser.parse_args(argv)
     if args.clips < 1 or args.steps < 1:
         raise SystemExit(f"--clips and --steps must be >= 1, got {args.clips} and {args.steps}")
+    if not args.tol > 0:
+        raise SystemExit(f"--tol must be > 0 (an RGB distance in [0, 1]), got {args.tol}")
     pipe = MarDiniPipeline.from_checkpoint(args.checkpoint)
     batch = heldout_clips(args.clips, pipe.window, pipe.resolution[0] if pipe.resolution else 32, pipe.fps)
     if "positions" not in batch:
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     fakes = {"linear_blend": LinearBlend()(video, mask), "nearest_frame": NearestFrame()(video, mask),
              "mardini": pipe.generate(video, mask, steps=args.steps, guidance_scale=guidance, seed=args.seed,
                                       progress=False, eta=args.eta)}
-    tables = {name: found_by_gap(fake, video, positions, mask) for name, fake in fakes.items()}
+    tables = {name: found_by_gap(fake, video, positions, mask, args.tol) for name, fake in fakes.items()}
     print(json.dumps(tables) if args.json else markdown(tables))
     return tables
 
