@@ -27,8 +27,13 @@ def test_demo_end_to_end_and_rerun_reuses(tmp_path, monkeypatch):
     assert not any(s["reused"] for s in summary["stages"].values())
     assert set(summary["results"]) == {"interpolation", "image_to_video"}
     assert {"linear_blend", "nearest_frame", "mardini"} <= set(summary["results"]["interpolation"])
+    by_gap = summary["interpolation_found_by_gap"]  # 9 frames, first and last given: 1-4 frames from a given one
+    assert set(by_gap) == {"linear_blend", "nearest_frame", "mardini"}
+    assert all([r["gap"] for r in rows] == [1, 2, 3, 4] for rows in by_gap.values())
+    assert by_gap["nearest_frame"][0]["found"] > 0.9  # a copy of the neighbour keeps the objects
     report = (out / "report.md").read_text()
     for expected in ("## Training chain", "Does the model beat the baselines", "loss_curves.png", "eta 1.0",
+                     "Where are the objects lost?", "| 1 | ",
                      "samples/interpolation_sheet.png", "samples/image_to_video_sheet.png"):
         assert expected in report
     if not all(summary["beats_baselines"].values()):  # a 0.01-scale model fails some: the report says what helps

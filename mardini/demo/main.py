@@ -104,14 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[3/5] evaluating {final} on {a.eval_clips} held-out clips (vs linear blend, nearest frame)", flush=True)
     t_eval = time.perf_counter()
     evaluation = evaluate(final, a.out / "eval", a.eval_clips, a.steps, a.frechet, a.eta)
+    from mardini.pipeline import MarDiniPipeline
+
+    pipe = MarDiniPipeline.from_checkpoint(final, ema=True)
+    evaluation["found_by_gap"] = objects_by_gap(pipe, a.eval_clips, a.steps, a.eta)
     eval_s = time.perf_counter() - t_eval
 
     print("[4/5] pictures: contact sheets, GIF/MP4 samples, loss curves", flush=True)
     from mardini.demo.curves import plot_losses
     from mardini.demo.showcase import showcase
-    from mardini.pipeline import MarDiniPipeline
 
-    pipe = MarDiniPipeline.from_checkpoint(final, ema=True)
     val = next(iter(_val_loader(a.show)))
     pictures = showcase(pipe, val["video"][: a.show], val["key"][: a.show], a.out / "samples", steps=a.steps,
                         eta=a.eta)
@@ -133,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"report": str(report), "total_s": info["total_s"], "train_s": train_s, "eval_s": eval_s,
                "stages": {s.name: {"steps": s.steps, "seconds": s.seconds, "reused": s.reused} for s in stages},
                "results": {t: r["results"] for t, r in evaluation["tasks"].items()},
+               "interpolation_found_by_gap": evaluation["found_by_gap"],
                "beats_baselines": {f"{t}/{m}": ok for t, m, ok, _ in checks}}
     (a.out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
 
@@ -152,6 +155,18 @@ def _val_loader(clips: int):
                          batch_size=clips, num_workers=0, val_clips=clips)
     dm.setup("validate")
     return dm.val_dataloader()
+
+
+def objects_by_gap(pipe, clips: int, steps: int, eta: float) -> dict[str, list[dict[str, float]]]:
+    """Interpolation on the held-out clips, the trajectory metric split by the distance from a given frame
+    (``mardini.evaluation.found_by_gap``) for the model and both baselines."""
+    from mardini.evaluation.found_by_gap import score_methods
+    from mardini.masking import interpolation_mask
+
+    val = next(iter(_val_loader(clips)))
+    video, positions = val["video"], val["positions"]  # (B, T, 3, H, W), (B, T, K, 2)
+    mask = interpolation_mask(video.shape[1])[None].expand(video.shape[0], -1)  # (B, T)
+    return score_methods(pipe, video, positions, mask, steps=steps, eta=eta)
 
 
 def evaluate(checkpoint: Path, out: Path, clips: int, steps: int, frechet: bool = False, eta: float = 0.0) -> dict:

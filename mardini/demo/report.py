@@ -92,6 +92,15 @@ def write_report(out: Path, info: dict[str, Any], stages: list, evaluation: dict
               "direction cannot be known, so a frozen copy has the smallest expected image-to-video error and the "
               "ratio says whether the objects move at all. Baselines: `linear_blend` (cross-fade of the given "
               "frames) and `nearest_frame` (repeat the closest given frame).", ""]
+    if evaluation.get("found_by_gap"):
+        from mardini.evaluation.found_by_gap import markdown
+
+        lines += ["### Where are the objects lost? (interpolation)", "",
+                  "The trajectory metric split by each generated frame's distance from the nearest given one "
+                  "(`python -m mardini.evaluation.found_by_gap`, the validation loader's windows of the same clips): "
+                  "objects lost next to a given frame, where a copy of it finds them, are objects the model cannot "
+                  "yet draw from noise; objects lost only further away are a motion problem.", "",
+                  markdown(evaluation["found_by_gap"]), ""]
     if evaluation.get("skipped"):
         lines += [f"- {m}: {why}" for m, why in evaluation["skipped"].items()] + [""]
     lines += ["## Samples", "", "Rows per clip: ground truth, the baselines, MarDini; given frames framed in green.", ""]

@@ -72,6 +72,19 @@ def markdown(tables: dict[str, list[dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+def score_methods(pipe, video: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, steps: int = 5,
+                  eta: float = 1.0, guidance: float = 1.0, seed: int = 0,
+                  tol: float = 0.2) -> dict[str, list[dict[str, float]]]:
+    """:func:`found_by_gap` of both baselines and one sample of ``pipe`` (a ``MarDiniPipeline``) on the same clips.
+
+    ``video (B, T, 3, H, W)`` in [-1, 1], ``positions (B, T, K, 2)``, ``mask (B, T)`` True = generated.
+    """
+    fakes = {"linear_blend": LinearBlend()(video, mask), "nearest_frame": NearestFrame()(video, mask),
+             "mardini": pipe.generate(video, mask, steps=steps, guidance_scale=guidance, seed=seed, progress=False,
+                                      eta=eta)}
+    return {name: found_by_gap(fake, video, positions, mask, tol) for name, fake in fakes.items()}
+
+
 def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     from mardini.evaluation.plan_usage import heldout_clips
     from mardini.evaluation.protocol import DEFAULT_GUIDANCE
@@ -110,10 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
         row = interpolation_mask(pipe.window) if args.task == "interpolation" else image_to_video_mask(pipe.window)
     mask = row[None].expand(video.shape[0], -1)  # (B, T)
     guidance = DEFAULT_GUIDANCE[args.task] if args.guidance is None else args.guidance
-    fakes = {"linear_blend": LinearBlend()(video, mask), "nearest_frame": NearestFrame()(video, mask),
-             "mardini": pipe.generate(video, mask, steps=args.steps, guidance_scale=guidance, seed=args.seed,
-                                      progress=False, eta=args.eta)}
-    tables = {name: found_by_gap(fake, video, positions, mask, args.tol) for name, fake in fakes.items()}
+    tables = score_methods(pipe, video, positions, mask, args.steps, args.eta, guidance, args.seed, args.tol)
     print(json.dumps(tables) if args.json else markdown(tables))
     return tables
 
