@@ -17,7 +17,7 @@ from nbclient import NotebookClient
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 KERNEL = "python3"  # ipykernel's own spec (installed into the venv with ipykernel, or its built-in fallback)
-PICTURES = {"01_data_and_masks.ipynb": 6, "02_sampling.ipynb": 7, "03_evaluation.ipynb": 2}  # inline PNGs at least
+PICTURES = {"01_data_and_masks.ipynb": 6, "02_sampling.ipynb": 7, "03_evaluation.ipynb": 3}  # inline PNGs at least
 
 
 def _mimes(nb: nbformat.NotebookNode) -> list[str]:
@@ -57,3 +57,6 @@ def test_notebook_runs(path: Path, monkeypatch):
         assert "UNTRAINED" in text  # says plainly that the stand-in samples noise
     if path.name == "03_evaluation.ipynb":
         assert "linear_blend" in text or "text/markdown" in mimes
+        shown = "".join(out["data"]["text/markdown"] for cell in nb.cells for out in cell.get("outputs", [])
+                        if "text/markdown" in out.get("data", {}))
+        assert "| gap (frames) |" in shown and "| 4 |" in shown  # where the objects are lost, gaps 1-4
