@@ -57,7 +57,7 @@ def markdown(tables: dict[str, list[dict[str, float]]]) -> str:
     """A markdown table: a row per gap, found share / found error / all-objects error per method."""
     methods = list(tables)
     gaps = sorted({r["gap"] for rows in tables.values() for r in rows})
-    head = "| gap (frames) | objects | " + " | ".join(f"{m}: found / px found / px all" for m in methods) + " |"
+    head = "| gap (frames) | object-frames | " + " | ".join(f"{m}: found / px found / px all" for m in methods) + " |"
     lines = [head, "|---" * (2 + len(methods)) + "|"]
     for d in gaps:
         cells, counted = [], ""
