@@ -83,3 +83,7 @@ def test_cli_scores_a_checkpoint_and_both_baselines(clips, tmp_path, monkeypatch
         main(["--checkpoint", str(ckpt), "--tol", "0"])
     with pytest.raises(SystemExit, match="--clips and --steps"):
         main(["--checkpoint", str(ckpt), "--steps", "0"])
+    monkeypatch.undo()  # the real held-out shards, which this folder does not have
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="matches no shard"):
+        main(["--checkpoint", str(ckpt), "--clips", "2"])

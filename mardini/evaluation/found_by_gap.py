@@ -110,7 +110,10 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     if not args.tol > 0:
         raise SystemExit(f"--tol must be > 0 (an RGB distance in [0, 1]), got {args.tol}")
     pipe = MarDiniPipeline.from_checkpoint(args.checkpoint)
-    batch = heldout_clips(args.clips, pipe.window, pipe.resolution[0] if pipe.resolution else 32, pipe.fps)
+    try:
+        batch = heldout_clips(args.clips, pipe.window, pipe.resolution[0] if pipe.resolution else 32, pipe.fps)
+    except FileNotFoundError as err:  # no held-out shards here: say how to build them, without a traceback
+        raise SystemExit(str(err)) from err
     if "positions" not in batch:
         raise SystemExit("the held-out shards carry no object positions: build them with data/make_synthetic.py")
     video, positions = batch["video"], batch["positions"]  # (B, T, 3, H, W), (B, T, K, 2)
