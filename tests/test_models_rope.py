@@ -93,3 +93,33 @@ def test_rope_rejects_bad_max_freq():
 
     with pytest.raises(ValueError, match=r"PlannerConfig.rope_max_freq=0.0 must be in"):
         planner_config("tiny", rope_max_freq=0.0)
+
+
+@pytest.mark.parametrize("head_dim", [48, 32])  # 32: 30 rotated channels + 2 plain
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("batched_tables", [False, True])
+@pytest.mark.parametrize("compiled_form", [False, True])
+def test_heads_last_rope_is_timms_rotation_bit_for_bit(head_dim, dtype, batched_tables, compiled_form, monkeypatch):
+    """The complex-product RoPE on (B, L, H, d) equals timm's x * cos + rot(x) * sin on (B, H, L, d), and its grads."""
+    from timm.layers import apply_rot_embed
+
+    from mardini.models.rope import apply_rope_heads_last
+
+    if compiled_form:  # the real form that runs under torch.compile
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    sin, cos = AxialRope3d(head_dim, theta=16, max_freq=2.5)((3, 4, 4), torch.device("cpu"))  # (48, d) float32
+    if batched_tables:  # (B, 1, L, d): per-clip tables, as cross-attention may pass
+        sin, cos = sin[None, None].expand(2, 1, -1, -1), cos[None, None].expand(2, 1, -1, -1)
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 48, 3 * 4 * head_dim, generator=g).to(dtype)  # (B, L, 3 H d): q is a strided view
+    x = qkv.unflatten(-1, (3, 4, head_dim)).unbind(2)[0].requires_grad_()  # (B, L, H, d), non-contiguous
+    x_ref = x.detach().transpose(1, 2).requires_grad_()  # (B, H, L, d)
+    out = apply_rope_heads_last(x, sin, cos)  # (B, L, H, d)
+    ref = apply_rot_embed(x_ref, sin, cos).to(dtype)  # (B, H, L, d)
+    assert out.dtype == dtype
+    assert torch.equal(out, ref.transpose(1, 2))
+    w = torch.randn(out.shape, generator=g).to(dtype)  # (B, L, H, d)
+    (out * w).sum().backward()
+    (ref * w.transpose(1, 2)).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad.transpose(1, 2), rtol=1e-6 if dtype != torch.bfloat16 else 1e-2,
+                               atol=1e-6 if dtype != torch.bfloat16 else 1e-2)
