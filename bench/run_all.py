@@ -85,20 +85,20 @@ def summary(ran: dict[str, str]) -> str:
                 r["table"], "```", ""]
     r = _load("attention_dtype")
     if r:
-        out += ["## CPU attention: bf16 autocast vs fp32 vs the math backend vs `attention()` (forward + backward)",
-                f"`{r['command']}`", "", "| shape | B, H, L, d | bf16 ms | fp32 ms | math ms | attention() ms "
-                "| bf16 / fp32 | attention() over the better flash call | best of the bf16 matmul peak |",
-                "|---|---|---|---|---|---|---|---|---|"]
-        nan = float("nan")
-        out += [f"| {x['shape']} | {x['bhld']} | {x['bf16_ms']:.1f} | {x['fp32_ms']:.1f} | {x.get('math_ms', nan):.1f} "
-                f"| {x.get('mardini_ms', nan):.1f} | {x['bf16_over_fp32']:.2f}x | {x.get('speedup_over_flash', nan):.2f}x "
-                f"| {x.get('best_of_bf16_peak', nan):.0%} |" for x in r["rows"]]
+        out += ["## CPU attention: bf16 autocast vs fp32 vs the math backend (forward + backward)", f"`{r['command']}`",
+                "", "| shape | B, H, L, d | bf16 ms | fp32 ms | math ms | bf16 / fp32 | GFLOP/s bf16 / fp32 / math "
+                "| best of the bf16 matmul peak |", "|---|---|---|---|---|---|---|---|"]
+        out += [f"| {x['shape']} | {x['bhld']} | {x['bf16_ms']:.1f} | {x['fp32_ms']:.1f} | {x.get('math_ms', float('nan')):.1f} "
+                f"| {x['bf16_over_fp32']:.2f}x | {x.get('bf16_gflop_per_s', float('nan')):.0f} / "
+                f"{x.get('fp32_gflop_per_s', float('nan')):.0f} / {x.get('math_gflop_per_s', float('nan')):.0f} "
+                f"| {x.get('best_of_bf16_peak', float('nan')):.0%} |" for x in r["rows"]]
         out.append("")
     r = _load("tiny_step")
     if r:
-        out += ["## The demo's training step on CPU, before and after the kernel choices", f"`{r['command']}`", "",
-                "| variant | s / step | speed-up over before |", "|---|---|---|"]
-        out += [f"| {x['variant']} | {x['step_s']:.3f} | {x['speedup_over_before']:.2f}x |" for x in r["rows"]]
+        out += ["## The demo's training step on CPU, before and after the complex-product RoPE", f"`{r['command']}`", "",
+                "| variant | s / step | step speed-up over before | RoPE fwd + bwd ms | RoPE speed-up |", "|---|---|---|---|---|"]
+        out += [f"| {x['variant']} | {x['step_s']:.3f} | {x['speedup_over_before']:.2f}x | {x['rope_ms']:.2f} "
+                f"| {x['rope_speedup_over_before']:.2f}x |" for x in r["rows"]]
         out.append("")
     r = _load("data_vs_step")
     if r:

@@ -1,4 +1,4 @@
-"""The demo's training step on CPU, with and without this repository's CPU kernel choices, in one run.
+"""The demo's training step on CPU with the RoPE of before and of now, in one run.
 
     .venv/bin/python -m bench.tiny_step [--batches 12] [--rounds 3] [--shards DIR] [--quick]
 
@@ -6,14 +6,14 @@ The step is the last stage of ``make demo`` (``configs/tiny/common.yaml`` + ``co
 planner and generator, batch 8, 9 frames of 32 px, bf16 autocast): forward, backward and the AdamW step over the
 same fixed batches (the masks drawn as in training) for each variant, interleaved round by round:
 
-* ``before``: RoPE by strided pair swaps (this repository's code before the complex product) and every CPU
-  attention through torch's flash kernel (fp32 below head dim 64, as ``attention()`` did);
-* ``rope``: RoPE as a complex product (``apply_rope_heads_last`` now);
-* ``rope+math``: also bf16 attention with at most ``CPU_MATH_MAX_SCORES`` scores as two bf16 matmuls around the
-  softmax (``attention()`` now): what ``make demo`` runs.
+* ``before``: RoPE by strided pair swaps (``apply_rope_heads_last`` before the complex product; its
+  ``torch.compile`` form now);
+* ``rope``: RoPE as a complex product (``apply_rope_heads_last`` now): what ``make demo`` runs.
 
-Writes ``bench/results/tiny_step.json``: the median seconds per step of each variant and its speed-up over
-``before``. Run it on an idle machine (``OMP_WAIT_POLICY=PASSIVE``, the threads you train with).
+Also the RoPE op alone at the generator's shape in that step (q of 8 clips x 576 tokens x 4 heads x 48, a strided
+view of the projection, bf16, float32 tables; forward + backward). Writes ``bench/results/tiny_step.json``: the
+median seconds per step and per op call of each variant and their speed-ups over ``before``. Run it on an idle
+machine (``OMP_WAIT_POLICY=PASSIVE``, the threads you train with).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from bench.common import command, machine, write_result
 
 STAGE = ["--config", "configs/tiny/common.yaml", "--config", "configs/tiny/05_joint_task.yaml",
          "--model.init_args.init_from", "null"]
-VARIANTS = ("before", "rope", "rope+math")
+VARIANTS = ("before", "rope")
 
 
 def _strided_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
@@ -42,18 +42,34 @@ def _strided_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torc
 
 @contextlib.contextmanager
 def variant(name: str):
-    """Patch the kernels of ``name`` in, restore the repository's after."""
-    from mardini.models import attention, layers
+    """Patch the RoPE of ``name`` in, restore the repository's after."""
+    from mardini.models import layers
 
-    saved = layers.apply_rope_heads_last, attention.CPU_MATH_MAX_SCORES
+    saved = layers.apply_rope_heads_last
     if name == "before":
         layers.apply_rope_heads_last = _strided_rope
-    if name in ("before", "rope"):
-        attention.CPU_MATH_MAX_SCORES = 0
     try:
         yield
     finally:
-        layers.apply_rope_heads_last, attention.CPU_MATH_MAX_SCORES = saved
+        layers.apply_rope_heads_last = saved
+
+
+def rope_op_seconds(name: str, repeats: int = 20) -> float:
+    """Median seconds of one forward + backward of the variant's RoPE at the tiny generator's q shape."""
+    from mardini.models import layers
+    from mardini.models.rope import AxialRope3d
+
+    sin, cos = AxialRope3d(48, theta=16, max_freq=2.5)((9, 8, 8), torch.device("cpu"))  # (576, 48)
+    qkv = torch.randn(8, 576, 3 * 4 * 48).bfloat16()  # (B, L, 3 H d)
+    with variant(name):
+        fn = layers.apply_rope_heads_last
+        times = []
+        for _ in range(repeats + 1):
+            x = qkv.unflatten(-1, (3, 4, 48)).unbind(2)[0].requires_grad_()  # (B, L, H, d) strided view
+            t0 = time.perf_counter()
+            fn(x, sin, cos).float().sum().backward()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
 
 
 def build(extra: list[str]):
@@ -75,7 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     extra = ["--data.init_args.resolution", "16", "--model.init_args.planner_resolution", "8"] if a.quick else []
     if a.shards:
-        extra += ["--data.init_args.train_shards", f"{a.shards}/train", "--data.init_args.val_shards", f"{a.shards}/val"]
+        extra += ["--data.init_args.train_shards", f"{a.shards}/train",
+                  "--data.init_args.val_shards", f"{a.shards}/val"]
     batches, rounds = (2, 1) if a.quick else (a.batches, a.rounds)
     model, dm = build(extra)
     loader = iter(dm.train_dataloader())
@@ -101,10 +118,14 @@ def main(argv: list[str] | None = None) -> dict:
                 times[name].append((time.perf_counter() - t0) / batches)
         print(f"round {r + 1}/{rounds}: " + "  ".join(f"{n} {times[n][-1]:.3f} s" for n in VARIANTS), flush=True)
     med = {n: statistics.median(times[n]) for n in VARIANTS}
-    rows = [{"variant": n, "step_s": med[n], "speedup_over_before": med["before"] / med[n]} for n in VARIANTS]
-    print("\n| variant | s / step | speed-up over before |\n|---|---|---|")
+    op = {n: rope_op_seconds(n, 2 if a.quick else 20) for n in VARIANTS}
+    rows = [{"variant": n, "step_s": med[n], "speedup_over_before": med["before"] / med[n], "rope_ms": op[n] * 1e3,
+             "rope_speedup_over_before": op["before"] / op[n]} for n in VARIANTS]
+    print("\n| variant | s / step | step speed-up over before | RoPE fwd + bwd ms | RoPE speed-up |")
+    print("|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['variant']} | {row['step_s']:.3f} | {row['speedup_over_before']:.2f}x |")
+        print(f"| {row['variant']} | {row['step_s']:.3f} | {row['speedup_over_before']:.2f}x | {row['rope_ms']:.2f} "
+              f"| {row['rope_speedup_over_before']:.2f}x |")
     result = {"command": command("bench.tiny_step", argv), "machine": machine(), "batches": batches,
               "rounds": rounds, "rows": rows, "times": times}
     write_result("tiny_step", result)

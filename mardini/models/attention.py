@@ -78,8 +78,6 @@ def attention(
     if select_backend(q, attn_mask is not None, backend) == "flash":
         out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, Lq, H, d)
         return out.transpose(1, 2)  # (B, H, Lq, d)
-    if attn_mask is None and _cpu_math_is_faster(q, k):
-        return _math_attention(q, k, v)  # (B, H, Lq, d)
     if _cpu_fp32_is_faster(q):
         with torch.autocast("cpu", enabled=False):  # autocast would cast q, k, v back to bf16 inside SDPA
             out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask)
@@ -90,42 +88,13 @@ def attention(
 # Below this head dim torch's CPU flash-attention kernel runs faster in fp32 than in bf16, casts included
 # (`python -m bench.attention_dtype`); at 64 and above bf16 wins.
 CPU_FP32_BELOW_HEAD_DIM = 64
-# CPU attention in bf16 whose score matrix (B, H, Lq, Lk) has at most this many elements runs as two bf16 matmuls
-# around a softmax (float32 inside): faster than torch's flash kernel in either precision on short rows and small
-# batches (the tiny networks' per-frame, temporal and 9-frame planner attention: 1.2-1.6x forward + backward;
-# `python -m bench.attention_dtype`, whose batch-16 planner row, 21 M scores, is where the two meet), at the cost
-# of holding the scores (32 MiB at most in bf16). 0 turns it off.
-CPU_MATH_MAX_SCORES = 2**24
-
-
-def _cpu_half(q: torch.Tensor) -> bool:
-    """CPU attention that would run in bf16/fp16: half inputs or CPU autocast."""
-    return q.device.type == "cpu" and (q.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cpu"))
 
 
 def _cpu_fp32_is_faster(q: torch.Tensor) -> bool:
-    """True for CPU attention that would run in bf16/fp16 with a small head dim."""
-    return q.shape[-1] < CPU_FP32_BELOW_HEAD_DIM and _cpu_half(q)
-
-
-def _cpu_math_is_faster(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """True for CPU attention in bf16/fp16 with at most ``CPU_MATH_MAX_SCORES`` scores."""
-    return q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= CPU_MATH_MAX_SCORES and _cpu_half(q)
-
-
-def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``softmax(q k^T / sqrt(d)) v`` in half precision: ``(B, H, Lq, d)``.
-
-    The scale is applied inside the first matmul's float32 accumulator (``baddbmm`` alpha) and the softmax
-    accumulates in float32, so the scores are rounded to bf16 once, as a GPU matmul under autocast rounds them.
-    """
-    half = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.get_autocast_dtype("cpu")
-    b, h, lq, d = q.shape
-    lk = k.shape[2]
-    with torch.autocast("cpu", enabled=False):
-        q3, k3, v3 = (x.to(half).reshape(b * h, -1, d) for x in (q, k, v))  # (BH, L, d)
-        scores = torch.baddbmm(q3.new_empty(b * h, lq, lk), q3, k3.transpose(1, 2), beta=0.0, alpha=d**-0.5)
-        return torch.bmm(scores.softmax(dim=-1), v3).view(b, h, lq, d)  # (B, H, Lq, d)
+    """True for CPU attention that would run in bf16/fp16 (half inputs or CPU autocast) with a small head dim."""
+    if q.device.type != "cpu" or q.shape[-1] >= CPU_FP32_BELOW_HEAD_DIM:
+        return False
+    return q.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cpu")
 
 
 # --------------------------------------------------------------------------------------------------
