@@ -29,7 +29,6 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
                                    "--variants", "a", "c", "--threads", "2", "--tag", "scale4_25steps"], None),
     "attention_memory": ([], ["--lengths", "512", "--dtypes", "fp32", "--repeats", "1"]),
     "attention_dtype": ([], ["--quick"]),
-    "tiny_step": ([], ["--quick"]),
     "data_vs_step": ([], ["--quick"]),
     "data_throughput": ([], ["--seconds", "1", "--workers", "0", "1"]),
     "sampling": (["--bf16"], ["--steps", "1", "--compare-steps", "2", "--rounds", "1", "--resolution", "16",
@@ -92,13 +91,6 @@ def summary(ran: dict[str, str]) -> str:
                 f"| {x['bf16_over_fp32']:.2f}x | {x.get('bf16_gflop_per_s', float('nan')):.0f} / "
                 f"{x.get('fp32_gflop_per_s', float('nan')):.0f} / {x.get('math_gflop_per_s', float('nan')):.0f} "
                 f"| {x.get('best_of_bf16_peak', float('nan')):.0%} |" for x in r["rows"]]
-        out.append("")
-    r = _load("tiny_step")
-    if r:
-        out += ["## The demo's training step on CPU, before and after the complex-product RoPE", f"`{r['command']}`", "",
-                "| variant | s / step | step speed-up over before | RoPE fwd + bwd ms | RoPE speed-up |", "|---|---|---|---|---|"]
-        out += [f"| {x['variant']} | {x['step_s']:.3f} | {x['speedup_over_before']:.2f}x | {x['rope_ms']:.2f} "
-                f"| {x['rope_speedup_over_before']:.2f}x |" for x in r["rows"]]
         out.append("")
     r = _load("data_vs_step")
     if r:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from bench import asymmetric, attention_dtype, run_all, sampling_overhead, tiny_step, train_mfu
+from bench import asymmetric, attention_dtype, run_all, sampling_overhead, train_mfu
 
 
 def _positive(*xs: float) -> bool:
@@ -44,23 +44,6 @@ def test_attention_dtype_quick_reports_every_backend(tmp_path, monkeypatch):
         b, h, length, d = row["bhld"]
         assert row["bf16_gflop_per_s"] == pytest.approx(12 * b * h * length**2 * d / 1e9 / (row["bf16_ms"] / 1e3))
     assert "math backend" in run_all.summary({})
-
-
-def test_tiny_step_quick_times_every_variant_and_restores_the_rope(tmp_path, monkeypatch):
-    from pathlib import Path
-
-    from mardini.models import layers, rope
-    from mardini.testing import synthetic_shards
-
-    shards = synthetic_shards(tmp_path / "none", clips=4, frames=20, size=16, force_small=True)
-    (tmp_path / "configs").symlink_to(Path(__file__).resolve().parents[1] / "configs")  # the demo's stage configs
-    monkeypatch.chdir(tmp_path)
-    r = tiny_step.main(["--quick", "--shards", str(shards)])
-    assert [row["variant"] for row in r["rows"]] == list(tiny_step.VARIANTS)
-    assert all(_positive(row["step_s"], row["speedup_over_before"], row["rope_ms"]) for row in r["rows"])
-    assert r["rows"][0]["speedup_over_before"] == 1.0
-    assert layers.apply_rope_heads_last is rope.apply_rope_heads_last
-    assert "demo's training step" in run_all.summary({})
 
 
 def test_asymmetric_flops_extrapolate_and_rank_the_variants():

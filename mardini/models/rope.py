@@ -97,30 +97,14 @@ def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.T
 
 
 def apply_rope_heads_last(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-    """:func:`apply_rope` for the projection layout ``x (B, L, H, head_dim)``; same products, far fewer copies.
+    """:func:`apply_rope` for the projection layout ``x (B, L, H, head_dim)``; same result, fewer copies.
 
-    Tables are ``(L, d)`` or broadcastable to ``(B, H, L, d)`` with H = 1 (e.g. ``(B, 1, L, d)``), in the
-    interleaved layout of :class:`AxialRope3d` (both members of a pair share one angle). Every pair
-    ``(x0, x1)`` is multiplied, as a complex number, by ``cos + i sin`` of its angle: ``(x0 cos - x1 sin,
-    x1 cos + x0 sin)``, elementwise the products of timm's ``x * cos + rot(x) * sin`` (bit-identical, tested)
-    without the strided swap copies, which made RoPE the costliest elementwise op of the tiny training step on
-    CPU (``python -m bench.tiny_step``). Under ``torch.compile`` the real form runs instead (inductor fuses it
-    and has no complex code generation). Computed in float32 at least (promoted like timm: fp32 tables keep
-    fp32); returns x's dtype.
+    Tables are ``(L, d)`` or broadcastable to ``(B, H, L, d)`` with H = 1 (e.g. ``(B, 1, L, d)``). Computes
+    ``x * cos + swap(x) * sin_signed`` where ``swap`` exchanges the two members of every pair and
+    ``sin_signed = sin * (-1, +1, ...)``: elementwise the same products as timm's ``x * cos + rot(x) * sin``
+    (a negated factor gives the negated product exactly), with one copy of ``x`` instead of three.
     """
     sin, cos = (t[:, None] if t.dim() == 2 else t.transpose(-3, -2) for t in (sin, cos))  # (.., L, 1, d)
-    if torch.compiler.is_compiling():
-        return _rope_swapped_pairs(x, sin, cos)  # (B, L, H, d)
-    dtype = torch.promote_types(torch.promote_types(x.dtype, sin.dtype), torch.float32)  # float32 or float64
-    cis = torch.complex(cos[..., 0::2].to(x.device, dtype), sin[..., 0::2].to(x.device, dtype))  # (.., L, 1, d/2)
-    pairs = torch.view_as_complex(x.to(dtype).unflatten(-1, (-1, 2)).contiguous())  # (B, L, H, d/2) complex
-    out = torch.view_as_real(pairs * cis).flatten(-2)  # (B, L, H, d)
-    return out.to(x.dtype)  # (B, L, H, d)
-
-
-def _rope_swapped_pairs(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-    """The real form ``x * cos + swap(x) * sin_signed`` (swap exchanges the members of every pair); tables
-    ``(.., L, 1, d)``. The same products as timm's (a negated factor gives the negated product exactly)."""
     sign = torch.tensor([-1.0, 1.0], device=sin.device, dtype=sin.dtype).repeat(sin.shape[-1] // 2)  # (d,)
     swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (B, L, H, d): [x1, x0, x3, x2, ...]
     out = x * cos.to(x.device) + swapped * (sin * sign).to(x.device)  # promoted like timm: fp32 tables keep fp32
