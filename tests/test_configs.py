@@ -43,3 +43,16 @@ def test_paper_stage_parses(capsys, stage, cluster):
 def test_tiny_stage_parses(capsys, stage):
     cfg = _printed(capsys, CONFIGS / "tiny" / "common.yaml", stage)
     assert cfg["model"]["init_args"]["size"] == "tiny" and cfg["trainer"]["accelerator"] == "cpu"
+
+
+def test_the_gpu_overlay_changes_only_device_batch_and_log_dir(capsys):
+    stage = CONFIGS / "tiny" / "05_joint_task.yaml"
+    cpu = _printed(capsys, CONFIGS / "tiny" / "common.yaml", stage)
+    gpu = _printed(capsys, CONFIGS / "tiny" / "common.yaml", stage, CONFIGS / "tiny" / "gpu" / "batch128.yaml")
+    assert gpu["trainer"]["accelerator"] == "gpu" and gpu["data"]["init_args"]["batch_size"] == 128
+    assert gpu["trainer"]["logger"]["init_args"]["save_dir"] == "outputs/gpu"
+    assert gpu["trainer"]["logger"]["init_args"]["name"] == "05_joint_task"  # the stage's name stays
+    changed = {"batch_size", "num_workers", "pin_memory", "epoch_size"}
+    assert {k for k, v in gpu["data"]["init_args"].items() if cpu["data"]["init_args"][k] != v} == changed
+    assert gpu["model"] == cpu["model"]
+    assert {k for k in gpu["trainer"] if gpu["trainer"][k] != cpu["trainer"][k]} == {"accelerator", "logger"}

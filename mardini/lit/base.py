@@ -326,13 +326,20 @@ class MarDiniBase(L.LightningModule):
         from mardini.lit.checkpoints import check_metadata
 
         check_metadata(checkpoint, kinds=(self.KIND,), path="<resumed checkpoint>", size=self.hparams.size)
+        if checkpoint["mardini"].get("ema_only"):
+            raise ValueError(
+                "the checkpoint to resume is an EMA-only export (no raw weights, optimizer or loop state): it cannot "
+                "resume a fit. Start a stage from it with model.init_args.init_from=<it> and --ckpt_path null"
+            )
         self.nonfinite_skipped = int(checkpoint["mardini"].get("nonfinite_skipped", 0))
         state = checkpoint["state_dict"]
         for k, v in self.autoencoder.state_dict().items():
             state.setdefault(f"autoencoder.{k}", v)
 
     def load_networks_from(self, path: str, kinds: tuple[str, ...], names: tuple[str, ...] | None = None) -> None:
-        """Copy networks (raw and EMA) from a checkpoint of an allowed kind; shapes must match."""
+        """Copy networks (raw and EMA) from a checkpoint of an allowed kind; shapes must match.
+
+        An EMA-only export starts both the raw and the EMA networks from its EMA weights."""
         from mardini.lit.checkpoints import load_network_states
 
         raw, ema = load_network_states(path, kinds=kinds, names=names or tuple(self.networks.keys()),

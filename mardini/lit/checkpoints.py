@@ -80,6 +80,8 @@ def load_network_states(
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, torch.Tensor]]]:
     """Raw and EMA state dicts of the networks ``names`` from a checkpoint of one of ``kinds``.
 
+    From an EMA-only export (``mardini.lit.ema_export``) the raw weights are the EMA ones.
+
     ``autoencoder_spec``: this model's autoencoder; a checkpoint trained on other latents is refused."""
     ckpt = read_checkpoint(path)
     meta = check_metadata(ckpt, kinds, path, size)
@@ -93,6 +95,10 @@ def load_network_states(
             raise ValueError(f"{path} ({meta['kind']}) holds networks {meta['networks']}, not '{name}'")
         raw[name] = _sub(state, f"networks.{name}.")
         ema[name] = _sub(state, f"ema.module.{name}.")
+        if not raw[name] and not ema[name]:
+            raise ValueError(f"{path} lists network '{name}' but holds no weights of it; the file is damaged")
+        if not raw[name]:  # an EMA-only export (python -m mardini.lit.ema_export): training restarts from the EMA
+            raw[name] = dict(ema[name])
     return raw, ema
 
 
