@@ -85,3 +85,12 @@ def test_export_refuses_its_own_source_and_a_checkpoint_without_ema(pair, tmp_pa
     with pytest.raises(ValueError, match="not a MarDini checkpoint"):
         torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")
         export_ema_only(tmp_path / "foreign.ckpt", tmp_path / "out.ckpt")
+
+
+def test_a_checkpoint_missing_raw_weights_without_the_export_mark_is_refused(pair, tmp_path):
+    _, ema, _ = pair
+    ckpt = read_checkpoint(ema)
+    del ckpt["mardini"]["ema_only"]  # EMA weights only, but not written by the export: damaged, not shared
+    torch.save(ckpt, tmp_path / "edited.ckpt")
+    with pytest.raises(ValueError, match=r"network '(planner|generator)' but holds no raw weights.*damaged"):
+        MarDiniModule(size="tiny", frames=5, planner_resolution=16, init_from=str(tmp_path / "edited.ckpt"))

@@ -95,10 +95,13 @@ def load_network_states(
             raise ValueError(f"{path} ({meta['kind']}) holds networks {meta['networks']}, not '{name}'")
         raw[name] = _sub(state, f"networks.{name}.")
         ema[name] = _sub(state, f"ema.module.{name}.")
-        if not raw[name] and not ema[name]:
-            raise ValueError(f"{path} lists network '{name}' but holds no weights of it; the file is damaged")
-        if not raw[name]:  # an EMA-only export (python -m mardini.lit.ema_export): training restarts from the EMA
+        if not raw[name] and meta.get("ema_only") and ema[name]:  # python -m mardini.lit.ema_export: start from the EMA
             raw[name] = dict(ema[name])
+        elif not raw[name]:
+            raise ValueError(
+                f"{path} lists network '{name}' but holds no raw weights of it ('networks.{name}.*'); the file is "
+                "damaged or was edited: use the checkpoint train.py wrote, or an export of it (mardini.lit.ema_export)"
+            )
     return raw, ema
 
 
