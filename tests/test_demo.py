@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,8 @@ def test_demo_end_to_end_and_rerun_reuses(tmp_path, monkeypatch):
         assert expected in report
     if not all(summary["beats_baselines"].values()):  # a 0.01-scale model fails some: the report says what helps
         assert "--final-steps N" in report
+        named = re.search(r"`(configs/tiny/gpu/[\w.]+)`", report)  # the GPU route it names exists
+        assert named and (Path(__file__).resolve().parents[1] / named.group(1)).is_file()
     for name in ("loss_curves.png", "samples/interpolation_sheet.png", "samples/interpolation_0.gif",
                  "samples/image_to_video_0.mp4"):
         assert (out / name).stat().st_size > 0
