@@ -48,7 +48,8 @@ def test_export_samples_with_the_same_networks(pair):
     assert _equal(a.generator.state_dict(), b.generator.state_dict())
     assert _equal(a.planner.state_dict(), b.planner.state_dict())
     assert not _equal(load_checkpoint(full, ema=False).generator.state_dict(), b.generator.state_dict())
-    with pytest.raises(ValueError, match=r"no 'networks.generator.\*' weights \(an EMA-only export: load it with ema=True"):
+    with pytest.raises(ValueError,
+                       match=r"no 'networks.generator.\*' weights \(an EMA-only export: load it with ema=True"):
         load_checkpoint(ema, ema=False)
 
 

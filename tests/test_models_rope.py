@@ -99,7 +99,8 @@ def test_rope_rejects_bad_max_freq():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("batched_tables", [False, True])
 def test_heads_last_rope_is_timms_rotation_bit_for_bit(head_dim, dtype, batched_tables):
-    """RoPE in the projection layout (B, L, H, d) equals timm's x * cos + rot(x) * sin on (B, H, L, d), and its grads."""
+    """RoPE in the projection layout (B, L, H, d) equals timm's x * cos + rot(x) * sin on (B, H, L, d), grads
+    included."""
     from timm.layers import apply_rot_embed
 
     from mardini.models.rope import apply_rope_heads_last

@@ -99,9 +99,12 @@ def load_checkpoint(path: str | Path, ema: bool = True) -> Loaded:
 def _load(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, path, ema: bool) -> None:
     sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if not sub:
-        hint = (" (it has no EMA weights: pass ema=False / --no-ema)" if ema else
-                " (an EMA-only export: load it with ema=True, without --no-ema)" if any(k.startswith("ema.module.") for k in state)
-                else "")
+        if ema:
+            hint = " (it has no EMA weights: pass ema=False / --no-ema)"
+        elif any(k.startswith("ema.module.") for k in state):
+            hint = " (an EMA-only export: load it with ema=True, without --no-ema)"
+        else:
+            hint = ""
         raise ValueError(f"{path} holds no '{prefix}*' weights{hint}")
     own = module.state_dict()
     bad = sorted(set(own) ^ set(sub)) + [k for k in set(own) & set(sub) if own[k].shape != sub[k].shape]
