@@ -1,0 +1,221 @@
+"""Tables of the shipped stage configs, read from the YAML files themselves (so the docs cannot drift from them).
+
+    python -m mardini.configs_table                              # one row per trained model: README's "Configs"
+    python -m mardini.configs_table --chain configs/paper/mardini-s   # one row per stage of a chain
+
+Parameter counts come from building each stage's networks on the meta device (no memory, no weights) with the
+stage's size and overrides, so they are the networks the stage trains (planner without its warm-up projection head
+in joint stages). Latent channels: ``3 f^2`` for the space-to-depth autoencoder, the size's default (16, the
+paper's VAE) for any other. Clips seen = steps x global batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from mardini.models import build_generator, build_planner
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAINS = ("configs/tiny", "configs/paper/mardini-s", "configs/paper/mardini-l")
+TRAINS = {"GenerationModule": "generator", "PlanningModule": "planner", "MarDiniModule": "both"}
+NOT_STAGES = {"common.yaml", "cluster.yaml", "fsdp.yaml"}
+
+
+@dataclass
+class Stage:
+    """What one stage YAML trains, on what data, for how long."""
+
+    path: Path
+    trains: str  # generator | planner | both
+    size: str
+    planner: tuple[int, int, float]  # width, depth, parameters
+    generator: tuple[int, int, str, float]  # width, depth, attention, parameters
+    frames: int
+    fps: float | None
+    resolution: int
+    planner_resolution: int
+    kept: str  # kept fraction at the start of the stage (-> at its end, with a Curriculum callback)
+    batch: int
+    steps: int
+    accelerator: str
+    title: str = ""  # the file's first comment line
+
+    @property
+    def clips(self) -> int:
+        return self.steps * self.batch
+
+
+def _merge(base: dict, top: dict) -> dict:
+    """Deep merge as LightningCLI reads several ``--config`` files; a new ``class_path`` resets ``init_args``."""
+    out = dict(base)
+    for key, value in top.items():
+        old = out.get(key)
+        if isinstance(value, dict) and isinstance(old, dict) and value.get("class_path", old.get("class_path")) == \
+                old.get("class_path"):
+            out[key] = _merge(old, value)
+        else:
+            out[key] = value
+    return out
+
+
+def _load(path: Path) -> dict:
+    cfg = yaml.safe_load(path.read_text()) or {}
+    common = path.parent / "common.yaml"
+    if common.exists() and path.name != "common.yaml":
+        cfg = _merge(yaml.safe_load(common.read_text()) or {}, cfg)
+    return cfg
+
+
+def _latent_channels(autoencoder: dict | None) -> int | None:
+    """Latent channels of the stage's autoencoder when known without weights (space-to-depth), else None."""
+    if autoencoder and str(autoencoder.get("class_path", "")).endswith("SpaceToDepthAutoencoder"):
+        f = int((autoencoder.get("init_args") or {}).get("downsample", 2))
+        return 3 * f * f
+    return None
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _kept(model: dict, callbacks: list) -> str:
+    start = model.get("keep_ratio", [0.15, 0.6])
+    end = start
+    for cb in callbacks or []:
+        if str(cb.get("class_path", "")).endswith("Curriculum"):
+            for m in (cb.get("init_args") or {}).get("milestones", []):
+                end = m.get("keep_ratio", end)
+            start = ((cb.get("init_args") or {}).get("milestones") or [{}])[0].get("keep_ratio", start)
+
+    def fmt(r):
+        return f"{100 * r[0]:g}-{100 * r[1]:g} %"
+
+    return fmt(start) if end == start else f"{fmt(start)} -> {fmt(end)}"
+
+
+def read_stage(path: str | Path) -> Stage:
+    """Read one stage YAML (merged after ``common.yaml`` when the folder has one) into a :class:`Stage`."""
+    path = Path(path)
+    cfg = _load(path)
+    model, data, trainer = cfg.get("model") or {}, cfg.get("data") or {}, cfg.get("trainer") or {}
+    kind = str(model.get("class_path", "")).rsplit(".", 1)[-1]
+    if kind not in TRAINS:
+        raise ValueError(f"{path}: model.class_path {model.get('class_path')!r} is not a MarDini stage module "
+                         f"({', '.join(TRAINS)}); is this a stage config?")
+    args, dargs = model.get("init_args") or {}, data.get("init_args") or {}
+    size = args.get("size", "tiny")
+    channels = _latent_channels(args.get("autoencoder"))
+    extra = {} if channels is None else {"in_channels": channels}
+    p_over = {**extra, **(args.get("planner") or {})}
+    g_over = {**extra, **(args.get("generator") or {})}
+    with torch.device("meta"):
+        planner, generator = build_planner(size, **p_over), build_generator(size, **g_over)
+    if kind == "MarDiniModule" and not args.get("plan_recon_weight", 0.0):
+        planner.drop_head()  # the joint stages drop the warm-up's projection head (as MarDiniModule does)
+    pc, gc = planner.cfg, generator.cfg
+    return Stage(
+        path=path, trains=TRAINS[kind], size=size,
+        planner=(pc.dim, pc.depth, float(_count(planner))),
+        generator=(gc.dim, gc.depth, gc.attention, float(_count(generator))),
+        frames=int(args.get("frames") or dargs.get("frames") or 0), fps=dargs.get("fps"),
+        resolution=int(dargs.get("resolution", 0)), planner_resolution=int(args.get("planner_resolution", 16)),
+        kept=_kept(args, trainer.get("callbacks")), batch=int(dargs.get("batch_size", 1)),
+        steps=int(trainer.get("max_steps", 0)), accelerator=str(trainer.get("accelerator", "gpu")),
+        title=path.read_text().splitlines()[0].lstrip("# ").strip() if path.read_text().startswith("#") else "",
+    )
+
+
+def read_chain(folder: str | Path) -> list[Stage]:
+    """Every stage YAML of a chain folder, in file order (``01_...`` first)."""
+    folder = Path(folder)
+    paths = sorted(p for p in folder.glob("*.yaml") if p.name not in NOT_STAGES)
+    if not paths:
+        raise FileNotFoundError(f"no stage YAML in {folder}; pass a folder like configs/tiny")
+    return [read_stage(p) for p in paths]
+
+
+def _params(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
+
+
+def _clips(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def chain_table(stages: list[Stage]) -> str:
+    """Markdown table, one row per stage."""
+    rows = ["| stage | trains | planner (width x depth, params) | generator (width x depth, attention, params) "
+            "| frames | px (generator / planner) | kept fraction | global batch | steps | clips seen |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for s in stages:
+        pw, pd, pn = s.planner
+        gw, gd, ga, gn = s.generator
+        planner = f"{pw} x {pd}, {_params(pn)}" if s.trains != "generator" else "-"
+        generator = f"{gw} x {gd}, {ga.upper()}, {_params(gn)}" if s.trains != "planner" else "-"
+        rows.append(f"| `{s.path.stem}` | {s.trains} | {planner} | {generator} | {s.frames} | "
+                    f"{s.resolution} / {s.planner_resolution} | {s.kept} | {s.batch} | {s.steps} | {_clips(s.clips)} |")
+    return "\n".join(rows)
+
+
+def model_rows(stages: list[Stage]) -> list[dict]:
+    """The final model of each generator attention a chain trains: the last stage whose title names a model
+    (``-> MarDini-x/ST-512``), or the chain's last stage, per attention type. ``clips`` counts every stage up to it."""
+    named = [i for i, s in enumerate(stages) if "-> MarDini" in s.title] + [len(stages) - 1]
+    last = {stages[i].generator[2]: i for i in sorted(set(named)) if stages[i].trains == "both"}
+    out = []
+    for i in sorted(last.values()):
+        s = stages[i]
+        name = s.size
+        if s.size.startswith("mardini-"):  # the paper's names: MarDini-S/ST-512, MarDini-L/T-1024 ...
+            name = f"MarDini-{s.size.split('-')[1].split('/')[0].upper()}/{s.generator[2].upper()}-{s.resolution}"
+        out.append({"model": name, "stages": f"`{_rel(s.path.parent)}/` {stages[0].path.stem[:2]}-{s.path.stem[:2]}",
+                    "last": s, "clips": sum(x.clips for x in stages[: i + 1])})
+    return out
+
+
+def summary_table(chains: list[list[Stage]]) -> str:
+    """Markdown table, one row per model the chains produce (their last stage's networks and data)."""
+    rows = ["| model | stages | planner (width x depth, params) | generator (width x depth, attention, params) "
+            "| frames | px (generator / planner) | clips seen in all | runs on |",
+            "|---|---|---|---|---|---|---|---|"]
+    for stages in chains:
+        for r in model_rows(stages):
+            s = r["last"]
+            pw, pd, pn = s.planner
+            gw, gd, ga, gn = s.generator
+            where = "CPU, 2 cores" if s.accelerator == "cpu" else "GPUs (`configs/paper/cluster.yaml` or `fsdp.yaml`)"
+            rows.append(f"| {r['model']} | {r['stages']} | {pw} x {pd}, {_params(pn)} | "
+                        f"{gw} x {gd}, {ga.upper()}, {_params(gn)} | {s.frames} | "
+                        f"{s.resolution} / {s.planner_resolution} | {_clips(r['clips'])} | {where} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--chain", action="append", help="a chain folder (repeatable); default: the shipped chains")
+    p.add_argument("--stages", action="store_true", help="one row per stage (default with a single --chain)")
+    a = p.parse_args(argv)
+    folders = a.chain or [str(ROOT / c) for c in CHAINS]
+    chains = [read_chain(f) for f in folders]
+    if a.stages or a.chain and len(a.chain) == 1:
+        text = "\n\n".join(chain_table(c) for c in chains)
+    else:
+        text = summary_table(chains)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
