@@ -12,18 +12,23 @@ paper's VAE) for any other. Clips seen = steps x global batch.
 from __future__ import annotations
 
 import argparse
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 
+from mardini.lit.base import MarDiniBase
 from mardini.models import build_generator, build_planner
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAINS = ("configs/tiny", "configs/paper/mardini-s", "configs/paper/mardini-l")
 TRAINS = {"GenerationModule": "generator", "PlanningModule": "planner", "MarDiniModule": "both"}
 NOT_STAGES = {"common.yaml", "cluster.yaml", "fsdp.yaml"}
+_DEFAULTS = inspect.signature(MarDiniBase.__init__).parameters  # what a stage gets for a key it leaves out
+_DEFAULT_LOW = _DEFAULTS["planner_resolution"].default
+_DEFAULT_KEEP = _DEFAULTS["keep_ratio"].default
 
 
 @dataclass
@@ -83,14 +88,14 @@ def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _kept(model: dict, callbacks: list) -> str:
-    start = model.get("keep_ratio", [0.15, 0.6])
-    end = start
+def _kept(model: dict, callbacks: list | None) -> str:
+    """The kept fraction the stage starts with, and where a Curriculum callback's milestones take it."""
+    ranges = [list(model.get("keep_ratio", _DEFAULT_KEEP))]
     for cb in callbacks or []:
         if str(cb.get("class_path", "")).endswith("Curriculum"):
-            for m in (cb.get("init_args") or {}).get("milestones", []):
-                end = m.get("keep_ratio", end)
-            start = ((cb.get("init_args") or {}).get("milestones") or [{}])[0].get("keep_ratio", start)
+            steps = (cb.get("init_args") or {}).get("milestones") or []
+            ranges += [m["keep_ratio"] for m in steps if "keep_ratio" in m]
+    start, end = (ranges[1] if len(ranges) > 1 else ranges[0]), ranges[-1]
 
     def fmt(r):
         return f"{100 * r[0]:g}-{100 * r[1]:g} %"
@@ -123,7 +128,7 @@ def read_stage(path: str | Path) -> Stage:
         planner=(pc.dim, pc.depth, float(_count(planner))),
         generator=(gc.dim, gc.depth, gc.attention, float(_count(generator))),
         frames=int(args.get("frames") or dargs.get("frames") or 0), fps=dargs.get("fps"),
-        resolution=int(dargs.get("resolution", 0)), planner_resolution=int(args.get("planner_resolution", 16)),
+        resolution=int(dargs.get("resolution", 0)), planner_resolution=int(args.get("planner_resolution", _DEFAULT_LOW)),
         kept=_kept(args, trainer.get("callbacks")), batch=int(dargs.get("batch_size", 1)),
         steps=int(trainer.get("max_steps", 0)), accelerator=str(trainer.get("accelerator", "gpu")),
         title=path.read_text().splitlines()[0].lstrip("# ").strip() if path.read_text().startswith("#") else "",
