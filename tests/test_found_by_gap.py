@@ -87,3 +87,44 @@ def test_cli_scores_a_checkpoint_and_both_baselines(clips, tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="matches no shard"):
         main(["--checkpoint", str(ckpt), "--clips", "2"])
+
+
+def test_by_size_splits_the_same_counts_by_object_area(clips):
+    from mardini.evaluation.found_by_gap import found_by_size, size_markdown
+
+    video, positions = clips["video"], clips["positions"]
+    mask = interpolation_mask(9)[None].expand(video.shape[0], -1)
+    fake = NearestFrame()(video, mask).roll(1, dims=-1)
+    by_gap = found_by_gap(fake, video, positions, mask)
+    by_size = found_by_size(fake, video, positions, mask, edges=(20.0, 35.0))
+    assert sum(r["counted"] for r in by_size) == sum(r["counted"] for r in by_gap)  # every object in one bin
+    for d in (1, 2, 3, 4):  # per gap, the bins add up to the gap's row
+        n = sum(r["by_gap"][d][0] for r in by_size if d in r["by_gap"])
+        k = sum(r["by_gap"][d][0] * r["by_gap"][d][1] for r in by_size if d in r["by_gap"])
+        row = next(r for r in by_gap if r["gap"] == d)
+        assert n == row["counted"] and k == pytest.approx(row["found"] * row["counted"])
+    assert [r["area"][0] for r in by_size] == sorted(r["area"][0] for r in by_size)
+    # A blur keeps the colour of large objects' insides and smears small ones away: the bins must show it.
+    blurred = torch.nn.functional.avg_pool2d(video.flatten(0, 1), 3, 1, 1).view_as(video)  # (B, T, 3, H, W)
+    small, large = found_by_size(blurred, video, positions, mask, edges=(35.0,))
+    assert small["area"] == [0.0, 35.0] and large["area"] == [35.0, float("inf")]
+    assert small["found"] < large["found"]
+    text = size_markdown({"nearest_frame": by_size})
+    assert text.splitlines()[0].startswith("| object area (px) |") and "| 0-20 |" in text
+    with pytest.raises(ValueError, match="positive and increasing"):
+        found_by_size(fake, video, positions, mask, edges=(35.0, 20.0))
+
+
+def test_cli_by_size(clips, tmp_path, monkeypatch):
+    import mardini.evaluation.plan_usage as plan_usage
+    from mardini.testing import make_checkpoint
+
+    monkeypatch.setattr(plan_usage, "heldout_clips", lambda n, frames, side, fps: {
+        "video": clips["video"][:n], "positions": clips["positions"][:n]})
+    ckpt = make_checkpoint(tmp_path / "joint.ckpt", frames=9, size=32)
+    out = main(["--checkpoint", str(ckpt), "--clips", "4", "--steps", "1", "--by-size", "--size-edges", "30",
+                "--json"])
+    assert set(out) == {"by_gap", "by_size"} and set(out["by_size"]) == {"linear_blend", "nearest_frame", "mardini"}
+    assert all(r["area"][0] in (0.0, 30.0) for r in out["by_size"]["nearest_frame"])
+    with pytest.raises(SystemExit, match="size-edges"):
+        main(["--checkpoint", str(ckpt), "--clips", "2", "--steps", "1", "--by-size", "--size-edges", "a,b"])

@@ -3,6 +3,7 @@
     python -m mardini.evaluation.found_by_gap --checkpoint outputs/tiny/05_joint_task/checkpoints/last.ckpt
     python -m mardini.evaluation.found_by_gap --checkpoint ... --task image_to_video --steps 5 --eta 1
     python -m mardini.evaluation.found_by_gap --checkpoint ... --given 0,2,4,6,8   # any mask (--guidance: task's)
+    python -m mardini.evaluation.found_by_gap --checkpoint ... --by-size           # also split by object area
 
 On the held-out synthetic clips (the demo's 64 by default, in the validation loader's windows as ``plan_usage`` reads
 them; ``evaluate.py`` cuts its own windows, so the totals differ slightly from its report), the model samples the
@@ -10,7 +11,9 @@ task once and the two baselines (linear blend, nearest frame) fill the same fram
 (frames from the nearest given one) the table gives the share of the moving objects found, the mean error of the
 found ones and the error over all objects (a miss scored as a random guess), exactly as ``TrajectoryError`` counts
 them. A model that loses objects only far from the given frames has a motion problem; one that loses them next to a
-given frame, where copying it would find them, cannot yet draw them from noise.
+given frame, where copying it would find them, cannot yet draw them from noise. ``--by-size`` splits the share found
+once more, by each object's area in the real frame (pixels of its colour, as the metric weighs them), to tell a model
+that loses small objects (a resolution limit: the tiny generator's tokens cover 4 x 4 pixels) from one that loses any.
 """
 
 from __future__ import annotations
@@ -23,6 +26,17 @@ import torch
 from mardini.evaluation.samplers import LinearBlend, NearestFrame, nearest_given
 from mardini.evaluation.trajectory import TrajectoryError, miss_px
 
+SIZE_EDGES = (20.0, 35.0, 50.0)  # object areas (pixels of a 32 x 32 frame) that split the demo's objects
+
+
+def _per_object(fake: torch.Tensor, real: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                tol: float) -> dict[str, torch.Tensor]:
+    """The metric's per object-frame tensors ``(B, T, K)`` plus ``gap``, the frames from the nearest given one."""
+    m = TrajectoryError(tol=tol).measure(fake.clamp(-1, 1), real, positions, mask)
+    pos = torch.arange(mask.shape[1], device=mask.device)[None]  # (1, T)
+    m["gap"] = (pos - nearest_given(mask)).abs()[..., None].expand_as(m["counted"])  # (B, T, K)
+    return m
+
 
 def found_by_gap(fake: torch.Tensor, real: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                  tol: float = 0.2) -> list[dict[str, float]]:
@@ -32,14 +46,11 @@ def found_by_gap(fake: torch.Tensor, real: torch.Tensor, positions: torch.Tensor
     ``err_px`` is NaN for a gap where nothing is found. ``tol``: the metric's colour tolerance (RGB distance in
     [0, 1] at which a pixel stops counting for an object; 0.2 in every report).
     """
-    m = TrajectoryError(tol=tol).measure(fake.clamp(-1, 1), real, positions, mask)
-    counted, detected, err = m["counted"], m["detected"], m["err_px"]  # (B, T, K) each
-    t = mask.shape[1]
-    pos = torch.arange(t, device=mask.device)[None]  # (1, T)
-    gap = (pos - nearest_given(mask)).abs()[..., None].expand_as(counted)  # (B, T, K) frames from a given one
+    m = _per_object(fake, real, positions, mask, tol)
+    counted, detected, err, gap = m["counted"], m["detected"], m["err_px"], m["gap"]  # (B, T, K) each
     miss = miss_px(*real.shape[-2:])
     rows = []
-    for d in range(1, t):
+    for d in range(1, mask.shape[1]):
         c = counted & (gap == d)  # (B, T, K)
         n = int(c.sum())
         if n == 0:
@@ -50,6 +61,35 @@ def found_by_gap(fake: torch.Tensor, real: torch.Tensor, positions: torch.Tensor
         rows.append({"gap": d, "counted": n, "found": k / n,
                      "err_px": err_found / k if k else float("nan"),
                      "err_all_px": (err_found + miss * (n - k)) / n})
+    return rows
+
+
+def found_by_size(fake: torch.Tensor, real: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                  edges: tuple[float, ...] = SIZE_EDGES, tol: float = 0.2) -> list[dict]:
+    """The share found per object-area bin and gap: one row per bin with counted objects,
+    ``{area: [lo, hi), counted, found, by_gap: {gap: (counted, found)}}`` (``found`` NaN where none counted).
+
+    Areas are pixels of the evaluated frame; ``edges`` are the inner bin edges (bins ``[0, e0), [e0, e1), ...,
+    [e_last, inf)``). Arguments otherwise as :func:`found_by_gap`.
+    """
+    if list(edges) != sorted(edges) or any(e <= 0 for e in edges):
+        raise ValueError(f"size edges must be positive and increasing, got {list(edges)}")
+    m = _per_object(fake, real, positions, mask, tol)
+    counted, detected, gap, area = m["counted"], m["detected"], m["gap"], m["real_mass"]  # (B, T, K) each
+    bounds = [0.0, *map(float, edges), float("inf")]
+    rows = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        c = counted & (area >= lo) & (area < hi)  # (B, T, K)
+        n = int(c.sum())
+        if n == 0:
+            continue
+        by_gap = {}
+        for d in range(1, mask.shape[1]):
+            cd = c & (gap == d)
+            nd = int(cd.sum())
+            if nd:
+                by_gap[d] = (nd, int((cd & detected).sum()) / nd)
+        rows.append({"area": [lo, hi], "counted": n, "found": int((c & detected).sum()) / n, "by_gap": by_gap})
     return rows
 
 
@@ -72,6 +112,38 @@ def markdown(tables: dict[str, list[dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+def size_markdown(tables: dict[str, list[dict]]) -> str:
+    """A markdown table: a row per object-area bin, the share found at each gap (and over all) per method."""
+    methods = list(tables)
+    gaps = sorted({d for rows in tables.values() for r in rows for d in r["by_gap"]})
+    head = ("| object area (px) | object-frames | "
+            + " | ".join(f"{m}: found at gap {' / '.join(map(str, gaps))} (all)" for m in methods) + " |")
+    lines = [head, "|---" * (2 + len(methods)) + "|"]
+    bins = sorted({tuple(r["area"]) for rows in tables.values() for r in rows})
+    for lo, hi in bins:
+        cells, counted = [], ""
+        for m in methods:
+            row = next((r for r in tables[m] if tuple(r["area"]) == (lo, hi)), None)
+            if row is None:
+                cells.append("-")
+                continue
+            counted = row["counted"]
+            per_gap = " / ".join(f"{row['by_gap'][d][1]:.2f}" if d in row["by_gap"] else "-" for d in gaps)
+            cells.append(f"{per_gap} ({row['found']:.2f})")
+        span = f"{lo:g}-{hi:g}" if hi != float("inf") else f">= {lo:g}"
+        lines.append(f"| {span} | {counted} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sample_methods(pipe, video: torch.Tensor, mask: torch.Tensor, steps: int = 5, eta: float = 1.0,
+                   guidance: float = 1.0, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Both baselines and one sample of ``pipe`` (a ``MarDiniPipeline``) filling the masked frames of ``video``
+    ``(B, T, 3, H, W)`` in [-1, 1] (``mask (B, T)`` True = generated): ``{method: (B, T, 3, H, W)}``."""
+    return {"linear_blend": LinearBlend()(video, mask), "nearest_frame": NearestFrame()(video, mask),
+            "mardini": pipe.generate(video, mask, steps=steps, guidance_scale=guidance, seed=seed, progress=False,
+                                     eta=eta)}
+
+
 def score_methods(pipe, video: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, steps: int = 5,
                   eta: float = 1.0, guidance: float = 1.0, seed: int = 0,
                   tol: float = 0.2) -> dict[str, list[dict[str, float]]]:
@@ -79,13 +151,12 @@ def score_methods(pipe, video: torch.Tensor, positions: torch.Tensor, mask: torc
 
     ``video (B, T, 3, H, W)`` in [-1, 1], ``positions (B, T, K, 2)``, ``mask (B, T)`` True = generated.
     """
-    fakes = {"linear_blend": LinearBlend()(video, mask), "nearest_frame": NearestFrame()(video, mask),
-             "mardini": pipe.generate(video, mask, steps=steps, guidance_scale=guidance, seed=seed, progress=False,
-                                      eta=eta)}
+    fakes = sample_methods(pipe, video, mask, steps, eta, guidance, seed)
     return {name: found_by_gap(fake, video, positions, mask, tol) for name, fake in fakes.items()}
 
 
-def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
+def main(argv: list[str] | None = None) -> dict:
+    """The CLI: ``{method: rows by gap}``, or ``{"by_gap": ..., "by_size": ...}`` with ``--by-size``."""
     from mardini.evaluation.plan_usage import heldout_clips
     from mardini.evaluation.protocol import DEFAULT_GUIDANCE
     from mardini.masking import image_to_video_mask, interpolation_mask, mask_from_given
@@ -103,8 +174,18 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tol", type=float, default=0.2,
                         help="colour tolerance of the detection (the reports' 0.2); larger forgives off colours")
+    parser.add_argument("--by-size", action="store_true",
+                        help="also split the share found by object area (pixels of the evaluated frame)")
+    parser.add_argument("--size-edges", default=",".join(f"{e:g}" for e in SIZE_EDGES),
+                        help="inner edges of the area bins, comma-separated (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     args = parser.parse_args(argv)
+    try:
+        edges = tuple(float(e) for e in args.size_edges.split(","))
+    except ValueError as err:
+        raise SystemExit(f"--size-edges {args.size_edges!r}: give numbers separated by commas, like 20,35,50") from err
+    if list(edges) != sorted(edges) or any(e <= 0 for e in edges):
+        raise SystemExit(f"--size-edges {args.size_edges!r}: the edges must be positive and increasing")
     if args.clips < 1 or args.steps < 1:
         raise SystemExit(f"--clips and --steps must be >= 1, got {args.clips} and {args.steps}")
     if not args.tol > 0:
@@ -126,9 +207,15 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
         row = interpolation_mask(pipe.window) if args.task == "interpolation" else image_to_video_mask(pipe.window)
     mask = row[None].expand(video.shape[0], -1)  # (B, T)
     guidance = DEFAULT_GUIDANCE[args.task] if args.guidance is None else args.guidance
-    tables = score_methods(pipe, video, positions, mask, args.steps, args.eta, guidance, args.seed, args.tol)
-    print(json.dumps(tables) if args.json else markdown(tables))
-    return tables
+    fakes = sample_methods(pipe, video, mask, args.steps, args.eta, guidance, args.seed)
+    tables = {name: found_by_gap(fake, video, positions, mask, args.tol) for name, fake in fakes.items()}
+    if not args.by_size:
+        print(json.dumps(tables) if args.json else markdown(tables))
+        return tables
+    sizes = {name: found_by_size(fake, video, positions, mask, edges, args.tol) for name, fake in fakes.items()}
+    out = {"by_gap": tables, "by_size": sizes}
+    print(json.dumps(out) if args.json else markdown(tables) + "\n\n" + size_markdown(sizes))
+    return out
 
 
 if __name__ == "__main__":

@@ -135,8 +135,9 @@ class TrajectoryError(Metric):
         self, fake: torch.Tensor, real: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """Per object-frame ``(B, T, K)``: ``err_px``, ``err_frac`` (normalised (x, y)), ``counted``, ``detected``,
-        and ``moved_px`` / ``true_moved_px``, the generated and the true centroid's distance (pixels) from the
-        object's true position in the nearest given frame (NaN where that is unknown)."""
+        ``moved_px`` / ``true_moved_px``, the generated and the true centroid's distance (pixels) from the
+        object's true position in the nearest given frame (NaN where that is unknown), and ``real_mass``, the
+        object's colour mass in the real frame (pixels; its visible area)."""
         if fake.shape != real.shape or positions.shape[:2] != real.shape[:2] or mask.shape != real.shape[:2]:
             raise ValueError(
                 f"trajectory error needs fake/real (B, T, 3, H, W), positions (B, T, K, 2), mask (B, T) of one "
@@ -157,7 +158,7 @@ class TrajectoryError(Metric):
         moved_px = ((fake_c - anchor) * scale).norm(dim=-1)  # (B, T, K)
         true_moved_px = ((positions - anchor) * scale).norm(dim=-1)  # (B, T, K)
         return {"err_px": err_px, "err_frac": err_frac, "counted": counted, "detected": detected,
-                "moved_px": moved_px, "true_moved_px": true_moved_px}
+                "moved_px": moved_px, "true_moved_px": true_moved_px, "real_mass": real_mass}
 
     def update(self, fake: torch.Tensor, real: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> None:
         m = self.measure(fake, real, positions.to(real.device), mask)
