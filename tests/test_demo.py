@@ -32,9 +32,12 @@ def test_demo_end_to_end_and_rerun_reuses(tmp_path, monkeypatch):
     assert set(by_gap) == {"linear_blend", "nearest_frame", "mardini"}
     assert all([r["gap"] for r in rows] == [1, 2, 3, 4] for rows in by_gap.values())
     assert by_gap["nearest_frame"][0]["found"] > 0.9  # a copy of the neighbour keeps the objects
+    by_size = summary["interpolation_found_by_size"]  # the same objects, split by area
+    assert set(by_size) == set(by_gap)
+    assert sum(r["counted"] for r in by_size["mardini"]) == sum(r["counted"] for r in by_gap["mardini"])
     report = (out / "report.md").read_text()
     for expected in ("## Training chain", "Does the model beat the baselines", "loss_curves.png", "eta 1.0",
-                     "Where are the objects lost?", "| 1 | ",
+                     "Where are the objects lost?", "| 1 | ", "| object area (px) |",
                      "samples/interpolation_sheet.png", "samples/image_to_video_sheet.png"):
         assert expected in report
     if not all(summary["beats_baselines"].values()):  # a 0.01-scale model fails some: the report says what helps

@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     from mardini.pipeline import MarDiniPipeline
 
     pipe = MarDiniPipeline.from_checkpoint(final, ema=True)
-    evaluation["found_by_gap"] = objects_by_gap(pipe, a.eval_clips, a.steps, a.eta)
+    evaluation["found_by_gap"], evaluation["found_by_size"] = where_objects_are_lost(pipe, a.eval_clips, a.steps,
+                                                                                   a.eta)
     eval_s = time.perf_counter() - t_eval
 
     print("[4/5] pictures: contact sheets, GIF/MP4 samples, loss curves", flush=True)
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                "stages": {s.name: {"steps": s.steps, "seconds": s.seconds, "reused": s.reused} for s in stages},
                "results": {t: r["results"] for t, r in evaluation["tasks"].items()},
                "interpolation_found_by_gap": evaluation["found_by_gap"],
+               "interpolation_found_by_size": evaluation["found_by_size"],
                "beats_baselines": {f"{t}/{m}": ok for t, m, ok, _ in checks}}
     (a.out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
 
@@ -157,16 +159,18 @@ def _val_loader(clips: int):
     return dm.val_dataloader()
 
 
-def objects_by_gap(pipe, clips: int, steps: int, eta: float) -> dict[str, list[dict[str, float]]]:
-    """Interpolation on the held-out clips, the trajectory metric split by the distance from a given frame
-    (``mardini.evaluation.found_by_gap``) for the model and both baselines."""
-    from mardini.evaluation.found_by_gap import score_methods
+def where_objects_are_lost(pipe, clips: int, steps: int, eta: float) -> tuple[dict, dict]:
+    """Interpolation on the held-out clips, the trajectory metric split by the distance from a given frame and by
+    object area (``mardini.evaluation.found_by_gap``), for the model and both baselines: ``(by_gap, by_size)``."""
+    from mardini.evaluation.found_by_gap import found_by_gap, found_by_size, sample_methods
     from mardini.masking import interpolation_mask
 
     val = next(iter(_val_loader(clips)))
     video, positions = val["video"], val["positions"]  # (B, T, 3, H, W), (B, T, K, 2)
     mask = interpolation_mask(video.shape[1])[None].expand(video.shape[0], -1)  # (B, T)
-    return score_methods(pipe, video, positions, mask, steps=steps, eta=eta)
+    fakes = sample_methods(pipe, video, mask, steps=steps, eta=eta)
+    return ({n: found_by_gap(f, video, positions, mask) for n, f in fakes.items()},
+            {n: found_by_size(f, video, positions, mask) for n, f in fakes.items()})
 
 
 def evaluate(checkpoint: Path, out: Path, clips: int, steps: int, frechet: bool = False, eta: float = 0.0) -> dict:

@@ -103,6 +103,13 @@ def write_report(out: Path, info: dict[str, Any], stages: list, evaluation: dict
                   "objects lost next to a given frame, where a copy of it finds them, are objects the model cannot "
                   "yet draw from noise; objects lost only further away are a motion problem.", "",
                   markdown(evaluation["found_by_gap"]), ""]
+    if evaluation.get("found_by_size"):
+        from mardini.evaluation.found_by_gap import size_markdown
+
+        lines += ["The share found split once more by each object's area in the real frame (pixels of its colour; "
+                  "`--by-size`): objects lost at every size are a training problem, objects lost only when small "
+                  "a resolution one (the tiny generator's tokens cover 4 x 4 pixels).", "",
+                  size_markdown(evaluation["found_by_size"]), ""]
     if evaluation.get("skipped"):
         lines += [f"- {m}: {why}" for m, why in evaluation["skipped"].items()] + [""]
     lines += ["## Samples", "", "Rows per clip: ground truth, the baselines, MarDini; given frames framed in green.", ""]
