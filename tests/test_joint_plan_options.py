@@ -152,3 +152,7 @@ def test_plan_usage_counts_the_objects_restored_from_the_noised_truth(tmp_path):
     from_noise = plan_usage(pipe, batch["video"], t=1.0, positions=batch["positions"])
     assert from_noise["found_plan"] < 0.5  # an untrained generator draws no object from noise
     assert "found_plan" not in plan_usage(pipe, batch["video"])
+    # by object area: the near-clean prediction keeps every size; the planner's low resolution blurs small ones away
+    assert all(v > 0.9 for v in near_clean["found_plan_by_size"].values())
+    low = near_clean["found_truth_at_planner_resolution_by_size"]
+    assert set(low) == set(near_clean["found_plan_by_size"]) and low["0-20"] < 0.5

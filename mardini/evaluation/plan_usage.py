@@ -7,7 +7,9 @@ On the held-out synthetic clips with the interpolation mask, at diffusion time `
 prediction's MidF-PSNR with the plan and with the null plan, the relative change of the velocity on the generated
 frames when the plan is swapped for the null plan or for the next clip's plan, the plan's spread (RMS of its tokens'
 deviation from the clip's mean token over their RMS), and the share of the synthetic objects found in each
-prediction (the trajectory metric's detection; ``--t 0.5``: restored from the true clip half-noised).
+prediction (the trajectory metric's detection; ``--t 0.5``: restored from the true clip half-noised), also split by
+object area (``*_by_size``, the bins of ``found_by_gap --by-size``), beside what the planner's input keeps of each
+size (the true clip at the planner's resolution, enlarged back).
 ``--planning`` scores a planner warm-up checkpoint instead: its projection head's reconstruction, upsampled
 bilinearly, against the linear blend, and the share of the objects found in it and in the true clips at the
 planner's resolution.
@@ -73,6 +75,11 @@ def plan_usage(pipe, video: torch.Tensor, t: float = 1.0, seed: int = 0,
         out[f"midf_psnr_{name}"] = _midf_psnr(decoded, video)
         if positions is not None:
             out[f"found_{name}"] = found_share(decoded.clamp(-1, 1), video, positions, mask)  # generated frames only
+            out[f"found_{name}_by_size"] = found_share_by_size(decoded.clamp(-1, 1), video, positions, mask)
+    if positions is not None:  # what the planner's input keeps of each object, enlarged back the same way
+        truth_low = resize_video(resize_video(video, pipe.planner_resolution), tuple(video.shape[-2:]))
+        out["found_truth_at_planner_resolution_by_size"] = found_share_by_size(truth_low.clamp(-1, 1), video,
+                                                                               positions, mask)
     out["velocity_change_null"] = rel(v["plan"], v["null"])
     out["velocity_change_other_clip"] = rel(v["plan"], v["other"])
     return out
@@ -86,6 +93,16 @@ def found_share(fake: torch.Tensor, real: torch.Tensor, positions: torch.Tensor,
     m = TrajectoryError().measure(fake, real, positions, mask)
     counted, detected = m["counted"], m["detected"]  # (B, T, K) each
     return float(detected.sum() / counted.sum().clamp_min(1))
+
+
+@torch.no_grad()
+def found_share_by_size(fake: torch.Tensor, real: torch.Tensor, positions: torch.Tensor,
+                        mask: torch.Tensor) -> dict[str, float]:
+    """:func:`found_share` per object-area bin (``found_by_gap.found_by_size``'s bins): ``{"0-20": share, ...}``."""
+    from mardini.evaluation.found_by_gap import found_by_size
+
+    return {(f"{r['area'][0]:g}-{r['area'][1]:g}" if r["area"][1] != float("inf") else f">={r['area'][0]:g}"):
+            r["found"] for r in found_by_size(fake, real, positions, mask)}
 
 
 @torch.no_grad()
@@ -151,7 +168,11 @@ def main(argv: list[str] | None = None) -> dict:
         module = PlanningModule.load_from_checkpoint(args.planning, map_location="cpu")
         batch = heldout_clips(args.clips, args.frames, args.resolution, args.fps)
         result = planner_head_quality(module, batch["video"], batch.get("positions"))
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+    def rounded(v):
+        return round(v, 4) if isinstance(v, float) else {k: rounded(x) for k, x in v.items()} if isinstance(v, dict) \
+            else v
+
+    print(json.dumps(rounded(result)))
     return result
 
 
