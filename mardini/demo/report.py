@@ -107,8 +107,9 @@ def write_report(out: Path, info: dict[str, Any], stages: list, evaluation: dict
         from mardini.evaluation.found_by_gap import size_markdown
 
         lines += ["The share found split once more by each object's area in the real frame (pixels of its colour; "
-                  "`--by-size`): objects lost at every size are a training problem, objects lost only when small "
-                  "a resolution one (the tiny generator's tokens cover 4 x 4 pixels).", "",
+                  "`--by-size`): a model that loses objects of every size is short of training; one that loses only "
+                  "the small ones cannot tell where they are at high noise (the planner sees 16-px frames, in which "
+                  "they blur away; STUDIES.md, \"Which objects are lost\").", "",
                   size_markdown(evaluation["found_by_size"]), ""]
     if evaluation.get("skipped"):
         lines += [f"- {m}: {why}" for m, why in evaluation["skipped"].items()] + [""]

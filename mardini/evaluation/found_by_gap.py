@@ -13,7 +13,7 @@ found ones and the error over all objects (a miss scored as a random guess), exa
 them. A model that loses objects only far from the given frames has a motion problem; one that loses them next to a
 given frame, where copying it would find them, cannot yet draw them from noise. ``--by-size`` splits the share found
 once more, by each object's area in the real frame (pixels of its colour, as the metric weighs them), to tell a model
-that loses small objects (a resolution limit: the tiny generator's tokens cover 4 x 4 pixels) from one that loses any.
+that loses only small objects (the ones noise and a low-resolution plan hide first) from one that loses any.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def found_by_gap(fake: torch.Tensor, real: torch.Tensor, positions: torch.Tensor
 def found_by_size(fake: torch.Tensor, real: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                   edges: tuple[float, ...] = SIZE_EDGES, tol: float = 0.2) -> list[dict]:
     """The share found per object-area bin and gap: one row per bin with counted objects,
-    ``{area: [lo, hi), counted, found, by_gap: {gap: (counted, found)}}`` (``found`` NaN where none counted).
+    ``{area: [lo, hi), counted, found, by_gap: {gap: (counted, found)}}``; a bin or gap with none is left out.
 
     Areas are pixels of the evaluated frame; ``edges`` are the inner bin edges (bins ``[0, e0), [e0, e1), ...,
     [e_last, inf)``). Arguments otherwise as :func:`found_by_gap`.
