@@ -103,6 +103,12 @@ def _kept(model: dict, callbacks: list | None) -> str:
     return fmt(start) if end == start else f"{fmt(start)} -> {fmt(end)}"
 
 
+def _title(path: Path) -> str:
+    """The stage file's first line when it is a comment (``# ... -> MarDini-x/ST-512``), else ''."""
+    first = (path.read_text().splitlines() or [""])[0]
+    return first.lstrip("# ").strip() if first.startswith("#") else ""
+
+
 def read_stage(path: str | Path) -> Stage:
     """Read one stage YAML (merged after ``common.yaml`` when the folder has one) into a :class:`Stage`."""
     path = Path(path)
@@ -131,7 +137,7 @@ def read_stage(path: str | Path) -> Stage:
         resolution=int(dargs.get("resolution", 0)), planner_resolution=int(args.get("planner_resolution", _DEFAULT_LOW)),
         kept=_kept(args, trainer.get("callbacks")), batch=int(dargs.get("batch_size", 1)),
         steps=int(trainer.get("max_steps", 0)), accelerator=str(trainer.get("accelerator", "gpu")),
-        title=path.read_text().splitlines()[0].lstrip("# ").strip() if path.read_text().startswith("#") else "",
+        title=_title(path),
     )
 
 
