@@ -83,8 +83,9 @@ def write_report(out: Path, info: dict[str, Any], stages: list, evaluation: dict
                   "(STUDIES.md, \"Capacity or steps?\"): `python -m mardini.demo --final-steps N` lengthens "
                   f"the last stage (this run's had {stages[-1].steps} steps; with the configs' 1300, three times as "
                   "many found about twice the objects). On a GPU, `configs/tiny/gpu/batch128.yaml` trains the last "
-                  "stage at batch 128 (STUDIES.md, \"The last stage on a GPU\": 4130 steps on one H100 found two thirds "
-                  "of the objects, with gains per doubling that shrink)."]
+                  "stage at batch 128 (STUDIES.md, \"The last stage on a GPU\": 4130 steps on one H100 found two "
+                  "thirds of the objects, with gains per doubling that shrink, and lost mostly the small ones: "
+                  "\"Which objects are lost\")."]
     lines += ["", "PSNR/SSIM on the middle frame (higher is better); `traj_err_px`: distance in pixels between the "
               "colour centroid of each object in the generated frames and its true position (lower is better; "
               "`traj_detected` is the share of objects found; `traj_err_all_px` also counts every object that was not found "
