@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 KINDS = ("planning", "generation", "joint")
+EMA_PREFIX = "ema.module."  # state-dict keys of the EMA networks (timm ModelEmaV3 in the module's ``ema``)
 WHAT_KIND_HOLDS = {"planning": ("planner",), "generation": ("generator",), "joint": ("planner", "generator")}
 
 
@@ -94,7 +95,7 @@ def load_network_states(
         if name not in meta["networks"]:
             raise ValueError(f"{path} ({meta['kind']}) holds networks {meta['networks']}, not '{name}'")
         raw[name] = _sub(state, f"networks.{name}.")
-        ema[name] = _sub(state, f"ema.module.{name}.")
+        ema[name] = _sub(state, f"{EMA_PREFIX}{name}.")
         if not raw[name] and meta.get("ema_only") and ema[name]:  # python -m mardini.lit.ema_export: start from the EMA
             raw[name] = dict(ema[name])
         elif not raw[name]:

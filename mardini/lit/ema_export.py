@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from mardini.lit.checkpoint_io import atomic_torch_save
-from mardini.lit.checkpoints import KINDS, check_metadata, read_checkpoint
+from mardini.lit.checkpoints import EMA_PREFIX, KINDS, check_metadata, read_checkpoint
 
-EMA_PREFIX = "ema.module."
 DROPPED = ("optimizer_states", "lr_schedulers", "loops")  # callback states stay: the curriculum's last milestone
 
 

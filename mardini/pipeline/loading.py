@@ -16,7 +16,7 @@ from torch import nn
 
 from mardini.autoencoders import FrameAutoencoder, build_autoencoder
 from mardini.diffusion import CosineSchedule
-from mardini.lit.checkpoints import KINDS, check_metadata, read_checkpoint
+from mardini.lit.checkpoints import EMA_PREFIX, KINDS, check_metadata, read_checkpoint
 from mardini.models.registry import build_generator, build_planner, get_size
 
 
@@ -57,7 +57,7 @@ def load_checkpoint(path: str | Path, ema: bool = True) -> Loaded:
         raise ValueError(f"{path} does not record its autoencoder (autoencoder_spec); re-save it with this code")
     hp = dict(ckpt.get("hyper_parameters") or {})
     state = ckpt["state_dict"]
-    prefix = "ema.module." if ema else "networks."
+    prefix = EMA_PREFIX if ema else "networks."
     channels = int(meta["latent_channels"])
     curriculum = _curriculum_settings(ckpt.get("callbacks") or {})
 
@@ -101,7 +101,7 @@ def _load(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, path, 
     if not sub:
         if ema:
             hint = " (it has no EMA weights: pass ema=False / --no-ema)"
-        elif any(k.startswith("ema.module.") for k in state):
+        elif any(k.startswith(EMA_PREFIX) for k in state):
             hint = " (an EMA-only export: load it with ema=True, without --no-ema)"
         else:
             hint = ""
