@@ -64,6 +64,34 @@ def validate_mask(mask: torch.Tensor) -> None:
         raise ValueError("a mask row gives every frame: leave at least one frame to generate per clip")
 
 
+def neighbour_given(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every frame, the index of the nearest given frame at or before it and at or after it.
+
+    Args:
+        mask: ``(B, T)`` bool, True = generate; every row has a given frame.
+    Returns:
+        ``prev, next`` ``(B, T)`` long; -1 where no given frame lies before, ``T`` where none lies after.
+    """
+    validate_mask(mask)
+    b, t = mask.shape
+    idx = torch.arange(t, device=mask.device).expand(b, t)  # (B, T)
+    given = ~mask  # (B, T)
+    prev = torch.where(given, idx, torch.full_like(idx, -1)).cummax(dim=1).values  # (B, T)
+    rev = torch.where(given, t - 1 - idx, torch.full_like(idx, -1)).flip(1).cummax(dim=1).values.flip(1)  # (B, T)
+    nxt = torch.where(rev >= 0, t - 1 - rev, torch.full_like(idx, t))  # (B, T)
+    return prev, nxt
+
+
+def nearest_given(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest given frame of every frame, the earlier one on a tie. ``mask (B, T)`` -> ``(B, T)`` long."""
+    prev, nxt = neighbour_given(mask)  # (B, T) each
+    t = mask.shape[1]
+    pos = torch.arange(t, device=mask.device)[None]  # (1, T)
+    d_prev = torch.where(prev < 0, torch.full_like(prev, 2 * t), pos - prev)  # (B, T)
+    d_next = torch.where(nxt >= t, torch.full_like(nxt, 2 * t), nxt - pos)  # (B, T)
+    return torch.where(d_prev <= d_next, prev, nxt)  # (B, T)
+
+
 def n_ref_from_ratio(keep_ratio: torch.Tensor | float, frames: int) -> torch.Tensor:
     """Number of reference frames for a kept fraction: ``clamp(round(r T), 1, T - 1)``."""
     r = torch.as_tensor(keep_ratio, dtype=torch.float64)

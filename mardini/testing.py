@@ -27,7 +27,7 @@ def quick() -> bool:
 
 
 def make_checkpoint(path: str | Path, kind: str = "joint", frames: int = 5, size: int = 16,
-                    perturb: bool = True, generator: dict | None = None) -> Path:
+                    perturb: bool = True, generator: dict | None = None, model_args: dict | None = None) -> Path:
     """Fit ``kind`` (size ``tiny``) for one step on random clips and save a Lightning checkpoint at ``path``.
 
     Args:
@@ -36,6 +36,7 @@ def make_checkpoint(path: str | Path, kind: str = "joint", frames: int = 5, size
         perturb: add small noise to the raw and EMA weights (differently), so the zero-initialised adaLN layers
             matter and a broken cache, guidance or weight choice changes the samples (the tests rely on it).
         generator: overrides of the generator's config (e.g. ``{"self_cond": True}``).
+        model_args: further arguments of the stage's module (e.g. ``{"anchor": "nearest"}``).
     Takes a few seconds on one CPU core.
     """
     import lightning as L
@@ -49,7 +50,8 @@ def make_checkpoint(path: str | Path, kind: str = "joint", frames: int = 5, size
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    module = modules[kind](size="tiny", frames=frames, planner_resolution=16, lr=1e-3, generator=generator)
+    module = modules[kind](size="tiny", frames=frames, planner_resolution=16, lr=1e-3, generator=generator,
+                           **(model_args or {}))
     g = torch.Generator().manual_seed(0)
     clips = [{"video": torch.rand(frames, 3, size, size, generator=g) * 2 - 1} for _ in range(2)]  # (T, 3, S, S)
     with _quiet():

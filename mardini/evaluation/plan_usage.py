@@ -53,7 +53,8 @@ def plan_usage(pipe, video: torch.Tensor, t: float = 1.0, seed: int = 0,
 
     b, frames = video.shape[:2]
     mask = interpolation_mask(frames)[None].expand(b, -1)  # (B, T)
-    z0 = pipe.autoencoder.encode(video)  # (B, T, C, h, w)
+    z_ref = pipe.autoencoder.encode(video)  # (B, T, C, h, w)
+    z0 = pipe.anchor.to_target(z_ref, mask)  # (B, T, C, h, w): what the generator denoises
     z_low = pipe.autoencoder.encode(resize_video(video, pipe.planner_resolution))  # (B, T, C, h', w')
     plan = pipe.planner(z_low, mask)  # (B, T, M, P); the planner blanks the masked frames itself
     null = pipe.generator.null_plan(*plan.shape[:3]).to(plan)  # (B, T, M, P)
@@ -71,7 +72,7 @@ def plan_usage(pipe, video: torch.Tensor, t: float = 1.0, seed: int = 0,
     out = {"t": float(t), "clips": b, "plan_spread": plan_spread(plan.float())}
     for name in ("plan", "null"):
         x0, _ = pipe.schedule.predict_x0_eps(z_t, v[name], tt)  # (B, T, C, h, w)
-        decoded = pipe.autoencoder.decode(x0)  # (B, T, 3, H, W)
+        decoded = pipe.autoencoder.decode(pipe.anchor.from_target(x0, z_ref, mask))  # (B, T, 3, H, W)
         out[f"midf_psnr_{name}"] = _midf_psnr(decoded, video)
         if positions is not None:
             out[f"found_{name}"] = found_share(decoded.clamp(-1, 1), video, positions, mask)  # generated frames only

@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from mardini.masking import validate_mask
+from mardini.masking import nearest_given, neighbour_given, validate_mask
 
 
 @runtime_checkable
@@ -28,34 +28,6 @@ class Sampler(Protocol):
 # ------------------------------------------------------------------------------------------------
 # Baselines
 # ------------------------------------------------------------------------------------------------
-def neighbour_given(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For every frame, the index of the nearest given frame at or before it and at or after it.
-
-    Args:
-        mask: ``(B, T)`` bool, True = generate; every row has a given frame.
-    Returns:
-        ``prev, next`` ``(B, T)`` long; -1 where no given frame lies before, ``T`` where none lies after.
-    """
-    validate_mask(mask)
-    b, t = mask.shape
-    idx = torch.arange(t, device=mask.device).expand(b, t)  # (B, T)
-    given = ~mask  # (B, T)
-    prev = torch.where(given, idx, torch.full_like(idx, -1)).cummax(dim=1).values  # (B, T)
-    rev = torch.where(given, t - 1 - idx, torch.full_like(idx, -1)).flip(1).cummax(dim=1).values.flip(1)  # (B, T)
-    nxt = torch.where(rev >= 0, t - 1 - rev, torch.full_like(idx, t))  # (B, T)
-    return prev, nxt
-
-
-def nearest_given(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest given frame of every frame, the earlier one on a tie. ``mask (B, T)`` -> ``(B, T)`` long."""
-    prev, nxt = neighbour_given(mask)  # (B, T) each
-    t = mask.shape[1]
-    pos = torch.arange(t, device=mask.device)[None]  # (1, T)
-    d_prev = torch.where(prev < 0, torch.full_like(prev, 2 * t), pos - prev)  # (B, T)
-    d_next = torch.where(nxt >= t, torch.full_like(nxt, 2 * t), nxt - pos)  # (B, T)
-    return torch.where(d_prev <= d_next, prev, nxt)  # (B, T)
-
-
 def _gather_frames(video: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``video (B, T, C, H, W)``, ``index (B, T)`` in [0, T) -> ``(B, T, C, H, W)`` with frame ``index[b, t]``."""
     return video[torch.arange(video.shape[0], device=video.device)[:, None], index]  # (B, T, C, H, W)
@@ -153,6 +125,7 @@ def pipeline_from_module(pl_module: Any, window: int) -> Any:
         nets["generator"], pl_module.autoencoder, nets["planner"] if "planner" in nets else None,
         schedule=getattr(pl_module, "schedule", None), planner_resolution=pl_module.hparams.planner_resolution,
         window=window, kind=getattr(pl_module, "KIND", "joint"), device=pl_module.device,
+        anchor=getattr(pl_module, "anchor", None),
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mardini.diffusion.anchor import FrameAnchor, check_anchor
 from mardini.diffusion.loss import masked_mse_per_sample
 from mardini.diffusion.schedule import CosineSchedule
 from mardini.lit.base import MarDiniBase
@@ -16,16 +17,21 @@ class GenerationModule(MarDiniBase):
 
     Args:
         schedule_shift: resolution shift of the cosine schedule (1 = none); see ``CosineSchedule``.
+        anchor, anchor_scale: ``nearest`` diffuses each generated frame's change from its nearest given frame,
+            divided by ``anchor_scale`` (beyond the paper; ``none`` = the paper's target); see ``FrameAnchor``.
         **kwargs: see :class:`MarDiniBase`.
     """
 
     KIND = "generation"
 
-    def __init__(self, *args, schedule_shift: float = 1.0, **kwargs) -> None:
+    def __init__(self, *args, schedule_shift: float = 1.0, anchor: str = "none", anchor_scale: float = 1.0,
+                 **kwargs) -> None:
         if schedule_shift <= 0:
             raise ValueError(f"model.schedule_shift={schedule_shift!r} is impossible: it must be > 0")
+        check_anchor(anchor, anchor_scale)
         super().__init__(*args, **kwargs)
         self.schedule = CosineSchedule(shift=schedule_shift)
+        self.anchor = FrameAnchor(anchor, anchor_scale)
 
     def build_networks(self) -> dict[str, nn.Module]:
         overrides = dict(self.hparams.generator or {})
@@ -39,8 +45,9 @@ class GenerationModule(MarDiniBase):
         b = z_high.shape[0]
         t = self.schedule.sample_t(b, generator=generator).to(z_high.device)  # (B,)
         noise = torch.randn(z_high.shape, generator=generator).to(z_high.device)  # (B, T, C, h, w)
-        z_t = self.schedule.q_sample(z_high, noise, t, mask)  # (B, T, C, h, w), references clean
-        v_target = self.schedule.v_target(z_high, noise, t)  # (B, T, C, h, w)
+        z0 = self.anchor.to_target(z_high, mask)  # (B, T, C, h, w): the latents, or residuals from the anchor
+        z_t = self.schedule.q_sample(z0, noise, t, mask)  # (B, T, C, h, w), references clean
+        v_target = self.schedule.v_target(z0, noise, t)  # (B, T, C, h, w)
         net = self.networks["generator"]
         estimate = self.self_cond_estimate(z_t, t, plan, mask, generator) if net.cfg.self_cond else None
         v_hat = net(z_t, t, plan, mask, self_cond=estimate)  # (B, T, C, h, w)

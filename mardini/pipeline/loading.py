@@ -16,6 +16,7 @@ from torch import nn
 
 from mardini.autoencoders import FrameAutoencoder, build_autoencoder
 from mardini.diffusion import CosineSchedule
+from mardini.diffusion.anchor import FrameAnchor
 from mardini.lit.checkpoints import EMA_PREFIX, KINDS, check_metadata, read_checkpoint
 from mardini.models.registry import build_generator, build_planner, get_size
 
@@ -35,6 +36,7 @@ class Loaded:
     resolution: tuple[int, int] | None  # pixel size of the training clips, when the checkpoint records it
     fps: float | None
     info: dict[str, Any] = field(default_factory=dict)
+    anchor: FrameAnchor = field(default_factory=FrameAnchor)  # the diffused target (FrameAnchor)
 
 
 def load_checkpoint(path: str | Path, ema: bool = True) -> Loaded:
@@ -87,12 +89,14 @@ def load_checkpoint(path: str | Path, ema: bool = True) -> Loaded:
         planner=None if planner is None else planner.eval().requires_grad_(False),
         autoencoder=build_autoencoder(meta["autoencoder_spec"]).eval(),
         schedule=CosineSchedule(shift=float(hp.get("schedule_shift", 1.0))),
+        anchor=FrameAnchor(str(hp.get("anchor", "none")), float(hp.get("anchor_scale", 1.0))),
         planner_resolution=int(meta["planner_resolution"]),
         window=int(window),
         resolution=resolution,
         fps=None if data.get("fps") is None else float(data["fps"]),
         info={"checkpoint": str(path), "kind": kind, "size": meta["size"], "ema": ema,
-              "global_step": ckpt.get("global_step"), "attention": generator.attention_mode},
+              "global_step": ckpt.get("global_step"), "attention": generator.attention_mode,
+              "anchor": str(hp.get("anchor", "none"))},
     )
 
 

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from mardini.autoencoders import FrameAutoencoder
 from mardini.data.transforms import resize_video
 from mardini.diffusion import CosineSchedule, DDIMSampler
+from mardini.diffusion.anchor import FrameAnchor
 from mardini.diffusion.checks import frame_mask
 from mardini.masking import validate_mask
 from mardini.pipeline import tasks
@@ -51,6 +52,7 @@ class MarDiniPipeline:
         generator, planner: the networks (``planner=None``: plan-free sampling with the null plan, scale 1 only).
         autoencoder: the frame autoencoder the networks were trained on.
         schedule: the training noise schedule. planner_resolution: side of the planner's low-res copy (pixels).
+        anchor: the diffused target (:class:`~mardini.diffusion.anchor.FrameAnchor`; default: the latents, the paper).
         window: frames of the trained window; longer videos need :meth:`long_video` or :meth:`slow_motion`.
         resolution, fps: the training clips' pixel size and frame rate (informational; used by ``sample.py``).
         device: ``"cpu"``, ``"cuda"``, ``"auto"``. dtype: float32; bfloat16 runs under autocast (as bf16-mixed
@@ -75,6 +77,7 @@ class MarDiniPipeline:
         device: str | torch.device | None = "cpu",
         dtype: torch.dtype | str = torch.float32,
         info: dict | None = None,
+        anchor: FrameAnchor | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -85,6 +88,7 @@ class MarDiniPipeline:
         self.planner = None if planner is None else planner.to(self.device, self.param_dtype).eval()
         self.autoencoder = autoencoder.to(self.device, self.param_dtype).eval()
         self.schedule = schedule or CosineSchedule()
+        self.anchor = anchor or FrameAnchor()
         self.planner_resolution, self.window = int(planner_resolution), int(window)
         self.resolution, self.fps, self.kind = resolution, fps, kind
         self.info = dict(info or {})
@@ -100,7 +104,7 @@ class MarDiniPipeline:
         """A pipeline from a ``joint`` (or ``generation``) checkpoint written by ``train.py``; EMA weights by default."""
         ld = load_checkpoint(path, ema=ema)
         return cls(ld.generator, ld.autoencoder, ld.planner, ld.schedule, ld.planner_resolution, ld.window,
-                   ld.resolution, ld.fps, ld.kind, device, dtype, ld.info)
+                   ld.resolution, ld.fps, ld.kind, device, dtype, ld.info, ld.anchor)
 
     # ----------------------------------------------------------------------------------------------
     # The general call
@@ -199,7 +203,7 @@ class MarDiniPipeline:
                     fresh = torch.stack([torch.randn(z.shape[1:], generator=g) for g in step_gens]).to(z)  # (B,T,C,h,w)
                 z = sampler.step(fn, z, grid[i], grid[i + 1], m, z_ref, noise=fresh)  # (B, T, C, h, w) float32
             self.last_timings["generator"] += self._now() - start
-        return torch.where(frame_mask(m), z, z_ref)  # (B, T, C, h, w), references bit-identical
+        return self.anchor.from_target(z, z_ref, m)  # (B, T, C, h, w), references bit-identical
 
     # ----------------------------------------------------------------------------------------------
     # Named tasks (see mardini.pipeline.tasks)

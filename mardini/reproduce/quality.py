@@ -72,7 +72,7 @@ def plan_free_pipeline(checkpoint: str | Path):
 
     ld = load_checkpoint(checkpoint)
     return MarDiniPipeline(ld.generator, ld.autoencoder, None, ld.schedule, ld.planner_resolution, ld.window,
-                           ld.resolution, ld.fps, kind="generation", info=ld.info)
+                           ld.resolution, ld.fps, kind="generation", info=ld.info, anchor=ld.anchor)
 
 
 # ------------------------------------------------------------------------------------------------
