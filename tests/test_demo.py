@@ -84,3 +84,27 @@ def test_verdict_checks_each_claim_against_every_baseline():
     assert got == {("interpolation", "midf_psnr"): True, ("interpolation", "midf_ssim"): False,
                    ("interpolation", "traj_err_all_px"): False, ("image_to_video", "traj_err_all_px"): False,
                    ("image_to_video", "traj_motion_ratio"): True}
+
+
+def test_stages_run_in_process_without_the_clis_args_warning(tmp_path, monkeypatch):
+    """The demo hands each stage its args in-process on purpose: LightningCLI's warning about it is not shown."""
+    import warnings
+
+    import mardini.cli
+    from mardini.demo.chain import run_stage
+
+    class Ran(Exception):
+        pass
+
+    def fake_cli(args):
+        warnings.warn("LightningCLI's args parameter is intended to run from within Python like ...", UserWarning)
+        warnings.warn("another warning", UserWarning)
+        raise Ran(args)
+
+    monkeypatch.setattr(mardini.cli, "main", fake_cli)
+    monkeypatch.chdir(tmp_path)  # no finished stage here: it runs
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(Ran):
+            run_stage("01_dm_warmup_4f", REPO / "configs" / "tiny", max_steps=1, progress=False)
+    assert [str(w.message) for w in caught] == ["another warning"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,7 +79,9 @@ def run_stage(name: str, config_dir: Path = TINY_DIR, extra: list[str] | None = 
             f"--trainer.enable_progress_bar={str(progress).lower()}", "--trainer.enable_model_summary=false",
             *(extra or [])]
     start = time.perf_counter()
-    cli_main(args)
+    with warnings.catch_warnings():  # the stage's args are meant to be in-process; sys.argv holds the demo's own
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended", category=UserWarning)
+        cli_main(args)
     run.seconds = time.perf_counter() - start
     if finished_step(checkpoint) < steps:
         raise RuntimeError(f"stage {name} stopped before step {steps}; see the log under {log_dir}")
