@@ -7,8 +7,10 @@ The paper denoises the generated frames' latents themselves. With ``anchor="near
 and sampling adds the anchor back: ``z = z[nearest given] + scale * r``. Training and sampling differ only in this
 change of variables, so the loss, the schedule and the sampler are untouched. A network that predicts ``r = 0``
 repeats the nearest given frame; what it learns on top is the motion. ``scale`` brings the residual to about unit
-variance (the schedule assumes unit-variance data): the residual's standard deviation on the training data, e.g.
-``python -m mardini.diffusion.anchor --config ...`` prints it for a stage's loader and masks.
+variance (the schedule assumes unit-variance data): the residual's standard deviation on the training data, which
+``python -m mardini.autoencoders.pixel_stats --shards DIR --anchor-keep-ratio LO HI`` prints for masks keeping LO-HI
+of the frames. At the toy budget it finds fewer objects than the paper's target (STUDIES.md, "Diffusing the change
+from the nearest given frame"), so every shipped config keeps ``none``.
 """
 
 from __future__ import annotations
