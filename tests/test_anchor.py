@@ -114,3 +114,16 @@ def test_pixel_stats_measure_the_anchor_scale_as_training_sees_the_change(tmp_pa
     change = FrameAnchor("nearest").to_target(z, mask)[mask]  # (n, C, h, w)
     assert 0.05 < stats["anchor_scale"] < 2
     assert abs(float(change.std(unbiased=False)) - stats["anchor_scale"]) < 1e-3 * stats["anchor_scale"]
+
+
+def test_a_stage_refuses_a_generator_trained_on_another_target(tmp_path):
+    plain = make_checkpoint(tmp_path / "plain.ckpt", kind="generation")
+    anchored = make_checkpoint(tmp_path / "anchored.ckpt", kind="generation",
+                               model_args={"anchor": "nearest", "anchor_scale": 0.7})
+    MarDiniModule(size="tiny", frames=5, generator_ckpt=str(plain))  # the paper's target on both sides
+    MarDiniModule(size="tiny", frames=5, generator_ckpt=str(anchored), anchor="nearest", anchor_scale=0.7)
+    with pytest.raises(ValueError, match=r"trained with anchor='nearest', anchor_scale=0.7, this stage has "
+                                         r"anchor='none'.*set model.init_args.anchor"):
+        MarDiniModule(size="tiny", frames=5, generator_ckpt=str(anchored))
+    with pytest.raises(ValueError, match=r"anchor_scale=1.0.*set model.init_args.anchor"):
+        GenerationModule(size="tiny", frames=5, init_from=str(plain), anchor="nearest")

@@ -342,8 +342,9 @@ class MarDiniBase(L.LightningModule):
         An EMA-only export starts both the raw and the EMA networks from its EMA weights."""
         from mardini.lit.checkpoints import load_network_states
 
+        anchor = (self.hparams.get("anchor", "none"), self.hparams.get("anchor_scale", 1.0))  # generation stages
         raw, ema = load_network_states(path, kinds=kinds, names=names or tuple(self.networks.keys()),
-                                       size=self.hparams.size, autoencoder_spec=self.autoencoder.spec())
+                                       size=self.hparams.size, autoencoder_spec=self.autoencoder.spec(), anchor=anchor)
         for name, state in raw.items():
             where = f"{path}: network '{name}' (this model: size '{self.hparams.size}', {name} {self.hparams.get(name)})"
             _load_into(self.networks[name], _drop_dropped_head(self.networks[name], state), where)
