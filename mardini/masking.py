@@ -92,6 +92,17 @@ def nearest_given(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(d_prev <= d_next, prev, nxt)  # (B, T)
 
 
+def gather_frames(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Frame ``index[b, t]`` of clip b at every ``(b, t)``: ``x (B, T, ...)``, ``index (B, T)`` in [0, T) -> ``x``'s shape."""
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], index.to(x.device)]  # (B, T, ...)
+
+
+def nearest_given_frames(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Every frame's nearest given frame (the earlier one on a tie); a given frame is its own.
+    ``x (B, T, ...)`` (video, latents, object positions), ``mask (B, T)`` -> ``x``'s shape."""
+    return gather_frames(x, nearest_given(mask))  # (B, T, ...)
+
+
 def n_ref_from_ratio(keep_ratio: torch.Tensor | float, frames: int) -> torch.Tensor:
     """Number of reference frames for a kept fraction: ``clamp(round(r T), 1, T - 1)``."""
     r = torch.as_tensor(keep_ratio, dtype=torch.float64)

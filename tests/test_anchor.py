@@ -121,6 +121,7 @@ def test_a_stage_refuses_a_generator_trained_on_another_target(tmp_path):
     anchored = make_checkpoint(tmp_path / "anchored.ckpt", kind="generation",
                                model_args={"anchor": "nearest", "anchor_scale": 0.7})
     MarDiniModule(size="tiny", frames=5, generator_ckpt=str(plain))  # the paper's target on both sides
+    GenerationModule(size="tiny", frames=5, init_from=str(plain), anchor_scale=0.5)  # no anchor: the scale is unused
     MarDiniModule(size="tiny", frames=5, generator_ckpt=str(anchored), anchor="nearest", anchor_scale=0.7)
     with pytest.raises(ValueError, match=r"trained with anchor='nearest', anchor_scale=0.7, this stage has "
                                          r"anchor='none'.*set model.init_args.anchor"):

@@ -10,9 +10,9 @@ from torch import nn
 from mardini.data.synthetic import render_clip
 from mardini.data.transforms import resize_video
 from mardini.evaluation import EvalProtocol, EvalSuite, LinearBlend, NearestFrame, RealStatsCache, TrajectoryError
-from mardini.evaluation.samplers import make_sampler, nearest_given, neighbour_given
+from mardini.evaluation.samplers import make_sampler
 from mardini.evaluation.trajectory import object_colours
-from mardini.masking import image_to_video_mask, interpolation_mask, mask_from_given
+from mardini.masking import image_to_video_mask, interpolation_mask, mask_from_given, nearest_given, neighbour_given
 
 
 # ------------------------------------------------------------------------------------------------

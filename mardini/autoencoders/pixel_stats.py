@@ -22,11 +22,12 @@ import torch
 
 
 def pixel_stats(shards: str, clips: int = 512, frames: int = 9, fps: float | None = 8.0,
-                resolution: int = 32) -> dict[str, float]:
+                resolution: int = 32, anchor_keep_ratio: tuple[float, float] | None = None) -> dict[str, float]:
     """Mean and standard deviation of the pixels (in [-1, 1]) of the first ``clips`` clips of ``shards``.
 
     Clips are read as training sees them (``frames`` frames at ``fps``, resized to ``resolution``), in the
-    deterministic order of the validation loader. Returns ``clips, mean, std, shift (= mean), scale (= 1 / std)``.
+    deterministic order of the validation loader. Returns ``clips, mean, std, shift (= mean), scale (= 1 / std)``,
+    and with ``anchor_keep_ratio`` also ``anchor_scale`` (:func:`anchor_residual_std` of the same clips).
     """
     from mardini.data.datamodule import first_clips
 
@@ -34,24 +35,24 @@ def pixel_stats(shards: str, clips: int = 512, frames: int = 9, fps: float | Non
     mean, std = float(video.mean()), float(video.std(unbiased=False))
     if std == 0:
         raise ValueError(f"the pixels of {shards!r} are constant ({mean:.4f}): no scale normalises them")
-    return {"clips": video.shape[0], "mean": mean, "std": std, "shift": mean, "scale": 1.0 / std}
+    stats = {"clips": video.shape[0], "mean": mean, "std": std, "shift": mean, "scale": 1.0 / std}
+    if anchor_keep_ratio is not None:
+        stats["anchor_scale"] = anchor_residual_std(video, anchor_keep_ratio)
+    return stats
 
 
-def anchor_residual_std(shards: str, keep_ratio: tuple[float, float], clips: int = 512, frames: int = 9,
-                        fps: float | None = 8.0, resolution: int = 32, seed: int = 0) -> float:
+def anchor_residual_std(video: torch.Tensor, keep_ratio: tuple[float, float], seed: int = 0) -> float:
     """``anchor_scale``: the standard deviation of the normalised pixels' change from the nearest given frame.
 
-    Over the generated frames of random masks (the ``random`` template, kept fraction uniform in ``keep_ratio``);
-    normalised = divided by the pixels' standard deviation, as the space-to-depth latents are (their shift cancels).
+    ``video (N, T, 3, H, W)``; over the generated frames of random masks (the ``random`` template, kept fraction
+    uniform in ``keep_ratio``); normalised = divided by the pixels' standard deviation, as the space-to-depth latents
+    are (their shift cancels).
     """
-    from mardini.data.datamodule import first_clips
     from mardini.diffusion.anchor import anchor_frames
     from mardini.masking import MaskSampler
 
-    video = first_clips(shards, clips, frames, resolution, fps).double()  # (N, T, 3, H, W) in [-1, 1]
-    std = float(video.std(unbiased=False))
     mask, _ = MaskSampler(keep_ratio).sample(video.shape[0], video.shape[1], torch.Generator().manual_seed(seed))
-    change = (video - anchor_frames(video, mask)) / std  # (N, T, 3, H, W)
+    change = (video - anchor_frames(video, mask)) / video.std(unbiased=False)  # (N, T, 3, H, W)
     return float(change[mask].std(unbiased=False))
 
 
@@ -65,10 +66,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--anchor-keep-ratio", type=float, nargs=2, metavar=("LO", "HI"), default=None,
                         help="also measure anchor_scale (model.anchor: nearest) under masks keeping LO-HI of the frames")
     args = parser.parse_args(argv)
-    stats = pixel_stats(args.shards, args.clips, args.frames, args.fps, args.resolution)
-    if args.anchor_keep_ratio:
-        stats["anchor_scale"] = anchor_residual_std(args.shards, tuple(args.anchor_keep_ratio), args.clips,
-                                                    args.frames, args.fps, args.resolution)
+    keep = tuple(args.anchor_keep_ratio) if args.anchor_keep_ratio else None
+    stats = pixel_stats(args.shards, args.clips, args.frames, args.fps, args.resolution, keep)
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()}))
     print("model.init_args.autoencoder: {class_path: mardini.autoencoders.pixel.SpaceToDepthAutoencoder, "
           f"init_args: {{shift: {stats['shift']:.2f}, scale: {stats['scale']:.2f}}}}}")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from mardini.diffusion.checks import check_latents, check_mask, frame_mask
-from mardini.masking import nearest_given
+from mardini.masking import nearest_given_frames
 
 ANCHORS = ("none", "nearest")
 
@@ -40,8 +40,7 @@ def anchor_frames(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """
     check_latents(z, "z")
     check_mask(mask, z)
-    idx = nearest_given(mask.to(z.device))  # (B, T)
-    return z[torch.arange(z.shape[0], device=z.device)[:, None], idx]  # (B, T, C, h, w)
+    return nearest_given_frames(z, mask.to(z.device))  # (B, T, C, h, w)
 
 
 class FrameAnchor:
@@ -56,12 +55,22 @@ class FrameAnchor:
         check_anchor(anchor, scale)
         self.anchor, self.scale = anchor, float(scale)
 
+    @classmethod
+    def from_hparams(cls, hparams) -> FrameAnchor:
+        """The anchor a training module's hyper-parameters (or a checkpoint's) name; none when they name none."""
+        return cls(str(hparams.get("anchor", "none")), float(hparams.get("anchor_scale", 1.0)))
+
     def __repr__(self) -> str:
         return f"FrameAnchor(anchor={self.anchor!r}, scale={self.scale})"
 
     @property
     def enabled(self) -> bool:
         return self.anchor != "none"
+
+    @property
+    def setting(self) -> tuple[str, float]:
+        """``(anchor, scale)``, the scale 1 when off (unused then): equal settings train the same target."""
+        return (self.anchor, self.scale) if self.enabled else ("none", 1.0)
 
     def to_target(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Latents -> diffused variable: generated frames become their scaled residual, references stay.

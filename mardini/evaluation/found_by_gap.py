@@ -23,8 +23,9 @@ import json
 
 import torch
 
-from mardini.evaluation.samplers import LinearBlend, NearestFrame, nearest_given
+from mardini.evaluation.samplers import LinearBlend, NearestFrame
 from mardini.evaluation.trajectory import TrajectoryError, miss_px
+from mardini.masking import nearest_given
 
 SIZE_EDGES = (20.0, 35.0, 50.0)  # object areas (pixels of a 32 x 32 frame) that split the demo's objects
 

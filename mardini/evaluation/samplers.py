@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from mardini.masking import nearest_given, neighbour_given, validate_mask
+from mardini.masking import gather_frames, nearest_given_frames, neighbour_given, validate_mask
 
 
 @runtime_checkable
@@ -28,11 +28,6 @@ class Sampler(Protocol):
 # ------------------------------------------------------------------------------------------------
 # Baselines
 # ------------------------------------------------------------------------------------------------
-def _gather_frames(video: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``video (B, T, C, H, W)``, ``index (B, T)`` in [0, T) -> ``(B, T, C, H, W)`` with frame ``index[b, t]``."""
-    return video[torch.arange(video.shape[0], device=video.device)[:, None], index]  # (B, T, C, H, W)
-
-
 class LinearBlend:
     """Each generated frame = linear blend in time of the nearest given frames before and after it.
 
@@ -50,7 +45,7 @@ class LinearBlend:
         pos = torch.arange(t, device=mask.device)[None]  # (1, T)
         w = ((pos - lo).clamp(min=0) / span).clamp(0, 1).to(video.dtype)  # (B, T) weight of the later frame
         w = torch.where(hi == lo, torch.zeros_like(w), w)[..., None, None, None]  # (B, T, 1, 1, 1)
-        out = (1 - w) * _gather_frames(video, lo) + w * _gather_frames(video, hi)  # (B, T, C, H, W)
+        out = (1 - w) * gather_frames(video, lo) + w * gather_frames(video, hi)  # (B, T, C, H, W)
         return torch.where(mask[..., None, None, None], out, video)  # given frames untouched
 
 
@@ -60,7 +55,7 @@ class NearestFrame:
     name = "nearest_frame"
 
     def __call__(self, video: torch.Tensor, mask: torch.Tensor, seed: int = 0) -> torch.Tensor:
-        out = _gather_frames(video, nearest_given(mask))  # (B, T, C, H, W)
+        out = nearest_given_frames(video, mask)  # (B, T, C, H, W)
         return torch.where(mask[..., None, None, None], out, video)
 
 

@@ -26,7 +26,7 @@ import torch
 from torchmetrics import Metric
 
 from mardini.data.synthetic import PALETTE
-from mardini.evaluation.samplers import nearest_given
+from mardini.masking import nearest_given_frames
 
 MISS_FRACTION = 0.5214  # mean distance between two uniform random points of the unit square
 
@@ -154,7 +154,7 @@ class TrajectoryError(Metric):
         scale = torch.tensor([w, h], device=real.device, dtype=fake_c.dtype)  # (2,)
         err_px = ((fake_c - positions) * scale).norm(dim=-1)  # (B, T, K)
         err_frac = (fake_c - positions).norm(dim=-1)  # (B, T, K)
-        anchor = positions[torch.arange(real.shape[0], device=real.device)[:, None], nearest_given(mask)]  # (B,T,K,2)
+        anchor = nearest_given_frames(positions, mask)  # (B, T, K, 2)
         moved_px = ((fake_c - anchor) * scale).norm(dim=-1)  # (B, T, K)
         true_moved_px = ((positions - anchor) * scale).norm(dim=-1)  # (B, T, K)
         return {"err_px": err_px, "err_frac": err_frac, "counted": counted, "detected": detected,

@@ -20,6 +20,7 @@ from timm.utils.model_ema import ModelEmaV3
 from torch import nn
 
 from mardini.autoencoders import FrameAutoencoder, SpaceToDepthAutoencoder
+from mardini.diffusion.anchor import FrameAnchor
 from mardini.lit.schedules import scaled_lr, warmup_cosine
 from mardini.masking import TEMPLATES, MaskSampler
 
@@ -342,9 +343,9 @@ class MarDiniBase(L.LightningModule):
         An EMA-only export starts both the raw and the EMA networks from its EMA weights."""
         from mardini.lit.checkpoints import load_network_states
 
-        anchor = (self.hparams.get("anchor", "none"), self.hparams.get("anchor_scale", 1.0))  # generation stages
         raw, ema = load_network_states(path, kinds=kinds, names=names or tuple(self.networks.keys()),
-                                       size=self.hparams.size, autoencoder_spec=self.autoencoder.spec(), anchor=anchor)
+                                       size=self.hparams.size, autoencoder_spec=self.autoencoder.spec(),
+                                       anchor=FrameAnchor.from_hparams(self.hparams))
         for name, state in raw.items():
             where = f"{path}: network '{name}' (this model: size '{self.hparams.size}', {name} {self.hparams.get(name)})"
             _load_into(self.networks[name], _drop_dropped_head(self.networks[name], state), where)

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from mardini.diffusion.anchor import FrameAnchor
+
 KINDS = ("planning", "generation", "joint")
 EMA_PREFIX = "ema.module."  # state-dict keys of the EMA networks (timm ModelEmaV3 in the module's ``ema``)
 WHAT_KIND_HOLDS = {"planning": ("planner",), "generation": ("generator",), "joint": ("planner", "generator")}
@@ -75,27 +77,26 @@ def check_same_latents(meta: dict[str, Any], autoencoder_spec: dict[str, Any], p
         )
 
 
-def check_same_anchor(hparams: dict[str, Any], anchor: tuple[str, float], path: str | Path) -> None:
+def check_same_anchor(hparams: dict[str, Any], anchor: FrameAnchor, path: str | Path) -> None:
     """Refuse a generator trained on another diffused target (``model.anchor`` / ``anchor_scale``)."""
-    theirs = (str(hparams.get("anchor", "none")), float(hparams.get("anchor_scale", 1.0)))
-    ours = (str(anchor[0]), float(anchor[1]))
-    if theirs != ours and not theirs[0] == ours[0] == "none":  # without an anchor the scale is unused
+    (theirs, their_scale), (ours, our_scale) = FrameAnchor.from_hparams(hparams).setting, anchor.setting
+    if (theirs, their_scale) != (ours, our_scale):
         raise ValueError(
-            f"{path}: its generator was trained with anchor={theirs[0]!r}, anchor_scale={theirs[1]}, this stage has "
-            f"anchor={ours[0]!r}, anchor_scale={ours[1]}; set model.init_args.anchor and anchor_scale to the "
+            f"{path}: its generator was trained with anchor={theirs!r}, anchor_scale={their_scale}, this stage has "
+            f"anchor={ours!r}, anchor_scale={our_scale}; set model.init_args.anchor and anchor_scale to the "
             "checkpoint's values (every stage of a chain shares them)")
 
 
 def load_network_states(
     path: str | Path, kinds: tuple[str, ...], names: tuple[str, ...], size: str | None = None,
-    autoencoder_spec: dict[str, Any] | None = None, anchor: tuple[str, float] | None = None,
+    autoencoder_spec: dict[str, Any] | None = None, anchor: FrameAnchor | None = None,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, torch.Tensor]]]:
     """Raw and EMA state dicts of the networks ``names`` from a checkpoint of one of ``kinds``.
 
     From an EMA-only export (``mardini.lit.ema_export``) the raw weights are the EMA ones.
 
     ``autoencoder_spec``: this model's autoencoder; a checkpoint trained on other latents is refused.
-    ``anchor``: this model's ``(anchor, anchor_scale)``; a generator trained on another target is refused."""
+    ``anchor``: this model's target (:class:`FrameAnchor`); a generator trained on another one is refused."""
     ckpt = read_checkpoint(path)
     meta = check_metadata(ckpt, kinds, path, size)
     if autoencoder_spec is not None:

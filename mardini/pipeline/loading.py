@@ -89,14 +89,14 @@ def load_checkpoint(path: str | Path, ema: bool = True) -> Loaded:
         planner=None if planner is None else planner.eval().requires_grad_(False),
         autoencoder=build_autoencoder(meta["autoencoder_spec"]).eval(),
         schedule=CosineSchedule(shift=float(hp.get("schedule_shift", 1.0))),
-        anchor=FrameAnchor(str(hp.get("anchor", "none")), float(hp.get("anchor_scale", 1.0))),
+        anchor=FrameAnchor.from_hparams(hp),
         planner_resolution=int(meta["planner_resolution"]),
         window=int(window),
         resolution=resolution,
         fps=None if data.get("fps") is None else float(data["fps"]),
         info={"checkpoint": str(path), "kind": kind, "size": meta["size"], "ema": ema,
               "global_step": ckpt.get("global_step"), "attention": generator.attention_mode,
-              "anchor": str(hp.get("anchor", "none"))},
+              "anchor": FrameAnchor.from_hparams(hp).anchor},
     )
 
 
