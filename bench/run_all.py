@@ -35,6 +35,7 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
                               "--planner-resolution", "8", "--frames", "4"]),
     "sampling_overhead": ([], ["--quick"]),
     "growth": ([], ["--quick"]),
+    "tiny_step": ([], ["--quick"]),
 }
 
 
@@ -110,6 +111,17 @@ def summary(ran: dict[str, str]) -> str:
         out += ["## Sampling latency and speed-ups (bench/sampling.py)", f"`{r['command']}`", "",
                 "See `bench/results/sampling.json` (latency split per step count; cache and batched guidance speed-ups).",
                 ""]
+    r = _load("tiny_step")
+    if r:
+        m = r["median"]
+        out += ["## The demo's joint training step (tiny, `configs/tiny/05_joint_task.yaml`)", f"`{r['command']}`", "",
+                f"- planner patch 1 {m['planner_patch_1']:.3f} s/step, the config's patch "
+                f"{r['settings']['config_planner_patch']} {m['config']:.3f} s/step: "
+                f"**{r['planner_patch_1_over_config']:.2f}x**"]
+        if "passive_over_default" in r:
+            out.append(f"- `OMP_WAIT_POLICY=PASSIVE` / libgomp's default: **{r['passive_over_default']:.2f}x** the time "
+                       "per step (child processes, alternating)")
+        out.append("")
     r = _load("growth")
     if r:
         out += ["## Growth with frames and resolution", f"`{r['command']}`", "", "![growth](growth.png)", "",

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from bench import asymmetric, attention_dtype, run_all, sampling_overhead, train_mfu
+from bench import asymmetric, attention_dtype, run_all, sampling_overhead, tiny_step, train_mfu
 
 
 def _positive(*xs: float) -> bool:
@@ -30,6 +30,17 @@ def test_sampling_overhead_quick_and_summary(tmp_path, monkeypatch):
     assert 0 <= m["overhead_share"] < 1
     text = run_all.summary({})
     assert "Sampling per-step overhead" in text and r["command"] in text
+
+
+def test_tiny_step_quick_compares_the_planner_patches(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = tiny_step.main(["--quick"])
+    m = r["median"]
+    assert _positive(m["planner_patch_1"], m["config"], r["planner_patch_1_over_config"])
+    assert r["settings"]["config_planner_patch"] == 2  # the demo's planner (configs/tiny/05_joint_task.yaml)
+    assert r["planner_patch_1_over_config"] == m["planner_patch_1"] / m["config"]
+    text = run_all.summary({})
+    assert "joint training step" in text and r["command"] in text
 
 
 def test_attention_dtype_quick_reports_every_backend(tmp_path, monkeypatch):

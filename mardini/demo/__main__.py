@@ -3,9 +3,10 @@
 import os
 import sys
 
-# Before torch loads OpenMP: waiting threads sleep instead of spinning. With 2 threads on 2 cores this costs a little
-# on an idle machine and avoids a several-fold slow-down when another process holds a core.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch loads OpenMP: spinning threads on an idle machine, sleeping ones on a busy one (see wait_policy).
+from mardini.demo.wait_policy import apply_wait_policy  # noqa: E402  (imports no torch)
+
+os.environ["MARDINI_DEMO_WAIT_POLICY"] = apply_wait_policy()
 
 from mardini.demo.main import main  # noqa: E402
 

@@ -55,9 +55,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--frechet", action="store_true",
                    help="add FVD and FID (needs `make weights`; I3D and InceptionV3 over every clip cost minutes on CPU)")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
-                   help="torch intra-op threads (default: up to 2). `python -m mardini.demo` sets OMP_WAIT_POLICY="
-                        "PASSIVE unless it is set: idle threads sleep instead of spinning, which on a busy 2-core "
-                        "machine otherwise slows training several-fold; use --threads 1 when other jobs hold the cores")
+                   help="torch intra-op threads (default: up to 2). `python -m mardini.demo` first measures how "
+                        "busy the CPUs are: on a busy machine it sets OMP_WAIT_POLICY=PASSIVE (waiting threads "
+                        "sleep; spinning ones would halve the speed), on an idle one it keeps OpenMP's default "
+                        "(faster there); a policy you set is kept. Use --threads 1 when other jobs hold the cores")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs)")
     return p.parse_args(argv)
 
@@ -125,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
 
     info = {
         "command": "make demo" if argv is None else "python -m mardini.demo " + " ".join(argv),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+                   + (f", {os.environ['MARDINI_DEMO_WAIT_POLICY']}" if "MARDINI_DEMO_WAIT_POLICY" in os.environ else ""),
         "total_s": time.perf_counter() - start, "train_s": train_s, "eval_s": eval_s,
         "params": {n: sum(p.numel() for p in getattr(pipe, n).parameters()) for n in ("planner", "generator")},
         "resolution": pipe.resolution[0] if pipe.resolution else 32, "frames": pipe.window,

@@ -1,0 +1,149 @@
+"""The demo's joint training step (``configs/tiny/05_joint_task.yaml``): what the planner's patch and OpenMP's wait
+policy cost, each compared in one run.
+
+    .venv/bin/python -m bench.tiny_step [--rounds 5] [--steps 10] [--quick]
+
+1. planner patch 1 (the recipe before STUDIES.md "The planner's patch": as many planner tokens as generator tokens)
+   against the config's planner (patch 2: a quarter of them, the paper's ratio), built side by side in this process
+   and timed in alternating rounds of ``--steps`` steps on the same random clips (forward, backward, AdamW step,
+   bf16 autocast, the config's networks and mask templates);
+2. the config's step in child processes with ``OMP_WAIT_POLICY`` unset (libgomp's default: waiting threads spin a
+   while) and ``PASSIVE`` (they sleep at once), alternating; the variable only counts before torch loads, hence
+   the children. Skipped with ``--no-policy``.
+
+Reports medians over rounds and their ratios (``bench/results/tiny_step.json``); absolute times depend on the load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from bench.common import command, machine, median, timed, write_result
+
+NAME = "tiny_step"
+CONFIG = Path("configs/tiny/05_joint_task.yaml")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build(planner_patch: int | None = None):
+    """The stage's :class:`MarDiniModule` (no checkpoint), optionally with another planner patch."""
+    from mardini.autoencoders.pixel import SpaceToDepthAutoencoder
+    from mardini.lit import MarDiniModule
+
+    cfg = yaml.safe_load((ROOT / CONFIG).read_text())["model"]["init_args"]
+    cfg.pop("init_from", None)
+    ae = cfg.pop("autoencoder")
+    if planner_patch is not None:
+        cfg["planner"] = {**cfg.get("planner", {}), "patch_size": planner_patch}
+    module = MarDiniModule(**cfg, autoencoder=SpaceToDepthAutoencoder(**ae["init_args"]))
+    return module.train()
+
+
+def clips(batch: int, frames: int, side: int, count: int = 4) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    return [{"video": torch.rand(batch, frames, 3, side, side, generator=g) * 2 - 1} for _ in range(count)]
+
+
+def stepper(module, batches: list[dict]):
+    """``run(n)``: n training steps (seconds per step)."""
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
+    state = {"i": 0}
+
+    def one() -> None:
+        i = state["i"]
+        state["i"] += 1
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = module.compute_loss(batches[i % len(batches)], torch.Generator().manual_seed(i), True).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def run(n: int) -> float:
+        return timed(lambda: [one() for _ in range(n)]) / n
+
+    return run
+
+
+def settings() -> tuple[int, int, int]:
+    data = yaml.safe_load((ROOT / "configs/tiny/common.yaml").read_text())["data"]["init_args"]
+    return data["batch_size"], data["frames"], data["resolution"]
+
+
+def child(steps: int) -> float:
+    """Seconds per step of the config's step in this process (after one warm-up step)."""
+    run = stepper(build(), clips(*settings()))
+    run(1)
+    return run(steps)
+
+
+def policy_round(steps: int, policy: str | None) -> float:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if policy:
+        env["OMP_WAIT_POLICY"] = policy
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-m", "bench.tiny_step", "--child", "--steps", str(steps),
+                          "--threads", str(torch.get_num_threads())], cwd=ROOT,
+                         env=env, capture_output=True, text=True, check=True)
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["s_per_step"])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=10, help="steps per round")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's, as the demo "
+                   "sets them: up to 2 here)")
+    p.add_argument("--no-policy", action="store_true", help="skip the wait-policy comparison (child processes)")
+    p.add_argument("--quick", action="store_true", help="1 round of 1 step, no wait-policy comparison")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.child:
+        print(json.dumps({"s_per_step": child(a.steps)}))
+        return {}
+    rounds, steps = (1, 1) if a.quick else (a.rounds, a.steps)
+    batches = clips(*settings())
+    config_patch = build().networks["planner"].cfg.patch_size
+    runs = {"planner_patch_1": stepper(build(planner_patch=1), batches), "config": stepper(build(), batches)}
+    for run in runs.values():
+        run(1)  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            times[name].append(run(steps))
+    result = {
+        "command": command(f"bench.{NAME}", argv), "machine": machine(),
+        "settings": {"config": str(CONFIG), "config_planner_patch": config_patch, "rounds": rounds, "steps": steps,
+                     "batch_frames_side": list(settings())},
+        "rounds_s_per_step": times,
+        "median": {k: median(v) for k, v in times.items()},
+    }
+    result["planner_patch_1_over_config"] = result["median"]["planner_patch_1"] / result["median"]["config"]
+    if not (a.quick or a.no_policy):
+        policy: dict[str, list[float]] = {"default": [], "PASSIVE": []}
+        for _ in range(rounds):
+            policy["default"].append(policy_round(steps, None))
+            policy["PASSIVE"].append(policy_round(steps, "PASSIVE"))
+        result["wait_policy_rounds_s_per_step"] = policy
+        result["passive_over_default"] = median(policy["PASSIVE"]) / median(policy["default"])
+    write_result(NAME, result)
+    m = result["median"]
+    print(f"planner patch 1: {m['planner_patch_1']:.3f} s/step, config (patch {config_patch}): {m['config']:.3f} "
+          f"s/step -> {result['planner_patch_1_over_config']:.2f}x")
+    if "passive_over_default" in result:
+        print(f"OMP_WAIT_POLICY=PASSIVE / default: {result['passive_over_default']:.2f}x "
+              f"(medians {median(policy['PASSIVE']):.3f} / {median(policy['default']):.3f} s/step)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
