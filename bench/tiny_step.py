@@ -1,12 +1,12 @@
 """The demo's joint training step (``configs/tiny/05_joint_task.yaml``): what the planner's patch and OpenMP's wait
-policy cost, each compared in one run.
+policy cost, each compared in one run (STUDIES.md, "The demo's step time").
 
-    .venv/bin/python -m bench.tiny_step [--rounds 5] [--steps 10] [--quick]
+    .venv/bin/python -m bench.tiny_step [--rounds 5] [--steps 10] [--planner-patch 2] [--quick]
 
-1. planner patch 1 (the recipe before STUDIES.md "The planner's patch": as many planner tokens as generator tokens)
-   against the config's planner (patch 2: a quarter of them, the paper's ratio), built side by side in this process
-   and timed in alternating rounds of ``--steps`` steps on the same random clips (forward, backward, AdamW step,
-   bf16 autocast, the config's networks and mask templates);
+1. the config's planner (patch 1: as many tokens as the generator's) against one with ``--planner-patch`` (2: a
+   quarter of them, the paper's ratio), built side by side in this process and timed in alternating rounds of
+   ``--steps`` steps on the same random clips (forward, backward, AdamW step, bf16 autocast, the config's networks
+   and mask templates);
 2. the config's step in child processes with ``OMP_WAIT_POLICY`` unset (libgomp's default: waiting threads spin a
    while) and ``PASSIVE`` (they sleep at once), alternating; the variable only counts before torch loads, hence
    the children. Skipped with ``--no-policy``.
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=10, help="steps per round")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's, as the demo "
                    "sets them: up to 2 here)")
+    p.add_argument("--planner-patch", type=int, default=2, help="the planner patch compared with the config's")
     p.add_argument("--no-policy", action="store_true", help="skip the wait-policy comparison (child processes)")
     p.add_argument("--quick", action="store_true", help="1 round of 1 step, no wait-policy comparison")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     rounds, steps = (1, 1) if a.quick else (a.rounds, a.steps)
     batches = clips(*settings())
     config_patch = build().networks["planner"].cfg.patch_size
-    runs = {"planner_patch_1": stepper(build(planner_patch=1), batches), "config": stepper(build(), batches)}
+    runs = {"config": stepper(build(), batches), "variant": stepper(build(planner_patch=a.planner_patch), batches)}
     for run in runs.values():
         run(1)  # warm-up
     times: dict[str, list[float]] = {k: [] for k in runs}
@@ -122,12 +123,13 @@ def main(argv: list[str] | None = None) -> dict:
             times[name].append(run(steps))
     result = {
         "command": command(f"bench.{NAME}", argv), "machine": machine(),
-        "settings": {"config": str(CONFIG), "config_planner_patch": config_patch, "rounds": rounds, "steps": steps,
+        "settings": {"config": str(CONFIG), "config_planner_patch": config_patch,
+                     "variant_planner_patch": a.planner_patch, "rounds": rounds, "steps": steps,
                      "batch_frames_side": list(settings())},
         "rounds_s_per_step": times,
         "median": {k: median(v) for k, v in times.items()},
     }
-    result["planner_patch_1_over_config"] = result["median"]["planner_patch_1"] / result["median"]["config"]
+    result["config_over_variant"] = result["median"]["config"] / result["median"]["variant"]
     if not (a.quick or a.no_policy):
         policy: dict[str, list[float]] = {"default": [], "PASSIVE": []}
         for _ in range(rounds):
@@ -137,8 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["passive_over_default"] = median(policy["PASSIVE"]) / median(policy["default"])
     write_result(NAME, result)
     m = result["median"]
-    print(f"planner patch 1: {m['planner_patch_1']:.3f} s/step, config (patch {config_patch}): {m['config']:.3f} "
-          f"s/step -> {result['planner_patch_1_over_config']:.2f}x")
+    print(f"config (planner patch {config_patch}): {m['config']:.3f} s/step, planner patch {a.planner_patch}: "
+          f"{m['variant']:.3f} s/step -> {result['config_over_variant']:.2f}x")
     if "passive_over_default" in result:
         print(f"OMP_WAIT_POLICY=PASSIVE / default: {result['passive_over_default']:.2f}x "
               f"(medians {median(policy['PASSIVE']):.3f} / {median(policy['default']):.3f} s/step)")
