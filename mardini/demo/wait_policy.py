@@ -1,9 +1,9 @@
 """OpenMP's wait policy for the demo, picked from how busy the machine is, before torch loads OpenMP.
 
 Idle threads of torch's OpenMP (libgomp) spin for a while before they sleep. On an idle machine that is what the
-tiny training step wants: its thousands of small kernels per step find the threads awake (``OMP_WAIT_POLICY``
-unset: 1.2-1.45x faster per step than ``PASSIVE`` on the 2-core machine, STUDIES.md "The demo's step time"). When
-another process holds a core, spinning threads steal its time and the step gets about 2x slower than with
+tiny training step wants: its thousands of small kernels per step find the threads awake (``PASSIVE`` took 1.23x
+the time per step in ``python -m bench.tiny_step``, STUDIES.md "The demo's step time"). When another process holds a
+core, spinning threads steal its time and the step gets about 2x slower than with
 ``PASSIVE``, which puts waiting threads to sleep at once. So :func:`apply_wait_policy` reads the CPU counters of
 ``/proc/stat`` over a short interval: with at least ``threshold`` cores busy it sets ``PASSIVE``, otherwise it
 leaves libgomp's default. A policy the user set is kept. No torch import here: the variable only counts before
