@@ -36,10 +36,10 @@ def test_tiny_step_quick_compares_the_planner_patches(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = tiny_step.main(["--quick"])
     m = r["median"]
-    assert _positive(m["config"], m["variant"], r["config_over_variant"])
-    assert r["settings"]["config_planner_patch"] == 1  # the demo's planner (configs/tiny/05_joint_task.yaml)
-    assert r["settings"]["variant_planner_patch"] == 2
-    assert r["config_over_variant"] == m["config"] / m["variant"]
+    assert _positive(m["config"], m["variant"], r["variant_over_config"])
+    assert r["settings"]["config_planner_patch"] == 2  # the demo's planner (configs/tiny/05_joint_task.yaml)
+    assert r["settings"]["variant_planner_patch"] == 1  # the other patch: as many tokens as the generator
+    assert r["variant_over_config"] == m["variant"] / m["config"]
     text = run_all.summary({})
     assert "joint training step" in text and r["command"] in text
 
