@@ -113,10 +113,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps({"s_per_step": child(a.steps)}))
         return {}
     rounds, steps = (1, 1) if a.quick else (a.rounds, a.steps)
-    batches = clips(*settings())
-    config_patch = build().networks["planner"].cfg.patch_size
+    shape = settings()  # (batch, frames, side) of configs/tiny/common.yaml
+    batches = clips(*shape)
+    config = build()
+    config_patch = config.networks["planner"].cfg.patch_size
     a.planner_patch = a.planner_patch or (1 if config_patch == 2 else 2)
-    runs = {"config": stepper(build(), batches), "variant": stepper(build(planner_patch=a.planner_patch), batches)}
+    runs = {"config": stepper(config, batches), "variant": stepper(build(planner_patch=a.planner_patch), batches)}
     for run in runs.values():
         run(1)  # warm-up
     times: dict[str, list[float]] = {k: [] for k in runs}
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": command(f"bench.{NAME}", argv), "machine": machine(),
         "settings": {"config": str(CONFIG), "config_planner_patch": config_patch,
                      "variant_planner_patch": a.planner_patch, "rounds": rounds, "steps": steps,
-                     "batch_frames_side": list(settings())},
+                     "batch_frames_side": list(shape)},
         "rounds_s_per_step": times,
         "median": {k: median(v) for k, v in times.items()},
     }
