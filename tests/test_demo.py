@@ -86,8 +86,11 @@ def test_verdict_checks_each_claim_against_every_baseline():
                    ("image_to_video", "traj_motion_ratio"): True}
 
 
-def test_stages_run_in_process_without_the_clis_args_warning(tmp_path, monkeypatch):
-    """The demo hands each stage its args in-process on purpose: LightningCLI's warning about it is not shown."""
+def test_stages_run_in_process_without_lightnings_chatter(tmp_path, monkeypatch):
+    """The demo hands each stage its args in-process on purpose: LightningCLI's warning about it, Lightning's
+    known harmless warnings and its info lines (tips, devices, seeds) are not shown; other warnings are, and the
+    loggers get their levels back after the stage."""
+    import logging
     import warnings
 
     import mardini.cli
@@ -96,15 +99,25 @@ def test_stages_run_in_process_without_the_clis_args_warning(tmp_path, monkeypat
     class Ran(Exception):
         pass
 
+    seen = {}
+
     def fake_cli(args):
+        seen["info"] = logging.getLogger("lightning.pytorch.utilities.rank_zero").isEnabledFor(logging.INFO)
+        seen["seed_info"] = logging.getLogger("lightning.fabric.utilities.seed").isEnabledFor(logging.INFO)
+        seen["warning"] = logging.getLogger("lightning.pytorch.utilities.rank_zero").isEnabledFor(logging.WARNING)
         warnings.warn("LightningCLI's args parameter is intended to run from within Python like ...", UserWarning)
+        warnings.warn('.fit(ckpt_path="last") is set, but there is no last checkpoint available.', UserWarning)
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", DeprecationWarning)
         warnings.warn("another warning", UserWarning)
         raise Ran(args)
 
     monkeypatch.setattr(mardini.cli, "main", fake_cli)
     monkeypatch.chdir(tmp_path)  # no finished stage here: it runs
+    logging.getLogger("lightning.pytorch").setLevel(logging.INFO)  # as Lightning sets it on import
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(Ran):
             run_stage("01_dm_warmup_4f", REPO / "configs" / "tiny", max_steps=1, progress=False)
     assert [str(w.message) for w in caught] == ["another warning"]
+    assert seen == {"info": False, "seed_info": False, "warning": True}
+    assert logging.getLogger("lightning.pytorch").level == logging.INFO  # restored

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -58,6 +60,33 @@ def finished_step(checkpoint: Path) -> int:
         return -1
 
 
+# Lightning's start-up chatter, the same for every stage; its warnings and errors still show.
+QUIET_LOGGERS = ("lightning.pytorch", "lightning.fabric")
+QUIET_WARNINGS = (
+    "LightningCLI's args parameter is intended",  # the demo hands each stage its args in-process on purpose
+    r"\.fit\(ckpt_path=\"last\"\) is set, but there is no last checkpoint",  # a stage's first run has none
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # raised inside Lightning, nothing a user can change
+)
+
+
+@contextlib.contextmanager
+def quiet_lightning():
+    """Inside: Lightning logs warnings only (no tips, device lines or seed messages) and the known, harmless
+    warnings of :data:`QUIET_WARNINGS` are hidden; the previous logger levels come back after."""
+    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        for message in QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        for lg in loggers:
+            lg.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
 def run_stage(name: str, config_dir: Path = TINY_DIR, extra: list[str] | None = None,
               max_steps: int | None = None, progress: bool = True, scale: float = 1.0) -> StageRun:
     """Train one stage from the CLI in this process; skipped when its ``last.ckpt`` has reached ``max_steps``
@@ -79,8 +108,7 @@ def run_stage(name: str, config_dir: Path = TINY_DIR, extra: list[str] | None = 
             f"--trainer.enable_progress_bar={str(progress).lower()}", "--trainer.enable_model_summary=false",
             *(extra or [])]
     start = time.perf_counter()
-    with warnings.catch_warnings():  # the stage's args are meant to be in-process; sys.argv holds the demo's own
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended", category=UserWarning)
+    with quiet_lightning():
         cli_main(args)
     run.seconds = time.perf_counter() - start
     if finished_step(checkpoint) < steps:
