@@ -48,7 +48,6 @@ def test_tiny_chain_runs_stage_after_stage(workdir, monkeypatch):
     for name, kind in zip(STAGES, KINDS):
         cli = _fit(workdir, monkeypatch, *_stage(name, 2))
         assert cli.trainer.global_step == 2
-        assert cli.trainer.optimizers[0].defaults["fused"] is True  # on CPU: AdamW's fused kernel
         ckpt = read_checkpoint(workdir / "outputs" / "tiny" / name / "checkpoints" / "last.ckpt")
         assert ckpt["mardini"]["kind"] == kind
         assert not any(k.startswith("autoencoder.") for k in ckpt["state_dict"])  # frozen AE kept out
