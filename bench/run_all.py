@@ -116,7 +116,9 @@ def summary(ran: dict[str, str]) -> str:
         m = r["median"]
         out += ["## The demo's joint training step (tiny, `configs/tiny/05_joint_task.yaml`)", f"`{r['command']}`", "",
                 f"- the config's planner (patch {r['settings']['config_planner_patch']}) {m['config']:.3f} s/step, "
-                f"patch {r['settings']['variant_planner_patch']} {m['variant']:.3f} s/step: "
+                f"patch {r['settings']['variant_planner_patch']}"
+                + (f" with generator {r['settings']['variant_generator']}" if r["settings"].get("variant_generator")
+                   else "") + f" {m['variant']:.3f} s/step: "
                 f"the variant takes **{r['variant_over_config']:.2f}x** the time"]
         if "passive_over_default" in r:
             out.append(f"- `OMP_WAIT_POLICY=PASSIVE` / libgomp's default: **{r['passive_over_default']:.2f}x** the time "

@@ -1,12 +1,13 @@
 """The demo's joint training step (``configs/tiny/05_joint_task.yaml``): what the planner's patch and OpenMP's wait
 policy cost, each compared in one run (STUDIES.md, "The demo's step time").
 
-    .venv/bin/python -m bench.tiny_step [--rounds 5] [--steps 10] [--planner-patch P] [--quick]
+    .venv/bin/python -m bench.tiny_step [--rounds 5] [--steps 10] [--planner-patch P] [--generator YAML] [--quick]
 
-1. the config's planner (patch 2: a quarter of the generator's tokens, the paper's ratio) against one with
-   ``--planner-patch`` (default: 1 when the config has 2, else 2; patch 1 gives the planner as many tokens as the
-   generator), built side by side in this process and timed in alternating rounds of ``--steps`` steps on the same
-   random clips (forward, backward, AdamW step, bf16 autocast, the config's networks and mask templates);
+1. the config's networks against a variant, built side by side in this process and timed in alternating rounds of
+   ``--steps`` steps on the same random clips (forward, backward, AdamW step, bf16 autocast, the config's mask
+   templates). The variant's planner has ``--planner-patch`` (default: 1 when the config has 2, else 2; patch 1
+   gives the planner as many tokens as the generator); with ``--generator '{patch_size: 4}'`` (generator fields
+   over the config's) the variant keeps the config's planner unless ``--planner-patch`` is given too;
 2. the config's step in child processes with ``OMP_WAIT_POLICY`` unset (libgomp's default: waiting threads spin a
    while) and ``PASSIVE`` (they sleep at once), alternating; the variable only counts before torch loads, hence
    the children. Skipped with ``--no-policy``.
@@ -33,8 +34,9 @@ CONFIG = Path("configs/tiny/05_joint_task.yaml")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def build(planner_patch: int | None = None):
-    """The stage's :class:`MarDiniModule` (no checkpoint), optionally with another planner patch."""
+def build(planner_patch: int | None = None, generator: dict | None = None):
+    """The stage's :class:`MarDiniModule` (no checkpoint), optionally with another planner patch and generator
+    fields over the config's."""
     from mardini.autoencoders.pixel import SpaceToDepthAutoencoder
     from mardini.lit import MarDiniModule
 
@@ -43,6 +45,8 @@ def build(planner_patch: int | None = None):
     ae = cfg.pop("autoencoder")
     if planner_patch is not None:
         cfg["planner"] = {**cfg.get("planner", {}), "patch_size": planner_patch}
+    if generator:
+        cfg["generator"] = {**cfg.get("generator", {}), **generator}
     module = MarDiniModule(**cfg, autoencoder=SpaceToDepthAutoencoder(**ae["init_args"]))
     return module.train()
 
@@ -103,6 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "sets them: up to 2 here)")
     p.add_argument("--planner-patch", type=int, default=None,
                    help="the planner patch compared with the config's (default: 1 when the config has 2, else 2)")
+    p.add_argument("--generator", type=yaml.safe_load, default=None,
+                   help="generator fields of the variant over the config's, as YAML, e.g. '{patch_size: 4}'")
     p.add_argument("--no-policy", action="store_true", help="skip the wait-policy comparison (child processes)")
     p.add_argument("--quick", action="store_true", help="1 round of 1 step, no wait-policy comparison")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -117,8 +123,15 @@ def main(argv: list[str] | None = None) -> dict:
     batches = clips(*shape)
     config = build()
     config_patch = config.networks["planner"].cfg.patch_size
-    a.planner_patch = a.planner_patch or (1 if config_patch == 2 else 2)
-    runs = {"config": stepper(config, batches), "variant": stepper(build(planner_patch=a.planner_patch), batches)}
+    if a.generator is not None and not isinstance(a.generator, dict):
+        raise ValueError(f"--generator takes a YAML mapping of generator fields, e.g. '{{patch_size: 4}}'; "
+                         f"got {a.generator!r}")
+    if a.generator:
+        a.planner_patch = a.planner_patch or config_patch
+    else:
+        a.planner_patch = a.planner_patch or (1 if config_patch == 2 else 2)
+    variant = build(planner_patch=a.planner_patch, generator=a.generator)
+    runs = {"config": stepper(config, batches), "variant": stepper(variant, batches)}
     for run in runs.values():
         run(1)  # warm-up
     times: dict[str, list[float]] = {k: [] for k in runs}
@@ -128,8 +141,10 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "command": command(f"bench.{NAME}", argv), "machine": machine(),
         "settings": {"config": str(CONFIG), "config_planner_patch": config_patch,
-                     "variant_planner_patch": a.planner_patch, "rounds": rounds, "steps": steps,
-                     "batch_frames_side": list(shape)},
+                     "variant_planner_patch": a.planner_patch, "variant_generator": a.generator or {},
+                     "generator_patch": {"config": config.networks["generator"].cfg.patch_size,
+                                         "variant": variant.networks["generator"].cfg.patch_size},
+                     "rounds": rounds, "steps": steps, "batch_frames_side": list(shape)},
         "rounds_s_per_step": times,
         "median": {k: median(v) for k, v in times.items()},
     }
@@ -143,7 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["passive_over_default"] = median(policy["PASSIVE"]) / median(policy["default"])
     write_result(NAME, result)
     m = result["median"]
-    print(f"config (planner patch {config_patch}): {m['config']:.3f} s/step, planner patch {a.planner_patch}: "
+    variant_name = f"planner patch {a.planner_patch}" + (f", generator {a.generator}" if a.generator else "")
+    print(f"config (planner patch {config_patch}): {m['config']:.3f} s/step, {variant_name}: "
           f"{m['variant']:.3f} s/step -> the variant takes {result['variant_over_config']:.2f}x the time")
     if "passive_over_default" in result:
         print(f"OMP_WAIT_POLICY=PASSIVE / default: {result['passive_over_default']:.2f}x "

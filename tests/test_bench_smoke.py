@@ -44,6 +44,17 @@ def test_tiny_step_quick_compares_the_planner_patches(tmp_path, monkeypatch):
     assert "joint training step" in text and r["command"] in text
 
 
+def test_tiny_step_generator_variant_keeps_the_planner(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = tiny_step.main(["--quick", "--generator", "{patch_size: 4}"])
+    assert r["settings"]["variant_generator"] == {"patch_size": 4}
+    assert r["settings"]["generator_patch"] == {"config": 2, "variant": 4}  # built, not only recorded
+    assert r["settings"]["variant_planner_patch"] == r["settings"]["config_planner_patch"] == 2
+    assert "with generator {'patch_size': 4}" in run_all.summary({})
+    with pytest.raises(ValueError, match="YAML mapping of generator fields"):
+        tiny_step.main(["--quick", "--generator", "4"])
+
+
 def test_attention_dtype_quick_reports_every_backend(tmp_path, monkeypatch):
     import json
 
