@@ -44,9 +44,11 @@ reproduce: venv
 
 ## The tiny curriculum chain on CPU (stage after stage; a finished stage is skipped, a stopped one resumes).
 TINY_STAGES := 01_dm_warmup_4f 02_dm_warmup_9f 03_mar_warmup 04_joint_model 05_joint_task
+# make train-tiny TINY_CONFIGS=<another chain folder>, e.g. one python -m mardini.rebatch wrote
+TINY_CONFIGS ?= configs/tiny
 train-tiny: venv
 	test -d data/shards/synthetic/train || $(PY) data/make_synthetic.py
-	for s in $(TINY_STAGES); do $(PY) train.py fit --config configs/tiny/common.yaml --config configs/tiny/$$s.yaml || exit 1; done
+	for s in $(TINY_STAGES); do $(PY) train.py fit --config $(TINY_CONFIGS)/common.yaml --config $(TINY_CONFIGS)/$$s.yaml || exit 1; done
 
 clean-outputs:
 	rm -rf outputs lightning_logs data/shards bench/results

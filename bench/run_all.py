@@ -118,7 +118,10 @@ def summary(ran: dict[str, str]) -> str:
                 f"- the config's planner (patch {r['settings']['config_planner_patch']}) {m['config']:.3f} s/step, "
                 f"patch {r['settings']['variant_planner_patch']}"
                 + (f" with generator {r['settings']['variant_generator']}" if r["settings"].get("variant_generator")
-                   else "") + f" {m['variant']:.3f} s/step: "
+                   else "")
+                + (f" at batch {r['settings']['variant_batch']}"
+                   if r["settings"].get("variant_batch", r["settings"]["batch_frames_side"][0])
+                   != r["settings"]["batch_frames_side"][0] else "") + f" {m['variant']:.3f} s/step: "
                 f"the variant takes **{r['variant_over_config']:.2f}x** the time"]
         if "passive_over_default" in r:
             out.append(f"- `OMP_WAIT_POLICY=PASSIVE` / libgomp's default: **{r['passive_over_default']:.2f}x** the time "

@@ -1,13 +1,15 @@
 """The demo's joint training step (``configs/tiny/05_joint_task.yaml``): what the planner's patch and OpenMP's wait
 policy cost, each compared in one run (STUDIES.md, "The demo's step time").
 
-    .venv/bin/python -m bench.tiny_step [--rounds 5] [--steps 10] [--planner-patch P] [--generator YAML] [--quick]
+    .venv/bin/python -m bench.tiny_step [--rounds 5] [--steps 10] [--planner-patch P] [--generator YAML]
+        [--batch B] [--quick]
 
 1. the config's networks against a variant, built side by side in this process and timed in alternating rounds of
    ``--steps`` steps on the same random clips (forward, backward, AdamW step, bf16 autocast, the config's mask
    templates). The variant's planner has ``--planner-patch`` (default: 1 when the config has 2, else 2; patch 1
    gives the planner as many tokens as the generator); with ``--generator '{patch_size: 4}'`` (generator fields
-   over the config's) the variant keeps the config's planner unless ``--planner-patch`` is given too;
+   over the config's) or ``--batch B`` (its clips per step) the variant keeps the config's planner unless
+   ``--planner-patch`` is given too;
 2. the config's step in child processes with ``OMP_WAIT_POLICY`` unset (libgomp's default: waiting threads spin a
    while) and ``PASSIVE`` (they sleep at once), alternating; the variable only counts before torch loads, hence
    the children. Skipped with ``--no-policy``.
@@ -109,6 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="the planner patch compared with the config's (default: 1 when the config has 2, else 2)")
     p.add_argument("--generator", type=yaml.safe_load, default=None,
                    help="generator fields of the variant over the config's, as YAML, e.g. '{patch_size: 4}'")
+    p.add_argument("--batch", type=int, default=None, help="the variant's batch (default: the config's)")
     p.add_argument("--no-policy", action="store_true", help="skip the wait-policy comparison (child processes)")
     p.add_argument("--quick", action="store_true", help="1 round of 1 step, no wait-policy comparison")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -126,12 +129,16 @@ def main(argv: list[str] | None = None) -> dict:
     if a.generator is not None and not isinstance(a.generator, dict):
         raise ValueError(f"--generator takes a YAML mapping of generator fields, e.g. '{{patch_size: 4}}'; "
                          f"got {a.generator!r}")
-    if a.generator:
+    if a.batch is not None and a.batch < 1:
+        raise ValueError(f"--batch must be at least 1, got {a.batch}")
+    if a.generator or a.batch:
         a.planner_patch = a.planner_patch or config_patch
     else:
         a.planner_patch = a.planner_patch or (1 if config_patch == 2 else 2)
     variant = build(planner_patch=a.planner_patch, generator=a.generator)
-    runs = {"config": stepper(config, batches), "variant": stepper(variant, batches)}
+    variant_batch = a.batch or shape[0]
+    variant_batches = batches if variant_batch == shape[0] else clips(variant_batch, *shape[1:])
+    runs = {"config": stepper(config, batches), "variant": stepper(variant, variant_batches)}
     for run in runs.values():
         run(1)  # warm-up
     times: dict[str, list[float]] = {k: [] for k in runs}
@@ -142,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": command(f"bench.{NAME}", argv), "machine": machine(),
         "settings": {"config": str(CONFIG), "config_planner_patch": config_patch,
                      "variant_planner_patch": a.planner_patch, "variant_generator": a.generator or {},
+                     "variant_batch": int(variant_batches[0]["video"].shape[0]),  # what its steps ran on
                      "generator_patch": {"config": config.networks["generator"].cfg.patch_size,
                                          "variant": variant.networks["generator"].cfg.patch_size},
                      "rounds": rounds, "steps": steps, "batch_frames_side": list(shape)},
@@ -158,7 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["passive_over_default"] = median(policy["PASSIVE"]) / median(policy["default"])
     write_result(NAME, result)
     m = result["median"]
-    variant_name = f"planner patch {a.planner_patch}" + (f", generator {a.generator}" if a.generator else "")
+    variant_name = (f"planner patch {a.planner_patch}" + (f", generator {a.generator}" if a.generator else "")
+                    + (f", batch {variant_batch}" if variant_batch != shape[0] else ""))
     print(f"config (planner patch {config_patch}): {m['config']:.3f} s/step, {variant_name}: "
           f"{m['variant']:.3f} s/step -> the variant takes {result['variant_over_config']:.2f}x the time")
     if "passive_over_default" in result:

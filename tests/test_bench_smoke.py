@@ -55,6 +55,16 @@ def test_tiny_step_generator_variant_keeps_the_planner(tmp_path, monkeypatch):
         tiny_step.main(["--quick", "--generator", "4"])
 
 
+def test_tiny_step_batch_variant(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = tiny_step.main(["--quick", "--batch", "4"])
+    assert r["settings"]["variant_batch"] == 4 and r["settings"]["batch_frames_side"][0] == 8
+    assert r["settings"]["variant_planner_patch"] == 2 and r["settings"]["generator_patch"]["variant"] == 2
+    assert "at batch 4" in run_all.summary({})
+    with pytest.raises(ValueError, match="at least 1"):
+        tiny_step.main(["--quick", "--batch", "0"])
+
+
 def test_attention_dtype_quick_reports_every_backend(tmp_path, monkeypatch):
     import json
 

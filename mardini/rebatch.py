@@ -1,0 +1,127 @@
+"""Rewrite a chain of stage configs for another batch size at the same clips seen (``python -m mardini.rebatch``).
+
+    python -m mardini.rebatch configs/tiny configs/tiny_b4 --batch 4 --save-dir outputs/tiny_b4
+    make train-tiny TINY_CONFIGS=configs/tiny_b4
+
+Reads ``common.yaml`` and every stage file of ``SRC`` and writes them to ``DST`` with, for a batch of ``B'`` in
+place of the chain's ``B`` (``data.init_args.batch_size`` of ``common.yaml``) and ``r = B / B'``:
+
+- ``data.init_args.batch_size: B'`` in ``common.yaml``;
+- ``trainer.max_steps``, ``model.init_args.warmup_steps`` and the ``step`` of every milestone of a
+  ``Curriculum`` callback times ``r`` (rounded, at least 1 for the step counts): the same clips seen, the same
+  learning-rate warm-up and curriculum in clips;
+- ``model.init_args.ema_decay`` ``d`` -> ``1 - (1 - d) / r``: the same EMA time constant in clips;
+- the logger's ``save_dir`` and the checkpoint paths (``init_from``, ``planner_ckpt``, ``generator_ckpt``) moved
+  from the chain's save folder to ``--save-dir``, so the new chain never reads or writes the old one's runs.
+
+Everything else (learning rate, schedules, sample grids, checkpoint interval) is kept. The files are written
+without the source's comments, under a header naming the command. STUDIES.md, "Batches of 4", is what this made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import yaml
+
+CKPT_KEYS = ("init_from", "planner_ckpt", "generator_ckpt")
+
+
+def _scaled(n: int, r: float) -> int:
+    return max(1, round(n * r))
+
+
+def rebatch_stage(cfg: dict, r: float, old_dir: str, new_dir: str) -> dict:
+    """One stage file's config, rescaled by ``r = old batch / new batch`` (see the module docstring)."""
+    out = copy.deepcopy(cfg)
+    trainer = out.get("trainer") or {}
+    if "max_steps" in trainer:
+        trainer["max_steps"] = _scaled(trainer["max_steps"], r)
+    for cb in trainer.get("callbacks") or []:
+        if str(cb.get("class_path", "")).endswith("Curriculum"):
+            for m in (cb.get("init_args") or {}).get("milestones") or []:
+                m["step"] = round(m["step"] * r)
+    logger = (trainer.get("logger") or {}).get("init_args") or {}
+    if "save_dir" in logger:
+        logger["save_dir"] = new_dir
+    args = (out.get("model") or {}).get("init_args") or {}
+    if "warmup_steps" in args:
+        args["warmup_steps"] = round(args["warmup_steps"] * r)
+    if "ema_decay" in args:
+        args["ema_decay"] = 1 - (1 - args["ema_decay"]) / r
+    prefix = old_dir.rstrip("/") + "/"
+    for key in CKPT_KEYS:
+        if isinstance(args.get(key), str) and args[key].startswith(prefix):
+            args[key] = new_dir.rstrip("/") + "/" + args[key][len(prefix):]
+    return out
+
+
+def chain_save_dir(stages: dict[str, dict]) -> str:
+    """The logger ``save_dir`` the chain's stages share (their checkpoints live under it)."""
+    dirs = {((c.get("trainer") or {}).get("logger") or {}).get("init_args", {}).get("save_dir") for c in stages.values()}
+    dirs.discard(None)
+    if len(dirs) != 1:
+        raise ValueError(f"the chain's stages do not share one logger save_dir (found {sorted(dirs)}); "
+                         "rebatch needs one folder to move their checkpoints from")
+    return dirs.pop()
+
+
+def rebatch_chain(src: Path, dst: Path, batch: int, save_dir: str, force: bool = False) -> list[Path]:
+    """Write ``src``'s chain rescaled to ``batch`` into ``dst``; returns the files written."""
+    if batch < 1:
+        raise ValueError(f"--batch must be at least 1, got {batch}")
+    common_path = src / "common.yaml"
+    if not common_path.is_file():
+        raise FileNotFoundError(f"{common_path} not found: SRC must be a chain folder with common.yaml and its "
+                                "stage files (e.g. configs/tiny)")
+    if src.resolve() == dst.resolve():
+        raise ValueError("DST must differ from SRC: the rebatched chain is written beside the original")
+    common = yaml.safe_load(common_path.read_text())
+    try:
+        old_batch = int(common["data"]["init_args"]["batch_size"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{common_path} has no data.init_args.batch_size to rescale from") from e
+    stage_paths = sorted(p for p in src.glob("*.yaml") if p.name != "common.yaml")
+    if not stage_paths:
+        raise FileNotFoundError(f"no stage files (*.yaml besides common.yaml) in {src}")
+    stages = {p.name: yaml.safe_load(p.read_text()) for p in stage_paths}
+    old_dir = chain_save_dir(stages)
+    if save_dir.rstrip("/") == old_dir.rstrip("/"):
+        raise ValueError(f"--save-dir {save_dir} is the chain's own; pick another so the runs stay apart")
+    targets = [dst / "common.yaml"] + [dst / name for name in stages]
+    if not force and any(t.exists() for t in targets):
+        raise FileExistsError(f"{dst} already holds some of these files; pass --force to overwrite them")
+    r = old_batch / batch
+    header = (f"# Written by `python -m mardini.rebatch {src} {dst} --batch {batch} --save-dir {save_dir}`: "
+              f"{src}/ at batch {batch} (was {old_batch}), the same clips seen.\n")
+    new_common = copy.deepcopy(common)
+    new_common["data"]["init_args"]["batch_size"] = batch
+    dst.mkdir(parents=True, exist_ok=True)
+    targets[0].write_text(header + yaml.safe_dump(new_common, sort_keys=False))
+    for (name, cfg), target in zip(stages.items(), targets[1:]):
+        target.write_text(header + yaml.safe_dump(rebatch_stage(cfg, r, old_dir, save_dir), sort_keys=False))
+    return targets
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", type=Path, help="chain folder (common.yaml + stage files), e.g. configs/tiny")
+    p.add_argument("dst", type=Path, help="folder for the rewritten chain")
+    p.add_argument("--batch", type=int, required=True, help="the new per-device batch size")
+    p.add_argument("--save-dir", required=True, help="logger save_dir of the new chain (its runs and checkpoints)")
+    p.add_argument("--force", action="store_true", help="overwrite files already in DST")
+    a = p.parse_args(argv)
+    try:
+        written = rebatch_chain(a.src, a.dst, a.batch, a.save_dir, a.force)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        sys.exit(f"rebatch: {e}")
+    print(f"wrote {len(written)} files to {a.dst}/; train them with "
+          f"`make train-tiny TINY_CONFIGS={a.dst}` or stage by stage with train.py")
+    return written
+
+
+if __name__ == "__main__":
+    main()
