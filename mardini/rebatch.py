@@ -4,9 +4,10 @@
     make train-tiny TINY_CONFIGS=configs/tiny_b4
 
 Reads ``common.yaml`` and every stage file of ``SRC`` and writes them to ``DST`` with, for a batch of ``B'`` in
-place of the chain's ``B`` (``data.init_args.batch_size`` of ``common.yaml``) and ``r = B / B'``:
+place of a stage's ``B`` (its own ``data.init_args.batch_size`` where it sets one, else ``common.yaml``'s) and
+``r = B / B'``:
 
-- ``data.init_args.batch_size: B'`` in ``common.yaml``;
+- ``data.init_args.batch_size: B'`` in ``common.yaml`` and in every stage that sets its own;
 - ``trainer.max_steps``, ``model.init_args.warmup_steps`` and the ``step`` of every milestone of a
   ``Curriculum`` callback times ``r`` (rounded, at least 1 for the step counts): the same clips seen, the same
   learning-rate warm-up and curriculum in clips;
@@ -27,6 +28,8 @@ from pathlib import Path
 
 import yaml
 
+from mardini.configs_table import NOT_STAGES
+
 CKPT_KEYS = ("init_from", "planner_ckpt", "generator_ckpt")
 
 
@@ -34,9 +37,20 @@ def _scaled(n: int, r: float) -> int:
     return max(1, round(n * r))
 
 
-def rebatch_stage(cfg: dict, r: float, old_dir: str, new_dir: str) -> dict:
-    """One stage file's config, rescaled by ``r = old batch / new batch`` (see the module docstring)."""
+def _batch(cfg: dict) -> int | None:
+    """``data.init_args.batch_size`` of one YAML file, or None when it sets none."""
+    value = ((cfg.get("data") or {}).get("init_args") or {}).get("batch_size")
+    return None if value is None else int(value)
+
+
+def rebatch_stage(cfg: dict, batch: int, common_batch: int, old_dir: str, new_dir: str) -> dict:
+    """One stage file's config at ``batch`` clips per step (see the module docstring); ``common_batch`` is what
+    the stage trains at when it sets no batch of its own."""
     out = copy.deepcopy(cfg)
+    own = _batch(out)
+    r = (own or common_batch) / batch
+    if own is not None:
+        out["data"]["init_args"]["batch_size"] = batch
     trainer = out.get("trainer") or {}
     if "max_steps" in trainer:
         trainer["max_steps"] = _scaled(trainer["max_steps"], r)
@@ -80,11 +94,10 @@ def rebatch_chain(src: Path, dst: Path, batch: int, save_dir: str, force: bool =
     if src.resolve() == dst.resolve():
         raise ValueError("DST must differ from SRC: the rebatched chain is written beside the original")
     common = yaml.safe_load(common_path.read_text())
-    try:
-        old_batch = int(common["data"]["init_args"]["batch_size"])
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{common_path} has no data.init_args.batch_size to rescale from") from e
-    stage_paths = sorted(p for p in src.glob("*.yaml") if p.name != "common.yaml")
+    old_batch = _batch(common)
+    if old_batch is None:
+        raise ValueError(f"{common_path} has no data.init_args.batch_size to rescale from")
+    stage_paths = sorted(p for p in src.glob("*.yaml") if p.name not in NOT_STAGES)
     if not stage_paths:
         raise FileNotFoundError(f"no stage files (*.yaml besides common.yaml) in {src}")
     stages = {p.name: yaml.safe_load(p.read_text()) for p in stage_paths}
@@ -94,7 +107,6 @@ def rebatch_chain(src: Path, dst: Path, batch: int, save_dir: str, force: bool =
     targets = [dst / "common.yaml"] + [dst / name for name in stages]
     if not force and any(t.exists() for t in targets):
         raise FileExistsError(f"{dst} already holds some of these files; pass --force to overwrite them")
-    r = old_batch / batch
     header = (f"# Written by `python -m mardini.rebatch {src} {dst} --batch {batch} --save-dir {save_dir}`: "
               f"{src}/ at batch {batch} (was {old_batch}), the same clips seen.\n")
     new_common = copy.deepcopy(common)
@@ -102,7 +114,7 @@ def rebatch_chain(src: Path, dst: Path, batch: int, save_dir: str, force: bool =
     dst.mkdir(parents=True, exist_ok=True)
     targets[0].write_text(header + yaml.safe_dump(new_common, sort_keys=False))
     for (name, cfg), target in zip(stages.items(), targets[1:]):
-        target.write_text(header + yaml.safe_dump(rebatch_stage(cfg, r, old_dir, save_dir), sort_keys=False))
+        target.write_text(header + yaml.safe_dump(rebatch_stage(cfg, batch, old_batch, old_dir, save_dir), sort_keys=False))
     return targets
 
 

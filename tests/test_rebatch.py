@@ -45,7 +45,25 @@ def test_batch_4_doubles_the_steps_and_keeps_the_clips_seen(tmp_path):
     assert (dst / "common.yaml").read_text().startswith("# Written by `python -m mardini.rebatch")
 
 
-def test_bad_requests_fail_naming_the_problem(tmp_path, capsys):
+def test_a_stage_with_its_own_batch_is_rescaled_from_it(tmp_path):
+    src, dst = tmp_path / "chain", tmp_path / "chain_b4"
+    src.mkdir()
+    for f in TINY.glob("*.yaml"):
+        cfg = _load(f)
+        if f.name == "03_mar_warmup.yaml":  # this stage trains at 16, the others at common.yaml's 8
+            cfg["data"] = {"init_args": {"batch_size": 16}}
+        (src / f.name).write_text(yaml.safe_dump(cfg, sort_keys=False))
+    rebatch.main([str(src), str(dst), "--batch", "4", "--save-dir", "outputs/tiny_b4"])
+    old, new = {s.path.name: s for s in read_chain(src)}, {s.path.name: s for s in read_chain(dst)}
+    assert old["03_mar_warmup.yaml"].batch == 16 and old["02_dm_warmup_9f.yaml"].batch == 8
+    for name, b in new.items():
+        assert b.batch == 4 and b.clips == old[name].clips
+    assert new["03_mar_warmup.yaml"].steps == 4 * old["03_mar_warmup.yaml"].steps
+    assert _load(dst / "03_mar_warmup.yaml")["model"]["init_args"]["warmup_steps"] == 4 * _load(
+        src / "03_mar_warmup.yaml")["model"]["init_args"]["warmup_steps"]
+
+
+def test_bad_requests_fail_naming_the_problem(tmp_path):
     dst = tmp_path / "out"
     with pytest.raises(SystemExit, match="at least 1"):
         rebatch.main([str(TINY), str(dst), "--batch", "0", "--save-dir", "outputs/x"])
