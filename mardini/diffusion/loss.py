@@ -3,6 +3,7 @@
 What the paper fixes: v-prediction, the loss on the masked ([NOISE]) frames only, DDIM sampling, CFG on the
 planning signal (2.5 for I2V, none for interpolation). What we choose: unweighted MSE (no SNR weighting) with
 uniform t from a 1000-step grid of a continuous-time cosine schedule. Reference frames never enter the loss.
+Beyond the paper, :func:`min_snr_weight` gives the per-clip weights of Min-SNR-gamma (Hang et al. 2023).
 """
 
 from __future__ import annotations
@@ -54,3 +55,17 @@ def masked_mse_per_sample(pred: torch.Tensor, target: torch.Tensor, mask: torch.
     per_frame = err[0, 0].numel()  # C * h * w
     count = mask.sum(dim=1).clamp(min=1) * per_frame  # (B,)
     return err.flatten(1).sum(dim=1) / count  # (B,)
+
+
+def min_snr_weight(snr: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weights (Hang et al. 2023) of a v-prediction loss, ``(B,)`` from SNRs ``(B,)``.
+
+    An unweighted v-loss is the x0 error weighted by ``SNR + 1``; Min-SNR weighs the x0 error by ``min(SNR, gamma)``
+    instead, so the v-loss is multiplied by ``min(SNR, gamma) / (SNR + 1)``: below 1 everywhere, near 0 at pure noise
+    and at almost clean frames, largest (``gamma / (gamma + 1)``) at ``SNR = gamma``. Returned in ``snr``'s dtype;
+    ``SNR = inf`` (t = 0) gives 0.
+    """
+    if not gamma > 0:
+        raise ValueError(f"min_snr_gamma={gamma!r} is impossible: it must be > 0 (5 in Hang et al. 2023)")
+    clipped = snr.clamp(max=gamma)  # (B,)
+    return torch.where(torch.isinf(snr), torch.zeros_like(snr), clipped / (snr + 1))  # (B,)

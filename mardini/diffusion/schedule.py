@@ -68,6 +68,11 @@ class CosineSchedule:
         shape = (-1, 1, 1, 1, 1)
         return alpha.to(t.dtype).view(shape), sigma.to(t.dtype).view(shape)  # (B, 1, 1, 1, 1) x 2
 
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio ``alpha^2 / sigma^2`` ``(B,)`` float64 for times ``t`` ``(B,)`` in (0, 1] (inf at 0)."""
+        alpha, sigma = self.alpha_sigma(t.double())  # (B, 1, 1, 1, 1) x 2
+        return (alpha.square() / sigma.square()).flatten()  # (B,)
+
     def sample_t(
         self, batch: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
     ) -> torch.Tensor:

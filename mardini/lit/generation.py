@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from mardini.diffusion.anchor import FrameAnchor, check_anchor
-from mardini.diffusion.loss import masked_mse_per_sample
+from mardini.diffusion.loss import masked_mse_per_sample, min_snr_weight
 from mardini.diffusion.schedule import CosineSchedule
 from mardini.lit.base import MarDiniBase
 from mardini.models.registry import build_generator
@@ -19,19 +19,29 @@ class GenerationModule(MarDiniBase):
         schedule_shift: resolution shift of the cosine schedule (1 = none); see ``CosineSchedule``.
         anchor, anchor_scale: ``nearest`` diffuses each generated frame's change from its nearest given frame,
             divided by ``anchor_scale`` (beyond the paper; ``none`` = the paper's target); see ``FrameAnchor``.
+        loss_weighting, min_snr_gamma: ``min_snr`` weighs each training clip's loss by Min-SNR-gamma (Hang et al.
+            2023; beyond the paper, see ``min_snr_weight``); ``none`` (the paper's) leaves it unweighted. Validation
+            losses stay unweighted, so their curves compare across weightings.
         **kwargs: see :class:`MarDiniBase`.
     """
 
     KIND = "generation"
 
+    WEIGHTINGS = ("none", "min_snr")
+
     def __init__(self, *args, schedule_shift: float = 1.0, anchor: str = "none", anchor_scale: float = 1.0,
-                 **kwargs) -> None:
+                 loss_weighting: str = "none", min_snr_gamma: float = 5.0, **kwargs) -> None:
         if schedule_shift <= 0:
             raise ValueError(f"model.schedule_shift={schedule_shift!r} is impossible: it must be > 0")
+        if loss_weighting not in self.WEIGHTINGS:
+            raise ValueError(f"model.loss_weighting={loss_weighting!r} is impossible: allowed {list(self.WEIGHTINGS)}")
+        if not min_snr_gamma > 0:
+            raise ValueError(f"model.min_snr_gamma={min_snr_gamma!r} is impossible: it must be > 0 (5 in Hang et al.)")
         check_anchor(anchor, anchor_scale)
         super().__init__(*args, **kwargs)
         self.schedule = CosineSchedule(shift=schedule_shift)
         self.anchor = FrameAnchor(anchor, anchor_scale)
+        self.loss_weighting, self.min_snr_gamma = loss_weighting, float(min_snr_gamma)
 
     def build_networks(self) -> dict[str, nn.Module]:
         overrides = dict(self.hparams.generator or {})
@@ -39,9 +49,11 @@ class GenerationModule(MarDiniBase):
         return {"generator": build_generator(self.hparams.size, **overrides)}
 
     def diffusion_loss(
-        self, z_high: torch.Tensor, plan: torch.Tensor | None, mask: torch.Tensor, generator: torch.Generator
+        self, z_high: torch.Tensor, plan: torch.Tensor | None, mask: torch.Tensor, generator: torch.Generator,
+        weighted: bool = True,
     ) -> torch.Tensor:
-        """Per-sample masked v-prediction loss ``(B,)`` for latents ``(B, T, C, h, w)`` and a plan (or None)."""
+        """Per-sample masked v-prediction loss ``(B,)`` for latents ``(B, T, C, h, w)`` and a plan (or None),
+        times the ``loss_weighting``'s per-clip weights when ``weighted``."""
         b = z_high.shape[0]
         t = self.schedule.sample_t(b, generator=generator).to(z_high.device)  # (B,)
         noise = torch.randn(z_high.shape, generator=generator).to(z_high.device)  # (B, T, C, h, w)
@@ -51,7 +63,10 @@ class GenerationModule(MarDiniBase):
         net = self.networks["generator"]
         estimate = self.self_cond_estimate(z_t, t, plan, mask, generator) if net.cfg.self_cond else None
         v_hat = net(z_t, t, plan, mask, self_cond=estimate)  # (B, T, C, h, w)
-        return masked_mse_per_sample(v_hat.float(), v_target, mask)  # (B,)
+        loss = masked_mse_per_sample(v_hat.float(), v_target, mask)  # (B,)
+        if weighted and self.loss_weighting == "min_snr":
+            loss = loss * min_snr_weight(self.schedule.snr(t), self.min_snr_gamma).to(loss)  # (B,)
+        return loss
 
     @torch.no_grad()
     def self_cond_estimate(self, z_t: torch.Tensor, t: torch.Tensor, plan: torch.Tensor | None, mask: torch.Tensor,
@@ -74,7 +89,7 @@ class GenerationModule(MarDiniBase):
         mask, template = self.mask_sampler.sample(b, t, generator)  # (B, T), (B,)
         mask = mask.to(z_high.device)
         self._last_template = template.to(z_high.device)
-        return self.diffusion_loss(z_high, None, mask, generator)
+        return self.diffusion_loss(z_high, None, mask, generator, weighted=train)
 
     def tokens_per_clip(self, batch: dict) -> int:
         f = self.autoencoder.downsample * self.networks["generator"].cfg.patch_size

@@ -102,7 +102,7 @@ class MarDiniModule(GenerationModule):
             drop = (torch.rand(b, generator=generator) < self.plan_dropout).to(plan.device)  # (B,)
             null = self.networks["generator"].null_plan(b, t, plan.shape[2]).to(plan.dtype)  # (B, T, N_low, D)
             plan = torch.where(drop[:, None, None, None], null, plan)  # (B, T, N_low, D)
-        loss = self.diffusion_loss(z_high, plan, mask, generator)  # (B,)
+        loss = self.diffusion_loss(z_high, plan, mask, generator, weighted=train)  # (B,)
         if recon_loss is not None:
             if train and self._trainer is not None:
                 self.log("train/plan_recon_loss", recon_loss.mean(), on_step=True, batch_size=b)
