@@ -9,7 +9,7 @@ import torch
 
 from mardini.diffusion.loss import min_snr_weight
 from mardini.diffusion.schedule import CosineSchedule
-from mardini.lit import GenerationModule
+from mardini.lit import GenerationModule, MarDiniModule
 
 
 def test_snr_is_cot_squared_of_the_shifted_time():
@@ -33,23 +33,23 @@ def test_min_snr_weight_by_hand():
         min_snr_weight(snr, gamma=0.0)
 
 
-def _module(weighting: str) -> GenerationModule:
-    torch.manual_seed(0)
-    return GenerationModule(size="tiny", frames=4, loss_weighting=weighting, min_snr_gamma=5.0)
+@pytest.mark.parametrize("cls", [GenerationModule, MarDiniModule])
+def test_each_stage_weights_its_training_loss_and_not_its_validation_loss(cls):
+    def make(weighting: str):
+        torch.manual_seed(0)
+        extra = {"planner_resolution": 16, "plan_dropout": 0.0} if cls is MarDiniModule else {}
+        return cls(size="tiny", frames=5, loss_weighting=weighting, **extra)
 
-
-def test_training_loss_is_weighted_per_clip_and_validation_is_not():
-    plain, weighted = _module("none"), _module("min_snr")
+    plain, weighted = make("none"), make("min_snr")
     weighted.load_state_dict(plain.state_dict())
-    c = plain.autoencoder.latent_channels
-    z = torch.randn(3, 4, c, 8, 8, generator=torch.Generator().manual_seed(1))  # (B, T, C, h, w)
-    mask = torch.tensor([[False, True, True, False], [True, True, True, False], [False, True, False, True]])
+    batch = {"video": torch.rand(2, 5, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1}
     with torch.no_grad():
-        base = plain.diffusion_loss(z, None, mask, torch.Generator().manual_seed(7))  # (B,)
-        train = weighted.diffusion_loss(z, None, mask, torch.Generator().manual_seed(7), weighted=True)
-        val = weighted.diffusion_loss(z, None, mask, torch.Generator().manual_seed(7), weighted=False)
-    t = weighted.schedule.sample_t(3, generator=torch.Generator().manual_seed(7))  # the same first draw
+        loss = {(m, train): m.compute_loss(dict(batch), torch.Generator().manual_seed(7), train)
+                for m in (plain, weighted) for train in (True, False)}  # (B,) each
+    g = torch.Generator().manual_seed(7)
+    weighted.mask_sampler.sample(2, 5, g)  # the draws compute_loss made before the times
+    t = weighted.schedule.sample_t(2, generator=g)  # (B,)
     w = min_snr_weight(weighted.schedule.snr(t), 5.0).float()  # (B,)
-    assert (w < 1).all() and (w > 0).all()
-    assert torch.allclose(train, base * w, rtol=1e-5)
-    assert torch.equal(val, base)
+    assert (w < 1).all()
+    assert torch.allclose(loss[weighted, True], loss[plain, True] * w, rtol=1e-5)
+    assert torch.equal(loss[weighted, False], loss[plain, False])
