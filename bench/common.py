@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from mardini import cpu_kernels
+
 RESULTS = Path("bench/results")
 
 
@@ -31,7 +33,7 @@ def machine() -> dict:
     return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "machine": platform.machine(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "load_avg_1min": os.getloadavg()[0]}
+            "load_avg_1min": os.getloadavg()[0], "cpu_bf16_matmul": cpu_kernels.describe()}
 
 
 def write_result(name: str, result: dict) -> Path:

@@ -126,6 +126,9 @@ def summary(ran: dict[str, str]) -> str:
         if "passive_over_default" in r:
             out.append(f"- `OMP_WAIT_POLICY=PASSIVE` / libgomp's default: **{r['passive_over_default']:.2f}x** the time "
                        "per step (child processes, alternating)")
+        if "capped_over_own_kernels" in r:
+            out.append(f"- {r['kernels']['capped']} / {r['kernels']['own']}: **{r['capped_over_own_kernels']:.2f}x** "
+                       "the time per step (child processes, alternating)")
         out.append("")
     r = _load("growth")
     if r:

@@ -2,7 +2,7 @@
 policy cost, each compared in one run (STUDIES.md, "The demo's step time").
 
     .venv/bin/python -m bench.tiny_step [--rounds 5] [--steps 10] [--planner-patch P] [--generator YAML]
-        [--batch B] [--quick]
+        [--batch B] [--no-policy] [--kernels] [--quick]
 
 1. the config's networks against a variant, built side by side in this process and timed in alternating rounds of
    ``--steps`` steps on the same random clips (forward, backward, AdamW step, bf16 autocast, the config's mask
@@ -12,7 +12,10 @@ policy cost, each compared in one run (STUDIES.md, "The demo's step time").
    ``--planner-patch`` is given too;
 2. the config's step in child processes with ``OMP_WAIT_POLICY`` unset (libgomp's default: waiting threads spin a
    while) and ``PASSIVE`` (they sleep at once), alternating; the variable only counts before torch loads, hence
-   the children. Skipped with ``--no-policy``.
+   the children. Skipped with ``--no-policy``;
+3. with ``--kernels``, the config's step in child processes on the CPU's own bf16 matmul kernels and with
+   ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`` (AVX-512 BF16 instead of AMX tiles where the CPU has them; the same
+   kernels where it does not), alternating (:mod:`mardini.cpu_kernels`).
 
 Reports medians over rounds and their ratios (``bench/results/tiny_step.json``); absolute times depend on the load.
 """
@@ -30,9 +33,11 @@ import torch
 import yaml
 
 from bench.common import command, machine, median, timed, write_result
+from mardini import cpu_kernels
 
 NAME = "tiny_step"
 CONFIG = Path("configs/tiny/05_joint_task.yaml")
+CAP = "AVX512_CORE_BF16"  # oneDNN's cap for the kernels comparison: AVX-512 BF16, below AMX
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -90,15 +95,21 @@ def child(steps: int) -> float:
     return run(steps)
 
 
-def policy_round(steps: int, policy: str | None) -> float:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if policy:
-        env["OMP_WAIT_POLICY"] = policy
+def child_round(steps: int, variable: str, value: str | None) -> dict:
+    """One child process's ``{"s_per_step", "kernels"}`` with ``variable`` set to ``value`` (None: unset); such
+    variables only count before torch loads."""
+    env = {k: v for k, v in os.environ.items() if k != variable}
+    if value:
+        env[variable] = value
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, "-m", "bench.tiny_step", "--child", "--steps", str(steps),
                           "--threads", str(torch.get_num_threads())], cwd=ROOT,
                          env=env, capture_output=True, text=True, check=True)
-    return float(json.loads(out.stdout.strip().splitlines()[-1])["s_per_step"])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def policy_round(steps: int, policy: str | None) -> float:
+    return float(child_round(steps, "OMP_WAIT_POLICY", policy)["s_per_step"])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -113,13 +124,15 @@ def main(argv: list[str] | None = None) -> dict:
                    help="generator fields of the variant over the config's, as YAML, e.g. '{patch_size: 4}'")
     p.add_argument("--batch", type=int, default=None, help="the variant's batch (default: the config's)")
     p.add_argument("--no-policy", action="store_true", help="skip the wait-policy comparison (child processes)")
+    p.add_argument("--kernels", action="store_true", help="compare the CPU's bf16 matmul kernels with "
+                   f"{cpu_kernels.ISA_VARIABLE}={CAP} (child processes; AVX-512 BF16 instead of AMX)")
     p.add_argument("--quick", action="store_true", help="1 round of 1 step, no wait-policy comparison")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.child:
-        print(json.dumps({"s_per_step": child(a.steps)}))
+        print(json.dumps({"s_per_step": child(a.steps), "kernels": cpu_kernels.describe()}))
         return {}
     rounds, steps = (1, 1) if a.quick else (a.rounds, a.steps)
     shape = settings()  # (batch, frames, side) of configs/tiny/common.yaml
@@ -164,6 +177,15 @@ def main(argv: list[str] | None = None) -> dict:
             policy["PASSIVE"].append(policy_round(steps, "PASSIVE"))
         result["wait_policy_rounds_s_per_step"] = policy
         result["passive_over_default"] = median(policy["PASSIVE"]) / median(policy["default"])
+    if a.kernels and not a.quick:
+        kernels: dict[str, list[dict]] = {"own": [], "capped": []}
+        for _ in range(rounds):
+            kernels["own"].append(child_round(steps, cpu_kernels.ISA_VARIABLE, None))
+            kernels["capped"].append(child_round(steps, cpu_kernels.ISA_VARIABLE, CAP))
+        result["kernels_rounds"] = kernels
+        result["kernels"] = {k: v[0]["kernels"] for k, v in kernels.items()}
+        result["capped_over_own_kernels"] = (median([r["s_per_step"] for r in kernels["capped"]])
+                                             / median([r["s_per_step"] for r in kernels["own"]]))
     write_result(NAME, result)
     m = result["median"]
     variant_name = (f"planner patch {a.planner_patch}" + (f", generator {a.generator}" if a.generator else "")
@@ -173,6 +195,9 @@ def main(argv: list[str] | None = None) -> dict:
     if "passive_over_default" in result:
         print(f"OMP_WAIT_POLICY=PASSIVE / default: {result['passive_over_default']:.2f}x "
               f"(medians {median(policy['PASSIVE']):.3f} / {median(policy['default']):.3f} s/step)")
+    if "capped_over_own_kernels" in result:
+        print(f"{result['kernels']['capped']} / {result['kernels']['own']}: "
+              f"{result['capped_over_own_kernels']:.2f}x the time per step")
     return result
 
 

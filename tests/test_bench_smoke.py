@@ -65,6 +65,17 @@ def test_tiny_step_batch_variant(tmp_path, monkeypatch):
         tiny_step.main(["--quick", "--batch", "0"])
 
 
+def test_tiny_step_compares_the_bf16_kernels_in_child_processes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    r = tiny_step.main(["--rounds", "1", "--steps", "1", "--no-policy", "--kernels"])
+    assert "ONEDNN_MAX_CPU_ISA" not in r["kernels"]["own"]  # each child says which kernels it ran
+    assert r["kernels"]["capped"].endswith("(ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16)")
+    own, capped = (r["kernels_rounds"][k][0]["s_per_step"] for k in ("own", "capped"))
+    assert _positive(own, capped) and r["capped_over_own_kernels"] == capped / own
+    assert f"{r['kernels']['capped']} / {r['kernels']['own']}: **" in run_all.summary({})
+
+
 def test_attention_dtype_quick_reports_every_backend(tmp_path, monkeypatch):
     import json
 

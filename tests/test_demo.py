@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from mardini import cpu_kernels
 from mardini.demo.main import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,6 +37,7 @@ def test_demo_end_to_end_and_rerun_reuses(tmp_path, monkeypatch):
     assert set(by_size) == set(by_gap)
     assert sum(r["counted"] for r in by_size["mardini"]) == sum(r["counted"] for r in by_gap["mardini"])
     report = (out / "report.md").read_text()
+    assert cpu_kernels.describe() in summary["machine"] and summary["machine"] in report  # which bf16 kernels ran
     for expected in ("## Training chain", "Does the model beat the baselines", "loss_curves.png", "eta 1.0",
                      "Where are the objects lost?", "| 1 | ", "| object area (px) |",
                      "samples/interpolation_sheet.png", "samples/image_to_video_sheet.png"):

@@ -25,11 +25,20 @@ from pathlib import Path
 
 import torch
 
+from mardini import cpu_kernels
 from mardini.demo.chain import TINY_DIR, TINY_STAGES, run_stage
 from mardini.demo.data import SHARDS, build_synthetic
 
 OUTPUT = Path("outputs/demo")
 TRAIN_ROOT = Path("outputs/tiny")
+
+
+def machine_line() -> str:
+    """What the report's figures ran on: architecture, threads, torch, the CPU's bf16 matmul kernels (which decide
+    the last digits, :mod:`mardini.cpu_kernels`) and the OpenMP wait policy the demo picked."""
+    policy = os.environ.get("MARDINI_DEMO_WAIT_POLICY")
+    return (f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+            f"{cpu_kernels.describe()}" + (f", {policy}" if policy else ""))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -126,8 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
     info = {
         "command": "make demo" if argv is None else "python -m mardini.demo " + " ".join(argv),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-                   + (f", {os.environ['MARDINI_DEMO_WAIT_POLICY']}" if "MARDINI_DEMO_WAIT_POLICY" in os.environ else ""),
+        "machine": machine_line(),
         "total_s": time.perf_counter() - start, "train_s": train_s, "eval_s": eval_s,
         "params": {n: sum(p.numel() for p in getattr(pipe, n).parameters()) for n in ("planner", "generator")},
         "resolution": pipe.resolution[0] if pipe.resolution else 32, "frames": pipe.window,
@@ -135,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     report = write_report(a.out, info, stages, evaluation, pictures, losses)
     checks = verdict(evaluation["tasks"])
-    summary = {"report": str(report), "total_s": info["total_s"], "train_s": train_s, "eval_s": eval_s,
+    summary = {"report": str(report), "machine": info["machine"], "total_s": info["total_s"], "train_s": train_s, "eval_s": eval_s,
                "stages": {s.name: {"steps": s.steps, "seconds": s.seconds, "reused": s.reused} for s in stages},
                "results": {t: r["results"] for t, r in evaluation["tasks"].items()},
                "interpolation_found_by_gap": evaluation["found_by_gap"],

@@ -1,0 +1,56 @@
+"""Which bf16 matrix-multiply kernels this CPU runs: why a bf16 run's last digits differ between CPUs.
+
+torch's bf16 matrix multiplies on the CPU go through oneDNN, which picks the widest instruction set the CPU has:
+AMX tiles where ``/proc/cpuinfo`` lists ``amx_bf16`` (Xeon since Sapphire Rapids), AVX-512 BF16 dot products where
+it lists ``avx512_bf16``, and bf16 converted to float32 below that. The kernels accumulate in different orders, so
+the same seeded bf16 training gives figures that agree to the spread of a rerun across CPUs, and to the last digit
+only on the same kernels. ``ONEDNN_MAX_CPU_ISA`` caps the choice (read when torch first calls oneDNN, so set it
+before the process starts): ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`` makes an AMX CPU run the AVX-512 BF16 kernels.
+No torch import here: this only reads the CPU's flags and the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+ISA_VARIABLE = "ONEDNN_MAX_CPU_ISA"
+# oneDNN caps below AVX-512 BF16 (they lack its bf16 dot products); caps naming AMX, AVX10 or ALL allow more.
+_BELOW_AVX512_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+_BELOW_AMX = _BELOW_AVX512_BF16 | {"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512"}
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The first CPU's feature flags (``flags`` line of ``/proc/cpuinfo``); empty where the file is missing."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def bf16_matmul_kernels(flags: frozenset[str] | None = None, env: Mapping[str, str] | None = None) -> str:
+    """``"AMX"``, ``"AVX-512 BF16"``, ``"float32 (no native bf16)"`` or ``"unknown"`` (no flags to read): the
+    kernels oneDNN picks for bf16 matrix multiplies, given the CPU's ``flags`` and the ``ONEDNN_MAX_CPU_ISA`` cap
+    in ``env`` (default: this machine and ``os.environ``)."""
+    flags = cpu_flags() if flags is None else flags
+    env = os.environ if env is None else env
+    if not flags:
+        return "unknown"
+    cap = env.get(ISA_VARIABLE, "ALL").strip().upper() or "ALL"
+    if "amx_bf16" in flags and cap not in _BELOW_AMX:
+        return "AMX"
+    if "avx512_bf16" in flags and cap not in _BELOW_AVX512_BF16:
+        return "AVX-512 BF16"
+    return "float32 (no native bf16)"
+
+
+def describe(flags: frozenset[str] | None = None, env: Mapping[str, str] | None = None) -> str:
+    """One phrase for a report's machine line, e.g. ``bf16 matmul on AMX`` or ``bf16 matmul on AVX-512 BF16
+    (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16)``."""
+    env = os.environ if env is None else env
+    text = f"bf16 matmul on {bf16_matmul_kernels(flags, env)}"
+    return text + (f" ({ISA_VARIABLE}={env[ISA_VARIABLE]})" if env.get(ISA_VARIABLE) else "")
