@@ -2,11 +2,12 @@
 
 torch's bf16 matrix multiplies on the CPU go through oneDNN, which picks the widest instruction set the CPU has:
 AMX tiles where ``/proc/cpuinfo`` lists ``amx_bf16`` (Xeon since Sapphire Rapids), AVX-512 BF16 dot products where
-it lists ``avx512_bf16``, and bf16 converted to float32 below that. The kernels accumulate in different orders, so
-the same seeded bf16 training gives figures that agree to the spread of a rerun across CPUs, and to the last digit
-only on the same kernels. ``ONEDNN_MAX_CPU_ISA`` caps the choice (read when torch first calls oneDNN, so set it
-before the process starts): ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`` makes an AMX CPU run the AVX-512 BF16 kernels.
-No torch import here: this only reads the CPU's flags and the environment.
+it lists ``avx512_bf16``, and bf16 converted to float32 below that. The kernels round and accumulate differently,
+so a seeded bf16 training run repeats itself to the last digit on one machine, while another CPU gives figures
+within the spread of a rerun (README, "The demo"). ``ONEDNN_MAX_CPU_ISA`` caps the choice (read when torch first
+calls oneDNN, so set it before the process starts): ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`` makes an AMX CPU run
+the AVX-512 BF16 kernels (``python -m bench.tiny_step --kernels`` times both). No torch import here: this only
+reads the CPU's flags and the environment.
 """
 
 from __future__ import annotations

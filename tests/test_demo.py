@@ -123,3 +123,13 @@ def test_stages_run_in_process_without_lightnings_chatter(tmp_path, monkeypatch)
     assert [str(w.message) for w in caught] == ["another warning"]
     assert seen == {"info": False, "seed_info": False, "warning": True}
     assert logging.getLogger("lightning.pytorch").level == logging.INFO  # restored
+
+
+def test_the_report_quotes_the_command_that_ran(monkeypatch):
+    from mardini.demo.main import demo_command
+
+    monkeypatch.setattr("sys.argv", ["mardini/demo/__main__.py", "--final-steps", "3900", "--out", "my dir"])
+    assert demo_command(None) == "python -m mardini.demo --final-steps 3900 --out 'my dir'"
+    monkeypatch.setattr("sys.argv", ["mardini/demo/__main__.py"])  # `make demo`
+    assert demo_command(None) == "python -m mardini.demo"
+    assert demo_command(["--scale", "0.05"]) == "python -m mardini.demo --scale 0.05"

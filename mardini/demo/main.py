@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import sys
 import time
@@ -39,6 +40,13 @@ def machine_line() -> str:
     policy = os.environ.get("MARDINI_DEMO_WAIT_POLICY")
     return (f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
             f"{cpu_kernels.describe()}" + (f", {policy}" if policy else ""))
+
+
+def demo_command(argv: list[str] | None) -> str:
+    """The command line the report quotes: ``argv``, or this process's own arguments when None (``make demo`` is
+    ``python -m mardini.demo`` without any)."""
+    args = sys.argv[1:] if argv is None else argv
+    return shlex.join(["python", "-m", "mardini.demo", *args])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -134,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     from mardini.demo.report import verdict, write_report
 
     info = {
-        "command": "make demo" if argv is None else "python -m mardini.demo " + " ".join(argv),
+        "command": demo_command(argv),
         "machine": machine_line(),
         "total_s": time.perf_counter() - start, "train_s": train_s, "eval_s": eval_s,
         "params": {n: sum(p.numel() for p in getattr(pipe, n).parameters()) for n in ("planner", "generator")},
