@@ -45,8 +45,11 @@ def interpolation_mask(frames: int) -> torch.Tensor:
 
 
 def image_to_video_mask(frames: int, index: int = 0) -> torch.Tensor:
-    """One frame given at ``index`` (negative counts from the end). ``(T,)``"""
-    return mask_from_given(frames, [index % frames if index < 0 else index])
+    """One frame given at ``index`` (negative counts from the end, -1 = the last). ``(T,)``"""
+    if not -frames <= index < frames:
+        raise ValueError(f"image_to_video index {index} is outside the window of {frames} frames: give "
+                         f"0..{frames - 1}, or -{frames}..-1 counting from the end")
+    return mask_from_given(frames, [index % frames])
 
 
 def expansion_mask(frames: int, n_given: int) -> torch.Tensor:

@@ -17,6 +17,10 @@ def test_named_templates():
     assert interpolation_mask(9).tolist() == [False] + [True] * 7 + [False]
     assert image_to_video_mask(5, 2).tolist() == [True, True, False, True, True]
     assert image_to_video_mask(5, -1).tolist() == [True] * 4 + [False]
+    assert image_to_video_mask(5, -5).tolist() == [False] + [True] * 4
+    for index in (5, -6, -100):  # outside the window, counted either way: an error, not a wrapped index
+        with pytest.raises(ValueError, match="outside the window of 5 frames"):
+            image_to_video_mask(5, index)
     assert expansion_mask(6, 2).tolist() == [False, False, True, True, True, True]
 
 

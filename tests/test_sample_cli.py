@@ -57,6 +57,8 @@ def _run(env, tmp_path, *args):
 @pytest.mark.parametrize("task, args, frames, given", [
     ("interpolate", ["--images", "IMG0", "IMG1"], 5, [0, 4]),
     ("image_to_video", ["--images", "IMG0", "--index", "2"], 5, [2]),
+    ("image_to_video", ["--video", "VIDEO", "--index", "3"], 5, [3]),
+    ("interpolate", ["--video", "VIDEO", "--keep", "0,2"], 5, [0, 4]),
     ("expand", ["--video", "VIDEO", "--keep", "0-1"], 5, [0, 1]),
     ("long_video", ["--images", "IMG0", "--total", "9", "--context", "2"], 9, [0]),
     ("slow_motion", ["--video", "VIDEO", "--frames", "3", "--factor", "2"], 5, [0, 2, 4]),
@@ -74,12 +76,48 @@ def test_every_task_writes_videos_sheet_and_settings(env, tmp_path, task, args, 
     for key, value in {"task": task, "checkpoint": env["ckpt"], "seed": 0, "steps": 1, "frames": frames}.items():
         assert saved[key] == value
     assert saved["guidance"] == (2.5 if task == "image_to_video" else 1.0)
+    assert saved["given_positions"] == given  # where the given frames are in the written videos
     with Image.open(tmp_path / f"{task}_000.gif") as gif:
         assert gif.n_frames == frames and gif.size == (16, 16)
     sheet = np.asarray(Image.open(tmp_path / "contact_sheet.png"))  # (H, W, 3)
     assert _marked(sheet[2]) == [j in given for j in range(frames)]  # top border of the first row's cells
     if task != "generate":
         assert "centre crop" in saved["inputs"][0]  # 24x32 inputs were cropped and resized, and it says so
+
+
+def test_long_video_windows_follow_frames(env, tmp_path, monkeypatch):
+    from mardini.pipeline.pipeline import MarDiniPipeline
+
+    lengths, generate = [], MarDiniPipeline.generate
+
+    def recording(self, video, mask, **kw):
+        lengths.append(video.shape[1])
+        return generate(self, video, mask, **kw)
+
+    monkeypatch.setattr(MarDiniPipeline, "generate", recording)
+    record = _run(env, tmp_path, "long_video", "--images", env["images"][0], "--total", "7", "--frames", "3",
+                  "--context", "1")
+    assert record["frames"] == 7 and lengths == [3, 3, 3]  # windows of --frames, not the trained 5
+
+
+def test_ignored_or_reversed_inputs_fail(env, tmp_path):
+    with pytest.raises(SystemExit, match="--keep picks given frames among those of --video or --shards"):
+        _run(env, tmp_path, "image_to_video", "--images", env["images"][0], "--keep", "2")
+    with pytest.raises(SystemExit, match="--resize stretch does not apply to --shards"):
+        _run(env, tmp_path, "generate", "--shards", env["shards"], "--keep", "0,3", "--resize", "stretch")
+    with pytest.raises(ValueError, match="runs backwards: write the lower index first \\(1-3\\)"):
+        _run(env, tmp_path, "expand", "--video", env["video"], "--keep", "3-1")
+    with pytest.raises(ValueError, match="outside the window of 5 frames"):
+        _run(env, tmp_path, "image_to_video", "--images", env["images"][0], "--index", "-6")
+
+
+def test_bad_videos_fail_with_the_fix(env, tmp_path):
+    with pytest.raises(ValueError, match="too few frames.*lower --frames, --start or --stride"):
+        _run(env, tmp_path, "expand", "--video", env["video"], "--start", "20")
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video at all" * 50)
+    with pytest.raises(ValueError, match="could not be decoded.*re-encode it"):
+        _run(env, tmp_path, "expand", "--video", str(broken))
 
 
 def test_clear_errors(env, tmp_path):

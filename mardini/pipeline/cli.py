@@ -91,12 +91,16 @@ def default_keep(task: str, read: int) -> list[int] | None:
 
 
 def load_inputs(a, pipe: MarDiniPipeline, size) -> tuple[torch.Tensor, list[str], list[int] | None, list[str]]:
-    """``given (B, n, 3, H, W)`` in [-1, 1], clip names, window positions of the given frames (video/shards), notes."""
+    """``given (B, n, 3, H, W)`` in [-1, 1], clip names, the given frames' indices among those read (for generate:
+    their window positions), notes."""
     sources = [x for x in (a.images, a.video, a.shards) if x]
     if len(sources) != 1:
         raise SystemExit("give exactly one input: --images, --video or --shards")
     read = a.frames or pipe.window
     if a.images:
+        if a.keep is not None and a.task != "generate":
+            raise SystemExit(f"--keep picks given frames among those of --video or --shards; with --images every "
+                             f"image is given ({a.task} places them itself): drop --keep, or use the generate task")
         frames, note = fit_frames(read_images(a.images), size, a.resize, f"{len(a.images)} image(s)")
         keep = parse_indices(a.keep)
         return frames[None], ["images"], keep, [note]
@@ -106,6 +110,9 @@ def load_inputs(a, pipe: MarDiniPipeline, size) -> tuple[torch.Tensor, list[str]
     else:
         if size is None:
             raise SystemExit("--shards needs a sampling size: pass --resolution (the checkpoint does not record one)")
+        if a.resize != "crop":
+            raise SystemExit(f"--resize {a.resize} does not apply to --shards: shard clips are centre-cropped to the "
+                             "sampling size, as in validation; drop --resize")
         clips, names = read_shard_clips(a.shards, a.clips, read, pipe.fps, size)
         note = f"{len(names)} clip(s) of {read} frames from {a.shards} at {size[0]}x{size[1]} (centre crop)"
     keep = parse_indices(a.keep) or default_keep(a.task, clips.shape[1])
@@ -155,7 +162,7 @@ def run_task(a, pipe: MarDiniPipeline, given: torch.Tensor, positions, seeds: li
         idx = list(range(n))
     elif task == "long_video":
         total = a.total or 2 * pipe.window
-        out = pipe.long_video(given, total_frames=total, context=a.context, **kw)
+        out = pipe.long_video(given, total_frames=total, context=a.context, window=a.frames, **kw)
         idx = list(range(n))
     else:
         need("at least 2", n >= 2)
@@ -223,7 +230,9 @@ def main(argv: list[str] | None = None) -> dict:
         "task": a.task, "checkpoint": str(a.ckpt), "kind": pipe.kind, "size": pipe.info.get("size"),
         "ema": not a.no_ema, "seed": a.seed, "steps": a.steps, "eta": a.eta, "guidance": guidance,
         "num_samples": a.num_samples, "batch": a.batch, "frames": videos.shape[1],
-        "resolution": list(videos.shape[-2:]), "resize": a.resize, "inputs": notes, "given_positions": positions,
+        "resolution": list(videos.shape[-2:]), "resize": a.resize, "inputs": notes,
+        "keep": positions,  # the given frames among those read (--keep or the task's default)
+        "given_positions": masks[0][0].nonzero().flatten().tolist(),  # where they are in the written videos
         "device": str(pipe.device), "dtype": str(dtype), "window": pipe.window,
         "task_options": {"index": a.index, "total": a.total, "context": a.context, "factor": a.factor},
         "seconds": round(time.perf_counter() - started, 3),

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mardini.data.decode import decode_mp4
+from mardini.data.decode import BadSample, ClipTooShort, decode_mp4
 from mardini.data.transforms import as_size, crop_and_resize, resize_video, to_unit_range
 
 RESIZE_MODES = ("crop", "stretch", "none")
@@ -75,7 +75,14 @@ def read_video(path: str | Path, frames: int, start: int = 0, stride: int = 1) -
         raise FileNotFoundError(f"video {path} does not exist")
     if start < 0 or stride < 1:
         raise ValueError(f"--start must be >= 0 and --stride >= 1, got {start}, {stride}")
-    return decode_mp4(Path(path).read_bytes(), start + stride * np.arange(frames))  # (frames, H, W, 3)
+    try:
+        return decode_mp4(Path(path).read_bytes(), start + stride * np.arange(frames))  # (frames, H, W, 3)
+    except ClipTooShort as e:
+        raise ValueError(f"video {path}: {e}; it has too few frames for {frames} frames from --start {start} "
+                         f"every --stride {stride}: lower --frames, --start or --stride") from e
+    except BadSample as e:
+        raise ValueError(f"video {path} could not be decoded ({e}); re-encode it (e.g. ffmpeg -i IN -c:v libx264 "
+                         "OUT.mp4) or give its frames as --images") from e
 
 
 def read_shard_clips(shards: str, clips: int, frames: int, fps: float | None, size: tuple[int, int]):
@@ -105,5 +112,7 @@ def parse_indices(text: str | None) -> list[int] | None:
         a, _, b = part.strip().partition("-")
         if not a.isdigit() or (b and not b.isdigit()):
             raise ValueError(f"--keep must list frame indices like 0,4,8 or 0-3, got {text!r}")
+        if b and int(b) < int(a):
+            raise ValueError(f"--keep range {part.strip()!r} runs backwards: write the lower index first ({b}-{a})")
         out += list(range(int(a), int(b) + 1)) if b else [int(a)]
     return out
