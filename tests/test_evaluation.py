@@ -198,6 +198,14 @@ def test_missing_weights_error_or_skip(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="fvd is off.*make weights"):
         suite = EvalSuite(EvalProtocol(metrics=("fvd", "midf"), missing_weights="skip", num_clips=4))
     assert set(suite.metrics) == {"midf"} and "fvd" in suite.skipped
+    # a missing LPIPS file costs only LPIPS: MidF PSNR and SSIM need no weights, and the fix names --lpips-weights
+    missing = str(tmp_path / "alexnet.pth")
+    with pytest.raises(FileNotFoundError, match="drop lpips_weights \\(--lpips-weights\\)"):
+        EvalSuite(EvalProtocol(metrics=("midf",), lpips_weights=missing, num_clips=4))
+    with pytest.warns(UserWarning, match="midf_lpips is off"):
+        suite = EvalSuite(EvalProtocol(metrics=("midf",), lpips_weights=missing, missing_weights="skip", num_clips=4))
+    assert set(suite.metrics) == {"midf"} and set(suite.skipped) == {"midf_lpips"}
+    assert "lpips" not in suite.metrics["midf"]
 
 
 def test_suite_scores_baselines_and_reuses_cached_real_stats(tmp_path):

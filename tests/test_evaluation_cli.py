@@ -68,6 +68,33 @@ def test_cli_scores_a_checkpoint_with_the_chosen_eta(shards, tmp_path):
     assert results["0"]["mardini"]["midf_psnr"] != results["1"]["mardini"]["midf_psnr"]  # eta reached the sampler
 
 
+def test_the_report_states_what_ran(shards, tmp_path, capsys):
+    from mardini.testing import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "generation.ckpt", "generation", frames=9, size=16)  # no planner: no guidance
+    out = tmp_path / "out dir"
+    argv = ["--data", str(shards), "--tasks", "image_to_video", "--frames", "9", "--resolution", "16", "--num-clips",
+            "2", "--metrics", "midf", "--checkpoint", str(ckpt), "--steps", "1", "--cache-dir", "", "--out", str(out)]
+    with pytest.warns(UserWarning, match="guidance 2.5 -> 1.0"):
+        assert cli.main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["tasks"]["image_to_video"]["protocol"]["guidance_scale"] == 1.0  # what the model ran with
+    assert "Guidance 1.0," in (out / "report.md").read_text()
+    import shlex
+    assert shlex.split(report["command"])[2:] == argv  # quoted: '' and the space survive a copy and paste
+
+
+def test_short_windows_take_fvd_only_padded(shards, capsys):
+    argv = ["--data", str(shards), "--tasks", "interpolation", "--frames", "5", "--resolution", "16",
+            "--num-clips", "2", "--metrics", "fvd"]
+    assert cli.main(argv) == 2  # an impossible protocol: a message, not a traceback
+    assert "--fvd-pad-short" in capsys.readouterr().err
+    args = cli.parse_args([*argv, "--fvd-pad-short", "--cache-dir", ""])
+    kind, files = resolve_source(args.data)
+    res = cli.run_task("interpolation", args, cli.build_samplers(args), kind, files, 2, {"fvd": VideoPool()})
+    assert [k for k in res["results"]["linear_blend"]] == ["fvd2_5f_pad"]  # padded to I3D's 9 frames, and named so
+
+
 def test_run_task_with_frechet_metrics_and_real_stats_cache(shards, tmp_path):
     args = cli.parse_args(["--data", str(shards), "--tasks", "interpolation", "--frames", "9", "--resolution", "16",
                            "--num-clips", "6", "--cache-dir", str(tmp_path / "stats")])

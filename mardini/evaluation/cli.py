@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -57,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--i3d-weights", default=None, help="I3D pickle or folder (default $MARDINI_WEIGHTS or weights/)")
     p.add_argument("--inception-weights", default=None, help="InceptionV3 TorchScript or folder")
     p.add_argument("--lpips-weights", default=None, help="torchvision alexnet-owt-7be5be79.pth: adds MidF-LPIPS")
+    p.add_argument("--fvd-pad-short", action="store_true",
+                   help="FVD on windows under 9 frames: repeat the last frame up to I3D's 9 (the metric gets _pad)")
     p.add_argument("--methods", nargs="+", default=None,
                    help=f"of {[*BASELINES, 'mardini']} (default: the baselines, + mardini with --checkpoint)")
     p.add_argument("--checkpoint", default=None, help="a joint checkpoint: adds the 'mardini' method (EMA weights)")
@@ -110,7 +113,7 @@ def run_task(
         task=task, frames=args.frames, resolution=args.resolution, num_clips=n, seed=args.seed,
         metrics=None if args.metrics is None else tuple(args.metrics), missing_weights=args.missing_weights,
         i3d_weights=args.i3d_weights, inception_weights=args.inception_weights, lpips_weights=args.lpips_weights,
-        steps=args.steps, guidance_scale=args.guidance, eta=args.eta, extra={"fps": args.fps, "data": args.data},
+        fvd_pad_short=args.fvd_pad_short, steps=args.steps, guidance_scale=args.guidance, eta=args.eta, extra={"fps": args.fps, "data": args.data},
     )
     first = EvalSuite(proto, networks)
     shared = {"fvd": getattr(first.metrics.get("fvd"), "network", None),
@@ -128,6 +131,8 @@ def run_task(
     hit = first.load_real_cache(cache, data_id) if cache else None
     run = {m: (PipelineSampler(s, proto.steps, proto.guidance_scale, proto.eta) if m == "mardini" else s)
            for m, s in samplers.items()}
+    if "mardini" in run:  # what the model runs with (1.0 where a plan-free checkpoint cannot be guided)
+        proto.guidance_scale = run["mardini"].guidance_scale
     skipped: dict[str, str] = {}
     seen, keys, timing = 0, [], {m: 0.0 for m in run}
     for b, batch in enumerate(iter_batches(kind, files, args.frames, args.fps, args.resolution, n, args.batch_size,
@@ -199,8 +204,8 @@ def markdown(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
-    except FileNotFoundError as err:  # missing data or weights: the message says what to do
-        print(f"evaluate.py: {err}", file=sys.stderr)
+    except (FileNotFoundError, ValueError) as err:  # missing data or weights, impossible settings: the message
+        print(f"evaluate.py: {err}", file=sys.stderr)  # says what to do
         return 2
 
 
@@ -215,7 +220,7 @@ def _main(argv: list[str] | None) -> int:
     report: dict[str, Any] = {
         "data": args.data, "source": kind, "clips": n, "frames": args.frames, "resolution": args.resolution,
         "fps": args.fps, "seed": args.seed, "methods": list(samplers), "checkpoint": args.checkpoint,
-        "command": "python evaluate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": shlex.join(["python", "evaluate.py", *(argv if argv is not None else sys.argv[1:])]),
         "torch": torch.__version__, "python": platform.python_version(), "tasks": {},
     }
     for task in args.tasks:

@@ -91,8 +91,8 @@ class EvalProtocol:
                 raise ValueError(f"evaluation {key}={getattr(self, key)!r} is impossible: it must be {allowed}")
         if "fvd" in self.metrics and self.frames < 9 and not self.fvd_pad_short:
             raise ValueError(
-                f"FVD's I3D needs >= 9 frames, the protocol has {self.frames}: use frames >= 9, fvd_pad_short=True, "
-                "or leave 'fvd' out of metrics"
+                f"FVD's I3D needs >= 9 frames, the protocol has {self.frames}: use frames >= 9 (--frames), "
+                "fvd_pad_short=True (--fvd-pad-short: repeat the last frame), or leave 'fvd' out of metrics (--metrics)"
             )
         if self.guidance_scale is None:
             self.guidance_scale = DEFAULT_GUIDANCE[self.task]
@@ -175,10 +175,11 @@ class RealStatsCache:
 # ------------------------------------------------------------------------------------------------
 # Metric suite
 # ------------------------------------------------------------------------------------------------
-def _weights_missing(name: str, err: Exception, protocol: EvalProtocol) -> str:
+def _weights_missing(name: str, err: Exception, protocol: EvalProtocol, leave_out: str | None = None) -> str:
     msg = f"{name} is off: {err}"
     if protocol.missing_weights == "error":
-        raise FileNotFoundError(f"{msg}\n(or evaluate without it: leave '{name}' out of metrics (--metrics), "
+        leave_out = leave_out or f"leave '{name}' out of metrics (--metrics)"
+        raise FileNotFoundError(f"{msg}\n(or evaluate without it: {leave_out}, "
                                 f"or set missing_weights='skip' (--missing-weights skip))") from err
     rank_zero_warn(msg)
     return msg
@@ -215,7 +216,12 @@ class EvalSuite:
             try:
                 self.metrics[name] = builders[name]()
             except FileNotFoundError as err:
-                self.skipped[name] = _weights_missing(name, err, p)
+                if name == "midf" and p.lpips_weights is not None:  # PSNR and SSIM need no weights: keep them
+                    self.skipped["midf_lpips"] = _weights_missing(
+                        "midf_lpips", err, p, "drop lpips_weights (--lpips-weights); PSNR and SSIM need no weights")
+                    self.metrics[name] = MidFrameMetrics(lpips_weights=None)
+                else:
+                    self.skipped[name] = _weights_missing(name, err, p)
         self.real_cached = False  # True once the Fréchet metrics hold real statistics from a cache
 
     # -- state --------------------------------------------------------------------------------------
