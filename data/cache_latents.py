@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
         autoencoder_spec={"class_path": a.autoencoder, "init_args": kwargs}, progress=not a.no_progress,
     )
     print(f"{summary['clips']} clips cached in {summary['shards']} shards "
-          f"({summary['written']} written, {summary['kept']} kept); {summary['skipped']} bad clips skipped")
+          f"({summary['written']} written, {summary['kept']} kept); {summary['skipped']} bad clips skipped"
+          + (f"; {len(summary['empty'])} input shard(s) without a usable clip not cached" if summary["empty"] else ""))
     return summary
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import io
+import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -53,7 +56,8 @@ def test_cached_batch_equals_on_the_fly(synth, tmp_path):
         n += 4
     assert n == 8
     again = _cli().main([str(synth / "val"), str(tmp_path), "--frames", "4", "--fps", "8", "--resolution", "16",
-                         "--planner-resolution", "8", "--dtype", "float32", "--no-progress"])
+                         "--planner-resolution", "8", "--dtype", "float32", "--autoencoder-kwargs",
+                         '{"downsample": 2}', "--no-progress"])
     assert again["kept"] == 4 and again["written"] == 0  # resumable
 
 
@@ -81,3 +85,51 @@ def test_latent_settings_must_match_the_cache(synth, tmp_path):
         VideoDataModule(str(synth / "val"), None, frames=4, resolution=16, latents=True, num_workers=0).setup("fit")
     with pytest.raises(ValueError, match="FrameAutoencoder"):
         load_autoencoder("torch.nn.Linear")
+
+
+def _cache(src: str, out: Path, frames: str = "4", fps: str = "8") -> dict:
+    return _cli().main([src, str(out), "--frames", frames, "--fps", fps, "--resolution", "16",
+                        "--planner-resolution", "8", "--no-progress"])
+
+
+def test_a_rerun_with_other_settings_or_clashing_names_is_refused(synth, tmp_path):
+    _cache(str(synth / "val"), tmp_path / "cache")
+    with pytest.raises(ValueError, match="other settings \\(frames 4 -> 2\\)"):  # kept shards would mix settings
+        _cache(str(synth / "val"), tmp_path / "cache", frames="2")
+    shutil.copytree(synth / "val", tmp_path / "copy" / "val")  # same shard names in another folder
+    with pytest.raises(ValueError, match="would both be cached as"):
+        _cache(f"{synth / 'val'}::{tmp_path / 'copy' / 'val'}", tmp_path / "both")
+
+
+def test_a_shard_without_a_usable_clip_is_not_cached(synth, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(synth / "val", src)
+    bad = src / "val-999999.tar"
+    with tarfile.open(bad, "w") as tar:  # a sample whose video is not an array
+        for name, data in (("bad-0.json", b'{"fps": 8.0, "frames": 12}'), ("bad-0.video.npy", b"not npy")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.warns(UserWarning, match="1 input shard\\(s\\) gave no usable clip"):
+        out = _cache(str(src), tmp_path / "cache")
+    assert out["empty"] == [str(bad)] and out["written"] == 4 and out["clips"] == 8
+    assert not (tmp_path / "cache" / bad.name).exists()  # no empty shard for a loader worker to stall on
+
+
+def test_the_fps_check_reads_the_rate_the_cache_asked_for(tmp_path):
+    from mardini.data.datamodule import check_latent_shards
+    from mardini.data.sharding import atomic_tar, json_bytes
+
+    shard = tmp_path / "z.tar"
+    meta = {"fps": 6.25, "latent_cache": {"resolution": [16, 16], "frames": 4, "fps": 8.0}}  # a 25-fps source
+    with atomic_tar(shard) as sink:
+        sink.write({"__key__": "a", "json": json_bytes(meta)})
+    check_latent_shards(str(shard), 4, 8.0, 16)  # cached with --fps 8, read with data.fps 8: accepted
+    with pytest.raises(ValueError, match="re-cache with --fps 12.0 into a new folder, or set data.fps: 8.0"):
+        check_latent_shards(str(shard), 4, 12.0, 16)
+
+
+def test_first_clips_reads_the_validation_loader_only(synth):
+    from mardini.data.datamodule import first_clips
+
+    assert first_clips(str(synth / "val"), 10001, 4, 16, 8).shape[0] == 8  # more than an epoch_size: all 8 clips

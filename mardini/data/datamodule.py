@@ -239,7 +239,7 @@ def first_batch(shards: str, n: int, frames: int, resolution: int, fps: float | 
         raise ValueError(f"need at least one clip, got n={n}")
     dm = VideoDataModule(train_shards=shards, val_shards=shards, frames=frames, fps=fps, resolution=resolution,
                          batch_size=n, num_workers=0, val_clips=n)
-    dm.setup("fit")
+    dm.setup("validate")  # the validation loader only: no training stream (whose epoch_size has nothing to do here)
     batch = next(iter(dm.val_dataloader()), None)
     if batch is None:
         raise ValueError(f"no clip of {shards!r} could be read (every sample was bad); rebuild the shards")
@@ -264,9 +264,11 @@ def check_latent_shards(shard: str, frames: int, fps: float | None, resolution: 
     want = [resolution, resolution] if isinstance(resolution, int) else list(resolution)
     if list(cache["resolution"]) != want:
         raise ValueError(f"latents in {shard} were cached at {cache['resolution']}, data.resolution asks {want}")
-    if fps is not None and abs(float(meta["fps"]) - fps) > 0.5:
+    cached_fps = cache.get("fps")  # what the cache was asked for (None: native); the clips' own rate can differ
+    if fps is not None and (cached_fps is None or abs(float(cached_fps) - fps) > 1e-6):
         raise ValueError(
-            f"latents in {shard} were cached at {meta['fps']} fps, data.fps asks {fps}; re-cache or set data.fps"
+            f"latents in {shard} were cached with fps {cached_fps} (None: native), data.fps asks {fps}; re-cache "
+            f"with --fps {fps} into a new folder, or set data.fps: {cached_fps}"
         )
     if cache["frames"] < frames:
         raise ValueError(f"latents in {shard} hold {cache['frames']} frames, data.frames asks {frames}")

@@ -18,7 +18,9 @@ than the cached count). Re-cache to change frames, fps, resolution, crop or the 
 from __future__ import annotations
 
 import importlib
+import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from mardini.autoencoders.base import FrameAutoencoder
-from mardini.data.sharding import atomic_tar, json_bytes, list_shards, npy_bytes
+from mardini.data.sharding import atomic_tar, json_bytes, list_shards, npy_bytes, write_json_atomic
 from mardini.data.stream import ClipStream
 from mardini.data.transforms import Size, as_size, resize_video
 
@@ -67,7 +69,9 @@ def cache_latents(
     autoencoder_spec: dict | None = None,
     progress: bool = True,
 ) -> dict:
-    """Encode every clip of ``shards`` (see the module doc). Returns ``{shards, written, kept, clips, skipped}``."""
+    """Encode every clip of ``shards`` (see the module doc). Returns ``{shards, written, kept, clips, skipped, empty}``
+    (``empty``: the input shards that gave no usable clip, not cached). ``<out>/manifest.json`` records the
+    settings; a re-run into the same folder with other settings is refused."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     inputs = list_shards(shards)
@@ -78,7 +82,14 @@ def cache_latents(
         "resolution": list(as_size(resolution)), "planner_resolution": list(as_size(planner_resolution)),
         "frames": frames, "fps": fps, "dtype": dtype, "crop": "center",
     }
-    summary = {"shards": len(inputs), "written": 0, "kept": 0, "clips": 0, "skipped": 0}
+    names: dict[str, str] = {}
+    for shard in inputs:  # each input is cached under its own name: two inputs must not share one
+        if Path(shard).name in names:
+            raise ValueError(f"{names[Path(shard).name]} and {shard} would both be cached as "
+                             f"{out / Path(shard).name}; cache each shard folder into its own output folder")
+        names[Path(shard).name] = shard
+    check_manifest(out, info)
+    summary = {"shards": len(inputs), "written": 0, "kept": 0, "clips": 0, "skipped": 0, "empty": []}
     for shard in tqdm(inputs, desc="latent cache", unit="shard", disable=not progress):
         target = out / Path(shard).name
         if target.exists():
@@ -86,27 +97,62 @@ def cache_latents(
             continue
         stream = ClipStream([shard], frames=frames, fps=fps, resolution=resolution, batch_size=batch_size,
                             train=False, keep_meta=True)
-        with atomic_tar(target) as sink:
-            for batch in stream:
-                summary["skipped"] += int(batch["skipped"])
-                video = batch["video"].to(device)  # (B, T, 3, H, W)
-                z_high, z_low = encode_pair(ae, video, planner_resolution)
-                for i, key in enumerate(batch["key"]):
-                    meta = dict(batch["meta"][i])
-                    cache = dict(info, source_fps=meta["fps"], source_frames=meta["frames"],
-                                 frame_indices=meta.pop("frame_indices"), crop_box=meta.pop("crop"))
-                    meta.update(frames=frames, fps=float(batch["fps"][i]), latent_cache=cache)
-                    if "positions" in batch:
-                        k = len(meta["positions"][0]) if meta.get("positions") else 0
-                        pos = batch["positions"][i, :, :k].tolist()  # (T, K, 2) crop-relative
-                        meta["positions"] = [[[round(v, 6) if math.isfinite(v) else None for v in p] for p in f]
-                                             for f in pos]
-                    sink.write({
-                        "__key__": key,
-                        "z_high.npy": npy_bytes(z_high[i].cpu().numpy().astype(DTYPES[dtype])),
-                        "z_low.npy": npy_bytes(z_low[i].cpu().numpy().astype(DTYPES[dtype])),
-                        "json": json_bytes(meta),
-                    })
-                    summary["clips"] += 1
+        clips_before = summary["clips"]
+        try:
+            with atomic_tar(target) as sink:
+                _encode_shard(stream, sink, ae, info, frames, planner_resolution, dtype, device, summary)
+                if summary["clips"] == clips_before:
+                    raise _NoClip  # no usable clip: write no shard (training would stall on an empty one)
+        except _NoClip:
+            summary["empty"].append(shard)
+            continue
         summary["written"] += 1
+    if summary["empty"]:
+        warnings.warn(f"{len(summary['empty'])} input shard(s) gave no usable clip and were not cached: "
+                      f"{summary['empty'][:3]}; rebuild them (data/README.md) or leave them out")
     return summary
+
+
+class _NoClip(Exception):
+    """A shard gave no clip (all its samples bad): its cache shard is not written."""
+
+
+def check_manifest(out: Path, info: dict) -> None:
+    """``<out>/manifest.json`` records the cache settings; a re-run with others into the same folder is refused
+    (shards kept from the earlier run would mix two settings)."""
+    manifest = out / "manifest.json"
+    if manifest.exists():
+        old = json.loads(manifest.read_text()).get("settings") or {}
+        if old != info:
+            changes = ", ".join(f"{k} {old.get(k)!r} -> {info.get(k)!r}" for k in sorted(set(old) | set(info))
+                                if old.get(k) != info.get(k))
+            raise ValueError(f"{out} holds latents cached with other settings ({changes}); cache into a new "
+                             "output folder, or delete this one to re-cache")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(manifest, {"settings": info})
+
+
+def _encode_shard(stream, sink, ae, info, frames, planner_resolution, dtype, device, summary) -> None:
+    """Encode one input shard's clips into ``sink`` (a tar writer), counting clips and skipped samples."""
+    for batch in stream:
+        summary["skipped"] += int(batch["skipped"])
+        video = batch["video"].to(device)  # (B, T, 3, H, W)
+        z_high, z_low = encode_pair(ae, video, planner_resolution)
+        for i, key in enumerate(batch["key"]):
+            meta = dict(batch["meta"][i])
+            cache = dict(info, source_fps=meta["fps"], source_frames=meta["frames"],
+                         frame_indices=meta.pop("frame_indices"), crop_box=meta.pop("crop"))
+            meta.update(frames=frames, fps=float(batch["fps"][i]), latent_cache=cache)
+            if "positions" in batch:
+                k = len(meta["positions"][0]) if meta.get("positions") else 0
+                pos = batch["positions"][i, :, :k].tolist()  # (T, K, 2) crop-relative
+                meta["positions"] = [[[round(v, 6) if math.isfinite(v) else None for v in p] for p in f]
+                                     for f in pos]
+            sink.write({
+                "__key__": key,
+                "z_high.npy": npy_bytes(z_high[i].cpu().numpy().astype(DTYPES[dtype])),
+                "z_low.npy": npy_bytes(z_low[i].cpu().numpy().astype(DTYPES[dtype])),
+                "json": json_bytes(meta),
+            })
+            summary["clips"] += 1
