@@ -62,8 +62,9 @@ def rebatch_stage(cfg: dict, batch: int, common_batch: int, old_dir: str, new_di
     if "save_dir" in logger:
         logger["save_dir"] = new_dir
     args = (out.get("model") or {}).get("init_args") or {}
-    if "warmup_steps" in args:
-        args["warmup_steps"] = round(args["warmup_steps"] * r)
+    for key in ("warmup_steps", "decay_steps"):  # step counts: as many clips into each phase of the LR schedule
+        if isinstance(args.get(key), int):
+            args[key] = round(args[key] * r)
     if "ema_decay" in args:
         args["ema_decay"] = 1 - (1 - args["ema_decay"]) / r
     prefix = old_dir.rstrip("/") + "/"

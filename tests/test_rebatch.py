@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,16 @@ def test_bad_requests_fail_naming_the_problem(tmp_path):
         rebatch.main([str(TINY), str(dst), "--batch", "2", "--save-dir", "outputs/x"])
     rebatch.main([str(TINY), str(dst), "--batch", "2", "--save-dir", "outputs/x", "--force"])
     assert read_chain(dst)[0].batch == 2 and read_chain(dst)[0].steps == 4 * read_chain(TINY)[0].steps
+
+
+def test_the_lr_decay_length_is_rescaled_with_the_steps(tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(TINY, src)
+    stage = src / "01_dm_warmup_4f.yaml"
+    cfg = _load(stage)
+    cfg["model"]["init_args"]["decay_steps"] = 300  # a user's own cosine length
+    stage.write_text(yaml.safe_dump(cfg))
+    rebatch.main([str(src), str(tmp_path / "b4"), "--batch", "4", "--save-dir", "outputs/b4"])
+    out = _load(tmp_path / "b4" / "01_dm_warmup_4f.yaml")
+    assert out["model"]["init_args"]["decay_steps"] == 600
+    assert out["trainer"]["max_steps"] == 2 * cfg["trainer"]["max_steps"]

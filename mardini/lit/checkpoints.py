@@ -29,9 +29,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def check_metadata(
-    checkpoint: dict[str, Any], kinds: tuple[str, ...], path: str | Path, size: str | None = None
+    checkpoint: dict[str, Any], kinds: tuple[str, ...], path: str | Path, size: str | None = None,
+    exact_size: bool = True,
 ) -> dict[str, Any]:
-    """Return ``checkpoint['mardini']`` if its kind is one of ``kinds`` (and its size ``size``); raise otherwise."""
+    """Return ``checkpoint['mardini']`` if its kind is one of ``kinds`` (and its size ``size``); raise otherwise.
+
+    ``exact_size=False`` (a stage starting from another stage's networks) also accepts a size with the same weights
+    (:func:`mardini.models.registry.same_weights`: the ST and T variants of a paper size)."""
     meta = checkpoint.get("mardini")
     if not isinstance(meta, dict) or "kind" not in meta:
         raise ValueError(
@@ -50,7 +54,9 @@ def check_metadata(
             f"{path} is a '{meta['kind']}' checkpoint (size {meta.get('size')}, networks {meta.get('networks')}), "
             f"but a {' or '.join(repr(k) for k in kinds)} checkpoint is expected here"
         )
-    if size is not None and meta.get("size") != size:
+    from mardini.models.registry import same_weights
+
+    if size is not None and meta.get("size") != size and (exact_size or not same_weights(meta.get("size"), size)):
         raise ValueError(
             f"{path} is a '{meta['kind']}' checkpoint of model size {meta.get('size')!r}, this model is size "
             f"{size!r}; set model.size={meta.get('size')!r} or use a checkpoint of size {size!r}"
@@ -98,7 +104,7 @@ def load_network_states(
     ``autoencoder_spec``: this model's autoencoder; a checkpoint trained on other latents is refused.
     ``anchor``: this model's target (:class:`FrameAnchor`); a generator trained on another one is refused."""
     ckpt = read_checkpoint(path)
-    meta = check_metadata(ckpt, kinds, path, size)
+    meta = check_metadata(ckpt, kinds, path, size, exact_size=False)  # another stage's networks: /ST or /T alike
     if autoencoder_spec is not None:
         check_same_latents(meta, autoencoder_spec, path)
     if anchor is not None and "generator" in names:

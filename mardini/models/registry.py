@@ -172,6 +172,18 @@ def get_size(size: str) -> ModelSize:
     return MODEL_SIZES[key]
 
 
+def same_weights(a: str, b: str) -> bool:
+    """True when sizes ``a`` and ``b`` hold the same weights: equal, or registered sizes that differ only in the
+    generator's attention (ST or T: one set of weights) and the window (e.g. ``mardini-s/st`` and ``mardini-s/t``),
+    so a stage of one can start from a checkpoint of the other."""
+    if a == b:
+        return True
+    if a not in MODEL_SIZES or b not in MODEL_SIZES:
+        return False
+    sa, sb = MODEL_SIZES[a], MODEL_SIZES[b]
+    return sa.planner == sb.planner and replace(sa.generator, attention=sb.generator.attention) == sb.generator
+
+
 def _override(cfg, overrides: dict, what: str):
     allowed = [f.name for f in fields(cfg)]
     unknown = sorted(set(overrides) - set(allowed))
