@@ -82,3 +82,14 @@ def test_curriculum_settings_steps_and_interpolation():
 def test_curriculum_rejects_impossible(milestones, message):
     with pytest.raises(ValueError, match=message):
         Curriculum(milestones)
+
+
+def test_curriculum_refuses_more_frames_than_the_data_at_the_start_of_the_fit():
+    from types import SimpleNamespace
+
+    cur = Curriculum([Milestone(0, frames=5), Milestone(2000, frames=12)])
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(frames=9), global_step=0)
+    with pytest.raises(ValueError, match="milestone at step 2000: frames=12 is more than the data's window of 9"):
+        cur.on_fit_start(trainer, None)  # before step 0 is trained, not at step 2000
+    cur.check_frames(12)  # a long enough window passes
+    cur.check_frames(None)  # a datamodule that does not say

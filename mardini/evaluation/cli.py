@@ -113,7 +113,8 @@ def run_task(
         task=task, frames=args.frames, resolution=args.resolution, num_clips=n, seed=args.seed,
         metrics=None if args.metrics is None else tuple(args.metrics), missing_weights=args.missing_weights,
         i3d_weights=args.i3d_weights, inception_weights=args.inception_weights, lpips_weights=args.lpips_weights,
-        fvd_pad_short=args.fvd_pad_short, steps=args.steps, guidance_scale=args.guidance, eta=args.eta, extra={"fps": args.fps, "data": args.data},
+        fvd_pad_short=args.fvd_pad_short, steps=args.steps, guidance_scale=args.guidance, eta=args.eta,
+        extra={"fps": args.fps, "data": args.data},
     )
     first = EvalSuite(proto, networks)
     shared = {"fvd": getattr(first.metrics.get("fvd"), "network", None),

@@ -88,7 +88,18 @@ class Curriculum(L.Callback):
 
     # ----------------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.check_frames(getattr(getattr(trainer, "datamodule", None), "frames", None))
         self.apply(pl_module, trainer.global_step)
+
+    def check_frames(self, data_frames: int | None) -> None:
+        """Raise at the start of the fit, not when the milestone is reached, if a milestone asks for more frames
+        than the data's window holds."""
+        too_long = [m for m in self.milestones if m.frames is not None and data_frames is not None
+                    and m.frames > data_frames]
+        if too_long:
+            m = too_long[0]
+            raise ValueError(f"curriculum milestone at step {m.step}: frames={m.frames} is more than the data's "
+                             f"window of {data_frames} (data.frames); lower the milestone's frames or raise data.frames")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.apply(pl_module, trainer.global_step)
