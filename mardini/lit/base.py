@@ -47,6 +47,10 @@ class MarDiniBase(L.LightningModule):
         warmup_steps, decay_steps, min_lr_ratio: linear warm-up, then cosine to ``min_lr_ratio`` at
             ``decay_steps`` (default: ``trainer.max_steps``).
         ema_decay, ema_warmup: EMA of the networks; with warm-up the decay ramps up (timm's rule).
+        ema_keep_loaded: a stage started from checkpoints (``init_from``, ``planner_ckpt``, ``generator_ckpt``)
+            keeps the EMA they hold and updates it at the full ``ema_decay`` from its first step. False (the
+            default, every shipped chain): the first update replaces the loaded EMA by the loaded raw weights, so
+            each stage's EMA restarts there (its decay ramping up again with ``ema_warmup``).
         nonfinite: ``stop`` raises naming the step and batch; ``skip`` drops the step and counts it.
         seed: base of every random draw (mask, t, noise, dropout) via (seed, rank, step).
         init_from: checkpoint of a previous stage of the same kind to start from (weights + EMA only).
@@ -76,6 +80,7 @@ class MarDiniBase(L.LightningModule):
         min_lr_ratio: float = 0.1,
         ema_decay: float = 0.9999,
         ema_warmup: bool = True,
+        ema_keep_loaded: bool = False,
         nonfinite: Literal["stop", "skip"] = "stop",
         seed: int = 0,
         init_from: str | None = None,
@@ -99,6 +104,7 @@ class MarDiniBase(L.LightningModule):
         self.nonfinite_skipped = 0
         self._skipped_total = 0
         self._ema_step = -1
+        self._ema_loaded = False  # set by load_networks_from: the EMA holds a checkpoint's EMA weights
         self._last_batch_time: float | None = None
         self._ema_backup: list[torch.Tensor] | None = None
         if init_from:
@@ -267,8 +273,14 @@ class MarDiniBase(L.LightningModule):
         """The optimiser step, then the EMA update -- before any callback can checkpoint this step."""
         super().optimizer_step(*args, **kwargs)
         if self.global_step != self._ema_step:
-            self.ema.update(self.networks, step=self.global_step)
+            self.update_ema()
             self._ema_step = self.global_step
+
+    def update_ema(self) -> None:
+        """One EMA update: at the full decay when it continues a loaded EMA (``ema_keep_loaded``), otherwise by
+        step (timm: the first update copies the raw weights; with ``ema_warmup`` the decay then ramps up)."""
+        fixed = self.hparams.get("ema_keep_loaded", False) and self._ema_loaded
+        self.ema.update(self.networks, step=None if fixed else self.global_step)
 
     @contextlib.contextmanager
     def ema_weights(self):
@@ -351,6 +363,7 @@ class MarDiniBase(L.LightningModule):
             _load_into(self.networks[name], _drop_dropped_head(self.networks[name], state), where)
         for name, state in ema.items():
             _load_into(self.ema.module[name], _drop_dropped_head(self.ema.module[name], state), f"{path}: EMA of '{name}'")
+            self._ema_loaded = True
 
     # ----------------------------------------------------------------------------------------------
     # Logging and the non-finite policy
