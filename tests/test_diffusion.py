@@ -130,6 +130,13 @@ def test_masked_mse_ignores_reference_frames():
     assert masked_mse(changed, target, MASK) != loss
 
 
+def test_a_non_finite_reference_frame_reaches_no_gradient():
+    pred, target = _latents(0).requires_grad_(True), _latents(1).clone()
+    target[0, 0] = float("inf")  # reference frame of clip 0
+    masked_mse(pred, target, MASK).backward()
+    assert torch.isfinite(pred.grad).all() and torch.all(pred.grad[~MASK] == 0)
+
+
 def test_masked_mse_hand_computation():
     pred, target = _latents(0), _latents(1)
     total, n_elem, per = 0.0, 0, []

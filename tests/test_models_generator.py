@@ -41,6 +41,13 @@ def test_output_shape_and_zero_init():
     assert gen(z, t, None, MASK).shape == z.shape
 
 
+def test_the_null_plan_fits_frames_of_any_aspect_ratio():
+    assert plan_grid(1, (8, 2)) == (1, 1) and plan_grid(1, (10, 4)) == (1, 1)  # one token per frame
+    gen = build_generator("tiny")
+    z = torch.randn(2, 4, 12, 16, 4)  # latents of tall frames: 8 x 2 tokens per frame at patch 2
+    assert gen(z, torch.rand(2), None, MASK).shape == z.shape
+
+
 @pytest.mark.parametrize("mode", ["st", "t"])
 @pytest.mark.parametrize("cross", ["frame", "all"])
 def test_reference_outputs_do_not_depend_on_noisy_frames_or_t(mode, cross):

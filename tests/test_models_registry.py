@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mardini.models import MODEL_SIZES, GeneratorConfig, PlannerConfig, build_generator, build_planner, list_sizes
-from mardini.models.registry import get_size
+from mardini.models.registry import get_size, same_weights
 
 PAPER_SIZES = ["mardini-s/st", "mardini-l/st", "mardini-s/t", "mardini-l/t"]
 
@@ -90,3 +90,9 @@ def test_unknown_size_and_direct_configs():
     with pytest.raises(ValueError, match="plan_dim"):
         GeneratorConfig(dim=64, depth=1, heads=4, mlp_hidden=64, plan_dim=0)
     assert PlannerConfig(dim=64, depth=1, heads=4, mlp_hidden=64).head_dim == 16
+
+
+def test_same_weights_pairs_the_attention_variants_in_any_case():
+    assert same_weights("mardini-s/st", "mardini-s/t") and same_weights("MarDini-S/ST", "mardini-s/t")
+    assert same_weights("tiny", "TINY") and not same_weights("tiny", "small")
+    assert not same_weights("mardini-s/st", "mardini-l/st") and not same_weights("mine", "yours")

@@ -19,9 +19,10 @@ def _masked_sq_error(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
     if target.shape != pred.shape:
         raise ValueError(f"target shape {tuple(target.shape)} must equal pred shape {tuple(pred.shape)}")
     check_mask(mask, pred)
-    err = (pred.float() - target.float()).square()  # (B, T, C, h, w)
-    # where, not multiply: a NaN/inf in a reference frame's prediction must not leak into the loss.
-    return torch.where(frame_mask(mask), err, torch.zeros_like(err))  # (B, T, C, h, w)
+    diff = pred.float() - target.float()  # (B, T, C, h, w)
+    # where before the square, not a multiply after it: a NaN/inf in a reference frame must reach neither the loss
+    # nor, through the square's backward, the gradient.
+    return torch.where(frame_mask(mask), diff, torch.zeros_like(diff)).square()  # (B, T, C, h, w)
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,8 @@ from mardini.models.rope import AxialRope3d
 def plan_grid(tokens: int, grid: tuple[int, int]) -> tuple[int, int]:
     """The ``(hp, wp)`` grid of ``tokens`` plan tokens of one frame, with the aspect ratio of ``grid (h, w)``."""
     h, w = grid
+    if tokens == 1:  # the null plan's one token per frame: any aspect ratio
+        return 1, 1
     hp = max(1, round((tokens * h / w) ** 0.5))
     wp = tokens // hp
     if hp * wp != tokens or (tokens > 1 and hp * w != wp * h):

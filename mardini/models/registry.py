@@ -175,7 +175,8 @@ def get_size(size: str) -> ModelSize:
 def same_weights(a: str, b: str) -> bool:
     """True when sizes ``a`` and ``b`` hold the same weights: equal, or registered sizes that differ only in the
     generator's attention (ST or T: one set of weights) and the window (e.g. ``mardini-s/st`` and ``mardini-s/t``),
-    so a stage of one can start from a checkpoint of the other."""
+    so a stage of one can start from a checkpoint of the other. Case-insensitive, like :func:`get_size`."""
+    a, b = str(a).lower(), str(b).lower()
     if a == b:
         return True
     if a not in MODEL_SIZES or b not in MODEL_SIZES:
