@@ -21,15 +21,15 @@ import torch
 
 from bench.common import command, machine, median, timed, write_result
 from mardini.demo import SHARDS, build_synthetic, demo_datamodule, stream_for
-from mardini.lit.joint import MarDiniModule
 
 NAME = "data_vs_step"
 
 
 def build_step(batch_size: int):
+    from bench.tiny_step import build  # the demo's last stage as configs/tiny/05_joint_task.yaml builds it
+
     torch.manual_seed(0)
-    module = MarDiniModule(size="tiny", planner_resolution=16, frames=9, keep_ratio=(0.15, 0.6),
-                           generator={"patch_size": 2}, plan_dropout=0.1)
+    module = build()
     opt = torch.optim.AdamW(module.networks.parameters(), lr=1e-3)
 
     def step(batch: dict, i: int) -> None:

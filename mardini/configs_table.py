@@ -88,7 +88,7 @@ def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _kept(model: dict, callbacks: list | None) -> str:
+def kept_fraction(model: dict, callbacks: list | None) -> str:
     """The kept fraction the stage starts with, and where a Curriculum callback's milestones take it."""
     ranges = [list(model.get("keep_ratio", _DEFAULT_KEEP))]
     for cb in callbacks or []:
@@ -136,7 +136,7 @@ def read_stage(path: str | Path) -> Stage:
         frames=int(args.get("frames") or dargs.get("frames") or 0), fps=dargs.get("fps"),
         resolution=int(dargs.get("resolution", 0)),
         planner_resolution=int(args.get("planner_resolution", _DEFAULT_LOW)),
-        kept=_kept(args, trainer.get("callbacks")), batch=int(dargs.get("batch_size", 1)),
+        kept=kept_fraction(args, trainer.get("callbacks")), batch=int(dargs.get("batch_size", 1)),
         steps=int(trainer.get("max_steps", 0)), accelerator=str(trainer.get("accelerator", "gpu")),
         title=_title(path),
     )

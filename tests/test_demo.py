@@ -133,3 +133,16 @@ def test_the_report_quotes_the_command_that_ran(monkeypatch):
     monkeypatch.setattr("sys.argv", ["mardini/demo/__main__.py"])  # `make demo`
     assert demo_command(None) == "python -m mardini.demo"
     assert demo_command(["--scale", "0.05"]) == "python -m mardini.demo --scale 0.05"
+
+
+def test_a_reused_stage_reports_the_steps_it_was_trained_for(monkeypatch, capsys):
+    from mardini.demo import chain
+    from mardini.demo.report import stage_table
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(chain, "finished_step", lambda checkpoint: 1300)  # an earlier, longer run
+    run = chain.run_stage("05_joint_task", max_steps=500, progress=False)
+    assert run.reused and run.steps == 1300  # what is evaluated, not the 500 asked for
+    assert "reusing its checkpoint at step 1300, past the 500 asked for" in capsys.readouterr().out
+    row = stage_table([run])[-1]
+    assert "| 05_joint_task | MarDiniModule | 1300 | 9 | 35-100 % -> 15-60 % |" in row  # the curriculum's range

@@ -83,6 +83,7 @@ def test_quick_mode_end_to_end(tmp_path, monkeypatch):
         assert section in report
     out = json.loads((tmp_path / "results.json").read_text())
     assert set(out["results"]) == {"table2", "fig6a", "fig6c", "table3"}
+    assert out["info"]["command"] == f"python -m mardini.reproduce --quick --no-progress --out {tmp_path}"
     assert {"mar_only", "dm_only", "dm_only_null_plan", "mar_dm"} <= set(out["results"]["table2"]["results"])
     assert {f"steps_{k}" for k in (1, 10, 25, 50)} <= set(out["results"]["fig6a"]["interpolation"]["results"])
     assert all(r["verdict"] for rows in out["verdicts"].values() for r in rows)

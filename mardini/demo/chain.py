@@ -101,8 +101,13 @@ def run_stage(name: str, config_dir: Path = TINY_DIR, extra: list[str] | None = 
     checkpoint = log_dir / "checkpoints" / "last.ckpt"
     kind = settings["model"]["class_path"].rsplit(".", 1)[-1]
     run = StageRun(name, kind, checkpoint, settings, steps, log_dir=log_dir)
-    if finished_step(checkpoint) >= steps:
+    done = finished_step(checkpoint)
+    if done >= steps:
         run.reused = True
+        run.steps = done  # what the checkpoint was trained for (a longer earlier run is reused as it is)
+        if done > steps:
+            print(f"      {name}: reusing its checkpoint at step {done}, past the {steps} asked for "
+                  "(--fresh retrains)", flush=True)
         return run
     args = ["fit", "--config", str(common), "--config", str(stage), f"--trainer.max_steps={steps}",
             f"--trainer.enable_progress_bar={str(progress).lower()}", "--trainer.enable_model_summary=false",

@@ -38,12 +38,15 @@ def verdict(tasks: dict[str, Any]) -> list[tuple[str, str, bool, str]]:
 
 
 def stage_table(stages: list) -> list[str]:
+    from mardini.configs_table import kept_fraction
+
     lines = ["| stage | module | steps | frames | kept fraction | batch | lr | time | |", "|---" * 9 + "|"]
     for s in stages:
         m = s.settings["model"]["init_args"]
         d = s.settings["data"]["init_args"]
+        kept = kept_fraction(m, s.settings["trainer"].get("callbacks"))  # where the curriculum takes it, too
         lines.append(
-            f"| {s.name} | {s.kind} | {s.steps} | {m.get('frames', d.get('frames'))} | {m.get('keep_ratio')} | "
+            f"| {s.name} | {s.kind} | {s.steps} | {m.get('frames', d.get('frames'))} | {kept} | "
             f"{d.get('batch_size')} | {m.get('lr')} | {s.seconds:.0f} s | {'reused' if s.reused else 'trained'} |"
         )
     return lines

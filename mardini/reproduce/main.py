@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if "fig6c" in a.only:
         print(f"[5/6] Fig. 6c: generator warm-up twice ({a.identity_steps} steps), identity attention on / off",
               flush=True)
-        pair = runs.train_identity_pair(configs, a.identity_steps, not a.no_progress, log_every=2 if a.quick else 10)
+        pair = runs.train_identity_pair(configs, a.identity_steps, not a.no_progress, log_every=2 if a.quick else max(1, min(10, a.identity_steps // 20)))
         loss = {("on" if on else "off"): curves.loss_summary(r.log_dir) for on, r in pair.items()}
         results["fig6c"] = {**loss, "steps": a.identity_steps}
         found["Fig. 6c"] = verdicts.fig6c(loss["on"], loss["off"])
@@ -116,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     info = {
         "mode": "quick" if a.quick else "default",
-        "command": "make reproduce" if argv is None and not a.quick else
-                   "python -m mardini.reproduce " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": shlex.join(["python", "-m", "mardini.reproduce", *(argv if argv is not None else sys.argv[1:])]),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "total_s": time.perf_counter() - start, "table2_steps": a.steps,
         "checkpoints": ", ".join(f"`{p}`" for p in ckpts.values()) or "–",
@@ -143,8 +143,12 @@ def _params(ckpts: dict[str, Path]) -> str:
 
         ld = load_checkpoint(ckpts["05_joint_task"])
         nets = {"planner": ld.planner, "generator": ld.generator}
-    else:
-        nets = {"planner": build_planner("tiny"), "generator": build_generator("tiny")}
+    else:  # the networks the tiny chain's configs build (every stage of it has the same ones)
+        import yaml
+
+        args = yaml.safe_load(Path("configs/tiny/05_joint_task.yaml").read_text())["model"]["init_args"]
+        nets = {"planner": build_planner("tiny", **args.get("planner", {})),
+                "generator": build_generator("tiny", **args.get("generator", {}))}
     return ", ".join(f"{n} {sum(p.numel() for p in m.parameters()) / 1e6:.2f} M parameters" for n, m in nets.items())
 
 
