@@ -135,36 +135,3 @@ def test_cli_summary_and_exit_code(video_dir, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no video files"):
         cli.main([str(tmp_path / "empty"), str(tmp_path / "o")])
-
-
-def _variable_rate_video(path: Path) -> list[float]:
-    """30 frames at 30 fps, then 30 at 10 fps (pts in ms); returns the frames' times in seconds."""
-    import av
-
-    times = [i / 30 for i in range(30)] + [1.0 + i / 10 for i in range(30)]
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=30)
-        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
-        stream.codec_context.time_base = Fraction(1, 1000)
-        for img, t in zip(moving_frames(60, 32, 64), times):
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            frame.pts, frame.time_base = round(t * 1000), Fraction(1, 1000)
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return times
-
-
-def test_a_variable_rate_video_gives_clips_at_the_stated_fps(tmp_path):
-    (tmp_path / "src").mkdir()
-    times = _variable_rate_video(tmp_path / "src" / "vfr.mkv")
-    videos_to_shards(tmp_path / "src", tmp_path / "out", ShardSettings(clip_frames=4, max_fps=8), workers=1,
-                     progress=False)
-    clips = [m for _, m, _ in _keys_and_meta(tmp_path / "out")]
-    assert {times[m["source_frames"][0]] >= 1.0 for m in clips} == {False, True}  # clips of both stretches
-    for m in clips:
-        period, tol = 1 / m["fps"], 0.5 / m["source_fps"]
-        first, last = m["source_frames"][0], m["source_frames"][1] - 1
-        duration = times[last] - times[first]  # of the 4 stored frames, in the source's own clock
-        assert abs(duration - 3 * period) <= period / 2 + tol + 1e-6, (m["source_frames"], duration, m["fps"])

@@ -161,22 +161,10 @@ def stage_file(job: dict) -> dict:
             buf: list = []  # [(source index, (H, W, 3) uint8)]
             skip = 0
             n_src = 0
-            # Frames are kept by timestamp on a grid of 1 / out_rate from the first frame: a constant-rate file keeps
-            # every stride-th frame; a variable-rate one keeps the first frame at or after each grid time, and a
-            # frame more than half a period late (a stretch slower than out_rate) ends the clip being filled there,
-            # so that every stored clip really has the fps its metadata states (to within half a source frame).
-            period, tol = 1.0 / float(out_rate), 0.5 / float(rate)
-            next_t: float | None = None
             for frame in container.decode(stream):
                 i, n_src = n_src, n_src + 1
-                t = float(frame.time) if frame.time is not None else i / float(rate)  # seconds
-                if next_t is None:
-                    next_t = t
-                if t < next_t - tol:
+                if i % stride:
                     continue
-                if t > next_t + period / 2:  # no frame near the grid time: restart the grid and the clip here
-                    buf, skip, next_t = [], 0, t
-                next_t += period
                 if skip:
                     skip -= 1
                     continue
