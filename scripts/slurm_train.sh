@@ -17,6 +17,7 @@ CONFIG=${1:?usage: sbatch [--nodes N] scripts/slurm_train.sh CONFIG.yaml [extra 
 shift
 NODES=${SLURM_JOB_NUM_NODES:-1}
 GPUS=${SLURM_GPUS_PER_NODE:-8}
-srun .venv/bin/python train.py fit --config "$CONFIG" \
-  --trainer.num_nodes "$NODES" --trainer.devices "${GPUS##*:}" \
-  --ckpt_path last "$@"
+# Extra arguments (e.g. --config configs/paper/fsdp.yaml, or --ckpt_path null to start over) come before the node
+# and device counts, so that an overlay config cannot reset them to its own.
+srun .venv/bin/python train.py fit --config "$CONFIG" --ckpt_path last "$@" \
+  --trainer.num_nodes "$NODES" --trainer.devices "${GPUS##*:}"

@@ -1,7 +1,7 @@
 """``python evaluate.py``: benchmark protocols over a folder of videos, shards, or the embedded synthetic set.
 
     python evaluate.py --preset vidim --data data/videos/davis --checkpoint runs/joint/last.ckpt
-    python evaluate.py --preset synthetic --checkpoint outputs/demo/last.ckpt         # + trajectory error
+    python evaluate.py --preset synthetic --checkpoint outputs/tiny/05_joint_task/checkpoints/last.ckpt         # + trajectory error
     python evaluate.py --preset synthetic --metrics midf traj --num-clips 16          # baselines only, no weights
 
 Every method (the baselines ``linear_blend`` and ``nearest_frame``, and ``mardini`` with ``--checkpoint``) sees the
