@@ -133,3 +133,14 @@ def test_first_clips_reads_the_validation_loader_only(synth):
     from mardini.data.datamodule import first_clips
 
     assert first_clips(str(synth / "val"), 10001, 4, 16, 8).shape[0] == 8  # more than an epoch_size: all 8 clips
+
+
+def test_a_stage_refuses_a_cache_of_other_latents(synth, tmp_path):
+    from mardini.lit import GenerationModule
+
+    _cache(str(synth / "val"), tmp_path / "plain")  # the default autoencoder: no shift, no scale
+    shard = str(sorted((tmp_path / "plain").glob("*.tar"))[0])
+    GenerationModule(size="tiny", frames=4).check_latent_autoencoder(shard)  # the same latents: accepted
+    normalised = GenerationModule(size="tiny", frames=4, autoencoder=SpaceToDepthAutoencoder(2, shift=-0.4, scale=2.58))
+    with pytest.raises(ValueError, match="differ: \\['scale', 'shift'\\].*re-cache"):
+        normalised.check_latent_autoencoder(shard)

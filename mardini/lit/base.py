@@ -131,6 +131,27 @@ class MarDiniBase(L.LightningModule):
         if dm is not None:
             self.check_data_settings(getattr(dm, "resolution", None), getattr(dm, "frames", None),
                                      bool(getattr(dm, "latents", False)))
+            if getattr(dm, "latents", False) and getattr(dm, "train_shards", None):
+                from mardini.data.sharding import list_shards
+
+                self.check_latent_autoencoder(list_shards(dm.train_shards)[0])
+
+    def check_latent_autoencoder(self, shard: str) -> None:
+        """Raise if a latent cache was encoded by another autoencoder (class or any argument but ``chunk_size``)
+        than this model's: its networks would train on latents of another scale. A cache that recorded only some
+        arguments is compared on those."""
+        from mardini.data.datamodule import first_json
+
+        theirs = (first_json(shard).get("latent_cache") or {}).get("autoencoder") or {}
+        ours = self.autoencoder.spec()
+        a, b = theirs.get("init_args") or {}, ours.get("init_args") or {}
+        differ = sorted(k for k in set(a) & set(b) if k != "chunk_size" and a[k] != b[k])
+        if str(theirs.get("class_path", "")).rsplit(".", 1)[-1] != ours["class_path"].rsplit(".", 1)[-1] or differ:
+            raise ValueError(
+                f"the latent cache {shard} was encoded with {theirs.get('class_path')} {a}, this model encodes with "
+                f"{ours['class_path']} {b} (differ: {differ or 'class'}); re-cache with data/cache_latents.py "
+                f"--autoencoder-kwargs matching model.init_args.autoencoder, or set the model's autoencoder to the cache's"
+            )
 
     def check_data_settings(self, resolution: int | tuple[int, int] | None, frames: int | None,
                             latents: bool = False) -> None:
