@@ -20,16 +20,15 @@ import time
 import torch
 
 from bench.common import command, machine, median, timed, write_result
+from bench.tiny_step import build
 from mardini.demo import SHARDS, build_synthetic, demo_datamodule, stream_for
 
 NAME = "data_vs_step"
 
 
 def build_step(batch_size: int):
-    from bench.tiny_step import build  # the demo's last stage as configs/tiny/05_joint_task.yaml builds it
-
     torch.manual_seed(0)
-    module = build()
+    module = build()  # the demo's last stage as configs/tiny/05_joint_task.yaml builds it
     opt = torch.optim.AdamW(module.networks.parameters(), lr=1e-3)
 
     def step(batch: dict, i: int) -> None:

@@ -144,3 +144,12 @@ def test_a_stage_refuses_a_cache_of_other_latents(synth, tmp_path):
     normalised = GenerationModule(size="tiny", frames=4, autoencoder=SpaceToDepthAutoencoder(2, shift=-0.4, scale=2.58))
     with pytest.raises(ValueError, match="differ: \\['scale', 'shift'\\].*re-cache"):
         normalised.check_latent_autoencoder(shard)
+
+
+def test_latent_specs_compare_classes_not_spellings():
+    from mardini.lit.checkpoints import latent_spec_differences
+
+    ours = SpaceToDepthAutoencoder(2).spec()  # mardini.autoencoders.pixel.SpaceToDepthAutoencoder, every argument
+    assert latent_spec_differences({"class_path": "mardini.autoencoders.SpaceToDepthAutoencoder"}, ours) == []
+    assert latent_spec_differences({"class_path": "mardini.autoencoders.DiffusersAutoencoder"}, ours) == ["class"]
+    assert latent_spec_differences({**ours, "init_args": {**ours["init_args"], "chunk_size": 1}}, ours) == []

@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     report = write_report(a.out, info, stages, evaluation, pictures, losses)
     checks = verdict(evaluation["tasks"])
-    summary = {"report": str(report), "machine": info["machine"], "total_s": info["total_s"], "train_s": train_s, "eval_s": eval_s,
+    summary = {"report": str(report), "machine": info["machine"], "total_s": info["total_s"], "train_s": train_s,
+               "eval_s": eval_s,
                "stages": {s.name: {"steps": s.steps, "seconds": s.seconds, "reused": s.reused} for s in stages},
                "results": {t: r["results"] for t, r in evaluation["tasks"].items()},
                "interpolation_found_by_gap": evaluation["found_by_gap"],

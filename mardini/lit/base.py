@@ -141,16 +141,17 @@ class MarDiniBase(L.LightningModule):
         than this model's: its networks would train on latents of another scale. A cache that recorded only some
         arguments is compared on those."""
         from mardini.data.datamodule import first_json
+        from mardini.lit.checkpoints import latent_spec_differences
 
         theirs = (first_json(shard).get("latent_cache") or {}).get("autoencoder") or {}
         ours = self.autoencoder.spec()
-        a, b = theirs.get("init_args") or {}, ours.get("init_args") or {}
-        differ = sorted(k for k in set(a) & set(b) if k != "chunk_size" and a[k] != b[k])
-        if str(theirs.get("class_path", "")).rsplit(".", 1)[-1] != ours["class_path"].rsplit(".", 1)[-1] or differ:
+        differ = latent_spec_differences(theirs, ours)
+        if differ:
             raise ValueError(
-                f"the latent cache {shard} was encoded with {theirs.get('class_path')} {a}, this model encodes with "
-                f"{ours['class_path']} {b} (differ: {differ or 'class'}); re-cache with data/cache_latents.py "
-                f"--autoencoder-kwargs matching model.init_args.autoencoder, or set the model's autoencoder to the cache's"
+                f"the latent cache {shard} was encoded with {theirs.get('class_path')} {theirs.get('init_args')}, "
+                f"this model encodes with {ours['class_path']} {ours.get('init_args')} (differ: {differ}); re-cache "
+                "with data/cache_latents.py --autoencoder-kwargs matching model.init_args.autoencoder, or set the "
+                "model's autoencoder to the cache's"
             )
 
     def check_data_settings(self, resolution: int | tuple[int, int] | None, frames: int | None,

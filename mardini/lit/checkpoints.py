@@ -64,21 +64,40 @@ def check_metadata(
     return meta
 
 
-def check_same_latents(meta: dict[str, Any], autoencoder_spec: dict[str, Any], path: str | Path) -> None:
-    """Raise if the checkpoint's networks were trained on other latents than ``autoencoder_spec`` describes.
+def _autoencoder_class(class_path: str | None):
+    """The class a path names (``mardini.autoencoders.X`` and ``mardini.autoencoders.pixel.X`` are one), else the
+    path itself."""
+    import importlib
 
-    Compares the class and every init argument both specs record except ``chunk_size`` (a memory knob), so a
-    checkpoint written before an argument existed is compared on the arguments it has.
-    """
+    module, _, name = str(class_path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return class_path
+
+
+def latent_spec_differences(theirs: dict[str, Any], ours: dict[str, Any]) -> list[str]:
+    """What makes two autoencoder specs encode other latents: ``["class"]``, or the init arguments both record
+    with different values (``chunk_size``, a memory knob, aside); empty when they encode the same latents. A spec
+    written before an argument existed is compared on the arguments it has."""
+    if _autoencoder_class(theirs.get("class_path")) != _autoencoder_class(ours.get("class_path")):
+        return ["class"]
+    a, b = theirs.get("init_args") or {}, ours.get("init_args") or {}
+    return sorted(k for k in set(a) & set(b) if k != "chunk_size" and a[k] != b[k])
+
+
+def check_same_latents(meta: dict[str, Any], autoencoder_spec: dict[str, Any], path: str | Path) -> None:
+    """Raise if the checkpoint's networks were trained on other latents than ``autoencoder_spec`` describes
+    (:func:`latent_spec_differences`)."""
     theirs = meta.get("autoencoder_spec")
     if not isinstance(theirs, dict):
         return
     a, b = theirs.get("init_args", {}), autoencoder_spec.get("init_args", {})
-    differ = sorted(k for k in set(a) & set(b) if k != "chunk_size" and a[k] != b[k])
-    if theirs.get("class_path") != autoencoder_spec.get("class_path") or differ:
+    differ = latent_spec_differences(theirs, autoencoder_spec)
+    if differ:
         raise ValueError(
             f"{path} was trained on latents of {theirs.get('class_path')} {a}, this model encodes with "
-            f"{autoencoder_spec.get('class_path')} {b} (differ: {differ or 'class'}); its networks would see "
+            f"{autoencoder_spec.get('class_path')} {b} (differ: {differ}); its networks would see "
             "other inputs. Set model.autoencoder to the checkpoint's, or start from a checkpoint trained on these latents"
         )
 

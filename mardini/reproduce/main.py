@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     if "fig6c" in a.only:
         print(f"[5/6] Fig. 6c: generator warm-up twice ({a.identity_steps} steps), identity attention on / off",
               flush=True)
-        pair = runs.train_identity_pair(configs, a.identity_steps, not a.no_progress, log_every=2 if a.quick else max(1, min(10, a.identity_steps // 20)))
+        log_every = 2 if a.quick else max(1, min(10, a.identity_steps // 20))  # a few points even on short runs
+        pair = runs.train_identity_pair(configs, a.identity_steps, not a.no_progress, log_every=log_every)
         loss = {("on" if on else "off"): curves.loss_summary(r.log_dir) for on, r in pair.items()}
         results["fig6c"] = {**loss, "steps": a.identity_steps}
         found["Fig. 6c"] = verdicts.fig6c(loss["on"], loss["off"])
