@@ -122,6 +122,34 @@ def test_cli_on_a_folder_of_videos(tmp_path):
     assert task["results"]["linear_blend"]["midf_psnr"] > task["results"]["nearest_frame"]["midf_psnr"]
 
 
+def test_default_num_clips_is_the_usable_count(tmp_path, capsys):
+    """Without --num-clips, corrupt and too-short videos lower N before any task: every task on the same clips."""
+    videos = tmp_path / "videos"
+    for i in range(3):
+        write_video(videos / f"v{i}.mp4", moving_frames(14, 24, 32, seed=i), 10)
+    write_video(videos / "short.mp4", moving_frames(5, 24, 32), 10)  # 5 frames, the window needs 9
+    (videos / "broken.mp4").write_bytes((videos / "v0.mp4").read_bytes()[:200])  # truncated
+    out = tmp_path / "report"
+    argv = ["--data", str(videos), "--tasks", "interpolation", "image_to_video", "--resolution", "16",
+            "--metrics", "midf", "--cache-dir", "", "--out", str(out)]
+    assert cli.main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    skipped = report["skipped_videos"]
+    assert sorted(skipped) == [str(videos / "broken.mp4"), str(videos / "short.mp4")]
+    assert "has 5 frames" in skipped[str(videos / "short.mp4")]
+    assert report["clips"] == 3 and {t: r["clips"] for t, r in report["tasks"].items()} == {
+        "interpolation": 3, "image_to_video": 3}
+    assert all(r["skipped_videos"] == skipped for r in report["tasks"].values())
+    md = (out / "report.md").read_text()
+    assert md.count("3 clips,") == 1 and "2 videos skipped (unusable)" in md and "short.mp4`: need 9 frames" in md
+    assert cli.main([*argv, "--num-clips", "4"]) == 2  # asked for explicitly: an error, before any sampling
+    err = capsys.readouterr().err
+    assert "gives 3 usable clips" in err and "lower --num-clips to 3" in err and "short.mp4" in err
+    for name in ("v1.mp4", "v2.mp4"):
+        (videos / name).unlink()
+    assert cli.main(argv) == 2 and "needs at least 2" in capsys.readouterr().err  # one usable clip: no protocol
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -140,8 +168,8 @@ def test_cli_rejects_bad_arguments(argv, message, capsys):
 def test_cli_clear_errors_for_data_and_weights(shards, tmp_path, monkeypatch, capsys):
     with pytest.raises(FileNotFoundError, match="neither .tar shards nor video files"):
         resolve_source(str(tmp_path))
-    with pytest.raises(SystemExit, match="holds 6 clips"):
-        cli.main(["--data", str(shards), "--num-clips", "10", "--metrics", "midf", "--resolution", "16"])
+    assert cli.main(["--data", str(shards), "--num-clips", "10", "--metrics", "midf", "--resolution", "16"]) == 2
+    assert "holds 6 clips; lower --num-clips" in capsys.readouterr().err
     monkeypatch.setenv("MARDINI_WEIGHTS", str(tmp_path / "none"))
     assert cli.main(["--data", str(shards), "--num-clips", "2", "--resolution", "16", "--tasks", "interpolation",
                      "--out", str(tmp_path / "r")]) == 2

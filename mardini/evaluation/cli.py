@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from mardini.evaluation.data import count_clips, iter_batches, resolve_source
+from mardini.evaluation.data import count_clips, iter_batches, resolve_source, usable_videos
 from mardini.evaluation.protocol import (
     METRICS, TASKS, EvalProtocol, EvalSuite, RealStatsCache, batch_seed, files_id, keys_digest,
 )
@@ -49,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--frames", type=int, default=None, help="window length T (default 9)")
     p.add_argument("--resolution", type=int, default=None, help="square side in pixels (default 256)")
     p.add_argument("--fps", type=float, default=None, help="frame rate of the window (default: native, every frame)")
-    p.add_argument("--num-clips", type=int, default=None, help="N clips (default: all the data has, at most 256)")
+    p.add_argument("--num-clips", type=int, default=None,
+                   help="N clips (default: every usable clip the data has, at most 256)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--metrics", nargs="+", choices=METRICS, default=None, help="default: the task's metrics")
@@ -94,6 +95,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------------
 # Running
 # ------------------------------------------------------------------------------------------------
+def choose_num_clips(args: argparse.Namespace, kind: str, files: list[str]) -> tuple[int, dict[str, str]]:
+    """``(N, {unusable video: reason})``: ``--num-clips``, or by default every usable clip (at most 256).
+
+    Video files are read once here, so corrupt or too-short ones lower the default N before any task runs (every
+    task and method is then scored on the same N clips); an explicit ``--num-clips`` they cannot give is an error.
+    """
+    available = count_clips(kind, files)
+    n = args.num_clips if args.num_clips is not None else min(available, 256)
+    if n > available:
+        raise ValueError(f"--num-clips {n} but {args.data} holds {available} clips; lower --num-clips")
+    skipped: dict[str, str] = {}
+    if kind == "videos":
+        usable = len(usable_videos(files, args.frames, args.fps, args.resolution, n, skipped))
+        if args.num_clips is not None and 2 <= usable < n:
+            raise ValueError(f"--num-clips {n} but {args.data} gives {usable} usable clips ({_unusable(skipped)}); "
+                             f"lower --num-clips to {usable}, or leave it out to use every usable clip")
+        n = usable
+    if n < 2:
+        raise ValueError(f"{args.data} gives {n} usable clips of {args.frames} frames, the protocol needs at least 2"
+                         + (f" ({_unusable(skipped)})" if skipped else "") + "; add videos or lower --frames")
+    return n, skipped
+
+
+def _unusable(skipped: dict[str, str]) -> str:
+    return f"{len(skipped)} videos unusable: {dict(list(skipped.items())[:3])}"
+
+
 def build_samplers(args: argparse.Namespace) -> dict[str, Sampler]:
     out: dict[str, Sampler] = {m: BASELINES[m]() for m in args.methods if m in BASELINES}
     if "mardini" in args.methods:
@@ -152,8 +180,7 @@ def run_task(
         keys += list(batch["key"])
     if seen < n:
         raise RuntimeError(f"the data gave {seen} usable clips, the protocol needs {n}; lower --num-clips to {seen}"
-                           + (f" ({len(skipped)} videos unusable: {dict(list(skipped.items())[:3])})" if skipped
-                              else ""))
+                           + (f" ({_unusable(skipped)})" if skipped else ""))
     if first.frechet:
         if cache is not None and not hit:
             first.save_real_cache(cache, data_id, keys_digest(keys), seen, write=True)
@@ -185,6 +212,12 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Evaluation on `{report['data']}`", "",
              f"{report['clips']} clips, {report['frames']} frames at {report['resolution']} px "
              f"(fps: {report['fps'] or 'native'}), seed {report['seed']}. Command: `{report['command']}`", ""]
+    skipped = report.get("skipped_videos") or {}
+    if skipped:  # the files left out of the N clips, and why (all of them in report.json)
+        lines += [f"{len(skipped)} videos skipped (unusable):", ""]
+        lines += [f"- `{path}`: {why.splitlines()[0]}" for path, why in list(skipped.items())[:10]]
+        lines += [f"- ... and {len(skipped) - 10} more (report.json)"] if len(skipped) > 10 else []
+        lines.append("")
     for task, res in report["tasks"].items():
         names = sorted({k for r in res["results"].values() for k in r})
         head = [f"{n} {ARROWS.get(n.split('_')[-1], '↓')}" for n in names]
@@ -213,14 +246,12 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     kind, files = resolve_source(args.data)
-    available = count_clips(kind, files)
-    n = args.num_clips if args.num_clips is not None else min(available, 256)
-    if n > available:
-        raise SystemExit(f"--num-clips {n} but {args.data} holds {available} clips; lower --num-clips")
+    n, skipped = choose_num_clips(args, kind, files)
     samplers = build_samplers(args)
     report: dict[str, Any] = {
-        "data": args.data, "source": kind, "clips": n, "frames": args.frames, "resolution": args.resolution,
-        "fps": args.fps, "seed": args.seed, "methods": list(samplers), "checkpoint": args.checkpoint,
+        "data": args.data, "source": kind, "clips": n, "skipped_videos": skipped, "frames": args.frames,
+        "resolution": args.resolution, "fps": args.fps, "seed": args.seed, "methods": list(samplers),
+        "checkpoint": args.checkpoint,
         "command": shlex.join(["python", "evaluate.py", *(argv if argv is not None else sys.argv[1:])]),
         "torch": torch.__version__, "python": platform.python_version(), "tasks": {},
     }

@@ -69,6 +69,27 @@ def read_video_clip(path: str, frames: int, fps: float | None, resolution: int) 
     return video
 
 
+UNUSABLE = (BadSample, av.FFmpegError, OSError, IndexError)  # a file that does not decode, or is too short
+
+
+def usable_videos(
+    files: list[str], frames: int, fps: float | None, resolution: int, limit: int, skipped: dict[str, str],
+) -> list[str]:
+    """The first ``limit`` files that give a clip (each read as :func:`iter_batches` will); the unusable ones
+    before them go to ``skipped`` with the reason."""
+    usable: list[str] = []
+    for path in files:
+        if len(usable) >= limit:
+            break
+        try:
+            read_video_clip(path, frames, fps, resolution)  # (T, 3, R, R), dropped
+        except UNUSABLE as err:
+            skipped[path] = str(err)
+            continue
+        usable.append(path)
+    return usable
+
+
 def iter_batches(
     kind: str, files: list[str], frames: int, fps: float | None, resolution: int, num_clips: int, batch_size: int,
     skipped: dict[str, str] | None = None,
@@ -86,7 +107,7 @@ def iter_batches(
             break
         try:
             video = read_video_clip(path, frames, fps, resolution)  # (T, 3, R, R)
-        except (BadSample, av.FFmpegError, OSError, IndexError) as err:
+        except UNUSABLE as err:
             if skipped is not None:
                 skipped[path] = str(err)
             continue
