@@ -113,6 +113,7 @@ def test_a_shard_without_a_usable_clip_is_not_cached(synth, tmp_path):
     with pytest.warns(UserWarning, match="1 input shard\\(s\\) gave no usable clip"):
         out = _cache(str(src), tmp_path / "cache")
     assert out["empty"] == [str(bad)] and out["written"] == 4 and out["clips"] == 8
+    assert out["skipped"] == 1  # counted although the shard gave no clip to carry it
     assert not (tmp_path / "cache" / bad.name).exists()  # no empty shard for a loader worker to stall on
 
 

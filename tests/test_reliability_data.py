@@ -23,7 +23,7 @@ from mardini.data.datamodule import VideoDataModule
 from mardini.data.decode import BadSample, decode_json, decode_mp4, decode_npy
 from mardini.data.encode import encode_mp4
 from mardini.data.sharding import atomic_tar, npy_bytes
-from mardini.data.stream import ClipStream
+from mardini.data.stream import ClipStream, skip_only
 from mardini.data.testing import moving_frames
 
 FRAMES = moving_frames(12, 16, 16)  # (T, H, W, 3) uint8
@@ -189,16 +189,15 @@ def test_stream_skips_and_counts_every_bad_sample(tmp_path_factory, kinds, fuzze
     _write_shard(shard, samples)
     stream = ClipStream([str(shard)], frames=4, fps=8, resolution=8, batch_size=2, train=False)
     batches = list(stream)
-    keys = [k for b in batches for k in b["key"]]
+    keys = [k for b in batches if not skip_only(b) for k in b["key"]]
     skipped = sum(int(b["skipped"]) for b in batches)
     good = [k for k, _ in samples if k.endswith("-good")]
     bad = [k for k, _ in samples if k.endswith("-bad")]
     assert set(good) <= set(keys) and not set(bad) & set(keys)
     assert keys == sorted(keys)  # order kept
-    if keys:
-        assert len(keys) + skipped == len(samples)  # each sample either arrives or is counted
-    else:
-        assert not batches  # a finite split with no good sample yields no batch to carry the count (logged only)
+    assert len(keys) + skipped == len(samples)  # each sample either arrives or is counted
+    # no good sample: the count rides on one skip-only marker instead of a batch
+    assert [skip_only(b) for b in batches] == ([True] if not keys else [False] * len(batches))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,6 +234,21 @@ def test_workers_skip_and_count_bad_samples(bad_shards):
     assert sorted(keys) == sorted(f"s{s}-{i:02d}" for s in range(4) for i in range(0, 8, 2))
     # 4 bad per full shard; the truncated copy of shard 0 adds what it holds plus its own read error
     assert dm.skipped == sum(int(b["skipped"]) for b in batches) >= 16 + 1
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("num_workers, any_good", [(2, True), (2, False), (0, False)])
+def test_a_share_without_a_good_sample_still_counts_its_skips(tmp_path, num_workers, any_good):
+    names, good = sorted(BAD), {"json": META, "video.npy": NPY}
+    _write_shard(tmp_path / "v-000000.tar", [(f"a{i}", BAD[names[i]]) for i in range(3)])  # worker 0: bad only
+    second = [("b0", good), ("b1", BAD[names[3]]), ("b2", good)] if any_good else [("b0", BAD[names[4]])]
+    _write_shard(tmp_path / "v-000001.tar", second)
+    dm = _dm(tmp_path, num_workers=num_workers)
+    dm.setup("validate")
+    batches = list(dm.val_dataloader())
+    assert all(b["key"] and b["video"].shape[0] == len(b["key"]) for b in batches)  # never an empty batch
+    assert [k for b in batches for k in b["key"]] == (["b0", "b2"] if any_good else [])
+    assert dm.skipped == 3 + 1  # the bad-only share's skips are counted too
 
 
 @pytest.mark.timeout(60)

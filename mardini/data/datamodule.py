@@ -12,7 +12,8 @@ Batches are dicts:
 Training reads resampled shards (each (rank, worker) its own seed from (seed, rank, worker, epoch) and its
 own share of the shards when there are enough), a shuffle buffer, and ``epoch_size`` clips per rank per
 epoch. Validation reads a finite split once, each shard by exactly one (rank, worker), centre-cropped.
-Bad samples are skipped and counted (``batch["skipped"]``, :attr:`VideoDataModule.skipped`).
+Bad samples are skipped and counted (``batch["skipped"]``, :attr:`VideoDataModule.skipped`; a validation worker
+whose share gives no clip is counted through a marker the loader drops, so the step never sees an empty batch).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from mardini.autoencoders.base import FrameAutoencoder
 from mardini.data.sharding import atomic_tar, json_bytes, list_shards, npy_bytes, write_json_atomic
-from mardini.data.stream import ClipStream
+from mardini.data.stream import ClipStream, skip_only
 from mardini.data.transforms import Size, as_size, resize_video
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -137,6 +137,8 @@ def _encode_shard(stream, sink, ae, info, frames, planner_resolution, dtype, dev
     """Encode one input shard's clips into ``sink`` (a tar writer), counting clips and skipped samples."""
     for batch in stream:
         summary["skipped"] += int(batch["skipped"])
+        if skip_only(batch):  # the shard's skips when it gave no clip
+            continue
         video = batch["video"].to(device)  # (B, T, 3, H, W)
         z_high, z_low = encode_pair(ae, video, planner_resolution)
         for i, key in enumerate(batch["key"]):

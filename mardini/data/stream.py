@@ -3,8 +3,10 @@
 One :class:`ClipStream` serves either the training stream (resampled shards, endless, split into epochs by
 ``with_epoch``) or a finite split (each shard read once by exactly one (rank, worker)). Batching happens
 inside the workers so that every batch can carry ``skipped``: the number of bad samples its worker dropped
-since its previous batch. :class:`StreamLoader` sums those into :attr:`StreamState.skipped` in the main
-process and advances the epoch every time the training stream starts.
+since its previous batch. A finite split's worker whose share gave no clip at all still reports its skips, on a
+clip-less marker ``{"skipped": n}`` (:func:`skip_only`). :class:`StreamLoader` sums ``skipped`` into
+:attr:`StreamState.skipped` in the main process (markers are counted, never passed on) and advances the epoch
+every time the training stream starts.
 
 Seeds: every (seed, rank, worker, epoch) gets its own ``numpy.random.SeedSequence`` entropy, which drives
 the shard resampling, the shuffle buffer, the temporal start and the crop.
@@ -117,7 +119,8 @@ class SkipLog:
 
 
 class ClipStream(IterableDataset):
-    """Yields batch dicts (see :mod:`mardini.data.datamodule` for the keys) from shards.
+    """Yields batch dicts (see :mod:`mardini.data.datamodule` for the keys) from shards; a finite split's share
+    that gave no clip but skipped some ends with a skip-only marker instead (:func:`skip_only`).
 
     Args:
         shards: shard paths (already expanded).
@@ -312,7 +315,8 @@ class ClipStream(IterableDataset):
 
         Training batches also carry ``stream = [worker, raw samples read, batches delivered]`` (the resume
         position). A finite split holds each batch back until the next one is ready, so the skips found after
-        the last sample still reach (the last) batch.
+        the last sample still reach (the last) batch; a share that gave no clip ends with a skip-only marker.
+        The training stream never ends (resampled), and drains its skips into each batch as it is made.
         """
         buf: list[dict] = []
         held: dict | None = None
@@ -339,6 +343,8 @@ class ClipStream(IterableDataset):
         if held is not None:
             held["skipped"] += skips.drain()
             yield held
+        elif skips.pending:  # no clip in this share: the skips need an item of their own (see skip_only)
+            yield {"skipped": torch.tensor(skips.drain(), dtype=torch.long)}
 
 
 def _load_array(data: bytes, name: str) -> np.ndarray:
@@ -384,6 +390,11 @@ def collate(samples: list[dict], skipped: int = 0) -> dict:
     return batch
 
 
+def skip_only(batch: dict) -> bool:
+    """True for a finite split's skip-only marker ``{"skipped": n}`` (no clips): count it, never train on it."""
+    return "key" not in batch
+
+
 # --------------------------------------------------------------------------------------------------
 # The loader
 # --------------------------------------------------------------------------------------------------
@@ -394,7 +405,7 @@ class StreamLoader(DataLoader):
 
     Each new iteration of a training stream takes the next epoch number from the shared state (workers get
     it when they start, so use ``persistent_workers=False``); every batch's ``skipped`` is added to
-    ``state.skipped``.
+    ``state.skipped``, and skip-only markers (:func:`skip_only`) end there: the consumer sees clips only.
     """
 
     def __iter__(self) -> Iterator[dict]:
@@ -423,4 +434,5 @@ class StreamLoader(DataLoader):
         for batch in it:
             if state is not None:
                 state.skipped += int(batch.get("skipped", 0))
-            yield batch
+            if not skip_only(batch):
+                yield batch

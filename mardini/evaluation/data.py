@@ -17,7 +17,7 @@ import torch
 
 from mardini.data.decode import BadSample, decode_mp4, frame_indices, max_start
 from mardini.data.sharding import list_shards
-from mardini.data.stream import ClipStream, collate
+from mardini.data.stream import ClipStream, collate, skip_only
 from mardini.data.transforms import crop_and_resize
 from mardini.data.video_shards import find_videos
 
@@ -98,7 +98,7 @@ def iter_batches(
     if kind == "shards":
         stream = ClipStream(files, frames=frames, fps=fps, resolution=resolution, batch_size=batch_size,
                             train=False, max_clips=num_clips)
-        yield from stream
+        yield from (batch for batch in stream if not skip_only(batch))
         return
     buf: list[dict] = []
     used = 0

@@ -88,12 +88,14 @@ def read_video(path: str | Path, frames: int, start: int = 0, stride: int = 1) -
 def read_shard_clips(shards: str, clips: int, frames: int, fps: float | None, size: tuple[int, int]):
     """The first ``clips`` clips of a shard split (centre crop, like validation) -> ``(B, frames, 3, H, W)``, keys."""
     from mardini.data.sharding import list_shards
-    from mardini.data.stream import ClipStream
+    from mardini.data.stream import ClipStream, skip_only
 
     stream = ClipStream(list_shards(shards), frames=frames, fps=fps, resolution=size, batch_size=1, train=False,
                         max_clips=clips)
     videos, keys = [], []
     for batch in stream:
+        if skip_only(batch):
+            continue
         videos.append(batch["video"])  # (1, T, 3, H, W)
         keys += batch["key"]
         if len(keys) >= clips:
