@@ -39,7 +39,8 @@ def test_model_setting_fails_at_construction(cls, key, value, allowed):
 @pytest.mark.parametrize("cls, key, value, allowed", [
     (GenerationModule, "schedule_shift", 0.0, "> 0"),
     (MarDiniModule, "schedule_shift", -1.0, "> 0"),
-    (GenerationModule, "loss_weighting", "p2", "allowed ['none', 'min_snr']"),
+    (GenerationModule, "loss_weighting", "p2", "allowed ['none', 'min_snr', 'motion']"),
+    (MarDiniModule, "motion_strength", -1.0, ">= 0"),
     (MarDiniModule, "min_snr_gamma", 0.0, "> 0"),
     (MarDiniModule, "plan_dropout", 1.0, "in [0, 1)"),
     (MarDiniModule, "plan_dropout", -0.1, "in [0, 1)"),

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from mardini.diffusion.anchor import FrameAnchor, check_anchor
-from mardini.diffusion.loss import masked_mse_per_sample, min_snr_weight
+from mardini.diffusion.loss import masked_mse_per_sample, min_snr_weight, motion_weights
 from mardini.diffusion.schedule import CosineSchedule
 from mardini.lit.base import MarDiniBase
 from mardini.models.registry import build_generator
@@ -20,28 +20,35 @@ class GenerationModule(MarDiniBase):
         anchor, anchor_scale: ``nearest`` diffuses each generated frame's change from its nearest given frame,
             divided by ``anchor_scale`` (beyond the paper; ``none`` = the paper's target); see ``FrameAnchor``.
         loss_weighting, min_snr_gamma: ``min_snr`` weighs each training clip's loss by Min-SNR-gamma (Hang et al.
-            2023; beyond the paper, see ``min_snr_weight``); ``none`` (the paper's) leaves it unweighted. Validation
-            losses stay unweighted, so their curves compare across weightings.
+            2023; beyond the paper, see ``min_snr_weight``); ``motion`` weighs each element of a generated frame by
+            how much it changed since the nearest given frame, ``1 + motion_strength * |change|`` normalised to mean
+            1 per clip (beyond the paper, see ``motion_weights``); ``none`` (the paper's) leaves it unweighted.
+            Validation losses stay unweighted, so their curves compare across weightings.
         **kwargs: see :class:`MarDiniBase`.
     """
 
     KIND = "generation"
 
-    WEIGHTINGS = ("none", "min_snr")
+    WEIGHTINGS = ("none", "min_snr", "motion")
 
     def __init__(self, *args, schedule_shift: float = 1.0, anchor: str = "none", anchor_scale: float = 1.0,
-                 loss_weighting: str = "none", min_snr_gamma: float = 5.0, **kwargs) -> None:
+                 loss_weighting: str = "none", min_snr_gamma: float = 5.0, motion_strength: float = 2.0,
+                 **kwargs) -> None:
         if schedule_shift <= 0:
             raise ValueError(f"model.schedule_shift={schedule_shift!r} is impossible: it must be > 0")
         if loss_weighting not in self.WEIGHTINGS:
             raise ValueError(f"model.loss_weighting={loss_weighting!r} is impossible: allowed {list(self.WEIGHTINGS)}")
         if not min_snr_gamma > 0:
             raise ValueError(f"model.min_snr_gamma={min_snr_gamma!r} is impossible: it must be > 0 (5 in Hang et al.)")
+        if not motion_strength >= 0:
+            raise ValueError(f"model.motion_strength={motion_strength!r} is impossible: it must be >= 0 "
+                             "(0 = unweighted)")
         check_anchor(anchor, anchor_scale)
         super().__init__(*args, **kwargs)
         self.schedule = CosineSchedule(shift=schedule_shift)
         self.anchor = FrameAnchor(anchor, anchor_scale)
         self.loss_weighting, self.min_snr_gamma = loss_weighting, float(min_snr_gamma)
+        self.motion_strength = float(motion_strength)
 
     def build_networks(self) -> dict[str, nn.Module]:
         overrides = dict(self.hparams.generator or {})
@@ -63,7 +70,9 @@ class GenerationModule(MarDiniBase):
         net = self.networks["generator"]
         estimate = self.self_cond_estimate(z_t, t, plan, mask, generator) if net.cfg.self_cond else None
         v_hat = net(z_t, t, plan, mask, self_cond=estimate)  # (B, T, C, h, w)
-        loss = masked_mse_per_sample(v_hat.float(), v_target, mask)  # (B,)
+        motion = weighted and self.loss_weighting == "motion"
+        weight = motion_weights(z_high, mask, self.motion_strength) if motion else None  # (B, T, 1, h, w)
+        loss = masked_mse_per_sample(v_hat.float(), v_target, mask, weight)  # (B,)
         if weighted and self.loss_weighting == "min_snr":
             loss = loss * min_snr_weight(self.schedule.snr(t), self.min_snr_gamma).to(loss)  # (B,)
         return loss
