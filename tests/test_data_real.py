@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,14 @@ def test_real_clips_shard_and_stream(tmp_path):
     s = videos_to_shards(VIDEOS / "mecavideo", tmp_path, settings, workers=2, progress=False)
     assert s.files >= 7 and not s.skipped and not s.partial, s.text()  # mpeg4, h264, vp9, theora ... all decode
     assert s.clips >= s.files and s.shards == -(-s.clips // 4)
+    timing: dict[str, set] = {}
+    for shard in tmp_path.glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            for meta in (json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".json")):
+                timing.setdefault(meta["source"], set()).add(meta["timing"])
+    # balle1-vp9.avi drops 5 frames after its first: read by timestamp; the rest, packed B-frames included, by index
+    assert timing.pop("balle1-vp9.avi") == {"pts"} and s.timestamped == 1
+    assert set().union(*timing.values()) == {"index"} and {"Force_constante.avi", "Principe_inertie.avi"} <= set(timing)
     dm = VideoDataModule(str(tmp_path), str(tmp_path), frames=5, fps=8, resolution=32, batch_size=4,
                          num_workers=2, val_clips=None)
     dm.setup("fit")

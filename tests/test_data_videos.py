@@ -1,5 +1,6 @@
 """Real-video sharding on small clips made here with PyAV: odd codecs, frame rates and sizes; corrupt and
-truncated files; shard limits; resumable runs; the mp4 shard round trip through the loader."""
+truncated files; shard limits; resumable runs; the mp4 shard round trip through the loader; variable-frame-rate
+files read by timestamp, and by index where the timestamps cannot be trusted."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import tarfile
 from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mardini.data import video_shards
@@ -135,3 +137,129 @@ def test_cli_summary_and_exit_code(video_dir, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no video files"):
         cli.main([str(tmp_path / "empty"), str(tmp_path / "o")])
+
+
+# --------------------------------------------------------------------------------------------------
+# Variable frame rate: frames kept by timestamp when the timestamps can be trusted, by index otherwise
+# --------------------------------------------------------------------------------------------------
+
+VFR_TIMES = [i / 30 for i in range(30)] + [1.0 + i / 10 for i in range(30)]  # 1 s at 30 fps, then 3 s at 10 fps
+
+
+def _numbered(n: int) -> np.ndarray:
+    """uint8 ``(32, 64, 3)``: n in binary, as 8 black or white stripes 8 pixels wide (bit 0 on the left)."""
+    bits = (n >> np.arange(8)) & 1  # (8,)
+    return np.repeat(np.repeat(255 * bits.astype(np.uint8), 8)[None, :, None], 32, 0).repeat(3, 2)
+
+
+def _frame_numbers(data: bytes) -> list[int]:
+    """The n of each frame of a clip whose frames came from :func:`_numbered`."""
+    stripes = decode_mp4(data).reshape(-1, 32, 8, 8, 3).mean(axis=(1, 3, 4)) > 128  # (T, 8)
+    return (stripes * (1 << np.arange(8))).sum(axis=1).tolist()
+
+
+def _timed_video(path: Path, times: list[float], codec: str = "libx264", swap: bool = False) -> Path:
+    """Frame n shows n (:func:`_numbered`) at ``times[n]`` s (ms timestamps). ``swap`` (intra-only codecs) writes the
+    frames in order but swaps neighbours' timestamps, as PyAV reports packed B-frames in AVI."""
+    ms = [round(t * 1000) for t in times]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=30)
+        stream.width, stream.height = 64, 32
+        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        packets = []
+        for n, t in enumerate(ms):
+            frame = av.VideoFrame.from_ndarray(_numbered(n), format="rgb24")
+            frame.pts, frame.time_base = t, Fraction(1, 1000)
+            packets += stream.encode(frame)
+        packets += stream.encode()
+        for k, packet in enumerate(packets):
+            if swap:
+                packet.pts, packet.dts = ms[min(k ^ 1, len(ms) - 1)], ms[k] - 100
+            container.mux(packet)
+    return path
+
+
+def _numbered_video(path: Path, frames: int, fps: float, **kw) -> Path:
+    return write_video(path, np.stack([_numbered(n) for n in range(frames)]), fps, **kw)
+
+
+def test_a_variable_rate_video_keeps_the_frame_on_screen_at_each_grid_time(tmp_path):
+    _timed_video(tmp_path / "src" / "vfr.mkv", VFR_TIMES)
+    s = videos_to_shards(tmp_path / "src", tmp_path / "out", ShardSettings(clip_frames=4, max_fps=8), workers=1,
+                         progress=False)
+    clips = _keys_and_meta(tmp_path / "out")
+    for _, meta, data in clips:
+        assert meta["fps"] == 7.5 and meta["source_stride"] == 4  # the mkv states 30 fps
+        for j, n in enumerate(_frame_numbers(data)):
+            t = (meta["clip"] * 4 + j) / 7.5
+            on_screen = max(k for k, tk in enumerate(VFR_TIMES) if tk <= t + 1e-3)
+            assert n == on_screen, f"clip {meta['clip']} frame {j} at {t:.3f} s shows the frame of {VFR_TIMES[n]:.3f} s"
+    assert len(clips) == 7  # 3.9 s at 7.5 fps: 30 grid times (by index: 60 frames / 4 = 15, 3 clips)
+    assert {m["timing"] for _, m, _ in clips} == {"pts"}
+    assert s.timestamped == 1 and "1 variable-rate read by timestamp" in s.text()
+
+
+def test_constant_rate_videos_keep_exactly_the_index_reading(tmp_path):
+    src = tmp_path / "src"
+    _numbered_video(src / "h264.mp4", 40, 24)  # B-frames: packets out of order
+    _numbered_video(src / "mpeg4.avi", 40, 25, codec="mpeg4")
+    _timed_video(src / "ntsc.mkv", [n * 1001 / 30000 for n in range(50)])  # ms timestamps: 33 / 34 ms steps
+    s = videos_to_shards(src, tmp_path / "out", ShardSettings(clip_frames=4, max_fps=12), workers=1, progress=False)
+    clips = _keys_and_meta(tmp_path / "out")
+    assert len(clips) == 5 + 3 + 4
+    for _, meta, data in clips:
+        stride, first = meta["source_stride"], meta["clip"] * 4 * meta["source_stride"]  # every stride-th frame
+        assert stride == {"h264.mp4": 2, "mpeg4.avi": 3, "ntsc.mkv": 3}[meta["source"]]
+        assert meta["source_frames"] == [first, first + 3 * stride + 1]
+        assert _frame_numbers(data) == [first + j * stride for j in range(4)], meta
+    assert {m["timing"] for _, m, _ in clips} == {"index"} and s.timestamped == 0
+
+
+def test_shuffled_timestamps_fall_back_to_the_index_reading(tmp_path, caplog):
+    src = tmp_path / "src"
+    _timed_video(src / "swapped.mkv", VFR_TIMES, codec="mjpeg", swap=True)  # variable-rate packets, shuffled frames
+    with caplog.at_level("INFO", logger="mardini.data"):
+        s = videos_to_shards(src, tmp_path / "out", ShardSettings(clip_frames=4, max_fps=8), workers=1,
+                             progress=False, keep_staging=True)
+    result = json.loads((tmp_path / "out" / ".staging" / "000000.json").read_text())
+    assert result["timing"] == "index" and result["timing_reason"] == "timestamps not increasing"
+    assert "swapped.mkv: frames kept by index (timestamps not increasing)" in caplog.text
+    clips = _keys_and_meta(tmp_path / "out")
+    assert s.timestamped == 0 and len(clips) == 3
+    for _, meta, data in clips:  # frames in decoding order, every stride-th: not re-sorted by their timestamps
+        stride = meta["source_stride"]
+        assert meta["timing"] == "index" and stride == 4
+        assert _frame_numbers(data) == [(meta["clip"] * 4 + j) * stride for j in range(4)]
+
+
+def test_unreadable_timestamps_fall_back_to_the_index_reading(tmp_path, monkeypatch):
+    _timed_video(tmp_path / "src" / "vfr.mkv", VFR_TIMES)
+
+    def fail(path, decode):
+        raise OSError("corrupt index")
+
+    monkeypatch.setattr(video_shards, "_timestamps", fail)
+    s = videos_to_shards(tmp_path / "src", tmp_path / "out", ShardSettings(clip_frames=4, max_fps=8), workers=1,
+                         progress=False, keep_staging=True)
+    result = json.loads((tmp_path / "out" / ".staging" / "000000.json").read_text())
+    assert result["timing"] == "index" and result["timing_reason"] == "timestamps unreadable: OSError: corrupt index"
+    assert s.clips == 3 and s.timestamped == 0 and not s.skipped and not s.partial
+
+
+def test_pts_grid_trusts_only_increasing_variable_rate_timestamps():
+    ms, avi = Fraction(1, 1000), Fraction(1, 25)
+    assert video_shards.pts_grid([1, 3, 2, 5, 4, 7, 6, 9], avi, 0.04) == (None, "timestamps not increasing")
+    assert video_shards.pts_grid([0, 40, 40, 120], ms, 0.04) == (None, "timestamps not increasing")
+    assert video_shards.pts_grid([0, 33, None, 100], ms, 0.04) == (None, "frames without a timestamp")
+    assert video_shards.pts_grid([0], ms, 0.04) == (None, "fewer than 2 frames")
+    jitter = [round(n * 1001 / 30) for n in range(300)]  # 29.97 fps in ms: 33 or 34 ms apart
+    assert video_shards.pts_grid(jitter, ms, 0.1) == (None, "constant rate")
+    assert video_shards.pts_grid([0, 40, 80, 2000, 2040], ms, 0.04) == (None, "timestamps jump by 1.92 s")
+    grid, why = video_shards.pts_grid([0, 1, 2, 4, 5, 6], avi, 0.04)  # one frame dropped: shown twice
+    assert why == "variable rate" and grid.tolist() == [0, 1, 2, 2, 3, 4, 5]
+    grid, why = video_shards.pts_grid([0, 1, 2, 4, 5, 6], avi, 0.08)
+    assert grid.tolist() == [0, 2, 3, 5]  # times 0, 2, 4, 6 (x 1/25 s)

@@ -3,10 +3,11 @@
 Two phases, both resumable:
 
 1. **Stage** (parallel, one job per source file): decode with PyAV, optionally drop frames to a maximum fps
-   (integer stride) and resize, cut clips of ``clip_frames`` frames every ``clip_hop`` frames, encode each
-   to H.264 and write the file's clips to ``<out>/.staging/<n>.tar`` plus a result ``<n>.json`` (written
-   last, atomically: a file with a result json is done). A file that cannot be decoded gets a result with
-   its reason and is skipped.
+   (integer stride; a variable-frame-rate file with trustworthy timestamps keeps the frame on screen at each
+   time of that grid instead, see :func:`pts_grid`) and resize, cut clips of ``clip_frames`` frames every
+   ``clip_hop`` frames, encode each to H.264 and write the file's clips to ``<out>/.staging/<n>.tar`` plus a
+   result ``<n>.json`` (written last, atomically: a file with a result json is done). A file that cannot be
+   decoded gets a result with its reason and is skipped.
 2. **Pack** (deterministic): all clips, in source-file order, are packed into shards of at most
    ``shard_max_count`` clips and about ``shard_max_bytes`` bytes, ``<out>/<prefix>-NNNNNN.tar``, each written
    to a temp name and renamed. Existing shards are kept (same inputs, same plan, same shard).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import shutil
 import tarfile
@@ -37,6 +39,9 @@ from mardini.data.encode import encode_mp4
 from mardini.data.sharding import atomic_tar, json_bytes, pack, write_json_atomic
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mpg", ".mpeg", ".ogv", ".webm", ".mkv", ".m4v")
+MAX_PTS_GAP_S = 1.0  # a longer gap between two frames' timestamps reads as a timestamp jump, not a held frame
+
+log = logging.getLogger("mardini.data")
 
 
 @dataclass
@@ -73,6 +78,7 @@ class Summary:
     shards: int = 0
     shards_written: int = 0
     shards_kept: int = 0
+    timestamped: int = 0  # files read by timestamp (variable frame rate)
     skipped: dict[str, str] = field(default_factory=dict)  # file -> reason (no clip kept)
     partial: dict[str, str] = field(default_factory=dict)  # file -> reason (clips before the error kept)
 
@@ -83,6 +89,7 @@ class Summary:
         lines = [
             f"{self.clips} clips in {self.shards} shards ({self.shards_written} written, {self.shards_kept} kept) "
             f"from {self.files} files; {len(self.skipped)} skipped, {len(self.partial)} partly decoded"
+            + (f", {self.timestamped} variable-rate read by timestamp" if self.timestamped else "")
         ]
         for kind, n in sorted(self.reasons().items()):
             lines.append(f"  skipped {n} x {kind}")
@@ -132,6 +139,58 @@ def _even_size(width: int, height: int, short_side: int | None) -> tuple[int, in
     return max(2, width - width % 2), max(2, height - height % 2)
 
 
+def pts_grid(pts: list[int | None], time_base: Fraction, period: float) -> tuple[np.ndarray | None, str]:
+    """Source frames on a grid of ``period`` seconds chosen by timestamp, or None (read by index) and why.
+
+    ``pts`` are the frames' timestamps in output order. They are used only when every frame has one, they
+    increase strictly (packed B-frames in AVI give shuffled ones) and the file is variable-rate: some interval
+    differs from the median by more than a tenth of it plus one tick of timestamp rounding. A constant-rate file
+    is read by index, exactly as before, and so is one whose timestamps jump by more than ``MAX_PTS_GAP_S``.
+    Returns ``(indices (m,) int64, reason)``: for each grid time from the first frame, the frame on screen then
+    (the last frame with pts <= t, with half a median interval of slack for rounded timestamps).
+    """
+    if len(pts) < 2:
+        return None, "fewer than 2 frames"
+    if any(p is None for p in pts):
+        return None, "frames without a timestamp"
+    ticks = np.asarray(pts, dtype=np.int64)  # (n,) in time_base units
+    steps = np.diff(ticks)  # (n - 1,)
+    if not (steps > 0).all():
+        return None, "timestamps not increasing"
+    median = float(np.median(steps))
+    if np.abs(steps - median).max() <= 0.1 * median + min(1.0, 0.5 * median):
+        return None, "constant rate"
+    if (gap := float(steps.max() * time_base)) > MAX_PTS_GAP_S:
+        return None, f"timestamps jump by {gap:.3g} s"
+    times = (ticks - ticks[0]) * float(time_base)  # (n,) seconds from the first frame
+    slack = 0.5 * median * float(time_base)
+    grid = period * np.arange(int((times[-1] + slack) // period) + 1)  # (m,)
+    return np.searchsorted(times, grid + slack, side="right") - 1, "variable rate"
+
+
+def _timestamps(path: str, decode: bool) -> tuple[list[int | None], Fraction]:
+    """The first video stream's timestamps and time base: of its packets, sorted (a demux, no decoding), or of
+    its decoded frames in output order (``decode``)."""
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        if decode:
+            stream.thread_type = "AUTO"
+            return [frame.pts for frame in container.decode(stream)], stream.time_base
+        pts = [packet.pts for packet in container.demux(stream) if packet.size]
+        return (pts if None in pts else sorted(pts)), stream.time_base
+
+
+def choose_frames(path: str, period: float) -> tuple[np.ndarray | None, str]:
+    """:func:`pts_grid` on the packets' timestamps and, if they say variable rate, on the decoded frames' own."""
+    try:
+        grid, why = pts_grid(*_timestamps(path, decode=False), period)
+        if grid is not None:
+            grid, why = pts_grid(*_timestamps(path, decode=True), period)
+    except Exception as e:  # noqa: BLE001 -- read by index: a file failing midway keeps its clips up to the error
+        return None, f"timestamps unreadable: {type(e).__name__}: {e}"
+    return grid, why
+
+
 def stage_file(job: dict) -> dict:
     """Decode one file and write its clips to ``job['tar']``; returns (and writes) its result dict."""
     s = ShardSettings(**job["settings"])
@@ -158,39 +217,52 @@ def stage_file(job: dict) -> dict:
             if not src_w or not src_h:
                 raise ValueError("unknown frame size")
             width, height = _even_size(src_w, src_h, s.short_side)
+            # Every stride-th frame (index reading), unless the timestamps say the file is variable-rate: then the
+            # frame on screen at each time of the 1 / out_rate grid, a frame held over several grid times repeated.
+            grid, why = choose_frames(job["path"], 1 / float(out_rate))
+            timing = "index" if grid is None else "pts"
+            result.update(timing=timing, timing_reason=why)
+            log.log(logging.DEBUG if why == "constant rate" else logging.INFO, "%s: frames kept by %s (%s)",
+                    rel, timing, why)
+            copies = None if grid is None else np.bincount(grid)  # (n_src,) times each source frame is stored
             buf: list = []  # [(source index, (H, W, 3) uint8)]
             skip = 0
-            n_src = 0
+            n_src = n_stored = 0
             for frame in container.decode(stream):
                 i, n_src = n_src, n_src + 1
-                if i % stride:
-                    continue
-                if skip:
-                    skip -= 1
-                    continue
-                buf.append((i, frame.to_ndarray(width=width, height=height, format="rgb24")))  # (H, W, 3)
-                if len(buf) < s.clip_frames:
-                    continue
-                frames = np.stack([f for _, f in buf])  # (T, H, W, 3)
-                key = f"{index:06d}-{_slug(rel)}-c{emitted:04d}"
-                meta = {
-                    "source": rel, "source_fps": float(rate), "source_frames": [buf[0][0], buf[-1][0] + 1],
-                    "source_stride": stride, "source_width": src_w, "source_height": src_h,
-                    "fps": float(out_rate), "frames": s.clip_frames, "width": width, "height": height,
-                    "clip": emitted, "codec": "h264",
-                }
-                data = encode_mp4(frames, out_rate, crf=s.crf)
-                sink.write({"__key__": key, "video.mp4": data, "json": json_bytes(meta)})
-                result["clips"].append({"key": key, "bytes": len(data) + len(json_bytes(meta)) + 1536})
-                emitted += 1
+                n = (i % stride == 0) if copies is None else (copies[i] if i < len(copies) else 0)
+                image = None
+                for _ in range(int(n)):
+                    n_stored += 1
+                    if skip:
+                        skip -= 1
+                        continue
+                    if image is None:
+                        image = frame.to_ndarray(width=width, height=height, format="rgb24")  # (H, W, 3)
+                    buf.append((i, image))
+                    if len(buf) < s.clip_frames:
+                        continue
+                    frames = np.stack([f for _, f in buf])  # (T, H, W, 3)
+                    key = f"{index:06d}-{_slug(rel)}-c{emitted:04d}"
+                    meta = {
+                        "source": rel, "source_fps": float(rate), "source_frames": [buf[0][0], buf[-1][0] + 1],
+                        "source_stride": stride, "source_width": src_w, "source_height": src_h,
+                        "fps": float(out_rate), "frames": s.clip_frames, "width": width, "height": height,
+                        "clip": emitted, "codec": "h264", "timing": timing,
+                    }
+                    data = encode_mp4(frames, out_rate, crf=s.crf)
+                    sink.write({"__key__": key, "video.mp4": data, "json": json_bytes(meta)})
+                    result["clips"].append({"key": key, "bytes": len(data) + len(json_bytes(meta)) + 1536})
+                    emitted += 1
+                    if s.max_clips_per_video is not None and emitted >= s.max_clips_per_video:
+                        break
+                    buf = buf[hop:] if hop < s.clip_frames else []
+                    skip = max(0, hop - s.clip_frames)
                 if s.max_clips_per_video is not None and emitted >= s.max_clips_per_video:
                     break
-                buf = buf[hop:] if hop < s.clip_frames else []
-                skip = max(0, hop - s.clip_frames)
             if emitted == 0:
                 raise ValueError(
-                    f"too short: {n_src} frames give {n_src // stride} stored frames, fewer than one clip "
-                    f"of {s.clip_frames}"
+                    f"too short: {n_src} frames give {n_stored} stored frames, fewer than one clip of {s.clip_frames}"
                 )
     except Exception as e:  # noqa: BLE001 -- any file PyAV cannot read is reported and skipped, never fatal
         kind = "too short" if str(e).startswith("too short") else "undecodable"
@@ -289,7 +361,8 @@ def videos_to_shards(
     # -- phase 2 -----------------------------------------------------------------------------------
     clips = [(i, c) for i in sorted(results) for c in results[i]["clips"]]
     plan = pack([c["bytes"] for _, c in clips], settings.shard_max_count, settings.shard_max_bytes)
-    summary = Summary(files=len(files), clips=len(clips), shards=len(plan))
+    summary = Summary(files=len(files), clips=len(clips), shards=len(plan),
+                      timestamped=sum(r.get("timing") == "pts" for r in results.values()))
     cache: tuple[int, dict] | None = None
     for s_idx, members in enumerate(tqdm(plan, desc="shards", unit="shard", disable=not progress)):
         path = out / f"{settings.prefix}-{s_idx:06d}.tar"
