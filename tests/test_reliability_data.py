@@ -251,6 +251,39 @@ def test_a_share_without_a_good_sample_still_counts_its_skips(tmp_path, num_work
     assert dm.skipped == 3 + 1  # the bad-only share's skips are counted too
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_resumed_run_counts_each_skip_once(tmp_path, num_workers):
+    """The loader runs ahead of training: a checkpoint's skip count stops at the last batch trained on, as its
+    position does, so the batches read again after the resume are not counted twice."""
+    names, good = sorted(BAD), {"json": META, "video.npy": NPY}
+    for s in range(2):  # every other sample bad: almost every batch carries skips
+        _write_shard(tmp_path / f"t-{s:06d}.tar", [(f"s{s}-{i:02d}", good if i % 2 else BAD[names[(s + i) % 5]])
+                                                   for i in range(16)])
+    kw = dict(num_workers=num_workers, epoch_size=12, shuffle_buffer=1)
+
+    full = _dm(tmp_path, **kw)
+    full.setup("fit")
+    reference = list(full.train_dataloader())  # one epoch, 6 batches
+    first = _dm(tmp_path, **kw)
+    first.setup("fit")
+    it = iter(first.train_dataloader())
+    for _ in range(4):  # an even count: with 2 workers the resumed loader starts at worker 0 again
+        first.on_before_batch_transfer(next(it), 0)  # trained on
+    ahead = next(it)  # fetched, never trained on
+    assert int(ahead["skipped"]) > 0  # else the test shows nothing
+    state = first.state_dict()
+    del it
+    assert state["skipped"] == sum(int(b["skipped"]) for b in reference[:4]) == first.skipped - int(ahead["skipped"])
+
+    resumed = _dm(tmp_path, **kw)
+    resumed.load_state_dict(state)
+    resumed.setup("fit")
+    rest = list(resumed.train_dataloader())
+    assert [b["key"] for b in rest] == [b["key"] for b in reference[4:]]
+    assert resumed.skipped == full.skipped == sum(int(b["skipped"]) for b in reference)
+
+
 @pytest.mark.timeout(60)
 def test_a_stuck_decoder_fails_with_a_timeout_not_a_hang(bad_shards, monkeypatch):
     def stuck(*args, **kwargs):
@@ -304,3 +337,13 @@ def test_skipped_counts_reach_the_module_and_are_logged(bad_shards, tmp_path):
     assert float(trainer.logged_metrics["data/skipped"]) == sum(seen)
     rows = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
     assert "data/skipped" in rows.splitlines()[0]
+    path = tmp_path / "end.ckpt"
+    trainer.save_checkpoint(path)
+    before = sum(seen)
+    resumed = GenerationModule(size="tiny", generator={"depth": 1}, planner_resolution=8, lr=1e-3)
+    trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, callbacks=[Spy()])
+    trainer.fit(resumed, datamodule=_dm(bad_shards, val_shards=None, num_workers=1, epoch_size=12),
+                ckpt_path=str(path))
+    assert len(seen) == 8 and sum(seen) > before  # the resumed steps' batches carry skips too
+    assert resumed._skipped_total == sum(seen)  # the logged count goes on from the checkpoint's

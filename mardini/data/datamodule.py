@@ -201,15 +201,16 @@ class VideoDataModule(L.LightningDataModule):
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         """Record where the training stream stands at the batch about to be trained on (exact resume)."""
         if isinstance(batch, dict) and "stream" in batch:
-            self.state.mark_trained(batch.pop("stream"))
+            self.state.mark_trained(batch.pop("stream"), int(batch.get("skipped", 0)))
         return batch
 
     def state_dict(self) -> dict:
         """The stream position: ``seed``, ``epoch`` (next to start), the epoch in progress and, per worker, the
-        raw samples read and batches delivered up to the last batch trained on. A resumed run with the same
-        worker count continues that epoch exactly where it stopped (same clips, crops and order)."""
+        raw samples read and batches delivered up to the last batch trained on, and ``skipped`` up to that batch
+        too. A resumed run with the same worker count continues that epoch exactly where it stopped (same clips,
+        crops and order) and counts the skips of the batches it reads again once."""
         s = self.state
-        return {"seed": s.seed, "epoch": s.epoch, "skipped": s.skipped, "in_epoch": s.in_epoch,
+        return {"seed": s.seed, "epoch": s.epoch, "skipped": s.skipped_trained, "in_epoch": s.in_epoch,
                 "workers": s.workers, "progress": [[w, *p] for w, p in sorted(s.progress.items())]}
 
     def load_state_dict(self, state_dict: dict) -> None:

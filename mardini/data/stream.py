@@ -54,6 +54,9 @@ class StreamState:
     seed: int = 0
     epoch: int = 0  # epoch number the next training stream will use
     skipped: int = 0  # bad samples dropped so far (summed from the batches)
+    # of those, the ones on training batches fetched but not yet trained on (the loader runs ahead): a checkpoint
+    # leaves them out, as its position does, so that a resumed run that reads those batches again counts them once
+    in_flight: int = 0
     in_epoch: int = -1  # epoch of the training stream being consumed (-1: none started)
     workers: int = 1  # worker processes of that stream
     # worker -> [raw samples read, batches delivered] up to the last batch TRAINED ON (see
@@ -61,10 +64,17 @@ class StreamState:
     progress: dict[int, list[int]] = field(default_factory=dict)
     resume: dict | None = None  # set by load_state_dict: continue epoch ``resume["epoch"]`` mid-way
 
-    def mark_trained(self, position: torch.Tensor) -> None:
-        """Record a training batch's ``stream`` position ``[worker, raw samples read, batches delivered]``."""
+    def mark_trained(self, position: torch.Tensor, skipped: int = 0) -> None:
+        """Record a training batch's ``stream`` position ``[worker, raw samples read, batches delivered]`` and that
+        its ``skipped`` count is no longer in flight."""
         worker, raw, batches = (int(v) for v in position.tolist())
         self.progress[worker] = [raw, batches]
+        self.in_flight = max(0, self.in_flight - int(skipped))
+
+    @property
+    def skipped_trained(self) -> int:
+        """Bad samples dropped up to the last batch trained on (what a checkpoint saves)."""
+        return self.skipped - self.in_flight
 
 
 def stream_seed(seed: int, rank: int, worker: int, epoch: int, salt: int = 0) -> int:
@@ -427,6 +437,7 @@ class StreamLoader(DataLoader):
             state.epoch = ds.current_epoch + 1
             state.in_epoch, state.workers = ds.current_epoch, workers
             state.progress = {w: list(p) for w, p in ds.resume_progress.items()}
+            state.in_flight = 0  # a new stream: batches the last one fetched and never trained are not read again
         return self._count(super().__iter__())
 
     def _count(self, it: Iterator[dict]) -> Iterator[dict]:
@@ -434,5 +445,7 @@ class StreamLoader(DataLoader):
         for batch in it:
             if state is not None:
                 state.skipped += int(batch.get("skipped", 0))
+                if "stream" in batch:  # a training batch: in flight until trained on (StreamState.in_flight)
+                    state.in_flight += int(batch.get("skipped", 0))
             if not skip_only(batch):
                 yield batch

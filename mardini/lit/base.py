@@ -346,6 +346,7 @@ class MarDiniBase(L.LightningModule):
             "planner_resolution": self.hparams.planner_resolution,
             "latent_channels": self.autoencoder.latent_channels,
             "nonfinite_skipped": self.nonfinite_skipped,
+            "data_skipped": self._skipped_total,
         }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -367,6 +368,7 @@ class MarDiniBase(L.LightningModule):
                 "resume a fit. Start a stage from it with model.init_args.init_from=<it> and --ckpt_path null"
             )
         self.nonfinite_skipped = int(checkpoint["mardini"].get("nonfinite_skipped", 0))
+        self._skipped_total = int(checkpoint["mardini"].get("data_skipped", 0))  # the logged data/skipped goes on
         state = checkpoint["state_dict"]
         for k, v in self.autoencoder.state_dict().items():
             state.setdefault(f"autoencoder.{k}", v)
