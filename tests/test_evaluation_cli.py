@@ -68,6 +68,25 @@ def test_cli_scores_a_checkpoint_with_the_chosen_eta(shards, tmp_path):
     assert results["0"]["mardini"]["midf_psnr"] != results["1"]["mardini"]["midf_psnr"]  # eta reached the sampler
 
 
+def test_each_clip_has_its_own_seed_whatever_the_batch_size(shards, tmp_path):
+    from mardini.evaluation.protocol import batch_seed, clip_seeds
+    from mardini.testing import make_checkpoint
+
+    # batches of 8 on one process: each clip keeps the seed its batch's seed gave it before (published figures hold)
+    assert clip_seeds(3, 8, 8) == [batch_seed(3, 0, 1) + i for i in range(8)]
+    assert clip_seeds(3, 0, 20)[10:13] == clip_seeds(3, 10, 3)
+    ckpt = make_checkpoint(tmp_path / "joint.ckpt", "joint", frames=9, size=16)
+    results = {}
+    for bs in ("4", "3"):
+        out = tmp_path / f"bs{bs}"
+        assert cli.main(["--data", str(shards), "--tasks", "interpolation", "--frames", "9", "--resolution", "16",
+                         "--num-clips", "6", "--batch-size", bs, "--metrics", "midf", "--checkpoint", str(ckpt),
+                         "--steps", "2", "--eta", "1", "--device", "cpu", "--cache-dir", "", "--out", str(out)]) == 0
+        results[bs] = json.loads((out / "report.json").read_text())["tasks"]["interpolation"]["results"]["mardini"]
+    assert results["4"]["midf_psnr"] == pytest.approx(results["3"]["midf_psnr"], rel=1e-4)
+    assert results["4"]["midf_ssim"] == pytest.approx(results["3"]["midf_ssim"], rel=1e-4)
+
+
 def test_the_report_states_what_ran(shards, tmp_path, capsys):
     from mardini.testing import make_checkpoint
 

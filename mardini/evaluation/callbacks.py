@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from mardini.evaluation.protocol import EvalProtocol, EvalSuite, RealStatsCache, batch_seed, files_id, keys_digest
+from mardini.evaluation.protocol import EvalProtocol, EvalSuite, RealStatsCache, clip_seeds, files_id, keys_digest
 from mardini.evaluation.samplers import Sampler, ema_context, make_sampler
 
 
@@ -119,7 +119,8 @@ class _TaskEval(L.Callback):
         real = real[:keep]
         positions = None if positions is None else positions[:keep]
         mask = self.protocol.mask(keep, real.device)  # (B, T)
-        seed = batch_seed(self.protocol.seed, trainer.global_rank, batch_idx)
+        first = sum(clips_for_rank(self.protocol.num_clips, r, trainer.world_size) for r in range(trainer.global_rank))
+        seed = clip_seeds(self.protocol.seed, first + self._seen, keep)  # by clip index: any batch size
         with torch.no_grad(), ema_context(pl_module):
             fake = self._sampler(real, mask, seed).clamp(-1, 1)  # (B, T, 3, H, W)
         self.suite.update(real, fake, mask, positions)

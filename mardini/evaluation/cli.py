@@ -25,7 +25,7 @@ import torch
 
 from mardini.evaluation.data import count_clips, iter_batches, resolve_source, usable_videos
 from mardini.evaluation.protocol import (
-    METRICS, TASKS, EvalProtocol, EvalSuite, RealStatsCache, batch_seed, files_id, keys_digest,
+    METRICS, TASKS, EvalProtocol, EvalSuite, RealStatsCache, clip_seeds, files_id, keys_digest,
 )
 from mardini.evaluation.samplers import BASELINES, PipelineSampler, Sampler
 
@@ -170,7 +170,7 @@ def run_task(
         positions = batch.get("positions")
         positions = None if positions is None else positions.to(device)  # (B, T, K, 2)
         mask = proto.mask(real.shape[0], real.device)  # (B, T)
-        seed = batch_seed(args.seed, 0, b)
+        seed = clip_seeds(args.seed, seen, real.shape[0])  # one per clip, by its index: any --batch-size
         for m, sampler in run.items():
             start = time.perf_counter()
             fake = sampler(real, mask, seed).clamp(-1, 1)  # (B, T, 3, R, R)

@@ -111,10 +111,20 @@ class EvalProtocol:
         return dataclasses.asdict(self)
 
 
+SEED_BLOCK = 8  # clips per hashed seed block (see clip_seeds); equal to the CLI's default batch size
+
+
 def batch_seed(seed: int, rank: int, batch_idx: int) -> int:
-    """Seed of one batch, fixed by (seed, rank, batch index)."""
+    """A seed fixed by (seed, rank, index): a sha256 hash, 56 bits."""
     h = hashlib.sha256(f"{seed}/{rank}/{batch_idx}".encode()).digest()
     return int.from_bytes(h[:7], "little")
+
+
+def clip_seeds(seed: int, first: int, count: int) -> list[int]:
+    """Seeds of the protocol's clips ``first .. first + count - 1`` (their index among all N clips): clip k gets
+    ``batch_seed(seed, 0, k // SEED_BLOCK) + k % SEED_BLOCK``, whatever the batch size or the number of processes
+    that evaluate it (with batches of ``SEED_BLOCK`` on one process, what each batch's seed gave its clips)."""
+    return [batch_seed(seed, 0, k // SEED_BLOCK) + k % SEED_BLOCK for k in range(first, first + count)]
 
 
 # ------------------------------------------------------------------------------------------------

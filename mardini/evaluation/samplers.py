@@ -1,8 +1,8 @@
 """What the evaluation runs: any callable ``(video, mask, seed) -> video``, so baselines and the model plug in alike.
 
 A sampler takes ``video (B, T, 3, H, W)`` in [-1, 1] (the masked frames' content must not be used), ``mask (B, T)``
-bool (True = generate) and an int ``seed``, and returns ``(B, T, 3, H, W)`` in [-1, 1] with the given frames
-unchanged. Baselines: :class:`LinearBlend` (the two nearest given frames blended linearly in time) and
+bool (True = generate) and ``seed``, one int per clip (:func:`mardini.evaluation.protocol.clip_seeds`), and returns
+``(B, T, 3, H, W)`` in [-1, 1] with the given frames unchanged. Baselines: :class:`LinearBlend` (the two nearest given frames blended linearly in time) and
 :class:`NearestFrame` (the nearest given frame repeated). :class:`PipelineSampler` wraps ``MarDiniPipeline``.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
+from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -20,9 +21,10 @@ from mardini.masking import gather_frames, nearest_given_frames, neighbour_given
 
 @runtime_checkable
 class Sampler(Protocol):
-    """``(video (B, T, 3, H, W) in [-1, 1], mask (B, T) bool, seed) -> video (B, T, 3, H, W) in [-1, 1]``."""
+    """``(video (B, T, 3, H, W) in [-1, 1], mask (B, T) bool, seed) -> video (B, T, 3, H, W) in [-1, 1]``; ``seed``
+    is one int per clip (or one int, clip b using ``seed + b``)."""
 
-    def __call__(self, video: torch.Tensor, mask: torch.Tensor, seed: int) -> torch.Tensor: ...
+    def __call__(self, video: torch.Tensor, mask: torch.Tensor, seed: int | Sequence[int]) -> torch.Tensor: ...
 
 
 # ------------------------------------------------------------------------------------------------
@@ -36,7 +38,7 @@ class LinearBlend:
 
     name = "linear_blend"
 
-    def __call__(self, video: torch.Tensor, mask: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    def __call__(self, video: torch.Tensor, mask: torch.Tensor, seed: int | Sequence[int] = 0) -> torch.Tensor:
         prev, nxt = neighbour_given(mask)  # (B, T) each
         t = mask.shape[1]
         lo = torch.where(prev < 0, nxt, prev)  # (B, T) one-sided: use the other side
@@ -54,7 +56,7 @@ class NearestFrame:
 
     name = "nearest_frame"
 
-    def __call__(self, video: torch.Tensor, mask: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    def __call__(self, video: torch.Tensor, mask: torch.Tensor, seed: int | Sequence[int] = 0) -> torch.Tensor:
         out = nearest_given_frames(video, mask)  # (B, T, C, H, W)
         return torch.where(mask[..., None, None, None], out, video)
 
@@ -87,7 +89,7 @@ class PipelineSampler:
             self._extra["eta"] = eta
 
     @torch.no_grad()
-    def __call__(self, video: torch.Tensor, mask: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    def __call__(self, video: torch.Tensor, mask: torch.Tensor, seed: int | Sequence[int] = 0) -> torch.Tensor:
         out = self.pipeline.generate(video, mask, steps=self.steps, guidance_scale=self.guidance_scale, seed=seed,
                                      **self._extra)
         return out.clamp(-1, 1)  # (B, T, 3, H, W)
