@@ -342,6 +342,43 @@ def test_fid_frames_mask_and_zero():
         fid.update(rand_video(1, 3), True)
 
 
+def test_cached_real_stats_must_share_the_preprocessing(tmp_path):
+    a = make_fvd(num_videos=6, resize="crop")
+    a.update(rand_video(6, 9, seed=7), True)
+    path = a.save_real_stats(tmp_path / "real.pt")
+    assert torch.load(path, weights_only=True)["preprocessing"] == {"resize": "crop", "quantize": True,
+                                                                     "pad_short": False}
+    make_fvd(num_videos=6, resize="crop").load_real_stats(path)  # the same: taken
+    for other in ({"resize": "stretch"}, {"quantize": False}):
+        with pytest.raises(ValueError, match="preprocessing"):
+            make_fvd(num_videos=6, **other).load_real_stats(path)
+    stats = torch.load(path, weights_only=True)
+    with pytest.raises(ValueError, match=r"covariance \(12, 11\)"):
+        make_fvd(num_videos=6).set_real_stats({**stats, "cov": stats["cov"][:, :11]})
+    old = {k: v for k, v in stats.items() if k != "preprocessing"}  # written before it was recorded
+    with pytest.warns(UserWarning, match="do not record their preprocessing"):
+        make_fvd(num_videos=6).set_real_stats(old)
+
+
+def test_fid_warns_on_other_frames_or_another_count():
+    video, mask = rand_video(4, 5, seed=9), torch.zeros(4, 5, dtype=torch.bool)
+    mask[:, 1:4] = True
+    fid = FrameFID(num_videos=4, num_frames=5, network=FramePoolFeatures())
+    fid.update(video, real=True, mask=mask)
+    stats = fid.real_stats()
+    assert stats["frames"] == [[False, True, True, True, False]]
+    other = FrameFID(num_videos=4, num_frames=5, network=FramePoolFeatures())
+    other.set_real_stats(stats)
+    other.update(video, real=False)  # every frame, where the real side took the masked ones
+    with pytest.warns(UserWarning, match="compare the same frames"):
+        other.compute()
+    other.reset()
+    other.update(video[:3], real=False, mask=mask[:3])  # the same frames, 3 videos of the protocol's 4
+    with pytest.warns(UserWarning, match="3 generated videos, the protocol names 4") as record:
+        other.compute()
+    assert not any("same frames" in str(w.message) for w in record)
+
+
 # ------------------------------------------------------------------------------------------------
 # Middle-frame metrics and LPIPS
 # ------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import os
 
 import torch
 from einops import rearrange
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -51,7 +52,12 @@ class FrameFID(FrechetStatsMixin, FrechetInceptionDistance):
         hide_module(self, "inception", self.inception)  # not a submodule: out of state_dict, DDP and .to()
         self.num_features = net.num_features
         self.num_videos, self.num_frames, self.chunk_size = num_videos, num_frames, chunk_size
+        self.resize, self.quantize = resize, quantize
         self.protocol = f"fid{num_videos}_{num_frames}f"
+        self.add_state("fake_num_videos", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def preprocessing(self) -> dict:
+        return {"resize": self.resize, "quantize": self.quantize}
 
     def update(self, videos: torch.Tensor, real: bool, mask: torch.Tensor | None = None) -> None:
         """Add frames to the real or generated statistics.
@@ -63,22 +69,33 @@ class FrameFID(FrechetStatsMixin, FrechetInceptionDistance):
         """
         self._check_real_update(real)
         if videos.dim() == 5:
+            if not real:
+                self.fake_num_videos += videos.shape[0]
             if videos.shape[1] != self.num_frames:
                 raise ValueError(f"{self.protocol} takes clips of {self.num_frames} frames, got {videos.shape[1]}")
             if mask is not None:
                 if mask.shape != videos.shape[:2] or mask.dtype != torch.bool:
                     raise ValueError(f"mask must be (B, T) bool like the videos, got {tuple(mask.shape)} {mask.dtype}")
                 frames = videos[mask]  # (M, 3, H, W), generated frames only
+                for row in mask.unique(dim=0).tolist():
+                    self._saw_frames(real, tuple(row))
             else:
                 frames = rearrange(videos, "b t c h w -> (b t) c h w")  # (B*T, 3, H, W)
+                self._saw_frames(real, "all")
         elif mask is not None:
             raise ValueError("a mask only applies to videos (B, T, 3, H, W)")
         else:
             frames = videos  # (N, 3, H, W)
+            self._saw_frames(real, "images")
         on_device(self.inception, frames.device)
         for chunk in frames.split(self.chunk_size):
             super().update(chunk, real)  # torchmetrics: features (n, 2048) -> float64 sums
 
     def compute(self) -> torch.Tensor:
         """FID (float64 scalar) of all frames seen on all processes (or against cached real statistics)."""
+        n_fake = int(self.fake_num_videos)
+        if n_fake and n_fake != self.num_videos:
+            rank_zero_warn(f"{self.protocol}: computed on {n_fake} generated videos, the protocol names "
+                           f"{self.num_videos}")
+        self.check_frames()
         return self._frechet()

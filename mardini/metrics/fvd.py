@@ -81,6 +81,9 @@ class FrechetVideoDistance(FrechetStatsMixin, Metric):
             out.append(net(x).float())  # (b, D)
         return torch.cat(out)  # (B, D)
 
+    def preprocessing(self) -> dict:
+        return {"resize": self.resize, "quantize": self.quantize, "pad_short": self.pad_short}
+
     def update(self, videos: torch.Tensor, real: bool) -> None:
         """Add a batch of videos ``(B, T, 3, H, W)`` in [-1, 1] to the real or the generated statistics."""
         self._check_real_update(real)

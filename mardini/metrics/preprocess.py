@@ -56,7 +56,9 @@ def resize_frames(frames: torch.Tensor, size: int, mode: ResizeMode = "crop") ->
 
     ``crop``: shorter side to ``size`` (aspect kept), then centre crop. ``stretch``: both sides to ``size`` (what the
     reference FVD and FID code do; identical to ``crop`` on square frames). Bilinear with half-pixel centres and no
-    antialiasing, like the resize inside TF's FID/FVD graphs.
+    antialiasing, as PyTorch ports of the metrics resize (StyleGAN-V's FVD); TF1's ``resize_bilinear`` in the original
+    graphs uses corner-aligned source positions (``src = dst * in / out``), which shifts the image by a fraction of a
+    source pixel (about 0.07 px from 256 to 224 or 299, 0.45 px from 32): a small offset from TF-reference figures.
     """
     if mode not in ("crop", "stretch"):
         raise ValueError(f"resize mode must be 'crop' or 'stretch', got {mode!r}")

@@ -7,9 +7,12 @@ The feature network is stored as a plain attribute, not a submodule: it stays ou
 LightningModule checkpoint), out of ``parameters()`` (so DDP never broadcasts it) and out of ``.to()`` calls; it is
 moved to the input's device on first use.
 
-Real statistics can be cached: :meth:`FrechetStatsMixin.save_real_stats` writes ``{protocol, feature, count, mean,
-cov}`` atomically; :meth:`~FrechetStatsMixin.load_real_stats` restores them as a fixed reference that is not a metric
-state, so it is neither reset nor summed across ranks (every rank loads the same file).
+Real statistics can be cached: :meth:`FrechetStatsMixin.save_real_stats` writes ``{protocol, feature, preprocessing,
+frames, count, mean, cov}`` atomically; :meth:`~FrechetStatsMixin.load_real_stats` restores them as a fixed reference
+that is not a metric state, so it is neither reset nor summed across ranks (every rank loads the same file). A file of
+another protocol, feature network or preprocessing (resize, quantize, padding) is refused; ``frames`` says which frames
+of the real clips were used (all, or a mask), and :meth:`~FrechetStatsMixin.check_frames` warns when the generated side
+used others.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from mardini.lit.checkpoint_io import atomic_torch_save
@@ -53,6 +57,34 @@ class FrechetStatsMixin:
     feature_name: str
     num_features: int
     _real_ref: dict[str, Any] | None = None  # cached real statistics (not a state)
+    _frames: dict[str, set] | None = None  # {"real", "fake"}: frame selections seen since the last reset
+
+    def preprocessing(self) -> dict[str, Any]:
+        """What turns clips into the network's input (resize, quantize, ...); real statistics must share it."""
+        return {}
+
+    def _saw_frames(self, real: bool, selection: Any) -> None:
+        """Record the frames an update used: ``"all"``, ``"images"`` or a mask row (a tuple of bools)."""
+        if self._frames is None:
+            self._frames = {"real": set(), "fake": set()}
+        self._frames["real" if real else "fake"].add(selection)
+
+    def _real_frames(self) -> list:
+        if self._real_ref is not None:
+            return list(self._real_ref.get("frames") or [])
+        return sorted((self._frames or {}).get("real", set()), key=repr)
+
+    def check_frames(self) -> None:
+        """Warn when the generated side used other frames of the clips than the real statistics."""
+        real = {tuple(f) if isinstance(f, list) else f for f in self._real_frames()}
+        fake = (self._frames or {}).get("fake", set())
+        if real and fake and real != fake:
+            rank_zero_warn(f"{self.protocol}: the real statistics used frames {sorted(real, key=repr)}, the generated "
+                           f"side {sorted(fake, key=repr)}; compare the same frames (same mask) on both sides")
+
+    def reset(self) -> None:
+        super().reset()
+        self._frames = None
 
     def _add_frechet_states(self, dim: int) -> None:
         for kind in ("real", "fake"):
@@ -99,18 +131,29 @@ class FrechetStatsMixin:
             return dict(self._real_ref)
         with self.sync_context(should_unsync=True):
             mu, cov, n = self._gaussian("real")
-        return {"protocol": self.protocol, "feature": self.feature_name, "count": n, "mean": mu.cpu(), "cov": cov.cpu()}
+        frames = [list(f) if isinstance(f, tuple) else f for f in self._real_frames()]
+        return {"protocol": self.protocol, "feature": self.feature_name, "preprocessing": self.preprocessing(),
+                "frames": frames, "count": n, "mean": mu.cpu(), "cov": cov.cpu()}
 
     def set_real_stats(self, stats: dict[str, Any]) -> None:
-        """Use ``stats`` (from :meth:`real_stats`) as the fixed real reference; checks protocol and feature."""
+        """Use ``stats`` (from :meth:`real_stats`) as the fixed real reference; checks protocol, feature and
+        preprocessing (a file written before preprocessing was recorded is taken with a warning)."""
         for key, want in (("protocol", self.protocol), ("feature", self.feature_name)):
             if stats.get(key) != want:
                 raise ValueError(
                     f"cached real statistics are for {key} {stats.get(key)!r}, this metric is {want!r}; recompute them"
                 )
+        if "preprocessing" not in stats:
+            rank_zero_warn(f"{self.protocol}: the cached real statistics do not record their preprocessing; assuming "
+                           f"{self.preprocessing()}")
+        elif stats["preprocessing"] != self.preprocessing():
+            raise ValueError(f"cached real statistics were computed with preprocessing {stats['preprocessing']}, this "
+                             f"metric uses {self.preprocessing()}; recompute them (or build the metric with theirs)")
         mean, cov = stats["mean"].double(), stats["cov"].double()
-        if mean.shape != (self.num_features,) or cov.shape != (self.num_features, self.num_features):
-            raise ValueError(f"cached statistics have shape {tuple(mean.shape)}, expected ({self.num_features},)")
+        d = self.num_features
+        if mean.shape != (d,) or cov.shape != (d, d):
+            raise ValueError(f"cached statistics have mean {tuple(mean.shape)} and covariance {tuple(cov.shape)}, "
+                             f"expected ({d},) and ({d}, {d})")
         self._real_ref = {**stats, "mean": mean, "cov": cov, "count": int(stats["count"])}
 
     def clear_real_stats(self) -> None:
