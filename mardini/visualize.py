@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -70,14 +71,23 @@ def contact_sheet(
     return path
 
 
+def gif_durations(frames: int, fps: float) -> list[int]:
+    """Per-frame GIF delays in ms: GIF stores hundredths of a second, so each frame ends at its time rounded to
+    10 ms (8 fps: 130, 120, 130, ... ms, 125 on average, where one rounded delay would play 120 ms, 4 % fast)."""
+    if not fps > 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    ends = [math.floor(100 * i / fps + 0.5) for i in range(frames + 1)]  # hundredths of a second
+    return [10 * max(1, b - a) for a, b in zip(ends, ends[1:])]
+
+
 def save_gif(video: torch.Tensor, path: str | Path, fps: float = 8.0) -> Path:
-    """``(T, 3, H, W)`` in [-1, 1] -> looping GIF (PIL)."""
+    """``(T, 3, H, W)`` in [-1, 1] -> looping GIF (PIL) that plays at ``fps`` on average (:func:`gif_durations`)."""
     if video.dim() != 4 or video.shape[1] != 3:
         raise ValueError(f"save_gif expects (T, 3, H, W), got {tuple(video.shape)}")
     frames = [Image.fromarray(f) for f in to_uint8(video)]  # T x (H, W, 3)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=gif_durations(len(frames), fps), loop=0)
     return path
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -110,6 +111,21 @@ def test_same_seed_same_video_and_batch_independence(pipe):
     assert many.shape == (4, T, 3, S, S)
     torch.testing.assert_close(many[::2], a, rtol=0, atol=1e-5)  # sample 0 of each clip
     assert not torch.allclose(many[0], many[1])
+    for other in (np.int64(3), torch.tensor(3)):  # any integer type: clip b gets seed + b
+        assert torch.equal(a, pipe.generate(video, MASK, steps=STEPS, seed=other, progress=False))
+    v = _video(1, 2)
+    ref = pipe.long_video(v, total_frames=8, context=2, steps=2, seed=5, progress=False)
+    assert torch.equal(ref, pipe.long_video(v, total_frames=8, context=2, steps=2, seed=np.int64(5), progress=False))
+
+
+def test_a_joint_checkpoint_samples_frames_of_another_aspect_ratio(pipe):
+    from mardini.data.transforms import planner_size
+
+    assert planner_size(32, 32, 16) == (16, 16) and planner_size(32, 48, 16) == (16, 24)  # short side, aspect kept
+    assert planner_size(32, 48, (8, 8)) == (8, 8)
+    wide = torch.rand(1, T, 3, S, S * 3 // 2, generator=torch.Generator().manual_seed(1)) * 2 - 1  # (1, T, 3, S, 1.5 S)
+    out = pipe.generate(wide, MASK[:1], steps=STEPS, guidance_scale=2.0, progress=False)
+    assert out.shape == wide.shape and torch.isfinite(out).all()
 
 
 def test_ancestral_eta_is_seeded_per_clip_and_sample(pipe):

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from mardini.data.decode import decode_mp4
-from mardini.visualize import GENERATED_COLOR, GIVEN_COLOR, contact_sheet, save_gif, save_mp4
+from mardini.visualize import GENERATED_COLOR, GIVEN_COLOR, contact_sheet, gif_durations, save_gif, save_mp4
 
 
 def test_contact_sheet_layout_and_given_frame_borders(tmp_path):
@@ -39,3 +39,15 @@ def test_gif_and_mp4(tmp_path):
     frames = decode_mp4((save_mp4(video, tmp_path / "a.mp4", fps=5)).read_bytes())
     assert frames.shape == (5, 16, 22, 3)  # padded to even
     assert np.all(np.diff(frames[:, 5, 5, 0].astype(int)) > 0)  # brightness rises frame by frame
+
+
+def test_gif_plays_at_its_fps_on_average(tmp_path):
+    assert gif_durations(4, 8.0) == [130, 120, 130, 120]  # GIF stores hundredths: one 125-ms delay would be 120
+    assert sum(gif_durations(16, 8.0)) == 2000 and gif_durations(3, 5.0) == [200, 200, 200]
+    video = torch.linspace(-1, 1, 8)[:, None, None, None].expand(8, 3, 6, 6).contiguous()
+    gif = Image.open(save_gif(video, tmp_path / "b.gif", fps=8))
+    delays = []
+    for i in range(gif.n_frames):
+        gif.seek(i)
+        delays.append(gif.info["duration"])
+    assert sum(delays) == 1000  # 8 frames at 8 fps: one second

@@ -5,7 +5,7 @@ re-run resumes) holding, per clip:
 
 - ``z_high.npy``: ``(T, C, h, w)`` latents of the clip at ``resolution``;
 - ``z_low.npy``: ``(T, C, h', w')`` latents of the planner's copy, made with
-  :func:`mardini.data.transforms.resize_video` to ``planner_resolution`` and then encoded (exactly what the
+  :func:`mardini.data.transforms.planner_copy` to ``planner_resolution`` and then encoded (exactly what the
   Lightning modules do on the fly);
 - ``json``: the clip's metadata with ``frames``/``fps`` of the cached selection, ``positions`` restricted to
   it (crop-relative), and ``latent_cache`` (autoencoder, sizes, dtype, frame indices, crop window).
@@ -30,7 +30,7 @@ from tqdm import tqdm
 from mardini.autoencoders.base import FrameAutoencoder
 from mardini.data.sharding import atomic_tar, json_bytes, list_shards, npy_bytes, write_json_atomic
 from mardini.data.stream import ClipStream, skip_only
-from mardini.data.transforms import Size, as_size, resize_video
+from mardini.data.transforms import Size, as_size, planner_copy
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -51,7 +51,7 @@ def encode_pair(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``video (B, T, 3, H, W)`` in [-1, 1] -> ``z_high (B, T, C, h, w)``, ``z_low (B, T, C, h', w')``."""
     z_high = ae.encode(video)  # (B, T, C, h, w)
-    z_low = ae.encode(resize_video(video, planner_resolution))  # (B, T, C, h', w')
+    z_low = ae.encode(planner_copy(video, planner_resolution))  # (B, T, C, h', w')
     return z_high, z_low
 
 

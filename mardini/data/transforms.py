@@ -50,6 +50,21 @@ def resize_video(video: torch.Tensor, size: Size) -> torch.Tensor:
     return x.reshape(b, t, c, h, w).to(dtype if dtype.is_floating_point else torch.float32)  # (B, T, C, h, w)
 
 
+def planner_size(height: int, width: int, resolution: Size) -> tuple[int, int]:
+    """``(h, w)`` of the planner's low-resolution copy of ``height x width`` frames: an int is the short side, the
+    aspect ratio kept (``resolution x resolution`` for square frames), so plan and generator token grids share it;
+    an ``(h, w)`` pair is taken as it is."""
+    if not isinstance(resolution, int):
+        return as_size(resolution)
+    short = min(height, width)
+    return max(1, round(height * resolution / short)), max(1, round(width * resolution / short))
+
+
+def planner_copy(video: torch.Tensor, resolution: Size) -> torch.Tensor:
+    """The planner's input: ``video (B, T, C, H, W)`` resized to :func:`planner_size` (bilinear, anti-aliased)."""
+    return resize_video(video, planner_size(video.shape[-2], video.shape[-1], resolution))  # (B, T, C, h', w')
+
+
 # --------------------------------------------------------------------------------------------------
 # Crop window
 # --------------------------------------------------------------------------------------------------

@@ -49,13 +49,13 @@ def plan_usage(pipe, video: torch.Tensor, t: float = 1.0, seed: int = 0,
     metric finds in each one-step prediction: at ``t`` < 1 it says how much of an object the generator restores
     from the true clip noised to ``t``.
     """
-    from mardini.pipeline.pipeline import resize_video
+    from mardini.data.transforms import planner_copy, resize_video
 
     b, frames = video.shape[:2]
     mask = interpolation_mask(frames)[None].expand(b, -1)  # (B, T)
     z_ref = pipe.autoencoder.encode(video)  # (B, T, C, h, w)
     z0 = pipe.anchor.to_target(z_ref, mask)  # (B, T, C, h, w): what the generator denoises
-    z_low = pipe.autoencoder.encode(resize_video(video, pipe.planner_resolution))  # (B, T, C, h', w')
+    z_low = pipe.autoencoder.encode(planner_copy(video, pipe.planner_resolution))  # (B, T, C, h', w')
     plan = pipe.planner(z_low, mask)  # (B, T, M, P); the planner blanks the masked frames itself
     null = pipe.generator.null_plan(*plan.shape[:3]).to(plan)  # (B, T, M, P)
     tt = torch.full((b,), float(t))  # (B,)
@@ -78,7 +78,7 @@ def plan_usage(pipe, video: torch.Tensor, t: float = 1.0, seed: int = 0,
             out[f"found_{name}"] = found_share(decoded.clamp(-1, 1), video, positions, mask)  # generated frames only
             out[f"found_{name}_by_size"] = found_share_by_size(decoded.clamp(-1, 1), video, positions, mask)
     if positions is not None:  # what the planner's input keeps of each object, enlarged back the same way
-        truth_low = resize_video(resize_video(video, pipe.planner_resolution), tuple(video.shape[-2:]))
+        truth_low = resize_video(planner_copy(video, pipe.planner_resolution), tuple(video.shape[-2:]))
         out["found_truth_at_planner_resolution_by_size"] = found_share_by_size(truth_low.clamp(-1, 1), video,
                                                                                positions, mask)
     out["velocity_change_null"] = rel(v["plan"], v["null"])
@@ -114,13 +114,13 @@ def planner_head_quality(module, video: torch.Tensor, positions: torch.Tensor | 
     metric finds in the upsampled reconstruction and in the true clip at the planner's resolution upsampled the same
     way: what a plan read by upsampling could score at best.
     """
-    from mardini.pipeline.pipeline import resize_video
+    from mardini.data.transforms import planner_copy, resize_video
 
     b, frames = video.shape[:2]
     mask = interpolation_mask(frames)[None].expand(b, -1)  # (B, T)
     with module.ema_weights():
         planner = module.networks["planner"]
-        z_low = module.autoencoder.encode(resize_video(video, module.hparams.planner_resolution))  # (B,T,C,h',w')
+        z_low = module.autoencoder.encode(planner_copy(video, module.hparams.planner_resolution))  # (B,T,C,h',w')
         plan = planner(z_low, mask)  # (B, T, M, P)
         low = module.autoencoder.decode(planner.project(plan, size=tuple(z_low.shape[-2:])))  # (B, T, 3, h, w)
     up = resize_video(low, tuple(video.shape[-2:]))  # (B, T, 3, H, W), bilinear
@@ -128,7 +128,7 @@ def planner_head_quality(module, video: torch.Tensor, positions: torch.Tensor | 
     out = {"clips": b, "plan_spread": plan_spread(plan.float()), "midf_psnr_head_upsampled": _midf_psnr(up, video),
            "midf_psnr_linear_blend": _midf_psnr(blend, video)}
     if positions is not None:
-        truth_low = resize_video(resize_video(video, module.hparams.planner_resolution), tuple(video.shape[-2:]))
+        truth_low = resize_video(planner_copy(video, module.hparams.planner_resolution), tuple(video.shape[-2:]))
         out["found_head_upsampled"] = found_share(up.clamp(-1, 1), video, positions, mask)  # generated frames only
         out["found_truth_at_planner_resolution"] = found_share(truth_low.clamp(-1, 1), video, positions, mask)
     return out

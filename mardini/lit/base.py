@@ -38,7 +38,7 @@ class MarDiniBase(L.LightningModule):
         planner, generator: overrides of the size's config fields, e.g. ``{"depth": 2}``.
         autoencoder: a :class:`FrameAutoencoder` (default: exact space-to-depth with factor 2). Frozen; kept
             out of the optimiser, the EMA and the checkpoints.
-        planner_resolution: side of the low-resolution copy the planner sees (pixels).
+        planner_resolution: short side of the low-resolution copy the planner sees (pixels; aspect ratio kept).
         frames: frames per training clip; ``None`` takes the data's window. Smaller than the data's window
             takes a random contiguous crop (so a curriculum can change it without rebuilding the loader).
         keep_ratio: ``(min, max)`` fraction of frames kept as references (the paper's "mask ratio").
@@ -212,7 +212,7 @@ class MarDiniBase(L.LightningModule):
         """Planner latents ``(B, T, C, h', w')``: the clip resized to ``planner_resolution``, then encoded."""
         if "z_low" in batch:
             return batch["z_low"].float()
-        from mardini.data.transforms import resize_video
+        from mardini.data.transforms import planner_copy
 
         video = batch["video"]
         size = self.hparams.planner_resolution
@@ -221,7 +221,7 @@ class MarDiniBase(L.LightningModule):
                 f"planner_resolution={size} is larger than the training resolution {tuple(video.shape[-2:])}; "
                 "lower model.planner_resolution or raise data.resolution"
             )
-        return self.autoencoder.encode(resize_video(video, size))
+        return self.autoencoder.encode(planner_copy(video, size))
 
     # ----------------------------------------------------------------------------------------------
     # Steps

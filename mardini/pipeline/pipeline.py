@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mardini.autoencoders import FrameAutoencoder
-from mardini.data.transforms import resize_video
+from mardini.data.transforms import planner_copy
 from mardini.diffusion import CosineSchedule, DDIMSampler
 from mardini.diffusion.anchor import FrameAnchor
 from mardini.diffusion.checks import frame_mask
@@ -154,7 +154,7 @@ class MarDiniPipeline:
         if not eta >= 0:
             raise ValueError(f"eta must be >= 0 (0 = deterministic DDIM, 1 = ancestral sampling), got {eta!r}")
         b, t, _, h, w = video.shape
-        seeds = [seed + i for i in range(b)] if isinstance(seed, int) else [int(s) for s in seed]
+        seeds = tasks.per_clip_seeds(seed, b)
         if len(seeds) != b:
             raise ValueError(f"seed must be an int or one seed per clip ({b}), got {len(seeds)} seeds")
         m = mask.to(self.device).repeat_interleave(num_samples, 0)  # (B*k, T)
@@ -188,7 +188,7 @@ class MarDiniPipeline:
             self.last_timings["encode"] += self._now() - start
             if self.planner is not None:
                 start = self._now()
-                z_low = self.autoencoder.encode(resize_video(x, self.planner_resolution).to(self.param_dtype))
+                z_low = self.autoencoder.encode(planner_copy(x, self.planner_resolution).to(self.param_dtype))
                 plan = self.planner(z_low, m)  # (B, T, N_low, D): once per window
                 self.last_timings["planner"] += self._now() - start
             start = self._now()

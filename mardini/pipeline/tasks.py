@@ -7,6 +7,7 @@ Each function takes the pipeline first and passes ``steps``, ``eta``, ``guidance
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -36,9 +37,17 @@ def _clips(x: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
+def per_clip_seeds(seed, batch: int) -> list[int]:
+    """One seed per clip: an integer of any kind (``int``, a numpy integer, a 0-d tensor) gives clip b ``seed + b``;
+    a sequence gives its own seeds."""
+    if isinstance(seed, numbers.Integral) or (torch.is_tensor(seed) and seed.dim() == 0):
+        return [int(seed) + b for b in range(batch)]
+    return [int(s) for s in seed]
+
+
 def _seeds(seed, batch: int, *salt: int) -> list[int]:
     """Per-clip seeds ``seed + b`` (or the given list), mixed with a window salt."""
-    base = [seed + b for b in range(batch)] if isinstance(seed, int) else list(seed)
+    base = per_clip_seeds(seed, batch)
     return [hash((int(s), *salt)) & 0x7FFF_FFFF for s in base] if salt else base
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from mardini.autoencoders import build_autoencoder
-from mardini.data.transforms import resize_video
+from mardini.data.transforms import planner_copy, resize_video
 from mardini.diffusion.checks import frame_mask
 from mardini.evaluation.protocol import DEFAULT_GUIDANCE
 from mardini.evaluation.samplers import BASELINES, PipelineSampler
@@ -57,7 +57,7 @@ class PlannerOnly:
         h, w = video.shape[-2:]
         m = frame_mask(mask)  # (B, T, 1, 1, 1)
         x = torch.where(m, torch.zeros((), device=video.device), video)  # (B, T, 3, H, W) masked content out
-        z_low = self.autoencoder.encode(resize_video(x, self.planner_resolution))  # (B, T, C, h', w')
+        z_low = self.autoencoder.encode(planner_copy(x, self.planner_resolution))  # (B, T, C, h', w')
         plan = self.planner(z_low, mask)  # (B, T, N_low, D)
         recon = self.planner.project(plan, size=tuple(z_low.shape[-2:]))  # (B, T, C, h', w')
         low = self.autoencoder.decode(recon)  # (B, T, 3, r, r), r = planner resolution
