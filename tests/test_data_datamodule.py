@@ -184,6 +184,17 @@ def test_train_epoch_length_with_workers(synth):
     assert len(batches) == 5 and all(b["video"].shape[0] == 4 for b in batches)
 
 
+def test_training_readers_share_the_shards_evenly_or_all_read_all():
+    def stream(n):
+        return ClipStream([f"s{i}.tar" for i in range(n)], frames=2, fps=None, resolution=8, batch_size=2, train=True)
+
+    shares = [stream(4).my_shards(w, 2) for w in range(2)]
+    assert sorted(shares[0] + shares[1]) == stream(4).shards and not set(shares[0]) & set(shares[1])
+    # 3 shards on 2 workers: disjoint shares of 2 and 1 would draw the lone shard half of the time
+    assert stream(3).my_shards(0, 2) == stream(3).my_shards(1, 2) == stream(3).shards
+    assert stream(3).my_shards(0, 1) == stream(3).shards  # one reader: all of them
+
+
 def test_random_crop_and_start_vary_center_does_not(synth):
     rand = ClipStream(list_shards(str(synth / "val")), frames=2, fps=None, resolution=8, batch_size=16, train=False)
     rand.crop = "random"

@@ -128,6 +128,15 @@ def test_the_fps_check_reads_the_rate_the_cache_asked_for(tmp_path):
     check_latent_shards(str(shard), 4, 8.0, 16)  # cached with --fps 8, read with data.fps 8: accepted
     with pytest.raises(ValueError, match="re-cache with --fps 12.0 into a new folder, or set data.fps: 8.0"):
         check_latent_shards(str(shard), 4, 12.0, 16)
+    with pytest.raises(ValueError, match="data.fps asks null; re-cache with no --fps .* or set data.fps: 8.0"):
+        check_latent_shards(str(shard), 4, None, 16)  # native rate asked, the cache holds 8-fps clips
+    native = tmp_path / "native.tar"
+    with atomic_tar(native) as sink:
+        native_meta = {**meta, "latent_cache": {**meta["latent_cache"], "fps": None}}
+        sink.write({"__key__": "a", "json": json_bytes(native_meta)})
+    check_latent_shards(str(native), 4, None, 16)  # both native: accepted
+    with pytest.raises(ValueError, match="cached with fps null .* or set data.fps: null"):
+        check_latent_shards(str(native), 4, 8.0, 16)
 
 
 def test_first_clips_reads_the_validation_loader_only(synth):
@@ -145,6 +154,19 @@ def test_a_stage_refuses_a_cache_of_other_latents(synth, tmp_path):
     normalised = GenerationModule(size="tiny", frames=4, autoencoder=SpaceToDepthAutoencoder(2, shift=-0.4, scale=2.58))
     with pytest.raises(ValueError, match="differ: \\['scale', 'shift'\\].*re-cache"):
         normalised.check_latent_autoencoder(shard)
+
+
+def test_a_planner_stage_refuses_a_cache_of_another_planner_resolution(synth, tmp_path):
+    from mardini.data.datamodule import first_json
+    from mardini.lit import MarDiniModule, PlanningModule
+
+    _cache(str(synth / "val"), tmp_path / "plain")
+    shard = str(sorted((tmp_path / "plain").glob("*.tar"))[0])
+    low = first_json(shard)["latent_cache"]["planner_resolution"][0]
+    PlanningModule(size="tiny", frames=4, planner_resolution=low).check_latent_autoencoder(shard)  # accepted
+    for cls in (PlanningModule, MarDiniModule):
+        with pytest.raises(ValueError, match=f"planner copies at \\[{low}, {low}\\].*--planner-resolution {low // 2}"):
+            cls(size="tiny", frames=4, planner_resolution=low // 2).check_latent_autoencoder(shard)
 
 
 def test_latent_specs_compare_classes_not_spellings():

@@ -267,10 +267,14 @@ def check_latent_shards(shard: str, frames: int, fps: float | None, resolution: 
     if list(cache["resolution"]) != want:
         raise ValueError(f"latents in {shard} were cached at {cache['resolution']}, data.resolution asks {want}")
     cached_fps = cache.get("fps")  # what the cache was asked for (None: native); the clips' own rate can differ
-    if fps is not None and (cached_fps is None or abs(float(cached_fps) - fps) > 1e-6):
+    if (fps is None) != (cached_fps is None) or (fps is not None and abs(float(cached_fps) - fps) > 1e-6):
+        def yaml(v):
+            return "null" if v is None else v
+
         raise ValueError(
-            f"latents in {shard} were cached with fps {cached_fps} (None: native), data.fps asks {fps}; re-cache "
-            f"with --fps {fps} into a new folder, or set data.fps: {cached_fps}"
+            f"latents in {shard} were cached with fps {yaml(cached_fps)} (null: native), data.fps asks {yaml(fps)}; "
+            f"re-cache with {'--fps ' + str(fps) if fps is not None else 'no --fps'} into a new folder, or set "
+            f"data.fps: {yaml(cached_fps)}"
         )
     if cache["frames"] < frames:
         raise ValueError(f"latents in {shard} hold {cache['frames']} frames, data.frames asks {frames}")

@@ -51,9 +51,12 @@ MAX_FRAME_PIXELS = 8192 * 8192  # pixels of one decoded frame (mp4 stream size, 
 
 
 def frame_stride(src_fps: float, target_fps: float | None) -> int:
-    """Integer stride that brings ``src_fps`` closest to ``target_fps`` (>= 1; 1 when ``target_fps`` is None).
+    """Integer stride ``round(src_fps / target_fps)`` (>= 1; 1 when ``target_fps`` is None; Python's round, halves to
+    even): the stride nearest to the ratio, which is not always the rate nearest to ``target_fps`` (25 -> 10 fps
+    takes stride 2, 12.5 fps, where 3 would give 8.33).
 
-    An integer stride keeps the frames evenly spaced; the effective rate is ``src_fps / stride``.
+    An integer stride keeps the frames evenly spaced; the effective rate is ``src_fps / stride`` (what the batch's
+    ``fps`` reports).
     """
     if not (src_fps > 0 and math.isfinite(src_fps)):
         raise BadMetadata(f"clip fps must be a positive number, got {src_fps!r}")

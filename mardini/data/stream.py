@@ -201,8 +201,10 @@ class ClipStream(IterableDataset):
     # ----------------------------------------------------------------------------------------------
     def my_shards(self, worker: int, workers: int) -> list[str]:
         """Shards this (rank, worker) reads. Finite split: a disjoint share (error if too few shards).
-        Train: a disjoint share too when there are enough shards, else all of them (resampling)."""
-        if not self.train or len(self.shards) >= self.world_size * workers:
+        Train: a disjoint share too when the shards split evenly among ranks x workers, else all of them: every
+        reader delivers the same number of batches, so uneven shares would draw the shards of the smaller ones more
+        often (3 shards on 2 workers: one shard half of all clips)."""
+        if not self.train or len(self.shards) % (self.world_size * workers) == 0:
             return split_shards(self.shards, self.rank, self.world_size, worker, workers)
         return self.shards
 

@@ -139,11 +139,24 @@ class MarDiniBase(L.LightningModule):
     def check_latent_autoencoder(self, shard: str) -> None:
         """Raise if a latent cache was encoded by another autoencoder (class or any argument but ``chunk_size``)
         than this model's: its networks would train on latents of another scale. A cache that recorded only some
-        arguments is compared on those."""
+        arguments is compared on those. A model with a planner also refuses a cache made for another
+        ``planner_resolution`` (its planner would train at another size than it samples at)."""
         from mardini.data.datamodule import first_json
         from mardini.lit.checkpoints import latent_spec_differences
 
-        theirs = (first_json(shard).get("latent_cache") or {}).get("autoencoder") or {}
+        cache = first_json(shard).get("latent_cache") or {}
+        low = cache.get("planner_resolution")
+        if low is not None and "planner" in self.networks:
+            from mardini.data.transforms import as_size
+
+            if list(low) != list(as_size(self.hparams.planner_resolution)):
+                raise ValueError(
+                    f"the latent cache {shard} holds planner copies at {list(low)}, model.planner_resolution is "
+                    f"{self.hparams.planner_resolution}; re-cache with data/cache_latents.py --planner-resolution "
+                    f"{self.hparams.planner_resolution} into a new folder, or set model.planner_resolution to the "
+                    "cache's"
+                )
+        theirs = cache.get("autoencoder") or {}
         ours = self.autoencoder.spec()
         differ = latent_spec_differences(theirs, ours)
         if differ:
@@ -169,8 +182,10 @@ class MarDiniBase(L.LightningModule):
                 f"model.planner_resolution={low} is larger than the training resolution data.resolution={resolution}; "
                 "the planner sees a LOW-resolution copy: lower model.planner_resolution or raise data.resolution"
             )
+        from mardini.data.transforms import planner_size
+
         for name, net, size, key in (("generator", "generator", (h, w), "data.resolution"),
-                                     ("planner", "planner", (low, low), "model.planner_resolution")):
+                                     ("planner", "planner", planner_size(h, w, low), "model.planner_resolution")):
             if net in self.networks:
                 step = f * self.networks[net].cfg.patch_size
                 if size[0] % step or size[1] % step:
