@@ -33,6 +33,13 @@ class MarDiniCLI(LightningCLI):
         if every is None or every < 1:
             raise ValueError(f"checkpoint_every={every} is impossible: it must be >= 1")
         self._checkpoint_every = every
+        if self.subcommand == "fit" and sub.get("ckpt_path") == "last" and resume_checkpoint(sub) is not None:
+            # the fit resumes: every weight comes from last.ckpt, so the stage's starting checkpoints are not
+            # loaded again (they may be gone by now)
+            init = (sub.get("model") or {}).get("init_args") or {}
+            for key in STARTING_CHECKPOINTS:
+                if init.get(key):
+                    init[key] = None
 
     def instantiate_trainer(self, **kwargs):
         extra = [
@@ -48,6 +55,24 @@ class MarDiniCLI(LightningCLI):
         if type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # atomic local saves unless the user chose one
         return trainer
+
+
+STARTING_CHECKPOINTS = ("init_from", "planner_ckpt", "generator_ckpt")
+
+
+def resume_checkpoint(config) -> str | None:
+    """The ``last.ckpt`` a ``fit`` with ``--ckpt_path last`` resumes from, or None: ``<log dir>/checkpoints/last.ckpt``
+    of a TensorBoard or CSV logger's ``save_dir/name/version`` (an empty or unset version: no version folder)."""
+    import os
+
+    logger = ((config.get("trainer") or {}).get("logger")) or None  # dicts or jsonargparse Namespaces
+    if isinstance(logger, list):
+        logger = logger[0] if logger else None
+    args = logger.get("init_args") if hasattr(logger, "get") else None
+    if not args or not args.get("save_dir") or args.get("version") not in (None, ""):
+        return None
+    path = os.path.join(str(args["save_dir"]), str(args.get("name") or "lightning_logs"), "checkpoints", "last.ckpt")
+    return path if os.path.exists(path) else None
 
 
 def trainer_defaults() -> dict:

@@ -238,7 +238,7 @@ def test_nonfinite_skip_counts_leaves_weights_and_resumes_the_count(synth, tmp_p
 
     class Watch(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == 2 and "raw" not in before:
+            if trainer.global_step == 3 and "raw" not in before:
                 before["raw"], before["ema"] = _states(pl_module)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -246,11 +246,12 @@ def test_nonfinite_skip_counts_leaves_weights_and_resumes_the_count(synth, tmp_p
                 before["after"] = _states(pl_module)
 
     model = _gen(nonfinite="skip", weight_decay=0.1)
-    trainer = _trainer(tmp_path, 4, [poison(2), Watch()], logger=L.pytorch.loggers.CSVLogger(tmp_path),
+    trainer = _trainer(tmp_path, 5, [poison(3), Watch()], logger=L.pytorch.loggers.CSVLogger(tmp_path),
                        log_every_n_steps=1)
     trainer.fit(model, datamodule=_dm(synth))
     assert model.nonfinite_skipped == 1
     raw, ema = before["after"]
+    assert not _equal(before["raw"], before["ema"])  # by step 3 the EMA lags the raw weights: a move would show
     assert _equal(raw, before["raw"]) and _equal(ema, before["ema"])  # the bad step changed nothing
     assert all(torch.isfinite(v).all() for v in model.networks.state_dict().values())
     if poison is _PoisonLoss:
@@ -261,3 +262,36 @@ def test_nonfinite_skip_counts_leaves_weights_and_resumes_the_count(synth, tmp_p
     resumed = _gen(nonfinite="skip")
     _trainer(tmp_path, trainer.global_step + 1).fit(resumed, datamodule=_dm(synth), ckpt_path=str(path))
     assert resumed.nonfinite_skipped == 1  # the count survives a resume
+
+
+def test_each_micro_batch_of_an_accumulation_window_draws_its_own_randomness(synth, tmp_path):
+    seeds: list[tuple[int, int]] = []
+    model = _gen()
+    original = model.step_generator
+
+    def recording(step, salt=0):
+        gen = original(step, salt)
+        seeds.append((step, gen.initial_seed()))
+        return gen
+
+    model.step_generator = recording
+    _trainer(tmp_path, 2, accumulate_grad_batches=2).fit(model, datamodule=_dm(synth))
+    assert [s for s, _ in seeds] == [0, 0, 1, 1]  # two micro-batches per optimiser step
+    assert seeds[0][1] != seeds[1][1] and seeds[2][1] != seeds[3][1]  # masks, times, noise: new draws each
+    assert seeds[0][1] == original(0).initial_seed()  # the first micro-batch draws what a step without accumulation did
+
+
+def test_gradient_clipping_under_fsdp_goes_through_the_wrapped_root_module():
+    """Lightning's FSDP precision plugin refuses norm clipping; the module clips through the FSDP root instead."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    calls = []
+    strategy = FSDPStrategy.__new__(FSDPStrategy)  # only its type matters here (no process group on a CPU)
+    root = SimpleNamespace(clip_grad_norm_=lambda v: calls.append(v))
+    model = _gen()
+    model._trainer = SimpleNamespace(strategy=strategy)
+    strategy._model = root  # what FSDPStrategy.model returns: the wrapped root module
+    model.configure_gradient_clipping(None, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    assert calls == [1.0]

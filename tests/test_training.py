@@ -70,7 +70,22 @@ def test_joint_stage_rejects_checkpoints_of_the_wrong_kind(workdir, monkeypatch)
         _fit(workdir, monkeypatch, *_stage(STAGES[0], 1))
     with pytest.raises(ValueError, match=r"is a 'generation' checkpoint.*'planning' checkpoint is expected"):
         _fit(workdir, monkeypatch, *_stage("04_joint_model", 1, f"--model.init_args.planner_ckpt={gen}",
-                                          f"--model.init_args.generator_ckpt={gen}"))
+                                          f"--model.init_args.generator_ckpt={gen}", "--ckpt_path=null"))
+
+
+def test_a_resume_does_not_need_the_stage_s_starting_checkpoint(workdir, monkeypatch, tmp_path):
+    start = tmp_path / "start.ckpt"
+    first = workdir / "outputs" / "tiny" / STAGES[0] / "checkpoints" / "last.ckpt"
+    if not first.exists():
+        _fit(workdir, monkeypatch, *_stage(STAGES[0], 1))
+    start.write_bytes(first.read_bytes())
+    save = ["--trainer.logger.init_args.save_dir=outputs/resume_init", f"--model.init_args.init_from={start}"]
+    assert _fit(workdir, monkeypatch, *_stage(STAGES[1], 2, *save)).trainer.global_step == 2
+    start.unlink()  # e.g. the earlier stage's folder cleaned up while this one was preempted
+    resumed = _fit(workdir, monkeypatch, *_stage(STAGES[1], 3, *save))
+    assert resumed.trainer.global_step == 3 and resumed.model.hparams.init_from is None
+    with pytest.raises(Exception, match="start.ckpt"):  # starting over still needs it, and says which file
+        _fit(workdir, monkeypatch, *_stage(STAGES[1], 3, *save, "--ckpt_path=null"))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -104,7 +104,8 @@ class MarDiniBase(L.LightningModule):
         self.nonfinite_skipped = 0
         self._skipped_total = 0
         self._ema_step = -1
-        self._ema_loaded = False  # set by load_networks_from: the EMA holds a checkpoint's EMA weights
+        self._ema_loaded: set[str] = set()  # networks whose EMA holds a checkpoint's EMA (load_networks_from)
+        self._skip_ema = False  # set by a skipped non-finite step: no EMA update after it
         self._last_batch_time: float | None = None
         self._ema_backup: list[torch.Tensor] | None = None
         if init_from:
@@ -242,7 +243,10 @@ class MarDiniBase(L.LightningModule):
     # Steps
     # ----------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        gen = self.step_generator(self.global_step)
+        # each micro-batch of a gradient-accumulation window draws its own crops, masks, times and noise (salt 0 for
+        # the first: without accumulation, the same draws as always)
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        gen = self.step_generator(self.global_step, salt=batch_idx % accumulate)
         batch = self.crop_frames(batch, gen)
         per_sample = self.compute_loss(batch, gen, train=True)  # (B,)
         loss = per_sample.mean()
@@ -288,6 +292,18 @@ class MarDiniBase(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping, except under FSDP, whose precision plugin refuses norm clipping: there the wrapped
+        root module clips by the global norm over all shards (``FullyShardedDataParallel.clip_grad_norm_``)."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if (self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy) and gradient_clip_val
+                and gradient_clip_algorithm in (None, "norm")):
+            self.trainer.strategy.model.clip_grad_norm_(float(gradient_clip_val))
+            return
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
+                            gradient_clip_algorithm=gradient_clip_algorithm)
+
     def on_before_optimizer_step(self, optimizer) -> None:
         norms = grad_norm(self.networks, norm_type=2)
         total = norms.get("grad_2.0_norm_total")
@@ -302,6 +318,7 @@ class MarDiniBase(L.LightningModule):
                 )
             optimizer.zero_grad(set_to_none=True)  # AdamW skips parameters whose grad is None
             self.nonfinite_skipped += 1
+            self._skip_ema = True
 
     # ----------------------------------------------------------------------------------------------
     # EMA: updated after each optimiser step, swapped in for validation and sampling
@@ -310,14 +327,25 @@ class MarDiniBase(L.LightningModule):
         """The optimiser step, then the EMA update -- before any callback can checkpoint this step."""
         super().optimizer_step(*args, **kwargs)
         if self.global_step != self._ema_step:
-            self.update_ema()
+            if not self._skip_ema:  # a skipped non-finite step leaves the EMA as it is
+                self.update_ema()
             self._ema_step = self.global_step
+        self._skip_ema = False
 
     def update_ema(self) -> None:
         """One EMA update: at the full decay when it continues a loaded EMA (``ema_keep_loaded``), otherwise by
         step (timm: the first update copies the raw weights; with ``ema_warmup`` the decay then ramps up)."""
-        fixed = self.hparams.get("ema_keep_loaded", False) and self._ema_loaded
-        self.ema.update(self.networks, step=None if fixed else self.global_step)
+        if not (self.hparams.get("ema_keep_loaded", False) and self._ema_loaded):
+            self.ema.update(self.networks, step=self.global_step)
+            return
+        for name, net in self.networks.items():  # loaded EMAs continue at the full decay, the others by step
+            decay = self.ema.get_decay(None if name in self._ema_loaded else self.global_step)
+            with torch.no_grad():
+                for ema_v, v in zip(self.ema.module[name].state_dict().values(), net.state_dict().values()):
+                    if ema_v.is_floating_point():
+                        ema_v.lerp_(v.to(ema_v.dtype), 1.0 - decay)  # ema = decay * ema + (1 - decay) * v
+                    else:
+                        ema_v.copy_(v)
 
     @contextlib.contextmanager
     def ema_weights(self):
@@ -362,6 +390,7 @@ class MarDiniBase(L.LightningModule):
             "latent_channels": self.autoencoder.latent_channels,
             "nonfinite_skipped": self.nonfinite_skipped,
             "data_skipped": self._skipped_total,
+            "ema_loaded": sorted(self._ema_loaded),
         }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -384,6 +413,8 @@ class MarDiniBase(L.LightningModule):
             )
         self.nonfinite_skipped = int(checkpoint["mardini"].get("nonfinite_skipped", 0))
         self._skipped_total = int(checkpoint["mardini"].get("data_skipped", 0))  # the logged data/skipped goes on
+        if "ema_loaded" in checkpoint["mardini"]:  # a resume need not load init_from again (MarDiniCLI) to know it
+            self._ema_loaded = set(checkpoint["mardini"]["ema_loaded"])
         state = checkpoint["state_dict"]
         for k, v in self.autoencoder.state_dict().items():
             state.setdefault(f"autoencoder.{k}", v)
@@ -402,7 +433,7 @@ class MarDiniBase(L.LightningModule):
             _load_into(self.networks[name], _drop_dropped_head(self.networks[name], state), where)
         for name, state in ema.items():
             _load_into(self.ema.module[name], _drop_dropped_head(self.ema.module[name], state), f"{path}: EMA of '{name}'")
-            self._ema_loaded = True
+            self._ema_loaded.add(name)
 
     # ----------------------------------------------------------------------------------------------
     # Logging and the non-finite policy
@@ -421,6 +452,7 @@ class MarDiniBase(L.LightningModule):
                 "set model.nonfinite=skip to skip such steps and count them"
             )
         self.nonfinite_skipped += 1
+        self._skip_ema = True  # the step changes no weight, so neither may the EMA
         self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True)
         return None
 
