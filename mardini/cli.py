@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 
@@ -33,8 +35,22 @@ class MarDiniCLI(LightningCLI):
         if every is None or every < 1:
             raise ValueError(f"checkpoint_every={every} is impossible: it must be >= 1")
         self._checkpoint_every = every
-        if self.subcommand == "fit" and sub.get("ckpt_path") == "last" and resume_checkpoint(sub) is not None:
-            # the fit resumes: every weight comes from last.ckpt, so the stage's starting checkpoints are not
+        if self.subcommand != "fit":
+            return
+        folder = checkpoint_dir(sub)
+        trainer = sub.get("trainer")
+        if folder is not None and trainer is not None and not trainer.get("default_root_dir"):
+            # Lightning's SLURM preemption checkpoint (hpc_ckpt_N.ckpt, on SIGUSR1) goes to default_root_dir: the
+            # stage's own checkpoint folder, where the next --ckpt_path last finds it, not a folder stages share
+            trainer["default_root_dir"] = folder
+        hpc = sorted(Path(folder).glob("hpc_ckpt_*.ckpt")) if folder is not None else []
+        if sub.get("ckpt_path") is None and hpc:
+            raise ValueError(f"--ckpt_path null starts over, but {folder} holds SLURM preemption checkpoints "
+                             f"({', '.join(p.name for p in hpc)}) that Lightning would resume from; delete them first")
+        resume = resume_checkpoint(sub) if sub.get("ckpt_path") == "last" else None
+        if resume is not None:
+            sub["ckpt_path"] = resume  # last.ckpt or a newer preemption checkpoint
+            # the fit resumes: every weight comes from that checkpoint, so the stage's starting checkpoints are not
             # loaded again (they may be gone by now)
             init = (sub.get("model") or {}).get("init_args") or {}
             for key in STARTING_CHECKPOINTS:
@@ -60,19 +76,26 @@ class MarDiniCLI(LightningCLI):
 STARTING_CHECKPOINTS = ("init_from", "planner_ckpt", "generator_ckpt")
 
 
-def resume_checkpoint(config) -> str | None:
-    """The ``last.ckpt`` a ``fit`` with ``--ckpt_path last`` resumes from, or None: ``<log dir>/checkpoints/last.ckpt``
-    of a TensorBoard or CSV logger's ``save_dir/name/version`` (an empty or unset version: no version folder)."""
-    import os
-
+def checkpoint_dir(config) -> str | None:
+    """``<log dir>/checkpoints`` of a stage whose logger (TensorBoard or CSV) names ``save_dir/name`` and an empty
+    or unset version (the stage configs' layout), or None."""
     logger = ((config.get("trainer") or {}).get("logger")) or None  # dicts or jsonargparse Namespaces
     if isinstance(logger, list):
         logger = logger[0] if logger else None
     args = logger.get("init_args") if hasattr(logger, "get") else None
     if not args or not args.get("save_dir") or args.get("version") not in (None, ""):
         return None
-    path = os.path.join(str(args["save_dir"]), str(args.get("name") or "lightning_logs"), "checkpoints", "last.ckpt")
-    return path if os.path.exists(path) else None
+    return str(Path(str(args["save_dir"])) / str(args.get("name") or "lightning_logs") / "checkpoints")
+
+
+def resume_checkpoint(config) -> str | None:
+    """What a ``fit`` with ``--ckpt_path last`` resumes from: the newest of the stage's ``last.ckpt`` and Lightning's
+    SLURM preemption checkpoints ``hpc_ckpt_N.ckpt`` in the same folder (by modification time); None if none."""
+    folder = checkpoint_dir(config)
+    if folder is None:
+        return None
+    found = [p for p in [Path(folder) / "last.ckpt", *Path(folder).glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
 
 
 def trainer_defaults() -> dict:

@@ -88,6 +88,25 @@ def test_a_resume_does_not_need_the_stage_s_starting_checkpoint(workdir, monkeyp
         _fit(workdir, monkeypatch, *_stage(STAGES[1], 3, *save, "--ckpt_path=null"))
 
 
+def test_a_slurm_preemption_checkpoint_is_resumed_from_the_stage_s_folder(workdir, monkeypatch):
+    import os
+    import shutil
+
+    save = ["--trainer.logger.init_args.save_dir=outputs/hpc"]
+    first = _fit(workdir, monkeypatch, *_stage(STAGES[0], 2, *save))
+    assert first.trainer.default_root_dir == os.path.join("outputs", "hpc", STAGES[0], "checkpoints")
+    folder = workdir / first.trainer.default_root_dir
+    shutil.copy(folder / "last.ckpt", folder / "step2.bak")
+    _fit(workdir, monkeypatch, *_stage(STAGES[0], 3, *save))  # step 3 ...
+    os.replace(folder / "last.ckpt", folder / "hpc_ckpt_1.ckpt")  # ... as SIGUSR1 would have saved it, the newest
+    os.replace(folder / "step2.bak", folder / "last.ckpt")
+    os.utime(folder / "last.ckpt", (1, 1))  # the older file
+    resumed = _fit(workdir, monkeypatch, *_stage(STAGES[0], 4, *save))
+    assert resumed.trainer.ckpt_path.endswith("hpc_ckpt_1.ckpt") and resumed.trainer.global_step == 4
+    with pytest.raises(ValueError, match="holds SLURM preemption checkpoints \\(hpc_ckpt_1.ckpt\\).*delete them"):
+        _fit(workdir, monkeypatch, *_stage(STAGES[0], 4, *save, "--ckpt_path=null"))
+
+
 # --------------------------------------------------------------------------------------------------
 # Resume parity: N + M steps in one run == N steps, save, resume, M steps
 # --------------------------------------------------------------------------------------------------
