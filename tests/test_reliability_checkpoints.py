@@ -295,3 +295,16 @@ def test_gradient_clipping_under_fsdp_goes_through_the_wrapped_root_module():
     strategy._model = root  # what FSDPStrategy.model returns: the wrapped root module
     model.configure_gradient_clipping(None, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
     assert calls == [1.0]
+
+
+def test_a_fit_bounded_by_epochs_decays_the_lr_over_its_steps(synth, tmp_path):
+    lrs = []
+
+    class Lr(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    model = _gen(warmup_steps=0, min_lr_ratio=0.1, lr=1e-3)
+    _trainer(tmp_path, -1, [Lr()], max_epochs=1, limit_train_batches=4).fit(model, datamodule=_dm(synth))
+    assert len(lrs) == 4  # the schedule spans the 4 steps Lightning estimates, not 1 (min LR from step 1 on)
+    assert lrs[0] == pytest.approx(1e-3) and lrs[1] > 0.8e-3 and lrs[3] > 0.2e-3  # cosine: 1, 0.87, 0.55, 0.23

@@ -286,7 +286,13 @@ class MarDiniBase(L.LightningModule):
                 (decay if p.ndim >= 2 else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas))
-        total = hp.decay_steps or max(1, self.trainer.max_steps if self.trainer.max_steps > 0 else 1)
+        # the schedule's length: decay_steps, else the fit's max_steps, else (a fit bounded by max_epochs) the
+        # optimiser steps Lightning estimates for it
+        steps = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        if not hp.decay_steps and not (0 < steps < float("inf")):
+            raise ValueError("the LR schedule needs a length: set trainer.max_steps, trainer.max_epochs or "
+                             "model.init_args.decay_steps")
+        total = hp.decay_steps or max(1, int(steps))
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: warmup_cosine(s, hp.warmup_steps, total, hp.min_lr_ratio)
         )
