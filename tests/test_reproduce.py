@@ -101,3 +101,20 @@ def test_steps_plot_draws_panels_without_finite_values(tmp_path):
     path = plot_steps({"interpolation": {"results": results}}, {"interpolation": ["midf_psnr", "traj_err_px"]},
                       tmp_path / "fig6a.png")
     assert path.stat().st_size > 0
+
+
+def test_fig6a_a_metric_without_finite_values_is_no_evidence():
+    nan = float("nan")
+    fig = {"interpolation": {"results": {f"steps_{k}": {"midf_psnr": v, "traj_err_px": nan}
+                                         for k, v in ((1, 20.0), (10, 19.0), (25, 18.0))}}}
+    rows = verdicts.fig6a(fig)
+    one = next(r for r in rows if "one step is not enough" in r["claim"])
+    assert one["verdict"] == "disagrees"  # the only metric with data is best at one step; the NaN one says nothing
+    assert "traj_err_px: no finite value" in rows[0]["detail"]
+
+
+def test_the_bench_summary_reads_gpu_memory_columns():
+    from bench.run_all import _peak
+
+    assert _peak({"peak_rss_mib": 10.0, "peak_growth_mib": 4.0}) == (10.0, 4.0)
+    assert _peak({"peak_gpu_mib": 7.0, "peak_gpu_growth_mib": 3.0}) == (7.0, 3.0)  # a --device cuda result

@@ -107,7 +107,7 @@ def run_stage(name: str, config_dir: Path = TINY_DIR, extra: list[str] | None = 
         run.steps = done  # what the checkpoint was trained for (a longer earlier run is reused as it is)
         if done > steps:
             print(f"      {name}: reusing its checkpoint at step {done}, past the {steps} asked for "
-                  "(--fresh retrains)", flush=True)
+                  f"(delete {log_dir} to retrain it)", flush=True)
         return run
     args = ["fit", "--config", str(common), "--config", str(stage), f"--trainer.max_steps={steps}",
             f"--trainer.enable_progress_bar={str(progress).lower()}", "--trainer.enable_model_summary=false",

@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         log_every = 2 if a.quick else max(1, min(10, a.identity_steps // 20))  # a few points even on short runs
         pair = runs.train_identity_pair(configs, a.identity_steps, not a.no_progress, log_every=log_every)
         loss = {("on" if on else "off"): curves.loss_summary(r.log_dir) for on, r in pair.items()}
-        results["fig6c"] = {**loss, "steps": a.identity_steps}
+        trained = sorted({r.steps for r in pair.values()})  # a reused longer pair keeps its own steps
+        results["fig6c"] = {**loss, "steps": trained[0] if len(trained) == 1 else trained}
         found["Fig. 6c"] = verdicts.fig6c(loss["on"], loss["off"])
         pictures["fig6c"] = curves.plot_identity(
             {f"identity attention {k}": v for k, v in loss.items()}, a.out / "fig6c_identity.png")

@@ -78,8 +78,11 @@ def fig6a(fig: dict[str, dict]) -> list[dict]:
         for m in metrics:
             points = [(k, r[m]) for k, r in sorted(steps.items())]
             k_opt, spread = near_optimal_step(points, m)
+            if k_opt < 0:  # no finite value (e.g. no object found): evidence for neither claim
+                parts.append(f"{m}: no finite value")
+                continue
             few.append(0 < k_opt <= 25)
-            one.append(k_opt > min(steps) or k_opt < 0)
+            one.append(k_opt > min(steps))
             parts.append(f"{m}: " + ", ".join(f"{k}: {v:.4g}" for k, v in points) + f" -> near-optimal at {k_opt}")
         rows.append({"claim": f"{task}: near-optimal with few (<= 25) DDIM steps", "verdict": _count(few),
                      "detail": "; ".join(parts)})
