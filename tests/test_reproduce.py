@@ -118,3 +118,10 @@ def test_the_bench_summary_reads_gpu_memory_columns():
 
     assert _peak({"peak_rss_mib": 10.0, "peak_growth_mib": 4.0}) == (10.0, 4.0)
     assert _peak({"peak_gpu_mib": 7.0, "peak_gpu_growth_mib": 3.0}) == (7.0, 3.0)  # a --device cuda result
+
+
+def test_a_run_s_first_loss_is_a_mean_not_one_logged_value():
+    from mardini.reproduce.curves import _window
+
+    values = [5.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert _window(values, head=True) == [5.0, 1.0] and _window(values) == [1.0, 1.0]

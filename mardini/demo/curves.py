@@ -33,7 +33,8 @@ def smooth(values: list[float], weight: float = 0.9) -> list[float]:
 
 
 def plot_losses(stages: list[tuple[str, Path]], path: Path) -> dict[str, dict[str, float]]:
-    """One panel per stage (train loss, smoothed, and val loss); returns first/last smoothed train loss per stage."""
+    """One panel per stage (train loss, smoothed, and val loss); returns per stage the mean train loss of the first
+    20 % of logged steps and the last smoothed value."""
     fig, axes = plt.subplots(1, len(stages), figsize=(3.2 * len(stages), 2.8), squeeze=False)
     summary: dict[str, dict[str, float]] = {}
     for ax, (name, log_dir) in zip(axes[0], stages):
@@ -44,7 +45,8 @@ def plot_losses(stages: list[tuple[str, Path]], path: Path) -> dict[str, dict[st
             sm = smooth(list(values))
             ax.plot(steps, values, color="0.8", lw=0.8)
             ax.plot(steps, sm, color="C0", lw=1.5, label="train (smoothed)")
-            summary[name] = {"first": sm[0], "last": sm[-1], "steps": steps[-1]}
+            head = values[:max(1, round(len(values) * 0.2))]  # the smoothed curve starts at one raw value
+            summary[name] = {"first": sum(head) / len(head), "last": sm[-1], "steps": steps[-1]}
         if val:
             ax.plot(*zip(*val), "o-", color="C3", ms=3, label="val")
         ax.set_title(name, fontsize=9)

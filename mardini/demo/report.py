@@ -65,7 +65,7 @@ def write_report(out: Path, info: dict[str, Any], stages: list, evaluation: dict
              f"{info['resolution']} px clips of {info['frames']} frames at {info['fps']:g} fps, planner at "
              f"{info['planner_resolution']} px. Configs: `configs/tiny/`.", "",
              "![loss curves](loss_curves.png)", "",
-             "| stage | smoothed loss at start | at end |", "|---|---|---|"]
+             "| stage | loss at start (mean of the first 20 % logged) | at end (smoothed) |", "|---|---|---|"]
     for name, v in losses.items():
         lines.append(f"| {name} | {v['first']:.4f} | {v['last']:.4f} |")
     sampler = f"{evaluation['steps']} DDIM steps, eta {evaluation.get('eta', 0.0)}"

@@ -14,20 +14,22 @@ import matplotlib.pyplot as plt  # noqa: E402
 from mardini.demo.curves import read_scalars, save_figure, smooth  # noqa: E402
 
 
-def _window(values: list[float], frac: float = 0.2) -> list[float]:
+def _window(values: list[float], frac: float = 0.2, head: bool = False) -> list[float]:
+    """The last (or, with ``head``, the first) ``frac`` of the values, at least one."""
     k = max(1, round(len(values) * frac))
-    return values[-k:]
+    return values[:k] if head else values[-k:]
 
 
 def loss_summary(log_dir: Path) -> dict:
-    """First/last loss of one run: smoothed first value, mean (and standard error) of the last 20 % of logged
-    steps, the relative drop, and the last validation loss."""
+    """First/last loss of one run: means of the first and (with its standard error) the last 20 % of logged steps
+    (one logged value alone is too noisy to compare runs by; the bias-corrected moving average starts at it), the
+    relative drop, and the last validation loss."""
     train = read_scalars(log_dir, "train/loss")
     if not train:
         raise FileNotFoundError(f"no train/loss scalars under {log_dir}; did the run log (log_every_n_steps)?")
     steps, values = zip(*train)
     tail = _window(list(values))
-    first, last = smooth(list(values))[0], fmean(tail)
+    first, last = fmean(_window(list(values), head=True)), fmean(tail)
     val = read_scalars(log_dir, "val/loss")
     return {"steps": int(steps[-1]), "logged": len(values), "first": first, "last": last,
             "last_sem": pstdev(tail) / len(tail) ** 0.5 if len(tail) > 1 else float("nan"),

@@ -89,7 +89,7 @@ def write_report(out: Path, info: dict, results: dict, verdicts: dict, pictures:
                   f"Toy: the generator warm-up (`configs/tiny/01_dm_warmup_4f.yaml`) trained twice for "
                   f"{c['steps']} steps, same seed, data, masks and noise; only "
                   "`model.init_args.generator.identity_attention` differs.", "", f"![loss]({pictures['fig6c'].name})",
-                  "", "| run | first (smoothed) | last 20 % mean | drop | last val |", "|---|---|---|---|---|"]
+                  "", "| run | first 20 % mean | last 20 % mean | drop | last val |", "|---|---|---|---|---|"]
         for k in ("on", "off"):
             s = c[k]
             lines.append(f"| identity attention {k} | {_f(s['first'])} | {_f(s['last'])} ± {_f(s['last_sem'])} | "
