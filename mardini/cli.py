@@ -47,7 +47,7 @@ class MarDiniCLI(LightningCLI):
         if sub.get("ckpt_path") is None and hpc:
             raise ValueError(f"--ckpt_path null starts over, but {folder} holds SLURM preemption checkpoints "
                              f"({', '.join(p.name for p in hpc)}) that Lightning would resume from; delete them first")
-        resume = resume_checkpoint(sub) if sub.get("ckpt_path") == "last" else None
+        resume = resume_checkpoint(folder, hpc) if sub.get("ckpt_path") == "last" else None
         if resume is not None:
             sub["ckpt_path"] = resume  # last.ckpt or a newer preemption checkpoint
             # the fit resumes: every weight comes from that checkpoint, so the stage's starting checkpoints are not
@@ -88,13 +88,13 @@ def checkpoint_dir(config) -> str | None:
     return str(Path(str(args["save_dir"])) / str(args.get("name") or "lightning_logs") / "checkpoints")
 
 
-def resume_checkpoint(config) -> str | None:
-    """What a ``fit`` with ``--ckpt_path last`` resumes from: the newest of the stage's ``last.ckpt`` and Lightning's
-    SLURM preemption checkpoints ``hpc_ckpt_N.ckpt`` in the same folder (by modification time); None if none."""
-    folder = checkpoint_dir(config)
+def resume_checkpoint(folder: str | None, hpc: list[Path]) -> str | None:
+    """What a ``fit`` with ``--ckpt_path last`` resumes from: the newest (by modification time) of the stage's
+    ``folder/last.ckpt`` and Lightning's SLURM preemption checkpoints ``hpc`` (``hpc_ckpt_N.ckpt`` there); None if
+    there is none."""
     if folder is None:
         return None
-    found = [p for p in [Path(folder) / "last.ckpt", *Path(folder).glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    found = [p for p in [Path(folder) / "last.ckpt", *hpc] if p.is_file()]
     return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
 
 

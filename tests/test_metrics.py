@@ -428,3 +428,15 @@ def test_lpips_builds_from_local_backbone_file(tmp_path, monkeypatch):
     m.update((target + 0.2 * rand_video(2, 9, 64, 64, seed=13)).clamp(-1, 1), target)
     out = m.compute()
     assert set(out) == {"midf_psnr", "midf_ssim", "midf_lpips"} and out["midf_lpips"].item() > 0
+
+
+def test_fid_keeping_its_real_features_keeps_their_frames_across_a_reset():
+    video, mask = rand_video(4, 5, seed=9), torch.zeros(4, 5, dtype=torch.bool)
+    mask[:, 1:4] = True
+    fid = FrameFID(num_videos=4, num_frames=5, network=FramePoolFeatures(), reset_real_features=False)
+    fid.update(video, real=True, mask=mask)
+    fid.reset()  # the real statistics stay, so does which frames they used
+    assert fid.real_stats()["frames"] == [[False, True, True, True, False]]
+    fid.update(video, real=False)
+    with pytest.warns(UserWarning, match="compare the same frames"):
+        fid.compute()

@@ -121,7 +121,7 @@ def test_the_bench_summary_reads_gpu_memory_columns():
 
 
 def test_a_run_s_first_loss_is_a_mean_not_one_logged_value():
-    from mardini.reproduce.curves import _window
+    from mardini.demo.curves import window
 
     values = [5.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
-    assert _window(values, head=True) == [5.0, 1.0] and _window(values) == [1.0, 1.0]
+    assert window(values, head=True) == [5.0, 1.0] and window(values) == [1.0, 1.0]

@@ -32,6 +32,12 @@ def smooth(values: list[float], weight: float = 0.9) -> list[float]:
     return out
 
 
+def window(values: list[float], frac: float = 0.2, head: bool = False) -> list[float]:
+    """The last (or, with ``head``, the first) ``frac`` of the values, at least one."""
+    k = max(1, round(len(values) * frac))
+    return values[:k] if head else values[-k:]
+
+
 def plot_losses(stages: list[tuple[str, Path]], path: Path) -> dict[str, dict[str, float]]:
     """One panel per stage (train loss, smoothed, and val loss); returns per stage the mean train loss of the first
     20 % of logged steps and the last smoothed value."""
@@ -45,7 +51,7 @@ def plot_losses(stages: list[tuple[str, Path]], path: Path) -> dict[str, dict[st
             sm = smooth(list(values))
             ax.plot(steps, values, color="0.8", lw=0.8)
             ax.plot(steps, sm, color="C0", lw=1.5, label="train (smoothed)")
-            head = values[:max(1, round(len(values) * 0.2))]  # the smoothed curve starts at one raw value
+            head = window(list(values), head=True)  # not sm[0]: the smoothed curve starts at one raw value
             summary[name] = {"first": sum(head) / len(head), "last": sm[-1], "steps": steps[-1]}
         if val:
             ax.plot(*zip(*val), "o-", color="C3", ms=3, label="val")

@@ -84,7 +84,10 @@ class FrechetStatsMixin:
 
     def reset(self) -> None:
         super().reset()
-        self._frames = None
+        if self._frames is not None and not getattr(self, "reset_real_features", True):  # FID keeping real data
+            self._frames["fake"] = set()  # its real frames stay what they were
+        else:
+            self._frames = None
 
     def _add_frechet_states(self, dim: int) -> None:
         for kind in ("real", "fake"):

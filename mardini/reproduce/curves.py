@@ -11,13 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from mardini.demo.curves import read_scalars, save_figure, smooth  # noqa: E402
-
-
-def _window(values: list[float], frac: float = 0.2, head: bool = False) -> list[float]:
-    """The last (or, with ``head``, the first) ``frac`` of the values, at least one."""
-    k = max(1, round(len(values) * frac))
-    return values[:k] if head else values[-k:]
+from mardini.demo.curves import read_scalars, save_figure, smooth, window  # noqa: E402
 
 
 def loss_summary(log_dir: Path) -> dict:
@@ -28,8 +22,8 @@ def loss_summary(log_dir: Path) -> dict:
     if not train:
         raise FileNotFoundError(f"no train/loss scalars under {log_dir}; did the run log (log_every_n_steps)?")
     steps, values = zip(*train)
-    tail = _window(list(values))
-    first, last = fmean(_window(list(values), head=True)), fmean(tail)
+    tail = window(list(values))
+    first, last = fmean(window(list(values), head=True)), fmean(tail)
     val = read_scalars(log_dir, "val/loss")
     return {"steps": int(steps[-1]), "logged": len(values), "first": first, "last": last,
             "last_sem": pstdev(tail) / len(tail) ** 0.5 if len(tail) > 1 else float("nan"),
