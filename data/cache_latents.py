@@ -39,14 +39,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _spec(ae, class_path: str, kwargs: dict) -> dict:
-    """The autoencoder's full spec (every argument, defaults included), so a stage can check it against its own."""
-    try:
-        return ae.spec()
-    except NotImplementedError:
-        return {"class_path": class_path, "init_args": kwargs}
-
-
 def main(argv: list[str] | None = None) -> dict:
     a = parse_args(argv)
     kwargs = json.loads(a.autoencoder_kwargs)
@@ -54,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = cache_latents(
         a.shards, a.out, ae, frames=a.frames, fps=a.fps or None, resolution=a.resolution,
         planner_resolution=a.planner_resolution, dtype=a.dtype, batch_size=a.batch_size, device=a.device,
-        autoencoder_spec=_spec(ae, a.autoencoder, kwargs), progress=not a.no_progress,
+        progress=not a.no_progress,
     )
     print(f"{summary['clips']} clips cached in {summary['shards']} shards "
           f"({summary['written']} written, {summary['kept']} kept); {summary['skipped']} bad clips skipped"

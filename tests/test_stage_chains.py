@@ -49,3 +49,18 @@ def test_a_stage_accepts_the_other_attention_variant_but_resume_does_not():
         check_metadata(ckpt, ("joint",), "07.ckpt", "mardini-s/t")  # resuming needs the same size
     with pytest.raises(ValueError, match="model size 'mardini-s/st', this model is size 'mardini-l/t'"):
         check_metadata(ckpt, ("joint",), "07.ckpt", "mardini-l/t", exact_size=False)  # other weights
+
+
+def test_a_stage_loads_the_other_attention_variant_of_its_size(tmp_path):
+    """The loader behind init_from / planner_ckpt / generator_ckpt takes /ST weights into a /T stage (the paper's
+    stage 08 after 07); a resume (check_metadata's exact size) does not."""
+    import torch
+
+    from mardini.lit.checkpoints import load_network_states
+
+    path = tmp_path / "07.ckpt"
+    meta = {"kind": "joint", "format": CHECKPOINT_FORMAT, "size": "mardini-s/st", "networks": []}
+    torch.save({"mardini": meta, "state_dict": {}}, path)
+    assert load_network_states(path, ("joint",), (), size="mardini-s/t") == ({}, {})
+    with pytest.raises(ValueError, match="mardini-s/st"):
+        load_network_states(path, ("joint",), (), size="mardini-l/t")  # another size is still refused

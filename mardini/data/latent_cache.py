@@ -46,6 +46,15 @@ def load_autoencoder(class_path: str, kwargs: dict | None = None) -> FrameAutoen
     return cls(**(kwargs or {}))
 
 
+def _spec(ae: FrameAutoencoder) -> dict:
+    """The autoencoder's full spec (every argument, defaults included), so a stage can check it against its own;
+    the class alone for one that cannot say (it cannot train a stage either: stages store ``spec()``)."""
+    try:
+        return ae.spec()
+    except NotImplementedError:
+        return {"class_path": f"{type(ae).__module__}.{type(ae).__qualname__}"}
+
+
 def encode_pair(
     ae: FrameAutoencoder, video: torch.Tensor, planner_resolution: Size
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +75,6 @@ def cache_latents(
     dtype: str = "float16",
     batch_size: int = 8,
     device: str = "cpu",
-    autoencoder_spec: dict | None = None,
     progress: bool = True,
 ) -> dict:
     """Encode every clip of ``shards`` (see the module doc). Returns ``{shards, written, kept, clips, skipped, empty}``
@@ -78,7 +86,7 @@ def cache_latents(
     out = Path(out)
     ae = autoencoder.to(device).eval()
     info = {
-        "autoencoder": autoencoder_spec or {"class_path": f"{type(ae).__module__}.{type(ae).__qualname__}"},
+        "autoencoder": _spec(ae),
         "resolution": list(as_size(resolution)), "planner_resolution": list(as_size(planner_resolution)),
         "frames": frames, "fps": fps, "dtype": dtype, "crop": "center",
     }

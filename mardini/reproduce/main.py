@@ -138,20 +138,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _params(ckpts: dict[str, Path]) -> str:
     """Parameter counts of the joint checkpoint's networks, or of the tiny size when no chain was loaded."""
-    from mardini.models import build_generator, build_planner
-
     if "05_joint_task" in ckpts:
         from mardini.pipeline.loading import load_checkpoint
 
         ld = load_checkpoint(ckpts["05_joint_task"])
-        nets = {"planner": ld.planner, "generator": ld.generator}
-    else:  # the networks the tiny chain's configs build (every stage of it has the same ones)
-        import yaml
+        counts = {n: sum(p.numel() for p in m.parameters()) for n, m in (("planner", ld.planner),
+                                                                          ("generator", ld.generator))}
+    else:  # the networks the tiny chain's last stage config builds (on the meta device: nothing allocated)
+        from mardini.configs_table import read_stage
 
-        args = yaml.safe_load(Path("configs/tiny/05_joint_task.yaml").read_text())["model"]["init_args"]
-        nets = {"planner": build_planner("tiny", **args.get("planner", {})),
-                "generator": build_generator("tiny", **args.get("generator", {}))}
-    return ", ".join(f"{n} {sum(p.numel() for p in m.parameters()) / 1e6:.2f} M parameters" for n, m in nets.items())
+        stage = read_stage("configs/tiny/05_joint_task.yaml")
+        counts = {"planner": stage.planner[2], "generator": stage.generator[3]}
+    return ", ".join(f"{n} {c / 1e6:.2f} M parameters" for n, c in counts.items())
 
 
 if __name__ == "__main__":
