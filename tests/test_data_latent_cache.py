@@ -176,3 +176,16 @@ def test_latent_specs_compare_classes_not_spellings():
     assert latent_spec_differences({"class_path": "mardini.autoencoders.SpaceToDepthAutoencoder"}, ours) == []
     assert latent_spec_differences({"class_path": "mardini.autoencoders.DiffusersAutoencoder"}, ours) == ["class"]
     assert latent_spec_differences({**ours, "init_args": {**ours["init_args"], "chunk_size": 1}}, ours) == []
+
+
+def test_a_spec_names_a_class_outside_the_autoencoders_it_is_never_imported(monkeypatch):
+    import importlib
+
+    from mardini.lit.checkpoints import latent_spec_differences
+
+    imported = []
+    real = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module", lambda name, *a: imported.append(name) or real(name, *a))
+    ours = SpaceToDepthAutoencoder(2).spec()
+    assert latent_spec_differences({"class_path": "json.JSONDecoder"}, ours) == ["class"]
+    assert "json" not in imported  # a checkpoint or cache file names it: compared by path, not imported

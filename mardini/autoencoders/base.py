@@ -82,11 +82,15 @@ class FrameAutoencoder(nn.Module):
 
 def build_autoencoder(spec: dict) -> FrameAutoencoder:
     """Rebuild an autoencoder from :meth:`FrameAutoencoder.spec` (only classes under ``mardini.autoencoders``)."""
+    return autoencoder_class(spec.get("class_path", ""))(**dict(spec.get("init_args", {})))
+
+
+def autoencoder_class(path: str) -> type:
+    """The class a checkpoint's or cache's ``class_path`` names; only modules under ``mardini.autoencoders`` are
+    imported (a file must not make us import arbitrary code), anything else is a ValueError."""
     import importlib
 
-    path = spec.get("class_path", "")
-    module, _, name = path.rpartition(".")
+    module, _, name = str(path).rpartition(".")
     if not module.startswith("mardini.autoencoders"):
         raise ValueError(f"autoencoder class {path!r} is not one of mardini.autoencoders; refusing to import it")
-    cls = getattr(importlib.import_module(module), name)
-    return cls(**dict(spec.get("init_args", {})))
+    return getattr(importlib.import_module(module), name)

@@ -66,12 +66,11 @@ def check_metadata(
 
 def _autoencoder_class(class_path: str | None):
     """The class a path names (``mardini.autoencoders.X`` and ``mardini.autoencoders.pixel.X`` are one), else the
-    path itself."""
-    import importlib
+    path itself (a class outside ``mardini.autoencoders`` is compared by its path, never imported)."""
+    from mardini.autoencoders.base import autoencoder_class
 
-    module, _, name = str(class_path).rpartition(".")
     try:
-        return getattr(importlib.import_module(module), name)
+        return autoencoder_class(str(class_path))
     except (ImportError, AttributeError, ValueError):
         return class_path
 
