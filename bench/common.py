@@ -10,7 +10,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -18,14 +17,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mardini import cpu_kernels
+from mardini.run_info import command_line
 
 RESULTS = Path("bench/results")
 
 
 def command(module: str, argv: list[str] | None) -> str:
-    """The shell command that reproduces a bench run."""
-    args = " ".join(argv if argv is not None else sys.argv[1:])
-    return f".venv/bin/python -m {module} {args}".strip()
+    """The shell command that reproduces a bench run (quoted)."""
+    return command_line([".venv/bin/python", "-m", module], argv)
 
 
 def machine() -> dict:

@@ -52,3 +52,11 @@ def test_the_demo_reports_the_kernels_and_the_cap(monkeypatch):
     assert line.endswith(", OpenMP default wait policy")
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     assert "bf16 matmul on AMX," in machine_line()
+
+
+def test_run_info_quotes_the_command_and_names_the_kernels():
+    from mardini.run_info import command_line, machine_line
+
+    assert command_line(["python", "evaluate.py"], ["--cache-dir", "", "--out", "a b"]) == (
+        "python evaluate.py --cache-dir '' --out 'a b'")
+    assert cpu_kernels.describe() in machine_line()  # every report's machine line names the bf16 kernels

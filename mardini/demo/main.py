@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shlex
 import shutil
 import sys
 import time
@@ -26,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from mardini import cpu_kernels
+from mardini import run_info
 from mardini.demo.chain import TINY_DIR, TINY_STAGES, run_stage
 from mardini.demo.data import SHARDS, build_synthetic
 
@@ -38,15 +36,13 @@ def machine_line() -> str:
     """What the report's figures ran on: architecture, threads, torch, the CPU's bf16 matmul kernels (which decide
     the last digits, :mod:`mardini.cpu_kernels`) and the OpenMP wait policy the demo picked."""
     policy = os.environ.get("MARDINI_DEMO_WAIT_POLICY")
-    return (f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-            f"{cpu_kernels.describe()}" + (f", {policy}" if policy else ""))
+    return run_info.machine_line() + (f", {policy}" if policy else "")
 
 
 def demo_command(argv: list[str] | None) -> str:
     """The command line the report quotes: ``argv``, or this process's own arguments when None (``make demo`` is
     ``python -m mardini.demo`` without any)."""
-    args = sys.argv[1:] if argv is None else argv
-    return shlex.join(["python", "-m", "mardini.demo", *args])
+    return run_info.command_line(["python", "-m", "mardini.demo"], argv)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import torch
 
+from mardini import run_info
 from mardini.evaluation.data import count_clips, iter_batches, resolve_source, usable_videos
 from mardini.evaluation.protocol import (
     METRICS, TASKS, EvalProtocol, EvalSuite, RealStatsCache, clip_seeds, files_id, keys_digest,
@@ -252,7 +252,7 @@ def _main(argv: list[str] | None) -> int:
         "data": args.data, "source": kind, "clips": n, "skipped_videos": skipped, "frames": args.frames,
         "resolution": args.resolution, "fps": args.fps, "seed": args.seed, "methods": list(samplers),
         "checkpoint": args.checkpoint,
-        "command": shlex.join(["python", "evaluate.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": run_info.command_line(["python", "evaluate.py"], argv),
         "torch": torch.__version__, "python": platform.python_version(), "tasks": {},
     }
     for task in args.tasks:

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -68,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     a.out.mkdir(parents=True, exist_ok=True)
     from mardini.demo.data import SHARDS, build_synthetic
+    from mardini import run_info
     from mardini.reproduce import curves, quality, runs, verdicts
     from mardini.reproduce.report import write_report
 
@@ -119,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
 
     info = {
         "mode": "quick" if a.quick else "default",
-        "command": shlex.join(["python", "-m", "mardini.reproduce", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "command": run_info.command_line(["python", "-m", "mardini.reproduce"], argv),
+        "machine": run_info.machine_line(),
         "total_s": time.perf_counter() - start, "table2_steps": a.steps,
         "checkpoints": ", ".join(f"`{p}`" for p in ckpts.values()) or "–",
         "params": _params(ckpts), "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
