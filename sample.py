@@ -3,12 +3,8 @@
 long_video, slow_motion. ``python sample.py --help``; the logic lives in ``mardini/pipeline/cli.py``.
 """
 
-import sys
-
 from mardini.pipeline.cli import main
+from mardini.user_errors import run_reporting_user_errors
 
-if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:  # input and checkpoint problems: the message says the fix
-        sys.exit(f"sample.py: error: {e}")
+if __name__ == "__main__":  # input and checkpoint problems: exit 2 with a message that says the fix
+    raise SystemExit(run_reporting_user_errors("sample.py", main))

@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 
 from mardini import run_info
+from mardini.user_errors import run_reporting_user_errors
 from mardini.evaluation.data import count_clips, iter_batches, resolve_source, usable_videos
 from mardini.evaluation.protocol import (
     METRICS, TASKS, EvalProtocol, EvalSuite, RealStatsCache, clip_seeds, files_id, keys_digest,
@@ -236,11 +236,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return _main(argv)
-    except (FileNotFoundError, ValueError) as err:  # missing data or weights, impossible settings: the message
-        print(f"evaluate.py: {err}", file=sys.stderr)  # says what to do
-        return 2
+    """Exit code: 0, or 2 on missing data or weights and impossible settings (the message says what to do)."""
+    return run_reporting_user_errors("evaluate.py", lambda: _main(argv))
 
 
 def _main(argv: list[str] | None) -> int:

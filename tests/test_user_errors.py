@@ -1,0 +1,62 @@
+"""Entry points report a user's mistake as one message and where it was raised; MARDINI_TRACEBACK=1 re-raises."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mardini.evaluation import cli as evaluate_cli
+from mardini.user_errors import run_reporting_user_errors
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bad_setting() -> int:
+    raise ValueError("--frames 0: give at least 2 frames")
+
+
+def test_a_user_error_prints_the_message_and_where_it_was_raised(capsys, monkeypatch):
+    monkeypatch.delenv("MARDINI_TRACEBACK", raising=False)
+    assert run_reporting_user_errors("prog", _bad_setting) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prog: error: --frames 0: give at least 2 frames\n")
+    assert "test_user_errors.py:" in err and "in _bad_setting" in err and "Traceback" not in err
+
+
+def test_the_traceback_switch_re_raises(monkeypatch):
+    monkeypatch.setenv("MARDINI_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="--frames 0"):
+        run_reporting_user_errors("prog", _bad_setting)
+
+
+def test_other_errors_keep_their_traceback(monkeypatch):
+    monkeypatch.delenv("MARDINI_TRACEBACK", raising=False)
+
+    def bug():
+        raise KeyError("internal")
+
+    with pytest.raises(KeyError):
+        run_reporting_user_errors("prog", bug)
+
+
+def test_return_values_become_exit_codes():
+    assert run_reporting_user_errors("prog", lambda: None) == 0
+    assert run_reporting_user_errors("prog", lambda: {"written": 1}) == 0  # sample.py's main returns its outputs
+    assert run_reporting_user_errors("prog", lambda: 3) == 3
+
+
+def test_evaluate_names_where_its_error_was_raised(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MARDINI_TRACEBACK", raising=False)
+    assert evaluate_cli.main(["--data", str(tmp_path / "missing"), "--metrics", "midf"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("evaluate.py: error: ") and "(raised at mardini/" in err
+
+
+def test_sample_py_exits_2_with_the_message(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(ROOT / "sample.py"), "interpolate", "--ckpt",
+                           str(tmp_path / "none.ckpt"), "--images", "a.png", "b.png"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "sample.py: error:" in done.stderr and "Traceback" not in done.stderr
