@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import shutil
 import tarfile
 from pathlib import Path
@@ -154,6 +155,36 @@ def test_a_stage_refuses_a_cache_of_other_latents(synth, tmp_path):
     normalised = GenerationModule(size="tiny", frames=4, autoencoder=SpaceToDepthAutoencoder(2, shift=-0.4, scale=2.58))
     with pytest.raises(ValueError, match="differ: \\['scale', 'shift'\\].*re-cache"):
         normalised.check_latent_autoencoder(shard)
+
+
+def test_a_stage_checks_the_validation_cache_too(synth, tmp_path):
+    from types import SimpleNamespace
+
+    from mardini.lit import GenerationModule
+
+    _cache(str(synth / "val"), tmp_path / "plain")  # the default autoencoder: no shift, no scale
+    plain = GenerationModule(size="tiny", frames=4)
+    normalised = GenerationModule(size="tiny", frames=4, autoencoder=SpaceToDepthAutoencoder(2, shift=-0.4, scale=2.58))
+    normalised_dir = tmp_path / "normalised"
+    for name in ("train", "val"):
+        (normalised_dir / name).mkdir(parents=True)
+    for tar in (tmp_path / "plain").glob("*.tar"):  # a cache whose shards record the normalised autoencoder
+        shard = tarfile.open(tar)
+        members = [(m, shard.extractfile(m).read()) for m in shard.getmembers()]
+        for name in ("train", "val"):
+            with tarfile.open(normalised_dir / name / tar.name, "w") as out:
+                for m, data in members:
+                    if m.name.endswith(".json"):
+                        meta = json.loads(data)
+                        meta["latent_cache"]["autoencoder"] = normalised.autoencoder.spec()
+                        data = json.dumps(meta).encode()
+                        m.size = len(data)
+                    out.addfile(m, io.BytesIO(data))
+    good, other = str(tmp_path / "plain"), str(normalised_dir / "val")
+    plain.check_latent_caches(SimpleNamespace(train_shards=good, val_shards=good))  # both plain: accepted
+    normalised.check_latent_caches(SimpleNamespace(train_shards=other, val_shards=None))  # no validation: accepted
+    with pytest.raises(ValueError, match=f"the latent cache {other}.*differ: \\['scale', 'shift'\\]"):
+        plain.check_latent_caches(SimpleNamespace(train_shards=good, val_shards=other))
 
 
 def test_a_planner_stage_refuses_a_cache_of_another_planner_resolution(synth, tmp_path):

@@ -132,10 +132,17 @@ class MarDiniBase(L.LightningModule):
         if dm is not None:
             self.check_data_settings(getattr(dm, "resolution", None), getattr(dm, "frames", None),
                                      bool(getattr(dm, "latents", False)))
-            if getattr(dm, "latents", False) and getattr(dm, "train_shards", None):
-                from mardini.data.sharding import list_shards
+            if getattr(dm, "latents", False):
+                self.check_latent_caches(dm)
 
-                self.check_latent_autoencoder(list_shards(dm.train_shards)[0])
+    def check_latent_caches(self, dm: Any) -> None:
+        """:meth:`check_latent_autoencoder` on the first shard of the training and of the validation cache: a
+        validation cache of other latents would score the model on inputs it never trained on."""
+        from mardini.data.sharding import list_shards
+
+        for shards in (getattr(dm, "train_shards", None), getattr(dm, "val_shards", None)):
+            if shards:
+                self.check_latent_autoencoder(list_shards(shards)[0])
 
     def check_latent_autoencoder(self, shard: str) -> None:
         """Raise if a latent cache was encoded by another autoencoder (class or any argument but ``chunk_size``)
