@@ -169,6 +169,30 @@ def test_default_num_clips_is_the_usable_count(tmp_path, capsys):
     assert cli.main(argv) == 2 and "needs at least 2" in capsys.readouterr().err  # one usable clip: no protocol
 
 
+def test_undecodable_shard_samples_lower_the_default_n_before_any_task(shards, tmp_path, capsys):
+    """Shards read like video folders: bad samples are found before sampling, N is the usable count."""
+    import shutil
+
+    from mardini.data.sharding import atomic_tar, json_bytes
+
+    data = tmp_path / "shards"
+    shutil.copytree(shards, data)
+    with atomic_tar(data / "zz-bad.tar") as sink:  # sorted last: after the 6 good clips
+        sink.write({"__key__": "junk", "json": json_bytes({"frames": 12, "fps": 8.0}), "video.mp4": b"not a video"})
+        sink.write({"__key__": "short", "json": json_bytes({"frames": 3, "fps": 8.0}), "video.mp4": b"x"})
+    out = tmp_path / "report"
+    argv = ["--data", str(data), "--tasks", "interpolation", "image_to_video", "--resolution", "16",
+            "--metrics", "midf", "--cache-dir", "", "--out", str(out)]
+    assert cli.main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["clips"] == 6 and all(r["clips"] == 6 for r in report["tasks"].values())
+    assert list(report["skipped_videos"]) == ["2 shard samples"]
+    assert "Skipped while reading the shards" in (out / "report.md").read_text()
+    assert cli.main([*argv, "--num-clips", "8"]) == 2  # the 8 samples held are asked for: refused before sampling
+    err = capsys.readouterr().err
+    assert "gives 6 usable clips" in err and "lower --num-clips to 6" in err and "2 shard samples" in err
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -23,7 +23,7 @@ import torch
 
 from mardini import run_info
 from mardini.user_errors import run_reporting_user_errors
-from mardini.evaluation.data import count_clips, iter_batches, resolve_source, usable_videos
+from mardini.evaluation.data import count_clips, iter_batches, resolve_source, usable_shard_clips, usable_videos
 from mardini.evaluation.protocol import (
     METRICS, TASKS, EvalProtocol, EvalSuite, RealStatsCache, clip_seeds, files_id, keys_digest,
 )
@@ -98,8 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def choose_num_clips(args: argparse.Namespace, kind: str, files: list[str]) -> tuple[int, dict[str, str]]:
     """``(N, {unusable video: reason})``: ``--num-clips``, or by default every usable clip (at most 256).
 
-    Video files are read once here, so corrupt or too-short ones lower the default N before any task runs (every
-    task and method is then scored on the same N clips); an explicit ``--num-clips`` they cannot give is an error.
+    The clips are read once here (video files, or shard samples), so corrupt or too-short ones lower the default N
+    before any task runs (every task and method is then scored on the same N clips); an explicit ``--num-clips``
+    they cannot give is an error.
     """
     available = count_clips(kind, files)
     n = args.num_clips if args.num_clips is not None else min(available, 256)
@@ -108,10 +109,15 @@ def choose_num_clips(args: argparse.Namespace, kind: str, files: list[str]) -> t
     skipped: dict[str, str] = {}
     if kind == "videos":
         usable = len(usable_videos(files, args.frames, args.fps, args.resolution, n, skipped))
-        if args.num_clips is not None and 2 <= usable < n:
-            raise ValueError(f"--num-clips {n} but {args.data} gives {usable} usable clips ({_unusable(skipped)}); "
-                             f"lower --num-clips to {usable}, or leave it out to use every usable clip")
-        n = usable
+    else:
+        usable, bad = usable_shard_clips(files, args.frames, args.fps, args.resolution, n)
+        if bad:
+            skipped[f"{bad} shard samples"] = ("do not decode or are too short for the window (the first few "
+                                               "reasons are logged above)")
+    if args.num_clips is not None and 2 <= usable < n:
+        raise ValueError(f"--num-clips {n} but {args.data} gives {usable} usable clips ({_unusable(skipped)}); "
+                         f"lower --num-clips to {usable}, or leave it out to use every usable clip")
+    n = usable
     if n < 2:
         raise ValueError(f"{args.data} gives {n} usable clips of {args.frames} frames, the protocol needs at least 2"
                          + (f" ({_unusable(skipped)})" if skipped else "") + "; add videos or lower --frames")
@@ -119,7 +125,7 @@ def choose_num_clips(args: argparse.Namespace, kind: str, files: list[str]) -> t
 
 
 def _unusable(skipped: dict[str, str]) -> str:
-    return f"{len(skipped)} videos unusable: {dict(list(skipped.items())[:3])}"
+    return f"unusable: {dict(list(skipped.items())[:3])}" + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
 
 
 def build_samplers(args: argparse.Namespace) -> dict[str, Sampler]:
@@ -178,8 +184,8 @@ def run_task(
             suites[m].update(real, fake, mask, positions)
         seen += real.shape[0]
         keys += list(batch["key"])
-    if seen < n:
-        raise RuntimeError(f"the data gave {seen} usable clips, the protocol needs {n}; lower --num-clips to {seen}"
+    if seen < n:  # the data changed since choose_num_clips read it
+        raise ValueError(f"the data gave {seen} usable clips, the protocol needs {n}; lower --num-clips to {seen}"
                            + (f" ({_unusable(skipped)})" if skipped else ""))
     if first.frechet:
         if cache is not None and not hit:
@@ -214,7 +220,8 @@ def markdown(report: dict[str, Any]) -> str:
              f"(fps: {report['fps'] or 'native'}), seed {report['seed']}. Command: `{report['command']}`", ""]
     skipped = report.get("skipped_videos") or {}
     if skipped:  # the files left out of the N clips, and why (all of them in report.json)
-        lines += [f"{len(skipped)} videos skipped (unusable):", ""]
+        lines += [f"{len(skipped)} videos skipped (unusable):" if report.get("source") == "videos"
+                  else "Skipped while reading the shards:", ""]
         lines += [f"- `{path}`: {why.splitlines()[0]}" for path, why in list(skipped.items())[:10]]
         lines += [f"- ... and {len(skipped) - 10} more (report.json)"] if len(skipped) > 10 else []
         lines.append("")

@@ -90,6 +90,19 @@ def usable_videos(
     return usable
 
 
+def usable_shard_clips(files: list[str], frames: int, fps: float | None, resolution: int, limit: int) -> tuple[int, int]:
+    """``(usable clips, bad samples skipped)`` of the first ``limit`` clips the shards give, each decoded as
+    :func:`iter_batches` will (the reasons of the first few bad ones are logged as warnings)."""
+    stream = ClipStream(files, frames=frames, fps=fps, resolution=resolution, batch_size=32, train=False,
+                        max_clips=limit)
+    usable = bad = 0
+    for batch in stream:
+        bad += int(batch.get("skipped", 0))
+        if not skip_only(batch):
+            usable += batch["video"].shape[0]  # (B, T, 3, R, R)
+    return usable, bad
+
+
 def iter_batches(
     kind: str, files: list[str], frames: int, fps: float | None, resolution: int, num_clips: int, batch_size: int,
     skipped: dict[str, str] | None = None,
