@@ -252,15 +252,19 @@ def test_a_share_without_a_good_sample_still_counts_its_skips(tmp_path, num_work
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_a_resumed_run_counts_each_skip_once(tmp_path, num_workers):
+@pytest.mark.parametrize("num_workers, unreadable", [(0, False), (2, False), (0, True), (2, True)])
+def test_a_resumed_run_counts_each_skip_once(tmp_path, num_workers, unreadable):
     """The loader runs ahead of training: a checkpoint's skip count stops at the last batch trained on, as its
-    position does, so the batches read again after the resume are not counted twice."""
+    position does, so the batches read again after the resume are not counted twice. An unreadable shard's read
+    error, met again while the resumed stream replays up to its position, is not counted twice either."""
     names, good = sorted(BAD), {"json": META, "video.npy": NPY}
     for s in range(2):  # every other sample bad: almost every batch carries skips
         _write_shard(tmp_path / f"t-{s:06d}.tar", [(f"s{s}-{i:02d}", good if i % 2 else BAD[names[(s + i) % 5]])
                                                    for i in range(16)])
-    kw = dict(num_workers=num_workers, epoch_size=12, shuffle_buffer=1)
+    if unreadable:  # a third shard that does not read as a tar: a read error, no sample
+        (tmp_path / "t-000002.tar").write_bytes(bytes(range(256)) * 40)
+    kw = dict(num_workers=num_workers, epoch_size=16 if unreadable else 12, shuffle_buffer=1)
+    trained = 6 if unreadable else 4  # with the unreadable shard: its read error comes before the checkpoint
 
     full = _dm(tmp_path, **kw)
     full.setup("fit")
@@ -268,19 +272,19 @@ def test_a_resumed_run_counts_each_skip_once(tmp_path, num_workers):
     first = _dm(tmp_path, **kw)
     first.setup("fit")
     it = iter(first.train_dataloader())
-    for _ in range(4):  # an even count: with 2 workers the resumed loader starts at worker 0 again
+    for _ in range(trained):  # an even count: with 2 workers the resumed loader starts at worker 0 again
         first.on_before_batch_transfer(next(it), 0)  # trained on
     ahead = next(it)  # fetched, never trained on
     assert int(ahead["skipped"]) > 0  # else the test shows nothing
     state = first.state_dict()
     del it
-    assert state["skipped"] == sum(int(b["skipped"]) for b in reference[:4]) == first.skipped - int(ahead["skipped"])
+    assert state["skipped"] == sum(int(b["skipped"]) for b in reference[:trained]) == first.skipped - int(ahead["skipped"])
 
     resumed = _dm(tmp_path, **kw)
     resumed.load_state_dict(state)
     resumed.setup("fit")
     rest = list(resumed.train_dataloader())
-    assert [b["key"] for b in rest] == [b["key"] for b in reference[4:]]
+    assert [b["key"] for b in rest] == [b["key"] for b in reference[trained:]]
     assert resumed.skipped == full.skipped == sum(int(b["skipped"]) for b in reference)
 
 

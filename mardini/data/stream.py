@@ -96,12 +96,15 @@ class SkipLog:
     """Counts bad samples by reason inside one worker; logs the first few of each reason."""
 
     def __init__(self, max_consecutive: int) -> None:
+        self.muted = False  # a resumed stream replaying what the checkpoint already counted
         self.pending = 0
         self.reasons: Counter[str] = Counter()
         self.consecutive = 0
         self.max_consecutive = max_consecutive
 
     def add(self, reason: str, detail: str) -> None:
+        if self.muted:
+            return
         self.pending += 1
         self.reasons[reason] += 1
         self.consecutive += 1
@@ -240,8 +243,12 @@ class ClipStream(IterableDataset):
         """Decode raw samples; the random draws of sample ``i`` come from (seed, i) alone, so a resumed stream
         skips the first ``skip_raw`` raw samples without decoding them and continues bit-identically."""
         gen = torch.Generator()
+        # Read errors (a truncated shard) met while replaying the first skip_raw samples were counted before the
+        # checkpoint: the replay reads the same bytes in the same order, so they fire again at the same places.
+        skips.muted = skip_raw > 0
         for index, raw in enumerate(src):
             if index < skip_raw:
+                skips.muted = index + 1 < skip_raw  # errors met on the way to sample skip_raw are new
                 continue
             gen.manual_seed(stream_seed(seed, index, 0, 0, salt=7))
             key = raw.get("__key__", "?")
