@@ -128,6 +128,19 @@ def test_a_joint_checkpoint_samples_frames_of_another_aspect_ratio(pipe):
     assert out.shape == wide.shape and torch.isfinite(out).all()
 
 
+def test_a_size_the_networks_cannot_split_is_refused_with_the_nearest_that_works(pipe):
+    step = pipe.autoencoder.downsample * pipe.generator.cfg.patch_size
+    odd = S + step // 2  # not a multiple of the generator's token size
+    video = torch.rand(1, T, 3, odd, S, generator=torch.Generator().manual_seed(2)) * 2 - 1  # (1, T, 3, odd, S)
+    with pytest.raises(ValueError, match=rf"{odd}x{S} frames do not split into the generator's tokens.*multiples "
+                                         rf"of {step}.*sample at (\d+)x{S}") as err:
+        pipe.generate(video, MASK[:1], steps=STEPS, progress=False)
+    near = pipe.nearest_size(odd, S)
+    assert f"--resolution {near[0]}x{near[1]}" in str(err.value) and abs(near[0] - odd) == step // 2
+    fitted = torch.nn.functional.interpolate(video[0], size=near)[None]  # (1, T, 3, *near)
+    assert pipe.generate(fitted, MASK[:1], steps=STEPS, progress=False).shape == fitted.shape  # it does sample
+
+
 def test_ancestral_eta_is_seeded_per_clip_and_sample(pipe):
     """eta > 0 draws fresh noise each step, still from the clip's seed: reproducible, independent of the batch
     and of num_samples, and a different sample from deterministic DDIM."""

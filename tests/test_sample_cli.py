@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mardini.data.synthetic_shards import write_synthetic_split
@@ -98,6 +99,23 @@ def test_long_video_windows_follow_frames(env, tmp_path, monkeypatch):
     record = _run(env, tmp_path, "long_video", "--images", env["images"][0], "--total", "7", "--frames", "3",
                   "--context", "1")
     assert record["frames"] == 7 and lengths == [3, 3, 3]  # windows of --frames, not the trained 5
+
+
+def test_a_rerun_leaves_only_its_own_samples_and_says_when_the_split_is_short(env, tmp_path, capsys):
+    _run(env, tmp_path, "generate", "--shards", env["shards"], "--clips", "2", "--keep", "0,3", "--num-samples", "2")
+    assert len(list(tmp_path.glob("generate_*.mp4"))) == 4
+    (tmp_path / "generate_notes.txt").write_text("mine")  # not a sample: kept
+    record = _run(env, tmp_path, "generate", "--shards", env["shards"], "--clips", "5", "--keep", "0,3")
+    assert sorted(p.name for p in tmp_path.glob("generate_*")) == [
+        "generate_000.gif", "generate_000.mp4", "generate_001.gif", "generate_001.mp4", "generate_notes.txt"]
+    assert len(record["files"]) == 4
+    assert "--clips 5 asked for, the split gives 2" in record["inputs"][0] and "the split gives 2" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error(env, tmp_path):
+    with pytest.raises(ValueError, match="finds no CUDA GPU here.*--device cpu"):
+        _run(env, tmp_path, "interpolate", "--images", *env["images"], "--device", "cuda")
 
 
 def test_ignored_or_reversed_inputs_fail(env, tmp_path):

@@ -115,6 +115,8 @@ def load_inputs(a, pipe: MarDiniPipeline, size) -> tuple[torch.Tensor, list[str]
                              "sampling size, as in validation; drop --resize")
         clips, names = read_shard_clips(a.shards, a.clips, read, pipe.fps, size)
         note = f"{len(names)} clip(s) of {read} frames from {a.shards} at {size[0]}x{size[1]} (centre crop)"
+        if len(names) < a.clips:
+            note += f"; --clips {a.clips} asked for, the split gives {len(names)}"
     keep = parse_indices(a.keep) or default_keep(a.task, clips.shape[1])
     if keep is None:
         raise SystemExit(f"{a.task} needs --keep: the indices of the given frames among the {clips.shape[1]} read")

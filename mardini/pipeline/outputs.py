@@ -13,8 +13,14 @@ from mardini.visualize import contact_sheet, save_gif, save_mp4
 
 def write_outputs(out: Path, task: str, videos: torch.Tensor, given: torch.Tensor, labels: list[str],
                   settings: dict, fps: float) -> dict:
-    """Write every sample of ``videos (N, T, 3, H, W)`` in [-1, 1]; ``given (N, T)`` bool marks the given frames."""
+    """Write every sample of ``videos (N, T, 3, H, W)`` in [-1, 1]; ``given (N, T)`` bool marks the given frames.
+
+    The task's samples of an earlier run in ``out`` are removed first, so the folder holds this run's files only
+    (a run with fewer samples left the earlier ones beside them, described by the new ``settings.json``)."""
     out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob(f"{task}_*"):
+        if old.suffix in (".mp4", ".gif") and old.stem[len(task) + 1:].isdigit():
+            old.unlink()
     files = []
     for i, video in enumerate(videos):
         stem = out / f"{task}_{i:03d}"

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mardini.autoencoders import FrameAutoencoder
-from mardini.data.transforms import planner_copy
+from mardini.data.transforms import planner_copy, planner_size
 from mardini.diffusion import CosineSchedule, DDIMSampler
 from mardini.diffusion.anchor import FrameAnchor
 from mardini.diffusion.checks import frame_mask
@@ -42,7 +42,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """``"auto"``/None = CUDA when available, else CPU."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} asked for, but torch finds no CUDA GPU here (torch {torch.__version__}, "
+                         "CUDA build: " + str(torch.version.cuda) + "); use --device cpu or auto")
+    return device
 
 
 class MarDiniPipeline:
@@ -258,6 +262,41 @@ class MarDiniPipeline:
         if self.planner is not None and max(video.shape[-2:]) < self.planner_resolution:
             raise ValueError(f"frames of {tuple(video.shape[-2:])} are smaller than the planner's resolution "
                              f"{self.planner_resolution}; sample at the training resolution {self.resolution}")
+        self.check_size(*video.shape[-2:])
+
+    def size_problem(self, height: int, width: int) -> str | None:
+        """Why frames of ``height x width`` cannot be sampled (sides that do not split into the generator's
+        tokens, or a planner copy that does not split into the planner's), or None when they can."""
+        f = self.autoencoder.downsample
+        step = f * self.generator.cfg.patch_size
+        if height % step or width % step:
+            return (f"{height}x{width} frames do not split into the generator's tokens: both sides must be multiples "
+                    f"of {step} (the autoencoder's factor {f} x the generator's patch {self.generator.cfg.patch_size})")
+        if self.planner is not None:
+            ph, pw = planner_size(height, width, self.planner_resolution)
+            low = f * self.planner.cfg.patch_size
+            if ph % low or pw % low:
+                return (f"the planner's copy of {height}x{width} frames is {ph}x{pw} (short side "
+                        f"{self.planner_resolution}), whose sides must be multiples of {low} (the autoencoder's "
+                        f"factor {f} x the planner's patch {self.planner.cfg.patch_size})")
+        return None
+
+    def nearest_size(self, height: int, width: int, reach: int = 8) -> tuple[int, int] | None:
+        """The size nearest to ``height x width`` (fewest pixels of change) that :meth:`size_problem` accepts,
+        among multiples of the generator's token size within ``reach`` tokens of each side."""
+        step = self.autoencoder.downsample * self.generator.cfg.patch_size
+        around = lambda n: [m for m in range(max(step, (n // step - reach) * step), (n // step + reach + 1) * step + 1, step)]  # noqa: E731
+        fits = [(h, w) for h in around(height) for w in around(width) if self.size_problem(h, w) is None]
+        return min(fits, key=lambda s: (abs(s[0] - height) + abs(s[1] - width), -s[0] * s[1]), default=None)
+
+    def check_size(self, height: int, width: int) -> None:
+        """Raise a ValueError naming the problem and the nearest size that works (:meth:`size_problem`)."""
+        problem = self.size_problem(height, width)
+        if problem:
+            near = self.nearest_size(height, width)
+            fix = f"sample at {near[0]}x{near[1]} (sample.py --resolution {near[0]}x{near[1]})" if near else \
+                f"sample at the training resolution {self.resolution}"
+            raise ValueError(f"{problem}; {fix}")
 
     def _autocast(self):
         if self.dtype == torch.bfloat16:
