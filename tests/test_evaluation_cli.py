@@ -193,6 +193,39 @@ def test_undecodable_shard_samples_lower_the_default_n_before_any_task(shards, t
     assert "gives 6 usable clips" in err and "lower --num-clips to 6" in err and "2 shard samples" in err
 
 
+def test_a_report_of_other_data_with_the_same_name_is_not_overwritten(shards, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    other = tmp_path / "elsewhere" / shards.name  # another split with the same folder name
+    shutil.copytree(shards, other)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--tasks", "interpolation", "--resolution", "16", "--num-clips", "2", "--metrics", "midf", "--cache-dir", ""]
+    assert cli.main(["--data", str(shards), *argv]) == 0
+    first = tmp_path / "outputs" / "eval" / shards.name / "report.json"
+    assert json.loads(first.read_text())["data_path"] == str(shards.resolve())
+    assert cli.main(["--data", str(other), *argv]) == 0
+    written = sorted(p.name for p in (tmp_path / "outputs" / "eval").iterdir())
+    assert len(written) == 2 and written[0] == shards.name and written[1].startswith(f"{shards.name}-")
+    assert json.loads(first.read_text())["data_path"] == str(shards.resolve())  # the first report is intact
+    assert f"holds the report of {shards.resolve()}" in capsys.readouterr().err
+    assert cli.main(["--data", str(shards), *argv]) == 0  # the same data again: its own folder, rewritten
+    assert len(list((tmp_path / "outputs" / "eval").iterdir())) == 2
+
+
+def test_sampling_at_other_settings_than_training_is_noted():
+    from types import SimpleNamespace
+
+    pipe = SimpleNamespace(resolution=(32, 32), fps=8.0)
+    same = SimpleNamespace(resolution=32, fps=8.0)
+    assert cli.training_mismatch(pipe, same) == [] and cli.training_mismatch(None, same) == []
+    notes = cli.training_mismatch(pipe, SimpleNamespace(resolution=256, fps=None))
+    assert notes == ["the checkpoint trained at 32x32 px, the protocol samples it at 256x256 (--resolution)",
+                     "the checkpoint trained on clips at 8 fps, the protocol reads every frame (native rate) (--fps)"]
+    md = cli.markdown({"data": "d", "clips": 2, "frames": 9, "resolution": 256, "fps": None, "seed": 0,
+                       "command": "c", "notices": notes, "tasks": {}})
+    assert "Note: the checkpoint trained at 32x32 px" in md
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

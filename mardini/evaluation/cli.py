@@ -12,9 +12,11 @@ same clips, masks and seeds; real statistics are computed once (or read from ``-
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -199,6 +201,44 @@ def run_task(
             "seconds_per_clip": {m: t / max(seen, 1) for m, t in timing.items()}, "results": results}
 
 
+def training_mismatch(pipe: Any, args: argparse.Namespace) -> list[str]:
+    """Notes where the protocol samples the checkpoint at another resolution or frame rate than it trained at."""
+    if pipe is None:
+        return []
+    notes = []
+    trained = tuple(pipe.resolution) if pipe.resolution else None
+    if trained and trained != (args.resolution, args.resolution):
+        notes.append(f"the checkpoint trained at {trained[0]}x{trained[1]} px, the protocol samples it at "
+                     f"{args.resolution}x{args.resolution} (--resolution)")
+    if pipe.fps and args.fps != pipe.fps:
+        notes.append(f"the checkpoint trained on clips at {pipe.fps:g} fps, the protocol reads "
+                     f"{'every frame (native rate)' if args.fps is None else f'{args.fps:g} fps'} (--fps)")
+    return notes
+
+
+def data_path(data: str) -> str:
+    """What ``--data`` names, as an absolute path ('synthetic' stays itself)."""
+    return data if data == "synthetic" else str(Path(data).resolve())
+
+
+def default_out(data: str, path: str) -> Path:
+    """``outputs/eval/<data name>``; when that folder holds the report of other data of the same name (two splits
+    called ``val``), ``outputs/eval/<data name>-<hash of the path>`` instead of overwriting it."""
+    name = Path(data.rstrip("/")).name
+    out = Path("outputs/eval") / name
+    try:
+        earlier = json.loads((out / "report.json").read_text())
+    except (OSError, ValueError):
+        return out
+    theirs = earlier.get("data_path") or data_path(str(earlier.get("data", "")))
+    if theirs == path:
+        return out
+    other = out.with_name(f"{name}-{hashlib.sha1(path.encode()).hexdigest()[:8]}")
+    print(f"evaluate.py: note: {out} holds the report of {theirs}; writing this one to {other} (--out picks a folder)",
+          file=sys.stderr)
+    return other
+
+
 def device_of(args: argparse.Namespace) -> torch.device:
     if args.device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -218,6 +258,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Evaluation on `{report['data']}`", "",
              f"{report['clips']} clips, {report['frames']} frames at {report['resolution']} px "
              f"(fps: {report['fps'] or 'native'}), seed {report['seed']}. Command: `{report['command']}`", ""]
+    for notice in report.get("notices") or []:
+        lines += [f"Note: {notice}.", ""]
     skipped = report.get("skipped_videos") or {}
     if skipped:  # the files left out of the N clips, and why (all of them in report.json)
         lines += [f"{len(skipped)} videos skipped (unusable):" if report.get("source") == "videos"
@@ -253,15 +295,19 @@ def _main(argv: list[str] | None) -> int:
     n, skipped = choose_num_clips(args, kind, files)
     samplers = build_samplers(args)
     report: dict[str, Any] = {
-        "data": args.data, "source": kind, "clips": n, "skipped_videos": skipped, "frames": args.frames,
+        "data": args.data, "data_path": data_path(args.data), "source": kind, "clips": n, "skipped_videos": skipped, "frames": args.frames,
         "resolution": args.resolution, "fps": args.fps, "seed": args.seed, "methods": list(samplers),
         "checkpoint": args.checkpoint,
         "command": run_info.command_line(["python", "evaluate.py"], argv),
         "torch": torch.__version__, "python": platform.python_version(), "tasks": {},
     }
+    notices = training_mismatch(samplers.get("mardini"), args)
+    for notice in notices:
+        print(f"evaluate.py: note: {notice}", file=sys.stderr)
+    report["notices"] = notices
     for task in args.tasks:
         report["tasks"][task] = run_task(task, args, samplers, kind, files, n)
-    out = Path(args.out or Path("outputs/eval") / Path(args.data.rstrip("/")).name)
+    out = Path(args.out) if args.out else default_out(args.data, report["data_path"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     (out / "report.md").write_text(markdown(report))
