@@ -88,6 +88,61 @@ def test_val_split_is_disjoint_and_complete(synth, world):
     assert all(len(keys) == 16 // world for keys in seen)
 
 
+@pytest.fixture(scope="module")
+def one_val_shard(tmp_path_factory) -> Path:
+    """``val/``: a single shard of 7 clips (what a small videos_to_shards.py run writes)."""
+    from mardini.data.synthetic_shards import write_synthetic_split
+
+    root = tmp_path_factory.mktemp("one_val_shard")
+    write_synthetic_split(root, "val", 7, 7, frames=12, height=16, width=16, fps=16.0, progress=False)
+    return root
+
+
+def _rank_keys(root: Path, world: int, **kw) -> list[list[str]]:
+    """Validation keys of each rank of ``world``, read one rank at a time."""
+    seen = []
+    for rank in range(world):
+        dm = _dm(root, batch_size=2 * world, **kw)
+        dm.configure_ranks(rank, world)
+        dm.setup("validate")
+        seen.append(_val_keys(dm))
+    return seen
+
+
+def test_one_val_shard_feeds_every_worker_each_clip_once(one_val_shard):
+    # 1 shard, 2 worker processes: both scan it, each keeps every other sample
+    (keys,) = _rank_keys(one_val_shard, 1, num_workers=2)
+    assert sorted(keys) == [f"val-{i:07d}" for i in range(7)]
+
+
+@pytest.mark.parametrize(("world", "workers", "shards"), [(2, 0, "one"), (2, 2, "one"), (3, 2, "one"), (4, 3, "eight")])
+def test_fewer_val_shards_than_readers_split_by_sample(one_val_shard, synth, world, workers, shards):
+    root, total = (one_val_shard, 7) if shards == "one" else (synth, 16)
+    seen = _rank_keys(root, world, num_workers=workers)
+    flat = [k for keys in seen for k in keys]
+    assert len(flat) == len(set(flat)) == total  # every clip exactly once, whatever the ranks and workers
+    assert max(map(len, seen)) - min(map(len, seen)) <= 1  # samples go round the ranks first: balanced
+
+
+def test_val_shard_split_is_kept_when_every_reader_has_a_shard(synth):
+    stream = ClipStream(list_shards(str(synth / "val")), frames=2, fps=None, resolution=8, batch_size=2,
+                        train=False, rank=1, world_size=2)
+    assert stream.sample_share(0, 4) is None  # 8 shards, 8 readers: whole shards, as before
+    assert stream.my_shards(0, 4) == split_shards(stream.shards, 1, 2, 0, 4)
+    assert stream.sample_share(1, 5) == (1 * 2 + 1, 10) and stream.my_shards(1, 5) == stream.shards
+
+
+def test_a_val_split_of_fewer_clips_than_ranks_is_refused(one_val_shard):
+    dm = _dm(one_val_shard, batch_size=8)
+    dm.configure_ranks(0, 8)
+    with pytest.raises(ValueError, match="holds 7 clips, fewer than the 8 ranks.*run on fewer processes"):
+        dm.setup("validate")
+    dm = _dm(one_val_shard, num_workers=4, batch_size=7)  # as many clips as ranks: fine, one each
+    dm.configure_ranks(6, 7)
+    dm.setup("validate")
+    assert _val_keys(dm) == ["val-0000006"]
+
+
 def test_split_shards_covers_every_shard_once():
     shards = [f"s{i:02d}" for i in range(11)]
     for world, workers in [(1, 1), (2, 3), (4, 2), (3, 1)]:
@@ -220,15 +275,11 @@ def test_global_batch_must_divide_by_world_size(synth):
     assert dm.per_rank_batch_size == 2
 
 
-def test_empty_pattern_and_too_few_shards(synth, tmp_path):
+def test_empty_pattern_and_bad_settings(synth, tmp_path):
     with pytest.raises(FileNotFoundError, match="matches no shard"):
         _dm(synth, train_shards=str(tmp_path / "nothing-{000..003}.tar")).setup("fit")
     with pytest.raises(FileNotFoundError, match="matches no shard"):
         _dm(synth, train_shards=str(tmp_path)).setup("fit")  # an empty directory
-    dm = _dm(synth, num_workers=3, batch_size=3)
-    dm.configure_ranks(0, 3)
-    with pytest.raises(ValueError, match="8 shards but 3 ranks x 3 workers"):
-        dm.setup("validate")
     with pytest.raises(ValueError, match="data.crop"):
         _dm(synth, crop="middle")
 
@@ -267,6 +318,12 @@ def test_bad_samples_are_skipped_and_counted(synth, tmp_path):
     # the skips after the last good sample still reach the last batch
     assert sum(int(b["skipped"]) for b in batches) == 6 + 2
     assert dm.skipped == 8 and dm.state_dict()["skipped"] == 8
+    # 2 shards, 3 workers: each scans both and meets the tar error; still each skip counted once
+    dm = _dm(synth, val_shards=str(tmp_path), batch_size=2, num_workers=3)
+    dm.setup("validate")
+    batches = list(dm.val_dataloader())
+    assert sorted(k for b in batches for k in b["key"]) == [f"good-{i}" for i in range(6)]
+    assert sum(int(b["skipped"]) for b in batches) == 8 and dm.skipped == 8
 
 
 def test_training_stops_when_nothing_is_usable(synth, tmp_path):

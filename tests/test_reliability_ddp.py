@@ -21,6 +21,17 @@ def uneven(tmp_path_factory) -> Path:
     return tiny_synthetic(tmp_path_factory.mktemp("ddp"), train=12, val=6, frames=12, size=16)
 
 
+@pytest.fixture(scope="module")
+def one_val_shard(tmp_path_factory) -> Path:
+    # 1 validation shard of 3 clips over 2 ranks (num_workers 0): fewer shards than readers, split by sample
+    from mardini.data.synthetic_shards import write_synthetic_split
+
+    root = tmp_path_factory.mktemp("ddp_one_val_shard")
+    write_synthetic_split(root, "train", 12, 6, frames=12, height=16, width=16, fps=16.0, progress=False)
+    write_synthetic_split(root, "val", 3, 3, frames=12, height=16, width=16, fps=16.0, progress=False)
+    return root
+
+
 def _run(root: Path, tmp: Path, mode: str, timeout: float = 240) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=f"{ROOT}", OMP_NUM_THREADS="1")
     try:
@@ -45,3 +56,11 @@ def test_a_rank_that_raises_brings_the_run_down_with_its_error(uneven, tmp_path)
     assert res.returncode != 0
     assert "rank 1 failed on purpose at step 2" in res.stderr
     assert "FINISHED" not in res.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_validation_split_of_fewer_shards_than_ranks_validates(one_val_shard, tmp_path):
+    res = _run(one_val_shard, tmp_path, "uneven")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "FINISHED" in res.stdout and "`max_steps=6` reached" in res.stderr

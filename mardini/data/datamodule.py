@@ -11,7 +11,10 @@ Batches are dicts:
 
 Training reads resampled shards (each (rank, worker) its own seed from (seed, rank, worker, epoch) and its
 own share of the shards when there are enough), a shuffle buffer, and ``epoch_size`` clips per rank per
-epoch. Validation reads a finite split once, each shard by exactly one (rank, worker), centre-cropped.
+epoch. Validation reads a finite split once, centre-cropped, each clip by exactly one (rank, worker): whole shards
+per reader when there are at least ranks x workers shards, else every reader scans all the shards and keeps every
+(ranks x workers)-th sample (any number of shards works; each rank needs one clip at least, see
+:func:`check_validation_split`).
 Bad samples are skipped and counted (``batch["skipped"]``, :attr:`VideoDataModule.skipped`; a validation worker
 whose share gives no clip is counted through a marker the loader drops, so the step never sees an empty batch).
 """
@@ -19,6 +22,7 @@ whose share gives no clip is counted through a marker the loader drops, so the s
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 from typing import Literal
 
@@ -156,13 +160,7 @@ class VideoDataModule(L.LightningDataModule):
             )
         if stage in (None, "fit", "validate") and self.val_shards:
             shards = list_shards(self.val_shards)
-            workers = max(1, self.num_workers)
-            if len(shards) < self.world_size * workers:
-                raise ValueError(
-                    f"the validation split {self.val_shards!r} has {len(shards)} shards but {self.world_size} ranks "
-                    f"x {workers} workers = {self.world_size * workers} readers need one each; write it in more "
-                    "shards or lower data.num_workers"
-                )
+            check_validation_split(self.val_shards, shards, self.world_size)
             if self.latents:
                 check_latent_shards(shards[0], self.frames, self.fps, self.resolution)
             self.val_set = ClipStream(
@@ -246,6 +244,33 @@ def first_batch(shards: str, n: int, frames: int, resolution: int, fps: float | 
     if batch is None:
         raise ValueError(f"no clip of {shards!r} could be read (every sample was bad); rebuild the shards")
     return batch
+
+
+def check_validation_split(pattern: str, shards: list[str], world_size: int) -> None:
+    """Raise if the validation split holds fewer clips than ranks: a rank without a validation batch would leave
+    the others waiting on it when they sync the metrics. Counts clips (json members) only when there are fewer
+    shards than ranks: a shard holds one clip at least, and the ranks' shares differ by one clip at most."""
+    if len(shards) >= world_size or not all(os.path.isfile(shard) for shard in shards):  # remote: cannot count
+        return
+    clips = sum(count_samples(shard) for shard in shards)
+    if clips < world_size:
+        raise ValueError(
+            f"the validation split {pattern!r} holds {clips} clips, fewer than the {world_size} ranks: every rank "
+            "needs one validation clip at least (the others wait on its share of the metrics); write more clips "
+            "in the validation split, run on fewer processes, or set data.val_shards: null"
+        )
+
+
+def count_samples(shard: str) -> int:
+    """Samples (``json`` members) in a shard, reading the tar headers only, up to where it stops reading as a tar."""
+    n = 0
+    try:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                n += member.name.endswith(".json")
+    except (OSError, tarfile.TarError):
+        pass
+    return n
 
 
 def first_json(shard: str) -> dict:

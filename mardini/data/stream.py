@@ -1,9 +1,10 @@
 """The clip stream: a WebDataset pipeline that yields ready batches, and the loader that counts skips.
 
 One :class:`ClipStream` serves either the training stream (resampled shards, endless, split into epochs by
-``with_epoch``) or a finite split (each shard read once by exactly one (rank, worker)). Batching happens
-inside the workers so that every batch can carry ``skipped``: the number of bad samples its worker dropped
-since its previous batch. A finite split's worker whose share gave no clip at all still reports its skips, on a
+``with_epoch``) or a finite split, read once: each shard by exactly one (rank, worker) when there are at least as
+many shards as readers (ranks x workers), else each sample by exactly one reader (every reader scans all the shards
+and keeps every k-th sample, see :meth:`ClipStream.sample_share`). Batching happens inside the workers so that
+every batch can carry ``skipped``: the number of bad samples its worker dropped since its previous batch. A finite split's worker whose share gave no clip at all still reports its skips, on a
 clip-less marker ``{"skipped": n}`` (:func:`skip_only`). :class:`StreamLoader` sums ``skipped`` into
 :attr:`StreamState.skipped` in the main process (markers are counted, never passed on) and advances the epoch
 every time the training stream starts.
@@ -90,6 +91,11 @@ def worker_info() -> tuple[int, int]:
 
 def _constant_zero() -> int:
     return 0
+
+
+def _ignore_and_continue(exn: Exception) -> bool:
+    """webdataset handler of a sample-split reader other than slot 0: the error is counted there."""
+    return True
 
 
 class SkipLog:
@@ -203,13 +209,25 @@ class ClipStream(IterableDataset):
 
     # ----------------------------------------------------------------------------------------------
     def my_shards(self, worker: int, workers: int) -> list[str]:
-        """Shards this (rank, worker) reads. Finite split: a disjoint share (error if too few shards).
+        """Shards this (rank, worker) reads. Finite split: a disjoint share when there are at least as many shards
+        as readers, else all of them (:meth:`sample_share` then splits the samples).
         Train: a disjoint share too when the shards split evenly among ranks x workers, else all of them: every
         reader delivers the same number of batches, so uneven shares would draw the shards of the smaller ones more
         often (3 shards on 2 workers: one shard half of all clips)."""
-        if not self.train or len(self.shards) % (self.world_size * workers) == 0:
+        readers = self.world_size * workers
+        if self.train and len(self.shards) % readers == 0 or not self.train and len(self.shards) >= readers:
             return split_shards(self.shards, self.rank, self.world_size, worker, workers)
         return self.shards
+
+    def sample_share(self, worker: int, workers: int) -> tuple[int, int] | None:
+        """``(slot, readers)`` when this (rank, worker) keeps the raw samples ``i`` (counted over all the shards in
+        order) with ``i % readers == slot``: a finite split of fewer shards than readers. Slots go round the ranks
+        first (sample i to rank ``i % world_size``), so the ranks' shares differ by one clip at most. None when
+        the reader keeps every sample of its shards (training, or a split of at least one shard per reader)."""
+        readers = self.world_size * workers
+        if self.train or len(self.shards) >= readers:
+            return None
+        return worker * self.world_size + self.rank, readers
 
     def __iter__(self) -> Iterator[dict]:
         worker, workers = worker_info()
@@ -218,17 +236,23 @@ class ClipStream(IterableDataset):
         skips = SkipLog(self.max_consecutive_bad if self.train else 0)
         skip_raw, done_batches = self.resume_progress.get(worker, [0, 0]) if self.train else (0, 0)
         shards = self.my_shards(worker, workers)
+        share = self.sample_share(worker, workers)
         if self.train:
             source = wds.ResampledShards(shards, seed=seed, worker_seed=_constant_zero, deterministic=True)
         else:
             source = wds.SimpleShardList(shards)  # in order, each once
-        stages = [source, wds.tarfile_to_samples(handler=skips.tar_handler)]
+        # every reader of a sample-split meets the same shard read errors: only slot 0 counts them
+        handler = skips.tar_handler if share is None or share[0] == 0 else _ignore_and_continue
+        stages = [source, wds.tarfile_to_samples(handler=handler)]
+        if share is not None:  # before decoding: each sample, good or bad, is decoded and counted by one reader
+            slot, readers = share
+            stages.append(lambda src: (s for i, s in enumerate(src) if i % readers == slot))
         if self.train and self.shuffle_buffer > 0:
             stages.append(wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 64), rng=random.Random(seed)))
         stages.append(lambda src: self._decode_all(src, seed, skips, skip_raw))
         if not self.train and self.max_clips is not None:
-            share = self.max_clips // workers + (worker < self.max_clips % workers)
-            stages.append(lambda src: (s for _, s in zip(range(share), src)))
+            quota = self.max_clips // workers + (worker < self.max_clips % workers)
+            stages.append(lambda src: (s for _, s in zip(range(quota), src)))
         stages.append(lambda src: self._batches(src, skips, worker, done_batches))
         pipeline = wds.DataPipeline(*stages)
         if self.train and self.epoch_batches is not None:
