@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from mardini.data.video_shards import ShardSettings, videos_to_shards
+from mardini.user_errors import run_reporting_user_errors
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,7 +37,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The exit code: 0 with clips, 1 when no file gave a clip, 2 on a user error (missing or empty input folder,
+    impossible settings, an output folder of other inputs or settings), printed without a traceback."""
     a = parse_args(argv)
+    return run_reporting_user_errors("videos_to_shards.py", lambda: _run(a))
+
+
+def _run(a: argparse.Namespace) -> int:
     settings = ShardSettings(
         clip_frames=a.clip_frames, clip_hop=a.clip_hop, max_fps=a.max_fps, short_side=a.short_side,
         max_clips_per_video=a.max_clips_per_video, crf=a.crf, shard_max_count=a.shard_max_count,

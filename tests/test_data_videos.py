@@ -134,9 +134,82 @@ def test_cli_summary_and_exit_code(video_dir, tmp_path, capsys):
     code = cli.main([str(video_dir), str(tmp_path), "--clip-frames", "16", "--workers", "1", "--no-progress"])
     out = capsys.readouterr().out
     assert code == 0 and "skipped" in out and "truncated.mp4" in out
+
+
+def _cli():
+    spec = importlib.util.spec_from_file_location("videos_to_shards", ROOT / "data" / "videos_to_shards.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    return cli
+
+
+def _shard_cli(src: Path, out: Path, *flags: str) -> int:
+    return _cli().main([str(src), str(out), "--workers", "1", "--no-progress", *flags])
+
+
+def test_cli_user_errors_exit_2_without_a_traceback(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MARDINI_TRACEBACK", raising=False)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no video files"):
-        cli.main([str(tmp_path / "empty"), str(tmp_path / "o")])
+    assert _shard_cli(tmp_path / "empty", tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("videos_to_shards.py: error: no video files") and "Traceback" not in err
+    assert _shard_cli(tmp_path / "missing", tmp_path / "o") == 2
+    assert "videos_to_shards.py: error: video folder" in capsys.readouterr().err
+    write_video(tmp_path / "v" / "a.mp4", moving_frames(16, 32, 32), 24)
+    assert _shard_cli(tmp_path / "v", tmp_path / "o", "--clip-frames", "0") == 2
+    assert "error: clip_frames must be >= 1" in capsys.readouterr().err
+
+
+def test_a_rerun_with_other_settings_or_inputs_names_what_differs(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MARDINI_TRACEBACK", raising=False)
+    src, out = tmp_path / "v", tmp_path / "o"
+    for name in ("a", "b"):
+        write_video(src / f"{name}.mp4", moving_frames(16, 32, 32), 24)
+    assert _shard_cli(src, out, "--clip-frames", "8") == 0
+    capsys.readouterr()
+    assert _shard_cli(src, out, "--clip-frames", "4", "--crf", "20") == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "clip_frames 8 -> 4" in err and "crf 18 -> 20" in err and "inputs:" not in err
+    assert "new output folder" in err and f"delete {out}" in err and "Traceback" not in err
+    (src / "a.mp4").unlink()
+    write_video(src / "c.mp4", moving_frames(16, 32, 32), 24)
+    write_video(src / "d.mp4", moving_frames(16, 32, 32), 24)
+    assert _shard_cli(src, out, "--clip-frames", "8") == 2
+    err = capsys.readouterr().err
+    assert "inputs: 2 added (c.mp4, d.mp4), 1 removed (a.mp4)" in err and "clip_frames " not in err
+
+
+def test_a_run_of_only_bad_videos_leaves_no_manifest_in_the_way(tmp_path, capsys):
+    src, out = tmp_path / "v", tmp_path / "o"
+    src.mkdir()
+    (src / "bad.mp4").write_bytes(b"not a video " * 50)
+    assert _shard_cli(src, out, "--clip-frames", "8") == 1  # no clip: the summary, exit 1
+    assert "skipped 1 x undecodable" in capsys.readouterr().out and (out / "manifest.json").exists()
+    write_video(src / "good.mp4", moving_frames(16, 32, 32), 24)
+    assert _shard_cli(src, out, "--clip-frames", "8") == 0  # the same command: the folder held no shard
+    assert "2 clips in 1 shards" in capsys.readouterr().out and len(list(out.glob("*.tar"))) == 1
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and set(manifest["inputs"]) == {"bad.mp4", "good.mp4"}
+
+
+def test_a_manifest_replaced_drops_the_staged_results_of_its_settings(tmp_path):
+    src, out = tmp_path / "v", tmp_path / "o"
+    write_video(src / "a.mp4", moving_frames(16, 32, 32), 24)
+    s = videos_to_shards(src, out, ShardSettings(clip_frames=32), workers=1, progress=False, keep_staging=True)
+    assert s.clips == 0 and s.skipped["a.mp4"].startswith("too short")  # its staged result says so
+    s = videos_to_shards(src, out, ShardSettings(clip_frames=8), workers=1, progress=False)
+    assert s.clips == 2 and not s.skipped  # decoded again with the new settings, not the old result reused
+
+
+def test_staged_clips_of_an_interrupted_run_are_still_protected(tmp_path):
+    src, out = tmp_path / "v", tmp_path / "o"
+    write_video(src / "a.mp4", moving_frames(16, 32, 32), 24)
+    videos_to_shards(src, out, ShardSettings(clip_frames=8), workers=1, progress=False, keep_staging=True)
+    for shard in out.glob("*.tar"):  # interrupted before packing: staged clips, no shard
+        shard.unlink()
+    with pytest.raises(ValueError, match="clip_frames 8 -> 4"):
+        videos_to_shards(src, out, ShardSettings(clip_frames=4), workers=1, progress=False)
+    assert any((out / ".staging").glob("*.tar"))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,8 +12,9 @@ Two phases, both resumable:
    ``shard_max_count`` clips and about ``shard_max_bytes`` bytes, ``<out>/<prefix>-NNNNNN.tar``, each written
    to a temp name and renamed. Existing shards are kept (same inputs, same plan, same shard).
 
-``<out>/manifest.json`` fingerprints the settings and the input files (relative path + size); a re-run with
-other inputs or settings is refused instead of mixing two data sets.
+``<out>/manifest.json`` fingerprints the settings and the input files (relative path + size) and records both; a
+re-run with other inputs or settings is refused instead of mixing two data sets, naming what differs. A manifest
+with no shard and no staged clip beside it (a run whose every file was skipped) holds nothing to mix: it is replaced.
 """
 
 from __future__ import annotations
@@ -299,11 +300,47 @@ def _read_staged(tar_path: Path) -> dict[str, dict[str, bytes]]:
     return samples
 
 
+def input_sizes(root: Path, files: list[str]) -> dict[str, int]:
+    """``{relative path: size in bytes}`` of the input files (what the fingerprint covers)."""
+    return {rel: (root / rel).stat().st_size for rel in files}
+
+
 def fingerprint(root: Path, files: list[str], settings: ShardSettings) -> str:
     h = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode())
     for rel in files:
         h.update(f"{rel}\0{(root / rel).stat().st_size}\n".encode())
     return h.hexdigest()[:16]
+
+
+def manifest_differences(old: dict, settings: ShardSettings, inputs: dict[str, int]) -> list[str]:
+    """What differs between an output folder's manifest and this run: ``clip_frames 12 -> 16`` per setting, and
+    ``inputs: 2 added (a.mp4, b.mp4), 1 removed (c.mp4)`` (names of at most 3 each)."""
+    def names(rels: list[str]) -> str:
+        return ", ".join(rels[:3]) + (", ..." if len(rels) > 3 else "")
+
+    new = asdict(settings)
+    was = old.get("settings", {})
+    diffs = [f"{k} {was.get(k)} -> {new[k]}" for k in new if k in was and was[k] != new[k]]
+    before = old.get("inputs")
+    if before is None:
+        diffs.append("inputs: not recorded by that manifest (written by an older version)")
+        return diffs
+    parts = []
+    for label, rels in (
+        ("added", sorted(set(inputs) - set(before))),
+        ("removed", sorted(set(before) - set(inputs))),
+        ("changed size", sorted(r for r in set(inputs) & set(before) if inputs[r] != before[r])),
+    ):
+        if rels:
+            parts.append(f"{len(rels)} {label} ({names(rels)})")
+    if parts:
+        diffs.append("inputs: " + ", ".join(parts))
+    return diffs
+
+
+def holds_data(out: Path) -> bool:
+    """Whether ``out`` holds a shard, or a staged clip of an interrupted run (work a manifest protects)."""
+    return any(out.glob("*.tar")) or any((out / ".staging").glob("*.tar"))
 
 
 def videos_to_shards(
@@ -320,17 +357,23 @@ def videos_to_shards(
     src, out = Path(src), Path(out)
     files = find_videos(src)
     fp = fingerprint(src, files, settings)
+    inputs = input_sizes(src, files)
     manifest = out / "manifest.json"
     if manifest.exists():
         old = json.loads(manifest.read_text())
         if old.get("fingerprint") != fp:
-            raise ValueError(
-                f"{out} holds shards of other inputs or settings (fingerprint {old.get('fingerprint')} != {fp}); "
-                "use a new output folder or delete it"
-            )
-        if old.get("complete"):
+            if holds_data(out):
+                diffs = manifest_differences(old, settings, inputs) or ["inputs or settings (not named by it)"]
+                raise ValueError(
+                    f"{out} holds shards of other inputs or settings than this run: {'; '.join(diffs)}; write to a "
+                    f"new output folder, or delete {out} to rebuild it with these"
+                )
+            # no shard and no staged clip (every file was skipped): nothing to mix; start over
+            shutil.rmtree(out / ".staging", ignore_errors=True)  # results of other inputs or settings
+        elif old.get("complete"):
             return Summary(**old["summary"])
-    write_json_atomic(manifest, {"fingerprint": fp, "settings": asdict(settings), "complete": False})
+    record = {"fingerprint": fp, "settings": asdict(settings), "inputs": inputs}
+    write_json_atomic(manifest, {**record, "complete": False})
     staging = out / ".staging"
     staging.mkdir(parents=True, exist_ok=True)
 
@@ -381,9 +424,8 @@ def videos_to_shards(
             summary.skipped[r["file"]] = r["reason"]
         elif r["status"] == "partial":
             summary.partial[r["file"]] = r["reason"]
-    write_json_atomic(manifest, {"fingerprint": fp, "settings": asdict(settings), "complete": True,
-                                 "summary": asdict(summary), "shards": [f"{settings.prefix}-{i:06d}.tar"
-                                                                        for i in range(len(plan))]})
+    write_json_atomic(manifest, {**record, "complete": True, "summary": asdict(summary),
+                                 "shards": [f"{settings.prefix}-{i:06d}.tar" for i in range(len(plan))]})
     if not keep_staging:
         shutil.rmtree(staging, ignore_errors=True)
     return summary
