@@ -93,3 +93,28 @@ def test_curriculum_refuses_more_frames_than_the_data_at_the_start_of_the_fit():
         cur.on_fit_start(trainer, None)  # before step 0 is trained, not at step 2000
     cur.check_frames(12)  # a long enough window passes
     cur.check_frames(None)  # a datamodule that does not say
+
+
+def test_val_template_losses_are_means_over_the_epoch_s_clips(monkeypatch):
+    """val/loss_{template}: the mean over all of the epoch's clips of that template, logged once at its end."""
+    from mardini.lit import GenerationModule
+
+    module = GenerationModule(size="tiny", frames=4, generator={"depth": 1}, planner_resolution=8)
+    logged: dict[str, list[float]] = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.setdefault(name, []).append(float(value)))
+    monkeypatch.setattr(module, "crop_frames", lambda batch, gen: batch)
+
+    def loss_of(batch, generator, train):  # (B,) losses and their templates, as compute_loss sets them
+        module._last_template = batch["template"]
+        return batch["loss"]
+
+    monkeypatch.setattr(module, "compute_loss", loss_of)
+    batches = [{"loss": torch.tensor([1.0, 2.0, 3.0]), "template": torch.tensor([0, 1, 0])},
+               {"loss": torch.tensor([5.0, 4.0]), "template": torch.tensor([2, 1])}]
+    module.on_validation_epoch_start()
+    for i, batch in enumerate(batches):
+        module.validation_step(batch, i)
+    assert not any(k.startswith("val/loss_") for k in logged)  # nothing per batch: reduced at the epoch's end
+    module.on_validation_epoch_end()
+    assert {k: v for k, v in logged.items() if k.startswith("val/loss_")} == {
+        "val/loss_random": [2.0], "val/loss_interpolation": [3.0], "val/loss_image_to_video": [5.0]}  # no expansion

@@ -64,3 +64,13 @@ def test_a_validation_split_of_fewer_shards_than_ranks_validates(one_val_shard, 
     res = _run(one_val_shard, tmp_path, "uneven")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "FINISHED" in res.stdout and "`max_steps=6` reached" in res.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_template_only_some_ranks_validate_does_not_hang(uneven, tmp_path):
+    """val/loss_{template} is reduced over the ranks before it is logged: a key only some ranks log, synced by
+    those alone, would leave them waiting on the others."""
+    res = _run(uneven, tmp_path, "templates", timeout=150)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "FINISHED" in res.stdout and "LOGGED ['val/loss_interpolation', 'val/loss_random']" in res.stdout

@@ -108,6 +108,7 @@ class MarDiniBase(L.LightningModule):
         self._skip_ema = False  # set by a skipped non-finite step: no EMA update after it
         self._last_batch_time: float | None = None
         self._ema_backup: list[torch.Tensor] | None = None
+        self._val_template_sums: torch.Tensor | None = None  # (templates, [loss sum, clips]) of this validation epoch
         if init_from:
             self.load_networks_from(init_from, kinds=(self.KIND,))
         if compile:
@@ -268,10 +269,13 @@ class MarDiniBase(L.LightningModule):
         per_sample = self.compute_loss(batch, gen, train=False)  # (B,)
         bs = per_sample.shape[0]
         self.log("val/loss", per_sample.mean(), sync_dist=True, batch_size=bs, prog_bar=True)
-        for i, name in enumerate(TEMPLATES):
-            sel = self._last_template == i
-            if sel.any():
-                self.log(f"val/loss_{name}", per_sample[sel].mean(), sync_dist=True, batch_size=int(sel.sum()))
+        sums = self._val_template_sums
+        if sums is None or sums.device != per_sample.device:
+            sums = self._val_template_sums = per_sample.new_zeros(len(TEMPLATES), 2, dtype=torch.float32)
+        for i in range(len(TEMPLATES)):  # summed here, reduced over the ranks once per epoch (on_validation_epoch_end)
+            sel = self._last_template == i  # (B,)
+            sums[i, 0] += per_sample[sel].detach().float().sum()
+            sums[i, 1] += sel.sum()
 
     # ----------------------------------------------------------------------------------------------
     # Optimiser and schedule
@@ -383,10 +387,26 @@ class MarDiniBase(L.LightningModule):
         self._ema_backup = None
 
     def on_validation_epoch_start(self) -> None:
+        self._val_template_sums = None
         self._swap_in_ema()
 
     def on_validation_epoch_end(self) -> None:
         self._swap_out_ema()
+        self._log_val_template_losses()
+
+    def _log_val_template_losses(self) -> None:
+        """``val/loss_{template}``: the mean over every rank's clips of that template. The sums are reduced first,
+        so every rank logs the same keys: a key logged (and synced) by some ranks only, whose batches happened to
+        draw that template, would leave the others waiting at the sync."""
+        sums = self._val_template_sums
+        if sums is None:  # no validation batch on this rank (check_validation_split refuses such splits)
+            sums = torch.zeros(len(TEMPLATES), 2, device=self.device)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums.clone(), reduce_op="sum")  # (templates, [loss sum, clips])
+        for i, name in enumerate(TEMPLATES):
+            if sums[i, 1] > 0:
+                self.log(f"val/loss_{name}", sums[i, 0] / sums[i, 1], sync_dist=True)  # equal on every rank
+        self._val_template_sums = None
 
     # ----------------------------------------------------------------------------------------------
     # Checkpoints: metadata, the frozen autoencoder kept out, loading networks of earlier stages
