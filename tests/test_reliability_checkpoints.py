@@ -146,6 +146,28 @@ def test_format_mismatch_names_both_versions(saved, tmp_path):
         _gen(init_from=str(old))
 
 
+class _Custom:  # a pickled object of this class is what a weights-only load refuses
+    pass
+
+
+def test_a_path_that_is_no_checkpoint_file_says_what_it_is_without_unsafe_advice(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.ckpt").touch()
+    with pytest.raises(ValueError, match=r"run is a directory; pass the checkpoint file inside it, e\.g\. "
+                                         r".*run/last\.ckpt \(it holds last\.ckpt\)"):
+        read_checkpoint(tmp_path / "run")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"is a directory.*it holds no \*\.ckpt file"):
+        read_checkpoint(tmp_path / "empty")
+    with pytest.raises(ValueError, match=r"common.yaml is not a torch checkpoint \(a config or another file\?\)") as e:
+        read_checkpoint(ROOT / "configs" / "tiny" / "common.yaml")
+    assert "weights_only" not in str(e.value)  # PyTorch's advice to unpickle without it is never relayed
+    torch.save({"state_dict": {}, "extra": _Custom()}, tmp_path / "foreign.ckpt")
+    with pytest.raises(ValueError, match=r"holds a Python object \(.*_Custom\) that a weights-only load refuses") as e:
+        read_checkpoint(tmp_path / "foreign.ckpt")
+    assert "weights_only" not in str(e.value)
+
+
 # --------------------------------------------------------------------------------------------------
 # EMA and raw weights never mix up
 # --------------------------------------------------------------------------------------------------

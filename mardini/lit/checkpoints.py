@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +19,37 @@ WHAT_KIND_HOLDS = {"planning": ("planner",), "generation": ("generator",), "join
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """``torch.load(weights_only=True)`` with errors that say what went wrong and what to do."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(_directory_message(path))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; check the path (or the stage that writes it)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # PyTorch's own message advises weights_only=False: unsafe, never relayed
+        raise ValueError(_unpickling_message(path, e)) from e
     except Exception as e:  # noqa: BLE001 - re-raised with context
+        detail = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
         raise ValueError(
-            f"{path} could not be read as a MarDini checkpoint ({type(e).__name__}: {e}). "
-            "It may be truncated (an interrupted copy) or not a torch checkpoint."
+            f"{path} could not be read as a MarDini checkpoint ({detail}). "
+            "It may be truncated (an interrupted copy) or not a torch checkpoint (a config or another file?)."
         ) from e
+
+
+def _directory_message(path: Path) -> str:
+    """What to pass instead of a folder: its ``*.ckpt`` files, ``last.ckpt`` first."""
+    found = sorted(path.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", p.name))
+    example = found[0] if found else path / "last.ckpt"
+    held = ", ".join(p.name for p in found[:5]) + (" ..." if len(found) > 5 else "") if found else "no *.ckpt file"
+    return f"checkpoint {path} is a directory; pass the checkpoint file inside it, e.g. {example} (it holds {held})"
+
+
+def _unpickling_message(path: Path, err: pickle.UnpicklingError) -> str:
+    """A file that is no torch checkpoint, or one holding objects a weights-only load refuses (named)."""
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)|(\S+) was not an allowed global", str(err))
+    if refused:
+        return (f"{path} holds a Python object ({refused.group(1) or refused.group(2)}) that a weights-only load "
+                "refuses: it was not written by train.py; use a checkpoint train.py wrote")
+    return f"{path} is not a torch checkpoint (a config or another file?); pass the .ckpt file train.py wrote"
 
 
 def check_metadata(
