@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -35,6 +36,7 @@ class MarDiniCLI(LightningCLI):
         if every is None or every < 1:
             raise ValueError(f"checkpoint_every={every} is impossible: it must be >= 1")
         self._checkpoint_every = every
+        self._nothing_to_resume = False
         if self.subcommand != "fit":
             return
         folder = checkpoint_dir(sub)
@@ -48,6 +50,7 @@ class MarDiniCLI(LightningCLI):
             raise ValueError(f"--ckpt_path null starts over, but {folder} holds SLURM preemption checkpoints "
                              f"({', '.join(p.name for p in hpc)}) that Lightning would resume from; delete them first")
         resume = resume_checkpoint(folder, hpc) if sub.get("ckpt_path") == "last" else None
+        self._nothing_to_resume = folder is not None and sub.get("ckpt_path") == "last" and resume is None
         if resume is not None:
             sub["ckpt_path"] = resume  # last.ckpt or a newer preemption checkpoint
             # the fit resumes: every weight comes from that checkpoint, so the stage's starting checkpoints are not
@@ -56,6 +59,19 @@ class MarDiniCLI(LightningCLI):
             for key in STARTING_CHECKPOINTS:
                 if init.get(key):
                     init[key] = None
+
+    def fit(self, model, **kwargs) -> None:
+        """``trainer.fit``; a ``last`` that found nothing to resume starts afresh (``ckpt_path=None``: Lightning
+        would warn that there is no last checkpoint; the saved config keeps ``last``, so rerunning it resumes)."""
+        from mardini.data.datamodule import VideoDataModule
+
+        if self._nothing_to_resume:
+            kwargs["ckpt_path"] = None
+        if isinstance(self.datamodule, VideoDataModule):
+            # Lightning calls a mid-epoch resume unreliable unless the dataloader has a state_dict(); this datamodule
+            # keeps the stream position in its own state (in the checkpoint) and continues the epoch exactly
+            warnings.filterwarnings("ignore", message=UNRESUMABLE_LOADER_WARNING)
+        self.trainer.fit(model, **kwargs)
 
     def instantiate_trainer(self, **kwargs):
         extra = [
@@ -74,6 +90,8 @@ class MarDiniCLI(LightningCLI):
 
 
 STARTING_CHECKPOINTS = ("init_from", "planner_ckpt", "generator_ckpt")
+UNRESUMABLE_LOADER_WARNING = (r"You're resuming from a checkpoint that ended before the epoch ended and your "
+                              r"dataloader is not resumable")
 
 
 def checkpoint_dir(config) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,19 @@ def test_a_slurm_preemption_checkpoint_is_resumed_from_the_stage_s_folder(workdi
     assert resumed.trainer.ckpt_path.endswith("hpc_ckpt_1.ckpt") and resumed.trainer.global_step == 4
     with pytest.raises(ValueError, match="holds SLURM preemption checkpoints \\(hpc_ckpt_1.ckpt\\).*delete them"):
         _fit(workdir, monkeypatch, *_stage(STAGES[0], 4, *save, "--ckpt_path=null"))
+
+
+def test_a_fresh_fit_and_a_resume_warn_of_no_missing_checkpoint_nor_an_unresumable_loader(workdir, monkeypatch):
+    save = ["--trainer.logger.init_args.save_dir=outputs/quiet"]
+    for steps, ckpt_path in ((2, "last"), (3, "last.ckpt")):  # a fresh fit, then a resume in the data epoch's middle
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cli = _fit(workdir, monkeypatch, *_stage(STAGES[0], steps, *save))
+        said = [str(w.message) for w in caught]
+        assert not [m for m in said if "no last checkpoint available" in m or "dataloader is not resumable" in m]
+        saved = yaml.safe_load((workdir / "outputs/quiet" / STAGES[0] / "config.yaml").read_text())
+        assert saved["ckpt_path"].endswith(ckpt_path)  # a fresh fit's config keeps "last": rerunning it resumes
+    assert cli.trainer.ckpt_path.endswith("last.ckpt") and cli.trainer.global_step == 3
 
 
 # --------------------------------------------------------------------------------------------------
