@@ -133,6 +133,26 @@ def test_a_stage_refuses_networks_trained_on_other_latents(saved):
     _gen(init_from=str(path), autoencoder=SpaceToDepthAutoencoder(2, chunk_size=3))  # a memory knob: accepted
 
 
+def test_a_resume_refuses_other_latents_anchor_or_shapes_than_its_checkpoint(saved, synth, tmp_path):
+    from mardini.autoencoders import SpaceToDepthAutoencoder
+
+    _, path = saved  # a generator of depth 1 trained on SpaceToDepthAutoencoder(2), shift 0, scale 1, no anchor
+    fix = r"resume with the settings the run was started with \(its config.yaml in the log folder\), or start a new run"
+
+    def resume(model):
+        _trainer(tmp_path, 6).fit(model, datamodule=_dm(synth), ckpt_path=str(path))
+
+    with pytest.raises(ValueError, match=rf"{path.name} was trained on latents .*differ: \['scale', 'shift'\].*{fix}"):
+        resume(_gen(autoencoder=SpaceToDepthAutoencoder(2, scale=2.5, shift=-0.4)))
+    with pytest.raises(ValueError, match=rf"trained with anchor='none'.*this stage has anchor='nearest'.*{fix}"):
+        resume(_gen(anchor="nearest"))
+    shapes = r"\(networks\.generator\.[^:]+: checkpoint \(\d+(, \d+)*\), this model \(\d+(, \d+)*\);.* and \d+ more\)"
+    with pytest.raises(ValueError, match=rf"{path.name} holds networks that do not fit this model {shapes}; {fix}$"):
+        resume(_gen(generator={"depth": 1, "dim": 128}))
+    with pytest.raises(ValueError, match=rf"networks\.generator\.blocks\.1\.[^:]+: not in the checkpoint.*{fix}"):
+        resume(_gen(generator={"depth": 2}))
+
+
 def test_format_mismatch_names_both_versions(saved, tmp_path):
     _, path = saved
     ckpt = read_checkpoint(path)

@@ -28,6 +28,7 @@ from mardini.masking import TEMPLATES, MaskSampler
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 CHECKPOINT_FORMAT = 1  # bump when the layout of checkpoint["mardini"] or the network keys change
+RESUME_FIX = "resume with the settings the run was started with (its config.yaml in the log folder), or start a new run"
 
 
 class MarDiniBase(L.LightningModule):
@@ -444,6 +445,7 @@ class MarDiniBase(L.LightningModule):
                 "the checkpoint to resume is an EMA-only export (no raw weights, optimizer or loop state): it cannot "
                 "resume a fit. Start a stage from it with model.init_args.init_from=<it> and --ckpt_path null"
             )
+        self._check_resumable(checkpoint)
         self.nonfinite_skipped = int(checkpoint["mardini"].get("nonfinite_skipped", 0))
         self._skipped_total = int(checkpoint["mardini"].get("data_skipped", 0))  # the logged data/skipped goes on
         if "ema_loaded" in checkpoint["mardini"]:  # a resume need not load init_from again (MarDiniCLI) to know it
@@ -451,6 +453,26 @@ class MarDiniBase(L.LightningModule):
         state = checkpoint["state_dict"]
         for k, v in self.autoencoder.state_dict().items():
             state.setdefault(f"autoencoder.{k}", v)
+
+    def _check_resumable(self, checkpoint: dict) -> None:
+        """Refuse to continue a checkpoint with other latents, another anchor or other network shapes (a resume
+        whose settings differ from the run's) before Lightning loads it."""
+        from mardini.lit.checkpoints import check_same_anchor, check_same_latents, state_differences
+
+        path = getattr(self._trainer, "ckpt_path", None) or "the checkpoint to resume"
+        check_same_latents(checkpoint["mardini"], self.autoencoder.spec(), path, fix=f"To go on, {RESUME_FIX}")
+        if "generator" in self.networks:
+            check_same_anchor(checkpoint.get("hyper_parameters") or {}, FrameAnchor.from_hparams(self.hparams), path,
+                              fix=RESUME_FIX)
+        strategy = getattr(self._trainer, "strategy", None)
+        if strategy is not None and strategy.restore_checkpoint_after_setup:
+            return  # FSDP-like strategies load the weights themselves before this hook, sharded
+        ours, theirs = (_networks_only(self.state_dict()), _networks_only(checkpoint["state_dict"]))
+        differ = state_differences(ours, theirs, keys=self.strict_loading)
+        if differ:
+            more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+            raise ValueError(f"{path} holds networks that do not fit this model ({'; '.join(differ[:3])}{more}); "
+                             f"{RESUME_FIX}")
 
     def load_networks_from(self, path: str, kinds: tuple[str, ...], names: tuple[str, ...] | None = None) -> None:
         """Copy networks (raw and EMA) from a checkpoint of an allowed kind; shapes must match.
@@ -520,6 +542,11 @@ class MarDiniBase(L.LightningModule):
 # --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
+
+
+def _networks_only(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict without the frozen autoencoder (never saved; the model's own is loaded on resume)."""
+    return {k: v for k, v in state.items() if not k.startswith("autoencoder.")}
 
 
 def _drop_dropped_head(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

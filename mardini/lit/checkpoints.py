@@ -109,9 +109,15 @@ def latent_spec_differences(theirs: dict[str, Any], ours: dict[str, Any]) -> lis
     return sorted(k for k in set(a) & set(b) if k != "chunk_size" and a[k] != b[k])
 
 
-def check_same_latents(meta: dict[str, Any], autoencoder_spec: dict[str, Any], path: str | Path) -> None:
+LATENTS_FIX = "Set model.autoencoder to the checkpoint's, or start from a checkpoint trained on these latents"
+ANCHOR_FIX = ("set model.init_args.anchor and anchor_scale to the checkpoint's values (every stage of a chain shares "
+              "them)")
+
+
+def check_same_latents(meta: dict[str, Any], autoencoder_spec: dict[str, Any], path: str | Path,
+                       fix: str = LATENTS_FIX) -> None:
     """Raise if the checkpoint's networks were trained on other latents than ``autoencoder_spec`` describes
-    (:func:`latent_spec_differences`)."""
+    (:func:`latent_spec_differences`); the message ends with ``fix``."""
     theirs = meta.get("autoencoder_spec")
     if not isinstance(theirs, dict):
         return
@@ -121,18 +127,29 @@ def check_same_latents(meta: dict[str, Any], autoencoder_spec: dict[str, Any], p
         raise ValueError(
             f"{path} was trained on latents of {theirs.get('class_path')} {a}, this model encodes with "
             f"{autoencoder_spec.get('class_path')} {b} (differ: {differ}); its networks would see "
-            "other inputs. Set model.autoencoder to the checkpoint's, or start from a checkpoint trained on these latents"
+            f"other inputs. {fix}"
         )
 
 
-def check_same_anchor(hparams: dict[str, Any], anchor: FrameAnchor, path: str | Path) -> None:
+def check_same_anchor(hparams: dict[str, Any], anchor: FrameAnchor, path: str | Path, fix: str = ANCHOR_FIX) -> None:
     """Refuse a generator trained on another diffused target (``model.anchor`` / ``anchor_scale``)."""
     (theirs, their_scale), (ours, our_scale) = FrameAnchor.from_hparams(hparams).setting, anchor.setting
     if (theirs, their_scale) != (ours, our_scale):
         raise ValueError(
             f"{path}: its generator was trained with anchor={theirs!r}, anchor_scale={their_scale}, this stage has "
-            f"anchor={ours!r}, anchor_scale={our_scale}; set model.init_args.anchor and anchor_scale to the "
-            "checkpoint's values (every stage of a chain shares them)")
+            f"anchor={ours!r}, anchor_scale={our_scale}; {fix}")
+
+
+def state_differences(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], keys: bool = True) -> list[str]:
+    """Entries of a model's state dict ``ours`` that a checkpoint's ``theirs`` does not fit: other shapes and, with
+    ``keys``, entries missing on either side (what a strict ``load_state_dict`` refuses), each named."""
+    shape = lambda t: tuple(getattr(t, "shape", ()))  # noqa: E731
+    differ = [f"{k}: checkpoint {shape(theirs[k])}, this model {shape(v)}"
+              for k, v in ours.items() if k in theirs and shape(theirs[k]) != shape(v)]
+    if keys:
+        differ += [f"{k}: not in the checkpoint" for k in ours if k not in theirs]
+        differ += [f"{k}: only in the checkpoint" for k in theirs if k not in ours]
+    return differ
 
 
 def load_network_states(
