@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+import traceback
 import warnings
 from pathlib import Path
 
@@ -10,7 +13,9 @@ from lightning.pytorch.cli import LightningCLI
 
 from mardini.lit.base import MarDiniBase
 from mardini.lit.checkpoint_io import AtomicCheckpointIO
+from mardini.lit.checkpoints import directory_message
 from mardini.lit.step_checkpoint import StepCheckpoint
+from mardini.user_errors import USER_ERRORS
 
 
 class MarDiniCLI(LightningCLI):
@@ -37,6 +42,9 @@ class MarDiniCLI(LightningCLI):
             raise ValueError(f"checkpoint_every={every} is impossible: it must be >= 1")
         self._checkpoint_every = every
         self._nothing_to_resume = False
+        ckpt = sub.get("ckpt_path")
+        if ckpt not in (None, "last", "best", "hpc", "registry") and Path(str(ckpt)).is_dir():
+            raise ValueError(f"--ckpt_path: {directory_message(Path(str(ckpt)))}")  # Lightning: IsADirectoryError
         if self.subcommand != "fit":
             return
         folder = checkpoint_dir(sub)
@@ -118,6 +126,28 @@ def resume_checkpoint(folder: str | None, hpc: list[Path]) -> str | None:
 
 def trainer_defaults() -> dict:
     return {"log_every_n_steps": 10}
+
+
+UNION_NOISE = re.compile(r"^\s*(-\s*)?(Does not validate against any of the Union subtypes|Subtypes: |Errors:|"
+                         r"Given value( type)?: |Expected a <class 'NoneType'>)")
+
+
+def library_error(err: BaseException) -> BaseException:
+    """The error to report for ``err``: under jsonargparse's wrapping (a Union or class that did not validate, raised
+    ``from`` the error of the class it instantiated) the library's own error; a jsonargparse error without one keeps
+    only its meaningful lines (not the subtypes, the ``NoneType`` alternative or the dump of the given value)."""
+    while _raised_in_jsonargparse(err) and isinstance(err.__cause__, USER_ERRORS):
+        err = err.__cause__
+    if not _raised_in_jsonargparse(err):
+        return err
+    lines = [line.strip().removeprefix("- ") for line in str(err).splitlines() if not UNION_NOISE.match(line)]
+    meaningful = list(dict.fromkeys(line for line in lines if line))  # nested unions repeat their sub-errors
+    return type(err)("; ".join(meaningful) or str(err)).with_traceback(err.__traceback__)
+
+
+def _raised_in_jsonargparse(err: BaseException) -> bool:
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and f"{os.sep}jsonargparse{os.sep}" in frames[-1].filename
 
 
 def main(args: list[str] | None = None, run: bool = True) -> MarDiniCLI:

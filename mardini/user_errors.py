@@ -30,14 +30,19 @@ def where_raised(err: BaseException) -> str:
     return f"{path}:{last.lineno} in {last.name}"
 
 
-def run_reporting_user_errors(prog: str, fn: Callable[[], int | None], code: int = 2) -> int:
+def run_reporting_user_errors(prog: str, fn: Callable[[], int | None], code: int = 2,
+                              unwrap: Callable[[BaseException], BaseException] | None = None) -> int:
     """``fn()``'s exit code (0 for None); a user error prints ``prog: error: message`` and where it was raised to
-    stderr and returns ``code``. With ``MARDINI_TRACEBACK=1`` in the environment it propagates with its traceback."""
+    stderr and returns ``code``. With ``MARDINI_TRACEBACK=1`` in the environment it propagates with its traceback.
+
+    ``unwrap``: the error to report in place of the one caught (e.g. the library's error under a framework's
+    wrapping of it)."""
     try:
         result = fn()
     except USER_ERRORS as err:
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise
+        err = unwrap(err) if unwrap is not None else err
         print(f"{prog}: error: {err}", file=sys.stderr)
         print(f"  (raised at {where_raised(err)}; {TRACEBACK_ENV}=1 shows the traceback)", file=sys.stderr)
         return code

@@ -20,7 +20,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """``torch.load(weights_only=True)`` with errors that say what went wrong and what to do."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(_directory_message(path))
+        raise ValueError(directory_message(path))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; check the path (or the stage that writes it)")
     try:
@@ -35,7 +35,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from e
 
 
-def _directory_message(path: Path) -> str:
+def directory_message(path: Path) -> str:
     """What to pass instead of a folder: its ``*.ckpt`` files, ``last.ckpt`` first."""
     found = sorted(path.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", p.name))
     example = found[0] if found else path / "last.ckpt"

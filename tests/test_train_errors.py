@@ -1,0 +1,79 @@
+"""train.py reports a setup mistake as the library's message and where it was raised, not jsonargparse's wrapping."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mardini.cli import library_error, main
+from mardini.user_errors import where_raised
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--config", str(ROOT / "configs/tiny/common.yaml"), "--config", str(ROOT / "configs/tiny/01_dm_warmup_4f.yaml")]
+KEEP_RATIO = "--model.init_args.keep_ratio=[0.5, 1.5]"
+
+
+def _raised(monkeypatch, tmp_path, *args: str) -> BaseException:
+    monkeypatch.chdir(tmp_path)  # relative paths of the configs (data, logs, weights) resolve to nothing here
+    with pytest.raises(ValueError) as caught:
+        main(["fit", *args])
+    return caught.value
+
+
+@pytest.mark.parametrize("args, error, message, where", [
+    ([*TINY, KEEP_RATIO], ValueError,
+     r"^model.keep_ratio / model.templates: keep_ratio must satisfy .* got \(0.5, 1.5\)$", "lit/base.py"),
+    ([*TINY, "--data.init_args.batch_size=0"], ValueError, r"^data.batch_size=0 is impossible: it must be >= 1$",
+     "data/datamodule.py"),
+    # a class inside a class (the VAE inside the model): two nested jsonargparse errors around the library's
+    (["--config", str(ROOT / "configs/paper/mardini-s/01_dm_warmup_a.yaml"), "--trainer.accelerator=cpu",
+      "--trainer.devices=1"], FileNotFoundError, r"^no AutoencoderKL at weights/vae-16ch \(config.json missing\)",
+     "autoencoders/diffusers_kl.py"),
+], ids=["model-setting", "data-setting", "missing-vae-folder"])
+def test_the_library_s_error_is_found_under_jsonargparse_s_wrapping(monkeypatch, tmp_path, args, error, message, where):
+    wrapped = _raised(monkeypatch, tmp_path, *args)
+    assert "Does not validate against any of the Union subtypes" in str(wrapped)  # what the user saw before
+    err = library_error(wrapped)
+    assert type(err) is error
+    assert re.search(message, str(err)), str(err)
+    assert where in where_raised(err).replace("\\", "/")
+
+
+def test_a_jsonargparse_error_without_a_library_error_keeps_only_its_meaningful_lines():
+    from jsonargparse._typehints import raise_union_unexpected_value
+
+    try:  # a class whose construction failed on a bug (not a user error): nothing to unwrap, only noise to drop
+        raise_union_unexpected_value(["Model", type(None)], "Namespace(x=1)",
+                                     [TypeError("Model.__init__() got an unexpected keyword 'x'"),
+                                      ValueError("Expected a <class 'NoneType'>")])
+    except ValueError as e:
+        err = library_error(e)
+    assert str(err) == "Model.__init__() got an unexpected keyword 'x'"
+    assert "jsonargparse" in where_raised(err)  # where it was raised: still the truth
+
+
+def test_train_py_exits_2_with_one_message_and_the_switch_shows_the_traceback(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, str(ROOT / "train.py"), "fit", *TINY, KEEP_RATIO]
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    err = done.stderr.strip().splitlines()
+    assert err[-2] == ("train.py: error: model.keep_ratio / model.templates: keep_ratio must satisfy "
+                       "0 < min <= max <= 1, got (0.5, 1.5)")
+    assert "lit/base.py:" in err[-1] and "in __init__" in err[-1] and "MARDINI_TRACEBACK=1" in err[-1]
+    assert "Traceback" not in done.stderr and "NoneType" not in done.stderr
+    shown = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env={**env, "MARDINI_TRACEBACK": "1"},
+                           timeout=300)
+    assert shown.returncode == 1 and "Traceback (most recent call last)" in shown.stderr
+
+
+def test_a_ckpt_path_that_is_a_directory_names_the_checkpoints_inside_it(monkeypatch, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.ckpt").touch()
+    err = _raised(monkeypatch, tmp_path, *TINY, f"--ckpt_path={tmp_path / 'run'}")
+    assert str(err).startswith("--ckpt_path: checkpoint ") and "is a directory" in str(err)
+    assert str(err).endswith(f"e.g. {tmp_path / 'run' / 'last.ckpt'} (it holds last.ckpt)")
