@@ -223,7 +223,64 @@ def test_cross_rope_key_positions_are_scaled_onto_the_generator_grid():
     gen = _generator()
     (q_sin, q_cos), (k_sin, k_cos) = gen.cross_rope(4, (8, 8), 16, torch.device("cpu"))  # plan 4 x 4
     assert q_sin.shape == (64, gen.cfg.head_dim) and k_sin.shape == (16, gen.cfg.head_dim)
-    # plan token (row 1, col 2) sits at generator position (2, 4): the same rotation
-    torch.testing.assert_close(k_sin[1 * 4 + 2], q_sin[2 * 8 + 4])
-    torch.testing.assert_close(k_cos[1 * 4 + 2], q_cos[2 * 8 + 4])
+    # plan token (row 1, col 2) covers generator rows 2-3, columns 4-5: it sits at their centre (2.5, 4.5)
+    expected = gen.rope._build((1, 8, 8), torch.device("cpu"))  # integer positions, for the band layout
+    freqs, b = gen.rope.freqs, gen.rope.bands
+    angles = torch.cat([0.0 * freqs, 2.5 * freqs, 4.5 * freqs]).repeat_interleave(2)  # (6 * bands,)
+    torch.testing.assert_close(k_sin[1 * 4 + 2, : 6 * b], angles.sin())
+    torch.testing.assert_close(k_cos[1 * 4 + 2, : 6 * b], angles.cos())
+    assert expected[0].shape == q_sin.shape
     assert _generator(cross_rope=False).cross_rope(4, (8, 8), 16, torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("ratio", [1, 2, 3, 4])
+def test_cross_rope_each_generator_token_is_nearest_to_the_plan_token_covering_it(ratio):
+    """Identical content on both sides: RoPE alone must rank a generator token's own plan token first.
+
+    With plan positions at the covered block's first cell (``i * ratio``), the last cells of a block were as near
+    to (ratio 2) or nearer to (ratio 4: 512 -> 1024 px over a 256 px planner) the next block's plan token."""
+    from mardini.models.generator import Generator
+    from mardini.models.registry import generator_config
+    from mardini.models.rope import apply_rope
+
+    gen = Generator(generator_config("mardini-s/t", depth=1, dim=256, heads=4, mlp_hidden=256, plan_dim=64))
+    side_p = 8
+    side_g = side_p * ratio
+    (q_tab, k_tab) = gen.cross_rope(1, (side_g, side_g), side_p * side_p, torch.device("cpu"))
+    vec = torch.randn(gen.cfg.head_dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    q = apply_rope(vec.expand(1, 1, side_g * side_g, -1).contiguous(), *(t.double() for t in q_tab))[0, 0]
+    k = apply_rope(vec.expand(1, 1, side_p * side_p, -1).contiguous(), *(t.double() for t in k_tab))[0, 0]
+    scores = q @ k.T  # (side_g^2, side_p^2)
+    rows, cols = torch.meshgrid(torch.arange(side_g), torch.arange(side_g), indexing="ij")
+    own = ((rows // ratio) * side_p + cols // ratio).flatten()  # (side_g^2,) the covering plan token
+    own_score = scores.gather(1, own[:, None]).squeeze(1)  # (side_g^2,)
+    others = scores.scatter(1, own[:, None], float("-inf")).max(dim=1).values  # (side_g^2,)
+    assert bool((own_score > others + 1e-9).all()), f"{int((own_score <= others + 1e-9).sum())} tokens prefer another"
+
+
+def test_rope_tables_of_an_unscaled_grid_are_timms():
+    """The centre placement only changes scaled (cross-attention key) tables; self-attention tables are timm's."""
+    from timm.layers import build_rotary_pos_embed
+
+    gen = _generator()
+    sin, cos = gen.rope((3, 4, 5), torch.device("cpu"))
+    b = gen.rope.bands
+    t_sin, t_cos = build_rotary_pos_embed([3, 4, 5], bands=gen.rope.freqs, dim=4 * b, in_pixels=False)
+    torch.testing.assert_close(sin[:, : 6 * b], t_sin)
+    torch.testing.assert_close(cos[:, : 6 * b], t_cos)
+    # a scale onto the same grid is no scale: the same tables
+    s2, c2 = gen.rope._build((3, 4, 5), torch.device("cpu"), scale_to=(3, 4, 5))
+    torch.testing.assert_close(s2, sin)
+    torch.testing.assert_close(c2, cos)
+
+
+def test_the_corner_placement_of_older_checkpoints_is_kept_on_request():
+    """``cross_rope_grid: corner`` (checkpoints before the setting): plan token i at the covered block's first cell."""
+    gen = _generator(cross_rope_grid="corner")
+    (q_sin, q_cos), (k_sin, k_cos) = gen.cross_rope(4, (8, 8), 16, torch.device("cpu"))  # plan 4 x 4
+    torch.testing.assert_close(k_sin[1 * 4 + 2], q_sin[2 * 8 + 4])  # plan (1, 2) at generator (2, 4)
+    torch.testing.assert_close(k_cos[1 * 4 + 2], q_cos[2 * 8 + 4])
+    centre = _generator().cross_rope(4, (8, 8), 16, torch.device("cpu"))[1][0]
+    assert not torch.allclose(centre, k_sin)
+    with pytest.raises(ValueError, match="cross_rope_grid must be 'centre' or 'corner'"):
+        _generator(cross_rope_grid="middle")

@@ -350,3 +350,35 @@ def test_a_fit_bounded_by_epochs_decays_the_lr_over_its_steps(synth, tmp_path):
     _trainer(tmp_path, -1, [Lr()], max_epochs=1, limit_train_batches=4).fit(model, datamodule=_dm(synth))
     assert len(lrs) == 4  # the schedule spans the 4 steps Lightning estimates, not 1 (min LR from step 1 on)
     assert lrs[0] == pytest.approx(1e-3) and lrs[1] > 0.8e-3 and lrs[3] > 0.2e-3  # cosine: 1, 0.87, 0.55, 0.23
+
+
+def test_checkpoints_from_before_the_cross_rope_grid_setting_keep_their_placement(saved, synth, tmp_path):
+    """Checkpoints written before ``cross_rope_grid`` placed plan tokens at the covered block's first cell: sampling
+    rebuilds them so; a joint stage or a resume with the new placement refuses them, naming the setting."""
+    from mardini.pipeline import MarDiniPipeline
+    from mardini.testing import make_checkpoint
+
+    joint = make_checkpoint(tmp_path / "joint.ckpt", "joint", frames=4, size=16)
+    ckpt = read_checkpoint(joint)
+    assert ckpt["mardini"]["cross_rope_grid"] == "centre"
+    assert MarDiniPipeline.from_checkpoint(joint).generator.cfg.cross_rope_grid == "centre"
+    del ckpt["mardini"]["cross_rope_grid"]  # as written before the setting
+    old = tmp_path / "old_joint.ckpt"
+    torch.save(ckpt, old)
+    assert MarDiniPipeline.from_checkpoint(old).generator.cfg.cross_rope_grid == "corner"
+    generator = dict(ckpt["hyper_parameters"].get("generator") or {})
+    with pytest.raises(ValueError, match=r"old_joint.ckpt: its generator read the plan with cross_rope_grid='corner'.*"
+                                         r"this model has 'centre'; add cross_rope_grid: corner to model.init_args.generator"):
+        MarDiniModule(**{**ckpt["hyper_parameters"], "init_from": str(old)})
+    kept = MarDiniModule(**{**ckpt["hyper_parameters"], "init_from": str(old),
+                            "generator": {**generator, "cross_rope_grid": "corner"}})
+    assert kept.networks["generator"].cfg.cross_rope_grid == "corner"
+
+    _, path = saved  # a generation run resumed by code with the setting: its checkpoint must say the same
+    resumable = read_checkpoint(path)
+    assert resumable["mardini"]["cross_rope_grid"] == "centre"
+    del resumable["mardini"]["cross_rope_grid"]
+    before = tmp_path / "before.ckpt"
+    torch.save(resumable, before)
+    with pytest.raises(ValueError, match=r"cross_rope_grid='corner'.*add cross_rope_grid: corner"):
+        _trainer(tmp_path, 6).fit(_gen(), datamodule=_dm(synth), ckpt_path=str(before))

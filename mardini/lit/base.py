@@ -425,6 +425,8 @@ class MarDiniBase(L.LightningModule):
             "nonfinite_skipped": self.nonfinite_skipped,
             "data_skipped": self._skipped_total,
             "ema_loaded": sorted(self._ema_loaded),
+            **({"cross_rope_grid": self.networks["generator"].cfg.cross_rope_grid} if "generator" in self.networks
+               else {}),
         }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -454,16 +456,22 @@ class MarDiniBase(L.LightningModule):
         for k, v in self.autoencoder.state_dict().items():
             state.setdefault(f"autoencoder.{k}", v)
 
+    def _cross_rope_grid(self) -> str | None:
+        return self.networks["generator"].cfg.cross_rope_grid if "generator" in self.networks else None
+
     def _check_resumable(self, checkpoint: dict) -> None:
         """Refuse to continue a checkpoint with other latents, another anchor or other network shapes (a resume
         whose settings differ from the run's) before Lightning loads it."""
-        from mardini.lit.checkpoints import check_same_anchor, check_same_latents, state_differences
+        from mardini.lit.checkpoints import (
+            check_same_anchor, check_same_cross_rope_grid, check_same_latents, state_differences,
+        )
 
         path = getattr(self._trainer, "ckpt_path", None) or "the checkpoint to resume"
         check_same_latents(checkpoint["mardini"], self.autoencoder.spec(), path, fix=f"To go on, {RESUME_FIX}")
         if "generator" in self.networks:
             check_same_anchor(checkpoint.get("hyper_parameters") or {}, FrameAnchor.from_hparams(self.hparams), path,
                               fix=RESUME_FIX)
+            check_same_cross_rope_grid(checkpoint["mardini"], self._cross_rope_grid(), path)
         strategy = getattr(self._trainer, "strategy", None)
         if strategy is not None and strategy.restore_checkpoint_after_setup:
             return  # FSDP-like strategies load the weights themselves before this hook, sharded
@@ -482,7 +490,8 @@ class MarDiniBase(L.LightningModule):
 
         raw, ema = load_network_states(path, kinds=kinds, names=names or tuple(self.networks.keys()),
                                        size=self.hparams.size, autoencoder_spec=self.autoencoder.spec(),
-                                       anchor=FrameAnchor.from_hparams(self.hparams))
+                                       anchor=FrameAnchor.from_hparams(self.hparams),
+                                       cross_rope_grid=self._cross_rope_grid())
         for name, state in raw.items():
             where = f"{path}: network '{name}' (this model: size '{self.hparams.size}', {name} {self.hparams.get(name)})"
             _load_into(self.networks[name], _drop_dropped_head(self.networks[name], state), where)

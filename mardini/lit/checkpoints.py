@@ -140,6 +140,24 @@ def check_same_anchor(hparams: dict[str, Any], anchor: FrameAnchor, path: str | 
             f"anchor={ours!r}, anchor_scale={our_scale}; {fix}")
 
 
+def cross_rope_grid_of(meta: dict[str, Any]) -> str:
+    """Where the checkpoint's generator placed plan tokens in cross-attention RoPE
+    (:class:`mardini.models.registry.GeneratorConfig` ``cross_rope_grid``); checkpoints written before the setting
+    existed used ``corner``."""
+    return str(meta.get("cross_rope_grid", "corner"))
+
+
+def check_same_cross_rope_grid(meta: dict[str, Any], ours: str, path: str | Path, fix: str | None = None) -> None:
+    """Refuse a generator that read the plan with another RoPE placement of the plan tokens than this model's."""
+    theirs = cross_rope_grid_of(meta)
+    if theirs != ours:
+        raise ValueError(
+            f"{path}: its generator read the plan with cross_rope_grid={theirs!r} (where a plan token sits among the "
+            f"generator tokens it covers), this model has {ours!r}; "
+            + (fix or f"add cross_rope_grid: {theirs} to model.init_args.generator to go on with its placement, or "
+                      "start from a checkpoint trained with the new one"))
+
+
 def state_differences(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], keys: bool = True) -> list[str]:
     """Entries of a model's state dict ``ours`` that a checkpoint's ``theirs`` does not fit: other shapes and, with
     ``keys``, entries missing on either side (what a strict ``load_state_dict`` refuses), each named."""
@@ -155,19 +173,23 @@ def state_differences(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Ten
 def load_network_states(
     path: str | Path, kinds: tuple[str, ...], names: tuple[str, ...], size: str | None = None,
     autoencoder_spec: dict[str, Any] | None = None, anchor: FrameAnchor | None = None,
+    cross_rope_grid: str | None = None,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, torch.Tensor]]]:
     """Raw and EMA state dicts of the networks ``names`` from a checkpoint of one of ``kinds``.
 
     From an EMA-only export (``mardini.lit.ema_export``) the raw weights are the EMA ones.
 
     ``autoencoder_spec``: this model's autoencoder; a checkpoint trained on other latents is refused.
-    ``anchor``: this model's target (:class:`FrameAnchor`); a generator trained on another one is refused."""
+    ``anchor``: this model's target (:class:`FrameAnchor`); a generator trained on another one is refused.
+    ``cross_rope_grid``: this model's plan-token placement; a joint checkpoint's generator with another is refused."""
     ckpt = read_checkpoint(path)
     meta = check_metadata(ckpt, kinds, path, size, exact_size=False)  # another stage's networks: /ST or /T alike
     if autoencoder_spec is not None:
         check_same_latents(meta, autoencoder_spec, path)
     if anchor is not None and "generator" in names:
         check_same_anchor(ckpt.get("hyper_parameters") or {}, anchor, path)
+    if cross_rope_grid is not None and "generator" in names and meta["kind"] == "joint":  # read real plans
+        check_same_cross_rope_grid(meta, cross_rope_grid, path)
     state = ckpt["state_dict"]
     raw: dict[str, dict[str, torch.Tensor]] = {}
     ema: dict[str, dict[str, torch.Tensor]] = {}

@@ -395,15 +395,17 @@ class Generator(nn.Module):
         """``(query tables, key tables)`` of the cross-attention, or None when ``cfg.cross_rope`` is off.
 
         Plan tokens of a frame form an ``(hp, wp)`` grid of the same aspect ratio as the generator's ``(h, w)``
-        token grid; their positions are scaled onto it (``i * h / hp``), so a generator token and the plan
-        token covering the same area get the same spatial rotation and attention can pick "its" plan token.
+        token grid; each is placed on it at the centre of the generator tokens it covers (``(i + 0.5) h / hp -
+        0.5``, ``cfg.cross_rope_grid``), so every generator token is nearer to its own plan token than to any other
+        and attention can pick it.
         ``frame`` mode: one frame's tables (time 0 for both sides); ``all``: every frame's, time included.
         """
         if not self.cfg.cross_rope:
             return None
         hp, wp = plan_grid(plan_tokens, grid)
         t = 1 if self.cfg.cross_attention == "frame" else frames
-        return self.rope((t, *grid), device), self.rope((t, hp, wp), device, scale_to=(t, *grid))
+        keys = self.rope((t, hp, wp), device, scale_to=(t, *grid), align=self.cfg.cross_rope_grid)
+        return self.rope((t, *grid), device), keys
 
     def _inputs(self, z: torch.Tensor, mask: torch.Tensor, self_cond: torch.Tensor | None) -> torch.Tensor:
         """What the patch embedding reads: ``z``, or ``[z, x0 estimate]`` on channels when self-conditioned."""

@@ -74,6 +74,7 @@ class GeneratorConfig:
     cross_attention: str = "frame"  # "frame": a frame reads its own plan tokens; "all": all frames' tokens
     identity_attention: bool = True  # False: plain full attention in the temporal layers (Fig. 6c ablation)
     cross_rope: bool = True  # RoPE on cross-attention too (Fig. 2: "PosEmb" on every attention); False: a bag of plans
+    cross_rope_grid: str = "centre"  # a plan token's place among the generator tokens it covers; "corner": before 2026-12-06
     plan_norm: str = "none"  # "center": remove the plan's per-clip mean token and scale its spread to unit RMS
     qk_norm: bool = True
     rope_theta: float = 10000.0
@@ -94,6 +95,8 @@ class GeneratorConfig:
             raise ValueError(f"GeneratorConfig.attention must be 'st' or 't', got {self.attention!r}")
         if not isinstance(self.cross_rope, bool):
             raise ValueError(f"GeneratorConfig.cross_rope must be true or false, got {self.cross_rope!r}")
+        if self.cross_rope_grid not in ("centre", "corner"):
+            raise ValueError(f"GeneratorConfig.cross_rope_grid must be 'centre' or 'corner', got {self.cross_rope_grid!r}")
         if not isinstance(self.identity_attention, bool):
             raise ValueError(f"GeneratorConfig.identity_attention must be true or false, got {self.identity_attention!r}")
         if self.plan_norm not in ("none", "center"):

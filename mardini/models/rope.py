@@ -7,7 +7,7 @@ The head dimension is split into three equal axial parts, one per axis (t, h, w)
 (interleaved layout) and are applied with ``timm.layers.apply_rot_embed``; this file only adds the 3-D
 axis split, the padding and a small cache.
 
-Positions are integer indices (cross-attention scales a low-resolution grid onto a finer one, see
+Positions are integer indices (cross-attention places a low-resolution grid's cells onto a finer grid, see
 ``AxialRope3d.forward``), so for any two tokens ``<rope(q, p1), rope(k, p2)>`` depends only on
 ``p1 - p2``. Temporal-only attention therefore sees only the time offset (h, w cancel), and per-frame
 spatial attention only the (h, w) offset.
@@ -60,30 +60,45 @@ class AxialRope3d(nn.Module):
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(
-        self, grid: tuple[int, int, int], device: torch.device, scale_to: tuple[int, int, int] | None = None
+        self, grid: tuple[int, int, int], device: torch.device, scale_to: tuple[int, int, int] | None = None,
+        align: str = "centre",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``sin, cos``, each ``(T*h*w, head_dim)`` float32 on ``device``.
 
-        ``scale_to``: place the grid's positions on another grid's scale (position ``i`` of an axis of size
-        ``n`` becomes ``i * m / n``); cross-attention uses it to put low-resolution plan tokens at the
-        generator-grid coordinates of the area they cover.
+        ``scale_to``: place the grid's cells on another grid of the same extent; cross-attention uses it to put
+        low-resolution plan tokens on the generator's grid. Cell ``i`` of an axis of ``n`` cells covers cells
+        ``[i m / n, (i + 1) m / n)`` of an axis of ``m``; ``align="centre"`` puts it at their centre,
+        ``(i + 0.5) m / n - 0.5``, so every covered cell is nearer to it than to any other; ``"corner"`` (timm's
+        ``ref_feat_shape``, checkpoints written before 2026-12-06) at their first cell, ``i m / n``, which leaves
+        the last cells of a block as near to (ratio 2) or nearer to (ratio 4) the next one.
         """
+        if align not in ("centre", "corner"):
+            raise ValueError(f"align must be 'centre' or 'corner', got {align!r}")
         scale_to = None if scale_to is None or tuple(scale_to) == tuple(grid) else tuple(int(g) for g in scale_to)
-        key = (tuple(int(g) for g in grid), scale_to, str(device))
+        key = (tuple(int(g) for g in grid), scale_to, None if scale_to is None else align, str(device))
         if key not in self._cache:
             if len(self._cache) > 16:  # grids change rarely (curriculum); keep the cache small
                 self._cache.clear()
-            self._cache[key] = self._build(key[0], device, scale_to)
+            self._cache[key] = self._build(key[0], device, scale_to, align)
         return self._cache[key]
 
-    def _build(self, grid: tuple[int, int, int], device: torch.device, scale_to=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _build(self, grid: tuple[int, int, int], device: torch.device, scale_to=None,
+               align: str = "centre") -> tuple[torch.Tensor, torch.Tensor]:
         if device.type == "meta":
             n = grid[0] * grid[1] * grid[2]
             return (torch.empty(n, self.head_dim, device=device),) * 2
-        sin, cos = build_rotary_pos_embed(
-            list(grid), bands=self.freqs.to(device), dim=4 * self.bands, in_pixels=False, device=device,
-            ref_feat_shape=None if scale_to is None else list(scale_to),
-        )  # (L, 6 * bands) each, axis-major, interleaved pairs
+        if scale_to is None or align == "corner":
+            sin, cos = build_rotary_pos_embed(
+                list(grid), bands=self.freqs.to(device), dim=4 * self.bands, in_pixels=False, device=device,
+                ref_feat_shape=None if scale_to is None else list(scale_to),
+            )  # (L, 6 * bands) each, axis-major, interleaved pairs
+        else:  # cell centres on the finer grid, laid out as timm's tables
+            axes = [(torch.arange(n, device=device, dtype=torch.float32) + 0.5) * (m / n) - 0.5
+                    for n, m in zip(grid, scale_to)]  # 3 x (n,)
+            pos = torch.stack(torch.meshgrid(axes, indexing="ij"), dim=-1).reshape(-1, 3)  # (L, 3), t-major
+            angles = (pos[:, :, None] * self.freqs.to(device)).flatten(1)  # (L, 3 * bands), axis-major
+            sin = angles.sin().repeat_interleave(2, -1)  # (L, 6 * bands), interleaved pairs
+            cos = angles.cos().repeat_interleave(2, -1)  # (L, 6 * bands)
         pad = self.head_dim - sin.shape[-1]
         if pad:
             sin = torch.cat([sin, sin.new_zeros(sin.shape[0], pad)], dim=-1)  # (L, head_dim)

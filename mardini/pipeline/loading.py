@@ -17,7 +17,7 @@ from torch import nn
 from mardini.autoencoders import FrameAutoencoder, build_autoencoder
 from mardini.diffusion import CosineSchedule
 from mardini.diffusion.anchor import FrameAnchor
-from mardini.lit.checkpoints import EMA_PREFIX, KINDS, check_metadata, read_checkpoint
+from mardini.lit.checkpoints import EMA_PREFIX, KINDS, check_metadata, cross_rope_grid_of, read_checkpoint
 from mardini.models.registry import build_generator, build_planner, get_size
 
 
@@ -65,6 +65,7 @@ def load_checkpoint(path: str | Path, ema: bool = True) -> Loaded:
 
     g_over = dict(hp.get("generator") or {})
     g_over.setdefault("in_channels", channels)
+    g_over.setdefault("cross_rope_grid", cross_rope_grid_of(meta))  # "corner" for checkpoints before the setting
     generator = build_generator(meta["size"], **g_over)
     _load(generator, state, f"{prefix}generator.", path, ema)
     if "attention" in curriculum:
