@@ -199,3 +199,16 @@ def test_cpu_autocast_runs_small_heads_in_fp32(monkeypatch, head_dim, fp32):
     assert out.dtype == (torch.float32 if fp32 else torch.bfloat16)
     expected = real(q.float(), k.float(), v.float())
     torch.testing.assert_close(out.float(), expected, rtol=0, atol=1e-6 if fp32 else 2e-2)
+
+
+@pytest.mark.parametrize("rows", [[[True, True, False, True, True, True, False]] * 2, [[True, True, True, False]]],
+                         ids=["shared_adjacent_refs", "single_row_prefix"])
+def test_frame_scope_keeps_adjacent_reference_frames_apart(rows):
+    """Shared-mask fast path with neighbouring reference frames (an expansion prefix): each reference frame still
+    attends within itself only, as the oracle (and the per-row training path) do."""
+    n = 4
+    ref = _frame_ref(rows, n)  # (B, L)
+    q, k, v = (x.detach() for x in _qkv(len(rows), 2, ref.shape[1], 8, seed=5))
+    out = A.identity_attention(q, k, v, ref, "frame", tokens_per_frame=n)
+    oracle = A.dense_identity_attention_oracle(q, k, v, ref, "frame", tokens_per_frame=n)
+    torch.testing.assert_close(out, oracle, rtol=1e-10, atol=1e-10)

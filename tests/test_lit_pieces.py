@@ -118,3 +118,24 @@ def test_val_template_losses_are_means_over_the_epoch_s_clips(monkeypatch):
     module.on_validation_epoch_end()
     assert {k: v for k, v in logged.items() if k.startswith("val/loss_")} == {
         "val/loss_random": [2.0], "val/loss_interpolation": [3.0], "val/loss_image_to_video": [5.0]}  # no expansion
+
+
+def test_curriculum_apply_sets_frames_templates_and_attention_of_the_raw_and_the_ema_generator():
+    """Sampling and validation use the EMA generator: a milestone's attention must reach it too."""
+    from types import SimpleNamespace
+
+    from mardini.masking import MaskSampler
+    from mardini.models.registry import build_generator
+
+    raw, ema = build_generator("tiny", depth=1), build_generator("tiny", depth=1)
+    module = SimpleNamespace(mask_sampler=MaskSampler(), frames=9, networks={"generator": raw},
+                             ema=SimpleNamespace(module={"generator": ema}))
+    cur = Curriculum([Milestone(0, keep_ratio=(0.5, 1.0)),
+                      Milestone(10, frames=5, attention="t", templates={"interpolation": 1.0})])
+    cur.apply(module, 9)
+    assert module.frames == 9 and raw.attention_mode == ema.attention_mode == "st"
+    cur.apply(module, 10)
+    assert module.frames == 5
+    assert raw.attention_mode == "t" and ema.attention_mode == "t"
+    assert module.mask_sampler.keep_ratio == (0.5, 1.0)
+    assert module.mask_sampler.template_probs == {"interpolation": 1.0}

@@ -100,3 +100,30 @@ def test_validate_mask_errors():
         validate_mask(torch.tensor([[False, False]]))
     with pytest.raises(ValueError, match="bool"):
         validate_mask(torch.zeros(1, 3))
+
+
+@pytest.mark.parametrize("ratio, frames, n_ref", [(0.75, 9, 7), (0.35, 9, 3), (0.05, 9, 1), (1.0, 9, 8), (0.5, 4, 2)])
+def test_n_ref_rounds_to_nearest_and_clamps(ratio, frames, n_ref):
+    # PAPER.md §3.2 / masking docstring: n_ref = clamp(round(r T), 1, T - 1)
+    assert int(n_ref_from_ratio(ratio, frames)) == n_ref
+
+
+@pytest.mark.parametrize("template", ["expansion", "random"])
+def test_ratio_templates_give_exactly_n_ref_frames(template):
+    """Expansion and random both give n_ref(r) references: a keep ratio of 1 still leaves one frame to generate."""
+    frames = 9
+    for lo, hi in ((1.0, 1.0), (0.5, 0.5), (0.35, 1.0)):
+        sampler = MaskSampler(keep_ratio=(lo, hi), template_probs={template: 1.0})
+        mask, _ = sampler.sample(256, frames, torch.Generator().manual_seed(0))
+        validate_mask(mask)
+        n = (~mask).sum(1)
+        assert n.min() == n_ref_from_ratio(lo, frames) and n.max() == n_ref_from_ratio(hi, frames)
+
+
+def test_image_to_video_template_places_its_frame_anywhere():
+    """I2V training masks must put the given frame at every index, or ``image_to_video(index=-1)`` is never trained."""
+    sampler = MaskSampler(template_probs={"image_to_video": 1.0})
+    mask, _ = sampler.sample(400, 9, torch.Generator().manual_seed(0))
+    where = (~mask).float().argmax(1)  # (B,) index of the single given frame
+    counts = torch.bincount(where, minlength=9)
+    assert (counts > 20).all(), counts.tolist()  # ~44 per index when uniform

@@ -121,3 +121,16 @@ def test_heads_last_rope_is_timms_rotation_bit_for_bit(head_dim, dtype, batched_
     (ref * w.transpose(1, 2)).sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad.transpose(1, 2), rtol=1e-6 if dtype != torch.bfloat16 else 1e-2,
                                atol=1e-6 if dtype != torch.bfloat16 else 1e-2)
+
+
+def test_the_table_cache_tells_scaled_and_plain_grids_apart():
+    """One AxialRope3d serves plain grids and scaled plan grids (cross-attention); a grid cached without scaling
+    must not be returned for the same grid scaled onto another one (e.g. sampling at a second resolution)."""
+    rope = AxialRope3d(24, theta=16.0, max_freq=2.5)
+    cpu = torch.device("cpu")
+    plain = rope((1, 2, 2), cpu)
+    scaled = rope((1, 2, 2), cpu, scale_to=(1, 4, 4))
+    fresh = AxialRope3d(24, theta=16.0, max_freq=2.5)((1, 2, 2), cpu, scale_to=(1, 4, 4))
+    assert not torch.equal(plain[0], scaled[0])
+    torch.testing.assert_close(scaled[0], fresh[0])
+    torch.testing.assert_close(scaled[1], fresh[1])
