@@ -138,6 +138,7 @@ class _FakeCudaHalf:
     is_cuda = True
     dtype = torch.bfloat16
     device = "cuda:0"
+    shape = (1, 1, 1, 128)  # (B, H, L, head_dim)
 
 
 def test_select_backend_rules(monkeypatch):
@@ -153,6 +154,11 @@ def test_select_backend_rules(monkeypatch):
     assert A.select_backend(_FakeCudaHalf(), backend="sdpa") == "sdpa"
     assert A.select_backend(cpu) == "sdpa"  # CPU fp32
     assert A.select_backend(cpu.bfloat16()) == "sdpa"  # CPU half
+    wide = _FakeCudaHalf()
+    wide.shape = (1, 1, 1, 512)
+    assert A.select_backend(wide) == "sdpa"  # flash-attn 2 has no kernel for head dims above 256
+    with pytest.raises(RuntimeError, match="head dim of at most 256.*head dim 512"):
+        A.select_backend(wide, backend="flash")
     with pytest.raises(ValueError, match="unknown attention backend"):
         A.select_backend(cpu, backend="xformers")
 
@@ -212,3 +218,19 @@ def test_frame_scope_keeps_adjacent_reference_frames_apart(rows):
     out = A.identity_attention(q, k, v, ref, "frame", tokens_per_frame=n)
     oracle = A.dense_identity_attention_oracle(q, k, v, ref, "frame", tokens_per_frame=n)
     torch.testing.assert_close(out, oracle, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("mask_rows", [0, 1, 7])
+def test_a_batch_over_the_cuda_grid_limit_runs_in_chunks_with_the_same_result(monkeypatch, mask_rows):
+    """Temporal attention runs B x (positions of a frame) rows, over CUDA's 65535 grid blocks at 1024 px: chunks."""
+    q, k, v = (x.detach() for x in _qkv(7, 2, 5, 8, seed=11))  # (7, 2, 5, 8)
+    mask = None if not mask_rows else torch.rand(mask_rows, 1, 5, 5, generator=torch.Generator().manual_seed(1)) > 0.3
+    if mask is not None:
+        mask[..., 0] = True  # every query sees one key at least
+    whole = A.attention(q, k, v, attn_mask=mask)
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(A, "_batch_limit", lambda q: 3)
+    monkeypatch.setattr(A.F, "scaled_dot_product_attention", lambda q, *a, **kw: calls.append(q.shape[0]) or sdpa(q, *a, **kw))
+    torch.testing.assert_close(A.attention(q, k, v, attn_mask=mask), whole)
+    assert calls == [3, 3, 1]

@@ -32,6 +32,10 @@ except Exception:  # ImportError, or a broken CUDA build
     _flash_attn_func = None
 
 
+FLASH_MAX_HEAD_DIM = 256  # flash-attn 2 kernels exist for head dims up to 256
+CUDA_MAX_BATCH = 65535  # CUDA grids are at most 65535 blocks along y and z, where the kernels put the batch
+
+
 def flash_attn_available() -> bool:
     """True when the flash-attn package could be imported."""
     return _flash_attn_func is not None
@@ -40,17 +44,20 @@ def flash_attn_available() -> bool:
 def select_backend(q: torch.Tensor, has_mask: bool = False, backend: str = "auto") -> str:
     """Name of the kernel :func:`attention` will run: ``"flash"`` or ``"sdpa"``.
 
-    ``auto`` picks flash-attn only if it is importable, ``q`` is a CUDA fp16/bf16 tensor and no
-    attention mask is given (flash-attn takes none); ``flash`` forces it and raises if impossible.
+    ``auto`` picks flash-attn only if it is importable, ``q`` is a CUDA fp16/bf16 tensor with a head dim flash-attn
+    2 takes (at most 256) and no attention mask is given (flash-attn takes none); ``flash`` forces it and raises if
+    impossible.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; use one of {BACKENDS}")
-    usable = flash_attn_available() and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not has_mask
+    usable = (flash_attn_available() and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not has_mask
+              and q.shape[-1] <= FLASH_MAX_HEAD_DIM)
     if backend == "flash" and not usable:
         raise RuntimeError(
-            "backend='flash' needs the flash-attn package (pip install '.[gpu]'), CUDA fp16/bf16 inputs "
-            f"and no attention mask; got flash_attn={flash_attn_available()}, device={q.device}, dtype={q.dtype}, "
-            f"mask={has_mask}. Use backend='auto' to fall back to torch SDPA"
+            "backend='flash' needs the flash-attn package (pip install '.[gpu]'), CUDA fp16/bf16 inputs, "
+            f"no attention mask and a head dim of at most {FLASH_MAX_HEAD_DIM}; got flash_attn={flash_attn_available()}, "
+            f"device={q.device}, dtype={q.dtype}, mask={has_mask}, head dim {q.shape[-1]}. Use backend='auto' to fall "
+            "back to torch SDPA"
         )
     if backend == "sdpa":
         return "sdpa"
@@ -75,6 +82,12 @@ def attention(
             f"attention expects q (B, H, Lq, d) and k, v (B, H, Lk, d); got q={tuple(q.shape)}, "
             f"k={tuple(k.shape)}, v={tuple(v.shape)}"
         )
+    limit = _batch_limit(q)
+    if limit is not None and q.shape[0] > limit:  # T attention: B x (positions of a frame) rows, x2 with guidance
+        per_row = attn_mask is not None and attn_mask.shape[0] > 1
+        return torch.cat([attention(q[i : i + limit], k[i : i + limit], v[i : i + limit],
+                                    attn_mask[i : i + limit] if per_row else attn_mask, backend)
+                          for i in range(0, q.shape[0], limit)])  # (B, H, Lq, d)
     if select_backend(q, attn_mask is not None, backend) == "flash":
         out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, Lq, H, d)
         return out.transpose(1, 2)  # (B, H, Lq, d)
@@ -83,6 +96,12 @@ def attention(
             out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask)
         return out if torch.is_autocast_enabled("cpu") else out.to(q.dtype)  # (B, H, Lq, d)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, Lq, d)
+
+
+def _batch_limit(q: torch.Tensor) -> int | None:
+    """Rows one CUDA attention call may take (None: no limit): the kernels launch a grid with the batch on an axis
+    of at most 65535 blocks (flash-attn 2; SDPA's flash and memory-efficient kernels in some torch versions)."""
+    return CUDA_MAX_BATCH if q.is_cuda else None
 
 
 # Below this head dim torch's CPU flash-attention kernel runs faster in fp32 than in bf16, casts included
