@@ -374,11 +374,17 @@ def test_checkpoints_from_before_the_cross_rope_grid_setting_keep_their_placemen
                             "generator": {**generator, "cross_rope_grid": "corner"}})
     assert kept.networks["generator"].cfg.cross_rope_grid == "corner"
 
-    _, path = saved  # a generation run resumed by code with the setting: its checkpoint must say the same
+    with pytest.raises(ValueError, match=r"cross_rope_grid='corner'.*add cross_rope_grid: corner"):  # a resume
+        MarDiniModule(**ckpt["hyper_parameters"])._check_resumable(ckpt)
+    MarDiniModule(**{**ckpt["hyper_parameters"], "generator": {**generator, "cross_rope": False}})._check_resumable(
+        ckpt)  # no RoPE on the plan tokens: their placement cannot matter
+
+    _, path = saved  # a generator warm-up reads one null-plan token per frame: its placement cannot matter either
     resumable = read_checkpoint(path)
     assert resumable["mardini"]["cross_rope_grid"] == "centre"
     del resumable["mardini"]["cross_rope_grid"]
     before = tmp_path / "before.ckpt"
     torch.save(resumable, before)
-    with pytest.raises(ValueError, match=r"cross_rope_grid='corner'.*add cross_rope_grid: corner"):
-        _trainer(tmp_path, 6).fit(_gen(), datamodule=_dm(synth), ckpt_path=str(before))
+    trainer = _trainer(tmp_path, 6)
+    trainer.fit(_gen(), datamodule=_dm(synth), ckpt_path=str(before))
+    assert trainer.global_step == 6

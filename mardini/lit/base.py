@@ -457,7 +457,9 @@ class MarDiniBase(L.LightningModule):
             state.setdefault(f"autoencoder.{k}", v)
 
     def _cross_rope_grid(self) -> str | None:
-        return self.networks["generator"].cfg.cross_rope_grid if "generator" in self.networks else None
+        """The generator's plan-token placement, or None where it cannot matter (no generator, or no cross RoPE)."""
+        gen = self.networks["generator"] if "generator" in self.networks else None
+        return gen.cfg.cross_rope_grid if gen is not None and gen.cfg.cross_rope else None
 
     def _check_resumable(self, checkpoint: dict) -> None:
         """Refuse to continue a checkpoint with other latents, another anchor or other network shapes (a resume
@@ -471,7 +473,8 @@ class MarDiniBase(L.LightningModule):
         if "generator" in self.networks:
             check_same_anchor(checkpoint.get("hyper_parameters") or {}, FrameAnchor.from_hparams(self.hparams), path,
                               fix=RESUME_FIX)
-            check_same_cross_rope_grid(checkpoint["mardini"], self._cross_rope_grid(), path)
+            if checkpoint["mardini"].get("kind") == "joint" and self._cross_rope_grid() is not None:  # real plans
+                check_same_cross_rope_grid(checkpoint["mardini"], self._cross_rope_grid(), path)
         strategy = getattr(self._trainer, "strategy", None)
         if strategy is not None and strategy.restore_checkpoint_after_setup:
             return  # FSDP-like strategies load the weights themselves before this hook, sharded

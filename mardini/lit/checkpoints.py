@@ -189,7 +189,8 @@ def load_network_states(
     if anchor is not None and "generator" in names:
         check_same_anchor(ckpt.get("hyper_parameters") or {}, anchor, path)
     if cross_rope_grid is not None and "generator" in names and meta["kind"] == "joint":  # read real plans
-        check_same_cross_rope_grid(meta, cross_rope_grid, path)
+        if ((ckpt.get("hyper_parameters") or {}).get("generator") or {}).get("cross_rope", True):  # RoPE on plans
+            check_same_cross_rope_grid(meta, cross_rope_grid, path)
     state = ckpt["state_dict"]
     raw: dict[str, dict[str, torch.Tensor]] = {}
     ema: dict[str, dict[str, torch.Tensor]] = {}
