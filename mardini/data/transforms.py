@@ -60,6 +60,20 @@ def planner_size(height: int, width: int, resolution: Size) -> tuple[int, int]:
     return max(1, round(height * resolution / short)), max(1, round(width * resolution / short))
 
 
+def unsplit_input(height: int, width: int, factor: int, patches: dict[str, int], planner_resolution: Size,
+                  ) -> tuple[str, tuple[int, int], int] | None:
+    """The first network of ``patches`` (``{"generator" | "planner": patch size}``, generator first) whose input
+    does not split into its tokens: ``(name, its input size, the multiple its sides need)``, where the planner's
+    input is its copy of ``height x width`` frames (:func:`planner_size`) and the multiple is the autoencoder's
+    ``factor`` x the patch; None when every input splits."""
+    for name, size in (("generator", (height, width)), ("planner", planner_size(height, width, planner_resolution))):
+        if name in patches:
+            step = factor * patches[name]
+            if size[0] % step or size[1] % step:
+                return name, size, step
+    return None
+
+
 def planner_copy(video: torch.Tensor, resolution: Size) -> torch.Tensor:
     """The planner's input: ``video (B, T, C, H, W)`` resized to :func:`planner_size` (bilinear, anti-aliased)."""
     return resize_video(video, planner_size(video.shape[-2], video.shape[-1], resolution))  # (B, T, C, h', w')

@@ -24,12 +24,12 @@ from typing import Any
 import torch
 
 from mardini import run_info
-from mardini.user_errors import run_reporting_user_errors
 from mardini.evaluation.data import count_clips, iter_batches, resolve_source, usable_shard_clips, usable_videos
 from mardini.evaluation.protocol import (
     METRICS, TASKS, EvalProtocol, EvalSuite, RealStatsCache, clip_seeds, files_id, keys_digest,
 )
 from mardini.evaluation.samplers import BASELINES, PipelineSampler, Sampler
+from mardini.user_errors import run_reporting_user_errors
 
 PRESETS: dict[str, dict[str, Any]] = {
     # VIDIM-Bench (PAPER.md App. D): 9 consecutive frames at 256 px, first + last given, FVD/FID/MidF.

@@ -8,13 +8,13 @@ consecutive frames), centre-cropped to a square and resized to ``resolution`` wi
 
 from __future__ import annotations
 
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import av
 import torch
 
+from mardini.data.datamodule import count_samples
 from mardini.data.decode import BadSample, decode_mp4, frame_indices, max_start
 from mardini.data.sharding import list_shards
 from mardini.data.stream import ClipStream, collate, skip_only
@@ -49,11 +49,7 @@ def count_clips(kind: str, files: list[str]) -> int:
     """Clips available: video files, or samples in the shards (tar headers only)."""
     if kind == "videos":
         return len(files)
-    n = 0
-    for shard in files:
-        with tarfile.open(shard) as tar:
-            n += sum(1 for m in tar if m.name.endswith(".json"))
-    return n
+    return sum(count_samples(shard) for shard in files)
 
 
 def read_video_clip(path: str, frames: int, fps: float | None, resolution: int) -> torch.Tensor:

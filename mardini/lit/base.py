@@ -192,17 +192,17 @@ class MarDiniBase(L.LightningModule):
                 f"model.planner_resolution={low} is larger than the training resolution data.resolution={resolution}; "
                 "the planner sees a LOW-resolution copy: lower model.planner_resolution or raise data.resolution"
             )
-        from mardini.data.transforms import planner_size
+        from mardini.data.transforms import unsplit_input
 
-        for name, net, size, key in (("generator", "generator", (h, w), "data.resolution"),
-                                     ("planner", "planner", planner_size(h, w, low), "model.planner_resolution")):
-            if net in self.networks:
-                step = f * self.networks[net].cfg.patch_size
-                if size[0] % step or size[1] % step:
-                    raise ValueError(
-                        f"{key}={size[0] if size[0] == size[1] else size} is not divisible by {step} (the autoencoder's "
-                        f"factor {f} x the {name}'s patch size {self.networks[net].cfg.patch_size}); use a multiple of {step}"
-                    )
+        patches = {n: self.networks[n].cfg.patch_size for n in ("generator", "planner") if n in self.networks}
+        unsplit = unsplit_input(h, w, f, patches, low)
+        if unsplit is not None:
+            name, size, step = unsplit
+            key = "data.resolution" if name == "generator" else "model.planner_resolution"
+            raise ValueError(
+                f"{key}={size[0] if size[0] == size[1] else size} is not divisible by {step} (the autoencoder's "
+                f"factor {f} x the {name}'s patch size {patches[name]}); use a multiple of {step}"
+            )
 
     # ----------------------------------------------------------------------------------------------
     # Latents and randomness
@@ -270,13 +270,10 @@ class MarDiniBase(L.LightningModule):
         per_sample = self.compute_loss(batch, gen, train=False)  # (B,)
         bs = per_sample.shape[0]
         self.log("val/loss", per_sample.mean(), sync_dist=True, batch_size=bs, prog_bar=True)
-        sums = self._val_template_sums
-        if sums is None or sums.device != per_sample.device:
-            sums = self._val_template_sums = per_sample.new_zeros(len(TEMPLATES), 2, dtype=torch.float32)
-        for i in range(len(TEMPLATES)):  # summed here, reduced over the ranks once per epoch (on_validation_epoch_end)
-            sel = self._last_template == i  # (B,)
-            sums[i, 0] += per_sample[sel].detach().float().sum()
-            sums[i, 1] += sel.sum()
+        if self._val_template_sums is None:  # summed here, reduced over the ranks at the epoch's end
+            self._val_template_sums = per_sample.new_zeros(len(TEMPLATES), 2, dtype=torch.float32)
+        loss_and_count = torch.stack([per_sample.detach().float(), torch.ones_like(per_sample, dtype=torch.float32)], 1)
+        self._val_template_sums.index_add_(0, self._last_template, loss_and_count)  # (templates, [loss sum, clips])
 
     # ----------------------------------------------------------------------------------------------
     # Optimiser and schedule
@@ -473,8 +470,7 @@ class MarDiniBase(L.LightningModule):
         if "generator" in self.networks:
             check_same_anchor(checkpoint.get("hyper_parameters") or {}, FrameAnchor.from_hparams(self.hparams), path,
                               fix=RESUME_FIX)
-            if checkpoint["mardini"].get("kind") == "joint" and self._cross_rope_grid() is not None:  # real plans
-                check_same_cross_rope_grid(checkpoint["mardini"], self._cross_rope_grid(), path)
+            check_same_cross_rope_grid(checkpoint, self._cross_rope_grid(), path)
         strategy = getattr(self._trainer, "strategy", None)
         if strategy is not None and strategy.restore_checkpoint_after_setup:
             return  # FSDP-like strategies load the weights themselves before this hook, sharded

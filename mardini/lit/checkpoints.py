@@ -147,15 +147,20 @@ def cross_rope_grid_of(meta: dict[str, Any]) -> str:
     return str(meta.get("cross_rope_grid", "corner"))
 
 
-def check_same_cross_rope_grid(meta: dict[str, Any], ours: str, path: str | Path, fix: str | None = None) -> None:
-    """Refuse a generator that read the plan with another RoPE placement of the plan tokens than this model's."""
+def check_same_cross_rope_grid(checkpoint: dict[str, Any], ours: str | None, path: str | Path) -> None:
+    """Refuse a checkpoint whose generator read the plan with another RoPE placement of the plan tokens than this
+    model's ``ours`` (None: this model puts no RoPE on plan tokens). Only where the placement matters: a joint
+    checkpoint (a generator warm-up reads one null-plan token per frame) with RoPE on its plan tokens."""
+    meta = checkpoint["mardini"]
+    trained_with_rope = ((checkpoint.get("hyper_parameters") or {}).get("generator") or {}).get("cross_rope", True)
+    if ours is None or meta.get("kind") != "joint" or not trained_with_rope:
+        return
     theirs = cross_rope_grid_of(meta)
     if theirs != ours:
         raise ValueError(
             f"{path}: its generator read the plan with cross_rope_grid={theirs!r} (where a plan token sits among the "
-            f"generator tokens it covers), this model has {ours!r}; "
-            + (fix or f"add cross_rope_grid: {theirs} to model.init_args.generator to go on with its placement, or "
-                      "start from a checkpoint trained with the new one"))
+            f"generator tokens it covers), this model has {ours!r}; add cross_rope_grid: {theirs} to "
+            "model.init_args.generator to go on with its placement, or start from a checkpoint trained with the new one")
 
 
 def state_differences(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], keys: bool = True) -> list[str]:
@@ -188,9 +193,8 @@ def load_network_states(
         check_same_latents(meta, autoencoder_spec, path)
     if anchor is not None and "generator" in names:
         check_same_anchor(ckpt.get("hyper_parameters") or {}, anchor, path)
-    if cross_rope_grid is not None and "generator" in names and meta["kind"] == "joint":  # read real plans
-        if ((ckpt.get("hyper_parameters") or {}).get("generator") or {}).get("cross_rope", True):  # RoPE on plans
-            check_same_cross_rope_grid(meta, cross_rope_grid, path)
+    if "generator" in names:
+        check_same_cross_rope_grid(ckpt, cross_rope_grid, path)
     state = ckpt["state_dict"]
     raw: dict[str, dict[str, torch.Tensor]] = {}
     ema: dict[str, dict[str, torch.Tensor]] = {}

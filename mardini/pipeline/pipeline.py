@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mardini.autoencoders import FrameAutoencoder
-from mardini.data.transforms import planner_copy, planner_size
+from mardini.data.transforms import planner_copy, unsplit_input
 from mardini.diffusion import CosineSchedule, DDIMSampler
 from mardini.diffusion.anchor import FrameAnchor
 from mardini.diffusion.checks import frame_mask
@@ -268,18 +268,18 @@ class MarDiniPipeline:
         """Why frames of ``height x width`` cannot be sampled (sides that do not split into the generator's
         tokens, or a planner copy that does not split into the planner's), or None when they can."""
         f = self.autoencoder.downsample
-        step = f * self.generator.cfg.patch_size
-        if height % step or width % step:
-            return (f"{height}x{width} frames do not split into the generator's tokens: both sides must be multiples "
-                    f"of {step} (the autoencoder's factor {f} x the generator's patch {self.generator.cfg.patch_size})")
+        patches = {"generator": self.generator.cfg.patch_size}
         if self.planner is not None:
-            ph, pw = planner_size(height, width, self.planner_resolution)
-            low = f * self.planner.cfg.patch_size
-            if ph % low or pw % low:
-                return (f"the planner's copy of {height}x{width} frames is {ph}x{pw} (short side "
-                        f"{self.planner_resolution}), whose sides must be multiples of {low} (the autoencoder's "
-                        f"factor {f} x the planner's patch {self.planner.cfg.patch_size})")
-        return None
+            patches["planner"] = self.planner.cfg.patch_size
+        unsplit = unsplit_input(height, width, f, patches, self.planner_resolution)
+        if unsplit is None:
+            return None
+        name, (h, w), step = unsplit
+        why = f"both sides must be multiples of {step} (the autoencoder's factor {f} x the {name}'s patch {patches[name]})"
+        if name == "generator":
+            return f"{height}x{width} frames do not split into the generator's tokens: {why}"
+        return (f"the planner's copy of {height}x{width} frames is {h}x{w} (short side {self.planner_resolution}), "
+                f"which does not split into the planner's tokens: {why}")
 
     def nearest_size(self, height: int, width: int, reach: int = 8) -> tuple[int, int] | None:
         """The size nearest to ``height x width`` (fewest pixels of change) that :meth:`size_problem` accepts,
