@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import traceback
 import warnings
 from pathlib import Path
 
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mardini.lit.base import MarDiniBase
 from mardini.lit.checkpoint_io import AtomicCheckpointIO
 from mardini.lit.checkpoints import directory_message
 from mardini.lit.step_checkpoint import StepCheckpoint
-from mardini.user_errors import USER_ERRORS
+from mardini.user_errors import TRACEBACK_ENV, USER_ERRORS
 
 
 class MarDiniCLI(LightningCLI):
@@ -140,9 +141,31 @@ def library_error(err: BaseException) -> BaseException:
         err = err.__cause__
     if not _raised_in_jsonargparse(err):
         return err
-    lines = [line.strip().removeprefix("- ") for line in str(err).splitlines() if not UNION_NOISE.match(line)]
+    return type(err)(meaningful_lines(str(err))).with_traceback(err.__traceback__)
+
+
+def meaningful_lines(message: str) -> str:
+    """A jsonargparse message without the Union noise (subtypes, the ``NoneType`` alternative, the given value's
+    dump) on one line: a line ending in ``:`` runs on into the next, others are joined by ``; `` (``message`` itself
+    if nothing remains)."""
+    lines = [line.strip().removeprefix("- ") for line in message.splitlines() if not UNION_NOISE.match(line)]
     meaningful = list(dict.fromkeys(line for line in lines if line))  # nested unions repeat their sub-errors
-    return type(err)("; ".join(meaningful) or str(err)).with_traceback(err.__traceback__)
+    joined = "".join(line + (" " if line.endswith(":") else "; ") for line in meaningful).removesuffix("; ").strip()
+    return joined or message
+
+
+class ShortErrorParser(LightningArgumentParser):
+    """Lightning's parser, whose parse errors (a value of the wrong type, an unknown option) print one message and a
+    pointer to ``--help`` instead of the usage of every option (over a hundred lines) and the Union noise.
+    ``MARDINI_TRACEBACK=1`` or ``exit_on_error=False`` keep jsonargparse's own behaviour."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"{prog}: error: {meaningful_lines(message)}\n  ({prog} --help lists the options)\n")
+        sys.exit(2)
 
 
 def _raised_in_jsonargparse(err: BaseException) -> bool:
@@ -163,4 +186,5 @@ def main(args: list[str] | None = None, run: bool = True) -> MarDiniCLI:
         args=args,
         run=run,
         auto_configure_optimizers=False,
+        parser_class=ShortErrorParser,
     )

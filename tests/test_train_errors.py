@@ -77,3 +77,24 @@ def test_a_ckpt_path_that_is_a_directory_names_the_checkpoints_inside_it(monkeyp
     err = _raised(monkeypatch, tmp_path, *TINY, f"--ckpt_path={tmp_path / 'run'}")
     assert str(err).startswith("--ckpt_path: checkpoint ") and "is a directory" in str(err)
     assert str(err).endswith(f"e.g. {tmp_path / 'run' / 'last.ckpt'} (it holds last.ckpt)")
+
+
+@pytest.mark.parametrize("arg, expected", [
+    ("--data.init_args.batch_size=abc", "Parser key \"batch_size\": Expected a <class 'int'>. Got value: abc"),
+    ("--trainer.max_stepz=3", "unrecognized arguments: --trainer.max_stepz=3"),
+], ids=["wrong-type", "unknown-option"])
+def test_a_parse_error_is_one_message_without_the_usage_of_every_option(monkeypatch, tmp_path, capsys, arg, expected):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MARDINI_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", *TINY, arg])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2, err[:5]  # jsonargparse's own: the usage of every option, 100+ lines
+    assert " fit: error: " in err[0] and err[0].endswith(expected), err[0]  # the program is pytest's here
+    assert "NoneType" not in err[0] and "Given value" not in err[0]
+    assert err[1].startswith("  (") and err[1].endswith(" fit --help lists the options)"), err[1]
+    monkeypatch.setenv("MARDINI_TRACEBACK", "1")  # the switch keeps jsonargparse's full report
+    with pytest.raises(SystemExit):
+        main(["fit", *TINY, arg])
+    assert "usage:" in capsys.readouterr().err
