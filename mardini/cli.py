@@ -46,10 +46,16 @@ class MarDiniCLI(LightningCLI):
         ckpt = sub.get("ckpt_path")
         if ckpt not in (None, "last", "best", "hpc", "registry") and Path(str(ckpt)).is_dir():
             raise ValueError(f"--ckpt_path: {directory_message(Path(str(ckpt)))}")  # Lightning: IsADirectoryError
+        trainer = sub.get("trainer")
+        if "spawn" in str((trainer or {}).get("strategy", "")):
+            # ddp_spawn pickles the module to its workers; PyTorch's default, passing shared-memory file descriptors,
+            # fails where they cannot be resized ("unable to resize file ... Invalid argument", seen in containers)
+            import torch.multiprocessing
+
+            torch.multiprocessing.set_sharing_strategy("file_system")
         if self.subcommand != "fit":
             return
         folder = checkpoint_dir(sub)
-        trainer = sub.get("trainer")
         if folder is not None and trainer is not None and not trainer.get("default_root_dir"):
             # Lightning's SLURM preemption checkpoint (hpc_ckpt_N.ckpt, on SIGUSR1) goes to default_root_dir: the
             # stage's own checkpoint folder, where the next --ckpt_path last finds it, not a folder stages share

@@ -5,6 +5,7 @@ traceback. ``MARDINI_TRACEBACK=1`` re-raises instead, for when the message point
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -22,12 +23,41 @@ def where_raised(err: BaseException) -> str:
     if not frames:
         return "unknown location"
     last = frames[-1]
-    path = Path(last.filename)
+    return f"{shown_path(last.filename)}:{last.lineno} in {last.name}"
+
+
+def shown_path(filename: str) -> Path:
+    """``filename`` relative to the cwd if inside it, else as it is."""
+    path = Path(filename)
     try:
-        path = path.resolve().relative_to(Path.cwd().resolve())
+        return path.resolve().relative_to(Path.cwd().resolve())
     except ValueError:
-        pass
-    return f"{path}:{last.lineno} in {last.name}"
+        return path
+
+
+FRAME = re.compile(r'^\s*File "(?P<file>.+)", line (?P<line>\d+), in (?P<name>.+)$')
+
+
+def worker_user_error(err: BaseException) -> tuple[str, str] | None:
+    """``(message, where)`` of a user error that a spawned worker raised (``ddp_spawn``): PyTorch hands it to the
+    main process as a ``ProcessRaisedException`` holding only the worker's traceback text, so the type, message and
+    innermost frame are read back from that text. None for anything else."""
+    if type(err).__name__ != "ProcessRaisedException":
+        return None
+    lines = str(getattr(err, "msg", err)).rstrip().splitlines()
+    frames = [i for i, line in enumerate(lines) if FRAME.match(line)]
+    if not frames:
+        return None
+    # the exception line follows the last frame and its source line (Python 3.11 adds ^^^ marker lines)
+    names = "|".join(e.__name__ for e in USER_ERRORS)
+    for i in range(frames[-1] + 1, len(lines)):
+        head = re.match(rf"^(?:[\w.]+\.)?(?:{names}): (.*)$", lines[i])
+        if head:
+            message = "\n".join([head.group(1), *lines[i + 1:]])
+            frame = FRAME.match(lines[frames[-1]])
+            rank = getattr(err, "error_index", "?")
+            return message, f"{shown_path(frame['file'])}:{frame['line']} in {frame['name']}, process {rank}"
+    return None
 
 
 def run_reporting_user_errors(prog: str, fn: Callable[[], int | None], code: int = 2,
@@ -45,5 +75,13 @@ def run_reporting_user_errors(prog: str, fn: Callable[[], int | None], code: int
         err = unwrap(err) if unwrap is not None else err
         print(f"{prog}: error: {err}", file=sys.stderr)
         print(f"  (raised at {where_raised(err)}; {TRACEBACK_ENV}=1 shows the traceback)", file=sys.stderr)
+        return code
+    except Exception as err:
+        found = worker_user_error(err)
+        if found is None or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        message, where = found
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        print(f"  (raised at {where}; {TRACEBACK_ENV}=1 shows the traceback)", file=sys.stderr)
         return code
     return 0 if result is None or not isinstance(result, int) else result

@@ -98,3 +98,19 @@ def test_a_parse_error_is_one_message_without_the_usage_of_every_option(monkeypa
     with pytest.raises(SystemExit):
         main(["fit", *TINY, arg])
     assert "usage:" in capsys.readouterr().err
+
+
+def test_a_spawning_strategy_shares_tensors_through_files(monkeypatch, tmp_path):
+    """ddp_spawn pickles the module to its workers; with PyTorch's default (file descriptors) that fails where they
+    cannot be resized, as in this project's CI containers."""
+    import torch.multiprocessing
+
+    before = torch.multiprocessing.get_sharing_strategy()
+    monkeypatch.setattr(torch.multiprocessing, "_sharing_strategy", "file_descriptor")
+    try:
+        _raised(monkeypatch, tmp_path, *TINY, KEEP_RATIO, "--trainer.strategy=ddp")  # fails after the CLI's checks
+        assert torch.multiprocessing.get_sharing_strategy() == "file_descriptor"
+        _raised(monkeypatch, tmp_path, *TINY, KEEP_RATIO, "--trainer.strategy=ddp_spawn")
+        assert torch.multiprocessing.get_sharing_strategy() == "file_system"
+    finally:
+        torch.multiprocessing.set_sharing_strategy(before)

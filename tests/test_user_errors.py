@@ -24,6 +24,57 @@ def test_a_user_error_prints_the_message_and_where_it_was_raised(capsys, monkeyp
     assert "test_user_errors.py:" in err and "in _bad_setting" in err and "Traceback" not in err
 
 
+def _worker_failure(*errors: BaseException):
+    """What ``ddp_spawn`` raises in the main process when worker 1 raised ``errors[-1]`` (each one raised from the
+    one before): PyTorch's ProcessRaisedException holding the worker's traceback as text."""
+    import traceback
+
+    from torch.multiprocessing.spawn import ProcessRaisedException
+
+    def worker_setup():
+        cause = None
+        for err in errors:
+            try:
+                raise err from cause
+            except BaseException as raised:  # noqa: BLE001 - the chain is the point
+                cause = raised
+        raise cause
+
+    try:
+        worker_setup()
+    except BaseException:  # noqa: BLE001
+        text = traceback.format_exc()
+    return ProcessRaisedException(f"\n\n-- Process 1 terminated with the following error:\n{text}", 1, 4321)
+
+
+@pytest.mark.parametrize("errors, reported", [
+    ([ValueError("data.epoch_size=2 is smaller than one per-rank batch (4); raise epoch_size")],
+     "data.epoch_size=2 is smaller than one per-rank batch (4); raise epoch_size"),
+    ([KeyError("internal"), FileNotFoundError("no shards under data/x;\nrun data/make_synthetic.py")],
+     "no shards under data/x;\nrun data/make_synthetic.py"),  # the last of a chain, all of its lines
+    ([ValueError("a user error"), RuntimeError("then a bug")], None),  # the error raised is the bug: traceback kept
+], ids=["value-error", "chained-multiline", "bug-after-user-error"])
+def test_a_user_error_in_a_spawned_worker_is_reported_like_one_in_the_main_process(capsys, monkeypatch, errors,
+                                                                                    reported):
+    monkeypatch.delenv("MARDINI_TRACEBACK", raising=False)
+    failure = _worker_failure(*errors)
+
+    def fit():
+        raise failure
+
+    if reported is None:
+        with pytest.raises(type(failure)):
+            run_reporting_user_errors("prog", fit)
+        return
+    assert run_reporting_user_errors("prog", fit) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"prog: error: {reported}\n"), err
+    assert "test_user_errors.py:" in err and "in worker_setup, process 1" in err and "Traceback" not in err
+    monkeypatch.setenv("MARDINI_TRACEBACK", "1")
+    with pytest.raises(type(failure)):
+        run_reporting_user_errors("prog", fit)
+
+
 def test_the_traceback_switch_re_raises(monkeypatch):
     monkeypatch.setenv("MARDINI_TRACEBACK", "1")
     with pytest.raises(ValueError, match="--frames 0"):
