@@ -14,7 +14,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mardini.lit.base import MarDiniBase
 from mardini.lit.checkpoint_io import AtomicCheckpointIO
-from mardini.lit.checkpoints import directory_message
+from mardini.lit.checkpoints import RESUMING, directory_message
 from mardini.lit.step_checkpoint import StepCheckpoint
 from mardini.user_errors import TRACEBACK_ENV, USER_ERRORS
 
@@ -43,6 +43,7 @@ class MarDiniCLI(LightningCLI):
             raise ValueError(f"checkpoint_every={every} is impossible: it must be >= 1")
         self._checkpoint_every = every
         self._nothing_to_resume = False
+        self._resume_from: str | None = None
         ckpt = sub.get("ckpt_path")
         if ckpt not in (None, "last", "best", "hpc", "registry") and Path(str(ckpt)).is_dir():
             raise ValueError(f"--ckpt_path: {directory_message(Path(str(ckpt)))}")  # Lightning: IsADirectoryError
@@ -64,16 +65,20 @@ class MarDiniCLI(LightningCLI):
         if sub.get("ckpt_path") is None and hpc:
             raise ValueError(f"--ckpt_path null starts over, but {folder} holds SLURM preemption checkpoints "
                              f"({', '.join(p.name for p in hpc)}) that Lightning would resume from; delete them first")
-        resume = resume_checkpoint(folder, hpc) if sub.get("ckpt_path") == "last" else None
-        self._nothing_to_resume = folder is not None and sub.get("ckpt_path") == "last" and resume is None
-        if resume is not None:
-            sub["ckpt_path"] = resume  # last.ckpt or a newer preemption checkpoint
-            # the fit resumes: every weight comes from that checkpoint, so the stage's starting checkpoints are not
-            # loaded again (they may be gone by now)
-            init = (sub.get("model") or {}).get("init_args") or {}
-            for key in STARTING_CHECKPOINTS:
-                if init.get(key):
-                    init[key] = None
+        # last.ckpt or a newer preemption checkpoint; fit() passes it, so the saved config.yaml stays what was given
+        # (ckpt_path: last and the stage's starting checkpoints: rerunning it resumes, and it records where the
+        # stage started)
+        self._resume_from = resume_checkpoint(folder, hpc) if sub.get("ckpt_path") == "last" else None
+        self._nothing_to_resume = folder is not None and sub.get("ckpt_path") == "last" and self._resume_from is None
+
+    def instantiate_classes(self) -> None:
+        """A fit that resumes takes every weight from its checkpoint: the stage's starting checkpoints
+        (``init_from``, ``planner_ckpt``, ``generator_ckpt``) are not read again (they may be gone by now)."""
+        token = RESUMING.set(getattr(self, "_resume_from", None) is not None)
+        try:
+            super().instantiate_classes()
+        finally:
+            RESUMING.reset(token)
 
     def fit(self, model, **kwargs) -> None:
         """``trainer.fit``; a ``last`` that found nothing to resume starts afresh (``ckpt_path=None``: Lightning
@@ -82,6 +87,8 @@ class MarDiniCLI(LightningCLI):
 
         if self._nothing_to_resume:
             kwargs["ckpt_path"] = None
+        elif self._resume_from is not None:
+            kwargs["ckpt_path"] = self._resume_from
         if isinstance(self.datamodule, VideoDataModule):
             # Lightning calls a mid-epoch resume unreliable unless the dataloader has a state_dict(); this datamodule
             # keeps the stream position in its own state (in the checkpoint) and continues the epoch exactly
@@ -104,7 +111,6 @@ class MarDiniCLI(LightningCLI):
         return trainer
 
 
-STARTING_CHECKPOINTS = ("init_from", "planner_ckpt", "generator_ckpt")
 UNRESUMABLE_LOADER_WARNING = (r"You're resuming from a checkpoint that ended before the epoch ended and your "
                               r"dataloader is not resumable")
 

@@ -484,8 +484,12 @@ class MarDiniBase(L.LightningModule):
     def load_networks_from(self, path: str, kinds: tuple[str, ...], names: tuple[str, ...] | None = None) -> None:
         """Copy networks (raw and EMA) from a checkpoint of an allowed kind; shapes must match.
 
-        An EMA-only export starts both the raw and the EMA networks from its EMA weights."""
-        from mardini.lit.checkpoints import load_network_states
+        An EMA-only export starts both the raw and the EMA networks from its EMA weights. Nothing is read while
+        train.py builds the model of a fit that resumes (``RESUMING``): the resumed checkpoint holds every weight."""
+        from mardini.lit.checkpoints import RESUMING, load_network_states
+
+        if RESUMING.get():
+            return
 
         raw, ema = load_network_states(path, kinds=kinds, names=names or tuple(self.networks.keys()),
                                        size=self.hparams.size, autoencoder_spec=self.autoencoder.spec(),

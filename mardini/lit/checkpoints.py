@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import re
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -12,19 +13,21 @@ import torch
 from mardini.diffusion.anchor import FrameAnchor
 
 KINDS = ("planning", "generation", "joint")
+# True while train.py builds the model of a fit that resumes: its starting checkpoints are not read (MarDiniCLI)
+RESUMING: ContextVar[bool] = ContextVar("mardini_resuming", default=False)
 EMA_PREFIX = "ema.module."  # state-dict keys of the EMA networks (timm ModelEmaV3 in the module's ``ema``)
 WHAT_KIND_HOLDS = {"planning": ("planner",), "generation": ("generator",), "joint": ("planner", "generator")}
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` with errors that say what went wrong and what to do."""
+    """``torch.load(weights_only=True)``, memory-mapped, with errors that say what went wrong and what to do."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(directory_message(path))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; check the path (or the stage that writes it)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return _load(path)
     except pickle.UnpicklingError as e:  # PyTorch's own message advises weights_only=False: unsafe, never relayed
         raise ValueError(_unpickling_message(path, e)) from e
     except Exception as e:  # noqa: BLE001 - re-raised with context
@@ -33,6 +36,17 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} could not be read as a MarDini checkpoint ({detail}). "
             "It may be truncated (an interrupted copy) or not a torch checkpoint (a config or another file?)."
         ) from e
+
+
+def _load(path: Path) -> dict[str, Any]:
+    """Memory-mapped where the format allows (torch's zip format, what Lightning writes): only the tensors a stage
+    reads are paged in (not a joint checkpoint's optimiser state), and the ranks of a node share the page cache."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap can only be used" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)  # torch's legacy format
 
 
 def directory_message(path: Path) -> str:
