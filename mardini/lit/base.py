@@ -21,6 +21,7 @@ from torch import nn
 
 from mardini.autoencoders import FrameAutoencoder, SpaceToDepthAutoencoder
 from mardini.diffusion.anchor import FrameAnchor
+from mardini.lit.fsdp import fsdp_root, lerp_local_, local_tensors, paired, root_unsharded
 from mardini.lit.schedules import scaled_lr, warmup_cosine
 from mardini.masking import TEMPLATES, MaskSampler
 
@@ -322,6 +323,9 @@ class MarDiniBase(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         norms = grad_norm(self.networks, norm_type=2)
         total = norms.get("grad_2.0_norm_total")
+        if fsdp_root(self) is not None:  # each rank holds a shard's gradients: the global norm, one decision for all
+            local = (total if total is not None else torch.zeros(())).to(self.device)
+            total = self.trainer.strategy.reduce(local.double() ** 2, reduce_op="sum").sqrt().float()
         if total is None:
             return
         self.log("train/grad_norm", total, on_step=True, on_epoch=False)
@@ -349,8 +353,17 @@ class MarDiniBase(L.LightningModule):
 
     def update_ema(self) -> None:
         """One EMA update: at the full decay when it continues a loaded EMA (``ema_keep_loaded``), otherwise by
-        step (timm: the first update copies the raw weights; with ``ema_warmup`` the decay then ramps up)."""
-        if not (self.hparams.get("ema_keep_loaded", False) and self._ema_loaded):
+        step (timm: the first update copies the raw weights; with ``ema_warmup`` the decay then ramps up).
+        Under FSDP the same update runs on each rank's local shards (:mod:`mardini.lit.fsdp`)."""
+        keep_loaded = self.hparams.get("ema_keep_loaded", False) and self._ema_loaded
+        root = fsdp_root(self)
+        if root is not None:
+            with root_unsharded(root, writeback=True):
+                for name, net in self.networks.items():
+                    step = None if keep_loaded and name in self._ema_loaded else self.global_step
+                    lerp_local_(self.ema.module[name], net, 1.0 - self.ema.get_decay(step), name)
+            return
+        if not keep_loaded:
             self.ema.update(self.networks, step=self.global_step)
             return
         for name, net in self.networks.items():  # loaded EMAs continue at the full decay, the others by step
@@ -374,6 +387,13 @@ class MarDiniBase(L.LightningModule):
     def _swap_in_ema(self) -> None:
         if self._ema_backup is not None:
             return
+        root = fsdp_root(self)
+        if root is not None:  # local views, parameter-wise (a sharded state_dict() gathers copies)
+            with root_unsharded(root, writeback=True):
+                ema, live = paired(self.ema.module, self.networks, "networks")
+                self._ema_backup = [t.clone() for t in live]
+                torch._foreach_copy_(live, ema)
+            return
         live = list(self.networks.state_dict().values())
         self._ema_backup = [t.detach().clone() for t in live]
         torch._foreach_copy_(live, list(self.ema.module.state_dict().values()))
@@ -381,8 +401,19 @@ class MarDiniBase(L.LightningModule):
     def _swap_out_ema(self) -> None:
         if self._ema_backup is None:
             return
-        torch._foreach_copy_(list(self.networks.state_dict().values()), self._ema_backup)
+        root = fsdp_root(self)
+        if root is not None:
+            with root_unsharded(root, writeback=True):
+                torch._foreach_copy_(local_tensors(self.networks), self._ema_backup)
+        else:
+            torch._foreach_copy_(list(self.networks.state_dict().values()), self._ema_backup)
         self._ema_backup = None
+
+    def on_fit_start(self) -> None:
+        root = fsdp_root(self)
+        if root is not None:  # a wrap the EMA cannot pair fails before the first step, naming the fix
+            with root_unsharded(root, writeback=False):
+                paired(self.ema.module, self.networks, "networks")
 
     def on_validation_epoch_start(self) -> None:
         self._val_template_sums = None
@@ -431,7 +462,12 @@ class MarDiniBase(L.LightningModule):
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("autoencoder.")
         }
-        if self._ema_backup is not None:  # saved while validation holds the EMA in the networks: store the raw
+        if self._ema_backup is not None and fsdp_root(self) is not None:  # as below, the raw weights gathered
+            self._swap_out_ema()
+            raw = self.trainer.strategy.lightning_module_state_dict()  # full on rank 0 (a collective: every rank)
+            self._swap_in_ema()
+            checkpoint["state_dict"].update({k: v for k, v in raw.items() if k.startswith("networks.")})
+        elif self._ema_backup is not None:  # saved while validation holds the EMA in the networks: store the raw
             for k, v in zip(self.networks.state_dict().keys(), self._ema_backup):
                 checkpoint["state_dict"][f"networks.{k}"] = v
 

@@ -1,0 +1,79 @@
+"""The EMA under FSDP: parameter-wise updates and swaps on local shards.
+
+Under FSDP (``use_orig_params=True``, Lightning's default) a ``state_dict()`` of a wrapped module gathers full clones
+(writes to them are lost), so the EMA cannot go through it. With ``configs/paper/fsdp.yaml``'s policy (one unit per
+``PlannerBlock``/``GeneratorBlock``) a live block and its EMA copy are units of identical flat-parameter layout, so
+their original parameters -- views into the local shard, 1-D and possibly empty -- pair one to one on every rank.
+Everything else (embeddings, heads, null plan) lives in the root unit, whose flat parameter mixes live and EMA
+tensors at different offsets: it is unsharded (``summon_full_params(recurse=False)``, a small all-gather) while the
+EMA works, so those pairs are full tensors on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+WRAP_FIX = (
+    "under FSDP the EMA pairs each network's tensors with its EMA copy's on the local shards, which needs the live "
+    "and EMA networks wrapped alike: use an auto_wrap_policy by module class (configs/paper/fsdp.yaml's "
+    "[PlannerBlock, GeneratorBlock]) with use_orig_params=True, or train with DDP (configs/cluster.yaml)"
+)
+
+
+def fsdp_root(module: nn.Module) -> nn.Module | None:
+    """The FSDP root wrapping ``module`` (a LightningModule under Lightning's FSDPStrategy), else None."""
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    strategy = getattr(getattr(module, "_trainer", None), "strategy", None)
+    root = strategy.model if isinstance(strategy, FSDPStrategy) else None
+    if not isinstance(root, FullyShardedDataParallel):
+        return None  # not FSDP, or not wrapped yet
+    if not root._use_orig_params:
+        raise ValueError(f"FSDP with use_orig_params=False: {WRAP_FIX}")
+    return root
+
+
+@contextlib.contextmanager
+def root_unsharded(root: nn.Module | None, writeback: bool) -> Iterator[None]:
+    """The root unit's own parameters full on every rank (nested units stay sharded); a no-op without FSDP."""
+    if root is None:
+        yield
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with FullyShardedDataParallel.summon_full_params(root, recurse=False, writeback=writeback):
+        yield
+
+
+def local_tensors(net: nn.Module) -> list[torch.Tensor]:
+    """Parameters (local views: full in the unsharded root, 1-D shards in block units) then buffers, detached."""
+    return [t.detach() for t in (*net.parameters(), *net.buffers())]
+
+
+def paired(ema_net: nn.Module, net: nn.Module, name: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The EMA's and the network's local tensors; raises when their layouts differ (then they cannot pair)."""
+    ema_t, live_t = local_tensors(ema_net), local_tensors(net)
+    if [t.shape for t in ema_t] != [t.shape for t in live_t]:
+        raise ValueError(f"network '{name}' and its EMA copy are sharded differently: {WRAP_FIX}")
+    return ema_t, live_t
+
+
+@torch.no_grad()
+def lerp_local_(ema_net: nn.Module, net: nn.Module, weight: float, name: str = "") -> None:
+    """``ema += weight * (live - ema)`` on this rank's views; non-float buffers copied. Same arithmetic as timm's
+    ``ModelEmaV3`` (``torch._foreach_lerp_``), so a sharded EMA equals the unsharded one element for element."""
+    ema_t, live_t = paired(ema_net, net, name)
+    floats = [(e, v) for e, v in zip(ema_t, live_t) if e.is_floating_point()]
+    for e, v in zip(ema_t, live_t):
+        if not e.is_floating_point():
+            e.copy_(v)
+    if floats:
+        torch._foreach_lerp_([e for e, _ in floats], [v.to(e.dtype) for e, v in floats], weight=weight)
+
+
+__all__ = ["WRAP_FIX", "fsdp_root", "root_unsharded", "local_tensors", "paired", "lerp_local_"]

@@ -1,0 +1,213 @@
+"""The EMA under FSDP (full shard, gloo on CPU): equal to the unsharded EMA, swapped in and out, saved and restored.
+
+Lightning's Trainer refuses FSDP without a GPU, so the tiny joint module is wrapped here as Lightning's
+``FSDPStrategy._setup_model`` wraps it -- with the strategy built from ``configs/paper/fsdp.yaml``'s init_args (its wrap
+policy, ``use_orig_params=True``) -- except ``device_id=cpu`` (the strategy passes none on CPU, which FSDP refuses).
+The forward goes through the wrapper as Lightning routes ``training_step`` (``_ForwardRedirection``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mardini.lit import MarDiniModule
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 3
+
+
+class _Stepped(MarDiniModule):
+    """The module with a settable global step (no Trainer here): the EMA decay depends on it."""
+
+    step = 0
+
+    @property
+    def global_step(self) -> int:
+        return self.step
+
+
+def _module() -> _Stepped:
+    torch.manual_seed(0)
+    return _Stepped(size="tiny", ema_decay=0.9, ema_warmup=False)
+
+
+def _batch(step: int) -> tuple[dict, torch.Generator]:
+    g = torch.Generator().manual_seed(100 + step)
+    video = torch.rand(2, 4, 3, 32, 32, generator=g) * 2 - 1  # (B, T, 3, H, W)
+    return {"video": video}, torch.Generator().manual_seed(step)
+
+
+def _strategy(world: int):
+    """Lightning's FSDPStrategy with the YAML's init_args (its wrap policy's class paths imported)."""
+    from lightning.pytorch.plugins.precision import FSDPPrecision
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    args = yaml.safe_load((REPO / "configs" / "paper" / "fsdp.yaml").read_text())["trainer"]["strategy"]["init_args"]
+    policy = set()
+    for path in args.pop("auto_wrap_policy"):
+        mod, name = path.rsplit(".", 1)
+        policy.add(getattr(importlib.import_module(mod), name))
+    return FSDPStrategy(auto_wrap_policy=policy, parallel_devices=[torch.device("cpu")] * world,
+                        precision_plugin=FSDPPrecision("32-true"), **args)
+
+
+def _wrap(module, world: int):
+    """``FSDPStrategy._setup_model``'s wrap with the strategy's own arguments, on the CPU; the module then sees the
+    strategy (and through it the root) as under a Trainer."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    st = _strategy(world)
+    st.model = FullyShardedDataParallel(module, cpu_offload=st.cpu_offload, mixed_precision=st.mixed_precision_config,
+                                        sharding_strategy=st.sharding_strategy, device_id=torch.device("cpu"),
+                                        **st.kwargs)
+    module._trainer = types.SimpleNamespace(strategy=st)
+    return st.model
+
+
+def _train(module, wrapper, steps: int = STEPS) -> None:
+    """AdamW steps on fixed batches (the same on every rank, so FSDP's averaged gradient is the unsharded one),
+    each followed by the EMA update as ``optimizer_step`` runs it."""
+    from lightning.pytorch.strategies.strategy import _ForwardRedirection
+
+    opt = torch.optim.AdamW(module.networks.parameters(), lr=1e-3)
+    for step in range(steps):
+        batch, gen = _batch(step)
+        loss = _ForwardRedirection()(wrapper, module, "compute_loss", batch, gen, True).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        module.step = step + 1
+        module.update_ema()
+
+
+def _eval_loss(module, wrapper) -> torch.Tensor:
+    from lightning.pytorch.strategies.strategy import _ForwardRedirection
+
+    batch, gen = _batch(99)
+    with torch.no_grad():
+        return _ForwardRedirection()(wrapper, module, "compute_loss", batch, gen, False)  # (B,)
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from mardini.lit.fsdp import root_unsharded
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        module = _module()
+        wrapper = _wrap(module, world)
+        _train(module, wrapper)
+        got = {"trained": _full(wrapper)}
+        with module.ema_weights():
+            got["inside"] = _full(wrapper)
+            got["ema_loss"] = _eval_loss(module, wrapper)  # (B,) through the root's forward, as validation runs
+            with root_unsharded(wrapper, writeback=False):  # outside the root's forward, as SampleGrids samples
+                got["ema_loss_outside"] = _eval_loss(module, module)  # (B,)
+            ckpt = {"state_dict": _full(wrapper)}  # a checkpoint saved meanwhile stores the raw weights
+            module.on_save_checkpoint(ckpt)
+            got["saved_inside"] = ckpt["state_dict"]
+        got["after"] = _full(wrapper)
+        fresh = _module()  # restore: a new wrapped module loads the full state dict on every rank (Lightning's way)
+        fresh_wrapper = _wrap(fresh, world)
+        with _full_state_dict(fresh_wrapper):
+            fresh_wrapper.load_state_dict(got["trained"])
+        got["restored"] = _full(fresh_wrapper)
+        with fresh.ema_weights():
+            got["restored_ema_loss"] = _eval_loss(fresh, fresh_wrapper)  # (B,)
+        got["stops"] = _nonfinite_on_one_rank(module, wrapper, rank)
+        torch.save(got, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _full_state_dict(wrapper):
+    from lightning.fabric.strategies.fsdp import _get_full_state_dict_context
+
+    return _get_full_state_dict_context(wrapper, world_size=dist_world(), rank0_only=False)
+
+
+def _full(wrapper) -> dict[str, torch.Tensor]:
+    """The gathered state dict, as a "full" checkpoint holds it (a collective: every rank calls it)."""
+    with _full_state_dict(wrapper):
+        return {k: v.clone() for k, v in wrapper.state_dict().items()}
+
+
+def _nonfinite_on_one_rank(module, wrapper, rank: int) -> bool:
+    """A gradient that is infinite in the last rank's shard only: does this rank stop (nonfinite=stop)?"""
+    from lightning.pytorch.strategies.strategy import _ForwardRedirection
+
+    batch, gen = _batch(0)
+    _ForwardRedirection()(wrapper, module, "compute_loss", batch, gen, True).mean().backward()
+    if rank == dist_world() - 1:
+        grads = [p.grad for p in module.networks.parameters() if p.grad is not None and p.grad.numel()]
+        grads[-1].fill_(float("inf"))
+    module.log = lambda *args, **kwargs: None  # no Trainer to log to
+    try:
+        module.on_before_optimizer_step(None)
+    except FloatingPointError:
+        return True
+    return False
+
+
+def dist_world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _split(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
+    assert a.keys() == b.keys(), what
+    bad = [k for k in a if not torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6)]
+    assert not bad, f"{what}: {len(bad)} of {len(a)} tensors differ, e.g. {bad[:3]}"
+
+
+@pytest.mark.parametrize("world", [2, 1])
+def test_fsdp_ema_matches_unsharded_and_swaps_and_restores(tmp_path, world):
+    torch.multiprocessing.set_sharing_strategy("file_system")  # fd passing fails on small /dev/shm
+    out = tmp_path / "rank"
+    torch.multiprocessing.spawn(_worker, args=(world, _free_port(), str(out)), nprocs=world, join=True)
+    ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(world)]
+    got = ranks[0]
+
+    ref = _module()  # the same steps unsharded, in this process (timm's own EMA update)
+    _train(ref, ref)
+    ema = _split(ref.state_dict(), "ema.module.")
+    assert not all(torch.equal(ema[k], v) for k, v in _split(ref.state_dict(), "networks.").items())  # a real EMA
+    _assert_close(_split(got["trained"], "networks."), _split(ref.state_dict(), "networks."), "live weights")
+    _assert_close(_split(got["trained"], "ema.module."), ema, "EMA weights")
+    # swapped in: the networks hold the EMA weights, the EMA is untouched; swapped out: the live weights are back
+    _assert_close(_split(got["inside"], "networks."), ema, "networks inside ema_weights()")
+    _assert_close(_split(got["inside"], "ema.module."), ema, "EMA inside ema_weights()")
+    for k, v in got["trained"].items():
+        assert torch.equal(got["after"][k], v), f"{k} changed by the swap in and out"
+        assert torch.equal(got["saved_inside"][k], v), f"{k}: a checkpoint saved inside ema_weights() is not raw"
+    with ref.ema_weights():
+        ref_loss = _eval_loss(ref, ref)
+    assert torch.allclose(got["ema_loss"], ref_loss, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(got["ema_loss_outside"], ref_loss, rtol=1e-5, atol=1e-6)
+    # a full state dict round-trips: loaded into a freshly wrapped module, its EMA is the saved one and swaps in
+    for k, v in got["trained"].items():
+        assert torch.equal(got["restored"][k], v), f"{k} did not round-trip"
+    assert torch.allclose(got["restored_ema_loss"], ref_loss, rtol=1e-5, atol=1e-6)
+    # a gradient infinite in one rank's shard stops every rank (the norm is all-reduced), not that rank alone
+    assert [r["stops"] for r in ranks] == [True] * world
