@@ -5,13 +5,16 @@ from __future__ import annotations
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 
+from mardini.lit.fsdp import fsdp_root, root_unsharded
 from mardini.masking import image_to_video_mask, interpolation_mask
 
 
 class SampleGrids(L.Callback):
     """Every ``every_n_steps`` steps (rank 0), samples fixed clips with the EMA weights and logs one grid per task.
+
+    Under FSDP a forward gathers parameters from every rank, so there every rank samples (rank 0's decision,
+    broadcast; the root unit's parameters gathered for the duration) and rank 0 alone writes.
 
     Rows of a grid: ground truth, then the sample; given frames have a green border. The clips are the first
     validation batch (or the first training batch when there is no validation split), fixed for the whole run.
@@ -48,14 +51,32 @@ class SampleGrids(L.Callback):
             self._video = source["video"][: self.clips].detach().cpu().clone()  # (b, T, 3, H, W)
         return self._video
 
-    @rank_zero_only
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        root = fsdp_root(pl_module)
+        if root is None:
+            if trainer.is_global_zero:
+                self._log_grids(trainer, pl_module, batch)
+            return
+        go = trainer.strategy.broadcast(self._due(trainer, pl_module, batch) if trainer.is_global_zero else None)
+        if go:  # every rank runs the forwards (FSDP all-gathers in each); rank 0 writes
+            with trainer.precision_plugin.forward_context():
+                self._log_grids(trainer, pl_module, batch, checked=True, root=root)
+
+    def _due(self, trainer, pl_module, batch) -> bool:
+        """Whether this step logs grids (rank 0's view: other ranks' loggers are stand-ins)."""
         step = trainer.global_step
         if step == 0 or step % self.every_n_steps or step in self.logged_steps or "generator" not in pl_module.networks:
-            return
+            return False
         video = self._fixed_clips(trainer, batch)
-        if video is None or trainer.logger is None or not hasattr(trainer.logger.experiment, "add_image"):
+        return not (video is None or trainer.logger is None or not hasattr(trainer.logger.experiment, "add_image"))
+
+    def _log_grids(self, trainer, pl_module, batch, checked: bool = False, root=None) -> None:
+        if not (checked or self._due(trainer, pl_module, batch)):
             return
+        step = trainer.global_step
+        video = self._fixed_clips(trainer, batch)
+        if video is None:  # a rank without video clips cannot join rank 0's forwards
+            raise RuntimeError(f"SampleGrids: rank {trainer.global_rank} has no video clips to sample while rank 0 has")
         from mardini.evaluation.samplers import ema_context, pipeline_from_module
 
         frames = pl_module.frames or video.shape[1]
@@ -63,15 +84,17 @@ class SampleGrids(L.Callback):
         masks = {"interpolation": interpolation_mask(frames), "image_to_video": image_to_video_mask(frames)}
         was_training = {name: net.training for name, net in pl_module.networks.items()}
         try:
-            with ema_context(pl_module):
+            # under FSDP the root unit's parameters (embeddings, heads) are gathered while sampling outside a forward
+            with ema_context(pl_module), root_unsharded(root, writeback=False):
                 pipe = pipeline_from_module(pl_module, window=frames)
                 for task, row in masks.items():
                     mask = row[None].expand(video.shape[0], -1).to(video.device)  # (b, T)
                     scale = self.guidance_scale if task == "image_to_video" and pipe.planner is not None else 1.0
                     sample = pipe.generate(video, mask, steps=self.steps, guidance_scale=scale, seed=self.seed,
                                            progress=False)  # (b, T, 3, H, W)
-                    grid = _grid(torch.cat([video, sample]), torch.cat([torch.zeros_like(mask), mask]))
-                    trainer.logger.experiment.add_image(f"samples/{task}", grid, step, dataformats="HWC")
+                    if trainer.is_global_zero:
+                        grid = _grid(torch.cat([video, sample]), torch.cat([torch.zeros_like(mask), mask]))
+                        trainer.logger.experiment.add_image(f"samples/{task}", grid, step, dataformats="HWC")
         finally:
             for name, net in pl_module.networks.items():
                 net.train(was_training[name])
