@@ -230,12 +230,12 @@ ckpt, trained = testing.checkpoint_or_tiny(CHECKPOINT)
 if not trained:
     print(f"NOTE: {CHECKPOINT} not used; sampling from an UNTRAINED 1-step tiny checkpoint ({ckpt}).\\n"
           "      Its samples are noise: this only shows the calls. Run `make demo` for a trained model.")
-STEPS = 25 if trained else 2  # DDIM steps
+STEPS, ETA = (5, 1.0) if trained else (2, 0.0)  # the demo's sampler for its checkpoint: 5 DDIM steps, ancestral
 pipe = MarDiniPipeline.from_checkpoint(ckpt)
 T = pipe.window
 SIZE = pipe.resolution[0] if pipe.resolution else 32
 FPS = pipe.fps or 8.0
-print(pipe.info, "| window", T, "frames at", SIZE, "px,", FPS, "fps |", STEPS, "steps")'''),
+print(pipe.info, "| window", T, "frames at", SIZE, "px,", FPS, "fps |", STEPS, "steps, eta", ETA)'''),
     ("md", """\
 ## Clips to condition on
 
@@ -286,7 +286,7 @@ is generated. Given frames come back bit-identical. Rows: ground truth, then the
 from mardini.masking import mask_from_given
 
 mask = mask_from_given(T, [0, T // 2, T - 1])[None].expand(N, -1)  # (N, T) True = generate
-out = pipe.generate(real, mask, steps=STEPS, seed=0, progress=False)  # (N, T, 3, H, W)
+out = pipe.generate(real, mask, steps=STEPS, eta=ETA, seed=0, progress=False)  # (N, T, 3, H, W)
 assert torch.equal(out[~mask], real[~mask])  # given frames are the inputs
 rows = torch.stack([real[0], out[0]])
 show(rows, torch.stack([mask[0], mask[0]]), ["truth", "generate"])
@@ -299,7 +299,7 @@ First and last frames given, the 7 between generated (the paper uses no guidance
     ("code", '''\
 from mardini.masking import image_to_video_mask, interpolation_mask
 
-out = pipe.interpolate(real[:, 0], real[:, -1], steps=STEPS, progress=False)  # (N, T, 3, H, W)
+out = pipe.interpolate(real[:, 0], real[:, -1], steps=STEPS, eta=ETA, progress=False)  # (N, T, 3, H, W)
 m = interpolation_mask(T)
 show(torch.cat([real, out]), m.expand(2 * N, -1), [f"truth {i}" for i in range(N)] + [f"interp {i}" for i in range(N)])
 gif("interpolate", real[0], out[0])'''),
@@ -309,7 +309,7 @@ gif("interpolate", real[0], out[0])'''),
 One frame given (the first), the rest generated, with classifier-free guidance 2.5 on the plan (the paper's
 setting for image-to-video). Two samples per image (`num_samples=2`) show the model's spread."""),
     ("code", '''\
-out = pipe.image_to_video(real[:, 0], guidance_scale=2.5, num_samples=2, steps=STEPS, progress=False)  # (2N, T, ...)
+out = pipe.image_to_video(real[:, 0], guidance_scale=2.5, num_samples=2, steps=STEPS, eta=ETA, progress=False)  # (2N, T, ...)
 m = image_to_video_mask(T)
 show(out, m.expand(out.shape[0], -1), [f"clip {i // 2} s{i % 2}" for i in range(out.shape[0])])
 gif("image_to_video", real[0], out[0], out[1])'''),
@@ -320,7 +320,7 @@ A 3-frame prefix given, continued to the end of the window."""),
     ("code", '''\
 from mardini.masking import expansion_mask
 
-out = pipe.expand(real[:, :3], steps=STEPS, progress=False)  # (N, T, 3, H, W)
+out = pipe.expand(real[:, :3], steps=STEPS, eta=ETA, progress=False)  # (N, T, 3, H, W)
 show(torch.cat([real[:1], out[:1]]), expansion_mask(T, 3).expand(2, -1), ["truth", "expand"])
 gif("expand", real[0], out[0])'''),
     ("md", """\
@@ -331,7 +331,7 @@ generates the rest, until `total_frames`. Here the first 2 frames of each clip g
 window, so there is no ground truth to show beside it)."""),
     ("code", '''\
 total = 2 * T - 1
-out = pipe.long_video(real[:, :2], total_frames=total, context=T // 2, steps=STEPS, progress=False)
+out = pipe.long_video(real[:, :2], total_frames=total, context=T // 2, steps=STEPS, eta=ETA, progress=False)
 assert out.shape[1] == total and torch.equal(out[:, :2], real[:, :2])
 generated = torch.arange(total) >= 2
 show(out, generated.expand(N, -1), [f"long {i}" for i in range(N)])
@@ -344,7 +344,7 @@ of neighbours (`factor=2`), window by window, doubling the frame rate. The truth
 the rate."""),
     ("code", '''\
 slow = real_fast[:, ::2]  # (N, T, 3, H, W) at FPS
-out = pipe.slow_motion(slow, factor=2, steps=STEPS, progress=False)  # (N, 2T - 1, 3, H, W) at 2 x FPS
+out = pipe.slow_motion(slow, factor=2, steps=STEPS, eta=ETA, progress=False)  # (N, 2T - 1, 3, H, W) at 2 x FPS
 assert out.shape[1] == real_fast.shape[1] and torch.equal(out[:, ::2], slow)
 generated = torch.arange(out.shape[1]) % 2 == 1
 show(torch.cat([real_fast[:1], out[:1]]), generated.expand(2, -1), ["truth", "slow motion"])
