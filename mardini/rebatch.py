@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", type=Path, help="chain folder (common.yaml + stage files), e.g. configs/tiny")
     p.add_argument("dst", type=Path, help="folder for the rewritten chain")
-    p.add_argument("--batch", type=int, required=True, help="the new per-device batch size")
+    p.add_argument("--batch", type=int, required=True,
+                   help="the new GLOBAL batch (data.batch_size); any world size up to it runs it, evenly or not")
     p.add_argument("--save-dir", required=True, help="logger save_dir of the new chain (its runs and checkpoints)")
     p.add_argument("--force", action="store_true", help="overwrite files already in DST")
     a = p.parse_args(argv)

@@ -267,12 +267,43 @@ def test_random_crop_and_start_vary_center_does_not(synth):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_global_batch_must_divide_by_world_size(synth):
-    dm = _dm(synth, batch_size=6)
-    with pytest.raises(ValueError, match="GLOBAL batch.*divisible by the world size 4"):
+def test_the_paper_s_720_clips_split_over_256_ranks(synth):
+    """Stage 06's global batch on 256 GPUs: 208 ranks x 3 + 48 x 2 clips, not the divisibility error."""
+    sizes = []
+    for rank in range(256):
+        dm = _dm(synth, batch_size=720)
+        dm.configure_ranks(rank, 256)
+        sizes.append(dm.per_rank_batch_size)
+    assert sizes == [3] * 208 + [2] * 48 and sum(sizes) == 720
+
+
+# even splits: test_batch_contract, tests/test_ddp.py
+@pytest.mark.parametrize(("batch", "world"), [(3, 2), (5, 2), (7, 3), (10, 4), (6, 4)])
+def test_uneven_global_batch_every_rank_same_batches_per_epoch(synth, batch, world):
+    """Per-rank batches differ by one clip at most and sum to the global batch; every rank runs the same number of
+    batches per epoch (a rank that stopped early would leave the others waiting at a gradient sync) and the same
+    validation batch."""
+    sizes, lengths = [], []
+    for rank in range(world):
+        dm = _dm(synth, batch_size=batch, epoch_size=17)
+        dm.configure_ranks(rank, world)
+        dm.setup("fit")
+        sizes.append(dm.per_rank_batch_size)
+        lengths.append(len(dm.train_set))
+        assert dm.val_set.batch_size == -(-batch // world)
+        if rank == world - 1:  # the smallest batch: its stream delivers that many clips per batch
+            assert next(iter(dm.train_dataloader()))["video"].shape[0] == sizes[-1]
+    assert sum(sizes) == batch and max(sizes) - min(sizes) <= 1
+    assert sizes == sorted(sizes, reverse=True)  # the first batch % world ranks get one clip more
+    assert len(set(lengths)) == 1 and lengths[0] == 17 // -(-batch // world)
+
+
+def test_global_batch_smaller_than_the_world_size_is_refused(synth):
+    dm = _dm(synth, batch_size=3)
+    with pytest.raises(ValueError, match="GLOBAL batch and is smaller than the world size 4.*batch_size >= 4"):
         dm.configure_ranks(0, 4)
     dm.configure_ranks(1, 3)
-    assert dm.per_rank_batch_size == 2
+    assert dm.per_rank_batch_size == 1
 
 
 def test_empty_pattern_and_bad_settings(synth, tmp_path):

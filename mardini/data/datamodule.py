@@ -31,6 +31,7 @@ import warnings
 import lightning as L
 import torch
 
+from mardini.data.batch_split import check_split, epoch_batches, largest_rank_batch, rank_batch
 from mardini.data.sharding import list_shards
 from mardini.data.stream import ClipStream, StreamLoader, StreamState
 
@@ -47,16 +48,20 @@ class VideoDataModule(L.LightningDataModule):
         frames: frames per clip (T).
         fps: target frame rate; the frame stride comes from each clip's own fps (None = native rate).
         resolution: output size, ``int`` for square or ``(H, W)``; for latents, the pixel size they were cached at.
-        batch_size: GLOBAL batch size, divided by the world size in ``setup`` (must be divisible).
+        batch_size: GLOBAL batch size, split over the ranks in ``setup``; when the world size does not divide it,
+            the first ``batch_size % world`` ranks get one clip more (:mod:`mardini.data.batch_split`; the training
+            loss is weighted to match). At least one clip per rank.
         num_workers: DataLoader worker processes per rank.
         shuffle_buffer: samples in the training shuffle buffer (0 = off).
         seed: base seed of every random draw of the stream.
-        epoch_size: training clips per rank per epoch (the resampled stream is endless).
+        epoch_size: training clips per rank per epoch (the resampled stream is endless); batches per epoch are
+            ``epoch_size`` over the largest per-rank batch, the same on every rank.
         crop: ``random`` (crop window and start frame drawn) or ``center`` for training; validation is
             always centred.
         crop_scale: ``(min, max)`` side fraction of the largest window of the target aspect ratio.
         val_clips: at most this many validation clips per rank (None = the whole split).
-        val_batch_size: per-rank validation batch (default: the per-rank training batch).
+        val_batch_size: per-rank validation batch (default: the largest per-rank training batch, the same on every
+            rank).
         latents: read cached latent shards (``data/cache_latents.py``) instead of pixels.
         pin_memory, prefetch_factor: DataLoader settings.
         loader_timeout: seconds a worker may take to deliver one batch before the run fails with a timeout
@@ -126,14 +131,9 @@ class VideoDataModule(L.LightningDataModule):
         """Set this process's rank and the world size (``setup`` takes them from the trainer)."""
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} does not fit world size {world_size}")
-        if self.batch_size % world_size:
-            raise ValueError(
-                f"data.batch_size={self.batch_size} is the GLOBAL batch and must be divisible by the world size "
-                f"{world_size}; use a multiple of {world_size}, "
-                f"e.g. {world_size * max(1, self.batch_size // world_size)}"
-            )
+        check_split(self.batch_size, world_size)
         self.rank, self.world_size = rank, world_size
-        self.per_rank_batch_size = self.batch_size // world_size
+        self.per_rank_batch_size = rank_batch(self.batch_size, rank, world_size)
 
     def setup(self, stage: str | None = None) -> None:
         if self.trainer is not None:
@@ -148,11 +148,11 @@ class VideoDataModule(L.LightningDataModule):
             shards = list_shards(self.train_shards)
             if self.latents:
                 check_latent_shards(shards[0], self.frames, self.fps, self.resolution)
-            batches = self.epoch_size // self.per_rank_batch_size
+            batches = epoch_batches(self.epoch_size, self.batch_size, self.world_size)  # the same on every rank
             if batches < 1:
                 raise ValueError(
                     f"data.epoch_size={self.epoch_size} is smaller than one per-rank batch "
-                    f"({self.per_rank_batch_size}); raise epoch_size"
+                    f"({largest_rank_batch(self.batch_size, self.world_size)}); raise epoch_size"
                 )
             self.train_set = ClipStream(
                 shards, batch_size=self.per_rank_batch_size, train=True, shuffle_buffer=self.shuffle_buffer,
@@ -164,8 +164,8 @@ class VideoDataModule(L.LightningDataModule):
             if self.latents:
                 check_latent_shards(shards[0], self.frames, self.fps, self.resolution)
             self.val_set = ClipStream(
-                shards, batch_size=self.val_batch_size or self.per_rank_batch_size, train=False,
-                max_clips=self.val_clips, **common,
+                shards, batch_size=self.val_batch_size or largest_rank_batch(self.batch_size, self.world_size),
+                train=False, max_clips=self.val_clips, **common,
             )
 
     # ----------------------------------------------------------------------------------------------

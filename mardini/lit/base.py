@@ -21,6 +21,7 @@ from torch import nn
 
 from mardini.autoencoders import FrameAutoencoder, SpaceToDepthAutoencoder
 from mardini.diffusion.anchor import FrameAnchor
+from mardini.lit.batch_weight import loss_scale, step_batches
 from mardini.lit.fsdp import fsdp_root, lerp_local_, local_tensors, paired, root_unsharded
 from mardini.lit.schedules import scaled_lr, warmup_cosine
 from mardini.masking import TEMPLATES, MaskSampler
@@ -262,8 +263,9 @@ class MarDiniBase(L.LightningModule):
         loss = per_sample.mean()
         if not self._all_finite(loss):
             return self._on_nonfinite("loss", batch)
-        self._log_train(batch, per_sample, loss)
-        return loss
+        self._log_train(batch, per_sample, loss)  # the plain per-rank mean
+        scale = self._loss_scale()  # uneven per-rank batches: the averaged gradient is the global batch's mean
+        return loss if scale is None else loss * scale
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         gen = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + batch_idx)
@@ -280,12 +282,28 @@ class MarDiniBase(L.LightningModule):
     # Optimiser and schedule
     # ----------------------------------------------------------------------------------------------
     def global_batch_size(self) -> int:
+        """Clips per optimiser step over all ranks (the LR rule's batch; the same on every rank)."""
+        return self._step_clips(None) * self.trainer.accumulate_grad_batches
+
+    def _step_clips(self, local: int | None) -> int:
+        """Clips per training batch over all ranks: the datamodule's global batch when it splits one (the ranks'
+        batches may differ by one clip), else ``local`` (or the datamodule's ``batch_size // world``) x world."""
         trainer = self.trainer
-        dm = trainer.datamodule if trainer is not None else None
-        per_rank = getattr(dm, "per_rank_batch_size", None)
-        if per_rank is None:
-            per_rank = getattr(dm, "batch_size", 1) // max(1, trainer.world_size)
-        return int(per_rank) * trainer.world_size * trainer.accumulate_grad_batches
+        dm = trainer.datamodule
+        split = step_batches(dm)
+        if split is not None:
+            return split[1]
+        if local is None:
+            local = getattr(dm, "batch_size", 1) // max(1, trainer.world_size)
+        return int(local) * trainer.world_size
+
+    def _loss_scale(self) -> float | None:
+        """The factor on this rank's per-clip-mean loss for uneven per-rank batches (:func:`loss_scale`); None
+        when the ranks' batches are equal (the loss is left untouched)."""
+        if self._trainer is None:
+            return None
+        split = step_batches(self.trainer.datamodule)
+        return None if split is None else loss_scale(split[0], self.trainer.world_size, split[1])
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -577,9 +595,9 @@ class MarDiniBase(L.LightningModule):
         now = time.perf_counter()
         if self._last_batch_time is not None:
             dt = max(now - self._last_batch_time, 1e-9)
-            world = self.trainer.world_size
-            self.log("perf/clips_per_s", bs * world / dt, on_step=True)
-            self.log("perf/tokens_per_s", self.tokens_per_clip(batch) * bs * world / dt, on_step=True)
+            clips = self._step_clips(bs)  # over all ranks
+            self.log("perf/clips_per_s", clips / dt, on_step=True)
+            self.log("perf/tokens_per_s", self.tokens_per_clip(batch) * clips / dt, on_step=True)
         self._last_batch_time = now
 
     def tokens_per_clip(self, batch: dict) -> int:
