@@ -141,6 +141,29 @@ def test_a_size_the_networks_cannot_split_is_refused_with_the_nearest_that_works
     assert pipe.generate(fitted, MASK[:1], steps=STEPS, progress=False).shape == fitted.shape  # it does sample
 
 
+def test_every_size_the_check_accepts_samples_and_every_one_it_refuses_fails(pipe, monkeypatch):
+    """size_problem is exactly what sampling needs, the plan token grid's aspect ratio included (52x64 passed the
+    old check and failed in the generator), so nearest_size suggests sizes that really sample."""
+    step = pipe.autoencoder.downsample * pipe.generator.cfg.patch_size
+    sides = range(S, 2 * S + 3 * step, step)
+    accepted = [(h, w) for h in sides for w in sides if pipe.size_problem(h, w) is None]
+    assert 0 < len(accepted) < len(sides) ** 2
+    monkeypatch.setattr(pipe, "check_size", lambda h, w: None)  # let the refused sizes reach the networks
+    mask = torch.tensor([[False, True]])
+    for h in sides:
+        for w in sides:
+            video = torch.zeros(1, 2, 3, h, w)
+            if (h, w) in accepted:
+                assert pipe.generate(video, mask, steps=1, progress=False).shape == video.shape, (h, w)
+            else:
+                with pytest.raises(Exception):
+                    pipe.generate(video, mask, steps=1, progress=False)
+    assert "plan token grid, not of the aspect ratio of the generator's 13x16" in pipe.size_problem(13 * step, 16 * step)
+    near = pipe.nearest_size(12 * step, 16 * step)  # was 13x16 tokens, which failed to sample
+    assert pipe.size_problem(*near) is None and near != (13 * step, 16 * step)
+    assert pipe.generate(torch.zeros(1, 2, 3, *near), mask, steps=1, progress=False).shape[-2:] == near
+
+
 def test_ancestral_eta_is_seeded_per_clip_and_sample(pipe):
     """eta > 0 draws fresh noise each step, still from the clip's seed: reproducible, independent of the batch
     and of num_samples, and a different sample from deterministic DDIM."""

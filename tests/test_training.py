@@ -220,6 +220,17 @@ def test_impossible_settings_fail_before_training(workdir, monkeypatch, tmp_path
     assert not list(tmp_path.rglob("*.ckpt"))  # nothing trained, nothing written
 
 
+def test_a_resolution_whose_plan_grid_has_another_aspect_ratio_fails_before_training():
+    """52x64 splits into 13x16 generator tokens, but its planner copy 16x20 into 8x10: the generator cannot lay the
+    plan out on its grid (the check sampling uses too, mardini.data.transforms.unsplit_input)."""
+    from mardini.lit import MarDiniModule
+
+    model = MarDiniModule(size="tiny", planner_resolution=16, generator={"patch_size": 2})
+    with pytest.raises(ValueError, match=r"data.resolution=\(52, 64\) gives the generator a 13x16 token grid.*a 8x10 one"):
+        model.check_data_settings((52, 64), None)
+    model.check_data_settings((48, 60), None)  # 12x15 and 8x10
+
+
 # --------------------------------------------------------------------------------------------------
 # TensorBoard: sample grids of interpolation and image-to-video
 # --------------------------------------------------------------------------------------------------

@@ -61,16 +61,26 @@ def planner_size(height: int, width: int, resolution: Size) -> tuple[int, int]:
 
 
 def unsplit_input(height: int, width: int, factor: int, patches: dict[str, int], planner_resolution: Size,
-                  ) -> tuple[str, tuple[int, int], int] | None:
-    """The first network of ``patches`` (``{"generator" | "planner": patch size}``, generator first) whose input
-    does not split into its tokens: ``(name, its input size, the multiple its sides need)``, where the planner's
-    input is its copy of ``height x width`` frames (:func:`planner_size`) and the multiple is the autoencoder's
-    ``factor`` x the patch; None when every input splits."""
-    for name, size in (("generator", (height, width)), ("planner", planner_size(height, width, planner_resolution))):
+                  plan_layout: bool = True) -> tuple[str, tuple[int, int], int] | None:
+    """Why ``height x width`` frames cannot feed the networks of ``patches`` (``{"generator" | "planner": patch
+    size}``), or None when they can: ``(name, its input size, the multiple its sides need)`` for the first network
+    whose input does not split into its tokens, where the planner's input is its copy of the frames
+    (:func:`planner_size`) and the multiple is the autoencoder's ``factor`` x the patch; ``("plan grid", the
+    planner's input size, its multiple)`` when the planner's token grid (more than one token) has not exactly the
+    aspect ratio of the generator's, which the generator needs to lay a frame's plan tokens out on its own grid
+    (``plan_layout``: its cross-attention RoPE, ``models.generator.plan_grid``)."""
+    sizes = {"generator": (height, width), "planner": planner_size(height, width, planner_resolution)}
+    grids = {}
+    for name in ("generator", "planner"):
         if name in patches:
-            step = factor * patches[name]
-            if size[0] % step or size[1] % step:
-                return name, size, step
+            (h, w), step = sizes[name], factor * patches[name]
+            if h % step or w % step:
+                return name, (h, w), step
+            grids[name] = (h // step, w // step)
+    if plan_layout and len(grids) == 2:
+        (gh, gw), (ph, pw) = grids["generator"], grids["planner"]
+        if ph * pw > 1 and ph * gw != pw * gh:
+            return "plan grid", sizes["planner"], factor * patches["planner"]
     return None
 
 

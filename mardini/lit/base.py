@@ -197,9 +197,19 @@ class MarDiniBase(L.LightningModule):
         from mardini.data.transforms import unsplit_input
 
         patches = {n: self.networks[n].cfg.patch_size for n in ("generator", "planner") if n in self.networks}
-        unsplit = unsplit_input(h, w, f, patches, low)
+        layout = "generator" not in self.networks or self.networks["generator"].cfg.cross_rope
+        unsplit = unsplit_input(h, w, f, patches, low, layout)
         if unsplit is not None:
             name, size, step = unsplit
+            if name == "plan grid":
+                g = f * patches["generator"]
+                raise ValueError(
+                    f"data.resolution={resolution} gives the generator a {h // g}x{w // g} token grid, but the "
+                    f"planner's {size[0]}x{size[1]} copy (short side model.planner_resolution={low}) a "
+                    f"{size[0] // step}x{size[1] // step} one, of another aspect ratio; the generator lays the plan "
+                    "out on its grid: use a data.resolution whose token grid keeps its aspect ratio at the planner's "
+                    "short side (e.g. a square one)"
+                )
             key = "data.resolution" if name == "generator" else "model.planner_resolution"
             raise ValueError(
                 f"{key}={size[0] if size[0] == size[1] else size} is not divisible by {step} (the autoencoder's "

@@ -266,20 +266,25 @@ class MarDiniPipeline:
 
     def size_problem(self, height: int, width: int) -> str | None:
         """Why frames of ``height x width`` cannot be sampled (sides that do not split into the generator's
-        tokens, or a planner copy that does not split into the planner's), or None when they can."""
+        tokens, a planner copy that does not split into the planner's, or a plan token grid of another aspect
+        ratio than the generator's: :func:`~mardini.data.transforms.unsplit_input`), or None when they can."""
         f = self.autoencoder.downsample
         patches = {"generator": self.generator.cfg.patch_size}
         if self.planner is not None:
             patches["planner"] = self.planner.cfg.patch_size
-        unsplit = unsplit_input(height, width, f, patches, self.planner_resolution)
+        unsplit = unsplit_input(height, width, f, patches, self.planner_resolution, self.generator.cfg.cross_rope)
         if unsplit is None:
             return None
         name, (h, w), step = unsplit
+        copy = f"the planner's copy of {height}x{width} frames is {h}x{w} (short side {self.planner_resolution})"
+        if name == "plan grid":
+            g = f * patches["generator"]
+            return (f"{copy}, a {h // step}x{w // step} plan token grid, not of the aspect ratio of the generator's "
+                    f"{height // g}x{width // g} token grid, on which the generator lays the plan out")
         why = f"both sides must be multiples of {step} (the autoencoder's factor {f} x the {name}'s patch {patches[name]})"
         if name == "generator":
             return f"{height}x{width} frames do not split into the generator's tokens: {why}"
-        return (f"the planner's copy of {height}x{width} frames is {h}x{w} (short side {self.planner_resolution}), "
-                f"which does not split into the planner's tokens: {why}")
+        return f"{copy}, which does not split into the planner's tokens: {why}"
 
     def nearest_size(self, height: int, width: int, reach: int = 8) -> tuple[int, int] | None:
         """The size nearest to ``height x width`` (fewest pixels of change) that :meth:`size_problem` accepts,
