@@ -231,6 +231,9 @@ def test_clear_errors(pipe, ckpts, tmp_path):
         pipe.generate((v + 1) * 127.5, MASK, steps=1, progress=False)
     with pytest.raises(ValueError, match="power of 2"):
         pipe.slow_motion(v, factor=3)
+    for scale in (float("nan"), float("inf"), -1.0, "2"):  # NaN gave an all-NaN video, -1 was accepted
+        with pytest.raises(ValueError, match=r"guidance_scale must be a finite number >= 0.*got"):
+            pipe.generate(v, MASK, steps=1, guidance_scale=scale, progress=False)
     planning = make_checkpoint(tmp_path / "planning.ckpt", "planning", frames=T, size=S)
     with pytest.raises(ValueError, match="'planning' warm-up checkpoint.*cannot sample"):
         MarDiniPipeline.from_checkpoint(planning)

@@ -10,6 +10,8 @@ latents are kept, and their pixels are the inputs).
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -249,6 +251,9 @@ class MarDiniPipeline:
             raise ValueError(f"{t} frames is more than the checkpoint's trained window of {self.window} frames; "
                              f"sample at most {self.window} frames per window, or use long_video / slow_motion "
                              "(sample.py long_video | slow_motion), which go window by window")
+        if not (isinstance(scale, numbers.Real) and math.isfinite(scale) and scale >= 0):
+            raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance, 2.5 for image_to_video "
+                             f"in the paper), got {scale!r}")
         if self.planner is None and scale != 1.0:
             raise ValueError(f"this '{self.kind}' checkpoint has no planner: it samples plan-free (the learned "
                              f"null plan), so guidance_scale must be 1 (got {scale}); use a joint checkpoint "
