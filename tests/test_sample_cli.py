@@ -138,6 +138,25 @@ def test_bad_videos_fail_with_the_fix(env, tmp_path):
         _run(env, tmp_path, "expand", "--video", str(broken))
 
 
+def test_unreadable_inputs_and_settings_are_user_errors(env, tmp_path):
+    """Each of these ended in a raw traceback (PIL, torch, or a FileExistsError after all the sampling)."""
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    for bad in (env["video"], str(empty)):
+        with pytest.raises(ValueError, match=rf"image {bad} could not be read as an image.*--video"):
+            _run(env, tmp_path, "image_to_video", "--images", bad)
+    tensor = tmp_path / "t.pt"
+    torch.save(torch.zeros(3), tensor)
+    with pytest.raises(ValueError, match="t.pt is not a MarDini checkpoint \\(it holds a Tensor.*written by train.py"):
+        main(["image_to_video", "--ckpt", str(tensor), "--images", env["images"][0]])
+    missing = str(tmp_path / "no.ckpt")  # never read: these are checked before the checkpoint loads
+    with pytest.raises(ValueError, match="device must be cpu, cuda, cuda:N .*got 'gpu'"):
+        main(["image_to_video", "--ckpt", missing, "--images", env["images"][0], "--device", "gpu"])
+    for out in (empty, empty / "below"):
+        with pytest.raises(ValueError, match=f"--out {out}: {empty} is a file, not a folder"):
+            main(["image_to_video", "--ckpt", missing, "--images", env["images"][0], "--out", str(out)])
+
+
 def test_clear_errors(env, tmp_path):
     with pytest.raises(ValueError, match="images have different sizes"):
         _run(env, tmp_path, "interpolate", "--images", env["images"][0], env["small"])

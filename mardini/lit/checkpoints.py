@@ -74,6 +74,11 @@ def check_metadata(
 
     ``exact_size=False`` (a stage starting from another stage's networks) also accepts a size with the same weights
     (:func:`mardini.models.registry.same_weights`: the ST and T variants of a paper size)."""
+    if not isinstance(checkpoint, dict):
+        raise ValueError(
+            f"{path} is not a MarDini checkpoint (it holds a {type(checkpoint).__name__}, not the dict of weights and "
+            f"'mardini' metadata train.py writes); expected a {' or '.join(kinds)} checkpoint written by train.py"
+        )
     meta = checkpoint.get("mardini")
     if not isinstance(meta, dict) or "kind" not in meta:
         raise ValueError(

@@ -30,8 +30,8 @@ from mardini.pipeline.inputs import (
     read_shard_clips,
     read_video,
 )
-from mardini.pipeline.outputs import write_outputs
-from mardini.pipeline.pipeline import MarDiniPipeline
+from mardini.pipeline.outputs import check_out_dir, write_outputs
+from mardini.pipeline.pipeline import MarDiniPipeline, resolve_device
 
 TASKS = ("generate", "interpolate", "image_to_video", "expand", "long_video", "slow_motion")
 
@@ -206,9 +206,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     a = parser.parse_args(argv)
     check_options(a, parser)
+    out_dir = a.out or Path("outputs/samples") / a.task
+    check_out_dir(out_dir)  # these before the checkpoint loads, so that no mistake waits for it (or for sampling)
+    device = resolve_device(a.device)
     started = time.perf_counter()
     dtype = torch.bfloat16 if a.bf16 else torch.float32
-    pipe = MarDiniPipeline.from_checkpoint(a.ckpt, ema=not a.no_ema, device=a.device, dtype=dtype)
+    pipe = MarDiniPipeline.from_checkpoint(a.ckpt, ema=not a.no_ema, device=device, dtype=dtype)
     size = parse_size(a.resolution) or pipe.resolution
     given, names, positions, notes = load_inputs(a, pipe, size)
     for note in notes:
@@ -239,7 +242,6 @@ def main(argv: list[str] | None = None) -> dict:
         "task_options": {"index": a.index, "total": a.total, "context": a.context, "factor": a.factor},
         "seconds": round(time.perf_counter() - started, 3),
     }
-    out_dir = a.out or Path("outputs/samples") / a.task
     record = write_outputs(out_dir, a.task, videos, torch.cat(masks), labels, settings, a.fps or pipe.fps or 8.0)
     print(f"[sample] wrote {len(videos)} video(s) ({videos.shape[1]} frames, {videos.shape[-2]}x{videos.shape[-1]}) "
           f"to {out_dir}/: mp4, gif, contact_sheet.png, settings.json")

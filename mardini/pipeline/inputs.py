@@ -59,8 +59,12 @@ def read_images(paths: list[str | Path]) -> np.ndarray:
     for p in paths:
         if not Path(p).is_file():
             raise FileNotFoundError(f"image {p} does not exist")
-        with Image.open(p) as img:
-            arrays.append(np.asarray(img.convert("RGB")))  # (H, W, 3)
+        try:
+            with Image.open(p) as img:
+                arrays.append(np.asarray(img.convert("RGB")))  # (H, W, 3)
+        except OSError as e:  # PIL.UnidentifiedImageError (a video, an empty file) or a truncated image
+            raise ValueError(f"image {p} could not be read as an image ({type(e).__name__}: {e}); give image files "
+                             "(PNG, JPEG, ...), or a video with --video") from e
         sizes[str(p)] = arrays[-1].shape[:2]
     if len(set(sizes.values())) > 1:
         listing = ", ".join(f"{p}: {h}x{w}" for p, (h, w) in sizes.items())

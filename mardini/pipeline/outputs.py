@@ -11,6 +11,14 @@ import torch
 from mardini.visualize import contact_sheet, save_gif, save_mp4
 
 
+def check_out_dir(out: Path) -> None:
+    """Raise a ValueError when ``out`` cannot be the output folder (it, or the nearest existing folder above it,
+    is a file): checked before sampling, so that no run ends there."""
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, not a folder; pass a folder (created if missing)")
+
+
 def write_outputs(out: Path, task: str, videos: torch.Tensor, given: torch.Tensor, labels: list[str],
                   settings: dict, fps: float) -> dict:
     """Write every sample of ``videos (N, T, 3, H, W)`` in [-1, 1]; ``given (N, T)`` bool marks the given frames.

@@ -44,7 +44,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """``"auto"``/None = CUDA when available, else CPU."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be cpu, cuda, cuda:N (a GPU's index) or auto, got {device!r}") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} asked for, but torch finds no CUDA GPU here (torch {torch.__version__}, "
                          "CUDA build: " + str(torch.version.cuda) + "); use --device cpu or auto")
