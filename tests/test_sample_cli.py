@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -119,9 +120,9 @@ def test_cuda_without_a_gpu_is_a_clear_error(env, tmp_path):
 
 
 def test_ignored_or_reversed_inputs_fail(env, tmp_path):
-    with pytest.raises(SystemExit, match="--keep picks given frames among those of --video or --shards"):
+    with pytest.raises(ValueError, match="--keep picks given frames among those of --video or --shards"):
         _run(env, tmp_path, "image_to_video", "--images", env["images"][0], "--keep", "2")
-    with pytest.raises(SystemExit, match="--resize stretch does not apply to --shards"):
+    with pytest.raises(ValueError, match="--resize stretch does not apply to --shards"):
         _run(env, tmp_path, "generate", "--shards", env["shards"], "--keep", "0,3", "--resize", "stretch")
     with pytest.raises(ValueError, match="runs backwards: write the lower index first \\(1-3\\)"):
         _run(env, tmp_path, "expand", "--video", env["video"], "--keep", "3-1")
@@ -157,6 +158,25 @@ def test_unreadable_inputs_and_settings_are_user_errors(env, tmp_path):
             main(["image_to_video", "--ckpt", missing, "--images", env["images"][0], "--out", str(out)])
 
 
+@pytest.mark.parametrize("args, message", [
+    (["interpolate", "--images", "IMG0"], "interpolate needs 2 given frame\\(s\\), got 1"),
+    (["image_to_video", "--video", "VIDEO", "--keep", "0,3"], "image_to_video needs 1 given frame\\(s\\), got 2"),
+    (["slow_motion", "--video", "VIDEO", "--keep", "2"], "slow_motion needs at least 2 given frame\\(s\\), got 1"),
+    (["generate", "--video", "VIDEO"], "generate needs --keep"),
+    (["generate", "--images", "IMG0", "IMG1", "--keep", "0"], "one --keep index \\(window position\\) per image: 1 for 2"),
+    (["interpolate", "--images", "IMG0", "--video", "VIDEO"], "give exactly one input"),
+])
+def test_task_input_mistakes_are_user_errors_before_loading(env, tmp_path, capsys, args, message):
+    """They were SystemExits (exit 1, no 'sample.py: error:') raised after the checkpoint loaded."""
+    from mardini.user_errors import run_reporting_user_errors
+
+    names = {"IMG0": env["images"][0], "IMG1": env["images"][1], "VIDEO": env["video"]}
+    argv = [names.get(x, x) for x in args] + ["--ckpt", str(tmp_path / "never_read.ckpt")]
+    assert run_reporting_user_errors("sample.py", lambda: main(argv)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sample.py: error: ") and re.search(message, err), err
+
+
 def test_clear_errors(env, tmp_path):
     with pytest.raises(ValueError, match="images have different sizes"):
         _run(env, tmp_path, "interpolate", "--images", env["images"][0], env["small"])
@@ -166,8 +186,6 @@ def test_clear_errors(env, tmp_path):
         _run(env, tmp_path, "generate", "--video", env["video"], "--keep", "0-4")
     with pytest.raises(ValueError, match="--resize crop"):
         _run(env, tmp_path, "interpolate", "--images", *env["images"], "--resize", "none")
-    with pytest.raises(SystemExit, match="interpolate needs 2 given frame"):
-        _run(env, tmp_path, "interpolate", "--images", env["images"][0])
     planning = make_checkpoint(env["root"] / "planning.ckpt", "planning", frames=5, size=16)
     with pytest.raises(ValueError, match="'planning' warm-up checkpoint.*cannot sample"):
         main(["interpolate", "--ckpt", str(planning), "--images", *env["images"]])

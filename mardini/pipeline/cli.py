@@ -90,17 +90,39 @@ def default_keep(task: str, read: int) -> list[int] | None:
             "long_video": [0], "slow_motion": list(range(read))}.get(task)
 
 
+# task -> (test of the number of given frames, what it needs)
+GIVEN_RULES = {"interpolate": (lambda n: n == 2, "2"), "image_to_video": (lambda n: n == 1, "1"),
+               "slow_motion": (lambda n: n >= 2, "at least 2")}
+
+
+def check_inputs(a: argparse.Namespace) -> None:
+    """Input choices that cannot work raise a ValueError naming the fix, before the checkpoint loads. (The task's
+    default --keep always gives a number of frames it accepts.)"""
+    if len([x for x in (a.images, a.video, a.shards) if x]) != 1:
+        raise ValueError("give exactly one input: --images, --video or --shards")
+    keep = parse_indices(a.keep)
+    if a.images and keep is not None and a.task != "generate":
+        raise ValueError(f"--keep picks given frames among those of --video or --shards; with --images every "
+                         f"image is given ({a.task} places them itself): drop --keep, or use the generate task")
+    if a.shards and a.resize != "crop":
+        raise ValueError(f"--resize {a.resize} does not apply to --shards: shard clips are centre-cropped to the "
+                         "sampling size, as in validation; drop --resize")
+    if a.task == "generate" and keep is None:
+        raise ValueError("generate needs --keep: the window positions of the --images, or the indices of the given "
+                         "frames among those read from --video or --shards")
+    n = len(a.images) if a.images else None if keep is None else len(keep)
+    if a.task == "generate" and a.images and len(keep) != n:
+        raise ValueError(f"generate needs one --keep index (window position) per image: {len(keep)} for {n} image(s)")
+    rule = GIVEN_RULES.get(a.task)
+    if rule and n is not None and not rule[0](n):
+        raise ValueError(f"{a.task} needs {rule[1]} given frame(s), got {n}; check --images / --keep")
+
+
 def load_inputs(a, pipe: MarDiniPipeline, size) -> tuple[torch.Tensor, list[str], list[int] | None, list[str]]:
     """``given (B, n, 3, H, W)`` in [-1, 1], clip names, the given frames' indices among those read (for generate:
-    their window positions), notes."""
-    sources = [x for x in (a.images, a.video, a.shards) if x]
-    if len(sources) != 1:
-        raise SystemExit("give exactly one input: --images, --video or --shards")
+    their window positions), notes. The inputs passed :func:`check_inputs`."""
     read = a.frames or pipe.window
     if a.images:
-        if a.keep is not None and a.task != "generate":
-            raise SystemExit(f"--keep picks given frames among those of --video or --shards; with --images every "
-                             f"image is given ({a.task} places them itself): drop --keep, or use the generate task")
         frames, note = fit_frames(read_images(a.images), size, a.resize, f"{len(a.images)} image(s)")
         keep = parse_indices(a.keep)
         return frames[None], ["images"], keep, [note]
@@ -109,20 +131,15 @@ def load_inputs(a, pipe: MarDiniPipeline, size) -> tuple[torch.Tensor, list[str]
         clips, names = frames[None], [Path(a.video).stem]
     else:
         if size is None:
-            raise SystemExit("--shards needs a sampling size: pass --resolution (the checkpoint does not record one)")
-        if a.resize != "crop":
-            raise SystemExit(f"--resize {a.resize} does not apply to --shards: shard clips are centre-cropped to the "
-                             "sampling size, as in validation; drop --resize")
+            raise ValueError("--shards needs a sampling size: pass --resolution (the checkpoint does not record one)")
         clips, names = read_shard_clips(a.shards, a.clips, read, pipe.fps, size)
         note = f"{len(names)} clip(s) of {read} frames from {a.shards} at {size[0]}x{size[1]} (centre crop)"
         if len(names) < a.clips:
             note += f"; --clips {a.clips} asked for, the split gives {len(names)}"
     keep = parse_indices(a.keep) or default_keep(a.task, clips.shape[1])
-    if keep is None:
-        raise SystemExit(f"{a.task} needs --keep: the indices of the given frames among the {clips.shape[1]} read")
     bad = [i for i in keep if not 0 <= i < clips.shape[1]]
     if bad:
-        raise SystemExit(f"--keep indices {bad} are outside the {clips.shape[1]} frames read (0..{clips.shape[1] - 1})")
+        raise ValueError(f"--keep indices {bad} are outside the {clips.shape[1]} frames read (0..{clips.shape[1] - 1})")
     return clips[:, keep], names, keep, [note]
 
 
@@ -136,27 +153,17 @@ def run_task(a, pipe: MarDiniPipeline, given: torch.Tensor, positions, seeds: li
     n = given.shape[1]
     task, k = a.task, a.num_samples
     kw = dict(kw, seed=seeds, num_samples=k)
-
-    def need(count: str, ok: bool) -> None:
-        if not ok:
-            raise SystemExit(f"{task} needs {count} given frame(s), got {n}; check --images / --keep")
-
     if task == "generate":
-        if positions is None:
-            raise SystemExit("generate needs --keep: the window positions of the given frames")
         frames = a.frames or (max(positions) + 1 if a.images else pipe.window)
-        need(f"{len(positions)} (one per --keep index)", len(positions) == n)
         mask = mask_from_given(frames, positions)  # (T,)
         video = given.new_zeros(given.shape[0], frames, *given.shape[2:])  # (B, T, 3, H, W)
         video[:, positions] = given
         out = pipe.generate(video, mask[None].expand(given.shape[0], -1).clone(), **kw)
         return out, (~mask)[None].expand(out.shape[0], -1)
     if task == "interpolate":
-        need("2", n == 2)
         out = pipe.interpolate(given[:, 0], given[:, 1], frames=a.frames, **kw)
         idx = [0, out.shape[1] - 1]
     elif task == "image_to_video":
-        need("1", n == 1)
         out = pipe.image_to_video(given[:, 0], frames=a.frames, index=a.index, **kw)
         idx = [a.index % out.shape[1]]
     elif task == "expand":
@@ -167,7 +174,6 @@ def run_task(a, pipe: MarDiniPipeline, given: torch.Tensor, positions, seeds: li
         out = pipe.long_video(given, total_frames=total, context=a.context, window=a.frames, **kw)
         idx = list(range(n))
     else:
-        need("at least 2", n >= 2)
         out = pipe.slow_motion(given, factor=a.factor, **kw)
         idx = list(range(0, out.shape[1], a.factor))
     mask = torch.zeros(out.shape[:2], dtype=torch.bool)
@@ -206,6 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     a = parser.parse_args(argv)
     check_options(a, parser)
+    check_inputs(a)
     out_dir = a.out or Path("outputs/samples") / a.task
     check_out_dir(out_dir)  # these before the checkpoint loads, so that no mistake waits for it (or for sampling)
     device = resolve_device(a.device)
