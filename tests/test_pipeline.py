@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -152,7 +154,7 @@ def test_every_size_the_check_accepts_samples_and_every_one_it_refuses_fails(pip
     mask = torch.tensor([[False, True]])
     for h in sides:
         for w in sides:
-            video = torch.zeros(1, 2, 3, h, w)
+            video = torch.full((1, 2, 3, h, w), -0.5)
             if (h, w) in accepted:
                 assert pipe.generate(video, mask, steps=1, progress=False).shape == video.shape, (h, w)
             else:
@@ -161,7 +163,7 @@ def test_every_size_the_check_accepts_samples_and_every_one_it_refuses_fails(pip
     assert "plan token grid, not of the aspect ratio of the generator's 13x16" in pipe.size_problem(13 * step, 16 * step)
     near = pipe.nearest_size(12 * step, 16 * step)  # was 13x16 tokens, which failed to sample
     assert pipe.size_problem(*near) is None and near != (13 * step, 16 * step)
-    assert pipe.generate(torch.zeros(1, 2, 3, *near), mask, steps=1, progress=False).shape[-2:] == near
+    assert pipe.generate(torch.full((1, 2, 3, *near), -0.5), mask, steps=1, progress=False).shape[-2:] == near
 
 
 def test_ancestral_eta_is_seeded_per_clip_and_sample(pipe):
@@ -237,6 +239,17 @@ def test_clear_errors(pipe, ckpts, tmp_path):
     planning = make_checkpoint(tmp_path / "planning.ckpt", "planning", frames=T, size=S)
     with pytest.raises(ValueError, match="'planning' warm-up checkpoint.*cannot sample"):
         MarDiniPipeline.from_checkpoint(planning)
+
+
+def test_frames_in_0_1_warn_once_per_call(pipe):
+    """[0, 1] frames (torchvision's ToTensor) passed the [-1, 1] check and gave a washed-out video silently."""
+    v = _video()
+    with pytest.warns(UserWarning, match=r"every given pixel is >= 0.*x \* 2 - 1") as caught:
+        pipe.generate((v + 1) / 2, MASK, steps=1, progress=False)
+    assert len(caught) == 1 and caught[0].filename == __file__  # it points at the call
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.generate(v, MASK, steps=1, progress=False)
 
 
 def test_generation_checkpoint_samples_plan_free_only(ckpts):

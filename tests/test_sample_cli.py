@@ -177,6 +177,20 @@ def test_task_input_mistakes_are_user_errors_before_loading(env, tmp_path, capsy
     assert err.startswith("sample.py: error: ") and re.search(message, err), err
 
 
+def test_16_bit_and_float_images_are_scaled_not_saturated(tmp_path):
+    """img.convert("RGB") clipped a 16-bit PNG's pixels to 255 (and a float TIFF's to 0)."""
+    from mardini.pipeline.inputs import read_images
+
+    grey16, grey_f, bad = tmp_path / "grey16.png", tmp_path / "grey.tiff", tmp_path / "bad.tiff"
+    Image.fromarray(np.array([[0, 32768, 65535]], np.uint16)).save(grey16)
+    Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32)).save(grey_f)
+    for path in (grey16, grey_f):
+        assert read_images([path])[0, 0].tolist() == [[0] * 3, [128] * 3, [255] * 3]
+    Image.fromarray(np.array([[0.0, 2.0]], np.float32)).save(bad)
+    with pytest.raises(ValueError, match=r"bad.tiff \(F\) has pixels in \[0, 2\], outside \[0, 1\]"):
+        read_images([bad])
+
+
 def test_clear_errors(env, tmp_path):
     with pytest.raises(ValueError, match="images have different sizes"):
         _run(env, tmp_path, "interpolate", "--images", env["images"][0], env["small"])

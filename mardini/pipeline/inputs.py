@@ -61,7 +61,7 @@ def read_images(paths: list[str | Path]) -> np.ndarray:
             raise FileNotFoundError(f"image {p} does not exist")
         try:
             with Image.open(p) as img:
-                arrays.append(np.asarray(img.convert("RGB")))  # (H, W, 3)
+                arrays.append(_rgb8(img, p))  # (H, W, 3)
         except OSError as e:  # PIL.UnidentifiedImageError (a video, an empty file) or a truncated image
             raise ValueError(f"image {p} could not be read as an image ({type(e).__name__}: {e}); give image files "
                              "(PNG, JPEG, ...), or a video with --video") from e
@@ -71,6 +71,19 @@ def read_images(paths: list[str | Path]) -> np.ndarray:
         raise ValueError(f"the images have different sizes ({listing}); give images of one size "
                          "(e.g. frames of one video), or resize them to one size first")
     return np.stack(arrays)  # (n, H, W, 3)
+
+
+def _rgb8(img, path) -> np.ndarray:
+    """uint8 ``(H, W, 3)`` of a PIL image. 16-bit grey (modes ``I;16*``, ``I``: 16-bit PNG, TIFF) is scaled from
+    [0, 65535] and float grey (``F``) from [0, 1], which ``img.convert("RGB")`` would clip to white or black."""
+    if not (img.mode.startswith("I") or img.mode == "F"):
+        return np.asarray(img.convert("RGB"))
+    x = np.asarray(img, dtype=np.float64)  # (H, W)
+    top = 1.0 if img.mode == "F" else 65535.0
+    if x.size and (x.min() < 0 or x.max() > top):
+        raise ValueError(f"image {path} ({img.mode}) has pixels in [{x.min():g}, {x.max():g}], outside [0, {top:g}]; "
+                         "save it as an 8-bit RGB image")
+    return np.repeat(np.round(x * (255 / top)).astype(np.uint8)[..., None], 3, axis=-1)  # (H, W, 3)
 
 
 def read_video(path: str | Path, frames: int, start: int = 0, stride: int = 1) -> np.ndarray:

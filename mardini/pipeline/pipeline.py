@@ -13,6 +13,7 @@ import contextlib
 import math
 import numbers
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -267,6 +268,10 @@ class MarDiniPipeline:
         if not bool(torch.isfinite(given).all()) or given.abs().max() > 1.0 + 1e-3:
             raise ValueError(f"given frames must be finite pixels in [-1, 1], got [{given.min():.3g}, "
                              f"{given.max():.3g}]; scale [0, 1] images with 2 x - 1, uint8 with x / 127.5 - 1")
+        if given.numel() and given.min() >= 0:
+            warnings.warn(f"every given pixel is >= 0 ([{given.min():.3g}, {given.max():.3g}]): frames in [0, 1] "
+                          "(e.g. torchvision's ToTensor) give a washed-out video; the pipeline reads [-1, 1], so pass "
+                          "x * 2 - 1", stacklevel=6)  # generate's caller (through no_grad's wrappers)
         if self.planner is not None and max(video.shape[-2:]) < self.planner_resolution:
             raise ValueError(f"frames of {tuple(video.shape[-2:])} are smaller than the planner's resolution "
                              f"{self.planner_resolution}; sample at the training resolution {self.resolution}")
