@@ -206,6 +206,14 @@ def test_named_tasks(pipe):
         assert torch.equal(out[:, ::factor], v)
 
 
+def test_long_video_from_one_image(pipe):
+    """A (3, H, W) image was refused although the docstring said one image is fine; (n, 3, H, W) is one clip."""
+    image = _video(1, 1)[0, 0]  # (3, H, W)
+    out = pipe.long_video(image, total_frames=7, steps=1, progress=False)
+    assert out.shape == (1, 7, 3, S, S) and torch.equal(out[0, 0], image)
+    assert torch.equal(out, pipe.long_video(image[None], total_frames=7, steps=1, progress=False))
+
+
 def test_long_video_reuses_last_frames_as_references(pipe):
     v = _video(1, 2)
     seen = []

@@ -227,11 +227,13 @@ class MarDiniPipeline:
         return tasks.image_to_video(self, image, frames, index, **kw)
 
     def expand(self, prefix, frames=None, **kw) -> torch.Tensor:
-        """Continue a prefix ``(B, n, 3, H, W)`` to ``frames`` frames (one window)."""
+        """Continue a prefix ``(B, n, 3, H, W)`` (or ``(n, 3, H, W)``, ``(3, H, W)``: one clip) to ``frames`` frames
+        (one window)."""
         return tasks.expand(self, prefix, frames, **kw)
 
     def long_video(self, prefix, total_frames, context=None, **kw) -> torch.Tensor:
-        """Continue a prefix to ``total_frames`` by windows that reuse the last ``context`` frames."""
+        """Continue a prefix to ``total_frames`` by windows that reuse the last ``context`` frames. ``prefix``:
+        ``(B, n, 3, H, W)``, ``(n, 3, H, W)`` (n frames of ONE clip, not B images) or one image ``(3, H, W)``."""
         return tasks.long_video(self, prefix, total_frames, context, **kw)
 
     def slow_motion(self, video, factor=2, **kw) -> torch.Tensor:

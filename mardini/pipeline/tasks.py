@@ -30,10 +30,10 @@ def _images(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _clips(x: torch.Tensor, name: str) -> torch.Tensor:
-    """``(n, 3, H, W)`` or ``(B, n, 3, H, W)`` -> ``(B, n, 3, H, W)``."""
-    x = x[None] if x.dim() == 4 else x
+    """``(3, H, W)`` (one frame), ``(n, 3, H, W)`` (n frames of one clip) or ``(B, n, 3, H, W)`` -> ``(B, n, 3, H, W)``."""
+    x = x[None, None] if x.dim() == 3 else x[None] if x.dim() == 4 else x
     if x.dim() != 5 or x.shape[2] != 3:
-        raise ValueError(f"{name} must be (n, 3, H, W) or (B, n, 3, H, W), got {tuple(x.shape)}")
+        raise ValueError(f"{name} must be (3, H, W), (n, 3, H, W) or (B, n, 3, H, W), got {tuple(x.shape)}")
     return x
 
 
@@ -106,7 +106,8 @@ def long_video(pipe, prefix: torch.Tensor, total_frames: int, context: int | Non
     """Autoregressive expansion: each window gives the last ``context`` frames so far and generates the rest.
 
     Args:
-        prefix: ``(B, n, 3, H, W)`` or ``(n, 3, H, W)`` given frames (one image is fine).
+        prefix: ``(B, n, 3, H, W)``, ``(n, 3, H, W)`` or one image ``(3, H, W)``. A 4-D prefix is n frames of
+            one clip, unlike the ``(B, 3, H, W)`` images of :func:`interpolate` / :func:`image_to_video`.
         total_frames: length of the output, > n. context: frames carried into each next window
             (default: half the window). window: frames per window (default: the trained window).
     Returns ``(B*k, total_frames, 3, H, W)``; the prefix frames are the inputs.
