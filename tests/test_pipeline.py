@@ -166,6 +166,24 @@ def test_every_size_the_check_accepts_samples_and_every_one_it_refuses_fails(pip
     assert pipe.generate(torch.full((1, 2, 3, *near), -0.5), mask, steps=1, progress=False).shape[-2:] == near
 
 
+def test_seeds_of_the_wrong_type_or_range_are_named(pipe):
+    """1.5 raised "'float' object is not iterable", "3" "got 1 seeds", 2**64 "Overflow when unpacking long long"."""
+    v = _video()
+    for seed, problem in [(1.5, "an int or a list of ints, one per clip, got 1.5"), ("3", "got '3'"),
+                          ([0, 1.0], "got \\[0, 1.0\\]"), ([0], "one per clip \\(2\\), got 1 seeds"),
+                          (2**64, "in \\[0, 2\\*\\*63\\)"), (-1, "in \\[0, 2\\*\\*63\\)"),
+                          (2**63 - 1, "clip b uses seed \\+ b")]:
+        with pytest.raises(ValueError, match=rf"seeds? must be .*{problem}"):
+            pipe.generate(v, MASK, steps=1, seed=seed, progress=False)
+    with pytest.raises(ValueError, match="an int or a list of ints"):
+        pipe.long_video(v[:1, :1], total_frames=7, steps=1, seed=1.5, progress=False)
+    out = pipe.generate(v, MASK, steps=1, seed=torch.tensor([3, 2**63 - 1]), progress=False)
+    alone = pipe.generate(v[1:], MASK[1:], steps=1, seed=2**63 - 1, progress=False)[0]
+    torch.testing.assert_close(out[1], alone, rtol=0, atol=1e-4)  # the same noise: the largest seed works
+    long = pipe.long_video(v[:1, :1], total_frames=7, steps=1, seed=2**62, progress=False)
+    assert long.shape[1] == 7
+
+
 def test_ancestral_eta_is_seeded_per_clip_and_sample(pipe):
     """eta > 0 draws fresh noise each step, still from the clip's seed: reproducible, independent of the batch
     and of num_samples, and a different sample from deterministic DDIM."""

@@ -196,6 +196,7 @@ OPTION_RULES = {
     "context": (lambda v: v is None or v >= 1, ">= 1"),
     "factor": (lambda v: v >= 2 and v & (v - 1) == 0, "a power of two >= 2 (2, 4, 8, ...)"),
     "fps": (lambda v: v is None or v > 0, "> 0"),
+    "seed": (lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
 }
 
 

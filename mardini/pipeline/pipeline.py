@@ -165,8 +165,6 @@ class MarDiniPipeline:
             raise ValueError(f"eta must be >= 0 (0 = deterministic DDIM, 1 = ancestral sampling), got {eta!r}")
         b, t, _, h, w = video.shape
         seeds = tasks.per_clip_seeds(seed, b)
-        if len(seeds) != b:
-            raise ValueError(f"seed must be an int or one seed per clip ({b}), got {len(seeds)} seeds")
         m = mask.to(self.device).repeat_interleave(num_samples, 0)  # (B*k, T)
         x = video.to(self.device, torch.float32).repeat_interleave(num_samples, 0)  # (B*k, T, 3, H, W)
         x = torch.where(frame_mask(m), torch.zeros((), device=self.device), x)  # masked content never enters

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
 import torch
 
 from mardini.masking import expansion_mask, image_to_video_mask, interpolation_mask
@@ -30,19 +31,33 @@ def _images(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _clips(x: torch.Tensor, name: str) -> torch.Tensor:
-    """``(3, H, W)`` (one frame), ``(n, 3, H, W)`` (n frames of one clip) or ``(B, n, 3, H, W)`` -> ``(B, n, 3, H, W)``."""
+    """``(3, H, W)`` (one frame), ``(n, 3, H, W)`` (n frames of one clip) or ``(B, n, 3, H, W)`` -> the last."""
     x = x[None, None] if x.dim() == 3 else x[None] if x.dim() == 4 else x
     if x.dim() != 5 or x.shape[2] != 3:
         raise ValueError(f"{name} must be (3, H, W), (n, 3, H, W) or (B, n, 3, H, W), got {tuple(x.shape)}")
     return x
 
 
+def _is_int(x) -> bool:
+    """An integer of any kind: ``int``, a numpy integer, a 0-d integer tensor."""
+    return isinstance(x, numbers.Integral) or (torch.is_tensor(x) and x.dim() == 0 and not x.is_floating_point())
+
+
 def per_clip_seeds(seed, batch: int) -> list[int]:
-    """One seed per clip: an integer of any kind (``int``, a numpy integer, a 0-d tensor) gives clip b ``seed + b``;
-    a sequence gives its own seeds."""
-    if isinstance(seed, numbers.Integral) or (torch.is_tensor(seed) and seed.dim() == 0):
-        return [int(seed) + b for b in range(batch)]
-    return [int(s) for s in seed]
+    """One seed per clip: an integer (:func:`_is_int`) gives clip b ``seed + b``; a list (tuple, 1-d tensor or
+    array) of ``batch`` integers gives its own seeds. Seeds must be in [0, 2**63)."""
+    if _is_int(seed):
+        seeds = [int(seed) + b for b in range(batch)]
+    elif isinstance(seed, (list, tuple, torch.Tensor, np.ndarray)) and all(_is_int(s) for s in seed):
+        seeds = [int(s) for s in seed]
+    else:
+        raise ValueError(f"seed must be an int or a list of ints, one per clip, got {seed!r}")
+    if len(seeds) != batch:
+        raise ValueError(f"seed must be an int or a list of ints, one per clip ({batch}), got {len(seeds)} seeds")
+    if not all(0 <= s < 2**63 for s in seeds):
+        raise ValueError(f"seeds must be in [0, 2**63), got {seed!r}" + (f" (clip b uses seed + b, up to {seeds[-1]})"
+                                                                         if _is_int(seed) else ""))
+    return seeds
 
 
 def _seeds(seed, batch: int, *salt: int) -> list[int]:
@@ -120,7 +135,7 @@ def long_video(pipe, prefix: torch.Tensor, total_frames: int, context: int | Non
         raise ValueError(f"total_frames={total_frames} must exceed the {prefix.shape[1]} given frames")
     seeds = _seeds(seed, prefix.shape[0])
     out = prefix.repeat_interleave(num_samples, 0)  # (B*k, n, 3, H, W)
-    row_seeds = [s * 1_000_003 + j for s in seeds for j in range(num_samples)]  # one stream per (clip, sample)
+    row_seeds = [(s * 1_000_003 + j) % 2**63 for s in seeds for j in range(num_samples)]  # per (clip, sample)
     index = 0
     while out.shape[1] < total_frames:
         c = min(context, out.shape[1]) if index else min(out.shape[1], w - 1)
@@ -156,7 +171,7 @@ def slow_motion(pipe, video: torch.Tensor, factor: int = 2, window: int | None =
         raise ValueError(f"slow motion needs a window of at least 3 frames, the checkpoint's is {w}")
     seeds = _seeds(seed, video.shape[0])
     out = video.repeat_interleave(num_samples, 0)  # (B*k, n, 3, H, W)
-    row_seeds = [s * 1_000_003 + j for s in seeds for j in range(num_samples)]
+    row_seeds = [(s * 1_000_003 + j) % 2**63 for s in seeds for j in range(num_samples)]
     for level in range(int(math.log2(factor))):
         out = _double(pipe, out, w, row_seeds, level, **kw)
     return out
