@@ -259,6 +259,14 @@ def test_clear_errors(pipe, ckpts, tmp_path):
         pipe.generate((v + 1) * 127.5, MASK, steps=1, progress=False)
     with pytest.raises(ValueError, match="power of 2"):
         pipe.slow_motion(v, factor=3)
+    with pytest.raises(ValueError, match=r"no clips: got \(0, 5, 3, 16, 16\)"):  # was torch's max() RuntimeError
+        pipe.generate(v[:0], MASK[:0], steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"got torch.float32 \(2, 5, 16, 16, 3\) \(channels last.*x.permute\(0, 1, 4, 2, 3\)"):
+        pipe.generate(v.permute(0, 1, 3, 4, 2), MASK, steps=1, progress=False)  # was told to convert uint8 frames
+    with pytest.raises(ValueError, match="got torch.uint8 .*x / 127.5 - 1"):
+        pipe.generate(((v + 1) * 127.5).byte(), MASK, steps=1, progress=False)
+    with pytest.raises(ValueError, match="dtype must be one of fp32, float32, bf16, .*got 'fp16'"):  # was a KeyError
+        MarDiniPipeline(pipe.generator, pipe.autoencoder, pipe.planner, dtype="fp16")
     for scale in (float("nan"), float("inf"), -1.0, "2"):  # NaN gave an all-NaN video, -1 was accepted
         with pytest.raises(ValueError, match=r"guidance_scale must be a finite number >= 0.*got"):
             pipe.generate(v, MASK, steps=1, guidance_scale=scale, progress=False)

@@ -90,6 +90,8 @@ class MarDiniPipeline:
         anchor: FrameAnchor | None = None,
     ) -> None:
         self.device = resolve_device(device)
+        if isinstance(dtype, str) and dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (or a torch dtype), got {dtype!r}")
         self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         if self.dtype not in (torch.float32, torch.bfloat16, torch.float64):
             raise ValueError(f"dtype must be float32, bfloat16 or float64, got {dtype}")
@@ -243,9 +245,16 @@ class MarDiniPipeline:
     # ----------------------------------------------------------------------------------------------
     def _check(self, video: torch.Tensor, mask: torch.Tensor, scale: float, num_samples: int) -> None:
         if not torch.is_tensor(video) or video.dim() != 5 or video.shape[2] != 3 or not video.is_floating_point():
-            shape = tuple(video.shape) if torch.is_tensor(video) else type(video).__name__
-            raise ValueError(f"video must be a float (B, T, 3, H, W) tensor in [-1, 1], got {shape} "
-                             "(uint8 frames: convert with x / 127.5 - 1)")
+            tensor = torch.is_tensor(video)
+            got = f"{video.dtype} {tuple(video.shape)}" if tensor else type(video).__name__
+            fix = "one window: T frames of B clips"
+            if tensor and video.dim() == 5 and video.shape[-1] == 3:
+                fix = "channels last (B, T, H, W, 3): convert with x.permute(0, 1, 4, 2, 3)"
+            elif tensor and not video.is_floating_point():
+                fix = "uint8 frames: convert with x / 127.5 - 1"
+            raise ValueError(f"video must be a float (B, T, 3, H, W) tensor in [-1, 1], got {got} ({fix})")
+        if video.shape[0] == 0:
+            raise ValueError(f"video holds no clips: got {tuple(video.shape)}; give at least one clip (B >= 1)")
         if not torch.is_tensor(mask) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(video.shape[:2]):
             raise ValueError(f"mask must be a (B, T) = {tuple(video.shape[:2])} bool tensor (True = generate), got "
                              f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
