@@ -12,7 +12,7 @@ from PIL import Image
 
 from mardini.data.synthetic_shards import write_synthetic_split
 from mardini.data.testing import moving_frames, write_video
-from mardini.pipeline.cli import main
+from mardini.pipeline.cli import build_parser, main
 from mardini.visualize import GENERATED_COLOR, GIVEN_COLOR
 from pipeline_helpers import make_checkpoint, one_thread  # noqa: F401 (fixture)
 
@@ -189,6 +189,16 @@ def test_16_bit_and_float_images_are_scaled_not_saturated(tmp_path):
     Image.fromarray(np.array([[0.0, 2.0]], np.float32)).save(bad)
     with pytest.raises(ValueError, match=r"bad.tiff \(F\) has pixels in \[0, 2\], outside \[0, 1\]"):
         read_images([bad])
+
+
+def test_generate_from_images_fills_the_trained_window_by_default(env, tmp_path, capsys):
+    """--keep 0,2 made a 3-frame window although --help says the default is the trained window (5 here)."""
+    assert "default: the trained window" in " ".join(build_parser().format_help().split())
+    record = _run(env, tmp_path, "generate", "--images", *env["images"], "--keep", "0,2")
+    assert record["frames"] == 5 and record["given_positions"] == [0, 2]
+    assert _run(env, tmp_path, "generate", "--images", *env["images"], "--keep", "0,2", "--frames", "3")["frames"] == 3
+    with pytest.raises(ValueError, match="6 frames is more than the checkpoint's trained window of 5"):
+        _run(env, tmp_path, "generate", "--images", *env["images"], "--keep", "0,5")
 
 
 def test_clear_errors(env, tmp_path):

@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--start", type=int, default=0, help="first video frame to read")
     src.add_argument("--stride", type=int, default=1, help="read every stride-th video frame")
     t = p.add_argument_group("task")
-    t.add_argument("--frames", type=int, help="window length (default: the trained window); frames read from a "
-                   "video or shards")
+    t.add_argument("--frames", type=int, help="window length (default: the trained window, also for generate "
+                   "--images, whose --keep positions must lie in it); frames read from a video or shards")
     t.add_argument("--index", type=int, default=0, help="image_to_video: frame index of the given image")
     t.add_argument("--total", type=int, help="long_video: output frames (default: 2 windows)")
     t.add_argument("--context", type=int, help="long_video: frames carried into each next window")
@@ -154,7 +154,7 @@ def run_task(a, pipe: MarDiniPipeline, given: torch.Tensor, positions, seeds: li
     task, k = a.task, a.num_samples
     kw = dict(kw, seed=seeds, num_samples=k)
     if task == "generate":
-        frames = a.frames or (max(positions) + 1 if a.images else pipe.window)
+        frames = a.frames or max(pipe.window, max(positions) + 1)  # beyond the window: the pipeline says so
         mask = mask_from_given(frames, positions)  # (T,)
         video = given.new_zeros(given.shape[0], frames, *given.shape[2:])  # (B, T, 3, H, W)
         video[:, positions] = given
