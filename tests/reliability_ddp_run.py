@@ -1,6 +1,6 @@
 """Child script of tests/test_reliability_ddp.py: 2 CPU processes (gloo, ddp_spawn) on tiny data.
 
-    python reliability_ddp_run.py DATA_ROOT OUT_DIR uneven|raise|templates
+    python reliability_ddp_run.py DATA_ROOT OUT_DIR uneven|raise|templates|rank0_skips_val
 """
 
 import sys
@@ -32,10 +32,25 @@ class RankTemplates(GenerationModule):
         return loss
 
 
+class NothingUsable(torch.utils.data.IterableDataset):
+    """A validation stream whose every sample was skipped (as clips too short for the stage are)."""
+
+    def __iter__(self):
+        return iter(())
+
+
+class Rank0SkipsValidation(VideoDataModule):
+    def val_dataloader(self):
+        if self.trainer.global_rank == 0:
+            return torch.utils.data.DataLoader(NothingUsable(), batch_size=None)
+        return super().val_dataloader()
+
+
 def main(root: str, out: str, mode: str) -> None:
     torch.set_num_threads(1)
     torch.multiprocessing.set_sharing_strategy("file_system")  # fd passing fails where /dev/shm is small
-    dm = VideoDataModule(train_shards=f"{root}/train", val_shards=f"{root}/val", frames=4, fps=8, resolution=16,
+    data = Rank0SkipsValidation if mode == "rank0_skips_val" else VideoDataModule
+    dm = data(train_shards=f"{root}/train", val_shards=f"{root}/val", frames=4, fps=8, resolution=16,
                          batch_size=4, num_workers=0, shuffle_buffer=4, epoch_size=6, val_clips=None)
     module = RankTemplates if mode == "templates" else GenerationModule
     model = module(size="tiny", generator={"depth": 1}, planner_resolution=8, lr=1e-3)
@@ -46,6 +61,7 @@ def main(root: str, out: str, mode: str) -> None:
     trainer.fit(model, datamodule=dm)
     print(f"FINISHED global_step={trainer.global_step}")
     print("LOGGED", sorted(k for k in trainer.callback_metrics if k.startswith("val/loss_")))
+    print("VAL_LOSS", "val/loss" in trainer.callback_metrics)
 
 
 if __name__ == "__main__":

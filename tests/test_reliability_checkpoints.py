@@ -405,3 +405,21 @@ def test_a_checkpoint_is_memory_mapped_and_the_legacy_format_still_reads(tmp_pat
     assert loads == [True]
     assert torch.equal(read_checkpoint(legacy)["state_dict"]["w"], torch.arange(4.0))
     assert loads == [True, True, None]  # refused memory-mapped, read whole
+
+
+def test_a_validation_with_no_usable_clip_is_an_error_not_a_run_without_validation(synth, tmp_path):
+    """Every validation sample skipped (clips too short for the stage, undecodable files): before, the fit trained to
+    its end and never logged val/loss (and with 2 ranks, one without a clip hung the other)."""
+
+    class NothingUsable(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(())
+
+    class SkipsEveryValidationClip(VideoDataModule):
+        def val_dataloader(self):
+            return torch.utils.data.DataLoader(NothingUsable(), batch_size=None)
+
+    dm = _dm(synth)
+    dm.__class__ = SkipsEveryValidationClip
+    with pytest.raises(ValueError, match=r"validation found no usable clip on any rank.*limit_val_batches: 0"):
+        _trainer(tmp_path, 2, limit_val_batches=1.0).fit(_gen(), datamodule=dm)

@@ -74,3 +74,13 @@ def test_a_template_only_some_ranks_validate_does_not_hang(uneven, tmp_path):
     res = _run(uneven, tmp_path, "templates", timeout=150)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "FINISHED" in res.stdout and "LOGGED ['val/loss_interpolation', 'val/loss_random']" in res.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_rank_whose_validation_clips_are_all_skipped_does_not_hang(uneven, tmp_path):
+    """val/loss is reduced over the ranks at the epoch's end: logged (and synced) per batch, the rank without a
+    usable clip never joined the sync and the other waited for ever."""
+    res = _run(uneven, tmp_path, "rank0_skips_val", timeout=150)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "FINISHED" in res.stdout and "VAL_LOSS True" in res.stdout

@@ -281,8 +281,6 @@ class MarDiniBase(L.LightningModule):
         gen = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + batch_idx)
         batch = self.crop_frames(batch, gen)
         per_sample = self.compute_loss(batch, gen, train=False)  # (B,)
-        bs = per_sample.shape[0]
-        self.log("val/loss", per_sample.mean(), sync_dist=True, batch_size=bs, prog_bar=True)
         if self._val_template_sums is None:  # summed here, reduced over the ranks at the epoch's end
             self._val_template_sums = per_sample.new_zeros(len(TEMPLATES), 2, dtype=torch.float32)
         loss_and_count = torch.stack([per_sample.detach().float(), torch.ones_like(per_sample, dtype=torch.float32)], 1)
@@ -452,14 +450,23 @@ class MarDiniBase(L.LightningModule):
         self._log_val_template_losses()
 
     def _log_val_template_losses(self) -> None:
-        """``val/loss_{template}``: the mean over every rank's clips of that template. The sums are reduced first,
-        so every rank logs the same keys: a key logged (and synced) by some ranks only, whose batches happened to
-        draw that template, would leave the others waiting at the sync."""
+        """``val/loss`` and ``val/loss_{template}``: the means over every rank's clips (of that template). The sums
+        are reduced first, on every rank: a rank whose validation batches were all skipped (clips too short for the
+        stage, undecodable), or a key logged by some ranks only, would otherwise leave the others waiting at a
+        sync. No usable validation clip on any rank is an error, not a run without validation."""
         sums = self._val_template_sums
-        if sums is None:  # no validation batch on this rank (check_validation_split refuses such splits)
+        if sums is None:  # no validation batch on this rank
             sums = torch.zeros(len(TEMPLATES), 2, device=self.device)
         if self._trainer is not None and self.trainer.world_size > 1:
             sums = self.trainer.strategy.reduce(sums.clone(), reduce_op="sum")  # (templates, [loss sum, clips])
+        total = sums.sum(0)  # ([loss sum, clips])
+        if total[1] == 0:
+            raise ValueError(
+                "validation found no usable clip on any rank: every validation sample was skipped (the skip lines "
+                "above say why: clips shorter than data.frames at data.fps, undecodable files); check data.val_shards "
+                "against the stage's frames / fps / resolution, or set trainer.limit_val_batches: 0 to train without "
+                "validation")
+        self.log("val/loss", total[0] / total[1], sync_dist=True, prog_bar=True)  # equal on every rank
         for i, name in enumerate(TEMPLATES):
             if sums[i, 1] > 0:
                 self.log(f"val/loss_{name}", sums[i, 0] / sums[i, 1], sync_dist=True)  # equal on every rank
