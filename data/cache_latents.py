@@ -7,14 +7,18 @@
 
 The cache freezes augmentation (centre crop, fixed centred frame selection); train from it with
 ``data.latents=true`` and the same frames/fps/resolution. Re-running resumes (finished shards are kept).
+Exit code 0 with clips cached, 2 on a user error (printed without a traceback): missing shards or autoencoder
+weights, a folder of videos instead of shards, an unusable --device, or settings under which no clip fits.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from mardini.data.latent_cache import cache_latents, load_autoencoder
+from mardini.user_errors import run_reporting_user_errors
 
 
 def _size(text: str) -> int | tuple[int, int]:
@@ -40,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """The summary of :func:`cache_latents`; user errors raise (``__main__`` prints them without a traceback)."""
     a = parse_args(argv)
     kwargs = json.loads(a.autoencoder_kwargs)
     ae = load_autoencoder(a.autoencoder, kwargs)
@@ -54,5 +59,10 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The exit code of the command: 0 with clips cached, 2 on a user error, printed without a traceback."""
+    return run_reporting_user_errors("cache_latents.py", lambda: main(argv))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -220,3 +220,43 @@ def test_a_spec_names_a_class_outside_the_autoencoders_it_is_never_imported(monk
     ours = SpaceToDepthAutoencoder(2).spec()
     assert latent_spec_differences({"class_path": "json.JSONDecoder"}, ours) == ["class"]
     assert "json" not in imported  # a checkpoint or cache file names it: compared by path, not imported
+
+
+def test_a_run_that_caches_no_clip_fails_with_the_reasons_and_leaves_no_manifest(synth, tmp_path):
+    """Clips asked for 40 frames of the synthetic 12-frame clips: every sample is too short; the run must not 'succeed' with nothing."""
+    out = tmp_path / "cache"
+    with pytest.raises(ValueError, match=r"all 8 samples were skipped \(8 x too few frames; e\.g\. .*"
+                                         r"fewer --frames or a higher --fps"):
+        _cache(str(synth / "val"), out, frames="40")
+    assert not (out / "manifest.json").exists() and not list(out.glob("*.tar"))  # nothing for training to find
+    assert _cache(str(synth / "val"), out)["clips"] == 8  # the fixed settings into the same folder are not refused
+
+
+def test_cli_user_errors_exit_2_in_one_line(synth, tmp_path, capsys, monkeypatch):
+    from mardini.autoencoders import pixel_stats
+    from mardini.data.testing import moving_frames, write_video
+
+    monkeypatch.delenv("MARDINI_TRACEBACK", raising=False)
+    base = ["--frames", "4", "--resolution", "16", "--planner-resolution", "8", "--no-progress"]
+    assert _cli().cli([str(synth / "val"), str(tmp_path / "a"), *base, "--frames", "40"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cache_latents.py: error: no clip of") and "too few frames" in err and "Traceback" not in err
+
+    write_video(tmp_path / "videos" / "a.mp4", moving_frames(6, 16, 16), 8)  # videos where shards are expected
+    assert _cli().cli([str(tmp_path / "videos"), str(tmp_path / "b"), *base]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cache_latents.py: error:") and "these are videos" in err and "videos_to_shards.py" in err
+    assert pixel_stats.cli(["--shards", str(tmp_path / "videos"), "--clips", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pixel_stats: error:") and "videos_to_shards.py" in err
+
+    vae = ["--autoencoder", "mardini.autoencoders.DiffusersAutoencoder", "--autoencoder-kwargs",
+           json.dumps({"path": str(tmp_path / "no-vae")})]
+    assert _cli().cli([str(synth / "val"), str(tmp_path / "c"), *base, *vae]) == 2
+    assert capsys.readouterr().err.startswith("cache_latents.py: error: no AutoencoderKL")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without a GPU
+    assert _cli().cli([str(synth / "val"), str(tmp_path / "d"), *base, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cache_latents.py: error: --device cuda: no CUDA GPU") and "use --device cpu" in err
+    assert not (tmp_path / "d").exists()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import torch
 
@@ -76,5 +77,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     return stats
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The exit code of ``python -m mardini.autoencoders.pixel_stats``: 0, or 2 on a user error (missing shards, a
+    folder of videos instead of shards, constant pixels), printed without a traceback."""
+    from mardini.user_errors import run_reporting_user_errors
+
+    return run_reporting_user_errors("pixel_stats", lambda: main(argv))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

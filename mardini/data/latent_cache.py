@@ -84,6 +84,7 @@ def cache_latents(
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     inputs = list_shards(shards)
     out = Path(out)
+    check_device(device)
     ae = autoencoder.to(device).eval()
     info = {
         "autoencoder": _spec(ae),
@@ -97,7 +98,9 @@ def cache_latents(
                              f"{out / Path(shard).name}; cache each shard folder into its own output folder")
         names[Path(shard).name] = shard
     check_manifest(out, info)
-    summary = {"shards": len(inputs), "written": 0, "kept": 0, "clips": 0, "skipped": 0, "empty": []}
+    summary = {"shards": len(inputs), "written": 0, "kept": 0, "clips": 0, "skipped": 0, "empty": [],
+               "reasons": {}}
+    examples: dict[str, str] = {}
     for shard in tqdm(inputs, desc="latent cache", unit="shard", disable=not progress):
         target = out / Path(shard).name
         if target.exists():
@@ -114,11 +117,51 @@ def cache_latents(
         except _NoClip:
             summary["empty"].append(shard)
             continue
+        finally:
+            log = getattr(stream, "skip_log", None)
+            for reason, n in (log.reasons.items() if log is not None else ()):
+                summary["reasons"][reason] = summary["reasons"].get(reason, 0) + n
+                examples.setdefault(reason, log.examples.get(reason, ""))
         summary["written"] += 1
+    if summary["clips"] == 0 and summary["kept"] == 0:
+        _nothing_cached(shards, out, summary, examples, frames, fps)
     if summary["empty"]:
         warnings.warn(f"{len(summary['empty'])} input shard(s) gave no usable clip and were not cached: "
                       f"{summary['empty'][:3]}; rebuild them (data/README.md) or leave them out")
     return summary
+
+
+def check_device(device: str) -> None:
+    """A ValueError naming the fix for a device string torch does not know, or a CUDA device without a GPU."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"--device {device!r} is not a device torch knows ({err}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is visible to torch (torch.cuda.is_available() is False); "
+                         "use --device cpu, or run on a machine with a GPU and a CUDA build of torch")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible; "
+                         f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+
+
+def _nothing_cached(shards: str, out: Path, summary: dict, examples: dict[str, str], frames: int,
+                    fps: float | None) -> None:
+    """Raise the ValueError for a run that cached no clip at all (a folder that training would find empty). The
+    manifest this run wrote goes too when the folder holds no shard, so a re-run with fixed settings is not refused."""
+    if not any(out.glob("*.tar")):
+        (out / "manifest.json").unlink(missing_ok=True)
+    if not summary["skipped"]:
+        raise ValueError(f"{shards} holds no samples: no clip to cache; check the shard folder "
+                         "(data/videos_to_shards.py writes shards from videos)")
+    counts = ", ".join(f"{n} x {reason}" for reason, n in sorted(summary["reasons"].items()))
+    first = next(iter(sorted(examples.items())), ("", ""))[1]
+    raise ValueError(
+        f"no clip of {shards} could be cached with --frames {frames} --fps {fps or 'native'}: all "
+        f"{summary['skipped']} samples were skipped ({counts or 'reasons not recorded'}; e.g. {first}). "
+        "For 'too few frames' ask for fewer --frames or a higher --fps (or rebuild the shards with longer clips, "
+        "data/videos_to_shards.py --clip-frames); otherwise rebuild the shards (data/README.md)"
+    )
 
 
 class _NoClip(Exception):

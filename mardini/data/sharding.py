@@ -29,8 +29,11 @@ def list_shards(pattern: str) -> list[str]:
     if not pattern:
         raise ValueError("empty shard pattern: give a directory, a brace pattern or a glob of .tar files")
     found: list[str] = []
+    videos: list[str] = []  # video files given where shards were asked for
     for part in wds.shardlists.expand_urls(pattern):  # splits '::' and expands braces
-        if os.path.isdir(part):
+        if os.path.isfile(part) and _is_video(part):
+            videos.append(part)
+        elif os.path.isdir(part):
             found.extend(sorted(glob.glob(os.path.join(part, "*.tar"))))
         elif any(ch in part for ch in "*?["):
             found.extend(sorted(glob.glob(part)))
@@ -38,11 +41,25 @@ def list_shards(pattern: str) -> list[str]:
             found.append(part)
     found = sorted(set(found))
     if not found:
+        videos += [part for part in wds.shardlists.expand_urls(pattern) if os.path.isdir(part)
+                   and any(_is_video(str(f)) for f in Path(part).rglob("*"))]
+    if videos:
+        raise FileNotFoundError(
+            f"shard pattern {pattern!r}: {videos[0]} holds video files, not .tar shards; these are videos: turn "
+            "them into shards first with `python data/videos_to_shards.py VIDEOS SHARDS` and give SHARDS here"
+        )
+    if not found:
         raise FileNotFoundError(
             f"shard pattern {pattern!r} matches no shard; check the path, or build the shards first "
             "(python data/make_synthetic.py, data/videos_to_shards.py or data/cache_latents.py)"
         )
     return found
+
+
+def _is_video(path: str) -> bool:
+    from mardini.data.video_shards import VIDEO_EXTENSIONS  # lazy: video_shards imports this module
+
+    return os.path.splitext(path)[1].lower() in VIDEO_EXTENSIONS
 
 
 def split_shards(shards: list[str], rank: int, world_size: int, worker: int, num_workers: int) -> list[str]:

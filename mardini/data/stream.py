@@ -105,6 +105,7 @@ class SkipLog:
         self.muted = False  # a resumed stream replaying what the checkpoint already counted
         self.pending = 0
         self.reasons: Counter[str] = Counter()
+        self.examples: dict[str, str] = {}  # the first detail of each reason
         self.consecutive = 0
         self.max_consecutive = max_consecutive
 
@@ -113,6 +114,7 @@ class SkipLog:
             return
         self.pending += 1
         self.reasons[reason] += 1
+        self.examples.setdefault(reason, detail)
         self.consecutive += 1
         if self.reasons[reason] <= 3:
             log.warning("skipping a bad sample (%s): %s", reason, detail)
@@ -234,6 +236,7 @@ class ClipStream(IterableDataset):
         epoch = self.current_epoch if self.train else 0
         seed = stream_seed(self.state.seed, self.rank, worker, epoch, salt=int(not self.train))
         skips = SkipLog(self.max_consecutive_bad if self.train else 0)
+        self.skip_log = skips  # the reasons of this iteration's skips, for a caller iterating in its own process
         skip_raw, done_batches = self.resume_progress.get(worker, [0, 0]) if self.train else (0, 0)
         shards = self.my_shards(worker, workers)
         share = self.sample_share(worker, workers)
