@@ -251,3 +251,63 @@ def test_cli_clear_errors_for_data_and_weights(shards, tmp_path, monkeypatch, ca
                      "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "weights not found" in err and "make weights" in err and "missing_weights='skip'" in err
+
+
+def test_a_video_file_is_decoded_once_and_only_up_to_its_window(tmp_path, monkeypatch):
+    """A long file must not be decoded whole (a 60-s 720p file took 8.6 GB): the clip needs frames 25..33 of 60."""
+    import av
+
+    from mardini.data import decode
+    from mardini.data.decode import decode_mp4, frame_indices, max_start
+    from mardini.data.transforms import crop_and_resize
+    from mardini.evaluation.data import read_video_clip
+
+    path = write_video(tmp_path / "long.mp4", moving_frames(60, 24, 32), 10)
+    arr = decode_mp4(path.read_bytes())  # (60, H, W, 3): the whole file, as the old reader did
+    idx, _ = frame_indices(10.0, len(arr), None, 9, max_start(10.0, len(arr), None, 9) // 2)
+    expected, _ = crop_and_resize(arr[idx], 16, "center")  # (9, 3, 16, 16)
+
+    decoded: list[int] = []
+
+    class Counting:  # av.open's container, counting the frames it decodes
+        def __init__(self, container):
+            self.container = container
+
+        def __enter__(self):
+            self.container.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.container.__exit__(*exc)
+
+        def __getattr__(self, name):
+            return getattr(self.container, name)
+
+        def decode(self, *args, **kwargs):
+            for frame in self.container.decode(*args, **kwargs):
+                decoded.append(1)
+                yield frame
+
+    monkeypatch.setattr(decode, "av", type("av", (), {"open": staticmethod(lambda *a, **k: Counting(av.open(*a, **k)))}))
+    clip = read_video_clip(str(path), 9, None, 16)  # (9, 3, 16, 16)
+    assert list(idx) == list(range(25, 34)) and np.array_equal(clip.numpy(), expected.numpy())
+    assert len(decoded) <= 35  # one pass, stopped after the window's last frame (index 33)
+
+
+def test_an_audio_only_file_is_an_unusable_video_with_no_video_stream(tmp_path):
+    from mardini.evaluation.data import usable_videos
+
+    import av
+
+    audio = tmp_path / "videos" / "audio.mp4"
+    audio.parent.mkdir()
+    with av.open(str(audio), mode="w") as c:
+        s = c.add_stream("aac", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.rate = 8000
+        for packet in [*s.encode(frame), *s.encode(None)]:
+            c.mux(packet)
+    video = write_video(tmp_path / "videos" / "v.mp4", moving_frames(12, 24, 32), 10)
+    skipped: dict[str, str] = {}
+    assert usable_videos([str(audio), str(video)], 9, None, 16, 2, skipped) == [str(video)]
+    assert skipped == {str(audio): "no video stream"}

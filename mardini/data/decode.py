@@ -156,17 +156,20 @@ def npy_header(data: bytes, name: str) -> tuple[tuple[int, ...], np.dtype]:
     return shape, dtype
 
 
-def decode_mp4(data: bytes, indices: np.ndarray | None = None) -> np.ndarray:
-    """Encoded video bytes -> uint8 ``(len(indices) or T, H, W, 3)``, decoding only up to the last index.
+def decode_mp4(data: bytes | str, indices: np.ndarray | None = None) -> np.ndarray:
+    """Encoded video bytes (or a video file's path) -> uint8 ``(len(indices) or T, H, W, 3)``, decoding only up to
+    the last index.
 
-    Frames are counted in presentation order from the first decoded frame.
+    Frames are counted in presentation order from the first decoded frame. A :class:`ClipTooShort` carries the
+    frames decoded in ``decoded``.
     """
     wanted = None if indices is None else {int(i): n for n, i in enumerate(indices)}
     last = None if indices is None else (int(np.max(indices)) if len(indices) else -1)
     out: list[np.ndarray | None] = [] if indices is None else [None] * len(indices)
     count = 0
     try:
-        with av.open(io.BytesIO(data), mode="r") as container:
+        source = str(data) if isinstance(data, str) else io.BytesIO(data)
+        with av.open(source, mode="r") as container:
             if not container.streams.video:
                 raise CorruptVideo("the video member has no video stream")
             ctx = container.streams.video[0].codec_context
@@ -187,7 +190,9 @@ def decode_mp4(data: bytes, indices: np.ndarray | None = None) -> np.ndarray:
         raise CorruptVideo(f"video does not decode: {type(e).__name__}: {e}") from None
     if any(f is None for f in out) or (indices is None and not out):
         need = "any frame" if last is None else f"index {last}"
-        raise ClipTooShort(f"video decoded to {count} frames, need {need}")
+        err = ClipTooShort(f"video decoded to {count} frames, need {need}")
+        err.decoded = count
+        raise err
     if len({f.shape for f in out}) > 1:
         raise BadShape(f"video frames change size mid-stream: {sorted({f.shape for f in out})}")
     return np.stack(out)  # (T', H, W, 3)
