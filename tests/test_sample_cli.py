@@ -219,3 +219,18 @@ def test_clear_errors(env, tmp_path):
     assert main(args)["guidance"] == 1.0  # plan-free: the default guidance drops to 1
     with pytest.raises(ValueError, match="no planner.*guidance_scale must be 1"):
         main(args + ["--guidance", "2.5"])
+
+
+def test_a_video_is_read_at_the_rate_the_model_trained_at(tmp_path, env):
+    """A 24 fps video for a model trained at 8 fps: every third frame, as the training loader and evaluate.py read
+    it (before, every frame: a window covered a third of the motion it was trained on)."""
+    from mardini.pipeline.cli import video_stride
+
+    fast = tmp_path / "fast.mp4"
+    write_video(fast, moving_frames(30, 16, 16), 24)
+    assert video_stride(str(fast), 8.0, None) == (
+        3, "read at 24 fps, every 3 frame(s): 8 fps (nearest to the 8 fps the model trained at)")
+    assert video_stride(str(fast), 8.0, 2) == (2, "read at 24 fps, every 2 frame(s): 12 fps (--stride)")
+    assert video_stride(str(fast), None, None)[0] == 1  # a checkpoint that records no rate: every frame
+    record = _run(env, tmp_path / "out", "expand", "--video", env["video"], "--keep", "0-1")
+    assert any("read at 8 fps, every 1 frame(s)" in note for note in record["inputs"])

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from mardini.data.decode import frame_stride
 from mardini.masking import mask_from_given
 from mardini.pipeline.inputs import (
     RESIZE_MODES,
@@ -29,6 +30,7 @@ from mardini.pipeline.inputs import (
     read_images,
     read_shard_clips,
     read_video,
+    video_fps,
 )
 from mardini.pipeline.outputs import check_out_dir, write_outputs
 from mardini.pipeline.pipeline import MarDiniPipeline, resolve_device
@@ -50,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: generate needs it; interpolate 0,last; image_to_video 0; expand first half; "
                      "long_video 0; slow_motion all)")
     src.add_argument("--start", type=int, default=0, help="first video frame to read")
-    src.add_argument("--stride", type=int, default=1, help="read every stride-th video frame")
+    src.add_argument("--stride", type=int, default=None,
+                     help="read every stride-th video frame (default: the stride that brings the video's frame rate "
+                          "nearest to the rate the model trained at, as training and evaluate.py read videos)")
     t = p.add_argument_group("task")
     t.add_argument("--frames", type=int, help="window length (default: the trained window, also for generate "
                    "--images, whose --keep positions must lie in it); frames read from a video or shards")
@@ -118,6 +122,20 @@ def check_inputs(a: argparse.Namespace) -> None:
         raise ValueError(f"{a.task} needs {rule[1]} given frame(s), got {n}; check --images / --keep")
 
 
+def video_stride(path: str, model_fps: float | None, stride: int | None) -> tuple[int, str]:
+    """The stride to read ``path`` at (``stride`` if given, else the one nearest to the model's training rate, as the
+    training loader picks it) and a note saying what it gives."""
+    src = video_fps(path)
+    if stride is None:
+        stride = frame_stride(src, model_fps) if src and model_fps else 1
+        why = f"nearest to the {model_fps:g} fps the model trained at" if src and model_fps else "the model or the " \
+            "video records no frame rate"
+    else:
+        why = "--stride"
+    rate = f"{src:g} fps, every {stride} frame(s): {src / stride:g} fps" if src else f"every {stride} frame(s)"
+    return stride, f"read at {rate} ({why})"
+
+
 def load_inputs(a, pipe: MarDiniPipeline, size) -> tuple[torch.Tensor, list[str], list[int] | None, list[str]]:
     """``given (B, n, 3, H, W)`` in [-1, 1], clip names, the given frames' indices among those read (for generate:
     their window positions), notes. The inputs passed :func:`check_inputs`."""
@@ -127,8 +145,10 @@ def load_inputs(a, pipe: MarDiniPipeline, size) -> tuple[torch.Tensor, list[str]
         keep = parse_indices(a.keep)
         return frames[None], ["images"], keep, [note]
     if a.video:
-        frames, note = fit_frames(read_video(a.video, read, a.start, a.stride), size, a.resize, f"video {a.video}")
+        stride, rate_note = video_stride(a.video, pipe.fps, a.stride)
+        frames, note = fit_frames(read_video(a.video, read, a.start, stride), size, a.resize, f"video {a.video}")
         clips, names = frames[None], [Path(a.video).stem]
+        note = f"{note}; {rate_note}"
     else:
         if size is None:
             raise ValueError("--shards needs a sampling size: pass --resolution (the checkpoint does not record one)")
@@ -190,7 +210,7 @@ OPTION_RULES = {
     "num_samples": (lambda v: v >= 1, ">= 1"),
     "clips": (lambda v: v >= 1, ">= 1"),
     "start": (lambda v: v >= 0, ">= 0"),
-    "stride": (lambda v: v >= 1, ">= 1"),
+    "stride": (lambda v: v is None or v >= 1, ">= 1"),
     "frames": (lambda v: v is None or v >= 2, ">= 2 (one given and one generated frame)"),
     "total": (lambda v: v is None or v >= 2, ">= 2"),
     "context": (lambda v: v is None or v >= 1, ">= 1"),

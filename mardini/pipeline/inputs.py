@@ -86,6 +86,20 @@ def _rgb8(img, path) -> np.ndarray:
     return np.repeat(np.round(x * (255 / top)).astype(np.uint8)[..., None], 3, axis=-1)  # (H, W, 3)
 
 
+def video_fps(path: str | Path) -> float | None:
+    """The frame rate a video file's first video stream records (None when it records none or does not open:
+    :func:`read_video` then says what is wrong)."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+    except (av.FFmpegError, IndexError, OSError):
+        return None
+    return float(rate) if rate else None
+
+
 def read_video(path: str | Path, frames: int, start: int = 0, stride: int = 1) -> np.ndarray:
     """``frames`` frames ``start, start + stride, ...`` of a video file -> uint8 ``(frames, H, W, 3)``."""
     if not Path(path).is_file():
