@@ -208,10 +208,26 @@ class VideoDataModule(L.LightningDataModule):
         too. A resumed run with the same worker count continues that epoch exactly where it stopped (same clips,
         crops and order) and counts the skips of the batches it reads again once."""
         s = self.state
-        return {"seed": s.seed, "epoch": s.epoch, "skipped": s.skipped_trained, "in_epoch": s.in_epoch,
-                "workers": s.workers, "progress": [[w, *p] for w, p in sorted(s.progress.items())]}
+        own = {"seed": s.seed, "epoch": s.epoch, "skipped": s.skipped_trained, "in_epoch": s.in_epoch,
+               "workers": s.workers, "progress": [[w, *p] for w, p in sorted(s.progress.items())]}
+        world = _distributed_world()
+        if world is None:
+            return own
+        # Lightning writes rank 0's checkpoint, and every rank calls this when it saves: each rank's own position
+        # goes in too (ranks that skipped different numbers of bad samples have read different numbers of them)
+        ranks: list = [None] * world[1]
+        torch.distributed.all_gather_object(ranks, own)
+        return {**own, "ranks": ranks}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        ranks = state_dict.get("ranks")
+        world = _distributed_world()
+        if ranks and world is not None and len(ranks) == world[1]:
+            state_dict = ranks[world[0]]  # this rank's own position
+        elif ranks and (world is None or len(ranks) != world[1]):
+            warnings.warn(f"the checkpoint holds the stream positions of {len(ranks)} ranks and this run has "
+                          f"{1 if world is None else world[1]}: every rank resumes from rank 0's position, so the "
+                          "clips after the resume are not exactly those of an uninterrupted run", stacklevel=2)
         s = self.state
         s.seed = int(state_dict.get("seed", s.seed))
         s.epoch = int(state_dict.get("epoch", s.epoch))
@@ -220,6 +236,14 @@ class VideoDataModule(L.LightningDataModule):
         if progress and int(state_dict.get("in_epoch", -1)) >= 0:
             s.resume = {"epoch": int(state_dict["in_epoch"]), "workers": int(state_dict.get("workers", 1)),
                         "progress": progress}
+
+
+def _distributed_world() -> tuple[int, int] | None:
+    """``(rank, world size)`` of an initialised process group of more than one process, else None."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        return (torch.distributed.get_rank(), world) if world > 1 else None
+    return None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -606,7 +606,7 @@ class MarDiniBase(L.LightningModule):
         self.log("curriculum/keep_ratio_max", hi, on_step=True)
         if self.frames is not None:
             self.log("curriculum/frames", float(self.frames), on_step=True)
-        if "skipped" in batch:  # bad samples the loader dropped since its previous batch (summed over ranks)
+        if "skipped" in batch:  # bad samples this rank's loader dropped since its previous batch (rank 0's in the logs)
             self._skipped_total += int(batch["skipped"])
             self.log("data/skipped", float(self._skipped_total), on_step=True)
         now = time.perf_counter()
