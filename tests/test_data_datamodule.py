@@ -416,3 +416,44 @@ def test_lightning_fit_epochs_and_checkpoint_state(synth, tmp_path):
     ckpt = torch.load(trainer.checkpoint_callback.best_model_path or next(tmp_path.rglob("*.ckpt")),
                       weights_only=False)
     assert ckpt["VideoDataModule"]["epoch"] == 2 and ckpt["VideoDataModule"]["seed"] == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Setup checks the shards' first clip against the stage (frames, fps, resolution)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_setup_names_clips_too_short_for_the_stage(synth):
+    # 12-frame clips at 16 fps; 7 frames at 8 fps is stride 2, a span of 13 source frames
+    for stage in ("fit", "validate"):
+        with pytest.raises(ValueError, match=r"span of 13 source frames .* holds 12 frames at 16 fps") as err:
+            _dm(synth, frames=7, fps=8).setup(stage)
+        message = str(err.value)
+        assert "data.frames <= 6" in message and "--clip-frames 13" in message and "data.fps: 16" in message
+    with pytest.raises(ValueError, match=r"data.val_shards: the stage needs 13 frames"):
+        _dm(synth, train_shards=None, frames=13, fps=None).setup("validate")
+    _dm(synth, frames=6, fps=8).setup("fit")  # span 11: fits
+
+
+def test_setup_warns_once_on_upscaled_or_slow_clips(synth, monkeypatch):
+    import warnings
+
+    from mardini.data import datamodule
+
+    monkeypatch.setattr(datamodule, "_WARNED", set(), raising=False)
+    with pytest.warns(UserWarning, match=r"16x16 \(WxH\), smaller than data.resolution=32x32.*upscaled 2x.*"
+                      r"--short-side 32"):
+        _dm(synth, resolution=32).setup("fit")
+    with pytest.warns(UserWarning, match=r"12 frames at 16 fps, slower than data.fps=24.*--max-fps 24"):
+        _dm(synth, fps=24, frames=4).setup("fit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _dm(synth, resolution=32).setup("fit")  # once per process
+        _dm(synth, resolution=16, fps=16).setup("fit")  # fits: no warning
+
+
+def test_too_many_bad_samples_say_what_to_change(synth):
+    stream = ClipStream(list_shards(str(synth / "train")), frames=20, fps=None, resolution=8, batch_size=2,
+                        train=True, max_consecutive_bad=10)
+    with pytest.raises(RuntimeError, match=r"10 bad samples in a row .* Mostly 'too few frames': .*--clip-frames"):
+        next(iter(stream))

@@ -22,6 +22,7 @@ whose share gives no clip is counted through a marker the loader drops, so the s
 from __future__ import annotations
 
 import json
+import math
 import os
 import tarfile
 from typing import Literal
@@ -30,8 +31,10 @@ import warnings
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from mardini.data.batch_split import check_split, epoch_batches, largest_rank_batch, rank_batch
+from mardini.data.decode import BadSample, decode_json, frame_stride
 from mardini.data.sharding import list_shards
 from mardini.data.stream import ClipStream, StreamLoader, StreamState
 
@@ -148,6 +151,8 @@ class VideoDataModule(L.LightningDataModule):
             shards = list_shards(self.train_shards)
             if self.latents:
                 check_latent_shards(shards[0], self.frames, self.fps, self.resolution)
+            else:
+                check_pixel_shards(shards[0], self.frames, self.fps, self.resolution, "data.train_shards")
             batches = epoch_batches(self.epoch_size, self.batch_size, self.world_size)  # the same on every rank
             if batches < 1:
                 raise ValueError(
@@ -163,6 +168,8 @@ class VideoDataModule(L.LightningDataModule):
             check_validation_split(self.val_shards, shards, self.world_size)
             if self.latents:
                 check_latent_shards(shards[0], self.frames, self.fps, self.resolution)
+            else:
+                check_pixel_shards(shards[0], self.frames, self.fps, self.resolution, "data.val_shards")
             self.val_set = ClipStream(
                 shards, batch_size=self.val_batch_size or largest_rank_batch(self.batch_size, self.world_size),
                 train=False, max_clips=self.val_clips, **common,
@@ -244,6 +251,73 @@ def _distributed_world() -> tuple[int, int] | None:
         world = torch.distributed.get_world_size()
         return (torch.distributed.get_rank(), world) if world > 1 else None
     return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Shards must match the loader settings (checked on the first sample's json at setup)
+# --------------------------------------------------------------------------------------------------
+
+_WARNED: set[str] = set()  # setup-check warnings already given in this process (each once)
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        rank_zero_warn(message)
+
+
+def check_pixel_shards(shard: str, frames: int, fps: float | None, resolution: int | tuple[int, int],
+                       option: str = "data.train_shards") -> None:
+    """Check the first clip of a pixel shard against what the stage needs, from its ``json`` alone (no decode).
+
+    Raises a ValueError when the clip holds fewer source frames than ``frames`` at ``fps`` span (every clip of
+    shards written with one clip length would be skipped as too short, and training would stop after a thousand
+    of them); warns (once) when the clip is smaller than ``resolution`` (it is upscaled) or its rate is more than
+    10 % below ``fps`` (the stage trains at the clip's own rate: the stride cannot go below 1). The loader itself
+    never skips a clip for its size or rate. Skips the check for a remote
+    or unreadable shard, or a first sample whose json is bad: the loader skips and counts those.
+    """
+    if not os.path.isfile(shard):
+        return
+    try:
+        meta = decode_json(json.dumps(first_json(shard)).encode())
+    except (OSError, tarfile.TarError, ValueError, UnicodeDecodeError, BadSample):
+        return
+    src_fps, n_src = float(meta["fps"]), int(meta["frames"])
+    stride = frame_stride(src_fps, fps)
+    span = (frames - 1) * stride + 1
+    at = "its native rate" if fps is None else f"{fps:g} fps"
+    clip = f"the first clip of {shard} holds {n_src} frames at {src_fps:g} fps"
+    if span > n_src:
+        fits = (n_src - 1) // stride + 1
+        fixes = [f"set data.frames <= {fits} (and the model's frames with it)"]
+        if stride > 1 and frames <= n_src:
+            fixes.append(f"a data.fps that gives a smaller stride (data.fps: {src_fps:g} or null takes every frame)")
+        fixes.append(f"rebuild {option} with longer clips (data/videos_to_shards.py --clip-frames {span} or more; "
+                     f"synthetic shards: data/make_synthetic.py --frames {span})")
+        raise ValueError(
+            f"{option}: the stage needs {frames} frames at {at}, a span of {span} source frames (stride {stride} "
+            f"from the clip's {src_fps:g} fps), but {clip}: every clip would be skipped as too short. Fix: "
+            + "; or ".join(fixes)
+        )
+    if fps is not None and src_fps < 0.9 * fps:  # integer strides alone can land up to 10 % below: no warning
+        _warn_once(
+            f"{option}: {clip}, slower than data.fps={fps:g}: the stage trains at {src_fps:g} fps (the frame "
+            f"stride cannot go below 1; each batch's fps says so). Rebuild the shards from the source videos with "
+            f"data/videos_to_shards.py --max-fps {fps:g} or higher (or no --max-fps), or set data.fps <= {src_fps:g}"
+        )
+    height, width = meta.get("height"), meta.get("width")
+    if isinstance(height, (int, float)) and isinstance(width, (int, float)) and height > 0 and width > 0:
+        want_h, want_w = (resolution, resolution) if isinstance(resolution, int) else resolution
+        factor = max(want_h / height, want_w / width)
+        if factor > 1:
+            short = math.ceil(min(height, width) * factor)
+            _warn_once(
+                f"{option}: the first clip of {shard} is {int(width)}x{int(height)} (WxH), smaller than "
+                f"data.resolution={want_h}x{want_w} (HxW): clips are upscaled {factor:.2g}x. Rebuild the shards with "
+                f"data/videos_to_shards.py --short-side {short} or more (one shard set per stage "
+                f"resolution, or one at the largest), or lower data.resolution"
+            )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -98,6 +98,30 @@ def _ignore_and_continue(exn: Exception) -> bool:
     return True
 
 
+# What to change when most bad samples share one reason (the RuntimeError of SkipLog says it).
+FIXES = {
+    "too few frames": "the clips are shorter than data.frames at data.fps span (frames - 1) * stride + 1 with "
+    "stride round(clip fps / data.fps); lower data.frames (and the model's frames), choose a data.fps that gives a "
+    "smaller stride, or rebuild the shards with longer clips (data/videos_to_shards.py --clip-frames)",
+    "bad json": "the samples' json members lack a positive 'fps' and 'frames'; rebuild the shards with "
+    "data/videos_to_shards.py or data/make_synthetic.py",
+    "corrupt video": "the video members do not decode; rebuild the shards (data/videos_to_shards.py) or leave the "
+    "broken ones out of the shard pattern",
+    "corrupt shard": "the shard files do not read as tar archives (truncated or not shards); rebuild them or leave "
+    "them out of the shard pattern",
+    "wrong shape": "the arrays do not have the expected shape (pixels: uint8 (T, H, W, 3); latents: z_high and "
+    "z_low (T, C, h, w)); rebuild the shards or re-cache the latents with the stage's settings",
+    "bad sample": "the samples lack the members the loader reads (json + video.mp4 or video.npy; with "
+    "data.latents=true json + z_high.npy + z_low.npy, enough latent frames): check data.latents and data.frames, "
+    "or rebuild / re-cache the shards",
+}
+
+
+def fix_for(reason: str) -> str:
+    """What to change when most bad samples fail for ``reason`` (a :class:`SkipLog` key)."""
+    return FIXES.get(reason, "an unexpected error while decoding; the last detail above names it")
+
+
 class SkipLog:
     """Counts bad samples by reason inside one worker; logs the first few of each reason."""
 
@@ -119,9 +143,10 @@ class SkipLog:
         if self.reasons[reason] <= 3:
             log.warning("skipping a bad sample (%s): %s", reason, detail)
         if self.max_consecutive and self.consecutive >= self.max_consecutive:
+            reason = self.reasons.most_common(1)[0][0]
             raise RuntimeError(
                 f"{self.consecutive} bad samples in a row (counts {dict(self.reasons)}; last: {detail}); "
-                "the shards do not fit the loader settings (frames, fps, latents?) or are broken"
+                f"the shards do not fit the loader settings or are broken. Mostly {reason!r}: {fix_for(reason)}"
             )
 
     def tar_handler(self, exn: Exception) -> bool:
