@@ -166,13 +166,22 @@ def meaningful_lines(message: str) -> str:
     return joined or message
 
 
+def _jsonargparse_debug() -> bool:
+    """jsonargparse's debug mode (``JSONARGPARSE_DEBUG``), in which its parse errors raise."""
+    try:
+        from jsonargparse._common import debug_mode_active
+    except ImportError:  # a jsonargparse without it
+        return bool(os.environ.get("JSONARGPARSE_DEBUG"))
+    return debug_mode_active()
+
+
 class ShortErrorParser(LightningArgumentParser):
     """Lightning's parser, whose parse errors (a value of the wrong type, an unknown option) print one message and a
     pointer to ``--help`` instead of the usage of every option (over a hundred lines) and the Union noise.
-    ``MARDINI_TRACEBACK=1`` or ``exit_on_error=False`` keep jsonargparse's own behaviour."""
+    ``MARDINI_TRACEBACK=1``, ``JSONARGPARSE_DEBUG`` or ``exit_on_error=False`` keep jsonargparse's own behaviour."""
 
     def error(self, message: str, ex: Exception | None = None):
-        if not self.exit_on_error or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        if not self.exit_on_error or os.environ.get(TRACEBACK_ENV, "") not in ("", "0") or _jsonargparse_debug():
             return super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")

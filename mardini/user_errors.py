@@ -48,15 +48,19 @@ def worker_user_error(err: BaseException) -> tuple[str, str] | None:
     frames = [i for i, line in enumerate(lines) if FRAME.match(line)]
     if not frames:
         return None
-    # the exception line follows the last frame and its source line (Python 3.11 adds ^^^ marker lines)
+    # the exception line is the first unindented one after the last frame (its source line and Python 3.11's ^^^
+    # markers are indented); a later line of the message that looks like one is not it
     names = "|".join(e.__name__ for e in USER_ERRORS)
     for i in range(frames[-1] + 1, len(lines)):
+        if lines[i][:1].isspace() or not lines[i]:
+            continue
         head = re.match(rf"^(?:[\w.]+\.)?(?:{names}): (.*)$", lines[i])
-        if head:
-            message = "\n".join([head.group(1), *lines[i + 1:]])
-            frame = FRAME.match(lines[frames[-1]])
-            rank = getattr(err, "error_index", "?")
-            return message, f"{shown_path(frame['file'])}:{frame['line']} in {frame['name']}, process {rank}"
+        if not head:
+            return None
+        message = "\n".join([head.group(1), *lines[i + 1:]])
+        frame = FRAME.match(lines[frames[-1]])
+        rank = getattr(err, "error_index", "?")
+        return message, f"{shown_path(frame['file'])}:{frame['line']} in {frame['name']}, process {rank}"
     return None
 
 

@@ -457,3 +457,27 @@ def test_too_many_bad_samples_say_what_to_change(synth):
                         train=True, max_consecutive_bad=10)
     with pytest.raises(RuntimeError, match=r"10 bad samples in a row .* Mostly 'too few frames': .*--clip-frames"):
         next(iter(stream))
+
+
+def test_setup_refuses_only_when_no_probed_shard_fits(tmp_path, monkeypatch):
+    """Shards of mixed clip lengths (videos of mixed rates): one short first clip does not decide for the set."""
+    import shutil
+
+    from mardini.data import datamodule
+    from mardini.data.synthetic_shards import write_synthetic_split
+
+    monkeypatch.setattr(datamodule, "_WARNED", set(), raising=False)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for i, frames in enumerate((6, 12)):  # the first shard's clips too short for 4 frames at 8 fps (span 7)
+        write_synthetic_split(tmp_path / f"src{i}", "train", 2, 2, frames=frames, height=8, width=8, fps=16.0,
+                              progress=False)
+        shutil.copy(next((tmp_path / f"src{i}" / "train").glob("*.tar")), mixed / f"train-00000{i}.tar")
+    with pytest.warns(UserWarning, match=r"holds 6 frames at 16 fps.*others fit, so the loader skips"):
+        _dm(tmp_path, train_shards=str(mixed), val_shards=None).setup("fit")
+    only_short = tmp_path / "short"
+    only_short.mkdir()
+    shutil.copy(mixed / "train-000000.tar", only_short / "train-000000.tar")
+    shutil.copy(mixed / "train-000000.tar", only_short / "train-000001.tar")
+    with pytest.raises(ValueError, match=r"holds 6 frames at 16 fps \(so is the first clip of every shard probed, 2\)"):
+        _dm(tmp_path, train_shards=str(only_short), val_shards=None).setup("fit")

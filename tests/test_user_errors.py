@@ -53,7 +53,8 @@ def _worker_failure(*errors: BaseException):
     ([KeyError("internal"), FileNotFoundError("no shards under data/x;\nrun data/make_synthetic.py")],
      "no shards under data/x;\nrun data/make_synthetic.py"),  # the last of a chain, all of its lines
     ([ValueError("a user error"), RuntimeError("then a bug")], None),  # the error raised is the bug: traceback kept
-], ids=["value-error", "chained-multiline", "bug-after-user-error"])
+    ([RuntimeError("a bug whose message quotes\nValueError: something")], None),  # not the exception's own line
+], ids=["value-error", "chained-multiline", "bug-after-user-error", "bug-quoting-a-user-error"])
 def test_a_user_error_in_a_spawned_worker_is_reported_like_one_in_the_main_process(capsys, monkeypatch, errors,
                                                                                     reported):
     monkeypatch.delenv("MARDINI_TRACEBACK", raising=False)

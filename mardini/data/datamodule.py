@@ -152,7 +152,7 @@ class VideoDataModule(L.LightningDataModule):
             if self.latents:
                 check_latent_shards(shards[0], self.frames, self.fps, self.resolution)
             else:
-                check_pixel_shards(shards[0], self.frames, self.fps, self.resolution, "data.train_shards")
+                check_pixel_shards(shards, self.frames, self.fps, self.resolution, "data.train_shards")
             batches = epoch_batches(self.epoch_size, self.batch_size, self.world_size)  # the same on every rank
             if batches < 1:
                 raise ValueError(
@@ -169,7 +169,7 @@ class VideoDataModule(L.LightningDataModule):
             if self.latents:
                 check_latent_shards(shards[0], self.frames, self.fps, self.resolution)
             else:
-                check_pixel_shards(shards[0], self.frames, self.fps, self.resolution, "data.val_shards")
+                check_pixel_shards(shards, self.frames, self.fps, self.resolution, "data.val_shards")
             self.val_set = ClipStream(
                 shards, batch_size=self.val_batch_size or largest_rank_batch(self.batch_size, self.world_size),
                 train=False, max_clips=self.val_clips, **common,
@@ -266,23 +266,45 @@ def _warn_once(message: str) -> None:
         rank_zero_warn(message)
 
 
-def check_pixel_shards(shard: str, frames: int, fps: float | None, resolution: int | tuple[int, int],
-                       option: str = "data.train_shards") -> None:
-    """Check the first clip of a pixel shard against what the stage needs, from its ``json`` alone (no decode).
+PROBE_SHARDS = 8  # shards whose first clip the setup check reads
 
-    Raises a ValueError when the clip holds fewer source frames than ``frames`` at ``fps`` span (every clip of
-    shards written with one clip length would be skipped as too short, and training would stop after a thousand
-    of them); warns (once) when the clip is smaller than ``resolution`` (it is upscaled) or its rate is more than
-    10 % below ``fps`` (the stage trains at the clip's own rate: the stride cannot go below 1). The loader itself
-    never skips a clip for its size or rate. Skips the check for a remote
-    or unreadable shard, or a first sample whose json is bad: the loader skips and counts those.
+
+def check_pixel_shards(shards: list[str], frames: int, fps: float | None, resolution: int | tuple[int, int],
+                       option: str = "data.train_shards") -> None:
+    """Check the first clip of the first ``PROBE_SHARDS`` pixel shards against what the stage needs, from their
+    ``json`` alone (no decode), until one fits.
+
+    Raises a ValueError when every probed clip holds fewer source frames than ``frames`` at ``fps`` span (clips
+    of one length would all be skipped as too short, and training would stop after a thousand of them); warns
+    (once) when only some of them are too short (shards of mixed rates or lengths: the loader skips and counts
+    those), and when the first clip that fits is smaller than ``resolution`` (it is upscaled) or its rate is more
+    than 10 % below ``fps`` (the stage trains at the clip's own rate: the stride cannot go below 1). The loader
+    itself never skips a clip for its size or rate. A remote or unreadable shard, or a first sample whose json is
+    bad, counts as fitting: the loader skips and counts those.
     """
+    too_short = []
+    for shard in shards[:PROBE_SHARDS]:
+        problem = _check_first_clip(shard, frames, fps, resolution, option)
+        if problem is None:
+            if too_short:
+                _warn_once(f"{too_short[0]} (the first clips of {len(too_short)} of the probed shards are too "
+                           "short; others fit, so the loader skips and counts the short ones)")
+            return
+        too_short.append(problem)
+    if too_short:
+        more = f" (so is the first clip of every shard probed, {len(too_short)})" if len(too_short) > 1 else ""
+        raise ValueError(too_short[0].replace(": every clip would", f"{more}: every clip would", 1))
+
+
+def _check_first_clip(shard: str, frames: int, fps: float | None, resolution: int | tuple[int, int],
+                      option: str) -> str | None:
+    """The too-short message for the first clip of ``shard`` (None when it fits; the size and rate warnings)."""
     if not os.path.isfile(shard):
-        return
+        return None
     try:
         meta = decode_json(json.dumps(first_json(shard)).encode())
     except (OSError, tarfile.TarError, ValueError, UnicodeDecodeError, BadSample):
-        return
+        return None
     src_fps, n_src = float(meta["fps"]), int(meta["frames"])
     stride = frame_stride(src_fps, fps)
     span = (frames - 1) * stride + 1
@@ -295,7 +317,7 @@ def check_pixel_shards(shard: str, frames: int, fps: float | None, resolution: i
             fixes.append(f"a data.fps that gives a smaller stride (data.fps: {src_fps:g} or null takes every frame)")
         fixes.append(f"rebuild {option} with longer clips (data/videos_to_shards.py --clip-frames {span} or more; "
                      f"synthetic shards: data/make_synthetic.py --frames {span})")
-        raise ValueError(
+        return (
             f"{option}: the stage needs {frames} frames at {at}, a span of {span} source frames (stride {stride} "
             f"from the clip's {src_fps:g} fps), but {clip}: every clip would be skipped as too short. Fix: "
             + "; or ".join(fixes)
@@ -318,6 +340,7 @@ def check_pixel_shards(shard: str, frames: int, fps: float | None, resolution: i
                 f"data/videos_to_shards.py --short-side {short} or more (one shard set per stage "
                 f"resolution, or one at the largest), or lower data.resolution"
             )
+    return None
 
 
 # --------------------------------------------------------------------------------------------------

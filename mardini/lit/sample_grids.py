@@ -57,15 +57,22 @@ class SampleGrids(L.Callback):
             if trainer.is_global_zero:
                 self._log_grids(trainer, pl_module, batch)
             return
+        if not self._step_due(trainer, pl_module):  # the same on every rank: no broadcast between grid steps
+            return
         go = trainer.strategy.broadcast(self._due(trainer, pl_module, batch) if trainer.is_global_zero else None)
         if go:  # every rank runs the forwards (FSDP all-gathers in each); rank 0 writes
             with trainer.precision_plugin.forward_context():
                 self._log_grids(trainer, pl_module, batch, checked=True, root=root)
 
+    def _step_due(self, trainer, pl_module) -> bool:
+        """Whether this step is one to log grids at (from the step alone: the same on every rank)."""
+        step = trainer.global_step
+        return not (step == 0 or step % self.every_n_steps or step in self.logged_steps
+                    or "generator" not in pl_module.networks)
+
     def _due(self, trainer, pl_module, batch) -> bool:
         """Whether this step logs grids (rank 0's view: other ranks' loggers are stand-ins)."""
-        step = trainer.global_step
-        if step == 0 or step % self.every_n_steps or step in self.logged_steps or "generator" not in pl_module.networks:
+        if not self._step_due(trainer, pl_module):
             return False
         video = self._fixed_clips(trainer, batch)
         return not (video is None or trainer.logger is None or not hasattr(trainer.logger.experiment, "add_image"))
