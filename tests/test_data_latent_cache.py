@@ -258,5 +258,5 @@ def test_cli_user_errors_exit_2_in_one_line(synth, tmp_path, capsys, monkeypatch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without a GPU
     assert _cli().cli([str(synth / "val"), str(tmp_path / "d"), *base, "--device", "cuda"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("cache_latents.py: error: --device cuda: no CUDA GPU") and "use --device cpu" in err
+    assert err.startswith("cache_latents.py: error: device cuda asked for, but torch finds no CUDA GPU") and "use --device cpu" in err
     assert not (tmp_path / "d").exists()

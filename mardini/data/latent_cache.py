@@ -31,6 +31,7 @@ from mardini.autoencoders.base import FrameAutoencoder
 from mardini.data.sharding import atomic_tar, json_bytes, list_shards, npy_bytes, write_json_atomic
 from mardini.data.stream import ClipStream, skip_only
 from mardini.data.transforms import Size, as_size, planner_copy
+from mardini.devices import resolve_device
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -84,7 +85,7 @@ def cache_latents(
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     inputs = list_shards(shards)
     out = Path(out)
-    check_device(device)
+    device = resolve_device(device)
     ae = autoencoder.to(device).eval()
     info = {
         "autoencoder": _spec(ae),
@@ -129,20 +130,6 @@ def cache_latents(
         warnings.warn(f"{len(summary['empty'])} input shard(s) gave no usable clip and were not cached: "
                       f"{summary['empty'][:3]}; rebuild them (data/README.md) or leave them out")
     return summary
-
-
-def check_device(device: str) -> None:
-    """A ValueError naming the fix for a device string torch does not know, or a CUDA device without a GPU."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"--device {device!r} is not a device torch knows ({err}); use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA GPU is visible to torch (torch.cuda.is_available() is False); "
-                         "use --device cpu, or run on a machine with a GPU and a CUDA build of torch")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible; "
-                         f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
 
 
 def _nothing_cached(shards: str, out: Path, summary: dict, examples: dict[str, str], frames: int,

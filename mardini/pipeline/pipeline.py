@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from mardini.autoencoders import FrameAutoencoder
 from mardini.data.transforms import planner_copy, unsplit_input
+from mardini.devices import resolve_device
 from mardini.diffusion import CosineSchedule, DDIMSampler
 from mardini.diffusion.anchor import FrameAnchor
 from mardini.diffusion.checks import frame_mask
@@ -39,20 +40,6 @@ def _step_noise_seed(seed: int, sample: int) -> int:
     """Seed of the per-step (eta > 0) noise of sample ``sample`` of a clip seeded ``seed``: independent of the
     start noise's stream (which ``seed`` itself draws)."""
     return int(np.random.SeedSequence([int(seed) % 2**63, int(sample), 0xE7A]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"``/None = CUDA when available, else CPU."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device must be cpu, cuda, cuda:N (a GPU's index) or auto, got {device!r}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} asked for, but torch finds no CUDA GPU here (torch {torch.__version__}, "
-                         "CUDA build: " + str(torch.version.cuda) + "); use --device cpu or auto")
-    return device
 
 
 class MarDiniPipeline:
