@@ -158,6 +158,8 @@ def test_cli_user_errors_exit_2_without_a_traceback(tmp_path, capsys, monkeypatc
     write_video(tmp_path / "v" / "a.mp4", moving_frames(16, 32, 32), 24)
     assert _shard_cli(tmp_path / "v", tmp_path / "o", "--clip-frames", "0") == 2
     assert "error: clip_frames must be >= 1" in capsys.readouterr().err
+    assert _shard_cli(tmp_path / "v" / "a.mp4", tmp_path / "o") == 2  # a video file, not its folder
+    assert f"error: {tmp_path / 'v' / 'a.mp4'} is a file; pass the folder that holds the videos" in capsys.readouterr().err
 
 
 def test_a_rerun_with_other_settings_or_inputs_names_what_differs(tmp_path, capsys, monkeypatch):

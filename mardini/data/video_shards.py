@@ -113,6 +113,9 @@ def _reason_kind(reason: str) -> str:
 def find_videos(root: str | Path) -> list[str]:
     """Video files under ``root`` (recursive, by extension), as sorted paths relative to ``root``."""
     root = Path(root)
+    if root.is_file():
+        raise ValueError(f"{root} is a file; pass the folder that holds the videos (e.g. {root.parent}), or put the "
+                         "file in a folder of its own")
     if not root.is_dir():
         raise FileNotFoundError(f"video folder {root} does not exist")
     found = [
