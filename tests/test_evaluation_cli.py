@@ -226,6 +226,16 @@ def test_sampling_at_other_settings_than_training_is_noted():
     assert "Note: the checkpoint trained at 32x32 px" in md
 
 
+def test_fvd_and_fid_from_few_clips_are_noted():
+    def report(clips, results):
+        return {"clips": clips, "tasks": {"interpolation": {"results": results}}}
+
+    few = report(5, {"mardini": {"fvd": 5880.0, "midf_psnr": 16.0}, "linear_blend": {"fvd": 204.0, "fid": 90.0}})
+    assert cli.small_sample_note(few).startswith("FID and FVD from 5 clips: a Fréchet distance is biased upward")
+    assert cli.small_sample_note(report(cli.SMALL_FRECHET_SAMPLE, few["tasks"]["interpolation"]["results"])) is None
+    assert cli.small_sample_note(report(5, {"mardini": {"midf_psnr": 16.0, "fvd": None}})) is None  # none computed
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -201,6 +201,20 @@ def run_task(
             "seconds_per_clip": {m: t / max(seen, 1) for m, t in timing.items()}, "results": results}
 
 
+SMALL_FRECHET_SAMPLE = 256  # clips below which a Fréchet distance gets a caveat in the report
+
+
+def small_sample_note(report: dict[str, Any]) -> str | None:
+    """A caveat for FVD/FID computed from few clips (None when there are none, or enough clips)."""
+    frechet = sorted({m for res in report["tasks"].values() for r in res["results"].values() for m in r
+                      if m in ("fvd", "fid") and r[m] is not None})
+    if not frechet or report["clips"] >= SMALL_FRECHET_SAMPLE:
+        return None
+    return (f"{' and '.join(m.upper() for m in frechet)} from {report['clips']} clips: a Fréchet distance is biased "
+            "upward on small samples (the bias shrinks as the clips grow) and varies between draws, so compare methods "
+            "only at the same number of clips and seed; --num-clips raises it")
+
+
 def training_mismatch(pipe: Any, args: argparse.Namespace) -> list[str]:
     """Notes where the protocol samples the checkpoint at another resolution or frame rate than it trained at."""
     if pipe is None:
@@ -307,6 +321,10 @@ def _main(argv: list[str] | None) -> int:
     report["notices"] = notices
     for task in args.tasks:
         report["tasks"][task] = run_task(task, args, samplers, kind, files, n)
+    small = small_sample_note(report)
+    if small:
+        print(f"evaluate.py: note: {small}", file=sys.stderr)
+        notices.append(small)
     out = Path(args.out) if args.out else default_out(args.data, report["data_path"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
