@@ -128,15 +128,12 @@ def test_a_global_batch_of_3_on_2_ranks_trains_like_one_process_on_3_clips(tmp_p
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
 
 
-def _state_worker(rank: int, port: int, out: str) -> None:
+def _state_worker(rank: int, rendezvous: str, out: str) -> None:
     """Rank ``r`` has read ``10 + r`` samples (it skipped ``r`` bad ones more); the checkpoint Lightning writes holds
     rank 0's datamodule state, which every rank then loads."""
-    import os
-
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     try:
         dm = VideoDataModule(train_shards="unused", frames=4, batch_size=2)
         dm.state.in_epoch, dm.state.progress = 0, {0: [10 + rank, 4]}
@@ -154,11 +151,6 @@ def _state_worker(rank: int, port: int, out: str) -> None:
 def test_each_rank_resumes_from_its_own_stream_position(tmp_path):
     """Before, every rank resumed from rank 0's count of samples read: a rank that had skipped a different number
     of bad samples resumed a few samples off."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_state_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_state_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
     resumed = [json.loads((tmp_path / f"resume{r}.json").read_text()) for r in range(2)]
     assert resumed == [{"0": [10, 4]}, {"0": [11, 4]}]

@@ -9,8 +9,6 @@ The forward goes through the wrapper as Lightning routes ``training_step`` (``_F
 from __future__ import annotations
 
 import importlib
-import os
-import socket
 import types
 from pathlib import Path
 
@@ -96,13 +94,13 @@ def _eval_loss(module, wrapper) -> torch.Tensor:
         return _ForwardRedirection()(wrapper, module, "compute_loss", batch, gen, False)  # (B,)
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _worker(rank: int, world: int, rendezvous: str, out: str) -> None:
     import torch.distributed as dist
 
     from mardini.lit.fsdp import root_unsharded
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file rendezvous, not a TCP port: no race with other processes picking a free port at the same time
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         module = _module()
         wrapper = _wrap(module, world)
@@ -165,12 +163,6 @@ def dist_world() -> int:
     return dist.get_world_size()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _split(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
@@ -185,7 +177,7 @@ def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: 
 def test_fsdp_ema_matches_unsharded_and_swaps_and_restores(tmp_path, world):
     torch.multiprocessing.set_sharing_strategy("file_system")  # fd passing fails on small /dev/shm
     out = tmp_path / "rank"
-    torch.multiprocessing.spawn(_worker, args=(world, _free_port(), str(out)), nprocs=world, join=True)
+    torch.multiprocessing.spawn(_worker, args=(world, str(tmp_path / "rendezvous"), str(out)), nprocs=world, join=True)
     ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(world)]
     got = ranks[0]
 
