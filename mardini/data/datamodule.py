@@ -302,7 +302,7 @@ def _check_first_clip(shard: str, frames: int, fps: float | None, resolution: in
     if not os.path.isfile(shard):
         return None
     try:
-        meta = decode_json(json.dumps(first_json(shard)).encode())
+        meta = decode_json(first_json_bytes(shard))
     except (OSError, tarfile.TarError, ValueError, UnicodeDecodeError, BadSample):
         return None
     src_fps, n_src = float(meta["fps"]), int(meta["frames"])
@@ -396,10 +396,15 @@ def count_samples(shard: str) -> int:
 
 def first_json(shard: str) -> dict:
     """The ``json`` member of the first sample of a shard."""
+    return json.loads(first_json_bytes(shard))
+
+
+def first_json_bytes(shard: str) -> bytes:
+    """The raw ``json`` member of the first sample of a shard."""
     with tarfile.open(shard) as tar:
         for member in tar:
             if member.name.endswith(".json"):
-                return json.loads(tar.extractfile(member).read())
+                return tar.extractfile(member).read()
     raise ValueError(f"shard {shard} has no json member")
 
 

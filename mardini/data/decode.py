@@ -156,6 +156,13 @@ def npy_header(data: bytes, name: str) -> tuple[tuple[int, ...], np.dtype]:
     return shape, dtype
 
 
+def stream_fps(stream) -> float | None:
+    """A PyAV video stream's frame rate: its average rate, else the guessed one, else the time base's (what the shard
+    writer reads too); None when it records none."""
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    return float(rate) if rate and float(rate) > 0 else None
+
+
 def decode_mp4(data: bytes | str, indices: np.ndarray | None = None) -> np.ndarray:
     """Encoded video bytes (or a video file's path) -> uint8 ``(len(indices) or T, H, W, 3)``, decoding only up to
     the last index.

@@ -15,7 +15,9 @@ import av
 import torch
 
 from mardini.data.datamodule import count_samples
-from mardini.data.decode import BadSample, ClipTooShort, CorruptVideo, decode_mp4, frame_indices, max_start
+from mardini.data.decode import (
+    BadSample, ClipTooShort, CorruptVideo, decode_mp4, frame_indices, max_start, stream_fps,
+)
 from mardini.data.sharding import list_shards
 from mardini.data.stream import ClipStream, collate, skip_only
 from mardini.data.transforms import crop_and_resize
@@ -82,7 +84,7 @@ def video_rate_and_frames(path: str) -> tuple[float, int]:
         if not container.streams.video:
             raise CorruptVideo("no video stream")
         stream = container.streams.video[0]
-        src_fps = float(stream.average_rate or stream.guessed_rate or 0)
+        src_fps = stream_fps(stream) or 0.0
         n = sum(1 for packet in container.demux(stream) if packet.size > 0)
     return src_fps, n
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mardini.data.decode import BadSample, ClipTooShort, decode_mp4
+from mardini.data.decode import BadSample, ClipTooShort, decode_mp4, stream_fps
 from mardini.data.transforms import as_size, crop_and_resize, resize_video, to_unit_range
 
 RESIZE_MODES = ("crop", "stretch", "none")
@@ -93,11 +93,9 @@ def video_fps(path: str | Path) -> float | None:
 
     try:
         with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate
+            return stream_fps(container.streams.video[0])
     except (av.FFmpegError, IndexError, OSError):
         return None
-    return float(rate) if rate else None
 
 
 def read_video(path: str | Path, frames: int, start: int = 0, stride: int = 1) -> np.ndarray:
