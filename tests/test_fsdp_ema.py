@@ -104,8 +104,9 @@ def _worker(rank: int, world: int, rendezvous: str, out: str) -> None:
     try:
         module = _module()
         wrapper = _wrap(module, world)
+        groups = [len(g) for g in module.weight_decay_groups()]  # (decayed, not decayed) as the optimiser sees them
         _train(module, wrapper)
-        got = {"trained": _full(wrapper)}
+        got = {"trained": _full(wrapper), "groups": groups}
         with module.ema_weights():
             got["inside"] = _full(wrapper)
             got["ema_loss"] = _eval_loss(module, wrapper)  # (B,) through the root's forward, as validation runs
@@ -201,5 +202,9 @@ def test_fsdp_ema_matches_unsharded_and_swaps_and_restores(tmp_path, world):
     for k, v in got["trained"].items():
         assert torch.equal(got["restored"][k], v), f"{k} did not round-trip"
     assert torch.allclose(got["restored_ema_loss"], ref_loss, rtol=1e-5, atol=1e-6)
+    # weight decay goes to the same parameters as unsharded (the matrices), though FSDP shows them as 1-D views
+    decay, no_decay = ref.weight_decay_groups()
+    assert decay and all(p.ndim >= 2 for p in decay) and all(p.ndim < 2 for p in no_decay)
+    assert [r["groups"] for r in ranks] == [[len(decay), len(no_decay)]] * world
     # a gradient infinite in one rank's shard stops every rank (the norm is all-reduced), not that rank alone
     assert [r["stops"] for r in ranks] == [True] * world

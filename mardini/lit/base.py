@@ -22,7 +22,7 @@ from torch import nn
 from mardini.autoencoders import FrameAutoencoder, SpaceToDepthAutoencoder
 from mardini.diffusion.anchor import FrameAnchor
 from mardini.lit.batch_weight import loss_scale, step_batches
-from mardini.lit.fsdp import fsdp_root, lerp_local_, local_tensors, paired, root_unsharded
+from mardini.lit.fsdp import WRAPPED_PREFIX, fsdp_root, lerp_local_, local_tensors, paired, root_unsharded
 from mardini.lit.schedules import scaled_lr, warmup_cosine
 from mardini.masking import TEMPLATES, MaskSampler
 
@@ -102,6 +102,9 @@ class MarDiniBase(L.LightningModule):
             raise ValueError(f"model.keep_ratio / model.templates: {e}") from None
         self.frames = frames
         self.networks = nn.ModuleDict(self.build_networks())
+        # weight decay applies to matrices (ndim >= 2), decided here by name: under FSDP every parameter the optimiser
+        # sees is a 1-D view of its shard
+        self._decayed_names = frozenset(n for n, p in self.networks.named_parameters() if p.ndim >= 2)
         self.ema = ModelEmaV3(self.networks, decay=ema_decay, use_warmup=ema_warmup)
         self.ema.requires_grad_(False)
         self.nonfinite_skipped = 0
@@ -313,13 +316,20 @@ class MarDiniBase(L.LightningModule):
         split = step_batches(self.trainer.datamodule)
         return None if split is None else loss_scale(split[0], self.trainer.world_size, split[1])
 
+    def weight_decay_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """The trainable parameters with weight decay (the networks' matrices) and without (biases, norms, tokens),
+        by the names recorded at construction: FSDP's wrappers add ``_fsdp_wrapped_module.`` to the names and flatten
+        each parameter to a 1-D shard view, so its ``ndim`` no longer tells."""
+        decay, no_decay = [], []
+        for name, p in self.networks.named_parameters():
+            if p.requires_grad:
+                (decay if name.replace(WRAPPED_PREFIX, "") in self._decayed_names else no_decay).append(p)
+        return decay, no_decay
+
     def configure_optimizers(self):
         hp = self.hparams
         lr = hp.lr if hp.lr is not None else scaled_lr(hp.blr, self.global_batch_size())
-        decay, no_decay = [], []
-        for p in self.networks.parameters():
-            if p.requires_grad:
-                (decay if p.ndim >= 2 else no_decay).append(p)
+        decay, no_decay = self.weight_decay_groups()
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas))
         # the schedule's length: decay_steps, else the fit's max_steps, else (a fit bounded by max_epochs) the

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+WRAPPED_PREFIX = "_fsdp_wrapped_module."  # what each FSDP unit adds to the names of the parameters inside it
 WRAP_FIX = (
     "under FSDP the EMA pairs each network's tensors with its EMA copy's on the local shards, which needs the live "
     "and EMA networks wrapped alike: use an auto_wrap_policy by module class (configs/paper/fsdp.yaml's "
