@@ -1,73 +1,22 @@
 """The EMA under FSDP (full shard, gloo on CPU): equal to the unsharded EMA, swapped in and out, saved and restored.
 
-Lightning's Trainer refuses FSDP without a GPU, so the tiny joint module is wrapped here as Lightning's
-``FSDPStrategy._setup_model`` wraps it -- with the strategy built from ``configs/paper/fsdp.yaml``'s init_args (its wrap
-policy, ``use_orig_params=True``) -- except ``device_id=cpu`` (the strategy passes none on CPU, which FSDP refuses).
-The forward goes through the wrapper as Lightning routes ``training_step`` (``_ForwardRedirection``).
+The tiny joint module is wrapped as Lightning's FSDPStrategy wraps it (``fsdp_helpers``). The forward goes through
+the wrapper as Lightning routes ``training_step`` (``_ForwardRedirection``).
 """
 
 from __future__ import annotations
 
-import importlib
-import types
-from pathlib import Path
-
 import pytest
 import torch
-import yaml
+from fsdp_helpers import dist_world, full_state_dict_context, spawn_or_fail, tiny_module, wrap
 
-from mardini.lit import MarDiniModule
-
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 3
-
-
-class _Stepped(MarDiniModule):
-    """The module with a settable global step (no Trainer here): the EMA decay depends on it."""
-
-    step = 0
-
-    @property
-    def global_step(self) -> int:
-        return self.step
-
-
-def _module() -> _Stepped:
-    torch.manual_seed(0)
-    return _Stepped(size="tiny", ema_decay=0.9, ema_warmup=False)
 
 
 def _batch(step: int) -> tuple[dict, torch.Generator]:
     g = torch.Generator().manual_seed(100 + step)
     video = torch.rand(2, 4, 3, 32, 32, generator=g) * 2 - 1  # (B, T, 3, H, W)
     return {"video": video}, torch.Generator().manual_seed(step)
-
-
-def _strategy(world: int):
-    """Lightning's FSDPStrategy with the YAML's init_args (its wrap policy's class paths imported)."""
-    from lightning.pytorch.plugins.precision import FSDPPrecision
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    args = yaml.safe_load((REPO / "configs" / "paper" / "fsdp.yaml").read_text())["trainer"]["strategy"]["init_args"]
-    policy = set()
-    for path in args.pop("auto_wrap_policy"):
-        mod, name = path.rsplit(".", 1)
-        policy.add(getattr(importlib.import_module(mod), name))
-    return FSDPStrategy(auto_wrap_policy=policy, parallel_devices=[torch.device("cpu")] * world,
-                        precision_plugin=FSDPPrecision("32-true"), **args)
-
-
-def _wrap(module, world: int):
-    """``FSDPStrategy._setup_model``'s wrap with the strategy's own arguments, on the CPU; the module then sees the
-    strategy (and through it the root) as under a Trainer."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    st = _strategy(world)
-    st.model = FullyShardedDataParallel(module, cpu_offload=st.cpu_offload, mixed_precision=st.mixed_precision_config,
-                                        sharding_strategy=st.sharding_strategy, device_id=torch.device("cpu"),
-                                        **st.kwargs)
-    module._trainer = types.SimpleNamespace(strategy=st)
-    return st.model
 
 
 def _train(module, wrapper, steps: int = STEPS) -> None:
@@ -102,8 +51,8 @@ def _worker(rank: int, world: int, rendezvous: str, out: str) -> None:
     # a file rendezvous, not a TCP port: no race with other processes picking a free port at the same time
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
-        module = _module()
-        wrapper = _wrap(module, world)
+        module = tiny_module()
+        wrapper = wrap(module, world)
         groups = [len(g) for g in module.weight_decay_groups()]  # (decayed, not decayed) as the optimiser sees them
         _train(module, wrapper)
         got = {"trained": _full(wrapper), "groups": groups}
@@ -116,9 +65,9 @@ def _worker(rank: int, world: int, rendezvous: str, out: str) -> None:
             module.on_save_checkpoint(ckpt)
             got["saved_inside"] = ckpt["state_dict"]
         got["after"] = _full(wrapper)
-        fresh = _module()  # restore: a new wrapped module loads the full state dict on every rank (Lightning's way)
-        fresh_wrapper = _wrap(fresh, world)
-        with _full_state_dict(fresh_wrapper):
+        fresh = tiny_module()  # restore: a new wrapped module loads the full state dict on every rank (Lightning's way)
+        fresh_wrapper = wrap(fresh, world)
+        with full_state_dict_context(fresh_wrapper):
             fresh_wrapper.load_state_dict(got["trained"])
         got["restored"] = _full(fresh_wrapper)
         with fresh.ema_weights():
@@ -129,15 +78,9 @@ def _worker(rank: int, world: int, rendezvous: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _full_state_dict(wrapper):
-    from lightning.fabric.strategies.fsdp import _get_full_state_dict_context
-
-    return _get_full_state_dict_context(wrapper, world_size=dist_world(), rank0_only=False)
-
-
 def _full(wrapper) -> dict[str, torch.Tensor]:
     """The gathered state dict, as a "full" checkpoint holds it (a collective: every rank calls it)."""
-    with _full_state_dict(wrapper):
+    with full_state_dict_context(wrapper):
         return {k: v.clone() for k, v in wrapper.state_dict().items()}
 
 
@@ -158,12 +101,6 @@ def _nonfinite_on_one_rank(module, wrapper, rank: int) -> bool:
     return False
 
 
-def dist_world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size()
-
-
 def _split(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
@@ -176,13 +113,12 @@ def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: 
 
 @pytest.mark.parametrize("world", [2, 1])
 def test_fsdp_ema_matches_unsharded_and_swaps_and_restores(tmp_path, world):
-    torch.multiprocessing.set_sharing_strategy("file_system")  # fd passing fails on small /dev/shm
     out = tmp_path / "rank"
-    torch.multiprocessing.spawn(_worker, args=(world, str(tmp_path / "rendezvous"), str(out)), nprocs=world, join=True)
+    spawn_or_fail(_worker, (world, str(tmp_path / "rendezvous"), str(out)), world, timeout=600)
     ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(world)]
     got = ranks[0]
 
-    ref = _module()  # the same steps unsharded, in this process (timm's own EMA update)
+    ref = tiny_module()  # the same steps unsharded, in this process (timm's own EMA update)
     _train(ref, ref)
     ema = _split(ref.state_dict(), "ema.module.")
     assert not all(torch.equal(ema[k], v) for k, v in _split(ref.state_dict(), "networks.").items())  # a real EMA

@@ -1,9 +1,11 @@
 """Lightning callbacks that score the model on the validation set: ``InterpolationEval`` and ``ImageToVideoEval``.
 
 During validation (every ``every_n_epochs`` epochs, not in the sanity check) each rank takes its first clips of
-the validation loader (``num_clips`` in all, split over the ranks), samples the task's frames with fixed seeds
-(from (seed, rank, batch)), and updates the metrics; at the end of the epoch every rank computes (torchmetrics
-syncs the states) and the results are logged as ``eval/<task>/<name>``.
+the validation loader (``num_clips`` in all, split over the ranks), samples the task's frames with fixed seeds (one
+per clip, from the seed and the clip's index over all ranks), and updates the metrics; at the end of the epoch every
+rank computes (torchmetrics syncs the states) and the results are logged as ``eval/<task>/<name>``. Under FSDP,
+whose forwards gather parameters from every rank, the ranks sample together: while any rank still needs clips, a
+rank past its share samples one clip of its batch and drops it (the ranks must see as many validation batches).
 
 Real statistics of FVD/FID are cached in ``cache_dir`` keyed by the data (validation shards, their sizes and
 times, loader settings, world size) and the protocol; a cached file also records the digest of the clip keys it
@@ -15,6 +17,7 @@ not in its ``state_dict`` (so not in checkpoints), not in ``parameters()`` (DDP,
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -25,6 +28,7 @@ from torch import nn
 
 from mardini.evaluation.protocol import EvalProtocol, EvalSuite, RealStatsCache, clip_seeds, files_id, keys_digest
 from mardini.evaluation.samplers import Sampler, ema_context, make_sampler
+from mardini.lit.fsdp import fsdp_root, root_unsharded
 
 
 class _TaskEval(L.Callback):
@@ -111,8 +115,16 @@ class _TaskEval(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        if not self._active or dataloader_idx != 0:
+            return
         quota = clips_for_rank(self.protocol.num_clips, trainer.global_rank, trainer.world_size)
-        if not self._active or dataloader_idx != 0 or self._seen >= quota:
+        root = fsdp_root(pl_module)
+        if root is not None and not _any_rank(self._seen < quota, pl_module.device):
+            return
+        if self._seen >= quota:
+            if root is not None:  # FSDP: every forward gathers from all ranks, so this rank samples one clip too
+                real, _ = eval_window(batch, pl_module, self.protocol)  # (B, T, 3, H, W)
+                self._sample(trainer, pl_module, root, real[:1], self.protocol.mask(1, real.device), [0])
             return
         real, positions = eval_window(batch, pl_module, self.protocol)  # (B, T, 3, H, W), (B, T, K, 2) | None
         keep = min(real.shape[0], quota - self._seen)
@@ -121,8 +133,7 @@ class _TaskEval(L.Callback):
         mask = self.protocol.mask(keep, real.device)  # (B, T)
         first = sum(clips_for_rank(self.protocol.num_clips, r, trainer.world_size) for r in range(trainer.global_rank))
         seed = clip_seeds(self.protocol.seed, first + self._seen, keep)  # by clip index: any batch size
-        with torch.no_grad(), ema_context(pl_module):
-            fake = self._sampler(real, mask, seed).clamp(-1, 1)  # (B, T, 3, H, W)
+        fake = self._sample(trainer, pl_module, root, real, mask, seed)  # (B, T, 3, H, W)
         self.suite.update(real, fake, mask, positions)
         self._seen += keep
         self._keys += [str(k) for k in batch.get("key", [])][:keep]
@@ -154,6 +165,14 @@ class _TaskEval(L.Callback):
         self._sampler = None
 
     # ----------------------------------------------------------------------------------------------
+    def _sample(self, trainer: L.Trainer, pl_module: L.LightningModule, root: nn.Module | None, real: torch.Tensor,
+                mask: torch.Tensor, seed: list[int]) -> torch.Tensor:
+        """The sampler's ``(B, T, 3, H, W)`` in [-1, 1] with the EMA weights; under FSDP with the root unit's own
+        parameters gathered (sampling runs outside the root's forward) in the precision of the training forward."""
+        precision = trainer.precision_plugin.forward_context() if root is not None else contextlib.nullcontext()
+        with torch.no_grad(), ema_context(pl_module), root_unsharded(root, writeback=False), precision:
+            return self._sampler(real, mask, seed).clamp(-1, 1)
+
     def _compute(self, skip_frechet: bool) -> dict[str, float]:
         if skip_frechet:
             frechet = self.suite.frechet
@@ -197,6 +216,13 @@ class ImageToVideoEval(_TaskEval):
 # ------------------------------------------------------------------------------------------------
 # Helpers
 # ------------------------------------------------------------------------------------------------
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on any rank (a collective: every rank calls it)."""
+    t = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def clips_for_rank(total: int, rank: int, world_size: int) -> int:
     """This rank's share of ``total`` clips."""
     return total // world_size + (rank < total % world_size)

@@ -140,7 +140,14 @@ class GeneratorBlock(nn.Module):
         shift, scale, gate = self.mod_m(c_m)  # (B, T, 1, D) x3
         return x + gate * self.mlp(modulate(self.norm_m(x), shift, scale))  # (B, T, N, D)
 
-    def forward(self, x, c_t, c_m, plan, mask, rope, cross_rope, mode: str, record: dict | None = None):
+    def forward(self, x, c_t, c_m, plan, mask, rope, cross_rope, mode: str, record: dict | None = None,
+                cached: tuple[dict, torch.Tensor] | None = None):
+        """One block over every frame; with ``cached`` (a :class:`ReferenceCache` layer and the generated tokens'
+        positions) the cached step :meth:`forward_generated` instead, where ``rope`` and ``cross_rope`` are the
+        generated tokens' tables and ``plan``, ``mask`` unused. Both go through ``forward`` so that a wrapper of the
+        block (an FSDP unit gathering its parameters, hooks) sees every call."""
+        if cached is not None:
+            return self.forward_generated(x, c_t, c_m, rope, cross_rope, *cached, mode)
         x = self.spatial_attn(x, c_t, rope)  # (B, T, N, D)
         x = self.temporal_attn(x, mask, rope, mode, record)  # (B, T, N, D)
         x = self.cross_attn(x, plan, record=record, rope=cross_rope)  # (B, T, N, D)
@@ -378,8 +385,8 @@ class Generator(nn.Module):
         c_t = self.t_embed(t_frame.gather(1, gen))[:, :, None]  # (B, Tg, 1, D)
         c_m = c_t + cache.c_p  # (B, Tg, 1, D)
         for block, layer in zip(self.blocks, cache.layers):
-            x = block.forward_generated(x, c_t, c_m, cache.rope, cache.cross_rope_q, layer, cache.tokens,
-                                        self.attention_mode)
+            x = block(x, c_t, c_m, None, None, cache.rope, cache.cross_rope_q, self.attention_mode,
+                      cached=(layer, cache.tokens))  # (B, Tg, N, D)
         shift, scale = self.mod_out(c_t)  # (B, Tg, 1, D) x2
         x = self.out(modulate(self.norm_out(x), shift, scale))  # (B, Tg, N, p*p*C)
         v = cache.v.clone()  # (B, T, C, h, w): reference frames' output of the first step
