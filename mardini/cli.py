@@ -15,6 +15,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from mardini.lit.base import MarDiniBase
 from mardini.lit.checkpoint_io import AtomicCheckpointIO
 from mardini.lit.checkpoints import RESUMING, directory_message
+from mardini.lit.preemption import PreemptionSave
 from mardini.lit.step_checkpoint import StepCheckpoint
 from mardini.user_errors import TRACEBACK_ENV, USER_ERRORS
 
@@ -100,6 +101,7 @@ class MarDiniCLI(LightningCLI):
             StepCheckpoint(filename="step{step:08d}", auto_insert_metric_name=False, save_last=True,
                            every_n_train_steps=self._checkpoint_every, save_top_k=1),
             LearningRateMonitor(logging_interval="step"),
+            PreemptionSave(),
         ]
         # kwargs["callbacks"] replaces trainer.callbacks of the config in LightningCLI: keep the config's ones
         configured = (self._get(self.config_init, "trainer", default={}) or {}).get("callbacks") or []
