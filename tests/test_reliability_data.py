@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import signal
 import time
@@ -351,3 +352,17 @@ def test_skipped_counts_reach_the_module_and_are_logged(bad_shards, tmp_path):
                 ckpt_path=str(path))
     assert len(seen) == 8 and sum(seen) > before  # the resumed steps' batches carry skips too
     assert resumed._skipped_total == sum(seen)  # the logged count goes on from the checkpoint's
+
+
+def test_a_shard_that_breaks_partway_says_after_how_many_samples(tmp_path, caplog):
+    full = tmp_path / "full.tar"
+    _write_shard(full, [(f"k{i:02d}", {"json": META, "video.npy": NPY}) for i in range(6)])
+    broken = tmp_path / "broken-000000.tar"
+    broken.write_bytes(full.read_bytes()[: full.stat().st_size * 3 // 5])  # ends inside a later sample
+    dm = _dm(tmp_path, num_workers=0, train_shards=str(broken), val_shards=str(broken))
+    dm.setup("validate")
+    with caplog.at_level(logging.WARNING):
+        keys = [k for b in dm.val_dataloader() for k in b.get("key", [])]
+    assert 0 < len(keys) < 6
+    said = [r.getMessage() for r in caplog.records if "corrupt shard" in r.getMessage()]
+    assert any(f"broken-000000.tar broke after {len(keys)} samples" in m for m in said), said

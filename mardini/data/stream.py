@@ -132,6 +132,8 @@ class SkipLog:
         self.examples: dict[str, str] = {}  # the first detail of each reason
         self.consecutive = 0
         self.max_consecutive = max_consecutive
+        self.read: Counter[str] = Counter()  # samples of the current read of each shard (url), for read errors
+        self._first_key: dict[str, str] = {}  # each shard's first sample: meeting it again starts a new read
 
     def add(self, reason: str, detail: str) -> None:
         if self.muted:
@@ -150,9 +152,22 @@ class SkipLog:
             )
 
     def tar_handler(self, exn: Exception) -> bool:
-        """webdataset handler for unreadable shards / tar members: count and go on."""
-        self.add("corrupt shard", repr(exn))
+        """webdataset handler for unreadable shards / tar members: count and go on. A shard that breaks partway
+        counts once, its samples after the break unknown; the message says after how many samples it broke."""
+        url = exn.args[-1] if exn.args and isinstance(exn.args[-1], str) else None  # webdataset appends the url
+        read = self.read.get(url, 0) if url else 0
+        where = f"{url} broke after {read} samples (the rest of this read of it is lost): " if read else ""
+        self.add("corrupt shard", f"{where}{exn!r}")
         return True
+
+    def tally(self, src: Iterator[dict]) -> Iterator[dict]:
+        """Pass raw samples through, counting each shard's current read (``self.read``)."""
+        for sample in src:
+            url, key = sample.get("__url__", "?"), sample.get("__key__")
+            if self._first_key.setdefault(url, key) == key:
+                self.read[url] = 0  # a (re)read of the shard from its start (training resamples shards)
+            self.read[url] += 1
+            yield sample
 
     def drain(self) -> int:
         n, self.pending = self.pending, 0
@@ -271,7 +286,7 @@ class ClipStream(IterableDataset):
             source = wds.SimpleShardList(shards)  # in order, each once
         # every reader of a sample-split meets the same shard read errors: only slot 0 counts them
         handler = skips.tar_handler if share is None or share[0] == 0 else _ignore_and_continue
-        stages = [source, wds.tarfile_to_samples(handler=handler)]
+        stages = [source, wds.tarfile_to_samples(handler=handler), skips.tally]
         if share is not None:  # before decoding: each sample, good or bad, is decoded and counted by one reader
             slot, readers = share
             stages.append(lambda src: (s for i, s in enumerate(src) if i % readers == slot))
