@@ -249,7 +249,7 @@ def test_sample_grids_reach_tensorboard(workdir, tmp_path):
     dm = VideoDataModule(train_shards=str(shards / "train"), val_shards=str(shards / "val"), frames=9, fps=8,
                          resolution=32, batch_size=2, num_workers=0, epoch_size=8, val_clips=2)
     model = MarDiniModule(size="tiny", planner_resolution=16, generator={"patch_size": 2}, lr=1e-3)
-    grids = SampleGrids(every_n_steps=2, clips=2, steps=2)
+    grids = SampleGrids(every_n_steps=2, clips=2, steps=2, tasks={"every_other": [0, 2, 4, 6, -1]})
     trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=TensorBoardLogger(tmp_path, name="tb", version=""),
                         callbacks=[grids], enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0)
@@ -259,6 +259,18 @@ def test_sample_grids_reach_tensorboard(workdir, tmp_path):
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     tags = events.Tags()["images"]
-    assert {"samples/interpolation", "samples/image_to_video"} <= set(tags)
+    assert {"samples/interpolation", "samples/image_to_video", "samples/every_other"} <= set(tags)
     image = events.Images("samples/interpolation")[0]
     assert image.step == 2 and image.height > 0 and image.width > 0
+
+
+def test_sample_grids_refuse_impossible_extra_tasks():
+    from mardini.lit.sample_grids import SampleGrids, given_mask
+
+    with pytest.raises(ValueError, match="give a new name"):
+        SampleGrids(tasks={"interpolation": [0]})
+    with pytest.raises(ValueError, match=r"indices must lie in \[-4, 4\)"):
+        given_mask([0, 4], 4, "x")
+    with pytest.raises(ValueError, match="leave a frame to generate"):
+        given_mask([0, 1, 2, -1], 4, "x")
+    assert given_mask([0, -1], 5, "x").tolist() == [False, True, True, True, False]

@@ -1,4 +1,4 @@
-"""TensorBoard frame grids of interpolation and image-to-video samples during training."""
+"""TensorBoard frame grids of interpolation and image-to-video samples (and any given-frame pattern) during training."""
 
 from __future__ import annotations
 
@@ -25,13 +25,19 @@ class SampleGrids(L.Callback):
         steps: DDIM steps per sample (few: this is a progress picture, not an evaluation).
         guidance_scale: classifier-free guidance on the plan for image-to-video.
         seed: sampling seed (fixed, so grids of different steps are comparable).
+        tasks: extra grids, ``{name: given frame indices}`` (e.g. ``{every_other: [0, 2, 4, 6, 8]}``; negative
+            indices count from the end), logged as ``samples/<name>`` after the interpolation and image-to-video ones.
     """
 
     def __init__(self, every_n_steps: int = 500, clips: int = 2, steps: int = 10, guidance_scale: float = 1.0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, tasks: dict[str, list[int]] | None = None) -> None:
         for key, value, low in (("every_n_steps", every_n_steps, 1), ("clips", clips, 1), ("steps", steps, 1)):
             if value < low:
                 raise ValueError(f"SampleGrids.{key}={value} is impossible: it must be >= {low}")
+        for name, given in (tasks or {}).items():
+            if name in ("interpolation", "image_to_video") or not given:
+                raise ValueError(f"SampleGrids.tasks[{name!r}]={given!r}: give a new name and at least one frame index")
+        self.tasks = {name: [int(i) for i in given] for name, given in (tasks or {}).items()}
         self.every_n_steps, self.clips, self.steps = every_n_steps, clips, steps
         self.guidance_scale, self.seed = guidance_scale, seed
         self._video: torch.Tensor | None = None
@@ -89,6 +95,7 @@ class SampleGrids(L.Callback):
         frames = pl_module.frames or video.shape[1]
         video = video[:, :frames].to(pl_module.device)  # (b, T, 3, H, W)
         masks = {"interpolation": interpolation_mask(frames), "image_to_video": image_to_video_mask(frames)}
+        masks.update({name: given_mask(given, frames, name) for name, given in self.tasks.items()})
         was_training = {name: net.training for name, net in pl_module.networks.items()}
         try:
             # under FSDP the root unit's parameters (embeddings, heads) are gathered while sampling outside a forward
@@ -106,6 +113,17 @@ class SampleGrids(L.Callback):
             for name, net in pl_module.networks.items():
                 net.train(was_training[name])
         self.logged_steps.append(step)
+
+
+def given_mask(given: list[int], frames: int, name: str) -> torch.Tensor:
+    """``(T,)`` bool, True = generate, with the ``given`` indices (negative from the end) kept."""
+    bad = [i for i in given if not -frames <= i < frames]
+    if bad or len({i % frames for i in given}) == frames:
+        raise ValueError(f"SampleGrids.tasks[{name!r}]={given}: indices must lie in [-{frames}, {frames}) and leave a "
+                         f"frame to generate in the {frames}-frame window")
+    mask = torch.ones(frames, dtype=torch.bool)  # (T,)
+    mask[[i % frames for i in given]] = False
+    return mask
 
 
 def _grid(video: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
