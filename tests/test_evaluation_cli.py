@@ -226,14 +226,30 @@ def test_sampling_at_other_settings_than_training_is_noted():
     assert "Note: the checkpoint trained at 32x32 px" in md
 
 
-def test_fvd_and_fid_from_few_clips_are_noted():
-    def report(clips, results):
-        return {"clips": clips, "tasks": {"interpolation": {"results": results}}}
+def stub_networks(monkeypatch):
+    """Make every ``cli.run_task`` of ``cli.main`` score FVD/FID with the stand-in feature networks (no weights)."""
+    run_task = cli.run_task
+    monkeypatch.setattr(cli, "run_task", lambda *a, **k: run_task(*a, networks={"fvd": VideoPool(), "fid": FramePool()},
+                                                                  **k))
 
-    few = report(5, {"mardini": {"fvd": 5880.0, "midf_psnr": 16.0}, "linear_blend": {"fvd": 204.0, "fid": 90.0}})
-    assert cli.small_sample_note(few).startswith("FID and FVD from 5 clips: a Fréchet distance is biased upward")
-    assert cli.small_sample_note(report(cli.SMALL_FRECHET_SAMPLE, few["tasks"]["interpolation"]["results"])) is None
-    assert cli.small_sample_note(report(5, {"mardini": {"midf_psnr": 16.0, "fvd": None}})) is None  # none computed
+
+def test_fvd_and_fid_from_few_clips_are_noted(shards, tmp_path, monkeypatch, capsys):
+    """On the result names a run produces (fvd6_9f, fid6_9f), in the report and on stderr."""
+    stub_networks(monkeypatch)
+    out = tmp_path / "report"
+    assert cli.main(["--data", str(shards), "--tasks", "interpolation", "--resolution", "16", "--num-clips", "6",
+                     "--cache-dir", "", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert {"fvd6_9f", "fid6_9f"} <= set(report["tasks"]["interpolation"]["results"]["linear_blend"])
+    note = "FID and FVD from 6 clips: a Fréchet distance is biased upward"
+    assert note in capsys.readouterr().err and any(n.startswith(note) for n in report["notices"])
+    assert f"Note: {note}" in (out / "report.md").read_text()
+    results = report["tasks"]["interpolation"]["results"]
+    assert cli.small_sample_note({**report, "clips": cli.SMALL_FRECHET_SAMPLE}) is None
+    none = {"linear_blend": {"midf_psnr": 16.0, "fvd6_9f": None}, "mardini": {"midf_psnr": 15.0}}
+    assert cli.small_sample_note({"clips": 6, "tasks": {"interpolation": {"results": none}}}) is None  # none computed
+    pad = {m: {"fvd6_5f_pad": r["fvd6_9f"]} for m, r in results.items()}
+    assert cli.small_sample_note({"clips": 6, "tasks": {"i": {"results": pad}}}).startswith("FVD from 6 clips")
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -202,12 +203,14 @@ def run_task(
 
 
 SMALL_FRECHET_SAMPLE = 256  # clips below which a Fréchet distance gets a caveat in the report
+FRECHET_KEY = re.compile(r"(fvd|fid)\d+_\d+f")  # the Fréchet metrics' result names: fvd{N}_{T}f[_pad], fid{N}_{T}f
 
 
 def small_sample_note(report: dict[str, Any]) -> str | None:
     """A caveat for FVD/FID computed from few clips (None when there are none, or enough clips)."""
-    frechet = sorted({m for res in report["tasks"].values() for r in res["results"].values() for m in r
-                      if m in ("fvd", "fid") and r[m] is not None})
+    results = [r for res in report["tasks"].values() for r in res["results"].values()]
+    frechet = sorted({match[1] for r in results for k, v in r.items()
+                      if v is not None and (match := FRECHET_KEY.match(k))})
     if not frechet or report["clips"] >= SMALL_FRECHET_SAMPLE:
         return None
     return (f"{' and '.join(m.upper() for m in frechet)} from {report['clips']} clips: a Fréchet distance is biased "
