@@ -51,6 +51,37 @@ def test_cli_end_to_end_on_synthetic_shards(shards, tmp_path, capsys):
     assert json.loads((out / "report.json").read_text())["tasks"]["interpolation"]["results"] == interp["results"]
 
 
+def test_finished_tasks_are_on_disk_when_a_later_one_fails_and_progress_goes_to_stderr(
+        shards, tmp_path, monkeypatch, capsys):
+    run_task = cli.run_task
+
+    def second_fails(task, *a, **k):
+        if task == "image_to_video":
+            raise RuntimeError("CUDA out of memory")
+        return run_task(task, *a, **k)
+
+    monkeypatch.setattr(cli, "run_task", second_fails)
+    out = tmp_path / "report"
+    argv = ["--data", str(shards), "--tasks", "interpolation", "image_to_video", "--resolution", "16",
+            "--num-clips", "6", "--batch-size", "4", "--metrics", "midf", "--cache-dir", "", "--out", str(out)]
+    with pytest.raises(RuntimeError, match="out of memory"):
+        cli.main(argv)
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "partial" and list(report["tasks"]) == ["interpolation"]
+    assert report["tasks"]["interpolation"]["results"]["linear_blend"]["midf_psnr"] > 0
+    md = (out / "report.md").read_text()
+    assert "**Partial report**: 1 of 2 tasks finished" in md and "| linear_blend |" in md
+    err = capsys.readouterr().err
+    assert "evaluate.py: interpolation: 4/6 clips, " in err and "evaluate.py: interpolation: 6/6 clips, " in err
+    assert " s/clip, about " in err
+    monkeypatch.setattr(cli, "run_task", run_task)
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert json.loads((out / "report.json").read_text())["status"] == "complete"
+    assert "Partial" not in (out / "report.md").read_text() and "6/6 clips" not in captured.out  # progress: stderr only
+    assert "evaluate.py: image_to_video: 6/6 clips" in captured.err
+
+
 def test_cli_scores_a_checkpoint_with_the_chosen_eta(shards, tmp_path):
     from mardini.testing import make_checkpoint
 

@@ -6,7 +6,8 @@
 
 Every method (the baselines ``linear_blend`` and ``nearest_frame``, and ``mardini`` with ``--checkpoint``) sees the
 same clips, masks and seeds; real statistics are computed once (or read from ``--cache-dir``). Writes
-``OUT/report.md`` (a table per task) and ``OUT/report.json``. FVD/FID need the metric weights: ``make weights``.
+``OUT/report.md`` (a table per task) and ``OUT/report.json`` after each task (``"status": "partial"`` until the end),
+with a progress line per batch on stderr. FVD/FID need the metric weights: ``make weights``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import platform
 import re
 import sys
@@ -172,7 +174,7 @@ def run_task(
     if "mardini" in run:  # what the model runs with (1.0 where a plan-free checkpoint cannot be guided)
         proto.guidance_scale = run["mardini"].guidance_scale
     skipped: dict[str, str] = {}
-    seen, keys, timing = 0, [], {m: 0.0 for m in run}
+    seen, keys, timing, began = 0, [], {m: 0.0 for m in run}, time.perf_counter()
     for b, batch in enumerate(iter_batches(kind, files, args.frames, args.fps, args.resolution, n, args.batch_size,
                                            skipped)):
         real = batch["video"].to(device)  # (B, T, 3, R, R)
@@ -187,6 +189,7 @@ def run_task(
             suites[m].update(real, fake, mask, positions)
         seen += real.shape[0]
         keys += list(batch["key"])
+        print(progress_line(task, seen, n, time.perf_counter() - began), file=sys.stderr, flush=True)
     if seen < n:  # the data changed since choose_num_clips read it
         raise ValueError(f"the data gave {seen} usable clips, the protocol needs {n}; lower --num-clips to {seen}"
                            + (f" ({_unusable(skipped)})" if skipped else ""))
@@ -200,6 +203,14 @@ def run_task(
     return {"protocol": proto.as_dict(), "clips": seen, "real_stats_cache": ("hit" if hit else "computed") if first.frechet else "none (no FVD/FID)",
             "skipped_metrics": first.skipped, "skipped_videos": skipped,
             "seconds_per_clip": {m: t / max(seen, 1) for m, t in timing.items()}, "results": results}
+
+
+def progress_line(task: str, done: int, total: int, elapsed: float) -> str:
+    """``evaluate.py: TASK: done/total clips, s/clip (every method, data and metrics), about T left``."""
+    per_clip = elapsed / max(done, 1)
+    left = per_clip * max(total - done, 0)
+    when = f"{left:.0f} s" if left < 90 else f"{left / 60:.0f} min" if left < 5400 else f"{left / 3600:.1f} h"
+    return f"evaluate.py: {task}: {done}/{total} clips, {per_clip:.2f} s/clip, about {when} left"
 
 
 SMALL_FRECHET_SAMPLE = 256  # clips below which a Fréchet distance gets a caveat in the report
@@ -275,6 +286,10 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Evaluation on `{report['data']}`", "",
              f"{report['clips']} clips, {report['frames']} frames at {report['resolution']} px "
              f"(fps: {report['fps'] or 'native'}), seed {report['seed']}. Command: `{report['command']}`", ""]
+    if report.get("status") == "partial":
+        asked = report.get("tasks_asked") or list(report["tasks"])
+        lines += [f"**Partial report**: {len(report['tasks'])} of {len(asked)} tasks finished "
+                  f"({', '.join(asked)}); the run is still going, or stopped before the rest.", ""]
     for notice in report.get("notices") or []:
         lines += [f"Note: {notice}.", ""]
     skipped = report.get("skipped_videos") or {}
@@ -301,6 +316,15 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    """``out/report.json`` and ``out/report.md``, each replaced atomically (a crash leaves the last whole one)."""
+    for name, text in (("report.json", json.dumps(report, indent=2, default=float) + "\n"),
+                       ("report.md", markdown(report))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit code: 0, or 2 on missing data or weights and impossible settings (the message says what to do)."""
     return run_reporting_user_errors("evaluate.py", lambda: _main(argv))
@@ -316,22 +340,25 @@ def _main(argv: list[str] | None) -> int:
         "resolution": args.resolution, "fps": args.fps, "seed": args.seed, "methods": list(samplers),
         "checkpoint": args.checkpoint,
         "command": run_info.command_line(["python", "evaluate.py"], argv),
-        "torch": torch.__version__, "python": platform.python_version(), "tasks": {},
+        "torch": torch.__version__, "python": platform.python_version(), "status": "partial",
+        "tasks_asked": list(args.tasks), "tasks": {},
     }
     notices = training_mismatch(samplers.get("mardini"), args)
     for notice in notices:
         print(f"evaluate.py: note: {notice}", file=sys.stderr)
     report["notices"] = notices
+    out = Path(args.out) if args.out else default_out(args.data, report["data_path"])
+    out.mkdir(parents=True, exist_ok=True)
+    write_report(out, report)  # partial until the end: a run that stops keeps every task it finished
     for task in args.tasks:
         report["tasks"][task] = run_task(task, args, samplers, kind, files, n)
+        write_report(out, report)
     small = small_sample_note(report)
     if small:
         print(f"evaluate.py: note: {small}", file=sys.stderr)
         notices.append(small)
-    out = Path(args.out) if args.out else default_out(args.data, report["data_path"])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
-    (out / "report.md").write_text(markdown(report))
+    report["status"] = "complete"
+    write_report(out, report)
     print(markdown(report))
     print(f"wrote {out / 'report.md'} and {out / 'report.json'}")
     return 0
