@@ -10,7 +10,7 @@ from torch import nn
 
 from mardini.data.testing import moving_frames, tiny_synthetic, write_video
 from mardini.evaluation import cli
-from mardini.evaluation.data import resolve_source
+from mardini.evaluation.data import iter_batches, resolve_source
 
 
 class VideoPool(nn.Module):
@@ -143,6 +143,29 @@ def test_short_windows_take_fvd_only_padded(shards, capsys):
     kind, files = resolve_source(args.data)
     res = cli.run_task("interpolation", args, cli.build_samplers(args), kind, files, 2, {"fvd": VideoPool()})
     assert [k for k in res["results"]["linear_blend"]] == ["fvd2_5f_pad"]  # padded to I3D's 9 frames, and named so
+
+
+def test_non_finite_samples_stop_the_run_naming_the_method_and_clips(shards):
+    def diverged(real, mask, seed):  # (B, T, 3, R, R): NaN in the second clip of each batch, inf in the first
+        out = real.clone()
+        out[0, 4] = float("inf")
+        out[1:, 4, 0, 0, 0] = float("nan")
+        return out
+
+    args = cli.parse_args(["--data", str(shards), "--tasks", "interpolation", "--resolution", "16", "--num-clips", "4",
+                           "--metrics", "midf", "--cache-dir", ""])
+    kind, files = resolve_source(args.data)
+    keys = next(iter_batches(kind, files, 9, None, 16, 4, 4))["key"]
+    with pytest.raises(ValueError, match="method 'diverged' generated non-finite values") as err:
+        cli.run_task("interpolation", args, {"linear_blend": cli.BASELINES["linear_blend"](), "diverged": diverged},
+                     kind, files, 4)
+    assert f"in 4 of 4 clips of a batch: {keys[0]} (768), {keys[1]} (1), " in str(err.value)
+    md = cli.markdown({"data": "d", "clips": 2, "frames": 9, "resolution": 16, "fps": None, "seed": 0, "command": "c",
+                       "tasks": {"interpolation": {
+                           "results": {"m": {"midf_psnr": float("nan"), "midf_ssim": 0.5}, "n": {"midf_ssim": 0.4}},
+                           "seconds_per_clip": {"m": 0.1, "n": 0.1}, "skipped_metrics": {}, "real_stats_cache": "none",
+                           "protocol": {"guidance_scale": 1.0, "steps": 1}}}})
+    assert "| m | NaN | 0.5000 | 0.100 |" in md and "| n | – | 0.4000 | 0.100 |" in md  # NaN apart from not computed
 
 
 def test_run_task_with_frechet_metrics_and_real_stats_cache(shards, tmp_path):

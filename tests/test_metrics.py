@@ -184,6 +184,21 @@ def test_i3d_preprocess_checks_and_padding():
     assert x.shape[2] == MIN_FRAMES and torch.equal(x[:, :, 3], x[:, :, 8])
 
 
+def test_non_finite_frames_are_refused_by_name_and_count():
+    """NaN compares false, so a range check alone let it through (FVD then failed in the eigenvalue solver)."""
+    from mardini.metrics.preprocess import check_video
+
+    video = rand_video(2, 9)  # (2, 9, 3, 32, 40)
+    video[1, 4, 0, :2, 0] = float("nan")
+    video[0, 0, 2, 5, 5] = float("inf")
+    with pytest.raises(ValueError, match=r"I3D input: 3 of 69120 values are not finite \(NaN or inf\)"):
+        i3d_preprocess(video)
+    midf = MidFrameMetrics()
+    with pytest.raises(ValueError, match="MidF preds: 3 of 69120 values are not finite"):
+        midf.update(video, rand_video(2, 9))
+    check_video(rand_video(2, 9), "fine")  # finite, in range: no error
+
+
 def test_resize_crop_keeps_centre_and_stretch_keeps_all():
     frames = -torch.ones(1, 3, 20, 60)
     frames[..., 25:35] = 1  # a bright vertical stripe in the middle

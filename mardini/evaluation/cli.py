@@ -184,7 +184,9 @@ def run_task(
         seed = clip_seeds(args.seed, seen, real.shape[0])  # one per clip, by its index: any --batch-size
         for m, sampler in run.items():
             start = time.perf_counter()
-            fake = sampler(real, mask, seed).clamp(-1, 1)  # (B, T, 3, R, R)
+            fake = sampler(real, mask, seed)  # (B, T, 3, R, R)
+            check_finite(fake, m, list(batch["key"]))
+            fake = fake.clamp(-1, 1)
             timing[m] += time.perf_counter() - start
             suites[m].update(real, fake, mask, positions)
         seen += real.shape[0]
@@ -203,6 +205,18 @@ def run_task(
     return {"protocol": proto.as_dict(), "clips": seen, "real_stats_cache": ("hit" if hit else "computed") if first.frechet else "none (no FVD/FID)",
             "skipped_metrics": first.skipped, "skipped_videos": skipped,
             "seconds_per_clip": {m: t / max(seen, 1) for m, t in timing.items()}, "results": results}
+
+
+def check_finite(fake: torch.Tensor, method: str, keys: list[str]) -> None:
+    """Refuse a method's output ``(B, T, 3, R, R)`` holding NaN or inf (clamping would hide inf and keep NaN),
+    naming the method and the clips."""
+    bad = (~torch.isfinite(fake)).flatten(1).sum(1)  # (B,) non-finite values per clip
+    if bad.any():
+        clips = [f"{keys[i]} ({int(bad[i])})" for i in bad.nonzero().flatten().tolist()]
+        shown = ", ".join(clips[:5]) + (f" and {len(clips) - 5} more" if len(clips) > 5 else "")
+        hint = " (check the checkpoint; bf16 sampling can overflow: --dtype fp32)" if method == "mardini" else ""
+        raise ValueError(f"method {method!r} generated non-finite values (NaN or inf) in {len(clips)} of "
+                         f"{len(keys)} clips of a batch: {shown}; they cannot be scored{hint}")
 
 
 def progress_line(task: str, done: int, total: int, elapsed: float) -> str:
@@ -276,9 +290,12 @@ def device_of(args: argparse.Namespace) -> torch.device:
 # ------------------------------------------------------------------------------------------------
 # Report
 # ------------------------------------------------------------------------------------------------
-def _fmt(value: float) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+def _fmt(value: float | None) -> str:
+    """A result for the table: ``–`` = not computed, ``NaN`` = computed and undefined (e.g. no object detected)."""
+    if value is None:
         return "–"
+    if math.isnan(value):
+        return "NaN"
     return f"{value:.4f}" if abs(value) < 100 else f"{value:.2f}"
 
 

@@ -20,12 +20,16 @@ RANGE_TOL = 1e-3  # slack on the [-1, 1] check for float round-off
 # Checks
 # ------------------------------------------------------------------------------------------------
 def check_video(video: torch.Tensor, what: str = "video") -> None:
-    """Raise a clear error unless ``video`` is a float ``(B, T, 3, H, W)`` tensor in [-1, 1]."""
+    """Raise a clear error unless ``video`` is a float ``(B, T, 3, H, W)`` tensor of finite values in [-1, 1]."""
     if not torch.is_tensor(video) or video.dim() != 5 or video.shape[2] != 3:
         shape = tuple(video.shape) if torch.is_tensor(video) else type(video).__name__
         raise ValueError(f"{what}: expected a (B, T, 3, H, W) tensor, got {shape}")
     if not video.is_floating_point():
         raise ValueError(f"{what}: expected float values in [-1, 1], got dtype {video.dtype}; map uint8 with x/127.5-1")
+    bad = int((~torch.isfinite(video)).sum())  # NaN compares false: the range check below would let it through
+    if bad:
+        raise ValueError(f"{what}: {bad} of {video.numel()} values are not finite (NaN or inf); metrics need finite "
+                         "pixels: find what produced them (a diverged model, an overflow in half precision)")
     lo, hi = video.min().item(), video.max().item()
     if lo < -1 - RANGE_TOL or hi > 1 + RANGE_TOL:
         raise ValueError(
