@@ -182,6 +182,33 @@ def test_run_task_with_frechet_metrics_and_real_stats_cache(shards, tmp_path):
     assert res["linear_blend"]["fvd6_9f"] != res["nearest_frame"]["fvd6_9f"] and res["linear_blend"]["fid6_9f"] > 0
 
 
+def test_a_cached_real_statistics_file_of_other_clips_is_recomputed(shards, tmp_path, capsys):
+    """The cache file records the digest of its clip keys; one that differs from this run's clips is not used."""
+    import torch
+
+    from mardini.evaluation.protocol import keys_digest
+
+    args = cli.parse_args(["--data", str(shards), "--tasks", "interpolation", "--frames", "9", "--resolution", "16",
+                           "--num-clips", "6", "--cache-dir", str(tmp_path / "stats")])
+    kind, files = resolve_source(args.data)
+    nets = {"fvd": VideoPool(), "fid": FramePool()}
+    samplers = cli.build_samplers(args)
+    first = cli.run_task("interpolation", args, samplers, kind, files, 6, nets)
+    paths = sorted((tmp_path / "stats").iterdir())
+    digest = torch.load(paths[0], weights_only=True)["keys_digest"]
+    keys = [k for b in iter_batches(kind, files, 9, None, 16, 6, 4) for k in b["key"]]
+    assert digest == keys_digest(keys)
+    for path in paths:  # statistics of other clips under the same cache key
+        stats = torch.load(path, weights_only=True)
+        torch.save({**stats, "mean": stats["mean"] + 1, "keys_digest": digest + 1}, path)
+    capsys.readouterr()
+    again = cli.run_task("interpolation", args, samplers, kind, files, 6, nets)
+    assert again["real_stats_cache"].startswith("recomputed") and again["results"] == first["results"]
+    assert "were computed on other clips than the 6 this run read; recomputing them" in capsys.readouterr().err
+    assert all(torch.load(p, weights_only=True)["keys_digest"] == digest for p in paths)  # the cache is rewritten
+    assert cli.run_task("interpolation", args, samplers, kind, files, 6, nets)["real_stats_cache"] == "hit"
+
+
 def test_cli_on_a_folder_of_videos(tmp_path):
     for i, (codec, ext) in enumerate([("libx264", "mp4"), ("mpeg4", "avi"), ("libx264", "mkv")]):
         write_video(tmp_path / "videos" / f"v{i}.{ext}", moving_frames(14, 24, 32, seed=i), 10, codec=codec)

@@ -195,6 +195,12 @@ def run_task(
     if seen < n:  # the data changed since choose_num_clips read it
         raise ValueError(f"the data gave {seen} usable clips, the protocol needs {n}; lower --num-clips to {seen}"
                            + (f" ({_unusable(skipped)})" if skipped else ""))
+    cache_state = ("hit" if hit else "computed") if first.frechet else "none (no FVD/FID)"
+    if hit and not first.real_cache_matches(keys_digest(keys), seen):
+        print(f"evaluate.py: note: the cached real statistics {sorted(hit.values())} were computed on other clips "
+              f"than the {seen} this run read; recomputing them and rewriting the cache", file=sys.stderr)
+        recompute_real(first, proto, args, kind, files, n, keys, device)
+        hit, cache_state = None, "recomputed (the cached file was of other clips)"
     if first.frechet:
         if cache is not None and not hit:
             first.save_real_cache(cache, data_id, keys_digest(keys), seen, write=True)
@@ -202,9 +208,24 @@ def run_task(
         for s in list(suites.values())[1:]:
             s.use_real_stats(stats)
     results = {m: suites[m].compute() for m in run}
-    return {"protocol": proto.as_dict(), "clips": seen, "real_stats_cache": ("hit" if hit else "computed") if first.frechet else "none (no FVD/FID)",
+    return {"protocol": proto.as_dict(), "clips": seen, "real_stats_cache": cache_state,
             "skipped_metrics": first.skipped, "skipped_videos": skipped,
             "seconds_per_clip": {m: t / max(seen, 1) for m, t in timing.items()}, "results": results}
+
+
+def recompute_real(suite: EvalSuite, proto: EvalProtocol, args: argparse.Namespace, kind: str, files: list[str],
+                   n: int, keys: list[str], device: torch.device) -> None:
+    """The real side of ``suite``'s Fréchet metrics from the clips again, in place of stale cached statistics (a
+    second read of the data: no sampling)."""
+    suite.drop_real_stats()
+    again: list[str] = []
+    for batch in iter_batches(kind, files, args.frames, args.fps, args.resolution, n, args.batch_size):
+        real = batch["video"].to(device)  # (B, T, 3, R, R)
+        suite.update_real(real, proto.mask(real.shape[0], device))
+        again += list(batch["key"])
+    if sorted(again) != sorted(keys):
+        raise ValueError(f"{args.data} gave other clips on a second read ({len(again)} clips, {len(keys)} before): "
+                         "the data changed during the run; run again once it is written")
 
 
 def check_finite(fake: torch.Tensor, method: str, keys: list[str]) -> None:

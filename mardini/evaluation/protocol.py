@@ -265,6 +265,12 @@ class EvalSuite:
         if "traj" in self.metrics and positions is not None:
             self.metrics["traj"].update(fake, real, positions, mask)
 
+    @torch.no_grad()
+    def update_real(self, real: torch.Tensor, mask: torch.Tensor) -> None:
+        """Add a batch of real clips ``(B, T, 3, H, W)`` (``mask (B, T)``) to the Fréchet metrics' real side only."""
+        for name, m in self.frechet.items():
+            m.update(real, real=True, **({"mask": mask} if name == "fid" else {}))
+
     def compute(self) -> dict[str, float]:
         """All results as floats, named by protocol (call on every rank: it syncs)."""
         out: dict[str, float] = {}
@@ -299,6 +305,18 @@ class EvalSuite:
             return None
         self.use_real_stats(stats)
         return paths
+
+    def real_cache_matches(self, digest: int, count: int) -> bool:
+        """Whether the cached real statistics in use were computed on the clips of key digest ``digest`` (see
+        :func:`keys_digest`) and ``count`` clips; a file that records neither is taken as it is."""
+        refs = [m._real_ref or {} for m in self.frechet.values()]
+        return all(r.get("keys_digest") in (None, digest) and r.get("clips") in (None, count) for r in refs)
+
+    def drop_real_stats(self) -> None:
+        """Forget cached real statistics: the real side is accumulated by updates again."""
+        for m in self.frechet.values():
+            m.clear_real_stats()
+        self.real_cached = False
 
     def save_real_cache(
         self, cache: RealStatsCache, data_id: Any, digest: int, count: int, write: bool = True
