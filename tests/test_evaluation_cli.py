@@ -222,6 +222,29 @@ def test_cli_on_a_folder_of_videos(tmp_path):
     assert task["results"]["linear_blend"]["midf_psnr"] > task["results"]["nearest_frame"]["midf_psnr"]
 
 
+def test_clips_read_away_from_the_asked_fps_are_reported(tmp_path, capsys):
+    """--fps 12 on sources at 10 and 25 fps: strides 1 and 2 read them at 10 (17 % off) and 12.5 fps (4 %)."""
+    videos = tmp_path / "videos"
+    write_video(videos / "a10.mp4", moving_frames(20, 24, 32, seed=0), 10)
+    write_video(videos / "b25.mp4", moving_frames(20, 24, 32, seed=1), 25)
+    write_video(videos / "c10.mp4", moving_frames(20, 24, 32, seed=2), 10)
+    out = tmp_path / "report"
+    argv = ["--data", str(videos), "--tasks", "interpolation", "image_to_video", "--resolution", "16",
+            "--metrics", "midf", "--cache-dir", "", "--out", str(out)]
+    assert cli.main([*argv, "--fps", "12"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["fps_effective"] == {"min": 10.0, "max": 12.5}
+    note = "2 of 3 clips were read at 10 fps, more than 10% from --fps 12"
+    err = capsys.readouterr().err
+    assert err.count(note) == 1 and any(n.startswith(note) for n in report["notices"])  # once per run
+    md = (out / "report.md").read_text()
+    assert "(fps: 12.0; read at 10-12.5)" in md and f"Note: {note}" in md
+    assert cli.main(argv) == 0  # the native rate: each clip at its own, nothing to warn about
+    assert "clips were read at" not in capsys.readouterr().err
+    assert json.loads((out / "report.json").read_text())["fps_effective"] == {"min": 10.0, "max": 25.0}
+    assert "(fps: native)" in (out / "report.md").read_text()
+
+
 def test_default_num_clips_is_the_usable_count(tmp_path, capsys):
     """Without --num-clips, corrupt and too-short videos lower N before any task: every task on the same clips."""
     videos = tmp_path / "videos"

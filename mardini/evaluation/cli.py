@@ -174,7 +174,7 @@ def run_task(
     if "mardini" in run:  # what the model runs with (1.0 where a plan-free checkpoint cannot be guided)
         proto.guidance_scale = run["mardini"].guidance_scale
     skipped: dict[str, str] = {}
-    seen, keys, timing, began = 0, [], {m: 0.0 for m in run}, time.perf_counter()
+    seen, keys, rates, timing, began = 0, [], [], {m: 0.0 for m in run}, time.perf_counter()
     for b, batch in enumerate(iter_batches(kind, files, args.frames, args.fps, args.resolution, n, args.batch_size,
                                            skipped)):
         real = batch["video"].to(device)  # (B, T, 3, R, R)
@@ -191,6 +191,7 @@ def run_task(
             suites[m].update(real, fake, mask, positions)
         seen += real.shape[0]
         keys += list(batch["key"])
+        rates += [float(r) for r in batch["fps"]]  # the rate each clip was read at
         print(progress_line(task, seen, n, time.perf_counter() - began), file=sys.stderr, flush=True)
     if seen < n:  # the data changed since choose_num_clips read it
         raise ValueError(f"the data gave {seen} usable clips, the protocol needs {n}; lower --num-clips to {seen}"
@@ -210,7 +211,32 @@ def run_task(
     results = {m: suites[m].compute() for m in run}
     return {"protocol": proto.as_dict(), "clips": seen, "real_stats_cache": cache_state,
             "skipped_metrics": first.skipped, "skipped_videos": skipped,
+            "fps_effective": rates_read(rates, args.fps),
             "seconds_per_clip": {m: t / max(seen, 1) for m, t in timing.items()}, "results": results}
+
+
+FPS_TOLERANCE = 0.1  # a clip read at a rate this far (relative) from --fps is reported
+
+
+def rates_read(rates: list[float], fps: float | None) -> dict[str, Any]:
+    """``{min, max}`` of the rates the clips were read at, and ``off``: the count (and range) of those more than
+    ``FPS_TOLERANCE`` from ``fps`` (none for the native rate)."""
+    off = [r for r in rates if fps is not None and abs(r - fps) > FPS_TOLERANCE * fps]
+    out: dict[str, Any] = {"min": round(min(rates), 3), "max": round(max(rates), 3), "off": len(off)}
+    if off:
+        out.update(off_min=round(min(off), 3), off_max=round(max(off), 3))
+    return out
+
+
+def rate_note(eff: dict[str, Any], fps: float | None, clips: int) -> str | None:
+    """A note when clips were read more than 10 % away from ``--fps`` (None when none were)."""
+    if not eff.get("off"):
+        return None
+    lo, hi = eff["off_min"], eff["off_max"]
+    span = f"{lo:g} fps" if lo == hi else f"{lo:g}-{hi:g} fps"
+    return (f"{eff['off']} of {clips} clips were read at {span}, more than {FPS_TOLERANCE:.0%} from --fps {fps:g} "
+            "(a window takes every k-th source frame, k >= 1 a whole number: a source slower than --fps is read "
+            "at its own rate); the metrics are of the rates read (report.json: fps_effective)")
 
 
 def recompute_real(suite: EvalSuite, proto: EvalProtocol, args: argparse.Namespace, kind: str, files: list[str],
@@ -320,10 +346,19 @@ def _fmt(value: float | None) -> str:
     return f"{value:.4f}" if abs(value) < 100 else f"{value:.2f}"
 
 
+def _read_at(report: dict[str, Any]) -> str:
+    """``; read at LO-HI`` where the clips were read at other rates than the asked --fps ('' otherwise)."""
+    eff = report.get("fps_effective")
+    if not eff or report.get("fps") is None or eff["min"] == eff["max"] == report["fps"]:
+        return ""
+    return f"; read at {eff['min']:g}" + ("" if eff["min"] == eff["max"] else f"-{eff['max']:g}")
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Evaluation on `{report['data']}`", "",
              f"{report['clips']} clips, {report['frames']} frames at {report['resolution']} px "
-             f"(fps: {report['fps'] or 'native'}), seed {report['seed']}. Command: `{report['command']}`", ""]
+             f"(fps: {report['fps'] or 'native'}{_read_at(report)}), seed {report['seed']}. "
+             f"Command: `{report['command']}`", ""]
     if report.get("status") == "partial":
         asked = report.get("tasks_asked") or list(report["tasks"])
         lines += [f"**Partial report**: {len(report['tasks'])} of {len(asked)} tasks finished "
@@ -389,7 +424,14 @@ def _main(argv: list[str] | None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     write_report(out, report)  # partial until the end: a run that stops keeps every task it finished
     for task in args.tasks:
-        report["tasks"][task] = run_task(task, args, samplers, kind, files, n)
+        report["tasks"][task] = res = run_task(task, args, samplers, kind, files, n)
+        if "fps_effective" not in report:  # every task reads the same clips: once per run
+            eff = res["fps_effective"]
+            report["fps_effective"] = {"min": eff["min"], "max": eff["max"]}
+            note = rate_note(eff, args.fps, res["clips"])
+            if note:
+                print(f"evaluate.py: warning: {note}", file=sys.stderr)
+                notices.append(note)
         write_report(out, report)
     small = small_sample_note(report)
     if small:

@@ -2,8 +2,8 @@
 
 Each clip is one centred window of ``frames`` frames at ``fps`` (None = every frame, as VIDIM-Bench takes
 consecutive frames), centre-cropped to a square and resized to ``resolution`` with the project's resize
-(``mardini.data.transforms``), in [-1, 1]. Batches: ``video (B, T, 3, R, R)``, ``key`` list, and
-``positions (B, T, K, 2)`` for synthetic shards.
+(``mardini.data.transforms``), in [-1, 1]. Batches: ``video (B, T, 3, R, R)``, ``key`` list, ``fps (B,)`` (the rate
+each clip was read at), and ``positions (B, T, K, 2)`` for synthetic shards.
 """
 
 from __future__ import annotations
@@ -55,27 +55,34 @@ def count_clips(kind: str, files: list[str]) -> int:
 
 
 def read_video_clip(path: str, frames: int, fps: float | None, resolution: int) -> torch.Tensor:
-    """One centred window of a video file: ``(T, 3, R, R)`` in [-1, 1].
+    """One centred window of a video file: ``(T, 3, R, R)`` in [-1, 1] (see :func:`read_video_window`)."""
+    return read_video_window(path, frames, fps, resolution)[0]
+
+
+def read_video_window(path: str, frames: int, fps: float | None, resolution: int) -> tuple[torch.Tensor, float]:
+    """One centred window of a video file, ``(T, 3, R, R)`` in [-1, 1], and the rate it was read at (source fps /
+    integer stride: the source's own rate when it is slower than ``fps``).
 
     The frame count comes from a packet pass (no decoding), so only the frames up to the window's last one are
     decoded, once: memory holds the window, not the file (a 60-s 720p file decoded whole took 8.6 GB)."""
     src_fps, n = video_rate_and_frames(path)
+    idx, eff_fps = _window(src_fps, n, fps, frames)
     try:
-        arr = decode_mp4(path, _window(src_fps, n, fps, frames))  # (T, H, W, 3) uint8, the window's frames only
+        arr = decode_mp4(path, idx)  # (T, H, W, 3) uint8, the window's frames only
     except ClipTooShort as err:
         decoded = getattr(err, "decoded", n)
         if decoded >= n:
             raise
         # packets that decode to no frame: centre the window on the frames there are (decoding stops as they end)
-        arr = decode_mp4(path, _window(src_fps, decoded, fps, frames))
+        arr = decode_mp4(path, _window(src_fps, decoded, fps, frames)[0])
     video, _ = crop_and_resize(arr, resolution, "center")  # (T, 3, R, R)
-    return video
+    return video, eff_fps
 
 
 def _window(src_fps: float, n: int, fps: float | None, frames: int):
-    """Indices of the centred window of ``frames`` frames at ``fps`` in ``n`` source frames."""
+    """``(indices, effective fps)`` of the centred window of ``frames`` frames at ``fps`` in ``n`` source frames."""
     start = max_start(src_fps, n, fps, frames) // 2
-    return frame_indices(src_fps, n, fps, frames, start)[0]
+    return frame_indices(src_fps, n, fps, frames, start)
 
 
 def video_rate_and_frames(path: str) -> tuple[float, int]:
@@ -139,12 +146,12 @@ def iter_batches(
         if used >= num_clips:
             break
         try:
-            video = read_video_clip(path, frames, fps, resolution)  # (T, 3, R, R)
+            video, eff_fps = read_video_window(path, frames, fps, resolution)  # (T, 3, R, R)
         except UNUSABLE as err:
             if skipped is not None:
                 skipped[path] = str(err)
             continue
-        buf.append({"video": video, "fps": 0.0, "key": path})
+        buf.append({"video": video, "fps": eff_fps, "key": path})
         used += 1
         if len(buf) == batch_size:
             yield collate(buf)
