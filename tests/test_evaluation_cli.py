@@ -99,6 +99,18 @@ def test_cli_scores_a_checkpoint_with_the_chosen_eta(shards, tmp_path):
     assert results["0"]["mardini"]["midf_psnr"] != results["1"]["mardini"]["midf_psnr"]  # eta reached the sampler
 
 
+def test_a_window_longer_than_the_checkpoint_trained_on_names_the_frames_to_use(shards, tmp_path, capsys):
+    from mardini.testing import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "joint.ckpt", "joint", frames=9, size=16)
+    assert cli.main(["--data", str(shards), "--tasks", "interpolation", "--frames", "12", "--resolution", "16",
+                     "--num-clips", "2", "--metrics", "midf", "--checkpoint", str(ckpt), "--steps", "1",
+                     "--cache-dir", "", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "--frames 12 is more than the 9 frames" in err and "evaluate it with --frames 9" in err
+    assert "sample.py" not in err  # sample.py's remedy (long_video, slow_motion) is not one here
+
+
 def test_each_clip_has_its_own_seed_whatever_the_batch_size(shards, tmp_path):
     from mardini.evaluation.protocol import batch_seed, clip_seeds
     from mardini.testing import make_checkpoint

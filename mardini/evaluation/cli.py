@@ -139,6 +139,9 @@ def build_samplers(args: argparse.Namespace) -> dict[str, Sampler]:
         from mardini.pipeline import MarDiniPipeline
 
         pipe = MarDiniPipeline.from_checkpoint(args.checkpoint, ema=True, device=args.device, dtype=args.dtype)
+        if args.frames > pipe.window:  # the protocol scores one window per clip: no window-by-window sampling here
+            raise ValueError(f"--frames {args.frames} is more than the {pipe.window} frames {args.checkpoint} was "
+                             f"trained on; evaluate it with --frames {pipe.window} (its trained window)")
         out["mardini"] = pipe  # wrapped per task (guidance differs)
     return out
 
