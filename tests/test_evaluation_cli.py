@@ -47,6 +47,9 @@ def test_cli_end_to_end_on_synthetic_shards(shards, tmp_path, capsys):
     i2v = report["tasks"]["image_to_video"]["results"]
     assert i2v["linear_blend"] == i2v["nearest_frame"]  # one given frame: both baselines repeat it
     assert 0 <= nf["traj_detected"] <= 1 and nf["traj_err_px"] > 0
+    clips = report["clip_list"]  # shard keys, and the source frames of each centred window (12 frames -> 1..9)
+    assert len(clips) == 6 and len({c["key"] for c in clips}) == 6
+    assert all(c["frame_indices"] == list(range(1, 10)) and c["fps"] > 0 for c in clips)
     assert cli.main(argv) == 0  # deterministic: same report again
     assert json.loads((out / "report.json").read_text())["tasks"]["interpolation"]["results"] == interp["results"]
 
@@ -251,6 +254,11 @@ def test_clips_read_away_from_the_asked_fps_are_reported(tmp_path, capsys):
     assert err.count(note) == 1 and any(n.startswith(note) for n in report["notices"])  # once per run
     md = (out / "report.md").read_text()
     assert "(fps: 12.0; read at 10-12.5)" in md and f"Note: {note}" in md
+    assert report["clip_list"] == [  # the inputs, for another method: centred windows at strides 1, 2, 1 of 20 frames
+        {"key": str(videos / "a10.mp4"), "frame_indices": list(range(5, 14)), "fps": 10.0},
+        {"key": str(videos / "b25.mp4"), "frame_indices": list(range(1, 18, 2)), "fps": 12.5},
+        {"key": str(videos / "c10.mp4"), "frame_indices": list(range(5, 14)), "fps": 10.0}]
+    assert all("clip_list" not in t for t in report["tasks"].values())  # once, for every task
     assert cli.main(argv) == 0  # the native rate: each clip at its own, nothing to warn about
     assert "clips were read at" not in capsys.readouterr().err
     assert json.loads((out / "report.json").read_text())["fps_effective"] == {"min": 10.0, "max": 25.0}

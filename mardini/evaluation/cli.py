@@ -178,6 +178,7 @@ def run_task(
         proto.guidance_scale = run["mardini"].guidance_scale
     skipped: dict[str, str] = {}
     seen, keys, rates, timing, began = 0, [], [], {m: 0.0 for m in run}, time.perf_counter()
+    clip_list: list[dict[str, Any]] = []  # what each clip is: key, source frames, rate
     for b, batch in enumerate(iter_batches(kind, files, args.frames, args.fps, args.resolution, n, args.batch_size,
                                            skipped)):
         real = batch["video"].to(device)  # (B, T, 3, R, R)
@@ -195,6 +196,9 @@ def run_task(
         seen += real.shape[0]
         keys += list(batch["key"])
         rates += [float(r) for r in batch["fps"]]  # the rate each clip was read at
+        clip_list += [{"key": k, "frame_indices": meta.get("frame_indices"), "fps": round(float(r), 3)}
+                      for k, meta, r in zip(batch["key"], batch.get("meta") or [{}] * len(batch["key"]), batch["fps"],
+                                            strict=True)]
         print(progress_line(task, seen, n, time.perf_counter() - began), file=sys.stderr, flush=True)
     if seen < n:  # the data changed since choose_num_clips read it
         raise ValueError(f"the data gave {seen} usable clips, the protocol needs {n}; lower --num-clips to {seen}"
@@ -214,7 +218,7 @@ def run_task(
     results = {m: suites[m].compute() for m in run}
     return {"protocol": proto.as_dict(), "clips": seen, "real_stats_cache": cache_state,
             "skipped_metrics": first.skipped, "skipped_videos": skipped,
-            "fps_effective": rates_read(rates, args.fps),
+            "fps_effective": rates_read(rates, args.fps), "clip_list": clip_list,
             "seconds_per_clip": {m: t / max(seen, 1) for m, t in timing.items()}, "results": results}
 
 
@@ -428,7 +432,9 @@ def _main(argv: list[str] | None) -> int:
     write_report(out, report)  # partial until the end: a run that stops keeps every task it finished
     for task in args.tasks:
         report["tasks"][task] = res = run_task(task, args, samplers, kind, files, n)
+        clip_list = res.pop("clip_list")
         if "fps_effective" not in report:  # every task reads the same clips: once per run
+            report["clip_list"] = clip_list  # to give another method the same inputs
             eff = res["fps_effective"]
             report["fps_effective"] = {"min": eff["min"], "max": eff["max"]}
             note = rate_note(eff, args.fps, res["clips"])

@@ -3,7 +3,8 @@
 Each clip is one centred window of ``frames`` frames at ``fps`` (None = every frame, as VIDIM-Bench takes
 consecutive frames), centre-cropped to a square and resized to ``resolution`` with the project's resize
 (``mardini.data.transforms``), in [-1, 1]. Batches: ``video (B, T, 3, R, R)``, ``key`` list, ``fps (B,)`` (the rate
-each clip was read at), and ``positions (B, T, K, 2)`` for synthetic shards.
+each clip was read at), ``meta`` (each clip's ``frame_indices``: the source frames of its window), and
+``positions (B, T, K, 2)`` for synthetic shards.
 """
 
 from __future__ import annotations
@@ -59,9 +60,11 @@ def read_video_clip(path: str, frames: int, fps: float | None, resolution: int) 
     return read_video_window(path, frames, fps, resolution)[0]
 
 
-def read_video_window(path: str, frames: int, fps: float | None, resolution: int) -> tuple[torch.Tensor, float]:
-    """One centred window of a video file, ``(T, 3, R, R)`` in [-1, 1], and the rate it was read at (source fps /
-    integer stride: the source's own rate when it is slower than ``fps``).
+def read_video_window(
+    path: str, frames: int, fps: float | None, resolution: int
+) -> tuple[torch.Tensor, float, list[int]]:
+    """One centred window of a video file, ``(T, 3, R, R)`` in [-1, 1], the rate it was read at (source fps /
+    integer stride: the source's own rate when it is slower than ``fps``) and the source frames it took.
 
     The frame count comes from a packet pass (no decoding), so only the frames up to the window's last one are
     decoded, once: memory holds the window, not the file (a 60-s 720p file decoded whole took 8.6 GB)."""
@@ -74,9 +77,10 @@ def read_video_window(path: str, frames: int, fps: float | None, resolution: int
         if decoded >= n:
             raise
         # packets that decode to no frame: centre the window on the frames there are (decoding stops as they end)
-        arr = decode_mp4(path, _window(src_fps, decoded, fps, frames)[0])
+        idx = _window(src_fps, decoded, fps, frames)[0]
+        arr = decode_mp4(path, idx)
     video, _ = crop_and_resize(arr, resolution, "center")  # (T, 3, R, R)
-    return video, eff_fps
+    return video, eff_fps, idx.tolist()
 
 
 def _window(src_fps: float, n: int, fps: float | None, frames: int):
@@ -137,7 +141,7 @@ def iter_batches(
     """Batches of the first ``num_clips`` usable clips, in a fixed order; unusable videos go to ``skipped``."""
     if kind == "shards":
         stream = ClipStream(files, frames=frames, fps=fps, resolution=resolution, batch_size=batch_size,
-                            train=False, max_clips=num_clips)
+                            train=False, max_clips=num_clips, keep_meta=True)  # meta: each clip's frame_indices
         yield from (batch for batch in stream if not skip_only(batch))
         return
     buf: list[dict] = []
@@ -146,12 +150,12 @@ def iter_batches(
         if used >= num_clips:
             break
         try:
-            video, eff_fps = read_video_window(path, frames, fps, resolution)  # (T, 3, R, R)
+            video, eff_fps, idx = read_video_window(path, frames, fps, resolution)  # (T, 3, R, R)
         except UNUSABLE as err:
             if skipped is not None:
                 skipped[path] = str(err)
             continue
-        buf.append({"video": video, "fps": eff_fps, "key": path})
+        buf.append({"video": video, "fps": eff_fps, "key": path, "indices": idx, "meta": {}})
         used += 1
         if len(buf) == batch_size:
             yield collate(buf)
