@@ -252,3 +252,21 @@ def test_suite_states_merge_like_ddp():
     for k in rw:
         assert ra[k] == pytest.approx(rw[k], rel=1e-6), k
     assert np.isfinite(list(rw.values())).all()
+
+
+def test_the_pipeline_sampler_clamps_finite_values_and_keeps_non_finite_ones_for_the_check():
+    from mardini.evaluation.samplers import PipelineSampler
+
+    class Pipe:
+        planner = object()
+
+        def generate(self, video, mask, steps, guidance_scale, seed):
+            out = video * 3  # (B, T, 3, H, W): out of range
+            out[0, 1, 0, 0, 0] = float("inf")
+            out[0, 1, 0, 0, 1] = float("nan")
+            return out
+
+    video = torch.full((1, 3, 3, 2, 2), 0.5)  # (B, T, 3, H, W)
+    out = PipelineSampler(Pipe(), steps=1)(video, torch.tensor([[False, True, False]]), 0)
+    assert out[0, 0].eq(1).all()  # clamped
+    assert out[0, 1, 0, 0, 0].isinf() and out[0, 1, 0, 0, 1].isnan()  # left for evaluate.py's non-finite check

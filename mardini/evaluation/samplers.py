@@ -92,7 +92,7 @@ class PipelineSampler:
     def __call__(self, video: torch.Tensor, mask: torch.Tensor, seed: int | Sequence[int] = 0) -> torch.Tensor:
         out = self.pipeline.generate(video, mask, steps=self.steps, guidance_scale=self.guidance_scale, seed=seed,
                                      **self._extra)
-        return out.clamp(-1, 1)  # (B, T, 3, H, W)
+        return out.clamp(-1, 1).where(out.isfinite(), out)  # (B, T, 3, H, W); NaN/inf kept for the caller's check
 
 
 def ema_context(pl_module: Any):
