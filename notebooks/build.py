@@ -363,10 +363,10 @@ EVALUATION = [
     ("md", """\
 # 3. Evaluation against the baselines
 
-The synthetic protocol of `mardini/evaluation` (see its README): interpolation (first + last of 9 given) and
-image-to-video (first given) on held-out synthetic clips at 32 px, every method on the same clips, masks and
-seeds. Baselines: `linear_blend` (blend of the nearest given frames in time) and `nearest_frame` (repeat the
-nearest given frame). Metrics: MidF-PSNR/SSIM (the middle frame) and the trajectory error of the synthetic
+The synthetic protocol of `mardini/evaluation` (see its README): interpolation (first + last frame of the window
+given) and image-to-video (first given) on held-out synthetic clips at the checkpoint's window, size and frame
+rate (the tiny configs: 9 frames at 32 px, 8 fps), every method on the same clips, masks and seeds. Baselines:
+`linear_blend` (blend of the nearest given frames in time) and `nearest_frame` (repeat the nearest given frame). Metrics: MidF-PSNR/SSIM (the middle frame) and the trajectory error of the synthetic
 objects; FVD/FID join in when their weights are present (`make weights`) and not in quick mode."""),
     ("code", SETUP + '''
 
@@ -375,9 +375,11 @@ CHECKPOINT = "outputs/tiny/05_joint_task/checkpoints/last.ckpt"'''),
 ## Checkpoint, data, metrics
 
 The model is evaluated from `CHECKPOINT`; if it does not exist (or in quick mode) a 1-step **untrained** tiny
-checkpoint stands in, which shows the calls but samples noise, so it loses to both baselines."""),
+checkpoint stands in, which shows the calls but samples noise, so it loses to both baselines. The window, size and
+frame rate of the clips are the checkpoint's (`pipe.window`, `pipe.resolution`, `pipe.fps`)."""),
     ("code", '''\
 from mardini.evaluation.data import count_clips, resolve_source
+from mardini.pipeline import MarDiniPipeline
 from mardini.weights import resolve_weights
 
 ckpt, trained = testing.checkpoint_or_tiny(CHECKPOINT)
@@ -385,6 +387,10 @@ MODEL = "mardini" if trained else "mardini (untrained stand-in)"
 if not trained:
     print(f"NOTE: {CHECKPOINT} not used; the model is an UNTRAINED 1-step tiny checkpoint: expect noise.")
 STEPS, ETA = (5, 1.0) if trained else (2, 0.0)  # the demo's sampler for its checkpoint: 5 DDIM steps, ancestral
+pipe = MarDiniPipeline.from_checkpoint(ckpt)
+T = pipe.window
+SIZE = pipe.resolution[0] if pipe.resolution else 32
+FPS = pipe.fps or 8.0
 shards = testing.synthetic_shards()
 kind, files = resolve_source(str(shards / "val"))
 NUM_CLIPS = min(64 if trained and not QUICK else 8, count_clips(kind, files))  # few clips for a stand-in
@@ -395,7 +401,8 @@ try:
     metrics += [] if QUICK else ["fvd", "fid"]
 except FileNotFoundError as err:
     print("FVD/FID left out:", str(err).splitlines()[0])
-print(f"{NUM_CLIPS} clips from {shards / 'val'}; metrics {metrics}; model {ckpt} ({STEPS} steps, eta {ETA})")'''),
+print(f"{NUM_CLIPS} clips from {shards / 'val'}; metrics {metrics}; model {ckpt} ({STEPS} steps, eta {ETA})")
+print(f"window {T} frames at {SIZE} px, {FPS} fps")'''),
     ("md", """\
 ## Run the protocol
 
@@ -413,7 +420,7 @@ from IPython.display import Markdown, display
 from mardini.evaluation import cli
 
 out = Path(tempfile.mkdtemp(prefix="mardini_eval_")) if QUICK else Path("outputs/notebooks/eval")
-argv = ["--data", str(shards / "val"), "--frames", "9", "--resolution", "32", "--fps", "8",
+argv = ["--data", str(shards / "val"), "--frames", str(T), "--resolution", str(SIZE), "--fps", str(FPS),
         "--num-clips", str(NUM_CLIPS), "--batch-size", "4", "--metrics", *metrics, "--steps", str(STEPS),
         "--eta", str(ETA), "--checkpoint", str(ckpt), "--device", "cpu", "--out", str(out), "--cache-dir", ""]
 log = io.StringIO()
@@ -462,11 +469,10 @@ further away are a motion problem."""),
 from mardini.data.datamodule import first_batch
 from mardini.evaluation.found_by_gap import markdown, score_methods
 from mardini.masking import interpolation_mask
-from mardini.pipeline import MarDiniPipeline
 
-clips = first_batch(str(shards / "val"), NUM_CLIPS, frames=9, resolution=32, fps=8.0)  # video, positions
-gap_mask = interpolation_mask(9)[None].expand(NUM_CLIPS, -1)  # (B, T): first and last frames given
-by_gap = score_methods(MarDiniPipeline.from_checkpoint(ckpt), clips["video"], clips["positions"], gap_mask,
+clips = first_batch(str(shards / "val"), NUM_CLIPS, frames=T, resolution=SIZE, fps=FPS)  # video, positions
+gap_mask = interpolation_mask(T)[None].expand(NUM_CLIPS, -1)  # (B, T): first and last frames given
+by_gap = score_methods(pipe, clips["video"], clips["positions"], gap_mask,
                        steps=STEPS, eta=ETA)  # the protocol's sampler above
 display(Markdown(markdown(by_gap)))
 fig, ax = plt.subplots(figsize=(4.5, 3))

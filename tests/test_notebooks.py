@@ -60,3 +60,25 @@ def test_notebook_runs(path: Path, monkeypatch):
         shown = "".join(out["data"]["text/markdown"] for cell in nb.cells for out in cell.get("outputs", [])
                         if "text/markdown" in out.get("data", {}))
         assert "| gap (frames) |" in shown and "| 4 |" in shown  # where the objects are lost, gaps 1-4
+
+
+def test_evaluation_notebook_follows_the_checkpoint_window(monkeypatch):
+    """Notebook 03 evaluates at the checkpoint's window (here a 5-frame stand-in), not a hard-coded 9 frames."""
+    monkeypatch.setenv("MARDINI_NOTEBOOK_QUICK", "1")
+    monkeypatch.setenv("PYTHONWARNINGS", "ignore")
+    nb = nbformat.read(ROOT / "notebooks" / "03_evaluation.ipynb", as_version=4)
+    five = nbformat.v4.new_code_cell(
+        "import functools\n"
+        "testing.checkpoint_or_tiny = functools.partial(testing.checkpoint_or_tiny, frames=5)  # a 5-frame window"
+    )
+    nb.cells.insert(2, five)  # after the setup cell, before the checkpoint is made
+    NotebookClient(nb, timeout=300, kernel_name=KERNEL, resources={"metadata": {"path": str(ROOT)}}).execute()
+    errors = [f"{out['ename']}: {out['evalue']}" for cell in nb.cells for out in cell.get("outputs", [])
+              if out.get("output_type") == "error"]
+    assert not errors, errors
+    text = "".join(out.get("text", "") for cell in nb.cells for out in cell.get("outputs", []))
+    assert "window 5 frames" in text
+    shown = "".join(out["data"]["text/markdown"] for cell in nb.cells for out in cell.get("outputs", [])
+                    if "text/markdown" in out.get("data", {}))
+    table = shown.split("| gap (frames) |")[-1].splitlines()[2:]  # the rows of the by-gap table
+    assert [row.split("|")[1].strip() for row in table if row.startswith("|")] == ["1", "2"]  # 5 frames: gaps 1-2
