@@ -21,6 +21,7 @@ import yaml
 
 from mardini.lit.base import MarDiniBase
 from mardini.models import build_generator, build_planner
+from mardini.models.registry import generator_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAINS = ("configs/tiny", "configs/paper/mardini-s", "configs/paper/mardini-l")
@@ -123,7 +124,8 @@ def read_stage(path: str | Path) -> Stage:
     channels = _latent_channels(args.get("autoencoder"))
     extra = {} if channels is None else {"in_channels": channels}
     p_over = {**extra, **(args.get("planner") or {})}
-    g_over = {**extra, **(args.get("generator") or {})}
+    g_over = {**extra, **generator_overrides(size, args.get("planner"), args.get("generator"),
+                                             with_planner=kind == "MarDiniModule")}
     with torch.device("meta"):
         planner, generator = build_planner(size, **p_over), build_generator(size, **g_over)
     if kind == "MarDiniModule" and not args.get("plan_recon_weight", 0.0):

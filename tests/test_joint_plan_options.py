@@ -156,3 +156,34 @@ def test_plan_usage_counts_the_objects_restored_from_the_noised_truth(tmp_path):
     assert all(v > 0.9 for v in near_clean["found_plan_by_size"].values())
     low = near_clean["found_truth_at_planner_resolution_by_size"]
     assert set(low) == set(near_clean["found_plan_by_size"]) and low["0-20"] < 0.5
+
+
+def test_the_generator_plan_dim_follows_a_wider_planner_through_a_step_and_a_checkpoint(tmp_path):
+    """planner.dim alone widens the plan: the generator reads it (plan_dim defaults to it), in training and loading."""
+    from mardini.testing import make_checkpoint
+
+    torch.manual_seed(0)
+    module = MarDiniModule(size="tiny", frames=5, planner_resolution=16, planner={"dim": 256},
+                           generator={"dim": 256})
+    assert module.networks["generator"].cfg.plan_dim == 256
+    loss = module.compute_loss(_batch(), torch.Generator().manual_seed(7), True)  # (B,)
+    assert loss.shape == (2,) and torch.isfinite(loss).all()
+    ckpt = make_checkpoint(tmp_path / "wide.ckpt", "joint", model_args={"planner": {"dim": 256}})
+    assert load_checkpoint(ckpt).generator.cfg.plan_dim == 256
+
+
+def test_a_plan_dim_other_than_the_planner_dim_is_refused_at_construction():
+    with pytest.raises(ValueError, match=r"model\.init_args\.generator\.plan_dim=128 differs from the planner's dim "
+                                         r"256 \(model\.init_args\.planner\.dim\)"):
+        MarDiniModule(size="tiny", planner={"dim": 256}, generator={"plan_dim": 128})
+    with pytest.raises(ValueError, match=r"generator\.plan_dim=256 differs from the planner's dim 128 \(size 'tiny'\)"):
+        MarDiniModule(size="tiny", generator={"plan_dim": 256})
+
+
+def test_a_generation_warm_up_builds_the_plan_dim_its_joint_stage_will_read():
+    from mardini.lit import GenerationModule
+
+    warm = GenerationModule(size="tiny", planner={"dim": 256})  # the planner of the later joint stage
+    assert warm.networks["generator"].cfg.plan_dim == 256
+    free = GenerationModule(size="tiny", generator={"plan_dim": 64})  # no planner here: any width is the user's
+    assert free.networks["generator"].cfg.plan_dim == 64

@@ -9,7 +9,7 @@ from mardini.diffusion.anchor import FrameAnchor, check_anchor
 from mardini.diffusion.loss import masked_mse_per_sample, min_snr_weight, motion_weights
 from mardini.diffusion.schedule import CosineSchedule
 from mardini.lit.base import MarDiniBase
-from mardini.models.registry import build_generator
+from mardini.models.registry import build_generator, generator_overrides
 
 
 class GenerationModule(MarDiniBase):
@@ -51,7 +51,9 @@ class GenerationModule(MarDiniBase):
         self.motion_strength = float(motion_strength)
 
     def build_networks(self) -> dict[str, nn.Module]:
-        overrides = dict(self.hparams.generator or {})
+        # plan_dim follows the planner a later joint stage builds from the same size and planner overrides
+        overrides = generator_overrides(self.hparams.size, self.hparams.planner, self.hparams.generator,
+                                        with_planner=False)
         overrides.setdefault("in_channels", self.autoencoder.latent_channels)
         return {"generator": build_generator(self.hparams.size, **overrides)}
 

@@ -10,7 +10,7 @@ from torch import nn
 from mardini.diffusion.loss import masked_mse_per_sample
 from mardini.lit.generation import GenerationModule
 from mardini.lit.planning import PlanningModule
-from mardini.models.registry import build_generator, build_planner
+from mardini.models.registry import build_generator, build_planner, generator_overrides
 
 
 class MarDiniModule(GenerationModule):
@@ -18,7 +18,8 @@ class MarDiniModule(GenerationModule):
 
     Gradients of the diffusion loss reach the planner. With probability ``plan_dropout`` (10 % in the paper) a
     clip's planning signal is replaced by the generator's learned null plan, which classifier-free guidance
-    needs at sampling time. The planner's projection head is not part of this stage.
+    needs at sampling time. The planner's projection head is not part of this stage. The generator's ``plan_dim``
+    follows the planner's ``dim`` (``planner: {dim: 256}`` widens both); a different one is refused.
 
     Args:
         planner_ckpt: a planner warm-up (``planning``) checkpoint to start the planner from.
@@ -78,7 +79,7 @@ class MarDiniModule(GenerationModule):
         channels = self.autoencoder.latent_channels
         p_over = dict(self.hparams.planner or {})
         p_over.setdefault("in_channels", channels)
-        g_over = dict(self.hparams.generator or {})
+        g_over = generator_overrides(self.hparams.size, p_over, self.hparams.generator)  # plan_dim: planner's dim
         g_over.setdefault("in_channels", channels)
         planner = build_planner(self.hparams.size, **p_over)
         if not self.hparams.get("plan_recon_weight", 0.0):

@@ -61,7 +61,8 @@ class PlannerConfig:
 
 @dataclass
 class GeneratorConfig:
-    """Generation model (DM). ``plan_dim`` must equal the planner's ``dim``; ``mlp_hidden`` is the GELU MLP width."""
+    """Generation model (DM). ``plan_dim`` must equal the planner's ``dim`` (the stages default it to that, see
+    :func:`generator_overrides`); ``mlp_hidden`` is the GELU MLP width."""
 
     dim: int
     depth: int
@@ -204,6 +205,29 @@ def planner_config(size: str, **overrides) -> PlannerConfig:
 def generator_config(size: str, **overrides) -> GeneratorConfig:
     """The generator config of ``size`` with fields replaced by ``overrides``."""
     return _override(get_size(size).generator, overrides, "generator")
+
+
+def generator_overrides(size: str, planner: dict | None = None, generator: dict | None = None,
+                        with_planner: bool = True) -> dict:
+    """A stage's ``generator`` overrides with ``plan_dim`` defaulting to the width of the planner that ``size`` and
+    the ``planner`` overrides build (the generator reads that planner's tokens).
+
+    A ``plan_dim`` that differs from that width raises when the stage has a planner (``with_planner``: the joint
+    stages) or sets the planner's ``dim`` (a generation warm-up configured for a later joint stage).
+    """
+    over = dict(generator or {})
+    planner = dict(planner or {})
+    dim = int(planner.get("dim", get_size(size).planner.dim))
+    if "plan_dim" not in over:
+        over["plan_dim"] = dim
+    elif int(over["plan_dim"]) != dim and (with_planner or "dim" in planner):
+        where = "model.init_args.planner.dim" if "dim" in planner else f"size {size!r}"
+        raise ValueError(
+            f"model.init_args.generator.plan_dim={over['plan_dim']} differs from the planner's dim {dim} ({where}): "
+            f"the generator reads the planner's tokens; leave generator.plan_dim out (it follows the planner's dim) "
+            f"or set it to {dim}"
+        )
+    return over
 
 
 # --------------------------------------------------------------------------------------------------

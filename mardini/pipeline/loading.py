@@ -18,7 +18,7 @@ from mardini.autoencoders import FrameAutoencoder, build_autoencoder
 from mardini.diffusion import CosineSchedule
 from mardini.diffusion.anchor import FrameAnchor
 from mardini.lit.checkpoints import EMA_PREFIX, KINDS, check_metadata, cross_rope_grid_of, read_checkpoint
-from mardini.models.registry import build_generator, build_planner, get_size
+from mardini.models.registry import build_generator, build_planner, generator_overrides, get_size
 
 
 @dataclass
@@ -63,7 +63,7 @@ def load_checkpoint(path: str | Path, ema: bool = True) -> Loaded:
     channels = int(meta["latent_channels"])
     curriculum = _curriculum_settings(ckpt.get("callbacks") or {})
 
-    g_over = dict(hp.get("generator") or {})
+    g_over = generator_overrides(meta["size"], hp.get("planner"), hp.get("generator"), with_planner=kind == "joint")
     g_over.setdefault("in_channels", channels)
     g_over.setdefault("cross_rope_grid", cross_rope_grid_of(meta))  # "corner" for checkpoints before the setting
     generator = build_generator(meta["size"], **g_over)
