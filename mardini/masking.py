@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-# Task templates, in a fixed order: their index is what the training step logs per template.
+# Task templates, in a fixed order: their index is what the training step logs per template. MaskSampler.sample
+# stacks the templates' masks in this order, by name.
 TEMPLATES: tuple[str, ...] = ("random", "interpolation", "image_to_video", "expansion")
 
 
@@ -121,6 +122,10 @@ def n_ref_from_ratio(keep_ratio: torch.Tensor | float, frames: int) -> torch.Ten
 class MaskSampler:
     """Draws training masks: a task template per clip, then its references.
 
+    Extension point: a subclass (a dataclass field more, another :meth:`sample`) set as a module's
+    ``mask_sampler`` survives the curriculum's changes of ``keep_ratio`` / ``template_probs``
+    (``dataclasses.replace``); the training steps call :meth:`draw`, which checks what :meth:`sample` returns.
+
     Args:
         keep_ratio: ``(min, max)`` of the kept fraction, ``0 < min <= max <= 1``; r ~ U[min, max].
         template_probs: probability of each template in :data:`TEMPLATES`; missing ones are 0.
@@ -148,7 +153,8 @@ class MaskSampler:
     def sample(
         self, batch: int, frames: int, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns ``mask (B, T)`` bool (True = generate) and ``template (B,)`` long (index into TEMPLATES)."""
+        """Returns ``mask (B, T)`` bool (True = generate; at least one given and one generated frame per row) and
+        ``template (B,)`` long (index into TEMPLATES)."""
         if frames < 2:
             raise ValueError(f"frames must be >= 2, got {frames}")
         template = torch.multinomial(self._probs.expand(batch, -1), 1, generator=generator).squeeze(1)  # (B,)
@@ -163,6 +169,30 @@ class MaskSampler:
         given_interp = (ar == 0) | ((ar == frames - 1) & (frames > 2))  # (B, T); T=2 keeps only the first
         i2v_index = torch.randint(0, frames, (batch,), generator=generator)  # (B,)
         given_i2v = ar == i2v_index[:, None]  # (B, T)
-        given = torch.stack([given_random, given_interp, given_i2v, given_prefix], dim=1)  # (B, 4, T)
+        by_name = {"random": given_random, "interpolation": given_interp, "image_to_video": given_i2v,
+                   "expansion": given_prefix}  # each (B, T)
+        given = torch.stack([by_name[name] for name in TEMPLATES], dim=1)  # (B, len(TEMPLATES), T), TEMPLATES' order
         given = given[torch.arange(batch), template]  # (B, T)
         return ~given, template
+
+    def draw(
+        self, batch: int, frames: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`sample`, checked: ``mask (B, T)`` bool with a given and a generated frame in every row and
+        ``template (B,)`` indices into TEMPLATES, else a ValueError naming the sampler and the row's template."""
+        mask, template = self.sample(batch, frames, generator)
+        who = f"{type(self).__name__}.sample"
+        if mask.dtype != torch.bool or tuple(mask.shape) != (batch, frames):
+            raise ValueError(f"{who} returned a mask of dtype={mask.dtype} shape={tuple(mask.shape)}; it must be a "
+                             f"({batch}, {frames}) bool tensor (True = generate)")
+        if template.dim() != 1 or template.shape[0] != batch or template.is_floating_point() or (
+                batch and not 0 <= int(template.min()) <= int(template.max()) < len(TEMPLATES)):
+            raise ValueError(f"{who} returned templates of shape={tuple(template.shape)}; they must be ({batch},) "
+                             f"integer indices into TEMPLATES {list(TEMPLATES)}")
+        for bad, what in ((mask.all(dim=1), "generates every frame"), ((~mask).all(dim=1), "gives every frame")):
+            if bool(bad.any()):
+                row = int(bad.nonzero()[0, 0])
+                raise ValueError(f"{who} drew a mask row that {what} (row {row}, template "
+                                 f"{TEMPLATES[int(template[row])]!r}, {frames} frames): every row needs at least one "
+                                 "given and one generated frame")
+        return mask, template

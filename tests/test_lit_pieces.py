@@ -139,3 +139,20 @@ def test_curriculum_apply_sets_frames_templates_and_attention_of_the_raw_and_the
     assert raw.attention_mode == "t" and ema.attention_mode == "t"
     assert module.mask_sampler.keep_ratio == (0.5, 1.0)
     assert module.mask_sampler.template_probs == {"interpolation": 1.0}
+
+
+def test_curriculum_keeps_a_mask_sampler_subclass_and_its_fields():
+    """A subclass set on the module survives the curriculum's keep-ratio / template changes."""
+    from dataclasses import dataclass
+    from types import SimpleNamespace
+
+    from mardini.masking import MaskSampler
+
+    @dataclass
+    class LastFrameSampler(MaskSampler):
+        given_last: bool = True
+
+    module = SimpleNamespace(mask_sampler=LastFrameSampler(given_last=False), frames=9, networks={})
+    Curriculum([Milestone(0, keep_ratio=(0.2, 0.4), templates={"expansion": 1.0})]).apply(module, 0)
+    assert type(module.mask_sampler) is LastFrameSampler and module.mask_sampler.given_last is False
+    assert module.mask_sampler.keep_ratio == (0.2, 0.4) and module.mask_sampler.template_probs == {"expansion": 1.0}

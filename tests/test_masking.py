@@ -127,3 +127,45 @@ def test_image_to_video_template_places_its_frame_anywhere():
     where = (~mask).float().argmax(1)  # (B,) index of the single given frame
     counts = torch.bincount(where, minlength=9)
     assert (counts > 20).all(), counts.tolist()  # ~44 per index when uniform
+
+
+def test_a_sampler_that_draws_an_unusable_row_is_refused_naming_its_template():
+    """draw() (what the training steps call) checks sample(): every row a given and a generated frame."""
+    from mardini.lit import GenerationModule
+
+    class AllGenerated(MaskSampler):
+        def sample(self, batch, frames, generator=None):
+            mask, template = super().sample(batch, frames, generator)
+            mask[1] = True  # (T,) row 1 generates every frame
+            return mask, template
+
+    torch.manual_seed(0)
+    module = GenerationModule(size="tiny", frames=5)
+    module.mask_sampler = AllGenerated()
+    video = torch.rand(3, 5, 3, 32, 32) * 2 - 1  # (B, T, 3, H, W)
+    with pytest.raises(ValueError, match=r"AllGenerated\.sample drew a mask row that generates every frame"):
+        module.compute_loss({"video": video}, torch.Generator().manual_seed(0), True)
+
+    sampler = AllGenerated((0.3, 0.6), {"expansion": 1.0})
+    with pytest.raises(ValueError, match=r"AllGenerated\.sample drew a mask row that generates every frame "
+                                         r"\(row 1, template 'expansion', 5 frames\)"):
+        sampler.draw(3, 5, torch.Generator().manual_seed(0))
+
+    class NoneGenerated(MaskSampler):
+        def sample(self, batch, frames, generator=None):
+            mask, template = super().sample(batch, frames, generator)
+            return torch.zeros_like(mask), template  # (B, T) every frame given
+
+    with pytest.raises(ValueError, match=r"gives every frame \(row 0, template 'interpolation'"):
+        NoneGenerated((0.5, 0.5), {"interpolation": 1.0}).draw(2, 4)
+
+
+def test_template_rows_follow_the_order_of_TEMPLATES(monkeypatch):
+    """The templates' masks are stacked by name in TEMPLATES' order: reordering TEMPLATES keeps each index's mask."""
+    from mardini import masking
+
+    monkeypatch.setattr(masking, "TEMPLATES", tuple(reversed(TEMPLATES)))
+    sampler = MaskSampler((0.3, 0.6), {"interpolation": 1.0})
+    mask, template = sampler.sample(4, 6, torch.Generator().manual_seed(0))
+    assert [masking.TEMPLATES[i] for i in template.tolist()] == ["interpolation"] * 4
+    assert torch.equal(mask, interpolation_mask(6).expand(4, -1))

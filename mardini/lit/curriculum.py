@@ -8,7 +8,7 @@ callback's state is still saved so a changed schedule on resume is noticed.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
@@ -72,9 +72,10 @@ class Curriculum(L.Callback):
     def apply(self, pl_module: L.LightningModule, step: int) -> None:
         s = self.settings_at(step)
         if "keep_ratio" in s or "templates" in s:
-            old = pl_module.mask_sampler
-            pl_module.mask_sampler = MaskSampler(
-                tuple(s.get("keep_ratio", old.keep_ratio)), dict(s.get("templates", old.template_probs))
+            old = pl_module.mask_sampler  # a MaskSampler subclass stays one (and keeps its other fields)
+            pl_module.mask_sampler = replace(
+                old, keep_ratio=tuple(s.get("keep_ratio", old.keep_ratio)),
+                template_probs=dict(s.get("templates", old.template_probs)),
             )
         if "frames" in s:
             pl_module.frames = int(s["frames"])

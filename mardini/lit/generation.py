@@ -97,7 +97,7 @@ class GenerationModule(MarDiniBase):
     def compute_loss(self, batch: dict, generator: torch.Generator, train: bool) -> torch.Tensor:
         z_high = self.latents_high(batch)  # (B, T, C, h, w)
         b, t = z_high.shape[:2]
-        mask, template = self.mask_sampler.sample(b, t, generator)  # (B, T), (B,)
+        mask, template = self.mask_sampler.draw(b, t, generator)  # (B, T), (B,); checked
         mask = mask.to(z_high.device)
         self._last_template = template.to(z_high.device)
         return self.diffusion_loss(z_high, None, mask, generator, weighted=train)

@@ -90,7 +90,7 @@ class MarDiniModule(GenerationModule):
         z_high = self.latents_high(batch)  # (B, T, C, h, w)
         z_low = self.latents_low(batch)  # (B, T, C, h', w')
         b, t = z_high.shape[:2]
-        mask, template = self.mask_sampler.sample(b, t, generator)  # (B, T), (B,)
+        mask, template = self.mask_sampler.draw(b, t, generator)  # (B, T), (B,); checked
         mask = mask.to(z_high.device)
         self._last_template = template.to(z_high.device)
         planner = self.networks["planner"]

@@ -23,7 +23,7 @@ class PlanningModule(MarDiniBase):
     def compute_loss(self, batch: dict, generator: torch.Generator, train: bool) -> torch.Tensor:
         z_low = self.latents_low(batch)  # (B, T, C, h', w')
         b, t = z_low.shape[:2]
-        mask, template = self.mask_sampler.sample(b, t, generator)  # (B, T), (B,)
+        mask, template = self.mask_sampler.draw(b, t, generator)  # (B, T), (B,); checked
         mask = mask.to(z_low.device)
         planner = self.networks["planner"]
         plan = planner(z_low, mask)  # (B, T, N_low, D)
