@@ -356,3 +356,23 @@ def test_ancestral_noise_streams_differ_per_sample_and_clip():
 
     seeds = {_step_noise_seed(s, j) for s in (3, 4) for j in range(3)}
     assert len(seeds) == 6 and not seeds & {3, 4}  # and none reuses a start-noise stream
+
+
+def test_a_checkpoint_that_records_no_window_warns_and_takes_the_window_passed(ckpts, tmp_path):
+    """No model.frames, datamodule or curriculum frames: the size's registry window (tiny: 4) is only a warned
+    fallback, and ``window=`` gives the trained one; a checkpoint that records its window refuses another."""
+    ckpt = torch.load(ckpts["joint"], map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["frames"] == T and "datamodule_hyper_parameters" not in ckpt
+    ckpt["hyper_parameters"]["frames"] = None  # a module built without frames, fitted on a dataloader
+    bare = tmp_path / "no_window.ckpt"
+    torch.save(ckpt, bare)
+    with pytest.warns(UserWarning, match=r"records no trained window .*registry window of 4 frames.*window=T"):
+        assert MarDiniPipeline.from_checkpoint(bare).window == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe = MarDiniPipeline.from_checkpoint(bare, window=T)
+    assert pipe.window == T
+    out = pipe.generate(_video(), MASK, steps=1, progress=False)  # the 5-frame window the model was trained on
+    assert out.shape == (2, T, 3, S, S)
+    with pytest.raises(ValueError, match=r"records a trained window of 5 frames; window=9 contradicts it"):
+        MarDiniPipeline.from_checkpoint(ckpts["joint"], window=9)

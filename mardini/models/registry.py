@@ -114,7 +114,8 @@ class GeneratorConfig:
 
 @dataclass(frozen=True)
 class ModelSize:
-    """A named pair of configs; ``frames`` is the clip window of the paper configuration (info only)."""
+    """A named pair of configs; ``frames`` is the clip window of the paper configuration (info only: a
+    checkpoint that records no window falls back to it, with a warning, when loaded for sampling)."""
 
     planner: PlannerConfig
     generator: GeneratorConfig

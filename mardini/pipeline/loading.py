@@ -7,6 +7,7 @@ cannot sample at all.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,12 +40,15 @@ class Loaded:
     anchor: FrameAnchor = field(default_factory=FrameAnchor)  # the diffused target (FrameAnchor)
 
 
-def load_checkpoint(path: str | Path, ema: bool = True) -> Loaded:
+def load_checkpoint(path: str | Path, ema: bool = True, window: int | None = None) -> Loaded:
     """Read a Lightning checkpoint written by ``train.py`` and rebuild its networks for sampling.
 
     Args:
         path: a ``.ckpt`` of a ``joint`` (or ``generation``) stage.
         ema: load the EMA weights (``ema.module.*``, the default for sampling) instead of the raw ones.
+        window: the trained window in frames, for a checkpoint that records none (no curriculum, ``model.frames``
+            or datamodule ``frames``: what ``trainer.fit(model, dataloader)`` writes). Such a checkpoint without
+            ``window`` gets its size's registry window, with a warning; one that records a window refuses another.
     """
     ckpt = read_checkpoint(path)
     meta = check_metadata(ckpt, KINDS, path)
@@ -80,7 +84,7 @@ def load_checkpoint(path: str | Path, ema: bool = True) -> Loaded:
         _load(planner, state, f"{prefix}planner.", path, ema)
 
     data = dict(ckpt.get("datamodule_hyper_parameters") or {})
-    window = curriculum.get("frames") or hp.get("frames") or data.get("frames") or get_size(meta["size"]).frames
+    window = _window(curriculum.get("frames") or hp.get("frames") or data.get("frames"), window, meta["size"], path)
     res = data.get("resolution")
     resolution = None if res is None else ((int(res), int(res)) if isinstance(res, int) else tuple(int(r) for r in res))
     return Loaded(
@@ -99,6 +103,28 @@ def load_checkpoint(path: str | Path, ema: bool = True) -> Loaded:
               "global_step": ckpt.get("global_step"), "attention": generator.attention_mode,
               "anchor": FrameAnchor.from_hparams(hp).anchor},
     )
+
+
+def _window(recorded: int | None, given: int | None, size: str, path) -> int:
+    """The trained window: what the checkpoint records, else ``given``, else the size's registry window (warned)."""
+    if given is not None:
+        if not int(given) >= 2:
+            raise ValueError(f"window={given!r} is impossible: a window holds at least 2 frames")
+        if recorded is not None and int(given) != int(recorded):
+            raise ValueError(f"{path} records a trained window of {recorded} frames; window={given} contradicts it: "
+                             "leave window out")
+        return int(given)
+    if recorded is not None:
+        return int(recorded)
+    fallback = get_size(size).frames
+    warnings.warn(
+        f"{path} records no trained window (no curriculum, model.frames or datamodule frames: a checkpoint of "
+        f"trainer.fit(model, dataloader)); using size {size!r}'s registry window of {fallback} frames, which may not "
+        "be the model's. Pass the window it was trained on: MarDiniPipeline.from_checkpoint(path, window=T) "
+        "(sample.py --window T)",
+        UserWarning, stacklevel=3,
+    )
+    return fallback
 
 
 def _load(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, path, ema: bool) -> None:

@@ -98,10 +98,11 @@ class MarDiniPipeline:
     @classmethod
     def from_checkpoint(
         cls, path: str | Path, ema: bool = True, device: str | torch.device | None = "cpu",
-        dtype: torch.dtype | str = torch.float32,
+        dtype: torch.dtype | str = torch.float32, window: int | None = None,
     ) -> MarDiniPipeline:
-        """A pipeline from a ``joint`` (or ``generation``) checkpoint written by ``train.py``; EMA weights by default."""
-        ld = load_checkpoint(path, ema=ema)
+        """A pipeline from a ``joint`` (or ``generation``) checkpoint written by ``train.py``; EMA weights by default.
+        ``window``: the trained window of a checkpoint that records none (see :func:`load_checkpoint`)."""
+        ld = load_checkpoint(path, ema=ema, window=window)
         return cls(ld.generator, ld.autoencoder, ld.planner, ld.schedule, ld.planner_resolution, ld.window,
                    ld.resolution, ld.fps, ld.kind, device, dtype, ld.info, ld.anchor)
 
