@@ -170,3 +170,69 @@ def test_package_import_does_not_import_diffusers():
     code = "import sys, mardini.autoencoders as a; assert 'diffusers' not in sys.modules; print(a.__all__)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def _printed_autoencoder(out: str) -> dict:
+    """The ``model.init_args.autoencoder`` line pixel_stats printed, parsed as YAML: ``{class_path, init_args}``."""
+    import yaml
+
+    line = next(ln for ln in out.splitlines() if ln.startswith("model.init_args.autoencoder: "))
+    return yaml.safe_load(line.split(": ", 1)[1])
+
+
+def test_diffusers_adapter_shift_and_scale_overrides_travel_in_the_spec(tiny_vae):
+    from mardini.autoencoders import DiffusersAutoencoder, build_autoencoder
+    from mardini.lit.checkpoints import latent_spec_differences
+
+    folder, vae = tiny_vae
+    ae = DiffusersAutoencoder(folder, shift=-0.5, scale=2.0)
+    assert (ae.shift, ae.scale) == (-0.5, 2.0)
+    x = _video(h=8, w=12)
+    with torch.no_grad():
+        raw = vae.encode(x.flatten(0, 1)).latent_dist.mean  # (B*T, 4, 4, 6)
+    torch.testing.assert_close(ae.encode(x).flatten(0, 1), (raw + 0.5) * 2.0, atol=1e-5, rtol=1e-5)
+    again = build_autoencoder(ae.spec())  # what a checkpoint or a latent cache stores
+    assert (again.shift, again.scale) == (-0.5, 2.0)
+    config = DiffusersAutoencoder(folder)
+    assert config.spec()["init_args"]["shift"] == SHIFT and config.spec()["init_args"]["scale"] == SCALE
+    assert latent_spec_differences(config.spec(), ae.spec()) == ["scale", "shift"]  # a stage refuses the other
+    for bad in ({"scale": 0.0}, {"scale": float("nan")}, {"shift": float("inf")}):
+        with pytest.raises(ValueError, match="must be a finite number"):
+            DiffusersAutoencoder(folder, **bad)
+
+
+def test_pixel_stats_measure_an_autoencoders_latents_and_print_its_config(tiny_vae, tmp_path, capsys):
+    """--diffusers PATH: the shift / scale printed normalise the VAE's latents of the clips they were measured on."""
+    from mardini.autoencoders.pixel_stats import main
+    from mardini.data.datamodule import first_clips
+    from mardini.data.testing import tiny_synthetic
+
+    folder, _ = tiny_vae
+    root = tiny_synthetic(tmp_path / "synth")
+    args = ["--shards", str(root / "train"), "--clips", "6", "--frames", "4", "--resolution", "8"]
+    stats = main([*args, "--diffusers", str(folder), "--batch-size", "4"])
+    assert stats["clips"] == 6 and stats["shift"] == stats["mean"]
+    printed = _printed_autoencoder(capsys.readouterr().out)
+    assert printed["class_path"] == "mardini.autoencoders.diffusers_kl.DiffusersAutoencoder"
+    assert printed["init_args"]["path"] == str(folder)
+    from mardini.autoencoders import build_autoencoder
+
+    ae = build_autoencoder(printed)  # the printed line, as a config would build it
+    video = first_clips(str(root / "train"), 6, frames=4, resolution=8, fps=8.0)  # (6, 4, 3, 8, 8): the same clips
+    z = ae.encode(video)  # (6, 4, 4, 4, 4)
+    assert abs(float(z.mean())) < 1e-3 and abs(float(z.std(unbiased=False)) - 1) < 1e-3
+
+
+def test_pixel_stats_keep_the_space_to_depth_downsample_in_the_printed_config(tmp_path, capsys):
+    from mardini.autoencoders import build_autoencoder
+    from mardini.autoencoders.pixel_stats import main
+    from mardini.data.testing import tiny_synthetic
+
+    root = tiny_synthetic(tmp_path / "synth")
+    args = ["--shards", str(root / "train"), "--clips", "4", "--frames", "4", "--resolution", "8"]
+    default = main(args)
+    assert _printed_autoencoder(capsys.readouterr().out)["init_args"]["downsample"] == 2
+    four = main([*args, "--autoencoder-kwargs", '{"downsample": 4}'])
+    printed = _printed_autoencoder(capsys.readouterr().out)
+    assert printed["init_args"]["downsample"] == 4 and build_autoencoder(printed).downsample == 4
+    assert four == default  # the same pixels, rearranged otherwise

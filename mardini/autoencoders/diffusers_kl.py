@@ -8,6 +8,7 @@ pipeline directory with ``subfolder="vae"``). diffusers is an optional extra: ``
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 
 import torch
@@ -31,8 +32,10 @@ class DiffusersAutoencoder(FrameAutoencoder):
     """Per-frame encode/decode through a frozen diffusers ``AutoencoderKL``.
 
     Latents are normalised as diffusers does, ``z = (raw - shift_factor) * scaling_factor`` (shift None -> 0),
-    by :class:`FrameAutoencoder`. ``downsample = 2 ** (len(block_out_channels) - 1)``, ``latent_channels`` from
-    the config. Encoding returns the posterior mean unless ``sample_posterior`` is set.
+    by :class:`FrameAutoencoder`, unless ``shift`` / ``scale`` override the config's factors (a VAE's own factors
+    need not give unit-variance latents on your footage: ``python -m mardini.autoencoders.pixel_stats --diffusers
+    PATH`` measures them). ``downsample = 2 ** (len(block_out_channels) - 1)``, ``latent_channels`` from the config.
+    Encoding returns the posterior mean unless ``sample_posterior`` is set.
 
     Args:
         path: local directory holding ``config.json`` and the weights (never a hub id).
@@ -42,6 +45,9 @@ class DiffusersAutoencoder(FrameAutoencoder):
         generator: the torch.Generator for posterior samples (required when ``sample_posterior``).
         dtype: weight dtype (default float32). VAEs whose config sets ``force_upcast`` always run with
             autocast disabled, so bf16-mixed training does not push them to half precision.
+        shift, scale: latent normalisation ``z = (raw - shift) * scale`` instead of the config's ``shift_factor``
+            and ``scaling_factor`` (None: the config's). The ones in use go into :meth:`spec`, so checkpoints and
+            latent caches record them and the latent checks compare them.
     """
 
     def __init__(
@@ -52,8 +58,14 @@ class DiffusersAutoencoder(FrameAutoencoder):
         sample_posterior: bool = False,
         generator: torch.Generator | None = None,
         dtype: torch.dtype = torch.float32,
+        shift: float | None = None,
+        scale: float | None = None,
     ) -> None:
         super().__init__(chunk_size=chunk_size)
+        if scale is not None and not (math.isfinite(float(scale)) and float(scale) > 0):
+            raise ValueError(f"scale must be a finite number > 0 (latents = (raw - shift) * scale), got {scale!r}")
+        if shift is not None and not math.isfinite(float(shift)):
+            raise ValueError(f"shift must be a finite number (latents = (raw - shift) * scale), got {shift!r}")
         autoencoder_kl = _import_autoencoder_kl()
         root = Path(path).expanduser()
         folder = root / subfolder if subfolder else root
@@ -70,15 +82,18 @@ class DiffusersAutoencoder(FrameAutoencoder):
         cfg = self.vae.config
         self.latent_channels = int(cfg.latent_channels)
         self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
-        self.scale = float(cfg.scaling_factor)
-        self.shift = float(cfg.shift_factor) if getattr(cfg, "shift_factor", None) is not None else 0.0
+        config_shift = float(cfg.shift_factor) if getattr(cfg, "shift_factor", None) is not None else 0.0
+        self.scale = float(cfg.scaling_factor) if scale is None else float(scale)
+        self.shift = config_shift if shift is None else float(shift)
         self.force_upcast = bool(getattr(cfg, "force_upcast", False))
         self.sample_posterior = sample_posterior
         self.generator = generator
-        self._spec_args = {"path": str(path), "subfolder": subfolder, "chunk_size": chunk_size}
+        self._spec_args = {"path": str(path), "subfolder": subfolder, "chunk_size": chunk_size,
+                           "shift": self.shift, "scale": self.scale}
 
     def spec(self) -> dict:
-        """Rebuilds the frozen VAE from the same local folder (posterior sampling is a training-time choice)."""
+        """Rebuilds the frozen VAE from the same local folder with the normalisation in use (posterior sampling is a
+        training-time choice)."""
         return {"class_path": "mardini.autoencoders.diffusers_kl.DiffusersAutoencoder", "init_args": self._spec_args}
 
     def train(self, mode: bool = True) -> DiffusersAutoencoder:

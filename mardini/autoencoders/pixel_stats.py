@@ -8,6 +8,13 @@ deviation 0.39 (the command above, 512 training clips), so without normalisation
 earlier than the schedule intends (signal-to-noise ratio 0.15 of the nominal at every t) and the generator gets little
 training at the low-noise levels that make objects crisp. ``SpaceToDepthAutoencoder(shift=mean, scale=1/std)`` fixes that; the tiny configs use it.
 
+Another autoencoder's latents are measured the same way, encoded (raw, before its own normalisation) from the same
+clips; the command prints the ``shift`` (their mean) and ``scale`` (1 / their std) to set on it:
+
+    python -m mardini.autoencoders.pixel_stats --shards data/shards/videos/train --resolution 256 \
+        --diffusers weights/vae-16ch
+    python -m mardini.autoencoders.pixel_stats --shards ... --autoencoder CLASS_PATH --autoencoder-kwargs '{...}'
+
 ``--anchor-keep-ratio LO HI`` also prints ``anchor_scale`` for ``model.anchor: nearest`` (``mardini.diffusion.anchor``):
 the standard deviation of the normalised latents' change from the nearest given frame, over the generated frames of
 random masks that keep a fraction in [LO, HI] of the frames.
@@ -16,10 +23,14 @@ random masks that keep a fraction in [LO, HI] of the frames.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 
 import torch
+
+PIXELS = "mardini.autoencoders.pixel.SpaceToDepthAutoencoder"
+DIFFUSERS = "mardini.autoencoders.diffusers_kl.DiffusersAutoencoder"
 
 
 def pixel_stats(shards: str, clips: int = 512, frames: int = 9, fps: float | None = 8.0,
@@ -42,12 +53,45 @@ def pixel_stats(shards: str, clips: int = 512, frames: int = 9, fps: float | Non
     return stats
 
 
+@torch.no_grad()
+def latent_stats(shards: str, autoencoder, clips: int = 512, frames: int = 9, fps: float | None = 8.0,
+                 resolution: int = 32, anchor_keep_ratio: tuple[float, float] | None = None, batch_size: int = 8,
+                 device: str | torch.device = "cpu") -> dict[str, float]:
+    """:func:`pixel_stats` of a :class:`~mardini.autoencoders.FrameAutoencoder`'s raw latents (before its own
+    ``shift`` / ``scale``): ``clips, mean, std, shift (= mean), scale (= 1 / std)`` over every latent element of
+    the same clips, and with ``anchor_keep_ratio`` ``anchor_scale`` of those latents."""
+    from mardini.data.datamodule import first_clips
+
+    video = first_clips(shards, clips, frames, resolution, fps)  # (N, T, 3, H, W) in [-1, 1]
+    ae = autoencoder.to(device).eval()
+    raw = torch.cat([ae.encode(v.to(device)).double().cpu() / ae.scale + ae.shift  # (b, T, C, h, w) raw latents
+                     for v in video.split(batch_size)])  # (N, T, C, h, w)
+    mean, std = float(raw.mean()), float(raw.std(unbiased=False))
+    if std == 0:
+        raise ValueError(f"the latents of {shards!r} are constant ({mean:.4f}): no scale normalises them")
+    stats = {"clips": raw.shape[0], "mean": mean, "std": std, "shift": mean, "scale": 1.0 / std}
+    if anchor_keep_ratio is not None:
+        stats["anchor_scale"] = anchor_residual_std(raw, anchor_keep_ratio)
+    return stats
+
+
+def config_line(class_path: str, init_args: dict, shift: float, scale: float, digits: str = ".4g") -> str:
+    """The ``model.init_args.autoencoder`` YAML line: ``class_path`` with ``init_args`` (``chunk_size``, a memory
+    knob, aside) and the measured ``shift`` / ``scale``."""
+    def value(v):
+        return json.dumps(v) if isinstance(v, str) or v is None or isinstance(v, bool) else str(v)
+
+    args = {k: v for k, v in init_args.items() if k not in ("chunk_size", "shift", "scale")}
+    fields = [f"{k}: {value(v)}" for k, v in args.items()] + [f"shift: {shift:{digits}}", f"scale: {scale:{digits}}"]
+    return f"model.init_args.autoencoder: {{class_path: {class_path}, init_args: {{{', '.join(fields)}}}}}"
+
+
 def anchor_residual_std(video: torch.Tensor, keep_ratio: tuple[float, float], seed: int = 0) -> float:
     """``anchor_scale``: the standard deviation of the normalised pixels' change from the nearest given frame.
 
-    ``video (N, T, 3, H, W)``; over the generated frames of random masks (the ``random`` template, kept fraction
-    uniform in ``keep_ratio``); normalised = divided by the pixels' standard deviation, as the space-to-depth latents
-    are (their shift cancels).
+    ``video (N, T, 3, H, W)`` (or raw latents ``(N, T, C, h, w)``); over the generated frames of random masks (the
+    ``random`` template, kept fraction uniform in ``keep_ratio``); normalised = divided by the pixels' (latents')
+    standard deviation, as the normalised latents are (their shift cancels).
     """
     from mardini.diffusion.anchor import anchor_frames
     from mardini.masking import MaskSampler
@@ -66,12 +110,50 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--anchor-keep-ratio", type=float, nargs=2, metavar=("LO", "HI"), default=None,
                         help="also measure anchor_scale (model.anchor: nearest) under masks keeping LO-HI of the frames")
+    ae = parser.add_argument_group("autoencoder (default: the pixels, for SpaceToDepthAutoencoder)")
+    ae.add_argument("--autoencoder", default=None, help="class path of the FrameAutoencoder whose latents to measure, "
+                    "e.g. mardini.autoencoders.diffusers_kl.DiffusersAutoencoder")
+    ae.add_argument("--autoencoder-kwargs", default="{}", help="JSON dict of its constructor arguments "
+                    "(for SpaceToDepthAutoencoder e.g. '{\"downsample\": 4}')")
+    ae.add_argument("--diffusers", metavar="PATH", default=None,
+                    help="a local diffusers AutoencoderKL folder: --autoencoder DiffusersAutoencoder with this path")
+    ae.add_argument("--batch-size", type=int, default=8, help="clips per encode call")
+    ae.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     keep = tuple(args.anchor_keep_ratio) if args.anchor_keep_ratio else None
-    stats = pixel_stats(args.shards, args.clips, args.frames, args.fps, args.resolution, keep)
+    try:
+        kwargs = json.loads(args.autoencoder_kwargs)
+    except json.JSONDecodeError as err:
+        parser.error(f"--autoencoder-kwargs is not JSON ({err}): give a dict, e.g. '{{\"path\": \"weights/vae\"}}'")
+    if not isinstance(kwargs, dict):
+        parser.error(f"--autoencoder-kwargs must be a JSON dict, got {args.autoencoder_kwargs!r}")
+    if args.diffusers is not None:
+        if args.autoencoder is not None:
+            parser.error("give --diffusers PATH or --autoencoder CLASS_PATH, not both")
+        args.autoencoder, kwargs = DIFFUSERS, {**kwargs, "path": args.diffusers}
+    class_path = args.autoencoder or PIXELS
+    if class_path.rsplit(".", 1)[-1] == "SpaceToDepthAutoencoder":  # its latents are the pixels, rearranged
+        from mardini.autoencoders.pixel import SpaceToDepthAutoencoder
+
+        init_args = SpaceToDepthAutoencoder(**kwargs).spec()["init_args"]  # checks the kwargs; keeps the downsample
+        stats = pixel_stats(args.shards, args.clips, args.frames, args.fps, args.resolution, keep)
+        line = config_line(PIXELS, init_args, stats["shift"], stats["scale"], ".2f")
+    else:
+        from mardini.data.latent_cache import load_autoencoder
+
+        autoencoder = load_autoencoder(class_path, kwargs)
+        stats = latent_stats(args.shards, autoencoder, args.clips, args.frames, args.fps, args.resolution, keep,
+                             args.batch_size, args.device)
+        try:
+            init_args = autoencoder.spec()["init_args"]
+        except NotImplementedError:
+            init_args = kwargs
+        line = config_line(class_path, init_args, stats["shift"], stats["scale"])
+        if not {"shift", "scale"} <= set(inspect.signature(type(autoencoder)).parameters):
+            line = (f"# {class_path} takes no shift / scale: normalise its latents as z = (raw - shift) * scale "
+                    f"with shift {stats['shift']:.4g}, scale {stats['scale']:.4g}")
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()}))
-    print("model.init_args.autoencoder: {class_path: mardini.autoencoders.pixel.SpaceToDepthAutoencoder, "
-          f"init_args: {{shift: {stats['shift']:.2f}, scale: {stats['scale']:.2f}}}}}")
+    print(line)
     if "anchor_scale" in stats:
         print(f"model.init_args.anchor: nearest\nmodel.init_args.anchor_scale: {stats['anchor_scale']:.2f}")
     return stats
