@@ -183,15 +183,22 @@ def test_non_finite_samples_stop_the_run_naming_the_method_and_clips(shards):
     assert "| m | NaN | 0.5000 | 0.100 |" in md and "| n | – | 0.4000 | 0.100 |" in md  # NaN apart from not computed
 
 
-def test_run_task_with_frechet_metrics_and_real_stats_cache(shards, tmp_path):
+def _frechet_run(shards, tmp_path):
+    """Interpolation on 6 shard clips with the stand-in FVD/FID networks and a real-statistics cache: a function
+    running the task once, and the source's kind and files."""
     args = cli.parse_args(["--data", str(shards), "--tasks", "interpolation", "--frames", "9", "--resolution", "16",
                            "--num-clips", "6", "--cache-dir", str(tmp_path / "stats")])
     kind, files = resolve_source(args.data)
     nets = {"fvd": VideoPool(), "fid": FramePool()}
     samplers = cli.build_samplers(args)
-    first = cli.run_task("interpolation", args, samplers, kind, files, 6, nets)
+    return lambda: cli.run_task("interpolation", args, samplers, kind, files, 6, nets), kind, files
+
+
+def test_run_task_with_frechet_metrics_and_real_stats_cache(shards, tmp_path):
+    run, _, _ = _frechet_run(shards, tmp_path)
+    first = run()
     assert first["real_stats_cache"] == "computed" and len(list((tmp_path / "stats").iterdir())) == 2
-    again = cli.run_task("interpolation", args, samplers, kind, files, 6, nets)
+    again = run()
     assert again["real_stats_cache"] == "hit" and again["results"] == first["results"]
     res = first["results"]
     assert res["linear_blend"]["fvd6_9f"] != res["nearest_frame"]["fvd6_9f"] and res["linear_blend"]["fid6_9f"] > 0
@@ -203,12 +210,8 @@ def test_a_cached_real_statistics_file_of_other_clips_is_recomputed(shards, tmp_
 
     from mardini.evaluation.protocol import keys_digest
 
-    args = cli.parse_args(["--data", str(shards), "--tasks", "interpolation", "--frames", "9", "--resolution", "16",
-                           "--num-clips", "6", "--cache-dir", str(tmp_path / "stats")])
-    kind, files = resolve_source(args.data)
-    nets = {"fvd": VideoPool(), "fid": FramePool()}
-    samplers = cli.build_samplers(args)
-    first = cli.run_task("interpolation", args, samplers, kind, files, 6, nets)
+    run, kind, files = _frechet_run(shards, tmp_path)
+    first = run()
     paths = sorted((tmp_path / "stats").iterdir())
     digest = torch.load(paths[0], weights_only=True)["keys_digest"]
     keys = [k for b in iter_batches(kind, files, 9, None, 16, 6, 4) for k in b["key"]]
@@ -217,11 +220,11 @@ def test_a_cached_real_statistics_file_of_other_clips_is_recomputed(shards, tmp_
         stats = torch.load(path, weights_only=True)
         torch.save({**stats, "mean": stats["mean"] + 1, "keys_digest": digest + 1}, path)
     capsys.readouterr()
-    again = cli.run_task("interpolation", args, samplers, kind, files, 6, nets)
+    again = run()
     assert again["real_stats_cache"].startswith("recomputed") and again["results"] == first["results"]
     assert "were computed on other clips than the 6 this run read; recomputing them" in capsys.readouterr().err
     assert all(torch.load(p, weights_only=True)["keys_digest"] == digest for p in paths)  # the cache is rewritten
-    assert cli.run_task("interpolation", args, samplers, kind, files, 6, nets)["real_stats_cache"] == "hit"
+    assert run()["real_stats_cache"] == "hit"
 
 
 def test_cli_on_a_folder_of_videos(tmp_path):

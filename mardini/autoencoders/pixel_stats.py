@@ -44,12 +44,18 @@ def pixel_stats(shards: str, clips: int = 512, frames: int = 9, fps: float | Non
     from mardini.data.datamodule import first_clips
 
     video = first_clips(shards, clips, frames, resolution, fps).double()  # (N, T, 3, H, W) in [-1, 1]
-    mean, std = float(video.mean()), float(video.std(unbiased=False))
+    return moments(video, f"the pixels of {shards!r}", anchor_keep_ratio)
+
+
+def moments(x: torch.Tensor, what: str, anchor_keep_ratio: tuple[float, float] | None = None) -> dict[str, float]:
+    """``clips, mean, std, shift (= mean), scale (= 1 / std)`` of ``x (N, T, C, H, W)`` over every element, and
+    with ``anchor_keep_ratio`` ``anchor_scale``; ``what`` names x in the error for constant values."""
+    mean, std = float(x.mean()), float(x.std(unbiased=False))
     if std == 0:
-        raise ValueError(f"the pixels of {shards!r} are constant ({mean:.4f}): no scale normalises them")
-    stats = {"clips": video.shape[0], "mean": mean, "std": std, "shift": mean, "scale": 1.0 / std}
+        raise ValueError(f"{what} are constant ({mean:.4f}): no scale normalises them")
+    stats = {"clips": x.shape[0], "mean": mean, "std": std, "shift": mean, "scale": 1.0 / std}
     if anchor_keep_ratio is not None:
-        stats["anchor_scale"] = anchor_residual_std(video, anchor_keep_ratio)
+        stats["anchor_scale"] = anchor_residual_std(x, anchor_keep_ratio)
     return stats
 
 
@@ -66,13 +72,7 @@ def latent_stats(shards: str, autoencoder, clips: int = 512, frames: int = 9, fp
     ae = autoencoder.to(device).eval()
     raw = torch.cat([ae.encode(v.to(device)).double().cpu() / ae.scale + ae.shift  # (b, T, C, h, w) raw latents
                      for v in video.split(batch_size)])  # (N, T, C, h, w)
-    mean, std = float(raw.mean()), float(raw.std(unbiased=False))
-    if std == 0:
-        raise ValueError(f"the latents of {shards!r} are constant ({mean:.4f}): no scale normalises them")
-    stats = {"clips": raw.shape[0], "mean": mean, "std": std, "shift": mean, "scale": 1.0 / std}
-    if anchor_keep_ratio is not None:
-        stats["anchor_scale"] = anchor_residual_std(raw, anchor_keep_ratio)
-    return stats
+    return moments(raw, f"the latents of {shards!r}", anchor_keep_ratio)
 
 
 def config_line(class_path: str, init_args: dict, shift: float, scale: float, digits: str = ".4g") -> str:
