@@ -37,6 +37,12 @@ class MarDiniCLI(LightningCLI):
             parser.set_defaults({"ckpt_path": "last", "weights_only": True})  # resume never unpickles code
         return parser
 
+    def _parse_ckpt_path(self) -> None:
+        """Nothing: Lightning's CLI would merge the hyper-parameters of an explicit ``--ckpt_path FILE`` (its
+        ``_class_path`` too) over the configured model, so another stage's checkpoint turned this stage into that
+        stage's model, and the model options given were dropped. The model stays the one configured; resuming
+        checks the checkpoint against it (``MarDiniBase.on_load_checkpoint``: kind, size, latents, shapes)."""
+
     def before_instantiate_classes(self) -> None:
         sub = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         every = sub.get("checkpoint_every", 500)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -72,6 +73,19 @@ def test_joint_stage_rejects_checkpoints_of_the_wrong_kind(workdir, monkeypatch)
     with pytest.raises(ValueError, match=r"is a 'generation' checkpoint.*'planning' checkpoint is expected"):
         _fit(workdir, monkeypatch, *_stage("04_joint_model", 1, f"--model.init_args.planner_ckpt={gen}",
                                           f"--model.init_args.generator_ckpt={gen}", "--ckpt_path=null"))
+
+
+def test_an_explicit_ckpt_path_of_another_stage_is_refused_not_trained_as_its_model(workdir, monkeypatch, tmp_path):
+    """Lightning's CLI would replace the configured model by the one the checkpoint's hyper-parameters name (the
+    joint stage trained and saved as a generator warm-up); the stage's model stays the configured one and refuses
+    it."""
+    gen = workdir / "outputs" / "tiny" / STAGES[0] / "checkpoints" / "last.ckpt"
+    if not gen.exists():
+        _fit(workdir, monkeypatch, *_stage(STAGES[0], 1))
+    save = [f"--trainer.logger.init_args.save_dir={tmp_path}", "--model.init_args.init_from=null"]
+    with pytest.raises(ValueError, match=rf"{re.escape(str(gen))} is a 'generation' checkpoint.*but a 'joint' checkpoint is expected"):
+        _fit(workdir, monkeypatch, *_stage("05_joint_task", 3, *save, f"--ckpt_path={gen}"))
+    assert not list(tmp_path.rglob("*.ckpt"))  # nothing trained, nothing saved as stage 05
 
 
 def test_a_resume_does_not_need_the_stage_s_starting_checkpoint(workdir, monkeypatch, tmp_path):

@@ -519,7 +519,8 @@ class MarDiniBase(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         from mardini.lit.checkpoints import check_metadata
 
-        check_metadata(checkpoint, kinds=(self.KIND,), path="<resumed checkpoint>", size=self.hparams.size)
+        path = getattr(self._trainer, "ckpt_path", None) or "<resumed checkpoint>"
+        check_metadata(checkpoint, kinds=(self.KIND,), path=path, size=self.hparams.size)
         if checkpoint["mardini"].get("ema_only"):
             raise ValueError(
                 "the checkpoint to resume is an EMA-only export (no raw weights, optimizer or loop state): it cannot "
