@@ -52,7 +52,9 @@ class MarDiniCLI(LightningCLI):
         self._nothing_to_resume = False
         self._resume_from: str | None = None
         ckpt = sub.get("ckpt_path")
-        if ckpt not in (None, "last", "best", "hpc", "registry") and Path(str(ckpt)).is_dir():
+        # a checkpoint file named by its path (not one of Lightning's keywords)
+        self._resuming = ckpt is not None and str(ckpt) not in ("last", "best", "hpc") and not _is_registry(ckpt)
+        if self._resuming and Path(str(ckpt)).is_dir():
             raise ValueError(f"--ckpt_path: {directory_message(Path(str(ckpt)))}")  # Lightning: IsADirectoryError
         trainer = sub.get("trainer")
         if "spawn" in str((trainer or {}).get("strategy", "")):
@@ -77,11 +79,13 @@ class MarDiniCLI(LightningCLI):
         # stage started)
         self._resume_from = resume_checkpoint(folder, hpc) if sub.get("ckpt_path") == "last" else None
         self._nothing_to_resume = folder is not None and sub.get("ckpt_path") == "last" and self._resume_from is None
+        self._resuming = self._resuming or self._resume_from is not None or (sub.get("ckpt_path") == "hpc" and bool(hpc))
 
     def instantiate_classes(self) -> None:
-        """A fit that resumes takes every weight from its checkpoint: the stage's starting checkpoints
-        (``init_from``, ``planner_ckpt``, ``generator_ckpt``) are not read again (they may be gone by now)."""
-        token = RESUMING.set(getattr(self, "_resume_from", None) is not None)
+        """A run that resumes (``--ckpt_path`` a file, or ``last`` / ``hpc`` that found one) takes every weight from
+        its checkpoint: the stage's starting checkpoints (``init_from``, ``planner_ckpt``, ``generator_ckpt``) are
+        not read again (they may be gone by now)."""
+        token = RESUMING.set(getattr(self, "_resuming", False))
         try:
             super().instantiate_classes()
         finally:
@@ -121,6 +125,11 @@ class MarDiniCLI(LightningCLI):
 
 UNRESUMABLE_LOADER_WARNING = (r"You're resuming from a checkpoint that ended before the epoch ended and your "
                               r"dataloader is not resumable")
+
+
+def _is_registry(ckpt_path) -> bool:
+    """Lightning's model-registry keyword (``registry`` or ``registry:NAME``)."""
+    return str(ckpt_path).lower() == "registry" or str(ckpt_path).lower().startswith("registry:")
 
 
 def checkpoint_dir(config) -> str | None:

@@ -107,6 +107,25 @@ def test_a_resume_does_not_need_the_stage_s_starting_checkpoint(workdir, monkeyp
         _fit(workdir, monkeypatch, *_stage(STAGES[1], 3, *save, "--ckpt_path=null"))
 
 
+def test_a_resume_from_an_explicit_file_neither_needs_the_starting_checkpoint_nor_drops_model_options(
+        workdir, monkeypatch, tmp_path):
+    start = tmp_path / "start.ckpt"
+    first = workdir / "outputs" / "tiny" / STAGES[0] / "checkpoints" / "last.ckpt"
+    if not first.exists():
+        _fit(workdir, monkeypatch, *_stage(STAGES[0], 1))
+    start.write_bytes(first.read_bytes())
+    save = ["--trainer.logger.init_args.save_dir=outputs/resume_file", f"--model.init_args.init_from={start}"]
+    _fit(workdir, monkeypatch, *_stage(STAGES[1], 2, *save))
+    kept = tmp_path / "kept.ckpt"  # e.g. a copy of the run's checkpoint, given by its path
+    kept.write_bytes((workdir / "outputs" / "resume_file" / STAGES[1] / "checkpoints" / "last.ckpt").read_bytes())
+    start.unlink()
+    resumed = _fit(workdir, monkeypatch, *_stage(STAGES[1], 3, *save, f"--ckpt_path={kept}",
+                                                 "--model.init_args.nonfinite=skip"))
+    assert resumed.trainer.global_step == 3
+    assert resumed.model.hparams.nonfinite == "skip"  # the command line's model options hold
+    assert resumed.model.hparams.init_from == str(start)
+
+
 def test_a_slurm_preemption_checkpoint_is_resumed_from_the_stage_s_folder(workdir, monkeypatch):
     import os
     import shutil
