@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from mardini.lit.base import MarDiniBase
 from mardini.lit.checkpoint_io import AtomicCheckpointIO
@@ -123,6 +123,53 @@ class MarDiniCLI(LightningCLI):
         return trainer
 
 
+class KeepEarlierConfig(SaveConfigCallback):
+    """Lightning's ``config.yaml`` in the log folder, overwritten by each run of the stage; where the one there
+    differs from the new one (a rerun with other settings, which resumes the run) it is first kept as
+    ``config.N.yaml`` (N = 1, 2, ...: the highest is the newest), so the settings each part of the run was trained
+    with stay on record. A run that fails before training (a resume refused for settings that do not fit the
+    checkpoint) puts the earlier one back: ``config.yaml`` keeps naming the settings the checkpoint was trained
+    with."""
+
+    _kept: Path | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if not self.already_saved and self.save_to_log_dir:
+            log_dir = trainer.log_dir  # a broadcast: every rank asks
+            if trainer.is_global_zero and log_dir is not None:
+                self._kept = keep_earlier_config(Path(log_dir) / self.config_filename,
+                                                 self.parser.dump(self.config, skip_none=False))
+        super().setup(trainer, pl_module, stage)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._kept = None  # the new settings train: the earlier ones stay kept
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self._kept is not None and self._kept.is_file():
+            os.replace(self._kept, self._kept.with_name(self.config_filename))
+        self._kept = None
+
+
+def keep_earlier_config(path: Path, new: str) -> Path | None:
+    """Rename the config at ``path`` to ``<stem>.N<suffix>`` (the first free N from 1) if its settings differ
+    from the YAML text ``new``; the kept path, or None (no config there, or the same settings)."""
+    import yaml
+
+    if not path.is_file():
+        return None
+    try:
+        same = yaml.safe_load(path.read_text()) == yaml.safe_load(new)
+    except yaml.YAMLError:  # not ours to judge: keep it
+        same = False
+    if same:
+        return None
+    n = 1
+    while (kept := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
+        n += 1
+    os.replace(path, kept)
+    return kept
+
+
 UNRESUMABLE_LOADER_WARNING = (r"You're resuming from a checkpoint that ended before the epoch ended and your "
                               r"dataloader is not resumable")
 
@@ -220,6 +267,7 @@ def main(args: list[str] | None = None, run: bool = True) -> MarDiniCLI:
         datamodule_class=VideoDataModule,
         subclass_mode_data=True,
         trainer_defaults=trainer_defaults(),
+        save_config_callback=KeepEarlierConfig,
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,

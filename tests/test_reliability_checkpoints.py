@@ -4,6 +4,7 @@ weights never swapped, the non-finite loss/gradient policies (stop naming the st
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -137,7 +138,8 @@ def test_a_resume_refuses_other_latents_anchor_or_shapes_than_its_checkpoint(sav
     from mardini.autoencoders import SpaceToDepthAutoencoder
 
     _, path = saved  # a generator of depth 1 trained on SpaceToDepthAutoencoder(2), shift 0, scale 1, no anchor
-    fix = r"resume with the settings the run was started with \(its config.yaml in the log folder\), or start a new run"
+    fix = (r"resume with the settings the run was trained with \(its config.yaml in the log folder; earlier ones are kept "
+           r"beside it as config.N.yaml\), or start a new run \(--ckpt_path null, or another trainer.logger save_dir\)")
 
     def resume(model):
         _trainer(tmp_path, 6).fit(model, datamodule=_dm(synth), ckpt_path=str(path))
@@ -151,6 +153,26 @@ def test_a_resume_refuses_other_latents_anchor_or_shapes_than_its_checkpoint(sav
         resume(_gen(generator={"depth": 1, "dim": 128}))
     with pytest.raises(ValueError, match=rf"networks\.generator\.blocks\.1\.[^:]+: not in the checkpoint.*{fix}"):
         resume(_gen(generator={"depth": 2}))
+
+
+def test_a_resume_with_other_training_settings_warns_naming_them(saved, synth, tmp_path):
+    """Another mask range, task mix, LR or frames resumes (the run goes on), but says what changed and how to start
+    a new run instead; operational settings (activation checkpointing, nonfinite, starting checkpoints) do not."""
+    _, path = saved  # TINY: lr 1e-3, keep_ratio (0.35, 1.0), templates None, frames None
+
+    def resume(model) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _trainer(tmp_path, 5).fit(model, datamodule=_dm(synth), ckpt_path=str(path))
+        return [str(w.message) for w in caught if "other settings than it was trained with" in str(w.message)]
+
+    said = resume(_gen(keep_ratio=(0.2, 0.5), templates={"random": 1.0, "interpolation": 1.0}, lr=2e-3, frames=3))
+    assert len(said) == 1, said
+    for changed in ("frames None -> 3", "keep_ratio [0.35, 1.0] -> [0.2, 0.5]", "lr 0.001 -> 0.002",
+                    "templates None -> {'random': 1.0, 'interpolation': 1.0}", str(path), "--ckpt_path null",
+                    "another trainer.logger save_dir"):
+        assert changed in said[0], said[0]
+    assert resume(_gen(generator={"depth": 1, "checkpointing": True}, nonfinite="skip", init_from=str(path))) == []
 
 
 def test_format_mismatch_names_both_versions(saved, tmp_path):

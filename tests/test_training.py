@@ -126,6 +126,26 @@ def test_a_resume_from_an_explicit_file_neither_needs_the_starting_checkpoint_no
     assert resumed.model.hparams.init_from == str(start)
 
 
+def test_a_rerun_with_other_settings_warns_and_keeps_the_run_s_earlier_config(workdir, monkeypatch, tmp_path):
+    """The rerun resumes under its new mask range, says so, and config.yaml's earlier settings stay as config.1.yaml;
+    a resume refused (another anchor) leaves config.yaml naming the settings the checkpoint was trained with."""
+    save = [f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    folder = tmp_path / STAGES[0]
+    _fit(workdir, monkeypatch, *_stage(STAGES[0], 2, *save))
+    _fit(workdir, monkeypatch, *_stage(STAGES[0], 2, *save))  # the same settings: nothing to keep
+    assert not (folder / "config.1.yaml").exists()
+    with pytest.warns(UserWarning, match=r"resuming .*last.ckpt with other settings than it was trained with "
+                                         r"\(keep_ratio \[0.45, 1.0\] -> \[0.2, 0.5\]\).*--ckpt_path null"):
+        _fit(workdir, monkeypatch, *_stage(STAGES[0], 3, *save, "--model.init_args.keep_ratio=[0.2, 0.5]"))
+    keep_ratio = lambda name: yaml.safe_load((folder / name).read_text())["model"]["init_args"]["keep_ratio"]  # noqa: E731
+    assert keep_ratio("config.1.yaml") == [0.45, 1.0] and keep_ratio("config.yaml") == [0.2, 0.5]
+    with pytest.raises(ValueError, match="trained with anchor='none'.*its config.yaml in the log folder"):
+        _fit(workdir, monkeypatch, *_stage(STAGES[0], 4, *save, "--model.init_args.keep_ratio=[0.2, 0.5]",
+                                          "--model.init_args.anchor=nearest"))
+    assert keep_ratio("config.yaml") == [0.2, 0.5] and not (folder / "config.2.yaml").exists()
+    assert yaml.safe_load((folder / "config.yaml").read_text())["trainer"]["max_steps"] == 3
+
+
 def test_a_slurm_preemption_checkpoint_is_resumed_from_the_stage_s_folder(workdir, monkeypatch):
     import os
     import shutil

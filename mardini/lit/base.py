@@ -30,7 +30,8 @@ from mardini.masking import TEMPLATES, MaskSampler
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 CHECKPOINT_FORMAT = 1  # bump when the layout of checkpoint["mardini"] or the network keys change
-RESUME_FIX = "resume with the settings the run was started with (its config.yaml in the log folder), or start a new run"
+RESUME_FIX = ("resume with the settings the run was trained with (its config.yaml in the log folder; earlier ones are kept "
+              "beside it as config.N.yaml), or start a new run (--ckpt_path null, or another trainer.logger save_dir)")
 
 
 class MarDiniBase(L.LightningModule):
@@ -517,7 +518,7 @@ class MarDiniBase(L.LightningModule):
                 checkpoint["state_dict"][f"networks.{k}"] = v
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        from mardini.lit.checkpoints import check_metadata
+        from mardini.lit.checkpoints import check_metadata, warn_changed_settings
 
         path = getattr(self._trainer, "ckpt_path", None) or "<resumed checkpoint>"
         check_metadata(checkpoint, kinds=(self.KIND,), path=path, size=self.hparams.size)
@@ -527,6 +528,7 @@ class MarDiniBase(L.LightningModule):
                 "resume a fit. Start a stage from it with model.init_args.init_from=<it> and --ckpt_path null"
             )
         self._check_resumable(checkpoint)
+        warn_changed_settings(checkpoint.get("hyper_parameters") or {}, dict(self.hparams), path)
         self.nonfinite_skipped = int(checkpoint["mardini"].get("nonfinite_skipped", 0))
         self._skipped_total = int(checkpoint["mardini"].get("data_skipped", 0))  # the logged data/skipped goes on
         if "ema_loaded" in checkpoint["mardini"]:  # a resume need not load init_from again (MarDiniCLI) to know it

@@ -182,6 +182,47 @@ def check_same_cross_rope_grid(checkpoint: dict[str, Any], ours: str | None, pat
             "model.init_args.generator to go on with its placement, or start from a checkpoint trained with the new one")
 
 
+# Hyper-parameters that say where a stage starts or how it runs, not what it trains: a resume may change them freely
+OPERATIONAL_HPARAMS = frozenset({"init_from", "planner_ckpt", "generator_ckpt", "compile", "nonfinite"})
+OPERATIONAL_NETWORK_FIELDS = frozenset({"checkpointing"})  # activation checkpointing: memory, not the result
+
+
+def changed_settings(theirs: dict[str, Any], ours: dict[str, Any]) -> list[str]:
+    """``key old -> new`` for each hyper-parameter that changes what is trained (the mask and task mix, the LR and
+    its schedule, frames, EMA, seed, loss settings, the networks' fields ...; not :data:`OPERATIONAL_HPARAMS`)
+    whose value in a checkpoint's ``theirs`` differs from this model's ``ours``. Keys only one side records (a
+    checkpoint written before a setting existed) are not compared; a network's fields (``planner``,
+    ``generator``) are compared one by one."""
+    def plain(v: Any) -> Any:  # tuples and lists alike (a YAML list, a tuple in the checkpoint)
+        return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    changed = []
+    for key in sorted(k for k in set(theirs) & set(ours) - OPERATIONAL_HPARAMS if not k.startswith("_")):  # not _class_path, _instantiator
+        old, new = theirs[key], ours[key]
+        if key in ("planner", "generator") and isinstance(old or {}, dict) and isinstance(new or {}, dict):
+            old, new = old or {}, new or {}
+            for field in sorted((set(old) | set(new)) - OPERATIONAL_NETWORK_FIELDS):
+                a, b = plain(old.get(field, "(size default)")), plain(new.get(field, "(size default)"))
+                if a != b:
+                    changed.append(f"{key}.{field} {a!r} -> {b!r}")
+        elif plain(old) != plain(new):
+            changed.append(f"{key} {plain(old)!r} -> {plain(new)!r}")
+    return changed
+
+
+def warn_changed_settings(theirs: dict[str, Any], ours: dict[str, Any], path: str | Path) -> None:
+    """Warn (rank zero) naming :func:`changed_settings` of a resume: the run goes on from ``path`` under the new
+    settings, which may not be what a rerun of the stage with other settings meant."""
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    changed = changed_settings(theirs, ours)
+    if changed:
+        rank_zero_warn(
+            f"resuming {path} with other settings than it was trained with ({'; '.join(changed)}): the run goes on "
+            "from its step under the new ones. To train them as a new run instead, pass --ckpt_path null or "
+            "another trainer.logger save_dir (or name)")
+
+
 def state_differences(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], keys: bool = True) -> list[str]:
     """Entries of a model's state dict ``ours`` that a checkpoint's ``theirs`` does not fit: other shapes and, with
     ``keys``, entries missing on either side (what a strict ``load_state_dict`` refuses), each named."""
