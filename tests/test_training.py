@@ -146,6 +146,28 @@ def test_a_rerun_with_other_settings_warns_and_keeps_the_run_s_earlier_config(wo
     assert yaml.safe_load((folder / "config.yaml").read_text())["trainer"]["max_steps"] == 3
 
 
+def test_a_truncated_last_ckpt_is_one_train_py_error_naming_the_checkpoints_to_resume_from(workdir, monkeypatch,
+                                                                                            tmp_path, capsys):
+    from mardini.cli import library_error
+    from mardini.user_errors import run_reporting_user_errors
+
+    save = [f"--trainer.logger.init_args.save_dir={tmp_path}", "--checkpoint_every=1"]
+    _fit(workdir, monkeypatch, *_stage(STAGES[0], 2, *save))
+    folder = tmp_path / STAGES[0] / "checkpoints"
+    last = folder / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])  # e.g. a copy cut short
+    code = run_reporting_user_errors("train.py", lambda: _fit(workdir, monkeypatch, *_stage(STAGES[0], 3, *save)),
+                                     unwrap=library_error)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 2, err
+    assert err[0].startswith(f"train.py: error: {last} could not be read as a MarDini checkpoint"), err[0]
+    assert "It may be truncated" in err[0] and "PytorchStreamReader" in err[0]
+    assert f"({folder} also holds step00000002.ckpt: e.g. --ckpt_path {folder / 'step00000002.ckpt'})" in err[0]
+    assert err[0].endswith("or start over with --ckpt_path null.")
+    resumed = _fit(workdir, monkeypatch, *_stage(STAGES[0], 3, *save, f"--ckpt_path={folder / 'step00000002.ckpt'}"))
+    assert resumed.trainer.global_step == 3
+
+
 def test_a_slurm_preemption_checkpoint_is_resumed_from_the_stage_s_folder(workdir, monkeypatch):
     import os
     import shutil

@@ -36,12 +36,45 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning ``CheckpointIO`` plugin: atomic local saves; remote paths fall back to Lightning's own."""
+    """Lightning ``CheckpointIO`` plugin: atomic local saves, local loads through
+    :func:`mardini.lit.checkpoints.read_checkpoint` (an unreadable checkpoint to resume names the way on); remote
+    paths fall back to Lightning's own."""
+
+    def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict[str, Any]:
+        from mardini.lit.checkpoints import read_checkpoint
+
+        if weights_only is False or not _is_local(path):  # an unsafe load asked for, or remote: Lightning's
+            kwargs = {} if map_location is None else {"map_location": map_location}
+            return super().load_checkpoint(path, weights_only=weights_only, **kwargs)
+        try:
+            return read_checkpoint(path)
+        except ValueError as e:
+            if not Path(path).is_file():  # a directory: read_checkpoint's message names the files inside
+                raise
+            raise ValueError(f"{e} {other_checkpoints_message(Path(path))}") from e
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options}")
-        fs = get_filesystem(path)
-        if fs.protocol not in ("file", ("file", "local"), "local") and "file" not in fs.protocol:
+        if not _is_local(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         atomic_torch_save(checkpoint, path)
+
+
+def _is_local(path) -> bool:
+    fs = get_filesystem(path)
+    return fs.protocol in ("file", ("file", "local"), "local") or "file" in fs.protocol
+
+
+def other_checkpoints_message(path: Path) -> str:
+    """How to go on from a checkpoint that cannot be resumed: the other ``*.ckpt`` files beside it (newest first)
+    for ``--ckpt_path FILE``, and ``--ckpt_path null``."""
+    others = sorted((p for p in path.parent.glob("*.ckpt") if p.name != path.name and p.is_file()),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    if others:
+        held = ", ".join(p.name for p in others[:5]) + (" ..." if len(others) > 5 else "")
+        way = f"resume from another checkpoint with --ckpt_path FILE ({path.parent} also holds {held}: e.g. " \
+              f"--ckpt_path {others[0]})"
+    else:
+        way = f"{path.parent} holds no other checkpoint to resume from (--ckpt_path FILE)"
+    return f"To go on, {way}, or start over with --ckpt_path null."
