@@ -36,6 +36,18 @@ def test_atomic_save_leaves_old_file_on_failure(tmp_path):
     assert os.listdir(tmp_path) == ["last.ckpt"]  # no temp file left behind
 
 
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_atomic_save_gives_the_file_the_umask_s_mode(tmp_path, umask, mode):
+    """As any file the user writes (open's 0o666 less the umask): teammates read the checkpoints where the umask
+    lets them; the temp file alone would be 0600 (mkstemp)."""
+    old = os.umask(umask)
+    try:
+        atomic_torch_save({"step": 1}, tmp_path / "last.ckpt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "last.ckpt").stat().st_mode & 0o777 == mode
+
+
 def test_read_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_checkpoint(tmp_path / "nope.ckpt")
