@@ -56,6 +56,7 @@ class MarDiniCLI(LightningCLI):
         self._resuming = ckpt is not None and str(ckpt) not in ("last", "best", "hpc") and not _is_registry(ckpt)
         if self._resuming and Path(str(ckpt)).is_dir():
             raise ValueError(f"--ckpt_path: {directory_message(Path(str(ckpt)))}")  # Lightning: IsADirectoryError
+        take_seed_everything(sub)
         trainer = sub.get("trainer")
         if "spawn" in str((trainer or {}).get("strategy", "")):
             # ddp_spawn pickles the module to its workers; PyTorch's default, passing shared-memory file descriptors,
@@ -172,6 +173,20 @@ def keep_earlier_config(path: Path, new: str) -> Path | None:
 
 UNRESUMABLE_LOADER_WARNING = (r"You're resuming from a checkpoint that ended before the epoch ended and your "
                               r"dataloader is not resumable")
+
+
+def take_seed_everything(config) -> None:
+    """Give the model's and the datamodule's ``seed`` left unset (None) the run's ``seed_everything``, which
+    LightningCLI has resolved to an int by now (``true``: a random one, recorded in config.yaml); with ``false``,
+    0. An explicit seed is kept. (Under the CLI the hyper-parameters are the config's: None would be recorded and
+    drawn with.)"""
+    everything = config.get("seed_everything")
+    everything = everything if isinstance(everything, int) and not isinstance(everything, bool) else 0
+    for key in ("model", "data"):
+        part = config.get(key)
+        args = part.get("init_args") if hasattr(part, "get") else None
+        if args is not None and "seed" in args and args.get("seed") is None:
+            args["seed"] = everything
 
 
 def _is_registry(ckpt_path) -> bool:

@@ -200,6 +200,27 @@ def test_a_fresh_fit_and_a_resume_warn_of_no_missing_checkpoint_nor_an_unresumab
     assert cli.trainer.ckpt_path.endswith("last.ckpt") and cli.trainer.global_step == 3
 
 
+def test_seed_everything_seeds_the_training_draws_unless_the_model_or_data_sets_its_own(workdir, monkeypatch):
+    """Masks, times and noise (``model.init_args.seed``) and the clips' order and crops (``data.init_args.seed``)
+    follow ``seed_everything`` where left unset; before, both stayed 0 whatever ``seed_everything`` said."""
+    monkeypatch.chdir(workdir)
+
+    def draws(*extra: str):
+        cli = main(["--config", str(TINY / "common.yaml"), "--config", str(TINY / f"{STAGES[0]}.yaml"), *FAST, *extra],
+                   run=False)
+        cli.datamodule.setup("fit")
+        batch = next(iter(cli.datamodule.train_dataloader()))
+        noise = torch.randn(8, generator=cli.model.step_generator(0))  # what step 0 draws its masks and noise from
+        return (cli.model.hparams.seed, cli.datamodule.state.seed), batch["video"], noise
+
+    one, two, again = draws("--seed_everything=1"), draws("--seed_everything=2"), draws("--seed_everything=1")
+    assert one[0] == (1, 1) and two[0] == (2, 2)
+    assert not torch.equal(one[1], two[1]) and not torch.equal(one[2], two[2])  # other clips, other noise
+    assert torch.equal(one[1], again[1]) and torch.equal(one[2], again[2])
+    own = draws("--seed_everything=2", "--model.init_args.seed=1", "--data.init_args.seed=1")
+    assert own[0] == (1, 1) and torch.equal(own[1], one[1]) and torch.equal(own[2], one[2])  # an explicit seed wins
+
+
 # --------------------------------------------------------------------------------------------------
 # Resume parity: N + M steps in one run == N steps, save, resume, M steps
 # --------------------------------------------------------------------------------------------------

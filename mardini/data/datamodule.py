@@ -56,7 +56,8 @@ class VideoDataModule(L.LightningDataModule):
             loss is weighted to match). At least one clip per rank.
         num_workers: DataLoader worker processes per rank.
         shuffle_buffer: samples in the training shuffle buffer (0 = off).
-        seed: base seed of every random draw of the stream.
+        seed: base seed of every random draw of the stream. None: train.py's ``seed_everything`` (0 from Python, or
+            where ``seed_everything`` is false); a resume takes the checkpoint's.
         epoch_size: training clips per rank per epoch (the resampled stream is endless); batches per epoch are
             ``epoch_size`` over the largest per-rank batch, the same on every rank.
         crop: ``random`` (crop window and start frame drawn) or ``center`` for training; validation is
@@ -81,7 +82,7 @@ class VideoDataModule(L.LightningDataModule):
         batch_size: int = 8,
         num_workers: int = 2,
         shuffle_buffer: int = 256,
-        seed: int = 0,
+        seed: int | None = None,
         epoch_size: int = 10_000,
         crop: Literal["random", "center"] = "random",
         crop_scale: tuple[float, float] = (1.0, 1.0),
@@ -112,6 +113,7 @@ class VideoDataModule(L.LightningDataModule):
         for key, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"data.{key}={locals()[key]!r} is impossible: it must be {allowed}")
+        seed = 0 if seed is None else seed  # recorded as drawn with (save_hyperparameters reads the arguments now)
         self.save_hyperparameters(logger=False)  # the CLI writes config.yaml; avoids key clashes with the model (frames, seed)
         self.train_shards, self.val_shards = train_shards, val_shards
         self.frames, self.fps, self.resolution = frames, fps, resolution

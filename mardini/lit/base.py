@@ -56,7 +56,8 @@ class MarDiniBase(L.LightningModule):
             default, every shipped chain): the first update replaces the loaded EMA by the loaded raw weights, so
             each stage's EMA restarts there (its decay ramping up again with ``ema_warmup``).
         nonfinite: ``stop`` raises naming the step and batch; ``skip`` drops the step and counts it.
-        seed: base of every random draw (mask, t, noise, dropout) via (seed, rank, step).
+        seed: base of every random draw (mask, t, noise, dropout) via (seed, rank, step). None: train.py's
+            ``seed_everything`` (0 from Python, or where ``seed_everything`` is false).
         init_from: checkpoint of a previous stage of the same kind to start from (weights + EMA only).
         compile: ``torch.compile`` each network's forward in place (state-dict keys unchanged).
             Activation checkpointing is a network setting: ``planner: {checkpointing: true}`` (same for
@@ -86,11 +87,12 @@ class MarDiniBase(L.LightningModule):
         ema_warmup: bool = True,
         ema_keep_loaded: bool = False,
         nonfinite: Literal["stop", "skip"] = "stop",
-        seed: int = 0,
+        seed: int | None = None,
         init_from: str | None = None,
         compile: bool = False,
     ) -> None:
         super().__init__()
+        seed = 0 if seed is None else seed  # recorded as drawn with (save_hyperparameters reads the arguments now)
         self.save_hyperparameters(ignore=["autoencoder"])
         _check_settings(planner_resolution=planner_resolution, frames=frames, blr=blr, lr=lr,
                         warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, ema_decay=ema_decay,
