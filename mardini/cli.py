@@ -177,9 +177,9 @@ UNRESUMABLE_LOADER_WARNING = (r"You're resuming from a checkpoint that ended bef
 
 def take_seed_everything(config) -> None:
     """Give the model's and the datamodule's ``seed`` left unset (None) the run's ``seed_everything``, which
-    LightningCLI has resolved to an int by now (``true``: a random one, recorded in config.yaml); with ``false``,
-    0. An explicit seed is kept. (Under the CLI the hyper-parameters are the config's: None would be recorded and
-    drawn with.)"""
+    LightningCLI has resolved to an int by now (``true``: ``PL_GLOBAL_SEED``, else 0; config.yaml records it); with
+    ``false``, 0. An explicit seed is kept. (Under the CLI the hyper-parameters are the config's: None would be
+    recorded and drawn with.)"""
     everything = config.get("seed_everything")
     everything = everything if isinstance(everything, int) and not isinstance(everything, bool) else 0
     for key in ("model", "data"):
