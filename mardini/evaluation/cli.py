@@ -3,9 +3,12 @@
     python evaluate.py --preset vidim --data data/videos/davis --checkpoint runs/joint/last.ckpt
     python evaluate.py --preset synthetic --checkpoint outputs/tiny/05_joint_task/checkpoints/last.ckpt         # + trajectory error
     python evaluate.py --preset synthetic --metrics midf traj --num-clips 16          # baselines only, no weights
+    python evaluate.py --preset vidim --data DAVIS --export-inputs inputs/            # given frames for another method
+    python evaluate.py --preset vidim --data DAVIS --generated film=film_out/         # ... and score its outputs
 
-Every method (the baselines ``linear_blend`` and ``nearest_frame``, and ``mardini`` with ``--checkpoint``) sees the
-same clips, masks and seeds; real statistics are computed once (or read from ``--cache-dir``). Writes
+Every method (the baselines ``linear_blend`` and ``nearest_frame``, ``mardini`` with ``--checkpoint``, and each
+``--generated NAME=DIR``: an external method's windows, see ``external.py``) sees the same clips, masks and seeds;
+real statistics are computed once (or read from ``--cache-dir``). Writes
 ``OUT/report.md`` (a table per task) and ``OUT/report.json`` after each task (``"status": "partial"`` until the end),
 with a progress line per batch on stderr. FVD/FID need the metric weights: ``make weights``.
 """
@@ -28,6 +31,7 @@ import torch
 
 from mardini import run_info
 from mardini.evaluation.data import count_clips, iter_batches, resolve_source, usable_shard_clips, usable_videos
+from mardini.evaluation.external import ClipNames, GeneratedVideos, InputExport, shard_of_keys
 from mardini.evaluation.protocol import (
     METRICS, TASKS, EvalProtocol, EvalSuite, RealStatsCache, clip_seeds, files_id, keys_digest,
 )
@@ -67,8 +71,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fvd-pad-short", action="store_true",
                    help="FVD on windows under 9 frames: repeat the last frame up to I3D's 9 (the metric gets _pad)")
     p.add_argument("--methods", nargs="+", default=None,
-                   help=f"of {[*BASELINES, 'mardini']} (default: the baselines, + mardini with --checkpoint)")
+                   help=f"of {[*BASELINES, 'mardini']} and the --generated NAMEs (default: the baselines, + mardini "
+                        "with --checkpoint; every --generated method is scored)")
     p.add_argument("--checkpoint", default=None, help="a joint checkpoint: adds the 'mardini' method (EMA weights)")
+    p.add_argument("--generated", action="append", default=[], metavar="NAME=DIR",
+                   help="score an external method's windows as method NAME: DIR/<task>/<clip name>.mp4 or "
+                        "DIR/<task>/<clip name>/ frame images (names: --export-inputs); repeatable")
+    p.add_argument("--export-inputs", default=None, metavar="DIR",
+                   help="write each task's given frames (DIR/<task>/<clip name>/frame_XX.png) and DIR/<task>/"
+                        "clips.json for an external method, and score nothing")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps of the model")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default 1.0 interp., 2.5 I2V)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta of the model: 0 deterministic (paper), 1 ancestral")
@@ -87,21 +98,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--data is required (a folder of videos, shards, or 'synthetic'; or --preset synthetic)")
     if args.batch_size < 1 or (args.num_clips is not None and args.num_clips < 2):
         p.error("--batch-size must be >= 1 and --num-clips >= 2")
+    args.generated = parse_generated(p, args.generated)
+    if args.export_inputs is not None and (args.generated or args.checkpoint or args.methods):
+        p.error("--export-inputs writes the inputs and scores nothing: run it without --generated, --checkpoint "
+                "and --methods, then score with --generated NAME=DIR")
     if args.methods is None:
         args.methods = [*BASELINES] + (["mardini"] if args.checkpoint else [])
-    unknown = set(args.methods) - {*BASELINES, "mardini"}
+    unknown = set(args.methods) - {*BASELINES, "mardini", *args.generated}
     if unknown:
-        p.error(f"unknown methods {sorted(unknown)}; choose from {[*BASELINES, 'mardini']}")
+        p.error(f"unknown methods {sorted(unknown)}; choose from {[*BASELINES, 'mardini', *args.generated]}")
     if "mardini" in args.methods and not args.checkpoint:
         p.error("method 'mardini' needs --checkpoint PATH (a joint checkpoint written by train.py)")
+    args.methods = [m for m in args.methods if m not in args.generated]  # the built-in ones; every --generated runs
     return args
+
+
+def parse_generated(p: argparse.ArgumentParser, specs: list[str]) -> dict[str, str]:
+    """``{NAME: DIR}`` of the ``--generated NAME=DIR`` flags (``p.error`` on a malformed, taken or missing one)."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not folder:
+            p.error(f"--generated {spec!r}: write NAME=DIR, NAME of letters, digits, '_', '.', '-' "
+                    "(e.g. film=out/film)")
+        if name in (*BASELINES, "mardini") or name in out:
+            p.error(f"--generated {spec!r}: the method name {name!r} is taken; pick another NAME")
+        if not Path(folder).is_dir():
+            p.error(f"--generated {spec!r}: {folder} is not a folder (it holds <task>/<clip name>.mp4 or "
+                    "<task>/<clip name>/ frames)")
+        out[name] = folder
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
 # Running
 # ------------------------------------------------------------------------------------------------
-def choose_num_clips(args: argparse.Namespace, kind: str, files: list[str]) -> tuple[int, dict[str, str]]:
-    """``(N, {unusable video: reason})``: ``--num-clips``, or by default every usable clip (at most 256).
+def choose_num_clips(
+    args: argparse.Namespace, kind: str, files: list[str], keys: list[str] | None = None,
+) -> tuple[int, dict[str, str]]:
+    """``(N, {unusable video: reason})``: ``--num-clips``, or by default every usable clip (at most 256); the
+    usable clips' keys, in the order the tasks read them, are appended to ``keys`` (the first N are the protocol's).
 
     The clips are read once here (video files, or shard samples), so corrupt or too-short ones lower the default N
     before any task runs (every task and method is then scored on the same N clips); an explicit ``--num-clips``
@@ -113,9 +149,12 @@ def choose_num_clips(args: argparse.Namespace, kind: str, files: list[str]) -> t
         raise ValueError(f"--num-clips {n} but {args.data} holds {available} clips; lower --num-clips")
     skipped: dict[str, str] = {}
     if kind == "videos":
-        usable = len(usable_videos(files, args.frames, args.fps, args.resolution, n, skipped))
+        found = usable_videos(files, args.frames, args.fps, args.resolution, n, skipped)
+        usable = len(found)
+        if keys is not None:
+            keys += found
     else:
-        usable, bad = usable_shard_clips(files, args.frames, args.fps, args.resolution, n)
+        usable, bad = usable_shard_clips(files, args.frames, args.fps, args.resolution, n, keys)
         if bad:
             skipped[f"{bad} shard samples"] = ("do not decode or are too short for the window (the first few "
                                                "reasons are logged above)")
@@ -143,6 +182,8 @@ def build_samplers(args: argparse.Namespace) -> dict[str, Sampler]:
             raise ValueError(f"--frames {args.frames} is more than the {pipe.window} frames {args.checkpoint} was "
                              f"trained on; evaluate it with --frames {pipe.window} (its trained window)")
         out["mardini"] = pipe  # wrapped per task (guidance differs)
+    for name, folder in args.generated.items():
+        out[name] = GeneratedVideos(name, folder, args.frames, args.resolution)
     return out
 
 
@@ -177,7 +218,9 @@ def run_task(
     if "mardini" in run:  # what the model runs with (1.0 where a plan-free checkpoint cannot be guided)
         proto.guidance_scale = run["mardini"].guidance_scale
     skipped: dict[str, str] = {}
-    seen, keys, rates, timing, began = 0, [], [], {m: 0.0 for m in run}, time.perf_counter()
+    timed = [m for m, s in run.items() if not isinstance(s, GeneratedVideos)]  # an external method ran elsewhere
+    seen, keys, rates, timing, began = 0, [], [], {m: 0.0 for m in timed}, time.perf_counter()
+    names = ClipNames(kind, args.data)  # what --export-inputs called the clips (same clips, same order)
     clip_list: list[dict[str, Any]] = []  # what each clip is: key, source frames, rate
     for b, batch in enumerate(iter_batches(kind, files, args.frames, args.fps, args.resolution, n, args.batch_size,
                                            skipped)):
@@ -186,12 +229,17 @@ def run_task(
         positions = None if positions is None else positions.to(device)  # (B, T, K, 2)
         mask = proto.mask(real.shape[0], real.device)  # (B, T)
         seed = clip_seeds(args.seed, seen, real.shape[0])  # one per clip, by its index: any --batch-size
+        clip_names = [names(k) for k in batch["key"]]
         for m, sampler in run.items():
             start = time.perf_counter()
-            fake = sampler(real, mask, seed)  # (B, T, 3, R, R)
+            if isinstance(sampler, GeneratedVideos):
+                fake = sampler(task, clip_names, real, mask)  # (B, T, 3, R, R): read, real given frames
+            else:
+                fake = sampler(real, mask, seed)  # (B, T, 3, R, R)
             check_finite(fake, m, list(batch["key"]))
             fake = fake.clamp(-1, 1)
-            timing[m] += time.perf_counter() - start
+            if m in timing:
+                timing[m] += time.perf_counter() - start
             suites[m].update(real, fake, mask, positions)
         seen += real.shape[0]
         keys += list(batch["key"])
@@ -385,7 +433,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"## {task}", "", "| method | " + " | ".join(head) + " | s/clip |",
                   "|---" * (len(names) + 2) + "|"]
         for method, r in res["results"].items():
-            row = [_fmt(r.get(n)) for n in names] + [f"{res['seconds_per_clip'][method]:.3f}"]
+            per_clip = res["seconds_per_clip"].get(method)  # none for an external method (--generated)
+            row = [_fmt(r.get(n)) for n in names] + ["–" if per_clip is None else f"{per_clip:.3f}"]
             lines.append(f"| {method} | " + " | ".join(row) + " |")
         for metric, why in res["skipped_metrics"].items():
             lines.append(f"\n- `{metric}` left out: {why.splitlines()[0]}")
@@ -393,6 +442,10 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{res['protocol']['steps']} DDIM steps, eta {res['protocol'].get('eta', 0.0)} (model only).\n")
     lines.append("Metrics: FVD/FID lower is better; MidF = frame T//2; traj = colour-centroid position error of "
                  "the synthetic objects in generated frames (pixels, fraction of the frame; detected = share found).")
+    if report.get("generated"):
+        lines.append("External methods (" + ", ".join(f"{m}: `{d}`" for m, d in report["generated"].items())
+                     + ") are scored on their frames read from those folders, the given frames being the real ones; "
+                     "their s/clip is not measured here.")
     return "\n".join(lines) + "\n"
 
 
@@ -410,15 +463,51 @@ def main(argv: list[str] | None = None) -> int:
     return run_reporting_user_errors("evaluate.py", lambda: _main(argv))
 
 
+def export_inputs(args: argparse.Namespace, kind: str, files: list[str], n: int, skipped: dict[str, str],
+                  argv: list[str] | None) -> list[Path]:
+    """``--export-inputs DIR``: each task's given frames of the N clips and its ``clips.json`` (one read of the
+    clips for every task); returns the clips.json paths."""
+    settings = {"resolution": args.resolution, "fps_asked": args.fps, "num_clips": n, "data": args.data,
+                "data_path": data_path(args.data), "source_kind": kind, "skipped_videos": skipped,
+                "command": run_info.command_line(["python", "evaluate.py"], argv)}
+    names = ClipNames(kind, args.data)
+    sources = None if kind == "videos" else shard_of_keys(files)
+    masks = {task: EvalProtocol(task=task, frames=args.frames, resolution=args.resolution, num_clips=n,
+                                metrics=("midf",)).mask(1)[0] for task in args.tasks}  # (T,) each: the scored masks
+    exports = [InputExport(args.export_inputs, task, masks[task], settings, sources) for task in args.tasks]
+    seen, began = 0, time.perf_counter()
+    for batch in iter_batches(kind, files, args.frames, args.fps, args.resolution, n, args.batch_size):
+        clip_names = [names(k) for k in batch["key"]]  # (once per clip: shared by the tasks)
+        for export in exports:
+            export.add(batch, clip_names)
+        seen += len(batch["key"])
+        print(progress_line("export", seen, n, time.perf_counter() - began), file=sys.stderr, flush=True)
+    if seen < n:  # the data changed since choose_num_clips read it
+        raise ValueError(f"the data gave {seen} usable clips, {n} before; run again once it is written")
+    return [export.finish() for export in exports]
+
+
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     kind, files = resolve_source(args.data)
-    n, skipped = choose_num_clips(args, kind, files)
+    keys: list[str] = []
+    n, skipped = choose_num_clips(args, kind, files, keys)
+    if args.export_inputs is not None:
+        written = export_inputs(args, kind, files, n, skipped, argv)
+        print(f"wrote the given frames of {n} clips and {', '.join(str(p) for p in written)}; run the method on "
+              f"them, writing each window of {args.frames} frames to OUT/<task>/<name>.mp4 (or OUT/<task>/<name>/ "
+              "frame images), then score it with the same flags and --generated NAME=OUT")
+        return 0
     samplers = build_samplers(args)
+    namer = ClipNames(kind, args.data)
+    clip_names = [namer(k) for k in keys[:n]]  # the N clips, named as --export-inputs names them
+    for method in args.generated:  # every output there before any sampling
+        for task in args.tasks:
+            samplers[method].check_present(task, clip_names)
     report: dict[str, Any] = {
         "data": args.data, "data_path": data_path(args.data), "source": kind, "clips": n, "skipped_videos": skipped, "frames": args.frames,
         "resolution": args.resolution, "fps": args.fps, "seed": args.seed, "methods": list(samplers),
-        "checkpoint": args.checkpoint,
+        "checkpoint": args.checkpoint, "generated": {m: str(Path(d).resolve()) for m, d in args.generated.items()},
         "command": run_info.command_line(["python", "evaluate.py"], argv),
         "torch": torch.__version__, "python": platform.python_version(), "status": "partial",
         "tasks_asked": list(args.tasks), "tasks": {},

@@ -121,9 +121,12 @@ def usable_videos(
     return usable
 
 
-def usable_shard_clips(files: list[str], frames: int, fps: float | None, resolution: int, limit: int) -> tuple[int, int]:
+def usable_shard_clips(
+    files: list[str], frames: int, fps: float | None, resolution: int, limit: int, keys: list[str] | None = None,
+) -> tuple[int, int]:
     """``(usable clips, bad samples skipped)`` of the first ``limit`` clips the shards give, each decoded as
-    :func:`iter_batches` will (the reasons of the first few bad ones are logged as warnings)."""
+    :func:`iter_batches` will (the reasons of the first few bad ones are logged as warnings); their keys are
+    appended to ``keys``, in :func:`iter_batches`' order."""
     stream = ClipStream(files, frames=frames, fps=fps, resolution=resolution, batch_size=32, train=False,
                         max_clips=limit)
     usable = bad = 0
@@ -131,6 +134,8 @@ def usable_shard_clips(files: list[str], frames: int, fps: float | None, resolut
         bad += int(batch.get("skipped", 0))
         if not skip_only(batch):
             usable += batch["video"].shape[0]  # (B, T, 3, R, R)
+            if keys is not None:
+                keys += batch["key"]
     return usable, bad
 
 

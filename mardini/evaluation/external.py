@@ -1,0 +1,239 @@
+"""External methods (FILM, LDMVFI, VIDIM, other I2V models) on the protocol's clips: their inputs out, their
+outputs in.
+
+``evaluate.py --export-inputs DIR`` writes, per task, the given frames of each clip's window at the protocol
+resolution, ``DIR/<task>/<name>/frame_XX.png`` (XX: the frame's index in the window), and ``DIR/<task>/clips.json``
+(the window, which frames are given and which to generate, and per clip its key, name, source and source frames).
+A method writes its window of T frames per clip to ``OUT/<task>/<name>.mp4`` (any video PyAV reads, under any
+extension of :data:`VIDEO_EXTENSIONS`) or ``OUT/<task>/<name>/`` (frame images, in name order), and
+``evaluate.py --generated METHOD=OUT`` scores it next to the baselines: :class:`GeneratedVideos` reads each window,
+brings it to the protocol resolution with the real clips' centre crop and resize (``crop_and_resize``) and puts the
+real given frames back, as the built-in samplers return them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import torch
+
+from mardini.data.decode import MAX_FRAME_PIXELS
+from mardini.data.transforms import crop_and_resize
+from mardini.data.video_shards import VIDEO_EXTENSIONS
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+SHOWN = 3  # paths named in an error about missing outputs
+
+
+class ClipNames:
+    """Unique, file-safe names of clip keys, given in the protocol's clip order (the same names on every run over
+    the same clips): a shard key as it is (characters other than letters, digits, ``._-`` as ``_``), a video file's
+    path under ``--data`` without its extension (``sub/a.mp4`` -> ``sub_a``); a name taken before gets ``-2``,
+    ``-3`` ..."""
+
+    def __init__(self, kind: str, data: str) -> None:
+        self.kind, self.data = kind, data
+        self.taken: set[str] = set()
+
+    def __call__(self, key: str) -> str:
+        text = os.path.splitext(os.path.relpath(key, self.data))[0] if self.kind == "videos" else key
+        base = re.sub(r"[^A-Za-z0-9._-]+", "_", text.replace(os.sep, "/")).lstrip(".") or "clip"
+        name, k = base, 1
+        while name in self.taken:
+            k += 1
+            name = f"{base}-{k}"
+        self.taken.add(name)
+        return name
+
+
+def frame_file(index: int, frames: int) -> str:
+    """``frame_XX.png`` of window frame ``index`` (zero-padded to the window's digits, at least 2: name order)."""
+    return f"frame_{index:0{max(2, len(str(frames - 1)))}d}.png"
+
+
+def to_uint8(video: torch.Tensor) -> np.ndarray:
+    """``(T, 3, H, W)`` in [-1, 1] -> uint8 ``(T, H, W, 3)`` (rounded: exact on frames read from uint8 pixels at
+    their own size)."""
+    x = ((video.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # (T, 3, H, W)
+    return x.permute(0, 2, 3, 1).numpy()  # (T, H, W, 3)
+
+
+def shard_of_keys(files: list[str]) -> dict[str, str]:
+    """``{sample key: shard}`` from the shards' tar headers (no data read); keys split as WebDataset does (up to the
+    first dot of the member's file name)."""
+    import tarfile
+
+    out: dict[str, str] = {}
+    for shard in files:
+        try:
+            with tarfile.open(shard) as tar:
+                for member in tar:
+                    match = re.match(r"^((?:.*/|)[^./]+)\.json$", member.name)
+                    if match:
+                        out.setdefault(match[1], shard)
+        except (OSError, tarfile.TarError):
+            continue  # read as far as it goes; the clips of it that decoded are listed with the shard unknown
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# --export-inputs
+# ------------------------------------------------------------------------------------------------
+class InputExport:
+    """Writes one task's inputs under ``root/<task>/``: :meth:`add` per batch, :meth:`finish` writes clips.json.
+
+    ``mask (T,)`` bool, True = generate; ``settings`` go into clips.json; ``sources``: ``{shard key: shard}``, or
+    None for a folder of videos (the key is the file)."""
+
+    def __init__(self, root: str | os.PathLike, task: str, mask: torch.Tensor, settings: dict[str, Any],
+                 sources: dict[str, str] | None = None) -> None:
+        self.dir = Path(root) / task
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.task, self.sources = task, sources
+        self.frames = int(mask.shape[0])
+        self.given = [i for i in range(self.frames) if not mask[i]]  # window indices of the given frames
+        self.info = {"task": task, "frames": self.frames, "given": self.given,
+                     "generate": [i for i in range(self.frames) if mask[i]], **settings, "clips": []}
+
+    def add(self, batch: dict[str, Any], names: list[str]) -> None:
+        """Write the given frames of a batch's clips (``video (B, T, 3, R, R)``, named ``names``) and list them."""
+        from PIL import Image
+
+        metas = batch.get("meta") or [{}] * len(batch["key"])
+        for video, key, name, meta, rate in zip(batch["video"], batch["key"], names, metas, batch["fps"], strict=True):
+            folder = self.dir / name
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = to_uint8(video)  # (T, R, R, 3)
+            inputs = []
+            for i in self.given:
+                Image.fromarray(pixels[i]).save(folder / frame_file(i, self.frames))
+                inputs.append(f"{name}/{frame_file(i, self.frames)}")
+            clip = {"key": key, "name": name, "inputs": inputs, "output": f"{name}.mp4 or {name}/",
+                    "frame_indices": meta.get("frame_indices"), "fps": round(float(rate), 3)}
+            if self.sources is None:
+                clip["source"] = key  # the video file
+            else:
+                clip["shard"] = self.sources.get(key)
+                if "source" in meta:
+                    clip["source"] = meta["source"]  # the video the shard sample was cut from
+                if meta.get("crop"):
+                    clip["crop"] = meta["crop"]  # [top, left, height, width] of the centre crop
+            self.info["clips"].append(clip)
+
+    def finish(self) -> Path:
+        """Write ``clips.json`` (atomically) and return its path."""
+        path = self.dir / "clips.json"
+        tmp = path.with_name(".clips.json.tmp")
+        tmp.write_text(json.dumps(self.info, indent=2) + "\n")
+        os.replace(tmp, path)
+        return path
+
+
+# ------------------------------------------------------------------------------------------------
+# --generated
+# ------------------------------------------------------------------------------------------------
+class GeneratedVideos:
+    """An external method's windows under ``root/<task>/`` as a method of the protocol.
+
+    Args:
+        method: its name in the report.
+        root: the folder it wrote (``root/<task>/<name>.mp4`` or ``root/<task>/<name>/`` frame images).
+        frames, resolution: the protocol's window T and square side R.
+    Calling it with the task, the batch's clip names, the real clips ``(B, T, 3, R, R)`` and ``mask (B, T)``
+    returns ``(B, T, 3, R, R)`` in [-1, 1]: its frames where the mask generates, the real ones where it gives.
+    """
+
+    def __init__(self, method: str, root: str | os.PathLike, frames: int, resolution: int) -> None:
+        self.method, self.root, self.frames, self.resolution = method, Path(root), frames, resolution
+
+    def find(self, task: str, name: str) -> Path | None:
+        """The clip's video file or frame folder; None when there is neither. Two of them is an error."""
+        folder = self.root / task
+        found = [folder / f"{name}{ext}" for ext in VIDEO_EXTENSIONS if (folder / f"{name}{ext}").is_file()]
+        found += [folder / name] if (folder / name).is_dir() else []
+        if len(found) > 1:
+            raise ValueError(f"--generated {self.method}: {len(found)} outputs of clip {name!r} "
+                             f"({', '.join(str(p) for p in found)}); keep one")
+        return found[0] if found else None
+
+    def check_present(self, task: str, names: list[str]) -> None:
+        """Refuse, before any scoring, a task whose outputs are not all there, naming how many and the first few."""
+        if not (self.root / task).is_dir():
+            raise FileNotFoundError(f"--generated {self.method}: {self.root / task} does not exist: write the "
+                                    f"{task} windows there (<clip name>.mp4 or <clip name>/ frames), or leave the "
+                                    f"task out (--tasks)")
+        missing = [n for n in names if self.find(task, n) is None]
+        if missing:
+            shown = ", ".join(str(self.root / task / f"{n}.mp4") for n in missing[:SHOWN])
+            more = f" and {len(missing) - SHOWN} more" if len(missing) > SHOWN else ""
+            raise FileNotFoundError(
+                f"--generated {self.method}: {len(missing)} of {len(names)} {task} clips have no output: expected "
+                f"{shown}{more} (or a folder of frame images without .mp4); the names are those of "
+                f"--export-inputs (its {task}/clips.json)")
+
+    def read(self, task: str, name: str) -> torch.Tensor:
+        """One clip's window ``(T, 3, R, R)`` in [-1, 1], centre-cropped and resized as the real clips are."""
+        path = self.find(task, name)
+        if path is None:
+            raise FileNotFoundError(f"--generated {self.method}: {self.root / task / name}.mp4 does not exist "
+                                    "(nor a folder of frame images of that name)")
+        count, arr = self._frames(path) if path.is_dir() else self._decode(path)  # arr: (T, H, W, 3) uint8
+        if arr is None:
+            raise ValueError(f"--generated {self.method}: {path} has {count} frames, the window is {self.frames} "
+                             f"(--frames): write every frame of the window, the given ones included")
+        video, _ = crop_and_resize(arr, self.resolution, "center")  # (T, 3, R, R), as the real clips
+        return video
+
+    def _decode(self, path: Path) -> tuple[int, np.ndarray | None]:
+        """``(frames in the file, its frames uint8 (T, H, W, 3) or None when they are not T)``; frames past T are
+        counted, not kept."""
+        out: list[np.ndarray] = []
+        count = 0
+        try:
+            with av.open(str(path)) as container:
+                if not container.streams.video:
+                    raise ValueError("no video stream")
+                for frame in container.decode(video=0):
+                    count += 1
+                    if count <= self.frames:
+                        if frame.width * frame.height > MAX_FRAME_PIXELS:
+                            raise ValueError(f"frames of {frame.width}x{frame.height} exceed {MAX_FRAME_PIXELS} pixels")
+                        out.append(frame.to_ndarray(format="rgb24"))  # (H, W, 3)
+        except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as err:
+            raise ValueError(f"--generated {self.method}: {path} does not read as a video ({err}); write it with "
+                             "ffmpeg/PyAV, or as a folder of frame images") from None
+        if count != self.frames:
+            return count, None
+        if len({f.shape for f in out}) > 1:
+            raise ValueError(f"--generated {self.method}: {path} changes frame size mid-stream")
+        return count, np.stack(out)  # (T, H, W, 3)
+
+    def _frames(self, folder: Path) -> tuple[int, np.ndarray | None]:
+        """``(images in the folder, them in name order uint8 (T, H, W, 3) or None when they are not T)``; files of
+        other extensions are ignored."""
+        from PIL import Image, UnidentifiedImageError
+
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if len(files) != self.frames:
+            return len(files), None
+        out = []
+        for p in files:
+            try:
+                with Image.open(p) as image:
+                    out.append(np.asarray(image.convert("RGB")))  # (H, W, 3) uint8
+            except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+                raise ValueError(f"--generated {self.method}: {p} does not read as an image ({err})") from None
+        if len({f.shape for f in out}) > 1:
+            raise ValueError(f"--generated {self.method}: the frames in {folder} differ in size "
+                             f"({sorted({f.shape[:2] for f in out})}); write them all at one size")
+        return len(files), np.stack(out)  # (T, H, W, 3)
+
+    def __call__(self, task: str, names: list[str], real: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        fake = torch.stack([self.read(task, n) for n in names]).to(real.device, real.dtype)  # (B, T, 3, R, R)
+        return torch.where(mask[..., None, None, None], fake, real)  # the given frames are the real ones
