@@ -88,12 +88,18 @@ def test_an_explicit_ckpt_path_of_another_stage_is_refused_not_trained_as_its_mo
     assert not list(tmp_path.rglob("*.ckpt"))  # nothing trained, nothing saved as stage 05
 
 
-def test_a_resume_does_not_need_the_stage_s_starting_checkpoint(workdir, monkeypatch, tmp_path):
+def _starting_checkpoint(workdir: Path, monkeypatch, tmp_path: Path) -> Path:
+    """A copy of stage 1's checkpoint (trained for a step when there is none) as ``tmp_path/start.ckpt``."""
     start = tmp_path / "start.ckpt"
     first = workdir / "outputs" / "tiny" / STAGES[0] / "checkpoints" / "last.ckpt"
     if not first.exists():
         _fit(workdir, monkeypatch, *_stage(STAGES[0], 1))
     start.write_bytes(first.read_bytes())
+    return start
+
+
+def test_a_resume_does_not_need_the_stage_s_starting_checkpoint(workdir, monkeypatch, tmp_path):
+    start = _starting_checkpoint(workdir, monkeypatch, tmp_path)
     save = ["--trainer.logger.init_args.save_dir=outputs/resume_init", f"--model.init_args.init_from={start}"]
     assert _fit(workdir, monkeypatch, *_stage(STAGES[1], 2, *save)).trainer.global_step == 2
     start.unlink()  # e.g. the earlier stage's folder cleaned up while this one was preempted
@@ -109,11 +115,7 @@ def test_a_resume_does_not_need_the_stage_s_starting_checkpoint(workdir, monkeyp
 
 def test_a_resume_from_an_explicit_file_neither_needs_the_starting_checkpoint_nor_drops_model_options(
         workdir, monkeypatch, tmp_path):
-    start = tmp_path / "start.ckpt"
-    first = workdir / "outputs" / "tiny" / STAGES[0] / "checkpoints" / "last.ckpt"
-    if not first.exists():
-        _fit(workdir, monkeypatch, *_stage(STAGES[0], 1))
-    start.write_bytes(first.read_bytes())
+    start = _starting_checkpoint(workdir, monkeypatch, tmp_path)
     save = ["--trainer.logger.init_args.save_dir=outputs/resume_file", f"--model.init_args.init_from={start}"]
     _fit(workdir, monkeypatch, *_stage(STAGES[1], 2, *save))
     kept = tmp_path / "kept.ckpt"  # e.g. a copy of the run's checkpoint, given by its path
