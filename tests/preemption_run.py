@@ -1,7 +1,7 @@
 """Child script of tests/test_preemption.py: one SLURM task of a tiny fit (the test sets the SLURM variables as srun
 would), which sends itself the requeue signal (SIGUSR1) on one rank at one step.
 
-    python preemption_run.py DATA_ROOT OUT_DIR WORLD SIGNAL_RANK deferred|lightning
+    python preemption_run.py DATA_ROOT OUT_DIR WORLD SIGNAL_RANK deferred|lightning [step|accumulate|validation]
 """
 
 import os
@@ -15,26 +15,41 @@ from mardini.data.datamodule import VideoDataModule
 from mardini.lit import GenerationModule
 from mardini.lit.preemption import PreemptionSave
 
-SIGNAL_AT = 2  # the training step whose start the signal arrives at
+SIGNAL_AT = 2  # the optimiser step during which the signal arrives
 
 
 class SignalOneRank(L.Callback):
-    def __init__(self, rank: int) -> None:
-        self.rank = rank
+    """Sends the signal to this process on one rank: at the start of step SIGNAL_AT (``step``), at its first
+    micro-batch of an accumulation window of 2 (``accumulate``), or in the validation after step 2 (``validation``)."""
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_rank == self.rank and trainer.global_step == SIGNAL_AT:
+    def __init__(self, rank: int, scenario: str) -> None:
+        self.rank, self.scenario, self.sent = rank, scenario, False
+
+    def _send(self, trainer) -> None:
+        if trainer.global_rank == self.rank and not self.sent:
+            self.sent = True
             os.kill(os.getpid(), signal.SIGUSR1)
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.scenario in ("step", "accumulate") and trainer.global_step == SIGNAL_AT:
+            self._send(trainer)
 
-def main(root: str, out: str, world: str, signal_rank: str, mode: str) -> None:
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if self.scenario == "validation" and not trainer.sanity_checking:
+            self._send(trainer)
+
+
+def main(root: str, out: str, world: str, signal_rank: str, mode: str, scenario: str = "step") -> None:
     torch.set_num_threads(1)
     world = int(world)
-    dm = VideoDataModule(train_shards=f"{root}/train", val_shards=None, frames=4, fps=8, resolution=16, batch_size=4,
-                         num_workers=0, shuffle_buffer=4, epoch_size=8)
+    dm = VideoDataModule(train_shards=f"{root}/train", val_shards=f"{root}/val" if scenario == "validation" else None,
+                         frames=4, fps=8, resolution=16, batch_size=4, num_workers=0, shuffle_buffer=4, epoch_size=8,
+                         val_clips=4)
     model = GenerationModule(size="tiny", generator={"depth": 1}, planner_resolution=8, lr=1e-3)
-    callbacks = [SignalOneRank(int(signal_rank))] + ([PreemptionSave()] if mode == "deferred" else [])
+    callbacks = [SignalOneRank(int(signal_rank), scenario)] + ([PreemptionSave()] if mode == "deferred" else [])
     trainer = L.Trainer(accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto", max_steps=5,
+                        accumulate_grad_batches=2 if scenario == "accumulate" else 1,
+                        val_check_interval=2 if scenario == "validation" else None, num_sanity_val_steps=0,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=callbacks, default_root_dir=out)
     trainer.fit(model, datamodule=dm)

@@ -34,7 +34,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _fit(data: Path, tmp: Path, world: int, signal_rank: int, mode: str, timeout: float = 240) -> list[str]:
+def _fit(data: Path, tmp: Path, world: int, signal_rank: int, mode: str, timeout: float = 240,
+         scenario: str = "step") -> list[str]:
     """Run the fit as ``world`` SLURM tasks; returns each task's stdout."""
     bin_dir = tmp / "bin"
     bin_dir.mkdir(exist_ok=True)
@@ -50,7 +51,7 @@ def _fit(data: Path, tmp: Path, world: int, signal_rank: int, mode: str, timeout
                    SLURM_NODEID="0", SLURM_JOB_ID=JOB, SLURM_JOB_NAME="mardini", SLURM_NODELIST="127.0.0.1",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         procs.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "preemption_run.py"), str(data),
-                                       str(tmp / "out"), str(world), str(signal_rank), mode],
+                                       str(tmp / "out"), str(world), str(signal_rank), mode, scenario],
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp))
     outs = []
     try:
@@ -84,3 +85,14 @@ def test_a_signal_on_one_rank_saves_on_every_rank_at_the_same_step(data, tmp_pat
     assert [o.strip().splitlines()[-1] for o in outs] == [f"FINISHED rank={r} global_step=5" for r in range(2)]
     assert _saved_step(tmp_path) == 3
     assert (tmp_path / "requeued").read_text().split() == ["requeue", JOB]  # rank 0 requeues, though rank 1 got it
+
+
+def test_the_signal_inside_an_accumulation_window_saves_at_the_window_s_end(data, tmp_path):
+    _fit(data, tmp_path, 1, 0, "deferred", scenario="accumulate")
+    assert _saved_step(tmp_path) == 3  # after step 2's two micro-batches, not between them (step 2 of 2 half done)
+
+
+def test_a_signal_during_validation_saves_at_the_validation_s_end(data, tmp_path):
+    _fit(data, tmp_path, 1, 0, "deferred", scenario="validation")
+    assert _saved_step(tmp_path) == 2  # the validation after step 2, not the next training step
+    assert (tmp_path / "requeued").read_text().split() == ["requeue", JOB]

@@ -7,9 +7,11 @@ wrong collectives: a hang, or a checkpoint of mixed steps. Signals reach the ran
 can also get it alone (``scancel --signal USR1`` of one task).
 
 :class:`PreemptionSave` keeps Lightning's handler but defers it: the signal handler only records the signal, and at
-the end of every training batch the ranks reduce the record (one small all-reduce, only under SLURM auto-requeue).
-When any rank got the signal, all of them run Lightning's handler there together: it saves the checkpoint into the
-stage's folder and rank 0 requeues the job (``scontrol requeue``), which resumes from it (``mardini.cli``).
+the end of every optimiser step (the last batch of a gradient-accumulation window) and of every validation the ranks
+reduce the record (one small all-reduce, only under SLURM auto-requeue). When any rank got the signal, all of them
+run Lightning's handler there together: it saves the checkpoint into the stage's folder and rank 0 requeues the job
+(``scontrol requeue``), which resumes from it (``mardini.cli``). SLURM's warning time (``--signal=SIGUSR1@T``) must
+cover a training step plus, where the signal can come during one, a validation.
 """
 
 from __future__ import annotations
@@ -51,6 +53,17 @@ class PreemptionSave(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # inside a gradient-accumulation window: a save here would lose its accumulated gradients
+        self._act_if_signalled(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # a validation (evaluation callbacks sampling many clips) can outlast SLURM's warning time: act at its end too
+        if not trainer.sanity_checking:
+            self._act_if_signalled(trainer)
+
+    def _act_if_signalled(self, trainer: L.Trainer) -> None:
+        """Where every rank calls it: when any rank got the signal, every rank saves and rank 0 requeues."""
         if self._handler is None:
             return
         if trainer.strategy.reduce_boolean_decision(self._received is not None, all=False):  # any rank
