@@ -168,3 +168,22 @@ def test_curriculum_keeps_a_mask_sampler_subclass_and_its_fields():
     Curriculum([Milestone(0, keep_ratio=(0.2, 0.4), templates={"expansion": 1.0})]).apply(module, 0)
     assert type(module.mask_sampler) is LastFrameSampler and module.mask_sampler.given_last is False
     assert module.mask_sampler.keep_ratio == (0.2, 0.4) and module.mask_sampler.template_probs == {"expansion": 1.0}
+
+
+def test_weight_decay_groups_see_through_activation_checkpoint_wrappers():
+    """FSDPStrategy's activation_checkpointing_policy wraps blocks, which renames their parameters: the matrices
+    keep their weight decay."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    from mardini.lit import MarDiniModule
+    from mardini.models.generator import GeneratorBlock
+
+    module = MarDiniModule(size="tiny")
+    decay, no_decay = module.weight_decay_groups()
+    assert decay and all(p.ndim >= 2 for p in decay) and all(p.ndim < 2 for p in no_decay)
+    apply_activation_checkpointing(module.networks, check_fn=lambda m: isinstance(m, GeneratorBlock))
+    assert any("_checkpoint_wrapped_module" in n for n, _ in module.networks.named_parameters())
+    assert [len(g) for g in module.weight_decay_groups()] == [len(decay), len(no_decay)]
+    module.networks["generator"].extra = torch.nn.Linear(2, 2)  # a parameter added after construction
+    with pytest.raises(RuntimeError, match="was not in the networks when the module was built"):
+        module.weight_decay_groups()

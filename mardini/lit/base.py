@@ -22,7 +22,7 @@ from torch import nn
 from mardini.autoencoders import FrameAutoencoder, SpaceToDepthAutoencoder
 from mardini.diffusion.anchor import FrameAnchor
 from mardini.lit.batch_weight import loss_scale, step_batches
-from mardini.lit.fsdp import WRAPPED_PREFIX, fsdp_root, lerp_local_, local_tensors, paired, root_unsharded
+from mardini.lit.fsdp import fsdp_root, lerp_local_, local_tensors, paired, root_unsharded, unwrapped_name
 from mardini.lit.schedules import scaled_lr, warmup_cosine
 from mardini.masking import TEMPLATES, MaskSampler
 
@@ -105,9 +105,9 @@ class MarDiniBase(L.LightningModule):
             raise ValueError(f"model.keep_ratio / model.templates: {e}") from None
         self.frames = frames
         self.networks = nn.ModuleDict(self.build_networks())
-        # weight decay applies to matrices (ndim >= 2), decided here by name: under FSDP every parameter the optimiser
-        # sees is a 1-D view of its shard
-        self._decayed_names = frozenset(n for n, p in self.networks.named_parameters() if p.ndim >= 2)
+        # weight decay applies to matrices (ndim >= 2), decided by these shapes: under FSDP every parameter the
+        # optimiser sees is a 1-D view of its shard
+        self._param_ndim = {n: p.ndim for n, p in self.networks.named_parameters()}
         self.ema = ModelEmaV3(self.networks, decay=ema_decay, use_warmup=ema_warmup)
         self.ema.requires_grad_(False)
         self.nonfinite_skipped = 0
@@ -321,12 +321,18 @@ class MarDiniBase(L.LightningModule):
 
     def weight_decay_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """The trainable parameters with weight decay (the networks' matrices) and without (biases, norms, tokens),
-        by the names recorded at construction: FSDP's wrappers add ``_fsdp_wrapped_module.`` to the names and flatten
-        each parameter to a 1-D shard view, so its ``ndim`` no longer tells."""
+        by the shapes recorded at construction: FSDP flattens each parameter to a 1-D shard view, so its ``ndim`` no
+        longer tells, and wrappers (FSDP units, activation checkpointing, compile) add to the names."""
         decay, no_decay = [], []
         for name, p in self.networks.named_parameters():
-            if p.requires_grad:
-                (decay if name.replace(WRAPPED_PREFIX, "") in self._decayed_names else no_decay).append(p)
+            if not p.requires_grad:
+                continue
+            ndim = self._param_ndim.get(unwrapped_name(name))
+            if ndim is None:
+                raise RuntimeError(f"parameter {name!r} was not in the networks when the module was built (a wrapper "
+                                   "whose name prefix mardini.lit.fsdp.WRAPPED_PREFIXES does not know?), so its weight "
+                                   "decay cannot be decided; add the prefix there")
+            (decay if ndim >= 2 else no_decay).append(p)
         return decay, no_decay
 
     def configure_optimizers(self):

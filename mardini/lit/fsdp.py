@@ -17,7 +17,16 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-WRAPPED_PREFIX = "_fsdp_wrapped_module."  # what each FSDP unit adds to the names of the parameters inside it
+# what wrappers add to the names of the parameters inside them: an FSDP unit, activation checkpointing applied by
+# a strategy (FSDPStrategy's activation_checkpointing_policy), torch.compile
+WRAPPED_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's name as in the unwrapped module (:data:`WRAPPED_PREFIXES` removed)."""
+    for prefix in WRAPPED_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
 WRAP_FIX = (
     "under FSDP the EMA pairs each network's tensors with its EMA copy's on the local shards, which needs the live "
     "and EMA networks wrapped alike: use an auto_wrap_policy by module class (configs/paper/fsdp.yaml's "
