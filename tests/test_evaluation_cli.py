@@ -110,8 +110,24 @@ def test_a_window_longer_than_the_checkpoint_trained_on_names_the_frames_to_use(
                      "--num-clips", "2", "--metrics", "midf", "--checkpoint", str(ckpt), "--steps", "1",
                      "--cache-dir", "", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
-    assert "--frames 12 is more than the 9 frames" in err and "evaluate it with --frames 9" in err
+    assert "--frames 12 is more than the 9-frame window" in err and "evaluate it with --frames 9" in err
     assert "sample.py" not in err  # sample.py's remedy (long_video, slow_motion) is not one here
+
+
+def test_window_gives_the_trained_window_of_a_checkpoint_that_records_none(shards, tmp_path, capsys):
+    import torch
+
+    from mardini.testing import make_checkpoint
+
+    ckpt = torch.load(make_checkpoint(tmp_path / "joint.ckpt", "joint", frames=9, size=16), weights_only=True)
+    ckpt["hyper_parameters"]["frames"] = None  # a module built without frames, fitted on a dataloader
+    bare = tmp_path / "no_window.ckpt"
+    torch.save(ckpt, bare)
+    run = ["--data", str(shards), "--tasks", "interpolation", "--frames", "9", "--resolution", "16", "--num-clips", "2",
+           "--metrics", "midf", "--checkpoint", str(bare), "--steps", "1", "--cache-dir", "", "--out", str(tmp_path / "r")]
+    assert cli.main(run) == 2  # the size's guess (tiny: 4 frames) is too short for the protocol
+    assert "its size's guess, which --window T replaces" in capsys.readouterr().err
+    assert cli.main([*run, "--window", "9"]) == 0
 
 
 def test_each_clip_has_its_own_seed_whatever_the_batch_size(shards, tmp_path):

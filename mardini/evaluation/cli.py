@@ -80,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--export-inputs", default=None, metavar="DIR",
                    help="write each task's given frames (DIR/<task>/<clip name>/frame_XX.png) and DIR/<task>/"
                         "clips.json for an external method, and score nothing")
+    p.add_argument("--window", type=int, default=None,
+                   help="the trained window (frames) of a checkpoint that records none (default: what it records)")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps of the model")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default 1.0 interp., 2.5 I2V)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta of the model: 0 deterministic (paper), 1 ancestral")
@@ -177,10 +179,12 @@ def build_samplers(args: argparse.Namespace) -> dict[str, Sampler]:
     if "mardini" in args.methods:
         from mardini.pipeline import MarDiniPipeline
 
-        pipe = MarDiniPipeline.from_checkpoint(args.checkpoint, ema=True, device=args.device, dtype=args.dtype)
+        pipe = MarDiniPipeline.from_checkpoint(args.checkpoint, ema=True, device=args.device, dtype=args.dtype,
+                                               window=args.window)
         if args.frames > pipe.window:  # the protocol scores one window per clip: no window-by-window sampling here
-            raise ValueError(f"--frames {args.frames} is more than the {pipe.window} frames {args.checkpoint} was "
-                             f"trained on; evaluate it with --frames {pipe.window} (its trained window)")
+            raise ValueError(f"--frames {args.frames} is more than the {pipe.window}-frame window of {args.checkpoint} "
+                             f"(its trained window; where the checkpoint records none, its size's guess, which "
+                             f"--window T replaces); evaluate it with --frames {pipe.window}")
         out["mardini"] = pipe  # wrapped per task (guidance differs)
     for name, folder in args.generated.items():
         out[name] = GeneratedVideos(name, folder, args.frames, args.resolution)

@@ -121,7 +121,7 @@ def _window(recorded: int | None, given: int | None, size: str, path) -> int:
         f"{path} records no trained window (no curriculum, model.frames or datamodule frames: a checkpoint of "
         f"trainer.fit(model, dataloader)); using size {size!r}'s registry window of {fallback} frames, which may not "
         "be the model's. Pass the window it was trained on: MarDiniPipeline.from_checkpoint(path, window=T) "
-        "(sample.py --window T)",
+        "(sample.py or evaluate.py: --window T)",
         UserWarning, stacklevel=3,
     )
     return fallback
