@@ -347,17 +347,20 @@ def test_sample_grids_reach_tensorboard(workdir, tmp_path):
     dm = VideoDataModule(train_shards=str(shards / "train"), val_shards=str(shards / "val"), frames=9, fps=8,
                          resolution=32, batch_size=2, num_workers=0, epoch_size=8, val_clips=2)
     model = MarDiniModule(size="tiny", planner_resolution=16, generator={"patch_size": 2}, lr=1e-3)
-    grids = SampleGrids(every_n_steps=2, clips=2, steps=2, tasks={"every_other": [0, 2, 4, 6, -1]})
+    grids = SampleGrids(every_n_steps=2, clips=2, steps=2,
+                        tasks={"every_other": [0, 2, 4, 6, -1], "too_long": [0, 2, 4, 6, 8, 10]})
     trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=TensorBoardLogger(tmp_path, name="tb", version=""),
                         callbacks=[grids], enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0)
-    trainer.fit(model, dm)
+    with pytest.warns(UserWarning, match=r"too_long.*its grid is skipped while the window has 9 frames"):
+        trainer.fit(model, dm)
     assert grids.logged_steps == [2]
     assert all(net.training for net in model.networks.values())  # sampling left train mode as it was
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     tags = events.Tags()["images"]
     assert {"samples/interpolation", "samples/image_to_video", "samples/every_other"} <= set(tags)
+    assert "samples/too_long" not in tags  # indices outside the 9-frame window: skipped, the fit goes on
     image = events.Images("samples/interpolation")[0]
     assert image.step == 2 and image.height > 0 and image.width > 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 import numpy as np
 import torch
 
@@ -26,7 +27,8 @@ class SampleGrids(L.Callback):
         guidance_scale: classifier-free guidance on the plan for image-to-video.
         seed: sampling seed (fixed, so grids of different steps are comparable).
         tasks: extra grids, ``{name: given frame indices}`` (e.g. ``{every_other: [0, 2, 4, 6, 8]}``; negative
-            indices count from the end), logged as ``samples/<name>`` after the interpolation and image-to-video ones.
+            indices count from the end), logged as ``samples/<name>`` after the interpolation and image-to-video ones;
+            a task whose indices do not fit the window (a curriculum stage of fewer frames) is skipped with a warning.
     """
 
     def __init__(self, every_n_steps: int = 500, clips: int = 2, steps: int = 10, guidance_scale: float = 1.0,
@@ -38,6 +40,7 @@ class SampleGrids(L.Callback):
             if name in ("interpolation", "image_to_video") or not given:
                 raise ValueError(f"SampleGrids.tasks[{name!r}]={given!r}: give a new name and at least one frame index")
         self.tasks = {name: [int(i) for i in given] for name, given in (tasks or {}).items()}
+        self._unfit: set[tuple[str, int]] = set()  # (task, frames) warned about: indices outside that window
         self.every_n_steps, self.clips, self.steps = every_n_steps, clips, steps
         self.guidance_scale, self.seed = guidance_scale, seed
         self._video: torch.Tensor | None = None
@@ -95,7 +98,13 @@ class SampleGrids(L.Callback):
         frames = pl_module.frames or video.shape[1]
         video = video[:, :frames].to(pl_module.device)  # (b, T, 3, H, W)
         masks = {"interpolation": interpolation_mask(frames), "image_to_video": image_to_video_mask(frames)}
-        masks.update({name: given_mask(given, frames, name) for name, given in self.tasks.items()})
+        for name, given in self.tasks.items():
+            try:
+                masks[name] = given_mask(given, frames, name)
+            except ValueError as err:  # e.g. a curriculum stage of fewer frames: skip this grid, do not stop the fit
+                if (name, frames) not in self._unfit:
+                    self._unfit.add((name, frames))
+                    rank_zero_warn(f"{err}; its grid is skipped while the window has {frames} frames")
         was_training = {name: net.training for name, net in pl_module.networks.items()}
         try:
             # under FSDP the root unit's parameters (embeddings, heads) are gathered while sampling outside a forward
