@@ -201,6 +201,28 @@ def test_diffusers_adapter_shift_and_scale_overrides_travel_in_the_spec(tiny_vae
             DiffusersAutoencoder(folder, **bad)
 
 
+def test_a_diffusers_spec_without_shift_and_scale_is_compared_by_its_vae_config_s_factors(tiny_vae, tmp_path):
+    """A checkpoint or latent cache written before the spec recorded shift / scale normalised with its VAE config's
+    factors: the same latents as a spec recording those, other latents than a spec recording others."""
+    from mardini.autoencoders import DiffusersAutoencoder
+    from mardini.lit.checkpoints import check_same_latents, latent_spec_differences
+
+    folder, _ = tiny_vae
+    old = {"class_path": "mardini.autoencoders.DiffusersAutoencoder",
+           "init_args": {"path": str(folder), "subfolder": None, "chunk_size": 16}}
+    config = DiffusersAutoencoder(folder).spec()  # records the config's SHIFT, SCALE
+    other = DiffusersAutoencoder(folder, shift=0.06, scale=0.42).spec()
+    assert latent_spec_differences(old, config) == latent_spec_differences(config, old) == []
+    assert latent_spec_differences(old, other) == latent_spec_differences(other, old) == ["scale", "shift"]
+    assert latent_spec_differences(old, DiffusersAutoencoder(folder, scale=0.42).spec()) == ["scale"]
+    with pytest.raises(ValueError, match=r"differ: \['scale', 'shift'\]"):
+        check_same_latents({"autoencoder_spec": old}, other, "old.ckpt")
+    moved = lambda spec: {**spec, "init_args": {**spec["init_args"], "path": str(tmp_path / "moved")}}  # noqa: E731
+    gone = moved(old)  # its VAE config cannot be read: recorded none vs the model's, a difference
+    assert latent_spec_differences(gone, moved(config)) == ["scale", "shift"]
+    assert latent_spec_differences(old, old) == [] and latent_spec_differences(gone, old) == ["path"]  # old vs old
+
+
 def test_pixel_stats_measure_an_autoencoders_latents_and_print_its_config(tiny_vae, tmp_path, capsys):
     """--diffusers PATH: the shift / scale printed normalise the VAE's latents of the clips they were measured on."""
     from mardini.autoencoders.pixel_stats import main

@@ -8,7 +8,10 @@ pipeline directory with ``subfolder="vae"``). diffusers is an optional extra: ``
 from __future__ import annotations
 
 import contextlib
+import inspect
+import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -26,6 +29,26 @@ def _import_autoencoder_kl():
             "(or pip install -r requirements-dev.txt)"
         ) from err
     return AutoencoderKL
+
+
+def config_factors(config: Mapping) -> tuple[float, float]:
+    """``(shift, scale)`` of an AutoencoderKL config: ``shift_factor`` (None -> 0) and ``scaling_factor`` (diffusers'
+    default where the config has none)."""
+    shift = config.get("shift_factor")
+    scale = config.get("scaling_factor")
+    if scale is None:  # a config.json written before diffusers recorded it: AutoencoderKL's default applies
+        scale = inspect.signature(_import_autoencoder_kl()).parameters["scaling_factor"].default
+    return (0.0 if shift is None else float(shift)), float(scale)
+
+
+def read_config_factors(path: str | Path, subfolder: str | None = None) -> tuple[float, float]:
+    """``(shift, scale)`` a :class:`DiffusersAutoencoder` without overrides uses for the VAE at ``path``, read from
+    its ``config.json`` alone (no weights loaded). Raises ``OSError`` / ``ValueError`` where it cannot be read."""
+    root = Path(path).expanduser()
+    config = json.loads(((root / subfolder if subfolder else root) / "config.json").read_text())
+    if not isinstance(config, dict):
+        raise ValueError(f"{root} config.json holds no AutoencoderKL config (a {type(config).__name__})")
+    return config_factors(config)
 
 
 class DiffusersAutoencoder(FrameAutoencoder):
@@ -82,8 +105,8 @@ class DiffusersAutoencoder(FrameAutoencoder):
         cfg = self.vae.config
         self.latent_channels = int(cfg.latent_channels)
         self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
-        config_shift = float(cfg.shift_factor) if getattr(cfg, "shift_factor", None) is not None else 0.0
-        self.scale = float(cfg.scaling_factor) if scale is None else float(scale)
+        config_shift, config_scale = config_factors(cfg)
+        self.scale = config_scale if scale is None else float(scale)
         self.shift = config_shift if shift is None else float(shift)
         self.force_upcast = bool(getattr(cfg, "force_upcast", False))
         self.sample_posterior = sample_posterior

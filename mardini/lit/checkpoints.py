@@ -121,11 +121,35 @@ def _autoencoder_class(class_path: str | None):
 def latent_spec_differences(theirs: dict[str, Any], ours: dict[str, Any]) -> list[str]:
     """What makes two autoencoder specs encode other latents: ``["class"]``, or the init arguments both record
     with different values (``chunk_size``, a memory knob, aside); empty when they encode the same latents. A spec
-    written before an argument existed is compared on the arguments it has."""
-    if _autoencoder_class(theirs.get("class_path")) != _autoencoder_class(ours.get("class_path")):
+    written before an argument existed is compared on the arguments it has, except a
+    :class:`~mardini.autoencoders.diffusers_kl.DiffusersAutoencoder` spec without ``shift`` / ``scale`` (written
+    before they were recorded), which used its VAE config's factors: those are compared with the other spec's
+    (:func:`_diffusers_factors`)."""
+    from mardini.autoencoders.diffusers_kl import DiffusersAutoencoder
+
+    cls = _autoencoder_class(theirs.get("class_path"))
+    if cls != _autoencoder_class(ours.get("class_path")):
         return ["class"]
     a, b = theirs.get("init_args") or {}, ours.get("init_args") or {}
+    if cls is DiffusersAutoencoder:
+        a, b = _diffusers_factors(a, b), _diffusers_factors(b, a)
     return sorted(k for k in set(a) & set(b) if k != "chunk_size" and a[k] != b[k])
+
+
+def _diffusers_factors(args: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """A DiffusersAutoencoder's ``args`` with the ``shift`` / ``scale`` that ``other`` records and ``args`` does not
+    filled in from its VAE's ``config.json`` (what it normalised with); None where the config cannot be read, so
+    the comparison reports them as differing rather than skipping them."""
+    from mardini.autoencoders.diffusers_kl import read_config_factors
+
+    missing = [k for k in ("shift", "scale") if k in other and k not in args]
+    if not missing:
+        return args
+    try:
+        shift, scale = read_config_factors(args["path"], args.get("subfolder"))
+    except (KeyError, TypeError, OSError, ValueError, ImportError):  # no path recorded, no or a damaged config
+        shift = scale = None
+    return {**args, **{k: {"shift": shift, "scale": scale}[k] for k in missing}}
 
 
 LATENTS_FIX = "Set model.autoencoder to the checkpoint's, or start from a checkpoint trained on these latents"
