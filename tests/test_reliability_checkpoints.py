@@ -173,6 +173,37 @@ def test_a_resume_with_other_training_settings_warns_naming_them(saved, synth, t
                     "another trainer.logger save_dir"):
         assert changed in said[0], said[0]
     assert resume(_gen(generator={"depth": 1, "checkpointing": True}, nonfinite="skip", init_from=str(path))) == []
+    # fields set to what the checkpoint's generator was built with (the size's heads, the planner's dim) are no change
+    assert resume(_gen(generator={"depth": 1, "heads": 4, "plan_dim": 128, "cross_rope_grid": "centre"})) == []
+    said = resume(_gen(generator={"depth": 1, "time_scale": 500.0}))
+    assert len(said) == 1 and "(generator.time_scale 1000.0 -> 500.0)" in said[0], said
+
+
+def test_changed_settings_compare_the_networks_each_side_builds():
+    """A network field one side records and the other gets from its size (or the planner's width, or the grid a
+    checkpoint records) is no change; a field that builds another network is named, old -> new."""
+    from mardini.lit.checkpoints import changed_settings
+
+    assert changed_settings({"generator": {"patch_size": 2}}, {"generator": {"patch_size": 2, "depth": 2}}) == []
+    assert changed_settings({"generator": None}, {"generator": {"plan_dim": 128}}) == []  # tiny's planner dim
+    assert changed_settings({"size": "small", "generator": None}, {"size": "small", "generator": {"depth": 8}}) == []
+    assert changed_settings({"generator": {"depth": 2}}, {"generator": {"depth": 3}}) == ["generator.depth 2 -> 3"]
+    assert changed_settings({"planner": None, "generator": None}, {"planner": {"dim": 256}, "generator": None}) == [
+        "generator.plan_dim 128 -> 256", "planner.dim 128 -> 256"]
+    # outputs/tiny/05_joint_task/checkpoints/last.ckpt: a joint checkpoint from before cross_rope_grid was recorded
+    hparams = {"size": "tiny", "planner": {"abs_pos": True, "patch_size": 2},
+               "generator": {"patch_size": 2, "attention": "t", "dim": 192, "mlp_hidden": 768, "abs_pos": True}}
+    meta = {"kind": "joint", "size": "tiny", "networks": ["generator", "planner"], "latent_channels": 12}
+    corner = {**hparams, "generator": {**hparams["generator"], "cross_rope_grid": "corner"}}
+    assert changed_settings(hparams, corner, meta) == []  # what check_same_cross_rope_grid tells such a resume to add
+    assert changed_settings(hparams, hparams, meta) == ["generator.cross_rope_grid 'corner' -> 'centre'"]
+    assert changed_settings(corner, hparams, {**meta, "cross_rope_grid": "corner"}) == [
+        "generator.cross_rope_grid 'corner' -> 'centre'"]
+    generation = {"kind": "generation", "networks": ["generator"], "latent_channels": 12}  # grid inert, unrecorded
+    assert changed_settings(hparams, hparams, generation) == []
+    assert changed_settings({**hparams, "size": "small"}, {**hparams, "size": "small",
+                                                           "planner": {**hparams["planner"], "in_channels": 12}},
+                            {**meta, "cross_rope_grid": "centre"}) == []  # in_channels: the latents' 12, not small's 16
 
 
 def test_format_mismatch_names_both_versions(saved, tmp_path):

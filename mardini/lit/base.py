@@ -536,7 +536,7 @@ class MarDiniBase(L.LightningModule):
                 "resume a fit. Start a stage from it with model.init_args.init_from=<it> and --ckpt_path null"
             )
         self._check_resumable(checkpoint)
-        warn_changed_settings(checkpoint.get("hyper_parameters") or {}, dict(self.hparams), path)
+        warn_changed_settings(checkpoint.get("hyper_parameters") or {}, dict(self.hparams), path, checkpoint["mardini"])
         self.nonfinite_skipped = int(checkpoint["mardini"].get("nonfinite_skipped", 0))
         self._skipped_total = int(checkpoint["mardini"].get("data_skipped", 0))  # the logged data/skipped goes on
         if "ema_loaded" in checkpoint["mardini"]:  # a resume need not load init_from again (MarDiniCLI) to know it

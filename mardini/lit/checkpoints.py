@@ -211,22 +211,30 @@ OPERATIONAL_HPARAMS = frozenset({"init_from", "planner_ckpt", "generator_ckpt", 
 OPERATIONAL_NETWORK_FIELDS = frozenset({"checkpointing"})  # activation checkpointing: memory, not the result
 
 
-def changed_settings(theirs: dict[str, Any], ours: dict[str, Any]) -> list[str]:
+def changed_settings(theirs: dict[str, Any], ours: dict[str, Any], meta: dict[str, Any] | None = None) -> list[str]:
     """``key old -> new`` for each hyper-parameter that changes what is trained (the mask and task mix, the LR and
     its schedule, frames, EMA, seed, loss settings, the networks' fields ...; not :data:`OPERATIONAL_HPARAMS`)
     whose value in a checkpoint's ``theirs`` differs from this model's ``ours``. Keys only one side records (a
     checkpoint written before a setting existed) are not compared; a network's fields (``planner``,
-    ``generator``) are compared one by one."""
+    ``generator``) are compared one by one as each side builds them (:func:`_network_fields`: its size's config
+    with its overrides), so a field one side sets to the value the other gets by default is no change. ``meta``:
+    the checkpoint's ``mardini`` metadata, for what it records of its networks (the generator's
+    ``cross_rope_grid``, the latent channels)."""
     def plain(v: Any) -> Any:  # tuples and lists alike (a YAML list, a tuple in the checkpoint)
         return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
 
+    meta = meta or {}
+    # the grid the checkpoint's generator was built with: recorded, or "corner" for a joint checkpoint from before the
+    # setting (check_same_cross_rope_grid); a generator warm-up's (one null-plan token per frame: inert) as configured
+    grid = cross_rope_grid_of(meta) if "cross_rope_grid" in meta or meta.get("kind") == "joint" else None
     changed = []
     for key in sorted(k for k in set(theirs) & set(ours) - OPERATIONAL_HPARAMS if not k.startswith("_")):  # not _class_path, _instantiator
         old, new = theirs[key], ours[key]
         if key in ("planner", "generator") and isinstance(old or {}, dict) and isinstance(new or {}, dict):
-            old, new = old or {}, new or {}
+            old = _network_fields(theirs, key, meta.get("latent_channels"), grid)
+            new = _network_fields(ours, key, meta.get("latent_channels"))
             for field in sorted((set(old) | set(new)) - OPERATIONAL_NETWORK_FIELDS):
-                a, b = plain(old.get(field, "(size default)")), plain(new.get(field, "(size default)"))
+                a, b = plain(old.get(field, "(not set)")), plain(new.get(field, "(not set)"))
                 if a != b:
                     changed.append(f"{key}.{field} {a!r} -> {b!r}")
         elif plain(old) != plain(new):
@@ -234,12 +242,44 @@ def changed_settings(theirs: dict[str, Any], ours: dict[str, Any]) -> list[str]:
     return changed
 
 
-def warn_changed_settings(theirs: dict[str, Any], ours: dict[str, Any], path: str | Path) -> None:
+def _network_fields(hparams: dict[str, Any], key: str, latent_channels: int | None = None,
+                    cross_rope_grid: str | None = None) -> dict[str, Any]:
+    """Every field of the ``key`` network (``planner`` / ``generator``) that ``hparams`` build, as the stages build
+    it: the size's config (``size``, the modules' default where unrecorded) with the overrides, ``in_channels``
+    defaulting to ``latent_channels`` and the generator's ``plan_dim`` to the planner's width
+    (:func:`~mardini.models.registry.generator_overrides`), its ``cross_rope_grid`` to ``cross_rope_grid`` (what a
+    checkpoint records it was built with). The overrides alone where the size is not registered."""
+    import dataclasses
+    import inspect
+
+    from mardini.lit.base import MarDiniBase
+    from mardini.models.registry import generator_overrides, get_size
+
+    over = dict(hparams.get(key) or {})
+    size = hparams.get("size", inspect.signature(MarDiniBase).parameters["size"].default)
+    try:
+        defaults = dataclasses.asdict(getattr(get_size(size), key))
+    except KeyError:  # unknown size: the run cannot resume anyway (check_metadata); compare what is recorded
+        return over
+    if latent_channels is not None:
+        over.setdefault("in_channels", int(latent_channels))
+    if key == "generator":
+        if cross_rope_grid is not None:
+            over.setdefault("cross_rope_grid", cross_rope_grid)
+        try:
+            over = generator_overrides(size, hparams.get("planner"), over, with_planner=False)
+        except (TypeError, ValueError):  # a plan_dim other than the planner's dim: the recorded one is compared
+            pass
+    return {**defaults, **over}
+
+
+def warn_changed_settings(theirs: dict[str, Any], ours: dict[str, Any], path: str | Path,
+                          meta: dict[str, Any] | None = None) -> None:
     """Warn (rank zero) naming :func:`changed_settings` of a resume: the run goes on from ``path`` under the new
-    settings, which may not be what a rerun of the stage with other settings meant."""
+    settings, which may not be what a rerun of the stage with other settings meant. ``meta``: the checkpoint's."""
     from lightning.pytorch.utilities import rank_zero_warn
 
-    changed = changed_settings(theirs, ours)
+    changed = changed_settings(theirs, ours, meta)
     if changed:
         rank_zero_warn(
             f"resuming {path} with other settings than it was trained with ({'; '.join(changed)}): the run goes on "
