@@ -48,6 +48,26 @@ def test_atomic_save_gives_the_file_the_umask_s_mode(tmp_path, umask, mode):
     assert (tmp_path / "last.ckpt").stat().st_mode & 0o777 == mode
 
 
+def test_atomic_checkpoint_io_reads_and_writes_file_urls_and_honours_map_location(tmp_path, monkeypatch):
+    """As Lightning's TorchCheckpointIO: a ``file://`` URL is the local file (not a relative ``file:/...`` path), and a
+    ``map_location`` is applied."""
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    from mardini.lit.checkpoint_io import AtomicCheckpointIO
+
+    monkeypatch.chdir(tmp_path)
+    io, url = AtomicCheckpointIO(), (tmp_path / "x.ckpt").as_uri()  # file:///...
+    io.save_checkpoint({"step": torch.tensor(3)}, url)
+    assert sorted(os.listdir(tmp_path)) == ["x.ckpt"]  # no ./file:/... folder
+    assert io.load_checkpoint(url) == TorchCheckpointIO().load_checkpoint(url) == {"step": torch.tensor(3)}
+    atomic_torch_save({"step": 4}, (tmp_path / "y.ckpt").as_uri())
+    assert torch.load(tmp_path / "y.ckpt", weights_only=True) == {"step": 4}
+    with pytest.raises(ValueError, match="writes local files only, got memory://z.ckpt"):
+        atomic_torch_save({"step": 5}, "memory://z.ckpt")
+    moved = io.load_checkpoint(url, map_location="meta")
+    assert moved["step"].device.type == "meta"
+
+
 def test_read_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_checkpoint(tmp_path / "nope.ckpt")

@@ -13,14 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.cloud_io import get_filesystem
+from fsspec.core import split_protocol, url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to ``path`` atomically: temp file in the same directory, fsync, ``os.replace``; the file gets
-    the mode of any file the process writes (0o666 less the umask)."""
-    path = Path(path)
+    the mode of any file the process writes (0o666 less the umask). ``path`` may be a ``file://`` URL."""
+    local = local_path(path)
+    if local is None:
+        raise ValueError(f"atomic_torch_save writes local files only, got {path}; save it locally and copy it there")
+    path = Path(local)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -46,33 +50,39 @@ def _umask() -> int:
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning ``CheckpointIO`` plugin: atomic local saves, local loads through
-    :func:`mardini.lit.checkpoints.read_checkpoint` (an unreadable checkpoint to resume names the way on); remote
-    paths fall back to Lightning's own."""
+    :func:`mardini.lit.checkpoints.read_checkpoint` (an unreadable checkpoint to resume names the way on; tensors on
+    the CPU, as the Trainer's resume asks); remote paths, a ``map_location`` or ``weights_only=False`` go to
+    Lightning's own."""
 
     def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict[str, Any]:
         from mardini.lit.checkpoints import read_checkpoint
 
-        if weights_only is False or not _is_local(path):  # an unsafe load asked for, or remote: Lightning's
+        local = local_path(path)
+        if weights_only is False or map_location is not None or local is None:
             kwargs = {} if map_location is None else {"map_location": map_location}
             return super().load_checkpoint(path, weights_only=weights_only, **kwargs)
         try:
-            return read_checkpoint(path)
+            return read_checkpoint(local)
         except ValueError as e:
-            if not Path(path).is_file():  # a directory: read_checkpoint's message names the files inside
+            if not Path(local).is_file():  # a directory: read_checkpoint's message names the files inside
                 raise
-            raise ValueError(f"{e} {other_checkpoints_message(Path(path))}") from e
+            raise ValueError(f"{e} {other_checkpoints_message(Path(local))}") from e
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options}")
-        if not _is_local(path):
+        if local_path(path) is None:
             return super().save_checkpoint(checkpoint, path, storage_options)
         atomic_torch_save(checkpoint, path)
 
 
-def _is_local(path) -> bool:
-    fs = get_filesystem(path)
-    return fs.protocol in ("file", ("file", "local"), "local") or "file" in fs.protocol
+def local_path(path: str | os.PathLike) -> str | os.PathLike | None:
+    """``path`` as a local file path: a plain path as given, a ``file://`` (or ``local://``) URL without its
+    protocol; None where fsspec reaches it through another file system (``s3://``, a chained URL ...)."""
+    if split_protocol(str(path))[0] is None:
+        return path
+    fs, stripped = url_to_fs(str(path))
+    return stripped if isinstance(fs, LocalFileSystem) else None
 
 
 def other_checkpoints_message(path: Path) -> str:
