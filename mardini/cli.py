@@ -33,7 +33,8 @@ class MarDiniCLI(LightningCLI):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if subcommand == "fit":
             # The same command resumes: fit starts from <log dir>/checkpoints/last.ckpt when one exists
-            # (Lightning's ckpt_path="last"); pass --ckpt_path null to start over.
+            # (Lightning's ckpt_path="last"); --ckpt_path null starts over there (StepCheckpoint moves the earlier
+            # run's checkpoints to checkpoints/earlier.N/).
             parser.set_defaults({"ckpt_path": "last", "weights_only": True})  # resume never unpickles code
         return parser
 
@@ -108,9 +109,11 @@ class MarDiniCLI(LightningCLI):
         self.trainer.fit(model, **kwargs)
 
     def instantiate_trainer(self, **kwargs):
+        # what the fit resumes from: None (from scratch) starts a new run, which sets the folder's earlier one aside
+        resume = None if self._nothing_to_resume else (self._resume_from or self._get(self.config, "ckpt_path"))
         extra = [
             StepCheckpoint(filename="step{step:08d}", auto_insert_metric_name=False, save_last=True,
-                           every_n_train_steps=self._checkpoint_every, save_top_k=1),
+                           every_n_train_steps=self._checkpoint_every, save_top_k=1, resume=resume),
             LearningRateMonitor(logging_interval="step"),
             PreemptionSave(),
         ]

@@ -139,7 +139,9 @@ def test_a_resume_refuses_other_latents_anchor_or_shapes_than_its_checkpoint(sav
 
     _, path = saved  # a generator of depth 1 trained on SpaceToDepthAutoencoder(2), shift 0, scale 1, no anchor
     fix = (r"resume with the settings the run was trained with \(its config.yaml in the log folder; earlier ones are kept "
-           r"beside it as config.N.yaml\), or start a new run \(--ckpt_path null, or another trainer.logger save_dir\)")
+           r"beside it as config.N.yaml\), or start a new run: --ckpt_path null starts over in the same log folder "
+           r"\(the earlier run's checkpoints are moved to checkpoints/earlier.N/\), another trainer.logger save_dir or "
+           r"name in a new one")
 
     def resume(model):
         _trainer(tmp_path, 6).fit(model, datamodule=_dm(synth), ckpt_path=str(path))
@@ -169,8 +171,9 @@ def test_a_resume_with_other_training_settings_warns_naming_them(saved, synth, t
     said = resume(_gen(keep_ratio=(0.2, 0.5), templates={"random": 1.0, "interpolation": 1.0}, lr=2e-3, frames=3))
     assert len(said) == 1, said
     for changed in ("frames None -> 3", "keep_ratio [0.35, 1.0] -> [0.2, 0.5]", "lr 0.001 -> 0.002",
-                    "templates None -> {'random': 1.0, 'interpolation': 1.0}", str(path), "--ckpt_path null",
-                    "another trainer.logger save_dir"):
+                    "templates None -> {'random': 1.0, 'interpolation': 1.0}", str(path),
+                    "--ckpt_path null (starts over in the same log folder: the earlier run's checkpoints are moved to "
+                    "checkpoints/earlier.N/", "another trainer.logger save_dir or name (a new log folder"):
         assert changed in said[0], said[0]
     assert resume(_gen(generator={"depth": 1, "checkpointing": True}, nonfinite="skip", init_from=str(path))) == []
     # fields set to what the checkpoint's generator was built with (the size's heads, the planner's dim) are no change

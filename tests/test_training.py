@@ -126,6 +126,12 @@ def test_a_resume_from_an_explicit_file_neither_needs_the_starting_checkpoint_no
     assert resumed.trainer.global_step == 3
     assert resumed.model.hparams.nonfinite == "skip"  # the command line's model options hold
     assert resumed.model.hparams.init_from == str(start)
+    # a file from elsewhere continues its run here: the folder's earlier checkpoints are set aside, and last.ckpt
+    # (not last-v1.ckpt) is the resumed run's, the one --ckpt_path last resumes next
+    folder = workdir / "outputs" / "resume_file" / STAGES[1] / "checkpoints"
+    assert sorted(p.name for p in folder.glob("*.ckpt")) == ["last.ckpt", "step00000003.ckpt"]
+    assert sorted(p.name for p in (folder / "earlier.1").iterdir()) == ["last.ckpt", "step00000002.ckpt"]
+    assert read_checkpoint(folder / "last.ckpt")["global_step"] == 3
 
 
 def test_a_rerun_with_other_settings_warns_and_keeps_the_run_s_earlier_config(workdir, monkeypatch, tmp_path):
@@ -146,6 +152,33 @@ def test_a_rerun_with_other_settings_warns_and_keeps_the_run_s_earlier_config(wo
                                           "--model.init_args.anchor=nearest"))
     assert keep_ratio("config.yaml") == [0.2, 0.5] and not (folder / "config.2.yaml").exists()
     assert yaml.safe_load((folder / "config.yaml").read_text())["trainer"]["max_steps"] == 3
+
+
+def test_a_ckpt_path_null_rerun_starts_over_in_place_and_last_then_resumes_it(workdir, monkeypatch, tmp_path):
+    """--ckpt_path null where a run is: the earlier run's checkpoints move to checkpoints/earlier.1/ (byte for byte)
+    and --ckpt_path last (a rerun, a requeue) resumes the new run at its step with its settings; before, the new run
+    wrote last-v1.ckpt beside the earlier run's last.ckpt, which `last` resumed under the new config."""
+    save = [f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    folder = tmp_path / STAGES[0] / "checkpoints"
+    _fit(workdir, monkeypatch, *_stage(STAGES[0], 3, *save))
+    earlier = {p.name: p.read_bytes() for p in folder.glob("*.ckpt")}
+    assert sorted(earlier) == ["last.ckpt", "step00000003.ckpt"]
+    said: list[str] = []
+    monkeypatch.setattr("mardini.lit.step_checkpoint.rank_zero_info", said.append)
+    new = ["--model.init_args.lr=2e-3"]
+    _fit(workdir, monkeypatch, *_stage(STAGES[0], 2, *save, *new, "--ckpt_path=null"))
+    assert said == [f"A new run in {folder}: the earlier run's checkpoints (last.ckpt, step00000003.ckpt) are moved "
+                    f"to {folder / 'earlier.1'} (--ckpt_path {folder / 'earlier.1' / 'last.ckpt'} resumes that run)"]
+    assert sorted(p.name for p in folder.glob("*.ckpt")) == ["last.ckpt", "step00000002.ckpt"]
+    assert {p.name: p.read_bytes() for p in (folder / "earlier.1").iterdir()} == earlier
+    last = read_checkpoint(folder / "last.ckpt")
+    assert last["global_step"] == 2 and last["hyper_parameters"]["lr"] == 2e-3
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = _fit(workdir, monkeypatch, *_stage(STAGES[0], 3, *save, *new))
+    assert resumed.trainer.ckpt_path == str(folder / "last.ckpt") and resumed.trainer.global_step == 3
+    assert not [w for w in caught if "other settings than it was trained with" in str(w.message)]  # its own run's
+    assert read_checkpoint(folder / "last.ckpt")["global_step"] == 3 and not (folder / "earlier.2").exists()
 
 
 def test_a_truncated_last_ckpt_is_one_train_py_error_naming_the_checkpoints_to_resume_from(workdir, monkeypatch,

@@ -31,7 +31,9 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode a
 
 CHECKPOINT_FORMAT = 1  # bump when the layout of checkpoint["mardini"] or the network keys change
 RESUME_FIX = ("resume with the settings the run was trained with (its config.yaml in the log folder; earlier ones are kept "
-              "beside it as config.N.yaml), or start a new run (--ckpt_path null, or another trainer.logger save_dir)")
+              "beside it as config.N.yaml), or start a new run: --ckpt_path null starts over in the same log folder "
+              "(the earlier run's checkpoints are moved to checkpoints/earlier.N/), another trainer.logger save_dir or "
+              "name in a new one")
 
 
 class MarDiniBase(L.LightningModule):

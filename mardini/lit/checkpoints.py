@@ -283,8 +283,10 @@ def warn_changed_settings(theirs: dict[str, Any], ours: dict[str, Any], path: st
     if changed:
         rank_zero_warn(
             f"resuming {path} with other settings than it was trained with ({'; '.join(changed)}): the run goes on "
-            "from its step under the new ones. To train them as a new run instead, pass --ckpt_path null or "
-            "another trainer.logger save_dir (or name)")
+            "from its step under the new ones. To train them as a new run instead, pass --ckpt_path null (starts over "
+            "in the same log folder: the earlier run's checkpoints are moved to checkpoints/earlier.N/, its config.yaml "
+            "kept as config.N.yaml) or another trainer.logger save_dir or name (a new log folder, this one left as "
+            "it is)")
 
 
 def state_differences(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], keys: bool = True) -> list[str]:

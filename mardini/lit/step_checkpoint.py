@@ -1,9 +1,19 @@
-"""ModelCheckpoint that also saves the final step of a fit, whatever ``checkpoint_every`` is."""
+"""ModelCheckpoint that also saves the final step of a fit, whatever ``checkpoint_every`` is, and that keeps one run's
+checkpoints in its folder: a new run there first moves the earlier run's aside."""
 
 from __future__ import annotations
 
+import os
+import warnings
+from pathlib import Path
+
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+
+from mardini.lit.checkpoint_io import local_path
+
+CONTINUES = ("last", "hpc", "best")  # Lightning's ckpt_path keywords that resume a run of this folder
 
 
 class StepCheckpoint(ModelCheckpoint):
@@ -12,7 +22,41 @@ class StepCheckpoint(ModelCheckpoint):
     Lightning's ``save_last`` writes ``last.ckpt`` at train end only if nothing was saved before, so a stage of
     650 steps saved every 100 would end with ``last.ckpt`` at step 600 and lose its last 50 steps. Here the end of
     a fit (max_steps reached, max_time, an early stop) saves the step it stopped at, unless it is already saved.
+
+    ``resume``: what the fit resumes from (its ``ckpt_path``). A fit that starts a new run in the folder (None: from
+    scratch, or a checkpoint file outside the folder) first moves the ``*.ckpt`` files an earlier run left there to
+    ``earlier.N/`` inside it (N = 1, 2, ...: the highest is the newest) and says so. Files are named without
+    Lightning's version counter, so ``last.ckpt`` is always the newest save, the one ``--ckpt_path last`` resumes
+    (with the counter, a new run beside an earlier one wrote ``last-v1.ckpt``, and ``last`` resumed the earlier run).
     """
+
+    def __init__(self, *args, resume: str | None = "last", **kwargs) -> None:
+        kwargs.setdefault("enable_version_counter", False)
+        super().__init__(*args, **kwargs)
+        self.resume = resume
+
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        with warnings.catch_warnings():
+            if self.resume is None:  # its files are set aside below
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            super().setup(trainer, pl_module, stage)
+        if stage != "fit" or not self._starts_new_run():
+            return
+        if trainer.is_global_zero:
+            set_aside_earlier_run(self._fs, str(self.dirpath))
+        trainer.strategy.barrier("StepCheckpoint.set_aside")  # no rank saves before the folder is clear
+
+    def _starts_new_run(self) -> bool:
+        """A fit from scratch, or resuming a checkpoint file that is not directly in this folder."""
+        if self.resume is None:
+            return True
+        name = str(self.resume)
+        if name in CONTINUES or name.lower().startswith("registry"):
+            return False
+        file, folder = local_path(name), local_path(str(self.dirpath))
+        if file is None or folder is None:
+            return False  # remote: not ours to move
+        return Path(file).resolve().parent != Path(folder).resolve()
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if not self._should_skip_saving_checkpoint(trainer):  # fitting, and this step is not saved yet
@@ -20,3 +64,24 @@ class StepCheckpoint(ModelCheckpoint):
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
         super().on_train_end(trainer, pl_module)
+
+
+def set_aside_earlier_run(fs, folder: str) -> str | None:
+    """Move the ``*.ckpt`` files in ``folder`` (on the fsspec file system ``fs``) into ``folder/earlier.N``, the first
+    free N from 1, and say so; that folder, or None (no checkpoint there)."""
+    if not fs.isdir(folder):
+        return None
+    found = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".ckpt") and fs.isfile(p))
+    if not found:
+        return None
+    n = 1
+    while fs.exists(aside := os.path.join(folder, f"earlier.{n}")):
+        n += 1
+    fs.makedirs(aside)
+    for path in found:
+        fs.mv(path, os.path.join(aside, os.path.basename(path)))
+    names = [os.path.basename(p) for p in found]
+    way = f" (--ckpt_path {os.path.join(aside, 'last.ckpt')} resumes that run)" if "last.ckpt" in names else ""
+    rank_zero_info(f"A new run in {folder}: the earlier run's checkpoints ({', '.join(names)}) are moved to "
+                   f"{aside}{way}")
+    return aside
