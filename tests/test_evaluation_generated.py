@@ -124,9 +124,9 @@ def test_generated_outputs_that_cannot_be_scored_are_refused(shards, tmp_path, c
     (folder / names[1] / "008.png").unlink()  # 8 frames of 9
     assert f"{folder / names[1]} has 8 frames, the window is 9 (--frames)" in error()
     (folder / names[1] / "008.png").write_bytes(b"not a png")
-    assert f"{folder / names[1] / '008.png'} does not read as an image" in error()
+    assert f"image {folder / names[1] / '008.png'} could not be read as an image" in error()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / names[1] / "008.png")
-    assert f"the frames in {folder / names[1]} differ in size" in error()
+    assert "the images have different sizes" in error() and f"{folder / names[1] / '008.png'}: 8x8" in error()
 
     frames = np.stack([np.asarray(Image.open(p)) for p in sorted((folder / names[0]).iterdir())])  # (9, R, R, 3)
     write_lossless_mp4(folder / f"{names[0]}.mp4", frames)

@@ -19,13 +19,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 import torch
 
-from mardini.data.decode import MAX_FRAME_PIXELS
+from mardini.data.decode import BadSample, ClipTooShort, decode_mp4
 from mardini.data.transforms import crop_and_resize
 from mardini.data.video_shards import VIDEO_EXTENSIONS
+from mardini.pipeline.inputs import read_images
+from mardini.visualize import to_uint8
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 SHOWN = 3  # paths named in an error about missing outputs
@@ -55,13 +56,6 @@ class ClipNames:
 def frame_file(index: int, frames: int) -> str:
     """``frame_XX.png`` of window frame ``index`` (zero-padded to the window's digits, at least 2: name order)."""
     return f"frame_{index:0{max(2, len(str(frames - 1)))}d}.png"
-
-
-def to_uint8(video: torch.Tensor) -> np.ndarray:
-    """``(T, 3, H, W)`` in [-1, 1] -> uint8 ``(T, H, W, 3)`` (rounded: exact on frames read from uint8 pixels at
-    their own size)."""
-    x = ((video.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # (T, 3, H, W)
-    return x.permute(0, 2, 3, 1).numpy()  # (T, H, W, 3)
 
 
 def shard_of_keys(files: list[str]) -> dict[str, str]:
@@ -191,48 +185,28 @@ class GeneratedVideos:
         return video
 
     def _decode(self, path: Path) -> tuple[int, np.ndarray | None]:
-        """``(frames in the file, its frames uint8 (T, H, W, 3) or None when they are not T)``; frames past T are
-        counted, not kept."""
-        out: list[np.ndarray] = []
-        count = 0
+        """``(frames in the file, its frames uint8 (T, H, W, 3) or None when they are not T)``."""
         try:
-            with av.open(str(path)) as container:
-                if not container.streams.video:
-                    raise ValueError("no video stream")
-                for frame in container.decode(video=0):
-                    count += 1
-                    if count <= self.frames:
-                        if frame.width * frame.height > MAX_FRAME_PIXELS:
-                            raise ValueError(f"frames of {frame.width}x{frame.height} exceed {MAX_FRAME_PIXELS} pixels")
-                        out.append(frame.to_ndarray(format="rgb24"))  # (H, W, 3)
-        except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as err:
+            arr = decode_mp4(str(path))  # (T', H, W, 3): the shards' decoder, with its size checks
+        except ClipTooShort:
+            return 0, None  # no frame at all
+        except BadSample as err:  # no video stream, does not decode, frames too large or changing size
             raise ValueError(f"--generated {self.method}: {path} does not read as a video ({err}); write it with "
                              "ffmpeg/PyAV, or as a folder of frame images") from None
-        if count != self.frames:
-            return count, None
-        if len({f.shape for f in out}) > 1:
-            raise ValueError(f"--generated {self.method}: {path} changes frame size mid-stream")
-        return count, np.stack(out)  # (T, H, W, 3)
+        return len(arr), (arr if len(arr) == self.frames else None)
 
     def _frames(self, folder: Path) -> tuple[int, np.ndarray | None]:
         """``(images in the folder, them in name order uint8 (T, H, W, 3) or None when they are not T)``; files of
         other extensions are ignored."""
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
 
         files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         if len(files) != self.frames:
             return len(files), None
-        out = []
-        for p in files:
-            try:
-                with Image.open(p) as image:
-                    out.append(np.asarray(image.convert("RGB")))  # (H, W, 3) uint8
-            except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
-                raise ValueError(f"--generated {self.method}: {p} does not read as an image ({err})") from None
-        if len({f.shape for f in out}) > 1:
-            raise ValueError(f"--generated {self.method}: the frames in {folder} differ in size "
-                             f"({sorted({f.shape[:2] for f in out})}); write them all at one size")
-        return len(files), np.stack(out)  # (T, H, W, 3)
+        try:
+            return len(files), read_images(files)  # (T, H, W, 3), sample.py's reader: one size, 16-bit scaled
+        except (ValueError, Image.DecompressionBombError) as err:
+            raise ValueError(f"--generated {self.method}: {err}") from None
 
     def __call__(self, task: str, names: list[str], real: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         fake = torch.stack([self.read(task, n) for n in names]).to(real.device, real.dtype)  # (B, T, 3, R, R)
