@@ -106,12 +106,17 @@ def json_bytes(meta: dict) -> bytes:
     return json.dumps(meta, separators=(",", ":")).encode("utf-8")
 
 
-def write_json_atomic(path: str | Path, obj: object) -> None:
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """``text`` to ``path`` through a temp file beside it and one ``os.replace``: a crash leaves the last whole file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | Path, obj: object) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 def pack(sizes: Iterable[int], max_count: int, max_bytes: int) -> list[list[int]]:

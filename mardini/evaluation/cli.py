@@ -19,7 +19,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import platform
 import re
 import sys
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 
 from mardini import run_info
+from mardini.data.sharding import write_text_atomic
 from mardini.evaluation.data import count_clips, iter_batches, resolve_source, usable_shard_clips, usable_videos
 from mardini.evaluation.external import ClipNames, GeneratedVideos, InputExport, shard_of_keys
 from mardini.evaluation.protocol import (
@@ -455,11 +455,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 def write_report(out: Path, report: dict[str, Any]) -> None:
     """``out/report.json`` and ``out/report.md``, each replaced atomically (a crash leaves the last whole one)."""
-    for name, text in (("report.json", json.dumps(report, indent=2, default=float) + "\n"),
-                       ("report.md", markdown(report))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2, default=float) + "\n")
+    write_text_atomic(out / "report.md", markdown(report))
 
 
 def main(argv: list[str] | None = None) -> int:

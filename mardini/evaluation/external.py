@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from mardini.data.decode import BadSample, ClipTooShort, decode_mp4
+from mardini.data.sharding import write_text_atomic
 from mardini.data.transforms import crop_and_resize
 from mardini.data.video_shards import VIDEO_EXTENSIONS
 from mardini.pipeline.inputs import read_images
@@ -123,9 +124,7 @@ class InputExport:
     def finish(self) -> Path:
         """Write ``clips.json`` (atomically) and return its path."""
         path = self.dir / "clips.json"
-        tmp = path.with_name(".clips.json.tmp")
-        tmp.write_text(json.dumps(self.info, indent=2) + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(self.info, indent=2) + "\n")
         return path
 
 
