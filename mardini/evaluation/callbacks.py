@@ -119,8 +119,8 @@ class _TaskEval(L.Callback):
             return
         quota = clips_for_rank(self.protocol.num_clips, trainer.global_rank, trainer.world_size)
         root = fsdp_root(pl_module)
-        if root is not None and not _any_rank(self._seen < quota, pl_module.device):
-            return
+        if root is not None and not trainer.strategy.reduce_boolean_decision(self._seen < quota, all=False):
+            return  # no rank needs clips any more (a collective: every rank asks)
         if self._seen >= quota:
             if root is not None:  # FSDP: every forward gathers from all ranks, so this rank samples one clip too
                 real, _ = eval_window(batch, pl_module, self.protocol)  # (B, T, 3, H, W)
@@ -216,13 +216,6 @@ class ImageToVideoEval(_TaskEval):
 # ------------------------------------------------------------------------------------------------
 # Helpers
 # ------------------------------------------------------------------------------------------------
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    """Whether ``flag`` holds on any rank (a collective: every rank calls it)."""
-    t = torch.tensor([float(flag)], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def clips_for_rank(total: int, rank: int, world_size: int) -> int:
     """This rank's share of ``total`` clips."""
     return total // world_size + (rank < total % world_size)

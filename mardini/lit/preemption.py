@@ -24,7 +24,8 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 
 
 class PreemptionSave(L.Callback):
-    """Run Lightning's SLURM requeue handler at the end of the first training batch after any rank got the signal.
+    """Run Lightning's SLURM requeue handler at the end of the first optimiser step or validation after any rank got
+    the signal.
 
     A no-op unless the run is under SLURM with ``auto_requeue`` (Lightning's default there); train.py adds it.
     """
