@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mardini.data import video_shards
+from mardini.data import decode, video_shards
 from mardini.data.datamodule import VideoDataModule
 from mardini.data.decode import decode_mp4
 from mardini.data.testing import moving_frames, write_video
@@ -227,9 +227,10 @@ def _numbered(n: int) -> np.ndarray:
     return np.repeat(np.repeat(255 * bits.astype(np.uint8), 8)[None, :, None], 32, 0).repeat(3, 2)
 
 
-def _frame_numbers(data: bytes) -> list[int]:
-    """The n of each frame of a clip whose frames came from :func:`_numbered`."""
-    stripes = decode_mp4(data).reshape(-1, 32, 8, 8, 3).mean(axis=(1, 3, 4)) > 128  # (T, 8)
+def _frame_numbers(data: bytes | np.ndarray) -> list[int]:
+    """The n of each frame of a clip (mp4 bytes, or uint8 ``(T, 32, 64, 3)``) made of :func:`_numbered` frames."""
+    frames = decode_mp4(data) if isinstance(data, bytes) else data  # (T, 32, 64, 3)
+    stripes = frames.reshape(-1, 32, 8, 8, 3).mean(axis=(1, 3, 4)) > 128  # (T, 8)
     return (stripes * (1 << np.arange(8))).sum(axis=1).tolist()
 
 
@@ -314,10 +315,10 @@ def test_shuffled_timestamps_fall_back_to_the_index_reading(tmp_path, caplog):
 def test_unreadable_timestamps_fall_back_to_the_index_reading(tmp_path, monkeypatch):
     _timed_video(tmp_path / "src" / "vfr.mkv", VFR_TIMES)
 
-    def fail(path, decode):
+    def fail(container):
         raise OSError("corrupt index")
 
-    monkeypatch.setattr(video_shards, "_timestamps", fail)
+    monkeypatch.setattr(decode, "packet_timestamps", fail)
     s = videos_to_shards(tmp_path / "src", tmp_path / "out", ShardSettings(clip_frames=4, max_fps=8), workers=1,
                          progress=False, keep_staging=True)
     result = json.loads((tmp_path / "out" / ".staging" / "000000.json").read_text())
@@ -327,14 +328,65 @@ def test_unreadable_timestamps_fall_back_to_the_index_reading(tmp_path, monkeypa
 
 def test_pts_grid_trusts_only_increasing_variable_rate_timestamps():
     ms, avi = Fraction(1, 1000), Fraction(1, 25)
-    assert video_shards.pts_grid([1, 3, 2, 5, 4, 7, 6, 9], avi, 0.04) == (None, "timestamps not increasing")
-    assert video_shards.pts_grid([0, 40, 40, 120], ms, 0.04) == (None, "timestamps not increasing")
-    assert video_shards.pts_grid([0, 33, None, 100], ms, 0.04) == (None, "frames without a timestamp")
-    assert video_shards.pts_grid([0], ms, 0.04) == (None, "fewer than 2 frames")
+    assert decode.pts_grid([1, 3, 2, 5, 4, 7, 6, 9], avi, 0.04) == (None, "timestamps not increasing")
+    assert decode.pts_grid([0, 40, 40, 120], ms, 0.04) == (None, "timestamps not increasing")
+    assert decode.pts_grid([0, 33, None, 100], ms, 0.04) == (None, "frames without a timestamp")
+    assert decode.pts_grid([0], ms, 0.04) == (None, "fewer than 2 frames")
     jitter = [round(n * 1001 / 30) for n in range(300)]  # 29.97 fps in ms: 33 or 34 ms apart
-    assert video_shards.pts_grid(jitter, ms, 0.1) == (None, "constant rate")
-    assert video_shards.pts_grid([0, 40, 80, 2000, 2040], ms, 0.04) == (None, "timestamps jump by 1.92 s")
-    grid, why = video_shards.pts_grid([0, 1, 2, 4, 5, 6], avi, 0.04)  # one frame dropped: shown twice
+    assert decode.pts_grid(jitter, ms, 0.1) == (None, "constant rate")
+    assert decode.pts_grid([0, 40, 80, 2000, 2040], ms, 0.04) == (None, "timestamps jump by 1.92 s")
+    grid, why = decode.pts_grid([0, 1, 2, 4, 5, 6], avi, 0.04)  # one frame dropped: shown twice
     assert why == "variable rate" and grid.tolist() == [0, 1, 2, 2, 3, 4, 5]
-    grid, why = video_shards.pts_grid([0, 1, 2, 4, 5, 6], avi, 0.08)
+    grid, why = decode.pts_grid([0, 1, 2, 4, 5, 6], avi, 0.08)
     assert grid.tolist() == [0, 2, 3, 5]  # times 0, 2, 4, 6 (x 1/25 s)
+
+
+def test_evaluation_and_sampling_read_a_variable_rate_video_as_the_shard_writer_cuts_it(tmp_path):
+    """evaluate.py's window and sample.py's frames of a VFR file are the shard writer's clips (the same source
+    frames, by timestamp); before, they took every 4th frame by index: 0.13 s steps in the 30 fps second, 0.4 s in
+    the 10 fps rest, reported as 7.5 fps. A constant-rate file keeps the index reading's frames."""
+    from mardini.data.decode import frame_indices, max_start
+    from mardini.evaluation.data import read_video_window
+    from mardini.pipeline.cli import video_stride
+    from mardini.pipeline.inputs import read_video
+
+    vfr = _timed_video(tmp_path / "src" / "vfr.mkv", VFR_TIMES)  # states 30 fps: 7.5 fps is stride 4 by both rules
+    videos_to_shards(tmp_path / "src", tmp_path / "out", ShardSettings(clip_frames=9, clip_hop=1, max_fps=7.5),
+                     workers=1, progress=False)
+    cut = {m["clip"]: _frame_numbers(data) for _, m, data in _keys_and_meta(tmp_path / "out")}  # clip c: grid c..c+8
+    assert len(cut) == 22  # 30 grid times
+    window = read_video_window(str(vfr), 9, 7.5, 16)  # (video, fps, source frames, timing)
+    idx = window[2]
+    assert window[1:3] == (7.5, cut[(30 - 9) // 2]) and window[3:] == ("pts",)  # the centred one of 30 grid times
+    on_screen = [max(k for k, tk in enumerate(VFR_TIMES) if tk <= (10 + j) / 7.5 + 1e-3) for j in range(9)]
+    assert idx == on_screen  # at 1.33, 1.47, ... 2.4 s (by index: frames 13..45, 0.43 s to 2.5 s)
+    stride, _, period = video_stride(str(vfr), 7.5, None)
+    frames, note = read_video(vfr, 9, 0, stride, period)  # (9, 32, 64, 3)
+    assert _frame_numbers(frames) == cut[0] and note.startswith("variable frame rate: read by timestamp")
+    frames, _ = read_video(vfr, 9, 0, stride)  # --stride given: every 4th frame, by index
+    assert _frame_numbers(frames) == list(range(0, 36, 4))
+
+    cfr = tmp_path / "cfr"
+    for path, fps in [(_numbered_video(cfr / "h264.mp4", 40, 24), 12), (_timed_video(
+            cfr / "ntsc.mkv", [n * 1001 / 30000 for n in range(50)]), 10)]:  # B-frames; ms timestamps, 33 / 34 ms
+        rate = {"h264.mp4": 24.0, "ntsc.mkv": 30.0}[path.name]  # the rates the containers state
+        n = {"h264.mp4": 40, "ntsc.mkv": 50}[path.name]
+        before, eff = frame_indices(rate, n, fps, 9, max_start(rate, n, fps, 9) // 2)  # the index reading
+        _, got_fps, idx, timing = read_video_window(str(path), 9, fps, 16)
+        assert (idx, timing) == (before.tolist(), "index") and got_fps == pytest.approx(eff)
+
+
+def test_the_evaluation_report_says_which_videos_were_read_by_timestamp(tmp_path):
+    from mardini.evaluation import cli
+
+    vfr = _timed_video(tmp_path / "videos" / "a_vfr.mkv", VFR_TIMES)
+    cfr = _numbered_video(tmp_path / "videos" / "b_cfr.mp4", 40, 30)
+    out = tmp_path / "report"
+    assert cli.main(["--data", str(tmp_path / "videos"), "--tasks", "interpolation", "--frames", "9", "--fps", "7.5",
+                     "--resolution", "16", "--metrics", "midf", "--cache-dir", "", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["clip_list"] == [
+        {"key": str(vfr), "frame_indices": [33, 34, 36, 37, 38, 40, 41, 42, 44], "fps": 7.5, "timing": "pts"},
+        {"key": str(cfr), "frame_indices": list(range(3, 36, 4)), "fps": 7.5}]  # every 4th, as before
+    assert report["timestamped"] == 1 and report["fps_effective"] == {"min": 7.5, "max": 7.5}
+    assert "(fps: 7.5; 1 variable-rate read by timestamp)" in (out / "report.md").read_text()

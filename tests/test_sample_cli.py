@@ -229,8 +229,8 @@ def test_a_video_is_read_at_the_rate_the_model_trained_at(tmp_path, env):
     fast = tmp_path / "fast.mp4"
     write_video(fast, moving_frames(30, 16, 16), 24)
     assert video_stride(str(fast), 8.0, None) == (
-        3, "read at 24 fps, every 3 frame(s): 8 fps (nearest to the 8 fps the model trained at)")
-    assert video_stride(str(fast), 8.0, 2) == (2, "read at 24 fps, every 2 frame(s): 12 fps (--stride)")
+        3, "read at 24 fps, every 3 frame(s): 8 fps (nearest to the 8 fps the model trained at)", 1 / 8)
+    assert video_stride(str(fast), 8.0, 2) == (2, "read at 24 fps, every 2 frame(s): 12 fps (--stride)", None)
     assert video_stride(str(fast), None, None)[0] == 1  # a checkpoint that records no rate: every frame
     record = _run(env, tmp_path / "out", "expand", "--video", env["video"], "--keep", "0-1")
     assert any("read at 8 fps, every 1 frame(s)" in note for note in record["inputs"])

@@ -1,4 +1,5 @@
-"""Decoding shard members: frame selection at a target fps, ``video.mp4`` (PyAV) and ``video.npy``.
+"""Decoding shard members: frame selection at a target fps (by index, or by timestamp for a variable-frame-rate
+video file), ``video.mp4`` (PyAV) and ``video.npy``.
 
 Every failure raises a :class:`BadSample` subclass whose message names the problem; the loader catches
 exactly these, skips the sample and counts it.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -43,6 +45,7 @@ class BadShape(BadSample):
 # Limits on what a member may claim, so a corrupt header fails as a BadSample instead of allocating it.
 MAX_SOURCE_FRAMES = 10_000_000  # frames a clip's json may declare (about 4 days at 30 fps)
 MAX_FRAME_PIXELS = 8192 * 8192  # pixels of one decoded frame (mp4 stream size, npy H x W)
+MAX_PTS_GAP_S = 1.0  # a longer gap between two frames' timestamps reads as a timestamp jump, not a held frame
 
 
 # --------------------------------------------------------------------------------------------------
@@ -99,6 +102,74 @@ def max_start(src_fps: float, n_src_frames: int, target_fps: float | None, frame
     if last < 0:
         frame_indices(src_fps, n_src_frames, target_fps, frames, 0)  # raises with the full message
     return last
+
+
+# --------------------------------------------------------------------------------------------------
+# Frame selection by timestamp (variable-frame-rate files; the shard writer, evaluate.py and sample.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def pts_grid(pts: list[int | None], time_base: Fraction, period: float) -> tuple[np.ndarray | None, str]:
+    """Source frames on a grid of ``period`` seconds chosen by timestamp, or None (read by index) and why.
+
+    ``pts`` are the frames' timestamps in output order. They are used only when every frame has one, they
+    increase strictly (packed B-frames in AVI give shuffled ones) and the file is variable-rate: some interval
+    differs from the median by more than a tenth of it plus one tick of timestamp rounding. A constant-rate file
+    is read by index, exactly as before, and so is one whose timestamps jump by more than ``MAX_PTS_GAP_S``.
+    Returns ``(indices (m,) int64, reason)``: for each grid time from the first frame, the frame on screen then
+    (the last frame with pts <= t, with half a median interval of slack for rounded timestamps).
+    """
+    if len(pts) < 2:
+        return None, "fewer than 2 frames"
+    if any(p is None for p in pts):
+        return None, "frames without a timestamp"
+    ticks = np.asarray(pts, dtype=np.int64)  # (n,) in time_base units
+    steps = np.diff(ticks)  # (n - 1,)
+    if not (steps > 0).all():
+        return None, "timestamps not increasing"
+    median = float(np.median(steps))
+    if np.abs(steps - median).max() <= 0.1 * median + min(1.0, 0.5 * median):
+        return None, "constant rate"
+    if (gap := float(steps.max() * time_base)) > MAX_PTS_GAP_S:
+        return None, f"timestamps jump by {gap:.3g} s"
+    times = (ticks - ticks[0]) * float(time_base)  # (n,) seconds from the first frame
+    slack = 0.5 * median * float(time_base)
+    grid = period * np.arange(int((times[-1] + slack) // period) + 1)  # (m,)
+    return np.searchsorted(times, grid + slack, side="right") - 1, "variable rate"
+
+
+def packet_timestamps(container) -> tuple[list[int | None], Fraction]:
+    """An open container's first video stream: its packets' timestamps, sorted (a demux, no decoding; one per
+    packet with data, so their count is the frame count), and its time base."""
+    stream = container.streams.video[0]
+    pts = [packet.pts for packet in container.demux(stream) if packet.size]
+    return (pts if None in pts else sorted(pts)), stream.time_base
+
+
+def frame_timestamps(path: str) -> tuple[list[int | None], Fraction]:
+    """The first video stream's decoded frames' timestamps, in output order, and its time base (a decode of the
+    whole stream; no image is kept)."""
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        return [frame.pts for frame in container.decode(stream)], stream.time_base
+
+
+def choose_frames(
+    path: str, period: float, packets: tuple[list[int | None], Fraction] | None = None
+) -> tuple[np.ndarray | None, str]:
+    """:func:`pts_grid` on the packets' timestamps (``packets``: :func:`packet_timestamps`, when already read) and,
+    if they say variable rate, on the decoded frames' own. ``(None, why)``: read the file by index."""
+    try:
+        if packets is None:
+            with av.open(path) as container:
+                packets = packet_timestamps(container)
+        grid, why = pts_grid(*packets, period)
+        if grid is not None:
+            grid, why = pts_grid(*frame_timestamps(path), period)
+    except Exception as e:  # noqa: BLE001 -- read by index: a file failing midway keeps its clips up to the error
+        return None, f"timestamps unreadable: {type(e).__name__}: {e}"
+    return grid, why
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,10 +238,12 @@ def decode_mp4(data: bytes | str, indices: np.ndarray | None = None) -> np.ndarr
     """Encoded video bytes (or a video file's path) -> uint8 ``(len(indices) or T, H, W, 3)``, decoding only up to
     the last index.
 
-    Frames are counted in presentation order from the first decoded frame. A :class:`ClipTooShort` carries the
-    frames decoded in ``decoded``.
+    Frames are counted in presentation order from the first decoded frame; an index may repeat (a frame held over
+    several times of a timestamp grid). A :class:`ClipTooShort` carries the frames decoded in ``decoded``.
     """
-    wanted = None if indices is None else {int(i): n for n, i in enumerate(indices)}
+    wanted: dict[int, list[int]] | None = None if indices is None else {}  # source index -> its places in the output
+    for n, i in enumerate([] if indices is None else indices):
+        wanted.setdefault(int(i), []).append(n)
     last = None if indices is None else (int(np.max(indices)) if len(indices) else -1)
     out: list[np.ndarray | None] = [] if indices is None else [None] * len(indices)
     count = 0
@@ -189,7 +262,9 @@ def decode_mp4(data: bytes | str, indices: np.ndarray | None = None) -> np.ndarr
                 if wanted is None:
                     out.append(frame.to_ndarray(format="rgb24"))  # (H, W, 3)
                 elif count in wanted:
-                    out[wanted[count]] = frame.to_ndarray(format="rgb24")  # (H, W, 3)
+                    image = frame.to_ndarray(format="rgb24")  # (H, W, 3)
+                    for n in wanted[count]:
+                        out[n] = image
                 count += 1
     except BadSample:
         raise

@@ -4,10 +4,10 @@ Two phases, both resumable:
 
 1. **Stage** (parallel, one job per source file): decode with PyAV, optionally drop frames to a maximum fps
    (integer stride; a variable-frame-rate file with trustworthy timestamps keeps the frame on screen at each
-   time of that grid instead, see :func:`pts_grid`) and resize, cut clips of ``clip_frames`` frames every
-   ``clip_hop`` frames, encode each to H.264 and write the file's clips to ``<out>/.staging/<n>.tar`` plus a
-   result ``<n>.json`` (written last, atomically: a file with a result json is done). A file that cannot be
-   decoded gets a result with its reason and is skipped.
+   time of that grid instead, see :func:`mardini.data.decode.pts_grid`) and resize, cut clips of
+   ``clip_frames`` frames every ``clip_hop`` frames, encode each to H.264 and write the file's clips to
+   ``<out>/.staging/<n>.tar`` plus a result ``<n>.json`` (written last, atomically: a file with a result json is
+   done). A file that cannot be decoded gets a result with its reason and is skipped.
 2. **Pack** (deterministic): all clips, in source-file order, are packed into shards of at most
    ``shard_max_count`` clips and about ``shard_max_bytes`` bytes, ``<out>/<prefix>-NNNNNN.tar``, each written
    to a temp name and renamed. Existing shards are kept (same inputs, same plan, same shard).
@@ -36,11 +36,11 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
+from mardini.data.decode import choose_frames
 from mardini.data.encode import encode_mp4
 from mardini.data.sharding import atomic_tar, json_bytes, pack, write_json_atomic
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mpg", ".mpeg", ".ogv", ".webm", ".mkv", ".m4v")
-MAX_PTS_GAP_S = 1.0  # a longer gap between two frames' timestamps reads as a timestamp jump, not a held frame
 
 log = logging.getLogger("mardini.data")
 
@@ -141,58 +141,6 @@ def _even_size(width: int, height: int, short_side: int | None) -> tuple[int, in
         s = short_side / min(width, height)
         width, height = round(width * s), round(height * s)
     return max(2, width - width % 2), max(2, height - height % 2)
-
-
-def pts_grid(pts: list[int | None], time_base: Fraction, period: float) -> tuple[np.ndarray | None, str]:
-    """Source frames on a grid of ``period`` seconds chosen by timestamp, or None (read by index) and why.
-
-    ``pts`` are the frames' timestamps in output order. They are used only when every frame has one, they
-    increase strictly (packed B-frames in AVI give shuffled ones) and the file is variable-rate: some interval
-    differs from the median by more than a tenth of it plus one tick of timestamp rounding. A constant-rate file
-    is read by index, exactly as before, and so is one whose timestamps jump by more than ``MAX_PTS_GAP_S``.
-    Returns ``(indices (m,) int64, reason)``: for each grid time from the first frame, the frame on screen then
-    (the last frame with pts <= t, with half a median interval of slack for rounded timestamps).
-    """
-    if len(pts) < 2:
-        return None, "fewer than 2 frames"
-    if any(p is None for p in pts):
-        return None, "frames without a timestamp"
-    ticks = np.asarray(pts, dtype=np.int64)  # (n,) in time_base units
-    steps = np.diff(ticks)  # (n - 1,)
-    if not (steps > 0).all():
-        return None, "timestamps not increasing"
-    median = float(np.median(steps))
-    if np.abs(steps - median).max() <= 0.1 * median + min(1.0, 0.5 * median):
-        return None, "constant rate"
-    if (gap := float(steps.max() * time_base)) > MAX_PTS_GAP_S:
-        return None, f"timestamps jump by {gap:.3g} s"
-    times = (ticks - ticks[0]) * float(time_base)  # (n,) seconds from the first frame
-    slack = 0.5 * median * float(time_base)
-    grid = period * np.arange(int((times[-1] + slack) // period) + 1)  # (m,)
-    return np.searchsorted(times, grid + slack, side="right") - 1, "variable rate"
-
-
-def _timestamps(path: str, decode: bool) -> tuple[list[int | None], Fraction]:
-    """The first video stream's timestamps and time base: of its packets, sorted (a demux, no decoding), or of
-    its decoded frames in output order (``decode``)."""
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        if decode:
-            stream.thread_type = "AUTO"
-            return [frame.pts for frame in container.decode(stream)], stream.time_base
-        pts = [packet.pts for packet in container.demux(stream) if packet.size]
-        return (pts if None in pts else sorted(pts)), stream.time_base
-
-
-def choose_frames(path: str, period: float) -> tuple[np.ndarray | None, str]:
-    """:func:`pts_grid` on the packets' timestamps and, if they say variable rate, on the decoded frames' own."""
-    try:
-        grid, why = pts_grid(*_timestamps(path, decode=False), period)
-        if grid is not None:
-            grid, why = pts_grid(*_timestamps(path, decode=True), period)
-    except Exception as e:  # noqa: BLE001 -- read by index: a file failing midway keeps its clips up to the error
-        return None, f"timestamps unreadable: {type(e).__name__}: {e}"
-    return grid, why
 
 
 def stage_file(job: dict) -> dict:

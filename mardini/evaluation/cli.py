@@ -248,7 +248,8 @@ def run_task(
         seen += real.shape[0]
         keys += list(batch["key"])
         rates += [float(r) for r in batch["fps"]]  # the rate each clip was read at
-        clip_list += [{"key": k, "frame_indices": meta.get("frame_indices"), "fps": round(float(r), 3)}
+        clip_list += [{"key": k, "frame_indices": meta.get("frame_indices"), "fps": round(float(r), 3),
+                       **({"timing": "pts"} if meta.get("timing") == "pts" else {})}  # read by timestamp (VFR)
                       for k, meta, r in zip(batch["key"], batch.get("meta") or [{}] * len(batch["key"]), batch["fps"],
                                             strict=True)]
         print(progress_line(task, seen, n, time.perf_counter() - began), file=sys.stderr, flush=True)
@@ -413,10 +414,16 @@ def _read_at(report: dict[str, Any]) -> str:
     return f"; read at {eff['min']:g}" + ("" if eff["min"] == eff["max"] else f"-{eff['max']:g}")
 
 
+def _timestamped(report: dict[str, Any]) -> str:
+    """``; N read by timestamp`` where clips came from variable-frame-rate files ('' otherwise)."""
+    n = report.get("timestamped")
+    return f"; {n} variable-rate read by timestamp" if n else ""
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Evaluation on `{report['data']}`", "",
              f"{report['clips']} clips, {report['frames']} frames at {report['resolution']} px "
-             f"(fps: {report['fps'] or 'native'}{_read_at(report)}), seed {report['seed']}. "
+             f"(fps: {report['fps'] or 'native'}{_read_at(report)}{_timestamped(report)}), seed {report['seed']}. "
              f"Command: `{report['command']}`", ""]
     if report.get("status") == "partial":
         asked = report.get("tasks_asked") or list(report["tasks"])
@@ -525,6 +532,7 @@ def _main(argv: list[str] | None) -> int:
         clip_list = res.pop("clip_list")
         if "fps_effective" not in report:  # every task reads the same clips: once per run
             report["clip_list"] = clip_list  # to give another method the same inputs
+            report["timestamped"] = sum(c.get("timing") == "pts" for c in clip_list)  # variable-rate, by timestamp
             eff = res["fps_effective"]
             report["fps_effective"] = {"min": eff["min"], "max": eff["max"]}
             note = rate_note(eff, args.fps, res["clips"])

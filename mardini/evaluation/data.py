@@ -2,14 +2,16 @@
 
 Each clip is one centred window of ``frames`` frames at ``fps`` (None = every frame, as VIDIM-Bench takes
 consecutive frames), centre-cropped to a square and resized to ``resolution`` with the project's resize
-(``mardini.data.transforms``), in [-1, 1]. Batches: ``video (B, T, 3, R, R)``, ``key`` list, ``fps (B,)`` (the rate
-each clip was read at), ``meta`` (each clip's ``frame_indices``: the source frames of its window), and
-``positions (B, T, K, 2)`` for synthetic shards.
+(``mardini.data.transforms``), in [-1, 1]. A variable-frame-rate video file is read by timestamp, as the shard
+writer reads it (:func:`mardini.data.decode.choose_frames`). Batches: ``video (B, T, 3, R, R)``, ``key`` list,
+``fps (B,)`` (the rate each clip was read at), ``meta`` (each clip's ``frame_indices``: the source frames of its
+window; ``timing``: "pts" for a file read by timestamp), and ``positions (B, T, K, 2)`` for synthetic shards.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -17,7 +19,8 @@ import torch
 
 from mardini.data.datamodule import count_samples
 from mardini.data.decode import (
-    BadSample, ClipTooShort, CorruptVideo, decode_mp4, frame_indices, max_start, stream_fps,
+    BadSample, ClipTooShort, CorruptVideo, choose_frames, decode_mp4, frame_indices, frame_stride, max_start,
+    packet_timestamps, stream_fps,
 )
 from mardini.data.sharding import list_shards
 from mardini.data.stream import ClipStream, collate, skip_only
@@ -62,13 +65,23 @@ def read_video_clip(path: str, frames: int, fps: float | None, resolution: int) 
 
 def read_video_window(
     path: str, frames: int, fps: float | None, resolution: int
-) -> tuple[torch.Tensor, float, list[int]]:
+) -> tuple[torch.Tensor, float, list[int], str]:
     """One centred window of a video file, ``(T, 3, R, R)`` in [-1, 1], the rate it was read at (source fps /
-    integer stride: the source's own rate when it is slower than ``fps``) and the source frames it took.
+    integer stride: the source's own rate when it is slower than ``fps``), the source frames it took and how:
+    ``"index"`` (every stride-th frame) or ``"pts"`` (a variable-frame-rate file: the frame on screen at each time
+    of a grid at that rate, as the shard writer keeps it; a held frame repeats).
 
-    The frame count comes from a packet pass (no decoding), so only the frames up to the window's last one are
-    decoded, once: memory holds the window, not the file (a 60-s 720p file decoded whole took 8.6 GB)."""
-    src_fps, n = video_rate_and_frames(path)
+    The frame count and timestamps come from a packet pass (no decoding), so only the frames up to the window's
+    last one are decoded into images: memory holds the window, not the file (a 60-s 720p file decoded whole took
+    8.6 GB). A variable-rate file is decoded once more for its frames' own timestamps, keeping no image."""
+    src_fps, packets = video_rate_and_timestamps(path)
+    n = len(packets[0])
+    eff_fps = src_fps / frame_stride(src_fps, fps)  # the rate read at
+    grid, _ = choose_frames(path, 1 / eff_fps, packets)  # (m,) source frame at each grid time, or None: by index
+    if grid is not None:
+        idx = grid[_window(eff_fps, len(grid), None, frames)[0]]  # (T,) the centred window of the grid
+        arr = decode_mp4(path, idx)  # (T, H, W, 3) uint8
+        return crop_and_resize(arr, resolution, "center")[0], eff_fps, idx.tolist(), "pts"
     idx, eff_fps = _window(src_fps, n, fps, frames)
     try:
         arr = decode_mp4(path, idx)  # (T, H, W, 3) uint8, the window's frames only
@@ -80,7 +93,7 @@ def read_video_window(
         idx = _window(src_fps, decoded, fps, frames)[0]
         arr = decode_mp4(path, idx)
     video, _ = crop_and_resize(arr, resolution, "center")  # (T, 3, R, R)
-    return video, eff_fps, idx.tolist()
+    return video, eff_fps, idx.tolist(), "index"
 
 
 def _window(src_fps: float, n: int, fps: float | None, frames: int):
@@ -89,15 +102,13 @@ def _window(src_fps: float, n: int, fps: float | None, frames: int):
     return frame_indices(src_fps, n, fps, frames, start)
 
 
-def video_rate_and_frames(path: str) -> tuple[float, int]:
-    """``(fps, frames)`` of a file's first video stream; frames = its packets with data (demuxed, not decoded)."""
+def video_rate_and_timestamps(path: str) -> tuple[float, tuple[list[int | None], Fraction]]:
+    """``(fps, (packet timestamps, time base))`` of a file's first video stream: one timestamp per packet with data,
+    sorted (demuxed, not decoded; their count is the frame count)."""
     with av.open(path) as container:
         if not container.streams.video:
             raise CorruptVideo("no video stream")
-        stream = container.streams.video[0]
-        src_fps = stream_fps(stream) or 0.0
-        n = sum(1 for packet in container.demux(stream) if packet.size > 0)
-    return src_fps, n
+        return stream_fps(container.streams.video[0]) or 0.0, packet_timestamps(container)
 
 
 UNUSABLE = (BadSample, av.FFmpegError, OSError, IndexError)  # a file that does not decode, or is too short
@@ -155,12 +166,12 @@ def iter_batches(
         if used >= num_clips:
             break
         try:
-            video, eff_fps, idx = read_video_window(path, frames, fps, resolution)  # (T, 3, R, R)
+            video, eff_fps, idx, timing = read_video_window(path, frames, fps, resolution)  # (T, 3, R, R)
         except UNUSABLE as err:
             if skipped is not None:
                 skipped[path] = str(err)
             continue
-        buf.append({"video": video, "fps": eff_fps, "key": path, "indices": idx, "meta": {}})
+        buf.append({"video": video, "fps": eff_fps, "key": path, "indices": idx, "meta": {"timing": timing}})
         used += 1
         if len(buf) == batch_size:
             yield collate(buf)

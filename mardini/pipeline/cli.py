@@ -124,18 +124,21 @@ def check_inputs(a: argparse.Namespace) -> None:
         raise ValueError(f"{a.task} needs {rule[1]} given frame(s), got {n}; check --images / --keep")
 
 
-def video_stride(path: str, model_fps: float | None, stride: int | None) -> tuple[int, str]:
+def video_stride(path: str, model_fps: float | None, stride: int | None) -> tuple[int, str, float | None]:
     """The stride to read ``path`` at (``stride`` if given, else the one nearest to the model's training rate, as the
-    training loader picks it) and a note saying what it gives."""
+    training loader picks it), a note saying what it gives, and the grid period (s) a variable-frame-rate file is
+    read at by timestamp when the stride was chosen by that rate (None: read by index)."""
     src = video_fps(path)
+    period = None
     if stride is None:
         stride = frame_stride(src, model_fps) if src and model_fps else 1
         why = f"nearest to the {model_fps:g} fps the model trained at" if src and model_fps else "the model or the " \
             "video records no frame rate"
+        period = 1 / (src / stride) if src and model_fps else None  # the effective rate's period, as evaluate.py
     else:
         why = "--stride"
     rate = f"{src:g} fps, every {stride} frame(s): {src / stride:g} fps" if src else f"every {stride} frame(s)"
-    return stride, f"read at {rate} ({why})"
+    return stride, f"read at {rate} ({why})", period
 
 
 def load_inputs(a, pipe: MarDiniPipeline, size) -> tuple[torch.Tensor, list[str], list[int] | None, list[str]]:
@@ -147,10 +150,11 @@ def load_inputs(a, pipe: MarDiniPipeline, size) -> tuple[torch.Tensor, list[str]
         keep = parse_indices(a.keep)
         return frames[None], ["images"], keep, [note]
     if a.video:
-        stride, rate_note = video_stride(a.video, pipe.fps, a.stride)
-        frames, note = fit_frames(read_video(a.video, read, a.start, stride), size, a.resize, f"video {a.video}")
+        stride, rate_note, period = video_stride(a.video, pipe.fps, a.stride)
+        frames, timing = read_video(a.video, read, a.start, stride, period)  # (n, H, W, 3)
+        frames, note = fit_frames(frames, size, a.resize, f"video {a.video}")
         clips, names = frames[None], [Path(a.video).stem]
-        note = f"{note}; {rate_note}"
+        note = f"{note}; {rate_note}" + (f"; {timing}" if timing else "")
     else:
         if size is None:
             raise ValueError("--shards needs a sampling size: pass --resolution (the checkpoint does not record one)")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mardini.data.decode import BadSample, ClipTooShort, decode_mp4, stream_fps
+from mardini.data.decode import BadSample, ClipTooShort, choose_frames, decode_mp4, stream_fps
 from mardini.data.transforms import as_size, crop_and_resize, resize_video, to_unit_range
 
 RESIZE_MODES = ("crop", "stretch", "none")
@@ -98,14 +98,31 @@ def video_fps(path: str | Path) -> float | None:
         return None
 
 
-def read_video(path: str | Path, frames: int, start: int = 0, stride: int = 1) -> np.ndarray:
-    """``frames`` frames ``start, start + stride, ...`` of a video file -> uint8 ``(frames, H, W, 3)``."""
+def read_video(
+    path: str | Path, frames: int, start: int = 0, stride: int = 1, period: float | None = None
+) -> tuple[np.ndarray, str]:
+    """``frames`` frames ``start, start + stride, ...`` of a video file -> uint8 ``(frames, H, W, 3)`` and a note.
+
+    With ``period`` (seconds: the stride chosen by a rate), a variable-frame-rate file is read by timestamp, as the
+    shard writer and evaluate.py read it (:func:`mardini.data.decode.choose_frames`): the frame on screen at each
+    time of a ``period`` grid, from the first grid time showing frame ``start`` or a later one; the note says so.
+    """
     if not Path(path).is_file():
         raise FileNotFoundError(f"video {path} does not exist")
     if start < 0 or stride < 1:
         raise ValueError(f"--start must be >= 0 and --stride >= 1, got {start}, {stride}")
+    idx, note = start + stride * np.arange(frames), ""  # (frames,) source frames, by index
+    grid, _ = (None, "") if period is None else choose_frames(str(path), period)  # (m,) or None: by index
+    if grid is not None:
+        first = int(np.searchsorted(grid, start))  # grid position of the first frame >= start
+        if len(grid) - first < frames:
+            raise ValueError(f"video {path}: it is variable-frame-rate, read by timestamp every {period:.4g} s it "
+                             f"gives {len(grid) - first} frames from --start {start}, fewer than {frames}: lower "
+                             "--frames or --start")
+        idx = grid[first:first + frames]  # (frames,) a held frame repeats
+        note = f"variable frame rate: read by timestamp, source frames {idx.tolist()}"
     try:
-        return decode_mp4(Path(path).read_bytes(), start + stride * np.arange(frames))  # (frames, H, W, 3)
+        return decode_mp4(Path(path).read_bytes(), idx), note  # (frames, H, W, 3)
     except ClipTooShort as e:
         raise ValueError(f"video {path}: {e}; it has too few frames for {frames} frames from --start {start} "
                          f"every --stride {stride}: lower --frames, --start or --stride") from e
