@@ -29,6 +29,26 @@ def test_the_paper_chain_is_complete():
     assert len(PAPER) == 20
 
 
+@pytest.mark.parametrize("chain", ["mardini-s", "mardini-l"])
+def test_each_paper_stage_draws_with_its_own_seed(capsys, chain):
+    """One seed for every stage would replay the stage before's masks, noise and clip order at the same steps."""
+    stages = [p for p in PAPER if p.parent.name == chain]
+    seeds = []
+    for stage in stages:
+        cfg = _printed(capsys, stage, CONFIGS / "paper" / "cluster.yaml")
+        seeds.append((cfg["seed_everything"], cfg["model"]["init_args"]["seed"], cfg["data"]["init_args"]["seed"]))
+    assert len({s[0] for s in seeds}) == len(stages), seeds
+    # the model's draws and the clip order follow it (None: take seed_everything, mardini.cli.take_seed_everything)
+    assert all(s[1] in (None, s[0]) and s[2] in (None, s[0]) for s in seeds), seeds
+
+
+def test_the_large_planner_stages_say_to_launch_with_fsdp():
+    """A 2.7B planner with its gradients, AdamW state and EMA does not fit one 80 GB GPU under DDP."""
+    for stage in PAPER:
+        launch = next(line for line in stage.read_text().splitlines() if "python train.py fit" in line)
+        assert launch.endswith("configs/paper/fsdp.yaml" if "mardini-l" in str(stage) else "configs/paper/cluster.yaml")
+
+
 @pytest.mark.parametrize("cluster", ["cluster.yaml", "fsdp.yaml"])
 @pytest.mark.parametrize("stage", PAPER, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_paper_stage_parses(capsys, stage, cluster):
