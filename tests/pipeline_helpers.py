@@ -16,3 +16,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def record_sampled_and_scored(monkeypatch) -> tuple[list, list]:
+    """``(sampled, scored)``, filled as ``MarDiniPipeline.generate`` and ``EvalSuite.update`` run: the ``(H, W)`` the
+    pipeline samples at, and per update ``(real (H, W), generated (H, W), given frames equal to the real ones)``."""
+    from mardini.evaluation.protocol import EvalSuite
+    from mardini.pipeline import MarDiniPipeline
+
+    sampled, scored = [], []
+    generate, update = MarDiniPipeline.generate, EvalSuite.update
+
+    def recording_generate(self, video, mask, **kw):  # video (B, T, 3, S, S)
+        sampled.append(tuple(video.shape[-2:]))
+        return generate(self, video, mask, **kw)
+
+    def recording_update(self, real, fake, mask, positions=None):  # (B, T, 3, R, R) each
+        given = ~mask[..., None, None, None].expand_as(real)
+        scored.append((tuple(real.shape[-2:]), tuple(fake.shape[-2:]), torch.equal(fake[given], real[given])))
+        return update(self, real, fake, mask, positions)
+
+    monkeypatch.setattr(MarDiniPipeline, "generate", recording_generate)
+    monkeypatch.setattr(EvalSuite, "update", recording_update)
+    return sampled, scored

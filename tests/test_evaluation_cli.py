@@ -361,12 +361,44 @@ def test_sampling_at_other_settings_than_training_is_noted():
     pipe = SimpleNamespace(resolution=(32, 32), fps=8.0)
     same = SimpleNamespace(resolution=32, fps=8.0)
     assert cli.training_mismatch(pipe, same) == [] and cli.training_mismatch(None, same) == []
-    notes = cli.training_mismatch(pipe, SimpleNamespace(resolution=256, fps=None))
-    assert notes == ["the checkpoint trained at 32x32 px, the protocol samples it at 256x256 (--resolution)",
+    notes = cli.training_mismatch(pipe, SimpleNamespace(resolution=256, fps=None, sample_resolution="protocol"))
+    assert notes == ["the checkpoint trained at 32x32 px, the protocol samples it at 256x256 (--sample-resolution)",
                      "the checkpoint trained on clips at 8 fps, the protocol reads every frame (native rate) (--fps)"]
+    by_default = cli.training_mismatch(pipe, SimpleNamespace(resolution=256, fps=8.0, sample_resolution=None))
+    assert by_default == []  # sampled at its own 32 px, scored at 256
     md = cli.markdown({"data": "d", "clips": 2, "frames": 9, "resolution": 256, "fps": None, "seed": 0,
                        "command": "c", "notices": notes, "tasks": {}})
     assert "Note: the checkpoint trained at 32x32 px" in md
+
+
+def test_the_model_samples_at_its_training_size_and_is_scored_at_the_protocols(shards, tmp_path, monkeypatch):
+    """A checkpoint trained at 32 px on a 16-px protocol: the pipeline is given the clips read at 32 px, and its
+    outputs are scored downscaled to 16 px with the real given frames (``--sample-resolution protocol``: at 16)."""
+    import torch
+    from pipeline_helpers import record_sampled_and_scored
+
+    from mardini.testing import make_checkpoint
+
+    ckpt = torch.load(make_checkpoint(tmp_path / "joint.ckpt", "joint", frames=9, size=32), weights_only=True)
+    ckpt["datamodule_hyper_parameters"] = {"resolution": 32}  # as a run of train.py records its data
+    path = tmp_path / "at32.ckpt"
+    torch.save(ckpt, path)
+    sampled, scored = record_sampled_and_scored(monkeypatch)
+    run = ["--data", str(shards), "--tasks", "interpolation", "--resolution", "16", "--num-clips", "2", "--metrics",
+           "midf", "--checkpoint", str(path), "--steps", "1", "--device", "cpu", "--cache-dir", ""]
+    assert cli.main([*run, "--out", str(tmp_path / "own")]) == 0
+    print("sampled at", sampled, "scored (real, fake, given frames real):", scored)
+    assert sampled == [(32, 32)] and scored == [((16, 16), (16, 16), True)] * 3  # 2 baselines + the model
+    report = json.loads((tmp_path / "own" / "report.json").read_text())
+    assert report["sample_resolution"] == 32 and report["notices"] == [] and report["resolution"] == 16
+    assert report["tasks"]["interpolation"]["protocol"]["extra"]["sample_resolution"] == 32
+    assert "16 px; the model sampled at 32 px, downscaled (" in (tmp_path / "own" / "report.md").read_text()
+    sampled.clear()
+    assert cli.main([*run, "--sample-resolution", "protocol", "--out", str(tmp_path / "protocol")]) == 0
+    report = json.loads((tmp_path / "protocol" / "report.json").read_text())
+    assert sampled == [(16, 16)] and report["sample_resolution"] == 16
+    assert report["notices"] == ["the checkpoint trained at 32x32 px, the protocol samples it at 16x16 "
+                                 "(--sample-resolution)"]
 
 
 def stub_networks(monkeypatch):
@@ -402,6 +434,8 @@ def test_fvd_and_fid_from_few_clips_are_noted(shards, tmp_path, monkeypatch, cap
         (["--data", "x", "--methods", "mardini"], "needs --checkpoint"),
         (["--data", "x", "--methods", "rife"], "unknown methods"),
         (["--data", "x", "--num-clips", "1"], "num-clips"),
+        (["--data", "x", "--sample-resolution", "512"], "it needs --checkpoint"),
+        (["--data", "x", "--checkpoint", "c", "--sample-resolution", "big"], "give a side in pixels (e.g. 512)"),
     ],
 )
 def test_cli_rejects_bad_arguments(argv, message, capsys):

@@ -8,7 +8,9 @@
 
 Every method (the baselines ``linear_blend`` and ``nearest_frame``, ``mardini`` with ``--checkpoint``, and each
 ``--generated NAME=DIR``: an external method's windows, see ``external.py``) sees the same clips, masks and seeds;
-real statistics are computed once (or read from ``--cache-dir``). Writes
+real statistics are computed once (or read from ``--cache-dir``). The model samples the clips read at its training
+resolution (``--sample-resolution``; PAPER.md §5.3 samples MarDini-512 at 512) and its outputs are resized to
+``--resolution`` to be scored, like every other method's. Writes
 ``OUT/report.md`` (a table per task) and ``OUT/report.json`` after each task (``"status": "partial"`` until the end),
 with a progress line per batch on stderr. FVD/FID need the metric weights: ``make weights``.
 """
@@ -35,7 +37,7 @@ from mardini.evaluation.external import ClipNames, GeneratedVideos, InputExport,
 from mardini.evaluation.protocol import (
     METRICS, TASKS, EvalProtocol, EvalSuite, RealStatsCache, clip_seeds, files_id, keys_digest,
 )
-from mardini.evaluation.samplers import BASELINES, PipelineSampler, Sampler
+from mardini.evaluation.samplers import BASELINES, PipelineSampler, Sampler, to_real_size
 from mardini.user_errors import run_reporting_user_errors
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -82,6 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "clips.json for an external method, and score nothing")
     p.add_argument("--window", type=int, default=None,
                    help="the trained window (frames) of a checkpoint that records none (default: what it records)")
+    p.add_argument("--sample-resolution", default=None, metavar="N|protocol",
+                   help="square side the model samples at, its outputs resized to --resolution for scoring "
+                        "(default: the checkpoint's square training side where it records one, else --resolution; "
+                        "'protocol' = --resolution)")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps of the model")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default 1.0 interp., 2.5 I2V)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta of the model: 0 deterministic (paper), 1 ancestral")
@@ -112,7 +118,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if "mardini" in args.methods and not args.checkpoint:
         p.error("method 'mardini' needs --checkpoint PATH (a joint checkpoint written by train.py)")
     args.methods = [m for m in args.methods if m not in args.generated]  # the built-in ones; every --generated runs
+    if args.sample_resolution is not None:
+        if "mardini" not in args.methods:
+            p.error("--sample-resolution sets the size the model samples at: it needs --checkpoint")
+        if args.sample_resolution != "protocol":
+            if not args.sample_resolution.isdigit() or int(args.sample_resolution) < 1:
+                p.error(f"--sample-resolution {args.sample_resolution!r}: give a side in pixels (e.g. 512) or "
+                        "'protocol' (sample at --resolution)")
+            args.sample_resolution = int(args.sample_resolution)
     return args
+
+
+def sample_resolution(args: argparse.Namespace, pipe: Any) -> int:
+    """The square side the model samples at: ``--sample-resolution``, or by default the checkpoint's training side
+    where it records a square one (else, and without a model, ``--resolution``)."""
+    asked = getattr(args, "sample_resolution", None)
+    if pipe is None or asked == "protocol":
+        return args.resolution
+    if asked is not None:
+        return int(asked)
+    trained = tuple(pipe.resolution) if getattr(pipe, "resolution", None) else None
+    return trained[0] if trained and trained[0] == trained[1] else args.resolution
 
 
 def parse_generated(p: argparse.ArgumentParser, specs: list[str]) -> dict[str, str]:
@@ -195,13 +221,17 @@ def run_task(
     task: str, args: argparse.Namespace, samplers: dict[str, Any], kind: str, files: list[str], n: int,
     networks: dict | None = None,
 ) -> dict[str, Any]:
-    """Score every method on one task; returns ``{protocol, results: {method: {metric: value}}, ...}``."""
+    """Score every method on one task; returns ``{protocol, results: {method: {metric: value}}, ...}``.
+
+    The model (``samplers["mardini"]``) samples at :func:`sample_resolution`: where that is not ``--resolution``, it
+    is given the same clips read at that size, and its outputs are resized to ``--resolution`` to be scored."""
+    size = sample_resolution(args, samplers.get("mardini"))
     proto = EvalProtocol(
         task=task, frames=args.frames, resolution=args.resolution, num_clips=n, seed=args.seed,
         metrics=None if args.metrics is None else tuple(args.metrics), missing_weights=args.missing_weights,
         i3d_weights=args.i3d_weights, inception_weights=args.inception_weights, lpips_weights=args.lpips_weights,
         fvd_pad_short=args.fvd_pad_short, steps=args.steps, guidance_scale=args.guidance, eta=args.eta,
-        extra={"fps": args.fps, "data": args.data},
+        extra={"fps": args.fps, "data": args.data, **({"sample_resolution": size} if "mardini" in samplers else {})},
     )
     first = EvalSuite(proto, networks)
     shared = {"fvd": getattr(first.metrics.get("fvd"), "network", None),
@@ -226,6 +256,8 @@ def run_task(
     seen, keys, rates, timing, began = 0, [], [], {m: 0.0 for m in timed}, time.perf_counter()
     names = ClipNames(kind, args.data)  # what --export-inputs called the clips (same clips, same order)
     clip_list: list[dict[str, Any]] = []  # what each clip is: key, source frames, rate
+    model_batches = (iter_batches(kind, files, args.frames, args.fps, size, n, args.batch_size)
+                     if "mardini" in run and size != args.resolution else None)  # the same clips at the model's size
     for b, batch in enumerate(iter_batches(kind, files, args.frames, args.fps, args.resolution, n, args.batch_size,
                                            skipped)):
         real = batch["video"].to(device)  # (B, T, 3, R, R)
@@ -234,10 +266,13 @@ def run_task(
         mask = proto.mask(real.shape[0], real.device)  # (B, T)
         seed = clip_seeds(args.seed, seen, real.shape[0])  # one per clip, by its index: any --batch-size
         clip_names = [names(k) for k in batch["key"]]
+        given = None if model_batches is None else model_clips(model_batches, batch, device)  # (B, T, 3, S, S)
         for m, sampler in run.items():
             start = time.perf_counter()
             if isinstance(sampler, GeneratedVideos):
                 fake = sampler(task, clip_names, real, mask)  # (B, T, 3, R, R): read, real given frames
+            elif m == "mardini" and given is not None:
+                fake = to_real_size(sampler(given, mask, seed), real, mask)  # (B, T, 3, R, R), sampled at S
             else:
                 fake = sampler(real, mask, seed)  # (B, T, 3, R, R)
             check_finite(fake, m, list(batch["key"]))
@@ -273,6 +308,15 @@ def run_task(
             "skipped_metrics": first.skipped, "skipped_videos": skipped,
             "fps_effective": rates_read(rates, args.fps), "clip_list": clip_list,
             "seconds_per_clip": {m: t / max(seen, 1) for m, t in timing.items()}, "results": results}
+
+
+def model_clips(batches: Any, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
+    """The next batch of the model's read of the clips, ``(B, T, 3, S, S)``, checked to hold ``batch``'s clips."""
+    other = next(batches, None)
+    if other is None or list(other["key"]) != list(batch["key"]):
+        raise ValueError("the data gave other clips at --sample-resolution than at --resolution (it changed during "
+                         "the run); run again once it is written")
+    return other["video"].to(device)
 
 
 FPS_TOLERANCE = 0.1  # a clip read at a rate this far (relative) from --fps is reported
@@ -356,9 +400,10 @@ def training_mismatch(pipe: Any, args: argparse.Namespace) -> list[str]:
         return []
     notes = []
     trained = tuple(pipe.resolution) if pipe.resolution else None
-    if trained and trained != (args.resolution, args.resolution):
+    size = sample_resolution(args, pipe)
+    if trained and trained != (size, size):
         notes.append(f"the checkpoint trained at {trained[0]}x{trained[1]} px, the protocol samples it at "
-                     f"{args.resolution}x{args.resolution} (--resolution)")
+                     f"{size}x{size} (--sample-resolution)")
     if pipe.fps and args.fps != pipe.fps:
         notes.append(f"the checkpoint trained on clips at {pipe.fps:g} fps, the protocol reads "
                      f"{'every frame (native rate)' if args.fps is None else f'{args.fps:g} fps'} (--fps)")
@@ -420,9 +465,18 @@ def _timestamped(report: dict[str, Any]) -> str:
     return f"; {n} variable-rate read by timestamp" if n else ""
 
 
+def _sampled_at(report: dict[str, Any]) -> str:
+    """``; the model sampled at S px, downscaled`` (or upscaled) where it sampled at another size than the
+    protocol's ('' otherwise)."""
+    size = report.get("sample_resolution")
+    if size in (None, report["resolution"]):
+        return ""
+    return f"; the model sampled at {size} px, {'down' if size > report['resolution'] else 'up'}scaled"
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Evaluation on `{report['data']}`", "",
-             f"{report['clips']} clips, {report['frames']} frames at {report['resolution']} px "
+             f"{report['clips']} clips, {report['frames']} frames at {report['resolution']} px{_sampled_at(report)} "
              f"(fps: {report['fps'] or 'native'}{_read_at(report)}{_timestamped(report)}), seed {report['seed']}. "
              f"Command: `{report['command']}`", ""]
     if report.get("status") == "partial":
@@ -515,6 +569,7 @@ def _main(argv: list[str] | None) -> int:
     report: dict[str, Any] = {
         "data": args.data, "data_path": data_path(args.data), "source": kind, "clips": n, "skipped_videos": skipped, "frames": args.frames,
         "resolution": args.resolution, "fps": args.fps, "seed": args.seed, "methods": list(samplers),
+        "sample_resolution": sample_resolution(args, samplers["mardini"]) if "mardini" in samplers else None,
         "checkpoint": args.checkpoint, "generated": {m: str(Path(d).resolve()) for m, d in args.generated.items()},
         "command": run_info.command_line(["python", "evaluate.py"], argv),
         "torch": torch.__version__, "python": platform.python_version(), "status": "partial",

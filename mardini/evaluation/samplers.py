@@ -3,7 +3,8 @@
 A sampler takes ``video (B, T, 3, H, W)`` in [-1, 1] (the masked frames' content must not be used), ``mask (B, T)``
 bool (True = generate) and ``seed``, one int per clip (:func:`mardini.evaluation.protocol.clip_seeds`), and returns
 ``(B, T, 3, H, W)`` in [-1, 1] with the given frames unchanged. Baselines: :class:`LinearBlend` (the two nearest given frames blended linearly in time) and
-:class:`NearestFrame` (the nearest given frame repeated). :class:`PipelineSampler` wraps ``MarDiniPipeline``.
+:class:`NearestFrame` (the nearest given frame repeated). :class:`PipelineSampler` wraps ``MarDiniPipeline``;
+:func:`to_real_size` brings a model's output sampled at its own size to the protocol's.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from mardini.data.transforms import resize_video
 from mardini.masking import gather_frames, nearest_given_frames, neighbour_given, validate_mask
 
 
@@ -93,6 +95,13 @@ class PipelineSampler:
         out = self.pipeline.generate(video, mask, steps=self.steps, guidance_scale=self.guidance_scale, seed=seed,
                                      **self._extra)
         return out.clamp(-1, 1).where(out.isfinite(), out)  # (B, T, 3, H, W); NaN/inf kept for the caller's check
+
+
+def to_real_size(fake: torch.Tensor, real: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A model's output ``(B, T, 3, S, S)``, sampled at its own size, as the protocol scores it: resized to the real
+    clip's ``(B, T, 3, R, R)`` with the project's resize (bilinear, antialiased), the given frames the real ones."""
+    out = resize_video(fake, tuple(real.shape[-2:]))  # (B, T, 3, R, R)
+    return torch.where(mask[..., None, None, None], out, real)
 
 
 def ema_context(pl_module: Any):
