@@ -212,3 +212,22 @@ def test_callback_samples_with_the_pipeline_of_a_training_module(shards, tmp_pat
     trainer(tmp_path, [cb]).fit(module, datamodule=datamodule(shards))
     assert cb.last_results["clips"] == 4 and 0 < cb.last_results["midf_ssim"] < 1
     assert all(k.startswith(("networks.", "ema.")) for k in module.state_dict())
+
+
+@pytest.mark.slow
+def test_the_pipeline_samples_at_the_data_size_and_is_scored_at_the_callbacks(shards, tmp_path, monkeypatch):
+    """resolution=8 on 16-px validation data: the model samples the 16-px clips (its training size), the metrics
+    get its output downscaled to 8 px with the real given frames, as evaluate.py scores it (~20 s)."""
+    pytest.importorskip("mardini.pipeline")
+    from pipeline_helpers import record_sampled_and_scored
+
+    from mardini.lit import MarDiniModule
+
+    sampled, scored = record_sampled_and_scored(monkeypatch)
+    module = MarDiniModule(size="tiny", planner_resolution=8)
+    cb = InterpolationEval(sampler="pipeline", num_clips=4, frames=FRAMES, resolution=8, metrics=["midf"], steps=1,
+                           cache_dir=None)
+    trainer(tmp_path, [cb]).fit(module, datamodule=datamodule(shards))
+    print("sampled at", sampled, "scored (real, fake, given frames real):", scored)
+    assert sampled == [(SIZE, SIZE)] and scored == [((8, 8), (8, 8), True)]
+    assert cb.last_results["clips"] == 4

@@ -2,7 +2,8 @@
 
 During validation (every ``every_n_epochs`` epochs, not in the sanity check) each rank takes its first clips of
 the validation loader (``num_clips`` in all, split over the ranks), samples the task's frames with fixed seeds (one
-per clip, from the seed and the clip's index over all ranks), and updates the metrics; at the end of the epoch every
+per clip, from the seed and the clip's index over all ranks; the model at the data's size, its outputs resized to
+the protocol's ``resolution``), and updates the metrics; at the end of the epoch every
 rank computes (torchmetrics syncs the states) and the results are logged as ``eval/<task>/<name>``. Under FSDP,
 whose forwards gather parameters from every rank, the ranks sample together: while any rank still needs clips, a
 rank past its share samples one clip of its batch and drops it (the ranks must see as many validation batches).
@@ -27,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from mardini.evaluation.protocol import EvalProtocol, EvalSuite, RealStatsCache, clip_seeds, files_id, keys_digest
-from mardini.evaluation.samplers import Sampler, ema_context, make_sampler
+from mardini.evaluation.samplers import Sampler, ema_context, make_sampler, to_real_size
 from mardini.lit.fsdp import fsdp_root, root_unsharded
 
 
@@ -39,7 +40,8 @@ class _TaskEval(L.Callback):
             ``"linear_blend"``, ``"nearest_frame"``, or a callable ``(video, mask, seed) -> video``.
         num_clips: N clips over all ranks (the validation loader must deliver them).
         frames: window length; a longer validation clip is cut to its centred window.
-        resolution: evaluation side; None keeps the validation data's.
+        resolution: evaluation side; None keeps the validation data's. The model (``"pipeline"``) samples at the
+            data's size (its training resolution) and its outputs are resized to this side to be scored.
         metrics: subset of ``fvd fid midf traj`` (None = the task's default).
         every_n_epochs: run on validation epochs whose index is a multiple of this.
         cache_dir: folder of cached real statistics (None: no cache).
@@ -123,17 +125,17 @@ class _TaskEval(L.Callback):
             return  # no rank needs clips any more (a collective: every rank asks)
         if self._seen >= quota:
             if root is not None:  # FSDP: every forward gathers from all ranks, so this rank samples one clip too
-                real, _ = eval_window(batch, pl_module, self.protocol)  # (B, T, 3, H, W)
-                self._sample(trainer, pl_module, root, real[:1], self.protocol.mask(1, real.device), [0])
+                real, _, own = eval_window(batch, pl_module, self.protocol)  # (B, T, 3, R, R), (B, T, 3, H, W)
+                self._sample(trainer, pl_module, root, real[:1], self.protocol.mask(1, real.device), [0], own[:1])
             return
-        real, positions = eval_window(batch, pl_module, self.protocol)  # (B, T, 3, H, W), (B, T, K, 2) | None
+        real, positions, own = eval_window(batch, pl_module, self.protocol)  # (B, T, 3, R, R), (B, T, K, 2) | None
         keep = min(real.shape[0], quota - self._seen)
-        real = real[:keep]
+        real, own = real[:keep], own[:keep]  # own: (B, T, 3, H, W), the data's size
         positions = None if positions is None else positions[:keep]
         mask = self.protocol.mask(keep, real.device)  # (B, T)
         first = sum(clips_for_rank(self.protocol.num_clips, r, trainer.world_size) for r in range(trainer.global_rank))
         seed = clip_seeds(self.protocol.seed, first + self._seen, keep)  # by clip index: any batch size
-        fake = self._sample(trainer, pl_module, root, real, mask, seed)  # (B, T, 3, H, W)
+        fake = self._sample(trainer, pl_module, root, real, mask, seed, own)  # (B, T, 3, R, R)
         self.suite.update(real, fake, mask, positions)
         self._seen += keep
         self._keys += [str(k) for k in batch.get("key", [])][:keep]
@@ -166,11 +168,16 @@ class _TaskEval(L.Callback):
 
     # ----------------------------------------------------------------------------------------------
     def _sample(self, trainer: L.Trainer, pl_module: L.LightningModule, root: nn.Module | None, real: torch.Tensor,
-                mask: torch.Tensor, seed: list[int]) -> torch.Tensor:
-        """The sampler's ``(B, T, 3, H, W)`` in [-1, 1] with the EMA weights; under FSDP with the root unit's own
-        parameters gathered (sampling runs outside the root's forward) in the precision of the training forward."""
+                mask: torch.Tensor, seed: list[int], own: torch.Tensor) -> torch.Tensor:
+        """The sampler's ``(B, T, 3, R, R)`` in [-1, 1] with the EMA weights; under FSDP with the root unit's own
+        parameters gathered (sampling runs outside the root's forward) in the precision of the training forward.
+        The model (``"pipeline"``) samples ``own``, the clips at the data's size ``(B, T, 3, H, W)``, its output
+        resized to ``real``'s (:func:`~mardini.evaluation.samplers.to_real_size`); any other sampler ``real``."""
+        model = self.sampler_spec == "pipeline" and own.shape != real.shape
         precision = trainer.precision_plugin.forward_context() if root is not None else contextlib.nullcontext()
         with torch.no_grad(), ema_context(pl_module), root_unsharded(root, writeback=False), precision:
+            if model:
+                return to_real_size(self._sampler(own, mask, seed).clamp(-1, 1), real, mask)  # (B, T, 3, R, R)
             return self._sampler(real, mask, seed).clamp(-1, 1)
 
     def _compute(self, skip_frechet: bool) -> dict[str, float]:
@@ -223,8 +230,9 @@ def clips_for_rank(total: int, rank: int, world_size: int) -> int:
 
 def eval_window(
     batch: dict, pl_module: Any, protocol: EvalProtocol
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The protocol's window of a validation batch: ``video (B, T, 3, H, W)`` in [-1, 1] and ``positions``.
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The protocol's window of a validation batch: ``video (B, T, 3, R, R)`` in [-1, 1], ``positions``, and the
+    same window at the data's size ``(B, T, 3, H, W)`` (what the model samples: its training resolution).
 
     Latent batches (``z_high``) are decoded with the module's autoencoder. A longer clip is cut to its centred
     ``frames`` window; ``resolution`` resizes (positions are relative, so they stay valid).
@@ -246,9 +254,10 @@ def eval_window(
     positions = batch.get("positions")
     if positions is not None:
         positions = positions[:, start : start + protocol.frames].to(video.device)  # (B, T, K, 2)
+    own = video
     if protocol.resolution is not None:
-        video = resize_video(video, protocol.resolution).clamp(-1, 1)  # (B, T, 3, R, R)
-    return video, positions
+        video = resize_video(own, protocol.resolution).clamp(-1, 1)  # (B, T, 3, R, R)
+    return video, positions, own
 
 
 def data_identity(trainer: L.Trainer, protocol: EvalProtocol) -> Any:
