@@ -1,9 +1,9 @@
 """FSDP on the CPU for tests (gloo): the tiny joint module wrapped as Lightning's ``FSDPStrategy._setup_model`` wraps it.
 
 Lightning's Trainer refuses FSDP without a GPU, so the wrap is done here with the strategy built from
-``configs/paper/fsdp.yaml``'s init_args (its wrap policy, ``use_orig_params=True``) -- except ``device_id=cpu`` (the
-strategy passes none on CPU, which FSDP refuses). The module then sees the strategy (and through it the root) as
-under a Trainer.
+``configs/paper/fsdp.yaml``'s class and init_args (its wrap policy, ``use_orig_params=True``; the autoencoder ignored
+as its ``setup`` does) -- except ``device_id=cpu`` (the strategy passes none on CPU, which FSDP refuses). The module
+then sees the strategy (and through it the root) as under a Trainer.
 """
 
 from __future__ import annotations
@@ -36,26 +36,30 @@ def tiny_module() -> Stepped:
     return Stepped(size="tiny", ema_decay=0.9, ema_warmup=False)
 
 
-def fsdp_strategy(world: int):
-    """Lightning's FSDPStrategy with the YAML's init_args (its wrap policy's class paths imported)."""
+def _imported(path: str):
+    mod, name = path.rsplit(".", 1)
+    return getattr(importlib.import_module(mod), name)
+
+
+def fsdp_strategy(world: int, precision: str = "32-true"):
+    """The YAML's strategy class with its init_args (its wrap policy's class paths imported)."""
     from lightning.pytorch.plugins.precision import FSDPPrecision
-    from lightning.pytorch.strategies import FSDPStrategy
 
-    args = yaml.safe_load((REPO / "configs" / "paper" / "fsdp.yaml").read_text())["trainer"]["strategy"]["init_args"]
-    policy = set()
-    for path in args.pop("auto_wrap_policy"):
-        mod, name = path.rsplit(".", 1)
-        policy.add(getattr(importlib.import_module(mod), name))
-    return FSDPStrategy(auto_wrap_policy=policy, parallel_devices=[torch.device("cpu")] * world,
-                        precision_plugin=FSDPPrecision("32-true"), **args)
+    strategy = yaml.safe_load((REPO / "configs" / "paper" / "fsdp.yaml").read_text())["trainer"]["strategy"]
+    args = dict(strategy["init_args"])
+    policy = {_imported(path) for path in args.pop("auto_wrap_policy")}
+    return _imported(strategy["class_path"])(auto_wrap_policy=policy, parallel_devices=[torch.device("cpu")] * world,
+                                              precision_plugin=FSDPPrecision(precision), **args)
 
 
-def wrap(module, world: int):
-    """``FSDPStrategy._setup_model``'s wrap with the strategy's own arguments, on the CPU; the module then sees the
-    strategy (and through it the root) as under a Trainer."""
+def wrap(module, world: int, precision: str = "32-true"):
+    """``FSDPStrategy._setup_model``'s wrap with the strategy's own arguments (after its ``setup`` ignored the
+    autoencoder), on the CPU; the module then sees the strategy (and through it the root) as under a Trainer."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    st = fsdp_strategy(world)
+    st = fsdp_strategy(world, precision)
+    if hasattr(st, "ignore_autoencoder"):  # Lightning's own FSDPStrategy has no such step
+        st.ignore_autoencoder(module)
     st.model = FullyShardedDataParallel(module, cpu_offload=st.cpu_offload, mixed_precision=st.mixed_precision_config,
                                         sharding_strategy=st.sharding_strategy, device_id=torch.device("cpu"),
                                         **st.kwargs)

@@ -7,6 +7,9 @@ their original parameters -- views into the local shard, 1-D and possibly empty 
 Everything else (embeddings, heads, null plan) lives in the root unit, whose flat parameter mixes live and EMA
 tensors at different offsets: it is unsharded (``summon_full_params(recurse=False)``, a small all-gather) while the
 EMA works, so those pairs are full tensors on every rank.
+
+:class:`MarDiniFSDPStrategy` (the YAML's strategy) sets FSDP's mixed precision as DDP trains and keeps the frozen
+autoencoder out of FSDP.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 # what wrappers add to the names of the parameters inside them: an FSDP unit, activation checkpointing applied by
@@ -34,9 +38,44 @@ WRAP_FIX = (
 )
 
 
+class MarDiniFSDPStrategy(FSDPStrategy):
+    """Lightning's ``FSDPStrategy``, training as DDP does under a mixed ``trainer.precision``; autoencoder in fp32.
+
+    Lightning's FSDP plugin maps ``bf16-mixed`` to bf16 parameters, gradient reduction, buffers and root inputs, so
+    gradients would be summed over the ranks in bf16 (DDP all-reduces them in fp32), the batch would reach the
+    autoencoder cast to bf16, and the autoencoder's weights (in the root unit) would be cast to bf16 in the forward.
+    Here, unless ``mixed_precision`` is given: parameters compute in the half dtype, gradients are reduced and
+    buffers kept in fp32, inputs are left as they come (autocast casts, as under DDP); 32-true and the true half
+    precisions are Lightning's. The LightningModule's ``autoencoder`` goes to FSDP's ``ignored_modules``: neither
+    flattened, sharded nor cast (a full fp32 copy on every rank, usable outside a forward too), moved to the root
+    device here since FSDP moves only what it manages. (MixedPrecision's ``_module_classes_to_ignore`` would make it
+    a unit of its own, sharded outside its ``forward``, which encode/decode do not go through.)
+    """
+
+    @property
+    def mixed_precision_config(self):
+        from torch.distributed.fsdp import MixedPrecision
+
+        half = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(self.precision_plugin.precision)
+        if self.mixed_precision or half is None:
+            return super().mixed_precision_config
+        return MixedPrecision(param_dtype=half, reduce_dtype=torch.float32, buffer_dtype=torch.float32,
+                              cast_root_forward_inputs=False)
+
+    def ignore_autoencoder(self, module: nn.Module) -> None:
+        """Puts ``module.autoencoder`` (if any) in FSDP's ``ignored_modules`` and on the root device."""
+        autoencoder = getattr(module, "autoencoder", None)
+        if isinstance(autoencoder, nn.Module):
+            autoencoder.to(self.root_device)
+            self.kwargs["ignored_modules"] = [autoencoder]
+
+    def setup(self, trainer) -> None:
+        self.ignore_autoencoder(self.lightning_module)
+        super().setup(trainer)
+
+
 def fsdp_root(module: nn.Module) -> nn.Module | None:
     """The FSDP root wrapping ``module`` (a LightningModule under Lightning's FSDPStrategy), else None."""
-    from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     strategy = getattr(getattr(module, "_trainer", None), "strategy", None)
@@ -86,4 +125,4 @@ def lerp_local_(ema_net: nn.Module, net: nn.Module, weight: float, name: str = "
         torch._foreach_lerp_([e for e, _ in floats], [v.to(e.dtype) for e, v in floats], weight=weight)
 
 
-__all__ = ["WRAP_FIX", "fsdp_root", "root_unsharded", "local_tensors", "paired", "lerp_local_"]
+__all__ = ["MarDiniFSDPStrategy", "WRAP_FIX", "fsdp_root", "root_unsharded", "local_tensors", "paired", "lerp_local_"]
