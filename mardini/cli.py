@@ -21,7 +21,13 @@ from mardini.user_errors import TRACEBACK_ENV, USER_ERRORS
 
 
 class MarDiniCLI(LightningCLI):
-    """``fit``/``validate``/``test`` over any MarDini stage module and any LightningDataModule."""
+    """``fit``/``validate`` over any MarDini stage module and any LightningDataModule."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's ``fit`` and ``validate``: the stage modules have no test or predict step and the datamodule no
+        test split (``ShortErrorParser`` says what to use instead)."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in ("fit", "validate")}
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
@@ -257,6 +263,9 @@ def _jsonargparse_debug() -> bool:
     return debug_mode_active()
 
 
+NO_TEST_SPLIT = re.compile(r"invalid choice: '(test|predict)'")
+
+
 class ShortErrorParser(LightningArgumentParser):
     """Lightning's parser, whose parse errors (a value of the wrong type, an unknown option) print one message and a
     pointer to ``--help`` instead of the usage of every option (over a hundred lines) and the Union noise.
@@ -267,7 +276,11 @@ class ShortErrorParser(LightningArgumentParser):
             return super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
-        sys.stderr.write(f"{prog}: error: {meaningful_lines(message)}\n  ({prog} --help lists the options)\n")
+        message = meaningful_lines(message)
+        if NO_TEST_SPLIT.search(message):
+            message += (": the stage modules have no test split (nor predict step); `validate` scores the validation "
+                        "split, `python evaluate.py` the benchmark protocols")
+        sys.stderr.write(f"{prog}: error: {message}\n  ({prog} --help lists the options)\n")
         sys.exit(2)
 
 

@@ -114,3 +114,18 @@ def test_a_spawning_strategy_shares_tensors_through_files(monkeypatch, tmp_path)
         assert torch.multiprocessing.get_sharing_strategy() == "file_system"
     finally:
         torch.multiprocessing.set_sharing_strategy(before)
+
+
+@pytest.mark.parametrize("subcommand", ["test", "predict"])
+def test_test_and_predict_are_refused_with_what_to_use_instead(tmp_path, subcommand):
+    """No stage module has a test or predict step (nor the datamodule a test split): Lightning crashed with a
+    MisconfigurationException after building everything."""
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, str(ROOT / "train.py"), subcommand, "--config", str(ROOT / "configs/debug.yaml")]
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    err = done.stderr.strip().splitlines()
+    assert len(err) == 2, err[:5]
+    assert err[0].startswith(f"train.py: error: argument subcommand: invalid choice: '{subcommand}'"), err[0]
+    assert "no test split" in err[0] and "`validate`" in err[0] and "evaluate.py" in err[0], err[0]
+    assert "Traceback" not in done.stderr
