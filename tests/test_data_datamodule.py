@@ -481,3 +481,17 @@ def test_setup_refuses_only_when_no_probed_shard_fits(tmp_path, monkeypatch):
     shutil.copy(mixed / "train-000000.tar", only_short / "train-000001.tar")
     with pytest.raises(ValueError, match=r"holds 6 frames at 16 fps \(so is the first clip of every shard probed, 2\)"):
         _dm(tmp_path, train_shards=str(only_short), val_shards=None).setup("fit")
+
+
+def test_every_argument_has_a_row_in_the_data_readme_table():
+    """data/README.md's DataModule table documents every ``VideoDataModule.__init__`` argument."""
+    import inspect
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "data" / "README.md").read_text()
+    table = text.split("## The DataModule", 1)[1].split("\n\n|", 1)[1].split("\n\n", 1)[0]
+    rows = set(re.findall(r"^\| `(\w+)` \|", "|" + table, flags=re.M))
+    arguments = set(inspect.signature(VideoDataModule.__init__).parameters) - {"self"}
+    assert rows, "no table found under '## The DataModule'"
+    assert arguments - rows == set(), f"arguments without a row: {sorted(arguments - rows)}"
+    assert rows - arguments == set(), f"rows of no argument: {sorted(rows - arguments)}"
