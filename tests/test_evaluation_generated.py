@@ -98,6 +98,27 @@ def test_an_external_method_scores_as_the_same_built_in_one(shards, tmp_path, mo
         report["tasks"]["image_to_video"]["results"]["nearest"]
 
 
+def test_a_resizing_protocol_scores_an_external_method_up_to_8_bit_rounding(shards, tmp_path, monkeypatch):
+    """Shards stored at 16 px scored at 12: the real clips are float after the resize, the exported inputs and the
+    outputs 8-bit, so the external nearest-frame matches the built-in one up to that rounding, not exactly."""
+    stub_networks(monkeypatch)
+    flags = ["--data", str(shards), "--tasks", *TASKS, "--resolution", "12", "--num-clips", "6", "--batch-size", "4",
+             "--cache-dir", ""]
+    inputs, gen, out = tmp_path / "inputs", tmp_path / "gen", tmp_path / "report"
+    assert cli.main([*flags, "--export-inputs", str(inputs)]) == 0
+    for task in TASKS:
+        nearest_method(inputs, gen, task, as_video=False)
+    assert cli.main([*flags, "--methods", "nearest_frame", "nearest", "--generated", f"nearest={gen}",
+                     "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    for task in TASKS:
+        res = report["tasks"][task]["results"]
+        assert res["nearest"].keys() == res["nearest_frame"].keys()
+        assert res["nearest"] == pytest.approx(res["nearest_frame"], rel=1e-2, abs=1e-6), task
+    assert report["tasks"]["interpolation"]["results"]["nearest"] != \
+        report["tasks"]["interpolation"]["results"]["nearest_frame"]  # the rounding shows: not exact here
+
+
 def test_generated_outputs_that_cannot_be_scored_are_refused(shards, tmp_path, capsys):
     flags = ["--data", str(shards), "--tasks", "interpolation", "--resolution", "16", "--num-clips", "6",
              "--metrics", "midf", "--cache-dir", "", "--out", str(tmp_path / "report")]
