@@ -3,10 +3,11 @@
     python -m mardini.lit.ema_export outputs/tiny/05_joint_task/checkpoints/last.ckpt tiny_joint_ema.ckpt
 
 A training checkpoint holds the raw networks, their EMA and the optimizer state; the export keeps the EMA weights,
-the hyper-parameters, the callback states and the ``mardini`` metadata (a quarter of the tiny joint checkpoint: 9.8
-of 39.3 MB). It samples and evaluates like the original (``sample.py``, ``evaluate.py`` and the pipeline read the EMA
-by default), and a stage can start from it (``model.init_args.init_from``: raw and EMA weights both start from the
-EMA ones). It cannot resume a fit: nothing of the optimizer or the loops is left.
+the hyper-parameters, the callback states and the ``mardini`` metadata (about a quarter of the tiny joint
+checkpoint; the command prints both sizes). It samples and evaluates like the original (``sample.py``,
+``evaluate.py`` and the pipeline read the EMA by default), and a stage can start from it
+(``model.init_args.init_from``: raw and EMA weights both start from the EMA ones). It cannot resume a fit: nothing
+of the optimizer or the loops is left.
 """
 
 from __future__ import annotations
