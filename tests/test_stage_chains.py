@@ -64,3 +64,23 @@ def test_a_stage_loads_the_other_attention_variant_of_its_size(tmp_path):
     assert load_network_states(path, ("joint",), (), size="mardini-s/t") == ({}, {})
     with pytest.raises(ValueError, match="mardini-s/st"):
         load_network_states(path, ("joint",), (), size="mardini-l/t")  # another size is still refused
+
+
+def test_a_joint_stage_takes_the_generator_of_a_size_with_another_planner(tmp_path):
+    """MarDini-S and -L share the generator (one shape): L's joint stage can start from S's generator warm-up
+    (``generator_ckpt``), skipping three stages that would train the same network; a planner is still refused."""
+    import torch
+
+    from mardini.lit.checkpoints import load_network_states
+
+    assert same_weights("mardini-s/st", "mardini-l/st", ("generator",))
+    assert not same_weights("mardini-s/st", "mardini-l/st") and not same_weights("mardini-s/st", "mardini-l/st", ("planner",))
+    path = tmp_path / "03.ckpt"
+    meta = {"kind": "joint", "format": CHECKPOINT_FORMAT, "size": "mardini-s/st", "networks": ["planner", "generator"]}
+    state = {"networks.planner.w": torch.ones(2), "networks.generator.w": torch.zeros(3)}
+    torch.save({"mardini": meta, "state_dict": state}, path)
+    raw, _ = load_network_states(path, ("joint",), ("generator",), size="mardini-l/st")
+    assert list(raw) == ["generator"] and raw["generator"]["w"].shape == (3,)
+    for names in (("planner",), ("planner", "generator"), ()):
+        with pytest.raises(ValueError, match="model size 'mardini-s/st', this model is size 'mardini-l/st'"):
+            load_network_states(path, ("joint",), names, size="mardini-l/st")

@@ -68,12 +68,13 @@ def _unpickling_message(path: Path, err: pickle.UnpicklingError) -> str:
 
 def check_metadata(
     checkpoint: dict[str, Any], kinds: tuple[str, ...], path: str | Path, size: str | None = None,
-    exact_size: bool = True,
+    exact_size: bool = True, networks: tuple[str, ...] = ("planner", "generator"),
 ) -> dict[str, Any]:
     """Return ``checkpoint['mardini']`` if its kind is one of ``kinds`` (and its size ``size``); raise otherwise.
 
     ``exact_size=False`` (a stage starting from another stage's networks) also accepts a size with the same weights
-    (:func:`mardini.models.registry.same_weights`: the ST and T variants of a paper size)."""
+    of ``networks``, the ones it takes (:func:`mardini.models.registry.same_weights`: the ST and T variants of a
+    paper size; MarDini-S's generator for MarDini-L's, one shape)."""
     if not isinstance(checkpoint, dict):
         raise ValueError(
             f"{path} is not a MarDini checkpoint (it holds a {type(checkpoint).__name__}, not the dict of weights and "
@@ -99,7 +100,8 @@ def check_metadata(
         )
     from mardini.models.registry import same_weights
 
-    if size is not None and meta.get("size") != size and (exact_size or not same_weights(meta.get("size"), size)):
+    if size is not None and meta.get("size") != size and (
+            exact_size or not same_weights(meta.get("size"), size, networks)):
         raise ValueError(
             f"{path} is a '{meta['kind']}' checkpoint of model size {meta.get('size')!r}, this model is size "
             f"{size!r}; set model.size={meta.get('size')!r} or use a checkpoint of size {size!r}"
@@ -314,7 +316,8 @@ def load_network_states(
     ``anchor``: this model's target (:class:`FrameAnchor`); a generator trained on another one is refused.
     ``cross_rope_grid``: this model's plan-token placement; a joint checkpoint's generator with another is refused."""
     ckpt = read_checkpoint(path)
-    meta = check_metadata(ckpt, kinds, path, size, exact_size=False)  # another stage's networks: /ST or /T alike
+    meta = check_metadata(ckpt, kinds, path, size, exact_size=False, networks=names or ("planner", "generator"))  # /ST or /T alike; the
+    # sizes compared on the networks taken only (MarDini-L's generator warm-up is MarDini-S's)
     if autoencoder_spec is not None:
         check_same_latents(meta, autoencoder_spec, path)
     if anchor is not None and "generator" in names:

@@ -177,17 +177,20 @@ def get_size(size: str) -> ModelSize:
     return MODEL_SIZES[key]
 
 
-def same_weights(a: str, b: str) -> bool:
-    """True when sizes ``a`` and ``b`` hold the same weights: equal, or registered sizes that differ only in the
-    generator's attention (ST or T: one set of weights) and the window (e.g. ``mardini-s/st`` and ``mardini-s/t``),
-    so a stage of one can start from a checkpoint of the other. Case-insensitive, like :func:`get_size`."""
+def same_weights(a: str, b: str, networks: tuple[str, ...] = ("planner", "generator")) -> bool:
+    """True when sizes ``a`` and ``b`` hold the same weights of ``networks``: equal, or registered sizes that differ
+    only in the generator's attention (ST or T: one set of weights), the window (e.g. ``mardini-s/st`` and
+    ``mardini-s/t``) and networks not named (the generator of ``mardini-s/st`` and ``mardini-l/st`` is one), so a
+    stage of one can start from a checkpoint of the other. Case-insensitive, like :func:`get_size`."""
     a, b = str(a).lower(), str(b).lower()
     if a == b:
         return True
     if a not in MODEL_SIZES or b not in MODEL_SIZES:
         return False
     sa, sb = MODEL_SIZES[a], MODEL_SIZES[b]
-    return sa.planner == sb.planner and replace(sa.generator, attention=sb.generator.attention) == sb.generator
+    planner = "planner" not in networks or sa.planner == sb.planner
+    generator = "generator" not in networks or replace(sa.generator, attention=sb.generator.attention) == sb.generator
+    return planner and generator
 
 
 def _override(cfg, overrides: dict, what: str):
