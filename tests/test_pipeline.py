@@ -130,6 +130,21 @@ def test_a_joint_checkpoint_samples_frames_of_another_aspect_ratio(pipe):
     assert out.shape == wide.shape and torch.isfinite(out).all()
 
 
+def test_frames_with_a_short_side_below_the_planner_resolution_are_refused_in_sampling_and_training(pipe):
+    """8x32 frames passed (their long side is >= 16) and the planner got an upscaled 16x64 copy."""
+    from mardini.data.transforms import planner_size
+    from mardini.lit import PlanningModule
+
+    assert planner_size(8, 32, 16) == (16, 64)  # the copy keeps the aspect ratio at the short side: upscaled
+    for h, w in ((8, 32), (32, 8)):
+        with pytest.raises(ValueError, match=rf"frames of \({h}, {w}\) have a short side smaller than the planner's "
+                                             r"resolution 16.*sample at the training resolution"):
+            pipe.generate(torch.full((1, T, 3, h, w), -0.5), MASK[:1], steps=1, progress=False)
+        module = PlanningModule(size="tiny", frames=T, planner_resolution=16)
+        with pytest.raises(ValueError, match=rf"planner_resolution=16 is larger than .*\({h}, {w}\)"):
+            module.latents_low({"video": torch.full((1, T, 3, h, w), -0.5)})
+
+
 def test_a_size_the_networks_cannot_split_is_refused_with_the_nearest_that_works(pipe):
     step = pipe.autoencoder.downsample * pipe.generator.cfg.patch_size
     odd = S + step // 2  # not a multiple of the generator's token size

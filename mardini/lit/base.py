@@ -261,10 +261,10 @@ class MarDiniBase(L.LightningModule):
 
         video = batch["video"]
         size = self.hparams.planner_resolution
-        if max(video.shape[-2:]) < size:
+        if min(video.shape[-2:]) < size:  # planner_copy's short side: it would upscale the frames
             raise ValueError(
-                f"planner_resolution={size} is larger than the training resolution {tuple(video.shape[-2:])}; "
-                "lower model.planner_resolution or raise data.resolution"
+                f"planner_resolution={size} is larger than the short side of the training frames "
+                f"{tuple(video.shape[-2:])}; lower model.planner_resolution or raise data.resolution"
             )
         return self.autoencoder.encode(planner_copy(video, size))
 

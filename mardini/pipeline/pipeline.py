@@ -269,9 +269,10 @@ class MarDiniPipeline:
             warnings.warn(f"every given pixel is >= 0 ([{given.min():.3g}, {given.max():.3g}]): frames in [0, 1] "
                           "(e.g. torchvision's ToTensor) give a washed-out video; the pipeline reads [-1, 1], so pass "
                           "x * 2 - 1", stacklevel=6)  # generate's caller (through no_grad's wrappers)
-        if self.planner is not None and max(video.shape[-2:]) < self.planner_resolution:
-            raise ValueError(f"frames of {tuple(video.shape[-2:])} are smaller than the planner's resolution "
-                             f"{self.planner_resolution}; sample at the training resolution {self.resolution}")
+        if self.planner is not None and min(video.shape[-2:]) < self.planner_resolution:  # the copy's short side
+            raise ValueError(f"frames of {tuple(video.shape[-2:])} have a short side smaller than the planner's "
+                             f"resolution {self.planner_resolution} (its low-resolution copy would be upscaled); "
+                             f"sample at the training resolution {self.resolution}")
         self.check_size(*video.shape[-2:])
 
     def size_problem(self, height: int, width: int) -> str | None:
