@@ -15,6 +15,7 @@ from mardini.data.datamodule import VideoDataModule
 from mardini.data.testing import tiny_synthetic
 from mardini.lit import GenerationModule, MarDiniModule, PlanningModule
 from mardini.lit.checkpoints import read_checkpoint
+from mardini.pipeline import MarDiniPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(size="tiny", planner_resolution=8, lr=1e-3, ema_decay=0.5, ema_warmup=False)
@@ -232,6 +233,15 @@ def test_a_path_that_is_no_checkpoint_file_says_what_it_is_without_unsafe_advice
     with pytest.raises(ValueError, match=r"run is a directory; pass the checkpoint file inside it, e\.g\. "
                                          r".*run/last\.ckpt \(it holds last\.ckpt\)"):
         read_checkpoint(tmp_path / "run")
+    stage = tmp_path / "05_joint_task"  # train.py's stage folder: the files are in its checkpoints/
+    (stage / "checkpoints").mkdir(parents=True)
+    (stage / "checkpoints" / "epoch=0-step=4.ckpt").touch()
+    (stage / "checkpoints" / "last.ckpt").touch()
+    for load in (read_checkpoint, MarDiniPipeline.from_checkpoint):  # was "e.g. 05_joint_task/last.ckpt (it holds no"
+        with pytest.raises(ValueError, match=r"05_joint_task is a directory; pass the checkpoint file inside it, e\.g\. "
+                                             r".*05_joint_task/checkpoints/last\.ckpt \(its checkpoints/ folder holds "
+                                             r"last\.ckpt, epoch=0-step=4\.ckpt\)"):
+            load(stage)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"is a directory.*it holds no \*\.ckpt file"):
         read_checkpoint(tmp_path / "empty")

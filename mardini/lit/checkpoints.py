@@ -50,11 +50,19 @@ def _load(path: Path) -> dict[str, Any]:
 
 
 def directory_message(path: Path) -> str:
-    """What to pass instead of a folder: its ``*.ckpt`` files, ``last.ckpt`` first."""
-    found = sorted(path.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", p.name))
+    """What to pass instead of a folder: its ``*.ckpt`` files, else those of its ``checkpoints/`` folder (train.py's
+    stage folder), ``last.ckpt`` first."""
+    where, found = "it", _checkpoint_files(path)
+    if not found and _checkpoint_files(path / "checkpoints"):
+        where, found = "its checkpoints/ folder", _checkpoint_files(path / "checkpoints")
     example = found[0] if found else path / "last.ckpt"
     held = ", ".join(p.name for p in found[:5]) + (" ..." if len(found) > 5 else "") if found else "no *.ckpt file"
-    return f"checkpoint {path} is a directory; pass the checkpoint file inside it, e.g. {example} (it holds {held})"
+    return f"checkpoint {path} is a directory; pass the checkpoint file inside it, e.g. {example} ({where} holds {held})"
+
+
+def _checkpoint_files(folder: Path) -> list[Path]:
+    """The ``*.ckpt`` files of ``folder`` (none when it is no folder), ``last.ckpt`` first."""
+    return sorted(folder.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", p.name))
 
 
 def _unpickling_message(path: Path, err: pickle.UnpicklingError) -> str:
