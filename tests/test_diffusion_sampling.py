@@ -153,6 +153,13 @@ def test_seeded_and_reproducible(eta):
     assert not torch.allclose(a, c)
 
 
+@pytest.mark.parametrize("eta", [-0.5, float("inf"), float("nan")])
+def test_an_eta_that_is_not_a_finite_number_at_least_0_is_refused(eta):
+    """inf passed the check and gave all-NaN latents."""
+    with pytest.raises(ValueError, match=rf"eta must be a finite number >= 0 .*got {eta!r}"):
+        DDIMSampler(steps=2, eta=eta)
+
+
 def test_ddim_one_call_per_step_with_guidance_and_callback():
     model = StubGenerator()
     z_ref = _randn(B, T, C, H, W, seed=4)

@@ -12,6 +12,8 @@ The loop is split so a cache can wrap the network: :meth:`DDIMSampler.sample` ta
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Callable
 
 import torch
@@ -85,8 +87,8 @@ class DDIMSampler:
     def __init__(self, schedule: CosineSchedule | None = None, steps: int = 25, eta: float = 0.0) -> None:
         if int(steps) != steps or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-        if not 0.0 <= eta:
-            raise ValueError(f"eta must be >= 0 (0 = deterministic DDIM), got {eta!r}")
+        if not (isinstance(eta, numbers.Real) and math.isfinite(eta) and eta >= 0):
+            raise ValueError(f"eta must be a finite number >= 0 (0 = deterministic DDIM), got {eta!r}")
         self.schedule = schedule if schedule is not None else CosineSchedule()
         self.steps = int(steps)
         self.eta = float(eta)

@@ -151,8 +151,9 @@ class MarDiniPipeline:
         """:meth:`generate` before decoding: latents ``(B*k, T, C, h, w)`` float32 (given frames bit-identical to
         their encoding), and the repeated pixels ``(B*k, T, 3, H, W)`` (masked frames zeroed) and mask ``(B*k, T)``."""
         self._check(video, mask, guidance_scale, num_samples)
-        if not eta >= 0:
-            raise ValueError(f"eta must be >= 0 (0 = deterministic DDIM, 1 = ancestral sampling), got {eta!r}")
+        if not (isinstance(eta, numbers.Real) and math.isfinite(eta) and eta >= 0):  # inf gave an all-NaN video
+            raise ValueError(f"eta must be a finite number >= 0 (0 = deterministic DDIM, 1 = ancestral sampling), "
+                             f"got {eta!r}")
         b, t, _, h, w = video.shape
         seeds = tasks.per_clip_seeds(seed, b)
         m = mask.to(self.device).repeat_interleave(num_samples, 0)  # (B*k, T)
