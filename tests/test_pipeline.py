@@ -240,6 +240,31 @@ def test_named_tasks(pipe):
         assert torch.equal(out[:, ::factor], v)
 
 
+def test_named_tasks_name_their_own_window_keyword_and_the_task_that_fits(pipe):
+    """window= to interpolate fell into generate ("unexpected keyword argument 'window'"), a window above the
+    trained one told long_video's caller to use long_video, and a prefix filling expand's window named frame indices."""
+    v, kw = _video(1, 3), dict(steps=1, progress=False)
+    for task, call in (("interpolate", lambda: pipe.interpolate(v[:, 0], v[:, 2], window=T, **kw)),
+                       ("image_to_video", lambda: pipe.image_to_video(v[:, 0], window=T, **kw)),
+                       ("expand", lambda: pipe.expand(v[:, :2], window=T, **kw))):
+        with pytest.raises(TypeError, match=rf"{task}\(\) takes frames= \(the window's length\), not window= "
+                                            r"\(got window=5\)"):
+            call()
+    with pytest.raises(TypeError, match=r"long_video\(\) takes window= \(frames per window, not the output's "
+                                        r"length\), not frames= \(got frames=5"):
+        pipe.long_video(v[:, :2], total_frames=8, frames=T, **kw)
+    with pytest.raises(TypeError, match=r"slow_motion\(\) takes window= .*not frames="):
+        pipe.slow_motion(v, frames=T, **kw)
+    for task, call in (("long_video", lambda: pipe.long_video(v[:, :2], total_frames=12, window=7, **kw)),
+                       ("slow_motion", lambda: pipe.slow_motion(v, window=7, **kw))):
+        with pytest.raises(ValueError, match=rf"window must be <= 5 \(the checkpoint's trained window\), got 7; {task} "
+                                             "goes window by window"):
+            call()
+    with pytest.raises(ValueError, match=r"a prefix of 5 frames leaves nothing to generate in a window of 5 frames; "
+                                         r"expand fills one window: .*use long_video"):
+        pipe.expand(_video(1, T), **kw)
+
+
 def test_long_video_from_one_image(pipe):
     """A (3, H, W) image was refused although the docstring said one image is fine; (n, 3, H, W) is one clip."""
     image = _video(1, 1)[0, 0]  # (3, H, W)

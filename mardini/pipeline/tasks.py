@@ -1,7 +1,9 @@
 """The named MarDini tasks, all built on ``MarDiniPipeline.generate`` (PAPER.md §4.1-4.3).
 
 Each function takes the pipeline first and passes ``steps``, ``eta``, ``guidance_scale``, ``seed``, ``num_samples``,
-``progress`` through ``**kw``. Multi-window tasks derive one seed per (clip, window) from ``seed``.
+``progress`` through ``**kw``. The one-window tasks take the window's length as ``frames``; the multi-window ones
+(``long_video``, ``slow_motion``) take ``window`` (frames per window, at most the trained one). Multi-window tasks
+derive one seed per (clip, window) from ``seed``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,29 @@ def _frames(pipe, frames: int | None) -> int:
     if t < 2:
         raise ValueError(f"a window needs at least 2 frames (one given, one generated), got {t}")
     return t
+
+
+LENGTH_KEYWORDS = {  # a window's length: the one-window tasks' keyword, the multi-window tasks'
+    "frames": "frames= (the window's length)",
+    "window": "window= (frames per window, not the output's length)",
+}
+
+
+def _own_keyword(kw: dict, task: str, own: str) -> None:
+    """A TypeError naming ``task``'s keyword for a window's length (``own``, :data:`LENGTH_KEYWORDS`) when the other
+    tasks' one is passed: it would fall through ``**kw`` into ``generate``."""
+    other = "window" if own == "frames" else "frames"
+    if other in kw:
+        raise TypeError(f"{task}() takes {LENGTH_KEYWORDS[own]}, not {other}= (got {other}={kw[other]!r})")
+
+
+def _window_length(pipe, window: int | None, task: str) -> int:
+    """Frames per window of a multi-window task: ``window`` (default: the trained one), at most the trained one."""
+    w = _frames(pipe, window)
+    if w > pipe.window:
+        raise ValueError(f"window must be <= {pipe.window} (the checkpoint's trained window), got {w}; {task} goes "
+                         "window by window, so leave window out to use the trained one")
+    return w
 
 
 def _images(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -88,6 +113,7 @@ def _place(batch_like: torch.Tensor, frames: int, items: dict[int, torch.Tensor]
 
 def interpolate(pipe, first: torch.Tensor, last: torch.Tensor, frames: int | None = None, **kw) -> torch.Tensor:
     """First and last frames given, the middle generated: ``(B*k, frames, 3, H, W)`` (no guidance in the paper)."""
+    _own_keyword(kw, "interpolate", "frames")
     first, last = _images(first, "first"), _images(last, "last")
     if first.shape != last.shape:
         raise ValueError(f"first {tuple(first.shape)} and last {tuple(last.shape)} must have the same shape")
@@ -97,6 +123,7 @@ def interpolate(pipe, first: torch.Tensor, last: torch.Tensor, frames: int | Non
 
 def image_to_video(pipe, image: torch.Tensor, frames: int | None = None, index: int = 0, **kw) -> torch.Tensor:
     """One frame given at ``index`` (negative from the end): ``(B*k, frames, 3, H, W)``; the paper guides with 2.5."""
+    _own_keyword(kw, "image_to_video", "frames")
     image, t = _images(image, "image"), _frames(pipe, frames)
     mask = image_to_video_mask(t, index)  # validates the index
     return _window(pipe, _place(image, t, {int((~mask).nonzero()[0]): image}), mask, **kw)
@@ -104,9 +131,13 @@ def image_to_video(pipe, image: torch.Tensor, frames: int | None = None, index: 
 
 def expand(pipe, prefix: torch.Tensor, frames: int | None = None, **kw) -> torch.Tensor:
     """A prefix of n frames given, continued to ``frames`` (one window): ``(B*k, frames, 3, H, W)``."""
+    _own_keyword(kw, "expand", "frames")
     prefix, t = _clips(prefix, "prefix"), _frames(pipe, frames)
     n = prefix.shape[1]
-    mask = expansion_mask(t, n)  # raises when n >= t
+    if n >= t:
+        raise ValueError(f"a prefix of {n} frames leaves nothing to generate in a window of {t} frames; expand fills "
+                         "one window: give fewer frames, or use long_video to continue it over more windows")
+    mask = expansion_mask(t, n)
     video = torch.cat([prefix, prefix.new_zeros(prefix.shape[0], t - n, *prefix.shape[2:])], dim=1)  # (B, T, 3, H, W)
     return _window(pipe, video, mask, **kw)
 
@@ -127,7 +158,8 @@ def long_video(pipe, prefix: torch.Tensor, total_frames: int, context: int | Non
             (default: half the window). window: frames per window (default: the trained window).
     Returns ``(B*k, total_frames, 3, H, W)``; the prefix frames are the inputs.
     """
-    prefix, w = _clips(prefix, "prefix"), _frames(pipe, window)
+    _own_keyword(kw, "long_video", "window")
+    prefix, w = _clips(prefix, "prefix"), _window_length(pipe, window, "long_video")
     context = max(1, w // 2) if context is None else int(context)
     if not 1 <= context < w:
         raise ValueError(f"context must be in [1, window - 1] = [1, {w - 1}], got {context}")
@@ -160,12 +192,13 @@ def slow_motion(pipe, video: torch.Tensor, factor: int = 2, window: int | None =
         video: ``(B, n, 3, H, W)`` or ``(n, 3, H, W)``, n >= 2. factor: 2, 4, 8, ...
     Returns ``(B*k, (n - 1) * factor + 1, 3, H, W)``; the input frames are kept at every ``factor``-th index.
     """
+    _own_keyword(kw, "slow_motion", "window")
     video = _clips(video, "video")
     if factor < 2 or factor & (factor - 1):
         raise ValueError(f"factor must be a power of 2 (2, 4, 8, ...), got {factor}")
     if video.shape[1] < 2:
         raise ValueError(f"slow motion needs at least 2 frames, got {video.shape[1]}")
-    w = _frames(pipe, window)
+    w = _window_length(pipe, window, "slow_motion")
     w = w if w % 2 else w - 1  # odd, so that given frames sit at both ends
     if w < 3:
         raise ValueError(f"slow motion needs a window of at least 3 frames, the checkpoint's is {w}")
