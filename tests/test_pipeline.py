@@ -265,6 +265,28 @@ def test_named_tasks_name_their_own_window_keyword_and_the_task_that_fits(pipe):
         pipe.expand(_video(1, T), **kw)
 
 
+def test_counts_that_are_not_integers_are_named(pipe):
+    """num_samples=1.5 failed in repeat_interleave, total_frames=12.5 in new_zeros, frames=4.5 was cut to 4."""
+    v, kw = _video(1, 3), dict(steps=1, progress=False)
+    for bad in (1.5, True, "2"):
+        with pytest.raises(ValueError, match=rf"num_samples must be an integer >= 1, got {bad!r}"):
+            pipe.generate(_video(), MASK, num_samples=bad, **kw)
+        with pytest.raises(ValueError, match=rf"num_samples must be an integer >= 1, got {bad!r}"):
+            pipe.long_video(v[:, :2], total_frames=8, num_samples=bad, **kw)
+    with pytest.raises(ValueError, match=r"total_frames must be an integer > the 2 given frames, got 12.5"):
+        pipe.long_video(v[:, :2], total_frames=12.5, **kw)
+    with pytest.raises(ValueError, match=r"context must be an integer in \[1, window - 1\] = \[1, 4\], got 1.5"):
+        pipe.long_video(v[:, :2], total_frames=8, context=1.5, **kw)
+    with pytest.raises(ValueError, match=r"frames must be an integer \(frames in a window\), got 4.5"):
+        pipe.interpolate(v[:, 0], v[:, 2], frames=4.5, **kw)
+    with pytest.raises(ValueError, match=r"window must be an integer \(frames in a window\), got 4.5"):
+        pipe.slow_motion(v, window=4.5, **kw)
+    with pytest.raises(ValueError, match=r"factor must be a power of 2 \(2, 4, 8, ...\), got 2.0"):
+        pipe.slow_motion(v, factor=2.0, **kw)
+    many = pipe.long_video(v[:, :2], total_frames=np.int64(6), num_samples=torch.tensor(2), **kw)
+    assert many.shape == (2, 6, 3, S, S)  # integers of any kind are counts
+
+
 def test_long_video_from_one_image(pipe):
     """A (3, H, W) image was refused although the docstring said one image is fine; (n, 3, H, W) is one clip."""
     image = _video(1, 1)[0, 0]  # (3, H, W)

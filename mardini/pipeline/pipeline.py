@@ -260,8 +260,7 @@ class MarDiniPipeline:
             raise ValueError(f"this '{self.kind}' checkpoint has no planner: it samples plan-free (the learned "
                              f"null plan), so guidance_scale must be 1 (got {scale}); use a joint checkpoint "
                              "for guidance")
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        tasks.check_count(num_samples, "num_samples", 1)
         given = video[~mask.to(video.device)]  # (n_given, 3, H, W)
         if not bool(torch.isfinite(given).all()) or given.abs().max() > 1.0 + 1e-3:
             raise ValueError(f"given frames must be finite pixels in [-1, 1], got [{given.min():.3g}, "

@@ -17,7 +17,9 @@ import torch
 from mardini.masking import expansion_mask, image_to_video_mask, interpolation_mask
 
 
-def _frames(pipe, frames: int | None) -> int:
+def _frames(pipe, frames: int | None, name: str = "frames") -> int:
+    if frames is not None and not _is_count(frames):
+        raise ValueError(f"{name} must be an integer (frames in a window), got {frames!r}")
     t = pipe.window if frames is None else int(frames)
     if t < 2:
         raise ValueError(f"a window needs at least 2 frames (one given, one generated), got {t}")
@@ -40,7 +42,7 @@ def _own_keyword(kw: dict, task: str, own: str) -> None:
 
 def _window_length(pipe, window: int | None, task: str) -> int:
     """Frames per window of a multi-window task: ``window`` (default: the trained one), at most the trained one."""
-    w = _frames(pipe, window)
+    w = _frames(pipe, window, "window")
     if w > pipe.window:
         raise ValueError(f"window must be <= {pipe.window} (the checkpoint's trained window), got {w}; {task} goes "
                          "window by window, so leave window out to use the trained one")
@@ -66,6 +68,18 @@ def _clips(x: torch.Tensor, name: str) -> torch.Tensor:
 def _is_int(x) -> bool:
     """An integer of any kind: ``int``, a numpy integer, a 0-d integer tensor."""
     return isinstance(x, numbers.Integral) or (torch.is_tensor(x) and x.dim() == 0 and not x.is_floating_point())
+
+
+def _is_count(x) -> bool:
+    """An integer (:func:`_is_int`) that is no bool."""
+    return _is_int(x) and not isinstance(x, bool) and not (torch.is_tensor(x) and x.dtype == torch.bool)
+
+
+def check_count(value, name: str, least: int) -> int:
+    """``value`` as an int; a ValueError naming ``name`` unless it is an integer (:func:`_is_count`) >= ``least``."""
+    if not _is_count(value) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    return int(value)
 
 
 def per_clip_seeds(seed, batch: int) -> list[int]:
@@ -160,11 +174,13 @@ def long_video(pipe, prefix: torch.Tensor, total_frames: int, context: int | Non
     """
     _own_keyword(kw, "long_video", "window")
     prefix, w = _clips(prefix, "prefix"), _window_length(pipe, window, "long_video")
-    context = max(1, w // 2) if context is None else int(context)
-    if not 1 <= context < w:
-        raise ValueError(f"context must be in [1, window - 1] = [1, {w - 1}], got {context}")
-    if total_frames <= prefix.shape[1]:
-        raise ValueError(f"total_frames={total_frames} must exceed the {prefix.shape[1]} given frames")
+    context = max(1, w // 2) if context is None else context
+    if not _is_count(context) or not 1 <= context < w:
+        raise ValueError(f"context must be an integer in [1, window - 1] = [1, {w - 1}], got {context!r}")
+    if not _is_count(total_frames) or total_frames <= prefix.shape[1]:
+        raise ValueError(f"total_frames must be an integer > the {prefix.shape[1]} given frames, got {total_frames!r}")
+    context, total_frames = int(context), int(total_frames)
+    num_samples = check_count(num_samples, "num_samples", 1)
     seeds = _seeds(seed, prefix.shape[0])
     out = prefix.repeat_interleave(num_samples, 0)  # (B*k, n, 3, H, W)
     row_seeds = [(s * 1_000_003 + j) % 2**63 for s in seeds for j in range(num_samples)]  # per (clip, sample)
@@ -194,8 +210,9 @@ def slow_motion(pipe, video: torch.Tensor, factor: int = 2, window: int | None =
     """
     _own_keyword(kw, "slow_motion", "window")
     video = _clips(video, "video")
-    if factor < 2 or factor & (factor - 1):
-        raise ValueError(f"factor must be a power of 2 (2, 4, 8, ...), got {factor}")
+    if not _is_count(factor) or factor < 2 or factor & (factor - 1):
+        raise ValueError(f"factor must be a power of 2 (2, 4, 8, ...), got {factor!r}")
+    factor, num_samples = int(factor), check_count(num_samples, "num_samples", 1)
     if video.shape[1] < 2:
         raise ValueError(f"slow motion needs at least 2 frames, got {video.shape[1]}")
     w = _window_length(pipe, window, "slow_motion")
