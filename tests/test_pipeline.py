@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mardini.masking import interpolation_mask
-from mardini.pipeline import MarDiniPipeline
+from mardini.pipeline import MarDiniPipeline, tasks
 from pipeline_helpers import make_checkpoint, one_thread  # noqa: F401 (fixture)
 
 T, S = 5, 16  # window and frame side of the test checkpoints
@@ -347,6 +347,33 @@ def test_frames_in_0_1_warn_once_per_call(pipe):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pipe.generate(v, MASK, steps=1, progress=False)
+
+
+def test_frames_in_0_1_given_to_a_named_task_warn_at_the_user_s_call(pipe):
+    """The warning of interpolate / long_video / slow_motion pointed at tasks.py (a fixed stacklevel)."""
+    v, kw = (_video(1, 3) + 1) / 2, dict(steps=1, progress=False)  # (1, 3, 3, S, S) in [0, 1]
+    for call in (lambda: pipe.interpolate(v[:, 0], v[:, 2], **kw), lambda: pipe.slow_motion(v, **kw),
+                 lambda: pipe.long_video(v[:, :2], total_frames=6, **kw), lambda: tasks.expand(pipe, v[:, :2], **kw)):
+        with pytest.warns(UserWarning, match=r"every given pixel is >= 0") as caught:
+            call()
+        assert {w.filename for w in caught} == {__file__}
+
+
+def test_task_inputs_of_the_wrong_dtype_are_named(pipe):
+    """uint8 images to interpolate were reported as "video must be a float (B, T, 3, H, W) tensor ..., got torch.uint8
+    (2, 9, 3, 32, 32)", a tensor the user never made."""
+    u8 = ((_video(2, 3) + 1) * 127.5).byte()  # (2, 3, 3, S, S)
+    with pytest.raises(ValueError, match=r"^first must be a float image \(B, 3, H, W\) in \[-1, 1\], got torch.uint8 "
+                                         r"\(uint8 frames: convert with x / 127.5 - 1\)$"):
+        pipe.interpolate(u8[:, 0], u8[:, 2], steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"^image must be a float image .*got ndarray \(a torch tensor"):
+        pipe.image_to_video(u8[:, 0].numpy(), steps=1, progress=False)
+    for call in (lambda: pipe.expand(u8[:, :2]), lambda: pipe.long_video(u8[:, :2], total_frames=6)):
+        with pytest.raises(ValueError, match=r"^prefix must be a float video \(B, n, 3, H, W\) in \[-1, 1\], "
+                                             r"got torch.uint8"):
+            call()
+    with pytest.raises(ValueError, match=r"^video must be a float video \(B, n, 3, H, W\) .*got torch.int64$"):
+        pipe.slow_motion(u8.long())
 
 
 def test_generation_checkpoint_samples_plan_free_only(ckpts):

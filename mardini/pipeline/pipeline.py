@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import os
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -40,6 +42,18 @@ def _step_noise_seed(seed: int, sample: int) -> int:
     """Seed of the per-step (eta > 0) noise of sample ``sample`` of a clip seeded ``seed``: independent of the
     start noise's stream (which ``seed`` itself draws)."""
     return int(np.random.SeedSequence([int(seed) % 2**63, int(sample), 0xE7A]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning raised by this function's caller at the first frame outside this
+    module, :mod:`~mardini.pipeline.tasks` and torch (``no_grad``'s wrappers): the user's call of ``generate`` or of
+    a named task (Python 3.12's ``skip_file_prefixes``)."""
+    internal, torch_dir = {__file__, tasks.__file__}, os.path.dirname(torch.__file__) + os.sep
+    frame, level = sys._getframe(1), 1  # level 1: the frame that warns
+    while frame.f_back is not None and (frame.f_code.co_filename in internal
+                                        or frame.f_code.co_filename.startswith(torch_dir)):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class MarDiniPipeline:
@@ -268,7 +282,7 @@ class MarDiniPipeline:
         if given.numel() and given.min() >= 0:
             warnings.warn(f"every given pixel is >= 0 ([{given.min():.3g}, {given.max():.3g}]): frames in [0, 1] "
                           "(e.g. torchvision's ToTensor) give a washed-out video; the pipeline reads [-1, 1], so pass "
-                          "x * 2 - 1", stacklevel=6)  # generate's caller (through no_grad's wrappers)
+                          "x * 2 - 1", stacklevel=_caller_stacklevel())
         if self.planner is not None and min(video.shape[-2:]) < self.planner_resolution:  # the copy's short side
             raise ValueError(f"frames of {tuple(video.shape[-2:])} have a short side smaller than the planner's "
                              f"resolution {self.planner_resolution} (its low-resolution copy would be upscaled); "

@@ -49,8 +49,18 @@ def _window_length(pipe, window: int | None, task: str) -> int:
     return w
 
 
+def _check_pixels(x, name: str, what: str) -> None:
+    """A ValueError naming the argument ``name`` unless ``x`` is a float tensor (``what``: its shapes)."""
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        got, fix = type(x).__name__, " (a torch tensor: convert with torch.as_tensor)"
+        if torch.is_tensor(x):
+            got, fix = x.dtype, " (uint8 frames: convert with x / 127.5 - 1)" if x.dtype == torch.uint8 else ""
+        raise ValueError(f"{name} must be a float {what} in [-1, 1], got {got}{fix}")
+
+
 def _images(x: torch.Tensor, name: str) -> torch.Tensor:
     """``(3, H, W)`` or ``(B, 3, H, W)`` -> ``(B, 3, H, W)``."""
+    _check_pixels(x, name, "image (B, 3, H, W)")
     x = x[None] if x.dim() == 3 else x
     if x.dim() != 4 or x.shape[1] != 3:
         raise ValueError(f"{name} must be (3, H, W) or (B, 3, H, W), got {tuple(x.shape)}")
@@ -59,6 +69,7 @@ def _images(x: torch.Tensor, name: str) -> torch.Tensor:
 
 def _clips(x: torch.Tensor, name: str) -> torch.Tensor:
     """``(3, H, W)`` (one frame), ``(n, 3, H, W)`` (n frames of one clip) or ``(B, n, 3, H, W)`` -> the last."""
+    _check_pixels(x, name, "video (B, n, 3, H, W)")
     x = x[None, None] if x.dim() == 3 else x[None] if x.dim() == 4 else x
     if x.dim() != 5 or x.shape[2] != 3:
         raise ValueError(f"{name} must be (3, H, W), (n, 3, H, W) or (B, n, 3, H, W), got {tuple(x.shape)}")
