@@ -223,3 +223,12 @@ def test_guidance_without_plan_or_null_plan():
         guided_velocity(NoNullModel(), z_t, t, plan, MASK, scale=2.5)
     with pytest.raises(ValueError, match="plan must be"):
         guided_velocity(model, z_t, t, plan[:, :2], MASK, scale=2.5)
+
+
+@pytest.mark.parametrize("eta", [float("inf"), -1.0])
+def test_the_evaluation_sampler_refuses_an_eta_the_pipeline_refuses(eta):
+    """evaluate.py's PipelineSampler checks eta when built, with the pipeline's rule (inf passed it before)."""
+    from mardini.evaluation.samplers import PipelineSampler
+
+    with pytest.raises(ValueError, match=rf"eta must be a finite number >= 0 .*got {eta!r}"):
+        PipelineSampler(object(), steps=5, eta=eta)

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
+
+
+def check_eta(eta) -> None:
+    """Raise unless the DDIM ``eta`` is a finite real number >= 0 (inf gave an all-NaN video)."""
+    if not (isinstance(eta, numbers.Real) and math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta must be a finite number >= 0 (0 = deterministic DDIM, 1 = ancestral sampling), "
+                         f"got {eta!r}")
 
 
 def check_latents(z: torch.Tensor, name: str = "latents") -> None:

@@ -12,15 +12,13 @@ The loop is split so a cache can wrap the network: :meth:`DDIMSampler.sample` ta
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mardini.diffusion.checks import check_latents, check_mask, frame_mask
+from mardini.diffusion.checks import check_eta, check_latents, check_mask, frame_mask
 from mardini.diffusion.guidance import DenoiseFn, guided_denoise_fn
 from mardini.diffusion.schedule import CosineSchedule
 
@@ -87,8 +85,7 @@ class DDIMSampler:
     def __init__(self, schedule: CosineSchedule | None = None, steps: int = 25, eta: float = 0.0) -> None:
         if int(steps) != steps or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-        if not (isinstance(eta, numbers.Real) and math.isfinite(eta) and eta >= 0):
-            raise ValueError(f"eta must be a finite number >= 0 (0 = deterministic DDIM), got {eta!r}")
+        check_eta(eta)
         self.schedule = schedule if schedule is not None else CosineSchedule()
         self.steps = int(steps)
         self.eta = float(eta)

@@ -18,7 +18,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from mardini.data.transforms import resize_video
-from mardini.masking import gather_frames, nearest_given_frames, neighbour_given, validate_mask
+from mardini.diffusion.checks import check_eta
+from mardini.masking import gather_frames, nearest_given_frames, neighbour_given
 
 
 @runtime_checkable
@@ -77,8 +78,7 @@ class PipelineSampler:
     def __init__(self, pipeline: Any, steps: int = 25, guidance_scale: float = 1.0, eta: float = 0.0) -> None:
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        if not eta >= 0:
-            raise ValueError(f"eta must be >= 0 (0 = deterministic DDIM), got {eta}")
+        check_eta(eta)
         if getattr(pipeline, "planner", True) is None and guidance_scale != 1.0:
             warnings.warn(f"the pipeline has no planner (a generation warm-up): guidance {guidance_scale} -> 1.0")
             guidance_scale = 1.0

@@ -28,7 +28,7 @@ from mardini.data.transforms import planner_copy, unsplit_input
 from mardini.devices import resolve_device
 from mardini.diffusion import CosineSchedule, DDIMSampler
 from mardini.diffusion.anchor import FrameAnchor
-from mardini.diffusion.checks import frame_mask
+from mardini.diffusion.checks import check_eta, frame_mask
 from mardini.masking import validate_mask
 from mardini.pipeline import tasks
 from mardini.pipeline.denoise import make_denoise_fn
@@ -165,9 +165,7 @@ class MarDiniPipeline:
         """:meth:`generate` before decoding: latents ``(B*k, T, C, h, w)`` float32 (given frames bit-identical to
         their encoding), and the repeated pixels ``(B*k, T, 3, H, W)`` (masked frames zeroed) and mask ``(B*k, T)``."""
         self._check(video, mask, guidance_scale, num_samples)
-        if not (isinstance(eta, numbers.Real) and math.isfinite(eta) and eta >= 0):  # inf gave an all-NaN video
-            raise ValueError(f"eta must be a finite number >= 0 (0 = deterministic DDIM, 1 = ancestral sampling), "
-                             f"got {eta!r}")
+        check_eta(eta)
         b, t, _, h, w = video.shape
         seeds = tasks.per_clip_seeds(seed, b)
         m = mask.to(self.device).repeat_interleave(num_samples, 0)  # (B*k, T)
