@@ -2,7 +2,8 @@
 
 On CPU by default, on a GPU with ``--device cuda``:
 
-    .venv/bin/python -m bench.asymmetric [--frames 9 13] [--steps 10] [--rounds 1] [--quick] [--device cuda]
+    .venv/bin/python -m bench.asymmetric [--frames 9 13] [--steps 10] [--rounds 1] [--full-warmup] [--quick]
+        [--device cuda]
 
 Variants (same two networks, so parameter counts match exactly; only resolution and attention change):
     a  MarDini       planner on the low-res copy, generator with temporal attention (/T)
@@ -17,9 +18,10 @@ paper's attention-to-linear FLOP balance (tokens / width) and the 4:1 high/low t
 ``MarDiniPipeline`` (planner once, reference cache and batched guidance on), as the paper's setting.
 
 Each (variant, frames) runs in its own subprocess: latency = planner + generator seconds of a second
-``generate`` call (the first, 1 step, warms up); peak memory = the subprocess's max RSS (``ru_maxrss``) and
-its growth over the RSS after the networks are built (on CUDA: ``torch.cuda.max_memory_allocated`` and its growth
-over the memory the networks hold). Rounds interleave the variants; medians are reported.
+``generate`` call (the first, 1 step or with ``--full-warmup`` as many as the timed call, warms up); peak memory =
+the subprocess's max RSS (``ru_maxrss``) and its growth over the RSS after the networks are built (on CUDA:
+``torch.cuda.max_memory_allocated`` and its growth over the memory the networks hold). Rounds interleave the variants; medians are reported, with the latency's
+min and max over the rounds (``latency_min_s``, ``latency_max_s``).
 
 FLOPs (model FLOPs of the whole sampling call, ``bench.common.flop_counter``, after the timed call): counted for
 1 and 2 steps, so ``total = f1 + (steps - 1) (f2 - f1)`` (the first step also fills the reference cache). The
@@ -44,8 +46,8 @@ LABELS = {"a": "MarDini (low-res planner, /T)", "b": "low-res planner, /ST", "c"
 
 
 def child(variant: str, frames: int, steps: int, side: int, low: int, scale: int, threads: int | None,
-          device: str = "cpu") -> dict:
-    """One measurement in this process; returns seconds and memory."""
+          device: str = "cpu", warmup_steps: int = 1) -> dict:
+    """One measurement in this process (after a ``warmup_steps`` warm-up call); returns seconds and memory."""
     from mardini.autoencoders import SpaceToDepthAutoencoder
     from mardini.masking import image_to_video_mask
     from mardini.models import build_generator, build_planner
@@ -75,7 +77,7 @@ def child(variant: str, frames: int, steps: int, side: int, low: int, scale: int
     if cuda:
         torch.cuda.reset_peak_memory_stats(pipe.device)
         gpu_built = torch.cuda.memory_allocated(pipe.device)
-    pipe.generate(video, mask, steps=1, guidance_scale=2.5, progress=False)  # warm-up
+    pipe.generate(video, mask, steps=warmup_steps, guidance_scale=2.5, progress=False)  # warm-up
     pipe.generate(video, mask, steps=steps, guidance_scale=2.5, progress=False)
     tm = pipe.last_timings
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -110,14 +112,16 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--frames", type=int, nargs="+", default=[9, 13])
     p.add_argument("--steps", type=int, default=10, help="DDIM steps (the paper times 25; 10 keeps CPU runs short)")
-    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 1, also with --quick)")
+    p.add_argument("--full-warmup", action="store_true",
+                   help="warm up with a call as long as the timed one (default: a 1-step call)")
     p.add_argument("--side", type=int, default=16, help="generator latent side (tokens per frame = side^2)")
     p.add_argument("--low", type=int, default=8, help="planner latent side in variants a, b")
     p.add_argument("--scale", type=int, default=16, help="width divisor of the paper's networks")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu",
                    help="cpu or cuda (memory: max_memory_allocated on cuda, max RSS on cpu)")
-    p.add_argument("--quick", action="store_true", help="small, 2 steps, one round (smoke test)")
+    p.add_argument("--quick", action="store_true", help="small, 2 steps, one round unless --rounds (smoke test)")
     p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=sorted(VARIANTS),
                    help="which variants to run (the ratios need c)")
     p.add_argument("--tag", default="", help="suffix of the result file name (other scales beside the default)")
@@ -126,9 +130,11 @@ def main(argv: list[str] | None = None) -> dict:
     if "c" not in a.variants:
         p.error("--variants must include c: every ratio is (c) over a variant")
     if a.quick:
-        a.frames, a.steps, a.rounds, a.side, a.low, a.scale = [5], 2, 1, 8, 4, 64
+        a.frames, a.steps, a.side, a.low, a.scale = [5], 2, 8, 4, 64
+    a.rounds = a.rounds or 1
     if a.child:
-        print(json.dumps(child(a.child[0], int(a.child[1]), a.steps, a.side, a.low, a.scale, a.threads, a.device)))
+        print(json.dumps(child(a.child[0], int(a.child[1]), a.steps, a.side, a.low, a.scale, a.threads, a.device,
+                               a.steps if a.full_warmup else 1)))
         return {}
     gpu = a.device.startswith("cuda")
     mem, growth = ("peak_gpu_mib", "peak_gpu_growth_mib") if gpu else ("peak_rss_mib", "peak_growth_mib")
@@ -139,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
                 args = ["--child", v, str(frames), "--steps", str(a.steps), "--side", str(a.side), "--low",
                         str(a.low), "--scale", str(a.scale), "--device", a.device]
                 args += ["--threads", str(a.threads)] if a.threads else []
+                args += ["--full-warmup"] if a.full_warmup else []
                 out = subprocess.run([sys.executable, "-m", f"bench.{NAME}", *args], capture_output=True, text=True)
                 if out.returncode:
                     raise RuntimeError(f"variant {v} at {frames} frames failed:\n{out.stderr[-3000:]}")
@@ -152,7 +159,9 @@ def main(argv: list[str] | None = None) -> dict:
                    for k in ("latency_s", "planner_s", "generator_s", mem, growth, "gflop", "gflop_per_s")}
                for v in a.variants}
         for v in a.variants:
-            table.append({"frames": frames, "variant": v, "label": LABELS[v], **med[v],
+            lat = [x["latency_s"] for x in runs if x["variant"] == v and x["frames"] == frames]
+            table.append({"frames": frames, "variant": v, "label": LABELS[v], **med[v], "rounds": len(lat),
+                          "latency_min_s": min(lat), "latency_max_s": max(lat),
                           "c_over_this_latency": med["c"]["latency_s"] / med[v]["latency_s"],
                           "c_over_this_flops": med["c"]["gflop"] / med[v]["gflop"],
                           "this_over_c_memory": med[v][mem] / med["c"][mem]})

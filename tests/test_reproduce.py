@@ -47,14 +47,67 @@ def test_fig6c_verdicts():
     assert verdicts.fig6c(run(1.0, 1.0), run(1.0, 1.0))[2]["verdict"].startswith("inconclusive")
 
 
-def test_table3_verdicts():
-    def row(v, lat, mem):
-        return {"frames": 9, "variant": v, "latency_s": lat, "peak_growth_mib": mem}
+def _t3(v, lat, mem, lo=None, hi=None, rounds=5):
+    return {"frames": 9, "variant": v, "latency_s": lat, "peak_growth_mib": mem, "rounds": rounds,
+            "latency_min_s": lat if lo is None else lo, "latency_max_s": lat if hi is None else hi}
 
-    assert [r["verdict"] for r in verdicts.table3([row("a", 1, 10), row("b", 2, 20), row("c", 9, 90)])] == \
+
+def test_table3_verdicts():
+    assert [r["verdict"] for r in verdicts.table3([_t3("a", 1, 10), _t3("b", 2, 20), _t3("c", 9, 90)])] == \
         ["agrees", "agrees"]
-    assert [r["verdict"] for r in verdicts.table3([row("a", 9, 90), row("b", 2, 20), row("c", 1, 10)])] == \
+    assert [r["verdict"] for r in verdicts.table3([_t3("a", 9, 90), _t3("b", 2, 20), _t3("c", 1, 10)])] == \
         ["disagrees", "disagrees"]
+
+
+def test_table3_latency_needs_rounds_that_do_not_overlap():
+    """Medians in order but rounds overlapping (a shared CPU's outliers), or a single round: no latency verdict."""
+    overlap = [_t3("a", 1.0, 10, 0.9, 2.8), _t3("b", 1.5, 20, 0.04, 1.6), _t3("c", 2.0, 90, 1.9, 21.9)]
+    assert verdicts.table3(overlap)[0]["verdict"].startswith("inconclusive")
+    assert "0.90-2.80" in verdicts.table3(overlap)[0]["detail"]  # the spread is reported
+    single = [_t3("a", 1, 10, rounds=1), _t3("b", 2, 20, rounds=1), _t3("c", 9, 90, rounds=1)]
+    assert verdicts.table3(single)[0]["verdict"] == "inconclusive (one timing per variant: no spread)"
+    reversed_bc = [_t3("a", 1, 10, 0.9, 1.1), _t3("b", 5, 20, 4.9, 5.1), _t3("c", 3, 90, 2.9, 3.1)]
+    assert verdicts.table3(reversed_bc)[0]["verdict"] == "mixed"
+
+
+def test_table3_runs_rounds_full_warmups_on_the_reproduction_s_threads(tmp_path, monkeypatch):
+    from mardini.reproduce import efficiency
+
+    seen = []
+
+    def fake_run(cmd, **kw):
+        seen.append(cmd[4:])
+        (tmp_path / "asymmetric.json").write_text(json.dumps({"table": [{}]}))
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(efficiency.subprocess, "run", fake_run)
+    efficiency.table3(tmp_path, quick=True, rounds=5, threads=2)
+    argv = seen[0]
+    assert argv[argv.index("--rounds") + 1] == "5" and argv[argv.index("--threads") + 1] == "2"
+    assert "--full-warmup" in argv
+
+
+def test_asymmetric_quick_keeps_explicit_rounds_and_reports_the_spread(monkeypatch, tmp_path):
+    import bench.common
+    from bench import asymmetric
+
+    lat = iter([3.0, 1.0, 2.0, 1.5, 0.5, 2.5])
+
+    def fake_run(cmd, **kw):
+        i = cmd.index("--child")
+        row = {"variant": cmd[i + 1], "frames": int(cmd[i + 2]), "latency_s": next(lat), "planner_s": 0.0,
+               "generator_s": 0.0, "peak_rss_mib": 1.0, "peak_growth_mib": 1.0, "gflop": 1.0, "gflop_per_s": 1.0,
+               "params_M": {}, "warmup": "--full-warmup" in cmd, "threads": cmd[cmd.index("--threads") + 1]}
+        return type("Done", (), {"returncode": 0, "stdout": json.dumps(row)})()
+
+    monkeypatch.setattr(asymmetric.subprocess, "run", fake_run)
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
+    out = asymmetric.main(["--quick", "--rounds", "2", "--threads", "2", "--full-warmup", "--variants", "a", "c"])
+    assert out["settings"]["rounds"] == 2 and len(out["runs"]) == 4
+    assert all(r["warmup"] and r["threads"] == "2" for r in out["runs"])
+    a = next(r for r in out["table"] if r["variant"] == "a")
+    assert (a["rounds"], a["latency_min_s"], a["latency_max_s"]) == (2, 2.0, 3.0)
 
 
 def test_configs_are_copies_that_write_elsewhere(tmp_path):
@@ -125,3 +178,16 @@ def test_a_run_s_first_loss_is_a_mean_not_one_logged_value():
 
     values = [5.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
     assert window(values, head=True) == [5.0, 1.0] and window(values) == [1.0, 1.0]
+
+
+def test_table3_report_shows_the_toy_settings_and_the_spread(tmp_path):
+    from mardini.reproduce.report import write_report
+
+    table = [{**_t3(v, lat, 10, lat - 0.1, lat + 0.1), "label": v, "planner_s": 0.1, "generator_s": lat,
+              "c_over_this_latency": 3 / lat} for v, lat in (("a", 1.0), ("b", 2.0), ("c", 3.0))]
+    t3 = {"command": "python -m bench.asymmetric", "params_M": {}, "table": table,
+          "settings": {"frames": [9], "steps": 10, "rounds": 5, "threads": 2, "side": 16}}
+    info = {"mode": "default", "command": "c", "machine": "m", "total_s": 60.0, "params": "p", "settings": {}}
+    text = write_report(tmp_path, info, {"table3": t3}, {"Table 3": verdicts.table3(table)}, {}).read_text()
+    assert "Toy settings: frames [9], steps 10, rounds 5, side 16, threads 2." in text
+    assert "| 9 | a | 1.00 (0.90-1.10) |" in text

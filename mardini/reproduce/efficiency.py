@@ -2,8 +2,10 @@
 
 It runs in a fresh Python process: each variant's peak memory is its subprocess's ``ru_maxrss``, which Linux
 carries over ``exec`` from the parent, so a parent that has already trained and sampled (this command) would
-raise every variant to its own peak. Its results folder is pointed at the reproduction's folder, so a
-reproduction run never overwrites the benchmark's published ``bench/results/asymmetric.json``.
+raise every variant to its own peak. Latency is timed over ``rounds`` interleaved rounds, each child after a
+warm-up call as long as the timed one, on the reproduction's thread count. Its results folder is pointed at the
+reproduction's folder, so a reproduction run never overwrites the benchmark's published
+``bench/results/asymmetric.json``.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ _RUN = ("import sys; from pathlib import Path; import bench.common as c; c.RESUL
         "from bench.asymmetric import main; main(sys.argv[2:])")
 
 
-def table3(out: Path, quick: bool) -> dict:
+def table3(out: Path, quick: bool, rounds: int, threads: int) -> dict:
     """``bench.asymmetric`` (``--quick`` or its defaults); returns its result (``table``: rows per frames/variant)."""
     if not Path("bench/asymmetric.py").is_file():
         raise RuntimeError("Table 3 needs the benchmark module bench/asymmetric.py: run from the repository root")
     path = out / "asymmetric.json"
     path.unlink(missing_ok=True)
-    done = subprocess.run([sys.executable, "-c", _RUN, str(out), *(["--quick"] if quick else [])])
+    argv = [*(["--quick"] if quick else []), "--rounds", str(rounds), "--threads", str(threads), "--full-warmup"]
+    done = subprocess.run([sys.executable, "-c", _RUN, str(out), *argv])
     if done.returncode or not path.is_file():
         raise RuntimeError(f"bench.asymmetric failed (exit code {done.returncode}); see its messages above")
     result = json.loads(path.read_text())

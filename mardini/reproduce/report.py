@@ -40,6 +40,8 @@ def verdict_lines(rows: list[dict]) -> list[str]:
     return out
 
 
+TABLE3_SETTINGS = ("frames", "steps", "rounds", "full_warmup", "side", "low", "scale", "threads", "device")
+
 TABLE2_LABELS = {"mar_only": "MAR only (planner warm-up + projection head)",
                  "dm_only": "DM only (generator warm-up, 9 frames)",
                  "dm_only_null_plan": "DM only (joint model's DM, null plan)",
@@ -103,12 +105,17 @@ def write_report(out: Path, info: dict, results: dict, verdicts: dict, pictures:
                   "of memory (9 frames: 25.09 s / 74.44 GB vs 17.91 s / 41.03 GB).", "",
                   f"Toy: `{t['command']}` (its docstring gives the scaled setting), CPU, parameters "
                   f"{t['params_M']}; memory is the process's peak RSS growth after building the networks.", "",
-                  "| frames | variant | latency s | planner s | generator s | peak RSS growth MiB "
+                  "Toy settings: " + ", ".join(f"{k} {t['settings'][k]}" for k in TABLE3_SETTINGS
+                                               if k in t["settings"]) + ". Each variant runs once per round in "
+                  "its own process, rounds interleaved, timed after a warm-up call as long as the timed one; "
+                  "latency is the median over the rounds (min-max in brackets).", "",
+                  "| frames | variant | latency s (min-max) | planner s | generator s | peak RSS growth MiB "
                   "| (c) latency / this |",
                   "|---|---|---|---|---|---|---|"]
         for row in t["table"]:
-            lines.append(f"| {row['frames']} | {row['label']} | {row['latency_s']:.2f} | {row['planner_s']:.2f} | "
-                         f"{row['generator_s']:.2f} | {row['peak_growth_mib']:.0f} | "
+            span = f" ({row['latency_min_s']:.2f}-{row['latency_max_s']:.2f})" if "latency_min_s" in row else ""
+            lines.append(f"| {row['frames']} | {row['label']} | {row['latency_s']:.2f}{span} | "
+                         f"{row['planner_s']:.2f} | {row['generator_s']:.2f} | {row['peak_growth_mib']:.0f} | "
                          f"{row['c_over_this_latency']:.2f}x |")
         lines += ["", *verdict_lines(verdicts["Table 3"]), ""]
     lines += ["## Settings", "", "```", *(f"{k}: {v}" for k, v in info["settings"].items()), "```", ""]
