@@ -33,7 +33,37 @@ def test_table2_verdicts_follow_the_numbers():
 def test_fig6a_near_optimal_step():
     assert verdicts.near_optimal_step([(1, 10.0), (10, 19.5), (25, 19.9), (50, 20.0)], "midf_psnr")[0] == 10
     assert verdicts.near_optimal_step([(1, 9.0), (10, 5.0), (25, 2.0), (50, 1.0)], "traj_err_px")[0] == 50
-    assert verdicts.near_optimal_step([(1, math.nan), (10, 2.0), (25, 2.0)], "traj_err_px")[0] == 10
+    assert verdicts.near_optimal_step([(1, math.nan), (10, 1.0), (25, 2.0)], "traj_err_px")[0] == 10
+    assert verdicts.near_optimal_step([(1, math.nan), (10, 2.0), (25, 2.0)], "traj_err_px")[0] == -1  # flat
+    assert verdicts.near_optimal_step([(1, 0.0), (10, 0.0), (25, 0.0), (50, 0.0)], "traj_detected")[0] == -1
+
+
+def test_table2_ties_nan_and_low_detection_are_no_evidence():
+    a, b = _res(20, 0.8, math.nan, 0.0), _res(18, 0.7, math.nan, 0.0)  # nothing detected by either
+    row = verdicts.table2({"mar_dm": a, "mar_only": b})[0]
+    assert row["verdict"] == "agrees"  # PSNR and SSIM; NaN vs NaN and 0 vs 0 are not losses of mar_dm
+    assert "traj_err_px nan vs nan (not scored: undefined (NaN))" in row["detail"]
+    assert "traj_detected 0 vs 0 (not scored: tied)" in row["detail"]
+    tied = verdicts.table2({"mar_dm": a, "mar_only": dict(a)})[0]
+    assert tied["verdict"].startswith("inconclusive (no metric separates them")
+    # an error over one found object (0.75 % detected) says nothing, whichever way it goes
+    few = verdicts.table2({"mar_dm": _res(20, 0.8, 9.0, 0.5), "mar_only": _res(18, 0.7, 1.65, 0.0075)})[0]
+    assert few["verdict"] == "agrees" and "detection below 5%" in few["detail"]
+
+
+def test_fig6a_flat_and_low_detection_metrics_are_no_evidence():
+    vals = {1: (10.0, 1.65, 0.0075), 10: (19.5, 4.0, 0.3), 25: (19.9, 3.0, 0.4), 50: (20.0, 3.0, 0.4)}
+    fig = {"interpolation": {"results": {f"steps_{k}": {"midf_psnr": p, "traj_detected": d, "traj_err_px": e,
+                                                         "midf_ssim": 0.5} for k, (p, e, d) in vals.items()}}}
+    few, one = verdicts.fig6a(fig)
+    assert (few["verdict"], one["verdict"]) == ("agrees", "agrees")  # PSNR and detection; SSIM, error say nothing
+    assert "midf_ssim: 1: 0.5, 10: 0.5, 25: 0.5, 50: 0.5 -> not scored (flat)" in few["detail"]
+    assert "traj_err_px: 1: 1.65, 10: 4, 25: 3, 50: 3 -> not scored (detection below 5% at [1])" in few["detail"]
+    flat = {"interpolation": {"results": {f"steps_{k}": {"midf_psnr": 1.0, "traj_detected": 0.0,
+                                                         "traj_err_px": math.nan} for k in (1, 10)}}}
+    assert [r["verdict"] for r in verdicts.fig6a(flat)] == ["inconclusive (no metric separates them)"] * 2
+    assert "traj_detected: 1: 0, 10: 0 -> not scored (flat)" in verdicts.fig6a(flat)[0]["detail"]
+    assert "traj_err_px: 1: nan, 10: nan -> not scored (undefined (NaN)" in verdicts.fig6a(flat)[0]["detail"]
 
 
 def test_fig6c_verdicts():
@@ -163,7 +193,7 @@ def test_fig6a_a_metric_without_finite_values_is_no_evidence():
     rows = verdicts.fig6a(fig)
     one = next(r for r in rows if "one step is not enough" in r["claim"])
     assert one["verdict"] == "disagrees"  # the only metric with data is best at one step; the NaN one says nothing
-    assert "traj_err_px: no finite value" in rows[0]["detail"]
+    assert "traj_err_px: 1: nan, 10: nan, 25: nan -> not scored (undefined (NaN)" in rows[0]["detail"]
 
 
 def test_the_bench_summary_reads_gpu_memory_columns():

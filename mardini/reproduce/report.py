@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from mardini.reproduce.verdicts import headline_metrics, higher_is_better
+from mardini.reproduce.verdicts import CRITERIA, headline_metrics, higher_is_better
 
 CAVEATS = (
     "Toy scale: the `tiny` networks ({params}) on 32 px synthetic clips, trained for minutes to "
@@ -71,7 +71,8 @@ def write_report(out: Path, info: dict, results: dict, verdicts: dict, pictures:
                   "Notes: 'MAR only' decodes the planner warm-up's projection head at the planner's 16 px and "
                   "upsamples it (the tiny planner warm-up trains on 9 frames with 15-60 % kept and the task "
                   "templates, interpolation among them). The paper does not say which 'DM only' it used: both readings "
-                  "are scored. `traj_err_px` counts only detected objects: read it with `traj_detected`.", ""]
+                  "are scored. `traj_err_px` counts only detected objects: read it with `traj_detected`. "
+                  + CRITERIA, ""]
     if "fig6a" in results:
         lines += ["## Fig. 6a: quality against DDIM steps (joint checkpoint)", "",
                   "Paper: FVD on DAVIS-7 / UCF101-7 at 1, 10, 25, 50, 100 steps is near-optimal with few steps "
@@ -82,7 +83,8 @@ def write_report(out: Path, info: dict, results: dict, verdicts: dict, pictures:
         lines += [*verdict_lines(verdicts["Fig. 6a"]), "",
                   "Criterion: a step count is near-optimal when its value is within 10 % of the sweep's "
                   "worst-to-best spread of the best value. MidF-PSNR/SSIM reward blur (PAPER.md App. A), so a "
-                  "one-step (mean-like) sample can score well on them while `traj_detected` falls.", ""]
+                  "one-step (mean-like) sample can score well on them while `traj_detected` falls. " + CRITERIA,
+                  ""]
     if "fig6c" in results:
         c = results["fig6c"]
         lines += ["## Fig. 6c: generator loss with and without identity attention", "",

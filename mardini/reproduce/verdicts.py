@@ -10,6 +10,13 @@ import math
 
 HEADLINE = ("midf_psnr", "midf_ssim", "traj_err_px", "traj_detected")  # + fvd*/fid* when the weights exist
 NEAR_OPTIMAL = 0.1  # a step count is "near-optimal" within this fraction of the worst-to-best spread of the sweep
+MIN_DETECTED = 0.05  # traj_err_px (mean over detected objects only) is scored only where this many are detected
+CRITERIA = (f"A metric counts as evidence only where its values differ and are defined: ties, NaN (e.g. no object "
+            f"found), values flat across a sweep, and `traj_err_px` where a detection rate behind it is below "
+            f"{MIN_DETECTED:.0%} are listed but not scored. `traj_detected` (how many objects are found) and "
+            f"`traj_err_px` (how far off the found ones are) then count as separate evidence; a missing error no "
+            f"longer counts again what `traj_detected` already says. With no metric left the verdict is "
+            f"inconclusive.")
 
 
 def higher_is_better(metric: str) -> bool:
@@ -23,20 +30,35 @@ def headline_metrics(results: dict[str, dict]) -> list[str]:
     return [m for m in HEADLINE if m in common] + extra
 
 
-def better(metric: str, a: float, b: float) -> bool:
-    """``a`` strictly better than ``b`` on ``metric``; a missing value (NaN: e.g. no object detected) loses."""
+def skip_reason(metric: str, a: float, b: float, det_a: float | None = None, det_b: float | None = None) -> str:
+    """Why ``a`` vs ``b`` on ``metric`` is no evidence (``""`` when it is): undefined, tied, or too few detections.
+
+    ``det_a``/``det_b``: the detection rates behind a ``traj_err_px`` (an average over detected objects only)."""
     if math.isnan(a) or math.isnan(b):
-        return not math.isnan(a) and math.isnan(b)
+        return "undefined (NaN)"
+    if metric == "traj_err_px" and det_a is not None and det_b is not None and min(det_a, det_b) < MIN_DETECTED:
+        return f"detection below {MIN_DETECTED:.0%}"
+    if math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12):
+        return "tied"
+    return ""
+
+
+def better(metric: str, a: float, b: float) -> bool:
+    """``a`` strictly better than ``b`` on ``metric`` (both defined: see :func:`skip_reason`)."""
     return a > b if higher_is_better(metric) else a < b
 
 
-def _count(holds: list[bool]) -> str:
+def _count(holds: list[bool], skipped: str = "") -> str:
     k, n = sum(holds), len(holds)
+    if not n:
+        return f"inconclusive (no metric separates them{': ' + skipped if skipped else ''})"
     return "agrees" if k == n else "disagrees" if k == 0 else f"mixed ({k} of {n} metrics)"
 
 
 def table2(results: dict[str, dict]) -> list[dict]:
-    """PAPER.md Table 2: MAR + DM beats DM only, MAR + DM beats MAR only, DM only beats MAR only."""
+    """PAPER.md Table 2: MAR + DM beats DM only, MAR + DM beats MAR only, DM only beats MAR only.
+
+    A metric that :func:`skip_reason` rejects is listed but not counted."""
     metrics = headline_metrics(results)
     rows = []
     for a, b, claim in (("mar_dm", "dm_only", "MAR + DM beats DM only (generator warm-up)"),
@@ -45,22 +67,33 @@ def table2(results: dict[str, dict]) -> list[dict]:
                         ("dm_only", "mar_only", "DM only beats MAR only")):
         if a not in results or b not in results:
             continue
-        holds = [better(m, results[a][m], results[b][m]) for m in metrics]
-        detail = ", ".join(f"{m} {results[a][m]:.4g} vs {results[b][m]:.4g}" for m in metrics)
-        rows.append({"claim": claim, "verdict": _count(holds), "detail": detail})
+        ra, rb = results[a], results[b]
+        holds, parts, skipped = [], [], []
+        for m in metrics:
+            why = skip_reason(m, ra[m], rb[m], ra.get("traj_detected"), rb.get("traj_detected"))
+            parts.append(f"{m} {ra[m]:.4g} vs {rb[m]:.4g}" + (f" (not scored: {why})" if why else ""))
+            if why:
+                skipped.append(m)
+            else:
+                holds.append(better(m, ra[m], rb[m]))
+        rows.append({"claim": claim, "verdict": _count(holds, ", ".join(skipped) + " not scored" if skipped else ""),
+                     "detail": ", ".join(parts)})
     return rows
 
 
 def near_optimal_step(points: list[tuple[int, float]], metric: str) -> tuple[int, float]:
     """Smallest step count within ``NEAR_OPTIMAL`` of the worst-to-best spread of the best value; the spread.
 
-    A step whose value is missing (NaN) is never near-optimal."""
+    A step whose value is missing (NaN) is never near-optimal; fewer than two finite values, or values that do not
+    vary (flat: every step count ties), give ``-1`` (no evidence)."""
     points = [(k, v) for k, v in points if not math.isnan(v)]
-    if not points:
+    if len(points) < 2:
         return -1, float("nan")
     values = [v for _, v in points]
     best = max(values) if higher_is_better(metric) else min(values)
     spread = max(values) - min(values)
+    if math.isclose(max(values), min(values), rel_tol=1e-9, abs_tol=1e-12):
+        return -1, spread
     for k, v in sorted(points):
         if abs(v - best) <= NEAR_OPTIMAL * spread + 1e-12:
             return k, spread
@@ -68,7 +101,10 @@ def near_optimal_step(points: list[tuple[int, float]], metric: str) -> tuple[int
 
 
 def fig6a(fig: dict[str, dict]) -> list[dict]:
-    """PAPER.md Fig. 6a: near-optimal with few steps (<= 25); a single step is not enough [inferred]."""
+    """PAPER.md Fig. 6a: near-optimal with few steps (<= 25); a single step is not enough [inferred].
+
+    A metric is scored only where every step count has a defined value (``traj_err_px``: a detection rate of at
+    least ``MIN_DETECTED`` at that step) and the values are not flat."""
     rows = []
     for task, res in fig.items():
         steps = {int(k.split("_")[1]): r for k, r in res["results"].items() if k.startswith("steps_")}
@@ -77,13 +113,20 @@ def fig6a(fig: dict[str, dict]) -> list[dict]:
         parts = []
         for m in metrics:
             points = [(k, r[m]) for k, r in sorted(steps.items())]
+            shown = f"{m}: " + ", ".join(f"{k}: {v:.4g}" for k, v in points)
+            low = [k for k, r in sorted(steps.items()) if m == "traj_err_px" and r.get("traj_detected", 1.0)
+                   < MIN_DETECTED]
+            if any(math.isnan(v) for _, v in points) or low:
+                parts.append(shown + " -> not scored (" + ("undefined (NaN) at some step count" if any(
+                    math.isnan(v) for _, v in points) else f"detection below {MIN_DETECTED:.0%} at {low}") + ")")
+                continue
             k_opt, spread = near_optimal_step(points, m)
-            if k_opt < 0:  # no finite value (e.g. no object found): evidence for neither claim
-                parts.append(f"{m}: no finite value")
+            if k_opt < 0:
+                parts.append(shown + " -> not scored (flat)")
                 continue
             few.append(0 < k_opt <= 25)
             one.append(k_opt > min(steps))
-            parts.append(f"{m}: " + ", ".join(f"{k}: {v:.4g}" for k, v in points) + f" -> near-optimal at {k_opt}")
+            parts.append(shown + f" -> near-optimal at {k_opt}")
         rows.append({"claim": f"{task}: near-optimal with few (<= 25) DDIM steps", "verdict": _count(few),
                      "detail": "; ".join(parts)})
         rows.append({"claim": f"{task}: one step is not enough (worse than the best by > {NEAR_OPTIMAL:.0%} of the "
