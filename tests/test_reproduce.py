@@ -221,3 +221,13 @@ def test_table3_report_shows_the_toy_settings_and_the_spread(tmp_path):
     text = write_report(tmp_path, info, {"table3": t3}, {"Table 3": verdicts.table3(table)}, {}).read_text()
     assert "Toy settings: frames [9], steps 10, rounds 5, side 16, threads 2." in text
     assert "| 9 | a | 1.00 (0.90-1.10) |" in text
+
+
+def test_fig6a_image_to_video_verdict_uses_the_plotted_metrics():
+    """MidF is an interpolation metric (the protocol's DEFAULT_METRICS): the plot leaves it out of image-to-video,
+    so the verdict does too."""
+    res = {f"steps_{k}": {"midf_psnr": 10.0 + k, "traj_detected": 0.5 - k / 100} for k in (1, 10, 25, 50)}
+    few, one = verdicts.fig6a({"image_to_video": {"results": res}})
+    assert "midf" not in few["detail"] and one["verdict"] == "disagrees"  # detection is best at one step
+    assert verdicts.task_metrics("image_to_video", res) == ["traj_detected"]
+    assert verdicts.task_metrics("interpolation", res) == ["midf_psnr", "traj_detected"]

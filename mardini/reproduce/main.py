@@ -98,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[4/6] Fig. 6a: DDIM steps {a.sweep}, interpolation and image-to-video", flush=True)
         results["fig6a"] = quality.fig6a(ckpts["05_joint_task"], args, a.sweep)
         found["Fig. 6a"] = verdicts.fig6a(results["fig6a"])
-        shown = {t: [m for m in verdicts.headline_metrics(r["results"]) if t == "interpolation" or "midf" not in m]
-                 for t, r in results["fig6a"].items()}
+        shown = {t: verdicts.task_metrics(t, r["results"]) for t, r in results["fig6a"].items()}
         pictures["fig6a"] = curves.plot_steps(results["fig6a"], shown, a.out / "fig6a_steps.png")
     if "fig6c" in a.only:
         print(f"[5/6] Fig. 6c: generator warm-up twice ({a.identity_steps} steps), identity attention on / off",

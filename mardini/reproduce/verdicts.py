@@ -43,6 +43,15 @@ def skip_reason(metric: str, a: float, b: float, det_a: float | None = None, det
     return ""
 
 
+def task_metrics(task: str, results: dict[str, dict]) -> list[str]:
+    """:func:`headline_metrics` of ``task``'s families in the protocol (``DEFAULT_METRICS``: MidF is interpolation's);
+    Fig. 6a's plot and verdict both use this list."""
+    from mardini.evaluation.protocol import DEFAULT_METRICS
+
+    families = DEFAULT_METRICS.get(task)
+    return [m for m in headline_metrics(results) if families is None or m.split("_")[0] in families]
+
+
 def better(metric: str, a: float, b: float) -> bool:
     """``a`` strictly better than ``b`` on ``metric`` (both defined: see :func:`skip_reason`)."""
     return a > b if higher_is_better(metric) else a < b
@@ -108,7 +117,7 @@ def fig6a(fig: dict[str, dict]) -> list[dict]:
     rows = []
     for task, res in fig.items():
         steps = {int(k.split("_")[1]): r for k, r in res["results"].items() if k.startswith("steps_")}
-        metrics = headline_metrics({f"s{k}": r for k, r in steps.items()})
+        metrics = task_metrics(task, {f"s{k}": r for k, r in steps.items()})
         few, one = [], []
         parts = []
         for m in metrics:
