@@ -231,3 +231,10 @@ def test_fig6a_image_to_video_verdict_uses_the_plotted_metrics():
     assert "midf" not in few["detail"] and one["verdict"] == "disagrees"  # detection is best at one step
     assert verdicts.task_metrics("image_to_video", res) == ["traj_detected"]
     assert verdicts.task_metrics("interpolation", res) == ["midf_psnr", "traj_detected"]
+
+
+def test_fig6a_one_step_claim_is_marked_inferred():
+    """PAPER.md §6 item 4 states only 'near-optimal with few steps': the one-step row is the toy's reading."""
+    res = {f"steps_{k}": {"midf_psnr": 10.0 + k} for k in (1, 10)}
+    few, one = verdicts.fig6a({"interpolation": {"results": res}})
+    assert "[inferred" in one["claim"] and "[inferred" not in few["claim"]

@@ -35,7 +35,7 @@ def metric_table(results: dict[str, dict], labels: dict[str, str] | None = None)
 
 
 def verdict_lines(rows: list[dict]) -> list[str]:
-    out = ["| claim (paper) | toy result | numbers |", "|---|---|---|"]
+    out = ["| claim (paper, or [inferred] from it) | toy result | numbers |", "|---|---|---|"]
     out += [f"| {r['claim']} | **{r['verdict']}** | {r['detail']} |" for r in rows]
     return out
 
@@ -55,7 +55,7 @@ def write_report(out: Path, info: dict, results: dict, verdicts: dict, pictures:
              CAVEATS.format(params=info['params']), "",
              *(["**Quick mode: tiny step counts and a few clips, to check that everything runs; its numbers and "
                 "verdicts mean nothing.**", ""] if info["mode"] == "quick" else []),
-             "## Summary", "", "| analysis | claim (paper) | toy result |", "|---|---|---|"]
+             "## Summary", "", "| analysis | claim (paper, or [inferred] from it) | toy result |", "|---|---|---|"]
     for name, rows in verdicts.items():
         lines += [f"| {name} | {r['claim']} | **{r['verdict']}** |" for r in rows]
     lines.append("")
