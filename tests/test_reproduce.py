@@ -238,3 +238,35 @@ def test_fig6a_one_step_claim_is_marked_inferred():
     res = {f"steps_{k}": {"midf_psnr": 10.0 + k} for k in (1, 10)}
     few, one = verdicts.fig6a({"interpolation": {"results": res}})
     assert "[inferred" in one["claim"] and "[inferred" not in few["claim"]
+
+
+def test_table2_step_budgets_come_from_the_checkpoints(tmp_path):
+    """Each network's steps: the global_step of every stage it trained in (followed through the configs)."""
+    import torch
+
+    from mardini.demo.chain import TINY_STAGES
+    from mardini.reproduce.quality import table2_steps
+    from mardini.reproduce.runs import lineage
+
+    assert lineage("05_joint_task", "generator") == ["01_dm_warmup_4f", "02_dm_warmup_9f", "04_joint_model",
+                                                     "05_joint_task"]
+    assert lineage("05_joint_task", "planner") == ["03_mar_warmup", "04_joint_model", "05_joint_task"]
+    ckpts = {}
+    for i, stage in enumerate(TINY_STAGES):
+        ckpts[stage] = tmp_path / f"{stage}.ckpt"
+        torch.save({"global_step": 10 ** i}, ckpts[stage])
+    steps = table2_steps(ckpts)
+    assert steps["dm_only"] == {"generator": 11} and steps["mar_only"] == {"planner": 100}
+    assert steps["mar_dm"] == {"planner": 11100, "generator": 11011} == {**steps["dm_only_null_plan"], "planner": 11100}
+    detail = verdicts.table2({"mar_dm": _res(20, 0.8, 1.0, 0.9), "dm_only": _res(18, 0.7, 2.0, 0.8)}, steps)[0]
+    assert "training steps: mar_dm planner 11100, generator 11011; dm_only generator 11" in detail["detail"]
+
+
+def test_table2_dm_only_verdict_rests_on_the_equally_trained_null_plan_row():
+    both, dm, null = _res(20, 0.8, 1.0, 0.9), _res(18, 0.7, 2.0, 0.8), _res(21, 0.9, 0.5, 0.95)
+    rows = {r["claim"]: r for r in verdicts.table2({"mar_dm": both, "dm_only": dm, "dm_only_null_plan": null})}
+    warm = rows["MAR + DM beats DM only (generator warm-up)"]
+    assert warm["verdict"].startswith("not scored") and warm["detail"].startswith("on its own: agrees")
+    assert rows["MAR + DM beats DM only (joint DM, null plan)"]["verdict"] == "disagrees"
+    alone = verdicts.table2({"mar_dm": both, "dm_only": dm})  # no null-plan row: the warm-up row is scored
+    assert alone[0]["verdict"] == "agrees"

@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     if "table2" in a.only:
         print(f"[3/6] Table 2 on {a.eval_clips} clips: MAR only, DM only, MAR + DM, baselines", flush=True)
         results["table2"] = quality.table2(ckpts, args)
-        found["Table 2"] = verdicts.table2(results["table2"]["results"])
+        results["table2"]["training_steps"] = quality.table2_steps(ckpts)
+        found["Table 2"] = verdicts.table2(results["table2"]["results"], results["table2"]["training_steps"])
     if "fig6a" in a.only:
         print(f"[4/6] Fig. 6a: DDIM steps {a.sweep}, interpolation and image-to-video", flush=True)
         results["fig6a"] = quality.fig6a(ckpts["05_joint_task"], args, a.sweep)

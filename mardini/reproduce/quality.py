@@ -111,6 +111,18 @@ def table2(ckpts: dict[str, Path], args: argparse.Namespace) -> dict:
     return score("interpolation", args, samplers)
 
 
+TABLE2_NETWORKS = {"mar_only": ("03_mar_warmup", ("planner",)), "dm_only": ("02_dm_warmup_9f", ("generator",)),
+                  "dm_only_null_plan": ("05_joint_task", ("generator",)),
+                  "mar_dm": ("05_joint_task", ("planner", "generator"))}  # method: (checkpoint stage, networks used)
+
+
+def table2_steps(ckpts: dict[str, Path]) -> dict[str, dict[str, int]]:
+    """``{method: {network: training steps}}`` of Table 2's networks, from the chain checkpoints' step counts."""
+    from mardini.reproduce.runs import training_steps
+
+    return {m: {n: training_steps(ckpts, stage, n) for n in nets} for m, (stage, nets) in TABLE2_NETWORKS.items()}
+
+
 def fig6a(joint: Path, args: argparse.Namespace, steps: list[int]) -> dict[str, dict]:
     """``{task: run_task result}`` with methods ``steps_<k>`` (the joint checkpoint) and the baselines."""
     from mardini.pipeline import MarDiniPipeline

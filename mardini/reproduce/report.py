@@ -48,6 +48,18 @@ TABLE2_LABELS = {"mar_only": "MAR only (planner warm-up + projection head)",
                  "mar_dm": "MAR + DM (joint checkpoint)"}
 
 
+def _steps_note(steps: dict | None) -> list[str]:
+    """Table 2's training budgets (``quality.table2_steps``) and which 'DM only' row decides, as report lines."""
+    if not steps:
+        return []
+    each = "; ".join(f"{TABLE2_LABELS.get(m, m)}: " + ", ".join(f"{n} {k}" for n, k in nets.items())
+                     for m, nets in steps.items())
+    return [f"Training steps (the chain checkpoints' `global_step`, summed over the stages each network trained in): "
+            f"{each}. A 'DM only' generator with other training steps than the joint model's mixes the planner's "
+            "effect with the training difference: where the null-plan row exists (the joint model's own generator), "
+            "it alone decides 'MAR + DM beats DM only'."]
+
+
 def write_report(out: Path, info: dict, results: dict, verdicts: dict, pictures: dict) -> Path:
     """Write ``out/report.md``; ``results``/``verdicts`` keyed by analysis (only those that ran)."""
     lines = [f"# MarDini toy reproduction of the paper's analyses ({info['mode']} mode)", "",
@@ -72,7 +84,7 @@ def write_report(out: Path, info: dict, results: dict, verdicts: dict, pictures:
                   "upsamples it (the tiny planner warm-up trains on 9 frames with 15-60 % kept and the task "
                   "templates, interpolation among them). The paper does not say which 'DM only' it used: both readings "
                   "are scored. `traj_err_px` counts only detected objects: read it with `traj_detected`. "
-                  + CRITERIA, ""]
+                  + CRITERIA, "", *_steps_note(r.get("training_steps")), ""]
     if "fig6a" in results:
         lines += ["## Fig. 6a: quality against DDIM steps (joint checkpoint)", "",
                   "Paper: FVD on DAVIS-7 / UCF101-7 at 1, 10, 25, 50, 100 steps is near-optimal with few steps "

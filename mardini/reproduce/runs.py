@@ -88,3 +88,21 @@ def chain_checkpoints(root: Path) -> dict[str, Path]:
         raise FileNotFoundError(f"missing chain checkpoints {missing}; train the chain first (make demo trains "
                                 "outputs/tiny, or run without --checkpoints to train the reproduction's own)")
     return ckpts
+
+
+def lineage(stage: str, network: str, source: Path = TINY_DIR) -> list[str]:
+    """The stages ``network`` (``generator`` or ``planner``) trained in up to ``stage``'s checkpoint, in order.
+
+    Follows ``init_from`` and ``<network>_ckpt`` through the stage configs."""
+    init = yaml.safe_load((source / f"{stage}.yaml").read_text())["model"]["init_args"]
+    for key in ("init_from", f"{network}_ckpt"):
+        if init.get(key):
+            return lineage(Path(init[key]).parts[-3], network, source) + [stage]
+    return [stage]
+
+
+def training_steps(ckpts: dict[str, Path], stage: str, network: str) -> int:
+    """Optimizer steps ``network`` took up to ``stage``: the ``global_step`` of every checkpoint of its lineage."""
+    from mardini.lit.checkpoints import read_checkpoint
+
+    return sum(int(read_checkpoint(ckpts[s])["global_step"]) for s in lineage(stage, network))
