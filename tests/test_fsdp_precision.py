@@ -68,3 +68,30 @@ def test_fsdp_bf16_mixed_reduces_in_fp32_and_keeps_the_autoencoder_fp32(tmp_path
         assert got["encoded"] == {("torch.float32", "torch.float32")}  # (weights, input), both encodes
         assert got["autoencoder"] == {True}  # every weight fp32 and full (not a shard)
         assert got["finite"]
+
+
+def test_the_strategy_s_setup_ignores_the_autoencoder_beside_what_the_user_ignores(monkeypatch):
+    """``setup`` (what a fit runs, not only the test helper) adds the autoencoder to ``ignored_modules`` without
+    dropping the user's, and to ``ignored_states`` where those are given (FSDP refuses both at once)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch import nn
+
+    from mardini.lit.fsdp import MarDiniFSDPStrategy
+
+    monkeypatch.setattr(FSDPStrategy, "setup", lambda self, trainer: None)  # the wrap itself needs a GPU trainer
+    module = nn.Module()
+    module.autoencoder, module.extra = nn.Linear(2, 2), nn.Linear(2, 2)
+    for kwargs, key, expected in (({}, "ignored_modules", [module.autoencoder]),
+                                  ({"ignored_modules": [module.extra]}, "ignored_modules",
+                                   [module.extra, module.autoencoder]),
+                                  ({"ignored_states": [module.extra]}, "ignored_states",
+                                   [module.extra, module.autoencoder]),
+                                  ({"ignored_states": [module.extra.weight]}, "ignored_states",
+                                   [module.extra.weight, *module.autoencoder.parameters()])):
+        st = MarDiniFSDPStrategy(parallel_devices=[torch.device("cpu")], **kwargs)
+        st.connect(module)
+        st.setup(trainer=None)
+        st.setup(trainer=None)  # twice (a second fit): nothing added twice
+        got = st.kwargs[key]
+        assert len(got) == len(expected) and all(a is b for a, b in zip(got, expected)), key
+        assert ("ignored_modules" in st.kwargs) != ("ignored_states" in st.kwargs)

@@ -63,11 +63,22 @@ class MarDiniFSDPStrategy(FSDPStrategy):
                               cast_root_forward_inputs=False)
 
     def ignore_autoencoder(self, module: nn.Module) -> None:
-        """Puts ``module.autoencoder`` (if any) in FSDP's ``ignored_modules`` and on the root device."""
+        """Adds ``module.autoencoder`` (if any) to FSDP's ``ignored_modules`` (beside any given), or to
+        ``ignored_states`` where those are given (FSDP takes one of the two), and puts it on the root device."""
         autoencoder = getattr(module, "autoencoder", None)
-        if isinstance(autoencoder, nn.Module):
-            autoencoder.to(self.root_device)
-            self.kwargs["ignored_modules"] = [autoencoder]
+        if not isinstance(autoencoder, nn.Module):
+            return
+        autoencoder.to(self.root_device)
+        if self.kwargs.get("ignored_states") is not None:
+            states = list(self.kwargs["ignored_states"])  # modules or parameters, not both (FSDP's rule)
+            if all(isinstance(s, nn.Module) for s in states):
+                extra = [autoencoder]
+            else:
+                extra = list(autoencoder.parameters())
+            self.kwargs["ignored_states"] = states + [x for x in extra if not any(x is s for s in states)]
+            return
+        ignored = list(self.kwargs.get("ignored_modules") or [])
+        self.kwargs["ignored_modules"] = ignored + ([] if any(m is autoencoder for m in ignored) else [autoencoder])
 
     def setup(self, trainer) -> None:
         self.ignore_autoencoder(self.lightning_module)
