@@ -232,3 +232,16 @@ def test_the_evaluation_sampler_refuses_an_eta_the_pipeline_refuses(eta):
 
     with pytest.raises(ValueError, match=rf"eta must be a finite number >= 0 .*got {eta!r}"):
         PipelineSampler(object(), steps=5, eta=eta)
+
+
+def test_eta_takes_a_0_d_tensor_and_refuses_a_bool():
+    """A 0-d tensor (e.g. from a sweep) passed the old check and still does; True (an int to Python) is refused."""
+    import numpy as np
+
+    from mardini.diffusion.checks import check_eta
+
+    check_eta(torch.tensor(0.5))
+    check_eta(np.float32(1.0))
+    for bad in (True, torch.tensor(True), torch.tensor([0.5])):
+        with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
+            check_eta(bad)

@@ -66,6 +66,14 @@ def test_fig6a_flat_and_low_detection_metrics_are_no_evidence():
     assert "traj_err_px: 1: nan, 10: nan -> not scored (undefined (NaN)" in verdicts.fig6a(flat)[0]["detail"]
 
 
+def test_verdicts_of_empty_results_and_a_one_point_sweep_say_so():
+    assert verdicts.table2({}) == [] and verdicts.headline_metrics({}) == []
+    assert [r["verdict"] for r in verdicts.fig6a({"interpolation": {"results": {}}})] == [
+        "inconclusive (no metric separates them)"] * 2
+    one = {"interpolation": {"results": {"steps_25": {"midf_psnr": 20.0}}}}
+    assert "midf_psnr: 25: 20 -> not scored (fewer than 2 step counts)" in verdicts.fig6a(one)[0]["detail"]
+
+
 def test_fig6c_verdicts():
     def run(first, last, sem=0.01):
         return {"first": first, "last": last, "last_sem": sem, "drop": 1 - last / first, "val_last": None}

@@ -9,8 +9,11 @@ import torch
 
 
 def check_eta(eta) -> None:
-    """Raise unless the DDIM ``eta`` is a finite real number >= 0 (inf gave an all-NaN video)."""
-    if not (isinstance(eta, numbers.Real) and math.isfinite(eta) and eta >= 0):
+    """Raise unless the DDIM ``eta`` is a finite real number >= 0 (inf gave an all-NaN video): a Python or NumPy
+    number or a 0-d real tensor, not a bool."""
+    if torch.is_tensor(eta) and eta.dim() == 0 and not eta.is_complex() and eta.dtype != torch.bool:
+        eta = eta.item()
+    if isinstance(eta, bool) or not (isinstance(eta, numbers.Real) and math.isfinite(eta) and eta >= 0):
         raise ValueError(f"eta must be a finite number >= 0 (0 = deterministic DDIM, 1 = ancestral sampling), "
                          f"got {eta!r}")
 

@@ -25,7 +25,10 @@ def higher_is_better(metric: str) -> bool:
 
 
 def headline_metrics(results: dict[str, dict]) -> list[str]:
-    """The metrics every method has, in report order (``traj_err_frac`` repeats ``traj_err_px``)."""
+    """The metrics every method has, in report order (``traj_err_frac`` repeats ``traj_err_px``); none without
+    results."""
+    if not results:
+        return []
     common = set.intersection(*(set(r) for r in results.values()))
     extra = sorted(m for m in common if m.startswith(("fvd", "fid")))
     return [m for m in HEADLINE if m in common] + extra
@@ -145,7 +148,8 @@ def fig6a(fig: dict[str, dict]) -> list[dict]:
                 continue
             k_opt, spread = near_optimal_step(points, m)
             if k_opt < 0:
-                parts.append(shown + " -> not scored (flat)")
+                parts.append(shown + (" -> not scored (flat)" if len(points) > 1 else
+                                      " -> not scored (fewer than 2 step counts)"))
                 continue
             few.append(0 < k_opt <= 25)
             one.append(k_opt > min(steps))
