@@ -390,3 +390,16 @@ def test_the_evaluation_report_says_which_videos_were_read_by_timestamp(tmp_path
         {"key": str(cfr), "frame_indices": list(range(3, 36, 4)), "fps": 7.5}]  # every 4th, as before
     assert report["timestamped"] == 1 and report["fps_effective"] == {"min": 7.5, "max": 7.5}
     assert "(fps: 7.5; 1 variable-rate read by timestamp)" in (out / "report.md").read_text()
+
+
+def test_evaluation_at_the_native_rate_reads_a_variable_rate_video_frame_by_frame(tmp_path):
+    """``fps`` None ("every frame", VIDIM-Bench's consecutive frames) reads a VFR file by index: the centred 9 of its
+    60 frames, each once. Before, it was read by timestamp on a grid at the stated 30 fps, which repeats each frame of
+    the file's 10 fps part three times ([38, 38, 38, 39, 39, 39, 40, 40, 40]). At a given fps it is still read by
+    timestamp (test_evaluation_and_sampling_read_a_variable_rate_video_as_the_shard_writer_cuts_it)."""
+    from mardini.evaluation.data import read_video_window
+
+    vfr = _timed_video(tmp_path / "vfr.mkv", VFR_TIMES)
+    video, fps, idx, timing = read_video_window(str(vfr), 9, None, 16)
+    assert (idx, timing, fps) == (list(range(25, 34)), "index", 30.0)
+    assert video.shape == (9, 3, 16, 16)

@@ -2,8 +2,9 @@
 
 Each clip is one centred window of ``frames`` frames at ``fps`` (None = every frame, as VIDIM-Bench takes
 consecutive frames), centre-cropped to a square and resized to ``resolution`` with the project's resize
-(``mardini.data.transforms``), in [-1, 1]. A variable-frame-rate video file is read by timestamp, as the shard
-writer reads it (:func:`mardini.data.decode.choose_frames`). Batches: ``video (B, T, 3, R, R)``, ``key`` list,
+(``mardini.data.transforms``), in [-1, 1]. At a given ``fps``, a variable-frame-rate video file is read by
+timestamp, as the shard writer reads it (:func:`mardini.data.decode.choose_frames`); with ``fps`` None every file
+is read by index (consecutive frames, whatever their timestamps). Batches: ``video (B, T, 3, R, R)``, ``key`` list,
 ``fps (B,)`` (the rate each clip was read at), ``meta`` (each clip's ``frame_indices``: the source frames of its
 window; ``timing``: "pts" for a file read by timestamp), and ``positions (B, T, K, 2)`` for synthetic shards.
 """
@@ -68,16 +69,21 @@ def read_video_window(
 ) -> tuple[torch.Tensor, float, list[int], str]:
     """One centred window of a video file, ``(T, 3, R, R)`` in [-1, 1], the rate it was read at (source fps /
     integer stride: the source's own rate when it is slower than ``fps``), the source frames it took and how:
-    ``"index"`` (every stride-th frame) or ``"pts"`` (a variable-frame-rate file: the frame on screen at each time
-    of a grid at that rate, as the shard writer keeps it; a held frame repeats).
+    ``"index"`` (every stride-th frame) or ``"pts"`` (a variable-frame-rate file read at a given ``fps``: the frame
+    on screen at each time of a grid at that rate, as the shard writer keeps it; a held frame repeats). With ``fps``
+    None every file is read by index: consecutive frames, as "every frame" says (a grid at the stated rate would
+    repeat the held frames of a VFR file's slower parts).
 
     The frame count and timestamps come from a packet pass (no decoding), so only the frames up to the window's
     last one are decoded into images: memory holds the window, not the file (a 60-s 720p file decoded whole took
-    8.6 GB). A variable-rate file is decoded once more for its frames' own timestamps, keeping no image."""
+    8.6 GB). A variable-rate file read at a given ``fps`` is decoded once more for its frames' own timestamps,
+    keeping no image."""
     src_fps, packets = video_rate_and_timestamps(path)
     n = len(packets[0])
     eff_fps = src_fps / frame_stride(src_fps, fps)  # the rate read at
-    grid, _ = choose_frames(path, 1 / eff_fps, packets)  # (m,) source frame at each grid time, or None: by index
+    grid = None  # fps None: every frame, consecutive, by index
+    if fps is not None:
+        grid, _ = choose_frames(path, 1 / eff_fps, packets)  # (m,) source frame at each grid time, or None: by index
     if grid is not None:
         idx = grid[_window(eff_fps, len(grid), None, frames)[0]]  # (T,) the centred window of the grid
         arr = decode_mp4(path, idx)  # (T, H, W, 3) uint8
