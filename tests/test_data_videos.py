@@ -403,3 +403,17 @@ def test_evaluation_at_the_native_rate_reads_a_variable_rate_video_frame_by_fram
     video, fps, idx, timing = read_video_window(str(vfr), 9, None, 16)
     assert (idx, timing, fps) == (list(range(25, 34)), "index", 30.0)
     assert video.shape == (9, 3, 16, 16)
+
+
+def test_a_variable_rate_window_that_does_not_fit_says_what_the_timestamp_reading_gives(tmp_path):
+    """A VFR file too short for the window at a given fps is skipped (ClipTooShort) with the timestamp reading's
+    count: 30 grid times every 0.133 s. Before, the message was the index reading's, with the grid's count as the
+    file's: "need 40 frames at stride 1 (span 40) from frame 0, but the clip has 30 frames" (it has 60; stride 4)."""
+    from mardini.data.decode import ClipTooShort
+    from mardini.evaluation.data import read_video_window
+
+    vfr = _timed_video(tmp_path / "vfr.mkv", VFR_TIMES)
+    with pytest.raises(ClipTooShort) as err:
+        read_video_window(str(vfr), 40, 7.5, 16)
+    assert str(err.value).startswith(
+        "variable frame rate: read by timestamp every 0.133 s it gives 30 frames, fewer than 40")

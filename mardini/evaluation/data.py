@@ -85,6 +85,11 @@ def read_video_window(
     if fps is not None:
         grid, _ = choose_frames(path, 1 / eff_fps, packets)  # (m,) source frame at each grid time, or None: by index
     if grid is not None:
+        if len(grid) < frames:  # the grid's own count, not the file's frames nor the index reading's stride
+            raise ClipTooShort(
+                f"variable frame rate: read by timestamp every {1 / eff_fps:.3g} s it gives {len(grid)} frames, "
+                f"fewer than {frames}; use fewer frames, a higher fps, or longer clips"
+            )
         idx = grid[_window(eff_fps, len(grid), None, frames)[0]]  # (T,) the centred window of the grid
         arr = decode_mp4(path, idx)  # (T, H, W, 3) uint8
         return crop_and_resize(arr, resolution, "center")[0], eff_fps, idx.tolist(), "pts"
