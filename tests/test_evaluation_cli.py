@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -230,8 +231,8 @@ def test_a_cached_real_statistics_file_of_other_clips_is_recomputed(shards, tmp_
     first = run()
     paths = sorted((tmp_path / "stats").iterdir())
     digest = torch.load(paths[0], weights_only=True)["keys_digest"]
-    keys = [k for b in iter_batches(kind, files, 9, None, 16, 6, 4) for k in b["key"]]
-    assert digest == keys_digest(keys)
+    ids = [i for b in iter_batches(kind, files, 9, None, 16, 6, 4) for i in cli.clip_ids(b)]  # key, source frames
+    assert digest == keys_digest(ids)
     for path in paths:  # statistics of other clips under the same cache key
         stats = torch.load(path, weights_only=True)
         torch.save({**stats, "mean": stats["mean"] + 1, "keys_digest": digest + 1}, path)
@@ -241,6 +242,42 @@ def test_a_cached_real_statistics_file_of_other_clips_is_recomputed(shards, tmp_
     assert "were computed on other clips than the 6 this run read; recomputing them" in capsys.readouterr().err
     assert all(torch.load(p, weights_only=True)["keys_digest"] == digest for p in paths)  # the cache is rewritten
     assert run()["real_stats_cache"] == "hit"
+
+
+def test_cached_real_statistics_of_other_source_frames_of_the_same_files_are_not_reused(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """A cache written when a variable-frame-rate file was read by index (as before it was read by timestamp at a
+    given --fps) has the same files, window settings and clip keys; its statistics are of other frames. The cache
+    records the digest of each clip's key and source frames, so they are recomputed: the results are those of a run
+    without the cache. Before, the stale statistics were taken ("hit") and FVD/FID scored against other frames."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))  # the VFR test files of test_data_videos
+    from test_data_videos import VFR_TIMES, _numbered_video, _timed_video
+
+    from mardini.evaluation import data
+
+    _timed_video(tmp_path / "videos" / "a_vfr.mkv", VFR_TIMES)
+    _numbered_video(tmp_path / "videos" / "b_cfr.mp4", 40, 30)
+
+    def run(cache: str) -> dict:
+        args = cli.parse_args(["--data", str(tmp_path / "videos"), "--tasks", "interpolation", "--frames", "9",
+                               "--fps", "7.5", "--resolution", "16", "--num-clips", "2", "--cache-dir", cache])
+        kind, files = resolve_source(args.data)
+        return cli.run_task("interpolation", args, cli.build_samplers(args), kind, files, 2,
+                            {"fvd": VideoPool(), "fid": FramePool()})
+
+    fresh = run("")  # no cache: the VFR file read by timestamp
+    assert fresh["clip_list"][0]["timing"] == "pts"
+    with monkeypatch.context() as m:  # the old rule: every file by index
+        m.setattr(data, "choose_frames", lambda *a, **k: (None, "read by index"))
+        old = run(str(tmp_path / "stats"))
+    assert old["real_stats_cache"] == "computed" and "timing" not in old["clip_list"][0]
+    assert old["clip_list"][0]["frame_indices"] != fresh["clip_list"][0]["frame_indices"]
+    capsys.readouterr()
+    again = run(str(tmp_path / "stats"))
+    assert again["real_stats_cache"] != "hit", "statistics of other source frames were reused"
+    assert again["real_stats_cache"].startswith("recomputed") and again["results"] == fresh["results"]
+    assert "were computed on other clips than the 2 this run read" in capsys.readouterr().err
+    assert run(str(tmp_path / "stats"))["real_stats_cache"] == "hit"
 
 
 def test_cli_on_a_folder_of_videos(tmp_path):

@@ -244,7 +244,7 @@ def run_task(
     for s in suites.values():
         s.to(device)  # metric states (and the FVD/FID networks) where the clips are
     data_id = {"files": files_id(files), "frames": args.frames, "fps": args.fps, "resolution": args.resolution,
-               "num_clips": n}
+               "num_clips": n, "frame_rule": FRAME_RULE}
     cache = RealStatsCache(args.cache_dir) if args.cache_dir else None
     hit = first.load_real_cache(cache, data_id) if cache else None
     run = {m: (PipelineSampler(s, proto.steps, proto.guidance_scale, proto.eta) if m == "mardini" else s)
@@ -253,7 +253,8 @@ def run_task(
         proto.guidance_scale = run["mardini"].guidance_scale
     skipped: dict[str, str] = {}
     timed = [m for m, s in run.items() if not isinstance(s, GeneratedVideos)]  # an external method ran elsewhere
-    seen, keys, rates, timing, began = 0, [], [], {m: 0.0 for m in timed}, time.perf_counter()
+    seen, rates, timing, began = 0, [], {m: 0.0 for m in timed}, time.perf_counter()
+    ids: list[str] = []  # each clip's key and source frames (clip_ids): what the cached real statistics must match
     names = ClipNames(kind, args.data)  # what --export-inputs called the clips (same clips, same order)
     clip_list: list[dict[str, Any]] = []  # what each clip is: key, source frames, rate
     model_batches = (iter_batches(kind, files, args.frames, args.fps, size, n, args.batch_size)
@@ -281,7 +282,7 @@ def run_task(
                 timing[m] += time.perf_counter() - start
             suites[m].update(real, fake, mask, positions)
         seen += real.shape[0]
-        keys += list(batch["key"])
+        ids += clip_ids(batch)
         rates += [float(r) for r in batch["fps"]]  # the rate each clip was read at
         clip_list += [{"key": k, "frame_indices": meta.get("frame_indices"), "fps": round(float(r), 3),
                        **({"timing": "pts"} if meta.get("timing") == "pts" else {})}  # read by timestamp (VFR)
@@ -292,14 +293,14 @@ def run_task(
         raise ValueError(f"the data gave {seen} usable clips, the protocol needs {n}; lower --num-clips to {seen}"
                            + (f" ({_unusable(skipped)})" if skipped else ""))
     cache_state = ("hit" if hit else "computed") if first.frechet else "none (no FVD/FID)"
-    if hit and not first.real_cache_matches(keys_digest(keys), seen):
+    if hit and not first.real_cache_matches(keys_digest(ids), seen):
         print(f"evaluate.py: note: the cached real statistics {sorted(hit.values())} were computed on other clips "
               f"than the {seen} this run read; recomputing them and rewriting the cache", file=sys.stderr)
-        recompute_real(first, proto, args, kind, files, n, keys, device)
+        recompute_real(first, proto, args, kind, files, n, ids, device)
         hit, cache_state = None, "recomputed (the cached file was of other clips)"
     if first.frechet:
         if cache is not None and not hit:
-            first.save_real_cache(cache, data_id, keys_digest(keys), seen, write=True)
+            first.save_real_cache(cache, data_id, keys_digest(ids), seen, write=True)
         stats = first.real_stats()
         for s in list(suites.values())[1:]:
             s.use_real_stats(stats)
@@ -308,6 +309,18 @@ def run_task(
             "skipped_metrics": first.skipped, "skipped_videos": skipped,
             "fps_effective": rates_read(rates, args.fps), "clip_list": clip_list,
             "seconds_per_clip": {m: t / max(seen, 1) for m, t in timing.items()}, "results": results}
+
+
+# The rule that picks a video file's source frames (mardini.evaluation.data.read_video_window), in the real-statistics
+# cache key: 2 since a variable-frame-rate file is read by timestamp at a given --fps (1: always by index).
+FRAME_RULE = 2
+
+
+def clip_ids(batch: dict[str, Any]) -> list[str]:
+    """``"key frame_indices"`` of each clip of a batch: the real-statistics cache records their digest, so
+    statistics of other source frames of the same files (another frame-selection rule) are not reused."""
+    metas = batch.get("meta") or [{}] * len(batch["key"])
+    return [f"{k} {json.dumps(m.get('frame_indices'))}" for k, m in zip(batch["key"], metas, strict=True)]
 
 
 def model_clips(batches: Any, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
@@ -344,7 +357,7 @@ def rate_note(eff: dict[str, Any], fps: float | None, clips: int) -> str | None:
 
 
 def recompute_real(suite: EvalSuite, proto: EvalProtocol, args: argparse.Namespace, kind: str, files: list[str],
-                   n: int, keys: list[str], device: torch.device) -> None:
+                   n: int, ids: list[str], device: torch.device) -> None:
     """The real side of ``suite``'s Fréchet metrics from the clips again, in place of stale cached statistics (a
     second read of the data: no sampling)."""
     suite.drop_real_stats()
@@ -352,9 +365,9 @@ def recompute_real(suite: EvalSuite, proto: EvalProtocol, args: argparse.Namespa
     for batch in iter_batches(kind, files, args.frames, args.fps, args.resolution, n, args.batch_size):
         real = batch["video"].to(device)  # (B, T, 3, R, R)
         suite.update_real(real, proto.mask(real.shape[0], device))
-        again += list(batch["key"])
-    if sorted(again) != sorted(keys):
-        raise ValueError(f"{args.data} gave other clips on a second read ({len(again)} clips, {len(keys)} before): "
+        again += clip_ids(batch)
+    if sorted(again) != sorted(ids):
+        raise ValueError(f"{args.data} gave other clips on a second read ({len(again)} clips, {len(ids)} before): "
                          "the data changed during the run; run again once it is written")
 
 
