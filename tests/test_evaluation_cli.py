@@ -472,6 +472,8 @@ def test_fvd_and_fid_from_few_clips_are_noted(shards, tmp_path, monkeypatch, cap
         (["--data", "x", "--methods", "rife"], "unknown methods"),
         (["--data", "x", "--num-clips", "1"], "num-clips"),
         (["--data", "x", "--sample-resolution", "512"], "it needs --checkpoint"),
+        (["--data", "x", "--checkpoint", "c.ckpt", "--methods", "nearest_frame", "--sample-resolution", "64"],
+         "but the model ('mardini') is not among --methods ['nearest_frame']: add it"),  # not 'it needs --checkpoint'
         (["--data", "x", "--checkpoint", "c", "--sample-resolution", "big"], "give a side in pixels (e.g. 512)"),
     ],
 )

@@ -120,7 +120,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.methods = [m for m in args.methods if m not in args.generated]  # the built-in ones; every --generated runs
     if args.sample_resolution is not None:
         if "mardini" not in args.methods:
-            p.error("--sample-resolution sets the size the model samples at: it needs --checkpoint")
+            p.error("--sample-resolution sets the size the model samples at: it needs --checkpoint"
+                    if not args.checkpoint else
+                    f"--sample-resolution sets the size the model samples at, but the model ('mardini') is not among "
+                    f"--methods {args.methods}: add it, or leave --sample-resolution out")
         if args.sample_resolution != "protocol":
             if not args.sample_resolution.isdigit() or int(args.sample_resolution) < 1:
                 p.error(f"--sample-resolution {args.sample_resolution!r}: give a side in pixels (e.g. 512) or "
