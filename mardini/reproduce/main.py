@@ -9,7 +9,7 @@
 6. Table 3: latency and peak memory of the asymmetric design vs symmetric variants (``bench.asymmetric``);
 then ``<out>/report.md`` (+ ``results.json``, PNG plots) with a computed agree/disagree verdict per claim.
 
-Default: not timed end to end on 2 CPU cores (writes ``outputs/reproduce/``). ``--quick``: minutes, tiny step counts and
+Default: about 30 min on 2 CPU cores (29.1 min in the README's run; writes ``outputs/reproduce/``). ``--quick``: minutes, tiny step counts and
 few clips, only to check that everything runs (writes ``outputs/reproduce/quick/``; its numbers mean nothing).
 Re-running reuses finished training runs.
 """
