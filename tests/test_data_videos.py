@@ -417,3 +417,25 @@ def test_a_variable_rate_window_that_does_not_fit_says_what_the_timestamp_readin
         read_video_window(str(vfr), 40, 7.5, 16)
     assert str(err.value).startswith(
         "variable frame rate: read by timestamp every 0.133 s it gives 30 frames, fewer than 40")
+
+
+def test_a_variable_rate_file_is_decoded_for_its_timestamps_once_across_evaluation_passes(tmp_path, monkeypatch):
+    """evaluate.py reads a window per pass (usable clips, each task): the whole-file decode for the frames'
+    timestamps runs once per file version, and again after the file changes."""
+    import os
+
+    from mardini.evaluation.data import read_video_window
+
+    vfr = _timed_video(tmp_path / "vfr.mkv", VFR_TIMES)
+    opened = []  # every av.open: the packet pass, the timestamps' whole-stream decode, the window's decode
+    real_open = decode.av.open
+    monkeypatch.setattr(decode.av, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    first = read_video_window(str(vfr), 9, 7.5, 16)
+    after_first = len(opened)
+    second = read_video_window(str(vfr), 9, 7.5, 16)
+    assert first[2] == second[2] and first[3] == "pts"
+    assert after_first >= 3 and len(opened) - after_first == after_first - 1  # all but the timestamps' decode
+    os.utime(vfr, ns=(0, 0))  # another file version: its timestamps are decoded again
+    before = len(opened)
+    read_video_window(str(vfr), 9, 7.5, 16)
+    assert len(opened) - before == after_first

@@ -7,9 +7,11 @@ exactly these, skips the sample and counts it.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
+import os
 from fractions import Fraction
 
 import av
@@ -146,13 +148,21 @@ def packet_timestamps(container) -> tuple[list[int | None], Fraction]:
     return (pts if None in pts else sorted(pts)), stream.time_base
 
 
-def frame_timestamps(path: str) -> tuple[list[int | None], Fraction]:
+def frame_timestamps(path: str) -> tuple[tuple[int | None, ...], Fraction]:
     """The first video stream's decoded frames' timestamps, in output order, and its time base (a decode of the
-    whole stream; no image is kept)."""
+    whole stream; no image is kept). Remembered per file version (path, size, modification time): evaluate.py reads
+    a variable-rate file's window in several passes (usable clips, each task, the model's size)."""
+    stat = os.stat(path)
+    return _frame_timestamps(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _frame_timestamps(path: str, size: int, mtime_ns: int) -> tuple[tuple[int | None, ...], Fraction]:
+    """:func:`frame_timestamps` of one file version (``size`` and ``mtime_ns`` only key the cache)."""
     with av.open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        return [frame.pts for frame in container.decode(stream)], stream.time_base
+        return tuple(frame.pts for frame in container.decode(stream)), stream.time_base
 
 
 def choose_frames(
