@@ -55,8 +55,7 @@ def plan_usage(pipe, video: torch.Tensor, t: float = 1.0, seed: int = 0,
     mask = interpolation_mask(frames)[None].expand(b, -1)  # (B, T)
     z_ref = pipe.autoencoder.encode(video)  # (B, T, C, h, w)
     z0 = pipe.anchor.to_target(z_ref, mask)  # (B, T, C, h, w): what the generator denoises
-    z_low = pipe.autoencoder.encode(planner_copy(video, pipe.planner_resolution))  # (B, T, C, h', w')
-    plan = pipe.planner(z_low, mask)  # (B, T, M, P); the planner blanks the masked frames itself
+    plan = pipe.plan(video, mask)  # (B, T, M, P)
     null = pipe.generator.null_plan(*plan.shape[:3]).to(plan)  # (B, T, M, P)
     tt = torch.full((b,), float(t))  # (B,)
     alpha, sigma = pipe.schedule.alpha_sigma(tt)

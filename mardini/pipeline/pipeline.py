@@ -16,7 +16,8 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,26 @@ def _caller_stacklevel() -> int:
                                         or frame.f_code.co_filename.startswith(torch_dir)):
         frame, level = frame.f_back, level + 1
     return level
+
+
+@dataclass(frozen=True)
+class DenoisingStep:
+    """What :meth:`MarDiniPipeline.generate` hands its ``callback`` after each denoising step, for the whole batch.
+
+    Attributes:
+        index: the step just taken, 0-based, of ``steps``. t: the noise level it reached (0 after the last).
+        latents: the state at ``t``, ``(B * k, T, C, h, w)`` float32, given frames their encoding (after the last
+            step: the result). estimate: the step's clean estimate ``x0`` of the same shape, given frames their
+            encoding. mask: ``(B * k, T)`` bool, True = generated.
+    The tensors are copies: changing them does not change the sampling.
+    """
+
+    index: int
+    steps: int
+    t: float
+    latents: torch.Tensor
+    estimate: torch.Tensor
+    mask: torch.Tensor
 
 
 class MarDiniPipeline:
@@ -134,6 +155,7 @@ class MarDiniPipeline:
         num_samples: int = 1,
         progress: bool = True,
         eta: float = 0.0,
+        callback: Callable[[DenoisingStep], None] | None = None,
     ) -> torch.Tensor:
         """Fill the masked frames of one window per clip.
 
@@ -146,14 +168,17 @@ class MarDiniPipeline:
             progress: a tqdm bar over the denoising steps.
             eta: DDIM stochasticity, 0 = deterministic DDIM (the paper's sampler), 1 = ancestral (fresh noise each
                 step, drawn per clip and sample so that results still do not depend on the batch).
+            callback: ``callback(step)`` after each denoising step with a :class:`DenoisingStep` of the whole
+                batch (the state and the step's clean estimate, as latents: show them with :meth:`decode`); the
+                multi-window tasks call it for each window.
         Returns:
             ``(B * num_samples, T, 3, H, W)`` float32 in [-1, 1] on video's device, the samples of a clip adjacent;
             given frames are the input pixels.
         """
-        z, x, m = self.generate_latents(video, mask, steps, guidance_scale, seed, num_samples, progress, eta)
+        z, x, m = self.generate_latents(video, mask, steps, guidance_scale, seed, num_samples, progress, eta,
+                                        callback)
         start = self._now()
-        with self._autocast():
-            decoded = self.autoencoder.decode(z.to(self.param_dtype)).float()  # (B*k, T, 3, H, W)
+        decoded = self.decode(z)  # (B*k, T, 3, H, W)
         self.last_timings["decode"] = self._now() - start
         return torch.where(frame_mask(m), decoded, x).to(video.device)  # (B*k, T, 3, H, W)
 
@@ -161,16 +186,18 @@ class MarDiniPipeline:
     def generate_latents(
         self, video: torch.Tensor, mask: torch.Tensor, steps: int = 25, guidance_scale: float = 1.0,
         seed: int | Sequence[int] = 0, num_samples: int = 1, progress: bool = True, eta: float = 0.0,
+        callback: Callable[[DenoisingStep], None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`generate` before decoding: latents ``(B*k, T, C, h, w)`` float32 (given frames bit-identical to
         their encoding), and the repeated pixels ``(B*k, T, 3, H, W)`` (masked frames zeroed) and mask ``(B*k, T)``."""
         self._check(video, mask, guidance_scale, num_samples)
         check_eta(eta)
+        if callback is not None and not callable(callback):
+            raise ValueError(f"callback must be a function of one DenoisingStep, got {type(callback).__name__}")
         b, t, _, h, w = video.shape
         seeds = tasks.per_clip_seeds(seed, b)
         m = mask.to(self.device).repeat_interleave(num_samples, 0)  # (B*k, T)
-        x = video.to(self.device, torch.float32).repeat_interleave(num_samples, 0)  # (B*k, T, 3, H, W)
-        x = torch.where(frame_mask(m), torch.zeros((), device=self.device), x)  # masked content never enters
+        x = self._given_pixels(video.repeat_interleave(num_samples, 0), m)  # (B*k, T, 3, H, W)
         lh, lw = self.autoencoder.latent_size(h, w)
         noise = torch.cat([  # one CPU generator per clip: its samples do not depend on the batch
             torch.randn((num_samples, t, self.autoencoder.latent_channels, lh, lw), generator=torch.Generator().manual_seed(s))
@@ -179,42 +206,64 @@ class MarDiniPipeline:
         # eta > 0: one generator per (clip, sample) for the per-step noise, so sample j never depends on k or B
         step_gens = [torch.Generator().manual_seed(_step_noise_seed(s, j)) for s in seeds for j in range(num_samples)]
         self.last_timings = {"encode": 0.0, "planner": 0.0, "generator": 0.0, "decode": 0.0}
-        z = torch.empty_like(noise)
+        sampler = DDIMSampler(self.schedule, steps, eta)
+        grid = sampler.timesteps().tolist()  # steps + 1 floats, 1 -> 0
         counts = m.sum(dim=1)  # (B*k,) rows with equal counts share one cache
+        windows = []
         for c in counts.unique().tolist():
             rows = (counts == c).nonzero().squeeze(1)  # (G,)
             gens = [step_gens[r] for r in rows.tolist()]
-            z[rows] = self._sample_window(x[rows], m[rows], noise[rows], steps, guidance_scale, progress, eta, gens)
-        return z, x, m
+            windows.append(_Window(self, rows, x[rows], m[rows], noise[rows], sampler, guidance_scale, gens))
+        for i in tqdm(range(sampler.steps), desc="denoising", disable=not progress, leave=False):
+            for window in windows:  # the groups step together, so that a callback sees the whole batch
+                window.step(i, grid)
+            if callback is not None:
+                callback(DenoisingStep(i, sampler.steps, grid[i + 1], self._gather(windows, noise, "latents"),
+                                       self._gather(windows, noise, "estimate"), m.clone()))
+        return self._gather(windows, noise, "latents"), x, m
 
-    def _sample_window(self, x, m, noise, steps: int, scale: float, progress: bool, eta: float = 0.0,
-                       step_gens: list[torch.Generator] | None = None) -> torch.Tensor:
-        """Encode, plan once, denoise: ``x (B, T, 3, H, W)``, ``m (B, T)``, ``noise (B, T, C, h, w)`` -> latents.
+    @staticmethod
+    def _gather(windows: list[_Window], like: torch.Tensor, what: str) -> torch.Tensor:
+        """The windows' ``latents()`` or ``estimate()``, back in batch order: ``(B*k, T, C, h, w)`` float32."""
+        z = torch.empty_like(like)  # (B*k, T, C, h, w)
+        for window in windows:
+            z[window.rows] = getattr(window, what)()
+        return z
 
-        ``step_gens``: one CPU generator per row for the fresh noise of each step when ``eta > 0``."""
+    @torch.no_grad()
+    def plan(self, video: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The planning signal that :meth:`generate` feeds the generator, one window per clip.
+
+        Args:
+            video, mask: as in :meth:`generate` (the content of masked frames is ignored).
+        Returns:
+            ``(B, T, N_low, D)`` float32 on the pipeline's device: per frame, one ``D``-dim token per planner
+            patch of the ``planner_resolution`` copy (the planner runs once, with masked frames as its [MASK]).
+        """
+        if self.planner is None:
+            raise ValueError(f"this '{self.kind}' checkpoint has no planner, so there is no plan (it samples with "
+                             "the learned null plan); load a joint checkpoint")
+        self._check(video, mask, 1.0, 1)
+        m = mask.to(self.device)  # (B, T)
         with self._autocast():
-            start = self._now()
-            z_ref = self.autoencoder.encode(x.to(self.param_dtype)).float()  # (B, T, C, h, w)
-            plan = None
-            self.last_timings["encode"] += self._now() - start
-            if self.planner is not None:
-                start = self._now()
-                z_low = self.autoencoder.encode(planner_copy(x, self.planner_resolution).to(self.param_dtype))
-                plan = self.planner(z_low, m)  # (B, T, N_low, D): once per window
-                self.last_timings["planner"] += self._now() - start
-            start = self._now()
-            fn = make_denoise_fn(self.generator, plan, m, scale, self.use_cache, self.batched_guidance,
-                                 self.param_dtype, self.schedule)
-            sampler = DDIMSampler(self.schedule, steps, eta)
-            grid = sampler.timesteps().tolist()  # steps + 1 floats, 1 -> 0
-            z = torch.where(frame_mask(m), noise, z_ref)  # (B, T, C, h, w)
-            for i in tqdm(range(sampler.steps), desc="denoising", disable=not progress, leave=False):
-                fresh = None
-                if eta > 0 and grid[i + 1] > 0:
-                    fresh = torch.stack([torch.randn(z.shape[1:], generator=g) for g in step_gens]).to(z)  # (B,T,C,h,w)
-                z = sampler.step(fn, z, grid[i], grid[i + 1], m, z_ref, noise=fresh)  # (B, T, C, h, w) float32
-            self.last_timings["generator"] += self._now() - start
-        return self.anchor.from_target(z, z_ref, m)  # (B, T, C, h, w), references bit-identical
+            return self._plan(self._given_pixels(video, m), m).float()  # (B, T, N_low, D)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels of latents ``(B, T, C, h, w)`` (:meth:`generate_latents`, a callback's state):
+        ``(B, T, 3, H, W)`` float32, in [-1, 1] up to the decoder's overshoot."""
+        with self._autocast():
+            return self.autoencoder.decode(latents.to(self.device, self.param_dtype)).float()  # (B, T, 3, H, W)
+
+    def _given_pixels(self, video: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """``video (B, T, 3, H, W)`` as float32 on the device with the masked frames ``m (B, T)`` zeroed."""
+        x = video.to(self.device, torch.float32)  # (B, T, 3, H, W)
+        return torch.where(frame_mask(m), torch.zeros((), device=self.device), x)  # masked content never enters
+
+    def _plan(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """The planner on the low-resolution copy of ``x (B, T, 3, H, W)``: ``(B, T, N_low, D)`` (under autocast)."""
+        z_low = self.autoencoder.encode(planner_copy(x, self.planner_resolution).to(self.param_dtype))
+        return self.planner(z_low, m)  # (B, T, N_low, D): once per window
 
     # ----------------------------------------------------------------------------------------------
     # Named tasks (see mardini.pipeline.tasks)
@@ -335,3 +384,55 @@ class MarDiniPipeline:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+
+class _Window:
+    """One group of rows with the same number of generated frames, sampled with one reference cache: encoded and
+    planned once, then stepped by :meth:`step` (every group of a batch steps together)."""
+
+    def __init__(self, pipe: MarDiniPipeline, rows: torch.Tensor, x: torch.Tensor, m: torch.Tensor,
+                 noise: torch.Tensor, sampler: DDIMSampler, scale: float, step_gens: list[torch.Generator]) -> None:
+        """``x (G, T, 3, H, W)`` given pixels, ``m (G, T)``, ``noise (G, T, C, h, w)``; ``step_gens``: one CPU
+        generator per row for the fresh noise of each step when ``eta > 0``."""
+        self.pipe, self.rows, self.m, self.sampler, self.step_gens = pipe, rows, m, sampler, step_gens
+        with pipe._autocast():
+            start = pipe._now()
+            self.z_ref = pipe.autoencoder.encode(x.to(pipe.param_dtype)).float()  # (G, T, C, h, w)
+            pipe.last_timings["encode"] += pipe._now() - start
+            plan = None
+            if pipe.planner is not None:
+                start = pipe._now()
+                plan = pipe._plan(x, m)  # (G, T, N_low, D)
+                pipe.last_timings["planner"] += pipe._now() - start
+        self.fn = make_denoise_fn(pipe.generator, plan, m, scale, pipe.use_cache, pipe.batched_guidance,
+                                  pipe.param_dtype, pipe.schedule)
+        self.z = torch.where(frame_mask(m), noise, self.z_ref)  # (G, T, C, h, w)
+        self.last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # the last step's (z_t, v, t)
+
+    def _velocity(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The denoising function, remembering its last call for :meth:`estimate`."""
+        v = self.fn(z, t)  # (G, T, C, h, w)
+        self.last = (z, v, t)
+        return v
+
+    def step(self, i: int, grid: list[float]) -> None:
+        """Denoising step ``i``, from ``grid[i]`` to ``grid[i + 1]``."""
+        pipe = self.pipe
+        with pipe._autocast():
+            start = pipe._now()
+            fresh = None
+            if self.sampler.eta > 0 and grid[i + 1] > 0:
+                fresh = torch.stack([torch.randn(self.z.shape[1:], generator=g) for g in self.step_gens])
+                fresh = fresh.to(self.z)  # (G, T, C, h, w)
+            self.z = self.sampler.step(self._velocity, self.z, grid[i], grid[i + 1], self.m, self.z_ref, noise=fresh)
+            pipe.last_timings["generator"] += pipe._now() - start
+
+    def latents(self) -> torch.Tensor:
+        """The state in latent space: ``(G, T, C, h, w)`` float32, reference frames bit-identical."""
+        return self.pipe.anchor.from_target(self.z, self.z_ref, self.m)
+
+    def estimate(self) -> torch.Tensor:
+        """The last step's clean estimate ``x0 = alpha z_t - sigma v`` in latent space: ``(G, T, C, h, w)``."""
+        z, v, t = self.last
+        x0, _ = self.pipe.schedule.predict_x0_eps(z.float(), v.float(), t)  # (G, T, C, h, w)
+        return self.pipe.anchor.from_target(x0, self.z_ref, self.m)
