@@ -2,14 +2,19 @@
 
 import math
 import os
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from mardini.lit.checkpoint_io import atomic_torch_save
 from mardini.lit.checkpoints import check_metadata, read_checkpoint
 from mardini.lit.curriculum import Curriculum, Milestone
 from mardini.lit.schedules import scaled_lr, warmup_cosine
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_lr_rule_and_schedule():
@@ -99,6 +104,59 @@ def test_curriculum_settings_steps_and_interpolation():
     assert s["keep_ratio"] == (0.15, 0.6) and s["frames"] == 4 and s["attention"] == "t"
     smooth = Curriculum(ms, interpolate=True).settings_at(50)["keep_ratio"]
     assert smooth == pytest.approx((0.25, 0.8))
+
+
+JOINT_TASK = [  # configs/tiny/05_joint_task.yaml's schedule
+    Milestone(0, keep_ratio=(0.35, 1.0), templates={"random": 1.0, "interpolation": 1.0}),
+    Milestone(400, keep_ratio=(0.25, 0.8),
+              templates={"random": 1.0, "interpolation": 1.0, "image_to_video": 1.0, "expansion": 0.5}),
+    Milestone(800, keep_ratio=(0.15, 0.6)),
+]
+
+
+def test_curriculum_interpolates_the_keep_ratio_across_a_milestone_that_does_not_set_it():
+    """A templates-only milestone between two keep ratios neither holds the ramp nor turns it into a step."""
+    with_templates = Curriculum([*JOINT_TASK[:2], Milestone(600, templates={"random": 1.0}), JOINT_TASK[2]],
+                                interpolate=True)
+    plain = Curriculum(JOINT_TASK, interpolate=True)
+    assert with_templates.settings_at(600)["keep_ratio"] == pytest.approx((0.2, 0.7))  # half way from 400 to 800
+    assert with_templates.settings_at(600)["templates"] == {"random": 1.0}
+    for step in range(1301):
+        assert with_templates.settings_at(step)["keep_ratio"] == plain.settings_at(step)["keep_ratio"], step
+
+
+def _two_neighbour_settings(cur: Curriculum, step: int) -> dict:
+    """The interpolation rule before it skipped milestones without a keep ratio: between milestone ``index`` and
+    ``index + 1`` only (the same wherever every milestone sets one)."""
+    merged: dict = {}
+    index = -1
+    for i, m in enumerate(cur.milestones):
+        if m.step <= step:
+            index = i
+            merged.update({k: v for k, v in asdict(m).items() if v is not None and k != "step"})
+    if cur.interpolate and 0 <= index < len(cur.milestones) - 1:
+        a, b = cur.milestones[index], cur.milestones[index + 1]
+        if a.keep_ratio is not None and b.keep_ratio is not None:
+            w = (step - a.step) / (b.step - a.step)
+            merged["keep_ratio"] = tuple(x + w * (y - x) for x, y in zip(a.keep_ratio, b.keep_ratio))
+    merged["index"] = index
+    return merged
+
+
+def test_the_shipped_curricula_give_the_same_settings_at_every_step_as_the_two_neighbour_rule():
+    """The shipped schedules set a keep ratio in every milestone: their training does not change."""
+    found = []
+    for path in sorted(CONFIGS.glob("**/*.yaml")):
+        cfg = yaml.safe_load(path.read_text()) or {}
+        trainer = cfg.get("trainer") or {}
+        for cb in trainer.get("callbacks") or []:
+            if cb["class_path"].endswith("Curriculum"):
+                args = cb["init_args"]
+                cur = Curriculum([Milestone(**m) for m in args["milestones"]], args.get("interpolate", False))
+                found.append(path.name)
+                for step in range(max(trainer.get("max_steps", 0), cur.milestones[-1].step) + 2):
+                    assert cur.settings_at(step) == _two_neighbour_settings(cur, step), (path, step)
+    assert "05_joint_task.yaml" in found
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,8 @@
 
 A stage YAML lists milestones; at every training step the callback applies the last milestone whose
 ``step`` has been reached (and, with ``interpolate``, moves the keep-ratio range linearly towards the next
-one). The position is a pure function of ``global_step``, so a resumed run lands in the same place; the
-callback's state is still saved so a changed schedule on resume is noticed.
+milestone that sets one). The position is a pure function of ``global_step``, so a resumed run lands in the same
+place; the callback's state is still saved so a changed schedule on resume is noticed.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 from mardini.masking import MaskSampler
+
+INTERPOLATED = ("keep_ratio",)  # the settings ``interpolate`` moves linearly instead of in steps
 
 
 @dataclass
@@ -32,7 +34,8 @@ class Curriculum(L.Callback):
 
     Args:
         milestones: in increasing ``step`` order.
-        interpolate: move the keep-ratio range linearly between consecutive milestones instead of in steps.
+        interpolate: move the keep-ratio range linearly from each milestone that sets one to the next that does
+            (milestones between them that leave it unset do not hold it) instead of in steps.
     """
 
     def __init__(self, milestones: list[Milestone], interpolate: bool = False) -> None:
@@ -54,18 +57,21 @@ class Curriculum(L.Callback):
 
     # ----------------------------------------------------------------------------------------------
     def settings_at(self, step: int) -> dict:
-        """The merged settings in force at ``step`` (keep ratio interpolated when asked)."""
+        """The merged settings in force at ``step``; with ``interpolate``, each of :data:`INTERPOLATED` is
+        interpolated between the last milestone at or before ``step`` that sets it and the next one that sets it."""
         merged: dict = {}
         index = -1
         for i, m in enumerate(self.milestones):
             if m.step <= step:
                 index = i
                 merged.update({k: v for k, v in asdict(m).items() if v is not None and k != "step"})
-        if self.interpolate and 0 <= index < len(self.milestones) - 1:
-            a, b = self.milestones[index], self.milestones[index + 1]
-            if a.keep_ratio is not None and b.keep_ratio is not None:
+        for key in INTERPOLATED:
+            setting = [m for m in self.milestones if getattr(m, key) is not None]
+            before, after = [m for m in setting if m.step <= step], [m for m in setting if m.step > step]
+            if self.interpolate and before and after:
+                a, b = before[-1], after[0]
                 w = (step - a.step) / (b.step - a.step)
-                merged["keep_ratio"] = tuple(x + w * (y - x) for x, y in zip(a.keep_ratio, b.keep_ratio))
+                merged[key] = tuple(x + w * (y - x) for x, y in zip(getattr(a, key), getattr(b, key)))
         merged["index"] = index
         return merged
 
