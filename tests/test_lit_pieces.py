@@ -231,6 +231,53 @@ def test_curriculum_apply_sets_frames_templates_and_attention_of_the_raw_and_the
     assert module.mask_sampler.template_probs == {"interpolation": 1.0}
 
 
+def test_curriculum_warns_at_the_fit_s_start_naming_each_model_setting_its_step_0_milestone_replaces():
+    """A model's templates (keep ratio, frames, attention) that milestone 0 overrides have no effect: say so."""
+    import warnings
+    from types import SimpleNamespace
+
+    from mardini.masking import MaskSampler
+    from mardini.models.registry import build_generator
+
+    def module():
+        return SimpleNamespace(mask_sampler=MaskSampler((0.35, 1.0), {"random": 1.0}), frames=9,
+                               networks={"generator": build_generator("tiny", depth=1)},
+                               ema=SimpleNamespace(module={"generator": build_generator("tiny", depth=1)}))
+
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(frames=9), global_step=0)
+    first = Milestone(0, keep_ratio=(0.35, 1.0), templates={"random": 1.0, "interpolation": 1.0}, frames=5,
+                      attention="t")
+    with pytest.warns(UserWarning, match="curriculum: the milestone at step 0 replaces") as said:
+        Curriculum([first, Milestone(100, keep_ratio=(0.15, 0.6))]).on_fit_start(trainer, module())
+    assert len(said) == 1
+    text = str(said[0].message)
+    assert ("model.init_args.templates={'random': 1.0} with {'random': 1.0, 'interpolation': 1.0}; "
+            "model.init_args.frames=9 with 5; model.init_args.generator.attention='st' with 't'") in text
+    assert "keep_ratio" not in text  # the same value: not named
+    assert "the Curriculum's milestones decide these settings" in text and "--trainer.callbacks" in text
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning where the values agree or the first milestone comes later
+        Curriculum([Milestone(0, keep_ratio=(0.35, 1.0), templates={"random": 1.0}, frames=9, attention="st")]
+                   ).on_fit_start(trainer, module())
+        Curriculum([Milestone(10, templates={"interpolation": 1.0})]).on_fit_start(trainer, module())
+
+
+def test_the_shipped_stages_give_the_model_the_settings_their_curriculum_starts_with():
+    """Where a Curriculum's step-0 milestone sets the keep ratio or templates, the stage's model declares the same
+    (it has no other effect: the milestone replaces it)."""
+    checked = []
+    for path in sorted(CONFIGS.glob("**/*.yaml")):
+        cfg = yaml.safe_load(path.read_text()) or {}
+        model = ((cfg.get("model") or {}).get("init_args")) or {}
+        for cb in (cfg.get("trainer") or {}).get("callbacks") or []:
+            first = cb["init_args"]["milestones"][0] if cb["class_path"].endswith("Curriculum") else {}
+            for key in ("keep_ratio", "templates", "frames") if first.get("step") == 0 else ():
+                if key in first and key in model:
+                    assert model[key] == first[key], (path.name, key)
+                    checked.append((path.name, key))
+    assert ("05_joint_task.yaml", "templates") in checked
+
+
 def test_curriculum_keeps_a_mask_sampler_subclass_and_its_fields():
     """A subclass set on the module survives the curriculum's keep-ratio / template changes."""
     from dataclasses import dataclass

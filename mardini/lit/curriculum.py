@@ -3,7 +3,8 @@
 A stage YAML lists milestones; at every training step the callback applies the last milestone whose
 ``step`` has been reached (and, with ``interpolate``, moves the keep-ratio range linearly towards the next
 milestone that sets one). The position is a pure function of ``global_step``, so a resumed run lands in the same
-place; the callback's state is still saved so a changed schedule on resume is noticed.
+place; the callback's state is still saved so a changed schedule on resume is noticed. A milestone at step 0
+replaces the model's own keep ratio, templates, frames and attention: the fit's start warns naming those it changes.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mardini.masking import MaskSampler
 
@@ -96,7 +97,29 @@ class Curriculum(L.Callback):
     # ----------------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.check_frames(getattr(getattr(trainer, "datamodule", None), "frames", None))
+        self.warn_replaced(pl_module)
         self.apply(pl_module, trainer.global_step)
+
+    def warn_replaced(self, pl_module: L.LightningModule) -> None:
+        """Warn (rank zero) naming each model setting (keep ratio, templates, frames, the generator's attention) that
+        a milestone at step 0 replaces with another value before any training: the model's value has no effect."""
+        first = self.milestones[0]
+        if first.step != 0:
+            return
+        generator = pl_module.networks["generator"] if "generator" in pl_module.networks else None
+        sampler = pl_module.mask_sampler
+        pairs = [  # (name, the model's value, the milestone's)
+            ("keep_ratio", tuple(sampler.keep_ratio), None if first.keep_ratio is None else tuple(first.keep_ratio)),
+            ("templates", dict(sampler.template_probs), first.templates),
+            ("frames", pl_module.frames, first.frames),
+            ("generator.attention", getattr(generator, "attention_mode", None), first.attention),
+        ]
+        replaced = [f"model.init_args.{name}={ours!r} with {theirs!r}" for name, ours, theirs in pairs
+                    if ours is not None and theirs is not None and ours != theirs]
+        if replaced:
+            rank_zero_warn(f"curriculum: the milestone at step 0 replaces {'; '.join(replaced)}, so the model's value "
+                           "is never trained: the Curriculum's milestones decide these settings; edit them (the stage "
+                           "YAML's trainer.callbacks, or --trainer.callbacks) or give the model the milestone's value")
 
     def check_frames(self, data_frames: int | None) -> None:
         """Raise at the start of the fit, not when the milestone is reached, if a milestone asks for more frames
