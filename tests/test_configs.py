@@ -78,3 +78,28 @@ def test_the_gpu_overlay_changes_only_device_batch_and_log_dir(capsys):
     assert {k for k, v in gpu["data"]["init_args"].items() if cpu["data"]["init_args"][k] != v} == changed
     assert gpu["model"] == cpu["model"]
     assert {k for k in gpu["trainer"] if gpu["trainer"][k] != cpu["trainer"][k]} == {"accelerator", "logger"}
+
+
+def _printed_with(capsys, stage: Path, *extra: str) -> dict:
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(CONFIGS / "tiny" / "common.yaml"), "--config", str(stage), *extra, "--print_config"])
+    assert stop.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_the_readme_s_dotted_network_overrides_merge_into_the_stage_s_dict(capsys):
+    """Each ``--model.init_args.{generator,planner}.FIELD VALUE`` that README.md shows changes that field and keeps the
+    stage YAML's others; the dict form (``--model.init_args.generator '{abs_pos: true}'``) replaces the whole dict,
+    dropping the stage's width, patch and attention, as README.md says."""
+    import re
+
+    readme = (CONFIGS.parent / "README.md").read_text()
+    shown = re.findall(r"`--model\.init_args\.(generator|planner)\.(\w+) ([^`\s]+)`", readme)
+    assert ("generator", "abs_pos", "true") in shown, shown
+    stage = CONFIGS / "tiny" / "05_joint_task.yaml"
+    declared = yaml.safe_load(stage.read_text())["model"]["init_args"]
+    for network, field, value in shown:
+        cfg = _printed_with(capsys, stage, f"--model.init_args.{network}.{field}", value)
+        assert cfg["model"]["init_args"][network] == {**declared[network], field: yaml.safe_load(value)}, (field, value)
+    replaced = _printed_with(capsys, stage, "--model.init_args.generator", "{abs_pos: true}")
+    assert replaced["model"]["init_args"]["generator"] == {"abs_pos": True}
