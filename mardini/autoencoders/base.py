@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 from einops import rearrange
 from torch import nn
@@ -80,17 +82,34 @@ class FrameAutoencoder(nn.Module):
         return rearrange(x.clamp(-1, 1), "(b t) c h w -> b t c h w", b=b)
 
 
-def build_autoencoder(spec: dict) -> FrameAutoencoder:
-    """Rebuild an autoencoder from :meth:`FrameAutoencoder.spec` (only classes under ``mardini.autoencoders``)."""
-    return autoencoder_class(spec.get("class_path", ""))(**dict(spec.get("init_args", {})))
+def build_autoencoder(spec: dict, allow: Collection[str] = ()) -> FrameAutoencoder:
+    """Rebuild an autoencoder from :meth:`FrameAutoencoder.spec` (classes under ``mardini.autoencoders``, and the
+    class paths named in ``allow``: see :func:`autoencoder_class`)."""
+    return autoencoder_class(spec.get("class_path", ""), allow)(**dict(spec.get("init_args", {})))
 
 
-def autoencoder_class(path: str) -> type:
-    """The class a checkpoint's or cache's ``class_path`` names; only modules under ``mardini.autoencoders`` are
-    imported (a file must not make us import arbitrary code), anything else is a ValueError."""
+def autoencoder_class(path: str, allow: Collection[str] = ()) -> type:
+    """The class a checkpoint's or cache's ``class_path`` names. Only modules under ``mardini.autoencoders`` are
+    imported (a file must not make us import arbitrary code), and the exact class paths the caller names in
+    ``allow`` (an opt-in for one's own :class:`FrameAutoencoder`); anything else is a ValueError naming the opt-in."""
     import importlib
 
-    module, _, name = str(path).rpartition(".")
-    if not module.startswith("mardini.autoencoders"):
-        raise ValueError(f"autoencoder class {path!r} is not one of mardini.autoencoders; refusing to import it")
-    return getattr(importlib.import_module(module), name)
+    path = str(path)
+    allowed = {allow} if isinstance(allow, str) else set(allow)  # one path given as a string is one path
+    module, _, name = path.rpartition(".")
+    if module.startswith("mardini.autoencoders"):
+        return getattr(importlib.import_module(module), name)
+    if path not in allowed:
+        raise ValueError(
+            f"autoencoder class {path!r} is not one of mardini.autoencoders; refusing to import it. If you trust "
+            f"it, allow it: --allow-autoencoder {path} (sample.py, evaluate.py) or "
+            f"MarDiniPipeline.from_checkpoint(..., allow_autoencoders=[{path!r}])"
+        )
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:  # ValueError: an empty module name
+        raise ValueError(f"cannot import the allowed autoencoder class {path!r} ({e}); put the package that "
+                         "defines it on PYTHONPATH") from e
+    if not (isinstance(cls, type) and issubclass(cls, FrameAutoencoder)):
+        raise ValueError(f"{path!r} is not a FrameAutoencoder subclass; only autoencoders can be allowed")
+    return cls

@@ -84,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "clips.json for an external method, and score nothing")
     p.add_argument("--window", type=int, default=None,
                    help="the trained window (frames) of a checkpoint that records none (default: what it records)")
+    p.add_argument("--allow-autoencoder", action="append", default=[], metavar="CLASS_PATH",
+                   help="import this autoencoder class (one's own FrameAutoencoder, e.g. myext.ae.AvgPoolAE) when "
+                        "--checkpoint names it; repeatable (default: only classes under mardini.autoencoders)")
     p.add_argument("--sample-resolution", default=None, metavar="N|protocol",
                    help="square side the model samples at, its outputs resized to --resolution for scoring "
                         "(default: the checkpoint's square training side where it records one, else --resolution; "
@@ -209,7 +212,7 @@ def build_samplers(args: argparse.Namespace) -> dict[str, Sampler]:
         from mardini.pipeline import MarDiniPipeline
 
         pipe = MarDiniPipeline.from_checkpoint(args.checkpoint, ema=True, device=args.device, dtype=args.dtype,
-                                               window=args.window)
+                                               window=args.window, allow_autoencoders=args.allow_autoencoder)
         if args.frames > pipe.window:  # the protocol scores one window per clip: no window-by-window sampling here
             raise ValueError(f"--frames {args.frames} is more than the {pipe.window}-frame window of {args.checkpoint} "
                              f"(its trained window; where the checkpoint records none, its size's guess, which "

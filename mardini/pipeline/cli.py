@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="a joint (or generation) checkpoint written by train.py")
     p.add_argument("--window", type=int, help="the trained window (frames) of a checkpoint that records none, e.g. "
                    "one written by trainer.fit(model, dataloader) (default: the window the checkpoint records)")
+    p.add_argument("--allow-autoencoder", action="append", default=[], metavar="CLASS_PATH",
+                   help="import this autoencoder class (one's own FrameAutoencoder, e.g. myext.ae.AvgPoolAE) when the "
+                   "checkpoint names it; repeatable (default: only classes under mardini.autoencoders)")
     src = p.add_argument_group("inputs (one of)")
     src.add_argument("--images", nargs="+", help="image files: the given frames, in order")
     src.add_argument("--video", help="a video file; --keep picks the given frames among those read")
@@ -245,7 +248,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(a.device)
     started = time.perf_counter()
     dtype = torch.bfloat16 if a.bf16 else torch.float32
-    pipe = MarDiniPipeline.from_checkpoint(a.ckpt, ema=not a.no_ema, device=device, dtype=dtype, window=a.window)
+    pipe = MarDiniPipeline.from_checkpoint(a.ckpt, ema=not a.no_ema, device=device, dtype=dtype, window=a.window,
+                                           allow_autoencoders=a.allow_autoencoder)
     size = parse_size(a.resolution) or pipe.resolution
     given, names, positions, notes = load_inputs(a, pipe, size)
     for note in notes:

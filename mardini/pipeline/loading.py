@@ -8,6 +8,7 @@ cannot sample at all.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,8 @@ class Loaded:
     anchor: FrameAnchor = field(default_factory=FrameAnchor)  # the diffused target (FrameAnchor)
 
 
-def load_checkpoint(path: str | Path, ema: bool = True, window: int | None = None) -> Loaded:
+def load_checkpoint(path: str | Path, ema: bool = True, window: int | None = None,
+                    allow_autoencoders: Collection[str] = ()) -> Loaded:
     """Read a Lightning checkpoint written by ``train.py`` and rebuild its networks for sampling.
 
     Args:
@@ -49,6 +51,9 @@ def load_checkpoint(path: str | Path, ema: bool = True, window: int | None = Non
         window: the trained window in frames, for a checkpoint that records none (no curriculum, ``model.frames``
             or datamodule ``frames``: what ``trainer.fit(model, dataloader)`` writes). Such a checkpoint without
             ``window`` gets its size's registry window, with a warning; one that records a window refuses another.
+        allow_autoencoders: class paths of autoencoders outside ``mardini.autoencoders`` that may be imported to
+            rebuild the checkpoint's (one's own :class:`FrameAutoencoder`, e.g. ``"myext.ae.AvgPoolAE"``); a
+            checkpoint naming any other is refused.
     """
     ckpt = read_checkpoint(path)
     meta = check_metadata(ckpt, KINDS, path)
@@ -61,6 +66,7 @@ def load_checkpoint(path: str | Path, ema: bool = True, window: int | None = Non
         )
     if "autoencoder_spec" not in meta:
         raise ValueError(f"{path} does not record its autoencoder (autoencoder_spec); re-save it with this code")
+    autoencoder = build_autoencoder(meta["autoencoder_spec"], allow_autoencoders).eval()  # a refused one: at once
     hp = dict(ckpt.get("hyper_parameters") or {})
     state = ckpt["state_dict"]
     prefix = EMA_PREFIX if ema else "networks."
@@ -92,7 +98,7 @@ def load_checkpoint(path: str | Path, ema: bool = True, window: int | None = Non
         size=meta["size"],
         generator=generator.eval().requires_grad_(False),
         planner=None if planner is None else planner.eval().requires_grad_(False),
-        autoencoder=build_autoencoder(meta["autoencoder_spec"]).eval(),
+        autoencoder=autoencoder,
         schedule=CosineSchedule(shift=float(hp.get("schedule_shift", 1.0))),
         anchor=FrameAnchor.from_hparams(hp),
         planner_resolution=int(meta["planner_resolution"]),

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,10 +134,13 @@ class MarDiniPipeline:
     def from_checkpoint(
         cls, path: str | Path, ema: bool = True, device: str | torch.device | None = "cpu",
         dtype: torch.dtype | str = torch.float32, window: int | None = None,
+        allow_autoencoders: Collection[str] = (),
     ) -> MarDiniPipeline:
         """A pipeline from a ``joint`` (or ``generation``) checkpoint written by ``train.py``; EMA weights by default.
-        ``window``: the trained window of a checkpoint that records none (see :func:`load_checkpoint`)."""
-        ld = load_checkpoint(path, ema=ema, window=window)
+        ``window``: the trained window of a checkpoint that records none; ``allow_autoencoders``: class paths of
+        one's own autoencoders (outside ``mardini.autoencoders``) the checkpoint may name (see
+        :func:`load_checkpoint`)."""
+        ld = load_checkpoint(path, ema=ema, window=window, allow_autoencoders=allow_autoencoders)
         return cls(ld.generator, ld.autoencoder, ld.planner, ld.schedule, ld.planner_resolution, ld.window,
                    ld.resolution, ld.fps, ld.kind, device, dtype, ld.info, ld.anchor)
 
