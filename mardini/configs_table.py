@@ -12,9 +12,11 @@ paper's VAE) for any other. Clips seen = steps x global batch.
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -89,11 +91,24 @@ def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def is_curriculum(class_path: Any) -> bool:
+    """True when a callback's ``class_path`` names :class:`~mardini.lit.curriculum.Curriculum` or a subclass of it
+    (imported to check, as the CLI would import it); a path that does not import is judged by its name."""
+    from mardini.lit.curriculum import Curriculum
+
+    module, _, name = str(class_path).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):  # ValueError: no module part
+        return str(class_path).endswith("Curriculum")
+    return isinstance(cls, type) and issubclass(cls, Curriculum)
+
+
 def kept_fraction(model: dict, callbacks: list | None) -> str:
     """The kept fraction the stage starts with, and where a Curriculum callback's milestones take it."""
     ranges = [list(model.get("keep_ratio", _DEFAULT_KEEP))]
     for cb in callbacks or []:
-        if str(cb.get("class_path", "")).endswith("Curriculum"):
+        if is_curriculum(cb.get("class_path", "")):
             steps = (cb.get("init_args") or {}).get("milestones") or []
             ranges += [m["keep_ratio"] for m in steps if "keep_ratio" in m]
     start, end = (ranges[1] if len(ranges) > 1 else ranges[0]), ranges[-1]

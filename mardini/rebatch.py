@@ -9,8 +9,8 @@ place of a stage's ``B`` (its own ``data.init_args.batch_size`` where it sets on
 
 - ``data.init_args.batch_size: B'`` in ``common.yaml`` and in every stage that sets its own;
 - ``trainer.max_steps``, ``model.init_args.warmup_steps`` and the ``step`` of every milestone of a
-  ``Curriculum`` callback times ``r`` (rounded, at least 1 for the step counts): the same clips seen, the same
-  learning-rate warm-up and curriculum in clips;
+  ``Curriculum`` callback (or of a subclass) times ``r`` (rounded, at least 1 for the step counts): the same clips
+  seen, the same learning-rate warm-up and curriculum in clips;
 - ``model.init_args.ema_decay`` ``d`` -> ``1 - (1 - d) / r``: the same EMA time constant in clips;
 - the logger's ``save_dir`` and the checkpoint paths (``init_from``, ``planner_ckpt``, ``generator_ckpt``) moved
   from the chain's save folder to ``--save-dir``, so the new chain never reads or writes the old one's runs.
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from mardini.configs_table import NOT_STAGES
+from mardini.configs_table import NOT_STAGES, is_curriculum
 
 CKPT_KEYS = ("init_from", "planner_ckpt", "generator_ckpt")
 
@@ -55,7 +55,7 @@ def rebatch_stage(cfg: dict, batch: int, common_batch: int, old_dir: str, new_di
     if "max_steps" in trainer:
         trainer["max_steps"] = _scaled(trainer["max_steps"], r)
     for cb in trainer.get("callbacks") or []:
-        if str(cb.get("class_path", "")).endswith("Curriculum"):
+        if is_curriculum(cb.get("class_path", "")):
             for m in (cb.get("init_args") or {}).get("milestones") or []:
                 m["step"] = round(m["step"] * r)
     logger = (trainer.get("logger") or {}).get("init_args") or {}

@@ -49,6 +49,20 @@ def test_a_changed_config_changes_the_table(tmp_path):
     assert "| 2600 | 20.8k |" in chain_table(after) and "| 1300 | 10.4k |" in chain_table(before)
 
 
+def test_a_curriculum_subclass_is_read_as_one(tmp_path):
+    chain = tmp_path / "chain"
+    shutil.copytree(TINY, chain)
+    cfg = yaml.safe_load((chain / "05_joint_task.yaml").read_text())
+    [cb] = [c for c in cfg["trainer"]["callbacks"] if c["class_path"] == "mardini.lit.curriculum.Curriculum"]
+    cb["class_path"] = "user_extensions.WindowSchedule"  # a subclass whose name does not end in "Curriculum"
+    (chain / "05_joint_task.yaml").write_text(yaml.safe_dump(cfg))
+    assert read_stage(chain / "05_joint_task.yaml").kept == "35-100 % -> 15-60 %"  # its milestones, as before
+    from mardini.configs_table import is_curriculum
+
+    assert is_curriculum("no_such_package.MyCurriculum")  # not importable: judged by its name
+    assert not is_curriculum("mardini.lit.sample_grids.SampleGrids")
+
+
 def test_the_paper_chains_name_their_final_models():
     text = main([])
     for name in ("MarDini-S/ST-512", "MarDini-S/T-1024", "MarDini-L/ST-512", "MarDini-L/T-1024"):

@@ -466,3 +466,31 @@ def test_a_checkpoint_that_records_no_window_warns_and_takes_the_window_passed(c
     assert out.shape == (2, T, 3, S, S)
     with pytest.raises(ValueError, match=r"records a trained window of 5 frames; window=9 contradicts it"):
         MarDiniPipeline.from_checkpoint(ckpts["joint"], window=9)
+
+
+def test_a_curriculum_subclass_s_window_and_attention_are_the_sampling_ones(tmp_path):
+    """A Curriculum subclass's state is keyed by its own class name: its trained window and /ST -> /T switch were
+    dropped (the registry's window and ST attention sampled a model trained on 3 frames with /T)."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from mardini.lit import MarDiniModule
+    from mardini.lit.curriculum import Milestone
+    from mardini.testing import _quiet
+    from user_extensions import WindowSchedule
+
+    torch.manual_seed(0)
+    module = MarDiniModule(size="tiny", frames=T, planner_resolution=16, lr=1e-3)
+    clips = [{"video": v} for v in _video(2)]  # (T, 3, S, S) each
+    schedule = WindowSchedule([Milestone(0), Milestone(1, frames=3, attention="t")])
+    with _quiet():
+        trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                            default_root_dir=str(tmp_path), callbacks=[schedule])
+        trainer.fit(module, DataLoader(clips, batch_size=2))
+        trainer.save_checkpoint(tmp_path / "schedule.ckpt")
+    assert list(torch.load(tmp_path / "schedule.ckpt", weights_only=True)["callbacks"]) == ["WindowSchedule"]
+    pipe = MarDiniPipeline.from_checkpoint(tmp_path / "schedule.ckpt")
+    assert pipe.window == 3 and pipe.generator.attention_mode == "t"  # as the module trained at its last step
+    video = _video(1)
+    assert pipe.interpolate(video[:, 0], video[:, -1], steps=1, progress=False).shape == (1, 3, 3, S, S)

@@ -64,6 +64,20 @@ def test_a_stage_with_its_own_batch_is_rescaled_from_it(tmp_path):
         src / "03_mar_warmup.yaml")["model"]["init_args"]["warmup_steps"]
 
 
+def test_a_curriculum_subclass_s_milestones_are_rescaled(tmp_path):
+    """A callback whose class imports as a Curriculum subclass is one, whatever its name (``WindowSchedule``)."""
+    src, dst = tmp_path / "chain", tmp_path / "chain_b4"
+    shutil.copytree(TINY, src)
+    cfg = _load(src / "05_joint_task.yaml")
+    [cb] = [c for c in cfg["trainer"]["callbacks"] if c["class_path"] == "mardini.lit.curriculum.Curriculum"]
+    cb["class_path"] = "user_extensions.WindowSchedule"
+    (src / "05_joint_task.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    rebatch.main([str(src), str(dst), "--batch", "4", "--save-dir", "outputs/tiny_b4"])
+    [new] = [c for c in _load(dst / "05_joint_task.yaml")["trainer"]["callbacks"]
+             if c["class_path"] == "user_extensions.WindowSchedule"]
+    assert [m["step"] for m in new["init_args"]["milestones"]] == [2 * m["step"] for m in cb["init_args"]["milestones"]]
+
+
 def test_bad_requests_fail_naming_the_problem(tmp_path):
     dst = tmp_path / "out"
     with pytest.raises(SystemExit, match="at least 1"):

@@ -156,10 +156,20 @@ def _load(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, path, 
 def _curriculum_settings(callbacks: dict) -> dict:
     """``frames`` / ``attention`` of the last applied curriculum milestone, when the run had a curriculum."""
     out: dict = {}
-    for key, cb_state in callbacks.items():
-        if not str(key).startswith("Curriculum") or not isinstance(cb_state, dict):
+    for cb_state in callbacks.values():
+        if not _is_curriculum_state(cb_state):
             continue
         applied = cb_state.get("applied")
-        for m in (cb_state.get("milestones") or [])[: (applied + 1) if applied is not None else 0]:
+        for m in cb_state["milestones"][: (applied + 1) if applied is not None else 0]:
             out.update({k: m[k] for k in ("frames", "attention") if m.get(k) is not None})
     return out
+
+
+def _is_curriculum_state(cb_state: Any) -> bool:
+    """True for what :meth:`~mardini.lit.curriculum.Curriculum.state_dict` writes (``applied`` and a list of milestone
+    dicts), recognised by its content: Lightning keys a callback's state by its class's name, so a subclass's is
+    not ``Curriculum``."""
+    if not isinstance(cb_state, dict) or "applied" not in cb_state:
+        return False
+    milestones = cb_state.get("milestones")
+    return isinstance(milestones, list) and all(isinstance(m, dict) and "step" in m for m in milestones)
