@@ -9,12 +9,20 @@ from pathlib import Path
 
 import pytest
 
+from mardini.autoencoders import FrameAutoencoder, SpaceToDepthAutoencoder
 from mardini.cli import library_error, main
 from mardini.user_errors import where_raised
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config", str(ROOT / "configs/tiny/common.yaml"), "--config", str(ROOT / "configs/tiny/01_dm_warmup_4f.yaml")]
 KEEP_RATIO = "--model.init_args.keep_ratio=[0.5, 1.5]"
+
+
+class NoSpecAE(SpaceToDepthAutoencoder):
+    """A user's autoencoder that does not say how to rebuild itself (the base class's ``spec()``)."""
+
+    def spec(self) -> dict:
+        return FrameAutoencoder.spec(self)
 
 
 def _raised(monkeypatch, tmp_path, *args: str) -> BaseException:
@@ -33,7 +41,10 @@ def _raised(monkeypatch, tmp_path, *args: str) -> BaseException:
     (["--config", str(ROOT / "configs/paper/mardini-s/01_dm_warmup_a.yaml"), "--trainer.accelerator=cpu",
       "--trainer.devices=1"], FileNotFoundError, r"^no AutoencoderKL at weights/vae-16ch \(config.json missing\)",
      "autoencoders/diffusers_kl.py"),
-], ids=["model-setting", "data-setting", "missing-vae-folder"])
+    # an autoencoder that cannot say how to rebuild itself: refused before training, not at the first checkpoint
+    ([*TINY, "--model.init_args.autoencoder=test_train_errors.NoSpecAE"], ValueError,
+     r"^model.autoencoder: NoSpecAE does not implement spec\(\) .*; implement it", "lit/base.py"),
+], ids=["model-setting", "data-setting", "missing-vae-folder", "autoencoder-without-spec"])
 def test_the_library_s_error_is_found_under_jsonargparse_s_wrapping(monkeypatch, tmp_path, args, error, message, where):
     wrapped = _raised(monkeypatch, tmp_path, *args)
     assert "Does not validate against any of the Union subtypes" in str(wrapped)  # what the user saw before

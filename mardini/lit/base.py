@@ -43,7 +43,8 @@ class MarDiniBase(L.LightningModule):
         size: model size name from ``mardini.models.registry`` (``tiny``, ``small``, ``mardini-s/st`` ...).
         planner, generator: overrides of the size's config fields, e.g. ``{"depth": 2}``.
         autoencoder: a :class:`FrameAutoencoder` (default: exact space-to-depth with factor 2). Frozen; kept
-            out of the optimiser, the EMA and the checkpoints.
+            out of the optimiser, the EMA and the checkpoints, which record its ``spec()`` instead (one it lacks is
+            refused here, not at the first checkpoint).
         planner_resolution: short side of the low-resolution copy the planner sees (pixels; aspect ratio kept).
         frames: frames per training clip; ``None`` takes the data's window. Smaller than the data's window
             takes a random contiguous crop (so a curriculum can change it without rebuilding the loader).
@@ -101,6 +102,7 @@ class MarDiniBase(L.LightningModule):
                         nonfinite=nonfinite, weight_decay=weight_decay, betas=betas, decay_steps=decay_steps)
         self.autoencoder = autoencoder if autoencoder is not None else SpaceToDepthAutoencoder(2)
         self.autoencoder.requires_grad_(False)
+        _check_autoencoder_spec(self.autoencoder)
         try:
             self.mask_sampler = MaskSampler(tuple(keep_ratio), dict(templates or {"random": 1.0}))
         except ValueError as e:
@@ -674,6 +676,25 @@ def _load_into(module: nn.Module, state: dict[str, torch.Tensor], where: str) ->
             "Was it trained with another model size or latent channel count?"
         )
     module.load_state_dict(state)
+
+
+def _check_autoencoder_spec(autoencoder: FrameAutoencoder) -> None:
+    """An autoencoder must say how to rebuild itself (``spec()``): every checkpoint records it, so without one a run
+    would fail at its first checkpoint, not before training."""
+    name = type(autoencoder).__name__
+    try:
+        spec = autoencoder.spec()
+    except NotImplementedError:
+        raise ValueError(
+            f"model.autoencoder: {name} does not implement spec() (the {{'class_path', 'init_args'}} that rebuilds it, "
+            "which every checkpoint and latent cache records); implement it, as "
+            "mardini.autoencoders.SpaceToDepthAutoencoder does, or use an autoencoder that has it"
+        ) from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("class_path"), str):
+        raise ValueError(
+            f"model.autoencoder: {name}.spec() returned {spec!r}, not a dict with a 'class_path' (and its "
+            "'init_args'); return what rebuilds it, as mardini.autoencoders.SpaceToDepthAutoencoder.spec() does"
+        )
 
 
 def _check_settings(**s: Any) -> None:
