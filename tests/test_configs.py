@@ -67,6 +67,24 @@ def test_tiny_stage_parses(capsys, stage):
     assert cfg["model"]["init_args"]["size"] == "tiny" and cfg["trainer"]["accelerator"] == "cpu"
 
 
+@pytest.mark.parametrize("stage", [*TINY, CONFIGS / "debug.yaml"], ids=lambda p: p.stem)
+def test_tiny_stage_builds_its_model(capsys, stage):
+    """The settings checked at construction (planner_resolution against the planner's patches ...) hold for every
+    stage of the demo chain; the checkpoints a stage starts from are left out (written by the stages before it)."""
+    import importlib
+
+    from mardini.autoencoders import build_autoencoder
+
+    common = [] if stage.name == "debug.yaml" else [CONFIGS / "tiny" / "common.yaml"]
+    model = _printed(capsys, *common, stage)["model"]
+    args = {k: v for k, v in model["init_args"].items() if k not in ("init_from", "planner_ckpt", "generator_ckpt")}
+    if args.get("autoencoder"):
+        args["autoencoder"] = build_autoencoder(args["autoencoder"])
+    module, _, name = model["class_path"].rpartition(".")
+    built = getattr(importlib.import_module(module), name)(**args)
+    assert built.hparams.planner_resolution == model["init_args"]["planner_resolution"]
+
+
 def test_the_gpu_overlay_changes_only_device_batch_and_log_dir(capsys):
     stage = CONFIGS / "tiny" / "05_joint_task.yaml"
     cpu = _printed(capsys, CONFIGS / "tiny" / "common.yaml", stage)

@@ -123,6 +123,25 @@ def test_model_and_data_that_do_not_fit_fail_before_the_first_step(tmp_path):
         trainer.fit(GenerationModule(size="tiny", frames=8), datamodule=dm)
 
 
+@pytest.mark.parametrize("cls", [PlanningModule, MarDiniModule])
+@pytest.mark.parametrize("low, planner, step, near", [
+    (15, {}, 2, "14 or 16"),  # tiny's planner: patch 1, the space-to-depth factor 2
+    (6, {"patch_size": 2}, 4, "4 or 8"),
+    (3, {"patch_size": 2}, 4, "4"),  # no smaller positive multiple
+])
+def test_a_planner_resolution_the_planner_cannot_split_fails_at_construction(cls, low, planner, step, near):
+    """Without a datamodule (a notebook's compute_loss on a video), not as the video's fault at the first batch."""
+    with pytest.raises(ValueError, match=rf"^model\.planner_resolution={low} is not divisible by {step} \(the "
+                                         rf"autoencoder's factor 2 x the planner's patch size {step // 2}\).*, e\.g\. "
+                                         rf"{near}$"):
+        cls(size="tiny", planner_resolution=low, planner=planner)
+    cls(size="tiny", planner_resolution=low - low % step + step, planner=planner)  # the nearest multiple above: built
+
+
+def test_a_generator_warm_up_has_no_planner_to_fit_its_planner_resolution_to():
+    assert GenerationModule(size="tiny", planner_resolution=15).hparams.planner_resolution == 15  # recorded only
+
+
 def _re(text: str) -> str:
     import re
 

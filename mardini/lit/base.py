@@ -45,7 +45,8 @@ class MarDiniBase(L.LightningModule):
         autoencoder: a :class:`FrameAutoencoder` (default: exact space-to-depth with factor 2). Frozen; kept
             out of the optimiser, the EMA and the checkpoints, which record its ``spec()`` instead (one it lacks is
             refused here, not at the first checkpoint).
-        planner_resolution: short side of the low-resolution copy the planner sees (pixels; aspect ratio kept).
+        planner_resolution: short side of the low-resolution copy the planner sees (pixels; aspect ratio kept); a
+            stage with a planner refuses one that is no multiple of the autoencoder's factor x the planner's patch.
         frames: frames per training clip; ``None`` takes the data's window. Smaller than the data's window
             takes a random contiguous crop (so a curriculum can change it without rebuilding the loader).
         keep_ratio: ``(min, max)`` fraction of frames kept as references (the paper's "mask ratio").
@@ -109,6 +110,7 @@ class MarDiniBase(L.LightningModule):
             raise ValueError(f"model.keep_ratio / model.templates: {e}") from None
         self.frames = frames
         self.networks = nn.ModuleDict(self.build_networks())
+        self._check_planner_resolution()
         # weight decay applies to matrices (ndim >= 2), decided by these shapes: under FSDP every parameter the
         # optimiser sees is a 1-D view of its shard
         self._param_ndim = {n: p.ndim for n, p in self.networks.named_parameters()}
@@ -187,6 +189,22 @@ class MarDiniBase(L.LightningModule):
                 f"this model encodes with {ours['class_path']} {ours.get('init_args')} (differ: {differ}); re-cache "
                 "with data/cache_latents.py --autoencoder-kwargs matching model.init_args.autoencoder, or set the "
                 "model's autoencoder to the cache's"
+            )
+
+    def _check_planner_resolution(self) -> None:
+        """Raise unless ``planner_resolution`` (the short side of the planner's copy) splits into the planner's
+        tokens: a multiple of the autoencoder's factor x the planner's patch size. What the data's resolution adds
+        (the long side, the plan grid's aspect ratio) is :meth:`check_data_settings`'s."""
+        if "planner" not in self.networks:
+            return
+        f, patch = self.autoencoder.downsample, self.networks["planner"].cfg.patch_size
+        low, step = self.hparams.planner_resolution, f * patch
+        if low % step:
+            near = " or ".join(str(v) for v in (low // step * step, low // step * step + step) if v >= step)
+            raise ValueError(
+                f"model.planner_resolution={low} is not divisible by {step} (the autoencoder's factor {f} x the "
+                f"planner's patch size {patch}): the planner's copy would not split into its tokens; use a multiple "
+                f"of {step}, e.g. {near}"
             )
 
     def check_data_settings(self, resolution: int | tuple[int, int] | None, frames: int | None,
