@@ -124,6 +124,37 @@ def test_size_mismatch_names_both_sizes(saved, synth, tmp_path):
                                   ckpt_path=str(path))
 
 
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded-configs", "hyper-parameters-only"])
+def test_a_warm_up_of_other_network_settings_names_the_fields_that_differ(tmp_path, recorded):
+    """A generator warm-up given the joint stage's generator but not its planner: {dim: 64} built plan_dim 128 (the
+    size's planner); a planner warm-up of another width. The error names the differing fields (from the configs the
+    checkpoint records, or from its hyper-parameters where it records none), the tensors after them."""
+    from mardini.testing import make_checkpoint
+
+    generator, planner = {"dim": 64, "heads": 4, "depth": 1}, {"dim": 64, "depth": 1}
+    gen = make_checkpoint(tmp_path / "gen.ckpt", "generation", frames=4, generator=generator)
+    plan = make_checkpoint(tmp_path / "plan.ckpt", "planning", frames=4, model_args={"planner": planner})
+    if recorded:  # each network's resolved config
+        assert read_checkpoint(gen)["mardini"]["network_configs"]["generator"]["plan_dim"] == 128
+    else:  # as written before checkpoints recorded their networks' configs
+        for name in ("gen", "plan"):
+            ckpt = read_checkpoint(tmp_path / f"{name}.ckpt")
+            ckpt["mardini"].pop("network_configs", None)
+            torch.save(ckpt, tmp_path / f"{name}_old.ckpt")
+        gen, plan = tmp_path / "gen_old.ckpt", tmp_path / "plan_old.ckpt"
+    with pytest.raises(ValueError) as info:
+        MarDiniModule(**TINY, planner=planner, generator=generator, generator_ckpt=str(gen))
+    assert ("does not fit this model: it was built with other network settings: generator.plan_dim: checkpoint 128, "
+            "this model 64 (plan_dim follows the planner's dim: give the warm-up stage the same planner: {dim: 64}). "
+            "Give this stage") in str(info.value)
+    assert "Tensors: missing [], unexpected [], shape mismatch [" in str(info.value)
+    assert "('null_plan_token', (128,), (64,))" in str(info.value)
+    with pytest.raises(ValueError, match=r"network 'planner' .* other network settings: planner\.dim: checkpoint 64, "
+                                         r"this model 128\. Give this stage .* Tensors: missing \[\], unexpected "
+                                         r"\[\], shape mismatch \[\('mask_token', \(64,\), \(128,\)\)"):
+        MarDiniModule(**TINY, planner={"depth": 1}, generator=generator, planner_ckpt=str(plan))
+
+
 def test_a_stage_refuses_networks_trained_on_other_latents(saved):
     from mardini.autoencoders import SpaceToDepthAutoencoder
 

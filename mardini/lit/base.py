@@ -9,8 +9,10 @@ non-finite policy, the latents of a batch, checkpoint metadata -- lives here onc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import lightning as L
@@ -522,6 +524,8 @@ class MarDiniBase(L.LightningModule):
             "kind": self.KIND,
             "size": self.hparams.size,
             "networks": sorted(self.networks.keys()),
+            # each network's resolved config: a later stage that cannot load it names the fields that differ
+            "network_configs": {name: dataclasses.asdict(net.cfg) for name, net in self.networks.items()},
             "autoencoder": type(self.autoencoder).__name__,
             "autoencoder_spec": self.autoencoder.spec(),
             "planner_resolution": self.hparams.planner_resolution,
@@ -600,7 +604,7 @@ class MarDiniBase(L.LightningModule):
 
         An EMA-only export starts both the raw and the EMA networks from its EMA weights. Nothing is read while
         train.py builds the model of a fit that resumes (``RESUMING``): the resumed checkpoint holds every weight."""
-        from mardini.lit.checkpoints import RESUMING, load_network_states
+        from mardini.lit.checkpoints import RESUMING, load_network_states, network_differences, read_checkpoint
 
         if RESUMING.get():
             return
@@ -611,7 +615,9 @@ class MarDiniBase(L.LightningModule):
                                        cross_rope_grid=self._cross_rope_grid())
         for name, state in raw.items():
             where = f"{path}: network '{name}' (this model: size '{self.hparams.size}', {name} {self.hparams.get(name)})"
-            _load_into(self.networks[name], _drop_dropped_head(self.networks[name], state), where)
+            ours = dataclasses.asdict(self.networks[name].cfg)
+            _load_into(self.networks[name], _drop_dropped_head(self.networks[name], state), where,
+                       explain=lambda name=name, ours=ours: network_differences(read_checkpoint(path), name, ours))
         for name, state in ema.items():
             _load_into(self.ema.module[name], _drop_dropped_head(self.ema.module[name], state), f"{path}: EMA of '{name}'")
             self._ema_loaded.add(name)
@@ -682,16 +688,24 @@ def _drop_dropped_head(module: nn.Module, state: dict[str, torch.Tensor]) -> dic
     return state
 
 
-def _load_into(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+def _load_into(module: nn.Module, state: dict[str, torch.Tensor], where: str,
+               explain: Callable[[], list[str]] | None = None) -> None:
+    """Load ``state`` into ``module``, or raise naming what does not fit: the network settings in which the
+    checkpoint differs (``explain()``, read only then), and the tensors."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    mismatched = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
+    mismatched = [k for k in own if k in state and own[k].shape != state[k].shape]  # in the module's order
     if missing or unexpected or mismatched:
+        tensors = (f"missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                   f"shape mismatch {[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in mismatched[:5]]}")
+        differ = explain() if explain is not None else []
+        if not differ:
+            raise ValueError(f"{where} does not fit this model: {tensors}. "
+                             "Was it trained with another model size or latent channel count?")
         raise ValueError(
-            f"{where} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-            f"shape mismatch {[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in mismatched[:5]]}. "
-            "Was it trained with another model size or latent channel count?"
+            f"{where} does not fit this model: it was built with other network settings: {'; '.join(differ)}. "
+            f"Give this stage and the one that wrote the checkpoint the same settings. Tensors: {tensors}"
         )
     module.load_state_dict(state)
 

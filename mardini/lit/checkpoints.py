@@ -221,6 +221,11 @@ OPERATIONAL_HPARAMS = frozenset({"init_from", "planner_ckpt", "generator_ckpt", 
 OPERATIONAL_NETWORK_FIELDS = frozenset({"checkpointing"})  # activation checkpointing: memory, not the result
 
 
+def _plain(v: Any) -> Any:
+    """Tuples and lists alike (a YAML list, a tuple in the checkpoint)."""
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
 def changed_settings(theirs: dict[str, Any], ours: dict[str, Any], meta: dict[str, Any] | None = None) -> list[str]:
     """``key old -> new`` for each hyper-parameter that changes what is trained (the mask and task mix, the LR and
     its schedule, frames, EMA, seed, loss settings, the networks' fields ...; not :data:`OPERATIONAL_HPARAMS`)
@@ -230,9 +235,6 @@ def changed_settings(theirs: dict[str, Any], ours: dict[str, Any], meta: dict[st
     with its overrides), so a field one side sets to the value the other gets by default is no change. ``meta``:
     the checkpoint's ``mardini`` metadata, for what it records of its networks (the generator's
     ``cross_rope_grid``, the latent channels)."""
-    def plain(v: Any) -> Any:  # tuples and lists alike (a YAML list, a tuple in the checkpoint)
-        return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
-
     meta = meta or {}
     # the grid the checkpoint's generator was built with: recorded, or "corner" for a joint checkpoint from before the
     # setting (check_same_cross_rope_grid); a generator warm-up's (one null-plan token per frame: inert) as configured
@@ -244,11 +246,11 @@ def changed_settings(theirs: dict[str, Any], ours: dict[str, Any], meta: dict[st
             old = _network_fields(theirs, key, meta.get("latent_channels"), grid)
             new = _network_fields(ours, key, meta.get("latent_channels"))
             for field in sorted((set(old) | set(new)) - OPERATIONAL_NETWORK_FIELDS):
-                a, b = plain(old.get(field, "(not set)")), plain(new.get(field, "(not set)"))
+                a, b = _plain(old.get(field, "(not set)")), _plain(new.get(field, "(not set)"))
                 if a != b:
                     changed.append(f"{key}.{field} {a!r} -> {b!r}")
-        elif plain(old) != plain(new):
-            changed.append(f"{key} {plain(old)!r} -> {plain(new)!r}")
+        elif _plain(old) != _plain(new):
+            changed.append(f"{key} {_plain(old)!r} -> {_plain(new)!r}")
     return changed
 
 
@@ -281,6 +283,41 @@ def _network_fields(hparams: dict[str, Any], key: str, latent_channels: int | No
         except (TypeError, ValueError):  # a plan_dim other than the planner's dim: the recorded one is compared
             pass
     return {**defaults, **over}
+
+
+def network_config_of(checkpoint: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """The fields of the checkpoint's ``name`` network (``planner`` / ``generator``): as recorded
+    (``mardini.network_configs``), else as its hyper-parameters build it (:func:`_network_fields`); None where it
+    records neither."""
+    meta = checkpoint.get("mardini") or {}
+    recorded = (meta.get("network_configs") or {}).get(name)
+    if isinstance(recorded, dict):
+        return dict(recorded)
+    hparams = checkpoint.get("hyper_parameters")
+    if not isinstance(hparams, dict):
+        return None
+    grid = cross_rope_grid_of(meta) if "cross_rope_grid" in meta or meta.get("kind") == "joint" else None
+    return _network_fields(hparams, name, meta.get("latent_channels"), grid)
+
+
+def network_differences(checkpoint: dict[str, Any], name: str, ours: dict[str, Any]) -> list[str]:
+    """``name.field: checkpoint A, this model B`` for each field (not :data:`OPERATIONAL_NETWORK_FIELDS`) in which
+    the checkpoint's ``name`` network (:func:`network_config_of`) differs from this model's ``ours`` (its config's
+    fields); the generator's ``plan_dim`` says that it follows the planner's ``dim``. Empty where the checkpoint
+    records nothing of it."""
+    theirs = network_config_of(checkpoint, name)
+    if theirs is None:
+        return []
+    stage = "warm-up stage" if (checkpoint.get("mardini") or {}).get("kind") == "generation" else "stage that wrote it"
+    differ = []
+    for field in sorted((set(theirs) & set(ours)) - OPERATIONAL_NETWORK_FIELDS):
+        a, b = theirs[field], ours[field]
+        if _plain(a) == _plain(b):
+            continue
+        why = (f" (plan_dim follows the planner's dim: give the {stage} the same planner: {{dim: {b}}})"
+               if (name, field) == ("generator", "plan_dim") else "")
+        differ.append(f"{name}.{field}: checkpoint {a!r}, this model {b!r}{why}")
+    return differ
 
 
 def warn_changed_settings(theirs: dict[str, Any], ours: dict[str, Any], path: str | Path,
