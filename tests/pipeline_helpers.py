@@ -18,6 +18,25 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+WINDOW, SIDE = 5, 16  # window and frame side of the sampling tests' checkpoints
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory, one_thread):
+    """A tiny ``joint`` and ``generation`` checkpoint (``WINDOW`` frames of ``SIDE`` px), made once per module."""
+    root = tmp_path_factory.mktemp("ckpt")
+    return {kind: make_checkpoint(root / f"{kind}.ckpt", kind, frames=WINDOW, size=SIDE)
+            for kind in ("joint", "generation")}
+
+
+@pytest.fixture()
+def pipe(ckpts):
+    """A fresh pipeline of the joint checkpoint (tests may change its flags and hooks)."""
+    from mardini.pipeline import MarDiniPipeline
+
+    return MarDiniPipeline.from_checkpoint(ckpts["joint"])
+
+
 def record_sampled_and_scored(monkeypatch) -> tuple[list, list]:
     """``(sampled, scored)``, filled as ``MarDiniPipeline.generate`` and ``EvalSuite.update`` run: the ``(H, W)`` the
     pipeline samples at, and per update ``(real (H, W), generated (H, W), given frames equal to the real ones)``."""

@@ -10,25 +10,14 @@ import torch
 
 from mardini.masking import interpolation_mask
 from mardini.pipeline import MarDiniPipeline, tasks
-from pipeline_helpers import make_checkpoint, one_thread  # noqa: F401 (fixture)
+from pipeline_helpers import SIDE, WINDOW, ckpts, make_checkpoint, one_thread, pipe  # noqa: F401 (fixtures)
 
-T, S = 5, 16  # window and frame side of the test checkpoints
+T, S = WINDOW, SIDE  # window and frame side of the test checkpoints
 MASK = torch.tensor([[False, True, True, True, False], [False, True, False, True, True]])  # (B, T)
 STEPS = 3
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory, one_thread):
-    root = tmp_path_factory.mktemp("ckpt")
-    return {kind: make_checkpoint(root / f"{kind}.ckpt", kind, frames=T, size=S) for kind in ("joint", "generation")}
-
-
-@pytest.fixture()
-def pipe(ckpts):
-    return MarDiniPipeline.from_checkpoint(ckpts["joint"])
 
 
 def _video(b: int = 2, t: int = T, seed: int = 0) -> torch.Tensor:

@@ -6,24 +6,13 @@ import pytest
 import torch
 
 from mardini.pipeline import MarDiniPipeline
-from pipeline_helpers import make_checkpoint, one_thread  # noqa: F401 (fixture)
+from pipeline_helpers import SIDE, WINDOW, ckpts, one_thread, pipe  # noqa: F401 (fixtures)
 
-T, S = 5, 16  # window and frame side of the test checkpoints
+T, S = WINDOW, SIDE  # window and frame side of the test checkpoints
 F_, T_ = False, True
 MASK = torch.tensor([[F_, T_, T_, T_, F_], [F_, T_, F_, T_, T_], [F_, F_, T_, F_, F_]])  # (B, T): 3, 3, 1 generated
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory, one_thread):
-    root = tmp_path_factory.mktemp("ckpt")
-    return {kind: make_checkpoint(root / f"{kind}.ckpt", kind, frames=T, size=S) for kind in ("joint", "generation")}
-
-
-@pytest.fixture()
-def pipe(ckpts):
-    return MarDiniPipeline.from_checkpoint(ckpts["joint"])
 
 
 def _video(b: int = 3, seed: int = 0) -> torch.Tensor:
