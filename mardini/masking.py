@@ -9,12 +9,14 @@ row always has at least one given and one generated frame.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
-# Task templates, in a fixed order: their index is what the training step logs per template. MaskSampler.sample
-# stacks the templates' masks in this order, by name.
+# The built-in task templates, in a fixed order: their index is what the training step logs per template.
+# MaskSampler.templates starts as these; a subclass declares its own (e.g. these and one more).
 TEMPLATES: tuple[str, ...] = ("random", "interpolation", "image_to_video", "expansion")
 
 
@@ -118,49 +120,67 @@ def n_ref_from_ratio(keep_ratio: torch.Tensor | float, frames: int) -> torch.Ten
 # --------------------------------------------------------------------------------------------------
 
 
+def check_keep_ratio(keep_ratio: tuple[float, float]) -> tuple[float, float]:
+    """``(min, max)`` as floats, or a ValueError unless ``0 < min <= max <= 1``."""
+    lo, hi = (float(v) for v in keep_ratio)
+    if not (0.0 < lo <= hi <= 1.0):
+        raise ValueError(f"keep_ratio must satisfy 0 < min <= max <= 1, got {keep_ratio}")
+    return lo, hi
+
+
+def check_template_probs(template_probs: dict[str, float]) -> None:
+    """Raise unless the probabilities are >= 0 with a positive sum (their names are the sampler class's to check)."""
+    probs = [float(p) for p in template_probs.values()]
+    if any(p < 0 for p in probs) or sum(probs) <= 0:
+        raise ValueError(f"template_probs must be >= 0 with a positive sum, got {template_probs}")
+
+
 @dataclass
 class MaskSampler:
     """Draws training masks: a task template per clip, then its references.
 
-    Extension point: a subclass (a dataclass field more, another :meth:`sample`) set as a module's
-    ``mask_sampler`` survives the curriculum's changes of ``keep_ratio`` / ``template_probs``
-    (``dataclasses.replace``); the training steps call :meth:`draw`, which checks what :meth:`sample` returns.
+    Extension point: a subclass declares more templates in :attr:`templates` and returns their given frames from
+    :meth:`given_frames` (``super()``'s entries and its own); ``model.init_args.mask_sampler: CLASS_PATH`` makes a
+    stage train with it (:func:`mask_sampler_class`), whose ``templates`` may then name them. A subclass (its own
+    dataclass fields, another :meth:`sample`) survives the curriculum's changes of ``keep_ratio`` /
+    ``template_probs`` (``dataclasses.replace``); the training steps call :meth:`draw`, which checks what
+    :meth:`sample` returns.
 
     Args:
         keep_ratio: ``(min, max)`` of the kept fraction, ``0 < min <= max <= 1``; r ~ U[min, max].
-        template_probs: probability of each template in :data:`TEMPLATES`; missing ones are 0.
+        template_probs: probability of each template in :attr:`templates`; missing ones are 0.
             ``random`` puts ``n_ref(r)`` references at uniform positions, ``expansion`` puts them as a
             prefix, ``interpolation`` gives first + last, ``image_to_video`` gives one frame at a
             uniformly drawn index.
     """
 
+    # the templates this class draws, in the order of their indices (the per-template losses' order)
+    templates: ClassVar[tuple[str, ...]] = TEMPLATES
+
     keep_ratio: tuple[float, float] = (0.35, 1.0)
     template_probs: dict[str, float] = field(default_factory=lambda: {"random": 1.0})
 
     def __post_init__(self) -> None:
-        lo, hi = (float(v) for v in self.keep_ratio)
-        if not (0.0 < lo <= hi <= 1.0):
-            raise ValueError(f"keep_ratio must satisfy 0 < min <= max <= 1, got {self.keep_ratio}")
-        self.keep_ratio = (lo, hi)
-        unknown = set(self.template_probs) - set(TEMPLATES)
+        self.keep_ratio = check_keep_ratio(self.keep_ratio)
+        names, cls = type(self).templates, type(self).__name__
+        if len(set(names)) != len(names) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{cls}.templates={names!r} must be distinct names")
+        unknown = set(self.template_probs) - set(names)
         if unknown:
-            raise ValueError(f"unknown task templates {sorted(unknown)}; allowed: {list(TEMPLATES)}")
-        probs = [float(self.template_probs.get(name, 0.0)) for name in TEMPLATES]
-        if any(p < 0 for p in probs) or sum(probs) <= 0:
-            raise ValueError(f"template_probs must be >= 0 with a positive sum, got {self.template_probs}")
+            raise ValueError(f"unknown task templates {sorted(unknown)}; allowed: {list(names)} ({cls}.templates); a "
+                             "new template needs a MaskSampler subclass that declares it (templates, given_frames), "
+                             "set as model.init_args.mask_sampler")
+        check_template_probs(self.template_probs)
+        probs = [float(self.template_probs.get(name, 0.0)) for name in names]
         self._probs = torch.tensor(probs, dtype=torch.float64) / sum(probs)
 
-    def sample(
-        self, batch: int, frames: int, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns ``mask (B, T)`` bool (True = generate; at least one given and one generated frame per row) and
-        ``template (B,)`` long (index into TEMPLATES)."""
-        if frames < 2:
-            raise ValueError(f"frames must be >= 2, got {frames}")
-        template = torch.multinomial(self._probs.expand(batch, -1), 1, generator=generator).squeeze(1)  # (B,)
-        lo, hi = self.keep_ratio
-        r = lo + (hi - lo) * torch.rand(batch, generator=generator, dtype=torch.float64)  # (B,)
-        n_ref = n_ref_from_ratio(r, frames)  # (B,)
+    def given_frames(
+        self, batch: int, frames: int, n_ref: torch.Tensor, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Every template's given frames for this draw, ``{name: (B, T) bool}`` (True = given), each row with at
+        least one given and one generated frame. ``n_ref (B,)``: the references the drawn keep ratios give. A
+        subclass adds its templates' to ``super().given_frames(...)``'s (drawing after it, so the built-in
+        templates' draws stay those of this class)."""
         order = torch.rand(batch, frames, generator=generator).argsort(dim=1)  # (B, T) random permutation
         rank = order.argsort(dim=1)  # (B, T) position of each frame in the permutation
         ar = torch.arange(frames).expand(batch, -1)  # (B, T)
@@ -169,9 +189,27 @@ class MaskSampler:
         given_interp = (ar == 0) | ((ar == frames - 1) & (frames > 2))  # (B, T); T=2 keeps only the first
         i2v_index = torch.randint(0, frames, (batch,), generator=generator)  # (B,)
         given_i2v = ar == i2v_index[:, None]  # (B, T)
-        by_name = {"random": given_random, "interpolation": given_interp, "image_to_video": given_i2v,
-                   "expansion": given_prefix}  # each (B, T)
-        given = torch.stack([by_name[name] for name in TEMPLATES], dim=1)  # (B, len(TEMPLATES), T), TEMPLATES' order
+        return {"random": given_random, "interpolation": given_interp, "image_to_video": given_i2v,
+                "expansion": given_prefix}  # each (B, T)
+
+    def sample(
+        self, batch: int, frames: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``mask (B, T)`` bool (True = generate; at least one given and one generated frame per row) and
+        ``template (B,)`` long (index into :attr:`templates`)."""
+        if frames < 2:
+            raise ValueError(f"frames must be >= 2, got {frames}")
+        template = torch.multinomial(self._probs.expand(batch, -1), 1, generator=generator).squeeze(1)  # (B,)
+        lo, hi = self.keep_ratio
+        r = lo + (hi - lo) * torch.rand(batch, generator=generator, dtype=torch.float64)  # (B,)
+        n_ref = n_ref_from_ratio(r, frames)  # (B,)
+        by_name = self.given_frames(batch, frames, n_ref, generator)  # {name: (B, T)}
+        bad = [name for name in self.templates if not torch.is_tensor(by_name.get(name))
+               or by_name[name].dtype != torch.bool or tuple(by_name[name].shape) != (batch, frames)]
+        if bad:
+            raise ValueError(f"{type(self).__name__}.given_frames returned no ({batch}, {frames}) bool mask for the "
+                             f"templates {bad}; return one for each of its templates {list(self.templates)}")
+        given = torch.stack([by_name[name] for name in self.templates], dim=1)  # (B, len(templates), T), their order
         given = given[torch.arange(batch), template]  # (B, T)
         return ~given, template
 
@@ -179,20 +217,38 @@ class MaskSampler:
         self, batch: int, frames: int, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`sample`, checked: ``mask (B, T)`` bool with a given and a generated frame in every row and
-        ``template (B,)`` indices into TEMPLATES, else a ValueError naming the sampler and the row's template."""
+        ``template (B,)`` indices into :attr:`templates`, else a ValueError naming the sampler and the row's
+        template."""
         mask, template = self.sample(batch, frames, generator)
-        who = f"{type(self).__name__}.sample"
+        who, names = f"{type(self).__name__}.sample", self.templates
         if mask.dtype != torch.bool or tuple(mask.shape) != (batch, frames):
             raise ValueError(f"{who} returned a mask of dtype={mask.dtype} shape={tuple(mask.shape)}; it must be a "
                              f"({batch}, {frames}) bool tensor (True = generate)")
         if template.dim() != 1 or template.shape[0] != batch or template.is_floating_point() or (
-                batch and not 0 <= int(template.min()) <= int(template.max()) < len(TEMPLATES)):
+                batch and not 0 <= int(template.min()) <= int(template.max()) < len(names)):
             raise ValueError(f"{who} returned templates of shape={tuple(template.shape)}; they must be ({batch},) "
-                             f"integer indices into TEMPLATES {list(TEMPLATES)}")
+                             f"integer indices into {type(self).__name__}.templates {list(names)}")
         for bad, what in ((mask.all(dim=1), "generates every frame"), ((~mask).all(dim=1), "gives every frame")):
             if bool(bad.any()):
                 row = int(bad.nonzero()[0, 0])
                 raise ValueError(f"{who} drew a mask row that {what} (row {row}, template "
-                                 f"{TEMPLATES[int(template[row])]!r}, {frames} frames): every row needs at least one "
+                                 f"{names[int(template[row])]!r}, {frames} frames): every row needs at least one "
                                  "given and one generated frame")
         return mask, template
+
+
+def mask_sampler_class(path: str | None) -> type[MaskSampler]:
+    """The :class:`MaskSampler` subclass ``model.init_args.mask_sampler`` names by its class path
+    (``package.module.Class``); None: :class:`MaskSampler`. Anything else is a ValueError naming the fix."""
+    if path is None:
+        return MaskSampler
+    module, _, name = str(path).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:  # ValueError: no module part
+        raise ValueError(f"model.mask_sampler={path!r} does not import ({e}); give the class path (package.module."
+                         "Class) of a MaskSampler subclass, with its package on PYTHONPATH") from None
+    if not (isinstance(cls, type) and issubclass(cls, MaskSampler)):
+        raise ValueError(f"model.mask_sampler={path!r} is {cls!r}, not a MaskSampler subclass; give the class path "
+                         "of a subclass of mardini.masking.MaskSampler")
+    return cls

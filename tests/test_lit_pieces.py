@@ -13,6 +13,7 @@ from mardini.lit.checkpoint_io import atomic_torch_save
 from mardini.lit.checkpoints import check_metadata, read_checkpoint
 from mardini.lit.curriculum import Curriculum, Milestone
 from mardini.lit.schedules import scaled_lr, warmup_cosine
+from mardini.masking import TEMPLATES
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -293,6 +294,65 @@ def test_curriculum_keeps_a_mask_sampler_subclass_and_its_fields():
     Curriculum([Milestone(0, keep_ratio=(0.2, 0.4), templates={"expansion": 1.0})]).apply(module, 0)
     assert type(module.mask_sampler) is LastFrameSampler and module.mask_sampler.given_last is False
     assert module.mask_sampler.keep_ratio == (0.2, 0.4) and module.mask_sampler.template_probs == {"expansion": 1.0}
+
+
+def test_curriculum_templates_are_the_model_s_sampler_s_checked_at_the_fit_s_start():
+    """A milestone may name a template of one's own sampler class; one the model's sampler does not declare fails
+    at the fit's start (not at construction, which does not know the model, nor when the milestone is reached)."""
+    from types import SimpleNamespace
+
+    from mardini.masking import MaskSampler
+    from user_extensions import EveryOtherSampler
+
+    cur = Curriculum([Milestone(1, keep_ratio=(0.3, 0.6)), Milestone(5, templates={"every_other": 1.0})])
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(frames=9), global_step=0)
+    plain = SimpleNamespace(mask_sampler=MaskSampler(), frames=9, networks={})
+    with pytest.raises(ValueError, match=r"^curriculum milestone at step 5: templates \['every_other'\] are not "
+                                         r"declared by the model's mask sampler MaskSampler \(its templates: "
+                                         r"\['random', 'interpolation', 'image_to_video', 'expansion'\]\); remove "
+                                         r"them from the milestone, or set model.init_args.mask_sampler"):
+        cur.on_fit_start(trainer, plain)
+    own = SimpleNamespace(mask_sampler=EveryOtherSampler(), frames=9, networks={})
+    cur.on_fit_start(trainer, own)
+    cur.apply(own, 5)
+    assert type(own.mask_sampler) is EveryOtherSampler and own.mask_sampler.template_probs == {"every_other": 1.0}
+
+
+def test_the_per_template_losses_are_the_model_s_sampler_s_templates(monkeypatch):
+    """``model.mask_sampler``: the module draws with that class and logs train/ and val/loss_{its templates}; a
+    sampler set from Python before the fit counts from setup on; one with other templates during the fit is refused
+    (the per-template sums over the ranks keep one layout)."""
+    from dataclasses import replace
+
+    from mardini.lit import GenerationModule
+    from mardini.masking import MaskSampler
+    from user_extensions import EveryOtherSampler
+
+    module = GenerationModule(size="tiny", frames=4, generator={"depth": 1}, planner_resolution=8,
+                              mask_sampler="user_extensions.EveryOtherSampler", templates={"every_other": 1.0})
+    assert type(module.mask_sampler) is EveryOtherSampler and module.mask_templates == EveryOtherSampler.templates
+    assert module.hparams.mask_sampler == "user_extensions.EveryOtherSampler"  # saved with the checkpoints
+    logged: dict[str, list[float]] = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.setdefault(name, []).append(float(value)))
+    monkeypatch.setattr(module, "crop_frames", lambda batch, gen: batch)
+    video = torch.rand(2, 4, 3, 16, 16) * 2 - 1  # (B, T, 3, H, W)
+    with torch.no_grad():
+        module._log_train({}, module.compute_loss({"video": video}, torch.Generator().manual_seed(0), True),
+                          torch.tensor(1.0))
+    assert "train/loss_every_other" in logged and not any(f"train/loss_{n}" in logged for n in TEMPLATES)
+    module.on_validation_epoch_start()
+    module.validation_step({"video": video}, 0)
+    module.on_validation_epoch_end()
+    assert [k for k in logged if k.startswith("val/loss_")] == ["val/loss_every_other"]
+
+    module.mask_sampler = replace(module.mask_sampler, keep_ratio=(0.5, 0.5))  # what a Curriculum does: the same class
+    module.validation_step({"video": video}, 1)
+    module.mask_sampler = MaskSampler()  # other templates, mid-fit
+    with pytest.raises(ValueError, match=r"the mask sampler's templates changed during the fit \(\[.*'every_other'\] "
+                                         r"-> \['random', .*'expansion'\], MaskSampler\)"):
+        module.on_validation_epoch_end()
+    module.setup("fit")  # set before a fit: its templates from then on
+    assert module.mask_templates == TEMPLATES
 
 
 def test_weight_decay_groups_see_through_activation_checkpoint_wrappers():

@@ -160,12 +160,110 @@ def test_a_sampler_that_draws_an_unusable_row_is_refused_naming_its_template():
         NoneGenerated((0.5, 0.5), {"interpolation": 1.0}).draw(2, 4)
 
 
-def test_template_rows_follow_the_order_of_TEMPLATES(monkeypatch):
-    """The templates' masks are stacked by name in TEMPLATES' order: reordering TEMPLATES keeps each index's mask."""
-    from mardini import masking
+def test_template_rows_follow_the_order_of_the_sampler_s_templates():
+    """The templates' masks are stacked by name in the class's ``templates`` order: a subclass that reorders them
+    keeps each name's mask at its new index."""
 
-    monkeypatch.setattr(masking, "TEMPLATES", tuple(reversed(TEMPLATES)))
-    sampler = MaskSampler((0.3, 0.6), {"interpolation": 1.0})
+    class Reversed(MaskSampler):
+        templates = tuple(reversed(TEMPLATES))
+
+    sampler = Reversed((0.3, 0.6), {"interpolation": 1.0})
     mask, template = sampler.sample(4, 6, torch.Generator().manual_seed(0))
-    assert [masking.TEMPLATES[i] for i in template.tolist()] == ["interpolation"] * 4
+    assert [Reversed.templates[i] for i in template.tolist()] == ["interpolation"] * 4
     assert torch.equal(mask, interpolation_mask(6).expand(4, -1))
+
+
+def _sample_before_given_frames(keep_ratio, template_probs, batch, frames, generator):
+    """MaskSampler.sample as it was before templates became a class's (a copy): the draws the shipped configs'
+    training made, which the built-in templates must keep."""
+    probs = torch.tensor([float(template_probs.get(n, 0.0)) for n in TEMPLATES], dtype=torch.float64)
+    probs = probs / probs.sum()
+    template = torch.multinomial(probs.expand(batch, -1), 1, generator=generator).squeeze(1)
+    lo, hi = keep_ratio
+    r = lo + (hi - lo) * torch.rand(batch, generator=generator, dtype=torch.float64)
+    n_ref = n_ref_from_ratio(r, frames)
+    order = torch.rand(batch, frames, generator=generator).argsort(dim=1)
+    rank = order.argsort(dim=1)
+    ar = torch.arange(frames).expand(batch, -1)
+    given_random = rank < n_ref[:, None]
+    given_prefix = ar < n_ref[:, None]
+    given_interp = (ar == 0) | ((ar == frames - 1) & (frames > 2))
+    i2v_index = torch.randint(0, frames, (batch,), generator=generator)
+    given_i2v = ar == i2v_index[:, None]
+    by_name = {"random": given_random, "interpolation": given_interp, "image_to_video": given_i2v,
+               "expansion": given_prefix}
+    given = torch.stack([by_name[name] for name in TEMPLATES], dim=1)
+    given = given[torch.arange(batch), template]
+    return ~given, template
+
+
+@pytest.mark.parametrize("keep_ratio, probs", [
+    ((0.45, 1.0), {"random": 1.0}),  # the tiny chain's warm-ups
+    ((0.25, 0.8), {"random": 1.0, "interpolation": 1.0, "image_to_video": 1.0, "expansion": 0.5}),  # 05's mix
+    ((0.15, 0.6), {"expansion": 2.0, "image_to_video": 1.0}),
+])
+def test_the_built_in_templates_draw_what_they_drew_before_templates_became_extensible(keep_ratio, probs):
+    """The same masks and templates, draw for draw, as the code before ``given_frames`` (the demo stays the same),
+    and the generator left in the same state for the draws that follow (times, noise)."""
+    for seed, batch, frames in ((0, 8, 4), (1, 8, 9), (7, 3, 17), (123, 16, 2)):
+        ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        mask, template = MaskSampler(keep_ratio, probs).draw(batch, frames, ours)
+        old_mask, old_template = _sample_before_given_frames(keep_ratio, probs, batch, frames, theirs)
+        assert torch.equal(mask, old_mask) and torch.equal(template, old_template), (seed, batch, frames)
+        assert torch.equal(ours.get_state(), theirs.get_state())
+
+
+def test_a_subclass_adds_a_template_of_its_own():
+    """``every_other`` (tests/user_extensions.py): declared in ``templates``, its mask from ``given_frames``."""
+    from user_extensions import EveryOtherSampler
+
+    assert EveryOtherSampler.templates == (*TEMPLATES, "every_other")
+    sampler = EveryOtherSampler((0.3, 0.6), {"every_other": 1.0, "random": 1.0})
+    mask, template = sampler.draw(64, 5, torch.Generator().manual_seed(0))  # (64, 5), (64,)
+    mine = template == EveryOtherSampler.templates.index("every_other")
+    assert 10 < int(mine.sum()) < 54 and set(template.tolist()) == {0, 4}
+    assert (mask[mine] == torch.tensor([False, True, False, True, False])).all()
+    validate_mask(mask)
+    with pytest.raises(ValueError, match=r"unknown task templates \['every_other'\]; allowed: \['random', "
+                                         r"'interpolation', 'image_to_video', 'expansion'\] "
+                                         r"\(MaskSampler.templates\); a new template needs a MaskSampler subclass "
+                                         r".* model.init_args.mask_sampler"):
+        MaskSampler(template_probs={"every_other": 1.0})
+
+
+def test_a_subclass_that_does_not_give_its_template_s_frames_is_refused_naming_them():
+    class Forgot(MaskSampler):
+        templates = (*TEMPLATES, "keyframes", "last")
+
+        def given_frames(self, batch, frames, n_ref, generator=None):
+            given = super().given_frames(batch, frames, n_ref, generator)
+            given["last"] = torch.arange(frames) == frames - 1  # (T,), not (B, T)
+            return given
+
+    with pytest.raises(ValueError, match=r"Forgot.given_frames returned no \(2, 4\) bool mask for the templates "
+                                         r"\['keyframes', 'last'\]; return one for each of its templates"):
+        Forgot(template_probs={"random": 1.0}).draw(2, 4)
+
+    class Twice(MaskSampler):
+        templates = ("random", "random")
+
+    with pytest.raises(ValueError, match=r"Twice.templates=\('random', 'random'\) must be distinct names"):
+        Twice()
+
+
+def test_mask_sampler_class_paths():
+    from mardini.masking import mask_sampler_class
+    from user_extensions import EveryOtherSampler
+
+    assert mask_sampler_class(None) is MaskSampler
+    assert mask_sampler_class("user_extensions.EveryOtherSampler") is EveryOtherSampler
+    for path, message in [
+        ("user_extensions.NoSuchSampler", r"model.mask_sampler='user_extensions.NoSuchSampler' does not import "
+                                          r"\(.*\); give the class path"),
+        ("no_such_package.Sampler", r"does not import \(No module named 'no_such_package'\)"),
+        ("EveryOtherSampler", r"does not import"),
+        ("user_extensions.AvgPoolAutoencoder", r"model.mask_sampler='user_extensions.AvgPoolAutoencoder' is <class "
+                                               r"'user_extensions.AvgPoolAutoencoder'>, not a MaskSampler subclass"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            mask_sampler_class(path)

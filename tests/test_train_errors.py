@@ -44,7 +44,17 @@ def _raised(monkeypatch, tmp_path, *args: str) -> BaseException:
     # an autoencoder that cannot say how to rebuild itself: refused before training, not at the first checkpoint
     ([*TINY, "--model.init_args.autoencoder=test_train_errors.NoSpecAE"], ValueError,
      r"^model.autoencoder: NoSpecAE does not implement spec\(\) .*; implement it", "lit/base.py"),
-], ids=["model-setting", "data-setting", "missing-vae-folder", "autoencoder-without-spec"])
+    # a mask sampler of one's own (tests/user_extensions.py) that does not import, or is none; a template that the
+    # model's sampler does not declare
+    ([*TINY, "--model.init_args.mask_sampler=user_extensions.NoSuchSampler"], ValueError,
+     r"^model.mask_sampler='user_extensions.NoSuchSampler' does not import \(.*\); give the class path", "masking.py"),
+    ([*TINY, "--model.init_args.mask_sampler=user_extensions.WindowSchedule"], ValueError,
+     r"^model.mask_sampler='user_extensions.WindowSchedule' is .*, not a MaskSampler subclass", "masking.py"),
+    ([*TINY, "--model.init_args.templates={every_other: 1.0}"], ValueError,
+     r"^model.keep_ratio / model.templates: unknown task templates \['every_other'\]; allowed: \[.*\] "
+     r"\(MaskSampler.templates\); a new template needs a MaskSampler subclass", "lit/base.py"),
+], ids=["model-setting", "data-setting", "missing-vae-folder", "autoencoder-without-spec", "mask-sampler-not-found",
+        "mask-sampler-not-one", "template-not-declared"])
 def test_the_library_s_error_is_found_under_jsonargparse_s_wrapping(monkeypatch, tmp_path, args, error, message, where):
     wrapped = _raised(monkeypatch, tmp_path, *args)
     assert "Does not validate against any of the Union subtypes" in str(wrapped)  # what the user saw before

@@ -256,6 +256,33 @@ def test_seed_everything_seeds_the_training_draws_unless_the_model_or_data_sets_
     assert own[0] == (1, 1) and torch.equal(own[1], one[1]) and torch.equal(own[2], one[2])  # an explicit seed wins
 
 
+def test_a_mask_template_of_one_s_own_trains_from_the_config(workdir, monkeypatch, tmp_path):
+    """--model.init_args.mask_sampler names a MaskSampler subclass (tests/user_extensions.py) whose ``every_other``
+    template a Curriculum milestone turns on: it is trained and logged (train/loss_every_other), recorded in the
+    checkpoint and config.yaml, and resumed; a resume without it fails at the fit's start naming the milestone."""
+    extra = tmp_path / "every_other.yaml"
+    extra.write_text(yaml.safe_dump({"trainer": {"log_every_n_steps": 1, "callbacks": [{
+        "class_path": "mardini.lit.curriculum.Curriculum",
+        "init_args": {"milestones": [{"step": 1, "templates": {"every_other": 1.0}}]}}]}}))
+    args = ["--config", str(extra), f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    sampler = "--model.init_args.mask_sampler=user_extensions.EveryOtherSampler"
+    cli = _fit(workdir, monkeypatch, *_stage(STAGES[0], 2, *args, sampler))
+    assert type(cli.model.mask_sampler).__name__ == "EveryOtherSampler"
+    assert cli.model.mask_sampler.template_probs == {"every_other": 1.0}  # the milestone's, from step 1
+    assert "train/loss_every_other" in cli.trainer.callback_metrics
+    folder = tmp_path / STAGES[0]
+    assert read_checkpoint(folder / "checkpoints" / "last.ckpt")["hyper_parameters"]["mask_sampler"] == \
+        "user_extensions.EveryOtherSampler"
+    assert yaml.safe_load((folder / "config.yaml").read_text())["model"]["init_args"]["mask_sampler"] == \
+        "user_extensions.EveryOtherSampler"
+    assert _fit(workdir, monkeypatch, *_stage(STAGES[0], 3, *args, sampler)).trainer.global_step == 3  # resumed
+    with pytest.raises(ValueError, match=r"curriculum milestone at step 1: templates \['every_other'\] are not "
+                                         r"declared by the model's mask sampler MaskSampler"), \
+            pytest.warns(UserWarning, match=r"other settings .*\(mask_sampler 'user_extensions.EveryOtherSampler' "
+                                            r"-> None\)"):
+        _fit(workdir, monkeypatch, *_stage(STAGES[0], 4, *args))
+
+
 # --------------------------------------------------------------------------------------------------
 # Resume parity: N + M steps in one run == N steps, save, resume, M steps
 # --------------------------------------------------------------------------------------------------

@@ -3,11 +3,14 @@ with them and load them back by their class paths."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 
 from mardini.autoencoders import FrameAutoencoder
 from mardini.lit.curriculum import Curriculum
+from mardini.masking import TEMPLATES, MaskSampler
 
 
 class AvgPoolAutoencoder(FrameAutoencoder):
@@ -30,3 +33,15 @@ class AvgPoolAutoencoder(FrameAutoencoder):
 class WindowSchedule(Curriculum):
     """A curriculum of one's own: Lightning keys its state ``WindowSchedule``, and its name does not end in
     ``Curriculum``."""
+
+
+class EveryOtherSampler(MaskSampler):
+    """A training template of one's own: ``every_other`` gives frames 0, 2, 4 ... and generates the others."""
+
+    templates: ClassVar[tuple[str, ...]] = (*TEMPLATES, "every_other")
+
+    def given_frames(self, batch: int, frames: int, n_ref: torch.Tensor,
+                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        given = super().given_frames(batch, frames, n_ref, generator)  # the built-in templates' (B, T) each
+        given["every_other"] = (torch.arange(frames) % 2 == 0).expand(batch, -1)  # (B, T)
+        return given

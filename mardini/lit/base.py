@@ -26,7 +26,7 @@ from mardini.diffusion.anchor import FrameAnchor
 from mardini.lit.batch_weight import loss_scale, step_batches
 from mardini.lit.fsdp import fsdp_root, lerp_local_, local_tensors, paired, root_unsharded, unwrapped_name
 from mardini.lit.schedules import scaled_lr, warmup_cosine
-from mardini.masking import TEMPLATES, MaskSampler
+from mardini.masking import MaskSampler, mask_sampler_class
 
 # The EMA copy is kept in eval mode on purpose (it is never trained).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -52,7 +52,9 @@ class MarDiniBase(L.LightningModule):
         frames: frames per training clip; ``None`` takes the data's window. Smaller than the data's window
             takes a random contiguous crop (so a curriculum can change it without rebuilding the loader).
         keep_ratio: ``(min, max)`` fraction of frames kept as references (the paper's "mask ratio").
-        templates: task-template probabilities for :class:`MaskSampler`.
+        templates: task-template probabilities for the mask sampler (names from its class's ``templates``).
+        mask_sampler: class path of a :class:`MaskSampler` subclass to draw the training masks (built with
+            ``keep_ratio`` and ``templates``), e.g. one that declares a template of one's own; None: ``MaskSampler``.
         blr, lr: base LR (scaled by ``global_batch / 256``), or an absolute LR that overrides it.
         warmup_steps, decay_steps, min_lr_ratio: linear warm-up, then cosine to ``min_lr_ratio`` at
             ``decay_steps`` (default: ``trainer.max_steps``).
@@ -82,6 +84,7 @@ class MarDiniBase(L.LightningModule):
         frames: int | None = None,
         keep_ratio: tuple[float, float] = (0.35, 1.0),
         templates: dict[str, float] | None = None,
+        mask_sampler: str | None = None,
         blr: float = 3.5e-5,
         lr: float | None = None,
         weight_decay: float = 0.0,
@@ -106,10 +109,14 @@ class MarDiniBase(L.LightningModule):
         self.autoencoder = autoencoder if autoencoder is not None else SpaceToDepthAutoencoder(2)
         self.autoencoder.requires_grad_(False)
         _check_autoencoder_spec(self.autoencoder)
+        sampler_class = mask_sampler_class(mask_sampler)
         try:
-            self.mask_sampler = MaskSampler(tuple(keep_ratio), dict(templates or {"random": 1.0}))
+            self.mask_sampler: MaskSampler = sampler_class(tuple(keep_ratio), dict(templates or {"random": 1.0}))
         except ValueError as e:
             raise ValueError(f"model.keep_ratio / model.templates: {e}") from None
+        # the names of the per-template losses, by template index: fixed for a fit (setup), so every rank logs and
+        # reduces the same ones
+        self.mask_templates: tuple[str, ...] = sampler_class.templates
         self.frames = frames
         self.networks = nn.ModuleDict(self.build_networks())
         self._check_planner_resolution()
@@ -146,6 +153,7 @@ class MarDiniBase(L.LightningModule):
     # Start-up checks against the data: impossible combinations fail before the first step
     # ----------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        self.mask_templates = type(self.mask_sampler).templates  # a sampler set from Python since construction
         dm = self.trainer.datamodule if self._trainer is not None else None
         if dm is not None:
             self.check_data_settings(getattr(dm, "resolution", None), getattr(dm, "frames", None),
@@ -312,7 +320,7 @@ class MarDiniBase(L.LightningModule):
         batch = self.crop_frames(batch, gen)
         per_sample = self.compute_loss(batch, gen, train=False)  # (B,)
         if self._val_template_sums is None:  # summed here, reduced over the ranks at the epoch's end
-            self._val_template_sums = per_sample.new_zeros(len(TEMPLATES), 2, dtype=torch.float32)
+            self._val_template_sums = per_sample.new_zeros(len(self._loss_templates()), 2, dtype=torch.float32)
         loss_and_count = torch.stack([per_sample.detach().float(), torch.ones_like(per_sample, dtype=torch.float32)], 1)
         self._val_template_sums.index_add_(0, self._last_template, loss_and_count)  # (templates, [loss sum, clips])
 
@@ -499,7 +507,7 @@ class MarDiniBase(L.LightningModule):
         sync. No usable validation clip on any rank is an error, not a run without validation."""
         sums = self._val_template_sums
         if sums is None:  # no validation batch on this rank
-            sums = torch.zeros(len(TEMPLATES), 2, device=self.device)
+            sums = torch.zeros(len(self._loss_templates()), 2, device=self.device)
         if self._trainer is not None and self.trainer.world_size > 1:
             sums = self.trainer.strategy.reduce(sums.clone(), reduce_op="sum")  # (templates, [loss sum, clips])
         total = sums.sum(0)  # ([loss sum, clips])
@@ -510,7 +518,7 @@ class MarDiniBase(L.LightningModule):
                 "against the stage's frames / fps / resolution, or set trainer.limit_val_batches: 0 to train without "
                 "validation")
         self.log("val/loss", total[0] / total[1], sync_dist=True, prog_bar=True)  # equal on every rank
-        for i, name in enumerate(TEMPLATES):
+        for i, name in enumerate(self._loss_templates()):
             if sums[i, 1] > 0:
                 self.log(f"val/loss_{name}", sums[i, 0] / sums[i, 1], sync_dist=True)  # equal on every rank
         self._val_template_sums = None
@@ -646,7 +654,7 @@ class MarDiniBase(L.LightningModule):
     def _log_train(self, batch: dict, per_sample: torch.Tensor, loss: torch.Tensor) -> None:
         bs = per_sample.shape[0]
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=bs)
-        for i, name in enumerate(TEMPLATES):
+        for i, name in enumerate(self._loss_templates()):
             sel = self._last_template == i
             if sel.any():
                 self.log(f"train/loss_{name}", per_sample[sel].mean(), on_step=True, batch_size=int(sel.sum()))
@@ -665,6 +673,17 @@ class MarDiniBase(L.LightningModule):
             self.log("perf/clips_per_s", clips / dt, on_step=True)
             self.log("perf/tokens_per_s", self.tokens_per_clip(batch) * clips / dt, on_step=True)
         self._last_batch_time = now
+
+    def _loss_templates(self) -> tuple[str, ...]:
+        """:attr:`mask_templates`, or a ValueError where the mask sampler now in place draws other templates: the
+        per-template losses and their sums over the ranks keep one layout for the whole fit."""
+        now = type(self.mask_sampler).templates
+        if now != self.mask_templates:
+            raise ValueError(f"the mask sampler's templates changed during the fit ({list(self.mask_templates)} -> "
+                             f"{list(now)}, {type(self.mask_sampler).__name__}); the per-template losses need one set "
+                             "for the whole fit: set the sampler before the fit (model.init_args.mask_sampler) and "
+                             "change only its settings during it (dataclasses.replace, as the Curriculum does)")
+        return self.mask_templates
 
     def tokens_per_clip(self, batch: dict) -> int:
         """Transformer tokens one clip costs (all networks of the stage); for throughput logging."""

@@ -5,6 +5,8 @@ A stage YAML lists milestones; at every training step the callback applies the l
 milestone that sets one). The position is a pure function of ``global_step``, so a resumed run lands in the same
 place; the callback's state is still saved so a changed schedule on resume is noticed. A milestone at step 0
 replaces the model's own keep ratio, templates, frames and attention: the fit's start warns naming those it changes.
+A milestone's templates are those the model's mask sampler declares (``model.init_args.mask_sampler``), checked at
+the fit's start.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import asdict, dataclass, replace
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from mardini.masking import MaskSampler
+from mardini.masking import MaskSampler, check_keep_ratio, check_template_probs
 
 INTERPOLATED = ("keep_ratio",)  # the settings ``interpolate`` moves linearly instead of in steps
 
@@ -50,8 +52,10 @@ class Curriculum(L.Callback):
                 raise ValueError(f"milestone at step {m.step}: attention={m.attention!r} must be 'st' or 't'")
             if m.frames is not None and m.frames < 2:
                 raise ValueError(f"milestone at step {m.step}: frames={m.frames} must be >= 2")
-            if m.keep_ratio is not None or m.templates is not None:
-                MaskSampler(m.keep_ratio or (0.5, 0.5), m.templates or {"random": 1.0})  # validates
+            if m.keep_ratio is not None:
+                check_keep_ratio(m.keep_ratio)
+            if m.templates is not None:  # their names: the model's sampler's (check_templates, at the fit's start)
+                check_template_probs(m.templates)
         self.milestones = milestones
         self.interpolate = interpolate
         self.applied: int | None = None
@@ -97,6 +101,7 @@ class Curriculum(L.Callback):
     # ----------------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.check_frames(getattr(getattr(trainer, "datamodule", None), "frames", None))
+        self.check_templates(pl_module.mask_sampler)
         self.warn_replaced(pl_module)
         self.apply(pl_module, trainer.global_step)
 
@@ -130,6 +135,18 @@ class Curriculum(L.Callback):
             m = too_long[0]
             raise ValueError(f"curriculum milestone at step {m.step}: frames={m.frames} is more than the data's "
                              f"window of {data_frames} (data.frames); lower the milestone's frames or raise data.frames")
+
+    def check_templates(self, sampler: MaskSampler) -> None:
+        """Raise at the start of the fit, not when the milestone is reached, if a milestone names templates that the
+        model's mask sampler class does not declare."""
+        declared = type(sampler).templates
+        for m in self.milestones:
+            unknown = sorted(set(m.templates or {}) - set(declared))
+            if unknown:
+                raise ValueError(
+                    f"curriculum milestone at step {m.step}: templates {unknown} are not declared by the model's mask "
+                    f"sampler {type(sampler).__name__} (its templates: {list(declared)}); remove them from the "
+                    "milestone, or set model.init_args.mask_sampler to a MaskSampler subclass that declares them")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.apply(pl_module, trainer.global_step)
