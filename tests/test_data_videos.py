@@ -1,6 +1,7 @@
 """Real-video sharding on small clips made here with PyAV: odd codecs, frame rates and sizes; corrupt and
 truncated files; shard limits; resumable runs; the mp4 shard round trip through the loader; variable-frame-rate
-files read by timestamp, and by index where the timestamps cannot be trusted."""
+files read by timestamp, and by index where the timestamps cannot be trusted; rotation flags and non-square
+pixels."""
 
 from __future__ import annotations
 
@@ -439,3 +440,100 @@ def test_a_variable_rate_file_is_decoded_for_its_timestamps_once_across_evaluati
     before = len(opened)
     read_video_window(str(vfr), 9, 7.5, 16)
     assert len(opened) - before == after_first
+
+
+# --------------------------------------------------------------------------------------------------
+# Display geometry: rotation flags (phone portrait video) and non-square pixels (anamorphic video)
+# --------------------------------------------------------------------------------------------------
+
+
+def _corner_frames(frames: int, height: int, width: int) -> np.ndarray:
+    """uint8 ``(T, H, W, 3)``: black with a white top-left quadrant, so each turn or mirror is visible."""
+    out = np.zeros((frames, height, width, 3), np.uint8)
+    out[:, : height // 2, : width // 2] = 255
+    return out
+
+
+def _bright_corner(image: np.ndarray) -> str:
+    """Which quadrant of an ``(H, W, 3)`` image is brightest."""
+    h, w = image.shape[0] // 2, image.shape[1] // 2
+    quads = {"top-left": image[:h, :w], "top-right": image[:h, w:], "bottom-left": image[h:, :w],
+             "bottom-right": image[h:, w:]}
+    return max(quads, key=lambda k: quads[k].mean())
+
+
+def _flagged_video(path: Path, frames: np.ndarray, rotation: int = 0, sar: Fraction | None = None) -> Path:
+    """An H.264 mp4 of ``frames`` whose stream carries a display rotation (PyAV's counter-clockwise degrees, what
+    ``frame.rotation`` reads back) and / or a sample aspect ratio."""
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        if rotation:
+            stream.set_display_rotation(rotation)
+        if sar is not None:
+            stream.codec_context.sample_aspect_ratio = sar
+        for img in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def test_rotation_flags_and_non_square_pixels_are_applied_by_the_sharder_and_the_decoder(tmp_path):
+    """A landscape-coded file flagged 90 degrees counter-clockwise (a player shows it portrait: the coded top-left
+    corner at the bottom left) is stored and read portrait, and one of 4:3 pixels at its 16:9 display shape; before,
+    both kept their coded geometry (84x48 from 640x360 rotated; 64x48 from 480x360 at SAR 4/3, 4:3 instead of 16:9).
+    A file with neither decodes exactly as PyAV's ``to_ndarray`` did."""
+    import av
+
+    from mardini.pipeline.inputs import read_video
+
+    src = tmp_path / "src"
+    corner = _corner_frames(8, 32, 64)  # (T, 32, 64, 3) landscape, bright top-left
+    files = {
+        "ccw.mp4": (_flagged_video(src / "ccw.mp4", corner, rotation=90), (64, 32), "bottom-left"),
+        "cw.mp4": (_flagged_video(src / "cw.mp4", corner, rotation=-90), (64, 32), "top-right"),
+        "sar.mp4": (_flagged_video(src / "sar.mp4", _corner_frames(8, 36, 48), sar=Fraction(4, 3)), (36, 64),
+                    "top-left"),
+        "plain.mp4": (_flagged_video(src / "plain.mp4", corner), (32, 64), "top-left"),
+    }
+    with av.open(str(src / "ccw.mp4")) as container:
+        assert next(container.decode(video=0)).rotation == 90  # PyAV's convention: counter-clockwise degrees
+    for name, (path, (h, w), bright) in files.items():
+        for video in (decode_mp4(str(path)), decode_mp4(path.read_bytes()), read_video(path, 8)[0]):
+            assert video.shape == (8, h, w, 3) and _bright_corner(video[0]) == bright, name
+    with av.open(str(files["plain.mp4"][0])) as container:
+        plain = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])  # (8, 32, 64, 3)
+    assert np.array_equal(decode_mp4(str(files["plain.mp4"][0])), plain)
+
+    s = videos_to_shards(src, tmp_path / "out", ShardSettings(clip_frames=4, short_side=16), workers=1,
+                         progress=False)
+    assert s.clips == 8 and s.rotated == 2 and s.stretched == 1
+    assert "2 turned by a rotation flag, 1 stretched to square pixels" in s.text()
+    stored = {"ccw.mp4": (32, 16, 90, "1"), "cw.mp4": (32, 16, 270, "1"), "sar.mp4": (16, 28, 0, "4/3"),
+              "plain.mp4": (16, 32, 0, "1")}  # (height, width, rotation, sar); 16 x 28.4 -> 28 (even)
+    for _, meta, data in _keys_and_meta(tmp_path / "out"):
+        h, w, rotation, sar = stored[meta["source"]]
+        assert (meta["height"], meta["width"], meta["source_rotation"], meta["source_sar"]) == (h, w, rotation, sar)
+        clip = decode_mp4(data)  # (4, H, W, 3)
+        assert clip.shape == (4, h, w, 3) and _bright_corner(clip[0]) == files[meta["source"]][2], meta["source"]
+
+
+def test_the_rotation_falls_back_to_the_stream_s_rotate_tag(tmp_path):
+    """A PyAV without ``frame.rotation`` (or a frame without a display matrix) takes the stream's ``rotate`` tag,
+    clockwise degrees as older FFmpeg wrote it; none gives 0, never an error."""
+    from types import SimpleNamespace
+
+    def stream(tag=None):
+        return SimpleNamespace(metadata={} if tag is None else {"rotate": tag})
+
+    assert decode.frame_rotation(SimpleNamespace(rotation=-90), stream()) == 270
+    assert decode.frame_rotation(SimpleNamespace(rotation=180.4), stream()) == 180
+    assert decode.frame_rotation(SimpleNamespace(), stream("90")) == 270  # 90 clockwise = 270 counter-clockwise
+    assert decode.frame_rotation(SimpleNamespace(rotation=0), stream("-90")) == 90
+    assert decode.frame_rotation(SimpleNamespace(), stream("junk")) == 0
+    assert decode.frame_rotation(SimpleNamespace(), SimpleNamespace()) == 0  # a stream without metadata

@@ -1,5 +1,5 @@
 """Decoding shard members: frame selection at a target fps (by index, or by timestamp for a variable-frame-rate
-video file), ``video.mp4`` (PyAV) and ``video.npy``.
+video file), ``video.mp4`` (PyAV, turned and stretched to its display geometry) and ``video.npy``.
 
 Every failure raises a :class:`BadSample` subclass whose message names the problem; the loader catches
 exactly these, skips the sample and counts it.
@@ -183,6 +183,53 @@ def choose_frames(
 
 
 # --------------------------------------------------------------------------------------------------
+# Display geometry: rotation flags and non-square pixels (the shard writer, decode_mp4: sample.py, evaluate.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def frame_rotation(frame, stream) -> int:
+    """Counter-clockwise degrees (0, 90, 180 or 270) a player turns ``frame`` by: PyAV's ``frame.rotation`` (the
+    display matrix), else the stream's ``rotate`` tag (clockwise; older FFmpeg, or a PyAV without
+    ``frame.rotation``), else 0. Rounded to a multiple of 90 degrees."""
+    degrees = getattr(frame, "rotation", 0) or 0
+    if not degrees:
+        try:
+            degrees = -float(stream.metadata.get("rotate", 0))
+        except (AttributeError, TypeError, ValueError):
+            degrees = 0
+    return int(round(degrees / 90)) % 4 * 90
+
+
+def pixel_aspect(stream) -> Fraction:
+    """A video stream's sample (pixel) aspect ratio, a pixel's width over its height: the container's or the codec's
+    (PyAV's guess), 1 when it records none."""
+    try:
+        sar = stream.sample_aspect_ratio
+    except AttributeError:
+        sar = stream.codec_context.sample_aspect_ratio
+    return Fraction(sar) if sar and sar > 0 else Fraction(1)
+
+
+def display_size(width: int, height: int, sar: Fraction, rotation: int) -> tuple[int, int]:
+    """``(width, height)`` a player shows a coded ``width`` x ``height`` frame at: the width stretched by the pixel
+    aspect ``sar`` (as ``ffmpeg -vf scale=iw*sar:ih``), then swapped by a quarter turn."""
+    width = max(1, round(width * sar))
+    return (height, width) if rotation % 180 else (width, height)
+
+
+def to_display(frame, width: int, height: int, rotation: int) -> np.ndarray:
+    """A decoded frame as a player shows it, resized to ``width`` x ``height`` (the displayed size): uint8
+    ``(height, width, 3)`` RGB. Without rotation this is PyAV's ``to_ndarray`` at that size, unchanged."""
+    if not rotation % 180:
+        image = frame.to_ndarray(width=width, height=height, format="rgb24")  # (H, W, 3)
+    else:
+        image = frame.to_ndarray(width=height, height=width, format="rgb24")  # (W, H, 3): turned below
+    if not rotation:
+        return image
+    return np.ascontiguousarray(np.rot90(image, rotation // 90))  # (H, W, 3), counter-clockwise as the flag says
+
+
+# --------------------------------------------------------------------------------------------------
 # Members
 # --------------------------------------------------------------------------------------------------
 
@@ -249,7 +296,9 @@ def decode_mp4(data: bytes | str, indices: np.ndarray | None = None) -> np.ndarr
     the last index.
 
     Frames are counted in presentation order from the first decoded frame; an index may repeat (a frame held over
-    several times of a timestamp grid). A :class:`ClipTooShort` carries the frames decoded in ``decoded``.
+    several times of a timestamp grid). A :class:`ClipTooShort` carries the frames decoded in ``decoded``. Frames
+    come as a player shows them: turned by the stream's rotation flag and stretched to square pixels
+    (:func:`display_size`); a file with neither decodes exactly as PyAV's ``to_ndarray``.
     """
     wanted: dict[int, list[int]] | None = None if indices is None else {}  # source index -> its places in the output
     for n, i in enumerate([] if indices is None else indices):
@@ -262,17 +311,23 @@ def decode_mp4(data: bytes | str, indices: np.ndarray | None = None) -> np.ndarr
         with av.open(source, mode="r") as container:
             if not container.streams.video:
                 raise CorruptVideo("the video member has no video stream")
-            ctx = container.streams.video[0].codec_context
+            stream = container.streams.video[0]
+            ctx = stream.codec_context
             width, height = getattr(ctx, "width", 0) or 0, getattr(ctx, "height", 0) or 0
-            if width * height > MAX_FRAME_PIXELS:
-                raise BadShape(f"video stream of {width}x{height} exceeds {MAX_FRAME_PIXELS} pixels")
+            sar = pixel_aspect(stream)
+            shown = display_size(width, height, sar, 0) if width and height else (width, height)
+            if max(width * height, shown[0] * shown[1]) > MAX_FRAME_PIXELS:
+                size = f"{width}x{height}" + ("" if shown == (width, height) else f" (shown at {shown[0]}x{shown[1]})")
+                raise BadShape(f"video stream of {size} exceeds {MAX_FRAME_PIXELS} pixels")
             for frame in container.decode(video=0):
                 if last is not None and count > last:
                     break
+                if wanted is None or count in wanted:
+                    rotation = frame_rotation(frame, stream)
+                    image = to_display(frame, *display_size(frame.width, frame.height, sar, rotation), rotation)
                 if wanted is None:
-                    out.append(frame.to_ndarray(format="rgb24"))  # (H, W, 3)
+                    out.append(image)  # (H, W, 3)
                 elif count in wanted:
-                    image = frame.to_ndarray(format="rgb24")  # (H, W, 3)
                     for n in wanted[count]:
                         out[n] = image
                 count += 1

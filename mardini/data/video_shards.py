@@ -4,7 +4,8 @@ Two phases, both resumable:
 
 1. **Stage** (parallel, one job per source file): decode with PyAV, optionally drop frames to a maximum fps
    (integer stride; a variable-frame-rate file with trustworthy timestamps keeps the frame on screen at each
-   time of that grid instead, see :func:`mardini.data.decode.pts_grid`) and resize, cut clips of
+   time of that grid instead, see :func:`mardini.data.decode.pts_grid`), turn and stretch each frame to its
+   display geometry (rotation flag, non-square pixels) and resize, cut clips of
    ``clip_frames`` frames every ``clip_hop`` frames, encode each to H.264 and write the file's clips to
    ``<out>/.staging/<n>.tar`` plus a result ``<n>.json`` (written last, atomically: a file with a result json is
    done). A file that cannot be decoded gets a result with its reason and is skipped.
@@ -36,7 +37,7 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-from mardini.data.decode import choose_frames
+from mardini.data.decode import choose_frames, display_size, frame_rotation, pixel_aspect, to_display
 from mardini.data.encode import encode_mp4
 from mardini.data.sharding import atomic_tar, json_bytes, pack, write_json_atomic
 
@@ -80,6 +81,8 @@ class Summary:
     shards_written: int = 0
     shards_kept: int = 0
     timestamped: int = 0  # files read by timestamp (variable frame rate)
+    rotated: int = 0  # files turned upright by their rotation flag
+    stretched: int = 0  # files of non-square pixels resized to their display shape
     skipped: dict[str, str] = field(default_factory=dict)  # file -> reason (no clip kept)
     partial: dict[str, str] = field(default_factory=dict)  # file -> reason (clips before the error kept)
 
@@ -91,6 +94,8 @@ class Summary:
             f"{self.clips} clips in {self.shards} shards ({self.shards_written} written, {self.shards_kept} kept) "
             f"from {self.files} files; {len(self.skipped)} skipped, {len(self.partial)} partly decoded"
             + (f", {self.timestamped} variable-rate read by timestamp" if self.timestamped else "")
+            + (f", {self.rotated} turned by a rotation flag" if self.rotated else "")
+            + (f", {self.stretched} stretched to square pixels" if self.stretched else "")
         ]
         for kind, n in sorted(self.reasons().items()):
             lines.append(f"  skipped {n} x {kind}")
@@ -137,6 +142,7 @@ def _slug(relpath: str) -> str:
 
 
 def _even_size(width: int, height: int, short_side: int | None) -> tuple[int, int]:
+    """The stored size of a ``width`` x ``height`` (display) frame: short side ``short_side`` (aspect kept), even."""
     if short_side is not None:
         s = short_side / min(width, height)
         width, height = round(width * s), round(height * s)
@@ -165,10 +171,11 @@ def stage_file(job: dict) -> dict:
             rate = Fraction(rate)
             stride = 1 if s.max_fps is None else max(1, int(-(-float(rate) // s.max_fps)))  # ceil: rate/k <= max
             out_rate = rate / stride
-            src_w, src_h = stream.codec_context.width, stream.codec_context.height
+            src_w, src_h = stream.codec_context.width, stream.codec_context.height  # coded size
             if not src_w or not src_h:
                 raise ValueError("unknown frame size")
-            width, height = _even_size(src_w, src_h, s.short_side)
+            sar = pixel_aspect(stream)
+            rotation = width = height = None  # the display geometry, from the first frame's rotation flag
             # Every stride-th frame (index reading), unless the timestamps say the file is variable-rate: then the
             # frame on screen at each time of the 1 / out_rate grid, a frame held over several grid times repeated.
             grid, why = choose_frames(job["path"], 1 / float(out_rate))
@@ -184,13 +191,17 @@ def stage_file(job: dict) -> dict:
                 i, n_src = n_src, n_src + 1
                 n = (i % stride == 0) if copies is None else (copies[i] if i < len(copies) else 0)
                 image = None
+                if rotation is None:
+                    rotation = frame_rotation(frame, stream)
+                    width, height = _even_size(*display_size(src_w, src_h, sar, rotation), s.short_side)
+                    result.update(rotation=rotation, sar=str(sar))
                 for _ in range(int(n)):
                     n_stored += 1
                     if skip:
                         skip -= 1
                         continue
                     if image is None:
-                        image = frame.to_ndarray(width=width, height=height, format="rgb24")  # (H, W, 3)
+                        image = to_display(frame, width, height, rotation)  # (H, W, 3), as a player shows it
                     buf.append((i, image))
                     if len(buf) < s.clip_frames:
                         continue
@@ -199,6 +210,7 @@ def stage_file(job: dict) -> dict:
                     meta = {
                         "source": rel, "source_fps": float(rate), "source_frames": [buf[0][0], buf[-1][0] + 1],
                         "source_stride": stride, "source_width": src_w, "source_height": src_h,
+                        "source_rotation": rotation, "source_sar": str(sar),
                         "fps": float(out_rate), "frames": s.clip_frames, "width": width, "height": height,
                         "clip": emitted, "codec": "h264", "timing": timing,
                     }
@@ -355,8 +367,11 @@ def videos_to_shards(
     # -- phase 2 -----------------------------------------------------------------------------------
     clips = [(i, c) for i in sorted(results) for c in results[i]["clips"]]
     plan = pack([c["bytes"] for _, c in clips], settings.shard_max_count, settings.shard_max_bytes)
+    kept = [r for r in results.values() if r["status"] != "skipped"]  # files that gave clips
     summary = Summary(files=len(files), clips=len(clips), shards=len(plan),
-                      timestamped=sum(r.get("timing") == "pts" for r in results.values()))
+                      timestamped=sum(r.get("timing") == "pts" for r in results.values()),
+                      rotated=sum(bool(r.get("rotation")) for r in kept),
+                      stretched=sum(r.get("sar", "1") != "1" for r in kept))
     cache: tuple[int, dict] | None = None
     for s_idx, members in enumerate(tqdm(plan, desc="shards", unit="shard", disable=not progress)):
         path = out / f"{settings.prefix}-{s_idx:06d}.tar"
