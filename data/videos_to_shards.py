@@ -1,11 +1,13 @@
-"""Turn a folder of videos (mp4, avi, mov, mpg, ogv, webm, mkv; any codec PyAV decodes) into WebDataset shards
-of fixed-length H.264 clips (``video.mp4`` + ``json``), with several worker processes, resumable.
+"""Turn a folder of videos (mp4, mov, mkv, avi, webm, mts/m2ts/ts, 3gp, flv, wmv, mxf, mpg, ... and any extension
+given with --ext; any codec PyAV decodes) into WebDataset shards of fixed-length H.264 clips (``video.mp4`` +
+``json``), with several worker processes, resumable.
 
     python data/videos_to_shards.py data/videos/mecavideo data/shards/videos/train --clip-frames 32 --short-side 256
     python data/videos_to_shards.py IN OUT --max-fps 12 --shard-max-count 500 --shard-max-bytes 2e9 --workers 8
 
 Re-running the same command finishes an interrupted run (finished files and shards are not redone).
-Files that cannot be decoded are reported and skipped; the summary at the end counts clips and skipped files.
+Files that cannot be decoded are reported and skipped; the summary at the end counts clips and skipped files, and
+the files not read (not of a video extension).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mardini.data.video_shards import ShardSettings, videos_to_shards
+from mardini.data.video_shards import VIDEO_EXTENSIONS, ShardSettings, video_extensions, videos_to_shards
 from mardini.user_errors import run_reporting_user_errors
 
 
@@ -32,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefix", default="clips", help="shard file name prefix")
     p.add_argument("--workers", type=int, default=2, help="worker processes")
     p.add_argument("--keep-staging", action="store_true", help="keep the per-file staging tars")
+    p.add_argument("--ext", action="append", default=[], metavar="EXT",
+                   help=f"also read files of this extension as videos (repeatable); read by default: "
+                        f"{' '.join(VIDEO_EXTENSIONS)}")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -50,7 +55,7 @@ def _run(a: argparse.Namespace) -> int:
         shard_max_bytes=int(a.shard_max_bytes), prefix=a.prefix,
     )
     summary = videos_to_shards(a.src, a.out, settings, workers=a.workers, progress=not a.no_progress,
-                               keep_staging=a.keep_staging)
+                               keep_staging=a.keep_staging, extensions=video_extensions(a.ext))
     print(summary.text())
     return 0 if summary.clips > 0 else 1
 

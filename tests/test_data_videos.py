@@ -537,3 +537,41 @@ def test_the_rotation_falls_back_to_the_stream_s_rotate_tag(tmp_path):
     assert decode.frame_rotation(SimpleNamespace(rotation=0), stream("-90")) == 90
     assert decode.frame_rotation(SimpleNamespace(), stream("junk")) == 0
     assert decode.frame_rotation(SimpleNamespace(), SimpleNamespace()) == 0  # a stream without metadata
+
+
+# --------------------------------------------------------------------------------------------------
+# Which files are read
+# --------------------------------------------------------------------------------------------------
+
+
+def test_camera_and_broadcast_containers_are_read_and_other_files_are_counted(tmp_path, capsys):
+    """AVCHD (.MTS), Windows Media (.wmv), phone (.3gp) files are read like .mp4; a file of another extension is
+    counted and named in the summary, and ``--ext`` reads it. Before, only ok.MP4 was read: "2 clips in 1 shards
+    ... from 1 files; 0 skipped", no word on the other three."""
+    src, frames = tmp_path / "v", moving_frames(16, 32, 32)
+    write_video(src / "ok.MP4", frames, 24)
+    write_video(src / "cam" / "x.MTS", frames, 24, fmt="mpegts")
+    write_video(src / "y.wmv", frames, 24, codec="wmv2", fmt="asf")
+    write_video(src / "z.3gp", frames, 24, fmt="3gp")
+    write_video(src / "capture.xyz", frames, 24, fmt="mpegts")  # a video under an extension no list knows
+    (src / "notes.txt").write_text("not a video")
+    assert _shard_cli(src, tmp_path / "o", "--clip-frames", "8") == 0
+    out = capsys.readouterr().out
+    assert "8 clips in 1 shards (1 written, 0 kept) from 4 files; 0 skipped, 0 partly decoded, 2 other files not read" in out
+    assert "not read (1 x .txt, 1 x .xyz; e.g. capture.xyz, notes.txt)" in out and "--ext" in out
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert sorted(manifest["inputs"]) == ["cam/x.MTS", "ok.MP4", "y.wmv", "z.3gp"]
+    assert _shard_cli(src, tmp_path / "o2", "--clip-frames", "8", "--ext", "XYZ") == 0
+    assert "10 clips in 1 shards (1 written, 0 kept) from 5 files; 0 skipped, 0 partly decoded, 1 other files" \
+        in capsys.readouterr().out
+    assert _shard_cli(src, tmp_path / "o3", "--ext", "a/b") == 2
+    assert "error: --ext 'a/b' is not a file extension" in capsys.readouterr().err
+
+
+def test_a_folder_of_no_known_video_extension_names_its_files(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MARDINI_TRACEBACK", raising=False)
+    write_video(tmp_path / "v" / "a.xyz", moving_frames(16, 32, 32), 24, fmt="mpegts")
+    assert _shard_cli(tmp_path / "v", tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert "error: no video files (" in err and "it holds 1 other files (a.xyz): if they are videos, add their " \
+        "extension with --ext" in err

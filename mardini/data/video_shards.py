@@ -41,7 +41,11 @@ from mardini.data.decode import choose_frames, display_size, frame_rotation, pix
 from mardini.data.encode import encode_mp4
 from mardini.data.sharding import atomic_tar, json_bytes, pack, write_json_atomic
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mpg", ".mpeg", ".ogv", ".webm", ".mkv", ".m4v")
+# Read by default (any case): common containers of cameras, phones, broadcast, screen capture and the web.
+VIDEO_EXTENSIONS = (
+    ".mp4", ".m4v", ".mov", ".qt", ".avi", ".mkv", ".webm", ".ogv", ".mpg", ".mpeg", ".mpe", ".m2v", ".vob",
+    ".ts", ".mts", ".m2ts", ".m2t", ".3gp", ".3g2", ".flv", ".f4v", ".wmv", ".asf", ".mxf", ".dv", ".y4m",
+)
 
 log = logging.getLogger("mardini.data")
 
@@ -85,6 +89,9 @@ class Summary:
     stretched: int = 0  # files of non-square pixels resized to their display shape
     skipped: dict[str, str] = field(default_factory=dict)  # file -> reason (no clip kept)
     partial: dict[str, str] = field(default_factory=dict)  # file -> reason (clips before the error kept)
+    not_read: int = 0  # files under the folder not read: not of a video extension
+    not_read_kinds: dict[str, int] = field(default_factory=dict)  # their extension -> count
+    not_read_examples: list[str] = field(default_factory=list)  # the first few of them
 
     def reasons(self) -> Counter:
         return Counter(_reason_kind(r) for r in self.skipped.values())
@@ -93,10 +100,15 @@ class Summary:
         lines = [
             f"{self.clips} clips in {self.shards} shards ({self.shards_written} written, {self.shards_kept} kept) "
             f"from {self.files} files; {len(self.skipped)} skipped, {len(self.partial)} partly decoded"
+            + (f", {self.not_read} other files not read" if self.not_read else "")
             + (f", {self.timestamped} variable-rate read by timestamp" if self.timestamped else "")
             + (f", {self.rotated} turned by a rotation flag" if self.rotated else "")
             + (f", {self.stretched} stretched to square pixels" if self.stretched else "")
         ]
+        if self.not_read:
+            kinds = ", ".join(f"{n} x {ext}" for ext, n in sorted(self.not_read_kinds.items()))
+            lines.append(f"  not read ({kinds}; e.g. {', '.join(self.not_read_examples)}): not a video extension; "
+                         "if they are videos, add their extension with --ext")
         for kind, n in sorted(self.reasons().items()):
             lines.append(f"  skipped {n} x {kind}")
         for name, reason in sorted(self.skipped.items()):
@@ -115,20 +127,42 @@ def _reason_kind(reason: str) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def find_videos(root: str | Path) -> list[str]:
-    """Video files under ``root`` (recursive, by extension), as sorted paths relative to ``root``."""
+def video_extensions(extra: list[str] | tuple[str, ...] = ()) -> tuple[str, ...]:
+    """:data:`VIDEO_EXTENSIONS` and ``extra`` (``"xyz"`` or ``".xyz"``, any case), lower-case with their dot."""
+    added = []
+    for given in extra:
+        ext = "." + given.strip().lstrip(".").lower()
+        if ext == "." or any(c in ext for c in "/\\*?"):
+            raise ValueError(f"--ext {given!r} is not a file extension; give one like 'mts' or '.mts'")
+        added.append(ext)
+    return VIDEO_EXTENSIONS + tuple(e for e in dict.fromkeys(added) if e not in VIDEO_EXTENSIONS)
+
+
+def list_inputs(root: str | Path, extensions: tuple[str, ...] = VIDEO_EXTENSIONS) -> tuple[list[str], list[str]]:
+    """``(video files, other files)`` under ``root`` (recursive; a video is a file of one of ``extensions``, any
+    case), as sorted paths relative to ``root``. Raises when ``root`` is not a folder or holds no video file."""
     root = Path(root)
     if root.is_file():
         raise ValueError(f"{root} is a file; pass the folder that holds the videos (e.g. {root.parent}), or put the "
                          "file in a folder of its own")
     if not root.is_dir():
         raise FileNotFoundError(f"video folder {root} does not exist")
-    found = [
-        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS
-    ]
+    found, others = [], []
+    for p in root.rglob("*"):
+        if p.is_file():
+            (found if p.suffix.lower() in extensions else others).append(str(p.relative_to(root)))
     if not found:
-        raise FileNotFoundError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) under {root}")
-    return sorted(found)
+        hint = ""
+        if others:
+            names = ", ".join(sorted(others)[:3]) + (", ..." if len(others) > 3 else "")
+            hint = f"; it holds {len(others)} other files ({names}): if they are videos, add their extension with --ext"
+        raise FileNotFoundError(f"no video files ({' '.join(extensions)}) under {root}{hint}")
+    return sorted(found), sorted(others)
+
+
+def find_videos(root: str | Path, extensions: tuple[str, ...] = VIDEO_EXTENSIONS) -> list[str]:
+    """Video files under ``root`` (recursive, by extension, any case), as sorted paths relative to ``root``."""
+    return list_inputs(root, extensions)[0]
 
 
 def _slug(relpath: str) -> str:
@@ -313,12 +347,15 @@ def videos_to_shards(
     workers: int = 2,
     progress: bool = True,
     keep_staging: bool = False,
+    extensions: tuple[str, ...] = VIDEO_EXTENSIONS,
 ) -> Summary:
-    """Shard every video under ``src`` into ``out`` (resumable). Returns the :class:`Summary`."""
+    """Shard every video (file of one of ``extensions``) under ``src`` into ``out`` (resumable). Returns the
+    :class:`Summary`, which counts the other files, not read."""
     settings = settings or ShardSettings()
     settings.check()
     src, out = Path(src), Path(out)
-    files = find_videos(src)
+    files, others = list_inputs(src, extensions)
+    others = [r for r in others if not (src / r).resolve().is_relative_to(out.resolve())]  # not our own output
     fp = fingerprint(src, files, settings)
     inputs = input_sizes(src, files)
     manifest = out / "manifest.json"
@@ -371,7 +408,9 @@ def videos_to_shards(
     summary = Summary(files=len(files), clips=len(clips), shards=len(plan),
                       timestamped=sum(r.get("timing") == "pts" for r in results.values()),
                       rotated=sum(bool(r.get("rotation")) for r in kept),
-                      stretched=sum(r.get("sar", "1") != "1" for r in kept))
+                      stretched=sum(r.get("sar", "1") != "1" for r in kept), not_read=len(others),
+                      not_read_kinds=dict(Counter(Path(r).suffix.lower() or "(none)" for r in others)),
+                      not_read_examples=others[:3])
     cache: tuple[int, dict] | None = None
     for s_idx, members in enumerate(tqdm(plan, desc="shards", unit="shard", disable=not progress)):
         path = out / f"{settings.prefix}-{s_idx:06d}.tar"
