@@ -5,6 +5,7 @@ pixels."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import tarfile
@@ -108,6 +109,21 @@ def test_resume_keeps_finished_work(video_dir, tmp_path, monkeypatch):
     assert again.clips == s.clips
     with pytest.raises(ValueError, match="other inputs or settings"):
         videos_to_shards(video_dir, tmp_path, ShardSettings(clip_frames=4), workers=1, progress=False)
+
+
+def test_the_same_videos_give_the_same_shards(tmp_path):
+    """Two builds of the same folder give byte-identical tars. Before, their SHA-1s differed: x264 encoded the same
+    clip to other bytes from one call to the next (see ``test_encode_mp4_gives_the_same_bytes_call_after_call...``)."""
+    src = tmp_path / "v"
+    write_video(src / "a.mp4", moving_frames(48, 88, 160, seed=2), 24)
+    write_video(src / "b.mp4", moving_frames(48, 90, 160, seed=3), 24)
+    rng = np.random.default_rng(0)
+    held, tars = [], []  # allocations kept between the builds: each meets another heap
+    for build in range(4):
+        held += [rng.bytes(int(n)) for n in rng.integers(100, 200_000, 16)][::2]
+        videos_to_shards(src, tmp_path / str(build), ShardSettings(clip_frames=8), workers=1, progress=False)
+        tars.append({p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in (tmp_path / str(build)).glob("*.tar")})
+    assert len(tars[0]) == 1 and all(t == tars[0] for t in tars[1:]), tars
 
 
 def test_loader_reads_mp4_shards_at_target_fps(video_dir, tmp_path):
