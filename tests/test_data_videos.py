@@ -591,3 +591,40 @@ def test_a_folder_of_no_known_video_extension_names_its_files(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert "error: no video files (" in err and "it holds 1 other files (a.xyz): if they are videos, add their " \
         "extension with --ext" in err
+
+
+def test_a_file_cut_short_is_listed_as_partly_decoded(tmp_path):
+    """A 4-s mkv cut at 60 % still states 4.0 s and decodes without an error to 2.4 s: it keeps its clips and is
+    listed as partial, naming where its frames end; cut shorter than a clip, its skip says so. Before, the summary
+    said "0 partly decoded". Whole files of several containers, one with a longer audio track, are not flagged."""
+    import av
+
+    src = tmp_path / "v"
+    whole = write_video(tmp_path / "whole.mkv", moving_frames(120, 32, 32), 30, codec="mjpeg",
+                        pix_fmt="yuvj420p").read_bytes()  # intra-only, the same bytes every time
+    (src / "cut.mkv").parent.mkdir(parents=True)
+    (src / "cut.mkv").write_bytes(whole[: int(len(whole) * 0.6)])
+    for name, fmt in (("whole.mkv", None), ("whole.ts", "mpegts"), ("whole.avi", None)):
+        write_video(src / name, moving_frames(40, 32, 32), 25, fmt=fmt)
+    with av.open(str(src / "audio.mp4"), "w") as container:  # video 1.6 s, audio 4 s: the container says 4 s
+        video, audio = container.add_stream("libx264", rate=25), container.add_stream("aac", rate=48000)
+        video.width, video.height, video.pix_fmt = 32, 32, "yuv420p"
+        for img in moving_frames(40, 32, 32):
+            for packet in video.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+        for k in range(4 * 48000 // 1024):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 48000, k * 1024
+            for packet in audio.encode(frame):
+                container.mux(packet)
+        for packet in audio.encode():
+            container.mux(packet)
+
+    s = videos_to_shards(src, tmp_path / "out", ShardSettings(clip_frames=16), workers=1, progress=False)
+    assert s.partial == {"cut.mkv": "truncated: the frames end at 2.4 s of the 4.0 s the file states; 4 clips kept"}
+    assert not s.skipped and s.clips == 4 + 4 * 2 and "1 partly decoded" in s.text()
+    s = videos_to_shards(src, tmp_path / "out80", ShardSettings(clip_frames=80), workers=1, progress=False)
+    assert s.skipped["cut.mkv"] == ("too short: 73 frames give 73 stored frames, fewer than one clip of 80 "
+                                    "(truncated: the frames end at 2.4 s of the 4.0 s the file states)")

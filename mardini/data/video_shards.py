@@ -8,7 +8,8 @@ Two phases, both resumable:
    display geometry (rotation flag, non-square pixels) and resize, cut clips of
    ``clip_frames`` frames every ``clip_hop`` frames, encode each to H.264 and write the file's clips to
    ``<out>/.staging/<n>.tar`` plus a result ``<n>.json`` (written last, atomically: a file with a result json is
-   done). A file that cannot be decoded gets a result with its reason and is skipped.
+   done). A file that cannot be decoded gets a result with its reason and is skipped; one that fails midway, or
+   whose frames end well before the duration it states (cut short), keeps its clips and is listed as partial.
 2. **Pack** (deterministic): all clips, in source-file order, are packed into shards of at most
    ``shard_max_count`` clips and about ``shard_max_bytes`` bytes, ``<out>/<prefix>-NNNNNN.tar``, each written
    to a temp name and renamed. Existing shards are kept (same inputs, same plan, same shard).
@@ -183,6 +184,33 @@ def _even_size(width: int, height: int, short_side: int | None) -> tuple[int, in
     return max(2, width - width % 2), max(2, height - height % 2)
 
 
+def _stated_duration(container, stream) -> float | None:
+    """Seconds a file says its video stream lasts: the stream's duration, else its ``DURATION`` tag (Matroska), else
+    the container's when the video is its only stream (another stream may last longer); None when it says none."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    try:
+        hours, minutes, seconds = stream.metadata["DURATION"].split(":")  # "00:00:04.000000000"
+        return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    except (KeyError, ValueError):
+        pass
+    if container.duration and len(container.streams) == 1:
+        return container.duration / av.time_base
+    return None
+
+
+def _ends_early(container, stream, span: list[float], rate: float) -> str:
+    """Why a file decoded to its end looks truncated: its frames (``span``: the first one's time and the last one's
+    end, s) end more than two frame periods before the duration it states. "" when they do not, or it states none."""
+    stated = _stated_duration(container, stream)
+    if stated is None or not np.isfinite(span[0]):
+        return ""
+    decoded = span[1] - span[0]  # (s)
+    if stated - decoded <= 2 / rate:
+        return ""
+    return f"truncated: the frames end at {decoded:.1f} s of the {stated:.1f} s the file states"
+
+
 def stage_file(job: dict) -> dict:
     """Decode one file and write its clips to ``job['tar']``; returns (and writes) its result dict."""
     s = ShardSettings(**job["settings"])
@@ -221,8 +249,14 @@ def stage_file(job: dict) -> dict:
             buf: list = []  # [(source index, (H, W, 3) uint8)]
             skip = 0
             n_src = n_stored = 0
+            span = [np.inf, -np.inf]  # (s) the first decoded frame's time, the last one's end
+            truncated = ""
             for frame in container.decode(stream):
                 i, n_src = n_src, n_src + 1
+                if frame.time is not None:  # a frame lasts its duration, else one period (a held last frame counts)
+                    tb = getattr(frame, "time_base", None) or stream.time_base or 0
+                    shown = float(getattr(frame, "duration", 0) or 0) * float(tb) or 1 / float(rate)
+                    span = [min(span[0], frame.time), max(span[1], frame.time + shown)]
                 n = (i % stride == 0) if copies is None else (copies[i] if i < len(copies) else 0)
                 image = None
                 if rotation is None:
@@ -258,10 +292,15 @@ def stage_file(job: dict) -> dict:
                     skip = max(0, hop - s.clip_frames)
                 if s.max_clips_per_video is not None and emitted >= s.max_clips_per_video:
                     break
+            else:  # decoded to the end: does the end come where the file says it does?
+                truncated = _ends_early(container, stream, span, float(rate))
             if emitted == 0:
                 raise ValueError(
                     f"too short: {n_src} frames give {n_stored} stored frames, fewer than one clip of {s.clip_frames}"
+                    + (f" ({truncated})" if truncated else "")
                 )
+            if truncated:
+                result.update(status="partial", reason=f"{truncated}; {emitted} clips kept")
     except Exception as e:  # noqa: BLE001 -- any file PyAV cannot read is reported and skipped, never fatal
         kind = "too short" if str(e).startswith("too short") else "undecodable"
         reason = str(e)[len("too short: "):] if kind == "too short" else f"{type(e).__name__}: {e}"
