@@ -5,7 +5,8 @@ given with --ext; any codec PyAV decodes) into WebDataset shards of fixed-length
     python data/videos_to_shards.py data/videos/mecavideo data/shards/videos/train --clip-frames 32 --short-side 256
     python data/videos_to_shards.py IN OUT --max-fps 12 --shard-max-count 500 --shard-max-bytes 2e9 --workers 8
 
-Re-running the same command finishes an interrupted run (finished files and shards are not redone).
+Re-running the same command finishes an interrupted run (finished files and shards are not redone); on a finished
+folder it writes nothing and says ``already complete``.
 Files that cannot be decoded are reported and skipped; the summary at the end counts clips and skipped files, and
 the files not read (not of a video extension).
 """

@@ -628,3 +628,16 @@ def test_a_file_cut_short_is_listed_as_partly_decoded(tmp_path):
     s = videos_to_shards(src, tmp_path / "out80", ShardSettings(clip_frames=80), workers=1, progress=False)
     assert s.skipped["cut.mkv"] == ("too short: 73 frames give 73 stored frames, fewer than one clip of 80 "
                                     "(truncated: the frames end at 2.4 s of the 4.0 s the file states)")
+
+
+def test_the_same_command_on_a_finished_folder_says_it_was_already_complete(tmp_path, capsys):
+    """Before, the re-run printed the first run's "2 clips in 1 shards (1 written, 0 kept)" though it wrote
+    nothing."""
+    write_video(tmp_path / "v" / "a.mp4", moving_frames(16, 32, 32), 24)
+    assert _shard_cli(tmp_path / "v", tmp_path / "o", "--clip-frames", "8") == 0
+    assert capsys.readouterr().out.startswith("2 clips in 1 shards (1 written, 0 kept) from 1 files")
+    stamp = (tmp_path / "o" / "clips-000000.tar").stat().st_mtime_ns
+    assert _shard_cli(tmp_path / "v", tmp_path / "o", "--clip-frames", "8") == 0
+    assert capsys.readouterr().out.startswith(
+        "already complete, nothing done: 2 clips in 1 shards (0 written, 1 kept) from 1 files")
+    assert (tmp_path / "o" / "clips-000000.tar").stat().st_mtime_ns == stamp

@@ -93,13 +93,15 @@ class Summary:
     not_read: int = 0  # files under the folder not read: not of a video extension
     not_read_kinds: dict[str, int] = field(default_factory=dict)  # their extension -> count
     not_read_examples: list[str] = field(default_factory=list)  # the first few of them
+    already_complete: bool = False  # a re-run on a finished folder: the first run's counts, every shard kept
 
     def reasons(self) -> Counter:
         return Counter(_reason_kind(r) for r in self.skipped.values())
 
     def text(self) -> str:
         lines = [
-            f"{self.clips} clips in {self.shards} shards ({self.shards_written} written, {self.shards_kept} kept) "
+            ("already complete, nothing done: " if self.already_complete else "")
+            + f"{self.clips} clips in {self.shards} shards ({self.shards_written} written, {self.shards_kept} kept) "
             f"from {self.files} files; {len(self.skipped)} skipped, {len(self.partial)} partly decoded"
             + (f", {self.not_read} other files not read" if self.not_read else "")
             + (f", {self.timestamped} variable-rate read by timestamp" if self.timestamped else "")
@@ -409,8 +411,9 @@ def videos_to_shards(
                 )
             # no shard and no staged clip (every file was skipped): nothing to mix; start over
             shutil.rmtree(out / ".staging", ignore_errors=True)  # results of other inputs or settings
-        elif old.get("complete"):
-            return Summary(**old["summary"])
+        elif old.get("complete"):  # the same command again: report the folder, not the first run's writes
+            return Summary(**{**old["summary"], "shards_written": 0, "shards_kept": old["summary"]["shards"],
+                              "already_complete": True})
     record = {"fingerprint": fp, "settings": asdict(settings), "inputs": inputs}
     write_json_atomic(manifest, {**record, "complete": False})
     staging = out / ".staging"
