@@ -294,6 +294,9 @@ def test_a_variable_rate_video_keeps_the_frame_on_screen_at_each_grid_time(tmp_p
     assert len(clips) == 7  # 3.9 s at 7.5 fps: 30 grid times (by index: 60 frames / 4 = 15, 3 clips)
     assert {m["timing"] for _, m, _ in clips} == {"pts"}
     assert s.timestamped == 1 and "1 variable-rate read by timestamp" in s.text()
+    # its rate is the stream's stated average over the stride (30 fps here, though it shows 30 then 10 fps)
+    assert "read by timestamp on a grid at the stream's stated average rate / stride: vfr.mkv at 7.5 fps (30 fps / 4)" \
+        in s.text()
 
 
 def test_constant_rate_videos_keep_exactly_the_index_reading(tmp_path):

@@ -86,6 +86,7 @@ class Summary:
     shards_written: int = 0
     shards_kept: int = 0
     timestamped: int = 0  # files read by timestamp (variable frame rate)
+    timestamped_rates: dict[str, str] = field(default_factory=dict)  # the first 3 of them -> their grid's rate
     rotated: int = 0  # files turned upright by their rotation flag
     stretched: int = 0  # files of non-square pixels resized to their display shape
     skipped: dict[str, str] = field(default_factory=dict)  # file -> reason (no clip kept)
@@ -112,6 +113,11 @@ class Summary:
             kinds = ", ".join(f"{n} x {ext}" for ext, n in sorted(self.not_read_kinds.items()))
             lines.append(f"  not read ({kinds}; e.g. {', '.join(self.not_read_examples)}): not a video extension; "
                          "if they are videos, add their extension with --ext")
+        if self.timestamped_rates:
+            more = self.timestamped - len(self.timestamped_rates)
+            lines.append("  read by timestamp on a grid at the stream's stated average rate / stride: " + ", ".join(
+                f"{name} at {rate}" for name, rate in sorted(self.timestamped_rates.items()))
+                + (f", and {more} more" if more > 0 else ""))
         for kind, n in sorted(self.reasons().items()):
             lines.append(f"  skipped {n} x {kind}")
         for name, reason in sorted(self.skipped.items()):
@@ -244,7 +250,8 @@ def stage_file(job: dict) -> dict:
             # frame on screen at each time of the 1 / out_rate grid, a frame held over several grid times repeated.
             grid, why = choose_frames(job["path"], 1 / float(out_rate))
             timing = "index" if grid is None else "pts"
-            result.update(timing=timing, timing_reason=why)
+            result.update(timing=timing, timing_reason=why,
+                          rate=f"{float(out_rate):.4g} fps ({float(rate):.4g} fps / {stride})")
             log.log(logging.DEBUG if why == "constant rate" else logging.INFO, "%s: frames kept by %s (%s)",
                     rel, timing, why)
             copies = None if grid is None else np.bincount(grid)  # (n_src,) times each source frame is stored
@@ -447,8 +454,10 @@ def videos_to_shards(
     clips = [(i, c) for i in sorted(results) for c in results[i]["clips"]]
     plan = pack([c["bytes"] for _, c in clips], settings.shard_max_count, settings.shard_max_bytes)
     kept = [r for r in results.values() if r["status"] != "skipped"]  # files that gave clips
+    vfr = [results[i] for i in sorted(results) if results[i].get("timing") == "pts" and "rate" in results[i]]
     summary = Summary(files=len(files), clips=len(clips), shards=len(plan),
                       timestamped=sum(r.get("timing") == "pts" for r in results.values()),
+                      timestamped_rates={r["file"]: r["rate"] for r in vfr[:3]},
                       rotated=sum(bool(r.get("rotation")) for r in kept),
                       stretched=sum(r.get("sar", "1") != "1" for r in kept), not_read=len(others),
                       not_read_kinds=dict(Counter(Path(r).suffix.lower() or "(none)" for r in others)),
