@@ -293,6 +293,50 @@ def test_cli_on_a_folder_of_videos(tmp_path):
     assert task["results"]["linear_blend"]["midf_psnr"] > task["results"]["nearest_frame"]["midf_psnr"]
 
 
+def strict_json(path: Path) -> dict:
+    """``path`` parsed as strict JSON: ``NaN``, ``Infinity`` and ``-Infinity`` refused, as many parsers do."""
+    def refuse(constant):
+        raise ValueError(f"{path.name} holds the non-standard JSON constant {constant}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_an_exactly_reproduced_middle_frame_keeps_midf_psnr_finite_and_the_report_strict_json(tmp_path):
+    """Two lossless (FFV1) videos, one static: its blended middle frame is exact. Before, its PSNR was inf, so the
+    mean over the clips was ``inf`` and report.json held ``Infinity``; now each image's PSNR is capped at 100 dB."""
+    videos = tmp_path / "videos"
+    write_video(videos / "g1.avi", moving_frames(12, 24, 24, seed=1), 10, codec="ffv1", pix_fmt="bgr0")
+    write_video(videos / "g2.avi", np.repeat(moving_frames(1, 24, 24, seed=2), 12, 0), 10, codec="ffv1",
+                pix_fmt="bgr0")  # static
+    out = tmp_path / "report"
+    assert cli.main(["--data", str(videos), "--preset", "vidim", "--resolution", "24", "--metrics", "midf",
+                     "--cache-dir", "", "--out", str(out)]) == 0
+    print((out / "report.md").read_text())
+    report = strict_json(out / "report.json")
+    psnr = report["tasks"]["interpolation"]["results"]["linear_blend"]["midf_psnr"]
+    assert 50 < psnr < 100  # (100 dB of the static clip + the moving one's) / 2
+    assert "| inf |" not in (out / "report.md").read_text()
+
+
+def test_non_finite_results_are_written_as_null_with_a_notice(tmp_path):
+    """report.json is strict JSON: an undefined result (NaN, e.g. no object detected) is null, and its notices say
+    which values; report.md keeps showing NaN."""
+    report = {"data": "d", "clips": 2, "frames": 9, "resolution": 16, "fps": None, "seed": 0, "command": "c",
+              "notices": ["an earlier note"], "tasks": {"interpolation": {
+                  "results": {"m": {"traj_err_px": float("nan"), "midf_ssim": 0.5}, "n": {"x": float("inf")}},
+                  "seconds_per_clip": {"m": 0.1, "n": 0.1}, "skipped_metrics": {}, "real_stats_cache": "none",
+                  "protocol": {"guidance_scale": 1.0, "steps": 1}}}}
+    cli.write_report(tmp_path, report)
+    written = strict_json(tmp_path / "report.json")
+    results = written["tasks"]["interpolation"]["results"]
+    assert results["m"] == {"traj_err_px": None, "midf_ssim": 0.5} and results["n"] == {"x": None}
+    assert written["notices"][0] == "an earlier note" and len(written["notices"]) == 2
+    assert written["notices"][1].startswith("2 non-finite values are written as null (JSON has no NaN or infinity): "
+                                            "tasks.interpolation.results.m.traj_err_px = nan, ")
+    assert report["notices"] == ["an earlier note"]  # the report in memory is left as it is
+    assert "| m | 0.5000 | NaN | – | 0.100 |" in (tmp_path / "report.md").read_text()
+
+
 def test_clips_read_away_from_the_asked_fps_are_reported(tmp_path, capsys):
     """--fps 12 on sources at 10 and 25 fps: strides 1 and 2 read them at 10 (17 % off) and 12.5 fps (4 %)."""
     videos = tmp_path / "videos"

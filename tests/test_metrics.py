@@ -404,13 +404,27 @@ def test_midf_psnr_ssim_on_middle_frame_only():
     m = MidFrameMetrics()
     m.update(other, target)
     out = m.compute()
-    assert out["midf_ssim"].item() == pytest.approx(1.0) and torch.isinf(out["midf_psnr"])
+    assert out["midf_ssim"].item() == pytest.approx(1.0) and out["midf_psnr"].item() == 100.0  # capped, not inf
 
     noisy = (target + 0.1 * rand_video(3, 9, seed=11)).clamp(-1, 1)
     m.reset()
     m.update(noisy, target)
     mse = (((noisy[:, 4] + 1) / 2 - (target[:, 4] + 1) / 2) ** 2).flatten(1).mean(1)  # (B,) on [0, 1]
     assert m.compute()["midf_psnr"].item() == pytest.approx((10 * torch.log10(1 / mse)).mean().item(), rel=1e-5)
+
+
+def test_one_exact_middle_frame_is_capped_at_100_db_not_an_infinite_mean():
+    """Per-image PSNR capped at 100 dB (MSE on [0, 1] floored at 1e-10): one clip reproduced exactly no longer
+    makes the mean ``inf``; the other clips' PSNR is the uncapped one."""
+    target = rand_video(2, 9, seed=12)
+    fake = target.clone()
+    fake[1] = (target[1] + 0.1 * rand_video(1, 9, seed=13)[0]).clamp(-1, 1)  # clip 0 exact, clip 1 noisy
+    m = MidFrameMetrics()
+    m.update(fake, target)
+    psnr = m.compute()["midf_psnr"].item()
+    mse = (((fake[1, 4] - target[1, 4]) / 2) ** 2).mean()  # clip 1's middle frame, on [0, 1]
+    print("MidF-PSNR of an exact and a noisy clip:", psnr)
+    assert psnr == pytest.approx((100 + 10 * torch.log10(1 / mse).item()) / 2, rel=1e-5)
 
 
 def test_lpips_needs_user_weights(tmp_path):

@@ -1,8 +1,10 @@
 """Middle-frame ("MidF", VIDIM-Bench) reconstruction metrics: PSNR, SSIM, and LPIPS when its weights are supplied.
 
 Frames in [-1, 1] are mapped to [0, 1] and scored with ``data_range=1`` (the same PSNR as [-1, 1] with range 2).
-PSNR and SSIM are computed per image and averaged (not one PSNR of the pooled error). The middle frame of T is
-index ``T // 2`` (frame 4 of a 9-frame window) unless ``frame_index`` says otherwise.
+PSNR and SSIM are computed per image and averaged (not one PSNR of the pooled error). Each image's PSNR is capped at
+``PSNR_CAP_DB`` = 100 dB, i.e. its MSE on [0, 1] is floored at 1e-10 (4e-10 on [-1, 1]): a frame reproduced exactly
+scores 100 dB instead of making the mean infinite. The middle frame of T is index ``T // 2`` (frame 4 of a 9-frame
+window) unless ``frame_index`` says otherwise.
 
 LPIPS needs torchvision ImageNet backbone weights, which torchvision would download at run time; here they must be
 supplied as a file (e.g. ``alexnet-owt-7be5be79.pth``), checked against the sha256 prefix in its torchvision name
@@ -25,6 +27,7 @@ from mardini.metrics.preprocess import check_video
 from mardini.metrics.stats import hide_module, on_device
 from mardini.weights import sha256_file
 
+PSNR_CAP_DB = 100.0  # per-image PSNR cap: MSE floored at 1e-10 of the squared data range (1 on [0, 1])
 LPIPS_BACKBONES = {"alex": ("alexnet", "AlexNet_Weights"), "vgg": ("vgg16", "VGG16_Weights"),
                    "squeeze": ("squeezenet1_1", "SqueezeNet1_1_Weights")}  # fmt: skip
 
@@ -93,8 +96,21 @@ def middle_frame(video: torch.Tensor, frame_index: int | None = None) -> torch.T
     return video[:, i]  # (B, 3, H, W)
 
 
+class CappedPSNR(PeakSignalNoiseRatio):
+    """torchmetrics' per-image PSNR (``dim=(1, 2, 3)`` of ``(B, 3, H, W)``) on [0, 1], each image's capped at
+    ``cap`` dB (its MSE floored at ``10 ** (-cap / 10)``) before the mean: one exact image cannot make it ``inf``."""
+
+    def __init__(self, cap: float = PSNR_CAP_DB) -> None:
+        super().__init__(data_range=1.0, dim=(1, 2, 3), reduction="none")
+        self.cap = cap
+
+    def compute(self) -> torch.Tensor:
+        return super().compute().clamp(max=self.cap).mean()  # (N,) per image -> scalar
+
+
 class MidFrameMetrics(MetricCollection):
-    """``midf_psnr``, ``midf_ssim`` (and ``midf_lpips`` with ``lpips_weights``) on the middle frame; DDP-safe.
+    """``midf_psnr`` (per image, capped at 100 dB), ``midf_ssim`` (and ``midf_lpips`` with ``lpips_weights``) on the
+    middle frame; DDP-safe.
 
     ``update(preds, target)`` takes videos ``(B, T, 3, H, W)`` in [-1, 1]; ``compute()`` returns a dict.
     """
@@ -103,7 +119,7 @@ class MidFrameMetrics(MetricCollection):
         self, frame_index: int | None = None, lpips_weights: str | os.PathLike | None = None, lpips_net: str = "alex"
     ) -> None:
         metrics = {
-            "psnr": PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)),  # per image, then mean
+            "psnr": CappedPSNR(),  # per image, capped at 100 dB, then mean
             "ssim": StructuralSimilarityIndexMeasure(data_range=1.0),  # 11x11 Gaussian, sigma 1.5
         }
         if lpips_weights is not None:
