@@ -244,6 +244,25 @@ def test_a_cached_real_statistics_file_of_other_clips_is_recomputed(shards, tmp_
     assert run()["real_stats_cache"] == "hit"
 
 
+def test_an_unreadable_real_statistics_cache_file_is_a_miss_recomputed_and_rewritten(shards, tmp_path):
+    """A truncated cache file (an interrupted copy, a full disk) crashed the run with torch's
+    ``PytorchStreamReader failed reading zip archive``; now it warns naming the file, recomputes the statistics and
+    overwrites the file atomically."""
+    import torch
+
+    run, _, _ = _frechet_run(shards, tmp_path)
+    first = run()
+    path = sorted((tmp_path / "stats").iterdir())[0]
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    with pytest.warns(UserWarning, match=f"real-statistics cache file {path} cannot be read") as warned:
+        again = run()
+    print(warned[0].message)
+    assert again["real_stats_cache"] == "computed" and again["results"] == first["results"]
+    assert "keys_digest" in torch.load(path, weights_only=True)  # rewritten whole
+    assert len(list((tmp_path / "stats").iterdir())) == 2  # no temp file left beside them
+    assert run()["real_stats_cache"] == "hit"
+
+
 def test_cached_real_statistics_of_other_source_frames_of_the_same_files_are_not_reused(tmp_path, monkeypatch,
                                                                                         capsys):
     """A cache written when a variable-frame-rate file was read by index (as before it was read by timestamp at a

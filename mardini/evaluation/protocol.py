@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import pickle
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -171,9 +172,22 @@ class RealStatsCache:
 
     @staticmethod
     def load(path: str) -> dict | None:
+        """The statistics in ``path``, or None when there is no file or it cannot be read (truncated, not a torch
+        file: warned, naming it); a miss is computed again and :meth:`save` overwrites the file."""
         if not os.path.isfile(path):
             return None
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            stats = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+            detail = str(err).split(". ")[0] if str(err) else type(err).__name__  # torch's first sentence
+            rank_zero_warn(f"real-statistics cache file {path} cannot be read ({detail}); computing the real "
+                           "statistics again and overwriting it")
+            return None
+        if not isinstance(stats, dict):
+            rank_zero_warn(f"real-statistics cache file {path} holds no statistics ({type(stats).__name__}); "
+                           "computing them again and overwriting it")
+            return None
+        return stats
 
     @staticmethod
     def save(stats: dict, path: str) -> None:
