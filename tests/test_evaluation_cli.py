@@ -558,6 +558,17 @@ def test_cli_clear_errors_for_data_and_weights(shards, tmp_path, monkeypatch, ca
     assert "weights not found" in err and "make weights" in err and "missing_weights='skip'" in err
 
 
+def test_a_single_video_file_as_data_names_the_folder_to_pass(tmp_path, capsys):
+    """evaluate.py reads video folders itself: a video file as --data must not be told to make shards first."""
+    video = write_video(tmp_path / "videos" / "g2.avi", moving_frames(12, 24, 32), 10, codec="mpeg4")
+    assert cli.main(["--preset", "vidim", "--metrics", "midf", "--data", str(video), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    print(err)
+    assert f"--data {video} is a video file; evaluate.py reads a folder of videos" in err
+    assert f"pass the folder that holds it (--data {video.parent})" in err and "videos_to_shards" not in err
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_video_file_is_decoded_once_and_only_up_to_its_window(tmp_path, monkeypatch):
     """A long file must not be decoded whole (a 60-s 720p file took 8.6 GB): the clip needs frames 25..33 of 60."""
     import av

@@ -26,13 +26,14 @@ from mardini.data.decode import (
 from mardini.data.sharding import list_shards
 from mardini.data.stream import ClipStream, collate, skip_only
 from mardini.data.transforms import crop_and_resize
-from mardini.data.video_shards import find_videos
+from mardini.data.video_shards import VIDEO_EXTENSIONS, find_videos
 
 SYNTHETIC_VAL = "data/shards/synthetic/val"
 
 
 def resolve_source(data: str) -> tuple[str, list[str]]:
-    """``("shards" | "videos", files)`` for a shard folder/pattern or a folder of videos; clear errors otherwise."""
+    """``("shards" | "videos", files)`` for a shard folder/pattern or a folder of videos; clear errors otherwise (a
+    single video file is refused, naming its folder: the protocol needs at least two clips)."""
     if data == "synthetic":
         data = SYNTHETIC_VAL
         if not Path(data).exists():
@@ -41,6 +42,10 @@ def resolve_source(data: str) -> tuple[str, list[str]]:
                 "`python data/make_synthetic.py` (or `make demo`)"
             )
     p = Path(data)
+    if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS:
+        raise ValueError(f"--data {data} is a video file; evaluate.py reads a folder of videos (the protocol needs at "
+                         f"least 2 clips): pass the folder that holds it (--data {p.parent}), or put the videos to "
+                         "score in a folder of their own and pass that")
     if p.is_dir() and not any(p.glob("*.tar")):
         try:
             return "videos", [str(p / v) for v in find_videos(p)]
