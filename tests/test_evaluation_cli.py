@@ -501,8 +501,11 @@ def test_the_model_samples_at_its_training_size_and_is_scored_at_the_protocols(s
                                  "(--sample-resolution)"]
 
 
-def stub_networks(monkeypatch):
-    """Make every ``cli.run_task`` of ``cli.main`` score FVD/FID with the stand-in feature networks (no weights)."""
+def stub_networks(monkeypatch, find_weights: bool = False):
+    """Make every ``cli.run_task`` of ``cli.main`` score FVD/FID with the stand-in feature networks (no weights:
+    unless ``find_weights``, the weight files are not looked for either)."""
+    if not find_weights:
+        monkeypatch.setattr(cli, "metric_weights", lambda args: {})
     run_task = cli.run_task
     monkeypatch.setattr(cli, "run_task", lambda *a, **k: run_task(*a, networks={"fvd": VideoPool(), "fid": FramePool()},
                                                                   **k))
@@ -567,6 +570,29 @@ def test_a_single_video_file_as_data_names_the_folder_to_pass(tmp_path, capsys):
     assert f"--data {video} is a video file; evaluate.py reads a folder of videos" in err
     assert f"pass the folder that holds it (--data {video.parent})" in err and "videos_to_shards" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_missing_weights_stop_the_run_before_the_data_is_read_or_a_report_written(shards, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """Before, every clip was decoded, the checkpoint loaded and a partial report written before EvalSuite found
+    the weights missing; now they are resolved right after the arguments are parsed."""
+    read: list[str] = []
+    resolve = cli.resolve_source
+    monkeypatch.setattr(cli, "resolve_source", lambda data: read.append(data) or resolve(data))
+    monkeypatch.setenv("MARDINI_WEIGHTS", str(tmp_path / "none"))
+    out = tmp_path / "r"
+    run = ["--data", str(shards), "--num-clips", "2", "--resolution", "16", "--tasks", "interpolation",
+           "--out", str(out)]
+    assert cli.main(run) == 2
+    err = capsys.readouterr().err
+    assert "fvd is off: i3d weights not found" in err and "--missing-weights skip" in err
+    assert read == [] and not out.exists()
+    assert cli.main([*run, "--metrics", "midf", "--lpips-weights", str(tmp_path / "alexnet.pth")]) == 2
+    assert "midf_lpips is off: LPIPS is off" in capsys.readouterr().err and read == [] and not out.exists()
+    with pytest.warns(UserWarning, match="fvd is off"):  # skipped: the run goes on without FVD/FID
+        assert cli.main([*run, "--missing-weights", "skip", "--cache-dir", ""]) == 0
+    assert read == [str(shards)] and "midf_psnr" in json.loads((out / "report.json").read_text())["tasks"][
+        "interpolation"]["results"]["linear_blend"]
 
 
 def test_a_video_file_is_decoded_once_and_only_up_to_its_window(tmp_path, monkeypatch):

@@ -35,7 +35,8 @@ from mardini.data.sharding import write_text_atomic
 from mardini.evaluation.data import count_clips, iter_batches, resolve_source, usable_shard_clips, usable_videos
 from mardini.evaluation.external import ClipNames, GeneratedVideos, InputExport, shard_of_keys
 from mardini.evaluation.protocol import (
-    METRICS, TASKS, EvalProtocol, EvalSuite, RealStatsCache, clip_seeds, files_id, keys_digest,
+    DEFAULT_METRICS, METRICS, TASKS, EvalProtocol, EvalSuite, RealStatsCache, clip_seeds, files_id, keys_digest,
+    resolve_metric_weights,
 )
 from mardini.evaluation.samplers import BASELINES, PipelineSampler, Sampler, to_real_size
 from mardini.user_errors import run_reporting_user_errors
@@ -167,6 +168,19 @@ def parse_generated(p: argparse.ArgumentParser, specs: list[str]) -> dict[str, s
 # ------------------------------------------------------------------------------------------------
 # Running
 # ------------------------------------------------------------------------------------------------
+def metric_weights(args: argparse.Namespace) -> dict[str, dict[str, str] | None]:
+    """The weight files of the metrics the run scores, found and verified before any data is read (a missing one
+    stops it at once under ``--missing-weights error``); see :func:`resolve_metric_weights`. Each task's protocol
+    settings are checked first, so an impossible one is named before a missing file."""
+    for task in args.tasks:
+        EvalProtocol(task=task, frames=args.frames, resolution=args.resolution, num_clips=args.num_clips or 2,
+                     metrics=None if args.metrics is None else tuple(args.metrics), fvd_pad_short=args.fvd_pad_short,
+                     missing_weights=args.missing_weights, steps=args.steps, guidance_scale=args.guidance, eta=args.eta)
+    metrics = args.metrics or sorted({m for task in args.tasks for m in DEFAULT_METRICS[task]})
+    return resolve_metric_weights(metrics, args.missing_weights, args.i3d_weights, args.inception_weights,
+                                  args.lpips_weights)
+
+
 def choose_num_clips(
     args: argparse.Namespace, kind: str, files: list[str], keys: list[str] | None = None,
 ) -> tuple[int, dict[str, str]]:
@@ -595,6 +609,8 @@ def export_inputs(args: argparse.Namespace, kind: str, files: list[str], n: int,
 
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
+    if args.export_inputs is None:  # an export scores nothing
+        metric_weights(args)  # before the data is read and the model loaded
     kind, files = resolve_source(args.data)
     keys: list[str] = []
     n, skipped = choose_num_clips(args, kind, files, keys)

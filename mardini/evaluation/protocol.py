@@ -19,6 +19,7 @@ import json
 import os
 import pickle
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -199,14 +200,50 @@ class RealStatsCache:
 # ------------------------------------------------------------------------------------------------
 # Metric suite
 # ------------------------------------------------------------------------------------------------
-def _weights_missing(name: str, err: Exception, protocol: EvalProtocol, leave_out: str | None = None) -> str:
+LPIPS_LEAVE_OUT = "drop lpips_weights (--lpips-weights); PSNR and SSIM need no weights"
+
+
+def _weights_missing(name: str, err: Exception, missing_weights: str, leave_out: str | None = None) -> str:
+    """Raise ``err`` with how to evaluate without ``name`` (``missing_weights`` "error"), or warn and return it."""
     msg = f"{name} is off: {err}"
-    if protocol.missing_weights == "error":
+    if missing_weights == "error":
         leave_out = leave_out or f"leave '{name}' out of metrics (--metrics)"
         raise FileNotFoundError(f"{msg}\n(or evaluate without it: {leave_out}, "
                                 f"or set missing_weights='skip' (--missing-weights skip))") from err
     rank_zero_warn(msg)
     return msg
+
+
+def resolve_metric_weights(
+    metrics: tuple[str, ...] | list[str], missing_weights: str = "error", i3d_weights: str | None = None,
+    inception_weights: str | None = None, lpips_weights: str | None = None,
+) -> dict[str, dict[str, str] | None]:
+    """Find and verify the weight files ``metrics`` need, before any data is read or model loaded.
+
+    Returns ``{"i3d" | "inception" | "lpips": {"path": resolved file, "sha256": ...}}`` for those needed (None for
+    one missing under ``missing_weights="skip"``, warned: the suite leaves its metric out). Raises as
+    :class:`EvalSuite` would: FileNotFoundError saying how to get a missing file (``"error"``), ValueError for a
+    file that is not the one asked for.
+    """
+    from mardini.metrics.frame_metrics import check_lpips_weights
+    from mardini.weights import WEIGHTS, resolve_weights
+
+    out: dict[str, dict[str, str] | None] = {}
+    for metric, name, given in (("fvd", "i3d", i3d_weights), ("fid", "inception", inception_weights)):
+        if metric in metrics:
+            try:
+                path = resolve_weights(name, given)  # size and sha256 checked
+                out[name] = {"path": str(path.resolve()), "sha256": WEIGHTS[name].sha256}
+            except FileNotFoundError as err:
+                _weights_missing(metric, err, missing_weights)
+                out[name] = None
+    if "midf" in metrics and lpips_weights is not None:
+        try:
+            out["lpips"] = {"path": str(Path(lpips_weights).resolve()), "sha256": check_lpips_weights(lpips_weights)}
+        except FileNotFoundError as err:
+            _weights_missing("midf_lpips", err, missing_weights, LPIPS_LEAVE_OUT)
+            out["lpips"] = None
+    return out
 
 
 class EvalSuite:
@@ -241,11 +278,11 @@ class EvalSuite:
                 self.metrics[name] = builders[name]()
             except FileNotFoundError as err:
                 if name == "midf" and p.lpips_weights is not None:  # PSNR and SSIM need no weights: keep them
-                    self.skipped["midf_lpips"] = _weights_missing(
-                        "midf_lpips", err, p, "drop lpips_weights (--lpips-weights); PSNR and SSIM need no weights")
+                    self.skipped["midf_lpips"] = _weights_missing("midf_lpips", err, p.missing_weights,
+                                                                  LPIPS_LEAVE_OUT)
                     self.metrics[name] = MidFrameMetrics(lpips_weights=None)
                 else:
-                    self.skipped[name] = _weights_missing(name, err, p)
+                    self.skipped[name] = _weights_missing(name, err, p.missing_weights)
         self.real_cached = False  # True once the Fréchet metrics hold real statistics from a cache
 
     # -- state --------------------------------------------------------------------------------------

@@ -45,17 +45,13 @@ def lpips_backbone_filename(net_type: str = "alex") -> str:
     return Path(urlparse(weights_enum.DEFAULT.url).path).name
 
 
-def build_lpips(backbone_weights: str | os.PathLike | None, net_type: str = "alex"):
-    """torchmetrics' ``LearnedPerceptualImagePatchSimilarity`` (inputs in [0, 1]) from a local backbone file.
+def check_lpips_weights(backbone_weights: str | os.PathLike | None, net_type: str = "alex") -> str:
+    """The sha256 of the LPIPS backbone file, checked against the prefix in torchvision's name for it.
 
-    Args:
-        backbone_weights: the torchvision ImageNet state dict of the backbone, e.g. ``alexnet-owt-7be5be79.pth``
-            for ``net_type="alex"`` (the LPIPS linear layers ship inside torchmetrics).
     Raises:
         FileNotFoundError: when no file is given or it does not exist, saying which file to supply.
+        ValueError: when the file is not the one torchvision expects.
     """
-    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
-
     expected = lpips_backbone_filename(net_type)
     if backbone_weights is None or not Path(backbone_weights).is_file():
         raise FileNotFoundError(
@@ -71,6 +67,22 @@ def build_lpips(backbone_weights: str | os.PathLike | None, net_type: str = "ale
             f"{backbone_weights} is not the {expected} torchvision expects "
             f"(sha256 {digest[:12]}..., expected {prefix}...)"
         )
+    return digest
+
+
+def build_lpips(backbone_weights: str | os.PathLike | None, net_type: str = "alex"):
+    """torchmetrics' ``LearnedPerceptualImagePatchSimilarity`` (inputs in [0, 1]) from a local backbone file.
+
+    Args:
+        backbone_weights: the torchvision ImageNet state dict of the backbone, e.g. ``alexnet-owt-7be5be79.pth``
+            for ``net_type="alex"`` (the LPIPS linear layers ship inside torchmetrics).
+    Raises:
+        FileNotFoundError: when no file is given or it does not exist, saying which file to supply.
+    """
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    check_lpips_weights(backbone_weights, net_type)
+    expected = lpips_backbone_filename(net_type)
     old_hub = torch.hub.get_dir()
     with tempfile.TemporaryDirectory(prefix="mardini-lpips-") as hub:
         (Path(hub) / "checkpoints").mkdir()
