@@ -166,6 +166,51 @@ def test_the_report_states_what_ran(shards, tmp_path, capsys):
     assert shlex.split(report["command"])[2:] == argv  # quoted: '' and the space survive a copy and paste
 
 
+def test_the_report_records_what_reproduces_it(shards, tmp_path, monkeypatch):
+    """Before, report.json had the checkpoint's path only (last.ckpt is overwritten), ``"i3d_weights": None`` where
+    the weights came from $MARDINI_WEIGHTS, and no code version, device or dtype. Now: the checkpoint's sha256 and
+    global_step, each weight file's resolved path and sha256 (the protocol block names the file too), the git
+    commit (and whether the checkout had changes), the package version, the device and the dtype."""
+    import hashlib
+    import subprocess
+
+    import torch
+
+    from mardini import weights
+    from mardini.testing import make_checkpoint
+
+    stub_networks(monkeypatch, find_weights=True)  # FVD/FID on stand-in networks; the weight files are verified
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    for name, spec in weights.WEIGHTS.items():  # small files standing in for the real ones, under their names
+        body = f"{name} weights".encode()
+        (folder / spec.filename).write_bytes(body)
+        monkeypatch.setitem(weights.WEIGHTS, name, weights.WeightSpec(
+            name, spec.package, spec.archive, spec.member, spec.filename, hashlib.sha256(body).hexdigest(), len(body)))
+    monkeypatch.setenv("MARDINI_WEIGHTS", str(folder))
+    ckpt = make_checkpoint(tmp_path / "joint.ckpt", "joint", frames=9, size=16)
+    out = tmp_path / "r"
+    assert cli.main(["--data", str(shards), "--tasks", "interpolation", "--resolution", "16", "--num-clips", "2",
+                     "--checkpoint", str(ckpt), "--steps", "1", "--device", "cpu", "--cache-dir", "",
+                     "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    print({k: report[k] for k in ("checkpoint_file", "weights", "code", "device", "dtype")})
+    assert report["checkpoint_file"] == {"path": str(ckpt.resolve()),
+                                         "sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest(),
+                                         "global_step": torch.load(ckpt, weights_only=True)["global_step"]}
+    assert report["weights"] == {name: {"path": str((folder / spec.filename).resolve()), "sha256": spec.sha256}
+                                 for name, spec in weights.WEIGHTS.items()}
+    protocol = report["tasks"]["interpolation"]["protocol"]
+    assert protocol["i3d_weights"] == report["weights"]["i3d"]["path"]
+    assert protocol["inception_weights"] == report["weights"]["inception"]["path"]
+    root = Path(cli.__file__).resolve().parents[2]
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert report["code"]["git_commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+    assert report["code"]["version"] == cli.mardini.__version__
+    assert report["device"] == "cpu" and report["dtype"] == "fp32" and "threads" in report["device_name"]
+    assert cli.code_version(tmp_path) == {"version": cli.mardini.__version__, "git_commit": None, "git_dirty": None}
+
+
 def test_short_windows_take_fvd_only_padded(shards, capsys):
     argv = ["--data", str(shards), "--tasks", "interpolation", "--frames", "5", "--resolution", "16",
             "--num-clips", "2", "--metrics", "fvd"]

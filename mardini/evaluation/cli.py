@@ -23,6 +23,7 @@ import json
 import math
 import platform
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ from typing import Any
 
 import torch
 
+import mardini
 from mardini import run_info
 from mardini.data.sharding import write_text_atomic
 from mardini.evaluation.data import count_clips, iter_batches, resolve_source, usable_shard_clips, usable_videos
@@ -40,6 +42,7 @@ from mardini.evaluation.protocol import (
 )
 from mardini.evaluation.samplers import BASELINES, PipelineSampler, Sampler, to_real_size
 from mardini.user_errors import run_reporting_user_errors
+from mardini.weights import sha256_file
 
 PRESETS: dict[str, dict[str, Any]] = {
     # VIDIM-Bench (PAPER.md App. D): 9 consecutive frames at 256 px, first + last given, FVD/FID/MidF.
@@ -472,6 +475,44 @@ def device_of(args: argparse.Namespace) -> torch.device:
     return torch.device(args.device)
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name for a CUDA device, else the machine line (architecture, threads, CPU kernels)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else run_info.machine_line()
+
+
+def checkpoint_file(path: str | None, pipe: Any) -> dict[str, Any] | None:
+    """``{path, sha256, global_step}`` of the checkpoint the model was loaded from (None without the model): a
+    path alone does not say which weights scored (``last.ckpt`` is overwritten as training goes on). The sha256 is
+    read right after loading, in one streaming pass; the step is what the loader read (no second load)."""
+    if not path or pipe is None:
+        return None
+    step = getattr(pipe, "info", {}).get("global_step")
+    return {"path": str(Path(path).resolve()), "sha256": sha256_file(path),
+            "global_step": None if step is None else int(step)}
+
+
+def code_version(root: Path | None = None) -> dict[str, Any]:
+    """The code that ran: the package version and, where the package is a git checkout (``root``, default the
+    folder above the ``mardini`` package, is the top of its repository), ``git rev-parse HEAD`` and whether
+    ``git status`` lists changes (untracked files included); both None otherwise."""
+    root = (root or Path(mardini.__file__).resolve().parents[1]).resolve()
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+
+    commit = dirty = None
+    try:
+        top = git("rev-parse", "--show-toplevel")
+        if top.returncode == 0 and Path(top.stdout.strip()).resolve() == root:  # not a repository around a venv
+            head = git("rev-parse", "HEAD")
+            commit = head.stdout.strip() if head.returncode == 0 else None
+            status = git("status", "--porcelain")
+            dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):  # no git, or it hung
+        pass
+    return {"version": mardini.__version__, "git_commit": commit, "git_dirty": dirty}
+
+
 # ------------------------------------------------------------------------------------------------
 # Report
 # ------------------------------------------------------------------------------------------------
@@ -609,8 +650,10 @@ def export_inputs(args: argparse.Namespace, kind: str, files: list[str], n: int,
 
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    if args.export_inputs is None:  # an export scores nothing
-        metric_weights(args)  # before the data is read and the model loaded
+    weights = {} if args.export_inputs is not None else metric_weights(args)  # before the data and the model
+    for name, option in (("i3d", "i3d_weights"), ("inception", "inception_weights")):
+        if weights.get(name):
+            setattr(args, option, weights[name]["path"])  # the file found: the protocol records it
     kind, files = resolve_source(args.data)
     keys: list[str] = []
     n, skipped = choose_num_clips(args, kind, files, keys)
@@ -630,8 +673,10 @@ def _main(argv: list[str] | None) -> int:
         "data": args.data, "data_path": data_path(args.data), "source": kind, "clips": n, "skipped_videos": skipped, "frames": args.frames,
         "resolution": args.resolution, "fps": args.fps, "seed": args.seed, "methods": list(samplers),
         "sample_resolution": sample_resolution(args, samplers["mardini"]) if "mardini" in samplers else None,
-        "checkpoint": args.checkpoint, "generated": {m: str(Path(d).resolve()) for m, d in args.generated.items()},
-        "command": run_info.command_line(["python", "evaluate.py"], argv),
+        "checkpoint": args.checkpoint, "checkpoint_file": checkpoint_file(args.checkpoint, samplers.get("mardini")),
+        "generated": {m: str(Path(d).resolve()) for m, d in args.generated.items()}, "weights": weights,
+        "command": run_info.command_line(["python", "evaluate.py"], argv), "code": code_version(),
+        "device": str(device_of(args)), "device_name": device_name(device_of(args)), "dtype": args.dtype,
         "torch": torch.__version__, "python": platform.python_version(), "status": "partial",
         "tasks_asked": list(args.tasks), "tasks": {},
     }
