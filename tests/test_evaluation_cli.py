@@ -457,6 +457,29 @@ def test_default_num_clips_is_the_usable_count(tmp_path, capsys):
     assert cli.main(argv) == 2 and "needs at least 2" in capsys.readouterr().err  # one usable clip: no protocol
 
 
+def test_clips_left_out_by_the_default_cap_are_noted_with_the_option_that_scores_them(tmp_path, monkeypatch, capsys):
+    """Without --num-clips at most DEFAULT_MAX_CLIPS (256) clips are scored; VIDIM-Bench has ~400 videos, and the
+    rest were left out without a word. Here the cap is 2 on 3 videos."""
+    monkeypatch.setattr(cli, "DEFAULT_MAX_CLIPS", 2, raising=False)
+    videos = tmp_path / "videos"
+    for i in range(3):
+        write_video(videos / f"v{i}.mp4", moving_frames(12, 24, 32, seed=i), 10)
+    out = tmp_path / "report"
+    argv = ["--data", str(videos), "--preset", "vidim", "--resolution", "16", "--metrics", "midf", "--cache-dir", "",
+            "--out", str(out)]
+    assert cli.main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    note = f"2 of the 3 clips {videos} holds were scored: without --num-clips the protocol takes the first 2 usable " \
+           "ones; --num-clips 3 scores them all"
+    assert report["clips"] == 2 and report["clips_available"] == 3 and note in report["notices"]
+    assert f"evaluate.py: note: {note}" in capsys.readouterr().err
+    assert f"Note: {note}" in (out / "report.md").read_text()
+    assert cli.main([*argv, "--num-clips", "3"]) == 0  # every clip: nothing left out, nothing to note
+    report = json.loads((out / "report.json").read_text())
+    assert report["clips"] == report["clips_available"] == 3 and report["notices"] == []
+    assert "were scored" not in capsys.readouterr().err
+
+
 def test_undecodable_shard_samples_lower_the_default_n_before_any_task(shards, tmp_path, capsys):
     """Shards read like video folders: bad samples are found before sampling, N is the usable count."""
     import shutil

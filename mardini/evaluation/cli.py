@@ -184,18 +184,22 @@ def metric_weights(args: argparse.Namespace) -> dict[str, dict[str, str] | None]
                                   args.lpips_weights)
 
 
+DEFAULT_MAX_CLIPS = 256  # N without --num-clips: every usable clip, at most this many (a notice when it drops some)
+
+
 def choose_num_clips(
     args: argparse.Namespace, kind: str, files: list[str], keys: list[str] | None = None,
-) -> tuple[int, dict[str, str]]:
-    """``(N, {unusable video: reason})``: ``--num-clips``, or by default every usable clip (at most 256); the
-    usable clips' keys, in the order the tasks read them, are appended to ``keys`` (the first N are the protocol's).
+) -> tuple[int, dict[str, str], int]:
+    """``(N, {unusable video: reason}, clips available)``: ``--num-clips``, or by default every usable clip (at most
+    ``DEFAULT_MAX_CLIPS``); the usable clips' keys, in the order the tasks read them, are appended to ``keys`` (the
+    first N are the protocol's). ``available``: the video files, or samples in the shards, that the data holds.
 
     The clips are read once here (video files, or shard samples), so corrupt or too-short ones lower the default N
     before any task runs (every task and method is then scored on the same N clips); an explicit ``--num-clips``
     they cannot give is an error.
     """
     available = count_clips(kind, files)
-    n = args.num_clips if args.num_clips is not None else min(available, 256)
+    n = args.num_clips if args.num_clips is not None else min(available, DEFAULT_MAX_CLIPS)
     if n > available:
         raise ValueError(f"--num-clips {n} but {args.data} holds {available} clips; lower --num-clips")
     skipped: dict[str, str] = {}
@@ -216,7 +220,16 @@ def choose_num_clips(
     if n < 2:
         raise ValueError(f"{args.data} gives {n} usable clips of {args.frames} frames, the protocol needs at least 2"
                          + (f" ({_unusable(skipped)})" if skipped else "") + "; add videos or lower --frames")
-    return n, skipped
+    return n, skipped, available
+
+
+def capped_note(args: argparse.Namespace, n: int, available: int) -> str | None:
+    """A notice when the default cap left clips of the data out (None when every clip was read, or --num-clips
+    chose N)."""
+    if args.num_clips is not None or n < DEFAULT_MAX_CLIPS or available <= n:
+        return None
+    return (f"{n} of the {available} clips {args.data} holds were scored: without --num-clips the protocol takes the "
+            f"first {DEFAULT_MAX_CLIPS} usable ones; --num-clips {available} scores them all")
 
 
 def _unusable(skipped: dict[str, str]) -> str:
@@ -656,7 +669,10 @@ def _main(argv: list[str] | None) -> int:
             setattr(args, option, weights[name]["path"])  # the file found: the protocol records it
     kind, files = resolve_source(args.data)
     keys: list[str] = []
-    n, skipped = choose_num_clips(args, kind, files, keys)
+    n, skipped, available = choose_num_clips(args, kind, files, keys)
+    capped = capped_note(args, n, available)
+    if capped:
+        print(f"evaluate.py: note: {capped}", file=sys.stderr)
     if args.export_inputs is not None:
         written = export_inputs(args, kind, files, n, skipped, argv)
         print(f"wrote the given frames of {n} clips and {', '.join(str(p) for p in written)}; run the method on "
@@ -670,7 +686,8 @@ def _main(argv: list[str] | None) -> int:
         for task in args.tasks:
             samplers[method].check_present(task, clip_names)
     report: dict[str, Any] = {
-        "data": args.data, "data_path": data_path(args.data), "source": kind, "clips": n, "skipped_videos": skipped, "frames": args.frames,
+        "data": args.data, "data_path": data_path(args.data), "source": kind, "clips": n, "clips_available": available,
+        "skipped_videos": skipped, "frames": args.frames,
         "resolution": args.resolution, "fps": args.fps, "seed": args.seed, "methods": list(samplers),
         "sample_resolution": sample_resolution(args, samplers["mardini"]) if "mardini" in samplers else None,
         "checkpoint": args.checkpoint, "checkpoint_file": checkpoint_file(args.checkpoint, samplers.get("mardini")),
@@ -683,7 +700,7 @@ def _main(argv: list[str] | None) -> int:
     notices = training_mismatch(samplers.get("mardini"), args)
     for notice in notices:
         print(f"evaluate.py: note: {notice}", file=sys.stderr)
-    report["notices"] = notices
+    report["notices"] = notices = ([capped] if capped else []) + notices
     out = Path(args.out) if args.out else default_out(args.data, report["data_path"])
     out.mkdir(parents=True, exist_ok=True)
     write_report(out, report)  # partial until the end: a run that stops keeps every task it finished
