@@ -88,6 +88,18 @@ def test_verdict_checks_each_claim_against_every_baseline():
                    ("image_to_video", "traj_motion_ratio"): True}
 
 
+def test_an_undefined_result_read_back_as_null_is_no_win_and_shows_as_a_dash():
+    """evaluate.py's report.json is strict JSON: an undefined result (NaN, e.g. the motion ratio of a model that
+    finds no object) comes back as None. It must read as NaN did (no win, "–"), not raise TypeError."""
+    from mardini.demo.report import verdict
+
+    results = {"linear_blend": {"traj_motion_ratio": 0.0}, "nearest_frame": {"traj_motion_ratio": None},
+               "mardini": {"traj_motion_ratio": None}}
+    rows = verdict({"image_to_video": {"results": results}})
+    assert rows == [("image_to_video", "traj_motion_ratio", False,
+                     "MarDini – vs linear_blend 0.0000, nearest_frame –")]
+
+
 def test_stages_run_in_process_without_lightnings_chatter(tmp_path, monkeypatch):
     """The demo hands each stage its args in-process on purpose: LightningCLI's warning about it, Lightning's
     known harmless warnings and its info lines (tips, devices, seeds) are not shown; other warnings are, and the

@@ -13,7 +13,13 @@ CLAIMS = {
 }
 
 
+def _number(v: Any) -> Any:
+    """A result read from report.json, where a non-finite one is null (strict JSON has no NaN): None as NaN."""
+    return float("nan") if v is None else v
+
+
 def _fmt(v: Any) -> str:
+    v = _number(v)
     if isinstance(v, float):
         return "–" if math.isnan(v) else (f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}")
     return str(v)
@@ -30,8 +36,9 @@ def verdict(tasks: dict[str, Any]) -> list[tuple[str, str, bool, str]]:
         for metric, higher in claims.items():
             if metric not in model:
                 continue
-            others = {m: r[metric] for m, r in results.items() if m != "mardini" and metric in r}
-            ok = all((model[metric] > v) if higher else (model[metric] < v) for v in others.values())
+            others = {m: _number(r[metric]) for m, r in results.items() if m != "mardini" and metric in r}
+            mine = _number(model[metric])  # NaN (undefined, e.g. no object found) beats nothing
+            ok = all((mine > v) if higher else (mine < v) for v in others.values())
             detail = f"MarDini {_fmt(model[metric])} vs " + ", ".join(f"{m} {_fmt(v)}" for m, v in others.items())
             rows.append((task, metric, ok, detail))
     return rows
