@@ -11,6 +11,7 @@ import pytest
 
 from mardini import cpu_kernels
 from mardini.demo.main import main
+from mardini.strict_json import loads_strict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,7 +24,7 @@ def test_demo_end_to_end_and_rerun_reuses(tmp_path, monkeypatch):
             "--no-progress"]
     assert main(args) == 0
     out = tmp_path / "outputs" / "demo"
-    summary = json.loads((out / "summary.json").read_text())
+    summary = loads_strict((out / "summary.json").read_text())
     assert list(summary["stages"]) == ["01_dm_warmup_4f", "02_dm_warmup_9f", "03_mar_warmup", "04_joint_model",
                                        "05_joint_task"]
     assert not any(s["reused"] for s in summary["stages"].values())
@@ -51,12 +52,12 @@ def test_demo_end_to_end_and_rerun_reuses(tmp_path, monkeypatch):
         assert (out / name).stat().st_size > 0
     # a second run reuses every finished stage
     assert main(args) == 0
-    again = json.loads((out / "summary.json").read_text())
+    again = loads_strict((out / "summary.json").read_text())
     assert all(s["reused"] for s in again["stages"].values())
     # --final-steps lengthens the last stage only: it resumes there, every earlier stage is reused
     final = summary["stages"]["05_joint_task"]["steps"] + 2
     assert main([*args, "--final-steps", str(final)]) == 0
-    longer = json.loads((out / "summary.json").read_text())["stages"]
+    longer = loads_strict((out / "summary.json").read_text())["stages"]
     assert [s["reused"] for s in longer.values()] == [True, True, True, True, False]
     assert longer["05_joint_task"]["steps"] == final
     from mardini.lit.checkpoints import read_checkpoint

@@ -12,6 +12,7 @@ from torch import nn
 from mardini.data.testing import moving_frames, tiny_synthetic, write_video
 from mardini.evaluation import cli
 from mardini.evaluation.data import iter_batches, resolve_source
+from mardini.strict_json import loads_strict
 
 
 class VideoPool(nn.Module):
@@ -359,10 +360,7 @@ def test_cli_on_a_folder_of_videos(tmp_path):
 
 def strict_json(path: Path) -> dict:
     """``path`` parsed as strict JSON: ``NaN``, ``Infinity`` and ``-Infinity`` refused, as many parsers do."""
-    def refuse(constant):
-        raise ValueError(f"{path.name} holds the non-standard JSON constant {constant}")
-
-    return json.loads(path.read_text(), parse_constant=refuse)
+    return loads_strict(path.read_text())
 
 
 def test_an_exactly_reproduced_middle_frame_keeps_midf_psnr_finite_and_the_report_strict_json(tmp_path):

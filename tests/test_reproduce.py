@@ -11,6 +11,7 @@ import yaml
 
 from mardini.reproduce import verdicts
 from mardini.reproduce.runs import IDENTITY_STAGE, prepare_configs
+from mardini.strict_json import loads_strict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,7 +173,7 @@ def test_quick_mode_end_to_end(tmp_path, monkeypatch):
     report = (tmp_path / "report.md").read_text()
     for section in ("Table 2", "Fig. 6a", "Fig. 6c", "Table 3", "Quick mode"):
         assert section in report
-    out = json.loads((tmp_path / "results.json").read_text())
+    out = loads_strict((tmp_path / "results.json").read_text())
     assert set(out["results"]) == {"table2", "fig6a", "fig6c", "table3"}
     assert out["info"]["command"] == f"python -m mardini.reproduce --quick --no-progress --out {tmp_path}"
     assert {"mar_only", "dm_only", "dm_only_null_plan", "mar_dm"} <= set(out["results"]["table2"]["results"])

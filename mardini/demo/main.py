@@ -27,6 +27,7 @@ import torch
 from mardini import run_info
 from mardini.demo.chain import TINY_DIR, TINY_STAGES, run_stage
 from mardini.demo.data import SHARDS, build_synthetic
+from mardini.strict_json import dumps_strict
 
 OUTPUT = Path("outputs/demo")
 TRAIN_ROOT = Path("outputs/tiny")
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                "interpolation_found_by_gap": evaluation["found_by_gap"],
                "interpolation_found_by_size": evaluation["found_by_size"],
                "beats_baselines": {f"{t}/{m}": ok for t, m, ok, _ in checks}}
-    (a.out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    (a.out / "summary.json").write_text(dumps_strict(summary))
 
     print(f"\ndone in {info['total_s'] / 60:.1f} min (training {train_s / 60:.1f}, evaluation {eval_s / 60:.1f}).")
     for task, metric, ok, detail in checks:

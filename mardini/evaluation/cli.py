@@ -41,6 +41,7 @@ from mardini.evaluation.protocol import (
     resolve_metric_weights,
 )
 from mardini.evaluation.samplers import BASELINES, PipelineSampler, Sampler, to_real_size
+from mardini.strict_json import dumps_strict
 from mardini.user_errors import run_reporting_user_errors
 from mardini.weights import sha256_file
 
@@ -601,34 +602,12 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def finite_json(obj: Any, where: str = "", found: list[str] | None = None) -> Any:
-    """``obj`` with every non-finite float (NaN, inf) as None, which strict JSON can hold; the dotted path and
-    value of each go to ``found``."""
-    if isinstance(obj, dict):
-        return {k: finite_json(v, f"{where}.{k}" if where else str(k), found) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite_json(v, f"{where}[{i}]", found) for i, v in enumerate(obj)]
-    if not isinstance(obj, (str, int, type(None))) and hasattr(obj, "__float__"):  # float, numpy or 0-d tensor
-        obj = float(obj)
-        if not math.isfinite(obj):
-            if found is not None:
-                found.append(f"{where} = {obj}")
-            return None
-    return obj
-
-
 def write_report(out: Path, report: dict[str, Any]) -> None:
     """``out/report.json`` and ``out/report.md``, each replaced atomically (a crash leaves the last whole one).
 
     The JSON is strict (no ``NaN``/``Infinity``, which many parsers refuse): a non-finite result is written as null,
     and a notice in report.json names each one (report.md shows them as they are)."""
-    found: list[str] = []
-    strict = finite_json(report, found=found)
-    if found:
-        shown = ", ".join(found[:10]) + (f" and {len(found) - 10} more" if len(found) > 10 else "")
-        strict["notices"] = [*strict.get("notices", []), f"{len(found)} non-finite values are written as null "
-                             f"(JSON has no NaN or infinity): {shown}"]
-    write_text_atomic(out / "report.json", json.dumps(strict, indent=2, default=float, allow_nan=False) + "\n")
+    write_text_atomic(out / "report.json", dumps_strict(report))
     write_text_atomic(out / "report.md", markdown(report))
 
 

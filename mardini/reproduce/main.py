@@ -17,12 +17,13 @@ Re-running reuses finished training runs.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from mardini.strict_json import dumps_strict
 
 ANALYSES = ("table2", "fig6a", "fig6c", "table3")
 DEFAULTS = {"scale": 1.0, "identity_steps": 1000, "eval_clips": 64, "sweep": [1, 10, 25, 50], "rounds": 5}
@@ -129,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         "params": _params(ckpts), "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
     }
     report = write_report(a.out, info, results, found, pictures)
-    (a.out / "results.json").write_text(json.dumps({"info": info, "results": results, "verdicts": found},
-                                                   indent=1, default=float) + "\n")
+    (a.out / "results.json").write_text(dumps_strict({"info": info, "results": results, "verdicts": found}, indent=1))
     print(f"\ndone in {info['total_s'] / 60:.1f} min")
     for name, rows in found.items():
         for r in rows:
