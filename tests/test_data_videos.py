@@ -644,3 +644,25 @@ def test_the_same_command_on_a_finished_folder_says_it_was_already_complete(tmp_
     assert capsys.readouterr().out.startswith(
         "already complete, nothing done: 2 clips in 1 shards (0 written, 1 kept) from 1 files")
     assert (tmp_path / "o" / "clips-000000.tar").stat().st_mtime_ns == stamp
+
+
+def test_a_folder_of_the_older_shard_format_is_not_kept_or_completed(tmp_path, capsys, monkeypatch):
+    """A folder written before rotation flags were applied (format 1, no "format" in its manifest) held the same
+    fingerprint as this run's, so the same command kept its landscape clips as "already complete" (or completed an
+    unfinished one with clips of the other layout); now the format is part of the fingerprint and the refusal names it."""
+    monkeypatch.delenv("MARDINI_TRACEBACK", raising=False)
+    src, out = tmp_path / "v", tmp_path / "o"
+    write_video(src / "a.mp4", moving_frames(16, 32, 32), 24)
+    assert _shard_cli(src, out, "--clip-frames", "8") == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format"] == video_shards.SHARD_FORMAT
+    old = hashlib.sha256(json.dumps(manifest["settings"], sort_keys=True).encode())  # the fingerprint before formats
+    for rel, size in manifest["inputs"].items():
+        old.update(f"{rel}\0{size}\n".encode())
+    manifest = {k: v for k, v in manifest.items() if k != "format"} | {"fingerprint": old.hexdigest()[:16]}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert _shard_cli(src, out, "--clip-frames", "8") == 2
+    err = capsys.readouterr().err
+    assert f"format 1 -> {video_shards.SHARD_FORMAT} (written by an older version of the sharder" in err
+    assert "already complete" not in err

@@ -350,8 +350,14 @@ def input_sizes(root: Path, files: list[str]) -> dict[str, int]:
     return {rel: (root / rel).stat().st_size for rel in files}
 
 
+# How frames are read and written: 2 since display geometry (rotation flags, sample aspect ratio) is applied and
+# encode_mp4 is deterministic (1: coded frames as stored). Part of the fingerprint, so a folder of another format is
+# never completed or kept as if it were this one's.
+SHARD_FORMAT = 2
+
+
 def fingerprint(root: Path, files: list[str], settings: ShardSettings) -> str:
-    h = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps({**asdict(settings), "format": SHARD_FORMAT}, sort_keys=True).encode())
     for rel in files:
         h.update(f"{rel}\0{(root / rel).stat().st_size}\n".encode())
     return h.hexdigest()[:16]
@@ -366,6 +372,9 @@ def manifest_differences(old: dict, settings: ShardSettings, inputs: dict[str, i
     new = asdict(settings)
     was = old.get("settings", {})
     diffs = [f"{k} {was.get(k)} -> {new[k]}" for k in new if k in was and was[k] != new[k]]
+    if old.get("format", 1) != SHARD_FORMAT:
+        diffs.insert(0, f"format {old.get('format', 1)} -> {SHARD_FORMAT} (written by an older version of the sharder, "
+                        "before rotation flags and non-square pixels were applied)")
     before = old.get("inputs")
     if before is None:
         diffs.append("inputs: not recorded by that manifest (written by an older version)")
@@ -421,7 +430,7 @@ def videos_to_shards(
         elif old.get("complete"):  # the same command again: report the folder, not the first run's writes
             return Summary(**{**old["summary"], "shards_written": 0, "shards_kept": old["summary"]["shards"],
                               "already_complete": True})
-    record = {"fingerprint": fp, "settings": asdict(settings), "inputs": inputs}
+    record = {"fingerprint": fp, "format": SHARD_FORMAT, "settings": asdict(settings), "inputs": inputs}
     write_json_atomic(manifest, {**record, "complete": False})
     staging = out / ".staging"
     staging.mkdir(parents=True, exist_ok=True)
