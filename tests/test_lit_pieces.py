@@ -2,6 +2,7 @@
 
 import math
 import os
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -124,6 +125,23 @@ def test_curriculum_interpolates_the_keep_ratio_across_a_milestone_that_does_not
     assert with_templates.settings_at(600)["templates"] == {"random": 1.0}
     for step in range(1301):
         assert with_templates.settings_at(step)["keep_ratio"] == plain.settings_at(step)["keep_ratio"], step
+
+
+def test_a_resume_from_a_checkpoint_of_the_old_interpolation_rule_warns_where_the_schedule_now_moves_otherwise():
+    """A checkpoint written before the keep ratio ramped across milestones without one records no rule; resuming
+    a schedule the two rules move differently warns (the run's keep ratio changes from there), others stay quiet."""
+    with_templates = Curriculum([*JOINT_TASK[:2], Milestone(600, templates={"random": 1.0}), JOINT_TASK[2]],
+                                interpolate=True)
+    old_state = {k: v for k, v in with_templates.state_dict().items() if k != "rule"}
+    with pytest.warns(UserWarning, match="it now ramps across the milestones that do not set one"):
+        with_templates.load_state_dict(old_state)
+    assert any(with_templates.settings_at(s)["keep_ratio"] != _two_neighbour_settings(with_templates, s)["keep_ratio"]
+               for s in range(1301))  # the rules really differ on this schedule
+    for quiet, state in ((Curriculum(JOINT_TASK, interpolate=True), old_state),  # every milestone sets one
+                         (with_templates, with_templates.state_dict())):  # written with the current rule
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            quiet.load_state_dict(state)
 
 
 def _two_neighbour_settings(cur: Curriculum, step: int) -> dict:

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from mardini.masking import MaskSampler, check_keep_ratio, check_template_probs
 
 INTERPOLATED = ("keep_ratio",)  # the settings ``interpolate`` moves linearly instead of in steps
+RULE = 2  # the interpolation rule in checkpoints: 2 ramps across milestones that leave a setting unset (1 held it)
 
 
 @dataclass
@@ -152,10 +153,20 @@ class Curriculum(L.Callback):
         self.apply(pl_module, trainer.global_step)
 
     def state_dict(self) -> dict:
-        return {"applied": self.applied, "milestones": [asdict(m) for m in self.milestones]}
+        return {"applied": self.applied, "milestones": [asdict(m) for m in self.milestones], "rule": RULE}
 
     def load_state_dict(self, state_dict: dict) -> None:
         saved = state_dict.get("milestones")
         if saved is not None and saved != [asdict(m) for m in self.milestones]:
             rank_zero_info("curriculum: the milestones differ from the resumed checkpoint's; using the new ones")
+        if state_dict.get("rule", 1) != RULE and self.ramps_across_unset():
+            rank_zero_warn("curriculum: the resumed checkpoint was written when the keep ratio ramped only between "
+                           "neighbouring milestones; it now ramps across the milestones that do not set one, so from "
+                           "here this schedule's keep ratio differs from what the run trained with so far")
         self.applied = state_dict.get("applied")
+
+    def ramps_across_unset(self) -> bool:
+        """Whether ``interpolate`` ramps the keep ratio across a milestone that does not set one (where the rule before
+        :data:`RULE` 2 held it instead)."""
+        setting = [i for i, m in enumerate(self.milestones) if m.keep_ratio is not None]
+        return self.interpolate and any(b - a > 1 for a, b in zip(setting, setting[1:]))
