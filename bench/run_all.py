@@ -31,6 +31,7 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "attention_dtype": ([], ["--quick"]),
     "data_vs_step": ([], ["--quick"]),
     "data_throughput": ([], ["--seconds", "1", "--workers", "0", "1"]),
+    "encode_mp4": ([], ["--quick"]),
     "sampling": (["--bf16"], ["--steps", "1", "--compare-steps", "2", "--rounds", "1", "--resolution", "16",
                               "--planner-resolution", "8", "--frames", "4"]),
     "sampling_overhead": ([], ["--quick"]),
@@ -107,6 +108,14 @@ def summary(ran: dict[str, str]) -> str:
                 f"- loader {m['loader_clips_per_s']:.1f} clips/s vs a training step {m['step_clips_per_s']:.1f} clips/s "
                 f"with {r['settings']['workers']} worker: **{m['ratio']:.1f}x**; training from the live loader waits "
                 f"{m['live_wait_share']:.1%} of the time", ""]
+    r = _load("encode_mp4")
+    if r:
+        st = r["settings"]
+        out += ["## Deterministic H.264 encoding (shards, sample videos)", f"`{r['command']}`", "",
+                f"- {st['frames']} frames of {st['side']}x{st['side']}: `encode_mp4` {r['median_s']['deterministic']:.3f} s "
+                f"vs x264's defaults {r['median_s']['x264_defaults']:.3f} s per encode: "
+                f"**{r['deterministic_over_defaults']:.2f}x**; {r['deterministic_outputs']} distinct output(s) of "
+                f"`encode_mp4` over {st['rounds']} rounds", ""]
     r = _load("sampling_overhead")
     if r:
         m = r["median"]

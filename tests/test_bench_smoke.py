@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from bench import asymmetric, attention_dtype, run_all, sampling_overhead, tiny_step, train_mfu
+from bench import asymmetric, attention_dtype, encode_mp4, run_all, sampling_overhead, tiny_step, train_mfu
 
 
 def _positive(*xs: float) -> bool:
@@ -130,3 +130,14 @@ def test_run_all_quick(tmp_path):
                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "bench/results/SUMMARY.md").exists()
+
+
+def test_encode_mp4_quick_compares_the_encoders_and_the_summary_shows_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = encode_mp4.main(["--quick"])
+    m = r["median_s"]
+    assert _positive(m["deterministic"], m["x264_defaults"], r["deterministic_over_defaults"])
+    assert r["deterministic_outputs"] == 1  # the same bytes every round
+    assert r["deterministic_over_defaults"] == m["deterministic"] / m["x264_defaults"]
+    text = run_all.summary({})
+    assert "Deterministic H.264 encoding" in text and r["command"] in text

@@ -468,7 +468,8 @@ def test_clips_left_out_by_the_default_cap_are_noted_with_the_option_that_scores
     assert cli.main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     note = f"2 of the 3 clips {videos} holds were scored: without --num-clips the protocol takes the first 2 usable " \
-           "ones; --num-clips 3 scores them all"
+           "ones; --num-clips N scores more, up to the usable ones of the 3 (a file that does not decode, or is too " \
+           "short, is skipped)"
     assert report["clips"] == 2 and report["clips_available"] == 3 and note in report["notices"]
     assert f"evaluate.py: note: {note}" in capsys.readouterr().err
     assert f"Note: {note}" in (out / "report.md").read_text()

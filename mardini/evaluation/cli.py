@@ -230,7 +230,8 @@ def capped_note(args: argparse.Namespace, n: int, available: int) -> str | None:
     if args.num_clips is not None or n < DEFAULT_MAX_CLIPS or available <= n:
         return None
     return (f"{n} of the {available} clips {args.data} holds were scored: without --num-clips the protocol takes the "
-            f"first {DEFAULT_MAX_CLIPS} usable ones; --num-clips {available} scores them all")
+            f"first {DEFAULT_MAX_CLIPS} usable ones; --num-clips N scores more, up to the usable ones of the {available} "
+            "(a file that does not decode, or is too short, is skipped)")
 
 
 def _unusable(skipped: dict[str, str]) -> str:

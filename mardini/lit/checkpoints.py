@@ -219,6 +219,10 @@ def check_same_cross_rope_grid(checkpoint: dict[str, Any], ours: str | None, pat
 # Hyper-parameters that say where a stage starts or how it runs, not what it trains: a resume may change them freely
 OPERATIONAL_HPARAMS = frozenset({"init_from", "planner_ckpt", "generator_ckpt", "compile", "nonfinite"})
 OPERATIONAL_NETWORK_FIELDS = frozenset({"checkpointing"})  # activation checkpointing: memory, not the result
+# The network fields that change which weights a network has or their shapes (the others change what it computes
+# with the same weights): a checkpoint that does not fit differs in at least one of these.
+WEIGHT_SHAPE_FIELDS = frozenset({"dim", "depth", "heads", "mlp_hidden", "plan_dim", "patch_size", "in_channels",
+                                 "qk_norm", "freq_dim", "self_cond"})
 
 
 def _plain(v: Any) -> Any:
@@ -300,17 +304,19 @@ def network_config_of(checkpoint: dict[str, Any], name: str) -> dict[str, Any] |
     return _network_fields(hparams, name, meta.get("latent_channels"), grid)
 
 
-def network_differences(checkpoint: dict[str, Any], name: str, ours: dict[str, Any]) -> list[str]:
-    """``name.field: checkpoint A, this model B`` for each field (not :data:`OPERATIONAL_NETWORK_FIELDS`) in which
-    the checkpoint's ``name`` network (:func:`network_config_of`) differs from this model's ``ours`` (its config's
-    fields); the generator's ``plan_dim`` says that it follows the planner's ``dim``. Empty where the checkpoint
-    records nothing of it."""
+def network_differences(checkpoint: dict[str, Any], name: str, ours: dict[str, Any],
+                        fields: frozenset[str] | None = None) -> list[str]:
+    """``name.field: checkpoint A, this model B`` for each field (not :data:`OPERATIONAL_NETWORK_FIELDS`; only
+    ``fields`` when given, e.g. :data:`WEIGHT_SHAPE_FIELDS`) in which the checkpoint's ``name`` network
+    (:func:`network_config_of`) differs from this model's ``ours`` (its config's fields); the generator's
+    ``plan_dim`` says that it follows the planner's ``dim``. Empty where the checkpoint records nothing of it."""
     theirs = network_config_of(checkpoint, name)
     if theirs is None:
         return []
     stage = "warm-up stage" if (checkpoint.get("mardini") or {}).get("kind") == "generation" else "stage that wrote it"
     differ = []
-    for field in sorted((set(theirs) & set(ours)) - OPERATIONAL_NETWORK_FIELDS):
+    for field in sorted((set(theirs) & set(ours) & (set(ours) if fields is None else fields))
+                        - OPERATIONAL_NETWORK_FIELDS):
         a, b = theirs[field], ours[field]
         if _plain(a) == _plain(b):
             continue
