@@ -52,6 +52,20 @@ def test_table2_ties_nan_and_low_detection_are_no_evidence():
     assert few["verdict"] == "agrees" and "detection below 5%" in few["detail"]
 
 
+def test_table2_differences_within_a_rerun_s_spread_are_no_evidence():
+    """The demo's Table 2 null-plan row (session 10): 13.3 against 11.5 % of the objects found is within the 0.04 a
+    rerun with other bf16 rounding moved it, so only PSNR, SSIM and the found objects' error decide."""
+    both, null = _res(15.2135, 0.6002, 2.80, 0.133), _res(15.0886, 0.5902, 3.11, 0.115)
+    row = verdicts.table2({"mar_dm": both, "dm_only_null_plan": null})[0]
+    assert row["verdict"] == "agrees"
+    assert "traj_detected 0.133 vs 0.115 (not scored: within a rerun's spread (0.04))" in row["detail"]
+    close = verdicts.table2({"mar_dm": _res(15.22, 0.6005, 2.80, 0.133), "dm_only_null_plan": null})[0]
+    assert "midf_psnr 15.22 vs 15.09 (not scored" not in close["detail"]  # 0.13 dB: beyond the 0.03 dB
+    within = verdicts.table2({"mar_dm": _res(15.10, 0.5905, 3.11, 0.14), "dm_only_null_plan": null})[0]
+    assert within["verdict"].startswith("inconclusive (no metric separates them")  # PSNR, SSIM, found within; px tied
+    assert "within a rerun's spread (0.03)" in within["detail"] and "within a rerun's spread (0.001)" in within["detail"]
+
+
 def test_fig6a_flat_and_low_detection_metrics_are_no_evidence():
     vals = {1: (10.0, 1.65, 0.0075), 10: (19.5, 4.0, 0.3), 25: (19.9, 3.0, 0.4), 50: (20.0, 3.0, 0.4)}
     fig = {"interpolation": {"results": {f"steps_{k}": {"midf_psnr": p, "traj_detected": d, "traj_err_px": e,
