@@ -482,24 +482,8 @@ def _bright_corner(image: np.ndarray) -> str:
 
 
 def _flagged_video(path: Path, frames: np.ndarray, rotation: int = 0, sar: Fraction | None = None) -> Path:
-    """An H.264 mp4 of ``frames`` whose stream carries a display rotation (PyAV's counter-clockwise degrees, what
-    ``frame.rotation`` reads back) and / or a sample aspect ratio."""
-    import av
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=24)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        if rotation:
-            stream.set_display_rotation(rotation)
-        if sar is not None:
-            stream.codec_context.sample_aspect_ratio = sar
-        for img in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    """An H.264 mp4 of ``frames`` at 24 fps whose stream carries a display rotation and / or a sample aspect ratio."""
+    return write_video(path, frames, 24, rotation=rotation, sar=sar)
 
 
 def test_rotation_flags_and_non_square_pixels_are_applied_by_the_sharder_and_the_decoder(tmp_path):
