@@ -76,3 +76,26 @@ def test_evaluate_py_refuses_it_by_default_and_scores_it_with_allow_autoencoder(
     assert evaluate_cli.main([*argv, "--allow-autoencoder", CLASS_PATH]) == 0
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert "midf_psnr" in report["tasks"]["interpolation"]["results"]["mardini"]
+
+
+@pytest.mark.parametrize("tool", ["found_by_gap", "plan_usage"])
+def test_the_evaluation_tools_take_the_opt_in_too(ckpt, tool, monkeypatch):
+    """The refusal names --allow-autoencoder for these tools as well: they pass it to the pipeline (the synthetic set
+    they read is not built here, so the run stops right after the checkpoint is loaded)."""
+    import importlib
+
+    module = importlib.import_module(f"mardini.evaluation.{tool}")
+    loaded = []
+
+    original = MarDiniPipeline.from_checkpoint
+
+    def stop_after_loading(path, **kw):
+        loaded.append(original(path, **kw))
+        raise KeyboardInterrupt  # the checkpoint loaded: enough
+
+    with pytest.raises(ValueError, match=f"--allow-autoencoder {CLASS_PATH} .*{tool}"):
+        module.main(["--checkpoint", str(ckpt)])
+    monkeypatch.setattr(MarDiniPipeline, "from_checkpoint", staticmethod(stop_after_loading))
+    with pytest.raises(KeyboardInterrupt):
+        module.main(["--checkpoint", str(ckpt), "--allow-autoencoder", CLASS_PATH])
+    assert isinstance(loaded[0].autoencoder, AvgPoolAutoencoder)

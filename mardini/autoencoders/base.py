@@ -82,6 +82,14 @@ class FrameAutoencoder(nn.Module):
         return rearrange(x.clamp(-1, 1), "(b t) c h w -> b t c h w", b=b)
 
 
+def add_allow_autoencoder_argument(parser) -> None:
+    """``--allow-autoencoder CLASS_PATH`` (repeatable) on a command that loads checkpoints for sampling: the opt-in
+    of :func:`autoencoder_class`, read as ``args.allow_autoencoder`` (a list)."""
+    parser.add_argument("--allow-autoencoder", action="append", default=[], metavar="CLASS_PATH",
+                        help="import this autoencoder class (one's own FrameAutoencoder, e.g. myext.ae.AvgPoolAE) when "
+                             "the checkpoint names it; repeatable (default: only classes under mardini.autoencoders)")
+
+
 def build_autoencoder(spec: dict, allow: Collection[str] = ()) -> FrameAutoencoder:
     """Rebuild an autoencoder from :meth:`FrameAutoencoder.spec` (classes under ``mardini.autoencoders``, and the
     class paths named in ``allow``: see :func:`autoencoder_class`)."""
@@ -102,7 +110,7 @@ def autoencoder_class(path: str, allow: Collection[str] = ()) -> type:
     if path not in allowed:
         raise ValueError(
             f"autoencoder class {path!r} is not one of mardini.autoencoders; refusing to import it. If you trust "
-            f"it, allow it: --allow-autoencoder {path} (sample.py, evaluate.py) or "
+            f"it, allow it: --allow-autoencoder {path} (sample.py, evaluate.py, found_by_gap, plan_usage) or "
             f"MarDiniPipeline.from_checkpoint(..., allow_autoencoders=[{path!r}])"
         )
     try:

@@ -33,6 +33,7 @@ import torch
 
 import mardini
 from mardini import run_info
+from mardini.autoencoders.base import add_allow_autoencoder_argument
 from mardini.data.sharding import write_text_atomic
 from mardini.evaluation.data import count_clips, iter_batches, resolve_source, usable_shard_clips, usable_videos
 from mardini.evaluation.external import ClipNames, GeneratedVideos, InputExport, shard_of_keys
@@ -89,9 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "clips.json for an external method, and score nothing")
     p.add_argument("--window", type=int, default=None,
                    help="the trained window (frames) of a checkpoint that records none (default: what it records)")
-    p.add_argument("--allow-autoencoder", action="append", default=[], metavar="CLASS_PATH",
-                   help="import this autoencoder class (one's own FrameAutoencoder, e.g. myext.ae.AvgPoolAE) when "
-                        "--checkpoint names it; repeatable (default: only classes under mardini.autoencoders)")
+    add_allow_autoencoder_argument(p)
     p.add_argument("--sample-resolution", default=None, metavar="N|protocol",
                    help="square side the model samples at, its outputs resized to --resolution for scoring "
                         "(default: the checkpoint's square training side where it records one, else --resolution; "

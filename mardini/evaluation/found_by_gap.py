@@ -23,6 +23,7 @@ import json
 
 import torch
 
+from mardini.autoencoders.base import add_allow_autoencoder_argument
 from mardini.evaluation.samplers import LinearBlend, NearestFrame
 from mardini.evaluation.trajectory import TrajectoryError, miss_px
 from mardini.masking import nearest_given
@@ -165,6 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a joint (or generation) checkpoint; EMA weights")
+    add_allow_autoencoder_argument(parser)
     parser.add_argument("--task", choices=("interpolation", "image_to_video"), default="interpolation")
     parser.add_argument("--given", default=None,
                         help="comma-separated given frames (e.g. 0,2,4,6,8): any mask instead of --task's")
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--clips and --steps must be >= 1, got {args.clips} and {args.steps}")
     if not args.tol > 0:
         raise SystemExit(f"--tol must be > 0 (an RGB distance in [0, 1]), got {args.tol}")
-    pipe = MarDiniPipeline.from_checkpoint(args.checkpoint)
+    pipe = MarDiniPipeline.from_checkpoint(args.checkpoint, allow_autoencoders=args.allow_autoencoder)
     try:
         batch = heldout_clips(args.clips, pipe.window, pipe.resolution[0] if pipe.resolution else 32, pipe.fps)
     except FileNotFoundError as err:  # no held-out shards here: say how to build them, without a traceback

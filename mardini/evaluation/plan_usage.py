@@ -22,6 +22,7 @@ import json
 
 import torch
 
+from mardini.autoencoders.base import add_allow_autoencoder_argument
 from mardini.diffusion.checks import frame_mask
 from mardini.evaluation.samplers import LinearBlend
 from mardini.masking import interpolation_mask
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint", help="a joint checkpoint (EMA weights)")
     which.add_argument("--planning", help="a planner warm-up checkpoint: score its projection head instead")
+    add_allow_autoencoder_argument(parser)
     parser.add_argument("--clips", type=int, default=64, help="held-out synthetic clips (the demo's 64)")
     parser.add_argument("--t", type=float, default=1.0, help="diffusion time of the one-step prediction")
     parser.add_argument("--seed", type=int, default=0)
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.checkpoint:
         from mardini.pipeline.pipeline import MarDiniPipeline
 
-        pipe = MarDiniPipeline.from_checkpoint(args.checkpoint)
+        pipe = MarDiniPipeline.from_checkpoint(args.checkpoint, allow_autoencoders=args.allow_autoencoder)
         if pipe.planner is None:
             raise SystemExit(f"{args.checkpoint} has no planner: plan usage needs a joint checkpoint")
         side = pipe.resolution[0] if pipe.resolution else 32

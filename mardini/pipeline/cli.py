@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from mardini.autoencoders.base import add_allow_autoencoder_argument
 from mardini.data.decode import frame_stride
 from mardini.masking import mask_from_given
 from mardini.pipeline.inputs import (
@@ -45,9 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="a joint (or generation) checkpoint written by train.py")
     p.add_argument("--window", type=int, help="the trained window (frames) of a checkpoint that records none, e.g. "
                    "one written by trainer.fit(model, dataloader) (default: the window the checkpoint records)")
-    p.add_argument("--allow-autoencoder", action="append", default=[], metavar="CLASS_PATH",
-                   help="import this autoencoder class (one's own FrameAutoencoder, e.g. myext.ae.AvgPoolAE) when the "
-                   "checkpoint names it; repeatable (default: only classes under mardini.autoencoders)")
+    add_allow_autoencoder_argument(p)
     src = p.add_argument_group("inputs (one of)")
     src.add_argument("--images", nargs="+", help="image files: the given frames, in order")
     src.add_argument("--video", help="a video file; --keep picks the given frames among those read")
