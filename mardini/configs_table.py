@@ -12,7 +12,6 @@ paper's VAE) for any other. Clips seen = steps x global batch.
 from __future__ import annotations
 
 import argparse
-import importlib
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 import yaml
 
+from mardini.class_paths import import_class_path
 from mardini.lit.base import MarDiniBase
 from mardini.models import build_generator, build_planner
 from mardini.models.registry import generator_overrides
@@ -96,9 +96,8 @@ def is_curriculum(class_path: Any) -> bool:
     (imported to check, as the CLI would import it); a path that does not import is judged by its name."""
     from mardini.lit.curriculum import Curriculum
 
-    module, _, name = str(class_path).rpartition(".")
     try:
-        cls = getattr(importlib.import_module(module), name)
+        cls = import_class_path(class_path)
     except Exception:  # noqa: BLE001 -- no module part, not importable, or a user module failing as it imports
         return str(class_path).endswith("Curriculum")
     return isinstance(cls, type) and issubclass(cls, Curriculum)

@@ -9,11 +9,12 @@ row always has at least one given and one generated frame.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+
+from mardini.class_paths import subclass_at
 
 # The built-in task templates, in a fixed order: their index is what the training step logs per template.
 # MaskSampler.templates starts as these; a subclass declares its own (e.g. these and one more).
@@ -242,13 +243,4 @@ def mask_sampler_class(path: str | None) -> type[MaskSampler]:
     (``package.module.Class``); None: :class:`MaskSampler`. Anything else is a ValueError naming the fix."""
     if path is None:
         return MaskSampler
-    module, _, name = str(path).rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as e:  # ValueError: no module part
-        raise ValueError(f"model.mask_sampler={path!r} does not import ({e}); give the class path (package.module."
-                         "Class) of a MaskSampler subclass, with its package on PYTHONPATH") from None
-    if not (isinstance(cls, type) and issubclass(cls, MaskSampler)):
-        raise ValueError(f"model.mask_sampler={path!r} is {cls!r}, not a MaskSampler subclass; give the class path "
-                         "of a subclass of mardini.masking.MaskSampler")
-    return cls
+    return subclass_at(path, MaskSampler, f"model.mask_sampler={path!r}")

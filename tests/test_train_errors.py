@@ -47,9 +47,9 @@ def _raised(monkeypatch, tmp_path, *args: str) -> BaseException:
     # a mask sampler of one's own (tests/user_extensions.py) that does not import, or is none; a template that the
     # model's sampler does not declare
     ([*TINY, "--model.init_args.mask_sampler=user_extensions.NoSuchSampler"], ValueError,
-     r"^model.mask_sampler='user_extensions.NoSuchSampler' does not import \(.*\); give the class path", "masking.py"),
+     r"^model.mask_sampler='user_extensions.NoSuchSampler' does not import \(.*\); give the class path", "class_paths.py"),
     ([*TINY, "--model.init_args.mask_sampler=user_extensions.WindowSchedule"], ValueError,
-     r"^model.mask_sampler='user_extensions.WindowSchedule' is .*, not a MaskSampler subclass", "masking.py"),
+     r"^model.mask_sampler='user_extensions.WindowSchedule' is .*, not a MaskSampler subclass", "class_paths.py"),
     ([*TINY, "--model.init_args.templates={every_other: 1.0}"], ValueError,
      r"^model.keep_ratio / model.templates: unknown task templates \['every_other'\]; allowed: \[.*\] "
      r"\(MaskSampler.templates\); a new template needs a MaskSampler subclass", "lit/base.py"),

@@ -8,6 +8,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from mardini.class_paths import import_class_path, subclass_at
+
 
 class FrameAutoencoder(nn.Module):
     """Encodes and decodes video frame by frame (no temporal compression, PAPER.md §2.1).
@@ -100,24 +102,14 @@ def autoencoder_class(path: str, allow: Collection[str] = ()) -> type:
     """The class a checkpoint's or cache's ``class_path`` names. Only modules under ``mardini.autoencoders`` are
     imported (a file must not make us import arbitrary code), and the exact class paths the caller names in
     ``allow`` (an opt-in for one's own :class:`FrameAutoencoder`); anything else is a ValueError naming the opt-in."""
-    import importlib
-
     path = str(path)
     allowed = {allow} if isinstance(allow, str) else set(allow)  # one path given as a string is one path
-    module, _, name = path.rpartition(".")
-    if module.startswith("mardini.autoencoders"):
-        return getattr(importlib.import_module(module), name)
+    if path.rpartition(".")[0].startswith("mardini.autoencoders"):
+        return import_class_path(path)
     if path not in allowed:
         raise ValueError(
             f"autoencoder class {path!r} is not one of mardini.autoencoders; refusing to import it. If you trust "
             f"it, allow it: --allow-autoencoder {path} (sample.py, evaluate.py, found_by_gap, plan_usage) or "
             f"MarDiniPipeline.from_checkpoint(..., allow_autoencoders=[{path!r}])"
         )
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as e:  # ValueError: an empty module name
-        raise ValueError(f"cannot import the allowed autoencoder class {path!r} ({e}); put the package that "
-                         "defines it on PYTHONPATH") from e
-    if not (isinstance(cls, type) and issubclass(cls, FrameAutoencoder)):
-        raise ValueError(f"{path!r} is not a FrameAutoencoder subclass; only autoencoders can be allowed")
-    return cls
+    return subclass_at(path, FrameAutoencoder, f"the allowed autoencoder class {path!r}")

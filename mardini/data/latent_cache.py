@@ -17,7 +17,6 @@ than the cached count). Re-cache to change frames, fps, resolution, crop or the 
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import warnings
@@ -28,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from mardini.autoencoders.base import FrameAutoencoder
+from mardini.class_paths import subclass_at
 from mardini.data.sharding import atomic_tar, json_bytes, list_shards, npy_bytes, write_json_atomic
 from mardini.data.stream import ClipStream, skip_only
 from mardini.data.transforms import Size, as_size, planner_copy
@@ -38,13 +38,7 @@ DTYPES = {"float16": np.float16, "float32": np.float32}
 
 def load_autoencoder(class_path: str, kwargs: dict | None = None) -> FrameAutoencoder:
     """Instantiate ``package.module.Class(**kwargs)``; it must be a :class:`FrameAutoencoder`."""
-    module, _, name = class_path.rpartition(".")
-    if not module:
-        raise ValueError(f"autoencoder class path {class_path!r} must look like 'package.module.Class'")
-    cls = getattr(importlib.import_module(module), name, None)
-    if cls is None or not (isinstance(cls, type) and issubclass(cls, FrameAutoencoder)):
-        raise ValueError(f"{class_path} is not a FrameAutoencoder subclass")
-    return cls(**(kwargs or {}))
+    return subclass_at(class_path, FrameAutoencoder, f"autoencoder class path {class_path!r}")(**(kwargs or {}))
 
 
 def _spec(ae: FrameAutoencoder) -> dict:

@@ -612,13 +612,7 @@ class MarDiniBase(L.LightningModule):
 
         An EMA-only export starts both the raw and the EMA networks from its EMA weights. Nothing is read while
         train.py builds the model of a fit that resumes (``RESUMING``): the resumed checkpoint holds every weight."""
-        from mardini.lit.checkpoints import (
-            RESUMING,
-            WEIGHT_SHAPE_FIELDS,
-            load_network_states,
-            network_differences,
-            read_checkpoint,
-        )
+        from mardini.lit.checkpoints import RESUMING, load_network_states, network_differences, read_checkpoint
 
         if RESUMING.get():
             return
@@ -631,8 +625,7 @@ class MarDiniBase(L.LightningModule):
             where = f"{path}: network '{name}' (this model: size '{self.hparams.size}', {name} {self.hparams.get(name)})"
             ours = dataclasses.asdict(self.networks[name].cfg)
             _load_into(self.networks[name], _drop_dropped_head(self.networks[name], state), where,
-                       explain=lambda name=name, ours=ours: network_differences(read_checkpoint(path), name, ours,
-                                                                                WEIGHT_SHAPE_FIELDS))
+                       explain=lambda name=name, ours=ours: network_differences(read_checkpoint(path), name, ours))
         for name, state in ema.items():
             _load_into(self.ema.module[name], _drop_dropped_head(self.ema.module[name], state), f"{path}: EMA of '{name}'")
             self._ema_loaded.add(name)

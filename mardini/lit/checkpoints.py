@@ -304,19 +304,17 @@ def network_config_of(checkpoint: dict[str, Any], name: str) -> dict[str, Any] |
     return _network_fields(hparams, name, meta.get("latent_channels"), grid)
 
 
-def network_differences(checkpoint: dict[str, Any], name: str, ours: dict[str, Any],
-                        fields: frozenset[str] | None = None) -> list[str]:
-    """``name.field: checkpoint A, this model B`` for each field (not :data:`OPERATIONAL_NETWORK_FIELDS`; only
-    ``fields`` when given, e.g. :data:`WEIGHT_SHAPE_FIELDS`) in which the checkpoint's ``name`` network
-    (:func:`network_config_of`) differs from this model's ``ours`` (its config's fields); the generator's
-    ``plan_dim`` says that it follows the planner's ``dim``. Empty where the checkpoint records nothing of it."""
+def network_differences(checkpoint: dict[str, Any], name: str, ours: dict[str, Any]) -> list[str]:
+    """``name.field: checkpoint A, this model B`` for each of :data:`WEIGHT_SHAPE_FIELDS` in which the checkpoint's
+    ``name`` network (:func:`network_config_of`) differs from this model's ``ours`` (its config's fields): why its
+    weights do not fit. The generator's ``plan_dim`` says that it follows the planner's ``dim``. Empty where the
+    checkpoint records nothing of it."""
     theirs = network_config_of(checkpoint, name)
     if theirs is None:
         return []
     stage = "warm-up stage" if (checkpoint.get("mardini") or {}).get("kind") == "generation" else "stage that wrote it"
     differ = []
-    for field in sorted((set(theirs) & set(ours) & (set(ours) if fields is None else fields))
-                        - OPERATIONAL_NETWORK_FIELDS):
+    for field in sorted(set(theirs) & set(ours) & WEIGHT_SHAPE_FIELDS):
         a, b = theirs[field], ours[field]
         if _plain(a) == _plain(b):
             continue

@@ -216,13 +216,16 @@ class MarDiniPipeline:
         for c in counts.unique().tolist():
             rows = (counts == c).nonzero().squeeze(1)  # (G,)
             gens = [step_gens[r] for r in rows.tolist()]
-            windows.append(_Window(self, rows, x[rows], m[rows], noise[rows], sampler, guidance_scale, gens))
+            windows.append(_Window(self, rows, x[rows], m[rows], noise[rows], sampler, guidance_scale, gens,
+                                   keep_estimate=callback is not None))
+        start = self._now()
         for i in tqdm(range(sampler.steps), desc="denoising", disable=not progress, leave=False):
             for window in windows:  # the groups step together, so that a callback sees the whole batch
                 window.step(i, grid)
             if callback is not None:
                 callback(DenoisingStep(i, sampler.steps, grid[i + 1], self._gather(windows, noise, "latents"),
                                        self._gather(windows, noise, "estimate"), m.clone()))
+        self.last_timings["generator"] += self._now() - start  # callbacks included
         return self._gather(windows, noise, "latents"), x, m
 
     @staticmethod
@@ -394,9 +397,11 @@ class _Window:
     planned once, then stepped by :meth:`step` (every group of a batch steps together)."""
 
     def __init__(self, pipe: MarDiniPipeline, rows: torch.Tensor, x: torch.Tensor, m: torch.Tensor,
-                 noise: torch.Tensor, sampler: DDIMSampler, scale: float, step_gens: list[torch.Generator]) -> None:
+                 noise: torch.Tensor, sampler: DDIMSampler, scale: float, step_gens: list[torch.Generator],
+                 keep_estimate: bool = False) -> None:
         """``x (G, T, 3, H, W)`` given pixels, ``m (G, T)``, ``noise (G, T, C, h, w)``; ``step_gens``: one CPU
-        generator per row for the fresh noise of each step when ``eta > 0``."""
+        generator per row for the fresh noise of each step when ``eta > 0``; ``keep_estimate``: remember each
+        step's velocity for :meth:`estimate` (a callback reads it)."""
         self.pipe, self.rows, self.m, self.sampler, self.step_gens = pipe, rows, m, sampler, step_gens
         with pipe._autocast():
             start = pipe._now()
@@ -410,6 +415,7 @@ class _Window:
         self.fn = make_denoise_fn(pipe.generator, plan, m, scale, pipe.use_cache, pipe.batched_guidance,
                                   pipe.param_dtype, pipe.schedule)
         self.z = torch.where(frame_mask(m), noise, self.z_ref)  # (G, T, C, h, w)
+        self.denoise = self._velocity if keep_estimate else self.fn
         self.last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # the last step's (z_t, v, t)
 
     def _velocity(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -420,15 +426,12 @@ class _Window:
 
     def step(self, i: int, grid: list[float]) -> None:
         """Denoising step ``i``, from ``grid[i]`` to ``grid[i + 1]``."""
-        pipe = self.pipe
-        with pipe._autocast():
-            start = pipe._now()
+        with self.pipe._autocast():
             fresh = None
             if self.sampler.eta > 0 and grid[i + 1] > 0:
                 fresh = torch.stack([torch.randn(self.z.shape[1:], generator=g) for g in self.step_gens])
                 fresh = fresh.to(self.z)  # (G, T, C, h, w)
-            self.z = self.sampler.step(self._velocity, self.z, grid[i], grid[i + 1], self.m, self.z_ref, noise=fresh)
-            pipe.last_timings["generator"] += pipe._now() - start
+            self.z = self.sampler.step(self.denoise, self.z, grid[i], grid[i + 1], self.m, self.z_ref, noise=fresh)
 
     def latents(self) -> torch.Tensor:
         """The state in latent space: ``(G, T, C, h, w)`` float32, reference frames bit-identical."""
