@@ -3,7 +3,7 @@
 Frames in [-1, 1] are mapped to [0, 1] and scored with ``data_range=1`` (the same PSNR as [-1, 1] with range 2).
 PSNR and SSIM are computed per image and averaged (not one PSNR of the pooled error). Each image's PSNR is capped at
 ``PSNR_CAP_DB`` = 100 dB, i.e. its MSE on [0, 1] is floored at 1e-10 (4e-10 on [-1, 1]): a frame reproduced exactly
-scores 100 dB instead of making the mean infinite. The middle frame of T is index ``T // 2`` (frame 4 of a 9-frame
+scores 100 dB instead of making the mean infinite. The middle frame of T is index ``T // 2`` (index 4, the 5th of a 9-frame
 window) unless ``frame_index`` says otherwise.
 
 LPIPS needs torchvision ImageNet backbone weights, which torchvision would download at run time; here they must be
