@@ -104,6 +104,23 @@ def test_cli_scores_a_checkpoint_with_the_chosen_eta(shards, tmp_path):
     assert results["0"]["mardini"]["midf_psnr"] != results["1"]["mardini"]["midf_psnr"]  # eta reached the sampler
 
 
+def test_no_ema_samples_the_raw_weights_and_the_report_says_so(shards, tmp_path):
+    from mardini.testing import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "joint.ckpt", "joint", frames=9, size=16)  # raw and EMA weights differ
+    results, reports = {}, {}
+    for flag in ([], ["--no-ema"]):
+        out = tmp_path / ("raw" if flag else "ema")
+        assert cli.main(["--data", str(shards), "--tasks", "interpolation", "--frames", "9", "--resolution", "16",
+                         "--num-clips", "4", "--metrics", "midf", "--checkpoint", str(ckpt), "--steps", "2",
+                         "--device", "cpu", "--cache-dir", "", "--out", str(out), *flag]) == 0
+        reports[out.name] = report = json.loads((out / "report.json").read_text())
+        results[out.name] = report["tasks"]["interpolation"]["results"]["mardini"]["midf_psnr"]
+        assert ("raw weights (--no-ema)" in (out / "report.md").read_text()) == bool(flag)
+    assert reports["ema"]["weights_sampled"] == "ema" and reports["raw"]["weights_sampled"] == "raw"
+    assert results["ema"] != results["raw"]  # the other weights reached the sampler
+
+
 def test_a_window_longer_than_the_checkpoint_trained_on_names_the_frames_to_use(shards, tmp_path, capsys):
     from mardini.testing import make_checkpoint
 
@@ -608,6 +625,9 @@ def test_fvd_and_fid_from_few_clips_are_noted(shards, tmp_path, monkeypatch, cap
         (["--data", "x", "--checkpoint", "c.ckpt", "--methods", "nearest_frame", "--sample-resolution", "64"],
          "but the model ('mardini') is not among --methods ['nearest_frame']: add it"),  # not 'it needs --checkpoint'
         (["--data", "x", "--checkpoint", "c", "--sample-resolution", "big"], "give a side in pixels (e.g. 512)"),
+        (["--data", "x", "--no-ema"], "--no-ema picks the model's weights: it needs --checkpoint"),
+        (["--data", "x", "--checkpoint", "c", "--methods", "linear_blend", "--no-ema"],
+         "the model ('mardini') is not among --methods ['linear_blend']"),
     ],
 )
 def test_cli_rejects_bad_arguments(argv, message, capsys):

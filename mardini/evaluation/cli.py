@@ -82,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"of {[*BASELINES, 'mardini']} and the --generated NAMEs (default: the baselines, + mardini "
                         "with --checkpoint; every --generated method is scored)")
     p.add_argument("--checkpoint", default=None, help="a joint checkpoint: adds the 'mardini' method (EMA weights)")
+    p.add_argument("--no-ema", action="store_true",
+                   help="sample the checkpoint's raw weights instead of its EMA ones (as sample.py --no-ema)")
     p.add_argument("--generated", action="append", default=[], metavar="NAME=DIR",
                    help="score an external method's windows as method NAME: DIR/<task>/<clip name>.mp4 or "
                         "DIR/<task>/<clip name>/ frame images (names: --export-inputs); repeatable")
@@ -125,6 +127,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if "mardini" in args.methods and not args.checkpoint:
         p.error("method 'mardini' needs --checkpoint PATH (a joint checkpoint written by train.py)")
     args.methods = [m for m in args.methods if m not in args.generated]  # the built-in ones; every --generated runs
+    if args.no_ema and "mardini" not in args.methods:
+        p.error("--no-ema picks the model's weights: it needs --checkpoint" if not args.checkpoint else
+                f"--no-ema picks the model's weights, but the model ('mardini') is not among --methods "
+                f"{args.methods}: add it, or leave --no-ema out")
     if args.sample_resolution is not None:
         if "mardini" not in args.methods:
             p.error("--sample-resolution sets the size the model samples at: it needs --checkpoint"
@@ -242,8 +248,9 @@ def build_samplers(args: argparse.Namespace) -> dict[str, Sampler]:
     if "mardini" in args.methods:
         from mardini.pipeline import MarDiniPipeline
 
-        pipe = MarDiniPipeline.from_checkpoint(args.checkpoint, ema=True, device=args.device, dtype=args.dtype,
-                                               window=args.window, allow_autoencoders=args.allow_autoencoder)
+        pipe = MarDiniPipeline.from_checkpoint(args.checkpoint, ema=not args.no_ema, device=args.device,
+                                               dtype=args.dtype, window=args.window,
+                                               allow_autoencoders=args.allow_autoencoder)
         if args.frames > pipe.window:  # the protocol scores one window per clip: no window-by-window sampling here
             raise ValueError(f"--frames {args.frames} is more than the {pipe.window}-frame window of {args.checkpoint} "
                              f"(its trained window; where the checkpoint records none, its size's guess, which "
@@ -592,7 +599,8 @@ def markdown(report: dict[str, Any]) -> str:
         for metric, why in res["skipped_metrics"].items():
             lines.append(f"\n- `{metric}` left out: {why.splitlines()[0]}")
         lines.append(f"\nReal statistics: {res['real_stats_cache']}. Guidance {res['protocol']['guidance_scale']}, "
-                     f"{res['protocol']['steps']} DDIM steps, eta {res['protocol'].get('eta', 0.0)} (model only).\n")
+                     f"{res['protocol']['steps']} DDIM steps, eta {res['protocol'].get('eta', 0.0)}"
+                     f"{', raw weights (--no-ema)' if report.get('weights_sampled') == 'raw' else ''} (model only).\n")
     lines.append("Metrics: FVD/FID lower is better; MidF = frame T//2; traj = colour-centroid position error of "
                  "the synthetic objects in generated frames (pixels, fraction of the frame; detected = share found).")
     if report.get("generated"):
@@ -670,6 +678,7 @@ def _main(argv: list[str] | None) -> int:
         "resolution": args.resolution, "fps": args.fps, "seed": args.seed, "methods": list(samplers),
         "sample_resolution": sample_resolution(args, samplers["mardini"]) if "mardini" in samplers else None,
         "checkpoint": args.checkpoint, "checkpoint_file": checkpoint_file(args.checkpoint, samplers.get("mardini")),
+        "weights_sampled": None if "mardini" not in samplers else ("raw" if args.no_ema else "ema"),
         "generated": {m: str(Path(d).resolve()) for m, d in args.generated.items()}, "weights": weights,
         "command": run_info.command_line(["python", "evaluate.py"], argv), "code": code_version(),
         "device": str(device_of(args)), "device_name": device_name(device_of(args)), "dtype": args.dtype,
