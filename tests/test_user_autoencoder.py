@@ -99,3 +99,28 @@ def test_the_evaluation_tools_take_the_opt_in_too(ckpt, tool, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         module.main(["--checkpoint", str(ckpt), "--allow-autoencoder", CLASS_PATH])
     assert isinstance(loaded[0].autoencoder, AvgPoolAutoencoder)
+
+
+def test_make_reproduce_loads_a_chain_with_it_under_allow_autoencoder(ckpt, tmp_path, monkeypatch):
+    """``python -m mardini.reproduce --checkpoints DIR --allow-autoencoder PATH``: Table 2's four model readings,
+    Fig. 6a's sweep and the parameter line all load the chain's own autoencoder (scoring itself is not run here)."""
+    from mardini.reproduce import main as reproduce_main
+    from mardini.reproduce import quality
+
+    chain = {"02_dm_warmup_9f": "generation", "03_mar_warmup": "planning", "05_joint_task": "joint"}
+    ckpts = {stage: make_checkpoint(tmp_path / f"{stage}.ckpt", kind, frames=T, size=S,
+                                    model_args={"autoencoder": AvgPoolAutoencoder()}) for stage, kind in chain.items()}
+    scored = []
+    monkeypatch.setattr(quality, "score", lambda task, args, samplers: scored.append(samplers))
+    refused = quality.eval_args(2, 1, ["midf"], tmp_path / "stats")
+    with pytest.raises(ValueError, match=f"--allow-autoencoder {CLASS_PATH} "):
+        quality.table2(ckpts, refused)
+    args = quality.eval_args(2, 1, ["midf"], tmp_path / "stats", [CLASS_PATH])
+    quality.table2(ckpts, args)
+    quality.fig6a(ckpts["05_joint_task"], args, [1])
+    models = [s for samplers in scored for name, s in samplers.items() if name not in ("linear_blend", "nearest_frame")]
+    assert len(models) == 4 + 2  # mar_only, dm_only, dm_only_null_plan, mar_dm; steps_1 on both tasks
+    for sampler in models:
+        assert isinstance(getattr(sampler, "pipeline", sampler).autoencoder, AvgPoolAutoencoder)
+    assert reproduce_main.parse_args(["--allow-autoencoder", CLASS_PATH]).allow_autoencoder == [CLASS_PATH]
+    assert "generator" in reproduce_main._params(ckpts, [CLASS_PATH])

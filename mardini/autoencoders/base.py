@@ -109,7 +109,8 @@ def autoencoder_class(path: str, allow: Collection[str] = ()) -> type:
     if path not in allowed:
         raise ValueError(
             f"autoencoder class {path!r} is not one of mardini.autoencoders; refusing to import it. If you trust "
-            f"it, allow it: --allow-autoencoder {path} (sample.py, evaluate.py, found_by_gap, plan_usage) or "
+            f"it, allow it: --allow-autoencoder {path} (sample.py, evaluate.py, found_by_gap, plan_usage, "
+            f"mardini.reproduce) or "
             f"MarDiniPipeline.from_checkpoint(..., allow_autoencoders=[{path!r}])"
         )
     return subclass_at(path, FrameAutoencoder, f"the allowed autoencoder class {path!r}")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from mardini.autoencoders.base import add_allow_autoencoder_argument
 from mardini.strict_json import dumps_strict
 
 ANALYSES = ("table2", "fig6a", "fig6c", "table3")
@@ -46,6 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=None,
                    help="interleaved timing rounds of Table 3 (default 5, quick 2; >= 2 for a latency verdict)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_allow_autoencoder_argument(p)
     a = p.parse_args(argv)
     for key, value in (QUICK if a.quick else DEFAULTS).items():
         if getattr(a, key) is None:
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     elif needs_chain:
         print(f"[2/6] chain checkpoints from {a.checkpoints}/ (no training)", flush=True)
         ckpts = runs.chain_checkpoints(a.checkpoints)
-    args = quality.eval_args(a.eval_clips, a.steps, _metrics(), a.out / "real_stats")
+    args = quality.eval_args(a.eval_clips, a.steps, _metrics(), a.out / "real_stats", a.allow_autoencoder)
     results: dict = {}
     found: dict = {}
     pictures: dict = {}
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": run_info.machine_line(),
         "total_s": time.perf_counter() - start, "table2_steps": a.steps,
         "checkpoints": ", ".join(f"`{p}`" for p in ckpts.values()) or "–",
-        "params": _params(ckpts), "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+        "params": _params(ckpts, a.allow_autoencoder), "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
     }
     report = write_report(a.out, info, results, found, pictures)
     (a.out / "results.json").write_text(dumps_strict({"info": info, "results": results, "verdicts": found}, indent=1))
@@ -139,12 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _params(ckpts: dict[str, Path]) -> str:
+def _params(ckpts: dict[str, Path], allow_autoencoders: list[str]) -> str:
     """Parameter counts of the joint checkpoint's networks, or of the tiny size when no chain was loaded."""
     if "05_joint_task" in ckpts:
         from mardini.pipeline.loading import load_checkpoint
 
-        ld = load_checkpoint(ckpts["05_joint_task"])
+        ld = load_checkpoint(ckpts["05_joint_task"], allow_autoencoders=allow_autoencoders)
         counts = {n: sum(p.numel() for p in m.parameters()) for n, m in (("planner", ld.planner),
                                                                           ("generator", ld.generator))}
     else:  # the networks the tiny chain's last stage config builds (on the meta device: nothing allocated)

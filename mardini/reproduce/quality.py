@@ -10,6 +10,7 @@ beside them on the same clips, masks and seeds.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ class PlannerOnly:
 
     name = "mar_only"
 
-    def __init__(self, checkpoint: str | Path, ema: bool = True) -> None:
+    def __init__(self, checkpoint: str | Path, ema: bool = True, allow_autoencoders: Collection[str] = ()) -> None:
         ckpt = read_checkpoint(checkpoint)
         meta = check_metadata(ckpt, ("planning",), checkpoint)
         over = dict((ckpt.get("hyper_parameters") or {}).get("planner") or {})
@@ -49,7 +50,7 @@ class PlannerOnly:
                              "warm-up checkpoint (03_mar_warmup)")
         self.planner.load_state_dict(state)
         self.planner.eval().requires_grad_(False)
-        self.autoencoder = build_autoencoder(meta["autoencoder_spec"]).eval()
+        self.autoencoder = build_autoencoder(meta["autoencoder_spec"], allow_autoencoders).eval()
         self.planner_resolution = int(meta["planner_resolution"])
 
     @torch.no_grad()
@@ -65,12 +66,12 @@ class PlannerOnly:
         return torch.where(m, up, video)  # given frames untouched
 
 
-def plan_free_pipeline(checkpoint: str | Path):
+def plan_free_pipeline(checkpoint: str | Path, allow_autoencoders: Collection[str] = ()):
     """The joint checkpoint's generator with the learned null plan (no planner): the other "DM only" reading."""
     from mardini.pipeline import MarDiniPipeline
     from mardini.pipeline.loading import load_checkpoint
 
-    ld = load_checkpoint(checkpoint)
+    ld = load_checkpoint(checkpoint, allow_autoencoders=allow_autoencoders)
     return MarDiniPipeline(ld.generator, ld.autoencoder, None, ld.schedule, ld.planner_resolution, ld.window,
                            ld.resolution, ld.fps, kind="generation", info=ld.info, anchor=ld.anchor)
 
@@ -78,13 +79,16 @@ def plan_free_pipeline(checkpoint: str | Path):
 # ------------------------------------------------------------------------------------------------
 # Scoring
 # ------------------------------------------------------------------------------------------------
-def eval_args(clips: int, steps: int, metrics: list[str], cache_dir: Path) -> argparse.Namespace:
-    """The synthetic preset's settings (9 frames at 8 fps, 32 px, held-out split) as ``evaluate.py`` parses them."""
+def eval_args(clips: int, steps: int, metrics: list[str], cache_dir: Path,
+              allow_autoencoders: Collection[str] = ()) -> argparse.Namespace:
+    """The synthetic preset's settings (9 frames at 8 fps, 32 px, held-out split) as ``evaluate.py`` parses them;
+    ``allow_autoencoders``: its ``--allow-autoencoder`` class paths (``args.allow_autoencoder``)."""
     from mardini.evaluation.cli import parse_args
 
+    allow = [a for path in allow_autoencoders for a in ("--allow-autoencoder", path)]
     return parse_args(["--preset", "synthetic", "--num-clips", str(clips), "--steps", str(steps),
                        "--metrics", *metrics, "--device", "cpu", "--missing-weights", "skip",
-                       "--cache-dir", str(cache_dir)])
+                       "--cache-dir", str(cache_dir), *allow])
 
 
 def score(task: str, args: argparse.Namespace, samplers: dict[str, Any]) -> dict:
@@ -100,12 +104,16 @@ def table2(ckpts: dict[str, Path], args: argparse.Namespace) -> dict:
     """Interpolation: MAR only, DM only (two readings), MAR + DM, and the baselines."""
     from mardini.pipeline import MarDiniPipeline
 
-    g = DEFAULT_GUIDANCE["interpolation"]
+    g, allow = DEFAULT_GUIDANCE["interpolation"], args.allow_autoencoder
+
+    def pipeline(stage: str) -> PipelineSampler:
+        return PipelineSampler(MarDiniPipeline.from_checkpoint(ckpts[stage], allow_autoencoders=allow), args.steps, g)
+
     samplers = {
-        "mar_only": PlannerOnly(ckpts["03_mar_warmup"]),
-        "dm_only": PipelineSampler(MarDiniPipeline.from_checkpoint(ckpts["02_dm_warmup_9f"]), args.steps, g),
-        "dm_only_null_plan": PipelineSampler(plan_free_pipeline(ckpts["05_joint_task"]), args.steps, g),
-        "mar_dm": PipelineSampler(MarDiniPipeline.from_checkpoint(ckpts["05_joint_task"]), args.steps, g),
+        "mar_only": PlannerOnly(ckpts["03_mar_warmup"], allow_autoencoders=allow),
+        "dm_only": pipeline("02_dm_warmup_9f"),
+        "dm_only_null_plan": PipelineSampler(plan_free_pipeline(ckpts["05_joint_task"], allow), args.steps, g),
+        "mar_dm": pipeline("05_joint_task"),
         **{name: cls() for name, cls in BASELINES.items()},
     }
     return score("interpolation", args, samplers)
@@ -127,7 +135,7 @@ def fig6a(joint: Path, args: argparse.Namespace, steps: list[int]) -> dict[str, 
     """``{task: run_task result}`` with methods ``steps_<k>`` (the joint checkpoint) and the baselines."""
     from mardini.pipeline import MarDiniPipeline
 
-    pipe = MarDiniPipeline.from_checkpoint(joint)
+    pipe = MarDiniPipeline.from_checkpoint(joint, allow_autoencoders=args.allow_autoencoder)
     out = {}
     for task in ("interpolation", "image_to_video"):
         samplers = {f"steps_{k}": PipelineSampler(pipe, k, DEFAULT_GUIDANCE[task]) for k in steps}
