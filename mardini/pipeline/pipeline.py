@@ -1,7 +1,8 @@
 """``MarDiniPipeline``: every MarDini task from one checkpoint through one general call (PAPER.md §4).
 
 ``generate(video, mask)`` fills the masked frames of a window; the named tasks (``interpolate``,
-``image_to_video``, ``expand``, ``long_video``, ``slow_motion``) only build videos and masks for it.
+``image_to_video``, ``expand``, ``generate_long``, ``long_video``, ``slow_motion``) only build videos and masks
+for it.
 Per window: the planner runs once on the low-resolution clip; the DDIM loop calls the generator with a
 reference-frame cache and with guidance as one batched call; given frames come back bit-identical (their
 latents are kept, and their pixels are the inputs).
@@ -85,7 +86,8 @@ class MarDiniPipeline:
         autoencoder: the frame autoencoder the networks were trained on.
         schedule: the training noise schedule. planner_resolution: side of the planner's low-res copy (pixels).
         anchor: the diffused target (:class:`~mardini.diffusion.anchor.FrameAnchor`; default: the latents, the paper).
-        window: frames of the trained window; longer videos need :meth:`long_video` or :meth:`slow_motion`.
+        window: frames of the trained window; longer videos need :meth:`generate_long` (any mask),
+            :meth:`long_video` or :meth:`slow_motion`.
         resolution, fps: the training clips' pixel size and frame rate (informational; used by ``sample.py``).
         device: ``"cpu"``, ``"cuda"``, ``"auto"``. dtype: float32; bfloat16 runs under autocast (as bf16-mixed
             training does); float64 is for exactness tests.
@@ -286,6 +288,11 @@ class MarDiniPipeline:
         """Continue a prefix ``(B, n, 3, H, W)`` (or ``(n, 3, H, W)``, ``(3, H, W)``: one clip) to ``frames`` frames
         (one window)."""
         return tasks.expand(self, prefix, frames, **kw)
+
+    def generate_long(self, video, mask, context=None, **kw) -> torch.Tensor:
+        """Any mask ``(T,)`` (or ``(B, T)``, equal rows) over ``video (B, T, 3, H, W)`` of more frames than a window,
+        window by window (:func:`~mardini.pipeline.tasks.generate_long`; ``T <= window``: :meth:`generate`)."""
+        return tasks.generate_long(self, video, mask, context, **kw)
 
     def long_video(self, prefix, total_frames, context=None, **kw) -> torch.Tensor:
         """Continue a prefix to ``total_frames`` by windows that reuse the last ``context`` frames. ``prefix``:
