@@ -398,14 +398,28 @@ def _spy_generate(pipe):
     return seen
 
 
-def test_long_video_draws_new_noise_per_window_and_gives_the_whole_prefix_first(pipe):
+def test_long_video_draws_new_noise_per_window_and_gives_the_last_context_frames(pipe):
     seen = _spy_generate(pipe)
     pipe.long_video(_video(1, 3), total_frames=11, context=2, steps=1, seed=5, progress=False)
-    # window 1 gives all 3 prefix frames (<= window - 1), later windows the last `context` frames
-    assert seen[0][0][0].tolist() == [False, False, False, True, True]
-    assert all(m[0].tolist() == [False, False, True, True, True] for m, _ in seen[1:])
+    # every window, the first included, gives the last `context` frames so far and generates 3: frames 3-5, 6-8,
+    # 9-11 (11 past the end: generated and dropped)
+    assert [m[0].tolist() for m, _ in seen] == [[False, False, True, True, True]] * 3
     seeds = [s for _, s in seen]
     assert len({tuple(s) for s in seeds}) == len(seeds), seeds  # each window its own noise, not a repeated pattern
+
+
+def test_long_video_s_last_window_is_full_so_a_longer_video_keeps_the_frames(pipe):
+    """The last window was cut to the frames left (long_video(x, 12) and long_video(x, 20) differed in frames 9-11
+    and in the windows' lengths); it is a full window whose frames past the end are dropped."""
+    x = _video(2, 3)
+    lengths, generate = [], pipe.generate
+    pipe.generate = lambda video, mask, **kw: (lengths.append(video.shape[1]), generate(video, mask, **kw))[1]
+    kw = dict(steps=2, eta=1.0, seed=3, progress=False)
+    short, long = pipe.long_video(x, 12, **kw), pipe.long_video(x, 20, **kw)
+    assert short.shape == (2, 12, 3, S, S) and long.shape == (2, 20, 3, S, S)
+    assert torch.equal(short, long[:, :12])
+    assert set(lengths) == {T}  # every window full length
+    assert torch.equal(pipe.long_video(x, 4, **kw), short[:, :4])  # one window too
 
 
 def test_the_planner_reads_the_sampling_mask(pipe):

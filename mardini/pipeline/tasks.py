@@ -184,6 +184,11 @@ def long_video(pipe, prefix: torch.Tensor, total_frames: int, context: int | Non
                window: int | None = None, seed=0, num_samples: int = 1, **kw) -> torch.Tensor:
     """Autoregressive expansion: each window gives the last ``context`` frames so far and generates the rest.
 
+    :func:`generate_long`'s windows on the expansion mask (prefix given), every window full length, also when
+    ``total_frames`` fits one: the last window's frames past ``total_frames`` are generated and dropped, so a
+    longer ``total_frames`` keeps the frames of a shorter one. (Before, the last window was cut short, and the
+    first gave up to ``window - 1`` prefix frames, not ``context``.)
+
     Args:
         prefix: ``(B, n, 3, H, W)``, ``(n, 3, H, W)`` or one image ``(3, H, W)``. A 4-D prefix is n frames of
             one clip, unlike the ``(B, 3, H, W)`` images of :func:`interpolate` / :func:`image_to_video`.
@@ -193,26 +198,13 @@ def long_video(pipe, prefix: torch.Tensor, total_frames: int, context: int | Non
     """
     _own_keyword(kw, "long_video", "window")
     prefix, w = _clips(prefix, "prefix"), _window_length(pipe, window, "long_video")
-    context = max(1, w // 2) if context is None else context
-    if not _is_count(context) or not 1 <= context < w:
-        raise ValueError(f"context must be an integer in [1, window - 1] = [1, {w - 1}], got {context!r}")
-    if not _is_count(total_frames) or total_frames <= prefix.shape[1]:
-        raise ValueError(f"total_frames must be an integer > the {prefix.shape[1]} given frames, got {total_frames!r}")
-    context, total_frames = int(context), int(total_frames)
-    num_samples = check_count(num_samples, "num_samples", 1)
-    seeds = _seeds(seed, prefix.shape[0])
-    out = prefix.repeat_interleave(num_samples, 0)  # (B*k, n, 3, H, W)
-    row_seeds = [(s * 1_000_003 + j) % 2**63 for s in seeds for j in range(num_samples)]  # per (clip, sample)
-    index = 0
-    while out.shape[1] < total_frames:
-        c = min(context, out.shape[1]) if index else min(out.shape[1], w - 1)
-        new = min(w - c, total_frames - out.shape[1])
-        given = torch.cat([out[:, out.shape[1] - c:], out.new_zeros(out.shape[0], new, *out.shape[2:])], dim=1)
-        clip = _window(pipe, given, expansion_mask(c + new, c), seed=_seeds(row_seeds, len(row_seeds), index),
-                       **kw)  # (B*k, c + new, 3, H, W)
-        out = torch.cat([out, clip[:, c:]], dim=1)  # (B*k, T_so_far + new, 3, H, W)
-        index += 1
-    return out
+    context, n = _context(context, w), prefix.shape[1]
+    if not _is_count(total_frames) or total_frames <= n:
+        raise ValueError(f"total_frames must be an integer > the {n} given frames, got {total_frames!r}")
+    total_frames, num_samples = int(total_frames), check_count(num_samples, "num_samples", 1)
+    video = torch.cat([prefix, prefix.new_zeros(prefix.shape[0], total_frames - n, *prefix.shape[2:])],
+                      dim=1)  # (B, total_frames, 3, H, W)
+    return _by_windows(pipe, video, expansion_mask(total_frames, n), w, context, seed, num_samples, **kw)
 
 
 def window_schedule(mask: torch.Tensor, window: int, context: int | None = None) -> list[tuple[int, torch.Tensor]]:
