@@ -254,6 +254,26 @@ def test_named_tasks_name_their_own_window_keyword_and_the_task_that_fits(pipe):
         pipe.expand(_video(1, T), **kw)
 
 
+def test_one_window_tasks_asked_for_more_frames_name_the_call_that_goes_window_by_window(pipe):
+    """interpolate(frames=7) with a 5-frame window said "use long_video / slow_motion", neither of which can."""
+    v, kw = _video(1, 3), dict(steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"^interpolate fills one window: frames=7 is more than the checkpoint's trained "
+                                         r"window of 5 frames; for 7 frames use generate_long\(video, "
+                                         r"interpolation_mask\(7\)\) \(sample.py: generate --images FIRST LAST --keep "
+                                         r"0,6\), which goes window by window$"):
+        pipe.interpolate(v[:, 0], v[:, 2], frames=7, **kw)
+    with pytest.raises(ValueError, match=r"^image_to_video fills one window: frames=8 .*generate_long\(video, "
+                                         r"image_to_video_mask\(8, -1\)\) \(sample.py: generate --images IMAGE --keep 7 "
+                                         r"--frames 8\)"):
+        pipe.image_to_video(v[:, 0], frames=8, index=-1, **kw)
+    with pytest.raises(ValueError, match=r"^expand fills one window: frames=6 .*long_video\(prefix, total_frames=6\) "
+                                         r"\(sample.py: long_video --total 6\)"):
+        pipe.expand(v[:, :2], frames=6, **kw)
+    mask = interpolation_mask(7)  # what the interpolate message names does it
+    out = pipe.generate_long(torch.cat([v[:, :1], v.new_zeros(1, 5, 3, S, S), v[:, 2:]], dim=1), mask, **kw)
+    assert out.shape == (1, 7, 3, S, S) and torch.equal(out[:, 0], v[:, 0]) and torch.equal(out[:, -1], v[:, 2])
+
+
 def test_counts_that_are_not_integers_are_named(pipe):
     """num_samples=1.5 failed in repeat_interleave, total_frames=12.5 in new_zeros, frames=4.5 was cut to 4."""
     v, kw = _video(1, 3), dict(steps=1, progress=False)
@@ -305,7 +325,9 @@ def test_clear_errors(pipe, ckpts, tmp_path):
         pipe.generate(v, torch.ones(2, T, dtype=torch.bool), steps=1, progress=False)
     with pytest.raises(ValueError, match="leave at least one frame to generate"):
         pipe.generate(v, torch.zeros(2, T, dtype=torch.bool), steps=1, progress=False)
-    with pytest.raises(ValueError, match="trained window of 5 frames.*long_video"):
+    with pytest.raises(ValueError, match=r"trained window of 5 frames.*generate_long\(video, mask\) for any mask over "
+                                         r"more frames \(sample.py generate does so when --keep or --frames go past "
+                                         r"the window\), long_video or slow_motion"):
         pipe.generate(_video(1, 7), interpolation_mask(7)[None], steps=1, progress=False)
     with pytest.raises(ValueError, match=r"in \[-1, 1\]"):
         pipe.generate((v + 1) * 127.5, MASK, steps=1, progress=False)

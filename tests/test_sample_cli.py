@@ -197,15 +197,24 @@ def test_generate_from_images_fills_the_trained_window_by_default(env, tmp_path,
     record = _run(env, tmp_path, "generate", "--images", *env["images"], "--keep", "0,2")
     assert record["frames"] == 5 and record["given_positions"] == [0, 2]
     assert _run(env, tmp_path, "generate", "--images", *env["images"], "--keep", "0,2", "--frames", "3")["frames"] == 3
-    with pytest.raises(ValueError, match="6 frames is more than the checkpoint's trained window of 5"):
-        _run(env, tmp_path, "generate", "--images", *env["images"], "--keep", "0,5")
+
+
+def test_generate_past_the_window_samples_window_by_window_and_prints_the_windows(env, tmp_path, capsys):
+    """--keep 0,7 (window 5) failed with "8 frames is more than the checkpoint's trained window ... or use
+    long_video / slow_motion", neither of which interpolates between keyframes further apart than a window."""
+    record = _run(env, tmp_path, "generate", "--images", *env["images"], "--keep", "0,7", "--context", "2")
+    assert record["frames"] == 8 and record["given_positions"] == [0, 7]
+    printed = capsys.readouterr().out
+    assert "8 frames, more than the trained window of 5: generate_long samples 2 windows of 5" in printed
+    assert "window 1: frames 0..4, given [0]" in printed and "window 2: frames 3..7, given [3, 4, 7]" in printed
+    record = _run(env, tmp_path, "generate", "--video", env["video"], "--frames", "7", "--keep", "0,6")
+    assert record["frames"] == 7 and record["given_positions"] == [0, 6]
+    assert "generate_long samples 2 windows of 5" in capsys.readouterr().out
 
 
 def test_clear_errors(env, tmp_path):
     with pytest.raises(ValueError, match="images have different sizes"):
         _run(env, tmp_path, "interpolate", "--images", env["images"][0], env["small"])
-    with pytest.raises(ValueError, match="trained window of 5 frames"):
-        _run(env, tmp_path, "generate", "--video", env["video"], "--frames", "7", "--keep", "0,6")
     with pytest.raises(ValueError, match="every one of the 5 frames is given"):
         _run(env, tmp_path, "generate", "--video", env["video"], "--keep", "0-4")
     with pytest.raises(ValueError, match="--resize crop"):

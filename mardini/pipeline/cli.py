@@ -6,6 +6,7 @@
     python sample.py long_video --ckpt last.ckpt --images start.png --total 32
     python sample.py slow_motion --ckpt last.ckpt --video clip.mp4 --frames 3 --factor 4
     python sample.py generate --ckpt last.ckpt --shards data/shards/synthetic/val --clips 4 --keep 0,4,8
+    python sample.py generate --ckpt last.ckpt --images f0.png f12.png --keep 0,12    # past the window: by windows
 
 Writes ``<out>/<task>_NNN.mp4|.gif`` per sample, ``contact_sheet.png`` (given frames framed in green) and
 ``settings.json``. Inputs are brought to the checkpoint's training resolution (centre crop + resize by
@@ -35,6 +36,7 @@ from mardini.pipeline.inputs import (
 )
 from mardini.pipeline.outputs import check_out_dir, write_outputs
 from mardini.pipeline.pipeline import MarDiniPipeline, resolve_device
+from mardini.pipeline.tasks import window_schedule
 
 TASKS = ("generate", "interpolate", "image_to_video", "expand", "long_video", "slow_motion")
 
@@ -64,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "--images, whose --keep positions must lie in it); frames read from a video or shards")
     t.add_argument("--index", type=int, default=0, help="image_to_video: frame index of the given image")
     t.add_argument("--total", type=int, help="long_video: output frames (default: 2 windows)")
-    t.add_argument("--context", type=int, help="long_video: frames carried into each next window")
+    t.add_argument("--context", type=int, help="long_video, and generate past the window: known frames carried "
+                   "into each next window (default: half the window)")
     t.add_argument("--factor", type=int, default=2, help="slow_motion: 2, 4, 8, ...")
     s = p.add_argument_group("sampling")
     s.add_argument("--steps", type=int, default=25)
@@ -182,11 +185,15 @@ def run_task(a, pipe: MarDiniPipeline, given: torch.Tensor, positions, seeds: li
     task, k = a.task, a.num_samples
     kw = dict(kw, seed=seeds, num_samples=k)
     if task == "generate":
-        frames = a.frames or max(pipe.window, max(positions) + 1)  # beyond the window: the pipeline says so
+        frames = a.frames or max(pipe.window, max(positions) + 1)  # past the window: generate_long
         mask = mask_from_given(frames, positions)  # (T,)
         video = given.new_zeros(given.shape[0], frames, *given.shape[2:])  # (B, T, 3, H, W)
         video[:, positions] = given
-        out = pipe.generate(video, mask[None].expand(given.shape[0], -1).clone(), **kw)
+        if frames > pipe.window:
+            print_windows(mask, pipe.window, a.context)
+            out = pipe.generate_long(video, mask, context=a.context, **kw)
+        else:
+            out = pipe.generate(video, mask[None].expand(given.shape[0], -1).clone(), **kw)
         return out, (~mask)[None].expand(out.shape[0], -1)
     if task == "interpolate":
         out = pipe.interpolate(given[:, 0], given[:, 1], frames=a.frames, **kw)
@@ -207,6 +214,16 @@ def run_task(a, pipe: MarDiniPipeline, given: torch.Tensor, positions, seeds: li
     mask = torch.zeros(out.shape[:2], dtype=torch.bool)
     mask[:, idx] = True
     return out, mask
+
+
+def print_windows(mask: torch.Tensor, window: int, context: int | None) -> None:
+    """Say which windows ``generate_long`` runs for ``mask (T,)`` (:func:`~mardini.pipeline.tasks.window_schedule`)."""
+    windows = window_schedule(mask, window, context)
+    print(f"[sample] {mask.shape[0]} frames, more than the trained window of {window}: generate_long samples "
+          f"{len(windows)} windows of {window} (frames outside 0..{mask.shape[0] - 1} are generated and dropped)")
+    for i, (s, m) in enumerate(windows):
+        given = [s + j for j in range(window) if not m[j]]
+        print(f"[sample]   window {i + 1}: frames {s}..{s + window - 1}, given {given}")
 
 
 # option -> (test, allowed range); checked before anything is loaded

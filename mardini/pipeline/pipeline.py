@@ -325,8 +325,9 @@ class MarDiniPipeline:
         t = video.shape[1]
         if t > self.window:
             raise ValueError(f"{t} frames is more than the checkpoint's trained window of {self.window} frames; "
-                             f"sample at most {self.window} frames per window, or use long_video / slow_motion "
-                             "(sample.py long_video | slow_motion), which go window by window")
+                             f"sample at most {self.window} frames per window, or use generate_long(video, mask) "
+                             "for any mask over more frames (sample.py generate does so when --keep or --frames go "
+                             "past the window), long_video or slow_motion, which go window by window")
         if not (isinstance(scale, numbers.Real) and math.isfinite(scale) and scale >= 0):
             raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance, 2.5 for image_to_video "
                              f"in the paper), got {scale!r}")

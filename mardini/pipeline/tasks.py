@@ -57,6 +57,14 @@ def _context(context, w: int) -> int:
     return int(context)
 
 
+def _one_window(pipe, t: int, task: str, instead: str) -> None:
+    """A ValueError naming the multi-window call ``instead`` when one-window ``task`` asks for ``t`` frames, more
+    than the trained window."""
+    if t > pipe.window:
+        raise ValueError(f"{task} fills one window: frames={t} is more than the checkpoint's trained window of "
+                         f"{pipe.window} frames; for {t} frames use {instead}, which goes window by window")
+
+
 def _check_pixels(x, name: str, what: str) -> None:
     """A ValueError naming the argument ``name`` unless ``x`` is a float tensor (``what``: its shapes)."""
     if not torch.is_tensor(x) or not x.is_floating_point():
@@ -151,6 +159,8 @@ def interpolate(pipe, first: torch.Tensor, last: torch.Tensor, frames: int | Non
     if first.shape != last.shape:
         raise ValueError(f"first {tuple(first.shape)} and last {tuple(last.shape)} must have the same shape")
     t = _frames(pipe, frames)
+    _one_window(pipe, t, "interpolate", f"generate_long(video, interpolation_mask({t})) (sample.py: generate "
+                f"--images FIRST LAST --keep 0,{t - 1})")
     return _window(pipe, _place(first, t, {0: first, t - 1: last}), interpolation_mask(t), **kw)
 
 
@@ -159,6 +169,8 @@ def image_to_video(pipe, image: torch.Tensor, frames: int | None = None, index: 
     _own_keyword(kw, "image_to_video", "frames")
     image, t = _images(image, "image"), _frames(pipe, frames)
     mask = image_to_video_mask(t, index)  # validates the index
+    _one_window(pipe, t, "image_to_video", f"generate_long(video, image_to_video_mask({t}, {index})) (sample.py: "
+                f"generate --images IMAGE --keep {index % t} --frames {t})")
     return _window(pipe, _place(image, t, {int((~mask).nonzero()[0]): image}), mask, **kw)
 
 
@@ -167,6 +179,7 @@ def expand(pipe, prefix: torch.Tensor, frames: int | None = None, **kw) -> torch
     _own_keyword(kw, "expand", "frames")
     prefix, t = _clips(prefix, "prefix"), _frames(pipe, frames)
     n = prefix.shape[1]
+    _one_window(pipe, t, "expand", f"long_video(prefix, total_frames={t}) (sample.py: long_video --total {t})")
     if n >= t:
         raise ValueError(f"a prefix of {n} frames leaves nothing to generate in a window of {t} frames; expand fills "
                          "one window: give fewer frames, or use long_video to continue it over more windows")
