@@ -274,6 +274,19 @@ def test_one_window_tasks_asked_for_more_frames_name_the_call_that_goes_window_b
     assert out.shape == (1, 7, 3, S, S) and torch.equal(out[:, 0], v[:, 0]) and torch.equal(out[:, -1], v[:, 2])
 
 
+def test_a_slow_motion_window_too_short_names_the_window_asked_for(pipe):
+    """window=2 said "the checkpoint's is 1" (the requested window made odd, not the checkpoint's 5)."""
+    v = _video(1, 3)
+    with pytest.raises(ValueError, match=r"^slow motion needs an odd window of at least 3 frames \(given frames at both "
+                                         r"ends\); window=2, made odd, is 1: pass window >= 3, or leave it out for "
+                                         r"the checkpoint's trained window of 5$"):
+        pipe.slow_motion(v, 2, window=2, steps=1, progress=False)
+    pipe.window = 2  # a checkpoint trained on 2 frames
+    with pytest.raises(ValueError, match=r"the checkpoint's trained window of 2 frames, made odd, is 1: a checkpoint "
+                                         r"trained on 3 or more frames$"):
+        pipe.slow_motion(v, 2, steps=1, progress=False)
+
+
 def test_counts_that_are_not_integers_are_named(pipe):
     """num_samples=1.5 failed in repeat_interleave, total_frames=12.5 in new_zeros, frames=4.5 was cut to 4."""
     v, kw = _video(1, 3), dict(steps=1, progress=False)

@@ -352,9 +352,14 @@ def slow_motion(pipe, video: torch.Tensor, factor: int = 2, window: int | None =
     if video.shape[1] < 2:
         raise ValueError(f"slow motion needs at least 2 frames, got {video.shape[1]}")
     w = _window_length(pipe, window, "slow_motion")
-    w = w if w % 2 else w - 1  # odd, so that given frames sit at both ends
-    if w < 3:
-        raise ValueError(f"slow motion needs a window of at least 3 frames, the checkpoint's is {w}")
+    odd = w if w % 2 else w - 1  # odd, so that given frames sit at both ends
+    if odd < 3:
+        asked = f"the checkpoint's trained window of {w} frames" if window is None else f"window={w}"
+        fix = "a checkpoint trained on 3 or more frames" if pipe.window < 3 else \
+            f"pass window >= 3, or leave it out for the checkpoint's trained window of {pipe.window}"
+        raise ValueError(f"slow motion needs an odd window of at least 3 frames (given frames at both ends); "
+                         f"{asked}, made odd, is {odd}: {fix}")
+    w = odd
     seeds = _seeds(seed, video.shape[0])
     out = video.repeat_interleave(num_samples, 0)  # (B*k, n, 3, H, W)
     row_seeds = [(s * 1_000_003 + j) % 2**63 for s in seeds for j in range(num_samples)]
