@@ -304,6 +304,23 @@ m = interpolation_mask(T)
 show(torch.cat([real, out]), m.expand(2 * N, -1), [f"truth {i}" for i in range(N)] + [f"interp {i}" for i in range(N)])
 gif("interpolate", real[0], out[0])'''),
     ("md", """\
+## Inside a run: the plan and the frames forming
+
+`pipe.plan(video, mask)` is the planning signal the generator reads: one token per planner patch of each frame's
+low-resolution copy. A `callback` passed to `generate` (or any task) gets a `DenoisingStep` after every denoising
+step, with the whole batch's state `latents` and the step's clean estimate `estimate`; `pipe.decode` turns either
+into frames. Rows: each step's clean estimate, the last one being the sample."""),
+    ("code", '''\
+plan = pipe.plan(real, m.expand(N, -1))  # (N, T, N_low, D)
+similar = torch.nn.functional.cosine_similarity(plan[0].flatten(1), plan[0, :1].flatten(1))  # (T,) vs frame 0
+print(f"plan {tuple(plan.shape)}; clip 0's frames against its first:", [round(float(c), 2) for c in similar])
+
+seen = []  # one DenoisingStep per step
+out = pipe.interpolate(real[:1, 0], real[:1, -1], steps=STEPS, eta=ETA, progress=False, callback=seen.append)
+estimates = torch.cat([pipe.decode(s.estimate).clamp(-1, 1) for s in seen])  # (STEPS, T, 3, H, W)
+assert torch.equal(pipe.decode(seen[-1].latents)[0, 1:-1], out[0, 1:-1])  # the last state is the sample
+show(estimates, m.expand(len(seen), -1), [f"x0, step {s.index + 1}" for s in seen])'''),
+    ("md", """\
 ## Image-to-video
 
 One frame given (the first), the rest generated, with classifier-free guidance 2.5 on the plan (the paper's

@@ -36,6 +36,21 @@ def test_three_notebooks_committed_clean():
         assert "from mardini" in "".join(c.source for c in nb.cells), f"{path.name} must use the package"
 
 
+def test_the_committed_notebooks_are_what_build_py_writes():
+    """``notebooks/build.py`` is where the cells are edited: a cell added to a notebook alone would be lost at the
+    next rebuild, so the two must agree cell for cell."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("notebooks_build", ROOT / "notebooks" / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    for name, cells in build.NOTEBOOKS.items():
+        committed = nbformat.read(ROOT / "notebooks" / name, as_version=4)
+        built = build.build(cells)
+        assert [(c.cell_type, c.source, c.get("id")) for c in committed.cells] == \
+               [(c.cell_type, c.source, c.get("id")) for c in built.cells], f"{name}: run python notebooks/build.py"
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path: Path, monkeypatch):
     assert KERNEL in KernelSpecManager().find_kernel_specs(), "no python3 kernel: pip install ipykernel"
