@@ -67,6 +67,29 @@ def test_plan_dropout_replaces_about_its_share_of_plans_in_training_and_none_in_
     assert _null_plan_rows(module, False, b) == 0  # validation loss is conditional on the plan
 
 
+def test_the_planner_trains_on_the_low_resolution_copy_that_the_latent_cache_and_sampling_give_it():
+    """On the pixel path the planner's latents are the ``planner_resolution`` copy's, bit for bit what the latent
+    cache stores as ``z_low`` and what the pipeline's planner reads (not the full-resolution latents)."""
+    from mardini.data.latent_cache import encode_pair
+    from mardini.pipeline import MarDiniPipeline
+
+    torch.manual_seed(0)
+    module = MarDiniModule(size="tiny", frames=FRAMES, planner_resolution=16, generator={"depth": 1},
+                           planner={"depth": 1})
+    mask = torch.tensor([False, True, True, True, False]).expand(2, -1)  # (B, T) True = generated
+    video = _video(2)["video"] * ~mask[..., None, None, None]  # (B, T, 3, 32, 32), masked frames zero as in sampling
+    z_low = module.latents_low({"video": video})  # (B, T, C, h', w')
+    ae = module.autoencoder
+    assert z_low.shape == (2, FRAMES, ae.latent_channels, 16 // ae.downsample, 16 // ae.downsample)
+    assert torch.equal(z_low, encode_pair(ae, video, 16)[1])
+    pipe = MarDiniPipeline(module.networks["generator"], ae, module.networks["planner"], planner_resolution=16,
+                           window=FRAMES)
+    seen = []
+    pipe.planner.register_forward_pre_hook(lambda _mod, args: seen.append(args[0]))  # args[0]: z_low
+    pipe.plan(video, mask)
+    assert len(seen) == 1 and torch.equal(seen[0], z_low)
+
+
 def test_every_training_step_draws_new_randomness():
     module = GenerationModule(size="tiny", generator={"depth": 1})
     a, b = (torch.rand(8, generator=module.step_generator(step)) for step in (0, 1))
