@@ -120,6 +120,27 @@ def test_stochastic_ddim_keeps_the_marginal_and_lands_on_x0(eta):
     torch.testing.assert_close(deterministic, x0, atol=1e-5, rtol=1e-5)
 
 
+def test_the_fresh_noise_of_a_stochastic_step_has_the_ddpm_posterior_std_times_eta():
+    """With x0 = eps = 0 (z_t = v = 0) a step returns ``c * noise``: at eta = 1, c is the DDPM posterior std
+    ``sigma_s / sigma_t sqrt(1 - alpha_t^2 / alpha_s^2)`` (Song et al. 2021, Eq. 16), and c is linear in eta.
+    The oracle tests cannot see c: any c <= sigma_s keeps the marginal and lands on x0."""
+    import math
+
+    from mardini.diffusion import ddim_update
+
+    t, s = [0.9, 0.6, 0.3, 0.5], [0.7, 0.2, 0.1, 0.45]
+    zeros = torch.zeros(4, 2, 3, 2, 2, dtype=torch.float64)  # (B, T, C, h, w)
+    ones = torch.ones_like(zeros)
+    alpha = lambda u: math.cos(0.5 * math.pi * u)  # noqa: E731 (the plain cosine schedule)
+    sigma = lambda u: math.sin(0.5 * math.pi * u)  # noqa: E731
+    posterior = torch.tensor([sigma(b) / sigma(a) * math.sqrt(1 - alpha(a) ** 2 / alpha(b) ** 2) for a, b in zip(t, s)],
+                             dtype=torch.float64)  # (B,)
+    for eta in (1.0, 0.5, 0.25):
+        out = ddim_update(CosineSchedule(), zeros, zeros, torch.tensor(t, dtype=torch.float64),
+                          torch.tensor(s, dtype=torch.float64), eta=eta, noise=ones)  # (B, T, C, h, w)
+        torch.testing.assert_close(out, (eta * posterior).view(4, 1, 1, 1, 1).expand_as(out))
+
+
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_references_bit_identical_and_seen_clean(eta, dtype):
