@@ -413,6 +413,21 @@ def test_midf_psnr_ssim_on_middle_frame_only():
     assert m.compute()["midf_psnr"].item() == pytest.approx((10 * torch.log10(1 / mse)).mean().item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("frames", [8, 9])
+def test_the_scored_frame_is_frame_t_over_2_for_even_and_odd_t(frames):
+    """Frame ``T // 2``: 4 of 8 frames (the later of the two middle ones), 4 of 9."""
+    from mardini.metrics import middle_frame
+
+    target = rand_video(2, frames, seed=14)
+    assert torch.equal(middle_frame(target), target[:, frames // 2])
+    other = torch.zeros_like(target)
+    other[:, frames // 2] = target[:, frames // 2]  # only frame T // 2 agrees
+    m = MidFrameMetrics()
+    m.update(other, target)
+    out = m.compute()
+    assert out["midf_ssim"].item() == pytest.approx(1.0) and out["midf_psnr"].item() == 100.0
+
+
 def test_one_exact_middle_frame_is_capped_at_100_db_not_an_infinite_mean():
     """Per-image PSNR capped at 100 dB (MSE on [0, 1] floored at 1e-10): one clip reproduced exactly no longer
     makes the mean ``inf``; the other clips' PSNR is the uncapped one."""
