@@ -148,6 +148,23 @@ def test_trajectory_error_counts_missing_objects_and_colours_under_occlusion():
     assert out["traj_detected"] == 1 and float(out["traj_err_all_px"]) == pytest.approx(float(out["traj_err_px"]))
 
 
+def test_trajectory_error_counts_generated_frames_only():
+    """Given frames are the input pixels in every sampler: counting them would score a frozen or blank clip as
+    found there. Under an image-to-video mask only frames 1.. count, and a clip right on frame 0 alone finds nothing."""
+    video, pos, _ = synthetic_batch(4, size=32)
+    i2v = image_to_video_mask(9).expand(4, -1)  # (B, T) frame 0 given
+    metric = TrajectoryError()
+    counted = metric.measure(video, video, pos, i2v)["counted"]  # (B, T, K)
+    last = mask_from_given(9, [8]).expand(4, -1)  # (B, T) frame 8 given: frames 0-7 count
+    other = metric.measure(video, video, pos, last)["counted"]  # (B, T, K)
+    assert not counted[:, 0].any() and other[:, 0].any() and not other[:, 8].any() and counted[:, 8].any()
+    assert counted[:, 1:].sum() > 20 and torch.equal(counted[:, 1:8], other[:, 1:8])
+    given_only = torch.full_like(video, -1.0)  # (B, T, 3, H, W) black generated frames: no object found
+    given_only[:, 0] = video[:, 0]
+    metric.update(given_only, video, pos, i2v)
+    assert metric.compute()["traj_detected"] == 0
+
+
 def test_nearest_given_frame_breaks_ties_towards_the_earlier_one():
     mask = torch.tensor([[False, True, True, True, False], [True, True, False, True, True]])
     assert nearest_given(mask).tolist() == [[0, 0, 0, 4, 4], [2, 2, 2, 2, 2]]
