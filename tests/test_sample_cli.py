@@ -243,3 +243,15 @@ def test_a_video_is_read_at_the_rate_the_model_trained_at(tmp_path, env):
     assert video_stride(str(fast), None, None)[0] == 1  # a checkpoint that records no rate: every frame
     record = _run(env, tmp_path / "out", "expand", "--video", env["video"], "--keep", "0-1")
     assert any("read at 8 fps, every 1 frame(s)" in note for note in record["inputs"])
+
+
+def test_a_keep_range_without_an_end_is_refused():
+    """--keep 8- was read as 8: the missing end of the range went unnoticed."""
+    from mardini.pipeline.inputs import parse_indices
+
+    for text in ("8-", "0,8-"):
+        with pytest.raises(ValueError, match="has no end: write both ends"):
+            parse_indices(text)
+    with pytest.raises(ValueError, match="like 0,4,8 or 0-3"):
+        parse_indices("-3")
+    assert parse_indices("0,2-4") == [0, 2, 3, 4]

@@ -152,13 +152,16 @@ def read_shard_clips(shards: str, clips: int, frames: int, fps: float | None, si
 
 
 def parse_indices(text: str | None) -> list[int] | None:
-    """``"0,4,8"`` -> [0, 4, 8]; ``"0-3"`` -> [0, 1, 2, 3]; None stays None."""
+    """``"0,4,8"`` -> [0, 4, 8]; ``"0-3"`` -> [0, 1, 2, 3] (a range needs both ends); None stays None."""
     if text is None:
         return None
     out: list[int] = []
     for part in str(text).split(","):
-        a, _, b = part.strip().partition("-")
-        if not a.isdigit() or (b and not b.isdigit()):
+        a, dash, b = part.strip().partition("-")
+        if dash and a.isdigit() and not b:
+            raise ValueError(f"--keep range {part.strip()!r} has no end: write both ends ({a}-N), or the index "
+                             f"alone ({a})")
+        if not a.isdigit() or (dash and not b.isdigit()):
             raise ValueError(f"--keep must list frame indices like 0,4,8 or 0-3, got {text!r}")
         if b and int(b) < int(a):
             raise ValueError(f"--keep range {part.strip()!r} runs backwards: write the lower index first ({b}-{a})")
