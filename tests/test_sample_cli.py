@@ -165,6 +165,9 @@ def test_unreadable_inputs_and_settings_are_user_errors(env, tmp_path):
     (["generate", "--video", "VIDEO"], "generate needs --keep"),
     (["generate", "--images", "IMG0", "IMG1", "--keep", "0"], "one --keep index \\(window position\\) per image: 1 for 2"),
     (["interpolate", "--images", "IMG0", "--video", "VIDEO"], "give exactly one input"),
+    (["generate", "--images", "IMG0", "IMG1", "--keep", "0,0"],  # IMG0 was silently dropped
+     "--keep positions \\[0\\] are repeated \\(two images for one frame.*once, one per image"),
+    (["generate", "--video", "VIDEO", "--keep", "0,2,2"], "positions \\[2\\] are repeated \\(one frame given twice"),
 ])
 def test_task_input_mistakes_are_user_errors_before_loading(env, tmp_path, capsys, args, message):
     """They were SystemExits (exit 1, no 'sample.py: error:') raised after the checkpoint loaded."""

@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--shards", help="a shard split (directory, pattern); --clips clips, --keep picks given frames")
     src.add_argument("--clips", type=int, default=1, help="clips to read from --shards")
     src.add_argument("--keep", help="indices of the given frames among the frames read, e.g. 0,8 or 0-3 "
-                     "(default: generate needs it; interpolate 0,last; image_to_video 0; expand first half; "
+                     "(generate: their window positions, each once; "
+                     "default: generate needs it; interpolate 0,last; image_to_video 0; expand first half; "
                      "long_video 0; slow_motion all)")
     src.add_argument("--start", type=int, default=0, help="first video frame to read")
     src.add_argument("--stride", type=int, default=None,
@@ -121,6 +122,11 @@ def check_inputs(a: argparse.Namespace) -> None:
     if a.task == "generate" and keep is None:
         raise ValueError("generate needs --keep: the window positions of the --images, or the indices of the given "
                          "frames among those read from --video or --shards")
+    repeated = sorted({i for i in keep or [] if keep.count(i) > 1})
+    if a.task == "generate" and repeated:
+        what = "two images for one frame, the later one silently winning" if a.images else "one frame given twice"
+        raise ValueError(f"generate's --keep positions {repeated} are repeated ({what}): list each window position "
+                         "once" + (", one per image" if a.images else ""))
     n = len(a.images) if a.images else None if keep is None else len(keep)
     if a.task == "generate" and a.images and len(keep) != n:
         raise ValueError(f"generate needs one --keep index (window position) per image: {len(keep)} for {n} image(s)")
