@@ -165,6 +165,10 @@ def test_unreadable_inputs_and_settings_are_user_errors(env, tmp_path):
     (["generate", "--video", "VIDEO"], "generate needs --keep"),
     (["generate", "--images", "IMG0", "IMG1", "--keep", "0"], "one --keep index \\(window position\\) per image: 1 for 2"),
     (["interpolate", "--images", "IMG0", "--video", "VIDEO"], "give exactly one input"),
+    (["expand", "--video", "VIDEO", "--keep", "0,2,4"],  # packed into the prefix 0,1,2 before
+     "expand continues a prefix of consecutive frames.*--keep 0,2,4 .*packed into the frames 0..2.*range like "
+     "0-2, or use generate --keep 0,2,4 for a sparse mask"),
+    (["long_video", "--video", "VIDEO", "--keep", "1,0"], "long_video continues a prefix of consecutive frames"),
     (["generate", "--images", "IMG0", "IMG1", "--keep", "0,0"],  # IMG0 was silently dropped
      "--keep positions \\[0\\] are repeated \\(two images for one frame.*once, one per image"),
     (["generate", "--video", "VIDEO", "--keep", "0,2,2"], "positions \\[2\\] are repeated \\(one frame given twice"),

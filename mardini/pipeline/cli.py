@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--shards", help="a shard split (directory, pattern); --clips clips, --keep picks given frames")
     src.add_argument("--clips", type=int, default=1, help="clips to read from --shards")
     src.add_argument("--keep", help="indices of the given frames among the frames read, e.g. 0,8 or 0-3 "
-                     "(generate: their window positions, each once; "
+                     "(generate: their window positions, each once; expand, long_video: consecutive frames; "
                      "default: generate needs it; interpolate 0,last; image_to_video 0; expand first half; "
                      "long_video 0; slow_motion all)")
     src.add_argument("--start", type=int, default=0, help="first video frame to read")
@@ -122,6 +122,11 @@ def check_inputs(a: argparse.Namespace) -> None:
     if a.task == "generate" and keep is None:
         raise ValueError("generate needs --keep: the window positions of the --images, or the indices of the given "
                          "frames among those read from --video or --shards")
+    if a.task in ("expand", "long_video") and keep and keep != list(range(keep[0], keep[0] + len(keep))):
+        raise ValueError(f"{a.task} continues a prefix of consecutive frames, but --keep {a.keep} is not a run of "
+                         f"consecutive increasing indices (it would be packed into the frames 0..{len(keep) - 1}): "
+                         f"give a range like {keep[0]}-{keep[0] + len(keep) - 1}, or use generate --keep {a.keep} "
+                         "for a sparse mask")
     repeated = sorted({i for i in keep or [] if keep.count(i) > 1})
     if a.task == "generate" and repeated:
         what = "two images for one frame, the later one silently winning" if a.images else "one frame given twice"
