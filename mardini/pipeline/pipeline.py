@@ -168,11 +168,13 @@ class MarDiniPipeline:
             video: ``(B, T, 3, H, W)`` float in [-1, 1]; the content of masked frames is ignored.
             mask: ``(B, T)`` bool, True = generate; every row needs a given and a generated frame.
             steps: DDIM steps. guidance_scale: classifier-free guidance on the plan (2.5 for I2V in the paper,
-                1 = none). seed: one int (clip b uses ``seed + b``) or one seed per clip; a clip's video does not
-                depend on the batch it is in. num_samples: samples per clip (sample 0 equals a single-sample call).
+                1 = none). seed: one int (clip b uses ``seed + b``) or one seed per clip; a clip's video depends
+                on the batch it is in only by float rounding (its noise is its own, but batched kernels round
+                differently; tests/test_pipeline.py holds it to 1e-5). num_samples: samples per clip (sample 0
+                equals a single-sample call, up to the same rounding).
             progress: a tqdm bar over the denoising steps.
             eta: DDIM stochasticity, 0 = deterministic DDIM (the paper's sampler), 1 = ancestral (fresh noise each
-                step, drawn per clip and sample so that results still do not depend on the batch).
+                step, drawn per clip and sample so that results still depend on the batch only by rounding).
             callback: ``callback(step)`` after each denoising step with a :class:`DenoisingStep` of the whole
                 batch (the state and the step's clean estimate, as latents: show them with :meth:`decode`); the
                 multi-window tasks call it for each window.
