@@ -63,7 +63,7 @@ def _run(env, tmp_path, *args):
     ("interpolate", ["--video", "VIDEO", "--keep", "0,2"], 5, [0, 4]),
     ("expand", ["--video", "VIDEO", "--keep", "0-1"], 5, [0, 1]),
     ("long_video", ["--images", "IMG0", "--total", "9", "--context", "2"], 9, [0]),
-    ("slow_motion", ["--video", "VIDEO", "--frames", "3", "--factor", "2"], 5, [0, 2, 4]),
+    ("slow_motion", ["--video", "VIDEO", "--keep", "0-2", "--factor", "2"], 5, [0, 2, 4]),
     ("generate", ["--shards", "SHARDS", "--clips", "2", "--keep", "0,3", "--batch", "1", "--num-samples", "2"], 5,
      [0, 3]),
 ])
@@ -97,9 +97,12 @@ def test_long_video_windows_follow_frames(env, tmp_path, monkeypatch):
         return generate(self, video, mask, **kw)
 
     monkeypatch.setattr(MarDiniPipeline, "generate", recording)
-    record = _run(env, tmp_path, "long_video", "--images", env["images"][0], "--total", "7", "--frames", "3",
-                  "--context", "1")
+    with pytest.warns(UserWarning, match="--frames 3: sampling windows of 3 frames, not the checkpoint's trained "
+                      "window of 5; leave --frames out"):
+        record = _run(env, tmp_path, "long_video", "--images", env["images"][0], "--total", "7", "--frames", "3",
+                      "--context", "1")
     assert record["frames"] == 7 and lengths == [3, 3, 3]  # windows of --frames, not the trained 5
+    assert record["window"] == 5 and record["window_sampled"] == 3
 
 
 def test_a_rerun_leaves_only_its_own_samples_and_says_when_the_split_is_short(env, tmp_path, capsys):
@@ -131,7 +134,8 @@ def test_ignored_or_reversed_inputs_fail(env, tmp_path):
 
 
 def test_bad_videos_fail_with_the_fix(env, tmp_path):
-    with pytest.raises(ValueError, match="too few frames.*lower --frames, --start or --stride"):
+    with pytest.raises(ValueError, match="decoded to 8 frames, need index 24.*--start 20 .*: lower --start: the "
+                       "video ends before it"):
         _run(env, tmp_path, "expand", "--video", env["video"], "--start", "20")
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"not a video at all" * 50)
@@ -203,7 +207,9 @@ def test_generate_from_images_fills_the_trained_window_by_default(env, tmp_path,
     assert "default: the trained window" in " ".join(build_parser().format_help().split())
     record = _run(env, tmp_path, "generate", "--images", *env["images"], "--keep", "0,2")
     assert record["frames"] == 5 and record["given_positions"] == [0, 2]
-    assert _run(env, tmp_path, "generate", "--images", *env["images"], "--keep", "0,2", "--frames", "3")["frames"] == 3
+    with pytest.warns(UserWarning, match="not the checkpoint's trained window of 5"):
+        record = _run(env, tmp_path, "generate", "--images", *env["images"], "--keep", "0,2", "--frames", "3")
+    assert record["frames"] == 3
 
 
 def test_generate_past_the_window_samples_window_by_window_and_prints_the_windows(env, tmp_path, capsys):
@@ -278,3 +284,37 @@ def test_batch_changes_the_samples_by_float_rounding_and_says_so(env, tmp_path, 
     for batch in ("1", "2"):
         _run(env, tmp_path, "generate", "--shards", env["shards"], "--clips", "2", "--keep", "0,3", "--batch", batch)
     torch.testing.assert_close(written[0], written[1], rtol=0, atol=1e-5)
+
+
+def test_a_video_shorter_than_the_window_is_read_as_far_as_the_task_needs(env, tmp_path, monkeypatch):
+    """--frames was both the frames read and the window: a 3-frame video (window 5) failed every task ('decoded to 3
+    frames, need index 4 ... lower --frames'), and --frames 3 then sampled 3-frame windows instead of the trained 5."""
+    from mardini.pipeline.pipeline import MarDiniPipeline
+
+    short = env["root"] / "short3.mp4"
+    write_video(short, moving_frames(3, 16, 16), 8)
+    lengths, generate = [], MarDiniPipeline.generate
+    monkeypatch.setattr(MarDiniPipeline, "generate", lambda self, video, mask, **kw: lengths.append(video.shape[1])
+                        or generate(self, video, mask, **kw))
+    for task, args, frames, given in [
+        ("expand", [], 5, [0, 1, 2]),  # a short video's frames are the prefix
+        ("expand", ["--keep", "0-1"], 5, [0, 1]),
+        ("image_to_video", ["--index", "2"], 5, [2]),  # reads one frame
+        ("long_video", ["--keep", "0-2", "--total", "7"], 7, [0, 1, 2]),
+        ("slow_motion", [], 5, [0, 2, 4]),  # all 3 frames, x2
+    ]:
+        lengths.clear()
+        record = _run(env, tmp_path, task, "--video", str(short), *args)
+        assert (record["frames"], record["given_positions"], record["window_sampled"]) == (frames, given, 5), task
+        assert lengths and max(lengths) == 5, (task, lengths)  # the trained window, not the 3 frames read
+    assert "the video gives 3 frame(s) from --start 0, fewer than the window of 5: all are given" in \
+        _run(env, tmp_path, "expand", "--video", str(short))["inputs"][0]
+    with pytest.raises(ValueError, match="the default --keep 0,4 of interpolate reaches frame 4: pick frames it has "
+                       "with --keep"):
+        _run(env, tmp_path, "interpolate", "--video", str(short))
+    lengths.clear()
+    with pytest.warns(UserWarning, match="sampling windows of 3 frames, not the checkpoint's trained window of 5"):
+        _run(env, tmp_path, "slow_motion", "--video", str(short), "--frames", "3")
+    assert lengths == [3]  # --frames is slow_motion's window too (it was the frames read)
+    helptext = " ".join(build_parser().format_help().split())
+    assert "frames per window" in helptext and "It does not set how many frames are read" in helptext

@@ -4,7 +4,7 @@
     python sample.py image_to_video --ckpt last.ckpt --images start.png --index 0 --guidance 2.5
     python sample.py expand --ckpt last.ckpt --video clip.mp4 --keep 0-3
     python sample.py long_video --ckpt last.ckpt --images start.png --total 32
-    python sample.py slow_motion --ckpt last.ckpt --video clip.mp4 --frames 3 --factor 4
+    python sample.py slow_motion --ckpt last.ckpt --video clip.mp4 --keep 0-2 --factor 4
     python sample.py generate --ckpt last.ckpt --shards data/shards/synthetic/val --clips 4 --keep 0,4,8
     python sample.py generate --ckpt last.ckpt --images f0.png f12.png --keep 0,12    # past the window: by windows
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -51,20 +52,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_allow_autoencoder_argument(p)
     src = p.add_argument_group("inputs (one of)")
     src.add_argument("--images", nargs="+", help="image files: the given frames, in order")
-    src.add_argument("--video", help="a video file; --keep picks the given frames among those read")
-    src.add_argument("--shards", help="a shard split (directory, pattern); --clips clips, --keep picks given frames")
+    src.add_argument("--video", help="a video file, read from --start every --stride frames up to the last frame "
+                     "--keep picks (the default --keep of expand, long_video, slow_motion: up to the window)")
+    src.add_argument("--shards", help="a shard split (directory, pattern): --clips clips of the window's length "
+                     "(longer when --keep reaches further), centred as in validation; --keep picks the given frames")
     src.add_argument("--clips", type=int, default=1, help="clips to read from --shards")
     src.add_argument("--keep", help="indices of the given frames among the frames read, e.g. 0,8 or 0-3 "
                      "(generate: their window positions, each once; expand, long_video: consecutive frames; "
-                     "default: generate needs it; interpolate 0,last; image_to_video 0; expand first half; "
-                     "long_video 0; slow_motion all)")
+                     "default: generate needs it; interpolate the window's first and last; image_to_video 0; "
+                     "expand the first half of the window; long_video 0; slow_motion the window's frames; a video "
+                     "shorter than the window gives all its frames to expand, long_video and slow_motion)")
     src.add_argument("--start", type=int, default=0, help="first video frame to read")
     src.add_argument("--stride", type=int, default=None,
                      help="read every stride-th video frame (default: the stride that brings the video's frame rate "
                           "nearest to the rate the model trained at, as training and evaluate.py read videos)")
     t = p.add_argument_group("task")
-    t.add_argument("--frames", type=int, help="window length (default: the trained window, also for generate "
-                   "--images, whose --keep positions must lie in it); frames read from a video or shards")
+    t.add_argument("--frames", type=int, help="frames per window: the length of the output of interpolate, "
+                   "image_to_video and expand, the windows of long_video and slow_motion; for generate the output's "
+                   "length, sampled by windows of the trained length past it (default: the trained window, the "
+                   "checkpoint's, for generate also up to its last --keep position; a shorter window warns). It does "
+                   "not set how many frames are read: --keep does")
     t.add_argument("--index", type=int, default=0, help="image_to_video: frame index of the given image")
     t.add_argument("--total", type=int, help="long_video: output frames (default: 2 windows)")
     t.add_argument("--context", type=int, help="long_video, and generate past the window: known frames carried "
@@ -98,10 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------------
 
 
-def default_keep(task: str, read: int) -> list[int] | None:
-    """Which of the ``read`` frames of a video / clip are given when ``--keep`` is not set."""
-    return {"interpolate": [0, read - 1], "image_to_video": [0], "expand": list(range(max(1, read // 2))),
-            "long_video": [0], "slow_motion": list(range(read))}.get(task)
+def default_keep(task: str, span: int) -> list[int] | None:
+    """Which frames of a video / clip are given when ``--keep`` is not set, among the first ``span`` (the window)."""
+    return {"interpolate": [0, span - 1], "image_to_video": [0], "expand": list(range(max(1, span // 2))),
+            "long_video": [0], "slow_motion": list(range(span))}.get(task)
+
+
+# tasks whose default given frames, from a video shorter than the window, are all the frames it has
+SHORT_VIDEO_TASKS = ("expand", "long_video", "slow_motion")
 
 
 # task -> (test of the number of given frames, what it needs)
@@ -161,29 +172,41 @@ def video_stride(path: str, model_fps: float | None, stride: int | None) -> tupl
 
 def load_inputs(a, pipe: MarDiniPipeline, size) -> tuple[torch.Tensor, list[str], list[int] | None, list[str]]:
     """``given (B, n, 3, H, W)`` in [-1, 1], clip names, the given frames' indices among those read (for generate:
-    their window positions), notes. The inputs passed :func:`check_inputs`."""
-    read = a.frames or pipe.window
+    their window positions), notes. The inputs passed :func:`check_inputs`.
+
+    A video is read up to the last frame ``--keep`` (or the task's default, :func:`default_keep`) picks; without
+    ``--keep``, a video shorter than the window gives expand / long_video / slow_motion all its frames. A shard clip
+    is one window long (longer when ``--keep`` reaches further), centred as in validation."""
+    span = a.frames or pipe.window  # the window: the default given frames lie in it
+    keep = parse_indices(a.keep)
     if a.images:
         frames, note = fit_frames(read_images(a.images), size, a.resize, f"{len(a.images)} image(s)")
-        keep = parse_indices(a.keep)
         return frames[None], ["images"], keep, [note]
     if a.video:
         stride, rate_note, period = video_stride(a.video, pipe.fps, a.stride)
-        frames, timing = read_video(a.video, read, a.start, stride, period)  # (n, H, W, 3)
-        frames, note = fit_frames(frames, size, a.resize, f"video {a.video}")
-        clips, names = frames[None], [Path(a.video).stem]
+        short_ok = keep is None and a.task in SHORT_VIDEO_TASKS  # up to the window; a shorter video gives all
+        picks = keep or default_keep(a.task, span)
+        read = span if short_ok else max(picks) + 1
+        picked = f"--keep {a.keep}" if keep else f"the default --keep {','.join(map(str, picks))} of {a.task}"
+        fix = "lower --start: the video ends before it" if short_ok else \
+            f"{picked} reaches frame {read - 1}: pick frames it has with --keep, or lower --start or --stride"
+        frames, timing = read_video(a.video, read, a.start, stride, period, at_most=short_ok, fix=fix)
+        frames, note = fit_frames(frames, size, a.resize, f"video {a.video}")  # (n, 3, H, W)
+        clips, names = frames[None], [Path(a.video).stem]  # (1, n, 3, H, W)
         note = f"{note}; {rate_note}" + (f"; {timing}" if timing else "")
-    else:
-        if size is None:
-            raise ValueError("--shards needs a sampling size: pass --resolution (the checkpoint does not record one)")
-        clips, names = read_shard_clips(a.shards, a.clips, read, pipe.fps, size)
-        note = f"{len(names)} clip(s) of {read} frames from {a.shards} at {size[0]}x{size[1]} (centre crop)"
-        if len(names) < a.clips:
-            note += f"; --clips {a.clips} asked for, the split gives {len(names)}"
-    keep = parse_indices(a.keep) or default_keep(a.task, clips.shape[1])
-    bad = [i for i in keep if not 0 <= i < clips.shape[1]]
-    if bad:
-        raise ValueError(f"--keep indices {bad} are outside the {clips.shape[1]} frames read (0..{clips.shape[1] - 1})")
+        keep = picks if len(frames) == read else list(range(len(frames)))
+        if len(frames) < read:
+            note += (f"; the video gives {len(frames)} frame(s) from --start {a.start}, fewer than the window of "
+                     f"{span}: all are given")
+        return clips[:, keep], names, keep, [note]
+    if size is None:
+        raise ValueError("--shards needs a sampling size: pass --resolution (the checkpoint does not record one)")
+    keep = keep or default_keep(a.task, span)
+    read = max(span, max(keep) + 1)
+    clips, names = read_shard_clips(a.shards, a.clips, read, pipe.fps, size)  # (B, read, 3, H, W)
+    note = f"{len(names)} clip(s) of {read} frames from {a.shards} at {size[0]}x{size[1]} (centre crop)"
+    if len(names) < a.clips:
+        note += f"; --clips {a.clips} asked for, the split gives {len(names)}"
     return clips[:, keep], names, keep, [note]
 
 
@@ -222,7 +245,7 @@ def run_task(a, pipe: MarDiniPipeline, given: torch.Tensor, positions, seeds: li
         out = pipe.long_video(given, total_frames=total, context=a.context, window=a.frames, **kw)
         idx = list(range(n))
     else:
-        out = pipe.slow_motion(given, factor=a.factor, **kw)
+        out = pipe.slow_motion(given, factor=a.factor, window=a.frames, **kw)
         idx = list(range(0, out.shape[1], a.factor))
     mask = torch.zeros(out.shape[:2], dtype=torch.bool)
     mask[:, idx] = True
@@ -279,6 +302,9 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = torch.bfloat16 if a.bf16 else torch.float32
     pipe = MarDiniPipeline.from_checkpoint(a.ckpt, ema=not a.no_ema, device=device, dtype=dtype, window=a.window,
                                            allow_autoencoders=a.allow_autoencoder)
+    if a.frames is not None and a.frames < pipe.window:  # a longer one is refused by the task
+        warnings.warn(f"--frames {a.frames}: sampling windows of {a.frames} frames, not the checkpoint's trained "
+                      f"window of {pipe.window}; leave --frames out to sample the trained window", stacklevel=2)
     size = parse_size(a.resolution) or pipe.resolution
     given, names, positions, notes = load_inputs(a, pipe, size)
     for note in notes:
@@ -305,7 +331,8 @@ def main(argv: list[str] | None = None) -> dict:
         "resolution": list(videos.shape[-2:]), "resize": a.resize, "inputs": notes,
         "keep": positions,  # the given frames among those read (--keep or the task's default)
         "given_positions": masks[0][0].nonzero().flatten().tolist(),  # where they are in the written videos
-        "device": str(pipe.device), "dtype": str(dtype), "window": pipe.window,
+        "device": str(pipe.device), "dtype": str(dtype), "window": pipe.window,  # the trained one
+        "window_sampled": min(a.frames or pipe.window, pipe.window),  # past it: generate_long, trained windows
         "task_options": {"index": a.index, "total": a.total, "context": a.context, "factor": a.factor},
         "seconds": round(time.perf_counter() - started, 3),
     }

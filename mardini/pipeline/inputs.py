@@ -99,13 +99,16 @@ def video_fps(path: str | Path) -> float | None:
 
 
 def read_video(
-    path: str | Path, frames: int, start: int = 0, stride: int = 1, period: float | None = None
+    path: str | Path, frames: int, start: int = 0, stride: int = 1, period: float | None = None,
+    at_most: bool = False, fix: str = "lower --start or --stride",
 ) -> tuple[np.ndarray, str]:
     """``frames`` frames ``start, start + stride, ...`` of a video file -> uint8 ``(frames, H, W, 3)`` and a note.
 
     With ``period`` (seconds: the stride chosen by a rate), a variable-frame-rate file is read by timestamp, as the
     shard writer and evaluate.py read it (:func:`mardini.data.decode.choose_frames`): the frame on screen at each
     time of a ``period`` grid, from the first grid time showing frame ``start`` or a later one; the note says so.
+    ``at_most``: a file with fewer frames (but at least one) gives those, ``(n, H, W, 3)``; else it is a ValueError
+    ending in ``fix``.
     """
     if not Path(path).is_file():
         raise FileNotFoundError(f"video {path} does not exist")
@@ -115,17 +118,22 @@ def read_video(
     grid, _ = (None, "") if period is None else choose_frames(str(path), period)  # (m,) or None: by index
     if grid is not None:
         first = int(np.searchsorted(grid, start))  # grid position of the first frame >= start
-        if len(grid) - first < frames:
+        if len(grid) - first < frames and not (at_most and len(grid) > first):
             raise ValueError(f"video {path}: it is variable-frame-rate, read by timestamp every {period:.4g} s it "
-                             f"gives {len(grid) - first} frames from --start {start}, fewer than {frames}: lower "
-                             "--frames or --start")
-        idx = grid[first:first + frames]  # (frames,) a held frame repeats
+                             f"gives {len(grid) - first} frames from --start {start}, fewer than {frames}: {fix}")
+        idx = grid[first:first + frames]  # (n,) a held frame repeats
         note = f"variable frame rate: read by timestamp, source frames {idx.tolist()}"
+    data = Path(path).read_bytes()
     try:
-        return decode_mp4(Path(path).read_bytes(), idx), note  # (frames, H, W, 3)
+        try:
+            return decode_mp4(data, idx), note  # (frames, H, W, 3)
+        except ClipTooShort as e:
+            if not (at_most and e.decoded > idx[0]):
+                raise
+            return decode_mp4(data, idx[idx < e.decoded]), note  # (n, H, W, 3): the frames the file has
     except ClipTooShort as e:
         raise ValueError(f"video {path}: {e}; it has too few frames for {frames} frames from --start {start} "
-                         f"every --stride {stride}: lower --frames, --start or --stride") from e
+                         f"every --stride {stride}: {fix}") from e
     except BadSample as e:
         raise ValueError(f"video {path} could not be decoded ({e}); re-encode it (e.g. ffmpeg -i IN -c:v libx264 "
                          "OUT.mp4) or give its frames as --images") from e
