@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageSequence
 
 from mardini.data.synthetic_shards import write_synthetic_split
 from mardini.data.testing import moving_frames, write_video
@@ -251,7 +251,8 @@ def test_a_video_is_read_at_the_rate_the_model_trained_at(tmp_path, env):
     fast = tmp_path / "fast.mp4"
     write_video(fast, moving_frames(30, 16, 16), 24)
     assert video_stride(str(fast), 8.0, None) == (
-        3, "read at 24 fps, every 3 frame(s): 8 fps (nearest to the 8 fps the model trained at)", 1 / 8)
+        3, "read at 24 fps, every 3 frame(s): 8 fps (round(24 / 8), for the 8 fps the model trained at, as training "
+        "reads videos)", 1 / 8)
     assert video_stride(str(fast), 8.0, 2) == (2, "read at 24 fps, every 2 frame(s): 12 fps (--stride)", None)
     assert video_stride(str(fast), None, None)[0] == 1  # a checkpoint that records no rate: every frame
     record = _run(env, tmp_path / "out", "expand", "--video", env["video"], "--keep", "0-1")
@@ -318,3 +319,35 @@ def test_a_video_shorter_than_the_window_is_read_as_far_as_the_task_needs(env, t
     assert lengths == [3]  # --frames is slow_motion's window too (it was the frames read)
     helptext = " ".join(build_parser().format_help().split())
     assert "frames per window" in helptext and "It does not set how many frames are read" in helptext
+
+
+def test_outputs_play_at_the_rate_the_video_was_read_at(env, tmp_path, capsys):
+    """A 12 fps video read every 2nd frame (6 fps) was written at the training 8 fps (1.33x too fast) and
+    settings.json recorded no fps; the note said 'nearest to the 8 fps' where the rule is round(src / target)."""
+    import av
+
+    from mardini.pipeline.cli import video_stride
+
+    ckpt = torch.load(env["ckpt"], weights_only=True)
+    ckpt["datamodule_hyper_parameters"] = {"fps": 8.0}  # as a run of train.py records its data
+    torch.save(ckpt, tmp_path / "at8fps.ckpt")
+    env = dict(env, ckpt=str(tmp_path / "at8fps.ckpt"))
+    video = tmp_path / "twelve.mp4"
+    write_video(video, moving_frames(12, 16, 16), 12)
+    record = _run(env, tmp_path / "out", "image_to_video", "--video", str(video))
+    assert (record["fps_read"], record["fps_written"], record["fps_trained"]) == (6.0, 6.0, 8.0)
+    with av.open(str(tmp_path / "out" / "image_to_video_000.mp4")) as f:
+        assert f.streams.video[0].average_rate == 6
+    with Image.open(tmp_path / "out" / "image_to_video_000.gif") as gif:
+        assert sum(gif.info["duration"] for _ in ImageSequence.Iterator(gif)) == 830  # 5 frames at 6 fps
+    assert "read at 6 fps, the checkpoint trained at 8 fps: each frame step is 1.33x the motion it learned" in \
+        " ".join(record["inputs"]) and "6 fps) to" in capsys.readouterr().out
+    assert _run(env, tmp_path / "out", "image_to_video", "--video", str(video), "--fps", "10")["fps_written"] == 10
+    shards = _run(env, tmp_path / "out", "image_to_video", "--shards", env["shards"])
+    assert (shards["fps_read"], shards["fps_written"]) == (8.0, 8.0) and "read at 8 fps" in shards["inputs"][0]
+    assert _run(env, tmp_path / "out", "image_to_video", "--images", env["images"][0])["fps_read"] is None
+    twenty = tmp_path / "twenty.mp4"  # 20 / 8 = 2.5 rounds (to even) to 2: 10 fps, where 3 would give 6.67
+    write_video(twenty, moving_frames(9, 16, 16), 20)
+    assert video_stride(str(twenty), 8.0, None)[1] == (
+        "read at 20 fps, every 2 frame(s): 10 fps (round(20 / 8), for the 8 fps the model trained at, as training "
+        "reads videos)")

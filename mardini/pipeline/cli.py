@@ -16,6 +16,7 @@ default, with a message saying so); ``--resolution`` / ``--resize`` change that.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 import warnings
 from pathlib import Path
@@ -64,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "shorter than the window gives all its frames to expand, long_video and slow_motion)")
     src.add_argument("--start", type=int, default=0, help="first video frame to read")
     src.add_argument("--stride", type=int, default=None,
-                     help="read every stride-th video frame (default: the stride that brings the video's frame rate "
-                          "nearest to the rate the model trained at, as training and evaluate.py read videos)")
+                     help="read every stride-th video frame (default: round(video fps / training fps), at least 1, "
+                          "as training and evaluate.py read videos)")
     t = p.add_argument_group("task")
     t.add_argument("--frames", type=int, help="frames per window: the length of the output of interpolate, "
                    "image_to_video and expand, the windows of long_video and slow_motion; for generate the output's "
@@ -96,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     o = p.add_argument_group("outputs")
     o.add_argument("--out", type=Path, help="output folder (default outputs/samples/<task>)")
-    o.add_argument("--fps", type=float, help="fps of the written videos (default: the training fps, else 8)")
+    o.add_argument("--fps", type=float, help="fps of the written videos (default: the rate a --video or the --shards "
+                   "clips were read at, else the training fps, else 8)")
     return p
 
 
@@ -154,15 +156,16 @@ def check_inputs(a: argparse.Namespace) -> None:
 
 
 def video_stride(path: str, model_fps: float | None, stride: int | None) -> tuple[int, str, float | None]:
-    """The stride to read ``path`` at (``stride`` if given, else the one nearest to the model's training rate, as the
-    training loader picks it), a note saying what it gives, and the grid period (s) a variable-frame-rate file is
-    read at by timestamp when the stride was chosen by that rate (None: read by index)."""
+    """The stride to read ``path`` at (``stride`` if given, else ``round(video fps / model_fps)``, at least 1, as the
+    training loader and evaluate.py pick it: :func:`~mardini.data.decode.frame_stride`), a note saying what it
+    gives, and the grid period (s) a variable-frame-rate file is read at by timestamp when the stride was chosen by
+    that rate (None: read by index)."""
     src = video_fps(path)
     period = None
     if stride is None:
         stride = frame_stride(src, model_fps) if src and model_fps else 1
-        why = f"nearest to the {model_fps:g} fps the model trained at" if src and model_fps else "the model or the " \
-            "video records no frame rate"
+        why = f"round({src:g} / {model_fps:g}), for the {model_fps:g} fps the model trained at, as training reads " \
+            "videos" if src and model_fps else "the model or the video records no frame rate"
         period = 1 / (src / stride) if src and model_fps else None  # the effective rate's period, as evaluate.py
     else:
         why = "--stride"
@@ -170,9 +173,11 @@ def video_stride(path: str, model_fps: float | None, stride: int | None) -> tupl
     return stride, f"read at {rate} ({why})", period
 
 
-def load_inputs(a, pipe: MarDiniPipeline, size) -> tuple[torch.Tensor, list[str], list[int] | None, list[str]]:
+def load_inputs(a, pipe: MarDiniPipeline, size) -> tuple[torch.Tensor, list[str], list[int] | None, list[str],
+                                                          float | None]:
     """``given (B, n, 3, H, W)`` in [-1, 1], clip names, the given frames' indices among those read (for generate:
-    their window positions), notes. The inputs passed :func:`check_inputs`.
+    their window positions), notes, and the frame rate they were read at (None: images, a video that records none,
+    shard clips of several rates). The inputs passed :func:`check_inputs`.
 
     A video is read up to the last frame ``--keep`` (or the task's default, :func:`default_keep`) picks; without
     ``--keep``, a video shorter than the window gives expand / long_video / slow_motion all its frames. A shard clip
@@ -181,9 +186,10 @@ def load_inputs(a, pipe: MarDiniPipeline, size) -> tuple[torch.Tensor, list[str]
     keep = parse_indices(a.keep)
     if a.images:
         frames, note = fit_frames(read_images(a.images), size, a.resize, f"{len(a.images)} image(s)")
-        return frames[None], ["images"], keep, [note]
+        return frames[None], ["images"], keep, [note], None
     if a.video:
         stride, rate_note, period = video_stride(a.video, pipe.fps, a.stride)
+        src = video_fps(a.video)
         short_ok = keep is None and a.task in SHORT_VIDEO_TASKS  # up to the window; a shorter video gives all
         picks = keep or default_keep(a.task, span)
         read = span if short_ok else max(picks) + 1
@@ -198,16 +204,18 @@ def load_inputs(a, pipe: MarDiniPipeline, size) -> tuple[torch.Tensor, list[str]
         if len(frames) < read:
             note += (f"; the video gives {len(frames)} frame(s) from --start {a.start}, fewer than the window of "
                      f"{span}: all are given")
-        return clips[:, keep], names, keep, [note]
+        return clips[:, keep], names, keep, [note], src / stride if src else None
     if size is None:
         raise ValueError("--shards needs a sampling size: pass --resolution (the checkpoint does not record one)")
     keep = keep or default_keep(a.task, span)
     read = max(span, max(keep) + 1)
-    clips, names = read_shard_clips(a.shards, a.clips, read, pipe.fps, size)  # (B, read, 3, H, W)
-    note = f"{len(names)} clip(s) of {read} frames from {a.shards} at {size[0]}x{size[1]} (centre crop)"
+    clips, names, rates = read_shard_clips(a.shards, a.clips, read, pipe.fps, size)  # (B, read, 3, H, W)
+    rates = sorted({round(r, 6) for r in rates})
+    note = (f"{len(names)} clip(s) of {read} frames from {a.shards} at {size[0]}x{size[1]} (centre crop), read at "
+            f"{' / '.join(f'{r:g}' for r in rates)} fps")
     if len(names) < a.clips:
         note += f"; --clips {a.clips} asked for, the split gives {len(names)}"
-    return clips[:, keep], names, keep, [note]
+    return clips[:, keep], names, keep, [note], rates[0] if len(rates) == 1 else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,7 +314,11 @@ def main(argv: list[str] | None = None) -> dict:
         warnings.warn(f"--frames {a.frames}: sampling windows of {a.frames} frames, not the checkpoint's trained "
                       f"window of {pipe.window}; leave --frames out to sample the trained window", stacklevel=2)
     size = parse_size(a.resolution) or pipe.resolution
-    given, names, positions, notes = load_inputs(a, pipe, size)
+    given, names, positions, notes, fps_read = load_inputs(a, pipe, size)
+    fps = a.fps or fps_read or pipe.fps or 8.0
+    if fps_read and pipe.fps and not math.isclose(fps_read, pipe.fps, rel_tol=0.01):
+        notes.append(f"the frames were read at {fps_read:g} fps, the checkpoint trained at {pipe.fps:g} fps: each "
+                     f"frame step is {pipe.fps / fps_read:.3g}x the motion it learned (--stride changes the rate read)")
     for note in notes:
         print(f"[sample] {note}")
     guidance = a.guidance if a.guidance is not None else (
@@ -334,9 +346,10 @@ def main(argv: list[str] | None = None) -> dict:
         "device": str(pipe.device), "dtype": str(dtype), "window": pipe.window,  # the trained one
         "window_sampled": min(a.frames or pipe.window, pipe.window),  # past it: generate_long, trained windows
         "task_options": {"index": a.index, "total": a.total, "context": a.context, "factor": a.factor},
+        "fps_read": fps_read, "fps_written": fps, "fps_trained": pipe.fps,
         "seconds": round(time.perf_counter() - started, 3),
     }
-    record = write_outputs(out_dir, a.task, videos, torch.cat(masks), labels, settings, a.fps or pipe.fps or 8.0)
-    print(f"[sample] wrote {len(videos)} video(s) ({videos.shape[1]} frames, {videos.shape[-2]}x{videos.shape[-1]}) "
-          f"to {out_dir}/: mp4, gif, contact_sheet.png, settings.json")
+    record = write_outputs(out_dir, a.task, videos, torch.cat(masks), labels, settings, fps)
+    print(f"[sample] wrote {len(videos)} video(s) ({videos.shape[1]} frames, {videos.shape[-2]}x{videos.shape[-1]}, "
+          f"{fps:g} fps) to {out_dir}/: mp4, gif, contact_sheet.png, settings.json")
     return record

@@ -140,23 +140,25 @@ def read_video(
 
 
 def read_shard_clips(shards: str, clips: int, frames: int, fps: float | None, size: tuple[int, int]):
-    """The first ``clips`` clips of a shard split (centre crop, like validation) -> ``(B, frames, 3, H, W)``, keys."""
+    """The first ``clips`` clips of a shard split (centre crop, like validation) -> ``(B, frames, 3, H, W)``, keys and
+    the rate each clip was read at (its fps over its stride)."""
     from mardini.data.sharding import list_shards
     from mardini.data.stream import ClipStream, skip_only
 
     stream = ClipStream(list_shards(shards), frames=frames, fps=fps, resolution=size, batch_size=1, train=False,
                         max_clips=clips)
-    videos, keys = [], []
+    videos, keys, rates = [], [], []
     for batch in stream:
         if skip_only(batch):
             continue
         videos.append(batch["video"])  # (1, T, 3, H, W)
         keys += batch["key"]
+        rates += batch["fps"].tolist()
         if len(keys) >= clips:
             break
     if not videos:
         raise ValueError(f"no clip of {frames} frames at fps {fps} could be read from {shards}")
-    return torch.cat(videos)[:clips], keys[:clips]
+    return torch.cat(videos)[:clips], keys[:clips], rates[:clips]
 
 
 def parse_indices(text: str | None) -> list[int] | None:
