@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -81,14 +82,41 @@ def gif_durations(frames: int, fps: float) -> list[int]:
 
 
 def save_gif(video: torch.Tensor, path: str | Path, fps: float = 8.0) -> Path:
-    """``(T, 3, H, W)`` in [-1, 1] -> looping GIF (PIL) that plays at ``fps`` on average (:func:`gif_durations`)."""
+    """``(T, 3, H, W)`` in [-1, 1] -> looping GIF that plays at ``fps`` on average (:func:`gif_durations`), one GIF
+    frame per frame: each frame gets the adaptive palette Pillow's GIF writer gives it (:func:`_palette_frame`), and
+    FFmpeg's gif encoder (PyAV) writes them, because Pillow's writer merges identical consecutive frames into one."""
+    import av
+
     if video.dim() != 4 or video.shape[1] != 3:
         raise ValueError(f"save_gif expects (T, 3, H, W), got {tuple(video.shape)}")
-    frames = [Image.fromarray(f) for f in to_uint8(video)]  # T x (H, W, 3)
+    frames = to_uint8(video)  # (T, H, W, 3)
+    starts = np.cumsum([0, *gif_durations(len(frames), fps)]) // 10  # (T + 1,) hundredths of a second
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=gif_durations(len(frames), fps), loop=0)
+    muxer = {"loop": "0", "final_delay": str(starts[-1] - starts[-2])}  # loop forever; the last frame's delay
+    with av.open(str(path), "w", format="gif", options=muxer) as out:
+        stream = out.add_stream("gif", rate=100)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "pal8"
+        stream.time_base = stream.codec_context.time_base = Fraction(1, 100)
+        for img, start in zip(frames, starts):
+            frame = av.VideoFrame.from_ndarray(_palette_frame(img), format="pal8")
+            frame.pts, frame.time_base = int(start), stream.time_base
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():  # flush
+            out.mux(packet)
     return path
+
+
+def _palette_frame(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 ``(H, W, 3)`` -> palette indices ``(H, W)`` and ARGB palette ``(256, 4)``: the adaptive palette (median
+    cut, no dithering) that Pillow's GIF writer quantizes an RGB frame with."""
+    indexed = Image.fromarray(img).convert("P", palette=Image.Palette.ADAPTIVE)
+    rgb = np.asarray(indexed.getpalette("RGB"), np.uint8).reshape(-1, 3)  # (N, 3), N <= 256
+    palette = np.zeros((256, 4), np.uint8)  # (256, 4) ARGB, opaque
+    palette[:, 0] = 255
+    palette[: len(rgb), 1:] = rgb
+    return np.asarray(indexed), palette
 
 
 def save_mp4(video: torch.Tensor, path: str | Path, fps: float = 8.0) -> Path:

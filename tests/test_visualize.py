@@ -51,3 +51,19 @@ def test_gif_plays_at_its_fps_on_average(tmp_path):
         gif.seek(i)
         delays.append(gif.info["duration"])
     assert sum(delays) == 1000  # 8 frames at 8 fps: one second
+
+
+def test_gif_keeps_repeated_frames_at_pillow_s_quality(tmp_path):
+    """Pillow's GIF writer merged identical consecutive frames: 8 frames, 3 alike in a row, read back as 6."""
+    from PIL import ImageSequence
+
+    video = torch.rand(8, 3, 12, 20, generator=torch.Generator().manual_seed(0)) * 2 - 1  # (T, 3, H, W), rich colours
+    video[3:5] = video[2]  # frames 2, 3, 4 identical
+    with Image.open(save_gif(video, tmp_path / "r.gif", fps=8)) as gif:
+        frames = [(np.asarray(f.convert("RGB")), f.info["duration"]) for f in ImageSequence.Iterator(gif)]
+        assert gif.info["loop"] == 0
+    assert [d for _, d in frames] == gif_durations(8, 8.0)  # every frame, each with its own delay
+    for (got, _), want in zip(frames, video):
+        pixels = ((want.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()  # (H, W, 3)
+        quantized = Image.fromarray(pixels).convert("P", palette=Image.Palette.ADAPTIVE).convert("RGB")
+        assert np.array_equal(got, np.asarray(quantized))  # the adaptive palette Pillow's writer gave each frame
