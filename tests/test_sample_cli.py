@@ -281,7 +281,7 @@ def test_batch_changes_the_samples_by_float_rounding_and_says_so(env, tmp_path, 
     assert "only by float rounding: a clip matches its --batch 1 sample within 1e-5" in helptext
     assert "only by float rounding" in " ".join(MarDiniPipeline.generate.__doc__.split())
     written = []
-    monkeypatch.setattr(cli, "write_outputs", lambda out, task, videos, *a: written.append(videos) or {})
+    monkeypatch.setattr(cli, "write_outputs", lambda out, task, videos, *a, **kw: written.append(videos) or {})
     for batch in ("1", "2"):
         _run(env, tmp_path, "generate", "--shards", env["shards"], "--clips", "2", "--keep", "0,3", "--batch", batch)
     torch.testing.assert_close(written[0], written[1], rtol=0, atol=1e-5)
@@ -351,3 +351,29 @@ def test_outputs_play_at_the_rate_the_video_was_read_at(env, tmp_path, capsys):
     assert video_stride(str(twenty), 8.0, None)[1] == (
         "read at 20 fps, every 2 frame(s): 10 fps (round(20 / 8), for the 8 fps the model trained at, as training "
         "reads videos)")
+
+
+def test_png_writes_every_sample_s_frames_losslessly_where_evaluate_reads_them(env, tmp_path, monkeypatch):
+    """The outputs were lossy only (H.264 yuv420p crf 18, palette GIFs): re-feeding one lost quality each round."""
+    import mardini.pipeline.outputs as outputs
+    from mardini.evaluation.external import GeneratedVideos
+    from mardini.visualize import to_uint8
+
+    written, write = [], outputs.write_outputs
+    def recording(out, task, videos, *args, **kw):
+        written.append(videos)
+        return write(out, task, videos, *args, **kw)
+
+    monkeypatch.setattr("mardini.pipeline.cli.write_outputs", recording)
+    record = _run(env, tmp_path, "interpolate", "--images", *env["images"], "--num-samples", "2", "--png")
+    folders = [tmp_path / "frames" / "interpolate_000", tmp_path / "frames" / "interpolate_001"]
+    assert [str(f) for f in folders] == [f for f in record["files"] if not f.endswith((".mp4", ".gif"))]
+    pixels = to_uint8(written[0])  # (2, T, H, W, 3): the samples as the writers get them
+    for folder, want in zip(folders, pixels):
+        assert sorted(p.name for p in folder.iterdir()) == [f"frame_{i:02d}.png" for i in range(5)]
+        assert all(np.array_equal(np.asarray(Image.open(folder / f"frame_{i:02d}.png")), want[i]) for i in range(5))
+    generated = GeneratedVideos("mine", tmp_path, frames=5, resolution=16)  # evaluate.py --generated mine=DIR
+    read = generated.read("frames", "interpolate_000")  # (T, 3, R, R) in [-1, 1]
+    assert np.array_equal(to_uint8(read), pixels[0])  # the 8-bit pixels written, exactly
+    record = _run(env, tmp_path, "interpolate", "--images", *env["images"])  # a rerun without --png: no stale frames
+    assert not any((tmp_path / "frames").iterdir()) and len(record["files"]) == 2

@@ -8,9 +8,10 @@
     python sample.py generate --ckpt last.ckpt --shards data/shards/synthetic/val --clips 4 --keep 0,4,8
     python sample.py generate --ckpt last.ckpt --images f0.png f12.png --keep 0,12    # past the window: by windows
 
-Writes ``<out>/<task>_NNN.mp4|.gif`` per sample, ``contact_sheet.png`` (given frames framed in green) and
-``settings.json``. Inputs are brought to the checkpoint's training resolution (centre crop + resize by
-default, with a message saying so); ``--resolution`` / ``--resize`` change that.
+Writes ``<out>/<task>_NNN.mp4|.gif`` per sample (``--png``: also ``<out>/frames/<task>_NNN/frame_XX.png``,
+lossless), ``contact_sheet.png`` (given frames framed in green) and ``settings.json``. Inputs are brought to the
+checkpoint's training resolution (centre crop + resize by default, with a message saying so); ``--resolution`` /
+``--resize`` change that.
 """
 
 from __future__ import annotations
@@ -97,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     o = p.add_argument_group("outputs")
     o.add_argument("--out", type=Path, help="output folder (default outputs/samples/<task>)")
+    o.add_argument("--png", action="store_true", help="also write each sample's frames losslessly, "
+                   "<out>/frames/<task>_NNN/frame_XX.png (the mp4 is H.264 yuv420p, crf 18, the GIF 256 colours "
+                   "a frame: both lossy): folders of frames as evaluate.py --generated reads them, which "
+                   "sample.py --images reads back exactly")
     o.add_argument("--fps", type=float, help="fps of the written videos (default: the rate a --video or the --shards "
                    "clips were read at, else the training fps, else 8)")
     return p
@@ -349,7 +354,7 @@ def main(argv: list[str] | None = None) -> dict:
         "fps_read": fps_read, "fps_written": fps, "fps_trained": pipe.fps,
         "seconds": round(time.perf_counter() - started, 3),
     }
-    record = write_outputs(out_dir, a.task, videos, torch.cat(masks), labels, settings, fps)
+    record = write_outputs(out_dir, a.task, videos, torch.cat(masks), labels, settings, fps, png=a.png)
     print(f"[sample] wrote {len(videos)} video(s) ({videos.shape[1]} frames, {videos.shape[-2]}x{videos.shape[-1]}, "
-          f"{fps:g} fps) to {out_dir}/: mp4, gif, contact_sheet.png, settings.json")
+          f"{fps:g} fps) to {out_dir}/: mp4, gif, {'png frames, ' if a.png else ''}contact_sheet.png, settings.json")
     return record

@@ -1,5 +1,6 @@
-"""What ``sample.py`` writes: one mp4 and one gif per sample, a PNG contact sheet (given frames framed in green)
-and ``settings.json`` (checkpoint, seed, steps, guidance, task, and the rest of the run)."""
+"""What ``sample.py`` writes: one mp4 and one gif per sample (with ``--png`` also its frames as lossless PNGs), a PNG
+contact sheet (given frames framed in green) and ``settings.json`` (checkpoint, seed, steps, guidance, task, and the
+rest of the run)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from mardini.visualize import contact_sheet, save_gif, save_mp4
+from mardini.visualize import contact_sheet, save_gif, save_mp4, to_uint8
 
 
 def check_out_dir(out: Path) -> None:
@@ -19,9 +20,25 @@ def check_out_dir(out: Path) -> None:
         raise ValueError(f"--out {out}: {existing} is a file, not a folder; pass a folder (created if missing)")
 
 
+def save_frames(video: torch.Tensor, folder: Path) -> Path:
+    """``(T, 3, H, W)`` in [-1, 1] -> ``folder/frame_XX.png``, lossless 8-bit RGB, named as ``evaluate.py
+    --export-inputs`` names a window's frames (:func:`~mardini.evaluation.external.frame_file`): a folder of frame
+    images that ``evaluate.py --generated`` reads, and that ``sample.py --images`` reads back exactly."""
+    from PIL import Image
+
+    from mardini.evaluation.external import frame_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, frame in enumerate(to_uint8(video)):  # (H, W, 3)
+        Image.fromarray(frame).save(folder / frame_file(i, len(video)))
+    return folder
+
+
 def write_outputs(out: Path, task: str, videos: torch.Tensor, given: torch.Tensor, labels: list[str],
-                  settings: dict, fps: float) -> dict:
+                  settings: dict, fps: float, png: bool = False) -> dict:
     """Write every sample of ``videos (N, T, 3, H, W)`` in [-1, 1]; ``given (N, T)`` bool marks the given frames.
+    ``png``: also each sample's frames, losslessly, in ``frames/<task>_NNN/`` (:func:`save_frames`; apart from the
+    mp4 of the same name, which ``evaluate.py --generated`` would take for a second output of the clip).
 
     The task's samples of an earlier run in ``out`` are removed first, so the folder holds this run's files only
     (a run with fewer samples left the earlier ones beside them, described by the new ``settings.json``)."""
@@ -29,10 +46,18 @@ def write_outputs(out: Path, task: str, videos: torch.Tensor, given: torch.Tenso
     for old in out.glob(f"{task}_*"):
         if old.suffix in (".mp4", ".gif") and old.stem[len(task) + 1:].isdigit():
             old.unlink()
+    for old in (out / "frames").glob(f"{task}_*"):  # --png frames: the PNGs go, and a folder left empty
+        if old.is_dir() and old.name[len(task) + 1:].isdigit():
+            for frame in old.glob("frame_*.png"):
+                frame.unlink()
+            if not any(old.iterdir()):
+                old.rmdir()
     files = []
     for i, video in enumerate(videos):
         stem = out / f"{task}_{i:03d}"
         files += [str(save_mp4(video, stem.with_suffix(".mp4"), fps)), str(save_gif(video, stem.with_suffix(".gif"), fps))]
+        if png:
+            files.append(str(save_frames(video, out / "frames" / stem.name)))
     sheet = contact_sheet(videos, out / "contact_sheet.png", mask=~given, row_labels=labels)
     record = dict(settings, files=files, contact_sheet=str(sheet))
     (out / "settings.json").write_text(json.dumps(record, indent=2, default=str))
