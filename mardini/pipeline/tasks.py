@@ -312,7 +312,8 @@ def generate_long(pipe, video: torch.Tensor, mask: torch.Tensor, context: int | 
     an earlier window) are given and the unknown ones generated; frames of a window past the video's ends are
     virtual (generated and dropped), so more frames to generate after a mask that ends with generated frames
     leave its frames as they were. Each window's seeds are those of the clip and sample salted by the window's
-    index in its pass (forward windows as :func:`long_video`'s), so a clip's video does not depend on its batch.
+    index in its pass (forward windows as :func:`long_video`'s), so a clip's video depends on its batch only by
+    float rounding.
 
     Args:
         video: ``(B, T, 3, H, W)`` (or one clip ``(T, 3, H, W)``) in [-1, 1]; masked frames' content is ignored.
