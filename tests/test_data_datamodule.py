@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -186,6 +187,25 @@ def test_train_stream_is_seeded_by_rank_and_epoch_and_resumable(synth):
     other_seed = _dm(synth, seed=1)
     other_seed.setup("fit")
     assert _epoch_keys(other_seed) != e0
+
+
+# sha256 of the training keys (batches joined, each ended by ';'), ranks 0 and 1 of 2, two epochs, 5 batches of 4 clips
+# per epoch and rank: recorded with the stream of commit 9352fb9, before the loader took its epoch at the first batch
+# and rotated its workers on a resume; an uninterrupted read must stay the same clips in the same order
+STREAM_ORDER = {0: "c8d37a7dc274f752", 2: "85b1a8c9376cd912", 3: "423617e10c9a1494"}
+
+
+@pytest.mark.parametrize("workers", sorted(STREAM_ORDER))
+def test_an_uninterrupted_read_keeps_its_recorded_order(synth, workers):
+    digest = hashlib.sha256()
+    for rank in (0, 1):
+        dm = _dm(synth, num_workers=workers, epoch_size=20)
+        dm.configure_ranks(rank, 2)
+        dm.setup("fit")
+        for _ in range(2):
+            for batch in dm.train_dataloader():
+                digest.update((" ".join(batch["key"]) + ";").encode())
+    assert digest.hexdigest()[:16] == STREAM_ORDER[workers]
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -416,6 +436,59 @@ def test_lightning_fit_epochs_and_checkpoint_state(synth, tmp_path):
     ckpt = torch.load(trainer.checkpoint_callback.best_model_path or next(tmp_path.rglob("*.ckpt")),
                       weights_only=False)
     assert ckpt["VideoDataModule"]["epoch"] == 2 and ckpt["VideoDataModule"]["seed"] == 0
+
+
+class _Killed(Exception):
+    """The process dies right after a save (a SLURM preemption: kill -9 after ``hpc_ckpt_1.ckpt``)."""
+
+
+class _SaveAt(L.Callback):
+    """Saves ``path`` at ``step``: at the train batch's end (``last.ckpt``) or at the end of the validation that
+    follows it (the preemption save, ``PreemptionSave``); then stops (``kill``) or goes on."""
+
+    def __init__(self, step: int, path: Path, where: str = "batch", kill: bool = False) -> None:
+        self.step, self.path, self.where, self.kill = step, path, where, kill
+
+    def _save(self, trainer) -> None:
+        if trainer.global_step == self.step and not trainer.sanity_checking:
+            trainer.save_checkpoint(self.path)
+            if self.kill:
+                raise _Killed
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.where == "batch":
+            self._save(trainer)
+
+    def on_validation_end(self, trainer, pl_module):
+        if self.where == "validation":
+            self._save(trainer)
+
+
+@pytest.mark.parametrize("where", ["validation", "batch"])
+def test_a_resume_from_an_epoch_s_end_reads_the_next_data_epoch(synth, tmp_path, where):
+    """3-batch epochs validated at their end; saved at step 3 (the end of epoch 0) in that validation or at the last
+    batch's end, killed, resumed to step 7: the same clips at every step as one uninterrupted run, the same stream
+    state and the same Lightning counters. Lightning iterates the restored, finished epoch 0 without reading it: that
+    iterator must not take a data epoch (it did, and the resumed run skipped one)."""
+
+    def fit(*callbacks, ckpt_path=None):
+        model = _Tiny()
+        trainer = L.Trainer(max_steps=7, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_checkpointing=False, enable_model_summary=False, limit_val_batches=1,
+                            num_sanity_val_steps=0, callbacks=list(callbacks))
+        trainer.fit(model, datamodule=_dm(synth, epoch_size=12), ckpt_path=ckpt_path)
+        return model
+
+    full = fit(_SaveAt(7, tmp_path / "full.ckpt"))
+    with pytest.raises(_Killed):
+        fit(_SaveAt(3, tmp_path / "saved.ckpt", where, kill=True))
+    resumed = fit(_SaveAt(7, tmp_path / "resumed.ckpt"), ckpt_path=tmp_path / "saved.ckpt")
+    assert resumed.keys == full.keys[3:]
+    want, got = (torch.load(tmp_path / f"{run}.ckpt", weights_only=False) for run in ("full", "resumed"))
+    assert got["VideoDataModule"] == want["VideoDataModule"]  # epoch 3, in_epoch 2 (it was 4 and 3)
+    assert got["epoch"] == want["epoch"]
+    assert got["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"] == \
+        want["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -490,11 +490,15 @@ class StreamLoader(DataLoader):
     """A DataLoader over a :class:`ClipStream` (``batch_size=None``: the stream batches).
 
     Each new iteration of a training stream takes the next epoch number from the shared state (workers get
-    it when they start, so use ``persistent_workers=False``); every batch's ``skipped`` is added to
-    ``state.skipped``, and skip-only markers (:func:`skip_only`) end there: the consumer sees clips only.
+    it when they start, so use ``persistent_workers=False``) when its first batch is asked for, not at ``iter()``:
+    Lightning restoring a checkpoint saved in an epoch's last validation iterates that finished epoch again without
+    reading it, and such an iterator must leave the epoch number and the resume position alone (taking them made
+    the resumed run skip a data epoch). Every batch's ``skipped`` is added to ``state.skipped``, and skip-only
+    markers (:func:`skip_only`) end there: the consumer sees clips only.
     """
 
     def __iter__(self) -> Iterator[dict]:
+        # a generator: nothing below runs (no epoch taken, no worker started) until the first batch is asked for
         ds = self.dataset
         if isinstance(ds, ClipStream) and ds.train:
             state, workers = ds.state, max(1, self.num_workers)
@@ -514,7 +518,7 @@ class StreamLoader(DataLoader):
             state.in_epoch, state.workers = ds.current_epoch, workers
             state.progress = {w: list(p) for w, p in ds.resume_progress.items()}
             state.in_flight = 0  # a new stream: batches the last one fetched and never trained are not read again
-        return self._count(super().__iter__())
+        yield from self._count(super().__iter__())
 
     def _count(self, it: Iterator[dict]) -> Iterator[dict]:
         state = getattr(self.dataset, "state", None)
