@@ -208,9 +208,11 @@ def test_an_uninterrupted_read_keeps_its_recorded_order(synth, workers):
     assert digest.hexdigest()[:16] == STREAM_ORDER[workers]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_mid_epoch_resume_continues_the_stream_exactly(synth, workers):
-    """Train on k batches, save the state, resume in a new module: the rest of the epoch is bit-identical."""
+@pytest.mark.parametrize(("workers", "trained"), [(0, 4), (2, 4), (2, 3), (3, 2)])
+def test_mid_epoch_resume_continues_the_stream_exactly(synth, workers, trained):
+    """Train on k batches, save the state, resume in a new module: the rest of the epoch is bit-identical, also
+    when the next batch is due from another worker than the first (the DataLoader asks its workers in turn from
+    worker 0: a resume after 3 batches of 2 workers delivered worker 1's batch and worker 0's out of turn)."""
     full = _dm(synth, num_workers=workers, epoch_size=24)
     full.setup("fit")
     reference = list(full.train_dataloader())  # 6 batches
@@ -219,7 +221,7 @@ def test_mid_epoch_resume_continues_the_stream_exactly(synth, workers):
     first = _dm(synth, num_workers=workers, epoch_size=24)
     first.setup("fit")
     it = iter(first.train_dataloader())
-    for _ in range(4):  # the loader runs ahead (prefetch); only batches "trained on" count
+    for _ in range(trained):  # the loader runs ahead (prefetch); only batches "trained on" count
         first.on_before_batch_transfer(next(it), 0)
     next(it)  # fetched but never trained on: must be delivered again after the resume
     state = first.state_dict()
@@ -229,8 +231,8 @@ def test_mid_epoch_resume_continues_the_stream_exactly(synth, workers):
     resumed.load_state_dict(state)
     resumed.setup("fit")
     rest = list(resumed.train_dataloader())
-    assert [b["key"] for b in rest] == [b["key"] for b in reference[4:]]
-    for got, want in zip(rest, reference[4:]):
+    assert [b["key"] for b in rest] == [b["key"] for b in reference[trained:]]
+    for got, want in zip(rest, reference[trained:]):
         assert torch.equal(got["video"], want["video"])  # same crops and temporal starts
     assert resumed.state_dict()["epoch"] == 1  # the next epoch is a fresh one
     assert _epoch_keys(resumed) == _epoch_keys(full)  # and equal to the uninterrupted run's second epoch

@@ -242,6 +242,7 @@ class ClipStream(IterableDataset):
         self.state = state if state is not None else StreamState()
         self.current_epoch = self.state.epoch
         self.resume_progress: dict[int, list[int]] = {}  # worker -> [raw samples, batches] already trained on
+        self.worker_shift = 0  # DataLoader worker k reads as worker (k + shift) % workers (a resumed epoch)
         self.max_consecutive_bad = max_consecutive_bad
 
     def __len__(self) -> int:
@@ -273,6 +274,8 @@ class ClipStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         worker, workers = worker_info()
+        if self.train:  # the worker whose part of the epoch this process reads (see StreamLoader)
+            worker = (worker + self.worker_shift) % workers
         epoch = self.current_epoch if self.train else 0
         seed = stream_seed(self.state.seed, self.rank, worker, epoch, salt=int(not self.train))
         skips = SkipLog(self.max_consecutive_bad if self.train else 0)
@@ -503,7 +506,7 @@ class StreamLoader(DataLoader):
         if isinstance(ds, ClipStream) and ds.train:
             state, workers = ds.state, max(1, self.num_workers)
             resume, state.resume = state.resume, None
-            ds.current_epoch, ds.resume_progress = state.epoch, {}
+            ds.current_epoch, ds.resume_progress, ds.worker_shift = state.epoch, {}, 0
             if resume is not None:
                 delivered = sum(b for _, b in resume["progress"].values())
                 if resume["workers"] != workers:
@@ -514,6 +517,9 @@ class StreamLoader(DataLoader):
                 elif ds.epoch_batches is None or delivered < ds.epoch_batches:
                     ds.current_epoch = resume["epoch"]
                     ds.resume_progress = {w: list(p) for w, p in resume["progress"].items()}
+                    # batch i of an epoch comes from worker i % workers, and the DataLoader asks its workers in turn
+                    # from its first: that one reads as the worker whose batch is due, so the order goes on
+                    ds.worker_shift = delivered % workers
             state.epoch = ds.current_epoch + 1
             state.in_epoch, state.workers = ds.current_epoch, workers
             state.progress = {w: list(p) for w, p in ds.resume_progress.items()}
