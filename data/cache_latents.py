@@ -7,6 +7,12 @@
 
 The cache freezes augmentation (centre crop, fixed centred frame selection); train from it with
 ``data.latents=true`` and the same frames/fps/resolution. Re-running resumes (finished shards are kept).
+Several processes can cache into one folder: ``--part I/N`` makes this one cache input shards I, I+N, ... (N
+processes, I = 0 .. N-1, each shard once); ``--part slurm`` takes I and N from srun's SLURM_PROCID and SLURM_NTASKS
+(never by default: a lone process in a many-task allocation would cache a fraction without a word):
+
+    srun --ntasks 8 python data/cache_latents.py SHARDS OUT ... --part slurm
+
 Exit code 0 with clips cached, 2 on a user error (printed without a traceback): missing shards or autoencoder
 weights, a folder of videos instead of shards, an unusable --device, or settings under which no clip fits.
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from mardini.data.latent_cache import cache_latents, load_autoencoder
@@ -40,20 +47,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--part", help="I/N: cache input shards I, I+N, ... only (N processes into one folder); "
+                                  "slurm: I/N from SLURM_PROCID/SLURM_NTASKS (under srun)")
     return p.parse_args(argv)
+
+
+def parse_part(text: str | None) -> tuple[int, int] | None:
+    """``--part``: ``I/N`` or ``slurm`` (srun's ``SLURM_PROCID/SLURM_NTASKS``) -> ``(I, N)``; None without it."""
+    if text is None:
+        return None
+    if text == "slurm":
+        procid, ntasks = os.environ.get("SLURM_PROCID"), os.environ.get("SLURM_NTASKS")
+        if procid is None or ntasks is None:
+            raise ValueError("--part slurm takes SLURM_PROCID and SLURM_NTASKS, and they are not set: run it under "
+                             "srun (one process per task), or give --part I/N")
+        text = f"{procid}/{ntasks}"
+    index, _, parts = text.partition("/")
+    if not (index.isdigit() and parts.isdigit() and int(index) < int(parts)):
+        raise ValueError(f"--part {text} is impossible: it must be I/N with 0 <= I < N (process I of N caches input "
+                         "shards I, I+N, ...), or slurm")
+    return int(index), int(parts)
 
 
 def main(argv: list[str] | None = None) -> dict:
     """The summary of :func:`cache_latents`; user errors raise (``__main__`` prints them without a traceback)."""
     a = parse_args(argv)
+    part = parse_part(a.part)
     kwargs = json.loads(a.autoencoder_kwargs)
     ae = load_autoencoder(a.autoencoder, kwargs)
     summary = cache_latents(
         a.shards, a.out, ae, frames=a.frames, fps=a.fps or None, resolution=a.resolution,
         planner_resolution=a.planner_resolution, dtype=a.dtype, batch_size=a.batch_size, device=a.device,
-        progress=not a.no_progress,
+        progress=not a.no_progress, part=part,
     )
-    print(f"{summary['clips']} clips cached in {summary['shards']} shards "
+    if part is not None and not summary["shards"]:
+        print(f"part {summary['part']} has no input shard ({summary['inputs']} input shards over {part[1]} parts); "
+              "nothing to do")
+        return summary
+    of = f" (part {summary['part']} of {summary['inputs']} input shards)" if part is not None else ""
+    print(f"{summary['clips']} clips cached in {summary['shards']} shards{of} "
           f"({summary['written']} written, {summary['kept']} kept); {summary['skipped']} bad clips skipped"
           + (f"; {len(summary['empty'])} input shard(s) without a usable clip not cached" if summary["empty"] else ""))
     return summary

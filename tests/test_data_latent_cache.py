@@ -260,3 +260,59 @@ def test_cli_user_errors_exit_2_in_one_line(synth, tmp_path, capsys, monkeypatch
     err = capsys.readouterr().err
     assert err.startswith("cache_latents.py: error: device cuda asked for, but torch finds no CUDA GPU") and "use --device cpu" in err
     assert not (tmp_path / "d").exists()
+
+
+def test_another_process_caching_the_same_shard_meanwhile_is_no_error(synth, tmp_path, monkeypatch):
+    """Two processes into one folder: while this one encodes the first shard, another caches that shard (here: a
+    nested run). Both wrote the same temp file name and the later rename failed ('[Errno 2] No such file or
+    directory: .../val-000000.tar.tmp -> .../val-000000.tar'); now each writes its own temp file, and the shard the
+    other finished first is kept."""
+    import mardini.data.latent_cache as latent_cache
+
+    out = tmp_path / "cache"
+    real, nested = latent_cache._encode_shard, []
+
+    def encode_while_another_process_caches(stream, *args):
+        real(stream, *args)
+        if not nested:  # the first shard: the other process caches it meanwhile (and only it)
+            nested.append(None)
+            nested[0] = _cache(stream.shards[0], out)
+
+    monkeypatch.setattr(latent_cache, "_encode_shard", encode_while_another_process_caches)
+    summary = _cache(str(synth / "val"), out)
+    assert nested[0]["written"] == 1 and nested[0]["clips"] == 2  # the other process's shard
+    assert summary["kept"] == 1 and summary["written"] == 3 and summary["clips"] == 6  # this one's: the rest
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", *(f"val-{i:06d}.tar" for i in range(4))]
+    assert sum(1 for _ in _dm(out, True).val_dataloader()) == 2  # 8 whole clips in batches of 4
+
+
+def test_parts_split_the_shards_between_processes(synth, tmp_path, capsys, monkeypatch):
+    """--part I/N caches input shards I, I+N, ...: N processes into one folder cache each shard once."""
+    whole, parts = _cache(str(synth / "val"), tmp_path / "whole"), []
+    for part in ("0/3", "1/3", "2/3"):
+        parts.append(_cli().main([str(synth / "val"), str(tmp_path / "parts"), "--frames", "4", "--fps", "8",
+                                  "--resolution", "16", "--planner-resolution", "8", "--no-progress",
+                                  "--part", part]))
+    assert [p["written"] for p in parts] == [2, 1, 1] and sum(p["clips"] for p in parts) == whole["clips"] == 8
+    assert "(part 1/3 of 4 input shards)" in capsys.readouterr().out
+    for shard in sorted((tmp_path / "whole").glob("*.tar")):
+        assert (tmp_path / "parts" / shard.name).read_bytes() == shard.read_bytes()
+    monkeypatch.setenv("SLURM_PROCID", "4")
+    monkeypatch.setenv("SLURM_NTASKS", "5")  # more tasks than shards: this one has none
+    idle = _cli().main([str(synth / "val"), str(tmp_path / "parts"), "--part", "slurm", "--no-progress"])
+    assert idle["shards"] == 0 and idle["written"] == idle["clips"] == 0
+    assert "part 4/5 has no input shard (4 input shards over 5 parts)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("part", "message"), [
+    ("2/2", "--part 2/2 is impossible: it must be I/N with 0 <= I < N"),
+    ("one/two", "--part one/two is impossible: it must be I/N with 0 <= I < N"),
+    ("slurm", "--part slurm takes SLURM_PROCID and SLURM_NTASKS, and they are not set"),
+])
+def test_an_impossible_part_is_one_line(synth, tmp_path, capsys, monkeypatch, part, message):
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    monkeypatch.delenv("MARDINI_TRACEBACK", raising=False)
+    assert _cli().cli([str(synth / "val"), str(tmp_path / "a"), "--part", part, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cache_latents.py: error: {message}") and not (tmp_path / "a").exists()

@@ -71,12 +71,20 @@ def cache_latents(
     batch_size: int = 8,
     device: str = "cpu",
     progress: bool = True,
+    part: tuple[int, int] | None = None,
 ) -> dict:
-    """Encode every clip of ``shards`` (see the module doc). Returns ``{shards, written, kept, clips, skipped, empty}``
-    (``empty``: the input shards that gave no usable clip, not cached). ``<out>/manifest.json`` records the
-    settings; a re-run into the same folder with other settings is refused."""
+    """Encode every clip of ``shards`` (see the module doc). Returns ``{shards, written, kept, clips, skipped, empty,
+    inputs}`` (``shards``: the input shards this call caches, of ``inputs`` in all; ``empty``: those that gave no
+    usable clip, not cached). ``<out>/manifest.json`` records the settings; a re-run into the same folder with other
+    settings is refused.
+
+    ``part=(i, n)``: cache the input shards ``i, i + n, i + 2n, ...`` (sorted) only, so that n processes into one
+    folder cache each shard once (``summary["part"]`` says ``"i/n"``). Processes may also cache the same shards at
+    once: each writes its own temp file, and a shard another process finished meanwhile is kept (``kept``)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if part is not None and not 0 <= part[0] < part[1]:
+        raise ValueError(f"part {part[0]}/{part[1]} is impossible: it must be i/n with 0 <= i < n")
     inputs = list_shards(shards)
     out = Path(out)
     device = resolve_device(device)
@@ -92,9 +100,15 @@ def cache_latents(
             raise ValueError(f"{names[Path(shard).name]} and {shard} would both be cached as "
                              f"{out / Path(shard).name}; cache each shard folder into its own output folder")
         names[Path(shard).name] = shard
-    check_manifest(out, info)
     summary = {"shards": len(inputs), "written": 0, "kept": 0, "clips": 0, "skipped": 0, "empty": [],
-               "reasons": {}}
+               "reasons": {}, "inputs": len(inputs)}
+    if part is not None:
+        index, parts = part
+        inputs = inputs[index::parts]
+        summary.update(shards=len(inputs), part=f"{index}/{parts}")
+        if not inputs:  # more processes than shards: nothing to do here
+            return summary
+    check_manifest(out, info)
     examples: dict[str, str] = {}
     for shard in tqdm(inputs, desc="latent cache", unit="shard", disable=not progress):
         target = out / Path(shard).name
@@ -103,17 +117,24 @@ def cache_latents(
             continue
         stream = ClipStream([shard], frames=frames, fps=fps, resolution=resolution, batch_size=batch_size,
                             train=False, keep_meta=True)
-        clips_before = summary["clips"]
+        before = {key: summary[key] for key in ("clips", "skipped")}
+        cached_meanwhile = False
         try:
             with atomic_tar(target) as sink:
                 _encode_shard(stream, sink, ae, info, frames, planner_resolution, dtype, device, summary)
-                if summary["clips"] == clips_before:
+                if summary["clips"] == before["clips"]:
                     raise _NoClip  # no usable clip: write no shard (training would stall on an empty one)
+                if target.exists():
+                    raise _CachedMeanwhile  # by another process: keep its file, drop this one's temp file
         except _NoClip:
             summary["empty"].append(shard)
             continue
+        except _CachedMeanwhile:
+            cached_meanwhile = True
+            summary.update(before, kept=summary["kept"] + 1)  # its clips and skips are the other process's
+            continue
         finally:
-            log = getattr(stream, "skip_log", None)
+            log = None if cached_meanwhile else getattr(stream, "skip_log", None)
             for reason, n in (log.reasons.items() if log is not None else ()):
                 summary["reasons"][reason] = summary["reasons"].get(reason, 0) + n
                 examples.setdefault(reason, log.examples.get(reason, ""))
@@ -147,6 +168,10 @@ def _nothing_cached(shards: str, out: Path, summary: dict, examples: dict[str, s
 
 class _NoClip(Exception):
     """A shard gave no clip (all its samples bad): its cache shard is not written."""
+
+
+class _CachedMeanwhile(Exception):
+    """Another process cached the shard while this one encoded it: its file is kept."""
 
 
 def check_manifest(out: Path, info: dict) -> None:

@@ -1,7 +1,8 @@
 """Shard bookkeeping shared by every writer and the loader: listing shards, atomic writes, rank/worker splits.
 
-Writers never leave a half-written shard under its final name: each shard is written to ``NAME.tmp`` and
-renamed when complete, so a resumed run can trust every ``.tar`` it finds.
+Writers never leave a half-written shard under its final name: each shard is written to a temp file of its own
+beside it (``.NAME.<random>.tmp``, so processes writing one folder never share one) and renamed when complete, so a
+resumed run can trust every ``.tar`` it finds. A process killed mid-write leaves its hidden temp file, never read.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import glob
 import io
 import json
 import os
+import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -78,17 +80,26 @@ def split_shards(shards: list[str], rank: int, world_size: int, worker: int, num
 # --------------------------------------------------------------------------------------------------
 
 
+def temp_beside(path: Path) -> Path:
+    """A new temp file's name beside ``path``, unique to this call: writers of one file in several processes (caching
+    into one folder) never write or rename each other's (with one fixed name, the second rename failed)."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+
+
 @contextmanager
 def atomic_tar(path: str | Path) -> Iterator[wds.TarWriter]:
-    """A ``wds.TarWriter`` on ``path.tmp``, renamed to ``path`` only if the block finishes without error."""
+    """A ``wds.TarWriter`` on a temp file of its own (:func:`temp_beside`), renamed to ``path`` only if the block
+    finishes without error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_beside(path)
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:  # x: never an existing file; the mode of any file written here (umask)
             writer = wds.TarWriter(f, mtime=0.0)  # fixed mtime: same content, same bytes
-            yield writer
-            writer.close()
+            try:
+                yield writer
+            finally:
+                writer.close()  # also when the block raises: not later, from the garbage collector, into a closed file
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -107,12 +118,17 @@ def json_bytes(meta: dict) -> bytes:
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """``text`` to ``path`` through a temp file beside it and one ``os.replace``: a crash leaves the last whole file."""
+    """``text`` to ``path`` through a temp file of its own beside it (:func:`temp_beside`) and one ``os.replace``: a
+    crash leaves the last whole file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp = temp_beside(path)
+    try:
+        with open(tmp, "x") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: str | Path, obj: object) -> None:
