@@ -11,11 +11,12 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mardini.lit.base import MarDiniBase
 from mardini.lit.checkpoint_io import AtomicCheckpointIO
 from mardini.lit.checkpoints import RESUMING, directory_message
-from mardini.lit.preemption import PreemptionSave
+from mardini.lit.preemption import TERMINATED, PreemptionSave
 from mardini.lit.step_checkpoint import StepCheckpoint
 from mardini.user_errors import TRACEBACK_ENV, USER_ERRORS
 
@@ -101,7 +102,8 @@ class MarDiniCLI(LightningCLI):
 
     def fit(self, model, **kwargs) -> None:
         """``trainer.fit``; a ``last`` that found nothing to resume starts afresh (``ckpt_path=None``: Lightning
-        would warn that there is no last checkpoint; the saved config keeps ``last``, so rerunning it resumes)."""
+        would warn that there is no last checkpoint; the saved config keeps ``last``, so rerunning it resumes). A fit
+        that SIGTERM ended exits with status 143 (``PreemptionSave``: after its checkpoint), never 0."""
         from mardini.data.datamodule import VideoDataModule
 
         if self._nothing_to_resume:
@@ -112,7 +114,12 @@ class MarDiniCLI(LightningCLI):
             # Lightning calls a mid-epoch resume unreliable unless the dataloader has a state_dict(); this datamodule
             # keeps the stream position in its own state (in the checkpoint) and continues the epoch exactly
             warnings.filterwarnings("ignore", message=UNRESUMABLE_LOADER_WARNING)
-        self.trainer.fit(model, **kwargs)
+        try:
+            self.trainer.fit(model, **kwargs)
+        except SIGTERMException as e:
+            if e.code is None:  # Lightning's own, without an exit status (SIGTERM before the training started)
+                raise SIGTERMException(TERMINATED) from e
+            raise
 
     def instantiate_trainer(self, **kwargs):
         # what the fit resumes from: None (from scratch) starts a new run, which sets the folder's earlier one aside

@@ -1,7 +1,7 @@
 """Child script of tests/test_preemption.py: one SLURM task of a tiny fit (the test sets the SLURM variables as srun
-would), which sends itself the requeue signal (SIGUSR1) on one rank at one step.
+would), which sends itself the requeue signal (SIGUSR1), or SIGTERM (scenario ``term``), on one rank at one step.
 
-    python preemption_run.py DATA_ROOT OUT_DIR WORLD SIGNAL_RANK deferred|lightning [step|accumulate|validation]
+    python preemption_run.py DATA_ROOT OUT_DIR WORLD SIGNAL_RANK deferred|lightning [step|accumulate|validation|term]
 """
 
 import os
@@ -19,8 +19,9 @@ SIGNAL_AT = 2  # the optimiser step during which the signal arrives
 
 
 class SignalOneRank(L.Callback):
-    """Sends the signal to this process on one rank: at the start of step SIGNAL_AT (``step``), at its first
-    micro-batch of an accumulation window of 2 (``accumulate``), or in the validation after step 2 (``validation``)."""
+    """Sends the signal to this process on one rank: at the start of step SIGNAL_AT (``step``; SIGTERM there for
+    ``term``), at its first micro-batch of an accumulation window of 2 (``accumulate``), or in the validation after
+    step 2 (``validation``)."""
 
     def __init__(self, rank: int, scenario: str) -> None:
         self.rank, self.scenario, self.sent = rank, scenario, False
@@ -28,10 +29,10 @@ class SignalOneRank(L.Callback):
     def _send(self, trainer) -> None:
         if trainer.global_rank == self.rank and not self.sent:
             self.sent = True
-            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), signal.SIGTERM if self.scenario == "term" else signal.SIGUSR1)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.scenario in ("step", "accumulate") and trainer.global_step == SIGNAL_AT:
+        if self.scenario in ("step", "accumulate", "term") and trainer.global_step == SIGNAL_AT:
             self._send(trainer)
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):

@@ -1,5 +1,6 @@
-"""SLURM's requeue signal (SIGUSR1) under ``PreemptionSave``: every rank saves the preemption checkpoint at the same
-step, after the step, even when the signal reaches one rank only, and rank 0 requeues the job once.
+"""SLURM's requeue signal (SIGUSR1) and SIGTERM under ``PreemptionSave``: every rank saves the preemption checkpoint at
+the same step, after the step, even when the signal reaches one rank only; rank 0 requeues the job once (SIGUSR1), or
+the fit ends with exit status 143 (SIGTERM).
 
 Each fit runs as SLURM tasks would (the SLURM variables srun sets, a stand-in ``scontrol`` on the PATH that records
 its arguments), in subprocesses with a timeout so that a hang fails the test.
@@ -8,10 +9,12 @@ its arguments), in subprocesses with a timeout so that a hang fails the test.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,22 +37,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _fit(data: Path, tmp: Path, world: int, signal_rank: int, mode: str, timeout: float = 240,
-         scenario: str = "step") -> list[str]:
-    """Run the fit as ``world`` SLURM tasks; returns each task's stdout."""
+def _slurm_env(tmp: Path, world: int, rank: int, port: str) -> dict[str, str]:
+    """The environment of SLURM task ``rank`` of ``world`` (as srun sets it), with a stand-in ``scontrol`` that appends
+    its arguments to ``tmp/requeued``."""
     bin_dir = tmp / "bin"
     bin_dir.mkdir(exist_ok=True)
     scontrol = bin_dir / "scontrol"
     scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp / "requeued"}\n')
     scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
+    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+                PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_NTASKS=str(world),
+                SLURM_NTASKS_PER_NODE=str(world), SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
+                SLURM_NODEID="0", SLURM_JOB_ID=JOB, SLURM_JOB_NAME="mardini", SLURM_NODELIST="127.0.0.1",
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+
+
+def _fit(data: Path, tmp: Path, world: int, signal_rank: int, mode: str, timeout: float = 240,
+         scenario: str = "step", code: int = 0) -> list[str]:
+    """Run the fit as ``world`` SLURM tasks, each to exit with ``code``; returns each task's stdout."""
     port = str(_free_port())
     procs = []
     for rank in range(world):
-        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
-                   PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_NTASKS=str(world),
-                   SLURM_NTASKS_PER_NODE=str(world), SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
-                   SLURM_NODEID="0", SLURM_JOB_ID=JOB, SLURM_JOB_NAME="mardini", SLURM_NODELIST="127.0.0.1",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        env = _slurm_env(tmp, world, rank, port)
         procs.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "preemption_run.py"), str(data),
                                        str(tmp / "out"), str(world), str(signal_rank), mode, scenario],
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp))
@@ -57,7 +66,7 @@ def _fit(data: Path, tmp: Path, world: int, signal_rank: int, mode: str, timeout
     try:
         for p in procs:
             out, err = p.communicate(timeout=timeout)
-            assert p.returncode == 0, err[-3000:]
+            assert p.returncode == code, err[-3000:]
             outs.append(out)
     except subprocess.TimeoutExpired:
         pytest.fail(f"the {world}-task run hung ({mode}, the signal on rank {signal_rank})")
@@ -96,3 +105,81 @@ def test_a_signal_during_validation_saves_at_the_validation_s_end(data, tmp_path
     _fit(data, tmp_path, 1, 0, "deferred", scenario="validation")
     assert _saved_step(tmp_path) == 2  # the validation after step 2, not the next training step
     assert (tmp_path / "requeued").read_text().split() == ["requeue", JOB]
+
+
+def test_sigterm_saves_after_the_step_and_ends_the_fit_with_status_143(data, tmp_path):
+    _fit(data, tmp_path, 1, 0, "deferred", scenario="term", code=143)  # Lightning's handler alone: 0, nothing saved
+    assert _saved_step(tmp_path) == 3  # the signal came at step 2's start: saved at its end
+    assert not (tmp_path / "requeued").exists()  # SIGTERM ends the job; requeueing is SLURM's (or SIGUSR1's)
+
+
+@pytest.mark.timeout(600)
+def test_sigterm_on_one_rank_saves_on_every_rank_at_the_same_step_and_ends_all_of_them(data, tmp_path):
+    _fit(data, tmp_path, 2, 1, "deferred", scenario="term", code=143)
+    assert _saved_step(tmp_path) == 3
+
+
+@pytest.fixture(scope="module")
+def data32(tmp_path_factory) -> Path:
+    """Clips for configs/debug.yaml (9 frames at 8 fps from 16-fps clips, 32 px)."""
+    return tiny_synthetic(tmp_path_factory.mktemp("preempt32"), train=8, val=4, frames=18, size=32)
+
+
+def _train(data: Path, tmp: Path, *args: str) -> subprocess.Popen:
+    """``train.py fit --config configs/debug.yaml`` as one SLURM task in its own process group, logging to
+    ``tmp/train.log``, checkpoints in ``tmp/out/joint/checkpoints``."""
+    log = open(tmp / "train.log", "a")  # a file, not a pipe the test would have to drain while it waits
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs" / "debug.yaml"),
+         f"--data.init_args.train_shards={data}/train", f"--data.init_args.val_shards={data}/val",
+         f"--trainer.logger.init_args.save_dir={tmp / 'out'}", "--trainer.enable_progress_bar=false",
+         "--trainer.enable_model_summary=false", *args],
+        stdout=log, stderr=subprocess.STDOUT, env=_slurm_env(tmp, 1, 0, str(_free_port())), cwd=tmp,
+        start_new_session=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{path.name} never appeared (exit status {proc.returncode})")
+        time.sleep(0.1)
+
+
+def test_sigterm_to_train_py_and_its_loader_workers_saves_exits_143_and_the_command_resumes(data32, tmp_path):
+    folder = tmp_path / "out" / "joint" / "checkpoints"
+    run = ["--checkpoint_every=2", "--data.init_args.num_workers=2"]
+    proc = _train(data32, tmp_path, "--trainer.max_steps=1000", *run)
+    _wait_for(folder / "step00000002.ckpt", proc)
+    os.killpg(proc.pid, signal.SIGTERM)  # as SLURM, timeout and a container stop do: the loader workers get it too
+    try:
+        assert proc.wait(timeout=120) == 143, (tmp_path / "train.log").read_text()[-3000:]
+    finally:
+        proc.kill()
+    (hpc,) = folder.glob("hpc_ckpt_*.ckpt")
+    step = torch.load(hpc, map_location="cpu", weights_only=False)["global_step"]
+    assert step >= 2
+    resumed = _train(data32, tmp_path, f"--trainer.max_steps={step + 1}", *run)
+    assert resumed.wait(timeout=120) == 0, (tmp_path / "train.log").read_text()[-3000:]
+    assert f"Restored all states from the checkpoint at {hpc}" in (tmp_path / "train.log").read_text()
+    assert torch.load(folder / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == step + 1
+
+
+def test_a_sigterm_lightning_s_handler_caught_before_the_training_exits_143_too(data32, tmp_path, monkeypatch):
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from mardini.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    cli = main(["--config", str(ROOT / "configs" / "debug.yaml"), f"--data.init_args.train_shards={data32}/train",
+                f"--data.init_args.val_shards={data32}/val", f"--trainer.logger.init_args.save_dir={tmp_path}"],
+               run=False)
+
+    def sigterm_in_the_sanity_check(*args, **kwargs):
+        raise SIGTERMException  # what Lightning's loops raise: no exit status, so Python exits 0
+
+    monkeypatch.setattr(cli.trainer, "fit", sigterm_in_the_sanity_check)
+    with pytest.raises(SystemExit) as exited:
+        cli.fit(cli.model, datamodule=cli.datamodule)
+    assert exited.value.code == 143

@@ -17,6 +17,7 @@ per reader when there are at least ranks x workers shards, else every reader sca
 :func:`check_validation_split`).
 Bad samples are skipped and counted (``batch["skipped"]``, :attr:`VideoDataModule.skipped`; a validation worker
 whose share gives no clip is counted through a marker the loader drops, so the step never sees an empty batch).
+Loader workers leave the first SIGTERM to the main process (:func:`leave_first_sigterm_to_main`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import tarfile
 from typing import Literal
 
@@ -181,7 +183,8 @@ class VideoDataModule(L.LightningDataModule):
     # Loaders
     # ----------------------------------------------------------------------------------------------
     def _loader(self, dataset: ClipStream) -> StreamLoader:
-        extra = {"prefetch_factor": self.prefetch_factor, "timeout": self.loader_timeout} if self.num_workers > 0 else {}
+        extra = {"prefetch_factor": self.prefetch_factor, "timeout": self.loader_timeout,
+                 "worker_init_fn": leave_first_sigterm_to_main} if self.num_workers > 0 else {}
         return StreamLoader(
             dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
             persistent_workers=False, **extra,
@@ -245,6 +248,18 @@ class VideoDataModule(L.LightningDataModule):
         if progress and int(state_dict.get("in_epoch", -1)) >= 0:
             s.resume = {"epoch": int(state_dict["in_epoch"]), "workers": int(state_dict.get("workers", 1)),
                         "progress": progress}
+
+
+def leave_first_sigterm_to_main(worker_id: int) -> None:
+    """A loader worker's ``worker_init_fn``: the worker outlives the first SIGTERM it gets. SLURM, ``timeout`` and a
+    container stop signal the whole process group; a worker ended there made the main process fail at once
+    ("DataLoader worker ... killed by signal: Terminated") before the checkpoint ``PreemptionSave`` saves at the end of
+    the step. The main process shuts the worker down after it (or ends with it); a second SIGTERM ends it."""
+    signal.signal(signal.SIGTERM, _end_on_the_next_sigterm)
+
+
+def _end_on_the_next_sigterm(signum: int, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _distributed_world() -> tuple[int, int] | None:

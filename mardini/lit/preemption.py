@@ -1,41 +1,67 @@
-"""SLURM's requeue signal saves the preemption checkpoint at a step that every rank agrees on.
+"""Preemption signals save a resumable checkpoint at a step that every rank agrees on.
 
-Lightning's own SIGUSR1 handler saves ``hpc_ckpt_N.ckpt`` inside the signal handler, so each rank saves wherever
-the signal found it. The save is collective (Lightning's barrier; the data module gathers every rank's stream
-position), so a rank that saves between two steps while another is inside a step's gradient all-reduce pairs the
-wrong collectives: a hang, or a checkpoint of mixed steps. Signals reach the ranks at different moments; one rank
-can also get it alone (``scancel --signal USR1`` of one task).
+Two signals end a fit early. SLURM's requeue signal (``--signal=SIGUSR1@T``, T seconds before the time limit) asks
+for a checkpoint and a requeue; SIGTERM (what SLURM sends on preemption, ``scancel`` and at the time limit, and what
+Kubernetes, Docker and ``timeout`` send) asks the process to end. Lightning's own handlers fit neither: its SIGUSR1
+handler saves ``hpc_ckpt_N.ckpt`` inside the signal handler, so each rank saves wherever the signal found it. The
+save is collective (Lightning's barrier; the data module gathers every rank's stream position), so a rank that saves
+between two steps while another is inside a step's gradient all-reduce pairs the wrong collectives: a hang, or a
+checkpoint of mixed steps. Its SIGTERM handler saves nothing and ends the fit with exit status 0, as if it had
+finished. Signals reach the ranks at different moments; one rank can also get one alone (``scancel --signal USR1``
+of one task, ``kill`` of one process).
 
-:class:`PreemptionSave` keeps Lightning's handler but defers it: the signal handler only records the signal, and at
+:class:`PreemptionSave` takes both signals over for the training: the signal handlers only record the signal, and at
 the end of every optimiser step (the last batch of a gradient-accumulation window) and of every validation the ranks
-reduce the record (one small all-reduce, only under SLURM auto-requeue). When any rank got the signal, all of them
-run Lightning's handler there together: it saves the checkpoint into the stage's folder and rank 0 requeues the job
-(``scontrol requeue``), which resumes from it (``mardini.cli``). SLURM's warning time (``--signal=SIGUSR1@T``) must
-cover a training step plus, where the signal can come during one, a validation.
+reduce the records (one small all-reduce per step with more than one process). When any rank got a signal, all of
+them act there together:
+
+- the requeue signal (only under SLURM with ``auto_requeue``, Lightning's default there): Lightning's handler saves
+  ``hpc_ckpt_N.ckpt`` into the stage's folder and rank 0 requeues the job (``scontrol requeue``), which resumes from
+  it (``mardini.cli``); training goes on until SLURM ends it;
+- SIGTERM: every rank saves ``hpc_ckpt_N.ckpt`` the same way and the fit ends with :class:`SIGTERMException` of exit
+  status 143 (128 + SIGTERM, what a shell reports for a process SIGTERM ended), so a job chain that judges a stage
+  by its exit status does not take a preempted stage for a finished one. Rerunning the command resumes.
+
+SLURM's warning time (``--signal=SIGUSR1@T``) and the time between SIGTERM and SIGKILL (``KillWait``, Kubernetes'
+``terminationGracePeriodSeconds``) must cover a training step plus, where the signal can come during one, a
+validation. Loader workers that get the SIGTERM too (SLURM, ``timeout`` and a container stop signal the whole process
+group) leave the first one to the main process (``mardini.data.datamodule``), which shuts them down after the save.
 """
 
 from __future__ import annotations
 
 import signal
+import threading
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.distributed import ReduceOp
+
+TERMINATED = 128 + signal.SIGTERM  # 143: the exit status of a fit SIGTERM ended (after its checkpoint)
 
 
 class PreemptionSave(L.Callback):
-    """Run Lightning's SLURM requeue handler at the end of the first optimiser step or validation after any rank got
-    the signal.
-
-    A no-op unless the run is under SLURM with ``auto_requeue`` (Lightning's default there); train.py adds it.
-    """
+    """Save a resumable checkpoint at the end of the first optimiser step or validation after any rank got SLURM's
+    requeue signal (then requeue the job, under SLURM with ``auto_requeue``) or SIGTERM (then end the fit with exit
+    status 143). train.py adds it."""
 
     def __init__(self) -> None:
         self._handler: Any = None  # Lightning's save-and-requeue function, while this callback holds the signal
         self._signal: signal.Signals | None = None
         self._received: int | None = None
+        self._holds_sigterm = False
+        self._terminate = False  # SIGTERM received
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread sets signal handlers (Lightning sets none either)
+        self._terminate = trainer.received_sigterm  # Lightning's handler got it before the training started
+        signal.signal(signal.SIGTERM, self._record_sigterm)  # Lightning restores the original at teardown
+        self._holds_sigterm = True
         env = trainer._accelerator_connector.cluster_environment  # the one Lightning registered its handler for
         if not (isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal is not None):
             return
@@ -52,6 +78,9 @@ class PreemptionSave(L.Callback):
     def _record(self, signum: int, frame: Any) -> None:
         self._received = signum  # nothing collective in a signal handler
 
+    def _record_sigterm(self, signum: int, frame: Any) -> None:
+        self._terminate = True
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
@@ -64,12 +93,32 @@ class PreemptionSave(L.Callback):
             self._act_if_signalled(trainer)
 
     def _act_if_signalled(self, trainer: L.Trainer) -> None:
-        """Where every rank calls it: when any rank got the signal, every rank saves and rank 0 requeues."""
-        if self._handler is None:
+        """Where every rank calls it: when any rank got a signal, every rank saves, then rank 0 requeues (the
+        requeue signal) or every rank ends the fit (SIGTERM)."""
+        if self._handler is None and not self._holds_sigterm:
             return
-        if trainer.strategy.reduce_boolean_decision(self._received is not None, all=False):  # any rank
-            self._received = None
+        flags = [self._received is not None, self._terminate]  # [requeue, terminate]
+        if trainer.world_size > 1:  # any rank's (a single process skips the device sync)
+            local = torch.tensor(flags, dtype=torch.int32, device=trainer.strategy.root_device)  # (2,)
+            summed = trainer.strategy.reduce(local, reduce_op=ReduceOp.SUM)  # (2,)
+            flags = [bool(n) for n in summed.tolist()]
+        requeue, terminate = flags
+        if not (requeue or terminate):
+            return
+        self._received, self._terminate = None, False
+        if requeue:
             self._handler(self._signal, None)  # every rank: save (collective), then rank 0 requeues
+        else:
+            trainer.save_checkpoint(self._save_path(trainer), weights_only=False)  # collective
+        if terminate:
+            rank_zero_info(f"SIGTERM: saved a checkpoint at step {trainer.global_step} in {trainer.default_root_dir}; "
+                           f"ending the fit with exit status {TERMINATED} (the same command resumes it)")
+            raise SIGTERMException(TERMINATED)
+
+    @staticmethod
+    def _save_path(trainer: L.Trainer) -> str:
+        """Lightning's next ``hpc_ckpt_N.ckpt`` in ``default_root_dir``, rank 0's on every rank."""
+        return trainer.strategy.broadcast(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._handler = None
+        self._handler, self._holds_sigterm = None, False
