@@ -14,8 +14,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mardini.lit.base import MarDiniBase
-from mardini.lit.checkpoint_io import AtomicCheckpointIO
-from mardini.lit.checkpoints import RESUMING, directory_message
+from mardini.lit.checkpoint_io import AtomicCheckpointIO, other_checkpoints_message
+from mardini.lit.checkpoints import RESUMING, directory_message, read_checkpoint
 from mardini.lit.preemption import TERMINATED, PreemptionSave
 from mardini.lit.step_checkpoint import StepCheckpoint
 from mardini.user_errors import TRACEBACK_ENV, USER_ERRORS
@@ -39,9 +39,9 @@ class MarDiniCLI(LightningCLI):
     def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if subcommand == "fit":
-            # The same command resumes: fit starts from <log dir>/checkpoints/last.ckpt when one exists
-            # (Lightning's ckpt_path="last"); --ckpt_path null starts over there (StepCheckpoint moves the earlier
-            # run's checkpoints to checkpoints/earlier.N/).
+            # The same command resumes: fit starts from the checkpoint of the highest step in <log dir>/checkpoints
+            # (last.ckpt, hpc_ckpt_N.ckpt, stepN.ckpt: resume_checkpoint) when there is one; --ckpt_path null starts
+            # over there (StepCheckpoint moves the earlier run's checkpoints to checkpoints/earlier.N/).
             parser.set_defaults({"ckpt_path": "last", "weights_only": True})  # resume never unpickles code
         return parser
 
@@ -83,10 +83,10 @@ class MarDiniCLI(LightningCLI):
         if sub.get("ckpt_path") is None and hpc:
             raise ValueError(f"--ckpt_path null starts over, but {folder} holds SLURM preemption checkpoints "
                              f"({', '.join(p.name for p in hpc)}) that Lightning would resume from; delete them first")
-        # last.ckpt or a newer preemption checkpoint; fit() passes it, so the saved config.yaml stays what was given
-        # (ckpt_path: last and the stage's starting checkpoints: rerunning it resumes, and it records where the
-        # stage started)
-        self._resume_from = resume_checkpoint(folder, hpc) if sub.get("ckpt_path") == "last" else None
+        # the folder's checkpoint of the highest step (last.ckpt, a preemption or a step checkpoint); fit() passes
+        # it, so the saved config.yaml stays what was given (ckpt_path: last and the stage's starting checkpoints:
+        # rerunning it resumes, and it records where the stage started)
+        self._resume_from = resume_checkpoint(folder) if sub.get("ckpt_path") == "last" else None
         self._nothing_to_resume = folder is not None and sub.get("ckpt_path") == "last" and self._resume_from is None
         self._resuming = self._resuming or self._resume_from is not None or (sub.get("ckpt_path") == "hpc" and bool(hpc))
 
@@ -222,14 +222,27 @@ def checkpoint_dir(config) -> str | None:
     return str(Path(str(args["save_dir"])) / str(args.get("name") or "lightning_logs") / "checkpoints")
 
 
-def resume_checkpoint(folder: str | None, hpc: list[Path]) -> str | None:
-    """What a ``fit`` with ``--ckpt_path last`` resumes from: the newest (by modification time) of the stage's
-    ``folder/last.ckpt`` and Lightning's SLURM preemption checkpoints ``hpc`` (``hpc_ckpt_N.ckpt`` there); None if
-    there is none."""
+RESUMABLE = re.compile(r"(last|hpc_ckpt_\d+|step\d+)\.ckpt")  # what a fit writes in its checkpoint folder
+
+
+def resume_checkpoint(folder: str | None) -> str | None:
+    """What a ``fit`` with ``--ckpt_path last`` resumes from: of the stage's ``folder/last.ckpt``, preemption
+    checkpoints (``hpc_ckpt_N.ckpt``) and step checkpoints (``stepNNNNNNNN.ckpt``), the one of the highest recorded
+    global step (the newest file among equal steps); None if there is none. A step checkpoint can be the newest: a
+    kill between it and ``last.ckpt`` (written after it) leaves it alone or beside an older ``last.ckpt``. One that
+    cannot be read is an error naming it and the others to resume from."""
     if folder is None:
         return None
-    found = [p for p in [Path(folder) / "last.ckpt", *hpc] if p.is_file()]
-    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+    found = [p for p in Path(folder).glob("*.ckpt") if RESUMABLE.fullmatch(p.name) and p.is_file()]
+    return str(max(found, key=lambda p: (_saved_step(p), p.stat().st_mtime))) if found else None
+
+
+def _saved_step(path: Path) -> int:
+    """The global step recorded in the checkpoint at ``path`` (memory-mapped: its tensors are not read)."""
+    try:
+        return int(read_checkpoint(path).get("global_step", -1))
+    except ValueError as e:
+        raise ValueError(f"{e} {other_checkpoints_message(path)}") from e
 
 
 def trainer_defaults() -> dict:

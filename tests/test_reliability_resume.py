@@ -112,7 +112,8 @@ def test_sigkill_mid_run_and_mid_checkpoint_write_then_same_command_resumes(tmp_
     assert _step_of(last) == 2  # the previous good checkpoint is intact; the half-done save never replaced it
     assert temp.exists()  # the torn write is still there for the next run to survive
 
-    # 2) same command: resumes from step 2; SIGKILLed mid-run soon after it writes a newer checkpoint
+    # 2) same command: resumes from step 4, the step checkpoint written in full before that last.ckpt (the highest
+    #    step saved; the older last.ckpt of step 2 is not taken); SIGKILLed mid-run soon after a newer checkpoint
     mtime = last.stat().st_mtime_ns
     b = _launch(config, tmp_path, "b")
     _wait_for(b, lambda: last.stat().st_mtime_ns != mtime, "a new last.ckpt", tmp_path / "b.log")
@@ -120,8 +121,8 @@ def test_sigkill_mid_run_and_mid_checkpoint_write_then_same_command_resumes(tmp_
     _wait_for(b, lambda: any(r["step"] == step_b for r in _rows(tmp_path, "b")), "a step past the checkpoint",
               tmp_path / "b.log")
     _kill(b)  # mid-run: in the training step after the checkpoint
-    rows_b = _rows(tmp_path, "b")
-    assert rows_b and rows_b[0]["step"] == 2
+    rows_b, rows_a = _rows(tmp_path, "b"), _rows(tmp_path, "a")
+    assert rows_b and rows_b[0]["step"] == 4 == rows_a[-1]["step"] + 1  # no step lost, none repeated
     step_b = _step_of(last)
     assert 2 < step_b < MAX_STEPS
 
@@ -134,7 +135,7 @@ def test_sigkill_mid_run_and_mid_checkpoint_write_then_same_command_resumes(tmp_
 
     # step count: every run starts where the last good checkpoint was, the final one ends at max_steps
     assert [r["step"] for r in rows_c] == list(range(step_b, MAX_STEPS))
-    assert [r["step"] for r in rows_a] == list(range(len(rows_a)))
+    assert [r["step"] for r in rows_a] == list(range(len(rows_a))) == list(range(4))
     final = read_checkpoint(last)
     assert final["global_step"] == MAX_STEPS
 
@@ -148,11 +149,11 @@ def test_sigkill_mid_run_and_mid_checkpoint_write_then_same_command_resumes(tmp_
     # data stream: the saved stream state is restored (not reset) and the stream does not restart from its start
     saved_epoch = read_checkpoint(last)["VideoDataModule"]["epoch"]
     assert saved_epoch >= rows_c[-1]["epoch"] >= rows_c[0]["epoch"] > 0
-    # exact continuation: a resumed run trains on the very batches the killed run trained on at the same steps
-    for earlier, later in ((rows_a, rows_b), (rows_b, rows_c)):
-        seen = {r["step"]: r["keys"] for r in earlier}
-        overlap = [r for r in later if r["step"] in seen]
-        assert overlap and all(r["keys"] == seen[r["step"]] for r in overlap), (earlier, later)
+    # exact continuation: a resumed run trains on the very batches the killed run trained on at the same steps (b
+    # resumed where a stopped: no step of both)
+    seen = {r["step"]: r["keys"] for r in rows_b}
+    overlap = [r for r in rows_c if r["step"] in seen]
+    assert overlap and all(r["keys"] == seen[r["step"]] for r in overlap), (rows_b, rows_c)
     first_keys = [r["keys"] for r in rows_a]
     assert [r["keys"] for r in rows_c[: len(first_keys)]] != first_keys[: len(rows_c)]
     assert [r["keys"] for r in rows_b[: len(first_keys)]] != first_keys[: len(rows_b)]

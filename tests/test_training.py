@@ -222,6 +222,26 @@ def test_a_slurm_preemption_checkpoint_is_resumed_from_the_stage_s_folder(workdi
         _fit(workdir, monkeypatch, *_stage(STAGES[0], 4, *save, "--ckpt_path=null"))
 
 
+def test_a_kill_between_the_step_checkpoint_and_last_ckpt_resumes_the_step_checkpoint(workdir, monkeypatch, tmp_path):
+    """StepCheckpoint writes stepN.ckpt, then last.ckpt: a kill between the two leaves the step checkpoint beside an
+    older last.ckpt, or alone (the first save of a run) with a torn temp file. --ckpt_path last resumes the checkpoint
+    of the highest step; before, it took the older last.ckpt, or found none and set the step checkpoint aside as an
+    earlier run's (checkpoints/earlier.1/) and trained from step 0."""
+    save = [f"--trainer.logger.init_args.save_dir={tmp_path}", "--checkpoint_every=2"]
+    folder = tmp_path / STAGES[0] / "checkpoints"
+    _fit(workdir, monkeypatch, *_stage(STAGES[0], 1, *save))
+    step1 = (folder / "last.ckpt").read_bytes()
+    _fit(workdir, monkeypatch, *_stage(STAGES[0], 2, *save))
+    (folder / "last.ckpt").write_bytes(step1)  # killed after step00000002.ckpt, before last.ckpt of step 2
+    resumed = _fit(workdir, monkeypatch, *_stage(STAGES[0], 3, *save))
+    assert resumed.trainer.ckpt_path == str(folder / "step00000002.ckpt") and resumed.trainer.global_step == 3
+    (folder / "last.ckpt").unlink()  # killed after step00000003.ckpt, before the run's first last.ckpt
+    (folder / ".last.ckpt.x1y2z3.tmp").write_bytes(b"")
+    resumed = _fit(workdir, monkeypatch, *_stage(STAGES[0], 4, *save))
+    assert resumed.trainer.ckpt_path == str(folder / "step00000003.ckpt") and resumed.trainer.global_step == 4
+    assert not (folder / "earlier.1").exists() and read_checkpoint(folder / "last.ckpt")["global_step"] == 4
+
+
 def test_a_fresh_fit_and_a_resume_warn_of_no_missing_checkpoint_nor_an_unresumable_loader(workdir, monkeypatch):
     save = ["--trainer.logger.init_args.save_dir=outputs/quiet"]
     for steps in (2, 3):  # a fresh fit, then a resume in the data epoch's middle
