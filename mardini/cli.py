@@ -74,6 +74,12 @@ class MarDiniCLI(LightningCLI):
             torch.multiprocessing.set_sharing_strategy("file_system")
         if self.subcommand != "fit":
             return
+        if sub.get("ckpt_path") == "last" and unversioned_logger(sub):
+            raise ValueError(
+                "trainer.logger's version is null: Lightning then logs each run in a new version_N folder, so "
+                "--ckpt_path last (the default) never finds the checkpoints of an earlier run to resume; set "
+                "the logger's version: \"\" (the stage configs' choice: one folder, which the same command resumes "
+                "in) or a fixed version, or pass --ckpt_path null to train a new run in a new version_N folder")
         folder = checkpoint_dir(sub)
         if folder is not None and trainer is not None and not trainer.get("default_root_dir"):
             # Lightning's SLURM preemption checkpoint (hpc_ckpt_N.ckpt, on SIGUSR1) goes to default_root_dir: the
@@ -211,15 +217,29 @@ def _is_registry(ckpt_path) -> bool:
 
 
 def checkpoint_dir(config) -> str | None:
-    """``<log dir>/checkpoints`` of a stage whose logger (TensorBoard or CSV) names ``save_dir/name`` and an empty
-    or unset version (the stage configs' layout), or None."""
+    """``<save_dir>/<name>/<version>/checkpoints``, where Lightning's ModelCheckpoint saves under a logger (TensorBoard
+    or CSV) with a ``save_dir`` and a version: a string as given (``""``: none, the stage configs' layout), an int
+    ``N`` as ``version_N``; None for another logger or an unset version (a new ``version_N`` every run)."""
+    args = _logger_args(config)
+    if not args or not args.get("save_dir") or args.get("version") is None:
+        return None
+    version = args["version"] if isinstance(args["version"], str) else f"version_{args['version']}"
+    return str(Path(str(args["save_dir"])) / str(args.get("name") or "") / version / "checkpoints")
+
+
+def unversioned_logger(config) -> bool:
+    """Whether the first logger (TensorBoard or CSV, with a ``save_dir``) leaves its ``version`` unset (Lightning's
+    default): it then logs every run in a new ``version_N`` folder, where no earlier checkpoint is."""
+    args = _logger_args(config)
+    return bool(args) and bool(args.get("save_dir")) and "version" in args and args["version"] is None
+
+
+def _logger_args(config):
+    """The ``init_args`` of the stage's first logger given by class path, or None."""
     logger = ((config.get("trainer") or {}).get("logger")) or None  # dicts or jsonargparse Namespaces
     if isinstance(logger, list):
         logger = logger[0] if logger else None
-    args = logger.get("init_args") if hasattr(logger, "get") else None
-    if not args or not args.get("save_dir") or args.get("version") not in (None, ""):
-        return None
-    return str(Path(str(args["save_dir"])) / str(args.get("name") or "lightning_logs") / "checkpoints")
+    return logger.get("init_args") if hasattr(logger, "get") else None
 
 
 RESUMABLE = re.compile(r"(last|hpc_ckpt_\d+|step\d+)\.ckpt")  # what a fit writes in its checkpoint folder

@@ -242,6 +242,27 @@ def test_a_kill_between_the_step_checkpoint_and_last_ckpt_resumes_the_step_check
     assert not (folder / "earlier.1").exists() and read_checkpoint(folder / "last.ckpt")["global_step"] == 4
 
 
+def test_a_logger_without_a_version_is_refused_and_a_fixed_version_resumes_in_its_folder(workdir, monkeypatch,
+                                                                                         tmp_path):
+    """A logger whose version is null (Lightning's default) logs each run in a new version_N folder: --ckpt_path last
+    is refused naming version: "" (before, every rerun trained from scratch in the next version_N, silently); with
+    --ckpt_path null it trains there. A fixed version resumes in version_N/checkpoints, where preemption checkpoints
+    go too."""
+    save = [f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    unset = ["--trainer.logger.init_args.version=null"]
+    with pytest.raises(ValueError, match=r"trainer.logger's version is null.*set the logger's version: \"\" \(the "
+                                         r"stage configs' choice.*--ckpt_path null to train a new run"):
+        _fit(workdir, monkeypatch, *_stage(STAGES[0], 1, *save, *unset))
+    new = _fit(workdir, monkeypatch, *_stage(STAGES[0], 1, *save, *unset, "--ckpt_path=null"))
+    assert Path(new.trainer.checkpoint_callback.dirpath) == tmp_path / STAGES[0] / "version_0" / "checkpoints"
+    fixed = ["--trainer.logger.init_args.version=3"]
+    _fit(workdir, monkeypatch, *_stage(STAGES[0], 1, *save, *fixed))
+    resumed = _fit(workdir, monkeypatch, *_stage(STAGES[0], 2, *save, *fixed))
+    folder = tmp_path / STAGES[0] / "version_3" / "checkpoints"
+    assert resumed.trainer.ckpt_path == str(folder / "last.ckpt") and resumed.trainer.global_step == 2
+    assert Path(resumed.trainer.default_root_dir) == folder
+
+
 def test_a_fresh_fit_and_a_resume_warn_of_no_missing_checkpoint_nor_an_unresumable_loader(workdir, monkeypatch):
     save = ["--trainer.logger.init_args.save_dir=outputs/quiet"]
     for steps in (2, 3):  # a fresh fit, then a resume in the data epoch's middle
