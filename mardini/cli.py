@@ -59,6 +59,7 @@ class MarDiniCLI(LightningCLI):
         self._checkpoint_every = every
         self._nothing_to_resume = False
         self._resume_from: str | None = None
+        self._checkpoint_folder: str | None = None  # the stage's: where its checkpoints and preemption saves go
         ckpt = sub.get("ckpt_path")
         # a checkpoint file named by its path (not one of Lightning's keywords)
         self._resuming = ckpt is not None and str(ckpt) not in ("last", "best", "hpc") and not _is_registry(ckpt)
@@ -80,10 +81,10 @@ class MarDiniCLI(LightningCLI):
                 "--ckpt_path last (the default) never finds the checkpoints of an earlier run to resume; set "
                 "the logger's version: \"\" (the stage configs' choice: one folder, which the same command resumes "
                 "in) or a fixed version, or pass --ckpt_path null to train a new run in a new version_N folder")
-        folder = checkpoint_dir(sub)
+        folder = self._checkpoint_folder = checkpoint_dir(sub)
         if folder is not None and trainer is not None and not trainer.get("default_root_dir"):
-            # Lightning's SLURM preemption checkpoint (hpc_ckpt_N.ckpt, on SIGUSR1) goes to default_root_dir: the
-            # stage's own checkpoint folder, where the next --ckpt_path last finds it, not a folder stages share
+            # where Lightning looks for its preemption checkpoints (ckpt_path "hpc", and None under SLURM): the
+            # stage's own checkpoint folder, where PreemptionSave writes them, not a folder stages share
             trainer["default_root_dir"] = folder
         hpc = sorted(Path(folder).glob("hpc_ckpt_*.ckpt")) if folder is not None else []
         if sub.get("ckpt_path") is None and hpc:
@@ -93,6 +94,8 @@ class MarDiniCLI(LightningCLI):
         # it, so the saved config.yaml stays what was given (ckpt_path: last and the stage's starting checkpoints:
         # rerunning it resumes, and it records where the stage started)
         self._resume_from = resume_checkpoint(folder) if sub.get("ckpt_path") == "last" else None
+        if sub.get("ckpt_path") == "hpc" and hpc:  # Lightning would look in default_root_dir, which may be elsewhere
+            self._resume_from = resume_checkpoint(folder, HPC)
         self._nothing_to_resume = folder is not None and sub.get("ckpt_path") == "last" and self._resume_from is None
         self._resuming = self._resuming or self._resume_from is not None or (sub.get("ckpt_path") == "hpc" and bool(hpc))
 
@@ -134,7 +137,7 @@ class MarDiniCLI(LightningCLI):
             StepCheckpoint(filename="step{step:08d}", auto_insert_metric_name=False, save_last=True,
                            every_n_train_steps=self._checkpoint_every, save_top_k=1, resume=resume),
             LearningRateMonitor(logging_interval="step"),
-            PreemptionSave(),
+            PreemptionSave(dirpath=self._checkpoint_folder),
         ]
         # kwargs["callbacks"] replaces trainer.callbacks of the config in LightningCLI: keep the config's ones
         configured = (self._get(self.config_init, "trainer", default={}) or {}).get("callbacks") or []
@@ -243,17 +246,18 @@ def _logger_args(config):
 
 
 RESUMABLE = re.compile(r"(last|hpc_ckpt_\d+|step\d+)\.ckpt")  # what a fit writes in its checkpoint folder
+HPC = re.compile(r"hpc_ckpt_\d+\.ckpt")  # Lightning's preemption checkpoints
 
 
-def resume_checkpoint(folder: str | None) -> str | None:
+def resume_checkpoint(folder: str | None, names: re.Pattern = RESUMABLE) -> str | None:
     """What a ``fit`` with ``--ckpt_path last`` resumes from: of the stage's ``folder/last.ckpt``, preemption
     checkpoints (``hpc_ckpt_N.ckpt``) and step checkpoints (``stepNNNNNNNN.ckpt``), the one of the highest recorded
     global step (the newest file among equal steps); None if there is none. A step checkpoint can be the newest: a
     kill between it and ``last.ckpt`` (written after it) leaves it alone or beside an older ``last.ckpt``. One that
-    cannot be read is an error naming it and the others to resume from."""
+    cannot be read is an error naming it and the others to resume from. ``names``: the file names to consider."""
     if folder is None:
         return None
-    found = [p for p in Path(folder).glob("*.ckpt") if RESUMABLE.fullmatch(p.name) and p.is_file()]
+    found = [p for p in Path(folder).glob("*.ckpt") if names.fullmatch(p.name) and p.is_file()]
     return str(max(found, key=lambda p: (_saved_step(p), p.stat().st_mtime))) if found else None
 
 

@@ -5,10 +5,11 @@
 #   sbatch --nodes 32 --gpus-per-node 8 scripts/slurm_train.sh configs/paper/mardini-s/05_joint_model.yaml
 #
 # Resume after a preemption or a crash: submit the same command; it passes --ckpt_path last. Two minutes before the
-# time limit SLURM sends SIGUSR1: at the end of that step, on every rank together (mardini.lit.preemption), Lightning
-# saves hpc_ckpt_N.ckpt into the stage's checkpoint folder and requeues the job, which resumes from the checkpoint of
-# the highest step there (mardini.cli.resume_checkpoint). SIGTERM (preemption, scancel, the time limit) saves the same checkpoint at
-# the end of the step and exits with status 143, so `sbatch --wait ... || break` stops at an unfinished stage.
+# time limit SLURM sends SIGUSR1: at the end of that step, on every rank together (mardini.lit.preemption), train.py
+# saves Lightning's hpc_ckpt_N.ckpt into the stage's checkpoint folder and requeues the job, which resumes from the
+# checkpoint of the highest step there (mardini.cli.resume_checkpoint). SIGTERM (preemption, scancel, the time limit)
+# saves the same checkpoint at the end of the step and exits with status 143, so `sbatch --wait ... || break` stops at
+# an unfinished stage.
 # --ckpt_path null refuses to start over while such a file is there (Lightning would resume from it): delete it first.
 #SBATCH --job-name=mardini
 #SBATCH --ntasks-per-node=8

@@ -222,6 +222,28 @@ def test_a_slurm_preemption_checkpoint_is_resumed_from_the_stage_s_folder(workdi
         _fit(workdir, monkeypatch, *_stage(STAGES[0], 4, *save, "--ckpt_path=null"))
 
 
+def test_a_preemption_checkpoint_goes_to_the_stage_s_folder_whatever_default_root_dir(workdir, monkeypatch, tmp_path):
+    """SIGTERM at step 2's start (tests/preemption_run.py's SignalOneRank) saves hpc_ckpt_1.ckpt at step 3 into the
+    stage's checkpoint folder, though --trainer.default_root_dir names another: the rerun resumes it, and so does
+    --ckpt_path hpc. Before, Lightning's save went to default_root_dir, where the CLI did not look: the rerun resumed
+    the older last.ckpt."""
+    save = [f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path / 'root'}"]
+    folder = tmp_path / STAGES[0] / "checkpoints"
+    _fit(workdir, monkeypatch, *_stage(STAGES[0], 2, *save))
+    sigterm = '{"class_path": "preemption_run.SignalOneRank", "init_args": {"rank": 0, "scenario": "term"}}'
+    with pytest.raises(SystemExit) as exited:
+        _fit(workdir, monkeypatch, *_stage(STAGES[0], 10, *save, f"--trainer.callbacks+={sigterm}"))
+    assert exited.value.code == 143 and sorted(p.name for p in folder.glob("hpc_ckpt_*")) == ["hpc_ckpt_1.ckpt"]
+    assert read_checkpoint(folder / "last.ckpt")["global_step"] == 2
+    saved = (folder / "hpc_ckpt_1.ckpt").read_bytes()
+    resumed = _fit(workdir, monkeypatch, *_stage(STAGES[0], 4, *save))
+    assert resumed.trainer.ckpt_path == str(folder / "hpc_ckpt_1.ckpt") and resumed.trainer.global_step == 4
+    assert not list((tmp_path / "root").glob("hpc_ckpt_*"))
+    (folder / "hpc_ckpt_1.ckpt").write_bytes(saved)
+    resumed = _fit(workdir, monkeypatch, *_stage(STAGES[0], 4, *save, "--ckpt_path=hpc"))
+    assert resumed.trainer.ckpt_path == str(folder / "hpc_ckpt_1.ckpt")
+
+
 def test_a_kill_between_the_step_checkpoint_and_last_ckpt_resumes_the_step_checkpoint(workdir, monkeypatch, tmp_path):
     """StepCheckpoint writes stepN.ckpt, then last.ckpt: a kill between the two leaves the step checkpoint beside an
     older last.ckpt, or alone (the first save of a run) with a torn temp file. --ckpt_path last resumes the checkpoint

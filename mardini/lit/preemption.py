@@ -15,9 +15,11 @@ the end of every optimiser step (the last batch of a gradient-accumulation windo
 reduce the records (one small all-reduce per step with more than one process). When any rank got a signal, all of
 them act there together:
 
-- the requeue signal (only under SLURM with ``auto_requeue``, Lightning's default there): Lightning's handler saves
-  ``hpc_ckpt_N.ckpt`` into the stage's folder and rank 0 requeues the job (``scontrol requeue``), which resumes from
-  it (``mardini.cli``); training goes on until SLURM ends it;
+- the requeue signal (only under SLURM with ``auto_requeue``, Lightning's default there): every rank saves Lightning's
+  preemption checkpoint ``hpc_ckpt_N.ckpt`` into the stage's checkpoint folder (``dirpath``; Lightning's handler
+  saved it into ``default_root_dir``, which a user may point elsewhere) and rank 0 requeues the job
+  (``scontrol requeue``, as Lightning's handler does), which resumes from it (``mardini.cli``); training goes on
+  until SLURM ends it;
 - SIGTERM: every rank saves ``hpc_ckpt_N.ckpt`` the same way and the fit ends with :class:`SIGTERMException` of exit
   status 143 (128 + SIGTERM, what a shell reports for a process SIGTERM ended), so a job chain that judges a stage
   by its exit status does not take a preempted stage for a finished one. Rerunning the command resumes.
@@ -30,14 +32,16 @@ group) leave the first one to the main process (``mardini.data.datamodule``), wh
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 import threading
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.distributed import ReduceOp
 
@@ -47,11 +51,15 @@ TERMINATED = 128 + signal.SIGTERM  # 143: the exit status of a fit SIGTERM ended
 class PreemptionSave(L.Callback):
     """Save a resumable checkpoint at the end of the first optimiser step or validation after any rank got SLURM's
     requeue signal (then requeue the job, under SLURM with ``auto_requeue``) or SIGTERM (then end the fit with exit
-    status 143). train.py adds it."""
+    status 143). train.py adds it.
 
-    def __init__(self) -> None:
-        self._handler: Any = None  # Lightning's save-and-requeue function, while this callback holds the signal
-        self._signal: signal.Signals | None = None
+    ``dirpath``: the folder of the preemption checkpoints; None: the Trainer's ``default_root_dir`` (Lightning's
+    choice). train.py gives the stage's checkpoint folder, where ``--ckpt_path last`` looks.
+    """
+
+    def __init__(self, dirpath: str | None = None) -> None:
+        self.dirpath = dirpath
+        self._holds_requeue = False  # while this callback holds SLURM's requeue signal
         self._received: int | None = None
         self._holds_sigterm = False
         self._terminate = False  # SIGTERM received
@@ -72,7 +80,7 @@ class PreemptionSave(L.Callback):
         registered = getattr(signal.getsignal(env.requeue_signal), "signal_handlers", ())
         if handler not in registered:
             return  # Lightning left the signal to a handler installed before the fit: leave it too
-        self._handler, self._signal, self._received = handler, env.requeue_signal, None
+        self._holds_requeue, self._received = True, None
         signal.signal(env.requeue_signal, self._record)  # replaces Lightning's; it restores the original at teardown
 
     def _record(self, signum: int, frame: Any) -> None:
@@ -95,7 +103,7 @@ class PreemptionSave(L.Callback):
     def _act_if_signalled(self, trainer: L.Trainer) -> None:
         """Where every rank calls it: when any rank got a signal, every rank saves, then rank 0 requeues (the
         requeue signal) or every rank ends the fit (SIGTERM)."""
-        if self._handler is None and not self._holds_sigterm:
+        if not (self._holds_requeue or self._holds_sigterm):
             return
         flags = [self._received is not None, self._terminate]  # [requeue, terminate]
         if trainer.world_size > 1:  # any rank's (a single process skips the device sync)
@@ -107,18 +115,36 @@ class PreemptionSave(L.Callback):
             return
         self._received, self._terminate = None, False
         if requeue:
-            self._handler(self._signal, None)  # every rank: save (collective), then rank 0 requeues
-        else:
-            trainer.save_checkpoint(self._save_path(trainer), weights_only=False)  # collective
+            for logger in trainer.loggers:  # as Lightning's handler: the metrics on disk before SLURM ends the job
+                logger.finalize("finished")
+        path = self._save_path(trainer)
+        trainer.save_checkpoint(path, weights_only=False)  # every rank (collective)
+        if requeue and trainer.is_global_zero:
+            requeue_slurm_job()
         if terminate:
-            rank_zero_info(f"SIGTERM: saved a checkpoint at step {trainer.global_step} in {trainer.default_root_dir}; "
-                           f"ending the fit with exit status {TERMINATED} (the same command resumes it)")
+            rank_zero_info(f"SIGTERM: saved {path} at step {trainer.global_step}; ending the fit with exit status "
+                           f"{TERMINATED} (the same command resumes it)")
             raise SIGTERMException(TERMINATED)
 
-    @staticmethod
-    def _save_path(trainer: L.Trainer) -> str:
-        """Lightning's next ``hpc_ckpt_N.ckpt`` in ``default_root_dir``, rank 0's on every rank."""
-        return trainer.strategy.broadcast(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))
+    def _save_path(self, trainer: L.Trainer) -> str:
+        """Lightning's next ``hpc_ckpt_N.ckpt`` in ``dirpath`` (or ``default_root_dir``), rank 0's on every rank."""
+        folder = self.dirpath if self.dirpath is not None else trainer.default_root_dir
+        return trainer.strategy.broadcast(trainer._checkpoint_connector.hpc_save_path(folder))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._handler, self._holds_sigterm = None, False
+        self._holds_requeue = self._holds_sigterm = False
+
+
+def requeue_slurm_job() -> None:
+    """``scontrol requeue`` of this SLURM job (an array job's task as ``JOBID_TASKID``), as Lightning's handler does."""
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ["SLURM_JOB_ID"]
+    try:
+        result = subprocess.call(["scontrol", "requeue", job])
+    except FileNotFoundError:
+        result = None
+    if result == 0:
+        rank_zero_info(f"Requeued SLURM job {job}")
+    else:
+        why = "scontrol is not on the PATH" if result is None else f"scontrol exited with status {result}"
+        rank_zero_warn(f"Requeueing SLURM job {job} failed ({why}); submit it again: it resumes from the checkpoint")
