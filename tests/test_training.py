@@ -218,6 +218,8 @@ def test_a_slurm_preemption_checkpoint_is_resumed_from_the_stage_s_folder(workdi
     os.utime(folder / "last.ckpt", (1, 1))  # the older file
     resumed = _fit(workdir, monkeypatch, *_stage(STAGES[0], 4, *save))
     assert resumed.trainer.ckpt_path.endswith("hpc_ckpt_1.ckpt") and resumed.trainer.global_step == 4
+    assert not (folder / "hpc_ckpt_1.ckpt").exists()  # step 4's save supersedes it
+    shutil.copy(folder / "last.ckpt", folder / "hpc_ckpt_1.ckpt")  # a later preemption's
     with pytest.raises(ValueError, match="holds SLURM preemption checkpoints \\(hpc_ckpt_1.ckpt\\).*delete them"):
         _fit(workdir, monkeypatch, *_stage(STAGES[0], 4, *save, "--ckpt_path=null"))
 
@@ -242,6 +244,32 @@ def test_a_preemption_checkpoint_goes_to_the_stage_s_folder_whatever_default_roo
     (folder / "hpc_ckpt_1.ckpt").write_bytes(saved)
     resumed = _fit(workdir, monkeypatch, *_stage(STAGES[0], 4, *save, "--ckpt_path=hpc"))
     assert resumed.trainer.ckpt_path == str(folder / "hpc_ckpt_1.ckpt")
+
+
+def test_preemption_checkpoints_are_deleted_once_a_resumed_run_saves_past_them(workdir, monkeypatch, tmp_path):
+    """hpc_ckpt_N.ckpt files (one full checkpoint per preemption) are deleted by the first regular save of a step at
+    least theirs; before, they piled up, one per requeue, never deleted."""
+    import shutil
+
+    save = [f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    folder = tmp_path / STAGES[0] / "checkpoints"
+    _fit(workdir, monkeypatch, *_stage(STAGES[0], 2, *save))
+    shutil.copy(folder / "last.ckpt", folder / "hpc_ckpt_1.ckpt")  # an earlier preemption's, at step 2
+    sigterm = '{"class_path": "preemption_run.SignalOneRank", "init_args": {"rank": 0, "scenario": "term"}}'
+    with pytest.raises(SystemExit):  # resumes hpc_ckpt_1.ckpt, SIGTERM at step 2's start: hpc_ckpt_2.ckpt of step 3
+        _fit(workdir, monkeypatch, *_stage(STAGES[0], 10, *save, f"--trainer.callbacks+={sigterm}"))
+    assert sorted(p.name for p in folder.glob("hpc_ckpt_*")) == ["hpc_ckpt_1.ckpt", "hpc_ckpt_2.ckpt"]
+    resumed = _fit(workdir, monkeypatch, *_stage(STAGES[0], 4, *save))
+    assert resumed.trainer.ckpt_path == str(folder / "hpc_ckpt_2.ckpt") and resumed.trainer.global_step == 4
+    assert sorted(p.name for p in folder.glob("*.ckpt")) == ["last.ckpt", "step00000004.ckpt"]
+    # what a resume could still need stays: a preemption checkpoint of a later step, one that cannot be read
+    from mardini.lit.step_checkpoint import drop_superseded_preemption_checkpoints
+
+    torch.save({"global_step": 5}, folder / "hpc_ckpt_3.ckpt")
+    (folder / "hpc_ckpt_4.ckpt").write_bytes(b"cut short")
+    torch.save({"global_step": 4}, folder / "hpc_ckpt_5.ckpt")
+    assert drop_superseded_preemption_checkpoints(folder, 4) == ["hpc_ckpt_5.ckpt"]
+    assert sorted(p.name for p in folder.glob("hpc_ckpt_*")) == ["hpc_ckpt_3.ckpt", "hpc_ckpt_4.ckpt"]
 
 
 def test_a_kill_between_the_step_checkpoint_and_last_ckpt_resumes_the_step_checkpoint(workdir, monkeypatch, tmp_path):

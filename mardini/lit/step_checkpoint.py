@@ -1,9 +1,11 @@
 """ModelCheckpoint that also saves the final step of a fit, whatever ``checkpoint_every`` is, and that keeps one run's
-checkpoints in its folder: a new run there first moves the earlier run's aside."""
+checkpoints in its folder: a new run there first moves the earlier run's aside, and each save deletes the preemption
+checkpoints it supersedes."""
 
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -12,8 +14,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from mardini.lit.checkpoint_io import local_path
+from mardini.lit.checkpoints import read_checkpoint
 
 CONTINUES = ("last", "hpc", "best")  # Lightning's ckpt_path keywords that resume a run of this folder
+PREEMPTION = re.compile(r"hpc_ckpt_\d+\.ckpt")  # Lightning's preemption checkpoints (mardini.lit.preemption)
 
 
 class StepCheckpoint(ModelCheckpoint):
@@ -28,6 +32,9 @@ class StepCheckpoint(ModelCheckpoint):
     ``earlier.N/`` inside it (N = 1, 2, ...: the highest is the newest) and says so. Files are named without
     Lightning's version counter, so ``last.ckpt`` is always the newest save, the one ``--ckpt_path last`` resumes
     (with the counter, a new run beside an earlier one wrote ``last-v1.ckpt``, and ``last`` resumed the earlier run).
+
+    Each save then deletes the preemption checkpoints (``hpc_ckpt_N.ckpt``, one per preemption) in the folder that it
+    supersedes (:func:`drop_superseded_preemption_checkpoints`), so they do not pile up over a run's requeues.
     """
 
     def __init__(self, *args, resume: str | None = "last", **kwargs) -> None:
@@ -58,6 +65,12 @@ class StepCheckpoint(ModelCheckpoint):
             return False  # remote: not ours to move
         return Path(file).resolve().parent != Path(folder).resolve()
 
+    def _save_checkpoint(self, trainer: "pl.Trainer", filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        folder = local_path(str(self.dirpath))
+        if trainer.is_global_zero and folder is not None:  # the file is written (rank 0 writes it)
+            drop_superseded_preemption_checkpoints(Path(folder), trainer.global_step)
+
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if not self._should_skip_saving_checkpoint(trainer):  # fitting, and this step is not saved yet
             candidates = self._monitor_candidates(trainer)
@@ -85,3 +98,24 @@ def set_aside_earlier_run(fs, folder: str) -> str | None:
     rank_zero_info(f"A new run in {folder}: the earlier run's checkpoints ({', '.join(names)}) are moved to "
                    f"{aside}{way}")
     return aside
+
+
+def drop_superseded_preemption_checkpoints(folder: Path, step: int) -> list[str]:
+    """Delete the preemption checkpoints (``hpc_ckpt_N.ckpt``) in ``folder`` that record a global step up to ``step``:
+    a checkpoint of ``step`` just saved there supersedes them (``--ckpt_path last`` resumes the highest step, the
+    newer file among equals). One of a higher step, or one that cannot be read, stays. The names deleted."""
+    dropped = []
+    for path in sorted(folder.glob("hpc_ckpt_*.ckpt")):
+        if not PREEMPTION.fullmatch(path.name):
+            continue
+        try:
+            saved = int(read_checkpoint(path).get("global_step", step + 1))
+        except (ValueError, FileNotFoundError):
+            continue
+        if saved <= step:
+            path.unlink(missing_ok=True)
+            dropped.append(path.name)
+    if dropped:
+        rank_zero_info(f"{', '.join(dropped)} deleted from {folder}: the checkpoint of step {step} saved there "
+                       "supersedes them")
+    return dropped
