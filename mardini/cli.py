@@ -8,7 +8,9 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
+from typing import Union
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -310,10 +312,31 @@ def _jsonargparse_debug() -> bool:
 NO_TEST_SPLIT = re.compile(r"invalid choice: '(test|predict)'")
 
 
+BATCH_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
+# int before float, built from the classes: `Optional[Union[int, float]]` can come out of typing's cache as the
+# float-first Union[float, int, None] (the Trainer's annotation), under which jsonargparse read 1 as 1.0
+INT_OR_FRACTION = Union[int, float, None]
+
+
 class ShortErrorParser(LightningArgumentParser):
     """Lightning's parser, whose parse errors (a value of the wrong type, an unknown option) print one message and a
     pointer to ``--help`` instead of the usage of every option (over a hundred lines) and the Union noise.
-    ``MARDINI_TRACEBACK=1``, ``JSONARGPARSE_DEBUG`` or ``exit_on_error=False`` keep jsonargparse's own behaviour."""
+    ``MARDINI_TRACEBACK=1``, ``JSONARGPARSE_DEBUG`` or ``exit_on_error=False`` keep jsonargparse's own behaviour.
+
+    The Trainer's ``limit_*_batches`` keep an int an int, as Lightning reads them: ``1`` one batch, ``1.0`` all of
+    them (the Trainer's float-first annotation made jsonargparse turn ``limit_val_batches: 1`` into 100 %)."""
+
+    def add_lightning_class_args(self, lightning_class, nested_key: str, subclass_mode: bool = False,
+                                 required: bool = True) -> list[str]:
+        if not (isinstance(lightning_class, type) and issubclass(lightning_class, Trainer)):
+            return super().add_lightning_class_args(lightning_class, nested_key, subclass_mode, required)
+        added = self.add_class_arguments(lightning_class, nested_key, fail_untyped=False, instantiate=False,
+                                         sub_configs=True, skip=set(BATCH_LIMITS))  # as Lightning's, less those
+        for name in BATCH_LIMITS:
+            self.add_argument(f"--{nested_key}.{name}", type=INT_OR_FRACTION, default=None,
+                              help=f"Trainer's {name}: an int counts batches (1: one batch), a float is a fraction "
+                                   "of them (1.0: all); default all")
+        return [*added, *(f"{nested_key}.{name}" for name in BATCH_LIMITS)]
 
     def error(self, message: str, ex: Exception | None = None):
         if not self.exit_on_error or os.environ.get(TRACEBACK_ENV, "") not in ("", "0") or _jsonargparse_debug():

@@ -313,6 +313,21 @@ def test_a_logger_without_a_version_is_refused_and_a_fixed_version_resumes_in_it
     assert Path(resumed.trainer.default_root_dir) == folder
 
 
+def test_an_int_batch_limit_counts_batches_and_a_float_is_a_fraction(monkeypatch, tmp_path):
+    """The Trainer annotates limit_*_batches Union[float, int, None], float first, and jsonargparse took an int for a
+    float: --trainer.limit_train_batches 1 and configs/debug.yaml's `limit_val_batches: 1` (one validation batch)
+    became 1.0, all the batches. An int stays an int, as Lightning reads it; a float stays a fraction."""
+    from mardini.cli import BATCH_LIMITS
+
+    monkeypatch.chdir(tmp_path)
+    cli = main(["--config", str(REPO / "configs" / "debug.yaml"), "--trainer.limit_train_batches=1",
+                "--trainer.limit_test_batches=1.0", "--trainer.limit_predict_batches=0.5"], run=False)
+    limits = [cli.config["trainer"][name] for name in BATCH_LIMITS]
+    assert limits == [1, 1, 1.0, 0.5] and [type(v) for v in limits] == [int, int, float, float]
+    assert (cli.trainer.limit_train_batches, cli.trainer.limit_val_batches) == (1, 1)
+    assert type(cli.trainer.limit_train_batches) is int and type(cli.trainer.limit_val_batches) is int
+
+
 def test_a_fresh_fit_and_a_resume_warn_of_no_missing_checkpoint_nor_an_unresumable_loader(workdir, monkeypatch):
     save = ["--trainer.logger.init_args.save_dir=outputs/quiet"]
     for steps in (2, 3):  # a fresh fit, then a resume in the data epoch's middle
