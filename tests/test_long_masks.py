@@ -42,8 +42,14 @@ SCHEDULES = {
     "keyframes 3 windows apart": (interpolation_mask(11), [(0, "g...."), (3, "gg..."), (6, "gg..g")]),
     "backward expansion": (mask_from_given(7, [5, 6]), [(2, "...gg"), (-1, "...gg")]),
     "middle image": (image_to_video_mask(9, 4), [(3, ".g..."), (6, "gg..."), (0, "...gg")]),
-    "keyframes, last window virtual": (mask_from_given(13, [0, 12]),
-                                       [(0, "g...."), (3, "gg..."), (6, "gg..."), (9, "gg.g.")]),
+    # the window at 6 cannot reach frame 12: it keeps frames 8-9 only, so that the next one holds 12 and 2 known frames
+    "keyframes, a window keeps part": (mask_from_given(13, [0, 12]),
+                                       [(0, "g...."), (3, "gg..."), (6, "gg..."), (8, "gg..g")]),
+    "expansion, last window virtual": (mask_from_given(12, [0]),
+                                       [(0, "g...."), (3, "gg..."), (6, "gg..."), (9, "gg...")]),
+    # frame 11 lies past the context's reach (a window at 6 would end at 10): the window starts later to include it
+    "a given frame just past the context's reach": (mask_from_given(12, [0, 4, 11]),
+                                                    [(0, "g...g"), (3, "gg..."), (7, "g...g")]),
 }
 
 
@@ -65,6 +71,28 @@ def test_windows_follow_the_documented_rule_and_given_frames_come_back_exactly(p
         assert torch.equal(clip[:, given], out[:, [s + i for i in given]])  # known frames at their places
         assert all(m[i] for i in range(W) if i not in real)  # virtual frames are generated
     assert len({tuple(sd) for _, _, sd in seen}) == len(seen)  # each window its own noise
+
+
+def test_the_frame_before_every_given_frame_is_generated_seeing_it():
+    """Over every mask of up to 9 frames (windows of 3-5, every context): each generated frame is kept from exactly
+    one window, and the frame right before a given frame (after the first given one) comes from a window that holds
+    that given frame, so a keyframe is interpolated towards, never extrapolated past."""
+    import itertools
+
+    for w in (3, 4, 5):
+        for context in range(1, w):
+            for t in range(w + 1, 10):
+                for bits in itertools.product((False, True), repeat=t):
+                    if all(bits) or not any(bits):
+                        continue
+                    last = {}  # generated frame -> the (first, end) of the last window that generated it
+                    for s, m in tasks.window_schedule(torch.tensor(bits), w, context):
+                        last.update({s + j: (s, s + w) for j in range(w) if m[j] and 0 <= s + j < t})
+                    assert set(last) == {i for i in range(t) if bits[i]}
+                    k0 = bits.index(False)
+                    for g in range(k0 + 1, t):
+                        if not bits[g] and bits[g - 1]:
+                            assert last[g - 1][0] <= g < last[g - 1][1], (bits, w, context, g)
 
 
 def test_frames_generated_by_a_window_are_given_to_the_next(pipe):
