@@ -317,6 +317,14 @@ def test_a_video_shorter_than_the_window_is_read_as_far_as_the_task_needs(env, t
     with pytest.warns(UserWarning, match="sampling windows of 3 frames, not the checkpoint's trained window of 5"):
         _run(env, tmp_path, "slow_motion", "--video", str(short), "--frames", "3")
     assert lengths == [3]  # --frames is slow_motion's window too (it was the frames read)
+    lengths.clear()
+    with pytest.warns(UserWarning, match=r"--frames 4: sampling windows of 3 frames \(slow motion's windows are odd\)"):
+        record = _run(env, tmp_path, "slow_motion", "--video", str(short), "--frames", "4")
+    assert lengths and max(lengths) == 3 and record["window_sampled"] == 3  # an even window is sampled odd
+    notes = _run(env, tmp_path, "interpolate", "--video", str(short), "--keep", "0,2")["inputs"]
+    assert any("--keep 0,2 are 2 frames apart in the video, the 5-frame window places them 4 apart: the motion "
+               "between them plays 2x slower than it was read; --frames 3 samples them at their spacing" in n
+               for n in notes), notes
     helptext = " ".join(build_parser().format_help().split())
     assert "frames per window" in helptext and "It does not set how many frames are read" in helptext
 

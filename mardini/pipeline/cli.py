@@ -302,6 +302,33 @@ def check_options(a: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
             parser.error(f"--{key.replace('_', '-')}={value} is impossible: it must be {allowed}")
 
 
+def spacing_note(a: argparse.Namespace, positions, window: int) -> str | None:
+    """A note when ``interpolate`` puts two frames of a video further apart or closer than they are in it: the
+    window places them at its ends, ``window - 1`` frames apart, whatever ``--keep`` picked."""
+    if a.task != "interpolate" or not (a.video or a.shards) or len(positions) != 2:
+        return None
+    first, last = positions
+    gap = last - first
+    if gap == window - 1:
+        return None
+    if 3 <= gap + 1 <= window:
+        fix = f"; --frames {gap + 1} samples them at their spacing"
+    elif gap + 1 > window:
+        fix = f"; generate --keep {first},{last} samples them at their spacing, window by window"
+    else:
+        fix = ""
+    return (f"--keep {first},{last} are {gap} frames apart in the video, the {window}-frame window places them "
+            f"{window - 1} apart: the motion between them plays {(window - 1) / gap:.3g}x slower than it was read{fix}")
+
+
+def sampled_window(a: argparse.Namespace, trained: int) -> int:
+    """The frames per window the task samples: ``--frames`` up to the trained window (past it ``generate`` goes
+    window by window at the trained length), made odd for slow motion, whose windows have given frames at both
+    ends (:func:`mardini.pipeline.tasks.slow_motion`)."""
+    w = min(a.frames or trained, trained)
+    return w - 1 + w % 2 if a.task == "slow_motion" else w
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Parse ``argv``, sample, write the outputs; returns the settings record (also in settings.json)."""
     parser = build_parser()
@@ -315,15 +342,19 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = torch.bfloat16 if a.bf16 else torch.float32
     pipe = MarDiniPipeline.from_checkpoint(a.ckpt, ema=not a.no_ema, device=device, dtype=dtype, window=a.window,
                                            allow_autoencoders=a.allow_autoencoder)
+    sampled = sampled_window(a, pipe.window)
     if a.frames is not None and a.frames < pipe.window:  # a longer one is refused by the task
-        warnings.warn(f"--frames {a.frames}: sampling windows of {a.frames} frames, not the checkpoint's trained "
-                      f"window of {pipe.window}; leave --frames out to sample the trained window", stacklevel=2)
+        made_odd = " (slow motion's windows are odd)" if sampled != a.frames else ""
+        warnings.warn(f"--frames {a.frames}: sampling windows of {sampled} frames{made_odd}, not the checkpoint's "
+                      f"trained window of {pipe.window}; leave --frames out to sample the trained window", stacklevel=2)
     size = parse_size(a.resolution) or pipe.resolution
     given, names, positions, notes, fps_read = load_inputs(a, pipe, size)
     fps = a.fps or fps_read or pipe.fps or 8.0
     if fps_read and pipe.fps and not math.isclose(fps_read, pipe.fps, rel_tol=0.01):
         notes.append(f"the frames were read at {fps_read:g} fps, the checkpoint trained at {pipe.fps:g} fps: each "
                      f"frame step is {pipe.fps / fps_read:.3g}x the motion it learned (--stride changes the rate read)")
+    spacing = spacing_note(a, positions, sampled)
+    notes += [spacing] if spacing else []
     for note in notes:
         print(f"[sample] {note}")
     guidance = a.guidance if a.guidance is not None else (
@@ -349,7 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
         "keep": positions,  # the given frames among those read (--keep or the task's default)
         "given_positions": masks[0][0].nonzero().flatten().tolist(),  # where they are in the written videos
         "device": str(pipe.device), "dtype": str(dtype), "window": pipe.window,  # the trained one
-        "window_sampled": min(a.frames or pipe.window, pipe.window),  # past it: generate_long, trained windows
+        "window_sampled": sampled,  # past the trained window: generate_long, trained windows
         "task_options": {"index": a.index, "total": a.total, "context": a.context, "factor": a.factor},
         "fps_read": fps_read, "fps_written": fps, "fps_trained": pipe.fps,
         "seconds": round(time.perf_counter() - started, 3),
