@@ -17,9 +17,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mardini.lit.base import MarDiniBase
 from mardini.lit.checkpoint_io import AtomicCheckpointIO, other_checkpoints_message
-from mardini.lit.checkpoints import RESUMING, directory_message, read_checkpoint
+from mardini.lit.checkpoints import RESUMING, directory_message
 from mardini.lit.preemption import TERMINATED, PreemptionSave
-from mardini.lit.step_checkpoint import StepCheckpoint
+from mardini.lit.step_checkpoint import PREEMPTION, StepCheckpoint, preemption_checkpoints, saved_step
 from mardini.user_errors import TRACEBACK_ENV, USER_ERRORS
 
 
@@ -88,7 +88,7 @@ class MarDiniCLI(LightningCLI):
             # where Lightning looks for its preemption checkpoints (ckpt_path "hpc", and None under SLURM): the
             # stage's own checkpoint folder, where PreemptionSave writes them, not a folder stages share
             trainer["default_root_dir"] = folder
-        hpc = sorted(Path(folder).glob("hpc_ckpt_*.ckpt")) if folder is not None else []
+        hpc = preemption_checkpoints(folder)
         if sub.get("ckpt_path") is None and hpc:
             raise ValueError(f"--ckpt_path null starts over, but {folder} holds SLURM preemption checkpoints "
                              f"({', '.join(p.name for p in hpc)}) that Lightning would resume from; delete them first")
@@ -97,7 +97,7 @@ class MarDiniCLI(LightningCLI):
         # rerunning it resumes, and it records where the stage started)
         self._resume_from = resume_checkpoint(folder) if sub.get("ckpt_path") == "last" else None
         if sub.get("ckpt_path") == "hpc" and hpc:  # Lightning would look in default_root_dir, which may be elsewhere
-            self._resume_from = resume_checkpoint(folder, HPC)
+            self._resume_from = resume_checkpoint(folder, PREEMPTION)
         self._nothing_to_resume = folder is not None and sub.get("ckpt_path") == "last" and self._resume_from is None
         self._resuming = self._resuming or self._resume_from is not None or (sub.get("ckpt_path") == "hpc" and bool(hpc))
 
@@ -248,7 +248,6 @@ def _logger_args(config):
 
 
 RESUMABLE = re.compile(r"(last|hpc_ckpt_\d+|step\d+)\.ckpt")  # what a fit writes in its checkpoint folder
-HPC = re.compile(r"hpc_ckpt_\d+\.ckpt")  # Lightning's preemption checkpoints
 
 
 def resume_checkpoint(folder: str | None, names: re.Pattern = RESUMABLE) -> str | None:
@@ -266,7 +265,7 @@ def resume_checkpoint(folder: str | None, names: re.Pattern = RESUMABLE) -> str 
 def _saved_step(path: Path) -> int:
     """The global step recorded in the checkpoint at ``path`` (memory-mapped: its tensors are not read)."""
     try:
-        return int(read_checkpoint(path).get("global_step", -1))
+        return saved_step(path, missing=-1)
     except ValueError as e:
         raise ValueError(f"{e} {other_checkpoints_message(path)}") from e
 

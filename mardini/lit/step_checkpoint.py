@@ -100,16 +100,27 @@ def set_aside_earlier_run(fs, folder: str) -> str | None:
     return aside
 
 
+def preemption_checkpoints(folder: str | Path | None) -> list[Path]:
+    """The preemption checkpoints (``hpc_ckpt_N.ckpt``) in ``folder``, by name; none for None."""
+    if folder is None:
+        return []
+    return sorted(p for p in Path(folder).glob("hpc_ckpt_*.ckpt") if PREEMPTION.fullmatch(p.name))
+
+
+def saved_step(path: str | Path, missing: int) -> int:
+    """The global step a checkpoint records (memory-mapped: its tensors are not read); ``missing`` where it records
+    none. Raises :func:`~mardini.lit.checkpoints.read_checkpoint`'s errors."""
+    return int(read_checkpoint(path).get("global_step", missing))
+
+
 def drop_superseded_preemption_checkpoints(folder: Path, step: int) -> list[str]:
     """Delete the preemption checkpoints (``hpc_ckpt_N.ckpt``) in ``folder`` that record a global step up to ``step``:
     a checkpoint of ``step`` just saved there supersedes them (``--ckpt_path last`` resumes the highest step, the
     newer file among equals). One of a higher step, or one that cannot be read, stays. The names deleted."""
     dropped = []
-    for path in sorted(folder.glob("hpc_ckpt_*.ckpt")):
-        if not PREEMPTION.fullmatch(path.name):
-            continue
+    for path in preemption_checkpoints(folder):
         try:
-            saved = int(read_checkpoint(path).get("global_step", step + 1))
+            saved = saved_step(path, missing=step + 1)
         except (ValueError, FileNotFoundError):
             continue
         if saved <= step:
