@@ -59,6 +59,20 @@ def frame_file(index: int, frames: int) -> str:
     return f"frame_{index:0{max(2, len(str(frames - 1)))}d}.png"
 
 
+def write_frames(video: torch.Tensor, folder: Path, indices: list[int] | None = None) -> list[str]:
+    """Frames ``indices`` (default all) of ``video (T, 3, H, W)`` in [-1, 1] as lossless 8-bit PNGs
+    ``folder/frame_XX.png`` (:func:`frame_file`, the window's frame numbers); the file names written."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = to_uint8(video)  # (T, H, W, 3)
+    names = []
+    for i in range(len(pixels)) if indices is None else indices:
+        names.append(frame_file(i, len(pixels)))
+        Image.fromarray(pixels[i]).save(folder / names[-1])
+    return names
+
+
 def shard_of_keys(files: list[str]) -> dict[str, str]:
     """``{sample key: shard}`` from the shards' tar headers (no data read); keys split as WebDataset does (up to the
     first dot of the member's file name)."""
@@ -98,17 +112,9 @@ class InputExport:
 
     def add(self, batch: dict[str, Any], names: list[str]) -> None:
         """Write the given frames of a batch's clips (``video (B, T, 3, R, R)``, named ``names``) and list them."""
-        from PIL import Image
-
         metas = batch.get("meta") or [{}] * len(batch["key"])
         for video, key, name, meta, rate in zip(batch["video"], batch["key"], names, metas, batch["fps"], strict=True):
-            folder = self.dir / name
-            folder.mkdir(parents=True, exist_ok=True)
-            pixels = to_uint8(video)  # (T, R, R, 3)
-            inputs = []
-            for i in self.given:
-                Image.fromarray(pixels[i]).save(folder / frame_file(i, self.frames))
-                inputs.append(f"{name}/{frame_file(i, self.frames)}")
+            inputs = [f"{name}/{f}" for f in write_frames(video, self.dir / name, self.given)]  # video (T, 3, R, R)
             clip = {"key": key, "name": name, "inputs": inputs, "output": f"{name}.mp4 or {name}/",
                     "frame_indices": meta.get("frame_indices"), "fps": round(float(rate), 3)}
             if self.sources is None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from mardini.visualize import contact_sheet, save_gif, save_mp4, to_uint8
+from mardini.visualize import contact_sheet, save_gif, save_mp4
 
 
 def check_out_dir(out: Path) -> None:
@@ -24,13 +24,9 @@ def save_frames(video: torch.Tensor, folder: Path) -> Path:
     """``(T, 3, H, W)`` in [-1, 1] -> ``folder/frame_XX.png``, lossless 8-bit RGB, named as ``evaluate.py
     --export-inputs`` names a window's frames (:func:`~mardini.evaluation.external.frame_file`): a folder of frame
     images that ``evaluate.py --generated`` reads, and that ``sample.py --images`` reads back exactly."""
-    from PIL import Image
+    from mardini.evaluation.external import write_frames
 
-    from mardini.evaluation.external import frame_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, frame in enumerate(to_uint8(video)):  # (H, W, 3)
-        Image.fromarray(frame).save(folder / frame_file(i, len(video)))
+    write_frames(video, folder)
     return folder
 
 
