@@ -6,7 +6,8 @@
 Parameter counts come from building each stage's networks on the meta device (no memory, no weights) with the
 stage's size and overrides, so they are the networks the stage trains (planner without its warm-up projection head
 in joint stages). Latent channels: ``3 f^2`` for the space-to-depth autoencoder, the size's default (16, the
-paper's VAE) for any other. Clips seen = steps x global batch.
+paper's VAE) for any other. Clips seen = steps x global batch. The EMA decay a stage ends at is timm's warm-up rule
+at its last step (``ema_warmup``), capped at ``ema_decay``: a stage shorter than the ramp never reaches its cap.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 import yaml
+from timm.utils.model_ema import ModelEmaV3
 
 from mardini.class_paths import import_class_path
 from mardini.lit.base import MarDiniBase
@@ -32,6 +34,7 @@ NOT_STAGES = {"common.yaml", "cluster.yaml", "fsdp.yaml"}
 _DEFAULTS = inspect.signature(MarDiniBase.__init__).parameters  # what a stage gets for a key it leaves out
 _DEFAULT_LOW = _DEFAULTS["planner_resolution"].default
 _DEFAULT_KEEP = _DEFAULTS["keep_ratio"].default
+_DEFAULT_EMA = (_DEFAULTS["ema_decay"].default, _DEFAULTS["ema_warmup"].default)
 
 
 @dataclass
@@ -51,6 +54,7 @@ class Stage:
     batch: int
     steps: int
     accelerator: str
+    ema: tuple[float, float]  # (the EMA decay at the stage's last step, its cap ``ema_decay``)
     title: str = ""  # the file's first comment line
 
     @property
@@ -118,6 +122,12 @@ def kept_fraction(model: dict, callbacks: list | None) -> str:
     return fmt(start) if end == start else f"{fmt(start)} -> {fmt(end)}"
 
 
+def ema_decay_reached(steps: int, decay: float, warmup: bool) -> float:
+    """The EMA decay of a stage's last update after ``steps`` steps: timm's rule, as :class:`MarDiniBase` builds its
+    EMA (with ``warmup`` the decay ramps up with the step and is capped at ``decay``)."""
+    return ModelEmaV3(torch.nn.Linear(1, 1), decay=decay, use_warmup=warmup).get_decay(steps)
+
+
 def _title(path: Path) -> str:
     """The stage file's first line when it is a comment (``# ... -> MarDini-x/ST-512``), else ''."""
     first = (path.read_text().splitlines() or [""])[0]
@@ -154,8 +164,18 @@ def read_stage(path: str | Path) -> Stage:
         planner_resolution=int(args.get("planner_resolution", _DEFAULT_LOW)),
         kept=kept_fraction(args, trainer.get("callbacks")), batch=int(dargs.get("batch_size", 1)),
         steps=int(trainer.get("max_steps", 0)), accelerator=str(trainer.get("accelerator", "gpu")),
-        title=_title(path),
+        ema=_ema(args, int(trainer.get("max_steps", 0))), title=_title(path),
     )
+
+
+def _ema(args: dict, steps: int) -> tuple[float, float]:
+    cap = float(args.get("ema_decay", _DEFAULT_EMA[0]))
+    return ema_decay_reached(steps, cap, bool(args.get("ema_warmup", _DEFAULT_EMA[1]))), cap
+
+
+def _ema_text(ema: tuple[float, float]) -> str:
+    reached, cap = ema
+    return f"{cap:g}" if reached >= cap else f"{reached:.4f} (cap {cap:g})"
 
 
 def read_chain(folder: str | Path) -> list[Stage]:
@@ -185,15 +205,16 @@ def _rel(path: Path) -> str:
 def chain_table(stages: list[Stage]) -> str:
     """Markdown table, one row per stage."""
     rows = ["| stage | trains | planner (width x depth, params) | generator (width x depth, attention, params) "
-            "| frames | px (generator / planner) | kept fraction | global batch | steps | clips seen |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "| frames | px (generator / planner) | kept fraction | global batch | steps | clips seen | EMA decay at the end |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in stages:
         pw, pd, pn = s.planner
         gw, gd, ga, gn = s.generator
         planner = f"{pw} x {pd}, {_params(pn)}" if s.trains != "generator" else "-"
         generator = f"{gw} x {gd}, {ga.upper()}, {_params(gn)}" if s.trains != "planner" else "-"
         rows.append(f"| `{s.path.stem}` | {s.trains} | {planner} | {generator} | {s.frames} | "
-                    f"{s.resolution} / {s.planner_resolution} | {s.kept} | {s.batch} | {s.steps} | {_clips(s.clips)} |")
+                    f"{s.resolution} / {s.planner_resolution} | {s.kept} | {s.batch} | {s.steps} | {_clips(s.clips)} | "
+                    f"{_ema_text(s.ema)} |")
     return "\n".join(rows)
 
 

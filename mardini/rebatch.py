@@ -11,7 +11,11 @@ place of a stage's ``B`` (its own ``data.init_args.batch_size`` where it sets on
 - ``trainer.max_steps``, ``model.init_args.warmup_steps`` and the ``step`` of every milestone of a
   ``Curriculum`` callback (or of a subclass) times ``r`` (rounded, at least 1 for the step counts): the same clips
   seen, the same learning-rate warm-up and curriculum in clips;
-- ``model.init_args.ema_decay`` ``d`` -> ``1 - (1 - d) / r``: the same EMA time constant in clips;
+- ``model.init_args.ema_decay`` ``d`` -> ``1 - (1 - d) / r``: the same EMA time constant in clips once the decay
+  reaches its cap. The warm-up ramp (``ema_warmup``, timm's ``1 - (1 + step)^(-2/3)``) counts steps and is not
+  rescaled, so a stage that ends below the cap (every tiny stage) averages over fewer clips at a smaller batch:
+  the tiny last stage ends at decay 0.9916 (about 119 steps, 950 clips) at batch 8 and 0.9947 (about 189 steps,
+  760 clips) at batch 4;
 - the logger's ``save_dir`` and the checkpoint paths (``init_from``, ``planner_ckpt``, ``generator_ckpt``) moved
   from the chain's save folder to ``--save-dir``, so the new chain never reads or writes the old one's runs.
 

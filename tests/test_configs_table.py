@@ -31,6 +31,23 @@ def test_tiny_joint_stage_counts_the_networks_its_module_builds():
     assert stage.kept == "35-100 % -> 15-60 %"  # the Curriculum callback's first and last milestones
 
 
+def test_ema_column_is_the_decay_the_stage_module_ends_at(tmp_path):
+    args = yaml.safe_load((TINY / "05_joint_task.yaml").read_text())["model"]["init_args"]
+    ae = SpaceToDepthAutoencoder(**args["autoencoder"]["init_args"])
+    module = MarDiniModule(**{**args, "autoencoder": ae, "init_from": None})
+    stage = read_stage(TINY / "05_joint_task.yaml")
+    reached, cap = stage.ema
+    assert cap == args["ema_decay"] and reached == module.ema.get_decay(stage.steps) < cap  # the ramp, below its cap
+    assert f"| {reached:.4f} (cap {cap:g}) |" in chain_table([stage])
+    chain = tmp_path / "chain"
+    shutil.copytree(TINY, chain)
+    cfg = yaml.safe_load((chain / "05_joint_task.yaml").read_text())
+    cfg["model"]["init_args"]["ema_warmup"] = False  # the full decay from the first step
+    (chain / "05_joint_task.yaml").write_text(yaml.safe_dump(cfg))
+    flat = read_stage(chain / "05_joint_task.yaml")
+    assert flat.ema == (cap, cap) and chain_table([flat]).endswith(f"| {cap:g} |")
+
+
 def test_stage_frames_follow_the_module_then_the_data():
     assert read_stage(TINY / "01_dm_warmup_4f.yaml").frames == 4  # model.frames crops the 9-frame clips
     assert read_stage(TINY / "02_dm_warmup_9f.yaml").frames == 9

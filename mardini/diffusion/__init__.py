@@ -2,7 +2,8 @@
 
 What the paper fixes: v-prediction, DDIM sampling, CFG on the planning signal (2.5 for I2V, none for
 interpolation). Our defaults: cosine schedule in continuous time t in [0, 1] (0 = clean), a 1000-step training
-grid with uniform t, unweighted MSE on the masked frames only. Beyond the paper, :class:`FrameAnchor` can make the
+grid with uniform t, unweighted MSE on the masked frames only, which training averages per clip
+(:func:`masked_mse_per_sample`, then the mean over the batch; :func:`masked_mse` is the per-element mean). Beyond the paper, :class:`FrameAnchor` can make the
 diffused variable each generated frame's change from its nearest given frame (``model.anchor``; off by default).
 """
 
