@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test test-slow test-all bench weights reproduce train-tiny clean-outputs notebooks
+.PHONY: venv demo test test-slow test-all bench weights evaluate reproduce train-tiny clean-outputs notebooks
 
 venv: $(STAMP)
 
@@ -59,7 +59,9 @@ weights: venv
 
 ## Benchmark protocols on the embedded synthetic set, baselines beside the model: ARGS="--checkpoint PATH".
 ## Any folder of videos: ARGS="--preset vidim --data DIR". Reports in outputs/eval/ (see mardini/evaluation/README.md).
-evaluate: venv weights
+## The metric weights are fetched first unless ARGS names --metrics without fvd and fid.
+evaluate: venv
+	@if [[ "$(ARGS)" != *--metrics* || "$(ARGS)" == *fvd* || "$(ARGS)" == *fid* ]]; then $(PY) -m mardini.weights all; fi
 	$(PY) evaluate.py --preset synthetic $(ARGS)
 
 ## Run the three notebooks (notebooks/*.ipynb) with the demo's checkpoint and data when present; the executed

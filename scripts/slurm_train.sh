@@ -10,7 +10,9 @@
 # checkpoint of the highest step there (mardini.cli.resume_checkpoint). SIGTERM (preemption, scancel, the time limit)
 # saves the same checkpoint at the end of the step and exits with status 143, so `sbatch --wait ... || break` stops at
 # an unfinished stage.
-# --ckpt_path null refuses to start over while such a file is there (Lightning would resume from it): delete it first.
+# To start a stage over, give it a new folder (--trainer.logger.init_args.save_dir or name) or delete its folder; do
+# not pass --ckpt_path null here: a requeue reruns the same arguments, and --ckpt_path null refuses to start while
+# the preemption checkpoint is there (Lightning would resume from it), so the requeued job would exit.
 #SBATCH --job-name=mardini
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
@@ -23,7 +25,7 @@ CONFIG=${1:?usage: sbatch [--nodes N] scripts/slurm_train.sh CONFIG.yaml [extra 
 shift
 NODES=${SLURM_JOB_NUM_NODES:-1}
 GPUS=${SLURM_GPUS_PER_NODE:-8}
-# Extra arguments (e.g. --config configs/paper/fsdp.yaml, or --ckpt_path null to start over) come before the node
+# Extra arguments (e.g. --config configs/paper/fsdp.yaml) come before the node
 # and device counts, so that an overlay config cannot reset them to its own.
 srun .venv/bin/python train.py fit --config "$CONFIG" --ckpt_path last "$@" \
   --trainer.num_nodes "$NODES" --trainer.devices "${GPUS##*:}"

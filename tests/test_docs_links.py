@@ -43,3 +43,22 @@ def test_relative_links_resolve(doc):
         elif frag and dest.suffix == ".md" and frag not in anchors(dest):
             broken.append(f"{target}: no heading with anchor #{frag} in {dest.name}")
     assert not broken, f"{doc.relative_to(ROOT)} has broken links: {broken}"
+
+
+CONFIG_PATH = re.compile(r"(?<![\w/.])configs/[\w./-]*\w(?![\w{-])")  # configs/paper/cluster.yaml, configs/tiny ...
+WRITTEN = re.compile(r"configs/tiny_b4\w*$")  # chains `python -m mardini.rebatch` writes (STUDIES.md, "Batches of 4")
+NAMED_IN = sorted(
+    p for p in [*ROOT.rglob("*.py"), *ROOT.rglob("*.md"), *ROOT.rglob("*.sh"), *ROOT.rglob("*.yaml"), ROOT / "Makefile"]
+    if not SKIP_DIRS & set(p.relative_to(ROOT).parts) and p.name != "test_docs_links.py"
+)
+
+
+def test_every_config_path_named_in_code_docs_and_scripts_exists():
+    """An error message, docstring, script or doc that names a config file names one the checkout has (a hint
+    pointing at ``configs/cluster.yaml`` when the file is ``configs/paper/cluster.yaml`` sends the user nowhere)."""
+    missing = set()
+    for path in NAMED_IN:
+        for name in CONFIG_PATH.findall(path.read_text(errors="replace")):
+            if not WRITTEN.match(name) and not (ROOT / name).exists():
+                missing.add(f"{path.relative_to(ROOT)}: {name}")
+    assert not missing, f"config paths that do not exist: {sorted(missing)}"

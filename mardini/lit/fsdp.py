@@ -34,7 +34,7 @@ def unwrapped_name(name: str) -> str:
 WRAP_FIX = (
     "under FSDP the EMA pairs each network's tensors with its EMA copy's on the local shards, which needs the live "
     "and EMA networks wrapped alike: use an auto_wrap_policy by module class (configs/paper/fsdp.yaml's "
-    "[PlannerBlock, GeneratorBlock]) with use_orig_params=True, or train with DDP (configs/cluster.yaml)"
+    "[PlannerBlock, GeneratorBlock]) with use_orig_params=True, or train with DDP (configs/paper/cluster.yaml)"
 )
 
 
