@@ -77,6 +77,19 @@ class MarDiniCLI(LightningCLI):
             torch.multiprocessing.set_sharing_strategy("file_system")
         if self.subcommand != "fit":
             return
+        if no_logger(sub):
+            raise ValueError(
+                "trainer.logger is false, but a fit needs a logger: the learning rate is logged to it "
+                "(LearningRateMonitor) and the stage's checkpoint folder, where --ckpt_path last resumes, is the "
+                "logger's <save_dir>/<name>/<version>/checkpoints; set trainer.logger to a TensorBoardLogger (or "
+                "CSVLogger) with a save_dir, a name and a fixed version, as the stage configs do (version: \"\")")
+        if sub.get("ckpt_path") == "last" and default_logger(sub):
+            raise ValueError(
+                "trainer.logger is unset (or true), so Lightning's default logger (version unset) logs each run in "
+                "a new lightning_logs/version_N folder, and --ckpt_path last (the default) never finds the checkpoints "
+                "of an earlier run to resume; set trainer.logger to a TensorBoardLogger with a save_dir, a name and a "
+                "fixed version, as the stage configs do (version: \"\": one folder, which the same command resumes "
+                "in), or pass --ckpt_path null to train a new run in a new version_N folder")
         if sub.get("ckpt_path") == "last" and unversioned_logger(sub):
             raise ValueError(
                 "trainer.logger's version is null: Lightning then logs each run in a new version_N folder, so "
@@ -237,6 +250,20 @@ def unversioned_logger(config) -> bool:
     default): it then logs every run in a new ``version_N`` folder, where no earlier checkpoint is."""
     args = _logger_args(config)
     return bool(args) and bool(args.get("save_dir")) and "version" in args and args["version"] is None
+
+
+def default_logger(config) -> bool:
+    """Whether ``trainer.logger`` is left to Lightning's default (unset or ``true``): a TensorBoardLogger (a
+    CSVLogger without tensorboard) in ``<default_root_dir>/lightning_logs`` whose version is unset (a new
+    ``version_N`` every run; under SLURM the job's id, a new one each job)."""
+    logger = (config.get("trainer") or {}).get("logger")
+    return logger is None or logger is True
+
+
+def no_logger(config) -> bool:
+    """Whether ``trainer.logger`` is off (``false`` or an empty list)."""
+    logger = (config.get("trainer") or {}).get("logger")
+    return logger is False or (isinstance(logger, (list, tuple)) and not logger)
 
 
 def _logger_args(config):

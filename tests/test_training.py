@@ -313,6 +313,27 @@ def test_a_logger_without_a_version_is_refused_and_a_fixed_version_resumes_in_it
     assert Path(resumed.trainer.default_root_dir) == folder
 
 
+def test_a_fit_without_a_logger_of_fixed_version_is_refused_not_trained_anew_each_run(workdir, monkeypatch, tmp_path):
+    """A stage config without a logger (or --trainer.logger true) gets Lightning's default one, whose version is unset:
+    each run logs in a new lightning_logs/version_N, so --ckpt_path last is refused naming a fixed version (before,
+    every rerun trained from scratch in the next version_N, silently); --ckpt_path null trains a new run there.
+    --trainer.logger false is refused too (before, the fit crashed at its start in LearningRateMonitor)."""
+    config = yaml.safe_load((TINY / f"{STAGES[0]}.yaml").read_text())
+    del config["trainer"]["logger"]
+    (tmp_path / "no_logger.yaml").write_text(yaml.safe_dump(config))
+    stage = ["--config", str(TINY / "common.yaml"), "--config", str(tmp_path / "no_logger.yaml"),
+             "--trainer.max_steps=1", *FAST, f"--trainer.default_root_dir={tmp_path}"]
+    default = (r"trainer.logger is unset \(or true\).*lightning_logs/version_N.*set trainer.logger to a "
+               r"TensorBoardLogger with a save_dir, a name and a fixed version.*--ckpt_path null to train a new run")
+    for extra in ([], ["--trainer.logger=true"]):
+        with pytest.raises(ValueError, match=default):
+            _fit(workdir, monkeypatch, *stage, *extra)
+    new = _fit(workdir, monkeypatch, *stage, "--ckpt_path=null")
+    assert Path(new.trainer.checkpoint_callback.dirpath) == tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    with pytest.raises(ValueError, match=r"trainer.logger is false, but a fit needs a logger.*a fixed version"):
+        _fit(workdir, monkeypatch, *stage, "--trainer.logger=false", "--ckpt_path=null")
+
+
 def test_an_int_batch_limit_counts_batches_and_a_float_is_a_fraction(monkeypatch, tmp_path):
     """The Trainer annotates limit_*_batches Union[float, int, None], float first, and jsonargparse took an int for a
     float: --trainer.limit_train_batches 1 and configs/debug.yaml's `limit_val_batches: 1` (one validation batch)
