@@ -125,17 +125,20 @@ def data32(tmp_path_factory) -> Path:
     return tiny_synthetic(tmp_path_factory.mktemp("preempt32"), train=8, val=4, frames=18, size=32)
 
 
-def _train(data: Path, tmp: Path, *args: str) -> subprocess.Popen:
+def _train(data: Path | str, tmp: Path, *args: str) -> subprocess.Popen:
     """``train.py fit --config configs/debug.yaml`` as one SLURM task in its own process group, logging to
-    ``tmp/train.log``, checkpoints in ``tmp/out/joint/checkpoints``."""
+    ``tmp/train.log``, checkpoints in ``tmp/out/joint/checkpoints``. ``data``: the folder of the shards, or the class
+    path of another datamodule (tests/ is on the PYTHONPATH)."""
     log = open(tmp / "train.log", "a")  # a file, not a pipe the test would have to drain while it waits
+    env = _slurm_env(tmp, 1, 0, str(_free_port()))
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
+    chosen = ([f"--data={data}"] if isinstance(data, str)
+              else [f"--data.init_args.train_shards={data}/train", f"--data.init_args.val_shards={data}/val"])
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs" / "debug.yaml"),
-         f"--data.init_args.train_shards={data}/train", f"--data.init_args.val_shards={data}/val",
+        [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs" / "debug.yaml"), *chosen,
          f"--trainer.logger.init_args.save_dir={tmp / 'out'}", "--trainer.enable_progress_bar=false",
          "--trainer.enable_model_summary=false", *args],
-        stdout=log, stderr=subprocess.STDOUT, env=_slurm_env(tmp, 1, 0, str(_free_port())), cwd=tmp,
-        start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp, start_new_session=True)
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -164,6 +167,77 @@ def test_sigterm_to_train_py_and_its_loader_workers_saves_exits_143_and_the_comm
     assert resumed.wait(timeout=120) == 0, (tmp_path / "train.log").read_text()[-3000:]
     assert f"Restored all states from the checkpoint at {hpc}" in (tmp_path / "train.log").read_text()
     assert torch.load(folder / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == step + 1
+
+
+def test_sigterm_to_the_workers_of_a_datamodule_of_one_s_own_saves_and_exits_143_too(tmp_path):
+    """A user's datamodule (tests/user_extensions.py) whose plain DataLoaders set no worker_init_fn: its workers,
+    signalled with the main process, outlive the first SIGTERM as VideoDataModule's do (PreemptionSave gives them
+    leave_first_sigterm_to_main); before, they died and the run failed ("DataLoader worker ... killed by signal")
+    before it saved."""
+    folder = tmp_path / "out" / "joint" / "checkpoints"
+    proc = _train("user_extensions.RandomClipsDataModule", tmp_path, "--trainer.max_steps=1000",
+                  "--checkpoint_every=2", "--data.init_args.num_workers=2")
+    _wait_for(folder / "step00000002.ckpt", proc)
+    os.killpg(proc.pid, signal.SIGTERM)  # the loader workers get it too
+    try:
+        assert proc.wait(timeout=120) == 143, (tmp_path / "train.log").read_text()[-3000:]
+    finally:
+        proc.kill()
+    (hpc,) = folder.glob("hpc_ckpt_*.ckpt")
+    assert torch.load(hpc, map_location="cpu", weights_only=False)["global_step"] >= 2
+
+
+_FOUND: list[str] = []  # in a loader worker: the SIGTERM handler its own worker_init_fn found
+
+
+def _own_worker_init(worker_id: int) -> None:
+    _FOUND[:] = [getattr(signal.getsignal(signal.SIGTERM), "__name__", "none")]
+
+
+class _Found(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, i: int) -> str:
+        return _FOUND[0] if _FOUND else "no worker_init_fn of its own ran"
+
+
+def test_preemption_save_gives_a_datamodule_s_loaders_the_sigterm_protection_before_their_own_worker_init_fn(
+        monkeypatch):
+    """The loaders a datamodule's hooks return during a fit start their workers with leave_first_sigterm_to_main,
+    then their own worker_init_fn; one without its own keeps the seeding Lightning would give it (under
+    seed_everything(workers=True)); VideoDataModule's (already protected) and worker-less loaders stay as they are.
+    After the fit the hooks are the datamodule's again."""
+    import lightning as L
+    from lightning.fabric.utilities.seed import pl_worker_init_function
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+    from torch.utils.data import DataLoader
+
+    from mardini.data.datamodule import leave_first_sigterm_to_main
+    from mardini.lit.preemption import PreemptionSave
+
+    class Own(L.LightningDataModule):
+        def train_dataloader(self):
+            return DataLoader(_Found(), batch_size=None, num_workers=1, worker_init_fn=_own_worker_init)
+
+        def val_dataloader(self):
+            return {"plain": DataLoader(_Found(), batch_size=None, num_workers=1),
+                    "video": [DataLoader(_Found(), num_workers=1, worker_init_fn=leave_first_sigterm_to_main),
+                              DataLoader(_Found())]}
+
+    monkeypatch.setenv("PL_SEED_WORKERS", "1")  # what LightningCLI's seed_everything(workers=True) sets
+    dm, save = Own(), PreemptionSave()
+    trainer = type("Trainer", (), {"datamodule": dm, "global_rank": 3})()
+    save.setup(trainer, L.LightningModule(), "fit")
+    assert list(dm.train_dataloader()) == ["_end_on_the_next_sigterm"]  # ours first, then the loader's own
+    val = dm.val_dataloader()
+    assert val["plain"].worker_init_fn.then.func is pl_worker_init_function
+    assert val["plain"].worker_init_fn.then.keywords == {"rank": 3}
+    assert [dl.worker_init_fn for dl in val["video"]] == [leave_first_sigterm_to_main, None]
+    assert is_overridden("val_dataloader", dm) and not is_overridden("test_dataloader", dm)
+    save.teardown(trainer, L.LightningModule(), "fit")
+    assert not {"train_dataloader", "val_dataloader"} & set(vars(dm))
+    assert dm.train_dataloader().worker_init_fn is _own_worker_init
 
 
 def test_a_sigterm_lightning_s_handler_caught_before_the_training_exits_143_too(data32, tmp_path, monkeypatch):

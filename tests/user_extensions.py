@@ -7,8 +7,10 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
 
 from mardini.autoencoders import FrameAutoencoder
+from mardini.data.datamodule import VideoDataModule
 from mardini.lit.curriculum import Curriculum
 from mardini.masking import TEMPLATES, MaskSampler
 
@@ -45,3 +47,40 @@ class EveryOtherSampler(MaskSampler):
         given = super().given_frames(batch, frames, n_ref, generator)  # the built-in templates' (B, T) each
         given["every_other"] = (torch.arange(frames) % 2 == 0).expand(batch, -1)  # (B, T)
         return given
+
+
+class RandomClips(Dataset):
+    """``clips`` random clips, each ``{"video": (T, 3, H, W) in [-1, 1], "fps": ()}`` drawn from its index."""
+
+    def __init__(self, clips: int, frames: int, resolution: int) -> None:
+        self.clips, self.frames, self.resolution = clips, frames, resolution
+
+    def __len__(self) -> int:
+        return self.clips
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(i)
+        video = torch.rand(self.frames, 3, self.resolution, self.resolution, generator=g) * 2 - 1  # (T, 3, H, W)
+        return {"video": video, "fps": torch.tensor(8.0)}
+
+
+class RandomClipsDataModule(VideoDataModule):
+    """A datamodule of one's own (train.py's ``--data`` takes VideoDataModule subclasses) that reads no shards: plain
+    DataLoaders, without a ``worker_init_fn``, over :class:`RandomClips`."""
+
+    def __init__(self, frames: int = 9, resolution: int = 32, batch_size: int = 4, num_workers: int = 2,
+                 clips: int = 4096) -> None:
+        super().__init__(train_shards="", val_shards=None, frames=frames, resolution=resolution,
+                         batch_size=batch_size, num_workers=num_workers)
+        self.clips = clips
+
+    def setup(self, stage: str | None = None) -> None:
+        pass
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(RandomClips(self.clips, self.frames, self.resolution), batch_size=self.batch_size,
+                          shuffle=True, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(RandomClips(2 * self.batch_size, self.frames, self.resolution), batch_size=self.batch_size,
+                          num_workers=self.num_workers)

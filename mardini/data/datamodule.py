@@ -17,7 +17,8 @@ per reader when there are at least ranks x workers shards, else every reader sca
 :func:`check_validation_split`).
 Bad samples are skipped and counted (``batch["skipped"]``, :attr:`VideoDataModule.skipped`; a validation worker
 whose share gives no clip is counted through a marker the loader drops, so the step never sees an empty batch).
-Loader workers leave the first SIGTERM to the main process (:func:`leave_first_sigterm_to_main`).
+Loader workers leave the first SIGTERM to the main process (:func:`leave_first_sigterm_to_main`; a datamodule of
+one's own gets it from ``PreemptionSave``: :func:`protect_loader_workers`).
 """
 
 from __future__ import annotations
@@ -27,13 +28,17 @@ import math
 import os
 import signal
 import tarfile
-from typing import Literal
+from collections.abc import Callable, Iterator, Mapping
+from functools import partial
+from typing import Any, Literal
 
 import warnings
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.fabric.utilities.seed import pl_worker_init_function
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
+from torch.utils.data import DataLoader
 
 from mardini.data.batch_split import check_split, epoch_batches, largest_rank_batch, rank_batch
 from mardini.data.decode import BadSample, decode_json, frame_stride
@@ -260,6 +265,51 @@ def leave_first_sigterm_to_main(worker_id: int) -> None:
 
 def _end_on_the_next_sigterm(signum: int, frame) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+class LeaveFirstSigtermToMain:
+    """A loader's ``worker_init_fn``: :func:`leave_first_sigterm_to_main`, then ``then`` (the loader's own, or None).
+    A class, so that loaders of the ``spawn`` start method can pickle it."""
+
+    def __init__(self, then: Callable[[int], None] | None = None) -> None:
+        self.then = then
+
+    def __call__(self, worker_id: int) -> None:
+        leave_first_sigterm_to_main(worker_id)
+        if self.then is not None:
+            self.then(worker_id)
+
+
+def protect_loader_workers(loaders: Any, rank: int = 0) -> Any:
+    """Make the workers of every DataLoader in ``loaders`` (a loader, or a list, tuple, dict or ``CombinedLoader`` of
+    them: what a ``*_dataloader`` hook returns) outlive their first SIGTERM: a loader with workers gets
+    :class:`LeaveFirstSigtermToMain` as its ``worker_init_fn``, chaining its own after it (one without its own, under
+    ``seed_everything(workers=True)`` as LightningCLI runs it, chains the seeding Lightning would give it:
+    ``pl_worker_init_function`` of ``rank``). Loaders already protected (VideoDataModule's) stay as they are.
+    Returns ``loaders``."""
+    for loader in _dataloaders(loaders):
+        then = loader.worker_init_fn
+        if loader.num_workers == 0 or then is leave_first_sigterm_to_main or isinstance(then, LeaveFirstSigtermToMain):
+            continue
+        if then is None and int(os.environ.get("PL_SEED_WORKERS", 0)):  # Lightning adds it to loaders without one
+            then = partial(pl_worker_init_function, rank=rank)
+        loader.worker_init_fn = LeaveFirstSigtermToMain(then)
+    return loaders
+
+
+def _dataloaders(loaders: Any) -> Iterator[DataLoader]:
+    """The DataLoaders in ``loaders``: itself, or those inside a list, tuple, dict or ``CombinedLoader``."""
+    if isinstance(loaders, DataLoader):
+        yield loaders
+    elif isinstance(loaders, CombinedLoader):
+        for inner in loaders.flattened:
+            yield from _dataloaders(inner)
+    elif isinstance(loaders, Mapping):
+        for inner in loaders.values():
+            yield from _dataloaders(inner)
+    elif isinstance(loaders, (list, tuple)):
+        for inner in loaders:
+            yield from _dataloaders(inner)
 
 
 def _distributed_world() -> tuple[int, int] | None:

@@ -27,15 +27,19 @@ them act there together:
 SLURM's warning time (``--signal=SIGUSR1@T``) and the time between SIGTERM and SIGKILL (``KillWait``, Kubernetes'
 ``terminationGracePeriodSeconds``) must cover a training step plus, where the signal can come during one, a
 validation. Loader workers that get the SIGTERM too (SLURM, ``timeout`` and a container stop signal the whole process
-group) leave the first one to the main process (``mardini.data.datamodule``), which shuts them down after the save.
+group) leave the first one to the main process, which shuts them down after the save: VideoDataModule's by
+themselves, those of any other datamodule's (or module's) ``train_dataloader`` / ``val_dataloader`` through
+:class:`PreemptionSave` (``mardini.data.datamodule.protect_loader_workers``).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -43,7 +47,10 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.distributed import ReduceOp
+
+from mardini.data.datamodule import protect_loader_workers
 
 TERMINATED = 128 + signal.SIGTERM  # 143: the exit status of a fit SIGTERM ended (after its checkpoint)
 
@@ -63,6 +70,37 @@ class PreemptionSave(L.Callback):
         self._received: int | None = None
         self._holds_sigterm = False
         self._terminate = False  # SIGTERM received
+        self._wrapped: list[tuple[Any, str, Any]] = []  # (owner, hook, its instance attribute before or _NONE)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Wrap the ``train_dataloader`` / ``val_dataloader`` hooks of the datamodule and the module for the fit, so
+        that the workers of every loader they return leave the first SIGTERM to the main process
+        (:func:`~mardini.data.datamodule.protect_loader_workers`): a datamodule of one's own gets what
+        VideoDataModule does itself. Loaders passed to ``Trainer.fit`` directly need
+        ``worker_init_fn=leave_first_sigterm_to_main`` of their own."""
+        if stage != "fit":
+            return
+        for owner in (trainer.datamodule, pl_module):
+            for name in LOADER_HOOKS:
+                if owner is None or not is_overridden(name, owner) or getattr(getattr(owner, name), "_protects", False):
+                    continue
+                self._wrapped.append((owner, name, vars(owner).get(name, _NONE)))
+                setattr(owner, name, _protected_hook(getattr(owner, name), trainer))
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._unwrap()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._unwrap()  # Lightning calls no teardown then
+
+    def _unwrap(self) -> None:
+        """The hooks :meth:`setup` wrapped, back as they were."""
+        for owner, name, before in reversed(self._wrapped):
+            if before is _NONE:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, before)
+        self._wrapped = []
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -133,6 +171,22 @@ class PreemptionSave(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._holds_requeue = self._holds_sigterm = False
+
+
+LOADER_HOOKS = ("train_dataloader", "val_dataloader")  # the loaders of a fit
+_NONE = object()  # no instance attribute
+
+
+def _protected_hook(hook: Callable[[], Any], trainer: L.Trainer) -> Callable[[], Any]:
+    """``hook`` returning its loaders through :func:`~mardini.data.datamodule.protect_loader_workers`; Lightning
+    still sees the hook as defined or not by the original (``functools.wraps``: ``is_overridden`` unwraps it)."""
+
+    @functools.wraps(hook)
+    def protected(*args: Any, **kwargs: Any) -> Any:
+        return protect_loader_workers(hook(*args, **kwargs), trainer.global_rank)
+
+    protected._protects = True  # another PreemptionSave of the fit leaves it as it is
+    return protected
 
 
 def requeue_slurm_job() -> None:
