@@ -293,3 +293,24 @@ def test_table2_dm_only_verdict_rests_on_the_equally_trained_null_plan_row():
     assert rows["MAR + DM beats DM only (joint DM, null plan)"]["verdict"] == "disagrees"
     alone = verdicts.table2({"mar_dm": both, "dm_only": dm})  # no null-plan row: the warm-up row is scored
     assert alone[0]["verdict"] == "agrees"
+
+
+def test_planner_only_loads_the_weights_asked_for_with_the_pipeline_s_checks(tmp_path):
+    """Table 2's "MAR only" reads the warm-up planner through the pipeline's loader: the EMA (default) or the raw
+    weights exactly, and an EMA-only export read as raw weights is one error naming the fix."""
+    import torch
+
+    from mardini.lit.checkpoints import read_checkpoint
+    from mardini.lit.ema_export import export_ema_only
+    from mardini.reproduce.quality import PlannerOnly
+    from mardini.testing import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "planning.ckpt", "planning", frames=5, size=16)
+    state = read_checkpoint(ckpt)["state_dict"]
+    for ema, prefix in ((True, "ema.module.planner."), (False, "networks.planner.")):
+        loaded = PlannerOnly(ckpt, ema=ema).planner.state_dict()
+        assert loaded.keys() == {k[len(prefix):] for k in state if k.startswith(prefix)}
+        assert all(torch.equal(v, state[prefix + k]) for k, v in loaded.items())
+    export_ema_only(ckpt, tmp_path / "planning_ema.ckpt")
+    with pytest.raises(ValueError, match=r"no 'networks.planner.\*' weights \(an EMA-only export: load it with ema"):
+        PlannerOnly(tmp_path / "planning_ema.ckpt", ema=False)

@@ -77,7 +77,7 @@ def load_checkpoint(path: str | Path, ema: bool = True, window: int | None = Non
     g_over.setdefault("in_channels", channels)
     g_over.setdefault("cross_rope_grid", cross_rope_grid_of(meta))  # "corner" for checkpoints before the setting
     generator = build_generator(meta["size"], **g_over)
-    _load(generator, state, f"{prefix}generator.", path, ema)
+    load_network(generator, state, f"{prefix}generator.", path, ema)
     if "attention" in curriculum:
         generator.set_attention(curriculum["attention"])
     planner = None
@@ -87,7 +87,7 @@ def load_checkpoint(path: str | Path, ema: bool = True, window: int | None = Non
         planner = build_planner(meta["size"], **p_over)
         planner.drop_head()  # a joint run with plan_recon_weight > 0 kept a training-only head: left out
         state = {k: v for k, v in state.items() if not k.startswith(f"{prefix}planner.head.")}
-        _load(planner, state, f"{prefix}planner.", path, ema)
+        load_network(planner, state, f"{prefix}planner.", path, ema)
 
     data = dict(ckpt.get("datamodule_hyper_parameters") or {})
     window = _window(curriculum.get("frames") or hp.get("frames") or data.get("frames"), window, meta["size"], path)
@@ -133,7 +133,10 @@ def _window(recorded: int | None, given: int | None, size: str, path) -> int:
     return fallback
 
 
-def _load(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, path, ema: bool) -> None:
+def load_network(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, path, ema: bool) -> None:
+    """Load the ``prefix*`` weights of a checkpoint's ``state`` into ``module``, strictly: a clear error when there are
+    none (naming ``--no-ema`` or an EMA-only export) or when they do not fit the network rebuilt from the
+    checkpoint's hyper-parameters."""
     sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if not sub:
         if ema:

@@ -21,8 +21,9 @@ from mardini.data.transforms import planner_copy, resize_video
 from mardini.diffusion.checks import frame_mask
 from mardini.evaluation.protocol import DEFAULT_GUIDANCE
 from mardini.evaluation.samplers import BASELINES, PipelineSampler
-from mardini.lit.checkpoints import check_metadata, read_checkpoint
+from mardini.lit.checkpoints import EMA_PREFIX, check_metadata, read_checkpoint
 from mardini.models.registry import build_planner
+from mardini.pipeline.loading import load_network
 
 
 # ------------------------------------------------------------------------------------------------
@@ -43,12 +44,7 @@ class PlannerOnly:
         over = dict((ckpt.get("hyper_parameters") or {}).get("planner") or {})
         over.setdefault("in_channels", int(meta["latent_channels"]))
         self.planner = build_planner(meta["size"], **over)
-        prefix = "ema.module.planner." if ema else "networks.planner."
-        state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-        if not state or self.planner.head is None:
-            raise ValueError(f"{checkpoint} holds no '{prefix}*' weights with a projection head; pass a planner "
-                             "warm-up checkpoint (03_mar_warmup)")
-        self.planner.load_state_dict(state)
+        load_network(self.planner, ckpt["state_dict"], f"{EMA_PREFIX if ema else 'networks.'}planner.", checkpoint, ema)
         self.planner.eval().requires_grad_(False)
         self.autoencoder = build_autoencoder(meta["autoencoder_spec"], allow_autoencoders).eval()
         self.planner_resolution = int(meta["planner_resolution"])
