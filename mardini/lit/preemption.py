@@ -12,8 +12,9 @@ of one task, ``kill`` of one process).
 
 :class:`PreemptionSave` takes both signals over for the training: the signal handlers only record the signal, and at
 the end of every optimiser step (the last batch of a gradient-accumulation window) and of every validation the ranks
-reduce the records (one small all-reduce per step with more than one process). When any rank got a signal, all of
-them act there together:
+reduce the records (one small all-reduce per step with more than one process; its host read adds no stall beside
+the one Lightning's own per-step SIGTERM broadcast already makes, ``_TrainingEpochLoop._broadcast_sigterm_tensor``).
+When any rank got a signal, all of them act there together:
 
 - the requeue signal (only under SLURM with ``auto_requeue``, Lightning's default there): every rank saves Lightning's
   preemption checkpoint ``hpc_ckpt_N.ckpt`` into the stage's checkpoint folder (``dirpath``; Lightning's handler
