@@ -3,15 +3,18 @@
     python data/make_synthetic.py                       # demo defaults -> data/shards/synthetic/{train,val}
     python data/make_synthetic.py --train-clips 20000 --height 128 --width 128 --out data/shards/synth128
 
-Deterministic (same arguments, same bytes), resumable (finished shards are kept), train/val seeds disjoint.
+Deterministic (same arguments, same bytes), resumable (finished shards are kept), train/val seeds disjoint. A
+folder holding a split of other settings is refused, naming them (``clips 2000 -> 500``).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from mardini.data import synthetic as S
 from mardini.data.synthetic_shards import write_synthetic_split
+from mardini.user_errors import run_reporting_user_errors
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,5 +48,5 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return out
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # a user error (a folder of other settings) is one line and exit code 2
+    sys.exit(run_reporting_user_errors("make_synthetic.py", main))

@@ -130,8 +130,23 @@ def test_writer_resumes_without_rewriting_finished_shards(tmp_path):
     assert out["written"] == 1 and out["kept"] == 2
     assert first.stat().st_mtime_ns == marker
     assert (folder / "train-000002.tar").exists()
-    with pytest.raises(ValueError, match="other settings"):
-        write_synthetic_split(tmp_path, "train", 7, 2, **kw)
+    with pytest.raises(ValueError, match=r"other settings \(clips 6 -> 7, height 8 -> 16\); remove it"):
+        write_synthetic_split(tmp_path, "train", 7, 2, **{**kw, "height": 16})  # what differs, not the old settings
+
+
+def test_cli_refuses_a_folder_of_other_settings_in_one_line(tmp_path, monkeypatch, capsys):
+    import runpy
+
+    monkeypatch.delenv("MARDINI_TRACEBACK", raising=False)
+    write_synthetic_split(tmp_path, "train", 2, 2, frames=2, height=8, width=8, progress=False)
+    monkeypatch.setattr("sys.argv", ["make_synthetic.py", "--out", str(tmp_path), "--train-clips", "3",
+                                     "--train-per-shard", "2", "--frames", "2", "--height", "8", "--width", "8"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(ROOT / "data" / "make_synthetic.py"), run_name="__main__")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert err.startswith(f"make_synthetic.py: error: {tmp_path / 'train'} holds a synthetic split made with other "
+                          "settings (clips 2 -> 3); remove it or choose another output folder")
 
 
 def test_cli_writes_both_splits(tmp_path):

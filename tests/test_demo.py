@@ -69,6 +69,95 @@ def test_demo_rejects_impossible_final_steps():
         main(["--final-steps", "0"])
 
 
+def test_demo_rejects_impossible_train_clips_before_deleting_anything(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    trained = _file(tmp_path / "outputs/tiny/05_joint_task/checkpoints/last.ckpt")
+    with pytest.raises(SystemExit, match="--train-clips 0 is impossible"):
+        main(["--fresh", "--train-clips", "0"])
+    assert trained.exists()
+
+
+class NoTraining(Exception):
+    """Raised by the stand-in for the demo's training: the data step is all these tests run."""
+
+
+def _no_training(name, **kwargs):
+    raise NoTraining(name)
+
+
+def _file(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("x")
+    return path
+
+
+def _demo_train_split(root: Path, clips: int) -> None:
+    """The demo's synthetic train split under ``root`` (its settings), of ``clips`` clips."""
+    from mardini.data import synthetic as S
+    from mardini.data.synthetic_shards import write_synthetic_split
+
+    write_synthetic_split(root, "train", clips, S.DEMO_TRAIN_PER_SHARD, frames=S.DEMO_FRAMES, height=S.DEMO_HEIGHT,
+                          width=S.DEMO_WIDTH, fps=S.DEMO_FPS, progress=False)
+
+
+def test_a_set_of_other_settings_is_one_error_naming_them_before_anything_is_deleted(tmp_path, monkeypatch, capsys):
+    """``python -m mardini.demo --train-clips N`` over the set of an earlier demo (or ``data/make_synthetic.py``):
+    one line naming what differs and what to do, exit code 2, the trained chain kept."""
+    import runpy
+
+    import mardini.demo.main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MARDINI_TRACEBACK", raising=False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # a policy set: __main__ measures nothing, changes nothing
+    monkeypatch.setenv("MARDINI_DEMO_WAIT_POLICY", "")  # what __main__ sets, restored after the test
+    _demo_train_split(tmp_path / "data/shards/synthetic", 5)
+    trained = _file(tmp_path / "outputs/tiny/05_joint_task/checkpoints/last.ckpt")
+    monkeypatch.setattr(mardini.demo.main, "run_stage", _no_training)
+    monkeypatch.setattr("sys.argv", ["mardini/demo/__main__.py", "--train-clips", "3", "--no-progress"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("mardini.demo", run_name="__main__")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert err.startswith("python -m mardini.demo: error: data/shards/synthetic holds a synthetic set made with other "
+                          "settings (train: clips 5 -> 3): add --fresh to rebuild it")
+    assert trained.exists()
+
+
+def test_fresh_rebuilds_a_set_of_other_settings(tmp_path, monkeypatch, capsys):
+    """``--fresh --train-clips N`` over a set of another size starts over on a set of N clips (the synthetic set is
+    derived and cheap); the split that agrees is kept."""
+    import mardini.demo.main
+
+    monkeypatch.chdir(tmp_path)
+    shards = tmp_path / "data/shards/synthetic"
+    _demo_train_split(shards, 5)
+    trained = _file(tmp_path / "outputs/tiny/05_joint_task/checkpoints/last.ckpt")
+    monkeypatch.setattr(mardini.demo.main, "run_stage", _no_training)
+    with pytest.raises(NoTraining):  # the data is built; the training comes next
+        main(["--fresh", "--train-clips", "3", "--no-progress"])
+    manifest = json.loads((shards / "train" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["settings"]["clips"] == 3
+    assert "train: made with other settings (clips 5 -> 3), rebuilt" in capsys.readouterr().out
+    assert not trained.exists()
+    val = sorted((shards / "val").glob("*.tar"))
+    mtimes = [p.stat().st_mtime_ns for p in val]
+    with pytest.raises(NoTraining):  # another size again: train rebuilt, val kept
+        main(["--fresh", "--train-clips", "4", "--no-progress"])
+    assert json.loads((shards / "train" / "manifest.json").read_text())["settings"]["clips"] == 4
+    assert [p.stat().st_mtime_ns for p in val] == mtimes
+
+
+def test_fresh_does_not_delete_data_the_demo_did_not_write(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    manifest = _file(tmp_path / "data/shards/synthetic/train/manifest.json")
+    manifest.write_text(json.dumps({"settings": {"clip_frames": 16}}))  # another writer's (videos_to_shards.py)
+    trained = _file(tmp_path / "outputs/tiny/05_joint_task/checkpoints/last.ckpt")
+    with pytest.raises(ValueError, match="holds data the demo did not write .*; move it elsewhere"):
+        main(["--fresh", "--no-progress"])
+    assert manifest.exists() and trained.exists()
+
+
 def test_verdict_checks_each_claim_against_every_baseline():
     from mardini.demo.report import verdict
 

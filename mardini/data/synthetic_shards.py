@@ -6,7 +6,7 @@ Each sample: ``__key__`` = ``<split>-<index:07d>``, ``video.npy`` (uint8 ``(T, H
 Clip ``i`` of a split has seed ``SPLIT_OFFSET[split] + base_seed + i`` and goes to shard ``i // per_shard``,
 so the output depends only on the arguments; train and val seeds never meet (offset 2**31 apart).
 Finished shards are kept on a re-run (resumable); a ``manifest.json`` records the arguments and refuses a
-re-run with different ones.
+re-run with different ones, naming them (``clips 2000 -> 500``).
 """
 
 from __future__ import annotations
@@ -43,6 +43,35 @@ def _write_shard(job: dict) -> tuple[str, int]:
     return str(path), job["stop"] - job["start"]
 
 
+def split_settings(split: str, clips: int, per_shard: int, frames: int = synthetic.DEMO_FRAMES,
+                   height: int = synthetic.DEMO_HEIGHT, width: int = synthetic.DEMO_WIDTH,
+                   fps: float = synthetic.DEMO_FPS, base_seed: int = 0) -> dict:
+    """What a split's ``manifest.json`` records of :func:`write_synthetic_split`'s arguments (checked)."""
+    if clips < 1 or per_shard < 1:
+        raise ValueError(f"clips and per_shard must be >= 1, got {clips}, {per_shard}")
+    return {
+        "kind": "synthetic", "split": split, "clips": clips, "per_shard": per_shard, "frames": frames,
+        "height": height, "width": width, "fps": fps, "base_seed": base_seed,
+    }
+
+
+def manifest_settings(folder: str | Path) -> dict | None:
+    """The settings ``folder/manifest.json`` records, None without a manifest."""
+    manifest = Path(folder) / "manifest.json"
+    if not manifest.exists():
+        return None
+    return json.loads(manifest.read_text()).get("settings") or {}
+
+
+def settings_differences(old: dict | None, new: dict) -> list[str]:
+    """``clips 2000 -> 500`` for each setting in which a manifest's ``old`` differs from ``new`` (none when
+    ``old`` is None: no manifest)."""
+    if old is None:
+        return []
+    keys = [*new, *(k for k in old if k not in new)]
+    return [f"{k} {old.get(k, 'unset')} -> {new.get(k, 'unset')}" for k in keys if old.get(k) != new.get(k)]
+
+
 def write_synthetic_split(
     out: str | Path,
     split: str,
@@ -57,21 +86,13 @@ def write_synthetic_split(
     progress: bool = True,
 ) -> dict:
     """Write (or complete) one split under ``out/split``. Returns a summary dict (shards written / kept)."""
-    if clips < 1 or per_shard < 1:
-        raise ValueError(f"clips and per_shard must be >= 1, got {clips}, {per_shard}")
     folder = Path(out) / split
-    settings = {
-        "kind": "synthetic", "split": split, "clips": clips, "per_shard": per_shard, "frames": frames,
-        "height": height, "width": width, "fps": fps, "base_seed": base_seed,
-    }
+    settings = split_settings(split, clips, per_shard, frames, height, width, fps, base_seed)
+    diffs = settings_differences(manifest_settings(folder), settings)
+    if diffs:
+        raise ValueError(f"{folder} holds a synthetic split made with other settings ({', '.join(diffs)}); "
+                         "remove it or choose another output folder")
     manifest = folder / "manifest.json"
-    if manifest.exists():
-        old = json.loads(manifest.read_text())
-        if old.get("settings") != settings:
-            raise ValueError(
-                f"{folder} holds a synthetic split made with other settings ({old.get('settings')}); "
-                f"remove it or choose another output folder"
-            )
     write_json_atomic(manifest, {"settings": settings, "complete": False})
     render = {"frames": frames, "height": height, "width": width, "fps": fps}
     jobs = []

@@ -8,6 +8,6 @@ from mardini.demo.wait_policy import apply_wait_policy  # noqa: E402  (imports n
 
 os.environ["MARDINI_DEMO_WAIT_POLICY"] = apply_wait_policy()
 
-from mardini.demo.main import main  # noqa: E402
+from mardini.demo.main import cli  # noqa: E402
 
-sys.exit(main())
+sys.exit(cli())

@@ -16,7 +16,8 @@ import torch
 
 from mardini.data import synthetic as S
 from mardini.data.datamodule import VideoDataModule
-from mardini.data.synthetic_shards import write_synthetic_split
+from mardini.data.synthetic_shards import (manifest_settings, settings_differences, split_settings,
+                                           write_synthetic_split)
 from mardini.masking import interpolation_mask
 from mardini.visualize import contact_sheet
 
@@ -24,15 +25,36 @@ SHARDS = Path("data/shards/synthetic")
 OUTPUT = Path("outputs/demo")
 
 
+RENDER = dict(frames=S.DEMO_FRAMES, height=S.DEMO_HEIGHT, width=S.DEMO_WIDTH, fps=S.DEMO_FPS)
+
+
+def _splits(train_clips: int, val_clips: int) -> list[tuple[str, int, int]]:
+    """``(split, clips, clips per shard)`` of the demo's set."""
+    return [("train", train_clips, S.DEMO_TRAIN_PER_SHARD), ("val", val_clips, S.DEMO_VAL_PER_SHARD)]
+
+
 def build_synthetic(root: Path = SHARDS, train_clips: int = S.DEMO_TRAIN_CLIPS, val_clips: int = S.DEMO_VAL_CLIPS,
                     workers: int = 2, progress: bool = True) -> list[dict]:
     """Write (or complete; finished shards are reused) the demo's synthetic train and val splits."""
-    common = dict(frames=S.DEMO_FRAMES, height=S.DEMO_HEIGHT, width=S.DEMO_WIDTH, fps=S.DEMO_FPS, workers=workers,
-                  progress=progress)
-    return [
-        write_synthetic_split(root, "train", train_clips, S.DEMO_TRAIN_PER_SHARD, **common),
-        write_synthetic_split(root, "val", val_clips, S.DEMO_VAL_PER_SHARD, **common),
-    ]
+    return [write_synthetic_split(root, split, clips, per_shard, **RENDER, workers=workers, progress=progress)
+            for split, clips, per_shard in _splits(train_clips, val_clips)]
+
+
+def synthetic_differences(root: Path = SHARDS, train_clips: int = S.DEMO_TRAIN_CLIPS,
+                          val_clips: int = S.DEMO_VAL_CLIPS) -> dict[str, list[str]]:
+    """Split -> how the split already under ``root`` differs from what :func:`build_synthetic` would write
+    (``["clips 2000 -> 500"]``), for each split that does (checks the clip counts; writes nothing). A split that
+    is not a synthetic one (another writer's manifest) is refused: it is no derived set to rebuild."""
+    stale = {}
+    for split, clips, per_shard in _splits(train_clips, val_clips):
+        old = manifest_settings(root / split)
+        diffs = settings_differences(old, split_settings(split, clips, per_shard, **RENDER))
+        if diffs and old.get("kind") != "synthetic":
+            raise ValueError(f"{root / split} holds data the demo did not write (its manifest.json: {old}); move "
+                             f"it elsewhere, the demo builds its synthetic set in {root}")
+        if diffs:
+            stale[split] = diffs
+    return stale
 
 
 def demo_datamodule(root: Path = SHARDS, batch_size: int = 8, num_workers: int = 2) -> VideoDataModule:

@@ -9,7 +9,8 @@
 4. pictures: contact sheets next to ground truth and the baselines, GIF/MP4 samples, loss curves;
 5. ``outputs/demo/report.md`` (+ ``summary.json``).
 
-Re-running reuses what is done; ``--fresh`` starts over (deletes ``outputs/tiny`` and ``outputs/demo``).
+Re-running reuses what is done; ``--fresh`` starts over (deletes ``outputs/tiny`` and ``outputs/demo``, and
+rebuilds a synthetic split made with other settings, e.g. another ``--train-clips``).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ import torch
 
 from mardini import run_info
 from mardini.demo.chain import TINY_DIR, TINY_STAGES, run_stage
-from mardini.demo.data import SHARDS, build_synthetic
+from mardini.demo.data import SHARDS, build_synthetic, synthetic_differences
 from mardini.strict_json import dumps_strict
+from mardini.user_errors import run_reporting_user_errors
 
 OUTPUT = Path("outputs/demo")
 TRAIN_ROOT = Path("outputs/tiny")
@@ -50,7 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mardini.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=OUTPUT, help="report folder")
-    p.add_argument("--fresh", action="store_true", help="delete earlier checkpoints and results first")
+    p.add_argument("--fresh", action="store_true",
+                   help="delete earlier checkpoints and results first, and rebuild a synthetic split made with other "
+                        "settings (another --train-clips)")
     p.add_argument("--eval-clips", type=int, default=64, help="held-out clips per task (the val split has 64)")
     p.add_argument("--steps", type=int, default=5,
                    help="DDIM steps of the model at evaluation (5: Fig. 6a finds few steps near-optimal, and the tiny "
@@ -65,7 +69,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "times --scale); more steps are what the tiny model needs most (README, the demo), at about "
                         "0.4 s each here. A finished shorter run resumes from its last checkpoint; --fresh reruns the "
                         "recipe cleanly")
-    p.add_argument("--train-clips", type=int, default=None, help="synthetic training clips (default: the demo's 2000)")
+    p.add_argument("--train-clips", type=int, default=None,
+                   help=f"synthetic training clips (default: the demo's 2000), written to {SHARDS}/train; a set "
+                        "there of another size is rebuilt with --fresh (the chain then retrains on it) and refused "
+                        "without")
     p.add_argument("--frechet", action="store_true",
                    help="add FVD and FID (needs `make weights`; I3D and InceptionV3 over every clip cost minutes on CPU)")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
@@ -88,10 +95,23 @@ def _weights_available() -> bool:
         return False
 
 
+def describe(stale: dict[str, list[str]]) -> str:
+    """``train: clips 2000 -> 500`` of :func:`mardini.demo.data.synthetic_differences`' answer."""
+    return "; ".join(f"{split}: {', '.join(diffs)}" for split, diffs in stale.items())
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if a.final_steps is not None and a.final_steps < 1:
         raise SystemExit(f"--final-steps {a.final_steps} is impossible: give a number of steps >= 1 (or leave it out)")
+    if a.train_clips is not None and a.train_clips < 1:
+        raise SystemExit(f"--train-clips {a.train_clips} is impossible: give a number of clips >= 1 (or leave it out)")
+    extra = {} if a.train_clips is None else {"train_clips": a.train_clips}
+    stale = synthetic_differences(SHARDS, **extra)  # checked before anything is deleted
+    if stale and not a.fresh:
+        raise ValueError(f"{SHARDS} holds a synthetic set made with other settings ({describe(stale)}): add --fresh "
+                         f"to rebuild it and retrain the chain on it (the checkpoints under {TRAIN_ROOT} may have "
+                         "been trained on the set there)")
     start = time.perf_counter()
     torch.set_num_threads(max(1, a.threads))
     if a.fresh:
@@ -100,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
 
     print(f"[1/5] synthetic data set under {SHARDS}/ (built once, reused)", flush=True)
-    extra = {} if a.train_clips is None else {"train_clips": a.train_clips}
+    for split, diffs in stale.items():  # only with --fresh: derived and cheap to rebuild
+        print(f"      {split}: made with other settings ({', '.join(diffs)}), rebuilt", flush=True)
+        shutil.rmtree(SHARDS / split)
     for s in build_synthetic(SHARDS, progress=not a.no_progress, **extra):
         print(f"      {s['split']}: {s['clips']} clips in {s['shards']} shards ({s['kept']} reused)", flush=True)
 
@@ -162,6 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {task:15s} {metric:12s} {'beats both baselines' if ok else 'does NOT beat both baselines'}: {detail}")
     print(f"report: {report}")
     return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """The exit code of ``python -m mardini.demo``: a user error (data of other settings, missing weights) is one
+    ``python -m mardini.demo: error: ...`` line and exit code 2, no traceback."""
+    return run_reporting_user_errors("python -m mardini.demo", lambda: main(argv))
 
 
 def _val_loader(clips: int):
