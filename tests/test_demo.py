@@ -248,3 +248,39 @@ def test_a_reused_stage_reports_the_steps_it_was_trained_for(monkeypatch, capsys
     assert "reusing its checkpoint at step 1300, past the 500 asked for" in capsys.readouterr().out
     row = stage_table([run])[-1]
     assert "| 05_joint_task | MarDiniModule | 1300 | 9 | 35-100 % -> 15-60 % |" in row  # the curriculum's range
+
+
+@pytest.mark.parametrize("out, what", [(".", "the folder the demo runs in"), ("..", "the folder the demo runs in"),
+                                       ("home", "the home folder")])
+def test_fresh_refuses_to_delete_the_checkout_or_the_home_folder(tmp_path, monkeypatch, out, what):
+    """``--fresh --out .`` deleted the folder the demo runs in (the checkout): refused, nothing deleted."""
+    import mardini.demo.main
+
+    work = tmp_path / "checkout"
+    monkeypatch.chdir(_file(work / "README.md").parent)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    kept = [_file(tmp_path / "home" / ".bashrc"), work / "README.md"]
+    monkeypatch.setattr(mardini.demo.main, "run_stage", _no_training)
+    out = str(tmp_path / "home") if out == "home" else out
+    with pytest.raises(ValueError, match=f"--fresh deletes --out, and {re.escape(out)} is {what} or holds it"):
+        main(["--fresh", "--out", out, "--train-clips", "2", "--no-progress"])
+    assert all(p.exists() for p in kept)
+
+
+def test_fresh_deletes_a_report_folder_only(tmp_path, monkeypatch):
+    """A folder holding what the demo does not write is refused by name; a report folder (an interrupted run's
+    too) is deleted."""
+    import mardini.demo.main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(mardini.demo.main, "run_stage", _no_training)
+    mine = [_file(tmp_path / "mine" / name) for name in ("notes.txt", "report.md", "a.py")]
+    with pytest.raises(ValueError, match=r"mine holds what the demo does not write there \(a.py, notes.txt\)"):
+        main(["--fresh", "--out", "mine", "--train-clips", "2", "--no-progress"])
+    assert all(p.exists() for p in mine)
+    with pytest.raises(ValueError, match="--out mine/notes.txt is a file"):
+        main(["--out", "mine/notes.txt", "--train-clips", "2", "--no-progress"])
+    earlier = _file(tmp_path / "report" / "eval" / "report.json")  # an interrupted run's
+    with pytest.raises(NoTraining):
+        main(["--fresh", "--out", "report", "--train-clips", "2", "--no-progress"])
+    assert not earlier.exists() and (tmp_path / "report").is_dir()

@@ -10,7 +10,8 @@
 5. ``outputs/demo/report.md`` (+ ``summary.json``).
 
 Re-running reuses what is done; ``--fresh`` starts over (deletes ``outputs/tiny`` and ``outputs/demo``, and
-rebuilds a synthetic split made with other settings, e.g. another ``--train-clips``).
+rebuilds a synthetic split made with other settings, e.g. another ``--train-clips``). It deletes a ``--out`` folder
+only when that holds nothing but what the demo writes there.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from mardini.user_errors import run_reporting_user_errors
 
 OUTPUT = Path("outputs/demo")
 TRAIN_ROOT = Path("outputs/tiny")
+# What the demo (and ``python -m mardini.demo.data``) writes in a report folder: ``--fresh`` deletes no other folder.
+REPORT_ENTRIES = ("report.md", "summary.json", "loss_curves.png", "eval", "samples", "contact_sheet.png")
 
 
 def machine_line() -> str:
@@ -51,7 +54,8 @@ def demo_command(argv: list[str] | None) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mardini.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=OUTPUT, help="report folder")
+    p.add_argument("--out", type=Path, default=OUTPUT,
+                   help="report folder (--fresh deletes it if it holds only what the demo writes there)")
     p.add_argument("--fresh", action="store_true",
                    help="delete earlier checkpoints and results first, and rebuild a synthetic split made with other "
                         "settings (another --train-clips)")
@@ -95,6 +99,28 @@ def _weights_available() -> bool:
         return False
 
 
+def check_out(out: Path, fresh: bool) -> None:
+    """``--out`` must be a folder (or not exist yet); with ``--fresh``, which deletes it, a report folder: one that
+    holds only :data:`REPORT_ENTRIES`, and not the folder the demo runs in, the checkout or the home folder, nor a
+    folder above one of them."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a folder for the report (default {OUTPUT})")
+    if not fresh:
+        return
+    target = out.resolve()
+    for keep, what in ((Path.cwd(), "the folder the demo runs in"), (Path(__file__).parents[2], "the checkout"),
+                       (Path.home(), "the home folder")):
+        keep = keep.resolve()
+        if target == keep or target in keep.parents:
+            raise ValueError(f"--fresh deletes --out, and {out} is {what} or holds it: give the demo's report folder "
+                             f"({OUTPUT}) or a new one")
+    others = sorted(p.name for p in out.iterdir() if p.name not in REPORT_ENTRIES) if out.exists() else []
+    if others:
+        named = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise ValueError(f"--fresh deletes --out, and {out} holds what the demo does not write there ({named}): give "
+                         f"the demo's report folder ({OUTPUT}) or a new one")
+
+
 def describe(stale: dict[str, list[str]]) -> str:
     """``train: clips 2000 -> 500`` of :func:`mardini.demo.data.synthetic_differences`' answer."""
     return "; ".join(f"{split}: {', '.join(diffs)}" for split, diffs in stale.items())
@@ -106,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--final-steps {a.final_steps} is impossible: give a number of steps >= 1 (or leave it out)")
     if a.train_clips is not None and a.train_clips < 1:
         raise SystemExit(f"--train-clips {a.train_clips} is impossible: give a number of clips >= 1 (or leave it out)")
+    check_out(a.out, a.fresh)  # checked before anything is deleted, as the data is
     extra = {} if a.train_clips is None else {"train_clips": a.train_clips}
-    stale = synthetic_differences(SHARDS, **extra)  # checked before anything is deleted
+    stale = synthetic_differences(SHARDS, **extra)
     if stale and not a.fresh:
         raise ValueError(f"{SHARDS} holds a synthetic set made with other settings ({describe(stale)}): add --fresh "
                          f"to rebuild it and retrain the chain on it (the checkpoints under {TRAIN_ROOT} may have "
