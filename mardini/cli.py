@@ -13,6 +13,7 @@ from typing import Union
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mardini.lit.base import MarDiniBase
@@ -40,10 +41,12 @@ class MarDiniCLI(LightningCLI):
 
     def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        if subcommand == "fit":
+        if subcommand in ("fit", "validate"):
             # The same command resumes: fit starts from the checkpoint of the highest step in <log dir>/checkpoints
             # (last.ckpt, hpc_ckpt_N.ckpt, stepN.ckpt: resume_checkpoint) when there is one; --ckpt_path null starts
-            # over there (StepCheckpoint moves the earlier run's checkpoints to checkpoints/earlier.N/).
+            # over there (StepCheckpoint moves the earlier run's checkpoints to checkpoints/earlier.N/). validate
+            # scores that checkpoint (scored_checkpoint: an error when there is none); --ckpt_path null scores the
+            # weights the stage starts from.
             parser.set_defaults({"ckpt_path": "last", "weights_only": True})  # resume never unpickles code
         return parser
 
@@ -75,6 +78,9 @@ class MarDiniCLI(LightningCLI):
             import torch.multiprocessing
 
             torch.multiprocessing.set_sharing_strategy("file_system")
+        if self.subcommand == "validate" and ckpt == "last":
+            self._resume_from = scored_checkpoint(sub)
+            self._resuming = True  # the weights are the checkpoint's: the starting checkpoints are not read
         if self.subcommand != "fit":
             return
         if no_logger(sub):
@@ -144,6 +150,16 @@ class MarDiniCLI(LightningCLI):
             if e.code is None:  # Lightning's own, without an exit status (SIGTERM before the training started)
                 raise SIGTERMException(TERMINATED) from e
             raise
+
+    def validate(self, model, **kwargs):
+        """``trainer.validate`` of the checkpoint ``last`` found (the stage's newest: ``scored_checkpoint``), of the
+        file ``--ckpt_path`` names, or with ``--ckpt_path null`` of the weights the stage starts from."""
+        if self._resume_from is not None:
+            kwargs["ckpt_path"] = self._resume_from
+        elif kwargs.get("ckpt_path") is None:
+            rank_zero_info("validate scores the weights the stage starts from (--ckpt_path null): its init_from, "
+                           "planner_ckpt / generator_ckpt, else freshly initialised ones")
+        return self.trainer.validate(model, **kwargs)
 
     def instantiate_trainer(self, **kwargs):
         # what the fit resumes from: None (from scratch) starts a new run, which sets the folder's earlier one aside
@@ -287,6 +303,23 @@ def resume_checkpoint(folder: str | None, names: re.Pattern = RESUMABLE) -> str 
         return None
     found = [p for p in Path(folder).glob("*.ckpt") if names.fullmatch(p.name) and p.is_file()]
     return str(max(found, key=lambda p: (_saved_step(p), p.stat().st_mtime))) if found else None
+
+
+def scored_checkpoint(config) -> str:
+    """What ``validate`` with ``--ckpt_path last`` (its default) scores: the checkpoint a ``fit`` of the same config
+    would resume from (:func:`resume_checkpoint`), said on rank 0; an error naming ``--ckpt_path PATH`` and
+    ``--ckpt_path null`` when there is none (before, validate scored freshly initialised or starting weights)."""
+    folder = checkpoint_dir(config)
+    found = resume_checkpoint(folder)
+    if found is None:
+        where = (f"{folder} holds none (last.ckpt, hpc_ckpt_N.ckpt or stepN.ckpt)" if folder is not None else
+                 "trainer.logger names no stage folder (a TensorBoard or CSV logger with a save_dir and a version)")
+        raise ValueError(f"validate scores the stage's newest checkpoint (--ckpt_path last, the default), but {where}: "
+                         "pass --ckpt_path PATH to score a checkpoint, or --ckpt_path null to score the weights the "
+                         "stage starts from (init_from, planner_ckpt / generator_ckpt, else freshly initialised)")
+    rank_zero_info(f"validate scores {found} (step {_saved_step(Path(found))}), the newest checkpoint of the stage; "
+                   "--ckpt_path PATH scores another")
+    return found
 
 
 def _saved_step(path: Path) -> int:

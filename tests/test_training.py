@@ -134,6 +134,42 @@ def test_a_resume_from_an_explicit_file_neither_needs_the_starting_checkpoint_no
     assert read_checkpoint(folder / "last.ckpt")["global_step"] == 3
 
 
+def _validate(workdir: Path, monkeypatch, *args: str):
+    monkeypatch.chdir(workdir)
+    return main(["validate", *args])
+
+
+def _same_weights(model, path: Path) -> bool:
+    """Whether the model's networks (raw and EMA) are those of the checkpoint at ``path``."""
+    saved, ours = read_checkpoint(path)["state_dict"], model.state_dict()
+    nets = {k: v for k, v in saved.items() if k.startswith(("networks.", "ema."))}
+    return bool(nets) and all(torch.equal(ours[k], v) for k, v in nets.items())
+
+
+def test_validate_scores_the_stage_s_newest_checkpoint_not_the_weights_it_starts_from(workdir, monkeypatch, tmp_path):
+    """validate, like fit, defaults to --ckpt_path last: the stage's newest checkpoint, said; none is an error naming
+    --ckpt_path PATH and --ckpt_path null (which scores the starting weights); before, validate scored the weights
+    the stage starts from (init_from, or freshly initialised ones) silently."""
+    start = _starting_checkpoint(workdir, monkeypatch, tmp_path)
+    save = [f"--trainer.logger.init_args.save_dir={tmp_path}", f"--model.init_args.init_from={start}"]
+    folder = tmp_path / STAGES[1] / "checkpoints"
+    with pytest.raises(ValueError, match=rf"validate scores the stage's newest checkpoint \(--ckpt_path last, the "
+                                         rf"default\), but {re.escape(str(folder))} holds none .*--ckpt_path PATH to "
+                                         rf"score a checkpoint, or --ckpt_path null to score the weights the stage "
+                                         rf"starts from"):
+        _validate(workdir, monkeypatch, *_stage(STAGES[1], 2, *save))
+    _fit(workdir, monkeypatch, *_stage(STAGES[1], 2, *save))
+    first = _validate(workdir, monkeypatch, *_stage(STAGES[1], 2, *save, "--ckpt_path=null"))
+    assert first.trainer.ckpt_path is None and _same_weights(first.model, start)
+    start.unlink()  # the weights scored are the checkpoint's: the starting one is not read
+    said: list[str] = []
+    monkeypatch.setattr("mardini.cli.rank_zero_info", said.append)
+    scored = _validate(workdir, monkeypatch, *_stage(STAGES[1], 2, *save))
+    assert scored.trainer.ckpt_path == str(folder / "last.ckpt") and _same_weights(scored.model, folder / "last.ckpt")
+    assert said == [f"validate scores {folder / 'last.ckpt'} (step 2), the newest checkpoint of the stage; "
+                    "--ckpt_path PATH scores another"]
+
+
 def test_a_rerun_with_other_settings_warns_and_keeps_the_run_s_earlier_config(workdir, monkeypatch, tmp_path):
     """The rerun resumes under its new mask range, says so, and config.yaml's earlier settings stay as config.1.yaml;
     a resume refused (another anchor) leaves config.yaml naming the settings the checkpoint was trained with."""
