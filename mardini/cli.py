@@ -13,6 +13,7 @@ from typing import Union
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -186,12 +187,14 @@ class KeepEarlierConfig(SaveConfigCallback):
     ``config.N.yaml`` (N = 1, 2, ...: the highest is the newest), so the settings each part of the run was trained
     with stay on record. A run that fails before training (a resume refused for settings that do not fit the
     checkpoint) puts the earlier one back: ``config.yaml`` keeps naming the settings the checkpoint was trained
-    with."""
+    with. Only a fit writes it: ``validate`` writes ``validate.yaml`` beside it (each run over the last one)."""
 
     _kept: Path | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if not self.already_saved and self.save_to_log_dir:
+        if stage != TrainerFn.FITTING:  # not what the run was trained with: before, each validate rotated config.yaml
+            self.config_filename = f"{TrainerFn(stage).value}.yaml"
+        elif not self.already_saved and self.save_to_log_dir:
             log_dir = trainer.log_dir  # a broadcast: every rank asks
             if trainer.is_global_zero and log_dir is not None:
                 self._kept = keep_earlier_config(Path(log_dir) / self.config_filename,

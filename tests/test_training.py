@@ -170,6 +170,20 @@ def test_validate_scores_the_stage_s_newest_checkpoint_not_the_weights_it_starts
                     "--ckpt_path PATH scores another"]
 
 
+def test_validate_leaves_the_fit_s_config_yaml_and_writes_validate_yaml_beside_it(workdir, monkeypatch, tmp_path):
+    """config.yaml records what the stage was trained with; before, each validate overwrote it (first keeping the
+    fit's as config.1.yaml, as for a rerun with other training settings)."""
+    save = [f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    folder = tmp_path / STAGES[0]
+    _fit(workdir, monkeypatch, *_stage(STAGES[0], 1, *save))
+    trained = (folder / "config.yaml").read_bytes()
+    _validate(workdir, monkeypatch, *_stage(STAGES[0], 1, *save))
+    _validate(workdir, monkeypatch, *_stage(STAGES[0], 1, *save, "--trainer.limit_val_batches=2"))
+    assert (folder / "config.yaml").read_bytes() == trained
+    assert sorted(p.name for p in folder.glob("*.yaml")) == ["config.yaml", "hparams.yaml", "validate.yaml"]
+    assert yaml.safe_load((folder / "validate.yaml").read_text())["trainer"]["limit_val_batches"] == 2  # the latest
+
+
 def test_a_rerun_with_other_settings_warns_and_keeps_the_run_s_earlier_config(workdir, monkeypatch, tmp_path):
     """The rerun resumes under its new mask range, says so, and config.yaml's earlier settings stay as config.1.yaml;
     a resume refused (another anchor) leaves config.yaml naming the settings the checkpoint was trained with."""
