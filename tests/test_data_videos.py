@@ -1,7 +1,7 @@
 """Real-video sharding on small clips made here with PyAV: odd codecs, frame rates and sizes; corrupt and
 truncated files; shard limits; resumable runs; the mp4 shard round trip through the loader; variable-frame-rate
-files read by timestamp, and by index where the timestamps cannot be trusted; rotation flags and non-square
-pixels."""
+files read by timestamp, and by index where the timestamps cannot be trusted; rotation and mirror flags and
+non-square pixels."""
 
 from __future__ import annotations
 
@@ -481,9 +481,19 @@ def _bright_corner(image: np.ndarray) -> str:
     return max(quads, key=lambda k: quads[k].mean())
 
 
-def _flagged_video(path: Path, frames: np.ndarray, rotation: int = 0, sar: Fraction | None = None) -> Path:
-    """An H.264 mp4 of ``frames`` at 24 fps whose stream carries a display rotation and / or a sample aspect ratio."""
-    return write_video(path, frames, 24, rotation=rotation, sar=sar)
+def _flagged_video(path: Path, frames: np.ndarray, rotation: int = 0, sar: Fraction | None = None,
+                   hflip: bool = False, vflip: bool = False) -> Path:
+    """An H.264 mp4 of ``frames`` at 24 fps whose stream carries a display matrix (rotation, flips) and / or a sample
+    aspect ratio."""
+    return write_video(path, frames, 24, rotation=rotation, sar=sar, hflip=hflip, vflip=vflip)
+
+
+def _coded_frames(path: Path) -> np.ndarray:
+    """uint8 ``(T, H, W, 3)``: a file's frames as coded (PyAV's ``to_ndarray``, no display matrix applied)."""
+    import av
+
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
 def test_rotation_flags_and_non_square_pixels_are_applied_by_the_sharder_and_the_decoder(tmp_path):
@@ -527,19 +537,114 @@ def test_rotation_flags_and_non_square_pixels_are_applied_by_the_sharder_and_the
 
 
 def test_the_rotation_falls_back_to_the_stream_s_rotate_tag(tmp_path):
-    """A PyAV without ``frame.rotation`` (or a frame without a display matrix) takes the stream's ``rotate`` tag,
-    clockwise degrees as older FFmpeg wrote it; none gives 0, never an error."""
+    """A frame without a display matrix (or whose matrix leaves it as coded) takes the stream's ``rotate`` tag,
+    clockwise degrees as older FFmpeg wrote it; none gives no turn, never an error. A matrix's angle between quarter
+    turns is rounded to the nearest one; a matrix scaled (a zoom) is read by its direction, a degenerate one as none."""
+    import math
     from types import SimpleNamespace
+
+    import av
 
     def stream(tag=None):
         return SimpleNamespace(metadata={} if tag is None else {"rotate": tag})
 
-    assert decode.frame_rotation(SimpleNamespace(rotation=-90), stream()) == 270
-    assert decode.frame_rotation(SimpleNamespace(rotation=180.4), stream()) == 180
-    assert decode.frame_rotation(SimpleNamespace(), stream("90")) == 270  # 90 clockwise = 270 counter-clockwise
-    assert decode.frame_rotation(SimpleNamespace(rotation=0), stream("-90")) == 90
-    assert decode.frame_rotation(SimpleNamespace(), stream("junk")) == 0
-    assert decode.frame_rotation(SimpleNamespace(), SimpleNamespace()) == 0  # a stream without metadata
+    def turn(ccw, scale=1.0):  # av_display_rotation_set(m, -ccw) in 16.16: what frame.rotation reads as ``ccw``
+        c, s = scale * math.cos(math.radians(ccw)), scale * math.sin(math.radians(ccw))
+        return [round(v * 65536) for v in (c, -s, 0, s, c, 0)] + [0, 0, 1 << 30]
+
+    assert decode.matrix_orientation(turn(-90)) == (270, "")
+    assert decode.matrix_orientation(turn(180.4, scale=2.0)) == (180, "")
+    assert decode.matrix_orientation(turn(80)) == (90, "")
+    assert decode.matrix_orientation([0] * 8 + [1 << 30]) == (0, "")  # degenerate: as coded
+    plain = av.VideoFrame(16, 16, "rgb24")  # a PyAV frame without a display matrix
+    assert decode.frame_orientation(plain, stream("90")) == (270, "")  # 90 clockwise = 270 counter-clockwise
+    assert decode.frame_orientation(plain, stream("-90")) == (90, "")
+    assert decode.frame_orientation(plain, stream("junk")) == (0, "")
+    assert decode.frame_orientation(SimpleNamespace(), SimpleNamespace()) == (0, "")  # no frame, no metadata
+    path = _flagged_video(tmp_path / "vflip.mp4", _corner_frames(2, 16, 16), vflip=True)
+    with av.open(str(path)) as container:
+        frame = next(container.decode(video=0))  # frame.rotation 0: only the matrix says vflip
+        assert frame.rotation == 0 and decode.frame_orientation(frame, stream("90")) == (0, "vflip")
+
+
+# (rotation, hflip, vflip) as written (ffmpeg -display_rotation R -display_hflip -display_vflip) -> the filters
+# FFmpeg's autorotation inserts for that matrix (fftools get_rotation and the transpose / hflip / vflip it picks),
+# as numpy on (H, W, 3) coded frames, and the quadrant the coded top-left one is shown in.
+FFMPEG_AUTOROTATION = {
+    (0, True, False): ("hflip", np.fliplr, "top-right"),
+    (0, False, True): ("vflip", np.flipud, "bottom-left"),
+    (90, True, False): ("transpose=clock_flip", lambda x: np.flipud(np.rot90(x, -1)), "bottom-right"),
+    (90, False, True): ("transpose=cclock_flip", lambda x: np.transpose(x, (1, 0, 2)), "top-left"),
+    (270, True, False): ("transpose=cclock_flip", lambda x: np.transpose(x, (1, 0, 2)), "top-left"),
+    (180, True, False): ("vflip", np.flipud, "bottom-left"),
+    (0, True, True): ("hflip,vflip", lambda x: np.flipud(np.fliplr(x)), "bottom-right"),
+}
+
+
+def test_mirror_flags_of_the_display_matrix_are_applied_as_ffmpeg_autorotation_applies_them(tmp_path):
+    """A display matrix that mirrors (front-camera phone video, ``ffmpeg -display_hflip`` / ``-display_vflip``: a
+    negative determinant) is shown flipped back, exactly as ffmpeg / ffplay autorotation shows it, alone and with a
+    quarter turn; every one of the 16 (rotation, hflip, vflip) matrices is the coded frames turned counter-clockwise
+    then flipped. Before, the flips were dropped: an hflip file (PyAV's ``frame.rotation`` -180) came out turned a
+    half turn (top-left -> bottom-right instead of top-right), a vflip one as coded, a 90-degree + hflip one as a
+    plain 90-degree turn (bottom-left instead of bottom-right). Decoding keeps no frame alive after it returns."""
+    import gc
+
+    import av
+
+    from mardini.pipeline.inputs import read_video
+
+    frames = _corner_frames(4, 32, 64)  # (T, 32, 64, 3) landscape, bright top-left: every flip or turn shows
+    frames[:, :4] = 128  # and a grey top edge: symmetric under no flip or turn
+    for (rotation, hflip, vflip), (filters, op, corner) in FFMPEG_AUTOROTATION.items():
+        path = _flagged_video(tmp_path / f"r{rotation}h{hflip:d}v{vflip:d}.mp4", frames, rotation, hflip=hflip,
+                              vflip=vflip)
+        coded = _coded_frames(path)  # (4, 32, 64, 3)
+        want = np.stack([op(f) for f in coded])  # (4, H', W', 3) as ffmpeg autorotation shows it
+        for video in (decode_mp4(str(path)), decode_mp4(path.read_bytes()), read_video(path, 4)[0]):
+            assert np.array_equal(video, want), (rotation, hflip, vflip, filters)
+            assert _bright_corner(video[0]) == corner, (rotation, hflip, vflip, filters)
+    for rotation in (0, 90, 180, 270):
+        for hflip in (False, True):
+            for vflip in (False, True):
+                path = _flagged_video(tmp_path / f"g{rotation}{hflip:d}{vflip:d}.mp4", frames, rotation,
+                                      hflip=hflip, vflip=vflip)
+                want = np.rot90(_coded_frames(path), rotation // 90, axes=(1, 2))  # (4, H', W', 3) ccw turn
+                want = want[:, :, ::-1] if hflip else want  # then the flips, as the matrix was written
+                want = want[:, ::-1] if vflip else want
+                assert np.array_equal(decode_mp4(str(path)), want), (rotation, hflip, vflip)
+
+    gc.collect()
+    gc.disable()  # a frame kept alive by a reference cycle (frame.side_data) stays listed; one freed does not
+    try:
+        decode_mp4(str(path))
+        kept = [o for o in gc.get_objects() if type(o) is av.VideoFrame]
+    finally:
+        gc.enable()
+    assert not kept, f"{len(kept)} decoded frames (and their decoder's threads) wait for the garbage collector"
+
+
+def test_the_sharder_stores_mirrored_files_flipped_back_and_records_the_flip(tmp_path):
+    """The sharder stores a mirrored file as a player shows it and its clips' json say ``source_flip`` (with
+    ``source_rotation``, the turn before it); the summary counts mirrored files. Before, the hflip file was stored
+    turned a half turn (``source_rotation`` 180, counted as turned), the vflip one as coded."""
+    src = tmp_path / "src"
+    frames = _corner_frames(8, 32, 64)  # (T, 32, 64, 3), bright top-left
+    _flagged_video(src / "hflip.mp4", frames, hflip=True)
+    _flagged_video(src / "vflip.mp4", frames, vflip=True)
+    _flagged_video(src / "ccw_hflip.mp4", frames, rotation=90, hflip=True)
+    _flagged_video(src / "plain.mp4", frames)
+    s = videos_to_shards(src, tmp_path / "out", ShardSettings(clip_frames=4, short_side=16), workers=1,
+                         progress=False)
+    assert s.clips == 8 and s.rotated == 1 and s.mirrored == 3
+    assert "1 turned by a rotation flag, 3 mirrored by a display matrix" in s.text()
+    stored = {"hflip.mp4": (16, 32, 0, "hflip", "top-right"), "vflip.mp4": (16, 32, 0, "vflip", "bottom-left"),
+              "ccw_hflip.mp4": (32, 16, 90, "hflip", "bottom-right"), "plain.mp4": (16, 32, 0, "", "top-left")}
+    for _, meta, data in _keys_and_meta(tmp_path / "out"):
+        h, w, rotation, flip, corner = stored[meta["source"]]
+        assert (meta["height"], meta["width"], meta["source_rotation"], meta["source_flip"]) == (h, w, rotation, flip)
+        clip = decode_mp4(data)  # (4, H, W, 3)
+        assert clip.shape == (4, h, w, 3) and _bright_corner(clip[0]) == corner, meta["source"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -633,7 +738,8 @@ def test_the_same_command_on_a_finished_folder_says_it_was_already_complete(tmp_
 def test_a_folder_of_the_older_shard_format_is_not_kept_or_completed(tmp_path, capsys, monkeypatch):
     """A folder written before rotation flags were applied (format 1, no "format" in its manifest) held the same
     fingerprint as this run's, so the same command kept its landscape clips as "already complete" (or completed an
-    unfinished one with clips of the other layout); now the format is part of the fingerprint and the refusal names it."""
+    unfinished one with clips of the other layout); now the format is part of the fingerprint and the refusal names it.
+    So is a folder of format 2, written before mirror flags were applied (a mirrored file's clips differ)."""
     monkeypatch.delenv("MARDINI_TRACEBACK", raising=False)
     src, out = tmp_path / "v", tmp_path / "o"
     write_video(src / "a.mp4", moving_frames(16, 32, 32), 24)
@@ -650,3 +756,12 @@ def test_a_folder_of_the_older_shard_format_is_not_kept_or_completed(tmp_path, c
     err = capsys.readouterr().err
     assert f"format 1 -> {video_shards.SHARD_FORMAT} (written by an older version of the sharder" in err
     assert "already complete" not in err
+
+    format2 = hashlib.sha256(json.dumps({**manifest["settings"], "format": 2}, sort_keys=True).encode())
+    for rel, size in manifest["inputs"].items():
+        format2.update(f"{rel}\0{size}\n".encode())
+    (out / "manifest.json").write_text(json.dumps(manifest | {"format": 2, "fingerprint": format2.hexdigest()[:16]}))
+    assert _shard_cli(src, out, "--clip-frames", "8") == 2
+    err = capsys.readouterr().err
+    assert video_shards.SHARD_FORMAT == 3
+    assert "format 2 -> 3 (written by an older version of the sharder, before mirror flags were applied)" in err

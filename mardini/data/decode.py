@@ -1,5 +1,5 @@
 """Decoding shard members: frame selection at a target fps (by index, or by timestamp for a variable-frame-rate
-video file), ``video.mp4`` (PyAV, turned and stretched to its display geometry) and ``video.npy``.
+video file), ``video.mp4`` (PyAV, turned, mirrored and stretched to its display geometry) and ``video.npy``.
 
 Every failure raises a :class:`BadSample` subclass whose message names the problem; the loader catches
 exactly these, skips the sample and counts it.
@@ -16,6 +16,7 @@ from fractions import Fraction
 
 import av
 import numpy as np
+from av.sidedata.sidedata import SideDataContainer
 
 # --------------------------------------------------------------------------------------------------
 # Errors: what a bad sample can be
@@ -183,21 +184,62 @@ def choose_frames(
 
 
 # --------------------------------------------------------------------------------------------------
-# Display geometry: rotation flags and non-square pixels (the shard writer, decode_mp4: sample.py, evaluate.py)
+# Display geometry: display matrix (rotation, mirror) and non-square pixels (the shard writer, decode_mp4)
 # --------------------------------------------------------------------------------------------------
 
 
-def frame_rotation(frame, stream) -> int:
-    """Counter-clockwise degrees (0, 90, 180 or 270) a player turns ``frame`` by: PyAV's ``frame.rotation`` (the
-    display matrix), else the stream's ``rotate`` tag (clockwise; older FFmpeg, or a PyAV without
-    ``frame.rotation``), else 0. Rounded to a multiple of 90 degrees."""
-    degrees = getattr(frame, "rotation", 0) or 0
-    if not degrees:
+def display_matrix(frame) -> np.ndarray | None:
+    """A PyAV frame's display matrix side data: int32 ``(9,)``, FFmpeg's row-major 3x3 matrix in 16.16 fixed point
+    (the last column 2.30), or None when it has none (or is no PyAV frame).
+
+    Read through a container of its own, not ``frame.side_data``: that one is kept on the frame, a reference cycle
+    that holds every frame read (and its decoder's threads) until the garbage collector runs, and loader workers
+    forked meanwhile deadlock.
+    """
+    try:
+        data = bytes(SideDataContainer(frame)["DISPLAYMATRIX"])
+    except (KeyError, TypeError):  # no display matrix; not a frame
+        return None
+    return np.frombuffer(data, np.int32) if len(data) == 36 else None  # (9,) native byte order, as FFmpeg's int32_t
+
+
+def matrix_orientation(matrix) -> tuple[int, str]:
+    """``(rotation, flip)`` a player applies for a display matrix (9 ints, FFmpeg's layout): a counter-clockwise turn
+    of 0, 90, 180 or 270 degrees, then ``flip``: ``"hflip"`` (mirror left-right), ``"vflip"`` (top-bottom) or ``""``.
+
+    Decided as FFmpeg's autorotation (ffmpeg's and ffplay's ``get_rotation`` and the ``transpose`` / ``hflip`` /
+    ``vflip`` filters they insert), so a mirrored file shows as in a player; an angle between quarter turns is
+    rounded to the nearest one (FFmpeg turns by the exact angle). A flip is given with no half turn: a half turn
+    then a horizontal flip is the vertical flip.
+    """
+    m = [float(v) for v in matrix]  # (9,) row-major; only the ratios matter, so no fixed-point scaling
+    scale = math.hypot(m[0], m[3]), math.hypot(m[1], m[4])
+    if not (scale[0] and scale[1]):
+        return 0, ""  # a degenerate matrix: no rotation FFmpeg can read (av_display_rotation_get is NaN)
+    clockwise = round(math.degrees(math.atan2(m[1] / scale[1], m[0] / scale[0])))  # FFmpeg's theta (get_rotation)
+    quarter = round(clockwise / 90) % 4  # clockwise quarter turns
+    if quarter == 1:  # theta 90: transpose=cclock_flip (the transpose) if m[3] > 0, else transpose=clock
+        return (270, "hflip") if m[3] > 0 else (270, "")
+    if quarter == 3:  # theta 270: transpose=clock_flip (anti-transpose) if m[3] < 0, else transpose=cclock
+        return (90, "hflip") if m[3] < 0 else (90, "")
+    hflip, vflip = quarter == 2 and m[0] < 0, m[4] < 0  # theta 180: hflip if m[0] < 0; 0 or 180: vflip if m[4] < 0
+    if hflip and vflip:
+        return 180, ""
+    return 0, "hflip" if hflip else "vflip" if vflip else ""
+
+
+def frame_orientation(frame, stream) -> tuple[int, str]:
+    """``(rotation, flip)`` a player applies to ``frame`` (see :func:`matrix_orientation`): from the frame's display
+    matrix, else the stream's ``rotate`` tag (clockwise degrees, no flip; older FFmpeg), else ``(0, "")``."""
+    matrix = display_matrix(frame)
+    orientation = (0, "") if matrix is None else matrix_orientation(matrix)
+    if orientation == (0, ""):
         try:
             degrees = -float(stream.metadata.get("rotate", 0))
         except (AttributeError, TypeError, ValueError):
             degrees = 0
-    return int(round(degrees / 90)) % 4 * 90
+        orientation = (int(round(degrees / 90)) % 4 * 90, "")
+    return orientation
 
 
 def pixel_aspect(stream) -> Fraction:
@@ -217,16 +259,20 @@ def display_size(width: int, height: int, sar: Fraction, rotation: int) -> tuple
     return (height, width) if rotation % 180 else (width, height)
 
 
-def to_display(frame, width: int, height: int, rotation: int) -> np.ndarray:
-    """A decoded frame as a player shows it, resized to ``width`` x ``height`` (the displayed size): uint8
-    ``(height, width, 3)`` RGB. Without rotation this is PyAV's ``to_ndarray`` at that size, unchanged."""
+def to_display(frame, width: int, height: int, rotation: int, flip: str = "") -> np.ndarray:
+    """A decoded frame as a player shows it, resized to ``width`` x ``height`` (the displayed size), turned
+    counter-clockwise by ``rotation`` degrees, then flipped by ``flip`` (``"hflip"``, ``"vflip"`` or ``""``; see
+    :func:`matrix_orientation`): uint8 ``(height, width, 3)`` RGB. Without either this is PyAV's ``to_ndarray`` at
+    that size, unchanged."""
     if not rotation % 180:
         image = frame.to_ndarray(width=width, height=height, format="rgb24")  # (H, W, 3)
     else:
         image = frame.to_ndarray(width=height, height=width, format="rgb24")  # (W, H, 3): turned below
-    if not rotation:
-        return image
-    return np.ascontiguousarray(np.rot90(image, rotation // 90))  # (H, W, 3), counter-clockwise as the flag says
+    if rotation:
+        image = np.rot90(image, rotation // 90)  # (H, W, 3), counter-clockwise as the flag says
+    if flip:
+        image = np.fliplr(image) if flip == "hflip" else np.flipud(image)  # (H, W, 3), mirrored after the turn
+    return np.ascontiguousarray(image)  # the array itself when not turned or flipped
 
 
 # --------------------------------------------------------------------------------------------------
@@ -297,8 +343,8 @@ def decode_mp4(data: bytes | str, indices: np.ndarray | None = None) -> np.ndarr
 
     Frames are counted in presentation order from the first decoded frame; an index may repeat (a frame held over
     several times of a timestamp grid). A :class:`ClipTooShort` carries the frames decoded in ``decoded``. Frames
-    come as a player shows them: turned by the stream's rotation flag and stretched to square pixels
-    (:func:`display_size`); a file with neither decodes exactly as PyAV's ``to_ndarray``.
+    come as a player shows them: turned and mirrored by the display matrix (:func:`frame_orientation`) and
+    stretched to square pixels (:func:`display_size`); a file with neither decodes exactly as PyAV's ``to_ndarray``.
     """
     wanted: dict[int, list[int]] | None = None if indices is None else {}  # source index -> its places in the output
     for n, i in enumerate([] if indices is None else indices):
@@ -323,8 +369,9 @@ def decode_mp4(data: bytes | str, indices: np.ndarray | None = None) -> np.ndarr
                 if last is not None and count > last:
                     break
                 if wanted is None or count in wanted:
-                    rotation = frame_rotation(frame, stream)
-                    image = to_display(frame, *display_size(frame.width, frame.height, sar, rotation), rotation)
+                    rotation, flip = frame_orientation(frame, stream)
+                    size = display_size(frame.width, frame.height, sar, rotation)
+                    image = to_display(frame, *size, rotation, flip)
                 if wanted is None:
                     out.append(image)  # (H, W, 3)
                 elif count in wanted:

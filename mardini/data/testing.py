@@ -24,16 +24,18 @@ def moving_frames(frames: int, height: int, width: int, seed: int = 0) -> np.nda
 
 def write_video(path: Path, frames: np.ndarray, fps: float | Fraction, codec: str = "libx264",
                 pix_fmt: str = "yuv420p", fmt: str | None = None, rotation: int = 0,
-                sar: Fraction | None = None) -> Path:
+                sar: Fraction | None = None, hflip: bool = False, vflip: bool = False) -> Path:
     """Write ``frames`` (T, H, W, 3) with PyAV in any codec/container; ``rotation``: a display rotation flag
-    (PyAV's counter-clockwise degrees, what ``frame.rotation`` reads back), ``sar``: a sample aspect ratio."""
+    (PyAV's counter-clockwise degrees, what ``frame.rotation`` reads back), ``hflip`` / ``vflip``: mirror flags after
+    it in the same display matrix (as ``ffmpeg -display_rotation R -display_hflip -display_vflip`` writes it),
+    ``sar``: a sample aspect ratio."""
     path.parent.mkdir(parents=True, exist_ok=True)
     rate = fps if isinstance(fps, Fraction) else Fraction(fps).limit_denominator(1001)
     with av.open(str(path), mode="w", format=fmt) as c:
         s = c.add_stream(codec, rate=rate)
         s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
-        if rotation:
-            s.set_display_rotation(rotation)
+        if rotation or hflip or vflip:
+            s.set_display_rotation(rotation, hflip=hflip, vflip=vflip)
         if sar is not None:
             s.codec_context.sample_aspect_ratio = sar
         for img in frames:

@@ -5,7 +5,7 @@ Two phases, both resumable:
 1. **Stage** (parallel, one job per source file): decode with PyAV, optionally drop frames to a maximum fps
    (integer stride; a variable-frame-rate file with trustworthy timestamps keeps the frame on screen at each
    time of that grid instead, see :func:`mardini.data.decode.pts_grid`), turn and stretch each frame to its
-   display geometry (rotation flag, non-square pixels) and resize, cut clips of
+   display geometry (display matrix: rotation and mirror; non-square pixels) and resize, cut clips of
    ``clip_frames`` frames every ``clip_hop`` frames, encode each to H.264 and write the file's clips to
    ``<out>/.staging/<n>.tar`` plus a result ``<n>.json`` (written last, atomically: a file with a result json is
    done). A file that cannot be decoded gets a result with its reason and is skipped; one that fails midway, or
@@ -38,7 +38,7 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-from mardini.data.decode import choose_frames, display_size, frame_rotation, pixel_aspect, to_display
+from mardini.data.decode import choose_frames, display_size, frame_orientation, pixel_aspect, to_display
 from mardini.data.encode import encode_mp4
 from mardini.data.sharding import atomic_tar, json_bytes, pack, write_json_atomic
 
@@ -88,6 +88,7 @@ class Summary:
     timestamped: int = 0  # files read by timestamp (variable frame rate)
     timestamped_rates: dict[str, str] = field(default_factory=dict)  # the first 3 of them -> their grid's rate
     rotated: int = 0  # files turned upright by their rotation flag
+    mirrored: int = 0  # files flipped back by their display matrix (a horizontal or vertical flip)
     stretched: int = 0  # files of non-square pixels resized to their display shape
     skipped: dict[str, str] = field(default_factory=dict)  # file -> reason (no clip kept)
     partial: dict[str, str] = field(default_factory=dict)  # file -> reason (clips before the error kept)
@@ -107,6 +108,7 @@ class Summary:
             + (f", {self.not_read} other files not read" if self.not_read else "")
             + (f", {self.timestamped} variable-rate read by timestamp" if self.timestamped else "")
             + (f", {self.rotated} turned by a rotation flag" if self.rotated else "")
+            + (f", {self.mirrored} mirrored by a display matrix" if self.mirrored else "")
             + (f", {self.stretched} stretched to square pixels" if self.stretched else "")
         ]
         if self.not_read:
@@ -245,7 +247,7 @@ def stage_file(job: dict) -> dict:
             if not src_w or not src_h:
                 raise ValueError("unknown frame size")
             sar = pixel_aspect(stream)
-            rotation = width = height = None  # the display geometry, from the first frame's rotation flag
+            rotation = flip = width = height = None  # the display geometry, from the first frame's display matrix
             # Every stride-th frame (index reading), unless the timestamps say the file is variable-rate: then the
             # frame on screen at each time of the 1 / out_rate grid, a frame held over several grid times repeated.
             grid, why = choose_frames(job["path"], 1 / float(out_rate))
@@ -269,16 +271,16 @@ def stage_file(job: dict) -> dict:
                 n = (i % stride == 0) if copies is None else (copies[i] if i < len(copies) else 0)
                 image = None
                 if rotation is None:
-                    rotation = frame_rotation(frame, stream)
+                    rotation, flip = frame_orientation(frame, stream)
                     width, height = _even_size(*display_size(src_w, src_h, sar, rotation), s.short_side)
-                    result.update(rotation=rotation, sar=str(sar))
+                    result.update(rotation=rotation, flip=flip, sar=str(sar))
                 for _ in range(int(n)):
                     n_stored += 1
                     if skip:
                         skip -= 1
                         continue
                     if image is None:
-                        image = to_display(frame, width, height, rotation)  # (H, W, 3), as a player shows it
+                        image = to_display(frame, width, height, rotation, flip)  # (H, W, 3), as a player shows it
                     buf.append((i, image))
                     if len(buf) < s.clip_frames:
                         continue
@@ -287,7 +289,7 @@ def stage_file(job: dict) -> dict:
                     meta = {
                         "source": rel, "source_fps": float(rate), "source_frames": [buf[0][0], buf[-1][0] + 1],
                         "source_stride": stride, "source_width": src_w, "source_height": src_h,
-                        "source_rotation": rotation, "source_sar": str(sar),
+                        "source_rotation": rotation, "source_flip": flip, "source_sar": str(sar),
                         "fps": float(out_rate), "frames": s.clip_frames, "width": width, "height": height,
                         "clip": emitted, "codec": "h264", "timing": timing,
                     }
@@ -350,10 +352,12 @@ def input_sizes(root: Path, files: list[str]) -> dict[str, int]:
     return {rel: (root / rel).stat().st_size for rel in files}
 
 
-# How frames are read and written: 2 since display geometry (rotation flags, sample aspect ratio) is applied and
-# encode_mp4 is deterministic (1: coded frames as stored). Part of the fingerprint, so a folder of another format is
-# never completed or kept as if it were this one's.
-SHARD_FORMAT = 2
+# How frames are read and written: 3 since a display matrix's flips are applied too (a mirrored file's clips
+# differ from format 2's: an hflip was stored turned a half turn, a vflip as coded); 2 since display geometry
+# (rotation flags, sample aspect ratio) is applied and encode_mp4 is deterministic (1: coded frames as stored).
+# Part of the fingerprint, so a folder of another format is never completed or kept as if it were this one's.
+SHARD_FORMAT = 3
+FORMAT_LACKS = {1: "rotation flags, non-square pixels and mirror flags", 2: "mirror flags"}  # what older ones lack
 
 
 def fingerprint(root: Path, files: list[str], settings: ShardSettings) -> str:
@@ -372,9 +376,11 @@ def manifest_differences(old: dict, settings: ShardSettings, inputs: dict[str, i
     new = asdict(settings)
     was = old.get("settings", {})
     diffs = [f"{k} {was.get(k)} -> {new[k]}" for k in new if k in was and was[k] != new[k]]
-    if old.get("format", 1) != SHARD_FORMAT:
-        diffs.insert(0, f"format {old.get('format', 1)} -> {SHARD_FORMAT} (written by an older version of the sharder, "
-                        "before rotation flags and non-square pixels were applied)")
+    if (was_format := old.get("format", 1)) != SHARD_FORMAT:
+        lacks = FORMAT_LACKS.get(was_format)
+        diffs.insert(0, f"format {was_format} -> {SHARD_FORMAT} (written by "
+                        + (f"an older version of the sharder, before {lacks} were applied)" if lacks
+                           else "another version of the sharder)"))
     before = old.get("inputs")
     if before is None:
         diffs.append("inputs: not recorded by that manifest (written by an older version)")
@@ -468,6 +474,7 @@ def videos_to_shards(
                       timestamped=sum(r.get("timing") == "pts" for r in results.values()),
                       timestamped_rates={r["file"]: r["rate"] for r in vfr[:3]},
                       rotated=sum(bool(r.get("rotation")) for r in kept),
+                      mirrored=sum(bool(r.get("flip")) for r in kept),
                       stretched=sum(r.get("sar", "1") != "1" for r in kept), not_read=len(others),
                       not_read_kinds=dict(Counter(Path(r).suffix.lower() or "(none)" for r in others)),
                       not_read_examples=others[:3])
