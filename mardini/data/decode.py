@@ -16,7 +16,10 @@ from fractions import Fraction
 
 import av
 import numpy as np
-from av.sidedata.sidedata import SideDataContainer
+try:  # PyAV's side-data container, built per frame below (a PyAV without it: the frame's own, see display_matrix)
+    from av.sidedata.sidedata import SideDataContainer
+except ImportError:  # pragma: no cover - the pinned PyAV has it
+    SideDataContainer = None
 
 # --------------------------------------------------------------------------------------------------
 # Errors: what a bad sample can be
@@ -197,8 +200,9 @@ def display_matrix(frame) -> np.ndarray | None:
     forked meanwhile deadlock.
     """
     try:
-        data = bytes(SideDataContainer(frame)["DISPLAYMATRIX"])
-    except (KeyError, TypeError):  # no display matrix; not a frame
+        container = frame.side_data if SideDataContainer is None else SideDataContainer(frame)
+        data = bytes(container["DISPLAYMATRIX"])
+    except (KeyError, TypeError, AttributeError):  # no display matrix; not a (PyAV) frame
         return None
     return np.frombuffer(data, np.int32) if len(data) == 36 else None  # (9,) native byte order, as FFmpeg's int32_t
 
