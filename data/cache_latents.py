@@ -14,7 +14,8 @@ processes, I = 0 .. N-1, each shard once); ``--part slurm`` takes I and N from s
     srun --ntasks 8 python data/cache_latents.py SHARDS OUT ... --part slurm
 
 Exit code 0 with clips cached, 2 on a user error (printed without a traceback): missing shards or autoencoder
-weights, a folder of videos instead of shards, an unusable --device, or settings under which no clip fits.
+weights, a folder of videos instead of shards, an unusable --device, a --planner-resolution larger than
+--resolution (checked before anything loads), or settings under which no clip fits.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ import json
 import os
 import sys
 
-from mardini.data.latent_cache import cache_latents, load_autoencoder
+from mardini.data.latent_cache import cache_latents, check_sizes, load_autoencoder
 from mardini.user_errors import run_reporting_user_errors
+
+SIZE_FLAGS = ("--resolution", "--planner-resolution")
 
 
 def _size(text: str) -> int | tuple[int, int]:
@@ -42,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--frames", type=int, default=9)
     p.add_argument("--fps", type=float, default=8.0, help="target fps (0 = native)")
     p.add_argument("--resolution", type=_size, default=32, help="pixel size before encoding: 256 or 256x448")
-    p.add_argument("--planner-resolution", type=_size, default=16, help="planner copy size: 128 or 128x224")
+    p.add_argument("--planner-resolution", type=_size, default=16,
+                   help="planner copy size: 128 (the short side) or 128x224; at most --resolution")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
@@ -73,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     """The summary of :func:`cache_latents`; user errors raise (``__main__`` prints them without a traceback)."""
     a = parse_args(argv)
     part = parse_part(a.part)
+    check_sizes(a.resolution, a.planner_resolution, SIZE_FLAGS)  # before the autoencoder loads
     kwargs = json.loads(a.autoencoder_kwargs)
     ae = load_autoencoder(a.autoencoder, kwargs)
     summary = cache_latents(

@@ -316,3 +316,32 @@ def test_an_impossible_part_is_one_line(synth, tmp_path, capsys, monkeypatch, pa
     assert _cli().cli([str(synth / "val"), str(tmp_path / "a"), "--part", part, "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"cache_latents.py: error: {message}") and not (tmp_path / "a").exists()
+
+
+def test_a_planner_resolution_larger_than_the_frames_is_refused_before_anything_loads(synth, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """--planner-resolution 32 over --resolution 16 cached a z_low twice the size of z_high (exit 0), which a stage
+    training on pixels refuses; now the command refuses it right after parsing, and so does cache_latents()."""
+    from mardini.data.latent_cache import cache_latents
+
+    monkeypatch.delenv("MARDINI_TRACEBACK", raising=False)
+    cli = _cli()
+    loaded, real = [], cli.load_autoencoder
+    monkeypatch.setattr(cli, "load_autoencoder", lambda *a: loaded.append(a) or real(*a))
+    args = [str(synth / "val"), str(tmp_path / "a"), "--frames", "4", "--resolution", "16", "--no-progress"]
+    assert cli.cli([*args, "--planner-resolution", "32"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cache_latents.py: error: --planner-resolution=32 is larger than --resolution=16: the "
+                          "planner sees a low-resolution copy of the 16x16 frames") and "at most 16" in err
+    assert len(err.strip().splitlines()) == 2  # the message and where it was raised
+    assert not loaded and not (tmp_path / "a").exists()
+    with pytest.raises(ValueError, match="planner_resolution=24 is larger than resolution=16"):
+        cache_latents(str(synth / "val"), tmp_path / "b", SpaceToDepthAutoencoder(2), 4, 8, 16, 24, progress=False)
+    assert not (tmp_path / "b").exists()
+    from mardini.data.latent_cache import check_sizes
+
+    check_sizes((16, 24), 16)  # the short side: a 16x24 copy, as large as the frames
+    with pytest.raises(ValueError, match=r"a 20x30 one would upscale them; use a planner_resolution of at most 16"):
+        check_sizes((16, 24), 20)
+    with pytest.raises(ValueError, match=r"at most 16x24, or raise resolution"):
+        check_sizes((16, 24), (8, 32))

@@ -30,7 +30,7 @@ from mardini.autoencoders.base import FrameAutoencoder
 from mardini.class_paths import subclass_at
 from mardini.data.sharding import atomic_tar, json_bytes, list_shards, npy_bytes, write_json_atomic
 from mardini.data.stream import ClipStream, skip_only
-from mardini.data.transforms import Size, as_size, planner_copy
+from mardini.data.transforms import Size, as_size, planner_copy, planner_size
 from mardini.devices import resolve_device
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -39,6 +39,27 @@ DTYPES = {"float16": np.float16, "float32": np.float32}
 def load_autoencoder(class_path: str, kwargs: dict | None = None) -> FrameAutoencoder:
     """Instantiate ``package.module.Class(**kwargs)``; it must be a :class:`FrameAutoencoder`."""
     return subclass_at(class_path, FrameAutoencoder, f"autoencoder class path {class_path!r}")(**(kwargs or {}))
+
+
+def _shown(size: Size) -> str:
+    """``32`` -> ``"32"``, ``(32, 48)`` -> ``"32x48"``: a size as the command line takes it."""
+    return str(size) if isinstance(size, int) else "x".join(str(int(v)) for v in size)
+
+
+def check_sizes(resolution: Size, planner_resolution: Size,
+                names: tuple[str, str] = ("resolution", "planner_resolution")) -> None:
+    """Raise naming ``names`` (the two settings as the caller takes them, e.g. a command's flags) unless the
+    planner's copy (:func:`~mardini.data.transforms.planner_size`) is at most the frames' size: it is a
+    LOW-resolution copy, which a larger one would upscale (a stage training on pixels refuses that too)."""
+    rname, pname = names
+    h, w = as_size(resolution)
+    ph, pw = planner_size(h, w, planner_resolution)
+    if ph > h or pw > w:
+        raise ValueError(
+            f"{pname}={_shown(planner_resolution)} is larger than {rname}={_shown(resolution)}: the planner sees a "
+            f"low-resolution copy of the {h}x{w} frames, and a {ph}x{pw} one would upscale them; use a {pname} of at "
+            f"most {min(h, w) if isinstance(planner_resolution, int) else f'{h}x{w}'}, or raise {rname}"
+        )
 
 
 def _spec(ae: FrameAutoencoder) -> dict:
@@ -83,6 +104,7 @@ def cache_latents(
     once: each writes its own temp file, and a shard another process finished meanwhile is kept (``kept``)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    check_sizes(resolution, planner_resolution)
     if part is not None and not 0 <= part[0] < part[1]:
         raise ValueError(f"part {part[0]}/{part[1]} is impossible: it must be i/n with 0 <= i < n")
     inputs = list_shards(shards)
