@@ -15,7 +15,8 @@ processes, I = 0 .. N-1, each shard once); ``--part slurm`` takes I and N from s
 
 Exit code 0 with clips cached, 2 on a user error (printed without a traceback): missing shards or autoencoder
 weights, a folder of videos instead of shards, an unusable --device, a --planner-resolution larger than
---resolution (checked before anything loads), or settings under which no clip fits.
+--resolution (checked before anything loads), sizes the autoencoder's downsampling factor does not divide (checked
+once it is loaded), or settings under which no clip fits.
 """
 
 from __future__ import annotations
@@ -44,9 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--autoencoder-kwargs", default="{}", help="JSON dict of constructor arguments")
     p.add_argument("--frames", type=int, default=9)
     p.add_argument("--fps", type=float, default=8.0, help="target fps (0 = native)")
-    p.add_argument("--resolution", type=_size, default=32, help="pixel size before encoding: 256 or 256x448")
+    p.add_argument("--resolution", type=_size, default=32,
+                   help="pixel size before encoding: 256 or 256x448 (multiples of the autoencoder's factor)")
     p.add_argument("--planner-resolution", type=_size, default=16,
-                   help="planner copy size: 128 (the short side) or 128x224; at most --resolution")
+                   help="planner copy size: 128 (the short side) or 128x224; at most --resolution, and the copy's "
+                        "sides multiples of the autoencoder's factor")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
@@ -77,9 +80,10 @@ def main(argv: list[str] | None = None) -> dict:
     """The summary of :func:`cache_latents`; user errors raise (``__main__`` prints them without a traceback)."""
     a = parse_args(argv)
     part = parse_part(a.part)
-    check_sizes(a.resolution, a.planner_resolution, SIZE_FLAGS)  # before the autoencoder loads
+    check_sizes(a.resolution, a.planner_resolution, names=SIZE_FLAGS)  # before the autoencoder loads
     kwargs = json.loads(a.autoencoder_kwargs)
     ae = load_autoencoder(a.autoencoder, kwargs)
+    check_sizes(a.resolution, a.planner_resolution, ae.downsample, names=SIZE_FLAGS)  # before the progress bar starts
     summary = cache_latents(
         a.shards, a.out, ae, frames=a.frames, fps=a.fps or None, resolution=a.resolution,
         planner_resolution=a.planner_resolution, dtype=a.dtype, batch_size=a.batch_size, device=a.device,

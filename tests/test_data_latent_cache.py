@@ -345,3 +345,31 @@ def test_a_planner_resolution_larger_than_the_frames_is_refused_before_anything_
         check_sizes((16, 24), 20)
     with pytest.raises(ValueError, match=r"at most 16x24, or raise resolution"):
         check_sizes((16, 24), (8, 32))
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--resolution", "16", "--planner-resolution", "7"], "--planner-resolution=7 makes a 7x7 planner copy of the "
+     "16x16 frames, not divisible by the autoencoder's downsampling factor 2; use e.g. 6 or 8"),
+    (["--resolution", "15", "--planner-resolution", "8"], "--resolution=15 is not divisible by the autoencoder's "
+     "downsampling factor 2: its frames would not encode; use a multiple of 2, e.g. 14 or 16"),
+    (["--resolution", "16x24", "--planner-resolution", "9"], "--planner-resolution=9 makes a 9x14 planner copy of "
+     "the 16x24 frames, not divisible by the autoencoder's downsampling factor 2; use e.g. 8 or 12"),
+])
+def test_sizes_the_autoencoder_cannot_encode_name_the_flag_before_the_progress_bar(synth, tmp_path, capsys,
+                                                                                    monkeypatch, flags, message):
+    """The flag, not the video, was the problem, but the error came from the encoder after the progress bar started:
+    'frame size 7x7 is not divisible by the autoencoder's downsampling factor 2; resize or crop the video'."""
+    monkeypatch.delenv("MARDINI_TRACEBACK", raising=False)
+    assert _cli().cli([str(synth / "val"), str(tmp_path / "a"), "--frames", "4", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cache_latents.py: error: {message}\n") and "latent cache" not in err  # no progress bar
+    assert not (tmp_path / "a").exists()
+
+
+def test_cache_latents_checks_its_sizes_against_the_autoencoder_s_factor(synth, tmp_path):
+    from mardini.data.latent_cache import cache_latents
+
+    with pytest.raises(ValueError, match=r"^planner_resolution=12 makes a 12x12 planner copy of the 16x16 frames, "
+                                         r"not divisible by the autoencoder's downsampling factor 8; use e.g. 8 or 16"):
+        cache_latents(str(synth / "val"), tmp_path / "a", SpaceToDepthAutoencoder(8), 4, 8, 16, 12, progress=False)
+    assert not (tmp_path / "a").exists()

@@ -46,11 +46,12 @@ def _shown(size: Size) -> str:
     return str(size) if isinstance(size, int) else "x".join(str(int(v)) for v in size)
 
 
-def check_sizes(resolution: Size, planner_resolution: Size,
+def check_sizes(resolution: Size, planner_resolution: Size, factor: int | None = None,
                 names: tuple[str, str] = ("resolution", "planner_resolution")) -> None:
     """Raise naming ``names`` (the two settings as the caller takes them, e.g. a command's flags) unless the
-    planner's copy (:func:`~mardini.data.transforms.planner_size`) is at most the frames' size: it is a
-    LOW-resolution copy, which a larger one would upscale (a stage training on pixels refuses that too)."""
+    planner's copy (:func:`~mardini.data.transforms.planner_size`) is at most the frames' size (it is a
+    LOW-resolution copy, which a larger one would upscale; a stage training on pixels refuses that too) and, given
+    the autoencoder's downsampling ``factor``, the frames and the planner's copy both split into its blocks."""
     rname, pname = names
     h, w = as_size(resolution)
     ph, pw = planner_size(h, w, planner_resolution)
@@ -60,6 +61,30 @@ def check_sizes(resolution: Size, planner_resolution: Size,
             f"low-resolution copy of the {h}x{w} frames, and a {ph}x{pw} one would upscale them; use a {pname} of at "
             f"most {min(h, w) if isinstance(planner_resolution, int) else f'{h}x{w}'}, or raise {rname}"
         )
+    if factor is None:
+        return
+    why = f"not divisible by the autoencoder's downsampling factor {factor}"
+    if h % factor or w % factor:
+        raise ValueError(f"{rname}={_shown(resolution)} is {why}: its frames would not encode; use a multiple of "
+                         f"{factor}, e.g. {_multiples(resolution, factor)}")
+    if ph % factor or pw % factor:
+        if isinstance(planner_resolution, int):  # the short sides whose copy of these frames splits
+            fits = [s for s in range(1, min(h, w) + 1)
+                    if not any(v % factor for v in planner_size(h, w, s))]
+            below = [s for s in fits if s < planner_resolution][-1:]
+            near = " or ".join(str(s) for s in below + [s for s in fits if s > planner_resolution][:1])
+        else:
+            near = _multiples(planner_resolution, factor)
+        raise ValueError(f"{pname}={_shown(planner_resolution)} makes a {ph}x{pw} planner copy of the {h}x{w} frames, "
+                         f"{why}; use {f'e.g. {near}' if near else f'another {pname}'}")
+
+
+def _multiples(size: Size, factor: int) -> str:
+    """The sizes next to ``size`` below and above whose sides are multiples of ``factor``: ``"16 or 18"``."""
+    sides = (size,) if isinstance(size, int) else tuple(size)
+    down = [v // factor * factor for v in sides]
+    sizes = [down, [v + factor for v in down]] if min(down) >= factor else [[v + factor for v in down]]
+    return " or ".join("x".join(str(v) for v in s) for s in sizes)
 
 
 def _spec(ae: FrameAutoencoder) -> dict:
@@ -104,7 +129,7 @@ def cache_latents(
     once: each writes its own temp file, and a shard another process finished meanwhile is kept (``kept``)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    check_sizes(resolution, planner_resolution)
+    check_sizes(resolution, planner_resolution, autoencoder.downsample)
     if part is not None and not 0 <= part[0] < part[1]:
         raise ValueError(f"part {part[0]}/{part[1]} is impossible: it must be i/n with 0 <= i < n")
     inputs = list_shards(shards)
