@@ -30,6 +30,7 @@ from mardini.data.latent_cache import cache_latents, check_sizes, load_autoencod
 from mardini.user_errors import run_reporting_user_errors
 
 SIZE_FLAGS = ("--resolution", "--planner-resolution")
+KWARGS_EXAMPLE = """'{"shift": -0.40, "scale": 2.58}'"""
 
 
 def _size(text: str) -> int | tuple[int, int]:
@@ -42,7 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("shards", help="input shards: folder, brace pattern or glob")
     p.add_argument("out", help="output folder (one latent shard per input shard, same names)")
     p.add_argument("--autoencoder", default="mardini.autoencoders.SpaceToDepthAutoencoder", help="class path")
-    p.add_argument("--autoencoder-kwargs", default="{}", help="JSON dict of constructor arguments")
+    p.add_argument("--autoencoder-kwargs", default="{}",
+                   help=f"JSON object of the autoencoder's constructor arguments, e.g. {KWARGS_EXAMPLE}")
     p.add_argument("--frames", type=int, default=9)
     p.add_argument("--fps", type=float, default=8.0, help="target fps (0 = native)")
     p.add_argument("--resolution", type=_size, default=32,
@@ -76,13 +78,26 @@ def parse_part(text: str | None) -> tuple[int, int] | None:
     return int(index), int(parts)
 
 
+def parse_autoencoder_kwargs(text: str) -> dict:
+    """``--autoencoder-kwargs``: a JSON object (the autoencoder's constructor arguments) -> dict."""
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--autoencoder-kwargs {text} is not JSON ({e}): give a JSON object of the autoencoder's "
+                         f"constructor arguments, e.g. --autoencoder-kwargs {KWARGS_EXAMPLE}") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--autoencoder-kwargs {text} is not a JSON object: give the autoencoder's constructor "
+                         f"arguments by name, e.g. --autoencoder-kwargs {KWARGS_EXAMPLE}")
+    return kwargs
+
+
 def main(argv: list[str] | None = None) -> dict:
     """The summary of :func:`cache_latents`; user errors raise (``__main__`` prints them without a traceback)."""
     a = parse_args(argv)
     part = parse_part(a.part)
     check_sizes(a.resolution, a.planner_resolution, names=SIZE_FLAGS)  # before the autoencoder loads
-    kwargs = json.loads(a.autoencoder_kwargs)
-    ae = load_autoencoder(a.autoencoder, kwargs)
+    kwargs = parse_autoencoder_kwargs(a.autoencoder_kwargs)
+    ae = load_autoencoder(a.autoencoder, kwargs, "--autoencoder-kwargs")
     check_sizes(a.resolution, a.planner_resolution, ae.downsample, names=SIZE_FLAGS)  # before the progress bar starts
     summary = cache_latents(
         a.shards, a.out, ae, frames=a.frames, fps=a.fps or None, resolution=a.resolution,

@@ -373,3 +373,26 @@ def test_cache_latents_checks_its_sizes_against_the_autoencoder_s_factor(synth, 
                                          r"not divisible by the autoencoder's downsampling factor 8; use e.g. 8 or 16"):
         cache_latents(str(synth / "val"), tmp_path / "a", SpaceToDepthAutoencoder(8), 4, 8, 16, 12, progress=False)
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ("{bad", "--autoencoder-kwargs {bad is not JSON (Expecting property name enclosed in double quotes: line 1 "
+     "column 2 (char 1)): give a JSON object of the autoencoder's constructor arguments, e.g. --autoencoder-kwargs "
+     "'{\"shift\": -0.40, \"scale\": 2.58}'"),
+    ("[2]", "--autoencoder-kwargs [2] is not a JSON object: give the autoencoder's constructor arguments by name"),
+    ('{"shift": "a"}', "mardini.autoencoders.SpaceToDepthAutoencoder with --autoencoder-kwargs {\"shift\": \"a\"}: "
+     "could not convert string to float: 'a' (give --autoencoder-kwargs the constructor's arguments"),
+    ('{"factor": 2}', "mardini.autoencoders.SpaceToDepthAutoencoder with --autoencoder-kwargs {\"factor\": 2}: "
+     "SpaceToDepthAutoencoder.__init__() got an unexpected keyword argument 'factor'"),
+])
+def test_bad_autoencoder_kwargs_name_the_flag_in_one_line(synth, tmp_path, capsys, monkeypatch, kwargs, message):
+    """Before: json's own message ('Expecting property name ...', raised at json/decoder.py), the constructor's
+    ('could not convert string to float: ...' raised at autoencoders/pixel.py), or a TypeError traceback."""
+    monkeypatch.delenv("MARDINI_TRACEBACK", raising=False)
+    argv = [str(synth / "val"), str(tmp_path / "a"), "--autoencoder", "mardini.autoencoders.SpaceToDepthAutoencoder",
+            "--autoencoder-kwargs", kwargs, "--frames", "4", "--resolution", "16", "--planner-resolution", "8",
+            "--no-progress"]
+    assert _cli().cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cache_latents.py: error: {message}") and len(err.strip().splitlines()) == 2
+    assert not (tmp_path / "a").exists()

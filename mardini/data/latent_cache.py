@@ -36,9 +36,16 @@ from mardini.devices import resolve_device
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
-def load_autoencoder(class_path: str, kwargs: dict | None = None) -> FrameAutoencoder:
-    """Instantiate ``package.module.Class(**kwargs)``; it must be a :class:`FrameAutoencoder`."""
-    return subclass_at(class_path, FrameAutoencoder, f"autoencoder class path {class_path!r}")(**(kwargs or {}))
+def load_autoencoder(class_path: str, kwargs: dict | None = None, source: str = "kwargs") -> FrameAutoencoder:
+    """Instantiate ``package.module.Class(**kwargs)``; it must be a :class:`FrameAutoencoder`. A ValueError or
+    TypeError of the constructor (an argument it does not take, or of a wrong type) is a ValueError that starts with
+    the class path and ``source`` (where ``kwargs`` came from, e.g. a command's flag)."""
+    cls = subclass_at(class_path, FrameAutoencoder, f"autoencoder class path {class_path!r}")
+    try:
+        return cls(**(kwargs or {}))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{class_path} with {source} {json.dumps(kwargs or {}, default=str)}: {e} (give {source} the "
+                         "constructor's arguments, by name and of its types)") from e
 
 
 def _shown(size: Size) -> str:
