@@ -314,3 +314,27 @@ def test_planner_only_loads_the_weights_asked_for_with_the_pipeline_s_checks(tmp
     export_ema_only(ckpt, tmp_path / "planning_ema.ckpt")
     with pytest.raises(ValueError, match=r"no 'networks.planner.\*' weights \(an EMA-only export: load it with ema"):
         PlannerOnly(tmp_path / "planning_ema.ckpt", ema=False)
+
+
+@pytest.mark.parametrize("folder", ["missing", "empty"])
+def test_checkpoints_without_the_chain_are_one_line_before_the_data_set_is_built(tmp_path, monkeypatch, capsys,
+                                                                                 folder):
+    """``python -m mardini.reproduce --checkpoints DIR`` with a missing or empty DIR built the synthetic set first
+    (minutes, ~800 MB), then died with a ``FileNotFoundError: missing chain checkpoints`` traceback."""
+    import runpy
+    import sys
+
+    from mardini.demo import data
+
+    built = []
+    monkeypatch.setattr(data, "build_synthetic", lambda *a, **k: built.append(a))
+    monkeypatch.delenv("MARDINI_TRACEBACK", raising=False)
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(sys, "argv", ["mardini.reproduce", "--checkpoints", str(tmp_path / folder),
+                                      "--out", str(tmp_path / "out"), "--no-progress"])
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_module("mardini.reproduce", run_name="__main__")
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and not built and not (tmp_path / "out").exists()
+    assert err.startswith(f"python -m mardini.reproduce: error: missing chain checkpoints ['{tmp_path / folder}/")
+    assert "train the chain first" in err and "Traceback" not in err and len(err.strip().splitlines()) == 2

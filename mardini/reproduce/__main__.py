@@ -1,5 +1,5 @@
 import sys
 
-from mardini.reproduce.main import main
+from mardini.reproduce.main import cli
 
-sys.exit(main())
+sys.exit(cli())
