@@ -284,3 +284,17 @@ def test_fresh_deletes_a_report_folder_only(tmp_path, monkeypatch):
     with pytest.raises(NoTraining):
         main(["--fresh", "--out", "report", "--train-clips", "2", "--no-progress"])
     assert not earlier.exists() and (tmp_path / "report").is_dir()
+
+
+def test_an_eta_above_1_stops_the_demo_before_anything_runs(tmp_path, monkeypatch, capsys):
+    """The demo's --eta reaches the evaluation only after the whole chain has trained: --eta 5 is refused first."""
+    import mardini.demo.main as demo
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MARDINI_TRACEBACK", raising=False)
+    monkeypatch.setattr(demo, "build_synthetic", lambda *a, **k: pytest.fail("the demo started with --eta 5"))
+    assert demo.cli(["--eta", "5", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m mardini.demo: error: --eta=5.0 is impossible: DDIM's eta is in [0, 1]: "
+                          "0 deterministic, 1 ancestral\n")
+    assert not (tmp_path / "out").exists()

@@ -174,11 +174,38 @@ def test_seeded_and_reproducible(eta):
     assert not torch.allclose(a, c)
 
 
+ETA_RULE = r"DDIM's eta is in \[0, 1\]: 0 deterministic, 1 ancestral"
+
+
 @pytest.mark.parametrize("eta", [-0.5, float("inf"), float("nan")])
 def test_an_eta_that_is_not_a_finite_number_at_least_0_is_refused(eta):
     """inf passed the check and gave all-NaN latents."""
-    with pytest.raises(ValueError, match=rf"eta must be a finite number >= 0 .*got {eta!r}"):
+    with pytest.raises(ValueError, match=rf"^eta={eta!r} is impossible: {ETA_RULE}$"):
         DDIMSampler(steps=2, eta=eta)
+
+
+def test_an_eta_above_1_is_refused_wherever_eta_enters():
+    """Above 1 the step's noise scale c exceeds sigma_s (ddim_update): more noise than the schedule allows, the
+    estimate's share clamped to 0. eta 5 was accepted by the sampler, the pipeline's and the evaluation's checks
+    (they asked for >= 0 only). Each one refuses it now; 1 (ancestral) stays allowed."""
+    from mardini.evaluation import InterpolationEval
+    from mardini.evaluation.protocol import EvalProtocol
+    from mardini.evaluation.samplers import PipelineSampler
+
+    for eta in (1.5, 5.0):
+        with pytest.raises(ValueError, match=rf"^eta={eta} is impossible: {ETA_RULE}$"):
+            DDIMSampler(steps=2, eta=eta)
+        with pytest.raises(ValueError, match=rf"^eta={eta} is impossible: {ETA_RULE}$"):
+            ddim_sample(StubGenerator(), torch.zeros(B, T, C, H, W), MASK, None, steps=2, eta=eta)
+        with pytest.raises(ValueError, match=rf"^eta={eta} is impossible: {ETA_RULE}$"):
+            PipelineSampler(object(), steps=5, eta=eta)  # evaluate.py's model
+        allowed = r"it must be in \[0, 1\] \(DDIM's eta: 0 deterministic, 1 ancestral\)"
+        with pytest.raises(ValueError, match=rf"^evaluation eta={eta} is impossible: {allowed}$"):
+            EvalProtocol(eta=eta)  # evaluate.py's settings
+        with pytest.raises(ValueError, match=rf"^evaluation eta={eta} is impossible: {allowed}$"):
+            InterpolationEval(eta=eta)  # the evaluation callback's settings
+    DDIMSampler(steps=2, eta=1.0)
+    EvalProtocol(eta=1.0)
 
 
 def test_ddim_one_call_per_step_with_guidance_and_callback():
@@ -251,7 +278,7 @@ def test_the_evaluation_sampler_refuses_an_eta_the_pipeline_refuses(eta):
     """evaluate.py's PipelineSampler checks eta when built, with the pipeline's rule (inf passed it before)."""
     from mardini.evaluation.samplers import PipelineSampler
 
-    with pytest.raises(ValueError, match=rf"eta must be a finite number >= 0 .*got {eta!r}"):
+    with pytest.raises(ValueError, match=rf"^eta={eta!r} is impossible: {ETA_RULE}$"):
         PipelineSampler(object(), steps=5, eta=eta)
 
 
@@ -264,5 +291,5 @@ def test_eta_takes_a_0_d_tensor_and_refuses_a_bool():
     check_eta(torch.tensor(0.5))
     check_eta(np.float32(1.0))
     for bad in (True, torch.tensor(True), torch.tensor([0.5])):
-        with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
+        with pytest.raises(ValueError, match=f"is impossible: {ETA_RULE}$"):
             check_eta(bad)

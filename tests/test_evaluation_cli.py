@@ -740,3 +740,13 @@ def test_an_audio_only_file_is_an_unusable_video_with_no_video_stream(tmp_path):
     skipped: dict[str, str] = {}
     assert usable_videos([str(audio), str(video)], 9, None, 16, 2, skipped) == [str(video)]
     assert skipped == {str(audio): "no video stream"}
+
+
+def test_an_eta_above_1_is_refused_before_the_data_is_read(tmp_path, capsys, monkeypatch):
+    """evaluate.py --eta 5 was accepted (the protocol asked for >= 0 only) and sampled with more noise than the
+    schedule allows; now the protocol check refuses it before the data or the checkpoint is read."""
+    monkeypatch.delenv("MARDINI_TRACEBACK", raising=False)
+    assert cli.main(["--data", str(tmp_path / "no-data"), "--checkpoint", str(tmp_path / "no.ckpt"), "--eta", "5",
+                     "--metrics", "midf"]) == 2
+    assert capsys.readouterr().err.startswith("evaluate.py: error: evaluation eta=5.0 is impossible: it must be in "
+                                              "[0, 1] (DDIM's eta: 0 deterministic, 1 ancestral)\n")

@@ -9,7 +9,8 @@ from mardini.pipeline.cli import OPTION_RULES, main
 CASES = [
     ("--steps", "0", ">= 1"),
     ("--guidance", "-1.0", ">= 0"),
-    ("--eta", "-0.5", ">= 0"),
+    ("--eta", "-0.5", "in [0, 1] (DDIM's eta: 0 deterministic, 1 ancestral)"),
+    ("--eta", "1.5", "in [0, 1] (DDIM's eta: 0 deterministic, 1 ancestral)"),
     ("--batch", "0", ">= 1"),
     ("--num-samples", "0", ">= 1"),
     ("--clips", "0", ">= 1"),

@@ -29,6 +29,7 @@ import torch
 from mardini import run_info
 from mardini.demo.chain import TINY_DIR, TINY_STAGES, run_stage
 from mardini.demo.data import SHARDS, build_synthetic, synthetic_differences
+from mardini.diffusion.checks import check_eta
 from mardini.strict_json import dumps_strict
 from mardini.user_errors import run_reporting_user_errors
 
@@ -64,8 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="DDIM steps of the model at evaluation (5: Fig. 6a finds few steps near-optimal, and the tiny "
                         "model's MidF-PSNR peaks there; the paper's tables use 25)")
     p.add_argument("--eta", type=float, default=1.0,
-                   help="DDIM eta at evaluation: 1 = ancestral (default here: the tiny model's deterministic samples "
-                        "keep leftover start noise), 0 = the paper's deterministic DDIM")
+                   help="DDIM eta at evaluation, in [0, 1]: 1 = ancestral (default here: the tiny model's "
+                        "deterministic samples keep leftover start noise), 0 = the paper's deterministic DDIM")
     p.add_argument("--show", type=int, default=4, help="clips in the contact sheets")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's max_steps (quick runs: 0.05)")
     p.add_argument("--final-steps", type=int, default=None,
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--final-steps {a.final_steps} is impossible: give a number of steps >= 1 (or leave it out)")
     if a.train_clips is not None and a.train_clips < 1:
         raise SystemExit(f"--train-clips {a.train_clips} is impossible: give a number of clips >= 1 (or leave it out)")
+    check_eta(a.eta, "--eta")  # used at the end, after the training: checked first
     check_out(a.out, a.fresh)  # checked before anything is deleted, as the data is
     extra = {} if a.train_clips is None else {"train_clips": a.train_clips}
     stale = synthetic_differences(SHARDS, **extra)

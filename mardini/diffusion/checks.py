@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
 
 
-def check_eta(eta) -> None:
-    """Raise unless the DDIM ``eta`` is a finite real number >= 0 (inf gave an all-NaN video): a Python or NumPy
-    number or a 0-d real tensor, not a bool."""
+ETA_RANGE = "DDIM's eta is in [0, 1]: 0 deterministic, 1 ancestral"
+
+
+def check_eta(eta, name: str = "eta") -> None:
+    """Raise unless the DDIM ``eta`` is a real number in [0, 1] (a Python or NumPy number or a 0-d real tensor, not a
+    bool), naming it ``name`` (e.g. a command's flag). Above 1 the step's noise scale ``c`` exceeds ``sigma_s``
+    (:func:`mardini.diffusion.ddim.ddim_update`): more noise than the schedule allows, the estimate's share clamped
+    away; inf gave an all-NaN video."""
     if torch.is_tensor(eta) and eta.dim() == 0 and not eta.is_complex() and eta.dtype != torch.bool:
         eta = eta.item()
-    if isinstance(eta, bool) or not (isinstance(eta, numbers.Real) and math.isfinite(eta) and eta >= 0):
-        raise ValueError(f"eta must be a finite number >= 0 (0 = deterministic DDIM, 1 = ancestral sampling), "
-                         f"got {eta!r}")
+    if isinstance(eta, bool) or not (isinstance(eta, numbers.Real) and 0 <= eta <= 1):
+        raise ValueError(f"{name}={eta!r} is impossible: {ETA_RANGE}")
 
 
 def check_latents(z: torch.Tensor, name: str = "latents") -> None:

@@ -43,7 +43,7 @@ def ddim_update(
 
     ``z_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c noise`` with ``(x0, eps)`` from ``v`` and
     ``c = eta sigma_s / sigma_t sqrt(1 - alpha_t^2 / alpha_s^2)`` (Song et al. 2021, Eq. 16, in alpha/sigma form).
-    eta = 0 is deterministic; eta = 1 is ancestral (DDPM-like) sampling.
+    eta in [0, 1]: 0 is deterministic, 1 ancestral (DDPM-like) sampling; above 1, c would exceed sigma_s.
 
     Args:
         z_t, v: ``(B, T, C, h, w)``. t, s: ``(B,)`` in [0, 1] with s < t. noise: ``(B, T, C, h, w)`` N(0, I),
@@ -79,7 +79,8 @@ class DDIMSampler:
     Args:
         schedule: the training schedule (default: ``CosineSchedule()``).
         steps: number of network calls, >= 1 (1 = predict x0 straight from pure noise).
-        eta: 0 = deterministic DDIM; > 0 adds fresh noise each step (drawn from the sampling generator).
+        eta: in [0, 1]: 0 = deterministic DDIM; > 0 adds fresh noise each step (drawn from the sampling generator),
+            1 = ancestral.
     """
 
     def __init__(self, schedule: CosineSchedule | None = None, steps: int = 25, eta: float = 0.0) -> None:

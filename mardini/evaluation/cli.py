@@ -99,7 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "'protocol' = --resolution)")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps of the model")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default 1.0 interp., 2.5 I2V)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta of the model: 0 deterministic (paper), 1 ancestral")
+    p.add_argument("--eta", type=float, default=0.0,
+                   help="DDIM eta of the model, in [0, 1]: 0 deterministic (paper), 1 ancestral")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--out", default=None, help="report folder (default outputs/eval/<data name>)")

@@ -24,6 +24,7 @@ import json
 import torch
 
 from mardini.autoencoders.base import add_allow_autoencoder_argument
+from mardini.diffusion.checks import ETA_RANGE
 from mardini.evaluation.samplers import LinearBlend, NearestFrame
 from mardini.evaluation.trajectory import TrajectoryError, miss_px
 from mardini.masking import nearest_given
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="comma-separated given frames (e.g. 0,2,4,6,8): any mask instead of --task's")
     parser.add_argument("--clips", type=int, default=64, help="held-out synthetic clips (the demo's 64)")
     parser.add_argument("--steps", type=int, default=5, help="DDIM steps (the demo's 5)")
-    parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta (the demo's 1)")
+    parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta in [0, 1] (the demo's 1)")
     parser.add_argument("--guidance", type=float, default=None, help="default: 1 interpolation, 2.5 I2V")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tol", type=float, default=0.2,
@@ -193,6 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--clips and --steps must be >= 1, got {args.clips} and {args.steps}")
     if not args.tol > 0:
         raise SystemExit(f"--tol must be > 0 (an RGB distance in [0, 1]), got {args.tol}")
+    if not 0 <= args.eta <= 1:
+        raise SystemExit(f"--eta={args.eta} is impossible: {ETA_RANGE}")
     pipe = MarDiniPipeline.from_checkpoint(args.checkpoint, allow_autoencoders=args.allow_autoencoder)
     try:
         batch = heldout_clips(args.clips, pipe.window, pipe.resolution[0] if pipe.resolution else 32, pipe.fps)

@@ -56,7 +56,7 @@ class EvalProtocol:
         lpips_weights: torchvision backbone file to add MidF-LPIPS (none by default: it cannot be downloaded here).
         fvd_pad_short: allow T < 9 for FVD by repeating the last frame (the name gets ``_pad``).
         steps, guidance_scale, eta: sampler settings for the model (guidance None = 1.0 interpolation, 2.5 I2V;
-            eta 0 = deterministic DDIM, 1 = ancestral).
+            eta in [0, 1]: 0 = deterministic DDIM, 1 = ancestral).
     """
 
     task: Literal["interpolation", "image_to_video"] = "interpolation"
@@ -86,7 +86,7 @@ class EvalProtocol:
             ("metrics", set(self.metrics) <= set(METRICS) and len(self.metrics) > 0, f"a non-empty subset of {METRICS}"),
             ("missing_weights", self.missing_weights in ("error", "skip"), "'error' or 'skip'"),
             ("steps", self.steps >= 1, ">= 1"),
-            ("eta", self.eta >= 0, ">= 0 (0 = deterministic DDIM, 1 = ancestral)"),
+            ("eta", 0 <= self.eta <= 1, "in [0, 1] (DDIM's eta: 0 deterministic, 1 ancestral)"),
         ]
         for key, ok, allowed in checks:
             if not ok:

@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=25)
     s.add_argument("--guidance", type=float, help="guidance scale (default 2.5 for image_to_video with a planner, "
                    "else 1 = none, as in the paper)")
-    s.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity: 0 deterministic (paper), 1 ancestral")
+    s.add_argument("--eta", type=float, default=0.0,
+                   help="DDIM stochasticity in [0, 1]: 0 deterministic (paper), 1 ancestral")
     s.add_argument("--seed", type=int, default=0, help="clip i uses seed + i")
     s.add_argument("--batch", type=int, default=4, help="clips per generate call (changes the samples only by float "
                    "rounding: a clip matches its --batch 1 sample within 1e-5, so an 8-bit pixel may differ by one "
@@ -279,7 +280,7 @@ def print_windows(mask: torch.Tensor, window: int, context: int | None) -> None:
 OPTION_RULES = {
     "steps": (lambda v: v >= 1, ">= 1"),
     "guidance": (lambda v: v is None or v >= 0, ">= 0 (1 = no guidance)"),
-    "eta": (lambda v: v >= 0, ">= 0 (0 = deterministic DDIM, 1 = ancestral)"),
+    "eta": (lambda v: 0 <= v <= 1, "in [0, 1] (DDIM's eta: 0 deterministic, 1 ancestral)"),
     "batch": (lambda v: v >= 1, ">= 1"),
     "num_samples": (lambda v: v >= 1, ">= 1"),
     "clips": (lambda v: v >= 1, ">= 1"),

@@ -173,8 +173,9 @@ class MarDiniPipeline:
                 differently; tests/test_pipeline.py holds it to 1e-5). num_samples: samples per clip (sample 0
                 equals a single-sample call, up to the same rounding).
             progress: a tqdm bar over the denoising steps.
-            eta: DDIM stochasticity, 0 = deterministic DDIM (the paper's sampler), 1 = ancestral (fresh noise each
-                step, drawn per clip and sample so that results still depend on the batch only by rounding).
+            eta: DDIM stochasticity in [0, 1], 0 = deterministic DDIM (the paper's sampler), 1 = ancestral (fresh
+                noise each step, drawn per clip and sample so that results still depend on the batch only by
+                rounding).
             callback: ``callback(step)`` after each denoising step with a :class:`DenoisingStep` of the whole
                 batch (the state and the step's clean estimate, as latents: show them with :meth:`decode`); the
                 multi-window tasks call it for each window.
