@@ -231,6 +231,24 @@ def test_a_ckpt_path_null_rerun_starts_over_in_place_and_last_then_resumes_it(wo
     assert read_checkpoint(folder / "last.ckpt")["global_step"] == 3 and not (folder / "earlier.2").exists()
 
 
+def test_max_steps_0_is_one_error_saying_it_trains_nothing(workdir, monkeypatch, tmp_path, capsys):
+    """--trainer.max_steps 0 was read as unset: 'the LR schedule needs a length: set trainer.max_steps, ...',
+    although it was set."""
+    from mardini.cli import library_error
+    from mardini.user_errors import run_reporting_user_errors
+
+    monkeypatch.delenv("MARDINI_TRACEBACK", raising=False)
+    save = [f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    for extra in ([], ["--model.init_args.decay_steps=10"]):  # a schedule of its own trains nothing either
+        code = run_reporting_user_errors("train.py", lambda: _fit(workdir, monkeypatch, *_stage(STAGES[0], 0, *save,
+                                                                                                   *extra)),
+                                         unwrap=library_error)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and err[0] == ("train.py: error: trainer.max_steps=0 trains nothing: give a positive number "
+                                        "of steps (-1 = bounded by max_epochs)"), err
+        assert not list(tmp_path.rglob("*.ckpt"))
+
+
 def test_a_truncated_last_ckpt_is_one_train_py_error_naming_the_checkpoints_to_resume_from(workdir, monkeypatch,
                                                                                             tmp_path, capsys):
     from mardini.cli import library_error

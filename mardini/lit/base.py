@@ -373,6 +373,9 @@ class MarDiniBase(L.LightningModule):
         decay, no_decay = self.weight_decay_groups()
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas))
+        if self.trainer.max_steps == 0:  # below, 0 would read as unset (Lightning's -1)
+            raise ValueError("trainer.max_steps=0 trains nothing: give a positive number of steps (-1 = bounded by "
+                             "max_epochs)")
         # the schedule's length: decay_steps, else the fit's max_steps, else (a fit bounded by max_epochs) the
         # optimiser steps Lightning estimates for it
         steps = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
