@@ -532,3 +532,39 @@ def test_a_curriculum_subclass_s_window_and_attention_are_the_sampling_ones(tmp_
     assert pipe.window == 3 and pipe.generator.attention_mode == "t"  # as the module trained at its last step
     video = _video(1)
     assert pipe.interpolate(video[:, 0], video[:, -1], steps=1, progress=False).shape == (1, 3, 3, S, S)
+
+
+def test_a_checkpoint_without_hyper_parameters_says_so(ckpts, tmp_path, capsys, monkeypatch):
+    """Without ``hyper_parameters`` the loader fell back to the size's defaults silently: a checkpoint of other
+    network settings was misdiagnosed ('the weights do not fit the network rebuilt from its hyper-parameters ...
+    another code version?'), and one of default settings sampled with the registry's window (4, not its 5)."""
+    import re
+
+    from mardini.lit.checkpoints import read_checkpoint
+    from mardini.pipeline.cli import main
+    from mardini.reproduce.quality import PlannerOnly
+    from mardini.user_errors import run_reporting_user_errors
+
+    def stripped(path, name):
+        ckpt = read_checkpoint(path)
+        del ckpt["hyper_parameters"]
+        torch.save(ckpt, tmp_path / name)
+        return tmp_path / name
+
+    def says_so(path):
+        return (rf"^{re.escape(str(path))} has no hyper_parameters \(not saved by a MarDini training run, or they "
+                r"were stripped\)")
+
+    plain = stripped(ckpts["joint"], "joint.ckpt")
+    other = stripped(make_checkpoint(tmp_path / "sc.ckpt", "generation", generator={"self_cond": True}), "sc_.ckpt")
+    for path in (other, plain):
+        with pytest.raises(ValueError, match=says_so(path)):
+            MarDiniPipeline.from_checkpoint(path)
+    monkeypatch.delenv("MARDINI_TRACEBACK", raising=False)
+    argv = ["interpolate", "--ckpt", str(other), "--images", "a.png", "b.png", "--out", str(tmp_path / "out")]
+    assert run_reporting_user_errors("sample.py", lambda: main(argv)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sample.py: error: {other} has no hyper_parameters") and "code version" not in err
+    planning = stripped(make_checkpoint(tmp_path / "planning.ckpt", "planning"), "planning_.ckpt")
+    with pytest.raises(ValueError, match=says_so(planning)):
+        PlannerOnly(planning)  # the reproduction's "MAR only" reads the planner's settings from them too

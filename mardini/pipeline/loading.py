@@ -66,8 +66,8 @@ def load_checkpoint(path: str | Path, ema: bool = True, window: int | None = Non
         )
     if "autoencoder_spec" not in meta:
         raise ValueError(f"{path} does not record its autoencoder (autoencoder_spec); re-save it with this code")
+    hp = hyper_parameters_of(ckpt, path)
     autoencoder = build_autoencoder(meta["autoencoder_spec"], allow_autoencoders).eval()  # a refused one: at once
-    hp = dict(ckpt.get("hyper_parameters") or {})
     state = ckpt["state_dict"]
     prefix = EMA_PREFIX if ema else "networks."
     channels = int(meta["latent_channels"])
@@ -109,6 +109,20 @@ def load_checkpoint(path: str | Path, ema: bool = True, window: int | None = Non
               "global_step": ckpt.get("global_step"), "attention": generator.attention_mode,
               "anchor": FrameAnchor.from_hparams(hp).anchor},
     )
+
+
+def hyper_parameters_of(ckpt: dict[str, Any], path) -> dict[str, Any]:
+    """The checkpoint's ``hyper_parameters`` (network overrides, schedule, anchor, frames), or a ValueError saying it
+    has none: the networks rebuilt from defaults instead would not fit its weights, or sample with other settings."""
+    hp = ckpt.get("hyper_parameters")
+    if not isinstance(hp, dict) or not hp:
+        raise ValueError(
+            f"{path} has no hyper_parameters (not saved by a MarDini training run, or they were stripped), so its "
+            "networks and sampling settings cannot be rebuilt: use the checkpoint the training run wrote "
+            "(<stage>/checkpoints/*.ckpt) or its export (python -m mardini.lit.ema_export), or put the run's "
+            "hyper_parameters back into it"
+        )
+    return dict(hp)
 
 
 def _window(recorded: int | None, given: int | None, size: str, path) -> int:

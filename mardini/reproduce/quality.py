@@ -23,7 +23,7 @@ from mardini.evaluation.protocol import DEFAULT_GUIDANCE
 from mardini.evaluation.samplers import BASELINES, PipelineSampler
 from mardini.lit.checkpoints import EMA_PREFIX, check_metadata, read_checkpoint
 from mardini.models.registry import build_planner
-from mardini.pipeline.loading import load_network
+from mardini.pipeline.loading import hyper_parameters_of, load_network
 
 
 # ------------------------------------------------------------------------------------------------
@@ -41,7 +41,7 @@ class PlannerOnly:
     def __init__(self, checkpoint: str | Path, ema: bool = True, allow_autoencoders: Collection[str] = ()) -> None:
         ckpt = read_checkpoint(checkpoint)
         meta = check_metadata(ckpt, ("planning",), checkpoint)
-        over = dict((ckpt.get("hyper_parameters") or {}).get("planner") or {})
+        over = dict(hyper_parameters_of(ckpt, checkpoint).get("planner") or {})
         over.setdefault("in_channels", int(meta["latent_channels"]))
         self.planner = build_planner(meta["size"], **over)
         load_network(self.planner, ckpt["state_dict"], f"{EMA_PREFIX if ema else 'networks.'}planner.", checkpoint, ema)
