@@ -44,7 +44,32 @@ def worker_user_error(err: BaseException) -> tuple[str, str] | None:
     innermost frame are read back from that text. None for anything else."""
     if type(err).__name__ != "ProcessRaisedException":
         return None
-    lines = str(getattr(err, "msg", err)).rstrip().splitlines()
+    found = _error_in_traceback(str(getattr(err, "msg", err)))
+    if found is None:
+        return None
+    message, frame = found
+    return message, f"{frame}, process {getattr(err, 'error_index', '?')}"
+
+
+LOADER_WORKER = re.compile(r"^Caught \w+ in (?P<worker>DataLoader worker process \d+)\.\nOriginal Traceback")
+
+
+def loader_worker_error(err: BaseException) -> tuple[str, str] | None:
+    """``(message, where)`` of a user error raised in a DataLoader worker process: PyTorch re-raises it in the main
+    process with its type, but with ``Caught ValueError in DataLoader worker process 0.`` and the worker's traceback
+    as its message, so the message and innermost frame are read back from that text. None for anything else."""
+    head = LOADER_WORKER.match(str(err))
+    found = _error_in_traceback(str(err)) if head else None
+    if found is None:
+        return None
+    message, frame = found
+    return message, f"{frame}, {head['worker']}"
+
+
+def _error_in_traceback(text: str) -> tuple[str, str] | None:
+    """``(message, innermost frame)`` of the user error whose formatted traceback ends ``text``; None when the error
+    that ends it is of another type."""
+    lines = text.rstrip().splitlines()
     frames = [i for i, line in enumerate(lines) if FRAME.match(line)]
     if not frames:
         return None
@@ -59,8 +84,7 @@ def worker_user_error(err: BaseException) -> tuple[str, str] | None:
             return None
         message = "\n".join([head.group(1), *lines[i + 1:]])
         frame = FRAME.match(lines[frames[-1]])
-        rank = getattr(err, "error_index", "?")
-        return message, f"{shown_path(frame['file'])}:{frame['line']} in {frame['name']}, process {rank}"
+        return message, f"{shown_path(frame['file'])}:{frame['line']} in {frame['name']}"
     return None
 
 
@@ -77,8 +101,9 @@ def run_reporting_user_errors(prog: str, fn: Callable[[], int | None], code: int
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise
         err = unwrap(err) if unwrap is not None else err
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        print(f"  (raised at {where_raised(err)}; {TRACEBACK_ENV}=1 shows the traceback)", file=sys.stderr)
+        message, where = loader_worker_error(err) or (str(err), where_raised(err))
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        print(f"  (raised at {where}; {TRACEBACK_ENV}=1 shows the traceback)", file=sys.stderr)
         return code
     except Exception as err:
         found = worker_user_error(err)

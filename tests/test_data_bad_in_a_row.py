@@ -37,5 +37,5 @@ def test_bad_samples_between_good_ones_never_reach_the_limit_and_each_is_counted
 
 def test_the_limit_stops_a_run_of_bad_samples(tmp_path):
     stream = _stream(_shard(tmp_path / "run-000000.tar", "gbbg"))
-    with pytest.raises(RuntimeError, match="2 bad samples in a row"):
+    with pytest.raises(ValueError, match="2 bad samples in a row"):
         list(islice(iter(stream), 2))

@@ -386,7 +386,7 @@ def test_training_stops_when_nothing_is_usable(synth, tmp_path):
             sink.write({"__key__": f"b{i}", "video.npy": b"junk", "json": meta})
     stream = ClipStream([str(tmp_path / "bad-000000.tar")], frames=2, fps=None, resolution=8, batch_size=2,
                         train=True, max_consecutive_bad=20)
-    with pytest.raises(RuntimeError, match="bad samples in a row"):
+    with pytest.raises(ValueError, match="bad samples in a row"):
         next(iter(stream))
 
 
@@ -530,7 +530,7 @@ def test_setup_warns_once_on_upscaled_or_slow_clips(synth, monkeypatch):
 def test_too_many_bad_samples_say_what_to_change(synth):
     stream = ClipStream(list_shards(str(synth / "train")), frames=20, fps=None, resolution=8, batch_size=2,
                         train=True, max_consecutive_bad=10)
-    with pytest.raises(RuntimeError, match=r"10 bad samples in a row .* Mostly 'too few frames': .*--clip-frames"):
+    with pytest.raises(ValueError, match=r"10 bad samples in a row .* Mostly 'too few frames': .*--clip-frames"):
         next(iter(stream))
 
 

@@ -92,6 +92,34 @@ def test_train_py_exits_2_with_one_message_and_the_switch_shows_the_traceback(tm
     assert shown.returncode == 1 and "Traceback (most recent call last)" in shown.stderr
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_shards_of_unexpected_member_names_are_one_train_py_error_with_and_without_loader_workers(tmp_path, workers):
+    """Every sample's video renamed (``*.frames.npy``): the stream's "bad samples in a row" stop is a data error like
+    the others, one line and exit status 2, also when a loader worker raises it (PyTorch re-raises it in the main
+    process with the worker's traceback as its message). Before, a RuntimeError: 40 lines of traceback, exit status
+    1; with a worker, the process then never exited (the worker held alive by that traceback, outliving the one
+    SIGTERM that multiprocessing sends at exit)."""
+    from mardini.data.sharding import atomic_tar
+
+    meta = b'{"fps": 8.0, "frames": 24}'  # fits the debug stage's 9 frames at 8 fps: setup lets it through
+    with atomic_tar(tmp_path / "renamed-000000.tar") as sink:
+        for i in range(10):
+            sink.write({"__key__": f"clip{i}", "frames.npy": b"not read", "json": meta})
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs/debug.yaml"),
+            "--trainer.max_steps=2", f"--data.init_args.train_shards={tmp_path}", "--data.init_args.val_shards=null",
+            f"--data.init_args.num_workers={workers}"]
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    err = done.stderr.strip().splitlines()
+    assert err[-2].startswith("train.py: error: 1000 bad samples in a row (counts {'bad sample': 1000}; "), err[-2]
+    assert err[-2].endswith("check data.latents and data.frames, or rebuild / re-cache the shards"), err[-2]
+    worker = ", DataLoader worker process 0" if workers else ""
+    assert err[-1].startswith("  (raised at ") and "mardini/data/stream.py:" in err[-1], err[-1]
+    assert f" in add{worker}; MARDINI_TRACEBACK=1" in err[-1], err[-1]
+    assert "Traceback" not in done.stderr
+
+
 def test_a_ckpt_path_that_is_a_directory_names_the_checkpoints_inside_it(monkeypatch, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "last.ckpt").touch()

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mardini.evaluation import cli as evaluate_cli
 from mardini.user_errors import run_reporting_user_errors
@@ -74,6 +75,27 @@ def test_a_user_error_in_a_spawned_worker_is_reported_like_one_in_the_main_proce
     monkeypatch.setenv("MARDINI_TRACEBACK", "1")
     with pytest.raises(type(failure)):
         run_reporting_user_errors("prog", fit)
+
+
+class _RaisesInTheWorker(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        raise ValueError("data.frames=9: every clip is too short;\nrebuild the shards")
+
+
+def test_a_user_error_in_a_dataloader_worker_is_reported_like_one_in_the_main_process(capsys, monkeypatch):
+    """PyTorch re-raises a loader worker's ValueError in the main process as a ValueError whose message is
+    ``Caught ValueError in DataLoader worker process 0.`` and the worker's traceback: the report gives the worker's
+    own message and innermost frame instead (before: the whole traceback text as the message)."""
+    monkeypatch.delenv("MARDINI_TRACEBACK", raising=False)
+
+    def fit():
+        next(iter(torch.utils.data.DataLoader(_RaisesInTheWorker(), batch_size=None, num_workers=1)))
+
+    assert run_reporting_user_errors("prog", fit) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prog: error: data.frames=9: every clip is too short;\nrebuild the shards\n"), err
+    assert "test_user_errors.py:" in err and "in __iter__, DataLoader worker process 0;" in err
+    assert "Traceback" not in err and "Caught" not in err
 
 
 def test_the_traceback_switch_re_raises(monkeypatch):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import logging
 import random
+import traceback
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -98,7 +99,7 @@ def _ignore_and_continue(exn: Exception) -> bool:
     return True
 
 
-# What to change when most bad samples share one reason (the RuntimeError of SkipLog says it).
+# What to change when most bad samples share one reason (the ValueError of SkipLog says it).
 FIXES = {
     "too few frames": "the clips are shorter than data.frames at data.fps span (frames - 1) * stride + 1 with "
     "stride round(clip fps / data.fps); lower data.frames (and the model's frames), choose a data.fps that gives a "
@@ -146,7 +147,8 @@ class SkipLog:
             log.warning("skipping a bad sample (%s): %s", reason, detail)
         if self.max_consecutive and self.consecutive >= self.max_consecutive:
             reason = self.reasons.most_common(1)[0][0]
-            raise RuntimeError(
+            # a ValueError: the shards or settings are wrong, and train.py reports it in one line as other data errors
+            raise ValueError(
                 f"{self.consecutive} bad samples in a row (counts {dict(self.reasons)}; last: {detail}); "
                 f"the shards do not fit the loader settings or are broken. Mostly {reason!r}: {fix_for(reason)}"
             )
@@ -200,7 +202,7 @@ class ClipStream(IterableDataset):
         latents: read ``z_high.npy`` / ``z_low.npy`` instead of pixels.
         keep_meta: also return each sample's parsed json (batch key ``meta``, a list of dicts).
         state: shared :class:`StreamState` (seed, epoch).
-        max_consecutive_bad: this many bad samples in a row means a wrong setup: raise.
+        max_consecutive_bad: this many bad samples in a row means a wrong setup: raise a ValueError.
     """
 
     def __init__(
@@ -528,10 +530,19 @@ class StreamLoader(DataLoader):
 
     def _count(self, it: Iterator[dict]) -> Iterator[dict]:
         state = getattr(self.dataset, "state", None)
-        for batch in it:
-            if state is not None:
-                state.skipped += int(batch.get("skipped", 0))
-                if "stream" in batch:  # a training batch: in flight until trained on (StreamState.in_flight)
-                    state.in_flight += int(batch.get("skipped", 0))
-            if not skip_only(batch):
-                yield batch
+        try:
+            for batch in it:
+                if state is not None:
+                    state.skipped += int(batch.get("skipped", 0))
+                    if "stream" in batch:  # a training batch: in flight until trained on (StreamState.in_flight)
+                        state.in_flight += int(batch.get("skipped", 0))
+                if not skip_only(batch):
+                    yield batch
+        except Exception as err:
+            # A worker's error (a data error, a timeout) leaves the iterator's frames in the traceback, holding it
+            # alive to the end of the process: its workers, which outlive the first SIGTERM (see
+            # datamodule.leave_first_sigterm_to_main), then blocked the exit, where multiprocessing sends one
+            # SIGTERM and waits. Clearing those frames frees the iterator now, which shuts its workers down.
+            traceback.clear_frames(err.__traceback__)
+            del it
+            raise
