@@ -17,6 +17,7 @@ per reader when there are at least ranks x workers shards, else every reader sca
 :func:`check_validation_split`).
 Bad samples are skipped and counted (``batch["skipped"]``, :attr:`VideoDataModule.skipped`; a validation worker
 whose share gives no clip is counted through a marker the loader drops, so the step never sees an empty batch).
+Local shards without a tar member are left out at ``setup`` (:func:`without_empty_shards`).
 Loader workers leave the first SIGTERM to the main process (:func:`leave_first_sigterm_to_main`; a datamodule of
 one's own gets it from ``PreemptionSave``: :func:`protect_loader_workers`).
 """
@@ -43,7 +44,7 @@ from torch.utils.data import DataLoader
 from mardini.data.batch_split import check_split, epoch_batches, largest_rank_batch, rank_batch
 from mardini.data.decode import BadSample, decode_json, frame_stride
 from mardini.data.sharding import list_shards
-from mardini.data.stream import ClipStream, StreamLoader, StreamState
+from mardini.data.stream import ClipStream, StreamLoader, StreamState, name_shards
 
 # ClipStream splits its epoch across workers itself (``with_epoch`` per worker), so its __len__ is exact.
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
@@ -157,7 +158,7 @@ class VideoDataModule(L.LightningDataModule):
         common = dict(frames=self.frames, fps=self.fps, resolution=self.resolution, rank=self.rank,
                       world_size=self.world_size, latents=self.latents, state=self.state)
         if stage in (None, "fit"):
-            shards = list_shards(self.train_shards)
+            shards = without_empty_shards(list_shards(self.train_shards), "data.train_shards")
             if self.latents:
                 check_latent_shards(shards[0], self.frames, self.fps, self.resolution)
             else:
@@ -173,7 +174,7 @@ class VideoDataModule(L.LightningDataModule):
                 crop=self.crop, crop_scale=self.crop_scale, epoch_batches=batches, **common,
             )
         if stage in (None, "fit", "validate") and self.val_shards:
-            shards = list_shards(self.val_shards)
+            shards = without_empty_shards(list_shards(self.val_shards), "data.val_shards")
             check_validation_split(self.val_shards, shards, self.world_size)
             if self.latents:
                 check_latent_shards(shards[0], self.frames, self.fps, self.resolution)
@@ -334,6 +335,38 @@ def _warn_once(message: str) -> None:
 
 
 PROBE_SHARDS = 8  # shards whose first clip the setup check reads
+
+
+def without_empty_shards(shards: list[str], option: str) -> list[str]:
+    """``shards`` less the local ones that hold no tar member (:func:`holds_no_member`), with a warning naming them;
+    a ValueError when none is left (the training stream would reopen empty shards for ever). Reads one tar header
+    per shard, not the shards."""
+    empty = [shard for shard in shards if holds_no_member(shard)]
+    if len(empty) == len(shards):
+        no_val = f", or set {option}: null to train without validation" if option == "data.val_shards" else ""
+        are, them = ("the shard is", "it") if len(shards) == 1 else (f"all {len(shards)} shards are", "them")
+        raise ValueError(f"{option}: {are} empty (no tar member: {name_shards(shards)}); rebuild {them} "
+                         f"(data/README.md) or give {option} shards that hold clips{no_val}")
+    if empty:
+        _warn_once(f"{option}: {len(empty)} of {len(shards)} shards are empty (no tar member: {name_shards(empty)}) "
+                   f"and are left out; rebuild them (data/README.md) or leave them out of {option}")
+    left_out = set(empty)
+    return [shard for shard in shards if shard not in left_out]
+
+
+def holds_no_member(shard: str) -> bool:
+    """True for a local file that is empty or a tar archive without a member (its first header is the end of the
+    archive); False for anything else, remote or unreadable too (the loader counts those as it reads them)."""
+    try:
+        if not os.path.isfile(shard):
+            return False
+        if os.path.getsize(shard) == 0:
+            return True
+        # the first header only; a .tar read as plain (a third of the time of trying each compression first)
+        with tarfile.open(shard, "r:" if shard.endswith(".tar") else "r:*") as tar:
+            return tar.next() is None
+    except (OSError, tarfile.TarError):
+        return False
 
 
 def check_pixel_shards(shards: list[str], frames: int, fps: float | None, resolution: int | tuple[int, int],

@@ -118,6 +118,18 @@ FIXES = {
 }
 
 
+def name_shards(shards: list[str]) -> str:
+    """The first few of ``shards``, for a message."""
+    return ", ".join(shards[:3]) + (f" and {len(shards) - 3} more" if len(shards) > 3 else "")
+
+
+def _no_sample(shards: list[str], whose: str) -> str:
+    """The error for training shards (``whose``: of which reader) that give no sample at all."""
+    give, them = ("the shard gives", "it") if len(shards) == 1 else (f"all {len(shards)} shards give", "them")
+    return (f"data.train_shards{whose}: {give} no sample ({name_shards(shards)}: empty tar archives, or members not "
+            f"named key.extension); rebuild {them} (data/README.md) or leave {them} out of data.train_shards")
+
+
 def fix_for(reason: str) -> str:
     """What to change when most bad samples fail for ``reason`` (a :class:`SkipLog` key)."""
     return FIXES.get(reason, "an unexpected error while decoding; the last detail above names it")
@@ -291,7 +303,7 @@ class ClipStream(IterableDataset):
             source = wds.SimpleShardList(shards)  # in order, each once
         # every reader of a sample-split meets the same shard read errors: only slot 0 counts them
         handler = skips.tar_handler if share is None or share[0] == 0 else _ignore_and_continue
-        stages = [source, wds.tarfile_to_samples(handler=handler), skips.tally]
+        stages = [source, lambda src: self._samples(src, handler, shards, worker), skips.tally]
         if share is not None:  # before decoding: each sample, good or bad, is decoded and counted by one reader
             slot, readers = share
             stages.append(lambda src: (s for i, s in enumerate(src) if i % readers == slot))
@@ -311,6 +323,35 @@ class ClipStream(IterableDataset):
         return iter(pipeline)
 
     # ----------------------------------------------------------------------------------------------
+    def _samples(self, src: Iterator[dict], handler, shards: list[str], worker: int) -> Iterator[dict]:
+        """Raw samples of each shard of ``src`` (``{"url": ...}``), read one shard at a time (webdataset's
+        ``tarfile_samples``) to know which reads gave nothing.
+
+        Training: once every shard of this reader has been read in a row (since its last sample) without giving a
+        sample or a read error, they are empty and the resampled stream would reopen them for ever: raise a
+        ValueError naming them. An empty shard among good ones is only reopened now and then (``setup`` leaves out
+        the local shards that hold no member: :func:`mardini.data.datamodule.without_empty_shards`)."""
+        mine, empty = set(shards), set()  # empty: the shards read since the last sample that gave nothing at all
+        failed = False
+
+        def counted(exn: Exception) -> bool:
+            nonlocal failed
+            failed = True
+            return handler(exn)
+
+        for item in src:
+            failed, gave = False, False
+            for sample in wds.tarfile_samples([item], handler=counted):
+                gave = True
+                yield sample
+            if gave:
+                empty.clear()
+            elif not failed and self.train:
+                empty.add(item["url"])
+                if empty >= mine:
+                    whose = f" read by rank {self.rank}, loader worker {worker}" if len(mine) < len(self.shards) else ""
+                    raise ValueError(_no_sample(sorted(mine), whose))
+
     def _decode_all(self, src: Iterator[dict], seed: int, skips: SkipLog, skip_raw: int = 0) -> Iterator[dict]:
         """Decode raw samples; the random draws of sample ``i`` come from (seed, i) alone, so a resumed stream
         skips the first ``skip_raw`` raw samples without decoding them and continues bit-identically."""
