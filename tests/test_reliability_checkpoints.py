@@ -520,3 +520,35 @@ def test_a_validation_with_no_usable_clip_is_an_error_not_a_run_without_validati
     dm.__class__ = SkipsEveryValidationClip
     with pytest.raises(ValueError, match=r"validation found no usable clip on any rank.*limit_val_batches: 0"):
         _trainer(tmp_path, 2, limit_val_batches=1.0).fit(_gen(), datamodule=dm)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_validation_split_that_holds_no_sample_says_so_and_not_that_samples_were_skipped(synth, tmp_path, workers):
+    """Validation shards that give no sample (members not named key.extension; an empty tar, before ``setup`` refused
+    it): before, the error said that every validation sample was skipped and that skip lines above said why, with no
+    skip line and nothing skipped."""
+    import io
+    import tarfile
+
+    from mardini.data.sharding import atomic_tar
+
+    nothing, renamed = tmp_path / "nothing", tmp_path / "renamed"
+    nothing.mkdir()
+    renamed.mkdir()
+    with tarfile.open(nothing / "val-000000.tar", "w") as tar:
+        info = tarfile.TarInfo("README")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"hi\n"))
+    with atomic_tar(renamed / "val-000000.tar") as sink:  # samples of the wrong members: each one skipped
+        for i in range(2):
+            sink.write({"__key__": f"clip{i}", "frames.npy": b"not read", "json": b'{"fps": 8.0, "frames": 24}'})
+    for shards, message in [
+        (nothing, r"the validation shards hold no sample \(none was skipped: empty tar archives, or members not named "
+                  r"key.extension\); rebuild data.val_shards .* or set trainer.limit_val_batches: 0 \(or "
+                  r"data.val_shards: null\) to train without validation$"),
+        (renamed, r"every validation sample was skipped \(the skip lines above say why"),
+    ]:
+        dm = _dm(synth)
+        dm.val_shards, dm.num_workers = str(shards), workers
+        with pytest.raises(ValueError, match=r"^validation found no usable clip on any rank: " + message):
+            _trainer(tmp_path, 2, limit_val_batches=1.0).fit(_gen(), datamodule=dm)

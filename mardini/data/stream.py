@@ -539,12 +539,16 @@ class StreamLoader(DataLoader):
     it when they start, so use ``persistent_workers=False``) when its first batch is asked for, not at ``iter()``:
     Lightning restoring a checkpoint saved in an epoch's last validation iterates that finished epoch again without
     reading it, and such an iterator must leave the epoch number and the resume position alone (taking them made
-    the resumed run skip a data epoch). Every batch's ``skipped`` is added to ``state.skipped``, and skip-only
-    markers (:func:`skip_only`) end there: the consumer sees clips only.
+    the resumed run skip a data epoch). Every batch's ``skipped`` is added to ``state.skipped`` and to
+    :attr:`pass_skipped` (this pass's), and skip-only markers (:func:`skip_only`) end there: the consumer sees clips
+    only.
     """
+
+    pass_skipped = 0  # bad samples counted in the current (or last) pass over the loader
 
     def __iter__(self) -> Iterator[dict]:
         # a generator: nothing below runs (no epoch taken, no worker started) until the first batch is asked for
+        self.pass_skipped = 0
         ds = self.dataset
         if isinstance(ds, ClipStream) and ds.train:
             state, workers = ds.state, max(1, self.num_workers)
@@ -573,6 +577,7 @@ class StreamLoader(DataLoader):
         state = getattr(self.dataset, "state", None)
         try:
             for batch in it:
+                self.pass_skipped += int(batch.get("skipped", 0))
                 if state is not None:
                     state.skipped += int(batch.get("skipped", 0))
                     if "stream" in batch:  # a training batch: in flight until trained on (StreamState.in_flight)

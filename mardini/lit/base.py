@@ -507,14 +507,25 @@ class MarDiniBase(L.LightningModule):
         """``val/loss`` and ``val/loss_{template}``: the means over every rank's clips (of that template). The sums
         are reduced first, on every rank: a rank whose validation batches were all skipped (clips too short for the
         stage, undecodable), or a key logged by some ranks only, would otherwise leave the others waiting at a
-        sync. No usable validation clip on any rank is an error, not a run without validation."""
+        sync. No usable validation clip on any rank is an error, not a run without validation; it says whether the
+        clips were skipped or the shards hold none (by the validation loaders' ``pass_skipped``)."""
         sums = self._val_template_sums
         if sums is None:  # no validation batch on this rank
             sums = torch.zeros(len(self._loss_templates()), 2, device=self.device)
         if self._trainer is not None and self.trainer.world_size > 1:
             sums = self.trainer.strategy.reduce(sums.clone(), reduce_op="sum")  # (templates, [loss sum, clips])
         total = sums.sum(0)  # ([loss sum, clips])
-        if total[1] == 0:
+        if total[1] == 0:  # on every rank (reduced), so the skip counts can be reduced too
+            skipped = self._val_skipped()
+            counts = torch.tensor([skipped or 0, skipped is None], dtype=torch.float32, device=self.device)
+            if self._trainer is not None and self.trainer.world_size > 1:  # ([samples skipped, ranks not counting])
+                counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+            if counts.sum() == 0:
+                raise ValueError(
+                    "validation found no usable clip on any rank: the validation shards hold no sample (none was "
+                    "skipped: empty tar archives, or members not named key.extension); rebuild data.val_shards "
+                    "(data/README.md) or point it at shards with clips, or set trainer.limit_val_batches: 0 (or "
+                    "data.val_shards: null) to train without validation")
             raise ValueError(
                 "validation found no usable clip on any rank: every validation sample was skipped (the skip lines "
                 "above say why: clips shorter than data.frames at data.fps, undecodable files); check data.val_shards "
@@ -525,6 +536,17 @@ class MarDiniBase(L.LightningModule):
             if sums[i, 1] > 0:
                 self.log(f"val/loss_{name}", sums[i, 0] / sums[i, 1], sync_dist=True)  # equal on every rank
         self._val_template_sums = None
+
+    def _val_skipped(self) -> int | None:
+        """Bad samples this rank's validation loaders skipped in their last pass (``StreamLoader.pass_skipped``);
+        None when one of them does not count them."""
+        loaders = self.trainer.val_dataloaders if self._trainer is not None else None
+        if isinstance(loaders, dict):
+            loaders = list(loaders.values())
+        elif not isinstance(loaders, (list, tuple)):
+            loaders = [loaders]
+        counts = [getattr(loader, "pass_skipped", None) for loader in loaders]
+        return None if None in counts else sum(counts)
 
     # ----------------------------------------------------------------------------------------------
     # Checkpoints: metadata, the frozen autoencoder kept out, loading networks of earlier stages
