@@ -61,7 +61,10 @@ def _stream(shards: list[str], **kw) -> ClipStream:
 @pytest.mark.parametrize("kind", ["no-member", "no-sample"])
 def test_a_training_stream_of_empty_shards_raises_naming_them(tmp_path, opens, kind, workers):
     shards = [_empty(tmp_path / f"empty-{i}.tar", kind) for i in range(3)]
-    loader = StreamLoader(_stream(shards), batch_size=None, num_workers=workers)
+    # a spawned worker (a forked one hung at start now and then in the whole suite, whatever state earlier tests
+    # left in this process); the loader's timeout turns a hang into a failure
+    extra = dict(multiprocessing_context="spawn", timeout=120) if workers else {}
+    loader = StreamLoader(_stream(shards), batch_size=None, num_workers=workers, **extra)
     # (from a worker, PyTorch re-raises it with the worker's traceback before the message: not anchored)
     with pytest.raises(ValueError, match=r"data.train_shards: all 3 shards give no sample \(.*empty-0.tar, "
                        r".*empty-1.tar, .*empty-2.tar: empty tar archives, or members not named key.extension\); "
