@@ -90,19 +90,12 @@ class MarDiniCLI(LightningCLI):
                 "(LearningRateMonitor) and the stage's checkpoint folder, where --ckpt_path last resumes, is the "
                 "logger's <save_dir>/<name>/<version>/checkpoints; set trainer.logger to a TensorBoardLogger (or "
                 "CSVLogger) with a save_dir, a name and a fixed version, as the stage configs do (version: \"\")")
-        if sub.get("ckpt_path") == "last" and default_logger(sub):
-            raise ValueError(
-                "trainer.logger is unset (or true), so Lightning's default logger (version unset) logs each run in "
-                "a new lightning_logs/version_N folder, and --ckpt_path last (the default) never finds the checkpoints "
-                "of an earlier run to resume; set trainer.logger to a TensorBoardLogger with a save_dir, a name and a "
-                "fixed version, as the stage configs do (version: \"\": one folder, which the same command resumes "
-                "in), or pass --ckpt_path null to train a new run in a new version_N folder")
-        if sub.get("ckpt_path") == "last" and unversioned_logger(sub):
-            raise ValueError(
-                "trainer.logger's version is null: Lightning then logs each run in a new version_N folder, so "
-                "--ckpt_path last (the default) never finds the checkpoints of an earlier run to resume; set "
-                "the logger's version: \"\" (the stage configs' choice: one folder, which the same command resumes "
-                "in) or a fixed version, or pass --ckpt_path null to train a new run in a new version_N folder")
+        unresumable = new_folder_each_run(sub)
+        if sub.get("ckpt_path") == "last" and unresumable:
+            cause, fix = unresumable
+            raise ValueError(f"{cause}, so --ckpt_path last (the default) never finds the checkpoints of an earlier "
+                             f"run to resume; {fix}, or pass --ckpt_path null to train a new run in a new version_N "
+                             "folder")
         folder = self._checkpoint_folder = checkpoint_dir(sub)
         if folder is not None and trainer is not None and not trainer.get("default_root_dir"):
             # where Lightning looks for its preemption checkpoints (ckpt_path "hpc", and None under SLURM): the
@@ -269,6 +262,21 @@ def unversioned_logger(config) -> bool:
     default): it then logs every run in a new ``version_N`` folder, where no earlier checkpoint is."""
     args = _logger_args(config)
     return bool(args) and bool(args.get("save_dir")) and "version" in args and args["version"] is None
+
+
+def new_folder_each_run(config) -> tuple[str, str] | None:
+    """``(why, fix)`` when the stage's logger logs every run in a new ``version_N`` folder (Lightning's default
+    logger, or a logger whose version is null), where ``--ckpt_path last`` finds no earlier checkpoint; else None."""
+    if default_logger(config):
+        return ("trainer.logger is unset (or true): Lightning's default logger (version unset) logs each run in a new "
+                "lightning_logs/version_N folder",
+                "set trainer.logger to a TensorBoardLogger with a save_dir, a name and a fixed version, as the stage "
+                "configs do (version: \"\": one folder, which the same command resumes in)")
+    if unversioned_logger(config):
+        return ("trainer.logger's version is null: Lightning then logs each run in a new version_N folder",
+                "set the logger's version: \"\" (the stage configs' choice: one folder, which the same command "
+                "resumes in) or a fixed version")
+    return None
 
 
 def default_logger(config) -> bool:
