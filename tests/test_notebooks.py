@@ -52,9 +52,10 @@ def test_the_committed_notebooks_are_what_build_py_writes():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs(path: Path, monkeypatch):
+def test_notebook_runs(path: Path, monkeypatch, tmp_path):
     assert KERNEL in KernelSpecManager().find_kernel_specs(), "no python3 kernel: pip install ipykernel"
     monkeypatch.setenv("MARDINI_NOTEBOOK_QUICK", "1")  # the kernel inherits it: temp data, tiny checkpoint
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # ... and its temp folders land here, which pytest prunes
     monkeypatch.setenv("PYTHONWARNINGS", "ignore")
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=300, kernel_name=KERNEL, resources={"metadata": {"path": str(ROOT)}}).execute()
@@ -64,6 +65,7 @@ def test_notebook_runs(path: Path, monkeypatch):
     assert mimes.count("image/png") >= PICTURES[path.name], f"{path.name} shows too few pictures: {mimes}"
     text = "".join(out.get("text", "") for cell in nb.cells for out in cell.get("outputs", []))
     assert "quick mode: True" in text
+    assert list(tmp_path.glob("mardini_*")), "quick mode's temp folders are not under TMPDIR"
     if path.name == "02_sampling.ipynb":
         gifs = [out["data"]["image/gif"] for cell in nb.cells for out in cell.get("outputs", [])
                 if "image/gif" in out.get("data", {})]
@@ -77,9 +79,10 @@ def test_notebook_runs(path: Path, monkeypatch):
         assert "| gap (frames) |" in shown and "| 4 |" in shown  # where the objects are lost, gaps 1-4
 
 
-def test_evaluation_notebook_follows_the_checkpoint_window(monkeypatch):
+def test_evaluation_notebook_follows_the_checkpoint_window(monkeypatch, tmp_path):
     """Notebook 03 evaluates at the checkpoint's window (here a 5-frame stand-in), not a hard-coded 9 frames."""
     monkeypatch.setenv("MARDINI_NOTEBOOK_QUICK", "1")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the kernel's temp folders: pruned by pytest
     monkeypatch.setenv("PYTHONWARNINGS", "ignore")
     nb = nbformat.read(ROOT / "notebooks" / "03_evaluation.ipynb", as_version=4)
     five = nbformat.v4.new_code_cell(
