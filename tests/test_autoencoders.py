@@ -258,3 +258,18 @@ def test_pixel_stats_keep_the_space_to_depth_downsample_in_the_printed_config(tm
     printed = _printed_autoencoder(capsys.readouterr().out)
     assert printed["init_args"]["downsample"] == 4 and build_autoencoder(printed).downsample == 4
     assert four == default  # the same pixels, rearranged otherwise
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ('{"downsampel": 4}', ["--autoencoder-kwargs", "unexpected keyword argument 'downsampel'"]),
+    ('{"downsample": 3}', ["--resolution=8", "downsampling factor 3", "multiple of 3"]),
+])
+def test_pixel_stats_name_the_flag_of_a_wrong_autoencoder_argument_before_reading_clips(tmp_path, capsys, kwargs,
+                                                                                        words):
+    from mardini.autoencoders.pixel_stats import cli
+
+    missing = tmp_path / "no-shards"  # refused before the shards are read: the argument is the first error
+    args = ["--shards", str(missing), "--resolution", "8", "--autoencoder-kwargs", kwargs]
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pixel_stats: error:") and all(w in err for w in words), err

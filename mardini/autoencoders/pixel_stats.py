@@ -132,16 +132,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             parser.error("give --diffusers PATH or --autoencoder CLASS_PATH, not both")
         args.autoencoder, kwargs = DIFFUSERS, {**kwargs, "path": args.diffusers}
     class_path = args.autoencoder or PIXELS
-    if class_path.rsplit(".", 1)[-1] == "SpaceToDepthAutoencoder":  # its latents are the pixels, rearranged
-        from mardini.autoencoders.pixel import SpaceToDepthAutoencoder
+    from mardini.data.latent_cache import check_sizes, load_autoencoder
 
-        init_args = SpaceToDepthAutoencoder(**kwargs).spec()["init_args"]  # checks the kwargs; keeps the downsample
+    autoencoder = load_autoencoder(class_path, kwargs, "--autoencoder-kwargs")  # one error for a wrong argument
+    check_sizes(args.resolution, args.resolution, autoencoder.downsample, ("--resolution", "--resolution"))
+    if class_path.rsplit(".", 1)[-1] == "SpaceToDepthAutoencoder":  # its latents are the pixels, rearranged
+        init_args = autoencoder.spec()["init_args"]  # keeps the downsample
         stats = pixel_stats(args.shards, args.clips, args.frames, args.fps, args.resolution, keep)
         line = config_line(PIXELS, init_args, stats["shift"], stats["scale"], ".2f")
     else:
-        from mardini.data.latent_cache import load_autoencoder
-
-        autoencoder = load_autoencoder(class_path, kwargs)
         stats = latent_stats(args.shards, autoencoder, args.clips, args.frames, args.fps, args.resolution, keep,
                              args.batch_size, args.device)
         try:
