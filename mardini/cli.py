@@ -13,6 +13,7 @@ from typing import Union
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -153,7 +154,11 @@ class MarDiniCLI(LightningCLI):
         elif kwargs.get("ckpt_path") is None:
             rank_zero_info("validate scores the weights the stage starts from (--ckpt_path null): its init_from, "
                            "planner_ckpt / generator_ckpt, else freshly initialised ones")
-        return self.trainer.validate(model, **kwargs)
+        with warnings.catch_warnings():
+            # the checkpoint callback's folder follows the logger's, here validate/ (validation_logger); it saves
+            # nothing in a validate, so the best / last paths it does not reload from the checkpoint do not matter
+            warnings.filterwarnings("ignore", message=MOVED_CHECKPOINT_FOLDER_WARNING)
+            return self.trainer.validate(model, **kwargs)
 
     def instantiate_trainer(self, **kwargs):
         # what the fit resumes from: None (from scratch) starts a new run, which sets the folder's earlier one aside
@@ -168,10 +173,36 @@ class MarDiniCLI(LightningCLI):
         configured = (self._get(self.config_init, "trainer", default={}) or {}).get("callbacks") or []
         configured = configured if isinstance(configured, (list, tuple)) else [configured]
         kwargs["callbacks"] = list(configured) + list(kwargs.get("callbacks") or []) + extra
+        if self.subcommand == "validate":  # the fit's folder keeps its records: validate logs in validate/ of it
+            loggers = (self._get(self.config_init, "trainer", default={}) or {}).get("logger")
+            entries = (self._get(self.config, "trainer", default={}) or {}).get("logger")
+            if isinstance(loggers, (list, tuple)):
+                kwargs["logger"] = [validation_logger(one, entry) for one, entry in zip(loggers, entries)]
+            else:
+                kwargs["logger"] = validation_logger(loggers, entries)
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # atomic local saves unless the user chose one
         return trainer
+
+
+VALIDATION_FOLDER = "validate"  # where validate logs, inside the stage's folder (validation_logger)
+
+
+def validation_logger(logger, entry):
+    """The logger a ``validate`` run logs to, for the configured ``logger`` built from the config ``entry``
+    (``class_path``/``init_args``): a TensorBoard or CSV logger of fixed version (the stage's folder
+    ``<save_dir>/<name>/<version>``, whose event files, ``hparams.yaml`` and ``metrics.csv`` are the fit's) is
+    rebuilt to log in that folder's ``validate/`` (``validate.yaml`` goes there too, each run's over the last); any
+    other is kept (it logs each run in a new ``version_N`` folder, or in no folder). Before, a validate added its
+    event file to the fit's, and a CSV logger replaced the fit's ``metrics.csv`` and ``hparams.yaml``."""
+    args = entry.get("init_args") if hasattr(entry, "get") else None
+    if (not isinstance(logger, (TensorBoardLogger, CSVLogger)) or args is None or not args.get("save_dir")
+            or args.get("version") is None):
+        return logger
+    version = args["version"] if isinstance(args["version"], str) else f"version_{args['version']}"
+    given = {**args.as_dict(), **dict(entry.get("dict_kwargs") or {})}  # dict_kwargs: TensorBoard's SummaryWriter's
+    return type(logger)(**{**given, "version": os.path.join(version, VALIDATION_FOLDER)})
 
 
 class KeepEarlierConfig(SaveConfigCallback):
@@ -180,7 +211,8 @@ class KeepEarlierConfig(SaveConfigCallback):
     ``config.N.yaml`` (N = 1, 2, ...: the highest is the newest), so the settings each part of the run was trained
     with stay on record. A run that fails before training (a resume refused for settings that do not fit the
     checkpoint) puts the earlier one back: ``config.yaml`` keeps naming the settings the checkpoint was trained
-    with. Only a fit writes it: ``validate`` writes ``validate.yaml`` beside it (each run over the last one)."""
+    with. Only a fit writes it: ``validate`` writes ``validate.yaml`` in its own log folder, the stage folder's
+    ``validate/`` (:func:`validation_logger`; each run over the last one)."""
 
     _kept: Path | None = None
 
@@ -223,6 +255,7 @@ def keep_earlier_config(path: Path, new: str) -> Path | None:
     return kept
 
 
+MOVED_CHECKPOINT_FOLDER_WARNING = r"The dirpath has changed from .* to .*, therefore"
 UNRESUMABLE_LOADER_WARNING = (r"You're resuming from a checkpoint that ended before the epoch ended and your "
                               r"dataloader is not resumable")
 

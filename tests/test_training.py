@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import re
 import warnings
 from pathlib import Path
@@ -170,18 +171,44 @@ def test_validate_scores_the_stage_s_newest_checkpoint_not_the_weights_it_starts
                     "--ckpt_path PATH scores another"]
 
 
-def test_validate_leaves_the_fit_s_config_yaml_and_writes_validate_yaml_beside_it(workdir, monkeypatch, tmp_path):
-    """config.yaml records what the stage was trained with; before, each validate overwrote it (first keeping the
-    fit's as config.1.yaml, as for a rerun with other training settings)."""
-    save = [f"--trainer.logger.init_args.save_dir={tmp_path}"]
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("logger", ["TensorBoardLogger", "CSVLogger"])
+def test_validate_leaves_the_fit_s_folder_as_it_is_and_logs_in_its_validate_folder(workdir, monkeypatch, tmp_path,
+                                                                                    logger):
+    """The stage folder's event files, hparams.yaml, metrics.csv and config.yaml record the fit; validate (of the
+    newest checkpoint, or of one named) logs its metrics and writes validate.yaml in the folder's validate/ (each run's
+    validate.yaml over the last). Before, each validate added its event file to the fit's run (a CSV logger replaced
+    the fit's metrics.csv and hparams.yaml), and earlier still rotated config.yaml."""
+    save = [f"--trainer.logger.class_path=lightning.pytorch.loggers.{logger}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}"]
     folder = tmp_path / STAGES[0]
-    _fit(workdir, monkeypatch, *_stage(STAGES[0], 1, *save))
-    trained = (folder / "config.yaml").read_bytes()
-    _validate(workdir, monkeypatch, *_stage(STAGES[0], 1, *save))
-    _validate(workdir, monkeypatch, *_stage(STAGES[0], 1, *save, "--trainer.limit_val_batches=2"))
-    assert (folder / "config.yaml").read_bytes() == trained
-    assert sorted(p.name for p in folder.glob("*.yaml")) == ["config.yaml", "hparams.yaml", "validate.yaml"]
-    assert yaml.safe_load((folder / "validate.yaml").read_text())["trainer"]["limit_val_batches"] == 2  # the latest
+    _fit(workdir, monkeypatch, *_stage(STAGES[0], 1, *save, "--trainer.log_every_n_steps=1"))  # metrics.csv too
+    trained = _files(folder)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = _validate(workdir, monkeypatch, *_stage(STAGES[0], 1, *save))
+    assert not [w for w in caught if "dirpath has changed" in str(w.message)]  # it saves nothing: no matter
+    named = _validate(workdir, monkeypatch, *_stage(STAGES[0], 1, *save, "--trainer.limit_val_batches=2",
+                                                     f"--ckpt_path={folder / 'checkpoints' / 'last.ckpt'}"))
+    after = _files(folder)
+    assert {name: after[name] for name in trained} == trained  # the fit's files, byte for byte
+    new = sorted(set(after) - set(trained))
+    assert all(name.startswith("validate/") for name in new) and "validate/validate.yaml" in new, new
+    assert yaml.safe_load((folder / "validate" / "validate.yaml").read_text())["trainer"]["limit_val_batches"] == 2
+    assert first.trainer.log_dir.rstrip("/") == named.trainer.log_dir.rstrip("/") == str(folder / "validate")
+    scores = [float(cli.trainer.callback_metrics["val/loss"]) for cli in (first, named)]
+    if logger == "CSVLogger":  # the latest run's metrics.csv
+        rows = list(csv.DictReader((folder / "validate" / "metrics.csv").open()))
+        assert [float(row["val/loss"]) for row in rows if row.get("val/loss")] == pytest.approx(scores[1:])
+    else:  # an event file per run in one TensorBoard run, validate/
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(folder / "validate"))
+        events.Reload()
+        assert sorted(e.value for e in events.Scalars("val/loss")) == pytest.approx(sorted(scores))
 
 
 def test_a_rerun_with_other_settings_warns_and_keeps_the_run_s_earlier_config(workdir, monkeypatch, tmp_path):
