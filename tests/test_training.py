@@ -14,6 +14,7 @@ import yaml
 from mardini.cli import main
 from mardini.data.testing import tiny_synthetic
 from mardini.lit.checkpoints import read_checkpoint
+from mardini.lit.ema_export import export_ema_only
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny"
@@ -209,6 +210,27 @@ def test_validate_leaves_the_fit_s_folder_as_it_is_and_logs_in_its_validate_fold
         events = EventAccumulator(str(folder / "validate"))
         events.Reload()
         assert sorted(e.value for e in events.Scalars("val/loss")) == pytest.approx(sorted(scores))
+
+
+def test_validate_scores_an_ema_only_export_as_the_checkpoint_it_was_exported_from(workdir, monkeypatch, tmp_path):
+    """validate scores the EMA weights, all an export (python -m mardini.lit.ema_export) holds: --ckpt_path EXPORT
+    gives the training checkpoint's val/loss, the EMA weights loaded as the raw ones too; before, it failed saying the
+    export "cannot resume a fit", which a fit from it still says."""
+    save = [f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    _fit(workdir, monkeypatch, *_stage(STAGES[0], 1, *save))
+    trained, export = tmp_path / STAGES[0] / "checkpoints" / "last.ckpt", tmp_path / "ema.ckpt"
+    export_ema_only(trained, export)
+    full = _validate(workdir, monkeypatch, *_stage(STAGES[0], 1, *save))
+    ema = _validate(workdir, monkeypatch, *_stage(STAGES[0], 1, *save, f"--ckpt_path={export}"))
+    assert ema.trainer.ckpt_path == str(export)
+    assert float(ema.trainer.callback_metrics["val/loss"]) == float(full.trainer.callback_metrics["val/loss"])
+    ours = ema.model.state_dict()
+    saved = {k: v for k, v in read_checkpoint(trained)["state_dict"].items() if k.startswith("ema.module.")}
+    assert saved and all(torch.equal(ours[k], v) and torch.equal(ours[k.replace("ema.module.", "networks.", 1)], v)
+                         for k, v in saved.items())
+    elsewhere = [f"--trainer.logger.init_args.save_dir={tmp_path / 'fit'}"]
+    with pytest.raises(ValueError, match=r"EMA-only export.*cannot resume a fit.*validate --ckpt_path <it> scores"):
+        _fit(workdir, monkeypatch, *_stage(STAGES[0], 2, *elsewhere, f"--ckpt_path={export}"))
 
 
 def test_a_rerun_with_other_settings_warns_and_keeps_the_run_s_earlier_config(workdir, monkeypatch, tmp_path):

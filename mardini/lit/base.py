@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import grad_norm
 from timm.utils.model_ema import ModelEmaV3
 from torch import nn
@@ -585,15 +586,24 @@ class MarDiniBase(L.LightningModule):
                 checkpoint["state_dict"][f"networks.{k}"] = v
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        from mardini.lit.checkpoints import check_metadata, warn_changed_settings
+        """Check the checkpoint against this model before Lightning loads it. An EMA-only export
+        (``mardini.lit.ema_export``) cannot resume a fit; elsewhere (``validate``, which scores the EMA) its EMA
+        weights are the raw ones too, as for ``init_from``."""
+        from mardini.lit.checkpoints import EMA_PREFIX, check_metadata, warn_changed_settings
 
         path = getattr(self._trainer, "ckpt_path", None) or "<resumed checkpoint>"
         check_metadata(checkpoint, kinds=(self.KIND,), path=path, size=self.hparams.size)
         if checkpoint["mardini"].get("ema_only"):
-            raise ValueError(
-                "the checkpoint to resume is an EMA-only export (no raw weights, optimizer or loop state): it cannot "
-                "resume a fit. Start a stage from it with model.init_args.init_from=<it> and --ckpt_path null"
-            )
+            if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+                raise ValueError(
+                    "the checkpoint to resume is an EMA-only export (no raw weights, optimizer or loop state): it "
+                    "cannot resume a fit. Start a stage from it with model.init_args.init_from=<it> and --ckpt_path "
+                    "null (train.py validate --ckpt_path <it> scores it as it is)"
+                )
+            state = checkpoint["state_dict"]
+            for k, v in list(state.items()):  # ema.module.<network>.* -> networks.<network>.*
+                if k.startswith(EMA_PREFIX):
+                    state.setdefault(f"networks.{k[len(EMA_PREFIX):]}", v)
         self._check_resumable(checkpoint)
         warn_changed_settings(checkpoint.get("hyper_parameters") or {}, dict(self.hparams), path, checkpoint["mardini"])
         self.nonfinite_skipped = int(checkpoint["mardini"].get("nonfinite_skipped", 0))

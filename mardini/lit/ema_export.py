@@ -4,8 +4,8 @@
 
 A training checkpoint holds the raw networks, their EMA and the optimizer state; the export keeps the EMA weights,
 the hyper-parameters, the callback states and the ``mardini`` metadata (about a quarter of the tiny joint
-checkpoint; the command prints both sizes). It samples and evaluates like the original (``sample.py``,
-``evaluate.py`` and the pipeline read the EMA by default), and a stage can start from it
+checkpoint; the command prints both sizes). It samples, evaluates and validates like the original (``sample.py``,
+``evaluate.py``, the pipeline and ``train.py validate --ckpt_path`` read the EMA), and a stage can start from it
 (``model.init_args.init_from``: raw and EMA weights both start from the EMA ones). It cannot resume a fit: nothing
 of the optimizer or the loops is left.
 """
