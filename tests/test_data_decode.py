@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from av.codec.context import CodecContext
 
 from mardini.data.decode import (
     BadMetadata,
@@ -93,6 +95,30 @@ def test_decode_errors_name_the_problem():
         decode_json(b"{not json")
     with pytest.raises(BadMetadata, match="frames"):
         decode_json(json.dumps({"fps": 8}).encode())
+
+
+def test_a_too_short_video_s_error_leaves_no_decoder_for_the_garbage_collector():
+    """decode_mp4's ClipTooShort was a local of the frame its traceback holds: a reference cycle that kept the decoder
+    (and its threads) until the garbage collector ran, and a loader worker forked meanwhile hung in its own collector
+    freeing it (tests/test_data_empty_shards.py's one-worker stream, run after this file)."""
+    data = encode_mp4(moving_frames(20, 32, 48), 12.0)
+
+    def decoders() -> set[int]:
+        # (by type: isinstance reads __class__, which one of torch's objects answers with a FutureWarning)
+        return {id(o) for o in gc.get_objects() if issubclass(type(o), CodecContext)}
+
+    gc.collect()
+    before = decoders()
+    gc.disable()  # what the call leaves is freed by reference counts alone, or not at all
+    try:
+        with pytest.raises(ClipTooShort, match="20 frames") as caught:
+            decode_mp4(data, np.array([0, 25]))
+        assert caught.value.decoded == 20
+        del caught
+        left = decoders() - before
+        assert not left, f"{len(left)} decoder(s) left to the garbage collector"  # (with their threads)
+    finally:
+        gc.enable()
 
 
 def test_encode_mp4_gives_the_same_bytes_call_after_call_and_in_another_process():

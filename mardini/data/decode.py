@@ -390,7 +390,13 @@ def decode_mp4(data: bytes | str, indices: np.ndarray | None = None) -> np.ndarr
         need = "any frame" if last is None else f"index {last}"
         err = ClipTooShort(f"video decoded to {count} frames, need {need}")
         err.decoded = count
-        raise err
+        try:
+            raise err
+        finally:
+            # the error's traceback holds this frame: a local naming the error made a reference cycle that kept the
+            # decoder (and its threads) until the garbage collector ran, and a loader worker forked meanwhile hung
+            # in the collector freeing it (a forked process has none of its parent's threads)
+            del err
     if len({f.shape for f in out}) > 1:
         raise BadShape(f"video frames change size mid-stream: {sorted({f.shape for f in out})}")
     return np.stack(out)  # (T', H, W, 3)
