@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
+import io
 import json
 from pathlib import Path
 
+import av
 import lightning as L
 import numpy as np
 import pytest
@@ -14,9 +17,10 @@ import webdataset as wds
 
 from mardini.data import synthetic as S
 from mardini.data.datamodule import VideoDataModule
+from mardini.data.encode import encode_mp4
 from mardini.data.sharding import atomic_tar, list_shards, npy_bytes, split_shards
-from mardini.data.stream import ClipStream
-from mardini.data.testing import tiny_synthetic
+from mardini.data.stream import ClipStream, StreamLoader
+from mardini.data.testing import moving_frames, tiny_synthetic
 
 
 @pytest.fixture(scope="module")
@@ -259,6 +263,29 @@ def test_train_epoch_length_with_workers(synth):
     assert len(loader) == 5
     batches = list(loader)
     assert len(batches) == 5 and all(b["video"].shape[0] == 4 for b in batches)
+
+
+def _collect_garbage(worker_id: int) -> None:
+    gc.collect()  # what a worker's collector does once enough objects are allocated, here at once
+
+
+def test_a_forked_loader_worker_does_not_free_the_main_process_s_garbage(synth):
+    """A forked worker inherits the garbage the main process has not collected yet, and frees it when its own
+    collector runs: garbage holding a running video decoder hung it for ever at start (FFmpeg waits for the decoder's
+    threads, which the fork did not copy). StreamLoader collects the garbage before it starts workers."""
+    container = av.open(io.BytesIO(encode_mp4(moving_frames(8, 32, 48), 8)))
+    next(container.decode(video=0))  # the decoder's threads run
+    gc.disable()  # the garbage below stays until a collection
+    try:
+        cycle = [container]
+        cycle.append(cycle)
+        del cycle, container
+        stream = ClipStream(list_shards(str(synth / "val")), frames=4, fps=8, resolution=8, batch_size=2, train=False)
+        loader = StreamLoader(stream, batch_size=None, num_workers=1, multiprocessing_context="fork",
+                              worker_init_fn=_collect_garbage, timeout=60)  # a hang fails after 60 s
+        assert len(next(iter(loader))["key"]) == 2
+    finally:
+        gc.enable()
 
 
 def test_training_readers_share_the_shards_evenly_or_all_read_all():

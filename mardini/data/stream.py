@@ -15,6 +15,7 @@ the shard resampling, the shuffle buffer, the temporal start and the crop.
 
 from __future__ import annotations
 
+import gc
 import io
 import logging
 import random
@@ -541,7 +542,8 @@ class StreamLoader(DataLoader):
     reading it, and such an iterator must leave the epoch number and the resume position alone (taking them made
     the resumed run skip a data epoch). Every batch's ``skipped`` is added to ``state.skipped`` and to
     :attr:`pass_skipped` (this pass's), and skip-only markers (:func:`skip_only`) end there: the consumer sees clips
-    only.
+    only. Before it starts workers it collects the garbage of this process, which a forked worker would free without
+    the threads it may hold.
     """
 
     pass_skipped = 0  # bad samples counted in the current (or last) pass over the loader
@@ -571,6 +573,11 @@ class StreamLoader(DataLoader):
             state.in_epoch, state.workers = ds.current_epoch, workers
             state.progress = {w: list(p) for w, p in ds.resume_progress.items()}
             state.in_flight = 0  # a new stream: batches the last one fetched and never trained are not read again
+        if self.num_workers > 0:
+            # A forked worker inherits the garbage not yet collected here and frees it when its own collector runs:
+            # garbage holding a running video decoder hung it for ever (freeing the decoder waits for its threads,
+            # which the fork does not copy). Collected here, where the threads run.
+            gc.collect()
         yield from self._count(super().__iter__())
 
     def _count(self, it: Iterator[dict]) -> Iterator[dict]:
