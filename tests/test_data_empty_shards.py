@@ -61,9 +61,10 @@ def _stream(shards: list[str], **kw) -> ClipStream:
 @pytest.mark.parametrize("kind", ["no-member", "no-sample"])
 def test_a_training_stream_of_empty_shards_raises_naming_them(tmp_path, opens, kind, workers):
     shards = [_empty(tmp_path / f"empty-{i}.tar", kind) for i in range(3)]
-    # a spawned worker (a forked one hung at start now and then in the whole suite, whatever state earlier tests
-    # left in this process); the loader's timeout turns a hang into a failure
-    extra = dict(multiprocessing_context="spawn", timeout=120) if workers else {}
+    # a forked worker (the default start method); the loader's timeout turns a hang into a failure. It hung at start
+    # in the whole suite, freeing a video decoder left in garbage by an earlier test without the decoder's threads
+    # (test_data_datamodule.py::test_a_forked_loader_worker_does_not_free_the_main_process_s_garbage)
+    extra = dict(timeout=120) if workers else {}
     loader = StreamLoader(_stream(shards), batch_size=None, num_workers=workers, **extra)
     # (from a worker, PyTorch re-raises it with the worker's traceback before the message: not anchored)
     with pytest.raises(ValueError, match=r"data.train_shards: all 3 shards give no sample \(.*empty-0.tar, "
