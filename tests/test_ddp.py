@@ -1,5 +1,6 @@
 """Two CPU processes (gloo, ddp_spawn): ranks read disjoint clips and end with identical weights and EMA; a global
-batch of 3 on 2 ranks (2 + 1 clips, the loss weighted) trains like one process on the 3 clips."""
+batch of 3 on 2 ranks (2 + 1 clips, the loss weighted) trains like one process on the 3 clips, and so does the
+``element`` loss reduction (clips of other generated-frame counts on the two ranks)."""
 
 from __future__ import annotations
 
@@ -126,6 +127,71 @@ def test_a_global_batch_of_3_on_2_ranks_trains_like_one_process_on_3_clips(tmp_p
     assert moved > 1e-2  # it trained
     for k in nets:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+# --------------------------------------------------------------------------------------------------
+# loss_reduction: element over 2 ranks
+# --------------------------------------------------------------------------------------------------
+GENERATED = (1, 4, 2)  # generated frames of clips 0-2 (of 5): rank 0 trains clips 0-1 (5 frames), rank 1 clip 2 (2)
+
+
+class GeneratedByClip(FixedMaskPlanning):
+    """:class:`FixedMaskPlanning` where clip ``i`` generates its last ``GENERATED[i]`` frames."""
+
+    def compute_loss(self, batch: dict, generator: torch.Generator, train: bool) -> torch.Tensor:
+        z_low = self.latents_low(batch)  # (B, T, C, h', w')
+        b, t = z_low.shape[:2]
+        clips = torch.tensor([int(key.removeprefix("clip")) for key in batch["key"]])  # (B,)
+        mask = torch.arange(t) >= t - torch.tensor(GENERATED)[clips][:, None]  # (B, T)
+        self._last_template = torch.zeros(b, dtype=torch.long)  # (B,)
+        self._last_generated = mask.sum(1)  # (B,)
+        planner = self.networks["planner"]
+        recon = planner.project(planner(z_low, mask), size=tuple(z_low.shape[-2:]))  # (B, T, C, h', w')
+        return masked_mse_per_sample(recon.float(), z_low, mask)  # (B,)
+
+
+class RecordGradients(L.Callback):
+    """Writes each rank's gradients of the first step (after DDP averaged them) to ``out/grads{rank}.pt``."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = str(out)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        grads = {n: p.grad.detach().clone() for n, p in pl_module.networks.named_parameters() if p.grad is not None}
+        torch.save(grads, Path(self.out, f"grads{trainer.global_rank}.pt"))
+
+
+def _one_process_gradients(loss_reduction: str, clips: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The gradients of one training step on the whole global batch, in this process."""
+    torch.manual_seed(0)
+    model = GeneratedByClip(size="tiny", planner_resolution=16, lr=1.0, loss_reduction=loss_reduction)
+    model.log = lambda *args, **kwargs: None  # no trainer to log to
+    batch = {"video": clips, "key": [f"clip{i}" for i in range(len(clips))]}
+    model.training_step(batch, 0).backward()
+    return {n: p.grad for n, p in model.networks.named_parameters() if p.grad is not None}
+
+
+def test_element_reduction_on_2_ranks_gives_the_one_process_gradient_of_the_global_batch(tmp_path):
+    """3 clips of 1, 4 and 2 generated frames on 2 ranks (2 + 1 clips): the gradient DDP averages is that of the
+    mean over the 7 generated frames' elements of one process, not of the per-clip mean."""
+    torch.multiprocessing.set_sharing_strategy("file_system")  # fd passing fails on this machine (see above)
+    clips = torch.rand(3, 5, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1  # (B, T, 3, H, W)
+    torch.manual_seed(0)
+    model = GeneratedByClip(size="tiny", planner_resolution=16, lr=1.0, loss_reduction="element")
+    dm = FixedClips(batch_size=3, val_shards=None, num_workers=0)
+    dm.clips = clips
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False, limit_val_batches=0, callbacks=[RecordGradients(tmp_path)])
+    trainer.fit(model, dm)
+    two = [torch.load(tmp_path / f"grads{r}.pt", weights_only=True) for r in range(2)]
+    element, clip = _one_process_gradients("element", clips), _one_process_gradients("clip", clips)
+    assert two[0].keys() == element.keys() and len(element) > 0
+    for k in element:
+        assert torch.equal(two[0][k], two[1][k]), f"{k} differs between the ranks"
+        torch.testing.assert_close(two[0][k], element[k], rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    differ = max(float((element[k] - clip[k]).abs().max() / clip[k].abs().max().clamp(min=1e-12)) for k in clip)
+    assert differ > 1e-2  # the per-clip mean's gradient is another one: the comparison above can tell them apart
 
 
 def _state_worker(rank: int, rendezvous: str, out: str) -> None:

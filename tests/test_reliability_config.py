@@ -20,6 +20,7 @@ MODEL = [  # (key, impossible value, text of the allowed range)
     ("min_lr_ratio", 1.5, "in [0, 1]"),
     ("ema_decay", 1.0, "in [0, 1)"),
     ("nonfinite", "ignore", "'stop' or 'skip'"),
+    ("loss_reduction", "sum", "'clip' (each clip's mean, then the clips' mean) or 'element'"),
     ("keep_ratio", (0.0, 0.5), "0 < min <= max <= 1"),
     ("keep_ratio", (0.8, 0.2), "0 < min <= max <= 1"),
     ("templates", {"random": -1.0}, ">= 0 with a positive sum"),

@@ -24,7 +24,7 @@ from torch import nn
 
 from mardini.autoencoders import FrameAutoencoder, SpaceToDepthAutoencoder
 from mardini.diffusion.anchor import FrameAnchor
-from mardini.lit.batch_weight import loss_scale, step_batches
+from mardini.lit.batch_weight import element_mean_share, loss_scale, step_batches
 from mardini.lit.fsdp import fsdp_root, lerp_local_, local_tensors, paired, root_unsharded, unwrapped_name
 from mardini.lit.schedules import scaled_lr, warmup_cosine
 from mardini.masking import MaskSampler, mask_sampler_class
@@ -71,6 +71,13 @@ class MarDiniBase(L.LightningModule):
         compile: ``torch.compile`` each network's forward in place (state-dict keys unchanged).
             Activation checkpointing is a network setting: ``planner: {checkpointing: true}`` (same for
             ``generator``); bf16 is the trainer's ``precision: bf16-mixed``.
+        loss_reduction: how the training loss averages the generated (masked) elements. ``clip`` (the default):
+            each clip's mean, then the mean over the clips, so every clip weighs the same. ``element`` (the paper's
+            form): the mean over all generated elements of the global batch (every rank's, through an all-reduce of
+            the generated-frame counts; :mod:`mardini.lit.batch_weight`), so clips with more generated frames weigh
+            more. Applies to every loss of the stage (the planner warm-up's regression, the joint stage's
+            ``plan_recon_weight`` term); ``train/loss`` and validation stay per-clip means, ``element`` adds
+            ``train/loss_element``. ``element`` refuses ``trainer.accumulate_grad_batches`` above 1.
     """
 
     KIND: ClassVar[str] = "base"
@@ -100,13 +107,15 @@ class MarDiniBase(L.LightningModule):
         seed: int | None = None,
         init_from: str | None = None,
         compile: bool = False,
+        loss_reduction: Literal["clip", "element"] = "clip",
     ) -> None:
         super().__init__()
         seed = 0 if seed is None else seed  # recorded as drawn with (save_hyperparameters reads the arguments now)
         self.save_hyperparameters(ignore=["autoencoder"])
         _check_settings(planner_resolution=planner_resolution, frames=frames, blr=blr, lr=lr,
                         warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, ema_decay=ema_decay,
-                        nonfinite=nonfinite, weight_decay=weight_decay, betas=betas, decay_steps=decay_steps)
+                        nonfinite=nonfinite, weight_decay=weight_decay, betas=betas, decay_steps=decay_steps,
+                        loss_reduction=loss_reduction)
         self.autoencoder = autoencoder if autoencoder is not None else SpaceToDepthAutoencoder(2)
         self.autoencoder.requires_grad_(False)
         _check_autoencoder_spec(self.autoencoder)
@@ -134,6 +143,7 @@ class MarDiniBase(L.LightningModule):
         self._last_batch_time: float | None = None
         self._ema_backup: list[torch.Tensor] | None = None
         self._val_template_sums: torch.Tensor | None = None  # (templates, [loss sum, clips]) of this validation epoch
+        self._last_generated: torch.Tensor | None = None  # (B,) generated frames per clip of the last compute_loss
         if init_from:
             self.load_networks_from(init_from, kinds=(self.KIND,))
         if compile:
@@ -147,7 +157,9 @@ class MarDiniBase(L.LightningModule):
         raise NotImplementedError
 
     def compute_loss(self, batch: dict, generator: torch.Generator, train: bool) -> torch.Tensor:
-        """Returns the per-sample loss ``(B,)``; also sets ``self._last_template (B,)``."""
+        """Returns the per-sample loss ``(B,)`` (each clip's mean over its generated elements); also sets
+        ``self._last_template (B,)`` and ``self._last_generated (B,)``, each clip's generated frames (the
+        ``element`` loss reduction weighs the clips by it)."""
         raise NotImplementedError
 
     # ----------------------------------------------------------------------------------------------
@@ -155,6 +167,8 @@ class MarDiniBase(L.LightningModule):
     # ----------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         self.mask_templates = type(self.mask_sampler).templates  # a sampler set from Python since construction
+        if stage == "fit" and self._trainer is not None:
+            self._check_loss_reduction(getattr(self.trainer, "accumulate_grad_batches", 1))
         dm = self.trainer.datamodule if self._trainer is not None else None
         if dm is not None:
             self.check_data_settings(getattr(dm, "resolution", None), getattr(dm, "frames", None),
@@ -306,13 +320,17 @@ class MarDiniBase(L.LightningModule):
         # each micro-batch of a gradient-accumulation window draws its own crops, masks, times and noise (salt 0 for
         # the first: without accumulation, the same draws as always)
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        self._check_loss_reduction(accumulate)  # also where a callback changed it during the fit
         gen = self.step_generator(self.global_step, salt=batch_idx % accumulate)
         batch = self.crop_frames(batch, gen)
+        self._last_generated = None
         per_sample = self.compute_loss(batch, gen, train=True)  # (B,)
         loss = per_sample.mean()
         if not self._all_finite(loss):
             return self._on_nonfinite("loss", batch)
         self._log_train(batch, per_sample, loss)  # the plain per-rank mean
+        if self.hparams.loss_reduction == "element":
+            return self._element_loss(per_sample)  # weighs uneven per-rank batches by itself
         scale = self._loss_scale()  # uneven per-rank batches: the averaged gradient is the global batch's mean
         return loss if scale is None else loss * scale
 
@@ -351,6 +369,38 @@ class MarDiniBase(L.LightningModule):
             return None
         split = step_batches(self.trainer.datamodule)
         return None if split is None else loss_scale(split[0], self.trainer.world_size, split[1])
+
+    def _check_loss_reduction(self, accumulate: int) -> None:
+        """Refuse ``loss_reduction: element`` with gradient accumulation: Lightning divides each micro-batch's loss
+        by ``accumulate`` and sums the gradients, which weighs the micro-batches equally, not their generated
+        elements (the window's count is unknown until its last micro-batch is drawn)."""
+        if self.hparams.loss_reduction == "element" and accumulate > 1:
+            raise ValueError(
+                f"model.loss_reduction=element with trainer.accumulate_grad_batches={accumulate}: the accumulated "
+                "micro-batches would weigh the same however many frames each generates, not be one mean over the "
+                "step's generated elements; set trainer.accumulate_grad_batches: 1 (a larger data.batch_size or more "
+                "devices for the same global batch), or model.loss_reduction: clip")
+
+    def _generated_frames(self) -> torch.Tensor:
+        """``(B,)`` the generated frames of each clip of the last :meth:`compute_loss`, or a ValueError naming a
+        ``compute_loss`` that did not set them."""
+        if self._last_generated is None:
+            raise ValueError(
+                "model.loss_reduction=element weighs each clip by its generated frames, but "
+                f"{type(self).__name__}.compute_loss did not set self._last_generated; set it to the (B,) count of "
+                "the mask's generated frames (mask.sum(1)) as PlanningModule.compute_loss does, or use "
+                "model.loss_reduction: clip")
+        return self._last_generated
+
+    def _element_loss(self, per_sample: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the mean over the generated elements of the global batch (the ``element``
+        reduction, :func:`element_mean_share`): the generated frames are counted over every rank."""
+        generated = self._generated_frames().to(per_sample.device)  # (B,)
+        everywhere = generated.sum().float()  # ()
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:  # every rank, every step (no rank returns before: the non-finite check agrees on all)
+            everywhere = self.trainer.strategy.reduce(everywhere, reduce_op="sum")  # ()
+        return element_mean_share(per_sample, generated, everywhere, world)  # ()
 
     def weight_decay_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """The trainable parameters with weight decay (the networks' matrices) and without (biases, norms, tokens),
@@ -689,6 +739,10 @@ class MarDiniBase(L.LightningModule):
     def _log_train(self, batch: dict, per_sample: torch.Tensor, loss: torch.Tensor) -> None:
         bs = per_sample.shape[0]
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=bs)
+        if self.hparams.loss_reduction == "element":  # this rank's mean over its generated elements
+            generated = self._generated_frames().to(per_sample)  # (B,)
+            self.log("train/loss_element", element_mean_share(per_sample, generated, generated.sum(), 1), on_step=True,
+                     batch_size=bs)
         for i, name in enumerate(self._loss_templates()):
             sel = self._last_template == i
             if sel.any():
@@ -797,6 +851,8 @@ def _check_settings(**s: Any) -> None:
         ("weight_decay", s["weight_decay"] >= 0, ">= 0"),
         ("betas", len(s["betas"]) == 2 and all(0 <= b < 1 for b in s["betas"]), "two numbers in [0, 1)"),
         ("decay_steps", s["decay_steps"] is None or s["decay_steps"] >= 1, ">= 1 or null (= trainer.max_steps)"),
+        ("loss_reduction", s["loss_reduction"] in ("clip", "element"),
+         "'clip' (each clip's mean, then the clips' mean) or 'element' (the mean over all generated elements)"),
     ]
     for key, ok, allowed in rules:
         if not ok:

@@ -100,6 +100,7 @@ class GenerationModule(MarDiniBase):
         mask, template = self.mask_sampler.draw(b, t, generator)  # (B, T), (B,); checked
         mask = mask.to(z_high.device)
         self._last_template = template.to(z_high.device)
+        self._last_generated = mask.sum(1)  # (B,) generated frames per clip
         return self.diffusion_loss(z_high, None, mask, generator, weighted=train)
 
     def tokens_per_clip(self, batch: dict) -> int:

@@ -93,6 +93,7 @@ class MarDiniModule(GenerationModule):
         mask, template = self.mask_sampler.draw(b, t, generator)  # (B, T), (B,); checked
         mask = mask.to(z_high.device)
         self._last_template = template.to(z_high.device)
+        self._last_generated = mask.sum(1)  # (B,) generated frames per clip
         planner = self.networks["planner"]
         plan = planner(z_low, mask)  # (B, T, N_low, D)
         recon_loss = None

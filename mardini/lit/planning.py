@@ -29,6 +29,7 @@ class PlanningModule(MarDiniBase):
         plan = planner(z_low, mask)  # (B, T, N_low, D)
         recon = planner.project(plan, size=tuple(z_low.shape[-2:]))  # (B, T, C, h', w')
         self._last_template = template.to(z_low.device)
+        self._last_generated = mask.sum(1)  # (B,) generated frames per clip
         return masked_mse_per_sample(recon.float(), z_low, mask)  # (B,)
 
     def tokens_per_clip(self, batch: dict) -> int:
