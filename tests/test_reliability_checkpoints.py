@@ -124,6 +124,38 @@ def test_size_mismatch_names_both_sizes(saved, synth, tmp_path):
                                   ckpt_path=str(path))
 
 
+def test_a_new_run_refused_before_training_leaves_the_folder_s_checkpoints_where_they_are(saved, synth, tmp_path):
+    """StepCheckpoint sets an earlier run's checkpoints aside (``earlier.N/``) when the new run's training starts, once
+    the checkpoint it resumes has loaded; before, it did so at ``setup``, before Lightning read that checkpoint, so a
+    resume refused (another kind, an EMA-only export) emptied the folder that ``--ckpt_path last`` resumes from."""
+    from mardini.lit.ema_export import export_ema_only
+    from mardini.lit.step_checkpoint import StepCheckpoint
+
+    _, path = saved  # a generation checkpoint of step 4, outside the folder: a resume from it starts a new run there
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name in ("last.ckpt", "step00000004.ckpt"):  # the earlier run's
+        (folder / name).write_bytes(path.read_bytes())
+    files = lambda where: {str(p.relative_to(where)): p.read_bytes() for p in where.rglob("*") if p.is_file()}  # noqa: E731
+    earlier = files(folder)
+    export = tmp_path / "ema.ckpt"
+    export_ema_only(path, export)
+
+    def fit(model, ckpt: Path) -> None:
+        saves = StepCheckpoint(dirpath=folder, filename="step{step:08d}", auto_insert_metric_name=False,
+                               save_last=True, every_n_train_steps=100, resume=str(ckpt))
+        _trainer(tmp_path, 5, [saves]).fit(model, datamodule=_dm(synth), ckpt_path=str(ckpt))
+
+    with pytest.raises(ValueError, match=r"'generation' checkpoint.*'planning' checkpoint is expected"):
+        fit(PlanningModule(**TINY), path)
+    with pytest.raises(ValueError, match=r"EMA-only export.*cannot resume a fit"):
+        fit(_gen(), export)
+    assert files(folder) == earlier, sorted(files(folder))
+    fit(_gen(), path)  # a new run that trains: the earlier one is set aside, byte for byte
+    assert files(folder / "earlier.1") == earlier
+    assert sorted(p.name for p in folder.glob("*.ckpt")) == ["last.ckpt", "step00000005.ckpt"]
+
+
 @pytest.mark.parametrize("recorded", [True, False], ids=["recorded-configs", "hyper-parameters-only"])
 def test_a_warm_up_of_other_network_settings_names_the_fields_that_differ(tmp_path, recorded):
     """A generator warm-up given the joint stage's generator but not its planner: {dim: 64} built plan_dim 128 (the

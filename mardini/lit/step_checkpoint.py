@@ -29,9 +29,11 @@ class StepCheckpoint(ModelCheckpoint):
 
     ``resume``: what the fit resumes from (its ``ckpt_path``). A fit that starts a new run in the folder (None: from
     scratch, or a checkpoint file outside the folder) first moves the ``*.ckpt`` files an earlier run left there to
-    ``earlier.N/`` inside it (N = 1, 2, ...: the highest is the newest) and says so. Files are named without
-    Lightning's version counter, so ``last.ckpt`` is always the newest save, the one ``--ckpt_path last`` resumes
-    (with the counter, a new run beside an earlier one wrote ``last-v1.ckpt``, and ``last`` resumed the earlier run).
+    ``earlier.N/`` inside it (N = 1, 2, ...: the highest is the newest) and says so, when its training starts: a fit
+    that fails before (a checkpoint to resume refused, a failing sanity check) leaves them where ``--ckpt_path last``
+    resumes them. Files are named without Lightning's version counter, so ``last.ckpt`` is always the newest save,
+    the one ``--ckpt_path last`` resumes (with the counter, a new run beside an earlier one wrote ``last-v1.ckpt``,
+    and ``last`` resumed the earlier run).
 
     Each save then deletes the preemption checkpoints (``hpc_ckpt_N.ckpt``, one per preemption) in the folder that it
     supersedes (:func:`drop_superseded_preemption_checkpoints`), so they do not pile up over a run's requeues.
@@ -44,10 +46,15 @@ class StepCheckpoint(ModelCheckpoint):
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         with warnings.catch_warnings():
-            if self.resume is None:  # its files are set aside below
+            if self.resume is None:  # its files are set aside when training starts
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
             super().setup(trainer, pl_module, stage)
-        if stage != "fit" or not self._starts_new_run():
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Set the earlier run aside once the checkpoint to resume has loaded: at ``setup`` Lightning has not read it
+        yet, and a resume refused then (``MarDiniBase.on_load_checkpoint``) left the folder without its checkpoints."""
+        super().on_train_start(trainer, pl_module)
+        if not self._starts_new_run():
             return
         if trainer.is_global_zero:
             set_aside_earlier_run(self._fs, str(self.dirpath))
