@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mardini.lit.base import MarDiniBase
-from mardini.lit.checkpoint_io import AtomicCheckpointIO, other_checkpoints_message
+from mardini.lit.checkpoint_io import AtomicCheckpointIO, local_path, other_checkpoints_message
 from mardini.lit.checkpoints import RESUMING, directory_message
 from mardini.lit.preemption import TERMINATED, PreemptionSave
 from mardini.lit.step_checkpoint import PREEMPTION, StepCheckpoint, preemption_checkpoints, saved_step
@@ -127,14 +127,16 @@ class MarDiniCLI(LightningCLI):
 
     def fit(self, model, **kwargs) -> None:
         """``trainer.fit``; a ``last`` that found nothing to resume starts afresh (``ckpt_path=None``: Lightning
-        would warn that there is no last checkpoint; the saved config keeps ``last``, so rerunning it resumes). A fit
-        that SIGTERM ended exits with status 143 (``PreemptionSave``: after its checkpoint), never 0."""
+        would warn that there is no last checkpoint; the saved config keeps ``last``, so rerunning it resumes). The
+        checkpoint to resume is checked first (:meth:`check_resume`). A fit that SIGTERM ended exits with status 143
+        (``PreemptionSave``: after its checkpoint), never 0."""
         from mardini.data.datamodule import VideoDataModule
 
         if self._nothing_to_resume:
             kwargs["ckpt_path"] = None
         elif self._resume_from is not None:
             kwargs["ckpt_path"] = self._resume_from
+        self.check_resume(model, kwargs.get("ckpt_path"), kwargs.get("weights_only"))
         if isinstance(self.datamodule, VideoDataModule):
             # Lightning calls a mid-epoch resume unreliable unless the dataloader has a state_dict(); this datamodule
             # keeps the stream position in its own state (in the checkpoint) and continues the epoch exactly
@@ -145,6 +147,21 @@ class MarDiniCLI(LightningCLI):
             if e.code is None:  # Lightning's own, without an exit status (SIGTERM before the training started)
                 raise SIGTERMException(TERMINATED) from e
             raise
+
+    def check_resume(self, model, ckpt_path, weights_only: bool | None) -> None:
+        """Refuse the local checkpoint file a fit resumes (the stage's newest, or ``--ckpt_path FILE``) before
+        ``trainer.fit`` sets anything up: a missing or unreadable file, or one the model cannot go on from
+        (``MarDiniBase.check_checkpoint``: another kind, size or format, an EMA-only export, other latents, anchor
+        or shapes). Lightning reads it only after its setup has opened a new event file in the stage's folder (the
+        logger's) and rotated config.yaml (``KeepEarlierConfig``), which a refusal there left behind. Lightning's
+        keywords and remote files are left to it."""
+        if ckpt_path is None or not isinstance(model, MarDiniBase):
+            return
+        name = str(ckpt_path)
+        if name in ("last", "best", "hpc") or _is_registry(name) or local_path(name) is None:
+            return
+        checkpoint = self.trainer.strategy.checkpoint_io.load_checkpoint(name, weights_only=weights_only)
+        model.check_checkpoint(checkpoint, name, fitting=True)
 
     def validate(self, model, **kwargs):
         """``trainer.validate`` of the checkpoint ``last`` found (the stage's newest: ``scored_checkpoint``), of the
@@ -209,10 +226,11 @@ class KeepEarlierConfig(SaveConfigCallback):
     """Lightning's ``config.yaml`` in the log folder, overwritten by each run of the stage; where the one there
     differs from the new one (a rerun with other settings, which resumes the run) it is first kept as
     ``config.N.yaml`` (N = 1, 2, ...: the highest is the newest), so the settings each part of the run was trained
-    with stay on record. A run that fails before training (a resume refused for settings that do not fit the
-    checkpoint) puts the earlier one back: ``config.yaml`` keeps naming the settings the checkpoint was trained
-    with. Only a fit writes it: ``validate`` writes ``validate.yaml`` in its own log folder, the stage folder's
-    ``validate/`` (:func:`validation_logger`; each run over the last one)."""
+    with stay on record. A run that fails before training (a failing sanity check; a resume refused for settings
+    that do not fit the checkpoint, which ``MarDiniCLI.check_resume`` refuses before this runs) puts the earlier one
+    back: ``config.yaml`` keeps naming the settings the checkpoint was trained with. Only a fit writes it:
+    ``validate`` writes ``validate.yaml`` in its own log folder, the stage folder's ``validate/``
+    (:func:`validation_logger`; each run over the last one)."""
 
     _kept: Path | None = None
 

@@ -280,6 +280,35 @@ def test_a_ckpt_path_null_rerun_starts_over_in_place_and_last_then_resumes_it(wo
     assert read_checkpoint(folder / "last.ckpt")["global_step"] == 3 and not (folder / "earlier.2").exists()
 
 
+def test_a_refused_resume_leaves_the_stage_s_folder_as_it_was_and_a_rerun_resumes_it(workdir, monkeypatch, tmp_path):
+    """A fit refused for the checkpoint it resumes (--ckpt_path an EMA-only export, a checkpoint of another kind, a
+    missing file; the stage's own last.ckpt under another anchor) leaves the stage folder's files byte for byte, and
+    the plain rerun resumes its last.ckpt. Before, Lightning read the checkpoint only after its setup: the folder's
+    checkpoints had been moved to checkpoints/earlier.1/ (a file from elsewhere starts a new run there), so the rerun
+    trained from step 0, and the logger had opened one more event file in the folder."""
+    save = [f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}"]
+    folder = tmp_path / "runs" / STAGES[0]
+    _fit(workdir, monkeypatch, *_stage(STAGES[0], 2, *save))
+    last = folder / "checkpoints" / "last.ckpt"
+    export, planning = tmp_path / "ema.ckpt", tmp_path / "planning.ckpt"
+    export_ema_only(last, export)
+    other = read_checkpoint(last)
+    other["mardini"]["kind"] = "planning"  # as another stage's checkpoint says
+    torch.save(other, planning)
+    trained = _files(folder)
+    for extra, message in [
+        ([f"--ckpt_path={export}"], r"EMA-only export.*cannot resume a fit"),
+        ([f"--ckpt_path={planning}"], r"is a 'planning' checkpoint.*but a 'generation' checkpoint is expected"),
+        ([f"--ckpt_path={tmp_path / 'gone.ckpt'}"], r"gone.ckpt does not exist; check the path"),
+        (["--model.init_args.anchor=nearest"], r"trained with anchor='none'.*this stage has anchor='nearest'"),
+    ]:
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            _fit(workdir, monkeypatch, *_stage(STAGES[0], 3, *save, *extra))
+        assert _files(folder) == trained, (extra, sorted(_files(folder)))
+    resumed = _fit(workdir, monkeypatch, *_stage(STAGES[0], 3, *save))
+    assert resumed.trainer.ckpt_path == str(last) and resumed.trainer.global_step == 3
+
+
 def test_max_steps_0_is_one_error_saying_it_trains_nothing(workdir, monkeypatch, tmp_path, capsys):
     """--trainer.max_steps 0 was read as unset: 'the LR schedule needs a length: set trainer.max_steps, ...',
     although it was set."""

@@ -636,25 +636,13 @@ class MarDiniBase(L.LightningModule):
                 checkpoint["state_dict"][f"networks.{k}"] = v
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Check the checkpoint against this model before Lightning loads it. An EMA-only export
-        (``mardini.lit.ema_export``) cannot resume a fit; elsewhere (``validate``, which scores the EMA) its EMA
-        weights are the raw ones too, as for ``init_from``."""
-        from mardini.lit.checkpoints import EMA_PREFIX, check_metadata, warn_changed_settings
+        """Check the checkpoint against this model before Lightning loads it (:meth:`check_checkpoint`)."""
+        from mardini.lit.checkpoints import warn_changed_settings
 
-        path = getattr(self._trainer, "ckpt_path", None) or "<resumed checkpoint>"
-        check_metadata(checkpoint, kinds=(self.KIND,), path=path, size=self.hparams.size)
-        if checkpoint["mardini"].get("ema_only"):
-            if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
-                raise ValueError(
-                    "the checkpoint to resume is an EMA-only export (no raw weights, optimizer or loop state): it "
-                    "cannot resume a fit. Start a stage from it with model.init_args.init_from=<it> and --ckpt_path "
-                    "null (train.py validate --ckpt_path <it> scores it as it is)"
-                )
-            state = checkpoint["state_dict"]
-            for k, v in list(state.items()):  # ema.module.<network>.* -> networks.<network>.*
-                if k.startswith(EMA_PREFIX):
-                    state.setdefault(f"networks.{k[len(EMA_PREFIX):]}", v)
-        self._check_resumable(checkpoint)
+        path = getattr(self._trainer, "ckpt_path", None)
+        self.check_checkpoint(checkpoint, path,
+                              fitting=self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING)
+        path = path or "<resumed checkpoint>"
         warn_changed_settings(checkpoint.get("hyper_parameters") or {}, dict(self.hparams), path, checkpoint["mardini"])
         self.nonfinite_skipped = int(checkpoint["mardini"].get("nonfinite_skipped", 0))
         self._skipped_total = int(checkpoint["mardini"].get("data_skipped", 0))  # the logged data/skipped goes on
@@ -669,14 +657,38 @@ class MarDiniBase(L.LightningModule):
         gen = self.networks["generator"] if "generator" in self.networks else None
         return gen.cfg.cross_rope_grid if gen is not None and gen.cfg.cross_rope else None
 
-    def _check_resumable(self, checkpoint: dict) -> None:
+    def check_checkpoint(self, checkpoint: dict, path: str | None, fitting: bool) -> None:
+        """Refuse a checkpoint at ``path`` (None: unnamed) that this model cannot load: of another kind, size or
+        format, of other latents, anchor or network shapes (:meth:`_check_resumable`), or an EMA-only export
+        (``mardini.lit.ema_export``) to resume a fit (``fitting``); elsewhere (``validate``, which scores the EMA) the
+        export's EMA weights become its raw ones too in ``checkpoint``, as for ``init_from``. ``train.py fit`` runs it
+        before the trainer sets anything up (``MarDiniCLI.fit``), so that a refused resume leaves the stage's folder
+        as it was."""
+        from mardini.lit.checkpoints import EMA_PREFIX, check_metadata
+
+        check_metadata(checkpoint, kinds=(self.KIND,), path=path or "<resumed checkpoint>", size=self.hparams.size)
+        if checkpoint["mardini"].get("ema_only"):
+            if fitting:
+                raise ValueError(
+                    "the checkpoint to resume is an EMA-only export (no raw weights, optimizer or loop state): it "
+                    "cannot resume a fit. Start a stage from it with model.init_args.init_from=<it> and --ckpt_path "
+                    "null (train.py validate --ckpt_path <it> scores it as it is)"
+                )
+            state = checkpoint["state_dict"]
+            for k, v in list(state.items()):  # ema.module.<network>.* -> networks.<network>.*
+                if k.startswith(EMA_PREFIX):
+                    state.setdefault(f"networks.{k[len(EMA_PREFIX):]}", v)
+        self._check_resumable(checkpoint, path)
+
+    def _check_resumable(self, checkpoint: dict, path: str | None = None) -> None:
         """Refuse to continue a checkpoint with other latents, another anchor or other network shapes (a resume
-        whose settings differ from the run's) before Lightning loads it."""
+        whose settings differ from the run's) before Lightning loads it. ``path``: the checkpoint's, for the
+        messages (default: the trainer's ``ckpt_path``)."""
         from mardini.lit.checkpoints import (
             check_same_anchor, check_same_cross_rope_grid, check_same_latents, state_differences,
         )
 
-        path = getattr(self._trainer, "ckpt_path", None) or "the checkpoint to resume"
+        path = path or getattr(self._trainer, "ckpt_path", None) or "the checkpoint to resume"
         check_same_latents(checkpoint["mardini"], self.autoencoder.spec(), path, fix=f"To go on, {RESUME_FIX}")
         if "generator" in self.networks:
             check_same_anchor(checkpoint.get("hyper_parameters") or {}, FrameAnchor.from_hparams(self.hparams), path,
