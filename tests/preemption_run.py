@@ -1,7 +1,8 @@
 """Child script of tests/test_preemption.py: one SLURM task of a tiny fit (the test sets the SLURM variables as srun
 would), which sends itself the requeue signal (SIGUSR1), or SIGTERM (scenario ``term``), on one rank at one step.
 
-    python preemption_run.py DATA_ROOT OUT_DIR WORLD SIGNAL_RANK deferred|lightning [step|accumulate|validation|term]
+    python preemption_run.py DATA_ROOT OUT_DIR WORLD SIGNAL_RANK deferred|lightning \
+        [step|accumulate|validation|term|validation_in_window]
 """
 
 import os
@@ -21,7 +22,8 @@ SIGNAL_AT = 2  # the optimiser step during which the signal arrives
 class SignalOneRank(L.Callback):
     """Sends the signal to this process on one rank: at the start of step SIGNAL_AT (``step``; SIGTERM there for
     ``term``), at its first micro-batch of an accumulation window of 2 (``accumulate``), or in the validation after
-    step 2 (``validation``)."""
+    step 2 (``validation``); SIGTERM at the first micro-batch of step 0, in windows of 3 micro-batches with a
+    validation every 2 batches (``validation_in_window``: the first validation falls inside the window)."""
 
     def __init__(self, rank: int, scenario: str) -> None:
         self.rank, self.scenario, self.sent = rank, scenario, False
@@ -29,10 +31,12 @@ class SignalOneRank(L.Callback):
     def _send(self, trainer) -> None:
         if trainer.global_rank == self.rank and not self.sent:
             self.sent = True
-            os.kill(os.getpid(), signal.SIGTERM if self.scenario == "term" else signal.SIGUSR1)
+            os.kill(os.getpid(), signal.SIGTERM if self.scenario in ("term", "validation_in_window") else signal.SIGUSR1)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.scenario in ("step", "accumulate", "term") and trainer.global_step == SIGNAL_AT:
+            self._send(trainer)
+        if self.scenario == "validation_in_window":
             self._send(trainer)
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
@@ -43,14 +47,16 @@ class SignalOneRank(L.Callback):
 def main(root: str, out: str, world: str, signal_rank: str, mode: str, scenario: str = "step") -> None:
     torch.set_num_threads(1)
     world = int(world)
-    dm = VideoDataModule(train_shards=f"{root}/train", val_shards=f"{root}/val" if scenario == "validation" else None,
-                         frames=4, fps=8, resolution=16, batch_size=4, num_workers=0, shuffle_buffer=4, epoch_size=8,
-                         val_clips=4)
+    in_window = scenario == "validation_in_window"
+    validates = scenario in ("validation", "validation_in_window")
+    dm = VideoDataModule(train_shards=f"{root}/train", val_shards=f"{root}/val" if validates else None,
+                         frames=4, fps=8, resolution=16, batch_size=4, num_workers=0, shuffle_buffer=4,
+                         epoch_size=24 if in_window else 8, val_clips=4)
     model = GenerationModule(size="tiny", generator={"depth": 1}, planner_resolution=8, lr=1e-3)
     callbacks = [SignalOneRank(int(signal_rank), scenario)] + ([PreemptionSave()] if mode == "deferred" else [])
     trainer = L.Trainer(accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto", max_steps=5,
-                        accumulate_grad_batches=2 if scenario == "accumulate" else 1,
-                        val_check_interval=2 if scenario == "validation" else None, num_sanity_val_steps=0,
+                        accumulate_grad_batches={"accumulate": 2, "validation_in_window": 3}.get(scenario, 1),
+                        val_check_interval=2 if validates else None, num_sanity_val_steps=0,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=callbacks, default_root_dir=out)
     trainer.fit(model, datamodule=dm)

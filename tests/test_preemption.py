@@ -107,6 +107,15 @@ def test_a_signal_during_validation_saves_at_the_validation_s_end(data, tmp_path
     assert (tmp_path / "requeued").read_text().split() == ["requeue", JOB]
 
 
+def test_a_signal_before_a_validation_inside_an_accumulation_window_saves_at_the_window_s_end(data, tmp_path):
+    # windows of 3 micro-batches, a validation every 2 batches: the first one ends inside step 0's window
+    _fit(data, tmp_path, 1, 0, "deferred", scenario="validation_in_window", code=143)
+    (path,) = (tmp_path / "out").glob("hpc_ckpt_*.ckpt")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ran = ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["ready"]  # micro-batches run
+    assert (ckpt["global_step"], ran) == (1, 3)  # after step 0's 3 micro-batches; before, (0, 2): 2 of 3 lost
+
+
 def test_sigterm_saves_after_the_step_and_ends_the_fit_with_status_143(data, tmp_path):
     _fit(data, tmp_path, 1, 0, "deferred", scenario="term", code=143)  # Lightning's handler alone: 0, nothing saved
     assert _saved_step(tmp_path) == 3  # the signal came at step 2's start: saved at its end

@@ -14,6 +14,8 @@ of one task, ``kill`` of one process).
 the end of every optimiser step (the last batch of a gradient-accumulation window) and of every validation the ranks
 reduce the records (one small all-reduce per step with more than one process; its host read adds no stall beside
 the one Lightning's own per-step SIGTERM broadcast already makes, ``_TrainingEpochLoop._broadcast_sigterm_tensor``).
+A validation inside a window (Lightning counts ``val_check_interval`` in batches, not optimiser steps) leaves the
+records to the window's end: a checkpoint holds no gradient, so a save there would lose the window's micro-batches.
 When any rank got a signal, all of them act there together:
 
 - the requeue signal (only under SLURM with ``auto_requeue``, Lightning's default there): every rank saves Lightning's
@@ -130,13 +132,15 @@ class PreemptionSave(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if (batch_idx + 1) % trainer.accumulate_grad_batches:
-            return  # inside a gradient-accumulation window: a save here would lose its accumulated gradients
+        if inside_accumulation_window(trainer):
+            return  # a save here would lose the window's accumulated gradients: act at the window's end
         self._act_if_signalled(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # a validation (evaluation callbacks sampling many clips) can outlast SLURM's warning time: act at its end too
-        if not trainer.sanity_checking:
+        # a validation (evaluation callbacks sampling many clips) can outlast SLURM's warning time: act at its end too,
+        # unless it ran inside a gradient-accumulation window (Lightning counts val_check_interval in batches): then
+        # at the window's end, as above
+        if not trainer.sanity_checking and not inside_accumulation_window(trainer):
             self._act_if_signalled(trainer)
 
     def _act_if_signalled(self, trainer: L.Trainer) -> None:
@@ -172,6 +176,16 @@ class PreemptionSave(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._holds_requeue = self._holds_sigterm = False
+
+
+def inside_accumulation_window(trainer: L.Trainer) -> bool:
+    """Whether the training batch last run leaves its gradient-accumulation window open (no optimiser step after it):
+    Lightning steps after every ``accumulate_grad_batches``-th batch of an epoch and after its last. The same on every
+    rank (they run the same batches)."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    ran = progress.current.ready  # batches of this epoch run so far
+    last = progress.is_last_batch or ran == trainer.num_training_batches
+    return bool(ran % trainer.accumulate_grad_batches) and not last
 
 
 LOADER_HOOKS = ("train_dataloader", "val_dataloader")  # the loaders of a fit
