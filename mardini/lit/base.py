@@ -143,6 +143,8 @@ class MarDiniBase(L.LightningModule):
         self._last_batch_time: float | None = None
         self._ema_backup: list[torch.Tensor] | None = None
         self._val_template_sums: torch.Tensor | None = None  # (templates, [loss sum, clips]) of this validation epoch
+        # (global step, (1 + templates, [loss sum, clips])) of the gradient-accumulation window in progress
+        self._train_window: tuple[int, torch.Tensor] | None = None
         self._last_generated: torch.Tensor | None = None  # (B,) generated frames per clip of the last compute_loss
         if init_from:
             self.load_networks_from(init_from, kinds=(self.KIND,))
@@ -749,16 +751,28 @@ class MarDiniBase(L.LightningModule):
         return None
 
     def _log_train(self, batch: dict, per_sample: torch.Tensor, loss: torch.Tensor) -> None:
+        """The step's logs. ``train/loss`` and ``train/loss_<template>``: means over the clips of this batch, or under
+        gradient accumulation over those of the window so far (Lightning logs a window's last value, at its end)."""
         bs = per_sample.shape[0]
-        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=bs)
-        if self.hparams.loss_reduction == "element":  # this rank's mean over its generated elements
-            generated = self._generated_frames().to(per_sample)  # (B,)
+        names = self._loss_templates()
+        window = self._train_window_sums(per_sample, len(names))  # (1 + templates, [loss sum, clips]) or None
+        if window is None:  # one batch per step: its own means, as always
+            self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=bs)
+        else:
+            clips = window[:, 1].tolist()  # one host read
+            means = window[:, 0] / window[:, 1].clamp(min=1)  # (1 + templates,)
+            self.log("train/loss", means[0], on_step=True, prog_bar=True, batch_size=int(clips[0]))
+        if self.hparams.loss_reduction == "element":  # this rank's mean over its generated elements (one batch a
+            generated = self._generated_frames().to(per_sample)  # (B,)  step: element refuses accumulation)
             self.log("train/loss_element", element_mean_share(per_sample, generated, generated.sum(), 1), on_step=True,
                      batch_size=bs)
-        for i, name in enumerate(self._loss_templates()):
-            sel = self._last_template == i
-            if sel.any():
-                self.log(f"train/loss_{name}", per_sample[sel].mean(), on_step=True, batch_size=int(sel.sum()))
+        for i, name in enumerate(names):
+            if window is None:
+                sel = self._last_template == i
+                if sel.any():
+                    self.log(f"train/loss_{name}", per_sample[sel].mean(), on_step=True, batch_size=int(sel.sum()))
+            elif clips[i + 1]:
+                self.log(f"train/loss_{name}", means[i + 1], on_step=True, batch_size=int(clips[i + 1]))
         lo, hi = self.mask_sampler.keep_ratio
         self.log("curriculum/keep_ratio_min", lo, on_step=True)
         self.log("curriculum/keep_ratio_max", hi, on_step=True)
@@ -774,6 +788,21 @@ class MarDiniBase(L.LightningModule):
             self.log("perf/clips_per_s", clips / dt, on_step=True)
             self.log("perf/tokens_per_s", self.tokens_per_clip(batch) * clips / dt, on_step=True)
         self._last_batch_time = now
+
+    def _train_window_sums(self, per_sample: torch.Tensor, templates: int) -> torch.Tensor | None:
+        """Under gradient accumulation, the per-clip losses of the optimiser step's window so far, this batch's added:
+        ``(1 + templates, [loss sum, clips])``, row 0 every clip's, row ``1 + i`` template ``i``'s. None without
+        accumulation. A window is the batches of one global step (Lightning's, a short last one of an epoch too)."""
+        if self._trainer is None or self.trainer.accumulate_grad_batches == 1:
+            return None
+        if self._train_window is None or self._train_window[0] != self.global_step:  # a new window
+            self._train_window = (self.global_step, per_sample.new_zeros(1 + templates, 2, dtype=torch.float32))
+        sums = self._train_window[1]
+        loss_and_count = torch.stack([per_sample.detach().float(), torch.ones_like(per_sample, dtype=torch.float32)],
+                                     1)  # (B, 2)
+        sums[0] += loss_and_count.sum(0)
+        sums.index_add_(0, self._last_template.to(sums.device) + 1, loss_and_count)
+        return sums
 
     def _loss_templates(self) -> tuple[str, ...]:
         """:attr:`mask_templates`, or a ValueError where the mask sampler now in place draws other templates: the
