@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import warnings
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 
 from mardini.data.datamodule import VideoDataModule
 from mardini.data.testing import tiny_synthetic
@@ -73,3 +75,43 @@ def test_without_accumulation_the_logged_training_losses_are_the_batch_s_means_b
         for i, name in enumerate(("random", "interpolation")):
             if (templates == i).any():
                 assert float(rows[step][f"train/loss_{name}"]) == float(loss[templates == i].mean())
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_every_optimiser_step_of_an_epoch_takes_a_full_accumulation_window(synth, tmp_path, accumulate):
+    steps: list[int] = []  # the global step of each micro-batch trained
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            steps.append(trainer.global_step)
+
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", accumulate_grad_batches=accumulate, logger=False,
+                        enable_checkpointing=False, limit_val_batches=0, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[Record()])
+    dm = _dm(synth, batch_size=4, epoch_size=12)  # 3 batches of 4 clips
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(GenerationModule(**TINY), datamodule=dm)
+    windows = [steps.count(s) for s in sorted(set(steps))]  # micro-batches per optimiser step
+    print(f"accumulate {accumulate}: micro-batches per step {windows}")
+    # without accumulation the epoch's 3 batches as always; with 2, before: [2, 1], the last step on one micro-batch
+    # with its gradient halved
+    assert windows == ([1, 1, 1] if accumulate == 1 else [2])
+    said = [str(w.message) for w in caught if "data.epoch_size" in str(w.message)]
+    assert said == ([] if accumulate == 1 else [
+        "data.epoch_size=12 makes 3 batches of 4 clips per rank, not a multiple of the 2 accumulated per optimiser "
+        "step: an epoch trains 2 (its last step would take 1, its gradient still divided by 2); set data.epoch_size "
+        "to a multiple of 8"])
+
+
+def test_an_epoch_shorter_than_one_accumulation_window_is_refused_and_a_scheduler_s_windows_count(synth):
+    dm = _dm(synth, batch_size=4, epoch_size=12)  # 3 batches of 4 clips
+    dm.trainer = L.Trainer(accelerator="cpu", accumulate_grad_batches=4, logger=False)
+    with pytest.raises(ValueError, match=r"data.epoch_size=12 is smaller than one optimiser step's clips per rank \(4 "
+                                         r"accumulated batches of 4\); raise data.epoch_size to a multiple of 16$"):
+        dm.setup("fit")
+    dm = _dm(synth, batch_size=4, epoch_size=20)  # 5 batches
+    dm.trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[GradientAccumulationScheduler({0: 1, 1: 2})])
+    with pytest.warns(UserWarning, match="makes 5 batches .* an epoch trains 4"):
+        dm.setup("fit")
+    assert len(dm.train_set) == 4  # a multiple of every window the scheduler sets

@@ -38,6 +38,7 @@ import warnings
 import lightning as L
 import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
 from torch.utils.data import DataLoader
 
@@ -67,7 +68,8 @@ class VideoDataModule(L.LightningDataModule):
         seed: base seed of every random draw of the stream. None: train.py's ``seed_everything`` (0 from Python, or
             where ``seed_everything`` is false); a resume takes the checkpoint's.
         epoch_size: training clips per rank per epoch (the resampled stream is endless); batches per epoch are
-            ``epoch_size`` over the largest per-rank batch, the same on every rank.
+            ``epoch_size`` over the largest per-rank batch, the same on every rank, rounded down to a multiple of
+            ``trainer.accumulate_grad_batches`` (with a warning), so that every optimiser step takes a full window.
         crop: ``random`` (crop window and start frame drawn) or ``center`` for training; validation is
             always centred.
         crop_scale: ``(min, max)`` side fraction of the largest window of the target aspect ratio.
@@ -169,6 +171,7 @@ class VideoDataModule(L.LightningDataModule):
                     f"data.epoch_size={self.epoch_size} is smaller than one per-rank batch "
                     f"({largest_rank_batch(self.batch_size, self.world_size)}); raise epoch_size"
                 )
+            batches = self._whole_windows(batches)
             self.train_set = ClipStream(
                 shards, batch_size=self.per_rank_batch_size, train=True, shuffle_buffer=self.shuffle_buffer,
                 crop=self.crop, crop_scale=self.crop_scale, epoch_batches=batches, **common,
@@ -184,6 +187,28 @@ class VideoDataModule(L.LightningDataModule):
                 shards, batch_size=self.val_batch_size or largest_rank_batch(self.batch_size, self.world_size),
                 train=False, max_clips=self.val_clips, **common,
             )
+
+    def _whole_windows(self, batches: int) -> int:
+        """``batches`` per epoch rounded down to a multiple of the trainer's gradient-accumulation window, with a
+        warning, so that every optimiser step takes a full window: Lightning also steps after an epoch's last batch,
+        and still divides a short last window's gradient by the window's length. Unchanged without accumulation."""
+        window = accumulation_window(self.trainer)
+        whole = batches // window * window
+        if whole == batches:
+            return batches
+        per_rank = largest_rank_batch(self.batch_size, self.world_size)
+        if whole == 0:
+            raise ValueError(
+                f"data.epoch_size={self.epoch_size} is smaller than one optimiser step's clips per rank ({window} "
+                f"accumulated batches of {per_rank}); raise data.epoch_size to a multiple of {window * per_rank}"
+            )
+        _warn_once(
+            f"data.epoch_size={self.epoch_size} makes {batches} batches of {per_rank} clips per rank, not a multiple of "
+            f"the {window} accumulated per optimiser step: an epoch trains {whole} (its last step would take "
+            f"{batches - whole}, its gradient still divided by {window}); set data.epoch_size to a multiple of "
+            f"{window * per_rank}"
+        )
+        return whole
 
     # ----------------------------------------------------------------------------------------------
     # Loaders
@@ -311,6 +336,16 @@ def _dataloaders(loaders: Any) -> Iterator[DataLoader]:
     elif isinstance(loaders, (list, tuple)):
         for inner in loaders:
             yield from _dataloaders(inner)
+
+
+def accumulation_window(trainer: L.Trainer | None) -> int:
+    """Training batches per optimiser step that an epoch's batch count must be a multiple of: the trainer's
+    ``accumulate_grad_batches``, or under a ``GradientAccumulationScheduler`` the least common multiple of its
+    windows; 1 without a trainer."""
+    if trainer is None:
+        return 1
+    scheduled = [cb.scheduling.values() for cb in trainer.callbacks if isinstance(cb, GradientAccumulationScheduler)]
+    return math.lcm(trainer.accumulate_grad_batches, *(int(k) for ks in scheduled for k in ks))
 
 
 def _distributed_world() -> tuple[int, int] | None:
