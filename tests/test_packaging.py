@@ -1,0 +1,61 @@
+"""pyproject.toml's dependency ranges: the releases they admit are ones the code runs on, and they hold the pins."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+# The first release of each dependency with what the code uses: a lower minimum lets pip keep or pick a release
+# the code fails on (each one seen failing below its floor).
+FLOORS = {
+    "lightning": "2.6.0",  # Trainer.fit(weights_only=...), which mardini/cli.py sets (2.5.6: no action for it)
+    "jsonargparse": "4.39.0",  # what Lightning 2.6's CLI passes its instantiators (4.32: applied_instantiation_links)
+    "timm": "1.0.17",  # timm.layers.RmsNormFp32 (planner, generator; 1.0.16: ImportError)
+}
+
+
+def ranges(*extras: str) -> dict[str, Requirement]:
+    """The runtime dependencies (and those of ``extras``) by canonical name."""
+    lines = [*PROJECT["dependencies"], *(r for e in extras for r in PROJECT["optional-dependencies"][e])]
+    return {canonicalize_name(r.name): r for r in map(Requirement, lines)}
+
+
+def pins(name: str) -> dict[str, Version]:
+    """The exact pins of a requirements file (its own lines; ``-r`` includes are not followed)."""
+    out = {}
+    for line in (ROOT / name).read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line or line.startswith("-"):
+            continue
+        req = Requirement(line)
+        (spec,) = req.specifier
+        assert spec.operator == "==", f"{name}: {line} is not an exact pin"
+        out[canonicalize_name(req.name)] = Version(spec.version)
+    return out
+
+
+def minimum(req: Requirement) -> Version | None:
+    """The lowest release a range admits by its lower bounds (None without one)."""
+    lows = [Version(s.version) for s in req.specifier if s.operator in (">=", ">", "==", "~=")]
+    return max(lows) if lows else None
+
+
+def test_minimums_are_releases_with_what_the_code_uses():
+    deps = ranges()
+    low = {name: minimum(deps[name]) for name in FLOORS}
+    assert all(low[name] is not None and low[name] >= Version(floor) for name, floor in FLOORS.items()), low
+
+
+def test_every_pin_satisfies_pyproject_s_ranges():
+    runtime = pins("requirements.txt")
+    assert set(runtime) == set(ranges())  # each runtime dependency pinned, each pin declared
+    for file, deps in (("requirements.txt", ranges()), ("requirements-dev.txt", ranges("dev"))):
+        for name, version in pins(file).items():
+            assert deps[name].specifier.contains(version, prereleases=True), f"{file}: {name}=={version}, {deps[name]}"
