@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import tomllib
+from importlib import metadata
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
@@ -59,3 +61,17 @@ def test_every_pin_satisfies_pyproject_s_ranges():
     for file, deps in (("requirements.txt", ranges()), ("requirements-dev.txt", ranges("dev"))):
         for name, version in pins(file).items():
             assert deps[name].specifier.contains(version, prereleases=True), f"{file}: {name}=={version}, {deps[name]}"
+
+
+def test_requires_python_admits_no_python_a_pinned_release_refuses():
+    oldest = minimum(Requirement(f"python{PROJECT['requires-python']}"))
+    refused = {}
+    for name, version in {**pins("requirements.txt"), **pins("requirements-dev.txt")}.items():
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        needs = dist.metadata["Requires-Python"]
+        if Version(dist.version) == version and needs and not SpecifierSet(needs).contains(oldest):
+            refused[f"{name}=={version}"] = needs
+    assert not refused, f"requires-python {PROJECT['requires-python']}, but {refused}"
