@@ -75,3 +75,12 @@ def test_requires_python_admits_no_python_a_pinned_release_refuses():
         if Version(dist.version) == version and needs and not SpecifierSet(needs).contains(oldest):
             refused[f"{name}=={version}"] = needs
     assert not refused, f"requires-python {PROJECT['requires-python']}, but {refused}"
+
+
+def test_ranges_keep_newer_releases_than_the_pins():
+    """The pins are this machine's; a range capped at a pin would make pip downgrade a user's newer release (for
+    torch, a multi-GB download). The release after each pin's minor version must be admitted."""
+    deps = ranges()
+    capped = {name: str(deps[name].specifier) for name, pin in pins("requirements.txt").items()
+              if not deps[name].specifier.contains(Version(f"{pin.major}.{pin.minor + 1}.0"))}
+    assert not capped, f"capped at the pins: {capped}"
