@@ -84,3 +84,12 @@ def test_ranges_keep_newer_releases_than_the_pins():
     capped = {name: str(deps[name].specifier) for name, pin in pins("requirements.txt").items()
               if not deps[name].specifier.contains(Version(f"{pin.major}.{pin.minor + 1}.0"))}
     assert not capped, f"capped at the pins: {capped}"
+
+
+def test_the_license_is_an_spdx_expression_with_its_text_shipped():
+    """``license = {text = ...}`` is deprecated by setuptools (unsupported after 2027-02-18) and shipped no text."""
+    build = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]
+    setuptools = next(Requirement(r) for r in build["requires"] if Requirement(r).name == "setuptools")
+    assert minimum(setuptools) >= Version("77")  # the first setuptools to read license-files and SPDX licenses
+    assert PROJECT["license"] == "Apache-2.0" and PROJECT["license-files"] == ["LICENSE"]
+    assert "Apache License\n                           Version 2.0, January 2004" in (ROOT / "LICENSE").read_text()
