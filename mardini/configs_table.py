@@ -3,6 +3,8 @@
     python -m mardini.configs_table                              # one row per trained model: README's "Configs"
     python -m mardini.configs_table --chain configs/paper/mardini-s   # one row per stage of a chain
 
+Without ``--chain`` it reads the shipped chains of the checkout (beside the package, from any folder).
+
 Parameter counts come from building each stage's networks on the meta device (no memory, no weights) with the
 stage's size and overrides, so they are the networks the stage trains (planner without its warm-up projection head
 in joint stages). Latent channels: ``3 f^2`` for the space-to-depth autoencoder, the size's default (16, the
@@ -22,12 +24,12 @@ import torch
 import yaml
 from timm.utils.model_ema import ModelEmaV3
 
+from mardini.checkout import ROOT, repo_path
 from mardini.class_paths import import_class_path
 from mardini.lit.base import MarDiniBase
 from mardini.models import build_generator, build_planner
 from mardini.models.registry import generator_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
 CHAINS = ("configs/tiny", "configs/paper/mardini-s", "configs/paper/mardini-l")
 TRAINS = {"GenerationModule": "generator", "PlanningModule": "planner", "MarDiniModule": "both"}
 NOT_STAGES = {"common.yaml", "cluster.yaml", "fsdp.yaml"}
@@ -256,7 +258,7 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--chain", action="append", help="a chain folder (repeatable); default: the shipped chains")
     p.add_argument("--stages", action="store_true", help="one row per stage (default with a single --chain)")
     a = p.parse_args(argv)
-    folders = a.chain or [str(ROOT / c) for c in CHAINS]
+    folders = a.chain or [repo_path(c) for c in CHAINS]  # the checkout's, from any folder
     chains = [read_chain(f) for f in folders]
     if a.stages or a.chain and len(a.chain) == 1:
         text = "\n\n".join(chain_table(c) for c in chains)
@@ -267,4 +269,6 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from mardini.user_errors import run_reporting_user_errors
+
+    raise SystemExit(run_reporting_user_errors("python -m mardini.configs_table", main))

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import yaml
 
+from mardini.checkout import ROOT
 from mardini.lit.checkpoints import read_checkpoint
 
-TINY_DIR = Path("configs/tiny")
+TINY_DIR = ROOT / "configs" / "tiny"  # the checkout's, from any folder (mardini.checkout.repo_path checks it is there)
 TINY_STAGES = ("01_dm_warmup_4f", "02_dm_warmup_9f", "03_mar_warmup", "04_joint_model", "05_joint_task")
 
 

@@ -9,7 +9,9 @@
 4. pictures: contact sheets next to ground truth and the baselines, GIF/MP4 samples, loss curves;
 5. ``outputs/demo/report.md`` (+ ``summary.json``).
 
-Re-running reuses what is done; ``--fresh`` starts over (deletes ``outputs/tiny`` and ``outputs/demo``, and
+The stage configs are the checkout's ``configs/tiny/`` (found beside the package, so the demo runs from any folder;
+a non-editable install has none and stops before anything is built); the data and outputs go under the folder it
+runs in. Re-running reuses what is done; ``--fresh`` starts over (deletes ``outputs/tiny`` and ``outputs/demo``, and
 rebuilds a synthetic split made with other settings, e.g. another ``--train-clips``). It deletes a ``--out`` folder
 only when that holds nothing but what the demo writes there.
 """
@@ -27,11 +29,12 @@ from pathlib import Path
 import torch
 
 from mardini import run_info
-from mardini.demo.chain import TINY_DIR, TINY_STAGES, run_stage
+from mardini.checkout import repo_path
+from mardini.demo.chain import TINY_STAGES, run_stage
 from mardini.demo.data import SHARDS, build_synthetic, synthetic_differences
 from mardini.diffusion.checks import check_eta
 from mardini.strict_json import dumps_strict
-from mardini.user_errors import run_reporting_user_errors
+from mardini.user_errors import run_reporting_user_errors, shown_path
 
 OUTPUT = Path("outputs/demo")
 TRAIN_ROOT = Path("outputs/tiny")
@@ -135,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--train-clips {a.train_clips} is impossible: give a number of clips >= 1 (or leave it out)")
     check_eta(a.eta, "--eta")  # used at the end, after the training: checked first
     check_out(a.out, a.fresh)  # checked before anything is deleted, as the data is
+    tiny = repo_path("configs/tiny")  # the checkout's configs, wherever the demo runs: there before any data is built
     extra = {} if a.train_clips is None else {"train_clips": a.train_clips}
     stale = synthetic_differences(SHARDS, **extra)
     if stale and not a.fresh:
@@ -155,12 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     for s in build_synthetic(SHARDS, progress=not a.no_progress, **extra):
         print(f"      {s['split']}: {s['clips']} clips in {s['shards']} shards ({s['kept']} reused)", flush=True)
 
-    print(f"[2/5] training the tiny chain ({len(TINY_STAGES)} stages, configs in {TINY_DIR}/)", flush=True)
+    print(f"[2/5] training the tiny chain ({len(TINY_STAGES)} stages, configs in {shown_path(str(tiny))}/)",
+          flush=True)
     stages = []
     t_train = time.perf_counter()
     for i, name in enumerate(TINY_STAGES, 1):
         last = i == len(TINY_STAGES)
-        run = run_stage(name, scale=a.scale, progress=not a.no_progress, max_steps=a.final_steps if last else None)
+        run = run_stage(name, config_dir=tiny, scale=a.scale, progress=not a.no_progress,
+                        max_steps=a.final_steps if last else None)
         stages.append(run)
         how = "reused (already trained)" if run.reused else f"trained in {run.seconds:.0f} s"
         print(f"      stage {i}/{len(TINY_STAGES)} {name}: {run.steps} steps, {how}", flush=True)

@@ -9,7 +9,9 @@
 6. Table 3: latency and peak memory of the asymmetric design vs symmetric variants (``bench.asymmetric``);
 then ``<out>/report.md`` (+ ``results.json``, PNG plots) with a computed agree/disagree verdict per claim.
 ``--checkpoints DIR`` is checked first: a folder missing a stage's ``last.ckpt`` stops the command before the data
-set is built, in one line (exit code 2, as for any user error).
+set is built, in one line (exit code 2, as for any user error). So are the checkout's ``configs/tiny/`` and
+``bench/`` (found beside the package: it runs from any folder, its data and outputs going under that folder; a
+non-editable install has neither).
 
 Default: about 30 min on 2 CPU cores (29.1 min in the README's run; writes ``outputs/reproduce/``). ``--quick``: minutes, tiny step counts and
 few clips, only to check that everything runs (writes ``outputs/reproduce/quick/``; its numbers mean nothing).
@@ -26,6 +28,7 @@ from pathlib import Path
 import torch
 
 from mardini.autoencoders.base import add_allow_autoencoder_argument
+from mardini.checkout import repo_path
 from mardini.strict_json import dumps_strict
 from mardini.user_errors import run_reporting_user_errors
 
@@ -76,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     from mardini.reproduce import runs
 
     needs_chain = {"table2", "fig6a"} & set(a.only)
+    # the checkout's configs (copied for the runs) and benchmark, wherever this runs: checked before any data is built
+    repo_path("configs/tiny")
+    if "table3" in a.only:
+        repo_path("bench/asymmetric.py")
     ckpts: dict[str, Path] = {}
     if needs_chain and a.checkpoints is not None:  # before the data set is built (minutes, ~800 MB)
         ckpts = runs.chain_checkpoints(a.checkpoints)
@@ -165,7 +172,7 @@ def _params(ckpts: dict[str, Path], allow_autoencoders: list[str]) -> str:
     else:  # the networks the tiny chain's last stage config builds (on the meta device: nothing allocated)
         from mardini.configs_table import read_stage
 
-        stage = read_stage("configs/tiny/05_joint_task.yaml")
+        stage = read_stage(repo_path("configs/tiny/05_joint_task.yaml"))
         counts = {"planner": stage.planner[2], "generator": stage.generator[3]}
     return ", ".join(f"{n} {c / 1e6:.2f} M parameters" for n, c in counts.items())
 
