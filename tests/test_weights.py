@@ -73,6 +73,25 @@ def test_fetch_rejects_wrong_sha_and_leaves_nothing(tmp_path, monkeypatch, fake_
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_default_cache_is_the_checkout_s_weights_else_the_user_cache_never_site_packages(tmp_path, monkeypatch):
+    """After ``pip install .`` the default was ``.../site-packages/weights``: ``python -m mardini.weights`` wrote
+    ~138 MB into the environment's site-packages."""
+    checkout = weights.REPO_ROOT  # this test runs from the source checkout
+    site = tmp_path / "site-packages"  # where a non-editable install puts mardini
+    (site / "mardini").mkdir(parents=True)
+    monkeypatch.delenv(weights.ENV_CACHE_DIR, raising=False)
+    monkeypatch.setattr(weights, "REPO_ROOT", site)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert weights.default_cache_dir() == tmp_path / "xdg" / "mardini" / "weights"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # the XDG spec ignores a relative path
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert weights.default_cache_dir() == tmp_path / "home" / ".cache" / "mardini" / "weights"
+    monkeypatch.setattr(weights, "REPO_ROOT", checkout)  # `make weights` fills the checkout's weights/
+    assert weights.default_cache_dir() == checkout / "weights"
+    monkeypatch.setenv(weights.ENV_CACHE_DIR, str(tmp_path / "mine"))  # overrides both
+    assert weights.default_cache_dir() == tmp_path / "mine"
+
+
 def test_env_var_sets_cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv(weights.ENV_CACHE_DIR, str(tmp_path))
     assert weights.default_cache_dir() == tmp_path

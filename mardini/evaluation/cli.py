@@ -73,7 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--metrics", nargs="+", choices=METRICS, default=None, help="default: the task's metrics")
     p.add_argument("--missing-weights", choices=("error", "skip"), default="error",
                    help="FVD/FID without weights files: stop with instructions (default) or leave them out")
-    p.add_argument("--i3d-weights", default=None, help="I3D pickle or folder (default $MARDINI_WEIGHTS or weights/)")
+    p.add_argument("--i3d-weights", default=None,
+                   help="I3D pickle or folder (default: $MARDINI_WEIGHTS, else the checkout's weights/, else "
+                        "~/.cache/mardini/weights)")
     p.add_argument("--inception-weights", default=None, help="InceptionV3 TorchScript or folder")
     p.add_argument("--lpips-weights", default=None, help="torchvision alexnet-owt-7be5be79.pth: adds MidF-LPIPS")
     p.add_argument("--fvd-pad-short", action="store_true",

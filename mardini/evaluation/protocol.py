@@ -52,7 +52,7 @@ class EvalProtocol:
         metrics: any of ``fvd fid midf traj``; None = the task's default (``traj`` runs only where batches carry
             ``positions``).
         missing_weights: ``error`` (raise, saying how to get them) or ``skip`` (warn, leave the metric out).
-        i3d_weights, inception_weights: file or folder of the weights (None: ``$MARDINI_WEIGHTS`` or ``weights/``).
+        i3d_weights, inception_weights: file or folder of the weights (None: :func:`mardini.weights.default_cache_dir`).
         lpips_weights: torchvision backbone file to add MidF-LPIPS (none by default: it cannot be downloaded here).
         fvd_pad_short: allow T < 9 for FVD by repeating the last frame (the name gets ``_pad``).
         steps, guidance_scale, eta: sampler settings for the model (guidance None = 1.0 interpolation, 2.5 I2V;
