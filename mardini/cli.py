@@ -477,7 +477,9 @@ def _raised_in_jsonargparse(err: BaseException) -> bool:
     return bool(frames) and f"{os.sep}jsonargparse{os.sep}" in frames[-1].filename
 
 
-def main(args: list[str] | None = None, run: bool = True) -> MarDiniCLI:
+def main(args: list[str] | None = None, run: bool = True, prog: str | None = None) -> MarDiniCLI:
+    """The CLI over ``args`` (None: ``sys.argv[1:]``); ``prog``: the command its usage and errors name (default the
+    script's file name, ``train.py``)."""
     from mardini.data.datamodule import VideoDataModule
 
     return MarDiniCLI(
@@ -492,4 +494,14 @@ def main(args: list[str] | None = None, run: bool = True) -> MarDiniCLI:
         run=run,
         auto_configure_optimizers=False,
         parser_class=ShortErrorParser,
+        parser_kwargs={"prog": prog} if prog else None,
     )
+
+
+if __name__ == "__main__":  # `python -m mardini.cli fit ...` is `python train.py fit ...` (also DDP's relaunch of it)
+    # run by the imported module, so that its classes are the ones the library uses (not this __main__ copy's)
+    from mardini.cli import library_error as _library_error
+    from mardini.cli import main as _main
+    from mardini.user_errors import run_reporting_user_errors as _run
+
+    sys.exit(_run("python -m mardini.cli", lambda: _main(prog="python -m mardini.cli"), unwrap=_library_error))

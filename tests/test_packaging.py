@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 import tomllib
 from importlib import metadata
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
@@ -93,3 +95,20 @@ def test_the_license_is_an_spdx_expression_with_its_text_shipped():
     assert minimum(setuptools) >= Version("77")  # the first setuptools to read license-files and SPDX licenses
     assert PROJECT["license"] == "Apache-2.0" and PROJECT["license-files"] == ["LICENSE"]
     assert "Apache License\n                           Version 2.0, January 2004" in (ROOT / "LICENSE").read_text()
+
+
+@pytest.mark.parametrize("command, usage", [
+    (["mardini.cli", "fit", "--help"], "usage: python -m mardini.cli [options] fit"),
+    (["mardini.pipeline.cli", "--help"], "usage: sample.py"),
+])
+@pytest.mark.filterwarnings("ignore:'mardini.*' found in sys.modules:RuntimeWarning")  # runpy: imported before
+def test_the_cli_modules_run_with_python_m(monkeypatch, capsys, command, usage):
+    """``python -m mardini.cli fit --help`` (train.py's CLI, what an install without the scripts runs) and ``python -m
+    mardini.pipeline.cli --help`` (sample.py's) printed nothing and exited 0: the modules had no ``__main__`` guard."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [f"{command[0].replace('.', '/')}.py", *command[1:]])
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_module(command[0], run_name="__main__")
+        raise SystemExit("returned without running")
+    assert exit.value.code == 0 and capsys.readouterr().out.startswith(usage)

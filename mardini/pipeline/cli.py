@@ -390,3 +390,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[sample] wrote {len(videos)} video(s) ({videos.shape[1]} frames, {videos.shape[-2]}x{videos.shape[-1]}, "
           f"{fps:g} fps) to {out_dir}/: mp4, gif, {'png frames, ' if a.png else ''}contact_sheet.png, settings.json")
     return record
+
+
+if __name__ == "__main__":  # `python -m mardini.pipeline.cli ...` is `python sample.py ...`
+    from mardini.pipeline.cli import main as _main
+    from mardini.user_errors import run_reporting_user_errors as _run
+
+    raise SystemExit(_run("python -m mardini.pipeline.cli", _main))
