@@ -141,6 +141,14 @@ class _FakeCudaHalf:
     shape = (1, 1, 1, 128)  # (B, H, L, head_dim)
 
 
+def test_forcing_flash_without_it_says_how_to_install_it(monkeypatch):
+    """The message said ``pip install '.[gpu]'``, which fails: flash-attn's build imports torch, absent in pip's
+    isolated build environment."""
+    monkeypatch.setattr(A, "_flash_attn_func", None)
+    with pytest.raises(RuntimeError, match=r"with torch installed: pip install flash-attn --no-build-isolation;"):
+        A.select_backend(_FakeCudaHalf(), backend="flash")
+
+
 def test_select_backend_rules(monkeypatch):
     cpu = torch.zeros(1, 1, 1, 8)
     monkeypatch.setattr(A, "_flash_attn_func", None)

@@ -88,6 +88,13 @@ def test_ranges_keep_newer_releases_than_the_pins():
     assert not capped, f"capped at the pins: {capped}"
 
 
+def test_no_extra_needs_a_package_pip_cannot_build_in_isolation():
+    """``pip install -e '.[gpu]'`` (flash-attn) failed: flash-attn's setup.py imports torch, which pip's isolated
+    build environment lacks (README: install it after torch, with --no-build-isolation)."""
+    extras = {e: [Requirement(r).name for r in reqs] for e, reqs in PROJECT["optional-dependencies"].items()}
+    assert not [e for e, names in extras.items() if "flash-attn" in names], extras
+
+
 def test_the_license_is_an_spdx_expression_with_its_text_shipped():
     """``license = {text = ...}`` is deprecated by setuptools (unsupported after 2027-02-18) and shipped no text."""
     build = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]

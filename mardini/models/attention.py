@@ -26,7 +26,7 @@ BACKENDS = ("auto", "flash", "sdpa")
 # Backend choice: flash-attn when importable and the inputs are CUDA fp16/bf16, torch SDPA otherwise
 # --------------------------------------------------------------------------------------------------
 
-try:  # optional GPU extra (pyproject `gpu`); absent on CPU machines
+try:  # optional, GPU machines only, installed by hand after torch (README, "Installing into your own environment")
     from flash_attn import flash_attn_func as _flash_attn_func
 except Exception:  # ImportError, or a broken CUDA build
     _flash_attn_func = None
@@ -54,10 +54,11 @@ def select_backend(q: torch.Tensor, has_mask: bool = False, backend: str = "auto
               and q.shape[-1] <= FLASH_MAX_HEAD_DIM)
     if backend == "flash" and not usable:
         raise RuntimeError(
-            "backend='flash' needs the flash-attn package (pip install '.[gpu]'), CUDA fp16/bf16 inputs, "
-            f"no attention mask and a head dim of at most {FLASH_MAX_HEAD_DIM}; got flash_attn={flash_attn_available()}, "
-            f"device={q.device}, dtype={q.dtype}, mask={has_mask}, head dim {q.shape[-1]}. Use backend='auto' to fall "
-            "back to torch SDPA"
+            "backend='flash' needs the flash-attn package (with torch installed: pip install flash-attn "
+            "--no-build-isolation; it builds against that torch, compiling where no prebuilt wheel matches), CUDA "
+            f"fp16/bf16 inputs, no attention mask and a head dim of at most {FLASH_MAX_HEAD_DIM}; got "
+            f"flash_attn={flash_attn_available()}, device={q.device}, dtype={q.dtype}, mask={has_mask}, head dim "
+            f"{q.shape[-1]}. Use backend='auto' to fall back to torch SDPA"
         )
     if backend == "sdpa":
         return "sdpa"
