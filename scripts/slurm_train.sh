@@ -13,6 +13,12 @@
 # To start a stage over, give it a new folder (--trainer.logger.init_args.save_dir or name) or delete its folder; do
 # not pass --ckpt_path null here: a requeue reruns the same arguments, and --ckpt_path null refuses to start while
 # the preemption checkpoint is there (Lightning would resume from it), so the requeued job would exit.
+#
+# Python: $PYTHON if set, else the checkout's .venv/bin/python (what make builds) if there, else `python` on the PATH
+# (an activated conda environment). train.py is the checkout's: $MARDINI_ROOT if set, else the folder above this
+# script's, else (sbatch runs a copy of the script from its spool folder) the one scontrol names as the job's
+# command, else the folder sbatch was called from. Config paths and the configs' data and output paths stay
+# relative to the folder the job runs in (sbatch's: the one it was called from, or --chdir).
 #SBATCH --job-name=mardini
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
@@ -25,7 +31,30 @@ CONFIG=${1:?usage: sbatch [--nodes N] scripts/slurm_train.sh CONFIG.yaml [extra 
 shift
 NODES=${SLURM_JOB_NUM_NODES:-1}
 GPUS=${SLURM_GPUS_PER_NODE:-8}
+script=  # this script's own path under sbatch, which runs a copy of it
+if [[ -n ${SLURM_JOB_ID:-} ]]; then
+  script=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null \
+           | awk -F'Command=' 'NF > 1 {split($2, a, " "); print a[1]; exit}' || true)
+fi
+if [[ -n ${MARDINI_ROOT:-} ]]; then
+  places=("$MARDINI_ROOT")
+else
+  places=("$(dirname "${BASH_SOURCE[0]}")/.." ${script:+"$(dirname "$script")/.."}
+          ${SLURM_SUBMIT_DIR:+"$SLURM_SUBMIT_DIR"})
+fi
+ROOT=
+for dir in "${places[@]}"; do
+  if [[ -f $dir/train.py ]]; then ROOT=$(cd "$dir" && pwd); break; fi
+done
+if [[ -z $ROOT ]]; then
+  echo "slurm_train.sh: error: no train.py in ${places[*]}: set MARDINI_ROOT to the checkout" \
+       "(sbatch --export=ALL,MARDINI_ROOT=/path/to/mardini-lightning ...)" >&2
+  exit 2
+fi
+if [[ -z ${PYTHON:-} ]]; then
+  if [[ -x $ROOT/.venv/bin/python ]]; then PYTHON=$ROOT/.venv/bin/python; else PYTHON=python; fi
+fi
 # Extra arguments (e.g. --config configs/paper/fsdp.yaml) come before the node
 # and device counts, so that an overlay config cannot reset them to its own.
-srun .venv/bin/python train.py fit --config "$CONFIG" --ckpt_path last "$@" \
+srun "$PYTHON" "$ROOT/train.py" fit --config "$CONFIG" --ckpt_path last "$@" \
   --trainer.num_nodes "$NODES" --trainer.devices "${GPUS##*:}"
