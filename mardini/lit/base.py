@@ -70,7 +70,8 @@ class MarDiniBase(L.LightningModule):
         init_from: checkpoint of a previous stage of the same kind to start from (weights + EMA only).
         compile: ``torch.compile`` each network's forward in place (state-dict keys unchanged).
             Activation checkpointing is a network setting: ``planner: {checkpointing: true}`` (same for
-            ``generator``); bf16 is the trainer's ``precision: bf16-mixed``.
+            ``generator``); bf16 is the trainer's ``precision: bf16-mixed`` (or ``32-true``; others are refused
+            at setup).
         loss_reduction: how the training loss averages the generated (masked) elements. ``clip`` (the default):
             each clip's mean, then the mean over the clips, so every clip weighs the same. ``element`` (the paper's
             form): the mean over all generated elements of the global batch (every rank's, through an all-reduce of
@@ -169,6 +170,8 @@ class MarDiniBase(L.LightningModule):
     # ----------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         self.mask_templates = type(self.mask_sampler).templates  # a sampler set from Python since construction
+        if self._trainer is not None:  # before Lightning converts the networks to it
+            _check_precision(getattr(self.trainer, "precision", "32-true"))
         if stage == "fit" and self._trainer is not None:
             self._check_loss_reduction(getattr(self.trainer, "accumulate_grad_batches", 1))
         dm = self.trainer.datamodule if self._trainer is not None else None
@@ -876,6 +879,34 @@ def _check_autoencoder_spec(autoencoder: FrameAutoencoder) -> None:
             f"model.autoencoder: {name}.spec() returned {spec!r}, not a dict with a 'class_path' (and its "
             "'init_args'); return what rebuilds it, as mardini.autoencoders.SpaceToDepthAutoencoder.spec() does"
         )
+
+
+SUPPORTED_PRECISIONS = ("32-true", "bf16-mixed")  # trainer.precision; every stage config trains in bf16-mixed
+_PRECISION_PROBLEMS = {
+    "16-true": "it keeps the weights, the EMA and AdamW's moments in half precision, where small updates round away, "
+               "and the planner's low-resolution copy of a clip cannot be resized in it",
+    "16-mixed": "fp16 trains with a GradScaler, whose overflow steps (skipped and retried at a lower scale, by design) "
+                "model.nonfinite takes for a diverging run (stop: an error; skip: counted as non-finite)",
+    "64-true": "the networks would compute in fp64, but cached latents reach them in fp32",
+}
+_PRECISION_PROBLEMS["bf16-true"] = _PRECISION_PROBLEMS["16-true"]
+
+
+def _check_precision(precision: str) -> None:
+    """Refuse a ``trainer.precision`` other than :data:`SUPPORTED_PRECISIONS`, naming why and ``bf16-mixed``:
+    ``16-true`` / ``bf16-true`` (and Transformer Engine's, bf16 or fp16 weights) would train half-precision master
+    weights, ``16-mixed`` (on a GPU; on a CPU Lightning trains ``bf16-mixed`` instead) a GradScaler's overflow steps,
+    ``64-true`` fp64 networks on fp32 latents. Before, ``bf16-true`` trained a generator silently, its updates rounding
+    away, and failed in the planner's resize naming neither the setting nor the fix."""
+    if precision in SUPPORTED_PRECISIONS:
+        return
+    if str(precision).startswith("transformer-engine"):
+        why = (f"Transformer Engine keeps the weights in {'fp16' if precision.endswith('float16') else 'bf16'} "
+               "(and replaces the networks' layers), where AdamW's small updates round away")
+    else:
+        why = _PRECISION_PROBLEMS.get(precision, "the stages train in 32-true or bf16-mixed only")
+    raise ValueError(f"trainer.precision={precision} is not supported: {why}; use bf16-mixed (bf16 compute with fp32 "
+                     "weights, EMA and optimiser state, as the stage configs) or 32-true")
 
 
 def _check_settings(**s: Any) -> None:
