@@ -47,6 +47,58 @@ def test_loss_adds_the_weighted_masked_reconstruction_and_trains_the_head():
     assert planner.head.weight.grad is not None and planner.head.weight.grad.abs().sum() > 0
 
 
+def _validate(module: MarDiniModule, batches: dict[int, dict], monkeypatch, other_rank=None) -> dict[str, float]:
+    """What one validation epoch over ``{batch_idx: batch}`` logs. ``other_rank``: a second rank's summed tensors by
+    shape, added by a stand-in of the strategy's sum reduction (two ranks' validation)."""
+    from types import SimpleNamespace
+
+    logged: dict[str, float] = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.__setitem__(name, float(value)))
+    module.on_validation_epoch_start()
+    for i, batch in batches.items():
+        module.validation_step(dict(batch), i)
+    if other_rank is not None:
+        reduce = lambda t, reduce_op: t + other_rank[tuple(t.shape)] if reduce_op == "sum" else None  # noqa: E731
+        module._trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(reduce=reduce))
+    module.on_validation_epoch_end()
+    module._trainer = None
+    return logged
+
+
+def test_the_parts_of_a_joint_stage_s_loss_are_logged_in_training_and_validation(monkeypatch):
+    """With plan_recon_weight > 0 the joint stage's val/loss (and train/loss) is the diffusion loss plus the weighted
+    reconstruction loss of the planner's head, not comparable with a generator warm-up's, and validation logged
+    neither part. val/loss stays that sum; val/diffusion_loss (the val/loss of the same networks without the head's
+    term) and val/plan_recon_loss are the parts, means over every rank's clips reduced as val/loss is; train logs
+    train/diffusion_loss beside train/plan_recon_loss."""
+    from types import SimpleNamespace
+
+    batches = {i: {"video": torch.rand(b, 5, 3, 32, 32, generator=torch.Generator().manual_seed(i)) * 2 - 1}
+               for i, b in enumerate([2, 1, 3])}  # (B, T, 3, H, W)
+    with_recon, paper = _module(2.0), _module(0.0)
+    state = {k: v for k, v in with_recon.networks.state_dict().items() if ".head." not in k}
+    for target in (paper.networks, paper.ema.module):  # validation scores the EMA weights
+        target.load_state_dict(state)
+    logged, without = _validate(with_recon, batches, monkeypatch), _validate(paper, batches, monkeypatch)
+    assert logged["val/loss"] == pytest.approx(logged["val/diffusion_loss"] + 2.0 * logged["val/plan_recon_loss"])
+    assert logged["val/diffusion_loss"] == pytest.approx(without["val/loss"]) and logged["val/plan_recon_loss"] > 0
+    assert "val/plan_recon_loss" not in without  # no head, no term
+
+    with_recon.on_validation_epoch_start()  # as a second rank: batches 1 and 2 (the first rank: batch 0)
+    for i in (1, 2):
+        with_recon.validation_step(dict(batches[i]), i)
+    sums = {tuple(t.shape): t for t in (with_recon._val_template_sums, with_recon._val_part_sums)}  # what it reduces
+    assert len(sums) == 2
+    assert _validate(with_recon, {0: batches[0]}, monkeypatch, other_rank=sums) == pytest.approx(logged)
+
+    with_recon._trainer = SimpleNamespace()  # compute_loss logs its parts in training
+    trained: dict[str, float] = {}
+    monkeypatch.setattr(with_recon, "log", lambda name, value, **kw: trained.__setitem__(name, float(value)))
+    loss = with_recon.compute_loss(dict(batches[0]), torch.Generator().manual_seed(7), True).mean()  # train/loss
+    with_recon._trainer = None
+    assert float(loss) == pytest.approx(trained["train/diffusion_loss"] + 2.0 * trained["train/plan_recon_loss"])
+
+
 def test_negative_weight_is_refused():
     with pytest.raises(ValueError, match=r"model\.plan_recon_weight=-1.0 is impossible: it must be >= 0"):
         MarDiniModule(size="tiny", plan_recon_weight=-1.0)

@@ -28,7 +28,9 @@ class MarDiniModule(GenerationModule):
         plan_recon_weight: weight of an auxiliary masked reconstruction loss (the warm-up's Eq. 2) on the planner's
             projection head during joint training. 0 (the paper): the head is removed. > 0 keeps the head (loaded
             with the planner warm-up) so the plan stays a readable forecast of the masked frames while the
-            generator learns to read it; the head is never used at sampling time.
+            generator learns to read it; the head is never used at sampling time. The stage's losses
+            (``train/loss``, ``val/loss``, per template too) are then the diffusion loss plus this weight times the
+            reconstruction loss; ``{train,val}/diffusion_loss`` and ``{train,val}/plan_recon_loss`` are the parts.
         train_only: ``fnmatch`` patterns of the network parameters this stage trains (names as in
             ``networks.named_parameters()``, e.g. ``generator.blocks.*.cross.*``); the rest stay frozen. None: all.
             A joint-model stage can train the planner and the generator's plan-reading layers only, so that the
@@ -55,6 +57,8 @@ class MarDiniModule(GenerationModule):
         super().__init__(*args, **kwargs)
         self.plan_dropout = plan_dropout
         self.plan_recon_weight = plan_recon_weight
+        self._last_parts: torch.Tensor | None = None  # (B, [diffusion, plan recon]) of the last compute_loss
+        self._val_part_sums: torch.Tensor | None = None  # ([diffusion sum, plan recon sum, clips]) of this validation
         if planner_ckpt:
             self.load_networks_from(planner_ckpt, kinds=("planning",), names=("planner",))
         if generator_ckpt:
@@ -105,11 +109,44 @@ class MarDiniModule(GenerationModule):
             null = self.networks["generator"].null_plan(b, t, plan.shape[2]).to(plan.dtype)  # (B, T, N_low, D)
             plan = torch.where(drop[:, None, None, None], null, plan)  # (B, T, N_low, D)
         loss = self.diffusion_loss(z_high, plan, mask, generator, weighted=train)  # (B,)
+        recon_part = recon_loss if recon_loss is not None else torch.zeros_like(loss)  # (B,)
+        self._last_parts = torch.stack([loss.detach().float(), recon_part.detach().float()], 1)  # (B, 2)
+        if train and self._trainer is not None:
+            self.log("train/diffusion_loss", loss.mean(), on_step=True, batch_size=b)
         if recon_loss is not None:
             if train and self._trainer is not None:
                 self.log("train/plan_recon_loss", recon_loss.mean(), on_step=True, batch_size=b)
             loss = loss + self.plan_recon_weight * recon_loss  # (B,)
         return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """The base's (``val/loss``: the diffusion loss plus ``plan_recon_weight`` x the reconstruction loss),
+        and the sums of the two parts over this rank's clips."""
+        super().validation_step(batch, batch_idx)
+        parts = self._last_parts  # (B, [diffusion, plan recon])
+        sums = torch.cat([parts.sum(0), parts.new_tensor([parts.shape[0]])])  # ([diffusion sum, recon sum, clips])
+        self._val_part_sums = sums if self._val_part_sums is None else self._val_part_sums + sums
+
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        self._val_part_sums = None
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()  # val/loss; raises where no rank had a usable clip
+        self._log_val_parts()
+
+    def _log_val_parts(self) -> None:
+        """``val/diffusion_loss`` and (``plan_recon_weight`` > 0) ``val/plan_recon_loss``: the parts of ``val/loss``
+        as means over every rank's clips, reduced as it is (every rank sums, then one reduction at the epoch's end)."""
+        sums = self._val_part_sums
+        if sums is None:  # no validation batch on this rank
+            sums = torch.zeros(3, device=self.device)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums.clone(), reduce_op="sum")  # ([diffusion sum, recon sum, clips])
+        self.log("val/diffusion_loss", sums[0] / sums[2], sync_dist=True)  # equal on every rank
+        if self.plan_recon_weight > 0:
+            self.log("val/plan_recon_loss", sums[1] / sums[2], sync_dist=True)
+        self._val_part_sums = None
 
     def tokens_per_clip(self, batch: dict) -> int:
         return GenerationModule.tokens_per_clip(self, batch) + PlanningModule._planner_tokens(self, batch)
