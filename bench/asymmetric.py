@@ -18,10 +18,15 @@ paper's attention-to-linear FLOP balance (tokens / width) and the 4:1 high/low t
 ``MarDiniPipeline`` (planner once, reference cache and batched guidance on), as the paper's setting.
 
 Each (variant, frames) runs in its own subprocess: latency = planner + generator seconds of a second
-``generate`` call (the first, 1 step or with ``--full-warmup`` as many as the timed call, warms up); peak memory =
-the subprocess's max RSS (``ru_maxrss``) and its growth over the RSS after the networks are built (on CUDA:
-``torch.cuda.max_memory_allocated`` and its growth over the memory the networks hold). Rounds interleave the variants; medians are reported, with the latency's
-min and max over the rounds (``latency_min_s``, ``latency_max_s``).
+``generate`` call (the first, 1 step or with ``--full-warmup`` as many as the timed call, warms up). Memory on CPU:
+``peak_growth_mib`` = what a third call, as long as the timed one, adds to the resident set at its peak (``VmHWM``
+reset through ``/proc/self/clear_refs``, as ``bench.attention_memory``; glibc then serves buffers above 64 KiB
+with their own mmap, so freed memory is not reused unseen; after the timed call, which it would slow down), so
+one-time runtime allocations of the first call are not counted; ``peak_rss_mib`` = the subprocess's max RSS
+(``ru_maxrss``, those included). On CUDA: ``torch.cuda.max_memory_allocated`` and its growth over the memory the
+networks hold. Rounds interleave the variants; medians are reported, with the latency's and the memory growth's
+min and max over the rounds (``latency_min_s``, ``latency_max_s``, ``memory_growth_min_mib``,
+``memory_growth_max_mib``).
 
 FLOPs (model FLOPs of the whole sampling call, ``bench.common.flop_counter``, after the timed call): counted for
 1 and 2 steps, so ``total = f1 + (steps - 1) (f2 - f1)`` (the first step also fills the reference cache). The
@@ -38,7 +43,8 @@ import sys
 
 import torch
 
-from bench.common import command, flop_counter, machine, median, write_result
+from bench.common import (command, flop_counter, machine, median, mmap_large_buffers, rss_peak_bytes,
+                          write_result)
 
 NAME = "asymmetric"
 VARIANTS = {"a": ("low", "t"), "b": ("low", "st"), "c": ("high", "st")}
@@ -46,8 +52,11 @@ LABELS = {"a": "MarDini (low-res planner, /T)", "b": "low-res planner, /ST", "c"
 
 
 def child(variant: str, frames: int, steps: int, side: int, low: int, scale: int, threads: int | None,
-          device: str = "cpu", warmup_steps: int = 1) -> dict:
-    """One measurement in this process (after a ``warmup_steps`` warm-up call); returns seconds and memory."""
+          device: str = "cpu", warmup_steps: int = 1, measure_memory: bool = True) -> dict:
+    """One measurement in this process (after a ``warmup_steps`` warm-up call); returns seconds and memory.
+
+    ``measure_memory`` (CPU): the peak-growth call, which leaves glibc mmapping every buffer above 64 KiB for the
+    rest of the process (its slower allocation is why the bench measures in subprocesses)."""
     from mardini.autoencoders import SpaceToDepthAutoencoder
     from mardini.masking import image_to_video_mask
     from mardini.models import build_generator, build_planner
@@ -72,16 +81,19 @@ def child(variant: str, frames: int, steps: int, side: int, low: int, scale: int
                            window=frames, dtype=torch.bfloat16, device=device)
     video = torch.rand(1, frames, 3, pix, pix, generator=torch.Generator().manual_seed(0)) * 2 - 1
     mask = image_to_video_mask(frames)[None]  # (1, T): frame 0 given
-    rss_built = _rss_now()
     cuda = pipe.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(pipe.device)
         gpu_built = torch.cuda.memory_allocated(pipe.device)
     pipe.generate(video, mask, steps=warmup_steps, guidance_scale=2.5, progress=False)  # warm-up
     pipe.generate(video, mask, steps=steps, guidance_scale=2.5, progress=False)
-    tm = pipe.last_timings
+    tm = dict(pipe.last_timings)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     gpu_peak = torch.cuda.max_memory_allocated(pipe.device) if cuda else None  # before the FLOP counting
+    growth = None
+    if measure_memory and not cuda:  # a third call, after the timed one: the mmap threshold slows allocation
+        mmap_large_buffers()
+        growth = rss_peak_bytes(lambda: pipe.generate(video, mask, steps=steps, guidance_scale=2.5, progress=False))
     counted = []
     for n in (1, 2):
         with flop_counter() as fc:
@@ -90,7 +102,7 @@ def child(variant: str, frames: int, steps: int, side: int, low: int, scale: int
     flops = counted[0] + (steps - 1) * (counted[1] - counted[0])
     return {"variant": variant, "frames": frames, "latency_s": tm["planner"] + tm["generator"],
             "planner_s": tm["planner"], "generator_s": tm["generator"], "peak_rss_mib": peak / 2**20,
-            "peak_growth_mib": (peak - rss_built) / 2**20, "gflop": flops / 1e9,
+            "peak_growth_mib": growth / 2**20 if growth is not None else None, "gflop": flops / 1e9,
             "peak_gpu_mib": gpu_peak / 2**20 if cuda else None,
             "peak_gpu_growth_mib": (gpu_peak - gpu_built) / 2**20 if cuda else None,
             "gflop_per_s": flops / 1e9 / (tm["planner"] + tm["generator"]),
@@ -98,14 +110,6 @@ def child(variant: str, frames: int, steps: int, side: int, low: int, scale: int
                          "generator": sum(p.numel() for p in generator.parameters()) / 1e6},
             "tokens": {"generator": frames * side * side,
                        "planner": frames * (low if res_mode == "low" else side) ** 2}}
-
-
-def _rss_now() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -160,14 +164,18 @@ def main(argv: list[str] | None = None) -> dict:
                for v in a.variants}
         for v in a.variants:
             lat = [x["latency_s"] for x in runs if x["variant"] == v and x["frames"] == frames]
+            grew = [x[growth] for x in runs if x["variant"] == v and x["frames"] == frames]
             table.append({"frames": frames, "variant": v, "label": LABELS[v], **med[v], "rounds": len(lat),
                           "latency_min_s": min(lat), "latency_max_s": max(lat),
+                          "memory_growth_min_mib": min(grew), "memory_growth_max_mib": max(grew),
                           "c_over_this_latency": med["c"]["latency_s"] / med[v]["latency_s"],
                           "c_over_this_flops": med["c"]["gflop"] / med[v]["gflop"],
                           "this_over_c_memory": med[v][mem] / med["c"][mem]})
     result = {"command": command(f"bench.{NAME}", argv),
               "settings": {k: v for k, v in vars(a).items() if k not in ("child", "tag")},
-              "memory": "torch.cuda.max_memory_allocated" if gpu else "max RSS of the subprocess",
+              "memory": "torch.cuda.max_memory_allocated" if gpu else
+              "peak_rss_mib: max RSS of the subprocess; peak_growth_mib: VmHWM growth of a call after the timed one "
+              "(clear_refs reset, glibc mmap threshold 64 KiB)",
               "machine": machine(), "params_M": runs[0]["params_M"], "table": table, "runs": runs}
     path = write_result(NAME + (f"_{a.tag}" if a.tag else ""), result)
     print(f"\n| frames | variant | latency s | planner s | generator s | peak {'GPU' if gpu else 'RSS'} MiB | GFLOP "

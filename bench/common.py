@@ -6,6 +6,9 @@ same run, interleaved, and reports ratios (medians over rounds).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import json
 import os
 import platform
@@ -20,6 +23,8 @@ from mardini import cpu_kernels
 from mardini.run_info import command_line
 
 RESULTS = Path("bench/results")
+MMAP_THRESHOLD = 65536  # bytes: glibc serves larger buffers with their own mmap, returned to the OS on free
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 
 
 def command(module: str, argv: list[str] | None) -> str:
@@ -68,6 +73,41 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, repeats
     torch.mm(a, b)
     best = min(timed(lambda: torch.mm(a, b), device) for _ in range(repeats))
     return 2 * n**3 / best
+
+
+# --------------------------------------------------------------------------------------------------
+# CPU peak memory: the resident set's high-water mark over one call
+# --------------------------------------------------------------------------------------------------
+
+
+def proc_status(field: str) -> int:
+    """``field`` of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # kB -> bytes
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def mmap_large_buffers() -> None:
+    """From now on glibc serves every buffer above ``MMAP_THRESHOLD`` with its own mmap (unmapped on free), and
+    the free pages it holds now go back to the OS, so :func:`rss_peak_bytes` counts every large temporary instead
+    of reusing earlier calls' freed memory unseen. Called after the timed calls: it slows allocation down."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if not libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD):
+        raise RuntimeError("glibc's mallopt refused M_MMAP_THRESHOLD: CPU peak memory needs glibc")
+    libc.malloc_trim(0)
+
+
+def rss_peak_bytes(fn) -> int:
+    """Bytes ``fn()`` adds to the resident set at its peak: ``VmHWM`` (reset to the current resident set by
+    writing 5 to ``/proc/self/clear_refs``) minus ``VmRSS`` before the call (Linux)."""
+    gc.collect()
+    base = proc_status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set
+    fn()
+    return max(proc_status("VmHWM") - base, 0)
 
 
 # --------------------------------------------------------------------------------------------------

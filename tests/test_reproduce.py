@@ -100,9 +100,11 @@ def test_fig6c_verdicts():
     assert verdicts.fig6c(run(1.0, 1.0), run(1.0, 1.0))[2]["verdict"].startswith("inconclusive")
 
 
-def _t3(v, lat, mem, lo=None, hi=None, rounds=5):
+def _t3(v, lat, mem, lo=None, hi=None, rounds=5, mem_lo=None, mem_hi=None):
     return {"frames": 9, "variant": v, "latency_s": lat, "peak_growth_mib": mem, "rounds": rounds,
-            "latency_min_s": lat if lo is None else lo, "latency_max_s": lat if hi is None else hi}
+            "latency_min_s": lat if lo is None else lo, "latency_max_s": lat if hi is None else hi,
+            "memory_growth_min_mib": mem if mem_lo is None else mem_lo,
+            "memory_growth_max_mib": mem if mem_hi is None else mem_hi}
 
 
 def test_table3_verdicts():
@@ -121,6 +123,26 @@ def test_table3_latency_needs_rounds_that_do_not_overlap():
     assert verdicts.table3(single)[0]["verdict"] == "inconclusive (one timing per variant: no spread)"
     reversed_bc = [_t3("a", 1, 10, 0.9, 1.1), _t3("b", 5, 20, 4.9, 5.1), _t3("c", 3, 90, 2.9, 3.1)]
     assert verdicts.table3(reversed_bc)[0]["verdict"] == "mixed"
+
+
+def test_table3_memory_needs_rounds_that_do_not_overlap():
+    """The memory medians 34.64 / 34.38 / 34.03 MiB of a quick run whose rounds spread by 10-20 MiB said
+    "disagrees"; memory now takes latency's rule: an order counts only where the rounds' ranges do not overlap."""
+    def row(v, mem, spread, rounds=5):  # latencies 1 / 2 / 3 s, rounds apart
+        lat = "abc".index(v) + 1.0
+        return _t3(v, lat, mem, lat - 0.1, lat + 0.1, rounds, mem - spread, mem + spread)
+
+    noisy = [row(v, m, 15) for v, m in zip("abc", (34.64, 34.38, 34.03))]
+    latency, memory = verdicts.table3(noisy)
+    assert latency["verdict"] == "agrees"
+    assert memory["verdict"] == "inconclusive (the rounds' memory ranges overlap)"
+    assert "34.6 (19.6-49.6) / 34.4 (19.4-49.4) / 34.0 (19.0-49.0) MiB" in memory["detail"]  # the spread is shown
+    apart = [row(v, m, 1) for v, m in zip("abc", (10, 20, 30))]
+    assert verdicts.table3(apart)[1]["verdict"] == "agrees"
+    reversed_ac = [row(v, m, 1) for v, m in zip("abc", (30, 20, 10))]
+    assert verdicts.table3(reversed_ac)[1]["verdict"] == "disagrees"
+    single = [row(v, m, 0, rounds=1) for v, m in zip("abc", (10, 20, 30))]
+    assert verdicts.table3(single)[1]["verdict"] == "inconclusive (one memory measurement per variant: no spread)"
 
 
 def test_table3_runs_rounds_full_warmups_on_the_reproduction_s_threads(tmp_path, monkeypatch):
@@ -146,11 +168,12 @@ def test_asymmetric_quick_keeps_explicit_rounds_and_reports_the_spread(monkeypat
     from bench import asymmetric
 
     lat = iter([3.0, 1.0, 2.0, 1.5, 0.5, 2.5])
+    mem = iter([5.0, 9.0, 4.0, 8.0])
 
     def fake_run(cmd, **kw):
         i = cmd.index("--child")
         row = {"variant": cmd[i + 1], "frames": int(cmd[i + 2]), "latency_s": next(lat), "planner_s": 0.0,
-               "generator_s": 0.0, "peak_rss_mib": 1.0, "peak_growth_mib": 1.0, "gflop": 1.0, "gflop_per_s": 1.0,
+               "generator_s": 0.0, "peak_rss_mib": 1.0, "peak_growth_mib": next(mem), "gflop": 1.0, "gflop_per_s": 1.0,
                "params_M": {}, "warmup": "--full-warmup" in cmd, "threads": cmd[cmd.index("--threads") + 1]}
         return type("Done", (), {"returncode": 0, "stdout": json.dumps(row)})()
 
@@ -161,6 +184,7 @@ def test_asymmetric_quick_keeps_explicit_rounds_and_reports_the_spread(monkeypat
     assert all(r["warmup"] and r["threads"] == "2" for r in out["runs"])
     a = next(r for r in out["table"] if r["variant"] == "a")
     assert (a["rounds"], a["latency_min_s"], a["latency_max_s"]) == (2, 2.0, 3.0)
+    assert (a["peak_growth_mib"], a["memory_growth_min_mib"], a["memory_growth_max_mib"]) == (4.5, 4.0, 5.0)
 
 
 def test_configs_are_copies_that_write_elsewhere(tmp_path):
@@ -244,6 +268,7 @@ def test_table3_report_shows_the_toy_settings_and_the_spread(tmp_path):
     text = write_report(tmp_path, info, {"table3": t3}, {"Table 3": verdicts.table3(table)}, {}).read_text()
     assert "Toy settings: frames [9], steps 10, rounds 5, side 16, threads 2." in text
     assert "| 9 | a | 1.00 (0.90-1.10) |" in text
+    assert "| 1.00 | 10.0 (10.0-10.0) | 3.00x |" in text  # memory growth: median (min-max) over the rounds
 
 
 def test_fig6a_image_to_video_verdict_uses_the_plotted_metrics():

@@ -1,9 +1,11 @@
 """Table 3 from the benchmark module ``bench.asymmetric`` (owned by the benchmarks; called, not re-implemented).
 
-It runs in a fresh Python process: each variant's peak memory is its subprocess's ``ru_maxrss``, which Linux
+It runs in a fresh Python process: each variant's peak RSS is its subprocess's ``ru_maxrss``, which Linux
 carries over ``exec`` from the parent, so a parent that has already trained and sampled (this command) would
 raise every variant to its own peak. Latency is timed over ``rounds`` interleaved rounds, each child after a
-warm-up call as long as the timed one, on the reproduction's thread count. Its results folder is pointed at the
+warm-up call as long as the timed one, on the reproduction's thread count; the memory the verdict compares is
+what a call after the timed one adds to the child's resident set at its peak (``bench.asymmetric``'s docstring),
+with its min and max over the rounds. Its results folder is pointed at the
 reproduction's folder, so a reproduction run never overwrites the benchmark's published
 ``bench/results/asymmetric.json``. The module is the checkout's ``bench/`` (run there, from whatever folder the
 reproduction runs in).

@@ -118,18 +118,21 @@ def write_report(out: Path, info: dict, results: dict, verdicts: dict, pictures:
                   "42.57 GB; low-res planner with /ST generator 34.58 s / 62.51 GB; planner at full resolution out "
                   "of memory (9 frames: 25.09 s / 74.44 GB vs 17.91 s / 41.03 GB).", "",
                   f"Toy: `{t['command']}` (its docstring gives the scaled setting), CPU, parameters "
-                  f"{t['params_M']}; memory is the process's peak RSS growth after building the networks.", "",
+                  f"{t['params_M']}; memory is what a sampling call after the timed one adds to the resident set "
+                  "at its peak (one-time allocations of the first call not counted).", "",
                   "Toy settings: " + ", ".join(f"{k} {t['settings'][k]}" for k in TABLE3_SETTINGS
                                                if k in t["settings"]) + ". Each variant runs once per round in "
                   "its own process, rounds interleaved, timed after a warm-up call as long as the timed one; "
-                  "latency is the median over the rounds (min-max in brackets).", "",
-                  "| frames | variant | latency s (min-max) | planner s | generator s | peak RSS growth MiB "
+                  "latency and memory are medians over the rounds (min-max in brackets).", "",
+                  "| frames | variant | latency s (min-max) | planner s | generator s | peak RSS growth MiB (min-max) "
                   "| (c) latency / this |",
                   "|---|---|---|---|---|---|---|"]
         for row in t["table"]:
             span = f" ({row['latency_min_s']:.2f}-{row['latency_max_s']:.2f})" if "latency_min_s" in row else ""
+            mem = (f" ({row['memory_growth_min_mib']:.1f}-{row['memory_growth_max_mib']:.1f})"
+                   if "memory_growth_min_mib" in row else "")
             lines.append(f"| {row['frames']} | {row['label']} | {row['latency_s']:.2f}{span} | "
-                         f"{row['planner_s']:.2f} | {row['generator_s']:.2f} | {row['peak_growth_mib']:.0f} | "
+                         f"{row['planner_s']:.2f} | {row['generator_s']:.2f} | {row['peak_growth_mib']:.1f}{mem} | "
                          f"{row['c_over_this_latency']:.2f}x |")
         lines += ["", *verdict_lines(verdicts["Table 3"]), ""]
     lines += ["## Settings", "", "```", *(f"{k}: {v}" for k, v in info["settings"].items()), "```", ""]

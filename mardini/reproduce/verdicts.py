@@ -196,43 +196,56 @@ def _f(x) -> str:
     return "–" if x is None else f"{x:.4f}"
 
 
-def _order(x: dict, y: dict) -> str:
-    """``<`` / ``>`` when every round of ``x`` is faster / slower than every round of ``y``, else ``~`` (overlap)."""
-    if x["latency_max_s"] < y["latency_min_s"]:
+RANGES = {"latency": ("latency_s", "latency_min_s", "latency_max_s", "timing"),
+          "memory": ("peak_growth_mib", "memory_growth_min_mib", "memory_growth_max_mib", "memory measurement")}
+
+
+def _order(x: dict, y: dict, lo: str, hi: str) -> str:
+    """``<`` / ``>`` when every round of ``x`` is below / above every round of ``y`` (``lo``/``hi``: the rows' min
+    and max over the rounds), else ``~`` (overlap)."""
+    if x[hi] < y[lo]:
         return "<"
-    return ">" if x["latency_min_s"] > y["latency_max_s"] else "~"
+    return ">" if x[lo] > y[hi] else "~"
 
 
-def _latency_verdict(v: dict[str, dict]) -> str:
-    """a < b < c counted only where the rounds' ranges do not overlap (a single round has no spread)."""
-    if min(v[k].get("rounds", 1) for k in "abc") < 2:
-        return "inconclusive (one timing per variant: no spread)"
-    ab, bc, ac = _order(v["a"], v["b"]), _order(v["b"], v["c"]), _order(v["a"], v["c"])
+def _ordering_verdict(v: dict[str, dict], what: str) -> str:
+    """a < b < c in ``what`` (``latency``, ``memory``) counted only where the rounds' ranges do not overlap (a
+    single round has no spread)."""
+    _, lo, hi, one = RANGES[what]
+    if min(v[k].get("rounds", 1) for k in "abc") < 2 or not all(lo in v[k] for k in "abc"):
+        return f"inconclusive (one {one} per variant: no spread)"
+    ab, bc, ac = (_order(v[x], v[y], lo, hi) for x, y in ("ab", "bc", "ac"))
     if ab == bc == "<":
         return "agrees"
     if ac == ">":
         return "disagrees"
     if ac == "<" and ">" in (ab, bc):
         return "mixed"
-    return "inconclusive (the rounds' latency ranges overlap)"
+    return f"inconclusive (the rounds' {what} ranges overlap)"
+
+
+def _spread(v: dict[str, dict], what: str, fmt: str) -> str:
+    """``median (min-max)`` of a / b / c over the rounds."""
+    med, lo, hi, _ = RANGES[what]
+    return " / ".join(f"{v[k][med]:{fmt}} ({v[k].get(lo, v[k][med]):{fmt}}-{v[k].get(hi, v[k][med]):{fmt}})"
+                      for k in "abc")
 
 
 def table3(table: list[dict]) -> list[dict]:
     """PAPER.md Table 3: the asymmetric design (a) is the fastest and lightest, full-res planner (c) the heaviest.
 
-    Latency: one variant is faster than another only where its slowest round beats the other's fastest round."""
+    Latency and memory alike: one variant is below another only where its largest round is below the other's
+    smallest round (noise, e.g. a shared CPU's outliers, makes the ranges overlap: inconclusive)."""
     rows = []
     for frames in sorted({r["frames"] for r in table}):
         v = {r["variant"]: r for r in table if r["frames"] == frames}
         lat = [v[k]["latency_s"] for k in "abc"]
-        mem = [v[k]["peak_growth_mib"] for k in "abc"]
-        spread = " / ".join(f"{v[k]['latency_s']:.2f} s ({v[k].get('latency_min_s', v[k]['latency_s']):.2f}-"
-                            f"{v[k].get('latency_max_s', v[k]['latency_s']):.2f})" for k in "abc")
+        rounds = f"over {v['a'].get('rounds', 1)} rounds"
         rows.append({"claim": f"{frames} frames: latency a < b < c (slowest round beats the fastest round)",
-                     "verdict": _latency_verdict(v),
-                     "detail": f"a/b/c median (min-max) over {v['a'].get('rounds', 1)} rounds: {spread}; "
+                     "verdict": _ordering_verdict(v, "latency"),
+                     "detail": f"a/b/c median (min-max) {rounds}: {_spread(v, 'latency', '.2f')} s; "
                                f"c/a {lat[2] / lat[0]:.1f}x"})
-        rows.append({"claim": f"{frames} frames: peak memory growth a <= b <= c", "verdict":
-                     "agrees" if mem[0] <= mem[1] <= mem[2] else ("mixed" if mem[0] <= mem[2] else "disagrees"),
-                     "detail": "a/b/c " + " / ".join(f"{x:.0f} MiB" for x in mem)})
+        rows.append({"claim": f"{frames} frames: peak memory growth a < b < c (largest round below the smallest "
+                              f"round)", "verdict": _ordering_verdict(v, "memory"),
+                     "detail": f"a/b/c median (min-max) {rounds}: {_spread(v, 'memory', '.1f')} MiB"})
     return rows
