@@ -14,12 +14,13 @@ Methods:
 Peak memory is what the call adds on top of its inputs:
     * CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
     * CPU: the process's resident-set high-water mark (``VmHWM``), reset before each call by writing 5
-      to ``/proc/self/clear_refs``, minus the resident set before the call. The script re-executes
-      itself with ``MALLOC_MMAP_THRESHOLD_=65536`` so every tensor buffer above 64 KiB is its own mmap
+      to ``/proc/self/clear_refs``, minus the resident set before the call. ``main`` runs the bench in a
+      child process with ``MALLOC_MMAP_THRESHOLD_=65536`` so every tensor buffer above 64 KiB is its own mmap
       that glibc returns to the OS on free; freed memory is then never silently reused and the
       high-water mark counts every large temporary. Small allocations (< 64 KiB) are not resolved.
 
-Writes ``bench/results/attention_memory.json`` and prints a table with ratios taken in this one run.
+Writes ``bench/results/attention_memory.json`` (``--out``), prints a table with ratios taken in this one run and
+returns the result (``main(argv)`` honours ``argv`` from a notebook or test, and returns).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -151,7 +153,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
@@ -165,9 +167,17 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     if torch.device(args.device).type == "cpu" and os.environ.get(MMAP_ENV) != "65536":
-        # re-run with a fixed mmap threshold so the RSS high-water mark sees every large buffer
-        os.execve(sys.executable, [sys.executable, "-m", "bench.attention_memory", *sys.argv[1:]],
-                  {**os.environ, MMAP_ENV: "65536"})
+        # run again with a fixed mmap threshold so the RSS high-water mark sees every large buffer: a child
+        # process given this call's arguments (not sys.argv, which is a notebook's or test runner's)
+        root = str(Path(__file__).resolve().parents[1])  # bench/ importable from any working directory
+        env = {**os.environ, MMAP_ENV: "65536",
+               "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
+        argv = sys.argv[1:] if argv is None else list(argv)
+        done = subprocess.run([sys.executable, "-m", "bench.attention_memory", *argv], env=env)
+        if done.returncode:
+            raise RuntimeError(f"bench.attention_memory failed in its child process (exit code {done.returncode}); "
+                               "see its messages above")
+        return json.loads(Path(args.out).read_text())
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -183,8 +193,10 @@ def main(argv: list[str] | None = None) -> None:
                 gpu=torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else None,
                 memory_method="cuda max_memory_allocated" if args.device.startswith("cuda")
                 else "VmHWM reset via /proc/self/clear_refs, MALLOC_MMAP_THRESHOLD_=65536")
-    out.write_text(json.dumps({"settings": meta, "rows": rows, "table": report}, indent=2))
+    result = {"settings": meta, "rows": rows, "table": report}
+    out.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {out}")
+    return result
 
 
 if __name__ == "__main__":

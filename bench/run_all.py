@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.run_all [--quick] [--only train_mfu asymmetric ...]
 
-Each bench runs as its own subprocess (``python -m bench.<name> <args>``; some re-exec themselves or spawn
+Each bench runs as its own subprocess (``python -m bench.<name> <args>``; some run themselves again or spawn
 children) and writes its JSON; the summary then lists each figure with the command that produced it.
 ``--quick`` passes every bench its smoke-test settings (seconds, not meaningful figures).
 """

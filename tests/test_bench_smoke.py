@@ -163,3 +163,23 @@ print(before / 2**20, rss_peak_bytes(lambda: torch.ones(n)) / 2**20)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     before, after = map(float, out.stdout.split())
     assert after > 15.5, (before, after)  # before: what reused memory hides (0 MiB with this glibc)
+
+
+def test_attention_memory_main_honours_argv_and_returns(tmp_path, monkeypatch):
+    """``main(argv)`` from a notebook or test: it used to execve itself with ``sys.argv[1:]`` (the test runner's
+    arguments), replacing the caller's process with the default run; it now runs ``argv`` in a child and returns."""
+    import os
+
+    from bench import attention_memory
+
+    def execve(*args):
+        raise AssertionError("main(argv) replaced the calling process")
+
+    monkeypatch.setattr(os, "execve", execve)
+    monkeypatch.delenv(attention_memory.MMAP_ENV, raising=False)
+    out = tmp_path / "am.json"
+    r = attention_memory.main(["--lengths", "512", "--dtypes", "fp32", "--repeats", "1", "--device", "cpu",
+                               "--out", str(out)])
+    assert {(x["dtype"], x["tokens"]) for x in r["rows"]} == {("fp32", 512)}
+    assert {x["method"] for x in r["rows"]} == {"sdpa", "identity_token", "identity_frame", "dense_token"}
+    assert r["settings"]["memory_method"].endswith("MALLOC_MMAP_THRESHOLD_=65536") and out.is_file()
