@@ -76,6 +76,49 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, repeats
 
 
 # --------------------------------------------------------------------------------------------------
+# Loader benches: which shards they stream
+# --------------------------------------------------------------------------------------------------
+
+QUICK_CLIPS, QUICK_PER_SHARD = 32, 8  # --quick's stand-in for the demo set: 4 training shards, seconds to write
+
+
+def loader_shards(path: Path) -> Path:
+    """``--shards``: the demo's synthetic set at its default path, written (or completed) when missing; any other
+    folder is read as it is (a ValueError naming ``--shards`` when it has no ``train/`` folder)."""
+    from mardini.demo import SHARDS, build_synthetic
+
+    if path.resolve() == SHARDS.resolve():
+        build_synthetic(SHARDS, progress=False)
+    elif not (path / "train").is_dir():
+        raise ValueError(f"--shards {path}: no train/ folder of shards there; give a folder holding train/*.tar (as "
+                         f"data/make_synthetic.py --out DIR writes) or leave --shards out for the demo's set")
+    return path
+
+
+def quick_shards(folder: Path) -> Path:
+    """A ``QUICK_CLIPS``-clip synthetic training split at the demo's render settings under ``folder``
+    (``--quick``: the demo's full set takes minutes to write)."""
+    from mardini.data.synthetic_shards import write_synthetic_split
+
+    write_synthetic_split(folder, "train", QUICK_CLIPS, QUICK_PER_SHARD, progress=False)
+    return folder
+
+
+def train_stream(shards: Path, batch_size: int, workers: int):
+    """``VideoDataModule`` at the demo's loader settings over ``shards/train`` (set up; no validation split needed);
+    the loader's error, prefixed with ``--shards``, when those shards cannot feed it."""
+    from mardini.demo import demo_datamodule
+
+    try:
+        dm = demo_datamodule(shards, batch_size=batch_size, num_workers=workers)
+        dm.val_shards = None  # the benches stream the training split only
+        dm.setup("fit")
+    except (ValueError, FileNotFoundError) as err:  # the loader's own message, about data.train_shards
+        raise type(err)(f"--shards {shards}: {err}") from None
+    return dm
+
+
+# --------------------------------------------------------------------------------------------------
 # CPU peak memory: the resident set's high-water mark over one call
 # --------------------------------------------------------------------------------------------------
 

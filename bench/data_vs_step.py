@@ -1,8 +1,10 @@
 """Does the loader keep up? Loader clips/s against the clips/s a training step consumes, in one run.
 
-    .venv/bin/python -m bench.data_vs_step [--rounds 3] [--seconds 5] [--quick]
+    .venv/bin/python -m bench.data_vs_step [--rounds 3] [--seconds 5] [--quick] [--shards DIR]
 
-Demo configuration = ``configs/tiny/common.yaml`` + ``05_joint_task.yaml``: synthetic shards, 9 frames at 8 fps,
+Demo configuration = ``configs/tiny/common.yaml`` + ``05_joint_task.yaml``: synthetic shards (the demo's set, built
+if missing; ``--shards DIR``: ``DIR/train`` as it is; ``--quick`` without ``--shards``: a 32-clip set written to a
+temporary folder, not the demo's 2000 clips), 9 frames at 8 fps,
 32x32, batch 8 (``--batch-size``), ``num_workers`` 1; ``MarDiniModule`` size ``tiny``, planner 16 px, generator patch 2,
 bf16 autocast. The step is forward + backward + AdamW + EMA on the loader's own batch (pixels, so the
 autoencoder encode is included).
@@ -15,13 +17,18 @@ from the live loader and reports the share of time spent waiting in ``next()`` (
 from __future__ import annotations
 
 import argparse
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from bench.common import command, machine, median, timed, write_result
+from bench.common import (QUICK_CLIPS, command, loader_shards, machine, median, quick_shards, timed, train_stream,
+                          write_result)
 from bench.tiny_step import build
-from mardini.demo import SHARDS, build_synthetic, demo_datamodule, stream_for
+from mardini.demo import SHARDS, stream_for
+from mardini.user_errors import run_reporting_user_errors
 
 NAME = "data_vs_step"
 
@@ -49,13 +56,23 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=3, help="training steps per round")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=1, help="the demo's num_workers (configs/tiny/common.yaml)")
+    p.add_argument("--shards", type=Path, default=None,
+                   help="a folder holding train/ shards, read as it is (default: the demo's set, built if missing)")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args(argv)
     if a.quick:
         a.rounds, a.seconds, a.steps = 1, 1.0, 1
-    build_synthetic(SHARDS, progress=False)
-    dm = demo_datamodule(SHARDS, batch_size=a.batch_size, num_workers=a.workers)
-    dm.setup("fit")
+    with tempfile.TemporaryDirectory(prefix="data_vs_step_") as tmp:
+        if a.quick and a.shards is None:
+            shards, source = quick_shards(Path(tmp)), f"a {QUICK_CLIPS}-clip synthetic set (--quick)"
+        else:
+            shards = loader_shards(a.shards or SHARDS)
+            source = str(shards / "train")
+        return measure(a, train_stream(shards, a.batch_size, a.workers), source, argv)
+
+
+def measure(a: argparse.Namespace, dm, source: str, argv: list[str] | None) -> dict:
+    """The rounds and the live pass of :func:`main` on the set-up loader ``dm``."""
     step = build_step(a.batch_size)
     _, _, batch = stream_for(dm, 0.0)
     batch = {k: v for k, v in batch.items() if torch.is_tensor(v)}
@@ -80,8 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
         wait, work = wait + t1 - t0, work + time.perf_counter() - t1
     summary = {k: median([x[k] for x in rounds]) for k in rounds[0]}
     summary["live_wait_share"] = wait / (wait + work)
-    result = {"command": command(f"bench.{NAME}", argv), "settings": vars(a), "machine": machine(),
-              "median": summary, "rounds": rounds}
+    result = {"command": command(f"bench.{NAME}", argv), "settings": {**vars(a), "shards": source},
+              "machine": machine(), "median": summary, "rounds": rounds}
     path = write_result(NAME, result)
     print(f"loader {summary['loader_clips_per_s']:.1f} clips/s vs training {summary['step_clips_per_s']:.1f} clips/s "
           f"({a.workers} worker): {summary['ratio']:.1f}x; training from the live loader waits "
@@ -89,5 +106,5 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # unusable --shards: one line and exit code 2
+    sys.exit(run_reporting_user_errors("bench.data_vs_step", main))

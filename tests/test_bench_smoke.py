@@ -183,3 +183,37 @@ def test_attention_memory_main_honours_argv_and_returns(tmp_path, monkeypatch):
     assert {(x["dtype"], x["tokens"]) for x in r["rows"]} == {("fp32", 512)}
     assert {x["method"] for x in r["rows"]} == {"sdpa", "identity_token", "identity_frame", "dense_token"}
     assert r["settings"]["memory_method"].endswith("MALLOC_MMAP_THRESHOLD_=65536") and out.is_file()
+
+
+def test_data_throughput_reads_the_shards_it_is_given(tmp_path, monkeypatch):
+    """``--shards DIR`` used to rebuild DIR as the demo's 2000-clip set, refusing a 40-clip one ("holds a synthetic
+    split made with other settings") and any non-synthetic set; DIR is now read as it is."""
+    from bench import data_throughput
+    from mardini.data.synthetic_shards import write_synthetic_split
+
+    monkeypatch.chdir(tmp_path)
+    write_synthetic_split(tmp_path / "myset", "train", 40, 20, progress=False)  # make_synthetic.py --train-clips 40
+    r = data_throughput.main(["--shards", str(tmp_path / "myset"), "--seconds", "0.2", "--workers", "0",
+                              "--batch-size", "4"])
+    assert r["config"]["shards"] == str(tmp_path / "myset/train") and r["rows"][0]["clips"] >= 0
+    assert not (tmp_path / "data/shards").exists()  # the demo's set was not built
+    with pytest.raises(ValueError, match=r"^--shards .*nothing: no train/ folder"):
+        data_throughput.main(["--shards", str(tmp_path / "nothing"), "--seconds", "0.2", "--workers", "0"])
+    (tmp_path / "empty/train").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"^--shards .*empty: shard pattern .* matches no shard"):
+        data_throughput.main(["--shards", str(tmp_path / "empty"), "--seconds", "0.2", "--workers", "0"])
+
+
+def test_data_vs_step_quick_does_not_write_the_demo_set(tmp_path, monkeypatch):
+    """--quick used to write the demo's full 2000-clip set first (minutes); it now streams a small temporary set."""
+    import mardini.demo.data
+    from bench import data_vs_step
+
+    def full_set(*args, **kw):
+        raise AssertionError("--quick wrote the demo's synthetic set")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(mardini.demo.data, "write_synthetic_split", full_set)
+    r = data_vs_step.main(["--quick", "--batch-size", "2"])
+    assert _positive(r["median"]["loader_clips_per_s"], r["median"]["step_clips_per_s"])
+    assert r["settings"]["shards"] == "a 32-clip synthetic set (--quick)" and not (tmp_path / "data").exists()
