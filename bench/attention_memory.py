@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from bench.common import command
 from mardini.models.attention import attention, dense_identity_attention_oracle, identity_attention
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
                 gpu=torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else None,
                 memory_method="cuda max_memory_allocated" if args.device.startswith("cuda")
                 else "VmHWM reset via /proc/self/clear_refs, MALLOC_MMAP_THRESHOLD_=65536")
-    result = {"settings": meta, "rows": rows, "table": report}
+    result = {"command": command("bench.attention_memory", argv), "settings": meta, "rows": rows, "table": report}
     out.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {out}")
     return result

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import loader_shards, train_stream
+from bench.common import command, loader_shards, train_stream
 from mardini.demo import SHARDS, stream_for
 from mardini.user_errors import run_reporting_user_errors
 
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         r["vs_first"] = round(r["clips_per_s"] / base, 2)
     result = {
+        "command": command("bench.data_throughput", argv),
         "config": {"frames": 9, "fps": 8, "resolution": 32, "shards": str(a.shards / "train"),
                    "batch_size": a.batch_size, "seconds_per_setting": a.seconds},
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),

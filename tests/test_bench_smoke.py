@@ -183,6 +183,8 @@ def test_attention_memory_main_honours_argv_and_returns(tmp_path, monkeypatch):
     assert {(x["dtype"], x["tokens"]) for x in r["rows"]} == {("fp32", 512)}
     assert {x["method"] for x in r["rows"]} == {"sdpa", "identity_token", "identity_frame", "dense_token"}
     assert r["settings"]["memory_method"].endswith("MALLOC_MMAP_THRESHOLD_=65536") and out.is_file()
+    assert r["command"] == f".venv/bin/python -m bench.attention_memory --lengths 512 --dtypes fp32 --repeats 1 " \
+                           f"--device cpu --out {out}"  # as every bench's JSON (bench/README.md)
 
 
 def test_data_throughput_reads_the_shards_it_is_given(tmp_path, monkeypatch):
@@ -196,6 +198,7 @@ def test_data_throughput_reads_the_shards_it_is_given(tmp_path, monkeypatch):
     r = data_throughput.main(["--shards", str(tmp_path / "myset"), "--seconds", "0.2", "--workers", "0",
                               "--batch-size", "4"])
     assert r["config"]["shards"] == str(tmp_path / "myset/train") and r["rows"][0]["clips"] >= 0
+    assert r["command"].startswith(".venv/bin/python -m bench.data_throughput --shards ")
     assert not (tmp_path / "data/shards").exists()  # the demo's set was not built
     with pytest.raises(ValueError, match=r"^--shards .*nothing: no train/ folder"):
         data_throughput.main(["--shards", str(tmp_path / "nothing"), "--seconds", "0.2", "--workers", "0"])
@@ -217,3 +220,32 @@ def test_data_vs_step_quick_does_not_write_the_demo_set(tmp_path, monkeypatch):
     r = data_vs_step.main(["--quick", "--batch-size", "2"])
     assert _positive(r["median"]["loader_clips_per_s"], r["median"]["step_clips_per_s"])
     assert r["settings"]["shards"] == "a 32-clip synthetic set (--quick)" and not (tmp_path / "data").exists()
+
+
+def test_summary_marks_the_results_this_run_did_not_write(tmp_path, monkeypatch):
+    """SUMMARY.md used to list every JSON in bench/results as current: older runs' results and failed benches' stale
+    ones alike, under a hard-coded `small` size. Each section now says when its result was written and whether by
+    this run; the size comes from the result's settings."""
+    import json
+    import os
+    import time
+
+    monkeypatch.setattr(run_all, "RESULTS", tmp_path)
+    old = {"attention_dtype.json": {"command": "old dtype", "rows": []}, "sampling.json": {"command": "old sampling"}}
+    for name, r in old.items():
+        (tmp_path / name).write_text(json.dumps(r))
+        os.utime(tmp_path / name, (1e9, 1e9))  # 2001
+    since = time.time() - 1
+    m = {k: 1.0 for k in ("step_s", "forward", "backward", "optimizer", "ema", "mfu_bf16", "peak_bf16", "mfu_fp32",
+                          "peak_fp32")}
+    (tmp_path / "train_mfu.json").write_text(json.dumps({"command": "mfu cmd", "settings": {"size": "tiny"},
+                                                         "flops_per_step": 1e9, "median": m}))
+    (tmp_path / "attention_memory.json").write_text(json.dumps({"command": "am cmd", "table": "T"}))
+    text = run_all.summary({"train_mfu": "", "attention_memory": "", "sampling": ""}, since, {"sampling": 1})
+    assert "## Training MFU (`tiny`, joint step)" in text and "`small`" not in text
+    assert "`mfu cmd` (this run, " in text and "`am cmd` (this run, " in text
+    assert "`old dtype` (**from an earlier run**, 2001-09-" in text and ": not run this time)" in text
+    assert "`old sampling` (**from an earlier run**, 2001-09-" in text
+    assert "**the bench failed in this run** (exit code 1))" in text
+    assert "This run: `train_mfu`, `attention_memory`, `sampling`; failed: `sampling` (exit code 1)." in text
+    assert "`am cmd` (written " in run_all.summary({})  # --summary-only: each result with its date
