@@ -249,3 +249,43 @@ def test_summary_marks_the_results_this_run_did_not_write(tmp_path, monkeypatch)
     assert "**the bench failed in this run** (exit code 1))" in text
     assert "This run: `train_mfu`, `attention_memory`, `sampling`; failed: `sampling` (exit code 1)." in text
     assert "`am cmd` (written " in run_all.summary({})  # --summary-only: each result with its date
+
+
+def test_cuda_matmul_peak_times_many_large_matmuls_with_events_after_a_warm_up(monkeypatch):
+    """On CUDA the peak used to be the best single 2048^2 matmul (~44 us on an H100, launch and host timer
+    included) with no warm-up beyond one call; it is now 8192^2, warmed up, and blocks of back-to-back calls timed
+    with CUDA events. Without a GPU: meta tensors and stand-in events record what is called and in which order."""
+    import contextlib
+
+    import torch
+
+    from bench import common
+
+    log = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self):
+            log.append("record")
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return 20.0  # ms for a block
+
+    randn, mm = torch.randn, torch.mm
+    monkeypatch.setattr(torch, "randn", lambda *shape, device=None: randn(*shape, device="meta"))
+    monkeypatch.setattr(torch, "mm", lambda a, b: log.append(a.shape) or mm(a, b))
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    peak = common.matmul_peak(torch.bfloat16, torch.device("cuda"))
+    assert {x for x in log if x != "record"} == {torch.Size([8192, 8192])}
+    first = log.index("record")
+    assert first >= 1  # warm-up calls before the first timed block
+    blocks = "".join("r" if x == "record" else "m" for x in log[first:]).split("r")[1::2]
+    assert len(blocks) == 3 and all(len(b) >= 10 for b in blocks)  # each event pair brackets many calls
+    assert peak == pytest.approx(2 * 8192**3 * len(blocks[0]) / 0.020)
