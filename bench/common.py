@@ -1,7 +1,8 @@
 """Helpers shared by the benchmarks: matmul peaks, timers, FLOP counting, result files.
 
 Absolute times on a shared machine are noisy, so every bench measures the quantities it compares in the
-same run, interleaved, and reports ratios (medians over rounds).
+same run and reports ratios (interleaved over rounds, medians, where bench/README.md says so; the others run
+them one after another).
 """
 
 from __future__ import annotations
