@@ -42,7 +42,7 @@ def test_identity_attention_matches_dense_oracle_values_and_grads(scope, rows, c
     if chunk is not None:  # the shared-mask path: query slices in chunks written into one output
         monkeypatch.setattr(A, "QUERY_CHUNK_MIN", chunk)
         monkeypatch.setattr(A, "QUERY_CHUNK_FRACTION", 0.0)
-        assert A._chunks(A._runs(~_frame_ref(rows, n)[0]), A._query_chunk(len(rows[0]) * n)) == [
+        assert A._chunks(A.identity_layout(_frame_ref(rows, n)).gen_runs, A._query_chunk(len(rows[0]) * n)) == [
             (0, 3), (3, 5), (10, 13), (13, 16), (16, 19), (19, 20), (25, 28), (28, 30)]
     ref = _frame_ref(rows, n)  # (B, L)
     q, k, v = _qkv(len(rows), 2, ref.shape[1], 8, seed=0)

@@ -39,15 +39,33 @@ def check_mask(mask: torch.Tensor, z: torch.Tensor) -> None:
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match the latents' (B, T) = {tuple(z.shape[:2])}")
 
 
+T_RANGE = "t must lie in [0, 1] (0 = clean, 1 = pure noise)"
+
+
 def check_t(t: torch.Tensor, batch: int | None = None) -> None:
-    """Raise unless ``t`` is a ``(B,)`` float tensor of times in [0, 1] (B = ``batch`` when given)."""
+    """Raise unless ``t`` is a ``(B,)`` float tensor of times in [0, 1] (B = ``batch`` when given).
+
+    The range of a CPU tensor is checked here; that of a GPU tensor by ``torch._assert_async``, without the host
+    sync that reading it back would cost at every call: a time out of range there fails as a device-side assert
+    carrying this message, at the next sync.
+    """
     ok = torch.is_tensor(t) and t.dim() == 1 and t.is_floating_point()
     if not ok or (batch is not None and t.shape[0] != batch):
         shape = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
         want = "(B,)" if batch is None else f"(B,) = ({batch},)"
         raise ValueError(f"t must be a float tensor of shape {want}, one time per clip; got {shape}")
-    if bool(((t < 0) | (t > 1)).any()):
-        raise ValueError(f"t must lie in [0, 1] (0 = clean, 1 = pure noise), got min {t.min():.4g} max {t.max():.4g}")
+    outside = ((t < 0) | (t > 1)).any()  # () bool
+    if t.device.type != "cpu":
+        torch._assert_async(~outside, T_RANGE)
+    elif bool(outside):
+        raise ValueError(f"{T_RANGE}, got min {t.min():.4g} max {t.max():.4g}")
+
+
+def check_time(value: float, name: str = "t") -> None:
+    """Raise unless the Python number ``value`` (a time of a sampling grid) lies in [0, 1]; checked on the host, so
+    the tensors made from it need no device check."""
+    if not 0 <= value <= 1:
+        raise ValueError(f"{T_RANGE.replace('t must', f'{name} must', 1)}, got {value!r}")
 
 
 def frame_mask(mask: torch.Tensor) -> torch.Tensor:

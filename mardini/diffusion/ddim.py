@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mardini.diffusion.checks import check_eta, check_latents, check_mask, frame_mask
+from mardini.diffusion.checks import check_eta, check_latents, check_mask, check_t, check_time, frame_mask
 from mardini.diffusion.guidance import DenoiseFn, guided_denoise_fn
 from mardini.diffusion.schedule import CosineSchedule
 
@@ -50,13 +50,24 @@ def ddim_update(
             needed only when eta > 0.
     Returns: ``(B, T, C, h, w)``.
     """
-    x0, eps = schedule.predict_x0_eps(z_t, v, t)  # (B, T, C, h, w) x 2
-    alpha_s, sigma_s = schedule.alpha_sigma(s)  # (B, 1, 1, 1, 1) x 2
+    check_latents(z_t, "z_t")
+    if v.shape != z_t.shape:
+        raise ValueError(f"v shape {tuple(v.shape)} must equal z_t shape {tuple(z_t.shape)}")
+    check_t(t, z_t.shape[0])
+    check_t(s)
+    return _ddim_update(schedule, z_t, v, t, s, eta, noise)
+
+
+def _ddim_update(schedule: CosineSchedule, z_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
+                 eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`ddim_update` of inputs its caller has checked (``DDIMSampler.step`` checks its times on the host)."""
+    x0, eps = schedule._predict_x0_eps(z_t, v, t)  # (B, T, C, h, w) x 2
+    alpha_s, sigma_s = schedule._alpha_sigma(s)  # (B, 1, 1, 1, 1) x 2
     if eta == 0.0:
         return alpha_s * x0 + sigma_s * eps  # (B, T, C, h, w)
     if noise is None:
         raise ValueError("eta > 0 needs noise: pass noise=torch.randn(z_t.shape, generator=...)")
-    alpha_t, sigma_t = schedule.alpha_sigma(t)  # (B, 1, 1, 1, 1) x 2
+    alpha_t, sigma_t = schedule._alpha_sigma(t)  # (B, 1, 1, 1, 1) x 2
     ratio = (alpha_t / alpha_s.clamp(min=1e-12)).square()  # (B, 1, 1, 1, 1)
     c = eta * sigma_s / sigma_t.clamp(min=1e-12) * (1 - ratio).clamp(min=0).sqrt()  # (B, 1, 1, 1, 1)
     keep = (sigma_s.square() - c.square()).clamp(min=0).sqrt()  # (B, 1, 1, 1, 1)
@@ -126,6 +137,9 @@ class DDIMSampler:
                 from ``generator`` (unused at eta = 0 and on the last step).
         Returns: float32 ``(B, T, C, h, w)``.
         """
+        check_latents(z, "z")
+        check_time(t, "t")  # Python floats: checked here once, not as tensors in every function below
+        check_time(s, "s")
         b = z.shape[0]
         t_vec = torch.full((b,), t, dtype=torch.float32, device=z.device)  # (B,)
         s_vec = torch.full((b,), s, dtype=torch.float32, device=z.device)  # (B,)
@@ -140,7 +154,7 @@ class DDIMSampler:
             noise = torch.randn(z.shape, generator=generator, device=generator.device).to(z.device)  # (B,T,C,h,w)
         elif noise.shape != z.shape:
             raise ValueError(f"noise of shape {tuple(noise.shape)} given for a state of shape {tuple(z.shape)}")
-        z_s = ddim_update(self.schedule, z, v, t_vec, s_vec, self.eta if s > 0 else 0.0, noise)  # (B,T,C,h,w)
+        z_s = _ddim_update(self.schedule, z, v, t_vec, s_vec, self.eta if s > 0 else 0.0, noise)  # (B,T,C,h,w)
         return torch.where(frame_mask(mask), z_s, z_ref.float())  # (B, T, C, h, w)
 
     @torch.no_grad()

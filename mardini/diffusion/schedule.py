@@ -61,6 +61,10 @@ class CosineSchedule:
         (t = 0 -> (1, 0), t = 1 -> (0, 1)). Computed in float64 so that alpha^2 + sigma^2 = 1 to rounding.
         """
         check_t(t)
+        return self._alpha_sigma(t)
+
+    def _alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`alpha_sigma` of a ``t`` its caller has checked."""
         tp = self.shifted(t.double())  # (B,)
         # sin of the complement instead of cos: cos(pi/2) is not exactly 0 in floating point.
         alpha = torch.sin(0.5 * math.pi * (1 - tp))  # (B,)
@@ -109,7 +113,7 @@ class CosineSchedule:
         if noise.shape != z0.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} must equal z0 shape {tuple(z0.shape)}")
         check_t(t, z0.shape[0])
-        alpha, sigma = self.alpha_sigma(t)  # (B, 1, 1, 1, 1) x 2
+        alpha, sigma = self._alpha_sigma(t)  # (B, 1, 1, 1, 1) x 2
         z_t = (alpha * z0 + sigma * noise).to(z0.dtype)  # (B, T, C, h, w)
         if mask is None:
             return z_t
@@ -120,7 +124,7 @@ class CosineSchedule:
         """Velocity target ``v = alpha noise - sigma z0``: z0, noise ``(B, T, C, h, w)``, t ``(B,)`` -> same shape."""
         check_latents(z0, "z0")
         check_t(t, z0.shape[0])
-        alpha, sigma = self.alpha_sigma(t)  # (B, 1, 1, 1, 1) x 2
+        alpha, sigma = self._alpha_sigma(t)  # (B, 1, 1, 1, 1) x 2
         return (alpha * noise - sigma * z0).to(z0.dtype)  # (B, T, C, h, w)
 
     def predict_x0_eps(
@@ -134,7 +138,13 @@ class CosineSchedule:
         if v.shape != z_t.shape:
             raise ValueError(f"v shape {tuple(v.shape)} must equal z_t shape {tuple(z_t.shape)}")
         check_t(t, z_t.shape[0])
-        alpha, sigma = self.alpha_sigma(t)  # (B, 1, 1, 1, 1) x 2
+        return self._predict_x0_eps(z_t, v, t)
+
+    def _predict_x0_eps(
+        self, z_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`predict_x0_eps` of inputs its caller has checked."""
+        alpha, sigma = self._alpha_sigma(t)  # (B, 1, 1, 1, 1) x 2
         x0 = alpha * z_t - sigma * v  # (B, T, C, h, w)
         eps = sigma * z_t + alpha * v  # (B, T, C, h, w)
         return x0, eps

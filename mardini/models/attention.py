@@ -15,6 +15,9 @@ generated frames, which is what allows a reference-frame K/V cache at sampling t
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -122,6 +125,44 @@ def _cpu_fp32_is_faster(q: torch.Tensor) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class IdentityLayout:
+    """Where the reference tokens of a ``ref (B, L)`` lie, held on the host: what the control flow of
+    :func:`identity_attention` needs (branches, loop bounds, slices). A model computes it once per forward with
+    :func:`identity_layout` and passes it to every layer, so the layers read nothing back from the device (each
+    read is a host sync that stalls the GPU's launch queue).
+
+    shape: ``(B, L)``. n_max, n_min: the most and fewest generated tokens of a row. shared: every row holds the
+    same mask. gen_runs, ref_runs: ``[start, stop)`` of the runs of generated and of reference tokens of row 0.
+    """
+
+    shape: tuple[int, int]
+    n_max: int
+    n_min: int
+    shared: bool
+    gen_runs: tuple[tuple[int, int], ...]
+    ref_runs: tuple[tuple[int, int], ...]
+
+
+def identity_layout(ref: torch.Tensor, tokens_per_frame: int = 1, row_repeat: int = 1) -> IdentityLayout:
+    """The :class:`IdentityLayout` of ``ref.repeat_interleave(tokens_per_frame, 1).repeat_interleave(row_repeat, 0)``
+    for a ``(B, F)`` bool ``ref`` (True = reference), read from the device in one copy: the models pass their
+    ``~mask (B, T)`` with the tokens of a frame (``/ST`` layout, the planner) or the rows of a clip (``/T``)."""
+    if ref.dtype != torch.bool or ref.dim() != 2 or ref.shape[0] == 0:
+        raise ValueError(f"ref must be a non-empty (B, F) bool tensor, got dtype={ref.dtype} shape={tuple(ref.shape)}")
+    rows = ref.tolist()  # B lists of F bools: the one device -> host copy
+    first = rows[0]
+    n_gen = [row.count(False) * tokens_per_frame for row in rows]
+    runs = {True: [], False: []}
+    pos = 0
+    for value, group in itertools.groupby(first):  # runs of row 0, in tokens
+        size = sum(1 for _ in group)
+        runs[value].append((pos * tokens_per_frame, (pos + size) * tokens_per_frame))
+        pos += size
+    return IdentityLayout((len(rows) * row_repeat, len(first) * tokens_per_frame), max(n_gen), min(n_gen),
+                          all(row == first for row in rows), tuple(runs[False]), tuple(runs[True]))
+
+
 def _check_identity_inputs(q, k, v, ref, scope, tokens_per_frame) -> int:
     if scope not in SCOPES:
         raise ValueError(f"identity attention scope must be one of {SCOPES}, got {scope!r}")
@@ -155,6 +196,7 @@ def identity_attention(
     tokens_per_frame: int | None = None,
     backend: str = "auto",
     check_frames: bool = True,
+    layout: IdentityLayout | None = None,
 ) -> torch.Tensor:
     """Identity attention computed without any ``L x L`` mask. Returns ``(B, H, L, d)``.
 
@@ -165,6 +207,8 @@ def identity_attention(
         tokens_per_frame: N, tokens of one frame (frames contiguous, ``L = T * N``); needed for ``"frame"``.
         backend: kernel for the dense parts, see :func:`attention`.
         check_frames: for ``"frame"``, verify that ``ref`` is constant within each frame.
+        layout: ``identity_layout(ref)``'s host-side summary of ``ref``, computed once per forward by a model whose
+            layers share one mask; None computes it here (one device -> host copy of ``ref``).
 
     How: reference queries with scope ``"token"`` return their own value; with scope ``"frame"`` only
     reference frames are gathered into a ``(frames, H, N, d)`` batch of per-frame attentions. Generated
@@ -177,12 +221,16 @@ def identity_attention(
     """
     n = _check_identity_inputs(q, k, v, ref, scope, tokens_per_frame)
     b, h, length, d = q.shape
-    n_gen = (~ref).sum(dim=1)  # (B,) generated tokens per row
-    n_max = int(n_gen.max())
-    if n_max == length and bool((n_gen == length).all()):  # no reference token anywhere: plain attention
+    if layout is None:
+        layout = identity_layout(ref)
+    elif layout.shape != (b, length):
+        raise ValueError(f"layout describes a ref of shape {layout.shape}, got {(b, length)}; "
+                         "pass identity_layout(ref) of this ref")
+    n_max = layout.n_max
+    if layout.n_min == length:  # no reference token anywhere: plain attention
         return attention(q, k, v, backend=backend)  # (B, H, L, d)
 
-    shared = b == 1 or bool((ref == ref[:1]).all())  # one mask for every row: sampling, evaluation, benchmarks
+    shared = layout.shared  # one mask for every row: sampling, evaluation, benchmarks
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if shared else None  # (B, H, L, d), filled in place
 
     # -- reference queries -------------------------------------------------------------------------
@@ -194,7 +242,7 @@ def identity_attention(
             raise ValueError("ref must be constant within each frame for scope='frame' (masks are per frame)")
         ref_frames = ref_frames[..., 0]  # (B, F)
     if scope == "frame" and shared:  # each reference frame attends within itself: slices, no gathered copies
-        for start, stop in _chunks(_runs(ref[0]), n):  # runs start on frame boundaries: one chunk = one frame
+        for start, stop in _chunks(layout.ref_runs, n):  # runs start on frame boundaries: one chunk = one frame
             sl = slice(start, stop)
             out[:, :, sl] = attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], backend=backend)  # (B, H, N, d)
         out_ref = out
@@ -209,14 +257,15 @@ def identity_attention(
 
     # -- generated queries: all keys ---------------------------------------------------------------
     if shared:  # query slices are views: no gathered copy, no scattered result; peak = one chunk's output
-        for start, stop in _chunks(_runs(~ref[0]), _query_chunk(length)):
+        for start, stop in _chunks(layout.gen_runs, _query_chunk(length)):
             out[:, :, start:stop] = attention(q[:, :, start:stop], k, v, backend=backend)  # (B, H, chunk, d)
         return out
     idx = torch.argsort(ref.to(torch.uint8), dim=1, stable=True)[:, :n_max]  # (B, n_max) generated first
-    valid = torch.arange(n_max, device=q.device)[None, :] < n_gen[:, None]  # (B, n_max); False = padding
     idx = idx[:, None, :, None].expand(b, h, n_max, d)  # (B, H, n_max, d)
     og = attention(q.gather(2, idx), k, v, backend=backend).to(out_ref.dtype)  # (B, H, n_max, d)
-    if not bool(valid.all()):  # padding slots point at reference tokens: write their own result back
+    if layout.n_min < n_max:  # padding slots point at reference tokens: write their own result back
+        n_gen = (~ref).sum(dim=1)  # (B,) generated tokens per row
+        valid = torch.arange(n_max, device=q.device)[None, :] < n_gen[:, None]  # (B, n_max); False = padding
         og = torch.where(valid[:, None, :, None], og, out_ref.gather(2, idx))  # (B, H, n_max, d)
     return out_ref.scatter(2, idx, og)  # (B, H, L, d)
 
@@ -229,15 +278,6 @@ QUERY_CHUNK_MIN = 512
 
 def _query_chunk(length: int) -> int:
     return max(QUERY_CHUNK_MIN, int(length * QUERY_CHUNK_FRACTION))
-
-
-def _runs(gen: torch.Tensor) -> list[tuple[int, int]]:
-    """``[start, stop)`` of each run of True in a 1-D bool tensor."""
-    edges = torch.diff(gen.to(torch.int8), prepend=gen.new_zeros(1, dtype=torch.int8),
-                       append=gen.new_zeros(1, dtype=torch.int8))  # (L + 1,): +1 at a start, -1 after a stop
-    starts = (edges == 1).nonzero().flatten().tolist()
-    stops = (edges == -1).nonzero().flatten().tolist()
-    return list(zip(starts, stops))
 
 
 def _chunks(runs: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:

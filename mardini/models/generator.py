@@ -29,7 +29,7 @@ from timm.layers import Mlp, RmsNormFp32
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mardini.models.attention import attention, identity_attention
+from mardini.models.attention import IdentityLayout, attention, identity_attention, identity_layout
 from mardini.models.layers import (
     AdaLNModulation,
     CrossAttentionProj,
@@ -63,6 +63,14 @@ def plan_grid(tokens: int, grid: tuple[int, int]) -> tuple[int, int]:
     return hp, wp
 
 
+def temporal_layout(mask: torch.Tensor, tokens_per_frame: int, mode: str) -> IdentityLayout:
+    """The identity-attention layout of the temporal layers (:meth:`GeneratorBlock.temporal_attn`) for ``mask (B, T)``
+    (True = generated): ``/ST`` rows are ``(B, T*N)``, ``/T`` rows ``(B*N, T)``. One device -> host copy of ``mask``."""
+    if mode == "st":
+        return identity_layout(~mask, tokens_per_frame=tokens_per_frame)
+    return identity_layout(~mask, row_repeat=tokens_per_frame)
+
+
 class GeneratorBlock(nn.Module):
     """One DiT block; all tensors are ``(B, T, N, D)`` with per-frame conditioning ``(B, T, 1, D)``."""
 
@@ -91,24 +99,29 @@ class GeneratorBlock(nn.Module):
         o = rearrange(attention(q, k, v), "(b t) h n d -> b h (t n) d", t=t)  # (B, H, L, d)
         return x + gate * rearrange(self.spatial.out(o), "b (t n) d -> b t n d", t=t)  # (B, T, N, D)
 
-    def temporal_attn(self, x: torch.Tensor, mask: torch.Tensor, rope, mode: str, record: dict | None = None):
+    def temporal_attn(self, x: torch.Tensor, mask: torch.Tensor, rope, mode: str, record: dict | None = None,
+                      layout: IdentityLayout | None = None):
         """``/ST``: all tokens of all frames; ``/T``: tokens at one spatial position across frames.
 
         Identity attention in both: a reference token sees only itself (plain full attention when
-        ``cfg.identity_attention`` is False). ``mask (B, T)`` True = generated.
+        ``cfg.identity_attention`` is False). ``mask (B, T)`` True = generated; ``layout``: its
+        :func:`temporal_layout`, which ``Generator.forward`` computes once for every block (None: computed here).
         ``record`` (a dict) receives the keys/values of every token for a :class:`ReferenceCache`.
         """
         b, t, n, _ = x.shape
+        if self.identity and layout is None:
+            layout = temporal_layout(mask, n, mode)
         q, k, v = self.temporal.qkv(rearrange(self.norm_t(x), "b t n d -> b (t n) d"), rope)  # (B, H, L, d) x3
         if record is not None:
             record["temporal"] = (k.contiguous(), v.contiguous())  # (B, H, L, d) x2
         if mode == "st":
             ref = (~mask).repeat_interleave(n, dim=1)  # (B, L)
-            o = identity_attention(q, k, v, ref, "token") if self.identity else attention(q, k, v)  # (B, H, L, d)
+            o = identity_attention(q, k, v, ref, "token", layout=layout) if self.identity else attention(q, k, v)
         else:
             q, k, v = (rearrange(a, "b h (t n) d -> (b n) h t d", t=t) for a in (q, k, v))  # (B*N, H, T, d)
             ref = (~mask).repeat_interleave(n, dim=0)  # (B*N, T), row b*N + j = position j of clip b
-            o = identity_attention(q, k, v, ref, "token") if self.identity else attention(q, k, v)  # (B*N,H,T,d)
+            o = (identity_attention(q, k, v, ref, "token", layout=layout) if self.identity
+                 else attention(q, k, v))  # (B*N, H, T, d)
             o = rearrange(o, "(b n) h t d -> b h (t n) d", b=b)  # (B, H, L, d)
         return x + rearrange(self.temporal.out(o), "b (t n) d -> b t n d", t=t)  # (B, T, N, D)
 
@@ -141,15 +154,16 @@ class GeneratorBlock(nn.Module):
         return x + gate * self.mlp(modulate(self.norm_m(x), shift, scale))  # (B, T, N, D)
 
     def forward(self, x, c_t, c_m, plan, mask, rope, cross_rope, mode: str, record: dict | None = None,
-                cached: tuple[dict, torch.Tensor] | None = None):
+                cached: tuple[dict, torch.Tensor] | None = None, layout: IdentityLayout | None = None):
         """One block over every frame; with ``cached`` (a :class:`ReferenceCache` layer and the generated tokens'
         positions) the cached step :meth:`forward_generated` instead, where ``rope`` and ``cross_rope`` are the
         generated tokens' tables and ``plan``, ``mask`` unused. Both go through ``forward`` so that a wrapper of the
-        block (an FSDP unit gathering its parameters, hooks) sees every call."""
+        block (an FSDP unit gathering its parameters, hooks) sees every call. ``layout``: ``mask``'s
+        :func:`temporal_layout` (None: the block computes it)."""
         if cached is not None:
             return self.forward_generated(x, c_t, c_m, rope, cross_rope, *cached, mode)
         x = self.spatial_attn(x, c_t, rope)  # (B, T, N, D)
-        x = self.temporal_attn(x, mask, rope, mode, record)  # (B, T, N, D)
+        x = self.temporal_attn(x, mask, rope, mode, record, layout)  # (B, T, N, D)
         x = self.cross_attn(x, plan, record=record, rope=cross_rope)  # (B, T, N, D)
         return self.mlp_block(x, c_m)  # (B, T, N, D)
 
@@ -359,12 +373,14 @@ class Generator(nn.Module):
         rope = self.rope((frames, h // p, w // p), z.device)  # (L, d) x2
         cross_rope = self.cross_rope(frames, (h // p, w // p), plan.shape[2], z.device)
         records = [{} if cache is not None else None for _ in self.blocks]
+        # read the mask back from the device once for all blocks, not in every one
+        layout = temporal_layout(mask, x.shape[2], self.attention_mode) if self.cfg.identity_attention else None
         for block, record in zip(self.blocks, records):
             args = (x, c_t, c_m, plan, mask, rope, cross_rope, self.attention_mode)
             if self.cfg.checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, *args, use_reentrant=False)  # (B, T, N, D)
+                x = checkpoint(block, *args, layout=layout, use_reentrant=False)  # (B, T, N, D)
             else:
-                x = block(*args, record)  # (B, T, N, D)
+                x = block(*args, record, layout=layout)  # (B, T, N, D)
         shift, scale = self.mod_out(c_t)  # (B, T, 1, D) x2
         x = self.out(modulate(self.norm_out(x), shift, scale))  # (B, T, N, p*p*C)
         v = unpatchify(x, p, (h, w))  # (B, T, C, h, w)

@@ -16,7 +16,7 @@ from timm.layers import RmsNormFp32, SwiGLU
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mardini.models.attention import identity_attention
+from mardini.models.attention import IdentityLayout, identity_attention, identity_layout
 from mardini.models.layers import SelfAttentionProj, patchify, position_features, unpatchify
 from mardini.models.registry import PlannerConfig
 from mardini.models.rope import AxialRope3d
@@ -37,10 +37,13 @@ class PlannerBlock(nn.Module):
         self.norm2 = RmsNormFp32(cfg.dim)
         self.mlp = SwiGLU(cfg.dim, cfg.mlp_hidden, bias=False)
 
-    def forward(self, x: torch.Tensor, ref: torch.Tensor, rope, tokens_per_frame: int) -> torch.Tensor:
-        """``x (B, L, D)``, ``ref (B, L)`` bool (True = reference token) -> ``(B, L, D)``."""
+    def forward(self, x: torch.Tensor, ref: torch.Tensor, rope, tokens_per_frame: int,
+                layout: IdentityLayout | None = None) -> torch.Tensor:
+        """``x (B, L, D)``, ``ref (B, L)`` bool (True = reference token) -> ``(B, L, D)``. ``layout``:
+        ``identity_layout(ref)``, computed once per forward by :class:`Planner` (None: computed here)."""
         q, k, v = self.attn.qkv(self.norm1(x), rope)  # (B, H, L, d) x3
-        o = identity_attention(q, k, v, ref, self.scope, tokens_per_frame, check_frames=False)  # (B, H, L, d)
+        o = identity_attention(q, k, v, ref, self.scope, tokens_per_frame, check_frames=False,
+                               layout=layout)  # (B, H, L, d)
         x = x + self.attn.out(o)  # (B, L, D)
         return x + self.mlp(self.norm2(x))  # (B, L, D)
 
@@ -93,12 +96,13 @@ class Planner(nn.Module):
         if self.cfg.abs_pos:  # [MASK] tokens too: each knows where it is
             x = x + position_features((t, h // p, w // p), x.shape[-1], x.device, x.dtype)  # (B, L, D)
         ref = (~mask).repeat_interleave(n, dim=1)  # (B, L)
+        layout = identity_layout(~mask, tokens_per_frame=n)  # ref's, read from the device once for all blocks
         rope = self.rope((t, h // p, w // p), x.device)  # (L, d) x2
         for block in self.blocks:
             if self.cfg.checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, ref, rope, n, use_reentrant=False)  # (B, L, D)
+                x = checkpoint(block, x, ref, rope, n, layout, use_reentrant=False)  # (B, L, D)
             else:
-                x = block(x, ref, rope, n)  # (B, L, D)
+                x = block(x, ref, rope, n, layout)  # (B, L, D)
         x = self.norm(x)  # (B, L, D)
         return rearrange(x, "b (t n) d -> b t n d", t=t)  # (B, T, N, D)
 
