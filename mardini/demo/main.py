@@ -34,12 +34,14 @@ from mardini.demo.chain import TINY_STAGES, run_stage
 from mardini.demo.data import SHARDS, build_synthetic, synthetic_differences
 from mardini.diffusion.checks import check_eta
 from mardini.strict_json import dumps_strict
+from mardini.threads import add_threads_argument, resolve_threads
 from mardini.user_errors import run_reporting_user_errors, shown_path
 
 OUTPUT = Path("outputs/demo")
 TRAIN_ROOT = Path("outputs/tiny")
 # What the demo (and ``python -m mardini.demo.data``) writes in a report folder: ``--fresh`` deletes no other folder.
 REPORT_ENTRIES = ("report.md", "summary.json", "loss_curves.png", "eval", "samples", "contact_sheet.png")
+DEFAULT_THREADS = min(2, os.cpu_count() or 1)  # --threads without OMP_NUM_THREADS
 
 
 def machine_line() -> str:
@@ -83,13 +85,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "without")
     p.add_argument("--frechet", action="store_true",
                    help="add FVD and FID (needs `make weights`; I3D and InceptionV3 over every clip cost minutes on CPU)")
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
-                   help="torch intra-op threads (default: up to 2). `python -m mardini.demo` first measures how "
-                        "busy the CPUs are: on a busy machine it sets OMP_WAIT_POLICY=PASSIVE (waiting threads "
-                        "sleep; spinning ones would halve the speed), on an idle one it keeps OpenMP's default "
-                        "(faster there); a policy you set is kept. Use --threads 1 when other jobs hold the cores")
+    add_threads_argument(p, "`python -m mardini.demo` first measures how busy the CPUs are: on a busy machine it "
+                            "sets OMP_WAIT_POLICY=PASSIVE (waiting threads sleep; spinning ones would halve the "
+                            "speed), on an idle one it keeps OpenMP's default (faster there); a policy you set is "
+                            "kept. Use --threads 1 when other jobs hold the cores")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs)")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    resolve_threads(p, a, DEFAULT_THREADS)
+    return a
 
 
 def _weights_available() -> bool:
@@ -146,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"to rebuild it and retrain the chain on it (the checkpoints under {TRAIN_ROOT} may have "
                          "been trained on the set there)")
     start = time.perf_counter()
-    torch.set_num_threads(max(1, a.threads))
+    torch.set_num_threads(a.threads)
     if a.fresh:
         shutil.rmtree(TRAIN_ROOT, ignore_errors=True)
         shutil.rmtree(a.out, ignore_errors=True)

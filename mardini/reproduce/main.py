@@ -30,6 +30,7 @@ import torch
 from mardini.autoencoders.base import add_allow_autoencoder_argument
 from mardini.checkout import repo_path
 from mardini.strict_json import dumps_strict
+from mardini.threads import add_threads_argument, resolve_threads
 from mardini.user_errors import run_reporting_user_errors
 
 ANALYSES = ("table2", "fig6a", "fig6c", "table3")
@@ -52,9 +53,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sweep", type=int, nargs="+", default=None, help="DDIM steps of Fig. 6a (default 1 10 25 50)")
     p.add_argument("--rounds", type=int, default=None,
                    help="interleaved timing rounds of Table 3 (default 5, quick 2; >= 2 for a latency verdict)")
+    add_threads_argument(p, "Table 3 times the variants on them too")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_allow_autoencoder_argument(p)
     a = p.parse_args(argv)
+    resolve_threads(p, a, min(2, torch.get_num_threads()))
     for key, value in (QUICK if a.quick else DEFAULTS).items():
         if getattr(a, key) is None:
             setattr(a, key, value)
@@ -75,7 +78,7 @@ def _metrics() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     start = time.perf_counter()
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    torch.set_num_threads(a.threads)
     from mardini.reproduce import runs
 
     needs_chain = {"table2", "fig6a"} & set(a.only)
