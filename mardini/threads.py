@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 DEFAULT_RULE = "default: OMP_NUM_THREADS when it is set, else up to 2"
 
@@ -21,6 +21,18 @@ def default_threads(fallback: int, environ: Mapping[str, str] = os.environ) -> i
         raise ValueError(f"OMP_NUM_THREADS={value!r} is no number of threads: set it to a positive integer, unset "
                          "it, or give --threads N")
     return int(first)
+
+
+def threads_in(argv: Sequence[str], fallback: int, environ: Mapping[str, str] = os.environ) -> int:
+    """The threads a command line asks for, read without its parser (the demo's, before torch loads): ``--threads
+    N``, else :func:`default_threads`; ``fallback`` where either is unreadable (the command's parser says why)."""
+    pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    pre.add_argument("--threads", type=int, default=None)
+    try:
+        given = pre.parse_known_args(argv)[0].threads
+        return given if given is not None and given >= 1 else default_threads(fallback, environ)
+    except (argparse.ArgumentError, ValueError):
+        return fallback
 
 
 def add_threads_argument(parser: argparse.ArgumentParser, more: str = "") -> None:

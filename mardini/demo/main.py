@@ -32,6 +32,7 @@ from mardini import run_info
 from mardini.checkout import repo_path
 from mardini.demo.chain import TINY_STAGES, run_stage
 from mardini.demo.data import SHARDS, build_synthetic, synthetic_differences
+from mardini.demo.wait_policy import DEFAULT_THREADS
 from mardini.diffusion.checks import check_eta
 from mardini.strict_json import dumps_strict
 from mardini.threads import add_threads_argument, resolve_threads
@@ -41,7 +42,6 @@ OUTPUT = Path("outputs/demo")
 TRAIN_ROOT = Path("outputs/tiny")
 # What the demo (and ``python -m mardini.demo.data``) writes in a report folder: ``--fresh`` deletes no other folder.
 REPORT_ENTRIES = ("report.md", "summary.json", "loss_curves.png", "eval", "samples", "contact_sheet.png")
-DEFAULT_THREADS = min(2, os.cpu_count() or 1)  # --threads without OMP_NUM_THREADS
 
 
 def machine_line() -> str:
@@ -85,10 +85,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "without")
     p.add_argument("--frechet", action="store_true",
                    help="add FVD and FID (needs `make weights`; I3D and InceptionV3 over every clip cost minutes on CPU)")
-    add_threads_argument(p, "`python -m mardini.demo` first measures how busy the CPUs are: on a busy machine it "
-                            "sets OMP_WAIT_POLICY=PASSIVE (waiting threads sleep; spinning ones would halve the "
-                            "speed), on an idle one it keeps OpenMP's default (faster there); a policy you set is "
-                            "kept. Use --threads 1 when other jobs hold the cores")
+    add_threads_argument(p, "`python -m mardini.demo` first measures how busy the CPUs it may run on are: when "
+                            "their busy cores plus these threads exceed them, it sets OMP_WAIT_POLICY=PASSIVE "
+                            "(waiting threads sleep; spinning ones would halve the speed), otherwise it keeps "
+                            "OpenMP's default (faster there); a policy you set is kept. Use --threads 1 when other "
+                            "jobs hold the cores")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs)")
     a = p.parse_args(argv)
     resolve_threads(p, a, DEFAULT_THREADS)
