@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import command
+from bench.common import command, proc_status
 from mardini.models.attention import attention, dense_identity_attention_oracle, identity_attention
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -47,14 +47,6 @@ MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 # --------------------------------------------------------------------------------------------------
 # Peak-memory probes
 # --------------------------------------------------------------------------------------------------
-
-
-def _proc_status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024  # kB -> bytes
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def peak_bytes(fn, device: torch.device) -> int:
@@ -68,11 +60,11 @@ def peak_bytes(fn, device: torch.device) -> int:
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
-        base = _proc_status("VmRSS")
+        base = proc_status("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current resident set
         out = fn()
-        peak = _proc_status("VmHWM") - base
+        peak = proc_status("VmHWM") - base
     del out
     gc.collect()
     return max(int(peak), 0)
