@@ -435,6 +435,52 @@ def test_nonfinite_skip_counts_leaves_weights_and_resumes_the_count(synth, tmp_p
     assert resumed.nonfinite_skipped == 1  # the count survives a resume
 
 
+def _scaled_trainer(tmp: Path, max_steps: int, callbacks=(), init_scale: float = 2.0 ** 16) -> L.Trainer:
+    """``16-mixed`` on CPU with a GradScaler (as on a GPU) and gradient clipping."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    return _trainer(tmp, max_steps, callbacks, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+                    gradient_clip_val=1.0)
+
+
+@pytest.mark.parametrize("nonfinite", ["stop", "skip"])
+def test_a_grad_scaler_s_overflow_is_left_to_it_not_stopped_counted_or_ema_updated(synth, tmp_path, nonfinite):
+    """An infinite gradient under a GradScaler is its overflow: it skips the step and halves its scale. Before, the
+    non-finite policy saw the unscaled inf norm first: ``stop`` ended the run, ``skip`` counted every overflow."""
+    seen = {}
+
+    class Watch(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                seen["before"], seen["scale"] = _states(pl_module), trainer.precision_plugin.scaler.get_scale()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 4:  # step 3 is done
+                seen["after"], seen["scale_after"] = _states(pl_module), trainer.precision_plugin.scaler.get_scale()
+
+    model = _gen(nonfinite=nonfinite)
+    _scaled_trainer(tmp_path, 5, [_PoisonGrad(3), Watch()]).fit(model, datamodule=_dm(synth))
+    assert model.nonfinite_skipped == 0
+    assert seen["scale_after"] == seen["scale"] / 2  # the scaler saw the overflow
+    (raw, ema), (raw_after, ema_after) = seen["before"], seen["after"]
+    assert not _equal(raw, ema)  # by step 3 the EMA lags the raw weights: an update would show
+    assert _equal(raw_after, raw) and _equal(ema_after, ema)  # the scaler skipped the step, and the EMA update too
+    # an overflow from the start (a scale far too high): the scaler lowers it, step after step, and trains nothing
+    model = _gen(nonfinite=nonfinite)
+    raw, ema = _states(model)
+    _scaled_trainer(tmp_path / "high", 2, init_scale=1e30).fit(model, datamodule=_dm(synth))
+    assert model.nonfinite_skipped == 0 and _equal(_states(model)[0], raw) and _equal(_states(model)[1], ema)
+
+
+def test_a_non_finite_loss_under_a_grad_scaler_is_still_the_policy_s(synth, tmp_path):
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 2"):
+        _scaled_trainer(tmp_path, 4, [_PoisonLoss(2)]).fit(_gen(nonfinite="stop"), datamodule=_dm(synth))
+    model = _gen(nonfinite="skip")
+    _scaled_trainer(tmp_path / "skip", 4, [_PoisonLoss(2)]).fit(model, datamodule=_dm(synth))
+    assert model.nonfinite_skipped == 1
+
+
 def test_each_micro_batch_of_an_accumulation_window_draws_its_own_randomness(synth, tmp_path):
     seeds: list[tuple[int, int]] = []
     model = _gen()

@@ -70,8 +70,8 @@ class MarDiniBase(L.LightningModule):
         init_from: checkpoint of a previous stage of the same kind to start from (weights + EMA only).
         compile: ``torch.compile`` each network's forward in place (state-dict keys unchanged).
             Activation checkpointing is a network setting: ``planner: {checkpointing: true}`` (same for
-            ``generator``); bf16 is the trainer's ``precision: bf16-mixed`` (or ``32-true``; others are refused
-            at setup).
+            ``generator``); bf16 is the trainer's ``precision: bf16-mixed`` (or ``32-true``, or fp16's ``16-mixed``;
+            others are refused at setup).
         loss_reduction: how the training loss averages the generated (masked) elements. ``clip`` (the default):
             each clip's mean, then the mean over the clips, so every clip weighs the same. ``element`` (the paper's
             form): the mean over all generated elements of the global batch (every rank's, through an all-reduce of
@@ -456,7 +456,14 @@ class MarDiniBase(L.LightningModule):
         self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
                             gradient_clip_algorithm=gradient_clip_algorithm)
 
+    def _grad_scaler(self) -> torch.amp.GradScaler | None:
+        """The precision plugin's enabled gradient scaler (``16-mixed``), or None."""
+        scaler = getattr(self.trainer.strategy.precision_plugin, "scaler", None) if self._trainer is not None else None
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
     def on_before_optimizer_step(self, optimizer) -> None:
+        """The non-finite policy on the gradient norm, except under a GradScaler: there an inf/NaN gradient is its
+        overflow (it skips the step and lowers its scale; :meth:`optimizer_step` then skips the EMA update)."""
         norms = grad_norm(self.networks, norm_type=2)
         total = norms.get("grad_2.0_norm_total")
         if fsdp_root(self) is not None:  # each rank holds a shard's gradients: the global norm, one decision for all
@@ -466,6 +473,8 @@ class MarDiniBase(L.LightningModule):
             return
         self.log("train/grad_norm", total, on_step=True, on_epoch=False)
         if not torch.isfinite(total):
+            if self._grad_scaler() is not None:
+                return
             if self.hparams.nonfinite == "stop":
                 raise FloatingPointError(
                     f"non-finite gradient norm ({float(total)}) at step {self.global_step}; "
@@ -479,10 +488,17 @@ class MarDiniBase(L.LightningModule):
     # EMA: updated after each optimiser step, swapped in for validation and sampling
     # ----------------------------------------------------------------------------------------------
     def optimizer_step(self, *args, **kwargs) -> None:
-        """The optimiser step, then the EMA update -- before any callback can checkpoint this step."""
+        """The optimiser step, then the EMA update -- before any callback can checkpoint this step. A step that
+        changed no weight leaves the EMA as it is: one skipped as non-finite, or one a GradScaler skipped (an
+        overflow, which lowered its scale)."""
+        scaler = self._grad_scaler()
+        scale = scaler.get_scale() if scaler is not None else None
         super().optimizer_step(*args, **kwargs)
+        # an overflow, and only one, multiplies the scale by the backoff factor (< 1); the midpoint tells it from a
+        # kept scale also where the first step's init_scale was rounded to float32
+        overflow = scaler is not None and scaler.get_scale() < scale * (1 + scaler.get_backoff_factor()) / 2
         if self.global_step != self._ema_step:
-            if not self._skip_ema:  # a skipped non-finite step leaves the EMA as it is
+            if not (self._skip_ema or overflow):
                 self.update_ema()
             self._ema_step = self.global_step
         self._skip_ema = False
@@ -881,12 +897,11 @@ def _check_autoencoder_spec(autoencoder: FrameAutoencoder) -> None:
         )
 
 
-SUPPORTED_PRECISIONS = ("32-true", "bf16-mixed")  # trainer.precision; every stage config trains in bf16-mixed
+# trainer.precision; every stage config trains in bf16-mixed (16-mixed: a GradScaler, whose overflow steps are its own)
+SUPPORTED_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 _PRECISION_PROBLEMS = {
     "16-true": "it keeps the weights, the EMA and AdamW's moments in half precision, where small updates round away, "
                "and the planner's low-resolution copy of a clip cannot be resized in it",
-    "16-mixed": "fp16 trains with a GradScaler, whose overflow steps (skipped and retried at a lower scale, by design) "
-                "model.nonfinite takes for a diverging run (stop: an error; skip: counted as non-finite)",
     "64-true": "the networks would compute in fp64, but cached latents reach them in fp32",
 }
 _PRECISION_PROBLEMS["bf16-true"] = _PRECISION_PROBLEMS["16-true"]
@@ -895,16 +910,15 @@ _PRECISION_PROBLEMS["bf16-true"] = _PRECISION_PROBLEMS["16-true"]
 def _check_precision(precision: str) -> None:
     """Refuse a ``trainer.precision`` other than :data:`SUPPORTED_PRECISIONS`, naming why and ``bf16-mixed``:
     ``16-true`` / ``bf16-true`` (and Transformer Engine's, bf16 or fp16 weights) would train half-precision master
-    weights, ``16-mixed`` (on a GPU; on a CPU Lightning trains ``bf16-mixed`` instead) a GradScaler's overflow steps,
-    ``64-true`` fp64 networks on fp32 latents. Before, ``bf16-true`` trained a generator silently, its updates rounding
-    away, and failed in the planner's resize naming neither the setting nor the fix."""
+    weights, ``64-true`` fp64 networks on fp32 latents. Before, ``bf16-true`` trained a generator silently, its
+    updates rounding away, and failed in the planner's resize naming neither the setting nor the fix."""
     if precision in SUPPORTED_PRECISIONS:
         return
     if str(precision).startswith("transformer-engine"):
         why = (f"Transformer Engine keeps the weights in {'fp16' if precision.endswith('float16') else 'bf16'} "
                "(and replaces the networks' layers), where AdamW's small updates round away")
     else:
-        why = _PRECISION_PROBLEMS.get(precision, "the stages train in 32-true or bf16-mixed only")
+        why = _PRECISION_PROBLEMS.get(precision, "the stages train in 32-true, bf16-mixed or 16-mixed only")
     raise ValueError(f"trainer.precision={precision} is not supported: {why}; use bf16-mixed (bf16 compute with fp32 "
                      "weights, EMA and optimiser state, as the stage configs) or 32-true")
 
