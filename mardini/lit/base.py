@@ -64,7 +64,8 @@ class MarDiniBase(L.LightningModule):
             keeps the EMA they hold and updates it at the full ``ema_decay`` from its first step. False (the
             default, every shipped chain): the first update replaces the loaded EMA by the loaded raw weights, so
             each stage's EMA restarts there (its decay ramping up again with ``ema_warmup``).
-        nonfinite: ``stop`` raises naming the step and batch; ``skip`` drops the step and counts it.
+        nonfinite: ``stop`` raises naming the step and batch; ``skip`` drops the optimiser step (with gradient
+            accumulation its whole window, whichever micro-batch was non-finite) and counts it once.
         seed: base of every random draw (mask, t, noise, dropout) via (seed, rank, step). None: train.py's
             ``seed_everything`` (0 from Python, or where ``seed_everything`` is false).
         init_from: checkpoint of a previous stage of the same kind to start from (weights + EMA only).
@@ -140,7 +141,7 @@ class MarDiniBase(L.LightningModule):
         self._skipped_total = 0
         self._ema_step = -1
         self._ema_loaded: set[str] = set()  # networks whose EMA holds a checkpoint's EMA (load_networks_from)
-        self._skip_ema = False  # set by a skipped non-finite step: no EMA update after it
+        self._skip_step = False  # set by a non-finite loss or gradient (skip): this optimiser step changes no weight
         self._last_batch_time: float | None = None
         self._ema_backup: list[torch.Tensor] | None = None
         self._val_template_sums: torch.Tensor | None = None  # (templates, [loss sum, clips]) of this validation epoch
@@ -463,7 +464,11 @@ class MarDiniBase(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """The non-finite policy on the gradient norm, except under a GradScaler: there an inf/NaN gradient is its
-        overflow (it skips the step and lowers its scale; :meth:`optimizer_step` then skips the EMA update)."""
+        overflow (it skips the step and lowers its scale; :meth:`optimizer_step` then skips the EMA update). A step
+        skipped before (a non-finite loss in its accumulation window) applies no gradient of its window."""
+        if self._skip_step:
+            optimizer.zero_grad(set_to_none=True)  # AdamW skips parameters whose grad is None
+            return
         norms = grad_norm(self.networks, norm_type=2)
         total = norms.get("grad_2.0_norm_total")
         if fsdp_root(self) is not None:  # each rank holds a shard's gradients: the global norm, one decision for all
@@ -481,8 +486,7 @@ class MarDiniBase(L.LightningModule):
                     "lower the LR, enable gradient clipping, or set model.nonfinite=skip"
                 )
             optimizer.zero_grad(set_to_none=True)  # AdamW skips parameters whose grad is None
-            self.nonfinite_skipped += 1
-            self._skip_ema = True
+            self._skip_this_step()
 
     # ----------------------------------------------------------------------------------------------
     # EMA: updated after each optimiser step, swapped in for validation and sampling
@@ -498,10 +502,10 @@ class MarDiniBase(L.LightningModule):
         # kept scale also where the first step's init_scale was rounded to float32
         overflow = scaler is not None and scaler.get_scale() < scale * (1 + scaler.get_backoff_factor()) / 2
         if self.global_step != self._ema_step:
-            if not (self._skip_ema or overflow):
+            if not (self._skip_step or overflow):
                 self.update_ema()
             self._ema_step = self.global_step
-        self._skip_ema = False
+        self._skip_step = False
 
     def update_ema(self) -> None:
         """One EMA update: at the full decay when it continues a loaded EMA (``ema_keep_loaded``), otherwise by
@@ -764,10 +768,16 @@ class MarDiniBase(L.LightningModule):
                 f"non-finite {what} at step {self.global_step} (batch keys: {keys}); "
                 "set model.nonfinite=skip to skip such steps and count them"
             )
-        self.nonfinite_skipped += 1
-        self._skip_ema = True  # the step changes no weight, so neither may the EMA
-        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True)
+        self._skip_this_step()
         return None
+
+    def _skip_this_step(self) -> None:
+        """Drop this optimiser step, its whole accumulation window (:meth:`on_before_optimizer_step` drops the
+        window's gradients, :meth:`optimizer_step` the EMA update), counted once however many micro-batches failed."""
+        if not self._skip_step:
+            self.nonfinite_skipped += 1
+            self._skip_step = True
+        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True)
 
     def _log_train(self, batch: dict, per_sample: torch.Tensor, loss: torch.Tensor) -> None:
         """The step's logs. ``train/loss`` and ``train/loss_<template>``: means over the clips of this batch, or under
