@@ -1,6 +1,7 @@
 """Two CPU processes (gloo, ddp_spawn): ranks read disjoint clips and end with identical weights and EMA; a global
 batch of 3 on 2 ranks (2 + 1 clips, the loss weighted) trains like one process on the 3 clips, and so does the
-``element`` loss reduction (clips of other generated-frame counts on the two ranks)."""
+``element`` loss reduction (clips of other generated-frame counts on the two ranks); ``nonfinite: skip`` skips a
+step whose loss is NaN on one rank on both, changing no weight."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from mardini.data.batch_split import rank_batch
 from mardini.data.datamodule import VideoDataModule
 from mardini.data.testing import tiny_synthetic
 from mardini.diffusion.loss import masked_mse_per_sample
-from mardini.lit import MarDiniModule, PlanningModule
+from mardini.lit import GenerationModule, MarDiniModule, PlanningModule
 
 
 class RecordRank(L.Callback):
@@ -192,6 +193,63 @@ def test_element_reduction_on_2_ranks_gives_the_one_process_gradient_of_the_glob
         torch.testing.assert_close(two[0][k], element[k], rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
     differ = max(float((element[k] - clip[k]).abs().max() / clip[k].abs().max().clamp(min=1e-12)) for k in clip)
     assert differ > 1e-2  # the per-clip mean's gradient is another one: the comparison above can tell them apart
+
+
+# --------------------------------------------------------------------------------------------------
+# nonfinite: skip on 2 ranks
+# --------------------------------------------------------------------------------------------------
+BAD_STEP = 3  # the EMA lags the raw weights by then (its first two updates copy them)
+
+
+class NanOnRank1(L.Callback):
+    """Fills rank 1's batch of step ``BAD_STEP`` with NaN; writes each rank's weights (raw and EMA) before and after
+    that step and its skip count to ``out``."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = str(out)
+
+    def _save(self, trainer, pl_module, name: str) -> None:
+        state = {k: v.detach().clone() for k, v in pl_module.state_dict().items() if not k.startswith("autoencoder.")}
+        torch.save(state, Path(self.out, f"{name}{trainer.global_rank}.pt"))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == BAD_STEP:
+            self._save(trainer, pl_module, "before")
+            if trainer.global_rank == 1:
+                batch["video"].fill_(float("nan"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == BAD_STEP + 1:
+            self._save(trainer, pl_module, "after")
+            Path(self.out, f"skipped{trainer.global_rank}.json").write_text(json.dumps(pl_module.nonfinite_skipped))
+
+
+def test_nonfinite_skip_on_2_ranks_skips_the_step_on_both_and_changes_no_weight(tmp_path):
+    """A NaN loss on rank 1 only: both ranks skip the step (the finiteness check is reduced over the ranks), no
+    weight or EMA moves on either (weight decay would show a step on zero gradients), and the fit goes on. Before,
+    Lightning refused the None that training_step returned ("Skipping the training_step by returning None in
+    distributed training is not supported")."""
+    torch.multiprocessing.set_sharing_strategy("file_system")  # fd passing fails on this machine (see above)
+    root = tiny_synthetic(tmp_path / "synth", train=24, val=2, frames=12, size=16)  # 4 train shards: 2 per rank
+    dm = VideoDataModule(train_shards=str(root / "train"), val_shards=None, frames=4, fps=8, resolution=16,
+                         batch_size=4, num_workers=0, epoch_size=100, shuffle_buffer=4)
+    model = GenerationModule(size="tiny", planner_resolution=8, generator={"depth": 1}, lr=1e-3, weight_decay=0.1,
+                             ema_decay=0.5, ema_warmup=False, nonfinite="skip")
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=BAD_STEP + 2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, callbacks=[NanOnRank1(tmp_path), RecordRank(tmp_path)])
+    trainer.fit(model, dm)
+
+    final = [torch.load(tmp_path / f"weights{rank}.pt", weights_only=True) for rank in range(2)]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0]), "the ranks' weights differ"
+    for rank in range(2):
+        before, after = (torch.load(tmp_path / f"{name}{rank}.pt", weights_only=True) for name in ("before", "after"))
+        assert json.loads((tmp_path / f"skipped{rank}.json").read_text()) == 1
+        nets = [k for k in before if k.startswith("networks.")]
+        assert any(not torch.equal(before[k], before[f"ema.module.{k[len('networks.'):]}"]) for k in nets)  # EMA lags
+        for k in before:
+            assert torch.equal(before[k], after[k]), f"rank {rank}: {k} changed in the skipped step"
+        assert any(not torch.equal(final[rank][k], after[k]) for k in nets)  # the next step trained
 
 
 def _state_worker(rank: int, rendezvous: str, out: str) -> None:

@@ -756,12 +756,17 @@ class MarDiniBase(L.LightningModule):
     # Logging and the non-finite policy
     # ----------------------------------------------------------------------------------------------
     def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank (one answer for all: they skip or stop together)."""
         finite = torch.isfinite(loss.detach()).float()
         if self._trainer is not None and self.trainer.world_size > 1:
             finite = self.trainer.strategy.reduce(finite, reduce_op="min")
         return bool(finite > 0)
 
-    def _on_nonfinite(self, what: str, batch: dict) -> None:
+    def _on_nonfinite(self, what: str, batch: dict) -> torch.Tensor | None:
+        """``stop``: raise naming the step and the batch. ``skip``: drop the step and return what training_step
+        returns for it: None in one process; on several (Lightning refuses None there) a zero loss on every trainable
+        parameter, whose zero gradients DDP reduces as usual, the step then changing no weight (every rank skips it:
+        :meth:`_all_finite` agrees on all)."""
         keys = batch.get("key")
         if self.hparams.nonfinite == "stop":
             raise FloatingPointError(
@@ -769,7 +774,9 @@ class MarDiniBase(L.LightningModule):
                 "set model.nonfinite=skip to skip such steps and count them"
             )
         self._skip_this_step()
-        return None
+        if self._trainer is None or self.trainer.world_size == 1:
+            return None
+        return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0  # (), connected to every parameter
 
     def _skip_this_step(self) -> None:
         """Drop this optimiser step, its whole accumulation window (:meth:`on_before_optimizer_step` drops the
