@@ -71,7 +71,6 @@ def test_the_parts_of_a_joint_stage_s_loss_are_logged_in_training_and_validation
     neither part. val/loss stays that sum; val/diffusion_loss (the val/loss of the same networks without the head's
     term) and val/plan_recon_loss are the parts, means over every rank's clips reduced as val/loss is; train logs
     train/diffusion_loss beside train/plan_recon_loss."""
-    from types import SimpleNamespace
 
     batches = {i: {"video": torch.rand(b, 5, 3, 32, 32, generator=torch.Generator().manual_seed(i)) * 2 - 1}
                for i, b in enumerate([2, 1, 3])}  # (B, T, 3, H, W)
@@ -91,11 +90,15 @@ def test_the_parts_of_a_joint_stage_s_loss_are_logged_in_training_and_validation
     assert len(sums) == 2
     assert _validate(with_recon, {0: batches[0]}, monkeypatch, other_rank=sums) == pytest.approx(logged)
 
-    with_recon._trainer = SimpleNamespace()  # compute_loss logs its parts in training
+    from mardini.lit.base import MarDiniBase
+
     trained: dict[str, float] = {}
     monkeypatch.setattr(with_recon, "log", lambda name, value, **kw: trained.__setitem__(name, float(value)))
-    loss = with_recon.compute_loss(dict(batches[0]), torch.Generator().manual_seed(7), True).mean()  # train/loss
-    with_recon._trainer = None
+    monkeypatch.setattr(MarDiniBase, "_log_train", lambda *a: None)  # the base's logs need a Trainer
+    per_sample = with_recon.compute_loss(dict(batches[0]), torch.Generator().manual_seed(7), True)  # (B,)
+    assert not trained  # compute_loss logs nothing (it runs outside a fit too); the training step's logs do
+    with_recon._log_train(dict(batches[0]), per_sample, per_sample.mean())
+    loss = per_sample.mean()  # train/loss
     assert float(loss) == pytest.approx(trained["train/diffusion_loss"] + 2.0 * trained["train/plan_recon_loss"])
 
 

@@ -111,13 +111,19 @@ class MarDiniModule(GenerationModule):
         loss = self.diffusion_loss(z_high, plan, mask, generator, weighted=train)  # (B,)
         recon_part = recon_loss if recon_loss is not None else torch.zeros_like(loss)  # (B,)
         self._last_parts = torch.stack([loss.detach().float(), recon_part.detach().float()], 1)  # (B, 2)
-        if train and self._trainer is not None:
-            self.log("train/diffusion_loss", loss.mean(), on_step=True, batch_size=b)
         if recon_loss is not None:
-            if train and self._trainer is not None:
-                self.log("train/plan_recon_loss", recon_loss.mean(), on_step=True, batch_size=b)
             loss = loss + self.plan_recon_weight * recon_loss  # (B,)
         return loss
+
+    def _log_train(self, batch: dict, per_sample: torch.Tensor, loss: torch.Tensor) -> None:
+        """The base's, and the parts of the loss (:attr:`_last_parts`): ``train/diffusion_loss``, and
+        ``train/plan_recon_loss`` where ``plan_recon_weight`` > 0. Logged here, by the training step, so that
+        ``compute_loss`` logs nothing (it also runs outside a fit)."""
+        super()._log_train(batch, per_sample, loss)
+        parts = self._last_parts  # (B, [diffusion, plan recon])
+        self.log("train/diffusion_loss", parts[:, 0].mean(), on_step=True, batch_size=parts.shape[0])
+        if self.plan_recon_weight > 0:
+            self.log("train/plan_recon_loss", parts[:, 1].mean(), on_step=True, batch_size=parts.shape[0])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """The base's (``val/loss``: the diffusion loss plus ``plan_recon_weight`` x the reconstruction loss),
