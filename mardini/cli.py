@@ -22,6 +22,7 @@ from mardini.lit.base import MarDiniBase
 from mardini.lit.checkpoint_io import AtomicCheckpointIO, local_path, other_checkpoints_message
 from mardini.lit.checkpoints import RESUMING, directory_message
 from mardini.lit.preemption import TERMINATED, PreemptionSave
+from mardini.lit.resumed_logs import ResumedLogs
 from mardini.lit.step_checkpoint import PREEMPTION, StepCheckpoint, preemption_checkpoints, saved_step
 from mardini.user_errors import TRACEBACK_ENV, USER_ERRORS
 
@@ -189,7 +190,8 @@ class MarDiniCLI(LightningCLI):
         # kwargs["callbacks"] replaces trainer.callbacks of the config in LightningCLI: keep the config's ones
         configured = (self._get(self.config_init, "trainer", default={}) or {}).get("callbacks") or []
         configured = configured if isinstance(configured, (list, tuple)) else [configured]
-        kwargs["callbacks"] = list(configured) + list(kwargs.get("callbacks") or []) + extra
+        # ResumedLogs first: it sets a resumed fit's logged step before any other callback logs at it
+        kwargs["callbacks"] = [ResumedLogs(), *configured, *(kwargs.get("callbacks") or []), *extra]
         if self.subcommand == "validate":  # the fit's folder keeps its records: validate logs in validate/ of it
             loggers = (self._get(self.config_init, "trainer", default={}) or {}).get("logger")
             entries = (self._get(self.config, "trainer", default={}) or {}).get("logger")

@@ -1,0 +1,73 @@
+"""The logs of a stage across resumes and new runs: one x-axis, every step once, an earlier run's logs set aside."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mardini.cli import main
+from mardini.data.testing import tiny_synthetic
+from mardini.lit.checkpoints import read_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny"
+STAGE = "01_dm_warmup_4f"
+FAST = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+        "--data.init_args.num_workers=0", "--data.init_args.epoch_size=64", "--data.init_args.batch_size=4",
+        "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0", "--trainer.precision=32-true",
+        "--trainer.log_every_n_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A folder laid out like the repo root: data/shards/synthetic/{train,val} (32 px clips)."""
+    root = tmp_path_factory.mktemp("logs")
+    tiny_synthetic(root / "data" / "shards" / "synthetic", train=24, val=16, frames=18, size=32)
+    return root
+
+
+def _fit(workdir: Path, monkeypatch, steps: int, *extra: str):
+    monkeypatch.chdir(workdir)
+    return main(["fit", "--config", str(TINY / "common.yaml"), "--config", str(TINY / f"{STAGE}.yaml"),
+                 f"--trainer.max_steps={steps}", *FAST, *extra])
+
+
+def _scalars(folder: Path) -> dict[str, list[int]]:
+    """``{tag: [step, ...]}`` of the TensorBoard scalars in ``folder`` (after TensorBoard's purges)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def _bts(path: Path) -> int:
+    """Lightning's logged step (``_batches_that_stepped``) a checkpoint records."""
+    return read_checkpoint(path)["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"]
+
+
+def test_a_resume_from_the_end_of_a_fit_that_validated_logs_on_at_the_global_step(workdir, monkeypatch, tmp_path):
+    """A fit validated at its last step, resumed twice: train/loss, the learning rate and val/loss at the steps of
+    one uninterrupted run (the scalars of step k at k - 1), each once. Before, the end-of-fit checkpoint recorded
+    the logged step after the last one was counted and the resume counted it again: one step further on per resume
+    (train/loss at [0, 1, 3, 4, 6, 7]; the checkpoints at global step 4 and 6 recorded 5 and 8). A checkpoint such
+    a run wrote resumes at its global step too."""
+    save = [f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.val_check_interval=2",
+            "--data.init_args.epoch_size=400"]  # 100 batches an epoch: validated at steps 2, 4, 6
+    folder = tmp_path / STAGE
+    recorded = []
+    for steps in (2, 4, 6):
+        _fit(workdir, monkeypatch, steps, *save)
+        recorded.append(_bts(folder / "checkpoints" / "last.ckpt"))
+    scalars = _scalars(folder)
+    got = {"recorded": recorded, **{tag: scalars[tag] for tag in ("train/loss", "lr-AdamW/pg1", "val/loss")}}
+    assert got == {"recorded": [2, 4, 6], "train/loss": [0, 1, 2, 3, 4, 5], "lr-AdamW/pg1": [0, 1, 2, 3, 4, 5],
+                   "val/loss": [1, 3, 5]}
+    last = folder / "checkpoints" / "last.ckpt"  # one the shifted runs wrote: its logged step one past its global step
+    written = torch.load(last, weights_only=True)
+    written["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"] = 7
+    torch.save(written, last)
+    _fit(workdir, monkeypatch, 7, *save)
+    assert _scalars(folder)["train/loss"] == [0, 1, 2, 3, 4, 5, 6] and _bts(last) == 7
