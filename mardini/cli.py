@@ -22,7 +22,7 @@ from mardini.lit.base import MarDiniBase
 from mardini.lit.checkpoint_io import AtomicCheckpointIO, local_path, other_checkpoints_message
 from mardini.lit.checkpoints import RESUMING, directory_message
 from mardini.lit.preemption import TERMINATED, PreemptionSave
-from mardini.lit.resumed_logs import ResumedLogs
+from mardini.lit.resumed_logs import ContinuedCSVLogger, ResumedLogs
 from mardini.lit.step_checkpoint import PREEMPTION, StepCheckpoint, preemption_checkpoints, saved_step
 from mardini.user_errors import TRACEBACK_ENV, USER_ERRORS
 
@@ -192,13 +192,14 @@ class MarDiniCLI(LightningCLI):
         configured = configured if isinstance(configured, (list, tuple)) else [configured]
         # ResumedLogs first: it sets a resumed fit's logged step before any other callback logs at it
         kwargs["callbacks"] = [ResumedLogs(), *configured, *(kwargs.get("callbacks") or []), *extra]
-        if self.subcommand == "validate":  # the fit's folder keeps its records: validate logs in validate/ of it
-            loggers = (self._get(self.config_init, "trainer", default={}) or {}).get("logger")
-            entries = (self._get(self.config, "trainer", default={}) or {}).get("logger")
-            if isinstance(loggers, (list, tuple)):
-                kwargs["logger"] = [validation_logger(one, entry) for one, entry in zip(loggers, entries)]
-            else:
-                kwargs["logger"] = validation_logger(loggers, entries)
+        # the fit's folder keeps its records: validate logs in validate/ of it; a fit continues its metrics.csv
+        rebuild = validation_logger if self.subcommand == "validate" else fit_logger
+        loggers = (self._get(self.config_init, "trainer", default={}) or {}).get("logger")
+        entries = (self._get(self.config, "trainer", default={}) or {}).get("logger")
+        if isinstance(loggers, (list, tuple)):
+            kwargs["logger"] = [rebuild(one, entry) for one, entry in zip(loggers, entries)]
+        else:
+            kwargs["logger"] = rebuild(loggers, entries)
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # atomic local saves unless the user chose one
@@ -222,6 +223,16 @@ def validation_logger(logger, entry):
     version = args["version"] if isinstance(args["version"], str) else f"version_{args['version']}"
     given = {**args.as_dict(), **dict(entry.get("dict_kwargs") or {})}  # dict_kwargs: TensorBoard's SummaryWriter's
     return type(logger)(**{**given, "version": os.path.join(version, VALIDATION_FOLDER)})
+
+
+def fit_logger(logger, entry):
+    """The logger a ``fit`` logs to, for the configured ``logger`` built from the config ``entry``: Lightning's
+    CSVLogger is rebuilt as :class:`~mardini.lit.resumed_logs.ContinuedCSVLogger`, so a resumed fit continues its
+    ``metrics.csv`` (Lightning's deleted it: the file held the steps after the resume only); any other is kept."""
+    args = entry.get("init_args") if hasattr(entry, "get") else None
+    if type(logger) is not CSVLogger or args is None:
+        return logger
+    return ContinuedCSVLogger(**args.as_dict())
 
 
 class KeepEarlierConfig(SaveConfigCallback):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -71,3 +74,25 @@ def test_a_resume_from_the_end_of_a_fit_that_validated_logs_on_at_the_global_ste
     torch.save(written, last)
     _fit(workdir, monkeypatch, 7, *save)
     assert _scalars(folder)["train/loss"] == [0, 1, 2, 3, 4, 5, 6] and _bts(last) == 7
+
+
+def test_a_resumed_fit_continues_a_csv_logger_s_metrics_csv(workdir, monkeypatch, tmp_path):
+    """A CSV-logged stage fitted to step 2, resumed to 4, then resumed from a copy of its step-2 checkpoint (as if
+    killed right after it: steps 3 and 4 are logged again) to 6: one metrics.csv holding every step once. Before,
+    Lightning's CSVLogger deleted the folder's metrics.csv at each fit's start ("Previous log files in this directory
+    will be deleted"): it held the last fit's steps alone."""
+    save = ["--trainer.logger.class_path=lightning.pytorch.loggers.CSVLogger",
+            f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.val_check_interval=2",
+            "--data.init_args.epoch_size=400"]
+    folder = tmp_path / STAGE
+    _fit(workdir, monkeypatch, 2, *save)
+    kept = shutil.copy(folder / "checkpoints" / "last.ckpt", folder / "checkpoints" / "kept.ckpt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(workdir, monkeypatch, 4, *save)
+        _fit(workdir, monkeypatch, 6, *save, f"--ckpt_path={kept}")
+    rows = list(csv.DictReader((folder / "metrics.csv").open()))
+    steps = {key: [int(row["step"]) for row in rows if row.get(key)]
+             for key in ("train/loss", "lr-AdamW/pg1", "val/loss")}
+    assert steps == {"train/loss": list(range(6)), "lr-AdamW/pg1": list(range(6)), "val/loss": [1, 3, 5]}
+    assert not [w for w in caught if "Previous log files" in str(w.message)]

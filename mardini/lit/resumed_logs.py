@@ -1,27 +1,99 @@
-"""A resumed fit logs on from where its checkpoint stopped, on the same x-axis as one uninterrupted run."""
+"""A resumed fit logs on from where its checkpoint stopped, on the same x-axis as one uninterrupted run, and continues
+a CSV logger's ``metrics.csv``."""
 
 from __future__ import annotations
 
+import csv
+import os
+
 import lightning as L
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
 
 
 class ResumedLogs(L.Callback):
-    """Puts the step a resumed fit logs at back on the global step.
+    """Puts the step a resumed fit logs at back on the global step, and tells each :class:`ContinuedCSVLogger` the step
+    the fit goes on from.
 
     Lightning logs every scalar at ``fit_loop.epoch_loop._batches_that_stepped`` (the optimiser steps taken: the
     scalars of step ``k`` at ``k - 1``). A checkpoint saved at the end of a fit (``StepCheckpoint.on_train_end``)
     records it after Lightning has counted the last step, and a resume from it whose first batch is due a validation
-    (the one the last step ran) counts that step again: each such resume logged one step further on (the learning
-    rate of step 38 at 39, a validation of step 40 at 40, not 39), checkpoints already written included. At the first
-    training batch after a restore this sets it to the global step, as an uninterrupted run has it there, before any
-    callback logs (``MarDiniCLI`` puts this callback first)."""
+    (the one the last step ran) counts that step again: each such resume logged one step further on, checkpoints
+    already written included. At the first training batch after a restore this sets it to the global step, as an
+    uninterrupted run has it there, before any callback logs (``MarDiniCLI`` puts this callback first)."""
 
     _restored = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restored = trainer.ckpt_path is not None
+        for logger in trainer.loggers:
+            if isinstance(logger, ContinuedCSVLogger):
+                logger.continue_from(trainer.global_step if self._restored else None)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         if self._restored and pl_module.automatic_optimization:  # one optimiser step per stepped batch
             trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step  # Lightning has no public setter
         self._restored = False
+
+
+class ContinuedCSVLogger(CSVLogger):
+    """Lightning's CSVLogger, whose ``metrics.csv`` a resumed fit continues.
+
+    Lightning's deletes the ``metrics.csv`` of its folder when it starts ("Previous log files in this directory will
+    be deleted"), so a fit resumed in a stage's folder (a fixed version: the stage configs' layout) kept only the
+    steps logged after the resume. This one leaves the file until the fit saves its first metrics; then a fit that
+    resumes at step ``S`` (:meth:`continue_from`, which :class:`ResumedLogs` calls when training starts) keeps its
+    rows of steps below ``S`` (those from ``S`` on, logged after the checkpoint by a run that died, are logged again)
+    and goes on in it, and any other run replaces it, as Lightning's does. ``train.py fit`` logs to one in place of a
+    configured ``lightning.pytorch.loggers.CSVLogger``."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ContinuedWriter:
+        if self._experiment is None:  # as CSVLogger.experiment, with the writer below
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = ContinuedWriter(log_dir=self.log_dir)
+        return self._experiment
+
+    @rank_zero_only
+    def continue_from(self, step: int | None) -> None:
+        """Keep the earlier rows of steps below ``step`` (None: none) at the first save of metrics."""
+        self.experiment.continue_at = step
+
+
+class ContinuedWriter(ExperimentWriter):
+    """Lightning's CSV writer, which deletes ``metrics.csv`` only at its first save of metrics, and then keeps the
+    rows of steps below ``continue_at`` (None: none) instead."""
+
+    continue_at: int | None = None
+    _started = False
+
+    def _check_log_dir_exists(self) -> None:
+        """Nothing: Lightning's deletes ``metrics.csv`` here, as the logger starts (see :meth:`save`)."""
+
+    def save(self) -> None:
+        if self.metrics and not self._started:
+            self._started = True
+            self._continue_file()
+        super().save()
+
+    def _continue_file(self) -> None:
+        """Keep the rows of ``metrics.csv`` of steps below ``continue_at``, and its columns; delete it for None."""
+        path = self.metrics_file_path
+        if not self._fs.isfile(path):
+            return
+        if self.continue_at is None:
+            self._fs.rm_file(path)
+            return
+        with self._fs.open(path, "r", newline="") as file:
+            reader = csv.DictReader(file)
+            rows = [row for row in reader if not row.get("step") or int(float(row["step"])) < self.continue_at]
+            self.metrics_keys = sorted(reader.fieldnames or [])  # the writer's columns: it appends under them
+        temp = os.path.join(self.log_dir, f".{self.NAME_METRICS_FILE}.tmp")
+        with self._fs.open(temp, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        self._fs.mv(temp, path)  # a rename: a kill leaves the earlier file whole
