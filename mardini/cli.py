@@ -23,7 +23,8 @@ from mardini.lit.checkpoint_io import AtomicCheckpointIO, local_path, other_chec
 from mardini.lit.checkpoints import RESUMING, directory_message
 from mardini.lit.preemption import TERMINATED, PreemptionSave
 from mardini.lit.resumed_logs import ContinuedCSVLogger, ResumedLogs
-from mardini.lit.step_checkpoint import PREEMPTION, StepCheckpoint, preemption_checkpoints, saved_step
+from mardini.lit.step_checkpoint import (PREEMPTION, StepCheckpoint, earlier_logs, preemption_checkpoints,
+                                         saved_step)
 from mardini.user_errors import TRACEBACK_ENV, USER_ERRORS
 
 
@@ -47,8 +48,8 @@ class MarDiniCLI(LightningCLI):
         if subcommand in ("fit", "validate"):
             # The same command resumes: fit starts from the checkpoint of the highest step in <log dir>/checkpoints
             # (last.ckpt, hpc_ckpt_N.ckpt, stepN.ckpt: resume_checkpoint) when there is one; --ckpt_path null starts
-            # over there (StepCheckpoint moves the earlier run's checkpoints to checkpoints/earlier.N/). validate
-            # scores that checkpoint (scored_checkpoint: an error when there is none); --ckpt_path null scores the
+            # over there (StepCheckpoint moves the earlier run's checkpoints and logs to checkpoints/earlier.N/).
+            # validate scores that checkpoint (scored_checkpoint: an error when there is none); --ckpt_path null scores the
             # weights the stage starts from.
             parser.set_defaults({"ckpt_path": "last", "weights_only": True})  # resume never unpickles code
         return parser
@@ -181,9 +182,12 @@ class MarDiniCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         # what the fit resumes from: None (from scratch) starts a new run, which sets the folder's earlier one aside
         resume = None if self._nothing_to_resume else (self._resume_from or self._get(self.config, "ckpt_path"))
+        # the records in the stage's folder before this fit writes any: a new run sets them aside with the checkpoints
+        folder = self._checkpoint_folder
+        logs = earlier_logs(str(Path(folder).parent)) if folder is not None else None
         extra = [
             StepCheckpoint(filename="step{step:08d}", auto_insert_metric_name=False, save_last=True,
-                           every_n_train_steps=self._checkpoint_every, save_top_k=1, resume=resume),
+                           every_n_train_steps=self._checkpoint_every, save_top_k=1, resume=resume, logs=logs),
             LearningRateMonitor(logging_interval="step"),
             PreemptionSave(dirpath=self._checkpoint_folder),
         ]

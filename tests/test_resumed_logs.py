@@ -96,3 +96,28 @@ def test_a_resumed_fit_continues_a_csv_logger_s_metrics_csv(workdir, monkeypatch
              for key in ("train/loss", "lr-AdamW/pg1", "val/loss")}
     assert steps == {"train/loss": list(range(6)), "lr-AdamW/pg1": list(range(6)), "val/loss": [1, 3, 5]}
     assert not [w for w in caught if "Previous log files" in str(w.message)]
+
+
+@pytest.mark.parametrize("logger", ["TensorBoardLogger", "CSVLogger"])
+def test_a_new_run_sets_the_earlier_run_s_logs_aside_with_its_checkpoints(workdir, monkeypatch, tmp_path, logger):
+    """--ckpt_path null in a stage's folder: the earlier run's event files and hparams.yaml (TensorBoard), its
+    metrics.csv (CSV) go to checkpoints/earlier.1/ with its checkpoints, byte for byte, and the folder holds the new
+    run's alone. Before, only the checkpoints moved: TensorBoard showed both runs as one curve (train/loss at steps
+    [0, 1, 2, 0, 1]), and the CSV logger deleted the earlier metrics.csv. config.yaml stays KeepEarlierConfig's."""
+    save = [f"--trainer.logger.class_path=lightning.pytorch.loggers.{logger}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    folder = tmp_path / STAGE
+    _fit(workdir, monkeypatch, 3, *save)
+    records = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and not p.name.startswith("config")}
+    _fit(workdir, monkeypatch, 2, *save, "--ckpt_path=null", "--model.init_args.lr=2e-3")
+    aside = folder / "checkpoints" / "earlier.1"
+    moved = {p.name: p.read_bytes() for p in aside.iterdir() if not p.name.endswith(".ckpt")}
+    if logger == "TensorBoardLogger":
+        assert _scalars(folder)["train/loss"] == [0, 1] and _scalars(aside)["train/loss"] == [0, 1, 2]
+        assert moved == records and "hparams.yaml" in moved
+        assert any(name.startswith("events.out.tfevents.") for name in moved)
+    else:  # Lightning rewrites a CSV logger's hparams.yaml when the fit starts: the new run's stays
+        rows = list(csv.DictReader((folder / "metrics.csv").open()))
+        assert [int(row["step"]) for row in rows if row.get("train/loss")] == [0, 1]
+        assert sorted(moved) == ["metrics.csv"] and moved["metrics.csv"] == records["metrics.csv"]
+    assert (folder / "hparams.yaml").is_file() and (folder / "config.1.yaml").is_file()

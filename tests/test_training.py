@@ -132,7 +132,7 @@ def test_a_resume_from_an_explicit_file_neither_needs_the_starting_checkpoint_no
     # (not last-v1.ckpt) is the resumed run's, the one --ckpt_path last resumes next
     folder = workdir / "outputs" / "resume_file" / STAGES[1] / "checkpoints"
     assert sorted(p.name for p in folder.glob("*.ckpt")) == ["last.ckpt", "step00000003.ckpt"]
-    assert sorted(p.name for p in (folder / "earlier.1").iterdir()) == ["last.ckpt", "step00000002.ckpt"]
+    assert sorted(p.name for p in (folder / "earlier.1").glob("*.ckpt")) == ["last.ckpt", "step00000002.ckpt"]
     assert read_checkpoint(folder / "last.ckpt")["global_step"] == 3
 
 
@@ -262,14 +262,16 @@ def test_a_ckpt_path_null_rerun_starts_over_in_place_and_last_then_resumes_it(wo
     _fit(workdir, monkeypatch, *_stage(STAGES[0], 3, *save))
     earlier = {p.name: p.read_bytes() for p in folder.glob("*.ckpt")}
     assert sorted(earlier) == ["last.ckpt", "step00000003.ckpt"]
+    logs = sorted(p.name for p in folder.parent.glob("events.out.tfevents.*")) + ["hparams.yaml"]
     said: list[str] = []
     monkeypatch.setattr("mardini.lit.step_checkpoint.rank_zero_info", said.append)
     new = ["--model.init_args.lr=2e-3"]
     _fit(workdir, monkeypatch, *_stage(STAGES[0], 2, *save, *new, "--ckpt_path=null"))
-    assert said == [f"A new run in {folder}: the earlier run's checkpoints (last.ckpt, step00000003.ckpt) are moved "
-                    f"to {folder / 'earlier.1'} (--ckpt_path {folder / 'earlier.1' / 'last.ckpt'} resumes that run)"]
+    assert said == [f"A new run in {folder}: the earlier run's checkpoints (last.ckpt, step00000003.ckpt) and logs "
+                    f"({', '.join(logs)}) are moved to {folder / 'earlier.1'} (--ckpt_path "
+                    f"{folder / 'earlier.1' / 'last.ckpt'} resumes that run)"]
     assert sorted(p.name for p in folder.glob("*.ckpt")) == ["last.ckpt", "step00000002.ckpt"]
-    assert {p.name: p.read_bytes() for p in (folder / "earlier.1").iterdir()} == earlier
+    assert {p.name: p.read_bytes() for p in (folder / "earlier.1").glob("*.ckpt")} == earlier
     last = read_checkpoint(folder / "last.ckpt")
     assert last["global_step"] == 2 and last["hyper_parameters"]["lr"] == 2e-3
     with warnings.catch_warnings(record=True) as caught:

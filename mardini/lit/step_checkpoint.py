@@ -18,6 +18,9 @@ from mardini.lit.checkpoints import read_checkpoint
 
 CONTINUES = ("last", "hpc", "best")  # Lightning's ckpt_path keywords that resume a run of this folder
 PREEMPTION = re.compile(r"hpc_ckpt_\d+\.ckpt")  # Lightning's preemption checkpoints (mardini.lit.preemption)
+# a run's records in its log folder: TensorBoard's event files, the loggers' hparams.yaml, a CSV logger's metrics.csv,
+# and the folder train.py validate logs in (mardini.cli.VALIDATION_FOLDER); config.yaml is KeepEarlierConfig's
+LOGS = re.compile(r"events\.out\.tfevents\..+|hparams\.yaml|metrics\.csv|validate")
 
 
 class StepCheckpoint(ModelCheckpoint):
@@ -35,14 +38,19 @@ class StepCheckpoint(ModelCheckpoint):
     the one ``--ckpt_path last`` resumes (with the counter, a new run beside an earlier one wrote ``last-v1.ckpt``,
     and ``last`` resumed the earlier run).
 
+    ``logs``: the earlier run's records in the log folder, listed before the fit opens its own
+    (:func:`earlier_logs`: event files, hparams.yaml, metrics.csv, validate/); those still as they were move with
+    its checkpoints, so TensorBoard shows the new run apart from the earlier one.
+
     Each save then deletes the preemption checkpoints (``hpc_ckpt_N.ckpt``, one per preemption) in the folder that it
     supersedes (:func:`drop_superseded_preemption_checkpoints`), so they do not pile up over a run's requeues.
     """
 
-    def __init__(self, *args, resume: str | None = "last", **kwargs) -> None:
+    def __init__(self, *args, resume: str | None = "last", logs: dict[str, tuple[int, int]] | None = None,
+                 **kwargs) -> None:
         kwargs.setdefault("enable_version_counter", False)
         super().__init__(*args, **kwargs)
-        self.resume = resume
+        self.resume, self.logs = resume, logs or {}
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         with warnings.catch_warnings():
@@ -57,7 +65,7 @@ class StepCheckpoint(ModelCheckpoint):
         if not self._starts_new_run():
             return
         if trainer.is_global_zero:
-            set_aside_earlier_run(self._fs, str(self.dirpath))
+            set_aside_earlier_run(self._fs, str(self.dirpath), self.logs)
         trainer.strategy.barrier("StepCheckpoint.set_aside")  # no rank saves before the folder is clear
 
     def _starts_new_run(self) -> bool:
@@ -86,25 +94,47 @@ class StepCheckpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
 
 
-def set_aside_earlier_run(fs, folder: str) -> str | None:
-    """Move the ``*.ckpt`` files in ``folder`` (on the fsspec file system ``fs``) into ``folder/earlier.N``, the first
-    free N from 1, and say so; that folder, or None (no checkpoint there)."""
-    if not fs.isdir(folder):
-        return None
-    found = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".ckpt") and fs.isfile(p))
-    if not found:
+def set_aside_earlier_run(fs, folder: str, logs: dict[str, tuple[int, int]] | None = None) -> str | None:
+    """Move the ``*.ckpt`` files in ``folder`` (on the fsspec file system ``fs``), and the records ``logs`` names
+    (:func:`earlier_logs`) that are still as they were then, into ``folder/earlier.N``, the first free N from 1, and
+    say so; that folder, or None (nothing to move). A record changed since is the new run's (a CSV logger's
+    hparams.yaml, rewritten when the fit starts) and stays."""
+    found = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".ckpt") and fs.isfile(p)) \
+        if fs.isdir(folder) else []
+    records = sorted(path for path, stamp in (logs or {}).items() if _stamp(path) == stamp)
+    if not found and not records:
         return None
     n = 1
     while fs.exists(aside := os.path.join(folder, f"earlier.{n}")):
         n += 1
     fs.makedirs(aside)
-    for path in found:
-        fs.mv(path, os.path.join(aside, os.path.basename(path)))
+    for path in found + records:
+        fs.mv(path, os.path.join(aside, os.path.basename(path)), recursive=True)
     names = [os.path.basename(p) for p in found]
     way = f" (--ckpt_path {os.path.join(aside, 'last.ckpt')} resumes that run)" if "last.ckpt" in names else ""
-    rank_zero_info(f"A new run in {folder}: the earlier run's checkpoints ({', '.join(names)}) are moved to "
-                   f"{aside}{way}")
+    moved = " and ".join(f"{what} ({', '.join(os.path.basename(p) for p in paths)})" for what, paths in
+                         (("checkpoints", found), ("logs", records)) if paths)
+    rank_zero_info(f"A new run in {folder}: the earlier run's {moved} are moved to {aside}{way}")
     return aside
+
+
+def earlier_logs(log_dir: str | None) -> dict[str, tuple[int, int]]:
+    """The records of a run in the local log folder ``log_dir`` (``LOGS``: event files, hparams.yaml, metrics.csv,
+    validate/), each with its size and modification time, for :func:`set_aside_earlier_run`; none for None or a
+    remote folder."""
+    folder = local_path(log_dir) if log_dir is not None else None
+    if folder is None or not os.path.isdir(folder):
+        return {}
+    return {str(p): stamp for p in Path(folder).iterdir() if LOGS.fullmatch(p.name) and (stamp := _stamp(p))}
+
+
+def _stamp(path: str | Path) -> tuple[int, int] | None:
+    """``(size, modification time in ns)`` of ``path``; None where there is nothing."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_size, info.st_mtime_ns
 
 
 def preemption_checkpoints(folder: str | Path | None) -> list[Path]:
