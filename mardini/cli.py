@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
@@ -49,8 +50,8 @@ class MarDiniCLI(LightningCLI):
             # The same command resumes: fit starts from the checkpoint of the highest step in <log dir>/checkpoints
             # (last.ckpt, hpc_ckpt_N.ckpt, stepN.ckpt: resume_checkpoint) when there is one; --ckpt_path null starts
             # over there (StepCheckpoint moves the earlier run's checkpoints and logs to checkpoints/earlier.N/).
-            # validate scores that checkpoint (scored_checkpoint: an error when there is none); --ckpt_path null scores the
-            # weights the stage starts from.
+            # validate scores that checkpoint (scored_checkpoint: an error when there is none); --ckpt_path null
+            # scores the weights the stage starts from.
             parser.set_defaults({"ckpt_path": "last", "weights_only": True})  # resume never unpickles code
         return parser
 
@@ -196,8 +197,10 @@ class MarDiniCLI(LightningCLI):
         configured = configured if isinstance(configured, (list, tuple)) else [configured]
         # ResumedLogs first: it sets a resumed fit's logged step before any other callback logs at it
         kwargs["callbacks"] = [ResumedLogs(), *configured, *(kwargs.get("callbacks") or []), *extra]
-        # the fit's folder keeps its records: validate logs in validate/ of it; a fit continues its metrics.csv
-        rebuild = validation_logger if self.subcommand == "validate" else fit_logger
+        # the fit's folder keeps its records: validate logs in validate/ of it; a fit continues its metrics.csv, and a
+        # resumed one hides from TensorBoard the steps a run given up logged after the checkpoint
+        step = resumed_step(resume) if self.subcommand == "fit" else None
+        rebuild = validation_logger if self.subcommand == "validate" else functools.partial(fit_logger, step=step)
         loggers = (self._get(self.config_init, "trainer", default={}) or {}).get("logger")
         entries = (self._get(self.config, "trainer", default={}) or {}).get("logger")
         if isinstance(loggers, (list, tuple)):
@@ -229,14 +232,36 @@ def validation_logger(logger, entry):
     return type(logger)(**{**given, "version": os.path.join(version, VALIDATION_FOLDER)})
 
 
-def fit_logger(logger, entry):
+def fit_logger(logger, entry, step: int | None = None):
     """The logger a ``fit`` logs to, for the configured ``logger`` built from the config ``entry``: Lightning's
     CSVLogger is rebuilt as :class:`~mardini.lit.resumed_logs.ContinuedCSVLogger`, so a resumed fit continues its
-    ``metrics.csv`` (Lightning's deleted it: the file held the steps after the resume only); any other is kept."""
+    ``metrics.csv`` (Lightning's deleted it: the file held the steps after the resume only); for a fit resumed at
+    global step ``step`` a TensorBoard logger is rebuilt with ``purge_step=step`` (its SummaryWriter's: TensorBoard
+    hides the steps from ``step`` on logged before, by a run given up after the checkpoint, which the resumed run
+    logs again; before, they appeared twice); any other is kept."""
     args = entry.get("init_args") if hasattr(entry, "get") else None
-    if type(logger) is not CSVLogger or args is None:
+    if args is None:
         return logger
-    return ContinuedCSVLogger(**args.as_dict())
+    if type(logger) is CSVLogger:
+        return ContinuedCSVLogger(**args.as_dict())
+    if isinstance(logger, TensorBoardLogger) and step is not None:
+        given = {**args.as_dict(), **dict(entry.get("dict_kwargs") or {})}  # dict_kwargs: the SummaryWriter's
+        return type(logger)(**{**given, "purge_step": step})
+    return logger
+
+
+def resumed_step(ckpt_path) -> int | None:
+    """The global step a fit resuming ``ckpt_path`` goes on from (its checkpoint read memory-mapped); None for a
+    fit from scratch, and where it is not read here (Lightning's keywords, a remote file; one that cannot be read
+    is refused by ``MarDiniCLI.check_resume``)."""
+    if ckpt_path is None or str(ckpt_path) in ("last", "best", "hpc") or _is_registry(ckpt_path):
+        return None
+    path = local_path(str(ckpt_path))
+    try:
+        step = saved_step(path, missing=-1) if path is not None else -1
+    except (OSError, ValueError):
+        return None
+    return step if step >= 0 else None
 
 
 class KeepEarlierConfig(SaveConfigCallback):

@@ -98,6 +98,22 @@ def test_a_resumed_fit_continues_a_csv_logger_s_metrics_csv(workdir, monkeypatch
     assert not [w for w in caught if "Previous log files" in str(w.message)]
 
 
+def test_a_resume_hides_the_tensorboard_steps_logged_after_its_checkpoint(workdir, monkeypatch, tmp_path):
+    """A stage fitted to step 2, resumed to 4, then resumed from a copy of its step-2 checkpoint (as if killed right
+    after it) to 6: TensorBoard shows every step once, the resumed run's (its SummaryWriter gets purge_step=2).
+    Before, steps 2 and 3, logged after that checkpoint by the run given up, appeared twice."""
+    save = [f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.val_check_interval=2",
+            "--data.init_args.epoch_size=400"]
+    folder = tmp_path / STAGE
+    _fit(workdir, monkeypatch, 2, *save)
+    kept = shutil.copy(folder / "checkpoints" / "last.ckpt", folder / "checkpoints" / "kept.ckpt")
+    _fit(workdir, monkeypatch, 4, *save)
+    _fit(workdir, monkeypatch, 6, *save, f"--ckpt_path={kept}")
+    scalars = _scalars(folder)
+    assert {tag: scalars[tag] for tag in ("train/loss", "lr-AdamW/pg1", "val/loss")} == {
+        "train/loss": list(range(6)), "lr-AdamW/pg1": list(range(6)), "val/loss": [1, 3, 5]}
+
+
 @pytest.mark.parametrize("logger", ["TensorBoardLogger", "CSVLogger"])
 def test_a_new_run_sets_the_earlier_run_s_logs_aside_with_its_checkpoints(workdir, monkeypatch, tmp_path, logger):
     """--ckpt_path null in a stage's folder: the earlier run's event files and hparams.yaml (TensorBoard), its
