@@ -755,6 +755,54 @@ def test_sample_grids_reach_tensorboard(workdir, tmp_path):
     assert image.step == 2 and image.height > 0 and image.width > 0
 
 
+def test_sample_grids_go_to_the_first_logger_that_takes_images_or_say_they_are_off(workdir, tmp_path):
+    """Grids reach TensorBoard when it is the second logger, after a CSV logger; with a CSV logger alone the fit
+    warns once, at its start, that grids are off; a WandbLogger takes them through its log_image. Before, only the
+    first logger was asked: under CSV, W&B or TensorBoard second the grids were skipped without a word."""
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mardini.data.datamodule import VideoDataModule
+    from mardini.lit import MarDiniModule
+    from mardini.lit.sample_grids import SampleGrids
+
+    def fit(logger) -> SampleGrids:
+        shards = workdir / "data" / "shards" / "synthetic"
+        dm = VideoDataModule(train_shards=str(shards / "train"), val_shards=str(shards / "val"), frames=9, fps=8,
+                             resolution=32, batch_size=2, num_workers=0, epoch_size=8, val_clips=2)
+        model = MarDiniModule(size="tiny", planner_resolution=16, generator={"patch_size": 2}, lr=1e-3)
+        grids = SampleGrids(every_n_steps=2, clips=1, steps=1)
+        trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=logger, callbacks=[grids], limit_val_batches=0,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(model, dm)
+        return grids
+
+    grids = fit([CSVLogger(tmp_path, name="csv", version=""), TensorBoardLogger(tmp_path, name="tb", version="")])
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert grids.logged_steps == [2] and {"samples/interpolation", "samples/image_to_video"} <= set(
+        events.Tags()["images"])
+    with pytest.warns(UserWarning, match=r"SampleGrids logs no grid in this fit: none of its loggers \(CSVLogger\) "
+                                         r"takes images; add a TensorBoardLogger or WandbLogger to trainer.logger"):
+        grids = fit(CSVLogger(tmp_path, name="alone", version=""))
+    assert grids.logged_steps == []
+
+    from mardini.lit.sample_grids import image_writer
+
+    class Wandb(WandbLogger):  # W&B's log_image without wandb (not installed here): what it is handed
+        def __init__(self):
+            self.images = []
+
+        def log_image(self, key, images, step=None, **kwargs):
+            self.images.append((key, [image.shape for image in images], step))
+
+    wandb = Wandb()
+    write = image_writer(L.Trainer(logger=[CSVLogger(tmp_path, name="w", version=""), wandb]))
+    write("samples/x", torch.zeros(4, 6, 3, dtype=torch.uint8).numpy(), 5)
+    assert wandb.images == [("samples/x", [(4, 6, 3)], 5)]
+
+
 def test_sample_grids_refuse_impossible_extra_tasks():
     from mardini.lit.sample_grids import SampleGrids, given_mask
 

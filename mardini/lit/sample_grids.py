@@ -1,8 +1,12 @@
-"""TensorBoard frame grids of interpolation and image-to-video samples (and any given-frame pattern) during training."""
+"""Frame grids of interpolation and image-to-video samples (and any given-frame pattern) during training, logged to
+TensorBoard (or W&B)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import lightning as L
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 import numpy as np
 import torch
@@ -18,7 +22,9 @@ class SampleGrids(L.Callback):
     broadcast; the root unit's parameters gathered for the duration) and rank 0 alone writes.
 
     Rows of a grid: ground truth, then the sample; given frames have a green border. The clips are the first
-    validation batch (or the first training batch when there is no validation split), fixed for the whole run.
+    validation batch (or the first training batch when there is no validation split), fixed for the whole run. The
+    grids go to the first of the fit's loggers that takes images (TensorBoard's, W&B's: :func:`image_writer`); a fit
+    whose loggers take none (a CSV logger alone) warns once at its start that they are off.
 
     Args:
         every_n_steps: logging period in optimiser steps (>= 1).
@@ -60,6 +66,12 @@ class SampleGrids(L.Callback):
             self._video = source["video"][: self.clips].detach().cpu().clone()  # (b, T, 3, H, W)
         return self._video
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero and "generator" in pl_module.networks and image_writer(trainer) is None:
+            names = ", ".join(type(logger).__name__ for logger in trainer.loggers) or "none"
+            rank_zero_warn(f"SampleGrids logs no grid in this fit: none of its loggers ({names}) takes images; add a "
+                           "TensorBoardLogger or WandbLogger to trainer.logger (a list of loggers keeps the others)")
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         root = fsdp_root(pl_module)
         if root is None:
@@ -84,7 +96,7 @@ class SampleGrids(L.Callback):
         if not self._step_due(trainer, pl_module):
             return False
         video = self._fixed_clips(trainer, batch)
-        return not (video is None or trainer.logger is None or not hasattr(trainer.logger.experiment, "add_image"))
+        return not (video is None or image_writer(trainer) is None)
 
     def _log_grids(self, trainer, pl_module, batch, checked: bool = False, root=None) -> None:
         if not (checked or self._due(trainer, pl_module, batch)):
@@ -117,11 +129,25 @@ class SampleGrids(L.Callback):
                                            progress=False)  # (b, T, 3, H, W)
                     if trainer.is_global_zero:
                         grid = _grid(torch.cat([video, sample]), torch.cat([torch.zeros_like(mask), mask]))
-                        trainer.logger.experiment.add_image(f"samples/{task}", grid, step, dataformats="HWC")
+                        image_writer(trainer)(f"samples/{task}", grid, step)
         finally:
             for name, net in pl_module.networks.items():
                 net.train(was_training[name])
         self.logged_steps.append(step)
+
+
+def image_writer(trainer: L.Trainer) -> Callable[[str, np.ndarray, int], None] | None:
+    """How the fit logs an image ``(tag, uint8 (H, W, 3), step)``: through the first of its loggers that takes
+    images (one whose experiment has TensorBoard's ``add_image``, or a ``WandbLogger``); None where none does.
+    Before, only ``trainer.logger`` (the first logger) was asked: grids were skipped without a word under a CSV or
+    W&B logger, or with TensorBoard second."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            return lambda tag, image, step: logger.log_image(tag, [image], step=step)
+        experiment = logger.experiment
+        if hasattr(experiment, "add_image"):
+            return lambda tag, image, step: experiment.add_image(tag, image, step, dataformats="HWC")
+    return None
 
 
 def given_mask(given: list[int], frames: int, name: str) -> torch.Tensor:
