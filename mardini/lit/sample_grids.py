@@ -16,7 +16,9 @@ from mardini.masking import image_to_video_mask, interpolation_mask
 
 
 class SampleGrids(L.Callback):
-    """Every ``every_n_steps`` steps (rank 0), samples fixed clips with the EMA weights and logs one grid per task.
+    """Every ``every_n_steps`` steps (rank 0), samples fixed clips with the EMA weights and logs one grid per task,
+    at the step the scalars of that step are logged at (Lightning's, one below the global step; before, at the global
+    step: the grids of step 10 at 10, its loss at 9).
 
     Under FSDP a forward gathers parameters from every rank, so there every rank samples (rank 0's decision,
     broadcast; the root unit's parameters gathered for the duration) and rank 0 alone writes.
@@ -102,6 +104,7 @@ class SampleGrids(L.Callback):
         if not (checked or self._due(trainer, pl_module, batch)):
             return
         step = trainer.global_step
+        logged_at = trainer.fit_loop.epoch_loop._batches_that_stepped  # the scalars' x-axis: step k's at k - 1
         video = self._fixed_clips(trainer, batch)
         if video is None:  # a rank without video clips cannot join rank 0's forwards
             raise RuntimeError(f"SampleGrids: rank {trainer.global_rank} has no video clips to sample while rank 0 has")
@@ -129,7 +132,7 @@ class SampleGrids(L.Callback):
                                            progress=False)  # (b, T, 3, H, W)
                     if trainer.is_global_zero:
                         grid = _grid(torch.cat([video, sample]), torch.cat([torch.zeros_like(mask), mask]))
-                        image_writer(trainer)(f"samples/{task}", grid, step)
+                        image_writer(trainer)(f"samples/{task}", grid, logged_at)
         finally:
             for name, net in pl_module.networks.items():
                 net.train(was_training[name])
