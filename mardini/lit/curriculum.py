@@ -6,7 +6,8 @@ milestone that sets one). The position is a pure function of ``global_step``, so
 place; the callback's state is still saved so a changed schedule on resume is noticed. A milestone at step 0
 replaces the model's own keep ratio, templates, frames and attention: the fit's start warns naming those it changes.
 A milestone's templates are those the model's mask sampler declares (``model.init_args.mask_sampler``), checked at
-the fit's start.
+the fit's start. Outside a fit (``train.py validate``) the callback applies the settings the scored checkpoint's last
+training step drew with, so a validate scores a checkpoint under the masks the fit validated it with.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mardini.masking import MaskSampler, check_keep_ratio, check_template_probs
@@ -34,7 +36,7 @@ class Milestone:
 
 
 class Curriculum(L.Callback):
-    """Applies :class:`Milestone` s to the module during training.
+    """Applies :class:`Milestone` s to the module during training (outside a fit, those of the checkpoint's step).
 
     Args:
         milestones: in increasing ``step`` order.
@@ -60,6 +62,7 @@ class Curriculum(L.Callback):
         self.milestones = milestones
         self.interpolate = interpolate
         self.applied: int | None = None
+        self._loaded_step: int | None = None  # global_step of the checkpoint this trainer run loaded, if any
 
     # ----------------------------------------------------------------------------------------------
     def settings_at(self, step: int) -> dict:
@@ -151,6 +154,34 @@ class Curriculum(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.apply(pl_module, trainer.global_step)
+
+    # ----------------------------------------------------------------------------------------------
+    # Outside a fit: the settings the checkpoint was trained (and validated) with
+    # ----------------------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._loaded_step = None  # on_load_checkpoint sets it when this run loads one
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self._loaded_step = checkpoint.get("global_step")
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Outside a fit (``validate``), apply the settings in force at the end of the training that gave the weights
+        (:meth:`step_in_force`), so the validation draws the masks, frames and attention the fit's validation drew at
+        that step; before, a validate used the model's own settings (milestone 0's) whatever the checkpoint's step.
+        During a fit nothing changes: validation uses what the last training batch applied."""
+        if trainer.state.fn == TrainerFn.FITTING:
+            return
+        self.check_frames(getattr(getattr(trainer, "datamodule", None), "frames", None))
+        self.check_templates(pl_module.mask_sampler)
+        step = self._loaded_step if self._loaded_step is not None else trainer.global_step
+        self.apply(pl_module, self.step_in_force(int(step)))
+
+    @staticmethod
+    def step_in_force(global_step: int) -> int:
+        """The step whose settings weights saved at ``global_step`` were last trained with: the last training batch
+        ran at ``global_step - 1`` (the Curriculum applies at each batch's start, and the optimiser step then counts
+        it), and a fit's validation after it uses that batch's settings. 0 for weights not trained yet."""
+        return max(int(global_step) - 1, 0)
 
     def state_dict(self) -> dict:
         return {"applied": self.applied, "milestones": [asdict(m) for m in self.milestones], "rule": RULE}

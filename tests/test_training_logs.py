@@ -1,0 +1,91 @@
+"""What a fit logs and records: validation under the curriculum, the run's settings, the curriculum's and the EMA's
+state by step, throughput over the logging window, training time across resumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mardini.cli import main
+from mardini.data.testing import tiny_synthetic
+
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A folder laid out like the repo root: data/shards/synthetic/{train,val} (32 px clips)."""
+    root = tmp_path_factory.mktemp("logs")
+    tiny_synthetic(root / "data" / "shards" / "synthetic", train=16, val=8, frames=10, size=32)
+    return root
+
+
+def _config(tmp: Path, name: str, milestones: list[dict] | None = None, **trainer) -> Path:
+    """A tiny generator stage (4 frames, batch 2) logging to ``tmp/name`` with a TensorBoard logger; ``milestones``:
+    a Curriculum's (interpolated)."""
+    cfg = {
+        "seed_everything": 1,
+        "checkpoint_every": 100,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "precision": "32-true", "log_every_n_steps": 1,
+            "limit_val_batches": 4, "num_sanity_val_steps": 0, **trainer,
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                       "init_args": {"save_dir": str(tmp), "name": name, "version": ""}},
+        },
+        "model": {"class_path": "mardini.lit.GenerationModule", "init_args": {
+            "size": "tiny", "planner_resolution": 16, "frames": 4,
+            "generator": {"patch_size": 2, "dim": 64, "attention": "st"},
+            "lr": 1e-3, "ema_decay": 0.9, "keep_ratio": [0.5, 1.0], "templates": {"random": 1.0}}},
+        "data": {"class_path": "mardini.data.datamodule.VideoDataModule", "init_args": {
+            "train_shards": "data/shards/synthetic/train", "val_shards": "data/shards/synthetic/val", "frames": 5,
+            "fps": 8, "resolution": 32, "batch_size": 2, "num_workers": 0, "epoch_size": 12, "shuffle_buffer": 4,
+            "val_clips": 8}},
+    }
+    if milestones is not None:
+        cfg["trainer"]["callbacks"] = [{"class_path": "mardini.lit.curriculum.Curriculum",
+                                        "init_args": {"interpolate": True, "milestones": milestones}}]
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _run(workdir: Path, monkeypatch, command: str, config: Path, *args: str):
+    monkeypatch.chdir(workdir)
+    return main([command, "--config", str(config), *QUIET, *args])
+
+
+def _scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
+
+
+# --------------------------------------------------------------------------------------------------
+# val/loss under a curriculum: validate scores a checkpoint as the fit validated it
+# --------------------------------------------------------------------------------------------------
+
+CURRICULUM = [  # the keep ratio ramps from step 0 to 8; the task mix changes at step 2, the attention at step 3
+    {"step": 0, "keep_ratio": [0.5, 1.0], "templates": {"random": 1.0}},
+    {"step": 2, "templates": {"random": 1.0, "interpolation": 1.0, "image_to_video": 1.0}},
+    {"step": 3, "attention": "t"},
+    {"step": 8, "keep_ratio": [0.15, 0.4]},
+]
+
+
+def test_validate_scores_a_checkpoint_under_the_curriculum_the_fit_validated_it_with(workdir, monkeypatch, tmp_path):
+    """A fit whose Curriculum changed the task mix, the attention and (mid-ramp) the keep ratio validates after its
+    last step; validate of its last.ckpt gives the same val/loss and per-template losses. Before, validate drew with
+    the model's own settings (milestone 0's: one template, keep [0.5, 1.0], ST attention)."""
+    config = _config(tmp_path, "stage", CURRICULUM, max_steps=5, val_check_interval=5)
+    fit = _run(workdir, monkeypatch, "fit", config)
+    fitted = {k: float(v) for k, v in fit.trainer.callback_metrics.items() if k.startswith("val/")}
+    assert len([k for k in fitted if k.startswith("val/loss_")]) > 1  # step 2's mix
+    scored = _run(workdir, monkeypatch, "validate", config)
+    validated = {k: float(v) for k, v in scored.trainer.callback_metrics.items() if k.startswith("val/")}
+    assert validated == fitted
+    assert scored.model.networks["generator"].attention_mode == "t"
+    assert scored.model.mask_sampler.keep_ratio == pytest.approx(fit.model.mask_sampler.keep_ratio)  # step 4's
