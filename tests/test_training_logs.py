@@ -89,3 +89,50 @@ def test_validate_scores_a_checkpoint_under_the_curriculum_the_fit_validated_it_
     assert validated == fitted
     assert scored.model.networks["generator"].attention_mode == "t"
     assert scored.model.mask_sampler.keep_ratio == pytest.approx(fit.model.mask_sampler.keep_ratio)  # step 4's
+
+
+# --------------------------------------------------------------------------------------------------
+# The run's settings beside the model's, and a real hp_metric
+# --------------------------------------------------------------------------------------------------
+
+
+def _hparams_in_events(folder: Path) -> dict:
+    """The hyper-parameters of the TensorBoard run in ``folder`` (its HParams session start)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    data = plugin_data_pb2.HParamsPluginData.FromString(content)
+    return {k: getattr(v, v.WhichOneof("kind")) for k, v in data.session_start_info.hparams.items()}
+
+
+@pytest.mark.parametrize("logger", ["TensorBoardLogger", "CSVLogger"])
+def test_the_recorded_hyper_parameters_hold_the_data_trainer_and_curriculum_settings(workdir, monkeypatch, tmp_path,
+                                                                                     logger):
+    """hparams.yaml (and TensorBoard's HParams tab) hold the datamodule's settings, the trainer's and the curriculum's
+    milestones beside the model's, and hp_metric is the last val/loss. Before, only the model's arguments were
+    recorded and hp_metric stayed -1."""
+    config = _config(tmp_path, "stage", CURRICULUM, max_steps=4, val_check_interval=2, gradient_clip_val=0.5)
+    fit = _run(workdir, monkeypatch, "fit", config, f"--trainer.logger.class_path=lightning.pytorch.loggers.{logger}")
+    folder = tmp_path / "stage"
+    recorded = yaml.safe_load((folder / "hparams.yaml").read_text())
+    assert recorded["lr"] == 1e-3 and recorded["frames"] == 4  # the model's, as before
+    data = recorded.get("data") or {}
+    assert {k: data.get(k) for k in ("batch_size", "resolution", "fps", "frames", "epoch_size", "train_shards")} == {
+        "batch_size": 2, "resolution": 32, "fps": 8, "frames": 5, "epoch_size": 12,
+        "train_shards": "data/shards/synthetic/train"}
+    trainer = recorded.get("trainer") or {}
+    assert {k: trainer.get(k) for k in ("max_steps", "precision", "accumulate_grad_batches", "gradient_clip_val",
+                                        "devices", "num_nodes")} == {
+        "max_steps": 4, "precision": "32-true", "accumulate_grad_batches": 1, "gradient_clip_val": 0.5, "devices": 1,
+        "num_nodes": 1}
+    assert recorded.get("curriculum", {}).get("step_2") == {"templates": CURRICULUM[1]["templates"]}
+    val = float(fit.trainer.callback_metrics["val/loss"])
+    assert float(fit.trainer.callback_metrics["hp_metric"]) == val
+    if logger == "TensorBoardLogger":
+        shown = _hparams_in_events(folder)
+        assert shown["data/batch_size"] == 2 and shown["trainer/precision"] == "32-true"
+        assert shown["curriculum/step_3/attention"] == "t"
+        assert [v for _, v in _scalars(folder, "hp_metric")][-1] == pytest.approx(val)

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal
 import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import grad_norm
+from lightning.pytorch.utilities import AttributeDict, grad_norm
 from timm.utils.model_ema import ModelEmaV3
 from torch import nn
 
@@ -608,6 +608,7 @@ class MarDiniBase(L.LightningModule):
                 "against the stage's frames / fps / resolution, or set trainer.limit_val_batches: 0 to train without "
                 "validation")
         self.log("val/loss", total[0] / total[1], sync_dist=True, prog_bar=True)  # equal on every rank
+        self.log("hp_metric", total[0] / total[1], sync_dist=True)  # TensorBoard's HParams tab: the last val/loss
         for i, name in enumerate(self._loss_templates()):
             if sums[i, 1] > 0:
                 self.log(f"val/loss_{name}", sums[i, 0] / sums[i, 1], sync_dist=True)  # equal on every rank
@@ -623,6 +624,19 @@ class MarDiniBase(L.LightningModule):
             loaders = [loaders]
         counts = [getattr(loader, "pass_skipped", None) for loader in loaders]
         return None if None in counts else sum(counts)
+
+    @property
+    def hparams_initial(self) -> AttributeDict:
+        """What Lightning records as the run's hyper-parameters (``logger.log_hyperparams``, once at the start of a
+        fit or validate): the module's arguments and, with a trainer attached, the run's data, trainer and curriculum
+        settings under ``data``, ``trainer`` and ``curriculum`` (:func:`~mardini.lit.run_settings.run_settings`), so
+        runs compare on them too. The checkpoint's ``hyper_parameters`` stay the module's (``hparams``)."""
+        from mardini.lit.run_settings import run_settings
+
+        hp = super().hparams_initial
+        if self._trainer is not None:
+            hp.update({k: v for k, v in run_settings(self.trainer).items() if k not in hp})
+        return hp
 
     # ----------------------------------------------------------------------------------------------
     # Checkpoints: metadata, the frozen autoencoder kept out, loading networks of earlier stages
