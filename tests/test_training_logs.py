@@ -30,9 +30,10 @@ def _config(tmp: Path, name: str, milestones: list[dict] | None = None, **traine
         "checkpoint_every": 100,
         "trainer": {
             "accelerator": "cpu", "devices": 1, "precision": "32-true", "log_every_n_steps": 1,
-            "limit_val_batches": 4, "num_sanity_val_steps": 0, **trainer,
+            "limit_val_batches": 4, "num_sanity_val_steps": 0,
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                        "init_args": {"save_dir": str(tmp), "name": name, "version": ""}},
+            **trainer,
         },
         "model": {"class_path": "mardini.lit.GenerationModule", "init_args": {
             "size": "tiny", "planner_resolution": 16, "frames": 4,
@@ -136,3 +137,36 @@ def test_the_recorded_hyper_parameters_hold_the_data_trainer_and_curriculum_sett
         assert shown["data/batch_size"] == 2 and shown["trainer/precision"] == "32-true"
         assert shown["curriculum/step_3/attention"] == "t"
         assert [v for _, v in _scalars(folder, "hp_metric")][-1] == pytest.approx(val)
+
+
+# --------------------------------------------------------------------------------------------------
+# The task mix, the attention switch and the EMA decay by step
+# --------------------------------------------------------------------------------------------------
+
+
+def _csv_column(folder: Path, key: str) -> dict[int, float]:
+    """``{step: value}`` of ``key`` in the CSV logger's metrics.csv in ``folder``."""
+    import csv
+
+    with (folder / "metrics.csv").open() as f:
+        return {int(row["step"]): float(row[key]) for row in csv.DictReader(f) if row.get(key)}
+
+
+def test_the_task_mix_the_attention_switch_and_the_ema_decay_are_logged_by_step(workdir, monkeypatch, tmp_path):
+    """curriculum/template_<name> (the normalised weights, 0 for a template not drawn), curriculum/attention_st (the
+    curriculum switches it at step 3) and ema/decay (timm's ramp: 0 at the first two updates) at every step. Before,
+    only the keep ratio and the frames were logged."""
+    config = _config(tmp_path, "stage", CURRICULUM, max_steps=5, limit_val_batches=0,
+                     logger={"class_path": "lightning.pytorch.loggers.CSVLogger",
+                             "init_args": {"save_dir": str(tmp_path), "name": "stage", "version": ""}})
+    fit = _run(workdir, monkeypatch, "fit", config)
+    folder = tmp_path / "stage"
+    steps = [0, 1, 2, 3, 4]
+    third = pytest.approx(1 / 3)
+    assert _csv_column(folder, "curriculum/template_random") == {0: 1.0, 1: 1.0, 2: third, 3: third, 4: third}
+    assert _csv_column(folder, "curriculum/template_image_to_video") == {0: 0.0, 1: 0.0, 2: third, 3: third, 4: third}
+    assert _csv_column(folder, "curriculum/template_expansion") == dict.fromkeys(steps, 0.0)
+    assert _csv_column(folder, "curriculum/attention_st") == {0: 1.0, 1: 1.0, 2: 1.0, 3: 0.0, 4: 0.0}
+    decay = _csv_column(folder, "ema/decay")
+    assert decay == {s: pytest.approx(fit.model.ema.get_decay(s)) for s in steps}
+    assert decay[0] == decay[1] == 0.0 and 0 < decay[2] < decay[4] <= 0.9  # the first updates copy; capped

@@ -828,6 +828,7 @@ class MarDiniBase(L.LightningModule):
         self.log("curriculum/keep_ratio_max", hi, on_step=True)
         if self.frames is not None:
             self.log("curriculum/frames", float(self.frames), on_step=True)
+        self._log_mix_and_ema()
         if "skipped" in batch:  # bad samples this rank's loader dropped since its previous batch (rank 0's in the logs)
             self._skipped_total += int(batch["skipped"])
             self.log("data/skipped", float(self._skipped_total), on_step=True)
@@ -838,6 +839,29 @@ class MarDiniBase(L.LightningModule):
             self.log("perf/clips_per_s", clips / dt, on_step=True)
             self.log("perf/tokens_per_s", self.tokens_per_clip(batch) * clips / dt, on_step=True)
         self._last_batch_time = now
+
+    def _log_mix_and_ema(self) -> None:
+        """``curriculum/template_<name>``: each template's share of the training masks (the sampler's weights
+        normalised; 0 for a declared template not drawn now); ``ema/decay``: the decay of the EMA update after this
+        step (:meth:`ema_decays`; ``ema/decay_<network>`` each where the networks' differ)."""
+        weights = self.mask_sampler.template_probs
+        total = sum(weights.values())
+        for name in self._loss_templates():
+            self.log(f"curriculum/template_{name}", weights.get(name, 0.0) / total, on_step=True)
+        decays = self.ema_decays()
+        if len(set(decays.values())) == 1:
+            self.log("ema/decay", next(iter(decays.values())), on_step=True)
+        else:
+            for name, decay in decays.items():
+                self.log(f"ema/decay_{name}", decay, on_step=True)
+
+    def ema_decays(self) -> dict[str, float]:
+        """The decay of each network's EMA update after the current optimiser step (:meth:`update_ema`): timm's by
+        step (0 at the first update, which copies the weights; with ``ema_warmup`` ramping up to ``ema_decay``), or
+        ``ema_decay`` itself for a network whose loaded EMA continues (``ema_keep_loaded``)."""
+        keep_loaded = self.hparams.get("ema_keep_loaded", False) and self._ema_loaded
+        return {name: float(self.ema.get_decay(None if keep_loaded and name in self._ema_loaded else self.global_step))
+                for name in self.networks}
 
     def _train_window_sums(self, per_sample: torch.Tensor, templates: int) -> torch.Tensor | None:
         """Under gradient accumulation, the per-clip losses of the optimiser step's window so far, this batch's added:

@@ -154,6 +154,9 @@ class Curriculum(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.apply(pl_module, trainer.global_step)
+        if "generator" in pl_module.networks and any(m.attention is not None for m in self.milestones):
+            st = pl_module.networks["generator"].attention_mode == "st"  # the switch this curriculum moves
+            pl_module.log("curriculum/attention_st", float(st), on_step=True, on_epoch=False)
 
     # ----------------------------------------------------------------------------------------------
     # Outside a fit: the settings the checkpoint was trained (and validated) with
