@@ -4,8 +4,11 @@ state by step, throughput over the logging window, training time across resumes.
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
+import lightning as L
 import pytest
+import torch
 import yaml
 
 from mardini.cli import main
@@ -170,3 +173,58 @@ def test_the_task_mix_the_attention_switch_and_the_ema_decay_are_logged_by_step(
     decay = _csv_column(folder, "ema/decay")
     assert decay == {s: pytest.approx(fit.model.ema.get_decay(s)) for s in steps}
     assert decay[0] == decay[1] == 0.0 and 0 < decay[2] < decay[4] <= 0.9  # the first updates copy; capped
+
+
+# --------------------------------------------------------------------------------------------------
+# Throughput over the logging window
+# --------------------------------------------------------------------------------------------------
+
+
+class Clock(L.Callback):
+    """A fake ``time.perf_counter`` for the module: a training batch takes 1 s, a validation 100 s."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def on_train_batch_end(self, *args) -> None:
+        self.now += 1.0
+
+    def on_validation_end(self, *args) -> None:
+        self.now += 100.0
+
+
+def _tiny_fit(workdir: Path, folder: Path, callbacks: list, max_steps: int, ckpt_path: str | None = None, **trainer):
+    """A tiny generator fit in Python (4 frames, batch 2, 6 batches an epoch), logging to ``folder`` (CSV)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from mardini.data.datamodule import VideoDataModule
+    from mardini.lit import GenerationModule
+
+    shards = workdir / "data" / "shards" / "synthetic"
+    model = GenerationModule(size="tiny", planner_resolution=16, frames=4, generator={"patch_size": 2, "dim": 64},
+                             lr=1e-3, keep_ratio=(0.5, 1.0))
+    data = VideoDataModule(train_shards=str(shards / "train"), val_shards=str(shards / "val"), frames=5, fps=8,
+                           resolution=32, batch_size=2, num_workers=0, epoch_size=12, shuffle_buffer=4, val_clips=2)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, num_sanity_val_steps=0, callbacks=callbacks,
+                        logger=CSVLogger(str(folder.parent), name=folder.name, version=""), enable_progress_bar=False,
+                        enable_model_summary=False, **trainer)
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_throughput_is_the_mean_over_the_logging_window_validation_included(workdir, monkeypatch, tmp_path):
+    """perf/clips_per_s at a logged step is the clips since the previous logged step over the time since then: with
+    log_every_n_steps 3, steps of 1 s and a validation of 100 s after step 2, step 5 logs 6 clips / 103 s. Before, it
+    was the logged step's own clips over the time since the batch before (2 / 1 s at every logged step)."""
+    clock = Clock()
+    monkeypatch.setattr("mardini.lit.base.time", SimpleNamespace(perf_counter=clock.perf_counter))
+    trainer = _tiny_fit(workdir, tmp_path / "run", [clock], max_steps=6, log_every_n_steps=3, val_check_interval=3,
+                        limit_val_batches=1, enable_checkpointing=False)
+    clips = _csv_column(tmp_path / "run", "perf/clips_per_s")
+    assert clips == {2: pytest.approx(4 / 2), 5: pytest.approx(6 / 103)}  # batches 1-2 after the first; 3-5
+    tokens = _csv_column(tmp_path / "run", "perf/tokens_per_s")
+    per_clip = trainer.lightning_module.tokens_per_clip({"video": torch.zeros(1, 4, 3, 32, 32)})  # 4 frames x 8 x 8
+    assert tokens == {step: pytest.approx(per_clip * rate) for step, rate in clips.items()}

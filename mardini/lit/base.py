@@ -142,7 +142,7 @@ class MarDiniBase(L.LightningModule):
         self._ema_step = -1
         self._ema_loaded: set[str] = set()  # networks whose EMA holds a checkpoint's EMA (load_networks_from)
         self._skip_step = False  # set by a non-finite loss or gradient (skip): this optimiser step changes no weight
-        self._last_batch_time: float | None = None
+        self._perf_window: tuple[float, int, int] | None = None  # (start, clips, tokens) since the last logged perf/
         self._ema_backup: list[torch.Tensor] | None = None
         self._val_template_sums: torch.Tensor | None = None  # (templates, [loss sum, clips]) of this validation epoch
         # (global step, (1 + templates, [loss sum, clips])) of the gradient-accumulation window in progress
@@ -832,13 +832,28 @@ class MarDiniBase(L.LightningModule):
         if "skipped" in batch:  # bad samples this rank's loader dropped since its previous batch (rank 0's in the logs)
             self._skipped_total += int(batch["skipped"])
             self.log("data/skipped", float(self._skipped_total), on_step=True)
+        self._log_throughput(batch, bs)
+
+    def _log_throughput(self, batch: dict, bs: int) -> None:
+        """``perf/clips_per_s`` and ``perf/tokens_per_s`` over all ranks: the clips (their tokens) trained since the
+        last value the loggers wrote, over the time since then, so every step between two logged points counts, and so
+        do the validations and checkpoints between them. The first window starts at the fit's first batch (its
+        clips left out: the time before it is start-up)."""
+        from mardini.lit.preemption import inside_accumulation_window
+
         now = time.perf_counter()
-        if self._last_batch_time is not None:
-            dt = max(now - self._last_batch_time, 1e-9)
-            clips = self._step_clips(bs)  # over all ranks
-            self.log("perf/clips_per_s", clips / dt, on_step=True)
-            self.log("perf/tokens_per_s", self.tokens_per_clip(batch) * clips / dt, on_step=True)
-        self._last_batch_time = now
+        if self._perf_window is None:
+            self._perf_window = (now, 0, 0)
+            return
+        start, clips, tokens = self._perf_window
+        step_clips = self._step_clips(bs)  # over all ranks
+        clips, tokens = clips + step_clips, tokens + self.tokens_per_clip(batch) * step_clips
+        elapsed = max(now - start, 1e-9)
+        self.log("perf/clips_per_s", clips / elapsed, on_step=True)
+        self.log("perf/tokens_per_s", tokens / elapsed, on_step=True)
+        # written at this batch's end (the rule Lightning's LearningRateMonitor and ThroughputMonitor read): new window
+        written = self.trainer._logger_connector.should_update_logs and not inside_accumulation_window(self.trainer)
+        self._perf_window = (now, 0, 0) if written else (start, clips, tokens)
 
     def _log_mix_and_ema(self) -> None:
         """``curriculum/template_<name>``: each template's share of the training masks (the sampler's weights
