@@ -14,6 +14,7 @@ import yaml
 from mardini.cli import main
 from mardini.data.testing import tiny_synthetic
 
+REPO = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
@@ -228,3 +229,50 @@ def test_throughput_is_the_mean_over_the_logging_window_validation_included(work
     tokens = _csv_column(tmp_path / "run", "perf/tokens_per_s")
     per_clip = trainer.lightning_module.tokens_per_clip({"video": torch.zeros(1, 4, 3, 32, 32)})  # 4 frames x 8 x 8
     assert tokens == {step: pytest.approx(per_clip * rate) for step, rate in clips.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Training time across resumes
+# --------------------------------------------------------------------------------------------------
+
+
+def test_checkpoints_record_the_training_seconds_and_a_resume_adds_to_them(workdir, monkeypatch, tmp_path):
+    """3 steps of 1 s, saved, resumed in a new process (another clock) for 2 more: the checkpoints record 3 and 5 s,
+    and perf/train_hours goes on across the resume. Before, no checkpoint recorded how long its run had trained."""
+    from mardini.lit.checkpoints import read_checkpoint
+
+    clock = Clock()
+    monkeypatch.setattr("mardini.lit.base.time", SimpleNamespace(perf_counter=clock.perf_counter))
+    first = _tiny_fit(workdir, tmp_path / "first", [clock], max_steps=3, log_every_n_steps=1, limit_val_batches=0,
+                      enable_checkpointing=False)
+    first.save_checkpoint(tmp_path / "3.ckpt")
+    clock.now = 1000.0  # the resumed process's clock starts elsewhere
+    resumed = _tiny_fit(workdir, tmp_path / "resumed", [clock], max_steps=5, ckpt_path=str(tmp_path / "3.ckpt"),
+                        log_every_n_steps=1, limit_val_batches=0, enable_checkpointing=False)
+    resumed.save_checkpoint(tmp_path / "5.ckpt")
+    assert [read_checkpoint(tmp_path / f"{n}.ckpt")["mardini"].get("train_seconds") for n in (3, 5)] == [3.0, 5.0]
+    hours = [*_csv_column(tmp_path / "first", "perf/train_hours").values(),
+             *_csv_column(tmp_path / "resumed", "perf/train_hours").values()]
+    assert hours == pytest.approx([s / 3600 for s in range(5)])  # at each step's start
+
+
+def test_the_demo_reports_the_training_time_its_stage_s_checkpoint_records(monkeypatch, tmp_path):
+    """A stage resumed by the demo reports the training time its checkpoint records (its earlier runs too), and a
+    reused stage the time it was trained in; before, the time of the demo's own call into the CLI (a resumed stage
+    under-reported) and 0 s for a reused one."""
+    import mardini.cli
+    from mardini.demo import chain
+    from mardini.demo.report import stage_table
+
+    checkpoint = tmp_path / "outputs" / "tiny" / "01_dm_warmup_4f" / "checkpoints" / "last.ckpt"
+
+    def fake_cli(args):  # a resumed run: its checkpoint records 123 s of training, the earlier runs' included
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"global_step": 2, "mardini": {"train_seconds": 123.0}}, checkpoint)
+
+    monkeypatch.setattr(mardini.cli, "main", fake_cli)
+    monkeypatch.chdir(tmp_path)
+    trained = chain.run_stage("01_dm_warmup_4f", REPO / "configs" / "tiny", max_steps=2, progress=False)
+    reused = chain.run_stage("01_dm_warmup_4f", REPO / "configs" / "tiny", max_steps=2, progress=False)
+    assert (trained.reused, trained.seconds) == (False, 123.0) and (reused.reused, reused.seconds) == (True, 123.0)
+    assert "| 123 s | reused |" in stage_table([reused])[-1]

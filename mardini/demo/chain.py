@@ -20,7 +20,9 @@ TINY_STAGES = ("01_dm_warmup_4f", "02_dm_warmup_9f", "03_mar_warmup", "04_joint_
 
 @dataclass
 class StageRun:
-    """What one stage did: its settings (for the report), steps, seconds, and whether it was reused."""
+    """What one stage did: its settings (for the report), steps, seconds, and whether it was reused. ``seconds``: the
+    training time its checkpoint records (:func:`recorded_seconds`: every run that trained it, resumes added; a
+    reused stage's from when it was trained), else this run's time in the CLI (0 for a reused stage)."""
 
     name: str
     kind: str
@@ -59,6 +61,18 @@ def finished_step(checkpoint: Path) -> int:
         return int(read_checkpoint(checkpoint).get("global_step", -1))
     except ValueError:
         return -1
+
+
+def recorded_seconds(checkpoint: Path) -> float | None:
+    """The training seconds a checkpoint records (``MarDiniBase.train_seconds``), or None for a missing or unreadable
+    checkpoint, or one written before the record."""
+    if not checkpoint.is_file():
+        return None
+    try:
+        seconds = (read_checkpoint(checkpoint).get("mardini") or {}).get("train_seconds")
+    except ValueError:
+        return None
+    return None if seconds is None else float(seconds)
 
 
 # Lightning's start-up chatter, the same for every stage; its warnings and errors still show.
@@ -106,6 +120,7 @@ def run_stage(name: str, config_dir: Path = TINY_DIR, extra: list[str] | None = 
     if done >= steps:
         run.reused = True
         run.steps = done  # what the checkpoint was trained for (a longer earlier run is reused as it is)
+        run.seconds = recorded_seconds(checkpoint) or 0.0
         if done > steps:
             print(f"      {name}: reusing its checkpoint at step {done}, past the {steps} asked for "
                   f"(delete {log_dir} to retrain it)", flush=True)
@@ -116,7 +131,8 @@ def run_stage(name: str, config_dir: Path = TINY_DIR, extra: list[str] | None = 
     start = time.perf_counter()
     with quiet_lightning():
         cli_main(args)
-    run.seconds = time.perf_counter() - start
     if finished_step(checkpoint) < steps:
         raise RuntimeError(f"stage {name} stopped before step {steps}; see the log under {log_dir}")
+    recorded = recorded_seconds(checkpoint)  # a resumed stage's earlier runs too, not this call's alone
+    run.seconds = recorded if recorded is not None else time.perf_counter() - start
     return run

@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         run = run_stage(name, config_dir=tiny, scale=a.scale, progress=not a.no_progress,
                         max_steps=a.final_steps if last else None)
         stages.append(run)
-        how = "reused (already trained)" if run.reused else f"trained in {run.seconds:.0f} s"
+        earlier = f" in {run.seconds:.0f} s" if run.seconds else ""  # recorded in its checkpoint
+        how = f"reused (already trained{earlier})" if run.reused else f"trained in {run.seconds:.0f} s"
         print(f"      stage {i}/{len(TINY_STAGES)} {name}: {run.steps} steps, {how}", flush=True)
     train_s = time.perf_counter() - t_train
     final = stages[-1].checkpoint

@@ -47,7 +47,7 @@ def verdict(tasks: dict[str, Any]) -> list[tuple[str, str, bool, str]]:
 def stage_table(stages: list) -> list[str]:
     from mardini.configs_table import kept_fraction
 
-    lines = ["| stage | module | steps | frames | kept fraction | batch | lr | time | |", "|---" * 9 + "|"]
+    lines = ["| stage | module | steps | frames | kept fraction | batch | lr | training time | |", "|---" * 9 + "|"]
     for s in stages:
         m = s.settings["model"]["init_args"]
         d = s.settings["data"]["init_args"]
@@ -67,6 +67,9 @@ def write_report(out: Path, info: dict[str, Any], stages: list, evaluation: dict
              f"Command: `{info['command']}`. Machine: {info['machine']}. Total {info['total_s'] / 60:.1f} min "
              f"(training {info['train_s'] / 60:.1f} min, evaluation {info['eval_s'] / 60:.1f} min).", "",
              "## Training chain", "", *stage_table(stages), "",
+             "Training time: the seconds each stage's checkpoint records, from the start of its training to its last "
+             "checkpoint with validations and checkpoints, every resume added (a reused stage's from when it was "
+             "trained); each run's start-up is left out.", "",
              f"Model: size `tiny` (planner {info['params']['planner'] / 1e6:.2f} M, generator "
              f"{info['params']['generator'] / 1e6:.2f} M parameters), space-to-depth autoencoder, "
              f"{info['resolution']} px clips of {info['frames']} frames at {info['fps']:g} fps, planner at "

@@ -143,6 +143,8 @@ class MarDiniBase(L.LightningModule):
         self._ema_loaded: set[str] = set()  # networks whose EMA holds a checkpoint's EMA (load_networks_from)
         self._skip_step = False  # set by a non-finite loss or gradient (skip): this optimiser step changes no weight
         self._perf_window: tuple[float, int, int] | None = None  # (start, clips, tokens) since the last logged perf/
+        self._train_seconds = 0.0  # training time before this fit's training started (a resumed checkpoint's)
+        self._train_clock: float | None = None  # perf_counter at this fit's training start, while it trains
         self._ema_backup: list[torch.Tensor] | None = None
         self._val_template_sums: torch.Tensor | None = None  # (templates, [loss sum, clips]) of this validation epoch
         # (global step, (1 + templates, [loss sum, clips])) of the gradient-accumulation window in progress
@@ -571,6 +573,19 @@ class MarDiniBase(L.LightningModule):
             with root_unsharded(root, writeback=False):
                 paired(self.ema.module, self.networks, "networks")
 
+    def on_train_start(self) -> None:
+        self._train_clock = time.perf_counter()
+
+    def on_train_end(self) -> None:
+        self._train_seconds, self._train_clock = self.train_seconds(), None
+
+    def train_seconds(self) -> float:
+        """Seconds of training of the run so far: from the training's start (after setup and the sanity check) to now,
+        validations and checkpoints included, added to what the checkpoint it resumed from recorded. Saved in every
+        checkpoint (``checkpoint["mardini"]["train_seconds"]``) and logged as ``perf/train_hours``."""
+        running = 0.0 if self._train_clock is None else time.perf_counter() - self._train_clock
+        return self._train_seconds + running
+
     def on_validation_epoch_start(self) -> None:
         self._val_template_sums = None
         self._swap_in_ema()
@@ -656,6 +671,7 @@ class MarDiniBase(L.LightningModule):
             "nonfinite_skipped": self.nonfinite_skipped,
             "data_skipped": self._skipped_total,
             "ema_loaded": sorted(self._ema_loaded),
+            "train_seconds": self.train_seconds(),
             **({"cross_rope_grid": self.networks["generator"].cfg.cross_rope_grid} if "generator" in self.networks
                else {}),
         }
@@ -685,6 +701,7 @@ class MarDiniBase(L.LightningModule):
         warn_changed_settings(checkpoint.get("hyper_parameters") or {}, dict(self.hparams), path, checkpoint["mardini"])
         self.nonfinite_skipped = int(checkpoint["mardini"].get("nonfinite_skipped", 0))
         self._skipped_total = int(checkpoint["mardini"].get("data_skipped", 0))  # the logged data/skipped goes on
+        self._train_seconds = float(checkpoint["mardini"].get("train_seconds", 0.0))  # a resume adds to it
         if "ema_loaded" in checkpoint["mardini"]:  # a resume need not load init_from again (MarDiniCLI) to know it
             self._ema_loaded = set(checkpoint["mardini"]["ema_loaded"])
         state = checkpoint["state_dict"]
@@ -838,9 +855,10 @@ class MarDiniBase(L.LightningModule):
         """``perf/clips_per_s`` and ``perf/tokens_per_s`` over all ranks: the clips (their tokens) trained since the
         last value the loggers wrote, over the time since then, so every step between two logged points counts, and so
         do the validations and checkpoints between them. The first window starts at the fit's first batch (its
-        clips left out: the time before it is start-up)."""
+        clips left out: the time before it is start-up). ``perf/train_hours``: :meth:`train_seconds` in hours."""
         from mardini.lit.preemption import inside_accumulation_window
 
+        self.log("perf/train_hours", self.train_seconds() / 3600, on_step=True)
         now = time.perf_counter()
         if self._perf_window is None:
             self._perf_window = (now, 0, 0)
