@@ -158,13 +158,11 @@ class MarDiniCLI(LightningCLI):
         or shapes). Lightning reads it only after its setup has opened a new event file in the stage's folder (the
         logger's) and rotated config.yaml (``KeepEarlierConfig``), which a refusal there left behind. Lightning's
         keywords and remote files are left to it."""
-        if ckpt_path is None or not isinstance(model, MarDiniBase):
+        path = resumed_file(ckpt_path)
+        if path is None or not isinstance(model, MarDiniBase):
             return
-        name = str(ckpt_path)
-        if name in ("last", "best", "hpc") or _is_registry(name) or local_path(name) is None:
-            return
-        checkpoint = self.trainer.strategy.checkpoint_io.load_checkpoint(name, weights_only=weights_only)
-        model.check_checkpoint(checkpoint, name, fitting=True)
+        checkpoint = self.trainer.strategy.checkpoint_io.load_checkpoint(str(ckpt_path), weights_only=weights_only)
+        model.check_checkpoint(checkpoint, str(ckpt_path), fitting=True)
 
     def validate(self, model, **kwargs):
         """``trainer.validate`` of the checkpoint ``last`` found (the stage's newest: ``scored_checkpoint``), of the
@@ -250,13 +248,20 @@ def fit_logger(logger, entry, step: int | None = None):
     return logger
 
 
+def resumed_file(ckpt_path):
+    """The local file a fit resuming ``ckpt_path`` reads, which the CLI checks and reads itself before Lightning
+    does; None for a fit from scratch, Lightning's keywords (``last``, ``best``, ``hpc``, the registry's) and files
+    another file system reaches."""
+    if ckpt_path is None or str(ckpt_path) in ("last", "best", "hpc") or _is_registry(ckpt_path):
+        return None
+    return local_path(str(ckpt_path))
+
+
 def resumed_step(ckpt_path) -> int | None:
     """The global step a fit resuming ``ckpt_path`` goes on from (its checkpoint read memory-mapped); None for a
     fit from scratch, and where it is not read here (Lightning's keywords, a remote file; one that cannot be read
     is refused by ``MarDiniCLI.check_resume``)."""
-    if ckpt_path is None or str(ckpt_path) in ("last", "best", "hpc") or _is_registry(ckpt_path):
-        return None
-    path = local_path(str(ckpt_path))
+    path = resumed_file(ckpt_path)
     try:
         step = saved_step(path, missing=-1) if path is not None else -1
     except (OSError, ValueError):
