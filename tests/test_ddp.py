@@ -1,6 +1,7 @@
 """Two CPU processes (gloo, ddp_spawn): ranks read disjoint clips and end with identical weights and EMA; a global
 batch of 3 on 2 ranks (2 + 1 clips, the loss weighted) trains like one process on the 3 clips, and so does the
-``element`` loss reduction (clips of other generated-frame counts on the two ranks); ``nonfinite: skip`` skips a
+``element`` loss reduction (clips of other generated-frame counts on the two ranks), also over a window of 2
+accumulated micro-batches; ``nonfinite: skip`` skips a
 step whose loss is NaN on one rank on both, changing no weight."""
 
 from __future__ import annotations
@@ -134,16 +135,20 @@ def test_a_global_batch_of_3_on_2_ranks_trains_like_one_process_on_3_clips(tmp_p
 # loss_reduction: element over 2 ranks
 # --------------------------------------------------------------------------------------------------
 GENERATED = (1, 4, 2)  # generated frames of clips 0-2 (of 5): rank 0 trains clips 0-1 (5 frames), rank 1 clip 2 (2)
+# with 2 accumulated micro-batches of 3 clips, clips 3-5 make the second: 5 + 3 frames on rank 0, 2 + 1 on rank 1
+GENERATED_WINDOW = GENERATED + (3, 5, 1)
 
 
 class GeneratedByClip(FixedMaskPlanning):
-    """:class:`FixedMaskPlanning` where clip ``i`` generates its last ``GENERATED[i]`` frames."""
+    """:class:`FixedMaskPlanning` where clip ``i`` generates its last ``generated[i]`` frames."""
+
+    generated = GENERATED
 
     def compute_loss(self, batch: dict, generator: torch.Generator, train: bool) -> torch.Tensor:
         z_low = self.latents_low(batch)  # (B, T, C, h', w')
         b, t = z_low.shape[:2]
         clips = torch.tensor([int(key.removeprefix("clip")) for key in batch["key"]])  # (B,)
-        mask = torch.arange(t) >= t - torch.tensor(GENERATED)[clips][:, None]  # (B, T)
+        mask = torch.arange(t) >= t - torch.tensor(self.generated)[clips][:, None]  # (B, T)
         self._last_template = torch.zeros(b, dtype=torch.long)  # (B,)
         self._last_generated = mask.sum(1)  # (B,)
         planner = self.networks["planner"]
@@ -152,20 +157,23 @@ class GeneratedByClip(FixedMaskPlanning):
 
 
 class RecordGradients(L.Callback):
-    """Writes each rank's gradients of the first step (after DDP averaged them) to ``out/grads{rank}.pt``."""
+    """Writes each rank's gradients of the last step (after DDP averaged them, and after the module's
+    ``on_before_optimizer_step``; plain SGD leaves them as they were) to ``out/grads{rank}.pt``."""
 
     def __init__(self, out: Path) -> None:
         self.out = str(out)
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         grads = {n: p.grad.detach().clone() for n, p in pl_module.networks.named_parameters() if p.grad is not None}
         torch.save(grads, Path(self.out, f"grads{trainer.global_rank}.pt"))
 
 
-def _one_process_gradients(loss_reduction: str, clips: torch.Tensor) -> dict[str, torch.Tensor]:
+def _one_process_gradients(loss_reduction: str, clips: torch.Tensor,
+                           generated: tuple[int, ...] = GENERATED) -> dict[str, torch.Tensor]:
     """The gradients of one training step on the whole global batch, in this process."""
     torch.manual_seed(0)
     model = GeneratedByClip(size="tiny", planner_resolution=16, lr=1.0, loss_reduction=loss_reduction)
+    model.generated = generated
     model.log = lambda *args, **kwargs: None  # no trainer to log to
     batch = {"video": clips, "key": [f"clip{i}" for i in range(len(clips))]}
     model.training_step(batch, 0).backward()
@@ -193,6 +201,44 @@ def test_element_reduction_on_2_ranks_gives_the_one_process_gradient_of_the_glob
         torch.testing.assert_close(two[0][k], element[k], rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
     differ = max(float((element[k] - clip[k]).abs().max() / clip[k].abs().max().clamp(min=1e-12)) for k in clip)
     assert differ > 1e-2  # the per-clip mean's gradient is another one: the comparison above can tell them apart
+
+
+class FixedWindow(FixedClips):
+    """Micro-batch ``k`` of the fit is clips ``k * batch_size`` on of ``clips``, split over the ranks as
+    VideoDataModule splits a global batch."""
+
+    def train_dataloader(self) -> DataLoader:
+        offset = sum(rank_batch(self.batch_size, r, self.world_size) for r in range(self.rank))
+        starts = range(offset, len(self.clips), self.batch_size)
+        return DataLoader([{"video": self.clips[s : s + self.per_rank_batch_size],
+                            "key": [f"clip{i}" for i in range(s, s + self.per_rank_batch_size)]} for s in starts],
+                          batch_size=None)
+
+
+class WindowByClip(GeneratedByClip):
+    generated = GENERATED_WINDOW
+
+
+def test_element_reduction_accumulated_on_2_ranks_gives_the_one_process_gradient_of_the_window(tmp_path):
+    """2 micro-batches of 3 clips (2 + 1 a rank) accumulated, 16 generated frames (rank 0: 5 then 8, rank 1: 2 then
+    1): the stepped gradient is the mean over the 16 frames' elements of one process on the 6 clips."""
+    torch.multiprocessing.set_sharing_strategy("file_system")  # fd passing fails on this machine (see above)
+    clips = torch.rand(6, 5, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1  # (B, T, 3, H, W)
+    torch.manual_seed(0)
+    model = WindowByClip(size="tiny", planner_resolution=16, lr=1.0, loss_reduction="element")
+    dm = FixedWindow(batch_size=3, val_shards=None, num_workers=0)
+    dm.clips = clips
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=1, accumulate_grad_batches=2,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, use_distributed_sampler=False, limit_val_batches=0,
+                        callbacks=[RecordGradients(tmp_path)])
+    trainer.fit(model, dm)
+    two = [torch.load(tmp_path / f"grads{r}.pt", weights_only=True) for r in range(2)]
+    element = _one_process_gradients("element", clips, GENERATED_WINDOW)
+    assert two[0].keys() == element.keys() and len(element) > 0
+    for k in element:
+        assert torch.equal(two[0][k], two[1][k]), f"{k} differs between the ranks"
+        torch.testing.assert_close(two[0][k], element[k], rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,15 +1,20 @@
 """``model.loss_reduction``: ``clip`` (the default) averages each clip's generated elements, then the clips;
 ``element`` (the paper's form) averages every generated element of the batch, so clips with more generated frames
-weigh more. The 2-process gradient of ``element`` is in tests/test_ddp.py."""
+weigh more, over every micro-batch of a gradient-accumulation window. The 2-process gradient of ``element`` is in
+tests/test_ddp.py."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.plugins import MixedPrecision
+from torch.utils.data import DataLoader
 
 from mardini.lit import GenerationModule, MarDiniModule, PlanningModule
+from mardini.lit.batch_weight import ElementWindow
 from mardini.masking import MaskSampler
 
 T = 6
@@ -90,19 +95,119 @@ def test_the_default_clip_reduction_is_the_plain_per_clip_mean_bit_for_bit(cls, 
     assert "train/loss_element" not in module.logged
 
 
-def test_element_refuses_gradient_accumulation_at_the_fit_s_start_and_at_a_step():
+def test_element_is_refused_only_where_the_strategy_accumulates_by_itself():
+    """DeepSpeed's strategy accumulates inside its engine, which leaves no window end to rescale at."""
     module = PlanningModule(size="tiny", planner_resolution=16, loss_reduction="element")
-    module._trainer = SimpleNamespace(datamodule=None, accumulate_grad_batches=2)
-    with pytest.raises(ValueError, match="model.loss_reduction=element with trainer.accumulate_grad_batches=2.*"
-                                         "accumulate_grad_batches: 1.*or model.loss_reduction: clip"):
+    module._trainer = SimpleNamespace(datamodule=None, accumulate_grad_batches=2,
+                                      strategy=SimpleNamespace(handles_gradient_accumulation=False))
+    module.setup("fit")  # DDP, FSDP, one device: accumulates
+    module._trainer.strategy = type("DeepSpeedLike", (), {"handles_gradient_accumulation": True})()
+    with pytest.raises(ValueError, match="accumulate_grad_batches=2 under DeepSpeedLike, which accumulates the "
+                                         "gradients itself.*or model.loss_reduction: clip"):
         module.setup("fit")
-    with pytest.raises(ValueError, match="accumulate_grad_batches=2"):
-        module.training_step(_batch(), 0)  # a callback that raised it during the fit
     module._trainer = None
-    clip = PlanningModule(size="tiny", planner_resolution=16)
-    clip._trainer = SimpleNamespace(datamodule=None, accumulate_grad_batches=2)
-    clip.setup("fit")  # clip accumulates as before
-    clip._trainer = None
+
+
+# --------------------------------------------------------------------------------------------------
+# element under gradient accumulation: 2 micro-batches of 2 clips train like one batch of 4
+# --------------------------------------------------------------------------------------------------
+WINDOW = (1, 3, 5, 2)  # generated frames of clips 0-3: micro-batch 0 generates 4 frames, micro-batch 1 7
+
+
+class QueuedMasks(MaskSampler):
+    """Clip after clip of the fit, the last ``WINDOW[i]`` frames generated, however the clips are batched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queue = list(WINDOW)
+
+    def sample(self, batch: int, frames: int, generator: torch.Generator | None = None):
+        generated = torch.tensor(self.queue[:batch])  # (B,)
+        del self.queue[:batch]
+        mask = torch.arange(frames) >= frames - generated[:, None]  # (B, T)
+        return mask, torch.zeros(batch, dtype=torch.long)
+
+
+class RecordStepGradients(L.Callback):
+    """The gradients the optimiser stepped with (plain SGD leaves them as they were), at each window's end."""
+
+    def __init__(self) -> None:
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+            self.grads = {n: p.grad.clone() for n, p in pl_module.networks.named_parameters() if p.grad is not None}
+
+
+def _step_gradients(batch: int, accumulate: int, clip: float | None = None,
+                    plugins: list | None = None) -> dict[str, torch.Tensor]:
+    """The gradients of one ``element`` optimiser step on the 4 clips of :data:`WINDOW`, in ``4 / batch`` batches
+    accumulated ``accumulate`` at a time, clipped to the norm ``clip``, under the trainer's ``plugins``."""
+    torch.manual_seed(0)
+    module = PlanningModule(size="tiny", planner_resolution=16, planner={"depth": 1}, loss_reduction="element")
+    module.mask_sampler = QueuedMasks()
+    module.configure_optimizers = lambda: torch.optim.SGD(module.networks.parameters(), lr=0.1)
+    video = torch.rand(len(WINDOW), T, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1  # (4, T, ...)
+    batches = [{"video": video[i : i + batch]} for i in range(0, len(WINDOW), batch)]
+    record = RecordStepGradients()
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, gradient_clip_val=clip,
+                        plugins=plugins, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[record])
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    assert not module.mask_sampler.queue  # every clip trained
+    return record.grads
+
+
+def _norm(grads: dict[str, torch.Tensor]) -> float:
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])))
+
+
+def _assert_same_gradient(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], tol: float = 1e-6) -> None:
+    assert got.keys() == want.keys() and len(want) > 0
+    for k in want:  # tol of each tensor's largest entry
+        scale = float(want[k].abs().max())
+        torch.testing.assert_close(got[k], want[k], rtol=tol, atol=tol * scale, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_element_window_counts_by_hand():
+    """Micro-batches of 4 and 7 generated frames (all ranks'): both losses divide by 4, the gradient by 11 / (2 x 4)."""
+    window = ElementWindow(step=0)
+    assert float(window.add(torch.tensor(4.0))) == 4.0
+    assert float(window.add(torch.tensor(7.0))) == 4.0  # the first micro-batch's count
+    assert float(window.gradient_factor(2)) == pytest.approx(8 / 11)
+    assert float(window.rank_mean(torch.tensor([2.0, 1.0]), torch.tensor([1, 3]))) == pytest.approx(5 / 4)
+    assert float(window.rank_mean(torch.tensor([4.0]), torch.tensor([2]))) == pytest.approx(13 / 6)
+    assert float(ElementWindow(step=0).add(torch.tensor(0.0))) == 1.0  # a micro-batch that generates nothing
+
+
+def test_element_with_accumulation_2_x_batch_2_gives_the_gradient_of_one_batch_of_4():
+    """Micro-batches of 4 and 7 generated frames: Lightning's mean of the two micro-batch losses would weigh a
+    frame of the first 7/4 as much as one of the second; the window's rescale makes it the mean over all 11."""
+    one = _step_gradients(batch=4, accumulate=1)
+    two = _step_gradients(batch=2, accumulate=2)
+    print(f"gradient norm: one batch {_norm(one):.6g}, two micro-batches {_norm(two):.6g}")
+    _assert_same_gradient(two, one)
+
+
+def test_element_with_accumulation_clips_the_rescaled_gradient():
+    """Lightning clips after on_before_optimizer_step, where the window's gradients are rescaled: clipping sees the
+    step's gradient (rescaling after it would leave the norm 8/11 of the clip value here)."""
+    clip = 0.5 * _norm(_step_gradients(batch=4, accumulate=1))
+    one = _step_gradients(batch=4, accumulate=1, clip=clip)
+    two = _step_gradients(batch=2, accumulate=2, clip=clip)
+    assert _norm(one) == pytest.approx(clip, rel=1e-5)
+    _assert_same_gradient(two, one)
+
+
+def test_element_with_accumulation_under_16_mixed_s_grad_scaler():
+    """``16-mixed``: Lightning unscales the gradients before on_before_optimizer_step (the rescale multiplies the
+    true gradient, the scaler's overflow check already done). On CPU with fp16 autocast and a CPU GradScaler, the
+    plugin a GPU's 16-mixed runs; fp16 rounds each batching differently, so to 5e-3 (without the rescale: 27 %)."""
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**12) for _ in range(2)]
+    one, two = (_step_gradients(batch=b, accumulate=4 // b, plugins=[MixedPrecision("16-mixed", "cpu", scaler=s)])
+                for b, s in zip((4, 2), scalers))
+    assert [s.get_scale() for s in scalers] == [2.0**12] * 2  # no overflow: both steps were taken
+    _assert_same_gradient(two, one, tol=5e-3)
 
 
 def test_a_compute_loss_that_does_not_count_the_generated_frames_is_named(monkeypatch):

@@ -24,7 +24,7 @@ from torch import nn
 
 from mardini.autoencoders import FrameAutoencoder, SpaceToDepthAutoencoder
 from mardini.diffusion.anchor import FrameAnchor
-from mardini.lit.batch_weight import element_mean_share, loss_scale, step_batches
+from mardini.lit.batch_weight import ElementWindow, element_mean_share, loss_scale, step_batches
 from mardini.lit.fsdp import fsdp_root, lerp_local_, local_tensors, paired, root_unsharded, unwrapped_name
 from mardini.lit.schedules import scaled_lr, warmup_cosine
 from mardini.masking import MaskSampler, mask_sampler_class
@@ -79,7 +79,10 @@ class MarDiniBase(L.LightningModule):
             the generated-frame counts; :mod:`mardini.lit.batch_weight`), so clips with more generated frames weigh
             more. Applies to every loss of the stage (the planner warm-up's regression, the joint stage's
             ``plan_recon_weight`` term); ``train/loss`` and validation stay per-clip means, ``element`` adds
-            ``train/loss_element``. ``element`` refuses ``trainer.accumulate_grad_batches`` above 1.
+            ``train/loss_element``. With ``trainer.accumulate_grad_batches`` above 1 the mean is over every
+            micro-batch of the window: the accumulated gradients are rescaled once the window's count is known
+            (:class:`~mardini.lit.batch_weight.ElementWindow`, in :meth:`on_before_optimizer_step`, before the
+            clipping).
     """
 
     KIND: ClassVar[str] = "base"
@@ -150,6 +153,7 @@ class MarDiniBase(L.LightningModule):
         # (global step, (1 + templates, [loss sum, clips])) of the gradient-accumulation window in progress
         self._train_window: tuple[int, torch.Tensor] | None = None
         self._last_generated: torch.Tensor | None = None  # (B,) generated frames per clip of the last compute_loss
+        self._element_window: ElementWindow | None = None  # loss_reduction element's counts under accumulation
         if init_from:
             self.load_networks_from(init_from, kinds=(self.KIND,))
         if compile:
@@ -338,7 +342,7 @@ class MarDiniBase(L.LightningModule):
             return self._on_nonfinite("loss", batch)
         self._log_train(batch, per_sample, loss)  # the plain per-rank mean
         if self.hparams.loss_reduction == "element":
-            return self._element_loss(per_sample)  # weighs uneven per-rank batches by itself
+            return self._element_loss(per_sample, accumulate)  # weighs uneven per-rank batches by itself
         scale = self._loss_scale()  # uneven per-rank batches: the averaged gradient is the global batch's mean
         return loss if scale is None else loss * scale
 
@@ -379,15 +383,17 @@ class MarDiniBase(L.LightningModule):
         return None if split is None else loss_scale(split[0], self.trainer.world_size, split[1])
 
     def _check_loss_reduction(self, accumulate: int) -> None:
-        """Refuse ``loss_reduction: element`` with gradient accumulation: Lightning divides each micro-batch's loss
-        by ``accumulate`` and sums the gradients, which weighs the micro-batches equally, not their generated
-        elements (the window's count is unknown until its last micro-batch is drawn)."""
-        if self.hparams.loss_reduction == "element" and accumulate > 1:
+        """Refuse ``loss_reduction: element`` with gradient accumulation under a strategy that accumulates by itself
+        (DeepSpeed's): the window's rescale (:meth:`_rescale_element_window`) needs one optimiser-step hook a window."""
+        if self.hparams.loss_reduction != "element" or accumulate == 1 or self._trainer is None:
+            return
+        strategy = getattr(self.trainer, "strategy", None)
+        if getattr(strategy, "handles_gradient_accumulation", False):
             raise ValueError(
-                f"model.loss_reduction=element with trainer.accumulate_grad_batches={accumulate}: the accumulated "
-                "micro-batches would weigh the same however many frames each generates, not be one mean over the "
-                "step's generated elements; set trainer.accumulate_grad_batches: 1 (a larger data.batch_size or more "
-                "devices for the same global batch), or model.loss_reduction: clip")
+                f"model.loss_reduction=element with trainer.accumulate_grad_batches={accumulate} under "
+                f"{type(strategy).__name__}, which accumulates the gradients itself: the window's gradients cannot "
+                "be rescaled to its count of generated elements; use a ddp or fsdp strategy, "
+                "trainer.accumulate_grad_batches: 1, or model.loss_reduction: clip")
 
     def _generated_frames(self) -> torch.Tensor:
         """``(B,)`` the generated frames of each clip of the last :meth:`compute_loss`, or a ValueError naming a
@@ -400,15 +406,40 @@ class MarDiniBase(L.LightningModule):
                 "model.loss_reduction: clip")
         return self._last_generated
 
-    def _element_loss(self, per_sample: torch.Tensor) -> torch.Tensor:
+    def _element_loss(self, per_sample: torch.Tensor, accumulate: int = 1) -> torch.Tensor:
         """This rank's share of the mean over the generated elements of the global batch (the ``element``
-        reduction, :func:`element_mean_share`): the generated frames are counted over every rank."""
+        reduction, :func:`element_mean_share`): the generated frames are counted over every rank. Under gradient
+        accumulation divided by the window's first count instead (:class:`ElementWindow`; rescaled at its end)."""
         generated = self._generated_frames().to(per_sample.device)  # (B,)
         everywhere = generated.sum().float()  # ()
         world = self.trainer.world_size if self._trainer is not None else 1
         if world > 1:  # every rank, every step (no rank returns before: the non-finite check agrees on all)
             everywhere = self.trainer.strategy.reduce(everywhere, reduce_op="sum")  # ()
+        if accumulate > 1:
+            everywhere = self._current_element_window().add(everywhere)  # () the window's divisor
         return element_mean_share(per_sample, generated, everywhere, world)  # ()
+
+    def _current_element_window(self) -> ElementWindow:
+        """The ``element`` counts of the accumulation window in progress (a new one at each optimiser step)."""
+        if self._element_window is None or self._element_window.step != self.global_step:
+            self._element_window = ElementWindow(self.global_step)
+        return self._element_window
+
+    def _rescale_element_window(self) -> None:
+        """``element`` under gradient accumulation: the window's accumulated gradients times
+        :meth:`ElementWindow.gradient_factor`, the gradient of the mean over all its generated elements. Runs in
+        :meth:`on_before_optimizer_step`: after DDP's or FSDP's reduction and a GradScaler's unscaling, before the
+        gradient norm, Lightning's clipping and the step (callbacks' ``on_before_optimizer_step`` run earlier and
+        see the gradients before it)."""
+        if self.hparams.loss_reduction != "element" or self._trainer is None:
+            return
+        accumulate = self.trainer.accumulate_grad_batches
+        if accumulate == 1:
+            return
+        factor = self._current_element_window().gradient_factor(accumulate)  # (), the same on every rank
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, factor.to(grads[0].device))
 
     def weight_decay_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """The trainable parameters with weight decay (the networks' matrices) and without (biases, norms, tokens),
@@ -471,6 +502,7 @@ class MarDiniBase(L.LightningModule):
         if self._skip_step:
             optimizer.zero_grad(set_to_none=True)  # AdamW skips parameters whose grad is None
             return
+        self._rescale_element_window()
         norms = grad_norm(self.networks, norm_type=2)
         total = norms.get("grad_2.0_norm_total")
         if fsdp_root(self) is not None:  # each rank holds a shard's gradients: the global norm, one decision for all
@@ -829,10 +861,8 @@ class MarDiniBase(L.LightningModule):
             clips = window[:, 1].tolist()  # one host read
             means = window[:, 0] / window[:, 1].clamp(min=1)  # (1 + templates,)
             self.log("train/loss", means[0], on_step=True, prog_bar=True, batch_size=int(clips[0]))
-        if self.hparams.loss_reduction == "element":  # this rank's mean over its generated elements (one batch a
-            generated = self._generated_frames().to(per_sample)  # (B,)  step: element refuses accumulation)
-            self.log("train/loss_element", element_mean_share(per_sample, generated, generated.sum(), 1), on_step=True,
-                     batch_size=bs)
+        if self.hparams.loss_reduction == "element":  # this rank's mean over its generated elements (the window's)
+            self._log_element(per_sample, bs, window is not None)
         for i, name in enumerate(names):
             if window is None:
                 sel = self._last_template == i
@@ -850,6 +880,17 @@ class MarDiniBase(L.LightningModule):
             self._skipped_total += int(batch["skipped"])
             self.log("data/skipped", float(self._skipped_total), on_step=True)
         self._log_throughput(batch, bs)
+
+    def _log_element(self, per_sample: torch.Tensor, bs: int, accumulating: bool) -> None:
+        """``train/loss_element``: this rank's mean over the generated elements of its batch, or under gradient
+        accumulation over those of the window so far (:meth:`ElementWindow.rank_mean`)."""
+        generated = self._generated_frames().to(per_sample)  # (B,)
+        if not accumulating:
+            self.log("train/loss_element", element_mean_share(per_sample, generated, generated.sum(), 1),
+                     on_step=True, batch_size=bs)
+            return
+        window = self._current_element_window()
+        self.log("train/loss_element", window.rank_mean(per_sample, generated), on_step=True, batch_size=bs)
 
     def _log_throughput(self, batch: dict, bs: int) -> None:
         """``perf/clips_per_s`` and ``perf/tokens_per_s`` over all ranks: the clips (their tokens) trained since the

@@ -8,10 +8,16 @@ The ``element`` reduction (``model.loss_reduction``) weighs clip ``i`` by its ge
 each rank's loss is ``sum_{i in r} m_i l_i * W / M``, with ``M`` the generated frames of all ranks (an all-reduce,
 as the counts are drawn per step), so the ranks' average is the gradient of ``(1 / M) sum_i m_i g_i``, the mean
 over every generated element of the global batch, however unevenly clips and frames fall on the ranks.
+
+With gradient accumulation (``N`` micro-batches a step) ``M`` is the generated frames of the whole window, known only
+after its last micro-batch: :class:`ElementWindow` divides every micro-batch's loss by the first one's count ``D``
+instead, and the accumulated gradient (Lightning divides each micro-batch's loss by ``N``) times ``N D / M`` is, since
+gradients are linear in the loss, the gradient of the mean over every generated element of the window.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -49,3 +55,35 @@ def element_mean_share(per_clip: torch.Tensor, generated: torch.Tensor, all_gene
     """
     weight = generated.to(per_clip)  # (B,)
     return (per_clip * weight).sum() * (world / all_generated.to(per_clip).clamp(min=1))  # ()
+
+
+@dataclasses.dataclass
+class ElementWindow:
+    """The ``element`` reduction's counts over one gradient-accumulation window (the module docstring's rule)."""
+
+    step: int  # the optimiser step the window's micro-batches build
+    divisor: torch.Tensor | None = None  # () D: the first micro-batch's generated frames over all ranks (at least 1)
+    generated: torch.Tensor | None = None  # () the window's generated frames over all ranks so far
+    rank_sums: torch.Tensor | None = None  # (2,) this rank's [sum of generated x per-clip loss, generated frames]
+
+    def add(self, all_generated: torch.Tensor) -> torch.Tensor:
+        """Counts a micro-batch's generated frames ``()`` (all ranks'); returns its loss's divisor ``D`` ``()``."""
+        if self.divisor is None:
+            self.divisor = all_generated.clamp(min=1)
+            self.generated = torch.zeros_like(all_generated)
+        self.generated = self.generated + all_generated
+        return self.divisor
+
+    def gradient_factor(self, accumulate: int) -> torch.Tensor:
+        """``N D / M``: the accumulated gradient times it is the gradient of the window's element mean ``()``."""
+        if self.divisor is None:
+            raise RuntimeError(f"no micro-batch of optimiser step {self.step} counted its generated frames")
+        return accumulate * self.divisor / self.generated.clamp(min=1)
+
+    def rank_mean(self, per_clip: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
+        """Adds a micro-batch's per-clip losses ``(B,)`` and generated frames ``(B,)`` on this rank; returns this
+        rank's mean over the generated elements of the window so far ``()`` (a log: detached)."""
+        weight = generated.to(torch.float32)  # (B,)
+        sums = torch.stack([(per_clip.detach().float() * weight).sum(), weight.sum()])  # (2,)
+        self.rank_sums = sums if self.rank_sums is None else self.rank_sums + sums
+        return self.rank_sums[0] / self.rank_sums[1].clamp(min=1)
