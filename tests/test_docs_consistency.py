@@ -1,8 +1,9 @@
 """The Markdown docs stay renderable and in step with the code and each other: tables GitHub can render, figures
-one doc quotes from another."""
+one doc quotes from another, and options the written commands pass that their parsers declare."""
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -63,3 +64,88 @@ def test_studies_quotes_the_readme_s_demo_figures():
               f"the nearest frame's {nearest[0]} / {nearest[1]}", f"{round(100 * float(model[2]))} % of the objects",
               f"{model[4]} px over all objects against the nearest frame's {nearest[4]}"]
     assert [q for q in quoted if q not in opening] == [], opening
+
+
+SCRIPTS = {"sample.py": "mardini/pipeline/cli.py", "evaluate.py": "mardini/evaluation/cli.py",
+           "mardini.pipeline.cli": "mardini/pipeline/cli.py", "mardini.evaluation.cli": "mardini/evaluation/cli.py"}
+LIGHTNING = {"train.py", "mardini.cli"}  # LightningCLI: its flags are the configs' keys (tests/test_configs.py)
+COMMAND = re.compile(r"python\s+(?:-m\s+(?P<module>[A-Za-z_][\w.]*\w)(?![\w.<{])|(?P<script>[\w/]+\.py))(?P<args>[^`\n#]*)")
+FLAG = re.compile(r"(?<![\w-])--[A-Za-z][\w-]*")
+SOURCES = sorted(p for p in [*DOCS, *ROOT.glob("*.py"), *(ROOT / "mardini").rglob("*.py"), *(ROOT / "bench").rglob(
+    "*.py"), *(ROOT / "data").glob("*.py"), *(ROOT / "configs").rglob("*.yaml"), ROOT / "Makefile"]
+    if not SKIP_DIRS & set(p.relative_to(ROOT).parts))
+
+
+def _option_strings(call: ast.Call) -> set[str]:
+    return {a.value for a in call.args if isinstance(a, ast.Constant) and str(a.value).startswith("-")}
+
+
+def _calls(tree: ast.AST) -> list[ast.Call]:
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
+
+
+def _name(call: ast.Call) -> str:
+    return getattr(call.func, "attr", getattr(call.func, "id", ""))
+
+
+def _helpers() -> dict[str, set[str]]:
+    """Functions of the library that add options to a parser they are given (``add_threads_argument``): name ->
+    the options."""
+    found: dict[str, set[str]] = {}
+    for path in (ROOT / "mardini").rglob("*.py"):
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if isinstance(fn, ast.FunctionDef):
+                flags = set().union(*(_option_strings(c) for c in _calls(fn) if _name(c) == "add_argument"))
+                if flags and not fn.name.startswith(("_", "main", "parse")):
+                    found[fn.name] = flags
+    return found
+
+
+def declared_options(path: Path, helpers: dict[str, set[str]]) -> set[str]:
+    """The options a script's argparse parser declares: its ``add_argument`` calls and the helpers it calls."""
+    declared = {"--help"}
+    for call in _calls(ast.parse(path.read_text())):
+        declared |= _option_strings(call) if _name(call) == "add_argument" else helpers.get(_name(call), set())
+    return declared
+
+
+def command_file(match: re.Match) -> Path | None:
+    """The file that parses a ``python -m MODULE`` / ``python SCRIPT.py`` command's arguments (a package's
+    ``main.py``, which its ``__main__.py`` runs; None: LightningCLI)."""
+    name = match["module"] or match["script"]
+    if name in LIGHTNING:
+        return None
+    if name in SCRIPTS:
+        return ROOT / SCRIPTS[name]
+    if match["script"]:
+        return ROOT / name
+    base = ROOT.joinpath(*name.split("."))
+    return next((p for p in (base.with_suffix(".py"), base / "main.py", base / "__main__.py") if p.exists()), base)
+
+
+def doc_commands(path: Path):
+    """``(command match, line)`` of each ``python`` command written in a file (continuation lines joined)."""
+    for line in re.sub(r"\\\n\s*#?\s*", " ", path.read_text()).splitlines():
+        for match in COMMAND.finditer(line):
+            if match["module"] in ("pytest", "pip", "venv", "jupyter") or match["script"] == "my_method.py":
+                continue  # not the project's commands (my_method.py: the evaluation README's external method)
+            yield match, line.strip()
+
+
+def test_every_option_a_written_command_passes_is_one_its_parser_declares():
+    """Each ``python -m mardini.X ... --flag`` / ``python sample.py ... --flag`` written in a doc, docstring, config
+    comment or the Makefile names a module that exists and an option that module's parser declares (read from its
+    source: no import)."""
+    helpers, declared, wrong = _helpers(), {}, []
+    for path in SOURCES:
+        for match, line in doc_commands(path):
+            target = command_file(match)
+            if target is None:
+                continue
+            if not target.is_file():
+                wrong.append(f"{path.relative_to(ROOT)}: no {target.relative_to(ROOT)} for `{line}`")
+                continue
+            known = declared.setdefault(target, declared_options(target, helpers))
+            wrong += [f"{path.relative_to(ROOT)}: {target.relative_to(ROOT)} declares no {flag} (`{line}`)"
+                      for flag in FLAG.findall(match["args"]) if flag not in known]
+    assert not wrong, "\n".join(wrong)
