@@ -149,3 +149,15 @@ def test_every_option_a_written_command_passes_is_one_its_parser_declares():
             wrong += [f"{path.relative_to(ROOT)}: {target.relative_to(ROOT)} declares no {flag} (`{line}`)"
                       for flag in FLAG.findall(match["args"]) if flag not in known]
     assert not wrong, "\n".join(wrong)
+
+
+def test_the_readme_gives_the_threads_default_the_commands_apply():
+    """Each ``--threads N`` the README describes (the demo's, the reproduction's) states ``mardini.threads``'s default
+    rule: the demo's said 'else 2', where the demo takes ``min(2, CPUs)`` (``DEFAULT_THREADS``)."""
+    from mardini.threads import DEFAULT_RULE
+
+    readme = re.sub(r"\s+", " ", (ROOT / "README.md").read_text()).replace("`", "")
+    described = re.findall(r"--threads N sets torch's intra-op threads,?[^(]*\(([^;)]*)", readme)
+    assert len(described) == 2, described
+    rule = DEFAULT_RULE.replace("default:", "default")
+    assert [d for d in described if not d.startswith(rule)] == [], (rule, described)
