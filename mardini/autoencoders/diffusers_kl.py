@@ -68,9 +68,11 @@ class DiffusersAutoencoder(FrameAutoencoder):
         generator: the torch.Generator for posterior samples (required when ``sample_posterior``).
         dtype: weight dtype (default float32). VAEs whose config sets ``force_upcast`` always run with
             autocast disabled, so bf16-mixed training does not push them to half precision.
-        shift, scale: latent normalisation ``z = (raw - shift) * scale`` instead of the config's ``shift_factor``
-            and ``scaling_factor`` (None: the config's). The ones in use go into :meth:`spec`, so checkpoints and
-            latent caches record them and the latent checks compare them.
+        shift: the ``shift`` of the latent normalisation ``z = (raw - shift) * scale``, instead of the config's
+            ``shift_factor`` (None: the config's, or 0). The one in use goes into :meth:`spec`, so checkpoints and
+            latent caches record it and the latent checks compare it.
+        scale: the ``scale`` of that normalisation, instead of the config's ``scaling_factor`` (None: the
+            config's); recorded and compared as ``shift``.
     """
 
     def __init__(

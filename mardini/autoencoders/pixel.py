@@ -14,6 +14,12 @@ class SpaceToDepthAutoencoder(FrameAutoencoder):
     With ``f = 2`` a frame gives 12 latent channels. ``z = (pixels - shift) * scale``: the defaults keep pixels as
     they are; a data set's pixel mean as ``shift`` and ``1 / std`` as ``scale`` give zero-mean, unit-variance latents,
     the scale the noise schedule assumes (``python -m mardini.autoencoders.pixel_stats`` measures them).
+
+    Args:
+        downsample: the block side f (frames' sides must divide by it).
+        scale: the latents' ``scale``, 1 / the pixels' std for unit variance.
+        chunk_size: frames per encode/decode call (bounds memory; the result does not depend on it).
+        shift: the latents' ``shift``, the pixels' mean for zero mean.
     """
 
     def __init__(self, downsample: int = 2, scale: float = 1.0, chunk_size: int = 64, shift: float = 0.0) -> None:

@@ -77,7 +77,8 @@ class VideoDataModule(L.LightningDataModule):
         val_batch_size: per-rank validation batch (default: the largest per-rank training batch, the same on every
             rank).
         latents: read cached latent shards (``data/cache_latents.py``) instead of pixels.
-        pin_memory, prefetch_factor: DataLoader settings.
+        pin_memory: the DataLoaders' ``pin_memory``.
+        prefetch_factor: the DataLoaders' ``prefetch_factor`` (batches each worker loads ahead).
         loader_timeout: seconds a worker may take to deliver one batch before the run fails with a timeout
             error instead of hanging on a stuck read or decode (workers only; 0 = wait forever).
     """

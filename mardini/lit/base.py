@@ -44,7 +44,8 @@ class MarDiniBase(L.LightningModule):
 
     Args:
         size: model size name from ``mardini.models.registry`` (``tiny``, ``small``, ``mardini-s/st`` ...).
-        planner, generator: overrides of the size's config fields, e.g. ``{"depth": 2}``.
+        planner: overrides of the size's planner config fields, e.g. ``{"depth": 2}``.
+        generator: overrides of the size's generator config fields, e.g. ``{"abs_pos": true}``.
         autoencoder: a :class:`FrameAutoencoder` (default: exact space-to-depth with factor 2). Frozen; kept
             out of the optimiser, the EMA and the checkpoints, which record its ``spec()`` instead (one it lacks is
             refused here, not at the first checkpoint).
@@ -56,10 +57,17 @@ class MarDiniBase(L.LightningModule):
         templates: task-template probabilities for the mask sampler (names from its class's ``templates``).
         mask_sampler: class path of a :class:`MaskSampler` subclass to draw the training masks (built with
             ``keep_ratio`` and ``templates``), e.g. one that declares a template of one's own; None: ``MaskSampler``.
-        blr, lr: base LR (scaled by ``global_batch / 256``), or an absolute LR that overrides it.
-        warmup_steps, decay_steps, min_lr_ratio: linear warm-up, then cosine to ``min_lr_ratio`` at
-            ``decay_steps`` (default: ``trainer.max_steps``).
-        ema_decay, ema_warmup: EMA of the networks; with warm-up the decay ramps up (timm's rule).
+        blr: base LR, scaled by ``global_batch / 256``.
+        lr: an absolute LR that overrides ``blr`` (None: ``blr`` scaled).
+        weight_decay: AdamW's decoupled weight decay of the networks' matrices (parameters of 2 or more dimensions;
+            biases, norms and learned tokens get none); 0 (the default, every shipped config) is none.
+        betas: AdamW's ``(beta1, beta2)``, each in [0, 1).
+        warmup_steps: steps of the linear LR warm-up.
+        decay_steps: the step at which the cosine after the warm-up reaches ``min_lr_ratio`` (None:
+            ``trainer.max_steps``).
+        min_lr_ratio: the LR at the end of the cosine, as a fraction of the peak.
+        ema_decay: decay of the EMA of the networks (with ``ema_warmup``: its cap).
+        ema_warmup: ramp the EMA decay up as timm does, ``1 - (1 + step)^(-2/3)``, capped at ``ema_decay``.
         ema_keep_loaded: a stage started from checkpoints (``init_from``, ``planner_ckpt``, ``generator_ckpt``)
             keeps the EMA they hold and updates it at the full ``ema_decay`` from its first step. False (the
             default, every shipped chain): the first update replaces the loaded EMA by the loaded raw weights, so

@@ -17,13 +17,17 @@ class GenerationModule(MarDiniBase):
 
     Args:
         schedule_shift: resolution shift of the cosine schedule (1 = none); see ``CosineSchedule``.
-        anchor, anchor_scale: ``nearest`` diffuses each generated frame's change from its nearest given frame,
-            divided by ``anchor_scale`` (beyond the paper; ``none`` = the paper's target); see ``FrameAnchor``.
-        loss_weighting, min_snr_gamma: ``min_snr`` weighs each training clip's loss by Min-SNR-gamma (Hang et al.
-            2023; beyond the paper, see ``min_snr_weight``); ``motion`` weighs each element of a generated frame by
-            how much it changed since the nearest given frame, ``1 + motion_strength * |change|`` normalised to mean
-            1 per clip (beyond the paper, see ``motion_weights``); ``none`` (the paper's) leaves it unweighted.
-            Validation losses stay unweighted, so their curves compare across weightings.
+        anchor: ``nearest`` diffuses each generated frame's change from its nearest given frame, divided by
+            ``anchor_scale`` (beyond the paper); ``none`` = the paper's target, the frame; see ``FrameAnchor``.
+        anchor_scale: the divisor of ``anchor: nearest``'s change (``python -m mardini.autoencoders.pixel_stats
+            --anchor-keep-ratio LO HI`` measures it).
+        loss_weighting: ``min_snr`` weighs each training clip's loss by Min-SNR-gamma (Hang et al. 2023; beyond the
+            paper, see ``min_snr_weight``); ``motion`` weighs each element of a generated frame by how much it
+            changed since the nearest given frame, ``1 + motion_strength * |change|`` normalised to mean 1 per clip
+            (beyond the paper, see ``motion_weights``); ``none`` (the paper's) leaves it unweighted. Validation
+            losses stay unweighted, so their curves compare across weightings.
+        min_snr_gamma: the gamma of ``loss_weighting: min_snr`` (5 in Hang et al.).
+        motion_strength: the strength of ``loss_weighting: motion`` (0 = unweighted).
         **kwargs: see :class:`MarDiniBase`.
     """
 
