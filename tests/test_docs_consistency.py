@@ -186,3 +186,14 @@ def test_every_argument_a_config_sets_has_its_own_docstring_entry(path, name):
     described = {p.arg_name for p in docstring_parser.parse(ast.get_docstring(cls) or "").params if p.description}
     missing = [a for a in args if a not in described]
     assert not missing, f"{path}: {name}'s docstring gives no Args entry of its own to {missing}"
+
+
+def test_no_doc_says_element_reduction_refuses_gradient_accumulation():
+    """``loss_reduction: element`` trains with ``trainer.accumulate_grad_batches`` above 1 (``ElementWindow``;
+    tests/test_loss_reduction.py), refusing only a strategy that accumulates by itself; configs/paper/README.md still
+    said 'it refuses `trainer.accumulate_grad_batches` above 1' after the code stopped refusing."""
+    refusal = re.compile(r"refuses `*trainer\.accumulate_grad_batches`* above 1|`*trainer\.accumulate_grad_batches`*"
+                         r"\s+above 1 is refused|refuses `*trainer\.accumulate_grad_batches")
+    stale = [f"{p.relative_to(ROOT)}: {m.group(0)!r}" for p in SOURCES
+             for m in refusal.finditer(re.sub(r"\s+", " ", p.read_text()))]
+    assert not stale, stale
