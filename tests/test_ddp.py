@@ -180,20 +180,28 @@ def _one_process_gradients(loss_reduction: str, clips: torch.Tensor,
     return {n: p.grad for n, p in model.networks.named_parameters() if p.grad is not None}
 
 
+def _element_gradients_on_2_ranks(tmp_path, model_class, datamodule_class, clips: torch.Tensor,
+                                  **trainer_kwargs) -> list[dict[str, torch.Tensor]]:
+    """Each rank's gradient of one ``element`` step of ``model_class`` on ``clips`` (global batches of 3) under
+    2-process ``ddp_spawn`` (``RecordGradients``)."""
+    torch.manual_seed(0)
+    model = model_class(size="tiny", planner_resolution=16, lr=1.0, loss_reduction="element")
+    dm = datamodule_class(batch_size=3, val_shards=None, num_workers=0)
+    dm.clips = clips
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False, limit_val_batches=0, callbacks=[RecordGradients(tmp_path)],
+                        **trainer_kwargs)
+    trainer.fit(model, dm)
+    return [torch.load(tmp_path / f"grads{r}.pt", weights_only=True) for r in range(2)]
+
+
 def test_element_reduction_on_2_ranks_gives_the_one_process_gradient_of_the_global_batch(tmp_path):
     """3 clips of 1, 4 and 2 generated frames on 2 ranks (2 + 1 clips): the gradient DDP averages is that of the
     mean over the 7 generated frames' elements of one process, not of the per-clip mean."""
     torch.multiprocessing.set_sharing_strategy("file_system")  # fd passing fails on this machine (see above)
     clips = torch.rand(3, 5, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1  # (B, T, 3, H, W)
-    torch.manual_seed(0)
-    model = GeneratedByClip(size="tiny", planner_resolution=16, lr=1.0, loss_reduction="element")
-    dm = FixedClips(batch_size=3, val_shards=None, num_workers=0)
-    dm.clips = clips
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        use_distributed_sampler=False, limit_val_batches=0, callbacks=[RecordGradients(tmp_path)])
-    trainer.fit(model, dm)
-    two = [torch.load(tmp_path / f"grads{r}.pt", weights_only=True) for r in range(2)]
+    two = _element_gradients_on_2_ranks(tmp_path, GeneratedByClip, FixedClips, clips)
     element, clip = _one_process_gradients("element", clips), _one_process_gradients("clip", clips)
     assert two[0].keys() == element.keys() and len(element) > 0
     for k in element:
@@ -224,16 +232,7 @@ def test_element_reduction_accumulated_on_2_ranks_gives_the_one_process_gradient
     1): the stepped gradient is the mean over the 16 frames' elements of one process on the 6 clips."""
     torch.multiprocessing.set_sharing_strategy("file_system")  # fd passing fails on this machine (see above)
     clips = torch.rand(6, 5, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1  # (B, T, 3, H, W)
-    torch.manual_seed(0)
-    model = WindowByClip(size="tiny", planner_resolution=16, lr=1.0, loss_reduction="element")
-    dm = FixedWindow(batch_size=3, val_shards=None, num_workers=0)
-    dm.clips = clips
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=1, accumulate_grad_batches=2,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, use_distributed_sampler=False, limit_val_batches=0,
-                        callbacks=[RecordGradients(tmp_path)])
-    trainer.fit(model, dm)
-    two = [torch.load(tmp_path / f"grads{r}.pt", weights_only=True) for r in range(2)]
+    two = _element_gradients_on_2_ranks(tmp_path, WindowByClip, FixedWindow, clips, accumulate_grad_batches=2)
     element = _one_process_gradients("element", clips, GENERATED_WINDOW)
     assert two[0].keys() == element.keys() and len(element) > 0
     for k in element:
