@@ -719,6 +719,24 @@ def test_a_resolution_whose_plan_grid_has_another_aspect_ratio_fails_before_trai
     model.check_data_settings((48, 60), None)  # 12x15 and 8x10
 
 
+def test_a_16_9_resolution_that_does_not_fit_names_the_settings_that_do():
+    """A 16:9 data.resolution with the tiny chain's planner (short side 16) cannot keep the plan grid's aspect ratio;
+    the error names a planner_resolution that fits these frames and the nearest data.resolution at 16 (it said only
+    "e.g. a square one"), and both suggestions pass the check."""
+    from mardini.lit import MarDiniModule
+
+    model = MarDiniModule(size="tiny", planner_resolution=16)
+    with pytest.raises(ValueError, match=r"data.resolution to \[32, 64\].*model.planner_resolution to 18 ") as err:
+        model.check_data_settings((36, 64), None)
+    assert "square" not in str(err.value)
+    model.check_data_settings((32, 64), None)
+    MarDiniModule(size="tiny", planner_resolution=18).check_data_settings((36, 64), None)
+    patch2 = MarDiniModule(size="tiny", planner_resolution=16, generator={"patch_size": 2})
+    with pytest.raises(ValueError, match=r"data.resolution=\(36, 62\) is not divisible by 4.*"
+                                         r"data.resolution \[36, 64\] with model.planner_resolution 18"):
+        patch2.check_data_settings((36, 62), None)
+
+
 # --------------------------------------------------------------------------------------------------
 # TensorBoard: sample grids of interpolation and image-to-video
 # --------------------------------------------------------------------------------------------------

@@ -84,6 +84,29 @@ def unsplit_input(height: int, width: int, factor: int, patches: dict[str, int],
     return None
 
 
+def planner_sides(height: int, width: int, factor: int, patches: dict[str, int], plan_layout: bool = True) -> list[int]:
+    """The ``planner_resolution`` short sides (at most the frames' short side) with which ``height x width`` frames
+    feed the networks of ``patches`` (:func:`unsplit_input` finds nothing) with a plan of more than one token,
+    smallest first."""
+    step = factor * patches.get("planner", 1)
+    return [s for s in range(1, min(height, width) + 1)
+            if unsplit_input(height, width, factor, patches, s, plan_layout) is None
+            and np.prod(planner_size(height, width, s)) > step * step]  # a plan of more than one token
+
+
+def nearest_fitting_size(height: int, width: int, factor: int, patches: dict[str, int], planner_resolution: Size,
+                         plan_layout: bool = True, reach: int = 8) -> tuple[int, int] | None:
+    """The size nearest to ``height x width`` (fewest pixels of change, then the larger) whose frames feed the
+    networks of ``patches`` at ``planner_resolution`` (:func:`unsplit_input`), among multiples of the generator's
+    token size within ``reach`` tokens of each side; None when none does."""
+    step = factor * patches.get("generator", 1)
+    around = lambda n: range(max(step, (n // step - reach) * step), (n // step + reach + 1) * step + 1, step)  # noqa: E731
+    fits = [(h, w) for h in around(height) for w in around(width)
+            if min(h, w) >= (planner_resolution if isinstance(planner_resolution, int) else 1)
+            and unsplit_input(h, w, factor, patches, planner_resolution, plan_layout) is None]
+    return min(fits, key=lambda s: (abs(s[0] - height) + abs(s[1] - width), -s[0] * s[1]), default=None)
+
+
 def planner_copy(video: torch.Tensor, resolution: Size) -> torch.Tensor:
     """The planner's input: ``video (B, T, C, H, W)`` resized to :func:`planner_size` (bilinear, anti-aliased)."""
     return resize_video(video, planner_size(video.shape[-2], video.shape[-1], resolution))  # (B, T, C, h', w')

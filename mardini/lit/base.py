@@ -274,19 +274,19 @@ class MarDiniBase(L.LightningModule):
         unsplit = unsplit_input(h, w, f, patches, low, layout)
         if unsplit is not None:
             name, size, step = unsplit
+            fixes = _size_fixes(h, w, f, patches, low, layout)
             if name == "plan grid":
                 g = f * patches["generator"]
                 raise ValueError(
                     f"data.resolution={resolution} gives the generator a {h // g}x{w // g} token grid, but the "
                     f"planner's {size[0]}x{size[1]} copy (short side model.planner_resolution={low}) a "
                     f"{size[0] // step}x{size[1] // step} one, of another aspect ratio; the generator lays the plan "
-                    "out on its grid: use a data.resolution whose token grid keeps its aspect ratio at the planner's "
-                    "short side (e.g. a square one)"
+                    f"out on its grid: {fixes}"
                 )
             key = "data.resolution" if name == "generator" else "model.planner_resolution"
             raise ValueError(
                 f"{key}={size[0] if size[0] == size[1] else size} is not divisible by {step} (the autoencoder's "
-                f"factor {f} x the {name}'s patch size {patches[name]}); use a multiple of {step}"
+                f"factor {f} x the {name}'s patch size {patches[name]}): {fixes}"
             )
 
     # ----------------------------------------------------------------------------------------------
@@ -1083,3 +1083,33 @@ def _check_settings(**s: Any) -> None:
 
 
 __all__ = ["MarDiniBase", "CHECKPOINT_FORMAT"]
+
+
+def _size_fixes(height: int, width: int, factor: int, patches: dict[str, int], planner_resolution: int,
+                layout: bool) -> str:
+    """The settings that make ``height x width`` training frames feed the networks: the nearest
+    ``data.resolution`` at this ``planner_resolution``, the ``planner_resolution`` values nearest to it that work at
+    this resolution, and else the nearest resolution the generator splits with a ``planner_resolution`` for it
+    (:func:`~mardini.data.transforms.unsplit_input`)."""
+    from mardini.data.transforms import nearest_fitting_size, planner_sides
+
+    def nearest_sides(h: int, w: int) -> list[int]:
+        sides = planner_sides(h, w, factor, patches, layout) if "planner" in patches else []
+        return [s for s in sides if s < planner_resolution][-1:] + [s for s in sides if s > planner_resolution][:1]
+
+    fixes = []
+    size = nearest_fitting_size(height, width, factor, patches, planner_resolution, layout)
+    if size:
+        fixes.append(f"set data.resolution to [{size[0]}, {size[1]}] (the nearest size that fits "
+                     f"model.planner_resolution={planner_resolution})")
+    near = nearest_sides(height, width)
+    if near:
+        fixes.append(f"model.planner_resolution to {' or '.join(map(str, near))} (a short side whose copy of "
+                     f"{height}x{width} frames fits)")
+    else:
+        split = nearest_fitting_size(height, width, factor, {"generator": patches.get("generator", 1)}, 1, layout)
+        sides = nearest_sides(*split) if split and split != size else []
+        if sides:
+            fixes.append(f"data.resolution [{split[0]}, {split[1]}] with model.planner_resolution "
+                         f"{' or '.join(map(str, sides))}")
+    return ", or ".join(fixes) or "use a data.resolution whose sides are multiples of the generator's token size"
