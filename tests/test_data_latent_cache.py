@@ -200,6 +200,30 @@ def test_a_planner_stage_refuses_a_cache_of_another_planner_resolution(synth, tm
             cls(size="tiny", frames=4, planner_resolution=low // 2).check_latent_autoencoder(shard)
 
 
+def test_a_16_9_cache_records_its_planner_copy_and_is_checked_by_it(synth, tmp_path):
+    """Of 8x16 frames, --planner-resolution 4 makes 4x8 copies (the short side, the aspect ratio kept), as the
+    model's planner_resolution 4 does; the cache recorded [4, 4] alone, and the same copies cached as
+    --planner-resolution 4x8 were refused ('holds planner copies at [4, 8], model.planner_resolution is 4')."""
+    from mardini.data.datamodule import first_json
+    from mardini.lit import PlanningModule
+
+    for name, low in (("short", "4"), ("hxw", "4x8")):
+        _cli().main([str(synth / "val"), str(tmp_path / name), "--frames", "4", "--fps", "8", "--resolution", "8x16",
+                     "--planner-resolution", low, "--no-progress"])
+        shard = str(sorted((tmp_path / name).glob("*.tar"))[0])
+        assert first_json(shard)["latent_cache"]["planner_copy"] == [4, 8]
+        PlanningModule(size="tiny", frames=4, planner_resolution=4).check_latent_autoencoder(shard)  # accepted
+        with pytest.raises(ValueError, match=r"planner copies at \[4, 8\] of its 8x16 frames, "
+                                             r"model.planner_resolution=8 makes them at \[8, 16\]"):
+            PlanningModule(size="tiny", frames=4, planner_resolution=8).check_latent_autoencoder(shard)
+    manifest = tmp_path / "short" / "manifest.json"  # a folder cached before planner_copy was recorded resumes
+    old = json.loads(manifest.read_text())
+    del old["settings"]["planner_copy"]
+    manifest.write_text(json.dumps(old))
+    assert _cli().main([str(synth / "val"), str(tmp_path / "short"), "--frames", "4", "--fps", "8", "--resolution",
+                        "8x16", "--planner-resolution", "4", "--no-progress"])["kept"] == 4
+
+
 def test_latent_specs_compare_classes_not_spellings():
     from mardini.lit.checkpoints import latent_spec_differences
 

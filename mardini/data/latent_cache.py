@@ -146,6 +146,7 @@ def cache_latents(
     info = {
         "autoencoder": _spec(ae),
         "resolution": list(as_size(resolution)), "planner_resolution": list(as_size(planner_resolution)),
+        "planner_copy": list(planner_size(*as_size(resolution), planner_resolution)),  # the z_low frames' size
         "frames": frames, "fps": fps, "dtype": dtype, "crop": "center",
     }
     names: dict[str, str] = {}
@@ -234,6 +235,8 @@ def check_manifest(out: Path, info: dict) -> None:
     manifest = out / "manifest.json"
     if manifest.exists():
         old = json.loads(manifest.read_text()).get("settings") or {}
+        if "planner_copy" not in old:  # a cache written before it was recorded: it follows from the other settings
+            info = {k: v for k, v in info.items() if k != "planner_copy"}
         if old != info:
             changes = ", ".join(f"{k} {old.get(k)!r} -> {info.get(k)!r}" for k in sorted(set(old) | set(info))
                                 if old.get(k) != info.get(k))

@@ -214,17 +214,8 @@ class MarDiniBase(L.LightningModule):
         from mardini.lit.checkpoints import latent_spec_differences
 
         cache = first_json(shard).get("latent_cache") or {}
-        low = cache.get("planner_resolution")
-        if low is not None and "planner" in self.networks:
-            from mardini.data.transforms import as_size
-
-            if list(low) != list(as_size(self.hparams.planner_resolution)):
-                raise ValueError(
-                    f"the latent cache {shard} holds planner copies at {list(low)}, model.planner_resolution is "
-                    f"{self.hparams.planner_resolution}; re-cache with data/cache_latents.py --planner-resolution "
-                    f"{self.hparams.planner_resolution} into a new folder, or set model.planner_resolution to the "
-                    "cache's"
-                )
+        if "planner" in self.networks:
+            self._check_cached_planner_copy(shard, cache)
         theirs = cache.get("autoencoder") or {}
         ours = self.autoencoder.spec()
         differ = latent_spec_differences(theirs, ours)
@@ -234,6 +225,31 @@ class MarDiniBase(L.LightningModule):
                 f"this model encodes with {ours['class_path']} {ours.get('init_args')} (differ: {differ}); re-cache "
                 "with data/cache_latents.py --autoencoder-kwargs matching model.init_args.autoencoder, or set the "
                 "model's autoencoder to the cache's"
+            )
+
+    def _check_cached_planner_copy(self, shard: str, cache: dict) -> None:
+        """Raise unless the cache's planner copies are the ones this model makes of its frames: their size
+        (``planner_copy``) against :func:`~mardini.data.transforms.planner_size` of the cached resolution at
+        ``planner_resolution``; a cache written before ``planner_copy`` was recorded compares its
+        ``planner_resolution`` as it did."""
+        from mardini.data.transforms import as_size, planner_size
+
+        low, copy, ours = cache.get("planner_resolution"), cache.get("planner_copy"), self.hparams.planner_resolution
+        if copy is not None and cache.get("resolution"):
+            made = list(planner_size(*as_size(cache["resolution"]), ours))
+            if list(copy) != made:
+                h, w = as_size(cache["resolution"])
+                raise ValueError(
+                    f"the latent cache {shard} holds planner copies at {list(copy)} of its {h}x{w} frames, "
+                    f"model.planner_resolution={ours} makes them at {made}; re-cache with data/cache_latents.py "
+                    f"--planner-resolution {ours} into a new folder, or set model.planner_resolution to "
+                    f"{min(copy)} (the cache's short side)"
+                )
+        elif low is not None and list(low) != list(as_size(ours)):
+            raise ValueError(
+                f"the latent cache {shard} holds planner copies at {list(low)}, model.planner_resolution is "
+                f"{ours}; re-cache with data/cache_latents.py --planner-resolution {ours} into a new folder, or set "
+                "model.planner_resolution to the cache's"
             )
 
     def _check_planner_resolution(self) -> None:
