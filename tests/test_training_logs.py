@@ -231,6 +231,19 @@ def test_throughput_is_the_mean_over_the_logging_window_validation_included(work
     assert tokens == {step: pytest.approx(per_clip * rate) for step, rate in clips.items()}
 
 
+def test_tokens_per_clip_counts_the_planner_s_non_square_copy():
+    """The planner's copy of 36x64 frames at short side 18 is 18x32 pixels, 9x16 tokens (patch 1, factor 2) per
+    frame; the count took a square 9x9 grid of the short side, so perf/tokens_per_s of a 16:9 run was low."""
+    from mardini.lit import MarDiniModule, PlanningModule
+
+    video, z_low = torch.zeros(1, 4, 3, 36, 64), torch.zeros(1, 4, 12, 9, 16)  # pixels; cached planner latents
+    planning = PlanningModule(size="tiny", planner_resolution=18)
+    assert planning.tokens_per_clip({"video": video}) == 4 * 9 * 16
+    assert planning.tokens_per_clip({"z_low": z_low}) == 4 * 9 * 16
+    joint = MarDiniModule(size="tiny", planner_resolution=18)
+    assert joint.tokens_per_clip({"video": video}) == 4 * 18 * 32 + 4 * 9 * 16  # generator + planner
+
+
 # --------------------------------------------------------------------------------------------------
 # Training time across resumes
 # --------------------------------------------------------------------------------------------------

@@ -36,7 +36,15 @@ class PlanningModule(MarDiniBase):
         return self._planner_tokens(batch)
 
     def _planner_tokens(self, batch: dict) -> int:
-        f = self.autoencoder.downsample * self.networks["planner"].cfg.patch_size
-        t = batch["z_low"].shape[1] if "z_low" in batch else batch["video"].shape[1]
-        side = self.hparams.planner_resolution // f
-        return int(t if self.frames is None else self.frames) * side * side
+        """The planner's tokens of one clip: its copy's (cached ``z_low``, or :func:`planner_size` of the frames,
+        the aspect ratio kept) token grid x the frames."""
+        from mardini.data.transforms import planner_size
+
+        patch = self.networks["planner"].cfg.patch_size
+        if "z_low" in batch:
+            t, (h, w), f = batch["z_low"].shape[1], batch["z_low"].shape[-2:], patch  # latents: (B, T, C, h', w')
+        else:
+            video = batch["video"]  # (B, T, 3, H, W)
+            t, f = video.shape[1], self.autoencoder.downsample * patch
+            h, w = planner_size(video.shape[-2], video.shape[-1], self.hparams.planner_resolution)
+        return int(t if self.frames is None else self.frames) * (h // f) * (w // f)
