@@ -75,6 +75,19 @@ def test_shards_odd_codecs_and_reports_bad_files(video_dir, tmp_path):
     assert len(by_source["vp9.webm"]) == 2
 
 
+def test_files_too_short_for_a_clip_name_the_clip_frames_that_keeps_them(tmp_path):
+    """Clips of 5 and 7 frames under --clip-frames 8 were skipped, each listed as 'too short', with no word of the
+    setting that keeps them: the summary now names --clip-frames 5 (a clip of each) and 7 (of the longest)."""
+    write_video(tmp_path / "in" / "five.mp4", moving_frames(5, 18, 32), 24)  # 16:9 phone-like clips, very short
+    write_video(tmp_path / "in" / "seven.mp4", moving_frames(7, 18, 32), 24)
+    s = videos_to_shards(tmp_path / "in", tmp_path / "out", ShardSettings(clip_frames=8), workers=1, progress=False)
+    assert s.clips == 0 and s.too_short == {"five.mp4": 5, "seven.mp4": 7}
+    assert "lower --clip-frames: 5 keeps a clip of each of these 2 files, 7 of the longest" in s.text()
+    again = videos_to_shards(tmp_path / "in", tmp_path / "again", ShardSettings(clip_frames=5), workers=1,
+                             progress=False)
+    assert again.clips == 2 and not again.too_short
+
+
 def test_max_fps_resize_hop_and_byte_limit(video_dir, tmp_path):
     settings = ShardSettings(clip_frames=4, clip_hop=6, max_fps=12, short_side=16, shard_max_count=100,
                              shard_max_bytes=6000, max_clips_per_video=2)

@@ -91,6 +91,7 @@ class Summary:
     mirrored: int = 0  # files flipped back by their display matrix (a horizontal or vertical flip)
     stretched: int = 0  # files of non-square pixels resized to their display shape
     skipped: dict[str, str] = field(default_factory=dict)  # file -> reason (no clip kept)
+    too_short: dict[str, int] = field(default_factory=dict)  # skipped as too short -> the frames it would store
     partial: dict[str, str] = field(default_factory=dict)  # file -> reason (clips before the error kept)
     not_read: int = 0  # files under the folder not read: not of a video extension
     not_read_kinds: dict[str, int] = field(default_factory=dict)  # their extension -> count
@@ -124,9 +125,20 @@ class Summary:
             lines.append(f"  skipped {n} x {kind}")
         for name, reason in sorted(self.skipped.items()):
             lines.append(f"    {name}: {reason}")
+        if self.too_short:
+            lines.append(self.too_short_fix())
         for name, reason in sorted(self.partial.items()):
             lines.append(f"  partial {name}: {reason}")
         return "\n".join(lines)
+
+
+    def too_short_fix(self) -> str:
+        """The ``--clip-frames`` that would keep clips of the files skipped as too short."""
+        n = sorted(v for v in self.too_short.values() if v >= 2)  # a clip of one frame is no video
+        if not n:
+            return "  the files too short store fewer than 2 frames: no clip can be cut from them"
+        return (f"  to keep them, lower --clip-frames: {n[0]} keeps a clip of each of these {len(n)} files, {n[-1]} "
+                "of the longest (the clips' length caps the frames a model trains on, data.frames)")
 
 
 def _reason_kind(reason: str) -> str:
@@ -306,6 +318,7 @@ def stage_file(job: dict) -> dict:
             else:  # decoded to the end: does the end come where the file says it does?
                 truncated = _ends_early(container, stream, span, float(rate))
             if emitted == 0:
+                result["stored_frames"] = n_stored
                 raise ValueError(
                     f"too short: {n_src} frames give {n_stored} stored frames, fewer than one clip of {s.clip_frames}"
                     + (f" ({truncated})" if truncated else "")
@@ -494,6 +507,8 @@ def videos_to_shards(
     for r in results.values():
         if r["status"] == "skipped":
             summary.skipped[r["file"]] = r["reason"]
+            if r["reason"].startswith("too short") and "stored_frames" in r:
+                summary.too_short[r["file"]] = r["stored_frames"]
         elif r["status"] == "partial":
             summary.partial[r["file"]] = r["reason"]
     write_json_atomic(manifest, {**record, "complete": True, "summary": asdict(summary),
