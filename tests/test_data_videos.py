@@ -88,6 +88,20 @@ def test_files_too_short_for_a_clip_name_the_clip_frames_that_keeps_them(tmp_pat
     assert again.clips == 2 and not again.too_short
 
 
+def test_a_folder_of_landscape_and_portrait_phone_videos_is_said_to_mix_orientations(tmp_path):
+    """A 16:9 file and one flagged 90 degrees (stored portrait) gave one set of clips and no word that a training
+    resolution of either shape crops the other to a third of its frame; the summary now counts the orientations."""
+    write_video(tmp_path / "in" / "wide.mp4", moving_frames(4, 18, 32), 24)
+    write_video(tmp_path / "in" / "phone.mp4", moving_frames(4, 18, 32), 24, rotation=90)
+    s = videos_to_shards(tmp_path / "in", tmp_path / "out", ShardSettings(clip_frames=4), workers=1, progress=False)
+    assert s.clips == 2 and s.orientations == {"landscape": 1, "portrait": 1}
+    assert "files of 2 orientations (1 landscape, 1 portrait): training crops every clip" in s.text()
+    write_video(tmp_path / "wide" / "wide.mp4", moving_frames(4, 18, 32), 24)
+    one = videos_to_shards(tmp_path / "wide", tmp_path / "one", ShardSettings(clip_frames=4), workers=1,
+                           progress=False)
+    assert one.orientations == {"landscape": 1} and "orientations" not in one.text()
+
+
 def test_max_fps_resize_hop_and_byte_limit(video_dir, tmp_path):
     settings = ShardSettings(clip_frames=4, clip_hop=6, max_fps=12, short_side=16, shard_max_count=100,
                              shard_max_bytes=6000, max_clips_per_video=2)

@@ -90,6 +90,7 @@ class Summary:
     rotated: int = 0  # files turned upright by their rotation flag
     mirrored: int = 0  # files flipped back by their display matrix (a horizontal or vertical flip)
     stretched: int = 0  # files of non-square pixels resized to their display shape
+    orientations: dict[str, int] = field(default_factory=dict)  # landscape / portrait / square -> files of clips
     skipped: dict[str, str] = field(default_factory=dict)  # file -> reason (no clip kept)
     too_short: dict[str, int] = field(default_factory=dict)  # skipped as too short -> the frames it would store
     partial: dict[str, str] = field(default_factory=dict)  # file -> reason (clips before the error kept)
@@ -121,6 +122,12 @@ class Summary:
             lines.append("  read by timestamp on a grid at the stream's stated average rate / stride: " + ", ".join(
                 f"{name} at {rate}" for name, rate in sorted(self.timestamped_rates.items()))
                 + (f", and {more} more" if more > 0 else ""))
+        if len(self.orientations) > 1:
+            kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(self.orientations.items()))
+            lines.append(f"  files of {len(self.orientations)} orientations ({kinds}): training crops every clip to "
+                         "data.resolution's aspect ratio, so clips of another orientation lose most of their frame (a "
+                         "16:9 one keeps the middle 32 % of a 9:16 clip); shard each orientation into its own folder to train or "
+                         "evaluate it at its own shape")
         for kind, n in sorted(self.reasons().items()):
             lines.append(f"  skipped {n} x {kind}")
         for name, reason in sorted(self.skipped.items()):
@@ -139,6 +146,10 @@ class Summary:
             return "  the files too short store fewer than 2 frames: no clip can be cut from them"
         return (f"  to keep them, lower --clip-frames: {n[0]} keeps a clip of each of these {len(n)} files, {n[-1]} "
                 "of the longest (the clips' length caps the frames a model trains on, data.frames)")
+
+
+def _orientation(width: int, height: int) -> str:
+    return "landscape" if width > height else "portrait" if height > width else "square"
 
 
 def _reason_kind(reason: str) -> str:
@@ -285,7 +296,7 @@ def stage_file(job: dict) -> dict:
                 if rotation is None:
                     rotation, flip = frame_orientation(frame, stream)
                     width, height = _even_size(*display_size(src_w, src_h, sar, rotation), s.short_side)
-                    result.update(rotation=rotation, flip=flip, sar=str(sar))
+                    result.update(rotation=rotation, flip=flip, sar=str(sar), size=[width, height])
                 for _ in range(int(n)):
                     n_stored += 1
                     if skip:
@@ -489,6 +500,7 @@ def videos_to_shards(
                       rotated=sum(bool(r.get("rotation")) for r in kept),
                       mirrored=sum(bool(r.get("flip")) for r in kept),
                       stretched=sum(r.get("sar", "1") != "1" for r in kept), not_read=len(others),
+                      orientations=dict(Counter(_orientation(*r["size"]) for r in kept if r.get("size"))),
                       not_read_kinds=dict(Counter(Path(r).suffix.lower() or "(none)" for r in others)),
                       not_read_examples=others[:3])
     cache: tuple[int, dict] | None = None
