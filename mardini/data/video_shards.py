@@ -125,9 +125,9 @@ class Summary:
         if len(self.orientations) > 1:
             kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(self.orientations.items()))
             lines.append(f"  files of {len(self.orientations)} orientations ({kinds}): training crops every clip to "
-                         "data.resolution's aspect ratio, so clips of another orientation lose most of their frame (a "
-                         "16:9 one keeps the middle 32 % of a 9:16 clip); shard each orientation into its own folder to train or "
-                         "evaluate it at its own shape")
+                         "data.resolution's aspect ratio, so clips of another orientation lose most of their frame "
+                         "(a 16:9 one keeps the middle 32 % of a 9:16 clip); shard each orientation into its own "
+                         "folder to train or evaluate it at its own shape")
         for kind, n in sorted(self.reasons().items()):
             lines.append(f"  skipped {n} x {kind}")
         for name, reason in sorted(self.skipped.items()):
@@ -137,7 +137,6 @@ class Summary:
         for name, reason in sorted(self.partial.items()):
             lines.append(f"  partial {name}: {reason}")
         return "\n".join(lines)
-
 
     def too_short_fix(self) -> str:
         """The ``--clip-frames`` that would keep clips of the files skipped as too short."""
