@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import GradientAccumulationScheduler
 
 from mardini.data.datamodule import VideoDataModule
 from mardini.data.testing import tiny_synthetic
-from mardini.lit import GenerationModule
+from mardini.lit import GenerationModule, MarDiniModule
 
 TINY = dict(size="tiny", generator={"depth": 1}, planner_resolution=8, lr=1e-3)
 
@@ -29,16 +29,18 @@ def _dm(root: Path, **kw) -> VideoDataModule:
     return VideoDataModule(**{**args, **kw})
 
 
-def _logged_and_drawn(synth: Path, tmp: Path, accumulate: int) -> tuple[dict[int, dict], list[list[tuple]]]:
-    """A 2-step fit logging every step to a CSV file: its rows by step, and per step the (per-clip losses (B,),
-    templates (B,)) of each micro-batch."""
-    model = GenerationModule(**TINY, templates={"random": 0.5, "interpolation": 0.5})
-    drawn: list[tuple[torch.Tensor, torch.Tensor]] = []
+def _logged_and_drawn(synth: Path, tmp: Path, accumulate: int, model=None,
+                      drawn_by=lambda model, per_sample: (per_sample, model._last_template)
+                      ) -> tuple[dict[int, dict], list[list[tuple]]]:
+    """A 2-step fit logging every step to a CSV file: its rows by step, and per step what ``drawn_by`` takes from
+    each micro-batch (default: its per-clip losses (B,) and templates (B,))."""
+    model = model or GenerationModule(**TINY, templates={"random": 0.5, "interpolation": 0.5})
+    drawn: list[tuple[torch.Tensor, ...]] = []
     compute_loss = model.compute_loss
 
     def recording(batch, generator, train):
         per_sample = compute_loss(batch, generator, train)  # (B,)
-        drawn.append((per_sample.detach().clone(), model._last_template.clone()))
+        drawn.append(tuple(t.detach().clone() for t in drawn_by(model, per_sample)))
         return per_sample
 
     model.compute_loss = recording
@@ -75,6 +77,33 @@ def test_without_accumulation_the_logged_training_losses_are_the_batch_s_means_b
         for i, name in enumerate(("random", "interpolation")):
             if (templates == i).any():
                 assert float(rows[step][f"train/loss_{name}"]) == float(loss[templates == i].mean())
+
+
+def _joint_parts(synth: Path, tmp: Path, accumulate: int) -> tuple[dict[int, dict], list[list[tuple]]]:
+    """:func:`_logged_and_drawn` of a joint stage with the reconstruction loss on: each micro-batch's loss parts
+    ``(B, [diffusion, plan recon])``."""
+    model = MarDiniModule(**TINY, planner={"depth": 1}, plan_recon_weight=0.5)
+    return _logged_and_drawn(synth, tmp, accumulate, model, lambda model, per_sample: (model._last_parts,))
+
+
+def test_the_logged_loss_parts_of_a_joint_stage_are_means_over_the_accumulation_window(synth, tmp_path):
+    rows, windows = _joint_parts(synth, tmp_path, 2)
+    assert sorted(rows) == [0, 1]
+    for step, window in enumerate(windows):
+        parts = torch.cat([p for (p,) in window])  # (2 micro-batches x 2 clips, [diffusion, plan recon])
+        for i, name in enumerate(("train/diffusion_loss", "train/plan_recon_loss")):
+            logged = float(rows[step][name])
+            # before: the last micro-batch's mean
+            assert logged != pytest.approx(float(window[-1][0][:, i].mean()), rel=1e-6), name
+            assert logged == pytest.approx(float(parts[:, i].mean()), rel=1e-6), name
+
+
+def test_without_accumulation_the_logged_loss_parts_of_a_joint_stage_are_the_batch_s_means_bit_for_bit(synth,
+                                                                                                         tmp_path):
+    rows, windows = _joint_parts(synth, tmp_path, 1)
+    for step, ((parts,),) in enumerate(windows):
+        assert float(rows[step]["train/diffusion_loss"]) == float(parts[:, 0].mean())
+        assert float(rows[step]["train/plan_recon_loss"]) == float(parts[:, 1].mean())
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])

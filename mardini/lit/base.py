@@ -158,8 +158,8 @@ class MarDiniBase(L.LightningModule):
         self._train_clock: float | None = None  # perf_counter at this fit's training start, while it trains
         self._ema_backup: list[torch.Tensor] | None = None
         self._val_template_sums: torch.Tensor | None = None  # (templates, [loss sum, clips]) of this validation epoch
-        # (global step, (1 + templates, [loss sum, clips])) of the gradient-accumulation window in progress
-        self._train_window: tuple[int, torch.Tensor] | None = None
+        # (global step, {name: (rows, [sum, clips])}) of the gradient-accumulation window in progress
+        self._train_window: tuple[int, dict[str, torch.Tensor]] | None = None
         self._last_generated: torch.Tensor | None = None  # (B,) generated frames per clip of the last compute_loss
         self._element_window: ElementWindow | None = None  # loss_reduction element's counts under accumulation
         if init_from:
@@ -878,13 +878,12 @@ class MarDiniBase(L.LightningModule):
         gradient accumulation over those of the window so far (Lightning logs a window's last value, at its end)."""
         bs = per_sample.shape[0]
         names = self._loss_templates()
-        window = self._train_window_sums(per_sample, len(names))  # (1 + templates, [loss sum, clips]) or None
+        window = self._train_window_sums(per_sample, len(names)) if self._accumulating() else None
         if window is None:  # one batch per step: its own means, as always
             self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=bs)
         else:
-            clips = window[:, 1].tolist()  # one host read
-            means = window[:, 0] / window[:, 1].clamp(min=1)  # (1 + templates,)
-            self.log("train/loss", means[0], on_step=True, prog_bar=True, batch_size=int(clips[0]))
+            means, clips = window_means(window)  # (1 + templates,), row 0 every clip's
+            self.log("train/loss", means[0], on_step=True, prog_bar=True, batch_size=clips[0])
         if self.hparams.loss_reduction == "element":  # this rank's mean over its generated elements (the window's)
             self._log_element(per_sample, bs, window is not None)
         for i, name in enumerate(names):
@@ -893,7 +892,7 @@ class MarDiniBase(L.LightningModule):
                 if sel.any():
                     self.log(f"train/loss_{name}", per_sample[sel].mean(), on_step=True, batch_size=int(sel.sum()))
             elif clips[i + 1]:
-                self.log(f"train/loss_{name}", means[i + 1], on_step=True, batch_size=int(clips[i + 1]))
+                self.log(f"train/loss_{name}", means[i + 1], on_step=True, batch_size=clips[i + 1])
         lo, hi = self.mask_sampler.keep_ratio
         self.log("curriculum/keep_ratio_min", lo, on_step=True)
         self.log("curriculum/keep_ratio_max", hi, on_step=True)
@@ -961,20 +960,30 @@ class MarDiniBase(L.LightningModule):
         return {name: float(self.ema.get_decay(None if keep_loaded and name in self._ema_loaded else self.global_step))
                 for name in self.networks}
 
-    def _train_window_sums(self, per_sample: torch.Tensor, templates: int) -> torch.Tensor | None:
-        """Under gradient accumulation, the per-clip losses of the optimiser step's window so far, this batch's added:
-        ``(1 + templates, [loss sum, clips])``, row 0 every clip's, row ``1 + i`` template ``i``'s. None without
-        accumulation. A window is the batches of one global step (Lightning's, a short last one of an epoch too)."""
-        if self._trainer is None or self.trainer.accumulate_grad_batches == 1:
-            return None
+    def _accumulating(self) -> bool:
+        """True under gradient accumulation (``trainer.accumulate_grad_batches`` above 1): the step's logged losses
+        are then means over its window (:meth:`_add_to_train_window`)."""
+        return self._trainer is not None and self.trainer.accumulate_grad_batches > 1
+
+    def _add_to_train_window(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """This micro-batch's ``rows`` ``(R, [sum, clips])`` added to the sums kept under ``name`` for the optimiser
+        step's gradient-accumulation window so far; returns them ``(R, 2)``. A window is the batches of one global
+        step (Lightning's, a short last one of an epoch too); every name starts it afresh together."""
         if self._train_window is None or self._train_window[0] != self.global_step:  # a new window
-            self._train_window = (self.global_step, per_sample.new_zeros(1 + templates, 2, dtype=torch.float32))
+            self._train_window = (self.global_step, {})
         sums = self._train_window[1]
+        sums[name] = rows if name not in sums else sums[name] + rows
+        return sums[name]
+
+    def _train_window_sums(self, per_sample: torch.Tensor, templates: int) -> torch.Tensor:
+        """Under gradient accumulation, the per-clip losses of the optimiser step's window so far, this batch's added:
+        ``(1 + templates, [loss sum, clips])``, row 0 every clip's, row ``1 + i`` template ``i``'s."""
         loss_and_count = torch.stack([per_sample.detach().float(), torch.ones_like(per_sample, dtype=torch.float32)],
                                      1)  # (B, 2)
-        sums[0] += loss_and_count.sum(0)
-        sums.index_add_(0, self._last_template.to(sums.device) + 1, loss_and_count)
-        return sums
+        rows = loss_and_count.new_zeros(1 + templates, 2)  # (1 + templates, [loss sum, clips])
+        rows[0] = loss_and_count.sum(0)
+        rows.index_add_(0, self._last_template.to(rows.device) + 1, loss_and_count)
+        return self._add_to_train_window("loss", rows)
 
     def _loss_templates(self) -> tuple[str, ...]:
         """:attr:`mask_templates`, or a ValueError where the mask sampler now in place draws other templates: the
@@ -995,6 +1004,12 @@ class MarDiniBase(L.LightningModule):
 # --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
+
+
+def window_means(sums: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """The means ``(R,)`` of window sums ``(R, [sum, clips])`` (0 for a row without clips) and the clips of each row
+    (one host read)."""
+    return sums[:, 0] / sums[:, 1].clamp(min=1), [int(c) for c in sums[:, 1].tolist()]
 
 
 def _networks_only(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

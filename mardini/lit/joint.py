@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from mardini.diffusion.loss import masked_mse_per_sample
+from mardini.lit.base import window_means
 from mardini.lit.generation import GenerationModule
 from mardini.lit.planning import PlanningModule
 from mardini.models.registry import build_generator, build_planner, generator_overrides
@@ -117,13 +118,21 @@ class MarDiniModule(GenerationModule):
 
     def _log_train(self, batch: dict, per_sample: torch.Tensor, loss: torch.Tensor) -> None:
         """The base's, and the parts of the loss (:attr:`_last_parts`): ``train/diffusion_loss``, and
-        ``train/plan_recon_loss`` where ``plan_recon_weight`` > 0. Logged here, by the training step, so that
-        ``compute_loss`` logs nothing (it also runs outside a fit)."""
+        ``train/plan_recon_loss`` where ``plan_recon_weight`` > 0: means over the clips of this batch, or under
+        gradient accumulation over those of the window so far, as ``train/loss``. Logged here, by the training step,
+        so that ``compute_loss`` logs nothing (it also runs outside a fit)."""
         super()._log_train(batch, per_sample, loss)
         parts = self._last_parts  # (B, [diffusion, plan recon])
-        self.log("train/diffusion_loss", parts[:, 0].mean(), on_step=True, batch_size=parts.shape[0])
-        if self.plan_recon_weight > 0:
-            self.log("train/plan_recon_loss", parts[:, 1].mean(), on_step=True, batch_size=parts.shape[0])
+        names = ("train/diffusion_loss", "train/plan_recon_loss")[: 2 if self.plan_recon_weight > 0 else 1]
+        window = None
+        if self._accumulating():
+            rows = torch.stack([parts.sum(0), parts.new_full((2,), parts.shape[0])], 1)  # (2, [sum, clips])
+            window = window_means(self._add_to_train_window("parts", rows))  # ((2,), clips)
+        for i, name in enumerate(names):
+            if window is None:  # one batch per step: its own means, as always
+                self.log(name, parts[:, i].mean(), on_step=True, batch_size=parts.shape[0])
+            else:
+                self.log(name, window[0][i], on_step=True, batch_size=window[1][i])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """The base's (``val/loss``: the diffusion loss plus ``plan_recon_weight`` x the reconstruction loss),
