@@ -44,8 +44,9 @@ from mardini.pipeline.tasks import window_schedule
 TASKS = ("generate", "interpolate", "image_to_video", "expand", "long_video", "slow_motion")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sample.py", description=__doc__,
+def build_parser(prog: str = "sample.py") -> argparse.ArgumentParser:
+    """The options; ``prog``: the command its usage and errors name (``sample.py``, or how the module was run)."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("task", choices=TASKS)
     p.add_argument("--ckpt", required=True, help="a joint (or generation) checkpoint written by train.py")
@@ -330,9 +331,10 @@ def sampled_window(a: argparse.Namespace, trained: int) -> int:
     return w - 1 + w % 2 if a.task == "slow_motion" else w
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Parse ``argv``, sample, write the outputs; returns the settings record (also in settings.json)."""
-    parser = build_parser()
+def main(argv: list[str] | None = None, prog: str = "sample.py") -> dict:
+    """Parse ``argv``, sample, write the outputs; returns the settings record (also in settings.json). ``prog``: the
+    command the usage and errors name."""
+    parser = build_parser(prog)
     a = parser.parse_args(argv)
     check_options(a, parser)
     check_inputs(a)
@@ -396,4 +398,4 @@ if __name__ == "__main__":  # `python -m mardini.pipeline.cli ...` is `python sa
     from mardini.pipeline.cli import main as _main
     from mardini.user_errors import run_reporting_user_errors as _run
 
-    raise SystemExit(_run("python -m mardini.pipeline.cli", _main))
+    raise SystemExit(_run("python -m mardini.pipeline.cli", lambda: _main(prog="python -m mardini.pipeline.cli")))
