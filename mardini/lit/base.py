@@ -725,7 +725,7 @@ class MarDiniBase(L.LightningModule):
             "planner_resolution": self.hparams.planner_resolution,
             "latent_channels": self.autoencoder.latent_channels,
             "nonfinite_skipped": self.nonfinite_skipped,
-            "data_skipped": self._skipped_total,
+            "data_skipped": self._skipped_over_ranks(),  # every rank's (on_save_checkpoint runs on every rank)
             "ema_loaded": sorted(self._ema_loaded),
             "train_seconds": self.train_seconds(),
             **({"cross_rope_grid": self.networks["generator"].cfg.cross_rope_grid} if "generator" in self.networks
@@ -756,7 +756,9 @@ class MarDiniBase(L.LightningModule):
         path = path or "<resumed checkpoint>"
         warn_changed_settings(checkpoint.get("hyper_parameters") or {}, dict(self.hparams), path, checkpoint["mardini"])
         self.nonfinite_skipped = int(checkpoint["mardini"].get("nonfinite_skipped", 0))
-        self._skipped_total = int(checkpoint["mardini"].get("data_skipped", 0))  # the logged data/skipped goes on
+        # the logged data/skipped goes on: every rank's count before, held by rank 0 (checkpoints written before
+        # 2026-12-07 hold rank 0's alone)
+        self._skipped_total = int(checkpoint["mardini"].get("data_skipped", 0)) if self.global_rank == 0 else 0
         self._train_seconds = float(checkpoint["mardini"].get("train_seconds", 0.0))  # a resume adds to it
         if "ema_loaded" in checkpoint["mardini"]:  # a resume need not load init_from again (MarDiniCLI) to know it
             self._ema_loaded = set(checkpoint["mardini"]["ema_loaded"])
@@ -899,9 +901,7 @@ class MarDiniBase(L.LightningModule):
         if self.frames is not None:
             self.log("curriculum/frames", float(self.frames), on_step=True)
         self._log_mix_and_ema()
-        if "skipped" in batch:  # bad samples this rank's loader dropped since its previous batch (rank 0's in the logs)
-            self._skipped_total += int(batch["skipped"])
-            self.log("data/skipped", float(self._skipped_total), on_step=True)
+        self._log_skipped(batch)
         self._log_throughput(batch, bs)
 
     def _log_element(self, per_sample: torch.Tensor, bs: int, accumulating: bool) -> None:
@@ -915,13 +915,37 @@ class MarDiniBase(L.LightningModule):
         window = self._current_element_window()
         self.log("train/loss_element", window.rank_mean(per_sample, generated), on_step=True, batch_size=bs)
 
+    def _log_skipped(self, batch: dict) -> None:
+        """``data/skipped``: the bad samples every rank's training loader skipped in this stage (resumes included).
+        Each batch brings those its loader dropped since its previous one; on several processes the ranks' counts are
+        summed where the loggers write (one reduction per written step, none in between)."""
+        if "skipped" not in batch:
+            return
+        self._skipped_total += int(batch["skipped"])
+        if self.trainer.world_size == 1 or self._logs_written():
+            self.log("data/skipped", float(self._skipped_over_ranks()), on_step=True)
+
+    def _skipped_over_ranks(self) -> int:
+        """This rank's count of skipped samples summed over the ranks by the strategy (a collective on several
+        processes: every rank calls it; one process: the count itself)."""
+        if self._trainer is None:
+            return self._skipped_total
+        count = torch.tensor(self._skipped_total, dtype=torch.long, device=self.device)
+        return int(self.trainer.strategy.reduce(count, reduce_op="sum"))
+
+    def _logs_written(self) -> bool:
+        """Whether the loggers write this training batch's values at its end (Lightning's rule, which its
+        LearningRateMonitor and ThroughputMonitor read: every ``log_every_n_steps``-th step, at the end of an
+        accumulation window); the same on every rank."""
+        from mardini.lit.preemption import inside_accumulation_window
+
+        return self.trainer._logger_connector.should_update_logs and not inside_accumulation_window(self.trainer)
+
     def _log_throughput(self, batch: dict, bs: int) -> None:
         """``perf/clips_per_s`` and ``perf/tokens_per_s`` over all ranks: the clips (their tokens) trained since the
         last value the loggers wrote, over the time since then, so every step between two logged points counts, and so
         do the validations and checkpoints between them. The first window starts at the fit's first batch (its
         clips left out: the time before it is start-up). ``perf/train_hours``: :meth:`train_seconds` in hours."""
-        from mardini.lit.preemption import inside_accumulation_window
-
         self.log("perf/train_hours", self.train_seconds() / 3600, on_step=True)
         now = time.perf_counter()
         if self._perf_window is None:
@@ -933,9 +957,7 @@ class MarDiniBase(L.LightningModule):
         elapsed = max(now - start, 1e-9)
         self.log("perf/clips_per_s", clips / elapsed, on_step=True)
         self.log("perf/tokens_per_s", tokens / elapsed, on_step=True)
-        # written at this batch's end (the rule Lightning's LearningRateMonitor and ThroughputMonitor read): new window
-        written = self.trainer._logger_connector.should_update_logs and not inside_accumulation_window(self.trainer)
-        self._perf_window = (now, 0, 0) if written else (start, clips, tokens)
+        self._perf_window = (now, 0, 0) if self._logs_written() else (start, clips, tokens)  # written: a new window
 
     def _log_mix_and_ema(self) -> None:
         """``curriculum/template_<name>``: each template's share of the training masks (the sampler's weights
