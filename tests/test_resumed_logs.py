@@ -56,7 +56,8 @@ def test_a_resume_from_the_end_of_a_fit_that_validated_logs_on_at_the_global_ste
     one uninterrupted run (the scalars of step k at k - 1), each once. Before, the end-of-fit checkpoint recorded
     the logged step after the last one was counted and the resume counted it again: one step further on per resume
     (train/loss at [0, 1, 3, 4, 6, 7]; the checkpoints at global step 4 and 6 recorded 5 and 8). A checkpoint such
-    a run wrote resumes at its global step too."""
+    a run wrote resumes at its global step too. The checkpoints of the fits' last steps, saved where Lightning's every-N
+    saves are, record the logged step before the last step's count (global step - 1), which a resume adds."""
     save = [f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.val_check_interval=2",
             "--data.init_args.epoch_size=400"]  # 100 batches an epoch: validated at steps 2, 4, 6
     folder = tmp_path / STAGE
@@ -66,14 +67,14 @@ def test_a_resume_from_the_end_of_a_fit_that_validated_logs_on_at_the_global_ste
         recorded.append(_bts(folder / "checkpoints" / "last.ckpt"))
     scalars = _scalars(folder)
     got = {"recorded": recorded, **{tag: scalars[tag] for tag in ("train/loss", "lr-AdamW/pg1", "val/loss")}}
-    assert got == {"recorded": [2, 4, 6], "train/loss": [0, 1, 2, 3, 4, 5], "lr-AdamW/pg1": [0, 1, 2, 3, 4, 5],
+    assert got == {"recorded": [1, 3, 5], "train/loss": [0, 1, 2, 3, 4, 5], "lr-AdamW/pg1": [0, 1, 2, 3, 4, 5],
                    "val/loss": [1, 3, 5]}
     last = folder / "checkpoints" / "last.ckpt"  # one the shifted runs wrote: its logged step one past its global step
     written = torch.load(last, weights_only=True)
     written["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"] = 7
     torch.save(written, last)
     _fit(workdir, monkeypatch, 7, *save)
-    assert _scalars(folder)["train/loss"] == [0, 1, 2, 3, 4, 5, 6] and _bts(last) == 7
+    assert _scalars(folder)["train/loss"] == [0, 1, 2, 3, 4, 5, 6] and _bts(last) == 6
 
 
 def test_a_resumed_fit_continues_a_csv_logger_s_metrics_csv(workdir, monkeypatch, tmp_path):
@@ -96,6 +97,24 @@ def test_a_resumed_fit_continues_a_csv_logger_s_metrics_csv(workdir, monkeypatch
              for key in ("train/loss", "lr-AdamW/pg1", "val/loss")}
     assert steps == {"train/loss": list(range(6)), "lr-AdamW/pg1": list(range(6)), "val/loss": [1, 3, 5]}
     assert not [w for w in caught if "Previous log files" in str(w.message)]
+
+
+def test_a_resume_from_the_end_of_a_fit_logs_the_epoch_it_goes_on_in(workdir, monkeypatch, tmp_path):
+    """Fits to 2, 4 and 6 steps in one 100-batch epoch, each resuming the last: every step logs epoch 0, and each
+    end-of-fit checkpoint records it. Before, StepCheckpoint saved the fit's last step at the fit's end, after
+    Lightning's fit loop had counted the unfinished epoch as completed: each resume went on in the same epoch (its
+    batches, its data) logging it one higher (epoch [0, 0, 1, 1, 2, 2]; the checkpoints recorded 1, 2, 3)."""
+    save = ["--trainer.logger.class_path=lightning.pytorch.loggers.CSVLogger",
+            f"--trainer.logger.init_args.save_dir={tmp_path}", "--data.init_args.epoch_size=400"]
+    folder = tmp_path / STAGE
+    recorded = []
+    for steps in (2, 4, 6):
+        _fit(workdir, monkeypatch, steps, *save)
+        recorded.append(read_checkpoint(folder / "checkpoints" / "last.ckpt")["epoch"])
+    rows = list(csv.DictReader((folder / "metrics.csv").open()))
+    logged = [(int(row["step"]), int(row["epoch"])) for row in rows if row.get("train/loss")]
+    assert {"logged": logged, "recorded": recorded} == {"logged": [(step, 0) for step in range(6)],
+                                                        "recorded": [0, 0, 0]}
 
 
 def test_a_resume_hides_the_tensorboard_steps_logged_after_its_checkpoint(workdir, monkeypatch, tmp_path):

@@ -28,7 +28,9 @@ class StepCheckpoint(ModelCheckpoint):
 
     Lightning's ``save_last`` writes ``last.ckpt`` at train end only if nothing was saved before, so a stage of
     650 steps saved every 100 would end with ``last.ckpt`` at step 600 and lose its last 50 steps. Here the end of
-    a fit (max_steps reached, max_time, an early stop) saves the step it stopped at, unless it is already saved.
+    a fit (max_steps reached, max_time, an early stop) saves the step it stopped at, unless it is already saved: the
+    step ``max_steps`` ends at that batch's end, as the every-N saves (so that a resume goes on in the same epoch
+    with Lightning's epoch counter unchanged), the others when the fit ends.
 
     ``resume``: what the fit resumes from (its ``ckpt_path``). A fit that starts a new run in the folder (None: from
     scratch, or a checkpoint file outside the folder) first moves the ``*.ckpt`` files an earlier run left there to
@@ -86,12 +88,24 @@ class StepCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero and folder is not None:  # the file is written (rank 0 writes it)
             drop_superseded_preemption_checkpoints(Path(folder), trainer.global_step)
 
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs, batch,
+                           batch_idx: int) -> None:
+        """The every-N save, and the fit's last step by ``max_steps`` (where ModelCheckpoint's every-N save would):
+        saved at :meth:`on_train_end`, Lightning's fit loop would already have counted the unfinished epoch as
+        completed, and each resume from it logged ``epoch`` one higher while it went on in the same epoch."""
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
+            self._save_this_step(trainer)
+
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._save_this_step(trainer)  # the ends max_steps does not give (max_time, an early stop)
+        super().on_train_end(trainer, pl_module)
+
+    def _save_this_step(self, trainer: "pl.Trainer") -> None:
         if not self._should_skip_saving_checkpoint(trainer):  # fitting, and this step is not saved yet
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
-        super().on_train_end(trainer, pl_module)
 
 
 def set_aside_earlier_run(fs, folder: str, logs: dict[str, tuple[int, int]] | None = None) -> str | None:
