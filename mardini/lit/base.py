@@ -749,12 +749,14 @@ class MarDiniBase(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Check the checkpoint against this model before Lightning loads it (:meth:`check_checkpoint`)."""
         from mardini.lit.checkpoints import warn_changed_settings
+        from mardini.lit.loop_state import start_next_epoch
 
         path = getattr(self._trainer, "ckpt_path", None)
         self.check_checkpoint(checkpoint, path,
                               fitting=self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING)
         path = path or "<resumed checkpoint>"
         warn_changed_settings(checkpoint.get("hyper_parameters") or {}, dict(self.hparams), path, checkpoint["mardini"])
+        start_next_epoch(checkpoint)  # a fit that ended with its epoch resumes at the next epoch's first batch
         self.nonfinite_skipped = int(checkpoint["mardini"].get("nonfinite_skipped", 0))
         # the logged data/skipped goes on: every rank's count before, held by rank 0 (checkpoints written before
         # 2026-12-07 hold rank 0's alone)

@@ -1,0 +1,64 @@
+"""Resume parity at an edge the CLI tests leave out: a fit that stops at an epoch's last batch and saves at its end,
+with and without gradient accumulation, with and without the epoch's validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from mardini.data.datamodule import VideoDataModule
+from mardini.data.testing import tiny_synthetic
+from mardini.lit import GenerationModule
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    return tiny_synthetic(tmp_path_factory.mktemp("synth"), train=12, val=2, frames=12, size=16)
+
+
+class _Record(L.Callback):
+    """Each training batch's (global step, batch index, clip keys), and each validation's global step."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append((trainer.global_step, batch_idx, tuple(batch["key"])))
+
+    def on_validation_end(self, trainer, pl_module):
+        self.seen.append(("validation", trainer.global_step))
+
+
+def _fit(synth: Path, steps: int, accumulate: int, validate: bool, ckpt_path=None) -> tuple[L.Trainer, list]:
+    torch.manual_seed(0)
+    model = GenerationModule(size="tiny", generator={"depth": 1}, planner_resolution=8, lr=1e-3, warmup_steps=1,
+                             decay_steps=10)  # a schedule whose length is not the fit's max_steps
+    data = VideoDataModule(train_shards=str(synth / "train"), val_shards=str(synth / "val") if validate else None,
+                           frames=4, fps=8, resolution=16, batch_size=2, num_workers=0, shuffle_buffer=4,
+                           epoch_size=4 * 2 * accumulate, val_clips=2)  # 4 optimiser steps per epoch
+    record = _Record()
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", accumulate_grad_batches=accumulate, logger=False,
+                        enable_checkpointing=False, limit_val_batches=1 if validate else 0, num_sanity_val_steps=0,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[record])
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    return trainer, record.seen
+
+
+@pytest.mark.parametrize(("accumulate", "validate"), [(1, False), (2, False), (1, True)])
+def test_a_fit_saved_at_its_end_on_an_epoch_s_last_batch_resumes_as_one_run(synth, tmp_path, accumulate, validate):
+    """6 steps at once vs 4 (the epoch's last batch), saved at the fit's end as StepCheckpoint saves it, resumed to 6.
+    Before, where the epoch ended without a validation (limit_val_batches 0, or validation every n epochs), the
+    resume ran one batch more in the finished epoch (batch index 4 x accumulate: under accumulation a step of one
+    micro-batch), read from the next data epoch, then started another: other clips and weights from step 4 on (88 of
+    94 tensors differed). The validated case was right already and must stay so (no validation run twice)."""
+    one, seen = _fit(synth, 6, accumulate, validate)
+    first, _ = _fit(synth, 4, accumulate, validate)
+    first.save_checkpoint(tmp_path / "end.ckpt")
+    resumed, resumed_seen = _fit(synth, 6, accumulate, validate, ckpt_path=tmp_path / "end.ckpt")
+    at_step_4 = next(i for i, s in enumerate(seen) if s[0] == 4)
+    assert resumed_seen == seen[at_step_4:]  # the same batch indices, clips and validations (none repeated)
+    want, got = one.lightning_module.state_dict(), resumed.lightning_module.state_dict()
+    assert [k for k in want if not torch.equal(want[k], got[k])] == []
