@@ -256,6 +256,37 @@ def test_resume_with_another_worker_count_starts_a_fresh_epoch(synth, caplog):
     assert "not continuing epoch 0" in caplog.text and len(keys) == 24
 
 
+def _batches(loader) -> list[tuple[list[str], torch.Tensor]]:
+    return [(b["key"], b["video"]) for b in loader]
+
+
+def test_num_workers_0_and_1_read_one_stream_and_2_another(synth):
+    """What README's Seeds and data/README.md promise: the main process reads as worker 0 of 1, so num_workers 0 and 1
+    give the same training clips, crops and order (a resume from one to the other continues its epoch) and the same
+    validation batches; 2 workers read the training clips of other seeds, and validate the same clips in other batches
+    (whose draws, and so val/loss, then differ)."""
+    read = {}
+    for workers in (0, 1, 2):
+        dm = _dm(synth, num_workers=workers, epoch_size=24)
+        dm.setup("fit")
+        read[workers] = _batches(dm.train_dataloader()), [b["key"] for b in dm.val_dataloader()]
+    (train0, val0), (train1, val1), (train2, val2) = read[0], read[1], read[2]
+    assert [k for k, _ in train0] == [k for k, _ in train1]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(train0, train1))  # same crops and temporal starts
+    assert val0 == val1
+    assert [k for k, _ in train2] != [k for k, _ in train0]
+    assert sorted(k for b in val2 for k in b) == sorted(k for b in val0 for k in b) and val2 != val0
+    first = _dm(synth, num_workers=0, epoch_size=24)  # one worker count: a resume from 0 to 1 continues the epoch
+    first.setup("fit")
+    it = iter(first.train_dataloader())
+    for _ in range(2):
+        first.on_before_batch_transfer(next(it), 0)
+    resumed = _dm(synth, num_workers=1, epoch_size=24)
+    resumed.load_state_dict(first.state_dict())
+    resumed.setup("fit")
+    assert [k for k, _ in _batches(resumed.train_dataloader())] == [k for k, _ in train0[2:]]
+
+
 def test_train_epoch_length_with_workers(synth):
     dm = _dm(synth, num_workers=2, epoch_size=20)  # 20 // 4 = 5 batches, split 3 + 2 over the workers
     dm.setup("fit")
