@@ -1,5 +1,5 @@
-"""Resume parity at an edge the CLI tests leave out: a fit that stops at an epoch's last batch and saves at its end,
-with and without gradient accumulation, with and without the epoch's validation."""
+"""Resumes at edges the CLI tests leave out: a fit that stops at an epoch's last batch and saves at its end,
+with and without gradient accumulation and the epoch's validation; a resume under another LR schedule length."""
 
 from __future__ import annotations
 
@@ -62,3 +62,31 @@ def test_a_fit_saved_at_its_end_on_an_epoch_s_last_batch_resumes_as_one_run(synt
     assert resumed_seen == seen[at_step_4:]  # the same batch indices, clips and validations (none repeated)
     want, got = one.lightning_module.state_dict(), resumed.lightning_module.state_dict()
     assert [k for k in want if not torch.equal(want[k], got[k])] == []
+
+
+def test_a_resume_under_another_max_steps_says_the_lr_schedule_changes(synth, tmp_path):
+    """decay_steps unset: the schedule's length is trainer.max_steps. A run of 4 resumed with max_steps 6 went on under
+    a 6-step cosine without a word (the LR at step 4 jumped from the floor, 0.1, to 0.41 of its peak); now it warns
+    naming both lengths and the setting that keeps the run's. The plain rerun and a fixed decay_steps do not."""
+    import warnings
+
+    def fit(steps: int, ckpt_path=None, **model) -> list[str]:
+        module = GenerationModule(size="tiny", generator={"depth": 1}, planner_resolution=8, lr=1e-3, warmup_steps=1,
+                                  **model)
+        data = VideoDataModule(train_shards=str(synth / "train"), val_shards=None, frames=4, fps=8, resolution=16,
+                               batch_size=2, num_workers=0, shuffle_buffer=4, epoch_size=100)
+        trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        if ckpt_path is None:
+            trainer.save_checkpoint(tmp_path / f"{steps}.ckpt")
+        return [str(w.message) for w in caught if "LR schedule" in str(w.message)]
+
+    assert fit(4) == []
+    said = fit(6, tmp_path / "4.ckpt")
+    assert len(said) == 1 and "an LR schedule of 6 steps where it was trained with one of 4" in said[0], said
+    assert "LR at step 4 moves from 0.1 to 0.4109 x its peak" in said[0] and "decay_steps: 4" in said[0], said
+    assert fit(4, tmp_path / "4.ckpt") == []  # the same command again: the same schedule
+    assert fit(3, decay_steps=8) == [] and fit(6, tmp_path / "3.ckpt", decay_steps=8) == []

@@ -156,6 +156,8 @@ class MarDiniBase(L.LightningModule):
         self._perf_window: tuple[float, int, int] | None = None  # (start, clips, tokens) since the last logged perf/
         self._train_seconds = 0.0  # training time before this fit's training started (a resumed checkpoint's)
         self._train_clock: float | None = None  # perf_counter at this fit's training start, while it trains
+        self._schedule_steps: int | None = None  # the LR schedule's length (configure_optimizers), saved in checkpoints
+        self._resumed_schedule: dict[str, Any] | None = None  # what a resumed checkpoint says of its schedule
         self._ema_backup: list[torch.Tensor] | None = None
         self._val_template_sums: torch.Tensor | None = None  # (templates, [loss sum, clips]) of this validation epoch
         # (global step, {name: (rows, [sum, clips])}) of the gradient-accumulation window in progress
@@ -497,6 +499,7 @@ class MarDiniBase(L.LightningModule):
             raise ValueError("the LR schedule needs a length: set trainer.max_steps, trainer.max_epochs or "
                              "model.init_args.decay_steps")
         total = hp.decay_steps or max(1, int(steps))
+        self._schedule_steps = total
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: warmup_cosine(s, hp.warmup_steps, total, hp.min_lr_ratio)
         )
@@ -631,6 +634,29 @@ class MarDiniBase(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._train_clock = time.perf_counter()
+        self._warn_other_schedule_length()
+
+    def _warn_other_schedule_length(self) -> None:
+        """Warn where a resume's LR schedule has another length than its checkpoint's: with ``decay_steps`` unset on
+        both sides (else :func:`~mardini.lit.checkpoints.changed_settings` names it) the length is the fit's
+        ``trainer.max_steps``, so a rerun with another ``max_steps`` moved the LR of every step to come, silently."""
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        resumed, self._resumed_schedule = self._resumed_schedule, None
+        if resumed is None or self.trainer.ckpt_path is None:  # no resume (a checkpoint loaded by validate, by hand)
+            return
+        old, new, step = resumed["steps"], self._schedule_steps, int(resumed["step"])
+        unset = resumed["decay_steps"] is None and self.hparams.decay_steps is None
+        if not unset or old is None or new is None or old == new:  # old None: a checkpoint from before it was saved
+            return
+        hp = self.hparams
+        was, now = (warmup_cosine(step, hp.warmup_steps, n, hp.min_lr_ratio) for n in (old, new))
+        rank_zero_warn(
+            f"resuming {resumed['path']} with an LR schedule of {new} steps where it was trained with one of {old}: "
+            f"model.decay_steps is unset, so the schedule's length is trainer.max_steps, and the LR at step {step} "
+            f"moves from {was:.4g} to {now:.4g} x its peak. To go on with the run's schedule set "
+            f"model.init_args.decay_steps: {old}; for the new one set decay_steps: {new} (also on a rerun of this "
+            "command, so that its length no longer follows max_steps)")
 
     def on_train_end(self) -> None:
         self._train_seconds, self._train_clock = self.train_seconds(), None
@@ -728,6 +754,7 @@ class MarDiniBase(L.LightningModule):
             "data_skipped": self._skipped_over_ranks(),  # every rank's (on_save_checkpoint runs on every rank)
             "ema_loaded": sorted(self._ema_loaded),
             "train_seconds": self.train_seconds(),
+            "lr_schedule_steps": self._schedule_steps,  # a resume under another length says so
             **({"cross_rope_grid": self.networks["generator"].cfg.cross_rope_grid} if "generator" in self.networks
                else {}),
         }
@@ -757,6 +784,9 @@ class MarDiniBase(L.LightningModule):
         path = path or "<resumed checkpoint>"
         warn_changed_settings(checkpoint.get("hyper_parameters") or {}, dict(self.hparams), path, checkpoint["mardini"])
         start_next_epoch(checkpoint)  # a fit that ended with its epoch resumes at the next epoch's first batch
+        self._resumed_schedule = {"path": path, "steps": checkpoint["mardini"].get("lr_schedule_steps"),
+                                  "step": checkpoint.get("global_step", 0),
+                                  "decay_steps": (checkpoint.get("hyper_parameters") or {}).get("decay_steps")}
         self.nonfinite_skipped = int(checkpoint["mardini"].get("nonfinite_skipped", 0))
         # the logged data/skipped goes on: every rank's count before, held by rank 0 (checkpoints written before
         # 2026-12-07 hold rank 0's alone)
