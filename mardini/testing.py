@@ -26,13 +26,14 @@ def quick() -> bool:
     return os.environ.get(QUICK_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def make_checkpoint(path: str | Path, kind: str = "joint", frames: int = 5, size: int = 16,
+def make_checkpoint(path: str | Path, kind: str = "joint", frames: int = 5, size: int | tuple[int, int] = 16,
                     perturb: bool = True, generator: dict | None = None, model_args: dict | None = None) -> Path:
     """Fit ``kind`` (size ``tiny``) for one step on random clips and save a Lightning checkpoint at ``path``.
 
     Args:
         kind: ``joint`` (every task), ``generation`` (plan-free) or ``planning`` (no generator).
-        frames: the window T; size: the square pixel side of the training clips (>= 16, the planner's side).
+        frames: the window T; size: the pixel side of the square training clips, or their ``(H, W)`` (each >= 16,
+            the planner's side).
         perturb: add small noise to the raw and EMA weights (differently), so the zero-initialised adaLN layers
             matter and a broken cache, guidance or weight choice changes the samples (the tests rely on it).
         generator: overrides of the generator's config (e.g. ``{"self_cond": True}``).
@@ -53,7 +54,8 @@ def make_checkpoint(path: str | Path, kind: str = "joint", frames: int = 5, size
     module = modules[kind](size="tiny", frames=frames, planner_resolution=16, lr=1e-3, generator=generator,
                            **(model_args or {}))
     g = torch.Generator().manual_seed(0)
-    clips = [{"video": torch.rand(frames, 3, size, size, generator=g) * 2 - 1} for _ in range(2)]  # (T, 3, S, S)
+    h, w = (size, size) if isinstance(size, int) else size
+    clips = [{"video": torch.rand(frames, 3, h, w, generator=g) * 2 - 1} for _ in range(2)]  # (T, 3, H, W)
     with _quiet():
         trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,

@@ -195,11 +195,30 @@ def test_motion_ratio_is_one_for_the_truth_and_near_zero_for_a_frozen_copy(make_
         ({"num_clips": 1}, "num_clips"),
         ({"missing_weights": "ignore"}, "missing_weights"),
         ({"eta": -1.0}, "eta"),
+        ({"resolution": "36x"}, r"evaluation resolution must be N or HxW \(pixels, each >= 1; e.g. 256 or 36x64\)"),
+        ({"resolution": [36, 64, 3]}, r"evaluation resolution must be a side N, 'HxW' or \[H, W\]"),
+        ({"resolution": "4x64"}, r"resolution=\(4, 64\) is impossible: it must be >= 8 a side"),
     ],
 )
 def test_protocol_rejects_impossible_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         EvalProtocol(**kwargs)
+
+
+@pytest.mark.parametrize("resolution, kept", [(32, 32), ("32", 32), ("32x32", 32), ((32, 32), 32), ("36x64", (36, 64)),
+                                              ([36, 64], (36, 64)), (None, None)])
+def test_protocol_resolution_is_a_side_or_height_by_width(resolution, kept):
+    """One side (or a square HxW) is kept as the side, as before; a non-square size as (H, W)."""
+    p = EvalProtocol(resolution=resolution)
+    assert p.resolution == kept and p.real_stats_fields()["resolution"] == kept
+
+
+def test_the_callback_window_is_scored_at_a_non_square_resolution():
+    from mardini.evaluation.callbacks import eval_window
+
+    batch = {"video": torch.rand(2, 11, 3, 16, 16) * 2 - 1}  # (B, T, 3, H, W)
+    real, _, own = eval_window(batch, None, EvalProtocol(frames=9, resolution="8x16"))
+    assert tuple(real.shape) == (2, 9, 3, 8, 16) and tuple(own.shape) == (2, 9, 3, 16, 16)
 
 
 def test_protocol_defaults_and_masks():

@@ -585,6 +585,59 @@ def test_the_model_samples_at_its_training_size_and_is_scored_at_the_protocols(s
                                  "(--sample-resolution)"]
 
 
+def test_a_checkpoint_trained_at_hxw_is_sampled_and_scored_at_hxw(shards, tmp_path, monkeypatch, capsys):
+    """A checkpoint trained at 16x32: ``--resolution 16x32`` samples it at 16x32 and scores 16x32 frames (FID/FVD
+    included: their networks centre-crop), the report saying 16x32; a square ``--resolution 16`` samples it at 16x16
+    with a note naming the ``--resolution`` to pass."""
+    import torch
+    from pipeline_helpers import record_sampled_and_scored
+
+    from mardini.testing import make_checkpoint
+
+    ckpt = torch.load(make_checkpoint(tmp_path / "joint.ckpt", "joint", frames=9, size=(16, 32)), weights_only=True)
+    ckpt["datamodule_hyper_parameters"] = {"resolution": [16, 32]}  # as a run of train.py records its data
+    path = tmp_path / "at16x32.ckpt"
+    torch.save(ckpt, path)
+    sampled, scored = record_sampled_and_scored(monkeypatch)
+    stub_networks(monkeypatch)
+    run = ["--data", str(shards), "--tasks", "interpolation", "--num-clips", "2", "--checkpoint", str(path),
+           "--steps", "1", "--device", "cpu", "--cache-dir", ""]
+    assert cli.main([*run, "--resolution", "16x32", "--out", str(tmp_path / "hxw")]) == 0
+    assert sampled == [(16, 32)] and scored == [((16, 32), (16, 32), True)] * 3  # 2 baselines + the model
+    report = json.loads((tmp_path / "hxw" / "report.json").read_text())
+    assert report["resolution"] == [16, 32] and report["sample_resolution"] == [16, 32]
+    assert [n for n in report["notices"] if "checkpoint trained" in n] == []  # only the few-clips caveat
+    assert report["tasks"]["interpolation"]["protocol"]["resolution"] == [16, 32]
+    assert {"fvd2_9f", "fid2_9f", "midf_psnr"} <= set(report["tasks"]["interpolation"]["results"]["mardini"])
+    assert "2 clips, 9 frames at 16x32 px (fps" in (tmp_path / "hxw" / "report.md").read_text()
+    sampled.clear()
+    assert cli.main([*run, "--resolution", "16", "--metrics", "midf", "--out", str(tmp_path / "side")]) == 0
+    report = json.loads((tmp_path / "side" / "report.json").read_text())
+    assert sampled == [(16, 16)] and report["resolution"] == 16 and report["sample_resolution"] == 16
+    assert report["notices"] == ["the checkpoint trained at 16x32 px, the protocol samples it at 16x16 "
+                                 "(--sample-resolution); score at its aspect ratio to sample it at its own size "
+                                 "(--resolution 16x32)"]
+
+
+@pytest.mark.parametrize(
+    "argv, size",
+    [(["--resolution", "36x64"], (36, 64)), (["--resolution", "36X64"], (36, 64)), (["--resolution", "32x32"], 32),
+     (["--resolution", "48"], 48), ([], 256), (["--preset", "synthetic"], 32)],
+)
+def test_resolution_takes_a_side_or_hxw(argv, size):
+    assert cli.parse_args(["--data", "x", *argv]).resolution == size
+
+
+def test_sample_resolution_takes_hxw_of_the_protocols_aspect_ratio(capsys):
+    base = ["--data", "x", "--checkpoint", "c", "--resolution", "36x64"]
+    assert cli.parse_args([*base, "--sample-resolution", "72x128"]).sample_resolution == (72, 128)
+    assert cli.parse_args([*base, "--sample-resolution", "protocol"]).sample_resolution == "protocol"
+    with pytest.raises(SystemExit):
+        cli.parse_args([*base, "--sample-resolution", "64"])
+    assert ("--sample-resolution 64 has another aspect ratio than --resolution 36x64: its outputs would be stretched"
+            in capsys.readouterr().err)
+
+
 def stub_networks(monkeypatch, find_weights: bool = False):
     """Make every ``cli.run_task`` of ``cli.main`` score FVD/FID with the stand-in feature networks (no weights:
     unless ``find_weights``, the weight files are not looked for either)."""
@@ -624,7 +677,12 @@ def test_fvd_and_fid_from_few_clips_are_noted(shards, tmp_path, monkeypatch, cap
         (["--data", "x", "--sample-resolution", "512"], "it needs --checkpoint"),
         (["--data", "x", "--checkpoint", "c.ckpt", "--methods", "nearest_frame", "--sample-resolution", "64"],
          "but the model ('mardini') is not among --methods ['nearest_frame']: add it"),  # not 'it needs --checkpoint'
-        (["--data", "x", "--checkpoint", "c", "--sample-resolution", "big"], "give a side in pixels (e.g. 512)"),
+        (["--data", "x", "--checkpoint", "c", "--sample-resolution", "big"],
+         "--sample-resolution must be N or HxW (pixels, each >= 1; e.g. 256 or 36x64), got 'big'; or 'protocol'"),
+        (["--data", "x", "--resolution", "36x"], "error: --resolution must be N or HxW (pixels, each >= 1; e.g. 256 "
+                                                 "or 36x64), got '36x'"),
+        (["--data", "x", "--resolution", "0x64"], "--resolution must be N or HxW"),
+        (["--data", "x", "--resolution", "36x64x2"], "--resolution must be N or HxW"),
         (["--data", "x", "--no-ema"], "--no-ema picks the model's weights: it needs --checkpoint"),
         (["--data", "x", "--checkpoint", "c", "--methods", "linear_blend", "--no-ema"],
          "the model ('mardini') is not among --methods ['linear_blend']"),

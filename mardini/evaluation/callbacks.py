@@ -40,8 +40,9 @@ class _TaskEval(L.Callback):
             ``"linear_blend"``, ``"nearest_frame"``, or a callable ``(video, mask, seed) -> video``.
         num_clips: N clips over all ranks (the validation loader must deliver them).
         frames: window length; a longer validation clip is cut to its centred window.
-        resolution: evaluation side; None keeps the validation data's. The model (``"pipeline"``) samples at the
-            data's size (its training resolution) and its outputs are resized to this side to be scored.
+        resolution: evaluation size: a side, ``[H, W]`` or ``"HxW"`` (``"36x64"``); None keeps the validation
+            data's. The model (``"pipeline"``) samples at the data's size (its training resolution) and its outputs
+            are resized to this size to be scored.
         metrics: subset of ``fvd fid midf traj`` (None = the task's default).
         every_n_epochs: run on validation epochs whose index is a multiple of this.
         cache_dir: folder of cached real statistics (None: no cache).
@@ -57,7 +58,7 @@ class _TaskEval(L.Callback):
         sampler: str | Sampler = "pipeline",
         num_clips: int = 64,
         frames: int = 9,
-        resolution: int | None = None,
+        resolution: int | tuple[int, int] | str | None = None,
         metrics: list[str] | None = None,
         seed: int = 0,
         steps: int = 25,
@@ -235,7 +236,7 @@ def eval_window(
     same window at the data's size ``(B, T, 3, H, W)`` (what the model samples: its training resolution).
 
     Latent batches (``z_high``) are decoded with the module's autoencoder. A longer clip is cut to its centred
-    ``frames`` window; ``resolution`` resizes (positions are relative, so they stay valid).
+    ``frames`` window; ``resolution`` (a side or ``(H, W)``) resizes (positions are relative, so they stay valid).
     """
     from mardini.data.transforms import resize_video
 

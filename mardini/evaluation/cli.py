@@ -10,7 +10,8 @@ Every method (the baselines ``linear_blend`` and ``nearest_frame``, ``mardini`` 
 ``--generated NAME=DIR``: an external method's windows, see ``external.py``) sees the same clips, masks and seeds;
 real statistics are computed once (or read from ``--cache-dir``). The model samples the clips read at its training
 resolution (``--sample-resolution``; PAPER.md §5.3 samples MarDini-512 at 512) and its outputs are resized to
-``--resolution`` to be scored, like every other method's. Writes
+``--resolution`` to be scored, like every other method's. Sizes are a square side (``256``) or ``HxW`` (``36x64``,
+parsed as ``sample.py --resolution``; RH x RW in the shape comments). Writes
 ``OUT/report.md`` (a table per task) and ``OUT/report.json`` after each task (``"status": "partial"`` until the end),
 with a progress line per batch on stderr. FVD/FID need the metric weights: ``make weights``.
 """
@@ -38,8 +39,8 @@ from mardini.data.sharding import write_text_atomic
 from mardini.evaluation.data import count_clips, iter_batches, resolve_source, usable_shard_clips, usable_videos
 from mardini.evaluation.external import ClipNames, GeneratedVideos, InputExport, shard_of_keys
 from mardini.evaluation.protocol import (
-    DEFAULT_METRICS, METRICS, TASKS, EvalProtocol, EvalSuite, RealStatsCache, clip_seeds, files_id, keys_digest,
-    resolve_metric_weights,
+    DEFAULT_METRICS, METRICS, TASKS, EvalProtocol, EvalSize, EvalSuite, RealStatsCache, clip_seeds, eval_size, files_id,
+    keys_digest, resolve_metric_weights, same_aspect, sides, size_text,
 )
 from mardini.evaluation.samplers import BASELINES, PipelineSampler, Sampler, to_real_size
 from mardini.strict_json import dumps_strict
@@ -64,7 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="folder of videos, shard folder/pattern, or 'synthetic'")
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=None)
     p.add_argument("--frames", type=int, default=None, help="window length T (default 9)")
-    p.add_argument("--resolution", type=int, default=None, help="square side in pixels (default 256)")
+    p.add_argument("--resolution", default=None, metavar="N|HxW",
+                   help="size the clips are scored at: a square side N or HxW pixels, e.g. 36x64 (default 256)")
     p.add_argument("--fps", type=float, default=None, help="frame rate of the window (default: native, every frame)")
     p.add_argument("--num-clips", type=int, default=None,
                    help="N clips (default: every usable clip the data has, at most 256)")
@@ -95,10 +97,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=None,
                    help="the trained window (frames) of a checkpoint that records none (default: what it records)")
     add_allow_autoencoder_argument(p)
-    p.add_argument("--sample-resolution", default=None, metavar="N|protocol",
-                   help="square side the model samples at, its outputs resized to --resolution for scoring "
-                        "(default: the checkpoint's square training side where it records one, else --resolution; "
-                        "'protocol' = --resolution)")
+    p.add_argument("--sample-resolution", default=None, metavar="N|HxW|protocol",
+                   help="size the model samples at (N or HxW, of --resolution's aspect ratio), its outputs resized "
+                        "to --resolution for scoring (default: the checkpoint's training size where it records one "
+                        "of --resolution's aspect ratio, else --resolution; 'protocol' = --resolution)")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps of the model")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default 1.0 interp., 2.5 I2V)")
     p.add_argument("--eta", type=float, default=0.0,
@@ -114,6 +116,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, preset.get(key, default))
     if args.fps is None:
         args.fps = preset.get("fps")
+    try:
+        args.resolution = eval_size(args.resolution, "--resolution")
+    except ValueError as err:
+        p.error(str(err))
     if args.data is None:
         p.error("--data is required (a folder of videos, shards, or 'synthetic'; or --preset synthetic)")
     if args.batch_size < 1 or (args.num_clips is not None and args.num_clips < 2):
@@ -141,23 +147,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     f"--sample-resolution sets the size the model samples at, but the model ('mardini') is not among "
                     f"--methods {args.methods}: add it, or leave --sample-resolution out")
         if args.sample_resolution != "protocol":
-            if not args.sample_resolution.isdigit() or int(args.sample_resolution) < 1:
-                p.error(f"--sample-resolution {args.sample_resolution!r}: give a side in pixels (e.g. 512) or "
-                        "'protocol' (sample at --resolution)")
-            args.sample_resolution = int(args.sample_resolution)
+            args.sample_resolution = parse_sample_resolution(p, args.sample_resolution, args.resolution)
     return args
 
 
-def sample_resolution(args: argparse.Namespace, pipe: Any) -> int:
-    """The square side the model samples at: ``--sample-resolution``, or by default the checkpoint's training side
-    where it records a square one (else, and without a model, ``--resolution``)."""
+def parse_sample_resolution(p: argparse.ArgumentParser, text: str, protocol: EvalSize) -> EvalSize:
+    """``--sample-resolution N|HxW`` as a size (``p.error`` on a malformed one, or one of another aspect ratio than
+    ``--resolution``: its outputs would be stretched, and its clips would show another region of the frames)."""
+    try:
+        size = eval_size(text, "--sample-resolution")
+    except ValueError as err:
+        p.error(f"{err}; or 'protocol' (sample at --resolution)")
+    if not same_aspect(size, protocol):
+        p.error(f"--sample-resolution {size_text(size)} has another aspect ratio than --resolution "
+                f"{size_text(protocol)}: its outputs would be stretched to be scored; give a size of the same aspect "
+                f"ratio, or score at it (--resolution {size_text(size)})")
+    return size
+
+
+def sample_resolution(args: argparse.Namespace, pipe: Any) -> EvalSize:
+    """The size the model samples at (a side, or ``(H, W)``): ``--sample-resolution``, or by default the
+    checkpoint's training size where it records one of ``--resolution``'s aspect ratio (else, and without a model,
+    ``--resolution``)."""
     asked = getattr(args, "sample_resolution", None)
     if pipe is None or asked == "protocol":
         return args.resolution
     if asked is not None:
-        return int(asked)
-    trained = tuple(pipe.resolution) if getattr(pipe, "resolution", None) else None
-    return trained[0] if trained and trained[0] == trained[1] else args.resolution
+        return asked
+    trained = eval_size(tuple(pipe.resolution)) if getattr(pipe, "resolution", None) else None
+    return trained if trained is not None and same_aspect(trained, args.resolution) else args.resolution
 
 
 def parse_generated(p: argparse.ArgumentParser, specs: list[str]) -> dict[str, str]:
@@ -308,21 +326,21 @@ def run_task(
                      if "mardini" in run and size != args.resolution else None)  # the same clips at the model's size
     for b, batch in enumerate(iter_batches(kind, files, args.frames, args.fps, args.resolution, n, args.batch_size,
                                            skipped)):
-        real = batch["video"].to(device)  # (B, T, 3, R, R)
+        real = batch["video"].to(device)  # (B, T, 3, RH, RW)
         positions = batch.get("positions")
         positions = None if positions is None else positions.to(device)  # (B, T, K, 2)
         mask = proto.mask(real.shape[0], real.device)  # (B, T)
         seed = clip_seeds(args.seed, seen, real.shape[0])  # one per clip, by its index: any --batch-size
         clip_names = [names(k) for k in batch["key"]]
-        given = None if model_batches is None else model_clips(model_batches, batch, device)  # (B, T, 3, S, S)
+        given = None if model_batches is None else model_clips(model_batches, batch, device)  # (B, T, 3, SH, SW)
         for m, sampler in run.items():
             start = time.perf_counter()
             if isinstance(sampler, GeneratedVideos):
-                fake = sampler(task, clip_names, real, mask)  # (B, T, 3, R, R): read, real given frames
+                fake = sampler(task, clip_names, real, mask)  # (B, T, 3, RH, RW): read, real given frames
             elif m == "mardini" and given is not None:
-                fake = to_real_size(sampler(given, mask, seed), real, mask)  # (B, T, 3, R, R), sampled at S
+                fake = to_real_size(sampler(given, mask, seed), real, mask)  # (B, T, 3, RH, RW), sampled at S
             else:
-                fake = sampler(real, mask, seed)  # (B, T, 3, R, R)
+                fake = sampler(real, mask, seed)  # (B, T, 3, RH, RW)
             check_finite(fake, m, list(batch["key"]))
             fake = fake.clamp(-1, 1)
             if m in timing:
@@ -371,7 +389,7 @@ def clip_ids(batch: dict[str, Any]) -> list[str]:
 
 
 def model_clips(batches: Any, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
-    """The next batch of the model's read of the clips, ``(B, T, 3, S, S)``, checked to hold ``batch``'s clips."""
+    """The next batch of the model's read of the clips, ``(B, T, 3, SH, SW)``, checked to hold ``batch``'s clips."""
     other = next(batches, None)
     if other is None or list(other["key"]) != list(batch["key"]):
         raise ValueError("the data gave other clips at --sample-resolution than at --resolution (it changed during "
@@ -410,7 +428,7 @@ def recompute_real(suite: EvalSuite, proto: EvalProtocol, args: argparse.Namespa
     suite.drop_real_stats()
     again: list[str] = []
     for batch in iter_batches(kind, files, args.frames, args.fps, args.resolution, n, args.batch_size):
-        real = batch["video"].to(device)  # (B, T, 3, R, R)
+        real = batch["video"].to(device)  # (B, T, 3, RH, RW)
         suite.update_real(real, proto.mask(real.shape[0], device))
         again += clip_ids(batch)
     if sorted(again) != sorted(ids):
@@ -419,7 +437,7 @@ def recompute_real(suite: EvalSuite, proto: EvalProtocol, args: argparse.Namespa
 
 
 def check_finite(fake: torch.Tensor, method: str, keys: list[str]) -> None:
-    """Refuse a method's output ``(B, T, 3, R, R)`` holding NaN or inf (clamping would hide inf and keep NaN),
+    """Refuse a method's output ``(B, T, 3, RH, RW)`` holding NaN or inf (clamping would hide inf and keep NaN),
     naming the method and the clips."""
     bad = (~torch.isfinite(fake)).flatten(1).sum(1)  # (B,) non-finite values per clip
     if bad.any():
@@ -460,10 +478,12 @@ def training_mismatch(pipe: Any, args: argparse.Namespace) -> list[str]:
         return []
     notes = []
     trained = tuple(pipe.resolution) if pipe.resolution else None
-    size = sample_resolution(args, pipe)
-    if trained and trained != (size, size):
+    h, w = sides(sample_resolution(args, pipe))
+    if trained and trained != (h, w):
+        fix = "" if same_aspect(trained, (h, w)) else \
+            f"; score at its aspect ratio to sample it at its own size (--resolution {size_text(eval_size(trained))})"
         notes.append(f"the checkpoint trained at {trained[0]}x{trained[1]} px, the protocol samples it at "
-                     f"{size}x{size} (--sample-resolution)")
+                     f"{h}x{w} (--sample-resolution){fix}")
     if pipe.fps and args.fps != pipe.fps:
         notes.append(f"the checkpoint trained on clips at {pipe.fps:g} fps, the protocol reads "
                      f"{'every frame (native rate)' if args.fps is None else f'{args.fps:g} fps'} (--fps)")
@@ -567,14 +587,16 @@ def _sampled_at(report: dict[str, Any]) -> str:
     """``; the model sampled at S px, downscaled`` (or upscaled) where it sampled at another size than the
     protocol's ('' otherwise)."""
     size = report.get("sample_resolution")
-    if size in (None, report["resolution"]):
+    if size is None or sides(size) == sides(report["resolution"]):
         return ""
-    return f"; the model sampled at {size} px, {'down' if size > report['resolution'] else 'up'}scaled"
+    (sh, sw), (rh, rw) = sides(size), sides(report["resolution"])
+    return f"; the model sampled at {size_text(size)} px, {'down' if sh * sw > rh * rw else 'up'}scaled"
 
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Evaluation on `{report['data']}`", "",
-             f"{report['clips']} clips, {report['frames']} frames at {report['resolution']} px{_sampled_at(report)} "
+             f"{report['clips']} clips, {report['frames']} frames at {size_text(report['resolution'])} px"
+             f"{_sampled_at(report)} "
              f"(fps: {report['fps'] or 'native'}{_read_at(report)}{_timestamped(report)}), seed {report['seed']}. "
              f"Command: `{report['command']}`", ""]
     if report.get("status") == "partial":

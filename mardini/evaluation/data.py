@@ -1,8 +1,8 @@
 """Evaluation clips from shards (synthetic or real) or straight from a folder of video files.
 
 Each clip is one centred window of ``frames`` frames at ``fps`` (None = every frame, as VIDIM-Bench takes
-consecutive frames), centre-cropped to a square and resized to ``resolution`` with the project's resize
-(``mardini.data.transforms``), in [-1, 1]. At a given ``fps``, a variable-frame-rate video file is read by
+consecutive frames), centre-cropped to the aspect ratio of ``resolution`` (a side: a square; or ``(H, W)``) and
+resized to it with the project's resize (``mardini.data.transforms``), in [-1, 1]; R x R below is then H x W. At a given ``fps``, a variable-frame-rate video file is read by
 timestamp, as the shard writer reads it (:func:`mardini.data.decode.choose_frames`); with ``fps`` None every file
 is read by index (consecutive frames, whatever their timestamps). Batches: ``video (B, T, 3, R, R)``, ``key`` list,
 ``fps (B,)`` (the rate each clip was read at), ``meta`` (each clip's ``frame_indices``: the source frames of its
@@ -25,7 +25,7 @@ from mardini.data.decode import (
 )
 from mardini.data.sharding import list_shards
 from mardini.data.stream import ClipStream, collate, skip_only
-from mardini.data.transforms import crop_and_resize
+from mardini.data.transforms import Size, crop_and_resize
 from mardini.data.video_shards import VIDEO_EXTENSIONS, find_videos
 
 SYNTHETIC_VAL = "data/shards/synthetic/val"
@@ -64,13 +64,13 @@ def count_clips(kind: str, files: list[str]) -> int:
     return sum(count_samples(shard) for shard in files)
 
 
-def read_video_clip(path: str, frames: int, fps: float | None, resolution: int) -> torch.Tensor:
+def read_video_clip(path: str, frames: int, fps: float | None, resolution: Size) -> torch.Tensor:
     """One centred window of a video file: ``(T, 3, R, R)`` in [-1, 1] (see :func:`read_video_window`)."""
     return read_video_window(path, frames, fps, resolution)[0]
 
 
 def read_video_window(
-    path: str, frames: int, fps: float | None, resolution: int
+    path: str, frames: int, fps: float | None, resolution: Size
 ) -> tuple[torch.Tensor, float, list[int], str]:
     """One centred window of a video file, ``(T, 3, R, R)`` in [-1, 1], the rate it was read at (source fps /
     integer stride: the source's own rate when it is slower than ``fps``), the source frames it took and how:
@@ -131,7 +131,7 @@ UNUSABLE = (BadSample, av.FFmpegError, OSError, IndexError)  # a file that does 
 
 
 def usable_videos(
-    files: list[str], frames: int, fps: float | None, resolution: int, limit: int, skipped: dict[str, str],
+    files: list[str], frames: int, fps: float | None, resolution: Size, limit: int, skipped: dict[str, str],
 ) -> list[str]:
     """The first ``limit`` files that give a clip (each read as :func:`iter_batches` will); the unusable ones
     before them go to ``skipped`` with the reason."""
@@ -149,7 +149,7 @@ def usable_videos(
 
 
 def usable_shard_clips(
-    files: list[str], frames: int, fps: float | None, resolution: int, limit: int, keys: list[str] | None = None,
+    files: list[str], frames: int, fps: float | None, resolution: Size, limit: int, keys: list[str] | None = None,
 ) -> tuple[int, int]:
     """``(usable clips, bad samples skipped)`` of the first ``limit`` clips the shards give, each decoded as
     :func:`iter_batches` will (the reasons of the first few bad ones are logged as warnings); their keys are
@@ -167,7 +167,7 @@ def usable_shard_clips(
 
 
 def iter_batches(
-    kind: str, files: list[str], frames: int, fps: float | None, resolution: int, num_clips: int, batch_size: int,
+    kind: str, files: list[str], frames: int, fps: float | None, resolution: Size, num_clips: int, batch_size: int,
     skipped: dict[str, str] | None = None,
 ) -> Iterator[dict]:
     """Batches of the first ``num_clips`` usable clips, in a fixed order; unusable videos go to ``skipped``."""

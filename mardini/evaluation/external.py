@@ -143,12 +143,12 @@ class GeneratedVideos:
     Args:
         method: its name in the report.
         root: the folder it wrote (``root/<task>/<name>.mp4`` or ``root/<task>/<name>/`` frame images).
-        frames, resolution: the protocol's window T and square side R.
+        frames, resolution: the protocol's window T and size (a side R, or ``(H, W)``: R x R is then H x W).
     Calling it with the task, the batch's clip names, the real clips ``(B, T, 3, R, R)`` and ``mask (B, T)``
     returns ``(B, T, 3, R, R)`` in [-1, 1]: its frames where the mask generates, the real ones where it gives.
     """
 
-    def __init__(self, method: str, root: str | os.PathLike, frames: int, resolution: int) -> None:
+    def __init__(self, method: str, root: str | os.PathLike, frames: int, resolution: int | tuple[int, int]) -> None:
         self.method, self.root, self.frames, self.resolution = method, Path(root), frames, resolution
 
     def find(self, task: str, name: str) -> Path | None:

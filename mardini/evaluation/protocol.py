@@ -37,6 +37,51 @@ FRECHET = ("fvd", "fid")
 
 
 # ------------------------------------------------------------------------------------------------
+# Sizes: one side (square) or height x width
+# ------------------------------------------------------------------------------------------------
+EvalSize = int | tuple[int, int]  # a square side, or (H, W) of a non-square size
+
+
+def eval_size(value: int | str | tuple[int, int] | list[int] | None, flag: str = "resolution") -> EvalSize | None:
+    """An evaluation size as the protocol keeps it: ``256``, ``"256"`` -> 256; ``"36x64"``, ``[36, 64]`` ->
+    ``(36, 64)``; a square ``"32x32"`` -> 32 (one side means what it always meant); None stays None. Strings are
+    parsed as ``sample.py --resolution`` parses them (:func:`mardini.pipeline.inputs.parse_size`)."""
+    from mardini.pipeline.inputs import parse_size
+
+    def whole(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if value is None:
+        return None
+    if isinstance(value, str):
+        h, w = parse_size(value, flag)
+    elif whole(value):
+        h = w = value
+    elif isinstance(value, tuple | list) and len(value) == 2 and all(whole(v) for v in value):
+        h, w = value
+    else:
+        raise ValueError(f"{flag} must be a side N, 'HxW' or [H, W] (pixels), got {value!r}")
+    return h if h == w else (h, w)
+
+
+def sides(size: EvalSize | list[int]) -> tuple[int, int]:
+    """``(H, W)`` of a size: a side is square."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def size_text(size: EvalSize | list[int]) -> str:
+    """``32`` -> ``"32"``; ``(36, 64)`` -> ``"36x64"`` (what ``--resolution`` takes)."""
+    return str(size) if isinstance(size, int) else "x".join(str(s) for s in sides(size))
+
+
+def same_aspect(a: EvalSize | list[int], b: EvalSize | list[int], tolerance: float = 0.01) -> bool:
+    """Whether two sizes have one aspect ratio (within ``tolerance``): resizing one to the other keeps the
+    picture's proportions, and the clips read at both show the same centred region of the source frames."""
+    (ha, wa), (hb, wb) = sides(a), sides(b)
+    return abs(ha * wb - hb * wa) <= tolerance * hb * wa
+
+
+# ------------------------------------------------------------------------------------------------
 # Protocol settings
 # ------------------------------------------------------------------------------------------------
 @dataclass
@@ -46,7 +91,8 @@ class EvalProtocol:
     Args:
         task: ``interpolation`` (first and last frames given) or ``image_to_video`` (first frame given).
         frames: window length T (VIDIM-Bench: 9).
-        resolution: square side the clips are evaluated at; None keeps the data's.
+        resolution: size the clips are evaluated at: a square side (``256``), or ``(H, W)`` / ``"HxW"`` (kept as
+            ``(H, W)``, a square one as its side; :func:`eval_size`); None keeps the data's.
         num_clips: N, the clips the protocol is defined on (in the FVD/FID names).
         seed: base seed of the sampler (each batch gets one derived from (seed, rank, batch)).
         metrics: any of ``fvd fid midf traj``; None = the task's default (``traj`` runs only where batches carry
@@ -61,7 +107,7 @@ class EvalProtocol:
 
     task: Literal["interpolation", "image_to_video"] = "interpolation"
     frames: int = 9
-    resolution: int | None = 256
+    resolution: EvalSize | str | None = 256
     num_clips: int = 256
     seed: int = 0
     metrics: tuple[str, ...] | None = None
@@ -76,12 +122,14 @@ class EvalProtocol:
     extra: dict[str, Any] = field(default_factory=dict)  # recorded in reports, not used
 
     def __post_init__(self) -> None:
+        self.resolution = eval_size(self.resolution, "evaluation resolution")
         self.metrics = tuple(DEFAULT_METRICS[self.task] if self.metrics is None else self.metrics) if \
             self.task in TASKS else ()
         checks = [
             ("task", self.task in TASKS, f"one of {TASKS}"),
             ("frames", self.frames >= (3 if self.task == "interpolation" else 2), ">= 3 for interpolation, 2 for I2V"),
-            ("resolution", self.resolution is None or self.resolution >= 8, ">= 8 or None (the data's)"),
+            ("resolution", self.resolution is None or min(sides(self.resolution)) >= 8,
+             ">= 8 a side or None (the data's)"),
             ("num_clips", self.num_clips >= 2, ">= 2 (a covariance needs two clips)"),
             ("metrics", set(self.metrics) <= set(METRICS) and len(self.metrics) > 0, f"a non-empty subset of {METRICS}"),
             ("missing_weights", self.missing_weights in ("error", "skip"), "'error' or 'skip'"),

@@ -17,13 +17,14 @@ from mardini.data.transforms import as_size, crop_and_resize, resize_video, to_u
 RESIZE_MODES = ("crop", "stretch", "none")
 
 
-def parse_size(text: str | None) -> tuple[int, int] | None:
-    """``"32"`` -> (32, 32); ``"48x64"`` -> (48, 64) (height x width); None stays None."""
+def parse_size(text: str | None, flag: str = "--resolution") -> tuple[int, int] | None:
+    """``"32"`` -> (32, 32); ``"48x64"`` -> (48, 64) (height x width); None stays None. ``flag`` names the option
+    in the error."""
     if text is None:
         return None
     parts = str(text).lower().split("x")
-    if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
-        raise ValueError(f"--resolution must be N or HxW (pixels), got {text!r}")
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"{flag} must be N or HxW (pixels, each >= 1; e.g. 256 or 36x64), got {text!r}")
     return as_size(int(parts[0]) if len(parts) == 1 else (int(parts[0]), int(parts[1])))
 
 
