@@ -549,6 +549,6 @@ if __name__ == "__main__":  # `python -m mardini.cli fit ...` is `python train.p
     # run by the imported module, so that its classes are the ones the library uses (not this __main__ copy's)
     from mardini.cli import library_error as _library_error
     from mardini.cli import main as _main
-    from mardini.user_errors import run_reporting_user_errors as _run
+    from mardini.user_errors import run_module as _run_module
 
-    sys.exit(_run("python -m mardini.cli", lambda: _main(prog="python -m mardini.cli"), unwrap=_library_error))
+    sys.exit(_run_module("mardini.cli", _main, unwrap=_library_error))

@@ -114,3 +114,12 @@ def run_reporting_user_errors(prog: str, fn: Callable[[], int | None], code: int
         print(f"  (raised at {where}; {TRACEBACK_ENV}=1 shows the traceback)", file=sys.stderr)
         return code
     return 0 if result is None or not isinstance(result, int) else result
+
+
+def run_module(module: str, main: Callable[..., int | None],
+               unwrap: Callable[[BaseException], BaseException] | None = None) -> int:
+    """A module's ``__main__``: ``main(prog=...)`` under :func:`run_reporting_user_errors`, ``prog`` being the
+    ``python -m`` command that runs ``module``, so that its usage, errors and warnings name the command run (the
+    scripts pass their own name, e.g. ``sample.py``)."""
+    prog = f"python -m {module}"
+    return run_reporting_user_errors(prog, lambda: main(prog=prog), unwrap=unwrap)

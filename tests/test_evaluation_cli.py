@@ -87,6 +87,27 @@ def test_finished_tasks_are_on_disk_when_a_later_one_fails_and_progress_goes_to_
     assert "evaluate.py: image_to_video: 6/6 clips" in captured.err
 
 
+def test_run_as_a_module_its_errors_progress_and_recorded_command_name_it(shards, tmp_path, capsys):
+    """``python -m mardini.evaluation.cli`` printed ``evaluate.py: interpolation: 6/6 clips, ...`` and
+    ``evaluate.py: error: ...`` and recorded ``python evaluate.py ...`` as the report's command."""
+    prog = "python -m mardini.evaluation.cli"
+    with pytest.raises(SystemExit):
+        cli.main(["--data", str(shards), "--batch-size", "0"], prog=prog)
+    assert capsys.readouterr().err.startswith(f"usage: {prog} [-h]")
+    assert cli.main(["--data", str(tmp_path / "none")], prog=prog) == 2
+    assert capsys.readouterr().err.startswith(f"{prog}: error: ")
+    out = tmp_path / "report"
+    argv = ["--data", str(shards), "--tasks", "interpolation", "--resolution", "16", "--num-clips", "6",
+            "--metrics", "midf", "--cache-dir", "", "--out", str(out)]
+    assert cli.main(argv, prog=prog) == 0
+    err = capsys.readouterr().err
+    assert f"{prog}: interpolation: 6/6 clips, " in err and "evaluate.py" not in err
+    assert json.loads((out / "report.json").read_text())["command"].startswith(f"{prog} --data ")
+    assert cli.main(argv) == 0  # evaluate.py's names are kept
+    assert "evaluate.py: interpolation: 6/6 clips, " in capsys.readouterr().err
+    assert json.loads((out / "report.json").read_text())["command"].startswith("python evaluate.py --data ")
+
+
 def test_cli_scores_a_checkpoint_with_the_chosen_eta(shards, tmp_path):
     from mardini.testing import make_checkpoint
 

@@ -107,6 +107,7 @@ def test_the_license_is_an_spdx_expression_with_its_text_shipped():
 @pytest.mark.parametrize("command, usage", [
     (["mardini.cli", "fit", "--help"], "usage: python -m mardini.cli [options] fit"),
     (["mardini.pipeline.cli", "--help"], "usage: python -m mardini.pipeline.cli [-h]"),  # before: "usage: sample.py"
+    (["mardini.evaluation.cli", "--help"], "usage: python -m mardini.evaluation.cli [-h]"),  # "usage: evaluate.py"
 ])
 @pytest.mark.filterwarnings("ignore:'mardini.*' found in sys.modules:RuntimeWarning")  # runpy: imported before
 def test_the_cli_modules_run_with_python_m(monkeypatch, capsys, command, usage):

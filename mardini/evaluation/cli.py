@@ -58,8 +58,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 ARROWS = {"psnr": "↑", "ssim": "↑", "detected": "↑", "ratio": "(1 = true motion)"}  # everything else: lower is better
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
+def parse_args(argv: list[str] | None = None, prog: str = "evaluate.py") -> argparse.Namespace:
+    """The options, checked; ``prog``: the command the usage, errors and notes name (kept as ``args.prog``)."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="protocol defaults (flags override)")
     p.add_argument("--data", default=None, help="folder of videos, shard folder/pattern, or 'synthetic'")
@@ -110,6 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="report folder (default outputs/eval/<data name>)")
     p.add_argument("--cache-dir", default="outputs/eval/real_stats", help="real-statistics cache ('' = off)")
     args = p.parse_args(argv)
+    args.prog = prog
     preset = PRESETS.get(args.preset, {}) if args.preset else {}
     for key, default in (("tasks", list(TASKS)), ("frames", 9), ("resolution", 256), ("data", None)):
         if getattr(args, key) is None:
@@ -353,13 +355,13 @@ def run_task(
                        **({"timing": "pts"} if meta.get("timing") == "pts" else {})}  # read by timestamp (VFR)
                       for k, meta, r in zip(batch["key"], batch.get("meta") or [{}] * len(batch["key"]), batch["fps"],
                                             strict=True)]
-        print(progress_line(task, seen, n, time.perf_counter() - began), file=sys.stderr, flush=True)
+        print(progress_line(args.prog, task, seen, n, time.perf_counter() - began), file=sys.stderr, flush=True)
     if seen < n:  # the data changed since choose_num_clips read it
         raise ValueError(f"the data gave {seen} usable clips, the protocol needs {n}; lower --num-clips to {seen}"
                            + (f" ({_unusable(skipped)})" if skipped else ""))
     cache_state = ("hit" if hit else "computed") if first.frechet else "none (no FVD/FID)"
     if hit and not first.real_cache_matches(keys_digest(ids), seen):
-        print(f"evaluate.py: note: the cached real statistics {sorted(hit.values())} were computed on other clips "
+        print(f"{args.prog}: note: the cached real statistics {sorted(hit.values())} were computed on other clips "
               f"than the {seen} this run read; recomputing them and rewriting the cache", file=sys.stderr)
         recompute_real(first, proto, args, kind, files, n, ids, device)
         hit, cache_state = None, "recomputed (the cached file was of other clips)"
@@ -448,12 +450,12 @@ def check_finite(fake: torch.Tensor, method: str, keys: list[str]) -> None:
                          f"{len(keys)} clips of a batch: {shown}; they cannot be scored{hint}")
 
 
-def progress_line(task: str, done: int, total: int, elapsed: float) -> str:
-    """``evaluate.py: TASK: done/total clips, s/clip (every method, data and metrics), about T left``."""
+def progress_line(prog: str, task: str, done: int, total: int, elapsed: float) -> str:
+    """``PROG: TASK: done/total clips, s/clip (every method, data and metrics), about T left``."""
     per_clip = elapsed / max(done, 1)
     left = per_clip * max(total - done, 0)
     when = f"{left:.0f} s" if left < 90 else f"{left / 60:.0f} min" if left < 5400 else f"{left / 3600:.1f} h"
-    return f"evaluate.py: {task}: {done}/{total} clips, {per_clip:.2f} s/clip, about {when} left"
+    return f"{prog}: {task}: {done}/{total} clips, {per_clip:.2f} s/clip, about {when} left"
 
 
 SMALL_FRECHET_SAMPLE = 256  # clips below which a Fréchet distance gets a caveat in the report
@@ -495,7 +497,7 @@ def data_path(data: str) -> str:
     return data if data == "synthetic" else str(Path(data).resolve())
 
 
-def default_out(data: str, path: str) -> Path:
+def default_out(data: str, path: str, prog: str = "evaluate.py") -> Path:
     """``outputs/eval/<data name>``; when that folder holds the report of other data of the same name (two splits
     called ``val``), ``outputs/eval/<data name>-<hash of the path>`` instead of overwriting it."""
     name = Path(data.rstrip("/")).name
@@ -508,7 +510,7 @@ def default_out(data: str, path: str) -> Path:
     if theirs == path:
         return out
     other = out.with_name(f"{name}-{hashlib.sha1(path.encode()).hexdigest()[:8]}")
-    print(f"evaluate.py: note: {out} holds the report of {theirs}; writing this one to {other} (--out picks a folder)",
+    print(f"{prog}: note: {out} holds the report of {theirs}; writing this one to {other} (--out picks a folder)",
           file=sys.stderr)
     return other
 
@@ -644,9 +646,15 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
     write_text_atomic(out / "report.md", markdown(report))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Exit code: 0, or 2 on missing data or weights and impossible settings (the message says what to do)."""
-    return run_reporting_user_errors("evaluate.py", lambda: _main(argv))
+def main(argv: list[str] | None = None, prog: str = "evaluate.py") -> int:
+    """Exit code: 0, or 2 on missing data or weights and impossible settings (the message says what to do).
+    ``prog``: the command the usage, errors and notes name (``evaluate.py``, or how the module was run)."""
+    return run_reporting_user_errors(prog, lambda: _main(argv, prog))
+
+
+def command_words(prog: str) -> list[str]:
+    """The words that ran ``prog``, for the recorded command: ``evaluate.py`` -> ``python evaluate.py``."""
+    return prog.split() if prog.startswith("python ") else ["python", prog]
 
 
 def export_inputs(args: argparse.Namespace, kind: str, files: list[str], n: int, skipped: dict[str, str],
@@ -655,7 +663,7 @@ def export_inputs(args: argparse.Namespace, kind: str, files: list[str], n: int,
     clips for every task); returns the clips.json paths."""
     settings = {"resolution": args.resolution, "fps_asked": args.fps, "num_clips": n, "data": args.data,
                 "data_path": data_path(args.data), "source_kind": kind, "skipped_videos": skipped,
-                "command": run_info.command_line(["python", "evaluate.py"], argv)}
+                "command": run_info.command_line(command_words(args.prog), argv)}
     names = ClipNames(kind, args.data)
     sources = None if kind == "videos" else shard_of_keys(files)
     masks = {task: EvalProtocol(task=task, frames=args.frames, resolution=args.resolution, num_clips=n,
@@ -667,14 +675,14 @@ def export_inputs(args: argparse.Namespace, kind: str, files: list[str], n: int,
         for export in exports:
             export.add(batch, clip_names)
         seen += len(batch["key"])
-        print(progress_line("export", seen, n, time.perf_counter() - began), file=sys.stderr, flush=True)
+        print(progress_line(args.prog, "export", seen, n, time.perf_counter() - began), file=sys.stderr, flush=True)
     if seen < n:  # the data changed since choose_num_clips read it
         raise ValueError(f"the data gave {seen} usable clips, {n} before; run again once it is written")
     return [export.finish() for export in exports]
 
 
-def _main(argv: list[str] | None) -> int:
-    args = parse_args(argv)
+def _main(argv: list[str] | None, prog: str = "evaluate.py") -> int:
+    args = parse_args(argv, prog)
     weights = {} if args.export_inputs is not None else metric_weights(args)  # before the data and the model
     for name, option in (("i3d", "i3d_weights"), ("inception", "inception_weights")):
         if weights.get(name):
@@ -684,7 +692,7 @@ def _main(argv: list[str] | None) -> int:
     n, skipped, available = choose_num_clips(args, kind, files, keys)
     capped = capped_note(args, n, available)
     if capped:
-        print(f"evaluate.py: note: {capped}", file=sys.stderr)
+        print(f"{args.prog}: note: {capped}", file=sys.stderr)
     if args.export_inputs is not None:
         written = export_inputs(args, kind, files, n, skipped, argv)
         print(f"wrote the given frames of {n} clips and {', '.join(str(p) for p in written)}; run the method on "
@@ -705,16 +713,16 @@ def _main(argv: list[str] | None) -> int:
         "checkpoint": args.checkpoint, "checkpoint_file": checkpoint_file(args.checkpoint, samplers.get("mardini")),
         "weights_sampled": None if "mardini" not in samplers else ("raw" if args.no_ema else "ema"),
         "generated": {m: str(Path(d).resolve()) for m, d in args.generated.items()}, "weights": weights,
-        "command": run_info.command_line(["python", "evaluate.py"], argv), "code": code_version(),
+        "command": run_info.command_line(command_words(args.prog), argv), "code": code_version(),
         "device": str(device_of(args)), "device_name": device_name(device_of(args)), "dtype": args.dtype,
         "torch": torch.__version__, "python": platform.python_version(), "status": "partial",
         "tasks_asked": list(args.tasks), "tasks": {},
     }
     notices = training_mismatch(samplers.get("mardini"), args)
     for notice in notices:
-        print(f"evaluate.py: note: {notice}", file=sys.stderr)
+        print(f"{args.prog}: note: {notice}", file=sys.stderr)
     report["notices"] = notices = ([capped] if capped else []) + notices
-    out = Path(args.out) if args.out else default_out(args.data, report["data_path"])
+    out = Path(args.out) if args.out else default_out(args.data, report["data_path"], args.prog)
     out.mkdir(parents=True, exist_ok=True)
     write_report(out, report)  # partial until the end: a run that stops keeps every task it finished
     for task in args.tasks:
@@ -727,12 +735,12 @@ def _main(argv: list[str] | None) -> int:
             report["fps_effective"] = {"min": eff["min"], "max": eff["max"]}
             note = rate_note(eff, args.fps, res["clips"])
             if note:
-                print(f"evaluate.py: warning: {note}", file=sys.stderr)
+                print(f"{args.prog}: warning: {note}", file=sys.stderr)
                 notices.append(note)
         write_report(out, report)
     small = small_sample_note(report)
     if small:
-        print(f"evaluate.py: note: {small}", file=sys.stderr)
+        print(f"{args.prog}: note: {small}", file=sys.stderr)
         notices.append(small)
     report["status"] = "complete"
     write_report(out, report)
@@ -741,5 +749,8 @@ def _main(argv: list[str] | None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # `python -m mardini.evaluation.cli ...` is `python evaluate.py ...`
+    from mardini.evaluation.cli import main as _main
+    from mardini.user_errors import run_module as _run_module
+
+    raise SystemExit(_run_module("mardini.evaluation.cli", _main))

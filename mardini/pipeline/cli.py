@@ -396,6 +396,6 @@ def main(argv: list[str] | None = None, prog: str = "sample.py") -> dict:
 
 if __name__ == "__main__":  # `python -m mardini.pipeline.cli ...` is `python sample.py ...`
     from mardini.pipeline.cli import main as _main
-    from mardini.user_errors import run_reporting_user_errors as _run
+    from mardini.user_errors import run_module as _run_module
 
-    raise SystemExit(_run("python -m mardini.pipeline.cli", lambda: _main(prog="python -m mardini.pipeline.cli")))
+    raise SystemExit(_run_module("mardini.pipeline.cli", _main))
