@@ -167,7 +167,9 @@ def test_the_readme_gives_the_threads_default_the_commands_apply():
 CONFIGURED = [("mardini/lit/base.py", "MarDiniBase"), ("mardini/lit/generation.py", "GenerationModule"),
               ("mardini/lit/joint.py", "MarDiniModule"), ("mardini/data/datamodule.py", "VideoDataModule"),
               ("mardini/autoencoders/pixel.py", "SpaceToDepthAutoencoder"),
-              ("mardini/autoencoders/diffusers_kl.py", "DiffusersAutoencoder")]
+              ("mardini/autoencoders/diffusers_kl.py", "DiffusersAutoencoder"),
+              ("mardini/evaluation/callbacks.py", "_TaskEval"), ("mardini/data/stream.py", "ClipStream"),
+              ("mardini/metrics/fid.py", "FrameFID"), ("mardini/pipeline/pipeline.py", "MarDiniPipeline")]
 
 
 @pytest.mark.parametrize("path,name", CONFIGURED, ids=[n for _, n in CONFIGURED])
@@ -176,7 +178,9 @@ def test_every_argument_a_config_sets_has_its_own_docstring_entry(path, name):
     prints each argument's entry in the class docstring's ``Args:``, as docstring_parser reads it, one name per
     entry. MarDiniBase's ``blr, lr: ...``-style entries (and GenerationModule's, VideoDataModule's,
     DiffusersAutoencoder's) left 14 of MarDiniModule's arguments without a word of help, and ``weight_decay``,
-    ``betas`` and SpaceToDepthAutoencoder's arguments had no entry at all."""
+    ``betas`` and SpaceToDepthAutoencoder's arguments had no entry at all. The evaluation callbacks (their shared
+    ``_TaskEval``) said "other arguments: see EvalProtocol", leaving ``seed``, ``steps``, ``guidance_scale``, ``eta``
+    and the weight paths without help; ClipStream, FrameFID and MarDiniPipeline had ``a, b: ...`` entries."""
     import docstring_parser
 
     cls = next(n for n in ast.walk(ast.parse((ROOT / path).read_text()))

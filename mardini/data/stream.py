@@ -200,16 +200,20 @@ class ClipStream(IterableDataset):
 
     Args:
         shards: shard paths (already expanded).
-        frames, fps: frames per clip and target rate (None = the clip's own rate; ignored for latents,
-            whose frame selection was fixed by the cache).
+        frames: frames per clip.
+        fps: target frame rate (None = the clip's own rate; ignored for latents, whose frame selection was fixed
+            by the cache).
         resolution: ``int`` (square) or ``(H, W)`` output size; for latents, the pixel resolution the cache
             was made at (checked by the DataModule).
         batch_size: clips per batch on this rank.
         train: True = endless resampled stream cut into ``epoch_batches`` per epoch; False = finite split.
-        rank, world_size: this process's place in distributed training.
+        rank: this process's rank in distributed training.
+        world_size: the number of processes in distributed training.
         shuffle_buffer: samples held by the shuffle buffer (train only; 0 = off).
-        crop, crop_scale: ``random`` or ``center`` crop window (train; a finite split always uses
-            ``center``); ``random`` also draws the temporal start, ``center`` centres it.
+        crop: ``random`` or ``center`` crop window (train; a finite split always uses ``center``); ``random``
+            also draws the temporal start, ``center`` centres it.
+        crop_scale: ``(min, max)`` side fraction of the largest window of the target aspect ratio (``random``:
+            drawn in it; ``center``: ``max``).
         epoch_batches: batches per epoch on this rank (train).
         max_clips: at most this many clips per rank from a finite split (None = all).
         latents: read ``z_high.npy`` / ``z_low.npy`` instead of pixels.

@@ -44,11 +44,18 @@ class _TaskEval(L.Callback):
             data's. The model (``"pipeline"``) samples at the data's size (its training resolution) and its outputs
             are resized to this size to be scored.
         metrics: subset of ``fvd fid midf traj`` (None = the task's default).
+        seed: base seed of the sampler (each batch gets one derived from (seed, rank, batch)).
+        steps: DDIM steps of the model.
+        guidance_scale: guidance scale of the model (None = 1.0 for interpolation, 2.5 for image-to-video).
+        eta: DDIM eta of the model, in [0, 1]: 0 = deterministic (the paper), 1 = ancestral.
         every_n_epochs: run on validation epochs whose index is a multiple of this.
         cache_dir: folder of cached real statistics (None: no cache).
         missing_weights: ``skip`` (default here: warn and train on) or ``error``.
+        i3d_weights: I3D weights file or folder for FVD (None: :func:`mardini.weights.default_cache_dir`).
+        inception_weights: InceptionV3 TorchScript file or folder for FID (None: the same cache).
+        lpips_weights: torchvision AlexNet backbone file: adds MidF-LPIPS (None: left out).
+        fvd_pad_short: allow windows under 9 frames for FVD by repeating the last frame (the name gets ``_pad``).
         networks: ready feature networks ``{"fvd": ..., "fid": ...}`` (tests; default: pretrained weights).
-        other arguments: see :class:`~mardini.evaluation.protocol.EvalProtocol`.
     """
 
     TASK = ""

@@ -98,11 +98,13 @@ class EvalProtocol:
         metrics: any of ``fvd fid midf traj``; None = the task's default (``traj`` runs only where batches carry
             ``positions``).
         missing_weights: ``error`` (raise, saying how to get them) or ``skip`` (warn, leave the metric out).
-        i3d_weights, inception_weights: file or folder of the weights (None: :func:`mardini.weights.default_cache_dir`).
+        i3d_weights: I3D weights file or folder for FVD (None: :func:`mardini.weights.default_cache_dir`).
+        inception_weights: InceptionV3 TorchScript file or folder for FID (None: the same cache).
         lpips_weights: torchvision backbone file to add MidF-LPIPS (none by default: it cannot be downloaded here).
         fvd_pad_short: allow T < 9 for FVD by repeating the last frame (the name gets ``_pad``).
-        steps, guidance_scale, eta: sampler settings for the model (guidance None = 1.0 interpolation, 2.5 I2V;
-            eta in [0, 1]: 0 = deterministic DDIM, 1 = ancestral).
+        steps: DDIM steps of the model.
+        guidance_scale: guidance scale of the model (None = 1.0 for interpolation, 2.5 for image-to-video).
+        eta: DDIM eta of the model, in [0, 1]: 0 = deterministic DDIM, 1 = ancestral.
     """
 
     task: Literal["interpolation", "image_to_video"] = "interpolation"

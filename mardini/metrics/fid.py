@@ -24,12 +24,16 @@ class FrameFID(FrechetStatsMixin, FrechetInceptionDistance):
     """FID of video frames (or images) with the TF-Inception features, DDP-safe.
 
     Args:
-        num_videos, num_frames: N and T of the protocol name (``fid{N}_{T}f``); ``update`` checks T on videos.
+        num_videos: N of the protocol name (``fid{N}_{T}f``).
+        num_frames: T of the protocol name; ``update`` checks T on videos.
         weights: the TorchScript file or a cache dir; None looks in the weights cache (``make weights``).
         network: a ready feature module ``(N, 3, H, W) in [-1, 1] -> (N, D)`` with ``num_features``; overrides
             ``weights`` (tests, or one network shared by several metrics).
-        resize, quantize: see :class:`~mardini.metrics.inception.InceptionV3Features`.
+        resize: "crop" (aspect kept, centre crop) or "stretch" (the reference FID code), as
+            :class:`~mardini.metrics.inception.InceptionV3Features`.
+        quantize: round frames to 8-bit levels first, as a saved frame would be.
         chunk_size: frames per network forward.
+        kwargs: passed to torchmetrics' ``FrechetInceptionDistance``.
     """
 
     feature_name = "inception-2015-12-05-pool3"

@@ -82,15 +82,20 @@ class MarDiniPipeline:
     """Sampling from trained networks; build it with :meth:`from_checkpoint`.
 
     Args:
-        generator, planner: the networks (``planner=None``: plan-free sampling with the null plan, scale 1 only).
+        generator: the generation network.
         autoencoder: the frame autoencoder the networks were trained on.
-        schedule: the training noise schedule. planner_resolution: side of the planner's low-res copy (pixels).
+        planner: the planning network (None: plan-free sampling with the null plan, guidance scale 1 only).
+        schedule: the training noise schedule (None: the default cosine schedule).
+        planner_resolution: side of the planner's low-res copy (pixels).
         anchor: the diffused target (:class:`~mardini.diffusion.anchor.FrameAnchor`; default: the latents, the paper).
         window: frames of the trained window; longer videos need :meth:`generate_long` (any mask),
             :meth:`long_video` or :meth:`slow_motion`.
-        resolution, fps: the training clips' pixel size and frame rate (informational; used by ``sample.py``).
-        device: ``"cpu"``, ``"cuda"``, ``"auto"``. dtype: float32; bfloat16 runs under autocast (as bf16-mixed
-            training does); float64 is for exactness tests.
+        resolution: the training clips' pixel size ``(H, W)`` (informational; used by ``sample.py``).
+        fps: the training clips' frame rate (informational; used by ``sample.py``).
+        kind: the checkpoint's stage, ``joint`` or ``generation`` (named in messages).
+        device: ``"cpu"``, ``"cuda"``, ``"auto"``.
+        dtype: float32; bfloat16 runs under autocast (as bf16-mixed training does); float64 is for exactness tests.
+        info: what the checkpoint records (path, kind, size, EMA, ...), kept as ``info``.
     Attributes:
         use_cache, batched_guidance: the two speed-ups (exact); False gives the naive loop (tests, benchmarks).
         last_timings: seconds spent in ``encode``, ``planner``, ``generator`` (all steps) and ``decode`` by the
