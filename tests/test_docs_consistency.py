@@ -201,3 +201,49 @@ def test_no_doc_says_element_reduction_refuses_gradient_accumulation():
     stale = [f"{p.relative_to(ROOT)}: {m.group(0)!r}" for p in SOURCES
              for m in refusal.finditer(re.sub(r"\s+", " ", p.read_text()))]
     assert not stale, stale
+
+
+def _stage_clips() -> list[tuple[str, int, float, int]]:
+    """``(config, frames, fps, short side)`` of each shipped stage config that sets its clips."""
+    import yaml
+
+    stages = []
+    for path in sorted((ROOT / "configs").rglob("*.yaml")):
+        data = ((yaml.safe_load(path.read_text()) or {}).get("data") or {}).get("init_args") or {}
+        if {"frames", "fps", "resolution"} <= set(data):
+            side = data["resolution"] if isinstance(data["resolution"], int) else min(data["resolution"])
+            stages.append((str(path.relative_to(ROOT)), data["frames"], data["fps"], side))
+    return stages
+
+
+def _flag(line: str, name: str, default: float | None) -> float | None:
+    """The number a written command passes to ``--name`` (``default`` where it passes none)."""
+    found = re.search(rf"--{name}\s+([\d.e]+)", line)
+    return float(found[1]) if found else default
+
+
+def test_the_written_shard_commands_cut_clips_the_stages_they_feed_can_read():
+    """data/README.md's example, ``videos_to_shards.py ... --clip-frames 32 --short-side 256 --max-fps 30``, cut
+    clips one frame short of the tiny configs (and the 256-px paper stages): 9 frames at 8 fps from 30 fps take
+    every 4th frame, a span of 33, so setup refused every clip. Each written command with ``--max-fps R`` must cut
+    clips that a source at R fps fills for every stage config whose resolution its ``--short-side`` covers."""
+    from mardini.data.decode import ClipTooShort, max_start
+    from mardini.data.video_shards import ShardSettings
+
+    checked, short = 0, []
+    for doc in DOCS:
+        for match, line in doc_commands(doc):
+            rate = _flag(line, "max-fps", None)
+            if not (match["script"] or "").endswith("videos_to_shards.py") or rate is None:
+                continue  # without --max-fps the stored rate is the sources'
+            clip = int(_flag(line, "clip-frames", ShardSettings.clip_frames))
+            side = _flag(line, "short-side", float("inf"))
+            for config, frames, fps, size in _stage_clips():
+                if size > side:
+                    continue  # shards for other stages
+                checked += 1
+                try:
+                    max_start(rate, clip, fps, frames)
+                except ClipTooShort as err:
+                    short.append(f"{doc.relative_to(ROOT)}: --clip-frames {clip:g} at {rate:g} fps for {config}: {err}")
+    assert checked >= 10 and not short, "\n".join(short)
