@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import re
 import tarfile
 from fractions import Fraction
 from pathlib import Path
@@ -86,6 +87,38 @@ def test_files_too_short_for_a_clip_name_the_clip_frames_that_keeps_them(tmp_pat
     again = videos_to_shards(tmp_path / "in", tmp_path / "again", ShardSettings(clip_frames=5), workers=1,
                              progress=False)
     assert again.clips == 2 and not again.too_short
+
+
+def _rgba_video(path: Path, frames: int, height: int, width: int) -> Path:
+    """A QuickTime Animation (``argb``) file whose left half is fully transparent: the same colour in every pixel."""
+    import av
+
+    image = np.zeros((height, width, 4), np.uint8)  # (H, W, RGBA)
+    image[..., :3] = (200, 50, 20)
+    image[:, width // 2 :, 3] = 255  # left half alpha 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w") as c:
+        s = c.add_stream("qtrle", rate=8)
+        s.width, s.height, s.pix_fmt = width, height, "argb"
+        for _ in range(frames):
+            for p in s.encode(av.VideoFrame.from_ndarray(image, format="rgba")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return path
+
+
+def test_an_rgba_video_is_sharded_with_its_alpha_channel_dropped_as_data_readme_says(tmp_path):
+    """The sharder decodes to RGB: an RGBA file's transparent pixels keep their colour (no compositing onto a
+    background). data/README.md said nothing of the alpha channel where it describes decoding."""
+    _rgba_video(tmp_path / "in" / "rgba.mov", 8, 16, 16)
+    s = videos_to_shards(tmp_path / "in", tmp_path / "out", ShardSettings(clip_frames=8), workers=1, progress=False)
+    assert s.clips == 1, s.text()
+    (_, _, video), = _keys_and_meta(tmp_path / "out")
+    frames = decode_mp4(video).astype(int)  # (8, 16, 16, 3)
+    assert np.abs(frames - np.array([200, 50, 20])).max() <= 8  # both halves: H.264 rounding only
+    details = re.sub(r"\s+", " ", (ROOT / "data" / "README.md").read_text().split("`videos_to_shards.py` details")[1])
+    assert "an RGBA video's alpha channel" in details and "is dropped, not composited" in details
 
 
 def test_a_folder_of_landscape_and_portrait_phone_videos_is_said_to_mix_orientations(tmp_path):
