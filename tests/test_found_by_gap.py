@@ -128,3 +128,26 @@ def test_cli_by_size(clips, tmp_path, monkeypatch):
     assert all(r["area"][0] in (0.0, 30.0) for r in out["by_size"]["nearest_frame"])
     with pytest.raises(SystemExit, match="size-edges"):
         main(["--checkpoint", str(ckpt), "--clips", "2", "--steps", "1", "--by-size", "--size-edges", "a,b"])
+
+
+def test_cli_reads_a_non_square_checkpoints_clips_at_its_height_and_width(tmp_path, monkeypatch):
+    """A 16x32 checkpoint is scored on 16x32 clips, not on squares of its height."""
+    import mardini.evaluation.plan_usage as plan_usage
+    from mardini.data.synthetic_shards import write_synthetic_split
+    from mardini.testing import make_checkpoint
+
+    write_synthetic_split(tmp_path / "synth", "val", 2, 2, frames=8, height=16, width=32, fps=16.0, progress=False)
+    sizes = []
+
+    def heldout(n, frames, size, fps):
+        sizes.append(size)
+        return first_batch(str(tmp_path / "synth" / "val"), n, frames, size, None)
+
+    monkeypatch.setattr(plan_usage, "heldout_clips", heldout)
+    ckpt = torch.load(make_checkpoint(tmp_path / "16x32.ckpt", frames=5, size=(16, 32)), weights_only=True)
+    ckpt["datamodule_hyper_parameters"] = {"resolution": [16, 32]}  # as a run of train.py records its data
+    torch.save(ckpt, tmp_path / "joint.ckpt")
+    ckpt = tmp_path / "joint.ckpt"
+    tables = main(["--checkpoint", str(ckpt), "--clips", "2", "--steps", "1", "--json"])
+    assert sizes == [(16, 32)]
+    assert set(tables) == {"linear_blend", "nearest_frame", "mardini"}

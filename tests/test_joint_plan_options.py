@@ -242,3 +242,29 @@ def test_a_generation_warm_up_builds_the_plan_dim_its_joint_stage_will_read():
     assert warm.networks["generator"].cfg.plan_dim == 256
     free = GenerationModule(size="tiny", generator={"plan_dim": 64})  # no planner here: any width is the user's
     assert free.networks["generator"].cfg.plan_dim == 64
+
+
+def test_plan_usage_cli_reads_clips_at_the_checkpoints_height_and_width(tmp_path, monkeypatch):
+    """--checkpoint: a 16x32 checkpoint's clips are 16x32; --planning: --resolution takes N or HxW."""
+    import mardini.evaluation.plan_usage as plan_usage
+    from mardini.testing import make_checkpoint
+
+    sizes = []
+
+    def heldout(n, frames, size, fps):
+        sizes.append(size)
+        h, w = (size, size) if isinstance(size, int) else size
+        return {"video": torch.rand(n, frames, 3, h, w, generator=torch.Generator().manual_seed(0)) * 2 - 1}
+
+    monkeypatch.setattr(plan_usage, "heldout_clips", heldout)
+    joint = torch.load(make_checkpoint(tmp_path / "16x32.ckpt", frames=5, size=(16, 32)), weights_only=True)
+    joint["datamodule_hyper_parameters"] = {"resolution": [16, 32]}  # as a run of train.py records its data
+    torch.save(joint, tmp_path / "joint.ckpt")
+    joint = tmp_path / "joint.ckpt"
+    assert "velocity_change_null" in plan_usage.main(["--checkpoint", str(joint), "--clips", "2"])
+    planning = make_checkpoint(tmp_path / "planning.ckpt", "planning", frames=5, size=(16, 32))
+    plan_usage.main(["--planning", str(planning), "--clips", "2", "--frames", "5", "--resolution", "16x32"])
+    plan_usage.main(["--planning", str(planning), "--clips", "2", "--frames", "5", "--resolution", "32"])
+    assert sizes == [(16, 32), (16, 32), 32]  # the square case as before: a side
+    with pytest.raises(SystemExit):
+        plan_usage.main(["--planning", str(planning), "--resolution", "16x"])

@@ -160,7 +160,7 @@ def score_methods(pipe, video: torch.Tensor, positions: torch.Tensor, mask: torc
 
 def main(argv: list[str] | None = None) -> dict:
     """The CLI: ``{method: rows by gap}``, or ``{"by_gap": ..., "by_size": ...}`` with ``--by-size``."""
-    from mardini.evaluation.plan_usage import heldout_clips
+    from mardini.evaluation.plan_usage import clip_size, heldout_clips
     from mardini.evaluation.protocol import DEFAULT_GUIDANCE
     from mardini.masking import image_to_video_mask, interpolation_mask, mask_from_given
     from mardini.pipeline.pipeline import MarDiniPipeline
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--eta={args.eta} is impossible: {ETA_RANGE}")
     pipe = MarDiniPipeline.from_checkpoint(args.checkpoint, allow_autoencoders=args.allow_autoencoder)
     try:
-        batch = heldout_clips(args.clips, pipe.window, pipe.resolution[0] if pipe.resolution else 32, pipe.fps)
+        batch = heldout_clips(args.clips, pipe.window, clip_size(pipe.resolution), pipe.fps)
     except FileNotFoundError as err:  # no held-out shards here: say how to build them, without a traceback
         raise SystemExit(str(err)) from err
     if "positions" not in batch:

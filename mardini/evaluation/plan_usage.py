@@ -27,6 +27,7 @@ from mardini.diffusion.checks import frame_mask
 from mardini.evaluation.samplers import LinearBlend
 from mardini.masking import interpolation_mask
 from mardini.metrics.frame_metrics import MidFrameMetrics
+from mardini.pipeline.inputs import parse_size
 
 
 def _midf_psnr(fake: torch.Tensor, real: torch.Tensor) -> float:
@@ -134,12 +135,19 @@ def planner_head_quality(module, video: torch.Tensor, positions: torch.Tensor | 
     return out
 
 
-def heldout_clips(n: int, frames: int, resolution: int, fps: float | None) -> dict:
-    """The first ``n`` clips of the held-out synthetic shards (``make data``): ``video (n, T, 3, H, W)`` in
-    [-1, 1] and the objects' ``positions``."""
+def heldout_clips(n: int, frames: int, resolution: int | tuple[int, int], fps: float | None) -> dict:
+    """The first ``n`` clips of the held-out synthetic shards (``make data``) at ``resolution`` (a side or
+    ``(H, W)``): ``video (n, T, 3, H, W)`` in [-1, 1] and the objects' ``positions``."""
     from mardini.data.datamodule import first_batch
 
     return first_batch("data/shards/synthetic/val", n, frames, resolution, fps)
+
+
+def clip_size(size: tuple[int, int] | None) -> int | tuple[int, int]:
+    """A checkpoint's training ``(H, W)`` (None: the demo's 32) as :func:`heldout_clips`' size: the side where
+    square, else ``(H, W)``, so a non-square checkpoint is scored on clips of its own shape."""
+    h, w = size if size else (32, 32)
+    return int(h) if h == w else (int(h), int(w))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -152,23 +160,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--t", type=float, default=1.0, help="diffusion time of the one-step prediction")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--frames", type=int, default=9, help="--planning only: window (the demo's 9)")
-    parser.add_argument("--resolution", type=int, default=32, help="--planning only: clip side (the demo's 32)")
+    parser.add_argument("--resolution", default="32", metavar="N|HxW",
+                        help="--planning only: clip size, a side or HxW (the demo's 32)")
     parser.add_argument("--fps", type=float, default=8.0, help="--planning only: frame rate (the demo's 8)")
     args = parser.parse_args(argv)
+    try:
+        resolution = parse_size(args.resolution)
+    except ValueError as err:
+        parser.error(str(err))
     if args.checkpoint:
         from mardini.pipeline.pipeline import MarDiniPipeline
 
         pipe = MarDiniPipeline.from_checkpoint(args.checkpoint, allow_autoencoders=args.allow_autoencoder)
         if pipe.planner is None:
             raise SystemExit(f"{args.checkpoint} has no planner: plan usage needs a joint checkpoint")
-        side = pipe.resolution[0] if pipe.resolution else 32
-        batch = heldout_clips(args.clips, pipe.window, side, pipe.fps)
+        batch = heldout_clips(args.clips, pipe.window, clip_size(pipe.resolution), pipe.fps)
         result = plan_usage(pipe, batch["video"], args.t, args.seed, batch.get("positions"))
     else:
         from mardini.lit import PlanningModule
 
         module = PlanningModule.load_from_checkpoint(args.planning, map_location="cpu")
-        batch = heldout_clips(args.clips, args.frames, args.resolution, args.fps)
+        batch = heldout_clips(args.clips, args.frames, clip_size(resolution), args.fps)
         result = planner_head_quality(module, batch["video"], batch.get("positions"))
     def rounded(v):
         return round(v, 4) if isinstance(v, float) else {k: rounded(x) for k, x in v.items()} if isinstance(v, dict) \
