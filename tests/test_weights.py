@@ -181,3 +181,20 @@ def test_a_damaged_cache_copy_gives_the_whole_fetch_command(tmp_path):
         weights.resolve_weights("i3d", tmp_path)
     assert f"a damaged or partial copy; fetch it again with `python -m mardini.weights i3d --cache-dir {tmp_path} " \
            "--force`" in str(err.value)
+
+
+def test_missing_weights_name_the_evaluation_command_that_ran(tmp_path, monkeypatch, capsys):
+    """Run as `python -m mardini.evaluation.cli`, the advice names that command's flag, not evaluate.py's."""
+    from mardini.evaluation import cli
+
+    monkeypatch.setenv(weights.ENV_CACHE_DIR, str(tmp_path / "none"))
+    module = "python -m mardini.evaluation.cli"
+    with pytest.raises(FileNotFoundError, match=rf"\({module}: --i3d-weights PATH; evaluation callbacks"):
+        weights.resolve_weights("i3d", prog=module)
+    run = ["--data", str(tmp_path), "--num-clips", "2", "--resolution", "16", "--tasks", "interpolation",
+           "--out", str(tmp_path / "r")]
+    assert cli.main(run, prog=module) == 2
+    err = capsys.readouterr().err
+    assert f"({module}: --i3d-weights PATH" in err and "evaluate.py: --i3d-weights" not in err
+    assert cli.main(run) == 2  # evaluate.py, as before
+    assert "(evaluate.py: --i3d-weights PATH" in capsys.readouterr().err

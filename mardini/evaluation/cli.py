@@ -210,7 +210,7 @@ def metric_weights(args: argparse.Namespace) -> dict[str, dict[str, str] | None]
                      missing_weights=args.missing_weights, steps=args.steps, guidance_scale=args.guidance, eta=args.eta)
     metrics = args.metrics or sorted({m for task in args.tasks for m in DEFAULT_METRICS[task]})
     return resolve_metric_weights(metrics, args.missing_weights, args.i3d_weights, args.inception_weights,
-                                  args.lpips_weights)
+                                  args.lpips_weights, prog=args.prog)
 
 
 DEFAULT_MAX_CLIPS = 256  # N without --num-clips: every usable clip, at most this many (a notice when it drops some)

@@ -266,14 +266,14 @@ def _weights_missing(name: str, err: Exception, missing_weights: str, leave_out:
 
 def resolve_metric_weights(
     metrics: tuple[str, ...] | list[str], missing_weights: str = "error", i3d_weights: str | None = None,
-    inception_weights: str | None = None, lpips_weights: str | None = None,
+    inception_weights: str | None = None, lpips_weights: str | None = None, prog: str = "evaluate.py",
 ) -> dict[str, dict[str, str] | None]:
     """Find and verify the weight files ``metrics`` need, before any data is read or model loaded.
 
     Returns ``{"i3d" | "inception" | "lpips": {"path": resolved file, "sha256": ...}}`` for those needed (None for
     one missing under ``missing_weights="skip"``, warned: the suite leaves its metric out). Raises as
     :class:`EvalSuite` would: FileNotFoundError saying how to get a missing file (``"error"``), ValueError for a
-    file that is not the one asked for.
+    file that is not the one asked for. ``prog``: the evaluation command the messages name.
     """
     from mardini.metrics.frame_metrics import check_lpips_weights
     from mardini.weights import WEIGHTS, resolve_weights
@@ -282,7 +282,7 @@ def resolve_metric_weights(
     for metric, name, given in (("fvd", "i3d", i3d_weights), ("fid", "inception", inception_weights)):
         if metric in metrics:
             try:
-                path = resolve_weights(name, given)  # size and sha256 checked
+                path = resolve_weights(name, given, prog=prog)  # size and sha256 checked
                 out[name] = {"path": str(path.resolve()), "sha256": WEIGHTS[name].sha256}
             except FileNotFoundError as err:
                 _weights_missing(metric, err, missing_weights)
