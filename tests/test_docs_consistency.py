@@ -169,7 +169,8 @@ CONFIGURED = [("mardini/lit/base.py", "MarDiniBase"), ("mardini/lit/generation.p
               ("mardini/autoencoders/pixel.py", "SpaceToDepthAutoencoder"),
               ("mardini/autoencoders/diffusers_kl.py", "DiffusersAutoencoder"),
               ("mardini/evaluation/callbacks.py", "_TaskEval"), ("mardini/data/stream.py", "ClipStream"),
-              ("mardini/metrics/fid.py", "FrameFID"), ("mardini/pipeline/pipeline.py", "MarDiniPipeline")]
+              ("mardini/metrics/fid.py", "FrameFID"), ("mardini/pipeline/pipeline.py", "MarDiniPipeline"),
+              ("mardini/evaluation/external.py", "GeneratedVideos")]
 
 
 @pytest.mark.parametrize("path,name", CONFIGURED, ids=[n for _, n in CONFIGURED])
@@ -180,7 +181,8 @@ def test_every_argument_a_config_sets_has_its_own_docstring_entry(path, name):
     DiffusersAutoencoder's) left 14 of MarDiniModule's arguments without a word of help, and ``weight_decay``,
     ``betas`` and SpaceToDepthAutoencoder's arguments had no entry at all. The evaluation callbacks (their shared
     ``_TaskEval``) said "other arguments: see EvalProtocol", leaving ``seed``, ``steps``, ``guidance_scale``, ``eta``
-    and the weight paths without help; ClipStream, FrameFID and MarDiniPipeline had ``a, b: ...`` entries."""
+    and the weight paths without help; ClipStream, FrameFID, MarDiniPipeline and GeneratedVideos (evaluate.py's
+    ``--generated``) had ``a, b: ...`` entries."""
     import docstring_parser
 
     cls = next(n for n in ast.walk(ast.parse((ROOT / path).read_text()))

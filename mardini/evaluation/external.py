@@ -143,7 +143,8 @@ class GeneratedVideos:
     Args:
         method: its name in the report.
         root: the folder it wrote (``root/<task>/<name>.mp4`` or ``root/<task>/<name>/`` frame images).
-        frames, resolution: the protocol's window T and size (a side R, or ``(H, W)``: R x R is then H x W).
+        frames: the protocol's window T.
+        resolution: the protocol's size: a side R, or ``(H, W)`` (R x R is then H x W).
     Calling it with the task, the batch's clip names, the real clips ``(B, T, 3, R, R)`` and ``mask (B, T)``
     returns ``(B, T, 3, R, R)`` in [-1, 1]: its frames where the mask generates, the real ones where it gives.
     """
