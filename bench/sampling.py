@@ -2,6 +2,8 @@
 
     python -m bench.sampling [--size tiny --resolution 32 --frames 9] [--device cpu] [--threads 1]
 
+``--resolution`` is a side (``32``) or ``HxW`` (``16x32``), as ``sample.py --resolution``.
+
 One run measures (networks of ``--size`` with random weights; speed does not depend on training):
 
 1. latency of one image-to-video clip (1 given frame, guidance 2.5) for 1, 10, 25 and 50 DDIM steps, split
@@ -28,9 +30,11 @@ from pathlib import Path
 import torch
 
 from mardini.autoencoders import SpaceToDepthAutoencoder
+from mardini.data.transforms import as_size, planner_size
 from mardini.masking import expansion_mask, image_to_video_mask
 from mardini.models import build_generator, build_planner
 from mardini.pipeline import MarDiniPipeline
+from mardini.pipeline.inputs import parse_size
 
 RESULT = Path("bench/results/sampling.json")
 MODES = {"naive": (False, False), "cache": (True, False), "batched": (False, True), "cache+batched": (True, True)}
@@ -50,8 +54,9 @@ def build_pipeline(size: str, frames: int, device: str, bf16: bool, planner_reso
                            device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
 
 
-def _clip(frames: int, res: int, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    video = torch.rand(1, frames, 3, res, res, generator=torch.Generator().manual_seed(0)) * 2 - 1  # (1, T, 3, H, W)
+def _clip(frames: int, res: int | tuple[int, int], mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    h, w = as_size(res)
+    video = torch.rand(1, frames, 3, h, w, generator=torch.Generator().manual_seed(0)) * 2 - 1  # (1, T, 3, H, W)
     return video, mask[None]
 
 
@@ -83,7 +88,7 @@ def compare(pipe, video, mask, steps: int, scale: float, rounds: int) -> tuple[l
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="tiny")
-    p.add_argument("--resolution", type=int, default=32, help="frame side in pixels")
+    p.add_argument("--resolution", default="32", metavar="N|HxW", help="frame size in pixels: a side or HxW")
     p.add_argument("--frames", type=int, default=9)
     p.add_argument("--planner-resolution", type=int, default=16)
     p.add_argument("--steps", type=int, nargs="+", default=[1, 10, 25, 50])
@@ -95,16 +100,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (1 is steadiest on a shared machine)")
     p.add_argument("--out", type=Path, default=RESULT)
     a = p.parse_args(argv)
+    try:
+        h, w = parse_size(a.resolution)
+    except ValueError as err:
+        p.error(str(err))
+    resolution = h if h == w else [h, w]  # the config records a side for square frames, as before
+    low_h, low_w = planner_size(h, w, a.planner_resolution)
     if a.threads:
         torch.set_num_threads(a.threads)
     started = time.perf_counter()
     pipe = build_pipeline(a.size, a.frames, a.device, a.bf16, a.planner_resolution)
     t = a.frames
-    i2v = _clip(t, a.resolution, image_to_video_mask(t, 0))
+    i2v = _clip(t, (h, w), image_to_video_mask(t, 0))
     pipe.generate(*i2v, steps=1, guidance_scale=a.guidance, progress=False)  # warm-up (kernels, RoPE tables)
 
     rows = [latency(pipe, *i2v, s, a.guidance) for s in a.steps]
-    tasks = {"image_to_video": i2v, "expansion": _clip(t, a.resolution, expansion_mask(t, t // 2 + 1))}
+    tasks = {"image_to_video": i2v, "expansion": _clip(t, (h, w), expansion_mask(t, t // 2 + 1))}
     speed = {}
     for name, (video, mask) in tasks.items():
         modes, diff = compare(pipe, video, mask, a.compare_steps, a.guidance, a.rounds)
@@ -112,9 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
                        "max_abs_diff_naive_vs_fast": diff}
     result = {
         "command": f".venv/bin/python -m bench.sampling {' '.join(argv if argv is not None else sys.argv[1:])}".strip(),
-        "config": {"size": a.size, "resolution": a.resolution, "frames": t, "planner_resolution": a.planner_resolution,
+        "config": {"size": a.size, "resolution": resolution, "frames": t, "planner_resolution": a.planner_resolution,
                    "guidance": a.guidance, "device": str(pipe.device), "dtype": str(pipe.dtype),
-                   "generator_tokens": t * (a.resolution // 2) ** 2, "planner_tokens": t * (a.planner_resolution // 2) ** 2},
+                   "generator_tokens": t * (h // 2) * (w // 2), "planner_tokens": t * (low_h // 2) * (low_w // 2)},
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "python": platform.python_version(), "load_avg_1min": os.getloadavg()[0],
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
@@ -131,7 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def markdown(r: dict) -> str:
     c = r["config"]
-    lines = [f"Sampling, {c['size']} at {c['resolution']}x{c['resolution']}, {c['frames']} frames, {c['device']} "
+    h, w = as_size(c["resolution"])
+    lines = [f"Sampling, {c['size']} at {h}x{w}, {c['frames']} frames, {c['device']} "
              f"({r['machine']['torch_threads']} thread(s)), image-to-video with guidance {c['guidance']}, one clip:", "",
              "| steps | total s | encode s | planner s | generator s | decode s | generator ms/step |",
              "|---:|---:|---:|---:|---:|---:|---:|"]

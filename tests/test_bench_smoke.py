@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from bench import asymmetric, attention_dtype, encode_mp4, run_all, sampling_overhead, tiny_step, train_mfu
+from bench import asymmetric, attention_dtype, encode_mp4, run_all, sampling, sampling_overhead, tiny_step, train_mfu
 
 
 def _positive(*xs: float) -> bool:
@@ -289,3 +289,14 @@ def test_cuda_matmul_peak_times_many_large_matmuls_with_events_after_a_warm_up(m
     blocks = "".join("r" if x == "record" else "m" for x in log[first:]).split("r")[1::2]
     assert len(blocks) == 3 and all(len(b) >= 10 for b in blocks)  # each event pair brackets many calls
     assert peak == pytest.approx(2 * 8192**3 * len(blocks[0]) / 0.020)
+
+
+def test_sampling_prints_the_frames_height_and_width(tmp_path, capsys):
+    """--resolution HxW: the clip, the token counts and the printed size are H x W, not a square of the side."""
+    quick = ["--steps", "1", "--compare-steps", "1", "--rounds", "1", "--planner-resolution", "8", "--frames", "3",
+             "--out", str(tmp_path / "sampling.json")]
+    r = sampling.main(["--resolution", "8x16", *quick])
+    assert r["config"]["resolution"] == [8, 16]
+    assert r["config"]["generator_tokens"] == 3 * 4 * 8 and r["config"]["planner_tokens"] == 3 * 4 * 8
+    assert "Sampling, tiny at 8x16, 3 frames" in capsys.readouterr().out
+    assert "tiny at 8x8, 3 frames" in sampling.markdown(sampling.main(["--resolution", "8", *quick]))
