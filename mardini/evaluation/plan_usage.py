@@ -145,9 +145,11 @@ def heldout_clips(n: int, frames: int, resolution: int | tuple[int, int], fps: f
 
 def clip_size(size: tuple[int, int] | None) -> int | tuple[int, int]:
     """A checkpoint's training ``(H, W)`` (None: the demo's 32) as :func:`heldout_clips`' size: the side where
-    square, else ``(H, W)``, so a non-square checkpoint is scored on clips of its own shape."""
-    h, w = size if size else (32, 32)
-    return int(h) if h == w else (int(h), int(w))
+    square, else ``(H, W)`` (:func:`~mardini.evaluation.protocol.eval_size`), so a non-square checkpoint is scored
+    on clips of its own shape."""
+    from mardini.evaluation.protocol import eval_size
+
+    return eval_size(tuple(int(s) for s in size)) if size else 32
 
 
 def main(argv: list[str] | None = None) -> dict:
