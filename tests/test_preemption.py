@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -128,6 +130,15 @@ def test_sigterm_on_one_rank_saves_on_every_rank_at_the_same_step_and_ends_all_o
     assert _saved_step(tmp_path) == 3
 
 
+
+def test_sigterm_to_the_workers_of_loaders_passed_to_fit_directly_saves_and_exits_143(data, tmp_path):
+    """Loaders of a user's own passed to ``Trainer.fit(train_dataloaders=..., val_dataloaders=...)``, their workers
+    signalled with the main process: they outlive the first SIGTERM as a datamodule's do (PreemptionSave gives them
+    leave_first_sigterm_to_main); before, they died and the fit failed ("DataLoader worker ... killed by signal:
+    Terminated") before it saved."""
+    _fit(data, tmp_path, 1, 0, "deferred", scenario="term_direct", code=143)
+    assert _saved_step(tmp_path) == 3  # the signal came at step 2's start: saved at its end
+
 @pytest.fixture(scope="module")
 def data32(tmp_path_factory) -> Path:
     """Clips for configs/debug.yaml (9 frames at 8 fps from 16-fps clips, 32 px)."""
@@ -236,7 +247,7 @@ def test_preemption_save_gives_a_datamodule_s_loaders_the_sigterm_protection_bef
 
     monkeypatch.setenv("PL_SEED_WORKERS", "1")  # what LightningCLI's seed_everything(workers=True) sets
     dm, save = Own(), PreemptionSave()
-    trainer = type("Trainer", (), {"datamodule": dm, "global_rank": 3})()
+    trainer = type("Trainer", (), {"datamodule": dm, "global_rank": 3, "fit_loop": _fit_loop(dm, dm)})()
     save.setup(trainer, L.LightningModule(), "fit")
     assert list(dm.train_dataloader()) == ["_end_on_the_next_sigterm"]  # ours first, then the loader's own
     val = dm.val_dataloader()
@@ -247,6 +258,37 @@ def test_preemption_save_gives_a_datamodule_s_loaders_the_sigterm_protection_bef
     save.teardown(trainer, L.LightningModule(), "fit")
     assert not {"train_dataloader", "val_dataloader"} & set(vars(dm))
     assert dm.train_dataloader().worker_init_fn is _own_worker_init
+
+
+def _fit_loop(train: Any, val: Any) -> SimpleNamespace:
+    """A stand-in for a Trainer's fit loop, as ``Trainer.fit`` leaves it: where it gets its loaders from."""
+    from lightning.pytorch.trainer.connectors.data_connector import _DataLoaderSource
+
+    val_loop = SimpleNamespace(_data_source=_DataLoaderSource(val, "val_dataloader"))
+    return SimpleNamespace(_data_source=_DataLoaderSource(train, "train_dataloader"),
+                           epoch_loop=SimpleNamespace(val_loop=val_loop))
+
+
+def test_preemption_save_gives_loaders_passed_to_fit_the_sigterm_protection_and_their_own_back_after(monkeypatch):
+    """Loaders passed to ``Trainer.fit`` directly start their workers with leave_first_sigterm_to_main, then their
+    own worker_init_fn (or Lightning's seeding); after the fit each has its own worker_init_fn again, a loader passed
+    as both training and validation loader too."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from mardini.lit.preemption import PreemptionSave
+
+    monkeypatch.setenv("PL_SEED_WORKERS", "1")
+    train = DataLoader(_Found(), batch_size=None, num_workers=1, worker_init_fn=_own_worker_init)
+    plain = DataLoader(_Found(), batch_size=None, num_workers=1)
+    save = PreemptionSave()
+    trainer = type("Trainer", (), {"datamodule": None, "global_rank": 0,
+                                   "fit_loop": _fit_loop(train, {"plain": plain, "again": train})})()
+    save.setup(trainer, L.LightningModule(), "fit")
+    assert list(train) == ["_end_on_the_next_sigterm"]  # ours first, then the loader's own
+    assert plain.worker_init_fn.then.keywords == {"rank": 0}
+    save.teardown(trainer, L.LightningModule(), "fit")
+    assert (train.worker_init_fn, plain.worker_init_fn) == (_own_worker_init, None)
 
 
 def test_a_sigterm_lightning_s_handler_caught_before_the_training_exits_143_too(data32, tmp_path, monkeypatch):

@@ -314,7 +314,7 @@ def protect_loader_workers(loaders: Any, rank: int = 0) -> Any:
     ``seed_everything(workers=True)`` as LightningCLI runs it, chains the seeding Lightning would give it:
     ``pl_worker_init_function`` of ``rank``). Loaders already protected (VideoDataModule's) stay as they are.
     Returns ``loaders``."""
-    for loader in _dataloaders(loaders):
+    for loader in dataloaders_in(loaders):
         then = loader.worker_init_fn
         if loader.num_workers == 0 or then is leave_first_sigterm_to_main or isinstance(then, LeaveFirstSigtermToMain):
             continue
@@ -324,19 +324,19 @@ def protect_loader_workers(loaders: Any, rank: int = 0) -> Any:
     return loaders
 
 
-def _dataloaders(loaders: Any) -> Iterator[DataLoader]:
+def dataloaders_in(loaders: Any) -> Iterator[DataLoader]:
     """The DataLoaders in ``loaders``: itself, or those inside a list, tuple, dict or ``CombinedLoader``."""
     if isinstance(loaders, DataLoader):
         yield loaders
     elif isinstance(loaders, CombinedLoader):
         for inner in loaders.flattened:
-            yield from _dataloaders(inner)
+            yield from dataloaders_in(inner)
     elif isinstance(loaders, Mapping):
         for inner in loaders.values():
-            yield from _dataloaders(inner)
+            yield from dataloaders_in(inner)
     elif isinstance(loaders, (list, tuple)):
         for inner in loaders:
-            yield from _dataloaders(inner)
+            yield from dataloaders_in(inner)
 
 
 def accumulation_window(trainer: L.Trainer | None) -> int:

@@ -31,8 +31,9 @@ SLURM's warning time (``--signal=SIGUSR1@T``) and the time between SIGTERM and S
 ``terminationGracePeriodSeconds``) must cover a training step plus, where the signal can come during one, a
 validation. Loader workers that get the SIGTERM too (SLURM, ``timeout`` and a container stop signal the whole process
 group) leave the first one to the main process, which shuts them down after the save: VideoDataModule's by
-themselves, those of any other datamodule's (or module's) ``train_dataloader`` / ``val_dataloader`` through
-:class:`PreemptionSave` (``mardini.data.datamodule.protect_loader_workers``).
+themselves, those of any other datamodule's (or module's) ``train_dataloader`` / ``val_dataloader`` and those passed
+to ``Trainer.fit`` directly (``train_dataloaders=``, ``val_dataloaders=``) through :class:`PreemptionSave`
+(``mardini.data.datamodule.protect_loader_workers``).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.distributed import ReduceOp
 
-from mardini.data.datamodule import protect_loader_workers
+from mardini.data.datamodule import dataloaders_in, protect_loader_workers
 
 TERMINATED = 128 + signal.SIGTERM  # 143: the exit status of a fit SIGTERM ended (after its checkpoint)
 
@@ -74,13 +75,14 @@ class PreemptionSave(L.Callback):
         self._holds_sigterm = False
         self._terminate = False  # SIGTERM received
         self._wrapped: list[tuple[Any, str, Any]] = []  # (owner, hook, its instance attribute before or _NONE)
+        self._protected: list[tuple[Any, Any]] = []  # (a loader passed to fit, its worker_init_fn before)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Wrap the ``train_dataloader`` / ``val_dataloader`` hooks of the datamodule and the module for the fit, so
-        that the workers of every loader they return leave the first SIGTERM to the main process
-        (:func:`~mardini.data.datamodule.protect_loader_workers`): a datamodule of one's own gets what
-        VideoDataModule does itself. Loaders passed to ``Trainer.fit`` directly need
-        ``worker_init_fn=leave_first_sigterm_to_main`` of their own."""
+        """Make the workers of every loader of the fit leave the first SIGTERM to the main process
+        (:func:`~mardini.data.datamodule.protect_loader_workers`), before Lightning asks for any: those the
+        ``train_dataloader`` / ``val_dataloader`` hooks of the datamodule and the module return (the hooks wrapped
+        for the fit: a datamodule of one's own gets what VideoDataModule does itself) and those passed to
+        ``Trainer.fit`` directly (their ``worker_init_fn`` given back at the fit's end)."""
         if stage != "fit":
             return
         for owner in (trainer.datamodule, pl_module):
@@ -89,6 +91,9 @@ class PreemptionSave(L.Callback):
                     continue
                 self._wrapped.append((owner, name, vars(owner).get(name, _NONE)))
                 setattr(owner, name, _protected_hook(getattr(owner, name), trainer))
+        for loaders in passed_loaders(trainer):
+            self._protected += [(loader, loader.worker_init_fn) for loader in dataloaders_in(loaders)]
+            protect_loader_workers(loaders, trainer.global_rank)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._unwrap()
@@ -97,13 +102,15 @@ class PreemptionSave(L.Callback):
         self._unwrap()  # Lightning calls no teardown then
 
     def _unwrap(self) -> None:
-        """The hooks :meth:`setup` wrapped, back as they were."""
+        """The hooks :meth:`setup` wrapped and the loaders passed to the fit, back as they were."""
         for owner, name, before in reversed(self._wrapped):
             if before is _NONE:
                 delattr(owner, name)
             else:
                 setattr(owner, name, before)
-        self._wrapped = []
+        for loader, before in reversed(self._protected):  # a loader passed twice: its own last
+            loader.worker_init_fn = before
+        self._wrapped, self._protected = [], []
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -190,6 +197,21 @@ def inside_accumulation_window(trainer: L.Trainer) -> bool:
 
 LOADER_HOOKS = ("train_dataloader", "val_dataloader")  # the loaders of a fit
 _NONE = object()  # no instance attribute
+
+
+def passed_loaders(trainer: L.Trainer) -> list[Any]:
+    """The training and validation loaders (or collections of them) passed to ``Trainer.fit`` directly, where
+    Lightning keeps them until it asks for them (its loops' ``_data_source``; a datamodule or the module there is
+    asked through the hooks :meth:`PreemptionSave.setup` wraps). A Lightning without that place gets a warning
+    naming what to do instead, and an empty list."""
+    fit_loop = trainer.fit_loop
+    sources = [getattr(fit_loop, "_data_source", None), getattr(fit_loop.epoch_loop.val_loop, "_data_source", None)]
+    if any(source is None or not hasattr(source, "is_module") for source in sources):
+        rank_zero_warn("PreemptionSave: this Lightning version keeps no _data_source in its fit loops, so the workers "
+                       "of loaders passed to Trainer.fit directly die at the first SIGTERM; give them "
+                       "worker_init_fn=mardini.data.datamodule.leave_first_sigterm_to_main, or pass a datamodule")
+        return []
+    return [source.instance for source in sources if source.instance is not None and not source.is_module()]
 
 
 def _protected_hook(hook: Callable[[], Any], trainer: L.Trainer) -> Callable[[], Any]:
