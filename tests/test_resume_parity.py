@@ -1,5 +1,6 @@
 """Resumes at edges the CLI tests leave out: a fit that stops at an epoch's last batch and saves at its end,
-with and without gradient accumulation and the epoch's validation; a resume under another LR schedule length."""
+with and without gradient accumulation and the epoch's validation; a fit that max_time or an early stop ends inside an
+epoch; a resume under another LR schedule length."""
 
 from __future__ import annotations
 
@@ -90,3 +91,64 @@ def test_a_resume_under_another_max_steps_says_the_lr_schedule_changes(synth, tm
     assert "LR at step 4 moves from 0.1 to 0.4109 x its peak" in said[0] and "decay_steps: 4" in said[0], said
     assert fit(4, tmp_path / "4.ckpt") == []  # the same command again: the same schedule
     assert fit(3, decay_steps=8) == [] and fit(6, tmp_path / "3.ckpt", decay_steps=8) == []
+
+
+class _RecordEpochs(_Record):
+    """As :class:`_Record`, each training batch with the epoch Lightning counts it in."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append((trainer.global_step, trainer.current_epoch, batch_idx, tuple(batch["key"])))
+
+
+class _StopAfter(L.Callback):
+    """Sets ``trainer.should_stop`` at the end of step ``step``'s batch, as Lightning's Timer does there once
+    ``max_time`` has passed (a real Timer stops where the clock says, not at a chosen step)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        trainer.should_stop = trainer.should_stop or trainer.global_step == self.step
+
+
+def _stopping_fit(synth: Path, folder: Path, stop: str | None, ckpt_path=None) -> tuple[L.Trainer, list]:
+    """Up to 6 steps, 4 per epoch, a validation every 2 batches, StepCheckpoint saving into ``folder`` as train.py's
+    (every 100 steps: here only where a fit ends); ``stop``: ``max_time`` (stopped at step 1's end, as the Timer
+    does), ``early_stop`` (EarlyStopping at the first validation, step 2's) or None."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from mardini.lit.step_checkpoint import StepCheckpoint
+
+    torch.manual_seed(0)
+    model = GenerationModule(size="tiny", generator={"depth": 1}, planner_resolution=8, lr=1e-3, warmup_steps=1,
+                             decay_steps=10)
+    data = VideoDataModule(train_shards=str(synth / "train"), val_shards=str(synth / "val"), frames=4, fps=8,
+                           resolution=16, batch_size=2, num_workers=0, shuffle_buffer=4, epoch_size=8, val_clips=2)
+    record = _RecordEpochs()
+    callbacks = [record, StepCheckpoint(dirpath=folder, filename="step{step}", save_last=True, save_top_k=1,
+                                        every_n_train_steps=100)]
+    if stop == "max_time":
+        callbacks.append(_StopAfter(1))
+    if stop == "early_stop":
+        callbacks.append(EarlyStopping(monitor="val/loss", stopping_threshold=1e9, check_on_train_epoch_end=False))
+    trainer = L.Trainer(max_steps=6, accelerator="cpu", logger=False, val_check_interval=2, limit_val_batches=1,
+                        num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=callbacks)
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    return trainer, record.seen
+
+
+@pytest.mark.parametrize(("stop", "at_step"), [("max_time", 1), ("early_stop", 2)])
+def test_a_fit_stopped_mid_epoch_by_max_time_or_an_early_stop_resumes_as_one_run(synth, tmp_path, stop, at_step):
+    """6 steps at once vs a fit that max_time (Lightning's Timer) or EarlyStopping ends inside its first epoch,
+    resumed from its last.ckpt to 6: the same epochs, batches, clips, validations and weights. Before, StepCheckpoint
+    saved such a stop at the fit's end, where Lightning had counted the cut epoch as completed: the resume went on in
+    that epoch's batches counting it as epoch 1."""
+    one, seen = _stopping_fit(synth, tmp_path / "one", None)
+    stopped, _ = _stopping_fit(synth, tmp_path / "cut", stop)
+    assert stopped.global_step == at_step
+    resumed, resumed_seen = _stopping_fit(synth, tmp_path / "cut", None, ckpt_path=tmp_path / "cut" / "last.ckpt")
+    from_stop = next(i for i, s in enumerate(seen) if s[0] == at_step)
+    assert resumed_seen == seen[from_stop:]
+    want, got = one.lightning_module.state_dict(), resumed.lightning_module.state_dict()
+    assert [k for k in want if not torch.equal(want[k], got[k])] == []

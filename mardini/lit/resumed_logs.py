@@ -19,7 +19,7 @@ class ResumedLogs(L.Callback):
 
     Lightning logs every scalar at ``fit_loop.epoch_loop._batches_that_stepped`` (the optimiser steps taken: the
     scalars of step ``k`` at ``k - 1``). A checkpoint saved at the end of a fit (``StepCheckpoint.on_train_end``: one
-    that ``max_time`` or an early stop ended, and before 2026-12-07 one that ``max_steps`` ended too)
+    that a stop at an epoch's end ended; before 2026-12-07 one that ``max_steps``, ``max_time`` or an early stop ended)
     records it after Lightning has counted the last step, and a resume from it whose first batch is due a validation
     (the one the last step ran) counts that step again: each such resume logged one step further on, checkpoints
     already written included. At the first training batch after a restore this sets it to the global step, as an

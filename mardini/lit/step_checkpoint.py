@@ -28,9 +28,11 @@ class StepCheckpoint(ModelCheckpoint):
 
     Lightning's ``save_last`` writes ``last.ckpt`` at train end only if nothing was saved before, so a stage of
     650 steps saved every 100 would end with ``last.ckpt`` at step 600 and lose its last 50 steps. Here the end of
-    a fit (max_steps reached, max_time, an early stop) saves the step it stopped at, unless it is already saved: the
-    step ``max_steps`` ends at that batch's end, as the every-N saves (so that a resume goes on in the same epoch
-    with Lightning's epoch counter unchanged), the others when the fit ends.
+    a fit (max_steps reached, max_time, an early stop) saves the step it stopped at, unless it is already saved: a
+    stop inside an epoch where it is decided, before Lightning's fit loop counts the cut epoch as completed (so that a
+    resume goes on in the same epoch with Lightning's epoch counter unchanged): ``max_steps`` and ``max_time``
+    (Lightning's Timer) at that batch's end, as the every-N saves, an early stop at a validation (EarlyStopping) at
+    that validation's end; a stop at an epoch's end when the fit ends.
 
     ``resume``: what the fit resumes from (its ``ckpt_path``). A fit that starts a new run in the folder (None: from
     scratch, or a checkpoint file outside the folder) first moves the ``*.ckpt`` files an earlier run left there to
@@ -90,15 +92,24 @@ class StepCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs, batch,
                            batch_idx: int) -> None:
-        """The every-N save, and the fit's last step by ``max_steps`` (where ModelCheckpoint's every-N save would):
-        saved at :meth:`on_train_end`, Lightning's fit loop would already have counted the unfinished epoch as
-        completed, and each resume from it logged ``epoch`` one higher while it went on in the same epoch."""
+        """The every-N save, and the fit's last step by ``max_steps`` or by a stop set at this batch's end (Lightning's
+        Timer at ``max_time``; it and the other callbacks run before the checkpoint callbacks), where
+        ModelCheckpoint's every-N save would: saved at :meth:`on_train_end`, Lightning's fit loop would already have
+        counted the unfinished epoch as completed, and each resume from it logged ``epoch`` one higher while it went
+        on in the same epoch."""
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
+        if (trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps) or stops_inside_epoch(trainer):
+            self._save_this_step(trainer)
+
+    def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """ModelCheckpoint's, and the fit's last step where this validation stopped it inside an epoch
+        (EarlyStopping), for the reason :meth:`on_train_batch_end` gives."""
+        super().on_validation_end(trainer, pl_module)
+        if not trainer.sanity_checking and stops_inside_epoch(trainer):
             self._save_this_step(trainer)
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._save_this_step(trainer)  # the ends max_steps does not give (max_time, an early stop)
+        self._save_this_step(trainer)  # a stop at an epoch's end (the epoch is over: loop_state starts the next)
         super().on_train_end(trainer, pl_module)
 
     def _save_this_step(self, trainer: "pl.Trainer") -> None:
@@ -106,6 +117,15 @@ class StepCheckpoint(ModelCheckpoint):
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
+
+
+def stops_inside_epoch(trainer: "pl.Trainer") -> bool:
+    """Whether the fit stops after the training batch last run, which is not its epoch's last: ``should_stop`` is set
+    (Timer, EarlyStopping, a module or callback of one's own) and Lightning may stop (``min_epochs`` and
+    ``min_steps`` met; before, it trains on with the flag set)."""
+    loop = trainer.fit_loop
+    return (trainer.should_stop and getattr(loop, "_can_stop_early", True)
+            and not loop.epoch_loop.batch_progress.is_last_batch)
 
 
 def set_aside_earlier_run(fs, folder: str, logs: dict[str, tuple[int, int]] | None = None) -> str | None:
