@@ -139,10 +139,21 @@ class RecordStepGradients(L.Callback):
             self.grads = {n: p.grad.clone() for n, p in pl_module.networks.named_parameters() if p.grad is not None}
 
 
-def _step_gradients(batch: int, accumulate: int, clip: float | None = None,
-                    plugins: list | None = None) -> dict[str, torch.Tensor]:
+class NormBeforeStep(L.Callback):
+    """A user's gradient-norm logger: the norm of the gradients its own ``on_before_optimizer_step`` sees."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.norms.append(_norm({n: p.grad for n, p in pl_module.networks.named_parameters() if p.grad is not None}))
+
+
+def _step_gradients(batch: int, accumulate: int, clip: float | None = None, plugins: list | None = None,
+                    callbacks: list[L.Callback] = ()) -> dict[str, torch.Tensor]:
     """The gradients of one ``element`` optimiser step on the 4 clips of :data:`WINDOW`, in ``4 / batch`` batches
-    accumulated ``accumulate`` at a time, clipped to the norm ``clip``, under the trainer's ``plugins``."""
+    accumulated ``accumulate`` at a time, clipped to the norm ``clip``, under the trainer's ``plugins``, with the
+    ``callbacks`` besides."""
     torch.manual_seed(0)
     module = PlanningModule(size="tiny", planner_resolution=16, planner={"depth": 1}, loss_reduction="element")
     module.mask_sampler = QueuedMasks()
@@ -152,7 +163,7 @@ def _step_gradients(batch: int, accumulate: int, clip: float | None = None,
     record = RecordStepGradients()
     trainer = L.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, gradient_clip_val=clip,
                         plugins=plugins, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, callbacks=[record])
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[record, *callbacks])
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     assert not module.mask_sampler.queue  # every clip trained
     return record.grads
@@ -189,9 +200,21 @@ def test_element_with_accumulation_2_x_batch_2_gives_the_gradient_of_one_batch_o
     _assert_same_gradient(two, one)
 
 
+def test_a_callback_s_on_before_optimizer_step_sees_the_window_s_rescaled_gradient():
+    """The window's rescale runs when its last micro-batch's backward has returned, before any
+    on_before_optimizer_step: a callback's gradient norm there is the one-batch step's. Before, the module rescaled in
+    its own on_before_optimizer_step, which Lightning calls after the callbacks': they saw the gradient 8/11 too
+    large here (micro-batches of 4 and 7 generated frames, both divided by 4)."""
+    seen = {b: NormBeforeStep() for b in (4, 2)}
+    for b, callback in seen.items():
+        _step_gradients(batch=b, accumulate=4 // b, callbacks=[callback])
+    assert len(seen[2].norms) == 1
+    assert seen[2].norms == pytest.approx(seen[4].norms, rel=1e-6)
+
+
 def test_element_with_accumulation_clips_the_rescaled_gradient():
-    """Lightning clips after on_before_optimizer_step, where the window's gradients are rescaled: clipping sees the
-    step's gradient (rescaling after it would leave the norm 8/11 of the clip value here)."""
+    """Lightning clips after on_before_optimizer_step, and the window's gradients are rescaled before it: clipping
+    sees the step's gradient (rescaling after it would leave the norm 8/11 of the clip value here)."""
     clip = 0.5 * _norm(_step_gradients(batch=4, accumulate=1))
     one = _step_gradients(batch=4, accumulate=1, clip=clip)
     two = _step_gradients(batch=2, accumulate=2, clip=clip)
@@ -200,8 +223,8 @@ def test_element_with_accumulation_clips_the_rescaled_gradient():
 
 
 def test_element_with_accumulation_under_16_mixed_s_grad_scaler():
-    """``16-mixed``: Lightning unscales the gradients before on_before_optimizer_step (the rescale multiplies the
-    true gradient, the scaler's overflow check already done). On CPU with fp16 autocast and a CPU GradScaler, the
+    """``16-mixed``: the rescale multiplies the scaled gradients right after the window's last backward, and Lightning
+    unscales them after it (both linear: the same gradient; an inf/NaN stays one for the scaler's check). On CPU with fp16 autocast and a CPU GradScaler, the
     plugin a GPU's 16-mixed runs; fp16 rounds each batching differently, so to 5e-3 (without the rescale: 27 %)."""
     scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**12) for _ in range(2)]
     one, two = (_step_gradients(batch=b, accumulate=4 // b, plugins=[MixedPrecision("16-mixed", "cpu", scaler=s)])

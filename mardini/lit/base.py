@@ -89,8 +89,8 @@ class MarDiniBase(L.LightningModule):
             ``plan_recon_weight`` term); ``train/loss`` and validation stay per-clip means, ``element`` adds
             ``train/loss_element``. With ``trainer.accumulate_grad_batches`` above 1 the mean is over every
             micro-batch of the window: the accumulated gradients are rescaled once the window's count is known
-            (:class:`~mardini.lit.batch_weight.ElementWindow`, in :meth:`on_before_optimizer_step`, before the
-            clipping).
+            (:class:`~mardini.lit.batch_weight.ElementWindow`, when the window's last backward has returned: before
+            every ``on_before_optimizer_step`` and the clipping).
     """
 
     KIND: ClassVar[str] = "base"
@@ -451,17 +451,35 @@ class MarDiniBase(L.LightningModule):
             self._element_window = ElementWindow(self.global_step)
         return self._element_window
 
+    def _rescales_element_window(self) -> bool:
+        """Whether optimiser steps rescale their window's gradients: ``element`` under gradient accumulation."""
+        return (self.hparams.loss_reduction == "element" and self._trainer is not None
+                and self.trainer.accumulate_grad_batches > 1)
+
+    def _then_rescale_element_window(self, closure: Callable[[], Any] | None) -> Callable[[], Any] | None:
+        """``closure`` (the window's last ``training_step`` and backward, which ``optimizer.step`` runs) followed by
+        :meth:`_rescale_element_window`; ``closure`` itself where no rescale is due."""
+        if closure is None or not self._rescales_element_window():
+            return closure
+
+        def closure_then_rescale() -> Any:
+            result = closure()
+            self._rescale_element_window()
+            return result
+
+        return closure_then_rescale
+
     def _rescale_element_window(self) -> None:
         """``element`` under gradient accumulation: the window's accumulated gradients times
-        :meth:`ElementWindow.gradient_factor`, the gradient of the mean over all its generated elements. Runs in
-        :meth:`on_before_optimizer_step`: after DDP's or FSDP's reduction and a GradScaler's unscaling, before the
-        gradient norm, Lightning's clipping and the step (callbacks' ``on_before_optimizer_step`` run earlier and
-        see the gradients before it)."""
-        if self.hparams.loss_reduction != "element" or self._trainer is None:
+        :meth:`ElementWindow.gradient_factor`, the gradient of the mean over all its generated elements. Runs when
+        the window's last backward has returned (:meth:`optimizer_step` wraps its closure): after DDP's or FSDP's
+        reduction (done inside that backward), before a GradScaler's unscaling (linear: the same gradient), every
+        ``on_before_optimizer_step`` (the callbacks' first, then this module's gradient norm), Lightning's clipping
+        and the step. A step dropped as non-finite (its window may have counted nothing) is left to
+        :meth:`on_before_optimizer_step`."""
+        if not self._rescales_element_window() or self._skip_step:
             return
         accumulate = self.trainer.accumulate_grad_batches
-        if accumulate == 1:
-            return
         factor = self._current_element_window().gradient_factor(accumulate)  # (), the same on every rank
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads:
@@ -529,7 +547,6 @@ class MarDiniBase(L.LightningModule):
         if self._skip_step:
             optimizer.zero_grad(set_to_none=True)  # AdamW skips parameters whose grad is None
             return
-        self._rescale_element_window()
         norms = grad_norm(self.networks, norm_type=2)
         total = norms.get("grad_2.0_norm_total")
         if fsdp_root(self) is not None:  # each rank holds a shard's gradients: the global norm, one decision for all
@@ -552,13 +569,14 @@ class MarDiniBase(L.LightningModule):
     # ----------------------------------------------------------------------------------------------
     # EMA: updated after each optimiser step, swapped in for validation and sampling
     # ----------------------------------------------------------------------------------------------
-    def optimizer_step(self, *args, **kwargs) -> None:
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         """The optimiser step, then the EMA update -- before any callback can checkpoint this step. A step that
         changed no weight leaves the EMA as it is: one skipped as non-finite, or one a GradScaler skipped (an
-        overflow, which lowered its scale)."""
+        overflow, which lowered its scale). ``element`` under accumulation rescales the window's gradients right
+        after the closure's backward (:meth:`_rescale_element_window`)."""
         scaler = self._grad_scaler()
         scale = scaler.get_scale() if scaler is not None else None
-        super().optimizer_step(*args, **kwargs)
+        super().optimizer_step(epoch, batch_idx, optimizer, self._then_rescale_element_window(optimizer_closure))
         # an overflow, and only one, multiplies the scale by the backoff factor (< 1); the midpoint tells it from a
         # kept scale also where the first step's init_scale was rounded to float32
         overflow = scaler is not None and scaler.get_scale() < scale * (1 + scaler.get_backoff_factor()) / 2
