@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Union
 
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
@@ -22,6 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mardini.lit.base import MarDiniBase
 from mardini.lit.checkpoint_io import AtomicCheckpointIO, local_path, other_checkpoints_message
 from mardini.lit.checkpoints import RESUMING, directory_message
+from mardini.lit.lr_monitor import LatestLearningRateMonitor
 from mardini.lit.preemption import TERMINATED, PreemptionSave
 from mardini.lit.resumed_logs import ContinuedCSVLogger, ResumedLogs
 from mardini.lit.step_checkpoint import (PREEMPTION, StepCheckpoint, earlier_logs, preemption_checkpoints,
@@ -187,7 +187,7 @@ class MarDiniCLI(LightningCLI):
         extra = [
             StepCheckpoint(filename="step{step:08d}", auto_insert_metric_name=False, save_last=True,
                            every_n_train_steps=self._checkpoint_every, save_top_k=1, resume=resume, logs=logs),
-            LearningRateMonitor(logging_interval="step"),
+            LatestLearningRateMonitor(logging_interval="step"),
             PreemptionSave(dirpath=self._checkpoint_folder),
         ]
         # kwargs["callbacks"] replaces trainer.callbacks of the config in LightningCLI: keep the config's ones

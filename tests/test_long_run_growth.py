@@ -1,0 +1,45 @@
+"""What a fit keeps in memory per step stays bounded however long it runs (a week-long fit takes millions of steps):
+one short fit, then the sizes of what its callbacks hold."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning.pytorch.callbacks import LearningRateMonitor
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from mardini.cli import main
+from mardini.data.testing import tiny_synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def fit(tmp_path_factory):
+    """``train.py fit --config configs/debug.yaml`` for ``STEPS`` steps, logging every step; (its CLI, its folder)."""
+    root = tmp_path_factory.mktemp("long_run")
+    tiny_synthetic(root / "data" / "shards" / "synthetic", train=8, val=4, frames=18, size=32)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        cli = main(["fit", "--config", str(REPO / "configs" / "debug.yaml"), f"--trainer.max_steps={STEPS}",
+                    "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
+                    "--trainer.enable_model_summary=false", "--trainer.num_sanity_val_steps=0",
+                    "--trainer.precision=32-true", "--data.init_args.batch_size=2"])
+    return cli, root
+
+
+def _callback(cli, kind: type):
+    return next(cb for cb in cli.trainer.callbacks if isinstance(cb, kind))
+
+
+def test_the_learning_rate_monitor_keeps_the_latest_rates_not_every_logged_one(fit):
+    """Lightning's LearningRateMonitor appended every logged learning rate to ``lrs`` (6 logged steps: 6 values per
+    parameter group, one more each step of the run); train.py's keeps the latest, and the logs still get all."""
+    cli, root = fit
+    monitor = _callback(cli, LearningRateMonitor)
+    assert monitor.lrs and all(len(values) == 1 for values in monitor.lrs.values()), monitor.lrs
+    events = EventAccumulator(str(root / "outputs" / "debug" / "joint"))
+    events.Reload()
+    assert [s.step for s in events.Scalars("lr-AdamW/pg1")] == list(range(STEPS))
