@@ -52,7 +52,7 @@ class SampleGrids(L.Callback):
         self.every_n_steps, self.clips, self.steps = every_n_steps, clips, steps
         self.guidance_scale, self.seed = guidance_scale, seed
         self._video: torch.Tensor | None = None
-        self.logged_steps: list[int] = []
+        self.last_logged_step: int | None = None  # the global step of the last grids (one step logs them once)
 
     def _fixed_clips(self, trainer: L.Trainer, batch: dict) -> torch.Tensor | None:
         if self._video is None:
@@ -90,7 +90,7 @@ class SampleGrids(L.Callback):
     def _step_due(self, trainer, pl_module) -> bool:
         """Whether this step is one to log grids at (from the step alone: the same on every rank)."""
         step = trainer.global_step
-        return not (step == 0 or step % self.every_n_steps or step in self.logged_steps
+        return not (step == 0 or step % self.every_n_steps or step == self.last_logged_step
                     or "generator" not in pl_module.networks)
 
     def _due(self, trainer, pl_module, batch) -> bool:
@@ -136,7 +136,7 @@ class SampleGrids(L.Callback):
         finally:
             for name, net in pl_module.networks.items():
                 net.train(was_training[name])
-        self.logged_steps.append(step)
+        self.last_logged_step = step
 
 
 def image_writer(trainer: L.Trainer) -> Callable[[str, np.ndarray, int], None] | None:
