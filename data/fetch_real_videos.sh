@@ -2,7 +2,9 @@
 # Fetch the real development clips of DATA.md into data/videos/ (git-ignored) from the package registries only.
 #   bash data/fetch_real_videos.sh            # physics-lab clips (python3-mecavideo .deb, 4 MB)
 #   bash data/fetch_real_videos.sh --bbb      # also Big Buck Bunny (moviepy 2.2.1 sdist, 57 MB download)
-# Then: python data/videos_to_shards.py data/videos/mecavideo data/shards/mecavideo --clip-frames 32
+# Then: python data/videos_to_shards.py data/videos/mecavideo data/shards/mecavideo --clip-frames 32 --max-fps 25 \
+#         --short-side 128
+#   (as data/README.md; --max-fps 25 keeps the 187 fps vp9 clip to a rate the stages' 9 frames at 8 fps fit)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=data/videos

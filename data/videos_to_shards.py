@@ -1,9 +1,15 @@
-"""Turn a folder of videos (mp4, mov, mkv, avi, webm, mts/m2ts/ts, 3gp, flv, wmv, mxf, mpg, ... and any extension
+r"""Turn a folder of videos (mp4, mov, mkv, avi, webm, mts/m2ts/ts, 3gp, flv, wmv, mxf, mpg, ... and any extension
 given with --ext; any codec PyAV decodes) into WebDataset shards of fixed-length H.264 clips (``video.mp4`` +
 ``json``), with several worker processes, resumable.
 
-    python data/videos_to_shards.py data/videos/mecavideo data/shards/videos/train --clip-frames 32 --short-side 256
-    python data/videos_to_shards.py IN OUT --max-fps 12 --shard-max-count 500 --shard-max-bytes 2e9 --workers 8
+    python data/videos_to_shards.py data/videos/mecavideo data/shards/mecavideo --clip-frames 32 --max-fps 25 \
+        --short-side 128
+    python data/videos_to_shards.py IN OUT --clip-frames 33 --max-fps 12 --shard-max-count 500 \
+        --shard-max-bytes 2e9 --workers 8
+
+A clip must span the frames a stage reads at its fps: (frames - 1) * round(stored fps / data.fps) + 1 stored
+frames, e.g. 33 for 9 or 17 frames at 8 fps from 30 or 12 fps (data/README.md). Without --max-fps clips keep each
+source's rate (a 187 fps file would need 185 frames), so pass it when the shards feed a stage.
 
 Re-running the same command finishes an interrupted run (finished files and shards are not redone); on a finished
 folder it writes nothing and says ``already complete``.

@@ -72,7 +72,8 @@ LIGHTNING = {"train.py", "mardini.cli"}  # LightningCLI: its flags are the confi
 COMMAND = re.compile(r"python\s+(?:-m\s+(?P<module>[A-Za-z_][\w.]*\w)(?![\w.<{])|(?P<script>[\w/]+\.py))(?P<args>[^`\n#]*)")
 FLAG = re.compile(r"(?<![\w-])--[A-Za-z][\w-]*")
 SOURCES = sorted(p for p in [*DOCS, *ROOT.glob("*.py"), *(ROOT / "mardini").rglob("*.py"), *(ROOT / "bench").rglob(
-    "*.py"), *(ROOT / "data").glob("*.py"), *(ROOT / "configs").rglob("*.yaml"), ROOT / "Makefile"]
+    "*.py"), *(ROOT / "data").glob("*.py"), *(ROOT / "data").glob("*.sh"), *(ROOT / "configs").rglob("*.yaml"),
+    ROOT / "Makefile"]
     if not SKIP_DIRS & set(p.relative_to(ROOT).parts))
 
 
@@ -228,16 +229,25 @@ def test_the_written_shard_commands_cut_clips_the_stages_they_feed_can_read():
     """data/README.md's example, ``videos_to_shards.py ... --clip-frames 32 --short-side 256 --max-fps 30``, cut
     clips one frame short of the tiny configs (and the 256-px paper stages): 9 frames at 8 fps from 30 fps take
     every 4th frame, a span of 33, so setup refused every clip. Each written command with ``--max-fps R`` must cut
-    clips that a source at R fps fills for every stage config whose resolution its ``--short-side`` covers."""
+    clips that a source at R fps fills for every stage config whose resolution its ``--short-side`` covers. Every
+    file that writes commands is read (docs, docstrings, data/*.sh): videos_to_shards.py's docstring and
+    data/fetch_real_videos.sh gave ``--clip-frames 32`` with no ``--max-fps``. A command that sets
+    ``--clip-frames`` must pass ``--max-fps``: without it clips keep each source's rate, which no clip length
+    fits (mecavideo's 187 fps file needs 185 stored frames for 9 frames at 8 fps, a 30 fps file 33)."""
     from mardini.data.decode import ClipTooShort, max_start
     from mardini.data.video_shards import ShardSettings
 
     checked, short = 0, []
-    for doc in DOCS:
+    for doc in SOURCES:
         for match, line in doc_commands(doc):
+            if not (match["script"] or "").endswith("videos_to_shards.py"):
+                continue
             rate = _flag(line, "max-fps", None)
-            if not (match["script"] or "").endswith("videos_to_shards.py") or rate is None:
-                continue  # without --max-fps the stored rate is the sources'
+            if rate is None:
+                if _flag(line, "clip-frames", None) is not None:
+                    short.append(f"{doc.relative_to(ROOT)}: --clip-frames without --max-fps (clips at each "
+                                 f"source's rate, which no clip length fits): `{line}`")
+                continue  # a bare command (an error message's hint) sets no clip length to check
             clip = int(_flag(line, "clip-frames", ShardSettings.clip_frames))
             side = _flag(line, "short-side", float("inf"))
             for config, frames, fps, size in _stage_clips():
