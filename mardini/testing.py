@@ -28,7 +28,8 @@ def quick() -> bool:
 
 def make_checkpoint(path: str | Path, kind: str = "joint", frames: int = 5, size: int | tuple[int, int] = 16,
                     perturb: bool = True, generator: dict | None = None, model_args: dict | None = None) -> Path:
-    """Fit ``kind`` (size ``tiny``) for one step on random clips and save a Lightning checkpoint at ``path``.
+    """Fit ``kind`` (size ``tiny``) for one step on random clips and save a Lightning checkpoint at ``path``, which
+    records its clips' ``frames`` and ``resolution`` (``size``) as a run of train.py records its data.
 
     Args:
         kind: ``joint`` (every task), ``generation`` (plan-free) or ``planning`` (no generator).
@@ -41,7 +42,7 @@ def make_checkpoint(path: str | Path, kind: str = "joint", frames: int = 5, size
     Takes a few seconds on one CPU core.
     """
     import lightning as L
-    from torch.utils.data import DataLoader
+    from torch.utils.data import StackDataset
 
     from mardini.lit import GenerationModule, MarDiniModule, PlanningModule
 
@@ -55,12 +56,15 @@ def make_checkpoint(path: str | Path, kind: str = "joint", frames: int = 5, size
                            **(model_args or {}))
     g = torch.Generator().manual_seed(0)
     h, w = (size, size) if isinstance(size, int) else size
-    clips = [{"video": torch.rand(frames, 3, h, w, generator=g) * 2 - 1} for _ in range(2)]  # (T, 3, H, W)
+    clips = StackDataset(video=torch.stack([torch.rand(frames, 3, h, w, generator=g) * 2 - 1 for _ in range(2)]))
+    data = L.LightningDataModule.from_datasets(clips, batch_size=2)  # batches {"video": (2, T, 3, H, W)}
+    # recorded as train.py's VideoDataModule records its clips (the checkpoint's datamodule_hyper_parameters)
+    data.save_hyperparameters({"frames": frames, "resolution": size if isinstance(size, int) else [h, w]})
     with _quiet():
         trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                             default_root_dir=str(path.parent))
-        trainer.fit(module, DataLoader(clips, batch_size=2))
+        trainer.fit(module, datamodule=data)
         if perturb:
             g = torch.Generator().manual_seed(1)
             with torch.no_grad():

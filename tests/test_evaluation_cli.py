@@ -161,6 +161,7 @@ def test_window_gives_the_trained_window_of_a_checkpoint_that_records_none(shard
 
     ckpt = torch.load(make_checkpoint(tmp_path / "joint.ckpt", "joint", frames=9, size=16), weights_only=True)
     ckpt["hyper_parameters"]["frames"] = None  # a module built without frames, fitted on a dataloader
+    del ckpt["datamodule_hyper_parameters"]  # (no datamodule: no data recorded)
     bare = tmp_path / "no_window.ckpt"
     torch.save(ckpt, bare)
     run = ["--data", str(shards), "--tasks", "interpolation", "--frames", "9", "--resolution", "16", "--num-clips", "2",
@@ -579,15 +580,11 @@ def test_sampling_at_other_settings_than_training_is_noted():
 def test_the_model_samples_at_its_training_size_and_is_scored_at_the_protocols(shards, tmp_path, monkeypatch):
     """A checkpoint trained at 32 px on a 16-px protocol: the pipeline is given the clips read at 32 px, and its
     outputs are scored downscaled to 16 px with the real given frames (``--sample-resolution protocol``: at 16)."""
-    import torch
     from pipeline_helpers import record_sampled_and_scored
 
     from mardini.testing import make_checkpoint
 
-    ckpt = torch.load(make_checkpoint(tmp_path / "joint.ckpt", "joint", frames=9, size=32), weights_only=True)
-    ckpt["datamodule_hyper_parameters"] = {"resolution": 32}  # as a run of train.py records its data
-    path = tmp_path / "at32.ckpt"
-    torch.save(ckpt, path)
+    path = make_checkpoint(tmp_path / "at32.ckpt", "joint", frames=9, size=32)  # records its 32 px as train.py does
     sampled, scored = record_sampled_and_scored(monkeypatch)
     run = ["--data", str(shards), "--tasks", "interpolation", "--resolution", "16", "--num-clips", "2", "--metrics",
            "midf", "--checkpoint", str(path), "--steps", "1", "--device", "cpu", "--cache-dir", ""]
@@ -610,15 +607,11 @@ def test_a_checkpoint_trained_at_hxw_is_sampled_and_scored_at_hxw(shards, tmp_pa
     """A checkpoint trained at 16x32: ``--resolution 16x32`` samples it at 16x32 and scores 16x32 frames (FID/FVD
     included: their networks centre-crop), the report saying 16x32; a square ``--resolution 16`` samples it at 16x16
     with a note naming the ``--resolution`` to pass."""
-    import torch
     from pipeline_helpers import record_sampled_and_scored
 
     from mardini.testing import make_checkpoint
 
-    ckpt = torch.load(make_checkpoint(tmp_path / "joint.ckpt", "joint", frames=9, size=(16, 32)), weights_only=True)
-    ckpt["datamodule_hyper_parameters"] = {"resolution": [16, 32]}  # as a run of train.py records its data
-    path = tmp_path / "at16x32.ckpt"
-    torch.save(ckpt, path)
+    path = make_checkpoint(tmp_path / "at16x32.ckpt", "joint", frames=9, size=(16, 32))  # records 16x32 as train.py does
     sampled, scored = record_sampled_and_scored(monkeypatch)
     stub_networks(monkeypatch)
     run = ["--data", str(shards), "--tasks", "interpolation", "--num-clips", "2", "--checkpoint", str(path),

@@ -144,10 +144,7 @@ def test_cli_reads_a_non_square_checkpoints_clips_at_its_height_and_width(tmp_pa
         return first_batch(str(tmp_path / "synth" / "val"), n, frames, size, None)
 
     monkeypatch.setattr(plan_usage, "heldout_clips", heldout)
-    ckpt = torch.load(make_checkpoint(tmp_path / "16x32.ckpt", frames=5, size=(16, 32)), weights_only=True)
-    ckpt["datamodule_hyper_parameters"] = {"resolution": [16, 32]}  # as a run of train.py records its data
-    torch.save(ckpt, tmp_path / "joint.ckpt")
-    ckpt = tmp_path / "joint.ckpt"
+    ckpt = make_checkpoint(tmp_path / "joint.ckpt", frames=5, size=(16, 32))  # records its 16x32 as train.py does
     tables = main(["--checkpoint", str(ckpt), "--clips", "2", "--steps", "1", "--json"])
     assert sizes == [(16, 32)]
     assert set(tables) == {"linear_blend", "nearest_frame", "mardini"}

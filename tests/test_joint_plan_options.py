@@ -257,10 +257,7 @@ def test_plan_usage_cli_reads_clips_at_the_checkpoints_height_and_width(tmp_path
         return {"video": torch.rand(n, frames, 3, h, w, generator=torch.Generator().manual_seed(0)) * 2 - 1}
 
     monkeypatch.setattr(plan_usage, "heldout_clips", heldout)
-    joint = torch.load(make_checkpoint(tmp_path / "16x32.ckpt", frames=5, size=(16, 32)), weights_only=True)
-    joint["datamodule_hyper_parameters"] = {"resolution": [16, 32]}  # as a run of train.py records its data
-    torch.save(joint, tmp_path / "joint.ckpt")
-    joint = tmp_path / "joint.ckpt"
+    joint = make_checkpoint(tmp_path / "joint.ckpt", frames=5, size=(16, 32))  # records its 16x32 as train.py does
     assert "velocity_change_null" in plan_usage.main(["--checkpoint", str(joint), "--clips", "2"])
     planning = make_checkpoint(tmp_path / "planning.ckpt", "planning", frames=5, size=(16, 32))
     plan_usage.main(["--planning", str(planning), "--clips", "2", "--frames", "5", "--resolution", "16x32"])

@@ -486,12 +486,28 @@ def test_ancestral_noise_streams_differ_per_sample_and_clip():
     assert len(seeds) == 6 and not seeds & {3, 4}  # and none reuses a start-noise stream
 
 
+def test_a_made_checkpoint_records_its_clips_as_a_training_run_does(tmp_path):
+    """``make_checkpoint(size=(H, W))`` recorded no size (tests put ``datamodule_hyper_parameters`` in by hand): it
+    records its clips' frames and resolution under the VideoDataModule's argument names, so loading reads (H, W)."""
+    import inspect
+
+    from mardini.data.datamodule import VideoDataModule
+    from mardini.pipeline.loading import load_checkpoint
+    from mardini.testing import make_checkpoint
+
+    path = make_checkpoint(tmp_path / "16x32.ckpt", "generation", frames=T, size=(16, 32))
+    data = torch.load(path, map_location="cpu", weights_only=True)["datamodule_hyper_parameters"]
+    assert data == {"frames": T, "resolution": [16, 32]} and set(data) <= set(inspect.signature(VideoDataModule).parameters)
+    assert load_checkpoint(path).resolution == (16, 32)
+
+
 def test_a_checkpoint_that_records_no_window_warns_and_takes_the_window_passed(ckpts, tmp_path):
     """No model.frames, datamodule or curriculum frames: the size's registry window (tiny: 4) is only a warned
     fallback, and ``window=`` gives the trained one; a checkpoint that records its window refuses another."""
     ckpt = torch.load(ckpts["joint"], map_location="cpu", weights_only=True)
-    assert ckpt["hyper_parameters"]["frames"] == T and "datamodule_hyper_parameters" not in ckpt
+    assert ckpt["hyper_parameters"]["frames"] == T and ckpt["datamodule_hyper_parameters"]["frames"] == T
     ckpt["hyper_parameters"]["frames"] = None  # a module built without frames, fitted on a dataloader
+    del ckpt["datamodule_hyper_parameters"]  # (no datamodule: no data recorded)
     bare = tmp_path / "no_window.ckpt"
     torch.save(ckpt, bare)
     with pytest.warns(UserWarning, match=r"records no trained window .*registry window of 4 frames.*window=T"):
