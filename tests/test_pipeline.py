@@ -479,6 +479,30 @@ def test_sampling_uses_the_trained_schedule_shift(ckpts, tmp_path):
     assert not torch.allclose(shifted.generate_latents(_video(), MASK, **kw)[0], plain.generate_latents(_video(), MASK, **kw)[0])
 
 
+def test_sampling_a_big_size_on_the_cpu_warns_once_and_the_demo_s_size_does_not(pipe, monkeypatch):
+    """A tiny model sampled at 144x256 on the CPU ran for many minutes with no word (evaluate.py shows no bar): past
+    ``CPU_TOKENS_WARN`` generator tokens per window it warns once per size with the count, then gives the first
+    step's time and the estimated total; the demo's 9 frames of 32x32 px stay silent, and the samples are the same."""
+    import mardini.pipeline.pipeline as pipeline_module
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not pipe._warn_if_slow(9, 32, 32, 25)  # the demo's windows: 9 x 16 x 16 = 2304 tokens
+    with pytest.warns(UserWarning, match=r"9 frames of 144x256 px on the CPU: 82944 generator tokens per window"):
+        assert pipe._warn_if_slow(9, 144, 256, 25)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not pipe._warn_if_slow(9, 144, 256, 25)  # once per size
+        quiet = pipe.generate(_video(), MASK, steps=2, progress=False)
+    monkeypatch.setattr(pipeline_module, "CPU_TOKENS_WARN", pipe.generator_tokens(T, S, S) - 1)  # S px: past it
+    with pytest.warns(UserWarning) as caught:
+        warned = pipe.generate(_video(), MASK, steps=2, progress=False)
+    said = [str(w.message) for w in caught]
+    assert any(f"{T} frames of {S}x{S} px on the CPU" in m for m in said), said
+    assert any(m.startswith("the first of 2 denoising steps took") for m in said), said
+    assert torch.equal(quiet, warned)
+
+
 def test_ancestral_noise_streams_differ_per_sample_and_clip():
     from mardini.pipeline.pipeline import _step_noise_seed
 

@@ -36,6 +36,8 @@ from mardini.pipeline import tasks
 from mardini.pipeline.denoise import make_denoise_fn
 from mardini.pipeline.loading import load_checkpoint
 
+DEMO_TOKENS = 9 * 16 * 16  # generator tokens of a demo window: 9 frames of 32x32 px, 16x16 latents of 1x1 patches
+CPU_TOKENS_WARN = 16384  # generator tokens per window past which sampling on a CPU warns
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp64": torch.float64, "float64": torch.float64}
 
@@ -136,6 +138,7 @@ class MarDiniPipeline:
         self.use_cache = True
         self.batched_guidance = True
         self.last_timings: dict[str, float] = {}
+        self._slow_sizes: set[tuple[int, int, int]] = set()  # (T, H, W) already warned as slow on the CPU
 
     @classmethod
     def from_checkpoint(
@@ -208,6 +211,7 @@ class MarDiniPipeline:
         if callback is not None and not callable(callback):
             raise ValueError(f"callback must be a function of one DenoisingStep, got {type(callback).__name__}")
         b, t, _, h, w = video.shape
+        slow = self._warn_if_slow(t, h, w, steps)
         seeds = tasks.per_clip_seeds(seed, b)
         m = mask.to(self.device).repeat_interleave(num_samples, 0)  # (B*k, T)
         x = self._given_pixels(video.repeat_interleave(num_samples, 0), m)  # (B*k, T, 3, H, W)
@@ -232,11 +236,41 @@ class MarDiniPipeline:
         for i in tqdm(range(sampler.steps), desc="denoising", disable=not progress, leave=False):
             for window in windows:  # the groups step together, so that a callback sees the whole batch
                 window.step(i, grid)
+            if slow and i == 0:
+                self._warn_first_step(self._now() - start, sampler.steps)
             if callback is not None:
                 callback(DenoisingStep(i, sampler.steps, grid[i + 1], self._gather(windows, noise, "latents"),
                                        self._gather(windows, noise, "estimate"), m.clone()))
         self.last_timings["generator"] += self._now() - start  # callbacks included
         return self._gather(windows, noise, "latents"), x, m
+
+    def generator_tokens(self, frames: int, height: int, width: int) -> int:
+        """Tokens the generator attends over in one window of ``frames`` frames of ``height`` x ``width`` px."""
+        lh, lw = self.autoencoder.latent_size(height, width)
+        p = self.generator.cfg.patch_size
+        return frames * (lh // p) * (lw // p)
+
+    def _warn_if_slow(self, frames: int, height: int, width: int, steps: int) -> bool:
+        """Warn once per size when a CPU samples windows of more than ``CPU_TOKENS_WARN`` generator tokens (no
+        sign of life for minutes otherwise); True when it warned, so that the first step's time follows."""
+        tokens = self.generator_tokens(frames, height, width)
+        if self.device.type != "cpu" or tokens <= CPU_TOKENS_WARN or (frames, height, width) in self._slow_sizes:
+            return False
+        self._slow_sizes.add((frames, height, width))
+        warnings.warn(
+            f"sampling {frames} frames of {height}x{width} px on the CPU: {tokens} generator tokens per window, over "
+            f"{CPU_TOKENS_WARN} (the demo's 9 frames of 32x32 px: {DEMO_TOKENS}); full attention's work grows with "
+            f"their square (up to {(tokens / DEMO_TOKENS) ** 2:.0f}x the demo's per step), so each of the {steps} "
+            "steps may take minutes: sample on a GPU (sample.py / evaluate.py --device cuda) or at a smaller size "
+            "(--resolution)",
+            stacklevel=_caller_stacklevel())
+        return True
+
+    @staticmethod
+    def _warn_first_step(seconds: float, steps: int) -> None:
+        """The estimate after a slow size's first denoising step: its time and the steps' total."""
+        warnings.warn(f"the first of {steps} denoising steps took {seconds:.1f} s: about "
+                      f"{seconds * steps / 60:.1f} min for the steps of this call", stacklevel=_caller_stacklevel())
 
     @staticmethod
     def _gather(windows: list[_Window], like: torch.Tensor, what: str) -> torch.Tensor:
