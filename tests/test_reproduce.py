@@ -363,3 +363,28 @@ def test_checkpoints_without_the_chain_are_one_line_before_the_data_set_is_built
     assert exit.value.code == 2 and not built and not (tmp_path / "out").exists()
     assert err.startswith(f"python -m mardini.reproduce: error: missing chain checkpoints ['{tmp_path / folder}/")
     assert "train the chain first" in err and "Traceback" not in err and len(err.strip().splitlines()) == 2
+
+
+def test_a_demo_set_of_other_settings_stops_before_anything_naming_the_demo_s_fresh_run(tmp_path, monkeypatch, capsys):
+    """After ``python -m mardini.demo --fresh --train-clips N``, ``make reproduce`` died in the data step with
+    'data/shards/synthetic/train holds a synthetic split made with other settings (clips 2000 -> N); remove it or
+    choose another output folder', naming no command. It now stops before building or training anything, naming
+    ``python -m mardini.demo --fresh`` (which rebuilds the default set and retrains outputs/tiny on it)."""
+    import runpy
+    import sys
+
+    from mardini.data import synthetic as S
+    from mardini.demo import data
+
+    monkeypatch.chdir(tmp_path)
+    data.build_synthetic(data.SHARDS, train_clips=2, progress=False)  # as `python -m mardini.demo --train-clips 2`
+    monkeypatch.delenv("MARDINI_TRACEBACK", raising=False)
+    monkeypatch.setattr(sys, "argv", ["mardini.reproduce", "--quick", "--out", str(tmp_path / "out"), "--no-progress"])
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_module("mardini.reproduce", run_name="__main__")
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and not (tmp_path / "out").exists(), err
+    assert err.startswith("python -m mardini.reproduce: error: data/shards/synthetic holds a synthetic set made with "
+                          f"other settings than the demo's default (train: clips 2 -> {S.DEMO_TRAIN_CLIPS}: the set's -> "
+                          "the default; "), err
+    assert "run `python -m mardini.demo --fresh` first" in err and "Traceback" not in err

@@ -9,9 +9,10 @@
 6. Table 3: latency and peak memory of the asymmetric design vs symmetric variants (``bench.asymmetric``);
 then ``<out>/report.md`` (+ ``results.json``, PNG plots) with a computed agree/disagree verdict per claim.
 ``--checkpoints DIR`` is checked first: a folder missing a stage's ``last.ckpt`` stops the command before the data
-set is built, in one line (exit code 2, as for any user error). So are the checkout's ``configs/tiny/`` and
-``bench/`` (found beside the package: it runs from any folder, its data and outputs going under that folder; a
-non-editable install has neither).
+set is built, in one line (exit code 2, as for any user error); so does a synthetic set of other settings than the
+demo's default (an earlier ``python -m mardini.demo --train-clips N``), naming ``python -m mardini.demo --fresh``.
+So are the checkout's ``configs/tiny/`` and ``bench/`` (found beside the package: it runs from any folder, its data
+and outputs going under that folder; a non-editable install has neither).
 
 Default: about 30 min on 2 CPU cores (29.1 min in the README's run; writes ``outputs/reproduce/``). ``--quick``: minutes, tiny step counts and
 few clips, only to check that everything runs (writes ``outputs/reproduce/quick/``; its numbers mean nothing).
@@ -69,6 +70,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
+def check_demo_set(root: Path) -> None:
+    """Stop, before anything is built or trained, where the synthetic set under ``root`` is not the demo's default
+    one (an earlier ``python -m mardini.demo --train-clips N``): the reproduction trains and scores on the default set,
+    and a demo chain trained on the other one (``--checkpoints outputs/tiny``) would be scored as if it were not."""
+    from mardini.demo.data import synthetic_differences
+    from mardini.demo.main import TRAIN_ROOT, describe
+
+    stale = synthetic_differences(root)
+    if stale:
+        raise ValueError(f"{root} holds a synthetic set made with other settings than the demo's default "
+                         f"({describe(stale)}: the set's -> the default; an earlier `python -m mardini.demo "
+                         "--train-clips N`?), which the reproduction trains and scores on: run `python -m mardini.demo "
+                         f"--fresh` first (it rebuilds the set and retrains {TRAIN_ROOT} on it), then this command again")
+
+
 def _metrics() -> list[str]:
     from mardini.demo.main import _weights_available
 
@@ -89,8 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     ckpts: dict[str, Path] = {}
     if needs_chain and a.checkpoints is not None:  # before the data set is built (minutes, ~800 MB)
         ckpts = runs.chain_checkpoints(a.checkpoints)
-    a.out.mkdir(parents=True, exist_ok=True)
     from mardini.demo.data import SHARDS, build_synthetic
+
+    check_demo_set(SHARDS)
+    a.out.mkdir(parents=True, exist_ok=True)
     from mardini import run_info
     from mardini.reproduce import curves, quality, verdicts
     from mardini.reproduce.report import write_report
