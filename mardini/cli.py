@@ -24,8 +24,8 @@ from mardini.lit.checkpoints import RESUMING, directory_message
 from mardini.lit.lr_monitor import LatestLearningRateMonitor
 from mardini.lit.preemption import TERMINATED, PreemptionSave
 from mardini.lit.resumed_logs import ContinuedCSVLogger, ResumedLogs
-from mardini.lit.step_checkpoint import (PREEMPTION, StepCheckpoint, earlier_logs, preemption_checkpoints,
-                                         saved_step)
+from mardini.lit.step_checkpoint import (PREEMPTION, FitStarted, StepCheckpoint, drop_untrained_logs, earlier_logs,
+                                         log_folders, preemption_checkpoints, saved_step)
 from mardini.user_errors import TRACEBACK_ENV, USER_ERRORS
 
 
@@ -131,7 +131,8 @@ class MarDiniCLI(LightningCLI):
     def fit(self, model, **kwargs) -> None:
         """``trainer.fit``; a ``last`` that found nothing to resume starts afresh (``ckpt_path=None``: Lightning
         would warn that there is no last checkpoint; the saved config keeps ``last``, so rerunning it resumes). The
-        checkpoint to resume is checked first (:meth:`check_resume`). A fit that SIGTERM ended exits with status 143
+        checkpoint to resume is checked first (:meth:`check_resume`); a fit that fails before training leaves no empty
+        event file or log folder behind (:meth:`_drop_untrained_logs`). A fit that SIGTERM ended exits with status 143
         (``PreemptionSave``: after its checkpoint), never 0."""
         from mardini.data.datamodule import VideoDataModule
 
@@ -144,12 +145,26 @@ class MarDiniCLI(LightningCLI):
             # Lightning calls a mid-epoch resume unreliable unless the dataloader has a state_dict(); this datamodule
             # keeps the stream position in its own state (in the checkpoint) and continues the epoch exactly
             warnings.filterwarnings("ignore", message=UNRESUMABLE_LOADER_WARNING)
+        folders = log_folders(self.trainer)
         try:
             self.trainer.fit(model, **kwargs)
         except SIGTERMException as e:
             if e.code is None:  # Lightning's own, without an exit status (SIGTERM before the training started)
                 raise SIGTERMException(TERMINATED) from e
             raise
+        except Exception:
+            self._drop_untrained_logs(folders)
+            raise
+
+    def _drop_untrained_logs(self, folders) -> None:
+        """After a fit that failed before training (a data error from the datamodule's setup, a failing sanity
+        check, ...): delete the event file and the log folder it opened, which recorded nothing (``FitStarted``)."""
+        started = next((cb.started for cb in self.trainer.callbacks if isinstance(cb, FitStarted)), True)
+        if started or not self.trainer.is_global_zero:
+            return
+        dropped = drop_untrained_logs(folders)
+        if dropped:
+            rank_zero_info(f"the fit failed before training: {', '.join(dropped)} deleted (they recorded nothing)")
 
     def check_resume(self, model, ckpt_path, weights_only: bool | None) -> None:
         """Refuse the local checkpoint file a fit resumes (the stage's newest, or ``--ckpt_path FILE``) before
@@ -189,6 +204,7 @@ class MarDiniCLI(LightningCLI):
                            every_n_train_steps=self._checkpoint_every, save_top_k=1, resume=resume, logs=logs),
             LatestLearningRateMonitor(logging_interval="step"),
             PreemptionSave(dirpath=self._checkpoint_folder),
+            FitStarted(),
         ]
         # kwargs["callbacks"] replaces trainer.callbacks of the config in LightningCLI: keep the config's ones
         configured = (self._get(self.config_init, "trainer", default={}) or {}).get("callbacks") or []

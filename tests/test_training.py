@@ -311,6 +311,23 @@ def test_a_refused_resume_leaves_the_stage_s_folder_as_it_was_and_a_rerun_resume
     assert resumed.trainer.ckpt_path == str(last) and resumed.trainer.global_step == 3
 
 
+def test_a_fit_that_fails_in_its_data_setup_leaves_no_event_file_or_log_folder(workdir, monkeypatch, tmp_path):
+    """A fit whose datamodule's setup refuses the data (clips too short for --data.init_args.frames) left the event
+    file TensorBoard had opened (and the stage folder a new run's logger had made) with nothing in it; now a new run
+    leaves no folder, and a rerun of a trained stage leaves its folder's files byte for byte."""
+    save = [f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}"]
+    too_long = "--data.init_args.frames=40"  # the clips hold 18 frames
+    with pytest.raises(ValueError, match="the stage needs 40 frames"):
+        _fit(workdir, monkeypatch, *_stage(STAGES[0], 2, *save, too_long))
+    assert not (tmp_path / "runs").exists(), sorted((tmp_path / "runs").rglob("*"))
+    _fit(workdir, monkeypatch, *_stage(STAGES[0], 2, *save))
+    trained = _files(tmp_path / "runs" / STAGES[0])
+    with warnings.catch_warnings(), pytest.raises(ValueError, match="the stage needs 40 frames"):
+        warnings.simplefilter("ignore")  # resuming with other data settings
+        _fit(workdir, monkeypatch, *_stage(STAGES[0], 3, *save, too_long))
+    assert _files(tmp_path / "runs" / STAGES[0]) == trained
+
+
 def test_max_steps_0_is_one_error_saying_it_trains_nothing(workdir, monkeypatch, tmp_path, capsys):
     """--trainer.max_steps 0 was read as unset: 'the LR schedule needs a length: set trainer.max_steps, ...',
     although it was set."""

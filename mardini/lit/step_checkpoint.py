@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from mardini.lit.checkpoint_io import local_path
@@ -160,6 +160,51 @@ def earlier_logs(log_dir: str | None) -> dict[str, tuple[int, int]]:
     if folder is None or not os.path.isdir(folder):
         return {}
     return {str(p): stamp for p in Path(folder).iterdir() if LOGS.fullmatch(p.name) and (stamp := _stamp(p))}
+
+
+class FitStarted(Callback):
+    """Whether the fit reached its training (``on_train_start``: after the setup, the checkpoint's restore and the
+    sanity check), for the clean-up of a fit that failed before (:func:`drop_untrained_logs`)."""
+
+    started = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.started = True
+
+
+def log_folders(trainer) -> dict[Path, tuple[set[str] | None, Path]]:
+    """Each local log folder of the trainer's loggers, before the fit writes any: the names in it (None: no such
+    folder yet) and its nearest folder that exists (itself, or the parent its logger would create it in); remote
+    folders and loggers without one are left out."""
+    folders: dict[Path, tuple[set[str] | None, Path]] = {}
+    for logger in trainer.loggers:
+        log_dir = getattr(logger, "log_dir", None)
+        folder = local_path(log_dir) if log_dir is not None else None
+        if folder is None:
+            continue
+        folder = Path(folder).absolute()
+        existing = next(p for p in (folder, *folder.parents) if p.is_dir())
+        folders[folder] = (set(os.listdir(folder)) if existing == folder else None, existing)
+    return folders
+
+
+def drop_untrained_logs(folders: dict[Path, tuple[set[str] | None, Path]]) -> list[str]:
+    """Delete what a fit that failed before training (its setup, the data's, the sanity check) added to the log
+    folders of :func:`log_folders`: the records (``LOGS``: an event file with no step, hparams.yaml, metrics.csv)
+    that were not there, then the folder and the parents it created, where left empty. The paths deleted."""
+    dropped = []
+    for folder, (names, existing) in folders.items():
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and LOGS.fullmatch(path.name) and (names is None or path.name not in names):
+                path.unlink()
+                dropped.append(str(path))
+        while folder != existing and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+            dropped.append(str(folder))
+            folder = folder.parent
+    return dropped
 
 
 def _stamp(path: str | Path) -> tuple[int, int] | None:
