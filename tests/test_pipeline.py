@@ -487,7 +487,7 @@ def test_sampling_a_big_size_on_the_cpu_warns_once_and_the_demo_s_size_does_not(
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert not pipe._warn_if_slow(9, 32, 32, 25)  # the demo's windows: 9 x 16 x 16 = 2304 tokens
+        assert not pipe._warn_if_slow(9, 32, 32, 25)  # the demo's size: 9 x 16 x 16 = 2304 tokens at this pipe's patch 1
     with pytest.warns(UserWarning, match=r"9 frames of 144x256 px on the CPU: 82944 generator tokens per window"):
         assert pipe._warn_if_slow(9, 144, 256, 25)
     with warnings.catch_warnings():

@@ -36,7 +36,6 @@ from mardini.pipeline import tasks
 from mardini.pipeline.denoise import make_denoise_fn
 from mardini.pipeline.loading import load_checkpoint
 
-DEMO_TOKENS = 9 * 16 * 16  # generator tokens of a demo window: 9 frames of 32x32 px, 16x16 latents of 1x1 patches
 CPU_TOKENS_WARN = 16384  # generator tokens per window past which sampling on a CPU warns
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp64": torch.float64, "float64": torch.float64}
@@ -259,10 +258,8 @@ class MarDiniPipeline:
         self._slow_sizes.add((frames, height, width))
         warnings.warn(
             f"sampling {frames} frames of {height}x{width} px on the CPU: {tokens} generator tokens per window, over "
-            f"{CPU_TOKENS_WARN} (the demo's 9 frames of 32x32 px: {DEMO_TOKENS}); full attention's work grows with "
-            f"their square (up to {(tokens / DEMO_TOKENS) ** 2:.0f}x the demo's per step), so each of the {steps} "
-            "steps may take minutes: sample on a GPU (sample.py / evaluate.py --device cuda) or at a smaller size "
-            "(--resolution)",
+            f"{CPU_TOKENS_WARN}, so each of the {steps} steps may take minutes: sample on a GPU (sample.py / "
+            "evaluate.py --device cuda) or at a smaller size (--resolution)",
             stacklevel=_caller_stacklevel())
         return True
 
