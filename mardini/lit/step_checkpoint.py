@@ -124,8 +124,20 @@ def stops_inside_epoch(trainer: "pl.Trainer") -> bool:
     (Timer, EarlyStopping, a module or callback of one's own) and Lightning may stop (``min_epochs`` and
     ``min_steps`` met; before, it trains on with the flag set)."""
     loop = trainer.fit_loop
-    return (trainer.should_stop and getattr(loop, "_can_stop_early", True)
-            and not loop.epoch_loop.batch_progress.is_last_batch)
+    return trainer.should_stop and lightning_may_stop(loop) and not loop.epoch_loop.batch_progress.is_last_batch
+
+
+def lightning_may_stop(loop) -> bool:
+    """Lightning's "``min_epochs`` and ``min_steps`` are met" (``_FitLoop._can_stop_early``: private, no public API
+    says it). A Lightning without it is an error naming the fix, not a guess: taking it for True saved a checkpoint at
+    every step a fit trained on below ``min_steps`` with ``should_stop`` set."""
+    try:
+        return loop._can_stop_early
+    except AttributeError:
+        raise RuntimeError(
+            "StepCheckpoint (mardini/lit/step_checkpoint.py): this Lightning's fit loop has no _can_stop_early; install "
+            "requirements.txt's lightning, or port stops_inside_epoch to this version (run "
+            "tests/test_library_internals.py first)") from None
 
 
 def set_aside_earlier_run(fs, folder: str, logs: dict[str, tuple[int, int]] | None = None) -> str | None:
