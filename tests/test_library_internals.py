@@ -16,6 +16,21 @@ def trainer(tmp_path, **kwargs) -> L.Trainer:
     return L.Trainer(**{**defaults, **kwargs})
 
 
+def test_a_lightning_without_batches_that_stepped_is_one_error_at_a_resume(tmp_path):
+    """Before, ResumedLogs assigned ``_batches_that_stepped`` whether Lightning had it or not: on a Lightning that
+    logs at another counter a resumed fit's scalars silently went back to logging one step further on."""
+    from types import SimpleNamespace
+
+    from mardini.lit.resumed_logs import ResumedLogs
+
+    fit = trainer(tmp_path)
+    del fit.fit_loop.epoch_loop._batches_that_stepped  # as in a Lightning that no longer has it
+    callback = ResumedLogs()
+    callback._restored = True  # a fit resumed from a checkpoint
+    with pytest.raises(RuntimeError, match="no _batches_that_stepped.*install requirements.txt's lightning"):
+        callback.on_train_batch_start(fit, SimpleNamespace(automatic_optimization=True), None, 0)
+
+
 def test_a_lightning_without_can_stop_early_is_one_error_naming_the_fix(tmp_path, monkeypatch):
     """Before, stops_inside_epoch took a missing ``_can_stop_early`` for True: a fit set to stop below ``min_steps``
     saved a checkpoint at every step it trained on."""

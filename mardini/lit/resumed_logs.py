@@ -35,8 +35,21 @@ class ResumedLogs(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         if self._restored and pl_module.automatic_optimization:  # one optimiser step per stepped batch
-            trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step  # Lightning has no public setter
+            set_logged_step(trainer, trainer.global_step)
         self._restored = False
+
+
+def set_logged_step(trainer: L.Trainer, step: int) -> None:
+    """Make ``step`` the step Lightning logs the next scalars at: ``fit_loop.epoch_loop._batches_that_stepped``
+    (private; Lightning has no public setter). Assigning to a Lightning without that attribute would change nothing
+    and say nothing, so that is an error naming the fix."""
+    loop = trainer.fit_loop.epoch_loop
+    if not hasattr(loop, "_batches_that_stepped"):
+        raise RuntimeError(
+            "ResumedLogs (mardini/lit/resumed_logs.py): this Lightning's training epoch loop has no "
+            "_batches_that_stepped, the step it logged scalars at; install requirements.txt's lightning, or port "
+            "ResumedLogs and SampleGrids to this version (run tests/test_library_internals.py first)")
+    loop._batches_that_stepped = step
 
 
 class ContinuedCSVLogger(CSVLogger):
