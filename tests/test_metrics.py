@@ -442,6 +442,23 @@ def test_one_exact_middle_frame_is_capped_at_100_db_not_an_infinite_mean():
     assert psnr == pytest.approx((100 + 10 * torch.log10(1 / mse).item()) / 2, rel=1e-5)
 
 
+def test_midf_keeps_running_sums_not_a_value_per_clip():
+    """An evaluation of thousands of clips: MidF's states stay scalars however many batches it scores (the PSNR
+    kept three tensors per batch, on the clips' device, until compute), and the mean is still over the clips."""
+    m = MidFrameMetrics()
+    mse = []
+    for b in range(12):
+        target = rand_video(4, 9, seed=100 + b)
+        fake = (target + 0.1 * rand_video(4, 9, seed=200 + b)).clamp(-1, 1)
+        m.update(fake, target)
+        mse.append((((fake[:, 4] - target[:, 4]) / 2) ** 2).flatten(1).mean(1))  # (B,) on [0, 1]
+    states = {f"{key}.{name}": getattr(metric, name) for key, metric in m.items() for name in metric._defaults}
+    print("MidF states after 12 batches:", {k: type(v).__name__ for k, v in states.items()})
+    assert all(torch.is_tensor(v) and v.numel() == 1 for v in states.values()), states
+    want = (10 * torch.log10(1 / torch.cat(mse))).mean().item()  # (48,) per clip, then the mean
+    assert m.compute()["midf_psnr"].item() == pytest.approx(want, rel=1e-5)
+
+
 def test_lpips_needs_user_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"alexnet-owt-7be5be79\.pth"):
         build_lpips(None)

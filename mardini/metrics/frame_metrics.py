@@ -20,8 +20,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from torchmetrics import MetricCollection
-from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.functional.image import peak_signal_noise_ratio
+from torchmetrics.image import StructuralSimilarityIndexMeasure
 
 from mardini.metrics.preprocess import check_video
 from mardini.metrics.stats import hide_module, on_device
@@ -108,16 +109,31 @@ def middle_frame(video: torch.Tensor, frame_index: int | None = None) -> torch.T
     return video[:, i]  # (B, 3, H, W)
 
 
-class CappedPSNR(PeakSignalNoiseRatio):
-    """torchmetrics' per-image PSNR (``dim=(1, 2, 3)`` of ``(B, 3, H, W)``) on [0, 1], each image's capped at
-    ``cap`` dB (its MSE floored at ``10 ** (-cap / 10)``) before the mean: one exact image cannot make it ``inf``."""
+class CappedPSNR(Metric):
+    """Per-image PSNR on [0, 1] (each image of ``(B, 3, H, W)`` over its pixels), each capped at ``cap`` dB (its
+    MSE floored at ``10 ** (-cap / 10)``), averaged: one exact image cannot make the mean ``inf``.
 
-    def __init__(self, cap: float = PSNR_CAP_DB) -> None:
-        super().__init__(data_range=1.0, dim=(1, 2, 3), reduction="none")
+    Keeps two running sums (float64), not one value per image as torchmetrics' ``PeakSignalNoiseRatio(dim=...,
+    reduction="none")`` does (three tensors per batch, on the clips' device, for the whole evaluation)."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, cap: float = PSNR_CAP_DB, **kwargs) -> None:
+        super().__init__(**kwargs)
         self.cap = cap
+        self.add_state("psnr_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("images", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        """Add images ``(B, 3, H, W)`` in [0, 1]."""
+        psnr = peak_signal_noise_ratio(preds, target, data_range=1.0, dim=(1, 2, 3), reduction="none")  # (B,)
+        self.psnr_sum += psnr.clamp(max=self.cap).double().sum()
+        self.images += psnr.numel()
 
     def compute(self) -> torch.Tensor:
-        return super().compute().clamp(max=self.cap).mean()  # (N,) per image -> scalar
+        return self.psnr_sum / self.images  # mean over the images
 
 
 class MidFrameMetrics(MetricCollection):
