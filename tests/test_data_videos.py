@@ -521,6 +521,23 @@ def test_a_variable_rate_file_is_decoded_for_its_timestamps_once_across_evaluati
     assert len(opened) - before == after_first
 
 
+def test_the_timestamps_cache_keeps_8_bytes_a_frame_and_the_same_grid(tmp_path):
+    """The remembered timestamps of up to 256 files (an hour at 30 fps is 108k frames): an int64 array, not a tuple
+    of Python ints (36 bytes a frame), read-only since every later call shares it; the grid is the list's."""
+    vfr = _timed_video(tmp_path / "vfr.mkv", VFR_TIMES)
+    with decode.av.open(str(vfr)) as container:
+        listed = [frame.pts for frame in container.decode(video=0)]
+    pts, time_base = decode.frame_timestamps(str(vfr))
+    print(f"cached timestamps: {type(pts).__name__} of {len(listed)} frames")
+    assert isinstance(pts, np.ndarray) and pts.dtype == np.int64 and pts.nbytes == 8 * len(listed)
+    assert pts.tolist() == listed and not pts.flags.writeable
+    grid, why = decode.pts_grid(pts, time_base, 1 / 7.5)
+    want, want_why = decode.pts_grid(listed, time_base, 1 / 7.5)
+    assert why == want_why == "variable rate" and grid.tolist() == want.tolist()
+    assert decode.pts_grid(decode.compact_timestamps([0, 33, None, 100]), Fraction(1, 1000), 0.04) == \
+        (None, "frames without a timestamp")
+
+
 # --------------------------------------------------------------------------------------------------
 # Display geometry: rotation flags (phone portrait video) and non-square pixels (anamorphic video)
 # --------------------------------------------------------------------------------------------------

@@ -115,7 +115,7 @@ def max_start(src_fps: float, n_src_frames: int, target_fps: float | None, frame
 # --------------------------------------------------------------------------------------------------
 
 
-def pts_grid(pts: list[int | None], time_base: Fraction, period: float) -> tuple[np.ndarray | None, str]:
+def pts_grid(pts: list[int | None] | np.ndarray, time_base: Fraction, period: float) -> tuple[np.ndarray | None, str]:
     """Source frames on a grid of ``period`` seconds chosen by timestamp, or None (read by index) and why.
 
     ``pts`` are the frames' timestamps in output order. They are used only when every frame has one, they
@@ -127,7 +127,7 @@ def pts_grid(pts: list[int | None], time_base: Fraction, period: float) -> tuple
     """
     if len(pts) < 2:
         return None, "fewer than 2 frames"
-    if any(p is None for p in pts):
+    if not _whole_ticks(pts) and any(p is None for p in pts):
         return None, "frames without a timestamp"
     ticks = np.asarray(pts, dtype=np.int64)  # (n,) in time_base units
     steps = np.diff(ticks)  # (n - 1,)
@@ -152,21 +152,36 @@ def packet_timestamps(container) -> tuple[list[int | None], Fraction]:
     return (pts if None in pts else sorted(pts)), stream.time_base
 
 
-def frame_timestamps(path: str) -> tuple[tuple[int | None, ...], Fraction]:
-    """The first video stream's decoded frames' timestamps, in output order, and its time base (a decode of the
-    whole stream; no image is kept). Remembered per file version (path, size, modification time): evaluate.py reads
-    a variable-rate file's window in several passes (usable clips, each task, the model's size)."""
+def frame_timestamps(path: str) -> tuple[np.ndarray, Fraction]:
+    """The first video stream's decoded frames' timestamps, in output order (:func:`compact_timestamps`: read-only
+    int64 ``(n,)``, 8 bytes a frame), and its time base (a decode of the whole stream; no image is kept).
+    Remembered per file version (path, size, modification time): evaluate.py reads a variable-rate file's window in
+    several passes (usable clips, each task, the model's size)."""
     stat = os.stat(path)
     return _frame_timestamps(str(path), stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=256)
-def _frame_timestamps(path: str, size: int, mtime_ns: int) -> tuple[tuple[int | None, ...], Fraction]:
+def _frame_timestamps(path: str, size: int, mtime_ns: int) -> tuple[np.ndarray, Fraction]:
     """:func:`frame_timestamps` of one file version (``size`` and ``mtime_ns`` only key the cache)."""
     with av.open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        return tuple(frame.pts for frame in container.decode(stream)), stream.time_base
+        return compact_timestamps([frame.pts for frame in container.decode(stream)]), stream.time_base
+
+
+def compact_timestamps(pts: list[int | None]) -> np.ndarray:
+    """Timestamps as the cache keeps them, read-only: int64 ``(n,)`` (a tuple of Python ints took 36 bytes a frame,
+    about 4 MB for an hour at 30 fps, kept for up to 256 files), or, where a frame has none, an object array holding
+    the Nones (:func:`pts_grid` refuses such a file)."""
+    out = np.array(pts, dtype=object if None in pts else np.int64)  # (n,)
+    out.flags.writeable = False  # shared by every later call on the file
+    return out
+
+
+def _whole_ticks(pts: list[int | None] | np.ndarray) -> bool:
+    """Whether ``pts`` is an integer array (so it holds no None, and need not be scanned for one)."""
+    return isinstance(pts, np.ndarray) and np.issubdtype(pts.dtype, np.integer)
 
 
 def choose_frames(
