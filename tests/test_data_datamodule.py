@@ -628,3 +628,23 @@ def test_every_argument_has_a_row_in_the_data_readme_table():
     assert rows, "no table found under '## The DataModule'"
     assert arguments - rows == set(), f"arguments without a row: {sorted(arguments - rows)}"
     assert rows - arguments == set(), f"rows of no argument: {sorted(rows - arguments)}"
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["split-read-to-its-end", "train-stream-abandoned"])
+def test_the_stream_closes_the_shard_files_it_opens(synth, train):
+    """A finite split read to its end and a training stream dropped after one batch close every shard file they
+    opened. Before, webdataset left each one to the garbage collector: ``ResourceWarning: unclosed file
+    <_io.BufferedReader name='.../val-000000.tar'>`` per shard read."""
+    import warnings
+
+    split = "train" if train else "val"
+    stream = ClipStream(list_shards(str(synth / split)), frames=4, fps=8, resolution=8, batch_size=2, train=train)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        batches = iter(stream)
+        assert next(batches)["video"].shape == (2, 4, 3, 8, 8)
+        if not train:
+            assert sum(1 for _ in batches) > 0
+        del batches
+        gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []

@@ -119,6 +119,18 @@ FIXES = {
 }
 
 
+def _shard_samples(item: dict, handler) -> Iterator[dict]:
+    """The samples of one shard ``item`` (``{"url": ...}``), as ``wds.tarfile_samples`` reads them, with the
+    shard's file closed once its read ends or is abandoned (webdataset leaves it to the garbage collector, which
+    warns ``ResourceWarning: unclosed file``)."""
+    for source in wds.tariterators.url_opener([item], handler=handler):
+        try:
+            files = wds.tariterators.tar_file_expander([source], handler=handler)
+            yield from wds.tariterators.group_by_keys(files, handler=handler)
+        finally:
+            source["stream"].close()
+
+
 def name_shards(shards: list[str]) -> str:
     """The first few of ``shards``, for a message."""
     return ", ".join(shards[:3]) + (f" and {len(shards) - 3} more" if len(shards) > 3 else "")
@@ -346,7 +358,7 @@ class ClipStream(IterableDataset):
 
         for item in src:
             failed, gave = False, False
-            for sample in wds.tarfile_samples([item], handler=counted):
+            for sample in _shard_samples(item, counted):
                 gave = True
                 yield sample
             if gave:
