@@ -149,16 +149,17 @@ def _train(data: Path | str, tmp: Path, *args: str) -> subprocess.Popen:
     """``train.py fit --config configs/debug.yaml`` as one SLURM task in its own process group, logging to
     ``tmp/train.log``, checkpoints in ``tmp/out/joint/checkpoints``. ``data``: the folder of the shards, or the class
     path of another datamodule (tests/ is on the PYTHONPATH)."""
-    log = open(tmp / "train.log", "a")  # a file, not a pipe the test would have to drain while it waits
     env = _slurm_env(tmp, 1, 0, str(_free_port()))
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
     chosen = ([f"--data={data}"] if isinstance(data, str)
               else [f"--data.init_args.train_shards={data}/train", f"--data.init_args.val_shards={data}/val"])
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs" / "debug.yaml"), *chosen,
-         f"--trainer.logger.init_args.save_dir={tmp / 'out'}", "--trainer.enable_progress_bar=false",
-         "--trainer.enable_model_summary=false", *args],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp, start_new_session=True)
+    command = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs" / "debug.yaml"),
+               *chosen, f"--trainer.logger.init_args.save_dir={tmp / 'out'}", "--trainer.enable_progress_bar=false",
+               "--trainer.enable_model_summary=false", *args]
+    # a file, not a pipe the test would have to drain while it waits; the child keeps its own copy open
+    with open(tmp / "train.log", "a") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp,
+                                start_new_session=True)
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:

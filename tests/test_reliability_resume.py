@@ -61,10 +61,11 @@ def _config(tmp: Path, data: Path) -> Path:
 def _launch(config: Path, tmp: Path, run: str, **env) -> subprocess.Popen:
     full = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=f"{ROOT / 'tests'}{os.pathsep}{ROOT}",
                 MARDINI_TEST_RECORD=str(tmp / "steps.jsonl"), MARDINI_TEST_RUN=run, **env)
-    log = open(tmp / f"{run}.log", "w")  # noqa: SIM115 -- closed with the process
-    # same command every time; a new session so the whole process group can be killed
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), "fit", "--config", str(config)],
-                            cwd=tmp, env=full, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # same command every time; a new session so the whole process group can be killed; the child holds its own
+    # copy of the log file
+    with open(tmp / f"{run}.log", "w") as log:
+        return subprocess.Popen([sys.executable, str(ROOT / "train.py"), "fit", "--config", str(config)],
+                                cwd=tmp, env=full, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _wait_for(proc: subprocess.Popen, cond, what: str, log: Path, timeout: float = 120.0) -> None:

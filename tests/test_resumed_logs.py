@@ -92,7 +92,7 @@ def test_a_resumed_fit_continues_a_csv_logger_s_metrics_csv(workdir, monkeypatch
         warnings.simplefilter("always")
         _fit(workdir, monkeypatch, 4, *save)
         _fit(workdir, monkeypatch, 6, *save, f"--ckpt_path={kept}")
-    rows = list(csv.DictReader((folder / "metrics.csv").open()))
+    rows = list(csv.DictReader((folder / "metrics.csv").read_text().splitlines()))
     steps = {key: [int(row["step"]) for row in rows if row.get(key)]
              for key in ("train/loss", "lr-AdamW/pg1", "val/loss")}
     assert steps == {"train/loss": list(range(6)), "lr-AdamW/pg1": list(range(6)), "val/loss": [1, 3, 5]}
@@ -111,7 +111,7 @@ def test_a_resume_from_the_end_of_a_fit_logs_the_epoch_it_goes_on_in(workdir, mo
     for steps in (2, 4, 6):
         _fit(workdir, monkeypatch, steps, *save)
         recorded.append(read_checkpoint(folder / "checkpoints" / "last.ckpt")["epoch"])
-    rows = list(csv.DictReader((folder / "metrics.csv").open()))
+    rows = list(csv.DictReader((folder / "metrics.csv").read_text().splitlines()))
     logged = [(int(row["step"]), int(row["epoch"])) for row in rows if row.get("train/loss")]
     assert {"logged": logged, "recorded": recorded} == {"logged": [(step, 0) for step in range(6)],
                                                         "recorded": [0, 0, 0]}
@@ -152,7 +152,7 @@ def test_a_new_run_sets_the_earlier_run_s_logs_aside_with_its_checkpoints(workdi
         assert moved == records and "hparams.yaml" in moved
         assert any(name.startswith("events.out.tfevents.") for name in moved)
     else:  # Lightning rewrites a CSV logger's hparams.yaml when the fit starts: the new run's stays
-        rows = list(csv.DictReader((folder / "metrics.csv").open()))
+        rows = list(csv.DictReader((folder / "metrics.csv").read_text().splitlines()))
         assert [int(row["step"]) for row in rows if row.get("train/loss")] == [0, 1]
         assert sorted(moved) == ["metrics.csv"] and moved["metrics.csv"] == records["metrics.csv"]
     assert (folder / "hparams.yaml").is_file() and (folder / "config.1.yaml").is_file()

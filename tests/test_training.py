@@ -202,7 +202,7 @@ def test_validate_leaves_the_fit_s_folder_as_it_is_and_logs_in_its_validate_fold
     assert first.trainer.log_dir.rstrip("/") == named.trainer.log_dir.rstrip("/") == str(folder / "validate")
     scores = [float(cli.trainer.callback_metrics["val/loss"]) for cli in (first, named)]
     if logger == "CSVLogger":  # the latest run's metrics.csv
-        rows = list(csv.DictReader((folder / "validate" / "metrics.csv").open()))
+        rows = list(csv.DictReader((folder / "validate" / "metrics.csv").read_text().splitlines()))
         assert [float(row["val/loss"]) for row in rows if row.get("val/loss")] == pytest.approx(scores[1:])
     else:  # an event file per run in one TensorBoard run, validate/
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
