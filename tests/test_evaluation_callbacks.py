@@ -154,8 +154,10 @@ def test_callback_real_stats_cache_hit_miss_and_invalidation(shards, tmp_path):
     assert interp3._cache_paths is None and len(os.listdir(cache_dir)) == 4
     interp4, _ = evals(cache_dir)
     dm = datamodule(shards)
-    dm.hparams.val_clips = dm.val_clips = 4  # the loader serves other clips
-    trainer(tmp_path, [interp4]).fit(TinyModule(), datamodule=dm)
+    dm.hparams.val_clips = dm.val_clips = 4  # the loader serves other clips, fewer than the protocols name
+    with (pytest.warns(UserWarning, match="fvd8_9f: computed on 4 generated videos, the protocol names 8"),
+          pytest.warns(UserWarning, match="fid8_9f: computed on 4 generated videos, the protocol names 8")):
+        trainer(tmp_path, [interp4]).fit(TinyModule(), datamodule=dm)
     assert interp4._cache_paths is None and len(os.listdir(cache_dir)) == 6
 
 
@@ -174,7 +176,7 @@ def test_callback_drops_a_cache_computed_on_other_clips(shards, tmp_path):
 
 def test_callback_skips_missing_weights_and_sanity_check(shards, tmp_path, monkeypatch):
     monkeypatch.setenv("MARDINI_WEIGHTS", str(tmp_path / "empty"))
-    with pytest.warns(UserWarning, match="fvd is off"):
+    with pytest.warns(UserWarning, match="fid is off"), pytest.warns(UserWarning, match="fvd is off"):
         cb = InterpolationEval(sampler="nearest_frame", num_clips=4, cache_dir=None, missing_weights="skip")
         t = trainer(tmp_path, [cb], num_sanity_val_steps=1)
         t.fit(TinyModule(), datamodule=datamodule(shards))

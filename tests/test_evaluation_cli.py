@@ -166,7 +166,8 @@ def test_window_gives_the_trained_window_of_a_checkpoint_that_records_none(shard
     torch.save(ckpt, bare)
     run = ["--data", str(shards), "--tasks", "interpolation", "--frames", "9", "--resolution", "16", "--num-clips", "2",
            "--metrics", "midf", "--checkpoint", str(bare), "--steps", "1", "--cache-dir", "", "--out", str(tmp_path / "r")]
-    assert cli.main(run) == 2  # the size's guess (tiny: 4 frames) is too short for the protocol
+    with pytest.warns(UserWarning, match=r"no_window.ckpt records no trained window .* registry window of 4 frames"):
+        assert cli.main(run) == 2  # the size's guess (tiny: 4 frames) is too short for the protocol
     assert "its size's guess, which --window T replaces" in capsys.readouterr().err
     assert cli.main([*run, "--window", "9"]) == 0
 
@@ -748,8 +749,8 @@ def test_missing_weights_stop_the_run_before_the_data_is_read_or_a_report_writte
     assert read == [] and not out.exists()
     assert cli.main([*run, "--metrics", "midf", "--lpips-weights", str(tmp_path / "alexnet.pth")]) == 2
     assert "midf_lpips is off: LPIPS is off" in capsys.readouterr().err and read == [] and not out.exists()
-    with pytest.warns(UserWarning, match="fvd is off"):  # skipped: the run goes on without FVD/FID
-        assert cli.main([*run, "--missing-weights", "skip", "--cache-dir", ""]) == 0
+    with pytest.warns(UserWarning, match="fid is off"), pytest.warns(UserWarning, match="fvd is off"):
+        assert cli.main([*run, "--missing-weights", "skip", "--cache-dir", ""]) == 0  # goes on without FVD/FID
     assert read == [str(shards)] and "midf_psnr" in json.loads((out / "report.json").read_text())["tasks"][
         "interpolation"]["results"]["linear_blend"]
 

@@ -189,7 +189,8 @@ def test_a_video_folder_exports_named_inputs_and_outputs_are_resized_as_the_real
     assert [(c["name"], c["source"]) for c in info["clips"]] == [
         ("a", str(videos / "a.avi")), ("a-2", str(videos / "a.mp4")), ("sub_b_c", str(videos / "sub" / "b c.mp4"))]
     assert info["clips"][0]["frame_indices"] == list(range(2, 11)) and info["given"] == [0]
-    assert Image.open(inputs / "image_to_video" / "sub_b_c" / "frame_00.png").size == (16, 16)
+    with Image.open(inputs / "image_to_video" / "sub_b_c" / "frame_00.png") as frame:
+        assert frame.size == (16, 16)
     names = ClipNames("videos", str(videos))
     assert [names(str(videos / r)) for r in ["a.avi", "a.mp4", "sub/b c.mp4"]] == ["a", "a-2", "sub_b_c"]
 
