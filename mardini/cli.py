@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import operator
 import os
 import re
 import sys
@@ -17,6 +18,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning_utilities.core.imports import compare_version
 
 from mardini.lit.base import MarDiniBase
 from mardini.lit.checkpoint_io import AtomicCheckpointIO, local_path, other_checkpoints_message
@@ -285,6 +287,11 @@ def resumed_step(ckpt_path) -> int | None:
     return step if step >= 0 else None
 
 
+# ``dump`` keeping the None values, as config.yaml holds them: jsonargparse 4.49 renamed ``skip_none`` to
+# ``skip_unset`` (the old name warns JsonargparseDeprecationWarning, and goes in 5.0); the floor, 4.39, has only it
+KEEP_NONE = {("skip_unset" if compare_version("jsonargparse", operator.ge, "4.49.0") else "skip_none"): False}
+
+
 class KeepEarlierConfig(SaveConfigCallback):
     """Lightning's ``config.yaml`` in the log folder, overwritten by each run of the stage; where the one there
     differs from the new one (a rerun with other settings, which resumes the run) it is first kept as
@@ -304,7 +311,7 @@ class KeepEarlierConfig(SaveConfigCallback):
             log_dir = trainer.log_dir  # a broadcast: every rank asks
             if trainer.is_global_zero and log_dir is not None:
                 self._kept = keep_earlier_config(Path(log_dir) / self.config_filename,
-                                                 self.parser.dump(self.config, skip_none=False))
+                                                 self.parser.dump(self.config, **KEEP_NONE))
         super().setup(trainer, pl_module, stage)
 
     def on_train_start(self, trainer, pl_module) -> None:

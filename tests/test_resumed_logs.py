@@ -156,3 +156,31 @@ def test_a_new_run_sets_the_earlier_run_s_logs_aside_with_its_checkpoints(workdi
         assert [int(row["step"]) for row in rows if row.get("train/loss")] == [0, 1]
         assert sorted(moved) == ["metrics.csv"] and moved["metrics.csv"] == records["metrics.csv"]
     assert (folder / "hparams.yaml").is_file() and (folder / "config.1.yaml").is_file()
+
+
+def test_config_yaml_is_compared_without_jsonargparse_s_deprecated_dump_options(tmp_path, monkeypatch):
+    """KeepEarlierConfig dumps the new settings (None values kept) to compare them with the config.yaml there.
+    Before, it passed ``dump(skip_none=False)``, which jsonargparse 4.49 deprecated (JsonargparseDeprecationWarning
+    ``skip_none parameter was deprecated in v4.49.0 and will be removed in v5.0.0. Instead use skip_unset.``)."""
+    from types import SimpleNamespace
+    from typing import Optional
+
+    from lightning.pytorch.cli import LightningArgumentParser, SaveConfigCallback
+
+    from mardini.cli import KeepEarlierConfig
+
+    monkeypatch.setenv("JSONARGPARSE_DEPRECATION_WARNINGS", "all")  # else one per kind and process: order-dependent
+    monkeypatch.setattr(SaveConfigCallback, "setup", lambda *args: None)  # Lightning's own save (its own dump)
+    parser = LightningArgumentParser()
+    parser.add_argument("--ckpt_path", type=Optional[str], default=None)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    (tmp_path / "config.yaml").write_text("ckpt_path: null\nlr: 0.002\n")
+    save = KeepEarlierConfig(parser, parser.parse_args([]))
+    trainer = SimpleNamespace(log_dir=str(tmp_path), is_global_zero=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        save.setup(trainer, None, "fit")
+    assert (tmp_path / "config.1.yaml").read_text() == "ckpt_path: null\nlr: 0.002\n"  # other settings: kept
+    (tmp_path / "config.yaml").write_text("ckpt_path: null\nlr: 0.002\n")
+    KeepEarlierConfig(parser, parser.parse_args(["--lr", "0.002"])).setup(trainer, None, "fit")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.1.yaml", "config.yaml"]  # the same: none kept
