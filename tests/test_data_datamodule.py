@@ -6,6 +6,7 @@ import gc
 import hashlib
 import io
 import json
+from contextlib import closing
 from pathlib import Path
 
 import av
@@ -19,7 +20,7 @@ from mardini.data import synthetic as S
 from mardini.data.datamodule import VideoDataModule
 from mardini.data.encode import encode_mp4
 from mardini.data.sharding import atomic_tar, list_shards, npy_bytes, split_shards
-from mardini.data.stream import ClipStream, StreamLoader
+from mardini.data.stream import ClipStream, StreamLoader, _shard_samples
 from mardini.data.testing import moving_frames, tiny_synthetic
 
 
@@ -335,7 +336,8 @@ def test_random_crop_and_start_vary_center_does_not(synth):
     rand.crop = "random"
     rand.train = True  # decode path of the training stream on a finite list, for a direct comparison
     g = torch.Generator().manual_seed(0)
-    raw = next(iter(wds.tarfile_to_samples()([{"url": rand.shards[0]}])))
+    with closing(_shard_samples({"url": rand.shards[0]}, wds.reraise_exception)) as samples:  # closes the shard
+        raw = next(samples)
     starts = {float(rand.decode_pixels(raw, g)["video"].sum()) for _ in range(10)}
     assert len(starts) > 1
     rand.crop = "center"

@@ -169,8 +169,8 @@ def test_a_stage_checks_the_validation_cache_too(synth, tmp_path):
     for name in ("train", "val"):
         (normalised_dir / name).mkdir(parents=True)
     for tar in (tmp_path / "plain").glob("*.tar"):  # a cache whose shards record the normalised autoencoder
-        shard = tarfile.open(tar)
-        members = [(m, shard.extractfile(m).read()) for m in shard.getmembers()]
+        with tarfile.open(tar) as shard:
+            members = [(m, shard.extractfile(m).read()) for m in shard.getmembers()]
         for name in ("train", "val"):
             with tarfile.open(normalised_dir / name / tar.name, "w") as out:
                 for m, data in members:
