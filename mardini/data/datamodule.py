@@ -47,9 +47,6 @@ from mardini.data.decode import BadSample, decode_json, frame_stride
 from mardini.data.sharding import list_shards
 from mardini.data.stream import ClipStream, StreamLoader, StreamState, name_shards
 
-# ClipStream splits its epoch across workers itself (``with_epoch`` per worker), so its __len__ is exact.
-warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
-
 
 class VideoDataModule(L.LightningDataModule):
     """Streams fixed-length clips for training and validation.

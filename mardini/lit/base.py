@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
@@ -25,12 +24,10 @@ from torch import nn
 from mardini.autoencoders import FrameAutoencoder, SpaceToDepthAutoencoder
 from mardini.diffusion.anchor import FrameAnchor
 from mardini.lit.batch_weight import ElementWindow, element_mean_share, loss_scale, step_batches
+from mardini.lit.expected_warnings import ExpectedWarnings
 from mardini.lit.fsdp import fsdp_root, lerp_local_, local_tensors, paired, root_unsharded, unwrapped_name
 from mardini.lit.schedules import scaled_lr, warmup_cosine
 from mardini.masking import MaskSampler, mask_sampler_class
-
-# The EMA copy is kept in eval mode on purpose (it is never trained).
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 CHECKPOINT_FORMAT = 1  # bump when the layout of checkpoint["mardini"] or the network keys change
 RESUME_FIX = ("resume with the settings the run was trained with (its config.yaml in the log folder; earlier ones are kept "
@@ -500,6 +497,10 @@ class MarDiniBase(L.LightningModule):
                                    "decay cannot be decided; add the prefix there")
             (decay if ndim >= 2 else no_decay).append(p)
         return decay, no_decay
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """:class:`ExpectedWarnings`: Lightning's eval-mode warning (the EMA) ignored for this module's runs only."""
+        return [ExpectedWarnings()]
 
     def configure_optimizers(self):
         hp = self.hparams

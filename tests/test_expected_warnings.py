@@ -1,0 +1,76 @@
+"""Lightning's eval-mode and IterableDataset-length warnings: silenced for MarDini's own runs only, never at import."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from mardini.data.datamodule import VideoDataModule
+from mardini.data.testing import tiny_synthetic
+from mardini.lit import MarDiniModule
+
+EVAL_MODE = "module(s) in eval mode at the start of training"
+ITERABLE_LEN = "Your `IterableDataset` has `__len__` defined"
+QUIET = dict(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+             enable_model_summary=False, limit_val_batches=0)
+
+
+def _said(fit) -> list[str]:
+    """The messages of the warnings ``fit()`` raises that the process's filters let through."""
+    with warnings.catch_warnings(record=True) as caught:  # the filters in place apply (no simplefilter here)
+        fit()
+    return [str(w.message) for w in caught]
+
+
+def test_importing_mardini_leaves_the_warning_filters_as_they_were():
+    code = ("import warnings; before = list(warnings.filters)\n"
+            "import mardini.cli, mardini.lit, mardini.data.datamodule\n"
+            "print([f[1].pattern for f in warnings.filters if f not in before and f[1] is not None])")
+    added = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "eval mode" not in added and "__len__" not in added, added
+
+
+def test_a_fit_of_ours_shows_neither_warning_and_restores_the_filters(tmp_path):
+    tiny_synthetic(tmp_path, train=4, val=2, frames=9, size=32)
+    data = VideoDataModule(train_shards=str(tmp_path / "train"), val_shards=None, frames=9, fps=None, resolution=32,
+                           batch_size=2, num_workers=0, epoch_size=4)
+    model = MarDiniModule(size="tiny", planner_resolution=16, generator={"patch_size": 2}, lr=1e-3)
+    before = list(warnings.filters)
+    said = _said(lambda: L.Trainer(**QUIET).fit(model, data))
+    assert not [m for m in said if EVAL_MODE in m or ITERABLE_LEN in m], said
+    assert warnings.filters == before
+
+
+class _Sized(IterableDataset):
+    def __iter__(self):
+        return iter(torch.randn(4, 2))
+
+    def __len__(self) -> int:
+        return 4
+
+
+class _Own(L.LightningModule):
+    """A module of one's own with a frozen part in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer, self.frozen = nn.Linear(2, 1), nn.Linear(2, 1).eval()
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.layer.parameters(), lr=0.1)
+
+
+@pytest.mark.filterwarnings("ignore:The '(train|val)_dataloader' does not have many workers")
+def test_a_module_and_dataset_of_one_s_own_still_get_both_warnings():
+    said = _said(lambda: L.Trainer(**QUIET).fit(_Own(), DataLoader(_Sized(), batch_size=2)))
+    assert [m for m in said if EVAL_MODE in m] and [m for m in said if ITERABLE_LEN in m], said
