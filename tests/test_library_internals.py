@@ -270,7 +270,7 @@ def test_hpc_save_path_numbers_the_next_preemption_checkpoint(tmp_path):
         f"hpc_save_path gave {first}, {second}: mardini/lit/preemption.py (PreemptionSave._save_path) and "
         f"mardini/cli.py (resume_checkpoint: hpc_ckpt_N.ckpt) rely on it; {FIX}")
     assert fit._accelerator_connector.cluster_environment is not None, "mardini/lit/preemption.py reads it"
-    assert BoringModel()._trainer is None, "mardini/lit/fsdp.py and base.py read LightningModule._trainer"
+    assert BoringModel()._trainer is None, "mardini/lit/base.py reads LightningModule._trainer"
 
 
 def test_experiment_writer_deletes_metrics_csv_only_in_check_log_dir_exists(tmp_path):

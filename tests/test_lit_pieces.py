@@ -390,3 +390,32 @@ def test_weight_decay_groups_see_through_activation_checkpoint_wrappers():
     module.networks["generator"].extra = torch.nn.Linear(2, 2)  # a parameter added after construction
     with pytest.raises(RuntimeError, match="was not in the networks when the module was built"):
         module.weight_decay_groups()
+
+
+def test_fsdp_root_reads_the_trainer_through_the_public_property_and_none_when_detached():
+    """``fsdp_root`` goes through ``LightningModule.trainer`` (public), not the private ``_trainer`` it used to read."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from mardini.lit.fsdp import fsdp_root
+
+    root = mock.MagicMock(spec=FullyShardedDataParallel)  # an FSDP root as far as isinstance goes
+    root._use_orig_params = True
+    strategy = FSDPStrategy()
+    strategy.model = root
+
+    class Served(BoringModel):
+        """Its trainer comes from the public property only (as a module wrapped by another framework's shim)."""
+
+        @property
+        def trainer(self) -> L.Trainer:
+            return SimpleNamespace(strategy=strategy)
+
+    assert fsdp_root(Served()) is root
+    assert fsdp_root(BoringModel()) is None  # detached: LightningModule.trainer raises, fsdp_root says no FSDP
+    assert fsdp_root(torch.nn.Linear(2, 2)) is None

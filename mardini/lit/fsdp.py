@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
@@ -85,11 +86,21 @@ class MarDiniFSDPStrategy(FSDPStrategy):
         super().setup(trainer)
 
 
+def attached_trainer(module: nn.Module) -> L.Trainer | None:
+    """The trainer ``module`` is attached to (``LightningModule.trainer``), None for a detached or plain module."""
+    if not isinstance(module, L.LightningModule):
+        return None
+    try:
+        return module.trainer
+    except RuntimeError:  # "... is not attached to a `Trainer`"
+        return None
+
+
 def fsdp_root(module: nn.Module) -> nn.Module | None:
     """The FSDP root wrapping ``module`` (a LightningModule under Lightning's FSDPStrategy), else None."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    strategy = getattr(getattr(module, "_trainer", None), "strategy", None)
+    strategy = getattr(attached_trainer(module), "strategy", None)
     root = strategy.model if isinstance(strategy, FSDPStrategy) else None
     if not isinstance(root, FullyShardedDataParallel):
         return None  # not FSDP, or not wrapped yet
