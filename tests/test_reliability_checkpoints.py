@@ -18,7 +18,8 @@ from mardini.lit.checkpoints import read_checkpoint
 from mardini.pipeline import MarDiniPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(size="tiny", planner_resolution=8, lr=1e-3, ema_decay=0.5, ema_warmup=False)
+# decay_steps: an LR schedule of its own, which the resumes with more max_steps keep (unset, it follows max_steps)
+TINY = dict(size="tiny", planner_resolution=8, lr=1e-3, ema_decay=0.5, ema_warmup=False, decay_steps=16)
 
 
 @pytest.fixture(scope="module")
@@ -429,7 +430,7 @@ def test_nonfinite_skip_counts_leaves_weights_and_resumes_the_count(synth, tmp_p
     path = tmp_path / "end.ckpt"
     trainer.save_checkpoint(path)
     assert read_checkpoint(path)["mardini"]["nonfinite_skipped"] == 1
-    resumed = _gen(nonfinite="skip")
+    resumed = _gen(nonfinite="skip", weight_decay=0.1)  # the run's settings (others warn)
     _trainer(tmp_path, trainer.global_step + 1).fit(resumed, datamodule=_dm(synth), ckpt_path=str(path))
     assert resumed.nonfinite_skipped == 1  # the count survives a resume
 

@@ -20,7 +20,8 @@ STAGE = "01_dm_warmup_4f"
 FAST = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         "--data.init_args.num_workers=0", "--data.init_args.epoch_size=64", "--data.init_args.batch_size=4",
         "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0", "--trainer.precision=32-true",
-        "--trainer.log_every_n_steps=1"]
+        "--trainer.log_every_n_steps=1",
+        "--model.init_args.decay_steps=16"]  # an LR schedule of its own: the resumes with more max_steps keep it
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,10 @@ STAGES = ["01_dm_warmup_4f", "02_dm_warmup_9f", "03_mar_warmup", "04_joint_model
 KINDS = ["generation", "generation", "planning", "joint", "joint"]
 FAST = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         "--data.init_args.num_workers=0", "--data.init_args.epoch_size=64", "--data.init_args.batch_size=4",
-        "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0", "--trainer.precision=32-true"]
+        "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0", "--trainer.precision=32-true",
+        # an LR schedule of its own: a resume with more max_steps keeps it (unset, it followed max_steps, and
+        # every such resume warned that its LR schedule had moved)
+        "--model.init_args.decay_steps=16"]
 
 
 @pytest.fixture(scope="module")
@@ -336,7 +339,8 @@ def test_max_steps_0_is_one_error_saying_it_trains_nothing(workdir, monkeypatch,
 
     monkeypatch.delenv("MARDINI_TRACEBACK", raising=False)
     save = [f"--trainer.logger.init_args.save_dir={tmp_path}"]
-    for extra in ([], ["--model.init_args.decay_steps=10"]):  # a schedule of its own trains nothing either
+    for extra in (["--model.init_args.decay_steps=null"], ["--model.init_args.decay_steps=10"]):  # a schedule of
+        # its own trains nothing either
         code = run_reporting_user_errors("train.py", lambda: _fit(workdir, monkeypatch, *_stage(STAGES[0], 0, *save,
                                                                                                    *extra)),
                                          unwrap=library_error)
@@ -652,7 +656,8 @@ def _parity_config(tmp: Path, name: str) -> Path:
         },
         "model": {"class_path": "mardini.lit.MarDiniModule", "init_args": {
             "size": "tiny", "planner_resolution": 16, "generator": {"patch_size": 2}, "lr": 1e-3, "warmup_steps": 2,
-            "decay_steps": 8, "ema_decay": 0.9, "templates": {"random": 1.0}}},
+            "decay_steps": 8, "ema_decay": 0.9, "templates": {"random": 1.0},
+            "keep_ratio": [0.5, 1.0]}},  # milestone 0's (else the Curriculum warns that it replaces the model's)
         "data": {"class_path": "mardini.data.datamodule.VideoDataModule", "init_args": {
             "train_shards": "data/shards/synthetic/train", "val_shards": None, "frames": 9, "fps": 8,
             "resolution": 32, "batch_size": 2, "num_workers": 0, "epoch_size": 10, "shuffle_buffer": 8}},

@@ -206,7 +206,7 @@ def _tiny_fit(workdir: Path, folder: Path, callbacks: list, max_steps: int, ckpt
 
     shards = workdir / "data" / "shards" / "synthetic"
     model = GenerationModule(size="tiny", planner_resolution=16, frames=4, generator={"patch_size": 2, "dim": 64},
-                             lr=1e-3, keep_ratio=(0.5, 1.0))
+                             lr=1e-3, keep_ratio=(0.5, 1.0), decay_steps=16)  # a schedule a longer resume keeps
     data = VideoDataModule(train_shards=str(shards / "train"), val_shards=str(shards / "val"), frames=5, fps=8,
                            resolution=32, batch_size=2, num_workers=0, epoch_size=12, shuffle_buffer=4, val_clips=2)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, num_sanity_val_steps=0, callbacks=callbacks,
