@@ -1,4 +1,5 @@
-"""Lightning's eval-mode and IterableDataset-length warnings: silenced for MarDini's own runs only, never at import."""
+"""Lightning's eval-mode and IterableDataset-length warnings: silenced for MarDini's own runs only, never at import;
+at the end only our own filters are removed."""
 
 from __future__ import annotations
 
@@ -46,6 +47,37 @@ def test_a_fit_of_ours_shows_neither_warning_and_restores_the_filters(tmp_path):
     said = _said(lambda: L.Trainer(**QUIET).fit(model, data))
     assert not [m for m in said if EVAL_MODE in m or ITERABLE_LEN in m], said
     assert warnings.filters == before
+
+
+class _OwnFilter(L.Callback):
+    """Adds a warning filter of its own during the fit (as a user's callback or a library may), then maybe raises."""
+
+    def __init__(self, fail: bool) -> None:
+        self.fail, self.entry = fail, None
+
+    def on_train_start(self, trainer, pl_module):
+        warnings.filterwarnings("ignore", message="a filter of one's own")
+        self.entry = warnings.filters[0]
+        if self.fail:
+            raise RuntimeError("the fit fails")
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["fit", "exception"])
+def test_a_filter_added_during_our_fit_stays_and_ours_are_gone_after_it(tmp_path, fail):
+    """Before, the end of the fit restored the whole filter list found at setup (catch_warnings), which dropped the
+    filter a callback added during the fit. Now only ours go, after the fit and after an exception alike."""
+    tiny_synthetic(tmp_path, train=4, val=2, frames=9, size=32)
+    data = VideoDataModule(train_shards=str(tmp_path / "train"), val_shards=None, frames=9, fps=None, resolution=32,
+                           batch_size=2, num_workers=0, epoch_size=4)
+    model = MarDiniModule(size="tiny", planner_resolution=16, generator={"patch_size": 2}, lr=1e-3)
+    own = _OwnFilter(fail)
+    before = list(warnings.filters)
+    if fail:
+        with pytest.raises(RuntimeError, match="the fit fails"):
+            L.Trainer(**QUIET, callbacks=[own]).fit(model, data)
+    else:
+        L.Trainer(**QUIET, callbacks=[own]).fit(model, data)
+    assert own.entry is not None and warnings.filters == [own.entry, *before]
 
 
 class _Sized(IterableDataset):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
+import warnings
 
 import lightning as L
 import pytest
@@ -60,6 +62,8 @@ ATTRIBUTES = [
      "mardini/data/stream.py (_shard_samples: tarfile_samples' chain, the shard file closed by us)"),
     ("av.sidedata.sidedata.SideDataContainer",
      "mardini/data/decode.py (display_matrix; without it frame.side_data, which keeps every frame alive)"),
+    ("warnings.filters",
+     "mardini/lit/expected_warnings.py (ignore, remove_filters: our entries taken out of the list in place)"),
     ("jsonargparse._common.debug_mode_active",
      "mardini/cli.py (_jsonargparse_debug; without it JSONARGPARSE_DEBUG is read directly)"),
 ]
@@ -366,3 +370,29 @@ def test_webdataset_and_pyav_helpers_behave_as_we_assume(monkeypatch):
         SideDataContainer(av.VideoFrame(16, 16, "rgb24"))["DISPLAYMATRIX"]
     monkeypatch.setenv("JSONARGPARSE_DEBUG", "true")
     assert debug_mode_active(), "jsonargparse._common.debug_mode_active (mardini/cli.py)"
+
+
+def test_an_ignore_filter_deleted_from_warnings_filters_stops_ignoring_at_once():
+    """mardini/lit/expected_warnings.py (ignore, remove_filters): ``filterwarnings`` puts its entry first in
+    ``warnings.filters``, the list ``warn`` reads, and deleting that entry in place shows the warning again without
+    resetting the registries of warnings already shown (no public API removes one filter; the reset,
+    ``warnings._filters_mutated``, is private and gone in Python 3.14): an ignored warning is never recorded."""
+    from mardini.lit.expected_warnings import ignore, remove_filters
+
+    def warn() -> None:  # one call site: one registry, one key
+        warnings.warn("a probe of the filter list", UserWarning)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # shown once per call site, then recorded in its registry
+        added = ignore("a probe of the filter list", re.escape(__name__))
+        assert added and warnings.filters[0] is added[0], (
+            f"filterwarnings did not put its entry first in warnings.filters ({warnings.filters[:2]}): "
+            f"mardini/lit/expected_warnings.py (ignore) relies on it; {FIX}")
+        warn()
+        ignored = list(caught)
+        remove_filters(added)
+        warn()
+        warn()
+    assert ignored == [] and [str(w.message) for w in caught] == ["a probe of the filter list"], (
+        f"ignored ({ignored}), then shown once after its filter was deleted from warnings.filters ({caught}); "
+        f"mardini/lit/expected_warnings.py (remove_filters) relies on it; {FIX}")

@@ -9,6 +9,9 @@ run), and only where Lightning raises them:
   never trained);
 - ``Your `IterableDataset` has `__len__` defined`` (with a :class:`~mardini.data.datamodule.VideoDataModule` only):
   ``ClipStream`` splits its epoch across workers itself (``with_epoch`` per worker), so its ``__len__`` is exact.
+
+At the end it removes the filters it added, and only those: a filter added during the run by anyone else (a callback,
+a library) stays.
 """
 
 from __future__ import annotations
@@ -28,14 +31,12 @@ class ExpectedWarnings(L.Callback):
     """Ignores :data:`EVAL_MODE_WARNING` (and with a ``VideoDataModule`` :data:`ITERABLE_LEN_WARNING`) during one run."""
 
     def __init__(self) -> None:
-        self._scope: warnings.catch_warnings | None = None
+        self._added: list[tuple] = []  # the entries of warnings.filters that setup added
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._close()
-        self._scope = warnings.catch_warnings()
-        self._scope.__enter__()
         for message, module in self._expected(trainer):
-            warnings.filterwarnings("ignore", message=message, module=module)
+            self._added += ignore(message, module)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._close()
@@ -52,7 +53,26 @@ class ExpectedWarnings(L.Callback):
         return expected
 
     def _close(self) -> None:
-        """Restore the warning filters ``setup`` found (once)."""
-        if self._scope is not None:
-            self._scope.__exit__(None, None, None)
-            self._scope = None
+        """Remove the filters ``setup`` added (once)."""
+        remove_filters(self._added)
+        self._added = []
+
+
+def ignore(message: str, module: str) -> list[tuple]:
+    """``warnings.filterwarnings("ignore", message, module=module)``; the entry it put in ``warnings.filters``, or none
+    where an equal one was there already (that one is left to its owner: it moved to the front, and stays)."""
+    before = list(warnings.filters)
+    warnings.filterwarnings("ignore", message=message, module=module)
+    entry = warnings.filters[0]  # filterwarnings inserts at the front
+    return [] if entry in before else [entry]
+
+
+def remove_filters(entries: list[tuple]) -> None:
+    """Take these very entries (by identity) out of ``warnings.filters``, leaving every other filter where it is; one
+    no longer there (an equal filter added since replaced it) is skipped. ``catch_warnings`` restores the whole list
+    instead, which drops the filters others added meanwhile. No cache needs resetting: ``ignore`` entries are all this
+    removes, and a warning a filter ignored is never recorded in a module's ``__warningregistry__``."""
+    for entry in entries:
+        at = next((i for i, f in enumerate(warnings.filters) if f is entry), None)
+        if at is not None:
+            del warnings.filters[at]
