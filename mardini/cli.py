@@ -136,17 +136,11 @@ class MarDiniCLI(LightningCLI):
         checkpoint to resume is checked first (:meth:`check_resume`); a fit that fails before training leaves no empty
         event file or log folder behind (:meth:`_drop_untrained_logs`). A fit that SIGTERM ended exits with status 143
         (``PreemptionSave``: after its checkpoint), never 0."""
-        from mardini.data.datamodule import VideoDataModule
-
         if self._nothing_to_resume:
             kwargs["ckpt_path"] = None
         elif self._resume_from is not None:
             kwargs["ckpt_path"] = self._resume_from
         self.check_resume(model, kwargs.get("ckpt_path"), kwargs.get("weights_only"))
-        if isinstance(self.datamodule, VideoDataModule):
-            # Lightning calls a mid-epoch resume unreliable unless the dataloader has a state_dict(); this datamodule
-            # keeps the stream position in its own state (in the checkpoint) and continues the epoch exactly
-            warnings.filterwarnings("ignore", message=UNRESUMABLE_LOADER_WARNING)
         folders = log_folders(self.trainer)
         try:
             self.trainer.fit(model, **kwargs)
@@ -344,8 +338,6 @@ def keep_earlier_config(path: Path, new: str) -> Path | None:
 
 
 MOVED_CHECKPOINT_FOLDER_WARNING = r"The dirpath has changed from .* to .*, therefore"
-UNRESUMABLE_LOADER_WARNING = (r"You're resuming from a checkpoint that ended before the epoch ended and your "
-                              r"dataloader is not resumable")
 
 
 def take_seed_everything(config) -> None:

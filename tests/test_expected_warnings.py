@@ -1,11 +1,12 @@
-"""Lightning's eval-mode and IterableDataset-length warnings: silenced for MarDini's own runs only, never at import;
-at the end only our own filters are removed."""
+"""Lightning's eval-mode, IterableDataset-length and unresumable-loader warnings: silenced for MarDini's own runs only,
+never at import nor for the rest of the process; at the end only our own filters are removed."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -17,6 +18,7 @@ from mardini.data.datamodule import VideoDataModule
 from mardini.data.testing import tiny_synthetic
 from mardini.lit import MarDiniModule
 
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"
 EVAL_MODE = "module(s) in eval mode at the start of training"
 ITERABLE_LEN = "Your `IterableDataset` has `__len__` defined"
 QUIET = dict(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -106,3 +108,47 @@ class _Own(L.LightningModule):
 def test_a_module_and_dataset_of_one_s_own_still_get_both_warnings():
     said = _said(lambda: L.Trainer(**QUIET).fit(_Own(), DataLoader(_Sized(), batch_size=2)))
     assert [m for m in said if EVAL_MODE in m] and [m for m in said if ITERABLE_LEN in m], said
+
+
+UNRESUMABLE = ("You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not "
+               "resumable.")
+
+
+def _shown_after(text: str) -> bool:
+    """Whether a warning of ``text``, raised now where Lightning raises it, gets through the filters in place."""
+    from lightning.pytorch.utilities.warnings import PossibleUserWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.warn_explicit(text, PossibleUserWarning, "training_epoch_loop.py", 224,
+                               module="lightning.pytorch.loops.training_epoch_loop")
+    return [str(w.message) for w in caught] == [text]
+
+
+def test_our_cli_silences_the_unresumable_loader_warning_in_its_fit_only(tmp_path, monkeypatch):
+    """A mid-epoch resume through train.py fit: Lightning raises the unresumable-loader warning (the VideoDataModule
+    resumes its stream exactly), which the fit does not show; after the fit it shows again. Before, train.py's fit
+    ignored it with a process-wide filter that stayed for the rest of the process (a notebook, a second fit with
+    loaders of one's own)."""
+    from mardini.cli import main
+
+    tiny_synthetic(tmp_path / "data" / "shards" / "synthetic", train=8, val=2, frames=18, size=32)
+    monkeypatch.chdir(tmp_path)
+    fast = ["--config", str(TINY / "common.yaml"), "--config", str(TINY / "01_dm_warmup_4f.yaml"),
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+            "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0", "--trainer.precision=32-true",
+            "--data.init_args.num_workers=0", "--data.init_args.batch_size=2", "--data.init_args.epoch_size=8",
+            "--model.init_args.decay_steps=4"]  # 4 steps an epoch
+    main(["fit", *fast, "--trainer.max_steps=1"])
+    assert _shown_after(UNRESUMABLE)  # a fit through our CLI leaves no filter of it behind
+    raised: list[str] = []
+    warn = warnings.warn
+
+    def spy(message, category=None, stacklevel=1, **kwargs):  # every warning raised, filtered or not
+        raised.append(str(message))
+        warn(message, category, stacklevel + 1, **kwargs)  # attributed to the same caller as without the spy
+
+    monkeypatch.setattr(warnings, "warn", spy)
+    said = _said(lambda: main(["fit", *fast, "--trainer.max_steps=2"]))  # resumes at step 1 of 4
+    assert [m for m in raised if m.startswith(UNRESUMABLE)], raised  # Lightning raised it
+    assert not [m for m in said if m.startswith(UNRESUMABLE)], said  # and the fit did not show it
+    assert _shown_after(UNRESUMABLE)  # nor does the resumed one

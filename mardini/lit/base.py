@@ -499,7 +499,8 @@ class MarDiniBase(L.LightningModule):
         return decay, no_decay
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """:class:`ExpectedWarnings`: Lightning's eval-mode warning (the EMA) ignored for this module's runs only."""
+        """:class:`ExpectedWarnings`: Lightning's warnings that do not apply to this module's runs (the EMA in eval mode;
+        with a ``VideoDataModule``, its ``__len__`` and its mid-epoch resume) ignored for those runs only."""
         return [ExpectedWarnings()]
 
     def configure_optimizers(self):

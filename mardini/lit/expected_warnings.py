@@ -1,4 +1,4 @@
-"""Two Lightning warnings that do not apply to MarDini's runs, silenced for the fits and validations of its modules.
+"""Lightning warnings that do not apply to MarDini's runs, silenced for the fits and validations of its modules.
 
 They used to be ignored process-wide at import, which also hid them for one's own modules and datasets in the same
 process. :class:`ExpectedWarnings` (every :class:`~mardini.lit.base.MarDiniBase` adds it through
@@ -8,7 +8,10 @@ run), and only where Lightning raises them:
 - ``Found N module(s) in eval mode at the start of training``: the EMA copy is kept in eval mode on purpose (it is
   never trained);
 - ``Your `IterableDataset` has `__len__` defined`` (with a :class:`~mardini.data.datamodule.VideoDataModule` only):
-  ``ClipStream`` splits its epoch across workers itself (``with_epoch`` per worker), so its ``__len__`` is exact.
+  ``ClipStream`` splits its epoch across workers itself (``with_epoch`` per worker), so its ``__len__`` is exact;
+- ``You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable`` (with a
+  ``VideoDataModule`` only): the datamodule keeps the stream position in its own state (in the checkpoint) and
+  continues the epoch exactly. (``train.py fit`` ignored it from its first fit to the end of the process.)
 
 At the end it removes the filters it added, and only those: a filter added during the run by anyone else (a callback,
 a library) stays.
@@ -25,10 +28,13 @@ from mardini.data.datamodule import VideoDataModule
 # (message, module that raises it): the filters match both
 EVAL_MODE_WARNING = (r"Found \d+ module\(s\) in eval mode at the start of training", r"lightning\.pytorch\.loops\.fit_loop")
 ITERABLE_LEN_WARNING = (r"Your `IterableDataset` has `__len__` defined", r"lightning\.pytorch\.utilities\.data")
+UNRESUMABLE_LOADER_WARNING = (r"You're resuming from a checkpoint that ended before the epoch ended and your "
+                              r"dataloader is not resumable", r"lightning\.pytorch\.loops\.training_epoch_loop")
 
 
 class ExpectedWarnings(L.Callback):
-    """Ignores :data:`EVAL_MODE_WARNING` (and with a ``VideoDataModule`` :data:`ITERABLE_LEN_WARNING`) during one run."""
+    """Ignores :data:`EVAL_MODE_WARNING` (and with a ``VideoDataModule`` :data:`ITERABLE_LEN_WARNING` and
+    :data:`UNRESUMABLE_LOADER_WARNING`) during one run."""
 
     def __init__(self) -> None:
         self._added: list[tuple] = []  # the entries of warnings.filters that setup added
@@ -49,7 +55,7 @@ class ExpectedWarnings(L.Callback):
         """The warnings this run raises on purpose."""
         expected = [EVAL_MODE_WARNING]
         if isinstance(trainer.datamodule, VideoDataModule):
-            expected.append(ITERABLE_LEN_WARNING)
+            expected += [ITERABLE_LEN_WARNING, UNRESUMABLE_LOADER_WARNING]
         return expected
 
     def _close(self) -> None:
