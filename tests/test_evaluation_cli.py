@@ -307,6 +307,60 @@ def test_run_task_with_frechet_metrics_and_real_stats_cache(shards, tmp_path):
     assert res["linear_blend"]["fvd6_9f"] != res["nearest_frame"]["fvd6_9f"] and res["linear_blend"]["fid6_9f"] > 0
 
 
+def test_every_method_is_scored_against_one_real_side_held_once(shards, monkeypatch):
+    """Before, run_task built each method's suite with its own real FVD/FID states, only the first suite's ever
+    filled (the real clips were scored once): per method past the first, FID's real 2048 x 2048 float64 covariance
+    sum and torchmetrics' copy of its default, 64 MiB, and FVD's 400 x 400 ones. Now the other suites hold the
+    generated side only: the real states and the real feature passes are those of one method however many are
+    scored, and every method's FVD/FID is what an evaluation of it alone gives, to the last digit."""
+    import torch
+
+    from mardini.metrics import FrameFID, FrechetVideoDistance
+
+    real_passes, suites = [], []
+    for metric in (FrechetVideoDistance, FrameFID):  # record each update's side (before the metrics are built)
+        def update(self, videos, real, *a, _update=metric.update, **k):
+            real_passes.append(self.protocol) if real else None
+            return _update(self, videos, real, *a, **k)
+
+        monkeypatch.setattr(metric, "update", update)
+
+    class Recorded(cli.EvalSuite):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            suites.append(self)
+
+    monkeypatch.setattr(cli, "EvalSuite", Recorded)
+    args = cli.parse_args(["--data", str(shards), "--tasks", "interpolation", "--resolution", "16", "--num-clips", "6",
+                           "--batch-size", "4", "--cache-dir", ""])
+    kind, files = resolve_source(args.data)
+    methods = {**{m: cli.BASELINES[m]() for m in cli.BASELINES}, "reversed": lambda real, mask, seed: real.flip(1)}
+
+    def run(names: list[str]) -> tuple[dict, int, int]:
+        """Results of scoring ``names`` together, the bytes of real-side states allocated, the real feature passes."""
+        suites.clear(), real_passes.clear()
+        res = cli.run_task("interpolation", args, {m: methods[m] for m in names}, kind, files, 6,
+                           {"fvd": VideoPool(), "fid": FramePool()})
+        real_bytes = sum(v.numel() * v.element_size() for s in suites for m in s.frechet.values()
+                         for k, v in m.metric_state.items() if k.startswith("real_") and torch.is_tensor(v))
+        return res["results"], real_bytes, len(real_passes)
+
+    together, real_bytes, passes = run(list(methods))
+    assert len(suites) == 3 and set(together) == set(methods)
+    for name in methods:
+        alone, alone_bytes, alone_passes = run([name])
+        assert together[name] == alone[name], f"{name}: scored with the others {together[name]}, alone {alone}"
+        assert (real_bytes, passes) == (alone_bytes, alone_passes) == (real_bytes, 4), (
+            f"3 methods allocated {real_bytes} bytes of real states and ran {passes} real feature passes, one method "
+            f"{alone_bytes} and {alone_passes}")
+    assert together["linear_blend"]["fid6_9f"] != together["reversed"]["fid6_9f"]
+    other = Recorded(suites[0].protocol, {"fvd": VideoPool(), "fid": FramePool()}, real_side=False)
+    with pytest.raises(RuntimeError, match="holds no real side .* set_real_stats"):
+        other.update_real(torch.zeros(1, 9, 3, 16, 16), suites[0].protocol.mask(1))
+    with pytest.raises(RuntimeError, match="holds no real side .* before compute"):
+        other.frechet["fvd"].real_stats()
+
+
 def test_a_cached_real_statistics_file_of_other_clips_is_recomputed(shards, tmp_path, capsys):
     """The cache file records the digest of its clip keys; one that differs from this run's clips is not used."""
     import torch

@@ -344,6 +344,34 @@ def test_fid_keeps_the_states_our_frechet_mixin_reads():
         f"torchmetrics FID's states are {states}: mardini/metrics/stats.py and fid.py rely on the six names; {FIX}")
 
 
+def test_metric_state_registries_are_what_dropping_the_real_side_edits():
+    """mardini/metrics/stats.py (FrechetStatsMixin._drop_real_states, for FrameFID(real_side=False)) removes FID's
+    real states from torchmetrics Metric's ``_defaults``, ``_persistent`` and ``_reductions``: every state must be
+    named there (and nowhere else) for the metric to reset, sync and save without them."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from mardini.metrics import FrameFID
+
+    class Mean(torch.nn.Module):
+        num_features = 3
+
+        def forward(self, x):
+            return x.float().mean((2, 3))  # (N, 3)
+
+    full = FrechetInceptionDistance(feature=Mean(), normalize=False)
+    names = set(full.metric_state)
+    assert set(full._defaults) == set(full._persistent) == set(full._reductions) == names, (
+        f"torchmetrics' state registries no longer list the states {sorted(names)}: mardini/metrics/stats.py "
+        f"(_drop_real_states) edits _defaults, _persistent and _reductions; {FIX}")
+    fake = FrameFID(2, 1, network=Mean(), real_side=False)
+    fake.update(torch.rand(4, 1, 3, 8, 8) * 2 - 1, real=False)
+    fake.reset()
+    assert set(fake.metric_state) == set(fake._reductions) == names - {n for n in names if n.startswith("real_")} | \
+        {"fake_num_videos"} and float(fake.fake_features_num_samples) == 0, (
+        f"FrameFID(real_side=False) has states {sorted(fake.metric_state)} after a reset: mardini/metrics/stats.py "
+        f"(_drop_real_states) relies on torchmetrics resetting the states its registries name; {FIX}")
+
+
 def test_fsdp_keeps_use_orig_params_on_the_root():
     """mardini/lit/fsdp.py (fsdp_root) reads ``FullyShardedDataParallel._use_orig_params`` (tests/test_fsdp_ema.py
     runs it under raw FSDP)."""

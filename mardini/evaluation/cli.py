@@ -300,13 +300,12 @@ def run_task(
         fvd_pad_short=args.fvd_pad_short, steps=args.steps, guidance_scale=args.guidance, eta=args.eta,
         extra={"fps": args.fps, "data": args.data, **({"sample_resolution": size} if "mardini" in samplers else {})},
     )
-    first = EvalSuite(proto, networks)
+    first = EvalSuite(proto, networks)  # the one real side: computed (or read from the cache) and held once
     shared = {"fvd": getattr(first.metrics.get("fvd"), "network", None),
               "fid": getattr(first.metrics.get("fid"), "inception", None)}
-    suites = {m: first if i == 0 else EvalSuite(proto, {k: v for k, v in shared.items() if v is not None})
+    suites = {m: first if i == 0 else EvalSuite(proto, {k: v for k, v in shared.items() if v is not None},
+                                                real_side=False)  # the generated side only; the real one copied below
               for i, m in enumerate(samplers)}
-    for s in list(suites.values())[1:]:
-        s.real_cached = True  # the first suite computes the real side; copied below
     device = device_of(args)
     for s in suites.values():
         s.to(device)  # metric states (and the FVD/FID networks) where the clips are

@@ -303,11 +303,16 @@ class EvalSuite:
         protocol: the settings.
         networks: optional ready feature networks ``{"fvd": module, "fid": module}`` (tests, or sharing one
             network between suites); otherwise the pretrained ones are loaded from the weights files.
+        real_side: False builds the Fréchet metrics without real-side states, for one more method scored on the
+            same clips: ``update`` adds the generated side only, and the real statistics of the suite that holds
+            them are installed with :meth:`use_real_stats` before :meth:`compute`.
     The metrics are plain attributes of the suite: whoever holds the suite (a callback) keeps them out of the
     LightningModule, its checkpoints and its EMA.
     """
 
-    def __init__(self, protocol: EvalProtocol, networks: dict[str, nn.Module] | None = None) -> None:
+    def __init__(
+        self, protocol: EvalProtocol, networks: dict[str, nn.Module] | None = None, real_side: bool = True
+    ) -> None:
         from mardini.evaluation.trajectory import TrajectoryError
         from mardini.metrics import FrameFID, FrechetVideoDistance, MidFrameMetrics
 
@@ -318,8 +323,9 @@ class EvalSuite:
         n, t = p.num_clips, p.frames
         builders = {
             "fvd": lambda: FrechetVideoDistance(n, t, weights=p.i3d_weights, network=networks.get("fvd"),
-                                                pad_short=p.fvd_pad_short),
-            "fid": lambda: FrameFID(n, t, weights=p.inception_weights, network=networks.get("fid")),
+                                                pad_short=p.fvd_pad_short, real_side=real_side),
+            "fid": lambda: FrameFID(n, t, weights=p.inception_weights, network=networks.get("fid"),
+                                    real_side=real_side),
             "midf": lambda: MidFrameMetrics(lpips_weights=p.lpips_weights),
             "traj": lambda: TrajectoryError(),
         }
@@ -333,6 +339,7 @@ class EvalSuite:
                     self.metrics[name] = MidFrameMetrics(lpips_weights=None)
                 else:
                     self.skipped[name] = _weights_missing(name, err, p.missing_weights)
+        self.real_side = real_side  # False: the real statistics come from another suite (use_real_stats)
         self.real_cached = False  # True once the Fréchet metrics hold real statistics from a cache
 
     # -- state --------------------------------------------------------------------------------------
@@ -355,10 +362,11 @@ class EvalSuite:
         self, real: torch.Tensor, fake: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None = None
     ) -> None:
         """Score one batch: ``real``/``fake`` ``(B, T, 3, H, W)`` in [-1, 1], ``mask (B, T)``, ``positions
-        (B, T, K, 2)`` or None. Real statistics are updated unless they came from the cache."""
+        (B, T, K, 2)`` or None. Real statistics are updated unless they came from the cache or another suite
+        (``real_side=False``)."""
         for name, m in self.frechet.items():
             kw = {"mask": mask} if name == "fid" else {}
-            if not self.real_cached:
+            if self.real_side and not self.real_cached:
                 m.update(real, real=True, **kw)
             m.update(fake, real=False, **kw)
         if "midf" in self.metrics:

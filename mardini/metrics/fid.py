@@ -33,6 +33,8 @@ class FrameFID(FrechetStatsMixin, FrechetInceptionDistance):
             :class:`~mardini.metrics.inception.InceptionV3Features`.
         quantize: round frames to 8-bit levels first, as a saved frame would be.
         chunk_size: frames per network forward.
+        real_side: False keeps no real-side states: the real statistics come from a metric that holds them
+            (:meth:`set_real_stats` before ``compute``; one real side shared by several methods' metrics).
         kwargs: passed to torchmetrics' ``FrechetInceptionDistance``.
     """
 
@@ -47,6 +49,7 @@ class FrameFID(FrechetStatsMixin, FrechetInceptionDistance):
         resize: ResizeMode = "crop",
         quantize: bool = True,
         chunk_size: int = 64,
+        real_side: bool = True,
         **kwargs,
     ) -> None:
         net = network if network is not None else build_inception(weights, resize=resize, quantize=quantize)
@@ -59,6 +62,11 @@ class FrameFID(FrechetStatsMixin, FrechetInceptionDistance):
         self.resize, self.quantize = resize, quantize
         self.protocol = f"fid{num_videos}_{num_frames}f"
         self.add_state("fake_num_videos", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        if not real_side:
+            if not self.reset_real_features:
+                raise ValueError("FrameFID(real_side=False) holds no real features to keep across resets: leave "
+                                 "reset_real_features at True")
+            self._drop_real_states()  # torchmetrics' __init__ added them
 
     def preprocessing(self) -> dict:
         return {"resize": self.resize, "quantize": self.quantize}

@@ -34,6 +34,8 @@ class FrechetVideoDistance(FrechetStatsMixin, Metric):
         quantize: round frames to 8-bit levels before the network (as saved videos are).
         pad_short: allow T < 9 by repeating the last frame (protocol name gets a ``_pad`` suffix).
         chunk_size: clips per network forward, to bound memory.
+        real_side: False builds no real-side states: the real statistics come from a metric that holds them
+            (:meth:`set_real_stats` before ``compute``; one real side shared by several methods' metrics).
     """
 
     is_differentiable = False
@@ -51,6 +53,7 @@ class FrechetVideoDistance(FrechetStatsMixin, Metric):
         quantize: bool = True,
         pad_short: bool = False,
         chunk_size: int = 16,
+        real_side: bool = True,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -64,7 +67,7 @@ class FrechetVideoDistance(FrechetStatsMixin, Metric):
         net = network if network is not None else build_i3d(weights)
         self.num_features = int(getattr(net, "num_features", 400))
         hide_module(self, "network", net)  # not a submodule: out of state_dict, DDP and .to()
-        self._add_frechet_states(self.num_features)
+        self._add_frechet_states(self.num_features, real=real_side)
 
     @torch.no_grad()
     def features(self, videos: torch.Tensor) -> torch.Tensor:

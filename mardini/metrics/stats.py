@@ -2,6 +2,10 @@
 
 Both metrics keep torchmetrics FID's six states (``{real,fake}_features_sum`` ``(D,)``, ``..._cov_sum`` ``(D, D)``
 float64, ``..._num_samples``), all reduced with ``sum`` across processes, so DDP needs no extra code.
+A metric built with ``real_side=False`` has the three fake states only: it scores one more method against real
+statistics that another metric holds (:meth:`FrechetStatsMixin.set_real_stats` before ``compute``), so an evaluation
+of several methods allocates and fills the real side once (FID's real covariance sum alone is 32 MiB, twice with
+torchmetrics' copy of its default).
 
 The feature network is stored as a plain attribute, not a submodule: it stays out of ``state_dict`` (so out of any
 LightningModule checkpoint), out of ``parameters()`` (so DDP never broadcasts it) and out of ``.to()`` calls; it is
@@ -50,6 +54,9 @@ def on_device(net: nn.Module, device: torch.device) -> nn.Module:
 # ------------------------------------------------------------------------------------------------
 # States, compute and the real-statistics cache
 # ------------------------------------------------------------------------------------------------
+REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+
+
 class FrechetStatsMixin:
     """For ``torchmetrics.Metric`` subclasses; they set ``protocol``, ``feature_name`` and ``num_features``."""
 
@@ -89,13 +96,32 @@ class FrechetStatsMixin:
         else:
             self._frames = None
 
-    def _add_frechet_states(self, dim: int) -> None:
-        for kind in ("real", "fake"):
+    @property
+    def holds_real_side(self) -> bool:
+        """Whether the metric has states for the real side (False: built with ``real_side=False``)."""
+        return REAL_STATES[0] in self._defaults
+
+    def _add_frechet_states(self, dim: int, real: bool = True) -> None:
+        for kind in ("real", "fake") if real else ("fake",):
             self.add_state(f"{kind}_features_sum", torch.zeros(dim, dtype=torch.float64), dist_reduce_fx="sum")
             self.add_state(f"{kind}_features_cov_sum", torch.zeros(dim, dim, dtype=torch.float64), dist_reduce_fx="sum")
             self.add_state(f"{kind}_features_num_samples", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
+    def _drop_real_states(self) -> None:
+        """Remove the real side's states (and torchmetrics' copies of their defaults): for a metric whose real
+        statistics another metric holds, installed with :meth:`set_real_stats` before ``compute``."""
+        for name in REAL_STATES:
+            for registry in (self._defaults, self._persistent, self._reductions):
+                registry.pop(name, None)
+            if hasattr(self, name):
+                delattr(self, name)
+
     def _check_real_update(self, real: bool) -> None:
+        if real and not self.holds_real_side:
+            raise RuntimeError(
+                f"{self.protocol}: this metric holds no real side (built with real_side=False); update the metric "
+                "that holds the real side with the real clips and install its statistics here with set_real_stats()"
+            )
         if real and self._real_ref is not None:
             raise RuntimeError(
                 f"{self.protocol}: real statistics were loaded from a cache; call clear_real_stats() before "
@@ -115,6 +141,11 @@ class FrechetStatsMixin:
         if kind == "real" and self._real_ref is not None:
             ref = self._real_ref
             return ref["mean"], ref["cov"], int(ref["count"])
+        if kind == "real" and not self.holds_real_side:
+            raise RuntimeError(
+                f"{self.protocol}: this metric holds no real side (built with real_side=False) and was given no real "
+                "statistics; install them with set_real_stats() (EvalSuite.use_real_stats) before compute"
+            )
         n = getattr(self, f"{kind}_features_num_samples")
         feat_sum, outer_sum = getattr(self, f"{kind}_features_sum"), getattr(self, f"{kind}_features_cov_sum")
         mu, cov = gaussian_from_sums(feat_sum, outer_sum, n)
