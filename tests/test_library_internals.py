@@ -372,6 +372,37 @@ def test_metric_state_registries_are_what_dropping_the_real_side_edits():
         f"(_drop_real_states) relies on torchmetrics resetting the states its registries name; {FIX}")
 
 
+def test_the_evaluation_loop_holds_its_pass_s_iterator_in_data_fetcher(tmp_path):
+    """mardini/lit/loop_state.py (end_validation_workers, MarDiniBase.on_validation_end) tears down
+    ``_data_fetcher`` of the evaluation loop that runs (the fit's ``val_loop``, or ``validate_loop``) at the end of a
+    pass and sets it to None, as ``_EvaluationLoop.teardown`` does: the fetcher must be there then, holding the pass's
+    ``CombinedLoader``, and the next pass must make a new one."""
+    from lightning.pytorch.loops.fetchers import _DataFetcher
+    from lightning.pytorch.utilities import CombinedLoader
+
+    from mardini.lit.loop_state import end_validation_workers
+
+    seen: list[str] = []
+
+    class EndWorkers(L.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            validating = trainer.state.fn == "validate"
+            loop = trainer.validate_loop if validating else trainer.fit_loop.epoch_loop.val_loop
+            fetcher = loop._data_fetcher
+            assert isinstance(fetcher, _DataFetcher) and isinstance(fetcher.combined_loader, CombinedLoader), (
+                f"{'validate_loop' if validating else 'val_loop'}._data_fetcher is {fetcher!r} at on_validation_end: "
+                f"mardini/lit/loop_state.py (end_validation_workers) relies on it; {FIX}")
+            end_validation_workers(trainer)
+            assert loop._data_fetcher is None
+            seen.append(trainer.state.fn.value)
+
+    fit = trainer(tmp_path, max_steps=4, limit_val_batches=1, val_check_interval=2, num_sanity_val_steps=1,
+                  callbacks=[EndWorkers()])
+    fit.fit(BoringModel())
+    fit.validate(BoringModel(), verbose=False)
+    assert seen == ["fit"] * 3 + ["validate"]
+
+
 def test_fsdp_keeps_use_orig_params_on_the_root():
     """mardini/lit/fsdp.py (fsdp_root) reads ``FullyShardedDataParallel._use_orig_params`` (tests/test_fsdp_ema.py
     runs it under raw FSDP)."""

@@ -26,6 +26,7 @@ from mardini.diffusion.anchor import FrameAnchor
 from mardini.lit.batch_weight import ElementWindow, element_mean_share, loss_scale, step_batches
 from mardini.lit.expected_warnings import ExpectedWarnings
 from mardini.lit.fsdp import fsdp_root, lerp_local_, local_tensors, paired, root_unsharded, unwrapped_name
+from mardini.lit.loop_state import end_validation_workers
 from mardini.lit.schedules import scaled_lr, warmup_cosine
 from mardini.masking import MaskSampler, mask_sampler_class
 
@@ -695,6 +696,9 @@ class MarDiniBase(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._swap_out_ema()
         self._log_val_template_losses()
+
+    def on_validation_end(self) -> None:
+        end_validation_workers(self.trainer)  # not kept alive through the training until the next validation
 
     def _log_val_template_losses(self) -> None:
         """``val/loss`` and ``val/loss_{template}``: the means over every rank's clips (of that template). The sums
