@@ -498,6 +498,11 @@ def test_lightning_fit_epochs_and_checkpoint_state(synth, tmp_path):
     ckpt = torch.load(trainer.checkpoint_callback.best_model_path or next(tmp_path.rglob("*.ckpt")),
                       weights_only=False)
     assert ckpt["VideoDataModule"]["epoch"] == 2 and ckpt["VideoDataModule"]["seed"] == 0
+    # what the training shards' manifest records (the synthetic set's clip count...): what the run trained on
+    from mardini.data.synthetic_shards import manifest_settings
+
+    assert ckpt["VideoDataModule"]["train_data"] == manifest_settings(synth / "train")
+    assert ckpt["VideoDataModule"]["train_data"]["clips"] > 0
 
 
 class _Killed(Exception):

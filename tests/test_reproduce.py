@@ -388,3 +388,80 @@ def test_a_demo_set_of_other_settings_stops_before_anything_naming_the_demo_s_fr
                           f"other settings than the demo's default (train: clips 2 -> {S.DEMO_TRAIN_CLIPS}: the set's -> "
                           "the default; "), err
     assert "run `python -m mardini.demo --fresh` first" in err and "Traceback" not in err
+
+
+def _demo_chain(root: Path, **changes) -> dict:
+    """A chain under ``root`` whose checkpoints record what a default ``python -m mardini.demo`` run's do, as the
+    configs describe it (steps, LR schedule, data and model arguments, autoencoder, the training set's manifest);
+    ``changes``: ``{stage: {"global_step": N, ...}}`` or ``train_clips=N`` for every stage."""
+    import torch
+
+    from mardini.demo.chain import TINY_DIR, TINY_STAGES, stage_settings
+    from mardini.reproduce.demo_chain import expected_train_data
+
+    train_clips = changes.pop("train_clips", None)
+    for stage in TINY_STAGES:
+        cfg = stage_settings(TINY_DIR / "common.yaml", TINY_DIR / f"{stage}.yaml")
+        model = dict(cfg["model"]["init_args"])
+        auto = model.pop("autoencoder")
+        steps = cfg["trainer"]["max_steps"]
+        train = expected_train_data() | ({"clips": train_clips} if train_clips else {})
+        ckpt = {"global_step": steps, "hyper_parameters": {**model, "seed": cfg["seed_everything"]},
+                "datamodule_hyper_parameters": dict(cfg["data"]["init_args"]),
+                "VideoDataModule": {"epoch": 0, "train_data": train},
+                "mardini": {"lr_schedule_steps": steps, "autoencoder_spec": auto}}
+        for key, value in changes.get(stage, {}).items():
+            ckpt[key] = value
+        path = root / stage / "checkpoints" / "last.ckpt"
+        path.parent.mkdir(parents=True)
+        torch.save(ckpt, path)
+    return {stage: root / stage / "checkpoints" / "last.ckpt" for stage in TINY_STAGES}
+
+
+def _final_steps() -> int:
+    return yaml.safe_load((ROOT / "configs/tiny/05_joint_task.yaml").read_text())["trainer"]["max_steps"]
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"05_joint_task": {"global_step": 3000}}, "05_joint_task: steps 3000 -> {final}"),  # --final-steps 3000
+    ({"train_clips": 500}, "training set clips 500 -> {clips}"),  # --train-clips 500, the set rebuilt since
+    ({"05_joint_task": {"VideoDataModule": {"epoch": 0}}},
+     "05_joint_task: training set not recorded (a checkpoint written before 2026-12-07)"),
+])
+def test_a_chain_trained_with_other_settings_stops_before_anything_naming_the_demo_s_fresh_run(
+        tmp_path, monkeypatch, capsys, changes, named):
+    """``python -m mardini.reproduce --checkpoints outputs/tiny`` after ``python -m mardini.demo --final-steps 3000``
+    (or ``--train-clips 500``) scored that chain as the demo's: only the synthetic set on disk was checked. It now
+    stops before building or writing anything, naming what differs and ``python -m mardini.demo --fresh``."""
+    import runpy
+    import sys
+
+    from mardini.data import synthetic as S
+    from mardini.demo import data
+
+    named = named.format(final=_final_steps(), clips=S.DEMO_TRAIN_CLIPS)
+    built = []
+    monkeypatch.setattr(data, "build_synthetic", lambda *a, **k: built.append(a))
+    monkeypatch.chdir(tmp_path)
+    _demo_chain(tmp_path / "tiny", **changes)
+    monkeypatch.delenv("MARDINI_TRACEBACK", raising=False)
+    monkeypatch.setattr(sys, "argv", ["mardini.reproduce", "--checkpoints", str(tmp_path / "tiny"), "--only", "table2",
+                                      "--out", str(tmp_path / "out"), "--no-progress"])
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_module("mardini.reproduce", run_name="__main__")
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and not built and not (tmp_path / "out").exists(), err
+    assert err.startswith(f"python -m mardini.reproduce: error: {tmp_path / 'tiny'} holds checkpoints trained with "
+                          "other settings than the demo's ("), err
+    assert named in err and "run `python -m mardini.demo --fresh` first" in err and "Traceback" not in err
+
+
+def test_the_demo_s_own_chain_passes_the_check(tmp_path):
+    from mardini.reproduce.demo_chain import chain_differences, check_demo_chain
+
+    ckpts = _demo_chain(tmp_path / "tiny")
+    assert chain_differences(ckpts) == {}
+    check_demo_chain(ckpts, tmp_path / "tiny")  # no error
+    # at --scale 0.5 the same chain is one trained twice as long
+    final = _final_steps()
+    assert chain_differences(ckpts, scale=0.5)["05_joint_task"][0] == f"steps {final} -> {round(final / 2)}"

@@ -136,6 +136,7 @@ class VideoDataModule(L.LightningDataModule):
         self.per_rank_batch_size = batch_size
         self.train_set: ClipStream | None = None
         self.val_set: ClipStream | None = None
+        self.train_data: dict | None = None  # the training shards' manifest settings (setup), saved in checkpoints
 
     # ----------------------------------------------------------------------------------------------
     # Setup
@@ -159,6 +160,7 @@ class VideoDataModule(L.LightningDataModule):
                       world_size=self.world_size, latents=self.latents, state=self.state)
         if stage in (None, "fit"):
             shards = without_empty_shards(list_shards(self.train_shards), "data.train_shards")
+            self.train_data = shards_manifest(self.train_shards)
             if self.latents:
                 check_latent_shards(shards[0], self.frames, self.fps, self.resolution)
             else:
@@ -247,18 +249,20 @@ class VideoDataModule(L.LightningDataModule):
         """The stream position: ``seed``, ``epoch`` (next to start), the epoch in progress and, per worker, the
         raw samples read and batches delivered up to the last batch trained on, and ``skipped`` up to that batch
         too. A resumed run with the same worker count continues that epoch exactly where it stopped (same clips,
-        crops and order) and counts the skips of the batches it reads again once."""
+        crops and order) and counts the skips of the batches it reads again once. ``train_data``: what the training
+        shards' ``manifest.json`` records (:func:`shards_manifest`; the synthetic set's clip count, ...), so that a
+        checkpoint says what it was trained on (read, not restored; checkpoints before 2026-12-07 lack it)."""
         s = self.state
         own = {"seed": s.seed, "epoch": s.epoch, "skipped": s.skipped_trained, "in_epoch": s.in_epoch,
                "workers": s.workers, "progress": [[w, *p] for w, p in sorted(s.progress.items())]}
         world = _distributed_world()
         if world is None:
-            return own
+            return {**own, "train_data": self.train_data}
         # Lightning writes rank 0's checkpoint, and every rank calls this when it saves: each rank's own position
         # goes in too (ranks that skipped different numbers of bad samples have read different numbers of them)
         ranks: list = [None] * world[1]
         torch.distributed.all_gather_object(ranks, own)
-        return {**own, "ranks": ranks}
+        return {**own, "ranks": ranks, "train_data": self.train_data}
 
     def load_state_dict(self, state_dict: dict) -> None:
         ranks = state_dict.get("ranks")
@@ -277,6 +281,21 @@ class VideoDataModule(L.LightningDataModule):
         if progress and int(state_dict.get("in_epoch", -1)) >= 0:
             s.resume = {"epoch": int(state_dict["in_epoch"]), "workers": int(state_dict.get("workers", 1)),
                         "progress": progress}
+
+
+def shards_manifest(shards: str) -> dict | None:
+    """The ``settings`` of ``<shards>/manifest.json`` when ``shards`` is a local folder holding one (the shard writers
+    record their settings there: :mod:`mardini.data.synthetic_shards`, :mod:`mardini.data.video_shards`,
+    :mod:`mardini.data.latent_cache`), else None (a pattern, a list, no manifest, an unreadable one)."""
+    manifest = os.path.join(shards, "manifest.json")
+    if "::" in shards or not os.path.isfile(manifest):
+        return None
+    try:
+        with open(manifest) as f:
+            settings = json.load(f).get("settings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return settings if isinstance(settings, dict) else None
 
 
 def leave_first_sigterm_to_main(worker_id: int) -> None:

@@ -9,8 +9,10 @@
 6. Table 3: latency and peak memory of the asymmetric design vs symmetric variants (``bench.asymmetric``);
 then ``<out>/report.md`` (+ ``results.json``, PNG plots) with a computed agree/disagree verdict per claim.
 ``--checkpoints DIR`` is checked first: a folder missing a stage's ``last.ckpt`` stops the command before the data
-set is built, in one line (exit code 2, as for any user error); so does a synthetic set of other settings than the
-demo's default (an earlier ``python -m mardini.demo --train-clips N``), naming ``python -m mardini.demo --fresh``.
+set is built, in one line (exit code 2, as for any user error); so does a chain trained with other settings than the
+demo's default (an earlier ``python -m mardini.demo --final-steps N``, ``--train-clips N`` or ``--scale S``:
+:mod:`mardini.reproduce.demo_chain`), and a synthetic set of other settings than the demo's default, each naming
+``python -m mardini.demo --fresh``.
 So are the checkout's ``configs/tiny/`` and ``bench/`` (found beside the package: it runs from any folder, its data
 and outputs going under that folder; a non-editable install has neither).
 
@@ -47,7 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", nargs="+", choices=ANALYSES, default=list(ANALYSES), help="analyses to run")
     p.add_argument("--checkpoints", type=Path, default=None,
                    help="folder holding the five chain stages (<dir>/<stage>/checkpoints/last.ckpt); no training")
-    p.add_argument("--scale", type=float, default=None, help="multiply every chain stage's max_steps (default 1)")
+    p.add_argument("--scale", type=float, default=None,
+                   help="multiply every chain stage's max_steps (default 1; with --checkpoints, the steps the chain "
+                        "is checked to have been trained for, default 1 also under --quick)")
     p.add_argument("--identity-steps", type=int, default=None, help="steps of each Fig. 6c run (default 1000)")
     p.add_argument("--eval-clips", type=int, default=None, help="held-out clips per task (default 64, at most 64)")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps for Table 2 (the paper's 25)")
@@ -59,6 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_allow_autoencoder_argument(p)
     a = p.parse_args(argv)
     resolve_threads(p, a, min(2, torch.get_num_threads()))
+    if a.checkpoints is not None and a.scale is None:  # no chain to train: the demo's is checked at its own steps
+        a.scale = 1.0
     for key, value in (QUICK if a.quick else DEFAULTS).items():
         if getattr(a, key) is None:
             setattr(a, key, value)
@@ -104,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         repo_path("bench/asymmetric.py")
     ckpts: dict[str, Path] = {}
     if needs_chain and a.checkpoints is not None:  # before the data set is built (minutes, ~800 MB)
+        from mardini.reproduce.demo_chain import check_demo_chain
+
         ckpts = runs.chain_checkpoints(a.checkpoints)
+        check_demo_chain(ckpts, a.checkpoints, a.scale)
     from mardini.demo.data import SHARDS, build_synthetic
 
     check_demo_set(SHARDS)

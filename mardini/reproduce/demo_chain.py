@@ -1,0 +1,95 @@
+"""Whether a ``--checkpoints`` chain was trained as ``python -m mardini.demo`` trains it by default.
+
+A demo run with ``--train-clips N``, ``--final-steps N`` or ``--scale S`` leaves checkpoints under ``outputs/tiny``
+that the reproduction would otherwise score as the demo's chain. Each stage's ``last.ckpt`` is compared with what
+the checkout's ``configs/tiny/`` describe (at ``--scale``): its ``global_step`` and LR-schedule length (the stage's
+``max_steps``), the data and model arguments the config sets, the autoencoder, and the training set the shards'
+``manifest.json`` recorded (``checkpoint["VideoDataModule"]["train_data"]``, written since 2026-12-07: an older
+checkpoint cannot say which set it was trained on and is refused too).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mardini.demo.chain import TINY_DIR, stage_settings
+from mardini.reproduce.runs import CKPT_KEYS
+
+NOT_RECORDED = "not recorded (a checkpoint written before 2026-12-07)"
+
+
+def _plain(value):
+    """``value`` as JSON reads it back (tuples as lists, ints and floats compared by value)."""
+    return json.loads(json.dumps(value))
+
+
+def _differ(what: str, theirs, ours) -> list[str]:
+    """``["what theirs -> ours"]`` where the checkpoint's ``theirs`` is not the demo's ``ours``."""
+    return [] if _plain(theirs) == _plain(ours) else [f"{what} {theirs} -> {ours}"]
+
+
+def expected_train_data() -> dict:
+    """The manifest settings of the demo's default training split (``python -m mardini.demo`` without options)."""
+    from mardini.data import synthetic as S
+    from mardini.data.synthetic_shards import split_settings
+    from mardini.demo.data import RENDER
+
+    return split_settings("train", S.DEMO_TRAIN_CLIPS, S.DEMO_TRAIN_PER_SHARD, **RENDER)
+
+
+def stage_differences(ckpt: dict, name: str, scale: float = 1.0, source: Path = TINY_DIR) -> list[str]:
+    """How the checkpoint dict ``ckpt`` of stage ``name`` differs from that stage of ``source`` (``max_steps`` times
+    ``scale``, as :func:`mardini.demo.chain.run_stage` trains it): ``["steps 3000 -> 1300", ...]``, the
+    checkpoint's value first."""
+    cfg = stage_settings(source / "common.yaml", source / f"{name}.yaml")
+    steps = max(1, round(cfg["trainer"]["max_steps"] * scale))
+    meta = ckpt.get("mardini") or {}
+    diffs = _differ("steps", ckpt.get("global_step"), steps)
+    diffs += _differ("LR schedule steps", meta.get("lr_schedule_steps", NOT_RECORDED), steps)
+    data, hp = ckpt.get("datamodule_hyper_parameters") or {}, ckpt.get("hyper_parameters") or {}
+    for key, value in cfg["data"]["init_args"].items():
+        diffs += _differ(f"data.{key}", data.get(key, "unset"), value)
+    for key, value in cfg["model"]["init_args"].items():
+        if key == "autoencoder":
+            spec = meta.get("autoencoder_spec") or {}
+            diffs += _differ("autoencoder", spec.get("class_path"), value["class_path"])
+            for k, v in (value.get("init_args") or {}).items():
+                diffs += _differ(f"autoencoder.{k}", (spec.get("init_args") or {}).get(k, "unset"), v)
+        elif key not in CKPT_KEYS:  # paths to the earlier stages: where the chain was trained, not how
+            diffs += _differ(f"model.{key}", hp.get(key, "unset"), value)
+    diffs += _differ("seed", hp.get("seed", "unset"), cfg.get("seed_everything", 0))
+    recorded = (ckpt.get("VideoDataModule") or {}).get("train_data", NOT_RECORDED)
+    if recorded == NOT_RECORDED or recorded is None:
+        return diffs + [f"training set {'not recorded (no manifest.json)' if recorded is None else recorded}"]
+    expected = expected_train_data()
+    return diffs + [f"training set {k} {recorded.get(k, 'unset')} -> {v}" for k, v in expected.items()
+                    if _plain(recorded.get(k, "unset")) != _plain(v)]
+
+
+def chain_differences(ckpts: dict[str, Path], scale: float = 1.0) -> dict[str, list[str]]:
+    """Stage -> :func:`stage_differences` of its checkpoint, for each stage whose checkpoint differs."""
+    from mardini.lit.checkpoints import read_checkpoint
+
+    out = {}
+    for name, path in ckpts.items():
+        diffs = stage_differences(read_checkpoint(path), name, scale)
+        if diffs:
+            out[name] = diffs
+    return out
+
+
+def check_demo_chain(ckpts: dict[str, Path], root: Path, scale: float = 1.0) -> None:
+    """Stop, before anything is built or written, where the chain under ``root`` was not trained at the demo's
+    default settings (:func:`chain_differences`), naming what differs and ``python -m mardini.demo --fresh``."""
+    stale = chain_differences(ckpts, scale)
+    if not stale:
+        return
+    named = "; ".join(f"{stage}: {', '.join(diffs)}" for stage, diffs in stale.items())
+    at = "" if scale == 1 else f" at --scale {scale:g}"
+    raise ValueError(
+        f"{root} holds checkpoints trained with other settings than the demo's{at} ({named}: the checkpoint's -> the "
+        "demo's; an earlier `python -m mardini.demo --final-steps N`, `--train-clips N` or `--scale S`?), which the "
+        f"reproduction would score as the demo's chain: run `python -m mardini.demo --fresh` first (it retrains "
+        "outputs/tiny at the demo's settings; the checkpoints of another folder need retraining the same way), then "
+        "this command again")
