@@ -134,8 +134,9 @@ class MarDiniCLI(LightningCLI):
         """``trainer.fit``; a ``last`` that found nothing to resume starts afresh (``ckpt_path=None``: Lightning
         would warn that there is no last checkpoint; the saved config keeps ``last``, so rerunning it resumes). The
         checkpoint to resume is checked first (:meth:`check_resume`); a fit that fails before training leaves no empty
-        event file or log folder behind (:meth:`_drop_untrained_logs`). A fit that SIGTERM ended exits with status 143
-        (``PreemptionSave``: after its checkpoint), never 0."""
+        event file or log folder behind (:meth:`_drop_untrained_logs`), one that fails later without saving a
+        checkpoint puts back the earlier run it set aside (:meth:`_put_back_earlier_run`). A fit that SIGTERM ended
+        exits with status 143 (``PreemptionSave``: after its checkpoint), never 0."""
         if self._nothing_to_resume:
             kwargs["ckpt_path"] = None
         elif self._resume_from is not None:
@@ -150,7 +151,22 @@ class MarDiniCLI(LightningCLI):
             raise
         except Exception:
             self._drop_untrained_logs(folders)
+            self._put_back_earlier_run()
             raise
+
+    def _put_back_earlier_run(self) -> None:
+        """After a fit that failed once its training started (``--ckpt_path null`` where a run was): the earlier run
+        it set aside in ``checkpoints/earlier.N/`` back where it was, and ``config.yaml`` as it was, where the fit saved
+        no checkpoint (``StepCheckpoint.put_back_earlier_run``; one that saved keeps them aside and says so). Before,
+        the folder looked empty and ``--ckpt_path last`` trained from scratch."""
+        if not self.trainer.is_global_zero:
+            return
+        saver = next((cb for cb in self.trainer.callbacks if isinstance(cb, StepCheckpoint)), None)
+        if saver is None or not saver.put_back_earlier_run():
+            return
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, KeepEarlierConfig):
+                cb.put_back()
 
     def _drop_untrained_logs(self, folders) -> None:
         """After a fit that failed before training (a data error from the datamodule's setup, a failing sanity
@@ -296,7 +312,9 @@ class KeepEarlierConfig(SaveConfigCallback):
     ``validate`` writes ``validate.yaml`` in its own log folder, the stage folder's ``validate/``
     (:func:`validation_logger`; each run over the last one)."""
 
-    _kept: Path | None = None
+    _kept: Path | None = None  # config.N.yaml, the earlier config.yaml, until the training starts
+    _rotated: Path | None = None  # the same, from then on (for put_back)
+    _before: tuple[Path, bytes | None] | None = None  # config.yaml and its bytes before this fit (None: none)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != TrainerFn.FITTING:  # not what the run was trained with: before, each validate rotated config.yaml
@@ -304,12 +322,28 @@ class KeepEarlierConfig(SaveConfigCallback):
         elif not self.already_saved and self.save_to_log_dir:
             log_dir = trainer.log_dir  # a broadcast: every rank asks
             if trainer.is_global_zero and log_dir is not None:
-                self._kept = keep_earlier_config(Path(log_dir) / self.config_filename,
-                                                 self.parser.dump(self.config, **KEEP_NONE))
+                path = Path(log_dir) / self.config_filename
+                self._before = (path, path.read_bytes() if path.is_file() else None)
+                self._kept = keep_earlier_config(path, self.parser.dump(self.config, **KEEP_NONE))
         super().setup(trainer, pl_module, stage)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self._kept = None  # the new settings train: the earlier ones stay kept
+        self._rotated, self._kept = self._kept, None  # the new settings train: the earlier ones stay kept
+
+    def put_back(self) -> None:
+        """``config.yaml`` as this fit found it, byte for byte (the earlier one back from ``config.N.yaml``, or its
+        bytes; none where there was none): after a fit that failed once training started, whose earlier run
+        ``StepCheckpoint.put_back_earlier_run`` put back."""
+        if self._before is None:
+            return
+        (path, before), rotated = self._before, self._rotated
+        self._before = self._rotated = None
+        if rotated is not None and rotated.is_file():
+            os.replace(rotated, path)
+        elif before is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_bytes(before)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if self._kept is not None and self._kept.is_file():

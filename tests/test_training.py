@@ -854,3 +854,60 @@ def test_sample_grids_refuse_impossible_extra_tasks():
     with pytest.raises(ValueError, match="leave a frame to generate"):
         given_mask([0, 1, 2, -1], 4, "x")
     assert given_mask([0, -1], 5, "x").tolist() == [False, True, True, True, False]
+
+
+def _fails_at(monkeypatch, step: int) -> None:
+    """The generator warm-up's training step raises once the fit reaches global step ``step``."""
+    from mardini.lit import GenerationModule
+
+    real = GenerationModule.training_step
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step >= step:
+            raise RuntimeError(f"failed at step {self.global_step}")
+        return real(self, batch, batch_idx)
+
+    monkeypatch.setattr(GenerationModule, "training_step", training_step)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_new_run_that_fails_before_saving_puts_the_earlier_run_back(workdir, monkeypatch, tmp_path):
+    """--ckpt_path null where a run is, then an exception during training before the new run saved anything: the
+    stage's folder is as the fit found it, byte for byte, and --ckpt_path last resumes the earlier run. Before, the
+    earlier run stayed in checkpoints/earlier.1/ beside the failed run's event file and config: the folder looked
+    empty and `last` trained from scratch."""
+    save = [f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    stage = tmp_path / STAGES[0]
+    _fit(workdir, monkeypatch, *_stage(STAGES[0], 2, *save))
+    before = _files(stage)
+    assert "checkpoints/last.ckpt" in before and "config.yaml" in before
+    with monkeypatch.context() as m:
+        _fails_at(m, 1)
+        with pytest.raises(RuntimeError, match="failed at step 1"):
+            _fit(workdir, m, *_stage(STAGES[0], 3, *save, "--model.init_args.lr=2e-3", "--ckpt_path=null"))
+    assert _files(stage) == before
+    assert sorted(p.name for p in stage.rglob("*") if p.is_dir()) == ["checkpoints"]  # no earlier.1/ left
+    resumed = _fit(workdir, monkeypatch, *_stage(STAGES[0], 3, *save))
+    assert resumed.trainer.ckpt_path == str(stage / "checkpoints" / "last.ckpt")
+
+
+def test_a_new_run_that_fails_after_saving_keeps_the_earlier_run_aside(workdir, monkeypatch, tmp_path):
+    save = [f"--trainer.logger.init_args.save_dir={tmp_path}", "--checkpoint_every=1"]
+    folder = tmp_path / STAGES[0] / "checkpoints"
+    _fit(workdir, monkeypatch, *_stage(STAGES[0], 2, *save))
+    earlier = _files(folder)
+    said: list[str] = []
+    monkeypatch.setattr("mardini.lit.step_checkpoint.rank_zero_info", said.append)
+    with monkeypatch.context() as m:
+        _fails_at(m, 1)
+        with pytest.raises(RuntimeError, match="failed at step 1"):
+            _fit(workdir, m, *_stage(STAGES[0], 3, *save, "--ckpt_path=null"))
+    aside = _files(folder / "earlier.1")
+    assert {k: v for k, v in aside.items() if k.endswith(".ckpt")} == earlier  # the earlier run, as it was, aside
+    assert any(k.startswith("events.out.tfevents.") for k in aside)  # with its logs
+    assert read_checkpoint(folder / "last.ckpt")["global_step"] == 1  # the new run's save
+    assert said[-1].startswith(f"The fit failed after saving last.ckpt, step00000001.ckpt: the earlier run stays in "
+                               f"{folder / 'earlier.1'} (--ckpt_path {folder / 'earlier.1' / 'last.ckpt'} resumes it")

@@ -44,7 +44,9 @@ class StepCheckpoint(ModelCheckpoint):
 
     ``logs``: the earlier run's records in the log folder, listed before the fit opens its own
     (:func:`earlier_logs`: event files, hparams.yaml, metrics.csv, validate/); those still as they were move with
-    its checkpoints, so TensorBoard shows the new run apart from the earlier one.
+    its checkpoints, so TensorBoard shows the new run apart from the earlier one. A fit that then fails before it
+    saves a checkpoint puts them back (:meth:`put_back_earlier_run`, called by ``MarDiniCLI.fit``), so that
+    ``--ckpt_path last`` resumes the earlier run again; one that saved a checkpoint leaves them in ``earlier.N/``.
 
     Each save then deletes the preemption checkpoints (``hpc_ckpt_N.ckpt``, one per preemption) in the folder that it
     supersedes (:func:`drop_superseded_preemption_checkpoints`), so they do not pile up over a run's requeues.
@@ -55,6 +57,8 @@ class StepCheckpoint(ModelCheckpoint):
         kwargs.setdefault("enable_version_counter", False)
         super().__init__(*args, **kwargs)
         self.resume, self.logs = resume, logs or {}
+        self.aside: str | None = None  # where this fit set the earlier run aside (rank 0)
+        self.saved: list[str] = []  # the checkpoints this fit saved
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         with warnings.catch_warnings():
@@ -69,7 +73,7 @@ class StepCheckpoint(ModelCheckpoint):
         if not self._starts_new_run():
             return
         if trainer.is_global_zero:
-            set_aside_earlier_run(self._fs, str(self.dirpath), self.logs)
+            self.aside = set_aside_earlier_run(self._fs, str(self.dirpath), self.logs)
         trainer.strategy.barrier("StepCheckpoint.set_aside")  # no rank saves before the folder is clear
 
     def _starts_new_run(self) -> bool:
@@ -84,8 +88,24 @@ class StepCheckpoint(ModelCheckpoint):
             return False  # remote: not ours to move
         return Path(file).resolve().parent != Path(folder).resolve()
 
+    def put_back_earlier_run(self) -> bool:
+        """After this fit failed: the earlier run it set aside goes back where it was (:func:`put_back_earlier_run`)
+        if the fit saved no checkpoint; if it saved one, the earlier run stays in ``earlier.N/`` and it says so.
+        Whether it put it back (False too where nothing was set aside)."""
+        aside, self.aside = self.aside, None
+        if aside is None:
+            return False
+        if self.saved:
+            names = ", ".join(sorted({os.path.basename(p) for p in self.saved}))
+            rank_zero_info(f"The fit failed after saving {names}: the earlier run stays in {aside} (--ckpt_path "
+                           f"{os.path.join(aside, 'last.ckpt')} resumes it; --ckpt_path last resumes the new one)")
+            return False
+        put_back_earlier_run(self._fs, aside, str(self.dirpath), self.logs)
+        return True
+
     def _save_checkpoint(self, trainer: "pl.Trainer", filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
+        self.saved.append(filepath)
         folder = local_path(str(self.dirpath))
         if trainer.is_global_zero and folder is not None:  # the file is written (rank 0 writes it)
             drop_superseded_preemption_checkpoints(Path(folder), trainer.global_step)
@@ -162,6 +182,30 @@ def set_aside_earlier_run(fs, folder: str, logs: dict[str, tuple[int, int]] | No
                          (("checkpoints", found), ("logs", records)) if paths)
     rank_zero_info(f"A new run in {folder}: the earlier run's {moved} are moved to {aside}{way}")
     return aside
+
+
+def put_back_earlier_run(fs, aside: str, folder: str, logs: dict[str, tuple[int, int]] | None = None) -> None:
+    """Undo :func:`set_aside_earlier_run` after a new run that failed without saving a checkpoint: delete the records
+    that run wrote in the log folder (``folder``'s parent; ``LOGS`` files that were not there before, ``logs``,
+    and those the earlier run's are coming back over), move every file of ``aside`` back where it was (checkpoints to
+    ``folder``, records to the log folder), remove ``aside``, and say so."""
+    log_dir = os.path.dirname(os.path.normpath(folder))
+    back = [os.path.basename(p) for p in fs.ls(aside, detail=False)]
+    records = {os.path.basename(p): p for p in (logs or {})}  # the earlier run's, by name
+    local = local_path(log_dir)
+    if local is not None and os.path.isdir(local):  # the failed run's own records (local folders only, as the logs)
+        for name in sorted(os.listdir(local)):
+            path = os.path.join(local, name)
+            if LOGS.fullmatch(name) and os.path.isfile(path) and (name not in records or name in back):
+                os.remove(path)
+    for name in back:
+        dest = os.path.join(folder, name) if name.endswith(".ckpt") else records.get(name, os.path.join(log_dir, name))
+        if fs.isdir(dest):  # a folder the failed run made where the earlier run's comes back
+            fs.rm(dest, recursive=True)
+        fs.mv(os.path.join(aside, name), dest, recursive=True)
+    fs.rmdir(aside)
+    rank_zero_info(f"The fit failed before saving a checkpoint: the earlier run's files ({', '.join(sorted(back))}) "
+                   f"are back from {aside} (--ckpt_path last resumes that run)")
 
 
 def earlier_logs(log_dir: str | None) -> dict[str, tuple[int, int]]:
