@@ -8,8 +8,12 @@ given with --ext; any codec PyAV decodes) into WebDataset shards of fixed-length
         --shard-max-bytes 2e9 --workers 8
 
 A clip must span the frames a stage reads at its fps: (frames - 1) * round(stored fps / data.fps) + 1 stored
-frames, e.g. 33 for 9 or 17 frames at 8 fps from 30 or 12 fps (data/README.md). Without --max-fps clips keep each
-source's rate (a 187 fps file would need 185 frames), so pass it when the shards feed a stage.
+frames, e.g. 33 for 9 or 17 frames at 8 fps from 30 or 12 fps (data/README.md). The defaults, --clip-frames 65
+--max-fps 30, cut clips every shipped config (configs/) reads from any source: stored at 30 fps at most, the
+17-frame stages at 8 fps take every round(30 / 8) = 4th frame, a span of (17 - 1) * 4 + 1 = 65 (4 frames at 4 fps:
+25; 9 at 8 fps: 33), and a slower stored rate needs fewer. Shards for the 9-frame stages alone may pass
+--clip-frames 33. --max-fps 0 keeps each source's rate, which no clip length fits for every source (a 187 fps file
+would need 185 frames for 9 frames at 8 fps).
 
 Re-running the same command finishes an interrupted run (finished files and shards are not redone); on a finished
 folder it writes nothing and says ``already complete``.
@@ -25,14 +29,23 @@ import sys
 from mardini.data.video_shards import VIDEO_EXTENSIONS, ShardSettings, video_extensions, videos_to_shards
 from mardini.user_errors import run_reporting_user_errors
 
+# The defaults: clips every shipped stage config reads (its frames at its fps; checked against configs/ by
+# tests/test_data_videos.py): 17 frames at 8 fps from at most 30 stored fps span (17 - 1) * round(30 / 8) + 1 = 65.
+DEFAULT_MAX_FPS = 30.0
+DEFAULT_CLIP_FRAMES = 65
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="folder of videos (searched recursively)")
     p.add_argument("out", help="output folder for the shards")
-    p.add_argument("--clip-frames", type=int, default=32, help="frames per stored clip")
+    p.add_argument("--clip-frames", type=int, default=DEFAULT_CLIP_FRAMES,
+                   help=f"frames per stored clip (default {DEFAULT_CLIP_FRAMES}: with the default --max-fps, what "
+                        "every shipped stage config reads)")
     p.add_argument("--clip-hop", type=int, default=None, help="stored frames between clip starts (default: no overlap)")
-    p.add_argument("--max-fps", type=float, default=None, help="drop frames (integer stride) to at most this fps")
+    p.add_argument("--max-fps", type=float, default=DEFAULT_MAX_FPS,
+                   help=f"drop frames (integer stride) to at most this fps (default {DEFAULT_MAX_FPS:g}; 0: keep each "
+                        "source's rate)")
     p.add_argument("--short-side", type=int, default=None, help="resize so the short side is this (default: source)")
     p.add_argument("--max-clips-per-video", type=int, default=None)
     p.add_argument("--crf", type=int, default=18, help="H.264 quality (lower = better, bigger)")
@@ -57,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(a: argparse.Namespace) -> int:
     settings = ShardSettings(
-        clip_frames=a.clip_frames, clip_hop=a.clip_hop, max_fps=a.max_fps, short_side=a.short_side,
+        clip_frames=a.clip_frames, clip_hop=a.clip_hop, max_fps=a.max_fps or None, short_side=a.short_side,
         max_clips_per_video=a.max_clips_per_video, crf=a.crf, shard_max_count=a.shard_max_count,
         shard_max_bytes=int(a.shard_max_bytes), prefix=a.prefix,
     )

@@ -842,3 +842,38 @@ def test_a_folder_of_the_older_shard_format_is_not_kept_or_completed(tmp_path, c
     err = capsys.readouterr().err
     assert video_shards.SHARD_FORMAT == 3
     assert "format 2 -> 3 (written by an older version of the sharder, before mirror flags were applied)" in err
+
+
+def _config_clips() -> list[tuple[str, int, float]]:
+    """``(config, frames, fps)`` of each shipped config under configs/ that sets its clips' frames and fps."""
+    import yaml
+
+    out = []
+    for path in sorted((ROOT / "configs").rglob("*.yaml")):
+        data = ((yaml.safe_load(path.read_text()) or {}).get("data") or {}).get("init_args") or {}
+        if "frames" in data and "fps" in data:
+            out.append((str(path.relative_to(ROOT)), int(data["frames"]), float(data["fps"])))
+    return out
+
+
+def test_the_cli_defaults_cut_clips_every_shipped_config_reads():
+    """``python data/videos_to_shards.py IN OUT`` with no options cut 32-frame clips at each source's rate: a 30 fps
+    source gave clips the 17-frame stages at 8 fps (a span of 65 stored frames) refused, a 187 fps one clips no
+    stage read. The defaults now keep at most --max-fps and cut --clip-frames that span every config's frames at its
+    fps, whatever the source's rate (the writer's stride, then the stage's: keep_stride, frame_stride)."""
+    from mardini.data.decode import ClipTooShort, max_start
+    from mardini.data.video_shards import keep_stride
+
+    a = _cli().parse_args(["IN", "OUT"])
+    configs = _config_clips()
+    assert len(configs) >= 20 and {fps for _, _, fps in configs} >= {4.0, 8.0}
+    assert a.max_fps, "--max-fps must default to a rate: at each source's own no clip length fits every source"
+    short = []
+    for source in (7.5, 12, 23.976, 24, 25, 29.97, 30, 48, 50, 59.94, 60, 90, 120, 187, 240, a.max_fps):
+        stored = source / keep_stride(source, a.max_fps)
+        for config, frames, fps in configs:
+            try:
+                max_start(stored, a.clip_frames, fps, frames)
+            except ClipTooShort as err:
+                short.append(f"{source} fps source, {config}: {err}")
+    assert not short, "\n".join(short[:5])

@@ -232,23 +232,28 @@ def test_the_written_shard_commands_cut_clips_the_stages_they_feed_can_read():
     clips that a source at R fps fills for every stage config whose resolution its ``--short-side`` covers. Every
     file that writes commands is read (docs, docstrings, data/*.sh): videos_to_shards.py's docstring and
     data/fetch_real_videos.sh gave ``--clip-frames 32`` with no ``--max-fps``. A command that sets
-    ``--clip-frames`` must pass ``--max-fps``: without it clips keep each source's rate, which no clip length
-    fits (mecavideo's 187 fps file needs 185 stored frames for 9 frames at 8 fps, a 30 fps file 33)."""
-    from mardini.data.decode import ClipTooShort, max_start
-    from mardini.data.video_shards import ShardSettings
+    ``--clip-frames`` had to pass ``--max-fps``: without it clips kept each source's rate, which no clip length
+    fits (mecavideo's 187 fps file needs 185 stored frames for 9 frames at 8 fps, a 30 fps file 33); the script's
+    defaults now keep at most 30 fps, and a flag a command leaves out is checked at its default."""
+    import importlib.util
 
+    from mardini.data.decode import ClipTooShort, max_start
+
+    spec = importlib.util.spec_from_file_location("videos_to_shards", ROOT / "data" / "videos_to_shards.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    defaults = cli.parse_args(["IN", "OUT"])  # a flag a command leaves out (the defaults: every config's clips)
     checked, short = 0, []
     for doc in SOURCES:
         for match, line in doc_commands(doc):
             if not (match["script"] or "").endswith("videos_to_shards.py"):
                 continue
-            rate = _flag(line, "max-fps", None)
-            if rate is None:
-                if _flag(line, "clip-frames", None) is not None:
-                    short.append(f"{doc.relative_to(ROOT)}: --clip-frames without --max-fps (clips at each "
-                                 f"source's rate, which no clip length fits): `{line}`")
-                continue  # a bare command (an error message's hint) sets no clip length to check
-            clip = int(_flag(line, "clip-frames", ShardSettings.clip_frames))
+            rate = _flag(line, "max-fps", defaults.max_fps)
+            if not rate:
+                short.append(f"{doc.relative_to(ROOT)}: --max-fps 0 (clips at each source's rate, which no clip "
+                             f"length fits): `{line}`")
+                continue
+            clip = int(_flag(line, "clip-frames", defaults.clip_frames))
             side = _flag(line, "short-side", float("inf"))
             for config, frames, fps, size in _stage_clips():
                 if size > side:

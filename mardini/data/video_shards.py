@@ -78,6 +78,12 @@ class ShardSettings:
             raise ValueError("shard_max_count and shard_max_bytes must be >= 1")
 
 
+def keep_stride(rate: float, max_fps: float | None) -> int:
+    """The writer keeps every k-th frame of a source at ``rate`` fps: the smallest k with ``rate / k <= max_fps``
+    (1 for None: the source's rate)."""
+    return 1 if max_fps is None else max(1, int(-(-rate // max_fps)))
+
+
 @dataclass
 class Summary:
     files: int = 0
@@ -263,7 +269,7 @@ def stage_file(job: dict) -> dict:
             if not rate or float(rate) <= 0:
                 raise ValueError("unknown frame rate")
             rate = Fraction(rate)
-            stride = 1 if s.max_fps is None else max(1, int(-(-float(rate) // s.max_fps)))  # ceil: rate/k <= max
+            stride = keep_stride(float(rate), s.max_fps)
             out_rate = rate / stride
             src_w, src_h = stream.codec_context.width, stream.codec_context.height  # coded size
             if not src_w or not src_h:
