@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
         if done.returncode:
             raise RuntimeError(f"bench.attention_memory failed in its child process (exit code {done.returncode}); "
                                "see its messages above")
-        return json.loads(Path(args.out).read_text())
+        return json.loads(Path(args.out).read_text(encoding="utf-8"))
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
                 memory_method="cuda max_memory_allocated" if args.device.startswith("cuda")
                 else "VmHWM reset via /proc/self/clear_refs, MALLOC_MMAP_THRESHOLD_=65536")
     result = {"command": command("bench.attention_memory", argv), "settings": meta, "rows": rows, "table": report}
-    out.write_text(json.dumps(result, indent=2))
+    out.write_text(json.dumps(result, indent=2), encoding="utf-8")
     print(f"\nwrote {out}")
     return result
 

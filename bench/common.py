@@ -45,7 +45,7 @@ def write_result(name: str, result: dict) -> Path:
     """``bench/results/<name>.json``."""
     path = RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1, default=float))
+    path.write_text(json.dumps(result, indent=1, default=float), encoding="utf-8")
     return path
 
 

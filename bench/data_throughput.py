@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1))
+    RESULTS.write_text(json.dumps(result, indent=1), encoding="utf-8")
     print(f"{'workers':>8} {'clips/s':>9} {'vs first':>9}")
     for r in rows:
         print(f"{r['workers']:>8} {r['clips_per_s']:>9.1f} {r['vs_first']:>9.2f}")

@@ -53,7 +53,7 @@ def _peak(row: dict) -> tuple[float, float]:
 
 def _load(name: str) -> dict | None:
     path = RESULTS / f"{name}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
 def _status(name: str, since: float | None, failed: dict[str, int]) -> str:
@@ -105,7 +105,7 @@ def summary(ran: dict[str, str], since: float | None = None, failed: dict[str, i
                        f"**{r['mfu_bf16_ceiling']:.1%}**")
         out.append("")
     for path in sorted(RESULTS.glob("asymmetric*.json")):  # the default scale, then other scales (--tag)
-        r = json.loads(path.read_text())
+        r = json.loads(path.read_text(encoding="utf-8"))
         out += [*head("Asymmetric design (PAPER.md Table 3)", path.stem, r),
                 "| frames | variant | latency s | planner s | generator s | peak MiB | growth MiB | GFLOP "
                 "| GFLOP/s | (c) / this latency | (c) / this FLOPs |",
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             failed[name] = code
         print(f"[done] {name} in {time.perf_counter() - start:.0f} s", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "SUMMARY.md").write_text(summary(ran, None if a.summary_only else since, failed))
+    (RESULTS / "SUMMARY.md").write_text(summary(ran, None if a.summary_only else since, failed), encoding="utf-8")
     print(f"wrote {RESULTS / 'SUMMARY.md'}" + (f"; FAILED: {sorted(failed)}" if failed else ""))
     return 1 if failed else 0
 

@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": round(time.perf_counter() - started, 1),
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=1))
+    a.out.write_text(json.dumps(result, indent=1), encoding="utf-8")
     print(markdown(result))
     print(f"\nwrote {a.out} in {result['seconds']} s")
     return result

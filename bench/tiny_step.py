@@ -47,7 +47,7 @@ def build(planner_patch: int | None = None, generator: dict | None = None):
     from mardini.autoencoders.pixel import SpaceToDepthAutoencoder
     from mardini.lit import MarDiniModule
 
-    cfg = yaml.safe_load((ROOT / CONFIG).read_text())["model"]["init_args"]
+    cfg = yaml.safe_load((ROOT / CONFIG).read_text(encoding="utf-8"))["model"]["init_args"]
     cfg.pop("init_from", None)
     ae = cfg.pop("autoencoder")
     if planner_patch is not None:
@@ -84,7 +84,7 @@ def stepper(module, batches: list[dict]):
 
 
 def settings() -> tuple[int, int, int]:
-    data = yaml.safe_load((ROOT / "configs/tiny/common.yaml").read_text())["data"]["init_args"]
+    data = yaml.safe_load((ROOT / "configs/tiny/common.yaml").read_text(encoding="utf-8"))["data"]["init_args"]
     return data["batch_size"], data["frames"], data["resolution"]
 
 

@@ -78,10 +78,10 @@ def _merge(base: dict, top: dict) -> dict:
 
 
 def _load(path: Path) -> dict:
-    cfg = yaml.safe_load(path.read_text()) or {}
+    cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     common = path.parent / "common.yaml"
     if common.exists() and path.name != "common.yaml":
-        cfg = _merge(yaml.safe_load(common.read_text()) or {}, cfg)
+        cfg = _merge(yaml.safe_load(common.read_text(encoding="utf-8")) or {}, cfg)
     return cfg
 
 
@@ -132,7 +132,7 @@ def ema_decay_reached(steps: int, decay: float, warmup: bool) -> float:
 
 def _title(path: Path) -> str:
     """The stage file's first line when it is a comment (``# ... -> MarDini-x/ST-512``), else ''."""
-    first = (path.read_text().splitlines() or [""])[0]
+    first = (path.read_text(encoding="utf-8").splitlines() or [""])[0]
     return first.lstrip("# ").strip() if first.startswith("#") else ""
 
 

@@ -98,14 +98,14 @@ def rebatch_chain(src: Path, dst: Path, batch: int, save_dir: str, force: bool =
                                 "stage files (e.g. configs/tiny)")
     if src.resolve() == dst.resolve():
         raise ValueError("DST must differ from SRC: the rebatched chain is written beside the original")
-    common = yaml.safe_load(common_path.read_text())
+    common = yaml.safe_load(common_path.read_text(encoding="utf-8"))
     old_batch = _batch(common)
     if old_batch is None:
         raise ValueError(f"{common_path} has no data.init_args.batch_size to rescale from")
     stage_paths = sorted(p for p in src.glob("*.yaml") if p.name not in NOT_STAGES)
     if not stage_paths:
         raise FileNotFoundError(f"no stage files (*.yaml besides common.yaml) in {src}")
-    stages = {p.name: yaml.safe_load(p.read_text()) for p in stage_paths}
+    stages = {p.name: yaml.safe_load(p.read_text(encoding="utf-8")) for p in stage_paths}
     old_dir = chain_save_dir(stages)
     if save_dir.rstrip("/") == old_dir.rstrip("/"):
         raise ValueError(f"--save-dir {save_dir} is the chain's own; pick another so the runs stay apart")
@@ -117,9 +117,10 @@ def rebatch_chain(src: Path, dst: Path, batch: int, save_dir: str, force: bool =
     new_common = copy.deepcopy(common)
     new_common["data"]["init_args"]["batch_size"] = batch
     dst.mkdir(parents=True, exist_ok=True)
-    targets[0].write_text(header + yaml.safe_dump(new_common, sort_keys=False))
+    targets[0].write_text(header + yaml.safe_dump(new_common, sort_keys=False), encoding="utf-8")
     for (name, cfg), target in zip(stages.items(), targets[1:]):
-        target.write_text(header + yaml.safe_dump(rebatch_stage(cfg, batch, old_batch, old_dir, save_dir), sort_keys=False))
+        stage = rebatch_stage(cfg, batch, old_batch, old_dir, save_dir)
+        target.write_text(header + yaml.safe_dump(stage, sort_keys=False), encoding="utf-8")
     return targets
 
 

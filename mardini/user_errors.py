@@ -4,6 +4,7 @@ traceback. ``MARDINI_TRACEBACK=1`` re-raises instead, for when the message point
 
 from __future__ import annotations
 
+import codecs
 import os
 import re
 import sys
@@ -95,6 +96,7 @@ def run_reporting_user_errors(prog: str, fn: Callable[[], int | None], code: int
 
     ``unwrap``: the error to report in place of the one caught (e.g. the library's error under a framework's
     wrapping of it)."""
+    escape_what_stdout_cannot_encode()
     try:
         result = fn()
     except USER_ERRORS as err:
@@ -114,6 +116,16 @@ def run_reporting_user_errors(prog: str, fn: Callable[[], int | None], code: int
         print(f"  (raised at {where}; {TRACEBACK_ENV}=1 shows the traceback)", file=sys.stderr)
         return code
     return 0 if result is None or not isinstance(result, int) else result
+
+
+def escape_what_stdout_cannot_encode() -> None:
+    """Make ``sys.stdout`` print the characters its encoding lacks as ``\\u2191``-style escapes instead of raising:
+    the reports printed hold arrows and dashes, which a Windows code page (cp1252: a console redirected to a file or
+    a pipe) or an ASCII locale cannot encode (a UnicodeEncodeError after the work was done, before). A UTF-8 stdout
+    is left as it is. Files are written in UTF-8 whatever the locale."""
+    encoding = getattr(sys.stdout, "encoding", None)
+    if encoding and hasattr(sys.stdout, "reconfigure") and codecs.lookup(encoding).name != "utf-8":
+        sys.stdout.reconfigure(errors="backslashreplace")
 
 
 def run_module(module: str, main: Callable[..., int | None],

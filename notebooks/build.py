@@ -160,7 +160,7 @@ import yaml
 
 from mardini.lit.curriculum import Curriculum, Milestone
 
-cfg = yaml.safe_load(Path("configs/tiny/05_joint_task.yaml").read_text())
+cfg = yaml.safe_load(Path("configs/tiny/05_joint_task.yaml").read_text(encoding="utf-8"))
 spec = next(cb["init_args"] for cb in cfg["trainer"]["callbacks"] if cb["class_path"].endswith("Curriculum"))
 curriculum = Curriculum([Milestone(**m) for m in spec["milestones"]], interpolate=spec.get("interpolate", False))
 max_steps = cfg["trainer"]["max_steps"]
@@ -459,13 +459,13 @@ argv = ["--data", str(shards / "val"), "--frames", str(T), "--resolution", str(S
 log = io.StringIO()
 with contextlib.redirect_stdout(log):  # the report is shown below
     assert cli.main(argv) == 0, log.getvalue()
-report = json.loads((out / "report.json").read_text())'''),
+report = json.loads((out / "report.json").read_text(encoding="utf-8"))'''),
     ("md", """\
 ## The report
 
 The same table `evaluate.py` writes, per task, methods as rows (arrows: which way is better)."""),
     ("code", '''\
-display(Markdown((out / "report.md").read_text()))'''),
+display(Markdown((out / "report.md").read_text(encoding="utf-8")))'''),
     ("md", """\
 ## Model against the baselines
 

@@ -45,7 +45,7 @@ def read_config_factors(path: str | Path, subfolder: str | None = None) -> tuple
     """``(shift, scale)`` a :class:`DiffusersAutoencoder` without overrides uses for the VAE at ``path``, read from
     its ``config.json`` alone (no weights loaded). Raises ``OSError`` / ``ValueError`` where it cannot be read."""
     root = Path(path).expanduser()
-    config = json.loads(((root / subfolder if subfolder else root) / "config.json").read_text())
+    config = json.loads(((root / subfolder if subfolder else root) / "config.json").read_text(encoding="utf-8"))
     if not isinstance(config, dict):
         raise ValueError(f"{root} config.json holds no AutoencoderKL config (a {type(config).__name__})")
     return config_factors(config)

@@ -234,7 +234,7 @@ def check_manifest(out: Path, info: dict) -> None:
     (shards kept from the earlier run would mix two settings)."""
     manifest = out / "manifest.json"
     if manifest.exists():
-        old = json.loads(manifest.read_text()).get("settings") or {}
+        old = json.loads(manifest.read_text(encoding="utf-8")).get("settings") or {}
         if "planner_copy" not in old:  # a cache written before it was recorded: it follows from the other settings
             info = {k: v for k, v in info.items() if k != "planner_copy"}
         if old != info:

@@ -124,7 +124,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_beside(path)
     try:
-        with open(tmp, "x") as f:
+        with open(tmp, "x", encoding="utf-8") as f:  # not the locale's (cp1252 on Windows has no arrows)
             f.write(text)
         os.replace(tmp, path)
     finally:

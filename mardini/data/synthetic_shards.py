@@ -60,7 +60,7 @@ def manifest_settings(folder: str | Path) -> dict | None:
     manifest = Path(folder) / "manifest.json"
     if not manifest.exists():
         return None
-    return json.loads(manifest.read_text()).get("settings") or {}
+    return json.loads(manifest.read_text(encoding="utf-8")).get("settings") or {}
 
 
 def settings_differences(old: dict | None, new: dict) -> list[str]:

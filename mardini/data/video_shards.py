@@ -452,7 +452,7 @@ def videos_to_shards(
     inputs = input_sizes(src, files)
     manifest = out / "manifest.json"
     if manifest.exists():
-        old = json.loads(manifest.read_text())
+        old = json.loads(manifest.read_text(encoding="utf-8"))
         if old.get("fingerprint") != fp:
             if holds_data(out):
                 diffs = manifest_differences(old, settings, inputs) or ["inputs or settings (not named by it)"]
@@ -479,7 +479,7 @@ def videos_to_shards(
     results: dict[int, dict] = {}
     for job in jobs:
         if Path(job["result"]).exists():
-            results[job["index"]] = json.loads(Path(job["result"]).read_text())
+            results[job["index"]] = json.loads(Path(job["result"]).read_text(encoding="utf-8"))
     todo = [j for j in jobs if j["index"] not in results]
     bar = tqdm(total=len(jobs), initial=len(results), desc="videos", unit="file", disable=not progress)
     if workers > 1 and len(todo) > 1:

@@ -38,7 +38,7 @@ def stage_settings(common: Path, stage: Path) -> dict:
     """The merged YAML of ``common`` then ``stage`` (top-level keys merged one level deep), for reports."""
     merged: dict = {}
     for path in (common, stage):
-        cfg = yaml.safe_load(path.read_text()) or {}
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         for key, value in cfg.items():
             if isinstance(value, dict) and isinstance(merged.get(key), dict):
                 inner = dict(merged[key])

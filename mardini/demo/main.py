@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                "interpolation_found_by_gap": evaluation["found_by_gap"],
                "interpolation_found_by_size": evaluation["found_by_size"],
                "beats_baselines": {f"{t}/{m}": ok for t, m, ok, _ in checks}}
-    (a.out / "summary.json").write_text(dumps_strict(summary))
+    (a.out / "summary.json").write_text(dumps_strict(summary), encoding="utf-8")
 
     print(f"\ndone in {info['total_s'] / 60:.1f} min (training {train_s / 60:.1f}, evaluation {eval_s / 60:.1f}).")
     for task, metric, ok, detail in checks:
@@ -269,7 +269,7 @@ def evaluate(checkpoint: Path, out: Path, clips: int, steps: int, frechet: bool 
                           "--device", "cpu", "--missing-weights", "skip"])
     if code:
         raise RuntimeError(f"evaluation failed with exit code {code}; see the messages above")
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     report["steps"], report["eta"] = steps, eta
     if "fvd" not in metrics:
         report["skipped"] = {"FVD/FID": "off by default on CPU; `make weights` then `python -m mardini.demo --frechet`"}

@@ -132,5 +132,5 @@ def write_report(out: Path, info: dict[str, Any], stages: list, evaluation: dict
         lines += [f"### {task}", "", f"![{task}]({rel(files[0])})", "",
                   "Side by side (truth | model): " + ", ".join(f"[{Path(f).name}]({rel(f)})" for f in files[1:]), ""]
     path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

@@ -502,7 +502,7 @@ def default_out(data: str, path: str, prog: str = "evaluate.py") -> Path:
     name = Path(data.rstrip("/")).name
     out = Path("outputs/eval") / name
     try:
-        earlier = json.loads((out / "report.json").read_text())
+        earlier = json.loads((out / "report.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return out
     theirs = earlier.get("data_path") or data_path(str(earlier.get("data", "")))

@@ -56,5 +56,5 @@ def write_outputs(out: Path, task: str, videos: torch.Tensor, given: torch.Tenso
             files.append(str(save_frames(video, out / "frames" / stem.name)))
     sheet = contact_sheet(videos, out / "contact_sheet.png", mask=~given, row_labels=labels)
     record = dict(settings, files=files, contact_sheet=str(sheet))
-    (out / "settings.json").write_text(json.dumps(record, indent=2, default=str))
+    (out / "settings.json").write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
     return record

@@ -34,7 +34,7 @@ def table3(out: Path, quick: bool, rounds: int, threads: int) -> dict:
     done = subprocess.run([sys.executable, "-c", _RUN, str(out), *argv], cwd=ROOT)
     if done.returncode or not path.is_file():
         raise RuntimeError(f"bench.asymmetric failed (exit code {done.returncode}); see its messages above")
-    result = json.loads(path.read_text())
+    result = json.loads(path.read_text(encoding="utf-8"))
     if not result.get("table"):
         raise RuntimeError(f"bench.asymmetric wrote no table to {path}")
     return result

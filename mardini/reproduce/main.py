@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         "params": _params(ckpts, a.allow_autoencoder), "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
     }
     report = write_report(a.out, info, results, found, pictures)
-    (a.out / "results.json").write_text(dumps_strict({"info": info, "results": results, "verdicts": found}, indent=1))
+    results_json = dumps_strict({"info": info, "results": results, "verdicts": found}, indent=1)
+    (a.out / "results.json").write_text(results_json, encoding="utf-8")
     print(f"\ndone in {info['total_s'] / 60:.1f} min")
     for name, rows in found.items():
         for r in rows:

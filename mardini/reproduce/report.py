@@ -137,5 +137,5 @@ def write_report(out: Path, info: dict, results: dict, verdicts: dict, pictures:
         lines += ["", *verdict_lines(verdicts["Table 3"]), ""]
     lines += ["## Settings", "", "```", *(f"{k}: {v}" for k, v in info["settings"].items()), "```", ""]
     path = out / "report.md"
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines), encoding="utf-8")
     return path

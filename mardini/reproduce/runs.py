@@ -24,7 +24,7 @@ def write_stage_config(name: str, dest: Path, runs: Path, run_name: str | None =
 
     ``generator``: extra ``model.init_args.generator`` fields (e.g. ``{"identity_attention": False}``).
     """
-    cfg = yaml.safe_load((source / f"{name}.yaml").read_text())
+    cfg = yaml.safe_load((source / f"{name}.yaml").read_text(encoding="utf-8"))
     run_name = run_name or name
     logger = cfg["trainer"]["logger"]["init_args"]
     logger.update(save_dir=str(runs), name=run_name, version="")
@@ -37,14 +37,14 @@ def write_stage_config(name: str, dest: Path, runs: Path, run_name: str | None =
         init["generator"] = {**(init.get("generator") or {}), **generator}
     dest.mkdir(parents=True, exist_ok=True)
     (dest / f"{run_name}.yaml").write_text(f"# written by mardini.reproduce from {source / name}.yaml\n"
-                                           + yaml.safe_dump(cfg, sort_keys=False))
+                                           + yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
 
 
 def prepare_configs(out: Path) -> Path:
     """Write the chain's and the Fig. 6c pair's configs under ``out/configs``; returns that folder."""
     dest, runs = out / "configs", out / "runs"
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "common.yaml").write_text((TINY_DIR / "common.yaml").read_text())
+    (dest / "common.yaml").write_text((TINY_DIR / "common.yaml").read_text(encoding="utf-8"))
     for name in TINY_STAGES:
         write_stage_config(name, dest, runs)
     for on in (True, False):
@@ -94,7 +94,7 @@ def lineage(stage: str, network: str, source: Path = TINY_DIR) -> list[str]:
     """The stages ``network`` (``generator`` or ``planner``) trained in up to ``stage``'s checkpoint, in order.
 
     Follows ``init_from`` and ``<network>_ckpt`` through the stage configs."""
-    init = yaml.safe_load((source / f"{stage}.yaml").read_text())["model"]["init_args"]
+    init = yaml.safe_load((source / f"{stage}.yaml").read_text(encoding="utf-8"))["model"]["init_args"]
     for key in ("init_from", f"{network}_ckpt"):
         if init.get(key):
             return lineage(Path(init[key]).parts[-3], network, source) + [stage]

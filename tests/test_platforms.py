@@ -1,0 +1,49 @@
+"""What users on macOS and Windows meet, simulated on Linux: a locale whose encoding is not UTF-8 (Windows' cp1252,
+here an ASCII C locale), DataLoader workers started with ``spawn`` (the macOS and Windows default), a ``signal``
+module without POSIX's signals, and devices the stages cannot train on (Apple's MPS)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run_in_ascii_locale(code: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -X utf8=0 -c code`` in the C locale without UTF-8 mode: its default text encoding is ASCII, which,
+    like Windows' cp1252, lacks the arrows and dashes of the reports (stdout a pipe, as when redirected to a file)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG", "PYTHONUTF8", "PYTHONIOENCODING"))}
+    env.update(LC_ALL="C", PYTHONUTF8="0", PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-X", "utf8=0", "-c", code, *args], capture_output=True, cwd=REPO,
+                          env=env, timeout=300)
+
+
+def test_text_files_are_utf8_whatever_the_locale(tmp_path):
+    """Reports were written and configs read in the locale's encoding: on Windows (cp1252) the evaluation report's
+    arrows raised UnicodeEncodeError after the whole evaluation ("'charmap' codec can't encode character '\\u2191'"),
+    and ``python -m mardini.configs_table`` failed on the paper configs' comments ("'ascii' codec can't decode byte
+    0xc2" in this locale). Both are UTF-8 now, whatever the locale."""
+    code = ("import sys, locale; assert locale.getpreferredencoding(False) != 'UTF-8';"
+            "from mardini.data.sharding import write_text_atomic;"
+            "write_text_atomic(sys.argv[1], 'PSNR \\u2191 \\u2013 \\u00a7');"
+            "from mardini.configs_table import main; main([])")
+    done = _run_in_ascii_locale(code, str(tmp_path / "report.md"))
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    assert (tmp_path / "report.md").read_bytes() == "PSNR \u2191 \u2013 \u00a7".encode()
+    assert b"mardini-s" in done.stdout
+
+
+def test_a_command_prints_what_stdout_cannot_encode_as_escapes():
+    """evaluate.py prints its report table (arrows in the header) after writing it: a stdout in cp1252 (redirected to
+    a file on Windows) failed there with "evaluate.py: error: 'charmap' codec can't encode character '\\u2191'" and
+    exit status 2 after the whole evaluation. The entry points print what stdout cannot encode as escapes."""
+    code = ("import sys; from mardini.user_errors import run_reporting_user_errors;"
+            "sys.exit(run_reporting_user_errors('prog', lambda: print('psnr \\u2191')))")
+    done = _run_in_ascii_locale(code)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    assert done.stdout.decode("ascii").strip() == "psnr \\u2191"
