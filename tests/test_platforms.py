@@ -47,3 +47,25 @@ def test_a_command_prints_what_stdout_cannot_encode_as_escapes():
     done = _run_in_ascii_locale(code)
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
     assert done.stdout.decode("ascii").strip() == "psnr \\u2191"
+
+
+def test_apple_mps_is_refused_with_the_reason_and_the_fix_for_sampling_and_training():
+    """``--device mps`` (sample.py, evaluate.py, the latent cache) and ``--trainer.accelerator mps`` were taken, then
+    failed at the first float64 tensor of the diffusion schedule with torch's "Cannot convert a MPS Tensor to float64
+    dtype" (on a Mac; torch.device("mps") itself is accepted everywhere). Both name the reason and the fix now."""
+    import types
+
+    import torch
+
+    from mardini.devices import resolve_device
+    from mardini.lit import GenerationModule
+
+    with pytest.raises(ValueError, match=r"^device mps is not supported: Apple's MPS has no float64.*; use --device cpu"):
+        resolve_device("mps")
+    module = GenerationModule(size="tiny", frames=4, generator={"depth": 1}, planner_resolution=8)
+    module._trainer = types.SimpleNamespace(precision="bf16-mixed", strategy=types.SimpleNamespace(
+        root_device=torch.device("mps")), accumulate_grad_batches=1, datamodule=None)
+    with pytest.raises(ValueError, match=r"^device mps is not supported: .*; use --trainer.accelerator cpu"):
+        module.setup("fit")
+    module._trainer.strategy.root_device = torch.device("cpu")
+    module.setup("fit")  # the CPU is fine

@@ -22,6 +22,7 @@ from timm.utils.model_ema import ModelEmaV3
 from torch import nn
 
 from mardini.autoencoders import FrameAutoencoder, SpaceToDepthAutoencoder
+from mardini.devices import check_supported
 from mardini.diffusion.anchor import FrameAnchor
 from mardini.lit.batch_weight import ElementWindow, element_mean_share, loss_scale, step_batches
 from mardini.lit.expected_warnings import ExpectedWarnings
@@ -187,6 +188,8 @@ class MarDiniBase(L.LightningModule):
         self.mask_templates = type(self.mask_sampler).templates  # a sampler set from Python since construction
         if self._trainer is not None:  # before Lightning converts the networks to it
             _check_precision(getattr(self.trainer, "precision", "32-true"))
+            check_supported(self.trainer.strategy.root_device, "--trainer.accelerator cpu (as the tiny configs) or a "
+                                                               "CUDA GPU")
         if stage == "fit" and self._trainer is not None:
             self._check_loss_reduction(getattr(self.trainer, "accumulate_grad_batches", 1))
         dm = self.trainer.datamodule if self._trainer is not None else None
