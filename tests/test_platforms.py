@@ -69,3 +69,33 @@ def test_apple_mps_is_refused_with_the_reason_and_the_fix_for_sampling_and_train
         module.setup("fit")
     module._trainer.strategy.root_device = torch.device("cpu")
     module.setup("fit")  # the CPU is fine
+
+
+@pytest.mark.parametrize("flags, warned", [
+    (frozenset({"avx2", "avx512f"}), "this CPU has no native bf16 matrix multiplies"),
+    (frozenset(), "this CPU's bf16 support could not be read"),  # no /proc/cpuinfo: macOS, Windows
+    (frozenset({"avx512f", "avx512_bf16"}), None),
+], ids=["no-bf16", "unknown", "avx512-bf16"])
+def test_bf16_mixed_on_a_cpu_without_native_bf16_warns_and_names_32_true(monkeypatch, recwarn, flags, warned):
+    """The tiny configs train in bf16-mixed on the CPU. On a CPU without AVX-512 BF16 or AMX (most laptops) torch
+    emulates bf16 matrix multiplies, 2x (AVX-512) to 17x (AVX2) slower than fp32 here, and the fit said nothing.
+    It warns now, naming --trainer.precision 32-true; a CPU with native bf16, as the demo's, gets no warning."""
+    import types
+
+    import torch
+
+    from mardini import cpu_kernels
+    from mardini.lit import GenerationModule
+
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda path="/proc/cpuinfo": flags)
+    monkeypatch.delenv(cpu_kernels.ISA_VARIABLE, raising=False)
+    module = GenerationModule(size="tiny", frames=4, generator={"depth": 1}, planner_resolution=8)
+    for precision in ("32-true", "bf16-mixed"):
+        module._trainer = types.SimpleNamespace(precision=precision, strategy=types.SimpleNamespace(
+            root_device=torch.device("cpu")), accumulate_grad_batches=1, datamodule=None)
+        module.setup("fit")
+    messages = [str(w.message) for w in recwarn.list if "bf16" in str(w.message)]
+    if warned is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and warned in messages[0] and "pass --trainer.precision 32-true" in messages[0]

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import AttributeDict, grad_norm
 from timm.utils.model_ema import ModelEmaV3
 from torch import nn
 
+from mardini import cpu_kernels
 from mardini.autoencoders import FrameAutoencoder, SpaceToDepthAutoencoder
 from mardini.devices import check_supported
 from mardini.diffusion.anchor import FrameAnchor
@@ -190,6 +191,7 @@ class MarDiniBase(L.LightningModule):
             _check_precision(getattr(self.trainer, "precision", "32-true"))
             check_supported(self.trainer.strategy.root_device, "--trainer.accelerator cpu (as the tiny configs) or a "
                                                                "CUDA GPU")
+            _warn_if_bf16_is_emulated(getattr(self.trainer, "precision", "32-true"), self.trainer.strategy.root_device)
         if stage == "fit" and self._trainer is not None:
             self._check_loss_reduction(getattr(self.trainer, "accumulate_grad_batches", 1))
         dm = self.trainer.datamodule if self._trainer is not None else None
@@ -1170,6 +1172,19 @@ def _check_precision(precision: str) -> None:
         why = _PRECISION_PROBLEMS.get(precision, "the stages train in 32-true, bf16-mixed or 16-mixed only")
     raise ValueError(f"trainer.precision={precision} is not supported: {why}; use bf16-mixed (bf16 compute with fp32 "
                      "weights, EMA and optimiser state, as the stage configs) or 32-true")
+
+
+def _warn_if_bf16_is_emulated(precision: str, device: torch.device) -> None:
+    """A warning naming ``--trainer.precision 32-true`` for ``bf16-mixed`` on a CPU without native bf16 matrix
+    multiplies (:func:`mardini.cpu_kernels.slow_bf16_advice`): the tiny configs' precision, which on such a laptop
+    ran silently several times slower than fp32."""
+    if precision != "bf16-mixed" or device.type != "cpu":
+        return
+    advice = cpu_kernels.slow_bf16_advice()
+    if advice is not None:
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(advice)
 
 
 def _check_settings(**s: Any) -> None:
