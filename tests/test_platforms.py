@@ -99,3 +99,21 @@ def test_bf16_mixed_on_a_cpu_without_native_bf16_warns_and_names_32_true(monkeyp
         assert messages == []
     else:
         assert len(messages) == 1 and warned in messages[0] and "pass --trainer.precision 32-true" in messages[0]
+
+
+def test_reproduce_stops_before_anything_runs_where_table_3_cannot_measure_memory(monkeypatch, tmp_path):
+    """``python -m mardini.reproduce`` ends with Table 3, whose benchmark reads the peak resident set through Linux's
+    /proc/self: on macOS or Windows it failed there, after half an hour of training, and wrote no report. It stops
+    before the data set is built now, naming the --only that leaves Table 3 out."""
+    from mardini.reproduce import main as reproduce
+
+    def reached(*args, **kwargs):
+        raise AssertionError("the reproduction went on to build the data set")
+
+    monkeypatch.setattr(reproduce, "check_demo_set", reached)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    with pytest.raises(ValueError, match=r"^Table 3 \(bench.asymmetric\) measures memory through Linux's /proc/self, "
+                                         r"which this system \(darwin\) lacks: run with --only table2 fig6a fig6c"):
+        reproduce.main(["--out", str(tmp_path), "--quick"])
+    with pytest.raises(AssertionError, match="went on to build"):  # without Table 3 it goes on
+        reproduce.main(["--out", str(tmp_path), "--quick", "--only", "fig6c"])
