@@ -101,6 +101,49 @@ def test_bf16_mixed_on_a_cpu_without_native_bf16_warns_and_names_32_true(monkeyp
         assert len(messages) == 1 and warned in messages[0] and "pass --trainer.precision 32-true" in messages[0]
 
 
+def test_a_tiny_fit_runs_with_two_spawn_workers_through_train_py(tmp_path):
+    """macOS and Windows start DataLoader workers with ``spawn``: the datasets, ``worker_init_fn``\\ s and the
+    workers' batches must pickle, and the workers import the package afresh. Two spawn workers train a tiny stage
+    through train.py, in a folder whose name has a space and a non-ASCII letter."""
+    from mardini.data.testing import tiny_synthetic
+
+    work = tmp_path / "run é x"
+    tiny_synthetic(work / "data" / "shards" / "synthetic", train=24, val=16, frames=18, size=32)
+    tiny = REPO / "configs" / "tiny"
+    argv = ["train.py", "fit", "--config", str(tiny / "common.yaml"), "--config", str(tiny / "01_dm_warmup_4f.yaml"),
+            "--trainer.max_steps=2", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+            "--data.init_args.num_workers=2", "--data.init_args.epoch_size=8", "--data.init_args.batch_size=4",
+            "--data.init_args.val_shards=null", "--trainer.precision=32-true"]  # validation: the same loader code
+    code = ("import runpy, sys, torch.multiprocessing as mp; mp.set_start_method('spawn');"
+            f"sys.argv = {argv!r}; runpy.run_path({str(REPO / 'train.py')!r}, run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    ckpt = work / "outputs" / "tiny" / "01_dm_warmup_4f" / "checkpoints" / "last.ckpt"
+    import torch
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    stream = state["VideoDataModule"]  # where each worker's stream stood: both delivered a batch
+    assert state["global_step"] == 2 and stream["workers"] == 2 and [w for w, _, batches in stream["progress"]
+                                                                       if batches == 1] == [0, 1]
+
+
+def test_the_entry_points_import_and_protect_loader_workers_without_posix_only_signals():
+    """Windows' ``signal`` has SIGTERM and SIGINT but no SIGUSR1, SIGHUP, SIGKILL, SIGALRM: nothing of ours may name
+    them outside SLURM's own code path (Lightning's SLURM environment takes SIGUSR1 only off Windows)."""
+    code = ("import signal\n"
+            "for name in ('SIGUSR1', 'SIGUSR2', 'SIGHUP', 'SIGKILL', 'SIGALRM', 'SIGCHLD', 'SIGQUIT', 'SIGPIPE'):\n"
+            "    delattr(signal, name)\n"
+            "import mardini.cli, mardini.pipeline.cli, mardini.evaluation.cli, mardini.demo.main\n"
+            "from mardini.data.datamodule import leave_first_sigterm_to_main\n"
+            "from mardini.lit.preemption import TERMINATED\n"
+            "leave_first_sigterm_to_main(0)\n"
+            "assert TERMINATED == 143\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_reproduce_stops_before_anything_runs_where_table_3_cannot_measure_memory(monkeypatch, tmp_path):
     """``python -m mardini.reproduce`` ends with Table 3, whose benchmark reads the peak resident set through Linux's
     /proc/self: on macOS or Windows it failed there, after half an hour of training, and wrote no report. It stops
