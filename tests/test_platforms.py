@@ -160,3 +160,20 @@ def test_reproduce_stops_before_anything_runs_where_table_3_cannot_measure_memor
         reproduce.main(["--out", str(tmp_path), "--quick"])
     with pytest.raises(AssertionError, match="went on to build"):  # without Table 3 it goes on
         reproduce.main(["--out", str(tmp_path), "--quick", "--only", "fig6c"])
+
+
+def test_shards_under_a_path_that_parses_as_a_url_scheme_are_read(monkeypatch, tmp_path):
+    """webdataset takes ``C:\\data\\a.tar`` (any absolute Windows path) for a URL of scheme ``c``: every shard was
+    skipped as corrupt ("no gopen handler defined") and the loader ended without a batch. The same happens on Linux
+    to a relative folder named ``c:shards``, read here as a Windows drive would be."""
+    from mardini.data.datamodule import VideoDataModule
+    from mardini.data.testing import tiny_synthetic
+
+    monkeypatch.chdir(tmp_path)
+    tiny_synthetic(Path("c:shards"), train=6, val=4, frames=12, size=16)
+    dm = VideoDataModule(train_shards="c:shards/train", val_shards="c:shards/val", frames=4, fps=None, resolution=16,
+                         batch_size=2, num_workers=0, val_clips=4, shuffle_buffer=0, epoch_size=2)
+    dm.setup("fit")
+    assert [b["key"] for b in dm.val_dataloader()] == [["val-0000000", "val-0000001"], ["val-0000002", "val-0000003"]]
+    assert next(iter(dm.train_dataloader()))["video"].shape == (2, 4, 3, 16, 16)
+    assert dm.skipped == 0

@@ -18,11 +18,14 @@ from __future__ import annotations
 import gc
 import io
 import logging
+import os
 import random
 import traceback
+import urllib.parse
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -123,12 +126,23 @@ def _shard_samples(item: dict, handler) -> Iterator[dict]:
     """The samples of one shard ``item`` (``{"url": ...}``), as ``wds.tarfile_samples`` reads them, with the
     shard's file closed once its read ends or is abandoned (webdataset leaves it to the garbage collector, which
     warns ``ResourceWarning: unclosed file``)."""
-    for source in wds.tariterators.url_opener([item], handler=handler):
+    url = item["url"]
+    for source in wds.tariterators.url_opener([{**item, "url": openable_url(url)}], handler=handler):
+        source["url"] = url  # the samples' __url__, as given
         try:
             files = wds.tariterators.tar_file_expander([source], handler=handler)
             yield from wds.tariterators.group_by_keys(files, handler=handler)
         finally:
             source["stream"].close()
+
+
+def openable_url(url: str) -> str:
+    """``url`` as webdataset opens it: a local file whose path parses as a URL with a scheme (a Windows drive,
+    ``C:\\data\\a.tar``; a folder named ``run:1``) as a ``file://`` URL, which it opens as that file (given as it is,
+    it failed: "no gopen handler defined" and every shard skipped as corrupt); anything else as it is."""
+    if urllib.parse.urlparse(url).scheme and os.path.isfile(url):
+        return Path(url).absolute().as_uri()
+    return url
 
 
 def name_shards(shards: list[str]) -> str:
