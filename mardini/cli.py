@@ -359,7 +359,7 @@ def keep_earlier_config(path: Path, new: str) -> Path | None:
     if not path.is_file():
         return None
     try:
-        same = yaml.safe_load(path.read_text(encoding="utf-8")) == yaml.safe_load(new)
+        same = yaml.safe_load(path.read_text()) == yaml.safe_load(new)  # Lightning wrote it in the locale's encoding
     except yaml.YAMLError:  # not ours to judge: keep it
         same = False
     if same:

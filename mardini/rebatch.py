@@ -114,6 +114,9 @@ def rebatch_chain(src: Path, dst: Path, batch: int, save_dir: str, force: bool =
         raise FileExistsError(f"{dst} already holds some of these files; pass --force to overwrite them")
     header = (f"# Written by `python -m mardini.rebatch {src} {dst} --batch {batch} --save-dir {save_dir}`: "
               f"{src}/ at batch {batch} (was {old_batch}), the same clips seen.\n")
+    # ASCII (a non-ASCII path escaped; safe_dump escapes values): train.py's LightningCLI reads a config in the
+    # locale's encoding (cp1252 on Windows), so a UTF-8 comment it could not decode stopped the fit
+    header = header.encode("ascii", "backslashreplace").decode("ascii")
     new_common = copy.deepcopy(common)
     new_common["data"]["init_args"]["batch_size"] = batch
     dst.mkdir(parents=True, exist_ok=True)

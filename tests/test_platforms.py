@@ -177,3 +177,22 @@ def test_shards_under_a_path_that_parses_as_a_url_scheme_are_read(monkeypatch, t
     assert [b["key"] for b in dm.val_dataloader()] == [["val-0000000", "val-0000001"], ["val-0000002", "val-0000003"]]
     assert next(iter(dm.train_dataloader()))["video"].shape == (2, 4, 3, 16, 16)
     assert dm.skipped == 0
+
+
+def test_a_chain_rebatched_into_a_non_ascii_folder_is_read_by_train_py_in_any_locale(tmp_path):
+    """``python -m mardini.rebatch`` (and the reproduction's config copies) head each config with a comment naming
+    the folders. LightningCLI reads a config in the locale's encoding, so a folder named with a non-ASCII letter
+    made a UTF-8 comment that train.py could not read where the locale is not UTF-8 ("train.py: error: 'ascii' codec
+    can't decode byte 0xc3"; cp1252 decodes most such bytes, not all). The configs written are ASCII now."""
+    from mardini.rebatch import main as rebatch
+
+    dst = tmp_path / "chaîne é"
+    written = rebatch([str(REPO / "configs" / "tiny"), str(dst), "--batch", "4", "--save-dir", "outputs/tiny_é"])
+    assert all(path.read_bytes().isascii() for path in written)
+    code = ("import sys; from mardini.cli import library_error, main;"
+            "from mardini.user_errors import run_reporting_user_errors;"
+            "sys.exit(run_reporting_user_errors('train.py', main, unwrap=library_error))")
+    done = _run_in_ascii_locale(code, "fit", "--print_config", "--config", str(dst / "common.yaml"),
+                                "--config", str(dst / "01_dm_warmup_4f.yaml"))
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    assert b"save_dir: outputs/tiny_" in done.stdout  # the rebatched chain's own folder, read

@@ -36,15 +36,18 @@ def write_stage_config(name: str, dest: Path, runs: Path, run_name: str | None =
     if generator:
         init["generator"] = {**(init.get("generator") or {}), **generator}
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / f"{run_name}.yaml").write_text(f"# written by mardini.reproduce from {source / name}.yaml\n"
-                                           + yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    # ASCII (safe_dump escapes values, the comment's path escaped here): the fit's LightningCLI reads the config in
+    # the locale's encoding (cp1252 on Windows), which a UTF-8 comment could stop
+    header = f"# written by mardini.reproduce from {source / name}.yaml\n".encode("ascii", "backslashreplace")
+    (dest / f"{run_name}.yaml").write_text(header.decode("ascii") + yaml.safe_dump(cfg, sort_keys=False),
+                                           encoding="utf-8")
 
 
 def prepare_configs(out: Path) -> Path:
     """Write the chain's and the Fig. 6c pair's configs under ``out/configs``; returns that folder."""
     dest, runs = out / "configs", out / "runs"
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "common.yaml").write_text((TINY_DIR / "common.yaml").read_text(encoding="utf-8"))
+    (dest / "common.yaml").write_text((TINY_DIR / "common.yaml").read_text(encoding="utf-8"), encoding="utf-8")
     for name in TINY_STAGES:
         write_stage_config(name, dest, runs)
     for on in (True, False):
