@@ -265,7 +265,7 @@ def test_num_workers_0_and_1_read_one_stream_and_2_another(synth):
     """What README's Seeds and data/README.md promise: the main process reads as worker 0 of 1, so num_workers 0 and 1
     give the same training clips, crops and order (a resume from one to the other continues its epoch) and the same
     validation batches; 2 workers read the training clips of other seeds, and validate the same clips in other batches
-    (whose draws, and so val/loss, then differ)."""
+    (each clip drawing by its key: the same val/loss, tests/test_validation_batching.py)."""
     read = {}
     for workers in (0, 1, 2):
         dm = _dm(synth, num_workers=workers, epoch_size=24)

@@ -26,6 +26,7 @@ from mardini.autoencoders import FrameAutoencoder, SpaceToDepthAutoencoder
 from mardini.devices import check_supported
 from mardini.diffusion.anchor import FrameAnchor
 from mardini.lit.batch_weight import ElementWindow, element_mean_share, loss_scale, step_batches
+from mardini.lit.clip_draws import ClipGenerators, Draws, draw_rows, one_per_clip
 from mardini.lit.expected_warnings import ExpectedWarnings
 from mardini.lit.fsdp import fsdp_root, lerp_local_, local_tensors, paired, root_unsharded, unwrapped_name
 from mardini.lit.loop_state import end_validation_workers
@@ -176,10 +177,12 @@ class MarDiniBase(L.LightningModule):
     def build_networks(self) -> dict[str, nn.Module]:
         raise NotImplementedError
 
-    def compute_loss(self, batch: dict, generator: torch.Generator, train: bool) -> torch.Tensor:
+    def compute_loss(self, batch: dict, generator: Draws, train: bool) -> torch.Tensor:
         """Returns the per-sample loss ``(B,)`` (each clip's mean over its generated elements); also sets
         ``self._last_template (B,)`` and ``self._last_generated (B,)``, each clip's generated frames (the
-        ``element`` loss reduction weighs the clips by it)."""
+        ``element`` loss reduction weighs the clips by it). ``generator``: a ``torch.Generator`` in training, one per
+        clip (:class:`~mardini.lit.clip_draws.ClipGenerators`) in validation; draw through
+        :func:`~mardini.lit.clip_draws.draw_rows`, which takes either."""
         raise NotImplementedError
 
     # ----------------------------------------------------------------------------------------------
@@ -318,19 +321,22 @@ class MarDiniBase(L.LightningModule):
         rank = self.global_rank if self._trainer is not None else 0
         return torch.Generator().manual_seed(hash((self.hparams.seed, rank, step, salt)) & 0x7FFF_FFFF_FFFF_FFFF)
 
-    def crop_frames(self, batch: dict, generator: torch.Generator) -> dict:
-        """Random contiguous crop of every per-frame tensor of the batch to ``self.frames``."""
+    def crop_frames(self, batch: dict, generator: Draws) -> dict:
+        """Random contiguous crop of every per-frame tensor of the batch to ``self.frames``: one start for the batch
+        from a ``torch.Generator`` (training), each clip's own from :class:`ClipGenerators` (validation)."""
         key = "video" if "video" in batch else "z_high"
         total = batch[key].shape[1]
         if self.frames is None or self.frames == total:
             return batch
         if self.frames > total:
             raise ValueError(f"frames={self.frames} is more than the data's window of {total}; raise data.frames")
-        start = int(torch.randint(0, total - self.frames + 1, (1,), generator=generator))
+        rows = len(generator) if one_per_clip(generator) else 1
+        starts = draw_rows(lambda n, g: torch.randint(0, total - self.frames + 1, (n,), generator=g), rows,
+                           generator).tolist()  # one start, or one per clip
         out = dict(batch)
         for name in ("video", "z_high", "z_low", "positions"):
             if name in batch and torch.is_tensor(batch[name]):
-                out[name] = batch[name][:, start : start + self.frames]
+                out[name] = _crop(batch[name], starts, self.frames)  # (B, frames, ...)
         return out
 
     def latents_high(self, batch: dict) -> torch.Tensor:
@@ -376,7 +382,10 @@ class MarDiniBase(L.LightningModule):
         return loss if scale is None else loss * scale
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        gen = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + batch_idx)
+        """Each clip's loss with its own draws (crop, mask, t, noise: :class:`ClipGenerators`, by its key), so the
+        epoch's ``val/loss``, a mean over its clips, does not depend on how they are batched."""
+        rows = _batch_clips(batch)
+        gen = ClipGenerators.for_batch(self.hparams.seed, batch, rows, first=batch_idx * rows)
         batch = self.crop_frames(batch, gen)
         per_sample = self.compute_loss(batch, gen, train=False)  # (B,)
         if self._val_template_sums is None:  # summed here, reduced over the ranks at the epoch's end
@@ -1093,6 +1102,19 @@ def window_means(sums: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """The means ``(R,)`` of window sums ``(R, [sum, clips])`` (0 for a row without clips) and the clips of each row
     (one host read)."""
     return sums[:, 0] / sums[:, 1].clamp(min=1), [int(c) for c in sums[:, 1].tolist()]
+
+
+def _batch_clips(batch: dict) -> int:
+    """The clips of a batch: the first dimension of its first per-clip tensor (``video``, ``z_high``, ...)."""
+    return next(int(v.shape[0]) for v in batch.values() if torch.is_tensor(v) and v.dim() > 0)
+
+
+def _crop(frames: torch.Tensor, starts: list[int], length: int) -> torch.Tensor:
+    """``frames (B, T, ...)`` cut to ``(B, length, ...)`` from one start for every clip (a view, as training has
+    always cut) or from each clip's own start."""
+    if len(starts) == 1:
+        return frames[:, starts[0] : starts[0] + length]
+    return torch.stack([clip[s : s + length] for clip, s in zip(frames, starts, strict=True)])
 
 
 def _networks_only(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

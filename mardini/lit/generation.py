@@ -9,6 +9,7 @@ from mardini.diffusion.anchor import FrameAnchor, check_anchor
 from mardini.diffusion.loss import masked_mse_per_sample, min_snr_weight, motion_weights
 from mardini.diffusion.schedule import CosineSchedule
 from mardini.lit.base import MarDiniBase
+from mardini.lit.clip_draws import Draws, draw_rows
 from mardini.models.registry import build_generator, generator_overrides
 
 
@@ -62,14 +63,15 @@ class GenerationModule(MarDiniBase):
         return {"generator": build_generator(self.hparams.size, **overrides)}
 
     def diffusion_loss(
-        self, z_high: torch.Tensor, plan: torch.Tensor | None, mask: torch.Tensor, generator: torch.Generator,
+        self, z_high: torch.Tensor, plan: torch.Tensor | None, mask: torch.Tensor, generator: Draws,
         weighted: bool = True,
     ) -> torch.Tensor:
         """Per-sample masked v-prediction loss ``(B,)`` for latents ``(B, T, C, h, w)`` and a plan (or None),
         times the ``loss_weighting``'s per-clip weights when ``weighted``."""
         b = z_high.shape[0]
-        t = self.schedule.sample_t(b, generator=generator).to(z_high.device)  # (B,)
-        noise = torch.randn(z_high.shape, generator=generator).to(z_high.device)  # (B, T, C, h, w)
+        t = draw_rows(lambda n, g: self.schedule.sample_t(n, generator=g), b, generator).to(z_high.device)  # (B,)
+        noise = draw_rows(lambda n, g: torch.randn((n, *z_high.shape[1:]), generator=g), b,
+                          generator).to(z_high.device)  # (B, T, C, h, w)
         z0 = self.anchor.to_target(z_high, mask)  # (B, T, C, h, w): the latents, or residuals from the anchor
         z_t = self.schedule.q_sample(z0, noise, t, mask)  # (B, T, C, h, w), references clean
         v_target = self.schedule.v_target(z0, noise, t)  # (B, T, C, h, w)
@@ -85,11 +87,11 @@ class GenerationModule(MarDiniBase):
 
     @torch.no_grad()
     def self_cond_estimate(self, z_t: torch.Tensor, t: torch.Tensor, plan: torch.Tensor | None, mask: torch.Tensor,
-                           generator: torch.Generator) -> torch.Tensor:
+                           generator: Draws) -> torch.Tensor:
         """Self-conditioning in training (Chen et al. 2022): for half of the clips, the x0 estimate of a first,
         gradient-free forward (what sampling feeds from the previous step); zeros for the rest (the first step).
         ``(B, T, C, h, w)``; only the chosen clips run the extra forward."""
-        use = torch.rand(z_t.shape[0], generator=generator) < 0.5  # (B,) drawn on the CPU generator
+        use = draw_rows(lambda n, g: torch.rand(n, generator=g), z_t.shape[0], generator) < 0.5  # (B,) on the CPU
         estimate = torch.zeros_like(z_t)  # (B, T, C, h, w)
         idx = use.nonzero().squeeze(1).to(z_t.device)  # (K,)
         if idx.numel():
@@ -98,10 +100,10 @@ class GenerationModule(MarDiniBase):
             estimate[idx] = self.schedule.predict_x0_eps(z_t[idx], v.to(z_t.dtype), t[idx])[0].to(z_t.dtype)
         return estimate
 
-    def compute_loss(self, batch: dict, generator: torch.Generator, train: bool) -> torch.Tensor:
+    def compute_loss(self, batch: dict, generator: Draws, train: bool) -> torch.Tensor:
         z_high = self.latents_high(batch)  # (B, T, C, h, w)
         b, t = z_high.shape[:2]
-        mask, template = self.mask_sampler.draw(b, t, generator)  # (B, T), (B,); checked
+        mask, template = draw_rows(lambda n, g: self.mask_sampler.draw(n, t, g), b, generator)  # (B, T), (B,)
         mask = mask.to(z_high.device)
         self._last_template = template.to(z_high.device)
         self._last_generated = mask.sum(1)  # (B,) generated frames per clip

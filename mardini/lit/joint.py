@@ -9,6 +9,7 @@ from torch import nn
 
 from mardini.diffusion.loss import masked_mse_per_sample
 from mardini.lit.base import window_means
+from mardini.lit.clip_draws import Draws, draw_rows
 from mardini.lit.generation import GenerationModule
 from mardini.lit.planning import PlanningModule
 from mardini.models.registry import build_generator, build_planner, generator_overrides
@@ -91,11 +92,11 @@ class MarDiniModule(GenerationModule):
             planner.drop_head()
         return {"planner": planner, "generator": build_generator(self.hparams.size, **g_over)}
 
-    def compute_loss(self, batch: dict, generator: torch.Generator, train: bool) -> torch.Tensor:
+    def compute_loss(self, batch: dict, generator: Draws, train: bool) -> torch.Tensor:
         z_high = self.latents_high(batch)  # (B, T, C, h, w)
         z_low = self.latents_low(batch)  # (B, T, C, h', w')
         b, t = z_high.shape[:2]
-        mask, template = self.mask_sampler.draw(b, t, generator)  # (B, T), (B,); checked
+        mask, template = draw_rows(lambda n, g: self.mask_sampler.draw(n, t, g), b, generator)  # (B, T), (B,)
         mask = mask.to(z_high.device)
         self._last_template = template.to(z_high.device)
         self._last_generated = mask.sum(1)  # (B,) generated frames per clip
@@ -106,7 +107,8 @@ class MarDiniModule(GenerationModule):
             recon = planner.project(plan, size=tuple(z_low.shape[-2:]))  # (B, T, C, h', w')
             recon_loss = masked_mse_per_sample(recon.float(), z_low, mask)  # (B,)
         if train and self.plan_dropout > 0:
-            drop = (torch.rand(b, generator=generator) < self.plan_dropout).to(plan.device)  # (B,)
+            drop = (draw_rows(lambda n, g: torch.rand(n, generator=g), b, generator)
+                    < self.plan_dropout).to(plan.device)  # (B,)
             null = self.networks["generator"].null_plan(b, t, plan.shape[2]).to(plan.dtype)  # (B, T, N_low, D)
             plan = torch.where(drop[:, None, None, None], null, plan)  # (B, T, N_low, D)
         loss = self.diffusion_loss(z_high, plan, mask, generator, weighted=train)  # (B,)

@@ -7,6 +7,7 @@ from torch import nn
 
 from mardini.diffusion.loss import masked_mse_per_sample
 from mardini.lit.base import MarDiniBase
+from mardini.lit.clip_draws import Draws, draw_rows
 from mardini.models.registry import build_planner
 
 
@@ -20,10 +21,10 @@ class PlanningModule(MarDiniBase):
         overrides.setdefault("in_channels", self.autoencoder.latent_channels)
         return {"planner": build_planner(self.hparams.size, **overrides)}
 
-    def compute_loss(self, batch: dict, generator: torch.Generator, train: bool) -> torch.Tensor:
+    def compute_loss(self, batch: dict, generator: Draws, train: bool) -> torch.Tensor:
         z_low = self.latents_low(batch)  # (B, T, C, h', w')
         b, t = z_low.shape[:2]
-        mask, template = self.mask_sampler.draw(b, t, generator)  # (B, T), (B,); checked
+        mask, template = draw_rows(lambda n, g: self.mask_sampler.draw(n, t, g), b, generator)  # (B, T), (B,)
         mask = mask.to(z_low.device)
         planner = self.networks["planner"]
         plan = planner(z_low, mask)  # (B, T, N_low, D)
