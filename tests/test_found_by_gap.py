@@ -1,5 +1,6 @@
 """The trajectory metric split by the distance from the nearest given frame (mardini.evaluation.found_by_gap)."""
 
+import json
 import math
 
 import pytest
@@ -63,30 +64,62 @@ def test_markdown_has_a_row_per_gap_and_a_column_per_method(clips):
     assert len(lines) == 2 + len(rows) and lines[2].startswith("| 1 | ")
 
 
-def test_cli_scores_a_checkpoint_and_both_baselines(clips, tmp_path, monkeypatch, capsys):
-    import mardini.evaluation.plan_usage as plan_usage
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return tiny_synthetic(tmp_path_factory.mktemp("synth_cli"), train=2, val=6, frames=12, size=32) / "val"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
     from mardini.testing import make_checkpoint
 
-    monkeypatch.setattr(plan_usage, "heldout_clips", lambda n, frames, side, fps: {
-        "video": clips["video"][:n], "positions": clips["positions"][:n]})
-    ckpt = make_checkpoint(tmp_path / "joint.ckpt", frames=9, size=32)
-    tables = main(["--checkpoint", str(ckpt), "--clips", "4", "--steps", "2", "--json"])
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "joint.ckpt", frames=9, size=32)
+
+
+def test_cli_scores_a_checkpoint_and_both_baselines(shards, ckpt, tmp_path, monkeypatch, capsys):
+    tables = main(["--checkpoint", str(ckpt), "--data", str(shards), "--clips", "4", "--steps", "2", "--json"])
     assert set(tables) == {"linear_blend", "nearest_frame", "mardini"}
     assert tables["nearest_frame"][0]["found"] > 0.9  # a copy of the neighbour keeps every object
     assert tables["mardini"][0]["found"] < 0.5  # an untrained generator draws no object from noise
     assert '"gap": 1' in capsys.readouterr().out
-    every_other = main(["--checkpoint", str(ckpt), "--clips", "2", "--steps", "1", "--given", "0,2,4,6,8", "--json"])
+    every_other = main(["--checkpoint", str(ckpt), "--data", str(shards), "--clips", "2", "--steps", "1", "--given",
+                        "0,2,4,6,8", "--json"])
     assert [r["gap"] for r in every_other["nearest_frame"]] == [1]  # every generated frame next to a given one
     with pytest.raises(SystemExit, match="outside the window"):
         main(["--checkpoint", str(ckpt), "--given", "0,9"])
     with pytest.raises(SystemExit, match="--tol must be > 0"):
         main(["--checkpoint", str(ckpt), "--tol", "0"])
-    with pytest.raises(SystemExit, match="--clips and --steps"):
+    with pytest.raises(SystemExit, match="--clips, --steps and --batch-size"):
         main(["--checkpoint", str(ckpt), "--steps", "0"])
-    monkeypatch.undo()  # the real held-out shards, which this folder does not have
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match="matches no shard"):
+    monkeypatch.chdir(tmp_path)  # the real held-out shards, which this folder does not have
+    with pytest.raises(SystemExit, match="make_synthetic.py"):
         main(["--checkpoint", str(ckpt), "--clips", "2"])
+
+
+def test_the_total_over_the_gaps_is_evaluate_py_s_found_share_at_any_batch_size(shards, ckpt, tmp_path):
+    """found_by_gap reads the clips evaluate.py reads and samples clip k from evaluate.py's seed of clip k
+    (protocol.clip_seeds), so its share found over all gaps is evaluate.py's traj_detected for the same checkpoint,
+    seed, steps and eta, and its figures do not depend on --batch-size. Before, it sampled the validation loader's
+    windows with seed + b per clip, and its totals differed from evaluate.py's."""
+    from mardini.evaluation.cli import main as evaluate
+
+    settings = ["--clips", "6", "--steps", "2", "--eta", "1", "--seed", "3", "--json"]
+    by_two, by_four = (main(["--checkpoint", str(ckpt), "--data", str(shards), "--batch-size", b, *settings])
+                       for b in ("2", "4"))
+    assert by_four.keys() == by_two.keys()
+    assert all(by_four[m] == [pytest.approx(r, nan_ok=True) for r in by_two[m]] for m in by_two)
+    assert 0 < sum(r["found"] for r in by_two["mardini"])  # the untrained model finds a few: seeds matter
+    out = tmp_path / "eval"
+    assert evaluate(["--data", str(shards), "--checkpoint", str(ckpt), "--tasks", "interpolation", "--frames", "9",
+                     "--resolution", "32", "--num-clips", "6", "--batch-size", "4", "--steps", "2", "--eta", "1",
+                     "--seed", "3", "--metrics", "traj", "--cache-dir", "", "--out", str(out)]) == 0
+    scored = json.loads((out / "report.json").read_text())["tasks"]["interpolation"]["results"]
+    for method, rows in by_two.items():
+        counted = sum(r["counted"] for r in rows)
+        found = sum(r["found"] * r["counted"] for r in rows) / counted
+        err_all = sum(r["err_all_px"] * r["counted"] for r in rows) / counted
+        assert found == pytest.approx(scored[method]["traj_detected"]), method
+        assert err_all == pytest.approx(scored[method]["traj_err_all_px"]), method  # a mean over the seeded samples
 
 
 def test_by_size_splits_the_same_counts_by_object_area(clips):
@@ -115,15 +148,9 @@ def test_by_size_splits_the_same_counts_by_object_area(clips):
         found_by_size(fake, video, positions, mask, edges=(35.0, 20.0))
 
 
-def test_cli_by_size(clips, tmp_path, monkeypatch):
-    import mardini.evaluation.plan_usage as plan_usage
-    from mardini.testing import make_checkpoint
-
-    monkeypatch.setattr(plan_usage, "heldout_clips", lambda n, frames, side, fps: {
-        "video": clips["video"][:n], "positions": clips["positions"][:n]})
-    ckpt = make_checkpoint(tmp_path / "joint.ckpt", frames=9, size=32)
-    out = main(["--checkpoint", str(ckpt), "--clips", "4", "--steps", "1", "--by-size", "--size-edges", "30",
-                "--json"])
+def test_cli_by_size(shards, ckpt):
+    out = main(["--checkpoint", str(ckpt), "--data", str(shards), "--clips", "4", "--steps", "1", "--by-size",
+                "--size-edges", "30", "--json"])
     assert set(out) == {"by_gap", "by_size"} and set(out["by_size"]) == {"linear_blend", "nearest_frame", "mardini"}
     assert all(r["area"][0] in (0.0, 30.0) for r in out["by_size"]["nearest_frame"])
     with pytest.raises(SystemExit, match="size-edges"):
@@ -132,19 +159,21 @@ def test_cli_by_size(clips, tmp_path, monkeypatch):
 
 def test_cli_reads_a_non_square_checkpoints_clips_at_its_height_and_width(tmp_path, monkeypatch):
     """A 16x32 checkpoint is scored on 16x32 clips, not on squares of its height."""
-    import mardini.evaluation.plan_usage as plan_usage
+    import mardini.evaluation.found_by_gap as found_by_gap
     from mardini.data.synthetic_shards import write_synthetic_split
     from mardini.testing import make_checkpoint
 
     write_synthetic_split(tmp_path / "synth", "val", 2, 2, frames=8, height=16, width=32, fps=16.0, progress=False)
     sizes = []
+    read = found_by_gap.evaluation_batches
 
-    def heldout(n, frames, size, fps):
+    def batches(data, n, frames, size, fps, batch_size):
         sizes.append(size)
-        return first_batch(str(tmp_path / "synth" / "val"), n, frames, size, None)
+        return read(data, n, frames, size, fps, batch_size)
 
-    monkeypatch.setattr(plan_usage, "heldout_clips", heldout)
+    monkeypatch.setattr(found_by_gap, "evaluation_batches", batches)
     ckpt = make_checkpoint(tmp_path / "joint.ckpt", frames=5, size=(16, 32))  # records its 16x32 as train.py does
-    tables = main(["--checkpoint", str(ckpt), "--clips", "2", "--steps", "1", "--json"])
+    tables = main(["--checkpoint", str(ckpt), "--data", str(tmp_path / "synth" / "val"), "--clips", "2", "--steps",
+                   "1", "--json"])
     assert sizes == [(16, 32)]
     assert set(tables) == {"linear_blend", "nearest_frame", "mardini"}

@@ -245,16 +245,19 @@ def _val_loader(clips: int):
 
 def where_objects_are_lost(pipe, clips: int, steps: int, eta: float) -> tuple[dict, dict]:
     """Interpolation on the held-out clips, the trajectory metric split by the distance from a given frame and by
-    object area (``mardini.evaluation.found_by_gap``), for the model and both baselines: ``(by_gap, by_size)``."""
-    from mardini.evaluation.found_by_gap import found_by_gap, found_by_size, sample_methods
+    object area (``mardini.evaluation.found_by_gap``), for the model and both baselines: ``(by_gap, by_size)``. The
+    clips and seeds of :func:`evaluate`'s interpolation (``evaluate.py --preset synthetic``), so the model's share
+    found over all gaps is its ``traj_detected``."""
+    from mardini.evaluation.cli import PRESETS
+    from mardini.evaluation.found_by_gap import evaluation_batches, gap_rows, score_batches, size_rows
     from mardini.masking import interpolation_mask
 
-    val = next(iter(_val_loader(clips)))
-    video, positions = val["video"], val["positions"]  # (B, T, 3, H, W), (B, T, K, 2)
-    mask = interpolation_mask(video.shape[1])[None].expand(video.shape[0], -1)  # (B, T)
-    fakes = sample_methods(pipe, video, mask, steps=steps, eta=eta)
-    return ({n: found_by_gap(f, video, positions, mask) for n, f in fakes.items()},
-            {n: found_by_size(f, video, positions, mask) for n, f in fakes.items()})
+    preset = PRESETS["synthetic"]
+    batches = evaluation_batches(preset["data"], clips, preset["frames"], preset["resolution"], preset["fps"],
+                                 batch_size=8)  # evaluate.py's default --batch-size (the figures do not depend on it)
+    objects = score_batches(pipe, batches, interpolation_mask(preset["frames"]), steps=steps, eta=eta)
+    return ({n: gap_rows(m, preset["frames"]) for n, m in objects.items()},
+            {n: size_rows(m, preset["frames"]) for n, m in objects.items()})
 
 
 def evaluate(checkpoint: Path, out: Path, clips: int, steps: int, frechet: bool = False, eta: float = 0.0) -> dict:

@@ -113,7 +113,8 @@ def write_report(out: Path, info: dict[str, Any], stages: list, evaluation: dict
 
         lines += ["### Where are the objects lost? (interpolation)", "",
                   "The trajectory metric split by each generated frame's distance from the nearest given one "
-                  "(`python -m mardini.evaluation.found_by_gap`, the validation loader's windows of the same clips): "
+                  "(`python -m mardini.evaluation.found_by_gap`: the clips and seeds of the table above, so the "
+                  "model's found share over all gaps is its interpolation `traj_detected`): "
                   "objects lost next to a given frame, where a copy of it finds them, are objects the model cannot "
                   "yet draw from noise; objects lost only further away are a motion problem.", "",
                   markdown(evaluation["found_by_gap"]), ""]
