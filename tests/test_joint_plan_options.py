@@ -265,3 +265,25 @@ def test_plan_usage_cli_reads_clips_at_the_checkpoints_height_and_width(tmp_path
     assert sizes == [(16, 32), (16, 32), 32]  # the square case as before: a side
     with pytest.raises(SystemExit):
         plan_usage.main(["--planning", str(planning), "--resolution", "16x"])
+
+
+def test_plan_usage_draws_each_clip_s_noise_alone_so_its_figures_do_not_depend_on_the_batch_size(tmp_path):
+    """plan_usage's noise is drawn per clip (evaluate.py's seed of clip k), and the networks run batch_size clips at
+    a time: batches of 2 and of 4 give the same figures, and a clip's noise is the same however many clips are
+    scored. Before, one noise tensor was drawn for the whole batch from the seed, and there was no batch size."""
+    from mardini.data.datamodule import first_batch
+    from mardini.data.testing import tiny_synthetic
+    from mardini.evaluation.plan_usage import clip_noise, plan_usage
+    from mardini.pipeline.pipeline import MarDiniPipeline
+    from mardini.testing import make_checkpoint
+
+    shards = tiny_synthetic(tmp_path / "synth", train=2, val=4, frames=12, size=32) / "val"
+    batch = first_batch(str(shards), 4, frames=5, resolution=32, fps=None)
+    pipe = MarDiniPipeline.from_checkpoint(make_checkpoint(tmp_path / "joint.ckpt", frames=5, size=32))
+    by_two, by_four = (plan_usage(pipe, batch["video"], t=0.5, seed=3, positions=batch["positions"], batch_size=b)
+                       for b in (2, 4))
+    assert by_two.keys() == by_four.keys()
+    for name, value in by_two.items():
+        assert by_four[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    assert torch.equal(clip_noise((4, 3, 2), 3)[:2], clip_noise((2, 3, 2), 3))
+    assert not torch.equal(clip_noise((2, 3, 2), 3), clip_noise((2, 3, 2), 4))

@@ -9,7 +9,9 @@ frames when the plan is swapped for the null plan or for the next clip's plan, t
 deviation from the clip's mean token over their RMS), and the share of the synthetic objects found in each
 prediction (the trajectory metric's detection; ``--t 0.5``: restored from the true clip half-noised), also split by
 object area (``*_by_size``, the bins of ``found_by_gap --by-size``), beside what the planner's input keeps of each
-size (the true clip at the planner's resolution, enlarged back).
+size (the true clip at the planner's resolution, enlarged back). Each clip's noise is drawn from its own seed
+(evaluate.py's ``protocol.clip_seeds``) and the networks run ``--batch-size`` clips at a time, so the figures do not
+depend on the batch size.
 ``--planning`` scores a planner warm-up checkpoint instead: its projection head's reconstruction, upsampled
 bilinearly, against the linear blend, and the share of the objects found in it and in the true clips at the
 planner's resolution.
@@ -42,14 +44,31 @@ def plan_spread(plan: torch.Tensor) -> float:
     return float(dev.square().mean().sqrt() / plan.square().mean().sqrt())
 
 
+def clip_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Noise ``shape = (B, ...)``, clip ``b``'s row drawn alone from ``protocol.clip_seeds(seed, b)`` (evaluate.py's
+    seed of clip b), so a clip's noise does not depend on how many clips are scored or how they are batched."""
+    from mardini.evaluation.protocol import clip_seeds
+
+    return torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(s))
+                        for s in clip_seeds(seed, 0, shape[0])])  # (B, ...)
+
+
+def in_batches(fn, batch_size: int | None, *tensors: torch.Tensor) -> torch.Tensor:
+    """``fn`` over slices of ``batch_size`` clips of ``tensors`` (all at once for None), concatenated on dim 0."""
+    b = tensors[0].shape[0]
+    step = b if batch_size is None else batch_size
+    return torch.cat([fn(*(x[i : i + step] for x in tensors)) for i in range(0, b, step)])
+
+
 @torch.no_grad()
 def plan_usage(pipe, video: torch.Tensor, t: float = 1.0, seed: int = 0,
-               positions: torch.Tensor | None = None) -> dict[str, float]:
+               positions: torch.Tensor | None = None, batch_size: int | None = None) -> dict[str, float]:
     """Plan vs null plan for a joint pipeline on clips ``video (B, T, 3, H, W)`` in [-1, 1], interpolation mask.
 
     With the objects' ``positions (B, T, K, 2)`` (the synthetic set), also the share of objects the trajectory
     metric finds in each one-step prediction: at ``t`` < 1 it says how much of an object the generator restores
-    from the true clip noised to ``t``.
+    from the true clip noised to ``t``. Each clip's noise is its own (:func:`clip_noise`), the networks run on
+    ``batch_size`` clips at a time (None: all), and the figures do not depend on it.
     """
     from mardini.data.transforms import planner_copy, resize_video
 
@@ -57,14 +76,14 @@ def plan_usage(pipe, video: torch.Tensor, t: float = 1.0, seed: int = 0,
     mask = interpolation_mask(frames)[None].expand(b, -1)  # (B, T)
     z_ref = pipe.autoencoder.encode(video)  # (B, T, C, h, w)
     z0 = pipe.anchor.to_target(z_ref, mask)  # (B, T, C, h, w): what the generator denoises
-    plan = pipe.plan(video, mask)  # (B, T, M, P)
+    plan = in_batches(pipe.plan, batch_size, video, mask)  # (B, T, M, P)
     null = pipe.generator.null_plan(*plan.shape[:3]).to(plan)  # (B, T, M, P)
     tt = torch.full((b,), float(t))  # (B,)
     alpha, sigma = pipe.schedule.alpha_sigma(tt)
-    noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed))  # (B, T, C, h, w)
+    noise = clip_noise(tuple(z0.shape), seed)  # (B, T, C, h, w)
     z_t = torch.where(frame_mask(mask), alpha * z0 + sigma * noise, z0)  # (B, T, C, h, w)
-    v = {name: pipe.generator(z_t, tt, p, mask) for name, p in
-         (("plan", plan), ("null", null), ("other", plan.roll(1, dims=0)))}  # (B, T, C, h, w) each
+    v = {name: in_batches(pipe.generator, batch_size, z_t, tt, p, mask) for name, p in
+         (("plan", plan), ("null", null), ("other", plan.roll(1, dims=0)))}  # (B, T, C, h, w) each; other: clip b-1's
     gen = frame_mask(mask).expand_as(z0)  # generated elements
 
     def rel(a: torch.Tensor, c: torch.Tensor) -> float:
@@ -160,7 +179,10 @@ def main(argv: list[str] | None = None) -> dict:
     add_allow_autoencoder_argument(parser)
     parser.add_argument("--clips", type=int, default=64, help="held-out synthetic clips (the demo's 64)")
     parser.add_argument("--t", type=float, default=1.0, help="diffusion time of the one-step prediction")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="clip k's noise from evaluate.py's seed of clip k (protocol.clip_seeds)")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="clips per network call (evaluate.py's default); the figures do not depend on it")
     parser.add_argument("--frames", type=int, default=9, help="--planning only: window (the demo's 9)")
     parser.add_argument("--resolution", default="32", metavar="N|HxW",
                         help="--planning only: clip size, a side or HxW (the demo's 32)")
@@ -170,6 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
         resolution = parse_size(args.resolution)
     except ValueError as err:
         parser.error(str(err))
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.checkpoint:
         from mardini.pipeline.pipeline import MarDiniPipeline
 
@@ -177,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
         if pipe.planner is None:
             raise SystemExit(f"{args.checkpoint} has no planner: plan usage needs a joint checkpoint")
         batch = heldout_clips(args.clips, pipe.window, clip_size(pipe.resolution), pipe.fps)
-        result = plan_usage(pipe, batch["video"], args.t, args.seed, batch.get("positions"))
+        result = plan_usage(pipe, batch["video"], args.t, args.seed, batch.get("positions"), args.batch_size)
     else:
         from mardini.lit import PlanningModule
 
