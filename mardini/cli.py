@@ -26,6 +26,7 @@ from mardini.lit.checkpoints import RESUMING, directory_message
 from mardini.lit.lr_monitor import LatestLearningRateMonitor
 from mardini.lit.preemption import TERMINATED, PreemptionSave
 from mardini.lit.resumed_logs import ContinuedCSVLogger, ResumedLogs
+from mardini.lit.run_lock import RunLock
 from mardini.lit.step_checkpoint import (PREEMPTION, FitStarted, StepCheckpoint, drop_untrained_logs, earlier_logs,
                                          log_folders, preemption_checkpoints, saved_step)
 from mardini.user_errors import TRACEBACK_ENV, USER_ERRORS
@@ -133,6 +134,7 @@ class MarDiniCLI(LightningCLI):
     def fit(self, model, **kwargs) -> None:
         """``trainer.fit``; a ``last`` that found nothing to resume starts afresh (``ckpt_path=None``: Lightning
         would warn that there is no last checkpoint; the saved config keeps ``last``, so rerunning it resumes). The
+        fit holds its log folder (``RunLock``: a second fit there is refused, a dead fit's lock taken over); the
         checkpoint to resume is checked first (:meth:`check_resume`); a fit that fails before training leaves no empty
         event file or log folder behind (:meth:`_drop_untrained_logs`), one that fails later without saving a
         checkpoint puts back the earlier run it set aside (:meth:`_put_back_earlier_run`). A fit that SIGTERM ended
@@ -141,18 +143,23 @@ class MarDiniCLI(LightningCLI):
             kwargs["ckpt_path"] = None
         elif self._resume_from is not None:
             kwargs["ckpt_path"] = self._resume_from
-        self.check_resume(model, kwargs.get("ckpt_path"), kwargs.get("weights_only"))
         folders = log_folders(self.trainer)
+        # one fit per log folder: a second one is refused before it reads or writes anything there (run_lock)
+        lock = RunLock(folders if self.trainer.is_global_zero else ()).acquire()
         try:
+            self.check_resume(model, kwargs.get("ckpt_path"), kwargs.get("weights_only"))
             self.trainer.fit(model, **kwargs)
         except SIGTERMException as e:
             if e.code is None:  # Lightning's own, without an exit status (SIGTERM before the training started)
                 raise SIGTERMException(TERMINATED) from e
             raise
         except Exception:
+            lock.release()  # before the clean-up, which removes the log folder a failed fit made only if it is empty
             self._drop_untrained_logs(folders)
             self._put_back_earlier_run()
             raise
+        finally:
+            lock.release()
 
     def _put_back_earlier_run(self) -> None:
         """After a fit that failed once its training started (``--ckpt_path null`` where a run was): the earlier run

@@ -1,0 +1,168 @@
+"""One fit per log folder: a lock file that refuses a second fit of the same ``save_dir/name/version``.
+
+Lightning does not guard a log folder: two fits given the same logger ``save_dir``, ``name`` and fixed ``version``
+(a sweep's copy-paste, a job array without a per-task version) both write there, and each overwrites the other's
+``last.ckpt``, step checkpoints, ``config.yaml`` and ``hparams.yaml`` while their event files interleave in
+TensorBoard (its ModelCheckpoint only warns that the folder "exists and is not empty", as every resume's is).
+
+``train.py fit`` holds ``fit.lock`` in the stage's log folder for the whole fit (global rank 0; the file names the
+host, pid, SLURM job and start time, and a thread touches it every ``HEARTBEAT_S`` seconds). A second fit there is
+refused before it writes anything, naming the holder and the fix. A lock left by a fit that died without releasing
+it (SIGKILL, a node lost) is stale and taken over, with a message: its pid is gone (same host), its SLURM job is the
+one now running again (a requeue keeps ``SLURM_JOB_ID`` and raises ``SLURM_RESTART_COUNT``), or its heartbeat is
+older than ``STALE_AFTER_S`` (another host). Resumes (``--ckpt_path last``) and requeues therefore go on as before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+from lightning.pytorch.utilities import rank_zero_warn
+
+LOCK_NAME = "fit.lock"
+HEARTBEAT_S = 30.0  # how often the holder touches its lock
+STALE_AFTER_S = 600.0  # a lock untouched this long is a dead fit's, whatever its host
+
+
+class FolderInUseError(ValueError):
+    """Another fit holds the log folder (a user error: one line, no traceback)."""
+
+
+class RunLock:
+    """The lock files of a fit's log ``folders`` (taken by :meth:`acquire`, dropped by :meth:`release`)."""
+
+    def __init__(self, folders) -> None:
+        self.paths = [Path(folder) / LOCK_NAME for folder in dict.fromkeys(map(str, folders))]
+        self.record = holder_record()
+        self._held: list[Path] = []
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def acquire(self) -> RunLock:
+        """Take every folder's lock or none (a refusal releases those taken)."""
+        try:
+            for path in self.paths:
+                take(path, self.record)
+                self._held.append(path)
+        except BaseException:
+            self.release()
+            raise
+        if self._held:
+            self._beat = threading.Thread(target=self._heartbeat, name="mardini-fit-lock", daemon=True)
+            self._beat.start()
+        return self
+
+    def release(self) -> None:
+        """Stop the heartbeat and delete the locks still ours (idempotent)."""
+        self._stop.set()
+        held, self._held = self._held, []
+        for path in held:
+            if read_record(path).get("token") == self.record["token"]:
+                path.unlink(missing_ok=True)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            for path in list(self._held):
+                if read_record(path).get("token") == self.record["token"]:
+                    os.utime(path)
+
+
+def holder_record() -> dict:
+    """What a lock says about its fit: host, pid, SLURM job and restart count, start time, a unique token."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT", "0"),
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "token": uuid.uuid4().hex}
+
+
+def take(path: Path, record: dict) -> None:
+    """Create the lock at ``path`` holding ``record``; a stale one is taken over (said once), a live one refused."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(3):  # another fit may take a stale lock over between our look and our move
+        if create(path, record):
+            return
+        found = read_record(path)
+        why = stale_reason(found, path)
+        if why is None:
+            raise FolderInUseError(in_use_message(path, found))
+        aside = path.with_name(f"{LOCK_NAME}.stale-{record['token']}")
+        try:
+            os.replace(path, aside)
+        except FileNotFoundError:
+            continue
+        if read_record(aside).get("token") != found.get("token"):  # moved a fresh lock: give it back
+            os.replace(aside, path)
+            continue
+        aside.unlink()
+        rank_zero_warn(f"{path}: taking over the lock of a fit that is gone ({why}); this fit now holds the folder")
+    raise FolderInUseError(in_use_message(path, read_record(path)))
+
+
+def create(path: Path, record: dict) -> bool:
+    """Write ``record`` to a new file at ``path``; False when one is there (atomic, ``O_EXCL``)."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f)
+    return True
+
+
+def read_record(path: Path) -> dict:
+    """The lock's record; empty when it is gone or unreadable (half written)."""
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def stale_reason(found: dict, path: Path) -> str | None:
+    """Why the lock holding ``found`` is a dead fit's, or None while its fit may be alive."""
+    try:
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return "its file is gone"
+    if age > STALE_AFTER_S:
+        return f"its heartbeat is {age:.0f} s old, over {STALE_AFTER_S:.0f} s"
+    job = os.environ.get("SLURM_JOB_ID")
+    if job and found.get("slurm_job_id") == job and \
+            found.get("slurm_restart_count") != os.environ.get("SLURM_RESTART_COUNT", "0"):
+        return f"SLURM job {job} was requeued and runs again here"
+    if found.get("host") == socket.gethostname() and isinstance(found.get("pid"), int) and not alive(found["pid"]):
+        return f"pid {found['pid']} on this host is gone"
+    if not found and age > HEARTBEAT_S:
+        return "it is empty, a fit killed while writing it"
+    return None
+
+
+def alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def in_use_message(path: Path, found: dict) -> str:
+    """The refusal: who holds the folder, why two fits there break both, and the fixes."""
+    job = f", SLURM job {found['slurm_job_id']}" if found.get("slurm_job_id") else ""
+    holder = (f"pid {found.get('pid')} on host {found.get('host')}{job}, started {found.get('started')}" if found
+              else "a fit whose lock is being written")
+    return (f"{path.parent} is in use by another fit ({holder}; lock file {path}). Two fits in one log folder "
+            "overwrite each other's last.ckpt, step checkpoints, config.yaml and hparams.yaml and mix their event "
+            "files. Give this run its own folder: another trainer.logger.init_args.version (e.g. --trainer.logger."
+            "init_args.version lr3e-4, or task$SLURM_ARRAY_TASK_ID in a job array), save_dir or name; or wait for "
+            "that fit to end and rerun this command to resume it. The lock is taken over by itself once that fit is "
+            f"gone (its pid on the same host, its SLURM job requeued, or no heartbeat for {STALE_AFTER_S:.0f} s); "
+            f"delete {path} only if you know it is gone")
