@@ -66,6 +66,7 @@ class MarDiniCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         sub = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        expand_logger_folder(sub)  # before the folder is read: config.yaml records the expanded names
         every = sub.get("checkpoint_every", 500)
         if every is None or every < 1:
             raise ValueError(f"checkpoint_every={every} is impossible: it must be >= 1")
@@ -445,6 +446,34 @@ def no_logger(config) -> bool:
     """Whether ``trainer.logger`` is off (``false`` or an empty list)."""
     logger = (config.get("trainer") or {}).get("logger")
     return logger is False or (isinstance(logger, (list, tuple)) and not logger)
+
+
+LOGGER_FOLDER_FIELDS = ("save_dir", "name", "version")
+ENV_REFERENCE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")  # $NAME or ${NAME}
+
+
+def expand_logger_folder(config) -> None:
+    """Expand the environment variables (``$NAME``, ``${NAME}``) that the loggers' ``save_dir``, ``name`` and
+    ``version`` name, so that the runs of one command get folders of their own: ``version: task${SLURM_ARRAY_TASK_ID}``
+    gives each task of a SLURM job array its folder (a requeue expands it the same way). A variable not set is an
+    error naming it. Before, the text was taken as it was, and every task wrote into one folder literally named so."""
+    logger = (config.get("trainer") or {}).get("logger")
+    for one in logger if isinstance(logger, (list, tuple)) else [logger]:
+        args = one.get("init_args") if hasattr(one, "get") else None
+        for field in LOGGER_FOLDER_FIELDS if args is not None else ():
+            value = args.get(field)
+            if isinstance(value, str) and "$" in value:
+                args[field] = expand_env(value, f"trainer.logger.init_args.{field}")
+
+
+def expand_env(value: str, where: str) -> str:
+    """``value`` with its ``$NAME`` / ``${NAME}`` replaced from the environment; an error naming those not set."""
+    missing = [a or b for a, b in ENV_REFERENCE.findall(value) if (a or b) not in os.environ]
+    if missing:
+        raise ValueError(f"{where} {value!r} names the environment variable(s) {', '.join(dict.fromkeys(missing))}, "
+                         "not set here: set them (SLURM sets SLURM_ARRAY_TASK_ID in a job array's tasks only), or "
+                         "give the folder without them")
+    return os.path.expandvars(value)
 
 
 def _logger_args(config):

@@ -10,6 +10,9 @@
 # checkpoint of the highest step there (mardini.cli.resume_checkpoint). SIGTERM (preemption, scancel, the time limit)
 # saves the same checkpoint at the end of the step and exits with status 143, so `sbatch --wait ... || break` stops at
 # an unfinished stage.
+# A sweep gives each job its own folder; two jobs in one folder are refused (fit.lock, README "One fit per folder").
+# In a job array, quote the task id so that each task expands its own (README "Sweeps"):
+#   sbatch --array 0-3 scripts/slurm_train.sh STAGE.yaml --trainer.logger.init_args.version 'task${SLURM_ARRAY_TASK_ID}'
 # To start a stage over, give it a new folder (--trainer.logger.init_args.save_dir or name) or delete its folder; do
 # not pass --ckpt_path null here: a requeue reruns the same arguments, and --ckpt_path null refuses to start while
 # the preemption checkpoint is there (Lightning would resume from it), so the requeued job would exit.
