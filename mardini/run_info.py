@@ -1,14 +1,24 @@
-"""What a report says about its run: the command line that reproduces it and the machine it ran on."""
+"""What a report or a training run says about itself: the command line that reproduces it, the machine it ran on,
+the code (package version, git commit) and the libraries' versions."""
 
 from __future__ import annotations
 
 import platform
 import shlex
+import subprocess
 import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
 
 import torch
 
+import mardini
 from mardini import cpu_kernels
+
+# the libraries whose versions change what a run trains or how fast (webdataset and av: the data it reads)
+LIBRARIES = ("torch", "lightning", "numpy", "timm", "einops", "webdataset", "av", "jsonargparse", "diffusers",
+             "flash-attn")
 
 
 def command_line(prog: list[str], argv: list[str] | None) -> str:
@@ -21,3 +31,36 @@ def machine_line() -> str:
     of bf16 figures, :mod:`mardini.cpu_kernels`)."""
     threads = torch.get_num_threads()
     return f"{platform.machine()}, {threads} threads, torch {torch.__version__}, {cpu_kernels.describe()}"
+
+
+def code_version(root: Path | None = None) -> dict[str, Any]:
+    """The code that ran: the package version and, where the package is a git checkout (``root``, default the
+    folder above the ``mardini`` package, is the top of its repository), ``git rev-parse HEAD`` and whether
+    ``git status`` lists changes (untracked files included); both None otherwise."""
+    root = (root or Path(mardini.__file__).resolve().parents[1]).resolve()
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+
+    commit = dirty = None
+    try:
+        top = git("rev-parse", "--show-toplevel")
+        if top.returncode == 0 and Path(top.stdout.strip()).resolve() == root:  # not a repository around a venv
+            head = git("rev-parse", "HEAD")
+            commit = head.stdout.strip() if head.returncode == 0 else None
+            status = git("status", "--porcelain")
+            dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):  # no git, or it hung
+        pass
+    return {"version": mardini.__version__, "git_commit": commit, "git_dirty": dirty}
+
+
+def library_versions() -> dict[str, str | None]:
+    """Python's version and each of :data:`LIBRARIES`' installed versions (None: not installed)."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions

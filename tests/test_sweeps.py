@@ -3,13 +3,18 @@ id), each run's code and library versions on record, and the best checkpoint by 
 
 from __future__ import annotations
 
+import platform
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
+import mardini
 from mardini.data.testing import tiny_synthetic
 from test_run_lock import _config, _fit
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -36,3 +41,23 @@ def test_a_job_array_s_task_id_in_the_logger_version_gives_each_task_its_folder(
     monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
     with pytest.raises(ValueError, match=r"names the environment variable\(s\) SLURM_ARRAY_TASK_ID, not set here"):
         _fit(workdir, monkeypatch, _config(tmp_path), version)
+
+
+def test_a_run_records_its_git_commit_and_library_versions_with_its_hyper_parameters(workdir, monkeypatch, tmp_path):
+    """hparams.yaml (and TensorBoard's HParams tab) say which code and libraries trained the run. Before, nothing in
+    the run's folder did: runs of a sweep trained at different commits or library versions looked alike."""
+    from importlib.metadata import version
+
+    from test_training_logs import _hparams_in_events
+
+    _fit(workdir, monkeypatch, _config(tmp_path))
+    folder = tmp_path / "stage"
+    code = yaml.safe_load((folder / "hparams.yaml").read_text()).get("code") or {}
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert code.get("git_commit") == (head.stdout.strip() if head.returncode == 0 else None)
+    assert code.get("git_dirty") in ((True, False) if head.returncode == 0 else (None,))
+    assert {k: code.get(k) for k in ("mardini", "python", "torch", "lightning")} == {
+        "mardini": mardini.__version__, "python": platform.python_version(), "torch": version("torch"),
+        "lightning": version("lightning")}
+    shown = _hparams_in_events(folder)
+    assert shown["code/lightning"] == version("lightning") and shown["code/git_commit"] == str(code["git_commit"])

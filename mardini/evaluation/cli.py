@@ -24,7 +24,6 @@ import json
 import math
 import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ from mardini.evaluation.protocol import (
     keys_digest, resolve_metric_weights, same_aspect, sides, size_text,
 )
 from mardini.evaluation.samplers import BASELINES, PipelineSampler, Sampler, to_real_size
+from mardini.run_info import code_version
 from mardini.strict_json import dumps_strict
 from mardini.user_errors import run_reporting_user_errors
 from mardini.weights import sha256_file
@@ -534,28 +534,6 @@ def checkpoint_file(path: str | None, pipe: Any) -> dict[str, Any] | None:
     step = getattr(pipe, "info", {}).get("global_step")
     return {"path": str(Path(path).resolve()), "sha256": sha256_file(path),
             "global_step": None if step is None else int(step)}
-
-
-def code_version(root: Path | None = None) -> dict[str, Any]:
-    """The code that ran: the package version and, where the package is a git checkout (``root``, default the
-    folder above the ``mardini`` package, is the top of its repository), ``git rev-parse HEAD`` and whether
-    ``git status`` lists changes (untracked files included); both None otherwise."""
-    root = (root or Path(mardini.__file__).resolve().parents[1]).resolve()
-
-    def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
-
-    commit = dirty = None
-    try:
-        top = git("rev-parse", "--show-toplevel")
-        if top.returncode == 0 and Path(top.stdout.strip()).resolve() == root:  # not a repository around a venv
-            head = git("rev-parse", "HEAD")
-            commit = head.stdout.strip() if head.returncode == 0 else None
-            status = git("status", "--porcelain")
-            dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):  # no git, or it hung
-        pass
-    return {"version": mardini.__version__, "git_commit": commit, "git_dirty": dirty}
 
 
 # ------------------------------------------------------------------------------------------------

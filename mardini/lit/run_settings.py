@@ -5,11 +5,14 @@ Lightning logs a module's ``save_hyperparameters`` once at the start of a run (T
 only; :func:`run_settings` adds the datamodule's (batch size, resolution, fps, frames, shards, epoch size ...), the
 trainer's (steps, precision, accumulation, clipping, devices) and the curriculum's milestones, each under its own key
 (``data``, ``trainer``, ``curriculum``), so they cannot clash with the model's (both have ``frames`` and ``seed``,
-which Lightning's merge of module and datamodule hyper-parameters refuses when they differ).
+which Lightning's merge of module and datamodule hyper-parameters refuses when they differ), and the code that ran
+under ``code`` (the package version, git commit and whether the checkout had changes, Python's and the libraries'
+versions), so two runs of a sweep also compare on what they ran.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict
 from typing import Any
 
@@ -19,10 +22,10 @@ DATA_FIELDS = ("train_shards", "val_shards", "batch_size", "resolution", "fps", 
 
 
 def run_settings(trainer: L.Trainer) -> dict[str, Any]:
-    """``{"data": ..., "trainer": ..., "curriculum": ...}`` of the run ``trainer`` holds (a key without settings is
-    left out), in plain YAML types."""
+    """``{"data": ..., "trainer": ..., "curriculum": ..., "code": ...}`` of the run ``trainer`` holds (a key
+    without settings is left out), in plain YAML types."""
     out = {"data": data_settings(getattr(trainer, "datamodule", None)), "trainer": trainer_settings(trainer),
-           "curriculum": curriculum_settings(trainer.callbacks)}
+           "curriculum": curriculum_settings(trainer.callbacks), "code": code_settings()}
     return {key: plain(value) for key, value in out.items() if value}
 
 
@@ -60,6 +63,18 @@ def curriculum_settings(callbacks: list) -> dict[str, Any]:
                           for m in callback.milestones}
             return {"interpolate": callback.interpolate, **milestones}
     return {}
+
+
+@functools.cache
+def code_settings() -> dict[str, Any]:
+    """The code this process runs: ``mardini``'s version, the checkout's git commit and whether it had changes
+    (``git_dirty``; both None outside a git checkout), Python's and the libraries' versions (``run_info``). Read
+    once per process (git runs three times)."""
+    from mardini.run_info import code_version, library_versions
+
+    code = code_version()
+    return {"mardini": code["version"], "git_commit": code["git_commit"], "git_dirty": code["git_dirty"],
+            **library_versions()}
 
 
 def plain(value: Any) -> Any:
