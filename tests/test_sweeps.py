@@ -61,3 +61,48 @@ def test_a_run_records_its_git_commit_and_library_versions_with_its_hyper_parame
         "lightning": version("lightning")}
     shown = _hparams_in_events(folder)
     assert shown["code/lightning"] == version("lightning") and shown["code/git_commit"] == str(code["git_commit"])
+
+
+VALIDATE_EACH_STEP = ["--trainer.max_steps=4", "--trainer.limit_val_batches=2", "--trainer.val_check_interval=1"]
+
+
+def _best(folder: Path) -> list[Path]:
+    return sorted((folder / "checkpoints").glob("best-*.ckpt"))
+
+
+def test_the_shipped_best_val_loss_callback_keeps_the_checkpoint_of_the_lowest_val_loss(workdir, monkeypatch, tmp_path):
+    """configs/callbacks/best_val_loss.yaml, appended to a stage's callbacks as README says, keeps one checkpoint, the
+    step of the lowest val/loss; last.ckpt stays the one a rerun resumes."""
+    import torch
+
+    from test_training_logs import _scalars
+
+    best = f"--trainer.callbacks+={REPO / 'configs' / 'callbacks' / 'best_val_loss.yaml'}"
+    _fit(workdir, monkeypatch, _config(tmp_path), best, *VALIDATE_EACH_STEP)
+    folder = tmp_path / "stage"
+    losses = [v for _, v in _scalars(folder, "val/loss")]
+    assert len(losses) == 4 and len(set(losses)) == 4
+    (kept,) = _best(folder)
+    saved = torch.load(kept, map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 1 + losses.index(min(losses))
+    assert kept.name == f"best-step{saved['global_step']:08d}-val_loss{min(losses):.4f}.ckpt"
+    again = _fit(workdir, monkeypatch, _config(tmp_path), best, *VALIDATE_EACH_STEP[1:], "--trainer.max_steps=5")
+    assert again.trainer.global_step == 5  # resumed from last.ckpt (step 4), not from the best checkpoint
+
+
+def test_the_shipped_evaluation_callbacks_keep_the_checkpoint_of_the_best_interpolation_psnr(workdir, monkeypatch,
+                                                                                           tmp_path):
+    """interpolation_eval.yaml then best_interpolation_psnr.yaml (README's command; the window and clip count cut to
+    this test's data) keep the checkpoint of the highest eval/interpolation/midf_psnr."""
+    from test_training_logs import _scalars
+
+    callbacks = REPO / "configs" / "callbacks"
+    _fit(workdir, monkeypatch, _config(tmp_path), *VALIDATE_EACH_STEP,
+         f"--trainer.callbacks+={callbacks / 'interpolation_eval.yaml'}", "--trainer.callbacks.init_args.frames=4",
+         "--trainer.callbacks.init_args.num_clips=2", "--trainer.callbacks.init_args.steps=2",
+         f"--trainer.callbacks+={callbacks / 'best_interpolation_psnr.yaml'}")
+    folder = tmp_path / "stage"
+    psnr = [v for _, v in _scalars(folder, "eval/interpolation/midf_psnr")]
+    assert len(psnr) == 4
+    (kept,) = _best(folder)
+    assert kept.name.endswith(f"-midf_psnr{max(psnr):.2f}.ckpt")
