@@ -29,6 +29,7 @@ from mardini.lit.resumed_logs import ContinuedCSVLogger, ResumedLogs
 from mardini.lit.run_lock import RunLock
 from mardini.lit.step_checkpoint import (PREEMPTION, FitStarted, StepCheckpoint, drop_untrained_logs, earlier_logs,
                                          log_folders, preemption_checkpoints, saved_step)
+from mardini.run_info import command_line
 from mardini.user_errors import TRACEBACK_ENV, USER_ERRORS
 
 
@@ -57,6 +58,14 @@ class MarDiniCLI(LightningCLI):
             # scores the weights the stage starts from.
             parser.set_defaults({"ckpt_path": "last", "weights_only": True})  # resume never unpickles code
         return parser
+
+    def parse_arguments(self, parser, args) -> None:
+        """Lightning's, keeping the command line for the top of ``config.yaml`` (``KeepEarlierConfig.command``)."""
+        words = sys.argv[1:] if args is None else args
+        prog = parser.prog if args is None else "train.py"  # args from Python (the demo): the command it stands for
+        if isinstance(words, (list, tuple)):
+            self.save_config_kwargs = {**self.save_config_kwargs, "command": command_line([prog], list(words))}
+        super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
         """Nothing: Lightning's CLI would merge the hyper-parameters of an explicit ``--ckpt_path FILE`` (its
@@ -324,16 +333,34 @@ class KeepEarlierConfig(SaveConfigCallback):
     _rotated: Path | None = None  # the same, from then on (for put_back)
     _before: tuple[Path, bytes | None] | None = None  # config.yaml and its bytes before this fit (None: none)
 
+    _written: Path | None = None  # the file this setup writes (config.yaml, validate.yaml)
+
+    def __init__(self, *args, command: str | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.command = command  # the command line that made the run, written atop the file (save_config)
+
     def setup(self, trainer, pl_module, stage: str) -> None:
+        saving = not self.already_saved and self.save_to_log_dir
+        log_dir = trainer.log_dir if saving else None  # a broadcast: every rank asks
         if stage != TrainerFn.FITTING:  # not what the run was trained with: before, each validate rotated config.yaml
             self.config_filename = f"{TrainerFn(stage).value}.yaml"
-        elif not self.already_saved and self.save_to_log_dir:
-            log_dir = trainer.log_dir  # a broadcast: every rank asks
-            if trainer.is_global_zero and log_dir is not None:
-                path = Path(log_dir) / self.config_filename
-                self._before = (path, path.read_bytes() if path.is_file() else None)
-                self._kept = keep_earlier_config(path, self.parser.dump(self.config, **KEEP_NONE))
+        elif trainer.is_global_zero and log_dir is not None:
+            path = Path(log_dir) / self.config_filename
+            self._before = (path, path.read_bytes() if path.is_file() else None)
+            self._kept = keep_earlier_config(path, self.parser.dump(self.config, **KEEP_NONE))
+        self._written = Path(log_dir) / self.config_filename if log_dir is not None else None
         super().setup(trainer, pl_module, stage)
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        """The file just saved begins with the command that made it, as a YAML comment (it still loads as the
+        config): a sweep's runs say which overrides made each. Before, only the resolved settings were there."""
+        path, self._written = self._written, None
+        if self.command is None or path is None or local_path(str(path)) is None or not path.is_file():
+            return
+        # ASCII (non-ASCII escaped): it decodes in whatever locale encoding Lightning wrote the rest in
+        line = self.command.replace("\n", "\\n").encode("ascii", "backslashreplace").decode("ascii")
+        header = f"# {line}\n# (the command that wrote this file; below, every setting it resolved to)\n"
+        path.write_bytes(header.encode("ascii") + path.read_bytes())
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._rotated, self._kept = self._kept, None  # the new settings train: the earlier ones stay kept

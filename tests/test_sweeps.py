@@ -106,3 +106,22 @@ def test_the_shipped_evaluation_callbacks_keep_the_checkpoint_of_the_best_interp
     assert len(psnr) == 4
     (kept,) = _best(folder)
     assert kept.name.endswith(f"-midf_psnr{max(psnr):.2f}.ckpt")
+
+
+def test_config_yaml_begins_with_the_command_and_its_overrides_and_still_loads(workdir, monkeypatch, tmp_path):
+    """A sweep's runs differ by their overrides: config.yaml names the command that made it (a YAML comment), above
+    the resolved settings. Before, the file held the settings alone."""
+    tmp_path = tmp_path / "sweep \u00e9"  # a non-ASCII path: the command line is written in ASCII, escaped
+    tmp_path.mkdir()
+    config = _config(tmp_path)
+    _fit(workdir, monkeypatch, config, "--model.init_args.lr=0.002")
+    assert all(line.isascii() for line in (tmp_path / "stage" / "config.yaml").read_bytes().splitlines()[:2])
+    text = (tmp_path / "stage" / "config.yaml").read_text()
+    first = text.splitlines()[0]
+    shown = str(config).encode("ascii", "backslashreplace").decode()
+    assert first.startswith(f"# train.py fit --config '{shown}' ") and first.endswith(" --model.init_args.lr=0.002")
+    assert yaml.safe_load(text)["model"]["init_args"]["lr"] == 0.002
+    again = _fit(workdir, monkeypatch, config, "--model.init_args.lr=0.002", "--trainer.max_steps=3")  # a resume
+    assert again.trainer.global_step == 3
+    assert (tmp_path / "stage" / "config.1.yaml").read_text() == text  # the first part's, kept with its command
+    assert (tmp_path / "stage" / "config.yaml").read_text().splitlines()[0].endswith(" --trainer.max_steps=3")
