@@ -5,10 +5,12 @@ what to do, before a fit fails deep inside (or, worse, goes on with other behavi
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import re
 import warnings
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -274,7 +276,32 @@ def test_hpc_save_path_numbers_the_next_preemption_checkpoint(tmp_path):
         f"hpc_save_path gave {first}, {second}: mardini/lit/preemption.py (PreemptionSave._save_path) and "
         f"mardini/cli.py (resume_checkpoint: hpc_ckpt_N.ckpt) rely on it; {FIX}")
     assert fit._accelerator_connector.cluster_environment is not None, "mardini/lit/preemption.py reads it"
-    assert BoringModel()._trainer is None, "mardini/lit/base.py reads LightningModule._trainer"
+
+
+def _attribute_reads(name: str) -> list[str]:
+    """``file:line`` of each read of the attribute ``name`` in the package (``x.name`` or ``getattr(x, "name")``)."""
+    package = Path(__file__).resolve().parents[1] / "mardini"
+    return [f"{path.relative_to(package.parent).as_posix()}:{n.lineno}" for path in sorted(package.rglob("*.py"))
+            for n in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if (isinstance(n, ast.Attribute) and n.attr == name) or (isinstance(n, ast.Constant) and n.value == name)]
+
+
+def test_attached_trainer_is_the_one_way_to_the_trainer_and_reads_no_private_attribute(tmp_path):
+    """mardini/lit/fsdp.py's ``attached_trainer`` is where the package asks whether a module has a trainer: through the
+    public ``LightningModule.trainer``, which raises a RuntimeError while detached (what it relies on), so no module
+    reads the private ``LightningModule._trainer``. Before, mardini/lit/base.py and joint.py read it in 24 places
+    (``if self._trainer is not None and ...``)."""
+    from mardini.lit.fsdp import attached_trainer
+
+    model, fit = BoringModel(), trainer(tmp_path)
+    with pytest.raises(RuntimeError, match="not attached to a `Trainer`"):
+        model.trainer  # mardini/lit/fsdp.py's attached_trainer takes this error for no trainer
+    assert attached_trainer(model) is None, f"mardini/lit/fsdp.py (attached_trainer): {FIX}"
+    model.trainer = fit
+    assert attached_trainer(model) is fit, f"mardini/lit/fsdp.py (attached_trainer): {FIX}"
+    reads = _attribute_reads("_trainer")
+    assert reads == [], (f"LightningModule._trainer is read at {reads}; ask mardini.lit.fsdp.attached_trainer(module) "
+                         "instead")
 
 
 def test_experiment_writer_deletes_metrics_csv_only_in_check_log_dir_exists(tmp_path):

@@ -28,7 +28,9 @@ from mardini.diffusion.anchor import FrameAnchor
 from mardini.lit.batch_weight import ElementWindow, element_mean_share, loss_scale, step_batches
 from mardini.lit.clip_draws import ClipGenerators, Draws, draw_rows, one_per_clip
 from mardini.lit.expected_warnings import ExpectedWarnings
-from mardini.lit.fsdp import fsdp_root, lerp_local_, local_tensors, paired, root_unsharded, unwrapped_name
+from mardini.lit.fsdp import (
+    attached_trainer, fsdp_root, lerp_local_, local_tensors, paired, root_unsharded, unwrapped_name,
+)
 from mardini.lit.loop_state import end_validation_workers
 from mardini.lit.schedules import scaled_lr, warmup_cosine
 from mardini.masking import MaskSampler, mask_sampler_class
@@ -190,14 +192,15 @@ class MarDiniBase(L.LightningModule):
     # ----------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         self.mask_templates = type(self.mask_sampler).templates  # a sampler set from Python since construction
-        if self._trainer is not None:  # before Lightning converts the networks to it
-            _check_precision(getattr(self.trainer, "precision", "32-true"))
-            check_supported(self.trainer.strategy.root_device, "--trainer.accelerator cpu (as the tiny configs) or a "
-                                                               "CUDA GPU")
-            _warn_if_bf16_is_emulated(getattr(self.trainer, "precision", "32-true"), self.trainer.strategy.root_device)
-        if stage == "fit" and self._trainer is not None:
-            self._check_loss_reduction(getattr(self.trainer, "accumulate_grad_batches", 1))
-        dm = self.trainer.datamodule if self._trainer is not None else None
+        trainer = attached_trainer(self)
+        if trainer is not None:  # before Lightning converts the networks to it
+            _check_precision(getattr(trainer, "precision", "32-true"))
+            check_supported(trainer.strategy.root_device, "--trainer.accelerator cpu (as the tiny configs) or a "
+                                                          "CUDA GPU")
+            _warn_if_bf16_is_emulated(getattr(trainer, "precision", "32-true"), trainer.strategy.root_device)
+        if stage == "fit" and trainer is not None:
+            self._check_loss_reduction(getattr(trainer, "accumulate_grad_batches", 1))
+        dm = trainer.datamodule if trainer is not None else None
         if dm is not None:
             self.check_data_settings(getattr(dm, "resolution", None), getattr(dm, "frames", None),
                                      bool(getattr(dm, "latents", False)))
@@ -314,11 +317,31 @@ class MarDiniBase(L.LightningModule):
             )
 
     # ----------------------------------------------------------------------------------------------
+    # The run: what the attached trainer says (a module without one runs as one process)
+    # ----------------------------------------------------------------------------------------------
+    def _world_size(self) -> int:
+        """The processes of the fit (``trainer.world_size``); 1 without a trainer."""
+        trainer = attached_trainer(self)
+        return trainer.world_size if trainer is not None else 1
+
+    def _accumulate_batches(self) -> int:
+        """Micro-batches per optimiser step (``trainer.accumulate_grad_batches``); 1 without a trainer."""
+        trainer = attached_trainer(self)
+        return trainer.accumulate_grad_batches if trainer is not None else 1
+
+    def _reduce_over_ranks(self, value: torch.Tensor, op: str) -> torch.Tensor:
+        """``value`` reduced over the ranks by the strategy (``op``: sum, min ...; a collective: every rank calls
+        it); ``value`` itself in one process."""
+        if self._world_size() == 1:
+            return value
+        return attached_trainer(self).strategy.reduce(value.clone(), reduce_op=op)
+
+    # ----------------------------------------------------------------------------------------------
     # Latents and randomness
     # ----------------------------------------------------------------------------------------------
     def step_generator(self, step: int, salt: int = 0) -> torch.Generator:
         """A CPU generator seeded from (seed, rank, step, salt): resumable and different on every rank."""
-        rank = self.global_rank if self._trainer is not None else 0
+        rank = self.global_rank if attached_trainer(self) is not None else 0
         return torch.Generator().manual_seed(hash((self.hparams.seed, rank, step, salt)) & 0x7FFF_FFFF_FFFF_FFFF)
 
     def crop_frames(self, batch: dict, generator: Draws) -> dict:
@@ -366,7 +389,7 @@ class MarDiniBase(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         # each micro-batch of a gradient-accumulation window draws its own crops, masks, times and noise (salt 0 for
         # the first: without accumulation, the same draws as always)
-        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        accumulate = self._accumulate_batches()
         self._check_loss_reduction(accumulate)  # also where a callback changed it during the fit
         gen = self.step_generator(self.global_step, salt=batch_idx % accumulate)
         batch = self.crop_frames(batch, gen)
@@ -415,17 +438,19 @@ class MarDiniBase(L.LightningModule):
     def _loss_scale(self) -> float | None:
         """The factor on this rank's per-clip-mean loss for uneven per-rank batches (:func:`loss_scale`); None
         when the ranks' batches are equal (the loss is left untouched)."""
-        if self._trainer is None:
+        trainer = attached_trainer(self)
+        if trainer is None:
             return None
-        split = step_batches(self.trainer.datamodule)
-        return None if split is None else loss_scale(split[0], self.trainer.world_size, split[1])
+        split = step_batches(trainer.datamodule)
+        return None if split is None else loss_scale(split[0], trainer.world_size, split[1])
 
     def _check_loss_reduction(self, accumulate: int) -> None:
         """Refuse ``loss_reduction: element`` with gradient accumulation under a strategy that accumulates by itself
         (DeepSpeed's): the window's rescale (:meth:`_rescale_element_window`) needs one optimiser-step hook a window."""
-        if self.hparams.loss_reduction != "element" or accumulate == 1 or self._trainer is None:
+        trainer = attached_trainer(self)
+        if self.hparams.loss_reduction != "element" or accumulate == 1 or trainer is None:
             return
-        strategy = getattr(self.trainer, "strategy", None)
+        strategy = getattr(trainer, "strategy", None)
         if getattr(strategy, "handles_gradient_accumulation", False):
             raise ValueError(
                 f"model.loss_reduction=element with trainer.accumulate_grad_batches={accumulate} under "
@@ -450,9 +475,9 @@ class MarDiniBase(L.LightningModule):
         accumulation divided by the window's first count instead (:class:`ElementWindow`; rescaled at its end)."""
         generated = self._generated_frames().to(per_sample.device)  # (B,)
         everywhere = generated.sum().float()  # ()
-        world = self.trainer.world_size if self._trainer is not None else 1
-        if world > 1:  # every rank, every step (no rank returns before: the non-finite check agrees on all)
-            everywhere = self.trainer.strategy.reduce(everywhere, reduce_op="sum")  # ()
+        world = self._world_size()
+        # every rank, every step (no rank returns before: the non-finite check agrees on all)
+        everywhere = self._reduce_over_ranks(everywhere, "sum")  # ()
         if accumulate > 1:
             everywhere = self._current_element_window().add(everywhere)  # () the window's divisor
         return element_mean_share(per_sample, generated, everywhere, world)  # ()
@@ -465,8 +490,7 @@ class MarDiniBase(L.LightningModule):
 
     def _rescales_element_window(self) -> bool:
         """Whether optimiser steps rescale their window's gradients: ``element`` under gradient accumulation."""
-        return (self.hparams.loss_reduction == "element" and self._trainer is not None
-                and self.trainer.accumulate_grad_batches > 1)
+        return self.hparams.loss_reduction == "element" and self._accumulate_batches() > 1
 
     def _then_rescale_element_window(self, closure: Callable[[], Any] | None) -> Callable[[], Any] | None:
         """``closure`` (the window's last ``training_step`` and backward, which ``optimizer.step`` runs) followed by
@@ -545,16 +569,17 @@ class MarDiniBase(L.LightningModule):
         root module clips by the global norm over all shards (``FullyShardedDataParallel.clip_grad_norm_``)."""
         from lightning.pytorch.strategies import FSDPStrategy
 
-        if (self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy) and gradient_clip_val
-                and gradient_clip_algorithm in (None, "norm")):
-            self.trainer.strategy.model.clip_grad_norm_(float(gradient_clip_val))
+        strategy = getattr(attached_trainer(self), "strategy", None)
+        if isinstance(strategy, FSDPStrategy) and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            strategy.model.clip_grad_norm_(float(gradient_clip_val))
             return
         self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
                             gradient_clip_algorithm=gradient_clip_algorithm)
 
     def _grad_scaler(self) -> torch.amp.GradScaler | None:
         """The precision plugin's enabled gradient scaler (``16-mixed``), or None."""
-        scaler = getattr(self.trainer.strategy.precision_plugin, "scaler", None) if self._trainer is not None else None
+        trainer = attached_trainer(self)
+        scaler = getattr(trainer.strategy.precision_plugin, "scaler", None) if trainer is not None else None
         return scaler if scaler is not None and scaler.is_enabled() else None
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -723,14 +748,12 @@ class MarDiniBase(L.LightningModule):
         sums = self._val_template_sums
         if sums is None:  # no validation batch on this rank
             sums = torch.zeros(len(self._loss_templates()), 2, device=self.device)
-        if self._trainer is not None and self.trainer.world_size > 1:
-            sums = self.trainer.strategy.reduce(sums.clone(), reduce_op="sum")  # (templates, [loss sum, clips])
+        sums = self._reduce_over_ranks(sums, "sum")  # (templates, [loss sum, clips])
         total = sums.sum(0)  # ([loss sum, clips])
         if total[1] == 0:  # on every rank (reduced), so the skip counts can be reduced too
             skipped = self._val_skipped()
             counts = torch.tensor([skipped or 0, skipped is None], dtype=torch.float32, device=self.device)
-            if self._trainer is not None and self.trainer.world_size > 1:  # ([samples skipped, ranks not counting])
-                counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+            counts = self._reduce_over_ranks(counts, "sum")  # ([samples skipped, ranks not counting])
             if counts.sum() == 0:
                 raise ValueError(
                     "validation found no usable clip on any rank: the validation shards hold no sample (none was "
@@ -752,7 +775,8 @@ class MarDiniBase(L.LightningModule):
     def _val_skipped(self) -> int | None:
         """Bad samples this rank's validation loaders skipped in their last pass (``StreamLoader.pass_skipped``);
         None when one of them does not count them."""
-        loaders = self.trainer.val_dataloaders if self._trainer is not None else None
+        trainer = attached_trainer(self)
+        loaders = trainer.val_dataloaders if trainer is not None else None
         if isinstance(loaders, dict):
             loaders = list(loaders.values())
         elif not isinstance(loaders, (list, tuple)):
@@ -769,8 +793,9 @@ class MarDiniBase(L.LightningModule):
         from mardini.lit.run_settings import run_settings
 
         hp = super().hparams_initial
-        if self._trainer is not None:
-            hp.update({k: v for k, v in run_settings(self.trainer).items() if k not in hp})
+        trainer = attached_trainer(self)
+        if trainer is not None:
+            hp.update({k: v for k, v in run_settings(trainer).items() if k not in hp})
         return hp
 
     # ----------------------------------------------------------------------------------------------
@@ -816,9 +841,9 @@ class MarDiniBase(L.LightningModule):
         from mardini.lit.checkpoints import warn_changed_settings
         from mardini.lit.loop_state import start_next_epoch
 
-        path = getattr(self._trainer, "ckpt_path", None)
-        self.check_checkpoint(checkpoint, path,
-                              fitting=self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING)
+        trainer = attached_trainer(self)
+        path = getattr(trainer, "ckpt_path", None)
+        self.check_checkpoint(checkpoint, path, fitting=trainer is not None and trainer.state.fn == TrainerFn.FITTING)
         path = path or "<resumed checkpoint>"
         warn_changed_settings(checkpoint.get("hyper_parameters") or {}, dict(self.hparams), path, checkpoint["mardini"])
         start_next_epoch(checkpoint)  # a fit that ended with its epoch resumes at the next epoch's first batch
@@ -872,13 +897,13 @@ class MarDiniBase(L.LightningModule):
             check_same_anchor, check_same_cross_rope_grid, check_same_latents, state_differences,
         )
 
-        path = path or getattr(self._trainer, "ckpt_path", None) or "the checkpoint to resume"
+        path = path or getattr(attached_trainer(self), "ckpt_path", None) or "the checkpoint to resume"
         check_same_latents(checkpoint["mardini"], self.autoencoder.spec(), path, fix=f"To go on, {RESUME_FIX}")
         if "generator" in self.networks:
             check_same_anchor(checkpoint.get("hyper_parameters") or {}, FrameAnchor.from_hparams(self.hparams), path,
                               fix=RESUME_FIX)
             check_same_cross_rope_grid(checkpoint, self._cross_rope_grid(), path)
-        strategy = getattr(self._trainer, "strategy", None)
+        strategy = getattr(attached_trainer(self), "strategy", None)
         if strategy is not None and strategy.restore_checkpoint_after_setup:
             return  # FSDP-like strategies load the weights themselves before this hook, sharded
         ours, theirs = (_networks_only(self.state_dict()), _networks_only(checkpoint["state_dict"]))
@@ -917,8 +942,7 @@ class MarDiniBase(L.LightningModule):
     def _all_finite(self, loss: torch.Tensor) -> bool:
         """Whether the loss is finite on every rank (one answer for all: they skip or stop together)."""
         finite = torch.isfinite(loss.detach()).float()
-        if self._trainer is not None and self.trainer.world_size > 1:
-            finite = self.trainer.strategy.reduce(finite, reduce_op="min")
+        finite = self._reduce_over_ranks(finite, "min")
         return bool(finite > 0)
 
     def _on_nonfinite(self, what: str, batch: dict) -> torch.Tensor | None:
@@ -933,7 +957,7 @@ class MarDiniBase(L.LightningModule):
                 "set model.nonfinite=skip to skip such steps and count them"
             )
         self._skip_this_step()
-        if self._trainer is None or self.trainer.world_size == 1:
+        if self._world_size() == 1:
             return None
         return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0  # (), connected to every parameter
 
@@ -998,10 +1022,11 @@ class MarDiniBase(L.LightningModule):
     def _skipped_over_ranks(self) -> int:
         """This rank's count of skipped samples summed over the ranks by the strategy (a collective on several
         processes: every rank calls it; one process: the count itself)."""
-        if self._trainer is None:
+        trainer = attached_trainer(self)
+        if trainer is None:
             return self._skipped_total
         count = torch.tensor(self._skipped_total, dtype=torch.long, device=self.device)
-        return int(self.trainer.strategy.reduce(count, reduce_op="sum"))
+        return int(trainer.strategy.reduce(count, reduce_op="sum"))
 
     def _logs_written(self) -> bool:
         """Whether the loggers write this training batch's values at its end (Lightning's rule, which its
@@ -1055,7 +1080,7 @@ class MarDiniBase(L.LightningModule):
     def _accumulating(self) -> bool:
         """True under gradient accumulation (``trainer.accumulate_grad_batches`` above 1): the step's logged losses
         are then means over its window (:meth:`_add_to_train_window`)."""
-        return self._trainer is not None and self.trainer.accumulate_grad_batches > 1
+        return self._accumulate_batches() > 1
 
     def _add_to_train_window(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         """This micro-batch's ``rows`` ``(R, [sum, clips])`` added to the sums kept under ``name`` for the optimiser

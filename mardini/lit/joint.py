@@ -158,8 +158,7 @@ class MarDiniModule(GenerationModule):
         sums = self._val_part_sums
         if sums is None:  # no validation batch on this rank
             sums = torch.zeros(3, device=self.device)
-        if self._trainer is not None and self.trainer.world_size > 1:
-            sums = self.trainer.strategy.reduce(sums.clone(), reduce_op="sum")  # ([diffusion sum, recon sum, clips])
+        sums = self._reduce_over_ranks(sums, "sum")  # ([diffusion sum, recon sum, clips])
         self.log("val/diffusion_loss", sums[0] / sums[2], sync_dist=True)  # equal on every rank
         if self.plan_recon_weight > 0:
             self.log("val/plan_recon_loss", sums[1] / sums[2], sync_dist=True)
