@@ -25,7 +25,7 @@ ATTRIBUTES = [
     ("lightning.pytorch.loops.fit_loop._FitLoop._can_stop_early",
      "mardini/lit/step_checkpoint.py (stops_inside_epoch: whether a stop set by a callback ends the fit now)"),
     ("lightning.pytorch.trainer.connectors.logger_connector.logger_connector._LoggerConnector.should_update_logs",
-     "mardini/lit/base.py (MarDiniBase._logs_written: trainer._logger_connector.should_update_logs)"),
+     "mardini/lit/step_logs.py (MarDiniBase._logs_written: trainer._logger_connector.should_update_logs)"),
     ("lightning.pytorch.trainer.connectors.signal_connector._SignalConnector._slurm_sigusr_handler_fn",
      "mardini/lit/preemption.py (PreemptionSave.on_train_start: which SIGUSR1 handler is Lightning's)"),
     ("lightning.pytorch.trainer.connectors.checkpoint_connector._CheckpointConnector.hpc_save_path",
@@ -47,8 +47,8 @@ ATTRIBUTES = [
     ("lightning.pytorch.cli.LightningCLI._parse_ckpt_path",
      "mardini/cli.py (MarDiniCLI overrides it with nothing: a checkpoint's hyper-parameters are not merged)"),
     ("lightning.pytorch.cli.LightningCLI._get", "mardini/cli.py (MarDiniCLI.instantiate_trainer and others)"),
-    ("torch._foreach_mul_", "mardini/lit/base.py (the element-reduction gradient rescale)"),
-    ("torch._foreach_copy_", "mardini/lit/base.py (the EMA weights swapped in and out)"),
+    ("torch._foreach_mul_", "mardini/lit/loss_reduction.py (the element-reduction gradient rescale)"),
+    ("torch._foreach_copy_", "mardini/lit/ema_weights.py (the EMA weights swapped in and out)"),
     ("torch._foreach_lerp_", "mardini/lit/fsdp.py (the sharded EMA update, timm ModelEmaV3's arithmetic)"),
     ("torch._assert_async", "mardini/diffusion/checks.py (the range check of GPU diffusion times)"),
     ("torch._dynamo.config.recompile_limit", "bench/train_mfu.py (--compile: room for the blocks' variants)"),
@@ -142,7 +142,7 @@ def trainer(tmp_path, **kwargs) -> L.Trainer:
 
 def test_the_logged_step_is_batches_that_stepped_and_writing_it_moves_it(tmp_path):
     """mardini/lit/resumed_logs.py writes ``fit_loop.epoch_loop._batches_that_stepped`` (a resume's x-axis),
-    mardini/lit/sample_grids.py reads it as the scalars' step, mardini/lit/base.py reads
+    mardini/lit/sample_grids.py reads it as the scalars' step, mardini/lit/step_logs.py reads
     ``_logger_connector.should_update_logs`` as "this batch's scalars are written"."""
     seen: list[tuple[int, bool]] = []
 
@@ -162,8 +162,8 @@ def test_the_logged_step_is_batches_that_stepped_and_writing_it_moves_it(tmp_pat
     assert {due for _, due in seen} == {True, False}, f"log_every_n_steps=2 gave should_update_logs {seen}"
     assert logger.steps == [s for s, due in seen if due], (
         f"Lightning logged at steps {logger.steps}, not at the _batches_that_stepped of the batches whose "
-        f"should_update_logs was True ({seen}): mardini/lit/base.py (_logs_written) and mardini/lit/sample_grids.py "
-        f"rely on both; {FIX}")
+        f"should_update_logs was True ({seen}): mardini/lit/step_logs.py (_logs_written) and "
+        f"mardini/lit/sample_grids.py rely on both; {FIX}")
 
 
 def test_a_lightning_without_batches_that_stepped_is_one_error_at_a_resume(tmp_path):
@@ -343,15 +343,15 @@ def test_lightning_cli_builds_its_parsers_through_the_methods_mardini_cli_overri
 
 
 def test_torch_foreach_ops_do_the_arithmetic_we_assume():
-    """mardini/lit/base.py and mardini/lit/fsdp.py: ``_foreach_mul_`` by a 0-dim tensor, ``_foreach_copy_``,
-    ``_foreach_lerp_``; mardini/diffusion/checks.py: ``_assert_async`` raises on the CPU."""
+    """mardini/lit/loss_reduction.py, ema_weights.py and fsdp.py: ``_foreach_mul_`` by a 0-dim tensor,
+    ``_foreach_copy_``, ``_foreach_lerp_``; mardini/diffusion/checks.py: ``_assert_async`` raises on the CPU."""
     a, b = [torch.ones(3), torch.full((2,), 2.0)], [torch.zeros(3), torch.full((2,), 4.0)]
     torch._foreach_mul_(a, torch.tensor(3.0))
-    assert [t.tolist() for t in a] == [[3.0] * 3, [6.0] * 2], "torch._foreach_mul_ (mardini/lit/base.py)"
+    assert [t.tolist() for t in a] == [[3.0] * 3, [6.0] * 2], "torch._foreach_mul_ (mardini/lit/loss_reduction.py)"
     torch._foreach_lerp_(a, b, weight=0.5)
     assert [t.tolist() for t in a] == [[1.5] * 3, [5.0] * 2], "torch._foreach_lerp_ (mardini/lit/fsdp.py)"
     torch._foreach_copy_(a, b)
-    assert [t.tolist() for t in a] == [t.tolist() for t in b], "torch._foreach_copy_ (mardini/lit/base.py)"
+    assert [t.tolist() for t in a] == [t.tolist() for t in b], "torch._foreach_copy_ (mardini/lit/ema_weights.py)"
     with pytest.raises(RuntimeError, match="out of range"):
         torch._assert_async(torch.tensor(False), "out of range")
 

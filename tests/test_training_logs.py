@@ -221,7 +221,7 @@ def test_throughput_is_the_mean_over_the_logging_window_validation_included(work
     log_every_n_steps 3, steps of 1 s and a validation of 100 s after step 2, step 5 logs 6 clips / 103 s. Before, it
     was the logged step's own clips over the time since the batch before (2 / 1 s at every logged step)."""
     clock = Clock()
-    monkeypatch.setattr("mardini.lit.base.time", SimpleNamespace(perf_counter=clock.perf_counter))
+    monkeypatch.setattr("mardini.lit.step_logs.time", SimpleNamespace(perf_counter=clock.perf_counter))
     trainer = _tiny_fit(workdir, tmp_path / "run", [clock], max_steps=6, log_every_n_steps=3, val_check_interval=3,
                         limit_val_batches=1, enable_checkpointing=False)
     clips = _csv_column(tmp_path / "run", "perf/clips_per_s")
@@ -255,7 +255,7 @@ def test_checkpoints_record_the_training_seconds_and_a_resume_adds_to_them(workd
     from mardini.lit.checkpoints import read_checkpoint
 
     clock = Clock()
-    monkeypatch.setattr("mardini.lit.base.time", SimpleNamespace(perf_counter=clock.perf_counter))
+    monkeypatch.setattr("mardini.lit.step_logs.time", SimpleNamespace(perf_counter=clock.perf_counter))
     first = _tiny_fit(workdir, tmp_path / "first", [clock], max_steps=3, log_every_n_steps=1, limit_val_batches=0,
                       enable_checkpointing=False)
     first.save_checkpoint(tmp_path / "3.ckpt")
