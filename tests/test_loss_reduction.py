@@ -99,9 +99,11 @@ def test_element_is_refused_only_where_the_strategy_accumulates_by_itself():
     """DeepSpeed's strategy accumulates inside its engine, which leaves no window end to rescale at."""
     module = PlanningModule(size="tiny", planner_resolution=16, loss_reduction="element")
     module._trainer = SimpleNamespace(datamodule=None, accumulate_grad_batches=2,
-                                      strategy=SimpleNamespace(handles_gradient_accumulation=False))
+                                      strategy=SimpleNamespace(handles_gradient_accumulation=False,
+                                                               root_device=torch.device("cpu")))
     module.setup("fit")  # DDP, FSDP, one device: accumulates
-    module._trainer.strategy = type("DeepSpeedLike", (), {"handles_gradient_accumulation": True})()
+    module._trainer.strategy = type("DeepSpeedLike", (), {"handles_gradient_accumulation": True,
+                                                           "root_device": torch.device("cpu")})()
     with pytest.raises(ValueError, match="accumulate_grad_batches=2 under DeepSpeedLike, which accumulates the "
                                          "gradients itself.*or model.loss_reduction: clip"):
         module.setup("fit")
