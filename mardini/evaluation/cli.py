@@ -367,8 +367,8 @@ def run_task(
     if first.frechet:
         if cache is not None and not hit:
             first.save_real_cache(cache, data_id, keys_digest(ids), seen, write=True)
-        stats = first.real_stats()
-        for s in list(suites.values())[1:]:
+        stats = first.real_stats()  # with each metric's FrechetReference: the real covariance decomposed once
+        for s in suites.values():
             s.use_real_stats(stats)
     results = {m: suites[m].compute() for m in run}
     return {"protocol": proto.as_dict(), "clips": seen, "real_stats_cache": cache_state,

@@ -243,8 +243,9 @@ class RealStatsCache:
     @staticmethod
     def save(stats: dict, path: str) -> None:
         from mardini.lit.checkpoint_io import atomic_torch_save
+        from mardini.metrics.stats import portable_stats
 
-        atomic_torch_save(stats, path)
+        atomic_torch_save(portable_stats(stats), path)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -5,7 +5,10 @@ float64, ``..._num_samples``), all reduced with ``sum`` across processes, so DDP
 A metric built with ``real_side=False`` has the three fake states only: it scores one more method against real
 statistics that another metric holds (:meth:`FrechetStatsMixin.set_real_stats` before ``compute``), so an evaluation
 of several methods allocates and fills the real side once (FID's real covariance sum alone is 32 MiB, twice with
-torchmetrics' copy of its default).
+torchmetrics' copy of its default). The real statistics carry a :class:`~mardini.metrics.frechet.FrechetReference`
+(``"reference"``, passed on by :meth:`FrechetStatsMixin.real_stats`): the eigendecomposition of the real covariance
+(seconds for FID's 2048 x 2048) is computed once and reused by every metric given those statistics, and by every
+``compute`` of a metric holding cached ones (each validation epoch of a training callback).
 
 The feature network is stored as a plain attribute, not a submodule: it stays out of ``state_dict`` (so out of any
 LightningModule checkpoint), out of ``parameters()`` (so DDP never broadcasts it) and out of ``.to()`` calls; it is
@@ -31,7 +34,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from mardini.lit.checkpoint_io import atomic_torch_save
-from mardini.metrics.frechet import frechet_distance, gaussian_from_sums
+from mardini.metrics.frechet import FrechetReference, gaussian_from_sums
 
 
 # ------------------------------------------------------------------------------------------------
@@ -55,6 +58,12 @@ def on_device(net: nn.Module, device: torch.device) -> nn.Module:
 # States, compute and the real-statistics cache
 # ------------------------------------------------------------------------------------------------
 REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+REFERENCE = "reference"  # the key of the statistics' FrechetReference: in memory only, never written to a file
+
+
+def portable_stats(stats: dict[str, Any]) -> dict[str, Any]:
+    """``stats`` without its in-memory :class:`FrechetReference`: what a statistics file holds."""
+    return {k: v for k, v in stats.items() if k != REFERENCE}
 
 
 class FrechetStatsMixin:
@@ -153,25 +162,36 @@ class FrechetStatsMixin:
 
     def _frechet(self) -> torch.Tensor:
         """The Fréchet distance of real vs fake as a float64 scalar tensor (inside ``compute``: states are synced)."""
-        mu_r, cov_r, _ = self._gaussian("real")
+        reference = self._real_reference()
         mu_f, cov_f, _ = self._gaussian("fake")
-        d = frechet_distance(mu_r, cov_r, mu_f, cov_f)
+        d = reference.distance(mu_f, cov_f)
         return torch.tensor(d, dtype=torch.float64, device=self.fake_features_sum.device)
+
+    def _real_reference(self) -> FrechetReference:
+        """The real side of the distance: the installed statistics' reference (decomposed once), else one of the
+        current states (inside ``compute``: states are synced)."""
+        if self._real_ref is not None:
+            return self._real_ref[REFERENCE]
+        mu_r, cov_r, _ = self._gaussian("real")
+        return FrechetReference(mu_r, cov_r)
 
     # -- cache ---------------------------------------------------------------------------------------
     def real_stats(self) -> dict[str, Any]:
-        """``{protocol, feature, count, mean (D,), cov (D, D)}`` of the real data, synced across processes."""
+        """``{protocol, feature, count, mean (D,), cov (D, D), reference}`` of the real data, synced across processes
+        (``reference``: a :class:`FrechetReference` of mean and cov, for :meth:`set_real_stats` of other metrics)."""
         if self._real_ref is not None:
             return dict(self._real_ref)
         with self.sync_context(should_unsync=True):
             mu, cov, n = self._gaussian("real")
         frames = [list(f) if isinstance(f, tuple) else f for f in self._real_frames()]
+        mu, cov = mu.cpu(), cov.cpu()  # (D,), (D, D)
         return {"protocol": self.protocol, "feature": self.feature_name, "preprocessing": self.preprocessing(),
-                "frames": frames, "count": n, "mean": mu.cpu(), "cov": cov.cpu()}
+                "frames": frames, "count": n, "mean": mu, "cov": cov, REFERENCE: FrechetReference(mu, cov)}
 
     def set_real_stats(self, stats: dict[str, Any]) -> None:
         """Use ``stats`` (from :meth:`real_stats`) as the fixed real reference; checks protocol, feature and
-        preprocessing (a file written before preprocessing was recorded is taken with a warning)."""
+        preprocessing (a file written before preprocessing was recorded is taken with a warning). Their
+        ``reference`` is reused where it describes this mean and covariance (one decomposition for several metrics)."""
         for key, want in (("protocol", self.protocol), ("feature", self.feature_name)):
             if stats.get(key) != want:
                 raise ValueError(
@@ -188,7 +208,10 @@ class FrechetStatsMixin:
         if mean.shape != (d,) or cov.shape != (d, d):
             raise ValueError(f"cached statistics have mean {tuple(mean.shape)} and covariance {tuple(cov.shape)}, "
                              f"expected ({d},) and ({d}, {d})")
-        self._real_ref = {**stats, "mean": mean, "cov": cov, "count": int(stats["count"])}
+        reference = stats.get(REFERENCE)
+        if not (isinstance(reference, FrechetReference) and reference.describes(mean, cov)):
+            reference = FrechetReference(mean, cov)  # decomposed on first use
+        self._real_ref = {**stats, "mean": mean, "cov": cov, "count": int(stats["count"]), REFERENCE: reference}
 
     def clear_real_stats(self) -> None:
         """Forget cached real statistics; real data then comes from ``update(..., real=True)`` again."""
@@ -196,7 +219,7 @@ class FrechetStatsMixin:
 
     def save_real_stats(self, path: str | os.PathLike) -> Path:
         """Write :meth:`real_stats` atomically to ``path`` (a ``torch.save`` file); returns the path."""
-        atomic_torch_save(self.real_stats(), path)
+        atomic_torch_save(portable_stats(self.real_stats()), path)
         return Path(path)
 
     def load_real_stats(self, path: str | os.PathLike) -> None:
