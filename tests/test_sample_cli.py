@@ -385,3 +385,28 @@ def test_png_writes_every_sample_s_frames_losslessly_where_evaluate_reads_them(e
     assert np.array_equal(to_uint8(read), pixels[0])  # the 8-bit pixels written, exactly
     record = _run(env, tmp_path, "interpolate", "--images", *env["images"])  # a rerun without --png: no stale frames
     assert not any((tmp_path / "frames").iterdir()) and len(record["files"]) == 2
+
+
+@pytest.mark.parametrize("flags, warned", [
+    (frozenset({"avx2", "avx512f"}), "this CPU has no native bf16 matrix multiplies"),
+    (frozenset(), "this CPU's bf16 support could not be read"),  # no /proc/cpuinfo: macOS, Windows
+    (frozenset({"avx512f", "avx512_bf16"}), None),
+], ids=["no-bf16", "unknown", "avx512-bf16"])
+def test_bf16_sampling_on_a_cpu_without_native_bf16_warns_and_names_the_fix(env, tmp_path, monkeypatch, recwarn,
+                                                                             flags, warned):
+    """A bf16-mixed fit on a CPU that emulates bf16 warns (mardini.cpu_kernels.slow_bf16_advice); sample.py --bf16
+    there said nothing and sampled several times slower than fp32. It warns now, naming the fix (leave --bf16 out);
+    a CPU with native bf16 gets no warning, nor does sampling in fp32."""
+    from mardini import cpu_kernels
+
+    monkeypatch.delenv(cpu_kernels.ISA_VARIABLE, raising=False)
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda path="/proc/cpuinfo": flags)
+    _run(env, tmp_path / "fp32", "interpolate", "--images", *env["images"], "--device", "cpu")
+    assert not [w for w in recwarn.list if "bf16" in str(w.message)]
+    _run(env, tmp_path / "bf16", "interpolate", "--images", *env["images"], "--device", "cpu", "--bf16")
+    messages = [str(w.message) for w in recwarn.list if "bf16" in str(w.message)]
+    if warned is None:
+        assert not messages, messages
+    else:
+        assert len(messages) == 1 and warned in messages[0] and "leave --bf16 out" in messages[0], messages
+        assert messages[0].startswith("--bf16 on the CPU") and "--trainer.precision" not in messages[0], messages

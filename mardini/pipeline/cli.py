@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from mardini import cpu_kernels
 from mardini.autoencoders.base import add_allow_autoencoder_argument
 from mardini.data.decode import frame_stride
 from mardini.masking import mask_from_given
@@ -331,6 +332,16 @@ def sampled_window(a: argparse.Namespace, trained: int) -> int:
     return w - 1 + w % 2 if a.task == "slow_motion" else w
 
 
+def warn_if_bf16_is_emulated(bf16: bool, device: torch.device) -> None:
+    """A warning naming the fix (leave ``--bf16`` out) for ``--bf16`` on a CPU without native bf16 matrix multiplies
+    (:func:`mardini.cpu_kernels.slow_bf16_advice`), as a ``bf16-mixed`` fit on one gets."""
+    if not bf16 or device.type != "cpu":
+        return
+    advice = cpu_kernels.slow_bf16_advice(what="--bf16", fix="leave --bf16 out")
+    if advice is not None:
+        warnings.warn(advice, stacklevel=3)
+
+
 def main(argv: list[str] | None = None, prog: str = "sample.py") -> dict:
     """Parse ``argv``, sample, write the outputs; returns the settings record (also in settings.json). ``prog``: the
     command the usage and errors name."""
@@ -341,6 +352,7 @@ def main(argv: list[str] | None = None, prog: str = "sample.py") -> dict:
     out_dir = a.out or Path("outputs/samples") / a.task
     check_out_dir(out_dir)  # these before the checkpoint loads, so that no mistake waits for it (or for sampling)
     device = resolve_device(a.device)
+    warn_if_bf16_is_emulated(a.bf16, device)
     started = time.perf_counter()
     dtype = torch.bfloat16 if a.bf16 else torch.float32
     pipe = MarDiniPipeline.from_checkpoint(a.ckpt, ema=not a.no_ema, device=device, dtype=dtype, window=a.window,
