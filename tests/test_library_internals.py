@@ -36,6 +36,8 @@ ATTRIBUTES = [
      "mardini/lit/step_checkpoint.py (StepCheckpoint._save_this_step)"),
     ("lightning.pytorch.callbacks.ModelCheckpoint._save_topk_checkpoint",
      "mardini/lit/step_checkpoint.py (StepCheckpoint._save_this_step)"),
+    ("lightning.pytorch.callbacks.ModelCheckpoint._ModelCheckpoint__resolve_ckpt_dir",
+     "mardini/lit/step_checkpoint.py (StepCheckpoint._own_folder: the folder whose not-empty warning it ignores)"),
     ("lightning.pytorch.callbacks.ModelCheckpoint._monitor_candidates",
      "mardini/lit/step_checkpoint.py (StepCheckpoint._save_this_step)"),
     ("lightning.pytorch.callbacks.ModelCheckpoint._should_skip_saving_checkpoint",

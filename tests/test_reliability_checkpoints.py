@@ -656,3 +656,32 @@ def test_a_validation_split_that_holds_no_sample_says_so_and_not_that_samples_we
         dm.val_shards, dm.num_workers = str(shards), workers
         with pytest.raises(ValueError, match=r"^validation found no usable clip on any rank: " + message):
             _trainer(tmp_path, 2, limit_val_batches=1.0).fit(_gen(), datamodule=dm)
+
+
+@pytest.mark.parametrize("resume", ["last", None, "elsewhere.ckpt"], ids=["resume", "new-run", "from-a-file"])
+def test_only_the_warning_that_its_own_folder_is_not_empty_is_silenced(tmp_path, resume):
+    """Every resumed ``train.py fit`` (``--ckpt_path last``, the default rerun) showed Lightning's "Checkpoint directory
+    .../checkpoints exists and is not empty.": StepCheckpoint silenced it for a new run only, although a resume writes
+    into its own run's folder by design. It is silenced now for this folder alone and during its setup alone: another
+    ModelCheckpoint's non-empty folder still warns, and no filter is left behind."""
+    import os
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    from mardini.lit.step_checkpoint import StepCheckpoint
+
+    own = tmp_path / "stage" / "version_0" / "checkpoints"  # where the logger puts the stage's checkpoints
+    other = tmp_path / "other"
+    for folder in (own, other):
+        folder.mkdir(parents=True)
+        (folder / "last.ckpt").touch()
+    trainer = _trainer(tmp_path, 1, logger=CSVLogger(tmp_path, name="stage", version=0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        before = list(warnings.filters)
+        StepCheckpoint(resume=resume, save_last=True).setup(trainer, _gen(), "fit")
+        assert warnings.filters == before
+        ModelCheckpoint(dirpath=other, save_last=True).setup(trainer, _gen(), "fit")
+    full = [str(w.message) for w in caught if "exists and is not empty" in str(w.message)]
+    assert full == [f"Checkpoint directory {os.path.realpath(other)} exists and is not empty."], full

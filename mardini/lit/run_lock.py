@@ -3,7 +3,8 @@
 Lightning does not guard a log folder: two fits given the same logger ``save_dir``, ``name`` and fixed ``version``
 (a sweep's copy-paste, a job array without a per-task version) both write there, and each overwrites the other's
 ``last.ckpt``, step checkpoints, ``config.yaml`` and ``hparams.yaml`` while their event files interleave in
-TensorBoard (its ModelCheckpoint only warns that the folder "exists and is not empty", as every resume's is).
+TensorBoard (its ModelCheckpoint only warns that the folder "exists and is not empty", as a resume's is by design:
+``StepCheckpoint`` ignores that warning for its own folder).
 
 ``train.py fit`` holds ``fit.lock`` in the stage's log folder for the whole fit (global rank 0; the file names the
 host, pid, SLURM job and start time, and a thread touches it every ``HEARTBEAT_S`` seconds). A second fit there is

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -15,12 +14,19 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from mardini.lit.checkpoint_io import local_path
 from mardini.lit.checkpoints import read_checkpoint
+from mardini.lit.expected_warnings import ignore, remove_filters
 
 CONTINUES = ("last", "hpc", "best")  # Lightning's ckpt_path keywords that resume a run of this folder
 PREEMPTION = re.compile(r"hpc_ckpt_\d+\.ckpt")  # Lightning's preemption checkpoints (mardini.lit.preemption)
 # a run's records in its log folder: TensorBoard's event files, the loggers' hparams.yaml, a CSV logger's metrics.csv,
 # and the folder train.py validate logs in (mardini.cli.VALIDATION_FOLDER); config.yaml is KeepEarlierConfig's
 LOGS = re.compile(r"events\.out\.tfevents\..+|hparams\.yaml|metrics\.csv|validate")
+MODEL_CHECKPOINT_MODULE = r"lightning\.pytorch\.callbacks\.model_checkpoint"  # where Lightning warns of a full folder
+
+
+def not_empty_warning(folder: str) -> str:
+    """The filter pattern of ModelCheckpoint's warning that ``folder`` (this one only) "exists and is not empty"."""
+    return rf"Checkpoint directory {re.escape(folder)} exists and is not empty\.\Z"
 
 
 class StepCheckpoint(ModelCheckpoint):
@@ -61,10 +67,18 @@ class StepCheckpoint(ModelCheckpoint):
         self.saved: list[str] = []  # the checkpoints this fit saved
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        with warnings.catch_warnings():
-            if self.resume is None:  # its files are set aside when training starts
-                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        """Lightning's setup, without its warning that this callback's own folder "exists and is not empty": a resume
+        writes into its own run's folder and a new run sets the earlier run aside, by design. The filter names this
+        folder and is removed after the setup: another folder's warning (another ModelCheckpoint's) still shows."""
+        added = ignore(not_empty_warning(self._own_folder(trainer)), MODEL_CHECKPOINT_MODULE)
+        try:
             super().setup(trainer, pl_module, stage)
+        finally:
+            remove_filters(added)
+
+    def _own_folder(self, trainer: "pl.Trainer") -> str:
+        """The folder Lightning's setup resolves next (``dirpath``, else the logger's ``.../checkpoints``)."""
+        return str(self._ModelCheckpoint__resolve_ckpt_dir(trainer))
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """Set the earlier run aside once the checkpoint to resume has loaded: at ``setup`` Lightning has not read it
