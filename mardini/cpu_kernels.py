@@ -70,4 +70,4 @@ def slow_bf16_advice(flags: frozenset[str] | None = None, env: Mapping[str, str]
              "this CPU's bf16 support could not be read (no /proc/cpuinfo: macOS, Windows); where it has no native "
              "bf16 matrix multiplies")
     return (f"{what} on the CPU: {where}, torch emulates them, 2-17x slower than fp32 (mardini.cpu_kernels); if the "
-            f"steps are slow, {fix} (the figures then differ from the bf16 runs' in their last digits)")
+            f"steps are slow, {fix} (rounding differently, the figures then differ from the bf16 runs')")
