@@ -33,6 +33,9 @@ class WorkerWatch(L.Callback):
     def children() -> set[int]:
         return {p.pid for p in mp.active_children()}  # (joins the children that ended)
 
+    def on_fit_start(self, trainer, pl_module):
+        self.before = self.children()  # processes from before the fit (another test's, a spawn resource tracker)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.val_workers:
             self.alive_in_training.append(self.val_workers & self.children())
