@@ -60,8 +60,7 @@ def describe(flags: frozenset[str] | None = None, env: Mapping[str, str] | None 
 def slow_bf16_advice(flags: frozenset[str] | None = None, env: Mapping[str, str] | None = None,
                      what: str = "bf16-mixed", fix: str = "pass --trainer.precision 32-true") -> str | None:
     """What to set where bf16 compute on this CPU is emulated (no AVX-512 BF16 or AMX, or flags that cannot be read:
-    macOS, Windows), else None. On this machine's CPU with oneDNN capped below AVX-512 BF16, a bf16 linear stack's
-    forward and backward took 2.1x (``AVX512_CORE``) and 17x (``AVX2``) the time of fp32's. ``what`` names the bf16
+    macOS, Windows), else None. There torch emulates bf16 matrix multiplies, slower than fp32's. ``what`` names the bf16
     setting and ``fix`` the fp32 one (default: training's; ``sample.py --bf16``: leave it out)."""
     kernels = bf16_matmul_kernels(flags, env)
     if kernels in ("AMX", "AVX-512 BF16"):
@@ -69,5 +68,5 @@ def slow_bf16_advice(flags: frozenset[str] | None = None, env: Mapping[str, str]
     where = ("this CPU has no native bf16 matrix multiplies" if kernels != "unknown" else
              "this CPU's bf16 support could not be read (no /proc/cpuinfo: macOS, Windows); where it has no native "
              "bf16 matrix multiplies")
-    return (f"{what} on the CPU: {where}, torch emulates them, 2-17x slower than fp32 (mardini.cpu_kernels); if the "
+    return (f"{what} on the CPU: {where}, torch emulates them, slower than fp32 (mardini.cpu_kernels); if the "
             f"steps are slow, {fix} (rounding differently, the figures then differ from the bf16 runs')")

@@ -97,7 +97,7 @@ def test_apple_mps_is_refused_with_the_reason_and_the_fix_for_sampling_and_train
 ], ids=["no-bf16", "unknown", "avx512-bf16"])
 def test_bf16_mixed_on_a_cpu_without_native_bf16_warns_and_names_32_true(monkeypatch, recwarn, flags, warned):
     """The tiny configs train in bf16-mixed on the CPU. On a CPU without AVX-512 BF16 or AMX (most laptops) torch
-    emulates bf16 matrix multiplies, 2x (AVX-512) to 17x (AVX2) slower than fp32 here, and the fit said nothing.
+    emulates bf16 matrix multiplies, slower than fp32, and the fit said nothing.
     It warns now, naming --trainer.precision 32-true; a CPU with native bf16, as the demo's, gets no warning."""
     import types
 

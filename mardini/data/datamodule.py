@@ -291,7 +291,7 @@ def shards_manifest(shards: str) -> dict | None:
     if "::" in shards or not os.path.isfile(manifest):
         return None
     try:
-        with open(manifest) as f:
+        with open(manifest, encoding="utf-8") as f:
             settings = json.load(f).get("settings")
     except (OSError, ValueError, AttributeError):
         return None

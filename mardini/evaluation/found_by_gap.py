@@ -126,7 +126,6 @@ def found_by_size(fake: torch.Tensor, real: torch.Tensor, positions: torch.Tenso
     Areas are pixels of the evaluated frame; ``edges`` are the inner bin edges (bins ``[0, e0), [e0, e1), ...,
     [e_last, inf)``). Arguments otherwise as :func:`found_by_gap`.
     """
-    check_edges(edges)
     return size_rows(object_frames(fake, real, positions, mask, tol), mask.shape[1], edges)
 
 

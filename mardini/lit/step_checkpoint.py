@@ -64,7 +64,7 @@ class StepCheckpoint(ModelCheckpoint):
         super().__init__(*args, **kwargs)
         self.resume, self.logs = resume, logs or {}
         self.aside: str | None = None  # where this fit set the earlier run aside (rank 0)
-        self.saved: list[str] = []  # the checkpoints this fit saved
+        self.saved_any = False  # whether this fit has saved a checkpoint
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         """Lightning's setup, without its warning that this callback's own folder "exists and is not empty": a resume
@@ -109,8 +109,9 @@ class StepCheckpoint(ModelCheckpoint):
         aside, self.aside = self.aside, None
         if aside is None:
             return False
-        if self.saved:
-            names = ", ".join(sorted({os.path.basename(p) for p in self.saved}))
+        if self.saved_any:  # the folder's checkpoints are this fit's: the earlier run's are aside
+            names = ", ".join(sorted(os.path.basename(p) for p in self._fs.ls(str(self.dirpath), detail=False)
+                                     if p.endswith(".ckpt")))
             rank_zero_info(f"The fit failed after saving {names}: the earlier run stays in {aside} (--ckpt_path "
                            f"{os.path.join(aside, 'last.ckpt')} resumes it; --ckpt_path last resumes the new one)")
             return False
@@ -119,7 +120,7 @@ class StepCheckpoint(ModelCheckpoint):
 
     def _save_checkpoint(self, trainer: "pl.Trainer", filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
-        self.saved.append(filepath)
+        self.saved_any = True
         folder = local_path(str(self.dirpath))
         if trainer.is_global_zero and folder is not None:  # the file is written (rank 0 writes it)
             drop_superseded_preemption_checkpoints(Path(folder), trainer.global_step)
