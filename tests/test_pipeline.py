@@ -229,6 +229,21 @@ def test_named_tasks(pipe):
         assert torch.equal(out[:, ::factor], v)
 
 
+def test_image_to_video_guides_with_the_paper_s_scale_unless_told_otherwise(ckpts, monkeypatch):
+    """pipe.image_to_video(image) sampled without guidance (generate's default 1.0), while sample.py and the
+    evaluation guide image-to-video with the paper's 2.5; now the Python call does too (1 without a planner)."""
+    scales = []
+    generate = MarDiniPipeline.generate
+    monkeypatch.setattr(MarDiniPipeline, "generate",
+                        lambda self, *a, **kw: scales.append(kw.get("guidance_scale")) or generate(self, *a, **kw))
+    image, kw = _video(1, 1)[:, 0], dict(steps=1, progress=False)
+    joint, warmup = (MarDiniPipeline.from_checkpoint(ckpts[kind]) for kind in ("joint", "generation"))
+    joint.image_to_video(image, **kw)
+    joint.image_to_video(image, guidance_scale=1.0, **kw)
+    warmup.image_to_video(image, **kw)  # the null plan cannot be guided
+    assert scales == [2.5, 1.0, 1.0]
+
+
 def test_named_tasks_name_their_own_window_keyword_and_the_task_that_fits(pipe):
     """window= to interpolate fell into generate ("unexpected keyword argument 'window'"), a window above the
     trained one told long_video's caller to use long_video, and a prefix filling expand's window named frame indices."""

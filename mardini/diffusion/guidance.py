@@ -18,6 +18,8 @@ from mardini.diffusion.checks import check_latents, check_mask, check_t
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+IMAGE_TO_VIDEO_GUIDANCE = 2.5  # PAPER.md §4.1 / Table 5: the guidance scale of image-to-video (interpolation: none)
+
 
 def guided_velocity(
     model: nn.Module,

@@ -27,12 +27,13 @@ from torch import nn
 from torchmetrics import Metric
 from torchmetrics.utilities import rank_zero_warn
 
+from mardini.diffusion.guidance import IMAGE_TO_VIDEO_GUIDANCE
 from mardini.masking import image_to_video_mask, interpolation_mask
 
 TASKS = ("interpolation", "image_to_video")
 METRICS = ("fvd", "fid", "midf", "traj")
 DEFAULT_METRICS = {"interpolation": ("fvd", "fid", "midf", "traj"), "image_to_video": ("fvd", "fid", "traj")}
-DEFAULT_GUIDANCE = {"interpolation": 1.0, "image_to_video": 2.5}  # PAPER.md: no CFG for interpolation, 2.5 for I2V
+DEFAULT_GUIDANCE = {"interpolation": 1.0, "image_to_video": IMAGE_TO_VIDEO_GUIDANCE}  # PAPER.md: no CFG for interp.
 FRECHET = ("fvd", "fid")
 
 

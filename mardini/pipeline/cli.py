@@ -40,7 +40,7 @@ from mardini.pipeline.inputs import (
 )
 from mardini.pipeline.outputs import check_out_dir, write_outputs
 from mardini.pipeline.pipeline import MarDiniPipeline, resolve_device
-from mardini.pipeline.tasks import window_schedule
+from mardini.pipeline.tasks import image_to_video_guidance, window_schedule
 
 TASKS = ("generate", "interpolate", "image_to_video", "expand", "long_video", "slow_motion")
 
@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None, prog: str = "sample.py") -> dict:
     for note in notes:
         print(f"[sample] {note}")
     guidance = a.guidance if a.guidance is not None else (
-        2.5 if a.task == "image_to_video" and pipe.planner is not None else 1.0)
+        image_to_video_guidance(pipe) if a.task == "image_to_video" else 1.0)
     print(f"[sample] {a.task} with {pipe.kind} checkpoint {a.ckpt} (size {pipe.info.get('size')}, "
           f"{'EMA' if not a.no_ema else 'raw'} weights, window {pipe.window}) on {pipe.device}: {a.steps} steps, "
           f"eta {a.eta}, guidance {guidance}, seed {a.seed}, {given.shape[0]} clip(s) x {a.num_samples} sample(s)")

@@ -320,7 +320,8 @@ class MarDiniPipeline:
         return tasks.interpolate(self, first, last, frames, **kw)
 
     def image_to_video(self, image, frames=None, index=0, **kw) -> torch.Tensor:
-        """A video around one image ``(B, 3, H, W)`` placed at frame ``index``."""
+        """A video around one image ``(B, 3, H, W)`` placed at frame ``index``; ``guidance_scale`` defaults to the
+        paper's 2.5 (1 without a planner)."""
         return tasks.image_to_video(self, image, frames, index, **kw)
 
     def expand(self, prefix, frames=None, **kw) -> torch.Tensor:

@@ -14,6 +14,7 @@ import numbers
 import numpy as np
 import torch
 
+from mardini.diffusion.guidance import IMAGE_TO_VIDEO_GUIDANCE
 from mardini.masking import expansion_mask, image_to_video_mask, interpolation_mask, validate_mask
 
 
@@ -165,13 +166,21 @@ def interpolate(pipe, first: torch.Tensor, last: torch.Tensor, frames: int | Non
 
 
 def image_to_video(pipe, image: torch.Tensor, frames: int | None = None, index: int = 0, **kw) -> torch.Tensor:
-    """One frame given at ``index`` (negative from the end): ``(B*k, frames, 3, H, W)``; the paper guides with 2.5."""
+    """One frame given at ``index`` (negative from the end): ``(B*k, frames, 3, H, W)``. ``guidance_scale``
+    defaults to the paper's 2.5 with a planner (as ``sample.py`` and the evaluation), 1 without one (a generation
+    warm-up samples with the null plan, which cannot be guided)."""
     _own_keyword(kw, "image_to_video", "frames")
+    kw.setdefault("guidance_scale", image_to_video_guidance(pipe))
     image, t = _images(image, "image"), _frames(pipe, frames)
     mask = image_to_video_mask(t, index)  # validates the index
     _one_window(pipe, t, "image_to_video", f"generate_long(video, image_to_video_mask({t}, {index})) (sample.py: "
                 f"generate --images IMAGE --keep {index % t} --frames {t})")
     return _window(pipe, _place(image, t, {int((~mask).nonzero()[0]): image}), mask, **kw)
+
+
+def image_to_video_guidance(pipe) -> float:
+    """The default guidance scale of image-to-video: the paper's 2.5 with a planner, 1 (none) without one."""
+    return IMAGE_TO_VIDEO_GUIDANCE if pipe.planner is not None else 1.0
 
 
 def expand(pipe, prefix: torch.Tensor, frames: int | None = None, **kw) -> torch.Tensor:
