@@ -139,6 +139,45 @@ def test_plan_reaches_generated_frames():
     assert plan.grad.abs().sum() > 0
 
 
+def test_the_plan_enters_through_cross_attention_and_the_mlp_modulation_only():
+    """PAPER.md §2.4: the timestep alone modulates the spatial attention (and the final layer); the plan reaches the
+    generator through cross-attention and through the MLP's modulation, each on its own."""
+    gen = _generator()
+    z, t, plan = _inputs(0)
+    seen: dict[str, list] = {}
+    for name, mod in [("out", gen.mod_out)] + [(f"{k}{i}", getattr(b, f"mod_{k}")) for i, b in enumerate(gen.blocks)
+                                              for k in "sm"]:
+        mod.register_forward_hook(lambda m, args, out, name=name: seen.setdefault(name, []).append(args[0]))
+    other = _inputs(1)[2]
+    v, v_other = gen(z, t, plan, MASK), gen(z, t, other, MASK)
+    for name, (a, b) in seen.items():  # conditioning vectors (B, T, 1, D) of the two plans
+        assert torch.equal(a, b) != name.startswith("m"), name  # only the MLP's modulation reads the plan
+    assert not torch.allclose(v[MASK], v_other[MASK])
+    # cross-attention alone: the plan's tokens shuffled within each frame keep its mean (the modulation's input)
+    shuffled = plan[:, :, torch.randperm(plan.shape[2], generator=torch.Generator().manual_seed(0))]
+    assert not torch.allclose(gen(z, t, shuffled, MASK)[MASK], v[MASK])
+    # the modulation alone: with every cross-attention output cut, another plan still changes the generated frames
+    with torch.no_grad():
+        for block in gen.blocks:
+            block.cross.proj.weight.zero_()
+            block.cross.proj.bias.zero_()
+    assert not torch.allclose(gen(z, t, plan, MASK)[MASK], gen(z, t, other, MASK)[MASK])
+
+
+def test_spatial_layers_are_per_frame_and_not_identity_masked():
+    """Identity attention is in the temporal/ST layers only (PAPER.md §2.5): in the spatial layer a reference token
+    reads every token of its own frame, and no token reads another frame."""
+    gen = _generator()
+    b, t, n = 2, 4, 16
+    x = torch.randn(b, t, n, 96, dtype=torch.float64, requires_grad=True)
+    c_t = gen.t_embed(torch.rand(b, t, dtype=torch.float64))[:, :, None]  # (B, T, 1, D)
+    out = gen.blocks[0].spatial_attn(x, c_t, gen.rope((t, 4, 4), x.device))  # (B, T, N, D)
+    for frame in (0, 1):  # clip 0: frame 0 is a reference, frame 1 generated (MASK)
+        (grad,) = torch.autograd.grad(out[0, frame, 3].sum(), x, retain_graph=True)
+        reach = grad.abs().sum(-1) > 0  # (B, T, N)
+        assert reach[0, frame].all() and reach.sum() == n, frame
+
+
 def test_bf16_autocast_joint_forward_backward_reaches_planner():
     torch.manual_seed(0)
     planner, gen = build_planner("tiny"), build_generator("tiny", checkpointing=True)
