@@ -409,9 +409,9 @@ def _demo_chain(root: Path, **changes) -> dict:
         ckpt = {"global_step": steps, "hyper_parameters": {**model, "seed": cfg["seed_everything"]},
                 "datamodule_hyper_parameters": dict(cfg["data"]["init_args"]),
                 "VideoDataModule": {"epoch": 0, "train_data": train},
-                "mardini": {"lr_schedule_steps": steps, "autoencoder_spec": auto}}
+                "mardini": {"lr_schedule_steps": steps, "lr_schedule_history": [[0, steps]], "autoencoder_spec": auto}}
         for key, value in changes.get(stage, {}).items():
-            ckpt[key] = value
+            ckpt[key] = {**ckpt[key], **value} if key == "mardini" else value  # "mardini": the keys given replaced
         path = root / stage / "checkpoints" / "last.ckpt"
         path.parent.mkdir(parents=True)
         torch.save(ckpt, path)
@@ -427,6 +427,11 @@ def _final_steps() -> int:
     ({"train_clips": 500}, "training set clips 500 -> {clips}"),  # --train-clips 500, the set rebuilt since
     ({"05_joint_task": {"VideoDataModule": {"epoch": 0}}},
      "05_joint_task: training set not recorded (a checkpoint written before 2026-12-07)"),
+    # --final-steps 650, then a plain demo resumed it to the demo's length: step and length match, the schedule not
+    ({"05_joint_task": {"mardini": {"lr_schedule_history": [[0, 650], [650, _final_steps()]]}}},
+     "05_joint_task: LR schedule 650 steps until step 650, then {final} -> one schedule throughout"),
+    ({"05_joint_task": {"mardini": {"lr_schedule_history": [[700, 1300]]}}},
+     "05_joint_task: LR schedule history not recorded before step 700"),
 ])
 def test_a_chain_trained_with_other_settings_stops_before_anything_naming_the_demo_s_fresh_run(
         tmp_path, monkeypatch, capsys, changes, named):

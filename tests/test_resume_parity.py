@@ -152,3 +152,27 @@ def test_a_fit_stopped_mid_epoch_by_max_time_or_an_early_stop_resumes_as_one_run
     assert resumed_seen == seen[from_stop:]
     want, got = one.lightning_module.state_dict(), resumed.lightning_module.state_dict()
     assert [k for k in want if not torch.equal(want[k], got[k])] == []
+
+
+def test_the_checkpoint_records_each_lr_schedule_length_the_run_trained_with(synth, tmp_path):
+    """``python -m mardini.demo --final-steps 650`` then a plain demo resumed the last stage to 1300 steps under
+    another LR schedule, and its checkpoint said only the final ``lr_schedule_steps`` (1300, the demo's): the
+    reproduction scored it as the demo's chain. ``lr_schedule_history`` now lists each length from the step it took
+    over; a resume at the same length (a preemption, a requeue) adds nothing."""
+    from mardini.lit.checkpoints import read_checkpoint
+
+    def fit(steps: int, name: str, ckpt_path=None, stop: int | None = None) -> list:
+        module = GenerationModule(size="tiny", generator={"depth": 1}, planner_resolution=8, lr=1e-3, warmup_steps=1)
+        data = VideoDataModule(train_shards=str(synth / "train"), val_shards=None, frames=4, fps=8, resolution=16,
+                               batch_size=2, num_workers=0, shuffle_buffer=4, epoch_size=100)
+        trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[_StopAfter(stop)] if stop else [])
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        trainer.save_checkpoint(tmp_path / name)
+        return read_checkpoint(tmp_path / name)["mardini"]["lr_schedule_history"]
+
+    assert fit(4, "stopped.ckpt", stop=2) == [[0, 4]]  # preempted at step 2 of 4
+    assert fit(4, "requeued.ckpt", tmp_path / "stopped.ckpt") == [[0, 4]]  # the same length: one schedule
+    assert fit(2, "short.ckpt") == [[0, 2]]  # --final-steps 2
+    assert fit(4, "longer.ckpt", tmp_path / "short.ckpt") == [[0, 2], [2, 4]]  # then resumed to the full length

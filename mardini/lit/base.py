@@ -154,6 +154,8 @@ class MarDiniBase(StartupChecks, LossReduction, Optimisation, EmaWeights, StepLo
         self._train_clock: float | None = None  # perf_counter at this fit's training start, while it trains
         self._schedule_steps: int | None = None  # the LR schedule's length (configure_optimizers), saved in checkpoints
         self._resumed_schedule: dict[str, Any] | None = None  # what a resumed checkpoint says of its schedule
+        # [[global step, LR schedule length], ...]: each length the run trained with, from the step it took over
+        self._schedule_history: list[list[int]] = []
         self._ema_backup: list[torch.Tensor] | None = None
         self._val_template_sums: torch.Tensor | None = None  # (templates, [loss sum, clips]) of this validation epoch
         # (global step, {name: (rows, [sum, clips])}) of the gradient-accumulation window in progress
@@ -291,6 +293,7 @@ class MarDiniBase(StartupChecks, LossReduction, Optimisation, EmaWeights, StepLo
     def on_train_start(self) -> None:
         self._start_train_clock()
         self._warn_other_schedule_length()
+        self._record_schedule_length()
 
     def on_validation_epoch_start(self) -> None:
         self._val_template_sums = None

@@ -42,6 +42,7 @@ class StageCheckpoints:
             "ema_loaded": sorted(self._ema_loaded),
             "train_seconds": self.train_seconds(),
             "lr_schedule_steps": self._schedule_steps,  # a resume under another length says so
+            "lr_schedule_history": [list(entry) for entry in self._schedule_history],  # _record_schedule_length
             **({"cross_rope_grid": self.networks["generator"].cfg.cross_rope_grid} if "generator" in self.networks
                else {}),
         }
@@ -74,6 +75,8 @@ class StageCheckpoints:
         self._resumed_schedule = {"path": path, "steps": checkpoint["mardini"].get("lr_schedule_steps"),
                                   "step": checkpoint.get("global_step", 0),
                                   "decay_steps": (checkpoint.get("hyper_parameters") or {}).get("decay_steps")}
+        # a checkpoint written before the history (2026-12-07) starts it at this resume's step: unknown before
+        self._schedule_history = [list(e) for e in checkpoint["mardini"].get("lr_schedule_history") or []]
         self.nonfinite_skipped = int(checkpoint["mardini"].get("nonfinite_skipped", 0))
         # the logged data/skipped goes on: every rank's count before, held by rank 0 (checkpoints written before
         # 2026-12-07 hold rank 0's alone)
@@ -159,6 +162,14 @@ class StageCheckpoints:
         for name, state in ema.items():
             _load_into(self.ema.module[name], _drop_dropped_head(self.ema.module[name], state), f"{path}: EMA of '{name}'")
             self._ema_loaded.add(name)
+
+    def _record_schedule_length(self) -> None:
+        """Add ``[global_step, length]`` to the checkpoints' ``lr_schedule_history`` where this fit's LR schedule
+        length is not the last one recorded: a fresh fit records ``[[0, length]]``, a resume at the same length (a
+        preemption, a requeue) nothing, one under another ``max_steps`` the step from which the new length holds.
+        A history that does not start at step 0 was resumed from a checkpoint written before it was kept."""
+        if not self._schedule_history or self._schedule_history[-1][1] != self._schedule_steps:
+            self._schedule_history.append([int(self.trainer.global_step), self._schedule_steps])
 
     def _warn_other_schedule_length(self) -> None:
         """Warn where a resume's LR schedule has another length than its checkpoint's: with ``decay_steps`` unset on

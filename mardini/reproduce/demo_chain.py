@@ -3,9 +3,11 @@
 A demo run with ``--train-clips N``, ``--final-steps N`` or ``--scale S`` leaves checkpoints under ``outputs/tiny``
 that the reproduction would otherwise score as the demo's chain. Each stage's ``last.ckpt`` is compared with what
 the checkout's ``configs/tiny/`` describe (at ``--scale``): its ``global_step`` and LR-schedule length (the stage's
-``max_steps``), the data and model arguments the config sets, the autoencoder, and the training set the shards'
-``manifest.json`` recorded (``checkpoint["VideoDataModule"]["train_data"]``, written since 2026-12-07: an older
-checkpoint cannot say which set it was trained on and is refused too).
+``max_steps``), whether that length changed mid-run (``lr_schedule_history``: a ``--final-steps 650`` run resumed
+to 1300 steps by a plain demo ends at the demo's step and length but trained under two schedules), the data and
+model arguments the config sets, the autoencoder, and the training set the shards' ``manifest.json`` recorded
+(``checkpoint["VideoDataModule"]["train_data"]``). The training set and the schedule history are written since
+2026-12-07: an older checkpoint cannot say them and is refused too.
 """
 
 from __future__ import annotations
@@ -38,6 +40,19 @@ def expected_train_data() -> dict:
     return split_settings("train", S.DEMO_TRAIN_CLIPS, S.DEMO_TRAIN_PER_SHARD, **RENDER)
 
 
+def schedule_changes(history) -> list[str]:
+    """Where the checkpoint's ``lr_schedule_history`` (``[[step, length], ...]``,
+    :meth:`~mardini.lit.checkpoint_hooks.StageCheckpoints._record_schedule_length`) shows the LR schedule changing
+    length mid-run (a ``--final-steps N`` run resumed to another length), or not known from step 0."""
+    if history == NOT_RECORDED or not history:
+        return [f"LR schedule history {NOT_RECORDED}"]
+    diffs = [] if history[0][0] == 0 else [
+        f"LR schedule history not recorded before step {history[0][0]} (resumed from a checkpoint written before "
+        "2026-12-07)"]
+    return diffs + [f"LR schedule {old} steps until step {step}, then {new} -> one schedule throughout"
+                    for (_, old), (step, new) in zip(history, history[1:])]
+
+
 def stage_differences(ckpt: dict, name: str, scale: float = 1.0, source: Path = TINY_DIR) -> list[str]:
     """How the checkpoint dict ``ckpt`` of stage ``name`` differs from that stage of ``source`` (``max_steps`` times
     ``scale``, as :func:`mardini.demo.chain.run_stage` trains it): ``["steps 3000 -> 1300", ...]``, the
@@ -47,6 +62,7 @@ def stage_differences(ckpt: dict, name: str, scale: float = 1.0, source: Path = 
     meta = ckpt.get("mardini") or {}
     diffs = _differ("steps", ckpt.get("global_step"), steps)
     diffs += _differ("LR schedule steps", meta.get("lr_schedule_steps", NOT_RECORDED), steps)
+    diffs += schedule_changes(meta.get("lr_schedule_history", NOT_RECORDED))
     data, hp = ckpt.get("datamodule_hyper_parameters") or {}, ckpt.get("hyper_parameters") or {}
     for key, value in cfg["data"]["init_args"].items():
         diffs += _differ(f"data.{key}", data.get(key, "unset"), value)
