@@ -390,6 +390,24 @@ def test_a_demo_set_of_other_settings_stops_before_anything_naming_the_demo_s_fr
     assert "run `python -m mardini.demo --fresh` first" in err and "Traceback" not in err
 
 
+def _saved_callbacks(cfg: dict) -> dict:
+    """``checkpoint["callbacks"]`` of a stage trained with ``cfg``: its Curriculum as the CLI builds it from the YAML
+    (after milestone 2), beside the StepCheckpoint every stage saves with."""
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.callbacks import Callback
+
+    from mardini.lit.step_checkpoint import StepCheckpoint
+
+    saved = {StepCheckpoint(dirpath="x", every_n_train_steps=100).state_key: {"best_model_path": ""}}
+    parser = ArgumentParser()
+    parser.add_argument("--callbacks", type=list[Callback])
+    built = parser.instantiate(parser.parse_object({"callbacks": cfg["trainer"].get("callbacks") or []})).callbacks
+    for callback in built:
+        if callback.state_dict():
+            saved[callback.state_key] = {**callback.state_dict(), "applied": 2}
+    return saved
+
+
 def _demo_chain(root: Path, **changes) -> dict:
     """A chain under ``root`` whose checkpoints record what a default ``python -m mardini.demo`` run's do, as the
     configs describe it (steps, LR schedule, data and model arguments, autoencoder, the training set's manifest);
@@ -408,7 +426,7 @@ def _demo_chain(root: Path, **changes) -> dict:
         train = expected_train_data() | ({"clips": train_clips} if train_clips else {})
         ckpt = {"global_step": steps, "hyper_parameters": {**model, "seed": cfg["seed_everything"]},
                 "datamodule_hyper_parameters": dict(cfg["data"]["init_args"]),
-                "VideoDataModule": {"epoch": 0, "train_data": train},
+                "VideoDataModule": {"epoch": 0, "train_data": train}, "callbacks": _saved_callbacks(cfg),
                 "mardini": {"lr_schedule_steps": steps, "lr_schedule_history": [[0, steps]], "autoencoder_spec": auto}}
         for key, value in changes.get(stage, {}).items():
             ckpt[key] = {**ckpt[key], **value} if key == "mardini" else value  # "mardini": the keys given replaced
@@ -422,6 +440,17 @@ def _final_steps() -> int:
     return yaml.safe_load((ROOT / "configs/tiny/05_joint_task.yaml").read_text())["trainer"]["max_steps"]
 
 
+def _milestones(**second) -> list[dict]:
+    """The final stage's Curriculum milestones as its config sets them, the second one's fields replaced."""
+    from mardini.demo.chain import TINY_DIR, stage_settings
+
+    cfg = stage_settings(TINY_DIR / "common.yaml", TINY_DIR / "05_joint_task.yaml")
+    milestones = [[dict(m) for m in cb["init_args"]["milestones"]] for cb in cfg["trainer"]["callbacks"]
+                  if cb["class_path"].endswith("Curriculum")][0]
+    milestones[1].update(second)
+    return milestones
+
+
 @pytest.mark.parametrize("changes, named", [
     ({"05_joint_task": {"global_step": 3000}}, "05_joint_task: steps 3000 -> {final}"),  # --final-steps 3000
     ({"train_clips": 500}, "training set clips 500 -> {clips}"),  # --train-clips 500, the set rebuilt since
@@ -430,8 +459,25 @@ def _final_steps() -> int:
     # --final-steps 650, then a plain demo resumed it to the demo's length: step and length match, the schedule not
     ({"05_joint_task": {"mardini": {"lr_schedule_history": [[0, 650], [650, _final_steps()]]}}},
      "05_joint_task: LR schedule 650 steps until step 650, then {final} -> one schedule throughout"),
-    ({"05_joint_task": {"mardini": {"lr_schedule_history": [[700, 1300]]}}},
+    ({"05_joint_task": {"mardini": {"lr_schedule_history": [[700, _final_steps()]]}}},
      "05_joint_task: LR schedule history not recorded before step 700"),
+    # trained with another curriculum: the ramp's second milestone moved, or kept in steps, or none at all
+    ({"05_joint_task": {"callbacks": {"Curriculum": {"applied": 2, "milestones": _milestones(step=600),
+                                                     "interpolate": True}}}},
+     "05_joint_task: curriculum milestone 1 {{'step': 600, "),
+    ({"05_joint_task": {"callbacks": {"Curriculum": {"applied": 2, "milestones": _milestones(),
+                                                     "interpolate": False}}}},
+     "05_joint_task: curriculum interpolate False -> True"),
+    ({"05_joint_task": {"callbacks": {"Curriculum": {"applied": 2, "milestones": _milestones()}}}},
+     "05_joint_task: curriculum interpolate not recorded (a checkpoint written before 2026-12-07) -> True"),
+    ({"05_joint_task": {"callbacks": {}}}, "05_joint_task: curriculum none -> milestones at steps {steps}"),
+    ({"04_joint_model": {"callbacks": {"Curriculum": {"applied": 2, "milestones": _milestones(),
+                                                      "interpolate": True}}}},
+     "04_joint_model: curriculum milestones at steps {steps} -> none"),
+    ({"05_joint_task": {"callbacks": {"Curriculum": {"applied": 2, "milestones": _milestones(), "interpolate": True,
+                                                     "rule": 2},
+                                      "StochasticWeightAveraging": {"n_averaged": 3}}}},  # another training callback
+     "05_joint_task: callback StochasticWeightAveraging -> none"),
 ])
 def test_a_chain_trained_with_other_settings_stops_before_anything_naming_the_demo_s_fresh_run(
         tmp_path, monkeypatch, capsys, changes, named):
@@ -444,7 +490,7 @@ def test_a_chain_trained_with_other_settings_stops_before_anything_naming_the_de
     from mardini.data import synthetic as S
     from mardini.demo import data
 
-    named = named.format(final=_final_steps(), clips=S.DEMO_TRAIN_CLIPS)
+    named = named.format(final=_final_steps(), clips=S.DEMO_TRAIN_CLIPS, steps=[m["step"] for m in _milestones()])
     built = []
     monkeypatch.setattr(data, "build_synthetic", lambda *a, **k: built.append(a))
     monkeypatch.chdir(tmp_path)
@@ -462,11 +508,16 @@ def test_a_chain_trained_with_other_settings_stops_before_anything_naming_the_de
 
 
 def test_the_demo_s_own_chain_passes_the_check(tmp_path):
-    from mardini.reproduce.demo_chain import chain_differences, check_demo_chain
+    import torch
+
+    from mardini.reproduce.demo_chain import chain_differences, check_demo_chain, stage_differences
 
     ckpts = _demo_chain(tmp_path / "tiny")
     assert chain_differences(ckpts) == {}
     check_demo_chain(ckpts, tmp_path / "tiny")  # no error
+    ckpt = torch.load(ckpts["05_joint_task"], weights_only=False)
+    ckpt["callbacks"]["KeepRatioCurriculum"] = ckpt["callbacks"].pop("Curriculum")  # a subclass's: keyed by its name
+    assert stage_differences(ckpt, "05_joint_task") == []
     # at --scale 0.5 the same chain is one trained twice as long
     final = _final_steps()
     assert chain_differences(ckpts, scale=0.5)["05_joint_task"][0] == f"steps {final} -> {round(final / 2)}"

@@ -187,12 +187,18 @@ class Curriculum(L.Callback):
         return max(int(global_step) - 1, 0)
 
     def state_dict(self) -> dict:
-        return {"applied": self.applied, "milestones": [asdict(m) for m in self.milestones], "rule": RULE}
+        """The milestone applied last and the settings (milestones, ``interpolate``, the ramp rule), which a resume
+        and ``python -m mardini.reproduce --checkpoints`` compare; ``interpolate`` is saved since 2026-12-07."""
+        return {"applied": self.applied, "milestones": [asdict(m) for m in self.milestones],
+                "interpolate": self.interpolate, "rule": RULE}
 
     def load_state_dict(self, state_dict: dict) -> None:
         saved = state_dict.get("milestones")
         if saved is not None and saved != [asdict(m) for m in self.milestones]:
             rank_zero_info("curriculum: the milestones differ from the resumed checkpoint's; using the new ones")
+        if state_dict.get("interpolate", self.interpolate) != self.interpolate:
+            rank_zero_info(f"curriculum: interpolate={self.interpolate} where the resumed checkpoint's was "
+                           f"{state_dict['interpolate']}; using the new one")
         if state_dict.get("rule", 1) != RULE and self.ramps_across_unset():
             rank_zero_warn("curriculum: the resumed checkpoint was written when the keep ratio ramped only between "
                            "neighbouring milestones; it now ramps across the milestones that do not set one, so from "

@@ -174,7 +174,7 @@ def _curriculum_settings(callbacks: dict) -> dict:
     """``frames`` / ``attention`` of the last applied curriculum milestone, when the run had a curriculum."""
     out: dict = {}
     for cb_state in callbacks.values():
-        if not _is_curriculum_state(cb_state):
+        if not is_curriculum_state(cb_state):
             continue
         applied = cb_state.get("applied")
         for m in cb_state["milestones"][: (applied + 1) if applied is not None else 0]:
@@ -182,7 +182,7 @@ def _curriculum_settings(callbacks: dict) -> dict:
     return out
 
 
-def _is_curriculum_state(cb_state: Any) -> bool:
+def is_curriculum_state(cb_state: Any) -> bool:
     """True for what :meth:`~mardini.lit.curriculum.Curriculum.state_dict` writes (``applied`` and a list of milestone
     dicts), recognised by its content: Lightning keys a callback's state by its class's name, so a subclass's is
     not ``Curriculum``."""

@@ -3,11 +3,12 @@
 A demo run with ``--train-clips N``, ``--final-steps N`` or ``--scale S`` leaves checkpoints under ``outputs/tiny``
 that the reproduction would otherwise score as the demo's chain. Each stage's ``last.ckpt`` is compared with what
 the checkout's ``configs/tiny/`` describe (at ``--scale``): its ``global_step`` and LR-schedule length (the stage's
-``max_steps``), whether that length changed mid-run (``lr_schedule_history``: a ``--final-steps 650`` run resumed
-to 1300 steps by a plain demo ends at the demo's step and length but trained under two schedules), the data and
-model arguments the config sets, the autoencoder, and the training set the shards' ``manifest.json`` recorded
-(``checkpoint["VideoDataModule"]["train_data"]``). The training set and the schedule history are written since
-2026-12-07: an older checkpoint cannot say them and is refused too.
+``max_steps``), whether that length changed mid-run (``lr_schedule_history``: a ``--final-steps 650`` run resumed to
+1300 steps by a plain demo ends at the demo's step and length but trained under two schedules), the callbacks that
+change training (the keep-ratio ``Curriculum``'s milestones and ``interpolate``, from ``checkpoint["callbacks"]``),
+the data and model arguments the config sets, the autoencoder, and the training set the shards' ``manifest.json``
+recorded (``checkpoint["VideoDataModule"]["train_data"]``). The training set, the schedule history and the
+curriculum's ``interpolate`` are written since 2026-12-07: an older checkpoint cannot say them and is refused too.
 """
 
 from __future__ import annotations
@@ -53,6 +54,65 @@ def schedule_changes(history) -> list[str]:
                     for (_, old), (step, new) in zip(history, history[1:])]
 
 
+# the state keys (up to "{") of callbacks that save state without changing the training: the checkpoint savers, and
+# Lightning's Timer (trainer.max_time), whose early stop the steps compared already show
+NEUTRAL_CALLBACKS = ("ModelCheckpoint", "StepCheckpoint", "Timer")
+
+
+def stage_curriculum(cfg: dict):
+    """The stage config's :class:`~mardini.lit.curriculum.Curriculum` (or subclass) of ``trainer.callbacks``, built
+    from its ``init_args``, or None."""
+    import importlib
+
+    from mardini.lit.curriculum import Curriculum, Milestone
+
+    for cb in cfg["trainer"].get("callbacks") or []:
+        module, _, name = cb.get("class_path", "").rpartition(".")
+        cls = getattr(importlib.import_module(module), name, None) if module else None
+        if isinstance(cls, type) and issubclass(cls, Curriculum):
+            args = dict(cb.get("init_args") or {})
+            return cls(**{**args, "milestones": [Milestone(**m) for m in args["milestones"]]})
+    return None
+
+
+def _milestone(m: dict | None) -> dict | str:
+    """A saved milestone without its unset fields, for the message."""
+    return "none" if m is None else {k: v for k, v in m.items() if v is not None}
+
+
+def _steps(state: dict | None) -> str:
+    """A saved curriculum in brief: ``milestones at steps [0, 400, 800]``, or ``none``."""
+    return "none" if state is None else f"milestones at steps {[m['step'] for m in state.get('milestones') or []]}"
+
+
+def callback_differences(ckpt: dict, cfg: dict) -> list[str]:
+    """How the callbacks that change training differ between the checkpoint's ``callbacks`` entry (each callback's
+    ``state_dict`` under its ``state_key``) and the stage config's ``trainer.callbacks``: the keep-ratio
+    :class:`~mardini.lit.curriculum.Curriculum` (found by its state's content, as a subclass's key is its own name:
+    its milestones, ``interpolate`` and, where it matters, its ramp rule), and any other callback that saved state
+    (not a checkpoint saver) where the config has none."""
+    from mardini.lit.curriculum import RULE
+    from mardini.pipeline.loading import is_curriculum_state
+
+    saved = ckpt.get("callbacks") or {}
+    curricula = [state for state in saved.values() if is_curriculum_state(state)]
+    diffs = [f"callback {key} -> none" for key, state in saved.items()
+             if not is_curriculum_state(state) and key.split("{", 1)[0] not in NEUTRAL_CALLBACKS]
+    diffs += [f"callback {key} -> none" for key, state in saved.items() if any(state is c for c in curricula[1:])]
+    curriculum = stage_curriculum(cfg)
+    theirs, ours = curricula[0] if curricula else None, None if curriculum is None else curriculum.state_dict()
+    if theirs is None or ours is None:
+        return diffs + ([] if theirs is ours else [f"curriculum {_steps(theirs)} -> {_steps(ours)}"])
+    mine, recorded = ours["milestones"], theirs.get("milestones") or []
+    for i in range(max(len(mine), len(recorded))):
+        diffs += _differ(f"curriculum milestone {i}", _milestone(recorded[i] if i < len(recorded) else None),
+                         _milestone(mine[i] if i < len(mine) else None))
+    diffs += _differ("curriculum interpolate", theirs.get("interpolate", NOT_RECORDED), ours["interpolate"])
+    if curriculum.ramps_across_unset():  # where the ramp rule changes the keep ratio trained with
+        diffs += _differ("curriculum rule", theirs.get("rule", 1), RULE)
+    return diffs
+
+
 def stage_differences(ckpt: dict, name: str, scale: float = 1.0, source: Path = TINY_DIR) -> list[str]:
     """How the checkpoint dict ``ckpt`` of stage ``name`` differs from that stage of ``source`` (``max_steps`` times
     ``scale``, as :func:`mardini.demo.chain.run_stage` trains it): ``["steps 3000 -> 1300", ...]``, the
@@ -75,6 +135,7 @@ def stage_differences(ckpt: dict, name: str, scale: float = 1.0, source: Path = 
         elif key not in CKPT_KEYS:  # paths to the earlier stages: where the chain was trained, not how
             diffs += _differ(f"model.{key}", hp.get(key, "unset"), value)
     diffs += _differ("seed", hp.get("seed", "unset"), cfg.get("seed_everything", 0))
+    diffs += callback_differences(ckpt, cfg)
     recorded = (ckpt.get("VideoDataModule") or {}).get("train_data", NOT_RECORDED)
     if recorded == NOT_RECORDED or recorded is None:
         return diffs + [f"training set {'not recorded (no manifest.json)' if recorded is None else recorded}"]
