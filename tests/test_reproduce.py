@@ -408,26 +408,35 @@ def _saved_callbacks(cfg: dict) -> dict:
     return saved
 
 
+def _stage_checkpoint(cfg: dict, steps: int, trained: int | None = None) -> dict:
+    """What the checkpoint of a stage trained with ``cfg`` (merged stage settings) for ``steps`` records (steps, LR
+    schedule, data and model arguments, autoencoder, callbacks, the training set's manifest); ``trained``: the step
+    it stopped at, short of ``steps``."""
+    from mardini.reproduce.demo_chain import expected_train_data
+
+    model = dict(cfg["model"]["init_args"])
+    auto = model.pop("autoencoder")
+    return {"global_step": steps if trained is None else trained,
+            "hyper_parameters": {**model, "seed": cfg["seed_everything"]},
+            "datamodule_hyper_parameters": dict(cfg["data"]["init_args"]),
+            "VideoDataModule": {"epoch": 0, "train_data": expected_train_data()}, "callbacks": _saved_callbacks(cfg),
+            "mardini": {"lr_schedule_steps": steps, "lr_schedule_history": [[0, steps]], "autoencoder_spec": auto}}
+
+
 def _demo_chain(root: Path, **changes) -> dict:
     """A chain under ``root`` whose checkpoints record what a default ``python -m mardini.demo`` run's do, as the
-    configs describe it (steps, LR schedule, data and model arguments, autoencoder, the training set's manifest);
-    ``changes``: ``{stage: {"global_step": N, ...}}`` or ``train_clips=N`` for every stage."""
+    configs describe it (:func:`_stage_checkpoint`); ``changes``: ``{stage: {"global_step": N, ...}}`` or
+    ``train_clips=N`` for every stage."""
     import torch
 
     from mardini.demo.chain import TINY_DIR, TINY_STAGES, stage_settings
-    from mardini.reproduce.demo_chain import expected_train_data
 
     train_clips = changes.pop("train_clips", None)
     for stage in TINY_STAGES:
         cfg = stage_settings(TINY_DIR / "common.yaml", TINY_DIR / f"{stage}.yaml")
-        model = dict(cfg["model"]["init_args"])
-        auto = model.pop("autoencoder")
-        steps = cfg["trainer"]["max_steps"]
-        train = expected_train_data() | ({"clips": train_clips} if train_clips else {})
-        ckpt = {"global_step": steps, "hyper_parameters": {**model, "seed": cfg["seed_everything"]},
-                "datamodule_hyper_parameters": dict(cfg["data"]["init_args"]),
-                "VideoDataModule": {"epoch": 0, "train_data": train}, "callbacks": _saved_callbacks(cfg),
-                "mardini": {"lr_schedule_steps": steps, "lr_schedule_history": [[0, steps]], "autoencoder_spec": auto}}
+        ckpt = _stage_checkpoint(cfg, cfg["trainer"]["max_steps"])
+        if train_clips:
+            ckpt["VideoDataModule"]["train_data"]["clips"] = train_clips
         for key, value in changes.get(stage, {}).items():
             ckpt[key] = {**ckpt[key], **value} if key == "mardini" else value  # "mardini": the keys given replaced
         path = root / stage / "checkpoints" / "last.ckpt"
@@ -521,3 +530,82 @@ def test_the_demo_s_own_chain_passes_the_check(tmp_path):
     # at --scale 0.5 the same chain is one trained twice as long
     final = _final_steps()
     assert chain_differences(ckpts, scale=0.5)["05_joint_task"][0] == f"steps {final} -> {round(final / 2)}"
+
+
+def _reproduction_runs(out: Path, scale: float, identity_steps: int, trained: dict[str, int] | None = None) -> Path:
+    """``<out>/runs`` holding the chain and the Fig. 6c pair as ``python -m mardini.reproduce --scale scale
+    --identity-steps identity_steps --out out`` trains them; ``trained``: ``{run: step}`` of runs stopped early."""
+    import torch
+
+    from mardini.demo.chain import TINY_STAGES, stage_settings
+    from mardini.reproduce import runs
+
+    configs = runs.prepare_configs(out)
+    max_steps = {name: yaml.safe_load((configs / f"{name}.yaml").read_text())["trainer"]["max_steps"]
+                 for name in TINY_STAGES}
+    planned = {name: max(1, round(steps * scale)) for name, steps in max_steps.items()}
+    planned |= {runs.identity_run_name(on): identity_steps for on in (True, False)}
+    for name, steps in planned.items():
+        cfg = stage_settings(configs / "common.yaml", configs / f"{name}.yaml")
+        path = out / "runs" / name / "checkpoints" / "last.ckpt"
+        path.parent.mkdir(parents=True)
+        torch.save(_stage_checkpoint(cfg, steps, (trained or {}).get(name)), path)
+    return out / "runs"
+
+
+def test_reproduction_runs_of_another_scale_stop_before_anything_naming_what_differs(tmp_path, monkeypatch, capsys):
+    """``python -m mardini.reproduce --quick`` into a folder whose runs a default run (``--scale 1``) trained reused
+    them (``run_stage`` reuses any checkpoint at or past its steps: "reusing its checkpoint at step 300, past the 6
+    asked for") and reported them as its own. It now stops before building data or training, naming each run's
+    differences and the folders to delete."""
+    import runpy
+    import sys
+
+    from mardini.demo import data
+    from mardini.reproduce.main import DEFAULTS, QUICK
+
+    built = []
+    monkeypatch.setattr(data, "build_synthetic", lambda *a, **k: built.append(a))
+    monkeypatch.chdir(tmp_path)
+    runs = _reproduction_runs(tmp_path / "out", DEFAULTS["scale"], DEFAULTS["identity_steps"])
+    monkeypatch.delenv("MARDINI_TRACEBACK", raising=False)
+    monkeypatch.setattr(sys, "argv", ["mardini.reproduce", "--quick", "--only", "table2", "fig6c",
+                                      "--out", str(tmp_path / "out"), "--no-progress"])
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_module("mardini.reproduce", run_name="__main__")
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and not built, err
+    first = yaml.safe_load((ROOT / "configs/tiny/01_dm_warmup_4f.yaml").read_text())["trainer"]["max_steps"]
+    quick = max(1, round(first * QUICK["scale"]))
+    assert err.startswith(f"python -m mardini.reproduce: error: {runs} holds runs trained with other settings than "
+                          f"this command's (01_dm_warmup_4f: steps {first} -> {quick}, LR schedule steps {first} -> "
+                          f"{quick}; "), err
+    identity = DEFAULTS["identity_steps"], QUICK["identity_steps"]
+    assert "fig6c_identity_off: steps {} -> {}, LR schedule steps {} -> {}".format(*identity, *identity) in err
+    assert f"rm -r {runs / '01_dm_warmup_4f'} " in err and "Traceback" not in err
+
+
+def test_reproduction_runs_of_the_same_settings_are_reused_or_resumed(tmp_path):
+    """Runs trained at this command's settings pass, finished or stopped short (a resume at the same schedule); one
+    trained past the steps, or under another identity-attention setting, does not."""
+    import torch
+
+    from mardini.reproduce import runs
+
+    out = tmp_path / "out"
+    root = _reproduction_runs(out, 0.5, 40, trained={"02_dm_warmup_9f": 100, "fig6c_identity_on": 10})
+    planned = runs.planned_runs(out / "configs", 0.5, 40)
+    assert runs.reuse_differences(out / "configs", root, planned) == {}
+    runs.check_reusable(out / "configs", root, planned)  # no error
+    # --identity-steps 20: the finished run is past it, the stopped one (step 10) would resume under another schedule
+    assert runs.reuse_differences(out / "configs", root, runs.planned_runs(out / "configs", 0.5, 20)) == {
+        "fig6c_identity_on": ["LR schedule steps 40 -> 20"],
+        "fig6c_identity_off": ["steps 40 -> 20", "LR schedule steps 40 -> 20"]}
+    path = root / "fig6c_identity_off" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["hyper_parameters"]["generator"]["identity_attention"] = True  # the pair's "off" run trained with it on
+    torch.save(ckpt, path)
+    assert runs.reuse_differences(out / "configs", root, planned) == {
+        "fig6c_identity_off": ["model.generator {} -> {}".format(ckpt["hyper_parameters"]["generator"],
+                                                                  {**ckpt["hyper_parameters"]["generator"],
+                                                                   "identity_attention": False})]}

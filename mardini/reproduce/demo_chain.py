@@ -113,14 +113,17 @@ def callback_differences(ckpt: dict, cfg: dict) -> list[str]:
     return diffs
 
 
-def stage_differences(ckpt: dict, name: str, scale: float = 1.0, source: Path = TINY_DIR) -> list[str]:
+def stage_differences(ckpt: dict, name: str, scale: float = 1.0, source: Path = TINY_DIR, steps: int | None = None,
+                      resumable: bool = False) -> list[str]:
     """How the checkpoint dict ``ckpt`` of stage ``name`` differs from that stage of ``source`` (``max_steps`` times
-    ``scale``, as :func:`mardini.demo.chain.run_stage` trains it): ``["steps 3000 -> 1300", ...]``, the
-    checkpoint's value first."""
+    ``scale``, as :func:`mardini.demo.chain.run_stage` trains it, or ``steps``): ``["steps 3000 -> 1300", ...]``,
+    the checkpoint's value first. ``resumable``: a checkpoint short of the steps is no difference (a fit at these
+    settings resumes it), a longer one is."""
     cfg = stage_settings(source / "common.yaml", source / f"{name}.yaml")
-    steps = max(1, round(cfg["trainer"]["max_steps"] * scale))
+    steps = max(1, round(cfg["trainer"]["max_steps"] * scale)) if steps is None else steps
     meta = ckpt.get("mardini") or {}
-    diffs = _differ("steps", ckpt.get("global_step"), steps)
+    short = resumable and isinstance(ckpt.get("global_step"), int) and ckpt["global_step"] < steps
+    diffs = [] if short else _differ("steps", ckpt.get("global_step"), steps)
     diffs += _differ("LR schedule steps", meta.get("lr_schedule_steps", NOT_RECORDED), steps)
     diffs += schedule_changes(meta.get("lr_schedule_history", NOT_RECORDED))
     data, hp = ckpt.get("datamodule_hyper_parameters") or {}, ckpt.get("hyper_parameters") or {}

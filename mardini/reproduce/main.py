@@ -18,7 +18,10 @@ and outputs going under that folder; a non-editable install has neither).
 
 Default: about 30 min on 2 CPU cores (29.1 min in the README's run; writes ``outputs/reproduce/``). ``--quick``: minutes, tiny step counts and
 few clips, only to check that everything runs (writes ``outputs/reproduce/quick/``; its numbers mean nothing).
-Re-running reuses finished training runs.
+Re-running reuses finished training runs and resumes interrupted ones, trained at the same settings: a run folder
+under ``<out>/runs`` trained at another ``--scale`` or ``--identity-steps`` (or from other ``configs/tiny/``) stops
+the command before the data set is built, naming what differs and the folders to delete
+(:func:`mardini.reproduce.runs.check_reusable`).
 """
 
 from __future__ import annotations
@@ -134,9 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     from mardini.reproduce import curves, quality, verdicts
     from mardini.reproduce.report import write_report
 
+    configs = runs.prepare_configs(a.out)
+    planned = runs.planned_runs(configs, a.scale, a.identity_steps if "fig6c" in a.only else None,
+                                chain=bool(needs_chain) and a.checkpoints is None)
+    runs.check_reusable(configs, a.out / "runs", planned)  # before the data set is built
     print(f"[1/6] synthetic data set under {SHARDS}/ (built once, reused)", flush=True)
     build_synthetic(SHARDS, progress=not a.no_progress)
-    configs = runs.prepare_configs(a.out)
     if needs_chain and a.checkpoints is None:
         print(f"[2/6] tiny chain at {a.scale:g}x its steps (configs {configs}/, runs {a.out / 'runs'}/)", flush=True)
         runs.train_chain(configs, a.scale, not a.no_progress)
@@ -165,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         log_every = 2 if a.quick else max(1, min(10, a.identity_steps // 20))  # a few points even on short runs
         pair = runs.train_identity_pair(configs, a.identity_steps, not a.no_progress, log_every=log_every)
         loss = {("on" if on else "off"): curves.loss_summary(r.log_dir) for on, r in pair.items()}
-        trained = sorted({r.steps for r in pair.values()})  # a reused longer pair keeps its own steps
+        trained = sorted({r.steps for r in pair.values()})  # one value: check_reusable refused a pair of other steps
         results["fig6c"] = {**loss, "steps": trained[0] if len(trained) == 1 else trained}
         found["Fig. 6c"] = verdicts.fig6c(loss["on"], loss["off"])
         pictures["fig6c"] = curves.plot_identity(

@@ -3,7 +3,10 @@
 Stage configs are copies of ``configs/tiny/`` written under ``<out>/configs/``: the logger's ``save_dir`` and the
 checkpoints one stage starts from point into ``<out>/runs/``, so nothing here touches ``outputs/tiny`` (the demo's
 runs). Each stage then trains through :func:`mardini.demo.chain.run_stage` (in-process CLI; a finished stage is
-reused, an interrupted one resumes).
+reused, an interrupted one resumes). Before any training, :func:`check_reusable` compares each run folder's
+``last.ckpt`` with what these configs train at this command's ``--scale`` and ``--identity-steps`` (as
+``--checkpoints`` chains are compared: :func:`mardini.reproduce.demo_chain.stage_differences`), so that a run
+trained with other settings is neither reused nor resumed under another schedule.
 """
 
 from __future__ import annotations
@@ -53,6 +56,52 @@ def prepare_configs(out: Path) -> Path:
     for on in (True, False):
         write_stage_config(IDENTITY_STAGE, dest, runs, identity_run_name(on), {"identity_attention": on})
     return dest
+
+
+def planned_runs(configs: Path, scale: float, identity_steps: int | None, chain: bool = True) -> dict[str, int]:
+    """``{run: steps}`` of the runs :func:`train_chain` (``chain``) and :func:`train_identity_pair` (with
+    ``identity_steps``) train from ``configs``, the chain's as :func:`mardini.demo.chain.run_stage` computes them."""
+    runs = {}
+    if chain:
+        for name in TINY_STAGES:
+            max_steps = yaml.safe_load((configs / f"{name}.yaml").read_text(encoding="utf-8"))["trainer"]["max_steps"]
+            runs[name] = max(1, round(max_steps * scale))
+    if identity_steps is not None:
+        runs.update({identity_run_name(on): identity_steps for on in (True, False)})
+    return runs
+
+
+def reuse_differences(configs: Path, runs: Path, planned: dict[str, int]) -> dict[str, list[str]]:
+    """Run -> how its checkpoint under ``runs`` differs from what ``configs`` (:func:`prepare_configs`) train at its
+    planned steps (:func:`mardini.reproduce.demo_chain.stage_differences`; one short of them resumes), for each run
+    folder that holds a ``last.ckpt`` of other settings."""
+    from mardini.lit.checkpoints import read_checkpoint
+    from mardini.reproduce.demo_chain import stage_differences
+
+    out = {}
+    for name, steps in planned.items():
+        path = runs / name / "checkpoints" / "last.ckpt"
+        if path.is_file():
+            diffs = stage_differences(read_checkpoint(path), name, source=configs, steps=steps, resumable=True)
+            if diffs:
+                out[name] = diffs
+    return out
+
+
+def check_reusable(configs: Path, runs: Path, planned: dict[str, int]) -> None:
+    """Stop, before anything is trained, where a run folder under ``runs`` holds a checkpoint this command would reuse
+    or resume although it was trained with other settings (:func:`reuse_differences`: an earlier run at another
+    ``--scale`` or ``--identity-steps``, or under configs/tiny as they were then), naming what differs and the fix."""
+    stale = reuse_differences(configs, runs, planned)
+    if not stale:
+        return
+    named = "; ".join(f"{run}: {', '.join(diffs)}" for run, diffs in stale.items())
+    folders = " ".join(str(runs / run) for run in stale)
+    raise ValueError(
+        f"{runs} holds runs trained with other settings than this command's ({named}: the checkpoint's -> this "
+        "command's; an earlier run at another --scale or --identity-steps, or under other configs/tiny?), which it "
+        f"would reuse or resume as its own: delete them (rm -r {folders}) to train them anew, give another --out, "
+        "or run with the settings they were trained with")
 
 
 def identity_run_name(on: bool) -> str:
