@@ -29,29 +29,34 @@ import sys
 from mardini.data.video_shards import VIDEO_EXTENSIONS, ShardSettings, video_extensions, videos_to_shards
 from mardini.user_errors import run_reporting_user_errors
 
-# The defaults: clips every shipped stage config reads (its frames at its fps; checked against configs/ by
-# tests/test_data_videos.py): 17 frames at 8 fps from at most 30 stored fps span (17 - 1) * round(30 / 8) + 1 = 65.
-DEFAULT_MAX_FPS = 30.0
-DEFAULT_CLIP_FRAMES = 65
+# The defaults are the library's (ShardSettings): clips every shipped stage config reads (its frames at its fps;
+# checked against configs/ by tests/test_data_videos.py): 17 frames at 8 fps from at most 30 stored fps span
+# (17 - 1) * round(30 / 8) + 1 = 65.
+DEFAULTS = ShardSettings()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    d = DEFAULTS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="folder of videos (searched recursively)")
     p.add_argument("out", help="output folder for the shards")
-    p.add_argument("--clip-frames", type=int, default=DEFAULT_CLIP_FRAMES,
-                   help=f"frames per stored clip (default {DEFAULT_CLIP_FRAMES}: with the default --max-fps, what "
+    p.add_argument("--clip-frames", type=int, default=d.clip_frames,
+                   help=f"frames per stored clip (default {d.clip_frames}: with the default --max-fps, what "
                         "every shipped stage config reads)")
-    p.add_argument("--clip-hop", type=int, default=None, help="stored frames between clip starts (default: no overlap)")
-    p.add_argument("--max-fps", type=float, default=DEFAULT_MAX_FPS,
-                   help=f"drop frames (integer stride) to at most this fps (default {DEFAULT_MAX_FPS:g}; 0: keep each "
+    p.add_argument("--clip-hop", type=int, default=d.clip_hop,
+                   help="stored frames between clip starts (default: no overlap)")
+    p.add_argument("--max-fps", type=float, default=d.max_fps or 0,
+                   help=f"drop frames (integer stride) to at most this fps (default {d.max_fps or 0:g}; 0: keep each "
                         "source's rate)")
-    p.add_argument("--short-side", type=int, default=None, help="resize so the short side is this (default: source)")
-    p.add_argument("--max-clips-per-video", type=int, default=None)
-    p.add_argument("--crf", type=int, default=18, help="H.264 quality (lower = better, bigger)")
-    p.add_argument("--shard-max-count", type=int, default=256, help="clips per shard at most")
-    p.add_argument("--shard-max-bytes", type=float, default=1 << 30, help="bytes per shard, about")
-    p.add_argument("--prefix", default="clips", help="shard file name prefix")
+    p.add_argument("--short-side", type=int, default=d.short_side, help="resize so the short side is this (default: "
+                   "source)")
+    p.add_argument("--max-clips-per-video", type=int, default=d.max_clips_per_video)
+    p.add_argument("--crf", type=int, default=d.crf, help=f"H.264 quality (lower = better, bigger; default {d.crf})")
+    p.add_argument("--shard-max-count", type=int, default=d.shard_max_count,
+                   help=f"clips per shard at most (default {d.shard_max_count})")
+    p.add_argument("--shard-max-bytes", type=float, default=d.shard_max_bytes,
+                   help=f"bytes per shard, about (default {d.shard_max_bytes})")
+    p.add_argument("--prefix", default=d.prefix, help=f"shard file name prefix (default {d.prefix})")
     p.add_argument("--workers", type=int, default=2, help="worker processes")
     p.add_argument("--keep-staging", action="store_true", help="keep the per-file staging tars")
     p.add_argument("--ext", action="append", default=[], metavar="EXT",
@@ -68,12 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     return run_reporting_user_errors("videos_to_shards.py", lambda: _run(a))
 
 
-def _run(a: argparse.Namespace) -> int:
-    settings = ShardSettings(
+def settings_from(a: argparse.Namespace) -> ShardSettings:
+    """The :class:`ShardSettings` of the parsed options (``--max-fps 0``: each source's rate)."""
+    return ShardSettings(
         clip_frames=a.clip_frames, clip_hop=a.clip_hop, max_fps=a.max_fps or None, short_side=a.short_side,
         max_clips_per_video=a.max_clips_per_video, crf=a.crf, shard_max_count=a.shard_max_count,
         shard_max_bytes=int(a.shard_max_bytes), prefix=a.prefix,
     )
+
+
+def _run(a: argparse.Namespace) -> int:
+    settings = settings_from(a)
     summary = videos_to_shards(a.src, a.out, settings, workers=a.workers, progress=not a.no_progress,
                                keep_staging=a.keep_staging, extensions=video_extensions(a.ext))
     print(summary.text())

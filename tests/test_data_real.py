@@ -44,6 +44,6 @@ def test_real_clips_shard_and_stream(tmp_path):
 @pytest.mark.skipif(not (VIDEOS / "bbb" / "bbb.mp4").is_file(),
                     reason="Big Buck Bunny not fetched: run `bash data/fetch_real_videos.sh --bbb`")
 def test_big_buck_bunny_720p(tmp_path):
-    settings = ShardSettings(clip_frames=24, short_side=128, max_clips_per_video=6, shard_max_count=3)
+    settings = ShardSettings(clip_frames=24, max_fps=None, short_side=128, max_clips_per_video=6, shard_max_count=3)
     s = videos_to_shards(VIDEOS / "bbb", tmp_path, settings, workers=1, progress=False)
     assert s.clips == 6 and s.shards == 2 and not s.skipped

@@ -856,6 +856,18 @@ def _config_clips() -> list[tuple[str, int, float]]:
     return out
 
 
+def test_the_script_s_defaults_are_the_library_s():
+    """``ShardSettings()`` cut 32 frames at each source's rate, while ``python data/videos_to_shards.py IN OUT`` cut
+    65 at 30 fps at most (the clips every shipped config reads): a library caller got shards the 17-frame stages
+    refuse. The script's defaults are now read from the dataclass, whose defaults are the script's."""
+    from dataclasses import asdict, fields
+
+    cli = _cli()
+    a = cli.parse_args(["IN", "OUT"])
+    assert {f.name: getattr(a, f.name) for f in fields(ShardSettings)} == asdict(ShardSettings())
+    assert cli.settings_from(a) == ShardSettings()
+
+
 def test_the_cli_defaults_cut_clips_every_shipped_config_reads():
     """``python data/videos_to_shards.py IN OUT`` with no options cut 32-frame clips at each source's rate: a 30 fps
     source gave clips the 17-frame stages at 8 fps (a span of 65 stored frames) refused, a 187 fps one clips no

@@ -53,11 +53,17 @@ log = logging.getLogger("mardini.data")
 
 @dataclass
 class ShardSettings:
-    """How clips are cut and stored (part of the manifest fingerprint)."""
+    """How clips are cut and stored (part of the manifest fingerprint); the defaults are ``data/videos_to_shards.py``'s.
 
-    clip_frames: int = 32  # frames per stored clip
+    ``clip_frames`` and ``max_fps`` default to clips every shipped stage config reads (its frames at its fps) from a
+    source of any rate: stored at 30 fps at most, the 17-frame stages at 8 fps take every ``round(30 / 8)`` = 4th
+    frame, a span of ``(17 - 1) * 4 + 1`` = 65 (checked against ``configs/`` by ``tests/test_data_videos.py``).
+    Before 2026-12-07 they were 32 frames at the source's rate, which the script's defaults had already replaced.
+    """
+
+    clip_frames: int = 65  # frames per stored clip
     clip_hop: int | None = None  # stored frames between clip starts (None = clip_frames: no overlap)
-    max_fps: float | None = None  # keep every k-th frame so the stored rate is <= this (None = source rate)
+    max_fps: float | None = 30.0  # keep every k-th frame so the stored rate is <= this (None = source rate)
     short_side: int | None = None  # resize so the short side is this (None = source size, made even)
     max_clips_per_video: int | None = None
     crf: int = 18
