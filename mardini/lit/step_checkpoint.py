@@ -21,6 +21,9 @@ PREEMPTION = re.compile(r"hpc_ckpt_\d+\.ckpt")  # Lightning's preemption checkpo
 # a run's records in its log folder: TensorBoard's event files, the loggers' hparams.yaml, a CSV logger's metrics.csv,
 # and the folder train.py validate logs in (mardini.cli.VALIDATION_FOLDER); config.yaml is KeepEarlierConfig's
 LOGS = re.compile(r"events\.out\.tfevents\..+|hparams\.yaml|metrics\.csv|validate")
+# the records a logger rewrites as the fit starts, before the earlier run is set aside (a CSV logger's hparams.yaml,
+# written by log_hyperparams): kept by their bytes (rewritten_records)
+REWRITTEN = re.compile(r"hparams\.yaml")
 MODEL_CHECKPOINT_MODULE = r"lightning\.pytorch\.callbacks\.model_checkpoint"  # where Lightning warns of a full folder
 
 
@@ -50,9 +53,11 @@ class StepCheckpoint(ModelCheckpoint):
 
     ``logs``: the earlier run's records in the log folder, listed before the fit opens its own
     (:func:`earlier_logs`: event files, hparams.yaml, metrics.csv, validate/); those still as they were move with
-    its checkpoints, so TensorBoard shows the new run apart from the earlier one. A fit that then fails before it
-    saves a checkpoint puts them back (:meth:`put_back_earlier_run`, called by ``MarDiniCLI.fit``), so that
-    ``--ckpt_path last`` resumes the earlier run again; one that saved a checkpoint leaves them in ``earlier.N/``.
+    its checkpoints, so TensorBoard shows the new run apart from the earlier one, and a ``hparams.yaml`` the fit has
+    rewritten by then (a CSV logger's) goes there as it was (its bytes, read here: :func:`rewritten_records`). A fit
+    that then fails before it saves a checkpoint puts them back (:meth:`put_back_earlier_run`, called by
+    ``MarDiniCLI.fit``), so that ``--ckpt_path last`` resumes the earlier run again; one that saved a checkpoint
+    leaves them in ``earlier.N/``.
 
     Each save then deletes the preemption checkpoints (``hpc_ckpt_N.ckpt``, one per preemption) in the folder that it
     supersedes (:func:`drop_superseded_preemption_checkpoints`), so they do not pile up over a run's requeues.
@@ -63,6 +68,7 @@ class StepCheckpoint(ModelCheckpoint):
         kwargs.setdefault("enable_version_counter", False)
         super().__init__(*args, **kwargs)
         self.resume, self.logs = resume, logs or {}
+        self.rewritten = rewritten_records(self.logs)  # before the fit: its logger may rewrite them as it starts
         self.aside: str | None = None  # where this fit set the earlier run aside (rank 0)
         self.saved_any = False  # whether this fit has saved a checkpoint
 
@@ -87,7 +93,7 @@ class StepCheckpoint(ModelCheckpoint):
         if not self._starts_new_run():
             return
         if trainer.is_global_zero:
-            self.aside = set_aside_earlier_run(self._fs, str(self.dirpath), self.logs)
+            self.aside = set_aside_earlier_run(self._fs, str(self.dirpath), self.logs, self.rewritten)
         trainer.strategy.barrier("StepCheckpoint.set_aside")  # no rank saves before the folder is clear
 
     def _starts_new_run(self) -> bool:
@@ -175,15 +181,18 @@ def lightning_may_stop(loop) -> bool:
             "tests/test_library_internals.py first)") from None
 
 
-def set_aside_earlier_run(fs, folder: str, logs: dict[str, tuple[int, int]] | None = None) -> str | None:
+def set_aside_earlier_run(fs, folder: str, logs: dict[str, tuple[int, int]] | None = None,
+                          rewritten: dict[str, bytes] | None = None) -> str | None:
     """Move the ``*.ckpt`` files in ``folder`` (on the fsspec file system ``fs``), and the records ``logs`` names
     (:func:`earlier_logs`) that are still as they were then, into ``folder/earlier.N``, the first free N from 1, and
-    say so; that folder, or None (nothing to move). A record changed since is the new run's (a CSV logger's
-    hparams.yaml, rewritten when the fit starts) and stays."""
+    say so; that folder, or None (nothing to move). A record changed since is the new run's and stays; where
+    ``rewritten`` (:func:`rewritten_records`) holds its earlier bytes (a CSV logger's hparams.yaml, rewritten when the
+    fit starts), those are written into ``earlier.N`` in its place."""
     found = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".ckpt") and fs.isfile(p)) \
         if fs.isdir(folder) else []
     records = sorted(path for path, stamp in (logs or {}).items() if _stamp(path) == stamp)
-    if not found and not records:
+    copies = {path: data for path, data in (rewritten or {}).items() if path not in records}
+    if not found and not records and not copies:
         return None
     n = 1
     while fs.exists(aside := os.path.join(folder, f"earlier.{n}")):
@@ -191,6 +200,9 @@ def set_aside_earlier_run(fs, folder: str, logs: dict[str, tuple[int, int]] | No
     fs.makedirs(aside)
     for path in found + records:
         fs.mv(path, os.path.join(aside, os.path.basename(path)), recursive=True)
+    for path, data in copies.items():
+        fs.pipe_file(os.path.join(aside, os.path.basename(path)), data)
+    records = sorted(records + list(copies))
     names = [os.path.basename(p) for p in found]
     way = f" (--ckpt_path {os.path.join(aside, 'last.ckpt')} resumes that run)" if "last.ckpt" in names else ""
     moved = " and ".join(f"{what} ({', '.join(os.path.basename(p) for p in paths)})" for what, paths in
@@ -221,6 +233,14 @@ def put_back_earlier_run(fs, aside: str, folder: str, logs: dict[str, tuple[int,
     fs.rmdir(aside)
     rank_zero_info(f"The fit failed before saving a checkpoint: the earlier run's files ({', '.join(sorted(back))}) "
                    f"are back from {aside} (--ckpt_path last resumes that run)")
+
+
+def rewritten_records(logs: dict[str, tuple[int, int]]) -> dict[str, bytes]:
+    """The bytes of the records of :func:`earlier_logs` that a logger rewrites as the fit starts (``REWRITTEN``: a
+    CSV logger's hparams.yaml), read before the fit, so that :func:`set_aside_earlier_run` sets the earlier run's aside
+    and :func:`put_back_earlier_run` puts them back. Before, the new run's hparams.yaml replaced the earlier one's."""
+    return {path: Path(path).read_bytes() for path in logs
+            if REWRITTEN.fullmatch(os.path.basename(path)) and os.path.isfile(path)}
 
 
 def earlier_logs(log_dir: str | None) -> dict[str, tuple[int, int]]:
