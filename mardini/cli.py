@@ -147,8 +147,9 @@ class MarDiniCLI(LightningCLI):
         fit holds its log folder (``RunLock``: a second fit there is refused, a dead fit's lock taken over); the
         checkpoint to resume is checked first (:meth:`check_resume`); a fit that fails before training leaves no empty
         event file or log folder behind (:meth:`_drop_untrained_logs`), one that fails later without saving a
-        checkpoint puts back the earlier run it set aside (:meth:`_put_back_earlier_run`). A fit that SIGTERM ended
-        exits with status 143 (``PreemptionSave``: after its checkpoint), never 0."""
+        checkpoint puts back the earlier run it set aside (:meth:`_put_back_earlier_run`); so does one that Ctrl-C
+        (SIGINT) interrupted (:func:`interrupted`). A fit that SIGTERM ended exits with status 143 (``PreemptionSave``:
+        after its checkpoint), never 0."""
         if self._nothing_to_resume:
             kwargs["ckpt_path"] = None
         elif self._resume_from is not None:
@@ -163,19 +164,20 @@ class MarDiniCLI(LightningCLI):
             if e.code is None:  # Lightning's own, without an exit status (SIGTERM before the training started)
                 raise SIGTERMException(TERMINATED) from e
             raise
-        except Exception:
-            lock.release()  # before the clean-up, which removes the log folder a failed fit made only if it is empty
-            self._drop_untrained_logs(folders)
-            self._put_back_earlier_run()
+        except BaseException as e:
+            if isinstance(e, Exception) or interrupted(e):
+                lock.release()  # before the clean-up, which removes the log folder a failed fit made only if empty
+                self._drop_untrained_logs(folders)
+                self._put_back_earlier_run()
             raise
         finally:
             lock.release()
 
     def _put_back_earlier_run(self) -> None:
-        """After a fit that failed once its training started (``--ckpt_path null`` where a run was): the earlier run
-        it set aside in ``checkpoints/earlier.N/`` back where it was, and ``config.yaml`` as it was, where the fit saved
-        no checkpoint (``StepCheckpoint.put_back_earlier_run``; one that saved keeps them aside and says so). Before,
-        the folder looked empty and ``--ckpt_path last`` trained from scratch."""
+        """After a fit that failed (or that Ctrl-C interrupted) once its training started (``--ckpt_path null`` where
+        a run was): the earlier run it set aside in ``checkpoints/earlier.N/`` back where it was, and ``config.yaml`` as
+        it was, where the fit saved no checkpoint (``StepCheckpoint.put_back_earlier_run``; one that saved keeps them
+        aside and says so). Before, the folder looked empty and ``--ckpt_path last`` trained from scratch."""
         if not self.trainer.is_global_zero:
             return
         saver = next((cb for cb in self.trainer.callbacks if isinstance(cb, StepCheckpoint)), None)
@@ -291,6 +293,17 @@ def fit_logger(logger, entry, step: int | None = None):
         given = {**args.as_dict(), **dict(entry.get("dict_kwargs") or {})}  # dict_kwargs: the SummaryWriter's
         return type(logger)(**{**given, "purge_step": step})
     return logger
+
+
+def interrupted(error: BaseException) -> bool:
+    """Whether ``error`` ends a fit that Ctrl-C (SIGINT) interrupted: a ``KeyboardInterrupt``, or the ``SystemExit``
+    Lightning raises in its place (``trainer.fit``'s ``_call_and_handle_interrupt`` calls the ``on_exception`` hooks,
+    tears down and calls ``sys.exit(1)`` while handling it). Before, only an ``Exception`` was cleaned up after: an
+    interrupted new run left the earlier one in ``checkpoints/earlier.N/`` and ``--ckpt_path last`` trained from
+    scratch."""
+    if isinstance(error, KeyboardInterrupt):
+        return True
+    return isinstance(error, SystemExit) and isinstance(error.__context__, KeyboardInterrupt)
 
 
 def resumed_file(ckpt_path):

@@ -874,19 +874,52 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_a_new_run_that_fails_before_saving_puts_the_earlier_run_back(workdir, monkeypatch, tmp_path):
-    """--ckpt_path null where a run is, then an exception during training before the new run saved anything: the
-    stage's folder is as the fit found it, byte for byte, and --ckpt_path last resumes the earlier run. Before, the
-    earlier run stayed in checkpoints/earlier.1/ beside the failed run's event file and config: the folder looked
-    empty and `last` trained from scratch."""
-    save = [f"--trainer.logger.init_args.save_dir={tmp_path}"]
+def _interrupted_at(monkeypatch, step: int) -> None:
+    """A callback raises KeyboardInterrupt (what Ctrl-C raises) at the start of the training batch of global step
+    ``step``; Lightning's ``trainer.fit`` takes it and exits (``sys.exit(1)``, after its ``on_exception`` hooks)."""
+    from mardini.lit.step_checkpoint import FitStarted
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step >= step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(FitStarted, "on_train_batch_start", on_train_batch_start, raising=False)
+
+
+@pytest.fixture
+def sigint_kept():
+    """SIGINT's handler put back after the test: Lightning ignores SIGINT from an interrupt on (SIG_IGN)."""
+    import signal
+
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, handler)
+
+
+@pytest.mark.parametrize("logger", ["TensorBoardLogger", "CSVLogger"])
+@pytest.mark.parametrize("ending", ["exception", "ctrl-c"])
+def test_a_new_run_that_fails_before_saving_puts_the_earlier_run_back(workdir, monkeypatch, tmp_path, sigint_kept,
+                                                                      logger, ending):
+    """--ckpt_path null where a run is, then an exception during training, or Ctrl-C (a KeyboardInterrupt), before
+    the new run saved anything: the stage's folder is as the fit found it, byte for byte, and --ckpt_path last
+    resumes the earlier run. Before, the earlier run stayed in checkpoints/earlier.1/ beside the failed run's event
+    file and config: the folder looked empty and `last` trained from scratch (after an exception until session 32,
+    after Ctrl-C until session 33, which Lightning turns into sys.exit(1)); a CSV logger's hparams.yaml, which the
+    fit rewrites as it starts, held the new run's settings."""
+    save = [f"--trainer.logger.class_path=lightning.pytorch.loggers.{logger}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.log_every_n_steps=1"]
     stage = tmp_path / STAGES[0]
     _fit(workdir, monkeypatch, *_stage(STAGES[0], 2, *save))
     before = _files(stage)
-    assert "checkpoints/last.ckpt" in before and "config.yaml" in before
+    assert "checkpoints/last.ckpt" in before and "config.yaml" in before and "hparams.yaml" in before
     with monkeypatch.context() as m:
-        _fails_at(m, 1)
-        with pytest.raises(RuntimeError, match="failed at step 1"):
+        if ending == "exception":
+            _fails_at(m, 1)
+            expected = pytest.raises(RuntimeError, match="failed at step 1")
+        else:
+            _interrupted_at(m, 1)
+            expected = pytest.raises(SystemExit)
+        with expected:
             _fit(workdir, m, *_stage(STAGES[0], 3, *save, "--model.init_args.lr=2e-3", "--ckpt_path=null"))
     assert _files(stage) == before
     assert sorted(p.name for p in stage.rglob("*") if p.is_dir()) == ["checkpoints"]  # no earlier.1/ left
