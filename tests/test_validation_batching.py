@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -64,3 +66,63 @@ def test_clip_generators_draw_each_clip_alone_and_one_generator_draws_as_before(
     assert torch.equal(together[2:], alone)
     with pytest.raises(ValueError, match="one per clip"):
         draw_rows(lambda n, g: torch.rand(n, generator=g), 2, ClipGenerators.for_batch(0, batch, 3, 0))
+
+
+class _KeylessClips(torch.utils.data.Dataset):
+    """The clips of :func:`_clips` without their keys (a datamodule of one's own)."""
+
+    def __init__(self, n: int = 4) -> None:
+        self.video = _clips(n)["video"]
+
+    def __len__(self) -> int:
+        return len(self.video)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"video": self.video[i]}
+
+
+def _validate(module: MarDiniModule, loader) -> float:
+    import lightning as L
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    return trainer.validate(module, loader, verbose=False)[0]["val/loss"]
+
+
+def test_clips_without_keys_draw_by_their_dataset_index_on_any_number_of_ranks():
+    """Key-less clips are seeded by their index in the dataset, as the validation loader's sampler reads them: the 4
+    clips in batches of 2 or 3, or split over 2 ranks by the DistributedSampler Lightning gives each rank under DDP
+    (each rank faked here by its sampler), give one val/loss. Before, each rank numbered its clips from 0 (rank 1
+    drew rank 0's crops, masks, t and noise) and a last, smaller batch restarted at batch index x its own size."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    torch.manual_seed(0)
+    module = MarDiniModule(size="tiny", frames=5, planner_resolution=16,
+                           templates={"random": 1.0, "interpolation": 1.0})
+    clips = _KeylessClips()
+    by_two = _validate(module, DataLoader(clips, batch_size=2))
+    assert _validate(module, DataLoader(clips, batch_size=3)) == pytest.approx(by_two, rel=1e-5)
+    ranks = [_validate(module, DataLoader(clips, batch_size=1, sampler=DistributedSampler(
+        clips, num_replicas=2, rank=rank, shuffle=False))) for rank in (0, 1)]
+    assert sum(ranks) / 2 == pytest.approx(by_two, rel=1e-5)  # 2 clips each: the mean of the ranks' means
+
+
+def test_clips_without_keys_from_an_unreadable_order_warn_once_under_ddp(monkeypatch):
+    """An iterable dataset's key-less clips are numbered by their position on each rank, which under DDP draws
+    alike on every rank: the module says so once, naming the fix; one process does not warn."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(_KeylessClips())
+
+    module = MarDiniModule(size="tiny", frames=5, planner_resolution=16)
+    with warnings.catch_warnings(record=True) as alone:
+        warnings.simplefilter("always")
+        _validate(module, DataLoader(Stream(), batch_size=2))
+    assert not [w for w in alone if "without a 'key'" in str(w.message)]  # one process: no warning
+    monkeypatch.setattr(MarDiniModule, "_world_size", lambda self: 2)
+    with pytest.warns(UserWarning, match=r"without a 'key' on 2 ranks.*collate a 'key' per clip") as caught:
+        _validate(module, DataLoader(Stream(), batch_size=2))
+        _validate(module, DataLoader(Stream(), batch_size=2))
+    assert len([w for w in caught if "without a 'key'" in str(w.message)]) == 1

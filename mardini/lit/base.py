@@ -15,14 +15,15 @@ from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import AttributeDict
+from lightning.pytorch.utilities import AttributeDict, rank_zero_warn
 from timm.utils.model_ema import ModelEmaV3
 from torch import nn
 
 from mardini.autoencoders import FrameAutoencoder, SpaceToDepthAutoencoder
 from mardini.lit.batch_weight import ElementWindow
 from mardini.lit.checkpoint_hooks import CHECKPOINT_FORMAT, RESUME_FIX, StageCheckpoints
-from mardini.lit.clip_draws import ClipGenerators, Draws, draw_rows, one_per_clip
+from mardini.lit.clip_draws import (ClipGenerators, Draws, draw_rows, keyless_warning, one_per_clip,
+                                    validation_order)
 from mardini.lit.ema_weights import EmaWeights
 from mardini.lit.expected_warnings import ExpectedWarnings
 from mardini.lit.fsdp import attached_trainer
@@ -158,6 +159,8 @@ class MarDiniBase(StartupChecks, LossReduction, Optimisation, EmaWeights, StepLo
         self._schedule_history: list[list[int]] = []
         self._ema_backup: list[torch.Tensor] | None = None
         self._val_template_sums: torch.Tensor | None = None  # (templates, [loss sum, clips]) of this validation epoch
+        self._val_order: tuple[int | None, list[int] | None] | None = None  # key-less clips' (_keyless_order)
+        self._warned_keyless = False
         # (global step, {name: (rows, [sum, clips])}) of the gradient-accumulation window in progress
         self._train_window: tuple[int, dict[str, torch.Tensor]] | None = None
         self._last_generated: torch.Tensor | None = None  # (B,) generated frames per clip of the last compute_loss
@@ -271,16 +274,32 @@ class MarDiniBase(StartupChecks, LossReduction, Optimisation, EmaWeights, StepLo
         return loss if scale is None else loss * scale
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """Each clip's loss with its own draws (crop, mask, t, noise: :class:`ClipGenerators`, by its key), so the
-        epoch's ``val/loss``, a mean over its clips, does not depend on how they are batched."""
+        """Each clip's loss with its own draws (crop, mask, t, noise: :class:`ClipGenerators`, by its key, else by its
+        index in the dataset: :meth:`_keyless_order`), so the epoch's ``val/loss``, a mean over its clips, does not
+        depend on how they are batched, nor, under DDP, on the world size."""
         rows = _batch_clips(batch)
-        gen = ClipGenerators.for_batch(self.hparams.seed, batch, rows, first=batch_idx * rows)
+        size, order = self._keyless_order(rows) if batch.get("key") is None else (rows, None)
+        gen = ClipGenerators.for_batch(self.hparams.seed, batch, rows, first=batch_idx * size, order=order)
         batch = self.crop_frames(batch, gen)
         per_sample = self.compute_loss(batch, gen, train=False)  # (B,)
         if self._val_template_sums is None:  # summed here, reduced over the ranks at the epoch's end
             self._val_template_sums = per_sample.new_zeros(len(self._loss_templates()), 2, dtype=torch.float32)
         loss_and_count = torch.stack([per_sample.detach().float(), torch.ones_like(per_sample, dtype=torch.float32)], 1)
         self._val_template_sums.index_add_(0, self._last_template, loss_and_count)  # (templates, [loss sum, clips])
+
+    def _keyless_order(self, rows: int) -> tuple[int, list[int] | None]:
+        """``(batch size, dataset indices)`` of this rank's validation loader, for clips without keys
+        (:func:`~mardini.lit.clip_draws.validation_order`, read once per validation); ``(rows, None)`` where it cannot
+        be read: each clip is then numbered by its position on this rank (the batches before it of this one's
+        size), which under DDP warns once."""
+        if self._val_order is None:
+            loaders = getattr(attached_trainer(self), "val_dataloaders", None)
+            self._val_order = validation_order(loaders) or (None, None)
+            if self._val_order[1] is None and self._world_size() > 1 and not self._warned_keyless:
+                self._warned_keyless = True
+                rank_zero_warn(keyless_warning(self._world_size()))
+        size, order = self._val_order
+        return size or rows, order
 
     # ----------------------------------------------------------------------------------------------
     # Hooks that join the jobs of the mixins
@@ -297,6 +316,7 @@ class MarDiniBase(StartupChecks, LossReduction, Optimisation, EmaWeights, StepLo
 
     def on_validation_epoch_start(self) -> None:
         self._val_template_sums = None
+        self._val_order = None  # read again by the first batch without keys (_keyless_order)
         self._swap_in_ema()
 
     def on_validation_epoch_end(self) -> None:

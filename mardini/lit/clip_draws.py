@@ -2,18 +2,26 @@
 
 Training draws a batch's crops, masks, times and noise from one ``torch.Generator`` seeded by (seed, rank, step).
 Validation gives every clip a generator of its own, seeded by the clip's identity (its key; a batch without keys:
-its position), so a clip's draws, and with them ``val/loss``, do not depend on how the clips are batched: the same
-clips in batches of 2 or 4, or under another ``data.num_workers``, give the same loss. A ``compute_loss`` draws
-through :func:`draw_rows`, which takes either.
+its index in the dataset, :func:`validation_order`), so a clip's draws, and with them ``val/loss``, do not depend on
+how the clips are batched: the same clips in batches of 2 or 4, or under another ``data.num_workers``, give the same
+loss. A ``compute_loss`` draws through :func:`draw_rows`, which takes either.
+
+Key-less clips under DDP: Lightning gives each rank its share of a map-style dataset through a ``DistributedSampler``,
+whose indices are the clips' identities, so ``val/loss`` does not depend on the world size where the ranks share the
+clips evenly (the sampler pads an uneven split by repeating the first clips, which then count twice, as in any
+Lightning validation). A loader whose order cannot be read back (an iterable dataset, a random or a batch sampler of
+one's own) numbers its clips by their position on each rank, and under DDP the ranks then draw alike: the module
+warns once (:func:`keyless_warning`); collate a ``key`` per clip (``VideoDataModule`` does) to avoid it.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar, Union
 
 import torch
+from torch.utils.data import BatchSampler, DistributedSampler, SequentialSampler
 
 Draws = Union[torch.Generator, "ClipGenerators"]
 T = TypeVar("T", torch.Tensor, tuple)
@@ -23,15 +31,42 @@ class ClipGenerators(list):
     """One ``torch.Generator`` per clip of a batch, in the batch's order (validation's draws)."""
 
     @classmethod
-    def for_batch(cls, seed: int, batch: dict, rows: int, first: int) -> ClipGenerators:
+    def for_batch(cls, seed: int, batch: dict, rows: int, first: int,
+                  order: Sequence[int] | None = None) -> ClipGenerators:
         """Generators for the ``rows`` clips of ``batch``: each seeded by (``seed``, its ``key``), or for a batch
-        without keys by (``seed``, ``first + i``): its position in the pass, where ``first`` is the batch's index
-        times its size (the batches before it full)."""
+        without keys by (``seed``, ``order[first + i]``): the dataset index of the clip at position ``first + i`` of
+        this rank's pass (``order``: :func:`validation_order`; None: the position itself), where ``first`` is the
+        batch's index times the loader's batch size (the batches before it full)."""
         keys = batch.get("key")
-        ids = [f"key {k}" for k in keys] if keys is not None else [f"index {first + i}" for i in range(rows)]
+        if keys is not None:
+            ids = [f"key {k}" for k in keys]
+        else:
+            ids = [f"index {first + i if order is None else order[first + i]}" for i in range(rows)]
         if len(ids) != rows:
             raise ValueError(f"the batch has {len(ids)} keys for {rows} clips; collate one key per clip")
         return cls(torch.Generator().manual_seed(clip_seed(seed, name)) for name in ids)
+
+
+def validation_order(loader) -> tuple[int, list[int]] | None:
+    """``(batch size, dataset indices)`` a map-style validation ``loader`` reads on this rank, in order: its
+    sampler's, where that is a ``DistributedSampler`` (Lightning's under DDP: this rank's share of the global order,
+    each clip by its index in the dataset) or a ``SequentialSampler`` (one process), batched by a plain
+    ``BatchSampler``. None for any other loader (an iterable dataset, a random or wrapped sampler, a batch sampler of
+    one's own), whose order cannot be read back without drawing it anew."""
+    sampler, batches = getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)
+    if type(batches) is not BatchSampler or batches.sampler is not sampler:
+        return None
+    if type(sampler) is not DistributedSampler and not isinstance(sampler, SequentialSampler):
+        return None
+    return batches.batch_size, list(sampler)
+
+
+def keyless_warning(world_size: int) -> str:
+    """The warning for key-less validation batches whose order :func:`validation_order` cannot read, under DDP."""
+    return (f"validation batches without a 'key' on {world_size} ranks, from a loader whose clip order cannot be read "
+            "back (not a DistributedSampler over a map-style dataset): each rank numbers its clips from 0, so the "
+            "ranks draw alike (crop, mask, t, noise) and val/loss depends on the world size; collate a 'key' per clip "
+            "(a string naming it) to seed each clip's draws by it")
 
 
 def clip_seed(seed: int, clip: str) -> int:
@@ -59,4 +94,5 @@ def one_per_clip(generator: Draws) -> bool:
     return not isinstance(generator, torch.Generator)
 
 
-__all__ = ["ClipGenerators", "Draws", "clip_seed", "draw_rows", "one_per_clip"]
+__all__ = ["ClipGenerators", "Draws", "clip_seed", "draw_rows", "keyless_warning", "one_per_clip",
+           "validation_order"]
