@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,6 +47,46 @@ def test_every_shipped_config_is_ascii():
     bad = [f"{p.relative_to(REPO)}: {sorted({c for c in p.read_text(encoding='utf-8') if not c.isascii()})}"
            for p in files if not p.read_bytes().isascii()]
     assert not bad, f"non-ASCII characters in shipped configs (write them in ASCII): {bad}"
+
+
+# the modules whose string literals are report text, written as UTF-8 whatever the locale
+# (test_text_files_are_utf8_whatever_the_locale); every other literal of the package is ASCII
+REPORT_WRITERS = {"mardini/evaluation/cli.py", "mardini/demo/report.py", "mardini/reproduce/main.py",
+                  "mardini/reproduce/report.py", "mardini/reproduce/verdicts.py"}
+
+
+def _non_ascii_literals(path: Path) -> list[str]:
+    """The non-ASCII string literals of the Python file ``path`` outside docstrings, as ``path:line``."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [f"{path.relative_to(REPO)}:{node.lineno}" for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and not node.value.isascii()
+            and id(node) not in docstrings]
+
+
+def test_the_names_the_package_logs_and_records_are_ascii(tmp_path):
+    """Lightning's CSV logger writes metrics.csv in the locale's encoding (its header: the metric names), so a
+    non-ASCII name would fail to write in an ASCII locale and come out garbled under cp1252. Every metric name, hparam
+    name and default the package logs or records is built from its string literals (and the template names), and
+    these are ASCII outside the report writers; hparams.yaml escapes any non-ASCII value a user gives (a path), so it
+    is ASCII in any locale too."""
+    from mardini.masking import TEMPLATES
+
+    files = [p for p in sorted((REPO / "mardini").rglob("*.py"))
+             if str(p.relative_to(REPO)).replace(os.sep, "/") not in REPORT_WRITERS]
+    bad = [where for p in files for where in _non_ascii_literals(p)]
+    assert not bad, f"non-ASCII string literals (metric or hparam names? write them in ASCII): {bad}"
+    assert all(name.isascii() for name in TEMPLATES)
+    code = ("import sys; from lightning.pytorch.core.saving import save_hparams_to_yaml;"
+            "save_hparams_to_yaml(sys.argv[1], {'init_from': 'donn\\u00e9es/last.ckpt', 'lr': 0.001})")
+    done = _run_in_ascii_locale(code, str(tmp_path / "hparams.yaml"))
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    written = (tmp_path / "hparams.yaml").read_bytes()
+    assert written.isascii() and yaml.safe_load(written)["init_from"] == "donn\u00e9es/last.ckpt"
 
 
 def test_a_paper_config_loads_in_an_ascii_locale():

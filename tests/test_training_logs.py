@@ -174,6 +174,8 @@ def test_the_task_mix_the_attention_switch_and_the_ema_decay_are_logged_by_step(
     decay = _csv_column(folder, "ema/decay")
     assert decay == {s: pytest.approx(fit.model.ema.get_decay(s)) for s in steps}
     assert decay[0] == decay[1] == 0.0 and 0 < decay[2] < decay[4] <= 0.9  # the first updates copy; capped
+    # the CSV logger writes them in the locale's encoding: ASCII names read alike in any (test_platforms.py)
+    assert (folder / "metrics.csv").read_bytes().isascii() and (folder / "hparams.yaml").read_bytes().isascii()
 
 
 # --------------------------------------------------------------------------------------------------
