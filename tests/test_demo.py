@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -298,3 +301,42 @@ def test_an_eta_above_1_stops_the_demo_before_anything_runs(tmp_path, monkeypatc
     assert err.startswith("python -m mardini.demo: error: --eta=5.0 is impossible: DDIM's eta is in [0, 1]: "
                           "0 deterministic, 1 ancestral\n")
     assert not (tmp_path / "out").exists()
+
+
+def _plot_losses_in_a_process(config_dir: Path, log_dir: Path, png: Path) -> subprocess.CompletedProcess:
+    """The demo's loss curves of ``log_dir`` drawn to ``png`` by a new process whose matplotlib keeps its font list
+    in ``config_dir`` (``MPLCONFIGDIR``); its output."""
+    env = {**os.environ, "MPLCONFIGDIR": str(config_dir), "MPLBACKEND": "Agg", "PYTHONPATH": str(REPO)}
+    code = ("import sys; from pathlib import Path; from mardini.demo.curves import plot_losses;"
+            "plot_losses([('stage', Path(sys.argv[1]))], Path(sys.argv[2]))")
+    return subprocess.run([sys.executable, "-c", code, str(log_dir), str(png)], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_the_loss_curves_log_no_findfont_line_under_a_font_list_without_matplotlib_s_fonts(tmp_path):
+    """matplotlib trusts the per-user font list any installation writes; the demo machine's listed the system's
+    DejaVu alone, and the pictures step logged 21 lines "findfont: Font family ['STIXGeneral'] not found. Falling back
+    to DejaVu Sans." (mathtext's fonts, looked up for the log axes' tick labels). The demo's curves now add
+    matplotlib's own fonts where the list lacks them: no such line, and the PNG is byte for byte the one a whole
+    list gives."""
+    import matplotlib
+    from matplotlib import font_manager
+    from torch.utils.tensorboard import SummaryWriter
+
+    logs = tmp_path / "logs"
+    with SummaryWriter(str(logs)) as writer:
+        for step in range(20):
+            writer.add_scalar("train/loss", 1.0 / (step + 1), step)
+        writer.add_scalar("val/loss", 0.2, 10)
+    stale = copy.copy(font_manager.fontManager)  # the fonts of the system, none of matplotlib's own
+    ours = os.path.join(os.path.realpath(matplotlib.get_data_path()), "")
+    stale.ttflist = [f for f in stale.ttflist if not os.path.realpath(f.fname).startswith(ours)]
+    stale.afmlist = [f for f in stale.afmlist if not os.path.realpath(f.fname).startswith(ours)]
+    (tmp_path / "stale").mkdir()
+    font_manager.json_dump(stale, tmp_path / "stale" / f"fontlist-v{font_manager.FontManager.__version__}.json")
+    done = _plot_losses_in_a_process(tmp_path / "stale", logs, tmp_path / "stale.png")
+    assert done.returncode == 0, done.stderr
+    assert "findfont" not in done.stdout + done.stderr, done.stderr
+    whole = _plot_losses_in_a_process(tmp_path / "whole", logs, tmp_path / "whole.png")  # a list built afresh
+    assert whole.returncode == 0 and "findfont" not in whole.stderr, whole.stderr
+    assert (tmp_path / "stale.png").read_bytes() == (tmp_path / "whole.png").read_bytes()

@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import font_manager  # noqa: E402
+
+
+def register_bundled_fonts() -> list[str]:
+    """Add the fonts matplotlib ships (``mpl-data/fonts/ttf``: DejaVu, STIX, Computer Modern) that its font list
+    lacks; the paths added (none where the list is whole).
+
+    matplotlib reads its font list from a per-user cache (``~/.cache/matplotlib/fontlist-v<N>.json``, or under
+    ``MPLCONFIGDIR``), which any installation of the same cache version writes and trusts. One written without the
+    bundled fonts (the demo machine's listed the system's DejaVu alone) left mathtext, which draws the log axes' tick
+    labels (10^-1), without its STIX and Computer Modern fonts: the pictures step logged 21 lines ``findfont: Font
+    family ['STIXGeneral'] not found. Falling back to DejaVu Sans.``. The figures are the same either way (the
+    labels' glyphs are DejaVu Sans'), byte for byte."""
+    folder = os.path.join(matplotlib.get_data_path(), "fonts", "ttf")
+    known = {os.path.realpath(font.fname) for font in font_manager.fontManager.ttflist}
+    missing = [path for path in sorted(font_manager.findSystemFonts([folder], fontext="ttf"))
+               if os.path.realpath(path) not in known]
+    for path in missing:
+        font_manager.fontManager.addfont(path)  # also clears findfont's cache
+    return missing
+
+
+register_bundled_fonts()  # before any figure: mathtext looks its fonts up once
 
 
 def read_scalars(log_dir: Path, tag: str) -> list[tuple[int, float]]:
