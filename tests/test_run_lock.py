@@ -150,3 +150,69 @@ def test_the_holder_s_heartbeat_keeps_its_lock_fresh(tmp_path, monkeypatch):
     assert path.stat().st_mtime > old + 1
     lock.release()
     assert not path.exists()
+
+
+def _empty_stale_lock(folder: Path) -> Path:
+    """A lock a fit was killed while writing (empty), older than a heartbeat."""
+    path = folder / LOCK_NAME
+    path.write_text("")
+    old = time.time() - run_lock.HEARTBEAT_S - 5
+    os.utime(path, (old, old))
+    return path
+
+
+@pytest.mark.parametrize("stale", ["dead pid", "empty"])
+def test_fits_that_judge_one_stale_lock_at_once_leave_the_folder_to_one(tmp_path, monkeypatch, stale):
+    """Two fits judge a dead fit's lock stale before either writes (a requeue and a manual restart); the first takes
+    it over, then the second acts while a third fit starts. Before, the second moved the first's live lock aside to
+    look at it, the third took the empty place, and the second put the first's lock back over the third's
+    (``os.replace``): the first and the third both held the folder."""
+    path = _lock(tmp_path, pid=_dead_pid()) if stale == "dead pid" else _empty_stale_lock(tmp_path)
+    first, second, third = RunLock([tmp_path]), RunLock([tmp_path]), RunLock([tmp_path])
+    judge, read = run_lock.stale_reason, run_lock.read_record
+    refused, seen = [], {"judged": False, "third": False}
+
+    def stale_reason(found, where):
+        why = judge(found, where)
+        if why and not seen["judged"]:  # the second has judged the lock stale: the first takes it over now
+            seen["judged"] = True
+            first.acquire()
+        return why
+
+    def read_record(where):
+        if first._held and not seen["third"]:  # the second acts on its judgement: a third fit starts meanwhile
+            seen["third"] = True
+            with pytest.raises(FolderInUseError, match=f"pid {os.getpid()}"):
+                third.acquire()
+            refused.append(third)
+        return read(where)
+
+    monkeypatch.setattr(run_lock, "stale_reason", stale_reason)
+    monkeypatch.setattr(run_lock, "read_record", read_record)
+    try:
+        with pytest.warns(UserWarning, match="taking over the lock") as said, \
+                pytest.raises(FolderInUseError, match=f"in use by another fit \\(pid {os.getpid()}"):
+            second.acquire()
+        assert [lock for lock in (first, second, third) if lock._held] == [first] and refused == [third]
+        assert read(path)["token"] == first.record["token"]
+        assert len([w for w in said if "taking over" in str(w.message)]) == 1
+        assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME]  # no claim nor temp file left
+    finally:
+        for lock in (first, second, third):
+            lock.release()
+
+
+def test_a_fit_taking_a_stale_lock_over_refuses_the_others_until_done_and_a_dead_taker_s_claim_is_cleared(
+        tmp_path, monkeypatch):
+    path = _lock(tmp_path, pid=_dead_pid())
+    claim = tmp_path / f"{LOCK_NAME}.takeover-other"
+    claim.write_text(json.dumps({"host": "node9", "pid": 5, "started": "now", "token": "taker"}))
+    with pytest.raises(FolderInUseError, match="pid 5 on host node9"):
+        RunLock([tmp_path]).acquire()
+    old = time.time() - run_lock.HEARTBEAT_S - 5
+    os.utime(claim, (old, old))  # its taker was killed within the takeover
+    with pytest.warns(UserWarning, match="taking over the lock"):
+        lock = RunLock([tmp_path]).acquire()
+    assert json.loads(path.read_text())["token"] == lock.record["token"] and not claim.exists()
+    lock.release()
+

@@ -12,6 +12,13 @@ refused before it writes anything, naming the holder and the fix. A lock left by
 it (SIGKILL, a node lost) is stale and taken over, with a message: its pid is gone (same host), its SLURM job is the
 one now running again (a requeue keeps ``SLURM_JOB_ID`` and raises ``SLURM_RESTART_COUNT``), or its heartbeat is
 older than ``STALE_AFTER_S`` (another host). Resumes (``--ckpt_path last``) and requeues therefore go on as before.
+
+Every step that decides who holds the folder is atomic on a local file system and on NFSv3+: creating the lock and
+claiming a takeover (``O_CREAT | O_EXCL``), replacing a stale lock (``os.replace``); fits that judge one stale lock
+at once leave it to the one that claims it first, the others are refused as by a live lock (:func:`take_over`).
+What stays non-atomic: removing a claim left by a taker killed within its takeover (milliseconds; two fits that
+both find it ``HEARTBEAT_S`` later could both remove it), and a holder judged stale wrongly (its heartbeat stalled
+over ``STALE_AFTER_S``) that releases its lock while another fit replaces it.
 """
 
 from __future__ import annotations
@@ -85,24 +92,71 @@ def holder_record() -> dict:
 def take(path: Path, record: dict) -> None:
     """Create the lock at ``path`` holding ``record``; a stale one is taken over (said once), a live one refused."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(3):  # another fit may take a stale lock over between our look and our move
+    for _ in range(3):  # the lock may change hands between our look and our claim: look again
         if create(path, record):
             return
         found = read_record(path)
         why = stale_reason(found, path)
         if why is None:
             raise FolderInUseError(in_use_message(path, found))
-        aside = path.with_name(f"{LOCK_NAME}.stale-{record['token']}")
-        try:
-            os.replace(path, aside)
-        except FileNotFoundError:
-            continue
-        if read_record(aside).get("token") != found.get("token"):  # moved a fresh lock: give it back
-            os.replace(aside, path)
-            continue
-        aside.unlink()
-        rank_zero_warn(f"{path}: taking over the lock of a fit that is gone ({why}); this fit now holds the folder")
+        stale = identity(found, path)
+        if stale is not None and take_over(path, record, stale):
+            rank_zero_warn(f"{path}: taking over the lock of a fit that is gone ({why}); this fit now holds the folder")
+            return
     raise FolderInUseError(in_use_message(path, read_record(path)))
+
+
+def take_over(path: Path, record: dict, stale: str) -> bool:
+    """Replace the stale lock at ``path`` (``stale``: its :func:`identity`) by one holding ``record``, under the claim
+    file ``fit.lock.takeover-<stale>`` that only one taker creates (``O_EXCL``); the lock is replaced whole
+    (``os.replace`` of a written temp file), never moved away. False where the lock is no longer that one (taken
+    over or released meanwhile: look again). While another fit holds the claim this one is refused, as by a live
+    lock; a claim older than ``HEARTBEAT_S`` is a taker's killed mid-takeover and is removed."""
+    claim = path.with_name(f"{LOCK_NAME}.takeover-{stale}")
+    if not create(claim, record):
+        return clear_dead_claim(claim, path)
+    try:
+        if identity(read_record(path), path) != stale:
+            return False
+        replace(path, record)
+        return True
+    finally:
+        claim.unlink(missing_ok=True)
+
+
+def clear_dead_claim(claim: Path, path: Path) -> bool:
+    """False after removing ``claim`` when its taker is gone (older than ``HEARTBEAT_S``); otherwise the refusal
+    naming that taker, which is taking the lock at ``path`` over."""
+    try:
+        age = time.time() - claim.stat().st_mtime
+    except FileNotFoundError:  # its takeover just ended
+        return False
+    if age <= HEARTBEAT_S:
+        raise FolderInUseError(in_use_message(path, read_record(claim)))
+    claim.unlink(missing_ok=True)
+    return False
+
+
+def identity(found: dict, path: Path) -> str | None:
+    """Which lock ``found`` (read from ``path``) is: its token, else (an empty or foreign file) its inode; None when
+    ``path`` is gone."""
+    token = found.get("token")
+    if isinstance(token, str) and token.isalnum():
+        return token
+    try:
+        return f"inode{path.stat().st_ino}"
+    except FileNotFoundError:
+        return None
+
+
+def replace(path: Path, record: dict) -> None:
+    """Put a lock holding ``record`` at ``path`` over whatever is there, in one step (a temp file ``os.replace``d)."""
+    temp = path.with_name(f"{LOCK_NAME}.{record['token']}.tmp")
+    try:
+        temp.write_text(json.dumps(record))
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 def create(path: Path, record: dict) -> bool:
