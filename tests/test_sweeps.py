@@ -63,6 +63,45 @@ def test_a_run_records_its_git_commit_and_library_versions_with_its_hyper_parame
     assert shown["code/lightning"] == version("lightning") and shown["code/git_commit"] == str(code["git_commit"])
 
 
+def test_each_checkpoint_records_the_code_that_saved_it_and_every_commit_the_run_trained_with(workdir, monkeypatch,
+                                                                                             tmp_path):
+    """A fit, then its resume under another commit (faked): the last checkpoint holds the resuming process's code and
+    both commits with the steps they trained from, hparams.yaml the same history, and the resume said it went on
+    from a checkpoint of another commit. Before, a checkpoint said nothing of its code and hparams.yaml held the
+    latest start's commit only."""
+    from importlib.metadata import version
+
+    import torch
+
+    from mardini import run_info
+    from mardini.lit import checkpoint_hooks
+    from mardini.lit.run_settings import code_settings
+
+    said: list[str] = []
+    monkeypatch.setattr(checkpoint_hooks, "rank_zero_info", said.append)
+    code_settings.cache_clear()
+    real = run_info.code_version()
+    _fit(workdir, monkeypatch, _config(tmp_path))  # 2 steps
+    other = {**real, "git_commit": "f" * 40, "git_dirty": True}
+    monkeypatch.setattr(run_info, "code_version", lambda root=None: other)
+    code_settings.cache_clear()
+    try:
+        _fit(workdir, monkeypatch, _config(tmp_path), "--trainer.max_steps=3")
+    finally:
+        code_settings.cache_clear()
+    folder = tmp_path / "stage"
+    meta = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["mardini"]
+    assert {k: meta["code"][k] for k in ("git_commit", "git_dirty", "mardini", "torch")} == {
+        "git_commit": "f" * 40, "git_dirty": True, "mardini": mardini.__version__, "torch": version("torch")}
+    history = [(e["git_commit"], e["git_dirty"], e["from_step"]) for e in meta["code_history"]]
+    assert history == [(real["git_commit"], real["git_dirty"], 0), ("f" * 40, True, 2)]
+    shown = yaml.safe_load((folder / "hparams.yaml").read_text())["code"]["history"]
+    assert [(e["git_commit"], e["from_step"]) for e in shown] == [(real["git_commit"], 0), ("f" * 40, 2)]
+    lines = [line for line in said if line.startswith("resuming ")]
+    assert len(lines) == 1 and f"commit {(real['git_commit'] or '')[:12]}" in lines[0], said
+    assert "this fit runs commit ffffffffffff with uncommitted changes" in lines[0]
+
+
 VALIDATE_EACH_STEP = ["--trainer.max_steps=4", "--trainer.limit_val_batches=2", "--trainer.val_check_interval=1"]
 
 

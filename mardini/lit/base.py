@@ -153,6 +153,8 @@ class MarDiniBase(StartupChecks, LossReduction, Optimisation, EmaWeights, StepLo
         self._perf_window: tuple[float, int, int] | None = None  # (start, clips, tokens) since the last logged perf/
         self._train_seconds = 0.0  # training time before this fit's training started (a resumed checkpoint's)
         self._train_clock: float | None = None  # perf_counter at this fit's training start, while it trains
+        self._code_history: list[dict[str, Any]] = []  # the code a resumed checkpoint was trained with (code_record)
+        self._code_from_step = 0  # the global step this process's code trains from (a resumed checkpoint's)
         self._schedule_steps: int | None = None  # the LR schedule's length (configure_optimizers), saved in checkpoints
         self._resumed_schedule: dict[str, Any] | None = None  # what a resumed checkpoint says of its schedule
         # [[global step, LR schedule length], ...]: each length the run trained with, from the step it took over
@@ -330,14 +332,15 @@ class MarDiniBase(StartupChecks, LossReduction, Optimisation, EmaWeights, StepLo
     def hparams_initial(self) -> AttributeDict:
         """What Lightning records as the run's hyper-parameters (``logger.log_hyperparams``, once at the start of a
         fit or validate): the module's arguments and, with a trainer attached, the run's data, trainer and curriculum
-        settings under ``data``, ``trainer`` and ``curriculum`` (:func:`~mardini.lit.run_settings.run_settings`), so
-        runs compare on them too. The checkpoint's ``hyper_parameters`` stay the module's (``hparams``)."""
+        settings under ``data``, ``trainer`` and ``curriculum`` and its code under ``code`` (with ``history``, the
+        commits it was trained with across resumes) (:func:`~mardini.lit.run_settings.run_settings`), so runs
+        compare on them too. The checkpoint's ``hyper_parameters`` stay the module's (``hparams``)."""
         from mardini.lit.run_settings import run_settings
 
         hp = super().hparams_initial
         trainer = attached_trainer(self)
         if trainer is not None:
-            hp.update({k: v for k, v in run_settings(trainer).items() if k not in hp})
+            hp.update({k: v for k, v in run_settings(trainer, self.code_history()).items() if k not in hp})
         return hp
 
     def tokens_per_clip(self, batch: dict) -> int:

@@ -8,10 +8,13 @@ from typing import Any
 
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from mardini.diffusion.anchor import FrameAnchor
+from mardini.lit.code_record import earlier_history, extended, other_code_line
 from mardini.lit.fsdp import attached_trainer, fsdp_root
+from mardini.lit.run_settings import code_settings
 from mardini.lit.schedules import warmup_cosine
 
 CHECKPOINT_FORMAT = 1  # bump when the layout of checkpoint["mardini"] or the network keys change
@@ -43,9 +46,16 @@ class StageCheckpoints:
             "train_seconds": self.train_seconds(),
             "lr_schedule_steps": self._schedule_steps,  # a resume under another length says so
             "lr_schedule_history": [list(entry) for entry in self._schedule_history],  # _record_schedule_length
+            "code": dict(code_settings()),  # the code of the process saving it (git commit, changes, libraries)
+            "code_history": self.code_history(),  # every commit the run trained with, from which step
             **({"cross_rope_grid": self.networks["generator"].cfg.cross_rope_grid} if "generator" in self.networks
                else {}),
         }
+
+    def code_history(self) -> list[dict[str, Any]]:
+        """The code this run was trained with (``mardini.lit.code_record``): the resumed checkpoint's history, then
+        this process's code from the step it resumed at (0 for a new run)."""
+        return extended(self._code_history, code_settings(), self._code_from_step)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["mardini"] = self.checkpoint_metadata()
@@ -82,11 +92,20 @@ class StageCheckpoints:
         # 2026-12-07 hold rank 0's alone)
         self._skipped_total = int(checkpoint["mardini"].get("data_skipped", 0)) if self.global_rank == 0 else 0
         self._train_seconds = float(checkpoint["mardini"].get("train_seconds", 0.0))  # a resume adds to it
+        self._note_code(checkpoint, path, fitting=trainer is not None and trainer.state.fn == TrainerFn.FITTING)
         if "ema_loaded" in checkpoint["mardini"]:  # a resume need not load init_from again (MarDiniCLI) to know it
             self._ema_loaded = set(checkpoint["mardini"]["ema_loaded"])
         state = checkpoint["state_dict"]
         for k, v in self.autoencoder.state_dict().items():
             state.setdefault(f"autoencoder.{k}", v)
+
+    def _note_code(self, checkpoint: dict, path: str, fitting: bool) -> None:
+        """Carry the checkpoint's code history forward; a fit resuming a checkpoint another code wrote says so."""
+        step = int(checkpoint.get("global_step", 0))
+        self._code_history, self._code_from_step = earlier_history(checkpoint["mardini"]), step
+        line = other_code_line(path, checkpoint["mardini"].get("code"), code_settings()) if fitting else None
+        if line is not None:
+            rank_zero_info(line)
 
     def _cross_rope_grid(self) -> str | None:
         """The generator's plan-token placement, or None where it cannot matter (no generator, or no cross RoPE)."""

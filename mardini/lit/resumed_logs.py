@@ -1,5 +1,5 @@
-"""A resumed fit logs on from where its checkpoint stopped, on the same x-axis as one uninterrupted run, and continues
-a CSV logger's ``metrics.csv``."""
+"""A resumed fit logs on from where its checkpoint stopped, on the same x-axis as one uninterrupted run, continues
+a CSV logger's ``metrics.csv`` and rewrites a TensorBoard logger's ``hparams.yaml``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import csv
 import os
 
 import lightning as L
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.core.saving import save_hparams_to_yaml
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
@@ -23,7 +24,9 @@ class ResumedLogs(L.Callback):
     records it after Lightning has counted the last step, and a resume from it whose first batch is due a validation
     (the one the last step ran) counts that step again: each such resume logged one step further on, checkpoints
     already written included. At the first training batch after a restore this sets it to the global step, as an
-    uninterrupted run has it there, before any callback logs (``MarDiniCLI`` puts this callback first)."""
+    uninterrupted run has it there, before any callback logs (``MarDiniCLI`` puts this callback first).
+
+    A resumed fit's TensorBoard loggers rewrite their ``hparams.yaml`` (:func:`rewrite_hparams`)."""
 
     _restored = False
 
@@ -32,11 +35,22 @@ class ResumedLogs(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, ContinuedCSVLogger):
                 logger.continue_from(trainer.global_step if self._restored else None)
+            elif isinstance(logger, TensorBoardLogger) and self._restored:
+                rewrite_hparams(logger)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         if self._restored and pl_module.automatic_optimization:  # one optimiser step per stepped batch
             set_logged_step(trainer, trainer.global_step)
         self._restored = False
+
+
+@rank_zero_only
+def rewrite_hparams(logger: TensorBoardLogger) -> None:
+    """Write the hyper-parameters the resumed fit logged (its code and the run's code history among them) over the
+    ``hparams.yaml`` of ``logger``'s folder. Lightning's TensorBoardLogger writes that file only where there is none,
+    so it kept the first start's code and settings whatever the resumes ran (a CSV logger's is rewritten)."""
+    if logger.hparams:
+        save_hparams_to_yaml(os.path.join(logger.log_dir, logger.NAME_HPARAMS_FILE), logger.hparams)
 
 
 def set_logged_step(trainer: L.Trainer, step: int) -> None:

@@ -7,7 +7,8 @@ trainer's (steps, precision, accumulation, clipping, devices) and the curriculum
 (``data``, ``trainer``, ``curriculum``), so they cannot clash with the model's (both have ``frames`` and ``seed``,
 which Lightning's merge of module and datamodule hyper-parameters refuses when they differ), and the code that ran
 under ``code`` (the package version, git commit and whether the checkout had changes, Python's and the libraries'
-versions), so two runs of a sweep also compare on what they ran.
+versions; ``history``: every commit the run was trained with, ``mardini.lit.code_record``), so two runs of a sweep
+also compare on what they ran.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ import lightning as L
 DATA_FIELDS = ("train_shards", "val_shards", "batch_size", "resolution", "fps", "frames", "epoch_size")  # of any
 
 
-def run_settings(trainer: L.Trainer) -> dict[str, Any]:
+def run_settings(trainer: L.Trainer, history: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """``{"data": ..., "trainer": ..., "curriculum": ..., "code": ...}`` of the run ``trainer`` holds (a key
-    without settings is left out), in plain YAML types."""
+    without settings is left out), in plain YAML types; ``history``: the commits the run was trained with across
+    its resumes (``mardini.lit.code_record``), under ``code.history``."""
+    code = {**code_settings(), **({"history": history} if history else {})}
     out = {"data": data_settings(getattr(trainer, "datamodule", None)), "trainer": trainer_settings(trainer),
-           "curriculum": curriculum_settings(trainer.callbacks), "code": code_settings()}
+           "curriculum": curriculum_settings(trainer.callbacks), "code": code}
     return {key: plain(value) for key, value in out.items() if value}
 
 
