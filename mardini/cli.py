@@ -212,7 +212,13 @@ class MarDiniCLI(LightningCLI):
 
     def validate(self, model, **kwargs):
         """``trainer.validate`` of the checkpoint ``last`` found (the stage's newest: ``scored_checkpoint``), of the
-        file ``--ckpt_path`` names, or with ``--ckpt_path null`` of the weights the stage starts from."""
+        file ``--ckpt_path`` names, or with ``--ckpt_path null`` of the weights the stage starts from.
+
+        It takes no ``fit.lock`` and runs beside a fit of the same folder: scoring the newest checkpoint mid-training
+        is what one wants, and it writes nowhere the fit writes (its logger logs in the folder's ``validate/``:
+        :func:`validation_logger`; ``validate.yaml`` goes there; the checkpoint callbacks save nothing) and reads
+        checkpoints the fit replaces atomically (``AtomicCheckpointIO``). Two validates of one folder at once share
+        ``validate/`` (separate event files; the later ``hparams.yaml`` and ``validate.yaml`` stay)."""
         if self._resume_from is not None:
             kwargs["ckpt_path"] = self._resume_from
         elif kwargs.get("ckpt_path") is None:

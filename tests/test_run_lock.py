@@ -216,3 +216,20 @@ def test_a_fit_taking_a_stale_lock_over_refuses_the_others_until_done_and_a_dead
     assert json.loads(path.read_text())["token"] == lock.record["token"] and not claim.exists()
     lock.release()
 
+
+
+def test_validate_in_a_folder_a_live_fit_holds_scores_its_newest_checkpoint_and_leaves_the_fit_s_files(
+        workdir, monkeypatch, tmp_path):
+    """Scoring a checkpoint mid-training is allowed: validate takes no lock and writes only in the folder's validate/
+    (its event file, hparams.yaml, validate.yaml); the fit's checkpoints, config.yaml, hparams.yaml, event files and
+    lock stay as they were."""
+    folder = tmp_path / "stage"
+    _fit(workdir, monkeypatch, _config(tmp_path))
+    lock = _lock(folder)  # another fit of this host's live process (our parent) now holds the folder
+    fits = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    monkeypatch.chdir(workdir)
+    cli = main(["validate", "--config", str(_config(tmp_path)), *QUIET, "--trainer.limit_val_batches=1"])
+    assert cli.trainer.logged_metrics["val/loss"] > 0
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and "validate" not in p.parts} == fits
+    assert json.loads(lock.read_text())["token"] == "other"
+    assert {p.name for p in (folder / "validate").iterdir()} >= {"hparams.yaml", "validate.yaml"}
