@@ -22,7 +22,8 @@ GRIDS = {"class_path": "mardini.lit.sample_grids.SampleGrids", "init_args": {"ev
 @pytest.fixture(scope="module")
 def fit(tmp_path_factory):
     """``train.py fit --config configs/debug.yaml`` for ``STEPS`` steps, logging every step, sample grids every 2
-    steps; (its CLI, its folder)."""
+    steps, on 4-frame 16 px clips (what the callbacks hold does not depend on the clip size; 32 px 9-frame steps took
+    three times as long); (its CLI, its folder)."""
     root = tmp_path_factory.mktemp("long_run")
     tiny_synthetic(root / "data" / "shards" / "synthetic", train=8, val=4, frames=18, size=32)
     with pytest.MonkeyPatch.context() as mp:
@@ -31,6 +32,7 @@ def fit(tmp_path_factory):
                     "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
                     "--trainer.enable_model_summary=false", "--trainer.num_sanity_val_steps=0",
                     "--trainer.precision=32-true", "--data.init_args.batch_size=2",
+                    "--data.init_args.frames=4", "--data.init_args.resolution=16",
                     f"--trainer.callbacks+={json.dumps(GRIDS)}"])
     return cli, root
 
