@@ -20,13 +20,13 @@ GRIDS = {"class_path": "mardini.lit.sample_grids.SampleGrids", "init_args": {"ev
 
 
 @pytest.fixture(scope="module")
-def fit(tmp_path_factory):
+def fit(tmp_path_factory, seed_variables_kept):
     """``train.py fit --config configs/debug.yaml`` for ``STEPS`` steps, logging every step, sample grids every 2
     steps, on 4-frame 16 px clips (what the callbacks hold does not depend on the clip size; 32 px 9-frame steps took
     three times as long); (its CLI, its folder)."""
     root = tmp_path_factory.mktemp("long_run")
     tiny_synthetic(root / "data" / "shards" / "synthetic", train=8, val=4, frames=18, size=32)
-    with pytest.MonkeyPatch.context() as mp:
+    with seed_variables_kept(), pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         cli = main(["fit", "--config", str(REPO / "configs" / "debug.yaml"), f"--trainer.max_steps={STEPS}",
                     "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
