@@ -667,10 +667,20 @@ def _parity_config(tmp: Path, name: str) -> Path:
     return path
 
 
-def test_resume_gives_the_same_weights_as_one_run(workdir, monkeypatch, tmp_path):
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+@pytest.fixture(scope="module")
+def one_run(workdir, tmp_path_factory, seed_variables_kept):
+    """The parity config's 8 steps in one run (its CLI): what the resume tests compare their resumed runs with."""
+    with seed_variables_kept(), pytest.MonkeyPatch.context() as mp:
+        return _fit(workdir, mp, "--config", str(_parity_config(tmp_path_factory.mktemp("parity"), "one")),
+                    "--trainer.max_steps=8", *QUIET)
+
+
+def test_resume_gives_the_same_weights_as_one_run(workdir, monkeypatch, tmp_path, one_run):
     """8 steps at once vs 3 + resume + 5 (crossing a data-epoch boundary at step 5 and a milestone)."""
-    quiet = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-    one = _fit(workdir, monkeypatch, "--config", str(_parity_config(tmp_path, "one")), "--trainer.max_steps=8", *quiet)
+    quiet, one = QUIET, one_run
     _fit(workdir, monkeypatch, "--config", str(_parity_config(tmp_path, "two")), "--trainer.max_steps=3", *quiet)
     two = _fit(workdir, monkeypatch, "--config", str(_parity_config(tmp_path, "two")), "--trainer.max_steps=8", *quiet)
     assert one.trainer.global_step == two.trainer.global_step == 8
@@ -689,10 +699,10 @@ def test_resume_gives_the_same_weights_as_one_run(workdir, monkeypatch, tmp_path
     assert any(not torch.equal(raw[k], ema[k]) for k in raw)
 
 
-def test_a_fit_ending_between_checkpoints_saves_its_last_step_and_resumes_exactly(workdir, monkeypatch, tmp_path):
+def test_a_fit_ending_between_checkpoints_saves_its_last_step_and_resumes_exactly(workdir, monkeypatch, tmp_path,
+                                                                                   one_run):
     """checkpoint_every=3, max_steps=4: step 4 is saved at train end (not lost), and resuming to 8 matches one run."""
-    quiet = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-    one = _fit(workdir, monkeypatch, "--config", str(_parity_config(tmp_path, "one")), "--trainer.max_steps=8", *quiet)
+    quiet, one = QUIET, one_run
     _fit(workdir, monkeypatch, "--config", str(_parity_config(tmp_path, "two")), "--trainer.max_steps=4", *quiet)
     ckpts = tmp_path / "two" / "checkpoints"
     assert read_checkpoint(ckpts / "last.ckpt")["global_step"] == 4
