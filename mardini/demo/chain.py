@@ -102,6 +102,12 @@ def quiet_lightning():
                 lg.setLevel(level)
 
 
+def scaled_steps(settings: dict, scale: float = 1.0) -> int:
+    """The steps a stage trains at ``scale``: its merged ``settings``' (:func:`stage_settings`) ``max_steps`` times
+    ``scale``, rounded, at least 1 (``python -m mardini.demo --scale``, the reproduction's runs and their checks)."""
+    return max(1, round(settings["trainer"]["max_steps"] * scale))
+
+
 def run_stage(name: str, config_dir: Path = TINY_DIR, extra: list[str] | None = None,
               max_steps: int | None = None, progress: bool = True, scale: float = 1.0) -> StageRun:
     """Train one stage from the CLI in this process; skipped when its ``last.ckpt`` has reached ``max_steps``
@@ -110,7 +116,7 @@ def run_stage(name: str, config_dir: Path = TINY_DIR, extra: list[str] | None = 
 
     common, stage = config_dir / "common.yaml", config_dir / f"{name}.yaml"
     settings = stage_settings(common, stage)
-    steps = int(max_steps if max_steps is not None else max(1, round(settings["trainer"]["max_steps"] * scale)))
+    steps = int(max_steps if max_steps is not None else scaled_steps(settings, scale))
     logger = settings["trainer"]["logger"]["init_args"]
     log_dir = Path(logger["save_dir"]) / logger["name"] / str(logger.get("version", ""))
     checkpoint = log_dir / "checkpoints" / "last.ckpt"

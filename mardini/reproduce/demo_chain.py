@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mardini.demo.chain import TINY_DIR, stage_settings
+from mardini.demo.chain import TINY_DIR, scaled_steps, stage_settings
 from mardini.reproduce.runs import CKPT_KEYS
 
 NOT_RECORDED = "not recorded (a checkpoint written before 2026-12-07)"
@@ -120,7 +120,7 @@ def stage_differences(ckpt: dict, name: str, scale: float = 1.0, source: Path = 
     the checkpoint's value first. ``resumable``: a checkpoint short of the steps is no difference (a fit at these
     settings resumes it), a longer one is."""
     cfg = stage_settings(source / "common.yaml", source / f"{name}.yaml")
-    steps = max(1, round(cfg["trainer"]["max_steps"] * scale)) if steps is None else steps
+    steps = scaled_steps(cfg, scale) if steps is None else steps
     meta = ckpt.get("mardini") or {}
     short = resumable and isinstance(ckpt.get("global_step"), int) and ckpt["global_step"] < steps
     diffs = [] if short else _differ("steps", ckpt.get("global_step"), steps)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from mardini.demo.chain import TINY_DIR, TINY_STAGES, StageRun, run_stage
+from mardini.demo.chain import TINY_DIR, TINY_STAGES, StageRun, run_stage, scaled_steps, stage_settings
 
 CKPT_KEYS = ("init_from", "planner_ckpt", "generator_ckpt")  # model.init_args that name another stage's checkpoint
 IDENTITY_STAGE = "01_dm_warmup_4f"  # Fig. 6c: the generator warm-up from scratch (PAPER.md §2.5)
@@ -64,8 +64,7 @@ def planned_runs(configs: Path, scale: float, identity_steps: int | None, chain:
     runs = {}
     if chain:
         for name in TINY_STAGES:
-            max_steps = yaml.safe_load((configs / f"{name}.yaml").read_text(encoding="utf-8"))["trainer"]["max_steps"]
-            runs[name] = max(1, round(max_steps * scale))
+            runs[name] = scaled_steps(stage_settings(configs / "common.yaml", configs / f"{name}.yaml"), scale)
     if identity_steps is not None:
         runs.update({identity_run_name(on): identity_steps for on in (True, False)})
     return runs
