@@ -102,6 +102,20 @@ def test_a_rerun_with_other_settings_or_clashing_names_is_refused(synth, tmp_pat
         _cache(f"{synth / 'val'}::{tmp_path / 'copy' / 'val'}", tmp_path / "both")
 
 
+def test_a_resume_with_another_chunk_size_is_no_other_setting(synth, tmp_path):
+    """chunk_size bounds memory, not the latents: a resume on a smaller GPU keeps the shards cached so far (it was
+    refused: 'holds latents cached with other settings (autoencoder {... 'chunk_size': 64 ...} -> {...})')."""
+    first = sorted((synth / "val").glob("*.tar"))[:2]
+    _cache("::".join(map(str, first)), tmp_path / "cache")  # interrupted: 2 of 4
+    again = _cli().main([str(synth / "val"), str(tmp_path / "cache"), "--frames", "4", "--fps", "8", "--resolution",
+                         "16", "--planner-resolution", "8", "--autoencoder-kwargs", '{"chunk_size": 2}',
+                         "--no-progress"])
+    assert again["kept"] == 2 and again["written"] == 2
+    with pytest.raises(ValueError, match="other settings \\(autoencoder .*'scale': 1.0.* -> .*'scale': 2.0"):
+        _cli().main([str(synth / "val"), str(tmp_path / "cache"), "--frames", "4", "--fps", "8", "--resolution", "16",
+                     "--planner-resolution", "8", "--autoencoder-kwargs", '{"scale": 2.0}', "--no-progress"])
+
+
 def test_a_shard_without_a_usable_clip_is_not_cached(synth, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(synth / "val", src)

@@ -231,20 +231,32 @@ class _CachedMeanwhile(Exception):
 
 def check_manifest(out: Path, info: dict) -> None:
     """``<out>/manifest.json`` records the cache settings; a re-run with others into the same folder is refused
-    (shards kept from the earlier run would mix two settings)."""
+    (shards kept from the earlier run would mix two settings). The autoencoders are compared as a stage compares
+    them (:func:`~mardini.lit.checkpoints.latent_spec_differences`), so a resume with another ``chunk_size`` (a
+    memory knob: a smaller GPU) is no other setting."""
     manifest = out / "manifest.json"
     if manifest.exists():
         old = json.loads(manifest.read_text(encoding="utf-8")).get("settings") or {}
         if "planner_copy" not in old:  # a cache written before it was recorded: it follows from the other settings
             info = {k: v for k, v in info.items() if k != "planner_copy"}
-        if old != info:
-            changes = ", ".join(f"{k} {old.get(k)!r} -> {info.get(k)!r}" for k in sorted(set(old) | set(info))
-                                if old.get(k) != info.get(k))
+        changed = sorted(k for k in set(old) | set(info) if not _same_setting(k, old.get(k), info.get(k)))
+        if changed:
+            changes = ", ".join(f"{k} {old.get(k)!r} -> {info.get(k)!r}" for k in changed)
             raise ValueError(f"{out} holds latents cached with other settings ({changes}); cache into a new "
                              "output folder, or delete this one to re-cache")
         return
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(manifest, {"settings": info})
+
+
+def _same_setting(key: str, old, new) -> bool:
+    """Whether a manifest's setting ``key`` encodes the same latents as ``old`` and ``new``."""
+    if key == "autoencoder" and isinstance(old, dict) and isinstance(new, dict):
+        from mardini.lit.checkpoints import latent_spec_differences
+
+        same_args = set(old.get("init_args") or {}) == set(new.get("init_args") or {})
+        return same_args and not latent_spec_differences(old, new)
+    return old == new
 
 
 def _encode_shard(stream, sink, ae, info, frames, planner_resolution, dtype, device, summary) -> None:
