@@ -14,7 +14,7 @@ import torch
 
 from mardini.autoencoders import SpaceToDepthAutoencoder
 from mardini.data.datamodule import VideoDataModule
-from mardini.data.latent_cache import encode_pair, load_autoencoder
+from mardini.data.latent_cache import cache_latents, encode_pair, load_autoencoder
 from mardini.data.testing import tiny_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,6 +169,44 @@ def test_a_stage_refuses_a_cache_of_other_latents(synth, tmp_path):
     normalised = GenerationModule(size="tiny", frames=4, autoencoder=SpaceToDepthAutoencoder(2, shift=-0.4, scale=2.58))
     with pytest.raises(ValueError, match="differ: \\['scale', 'shift'\\].*re-cache"):
         normalised.check_latent_autoencoder(shard)
+
+
+def _save_tiny_vae(folder: Path, seed: int) -> str:
+    """A 4-channel 2x diffusers AutoencoderKL with random weights of ``seed`` at ``folder``."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)  # diffusers initialises weights from the global RNG
+    AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                  sample_size=16).save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_cache_records_its_vae_s_weights_not_only_its_path(synth, tmp_path):
+    """Another VAE behind the cache's path was accepted (the spec names only the path) and the same VAE behind
+    another path refused ("differ: ['path']"); the cache's fingerprint of the weights and config decides now."""
+    pytest.importorskip("diffusers")
+    from mardini.autoencoders import DiffusersAutoencoder
+    from mardini.lit import GenerationModule
+
+    vae, moved = _save_tiny_vae(tmp_path / "vae", 0), tmp_path / "moved"
+    shutil.copytree(vae, moved)  # the same VAE on another mount
+    args = dict(frames=4, fps=8, resolution=16, planner_resolution=8, progress=False)
+    cache_latents(str(synth / "val"), tmp_path / "cache", DiffusersAutoencoder(vae), **args)
+    shard = str(sorted((tmp_path / "cache").glob("*.tar"))[0])
+
+    def stage(path: str) -> GenerationModule:
+        return GenerationModule(size="tiny", frames=4, autoencoder=DiffusersAutoencoder(path))
+
+    stage(vae).check_latent_autoencoder(shard)
+    stage(str(moved)).check_latent_autoencoder(shard)  # the same weights elsewhere: accepted
+    cache_latents(str(synth / "val"), tmp_path / "cache", DiffusersAutoencoder(moved), **args)  # resumes there too
+    shutil.rmtree(vae)
+    _save_tiny_vae(tmp_path / "vae", 1)  # other weights at the cache's path
+    with pytest.raises(ValueError, match="other weights or config .*Point model.init_args.autoencoder at the VAE"):
+        stage(vae).check_latent_autoencoder(shard)
+    with pytest.raises(ValueError, match="other settings \\(autoencoder_fingerprint 'sha256:"):
+        cache_latents(str(synth / "val"), tmp_path / "cache", DiffusersAutoencoder(vae), **args)
 
 
 def test_a_stage_checks_the_validation_cache_too(synth, tmp_path):

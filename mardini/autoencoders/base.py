@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Collection
 
 import torch
@@ -47,6 +48,21 @@ class FrameAutoencoder(nn.Module):
     def spec(self) -> dict:
         """``{"class_path", "init_args"}`` that rebuilds this autoencoder (stored in checkpoints)."""
         raise NotImplementedError(f"{type(self).__name__} does not say how to rebuild itself; implement spec()")
+
+    def fingerprint(self) -> str:
+        """A digest of what makes these latents beyond :meth:`spec`: the class and every weight and buffer (floats
+        as float32, so the dtype they are loaded in does not count), ``"sha256:<16 hex>"``. A latent cache records
+        it, so a stage can tell another VAE behind the same path (and the same VAE behind another path)."""
+        digest = hashlib.sha256(f"{type(self).__module__}.{type(self).__qualname__}".encode())
+        self._digest_extra(digest)
+        for name, tensor in sorted(self.state_dict().items()):
+            t = tensor.detach().float() if tensor.is_floating_point() else tensor.detach()
+            digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return "sha256:" + digest.hexdigest()[:16]
+
+    def _digest_extra(self, digest) -> None:
+        """Feed :meth:`fingerprint`'s ``digest`` settings that change the latents but are no weight (none here)."""
 
     # -- public API --------------------------------------------------------------------------------
     def latent_size(self, height: int, width: int) -> tuple[int, int]:

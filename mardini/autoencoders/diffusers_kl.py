@@ -121,6 +121,12 @@ class DiffusersAutoencoder(FrameAutoencoder):
         training-time choice)."""
         return {"class_path": "mardini.autoencoders.diffusers_kl.DiffusersAutoencoder", "init_args": self._spec_args}
 
+    def _digest_extra(self, digest) -> None:
+        """The VAE's config (its architecture: activation, norm groups, ...), without diffusers' private keys
+        (``_name_or_path``, ``_diffusers_version``), which do not change the latents."""
+        config = {k: v for k, v in dict(self.vae.config).items() if not k.startswith("_")}
+        digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+
     def train(self, mode: bool = True) -> DiffusersAutoencoder:
         """The VAE is frozen: it stays in eval mode whatever the parent module does."""
         super().train(mode)

@@ -8,7 +8,8 @@ re-run resumes) holding, per clip:
   :func:`mardini.data.transforms.planner_copy` to ``planner_resolution`` and then encoded (exactly what the
   Lightning modules do on the fly);
 - ``json``: the clip's metadata with ``frames``/``fps`` of the cached selection, ``positions`` restricted to
-  it (crop-relative), and ``latent_cache`` (autoencoder, sizes, dtype, frame indices, crop window).
+  it (crop-relative), and ``latent_cache`` (autoencoder spec and fingerprint, sizes, dtype, frame indices, crop
+  window).
 
 The cache FREEZES augmentation: every clip is centre-cropped and its frames are the fixed centred selection
 of ``frames`` at ``fps``. Training from the cache can only pick sub-windows in time (``data.frames`` smaller
@@ -144,7 +145,7 @@ def cache_latents(
     device = resolve_device(device)
     ae = autoencoder.to(device).eval()
     info = {
-        "autoencoder": _spec(ae),
+        "autoencoder": _spec(ae), "autoencoder_fingerprint": ae.fingerprint(),
         "resolution": list(as_size(resolution)), "planner_resolution": list(as_size(planner_resolution)),
         "planner_copy": list(planner_size(*as_size(resolution), planner_resolution)),  # the z_low frames' size
         "frames": frames, "fps": fps, "dtype": dtype, "crop": "center",
@@ -237,9 +238,11 @@ def check_manifest(out: Path, info: dict) -> None:
     manifest = out / "manifest.json"
     if manifest.exists():
         old = json.loads(manifest.read_text(encoding="utf-8")).get("settings") or {}
-        if "planner_copy" not in old:  # a cache written before it was recorded: it follows from the other settings
-            info = {k: v for k, v in info.items() if k != "planner_copy"}
-        changed = sorted(k for k in set(old) | set(info) if not _same_setting(k, old.get(k), info.get(k)))
+        unrecorded = {"planner_copy", "autoencoder_fingerprint"} - set(old)  # by a cache written before they were
+        info = {k: v for k, v in info.items() if k not in unrecorded}
+        same_vae = "autoencoder_fingerprint" in old and old["autoencoder_fingerprint"] == info["autoencoder_fingerprint"]
+        changed = sorted(k for k in set(old) | set(info)
+                         if not _same_setting(k, old.get(k), info.get(k), same_vae))
         if changed:
             changes = ", ".join(f"{k} {old.get(k)!r} -> {info.get(k)!r}" for k in changed)
             raise ValueError(f"{out} holds latents cached with other settings ({changes}); cache into a new "
@@ -249,13 +252,14 @@ def check_manifest(out: Path, info: dict) -> None:
     write_json_atomic(manifest, {"settings": info})
 
 
-def _same_setting(key: str, old, new) -> bool:
-    """Whether a manifest's setting ``key`` encodes the same latents as ``old`` and ``new``."""
+def _same_setting(key: str, old, new, same_fingerprint: bool) -> bool:
+    """Whether a manifest's setting ``key`` encodes the same latents as ``old`` and ``new`` (an autoencoder of the
+    same fingerprint may be found at another path)."""
     if key == "autoencoder" and isinstance(old, dict) and isinstance(new, dict):
         from mardini.lit.checkpoints import latent_spec_differences
 
         same_args = set(old.get("init_args") or {}) == set(new.get("init_args") or {})
-        return same_args and not latent_spec_differences(old, new)
+        return same_args and not latent_spec_differences(old, new, same_fingerprint)
     return old == new
 
 

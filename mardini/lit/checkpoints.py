@@ -128,9 +128,15 @@ def _autoencoder_class(class_path: str | None):
         return class_path
 
 
-def latent_spec_differences(theirs: dict[str, Any], ours: dict[str, Any]) -> list[str]:
+# Where an autoencoder's weights are found, not what they are: two specs whose fingerprints agree (the same weights
+# and config, FrameAutoencoder.fingerprint) may differ in these.
+LOCATION_ARGS = ("path", "subfolder")
+
+
+def latent_spec_differences(theirs: dict[str, Any], ours: dict[str, Any], same_fingerprint: bool = False) -> list[str]:
     """What makes two autoencoder specs encode other latents: ``["class"]``, or the init arguments both record
-    with different values (``chunk_size``, a memory knob, aside); empty when they encode the same latents. A spec
+    with different values (``chunk_size``, a memory knob, aside, and with ``same_fingerprint``, the weights'
+    location :data:`LOCATION_ARGS`); empty when they encode the same latents. A spec
     written before an argument existed is compared on the arguments it has, except a
     :class:`~mardini.autoencoders.diffusers_kl.DiffusersAutoencoder` spec without ``shift`` / ``scale`` (written
     before they were recorded), which used its VAE config's factors: those are compared with the other spec's
@@ -143,7 +149,8 @@ def latent_spec_differences(theirs: dict[str, Any], ours: dict[str, Any]) -> lis
     a, b = theirs.get("init_args") or {}, ours.get("init_args") or {}
     if cls is DiffusersAutoencoder:
         a, b = _diffusers_factors(a, b), _diffusers_factors(b, a)
-    return sorted(k for k in set(a) & set(b) if k != "chunk_size" and a[k] != b[k])
+    aside = {"chunk_size", *(LOCATION_ARGS if same_fingerprint else ())}
+    return sorted(k for k in set(a) & set(b) if k not in aside and a[k] != b[k])
 
 
 def _diffusers_factors(args: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:

@@ -37,15 +37,18 @@ class StartupChecks:
         validation cache of other latents would score the model on inputs it never trained on."""
         from mardini.data.sharding import list_shards
 
+        fingerprint = self.autoencoder.fingerprint()  # once: it reads every weight
         for shards in (getattr(dm, "train_shards", None), getattr(dm, "val_shards", None)):
             if shards:
-                self.check_latent_autoencoder(list_shards(shards)[0])
+                self.check_latent_autoencoder(list_shards(shards)[0], fingerprint)
 
-    def check_latent_autoencoder(self, shard: str) -> None:
+    def check_latent_autoencoder(self, shard: str, fingerprint: str | None = None) -> None:
         """Raise if a latent cache was encoded by another autoencoder (class or any argument but ``chunk_size``)
         than this model's: its networks would train on latents of another scale. A cache that recorded only some
-        arguments is compared on those. A model with a planner also refuses a cache made for another
-        ``planner_resolution`` (its planner would train at another size than it samples at)."""
+        arguments is compared on those; one that recorded the autoencoder's fingerprint (weights and config) is
+        compared on it too, and then not on the weights' path. A model with a planner also refuses a cache made for
+        another ``planner_resolution`` (its planner would train at another size than it samples at).
+        ``fingerprint``: this model's autoencoder's, when the caller has it already."""
         from mardini.data.datamodule import first_json
         from mardini.lit.checkpoints import latent_spec_differences
 
@@ -54,7 +57,10 @@ class StartupChecks:
             self._check_cached_planner_copy(shard, cache)
         theirs = cache.get("autoencoder") or {}
         ours = self.autoencoder.spec()
-        differ = latent_spec_differences(theirs, ours)
+        recorded = cache.get("autoencoder_fingerprint")
+        if recorded is not None:
+            self._check_cached_fingerprint(shard, recorded, fingerprint or self.autoencoder.fingerprint(), theirs, ours)
+        differ = latent_spec_differences(theirs, ours, same_fingerprint=recorded is not None)
         if differ:
             raise ValueError(
                 f"the latent cache {shard} was encoded with {theirs.get('class_path')} {theirs.get('init_args')}, "
@@ -62,6 +68,19 @@ class StartupChecks:
                 "with data/cache_latents.py --autoencoder-kwargs matching model.init_args.autoencoder, or set the "
                 "model's autoencoder to the cache's"
             )
+
+    @staticmethod
+    def _check_cached_fingerprint(shard: str, theirs: str, ours: str, their_spec: dict, our_spec: dict) -> None:
+        """Raise unless the cache was encoded by an autoencoder of this one's weights and config."""
+        if theirs == ours:
+            return
+        raise ValueError(
+            f"the latent cache {shard} was encoded by an autoencoder of other weights or config (fingerprint "
+            f"{theirs}, from {_weights_at(their_spec)} when it was cached) than this model's ({ours}, "
+            f"{_weights_at(our_spec)}); "
+            "its networks would train on other latents. Point model.init_args.autoencoder at the VAE the cache was "
+            "encoded with, or re-cache with data/cache_latents.py and this one into a new folder"
+        )
 
     def _check_cached_planner_copy(self, shard: str, cache: dict) -> None:
         """Raise unless the cache's planner copies are the ones this model makes of its frames: their size
@@ -150,6 +169,11 @@ _PRECISION_PROBLEMS = {
     "64-true": "the networks would compute in fp64, but cached latents reach them in fp32",
 }
 _PRECISION_PROBLEMS["bf16-true"] = _PRECISION_PROBLEMS["16-true"]
+
+
+def _weights_at(spec: dict) -> str:
+    """Where an autoencoder spec's weights come from: its ``path`` (a diffusers VAE), else its class path."""
+    return str((spec.get("init_args") or {}).get("path", spec.get("class_path")))
 
 
 def _check_precision(precision: str) -> None:
