@@ -51,8 +51,15 @@ class FrameAutoencoder(nn.Module):
 
     def fingerprint(self) -> str:
         """A digest of what makes these latents beyond :meth:`spec`: the class and every weight and buffer (floats
-        as float32, so the dtype they are loaded in does not count), ``"sha256:<16 hex>"``. A latent cache records
-        it, so a stage can tell another VAE behind the same path (and the same VAE behind another path)."""
+        as float32, so the dtype they are loaded in does not count), ``"sha256:<16 hex>"``. A latent cache and a
+        checkpoint record it, so a stage or a sampler can tell another VAE behind the same path (and the same VAE
+        behind another path). Computed once per autoencoder (it reads every weight; the autoencoder is frozen)."""
+        if "_fingerprint" not in self.__dict__:
+            self.__dict__["_fingerprint"] = self._digest()
+        return self.__dict__["_fingerprint"]
+
+    def _digest(self) -> str:
+        """:meth:`fingerprint`, computed."""
         digest = hashlib.sha256(f"{type(self).__module__}.{type(self).__qualname__}".encode())
         self._digest_extra(digest)
         for name, tensor in sorted(self.state_dict().items()):

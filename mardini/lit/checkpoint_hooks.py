@@ -38,6 +38,7 @@ class StageCheckpoints:
             "network_configs": {name: dataclasses.asdict(net.cfg) for name, net in self.networks.items()},
             "autoencoder": type(self.autoencoder).__name__,
             "autoencoder_spec": self.autoencoder.spec(),
+            "autoencoder_fingerprint": self.autoencoder.fingerprint(),  # computed once per process (memoised)
             "planner_resolution": self.hparams.planner_resolution,
             "latent_channels": self.autoencoder.latent_channels,
             "nonfinite_skipped": self.nonfinite_skipped,
@@ -144,7 +145,8 @@ class StageCheckpoints:
         )
 
         path = path or getattr(attached_trainer(self), "ckpt_path", None) or "the checkpoint to resume"
-        check_same_latents(checkpoint["mardini"], self.autoencoder.spec(), path, fix=f"To go on, {RESUME_FIX}")
+        check_same_latents(checkpoint["mardini"], self.autoencoder.spec(), path, fix=f"To go on, {RESUME_FIX}",
+                           fingerprint=self.autoencoder.fingerprint)
         if "generator" in self.networks:
             check_same_anchor(checkpoint.get("hyper_parameters") or {}, FrameAnchor.from_hparams(self.hparams), path,
                               fix=RESUME_FIX)
@@ -172,7 +174,8 @@ class StageCheckpoints:
         raw, ema = load_network_states(path, kinds=kinds, names=names or tuple(self.networks.keys()),
                                        size=self.hparams.size, autoencoder_spec=self.autoencoder.spec(),
                                        anchor=FrameAnchor.from_hparams(self.hparams),
-                                       cross_rope_grid=self._cross_rope_grid())
+                                       cross_rope_grid=self._cross_rope_grid(),
+                                       autoencoder_fingerprint=self.autoencoder.fingerprint)
         for name, state in raw.items():
             where = f"{path}: network '{name}' (this model: size '{self.hparams.size}', {name} {self.hparams.get(name)})"
             ours = dataclasses.asdict(self.networks[name].cfg)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import re
+from collections.abc import Callable
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
@@ -175,20 +176,45 @@ ANCHOR_FIX = ("set model.init_args.anchor and anchor_scale to the checkpoint's v
 
 
 def check_same_latents(meta: dict[str, Any], autoencoder_spec: dict[str, Any], path: str | Path,
-                       fix: str = LATENTS_FIX) -> None:
+                       fix: str = LATENTS_FIX, fingerprint: Callable[[], str] | None = None) -> None:
     """Raise if the checkpoint's networks were trained on other latents than ``autoencoder_spec`` describes
-    (:func:`latent_spec_differences`); the message ends with ``fix``."""
+    (:func:`latent_spec_differences`); the message ends with ``fix``. ``fingerprint``: returns this model's
+    autoencoder's :meth:`~mardini.autoencoders.FrameAutoencoder.fingerprint`, called only where the checkpoint
+    records one (checkpoints written before 2026-12-07 do not): another is refused, the same one accepts the VAE at
+    another path."""
     theirs = meta.get("autoencoder_spec")
     if not isinstance(theirs, dict):
         return
+    recorded = meta.get("autoencoder_fingerprint") if fingerprint is not None else None
+    if recorded is not None:
+        problem = other_fingerprint(meta, fingerprint(), autoencoder_spec, path)
+        if problem:
+            raise ValueError(f"{problem}. {fix}")
     a, b = theirs.get("init_args", {}), autoencoder_spec.get("init_args", {})
-    differ = latent_spec_differences(theirs, autoencoder_spec)
+    differ = latent_spec_differences(theirs, autoencoder_spec, same_fingerprint=recorded is not None)
     if differ:
         raise ValueError(
             f"{path} was trained on latents of {theirs.get('class_path')} {a}, this model encodes with "
             f"{autoencoder_spec.get('class_path')} {b} (differ: {differ}); its networks would see "
             f"other inputs. {fix}"
         )
+
+
+def other_fingerprint(meta: dict[str, Any], ours: str, our_spec: dict[str, Any], path: str | Path) -> str | None:
+    """Where the checkpoint at ``path`` (its ``mardini`` ``meta``) records an autoencoder fingerprint other than
+    ``ours`` (of the autoencoder of spec ``our_spec``), the sentence that says so, naming both fingerprints and
+    where each autoencoder's weights came from; None where it records the same or none."""
+    theirs = meta.get("autoencoder_fingerprint")
+    if theirs is None or theirs == ours:
+        return None
+    return (f"{path} was trained with an autoencoder of other weights or config (fingerprint {theirs}, from "
+            f"{weights_at(meta.get('autoencoder_spec') or {})} when it was saved) than this one ({ours}, from "
+            f"{weights_at(our_spec)}): its networks would see the latents of another autoencoder")
+
+
+def weights_at(spec: dict[str, Any]) -> str:
+    """Where an autoencoder spec's weights come from: its ``path`` (a diffusers VAE), else its class path."""
+    return str((spec.get("init_args") or {}).get("path", spec.get("class_path")))
 
 
 def check_same_anchor(hparams: dict[str, Any], anchor: FrameAnchor, path: str | Path, fix: str = ANCHOR_FIX) -> None:
@@ -362,20 +388,22 @@ def state_differences(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Ten
 def load_network_states(
     path: str | Path, kinds: tuple[str, ...], names: tuple[str, ...], size: str | None = None,
     autoencoder_spec: dict[str, Any] | None = None, anchor: FrameAnchor | None = None,
-    cross_rope_grid: str | None = None,
+    cross_rope_grid: str | None = None, autoencoder_fingerprint: Callable[[], str] | None = None,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, torch.Tensor]]]:
     """Raw and EMA state dicts of the networks ``names`` from a checkpoint of one of ``kinds``.
 
     From an EMA-only export (``mardini.lit.ema_export``) the raw weights are the EMA ones.
 
     ``autoencoder_spec``: this model's autoencoder; a checkpoint trained on other latents is refused.
+    ``autoencoder_fingerprint``: returns this model's autoencoder's fingerprint; a checkpoint that records another is
+    refused, one that records the same accepts the VAE at another path (:func:`check_same_latents`).
     ``anchor``: this model's target (:class:`FrameAnchor`); a generator trained on another one is refused.
     ``cross_rope_grid``: this model's plan-token placement; a joint checkpoint's generator with another is refused."""
     ckpt = read_checkpoint(path)
     meta = check_metadata(ckpt, kinds, path, size, exact_size=False, networks=names or ("planner", "generator"))  # /ST or /T alike; the
     # sizes compared on the networks taken only (MarDini-L's generator warm-up is MarDini-S's)
     if autoencoder_spec is not None:
-        check_same_latents(meta, autoencoder_spec, path)
+        check_same_latents(meta, autoencoder_spec, path, fingerprint=autoencoder_fingerprint)
     if anchor is not None and "generator" in names:
         check_same_anchor(ckpt.get("hyper_parameters") or {}, anchor, path)
     if "generator" in names:

@@ -72,12 +72,14 @@ class StartupChecks:
     @staticmethod
     def _check_cached_fingerprint(shard: str, theirs: str, ours: str, their_spec: dict, our_spec: dict) -> None:
         """Raise unless the cache was encoded by an autoencoder of this one's weights and config."""
+        from mardini.lit.checkpoints import weights_at
+
         if theirs == ours:
             return
         raise ValueError(
             f"the latent cache {shard} was encoded by an autoencoder of other weights or config (fingerprint "
-            f"{theirs}, from {_weights_at(their_spec)} when it was cached) than this model's ({ours}, "
-            f"{_weights_at(our_spec)}); "
+            f"{theirs}, from {weights_at(their_spec)} when it was cached) than this model's ({ours}, "
+            f"{weights_at(our_spec)}); "
             "its networks would train on other latents. Point model.init_args.autoencoder at the VAE the cache was "
             "encoded with, or re-cache with data/cache_latents.py and this one into a new folder"
         )
@@ -169,11 +171,6 @@ _PRECISION_PROBLEMS = {
     "64-true": "the networks would compute in fp64, but cached latents reach them in fp32",
 }
 _PRECISION_PROBLEMS["bf16-true"] = _PRECISION_PROBLEMS["16-true"]
-
-
-def _weights_at(spec: dict) -> str:
-    """Where an autoencoder spec's weights come from: its ``path`` (a diffusers VAE), else its class path."""
-    return str((spec.get("init_args") or {}).get("path", spec.get("class_path")))
 
 
 def _check_precision(precision: str) -> None:

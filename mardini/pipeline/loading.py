@@ -19,7 +19,9 @@ from torch import nn
 from mardini.autoencoders import FrameAutoencoder, build_autoencoder
 from mardini.diffusion import CosineSchedule
 from mardini.diffusion.anchor import FrameAnchor
-from mardini.lit.checkpoints import EMA_PREFIX, KINDS, check_metadata, cross_rope_grid_of, read_checkpoint
+from mardini.lit.checkpoints import (
+    EMA_PREFIX, KINDS, check_metadata, cross_rope_grid_of, other_fingerprint, read_checkpoint,
+)
 from mardini.models.registry import build_generator, build_planner, generator_overrides, get_size
 
 
@@ -67,7 +69,7 @@ def load_checkpoint(path: str | Path, ema: bool = True, window: int | None = Non
     if "autoencoder_spec" not in meta:
         raise ValueError(f"{path} does not record its autoencoder (autoencoder_spec); re-save it with this code")
     hp = hyper_parameters_of(ckpt, path)
-    autoencoder = build_autoencoder(meta["autoencoder_spec"], allow_autoencoders).eval()  # a refused one: at once
+    autoencoder = checkpoint_autoencoder(meta, path, allow_autoencoders)  # a refused one: at once
     state = ckpt["state_dict"]
     prefix = EMA_PREFIX if ema else "networks."
     channels = int(meta["latent_channels"])
@@ -109,6 +111,31 @@ def load_checkpoint(path: str | Path, ema: bool = True, window: int | None = Non
               "global_step": ckpt.get("global_step"), "attention": generator.attention_mode,
               "anchor": FrameAnchor.from_hparams(hp).anchor},
     )
+
+
+def checkpoint_autoencoder(meta: dict[str, Any], path: str | Path,
+                           allow_autoencoders: Collection[str] = ()) -> FrameAutoencoder:
+    """The checkpoint's autoencoder, rebuilt (in eval mode) from its recorded spec (its VAE from the recorded
+    ``path``), with a warning where the checkpoint records another fingerprint (:func:`warn_other_autoencoder`)."""
+    autoencoder = build_autoencoder(meta["autoencoder_spec"], allow_autoencoders).eval()
+    warn_other_autoencoder(meta, autoencoder, path)
+    return autoencoder
+
+
+def warn_other_autoencoder(meta: dict[str, Any], autoencoder: FrameAutoencoder, path: str | Path) -> None:
+    """Warn where the checkpoint (its ``mardini`` ``meta``) was trained with an autoencoder of another fingerprint
+    than ``autoencoder`` (other weights behind the recorded path): its networks then sample in another latent
+    space. A warning, not a refusal: sampling trains nothing, the checkpoint names the only VAE it can be given,
+    and a VAE swapped on purpose (a fine-tuned decoder of the same encoder) is legitimate for decoding. Checkpoints
+    written before the fingerprint was recorded (2026-12-07) are not checked."""
+    if meta.get("autoencoder_fingerprint") is None:
+        return
+    problem = other_fingerprint(meta, autoencoder.fingerprint(), autoencoder.spec(), path)
+    if problem:
+        warnings.warn(
+            f"{problem}; the samples decode (and given frames encode) with it. Put the VAE the checkpoint was "
+            "trained with back at that path (or, for a decoder fine-tuned from the same encoder on purpose, "
+            "ignore this warning)", UserWarning, stacklevel=3)
 
 
 def hyper_parameters_of(ckpt: dict[str, Any], path) -> dict[str, Any]:

@@ -16,14 +16,13 @@ from typing import Any
 
 import torch
 
-from mardini.autoencoders import build_autoencoder
 from mardini.data.transforms import planner_copy, resize_video
 from mardini.diffusion.checks import frame_mask
 from mardini.evaluation.protocol import DEFAULT_GUIDANCE
 from mardini.evaluation.samplers import BASELINES, PipelineSampler
 from mardini.lit.checkpoints import EMA_PREFIX, check_metadata, read_checkpoint
 from mardini.models.registry import build_planner
-from mardini.pipeline.loading import hyper_parameters_of, load_network
+from mardini.pipeline.loading import checkpoint_autoencoder, hyper_parameters_of, load_network
 
 
 # ------------------------------------------------------------------------------------------------
@@ -46,7 +45,7 @@ class PlannerOnly:
         self.planner = build_planner(meta["size"], **over)
         load_network(self.planner, ckpt["state_dict"], f"{EMA_PREFIX if ema else 'networks.'}planner.", checkpoint, ema)
         self.planner.eval().requires_grad_(False)
-        self.autoencoder = build_autoencoder(meta["autoencoder_spec"], allow_autoencoders).eval()
+        self.autoencoder = checkpoint_autoencoder(meta, checkpoint, allow_autoencoders)
         self.planner_resolution = int(meta["planner_resolution"])
 
     @torch.no_grad()

@@ -1,0 +1,68 @@
+"""Checkpoints record their autoencoder's fingerprint: a stage started from one (init_from, a resume) refuses a VAE
+of other weights behind the recorded path and accepts the same VAE at another path; sampling warns."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from pipeline_helpers import make_checkpoint, one_thread  # noqa: F401 (fixture)
+from test_data_latent_cache import _save_tiny_vae
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def vae_ckpt(tmp_path_factory, one_thread):
+    """``(vae folder, its copy at another path, a generation checkpoint trained with the VAE)``."""
+    pytest.importorskip("diffusers")
+    from mardini.autoencoders import DiffusersAutoencoder
+
+    root = tmp_path_factory.mktemp("fingerprint")
+    vae, moved = _save_tiny_vae(root / "vae", 0), root / "moved"
+    shutil.copytree(vae, moved)
+    ckpt = make_checkpoint(root / "generation.ckpt", "generation", frames=4, size=16,
+                           model_args={"autoencoder": DiffusersAutoencoder(vae)})
+    return vae, str(moved), ckpt
+
+
+def _stage(vae: str, **kwargs):
+    from mardini.autoencoders import DiffusersAutoencoder
+    from mardini.lit import GenerationModule
+
+    return GenerationModule(size="tiny", frames=4, autoencoder=DiffusersAutoencoder(vae), **kwargs)
+
+
+def test_a_checkpoint_records_its_vae_s_weights_not_only_its_path(vae_ckpt):
+    """init_from refused the same VAE at another path ("differ: ['path']") and accepted other weights behind the
+    recorded path, which sampling decoded with silently; the checkpoint's fingerprint decides now."""
+    from mardini.autoencoders import DiffusersAutoencoder
+    from mardini.pipeline import MarDiniPipeline
+
+    vae, moved, ckpt = vae_ckpt
+    meta = torch.load(ckpt, map_location="cpu", weights_only=False)["mardini"]
+    assert meta["autoencoder_fingerprint"] == DiffusersAutoencoder(moved).fingerprint()
+    _stage(moved, init_from=str(ckpt))  # the same weights elsewhere: accepted
+    _stage(moved)._check_resumable(torch.load(ckpt, map_location="cpu", weights_only=False), str(ckpt))  # resumes
+    shutil.rmtree(vae)
+    _save_tiny_vae(vae, 1)  # other weights at the checkpoint's path
+    with pytest.raises(ValueError, match=f"{ckpt} was trained with an autoencoder of other weights or config "
+                                         f"\\(fingerprint {meta['autoencoder_fingerprint']}, from {vae} "):
+        _stage(vae, init_from=str(ckpt))
+    with pytest.raises(ValueError, match="other weights or config .*To go on, resume with the settings"):
+        _stage(vae)._check_resumable(torch.load(ckpt, map_location="cpu", weights_only=False), str(ckpt))
+    with pytest.warns(UserWarning, match="other weights or config .*Put the VAE the checkpoint was trained with"):
+        MarDiniPipeline.from_checkpoint(ckpt)
+
+
+def test_the_fingerprint_is_computed_once_per_autoencoder(monkeypatch):
+    from mardini.autoencoders import FrameAutoencoder, SpaceToDepthAutoencoder
+
+    calls = []
+    digest = FrameAutoencoder._digest
+    monkeypatch.setattr(FrameAutoencoder, "_digest", lambda self: calls.append(self) or digest(self))
+    ae = SpaceToDepthAutoencoder(2)
+    assert ae.fingerprint() == ae.fingerprint() and len(calls) == 1
+    assert not ae.state_dict()  # the tiny configs' autoencoder: no weight to read, the digest is of its class alone
