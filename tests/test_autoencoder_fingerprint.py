@@ -66,3 +66,32 @@ def test_the_fingerprint_is_computed_once_per_autoencoder(monkeypatch):
     ae = SpaceToDepthAutoencoder(2)
     assert ae.fingerprint() == ae.fingerprint() and len(calls) == 1
     assert not ae.state_dict()  # the tiny configs' autoencoder: no weight to read, the digest is of its class alone
+
+
+def test_a_half_precision_vae_is_another_autoencoder_for_a_cache_and_a_checkpoint(tmp_path):
+    """A VAE whose weights are exact in bfloat16 had one fingerprint and one spec in bfloat16 and in float32 (the
+    weights were digested as float32), so a cache it encoded in bfloat16 (latents about 1e-3 away) was accepted by
+    a float32 stage; and dtype="bfloat16" (what --autoencoder-kwargs gives) loaded float32 weights, silently."""
+    pytest.importorskip("diffusers")
+    from diffusers import AutoencoderKL
+
+    from mardini.autoencoders import DiffusersAutoencoder, build_autoencoder
+    from mardini.data.latent_cache import cache_latents
+    from mardini.data.testing import tiny_synthetic
+
+    vae = str(tmp_path / "vae16")
+    AutoencoderKL.from_pretrained(_save_tiny_vae(tmp_path / "vae", 0)).to(torch.bfloat16).float().save_pretrained(vae)
+    full, half = DiffusersAutoencoder(vae), DiffusersAutoencoder(vae, dtype=torch.bfloat16)
+    x = torch.rand(1, 2, 3, 16, 16) * 2 - 1  # (B, T, 3, H, W)
+    assert not torch.equal(full.encode(x), half.encode(x))  # other latents
+    assert full.fingerprint() != half.fingerprint() and "dtype" not in full.spec()["init_args"]
+    again = build_autoencoder(half.spec())  # what sampling rebuilds from a checkpoint
+    assert again.vae.dtype == torch.bfloat16 and again.fingerprint() == half.fingerprint()
+    with pytest.raises(ValueError, match="dtype must be one of \\['bfloat16', 'float16', 'float32'\\]"):
+        DiffusersAutoencoder(vae, dtype="half")
+    synth = tiny_synthetic(tmp_path / "synth", train=2, val=2)
+    cache_latents(str(synth / "val"), tmp_path / "cache", half, frames=4, fps=8, resolution=16, planner_resolution=8,
+                  progress=False)
+    shard = str(sorted((tmp_path / "cache").glob("*.tar"))[0])
+    with pytest.raises(ValueError, match="other weights or config"):
+        _stage(vae).check_latent_autoencoder(shard)

@@ -50,8 +50,9 @@ class FrameAutoencoder(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} does not say how to rebuild itself; implement spec()")
 
     def fingerprint(self) -> str:
-        """A digest of what makes these latents beyond :meth:`spec`: the class and every weight and buffer (floats
-        as float32, so the dtype they are loaded in does not count), ``"sha256:<16 hex>"``. A latent cache and a
+        """A digest of what makes these latents beyond :meth:`spec`: the class, every weight and buffer (floats
+        as float32) and the float dtypes other than float32 they are held in (half-precision weights encode other
+        latents, even where they hold the same values), ``"sha256:<16 hex>"``. A latent cache and a
         checkpoint record it, so a stage or a sampler can tell another VAE behind the same path (and the same VAE
         behind another path). Computed once per autoencoder (it reads every weight; the autoencoder is frozen)."""
         if "_fingerprint" not in self.__dict__:
@@ -62,7 +63,11 @@ class FrameAutoencoder(nn.Module):
         """:meth:`fingerprint`, computed."""
         digest = hashlib.sha256(f"{type(self).__module__}.{type(self).__qualname__}".encode())
         self._digest_extra(digest)
-        for name, tensor in sorted(self.state_dict().items()):
+        state = self.state_dict()
+        half = sorted({str(t.dtype) for t in state.values() if t.is_floating_point()} - {str(torch.float32)})
+        if half:  # float32 weights digest as before the dtypes were fed (the caches and checkpoints keep theirs)
+            digest.update(f"dtypes:{','.join(half)}".encode())
+        for name, tensor in sorted(state.items()):
             t = tensor.detach().float() if tensor.is_floating_point() else tensor.detach()
             digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
             digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -51,6 +51,20 @@ def read_config_factors(path: str | Path, subfolder: str | None = None) -> tuple
     return config_factors(config)
 
 
+WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def weight_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A VAE weight dtype given as a ``torch.dtype`` or its name (:data:`WEIGHT_DTYPES`); a ValueError otherwise
+    (diffusers reads a name as float32, silently)."""
+    if isinstance(dtype, torch.dtype) and dtype in WEIGHT_DTYPES.values():
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in WEIGHT_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(WEIGHT_DTYPES)} (or the torch.dtype), got {dtype!r}")
+    return WEIGHT_DTYPES[name]
+
+
 class DiffusersAutoencoder(FrameAutoencoder):
     """Per-frame encode/decode through a frozen diffusers ``AutoencoderKL``.
 
@@ -66,8 +80,10 @@ class DiffusersAutoencoder(FrameAutoencoder):
         chunk_size: frames per encoder/decoder call (bounds memory; the result does not depend on it).
         sample_posterior: draw ``mean + std * eps`` instead of the mean; eps comes from ``generator``.
         generator: the torch.Generator for posterior samples (required when ``sample_posterior``).
-        dtype: weight dtype (default float32). VAEs whose config sets ``force_upcast`` always run with
-            autocast disabled, so bf16-mixed training does not push them to half precision.
+        dtype: weight dtype, a ``torch.dtype`` or its name (``"bfloat16"``: what ``--autoencoder-kwargs`` and a
+            YAML config give; default float32). It changes the latents, so another one goes into :meth:`spec` and
+            the fingerprint. VAEs whose config sets ``force_upcast`` always run with autocast disabled, so bf16-mixed
+            training does not push them to half precision.
         shift: the ``shift`` of the latent normalisation ``z = (raw - shift) * scale``, instead of the config's
             ``shift_factor`` (None: the config's, or 0). The one in use goes into :meth:`spec`, so checkpoints and
             latent caches record it and the latent checks compare it.
@@ -82,7 +98,7 @@ class DiffusersAutoencoder(FrameAutoencoder):
         chunk_size: int = 16,
         sample_posterior: bool = False,
         generator: torch.Generator | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         shift: float | None = None,
         scale: float | None = None,
     ) -> None:
@@ -91,6 +107,7 @@ class DiffusersAutoencoder(FrameAutoencoder):
             raise ValueError(f"scale must be a finite number > 0 (latents = (raw - shift) * scale), got {scale!r}")
         if shift is not None and not math.isfinite(float(shift)):
             raise ValueError(f"shift must be a finite number (latents = (raw - shift) * scale), got {shift!r}")
+        dtype = weight_dtype(dtype)
         autoencoder_kl = _import_autoencoder_kl()
         root = Path(path).expanduser()
         folder = root / subfolder if subfolder else root
@@ -115,6 +132,8 @@ class DiffusersAutoencoder(FrameAutoencoder):
         self.generator = generator
         self._spec_args = {"path": str(path), "subfolder": subfolder, "chunk_size": chunk_size,
                            "shift": self.shift, "scale": self.scale}
+        if dtype != torch.float32:  # recorded only where not the default, so float32 specs stay as they were
+            self._spec_args["dtype"] = str(dtype).removeprefix("torch.")
 
     def spec(self) -> dict:
         """Rebuilds the frozen VAE from the same local folder with the normalisation in use (posterior sampling is a
