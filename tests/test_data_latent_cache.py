@@ -209,6 +209,30 @@ def test_a_cache_records_its_vae_s_weights_not_only_its_path(synth, tmp_path):
         cache_latents(str(synth / "val"), tmp_path / "cache", DiffusersAutoencoder(vae), **args)
 
 
+def test_a_pattern_joining_two_caches_is_checked_in_each(synth, tmp_path):
+    """Only the first shard of a pattern was checked, so ``A::B`` trained on B's latents of another VAE (or
+    another frame rate) unnoticed; the first shard of each folder is checked now."""
+    pytest.importorskip("diffusers")
+    from types import SimpleNamespace
+
+    from mardini.autoencoders import DiffusersAutoencoder
+    from mardini.lit import GenerationModule
+
+    args = dict(frames=4, fps=8, resolution=16, planner_resolution=8, progress=False)
+    for name, seed in (("a", 0), ("b", 1)):
+        vae = DiffusersAutoencoder(_save_tiny_vae(tmp_path / f"vae_{name}", seed))
+        cache_latents(str(synth / "val"), tmp_path / name, vae, **args)
+    stage = GenerationModule(size="tiny", frames=4, autoencoder=DiffusersAutoencoder(tmp_path / "vae_a"))
+    stage.check_latent_caches(SimpleNamespace(train_shards=str(tmp_path / "a"), val_shards=None))  # accepted
+    for joined in (f"{tmp_path / 'a'}::{tmp_path / 'b'}", f"{tmp_path}/{{a,b}}/*.tar"):
+        with pytest.raises(ValueError, match=f"the latent cache {tmp_path / 'b'}.*other weights or config"):
+            stage.check_latent_caches(SimpleNamespace(train_shards=joined, val_shards=None))
+    _cache(str(synth / "val"), tmp_path / "a_fps8")
+    _cache(str(synth / "val"), tmp_path / "b_fps12", fps="12")
+    with pytest.raises(ValueError, match=f"latents in {tmp_path / 'b_fps12'}.* were cached with fps 12"):
+        _dm(f"{tmp_path / 'a_fps8'}::{tmp_path / 'b_fps12'}", True)
+
+
 def test_a_stage_checks_the_validation_cache_too(synth, tmp_path):
     from types import SimpleNamespace
 

@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader
 
 from mardini.data.batch_split import check_split, epoch_batches, largest_rank_batch, rank_batch
 from mardini.data.decode import BadSample, decode_json, frame_stride
-from mardini.data.sharding import list_shards
+from mardini.data.sharding import first_shard_per_folder, list_shards
 from mardini.data.stream import ClipStream, StreamLoader, StreamState, name_shards
 
 
@@ -162,7 +162,8 @@ class VideoDataModule(L.LightningDataModule):
             shards = without_empty_shards(list_shards(self.train_shards), "data.train_shards")
             self.train_data = shards_manifest(self.train_shards)
             if self.latents:
-                check_latent_shards(shards[0], self.frames, self.fps, self.resolution)
+                for shard in first_shard_per_folder(shards):  # each cache a pattern joins
+                    check_latent_shards(shard, self.frames, self.fps, self.resolution)
             else:
                 check_pixel_shards(shards, self.frames, self.fps, self.resolution, "data.train_shards")
             batches = epoch_batches(self.epoch_size, self.batch_size, self.world_size)  # the same on every rank
@@ -180,7 +181,8 @@ class VideoDataModule(L.LightningDataModule):
             shards = without_empty_shards(list_shards(self.val_shards), "data.val_shards")
             check_validation_split(self.val_shards, shards, self.world_size)
             if self.latents:
-                check_latent_shards(shards[0], self.frames, self.fps, self.resolution)
+                for shard in first_shard_per_folder(shards):  # each cache a pattern joins
+                    check_latent_shards(shard, self.frames, self.fps, self.resolution)
             else:
                 check_pixel_shards(shards, self.frames, self.fps, self.resolution, "data.val_shards")
             self.val_set = ClipStream(

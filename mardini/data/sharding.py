@@ -58,6 +58,16 @@ def list_shards(pattern: str) -> list[str]:
     return found
 
 
+def first_shard_per_folder(shards: list[str]) -> list[str]:
+    """The first of ``shards`` in each folder, in order: one shard per cache (a latent cache is one folder, whose
+    manifest keeps every shard's settings alike), what a check of a pattern joining caches (``::``, a brace list of
+    folders) reads to see all of them, one json each."""
+    firsts: dict[str, str] = {}
+    for shard in shards:
+        firsts.setdefault(os.path.dirname(os.path.abspath(shard)), shard)
+    return list(firsts.values())
+
+
 def _is_video(path: str) -> bool:
     from mardini.data.video_shards import VIDEO_EXTENSIONS  # lazy: video_shards imports this module
 

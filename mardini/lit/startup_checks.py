@@ -33,14 +33,15 @@ class StartupChecks:
                 self.check_latent_caches(dm)
 
     def check_latent_caches(self, dm: Any) -> None:
-        """:meth:`check_latent_autoencoder` on the first shard of the training and of the validation cache: a
+        """:meth:`check_latent_autoencoder` on the first shard of each cache folder of the training and of the
+        validation pattern: a pattern joining caches (``::``, braces) of other latents would mix them, and a
         validation cache of other latents would score the model on inputs it never trained on."""
-        from mardini.data.sharding import list_shards
+        from mardini.data.sharding import first_shard_per_folder, list_shards
 
         fingerprint = self.autoencoder.fingerprint()  # once: it reads every weight
         for shards in (getattr(dm, "train_shards", None), getattr(dm, "val_shards", None)):
-            if shards:
-                self.check_latent_autoencoder(list_shards(shards)[0], fingerprint)
+            for shard in first_shard_per_folder(list_shards(shards)) if shards else ():
+                self.check_latent_autoencoder(shard, fingerprint)
 
     def check_latent_autoencoder(self, shard: str, fingerprint: str | None = None) -> None:
         """Raise if a latent cache was encoded by another autoencoder (class or any argument but ``chunk_size``)
