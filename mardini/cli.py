@@ -96,7 +96,8 @@ class MarDiniCLI(LightningCLI):
             import torch.multiprocessing
 
             torch.multiprocessing.set_sharing_strategy("file_system")
-        if self.subcommand == "validate" and ckpt == "last":
+        self._scored_from = sub if self.subcommand == "validate" and ckpt == "last" else None  # found again: validate
+        if self._scored_from is not None:
             self._resume_from = scored_checkpoint(sub)
             self._resuming = True  # the weights are the checkpoint's: the starting checkpoints are not read
         if self.subcommand != "fit":
@@ -217,18 +218,50 @@ class MarDiniCLI(LightningCLI):
         It takes no ``fit.lock`` and runs beside a fit of the same folder: scoring the newest checkpoint mid-training
         is what one wants, and it writes nowhere the fit writes (its logger logs in the folder's ``validate/``:
         :func:`validation_logger`; ``validate.yaml`` goes there; the checkpoint callbacks save nothing) and reads
-        checkpoints the fit replaces atomically (``AtomicCheckpointIO``). Two validates of one folder at once share
+        checkpoints the fit replaces atomically (``AtomicCheckpointIO``), reading the one it scores as it starts
+        (:meth:`_read_scored`: the fit deletes its older ones). Two validates of one folder at once share
         ``validate/`` (separate event files; the later ``hparams.yaml`` and ``validate.yaml`` stay)."""
         if self._resume_from is not None:
             kwargs["ckpt_path"] = self._resume_from
         elif kwargs.get("ckpt_path") is None:
             rank_zero_info("validate scores the weights the stage starts from (--ckpt_path null): its init_from, "
                            "planner_ckpt / generator_ckpt, else freshly initialised ones")
+        kwargs["ckpt_path"] = self._read_scored(kwargs.get("ckpt_path"), kwargs.get("weights_only"))
         with warnings.catch_warnings():
             # the checkpoint callback's folder follows the logger's, here validate/ (validation_logger); it saves
             # nothing in a validate, so the best / last paths it does not reload from the checkpoint do not matter
             warnings.filterwarnings("ignore", message=MOVED_CHECKPOINT_FOLDER_WARNING)
             return self.trainer.validate(model, **kwargs)
+
+    def _read_scored(self, ckpt_path, weights_only: bool | None):
+        """The checkpoint file ``validate`` scores, read now and handed to Lightning's restore as read
+        (``AtomicCheckpointIO.pin``): a fit of the same folder deletes its older step and preemption checkpoints as
+        it saves newer ones, and Lightning reads the file only after the model's and the data's setup. Where the file
+        ``--ckpt_path last`` found is gone by now, the stage's newest is found again, once; a file named by
+        ``--ckpt_path`` that is gone is an error naming why and the way on. Before, a file deleted in between was
+        ``train.py: error: checkpoint .../step00000002.ckpt does not exist; check the path (or the stage that
+        writes it)``, though no path was given. Lightning's keywords, remote files and a CheckpointIO of one's own
+        are left to Lightning."""
+        io = self.trainer.strategy.checkpoint_io
+        if resumed_file(ckpt_path) is None or not isinstance(io, AtomicCheckpointIO):
+            return ckpt_path
+        try:
+            io.pin(ckpt_path, io.load_checkpoint(ckpt_path, weights_only=weights_only))
+            return ckpt_path
+        except FileNotFoundError as e:
+            if self._scored_from is None:  # named by --ckpt_path
+                raise FileNotFoundError(f"{e}{deleted_by_fit_hint(Path(str(ckpt_path)))}") from None
+        rank_zero_info(f"{ckpt_path} is gone: the fit in its folder deleted it (a fit keeps its newest step and "
+                       "preemption checkpoints only); validate finds the stage's newest again")
+        found = scored_checkpoint(self._scored_from)
+        try:
+            io.pin(found, io.load_checkpoint(found, weights_only=weights_only))
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"the fit in {Path(found).parent} deleted {Path(found).name} while validate was starting, twice (it "
+                "keeps its newest step and preemption checkpoints only): rerun validate, or copy the checkpoint "
+                "elsewhere first and score the copy with --ckpt_path COPY") from None
+        return found
 
     def instantiate_trainer(self, **kwargs):
         # what the fit resumes from: None (from scratch) starts a new run, which sets the folder's earlier one aside
@@ -541,8 +574,28 @@ def resume_checkpoint(folder: str | None, names: re.Pattern = RESUMABLE) -> str 
     cannot be read is an error naming it and the others to resume from. ``names``: the file names to consider."""
     if folder is None:
         return None
-    found = [p for p in Path(folder).glob("*.ckpt") if names.fullmatch(p.name) and p.is_file()]
-    return str(max(found, key=lambda p: (_saved_step(p), p.stat().st_mtime))) if found else None
+    found = {p: key for p in Path(folder).glob("*.ckpt") if names.fullmatch(p.name) and (key := _newness(p))}
+    return str(max(found, key=found.get)) if found else None
+
+
+def _newness(path: Path) -> tuple[int, float] | None:
+    """``(global step, modification time)`` of the checkpoint at ``path``, for :func:`resume_checkpoint`; None where
+    it is no file, or is gone by the time it is read (a fit beside a ``validate`` deletes its older checkpoints: before,
+    that was ``checkpoint ... does not exist`` or a raw ``FileNotFoundError``)."""
+    try:
+        return (_saved_step(path), path.stat().st_mtime) if path.is_file() else None
+    except FileNotFoundError:
+        return None
+
+
+def deleted_by_fit_hint(path: Path) -> str:
+    """Why a stage's step or preemption checkpoint named by ``--ckpt_path`` may be gone, and the way on; "" for
+    another file."""
+    if not re.fullmatch(r"(hpc_ckpt_\d+|step\d+)\.ckpt", path.name):
+        return ""
+    return (f"; a fit in {path.parent} deletes its step and preemption checkpoints (stepN.ckpt, hpc_ckpt_N.ckpt) as "
+            "it saves newer ones: copy the checkpoint elsewhere before scoring it, or score the stage's newest with "
+            "--ckpt_path last")
 
 
 def scored_checkpoint(config) -> str:

@@ -52,11 +52,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning ``CheckpointIO`` plugin: atomic local saves, local loads through
     :func:`mardini.lit.checkpoints.read_checkpoint` (an unreadable checkpoint to resume names the way on; tensors on
     the CPU, as the Trainer's resume asks); remote paths, a ``map_location`` or ``weights_only=False`` go to
-    Lightning's own."""
+    Lightning's own. A checkpoint read already and :meth:`pin`-ned is what the next load of its path returns."""
+
+    _pinned: tuple[str, dict[str, Any]] | None = None
+
+    def pin(self, path, checkpoint: dict[str, Any]) -> None:
+        """Have the next :meth:`load_checkpoint` of ``path`` return ``checkpoint`` (read from it already), whatever
+        became of the file since: ``train.py validate`` reads the checkpoint it scores as it starts, and a fit of the
+        same folder may delete the file before Lightning's restore reads it (``MarDiniCLI.validate``)."""
+        self._pinned = (str(path), checkpoint)
 
     def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict[str, Any]:
         from mardini.lit.checkpoints import read_checkpoint
 
+        pinned, self._pinned = self._pinned, None  # handed out once: its memory goes with the restore's
+        if pinned is not None and pinned[0] == str(path):
+            return pinned[1]
         local = local_path(path)
         if weights_only is False or map_location is not None or local is None:
             kwargs = {} if map_location is None else {"map_location": map_location}

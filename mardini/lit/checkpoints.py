@@ -26,9 +26,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         raise ValueError(directory_message(path))
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; check the path (or the stage that writes it)")
+        raise FileNotFoundError(missing_message(path))
     try:
         return _load(path)
+    except FileNotFoundError:  # deleted since (a fit deletes its older checkpoints): not a file that is unreadable
+        raise FileNotFoundError(missing_message(path)) from None
     except pickle.UnpicklingError as e:  # PyTorch's own message advises weights_only=False: unsafe, never relayed
         raise ValueError(_unpickling_message(path, e)) from e
     except Exception as e:  # noqa: BLE001 - re-raised with context
@@ -37,6 +39,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} could not be read as a MarDini checkpoint ({detail}). "
             "It may be truncated (an interrupted copy) or not a torch checkpoint (a config or another file?)."
         ) from e
+
+
+def missing_message(path: Path) -> str:
+    """That the checkpoint at ``path`` does not exist, and what to check."""
+    return f"checkpoint {path} does not exist; check the path (or the stage that writes it)"
 
 
 def _load(path: Path) -> dict[str, Any]:

@@ -1,0 +1,116 @@
+"""``train.py validate`` beside a running fit of the same folder: the fit deletes its older step and preemption
+checkpoints as it saves newer ones, which a validate may have just found or been given."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from mardini import cli
+from mardini.cli import main, resume_checkpoint
+from mardini.data.datamodule import VideoDataModule
+from mardini.data.testing import tiny_synthetic
+from test_run_lock import QUIET, _config
+
+ONE_BATCH = "--trainer.limit_val_batches=1"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("beside")
+    tiny_synthetic(root / "data" / "shards" / "synthetic", train=8, val=4, frames=8, size=32)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(workdir, tmp_path_factory) -> Path:
+    """A 2-step fit's stage folder, saved at every step: ``checkpoints/`` holds step00000002.ckpt and last.ckpt."""
+    tmp = tmp_path_factory.mktemp("trained")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(workdir)
+        main(["fit", "--config", str(_config(tmp)), *QUIET, "--checkpoint_every=1"])
+    return tmp / "stage"
+
+
+def _stage(trained: Path, workdir: Path, tmp: Path, monkeypatch) -> tuple[Path, Path]:
+    """A copy of the trained stage in ``tmp`` (its checkpoint folder, its config), the cwd the data's."""
+    shutil.copytree(trained, tmp / "stage")
+    monkeypatch.chdir(workdir)
+    return tmp / "stage" / "checkpoints", _config(tmp)
+
+
+def _next_save(folder: Path, deleted: Path) -> Path:
+    """What the fit does at its next save: a newer step checkpoint, and the one it supersedes deleted."""
+    newer = folder / "step00000003.ckpt"
+    shutil.copy(deleted, newer)
+    deleted.unlink()
+    return newer
+
+
+def test_validate_finds_the_newest_again_when_the_fit_deleted_the_one_it_found(trained, workdir, tmp_path, monkeypatch):
+    """``--ckpt_path last`` found step00000002.ckpt (the newest: a kill before last.ckpt), and the fit saved step 3
+    and deleted it before validate read it: validate finds the newest again and scores it. Before: ``checkpoint
+    .../step00000002.ckpt does not exist; check the path (or the stage that writes it)``."""
+    folder, config = _stage(trained, workdir, tmp_path, monkeypatch)
+    (folder / "last.ckpt").unlink()
+    found, newer = [], []
+
+    def resolved_then_deleted(sub):
+        found.append(original(sub))
+        if len(found) == 1:
+            newer.append(_next_save(folder, Path(found[0])))
+        return found[-1]
+
+    original = cli.scored_checkpoint
+    monkeypatch.setattr(cli, "scored_checkpoint", resolved_then_deleted)
+    run = main(["validate", "--config", str(config), *QUIET, ONE_BATCH])
+    assert found == [str(folder / "step00000002.ckpt"), str(newer[0])]
+    assert run.trainer.ckpt_path == str(newer[0]) and run.trainer.logged_metrics["val/loss"] > 0
+
+
+def test_validate_scores_the_checkpoint_it_read_though_the_fit_deletes_it_before_lightning_restores(
+        trained, workdir, tmp_path, monkeypatch):
+    """The step checkpoint named by ``--ckpt_path`` is deleted during the data's setup, before Lightning's restore:
+    validate scores it as it read it when it started. Before, Lightning read the file then: ``does not exist``."""
+    folder, config = _stage(trained, workdir, tmp_path, monkeypatch)
+    scored = folder / "step00000002.ckpt"
+    setup = VideoDataModule.setup
+
+    def setup_while_the_fit_saves(self, stage):
+        if scored.exists():
+            _next_save(folder, scored)
+        return setup(self, stage)
+
+    monkeypatch.setattr(VideoDataModule, "setup", setup_while_the_fit_saves)
+    run = main(["validate", "--config", str(config), *QUIET, ONE_BATCH, f"--ckpt_path={scored}"])
+    assert not scored.exists() and run.trainer.ckpt_path == str(scored)
+    assert run.trainer.logged_metrics["val/loss"] > 0
+
+
+def test_a_step_checkpoint_named_by_ckpt_path_and_gone_says_the_fit_deletes_them_and_the_way_on(
+        workdir, tmp_path, monkeypatch):
+    """Before, only ``does not exist; check the path``, though the path was right when the command was typed."""
+    monkeypatch.chdir(workdir)
+    gone = tmp_path / "stage" / "checkpoints" / "step00000100.ckpt"
+    with pytest.raises(FileNotFoundError, match=r"does not exist; .*a fit in .*checkpoints deletes its step and "
+                                                r"preemption checkpoints .* copy the checkpoint elsewhere"):
+        main(["validate", "--config", str(_config(tmp_path)), *QUIET, ONE_BATCH, f"--ckpt_path={gone}"])
+
+
+def test_the_newest_checkpoint_is_found_among_those_left_when_one_goes_while_they_are_read(tmp_path, monkeypatch):
+    """A fit deletes step00000002.ckpt as validate reads the steps of the folder's checkpoints: it is passed over.
+    Before: ``checkpoint .../step00000002.ckpt does not exist``."""
+    for name, step in (("last.ckpt", 1), ("step00000002.ckpt", 2)):
+        torch.save({"global_step": step}, tmp_path / name)
+    read = cli._saved_step
+
+    def deleted_as_read(path):
+        if path.name.startswith("step"):
+            path.unlink()
+        return read(path)
+
+    monkeypatch.setattr(cli, "_saved_step", deleted_as_read)
+    assert resume_checkpoint(str(tmp_path)) == str(tmp_path / "last.ckpt")
