@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import operator
 import os
 import re
@@ -12,12 +13,14 @@ import warnings
 from pathlib import Path
 from typing import Union
 
+from fsspec.core import url_to_fs
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.imports import compare_version
 
 from mardini.lit.base import MarDiniBase
@@ -216,22 +219,36 @@ class MarDiniCLI(LightningCLI):
         file ``--ckpt_path`` names, or with ``--ckpt_path null`` of the weights the stage starts from.
 
         It takes no ``fit.lock`` and runs beside a fit of the same folder: scoring the newest checkpoint mid-training
-        is what one wants, and it writes nowhere the fit writes (its logger logs in the folder's ``validate/``:
-        :func:`validation_logger`; ``validate.yaml`` goes there; the checkpoint callbacks save nothing) and reads
-        checkpoints the fit replaces atomically (``AtomicCheckpointIO``), reading the one it scores as it starts
-        (:meth:`_read_scored`: the fit deletes its older ones). Two validates of one folder at once share
-        ``validate/`` (separate event files; the later ``hparams.yaml`` and ``validate.yaml`` stay)."""
+        is what one wants, and it writes nowhere the fit writes (its logger logs in a folder of its own,
+        ``validate/version_N``: :func:`validation_logger`; ``validate.yaml`` goes there; the checkpoint callbacks save
+        nothing), so two at once do not mix their records either, and one that fails before writing anything there
+        removes it. It reads checkpoints the fit replaces atomically (``AtomicCheckpointIO``), and the one it scores
+        as it starts (:meth:`_read_scored`: the fit deletes its older ones)."""
         if self._resume_from is not None:
             kwargs["ckpt_path"] = self._resume_from
         elif kwargs.get("ckpt_path") is None:
             rank_zero_info("validate scores the weights the stage starts from (--ckpt_path null): its init_from, "
                            "planner_ckpt / generator_ckpt, else freshly initialised ones")
-        kwargs["ckpt_path"] = self._read_scored(kwargs.get("ckpt_path"), kwargs.get("weights_only"))
-        with warnings.catch_warnings():
-            # the checkpoint callback's folder follows the logger's, here validate/ (validation_logger); it saves
-            # nothing in a validate, so the best / last paths it does not reload from the checkpoint do not matter
-            warnings.filterwarnings("ignore", message=MOVED_CHECKPOINT_FOLDER_WARNING)
-            return self.trainer.validate(model, **kwargs)
+        try:
+            kwargs["ckpt_path"] = self._read_scored(kwargs.get("ckpt_path"), kwargs.get("weights_only"))
+            with warnings.catch_warnings():
+                # the checkpoint callback's folder follows the logger's, here validate/version_N (validation_logger);
+                # it saves nothing in a validate, so the best / last paths it does not reload do not matter
+                warnings.filterwarnings("ignore", message=MOVED_CHECKPOINT_FOLDER_WARNING)
+                return self.trainer.validate(model, **kwargs)
+        except BaseException:
+            self._drop_empty_validation_runs()
+            raise
+
+    def _drop_empty_validation_runs(self) -> None:
+        """Remove the loggers' local folders a failed validate left empty: its ``validate/version_N``, and
+        ``validate/`` where that was all it held."""
+        for logger in self.trainer.loggers if self.trainer.is_global_zero else ():
+            folder = local_path(logger.log_dir) if getattr(logger, "log_dir", None) else None
+            for empty in (Path(folder), Path(folder).parent) if folder is not None else ():
+                if not empty.is_dir() or any(empty.iterdir()):
+                    break
+                empty.rmdir()
 
     def _read_scored(self, ckpt_path, weights_only: bool | None):
         """The checkpoint file ``validate`` scores, read now and handed to Lightning's restore as read
@@ -281,8 +298,8 @@ class MarDiniCLI(LightningCLI):
         configured = configured if isinstance(configured, (list, tuple)) else [configured]
         # ResumedLogs first: it sets a resumed fit's logged step before any other callback logs at it
         kwargs["callbacks"] = [ResumedLogs(), *configured, *(kwargs.get("callbacks") or []), *extra]
-        # the fit's folder keeps its records: validate logs in validate/ of it; a fit continues its metrics.csv, and a
-        # resumed one hides from TensorBoard the steps a run given up logged after the checkpoint
+        # the fit's folder keeps its records: validate logs in validate/version_N of it; a fit continues its
+        # metrics.csv, and a resumed one hides from TensorBoard the steps a run given up logged after the checkpoint
         step = resumed_step(resume) if self.subcommand == "fit" else None
         rebuild = validation_logger if self.subcommand == "validate" else functools.partial(fit_logger, step=step)
         loggers = (self._get(self.config_init, "trainer", default={}) or {}).get("logger")
@@ -304,16 +321,38 @@ def validation_logger(logger, entry):
     """The logger a ``validate`` run logs to, for the configured ``logger`` built from the config ``entry``
     (``class_path``/``init_args``): a TensorBoard or CSV logger of fixed version (the stage's folder
     ``<save_dir>/<name>/<version>``, whose event files, ``hparams.yaml`` and ``metrics.csv`` are the fit's) is
-    rebuilt to log in that folder's ``validate/`` (``validate.yaml`` goes there too, each run's over the last); any
-    other is kept (it logs each run in a new ``version_N`` folder, or in no folder). Before, a validate added its
-    event file to the fit's, and a CSV logger replaced the fit's ``metrics.csv`` and ``hparams.yaml``."""
+    rebuilt to log in a folder of its own in that folder's ``validate/``, ``validate/version_N``
+    (:func:`new_validation_run`; ``validate.yaml`` goes there too); any other is kept (it logs each run in a new
+    ``version_N`` folder, or in no folder). Before, a validate added its event file to the fit's, and a CSV logger
+    replaced the fit's ``metrics.csv`` and ``hparams.yaml``; later, every validate logged in ``validate/`` itself,
+    where two at once mixed their records (the one's ``validate.yaml`` beside the other's ``hparams.yaml``, and
+    TensorBoard showed both runs' ``val/loss`` at step 0 of one run)."""
     args = entry.get("init_args") if hasattr(entry, "get") else None
     if (not isinstance(logger, (TensorBoardLogger, CSVLogger)) or args is None or not args.get("save_dir")
             or args.get("version") is None):
         return logger
     version = args["version"] if isinstance(args["version"], str) else f"version_{args['version']}"
+    run = new_validation_run(os.path.join(logger.root_dir, version, VALIDATION_FOLDER))
     given = {**args.as_dict(), **dict(entry.get("dict_kwargs") or {})}  # dict_kwargs: TensorBoard's SummaryWriter's
-    return type(logger)(**{**given, "version": os.path.join(version, VALIDATION_FOLDER)})
+    return type(logger)(**{**given, "version": os.path.join(version, VALIDATION_FOLDER, run)})
+
+
+def new_validation_run(folder: str) -> str:
+    """The name (``version_N``) of a new validate run's folder in the stage's ``validate/`` ``folder``: on global rank
+    0, the first N from 0 whose folder it creates itself (``os.mkdir`` fails where another validate did first, so two
+    starting at once get two); on another rank (which logs nothing: Lightning broadcasts rank 0's folder) and for a
+    remote folder, the first N free."""
+    local = local_path(folder)
+    if local is None or getattr(rank_zero_only, "rank", 0) != 0:
+        fs, path = url_to_fs(folder)
+        return next(name for n in itertools.count() if not fs.exists(os.path.join(path, name := f"version_{n}")))
+    os.makedirs(local, exist_ok=True)
+    for n in itertools.count():
+        try:
+            os.mkdir(os.path.join(local, f"version_{n}"))
+        except FileExistsError:
+            continue
+        return f"version_{n}"
 
 
 def fit_logger(logger, entry, step: int | None = None):
@@ -378,8 +417,8 @@ class KeepEarlierConfig(SaveConfigCallback):
     with stay on record. A run that fails before training (a failing sanity check; a resume refused for settings
     that do not fit the checkpoint, which ``MarDiniCLI.check_resume`` refuses before this runs) puts the earlier one
     back: ``config.yaml`` keeps naming the settings the checkpoint was trained with. Only a fit writes it:
-    ``validate`` writes ``validate.yaml`` in its own log folder, the stage folder's ``validate/``
-    (:func:`validation_logger`; each run over the last one)."""
+    ``validate`` writes ``validate.yaml`` in its own log folder, its ``validate/version_N`` of the stage folder
+    (:func:`validation_logger`)."""
 
     _kept: Path | None = None  # config.N.yaml, the earlier config.yaml, until the training starts
     _rotated: Path | None = None  # the same, from then on (for put_back)

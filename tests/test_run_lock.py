@@ -232,4 +232,4 @@ def test_validate_in_a_folder_a_live_fit_holds_scores_its_newest_checkpoint_and_
     assert cli.trainer.logged_metrics["val/loss"] > 0
     assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and "validate" not in p.parts} == fits
     assert json.loads(lock.read_text())["token"] == "other"
-    assert {p.name for p in (folder / "validate").iterdir()} >= {"hparams.yaml", "validate.yaml"}
+    assert {p.name for p in (folder / "validate" / "version_0").iterdir()} >= {"hparams.yaml", "validate.yaml"}

@@ -183,9 +183,10 @@ def _files(folder: Path) -> dict[str, bytes]:
 def test_validate_leaves_the_fit_s_folder_as_it_is_and_logs_in_its_validate_folder(workdir, monkeypatch, tmp_path,
                                                                                     logger):
     """The stage folder's event files, hparams.yaml, metrics.csv and config.yaml record the fit; validate (of the
-    newest checkpoint, or of one named) logs its metrics and writes validate.yaml in the folder's validate/ (each run's
-    validate.yaml over the last). Before, each validate added its event file to the fit's run (a CSV logger replaced
-    the fit's metrics.csv and hparams.yaml), and earlier still rotated config.yaml."""
+    newest checkpoint, or of one named) logs its metrics and writes validate.yaml in a folder of its own in the
+    folder's validate/ (version_0, version_1, ...). Before, each validate added its event file to the fit's run (a CSV
+    logger replaced the fit's metrics.csv and hparams.yaml), and earlier still rotated config.yaml; later, all logged
+    in validate/ itself (its validate.yaml the last run's, hparams.yaml the first's)."""
     save = [f"--trainer.logger.class_path=lightning.pytorch.loggers.{logger}",
             f"--trainer.logger.init_args.save_dir={tmp_path}"]
     folder = tmp_path / STAGES[0]
@@ -200,19 +201,23 @@ def test_validate_leaves_the_fit_s_folder_as_it_is_and_logs_in_its_validate_fold
     after = _files(folder)
     assert {name: after[name] for name in trained} == trained  # the fit's files, byte for byte
     new = sorted(set(after) - set(trained))
-    assert all(name.startswith("validate/") for name in new) and "validate/validate.yaml" in new, new
-    assert yaml.safe_load((folder / "validate" / "validate.yaml").read_text())["trainer"]["limit_val_batches"] == 2
-    assert first.trainer.log_dir.rstrip("/") == named.trainer.log_dir.rstrip("/") == str(folder / "validate")
-    scores = [float(cli.trainer.callback_metrics["val/loss"]) for cli in (first, named)]
-    if logger == "CSVLogger":  # the latest run's metrics.csv
-        rows = list(csv.DictReader((folder / "validate" / "metrics.csv").read_text().splitlines()))
-        assert [float(row["val/loss"]) for row in rows if row.get("val/loss")] == pytest.approx(scores[1:])
-    else:  # an event file per run in one TensorBoard run, validate/
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    runs = [folder / "validate" / f"version_{n}" for n in (0, 1)]
+    assert all(name.startswith(("validate/version_0/", "validate/version_1/")) for name in new), new
+    assert [cli.trainer.log_dir.rstrip("/") for cli in (first, named)] == [str(run) for run in runs]
+    limits = [yaml.safe_load((run / "validate.yaml").read_text())["trainer"]["limit_val_batches"] for run in runs]
+    assert limits == [1, 2]  # FAST's, then the named one's
+    assert all((run / "hparams.yaml").is_file() for run in runs)
+    for cli, run in zip((first, named), runs):  # each run's score in its own folder
+        score = float(cli.trainer.callback_metrics["val/loss"])
+        if logger == "CSVLogger":
+            rows = list(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
+            assert [float(row["val/loss"]) for row in rows if row.get("val/loss")] == pytest.approx([score])
+        else:
+            from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-        events = EventAccumulator(str(folder / "validate"))
-        events.Reload()
-        assert sorted(e.value for e in events.Scalars("val/loss")) == pytest.approx(sorted(scores))
+            events = EventAccumulator(str(run))
+            events.Reload()
+            assert [e.value for e in events.Scalars("val/loss")] == pytest.approx([score])
 
 
 def test_validate_scores_an_ema_only_export_as_the_checkpoint_it_was_exported_from(workdir, monkeypatch, tmp_path):

@@ -1,5 +1,6 @@
-"""``train.py validate`` beside a running fit of the same folder: the fit deletes its older step and preemption
-checkpoints as it saves newer ones, which a validate may have just found or been given."""
+"""``train.py validate`` beside a running fit of the same folder, and beside another validate: the fit deletes its
+older step and preemption checkpoints as it saves newer ones, which a validate may have just found or been given;
+each validate logs in a folder of its own."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from mardini import cli
 from mardini.cli import main, resume_checkpoint
@@ -98,6 +100,7 @@ def test_a_step_checkpoint_named_by_ckpt_path_and_gone_says_the_fit_deletes_them
     with pytest.raises(FileNotFoundError, match=r"does not exist; .*a fit in .*checkpoints deletes its step and "
                                                 r"preemption checkpoints .* copy the checkpoint elsewhere"):
         main(["validate", "--config", str(_config(tmp_path)), *QUIET, ONE_BATCH, f"--ckpt_path={gone}"])
+    assert not (tmp_path / "stage" / "validate").exists()  # the failed validate's empty folder is removed
 
 
 def test_the_newest_checkpoint_is_found_among_those_left_when_one_goes_while_they_are_read(tmp_path, monkeypatch):
@@ -114,3 +117,26 @@ def test_the_newest_checkpoint_is_found_among_those_left_when_one_goes_while_the
 
     monkeypatch.setattr(cli, "_saved_step", deleted_as_read)
     assert resume_checkpoint(str(tmp_path)) == str(tmp_path / "last.ckpt")
+
+
+def test_two_validates_at_once_each_log_in_a_folder_of_their_own(trained, workdir, tmp_path, monkeypatch):
+    """A second validate of the folder runs while the first sets its data up: each has its validate/version_N with
+    its own validate.yaml and hparams.yaml. Before, both logged in validate/: the first's validate.yaml beside the
+    second's hparams.yaml, and both runs' val/loss at step 0 of one TensorBoard run."""
+    _, config = _stage(trained, workdir, tmp_path, monkeypatch)
+    setup, second = VideoDataModule.setup, []
+
+    def setup_beside_another(self, stage):
+        if not second:  # the first validate's: the second's own setup runs as it was
+            second.append(None)
+            second[0] = main(["validate", "--config", str(config), *QUIET, ONE_BATCH, "--model.init_args.lr=0.5"])
+        return setup(self, stage)
+
+    monkeypatch.setattr(VideoDataModule, "setup", setup_beside_another)
+    first = main(["validate", "--config", str(config), *QUIET, ONE_BATCH, "--model.init_args.lr=0.25"])
+    runs = {run.trainer.log_dir: lr for run, lr in ((first, 0.25), (second[0], 0.5))}
+    assert sorted(runs) == [str(tmp_path / "stage" / "validate" / f"version_{n}") for n in (0, 1)]
+    for folder, lr in runs.items():
+        said = yaml.safe_load((Path(folder) / "validate.yaml").read_text())["model"]["init_args"]["lr"]
+        assert (said, yaml.safe_load((Path(folder) / "hparams.yaml").read_text())["lr"]) == (lr, lr)
+        assert len(list(Path(folder).glob("events.out.tfevents.*"))) == 1
