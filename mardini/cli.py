@@ -30,8 +30,9 @@ from mardini.lit.lr_monitor import LatestLearningRateMonitor
 from mardini.lit.preemption import TERMINATED, PreemptionSave
 from mardini.lit.resumed_logs import ContinuedCSVLogger, ResumedLogs
 from mardini.lit.run_lock import RunLock
-from mardini.lit.step_checkpoint import (PREEMPTION, FitStarted, StepCheckpoint, drop_untrained_logs, earlier_logs,
-                                         log_folders, preemption_checkpoints, saved_step)
+from mardini.lit.step_checkpoint import (PREEMPTION, VALIDATION_FOLDER, FitStarted, StepCheckpoint, drop_untrained_logs,
+                                         earlier_logs, log_folders, preemption_checkpoints, saved_step,
+                                         validate_lock)
 from mardini.run_info import command_line
 from mardini.user_errors import TRACEBACK_ENV, USER_ERRORS
 
@@ -222,13 +223,18 @@ class MarDiniCLI(LightningCLI):
         is what one wants, and it writes nowhere the fit writes (its logger logs in a folder of its own,
         ``validate/version_N``: :func:`validation_logger`; ``validate.yaml`` goes there; the checkpoint callbacks save
         nothing), so two at once do not mix their records either, and one that fails before writing anything there
-        removes it. It reads checkpoints the fit replaces atomically (``AtomicCheckpointIO``), and the one it scores
-        as it starts (:meth:`_read_scored`: the fit deletes its older ones)."""
+        removes it. It holds ``validate/version_N.lock`` meanwhile: a new fit of the folder (``--ckpt_path null``)
+        sets the earlier run's validate runs aside but this one (``set_aside_finished_validates``). It reads
+        checkpoints the fit replaces atomically (``AtomicCheckpointIO``), and the one it scores as it starts
+        (:meth:`_read_scored`: the fit deletes its older ones)."""
         if self._resume_from is not None:
             kwargs["ckpt_path"] = self._resume_from
         elif kwargs.get("ckpt_path") is None:
             rank_zero_info("validate scores the weights the stage starts from (--ckpt_path null): its init_from, "
                            "planner_ckpt / generator_ckpt, else freshly initialised ones")
+        # its folder in use: a new fit of the stage folder (--ckpt_path null) sets the earlier run's validate runs
+        # aside but this one (StepCheckpoint: set_aside_finished_validates)
+        locks = [RunLock([run.parent], validate_lock(run).name).acquire() for run in self._validation_runs()]
         try:
             kwargs["ckpt_path"] = self._read_scored(kwargs.get("ckpt_path"), kwargs.get("weights_only"))
             with warnings.catch_warnings():
@@ -237,8 +243,20 @@ class MarDiniCLI(LightningCLI):
                 warnings.filterwarnings("ignore", message=MOVED_CHECKPOINT_FOLDER_WARNING)
                 return self.trainer.validate(model, **kwargs)
         except BaseException:
+            for lock in locks:
+                lock.release()
             self._drop_empty_validation_runs()
             raise
+        finally:
+            for lock in locks:
+                lock.release()
+
+    def _validation_runs(self) -> list[Path]:
+        """The local folders of this validate's own in a stage folder's ``validate/`` (:func:`validation_logger`), on
+        global rank 0 (the one that logs)."""
+        loggers = self.trainer.loggers if self.trainer.is_global_zero else []
+        folders = [local_path(logger.log_dir) for logger in loggers if getattr(logger, "log_dir", None)]
+        return [Path(f) for f in folders if f is not None and Path(f).parent.name == VALIDATION_FOLDER]
 
     def _drop_empty_validation_runs(self) -> None:
         """Remove the loggers' local folders a failed validate left empty: its ``validate/version_N``, and
@@ -312,9 +330,6 @@ class MarDiniCLI(LightningCLI):
         if type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # atomic local saves unless the user chose one
         return trainer
-
-
-VALIDATION_FOLDER = "validate"  # where validate logs, inside the stage's folder (validation_logger)
 
 
 def validation_logger(logger, entry):

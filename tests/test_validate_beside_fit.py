@@ -10,11 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from fsspec.implementations.local import LocalFileSystem
 
 from mardini import cli
 from mardini.cli import main, resume_checkpoint
 from mardini.data.datamodule import VideoDataModule
 from mardini.data.testing import tiny_synthetic
+from mardini.lit.run_lock import RunLock, held
+from mardini.lit.step_checkpoint import earlier_logs, put_back_earlier_run, set_aside_earlier_run, validate_lock
 from test_run_lock import QUIET, _config
 
 ONE_BATCH = "--trainer.limit_val_batches=1"
@@ -140,3 +143,64 @@ def test_two_validates_at_once_each_log_in_a_folder_of_their_own(trained, workdi
         said = yaml.safe_load((Path(folder) / "validate.yaml").read_text())["model"]["init_args"]["lr"]
         assert (said, yaml.safe_load((Path(folder) / "hparams.yaml").read_text())["lr"]) == (lr, lr)
         assert len(list(Path(folder).glob("events.out.tfevents.*"))) == 1
+
+
+def _validate_runs(log_dir: Path, *names: str) -> dict[str, bytes]:
+    """Finished validate runs in ``log_dir/validate`` (their files, by path), as earlier validates left them."""
+    for name in names:
+        (log_dir / "validate" / name).mkdir(parents=True)
+        (log_dir / "validate" / name / "hparams.yaml").write_text(f"run: {name}\n")
+    return _files(log_dir / "validate")
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_new_run_sets_aside_the_finished_validates_and_leaves_the_one_still_writing(tmp_path):
+    """A new run (--ckpt_path null) moves the earlier run's validate runs to checkpoints/earlier.1/validate/, but the
+    one whose validate still holds its lock stays, lock and all. Before, validate/ moved whole, and the validate
+    writing there ended with ``FileNotFoundError: ... validate/version_1/metrics.csv`` (its score recorded nowhere)."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    runs = _validate_runs(tmp_path, "version_0", "version_1", "version_2")
+    lock = RunLock([tmp_path / "validate"], validate_lock(tmp_path / "validate" / "version_1").name).acquire()
+    try:
+        aside = set_aside_earlier_run(LocalFileSystem(), str(folder), earlier_logs(str(tmp_path)))
+        assert _files(Path(aside) / "validate") == {k: v for k, v in runs.items() if "version_1" not in k}
+        kept = _files(tmp_path / "validate")
+        assert kept == {"version_1/hparams.yaml": runs["version_1/hparams.yaml"],
+                        "version_1.lock": kept["version_1.lock"]}
+    finally:
+        lock.release()
+
+
+def test_a_new_run_that_fails_puts_the_earlier_validates_back_beside_those_started_meanwhile(tmp_path):
+    """A validate started during a new run that then fails before saving: the earlier run's validate runs come back
+    beside it (one of a name taken renamed to the first free version_N). Before, the validate/ there was deleted."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    runs = _validate_runs(tmp_path, "version_0", "version_1")
+    logs, fs = earlier_logs(str(tmp_path)), LocalFileSystem()
+    aside = set_aside_earlier_run(fs, str(folder), logs)
+    meanwhile = _validate_runs(tmp_path, "version_0")  # the validate started while the new run trained
+    put_back_earlier_run(fs, aside, str(folder), logs)
+    assert _files(tmp_path / "validate") == {"version_0/hparams.yaml": meanwhile["version_0/hparams.yaml"],
+                                             "version_1/hparams.yaml": runs["version_1/hparams.yaml"],
+                                             "version_2/hparams.yaml": runs["version_0/hparams.yaml"]}
+
+
+def test_a_validate_holds_the_lock_beside_its_folder_while_it_runs(trained, workdir, tmp_path, monkeypatch):
+    """validate/version_0.lock is held from the start of the validate to its end (a new run leaves the folder where
+    it is meanwhile), and gone after."""
+    _, config = _stage(trained, workdir, tmp_path, monkeypatch)
+    lock, seen = tmp_path / "stage" / "validate" / "version_0.lock", []
+    setup = VideoDataModule.setup
+
+    def setup_seeing_the_lock(self, stage):
+        seen.append(held(lock))
+        return setup(self, stage)
+
+    monkeypatch.setattr(VideoDataModule, "setup", setup_seeing_the_lock)
+    main(["validate", "--config", str(config), *QUIET, ONE_BATCH])
+    assert seen == [True] and not lock.exists()

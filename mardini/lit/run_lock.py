@@ -46,8 +46,8 @@ class FolderInUseError(ValueError):
 class RunLock:
     """The lock files of a fit's log ``folders`` (taken by :meth:`acquire`, dropped by :meth:`release`)."""
 
-    def __init__(self, folders) -> None:
-        self.paths = [Path(folder) / LOCK_NAME for folder in dict.fromkeys(map(str, folders))]
+    def __init__(self, folders, name: str = LOCK_NAME) -> None:
+        self.paths = [Path(folder) / name for folder in dict.fromkeys(map(str, folders))]
         self.record = holder_record()
         self._held: list[Path] = []
         self._stop = threading.Event()
@@ -196,6 +196,11 @@ def stale_reason(found: dict, path: Path) -> str | None:
     if not found and age > HEARTBEAT_S:
         return "it is empty, a fit killed while writing it"
     return None
+
+
+def held(path: Path) -> bool:
+    """Whether the lock at ``path`` is there and its process may be alive (not :func:`stale_reason`)."""
+    return path.is_file() and stale_reason(read_record(path), path) is None
 
 
 def alive(pid: int) -> bool:

@@ -15,12 +15,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from mardini.lit.checkpoint_io import local_path
 from mardini.lit.checkpoints import read_checkpoint
 from mardini.lit.expected_warnings import ignore, remove_filters
+from mardini.lit.run_lock import held
 
 CONTINUES = ("last", "hpc", "best")  # Lightning's ckpt_path keywords that resume a run of this folder
 PREEMPTION = re.compile(r"hpc_ckpt_\d+\.ckpt")  # Lightning's preemption checkpoints (mardini.lit.preemption)
+VALIDATION_FOLDER = "validate"  # where train.py validate logs in the stage folder (mardini.cli.validation_logger)
 # a run's records in its log folder: TensorBoard's event files, the loggers' hparams.yaml, a CSV logger's metrics.csv,
-# and the folder train.py validate logs in (mardini.cli.VALIDATION_FOLDER); config.yaml is KeepEarlierConfig's
-LOGS = re.compile(r"events\.out\.tfevents\..+|hparams\.yaml|metrics\.csv|validate")
+# and the folder train.py validate logs in (VALIDATION_FOLDER); config.yaml is KeepEarlierConfig's
+LOGS = re.compile(rf"events\.out\.tfevents\..+|hparams\.yaml|metrics\.csv|{VALIDATION_FOLDER}")
 # the records a logger rewrites as the fit starts, before the earlier run is set aside (a CSV logger's hparams.yaml,
 # written by log_hyperparams): kept by their bytes (rewritten_records)
 REWRITTEN = re.compile(r"hparams\.yaml")
@@ -54,7 +56,8 @@ class StepCheckpoint(ModelCheckpoint):
     ``logs``: the earlier run's records in the log folder, listed before the fit opens its own
     (:func:`earlier_logs`: event files, hparams.yaml, metrics.csv, validate/); those still as they were move with
     its checkpoints, so TensorBoard shows the new run apart from the earlier one, and a ``hparams.yaml`` the fit has
-    rewritten by then (a CSV logger's) goes there as it was (its bytes, read here: :func:`rewritten_records`). A fit
+    rewritten by then (a CSV logger's) goes there as it was (its bytes, read here: :func:`rewritten_records`); of
+    ``validate/``, the runs of the validates that have ended (:func:`set_aside_finished_validates`). A fit
     that then fails before it saves a checkpoint puts them back (:meth:`put_back_earlier_run`, called by
     ``MarDiniCLI.fit``), so that ``--ckpt_path last`` resumes the earlier run again; one that saved a checkpoint
     leaves them in ``earlier.N/``.
@@ -184,10 +187,11 @@ def lightning_may_stop(loop) -> bool:
 def set_aside_earlier_run(fs, folder: str, logs: dict[str, tuple[int, int]] | None = None,
                           rewritten: dict[str, bytes] | None = None) -> str | None:
     """Move the ``*.ckpt`` files in ``folder`` (on the fsspec file system ``fs``), and the records ``logs`` names
-    (:func:`earlier_logs`) that are still as they were then, into ``folder/earlier.N``, the first free N from 1, and
-    say so; that folder, or None (nothing to move). A record changed since is the new run's and stays; where
-    ``rewritten`` (:func:`rewritten_records`) holds its earlier bytes (a CSV logger's hparams.yaml, rewritten when the
-    fit starts), those are written into ``earlier.N`` in its place."""
+    (:func:`earlier_logs`) that are still as they were then (of ``validate/``, the runs of validates that have
+    ended: :func:`set_aside_finished_validates`), into ``folder/earlier.N``, the first free N from 1, and say so;
+    that folder, or None (nothing to move). A record changed since is the new run's and stays; where ``rewritten``
+    (:func:`rewritten_records`) holds its earlier bytes (a CSV logger's hparams.yaml, rewritten when the fit
+    starts), those are written into ``earlier.N`` in its place."""
     found = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".ckpt") and fs.isfile(p)) \
         if fs.isdir(folder) else []
     records = sorted(path for path, stamp in (logs or {}).items() if _stamp(path) == stamp)
@@ -198,8 +202,12 @@ def set_aside_earlier_run(fs, folder: str, logs: dict[str, tuple[int, int]] | No
     while fs.exists(aside := os.path.join(folder, f"earlier.{n}")):
         n += 1
     fs.makedirs(aside)
+    running: list[str] = []
     for path in found + records:
-        fs.mv(path, os.path.join(aside, os.path.basename(path)), recursive=True)
+        if os.path.basename(path) == VALIDATION_FOLDER:
+            running = set_aside_finished_validates(fs, path, os.path.join(aside, VALIDATION_FOLDER))
+        else:
+            fs.mv(path, os.path.join(aside, os.path.basename(path)), recursive=True)
     for path, data in copies.items():
         fs.pipe_file(os.path.join(aside, os.path.basename(path)), data)
     records = sorted(records + list(copies))
@@ -207,15 +215,42 @@ def set_aside_earlier_run(fs, folder: str, logs: dict[str, tuple[int, int]] | No
     way = f" (--ckpt_path {os.path.join(aside, 'last.ckpt')} resumes that run)" if "last.ckpt" in names else ""
     moved = " and ".join(f"{what} ({', '.join(os.path.basename(p) for p in paths)})" for what, paths in
                          (("checkpoints", found), ("logs", records)) if paths)
-    rank_zero_info(f"A new run in {folder}: the earlier run's {moved} are moved to {aside}{way}")
+    stay = (f"; {', '.join(f'{VALIDATION_FOLDER}/{name}' for name in running)} "
+            f"{'stays where it is' if len(running) == 1 else 'stay where they are'}: a validate is writing there"
+            if running else "")
+    rank_zero_info(f"A new run in {folder}: the earlier run's {moved} are moved to {aside}{way}{stay}")
     return aside
+
+
+def validate_lock(run: str | Path) -> Path:
+    """The lock a validate holds beside its folder ``run`` (``validate/version_N.lock``) while it writes there."""
+    return Path(f"{run}.lock")
+
+
+def set_aside_finished_validates(fs, folder: str, dest: str) -> list[str]:
+    """Move the validate runs in ``folder`` (the log folder's ``validate/``: ``version_N`` each) to ``dest``, but for
+    those a validate is still writing (:func:`validate_lock` held), which stay where they are with their locks; their
+    names. Before, ``validate/`` moved whole, and a validate writing there ended with ``FileNotFoundError: [Errno 2]
+    No such file or directory: '.../validate/version_1/metrics.csv'`` (its event file too), its score recorded
+    nowhere."""
+    running = sorted(name for name in os.listdir(folder) if held(validate_lock(os.path.join(folder, name))))
+    if not running:
+        fs.mv(folder, dest, recursive=True)
+        return []
+    fs.makedirs(dest, exist_ok=True)
+    staying = {*running, *(validate_lock(name).name for name in running)}
+    for path in fs.ls(folder, detail=False):
+        if os.path.basename(path) not in staying:
+            fs.mv(path, os.path.join(dest, os.path.basename(path)), recursive=True)
+    return running
 
 
 def put_back_earlier_run(fs, aside: str, folder: str, logs: dict[str, tuple[int, int]] | None = None) -> None:
     """Undo :func:`set_aside_earlier_run` after a new run that failed without saving a checkpoint: delete the records
     that run wrote in the log folder (``folder``'s parent; ``LOGS`` files that were not there before, ``logs``,
     and those the earlier run's are coming back over), move every file of ``aside`` back where it was (checkpoints to
-    ``folder``, records to the log folder), remove ``aside``, and say so."""
+    ``folder``, records to the log folder; validate runs beside those in ``validate/``: :func:`put_back_validates`),
+    remove ``aside``, and say so."""
     log_dir = os.path.dirname(os.path.normpath(folder))
     back = [os.path.basename(p) for p in fs.ls(aside, detail=False)]
     records = {os.path.basename(p): p for p in (logs or {})}  # the earlier run's, by name
@@ -227,12 +262,29 @@ def put_back_earlier_run(fs, aside: str, folder: str, logs: dict[str, tuple[int,
                 os.remove(path)
     for name in back:
         dest = os.path.join(folder, name) if name.endswith(".ckpt") else records.get(name, os.path.join(log_dir, name))
+        if name == VALIDATION_FOLDER and fs.isdir(dest):  # validate runs kept there, or started since: not the fit's
+            put_back_validates(fs, os.path.join(aside, name), dest)
+            continue
         if fs.isdir(dest):  # a folder the failed run made where the earlier run's comes back
             fs.rm(dest, recursive=True)
         fs.mv(os.path.join(aside, name), dest, recursive=True)
     fs.rmdir(aside)
     rank_zero_info(f"The fit failed before saving a checkpoint: the earlier run's files ({', '.join(sorted(back))}) "
                    f"are back from {aside} (--ckpt_path last resumes that run)")
+
+
+def put_back_validates(fs, aside: str, folder: str) -> None:
+    """Move the validate runs in ``aside`` back into ``folder`` (the log folder's ``validate/``) beside those there
+    (kept by :func:`set_aside_finished_validates`, or started since), one whose name is taken as the first free
+    ``version_N``; remove ``aside``. Before, the ``validate/`` there was deleted, with the runs in it."""
+    paths = sorted(fs.ls(aside, detail=False))
+    taken = [p for p in paths if fs.exists(os.path.join(folder, os.path.basename(p)))]
+    for path in [p for p in paths if p not in taken] + taken:  # those of a name taken: the first N then free
+        dest, n = os.path.join(folder, os.path.basename(path)), 0
+        while fs.exists(dest):
+            dest, n = os.path.join(folder, f"version_{n}"), n + 1
+        fs.mv(path, dest, recursive=True)
+    fs.rmdir(aside)
 
 
 def rewritten_records(logs: dict[str, tuple[int, int]]) -> dict[str, bytes]:
