@@ -82,11 +82,16 @@ class _KeylessClips(torch.utils.data.Dataset):
 
 
 def _validate(module: MarDiniModule, loader) -> float:
+    return _validate_all(module, loader)["val/loss"]
+
+
+def _validate_all(module: MarDiniModule, loader) -> dict[str, float]:
+    """Every metric one validation over ``loader`` logs."""
     import lightning as L
 
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
-    return trainer.validate(module, loader, verbose=False)[0]["val/loss"]
+    return trainer.validate(module, loader, verbose=False)[0]
 
 
 def test_clips_without_keys_draw_by_their_dataset_index_on_any_number_of_ranks():
@@ -126,3 +131,76 @@ def test_clips_without_keys_from_an_unreadable_order_warn_once_under_ddp(monkeyp
         _validate(module, DataLoader(Stream(), batch_size=2))
         _validate(module, DataLoader(Stream(), batch_size=2))
     assert len([w for w in caught if "without a 'key'" in str(w.message)]) == 1
+
+
+class _KeyedClips(_KeylessClips):
+    """The clips of :func:`_clips` with their keys, from a map-style dataset (a datamodule of one's own)."""
+
+    def __getitem__(self, i: int) -> dict:
+        return {"video": self.video[i], "key": f"val-{i:07d}"}
+
+
+def _validate_as_rank(module: MarDiniModule, clips, rank: int, others: list[torch.Tensor], monkeypatch,
+                      record: list[torch.Tensor] | None = None) -> dict[str, float]:
+    """What rank ``rank`` of 2 logs when validating its ``DistributedSampler`` share of ``clips``, the ranks faked in
+    one process: each all-reduce of the epoch's sums (``_reduce_over_ranks``, a sum) adds the other rank's sums of the
+    same call (``others``, recorded by running that rank with ``record``)."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    def reduce(value: torch.Tensor, op: str) -> torch.Tensor:
+        if record is not None:
+            record.append(value.clone())
+        return value + others.pop(0) if others else value
+
+    monkeypatch.setattr(module, "_reduce_over_ranks", reduce)
+    sampler = DistributedSampler(clips, num_replicas=2, rank=rank, shuffle=False)
+    logged = _validate_all(module, DataLoader(clips, batch_size=2, sampler=sampler))
+    monkeypatch.undo()
+    return logged
+
+
+@pytest.mark.parametrize("clips, keyed", [(3, False), (5, False), (3, True)], ids=["3-keyless", "5-keyless", "3-keyed"])
+def test_clips_the_distributed_sampler_repeats_to_pad_the_ranks_weigh_nothing(clips, keyed, monkeypatch):
+    """3 or 5 clips on 2 ranks: the DistributedSampler pads rank 1's share with clip 0 again. What the ranks log
+    after reducing their sums (faked in one process: rank 1's sums are recorded and added to rank 0's) is what one
+    process logs over the clips: val/loss, per template and per part. Before, the repeat counted twice (3 clips:
+    val/loss the mean of 4 losses, clip 0's twice), so every val metric depended on the world size."""
+    torch.manual_seed(0)
+    module = MarDiniModule(size="tiny", frames=5, planner_resolution=16, plan_recon_weight=1.0,
+                           templates={"random": 1.0, "interpolation": 1.0})
+    data = (_KeyedClips if keyed else _KeylessClips)(clips)
+    one = _validate_all(module, torch.utils.data.DataLoader(data, batch_size=2))
+    rank1: list[torch.Tensor] = []
+    _validate_as_rank(module, data, 1, [], monkeypatch, record=rank1)
+    assert len(rank1) == 2  # the template sums and the joint module's part sums: one all-reduce each
+    both = _validate_as_rank(module, data, 0, rank1, monkeypatch)
+    assert {"val/loss", "val/diffusion_loss", "val/plan_recon_loss"} <= set(one)
+    assert both == pytest.approx(one, rel=1e-5)
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_validation_order_counts_each_clip_once_over_the_ranks(drop_last):
+    """Over every rank's DistributedSampler share (shuffled or not), the clips validation_order's ``distinct`` and
+    clip_weights count are each clip of the dataset once (drop_last: those the sampler keeps); one process counts
+    all its clips."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from mardini.lit.clip_draws import clip_weights, validation_order
+
+    for n in range(1, 8):
+        data = _KeylessClips(n)
+        for world in range(1, 5):
+            if drop_last and n < world:
+                continue
+            counted = []
+            for rank in range(world):
+                sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=n,
+                                             drop_last=drop_last)
+                order = validation_order(DataLoader(data, batch_size=2, sampler=sampler))
+                weights = torch.cat([clip_weights(order, first, min(2, len(order.indices) - first))
+                                     for first in range(0, len(order.indices), 2)])
+                counted += [i for i, w in zip(order.indices, weights.tolist(), strict=True) if w == 1]
+            expected = n - n % world if drop_last else n
+            assert len(counted) == len(set(counted)) == expected, (n, world)
+        order = validation_order(DataLoader(data, batch_size=3))
+        assert order.distinct == n and clip_weights(order, 0, min(3, n)).tolist() == [1.0] * min(3, n)

@@ -22,8 +22,8 @@ from torch import nn
 from mardini.autoencoders import FrameAutoencoder, SpaceToDepthAutoencoder
 from mardini.lit.batch_weight import ElementWindow
 from mardini.lit.checkpoint_hooks import CHECKPOINT_FORMAT, RESUME_FIX, StageCheckpoints
-from mardini.lit.clip_draws import (ClipGenerators, Draws, draw_rows, keyless_warning, one_per_clip,
-                                    validation_order)
+from mardini.lit.clip_draws import (ClipGenerators, Draws, ValidationOrder, clip_weights, draw_rows, keyless_warning,
+                                    one_per_clip, validation_order)
 from mardini.lit.ema_weights import EmaWeights
 from mardini.lit.expected_warnings import ExpectedWarnings
 from mardini.lit.fsdp import attached_trainer
@@ -161,7 +161,8 @@ class MarDiniBase(StartupChecks, LossReduction, Optimisation, EmaWeights, StepLo
         self._schedule_history: list[list[int]] = []
         self._ema_backup: list[torch.Tensor] | None = None
         self._val_template_sums: torch.Tensor | None = None  # (templates, [loss sum, clips]) of this validation epoch
-        self._val_order: tuple[int | None, list[int] | None] | None = None  # key-less clips' (_keyless_order)
+        self._val_order: tuple[ValidationOrder | None] | None = None  # this validation's loader order, once read
+        self._val_weights: torch.Tensor | None = None  # (B,) the last validation batch's clip weights (1, or 0: padding)
         self._warned_keyless = False
         # (global step, {name: (rows, [sum, clips])}) of the gradient-accumulation window in progress
         self._train_window: tuple[int, dict[str, torch.Tensor]] | None = None
@@ -277,31 +278,33 @@ class MarDiniBase(StartupChecks, LossReduction, Optimisation, EmaWeights, StepLo
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Each clip's loss with its own draws (crop, mask, t, noise: :class:`ClipGenerators`, by its key, else by its
-        index in the dataset: :meth:`_keyless_order`), so the epoch's ``val/loss``, a mean over its clips, does not
-        depend on how they are batched, nor, under DDP, on the world size."""
+        index in the dataset: :meth:`_validation_order`), so the epoch's ``val/loss``, a mean over its clips, does not
+        depend on how they are batched, nor, under DDP, on the world size: the clips a ``DistributedSampler`` repeats
+        to pad the ranks' shares weigh 0 (:attr:`_val_weights`, :func:`~mardini.lit.clip_draws.clip_weights`)."""
         rows = _batch_clips(batch)
-        size, order = self._keyless_order(rows) if batch.get("key") is None else (rows, None)
-        gen = ClipGenerators.for_batch(self.hparams.seed, batch, rows, first=batch_idx * size, order=order)
+        order = self._validation_order(keyless=batch.get("key") is None)
+        first = batch_idx * (order.batch_size if order is not None else rows)  # the batches before it full
+        gen = ClipGenerators.for_batch(self.hparams.seed, batch, rows, first=first,
+                                       order=order.indices if order is not None else None)
         batch = self.crop_frames(batch, gen)
         per_sample = self.compute_loss(batch, gen, train=False)  # (B,)
+        self._val_weights = clip_weights(order, first, rows).to(per_sample.device)  # (B,) 1, or 0 for a padded repeat
         if self._val_template_sums is None:  # summed here, reduced over the ranks at the epoch's end
             self._val_template_sums = per_sample.new_zeros(len(self._loss_templates()), 2, dtype=torch.float32)
-        loss_and_count = torch.stack([per_sample.detach().float(), torch.ones_like(per_sample, dtype=torch.float32)], 1)
+        loss_and_count = torch.stack([per_sample.detach().float() * self._val_weights, self._val_weights], 1)  # (B, 2)
         self._val_template_sums.index_add_(0, self._last_template, loss_and_count)  # (templates, [loss sum, clips])
 
-    def _keyless_order(self, rows: int) -> tuple[int, list[int] | None]:
-        """``(batch size, dataset indices)`` of this rank's validation loader, for clips without keys
-        (:func:`~mardini.lit.clip_draws.validation_order`, read once per validation); ``(rows, None)`` where it cannot
-        be read: each clip is then numbered by its position on this rank (the batches before it of this one's
-        size), which under DDP warns once."""
+    def _validation_order(self, keyless: bool) -> ValidationOrder | None:
+        """This rank's validation loader order (:func:`~mardini.lit.clip_draws.validation_order`, read once per
+        validation): key-less clips are seeded by its dataset indices, and its padded repeats weigh 0. None where it
+        cannot be read: key-less clips are then numbered by their position on this rank, which under DDP warns once."""
         if self._val_order is None:
-            loaders = getattr(attached_trainer(self), "val_dataloaders", None)
-            self._val_order = validation_order(loaders) or (None, None)
-            if self._val_order[1] is None and self._world_size() > 1 and not self._warned_keyless:
-                self._warned_keyless = True
-                rank_zero_warn(keyless_warning(self._world_size()))
-        size, order = self._val_order
-        return size or rows, order
+            self._val_order = (validation_order(getattr(attached_trainer(self), "val_dataloaders", None)),)
+        order = self._val_order[0]
+        if keyless and order is None and self._world_size() > 1 and not self._warned_keyless:
+            self._warned_keyless = True
+            rank_zero_warn(keyless_warning(self._world_size()))
+        return order
 
     # ----------------------------------------------------------------------------------------------
     # Hooks that join the jobs of the mixins
@@ -318,7 +321,7 @@ class MarDiniBase(StartupChecks, LossReduction, Optimisation, EmaWeights, StepLo
 
     def on_validation_epoch_start(self) -> None:
         self._val_template_sums = None
-        self._val_order = None  # read again by the first batch without keys (_keyless_order)
+        self._val_order = None  # read again by the first batch (_validation_order)
         self._swap_in_ema()
 
     def on_validation_epoch_end(self) -> None:

@@ -7,18 +7,20 @@ how the clips are batched: the same clips in batches of 2 or 4, or under another
 loss. A ``compute_loss`` draws through :func:`draw_rows`, which takes either.
 
 Key-less clips under DDP: Lightning gives each rank its share of a map-style dataset through a ``DistributedSampler``,
-whose indices are the clips' identities, so ``val/loss`` does not depend on the world size where the ranks share the
-clips evenly (the sampler pads an uneven split by repeating the first clips, which then count twice, as in any
-Lightning validation). A loader whose order cannot be read back (an iterable dataset, a random or a batch sampler of
+whose indices are the clips' identities, so ``val/loss`` does not depend on the world size. Where the world size does
+not divide the clips, the sampler pads the ranks' shares to one length by repeating the first clips of its order: those
+repeats weigh 0 in every validation sum (:attr:`ValidationOrder.distinct`, :func:`clip_weights`), so each clip counts
+once, keyed or not. A loader whose order cannot be read back (an iterable dataset, a random or a batch sampler of
 one's own) numbers its clips by their position on each rank, and under DDP the ranks then draw alike: the module
-warns once (:func:`keyless_warning`); collate a ``key`` per clip (``VideoDataModule`` does) to avoid it.
+warns once (:func:`keyless_warning`); collate a ``key`` per clip (``VideoDataModule`` does) to avoid it. Such a loader
+counts every clip it yields (``VideoDataModule``'s validation stream gives each clip to exactly one rank and worker).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from typing import TypeVar, Union
+from typing import NamedTuple, TypeVar, Union
 
 import torch
 from torch.utils.data import BatchSampler, DistributedSampler, SequentialSampler
@@ -47,18 +49,46 @@ class ClipGenerators(list):
         return cls(torch.Generator().manual_seed(clip_seed(seed, name)) for name in ids)
 
 
-def validation_order(loader) -> tuple[int, list[int]] | None:
-    """``(batch size, dataset indices)`` a map-style validation ``loader`` reads on this rank, in order: its
-    sampler's, where that is a ``DistributedSampler`` (Lightning's under DDP: this rank's share of the global order,
-    each clip by its index in the dataset) or a ``SequentialSampler`` (one process), batched by a plain
-    ``BatchSampler``. None for any other loader (an iterable dataset, a random or wrapped sampler, a batch sampler of
-    one's own), whose order cannot be read back without drawing it anew."""
+class ValidationOrder(NamedTuple):
+    """What :func:`validation_order` reads of this rank's validation loader."""
+
+    batch_size: int  # the loader's batches: all full but the last
+    indices: list[int]  # the dataset index of each clip of this rank's pass, in order
+    distinct: int  # the first ``distinct`` clips of the pass are the rank's own; the rest repeat the sampler's padding
+
+
+def validation_order(loader) -> ValidationOrder | None:
+    """The :class:`ValidationOrder` a map-style validation ``loader`` reads on this rank: its sampler's, where that
+    is a ``DistributedSampler`` (Lightning's under DDP: this rank's share of the global order, each clip by its index
+    in the dataset) or a ``SequentialSampler`` (one process), batched by a plain ``BatchSampler``. None for any other
+    loader (an iterable dataset, a random or wrapped sampler, a batch sampler of one's own), whose order cannot be
+    read back without drawing it anew."""
     sampler, batches = getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)
     if type(batches) is not BatchSampler or batches.sampler is not sampler:
         return None
     if type(sampler) is not DistributedSampler and not isinstance(sampler, SequentialSampler):
         return None
-    return batches.batch_size, list(sampler)
+    indices = list(sampler)
+    distinct = _distinct_share(sampler) if type(sampler) is DistributedSampler else len(indices)
+    return ValidationOrder(batches.batch_size, indices, distinct)
+
+
+def _distinct_share(sampler: DistributedSampler) -> int:
+    """Clips of this rank's share that are not padding. Without ``drop_last`` the sampler pads its order of ``N``
+    clips to a multiple of the ranks ``R`` by repeating its first indices, and rank ``r`` takes the positions
+    ``r, r + R, ...``: those from ``N`` on are the repeats, at the end of its share (with ``drop_last``: none)."""
+    if sampler.drop_last:
+        return sampler.num_samples
+    return len(range(sampler.rank, len(sampler.dataset), sampler.num_replicas))
+
+
+def clip_weights(order: ValidationOrder | None, first: int, rows: int) -> torch.Tensor:
+    """``(rows,)`` float32 weights of the batch of clips at positions ``first ...`` of this rank's pass: 1 for a
+    clip, 0 for a repeat the ``DistributedSampler`` padded in (:attr:`ValidationOrder.distinct`); all 1 where the
+    order cannot be read (``order`` None)."""
+    if order is None:
+        return torch.ones(rows)
+    return (torch.arange(first, first + rows) < order.distinct).float()  # (rows,)
 
 
 def keyless_warning(world_size: int) -> str:
@@ -94,5 +124,5 @@ def one_per_clip(generator: Draws) -> bool:
     return not isinstance(generator, torch.Generator)
 
 
-__all__ = ["ClipGenerators", "Draws", "clip_seed", "draw_rows", "keyless_warning", "one_per_clip",
-           "validation_order"]
+__all__ = ["ClipGenerators", "Draws", "ValidationOrder", "clip_seed", "clip_weights", "draw_rows", "keyless_warning",
+           "one_per_clip", "validation_order"]

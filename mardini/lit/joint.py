@@ -138,10 +138,11 @@ class MarDiniModule(GenerationModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """The base's (``val/loss``: the diffusion loss plus ``plan_recon_weight`` x the reconstruction loss),
-        and the sums of the two parts over this rank's clips."""
+        and the sums of the two parts over this rank's clips, weighed as ``val/loss`` (a padded repeat: 0)."""
         super().validation_step(batch, batch_idx)
-        parts = self._last_parts  # (B, [diffusion, plan recon])
-        sums = torch.cat([parts.sum(0), parts.new_tensor([parts.shape[0]])])  # ([diffusion sum, recon sum, clips])
+        weights = self._val_weights.to(self._last_parts)  # (B,)
+        parts = self._last_parts * weights[:, None]  # (B, [diffusion, plan recon])
+        sums = torch.cat([parts.sum(0), weights.sum()[None]])  # ([diffusion sum, recon sum, clips])
         self._val_part_sums = sums if self._val_part_sums is None else self._val_part_sums + sums
 
     def on_validation_epoch_start(self) -> None:
