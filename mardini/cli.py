@@ -7,6 +7,7 @@ import itertools
 import operator
 import os
 import re
+import signal
 import sys
 import traceback
 import warnings
@@ -17,6 +18,8 @@ from fsspec.core import url_to_fs
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from lightning.pytorch.trainer import call
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -30,9 +33,9 @@ from mardini.lit.lr_monitor import LatestLearningRateMonitor
 from mardini.lit.preemption import TERMINATED, PreemptionSave
 from mardini.lit.resumed_logs import ContinuedCSVLogger, ResumedLogs
 from mardini.lit.run_lock import RunLock
-from mardini.lit.step_checkpoint import (PREEMPTION, VALIDATION_FOLDER, FitStarted, StepCheckpoint, drop_untrained_logs,
-                                         earlier_logs, log_folders, preemption_checkpoints, saved_step,
-                                         validate_lock)
+from mardini.lit.step_checkpoint import (PREEMPTION, VALIDATION_FOLDER, FitStarted, StepCheckpoint,
+                                         drop_empty_log_folders, drop_untrained_logs, earlier_logs, log_folders,
+                                         preemption_checkpoints, saved_step, validate_lock)
 from mardini.run_info import command_line
 from mardini.user_errors import TRACEBACK_ENV, USER_ERRORS
 
@@ -150,16 +153,19 @@ class MarDiniCLI(LightningCLI):
         """``trainer.fit``; a ``last`` that found nothing to resume starts afresh (``ckpt_path=None``: Lightning
         would warn that there is no last checkpoint; the saved config keeps ``last``, so rerunning it resumes). The
         fit holds its log folder (``RunLock``: a second fit there is refused, a dead fit's lock taken over); the
-        checkpoint to resume is checked first (:meth:`check_resume`); a fit that fails before training leaves no empty
-        event file or log folder behind (:meth:`_drop_untrained_logs`), one that fails later without saving a
-        checkpoint puts back the earlier run it set aside (:meth:`_put_back_earlier_run`); so does one that Ctrl-C
-        (SIGINT) interrupted (:func:`interrupted`). A fit that SIGTERM ended exits with status 143 (``PreemptionSave``:
-        after its checkpoint), never 0."""
+        checkpoint to resume is checked first (:meth:`check_resume`); a fit that fails, or that Ctrl-C (SIGINT)
+        interrupted (:func:`interrupted`), is cleaned up after (:func:`clean_up_failed_fit`: no empty event file or log
+        folder left, the earlier run it set aside put back) in the process that ran its training: under ``ddp_spawn``
+        the worker of rank 0 (:class:`SpawnedFit`), which the main process waits for. A fit that SIGTERM ended
+        exits with status 143 (``PreemptionSave``: after its checkpoint), never 0."""
         if self._nothing_to_resume:
             kwargs["ckpt_path"] = None
         elif self._resume_from is not None:
             kwargs["ckpt_path"] = self._resume_from
         folders = log_folders(self.trainer)
+        spawned = isinstance(self.trainer.strategy.launcher, _MultiProcessingLauncher)
+        if spawned:  # the workers run the training (and its clean-up); the main process only launches them
+            self.trainer._fit_impl = SpawnedFit(self.trainer, folders)
         # one fit per log folder: a second one is refused before it reads or writes anything there (run_lock)
         lock = RunLock(folders if self.trainer.is_global_zero else ()).acquire()
         try:
@@ -171,36 +177,18 @@ class MarDiniCLI(LightningCLI):
             raise
         except BaseException as e:
             if isinstance(e, Exception) or interrupted(e):
+                if spawned:
+                    wait_for_workers(self.trainer.strategy.launcher)  # their clean-up done, files closed
                 lock.release()  # before the clean-up, which removes the log folder a failed fit made only if empty
-                self._drop_untrained_logs(folders)
-                self._put_back_earlier_run()
+                if spawned:
+                    drop_empty_log_folders(folders if self.trainer.is_global_zero else {})
+                else:
+                    clean_up_failed_fit(self.trainer, folders, e)
             raise
         finally:
             lock.release()
-
-    def _put_back_earlier_run(self) -> None:
-        """After a fit that failed (or that Ctrl-C interrupted) once its training started (``--ckpt_path null`` where
-        a run was): the earlier run it set aside in ``checkpoints/earlier.N/`` back where it was, and ``config.yaml`` as
-        it was, where the fit saved no checkpoint (``StepCheckpoint.put_back_earlier_run``; one that saved keeps them
-        aside and says so). Before, the folder looked empty and ``--ckpt_path last`` trained from scratch."""
-        if not self.trainer.is_global_zero:
-            return
-        saver = next((cb for cb in self.trainer.callbacks if isinstance(cb, StepCheckpoint)), None)
-        if saver is None or not saver.put_back_earlier_run():
-            return
-        for cb in self.trainer.callbacks:
-            if isinstance(cb, KeepEarlierConfig):
-                cb.put_back()
-
-    def _drop_untrained_logs(self, folders) -> None:
-        """After a fit that failed before training (a data error from the datamodule's setup, a failing sanity
-        check, ...): delete the event file and the log folder it opened, which recorded nothing (``FitStarted``)."""
-        started = next((cb.started for cb in self.trainer.callbacks if isinstance(cb, FitStarted)), True)
-        if started or not self.trainer.is_global_zero:
-            return
-        dropped = drop_untrained_logs(folders)
-        if dropped:
-            rank_zero_info(f"the fit failed before training: {', '.join(dropped)} deleted (they recorded nothing)")
+            if spawned:
+                del self.trainer._fit_impl
 
     def check_resume(self, model, ckpt_path, weights_only: bool | None) -> None:
         """Refuse the local checkpoint file a fit resumes (the stage's newest, or ``--ckpt_path FILE``) before
@@ -386,6 +374,61 @@ def fit_logger(logger, entry, step: int | None = None):
         given = {**args.as_dict(), **dict(entry.get("dict_kwargs") or {})}  # dict_kwargs: the SummaryWriter's
         return type(logger)(**{**given, "purge_step": step})
     return logger
+
+
+def clean_up_failed_fit(trainer, folders, error: BaseException) -> None:
+    """After a fit that failed, or that Ctrl-C interrupted (:func:`interrupted`), in the process that ran its
+    training (rank 0 does it): a fit that failed before training leaves no empty event file or log folder behind
+    (``FitStarted``, :func:`~mardini.lit.step_checkpoint.drop_untrained_logs`); one that fails later without saving a
+    checkpoint puts back the earlier run a ``--ckpt_path null`` fit set aside in ``checkpoints/earlier.N/``, and
+    ``config.yaml`` as it was (``StepCheckpoint.put_back_earlier_run``; one that saved keeps them aside and says so).
+    Before, the folder looked empty and ``--ckpt_path last`` trained from scratch. The messages say "was
+    interrupted" for an interrupt, "failed" otherwise."""
+    if not trainer.is_global_zero:
+        return
+    ended = "was interrupted" if interrupted(error) else "failed"
+    started = next((cb.started for cb in trainer.callbacks if isinstance(cb, FitStarted)), True)
+    dropped = [] if started else drop_untrained_logs(folders)
+    if dropped:
+        rank_zero_info(f"the fit {ended} before training: {', '.join(dropped)} deleted (they recorded nothing)")
+    saver = next((cb for cb in trainer.callbacks if isinstance(cb, StepCheckpoint)), None)
+    if saver is None or not saver.put_back_earlier_run(ended):
+        return
+    for cb in trainer.callbacks:
+        if isinstance(cb, KeepEarlierConfig):
+            cb.put_back()
+
+
+class SpawnedFit:
+    """``Trainer._fit_impl`` as each ``ddp_spawn`` worker runs it: a failure or a Ctrl-C there is cleaned up in that
+    worker (:func:`clean_up_failed_fit`), which holds the fit's state (what it set aside, whether it trained or saved),
+    after Lightning's ``on_exception`` hooks and teardown, as ``trainer.fit`` runs them in one process. Before, the
+    worker's KeyboardInterrupt ended it silently (torch's spawn wrapper swallows it), and the main process, which
+    never trained, took the fit for one that failed before training: it deleted the new run's event file ("the fit
+    failed before training: ... deleted (they recorded nothing)") and left the earlier run in
+    ``checkpoints/earlier.N/``."""
+
+    def __init__(self, trainer, folders) -> None:
+        self.trainer, self.folders = trainer, folders
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return Trainer._fit_impl(self.trainer, *args, **kwargs)
+        except BaseException as e:
+            if isinstance(e, Exception) or interrupted(e):
+                if interrupted(e):  # a second Ctrl-C does not stop the clean-up (Lightning's rule in one process)
+                    signal.signal(signal.SIGINT, signal.SIG_IGN)
+                call._interrupt(self.trainer, e)
+                self.trainer._teardown()
+                clean_up_failed_fit(self.trainer, self.folders, e)
+            raise
+
+
+def wait_for_workers(launcher: _MultiProcessingLauncher, timeout: float = 60.0) -> None:
+    """Wait up to ``timeout`` seconds for the spawned workers of ``launcher`` to end (their clean-up:
+    :class:`SpawnedFit`). After a Ctrl-C Lightning's main process returns without joining them."""
+    for process in getattr(launcher, "procs", None) or []:
+        process.join(timeout)
 
 
 def interrupted(error: BaseException) -> bool:

@@ -942,6 +942,59 @@ def test_a_new_run_that_fails_before_saving_puts_the_earlier_run_back(workdir, m
     assert resumed.trainer.ckpt_path == str(stage / "checkpoints" / "last.ckpt")
 
 
+@pytest.mark.slow  # two spawned workers and a train.py process: about a minute
+def test_ctrl_c_during_a_ddp_spawn_fit_puts_the_earlier_run_back(workdir, monkeypatch, tmp_path):
+    """--ckpt_path null where a run is, on 2 ddp_spawn workers, then Ctrl-C (SIGINT to the whole process group, as a
+    terminal sends it) once the new run's training started, before it saved: the stage's folder is as the fit found
+    it, byte for byte, and the fit says it was interrupted. Before, each worker's KeyboardInterrupt ended it silently
+    (torch's spawn wrapper swallows it) and the main process, which never trained, printed "the fit failed before
+    training: .../events.out.tfevents... deleted (they recorded nothing)", deleting the new run's event file, and
+    left the earlier run in checkpoints/earlier.1/."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    save = [f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.log_every_n_steps=1"]
+    stage = tmp_path / STAGES[0]
+    _fit(workdir, monkeypatch, *_stage(STAGES[0], 2, *save))
+    before = _files(stage)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    command = [sys.executable, str(REPO / "train.py"), "fit", *_stage(STAGES[0], 10_000, *save), "--ckpt_path=null",
+               "--checkpoint_every=100000", "--trainer.strategy=ddp_spawn", "--trainer.devices=2"]
+    proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group: the SIGINT reaches its workers too
+    lines: list[str] = []
+    started = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("A new run in "):  # the training starts: the earlier run is set aside (rank 0)
+                started.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert started.wait(240), "the ddp_spawn fit never started training:\n" + "".join(lines)[-3000:]
+        time.sleep(1)  # past the set-aside's return, into the training
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    reader.join(10)
+    out = "".join(lines)
+    assert proc.returncode == 1, out[-3000:]
+    assert "The fit was interrupted before saving a checkpoint: the earlier run's files" in out, out[-3000:]
+    assert "failed" not in out, out[-3000:]
+    assert _files(stage) == before
+    assert sorted(p.name for p in stage.rglob("*") if p.is_dir()) == ["checkpoints"]  # no earlier.1/ left
+
+
 def test_a_new_run_that_fails_after_saving_keeps_the_earlier_run_aside(workdir, monkeypatch, tmp_path):
     save = [f"--trainer.logger.init_args.save_dir={tmp_path}", "--checkpoint_every=1"]
     folder = tmp_path / STAGES[0] / "checkpoints"

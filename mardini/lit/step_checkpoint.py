@@ -111,20 +111,20 @@ class StepCheckpoint(ModelCheckpoint):
             return False  # remote: not ours to move
         return Path(file).resolve().parent != Path(folder).resolve()
 
-    def put_back_earlier_run(self) -> bool:
-        """After this fit failed: the earlier run it set aside goes back where it was (:func:`put_back_earlier_run`)
-        if the fit saved no checkpoint; if it saved one, the earlier run stays in ``earlier.N/`` and it says so.
-        Whether it put it back (False too where nothing was set aside)."""
+    def put_back_earlier_run(self, ended: str = "failed") -> bool:
+        """After this fit failed (or ``ended`` otherwise: "was interrupted"): the earlier run it set aside goes back
+        where it was (:func:`put_back_earlier_run`) if the fit saved no checkpoint; if it saved one, the earlier run
+        stays in ``earlier.N/`` and it says so. Whether it put it back (False too where nothing was set aside)."""
         aside, self.aside = self.aside, None
         if aside is None:
             return False
         if self.saved_any:  # the folder's checkpoints are this fit's: the earlier run's are aside
             names = ", ".join(sorted(os.path.basename(p) for p in self._fs.ls(str(self.dirpath), detail=False)
                                      if p.endswith(".ckpt")))
-            rank_zero_info(f"The fit failed after saving {names}: the earlier run stays in {aside} (--ckpt_path "
+            rank_zero_info(f"The fit {ended} after saving {names}: the earlier run stays in {aside} (--ckpt_path "
                            f"{os.path.join(aside, 'last.ckpt')} resumes it; --ckpt_path last resumes the new one)")
             return False
-        put_back_earlier_run(self._fs, aside, str(self.dirpath), self.logs)
+        put_back_earlier_run(self._fs, aside, str(self.dirpath), self.logs, ended)
         return True
 
     def _save_checkpoint(self, trainer: "pl.Trainer", filepath: str) -> None:
@@ -245,10 +245,11 @@ def set_aside_finished_validates(fs, folder: str, dest: str) -> list[str]:
     return running
 
 
-def put_back_earlier_run(fs, aside: str, folder: str, logs: dict[str, tuple[int, int]] | None = None) -> None:
-    """Undo :func:`set_aside_earlier_run` after a new run that failed without saving a checkpoint: delete the records
-    that run wrote in the log folder (``folder``'s parent; ``LOGS`` files that were not there before, ``logs``,
-    and those the earlier run's are coming back over), move every file of ``aside`` back where it was (checkpoints to
+def put_back_earlier_run(fs, aside: str, folder: str, logs: dict[str, tuple[int, int]] | None = None,
+                         ended: str = "failed") -> None:
+    """Undo :func:`set_aside_earlier_run` after a new run that failed (or ``ended`` otherwise: "was interrupted")
+    without saving a checkpoint: delete the records that run wrote in the log folder (``folder``'s parent; ``LOGS``
+    files that were not there before, ``logs``, and those the earlier run's are coming back over), move every file of ``aside`` back where it was (checkpoints to
     ``folder``, records to the log folder; validate runs beside those in ``validate/``: :func:`put_back_validates`),
     remove ``aside``, and say so."""
     log_dir = os.path.dirname(os.path.normpath(folder))
@@ -269,7 +270,7 @@ def put_back_earlier_run(fs, aside: str, folder: str, logs: dict[str, tuple[int,
             fs.rm(dest, recursive=True)
         fs.mv(os.path.join(aside, name), dest, recursive=True)
     fs.rmdir(aside)
-    rank_zero_info(f"The fit failed before saving a checkpoint: the earlier run's files ({', '.join(sorted(back))}) "
+    rank_zero_info(f"The fit {ended} before saving a checkpoint: the earlier run's files ({', '.join(sorted(back))}) "
                    f"are back from {aside} (--ckpt_path last resumes that run)")
 
 
@@ -336,13 +337,21 @@ def drop_untrained_logs(folders: dict[Path, tuple[set[str] | None, Path]]) -> li
     folders of :func:`log_folders`: the records (``LOGS``: an event file with no step, hparams.yaml, metrics.csv)
     that were not there, then the folder and the parents it created, where left empty. The paths deleted."""
     dropped = []
-    for folder, (names, existing) in folders.items():
+    for folder, (names, _) in folders.items():
         if not folder.is_dir():
             continue
         for path in sorted(folder.iterdir()):
             if path.is_file() and LOGS.fullmatch(path.name) and (names is None or path.name not in names):
                 path.unlink()
                 dropped.append(str(path))
+    return dropped + drop_empty_log_folders(folders)
+
+
+def drop_empty_log_folders(folders: dict[Path, tuple[set[str] | None, Path]]) -> list[str]:
+    """Delete the log folders of :func:`log_folders` that the fit created and left empty, and the parents it created
+    with them. The paths deleted."""
+    dropped = []
+    for folder, (_, existing) in folders.items():
         while folder != existing and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
             dropped.append(str(folder))
