@@ -122,7 +122,8 @@ class StageCheckpoints:
         as it was."""
         from mardini.lit.checkpoints import EMA_PREFIX, check_metadata
 
-        check_metadata(checkpoint, kinds=(self.KIND,), path=path or "<resumed checkpoint>", size=self.hparams.size)
+        check_metadata(checkpoint, kinds=(self.KIND,), path=path or "<resumed checkpoint>", size=self.hparams.size,
+                       starts=(self.KIND, "--ckpt_path") if fitting else None)
         if checkpoint["mardini"].get("ema_only"):
             if fitting:
                 raise ValueError(
@@ -161,8 +162,10 @@ class StageCheckpoints:
             raise ValueError(f"{path} holds networks that do not fit this model ({'; '.join(differ[:3])}{more}); "
                              f"{RESUME_FIX}")
 
-    def load_networks_from(self, path: str, kinds: tuple[str, ...], names: tuple[str, ...] | None = None) -> None:
-        """Copy networks (raw and EMA) from a checkpoint of an allowed kind; shapes must match.
+    def load_networks_from(self, path: str, kinds: tuple[str, ...], names: tuple[str, ...] | None = None,
+                           setting: str = "init_from") -> None:
+        """Copy networks (raw and EMA) from a checkpoint of an allowed kind; shapes must match. ``setting``: the
+        model argument that named ``path`` (``init_from``, ``planner_ckpt``, ``generator_ckpt``), for the messages.
 
         An EMA-only export starts both the raw and the EMA networks from its EMA weights. Nothing is read while
         train.py builds the model of a fit that resumes (``RESUMING``): the resumed checkpoint holds every weight."""
@@ -175,7 +178,8 @@ class StageCheckpoints:
                                        size=self.hparams.size, autoencoder_spec=self.autoencoder.spec(),
                                        anchor=FrameAnchor.from_hparams(self.hparams),
                                        cross_rope_grid=self._cross_rope_grid(),
-                                       autoencoder_fingerprint=self.autoencoder.fingerprint)
+                                       autoencoder_fingerprint=self.autoencoder.fingerprint,
+                                       starts=(self.KIND, setting))
         for name, state in raw.items():
             where = f"{path}: network '{name}' (this model: size '{self.hparams.size}', {name} {self.hparams.get(name)})"
             ours = dataclasses.asdict(self.networks[name].cfg)

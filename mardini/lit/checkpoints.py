@@ -18,6 +18,12 @@ KINDS = ("planning", "generation", "joint")
 RESUMING: ContextVar[bool] = ContextVar("mardini_resuming", default=False)
 EMA_PREFIX = "ema.module."  # state-dict keys of the EMA networks (timm ModelEmaV3 in the module's ``ema``)
 WHAT_KIND_HOLDS = {"planning": ("planner",), "generation": ("generator",), "joint": ("planner", "generator")}
+# (stage kind, checkpoint kind) -> the model argument through which that stage starts from that kind of checkpoint
+STARTS_FROM = {("planning", "planning"): "init_from", ("generation", "generation"): "init_from",
+               ("joint", "joint"): "init_from", ("joint", "planning"): "planner_ckpt",
+               ("joint", "generation"): "generator_ckpt"}
+STAGE_CLASSES = {"planning": "mardini.lit.PlanningModule", "generation": "mardini.lit.GenerationModule",
+                 "joint": "mardini.lit.MarDiniModule"}
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -85,12 +91,15 @@ def _unpickling_message(path: Path, err: pickle.UnpicklingError) -> str:
 def check_metadata(
     checkpoint: dict[str, Any], kinds: tuple[str, ...], path: str | Path, size: str | None = None,
     exact_size: bool = True, networks: tuple[str, ...] = ("planner", "generator"),
+    starts: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     """Return ``checkpoint['mardini']`` if its kind is one of ``kinds`` (and its size ``size``); raise otherwise.
 
     ``exact_size=False`` (a stage starting from another stage's networks) also accepts a size with the same weights
     of ``networks``, the ones it takes (:func:`mardini.models.registry.same_weights`: the ST and T variants of a
-    paper size; MarDini-S's generator for MarDini-L's, one shape)."""
+    paper size; MarDini-S's generator for MarDini-L's, one shape). ``starts``: ``(stage kind, the setting that
+    named the file)``, e.g. ``("joint", "init_from")``; a checkpoint of another kind is then refused naming the
+    setting that takes it (:func:`start_fix`)."""
     if not isinstance(checkpoint, dict):
         raise ValueError(
             f"{path} is not a MarDini checkpoint (it holds a {type(checkpoint).__name__}, not the dict of weights and "
@@ -110,9 +119,10 @@ def check_metadata(
             "use the code version that wrote it or convert it"
         )
     if meta["kind"] not in kinds:
+        fix = f"; {start_fix(meta['kind'], *starts)}" if starts is not None else ""
         raise ValueError(
             f"{path} is a '{meta['kind']}' checkpoint (size {meta.get('size')}, networks {meta.get('networks')}), "
-            f"but a {' or '.join(repr(k) for k in kinds)} checkpoint is expected here"
+            f"but a {' or '.join(repr(k) for k in kinds)} checkpoint is expected here{fix}"
         )
     from mardini.models.registry import same_weights
 
@@ -123,6 +133,27 @@ def check_metadata(
             f"{size!r}; set model.size={meta.get('size')!r} or use a checkpoint of size {size!r}"
         )
     return meta
+
+
+def start_fix(found: str, stage: str, setting: str) -> str:
+    """How a ``stage`` (kind) that was given a ``found`` checkpoint through ``setting`` (``init_from``,
+    ``planner_ckpt``, ``generator_ckpt`` or ``--ckpt_path``) starts from it instead: the stage's argument that takes
+    that kind (:data:`STARTS_FROM`), else the stage class that does."""
+    arg = STARTS_FROM.get((stage, found))
+    if arg is None:
+        takers = " or ".join(f"a '{s}' stage (model.class_path {STAGE_CLASSES[s]}, model.init_args.{a})"
+                             for (s, k), a in STARTS_FROM.items() if k == found)
+        takes = " or ".join(f"a '{k}' checkpoint ({a})" for (s, k), a in STARTS_FROM.items() if s == stage)
+        return f"a '{found}' checkpoint starts {takers}; this '{stage}' stage starts from {takes}"
+    if setting == "--ckpt_path":
+        return (f"--ckpt_path resumes a run of this stage (its optimiser, LR schedule and step); to start this stage "
+                f"from the checkpoint's weights, pass it as --model.init_args.{arg} with --ckpt_path null")
+    if arg == "init_from":
+        return "pass it as model.init_args.init_from (with planner_ckpt and generator_ckpt null)"
+    pair = {"planner_ckpt": "a generator warm-up as generator_ckpt",
+            "generator_ckpt": "a planner warm-up as planner_ckpt"}
+    unset = " and set model.init_args.init_from null" if setting == "init_from" else ""
+    return f"pass it as model.init_args.{arg} ({pair[arg]}){unset}"
 
 
 def _autoencoder_class(class_path: str | None):
@@ -396,6 +427,7 @@ def load_network_states(
     path: str | Path, kinds: tuple[str, ...], names: tuple[str, ...], size: str | None = None,
     autoencoder_spec: dict[str, Any] | None = None, anchor: FrameAnchor | None = None,
     cross_rope_grid: str | None = None, autoencoder_fingerprint: Callable[[], str] | None = None,
+    starts: tuple[str, str] | None = None,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, torch.Tensor]]]:
     """Raw and EMA state dicts of the networks ``names`` from a checkpoint of one of ``kinds``.
 
@@ -405,10 +437,12 @@ def load_network_states(
     ``autoencoder_fingerprint``: returns this model's autoencoder's fingerprint; a checkpoint that records another is
     refused, one that records the same accepts the VAE at another path (:func:`check_same_latents`).
     ``anchor``: this model's target (:class:`FrameAnchor`); a generator trained on another one is refused.
-    ``cross_rope_grid``: this model's plan-token placement; a joint checkpoint's generator with another is refused."""
+    ``cross_rope_grid``: this model's plan-token placement; a joint checkpoint's generator with another is refused.
+    ``starts``: ``(stage kind, setting)`` for :func:`check_metadata`'s message on a checkpoint of another kind."""
     ckpt = read_checkpoint(path)
-    meta = check_metadata(ckpt, kinds, path, size, exact_size=False, networks=names or ("planner", "generator"))  # /ST or /T alike; the
-    # sizes compared on the networks taken only (MarDini-L's generator warm-up is MarDini-S's)
+    meta = check_metadata(ckpt, kinds, path, size, exact_size=False, networks=names or ("planner", "generator"),
+                          starts=starts)  # /ST or /T alike; the sizes compared on the networks taken only
+    # (MarDini-L's generator warm-up is MarDini-S's)
     if autoencoder_spec is not None:
         check_same_latents(meta, autoencoder_spec, path, fingerprint=autoencoder_fingerprint)
     if anchor is not None and "generator" in names:

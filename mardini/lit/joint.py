@@ -62,9 +62,10 @@ class MarDiniModule(GenerationModule):
         self._last_parts: torch.Tensor | None = None  # (B, [diffusion, plan recon]) of the last compute_loss
         self._val_part_sums: torch.Tensor | None = None  # ([diffusion sum, plan recon sum, clips]) of this validation
         if planner_ckpt:
-            self.load_networks_from(planner_ckpt, kinds=("planning",), names=("planner",))
+            self.load_networks_from(planner_ckpt, kinds=("planning",), names=("planner",), setting="planner_ckpt")
         if generator_ckpt:
-            self.load_networks_from(generator_ckpt, kinds=("generation",), names=("generator",))
+            self.load_networks_from(generator_ckpt, kinds=("generation",), names=("generator",),
+                                    setting="generator_ckpt")
         if train_only is not None:
             self.freeze_all_but(list(train_only))
 
