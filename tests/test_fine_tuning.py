@@ -43,3 +43,21 @@ def test_resuming_a_checkpoint_of_another_kind_names_the_setting_that_starts_fro
     with pytest.raises(ValueError, match=r"is a 'generation' checkpoint.*--ckpt_path resumes a run of this stage.*"
                                          r"pass it as --model\.init_args\.generator_ckpt with --ckpt_path null"):
         MarDiniModule(**TINY).check_checkpoint(read_checkpoint(path), path, fitting=True)
+
+
+def test_a_start_reports_what_it_loaded_and_the_network_settings_it_changes(ckpts, monkeypatch):
+    """``init_from`` says which networks it took from which checkpoint, what becomes of their EMA and of the run's
+    state, and the settings that keep the weights' shapes but change what they compute (here ``abs_pos``)."""
+    import mardini.lit.checkpoint_hooks as hooks
+
+    lines: list[str] = []
+    monkeypatch.setattr(hooks, "rank_zero_info", lines.append)
+    MarDiniModule(**TINY, init_from=ckpts["joint"], generator={"abs_pos": True})
+    MarDiniModule(**TINY, planner_ckpt=ckpts["planning"], generator_ckpt=ckpts["generation"])
+    start, planner, generator = lines
+    assert start.startswith(f"init_from: generator and planner (raw and EMA weights) from {ckpts['joint']}, "
+                            "a 'joint' checkpoint of size 'tiny' at step 1;")
+    assert "network settings changed: generator.abs_pos False -> True;" in start
+    assert "the EMA restarts from these weights" in start and "step and curriculum start anew" in start
+    assert planner.startswith("planner_ckpt: planner (raw and EMA weights)") and "'planning' checkpoint" in planner
+    assert generator.startswith("generator_ckpt: generator") and "changed" not in planner + generator

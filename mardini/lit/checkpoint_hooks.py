@@ -188,6 +188,26 @@ class StageCheckpoints:
         for name, state in ema.items():
             _load_into(self.ema.module[name], _drop_dropped_head(self.ema.module[name], state), f"{path}: EMA of '{name}'")
             self._ema_loaded.add(name)
+        rank_zero_info(self._start_report(path, setting, sorted(raw)))
+
+    def _start_report(self, path: str, setting: str, names: list[str]) -> str:
+        """One line saying what a start from ``path`` (given as ``setting``) loaded: the networks, of which checkpoint,
+        what becomes of their EMA, the network settings this model changes (:func:`network_setting_changes`), and
+        that nothing else of the run is carried over."""
+        from mardini.lit.checkpoints import network_setting_changes, read_checkpoint
+
+        ckpt = read_checkpoint(path)
+        meta = ckpt["mardini"]
+        changes = [c for name in names
+                   for c in network_setting_changes(ckpt, name, dataclasses.asdict(self.networks[name].cfg))]
+        weights = ("raw and EMA weights" if not meta.get("ema_only")
+                   else "both from the EMA weights of an EMA-only export")
+        ema = ("the loaded EMA goes on at ema_decay (ema_keep_loaded)" if self.hparams.get("ema_keep_loaded")
+               else "the EMA restarts from these weights at the first step (ema_keep_loaded: true keeps it)")
+        return (f"{setting}: {' and '.join(names)} ({weights}) from {path}, a '{meta['kind']}' checkpoint of size "
+                f"{meta.get('size')!r} at step {ckpt.get('global_step')}; {ema}; "
+                + (f"network settings changed: {'; '.join(changes)}; " if changes else "")
+                + "optimiser, LR schedule, step and curriculum start anew (--ckpt_path resumes a run instead)")
 
     def _record_schedule_length(self) -> None:
         """Add ``[global_step, length]`` to the checkpoints' ``lr_schedule_history`` where this fit's LR schedule

@@ -395,6 +395,16 @@ def network_differences(checkpoint: dict[str, Any], name: str, ours: dict[str, A
     return differ
 
 
+def network_setting_changes(checkpoint: dict[str, Any], name: str, ours: dict[str, Any]) -> list[str]:
+    """``name.field old -> new`` for each field (but :data:`OPERATIONAL_NETWORK_FIELDS`) in which this model's
+    ``name`` network (``ours``: its config's fields) differs from the checkpoint's (:func:`network_config_of`):
+    settings that keep the weights' shapes but change what they compute (``abs_pos``, RoPE bands, attention ...)."""
+    theirs = network_config_of(checkpoint, name) or {}
+    return [f"{name}.{field} {_plain(theirs[field])!r} -> {_plain(ours[field])!r}"
+            for field in sorted(set(theirs) & set(ours) - OPERATIONAL_NETWORK_FIELDS)
+            if _plain(theirs[field]) != _plain(ours[field])]
+
+
 def warn_changed_settings(theirs: dict[str, Any], ours: dict[str, Any], path: str | Path,
                           meta: dict[str, Any] | None = None) -> None:
     """Warn (rank zero) naming :func:`changed_settings` of a resume: the run goes on from ``path`` under the new
