@@ -61,3 +61,34 @@ def test_a_start_reports_what_it_loaded_and_the_network_settings_it_changes(ckpt
     assert "the EMA restarts from these weights" in start and "step and curriculum start anew" in start
     assert planner.startswith("planner_ckpt: planner (raw and EMA weights)") and "'planning' checkpoint" in planner
     assert generator.startswith("generator_ckpt: generator") and "changed" not in planner + generator
+
+
+def test_a_resume_warns_that_a_new_init_from_is_not_loaded(ckpts, tmp_path):
+    """Rerunning a stage with another ``init_from`` in a folder that holds a run resumes that run: the new file is
+    not loaded, which the fit says, naming ``--ckpt_path null``; the run's own ``init_from`` (a requeue) says
+    nothing."""
+    import warnings
+
+    import lightning as L
+    import torch
+    from torch.utils.data import StackDataset
+
+    clips = StackDataset(video=torch.rand(2, 5, 3, 16, 16) * 2 - 1)  # (clips, T, 3, H, W)
+    started = str(make_checkpoint(tmp_path / "started.ckpt", "joint", frames=5,
+                                  model_args={"init_from": ckpts["joint"]}))  # a run that started from a checkpoint
+
+    def resume(path: str, init_from: str) -> list[str]:
+        trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                            default_root_dir=str(tmp_path))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(MarDiniModule(**TINY, init_from=init_from),
+                        datamodule=L.LightningDataModule.from_datasets(clips, batch_size=2), ckpt_path=path)
+        return [str(w.message) for w in caught if "is not loaded" in str(w.message)]
+
+    (message,) = resume(started, init_from=started)  # e.g. the stage's own last.ckpt given as init_from
+    assert message.startswith(f"resuming {started}, so init_from {started} (the run started from {ckpts['joint']}) "
+                              "is not loaded")
+    assert "pass --ckpt_path null" in message
+    assert resume(started, init_from=ckpts["joint"]) == []

@@ -74,7 +74,7 @@ class StageCheckpoints:
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Check the checkpoint against this model before Lightning loads it (:meth:`check_checkpoint`)."""
-        from mardini.lit.checkpoints import warn_changed_settings
+        from mardini.lit.checkpoints import warn_changed_settings, warn_other_start
         from mardini.lit.loop_state import start_next_epoch
 
         trainer = attached_trainer(self)
@@ -82,6 +82,8 @@ class StageCheckpoints:
         self.check_checkpoint(checkpoint, path, fitting=trainer is not None and trainer.state.fn == TrainerFn.FITTING)
         path = path or "<resumed checkpoint>"
         warn_changed_settings(checkpoint.get("hyper_parameters") or {}, dict(self.hparams), path, checkpoint["mardini"])
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            warn_other_start(checkpoint.get("hyper_parameters") or {}, dict(self.hparams), path)
         start_next_epoch(checkpoint)  # a fit that ended with its epoch resumes at the next epoch's first batch
         self._resumed_schedule = {"path": path, "steps": checkpoint["mardini"].get("lr_schedule_steps"),
                                   "step": checkpoint.get("global_step", 0),

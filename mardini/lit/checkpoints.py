@@ -421,6 +421,35 @@ def warn_changed_settings(theirs: dict[str, Any], ours: dict[str, Any], path: st
             "it is)")
 
 
+START_SETTINGS = ("init_from", "planner_ckpt", "generator_ckpt")  # the checkpoints a stage starts from
+
+
+def warn_other_start(theirs: dict[str, Any], ours: dict[str, Any], path: str | Path) -> None:
+    """Warn (rank zero) where a fit resumes ``path`` although it was given another checkpoint to start from
+    (:data:`START_SETTINGS`) than the resumed run started from: a resume takes every weight from ``path``, so that
+    file is not loaded; rerunning a stage's command with a new ``init_from`` in the same log folder resumed the
+    folder's run and trained nothing of it, silently."""
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    other = [f"{key} {ours[key]} (the run started from {theirs.get(key)})" for key in START_SETTINGS
+             if ours.get(key) and not _same_file(ours[key], theirs.get(key))]
+    if other:
+        rank_zero_warn(
+            f"resuming {path}, so {'; '.join(other)} is not loaded: a resume takes every weight from the checkpoint "
+            "it resumes. To start a new run from it (fine-tuning), pass --ckpt_path null (the earlier run's "
+            "checkpoints are moved to checkpoints/earlier.N/) or another trainer.logger name or save_dir")
+
+
+def _same_file(a: str | Path, b: str | Path | None) -> bool:
+    """Whether two checkpoint paths name one file (the same text, or both existing and the same file)."""
+    if b is None:
+        return False
+    try:
+        return str(a) == str(b) or Path(a).samefile(b)
+    except OSError:  # one of them is gone: the text decides
+        return False
+
+
 def state_differences(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], keys: bool = True) -> list[str]:
     """Entries of a model's state dict ``ours`` that a checkpoint's ``theirs`` does not fit: other shapes and, with
     ``keys``, entries missing on either side (what a strict ``load_state_dict`` refuses), each named."""
