@@ -58,6 +58,26 @@ def test_unknown_size_and_network_field_name_the_choices():
         GenerationModule(size="tiny", generator={"depht": 2})
 
 
+
+@pytest.mark.parametrize("generator, message", [
+    ({"depth": "three"}, "generator.depth='three' must be an integer"),  # int("three") failed without the field
+    ({"depth": 2.5}, "generator.depth=2.5 must be an integer"),  # failed inside torch's layers
+    ({"dim": 192.0}, "generator.dim=192.0 must be an integer"),
+    ({"qk_norm": "no"}, "generator.qk_norm='no' must be true or false"),  # a truthy string: was taken as true
+    ({"rope_theta": "big"}, "generator.rope_theta='big' must be a number"),
+])
+def test_a_network_field_of_the_wrong_type_names_the_field(generator, message):
+    with pytest.raises(ValueError, match=_re(f"model.init_args.{message}")):
+        MarDiniModule(size="tiny", generator=generator)
+    with pytest.raises(ValueError, match=_re(f"model.init_args.planner.{message.split('.', 1)[1]}")):
+        PlanningModule(size="tiny", planner={k: v for k, v in generator.items()})
+
+
+def test_a_network_field_of_a_fitting_type_is_taken():
+    module = MarDiniModule(size="tiny", generator={"depth": 3, "rope_theta": 10000, "abs_pos": True})
+    assert len(module.networks["generator"].blocks) == 3
+
+
 DATA = [
     ("frames", 0, ">= 1"),
     ("fps", 0.0, "> 0 or null"),

@@ -6,6 +6,8 @@ we choose head dim 128 for the planner (32 heads at 4096) and 64 for the generat
 
 from __future__ import annotations
 
+import numbers
+import typing
 from dataclasses import dataclass, field, fields, replace
 
 from mardini.models.rope import check_rope_bands
@@ -198,7 +200,29 @@ def _override(cfg, overrides: dict, what: str):
     unknown = sorted(set(overrides) - set(allowed))
     if unknown:
         raise ValueError(f"unknown {what} config field(s) {unknown}; allowed fields: {allowed}")
+    _check_override_types(type(cfg), overrides, what)
     return replace(cfg, **overrides)  # re-runs __post_init__ validation
+
+
+# what a network config field of each annotated type takes: an int field no float or bool, a float one any number
+FIELD_KINDS = {
+    int: ("an integer", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)),
+    float: ("a number", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)),
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    str: ("a string", lambda v: isinstance(v, str)),
+}
+
+
+def _check_override_types(cls, overrides: dict, what: str) -> None:
+    """Refuse an override whose value is not of its field's type, naming the field: the network dicts are free-form
+    in the configs, so ``depth: three`` or ``depth: 2.5`` failed deep inside torch and ``qk_norm: "no"`` (a truthy
+    string) was taken as true."""
+    hints = typing.get_type_hints(cls)
+    for key, value in overrides.items():
+        kind, fits = FIELD_KINDS.get(hints[key], (None, None))
+        if fits is not None and not fits(value):
+            raise ValueError(f"model.init_args.{what}.{key}={value!r} must be {kind} (a {cls.__name__} field); "
+                             f"fix the value in the config or the --model.init_args.{what}.{key} override")
 
 
 def planner_config(size: str, **overrides) -> PlannerConfig:
