@@ -22,7 +22,7 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from lightning.pytorch.trainer import call
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.imports import compare_version
 
@@ -800,6 +800,11 @@ class ShortErrorParser(LightningArgumentParser):
         sys.exit(2)
 
 
+# what train.py reports as one message and exit status 2: the library's user errors and Lightning's refusals of a
+# trainer setting (`--trainer.accelerator gpu` without a GPU, a negative max_steps), which were a traceback
+CLI_ERRORS = (*USER_ERRORS, MisconfigurationException)
+
+
 def _raised_in_jsonargparse(err: BaseException) -> bool:
     frames = traceback.extract_tb(err.__traceback__)
     return bool(frames) and f"{os.sep}jsonargparse{os.sep}" in frames[-1].filename
@@ -828,8 +833,9 @@ def main(args: list[str] | None = None, run: bool = True, prog: str | None = Non
 
 if __name__ == "__main__":  # `python -m mardini.cli fit ...` is `python train.py fit ...` (also DDP's relaunch of it)
     # run by the imported module, so that its classes are the ones the library uses (not this __main__ copy's)
+    from mardini.cli import CLI_ERRORS as _CLI_ERRORS
     from mardini.cli import library_error as _library_error
     from mardini.cli import main as _main
     from mardini.user_errors import run_module as _run_module
 
-    sys.exit(_run_module("mardini.cli", _main, unwrap=_library_error))
+    sys.exit(_run_module("mardini.cli", _main, unwrap=_library_error, errors=_CLI_ERRORS))

@@ -90,16 +90,18 @@ def _error_in_traceback(text: str) -> tuple[str, str] | None:
 
 
 def run_reporting_user_errors(prog: str, fn: Callable[[], int | None], code: int = 2,
-                              unwrap: Callable[[BaseException], BaseException] | None = None) -> int:
+                              unwrap: Callable[[BaseException], BaseException] | None = None,
+                              errors: tuple[type[BaseException], ...] = USER_ERRORS) -> int:
     """``fn()``'s exit code (0 for None); a user error prints ``prog: error: message`` and where it was raised to
     stderr and returns ``code``. With ``MARDINI_TRACEBACK=1`` in the environment it propagates with its traceback.
 
     ``unwrap``: the error to report in place of the one caught (e.g. the library's error under a framework's
-    wrapping of it)."""
+    wrapping of it). ``errors``: the error types reported so (default :data:`USER_ERRORS`; ``train.py`` adds
+    Lightning's ``MisconfigurationException``)."""
     escape_what_stdout_cannot_encode()
     try:
         result = fn()
-    except USER_ERRORS as err:
+    except errors as err:
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise
         err = unwrap(err) if unwrap is not None else err
@@ -129,9 +131,10 @@ def escape_what_stdout_cannot_encode() -> None:
 
 
 def run_module(module: str, main: Callable[..., int | None],
-               unwrap: Callable[[BaseException], BaseException] | None = None) -> int:
+               unwrap: Callable[[BaseException], BaseException] | None = None,
+               errors: tuple[type[BaseException], ...] = USER_ERRORS) -> int:
     """A module's ``__main__``: ``main(prog=...)`` under :func:`run_reporting_user_errors`, ``prog`` being the
     ``python -m`` command that runs ``module``, so that its usage, errors and warnings name the command run (the
     scripts pass their own name, e.g. ``sample.py``)."""
     prog = f"python -m {module}"
-    return run_reporting_user_errors(prog, lambda: main(prog=prog), unwrap=unwrap)
+    return run_reporting_user_errors(prog, lambda: main(prog=prog), unwrap=unwrap, errors=errors)

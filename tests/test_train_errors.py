@@ -178,3 +178,15 @@ def test_test_and_predict_are_refused_with_what_to_use_instead(tmp_path, subcomm
     assert err[0].startswith(f"train.py: error: argument subcommand: invalid choice: '{subcommand}'"), err[0]
     assert "no test split" in err[0] and "`validate`" in err[0] and "evaluate.py" in err[0], err[0]
     assert "Traceback" not in done.stderr
+
+
+def test_a_trainer_setting_lightning_refuses_is_one_train_py_error(tmp_path):
+    """Lightning's ``MisconfigurationException`` (a negative ``max_steps``; ``--trainer.accelerator gpu`` without a
+    GPU) is a setup mistake like the library's: one message, exit status 2. Before, a traceback and exit status 1."""
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs/debug.yaml"),
+            "--trainer.max_steps=-3"]
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    message = "train.py: error: `max_steps` must be a non-negative integer or -1"
+    assert message in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
