@@ -64,6 +64,7 @@ class MarDiniCLI(LightningCLI):
             # validate scores that checkpoint (scored_checkpoint: an error when there is none); --ckpt_path null
             # scores the weights the stage starts from.
             parser.set_defaults({"ckpt_path": "last", "weights_only": True})  # resume never unpickles code
+            describe_resume_options(parser, subcommand)
         return parser
 
     def parse_arguments(self, parser, args) -> None:
@@ -570,6 +571,31 @@ def take_seed_everything(config) -> None:
         args = part.get("init_args") if hasattr(part, "get") else None
         if args is not None and "seed" in args and args.get("seed") is None:
             args["seed"] = everything
+
+
+RESUME_HELP = {  # --help of the options whose meaning MarDiniCLI changes (Lightning's text described its own)
+    ("fit", "ckpt_path"): "last (the default): resume from the newest checkpoint in the stage's folder "
+                          "(<save_dir>/<name>/<version>/checkpoints: last.ckpt, hpc_ckpt_N.ckpt or stepN.ckpt, the one "
+                          "of the highest step), or start afresh where there is none; PATH: resume from that file into "
+                          "the configured model; null: start over in the same folder, the earlier run's checkpoints "
+                          "and logs moved to checkpoints/earlier.N/; hpc: the newest preemption checkpoint",
+    ("validate", "ckpt_path"): "last (the default): score the stage's newest checkpoint (the one fit resumes from; an "
+                               "error where there is none); PATH: score that file; null: score the weights the stage "
+                               "starts from (init_from, planner_ckpt / generator_ckpt, else freshly initialised)",
+    ("fit", "weights_only"): "read the checkpoint with torch.load(weights_only=True) (the default: never unpickles "
+                             "code); false only for a trusted checkpoint that holds other objects",
+}
+RESUME_HELP[("validate", "weights_only")] = RESUME_HELP[("fit", "weights_only")]
+
+
+def describe_resume_options(parser, subcommand: str) -> None:
+    """Give ``--ckpt_path`` and ``--weights_only`` of ``subcommand``'s parser the help of what they do here (a
+    stage's folder resumes by default), in place of Lightning's ("last: the last model checkpoint from the previous
+    trainer.fit call", "Defaults to None")."""
+    for action in parser._actions:  # argparse's list of the options (jsonargparse has no setter for a help text)
+        text = RESUME_HELP.get((subcommand, action.dest))
+        if text is not None:
+            action.help = text
 
 
 def _is_registry(ckpt_path) -> bool:

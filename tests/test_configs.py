@@ -121,3 +121,24 @@ def test_the_readme_s_dotted_network_overrides_merge_into_the_stage_s_dict(capsy
         assert cfg["model"]["init_args"][network] == {**declared[network], field: yaml.safe_load(value)}, (field, value)
     replaced = _printed_with(capsys, stage, "--model.init_args.generator", "{abs_pos: true}")
     assert replaced["model"]["init_args"]["generator"] == {"abs_pos": True}
+
+
+@pytest.mark.parametrize("subcommand, said", [
+    ("fit", ["resume from the newest checkpoint in the stage's folder", "null: start over in the same folder",
+             "never unpickles code"]),
+    ("validate", ["score the stage's newest checkpoint", "null: score the weights the stage starts from",
+                  "never unpickles code"]),
+])
+def test_help_describes_what_ckpt_path_and_weights_only_do_here(capsys, subcommand, said):
+    """``train.py fit --help`` says what ``--ckpt_path`` (default ``last``: the stage's folder) and ``--weights_only``
+    (default true) do under this CLI. Before, Lightning's text: "last: the last model checkpoint from the previous
+    trainer.fit call", and ``--weights_only`` "Defaults to None" beside its default True."""
+    import re
+
+    with pytest.raises(SystemExit) as stop:
+        main([subcommand, "--help"])
+    assert stop.value.code in (0, None)
+    text = re.sub(r"\s+", " ", capsys.readouterr().out)
+    for phrase in said:
+        assert phrase in text, phrase
+    assert "previous ``trainer.fit`` call" not in text and "Defaults to ``None``. If ``True``" not in text
