@@ -142,3 +142,23 @@ def test_help_describes_what_ckpt_path_and_weights_only_do_here(capsys, subcomma
     for phrase in said:
         assert phrase in text, phrase
     assert "previous ``trainer.fit`` call" not in text and "Defaults to ``None``. If ``True``" not in text
+
+
+def test_the_readme_s_rules_for_composing_configs_hold(capsys, tmp_path):
+    """README.md's "Composing configs": files and overrides apply in the order given (an override before a later
+    ``--config`` is overwritten by it), and a later file replaces a dict or list field whole (the stage's generator
+    fields, its Curriculum and SampleGrids gone), where the dotted override merges (the test above)."""
+    readme = " ".join((CONFIGS.parent / "README.md").read_text().split())
+    assert "An override placed before a later `--config` is overwritten by that file's value" in readme
+    assert "a field whose value is a dict or a list is replaced whole" in readme
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("model: {init_args: {generator: {depth: 3}}}\n"
+                       "trainer: {callbacks: [{class_path: lightning.pytorch.callbacks.ModelCheckpoint}]}\n")
+    stage = CONFIGS / "tiny" / "05_joint_task.yaml"
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(CONFIGS / "tiny" / "common.yaml"), "--model.init_args.lr", "7e-4",
+              "--config", str(stage), "--config", str(overlay), "--print_config"])
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["model"]["init_args"]["lr"] == yaml.safe_load(stage.read_text())["model"]["init_args"]["lr"]
+    assert cfg["model"]["init_args"]["generator"] == {"depth": 3}
+    assert [c["class_path"] for c in cfg["trainer"]["callbacks"]] == ["lightning.pytorch.callbacks.ModelCheckpoint"]
