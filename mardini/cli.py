@@ -68,12 +68,14 @@ class MarDiniCLI(LightningCLI):
         return parser
 
     def parse_arguments(self, parser, args) -> None:
-        """Lightning's, keeping the command line for the top of ``config.yaml`` (``KeepEarlierConfig.command``)."""
+        """Lightning's, keeping the command line for the top of ``config.yaml`` (``KeepEarlierConfig.command``), then
+        refusing the run settings Lightning takes but cannot run (:func:`check_run_settings`)."""
         words = sys.argv[1:] if args is None else args
         prog = parser.prog if args is None else "train.py"  # args from Python (the demo): the command it stands for
         if isinstance(words, (list, tuple)):
             self.save_config_kwargs = {**self.save_config_kwargs, "command": command_line([prog], list(words))}
         super().parse_arguments(parser, args)
+        check_run_settings(self.config.get(self.config.get("subcommand") or "", self.config))
 
     def _parse_ckpt_path(self) -> None:
         """Nothing: Lightning's CLI would merge the hyper-parameters of an explicit ``--ckpt_path FILE`` (its
@@ -571,6 +573,30 @@ def take_seed_everything(config) -> None:
         args = part.get("init_args") if hasattr(part, "get") else None
         if args is not None and "seed" in args and args.get("seed") is None:
             args["seed"] = everything
+
+
+SEED_RANGE = (0, 2**32 - 1)  # what Lightning's seed_everything (numpy's generator) accepts
+
+
+def check_run_settings(config) -> None:
+    """Refuse, before Lightning seeds or builds anything, the settings it accepts and then fails on deep inside a
+    fit: ``trainer.accumulate_grad_batches`` below 1 (a ZeroDivisionError in the datamodule's setup),
+    ``trainer.val_check_interval`` 0 (a ZeroDivisionError after the first training batch) and a
+    ``seed_everything`` outside numpy's range (Lightning's message names no key)."""
+    trainer = config.get("trainer") or {}
+    accumulate = trainer.get("accumulate_grad_batches")
+    if isinstance(accumulate, int) and accumulate < 1:
+        raise ValueError(f"trainer.accumulate_grad_batches={accumulate} is impossible: it must be >= 1 (1: no "
+                         "accumulation)")
+    interval = trainer.get("val_check_interval")
+    if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval <= 0:
+        raise ValueError(f"trainer.val_check_interval={interval} is impossible: it must be an int >= 1 (training "
+                         "batches between validations), a float in (0, 1] (a fraction of the epoch) or a time "
+                         "('DD:HH:MM:SS'); to validate never, set trainer.limit_val_batches 0")
+    seed = config.get("seed_everything")
+    if isinstance(seed, int) and not isinstance(seed, bool) and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ValueError(f"seed_everything={seed} is impossible: it must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] "
+                         "(or true: PL_GLOBAL_SEED, else 0)")
 
 
 RESUME_HELP = {  # --help of the options whose meaning MarDiniCLI changes (Lightning's text described its own)

@@ -128,6 +128,23 @@ def test_checkpoint_every_fails_at_start(every, tmp_path):
               f"--trainer.default_root_dir={tmp_path}"])
 
 
+@pytest.mark.parametrize("arg, message", [
+    # before: a ZeroDivisionError traceback from the datamodule's setup
+    ("--trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 is impossible: it must be >= 1"),
+    # before: a ZeroDivisionError traceback from Lightning's loop after the first training batch
+    ("--trainer.val_check_interval=0", "trainer.val_check_interval=0 is impossible: it must be an int >= 1"),
+    ("--trainer.val_check_interval=0.0", "trainer.val_check_interval=0.0 is impossible"),
+    # before: "-1 is not in bounds, numpy accepts from 0 to 4294967295", no key named
+    ("--seed_everything=-1", "seed_everything=-1 is impossible: it must be in [0, 4294967295]"),
+])
+def test_run_settings_lightning_cannot_run_fail_at_start_naming_the_key(arg, message, tmp_path):
+    from mardini.cli import main
+
+    with pytest.raises(ValueError, match=_re(message)):
+        main(["fit", "--model=mardini.lit.GenerationModule", "--data=mardini.data.datamodule.VideoDataModule", arg,
+              f"--trainer.default_root_dir={tmp_path}"])
+
+
 def test_model_and_data_that_do_not_fit_fail_before_the_first_step(tmp_path):
     import lightning as L
 
