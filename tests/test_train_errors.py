@@ -11,6 +11,7 @@ import pytest
 
 from mardini.autoencoders import FrameAutoencoder, SpaceToDepthAutoencoder
 from mardini.cli import library_error, main
+from mardini.models.registry import UnknownSize
 from mardini.user_errors import where_raised
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,8 +54,11 @@ def _raised(monkeypatch, tmp_path, *args: str) -> BaseException:
     ([*TINY, "--model.init_args.templates={every_other: 1.0}"], ValueError,
      r"^model.keep_ratio / model.templates: unknown task templates \['every_other'\]; allowed: \[.*\] "
      r"\(MaskSampler.templates\); a new template needs a MaskSampler subclass", "lit/base.py"),
+    # an unknown size: a KeyError, which jsonargparse wrapped ("raised at" jsonargparse, the message quoted)
+    ([*TINY, "--model.init_args.size=huge"], UnknownSize,
+     r"^unknown model size 'huge'; registered sizes: \['tiny', ", "models/registry.py"),
 ], ids=["model-setting", "data-setting", "missing-vae-folder", "autoencoder-without-spec", "mask-sampler-not-found",
-        "mask-sampler-not-one", "template-not-declared"])
+        "mask-sampler-not-one", "template-not-declared", "unknown-size"])
 def test_the_library_s_error_is_found_under_jsonargparse_s_wrapping(monkeypatch, tmp_path, args, error, message, where):
     wrapped = _raised(monkeypatch, tmp_path, *args)
     assert "Does not validate against any of the Union subtypes" in str(wrapped)  # what the user saw before

@@ -171,11 +171,19 @@ def list_sizes() -> list[str]:
     return list(MODEL_SIZES)
 
 
+class UnknownSize(KeyError, ValueError):
+    """A size name that is not registered: a ``KeyError`` (a failed look-up) and a ``ValueError`` (a setting the
+    scripts report in one line; ``train.py`` printed a bare ``KeyError`` quoted and "raised at" jsonargparse)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""  # KeyError's would quote the message
+
+
 def get_size(size: str) -> ModelSize:
-    """The :class:`ModelSize` of a name (case-insensitive)."""
+    """The :class:`ModelSize` of a name (case-insensitive); :class:`UnknownSize` naming the registered ones."""
     key = str(size).lower()
     if key not in MODEL_SIZES:
-        raise KeyError(f"unknown model size {size!r}; registered sizes: {list_sizes()}")
+        raise UnknownSize(f"unknown model size {size!r}; registered sizes: {list_sizes()}")
     return MODEL_SIZES[key]
 
 
