@@ -93,6 +93,7 @@ class MarDiniCLI(LightningCLI):
         self._nothing_to_resume = False
         self._resume_from: str | None = None
         self._checkpoint_folder: str | None = None  # the stage's: where its checkpoints and preemption saves go
+        self._root_dir: str | None = None  # the Trainer's default_root_dir where the config leaves it unset
         ckpt = sub.get("ckpt_path")
         # a checkpoint file named by its path (not one of Lightning's keywords)
         self._resuming = ckpt is not None and str(ckpt) not in ("last", "best", "hpc") and not _is_registry(ckpt)
@@ -127,8 +128,9 @@ class MarDiniCLI(LightningCLI):
         folder = self._checkpoint_folder = checkpoint_dir(sub)
         if folder is not None and trainer is not None and not trainer.get("default_root_dir"):
             # where Lightning looks for its preemption checkpoints (ckpt_path "hpc", and None under SLURM): the
-            # stage's own checkpoint folder, where PreemptionSave writes them, not a folder stages share
-            trainer["default_root_dir"] = folder
+            # stage's own checkpoint folder, where PreemptionSave writes them, not a folder stages share. Given to the
+            # Trainer, not written into the config: config.yaml rerun with another logger folder derives its own
+            self._root_dir = folder
         hpc = preemption_checkpoints(folder)
         if sub.get("ckpt_path") is None and hpc:
             raise ValueError(f"--ckpt_path null starts over, but {folder} holds SLURM preemption checkpoints "
@@ -317,6 +319,8 @@ class MarDiniCLI(LightningCLI):
             kwargs["logger"] = [rebuild(one, entry) for one, entry in zip(loggers, entries)]
         else:
             kwargs["logger"] = rebuild(loggers, entries)
+        if self._root_dir is not None:
+            kwargs["default_root_dir"] = self._root_dir
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # atomic local saves unless the user chose one

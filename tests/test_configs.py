@@ -162,3 +162,18 @@ def test_the_readme_s_rules_for_composing_configs_hold(capsys, tmp_path):
     assert cfg["model"]["init_args"]["lr"] == yaml.safe_load(stage.read_text())["model"]["init_args"]["lr"]
     assert cfg["model"]["init_args"]["generator"] == {"depth": 3}
     assert [c["class_path"] for c in cfg["trainer"]["callbacks"]] == ["lightning.pytorch.callbacks.ModelCheckpoint"]
+
+
+def test_the_saved_config_leaves_the_derived_default_root_dir_unset(monkeypatch, tmp_path):
+    """The Trainer's ``default_root_dir`` is the stage's checkpoint folder (where Lightning looks for preemption
+    checkpoints), but ``config.yaml`` keeps it as given (unset), so the file rerun with another logger folder derives
+    that folder's. Before, it recorded ``default_root_dir: <old folder>/checkpoints``: a rerun with another save_dir
+    kept it, and under SLURM Lightning resumed the old folder's ``hpc_ckpt_N.ckpt`` into the new run."""
+    from mardini.cli import KEEP_NONE, KeepEarlierConfig, MarDiniCLI
+
+    monkeypatch.setattr(MarDiniCLI, "fit", lambda self, model, **kwargs: None)  # the settings, not a training
+    cli = main(["fit", "--config", str(CONFIGS / "debug.yaml"), f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    assert cli.trainer.default_root_dir == str(tmp_path / "joint" / "checkpoints")
+    saver = next(cb for cb in cli.trainer.callbacks if isinstance(cb, KeepEarlierConfig))
+    saved = yaml.safe_load(saver.parser.dump(saver.config, **KEEP_NONE))  # as config.yaml is written
+    assert saved["trainer"]["default_root_dir"] is None
