@@ -866,6 +866,12 @@ def _raised_in_jsonargparse(err: BaseException) -> bool:
     return bool(frames) and f"{os.sep}jsonargparse{os.sep}" in frames[-1].filename
 
 
+DESCRIPTION = ("Train a MarDini stage (fit) or score its newest checkpoint (validate) from stage YAMLs, e.g. fit "
+               "--config configs/tiny/common.yaml --config configs/tiny/01_dm_warmup_4f.yaml. The --config files and "
+               "--KEY VALUE overrides apply in the order given (README.md, Training, 'Composing configs'); fit --help "
+               "and validate --help list the options.")
+
+
 def main(args: list[str] | None = None, run: bool = True, prog: str | None = None) -> MarDiniCLI:
     """The CLI over ``args`` (None: ``sys.argv[1:]``); ``prog``: the command its usage and errors name (default the
     script's file name, ``train.py``)."""
@@ -883,7 +889,7 @@ def main(args: list[str] | None = None, run: bool = True, prog: str | None = Non
         run=run,
         auto_configure_optimizers=False,
         parser_class=ShortErrorParser,
-        parser_kwargs={"prog": prog} if prog else None,
+        parser_kwargs={"description": DESCRIPTION, **({"prog": prog} if prog else {})},  # the main parser's
     )
 
 

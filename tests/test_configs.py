@@ -177,3 +177,17 @@ def test_the_saved_config_leaves_the_derived_default_root_dir_unset(monkeypatch,
     saver = next(cb for cb in cli.trainer.callbacks if isinstance(cb, KeepEarlierConfig))
     saved = yaml.safe_load(saver.parser.dump(saver.config, **KEEP_NONE))  # as config.yaml is written
     assert saved["trainer"]["default_root_dir"] is None
+
+
+def test_help_without_a_subcommand_says_what_the_command_does(capsys):
+    """``train.py --help`` describes this CLI (a stage's fit or validate, how configs compose, where the options are
+    listed). Before, Lightning's "Lightning Trainer command line tool"."""
+    import re
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code in (0, None)
+    text = re.sub(r"\s+", " ", capsys.readouterr().out)
+    assert "Train a MarDini stage (fit) or score its newest checkpoint (validate)" in text
+    assert "fit --help and validate --help list the options" in text
+    assert "Lightning Trainer command line tool" not in text
