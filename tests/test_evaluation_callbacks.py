@@ -233,3 +233,67 @@ def test_the_pipeline_samples_at_the_data_size_and_is_scored_at_the_callbacks(sh
     print("sampled at", sampled, "scored (real, fake, given frames real):", scored)
     assert sampled == [(SIZE, SIZE)] and scored == [((8, 8), (8, 8), True)]
     assert cb.last_results["clips"] == 4
+
+
+class _MapClips(torch.utils.data.Dataset):
+    """``n`` random clips of a map-style dataset (a datamodule of one's own), no keys, no positions."""
+
+    def __init__(self, n: int) -> None:
+        self.video = torch.rand(n, FRAMES, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(n)) * 2 - 1
+
+    def __len__(self) -> int:
+        return len(self.video)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"video": self.video[i]}
+
+
+def _score_as_rank(data: _MapClips, rank: int, world: int) -> tuple[dict[str, float], list[int], list]:
+    """The callback's hooks over rank ``rank``'s ``DistributedSampler`` share of ``data`` (Lightning's under DDP),
+    the ranks faked in one process: the results, the clips its metrics were updated with (by index) and those
+    updates, which torchmetrics would gather from every rank."""
+    import types
+
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False)
+    loader = DataLoader(data, batch_size=2, sampler=sampler)
+    trainer = types.SimpleNamespace(global_rank=rank, world_size=world, is_global_zero=rank == 0, sanity_checking=False,
+                                    current_epoch=0, datamodule=None, strategy=None, val_dataloaders=loader)
+    module = TinyModule()
+    module.log = lambda *args, **kwargs: None  # no Trainer to log to
+    cb = InterpolationEval(sampler="linear_blend", num_clips=8, frames=FRAMES, metrics=["midf"], cache_dir=None)
+    cb.on_validation_epoch_start(trainer, module)
+    updates, scored = [], []
+    update = cb.suite.update
+
+    def recorded(real, fake, mask, positions=None):
+        updates.append((real, fake, mask))
+        scored.extend(next(i for i, v in enumerate(data.video) if torch.equal(v, row)) for row in real)
+        update(real, fake, mask, positions)
+
+    cb.suite.update = recorded
+    for i, batch in enumerate(loader):
+        cb.on_validation_batch_end(trainer, module, None, batch, i)
+    cb.on_validation_epoch_end(trainer, module)
+    return cb.last_results, scored, updates
+
+
+@pytest.mark.parametrize("clips, world", [(3, 2), (5, 2), (5, 4), (4, 2)])
+def test_the_clips_a_distributed_sampler_repeats_to_pad_the_ranks_are_not_scored(clips, world):
+    """num_clips=8 on a map-style set of fewer clips, its shares padded by Lightning's DistributedSampler (3 clips on
+    2 ranks: rank 1 reads clips 1, 0): every clip is scored once over the ranks, and the metrics over every rank's
+    updates (what torchmetrics gathers) equal one process's. Before, rank 1 scored clip 0 again: 4 clips scored,
+    clip 0's PSNR twice in the mean."""
+    data = _MapClips(clips)
+    one, scored, _ = _score_as_rank(data, 0, 1)
+    assert one["clips"] == clips and scored == list(range(clips))
+    ranks = [_score_as_rank(data, rank, world) for rank in range(world)]
+    assert sorted(i for _, s, _ in ranks for i in s) == list(range(clips))
+    assert sum(results["clips"] for results, _, _ in ranks) == clips
+    gathered = EvalSuite(InterpolationEval(num_clips=8, frames=FRAMES, metrics=["midf"]).protocol)
+    for _, _, updates in ranks:
+        for real, fake, mask in updates:
+            gathered.update(real, fake, mask)
+    want = {k: v for k, v in one.items() if k != "clips"}
+    assert gathered.compute() == pytest.approx(want, rel=1e-6)

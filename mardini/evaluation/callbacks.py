@@ -1,7 +1,8 @@
 """Lightning callbacks that score the model on the validation set: ``InterpolationEval`` and ``ImageToVideoEval``.
 
 During validation (every ``every_n_epochs`` epochs, not in the sanity check) each rank takes its first clips of
-the validation loader (``num_clips`` in all, split over the ranks), samples the task's frames with fixed seeds (one
+the validation loader (``num_clips`` in all, split over the ranks; never the clips a ``DistributedSampler`` repeats to
+pad the ranks' shares of a map-style set, :func:`own_clips`), samples the task's frames with fixed seeds (one
 per clip, from the seed and the clip's index over all ranks; the model at the data's size, its outputs resized to
 the protocol's ``resolution``), and updates the metrics; at the end of the epoch every
 rank computes (torchmetrics syncs the states) and the results are logged as ``eval/<task>/<name>``. Under FSDP,
@@ -29,6 +30,7 @@ from torch import nn
 
 from mardini.evaluation.protocol import EvalProtocol, EvalSuite, RealStatsCache, clip_seeds, files_id, keys_digest
 from mardini.evaluation.samplers import Sampler, ema_context, make_sampler, to_real_size
+from mardini.lit.clip_draws import validation_order
 from mardini.lit.fsdp import fsdp_root, root_unsharded
 
 
@@ -97,6 +99,7 @@ class _TaskEval(L.Callback):
         self._active = False
         self._sampler: Sampler | None = None
         self._seen = 0
+        self._own: int | None = None  # this rank's clips in its validation pass, padding left out (own_clips)
         self._keys: list[str] = []
         self._data_id: Any = None
         self._cache_paths: dict[str, str] | None = None
@@ -115,6 +118,7 @@ class _TaskEval(L.Callback):
         p = self.protocol
         self._sampler = make_sampler(self.sampler_spec, pl_module, p.steps, p.guidance_scale, p.frames, p.eta)
         self._seen, self._keys = 0, []
+        self._own = own_clips(trainer)
         self._data_id = data_identity(trainer, p)
         if self.cache is not None and self._data_id is not None and not self.suite.real_cached:
             self._cache_paths = self.suite.load_real_cache(self.cache, self._data_id)
@@ -128,6 +132,8 @@ class _TaskEval(L.Callback):
         if not self._active or dataloader_idx != 0:
             return
         quota = clips_for_rank(self.protocol.num_clips, trainer.global_rank, trainer.world_size)
+        if self._own is not None:  # the rest of this rank's pass repeats other ranks' clips (padding)
+            quota = min(quota, self._own)
         root = fsdp_root(pl_module)
         if root is not None and not trainer.strategy.reduce_boolean_decision(self._seen < quota, all=False):
             return  # no rank needs clips any more (a collective: every rank asks)
@@ -234,6 +240,18 @@ class ImageToVideoEval(_TaskEval):
 def clips_for_rank(total: int, rank: int, world_size: int) -> int:
     """This rank's share of ``total`` clips."""
     return total // world_size + (rank < total % world_size)
+
+
+def own_clips(trainer: L.Trainer) -> int | None:
+    """How many clips of this rank's validation pass are its own: where the world size does not divide a map-style
+    set, Lightning's ``DistributedSampler`` pads the ranks' shares by repeating clips at their ends, which would be
+    scored twice (:attr:`~mardini.lit.clip_draws.ValidationOrder.distinct`). None where the loader's order cannot be
+    read (``VideoDataModule``'s stream, which gives each clip to exactly one rank and pads nothing): no limit."""
+    loaders = getattr(trainer, "val_dataloaders", None)
+    if isinstance(loaders, (list, tuple)):
+        loaders = loaders[0] if loaders else None
+    order = validation_order(loaders)
+    return None if order is None else order.distinct
 
 
 def eval_window(
