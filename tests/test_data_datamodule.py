@@ -138,6 +138,40 @@ def test_val_shard_split_is_kept_when_every_reader_has_a_shard(synth):
     assert stream.sample_share(1, 5) == (1 * 2 + 1, 10) and stream.my_shards(1, 5) == stream.shards
 
 
+def _setup_warnings(root: Path, rank: int, world: int, **kw) -> list[str]:
+    """The warnings ``setup("validate")`` gives on rank ``rank`` of ``world``."""
+    import warnings
+
+    dm = _dm(root, batch_size=2 * world, **kw)
+    dm.configure_ranks(rank, world)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dm.setup("validate")
+    return [str(w.message) for w in caught]
+
+
+def test_val_clips_is_a_cap_per_rank_and_setup_warns_under_ddp_where_it_leaves_clips_out(synth, monkeypatch):
+    """16 clips in 8 shards. val_clips caps each rank's (and worker's) share, so the clips validated depend on the
+    world size: val_clips=2 in one process reads val-0 and val-1, val_clips=1 on each of 2 ranks val-0 and val-2.
+    Under DDP setup says so once, naming the fix; it does not where every reader reads its whole share (the whole
+    split, the same clips on any world size), nor in one process. Before, nothing said it."""
+    from mardini.data import datamodule
+
+    monkeypatch.setattr(datamodule, "_WARNED", set(), raising=False)
+    caught = _setup_warnings(synth, 0, 2, val_clips=1)
+    cap = [m for m in caught if "data.val_clips=1 is a limit per rank" in m]
+    assert len(cap) == 1 and "these 2 ranks validate at most 2 clips" in cap[0] and "leaves clips of" in cap[0]
+    assert "data.val_clips: null" in cap[0]
+    assert not [m for m in _setup_warnings(synth, 0, 2, val_clips=1) if "val_clips" in m]  # once
+    (one,) = _rank_keys(synth, 1, val_clips=2)
+    two = [k for keys in _rank_keys(synth, 2, val_clips=1) for k in keys]
+    assert one == ["val-0000000", "val-0000001"] and two == ["val-0000000", "val-0000002"]
+    monkeypatch.setattr(datamodule, "_WARNED", set(), raising=False)
+    assert [m for m in _setup_warnings(synth, 0, 2, val_clips=7, num_workers=2) if "val_clips=7" in m]  # 4 > 3
+    for world, kw in [(2, {"val_clips": 8}), (2, {"val_clips": 8, "num_workers": 2}), (1, {"val_clips": 4})]:
+        assert not [m for m in _setup_warnings(synth, 0, world, **kw) if "val_clips" in m], (world, kw)
+
+
 def test_a_val_split_of_fewer_clips_than_ranks_is_refused(one_val_shard):
     dm = _dm(one_val_shard, batch_size=8)
     dm.configure_ranks(0, 8)

@@ -24,6 +24,7 @@ one's own gets it from ``PreemptionSave``: :func:`protect_loader_workers`).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -45,7 +46,7 @@ from torch.utils.data import DataLoader
 from mardini.data.batch_split import check_split, epoch_batches, largest_rank_batch, rank_batch
 from mardini.data.decode import BadSample, decode_json, frame_stride
 from mardini.data.sharding import first_shard_per_folder, list_shards
-from mardini.data.stream import ClipStream, StreamLoader, StreamState, name_shards
+from mardini.data.stream import ClipStream, StreamLoader, StreamState, name_shards, worker_quota
 
 
 class VideoDataModule(L.LightningDataModule):
@@ -70,7 +71,13 @@ class VideoDataModule(L.LightningDataModule):
         crop: ``random`` (crop window and start frame drawn) or ``center`` for training; validation is
             always centred.
         crop_scale: ``(min, max)`` side fraction of the largest window of the target aspect ratio.
-        val_clips: at most this many validation clips per rank (None = the whole split).
+        val_clips: at most this many validation clips PER RANK (None = the whole split): each of the rank's loader
+            workers takes its part (``val_clips // workers``, one more for the first ``val_clips % workers``) from
+            the start of its share of the split. So R ranks validate up to R x ``val_clips`` clips, and which ones
+            depends on the world size and ``num_workers`` wherever the cap leaves clips of the split out (``setup``
+            warns under DDP: :func:`val_clips_warning`). It stays a per-rank cap because it keeps the ranks'
+            validation batches equal (a rank's share of a global count could hold one batch more, which FSDP, whose
+            forwards gather from every rank, cannot run); ``val_clips: null`` validates the same clips on any ranks.
         val_batch_size: per-rank validation batch (default: the largest per-rank training batch, the same on every
             rank).
         latents: read cached latent shards (``data/cache_latents.py``) instead of pixels.
@@ -189,6 +196,10 @@ class VideoDataModule(L.LightningDataModule):
                 shards, batch_size=self.val_batch_size or largest_rank_batch(self.batch_size, self.world_size),
                 train=False, max_clips=self.val_clips, **common,
             )
+            if self.world_size > 1 and self.val_clips is not None and self.rank == 0:
+                message = val_clips_warning(self.val_set, max(1, self.num_workers))
+                if message:
+                    _warn_once(message)
 
     def _whole_windows(self, batches: int) -> int:
         """``batches`` per epoch rounded down to a multiple of the trainer's gradient-accumulation window, with a
@@ -534,6 +545,29 @@ def check_validation_split(pattern: str, shards: list[str], world_size: int) -> 
             "needs one validation clip at least (the others wait on its share of the metrics); write more clips "
             "in the validation split, run on fewer processes, or set data.val_shards: null"
         )
+
+
+def val_clips_warning(stream: ClipStream, workers: int) -> str | None:
+    """The warning for ``data.val_clips`` (``stream.max_clips``) on ``stream.world_size`` ranks of ``workers``
+    loader workers where the cap leaves clips of the split out (some reader's share holds more samples than its part,
+    :func:`~mardini.data.stream.worker_quota`), or may (shards that are not local files are not counted); None where
+    every reader reads its whole share: the whole split, the same clips on any world size."""
+    local = all(os.path.isfile(shard) for shard in stream.shards)
+    if local:
+        counts = {shard: count_samples(shard) for shard in stream.shards}
+        readers = [copy.copy(stream) for _ in range(stream.world_size)]
+        for rank, reader in enumerate(readers):
+            reader.rank = rank
+        if all(reader.share_samples(worker, workers, counts) <= worker_quota(stream.max_clips, worker, workers)
+               for reader in readers for worker in range(workers)):
+            return None
+    cap, world = stream.max_clips, stream.world_size
+    leaves = "leaves clips of the split out" if local else "may leave clips out (remote shards: not counted)"
+    return (f"data.val_clips={cap} is a limit per rank, split over its {workers} loader worker(s): these {world} ranks "
+            f"validate at most {cap * world} clips, the first of each (rank, worker)'s share, and this {leaves}; "
+            "which clips val/loss and the evaluation callbacks score then depends on the world size and "
+            "data.num_workers. Set data.val_clips: null to validate the whole split (the same clips on any world "
+            "size), or compare runs at one world size and worker count")
 
 
 def count_samples(shard: str) -> int:

@@ -94,6 +94,12 @@ def worker_info() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
+def worker_quota(max_clips: int, worker: int, workers: int) -> int:
+    """Loader worker ``worker``'s part of a rank's ``max_clips`` validation clips: ``max_clips // workers``, one
+    more for the first ``max_clips % workers`` workers."""
+    return max_clips // workers + (worker < max_clips % workers)
+
+
 def _constant_zero() -> int:
     return 0
 
@@ -241,7 +247,8 @@ class ClipStream(IterableDataset):
         crop_scale: ``(min, max)`` side fraction of the largest window of the target aspect ratio (``random``:
             drawn in it; ``center``: ``max``).
         epoch_batches: batches per epoch on this rank (train).
-        max_clips: at most this many clips per rank from a finite split (None = all).
+        max_clips: at most this many clips per rank from a finite split, each worker taking its part
+            (:func:`worker_quota`) from the start of its share (None = all).
         latents: read ``z_high.npy`` / ``z_low.npy`` instead of pixels.
         keep_meta: also return each sample's parsed json (batch key ``meta``, a list of dicts).
         state: shared :class:`StreamState` (seed, epoch).
@@ -317,6 +324,14 @@ class ClipStream(IterableDataset):
             return None
         return worker * self.world_size + self.rank, readers
 
+    def share_samples(self, worker: int, workers: int, counts: dict[str, int]) -> int:
+        """Raw samples this (rank, worker) reads of a finite split whose shards hold ``counts`` samples."""
+        share = self.sample_share(worker, workers)
+        if share is None:
+            return sum(counts[shard] for shard in self.my_shards(worker, workers))
+        slot, readers = share
+        return len(range(slot, sum(counts.values()), readers))
+
     def __iter__(self) -> Iterator[dict]:
         worker, workers = worker_info()
         if self.train:  # the worker whose part of the epoch this process reads (see StreamLoader)
@@ -342,7 +357,7 @@ class ClipStream(IterableDataset):
             stages.append(wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 64), rng=random.Random(seed)))
         stages.append(lambda src: self._decode_all(src, seed, skips, skip_raw))
         if not self.train and self.max_clips is not None:
-            quota = self.max_clips // workers + (worker < self.max_clips % workers)
+            quota = worker_quota(self.max_clips, worker, workers)
             stages.append(lambda src: (s for _, s in zip(range(quota), src)))
         stages.append(lambda src: self._batches(src, skips, worker, done_batches))
         pipeline = wds.DataPipeline(*stages)
