@@ -92,3 +92,58 @@ def test_a_resume_warns_that_a_new_init_from_is_not_loaded(ckpts, tmp_path):
                               "is not loaded")
     assert "pass --ckpt_path null" in message
     assert resume(started, init_from=ckpts["joint"]) == []
+
+
+def _fit(module, steps: int, tmp_path, ckpt_path: str | None = None):
+    """``steps`` steps of ``module`` on two random clips (5 frames, 16 px), in process; returns the trainer."""
+    import lightning as L
+    import torch
+    from torch.utils.data import StackDataset
+
+    clips = StackDataset(video=torch.rand(2, 5, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=str(tmp_path))
+    trainer.fit(module, datamodule=L.LightningDataModule.from_datasets(clips, batch_size=2), ckpt_path=ckpt_path)
+    return trainer
+
+
+def _network(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("start", ["training checkpoint", "EMA-only export"])
+@pytest.mark.parametrize("keep_loaded", [False, True])
+def test_a_network_train_only_freezes_keeps_the_ema_the_checkpoint_samples_with(ckpts, tmp_path, monkeypatch, start,
+                                                                                 keep_loaded):
+    """``train_only '[generator.*]'`` from a joint checkpoint: after a step the frozen planner's raw and EMA weights
+    are both the checkpoint's EMA planner (the weights it samples with), whether the EMA restarts (the default) or
+    goes on (``ema_keep_loaded``); before, its EMA restarted from the raw planner, which sampling then used."""
+    import torch
+
+    import mardini.lit.joint as joint
+    from mardini.lit.checkpoints import read_checkpoint
+    from mardini.lit.ema_export import ema_only
+
+    path = ckpts["joint"]
+    loaded = read_checkpoint(path)
+    if start == "EMA-only export":
+        path = str(tmp_path / "ema.ckpt")
+        torch.save(ema_only(loaded), path)
+    ema_planner = _network(loaded["state_dict"], "ema.module.planner.")
+    raw_planner = _network(loaded["state_dict"], "networks.planner.")
+    assert any(not torch.equal(v, raw_planner[k]) for k, v in ema_planner.items())  # perturbed apart
+    lines: list[str] = []
+    monkeypatch.setattr(joint, "rank_zero_info", lines.append)
+    module = MarDiniModule(**TINY, init_from=path, train_only=["generator.*"], ema_keep_loaded=keep_loaded, lr=1e-2)
+    assert _fit(module, 1, tmp_path).global_step == 1
+    for where, net in (("raw", module.networks["planner"]), ("EMA", module.ema.module["planner"])):
+        state = net.state_dict()
+        assert state.keys() == ema_planner.keys()
+        differ = [k for k, v in ema_planner.items() if not torch.equal(state[k], v)]
+        assert not differ, f"{where} planner differs from the loaded EMA in {differ[:3]}"
+    generator = module.networks["generator"].state_dict()
+    assert any(not torch.equal(v, generator[k]) for k, v in _network(loaded["state_dict"], "networks.generator.").items())
+    n = len(ema_planner)
+    assert lines == [f"train_only: the planner's frozen parameters ({n} of {n}) take their loaded EMA weights, the ones "
+                     "the checkpoint samples with, as raw and EMA weights alike"]

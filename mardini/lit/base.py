@@ -68,7 +68,8 @@ class MarDiniBase(StartupChecks, LossReduction, Optimisation, EmaWeights, StepLo
         ema_keep_loaded: a stage started from checkpoints (``init_from``, ``planner_ckpt``, ``generator_ckpt``)
             keeps the EMA they hold and updates it at the full ``ema_decay`` from its first step. False (the
             default, every shipped chain): the first update replaces the loaded EMA by the loaded raw weights, so
-            each stage's EMA restarts there (its decay ramping up again with ``ema_warmup``).
+            each stage's EMA restarts there (its decay ramping up again with ``ema_warmup``). Either way a parameter
+            the joint stage's ``train_only`` freezes keeps its loaded EMA weight, as raw and EMA weight.
         nonfinite: ``stop`` raises naming the step and batch; ``skip`` drops the optimiser step (with gradient
             accumulation its whole window, whichever micro-batch was non-finite) and counts it once.
         seed: base of every random draw (mask, t, noise, dropout) via (seed, rank, step). None: train.py's

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from mardini.diffusion.loss import masked_mse_per_sample
@@ -37,6 +38,8 @@ class MarDiniModule(GenerationModule):
             ``networks.named_parameters()``, e.g. ``generator.blocks.*.cross.*``); the rest stay frozen. None: all.
             A joint-model stage can train the planner and the generator's plan-reading layers only, so that the
             loss can only fall through the plan (a generator warmed up with a null plan otherwise ignores it).
+            A frozen parameter of a network loaded from a checkpoint takes its loaded EMA weight, raw and EMA alike
+            (:meth:`frozen_take_loaded_ema`): the weight that checkpoint samples with.
         **kwargs: see :class:`GenerationModule` / :class:`MarDiniBase` (``init_from`` continues a joint stage).
     """
 
@@ -68,6 +71,7 @@ class MarDiniModule(GenerationModule):
                                     setting="generator_ckpt")
         if train_only is not None:
             self.freeze_all_but(list(train_only))
+            self.frozen_take_loaded_ema()
 
     def freeze_all_but(self, patterns: list[str]) -> None:
         """Freeze every network parameter whose name matches none of the ``fnmatch`` patterns."""
@@ -81,6 +85,21 @@ class MarDiniModule(GenerationModule):
             )
         for name, param in self.networks.named_parameters():
             param.requires_grad_(any(fnmatch.fnmatchcase(name, pat) for pat in patterns))
+
+    def frozen_take_loaded_ema(self) -> None:
+        """Set each parameter ``train_only`` froze, of a network whose EMA this start loaded (``init_from``,
+        ``planner_ckpt``, ``generator_ckpt``), to its loaded EMA weight: the weight the checkpoint samples with, which
+        the stage then trains beside and keeps as its EMA (an EMA that restarts from its raw weights, or goes on with
+        ``ema_keep_loaded``, stays it exactly), so the stage samples with it too."""
+        ema = dict(self.ema.module.named_parameters())
+        frozen = [(name, p) for name, p in self.networks.named_parameters()
+                  if not p.requires_grad and name.split(".", 1)[0] in self._ema_loaded]
+        with torch.no_grad():
+            for name, p in frozen:
+                p.copy_(ema[name])
+        if frozen:
+            rank_zero_info(f"train_only: {_frozen_counts(self.networks, [name for name, _ in frozen])} take their "
+                           "loaded EMA weights, the ones the checkpoint samples with, as raw and EMA weights alike")
 
     def build_networks(self) -> dict[str, nn.Module]:
         channels = self.autoencoder.latent_channels
@@ -168,3 +187,13 @@ class MarDiniModule(GenerationModule):
 
     def tokens_per_clip(self, batch: dict) -> int:
         return GenerationModule.tokens_per_clip(self, batch) + PlanningModule._planner_tokens(self, batch)
+
+
+def _frozen_counts(networks: nn.ModuleDict, frozen: list[str]) -> str:
+    """``"the planner's frozen parameters (40 of 40)"``-style, for each network with a name in ``frozen``."""
+    parts = []
+    for net, module in networks.items():
+        n = sum(1 for name in frozen if name.startswith(f"{net}."))
+        if n:
+            parts.append(f"the {net}'s frozen parameters ({n} of {sum(1 for _ in module.parameters())})")
+    return " and ".join(parts)
