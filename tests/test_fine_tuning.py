@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from mardini.lit import GenerationModule, MarDiniModule
@@ -147,3 +149,24 @@ def test_a_network_train_only_freezes_keeps_the_ema_the_checkpoint_samples_with(
     n = len(ema_planner)
     assert lines == [f"train_only: the planner's frozen parameters ({n} of {n}) take their loaded EMA weights, the ones "
                      "the checkpoint samples with, as raw and EMA weights alike"]
+
+
+def test_a_resume_under_another_train_only_is_refused_naming_the_setting_and_the_fine_tune(tmp_path):
+    """A run resumed with a ``train_only`` that trains other parameters is refused before its optimiser state is
+    loaded (before, Lightning failed inside ``optimizer.load_state_dict``: "loaded state dict contains a parameter
+    group that doesn't match the size of optimizer's group"), naming both settings and the fine-tune with
+    ``init_from``; other patterns that select the same parameters resume."""
+    trainer = _fit(MarDiniModule(**TINY, train_only=["generator.*"]), 2, tmp_path)
+    path = str(tmp_path / "run.ckpt")
+    trainer.save_checkpoint(path)
+    with pytest.raises(ValueError, match=rf"^{re.escape(path)} was trained with model\.init_args\.train_only=\['generator\.\*'\], "
+                                         r"this fit has \['planner\.\*'\], which trains \d+ parameters the run froze "
+                                         r"\(planner\..*\) and freezes \d+ parameters it trained \(generator\..*\): .*"
+                                         r"Resume with train_only: \['generator\.\*'\].*--model\.init_args\.init_from "
+                                         rf"{re.escape(path)} with --ckpt_path null"):
+        _fit(MarDiniModule(**TINY, train_only=["planner.*"]), 3, tmp_path, ckpt_path=path)
+    with pytest.raises(ValueError, match=r"train_only=\['generator\.\*'\], this fit has None, which trains \d+ "
+                                         r"parameters the run froze \(planner\."):
+        _fit(MarDiniModule(**TINY), 3, tmp_path, ckpt_path=path)
+    same = ["generator.blocks.*", "generator.*"]  # other patterns, the same parameters
+    assert _fit(MarDiniModule(**TINY, train_only=same), 3, tmp_path, ckpt_path=path).global_step == 3

@@ -39,7 +39,8 @@ class MarDiniModule(GenerationModule):
             A joint-model stage can train the planner and the generator's plan-reading layers only, so that the
             loss can only fall through the plan (a generator warmed up with a null plan otherwise ignores it).
             A frozen parameter of a network loaded from a checkpoint takes its loaded EMA weight, raw and EMA alike
-            (:meth:`frozen_take_loaded_ema`): the weight that checkpoint samples with.
+            (:meth:`frozen_take_loaded_ema`): the weight that checkpoint samples with. A resume under a
+            ``train_only`` that trains other parameters than the run did is refused (:meth:`_check_same_train_only`).
         **kwargs: see :class:`GenerationModule` / :class:`MarDiniBase` (``init_from`` continues a joint stage).
     """
 
@@ -85,6 +86,41 @@ class MarDiniModule(GenerationModule):
             )
         for name, param in self.networks.named_parameters():
             param.requires_grad_(any(fnmatch.fnmatchcase(name, pat) for pat in patterns))
+
+    def trained_parameters(self, patterns: list[str] | None) -> list[str]:
+        """The network parameters that ``train_only=patterns`` trains (None: all), by name."""
+        names = [name for name, _ in self.networks.named_parameters()]
+        if patterns is None:
+            return names
+        return [name for name in names if any(fnmatch.fnmatchcase(name, pat) for pat in patterns)]
+
+    def check_checkpoint(self, checkpoint: dict, path: str | None, fitting: bool) -> None:
+        """The base's checks, and for a fit to resume the same trained parameters (:meth:`_check_same_train_only`)."""
+        super().check_checkpoint(checkpoint, path, fitting)
+        if fitting:
+            self._check_same_train_only(checkpoint, path or "<resumed checkpoint>")
+
+    def _check_same_train_only(self, checkpoint: dict, path: str) -> None:
+        """Refuse to resume a run under a ``train_only`` that trains other parameters than the run did: its
+        optimiser state holds the moments of the parameters it trained, which Lightning fails to load into this
+        fit's optimiser ("loaded state dict contains a parameter group that doesn't match the size of optimizer's
+        group") or, the counts alike, gives to other parameters."""
+        theirs = (checkpoint.get("hyper_parameters") or {}).get("train_only")
+        ours = self.hparams.get("train_only")
+        was, now = self.trained_parameters(theirs), self.trained_parameters(ours)
+        if set(was) == set(now):
+            return
+        more, fewer = [n for n in now if n not in was], [n for n in was if n not in now]  # in the networks' order
+        differ = " and ".join(f"{what} {len(names)} parameters {whose} ({', '.join(names[:3])}"
+                              f"{' ...' if len(names) > 3 else ''})"
+                              for what, names, whose in (("trains", more, "the run froze"),
+                                                         ("freezes", fewer, "it trained")) if names)
+        raise ValueError(
+            f"{path} was trained with model.init_args.train_only={theirs!r}, this fit has {ours!r}, which {differ}"
+            ": a resume goes on with the run's optimiser, whose state holds the parameters it "
+            f"trained. Resume with train_only: {theirs!r} (the run's config.yaml), or fine-tune its weights under the "
+            f"new setting as a new run: --model.init_args.init_from {path} with --ckpt_path null and another "
+            "trainer.logger name (a folder of its own)")
 
     def frozen_take_loaded_ema(self) -> None:
         """Set each parameter ``train_only`` froze, of a network whose EMA this start loaded (``init_from``,
