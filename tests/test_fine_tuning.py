@@ -96,14 +96,15 @@ def test_a_resume_warns_that_a_new_init_from_is_not_loaded(ckpts, tmp_path):
     assert resume(started, init_from=ckpts["joint"]) == []
 
 
-def _fit(module, steps: int, tmp_path, ckpt_path: str | None = None):
-    """``steps`` steps of ``module`` on two random clips (5 frames, 16 px), in process; returns the trainer."""
+def _fit(module, steps: int, tmp_path, ckpt_path: str | None = None, checkpointing: bool = False):
+    """``steps`` steps of ``module`` on two random clips (5 frames, 16 px), in process (``checkpointing``: Lightning's
+    ModelCheckpoint, saving in ``tmp_path/checkpoints``); returns the trainer."""
     import lightning as L
     import torch
     from torch.utils.data import StackDataset
 
     clips = StackDataset(video=torch.rand(2, 5, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1)
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=checkpointing,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         default_root_dir=str(tmp_path))
     trainer.fit(module, datamodule=L.LightningDataModule.from_datasets(clips, batch_size=2), ckpt_path=ckpt_path)
@@ -170,3 +171,30 @@ def test_a_resume_under_another_train_only_is_refused_naming_the_setting_and_the
         _fit(MarDiniModule(**TINY), 3, tmp_path, ckpt_path=path)
     same = ["generator.blocks.*", "generator.*"]  # other patterns, the same parameters
     assert _fit(MarDiniModule(**TINY, train_only=same), 3, tmp_path, ckpt_path=path).global_step == 3
+
+
+def test_resuming_another_run_s_file_with_other_settings_names_continuing_it_and_fine_tuning_it(ckpts, tmp_path):
+    """``--ckpt_path FILE`` of another run's folder, with other settings: the warning says that this fit continues
+    that run here and names the fine-tune (``--ckpt_path null`` with ``init_from FILE``), where it named only
+    ``--ckpt_path null``, which would start the new settings from scratch; a file of the fit's own checkpoint folder
+    keeps the message of a rerun of the run."""
+    import warnings
+
+    def resume(path: str, steps: int, plan_dropout: float) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _fit(MarDiniModule(**TINY, lr=1e-3, plan_dropout=plan_dropout), steps, tmp_path, ckpt_path=path, checkpointing=True)
+        return [str(w.message) for w in caught if "other settings than it was trained with" in str(w.message)]
+
+    other = ckpts["joint"]  # another run's checkpoint, at step 1
+    (message,) = resume(other, 2, plan_dropout=0.2)
+    folder = tmp_path / "checkpoints"
+    assert message == (f"resuming {other} with other settings than it was trained with (plan_dropout 0.1 -> 0.2): "
+                       f"{other} is not in this fit's checkpoint folder {folder}, so this fit continues that run here "
+                       "under the new settings: its step, optimiser, LR schedule and curriculum go on. To start a new "
+                       "run from its weights instead (fine-tuning: step 0, a new optimiser and schedule), pass "
+                       f"--ckpt_path null with --model.init_args.init_from {other}")
+    (own,) = folder.glob("*.ckpt")  # this fit's, at step 2
+    (message,) = resume(str(own), 3, plan_dropout=0.3)
+    assert "the run goes on from its step under the new ones. To train them as a new run instead, pass --ckpt_path " \
+           "null (starts over in the same log folder" in message and "init_from" not in message

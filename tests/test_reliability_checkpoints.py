@@ -237,8 +237,8 @@ def test_a_resume_with_other_training_settings_warns_naming_them(saved, synth, t
     assert len(said) == 1, said
     for changed in ("frames None -> 3", "keep_ratio [0.35, 1.0] -> [0.2, 0.5]", "lr 0.001 -> 0.002",
                     "templates None -> {'random': 1.0, 'interpolation': 1.0}", str(path),
-                    "--ckpt_path null (starts over in the same log folder: the earlier run's checkpoints are moved to "
-                    "checkpoints/earlier.N/", "another trainer.logger save_dir or name (a new log folder"):
+                    # a file of another folder: the fine-tune from it (test_fine_tuning: one of the fit's own folder)
+                    "this fit continues that run here", f"--ckpt_path null with --model.init_args.init_from {path}"):
         assert changed in said[0], said[0]
     assert resume(_gen(generator={"depth": 1, "checkpointing": True}, nonfinite="skip", init_from=str(path))) == []
     # fields set to what the checkpoint's generator was built with (the size's heads, the planner's dim) are no change

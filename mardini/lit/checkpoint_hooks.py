@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -79,10 +80,12 @@ class StageCheckpoints:
 
         trainer = attached_trainer(self)
         path = getattr(trainer, "ckpt_path", None)
-        self.check_checkpoint(checkpoint, path, fitting=trainer is not None and trainer.state.fn == TrainerFn.FITTING)
+        fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+        self.check_checkpoint(checkpoint, path, fitting=fitting)
         path = path or "<resumed checkpoint>"
-        warn_changed_settings(checkpoint.get("hyper_parameters") or {}, dict(self.hparams), path, checkpoint["mardini"])
-        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+        warn_changed_settings(checkpoint.get("hyper_parameters") or {}, dict(self.hparams), path, checkpoint["mardini"],
+                              folder=_folder_outside(trainer) if fitting else None)
+        if fitting:
             warn_other_start(checkpoint.get("hyper_parameters") or {}, dict(self.hparams), path)
         start_next_epoch(checkpoint)  # a fit that ended with its epoch resumes at the next epoch's first batch
         self._resumed_schedule = {"path": path, "steps": checkpoint["mardini"].get("lr_schedule_steps"),
@@ -95,7 +98,7 @@ class StageCheckpoints:
         # 2026-12-07 hold rank 0's alone)
         self._skipped_total = int(checkpoint["mardini"].get("data_skipped", 0)) if self.global_rank == 0 else 0
         self._train_seconds = float(checkpoint["mardini"].get("train_seconds", 0.0))  # a resume adds to it
-        self._note_code(checkpoint, path, fitting=trainer is not None and trainer.state.fn == TrainerFn.FITTING)
+        self._note_code(checkpoint, path, fitting=fitting)
         if "ema_loaded" in checkpoint["mardini"]:  # a resume need not load init_from again (MarDiniCLI) to know it
             self._ema_loaded = set(checkpoint["mardini"]["ema_loaded"])
         state = checkpoint["state_dict"]
@@ -240,6 +243,20 @@ class StageCheckpoints:
             f"moves from {was:.4g} to {now:.4g} x its peak. To go on with the run's schedule set "
             f"model.init_args.decay_steps: {old}; for the new one set decay_steps: {new} (also on a rerun of this "
             "command, so that its length no longer follows max_steps)")
+
+
+def _folder_outside(trainer: Any) -> str | None:
+    """The fit's checkpoint folder (its checkpoint callback's) where the checkpoint it resumes (``ckpt_path``) is not
+    in it: another run's file; None where it is, or where either is unknown (no trainer, no checkpoint callback, a
+    remote file)."""
+    from mardini.lit.checkpoint_io import local_path
+
+    path = getattr(trainer, "ckpt_path", None)
+    folder = getattr(getattr(trainer, "checkpoint_callback", None), "dirpath", None)
+    file, folder = (local_path(str(path)) if path else None), (local_path(str(folder)) if folder else None)
+    if file is None or folder is None or Path(file).resolve().parent == Path(folder).resolve():
+        return None
+    return str(folder)
 
 
 def _networks_only(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -406,19 +406,29 @@ def network_setting_changes(checkpoint: dict[str, Any], name: str, ours: dict[st
 
 
 def warn_changed_settings(theirs: dict[str, Any], ours: dict[str, Any], path: str | Path,
-                          meta: dict[str, Any] | None = None) -> None:
+                          meta: dict[str, Any] | None = None, folder: str | None = None) -> None:
     """Warn (rank zero) naming :func:`changed_settings` of a resume: the run goes on from ``path`` under the new
-    settings, which may not be what a rerun of the stage with other settings meant. ``meta``: the checkpoint's."""
+    settings, which may not be what a rerun of the stage with other settings meant. ``meta``: the checkpoint's.
+    ``folder``: this fit's checkpoint folder where ``path`` lies outside it (another run's file): the message then
+    names the two things such a fit can mean, continuing that run here or a new run from its weights."""
     from lightning.pytorch.utilities import rank_zero_warn
 
     changed = changed_settings(theirs, ours, meta)
-    if changed:
+    if not changed:
+        return
+    said = f"resuming {path} with other settings than it was trained with ({'; '.join(changed)}): "
+    if folder is not None:
         rank_zero_warn(
-            f"resuming {path} with other settings than it was trained with ({'; '.join(changed)}): the run goes on "
-            "from its step under the new ones. To train them as a new run instead, pass --ckpt_path null (starts over "
-            "in the same log folder: the earlier run's checkpoints are moved to checkpoints/earlier.N/, its config.yaml "
-            "kept as config.N.yaml) or another trainer.logger save_dir or name (a new log folder, this one left as "
-            "it is)")
+            f"{said}{path} is not in this fit's checkpoint folder {folder}, so this fit continues that run here under "
+            "the new settings: its step, optimiser, LR schedule and curriculum go on. To start a new run from its "
+            f"weights instead (fine-tuning: step 0, a new optimiser and schedule), pass --ckpt_path null with "
+            f"--model.init_args.init_from {path}")
+        return
+    rank_zero_warn(
+        f"{said}the run goes on from its step under the new ones. To train them as a new run instead, pass "
+        "--ckpt_path null (starts over in the same log folder: the earlier run's checkpoints are moved to "
+        "checkpoints/earlier.N/, its config.yaml kept as config.N.yaml) or another trainer.logger save_dir or name (a "
+        "new log folder, this one left as it is)")
 
 
 START_SETTINGS = ("init_from", "planner_ckpt", "generator_ckpt")  # the checkpoints a stage starts from
