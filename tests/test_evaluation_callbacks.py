@@ -236,47 +236,82 @@ def test_the_pipeline_samples_at_the_data_size_and_is_scored_at_the_callbacks(sh
 
 
 class _MapClips(torch.utils.data.Dataset):
-    """``n`` random clips of a map-style dataset (a datamodule of one's own), no keys, no positions."""
+    """``n`` random clips of a map-style dataset (a datamodule of one's own), no positions; a ``key`` each with
+    ``keys``."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, keys: bool = False) -> None:
         self.video = torch.rand(n, FRAMES, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(n)) * 2 - 1
+        self.keys = keys
 
     def __len__(self) -> int:
         return len(self.video)
 
     def __getitem__(self, i: int) -> dict:
-        return {"video": self.video[i]}
+        return {"video": self.video[i], **({"key": f"clip{i:03d}"} if self.keys else {})}
+
+    def index(self, clip: torch.Tensor) -> int:
+        """The dataset index of ``clip (T, 3, H, W)``."""
+        return next(i for i, v in enumerate(self.video) if torch.equal(v, clip))
 
 
-def _score_as_rank(data: _MapClips, rank: int, world: int) -> tuple[dict[str, float], list[int], list]:
-    """The callback's hooks over rank ``rank``'s ``DistributedSampler`` share of ``data`` (Lightning's under DDP),
-    the ranks faked in one process: the results, the clips its metrics were updated with (by index) and those
-    updates, which torchmetrics would gather from every rank."""
+class NoisyBlend(LinearBlend):
+    """The linear blend plus noise drawn from each clip's seed (its scores depend on the seeds); records
+    ``(clip, seed)`` of every clip it samples."""
+
+    def __init__(self) -> None:
+        self.sampled = []
+
+    def __call__(self, video, mask, seed=0):
+        self.sampled += list(zip(video, seed))
+        noise = torch.stack([torch.randn(video.shape[1:], generator=torch.Generator().manual_seed(s))
+                             for s in seed])  # (B, T, 3, H, W)
+        return (super().__call__(video, mask) + 0.3 * noise * mask[..., None, None, None]).clamp(-1, 1)
+
+
+def _run_hooks(batches, rank: int, world: int, loader=None, sampler="linear_blend", num_clips: int = 8):
+    """The callback's hooks over rank ``rank``'s validation ``batches`` (``loader``: the trainer's
+    ``val_dataloaders``), the ranks faked in one process: the results and the metrics' updates, which torchmetrics
+    would gather from every rank."""
     import types
 
-    from torch.utils.data import DataLoader, DistributedSampler
-
-    sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False)
-    loader = DataLoader(data, batch_size=2, sampler=sampler)
     trainer = types.SimpleNamespace(global_rank=rank, world_size=world, is_global_zero=rank == 0, sanity_checking=False,
                                     current_epoch=0, datamodule=None, strategy=None, val_dataloaders=loader)
     module = TinyModule()
     module.log = lambda *args, **kwargs: None  # no Trainer to log to
-    cb = InterpolationEval(sampler="linear_blend", num_clips=8, frames=FRAMES, metrics=["midf"], cache_dir=None)
+    cb = InterpolationEval(sampler=sampler, num_clips=num_clips, frames=FRAMES, metrics=["midf"], cache_dir=None)
     cb.on_validation_epoch_start(trainer, module)
-    updates, scored = [], []
+    updates = []
     update = cb.suite.update
 
     def recorded(real, fake, mask, positions=None):
         updates.append((real, fake, mask))
-        scored.extend(next(i for i, v in enumerate(data.video) if torch.equal(v, row)) for row in real)
         update(real, fake, mask, positions)
 
     cb.suite.update = recorded
-    for i, batch in enumerate(loader):
+    for i, batch in enumerate(batches):
         cb.on_validation_batch_end(trainer, module, None, batch, i)
     cb.on_validation_epoch_end(trainer, module)
-    return cb.last_results, scored, updates
+    return cb.last_results, updates
+
+
+def _score_as_rank(data: _MapClips, rank: int, world: int, sampler="linear_blend"):
+    """:func:`_run_hooks` over rank ``rank``'s ``DistributedSampler`` share of ``data`` (Lightning's under DDP):
+    the results, the clips its metrics were updated with (by index) and those updates."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    loader = DataLoader(data, batch_size=2, sampler=DistributedSampler(data, num_replicas=world, rank=rank,
+                                                                       shuffle=False))
+    results, updates = _run_hooks(loader, rank, world, loader, sampler)
+    return results, [data.index(row) for real, _, _ in updates for row in real], updates
+
+
+def _gathered(ranks: list[list]) -> dict[str, float]:
+    """The MidF results over every rank's updates (what torchmetrics' sync computes)."""
+    suite = EvalSuite(InterpolationEval(num_clips=8, frames=FRAMES, metrics=["midf"]).protocol)
+    for updates in ranks:
+        for real, fake, mask in updates:
+            suite.update(real, fake, mask)
+    return suite.compute()
 
 
 @pytest.mark.parametrize("clips, world", [(3, 2), (5, 2), (5, 4), (4, 2)])
@@ -291,9 +326,71 @@ def test_the_clips_a_distributed_sampler_repeats_to_pad_the_ranks_are_not_scored
     ranks = [_score_as_rank(data, rank, world) for rank in range(world)]
     assert sorted(i for _, s, _ in ranks for i in s) == list(range(clips))
     assert sum(results["clips"] for results, _, _ in ranks) == clips
-    gathered = EvalSuite(InterpolationEval(num_clips=8, frames=FRAMES, metrics=["midf"]).protocol)
-    for _, _, updates in ranks:
-        for real, fake, mask in updates:
-            gathered.update(real, fake, mask)
     want = {k: v for k, v in one.items() if k != "clips"}
-    assert gathered.compute() == pytest.approx(want, rel=1e-6)
+    assert _gathered([updates for _, _, updates in ranks]) == pytest.approx(want, rel=1e-6)
+
+
+def _seeds_by_clip(data: _MapClips, sampler: NoisyBlend) -> dict[int, int]:
+    return {data.index(clip): seed for clip, seed in sampler.sampled}
+
+
+@pytest.mark.parametrize("keys", [False, True])
+@pytest.mark.parametrize("clips, world", [(5, 2), (8, 3)])
+def test_a_map_style_clip_gets_the_same_seed_and_scores_on_one_rank_or_several(keys, clips, world):
+    """Each clip's sampling seed comes from its identity (its key, else its dataset index read from Lightning's
+    DistributedSampler), not from its position in the rank-by-rank order: the clips' seeds, and the metrics of a
+    sampler whose output depends on them, are the same on 1 rank and on ``world`` interleaved ones. Key-less clips
+    keep the one-process seeds the callbacks always gave them (evaluate.py's ``clip_seeds`` of their index).
+    Before, 5 clips on 2 ranks: rank 1's clip 1 was seeded as clip 3 of the order, and the MidF figures moved."""
+    from mardini.evaluation.protocol import clip_seeds
+
+    data = _MapClips(clips, keys=keys)
+    one_sampler = NoisyBlend()
+    one, _, _ = _score_as_rank(data, 0, 1, one_sampler)
+    one_seeds = _seeds_by_clip(data, one_sampler)
+    assert sorted(one_seeds) == list(range(clips))
+    if not keys:
+        assert [one_seeds[i] for i in range(clips)] == clip_seeds(0, 0, clips)
+    samplers = [NoisyBlend() for _ in range(world)]
+    ranks = [_score_as_rank(data, rank, world, samplers[rank])[2] for rank in range(world)]
+    assert {i: s for sampler in samplers for i, s in _seeds_by_clip(data, sampler).items()} == one_seeds
+    want = {k: v for k, v in one.items() if k != "clips"}
+    assert _gathered(ranks) == pytest.approx(want, rel=1e-6)
+
+
+def _stream_batches(data: _MapClips, rank: int, world: int, keys: bool) -> list[dict]:
+    """Rank ``rank``'s batches of 2 as ``VideoDataModule``'s stream gives them: the clips interleaved over the ranks
+    (``rank, rank + world, ...``), from a loader whose order cannot be read back."""
+    share = list(range(rank, len(data), world))
+    return [{"video": data.video[share[i : i + 2]], **({"key": [f"clip{j:03d}" for j in share[i : i + 2]]}
+                                                       if keys else {})} for i in range(0, len(share), 2)]
+
+
+def test_clips_from_a_stream_are_seeded_by_their_key_on_one_rank_or_several():
+    """A stream's batches (keyed, their order unreadable) interleaved over 3 ranks: every clip gets the seed it gets
+    in one process (by its key), and the metrics agree. Before, clip 1 on rank 1 was seeded as clip 3."""
+    data = _MapClips(7, keys=True)
+    one_sampler = NoisyBlend()
+    one, _ = _run_hooks(_stream_batches(data, 0, 1, keys=True), 0, 1, sampler=one_sampler)
+    samplers = [NoisyBlend() for _ in range(3)]
+    ranks = [_run_hooks(_stream_batches(data, r, 3, keys=True), r, 3, sampler=samplers[r])[1] for r in range(3)]
+    assert {i: s for sampler in samplers for i, s in _seeds_by_clip(data, sampler).items()} == _seeds_by_clip(
+        data, one_sampler)
+    assert _gathered(ranks) == pytest.approx({k: v for k, v in one.items() if k != "clips"}, rel=1e-6)
+
+
+def test_clips_without_a_key_or_a_readable_order_are_seeded_by_position_and_warn_once_under_ddp(recwarn):
+    """Where neither a key nor the loader's order names a clip, the positional rule stays (earlier ranks' shares,
+    then this rank's), and under DDP the callback warns once, naming the fix; one process does not warn."""
+    from mardini.evaluation.protocol import clip_seeds
+
+    data = _MapClips(5)
+    sampler = NoisyBlend()
+    _run_hooks(_stream_batches(data, 0, 1, keys=False), 0, 1, sampler=sampler, num_clips=5)
+    assert [s for _, s in sampler.sampled] == clip_seeds(0, 0, 5)
+    assert not [w for w in recwarn if "without a 'key'" in str(w.message)]
+    sampler = NoisyBlend()
+    _run_hooks(_stream_batches(data, 1, 2, keys=False), 1, 2, sampler=sampler, num_clips=5)
+    assert [s for _, s in sampler.sampled] == clip_seeds(0, 3, 2)  # rank 0's share is 3 clips
+    warned = [str(w.message) for w in recwarn if "without a 'key'" in str(w.message)]
+    assert len(warned) == 1 and "collate a 'key' per clip" in warned[0]

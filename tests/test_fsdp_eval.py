@@ -1,6 +1,6 @@
 """The evaluation callback under FSDP (full shard, gloo on CPU): ranks with unequal shares of the clips sample together
 (an FSDP forward gathers from every rank, so a rank that stops sampling early would hang the others), and the
-scores equal those of one unsharded process on the same clips and seeds."""
+scores equal those of one unsharded process on the same clips, each seeded by its key."""
 
 from __future__ import annotations
 
@@ -50,9 +50,10 @@ def _worker(rank: int, world: int, rendezvous: str, out: str) -> None:
         wrap(module, world)
         trainer = _trainer(rank, world, module._trainer.strategy)
         module._trainer = trainer
-        # batches of one clip, two per rank: rank 0 scores clips 0 and 1, rank 1 clip 2 (then has its share)
+        # batches of one keyed clip, two per rank, interleaved over the ranks as the stream and a DistributedSampler
+        # give them: rank 0 scores clips 0 and 2, rank 1 clip 1 (then has its share; clip 3 is past it)
         clips = _clips()
-        batches = [{"video": clips[2 * rank + i : 2 * rank + i + 1]} for i in range(2)]
+        batches = [{"video": clips[i : i + 1], "key": [f"clip{i}"]} for i in (rank, rank + world)]
         torch.save(_evaluate(module, trainer, batches), f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -64,7 +65,7 @@ def test_evaluation_under_fsdp_with_unequal_shares_matches_one_process(tmp_path)
     ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
 
     module = tiny_module()  # the same weights, one process, no FSDP
-    ref = _evaluate(module, _trainer(0, 1), [{"video": _clips()[:CLIPS]}])
+    ref = _evaluate(module, _trainer(0, 1), [{"video": _clips()[:CLIPS], "key": [f"clip{i}" for i in range(CLIPS)]}])
     assert ref["clips"] == CLIPS
     for got in ranks:
         assert got.keys() == ref.keys()

@@ -3,8 +3,9 @@
 During validation (every ``every_n_epochs`` epochs, not in the sanity check) each rank takes its first clips of
 the validation loader (``num_clips`` in all, split over the ranks; never the clips a ``DistributedSampler`` repeats to
 pad the ranks' shares of a map-style set, :func:`own_clips`), samples the task's frames with fixed seeds (one
-per clip, from the seed and the clip's index over all ranks; the model at the data's size, its outputs resized to
-the protocol's ``resolution``), and updates the metrics; at the end of the epoch every
+per clip, by its identity, :func:`identity_seeds`, so a clip's noise does not depend on the world size; the model at
+the data's size, its outputs resized to the protocol's ``resolution``), and updates the metrics; at the end of the
+epoch every
 rank computes (torchmetrics syncs the states) and the results are logged as ``eval/<task>/<name>``. Under FSDP,
 whose forwards gather parameters from every rank, the ranks sample together: while any rank still needs clips, a
 rank past its share samples one clip of its batch and drops it (the ranks must see as many validation batches).
@@ -30,7 +31,7 @@ from torch import nn
 
 from mardini.evaluation.protocol import EvalProtocol, EvalSuite, RealStatsCache, clip_seeds, files_id, keys_digest
 from mardini.evaluation.samplers import Sampler, ema_context, make_sampler, to_real_size
-from mardini.lit.clip_draws import validation_order
+from mardini.lit.clip_draws import ValidationOrder, clip_seed, validation_order
 from mardini.lit.fsdp import fsdp_root, root_unsharded
 
 
@@ -46,7 +47,8 @@ class _TaskEval(L.Callback):
             data's. The model (``"pipeline"``) samples at the data's size (its training resolution) and its outputs
             are resized to this size to be scored.
         metrics: subset of ``fvd fid midf traj`` (None = the task's default).
-        seed: base seed of the sampler (each batch gets one derived from (seed, rank, batch)).
+        seed: base seed of the sampler: each clip's is derived from it and the clip's identity (its ``key``, else
+            its dataset index; :func:`identity_seeds`).
         steps: DDIM steps of the model.
         guidance_scale: guidance scale of the model (None = 1.0 for interpolation, 2.5 for image-to-video).
         eta: DDIM eta of the model, in [0, 1]: 0 = deterministic (the paper), 1 = ancestral.
@@ -100,6 +102,8 @@ class _TaskEval(L.Callback):
         self._sampler: Sampler | None = None
         self._seen = 0
         self._own: int | None = None  # this rank's clips in its validation pass, padding left out (own_clips)
+        self._order: ValidationOrder | None = None  # this rank's validation loader order, where it can be read
+        self._warned_positional = False
         self._keys: list[str] = []
         self._data_id: Any = None
         self._cache_paths: dict[str, str] | None = None
@@ -118,7 +122,8 @@ class _TaskEval(L.Callback):
         p = self.protocol
         self._sampler = make_sampler(self.sampler_spec, pl_module, p.steps, p.guidance_scale, p.frames, p.eta)
         self._seen, self._keys = 0, []
-        self._own = own_clips(trainer)
+        self._order = validation_order(val_loader(trainer))
+        self._own = None if self._order is None else self._order.distinct
         self._data_id = data_identity(trainer, p)
         if self.cache is not None and self._data_id is not None and not self.suite.real_cached:
             self._cache_paths = self.suite.load_real_cache(self.cache, self._data_id)
@@ -147,8 +152,7 @@ class _TaskEval(L.Callback):
         real, own = real[:keep], own[:keep]  # own: (B, T, 3, H, W), the data's size
         positions = None if positions is None else positions[:keep]
         mask = self.protocol.mask(keep, real.device)  # (B, T)
-        first = sum(clips_for_rank(self.protocol.num_clips, r, trainer.world_size) for r in range(trainer.global_rank))
-        seed = clip_seeds(self.protocol.seed, first + self._seen, keep)  # by clip index: any batch size
+        seed = self._clip_seeds(trainer, batch, batch_idx, keep)  # one per clip, by its identity: any batch size
         fake = self._sample(trainer, pl_module, root, real, mask, seed, own)  # (B, T, 3, R, R)
         self.suite.update(real, fake, mask, positions)
         self._seen += keep
@@ -181,6 +185,20 @@ class _TaskEval(L.Callback):
         self._sampler = None
 
     # ----------------------------------------------------------------------------------------------
+    def _clip_seeds(self, trainer: L.Trainer, batch: dict, batch_idx: int, rows: int) -> list[int]:
+        """Seeds of the batch's first ``rows`` clips by their identity (:func:`identity_seeds`); where it cannot be
+        read, by the clips' positions in the rank-by-rank order (earlier ranks' shares, then this rank's), which
+        depend on the world size: warned once under DDP."""
+        first = 0 if self._order is None else batch_idx * self._order.batch_size
+        seeds = identity_seeds(self.protocol.seed, batch, rows, self._order, first)
+        if seeds is not None:
+            return seeds
+        if trainer.world_size > 1 and not self._warned_positional:
+            self._warned_positional = True
+            rank_zero_warn(positional_warning(self.prefix, trainer.world_size))
+        before = sum(clips_for_rank(self.protocol.num_clips, r, trainer.world_size) for r in range(trainer.global_rank))
+        return clip_seeds(self.protocol.seed, before + self._seen, rows)
+
     def _sample(self, trainer: L.Trainer, pl_module: L.LightningModule, root: nn.Module | None, real: torch.Tensor,
                 mask: torch.Tensor, seed: list[int], own: torch.Tensor) -> torch.Tensor:
         """The sampler's ``(B, T, 3, R, R)`` in [-1, 1] with the EMA weights; under FSDP with the root unit's own
@@ -242,16 +260,53 @@ def clips_for_rank(total: int, rank: int, world_size: int) -> int:
     return total // world_size + (rank < total % world_size)
 
 
+def val_loader(trainer: L.Trainer) -> Any:
+    """The trainer's (first) validation loader, None where it has none."""
+    loaders = getattr(trainer, "val_dataloaders", None)
+    if isinstance(loaders, (list, tuple)):
+        loaders = loaders[0] if loaders else None
+    return loaders
+
+
 def own_clips(trainer: L.Trainer) -> int | None:
     """How many clips of this rank's validation pass are its own: where the world size does not divide a map-style
     set, Lightning's ``DistributedSampler`` pads the ranks' shares by repeating clips at their ends, which would be
     scored twice (:attr:`~mardini.lit.clip_draws.ValidationOrder.distinct`). None where the loader's order cannot be
     read (``VideoDataModule``'s stream, which gives each clip to exactly one rank and pads nothing): no limit."""
-    loaders = getattr(trainer, "val_dataloaders", None)
-    if isinstance(loaders, (list, tuple)):
-        loaders = loaders[0] if loaders else None
-    order = validation_order(loaders)
+    order = validation_order(val_loader(trainer))
     return None if order is None else order.distinct
+
+
+def key_seed(seed: int, key: Any) -> int:
+    """The sampling seed of the clip whose ``key`` is ``key``: a sha256 hash of (seed, key), 63 bits
+    (:func:`~mardini.lit.clip_draws.clip_seed`, apart from the validation loss's draws of the same clip)."""
+    return clip_seed(seed, f"eval key {key}")
+
+
+def identity_seeds(seed: int, batch: dict, rows: int, order: ValidationOrder | None, first: int) -> list[int] | None:
+    """Sampling seeds of the first ``rows`` clips of ``batch`` by their identity, as the module's validation draws
+    (:class:`~mardini.lit.clip_draws.ClipGenerators`): by the batch's ``key`` where it carries one
+    (:func:`key_seed`; ``VideoDataModule``'s batches do), else by the clip's dataset index read from ``order``
+    (:func:`~mardini.lit.clip_draws.validation_order`; ``first``: the batch's first position in this rank's pass),
+    clip ``i`` getting ``evaluate.py``'s seed of clip ``i`` (``protocol.clip_seeds``). None where neither can be read.
+    Either way a clip gets the same seed on 1 rank or N, in any batching."""
+    keys = batch.get("key")
+    if keys is not None:
+        keys = list(keys)
+        if len(keys) < rows:
+            raise ValueError(f"the batch has {len(keys)} keys for {rows} clips; collate one key per clip")
+        return [key_seed(seed, k) for k in keys[:rows]]
+    if order is None:
+        return None
+    return [clip_seeds(seed, index, 1)[0] for index in order.indices[first : first + rows]]
+
+
+def positional_warning(prefix: str, world_size: int) -> str:
+    """The warning for clips whose identity :func:`identity_seeds` cannot read, under DDP."""
+    return (f"{prefix}: validation batches without a 'key' on {world_size} ranks, from a loader whose clip order "
+            "cannot be read back (not a DistributedSampler over a map-style dataset): each clip is seeded by its "
+            "position over the ranks, so its sampling noise, and the scores, depend on the world size; collate a "
+            "'key' per clip (a string naming it) to seed each clip by it")
 
 
 def eval_window(
