@@ -7,9 +7,9 @@
 # Resume after a preemption or a crash: submit the same command; it passes --ckpt_path last. Two minutes before the
 # time limit SLURM sends SIGUSR1: at the end of that step, on every rank together (mardini.lit.preemption), train.py
 # saves Lightning's hpc_ckpt_N.ckpt into the stage's checkpoint folder and requeues the job, which resumes from the
-# checkpoint of the highest step there (mardini.cli.resume_checkpoint). SIGTERM (preemption, scancel, the time limit)
-# saves the same checkpoint at the end of the step and exits with status 143, so `sbatch --wait ... || break` stops at
-# an unfinished stage.
+# checkpoint of the highest step there (mardini.cli_resume.resume_checkpoint). SIGTERM (preemption, scancel, the time
+# limit) saves the same checkpoint at the end of the step and exits with status 143, so `sbatch --wait ... || break`
+# stops at an unfinished stage.
 # A sweep gives each job its own folder; two jobs in one folder are refused (fit.lock, README "One fit per folder").
 # In a job array, quote the task id so that each task expands its own (README "Sweeps"):
 #   sbatch --array 0-3 scripts/slurm_train.sh STAGE.yaml --trainer.logger.init_args.version 'task${SLURM_ARRAY_TASK_ID}'

@@ -38,7 +38,8 @@ def test_each_paper_stage_draws_with_its_own_seed(capsys, chain):
         cfg = _printed(capsys, stage, CONFIGS / "paper" / "cluster.yaml")
         seeds.append((cfg["seed_everything"], cfg["model"]["init_args"]["seed"], cfg["data"]["init_args"]["seed"]))
     assert len({s[0] for s in seeds}) == len(stages), seeds
-    # the model's draws and the clip order follow it (None: take seed_everything, mardini.cli.take_seed_everything)
+    # the model's draws and the clip order follow it (None: take seed_everything,
+    # mardini.cli_settings.take_seed_everything)
     assert all(s[1] in (None, s[0]) and s[2] in (None, s[0]) for s in seeds), seeds
 
 

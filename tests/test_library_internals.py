@@ -69,7 +69,7 @@ ATTRIBUTES = [
     ("warnings.filters",
      "mardini/lit/expected_warnings.py (ignore, remove_filters: our entries taken out of the list in place)"),
     ("jsonargparse._common.debug_mode_active",
-     "mardini/cli.py (_jsonargparse_debug; without it JSONARGPARSE_DEBUG is read directly)"),
+     "mardini/cli_parser.py (_jsonargparse_debug; without it JSONARGPARSE_DEBUG is read directly)"),
 ]
 
 
@@ -276,7 +276,7 @@ def test_hpc_save_path_numbers_the_next_preemption_checkpoint(tmp_path):
     second = fit._checkpoint_connector.hpc_save_path(str(tmp_path))
     assert (first, second) == (str(tmp_path / "hpc_ckpt_1.ckpt"), str(tmp_path / "hpc_ckpt_2.ckpt")), (
         f"hpc_save_path gave {first}, {second}: mardini/lit/preemption.py (PreemptionSave._save_path) and "
-        f"mardini/cli.py (resume_checkpoint: hpc_ckpt_N.ckpt) rely on it; {FIX}")
+        f"mardini/cli_resume.py (resume_checkpoint: hpc_ckpt_N.ckpt) rely on it; {FIX}")
     assert fit._accelerator_connector.cluster_environment is not None, "mardini/lit/preemption.py reads it"
 
 
@@ -443,8 +443,8 @@ def test_fsdp_keeps_use_orig_params_on_the_root():
 
 
 def test_webdataset_and_pyav_helpers_behave_as_we_assume(monkeypatch):
-    """mardini/data/sharding.py, stream.py (webdataset), mardini/data/decode.py (PyAV), mardini/cli.py
-    (jsonargparse)."""
+    """mardini/data/sharding.py, stream.py (webdataset), mardini/data/decode.py (PyAV),
+    mardini/cli_parser.py (jsonargparse)."""
     import av
     import webdataset as wds
     from av.sidedata.sidedata import SideDataContainer
@@ -457,7 +457,7 @@ def test_webdataset_and_pyav_helpers_behave_as_we_assume(monkeypatch):
     with pytest.raises(KeyError):  # a container of the frame's side data, built apart from the frame
         SideDataContainer(av.VideoFrame(16, 16, "rgb24"))["DISPLAYMATRIX"]
     monkeypatch.setenv("JSONARGPARSE_DEBUG", "true")
-    assert debug_mode_active(), "jsonargparse._common.debug_mode_active (mardini/cli.py)"
+    assert debug_mode_active(), "jsonargparse._common.debug_mode_active (mardini/cli_parser.py)"
 
 
 def test_an_ignore_filter_deleted_from_warnings_filters_stops_ignoring_at_once():

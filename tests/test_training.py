@@ -168,7 +168,7 @@ def test_validate_scores_the_stage_s_newest_checkpoint_not_the_weights_it_starts
     assert first.trainer.ckpt_path is None and _same_weights(first.model, start)
     start.unlink()  # the weights scored are the checkpoint's: the starting one is not read
     said: list[str] = []
-    monkeypatch.setattr("mardini.cli.rank_zero_info", said.append)
+    monkeypatch.setattr("mardini.cli_resume.rank_zero_info", said.append)
     scored = _validate(workdir, monkeypatch, *_stage(STAGES[1], 2, *save))
     assert scored.trainer.ckpt_path == str(folder / "last.ckpt") and _same_weights(scored.model, folder / "last.ckpt")
     assert said == [f"validate scores {folder / 'last.ckpt'} (step 2), the newest checkpoint of the stage; "

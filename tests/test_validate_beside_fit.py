@@ -12,7 +12,7 @@ import torch
 import yaml
 from fsspec.implementations.local import LocalFileSystem
 
-from mardini import cli
+from mardini import cli, cli_resume
 from mardini.cli import main, resume_checkpoint
 from mardini.data.datamodule import VideoDataModule
 from mardini.data.testing import tiny_synthetic
@@ -69,7 +69,7 @@ def test_validate_finds_the_newest_again_when_the_fit_deleted_the_one_it_found(t
             newer.append(_next_save(folder, Path(found[0])))
         return found[-1]
 
-    original = cli.scored_checkpoint
+    original = cli.scored_checkpoint  # MarDiniCLI's (mardini.cli imports it from mardini.cli_resume)
     monkeypatch.setattr(cli, "scored_checkpoint", resolved_then_deleted)
     run = main(["validate", "--config", str(config), *QUIET, ONE_BATCH])
     assert found == [str(folder / "step00000002.ckpt"), str(newer[0])]
@@ -111,14 +111,14 @@ def test_the_newest_checkpoint_is_found_among_those_left_when_one_goes_while_the
     Before: ``checkpoint .../step00000002.ckpt does not exist``."""
     for name, step in (("last.ckpt", 1), ("step00000002.ckpt", 2)):
         torch.save({"global_step": step}, tmp_path / name)
-    read = cli._saved_step
+    read = cli_resume._saved_step
 
     def deleted_as_read(path):
         if path.name.startswith("step"):
             path.unlink()
         return read(path)
 
-    monkeypatch.setattr(cli, "_saved_step", deleted_as_read)
+    monkeypatch.setattr(cli_resume, "_saved_step", deleted_as_read)
     assert resume_checkpoint(str(tmp_path)) == str(tmp_path / "last.ckpt")
 
 

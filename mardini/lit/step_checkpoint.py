@@ -19,7 +19,8 @@ from mardini.lit.run_lock import held
 
 CONTINUES = ("last", "hpc", "best")  # Lightning's ckpt_path keywords that resume a run of this folder
 PREEMPTION = re.compile(r"hpc_ckpt_\d+\.ckpt")  # Lightning's preemption checkpoints (mardini.lit.preemption)
-VALIDATION_FOLDER = "validate"  # where train.py validate logs in the stage folder (mardini.cli.validation_logger)
+# where train.py validate logs in the stage folder (mardini.cli_loggers.validation_logger)
+VALIDATION_FOLDER = "validate"
 # a run's records in its log folder: TensorBoard's event files, the loggers' hparams.yaml, a CSV logger's metrics.csv,
 # and the folder train.py validate logs in (VALIDATION_FOLDER); config.yaml is KeepEarlierConfig's
 LOGS = re.compile(rf"events\.out\.tfevents\..+|hparams\.yaml|metrics\.csv|{VALIDATION_FOLDER}")

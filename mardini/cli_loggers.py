@@ -1,0 +1,74 @@
+"""The loggers ``train.py`` runs log to: a fit's (continuing its records on a resume) and a validate's (a folder
+of its own in the stage folder's ``validate/``)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+from fsspec.core import url_to_fs
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from mardini.lit.checkpoint_io import local_path
+from mardini.lit.resumed_logs import ContinuedCSVLogger
+from mardini.lit.step_checkpoint import VALIDATION_FOLDER
+
+
+def validation_logger(logger, entry):
+    """The logger a ``validate`` run logs to, for the configured ``logger`` built from the config ``entry``
+    (``class_path``/``init_args``): a TensorBoard or CSV logger of fixed version (the stage's folder
+    ``<save_dir>/<name>/<version>``, whose event files, ``hparams.yaml`` and ``metrics.csv`` are the fit's) is
+    rebuilt to log in a folder of its own in that folder's ``validate/``, ``validate/version_N``
+    (:func:`new_validation_run`; ``validate.yaml`` goes there too); any other is kept (it logs each run in a new
+    ``version_N`` folder, or in no folder). Before, a validate added its event file to the fit's, and a CSV logger
+    replaced the fit's ``metrics.csv`` and ``hparams.yaml``; later, every validate logged in ``validate/`` itself,
+    where two at once mixed their records (the one's ``validate.yaml`` beside the other's ``hparams.yaml``, and
+    TensorBoard showed both runs' ``val/loss`` at step 0 of one run)."""
+    args = entry.get("init_args") if hasattr(entry, "get") else None
+    if (not isinstance(logger, (TensorBoardLogger, CSVLogger)) or args is None or not args.get("save_dir")
+            or args.get("version") is None):
+        return logger
+    version = args["version"] if isinstance(args["version"], str) else f"version_{args['version']}"
+    run = new_validation_run(os.path.join(logger.root_dir, version, VALIDATION_FOLDER))
+    given = {**args.as_dict(), **dict(entry.get("dict_kwargs") or {})}  # dict_kwargs: TensorBoard's SummaryWriter's
+    return type(logger)(**{**given, "version": os.path.join(version, VALIDATION_FOLDER, run)})
+
+
+def new_validation_run(folder: str) -> str:
+    """The name (``version_N``) of a new validate run's folder in the stage's ``validate/`` ``folder``: on global rank
+    0, the first N from 0 whose folder it creates itself (``os.mkdir`` fails where another validate did first, so two
+    starting at once get two); on another rank (which logs nothing: Lightning broadcasts rank 0's folder) and for a
+    remote folder, the first N free."""
+    local = local_path(folder)
+    if local is None or getattr(rank_zero_only, "rank", 0) != 0:
+        fs, path = url_to_fs(folder)
+        return next(name for n in itertools.count() if not fs.exists(os.path.join(path, name := f"version_{n}")))
+    os.makedirs(local, exist_ok=True)
+    for n in itertools.count():
+        try:
+            os.mkdir(os.path.join(local, f"version_{n}"))
+        except FileExistsError:
+            continue
+        return f"version_{n}"
+
+
+def fit_logger(logger, entry, step: int | None = None):
+    """The logger a ``fit`` logs to, for the configured ``logger`` built from the config ``entry``: Lightning's
+    CSVLogger is rebuilt as :class:`~mardini.lit.resumed_logs.ContinuedCSVLogger`, so a resumed fit continues its
+    ``metrics.csv`` (Lightning's deleted it: the file held the steps after the resume only); for a fit resumed at
+    global step ``step`` a TensorBoard logger is rebuilt with ``purge_step=step`` (its SummaryWriter's: TensorBoard
+    hides the steps from ``step`` on logged before, by a run given up after the checkpoint, which the resumed run
+    logs again; before, they appeared twice); any other is kept."""
+    args = entry.get("init_args") if hasattr(entry, "get") else None
+    if args is None:
+        return logger
+    if type(logger) is CSVLogger:
+        return ContinuedCSVLogger(**args.as_dict())
+    if isinstance(logger, TensorBoardLogger) and step is not None:
+        given = {**args.as_dict(), **dict(entry.get("dict_kwargs") or {})}  # dict_kwargs: the SummaryWriter's
+        return type(logger)(**{**given, "purge_step": step})
+    return logger
+
+
+MOVED_CHECKPOINT_FOLDER_WARNING = r"The dirpath has changed from .* to .*, therefore"
