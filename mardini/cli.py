@@ -6,6 +6,7 @@ live beside it: ``cli_parser`` (parse errors, help), ``cli_settings`` (run setti
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -230,6 +231,7 @@ class MarDiniCLI(LightningCLI):
         locks = [RunLock([run.parent], validate_lock(run).name).acquire() for run in self._validation_runs()]
         try:
             kwargs["ckpt_path"] = self._read_scored(kwargs.get("ckpt_path"), kwargs.get("weights_only"))
+            self._note_scored(kwargs["ckpt_path"])
             with warnings.catch_warnings():
                 # the checkpoint callback's folder follows the logger's, here validate/version_N (validation_logger);
                 # it saves nothing in a validate, so the best / last paths it does not reload do not matter
@@ -271,10 +273,11 @@ class MarDiniCLI(LightningCLI):
         writes it)``, though no path was given. Lightning's keywords, remote files and a CheckpointIO of one's own
         are left to Lightning."""
         io = self.trainer.strategy.checkpoint_io
+        self._scored_step = None
         if resumed_file(ckpt_path) is None or not isinstance(io, AtomicCheckpointIO):
             return ckpt_path
         try:
-            io.pin(ckpt_path, io.load_checkpoint(ckpt_path, weights_only=weights_only))
+            self._pin(io, ckpt_path, weights_only)
             return ckpt_path
         except FileNotFoundError as e:
             if self._scored_from is None:  # named by --ckpt_path
@@ -283,13 +286,33 @@ class MarDiniCLI(LightningCLI):
                        "preemption checkpoints only); validate finds the stage's newest again")
         found = scored_checkpoint(self._scored_from)
         try:
-            io.pin(found, io.load_checkpoint(found, weights_only=weights_only))
+            self._pin(io, found, weights_only)
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"the fit in {Path(found).parent} deleted {Path(found).name} while validate was starting, twice (it "
                 "keeps its newest step and preemption checkpoints only): rerun validate, or copy the checkpoint "
                 "elsewhere first and score the copy with --ckpt_path COPY") from None
         return found
+
+    def _pin(self, io: AtomicCheckpointIO, path, weights_only: bool | None) -> None:
+        """Read the checkpoint at ``path`` for Lightning's restore (``AtomicCheckpointIO.pin``), noting its global
+        step for ``validate.yaml`` (:meth:`_note_scored`)."""
+        checkpoint = io.load_checkpoint(path, weights_only=weights_only)
+        io.pin(path, checkpoint)
+        self._scored_step = checkpoint.get("global_step")
+
+    def _note_scored(self, ckpt_path) -> None:
+        """Have ``validate.yaml`` name the checkpoint this validate scores (``KeepEarlierConfig.scored``): the file
+        (absolute, where local) and its global step where it was read here. Its ``ckpt_path`` field keeps what was
+        asked for (``last``: rerunning it scores the stage's newest then)."""
+        if ckpt_path is None:  # the weights the stage starts from: ckpt_path null says so
+            return
+        local = resumed_file(ckpt_path)
+        scored = os.path.abspath(local) if local is not None else str(ckpt_path)
+        step = getattr(self, "_scored_step", None)
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, KeepEarlierConfig):
+                callback.scored = scored if step is None else f"{scored} (global step {step})"
 
     def instantiate_trainer(self, **kwargs):
         # what the fit resumes from: None (from scratch) starts a new run, which sets the folder's earlier one aside

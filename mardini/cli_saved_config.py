@@ -34,6 +34,7 @@ class KeepEarlierConfig(SaveConfigCallback):
     _before: tuple[Path, bytes | None] | None = None  # config.yaml and its bytes before this fit (None: none)
 
     _written: Path | None = None  # the file this setup writes (config.yaml, validate.yaml)
+    scored: str | None = None  # a validate's checkpoint, "FILE (global step N)", for its header (MarDiniCLI.validate)
 
     def __init__(self, *args, command: str | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -53,14 +54,25 @@ class KeepEarlierConfig(SaveConfigCallback):
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         """The file just saved begins with the command that made it, as a YAML comment (it still loads as the
-        config): a sweep's runs say which overrides made each. Before, only the resolved settings were there."""
+        config): a sweep's runs say which overrides made each. A validate's ``validate.yaml`` also names the checkpoint
+        file it scored and its global step (:attr:`scored`), where its ``ckpt_path`` says ``last``. Before, only the
+        resolved settings were there."""
         path, self._written = self._written, None
-        if self.command is None or path is None or local_path(str(path)) is None or not path.is_file():
+        header = self._header()
+        if not header or path is None or local_path(str(path)) is None or not path.is_file():
             return
-        # ASCII (non-ASCII escaped): it decodes in whatever locale encoding Lightning wrote the rest in
-        line = self.command.replace("\n", "\\n").encode("ascii", "backslashreplace").decode("ascii")
-        header = f"# {line}\n# (the command that wrote this file; below, every setting it resolved to)\n"
         path.write_bytes(header.encode("ascii") + path.read_bytes())
+
+    def _header(self) -> str:
+        """The comment lines atop the saved file, in ASCII (non-ASCII escaped: it decodes in whatever locale encoding
+        Lightning wrote the rest in); "" for none."""
+        lines = []
+        if self.command is not None:
+            lines += [self.command.replace("\n", "\\n"),
+                      "(the command that wrote this file; below, every setting it resolved to)"]
+        if self.scored is not None:
+            lines.append(f"scored: {self.scored}, the checkpoint file ckpt_path resolved to")
+        return "".join(f"# {line}\n".encode("ascii", "backslashreplace").decode("ascii") for line in lines)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._rotated, self._kept = self._kept, None  # the new settings train: the earlier ones stay kept

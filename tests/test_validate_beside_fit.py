@@ -4,6 +4,7 @@ each validate logs in a folder of its own."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -204,3 +205,19 @@ def test_a_validate_holds_the_lock_beside_its_folder_while_it_runs(trained, work
     monkeypatch.setattr(VideoDataModule, "setup", setup_seeing_the_lock)
     main(["validate", "--config", str(config), *QUIET, ONE_BATCH])
     assert seen == [True] and not lock.exists()
+
+
+def test_validate_yaml_names_the_checkpoint_file_it_scored_and_its_step(trained, workdir, tmp_path, monkeypatch):
+    """``validate.yaml`` keeps ``ckpt_path: last`` (what was asked for) and its header names the file that resolved
+    to and its global step; a ``--ckpt_path`` given relative to the working folder is named absolute. Before, the
+    validate run's folder said ``ckpt_path: last`` only, not which checkpoint it scored."""
+    folder, config = _stage(trained, workdir, tmp_path, monkeypatch)
+    (folder / "last.ckpt").unlink()  # the stage's newest: step00000002.ckpt
+    found = main(["validate", "--config", str(config), *QUIET, ONE_BATCH])
+    text = (Path(found.trainer.log_dir) / "validate.yaml").read_text()
+    assert yaml.safe_load(text)["ckpt_path"] == "last"
+    assert f"\n# scored: {folder / 'step00000002.ckpt'} (global step 2), the checkpoint file" in text
+    relative = os.path.relpath(folder / "step00000002.ckpt", workdir)  # the working folder: workdir (_stage)
+    named = main(["validate", "--config", str(config), *QUIET, ONE_BATCH, f"--ckpt_path={relative}"])
+    text = (Path(named.trainer.log_dir) / "validate.yaml").read_text()
+    assert f"\n# scored: {folder / 'step00000002.ckpt'} (global step 2), the checkpoint file" in text
