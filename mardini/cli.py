@@ -18,7 +18,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mardini.cli_failed_fit import SpawnedFit, clean_up_failed_fit, interrupted, wait_for_workers
 from mardini.cli_loggers import MOVED_CHECKPOINT_FOLDER_WARNING, fit_logger, validation_logger
-from mardini.cli_parser import BATCH_LIMITS, CLI_ERRORS, ShortErrorParser, describe_resume_options, library_error
+from mardini.cli_parser import (BATCH_LIMITS, CLI_ERRORS, ShortErrorParser, describe_resume_options,
+                                describe_seed_option, library_error)
 from mardini.cli_resume import (_is_registry, deleted_by_fit_hint, resume_checkpoint, resumed_file, resumed_step,
                                 scored_checkpoint)
 from mardini.cli_saved_config import KEEP_NONE, KeepEarlierConfig
@@ -66,6 +67,7 @@ class MarDiniCLI(LightningCLI):
             # scores the weights the stage starts from.
             parser.set_defaults({"ckpt_path": "last", "weights_only": True})  # resume never unpickles code
             describe_resume_options(parser, subcommand)
+            describe_seed_option(parser)
         return parser
 
     def parse_arguments(self, parser, args) -> None:

@@ -117,11 +117,28 @@ RESUME_HELP = {  # --help of the options whose meaning MarDiniCLI changes (Light
 RESUME_HELP[("validate", "weights_only")] = RESUME_HELP[("fit", "weights_only")]
 
 
+SEED_HELP = ("the run's seed: an int seeds Lightning's seed_everything (the networks' initialisation) and is the "
+             "seed of the training draws that model.init_args.seed and data.init_args.seed left unset take (masks, "
+             "noise, the clips' order); true (the default): PL_GLOBAL_SEED from the environment, else 0 (no random "
+             "seed; config.yaml records the one used); false: no seeding, and those draws take 0")
+
+
 def describe_resume_options(parser, subcommand: str) -> None:
     """Give ``--ckpt_path`` and ``--weights_only`` of ``subcommand``'s parser the help of what they do here (a
     stage's folder resumes by default), in place of Lightning's ("last: the last model checkpoint from the previous
     trainer.fit call", "Defaults to None")."""
+    set_help(parser, {dest: text for (sub, dest), text in RESUME_HELP.items() if sub == subcommand})
+
+
+def describe_seed_option(parser) -> None:
+    """Give ``--seed_everything`` the help of what it does here (:data:`SEED_HELP`: ``true`` takes
+    ``PL_GLOBAL_SEED``, else 0), in place of Lightning's ("Set to True to use a random seed")."""
+    set_help(parser, {"seed_everything": SEED_HELP})
+
+
+def set_help(parser, texts: dict[str, str]) -> None:
+    """Replace the help of ``parser``'s options named (by ``dest``) in ``texts``."""
     for action in parser._actions:  # argparse's list of the options (jsonargparse has no setter for a help text)
-        text = RESUME_HELP.get((subcommand, action.dest))
+        text = texts.get(action.dest)
         if text is not None:
             action.help = text

@@ -145,6 +145,22 @@ def test_help_describes_what_ckpt_path_and_weights_only_do_here(capsys, subcomma
     assert "previous ``trainer.fit`` call" not in text and "Defaults to ``None``. If ``True``" not in text
 
 
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate"])
+def test_help_says_what_seed_everything_true_does_here(capsys, subcommand):
+    """``train.py fit --help`` says what ``--seed_everything true`` (the default) does here, as README.md's "Seeds"
+    does: ``PL_GLOBAL_SEED``, else 0. Before, Lightning's text: "Set to True to use a random seed"."""
+    import re
+
+    with pytest.raises(SystemExit):
+        main([subcommand, "--help"])
+    text = re.sub(r"\s+", " ", capsys.readouterr().out)
+    assert "true (the default): PL_GLOBAL_SEED from the environment, else 0 (no random seed" in text
+    assert "model.init_args.seed and data.init_args.seed left unset take" in text
+    assert "random seed." not in text and "Set to True" not in text
+    readme = " ".join((CONFIGS.parent / "README.md").read_text().split())
+    assert "`seed_everything: true` takes `PL_GLOBAL_SEED` from the environment, else 0" in readme
+
 def test_the_readme_s_rules_for_composing_configs_hold(capsys, tmp_path):
     """README.md's "Composing configs": files and overrides apply in the order given (an override before a later
     ``--config`` is overwritten by it), and a later file replaces a dict or list field whole (the stage's generator

@@ -344,6 +344,39 @@ def test_lightning_cli_builds_its_parsers_through_the_methods_mardini_cli_overri
         f"ckpt_path 'last') and _parse_ckpt_path (no hyper-parameters merged from a checkpoint); {FIX}")
 
 
+
+def test_an_option_s_help_is_edited_in_argparse_s_actions_of_lightning_s_subcommand_parser():
+    """mardini/cli_parser.py (set_help: describe_resume_options, describe_seed_option) gives options Lightning adds
+    the help of what they do here by editing ``action.help`` in argparse's private ``parser._actions`` of each
+    subcommand's parser, found by ``dest`` (jsonargparse has no setter for a help text)."""
+    from lightning.pytorch.cli import LightningCLI
+
+    parsers = {}
+
+    class Built(Exception):
+        pass
+
+    class Recording(LightningCLI):
+        def _prepare_subcommand_parser(self, klass, subcommand, **kwargs):
+            parsers[subcommand] = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+            return parsers[subcommand]
+
+        def parse_arguments(self, parser, args):
+            raise Built  # the parsers are built: nothing is parsed or run
+
+    with pytest.raises(Built):
+        Recording(BoringModel, args=["fit"])
+    for subcommand in ("fit", "validate"):
+        parser = parsers[subcommand]
+        actions = {action.dest: action for action in getattr(parser, "_actions", [])}
+        assert {"seed_everything", "ckpt_path", "weights_only"} <= set(actions), (
+            f"{subcommand}'s parser._actions holds {sorted(actions)}: mardini/cli_parser.py (set_help) finds "
+            f"--seed_everything, --ckpt_path and --weights_only there by dest; {FIX}")
+        actions["seed_everything"].help = "the help given here"
+        assert "the help given here" in parser.format_help(), (
+            f"an edited action.help in {subcommand}'s parser._actions is not what --help prints: "
+            f"mardini/cli_parser.py (set_help) relies on it; {FIX}")
+
 def test_torch_foreach_ops_do_the_arithmetic_we_assume():
     """mardini/lit/loss_reduction.py, ema_weights.py and fsdp.py: ``_foreach_mul_`` by a 0-dim tensor,
     ``_foreach_copy_``, ``_foreach_lerp_``; mardini/diffusion/checks.py: ``_assert_async`` raises on the CPU."""
