@@ -20,7 +20,7 @@ from mardini.cli_failed_fit import SpawnedFit, clean_up_failed_fit, interrupted,
 from mardini.cli_loggers import MOVED_CHECKPOINT_FOLDER_WARNING, fit_logger, validation_logger
 from mardini.cli_parser import (BATCH_LIMITS, CLI_ERRORS, ShortErrorParser, describe_resume_options,
                                 describe_seed_option, library_error)
-from mardini.cli_resume import (_is_registry, deleted_by_fit_hint, resume_checkpoint, resumed_file, resumed_step,
+from mardini.cli_resume import (is_registry_path, deleted_by_fit_hint, resume_checkpoint, resumed_file, resumed_step,
                                 scored_checkpoint)
 from mardini.cli_saved_config import KEEP_NONE, KeepEarlierConfig
 from mardini.cli_settings import (check_run_settings, checkpoint_dir, expand_logger_folder, new_folder_each_run,
@@ -99,7 +99,7 @@ class MarDiniCLI(LightningCLI):
         self._root_dir: str | None = None  # the Trainer's default_root_dir where the config leaves it unset
         ckpt = sub.get("ckpt_path")
         # a checkpoint file named by its path (not one of Lightning's keywords)
-        self._resuming = ckpt is not None and str(ckpt) not in ("last", "best", "hpc") and not _is_registry(ckpt)
+        self._resuming = ckpt is not None and str(ckpt) not in ("last", "best", "hpc") and not is_registry_path(ckpt)
         if self._resuming and Path(str(ckpt)).is_dir():
             raise ValueError(f"--ckpt_path: {directory_message(Path(str(ckpt)))}")  # Lightning: IsADirectoryError
         take_seed_everything(sub)

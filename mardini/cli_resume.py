@@ -77,7 +77,7 @@ def resumed_file(ckpt_path):
     """The local file a fit resuming ``ckpt_path`` reads, which the CLI checks and reads itself before Lightning
     does; None for a fit from scratch, Lightning's keywords (``last``, ``best``, ``hpc``, the registry's) and files
     another file system reaches."""
-    if ckpt_path is None or str(ckpt_path) in ("last", "best", "hpc") or _is_registry(ckpt_path):
+    if ckpt_path is None or str(ckpt_path) in ("last", "best", "hpc") or is_registry_path(ckpt_path):
         return None
     return local_path(str(ckpt_path))
 
@@ -94,6 +94,6 @@ def resumed_step(ckpt_path) -> int | None:
     return step if step >= 0 else None
 
 
-def _is_registry(ckpt_path) -> bool:
+def is_registry_path(ckpt_path) -> bool:
     """Lightning's model-registry keyword (``registry`` or ``registry:NAME``)."""
     return str(ckpt_path).lower() == "registry" or str(ckpt_path).lower().startswith("registry:")
