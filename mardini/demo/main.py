@@ -269,7 +269,8 @@ def evaluate(checkpoint: Path, out: Path, clips: int, steps: int, frechet: bool 
     metrics = ["midf", "traj"] + (["fvd", "fid"] if frechet else [])
     code = evaluate_main(["--preset", "synthetic", "--checkpoint", str(checkpoint), "--num-clips", str(clips),
                           "--steps", str(steps), "--eta", str(eta), "--metrics", *metrics, "--out", str(out),
-                          "--device", "cpu", "--missing-weights", "skip"])
+                          "--device", "cpu", "--missing-weights", "skip",
+                          "--fresh"])  # a minute's work: never refused for a stopped evaluation of other settings
     if code:
         raise RuntimeError(f"evaluation failed with exit code {code}; see the messages above")
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))

@@ -13,7 +13,9 @@ resolution (``--sample-resolution``; PAPER.md §5.3 samples MarDini-512 at 512) 
 ``--resolution`` to be scored, like every other method's. Sizes are a square side (``256``) or ``HxW`` (``36x64``,
 parsed as ``sample.py --resolution``; RH x RW in the shape comments). Writes
 ``OUT/report.md`` (a table per task) and ``OUT/report.json`` after each task (``"status": "partial"`` until the end),
-with a progress line per batch on stderr. FVD/FID need the metric weights: ``make weights``.
+with a progress line per batch on stderr. FVD/FID need the metric weights: ``make weights``. A rerun of the same
+command with the same ``--out`` resumes a stopped run (``resume.py``: finished tasks kept, the unfinished one goes on
+from its last save, every ``--save-every`` clips); ``--fresh`` starts over.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from mardini.evaluation.protocol import (
     DEFAULT_METRICS, METRICS, TASKS, EvalProtocol, EvalSize, EvalSuite, RealStatsCache, clip_seeds, eval_size, files_id,
     keys_digest, resolve_metric_weights, same_aspect, sides, size_text,
 )
+from mardini.evaluation.resume import DEFAULT_SAVE_EVERY, RunState, TaskCheckpoint, TaskProgress, run_settings
 from mardini.evaluation.samplers import BASELINES, PipelineSampler, Sampler, to_real_size
 from mardini.run_info import code_version
 from mardini.strict_json import dumps_strict
@@ -110,6 +113,11 @@ def parse_args(argv: list[str] | None = None, prog: str = "evaluate.py") -> argp
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--out", default=None, help="report folder (default outputs/eval/<data name>)")
     p.add_argument("--cache-dir", default="outputs/eval/real_stats", help="real-statistics cache ('' = off)")
+    p.add_argument("--save-every", type=int, default=DEFAULT_SAVE_EVERY, metavar="N",
+                   help=f"save the task's progress to OUT/state/ every N clips: a rerun of the same command resumes "
+                        f"there (default {DEFAULT_SAVE_EVERY})")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over in --out instead of resuming the stopped run there (its report is replaced)")
     args = p.parse_args(argv)
     args.prog = prog
     preset = PRESETS.get(args.preset, {}) if args.preset else {}
@@ -126,6 +134,8 @@ def parse_args(argv: list[str] | None = None, prog: str = "evaluate.py") -> argp
         p.error("--data is required (a folder of videos, shards, or 'synthetic'; or --preset synthetic)")
     if args.batch_size < 1 or (args.num_clips is not None and args.num_clips < 2):
         p.error("--batch-size must be >= 1 and --num-clips >= 2")
+    if args.save_every < 1:
+        p.error(f"--save-every {args.save_every} is impossible: it must be >= 1 (clips between two saves)")
     args.generated = parse_generated(p, args.generated)
     if args.export_inputs is not None and (args.generated or args.checkpoint or args.methods):
         p.error("--export-inputs writes the inputs and scores nothing: run it without --generated, --checkpoint "
@@ -286,12 +296,14 @@ def build_samplers(args: argparse.Namespace) -> dict[str, Sampler]:
 
 def run_task(
     task: str, args: argparse.Namespace, samplers: dict[str, Any], kind: str, files: list[str], n: int,
-    networks: dict | None = None,
+    networks: dict | None = None, checkpoint: TaskCheckpoint | None = None,
 ) -> dict[str, Any]:
     """Score every method on one task; returns ``{protocol, results: {method: {metric: value}}, ...}``.
 
     The model (``samplers["mardini"]``) samples at :func:`sample_resolution`: where that is not ``--resolution``, it
-    is given the same clips read at that size, and its outputs are resized to ``--resolution`` to be scored."""
+    is given the same clips read at that size, and its outputs are resized to ``--resolution`` to be scored.
+    ``checkpoint``: where the task's progress is saved every ``--save-every`` clips and resumed from (none: not
+    saved)."""
     size = sample_resolution(args, samplers.get("mardini"))
     proto = EvalProtocol(
         task=task, frames=args.frames, resolution=args.resolution, num_clips=n, seed=args.seed,
@@ -319,19 +331,25 @@ def run_task(
         proto.guidance_scale = run["mardini"].guidance_scale
     skipped: dict[str, str] = {}
     timed = [m for m, s in run.items() if not isinstance(s, GeneratedVideos)]  # an external method ran elsewhere
-    seen, rates, timing, began = 0, [], {m: 0.0 for m in timed}, time.perf_counter()
-    ids: list[str] = []  # each clip's key and source frames (clip_ids): what the cached real statistics must match
+    done = TaskProgress(seconds={m: 0.0 for m in timed}, real_cached=bool(hit))
+    resumed = checkpoint.load(suites) if checkpoint else None  # the suites' states restored
+    lost_cache = False  # the resumed part's real statistics came from a cache file that is gone: recomputed
+    if resumed:
+        done, hit, lost_cache = resumed, *resumed_real_side(first, hit, resumed.real_cached)
+    timing, began = done.seconds, time.perf_counter() - done.elapsed
     names = ClipNames(kind, args.data)  # what --export-inputs called the clips (same clips, same order)
-    clip_list: list[dict[str, Any]] = []  # what each clip is: key, source frames, rate
     model_batches = (iter_batches(kind, files, args.frames, args.fps, size, n, args.batch_size)
                      if "mardini" in run and size != args.resolution else None)  # the same clips at the model's size
     for b, batch in enumerate(iter_batches(kind, files, args.frames, args.fps, args.resolution, n, args.batch_size,
                                            skipped)):
+        if b < done.batches:  # done before the resume: read again (the order checked), not sampled
+            check_done_clips(batch, done.clip_list[b * args.batch_size:], model_batches)
+            continue
         real = batch["video"].to(device)  # (B, T, 3, RH, RW)
         positions = batch.get("positions")
         positions = None if positions is None else positions.to(device)  # (B, T, K, 2)
         mask = proto.mask(real.shape[0], real.device)  # (B, T)
-        seed = clip_seeds(args.seed, seen, real.shape[0])  # one per clip, by its index: any --batch-size
+        seed = clip_seeds(args.seed, done.clips, real.shape[0])  # one per clip, by its index: any --batch-size
         clip_names = [names(k) for k in batch["key"]]
         given = None if model_batches is None else model_clips(model_batches, batch, device)  # (B, T, 3, SH, SW)
         for m, sampler in run.items():
@@ -347,18 +365,23 @@ def run_task(
             if m in timing:
                 timing[m] += time.perf_counter() - start
             suites[m].update(real, fake, mask, positions)
-        seen += real.shape[0]
-        ids += clip_ids(batch)
-        rates += [float(r) for r in batch["fps"]]  # the rate each clip was read at
-        clip_list += [{"key": k, "frame_indices": meta.get("frame_indices"), "fps": round(float(r), 3),
-                       **({"timing": "pts"} if meta.get("timing") == "pts" else {})}  # read by timestamp (VFR)
-                      for k, meta, r in zip(batch["key"], batch.get("meta") or [{}] * len(batch["key"]), batch["fps"],
-                                            strict=True)]
-        print(progress_line(args.prog, task, seen, n, time.perf_counter() - began), file=sys.stderr, flush=True)
+        done.batches, done.clips = b + 1, done.clips + real.shape[0]
+        done.ids += clip_ids(batch)  # each clip's key and source frames: what the cached real statistics must match
+        done.rates += [float(r) for r in batch["fps"]]  # the rate each clip was read at
+        done.clip_list += [{"key": k, "frame_indices": meta.get("frame_indices"), "fps": round(float(r), 3),
+                            **({"timing": "pts"} if meta.get("timing") == "pts" else {})}  # by timestamp (VFR)
+                           for k, meta, r in zip(batch["key"], batch.get("meta") or [{}] * len(batch["key"]),
+                                                 batch["fps"], strict=True)]
+        print(progress_line(args.prog, task, done.clips, n, time.perf_counter() - began), file=sys.stderr, flush=True)
+        if checkpoint and checkpoint.due(done):
+            checkpoint.save(done, suites, began)
+    seen, ids = done.clips, done.ids
     if seen < n:  # the data changed since choose_num_clips read it
         raise ValueError(f"the data gave {seen} usable clips, the protocol needs {n}; lower --num-clips to {seen}"
                            + (f" ({_unusable(skipped)})" if skipped else ""))
     cache_state = ("hit" if hit else "computed") if first.frechet else "none (no FVD/FID)"
+    if lost_cache and first.frechet:
+        recompute_real(first, proto, args, kind, files, n, ids, device)
     if hit and not first.real_cache_matches(keys_digest(ids), seen):
         print(f"{args.prog}: note: the cached real statistics {sorted(hit.values())} were computed on other clips "
               f"than the {seen} this run read; recomputing them and rewriting the cache", file=sys.stderr)
@@ -373,13 +396,34 @@ def run_task(
     results = {m: suites[m].compute() for m in run}
     return {"protocol": proto.as_dict(), "clips": seen, "real_stats_cache": cache_state,
             "skipped_metrics": first.skipped, "skipped_videos": skipped,
-            "fps_effective": rates_read(rates, args.fps), "clip_list": clip_list,
+            "fps_effective": rates_read(done.rates, args.fps), "clip_list": done.clip_list,
             "seconds_per_clip": {m: t / max(seen, 1) for m, t in timing.items()}, "results": results}
 
 
 # The rule that picks a video file's source frames (mardini.evaluation.data.read_video_window), in the real-statistics
 # cache key: 2 since a variable-frame-rate file is read by timestamp at a given --fps (1: always by index).
 FRAME_RULE = 2
+
+
+def resumed_real_side(suite: EvalSuite, hit: dict[str, str] | None, cached: bool) -> tuple[Any, bool]:
+    """``(hit, lost)`` for a resumed task whose real statistics came from the cache before (``cached``) or were
+    accumulated: accumulated ones go on from the restored states (a cache file written since is not used, as one
+    run would not); ``lost``: they came from a cache file that is gone, so the real side is recomputed at the end."""
+    if hit and not cached:
+        suite.drop_real_stats()
+        return None, False
+    return hit, cached and not hit
+
+
+def check_done_clips(batch: dict[str, Any], saved: list[dict[str, Any]], model_batches: Any) -> None:
+    """A batch done before a resume: its keys must be the saved run's (the clips go on in the same order); the
+    model's read at its own size (``model_batches``) moves on with it."""
+    keys = list(batch["key"])
+    if keys != [c["key"] for c in saved[:len(keys)]]:
+        raise ValueError("the data gives other clips than the stopped run read (it changed since): start over with "
+                         "--fresh, or write to another --out")
+    if model_batches is not None:
+        next(model_batches, None)
 
 
 def clip_ids(batch: dict[str, Any]) -> list[str]:
@@ -658,6 +702,9 @@ def export_inputs(args: argparse.Namespace, kind: str, files: list[str], n: int,
     return [export.finish() for export in exports]
 
 
+RESUMED_KEYS = ("tasks", "clip_list", "timestamped", "fps_effective", "notices")  # a stopped run's, kept
+
+
 def _main(argv: list[str] | None, prog: str = "evaluate.py") -> int:
     args = parse_args(argv, prog)
     weights = {} if args.export_inputs is not None else metric_weights(args)  # before the data and the model
@@ -700,10 +747,19 @@ def _main(argv: list[str] | None, prog: str = "evaluate.py") -> int:
         print(f"{args.prog}: note: {notice}", file=sys.stderr)
     report["notices"] = notices = ([capped] if capped else []) + notices
     out = Path(args.out) if args.out else default_out(args.data, report["data_path"], args.prog)
+    state = RunState(out, run_settings(args, report, files), args.save_every, args.prog)
+    earlier = state.begin(args.fresh)  # a stopped run of these settings: its finished tasks and notices go on
+    if earlier:
+        report.update({k: earlier[k] for k in RESUMED_KEYS if k in earlier})
+        notices = report["notices"]
     out.mkdir(parents=True, exist_ok=True)
+    state.save(report)
     write_report(out, report)  # partial until the end: a run that stops keeps every task it finished
     for task in args.tasks:
-        report["tasks"][task] = res = run_task(task, args, samplers, kind, files, n)
+        if task in report["tasks"]:  # finished before a resume
+            continue
+        report["tasks"][task] = res = run_task(task, args, samplers, kind, files, n,
+                                               checkpoint=state.task(task, n))
         clip_list = res.pop("clip_list")
         if "fps_effective" not in report:  # every task reads the same clips: once per run
             report["clip_list"] = clip_list  # to give another method the same inputs
@@ -714,6 +770,7 @@ def _main(argv: list[str] | None, prog: str = "evaluate.py") -> int:
             if note:
                 print(f"{args.prog}: warning: {note}", file=sys.stderr)
                 notices.append(note)
+        state.save(report)
         write_report(out, report)
     small = small_sample_note(report)
     if small:
@@ -721,6 +778,7 @@ def _main(argv: list[str] | None, prog: str = "evaluate.py") -> int:
         notices.append(small)
     report["status"] = "complete"
     write_report(out, report)
+    state.finish()
     print(markdown(report))
     print(f"wrote {out / 'report.md'} and {out / 'report.json'}")
     return 0

@@ -1,0 +1,144 @@
+"""``evaluate.py`` rerun into the same ``--out`` resumes a stopped run: finished tasks kept, the unfinished one goes
+on from its last save, and the report equals one uninterrupted run's (before, every rerun started from zero)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from torch import nn
+
+from mardini.data.testing import tiny_synthetic
+from mardini.evaluation import cli
+
+METHODS = 3  # linear_blend, nearest_frame, mardini: one check_finite call each per batch
+
+
+class VideoPool(nn.Module):
+    num_features = 12
+
+    def forward(self, x):  # (B, 3, T, 224, 224) -> (B, 12)
+        return nn.functional.adaptive_avg_pool3d(x, (1, 2, 2)).flatten(1)
+
+
+class FramePool(nn.Module):
+    num_features = 12
+
+    def forward(self, x):  # (N, 3, H, W) -> (N, 12)
+        return nn.functional.adaptive_avg_pool2d(x, (2, 2)).flatten(1)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from mardini.testing import make_checkpoint
+
+    root = tmp_path_factory.mktemp("resume")
+    shards = tiny_synthetic(root / "synth", train=2, val=6, frames=12, size=16) / "val"
+    ckpt = make_checkpoint(root / "joint.ckpt", "joint", frames=9, size=16)
+    return shards, ckpt
+
+
+@pytest.fixture
+def stand_in_networks(monkeypatch):
+    """FVD/FID on small stand-in networks, no weight files."""
+    run_task = cli.run_task
+    monkeypatch.setattr(cli, "metric_weights", lambda args: {})
+    monkeypatch.setattr(cli, "run_task", lambda *a, **k: run_task(*a, networks={"fvd": VideoPool(),
+                                                                                 "fid": FramePool()}, **k))
+
+
+def argv(shards, ckpt, out, *extra, cache: str = ""):
+    return ["--data", str(shards), "--tasks", "interpolation", "image_to_video", "--frames", "9", "--resolution",
+            "16", "--num-clips", "6", "--batch-size", "2", "--save-every", "2", "--metrics", "fvd", "fid", "midf",
+            "traj", "--checkpoint", str(ckpt), "--steps", "2", "--eta", "1", "--device", "cpu", "--cache-dir", cache,
+            "--out", str(out), *extra]
+
+
+def stop_at(monkeypatch, call: int) -> list[int]:
+    """Make the ``call``-th method output of the run raise (a preemption mid-batch); returns the call counter."""
+    check, calls = cli.check_finite, [0]
+
+    def counted(*a, **k):
+        calls[0] += 1
+        if calls[0] == call:
+            raise RuntimeError("preempted")
+        return check(*a, **k)
+
+    monkeypatch.setattr(cli, "check_finite", counted)
+    return calls
+
+
+def without_timings(report: dict) -> dict:
+    """The report less what a resume may change (sampling seconds: both runs' added; the machine's name) and the
+    command (its --out differs here)."""
+    tasks = {t: {k: v for k, v in res.items() if k != "seconds_per_clip"} for t, res in report["tasks"].items()}
+    return {**{k: v for k, v in report.items() if k not in ("device_name", "command")}, "tasks": tasks}
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["real-side-accumulated", "real-side-from-cache"])
+def test_a_rerun_resumes_the_stopped_task_and_reports_what_one_run_does(setup, tmp_path, monkeypatch, capsys,
+                                                                        stand_in_networks, cached):
+    shards, ckpt = setup
+    cache = str(tmp_path / "cache") if cached else ""
+    for _ in range(1 + cached):  # with a cache: the second run reads the real statistics the first one wrote
+        assert cli.main(argv(shards, ckpt, tmp_path / "one", cache=cache)) == 0
+    one = json.loads((tmp_path / "one" / "report.json").read_text())
+    assert one["tasks"]["image_to_video"]["real_stats_cache"] == ("hit" if cached else "computed")
+    out = tmp_path / "stopped"
+    with monkeypatch.context() as m:  # interpolation done (3 batches), image_to_video stopped inside its 3rd batch
+        stop_at(m, 3 * METHODS + 2 * METHODS + 2)
+        with pytest.raises(RuntimeError, match="preempted"):
+            cli.main(argv(shards, ckpt, out, cache=cache))
+    assert json.loads((out / "report.json").read_text())["status"] == "partial"
+    assert (out / "state" / "image_to_video.pt").is_file()
+    capsys.readouterr()
+    calls = stop_at(monkeypatch, -1)  # counts only
+    assert cli.main(argv(shards, ckpt, out, cache=cache)) == 0
+    err = capsys.readouterr().err
+    assert f"resuming the evaluation in {out}: interpolation finished, kept" in err
+    assert f"resuming image_to_video at clip 4 of 6 from {out / 'state' / 'image_to_video.pt'}" in err
+    assert calls[0] == METHODS  # only the last batch of image_to_video was sampled again
+    resumed = json.loads((out / "report.json").read_text())
+    assert resumed["status"] == "complete" and not (out / "state").exists()
+    assert without_timings(resumed) == without_timings(one)  # FVD, FID, MidF, traj, clip_list: to the last digit
+    assert set(resumed["tasks"]["image_to_video"]["seconds_per_clip"]) == {"linear_blend", "nearest_frame", "mardini"}
+
+
+def test_a_rerun_with_other_settings_is_refused_until_fresh(setup, tmp_path, monkeypatch, capsys, stand_in_networks):
+    shards, ckpt = setup
+    out = tmp_path / "stopped"
+    with monkeypatch.context() as m:  # stopped in the first task's 2nd batch, its first saved
+        stop_at(m, METHODS + 1)
+        with pytest.raises(RuntimeError, match="preempted"):
+            cli.main(argv(shards, ckpt, out))
+    capsys.readouterr()
+    assert cli.main(argv(shards, ckpt, out, "--seed", "1", "--steps", "1")) == 2
+    err = capsys.readouterr().err
+    assert f"{out} holds a stopped evaluation of other settings (seed 0 -> 1; steps 2 -> 1)" in err
+    assert "another --out" in err and "--fresh" in err
+    assert (out / "state" / "interpolation.pt").is_file()  # nothing of the stopped run was touched
+    assert cli.main(argv(shards, ckpt, out, "--seed", "1", "--steps", "1", "--fresh")) == 0
+    assert "resuming" not in capsys.readouterr().err
+    assert json.loads((out / "report.json").read_text())["seed"] == 1
+
+
+def test_a_partial_report_without_resume_state_is_refused_and_a_complete_one_rerun(setup, tmp_path, capsys):
+    shards, _ = setup
+    out = tmp_path / "r"
+    run = ["--data", str(shards), "--tasks", "interpolation", "--resolution", "16", "--num-clips", "2",
+           "--metrics", "midf", "--cache-dir", "", "--out", str(out)]
+    assert cli.main(run) == 0
+    assert "evaluating again" not in capsys.readouterr().err
+    assert cli.main(run) == 0  # complete: evaluated again, as before
+    assert f"{out} holds a complete report; evaluating again" in capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    (out / "report.json").write_text(json.dumps({**report, "status": "partial"}))  # an older evaluate.py's
+    assert cli.main(run) == 2
+    assert "partial report without the state to resume it" in capsys.readouterr().err
+    assert cli.main([*run, "--fresh"]) == 0
+
+
+def test_save_every_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--data", "synthetic", "--save-every", "0"])
+    assert "--save-every 0 is impossible" in capsys.readouterr().err
