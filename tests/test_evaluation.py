@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from mardini.data.synthetic import render_clip
 from mardini.data.transforms import resize_video
@@ -13,31 +12,7 @@ from mardini.evaluation import EvalProtocol, EvalSuite, LinearBlend, NearestFram
 from mardini.evaluation.samplers import make_sampler
 from mardini.evaluation.trajectory import object_colours
 from mardini.masking import image_to_video_mask, interpolation_mask, mask_from_given, nearest_given, neighbour_given
-
-
-# ------------------------------------------------------------------------------------------------
-# Stand-in feature networks (the pretrained ones need weights files; see test_metrics_slow.py)
-# ------------------------------------------------------------------------------------------------
-class VideoPool(nn.Module):
-    """(B, 3, T, 224, 224) -> (B, 12)."""
-
-    num_features = 12
-
-    def forward(self, x):
-        return nn.functional.adaptive_avg_pool3d(x, (1, 2, 2)).flatten(1)  # (B, 12)
-
-
-class FramePool(nn.Module):
-    """(N, 3, H, W) -> (N, 12)."""
-
-    num_features = 12
-
-    def forward(self, x):
-        return nn.functional.adaptive_avg_pool2d(x, (2, 2)).flatten(1)  # (N, 12)
-
-
-def stand_ins() -> dict[str, nn.Module]:
-    return {"fvd": VideoPool(), "fid": FramePool()}
+from mardini.metrics.stand_ins import FramePool, VideoPool, stand_ins  # the pretrained ones: test_metrics_slow.py
 
 
 def synthetic_batch(n: int, frames: int = 9, size: int = 32, seed0: int = 100):

@@ -13,22 +13,9 @@ from torch import nn
 from mardini.data.datamodule import VideoDataModule
 from mardini.data.testing import tiny_synthetic
 from mardini.evaluation import EvalProtocol, EvalSuite, ImageToVideoEval, InterpolationEval, LinearBlend
+from mardini.metrics.stand_ins import FramePool, VideoPool
 
 FRAMES, SIZE, CLIPS = 9, 16, 8
-
-
-class VideoPool(nn.Module):
-    num_features = 12
-
-    def forward(self, x):  # (B, 3, T, 224, 224) -> (B, 12)
-        return nn.functional.adaptive_avg_pool3d(x, (1, 2, 2)).flatten(1)
-
-
-class FramePool(nn.Module):
-    num_features = 12
-
-    def forward(self, x):  # (N, 3, H, W) -> (N, 12)
-        return nn.functional.adaptive_avg_pool2d(x, (2, 2)).flatten(1)
 
 
 class TinyModule(L.LightningModule):

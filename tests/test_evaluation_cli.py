@@ -7,26 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from torch import nn
 
 from mardini.data.testing import moving_frames, tiny_synthetic, write_video
 from mardini.evaluation import cli
 from mardini.evaluation.data import iter_batches, resolve_source
+from mardini.metrics.stand_ins import FramePool, VideoPool
 from mardini.strict_json import loads_strict
-
-
-class VideoPool(nn.Module):
-    num_features = 12
-
-    def forward(self, x):  # (B, 3, T, 224, 224) -> (B, 12)
-        return nn.functional.adaptive_avg_pool3d(x, (1, 2, 2)).flatten(1)
-
-
-class FramePool(nn.Module):
-    num_features = 12
-
-    def forward(self, x):  # (N, 3, H, W) -> (N, 12)
-        return nn.functional.adaptive_avg_pool2d(x, (2, 2)).flatten(1)
 
 
 @pytest.fixture(scope="module")

@@ -6,26 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from torch import nn
 
 from mardini.data.testing import tiny_synthetic
 from mardini.evaluation import cli
+from mardini.metrics.stand_ins import FramePool, VideoPool
 
 METHODS = 3  # linear_blend, nearest_frame, mardini: one check_finite call each per batch
-
-
-class VideoPool(nn.Module):
-    num_features = 12
-
-    def forward(self, x):  # (B, 3, T, 224, 224) -> (B, 12)
-        return nn.functional.adaptive_avg_pool3d(x, (1, 2, 2)).flatten(1)
-
-
-class FramePool(nn.Module):
-    num_features = 12
-
-    def forward(self, x):  # (N, 3, H, W) -> (N, 12)
-        return nn.functional.adaptive_avg_pool2d(x, (2, 2)).flatten(1)
 
 
 @pytest.fixture(scope="module")
