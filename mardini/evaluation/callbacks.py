@@ -2,10 +2,10 @@
 
 During validation (every ``every_n_epochs`` epochs, not in the sanity check) each rank takes its first clips of
 the validation loader (``num_clips`` in all, split over the ranks; never the clips a ``DistributedSampler`` repeats to
-pad the ranks' shares of a map-style set, :func:`own_clips`), samples the task's frames with fixed seeds (one
-per clip, by its identity, :func:`identity_seeds`, so a clip's noise does not depend on the world size; the model at
-the data's size, its outputs resized to the protocol's ``resolution``), and updates the metrics; at the end of the
-epoch every
+pad the ranks' shares of a map-style set, :attr:`~mardini.lit.clip_draws.ValidationOrder.distinct`), samples the
+task's frames with fixed seeds (one per clip, by its identity, :func:`identity_seeds`, so a clip's noise does not
+depend on the world size; the model at the data's size, its outputs resized to the protocol's ``resolution``), and
+updates the metrics; at the end of the epoch every
 rank computes (torchmetrics syncs the states) and the results are logged as ``eval/<task>/<name>``. Under FSDP,
 whose forwards gather parameters from every rank, the ranks sample together: while any rank still needs clips, a
 rank past its share samples one clip of its batch and drops it (the ranks must see as many validation batches).
@@ -101,7 +101,7 @@ class _TaskEval(L.Callback):
         self._active = False
         self._sampler: Sampler | None = None
         self._seen = 0
-        self._own: int | None = None  # this rank's clips in its validation pass, padding left out (own_clips)
+        self._own: int | None = None  # this rank's clips in its pass, padding left out (ValidationOrder.distinct)
         self._order: ValidationOrder | None = None  # this rank's validation loader order, where it can be read
         self._warned_positional = False
         self._keys: list[str] = []
@@ -266,15 +266,6 @@ def val_loader(trainer: L.Trainer) -> Any:
     if isinstance(loaders, (list, tuple)):
         loaders = loaders[0] if loaders else None
     return loaders
-
-
-def own_clips(trainer: L.Trainer) -> int | None:
-    """How many clips of this rank's validation pass are its own: where the world size does not divide a map-style
-    set, Lightning's ``DistributedSampler`` pads the ranks' shares by repeating clips at their ends, which would be
-    scored twice (:attr:`~mardini.lit.clip_draws.ValidationOrder.distinct`). None where the loader's order cannot be
-    read (``VideoDataModule``'s stream, which gives each clip to exactly one rank and pads nothing): no limit."""
-    order = validation_order(val_loader(trainer))
-    return None if order is None else order.distinct
 
 
 def key_seed(seed: int, key: Any) -> int:
