@@ -49,6 +49,14 @@ ATTRIBUTES = [
     ("lightning.pytorch.cli.LightningCLI._parse_ckpt_path",
      "mardini/cli.py (MarDiniCLI overrides it with nothing: a checkpoint's hyper-parameters are not merged)"),
     ("lightning.pytorch.cli.LightningCLI._get", "mardini/cli.py (MarDiniCLI.instantiate_trainer and others)"),
+    ("lightning.pytorch.trainer.trainer.Trainer._fit_impl",
+     "mardini/cli.py, cli_failed_fit.py (SpawnedFit replaces it on the trainer under ddp_spawn and calls it)"),
+    ("lightning.pytorch.trainer.trainer.Trainer._teardown",
+     "mardini/cli_failed_fit.py (SpawnedFit: a ddp_spawn worker's teardown before its clean-up)"),
+    ("lightning.pytorch.trainer.call._interrupt",
+     "mardini/cli_failed_fit.py (SpawnedFit: the on_exception hooks of a ddp_spawn worker's failed fit)"),
+    ("lightning.pytorch.strategies.launchers.multiprocessing._MultiProcessingLauncher",
+     "mardini/cli.py (MarDiniCLI.fit: whether the fit is spawned; wait_for_workers joins its procs)"),
     ("torch._foreach_mul_", "mardini/lit/loss_reduction.py (the element-reduction gradient rescale)"),
     ("torch._foreach_copy_", "mardini/lit/ema_weights.py (the EMA weights swapped in and out)"),
     ("torch._foreach_lerp_", "mardini/lit/fsdp.py (the sharded EMA update, timm ModelEmaV3's arithmetic)"),
@@ -344,7 +352,6 @@ def test_lightning_cli_builds_its_parsers_through_the_methods_mardini_cli_overri
         f"ckpt_path 'last') and _parse_ckpt_path (no hyper-parameters merged from a checkpoint); {FIX}")
 
 
-
 def test_an_option_s_help_is_edited_in_argparse_s_actions_of_lightning_s_subcommand_parser():
     """mardini/cli_parser.py (set_help: describe_resume_options, describe_seed_option) gives options Lightning adds
     the help of what they do here by editing ``action.help`` in argparse's private ``parser._actions`` of each
@@ -376,6 +383,7 @@ def test_an_option_s_help_is_edited_in_argparse_s_actions_of_lightning_s_subcomm
         assert "the help given here" in parser.format_help(), (
             f"an edited action.help in {subcommand}'s parser._actions is not what --help prints: "
             f"mardini/cli_parser.py (set_help) relies on it; {FIX}")
+
 
 def test_torch_foreach_ops_do_the_arithmetic_we_assume():
     """mardini/lit/loss_reduction.py, ema_weights.py and fsdp.py: ``_foreach_mul_`` by a 0-dim tensor,
