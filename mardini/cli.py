@@ -13,11 +13,12 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mardini.cli_failed_fit import SpawnedFit, clean_up_failed_fit, interrupted, wait_for_workers
-from mardini.cli_loggers import MOVED_CHECKPOINT_FOLDER_WARNING, fit_logger, validation_logger
+from mardini.cli_loggers import (MOVED_CHECKPOINT_FOLDER_WARNING, drop_empty_validation_runs, fit_logger,
+                                 validation_logger)
 from mardini.cli_parser import (BATCH_LIMITS, CLI_ERRORS, ShortErrorParser, describe_resume_options,
                                 describe_seed_option, library_error)
 from mardini.cli_resume import (is_registry_path, deleted_by_fit_hint, resume_checkpoint, resumed_file, resumed_step,
@@ -242,7 +243,7 @@ class MarDiniCLI(LightningCLI):
         except BaseException:
             for lock in locks:
                 lock.release()
-            self._drop_empty_validation_runs()
+            drop_empty_validation_runs(self.trainer.loggers if self.trainer.is_global_zero else ())
             raise
         finally:
             for lock in locks:
@@ -254,16 +255,6 @@ class MarDiniCLI(LightningCLI):
         loggers = self.trainer.loggers if self.trainer.is_global_zero else []
         folders = [local_path(logger.log_dir) for logger in loggers if getattr(logger, "log_dir", None)]
         return [Path(f) for f in folders if f is not None and Path(f).parent.name == VALIDATION_FOLDER]
-
-    def _drop_empty_validation_runs(self) -> None:
-        """Remove the loggers' local folders a failed validate left empty: its ``validate/version_N``, and
-        ``validate/`` where that was all it held."""
-        for logger in self.trainer.loggers if self.trainer.is_global_zero else ():
-            folder = local_path(logger.log_dir) if getattr(logger, "log_dir", None) else None
-            for empty in (Path(folder), Path(folder).parent) if folder is not None else ():
-                if not empty.is_dir() or any(empty.iterdir()):
-                    break
-                empty.rmdir()
 
     def _read_scored(self, ckpt_path, weights_only: bool | None):
         """The checkpoint file ``validate`` scores, read now and handed to Lightning's restore as read
@@ -346,7 +337,13 @@ class MarDiniCLI(LightningCLI):
             kwargs["logger"] = rebuild(loggers, entries)
         if self._root_dir is not None:
             kwargs["default_root_dir"] = self._root_dir
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except BaseException:  # a setting the Trainer refuses: the validate/version_N just made is left empty
+            if self.subcommand == "validate" and getattr(rank_zero_only, "rank", 0) == 0:
+                given = kwargs["logger"]
+                drop_empty_validation_runs(given if isinstance(given, (list, tuple)) else [given])
+            raise
         if type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # atomic local saves unless the user chose one
         return trainer

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from pathlib import Path
 
 from fsspec.core import url_to_fs
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -51,6 +52,17 @@ def new_validation_run(folder: str) -> str:
         except FileExistsError:
             continue
         return f"version_{n}"
+
+
+def drop_empty_validation_runs(loggers) -> None:
+    """Remove the local folders of ``loggers`` that a validate which failed left empty: its ``validate/version_N``
+    (:func:`new_validation_run` creates it as the logger is built), and ``validate/`` where that was all it held."""
+    for logger in loggers:
+        folder = local_path(logger.log_dir) if getattr(logger, "log_dir", None) else None
+        for empty in (Path(folder), Path(folder).parent) if folder is not None else ():
+            if not empty.is_dir() or any(empty.iterdir()):
+                break
+            empty.rmdir()
 
 
 def fit_logger(logger, entry, step: int | None = None):

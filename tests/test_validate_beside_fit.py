@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from fsspec.implementations.local import LocalFileSystem
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from mardini import cli, cli_resume
 from mardini.cli import main, resume_checkpoint
@@ -105,6 +106,16 @@ def test_a_step_checkpoint_named_by_ckpt_path_and_gone_says_the_fit_deletes_them
                                                 r"preemption checkpoints .* copy the checkpoint elsewhere"):
         main(["validate", "--config", str(_config(tmp_path)), *QUIET, ONE_BATCH, f"--ckpt_path={gone}"])
     assert not (tmp_path / "stage" / "validate").exists()  # the failed validate's empty folder is removed
+
+
+def test_a_validate_whose_trainer_settings_lightning_refuses_leaves_no_empty_run_folder(workdir, tmp_path, monkeypatch):
+    """The logger makes ``validate/version_N`` as it is built, before the Trainer; a Trainer that refuses its
+    settings (``max_epochs -3``) left it empty, and the next validate logged in ``version_1``."""
+    monkeypatch.chdir(workdir)
+    args = ["validate", "--config", str(_config(tmp_path)), *QUIET, ONE_BATCH, "--ckpt_path=null"]
+    with pytest.raises(MisconfigurationException, match="max_epochs"):
+        main([*args, "--trainer.max_epochs=-3"])
+    assert not (tmp_path / "stage" / "validate").exists()
 
 
 def test_the_newest_checkpoint_is_found_among_those_left_when_one_goes_while_they_are_read(tmp_path, monkeypatch):
