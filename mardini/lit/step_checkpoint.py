@@ -250,9 +250,9 @@ def put_back_earlier_run(fs, aside: str, folder: str, logs: dict[str, tuple[int,
                          ended: str = "failed") -> None:
     """Undo :func:`set_aside_earlier_run` after a new run that failed (or ``ended`` otherwise: "was interrupted")
     without saving a checkpoint: delete the records that run wrote in the log folder (``folder``'s parent; ``LOGS``
-    files that were not there before, ``logs``, and those the earlier run's are coming back over), move every file of ``aside`` back where it was (checkpoints to
-    ``folder``, records to the log folder; validate runs beside those in ``validate/``: :func:`put_back_validates`),
-    remove ``aside``, and say so."""
+    files that were not there before, ``logs``, and those the earlier run's are coming back over), move every file of
+    ``aside`` back where it was (checkpoints to ``folder``, records to the log folder; validate runs beside those in
+    ``validate/``: :func:`put_back_validates`), remove ``aside``, and say so."""
     log_dir = os.path.dirname(os.path.normpath(folder))
     back = [os.path.basename(p) for p in fs.ls(aside, detail=False)]
     records = {os.path.basename(p): p for p in (logs or {})}  # the earlier run's, by name
