@@ -21,7 +21,7 @@ from mardini.cli_loggers import (MOVED_CHECKPOINT_FOLDER_WARNING, drop_empty_val
                                  validation_logger)
 from mardini.cli_parser import (BATCH_LIMITS, CLI_ERRORS, ShortErrorParser, describe_resume_options,
                                 describe_seed_option, library_error)
-from mardini.cli_resume import (is_registry_path, deleted_by_fit_hint, resume_checkpoint, resumed_file, resumed_step,
+from mardini.cli_resume import (deleted_by_fit_hint, is_registry_path, resume_checkpoint, resumed_file, resumed_step,
                                 scored_checkpoint)
 from mardini.cli_saved_config import KEEP_NONE, KeepEarlierConfig
 from mardini.cli_settings import (check_run_settings, checkpoint_dir, expand_logger_folder, new_folder_each_run,

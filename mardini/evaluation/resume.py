@@ -98,13 +98,11 @@ def metric_modules(metric: Any) -> dict[str, Metric]:
 
 def suite_state(suite: EvalSuite) -> dict[str, Any]:
     """The suite's metric states ``{metric key: {module: {state: tensor}}}`` on the CPU, and the Fréchet metrics'
-    frame selections seen (``_frames``: what ``check_frames`` compares)."""
+    frame selections seen (``frames_seen``: what ``check_frames`` compares)."""
     states = {key: {name: {s: v.detach().cpu().clone() for s, v in m.metric_state.items()}
                     for name, m in metric_modules(metric).items()}
               for key, metric in suite.metrics.items()}
-    frames = {key: {side: [list(f) if isinstance(f, tuple) else f for f in seen]
-                    for side, seen in (m._frames or {}).items()}
-              for key, m in suite.frechet.items()}
+    frames = {key: m.frames_seen() for key, m in suite.frechet.items()}
     return {"states": states, "frames": frames}
 
 
@@ -119,8 +117,7 @@ def restore_suite(suite: EvalSuite, saved: dict[str, Any]) -> None:
             for state, value in held[name].items():
                 setattr(m, state, value.to(getattr(m, state).device))
     for key, m in suite.frechet.items():
-        seen = saved["frames"].get(key) or {}
-        m._frames = {side: {tuple(f) if isinstance(f, list) else f for f in fs} for side, fs in seen.items()} or None
+        m.restore_frames_seen(saved["frames"].get(key) or {})
 
 
 class TaskCheckpoint:

@@ -85,6 +85,16 @@ class FrechetStatsMixin:
             self._frames = {"real": set(), "fake": set()}
         self._frames["real" if real else "fake"].add(selection)
 
+    def frames_seen(self) -> dict[str, list]:
+        """The frame selections seen since the last reset, ``{"real": [...], "fake": [...]}`` (mask rows as lists):
+        what :meth:`check_frames` compares, for a run that saves its progress (``evaluate.py``'s resume)."""
+        return {side: [list(f) if isinstance(f, tuple) else f for f in seen]
+                for side, seen in (self._frames or {}).items()}
+
+    def restore_frames_seen(self, seen: dict[str, list]) -> None:
+        """Put :meth:`frames_seen`'s record back."""
+        self._frames = {side: {tuple(f) if isinstance(f, list) else f for f in fs} for side, fs in seen.items()} or None
+
     def _real_frames(self) -> list:
         if self._real_ref is not None:
             return list(self._real_ref.get("frames") or [])
