@@ -69,7 +69,7 @@ def test_clear_errors():
         gen(z, t, None, MASK, self_cond=z[:, :2])
     with pytest.raises(ValueError, match="needs the schedule"):
         make_denoise_fn(gen, None, MASK)
-    with pytest.raises(ValueError, match="self_cond must be true or false"):
+    with pytest.raises(ValueError, match="self_cond=.yes. must be true or false"):
         build_generator("tiny", self_cond="yes")
 
 
