@@ -55,6 +55,7 @@ def _worker(rank: int, world: int, rendezvous: str, out: str) -> None:
         clips = _clips()
         batches = [{"video": clips[i : i + 1], "key": [f"clip{i}"]} for i in (rank, rank + world)]
         torch.save(_evaluate(module, trainer, batches), f"{out}.{rank}")
+        dist.barrier()  # neither rank tears its gloo group down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
