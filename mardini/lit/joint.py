@@ -84,8 +84,9 @@ class MarDiniModule(GenerationModule):
                 f"model.train_only={patterns!r}: {what}; names look like "
                 f"{names[0]!r}, {names[-1]!r} (fnmatch patterns, e.g. 'planner.*', 'generator.blocks.*.cross.*')"
             )
+        trained = set(self.trained_parameters(patterns))
         for name, param in self.networks.named_parameters():
-            param.requires_grad_(any(fnmatch.fnmatchcase(name, pat) for pat in patterns))
+            param.requires_grad_(name in trained)
 
     def trained_parameters(self, patterns: list[str] | None) -> list[str]:
         """The network parameters that ``train_only=patterns`` trains (None: all), by name."""
