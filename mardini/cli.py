@@ -27,15 +27,14 @@ from mardini.cli_saved_config import KEEP_NONE, KeepEarlierConfig
 from mardini.cli_settings import (check_run_settings, checkpoint_dir, expand_logger_folder, new_folder_each_run,
                                   no_logger, take_seed_everything)
 from mardini.lit.base import MarDiniBase
-from mardini.lit.checkpoint_io import AtomicCheckpointIO, local_path
+from mardini.lit.checkpoint_io import AtomicCheckpointIO
 from mardini.lit.checkpoints import RESUMING, directory_message
 from mardini.lit.lr_monitor import LatestLearningRateMonitor
 from mardini.lit.preemption import TERMINATED, PreemptionSave
 from mardini.lit.resumed_logs import ResumedLogs
 from mardini.lit.run_lock import RunLock
-from mardini.lit.step_checkpoint import (PREEMPTION, VALIDATION_FOLDER, FitStarted, StepCheckpoint,
-                                         drop_empty_log_folders, earlier_logs, log_folders, preemption_checkpoints,
-                                         validate_lock)
+from mardini.lit.step_checkpoint import (PREEMPTION, FitStarted, StepCheckpoint,
+                                         drop_empty_log_folders, earlier_logs, log_folders, preemption_checkpoints)
 from mardini.run_info import command_line
 
 # what `from mardini.cli import ...` keeps offering (train.py, the demo, the tests), wherever it is defined
@@ -220,8 +219,9 @@ class MarDiniCLI(LightningCLI):
         is what one wants, and it writes nowhere the fit writes (its logger logs in a folder of its own,
         ``validate/version_N``: :func:`validation_logger`; ``validate.yaml`` goes there; the checkpoint callbacks save
         nothing), so two at once do not mix their records either, and one that fails before writing anything there
-        removes it. It holds ``validate/version_N.lock`` meanwhile: a new fit of the folder (``--ckpt_path null``)
-        sets the earlier run's validate runs aside but this one (``set_aside_finished_validates``). It reads
+        removes it. It holds ``validate/version_N.lock`` from the folder's creation (:func:`new_validation_run`, as
+        the logger is built) to its end: a new fit of the folder (``--ckpt_path null``) sets the earlier run's validate
+        runs aside but this one (``set_aside_finished_validates``). It reads
         checkpoints the fit replaces atomically (``AtomicCheckpointIO``), and the one it scores as it starts
         (:meth:`_read_scored`: the fit deletes its older ones)."""
         if self._resume_from is not None:
@@ -229,9 +229,9 @@ class MarDiniCLI(LightningCLI):
         elif kwargs.get("ckpt_path") is None:
             rank_zero_info("validate scores the weights the stage starts from (--ckpt_path null): its init_from, "
                            "planner_ckpt / generator_ckpt, else freshly initialised ones")
-        # its folder in use: a new fit of the stage folder (--ckpt_path null) sets the earlier run's validate runs
-        # aside but this one (StepCheckpoint: set_aside_finished_validates)
-        locks = [RunLock([run.parent], validate_lock(run).name).acquire() for run in self._validation_runs()]
+        # its folder in use since its logger was built (validation_logger): a new fit of the stage folder
+        # (--ckpt_path null) sets the earlier run's validate runs aside but this one (set_aside_finished_validates)
+        locks = self._validation_locks
         try:
             kwargs["ckpt_path"] = self._read_scored(kwargs.get("ckpt_path"), kwargs.get("weights_only"))
             self._note_scored(kwargs["ckpt_path"])
@@ -248,13 +248,6 @@ class MarDiniCLI(LightningCLI):
         finally:
             for lock in locks:
                 lock.release()
-
-    def _validation_runs(self) -> list[Path]:
-        """The local folders of this validate's own in a stage folder's ``validate/`` (:func:`validation_logger`), on
-        global rank 0 (the one that logs)."""
-        loggers = self.trainer.loggers if self.trainer.is_global_zero else []
-        folders = [local_path(logger.log_dir) for logger in loggers if getattr(logger, "log_dir", None)]
-        return [Path(f) for f in folders if f is not None and Path(f).parent.name == VALIDATION_FOLDER]
 
     def _read_scored(self, ckpt_path, weights_only: bool | None):
         """The checkpoint file ``validate`` scores, read now and handed to Lightning's restore as read
@@ -328,7 +321,9 @@ class MarDiniCLI(LightningCLI):
         # the fit's folder keeps its records: validate logs in validate/version_N of it; a fit continues its
         # metrics.csv, and a resumed one hides from TensorBoard the steps a run given up logged after the checkpoint
         step = resumed_step(resume) if self.subcommand == "fit" else None
-        rebuild = validation_logger if self.subcommand == "validate" else functools.partial(fit_logger, step=step)
+        self._validation_locks = []  # those of the validate/version_N folders made next (released by validate)
+        rebuild = (functools.partial(validation_logger, locks=self._validation_locks) if self.subcommand == "validate"
+                   else functools.partial(fit_logger, step=step))
         loggers = (self._get(self.config_init, "trainer", default={}) or {}).get("logger")
         entries = (self._get(self.config, "trainer", default={}) or {}).get("logger")
         if isinstance(loggers, (list, tuple)):
@@ -341,6 +336,8 @@ class MarDiniCLI(LightningCLI):
             trainer = super().instantiate_trainer(**kwargs)
         except BaseException:  # a setting the Trainer refuses: the validate/version_N just made is left empty
             if self.subcommand == "validate" and getattr(rank_zero_only, "rank", 0) == 0:
+                for lock in self._validation_locks:
+                    lock.release()
                 given = kwargs["logger"]
                 drop_empty_validation_runs(given if isinstance(given, (list, tuple)) else [given])
             raise

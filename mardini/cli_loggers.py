@@ -13,45 +13,69 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from mardini.lit.checkpoint_io import local_path
 from mardini.lit.resumed_logs import ContinuedCSVLogger
-from mardini.lit.step_checkpoint import VALIDATION_FOLDER
+from mardini.lit.run_lock import RunLock
+from mardini.lit.step_checkpoint import VALIDATION_FOLDER, validate_lock
 
 
-def validation_logger(logger, entry):
+def validation_logger(logger, entry, locks: list | None = None):
     """The logger a ``validate`` run logs to, for the configured ``logger`` built from the config ``entry``
     (``class_path``/``init_args``): a TensorBoard or CSV logger of fixed version (the stage's folder
     ``<save_dir>/<name>/<version>``, whose event files, ``hparams.yaml`` and ``metrics.csv`` are the fit's) is
     rebuilt to log in a folder of its own in that folder's ``validate/``, ``validate/version_N``
-    (:func:`new_validation_run`; ``validate.yaml`` goes there too); any other is kept (it logs each run in a new
-    ``version_N`` folder, or in no folder). Before, a validate added its event file to the fit's, and a CSV logger
-    replaced the fit's ``metrics.csv`` and ``hparams.yaml``; later, every validate logged in ``validate/`` itself,
-    where two at once mixed their records (the one's ``validate.yaml`` beside the other's ``hparams.yaml``, and
-    TensorBoard showed both runs' ``val/loss`` at step 0 of one run)."""
+    (:func:`new_validation_run`, whose lock is appended to ``locks``, for the caller to release when the validate
+    ends; ``validate.yaml`` goes there too); any other is kept (it logs each run in a new ``version_N`` folder, or in
+    no folder). Before, a validate added its event file to the fit's, and a CSV logger replaced the fit's
+    ``metrics.csv`` and ``hparams.yaml``; later, every validate logged in ``validate/`` itself, where two at once
+    mixed their records (the one's ``validate.yaml`` beside the other's ``hparams.yaml``, and TensorBoard showed both
+    runs' ``val/loss`` at step 0 of one run)."""
     args = entry.get("init_args") if hasattr(entry, "get") else None
     if (not isinstance(logger, (TensorBoardLogger, CSVLogger)) or args is None or not args.get("save_dir")
             or args.get("version") is None):
         return logger
     version = args["version"] if isinstance(args["version"], str) else f"version_{args['version']}"
-    run = new_validation_run(os.path.join(logger.root_dir, version, VALIDATION_FOLDER))
+    run, lock = new_validation_run(os.path.join(logger.root_dir, version, VALIDATION_FOLDER))
+    if lock is not None and locks is not None:
+        locks.append(lock)
     given = {**args.as_dict(), **dict(entry.get("dict_kwargs") or {})}  # dict_kwargs: TensorBoard's SummaryWriter's
     return type(logger)(**{**given, "version": os.path.join(version, VALIDATION_FOLDER, run)})
 
 
-def new_validation_run(folder: str) -> str:
-    """The name (``version_N``) of a new validate run's folder in the stage's ``validate/`` ``folder``: on global rank
-    0, the first N from 0 whose folder it creates itself (``os.mkdir`` fails where another validate did first, so two
-    starting at once get two); on another rank (which logs nothing: Lightning broadcasts rank 0's folder) and for a
-    remote folder, the first N free."""
+def new_validation_run(folder: str) -> tuple[str, RunLock | None]:
+    """The name (``version_N``) of a new validate run's folder in the stage's ``validate/`` ``folder``, and the lock
+    this validate holds on it (``validate/version_N.lock``: :func:`~mardini.lit.step_checkpoint.validate_lock`). On
+    global rank 0 the first N from 0 whose lock it creates (``O_EXCL``: a lock there, live or a dead validate's, is
+    another run's) and then whose folder it creates (``os.mkdir``: a folder there without a lock is a finished run's),
+    the lock first, so that a new fit setting the finished validates aside sees the run as running from the moment
+    its name is claimed (before, the folder came first and the lock only as the validate started: a fit in between
+    moved the empty folder to ``earlier.N/validate/``). On another rank (which logs nothing: Lightning broadcasts
+    rank 0's folder) and for a remote folder, the first N free, and no lock."""
     local = local_path(folder)
     if local is None or getattr(rank_zero_only, "rank", 0) != 0:
         fs, path = url_to_fs(folder)
-        return next(name for n in itertools.count() if not fs.exists(os.path.join(path, name := f"version_{n}")))
-    os.makedirs(local, exist_ok=True)
-    for n in itertools.count():
+        return next(name for n in itertools.count() if not fs.exists(os.path.join(path, name := f"version_{n}"))), None
+    while True:
+        os.makedirs(local, exist_ok=True)
         try:
-            os.mkdir(os.path.join(local, f"version_{n}"))
-        except FileExistsError:
+            return next(claimed for n in itertools.count() if (claimed := _claim_run(local, f"version_{n}")))
+        except FileNotFoundError:  # a new fit removed validate/ as it set the finished runs aside: make it again
             continue
-        return f"version_{n}"
+
+
+def _claim_run(folder: str, name: str) -> tuple[str, RunLock] | None:
+    """``(name, its lock)`` where this validate took the lock of ``folder/name`` and then created the folder; None
+    where either was there."""
+    run = os.path.join(folder, name)
+    lock = RunLock([folder], validate_lock(run).name)
+    if not lock.claim():
+        return None
+    try:
+        os.mkdir(run)
+    except BaseException as e:
+        lock.release()
+        if isinstance(e, FileExistsError):
+            return None
+        raise
+    return name, lock
 
 
 def drop_empty_validation_runs(loggers) -> None:

@@ -4,8 +4,10 @@ each validate logs in a folder of its own."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -18,9 +20,11 @@ from mardini import cli, cli_resume
 from mardini.cli import main, resume_checkpoint
 from mardini.data.datamodule import VideoDataModule
 from mardini.data.testing import tiny_synthetic
+from mardini.lit import run_lock
 from mardini.lit.run_lock import RunLock, held
+from mardini.cli_loggers import new_validation_run
 from mardini.lit.step_checkpoint import earlier_logs, put_back_earlier_run, set_aside_earlier_run, validate_lock
-from test_run_lock import QUIET, _config
+from test_run_lock import QUIET, _config, _dead_pid
 
 ONE_BATCH = "--trainer.limit_val_batches=1"
 
@@ -232,3 +236,59 @@ def test_validate_yaml_names_the_checkpoint_file_it_scored_and_its_step(trained,
     named = main(["validate", "--config", str(config), *QUIET, ONE_BATCH, f"--ckpt_path={relative}"])
     text = (Path(named.trainer.log_dir) / "validate.yaml").read_text()
     assert f"\n# scored: {folder / 'step00000002.ckpt'} (global step 2), the checkpoint file" in text
+
+
+def test_a_new_run_set_aside_between_the_validate_s_folder_and_its_start_leaves_the_validate_s_folder(
+        trained, workdir, tmp_path, monkeypatch):
+    """A new fit of the folder sets the earlier run aside after the validate made its validate/version_0 (as its
+    logger is built) and before it starts validating: the folder stays, held. Before, it was created unlocked and the
+    lock taken only in ``MarDiniCLI.validate``: the fit saw a finished run and moved the empty folder to
+    ``earlier.1/validate/version_0``, and the validate logged in a new one."""
+    folder, config = _stage(trained, workdir, tmp_path, monkeypatch)
+    stage, validate = folder.parent, cli.MarDiniCLI.validate
+
+    def a_fit_sets_aside_first(self, model, **kwargs):
+        set_aside_earlier_run(LocalFileSystem(), str(folder), earlier_logs(str(stage)))
+        return validate(self, model, **kwargs)
+
+    monkeypatch.setattr(cli.MarDiniCLI, "validate", a_fit_sets_aside_first)
+    run = main(["validate", "--config", str(config), *QUIET, ONE_BATCH, "--ckpt_path=null"])  # its checkpoints aside
+    assert run.trainer.log_dir == str(stage / "validate" / "version_0")
+    assert (stage / "validate" / "version_0" / "validate.yaml").is_file()
+    assert not (folder / "earlier.1" / "validate" / "version_0").exists()
+
+
+def test_a_run_claimed_and_not_made_yet_stays_where_it_is_with_its_lock(tmp_path):
+    """A new run looks at validate/ between a validate's lock and its folder (made next): the lock stays, so the
+    folder made after it is the validate's. Before, running validates were found by their folders, and the live
+    lock moved to ``earlier.1/validate/``."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    runs = _validate_runs(tmp_path, "version_0")
+    lock = RunLock([tmp_path / "validate"], validate_lock(tmp_path / "validate" / "version_1").name).acquire()
+    try:
+        aside = set_aside_earlier_run(LocalFileSystem(), str(folder), earlier_logs(str(tmp_path)))
+        assert _files(Path(aside) / "validate") == runs
+        assert sorted(os.listdir(tmp_path / "validate")) == ["version_1.lock"] and held(lock.paths[0])
+    finally:
+        lock.release()
+
+
+def test_a_dead_validate_s_lock_is_passed_over_not_taken_over(tmp_path, monkeypatch):
+    """validate/version_0.lock of a validate that died (its pid gone) and no folder: the next validate claims
+    version_1, leaving that lock and making no takeover claim or temp file (``fit.lock.takeover-*``,
+    ``fit.lock.*.tmp``) in validate/. Before, it made version_0 and took the lock over under ``fit.lock``-named
+    files, which a new fit setting the finished runs aside would move as a finished run's."""
+    dead = tmp_path / "validate" / "version_0.lock"
+    dead.parent.mkdir()
+    dead.write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "token": "dead"}))
+    made: list[str] = []
+    create = run_lock.create
+    monkeypatch.setattr(run_lock, "create", lambda path, record: made.append(path.name) or create(path, record))
+    name, lock = new_validation_run(str(tmp_path / "validate"))
+    try:
+        assert name == "version_1" and held(validate_lock(tmp_path / "validate" / name))
+        assert made == ["version_0.lock", "version_1.lock"] and dead.read_text().count("dead") == 1
+        assert sorted(os.listdir(tmp_path / "validate")) == ["version_0.lock", "version_1", "version_1.lock"]
+    finally:
+        lock.release()

@@ -62,10 +62,26 @@ class RunLock:
         except BaseException:
             self.release()
             raise
+        self._start_heartbeat()
+        return self
+
+    def claim(self) -> bool:
+        """Take every folder's lock only where no lock file is there, live or stale (no takeover): True once held,
+        False (none taken) where one is there. For a lock of a new name each run (a validate's ``version_N.lock``),
+        where another name is the way on rather than a dead holder's lock: no takeover claim or temp file is made."""
+        for path in self.paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not create(path, self.record):
+                self.release()
+                return False
+            self._held.append(path)
+        self._start_heartbeat()
+        return True
+
+    def _start_heartbeat(self) -> None:
         if self._held:
             self._beat = threading.Thread(target=self._heartbeat, name="mardini-fit-lock", daemon=True)
             self._beat.start()
-        return self
 
     def release(self) -> None:
         """Stop the heartbeat and delete the locks still ours (idempotent)."""

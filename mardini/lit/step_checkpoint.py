@@ -4,6 +4,7 @@ checkpoints it supersedes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -230,20 +231,29 @@ def validate_lock(run: str | Path) -> Path:
 
 def set_aside_finished_validates(fs, folder: str, dest: str) -> list[str]:
     """Move the validate runs in ``folder`` (the log folder's ``validate/``: ``version_N`` each) to ``dest``, but for
-    those a validate is still writing (:func:`validate_lock` held), which stay where they are with their locks; their
-    names. Before, ``validate/`` moved whole, and a validate writing there ended with ``FileNotFoundError: [Errno 2]
-    No such file or directory: '.../validate/version_1/metrics.csv'`` (its event file too), its score recorded
-    nowhere."""
-    running = sorted(name for name in os.listdir(folder) if held(validate_lock(os.path.join(folder, name))))
-    if not running:
-        fs.mv(folder, dest, recursive=True)
-        return []
-    fs.makedirs(dest, exist_ok=True)
+    those a validate holds (:func:`running_validates`), which stay where they are with their locks, and those made
+    after this looked (each moved by name, never ``folder`` whole); remove ``folder`` where that emptied it. The
+    names of the runs left. Before, ``validate/`` moved whole, and a validate writing there ended with
+    ``FileNotFoundError: [Errno 2] No such file or directory: '.../validate/version_1/metrics.csv'`` (its event file
+    too), its score recorded nowhere."""
+    names = os.listdir(folder)
+    running = running_validates(folder, names)
     staying = {*running, *(validate_lock(name).name for name in running)}
-    for path in fs.ls(folder, detail=False):
-        if os.path.basename(path) not in staying:
-            fs.mv(path, os.path.join(dest, os.path.basename(path)), recursive=True)
+    fs.makedirs(dest, exist_ok=True)
+    for name in sorted(set(names) - staying):
+        fs.mv(os.path.join(folder, name), os.path.join(dest, name), recursive=True)
+    if not running:
+        with contextlib.suppress(OSError):  # not empty: a validate claimed a run meanwhile
+            os.rmdir(folder)
     return running
+
+
+def running_validates(folder: str, names: list[str]) -> list[str]:
+    """The validate runs among ``names`` (the entries of ``validate/`` ``folder``) whose lock is held, found by their
+    lock files: a run's lock comes before its folder (``mardini.cli_loggers.new_validation_run``), so a run claimed
+    and not made yet is one."""
+    suffix = validate_lock("").name  # ".lock"
+    return sorted(name[:-len(suffix)] for name in names if name.endswith(suffix) and held(Path(folder) / name))
 
 
 def put_back_earlier_run(fs, aside: str, folder: str, logs: dict[str, tuple[int, int]] | None = None,
