@@ -292,3 +292,21 @@ def test_a_dead_validate_s_lock_is_passed_over_not_taken_over(tmp_path, monkeypa
         assert sorted(os.listdir(tmp_path / "validate")) == ["version_0.lock", "version_1", "version_1.lock"]
     finally:
         lock.release()
+
+
+def test_no_empty_validate_folder_is_left_in_earlier_n_when_only_a_running_validate_was_there(tmp_path):
+    """validate/ holds only a running validate's run: nothing of it moves, and ``earlier.1/`` gets no ``validate/``
+    (nor keeps one after the put-back). Before, an empty ``earlier.1/validate/`` was made and left there."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "last.ckpt").write_bytes(b"the earlier run's")
+    _validate_runs(tmp_path, "version_0")
+    lock = RunLock([tmp_path / "validate"], validate_lock(tmp_path / "validate" / "version_0").name).acquire()
+    logs, fs = earlier_logs(str(tmp_path)), LocalFileSystem()
+    try:
+        aside = set_aside_earlier_run(fs, str(folder), logs)
+        assert sorted(os.listdir(aside)) == ["last.ckpt"]
+        put_back_earlier_run(fs, aside, str(folder), logs)
+        assert not Path(aside).exists() and sorted(os.listdir(tmp_path / "validate")) == ["version_0", "version_0.lock"]
+    finally:
+        lock.release()

@@ -232,15 +232,17 @@ def validate_lock(run: str | Path) -> Path:
 def set_aside_finished_validates(fs, folder: str, dest: str) -> list[str]:
     """Move the validate runs in ``folder`` (the log folder's ``validate/``: ``version_N`` each) to ``dest``, but for
     those a validate holds (:func:`running_validates`), which stay where they are with their locks, and those made
-    after this looked (each moved by name, never ``folder`` whole); remove ``folder`` where that emptied it. The
-    names of the runs left. Before, ``validate/`` moved whole, and a validate writing there ended with
+    after this looked (each moved by name, never ``folder`` whole); ``dest`` is made only where a run moves, and
+    ``folder`` removed where that emptied it. The names of the runs left. Before, ``validate/`` moved whole, and a validate writing there ended with
     ``FileNotFoundError: [Errno 2] No such file or directory: '.../validate/version_1/metrics.csv'`` (its event file
     too), its score recorded nowhere."""
     names = os.listdir(folder)
     running = running_validates(folder, names)
     staying = {*running, *(validate_lock(name).name for name in running)}
-    fs.makedirs(dest, exist_ok=True)
-    for name in sorted(set(names) - staying):
+    moving = sorted(set(names) - staying)
+    if moving:  # no empty dest where all stay
+        fs.makedirs(dest, exist_ok=True)
+    for name in moving:
         fs.mv(os.path.join(folder, name), os.path.join(dest, name), recursive=True)
     if not running:
         with contextlib.suppress(OSError):  # not empty: a validate claimed a run meanwhile
