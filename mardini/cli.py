@@ -33,6 +33,7 @@ from mardini.lit.lr_monitor import LatestLearningRateMonitor
 from mardini.lit.preemption import TERMINATED, PreemptionSave
 from mardini.lit.resumed_logs import ResumedLogs
 from mardini.lit.run_lock import RunLock
+from mardini.lit.scored_checkpoint import ScoredOnEveryRank, read_identity
 from mardini.lit.step_checkpoint import (PREEMPTION, FitStarted, StepCheckpoint,
                                          drop_empty_log_folders, earlier_logs, log_folders, preemption_checkpoints)
 from mardini.run_info import command_line
@@ -223,7 +224,8 @@ class MarDiniCLI(LightningCLI):
         the logger is built) to its end: a new fit of the folder (``--ckpt_path null``) sets the earlier run's validate
         runs aside but this one (``set_aside_finished_validates``). It reads
         checkpoints the fit replaces atomically (``AtomicCheckpointIO``), and the one it scores as it starts
-        (:meth:`_read_scored`: the fit deletes its older ones)."""
+        (:meth:`_read_scored`: the fit deletes its older ones); under DDP every rank scores the one global rank 0
+        read (``ScoredOnEveryRank``)."""
         if self._resume_from is not None:
             kwargs["ckpt_path"] = self._resume_from
         elif kwargs.get("ckpt_path") is None:
@@ -283,8 +285,8 @@ class MarDiniCLI(LightningCLI):
     def _pin(self, io: AtomicCheckpointIO, path, weights_only: bool | None) -> None:
         """Read the checkpoint at ``path`` for Lightning's restore (``AtomicCheckpointIO.pin``), noting its global
         step for ``validate.yaml`` (:meth:`_note_scored`)."""
-        checkpoint = io.load_checkpoint(path, weights_only=weights_only)
-        io.pin(path, checkpoint)
+        checkpoint, identity = read_identity(io, path, weights_only)
+        io.pin(path, checkpoint, identity)  # compared over the ranks before the restore (ScoredOnEveryRank)
         self._scored_step = checkpoint.get("global_step")
 
     def _note_scored(self, ckpt_path) -> None:
@@ -312,6 +314,7 @@ class MarDiniCLI(LightningCLI):
             LatestLearningRateMonitor(logging_interval="step"),
             PreemptionSave(dirpath=self._checkpoint_folder),
             FitStarted(),
+            *([ScoredOnEveryRank()] if self.subcommand == "validate" else []),  # every rank scores rank 0's read
         ]
         # kwargs["callbacks"] replaces trainer.callbacks of the config in LightningCLI: keep the config's ones
         configured = (self._get(self.config_init, "trainer", default={}) or {}).get("callbacks") or []

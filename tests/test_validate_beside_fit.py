@@ -4,10 +4,12 @@ each validate logs in a folder of its own."""
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import shutil
 import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,9 @@ from mardini.cli import main, resume_checkpoint
 from mardini.data.datamodule import VideoDataModule
 from mardini.data.testing import tiny_synthetic
 from mardini.lit import run_lock
+from mardini.lit.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
 from mardini.lit.run_lock import RunLock, held
+from mardini.lit.scored_checkpoint import agree_on_pinned, read_identity
 from mardini.cli_loggers import new_validation_run
 from mardini.lit.step_checkpoint import earlier_logs, put_back_earlier_run, set_aside_earlier_run, validate_lock
 from test_run_lock import QUIET, _config, _dead_pid
@@ -310,3 +314,74 @@ def test_no_empty_validate_folder_is_left_in_earlier_n_when_only_a_running_valid
         assert not Path(aside).exists() and sorted(os.listdir(tmp_path / "validate")) == ["version_0", "version_0.lock"]
     finally:
         lock.release()
+
+
+class _Ranks:
+    """The collectives of a ``world``-rank strategy over threads, one per rank (broadcast, all-reduce of a bool)."""
+
+    def __init__(self, world: int) -> None:
+        self.world, self.slot, self.sync = world, [None] * world, threading.Barrier(world)
+
+    def strategy(self, rank: int):
+        ranks = self
+
+        class Strategy:
+            global_rank = rank
+
+            def broadcast(self, obj, src=0):
+                return ranks._exchange(rank, obj)[src]
+
+            def reduce_boolean_decision(self, decision, all=True):
+                return builtins.all(ranks._exchange(rank, decision))
+
+        return Strategy()
+
+    def _exchange(self, rank: int, obj) -> list:
+        self.slot[rank] = obj
+        self.sync.wait()
+        seen = list(self.slot)
+        self.sync.wait()
+        return seen
+
+
+def _agree(ios) -> list[bool]:
+    """``agree_on_pinned`` on every rank at once (a thread each), rank r's CheckpointIO ``ios[r]``."""
+    ranks, sent = _Ranks(len(ios)), [None] * len(ios)
+
+    def run(rank):
+        sent[rank] = agree_on_pinned(ranks.strategy(rank), ios[rank])
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(len(ios))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    return sent
+
+
+def test_every_rank_scores_the_checkpoint_rank_0_read_though_the_fit_replaced_it_before_rank_1_read(tmp_path):
+    """Under DDP rank 1 reruns the command after rank 0 started, and reads ``--ckpt_path last`` (last.ckpt) after the
+    fit replaced it with step 3: rank 0's step-2 checkpoint is sent to it and both score that. Before, each rank
+    restored the file it read itself: rank 0 scored step 2, rank 1 step 3, and their losses were averaged."""
+    last = tmp_path / "last.ckpt"
+    atomic_torch_save({"global_step": 2, "state_dict": {"w": torch.zeros(2)}}, last)
+    ios = [AtomicCheckpointIO(), AtomicCheckpointIO()]
+    ios[0].pin(last, *read_identity(ios[0], last, True))
+    atomic_torch_save({"global_step": 3, "state_dict": {"w": torch.ones(2)}}, last)  # the fit's next save
+    ios[1].pin(last, *read_identity(ios[1], last, True))
+    assert _agree(ios) == [True, True]
+    for io in ios:
+        restored = io.load_checkpoint(str(last))
+        assert restored["global_step"] == 2 and torch.equal(restored["state_dict"]["w"], torch.zeros(2))
+
+
+def test_ranks_that_read_the_same_file_send_nothing(tmp_path):
+    """Both ranks read the same last.ckpt: each keeps its own read (no checkpoint goes through broadcast)."""
+    last = tmp_path / "last.ckpt"
+    atomic_torch_save({"global_step": 2, "state_dict": {"w": torch.zeros(2)}}, last)
+    ios = [AtomicCheckpointIO(), AtomicCheckpointIO()]
+    for io in ios:
+        io.pin(last, *read_identity(io, last, True))
+    pinned = [io.pinned_checkpoint() for io in ios]
+    assert _agree(ios) == [False, False]
+    assert all(io.load_checkpoint(str(last)) is read for io, read in zip(ios, pinned))

@@ -54,13 +54,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     the CPU, as the Trainer's resume asks); remote paths, a ``map_location`` or ``weights_only=False`` go to
     Lightning's own. A checkpoint read already and :meth:`pin`-ned is what the next load of its path returns."""
 
-    _pinned: tuple[str, dict[str, Any]] | None = None
+    _pinned: tuple[str, dict[str, Any], tuple | None] | None = None
 
-    def pin(self, path, checkpoint: dict[str, Any]) -> None:
+    def pin(self, path, checkpoint: dict[str, Any], identity: tuple | None = None) -> None:
         """Have the next :meth:`load_checkpoint` of ``path`` return ``checkpoint`` (read from it already), whatever
         became of the file since: ``train.py validate`` reads the checkpoint it scores as it starts, and a fit of the
-        same folder may delete the file before Lightning's restore reads it (``MarDiniCLI.validate``)."""
-        self._pinned = (str(path), checkpoint)
+        same folder may delete the file before Lightning's restore reads it (``MarDiniCLI.validate``). ``identity``:
+        which file was read (``mardini.lit.scored_checkpoint.read_identity``), compared over the ranks."""
+        self._pinned = (str(path), checkpoint, identity)
+
+    def pinned_read(self) -> tuple[str | None, tuple | None]:
+        """The path and identity of the pinned checkpoint; ``(None, None)`` where none is pinned."""
+        return (self._pinned[0], self._pinned[2]) if self._pinned is not None else (None, None)
+
+    def pinned_checkpoint(self) -> dict[str, Any] | None:
+        """The pinned checkpoint, left pinned; None where none is."""
+        return self._pinned[1] if self._pinned is not None else None
 
     def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict[str, Any]:
         from mardini.lit.checkpoints import read_checkpoint
