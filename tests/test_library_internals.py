@@ -60,6 +60,8 @@ ATTRIBUTES = [
     ("torch._foreach_mul_", "mardini/lit/loss_reduction.py (the element-reduction gradient rescale)"),
     ("torch._foreach_copy_", "mardini/lit/ema_weights.py (the EMA weights swapped in and out)"),
     ("torch._foreach_lerp_", "mardini/lit/fsdp.py (the sharded EMA update, timm ModelEmaV3's arithmetic)"),
+    ("lightning.fabric.strategies.model_parallel._load_raw_module_state",
+     "mardini/lit/fsdp.py (MarDiniFSDPStrategy.load_checkpoint: validate's pinned read into the FSDP model)"),
     ("torch._assert_async", "mardini/diffusion/checks.py (the range check of GPU diffusion times)"),
     ("torch._dynamo.config.recompile_limit", "bench/train_mfu.py (--compile: room for the blocks' variants)"),
     ("torch.ops.aten._scaled_dot_product_flash_attention_for_cpu",

@@ -385,3 +385,23 @@ def test_ranks_that_read_the_same_file_send_nothing(tmp_path):
     pinned = [io.pinned_checkpoint() for io in ios]
     assert _agree(ios) == [False, False]
     assert all(io.load_checkpoint(str(last)) is read for io, read in zip(ios, pinned))
+
+
+def test_the_fsdp_strategy_restores_the_checkpoint_validate_read_not_the_file_replaced_since(tmp_path):
+    """Under ``MarDiniFSDPStrategy`` validate's read (step 2, pinned) is restored though the fit replaced last.ckpt
+    (step 3) after it. Before, Lightning's FSDP restore read the file itself, bypassing the CheckpointIO: step 3's
+    weights were scored under a validate.yaml naming step 2 (a deleted step checkpoint: ``FileNotFoundError``)."""
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from mardini.lit.fsdp import MarDiniFSDPStrategy
+
+    model, last = BoringModel(), tmp_path / "last.ckpt"
+    weights = {step: {k: torch.full_like(v, step) for k, v in model.state_dict().items()} for step in (2, 3)}
+    strategy = MarDiniFSDPStrategy(checkpoint_io=AtomicCheckpointIO())
+    strategy._lightning_module, strategy.model = model, model  # what Lightning's setup attaches (no GPU here)
+    atomic_torch_save({"global_step": 2, "state_dict": weights[2]}, last)
+    strategy.checkpoint_io.pin(last, *read_identity(strategy.checkpoint_io, last, True))
+    atomic_torch_save({"global_step": 3, "state_dict": weights[3]}, last)  # the fit's next save
+    restored = strategy.load_checkpoint(last)
+    assert restored["global_step"] == 2 and "state_dict" not in restored
+    assert all(torch.equal(v, weights[2][k]) for k, v in model.state_dict().items())

@@ -22,6 +22,8 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
+from mardini.lit.checkpoint_io import AtomicCheckpointIO
+
 # what wrappers add to the names of the parameters inside them: an FSDP unit, activation checkpointing applied by
 # a strategy (FSDPStrategy's activation_checkpointing_policy), torch.compile
 WRAPPED_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -84,6 +86,24 @@ class MarDiniFSDPStrategy(FSDPStrategy):
     def setup(self, trainer) -> None:
         self.ignore_autoencoder(self.lightning_module)
         super().setup(trainer)
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
+        """Lightning's, but for a checkpoint ``train.py validate`` read as it started and pinned for this path
+        (``AtomicCheckpointIO.pin``, the same on every rank: ``mardini.lit.scored_checkpoint``): its state dict goes
+        into the model as Lightning's full-checkpoint restore does, and the rest is returned. Lightning's reads
+        ``checkpoint_path`` itself, bypassing the CheckpointIO, after the model's and the data's setup: a fit of the
+        folder had deleted it by then (``FileNotFoundError``) or replaced it (``last.ckpt``: another step scored than
+        ``validate.yaml`` names)."""
+        from lightning.fabric.strategies.model_parallel import _load_raw_module_state
+
+        io = self.checkpoint_io
+        if not isinstance(io, AtomicCheckpointIO) or io.pinned_read()[0] != str(checkpoint_path):
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        self.broadcast(checkpoint_path)  # Lightning's load broadcasts the path: the same collectives on every rank
+        checkpoint = dict(io.load_checkpoint(checkpoint_path))  # the pinned read, handed out (a copy to pop from)
+        _load_raw_module_state(checkpoint.pop("state_dict"), module=self.model, world_size=self.world_size,
+                               strict=self.lightning_module.strict_loading)
+        return checkpoint
 
 
 def attached_trainer(module: nn.Module) -> L.Trainer | None:
