@@ -4,6 +4,7 @@ of other weights behind the recorded path and accepts the same VAE at another pa
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -95,3 +96,54 @@ def test_a_half_precision_vae_is_another_autoencoder_for_a_cache_and_a_checkpoin
     shard = str(sorted((tmp_path / "cache").glob("*.tar"))[0])
     with pytest.raises(ValueError, match="other weights or config"):
         _stage(vae).check_latent_autoencoder(shard)
+
+
+def test_a_bfloat16_cache_written_before_the_dtype_was_recorded_is_taken_as_bfloat16(tmp_path, monkeypatch):
+    """A cache a bfloat16 VAE encoded before caches recorded the dtype has no "dtype" in its spec and the fingerprint
+    of the weights' values alone; a bfloat16 stage, whose fingerprint digests the dtype too, refused it ("encoded by
+    an autoencoder of other weights or config"). Its fingerprint shows the bfloat16 weights: it is accepted now, with
+    a warning, and a float32 stage of the same VAE still refuses it. A cache without a fingerprint warns that it
+    predates them and is compared by the VAE's path only."""
+    pytest.importorskip("diffusers")
+    from diffusers import AutoencoderKL
+
+    from mardini.autoencoders import DiffusersAutoencoder
+    from mardini.data import datamodule
+    from mardini.data.latent_cache import cache_latents
+    from mardini.data.testing import tiny_synthetic
+    from mardini.lit import GenerationModule
+
+    vae, rounded = _save_tiny_vae(tmp_path / "vae", 0), str(tmp_path / "rounded")
+    AutoencoderKL.from_pretrained(vae).to(torch.bfloat16).float().save_pretrained(rounded)
+    half = DiffusersAutoencoder(vae, dtype=torch.bfloat16)
+    half._spec_args.pop("dtype")  # what the cache recorded then: no dtype, and the bfloat16 weights' values as float32
+    half.__dict__["_fingerprint"] = DiffusersAutoencoder(rounded).fingerprint()
+    synth = tiny_synthetic(tmp_path / "synth", train=2, val=2)
+    cache_latents(str(synth / "val"), tmp_path / "cache", half, frames=4, fps=8, resolution=16, planner_resolution=8,
+                  progress=False)
+    shard = str(sorted((tmp_path / "cache").glob("*.tar"))[0])
+    stage = GenerationModule(size="tiny", frames=4, autoencoder=DiffusersAutoencoder(vae, dtype="bfloat16"))
+    with pytest.warns(UserWarning, match="written before caches recorded the VAE's dtype.* taken as encoded in "
+                                         "bfloat16"):
+        stage.check_latent_autoencoder(shard)
+    with pytest.raises(ValueError, match="other weights or config"):
+        _stage(vae).check_latent_autoencoder(shard)  # float32: other latents
+    unstamped = {**datamodule.first_json(shard)["latent_cache"], "autoencoder_fingerprint": None}
+    monkeypatch.setattr(datamodule, "first_json", lambda path: {"latent_cache": unstamped})
+    with pytest.warns(UserWarning, match=f"latent cache {shard} predates autoencoder fingerprints .*VAE's path "
+                                         f"\\({vae}\\).*re-cache it with data/cache_latents.py"):
+        stage.check_latent_autoencoder(shard)
+
+
+def test_a_checkpoint_without_a_fingerprint_warns_that_it_is_compared_by_the_vae_s_path_only():
+    """A checkpoint saved before fingerprints were recorded was compared by its VAE's path, silently."""
+    from mardini.lit.checkpoints import check_same_latents
+
+    spec = {"class_path": "mardini.autoencoders.diffusers_kl.DiffusersAutoencoder", "init_args": {"path": "/vae"}}
+    with pytest.warns(UserWarning, match="old.ckpt predates autoencoder fingerprints .*path \\(/vae\\).*resume, or "
+                                         "start the next stage from this one"):
+        check_same_latents({"autoencoder_spec": spec}, spec, "old.ckpt", fingerprint=lambda: "sha256:0")
+    pixels = {"class_path": "mardini.autoencoders.pixel.SpaceToDepthAutoencoder", "init_args": {"downsample": 2}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no weights at a path: nothing to warn about
+        check_same_latents({"autoencoder_spec": pixels}, pixels, "old.ckpt", fingerprint=lambda: "sha256:0")

@@ -59,13 +59,19 @@ class FrameAutoencoder(nn.Module):
             self.__dict__["_fingerprint"] = self._digest()
         return self.__dict__["_fingerprint"]
 
-    def _digest(self) -> str:
-        """:meth:`fingerprint`, computed."""
+    def fingerprint_before_dtypes(self) -> str:
+        """:meth:`fingerprint` as caches and checkpoints written before 2026-12-07 recorded it: without the weights'
+        dtype (their values only, as float32). The same as :meth:`fingerprint` for float32 weights; for half-precision
+        ones, what a record of this VAE held in that precision then holds (its spec records no ``dtype`` either)."""
+        return self._digest(dtypes=False)
+
+    def _digest(self, dtypes: bool = True) -> str:
+        """:meth:`fingerprint`, computed (``dtypes=False``: :meth:`fingerprint_before_dtypes`)."""
         digest = hashlib.sha256(f"{type(self).__module__}.{type(self).__qualname__}".encode())
         self._digest_extra(digest)
         state = self.state_dict()
         half = sorted({str(t.dtype) for t in state.values() if t.is_floating_point()} - {str(torch.float32)})
-        if half:  # float32 weights digest as before the dtypes were fed (the caches and checkpoints keep theirs)
+        if half and dtypes:  # float32 weights digest as before the dtypes were fed (caches and checkpoints keep theirs)
             digest.update(f"dtypes:{','.join(half)}".encode())
         for name, tensor in sorted(state.items()):
             t = tensor.detach().float() if tensor.is_floating_point() else tensor.detach()

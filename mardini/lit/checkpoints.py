@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from collections.abc import Callable
 from contextvars import ContextVar
 from pathlib import Path
@@ -224,6 +225,9 @@ def check_same_latents(meta: dict[str, Any], autoencoder_spec: dict[str, Any], p
     if not isinstance(theirs, dict):
         return
     recorded = meta.get("autoencoder_fingerprint") if fingerprint is not None else None
+    if fingerprint is not None and recorded is None:
+        warn_unfingerprinted(str(path), theirs, "a checkpoint this code saves records it (resume, or start the next "
+                             "stage from this one, with the VAE it was trained with)")
     if recorded is not None:
         problem = other_fingerprint(meta, fingerprint(), autoencoder_spec, path)
         if problem:
@@ -248,6 +252,18 @@ def other_fingerprint(meta: dict[str, Any], ours: str, our_spec: dict[str, Any],
     return (f"{path} was trained with an autoencoder of other weights or config (fingerprint {theirs}, from "
             f"{weights_at(meta.get('autoencoder_spec') or {})} when it was saved) than this one ({ours}, from "
             f"{weights_at(our_spec)}): its networks would see the latents of another autoencoder")
+
+
+def warn_unfingerprinted(what: str, spec: dict[str, Any], fix: str) -> None:
+    """Warn that ``what`` (a latent cache, a checkpoint), whose autoencoder ``spec`` loads weights from a ``path``,
+    was written before autoencoder fingerprints were recorded (2026-12-07), so it is compared by that path and the
+    arguments only, not by the weights; ``fix`` says how to get a record with one. Nothing for an autoencoder
+    without weights at a path (the pixel one: its class is all there is)."""
+    if "path" not in (spec.get("init_args") or {}):
+        return
+    warnings.warn(f"{what} predates autoencoder fingerprints (recorded since 2026-12-07): it is compared with this "
+                  f"model's autoencoder by the VAE's path ({weights_at(spec)}) and arguments only, so other weights "
+                  f"behind that path would pass; {fix}", stacklevel=3)
 
 
 def weights_at(spec: dict[str, Any]) -> str:
