@@ -29,6 +29,27 @@ def test_lr_rule_and_schedule():
     assert warmup_cosine(500, 10, 110, 0.1) == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("max_steps, estimated, warned", [
+    (30, None, "model.warmup_steps=50 is longer than this fit (trainer.max_steps=30): its LR ends the fit at 60% of "
+               "the peak and never reaches it; lower model.init_args.warmup_steps to at most 30"),
+    (-1, 20, "(the 20 steps of trainer.max_epochs)"),
+    (50, None, None),  # the last step is at the peak
+])
+def test_a_fit_that_ends_inside_its_lr_warm_up_warns_naming_both_values(max_steps, estimated, warned):
+    """A stage whose trainer.max_steps ended before model.warmup_steps never reached its peak LR, silently."""
+    from types import SimpleNamespace
+
+    from mardini.lit import GenerationModule
+
+    module = GenerationModule(size="tiny", frames=4, lr=1e-4, warmup_steps=50)
+    module.trainer = SimpleNamespace(max_steps=max_steps, estimated_stepping_batches=estimated)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module.configure_optimizers()
+    notes = [str(w.message) for w in caught if "warmup_steps" in str(w.message)]
+    assert (notes == []) if warned is None else (len(notes) == 1 and warned in notes[0])
+
+
 def test_atomic_save_leaves_old_file_on_failure(tmp_path):
     path = tmp_path / "last.ckpt"
     atomic_torch_save({"step": 1}, path)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from lightning.pytorch.utilities import grad_norm
+from lightning.pytorch.utilities import grad_norm, rank_zero_warn
 from torch import nn
 
 from mardini.lit.fsdp import attached_trainer, fsdp_root, unwrapped_name
-from mardini.lit.schedules import scaled_lr, warmup_cosine
+from mardini.lit.schedules import scaled_lr, short_warmup, warmup_cosine
 
 
 class Optimisation:
@@ -50,6 +50,9 @@ class Optimisation:
             raise ValueError("the LR schedule needs a length: set trainer.max_steps, trainer.max_epochs or "
                              "model.init_args.decay_steps")
         total = hp.decay_steps or max(1, int(steps))
+        note = short_warmup(hp.warmup_steps, steps, self.trainer.max_steps > 0)
+        if note:
+            rank_zero_warn(note)
         self._schedule_steps = total
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: warmup_cosine(s, hp.warmup_steps, total, hp.min_lr_ratio)
