@@ -4,6 +4,7 @@ on from its last save, and the report equals one uninterrupted run's (before, ev
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 
@@ -128,3 +129,60 @@ def test_save_every_must_be_positive(capsys):
     with pytest.raises(SystemExit):
         cli.parse_args(["--data", "synthetic", "--save-every", "0"])
     assert "--save-every 0 is impossible" in capsys.readouterr().err
+
+
+def _videos(root) -> tuple[str, list[str]]:
+    """A folder of 6 short videos and an unusable file among them (before the resume point of the test below)."""
+    from mardini.data.testing import moving_frames, write_video
+
+    for i in range(6):
+        write_video(root / f"v{i}.mp4", moving_frames(10, 16, 16, seed=i), 10)
+    (root / "v1_broken.mp4").write_bytes(b"not a video")
+    return str(root), sorted(str(p) for p in root.iterdir())
+
+
+def _count_decodes(monkeypatch, kind: str) -> Counter:
+    """Count, per video file or shard sample key, the times a clip is decoded."""
+    from mardini.data.stream import ClipStream
+    from mardini.evaluation import data
+
+    read: Counter = Counter()
+    if kind == "videos":
+        window = data.read_video_window
+        monkeypatch.setattr(data, "read_video_window", lambda path, *a: read.update([path]) or window(path, *a))
+    else:
+        decode = ClipStream.decode_pixels
+        monkeypatch.setattr(ClipStream, "decode_pixels",
+                            lambda self, raw, gen: read.update([raw["__key__"]]) or decode(self, raw, gen))
+    return read
+
+
+@pytest.mark.parametrize("kind", ["videos", "shards"])
+def test_a_resumed_run_does_not_decode_the_clips_done_again(tmp_path, monkeypatch, capsys, kind):
+    """A rerun decoded every clip done again, only to skip it. It now reads on after the source items of the clips
+    done (the video files, or the shards' raw samples, read through them): each clip done is decoded once, by the
+    clip count every run makes first, and the report, skipped files included, is still one uninterrupted run's."""
+    if kind == "videos":
+        source, items = _videos(tmp_path / "videos")
+    else:
+        source = str(tiny_synthetic(tmp_path / "synth", train=2, val=6, frames=12, size=16) / "val")
+    run = ["--data", source, "--tasks", "interpolation", "--frames", "9", "--resolution", "16", "--num-clips", "6",
+           "--batch-size", "2", "--save-every", "2", "--metrics", "midf", "--cache-dir", ""]
+    assert cli.main([*run, "--out", str(tmp_path / "one")]) == 0
+    one = json.loads((tmp_path / "one" / "report.json").read_text())
+    out = tmp_path / "stopped"
+    with monkeypatch.context() as m:  # stopped inside the 3rd batch, the first 4 clips saved
+        stop_at(m, 2 * 2 + 1)  # two baselines per batch
+        with pytest.raises(RuntimeError, match="preempted"):
+            cli.main([*run, "--out", str(out)])
+    read = _count_decodes(monkeypatch, kind)
+    assert cli.main([*run, "--out", str(out)]) == 0
+    assert "resuming interpolation at clip 4 of 6" in capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    keys = [c["key"] for c in report["clip_list"]]
+    if kind == "videos":
+        assert sorted(read) == items  # the count reads every file, the unusable one included
+    assert {k: n for k, n in read.items() if n > 1} == {k: 2 for k in keys[4:]}  # the count's read, and the task's
+    assert without_timings(report) == without_timings(one)
+    if kind == "videos":
+        assert any("broken" in f for f in one["tasks"]["interpolation"]["skipped_videos"])

@@ -250,9 +250,12 @@ class ClipStream(IterableDataset):
         max_clips: at most this many clips per rank from a finite split, each worker taking its part
             (:func:`worker_quota`) from the start of its share (None = all).
         latents: read ``z_high.npy`` / ``z_low.npy`` instead of pixels.
-        keep_meta: also return each sample's parsed json (batch key ``meta``, a list of dicts).
+        keep_meta: also return each sample's parsed json (batch key ``meta``, a list of dicts), and with a finite
+            split the raw samples read through each batch (``raw_read``, an int: where ``start_raw`` goes on).
         state: shared :class:`StreamState` (seed, epoch).
         max_consecutive_bad: this many bad samples in a row means a wrong setup: raise a ValueError.
+        start_raw: a finite split (one reader) starts after its first ``start_raw`` raw samples, read but not
+            decoded (a resumed evaluation going on after the clips it did; ``max_clips`` counts from there).
     """
 
     def __init__(
@@ -274,6 +277,7 @@ class ClipStream(IterableDataset):
         keep_meta: bool = False,
         state: StreamState | None = None,
         max_consecutive_bad: int = 1000,
+        start_raw: int = 0,
     ) -> None:
         super().__init__()
         if not shards:
@@ -296,6 +300,7 @@ class ClipStream(IterableDataset):
         self.resume_progress: dict[int, list[int]] = {}  # worker -> [raw samples, batches] already trained on
         self.worker_shift = 0  # DataLoader worker k reads as worker (k + shift) % workers (a resumed epoch)
         self.max_consecutive_bad = max_consecutive_bad
+        self.start_raw = start_raw
 
     def __len__(self) -> int:
         if self.train and self.epoch_batches is not None:
@@ -340,7 +345,7 @@ class ClipStream(IterableDataset):
         seed = stream_seed(self.state.seed, self.rank, worker, epoch, salt=int(not self.train))
         skips = SkipLog(self.max_consecutive_bad if self.train else 0)
         self.skip_log = skips  # the reasons of this iteration's skips, for a caller iterating in its own process
-        skip_raw, done_batches = self.resume_progress.get(worker, [0, 0]) if self.train else (0, 0)
+        skip_raw, done_batches = self.resume_progress.get(worker, [0, 0]) if self.train else (self.start_raw, 0)
         shards = self.my_shards(worker, workers)
         share = self.sample_share(worker, workers)
         if self.train:
@@ -509,6 +514,8 @@ class ClipStream(IterableDataset):
                     batch["stream"] = torch.tensor([worker, raw_read, done], dtype=torch.long)
                     yield batch
                     continue
+                if self.keep_meta:
+                    batch["raw_read"] = raw_read
                 if held is not None:
                     yield held
                 held = batch
@@ -518,6 +525,8 @@ class ClipStream(IterableDataset):
             if held is not None:
                 yield held
             held = collate(buf, 0)
+            if self.keep_meta:
+                held["raw_read"] = buf[-1]["raw_read"]
         if held is not None:
             held["skipped"] += skips.drain()
             yield held

@@ -337,12 +337,16 @@ def run_task(
     if resumed:
         done, hit, lost_cache = resumed, *resumed_real_side(first, hit, resumed.real_cached)
     timing, began = done.seconds, time.perf_counter() - done.elapsed
+    start = done.resume_at()  # the clips done are not read again (0: progress of an older evaluate.py)
+    if start:
+        skipped = done.skipped
+    todo, first_batch = (n - done.clips, done.batches) if start else (n, 0)
     names = ClipNames(kind, args.data)  # what --export-inputs called the clips (same clips, same order)
-    model_batches = (iter_batches(kind, files, args.frames, args.fps, size, n, args.batch_size)
+    model_batches = (iter_batches(kind, files, args.frames, args.fps, size, todo, args.batch_size, start=start)
                      if "mardini" in run and size != args.resolution else None)  # the same clips at the model's size
-    for b, batch in enumerate(iter_batches(kind, files, args.frames, args.fps, args.resolution, n, args.batch_size,
-                                           skipped)):
-        if b < done.batches:  # done before the resume: read again (the order checked), not sampled
+    for b, batch in enumerate(iter_batches(kind, files, args.frames, args.fps, args.resolution, todo,
+                                           args.batch_size, skipped, start), start=first_batch):
+        if b < done.batches:  # done before a resume of older progress: read again (the order checked), not sampled
             check_done_clips(batch, done.clip_list[b * args.batch_size:], model_batches)
             continue
         real = batch["video"].to(device)  # (B, T, 3, RH, RW)
@@ -365,7 +369,7 @@ def run_task(
             if m in timing:
                 timing[m] += time.perf_counter() - start
             suites[m].update(real, fake, mask, positions)
-        done.batches, done.clips = b + 1, done.clips + real.shape[0]
+        done.batches, done.clips, done.read = b + 1, done.clips + real.shape[0], batch["read"]
         done.ids += clip_ids(batch)  # each clip's key and source frames: what the cached real statistics must match
         done.rates += [float(r) for r in batch["fps"]]  # the rate each clip was read at
         done.clip_list += [{"key": k, "frame_indices": meta.get("frame_indices"), "fps": round(float(r), 3),
@@ -374,6 +378,7 @@ def run_task(
                                                  batch["fps"], strict=True)]
         print(progress_line(args.prog, task, done.clips, n, time.perf_counter() - began), file=sys.stderr, flush=True)
         if checkpoint and checkpoint.due(done):
+            done.skipped = dict(skipped)
             checkpoint.save(done, suites, began)
     seen, ids = done.clips, done.ids
     if seen < n:  # the data changed since choose_num_clips read it

@@ -168,17 +168,24 @@ def usable_shard_clips(
 
 def iter_batches(
     kind: str, files: list[str], frames: int, fps: float | None, resolution: Size, num_clips: int, batch_size: int,
-    skipped: dict[str, str] | None = None,
+    skipped: dict[str, str] | None = None, start: int = 0,
 ) -> Iterator[dict]:
-    """Batches of the first ``num_clips`` usable clips, in a fixed order; unusable videos go to ``skipped``."""
+    """Batches of the first ``num_clips`` usable clips, in a fixed order; unusable videos go to ``skipped``. Each
+    batch's ``read`` is the source items read through it (video files, or the shards' raw samples): a resumed run
+    passes the last one done as ``start`` and goes on after it, the items before it neither read nor decoded."""
     if kind == "shards":
         stream = ClipStream(files, frames=frames, fps=fps, resolution=resolution, batch_size=batch_size,
-                            train=False, max_clips=num_clips, keep_meta=True)  # meta: each clip's frame_indices
-        yield from (batch for batch in stream if not skip_only(batch))
+                            train=False, max_clips=num_clips, keep_meta=True,  # meta: each clip's frame_indices
+                            start_raw=start)
+        for batch in stream:
+            if not skip_only(batch):
+                batch["read"] = batch.pop("raw_read")  # counted from the first sample, those skipped included
+                yield batch
         return
     buf: list[dict] = []
     used = 0
-    for path in files:
+    for index in range(start, len(files)):
+        path = files[index]
         if used >= num_clips:
             break
         try:
@@ -188,9 +195,9 @@ def iter_batches(
                 skipped[path] = str(err)
             continue
         buf.append({"video": video, "fps": eff_fps, "key": path, "indices": idx, "meta": {"timing": timing}})
-        used += 1
+        used, read = used + 1, index + 1
         if len(buf) == batch_size:
-            yield collate(buf)
+            yield {**collate(buf), "read": read}
             buf = []
     if buf:
-        yield collate(buf)
+        yield {**collate(buf), "read": read}

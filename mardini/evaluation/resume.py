@@ -7,10 +7,11 @@
 - ``<task>.pt``: the unfinished task's progress, written atomically every ``--save-every`` clips: each method's
   metric states (torchmetrics states: FVD/FID's feature sums and covariance sums, MidF's and the trajectory
   error's running sums; no features are kept), the clips and batches done, the sampling seconds per method, the
-  clips' ids, rates and ``clip_list``, and whether the real statistics came from the cache.
+  clips' ids, rates and ``clip_list``, the source items read through them and the unusable video files met, and
+  whether the real statistics came from the cache.
 
-A rerun keeps the finished tasks, reads the clips done again (decoded, not sampled or scored; their keys are checked
-against the saved ones, so the clips go on in the same fixed order) and samples from the next batch on with the
+A rerun keeps the finished tasks, reads on after the source items of the clips done (the video files, or the
+shards' raw samples, read through them: those are not decoded again) and samples from the next batch on with the
 per-clip seeds (``protocol.clip_seeds``): its report equals one uninterrupted run's (the sampling seconds of both
 runs are added, so ``s/clip`` is their sum over all clips). A rerun with other settings into ``OUT`` holding a
 stopped run is refused, naming the differences; ``--fresh`` starts over.
@@ -89,6 +90,14 @@ class TaskProgress:
     rates: list[float] = field(default_factory=list)
     clip_list: list[dict[str, Any]] = field(default_factory=list)
     real_cached: bool = False
+    read: int | None = None  # source items read through the last clip done (None: saved before it was kept)
+    skipped: dict[str, str] = field(default_factory=dict)  # {unusable video file: reason} met so far
+
+    def resume_at(self) -> int:
+        """Where a resumed task reads on (``mardini.evaluation.data.iter_batches``' ``start``): after the source
+        items of the clips done; 0 where nothing is done or the progress was saved before ``read`` was kept (the
+        clips done are then read again, their keys checked, and not sampled)."""
+        return self.read if self.clips and self.read else 0
 
 
 def metric_modules(metric: Any) -> dict[str, Metric]:
