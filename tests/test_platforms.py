@@ -89,6 +89,23 @@ def test_the_names_the_package_logs_and_records_are_ascii(tmp_path):
     assert written.isascii() and yaml.safe_load(written)["init_from"] == "donn\u00e9es/last.ckpt"
 
 
+def test_the_fit_s_csv_logger_writes_metrics_csv_in_utf8_in_an_ascii_locale(tmp_path):
+    """Lightning's CSV writer opens metrics.csv in the locale's encoding: a metric named with a non-ASCII letter (a
+    user's callback, "loss_\u03c3") failed in an ASCII locale ("'ascii' codec can't encode character"). The CSV logger
+    train.py fits log to (ContinuedCSVLogger) writes it in UTF-8, also when a new metric rewrites the header and when
+    a resumed fit continues the file."""
+    code = ("import sys; from mardini.lit.resumed_logs import ContinuedCSVLogger\n"
+            "for step, names in ((0, ['loss_\\u03c3']), (1, ['loss_\\u03c3', 'val/\\u00e9cart'])):\n"
+            "    log = ContinuedCSVLogger(save_dir=sys.argv[1], name='', version='')\n"
+            "    log.experiment.continue_at = step or None\n"
+            "    log.log_metrics({n: 1.5 for n in names}, step=step); log.save()\n"
+            "    log.log_metrics({'val/\\u00e9cart': 2.5}, step=step + 1); log.save()\n")
+    done = _run_in_ascii_locale(code, str(tmp_path))
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    rows = (tmp_path / "metrics.csv").read_bytes().decode("utf-8").splitlines()
+    assert rows == ["loss_\u03c3,step,val/\u00e9cart", "1.5,0,", "1.5,1,1.5", ",2,2.5"]
+
+
 def test_a_paper_config_loads_in_an_ascii_locale():
     """What ``train.py fit --config <paper stage>`` parses, in the C locale without UTF-8 mode."""
     code = ("import sys; from mardini.cli import main;"

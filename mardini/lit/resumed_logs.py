@@ -91,12 +91,34 @@ class ContinuedCSVLogger(CSVLogger):
         self.experiment.continue_at = step
 
 
+class Utf8Files:
+    """An fsspec filesystem whose text-mode ``open`` reads and writes UTF-8 unless told otherwise; everything else is
+    the filesystem's."""
+
+    def __init__(self, fs) -> None:
+        self._fs = fs
+
+    def open(self, path: str, mode: str = "rb", **kwargs):
+        if "b" not in mode:
+            kwargs.setdefault("encoding", "utf-8")
+        return self._fs.open(path, mode, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._fs, name)
+
+
 class ContinuedWriter(ExperimentWriter):
     """Lightning's CSV writer, which deletes ``metrics.csv`` only at its first save of metrics, and then keeps the
-    rows of steps below ``continue_at`` (None: none) instead."""
+    rows of steps below ``continue_at`` (None: none) instead; and reads and writes it in UTF-8 whatever the locale
+    (Lightning's uses the locale's encoding: a non-ASCII metric name failed in an ASCII locale, "'ascii' codec can't
+    encode character", and came out garbled under cp1252)."""
 
     continue_at: int | None = None
     _started = False
+
+    def __init__(self, log_dir: str) -> None:
+        super().__init__(log_dir)
+        self._fs = Utf8Files(self._fs)  # metrics.csv in UTF-8 (hparams.yaml escapes non-ASCII itself)
 
     def _check_log_dir_exists(self) -> None:
         """Nothing: Lightning's deletes ``metrics.csv`` here, as the logger starts (see :meth:`save`)."""
