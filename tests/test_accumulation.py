@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from mardini.data.datamodule import VideoDataModule
 from mardini.data.testing import tiny_synthetic
 from mardini.lit import GenerationModule, MarDiniModule
+from mardini.lit.schedules import warmup_cosine
 
 TINY = dict(size="tiny", generator={"depth": 1}, planner_resolution=8, lr=1e-3)
 
@@ -144,3 +145,56 @@ def test_an_epoch_shorter_than_one_accumulation_window_is_refused_and_a_schedule
     with pytest.warns(UserWarning, match="makes 5 batches .* an epoch trains 4"):
         dm.setup("fit")
     assert len(dm.train_set) == 4  # a multiple of every window the scheduler sets
+
+
+def _schedules(synth: Path, tmp: Path, batch_size: int, accumulate: int) -> tuple[list[tuple], list[int], dict]:
+    """A 4-step joint fit with an interpolating Curriculum, the LR from ``blr`` (warm-up then cosine) and the EMA:
+    per micro-batch (global step, keep ratio, LR) as it trains, the global step of each EMA update, and the CSV
+    rows by step."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from mardini.lit.curriculum import Curriculum, Milestone
+
+    seen: list[tuple] = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lr = trainer.optimizers[0].param_groups[0]["lr"]
+            seen.append((trainer.global_step, pl_module.mask_sampler.keep_ratio, lr))
+
+    model = MarDiniModule(**{**TINY, "lr": None, "blr": 0.1}, planner={"depth": 1}, warmup_steps=2, ema_decay=0.9)
+    updates: list[int] = []
+    update_ema = model.update_ema
+    model.update_ema = lambda: (updates.append(model.global_step), update_ema())
+    curriculum = Curriculum([Milestone(0, keep_ratio=(0.5, 1.0)), Milestone(4, keep_ratio=(0.2, 0.6))],
+                            interpolate=True)
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", accumulate_grad_batches=accumulate, log_every_n_steps=1,
+                        logger=L.pytorch.loggers.CSVLogger(tmp), enable_checkpointing=False, limit_val_batches=0,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp,
+                        callbacks=[curriculum, Record(), LearningRateMonitor("step")])
+    trainer.fit(model, datamodule=_dm(synth, batch_size=batch_size))
+    rows: dict[int, dict] = {}  # the LR monitor writes rows of its own: merged by step
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
+        for r in csv.DictReader(f):
+            rows.setdefault(int(r["step"]), {}).update({k: v for k, v in r.items() if v != ""})
+    return seen, updates, rows
+
+
+def test_curriculum_lr_ema_and_logged_steps_count_optimiser_steps_under_accumulation(synth, tmp_path):
+    """Batches of 2 clips accumulated 2 at a time against batches of 4: the same 4 optimiser steps, each window's
+    micro-batches under one step's keep ratio and LR (the LR rule reading 4 clips per step in both), 4 EMA updates,
+    one logged row per optimiser step with the same LR, keep ratio and EMA decay."""
+    one, one_updates, one_rows = _schedules(synth, tmp_path / "one", 4, 1)
+    two, two_updates, two_rows = _schedules(synth, tmp_path / "two", 2, 2)
+    assert len(one) == 4 and len(two) == 8
+    assert two[0::2] == two[1::2] == one  # (global step, keep ratio, LR) per micro-batch of each window
+    assert [step for step, _, _ in one] == [0, 1, 2, 3]
+    assert len({ratio for _, ratio, _ in one}) == 4  # moves every optimiser step
+    peak = 0.1 * 4 / 256  # blr x clips per optimiser step / 256: 4 clips in both
+    assert [lr for _, _, lr in one] == pytest.approx([peak * warmup_cosine(s, 2, 4, 0.1) for s in range(4)], rel=1e-12)
+    assert one_updates == two_updates == [0, 1, 2, 3]  # one EMA update per optimiser step, at its step
+    assert sorted(one_rows) == sorted(two_rows) == [0, 1, 2, 3]
+    for step in one_rows:
+        for key in ("lr-AdamW/pg1", "lr-AdamW/pg2", "curriculum/keep_ratio_min", "curriculum/keep_ratio_max",
+                    "ema/decay"):
+            assert one_rows[step][key] == two_rows[step][key], (step, key)
