@@ -1,0 +1,84 @@
+"""``python -m mardini.sizing``: model-state bytes against a real module's, activations against direct measurements."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from mardini import sizing
+from mardini.checkout import repo_path
+from mardini.lit import MarDiniModule
+
+TINY = repo_path("configs/tiny/05_joint_task.yaml")
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def test_model_state_bytes_are_those_a_tiny_joint_module_holds_after_one_adamw_step():
+    init = yaml.safe_load(TINY.read_text(encoding="utf-8"))["model"]["init_args"]
+    init = {k: v for k, v in init.items() if k not in ("init_from", "autoencoder")}
+    module = MarDiniModule(**init)
+    trained = [p for p in module.networks.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=1e-3)
+    sum(p.square().sum() for p in trained).backward()
+    optimizer.step()
+    held = (_tensor_bytes(trained) + _tensor_bytes(p.grad for p in trained)
+            + _tensor_bytes(v for s in optimizer.state.values() for k, v in s.items() if k != "step")
+            + _tensor_bytes(module.ema.module.parameters()))
+    params = sum(sizing.trained_parameters(sizing.read_shape(TINY)).values())
+    assert params == sum(p.numel() for p in trained)
+    assert sizing.state_bytes(params, "NO_SHARD", 1, 8) == held
+    assert sizing.state_bytes(params, "FULL_SHARD", 256, 8) == held / 256
+    assert sizing.state_bytes(params, "HYBRID_SHARD", 256, 8) == held / 8
+    assert sizing.state_bytes(params, "SHARD_GRAD_OP", 256, 8) == held / 256
+    block = sizing.largest_block(sizing.read_shape(TINY))
+    assert block == sum(p.numel() for p in module.networks["generator"].blocks[0].parameters())  # 192 wide > 128
+    assert sizing.bf16_weight_bytes(params, block, "NO_SHARD") == _tensor_bytes(p.bfloat16() for p in trained)
+    assert sizing.bf16_weight_bytes(params, block, "FULL_SHARD") == 4 * block
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("network", ["planner", "generator"])
+def test_activations_extrapolate_exactly_in_depth(network, checkpointing):
+    shape = sizing.read_shape(TINY)
+    pair = sizing.depth_pair(shape, 1, 1, network, checkpointing)
+    assert sizing.measured(shape, 1, 1, 3, network, checkpointing) == sizing.at_depth(pair, 3, 1, 1) > pair[1] > pair[0]
+
+
+@pytest.mark.parametrize("network", ["planner", "generator"])
+def test_a_checkpointed_block_keeps_its_input_alone(network):
+    shape = sizing.read_shape(TINY)
+    plain, ckpt = (sizing.depth_pair(shape, 1, 1, network, c) for c in (False, True))
+    cfg = sizing.build_trained(shape)[network].cfg
+    tokens = shape.frames * (shape.latent_low if network == "planner" else shape.latent) ** 2 // cfg.patch_size ** 2
+    assert ckpt[1] - ckpt[0] == tokens * cfg.dim * 4  # one fp32 (tokens, D) input per block
+    assert plain[1] - plain[0] > 10 * (ckpt[1] - ckpt[0])
+
+
+@pytest.mark.parametrize("network", ["planner", "generator"])
+def test_activations_extrapolated_from_a_narrower_lower_resolution_forward_are_close_to_the_measured_ones(network):
+    shape = sizing.read_shape(TINY)
+    direct = sizing.measured(shape, 1, 1, 2, network)
+    extrapolated = sizing.at_depth(sizing.depth_pair(shape, 2, 4, network, False), 2, 2, 4)
+    print(f"{network}: measured {direct} bytes, extrapolated from width / 2, tokens / 4: {extrapolated}")
+    assert abs(extrapolated - direct) <= 0.06 * direct  # 4.3 % (planner), 5.2 % (generator)
+
+
+def test_the_command_prints_each_strategy_and_names_a_bad_divisor(capsys):
+    text = sizing.main(["--config", str(TINY), "--world-size", "4", "--width-divisor", "2", "--tokens-divisor", "4"])
+    assert "trained parameters: planner 341,168, generator 2,116,592 (total 2,457,760)" in text
+    for strategy in sizing.STRATEGIES:
+        assert strategy in text
+    with pytest.raises(ValueError, match="--tokens-divisor 2 must be a square"):
+        sizing.main(["--config", str(TINY), "--world-size", "4", "--tokens-divisor", "2"])
+    with pytest.raises(ValueError, match="data.batch_size=8 is the GLOBAL batch and is smaller than the world size"):
+        sizing.main(["--config", str(TINY)])  # the tiny stage's 8 clips on the default 256 GPUs
+
+
+def test_both_networks_count_one_recomputed_block():
+    acts = {"planner": {"plain": 10.0, "checkpointing": 4.0, "block": 3.0},
+            "generator": {"plain": 20.0, "checkpointing": 7.0, "block": 5.0}}
+    assert sizing.both_networks(acts) == (30.0, 1.0 + 2.0 + 5.0)
