@@ -8,8 +8,10 @@ Without ``--chain`` it reads the shipped chains of the checkout (beside the pack
 Parameter counts come from building each stage's networks on the meta device (no memory, no weights) with the
 stage's size and overrides, so they are the networks the stage trains (planner without its warm-up projection head
 in joint stages). Latent channels: ``3 f^2`` for the space-to-depth autoencoder, the size's default (16, the
-paper's VAE) for any other. Clips seen = steps x global batch. The EMA decay a stage ends at is timm's warm-up rule
-at its last step (``ema_warmup``), capped at ``ema_decay``: a stage shorter than the ramp never reaches its cap.
+paper's VAE) for any other. The global batch is the clips of an optimiser step: ``data.batch_size`` (one batch over
+all ranks) times ``trainer.accumulate_grad_batches``; clips seen = steps x global batch. The EMA decay a stage ends
+at is timm's warm-up rule at its last step (``ema_warmup``), capped at ``ema_decay``: a stage shorter than the ramp
+never reaches its cap.
 """
 
 from __future__ import annotations
@@ -53,15 +55,21 @@ class Stage:
     resolution: int
     planner_resolution: int
     kept: str  # kept fraction at the start of the stage (-> at its end, with a Curriculum callback)
-    batch: int
+    batch: int  # data.batch_size: one batch's clips over all ranks
     steps: int
     accelerator: str
     ema: tuple[float, float]  # (the EMA decay at the stage's last step, its cap ``ema_decay``)
     title: str = ""  # the file's first comment line
+    accumulate: int = 1  # trainer.accumulate_grad_batches: batches per optimiser step
+
+    @property
+    def step_clips(self) -> int:
+        """Clips per optimiser step over all ranks (the global batch)."""
+        return self.batch * self.accumulate
 
     @property
     def clips(self) -> int:
-        return self.steps * self.batch
+        return self.steps * self.step_clips
 
 
 def _merge(base: dict, top: dict) -> dict:
@@ -167,7 +175,17 @@ def read_stage(path: str | Path) -> Stage:
         kept=kept_fraction(args, trainer.get("callbacks")), batch=int(dargs.get("batch_size", 1)),
         steps=int(trainer.get("max_steps", 0)), accelerator=str(trainer.get("accelerator", "gpu")),
         ema=_ema(args, int(trainer.get("max_steps", 0))), title=_title(path),
+        accumulate=_accumulate(trainer, path),
     )
+
+
+def _accumulate(trainer: dict, path: Path) -> int:
+    """``trainer.accumulate_grad_batches`` of a stage: 1 unless set; a scheduler's dict is refused (by epoch)."""
+    value = trainer.get("accumulate_grad_batches", 1)
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{path}: trainer.accumulate_grad_batches={value!r}: the tables need a positive integer "
+                         "(the batches of every optimiser step)")
+    return value
 
 
 def _ema(args: dict, steps: int) -> tuple[float, float]:
@@ -204,6 +222,11 @@ def _rel(path: Path) -> str:
         return str(path)
 
 
+def _batch(s: Stage) -> str:
+    """The global batch; under gradient accumulation with its batch and count (``1024 (512 x 2)``)."""
+    return str(s.batch) if s.accumulate == 1 else f"{s.step_clips} ({s.batch} x {s.accumulate})"
+
+
 def chain_table(stages: list[Stage]) -> str:
     """Markdown table, one row per stage."""
     rows = ["| stage | trains | planner (width x depth, params) | generator (width x depth, attention, params) "
@@ -215,8 +238,8 @@ def chain_table(stages: list[Stage]) -> str:
         planner = f"{pw} x {pd}, {_params(pn)}" if s.trains != "generator" else "-"
         generator = f"{gw} x {gd}, {ga.upper()}, {_params(gn)}" if s.trains != "planner" else "-"
         rows.append(f"| `{s.path.stem}` | {s.trains} | {planner} | {generator} | {s.frames} | "
-                    f"{s.resolution} / {s.planner_resolution} | {s.kept} | {s.batch} | {s.steps} | {_clips(s.clips)} | "
-                    f"{_ema_text(s.ema)} |")
+                    f"{s.resolution} / {s.planner_resolution} | {s.kept} | {_batch(s)} | {s.steps} | "
+                    f"{_clips(s.clips)} | {_ema_text(s.ema)} |")
     return "\n".join(rows)
 
 

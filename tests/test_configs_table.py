@@ -66,6 +66,22 @@ def test_a_changed_config_changes_the_table(tmp_path):
     assert "| 2600 | 20.8k |" in chain_table(after) and "| 1300 | 10.4k |" in chain_table(before)
 
 
+def test_clips_seen_count_every_accumulated_batch(tmp_path):
+    chain = tmp_path / "chain"
+    shutil.copytree(TINY, chain)
+    cfg = yaml.safe_load((chain / "05_joint_task.yaml").read_text())
+    cfg["trainer"]["accumulate_grad_batches"] = 2  # 8 clips per batch, 16 per optimiser step
+    (chain / "05_joint_task.yaml").write_text(yaml.safe_dump(cfg))
+    stage = read_stage(chain / "05_joint_task.yaml")
+    assert stage.clips == 1300 * 16
+    # before: "| 8 | 1300 | 10.4k |", half the clips the stage trains on
+    assert "| 16 (8 x 2) | 1300 | 20.8k |" in chain_table(read_chain(chain))
+    cfg["trainer"]["accumulate_grad_batches"] = {0: 1, 4: 2}  # Lightning's by-epoch scheduler form
+    (chain / "05_joint_task.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match="accumulate_grad_batches=.*the tables need a positive integer"):
+        read_stage(chain / "05_joint_task.yaml")
+
+
 def test_a_curriculum_subclass_is_read_as_one(tmp_path):
     chain = tmp_path / "chain"
     shutil.copytree(TINY, chain)
