@@ -186,3 +186,35 @@ def test_a_resumed_run_does_not_decode_the_clips_done_again(tmp_path, monkeypatc
     assert without_timings(report) == without_timings(one)
     if kind == "videos":
         assert any("broken" in f for f in one["tasks"]["interpolation"]["skipped_videos"])
+
+
+def test_a_stopped_run_of_other_code_or_state_format_is_refused_naming_it(setup, tmp_path, monkeypatch, capsys,
+                                                                         stand_in_networks):
+    """After a `git pull`, a stopped run is refused naming the code that started it and how to finish it (it said
+    'rerun it with its own settings', which no setting does); a run.json of a newer state format names it; one of
+    format 0 (written before format_version was recorded) holds what format 1 does and resumes."""
+    shards, ckpt = setup
+    out = tmp_path / "stopped"
+    with monkeypatch.context() as m:  # stopped in the first task's 2nd batch, its first saved
+        stop_at(m, METHODS + 1)
+        with pytest.raises(RuntimeError, match="preempted"):
+            cli.main(argv(shards, ckpt, out))
+    run_json = out / "state" / "run.json"
+    saved = json.loads(run_json.read_text())
+    assert saved["format_version"] == 1
+    old = "0123456789abcdef0123456789abcdef01234567"
+    run_json.write_text(json.dumps({"settings": {**saved["settings"], "code": {"version": "0.1.0", "git_commit": old}},
+                                    "report": saved["report"]}))  # an older commit's run.json: no format_version
+    capsys.readouterr()
+    assert cli.main(argv(shards, ckpt, out)) == 2
+    err = capsys.readouterr().err
+    assert f"{out} holds a stopped evaluation started by mardini 0.1.0, commit 0123456789ab, this evaluate.py is" in err
+    assert f"Finish it with the code that started it (git checkout {old}" in err and "--fresh" in err
+    assert "its own settings" not in err
+    run_json.write_text(json.dumps({**saved, "format_version": 99}))
+    assert cli.main(argv(shards, ckpt, out)) == 2
+    assert "saved in resume-state format 99, this evaluate.py reads format 1 (newer code wrote it" in \
+        capsys.readouterr().err
+    run_json.write_text(json.dumps({k: v for k, v in saved.items() if k != "format_version"}))  # format 0, this code
+    assert cli.main(argv(shards, ckpt, out)) == 0
+    assert f"resuming interpolation at clip 2 of 6 from {out / 'state' / 'interpolation.pt'}" in capsys.readouterr().err

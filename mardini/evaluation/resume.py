@@ -37,6 +37,11 @@ from mardini.lit.checkpoint_io import atomic_torch_save
 
 DEFAULT_SAVE_EVERY = 64  # clips between two saves of a task's progress (FID's states: ~32 MiB per method)
 STATE_DIR = "state"
+# bump when run.json or the <task>.pt files change what they hold (and raise OLDEST_STATE_FORMAT past the formats this
+# code no longer reads); a run.json without it is format 0 (before 2026-12-07), which this code reads (its task
+# files without TaskProgress.read: the clips done are read again)
+STATE_FORMAT = 1
+OLDEST_STATE_FORMAT = 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -72,6 +77,14 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
     return [f"{key} {short(saved.get(key))} -> {short(now.get(key))}"
             for key in dict.fromkeys([*saved, *now]) if saved.get(key) != now.get(key)]
+
+
+def describe_code(code: dict[str, Any] | None) -> str:
+    """``mardini 0.1.0, commit 0123abcd4567`` of a ``code_version`` dict; what is unrecorded said so."""
+    code = code or {}
+    commit = code.get("git_commit")
+    return (f"mardini {code.get('version') or '(version unrecorded)'}, "
+            + (f"commit {commit[:12]}" if commit else "no git commit (not a git checkout)"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -189,6 +202,8 @@ class RunState:
             if not saved["report"]["tasks"] and not any(self.dir.glob("*.pt")):  # stopped before saving anything
                 shutil.rmtree(self.dir, ignore_errors=True)
                 return None
+            self._refuse_other_format(saved)
+            self._refuse_other_code(saved["settings"])
             diff = differences(saved["settings"], self.settings)
             if diff:
                 raise ValueError(f"{self.out} holds a stopped evaluation of other settings ({'; '.join(diff)}): rerun "
@@ -208,6 +223,34 @@ class RunState:
                   "(--out elsewhere keeps it)", file=sys.stderr)
         return None
 
+    def _refuse_other_format(self, saved: dict[str, Any]) -> None:
+        """Refuse a ``run.json`` of a format this code does not read (newer than :data:`STATE_FORMAT`, older than
+        :data:`OLDEST_STATE_FORMAT`; none recorded: 0): its task files may hold other states."""
+        theirs = saved.get("format_version", 0)
+        if not OLDEST_STATE_FORMAT <= theirs <= STATE_FORMAT:
+            raise ValueError(
+                f"{self.out} holds a stopped evaluation saved in resume-state format {theirs}, this evaluate.py reads "
+                f"format {STATE_FORMAT} ({'newer' if theirs > STATE_FORMAT else 'older'} code wrote it: "
+                f"{describe_code(saved['settings'].get('code'))}); finish it with that code, write to another --out, "
+                "or add --fresh to start over (its report is replaced)")
+
+    def _refuse_other_code(self, saved: dict[str, Any]) -> None:
+        """Refuse a stopped run that other code started (its package version or git commit differ): its finished
+        tasks and saved sums would join results of this code's sampling and metrics in one report. No setting
+        resumes it, so the message names the code that does instead of 'its own settings'."""
+        theirs, ours = saved.get("code") or {}, self.settings.get("code") or {}
+        if theirs == ours:
+            return
+        others = differences({k: v for k, v in saved.items() if k != "code"},
+                             {k: v for k, v in self.settings.items() if k != "code"})
+        also = f" (and other settings: {'; '.join(others)})" if others else ""
+        raise ValueError(
+            f"{self.out} holds a stopped evaluation started by {describe_code(theirs)}, this evaluate.py is "
+            f"{describe_code(ours)}{also}: resuming it would join two codes' results in one report. Finish it "
+            f"with the code that started it (git checkout {theirs.get('git_commit') or '<its commit>'}, or a git "
+            "worktree of it, and rerun the same command), write to another --out, "
+            "or add --fresh to start over with this code (its report is replaced)")
+
     def report_status(self) -> str | None:
         """``status`` of ``OUT/report.json`` (None when there is none or it does not parse)."""
         try:
@@ -217,7 +260,8 @@ class RunState:
 
     def save(self, report: dict[str, Any]) -> None:
         """``run.json``: the settings and the report so far, written atomically (``NaN`` results kept as such)."""
-        text = json.dumps({"settings": self.settings, "report": report}, indent=1, default=float)
+        text = json.dumps({"format_version": STATE_FORMAT, "settings": self.settings, "report": report}, indent=1,
+                          default=float)
         write_text_atomic(self.file, text + "\n")
 
     def task(self, task: str, clips: int) -> TaskCheckpoint:
