@@ -278,9 +278,18 @@ def test_format_mismatch_names_both_versions(saved, tmp_path):
     _, path = saved
     ckpt = read_checkpoint(path)
     ckpt["mardini"]["format"] = 99
+    ckpt["mardini"]["code"] = {**ckpt["mardini"]["code"], "git_commit": "0123456789abcdef" * 2 + "01234567",
+                               "git_dirty": False}
     old = tmp_path / "future.ckpt"
     torch.save(ckpt, old)
-    with pytest.raises(ValueError, match=r"checkpoint format 99, this code reads format 1"):
+    with pytest.raises(ValueError, match=r"checkpoint format 99, this code \(mardini 0\.1\.0\) reads format 1: newer "
+                                         r"code wrote it \(mardini 0\.1\.0, commit 0123456789ab\); update this "
+                                         r"checkout \(git pull\)"):
+        _gen(init_from=str(old))
+    del ckpt["mardini"]["format"], ckpt["mardini"]["code"]  # no format: another code, which did not record itself
+    torch.save(ckpt, old)
+    with pytest.raises(ValueError, match=r"format None, .*: other code wrote it \(mardini \(version unrecorded\), "
+                                         r"an unrecorded commit .*read it with the code that wrote it"):
         _gen(init_from=str(old))
     torch.save({"state_dict": ckpt["state_dict"]}, old)
     with pytest.raises(ValueError, match="not a MarDini checkpoint.*expected a generation checkpoint"):

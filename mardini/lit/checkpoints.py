@@ -115,10 +115,7 @@ def check_metadata(
     from mardini.lit.base import CHECKPOINT_FORMAT
 
     if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(
-            f"{path} has checkpoint format {meta.get('format')}, this code reads format {CHECKPOINT_FORMAT}; "
-            "use the code version that wrote it or convert it"
-        )
+        raise ValueError(format_message(meta, path))
     if meta["kind"] not in kinds:
         fix = f"; {start_fix(meta['kind'], *starts)}" if starts is not None else ""
         raise ValueError(
@@ -134,6 +131,22 @@ def check_metadata(
             f"{size!r}; set model.size={meta.get('size')!r} or use a checkpoint of size {size!r}"
         )
     return meta
+
+
+def format_message(meta: dict[str, Any], path: str | Path) -> str:
+    """Why a checkpoint of another ``mardini.format`` than :data:`CHECKPOINT_FORMAT` is refused: which format, the
+    code that wrote it (recorded since 2026-12-07) and whether that code is newer or older than this one."""
+    from mardini import __version__
+    from mardini.lit.base import CHECKPOINT_FORMAT
+    from mardini.lit.code_record import describe
+
+    theirs, code = meta.get("format"), meta.get("code") or {}
+    newer = isinstance(theirs, int) and theirs > CHECKPOINT_FORMAT
+    writer = f"mardini {code.get('mardini') or '(version unrecorded)'}, {describe(code)}"
+    fix = ("update this checkout (git pull) to the code that wrote it" if newer else
+           "read it with the code that wrote it (git checkout its commit, or a worktree of it)")
+    return (f"{path} has checkpoint format {theirs}, this code (mardini {__version__}) reads format "
+            f"{CHECKPOINT_FORMAT}: {'newer' if newer else 'other'} code wrote it ({writer}); {fix}")
 
 
 def start_fix(found: str, stage: str, setting: str) -> str:
