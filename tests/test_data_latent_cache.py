@@ -496,3 +496,52 @@ def test_bad_autoencoder_kwargs_name_the_flag_in_one_line(synth, tmp_path, capsy
     err = capsys.readouterr().err
     assert err.startswith(f"cache_latents.py: error: {message}") and len(err.strip().splitlines()) == 2
     assert not (tmp_path / "a").exists()
+
+
+def _rewrite_clip_json(tar: Path, edit) -> None:
+    """Rewrite every clip's json in the shard ``tar`` with ``edit(meta)`` (a fixture of another code's cache)."""
+    with tarfile.open(tar) as shard:
+        members = [(m, shard.extractfile(m).read()) for m in shard.getmembers()]
+    with tarfile.open(tar, "w") as out:
+        for m, data in members:
+            if m.name.endswith(".json"):
+                meta = json.loads(data)
+                edit(meta)
+                data = json.dumps(meta).encode()
+                m.size = len(data)
+            out.addfile(m, io.BytesIO(data))
+
+
+def test_a_cache_records_its_format_and_code_and_a_newer_format_is_refused(synth, tmp_path):
+    """A cache records format_version and the code (package version, git commit) in manifest.json and each clip's
+    latent_cache; one without them (format 0, cached before) reads and resumes as before, and one a newer code cached
+    in another format is refused by a re-run and by the DataModule, naming the format and the code (the code read
+    its shards without a word whatever had changed in them)."""
+    import mardini
+    from mardini.data.datamodule import first_json
+    from mardini.data.latent_cache import CACHE_FORMAT
+
+    out = tmp_path / "cache"
+    _cache(str(synth / "val"), out)
+    manifest_file = out / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    assert manifest["format_version"] == CACHE_FORMAT == 1 and manifest["code"]["version"] == mardini.__version__
+    assert set(manifest["code"]) == {"version", "git_commit", "git_dirty"}
+    shards = sorted(out.glob("*.tar"))
+    cached = first_json(str(shards[0]))["latent_cache"]
+    assert cached["format_version"] == 1 and cached["code"] == manifest["code"]
+    old = {k: v for k, v in manifest.items() if k not in ("format_version", "code")}  # an older code's cache
+    manifest_file.write_text(json.dumps(old))
+    for tar in shards:
+        _rewrite_clip_json(tar, lambda meta: [meta["latent_cache"].pop(k) for k in ("format_version", "code")])
+    assert _cache(str(synth / "val"), out)["kept"] == 4  # resumed as it was
+    _dm(out, latents=True)  # and read
+    newer = {"format_version": 2, "code": {"version": "0.2.0", "git_commit": "ab" * 20}}
+    manifest_file.write_text(json.dumps({**old, **newer}))
+    said = (r"was cached in latent-cache format 2, this code \(mardini 0\.1\.0\) reads formats 0 to 1: newer code "
+            r"cached it \(mardini 0\.2\.0, commit abababababab\); update this checkout \(git pull\)")
+    with pytest.raises(ValueError, match=f"the latent cache {out} {said}"):
+        _cache(str(synth / "val"), out)
+    _rewrite_clip_json(shards[0], lambda meta: meta["latent_cache"].update(newer))
+    with pytest.raises(ValueError, match=f"the latent cache {shards[0]} {said}"):
+        _dm(out, latents=True)

@@ -597,11 +597,15 @@ def first_json_bytes(shard: str) -> bytes:
 
 
 def check_latent_shards(shard: str, frames: int, fps: float | None, resolution: int | tuple[int, int]) -> None:
-    """Raise if cached latents were made for another resolution, frame rate, or too few frames."""
+    """Raise if cached latents were made in a format this code does not read, for another resolution, frame rate,
+    or too few frames."""
+    from mardini.data.latent_cache import check_cache_format
+
     meta = first_json(shard)
     cache = meta.get("latent_cache")
     if cache is None:
         raise ValueError(f"{shard} is not a latent shard (no 'latent_cache' in its json); set data.latents=false")
+    check_cache_format(cache, f"the latent cache {shard}")
     want = [resolution, resolution] if isinstance(resolution, int) else list(resolution)
     if list(cache["resolution"]) != want:
         raise ValueError(f"latents in {shard} were cached at {cache['resolution']}, data.resolution asks {want}")

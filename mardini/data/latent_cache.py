@@ -9,7 +9,7 @@ re-run resumes) holding, per clip:
   Lightning modules do on the fly);
 - ``json``: the clip's metadata with ``frames``/``fps`` of the cached selection, ``positions`` restricted to
   it (crop-relative), and ``latent_cache`` (autoencoder spec and fingerprint, sizes, dtype, frame indices, crop
-  window).
+  window, and the cache's ``format_version`` and ``code``, as ``manifest.json`` records them: :func:`cache_record`).
 
 The cache FREEZES augmentation: every clip is centre-cropped and its frames are the fixed centred selection
 of ``frames`` at ``fps``. Training from the cache can only pick sub-windows in time (``data.frames`` smaller
@@ -35,6 +35,37 @@ from mardini.data.transforms import Size, as_size, planner_copy, planner_size
 from mardini.devices import resolve_device
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
+# bump when what a cache's shards or manifest.json hold changes (and raise OLDEST_CACHE_FORMAT past the formats this
+# code no longer reads); a cache without it is format 0 (cached before 2026-12-07), whose shards hold what format 1's do
+CACHE_FORMAT = 1
+OLDEST_CACHE_FORMAT = 0
+
+
+def cache_record() -> dict:
+    """What a cache records of the code that wrote it: ``format_version`` (:data:`CACHE_FORMAT`) and ``code`` (the
+    package version and, in a git checkout, the commit: :func:`mardini.run_info.code_version`)."""
+    from mardini.run_info import code_version
+
+    return {"format_version": CACHE_FORMAT, "code": code_version()}
+
+
+def check_cache_format(recorded: dict, where: str) -> None:
+    """Raise unless the cache whose ``recorded`` dict (its ``manifest.json``, or a clip's ``latent_cache``) says
+    ``where`` holds a format this code reads (none recorded: 0), naming the code that cached it and the fix."""
+    theirs = recorded.get("format_version", 0)
+    if OLDEST_CACHE_FORMAT <= theirs <= CACHE_FORMAT:
+        return
+    import mardini
+
+    code = recorded.get("code") or {}
+    writer = f"mardini {code.get('version') or '(version unrecorded)'}" + (
+        f", commit {code['git_commit'][:12]}" if code.get("git_commit") else "")
+    newer = theirs > CACHE_FORMAT
+    fix = ("update this checkout (git pull) to the code that cached it" if newer else
+           "re-cache it with data/cache_latents.py into a new folder")
+    raise ValueError(f"{where} was cached in latent-cache format {theirs}, this code (mardini {mardini.__version__}) "
+                     f"reads formats {OLDEST_CACHE_FORMAT} to {CACHE_FORMAT}: {'newer' if newer else 'older'} code "
+                     f"cached it ({writer}); {fix}")
 
 
 def load_autoencoder(class_path: str, kwargs: dict | None = None, source: str = "kwargs") -> FrameAutoencoder:
@@ -164,7 +195,8 @@ def cache_latents(
         summary.update(shards=len(inputs), part=f"{index}/{parts}")
         if not inputs:  # more processes than shards: nothing to do here
             return summary
-    check_manifest(out, info)
+    record = cache_record()
+    check_manifest(out, info, record)
     examples: dict[str, str] = {}
     for shard in tqdm(inputs, desc="latent cache", unit="shard", disable=not progress):
         target = out / Path(shard).name
@@ -177,7 +209,8 @@ def cache_latents(
         cached_meanwhile = False
         try:
             with atomic_tar(target) as sink:
-                _encode_shard(stream, sink, ae, info, frames, planner_resolution, dtype, device, summary)
+                _encode_shard(stream, sink, ae, {**info, **record}, frames, planner_resolution, dtype, device,
+                              summary)
                 if summary["clips"] == before["clips"]:
                     raise _NoClip  # no usable clip: write no shard (training would stall on an empty one)
                 if target.exists():
@@ -230,14 +263,17 @@ class _CachedMeanwhile(Exception):
     """Another process cached the shard while this one encoded it: its file is kept."""
 
 
-def check_manifest(out: Path, info: dict) -> None:
-    """``<out>/manifest.json`` records the cache settings; a re-run with others into the same folder is refused
-    (shards kept from the earlier run would mix two settings). The autoencoders are compared as a stage compares
-    them (:func:`~mardini.lit.checkpoints.latent_spec_differences`), so a resume with another ``chunk_size`` (a
-    memory knob: a smaller GPU) is no other setting."""
+def check_manifest(out: Path, info: dict, record: dict | None = None) -> None:
+    """``<out>/manifest.json`` records the cache settings (and ``record``: :func:`cache_record`); a re-run with
+    others into the same folder is refused (shards kept from the earlier run would mix two settings), as is one
+    into a folder of a format this code does not read (:func:`check_cache_format`). The autoencoders are compared
+    as a stage compares them (:func:`~mardini.lit.checkpoints.latent_spec_differences`), so a resume with another
+    ``chunk_size`` (a memory knob: a smaller GPU) is no other setting."""
     manifest = out / "manifest.json"
     if manifest.exists():
-        old = json.loads(manifest.read_text(encoding="utf-8")).get("settings") or {}
+        held = json.loads(manifest.read_text(encoding="utf-8"))
+        check_cache_format(held, f"the latent cache {out}")
+        old = held.get("settings") or {}
         unrecorded = {"planner_copy", "autoencoder_fingerprint"} - set(old)  # by a cache written before they were
         info = {k: v for k, v in info.items() if k not in unrecorded}
         same_vae = "autoencoder_fingerprint" in old and old["autoencoder_fingerprint"] == info["autoencoder_fingerprint"]
@@ -249,7 +285,7 @@ def check_manifest(out: Path, info: dict) -> None:
                              "output folder, or delete this one to re-cache")
         return
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(manifest, {"settings": info})
+    write_json_atomic(manifest, {**(record or {}), "settings": info})
 
 
 def _same_setting(key: str, old, new, same_fingerprint: bool) -> bool:
