@@ -271,6 +271,33 @@ def test_checkpoints_record_the_training_seconds_and_a_resume_adds_to_them(workd
     assert hours == pytest.approx([s / 3600 for s in range(5)])  # at each step's start
 
 
+def test_a_resume_of_a_checkpoint_without_the_training_time_records_the_step_its_count_starts_at(workdir, monkeypatch,
+                                                                                                tmp_path):
+    """A checkpoint an older code wrote (no train_seconds), resumed for 2 more steps: the new checkpoint records 2 s
+    from step 3, and the demo reports no time for it. Before, it recorded 2 s as the run's whole training time, and
+    the demo's stage table showed it as the stage's."""
+    from mardini.demo.chain import recorded_seconds
+    from mardini.lit.checkpoints import read_checkpoint
+
+    clock = Clock()
+    monkeypatch.setattr("mardini.lit.step_logs.time", SimpleNamespace(perf_counter=clock.perf_counter))
+    first = _tiny_fit(workdir, tmp_path / "first", [clock], max_steps=3, log_every_n_steps=1, limit_val_batches=0,
+                      enable_checkpointing=False)
+    first.save_checkpoint(tmp_path / "3.ckpt")
+    old = read_checkpoint(tmp_path / "3.ckpt")  # memory-mapped: written to another file
+    for key in ("train_seconds", "train_seconds_from_step"):  # as 886635b wrote it
+        old["mardini"].pop(key, None)
+    torch.save(old, tmp_path / "old.ckpt")
+    resumed = _tiny_fit(workdir, tmp_path / "resumed", [clock], max_steps=5, ckpt_path=str(tmp_path / "old.ckpt"),
+                        log_every_n_steps=1, limit_val_batches=0, enable_checkpointing=False)
+    resumed.save_checkpoint(tmp_path / "5.ckpt")
+    meta = read_checkpoint(tmp_path / "5.ckpt")["mardini"]
+    assert (meta["train_seconds"], meta["train_seconds_from_step"]) == (2.0, 3)
+    assert recorded_seconds(tmp_path / "5.ckpt") is None  # this code's own: counted from step 0
+    assert read_checkpoint(tmp_path / "3.ckpt")["mardini"]["train_seconds_from_step"] == 0
+    assert recorded_seconds(tmp_path / "3.ckpt") == 3.0
+
+
 def test_the_demo_reports_the_training_time_its_stage_s_checkpoint_records(monkeypatch, tmp_path):
     """A stage resumed by the demo reports the training time its checkpoint records (its earlier runs too), and a
     reused stage the time it was trained in; before, the time of the demo's own call into the CLI (a resumed stage

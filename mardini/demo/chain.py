@@ -65,14 +65,16 @@ def finished_step(checkpoint: Path) -> int:
 
 def recorded_seconds(checkpoint: Path) -> float | None:
     """The training seconds a checkpoint records (``MarDiniBase.train_seconds``), or None for a missing or unreadable
-    checkpoint, or one written before the record."""
+    checkpoint, one written before the record, or one whose record starts after step 0 (a run resumed from such a
+    checkpoint: the time it records is not the stage's)."""
     if not checkpoint.is_file():
         return None
     try:
-        seconds = (read_checkpoint(checkpoint).get("mardini") or {}).get("train_seconds")
+        meta = read_checkpoint(checkpoint).get("mardini") or {}
     except ValueError:
         return None
-    return None if seconds is None else float(seconds)
+    seconds = meta.get("train_seconds")
+    return None if seconds is None or meta.get("train_seconds_from_step", 0) else float(seconds)
 
 
 # Lightning's start-up chatter, the same for every stage; its warnings and errors still show.

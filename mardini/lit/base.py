@@ -153,6 +153,7 @@ class MarDiniBase(StartupChecks, LossReduction, Optimisation, EmaWeights, StepLo
         self._skip_step = False  # set by a non-finite loss or gradient (skip): this optimiser step changes no weight
         self._perf_window: tuple[float, int, int] | None = None  # (start, clips, tokens) since the last logged perf/
         self._train_seconds = 0.0  # training time before this fit's training started (a resumed checkpoint's)
+        self._train_seconds_from_step = 0  # the step _train_seconds counts from (0 but after an unrecorded time)
         self._train_clock: float | None = None  # perf_counter at this fit's training start, while it trains
         self._code_history: list[dict[str, Any]] = []  # the code a resumed checkpoint was trained with (code_record)
         self._code_from_step = 0  # the global step this process's code trains from (a resumed checkpoint's)

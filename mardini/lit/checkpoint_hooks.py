@@ -46,6 +46,7 @@ class StageCheckpoints:
             "data_skipped": self._skipped_over_ranks(),  # every rank's (on_save_checkpoint runs on every rank)
             "ema_loaded": sorted(self._ema_loaded),
             "train_seconds": self.train_seconds(),
+            "train_seconds_from_step": self._train_seconds_from_step,  # > 0: the time before it is not recorded
             "lr_schedule_steps": self._schedule_steps,  # a resume under another length says so
             "lr_schedule_history": [list(entry) for entry in self._schedule_history],  # _record_schedule_length
             "code": dict(code_settings()),  # the code of the process saving it (git commit, changes, libraries)
@@ -97,13 +98,22 @@ class StageCheckpoints:
         # the logged data/skipped goes on: every rank's count before, held by rank 0 (checkpoints written before
         # 2026-12-07 hold rank 0's alone)
         self._skipped_total = int(checkpoint["mardini"].get("data_skipped", 0)) if self.global_rank == 0 else 0
-        self._train_seconds = float(checkpoint["mardini"].get("train_seconds", 0.0))  # a resume adds to it
+        self._load_train_seconds(checkpoint)
         self._note_code(checkpoint, path, fitting=fitting)
         if "ema_loaded" in checkpoint["mardini"]:  # a resume need not load init_from again (MarDiniCLI) to know it
             self._ema_loaded = set(checkpoint["mardini"]["ema_loaded"])
         state = checkpoint["state_dict"]
         for k, v in self.autoencoder.state_dict().items():
             state.setdefault(f"autoencoder.{k}", v)
+
+    def _load_train_seconds(self, checkpoint: dict) -> None:
+        """The training time a resume adds to, and the step it counts from: a checkpoint written before the time was
+        recorded (2026-12-07) holds none, so the count starts at its step instead of passing the time since the
+        resume off as the whole run's (``train_seconds_from_step`` says so)."""
+        meta = checkpoint["mardini"]
+        self._train_seconds = float(meta.get("train_seconds", 0.0))
+        unrecorded = int(checkpoint.get("global_step", 0)) if "train_seconds" not in meta else 0
+        self._train_seconds_from_step = int(meta.get("train_seconds_from_step", unrecorded))
 
     def _note_code(self, checkpoint: dict, path: str, fitting: bool) -> None:
         """Carry the checkpoint's code history forward; a fit resuming a checkpoint another code wrote says so."""

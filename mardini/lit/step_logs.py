@@ -181,6 +181,7 @@ class StepLogs:
     def train_seconds(self) -> float:
         """Seconds of training of the run so far: from the training's start (after setup and the sanity check) to now,
         validations and checkpoints included, added to what the checkpoint it resumed from recorded. Saved in every
-        checkpoint (``checkpoint["mardini"]["train_seconds"]``) and logged as ``perf/train_hours``."""
+        checkpoint (``checkpoint["mardini"]["train_seconds"]``, with ``train_seconds_from_step``: 0, or the step of a
+        resumed checkpoint that recorded no time, from which it counts) and logged as ``perf/train_hours``."""
         running = 0.0 if self._train_clock is None else time.perf_counter() - self._train_clock
         return self._train_seconds + running
