@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mardini.lit import MarDiniModule
@@ -63,6 +64,7 @@ def _fsdp_worker(rank: int, world: int, rendezvous: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two gloo processes, about 20 s: `make test-slow`
 def test_checkpointing_under_fsdp_gives_the_same_loss_and_gradient_shards(tmp_path):
     """The networks checkpoint their blocks from outside the FSDP units fsdp.yaml makes of them (every paper stage
     runs so): the recomputation gathers the unit again, and each rank's loss and gradient shards stay bit-identical."""
