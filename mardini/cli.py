@@ -16,7 +16,8 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from mardini.cli_failed_fit import SpawnedFit, clean_up_failed_fit, interrupted, wait_for_workers
+from mardini.cli_failed_fit import (SpawnedFit, clean_up_after_workers, clean_up_failed_fit, interrupted,
+                                   wait_for_workers)
 from mardini.cli_loggers import (MOVED_CHECKPOINT_FOLDER_WARNING, drop_empty_validation_runs, fit_logger,
                                  validation_logger)
 from mardini.cli_parser import (BATCH_LIMITS, CLI_ERRORS, ShortErrorParser, describe_resume_options,
@@ -29,6 +30,7 @@ from mardini.cli_settings import (check_run_settings, checkpoint_dir, expand_log
 from mardini.lit.base import MarDiniBase
 from mardini.lit.checkpoint_io import AtomicCheckpointIO
 from mardini.lit.checkpoints import RESUMING, directory_message
+from mardini.lit.clean_up_record import CleanUpRecord
 from mardini.lit.lr_monitor import LatestLearningRateMonitor
 from mardini.lit.preemption import TERMINATED, PreemptionSave
 from mardini.lit.resumed_logs import ResumedLogs
@@ -165,7 +167,9 @@ class MarDiniCLI(LightningCLI):
         checkpoint to resume is checked first (:meth:`check_resume`); a fit that fails, or that Ctrl-C (SIGINT)
         interrupted (:func:`interrupted`), is cleaned up after (:func:`clean_up_failed_fit`: no empty event file or log
         folder left, the earlier run it set aside put back) in the process that ran its training: under ``ddp_spawn``
-        the worker of rank 0 (:class:`SpawnedFit`), which the main process waits for. A fit that SIGTERM ended
+        the worker of rank 0 (:class:`SpawnedFit`), which the main process waits for, and where that worker was
+        stopped before its clean-up ran (another rank failed first), the main process (:func:`clean_up_after_workers`,
+        from the state rank 0 recorded: ``mardini.lit.clean_up_record``). A fit that SIGTERM ended
         exits with status 143 (``PreemptionSave``: after its checkpoint), never 0."""
         if self._nothing_to_resume:
             kwargs["ckpt_path"] = None
@@ -173,10 +177,11 @@ class MarDiniCLI(LightningCLI):
             kwargs["ckpt_path"] = self._resume_from
         folders = log_folders(self.trainer)
         spawned = isinstance(self.trainer.strategy.launcher, _MultiProcessingLauncher)
-        if spawned:  # the workers run the training (and its clean-up); the main process only launches them
-            self.trainer._fit_impl = SpawnedFit(self.trainer, folders)
         # one fit per log folder: a second one is refused before it reads or writes anything there (run_lock)
         lock = RunLock(folders if self.trainer.is_global_zero else ()).acquire()
+        record = CleanUpRecord() if spawned else None  # rank 0's clean-up state, for this process
+        if spawned:  # the workers run the training (and its clean-up); the main process only launches them
+            self.trainer._fit_impl = SpawnedFit(self.trainer, folders, record)
         try:
             self.check_resume(model, kwargs.get("ckpt_path"), kwargs.get("weights_only"))
             self.trainer.fit(model, **kwargs)
@@ -189,7 +194,9 @@ class MarDiniCLI(LightningCLI):
                 if spawned:
                     wait_for_workers(self.trainer.strategy.launcher)  # their clean-up done, files closed
                 lock.release()  # before the clean-up, which removes the log folder a failed fit made only if empty
-                if spawned:
+                if spawned:  # rank 0's clean-up, where it ended first, and what the workers left
+                    workers = getattr(self.trainer.strategy.launcher, "procs", None) or []
+                    clean_up_after_workers(record, self.trainer, folders, e, workers)
                     drop_empty_log_folders(folders if self.trainer.is_global_zero else {})
                 else:
                     clean_up_failed_fit(self.trainer, folders, e)
@@ -198,6 +205,7 @@ class MarDiniCLI(LightningCLI):
             lock.release()
             if spawned:
                 del self.trainer._fit_impl
+                record.remove()
 
     def check_resume(self, model, ckpt_path, weights_only: bool | None) -> None:
         """Refuse the local checkpoint file a fit resumes (the stage's newest, or ``--ckpt_path FILE``) before

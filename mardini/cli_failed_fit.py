@@ -1,9 +1,11 @@
 """The clean-up after a ``train.py fit`` that failed or that Ctrl-C interrupted, in the process that ran its
-training (under ``ddp_spawn`` the worker of rank 0)."""
+training (under ``ddp_spawn`` the worker of rank 0, or the main process where that worker was stopped before its
+clean-up ran: :func:`clean_up_after_workers`)."""
 
 from __future__ import annotations
 
 import signal
+from types import SimpleNamespace
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
@@ -11,6 +13,7 @@ from lightning.pytorch.trainer import call
 from lightning.pytorch.utilities import rank_zero_info
 
 from mardini.cli_saved_config import KeepEarlierConfig
+from mardini.lit.clean_up_record import CleanUpRecord, keep_in
 from mardini.lit.step_checkpoint import FitStarted, StepCheckpoint, drop_untrained_logs
 
 
@@ -44,12 +47,16 @@ class SpawnedFit:
     worker's KeyboardInterrupt ended it silently (torch's spawn wrapper swallows it), and the main process, which
     never trained, took the fit for one that failed before training: it deleted the new run's event file ("the fit
     failed before training: ... deleted (they recorded nothing)") and left the earlier run in
-    ``checkpoints/earlier.N/``."""
+    ``checkpoints/earlier.N/``.
 
-    def __init__(self, trainer, folders) -> None:
-        self.trainer, self.folders = trainer, folders
+    ``record``: where rank 0 keeps its clean-up state as the fit goes, and marks its clean-up done, for the main
+    process (:func:`clean_up_after_workers`)."""
+
+    def __init__(self, trainer, folders, record: CleanUpRecord) -> None:
+        self.trainer, self.folders, self.record = trainer, folders, record
 
     def __call__(self, *args, **kwargs):
+        keep_in(self.record)
         try:
             return Trainer._fit_impl(self.trainer, *args, **kwargs)
         except BaseException as e:
@@ -59,7 +66,32 @@ class SpawnedFit:
                 call._interrupt(self.trainer, e)
                 self.trainer._teardown()
                 clean_up_failed_fit(self.trainer, self.folders, e)
+                if self.trainer.is_global_zero:
+                    self.record.mark_done()
             raise
+        finally:
+            keep_in(None)
+
+
+def clean_up_after_workers(record: CleanUpRecord, trainer, folders, error: BaseException, workers) -> bool:
+    """In the main process of a failed ``ddp_spawn`` fit, once its ``workers`` (processes) have ended: the clean-up
+    rank 0 did not mark done (:func:`clean_up_failed_fit` from the state it last recorded; where it recorded none,
+    from ``trainer``'s callbacks, which never ran: nothing set aside, the training not started). Whether it ran.
+
+    When another rank fails first, torch's spawn launcher SIGTERMs the other workers at once and SIGKILLs them 30 s
+    later: rank 0 cleans up only where its pending collective fails fast (gloo's "Connection closed by peer"); one
+    stuck longer (a collective that waits for its timeout, as NCCL's do, a long step, a slow clean-up) was killed
+    first, and the earlier run stayed in ``checkpoints/earlier.N/`` (``--ckpt_path last`` then trained from
+    scratch). A worker still running (a Ctrl-C whose clean-up outlasts ``wait_for_workers``) is left to finish its
+    own."""
+    if record.done() or any(process.is_alive() for process in workers):
+        return False
+    callbacks = record.restored(trainer.callbacks)
+    for cb in callbacks:  # what rank 0's on_exception hooks would have done: the earlier config.yaml back
+        if isinstance(cb, KeepEarlierConfig):
+            cb.on_exception(trainer, None, error)
+    clean_up_failed_fit(SimpleNamespace(is_global_zero=True, callbacks=callbacks), folders, error)
+    return True
 
 
 def wait_for_workers(launcher: _MultiProcessingLauncher, timeout: float = 60.0) -> None:

@@ -12,6 +12,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning_utilities.core.imports import compare_version
 
 from mardini.lit.checkpoint_io import local_path
+from mardini.lit.clean_up_record import KeptForCleanUp, note
 
 
 # ``dump`` keeping the None values, as config.yaml holds them: jsonargparse 4.49 renamed ``skip_none`` to
@@ -19,7 +20,7 @@ from mardini.lit.checkpoint_io import local_path
 KEEP_NONE = {("skip_unset" if compare_version("jsonargparse", operator.ge, "4.49.0") else "skip_none"): False}
 
 
-class KeepEarlierConfig(SaveConfigCallback):
+class KeepEarlierConfig(SaveConfigCallback, KeptForCleanUp):
     """Lightning's ``config.yaml`` in the log folder, overwritten by each run of the stage; where the one there
     differs from the new one (a rerun with other settings, which resumes the run) it is first kept as
     ``config.N.yaml`` (N = 1, 2, ...: the highest is the newest), so the settings each part of the run was trained
@@ -32,6 +33,8 @@ class KeepEarlierConfig(SaveConfigCallback):
     _kept: Path | None = None  # config.N.yaml, the earlier config.yaml, until the training starts
     _rotated: Path | None = None  # the same, from then on (for put_back)
     _before: tuple[Path, bytes | None] | None = None  # config.yaml and its bytes before this fit (None: none)
+
+    clean_up_state = ("_kept", "_rotated", "_before", "config_filename")  # what on_exception and put_back read
 
     _written: Path | None = None  # the file this setup writes (config.yaml, validate.yaml)
     scored: str | None = None  # a validate's checkpoint, "FILE (global step N)", for its header (MarDiniCLI.validate)
@@ -49,6 +52,7 @@ class KeepEarlierConfig(SaveConfigCallback):
             path = Path(log_dir) / self.config_filename
             self._before = (path, path.read_bytes() if path.is_file() else None)
             self._kept = keep_earlier_config(path, self.parser.dump(self.config, **KEEP_NONE))
+            note(trainer)  # for the main process of a ddp_spawn fit (mardini.lit.clean_up_record)
         self._written = Path(log_dir) / self.config_filename if log_dir is not None else None
         super().setup(trainer, pl_module, stage)
 
@@ -76,6 +80,7 @@ class KeepEarlierConfig(SaveConfigCallback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._rotated, self._kept = self._kept, None  # the new settings train: the earlier ones stay kept
+        note(trainer)
 
     def put_back(self) -> None:
         """``config.yaml`` as this fit found it, byte for byte (the earlier one back from ``config.N.yaml``, or its

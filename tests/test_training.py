@@ -995,6 +995,61 @@ def test_ctrl_c_during_a_ddp_spawn_fit_puts_the_earlier_run_back(workdir, monkey
     assert sorted(p.name for p in stage.rglob("*") if p.is_dir()) == ["checkpoints"]  # no earlier.1/ left
 
 
+RANK_1_FAILS_RANK_0_HANGS = """
+import sys, time
+from mardini.lit import GenerationModule
+
+real = GenerationModule.training_step
+
+
+def training_step(self, batch, batch_idx):
+    if self.global_step >= 2 and self.global_rank == 1:
+        raise RuntimeError("a bad batch on rank 1")
+    if self.global_step >= 2:  # rank 0, stuck where the launcher's SIGTERM does not stop it (an NCCL collective)
+        time.sleep(600)
+    return real(self, batch, batch_idx)
+
+
+GenerationModule.training_step = training_step  # in the spawned workers too: they import this file as __mp_main__
+if __name__ == "__main__":
+    from mardini.cli import main
+    main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow  # two spawned workers, the launcher's 30 s before it SIGKILLs rank 0: about a minute
+def test_a_ddp_spawn_fit_whose_rank_1_fails_while_rank_0_hangs_puts_the_earlier_run_back(workdir, tmp_path):
+    """--ckpt_path null where a run is, on 2 ddp_spawn workers: rank 1 raises at step 2 while rank 0 hangs; torch's
+    launcher SIGTERMs rank 0, then SIGKILLs it 30 s later, before its clean-up ran. The main process cleans up from
+    what rank 0 recorded: the stage's folder is as the fit found it, byte for byte. Before, the earlier run stayed in
+    checkpoints/earlier.1/ (config.yaml rotated to config.1.yaml, the new run's event file and hparams.yaml left),
+    and --ckpt_path last trained from scratch."""
+    import os
+    import subprocess
+    import sys
+
+    save = [f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.log_every_n_steps=1"]
+    stage = tmp_path / STAGES[0]
+    script = tmp_path / "rank_1_fails.py"
+    script.write_text(RANK_1_FAILS_RANK_0_HANGS)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    first = subprocess.run([sys.executable, str(script), "fit", *_stage(STAGES[0], 2, *save)], cwd=workdir, env=env,
+                           capture_output=True, text=True, timeout=240)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = _files(stage)
+    command = [sys.executable, str(script), "fit", *_stage(STAGES[0], 10_000, *save), "--ckpt_path=null",
+               "--checkpoint_every=100000", "--trainer.strategy=ddp_spawn", "--trainer.devices=2"]
+    failed = subprocess.run(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, timeout=400)
+    out = failed.stdout
+    assert failed.returncode == 1 and "a bad batch on rank 1" in out, out[-3000:]
+    assert "forcefully exiting via SIGKILL" in out, out[-3000:]  # rank 0 never reached its clean-up
+    assert "The fit failed before saving a checkpoint: the earlier run's files" in out, out[-3000:]
+    assert _files(stage) == before
+    assert sorted(p.name for p in stage.rglob("*") if p.is_dir()) == ["checkpoints"]  # no earlier.1/ left
+
+
 def test_a_new_run_that_fails_after_saving_keeps_the_earlier_run_aside(workdir, monkeypatch, tmp_path):
     save = [f"--trainer.logger.init_args.save_dir={tmp_path}", "--checkpoint_every=1"]
     folder = tmp_path / STAGES[0] / "checkpoints"

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from mardini.lit.checkpoint_io import local_path
 from mardini.lit.checkpoints import read_checkpoint
+from mardini.lit.clean_up_record import KeptForCleanUp, note
 from mardini.lit.expected_warnings import ignore, remove_filters
 from mardini.lit.run_lock import held
 
@@ -36,7 +37,7 @@ def not_empty_warning(folder: str) -> str:
     return rf"Checkpoint directory {re.escape(folder)} exists and is not empty\.\Z"
 
 
-class StepCheckpoint(ModelCheckpoint):
+class StepCheckpoint(ModelCheckpoint, KeptForCleanUp):
     """Saves every ``every_n_train_steps`` like ModelCheckpoint, and once more when training ends.
 
     Lightning's ``save_last`` writes ``last.ckpt`` at train end only if nothing was saved before, so a stage of
@@ -67,6 +68,8 @@ class StepCheckpoint(ModelCheckpoint):
     Each save then deletes the preemption checkpoints (``hpc_ckpt_N.ckpt``, one per preemption) in the folder that it
     supersedes (:func:`drop_superseded_preemption_checkpoints`), so they do not pile up over a run's requeues.
     """
+
+    clean_up_state = ("aside", "saved_any", "dirpath", "_fs", "logs")  # what put_back_earlier_run reads
 
     def __init__(self, *args, resume: str | None = "last", logs: dict[str, tuple[int, int]] | None = None,
                  **kwargs) -> None:
@@ -99,6 +102,7 @@ class StepCheckpoint(ModelCheckpoint):
             return
         if trainer.is_global_zero:
             self.aside = set_aside_earlier_run(self._fs, str(self.dirpath), self.logs, self.rewritten)
+            note(trainer)  # where it is, for the main process of a ddp_spawn fit (mardini.lit.clean_up_record)
         trainer.strategy.barrier("StepCheckpoint.set_aside")  # no rank saves before the folder is clear
 
     def _starts_new_run(self) -> bool:
@@ -132,6 +136,7 @@ class StepCheckpoint(ModelCheckpoint):
     def _save_checkpoint(self, trainer: "pl.Trainer", filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
         self.saved_any = True
+        note(trainer)
         folder = local_path(str(self.dirpath))
         if trainer.is_global_zero and folder is not None:  # the file is written (rank 0 writes it)
             drop_superseded_preemption_checkpoints(Path(folder), trainer.global_step)
@@ -319,14 +324,16 @@ def earlier_logs(log_dir: str | None) -> dict[str, tuple[int, int]]:
     return {str(p): stamp for p in Path(folder).iterdir() if LOGS.fullmatch(p.name) and (stamp := _stamp(p))}
 
 
-class FitStarted(Callback):
+class FitStarted(Callback, KeptForCleanUp):
     """Whether the fit reached its training (``on_train_start``: after the setup, the checkpoint's restore and the
     sanity check), for the clean-up of a fit that failed before (:func:`drop_untrained_logs`)."""
 
     started = False
+    clean_up_state = ("started",)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.started = True
+        note(trainer)
 
 
 def log_folders(trainer) -> dict[Path, tuple[set[str] | None, Path]]:
