@@ -172,6 +172,56 @@ def test_val_clips_is_a_cap_per_rank_and_setup_warns_under_ddp_where_it_leaves_c
         assert not [m for m in _setup_warnings(synth, 0, world, **kw) if "val_clips" in m], (world, kw)
 
 
+def _fsdp_rank(dm: VideoDataModule, rank: int, world: int) -> VideoDataModule:
+    """``dm`` as rank ``rank`` of ``world`` under FSDP sees its trainer (the parts ``setup`` reads)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    dm.trainer = SimpleNamespace(global_rank=rank, world_size=world, strategy=FSDPStrategy())
+    return dm
+
+
+@pytest.mark.parametrize(("data", "world", "kw"), [("synth", 3, {}), ("synth", 3, {"num_workers": 2}),
+                                                   ("synth", 2, {"val_clips": 5, "num_workers": 2}),
+                                                   ("one", 2, {"val_batch_size": 1}), ("one", 3, {"num_workers": 2})])
+def test_validation_batches_counts_what_each_rank_streams(synth, one_val_shard, data, world, kw):
+    """The count logic of the FSDP check (``validation_batches``) against each rank's loader, read one rank at a time:
+    with data.val_clips null, 16 clips in 8 shards of 2 give 3 ranks 3, 3 and 2 batches of 2 (each rank reads its
+    own shards), 7 clips of one shard on 2 ranks in batches of 1 give 4 and 3: unequal, which FSDP cannot run."""
+    from mardini.data.datamodule import count_samples, validation_batches
+
+    root = synth if data == "synth" else one_val_shard
+    streamed = []
+    for rank in range(world):
+        dm = _dm(root, batch_size=2 * world, **kw)
+        dm.configure_ranks(rank, world)
+        dm.setup("validate")
+        streamed.append(len(list(dm.val_dataloader())))
+    counts = {shard: count_samples(shard) for shard in dm.val_set.shards}
+    assert validation_batches(dm.val_set, max(1, dm.num_workers), counts) == streamed
+    if (data, kw) in [("synth", {}), ("one", {"val_batch_size": 1})]:
+        assert streamed == ([3, 3, 2] if data == "synth" else [4, 3])
+
+
+def test_fsdp_refuses_a_validation_split_that_gives_the_ranks_unequal_batches(synth):
+    """Under FSDP, data.val_clips: null on 3 ranks of 16 clips in 8 shards (3, 3 and 2 batches) is refused at setup,
+    naming the cap every rank fills (4 clips: 2 batches each), with which every rank streams as many batches; DDP
+    runs it (its validation forwards need no other rank). Before, the rank with fewer batches left the others waiting
+    in an FSDP all-gather for ever."""
+    with pytest.raises(ValueError, match=r"gives these 3 ranks \[3, 3, 2\] validation batches.*set data.val_clips: 4"):
+        _fsdp_rank(_dm(synth, batch_size=6), 0, 3).setup("validate")
+    streamed = []
+    for rank in range(3):
+        dm = _fsdp_rank(_dm(synth, batch_size=6, val_clips=4), rank, 3)
+        dm.setup("validate")
+        streamed.append(len(list(dm.val_dataloader())))
+    assert streamed == [2, 2, 2]
+    dm = _dm(synth, batch_size=6)
+    dm.configure_ranks(0, 3)
+    dm.setup("validate")
+
+
 def test_a_val_split_of_fewer_clips_than_ranks_is_refused(one_val_shard):
     dm = _dm(one_val_shard, batch_size=8)
     dm.configure_ranks(0, 8)

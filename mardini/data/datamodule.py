@@ -40,6 +40,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
 from torch.utils.data import DataLoader
 
@@ -77,7 +78,9 @@ class VideoDataModule(L.LightningDataModule):
             depends on the world size and ``num_workers`` wherever the cap leaves clips of the split out (``setup``
             warns under DDP: :func:`val_clips_warning`). It stays a per-rank cap because it keeps the ranks'
             validation batches equal (a rank's share of a global count could hold one batch more, which FSDP, whose
-            forwards gather from every rank, cannot run); ``val_clips: null`` validates the same clips on any ranks.
+            forwards gather from every rank, cannot run); ``val_clips: null`` validates the same clips on any ranks,
+            in batches that differ between ranks where the shards differ in size: under FSDP ``setup`` refuses
+            unequal batches, naming the cap every rank fills (:func:`check_equal_validation_batches`).
         val_batch_size: per-rank validation batch (default: the largest per-rank training batch, the same on every
             rank).
         latents: read cached latent shards (``data/cache_latents.py``) instead of pixels.
@@ -200,6 +203,8 @@ class VideoDataModule(L.LightningDataModule):
                 message = val_clips_warning(self.val_set, max(1, self.num_workers))
                 if message:
                     _warn_once(message)
+            if self.world_size > 1 and needs_equal_validation_steps(self.trainer):
+                check_equal_validation_batches(self.val_set, max(1, self.num_workers), self.val_shards)
 
     def _whole_windows(self, batches: int) -> int:
         """``batches`` per epoch rounded down to a multiple of the trainer's gradient-accumulation window, with a
@@ -568,6 +573,69 @@ def val_clips_warning(stream: ClipStream, workers: int) -> str | None:
             "which clips val/loss and the evaluation callbacks score then depends on the world size and "
             "data.num_workers. Set data.val_clips: null to validate the whole split (the same clips on any world "
             "size), or compare runs at one world size and worker count")
+
+
+def needs_equal_validation_steps(trainer) -> bool:
+    """Whether every rank must run as many validation steps: under FSDP each forward gathers the parameters from all
+    ranks, so a rank with one batch more waits for ever (DDP's validation forwards need no other rank)."""
+    return isinstance(getattr(trainer, "strategy", None), FSDPStrategy)
+
+
+def validation_batches(stream: ClipStream, workers: int, counts: dict[str, int]) -> list[int]:
+    """The validation batches each rank of ``stream.world_size`` streams from a finite split whose shards hold
+    ``counts`` samples (all of them good), over ``workers`` loader workers: each (rank, worker) batches its share
+    (:meth:`ClipStream.share_samples`), capped by its part of ``stream.max_clips``
+    (:func:`~mardini.data.stream.worker_quota`)."""
+    per_rank = []
+    for rank in range(stream.world_size):
+        clips = [_reader(stream, rank).share_samples(worker, workers, counts) for worker in range(workers)]
+        if stream.max_clips is not None:
+            clips = [min(n, worker_quota(stream.max_clips, worker, workers)) for worker, n in enumerate(clips)]
+        per_rank.append(sum(math.ceil(n / stream.batch_size) for n in clips))
+    return per_rank
+
+
+def equalising_val_clips(stream: ClipStream, workers: int, counts: dict[str, int]) -> int | None:
+    """The largest ``data.val_clips`` that every (rank, worker) share fills (so every rank streams as many
+    clips, and batches, as the others); None where no cap does (a worker's share is empty)."""
+    fewest = [min(_reader(stream, rank).share_samples(worker, workers, counts) for rank in range(stream.world_size))
+              for worker in range(workers)]
+    for cap in range(sum(fewest), 0, -1):
+        if all(worker_quota(cap, worker, workers) <= n for worker, n in enumerate(fewest)):
+            return cap
+    return None
+
+
+def _reader(stream: ClipStream, rank: int) -> ClipStream:
+    reader = copy.copy(stream)
+    reader.rank = rank
+    return reader
+
+
+def check_equal_validation_batches(stream: ClipStream, workers: int, pattern: str) -> None:
+    """Refuse a validation split that gives the ranks unequal numbers of batches where every rank must run as many
+    validation steps (:func:`needs_equal_validation_steps`): ``data.val_clips: null`` on shards of unequal sizes
+    (each rank reads its own shards), or a cap some share does not fill. Shards that are not local files cannot be
+    counted: a warning says so. Bad samples skipped while validating can still unbalance the ranks."""
+    if not all(os.path.isfile(shard) for shard in stream.shards):
+        _warn_once(f"the validation shards {pattern!r} are not local files and cannot be counted: under FSDP every "
+                   "rank must stream as many validation batches; set data.val_clips to at most the clips of the "
+                   "smallest (rank, loader worker) share")
+        return
+    counts = {shard: count_samples(shard) for shard in stream.shards}
+    batches = validation_batches(stream, workers, counts)
+    if len(set(batches)) == 1:
+        return
+    cap = equalising_val_clips(stream, workers, counts)
+    cap_now = "null" if stream.max_clips is None else stream.max_clips
+    fix = (f"set data.val_clips: {cap} (a cap per rank that every rank's share fills)" if cap is not None else
+           "write the validation split in more shards of equal size, or use fewer data.num_workers")
+    raise ValueError(
+        f"under FSDP every rank must run as many validation steps (each forward gathers the parameters from all "
+        f"ranks: a rank with a batch more waits for ever), but data.val_clips: {cap_now} gives these "
+        f"{stream.world_size} ranks {batches} validation batches of {stream.batch_size} from {pattern!r} "
+        f"({sum(counts.values())} clips in {len(counts)} shards, {workers} loader worker(s) per rank); {fix}"
+    )
 
 
 def count_samples(shard: str) -> int:
