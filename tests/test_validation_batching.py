@@ -141,10 +141,12 @@ class _KeyedClips(_KeylessClips):
 
 
 def _validate_as_rank(module: MarDiniModule, clips, rank: int, others: list[torch.Tensor], monkeypatch,
-                      record: list[torch.Tensor] | None = None) -> dict[str, float]:
-    """What rank ``rank`` of 2 logs when validating its ``DistributedSampler`` share of ``clips``, the ranks faked in
-    one process: each all-reduce of the epoch's sums (``_reduce_over_ranks``, a sum) adds the other rank's sums of the
+                      record: list[torch.Tensor] | None = None, wrapped: bool = False) -> dict[str, float]:
+    """What rank ``rank`` of 2 logs when validating its ``DistributedSampler`` share of ``clips`` (``wrapped``: its
+    share of a sampler of one's own, as Lightning's ``DistributedSamplerWrapper`` gives it), the ranks faked in one
+    process: each all-reduce of the epoch's sums (``_reduce_over_ranks``, a sum) adds the other rank's sums of the
     same call (``others``, recorded by running that rank with ``record``)."""
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
     from torch.utils.data import DataLoader, DistributedSampler
 
     def reduce(value: torch.Tensor, op: str) -> torch.Tensor:
@@ -153,10 +155,24 @@ def _validate_as_rank(module: MarDiniModule, clips, rank: int, others: list[torc
         return value + others.pop(0) if others else value
 
     monkeypatch.setattr(module, "_reduce_over_ranks", reduce)
-    sampler = DistributedSampler(clips, num_replicas=2, rank=rank, shuffle=False)
+    sampler = (DistributedSamplerWrapper(_OwnSampler(len(clips)), num_replicas=2, rank=rank, shuffle=False) if wrapped
+               else DistributedSampler(clips, num_replicas=2, rank=rank, shuffle=False))
     logged = _validate_all(module, DataLoader(clips, batch_size=2, sampler=sampler))
     monkeypatch.undo()
     return logged
+
+
+class _OwnSampler(torch.utils.data.Sampler):
+    """A sampler of one's own: the clips backwards, or the ``share`` of them given."""
+
+    def __init__(self, n: int, share: list[int] | None = None) -> None:
+        self.indices = share if share is not None else list(range(n))[::-1]
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 @pytest.mark.parametrize("clips, keyed", [(3, False), (5, False), (3, True)], ids=["3-keyless", "5-keyless", "3-keyed"])
@@ -204,3 +220,36 @@ def test_validation_order_counts_each_clip_once_over_the_ranks(drop_last):
             assert len(counted) == len(set(counted)) == expected, (n, world)
         order = validation_order(DataLoader(data, batch_size=3))
         assert order.distinct == n and clip_weights(order, 0, min(3, n)).tolist() == [1.0] * min(3, n)
+
+
+def test_the_repeats_lightning_s_wrapper_of_a_sampler_of_one_s_own_pads_in_weigh_nothing(monkeypatch):
+    """A sampler of one's own under DDP: Lightning shards it with its DistributedSamplerWrapper, which pads rank 1's
+    share of 3 keyed clips with the sampler's first clip again. Its repeats weigh 0 as the DistributedSampler's do: the
+    two ranks log (faked in one process) what one process logs. Before, validation_order read only a plain
+    DistributedSampler, and the repeat counted twice in val/loss."""
+    torch.manual_seed(0)
+    module = MarDiniModule(size="tiny", frames=5, planner_resolution=16, templates={"random": 1.0})
+    data = _KeyedClips(3)
+    one = _validate_all(module, torch.utils.data.DataLoader(data, batch_size=2))
+    rank1: list[torch.Tensor] = []
+    _validate_as_rank(module, data, 1, [], monkeypatch, record=rank1, wrapped=True)
+    assert _validate_as_rank(module, data, 0, rank1, monkeypatch, wrapped=True) == pytest.approx(one, rel=1e-5)
+
+
+def test_a_sampler_of_one_s_own_that_repeats_clips_over_the_ranks_warns_once_naming_the_fix(monkeypatch):
+    """Under DDP (2 ranks, faked) a sampler of one's own, not wrapped by Lightning (use_distributed_sampler: false),
+    gives each rank 2 of 3 clips: one is validated twice and counts twice, which the module cannot tell apart; it says
+    so once, naming the fix. Shares that fit the set (2 of 4 clips each) give no warning. Before, nothing said it."""
+    from torch.utils.data import DataLoader
+
+    module = MarDiniModule(size="tiny", frames=5, planner_resolution=16)
+    monkeypatch.setattr(MarDiniModule, "_world_size", lambda self: 2)
+    with warnings.catch_warnings(record=True) as fits:
+        warnings.simplefilter("always")
+        _validate(module, DataLoader(_KeyedClips(4), batch_size=2, sampler=_OwnSampler(4, [1, 3])))
+    assert not [w for w in fits if "more than the set holds" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"each of the 2 ranks 2 clips of its 3: 1 more than the set holds.*"
+                                         r"_OwnSampler.*use Lightning's DistributedSampler") as caught:
+        for _ in range(2):
+            _validate(module, DataLoader(_KeyedClips(3), batch_size=2, sampler=_OwnSampler(3, [1, 0])))
+    assert len([w for w in caught if "more than the set holds" in str(w.message)]) == 1

@@ -287,7 +287,7 @@ def identity_seeds(seed: int, batch: dict, rows: int, order: ValidationOrder | N
         if len(keys) < rows:
             raise ValueError(f"the batch has {len(keys)} keys for {rows} clips; collate one key per clip")
         return [key_seed(seed, k) for k in keys[:rows]]
-    if order is None:
+    if order is None or order.indices is None:
         return None
     return [clip_seeds(seed, index, 1)[0] for index in order.indices[first : first + rows]]
 

@@ -23,7 +23,7 @@ from mardini.autoencoders import FrameAutoencoder, SpaceToDepthAutoencoder
 from mardini.lit.batch_weight import ElementWindow
 from mardini.lit.checkpoint_hooks import CHECKPOINT_FORMAT, RESUME_FIX, StageCheckpoints
 from mardini.lit.clip_draws import (ClipGenerators, Draws, ValidationOrder, clip_weights, draw_rows, keyless_warning,
-                                    one_per_clip, validation_order)
+                                    one_per_clip, padding_warning, validation_order)
 from mardini.lit.ema_weights import EmaWeights
 from mardini.lit.expected_warnings import ExpectedWarnings
 from mardini.lit.fsdp import attached_trainer
@@ -166,6 +166,7 @@ class MarDiniBase(StartupChecks, LossReduction, Optimisation, EmaWeights, StepLo
         self._val_order: tuple[ValidationOrder | None] | None = None  # this validation's loader order, once read
         self._val_weights: torch.Tensor | None = None  # (B,) the last validation batch's clip weights (1, or 0: padding)
         self._warned_keyless = False
+        self._warned_padding = False
         # (global step, {name: (rows, [sum, clips])}) of the gradient-accumulation window in progress
         self._train_window: tuple[int, dict[str, torch.Tensor]] | None = None
         self._last_generated: torch.Tensor | None = None  # (B,) generated frames per clip of the last compute_loss
@@ -301,12 +302,24 @@ class MarDiniBase(StartupChecks, LossReduction, Optimisation, EmaWeights, StepLo
         validation): key-less clips are seeded by its dataset indices, and its padded repeats weigh 0. None where it
         cannot be read: key-less clips are then numbered by their position on this rank, which under DDP warns once."""
         if self._val_order is None:
-            self._val_order = (validation_order(getattr(attached_trainer(self), "val_dataloaders", None)),)
+            loader = getattr(attached_trainer(self), "val_dataloaders", None)
+            self._val_order = (validation_order(loader),)
+            self._warn_padding(loader, self._val_order[0])
         order = self._val_order[0]
-        if keyless and order is None and self._world_size() > 1 and not self._warned_keyless:
+        if keyless and (order is None or order.indices is None) and self._world_size() > 1 and not self._warned_keyless:
             self._warned_keyless = True
             rank_zero_warn(keyless_warning(self._world_size()))
         return order
+
+    def _warn_padding(self, loader, order: ValidationOrder | None) -> None:
+        """Once under DDP: a validation loader whose order cannot be read and whose ranks' shares repeat clips
+        (:func:`~mardini.lit.clip_draws.padding_warning`), which then count twice."""
+        if order is not None or self._world_size() < 2 or self._warned_padding:
+            return
+        message = padding_warning(loader, self._world_size())
+        if message is not None:
+            self._warned_padding = True
+            rank_zero_warn(message)
 
     # ----------------------------------------------------------------------------------------------
     # Hooks that join the jobs of the mixins

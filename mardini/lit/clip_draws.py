@@ -10,10 +10,13 @@ Key-less clips under DDP: Lightning gives each rank its share of a map-style dat
 whose indices are the clips' identities, so ``val/loss`` does not depend on the world size. Where the world size does
 not divide the clips, the sampler pads the ranks' shares to one length by repeating the first clips of its order: those
 repeats weigh 0 in every validation sum (:attr:`ValidationOrder.distinct`, :func:`clip_weights`), so each clip counts
-once, keyed or not. A loader whose order cannot be read back (an iterable dataset, a random or a batch sampler of
-one's own) numbers its clips by their position on each rank, and under DDP the ranks then draw alike: the module
-warns once (:func:`keyless_warning`); collate a ``key`` per clip (``VideoDataModule`` does) to avoid it. Such a loader
-counts every clip it yields (``VideoDataModule``'s validation stream gives each clip to exactly one rank and worker).
+once, keyed or not; so do those of Lightning's ``DistributedSamplerWrapper`` (a sampler of one's own under DDP). A
+loader whose order cannot be read back (an iterable dataset, a random or a batch sampler of one's own) numbers its
+clips by their position on each rank, and under DDP the ranks then draw alike: the module warns once
+(:func:`keyless_warning`); collate a ``key`` per clip (``VideoDataModule`` does) to avoid it. Such a loader counts
+every clip it yields (``VideoDataModule``'s validation stream gives each clip to exactly one rank and worker): where
+its ranks' shares hold more clips than its map-style dataset, the repeats count twice, and the module warns once,
+naming the fix (:func:`padding_warning`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple, TypeVar, Union
 
 import torch
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from torch.utils.data import BatchSampler, DistributedSampler, SequentialSampler
 
 Draws = Union[torch.Generator, "ClipGenerators"]
@@ -53,7 +57,7 @@ class ValidationOrder(NamedTuple):
     """What :func:`validation_order` reads of this rank's validation loader."""
 
     batch_size: int  # the loader's batches: all full but the last
-    indices: list[int]  # the dataset index of each clip of this rank's pass, in order
+    indices: list[int] | None  # the dataset index of each clip of this rank's pass, in order (None: not readable)
     distinct: int  # the first ``distinct`` clips of the pass are the rank's own; the rest repeat the sampler's padding
 
 
@@ -62,10 +66,16 @@ def validation_order(loader) -> ValidationOrder | None:
     is a ``DistributedSampler`` (Lightning's under DDP: this rank's share of the global order, each clip by its index
     in the dataset) or a ``SequentialSampler`` (one process), batched by a plain ``BatchSampler``. None for any other
     loader (an iterable dataset, a random or wrapped sampler, a batch sampler of one's own), whose order cannot be
-    read back without drawing it anew."""
+    read back without drawing it anew.
+
+    Lightning's ``DistributedSamplerWrapper`` (its sharding of a sampler of one's own under DDP) pads by position as
+    the ``DistributedSampler`` does, so its ``distinct`` is read, but not its ``indices`` (None): drawing the wrapped
+    sampler again could change the pass it gives the loader."""
     sampler, batches = getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)
     if type(batches) is not BatchSampler or batches.sampler is not sampler:
         return None
+    if type(sampler) is DistributedSamplerWrapper:
+        return ValidationOrder(batches.batch_size, None, _distinct_share(sampler))
     if type(sampler) is not DistributedSampler and not isinstance(sampler, SequentialSampler):
         return None
     indices = list(sampler)
@@ -89,6 +99,25 @@ def clip_weights(order: ValidationOrder | None, first: int, rows: int) -> torch.
     if order is None:
         return torch.ones(rows)
     return (torch.arange(first, first + rows) < order.distinct).float()  # (rows,)
+
+
+def padding_warning(loader, world_size: int) -> str | None:
+    """The warning for a map-style validation ``loader`` whose order :func:`validation_order` cannot read, where its
+    shares over ``world_size`` ranks (each as long as this rank's: a sampler's length) hold more clips than the
+    dataset: some clips are validated twice, and count twice. None where they do not, or cannot be counted."""
+    sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+    dataset = getattr(loader, "dataset", None)
+    try:
+        share, clips = len(sampler), len(dataset)
+    except TypeError:  # no sampler or dataset length (an iterable dataset, a batch sampler of one's own)
+        return None
+    if share * world_size <= clips:
+        return None
+    return (f"the validation loader gives each of the {world_size} ranks {share} clips of its {clips}: "
+            f"{share * world_size - clips} more than the set holds, repeats its sampler ({type(sampler).__name__}) "
+            "padded the ranks' shares with, which count twice in val/loss; use Lightning's DistributedSampler "
+            "(trainer.use_distributed_sampler: true over the loader's default sampler, or a sampler of one's own, "
+            "which Lightning wraps: their repeats weigh 0), or a sampler that gives each clip to one rank only")
 
 
 def keyless_warning(world_size: int) -> str:
@@ -125,4 +154,4 @@ def one_per_clip(generator: Draws) -> bool:
 
 
 __all__ = ["ClipGenerators", "Draws", "ValidationOrder", "clip_seed", "clip_weights", "draw_rows", "keyless_warning",
-           "one_per_clip", "validation_order"]
+           "one_per_clip", "padding_warning", "validation_order"]
