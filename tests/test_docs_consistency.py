@@ -66,8 +66,9 @@ def test_studies_quotes_the_readme_s_demo_figures():
     assert [q for q in quoted if q not in opening] == [], opening
 
 
-SCRIPTS = {"sample.py": "mardini/pipeline/cli.py", "evaluate.py": "mardini/evaluation/cli.py",
-           "mardini.pipeline.cli": "mardini/pipeline/cli.py", "mardini.evaluation.cli": "mardini/evaluation/cli.py"}
+SCRIPTS = {"sample.py": "mardini/pipeline/cli.py", "evaluate.py": "mardini/evaluation/arguments.py",
+           "mardini.pipeline.cli": "mardini/pipeline/cli.py",
+           "mardini.evaluation.cli": "mardini/evaluation/arguments.py"}  # evaluate.py's parser: arguments.py
 LIGHTNING = {"train.py", "mardini.cli"}  # LightningCLI: its flags are the configs' keys (tests/test_configs.py)
 COMMAND = re.compile(r"python\s+(?:-m\s+(?P<module>[A-Za-z_][\w.]*\w)(?![\w.<{])|(?P<script>[\w/]+\.py))(?P<args>[^`\n#]*)")
 FLAG = re.compile(r"(?<![\w-])--[A-Za-z][\w-]*")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mardini.data.testing import moving_frames, tiny_synthetic, write_video
-from mardini.evaluation import cli
+from mardini.evaluation import cli, clip_choice, task_run
 from mardini.evaluation.data import iter_batches, resolve_source
 from mardini.metrics.stand_ins import FramePool, VideoPool
 from mardini.strict_json import loads_strict
@@ -311,12 +311,12 @@ def test_every_method_is_scored_against_one_real_side_held_once(shards, monkeypa
 
         monkeypatch.setattr(metric, "update", update)
 
-    class Recorded(cli.EvalSuite):
+    class Recorded(task_run.EvalSuite):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             suites.append(self)
 
-    monkeypatch.setattr(cli, "EvalSuite", Recorded)
+    monkeypatch.setattr(task_run, "EvalSuite", Recorded)  # run_task builds the suites
     args = cli.parse_args(["--data", str(shards), "--tasks", "interpolation", "--resolution", "16", "--num-clips", "6",
                            "--batch-size", "4", "--cache-dir", ""])
     kind, files = resolve_source(args.data)
@@ -538,7 +538,7 @@ def test_default_num_clips_is_the_usable_count(tmp_path, capsys):
 def test_clips_left_out_by_the_default_cap_are_noted_with_the_option_that_scores_them(tmp_path, monkeypatch, capsys):
     """Without --num-clips at most DEFAULT_MAX_CLIPS (256) clips are scored; VIDIM-Bench has ~400 videos, and the
     rest were left out without a word. Here the cap is 2 on 3 videos."""
-    monkeypatch.setattr(cli, "DEFAULT_MAX_CLIPS", 2, raising=False)
+    monkeypatch.setattr(clip_choice, "DEFAULT_MAX_CLIPS", 2)  # choose_num_clips and capped_note read it
     videos = tmp_path / "videos"
     for i in range(3):
         write_video(videos / f"v{i}.mp4", moving_frames(12, 24, 32, seed=i), 10)
@@ -880,13 +880,13 @@ def test_the_real_covariance_is_decomposed_once_for_every_method_scored(shards, 
         decomposed.append(s.shape)
         return half_factor(s)
 
-    class Recorded(cli.EvalSuite):
+    class Recorded(task_run.EvalSuite):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             suites.append(self)
 
     monkeypatch.setattr(frechet, "_half_factor", recorded)
-    monkeypatch.setattr(cli, "EvalSuite", Recorded)
+    monkeypatch.setattr(task_run, "EvalSuite", Recorded)  # run_task builds the suites
     args = cli.parse_args(["--data", str(shards), "--tasks", "interpolation", "--resolution", "16", "--num-clips", "6",
                            "--batch-size", "4", "--cache-dir", ""])
     kind, files = resolve_source(args.data)

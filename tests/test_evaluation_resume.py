@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from mardini.data.testing import tiny_synthetic
-from mardini.evaluation import cli
+from mardini.evaluation import cli, task_run
 from mardini.metrics.stand_ins import FramePool, VideoPool
 
 METHODS = 3  # linear_blend, nearest_frame, mardini: one check_finite call each per batch
@@ -43,7 +43,7 @@ def argv(shards, ckpt, out, *extra, cache: str = ""):
 
 def stop_at(monkeypatch, call: int) -> list[int]:
     """Make the ``call``-th method output of the run raise (a preemption mid-batch); returns the call counter."""
-    check, calls = cli.check_finite, [0]
+    check, calls = task_run.check_finite, [0]
 
     def counted(*a, **k):
         calls[0] += 1
@@ -51,7 +51,7 @@ def stop_at(monkeypatch, call: int) -> list[int]:
             raise RuntimeError("preempted")
         return check(*a, **k)
 
-    monkeypatch.setattr(cli, "check_finite", counted)
+    monkeypatch.setattr(task_run, "check_finite", counted)  # where run_task calls it
     return calls
 
 

@@ -93,7 +93,7 @@ def describe_code(code: dict[str, Any] | None) -> str:
 @dataclass
 class TaskProgress:
     """What a task has done: batches and clips, sampling seconds per method, clock seconds, each clip's id
-    (``cli.clip_ids``), rate and ``clip_list`` entry, and whether its real statistics came from the cache."""
+    (``task_run.clip_ids``), rate and ``clip_list`` entry, and whether its real statistics came from the cache."""
 
     batches: int = 0
     clips: int = 0

@@ -78,7 +78,7 @@ def eval_args(clips: int, steps: int, metrics: list[str], cache_dir: Path,
               allow_autoencoders: Collection[str] = ()) -> argparse.Namespace:
     """The synthetic preset's settings (9 frames at 8 fps, 32 px, held-out split) as ``evaluate.py`` parses them;
     ``allow_autoencoders``: its ``--allow-autoencoder`` class paths (``args.allow_autoencoder``)."""
-    from mardini.evaluation.cli import parse_args
+    from mardini.evaluation.arguments import parse_args
 
     allow = [a for path in allow_autoencoders for a in ("--allow-autoencoder", path)]
     return parse_args(["--preset", "synthetic", "--num-clips", str(clips), "--steps", str(steps),
@@ -87,9 +87,9 @@ def eval_args(clips: int, steps: int, metrics: list[str], cache_dir: Path,
 
 
 def score(task: str, args: argparse.Namespace, samplers: dict[str, Any]) -> dict:
-    """Every sampler on one task, same clips, masks and seeds (``mardini.evaluation.cli.run_task``)."""
-    from mardini.evaluation.cli import run_task
+    """Every sampler on one task, same clips, masks and seeds (``mardini.evaluation.task_run.run_task``)."""
     from mardini.evaluation.data import resolve_source
+    from mardini.evaluation.task_run import run_task
 
     kind, files = resolve_source(args.data)
     return run_task(task, args, samplers, kind, files, args.num_clips)
