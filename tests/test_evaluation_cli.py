@@ -898,3 +898,35 @@ def test_the_real_covariance_is_decomposed_once_for_every_method_scored(shards, 
         for m in suite.frechet.values():
             real, fake = m.real_stats(), m._gaussian("fake")
             assert res["results"][method][m.protocol] == frechet_distance(real["mean"], real["cov"], *fake[:2])
+
+
+@pytest.mark.parametrize("device, says", [
+    ("cuda", "torch finds no CUDA GPU here"),
+    ("cuda:3", "torch finds no CUDA GPU here"),
+    ("mps", "Apple's MPS has no float64"),
+    ("bogus", "device must be cpu, cuda, cuda:N"),
+])
+def test_a_device_the_baselines_cannot_use_is_a_usage_error_before_the_data_is_read(
+        shards, tmp_path, monkeypatch, capsys, device, says):
+    """Without --checkpoint (the baselines, --generated methods) ``--device`` was not checked: ``--device cuda`` on a
+    machine without a GPU read the data, then stopped in torch with "Found no NVIDIA driver on your system" (a
+    traceback), ``--device bogus`` with torch's list of device types, ``--device mps`` at the first float64 metric
+    state. Now it is checked as the model's device is (mardini.devices.resolve_device), naming the flag and the fix."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # a machine without a GPU, on any CI machine
+    monkeypatch.setattr("mardini.evaluation.cli.resolve_source", lambda *a: pytest.fail("read the data first"))
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["--data", str(shards), "--tasks", "interpolation", "--resolution", "16", "--num-clips", "6",
+                  "--metrics", "midf", "--methods", "linear_blend", "--device", device, "--cache-dir", "",
+                  "--out", str(tmp_path / "r")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "evaluate.py: error: --device: " in err and says in err
+
+
+def test_device_of_resolves_auto_as_before(monkeypatch):
+    """``auto`` (the default) is CUDA where torch finds a GPU, else the CPU; a named device is that device."""
+    import argparse
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert str(cli.device_of(argparse.Namespace(device="auto"))) == "cpu"
+    assert str(cli.device_of(argparse.Namespace(device="cpu"))) == "cpu"

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mardini.autoencoders.base import add_allow_autoencoder_argument
+from mardini.devices import resolve_device
 from mardini.evaluation.protocol import METRICS, TASKS, EvalSize, eval_size, same_aspect, size_text
 from mardini.evaluation.resume import DEFAULT_SAVE_EVERY
 from mardini.evaluation.samplers import BASELINES
@@ -130,6 +131,10 @@ def parse_args(argv: list[str] | None = None, prog: str = "evaluate.py") -> argp
     if "mardini" in args.methods and not args.checkpoint:
         p.error("method 'mardini' needs --checkpoint PATH (a joint checkpoint written by train.py)")
     args.methods = [m for m in args.methods if m not in args.generated]  # the built-in ones; every --generated runs
+    try:  # every method's clips and metric states go there: checked before any data is read
+        resolve_device(args.device)
+    except ValueError as err:
+        p.error(f"--device: {err}")
     if args.no_ema and "mardini" not in args.methods:
         p.error("--no-ema picks the model's weights: it needs --checkpoint" if not args.checkpoint else
                 f"--no-ema picks the model's weights, but the model ('mardini') is not among --methods "

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from mardini import run_info
+from mardini.devices import resolve_device
 from mardini.evaluation.external import GeneratedVideos
 from mardini.evaluation.protocol import DEFAULT_METRICS, EvalProtocol, resolve_metric_weights
 from mardini.evaluation.samplers import BASELINES, Sampler
@@ -75,10 +76,9 @@ def default_out(data: str, path: str, prog: str = "evaluate.py") -> Path:
 
 
 def device_of(args: argparse.Namespace) -> torch.device:
-    """``--device``: ``auto`` (or none) is CUDA where there is a GPU, else the CPU."""
-    if args.device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(args.device)
+    """``--device``: ``auto`` (or none) is CUDA where there is a GPU, else the CPU; checked as the model's device is
+    (:func:`~mardini.devices.resolve_device`)."""
+    return resolve_device(args.device)
 
 
 def device_name(device: torch.device) -> str:
