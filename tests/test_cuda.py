@@ -113,3 +113,92 @@ def test_evaluation_on_gpu_scores_like_on_cpu(joint_ckpt, tmp_path):
     for method in ("linear_blend", "nearest_frame", "mardini"):
         for key, value in results["cpu"][method].items():
             assert results["cuda"][method][key] == pytest.approx(value, rel=1e-3, abs=1e-3), (method, key)
+
+
+# ------------------------------------------------------------------------------------------------
+# Code added since the last GPU run (2026-11-27): run these first on a GPU (README, Tests)
+# ------------------------------------------------------------------------------------------------
+def validate_scores(tmp_path: Path, accelerator: str) -> dict[str, float]:
+    """``val/loss`` (each clip's draws from a CPU generator seeded by its key) and the ``InterpolationEval`` scores
+    (the pipeline over the live EMA networks, each clip's noise seeded by its key) of one validation of a fresh tiny
+    joint module on ``accelerator``."""
+    import lightning as L
+
+    from mardini.data.datamodule import VideoDataModule
+    from mardini.data.testing import tiny_synthetic
+    from mardini.evaluation import InterpolationEval
+    from mardini.lit import MarDiniModule
+
+    shards = tiny_synthetic(tmp_path / "synth", train=4, val=4, frames=12, size=16)
+    L.seed_everything(0)
+    module = MarDiniModule(size="tiny", planner_resolution=8)
+    cb = InterpolationEval(sampler="pipeline", num_clips=4, frames=9, metrics=["midf"], steps=2, cache_dir=None)
+    dm = VideoDataModule(train_shards=str(shards / "train"), val_shards=str(shards / "val"), frames=9, fps=None,
+                         resolution=16, batch_size=2, num_workers=0, shuffle_buffer=0, epoch_size=4, val_clips=4)
+    trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path / accelerator, callbacks=[cb])
+    logged = trainer.validate(module, datamodule=dm)[0]
+    return {**{k: float(v) for k, v in logged.items()}, **cb.last_results}
+
+
+def test_validation_on_gpu_draws_and_scores_like_on_cpu(tmp_path):
+    cpu, gpu = validate_scores(tmp_path / "cpu", "cpu"), validate_scores(tmp_path / "gpu", "gpu")
+    assert set(gpu) == set(cpu) and "val/loss" in cpu and cpu["clips"] == 4
+    for key, value in cpu.items():
+        assert gpu[key] == pytest.approx(value, rel=1e-3, abs=1e-3), key
+
+
+def fit_with(tmp_path: Path, accelerator: str, options: list[str]):
+    """A few ``bf16-mixed`` steps of ``configs/debug.yaml`` with ``options``; returns the CLI."""
+    from mardini.cli import main
+    from mardini.data.testing import tiny_synthetic
+
+    tiny_synthetic(tmp_path / "data" / "shards" / "synthetic", train=24, val=8, frames=18, size=32)
+    return main(["fit", "--config", str(REPO / "configs" / "debug.yaml"), f"--trainer.accelerator={accelerator}",
+                 "--trainer.precision=bf16-mixed", "--trainer.max_steps=4", "--trainer.enable_progress_bar=false",
+                 "--data.init_args.epoch_size=32", *options])
+
+
+OPTIONS_SINCE_THE_LAST_GPU_RUN = {  # training options that have only run on a CPU
+    "element_reduction_accumulated": ["--model.init_args.loss_reduction=element",
+                                      "--trainer.accumulate_grad_batches=2"],
+    "motion_anchor_self_cond": ["--model.init_args.loss_weighting=motion", "--model.init_args.anchor=nearest",
+                                '--model.init_args.generator={"self_cond": true}'],
+    "min_snr_plan_recon": ["--model.init_args.loss_weighting=min_snr", "--model.init_args.plan_recon_weight=0.5"],
+}
+
+
+@pytest.mark.parametrize("options", OPTIONS_SINCE_THE_LAST_GPU_RUN.values(), ids=OPTIONS_SINCE_THE_LAST_GPU_RUN)
+def test_bf16_mixed_fit_on_gpu_with_the_options_added_since_the_last_gpu_run(tmp_path, monkeypatch, options):
+    monkeypatch.chdir(tmp_path)
+    cli = fit_with(tmp_path, "gpu", options)
+    assert cli.trainer.global_step == 4 and cli.trainer.strategy.root_device.type == "cuda"
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    assert torch.isfinite(cli.trainer.callback_metrics["val/loss"])
+
+
+def test_attention_over_more_rows_than_a_cuda_grid_takes_equals_the_cpu_result(device):
+    """``attention`` cuts a batch of more than 65535 rows (the /T temporal layers' B x positions, x2 with guidance)
+    into calls the CUDA kernels launch; the result is the CPU's."""
+    rows = A.CUDA_MAX_BATCH + 100
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(rows, 2, 5, 16, generator=g) for _ in range(3))  # (B, H, T, d)
+    expected = A.attention(q, k, v)  # (B, H, T, d), one CPU call
+    out = A.attention(*(x.to(device, torch.bfloat16) for x in (q, k, v)))
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out.float().cpu(), expected, rtol=0, atol=3e-2)
+
+
+def test_a_gpu_time_out_of_0_1_fails_at_the_next_sync_and_one_inside_passes():
+    """``check_t`` checks a GPU tensor's range with ``torch._assert_async`` (no host sync): a time inside [0, 1]
+    passes, one outside stops the process at the next sync (a device-side assert, which ends the CUDA context: run
+    in a child process). Prints what the child printed (does the assert carry the message?)."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from mardini.diffusion.checks import check_t; "
+            "check_t(torch.tensor([0.0, 0.5, 1.0], device='cuda')); torch.cuda.synchronize(); print('inside ok'); "
+            "check_t(torch.tensor([1.5], device='cuda')); torch.cuda.synchronize(); print('outside passed')")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    print(run.stdout, run.stderr[-2000:])
+    assert "inside ok" in run.stdout and "outside passed" not in run.stdout and run.returncode != 0
