@@ -364,7 +364,9 @@ def test_every_rank_scores_the_checkpoint_rank_0_read_though_the_fit_replaced_it
     fit replaced it with step 3: rank 0's step-2 checkpoint is sent to it and both score that. Before, each rank
     restored the file it read itself: rank 0 scored step 2, rank 1 step 3, and their losses were averaged."""
     last = tmp_path / "last.ckpt"
-    atomic_torch_save({"global_step": 2, "state_dict": {"w": torch.zeros(2)}}, last)
+    optimiser = {"optimizer_states": [{"state": {0: {"exp_avg": torch.zeros(2)}}}], "lr_schedulers": [{}]}
+    atomic_torch_save({"global_step": 2, "state_dict": {"w": torch.zeros(2)}, "loops": {"fit_loop": 2}, **optimiser},
+                      last)
     ios = [AtomicCheckpointIO(), AtomicCheckpointIO()]
     ios[0].pin(last, *read_identity(ios[0], last, True))
     atomic_torch_save({"global_step": 3, "state_dict": {"w": torch.ones(2)}}, last)  # the fit's next save
@@ -373,6 +375,8 @@ def test_every_rank_scores_the_checkpoint_rank_0_read_though_the_fit_replaced_it
     for io in ios:
         restored = io.load_checkpoint(str(last))
         assert restored["global_step"] == 2 and torch.equal(restored["state_dict"]["w"], torch.zeros(2))
+        assert restored["loops"] == {"fit_loop": 2}  # what validate restores is sent whole ...
+        assert "optimizer_states" not in restored and "lr_schedulers" not in restored  # ... the optimiser is not
 
 
 def test_ranks_that_read_the_same_file_send_nothing(tmp_path):

@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import Callback
 
 from mardini.lit.checkpoint_io import AtomicCheckpointIO, local_path
 
+NOT_RESTORED_BY_VALIDATE = ("optimizer_states", "lr_schedulers")
 READS = 3  # reads of a checkpoint replaced during each before its identity is given up (then rank 0's is sent)
 
 
@@ -53,9 +54,16 @@ def agree_on_pinned(strategy, io: AtomicCheckpointIO) -> bool:
     chosen = strategy.broadcast(mine, src=0)
     if strategy.reduce_boolean_decision(mine == chosen, all=True):
         return False
-    checkpoint = strategy.broadcast(io.pinned_checkpoint() if strategy.global_rank == 0 else None, src=0)
+    checkpoint = strategy.broadcast(scored_part(io.pinned_checkpoint()) if strategy.global_rank == 0 else None, src=0)
     io.pin(path, checkpoint, identity=chosen)
     return True
+
+
+def scored_part(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """``checkpoint`` less what a validate never restores (Lightning restores optimiser and LR-scheduler states only
+    when fitting): under NCCL a broadcast pickles what it sends into a GPU byte tensor on every rank, and MarDini-L's
+    AdamW moments alone are twice its weights."""
+    return {k: v for k, v in checkpoint.items() if k not in NOT_RESTORED_BY_VALIDATE}
 
 
 class ScoredOnEveryRank(Callback):
