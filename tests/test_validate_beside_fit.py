@@ -409,3 +409,83 @@ def test_the_fsdp_strategy_restores_the_checkpoint_validate_read_not_the_file_re
     restored = strategy.load_checkpoint(last)
     assert restored["global_step"] == 2 and "state_dict" not in restored
     assert all(torch.equal(v, weights[2][k]) for k, v in model.state_dict().items())
+
+
+def _replaced_during_reads(io: AtomicCheckpointIO, path: Path, reads: int, monkeypatch) -> None:
+    """The fit saves ``path`` anew (global step 3, 4, ...) during each of the first ``reads`` reads through ``io``."""
+    load, saves = io.load_checkpoint, iter(range(3, 3 + reads))
+
+    def replaced_during(file, **kwargs):
+        checkpoint = load(file, **kwargs)
+        if (step := next(saves, None)) is not None:
+            atomic_torch_save({"global_step": step}, path)  # the fit's next save, during this read
+        return checkpoint
+
+    monkeypatch.setattr(io, "load_checkpoint", replaced_during)
+
+
+@pytest.mark.parametrize("replaced", [1, 3])
+def test_a_checkpoint_replaced_during_its_read_is_read_again(tmp_path, monkeypatch, replaced):
+    """The fit replaces last.ckpt while validate reads it: the read is not of the file now there, so it is read again
+    and identified as the new file (step 3); replaced during each of the ``READS`` (3) reads, it is unidentified."""
+    last, io = tmp_path / "last.ckpt", AtomicCheckpointIO()
+    atomic_torch_save({"global_step": 2}, last)
+    _replaced_during_reads(io, last, replaced, monkeypatch)
+    checkpoint, identity = read_identity(io, last, True)
+    if replaced == 1:
+        assert checkpoint["global_step"] == 3 and identity[:2] == (str(last), 3)
+    else:
+        assert checkpoint["global_step"] == 4 and identity is None
+
+
+def test_a_file_replaced_by_one_of_the_same_step_size_and_time_is_another_file(tmp_path):
+    """A fit started over (``--ckpt_path null``) saves last.ckpt at the same step, size and modification time (a
+    coarse-clocked file system) with other weights: its new inode tells the ranks' reads apart, and rank 0's is sent."""
+    last = tmp_path / "last.ckpt"
+    atomic_torch_save({"global_step": 2, "state_dict": {"w": torch.zeros(2)}}, last)
+    ios = [AtomicCheckpointIO(), AtomicCheckpointIO()]
+    ios[0].pin(last, *read_identity(ios[0], last, True))
+    when = last.stat().st_mtime_ns
+    atomic_torch_save({"global_step": 2, "state_dict": {"w": torch.ones(2)}}, last)
+    os.utime(last, ns=(when, when))
+    ios[1].pin(last, *read_identity(ios[1], last, True))
+    assert _agree(ios) == [True, True]
+    assert all(torch.equal(io.load_checkpoint(str(last))["state_dict"]["w"], torch.zeros(2)) for io in ios)
+
+
+def test_ranks_whose_reads_are_unidentified_all_take_rank_0_s(tmp_path):
+    """Neither rank could tell which file it read (replaced during each read): rank 0's checkpoint is sent, not each
+    rank left with its own."""
+    last = tmp_path / "last.ckpt"
+    ios = [AtomicCheckpointIO(), AtomicCheckpointIO()]
+    for step, io in zip((2, 3), ios):
+        io.pin(last, {"global_step": step}, identity=None)
+    assert _agree(ios) == [True, True]
+    assert [io.load_checkpoint(str(last))["global_step"] for io in ios] == [2, 2]
+
+
+def test_the_callback_agrees_on_the_pinned_read_at_setup_and_only_where_one_is_pinned(tmp_path):
+    """``ScoredOnEveryRank.setup`` runs ``agree_on_pinned`` where the strategy's CheckpointIO holds a pinned read
+    (validate's), and leaves a CheckpointIO without one alone (a fit)."""
+    from types import SimpleNamespace
+
+    from mardini.lit.scored_checkpoint import ScoredOnEveryRank
+
+    last, ranks = tmp_path / "last.ckpt", _Ranks(2)
+    ios = [AtomicCheckpointIO(), AtomicCheckpointIO()]
+    for step, io in zip((2, 3), ios):
+        io.pin(last, {"global_step": step}, identity=(str(last), step, (1, 1, step)))
+
+    def setup(rank):
+        strategy = ranks.strategy(rank)
+        strategy.checkpoint_io = ios[rank]
+        ScoredOnEveryRank().setup(SimpleNamespace(strategy=strategy), None, "validate")
+
+    threads = [threading.Thread(target=setup, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert [io.load_checkpoint(str(last))["global_step"] for io in ios] == [2, 2]
+    unpinned = SimpleNamespace(checkpoint_io=AtomicCheckpointIO())  # no collectives: a call would fail
+    ScoredOnEveryRank().setup(SimpleNamespace(strategy=unpinned), None, "fit")
