@@ -233,3 +233,43 @@ def test_validate_in_a_folder_a_live_fit_holds_scores_its_newest_checkpoint_and_
     assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and "validate" not in p.parts} == fits
     assert json.loads(lock.read_text())["token"] == "other"
     assert {p.name for p in (folder / "validate" / "version_0").iterdir()} >= {"hparams.yaml", "validate.yaml"}
+
+
+def test_a_refusal_in_one_folder_releases_the_locks_taken_in_the_others(tmp_path):
+    """A fit (or validate's claim) refused in its second folder holds none: its first folder's lock is gone, so a
+    later fit there is not refused by a lock nobody holds."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    _lock(second)  # a live fit's (this test's parent process)
+    with pytest.raises(FolderInUseError, match=str(second)):
+        RunLock([first, second]).acquire()
+    assert not (first / LOCK_NAME).exists()
+    assert RunLock([first, second]).claim() is False
+    assert not (first / LOCK_NAME).exists()
+
+
+def test_a_holder_judged_stale_leaves_the_lock_of_the_fit_that_took_it_over(tmp_path):
+    """A fit whose lock another fit took over (its heartbeat stalled) deletes only its own lock at the end."""
+    lock = RunLock([tmp_path]).acquire()
+    path = _lock(tmp_path, token="taker")
+    lock.release()
+    assert json.loads(path.read_text())["token"] == "taker"
+
+
+def test_an_empty_lock_of_a_fit_still_writing_it_is_refused_not_taken_over(tmp_path):
+    """An empty lock younger than a heartbeat is a fit's that is writing it: refused (an older one is a fit killed
+    while writing it, taken over: test_fits_that_judge_one_stale_lock_at_once_leave_the_folder_to_one)."""
+    (tmp_path / LOCK_NAME).write_text("")
+    with pytest.raises(FolderInUseError, match="a fit whose lock is being written"):
+        RunLock([tmp_path]).acquire()
+
+
+def test_a_lock_of_another_user_s_live_process_is_refused(tmp_path, monkeypatch):
+    """``os.kill(pid, 0)`` of another user's process raises PermissionError: it is alive, its lock is held."""
+    _lock(tmp_path, pid=4242)
+
+    def kill(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(run_lock.os, "kill", kill)
+    with pytest.raises(FolderInUseError, match="pid 4242"):
+        RunLock([tmp_path]).acquire()
