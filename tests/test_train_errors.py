@@ -194,3 +194,26 @@ def test_a_trainer_setting_lightning_refuses_is_one_train_py_error(tmp_path):
     assert done.returncode == 2, done.stderr[-3000:]
     message = "train.py: error: `max_steps` must be a non-negative integer or -1"
     assert message in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
+
+
+def test_an_option_a_subcommand_does_not_accept_points_to_that_subcommand_s_help(monkeypatch, tmp_path, capsys):
+    """An unknown key under ``fit:`` in a config given before the subcommand is refused by the top-level parser on
+    behalf of ``fit``: the pointer is to ``fit --help``, whose options are the ones meant."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MARDINI_TRACEBACK", raising=False)
+    (tmp_path / "top.yaml").write_text("fit:\n  bogus_key: 1\n")
+    with pytest.raises(SystemExit) as stop:
+        main(["--config", str(tmp_path / "top.yaml"), "fit", *TINY])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and err[0].endswith(" fit: error: Subcommand 'fit' does not accept option 'bogus_key'")
+    assert err[1].endswith(" fit --help lists the options)"), err[1]
+
+
+def test_meaningful_lines_drops_repeats_and_keeps_a_message_of_noise_alone():
+    """Nested Unions repeat their sub-errors (each said once); a message of noise alone is kept whole, not emptied."""
+    from mardini.cli_parser import meaningful_lines
+
+    repeated = "Errors:\n  - bad size: 3\n  - bad size: 3\n  - Expected a <class 'NoneType'>"
+    assert meaningful_lines(repeated) == "bad size: 3"
+    noise = "Does not validate against any of the Union subtypes\nSubtypes: [int, NoneType]"
+    assert meaningful_lines(noise) == noise
