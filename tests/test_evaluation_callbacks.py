@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import lightning as L
 import pytest
@@ -381,3 +382,27 @@ def test_clips_without_a_key_or_a_readable_order_are_seeded_by_position_and_warn
     assert [s for _, s in sampler.sampled] == clip_seeds(0, 3, 2)  # rank 0's share is 3 clips
     warned = [str(w.message) for w in recwarn if "without a 'key'" in str(w.message)]
     assert len(warned) == 1 and "collate a 'key' per clip" in warned[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _run_hooks(_stream_batches(data, 0, 2, keys=False), 0, 2, num_clips=5)  # two batches, one warning
+    assert len([w for w in caught if "without a 'key'" in str(w.message)]) == 1
+
+
+@pytest.mark.parametrize("total, world, shares", [(5, 2, [3, 2]), (8, 3, [3, 3, 2]), (2, 4, [1, 1, 0, 0]),
+                                                  (6, 3, [2, 2, 2])])
+def test_the_clips_are_shared_over_the_ranks_the_first_ranks_taking_the_remainder(total, world, shares):
+    """Every clip of ``num_clips`` is scored by exactly one rank; the earlier ranks take one more where they do not
+    divide evenly (the order DistributedSampler deals them in)."""
+    from mardini.evaluation.callbacks import clips_for_rank
+
+    assert [clips_for_rank(total, rank, world) for rank in range(world)] == shares
+
+
+def test_a_batch_with_fewer_keys_than_clips_is_refused():
+    """A collate that drops keys would seed clips by the wrong key, or some by none: refused, naming the fix."""
+    from mardini.evaluation.callbacks import identity_seeds
+
+    batch = {"video": torch.zeros(2, FRAMES, 3, SIZE, SIZE), "key": ["clip000"]}
+    with pytest.raises(ValueError, match="1 keys for 2 clips; collate one key per clip"):
+        identity_seeds(0, batch, 2, None, 0)
+    assert len(identity_seeds(0, batch, 1, None, 0)) == 1
