@@ -222,6 +222,25 @@ def test_fsdp_refuses_a_validation_split_that_gives_the_ranks_unequal_batches(sy
     dm.setup("validate")
 
 
+@pytest.mark.parametrize(("limit", "refused"), [(1.0, True), (3, True), (2, False), (1, False), (0, False)])
+def test_fsdp_runs_unequal_batches_that_trainer_limit_val_batches_evens_out(synth, limit, refused):
+    """Every rank stops its validation at trainer.limit_val_batches (an int): 3, 3 and 2 batches capped at 2 (or 1,
+    or 0) are as many steps on every rank, which FSDP runs; capped at 3 (or a fraction: all of them) they are not,
+    and the refusal names the limit that evens them out beside the cap. Before, every limit was refused."""
+    def setup(rank: int) -> VideoDataModule:
+        dm = _fsdp_rank(_dm(synth, batch_size=6), rank, 3)
+        dm.trainer.limit_val_batches = limit
+        dm.setup("validate")
+        return dm
+
+    if refused:
+        with pytest.raises(ValueError, match=r"ranks \[3, 3, 2\].*data.val_clips: 4.*trainer.limit_val_batches: 2"):
+            setup(0)
+        return
+    steps = [min(len(list(setup(rank).val_dataloader())), limit) for rank in range(3)]
+    assert steps == [limit] * 3
+
+
 def test_a_val_split_of_fewer_clips_than_ranks_is_refused(one_val_shard):
     dm = _dm(one_val_shard, batch_size=8)
     dm.configure_ranks(0, 8)

@@ -80,7 +80,8 @@ class VideoDataModule(L.LightningDataModule):
             validation batches equal (a rank's share of a global count could hold one batch more, which FSDP, whose
             forwards gather from every rank, cannot run); ``val_clips: null`` validates the same clips on any ranks,
             in batches that differ between ranks where the shards differ in size: under FSDP ``setup`` refuses
-            unequal batches, naming the cap every rank fills (:func:`check_equal_validation_batches`).
+            unequal validation steps (batches up to an int ``trainer.limit_val_batches``), naming the cap every
+            rank fills (:func:`check_equal_validation_batches`).
         val_batch_size: per-rank validation batch (default: the largest per-rank training batch, the same on every
             rank).
         latents: read cached latent shards (``data/cache_latents.py``) instead of pixels.
@@ -204,7 +205,8 @@ class VideoDataModule(L.LightningDataModule):
                 if message:
                     _warn_once(message)
             if self.world_size > 1 and needs_equal_validation_steps(self.trainer):
-                check_equal_validation_batches(self.val_set, max(1, self.num_workers), self.val_shards)
+                check_equal_validation_batches(self.val_set, max(1, self.num_workers), self.val_shards,
+                                               validation_step_limit(self.trainer))
 
     def _whole_windows(self, batches: int) -> int:
         """``batches`` per epoch rounded down to a multiple of the trainer's gradient-accumulation window, with a
@@ -581,6 +583,13 @@ def needs_equal_validation_steps(trainer) -> bool:
     return isinstance(getattr(trainer, "strategy", None), FSDPStrategy)
 
 
+def validation_step_limit(trainer) -> int | None:
+    """The validation steps a rank runs at most whatever its batches: ``trainer.limit_val_batches`` where it counts
+    batches (an int; Lightning stops each rank's validation there), else None (a fraction: every batch)."""
+    limit = getattr(trainer, "limit_val_batches", None)
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+
+
 def validation_batches(stream: ClipStream, workers: int, counts: dict[str, int]) -> list[int]:
     """The validation batches each rank of ``stream.world_size`` streams from a finite split whose shards hold
     ``counts`` samples (all of them good), over ``workers`` loader workers: each (rank, worker) batches its share
@@ -612,11 +621,15 @@ def _reader(stream: ClipStream, rank: int) -> ClipStream:
     return reader
 
 
-def check_equal_validation_batches(stream: ClipStream, workers: int, pattern: str) -> None:
-    """Refuse a validation split that gives the ranks unequal numbers of batches where every rank must run as many
-    validation steps (:func:`needs_equal_validation_steps`): ``data.val_clips: null`` on shards of unequal sizes
-    (each rank reads its own shards), or a cap some share does not fill. Shards that are not local files cannot be
-    counted: a warning says so. Bad samples skipped while validating can still unbalance the ranks."""
+def check_equal_validation_batches(stream: ClipStream, workers: int, pattern: str, limit: int | None = None) -> None:
+    """Refuse a validation split that gives the ranks unequal numbers of validation steps where every rank must run
+    as many (:func:`needs_equal_validation_steps`): ``data.val_clips: null`` on shards of unequal sizes (each rank
+    reads its own shards), or a cap some share does not fill; each rank runs its batches up to ``limit``
+    (``trainer.limit_val_batches``: :func:`validation_step_limit`), so batches that differ beyond it are no
+    problem. Shards that are not local files cannot be counted: a warning says so. Bad samples skipped while
+    validating can still unbalance the ranks."""
+    if limit == 0:  # no validation step on any rank
+        return
     if not all(os.path.isfile(shard) for shard in stream.shards):
         _warn_once(f"the validation shards {pattern!r} are not local files and cannot be counted: under FSDP every "
                    "rank must stream as many validation batches; set data.val_clips to at most the clips of the "
@@ -624,12 +637,14 @@ def check_equal_validation_batches(stream: ClipStream, workers: int, pattern: st
         return
     counts = {shard: count_samples(shard) for shard in stream.shards}
     batches = validation_batches(stream, workers, counts)
-    if len(set(batches)) == 1:
+    if len({n if limit is None else min(n, limit) for n in batches}) == 1:  # the steps each rank runs
         return
     cap = equalising_val_clips(stream, workers, counts)
     cap_now = "null" if stream.max_clips is None else stream.max_clips
     fix = (f"set data.val_clips: {cap} (a cap per rank that every rank's share fills)" if cap is not None else
            "write the validation split in more shards of equal size, or use fewer data.num_workers")
+    if min(batches) > 0:  # every rank then stops at the same step
+        fix += f", or trainer.limit_val_batches: {min(batches)}"
     raise ValueError(
         f"under FSDP every rank must run as many validation steps (each forward gathers the parameters from all "
         f"ranks: a rank with a batch more waits for ever), but data.val_clips: {cap_now} gives these "
