@@ -294,6 +294,12 @@ def test_a_resume_of_a_checkpoint_without_the_training_time_records_the_step_its
     meta = read_checkpoint(tmp_path / "5.ckpt")["mardini"]
     assert (meta["train_seconds"], meta["train_seconds_from_step"]) == (2.0, 3)
     assert recorded_seconds(tmp_path / "5.ckpt") is None  # this code's own: counted from step 0
+    again = _tiny_fit(workdir, tmp_path / "again", [clock], max_steps=6, ckpt_path=str(tmp_path / "5.ckpt"),
+                      log_every_n_steps=1, limit_val_batches=0, enable_checkpointing=False)
+    again.save_checkpoint(tmp_path / "6.ckpt")  # a later resume carries the step forward, adding its second
+    meta = read_checkpoint(tmp_path / "6.ckpt")["mardini"]
+    assert (meta["train_seconds"], meta["train_seconds_from_step"]) == (3.0, 3)
+    assert recorded_seconds(tmp_path / "6.ckpt") is None
     assert read_checkpoint(tmp_path / "3.ckpt")["mardini"]["train_seconds_from_step"] == 0
     assert recorded_seconds(tmp_path / "3.ckpt") == 3.0
 
