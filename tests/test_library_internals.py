@@ -332,6 +332,54 @@ def test_experiment_writer_deletes_metrics_csv_only_in_check_log_dir_exists(tmp_
         f"Lightning deleting it in _check_log_dir_exists alone; {FIX}")
 
 
+def test_experiment_writer_opens_metrics_csv_through_its_fs_in_text_mode(tmp_path):
+    """ContinuedWriter (mardini/lit/resumed_logs.py) writes metrics.csv in UTF-8 whatever the locale by wrapping the
+    writer's ``_fs`` (Utf8Files: text-mode opens get ``encoding="utf-8"``); it relies on Lightning's writer opening
+    the file through ``self._fs.open`` in text mode, both to write it and to rewrite it under a new header."""
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+    writer, opened = ExperimentWriter(log_dir=str(tmp_path)), []
+
+    class Recording:
+        def __init__(self, fs) -> None:
+            self.fs = fs
+
+        def open(self, path, mode="rb", **kwargs):
+            opened.append((str(path).rsplit("/", 1)[-1], mode))
+            return self.fs.open(path, mode, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
+
+    writer._fs = Recording(writer._fs)
+    writer.log_metrics({"a": 1.0}, step=0)
+    writer.save()
+    writer.log_metrics({"b": 2.0}, step=1)  # a new name: the file is read and written again under a new header
+    writer.save()
+    modes = {mode for name, mode in opened if name == "metrics.csv"}
+    assert "r" in modes and "w" in modes and not any("b" in m for m in modes), (
+        f"ExperimentWriter opened metrics.csv through _fs as {sorted(modes)}: mardini/lit/resumed_logs.py "
+        f"(ContinuedWriter's Utf8Files) relies on every read and write of it going through _fs.open in text mode; {FIX}")
+
+
+def test_distributed_sampler_wrapper_pads_by_position_as_the_distributed_sampler_does():
+    """mardini/lit/clip_draws.py (validation_order: ``_distinct_share`` of Lightning's DistributedSamplerWrapper) reads
+    the padding of the wrapper of a sampler of one's own as a DistributedSampler's: its ``dataset`` is as long as the
+    wrapped sampler, and rank r's positions from ``len(range(r, N, R))`` on repeat clips other ranks validate."""
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    from mardini.lit.clip_draws import _distinct_share
+
+    for clips, ranks in [(3, 2), (5, 3), (4, 2), (7, 4)]:
+        own = list(range(10, 10 + clips))  # a sampler of one's own: any iterable of indices
+        shares = [list(DistributedSamplerWrapper(own, num_replicas=ranks, rank=r, shuffle=False)) for r in range(ranks)]
+        wrappers = [DistributedSamplerWrapper(own, num_replicas=ranks, rank=r, shuffle=False) for r in range(ranks)]
+        distinct = [share[:_distinct_share(w)] for share, w in zip(shares, wrappers)]
+        assert sorted(i for d in distinct for i in d) == own and all(len(w.dataset) == clips for w in wrappers), (
+            f"{clips} clips on {ranks} ranks: shares {shares}, taken as distinct {distinct}: mardini/lit/clip_draws.py "
+            f"(validation_order) relies on DistributedSamplerWrapper padding by position; {FIX}")
+
+
 def test_lightning_cli_builds_its_parsers_through_the_methods_mardini_cli_overrides(tmp_path):
     """MarDiniCLI (mardini/cli.py) overrides ``_prepare_subcommand_parser`` and ``_parse_ckpt_path``."""
     from lightning.pytorch.cli import LightningCLI
