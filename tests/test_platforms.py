@@ -106,6 +106,26 @@ def test_the_fit_s_csv_logger_writes_metrics_csv_in_utf8_in_an_ascii_locale(tmp_
     assert rows == ["loss_\u03c3,step,val/\u00e9cart", "1.5,0,", "1.5,1,1.5", ",2,2.5"]
 
 
+def test_a_csv_logger_that_has_written_pickles_and_copies_as_lightning_s_does(tmp_path):
+    """The fit's CSV logger once its writer is live (anything logged: hyper-parameters, a metric) is pickled (a
+    ddp_spawn fit sends the trainer to its workers) and deep-copied as Lightning's is, and its copy goes on writing
+    metrics.csv in UTF-8. Before, the UTF-8 wrapper's __getattr__ looked ``_fs`` up through itself while pickle and
+    copy rebuilt it: "RecursionError: maximum recursion depth exceeded"."""
+    import copy
+    import pickle
+
+    from mardini.lit.resumed_logs import ContinuedCSVLogger
+
+    log = ContinuedCSVLogger(save_dir=str(tmp_path), name="", version="")
+    log.log_metrics({"loss_\u03c3": 1.5}, step=0)
+    log.save()
+    for again in (pickle.loads(pickle.dumps(log)), copy.deepcopy(log)):
+        again.log_metrics({"loss_\u03c3": 2.5}, step=1)
+        again.save()
+    rows = (tmp_path / "metrics.csv").read_bytes().decode("utf-8").splitlines()
+    assert rows == ["loss_\u03c3,step", "1.5,0", "2.5,1", "2.5,1"]  # the original's row, then each copy's
+
+
 def test_a_paper_config_loads_in_an_ascii_locale():
     """What ``train.py fit --config <paper stage>`` parses, in the C locale without UTF-8 mode."""
     code = ("import sys; from mardini.cli import main;"

@@ -104,6 +104,8 @@ class Utf8Files:
         return self._fs.open(path, mode, **kwargs)
 
     def __getattr__(self, name: str):
+        if name == "_fs":  # not set yet (pickle and copy build the object without __init__): no recursion
+            raise AttributeError(name)
         return getattr(self._fs, name)
 
 
