@@ -55,6 +55,15 @@ def code_version(root: Path | None = None) -> dict[str, Any]:
     return {"version": mardini.__version__, "git_commit": commit, "git_dirty": dirty}
 
 
+def describe_code(code: dict[str, Any] | None) -> str:
+    """``mardini 0.1.0, commit 0123abcd4567`` of a :func:`code_version` dict (what a latent cache or an evaluation
+    records); what is unrecorded said so."""
+    code = code or {}
+    commit = code.get("git_commit")
+    return (f"mardini {code.get('version') or '(version unrecorded)'}, "
+            + (f"commit {commit[:12]}" if commit else "no git commit (not a git checkout)"))
+
+
 def library_versions() -> dict[str, str | None]:
     """Python's version and each of :data:`LIBRARIES`' installed versions (None: not installed)."""
     versions: dict[str, str | None] = {"python": platform.python_version()}

@@ -56,10 +56,9 @@ def check_cache_format(recorded: dict, where: str) -> None:
     if OLDEST_CACHE_FORMAT <= theirs <= CACHE_FORMAT:
         return
     import mardini
+    from mardini.run_info import describe_code
 
-    code = recorded.get("code") or {}
-    writer = f"mardini {code.get('version') or '(version unrecorded)'}" + (
-        f", commit {code['git_commit'][:12]}" if code.get("git_commit") else "")
+    writer = describe_code(recorded.get("code"))
     newer = theirs > CACHE_FORMAT
     fix = ("update this checkout (git pull) to the code that cached it" if newer else
            "re-cache it with data/cache_latents.py into a new folder")

@@ -34,6 +34,7 @@ from torchmetrics import Metric
 from mardini.data.sharding import write_text_atomic
 from mardini.evaluation.protocol import EvalSuite, files_id, fingerprint
 from mardini.lit.checkpoint_io import atomic_torch_save
+from mardini.run_info import describe_code
 
 DEFAULT_SAVE_EVERY = 64  # clips between two saves of a task's progress (FID's states: ~32 MiB per method)
 STATE_DIR = "state"
@@ -77,14 +78,6 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
     return [f"{key} {short(saved.get(key))} -> {short(now.get(key))}"
             for key in dict.fromkeys([*saved, *now]) if saved.get(key) != now.get(key)]
-
-
-def describe_code(code: dict[str, Any] | None) -> str:
-    """``mardini 0.1.0, commit 0123abcd4567`` of a ``code_version`` dict; what is unrecorded said so."""
-    code = code or {}
-    commit = code.get("git_commit")
-    return (f"mardini {code.get('version') or '(version unrecorded)'}, "
-            + (f"commit {commit[:12]}" if commit else "no git commit (not a git checkout)"))
 
 
 # ------------------------------------------------------------------------------------------------
