@@ -203,6 +203,7 @@ def test_a_new_run_that_fails_puts_the_earlier_validates_back_beside_those_start
     runs = _validate_runs(tmp_path, "version_0", "version_1")
     logs, fs = earlier_logs(str(tmp_path)), LocalFileSystem()
     aside = set_aside_earlier_run(fs, str(folder), logs)
+    assert not (tmp_path / "validate").exists()  # none running: no empty validate/ left in the new run's folder
     meanwhile = _validate_runs(tmp_path, "version_0")  # the validate started while the new run trained
     put_back_earlier_run(fs, aside, str(folder), logs)
     assert _files(tmp_path / "validate") == {"version_0/hparams.yaml": meanwhile["version_0/hparams.yaml"],
