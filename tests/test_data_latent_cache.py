@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import importlib.util
 import io
 import json
@@ -545,3 +547,14 @@ def test_a_cache_records_its_format_and_code_and_a_newer_format_is_refused(synth
     _rewrite_clip_json(shards[0], lambda meta: meta["latent_cache"].update(newer))
     with pytest.raises(ValueError, match=f"the latent cache {shards[0]} {said}"):
         _dm(out, latents=True)
+
+
+@pytest.mark.parametrize("recorded", ["1", 1.0, True, None, [1]])
+def test_a_cache_format_that_is_not_a_whole_number_is_refused_with_a_message(recorded):
+    """An edited or foreign manifest whose format_version is no int is one ValueError naming it (it was a TypeError
+    from comparing it, or, for True / 1.0, taken as format 1)."""
+    from mardini.data.latent_cache import check_cache_format
+
+    with pytest.raises(ValueError, match=rf"the cache records latent-cache format {re.escape(repr(recorded))}, not a "
+                                         r"whole number.*re-cache it into a new folder"):
+        check_cache_format({"format_version": recorded}, "the cache")

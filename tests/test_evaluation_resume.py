@@ -215,6 +215,9 @@ def test_a_stopped_run_of_other_code_or_state_format_is_refused_naming_it(setup,
     assert cli.main(argv(shards, ckpt, out)) == 2
     assert "saved in resume-state format 99, this evaluate.py reads format 1 (newer code wrote it" in \
         capsys.readouterr().err
+    run_json.write_text(json.dumps({**saved, "format_version": "1"}))  # edited by hand: was a TypeError
+    assert cli.main(argv(shards, ckpt, out)) == 2
+    assert "records resume-state format '1', not a whole number" in capsys.readouterr().err
     run_json.write_text(json.dumps({k: v for k, v in saved.items() if k != "format_version"}))  # format 0, this code
     assert cli.main(argv(shards, ckpt, out)) == 0
     assert f"resuming interpolation at clip 2 of 6 from {out / 'state' / 'interpolation.pt'}" in capsys.readouterr().err

@@ -289,7 +289,13 @@ def test_format_mismatch_names_both_versions(saved, tmp_path):
     del ckpt["mardini"]["format"], ckpt["mardini"]["code"]  # no format: another code, which did not record itself
     torch.save(ckpt, old)
     with pytest.raises(ValueError, match=r"format None, .*: other code wrote it \(mardini \(version unrecorded\), "
-                                         r"an unrecorded commit .*read it with the code that wrote it"):
+                                         r"an unrecorded commit .*read it with a commit of this repository from before "
+                                         r"the checkpoint format became 1 \(`git log -S CHECKPOINT_FORMAT") as said:
+        _gen(init_from=str(old))
+    assert "git checkout its commit" not in str(said.value)  # no commit was recorded to check out
+    ckpt["mardini"]["format"], ckpt["mardini"]["code"] = 0, {"mardini": "0.1.0", "git_commit": "ab" * 20}
+    torch.save(ckpt, old)
+    with pytest.raises(ValueError, match=f"other code wrote it .*commit abababababab.*git checkout {'ab' * 20},"):
         _gen(init_from=str(old))
     torch.save({"state_dict": ckpt["state_dict"]}, old)
     with pytest.raises(ValueError, match="not a MarDini checkpoint.*expected a generation checkpoint"):

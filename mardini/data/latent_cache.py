@@ -53,6 +53,9 @@ def check_cache_format(recorded: dict, where: str) -> None:
     """Raise unless the cache whose ``recorded`` dict (its ``manifest.json``, or a clip's ``latent_cache``) says
     ``where`` holds a format this code reads (none recorded: 0), naming the code that cached it and the fix."""
     theirs = recorded.get("format_version", 0)
+    if not isinstance(theirs, int) or isinstance(theirs, bool):
+        raise ValueError(f"{where} records latent-cache format {theirs!r}, not a whole number: data/cache_latents.py "
+                         "did not write it so (edited, or another tool's); re-cache it into a new folder")
     if OLDEST_CACHE_FORMAT <= theirs <= CACHE_FORMAT:
         return
     import mardini

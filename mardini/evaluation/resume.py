@@ -220,6 +220,9 @@ class RunState:
         """Refuse a ``run.json`` of a format this code does not read (newer than :data:`STATE_FORMAT`, older than
         :data:`OLDEST_STATE_FORMAT`; none recorded: 0): its task files may hold other states."""
         theirs = saved.get("format_version", 0)
+        if not isinstance(theirs, int) or isinstance(theirs, bool):
+            raise ValueError(f"{self.out}/state/run.json records resume-state format {theirs!r}, not a whole number "
+                             "(edited, or not evaluate.py's): add --fresh to start over, or write to another --out")
         if not OLDEST_STATE_FORMAT <= theirs <= STATE_FORMAT:
             raise ValueError(
                 f"{self.out} holds a stopped evaluation saved in resume-state format {theirs}, this evaluate.py reads "

@@ -143,8 +143,14 @@ def format_message(meta: dict[str, Any], path: str | Path) -> str:
     theirs, code = meta.get("format"), meta.get("code") or {}
     newer = isinstance(theirs, int) and theirs > CHECKPOINT_FORMAT
     writer = f"mardini {code.get('mardini') or '(version unrecorded)'}, {describe(code)}"
-    fix = ("update this checkout (git pull) to the code that wrote it" if newer else
-           "read it with the code that wrote it (git checkout its commit, or a worktree of it)")
+    if newer:
+        fix = "update this checkout (git pull) to the code that wrote it"
+    elif code.get("git_commit"):
+        fix = f"read it with the code that wrote it (git checkout {code['git_commit']}, or a worktree of it)"
+    else:  # nothing says which commit: the history of the format constant does
+        fix = ("read it with a commit of this repository from before the checkpoint format became "
+               f"{CHECKPOINT_FORMAT} (`git log -S CHECKPOINT_FORMAT -- mardini/lit/base.py` lists when it changed), "
+               "or a worktree of it")
     return (f"{path} has checkpoint format {theirs}, this code (mardini {__version__}) reads format "
             f"{CHECKPOINT_FORMAT}: {'newer' if newer else 'other'} code wrote it ({writer}); {fix}")
 
