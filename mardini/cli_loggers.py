@@ -40,6 +40,9 @@ def validation_logger(logger, entry, locks: list | None = None):
     return type(logger)(**{**given, "version": os.path.join(version, VALIDATION_FOLDER, run)})
 
 
+CLAIM_TRIES = 100  # validate/ made again after a fit removed it, at most
+
+
 def new_validation_run(folder: str) -> tuple[str, RunLock | None]:
     """The name (``version_N``) of a new validate run's folder in the stage's ``validate/`` ``folder``, and the lock
     this validate holds on it (``validate/version_N.lock``: :func:`~mardini.lit.step_checkpoint.validate_lock`). On
@@ -53,12 +56,14 @@ def new_validation_run(folder: str) -> tuple[str, RunLock | None]:
     if local is None or getattr(rank_zero_only, "rank", 0) != 0:
         fs, path = url_to_fs(folder)
         return next(name for n in itertools.count() if not fs.exists(os.path.join(path, name := f"version_{n}"))), None
-    while True:
+    for _ in range(CLAIM_TRIES):
         os.makedirs(local, exist_ok=True)
         try:
             return next(claimed for n in itertools.count() if (claimed := _claim_run(local, f"version_{n}")))
         except FileNotFoundError:  # a new fit removed validate/ as it set the finished runs aside: make it again
             continue
+    raise RuntimeError(f"{local} vanished {CLAIM_TRIES} times while this validate claimed a run folder in it: "
+                       "something keeps deleting it; check what else writes to the stage's folder")
 
 
 def _claim_run(folder: str, name: str) -> tuple[str, RunLock] | None:

@@ -45,6 +45,28 @@ def test_a_validate_folder_removed_while_a_run_is_claimed_is_made_again(tmp_path
         lock.release()
 
 
+def test_a_validate_folder_that_keeps_vanishing_ends_the_claim_with_a_message(tmp_path, monkeypatch):
+    """Something deleting validate/ at every try: the claim gives up after CLAIM_TRIES with a message (it looped for
+    ever) and leaves no lock behind."""
+    import pytest
+
+    from mardini import cli_loggers
+
+    folder, mkdir, tries = tmp_path / "validate", os.mkdir, []
+
+    def always_removed(path, *args, **kwargs):
+        if str(path).endswith("version_0"):
+            tries.append(path)
+            shutil.rmtree(folder)
+        return mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", always_removed)
+    monkeypatch.setattr(cli_loggers, "CLAIM_TRIES", 3)
+    with pytest.raises(RuntimeError, match=r"vanished 3 times while this validate claimed a run folder in it"):
+        new_validation_run(str(folder))
+    assert len(tries) == 3 and not list(folder.glob("*.lock"))
+
+
 def test_only_empty_run_folders_are_dropped_and_validate_with_them_when_it_is_left_empty(tmp_path):
     empty, written, other = (tmp_path / "a" / "validate" / "version_0", tmp_path / "b" / "validate" / "version_0",
                              tmp_path / "c" / "validate" / "version_1")
