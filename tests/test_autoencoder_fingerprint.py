@@ -108,7 +108,7 @@ def test_a_bfloat16_cache_written_before_the_dtype_was_recorded_is_taken_as_bflo
     from diffusers import AutoencoderKL
 
     from mardini.autoencoders import DiffusersAutoencoder
-    from mardini.data import datamodule
+    from mardini.data import shard_checks
     from mardini.data.latent_cache import cache_latents
     from mardini.data.testing import tiny_synthetic
     from mardini.lit import GenerationModule
@@ -128,8 +128,8 @@ def test_a_bfloat16_cache_written_before_the_dtype_was_recorded_is_taken_as_bflo
         stage.check_latent_autoencoder(shard)
     with pytest.raises(ValueError, match="other weights or config"):
         _stage(vae).check_latent_autoencoder(shard)  # float32: other latents
-    unstamped = {**datamodule.first_json(shard)["latent_cache"], "autoencoder_fingerprint": None}
-    monkeypatch.setattr(datamodule, "first_json", lambda path: {"latent_cache": unstamped})
+    unstamped = {**shard_checks.first_json(shard)["latent_cache"], "autoencoder_fingerprint": None}
+    monkeypatch.setattr(shard_checks, "first_json", lambda path: {"latent_cache": unstamped})
     with pytest.warns(UserWarning, match=f"latent cache {shard} predates autoencoder fingerprints .*VAE's path "
                                          f"\\({vae}\\).*re-cache it with data/cache_latents.py"):
         stage.check_latent_autoencoder(shard)

@@ -155,9 +155,9 @@ def test_val_clips_is_a_cap_per_rank_and_setup_warns_under_ddp_where_it_leaves_c
     world size: val_clips=2 in one process reads val-0 and val-1, val_clips=1 on each of 2 ranks val-0 and val-2.
     Under DDP setup says so once, naming the fix; it does not where every reader reads its whole share (the whole
     split, the same clips on any world size), nor in one process. Before, nothing said it."""
-    from mardini.data import datamodule
+    from mardini.data import setup_warnings
 
-    monkeypatch.setattr(datamodule, "_WARNED", set(), raising=False)
+    monkeypatch.setattr(setup_warnings, "WARNED", set())
     caught = _setup_warnings(synth, 0, 2, val_clips=1)
     cap = [m for m in caught if "data.val_clips=1 is a limit per rank" in m]
     assert len(cap) == 1 and "these 2 ranks validate at most 2 clips" in cap[0] and "leaves clips of" in cap[0]
@@ -166,7 +166,7 @@ def test_val_clips_is_a_cap_per_rank_and_setup_warns_under_ddp_where_it_leaves_c
     (one,) = _rank_keys(synth, 1, val_clips=2)
     two = [k for keys in _rank_keys(synth, 2, val_clips=1) for k in keys]
     assert one == ["val-0000000", "val-0000001"] and two == ["val-0000000", "val-0000002"]
-    monkeypatch.setattr(datamodule, "_WARNED", set(), raising=False)
+    monkeypatch.setattr(setup_warnings, "WARNED", set())
     assert [m for m in _setup_warnings(synth, 0, 2, val_clips=7, num_workers=2) if "val_clips=7" in m]  # 4 > 3
     for world, kw in [(2, {"val_clips": 8}), (2, {"val_clips": 8, "num_workers": 2}), (1, {"val_clips": 4})]:
         assert not [m for m in _setup_warnings(synth, 0, world, **kw) if "val_clips" in m], (world, kw)
@@ -681,9 +681,9 @@ def test_setup_names_clips_too_short_for_the_stage(synth):
 def test_setup_warns_once_on_upscaled_or_slow_clips(synth, monkeypatch):
     import warnings
 
-    from mardini.data import datamodule
+    from mardini.data import setup_warnings
 
-    monkeypatch.setattr(datamodule, "_WARNED", set(), raising=False)
+    monkeypatch.setattr(setup_warnings, "WARNED", set())
     with pytest.warns(UserWarning, match=r"16x16 \(WxH\), smaller than data.resolution=32x32.*upscaled 2x.*"
                       r"--short-side 32"):
         _dm(synth, resolution=32).setup("fit")
@@ -706,10 +706,10 @@ def test_setup_refuses_only_when_no_probed_shard_fits(tmp_path, monkeypatch):
     """Shards of mixed clip lengths (videos of mixed rates): one short first clip does not decide for the set."""
     import shutil
 
-    from mardini.data import datamodule
+    from mardini.data import setup_warnings
     from mardini.data.synthetic_shards import write_synthetic_split
 
-    monkeypatch.setattr(datamodule, "_WARNED", set(), raising=False)
+    monkeypatch.setattr(setup_warnings, "WARNED", set())
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     for i, frames in enumerate((6, 12)):  # the first shard's clips too short for 4 frames at 8 fps (span 7)

@@ -89,7 +89,7 @@ def test_a_reader_whose_share_is_empty_raises_and_an_empty_shard_among_good_ones
 
 
 def test_setup_refuses_a_split_of_empty_shards_and_leaves_empty_ones_out(synth, tmp_path):
-    from mardini.data import datamodule
+    from mardini.data import setup_warnings
 
     empty_dir = tmp_path / "empty"
     empty_dir.mkdir()
@@ -106,7 +106,7 @@ def test_setup_refuses_a_split_of_empty_shards_and_leaves_empty_ones_out(synth, 
     mixed = tmp_path / "mixed"
     shutil.copytree(synth / "train", mixed)
     _empty(mixed / "train-000000.tar", "no-member")  # replaces the first shard
-    datamodule._WARNED.clear()
+    setup_warnings.WARNED.clear()
     with pytest.warns(UserWarning, match=r"data.train_shards: 1 of 4 shards are empty \(no tar member: "
                       r".*train-000000.tar\) and are left out"):
         dm = VideoDataModule(train_shards=str(mixed), val_shards=None, **args)

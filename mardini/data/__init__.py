@@ -3,5 +3,6 @@
 Modules (imported on demand, so ``import mardini.data`` stays light):
 ``synthetic`` (bouncing shapes), ``synthetic_shards``, ``video_shards`` (real videos -> clip shards),
 ``decode``, ``encode``, ``transforms`` (``resize_video``), ``sharding``, ``stream``, ``datamodule``
-(``VideoDataModule``), ``latent_cache``.
+(``VideoDataModule``), its setup checks ``shard_checks`` and ``validation_split`` (warned once each:
+``setup_warnings``), ``worker_signals`` (loader workers outlive the first SIGTERM), ``latent_cache``.
 """

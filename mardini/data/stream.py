@@ -381,7 +381,7 @@ class ClipStream(IterableDataset):
         Training: once every shard of this reader has been read in a row (since its last sample) without giving a
         sample or a read error, they are empty and the resampled stream would reopen them for ever: raise a
         ValueError naming them. An empty shard among good ones is only reopened now and then (``setup`` leaves out
-        the local shards that hold no member: :func:`mardini.data.datamodule.without_empty_shards`)."""
+        the local shards that hold no member: :func:`mardini.data.shard_checks.without_empty_shards`)."""
         mine, empty = set(shards), set()  # empty: the shards read since the last sample that gave nothing at all
         failed = False
 
@@ -648,7 +648,7 @@ class StreamLoader(DataLoader):
         except Exception as err:
             # A worker's error (a data error, a timeout) leaves the iterator's frames in the traceback, holding it
             # alive to the end of the process: its workers, which outlive the first SIGTERM (see
-            # datamodule.leave_first_sigterm_to_main), then blocked the exit, where multiprocessing sends one
+            # worker_signals.leave_first_sigterm_to_main), then blocked the exit, where multiprocessing sends one
             # SIGTERM and waits. Clearing those frames frees the iterator now, which shuts its workers down.
             traceback.clear_frames(err.__traceback__)
             del it

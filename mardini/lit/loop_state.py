@@ -41,7 +41,7 @@ def end_validation_workers(trainer) -> None:
     """
     from lightning.pytorch.trainer.states import TrainerFn
 
-    from mardini.data.datamodule import dataloaders_in
+    from mardini.data.worker_signals import dataloaders_in
 
     if any(getattr(dl, "persistent_workers", False) for dl in dataloaders_in(trainer.val_dataloaders)):
         return

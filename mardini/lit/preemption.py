@@ -33,7 +33,7 @@ validation. Loader workers that get the SIGTERM too (SLURM, ``timeout`` and a co
 group) leave the first one to the main process, which shuts them down after the save: VideoDataModule's by
 themselves, those of any other datamodule's (or module's) ``train_dataloader`` / ``val_dataloader`` and those passed
 to ``Trainer.fit`` directly (``train_dataloaders=``, ``val_dataloaders=``) through :class:`PreemptionSave`
-(``mardini.data.datamodule.protect_loader_workers``).
+(``mardini.data.worker_signals.protect_loader_workers``).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.distributed import ReduceOp
 
-from mardini.data.datamodule import dataloaders_in, protect_loader_workers
+from mardini.data.worker_signals import dataloaders_in, protect_loader_workers
 
 TERMINATED = 128 + signal.SIGTERM  # 143: the exit status of a fit SIGTERM ended (after its checkpoint)
 
@@ -79,7 +79,7 @@ class PreemptionSave(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Make the workers of every loader of the fit leave the first SIGTERM to the main process
-        (:func:`~mardini.data.datamodule.protect_loader_workers`), before Lightning asks for any: those the
+        (:func:`~mardini.data.worker_signals.protect_loader_workers`), before Lightning asks for any: those the
         ``train_dataloader`` / ``val_dataloader`` hooks of the datamodule and the module return (the hooks wrapped
         for the fit: a datamodule of one's own gets what VideoDataModule does itself) and those passed to
         ``Trainer.fit`` directly (their ``worker_init_fn`` given back at the fit's end)."""
@@ -209,13 +209,13 @@ def passed_loaders(trainer: L.Trainer) -> list[Any]:
     if any(source is None or not hasattr(source, "is_module") for source in sources):
         rank_zero_warn("PreemptionSave: this Lightning version keeps no _data_source in its fit loops, so the workers "
                        "of loaders passed to Trainer.fit directly die at the first SIGTERM; give them "
-                       "worker_init_fn=mardini.data.datamodule.leave_first_sigterm_to_main, or pass a datamodule")
+                       "worker_init_fn=mardini.data.worker_signals.leave_first_sigterm_to_main, or pass a datamodule")
         return []
     return [source.instance for source in sources if source.instance is not None and not source.is_module()]
 
 
 def _protected_hook(hook: Callable[[], Any], trainer: L.Trainer) -> Callable[[], Any]:
-    """``hook`` returning its loaders through :func:`~mardini.data.datamodule.protect_loader_workers`; Lightning
+    """``hook`` returning its loaders through :func:`~mardini.data.worker_signals.protect_loader_workers`; Lightning
     still sees the hook as defined or not by the original (``functools.wraps``: ``is_overridden`` unwraps it)."""
 
     @functools.wraps(hook)

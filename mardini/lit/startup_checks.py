@@ -54,7 +54,7 @@ class StartupChecks:
         compared on it too, and then not on the weights' path. A model with a planner also refuses a cache made for
         another ``planner_resolution`` (its planner would train at another size than it samples at).
         ``fingerprint``: this model's autoencoder's, when the caller has it already."""
-        from mardini.data.datamodule import first_json
+        from mardini.data.shard_checks import first_json
         from mardini.lit.checkpoints import latent_spec_differences
 
         cache = first_json(shard).get("latent_cache") or {}
