@@ -119,7 +119,7 @@ def test_shards_of_unexpected_member_names_are_one_train_py_error_with_and_witho
     assert err[-2].startswith("train.py: error: 1000 bad samples in a row (counts {'bad sample': 1000}; "), err[-2]
     assert err[-2].endswith("check data.latents and data.frames, or rebuild / re-cache the shards"), err[-2]
     worker = ", DataLoader worker process 0" if workers else ""
-    assert err[-1].startswith("  (raised at ") and "mardini/data/stream.py:" in err[-1], err[-1]
+    assert err[-1].startswith("  (raised at ") and "mardini/data/skip_log.py:" in err[-1], err[-1]
     assert f" in add{worker}; MARDINI_TRACEBACK=1" in err[-1], err[-1]
     assert "Traceback" not in done.stderr
 

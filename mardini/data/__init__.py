@@ -2,7 +2,8 @@
 
 Modules (imported on demand, so ``import mardini.data`` stays light):
 ``synthetic`` (bouncing shapes), ``synthetic_shards``, ``video_shards`` (real videos -> clip shards),
-``decode``, ``encode``, ``transforms`` (``resize_video``), ``sharding``, ``stream``, ``datamodule``
-(``VideoDataModule``), its setup checks ``shard_checks`` and ``validation_split`` (warned once each:
-``setup_warnings``), ``worker_signals`` (loader workers outlive the first SIGTERM), ``latent_cache``.
+``decode``, ``encode``, ``transforms`` (``resize_video``), ``sharding``, ``stream`` (with ``skip_log``, ``batching``
+and ``stream_loader``), ``datamodule`` (``VideoDataModule``), its setup checks ``shard_checks`` and
+``validation_split`` (warned once each: ``setup_warnings``), ``worker_signals`` (loader workers outlive the first
+SIGTERM), ``latent_cache``.
 """

@@ -52,7 +52,8 @@ from mardini.data.shard_checks import (
     without_empty_shards,
 )
 from mardini.data.sharding import first_shard_per_folder, list_shards
-from mardini.data.stream import ClipStream, StreamLoader, StreamState
+from mardini.data.stream import ClipStream, StreamState
+from mardini.data.stream_loader import StreamLoader
 from mardini.data.validation_split import (
     check_equal_validation_batches,
     check_validation_split,

@@ -29,8 +29,9 @@ from tqdm import tqdm
 
 from mardini.autoencoders.base import FrameAutoencoder
 from mardini.class_paths import subclass_at
+from mardini.data.batching import skip_only
 from mardini.data.sharding import atomic_tar, json_bytes, list_shards, npy_bytes, write_json_atomic
-from mardini.data.stream import ClipStream, skip_only
+from mardini.data.stream import ClipStream
 from mardini.data.transforms import Size, as_size, planner_copy, planner_size
 from mardini.devices import resolve_device
 

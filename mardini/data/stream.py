@@ -11,18 +11,17 @@ every time the training stream starts.
 
 Seeds: every (seed, rank, worker, epoch) gets its own ``numpy.random.SeedSequence`` entropy, which drives
 the shard resampling, the shuffle buffer, the temporal start and the crop.
+
+The worker's skip counter is :mod:`mardini.data.skip_log`, the batch and its skip-only marker
+:mod:`mardini.data.batching`, the loader :mod:`mardini.data.stream_loader` (re-exported here).
 """
 
 from __future__ import annotations
 
-import gc
 import io
-import logging
 import os
 import random
-import traceback
 import urllib.parse
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
+from mardini.data.batching import collate, skip_only
 from mardini.data.decode import (
     BadSample,
     BadShape,
@@ -43,9 +43,15 @@ from mardini.data.decode import (
     npy_header,
 )
 from mardini.data.sharding import split_shards
+from mardini.data.skip_log import FIXES, SkipLog, fix_for
+from mardini.data.stream_loader import StreamLoader
 from mardini.data.transforms import Size, crop_and_resize
 
-log = logging.getLogger("mardini.data")
+__all__ = [
+    "StreamState", "stream_seed", "worker_info", "worker_quota", "openable_url", "name_shards", "ClipStream",
+    # re-exported from the modules that define them (the DataModule, the evaluation and the tests import them here)
+    "collate", "skip_only", "FIXES", "SkipLog", "fix_for", "StreamLoader",
+]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,25 +115,6 @@ def _ignore_and_continue(exn: Exception) -> bool:
     return True
 
 
-# What to change when most bad samples share one reason (the ValueError of SkipLog says it).
-FIXES = {
-    "too few frames": "the clips are shorter than data.frames at data.fps span (frames - 1) * stride + 1 with "
-    "stride round(clip fps / data.fps); lower data.frames (and the model's frames), choose a data.fps that gives a "
-    "smaller stride, or rebuild the shards with longer clips (data/videos_to_shards.py --clip-frames)",
-    "bad json": "the samples' json members lack a positive 'fps' and 'frames'; rebuild the shards with "
-    "data/videos_to_shards.py or data/make_synthetic.py",
-    "corrupt video": "the video members do not decode; rebuild the shards (data/videos_to_shards.py) or leave the "
-    "broken ones out of the shard pattern",
-    "corrupt shard": "the shard files do not read as tar archives (truncated or not shards); rebuild them or leave "
-    "them out of the shard pattern",
-    "wrong shape": "the arrays do not have the expected shape (pixels: uint8 (T, H, W, 3); latents: z_high and "
-    "z_low (T, C, h, w)); rebuild the shards or re-cache the latents with the stage's settings",
-    "bad sample": "the samples lack the members the loader reads (json + video.mp4 or video.npy; with "
-    "data.latents=true json + z_high.npy + z_low.npy, enough latent frames): check data.latents and data.frames, "
-    "or rebuild / re-cache the shards",
-}
-
-
 def _shard_samples(item: dict, handler) -> Iterator[dict]:
     """The samples of one shard ``item`` (``{"url": ...}``), as ``wds.tarfile_samples`` reads them, with the
     shard's file closed once its read ends or is abandoned (webdataset leaves it to the garbage collector, which
@@ -161,64 +148,6 @@ def _no_sample(shards: list[str], whose: str) -> str:
     give, them = ("the shard gives", "it") if len(shards) == 1 else (f"all {len(shards)} shards give", "them")
     return (f"data.train_shards{whose}: {give} no sample ({name_shards(shards)}: empty tar archives, or members not "
             f"named key.extension); rebuild {them} (data/README.md) or leave {them} out of data.train_shards")
-
-
-def fix_for(reason: str) -> str:
-    """What to change when most bad samples fail for ``reason`` (a :class:`SkipLog` key)."""
-    return FIXES.get(reason, "an unexpected error while decoding; the last detail above names it")
-
-
-class SkipLog:
-    """Counts bad samples by reason inside one worker; logs the first few of each reason."""
-
-    def __init__(self, max_consecutive: int) -> None:
-        self.muted = False  # a resumed stream replaying what the checkpoint already counted
-        self.pending = 0
-        self.reasons: Counter[str] = Counter()
-        self.examples: dict[str, str] = {}  # the first detail of each reason
-        self.consecutive = 0
-        self.max_consecutive = max_consecutive
-        self.read: Counter[str] = Counter()  # samples of the current read of each shard (url), for read errors
-        self._first_key: dict[str, str] = {}  # each shard's first sample: meeting it again starts a new read
-
-    def add(self, reason: str, detail: str) -> None:
-        if self.muted:
-            return
-        self.pending += 1
-        self.reasons[reason] += 1
-        self.examples.setdefault(reason, detail)
-        self.consecutive += 1
-        if self.reasons[reason] <= 3:
-            log.warning("skipping a bad sample (%s): %s", reason, detail)
-        if self.max_consecutive and self.consecutive >= self.max_consecutive:
-            reason = self.reasons.most_common(1)[0][0]
-            # a ValueError: the shards or settings are wrong, and train.py reports it in one line as other data errors
-            raise ValueError(
-                f"{self.consecutive} bad samples in a row (counts {dict(self.reasons)}; last: {detail}); "
-                f"the shards do not fit the loader settings or are broken. Mostly {reason!r}: {fix_for(reason)}"
-            )
-
-    def tar_handler(self, exn: Exception) -> bool:
-        """webdataset handler for unreadable shards / tar members: count and go on. A shard that breaks partway
-        counts once, its samples after the break unknown; the message says after how many samples it broke."""
-        url = exn.args[-1] if exn.args and isinstance(exn.args[-1], str) else None  # webdataset appends the url
-        read = self.read.get(url, 0) if url else 0
-        where = f"{url} broke after {read} samples (the rest of this read of it is lost): " if read else ""
-        self.add("corrupt shard", f"{where}{exn!r}")
-        return True
-
-    def tally(self, src: Iterator[dict]) -> Iterator[dict]:
-        """Pass raw samples through, counting each shard's current read (``self.read``)."""
-        for sample in src:
-            url, key = sample.get("__url__", "?"), sample.get("__key__")
-            if self._first_key.setdefault(url, key) == key:
-                self.read[url] = 0  # a (re)read of the shard from its start (training resamples shards)
-            self.read[url] += 1
-            yield sample
-
-    def drain(self) -> int:
-        n, self.pending = self.pending, 0
-        return n
 
 
 # --------------------------------------------------------------------------------------------------
@@ -550,106 +479,3 @@ def _positions(value) -> np.ndarray:
         return np.asarray(value, dtype=np.float32)
     except (TypeError, ValueError, OverflowError) as e:
         raise BadShape(f"json 'positions' is not an array of numbers: {e}") from None
-
-
-def collate(samples: list[dict], skipped: int = 0) -> dict:
-    """Stack samples into a batch dict; ``positions`` NaN-padded to the most objects in the batch."""
-    batch: dict = {}
-    for name in ("video", "z_high", "z_low"):
-        if name in samples[0]:
-            shapes = {tuple(s[name].shape) for s in samples}
-            if len(shapes) > 1:
-                raise ValueError(f"cannot batch {name} of different shapes {sorted(shapes)}")
-            batch[name] = torch.stack([s[name] for s in samples])  # (B, T, C, H, W)
-    batch["fps"] = torch.tensor([s["fps"] for s in samples], dtype=torch.float32)  # (B,)
-    batch["key"] = [s["key"] for s in samples]
-    if "meta" in samples[0]:
-        batch["meta"] = [dict(s["meta"], frame_indices=s.get("indices"), crop=s.get("crop")) for s in samples]
-    if any("positions" in s for s in samples):
-        t = next(iter(batch.values())).shape[1]
-        k = max(s["positions"].shape[1] for s in samples if "positions" in s)
-        pos = torch.full((len(samples), t, k, 2), float("nan"))  # (B, T, K, 2)
-        for i, s in enumerate(samples):
-            if "positions" in s:
-                pos[i, :, : s["positions"].shape[1]] = s["positions"]
-        batch["positions"] = pos
-    batch["skipped"] = torch.tensor(skipped, dtype=torch.long)
-    return batch
-
-
-def skip_only(batch: dict) -> bool:
-    """True for a finite split's skip-only marker ``{"skipped": n}`` (no clips): count it, never train on it."""
-    return "key" not in batch
-
-
-# --------------------------------------------------------------------------------------------------
-# The loader
-# --------------------------------------------------------------------------------------------------
-
-
-class StreamLoader(DataLoader):
-    """A DataLoader over a :class:`ClipStream` (``batch_size=None``: the stream batches).
-
-    Each new iteration of a training stream takes the next epoch number from the shared state (workers get
-    it when they start, so use ``persistent_workers=False``) when its first batch is asked for, not at ``iter()``:
-    Lightning restoring a checkpoint saved in an epoch's last validation iterates that finished epoch again without
-    reading it, and such an iterator must leave the epoch number and the resume position alone (taking them made
-    the resumed run skip a data epoch). Every batch's ``skipped`` is added to ``state.skipped`` and to
-    :attr:`pass_skipped` (this pass's), and skip-only markers (:func:`skip_only`) end there: the consumer sees clips
-    only. Before it starts workers it collects the garbage of this process, which a forked worker would free without
-    the threads it may hold.
-    """
-
-    pass_skipped = 0  # bad samples counted in the current (or last) pass over the loader
-
-    def __iter__(self) -> Iterator[dict]:
-        # a generator: nothing below runs (no epoch taken, no worker started) until the first batch is asked for
-        self.pass_skipped = 0
-        ds = self.dataset
-        if isinstance(ds, ClipStream) and ds.train:
-            state, workers = ds.state, max(1, self.num_workers)
-            resume, state.resume = state.resume, None
-            ds.current_epoch, ds.resume_progress, ds.worker_shift = state.epoch, {}, 0
-            if resume is not None:
-                delivered = sum(b for _, b in resume["progress"].values())
-                if resume["workers"] != workers:
-                    log.warning(
-                        "not continuing epoch %d mid-way: it was read by %d workers, now %d; starting epoch %d",
-                        resume["epoch"], resume["workers"], workers, state.epoch,
-                    )
-                elif ds.epoch_batches is None or delivered < ds.epoch_batches:
-                    ds.current_epoch = resume["epoch"]
-                    ds.resume_progress = {w: list(p) for w, p in resume["progress"].items()}
-                    # batch i of an epoch comes from worker i % workers, and the DataLoader asks its workers in turn
-                    # from its first: that one reads as the worker whose batch is due, so the order goes on
-                    ds.worker_shift = delivered % workers
-            state.epoch = ds.current_epoch + 1
-            state.in_epoch, state.workers = ds.current_epoch, workers
-            state.progress = {w: list(p) for w, p in ds.resume_progress.items()}
-            state.in_flight = 0  # a new stream: batches the last one fetched and never trained are not read again
-        if self.num_workers > 0:
-            # A forked worker inherits the garbage not yet collected here and frees it when its own collector runs:
-            # garbage holding a running video decoder hung it for ever (freeing the decoder waits for its threads,
-            # which the fork does not copy). Collected here, where the threads run.
-            gc.collect()
-        yield from self._count(super().__iter__())
-
-    def _count(self, it: Iterator[dict]) -> Iterator[dict]:
-        state = getattr(self.dataset, "state", None)
-        try:
-            for batch in it:
-                self.pass_skipped += int(batch.get("skipped", 0))
-                if state is not None:
-                    state.skipped += int(batch.get("skipped", 0))
-                    if "stream" in batch:  # a training batch: in flight until trained on (StreamState.in_flight)
-                        state.in_flight += int(batch.get("skipped", 0))
-                if not skip_only(batch):
-                    yield batch
-        except Exception as err:
-            # A worker's error (a data error, a timeout) leaves the iterator's frames in the traceback, holding it
-            # alive to the end of the process: its workers, which outlive the first SIGTERM (see
-            # worker_signals.leave_first_sigterm_to_main), then blocked the exit, where multiprocessing sends one
-            # SIGTERM and waits. Clearing those frames frees the iterator now, which shuts its workers down.
-            traceback.clear_frames(err.__traceback__)
-            del it
-            raise

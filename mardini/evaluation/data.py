@@ -18,13 +18,14 @@ from pathlib import Path
 import av
 import torch
 
+from mardini.data.batching import collate, skip_only
 from mardini.data.decode import (
     BadSample, ClipTooShort, CorruptVideo, choose_frames, decode_mp4, frame_indices, frame_stride, max_start,
     packet_timestamps, stream_fps,
 )
 from mardini.data.shard_checks import count_samples
 from mardini.data.sharding import list_shards
-from mardini.data.stream import ClipStream, collate, skip_only
+from mardini.data.stream import ClipStream
 from mardini.data.transforms import Size, crop_and_resize
 from mardini.data.video_shards import VIDEO_EXTENSIONS, find_videos
 

@@ -143,8 +143,9 @@ def read_video(
 def read_shard_clips(shards: str, clips: int, frames: int, fps: float | None, size: tuple[int, int]):
     """The first ``clips`` clips of a shard split (centre crop, like validation) -> ``(B, frames, 3, H, W)``, keys and
     the rate each clip was read at (its fps over its stride)."""
+    from mardini.data.batching import skip_only
     from mardini.data.sharding import list_shards
-    from mardini.data.stream import ClipStream, skip_only
+    from mardini.data.stream import ClipStream
 
     stream = ClipStream(list_shards(shards), frames=frames, fps=fps, resolution=size, batch_size=1, train=False,
                         max_clips=clips)
