@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -55,6 +56,16 @@ def stop_at(monkeypatch, call: int) -> list[int]:
     return calls
 
 
+def stopped_run(monkeypatch, shards, ckpt, tmp_path) -> Path:
+    """``tmp_path / "stopped"``: an evaluation stopped in the first task's 2nd batch, its first batch saved."""
+    out = tmp_path / "stopped"
+    with monkeypatch.context() as m:
+        stop_at(m, METHODS + 1)
+        with pytest.raises(RuntimeError, match="preempted"):
+            cli.main(argv(shards, ckpt, out))
+    return out
+
+
 def without_timings(report: dict) -> dict:
     """The report less what a resume may change (sampling seconds: both runs' added; the machine's name) and the
     command (its --out differs here)."""
@@ -93,11 +104,7 @@ def test_a_rerun_resumes_the_stopped_task_and_reports_what_one_run_does(setup, t
 
 def test_a_rerun_with_other_settings_is_refused_until_fresh(setup, tmp_path, monkeypatch, capsys, stand_in_networks):
     shards, ckpt = setup
-    out = tmp_path / "stopped"
-    with monkeypatch.context() as m:  # stopped in the first task's 2nd batch, its first saved
-        stop_at(m, METHODS + 1)
-        with pytest.raises(RuntimeError, match="preempted"):
-            cli.main(argv(shards, ckpt, out))
+    out = stopped_run(monkeypatch, shards, ckpt, tmp_path)
     capsys.readouterr()
     assert cli.main(argv(shards, ckpt, out, "--seed", "1", "--steps", "1")) == 2
     err = capsys.readouterr().err
@@ -194,11 +201,7 @@ def test_a_stopped_run_of_other_code_or_state_format_is_refused_naming_it(setup,
     'rerun it with its own settings', which no setting does); a run.json of a newer state format names it; one of
     format 0 (written before format_version was recorded) holds what format 1 does and resumes."""
     shards, ckpt = setup
-    out = tmp_path / "stopped"
-    with monkeypatch.context() as m:  # stopped in the first task's 2nd batch, its first saved
-        stop_at(m, METHODS + 1)
-        with pytest.raises(RuntimeError, match="preempted"):
-            cli.main(argv(shards, ckpt, out))
+    out = stopped_run(monkeypatch, shards, ckpt, tmp_path)
     run_json = out / "state" / "run.json"
     saved = json.loads(run_json.read_text())
     assert saved["format_version"] == 1
