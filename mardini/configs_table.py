@@ -20,6 +20,7 @@ import argparse
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -144,6 +145,24 @@ def _title(path: Path) -> str:
     return first.lstrip("# ").strip() if first.startswith("#") else ""
 
 
+def stage_networks(args: dict, joint: bool, adjust: Callable[[str, dict], dict] | None = None) -> tuple[Any, Any]:
+    """The planner and generator a stage's ``model.init_args`` (``args``) builds, on the default device (counts:
+    under ``torch.device("meta")``); a ``joint`` stage's planner without the warm-up's projection head unless it sets
+    ``plan_recon_weight`` (as MarDiniModule does). ``adjust(network, overrides)`` returns the overrides a network is
+    built with (``mardini.sizing`` narrows the widths and sets the depth)."""
+    size = args.get("size", "tiny")
+    adjust = adjust or (lambda network, over: over)
+    channels = _latent_channels(args.get("autoencoder"))
+    extra = {} if channels is None else {"in_channels": channels}
+    p_over = adjust("planner", {**extra, **(args.get("planner") or {})})
+    g_over = adjust("generator", {**extra, **generator_overrides(size, args.get("planner"), args.get("generator"),
+                                                                 with_planner=joint)})
+    planner, generator = build_planner(size, **p_over), build_generator(size, **g_over)
+    if joint and not args.get("plan_recon_weight", 0.0):
+        planner.drop_head()
+    return planner, generator
+
+
 def read_stage(path: str | Path) -> Stage:
     """Read one stage YAML (merged after ``common.yaml`` when the folder has one) into a :class:`Stage`."""
     path = Path(path)
@@ -155,15 +174,8 @@ def read_stage(path: str | Path) -> Stage:
                          f"({', '.join(TRAINS)}); is this a stage config?")
     args, dargs = model.get("init_args") or {}, data.get("init_args") or {}
     size = args.get("size", "tiny")
-    channels = _latent_channels(args.get("autoencoder"))
-    extra = {} if channels is None else {"in_channels": channels}
-    p_over = {**extra, **(args.get("planner") or {})}
-    g_over = {**extra, **generator_overrides(size, args.get("planner"), args.get("generator"),
-                                             with_planner=kind == "MarDiniModule")}
     with torch.device("meta"):
-        planner, generator = build_planner(size, **p_over), build_generator(size, **g_over)
-    if kind == "MarDiniModule" and not args.get("plan_recon_weight", 0.0):
-        planner.drop_head()  # the joint stages drop the warm-up's projection head (as MarDiniModule does)
+        planner, generator = stage_networks(args, joint=kind == "MarDiniModule")
     pc, gc = planner.cfg, generator.cfg
     return Stage(
         path=path, trains=TRAINS[kind], size=size,

@@ -39,10 +39,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mardini.configs_table import TRAINS, _latent_channels, _load
+from mardini.configs_table import TRAINS, _latent_channels, _load, stage_networks
 from mardini.data.batch_split import check_split, largest_rank_batch
-from mardini.models import build_generator, build_planner
-from mardini.models.registry import generator_overrides, get_size
+from mardini.models.registry import get_size
 
 BYTES_PER_TRAINED_PARAM = {"weight": 4, "gradient": 4, "adamw": 8, "ema": 4}  # fp32 each
 STRATEGIES = ("NO_SHARD", "SHARD_GRAD_OP", "FULL_SHARD", "HYBRID_SHARD")
@@ -55,8 +54,7 @@ class StageShape:
 
     kind: str  # generator | planner | both
     size: str
-    planner: dict
-    generator: dict
+    args: dict  # the stage's model.init_args
     channels: int
     frames: int
     latent: int  # generator latent side
@@ -79,8 +77,8 @@ def read_shape(path: str | Path) -> StageShape:
     ae = args.get("autoencoder")
     down = int(((ae or {}).get("init_args") or {}).get("downsample", 2)) if _latent_channels(ae) else 8
     channels = _latent_channels(ae) or get_size(size).planner.in_channels
-    planner, generator = dict(args.get("planner") or {}), dict(args.get("generator") or {})
-    return StageShape(kind=kind, size=size, planner=planner, generator=generator, channels=channels,
+    planner, generator = args.get("planner") or {}, args.get("generator") or {}
+    return StageShape(kind=kind, size=size, args=args, channels=channels,
                       frames=int(args.get("frames") or dargs.get("frames")),
                       latent=int(dargs.get("resolution")) // down,
                       latent_low=int(args.get("planner_resolution", 16)) // down,
@@ -96,27 +94,20 @@ def build_trained(shape: StageShape, k: int = 1, depth: int | None = None, devic
     (None: the stage's); on ``device``, fp32, with activation ``checkpointing`` or without."""
     sz = get_size(shape.size)
 
-    def scaled(cfg, over: dict) -> dict:
+    def scaled(network: str, over: dict) -> dict:
+        cfg = getattr(sz, network)
         out = {**over, "checkpointing": checkpointing, "in_channels": shape.channels}
-        for key in ("dim", "heads", "mlp_hidden"):
+        widths = ("dim", "heads", "mlp_hidden") + (("plan_dim",) if network == "generator" else ())  # the planner's
+        for key in widths:
             out[key] = int(over.get(key, getattr(cfg, key))) // k
         if depth is not None:
             out["depth"] = depth
         return out
 
-    p_over = scaled(sz.planner, shape.planner)
-    g_over = scaled(sz.generator, generator_overrides(shape.size, shape.planner, shape.generator,
-                                                      with_planner=shape.kind == "both"))
-    g_over["plan_dim"] = p_over["dim"]
-    nets = {}
     with torch.device(device):
-        if shape.kind in ("planner", "both"):
-            nets["planner"] = build_planner(shape.size, **p_over)
-            if not shape.planner_head:
-                nets["planner"].drop_head()
-        if shape.kind in ("generator", "both"):
-            nets["generator"] = build_generator(shape.size, **g_over)
-    return nets
+        planner, generator = stage_networks(shape.args, joint=shape.kind == "both", adjust=scaled)
+    return {name: net for name, net in (("planner", planner), ("generator", generator))
+            if shape.kind in (name, "both")}
 
 
 def trained_parameters(shape: StageShape) -> dict[str, int]:
