@@ -22,6 +22,8 @@ CASES = [
     ("--factor", "3", "power of two"),
     ("--fps", "0.0", "> 0"),
     ("--seed", "-1", "in [0, 2**63)"),
+    ("--num-slices", "0", ">= 1"),
+    ("--slice-index", "-1", ">= 0"),
 ]
 
 

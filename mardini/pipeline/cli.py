@@ -7,11 +7,13 @@
     python sample.py slow_motion --ckpt last.ckpt --video clip.mp4 --keep 0-2 --factor 4
     python sample.py generate --ckpt last.ckpt --shards data/shards/synthetic/val --clips 4 --keep 0,4,8
     python sample.py generate --ckpt last.ckpt --images f0.png f12.png --keep 0,12    # past the window: by windows
+    python sample.py image_to_video --ckpt last.ckpt --list images.txt --slice-index 0 --num-slices 8  # many clips
 
 Writes ``<out>/<task>_NNN.mp4|.gif`` per sample (``--png``: also ``<out>/frames/<task>_NNN/frame_XX.png``,
 lossless), ``contact_sheet.png`` (given frames framed in green) and ``settings.json``. Inputs are brought to the
 checkpoint's training resolution (centre crop + resize by default, with a message saying so); ``--resolution`` /
-``--resize`` change that.
+``--resize`` change that. ``--list FILE`` samples one clip per line of FILE, batch by batch, resumably
+(:mod:`mardini.pipeline.many`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from mardini.pipeline.inputs import (
     read_video,
     video_fps,
 )
+from mardini.pipeline.many import sample_list
 from mardini.pipeline.outputs import check_out_dir, write_outputs
 from mardini.pipeline.pipeline import MarDiniPipeline, resolve_device
 from mardini.pipeline.tasks import image_to_video_guidance, window_schedule
@@ -60,6 +63,10 @@ def build_parser(prog: str = "sample.py") -> argparse.ArgumentParser:
                      "--keep picks (the default --keep of expand, long_video, slow_motion: up to the window)")
     src.add_argument("--shards", help="a shard split (directory, pattern): --clips clips of the window's length "
                      "(longer when --keep reaches further), centred as in validation; --keep picks the given frames")
+    src.add_argument("--list", help="a text file of many clips, one per line: its --images files (in order, shell "
+                     "quoting for spaces) or one video file (.mp4, .mov, ...); clip i (its line's number among the "
+                     "clips) is seeded --seed + i and written as <task>_<i:06d>_<sample>.mp4/.gif, listed in "
+                     "manifest.jsonl; a rerun skips the clips done, an unreadable clip is skipped and counted")
     src.add_argument("--clips", type=int, default=1, help="clips to read from --shards")
     src.add_argument("--keep", help="indices of the given frames among the frames read, e.g. 0,8 or 0-3 "
                      "(generate: their window positions, each once; expand, long_video: consecutive frames; "
@@ -105,6 +112,9 @@ def build_parser(prog: str = "sample.py") -> argparse.ArgumentParser:
                    "<out>/frames/<task>_NNN/frame_XX.png (the mp4 is H.264 yuv420p, crf 18, the GIF 256 colours "
                    "a frame: both lossy): folders of frames as evaluate.py --generated reads them, which "
                    "sample.py --images reads back exactly")
+    o.add_argument("--slice-index", type=int, default=0, help="--list: the slice this job samples, the clips "
+                   "whose index is --slice-index modulo --num-slices (e.g. $SLURM_ARRAY_TASK_ID)")
+    o.add_argument("--num-slices", type=int, default=1, help="--list: how many jobs share the list (one --out)")
     o.add_argument("--fps", type=float, help="fps of the written videos (default: the rate a --video or the --shards "
                    "clips were read at, else the training fps, else 8)")
     return p
@@ -133,8 +143,8 @@ GIVEN_RULES = {"interpolate": (lambda n: n == 2, "2"), "image_to_video": (lambda
 def check_inputs(a: argparse.Namespace) -> None:
     """Input choices that cannot work raise a ValueError naming the fix, before the checkpoint loads. (The task's
     default --keep always gives a number of frames it accepts.)"""
-    if len([x for x in (a.images, a.video, a.shards) if x]) != 1:
-        raise ValueError("give exactly one input: --images, --video or --shards")
+    if len([x for x in (a.images, a.video, a.shards, a.list) if x]) != 1:
+        raise ValueError("give exactly one input: --images, --video, --shards or --list")
     keep = parse_indices(a.keep)
     if a.images and keep is not None and a.task != "generate":
         raise ValueError(f"--keep picks given frames among those of --video or --shards; with --images every "
@@ -161,6 +171,15 @@ def check_inputs(a: argparse.Namespace) -> None:
     rule = GIVEN_RULES.get(a.task)
     if rule and n is not None and not rule[0](n):
         raise ValueError(f"{a.task} needs {rule[1]} given frame(s), got {n}; check --images / --keep")
+
+
+def check_slices(a: argparse.Namespace) -> None:
+    """``--slice-index`` / ``--num-slices`` that cannot work raise a ValueError naming the fix."""
+    if a.slice_index >= a.num_slices:
+        raise ValueError(f"--slice-index {a.slice_index} is not below --num-slices {a.num_slices}: slices are "
+                         f"numbered 0..{a.num_slices - 1}")
+    if a.num_slices > 1 and not a.list:
+        raise ValueError("--num-slices splits the clips of a --list between jobs; give the clips as --list FILE")
 
 
 def video_stride(path: str, model_fps: float | None, stride: int | None) -> tuple[int, str, float | None]:
@@ -294,6 +313,8 @@ OPTION_RULES = {
     "factor": (lambda v: v >= 2 and v & (v - 1) == 0, "a power of two >= 2 (2, 4, 8, ...)"),
     "fps": (lambda v: v is None or v > 0, "> 0"),
     "seed": (lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
+    "num_slices": (lambda v: v >= 1, ">= 1"),
+    "slice_index": (lambda v: v >= 0, ">= 0 (and below --num-slices)"),
 }
 
 
@@ -349,6 +370,7 @@ def main(argv: list[str] | None = None, prog: str = "sample.py") -> dict:
     a = parser.parse_args(argv)
     check_options(a, parser)
     check_inputs(a)
+    check_slices(a)
     out_dir = a.out or Path("outputs/samples") / a.task
     check_out_dir(out_dir)  # these before the checkpoint loads, so that no mistake waits for it (or for sampling)
     device = resolve_device(a.device)
@@ -363,6 +385,11 @@ def main(argv: list[str] | None = None, prog: str = "sample.py") -> dict:
         warnings.warn(f"--frames {a.frames}: sampling windows of {sampled} frames{made_odd}, not the checkpoint's "
                       f"trained window of {pipe.window}; leave --frames out to sample the trained window", stacklevel=2)
     size = parse_size(a.resolution) or pipe.resolution
+    guidance = a.guidance if a.guidance is not None else (
+        image_to_video_guidance(pipe) if a.task == "image_to_video" else 1.0)
+    kw = dict(steps=a.steps, guidance_scale=guidance, progress=not a.no_progress, eta=a.eta)
+    if a.list:
+        return sample_list(argparse.Namespace(**{**vars(a), "guidance": guidance}), pipe, size, sampled, kw, out_dir)
     given, names, positions, notes, fps_read = load_inputs(a, pipe, size)
     fps = a.fps or fps_read or pipe.fps or 8.0
     if fps_read and pipe.fps and not math.isclose(fps_read, pipe.fps, rel_tol=0.01):
@@ -372,12 +399,9 @@ def main(argv: list[str] | None = None, prog: str = "sample.py") -> dict:
     notes += [spacing] if spacing else []
     for note in notes:
         print(f"[sample] {note}")
-    guidance = a.guidance if a.guidance is not None else (
-        image_to_video_guidance(pipe) if a.task == "image_to_video" else 1.0)
     print(f"[sample] {a.task} with {pipe.kind} checkpoint {a.ckpt} (size {pipe.info.get('size')}, "
           f"{'EMA' if not a.no_ema else 'raw'} weights, window {pipe.window}) on {pipe.device}: {a.steps} steps, "
           f"eta {a.eta}, guidance {guidance}, seed {a.seed}, {given.shape[0]} clip(s) x {a.num_samples} sample(s)")
-    kw = dict(steps=a.steps, guidance_scale=guidance, progress=not a.no_progress, eta=a.eta)
     outs, masks, labels = [], [], []
     for lo in range(0, given.shape[0], max(1, a.batch)):
         chunk = given[lo : lo + a.batch]

@@ -1,0 +1,126 @@
+"""sample.py --list: many clips in one command, seeded and named by their index in the list, sliced between jobs,
+resumed after a kill, unreadable clips skipped and counted (mardini.pipeline.many)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mardini.data.testing import moving_frames, write_video
+from mardini.pipeline.cli import main
+from pipeline_helpers import make_checkpoint, one_thread  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, one_thread):
+    """A tiny joint checkpoint, four good clips (three images and a video) and two unreadable ones."""
+    root = tmp_path_factory.mktemp("list")
+    frames = moving_frames(8, 16, 16)  # (T, H, W, 3) uint8
+    for i in range(3):
+        Image.fromarray(frames[2 * i]).save(root / f"img {i}.png")  # a space: the list quotes it
+    write_video(root / "clip.mp4", frames, 8)
+    (root / "broken.png").write_text("not an image")
+    good = [f'"{root / "img 0.png"}"', f'"{root / "img 1.png"}"', str(root / "clip.mp4"), f'"{root / "img 2.png"}"']
+    return {"root": root, "ckpt": str(make_checkpoint(root / "joint.ckpt", "joint", frames=5, size=16)),
+            "good": good, "bad": [str(root / "missing.png"), str(root / "broken.png")]}
+
+
+def _list(tmp_path, lines: list[str]) -> str:
+    path = tmp_path / "clips.txt"
+    path.write_text("# one clip per line\n" + "\n".join(lines) + "\n\n")
+    return str(path)
+
+
+def _run(env, out, clips, *args):
+    return main(["image_to_video", "--ckpt", env["ckpt"], "--list", clips, "--steps", "1", "--no-progress",
+                 "--png", "--out", str(out), *args])
+
+
+def _frames(folder) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("frame_*.png"))]).astype(int)
+
+
+def _manifest(path) -> dict[int, dict]:
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    return {e["index"]: e for e in lines if "index" in e}
+
+
+def test_each_clip_is_seeded_and_named_by_its_index_and_bad_clips_are_skipped_and_counted(env, tmp_path, capsys):
+    clips = _list(tmp_path, [env["good"][0], env["bad"][0], env["bad"][1], env["good"][1], env["good"][2]])
+    record = _run(env, tmp_path / "out", clips, "--batch", "2", "--seed", "10")
+    out = tmp_path / "out"
+    assert record["sampled"] == 3 and record["skipped"] == 2 and record["clips"] == 5
+    assert [s["index"] for s in record["skipped_clips"]] == [1, 2]
+    assert "does not exist" in record["skipped_clips"][0]["error"]
+    assert "could not be read as an image" in record["skipped_clips"][1]["error"]
+    assert "2 skipped" in capsys.readouterr().out
+    entries = _manifest(out / "manifest.jsonl")
+    assert {i: e["status"] for i, e in entries.items()} == {0: "done", 1: "skipped", 2: "skipped", 3: "done", 4: "done"}
+    assert entries[3]["seed"] == 13 and entries[3]["input"] == [str(env["root"] / "img 1.png")]
+    assert entries[3]["files"] == [str(out / "image_to_video_000003_0.mp4"), str(out / "image_to_video_000003_0.gif"),
+                                   str(out / "frames" / "image_to_video_000003_0")]
+    alone = tmp_path / "alone"  # clip 3 sampled by itself, with its seed: the same frames up to --batch's rounding
+    main(["image_to_video", "--ckpt", env["ckpt"], "--images", str(env["root"] / "img 1.png"), "--seed", "13",
+          "--steps", "1", "--no-progress", "--png", "--out", str(alone)])
+    together = _frames(out / "frames" / "image_to_video_000003_0")
+    assert np.abs(together - _frames(alone / "frames" / "image_to_video_000")).max() <= 1
+
+
+def test_slices_share_one_folder_and_give_what_one_job_gives(env, tmp_path):
+    clips = _list(tmp_path, env["good"])
+    for i in range(2):
+        _run(env, tmp_path / "sliced", clips, "--batch", "1", "--slice-index", str(i), "--num-slices", "2")
+    _run(env, tmp_path / "one", clips, "--batch", "1")
+    sliced, one = tmp_path / "sliced", tmp_path / "one"
+    assert sorted(_manifest(sliced / "manifest_0-of-2.jsonl")) == [0, 2]
+    assert sorted(_manifest(sliced / "manifest_1-of-2.jsonl")) == [1, 3]
+    for i in range(4):
+        name = f"image_to_video_{i:06d}_0"
+        assert np.array_equal(_frames(sliced / "frames" / name), _frames(one / "frames" / name))
+
+
+def test_a_killed_job_resumes_without_redoing_clips_or_leaving_half_written_files(env, tmp_path, monkeypatch):
+    import mardini.visualize
+    from mardini.pipeline.pipeline import MarDiniPipeline
+
+    clips, out = _list(tmp_path, env["good"]), tmp_path / "out"
+    save_gif, calls = mardini.visualize.save_gif, []
+
+    def killed_on_the_second(video, path, fps=8.0):
+        calls.append(path)
+        if len(calls) == 2:
+            path.write_bytes(b"GIF89a half")  # the kill comes mid-file
+            raise KeyboardInterrupt
+        return save_gif(video, path, fps)
+
+    monkeypatch.setattr(mardini.visualize, "save_gif", killed_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        _run(env, out, clips, "--batch", "1")
+    assert not list(out.rglob("*.part")) and not (out / "image_to_video_000001_0.gif").exists()
+    assert sorted(_manifest(out / "manifest.jsonl")) == [0]
+    monkeypatch.setattr(mardini.visualize, "save_gif", save_gif)
+    sampled, generate = [], MarDiniPipeline.generate
+    monkeypatch.setattr(MarDiniPipeline, "generate", lambda self, video, mask, **kw: (
+        sampled.append(video.shape[0]), generate(self, video, mask, **kw))[1])
+    record = _run(env, out, clips, "--batch", "1")
+    assert sum(sampled) == 3 and record["done_before"] == 1 and record["sampled"] == 3
+    assert sorted(p.name for p in out.glob("*.gif")) == [f"image_to_video_{i:06d}_0.gif" for i in range(4)]
+
+
+def test_resuming_with_other_options_a_changed_list_or_impossible_slices_is_refused(env, tmp_path):
+    clips, out = _list(tmp_path, env["good"][:1]), tmp_path / "out"
+    _run(env, out, clips)
+    with pytest.raises(ValueError, match="other options \\(manifest.jsonl: --steps 1 there, 2 here\\); resume"):
+        main(["image_to_video", "--ckpt", env["ckpt"], "--list", clips, "--steps", "2", "--png", "--out", str(out)])
+    _list(tmp_path, env["good"][1:2])  # the line of the clip done names another file now
+    with pytest.raises(ValueError, match="changed since clips were sampled from it: clip 0 was .*img 0.png, now"):
+        _run(env, out, clips)
+    with pytest.raises(ValueError, match="--slice-index 2 is not below --num-slices 2"):
+        _run(env, out, clips, "--slice-index", "2", "--num-slices", "2")
+    with pytest.raises(ValueError, match="give the clips as --list FILE"):
+        main(["image_to_video", "--ckpt", env["ckpt"], "--images", "a.png", "--num-slices", "2"])
