@@ -410,3 +410,25 @@ def test_bf16_sampling_on_a_cpu_without_native_bf16_warns_and_names_the_fix(env,
     else:
         assert len(messages) == 1 and warned in messages[0] and "leave --bf16 out" in messages[0], messages
         assert messages[0].startswith("--bf16 on the CPU") and "--trainer.precision" not in messages[0], messages
+
+
+def test_a_killed_run_leaves_no_half_written_sample(env, tmp_path, monkeypatch):
+    """Each file is written under a .part name and renamed when complete: the old code wrote the GIF into its final
+    name, so a kill while it was written left a broken generate_001.gif that looked like a sample."""
+    import mardini.pipeline.outputs as outputs
+
+    save_gif, calls = outputs.save_gif, []
+
+    def killed_on_the_second(video, path, fps=8.0):
+        calls.append(path)
+        if len(calls) == 2:
+            path.write_bytes(b"GIF89a half")  # the kill comes mid-file
+            raise KeyboardInterrupt
+        return save_gif(video, path, fps)
+
+    monkeypatch.setattr(outputs, "save_gif", killed_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        _run(env, tmp_path, "generate", "--shards", env["shards"], "--clips", "2", "--keep", "0,3", "--png")
+    assert sorted(p.name for p in tmp_path.glob("generate_*")) == ["generate_000.gif", "generate_000.mp4",
+                                                                   "generate_001.mp4"]
+    assert not list(tmp_path.rglob("*.part*")) and not (tmp_path / "settings.json").exists()

@@ -101,7 +101,7 @@ def test_a_killed_job_resumes_without_redoing_clips_or_leaving_half_written_file
     monkeypatch.setattr(mardini.visualize, "save_gif", killed_on_the_second)
     with pytest.raises(KeyboardInterrupt):
         _run(env, out, clips, "--batch", "1")
-    assert not list(out.rglob("*.part")) and not (out / "image_to_video_000001_0.gif").exists()
+    assert not list(out.rglob("*.part*")) and not (out / "image_to_video_000001_0.gif").exists()
     assert sorted(_manifest(out / "manifest.jsonl")) == [0]
     monkeypatch.setattr(mardini.visualize, "save_gif", save_gif)
     sampled, generate = [], MarDiniPipeline.generate

@@ -20,16 +20,15 @@ Clips are read, sampled and written one batch at a time, so memory does not grow
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shlex
-import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from mardini.pipeline.outputs import replaced_when_done, save_frames
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 
@@ -120,33 +119,9 @@ def append_line(path: Path, entry: dict) -> None:
         os.fsync(f.fileno())
 
 
-@contextlib.contextmanager
-def replaced_when_done(path: Path) -> Iterator[Path]:
-    """A ``.part`` path beside ``path`` to write; renamed to ``path`` when the block ends, removed when it raises,
-    so that ``path`` is either absent or complete."""
-    part = path.with_name(path.name + ".part")
-    remove(part)
-    try:
-        yield part
-    except BaseException:
-        remove(part)
-        raise
-    remove(path)
-    os.replace(part, path)
-
-
-def remove(path: Path) -> None:
-    """Remove a file or a folder if it exists."""
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
-
-
 def write_sample(out: Path, stem: str, video: torch.Tensor, fps: float, png: bool) -> list[str]:
     """One sample ``(T, 3, H, W)`` in [-1, 1] as ``stem.mp4``, ``stem.gif`` (and ``frames/stem/``), each written
     whole or not at all; the paths written."""
-    from mardini.pipeline.outputs import save_frames
     from mardini.visualize import save_gif, save_mp4
 
     files = []

@@ -4,7 +4,11 @@ rest of the run)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -18,6 +22,30 @@ def check_out_dir(out: Path) -> None:
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir():
         raise ValueError(f"--out {out}: {existing} is a file, not a folder; pass a folder (created if missing)")
+
+
+@contextlib.contextmanager
+def replaced_when_done(path: Path) -> Iterator[Path]:
+    """A ``.part`` path beside ``path`` to write (``x.part.mp4`` for ``x.mp4``), renamed to ``path`` when the block
+    ends and removed when it raises, so that ``path`` is never half-written (a rename within a folder is atomic)."""
+    part = path.with_name(f"{path.stem}.part{path.suffix}")  # the suffix kept: writers pick the format by it
+    remove(part)
+    try:
+        yield part
+    except BaseException:
+        remove(part)
+        raise
+    if path.is_dir():  # a folder of frames: os.replace moves a folder onto an empty one only
+        shutil.rmtree(path)
+    os.replace(part, path)
+
+
+def remove(path: Path) -> None:
+    """Remove a file or a folder if it exists."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
 
 def save_frames(video: torch.Tensor, folder: Path) -> Path:
@@ -37,7 +65,9 @@ def write_outputs(out: Path, task: str, videos: torch.Tensor, given: torch.Tenso
     mp4 of the same name, which ``evaluate.py --generated`` would take for a second output of the clip).
 
     The task's samples of an earlier run in ``out`` are removed first, so the folder holds this run's files only
-    (a run with fewer samples left the earlier ones beside them, described by the new ``settings.json``)."""
+    (a run with fewer samples left the earlier ones beside them, described by the new ``settings.json``). Each file is
+written under a ``.part`` name and renamed when complete (:func:`replaced_when_done`), so a killed run leaves no
+half-written file under a sample's name."""
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob(f"{task}_*"):
         if old.suffix in (".mp4", ".gif") and old.stem[len(task) + 1:].isdigit():
@@ -51,10 +81,18 @@ def write_outputs(out: Path, task: str, videos: torch.Tensor, given: torch.Tenso
     files = []
     for i, video in enumerate(videos):
         stem = out / f"{task}_{i:03d}"
-        files += [str(save_mp4(video, stem.with_suffix(".mp4"), fps)), str(save_gif(video, stem.with_suffix(".gif"), fps))]
+        for path, save in ((stem.with_suffix(".mp4"), save_mp4), (stem.with_suffix(".gif"), save_gif)):
+            with replaced_when_done(path) as part:
+                save(video, part, fps)
+            files.append(str(path))
         if png:
-            files.append(str(save_frames(video, out / "frames" / stem.name)))
-    sheet = contact_sheet(videos, out / "contact_sheet.png", mask=~given, row_labels=labels)
+            with replaced_when_done(out / "frames" / stem.name) as part:
+                save_frames(video, part)
+            files.append(str(out / "frames" / stem.name))
+    sheet = out / "contact_sheet.png"
+    with replaced_when_done(sheet) as part:
+        contact_sheet(videos, part, mask=~given, row_labels=labels)
     record = dict(settings, files=files, contact_sheet=str(sheet))
-    (out / "settings.json").write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
+    with replaced_when_done(out / "settings.json") as part:
+        part.write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
     return record
