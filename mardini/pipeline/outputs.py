@@ -66,8 +66,8 @@ def write_outputs(out: Path, task: str, videos: torch.Tensor, given: torch.Tenso
 
     The task's samples of an earlier run in ``out`` are removed first, so the folder holds this run's files only
     (a run with fewer samples left the earlier ones beside them, described by the new ``settings.json``). Each file is
-written under a ``.part`` name and renamed when complete (:func:`replaced_when_done`), so a killed run leaves no
-half-written file under a sample's name."""
+    written under a ``.part`` name and renamed when complete (:func:`replaced_when_done`), so a killed run leaves no
+    half-written file under a sample's name."""
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob(f"{task}_*"):
         if old.suffix in (".mp4", ".gif") and old.stem[len(task) + 1:].isdigit():
