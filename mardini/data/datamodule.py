@@ -37,8 +37,10 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
+from lightning.pytorch.utilities import rank_zero_warn
 
 from mardini.data.batch_split import check_split, epoch_batches, largest_rank_batch, rank_batch
+from mardini.data.resumed_data import data_record, resume_notes, shard_sizes
 from mardini.data.setup_warnings import warn_once
 from mardini.data.shard_checks import (
     PROBE_SHARDS,
@@ -179,6 +181,8 @@ class VideoDataModule(L.LightningDataModule):
         self.train_set: ClipStream | None = None
         self.val_set: ClipStream | None = None
         self.train_data: dict | None = None  # the training shards' manifest settings (setup), saved in checkpoints
+        self.shard_sizes: dict[str, dict | None] = {"train": None, "val": None}  # setup's, saved in checkpoints
+        self.resumed_data: dict | None = None  # what the checkpoint resumed recorded, until setup compares it
 
     # ----------------------------------------------------------------------------------------------
     # Setup
@@ -219,6 +223,7 @@ class VideoDataModule(L.LightningDataModule):
                 shards, batch_size=self.per_rank_batch_size, train=True, shuffle_buffer=self.shuffle_buffer,
                 crop=self.crop, crop_scale=self.crop_scale, epoch_batches=batches, **common,
             )
+            self.shard_sizes["train"] = shard_sizes(shards)
         if stage in (None, "fit", "validate") and self.val_shards:
             shards = without_empty_shards(list_shards(self.val_shards), "data.val_shards")
             check_validation_split(self.val_shards, shards, self.world_size)
@@ -231,6 +236,7 @@ class VideoDataModule(L.LightningDataModule):
                 shards, batch_size=self.val_batch_size or largest_rank_batch(self.batch_size, self.world_size),
                 train=False, max_clips=self.val_clips, **common,
             )
+            self.shard_sizes["val"] = shard_sizes(shards)
             if self.world_size > 1 and self.val_clips is not None and self.rank == 0:
                 message = val_clips_warning(self.val_set, max(1, self.num_workers))
                 if message:
@@ -238,6 +244,8 @@ class VideoDataModule(L.LightningDataModule):
             if self.world_size > 1 and needs_equal_validation_steps(self.trainer):
                 check_equal_validation_batches(self.val_set, max(1, self.num_workers), self.val_shards,
                                                validation_step_limit(self.trainer))
+        if stage in (None, "fit"):
+            self._compare_resumed_data()
 
     def _whole_windows(self, batches: int) -> int:
         """``batches`` per epoch rounded down to a multiple of the trainer's gradient-accumulation window, with a
@@ -302,20 +310,24 @@ class VideoDataModule(L.LightningDataModule):
         too. A resumed run with the same worker count continues that epoch exactly where it stopped (same clips,
         crops and order) and counts the skips of the batches it reads again once. ``train_data``: what the training
         shards' ``manifest.json`` records (:func:`shards_manifest`; the synthetic set's clip count, ...), so that a
-        checkpoint says what it was trained on (read, not restored; checkpoints before 2026-12-07 lack it)."""
+        checkpoint says what it was trained on (read, not restored; checkpoints before 2026-12-07 lack it). ``data``:
+        the shards each split read and the ``data.*`` settings, which a resume compares with its own
+        (:mod:`mardini.data.resumed_data`; checkpoints before 2026-12-08 lack it)."""
         s = self.state
         own = {"seed": s.seed, "epoch": s.epoch, "skipped": s.skipped_trained, "in_epoch": s.in_epoch,
                "workers": s.workers, "progress": [[w, *p] for w, p in sorted(s.progress.items())]}
         world = _distributed_world()
+        own_data = {"train_data": self.train_data, "data": self._data_record()}
         if world is None:
-            return {**own, "train_data": self.train_data}
+            return {**own, **own_data}
         # Lightning writes rank 0's checkpoint, and every rank calls this when it saves: each rank's own position
         # goes in too (ranks that skipped different numbers of bad samples have read different numbers of them)
         ranks: list = [None] * world[1]
         torch.distributed.all_gather_object(ranks, own)
-        return {**own, "ranks": ranks, "train_data": self.train_data}
+        return {**own, "ranks": ranks, **own_data}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        self.resumed_data = state_dict.get("data")  # every rank's (None from checkpoints before 2026-12-08)
         ranks = state_dict.get("ranks")
         world = _distributed_world()
         if ranks and world is not None and len(ranks) == world[1]:
@@ -332,6 +344,27 @@ class VideoDataModule(L.LightningDataModule):
         if progress and int(state_dict.get("in_epoch", -1)) >= 0:
             s.resume = {"epoch": int(state_dict["in_epoch"]), "workers": int(state_dict.get("workers", 1)),
                         "progress": progress}
+        if self.train_set is not None:  # Lightning restores after setup; a caller may load before it
+            self._compare_resumed_data()
+
+    def _data_record(self, seed: int | None = None) -> dict:
+        """What a checkpoint records of the data this module reads (:func:`~mardini.data.resumed_data.data_record`),
+        with the stream's seed or ``seed`` (the one the settings ask)."""
+        seed = self.state.seed if seed is None else seed
+        return data_record(dict(self.hparams), seed, self.shard_sizes["train"], self.shard_sizes["val"])
+
+    def _compare_resumed_data(self) -> None:
+        """Warn (rank 0) naming what changed in the data since the checkpoint resumed, and start the training
+        stream's next epoch where its shards changed (:func:`~mardini.data.resumed_data.resume_notes`). Once per
+        resume; a ``validate`` compares nothing (it logs a run of its own)."""
+        old, self.resumed_data = self.resumed_data, None
+        if old is None or self.trainer is not None and self.trainer.state.fn != "fit":
+            return
+        notes, restart = resume_notes(old, self._data_record(seed=self.hparams.seed), self.state.epoch)
+        for note in notes:
+            rank_zero_warn(note)
+        if restart:
+            self.state.resume = None  # StreamLoader starts epoch state.epoch, the checkpoint's next
 
 
 def accumulation_window(trainer: L.Trainer | None) -> int:

@@ -1,0 +1,108 @@
+"""What a resume finds changed in its data since the checkpoint: the training and validation shards (added, removed,
+rewritten) and the ``data.*`` settings, each said in one warning naming the change and what the resume does with it.
+
+A checkpoint records, beside the stream position, the shards each split read (path -> bytes) and the settings that
+decide what is read (:func:`data_record`). A resume compares them with its own (:func:`resume_notes`):
+
+- other **training shards** (a shard added, removed, or rewritten: a corrupt one re-made, a cache rebuilt with more
+  clips): the recorded position (raw samples read per worker in an epoch) counts samples of the old shard list, and
+  replayed over the new one it would skip or re-read clips at random; the stream starts its next epoch instead;
+- other **training settings** (``frames``, ``resolution``, ``batch_size`` ...): the run goes on under them, said;
+  ``seed`` is never taken from the command on a resume (the stream goes on with the checkpoint's), said too;
+- another **validation split** (its shards, ``val_clips``, or what a clip is: ``frames``, ``fps``, ``resolution``,
+  ``latents``): ``val/loss`` from the resume on is of other clips or another task than the earlier steps' on the same
+  curve, said with the ways to keep one curve comparable.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from mardini.data.stream import name_shards
+
+# data.* settings that change what the training stream reads or how (num_workers: StreamLoader says so itself)
+TRAIN_SETTINGS = ("frames", "fps", "resolution", "latents", "crop", "crop_scale", "batch_size", "epoch_size",
+                  "shuffle_buffer")
+# data.* settings that change which validation clips are scored or what a clip is
+VAL_SETTINGS = ("frames", "fps", "resolution", "latents", "val_clips")
+
+
+def shard_sizes(shards: list[str]) -> dict[str, int | None]:
+    """``path -> bytes`` of each shard (None: not a local file, a URL or ``pipe:``)."""
+    return {shard: os.path.getsize(shard) if os.path.isfile(shard) else None for shard in shards}
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists (a YAML list, a tuple in the checkpoint)."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def data_record(hparams: dict[str, Any], seed: int, train: dict | None, val: dict | None) -> dict[str, Any]:
+    """What a checkpoint records of the data read: the training and validation shards (:func:`shard_sizes`, None
+    before ``setup``), the settings of :data:`TRAIN_SETTINGS` and :data:`VAL_SETTINGS` (from ``hparams``) and the
+    stream's ``seed`` (the one drawn with: a resume's is its checkpoint's, whatever ``hparams`` say)."""
+    settings = {k: _plain(hparams.get(k)) for k in sorted({*TRAIN_SETTINGS, *VAL_SETTINGS})}
+    return {"train_shards": train, "val_shards": val, "settings": {**settings, "seed": seed}}
+
+
+def shard_changes(old: dict[str, int | None], new: dict[str, int | None]) -> list[str]:
+    """``N added (...)``, ``N removed (...)``, ``N rewritten (...: A -> B bytes)`` between two :func:`shard_sizes`."""
+    added = [s for s in new if s not in old]
+    removed = [s for s in old if s not in new]
+    rewritten = [s for s in new if s in old and old[s] != new[s]]
+    changes = []
+    if added:
+        changes.append(f"{len(added)} added ({name_shards(added)})")
+    if removed:
+        changes.append(f"{len(removed)} removed ({name_shards(removed)})")
+    if rewritten:
+        first = rewritten[0]
+        changes.append(f"{len(rewritten)} rewritten ({name_shards(rewritten)}; {first}: {old[first]} -> "
+                       f"{new[first]} bytes)")
+    return changes
+
+
+def setting_changes(old: dict[str, Any], new: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
+    """``key old -> new`` for each of ``keys`` both records hold with different values."""
+    return [f"{k} {old[k]!r} -> {new[k]!r}" for k in keys if k in old and k in new and old[k] != new[k]]
+
+
+def resume_notes(old: dict[str, Any], new: dict[str, Any], epoch: int) -> tuple[list[str], bool]:
+    """The warnings of a resume whose checkpoint recorded ``old`` (:func:`data_record`) and that reads ``new``, and
+    whether the training stream must start epoch ``epoch`` (the checkpoint's next) rather than go on mid-way."""
+    notes: list[str] = []
+    old_set, new_set = old.get("settings") or {}, new.get("settings") or {}
+    shards = []
+    if old.get("train_shards") is not None and new.get("train_shards") is not None:
+        shards = shard_changes(old["train_shards"], new["train_shards"])
+    if shards:
+        notes.append(
+            f"resuming with other training shards than the checkpoint's (data.train_shards: {'; '.join(shards)}): "
+            f"its stream position counts samples of the old shards, so the training stream starts epoch {epoch} on "
+            "the new ones instead of going on mid-epoch (no clip skipped or read again by a stale position)")
+    settings = setting_changes(old_set, new_set, TRAIN_SETTINGS)
+    if settings:
+        notes.append(f"resuming with other data settings than the checkpoint's ({'; '.join(settings)}): the run "
+                     "goes on from its step under the new ones")
+    if "seed" in old_set and "seed" in new_set and old_set["seed"] != new_set["seed"]:
+        notes.append(f"data.seed {new_set['seed']!r} is not applied on a resume: the training stream goes on with "
+                     f"the checkpoint's seed {old_set['seed']!r} (a new seed: a new run, --ckpt_path null)")
+    val = val_changes(old, new)
+    if val:
+        notes.append(
+            f"resuming with another validation split than the checkpoint's ({'; '.join(val)}): val/loss and the "
+            "evaluation scores from here on are of other clips than the earlier steps' on the same curve, so not "
+            "comparable with them; to keep one curve, resume with the earlier split (data.val_shards, val_clips, "
+            "frames, fps, resolution as before), or log the new split as a new run (--ckpt_path null, or "
+            "--model.init_args.init_from the checkpoint with another trainer.logger name)")
+    return notes, bool(shards)
+
+
+def val_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs in the validation split between two :func:`data_record` s: its shards and :data:`VAL_SETTINGS`."""
+    old_val, new_val = old.get("val_shards"), new.get("val_shards")
+    if old_val is None or new_val is None:  # no validation before or now: no curve to keep comparable
+        return []
+    changes = [f"data.val_shards: {c}" for c in shard_changes(old_val, new_val)]
+    return changes + setting_changes(old.get("settings") or {}, new.get("settings") or {}, VAL_SETTINGS)

@@ -1,0 +1,171 @@
+"""A resume whose data changed since its checkpoint (shards added, removed or re-made, data.* settings, another
+validation split) says what changed and what it does: the training stream starts its next epoch where its shards
+changed, and val/loss is said to be no longer comparable where the validation split changed."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import webdataset as wds
+
+from mardini.data.datamodule import VideoDataModule
+from mardini.data.sharding import atomic_tar
+from mardini.data.testing import tiny_synthetic
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    return tiny_synthetic(tmp_path_factory.mktemp("synth"))  # train: 4 shards of 6 clips; val: 8 of 2
+
+
+@pytest.fixture
+def data(synth, tmp_path) -> Path:
+    """A copy of the set the test may change between a stop and a resume."""
+    shutil.copytree(synth, tmp_path / "data")
+    return tmp_path / "data"
+
+
+def _dm(root: Path, **kw) -> VideoDataModule:
+    args = dict(train_shards=str(root / "train"), val_shards=str(root / "val"), frames=4, fps=8, resolution=8,
+                batch_size=4, num_workers=0, shuffle_buffer=8, epoch_size=16, val_clips=None)
+    return VideoDataModule(**{**args, **kw})
+
+
+def _stopped(root: Path, batches: int = 2, **kw) -> dict:
+    """The stream state of a run stopped after training ``batches`` batches of epoch 0."""
+    dm = _dm(root, **kw)
+    dm.setup("fit")
+    it = iter(dm.train_dataloader())
+    for _ in range(batches):
+        dm.on_before_batch_transfer(next(it), 0)
+    return dm.state_dict()
+
+
+def _resumed(root: Path, state: dict, **kw) -> tuple[VideoDataModule, list[str]]:
+    """A module resuming ``state`` over ``root`` and the resume warnings its setup gave."""
+    dm = _dm(root, **kw)
+    dm.load_state_dict(state)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dm.setup("fit")
+    return dm, [str(w.message) for w in caught if "resuming" in str(w.message) or "data.seed" in str(w.message)]
+
+
+def _epoch_keys(dm: VideoDataModule) -> list[str]:
+    return [k for b in dm.train_dataloader() for k in b["key"]]
+
+
+def _rewrite_with_fewer_clips(shard: Path, keep: int) -> None:
+    """Re-make ``shard`` with its first ``keep`` samples (a corrupt shard re-made: the same name, other bytes)."""
+    samples = [s for _, s in zip(range(keep), wds.WebDataset(str(shard), shardshuffle=False))]
+    shard.unlink()
+    with atomic_tar(shard) as sink:
+        for s in samples:
+            sink.write({k: v for k, v in s.items() if k in ("__key__", "video.npy", "json")})
+
+
+def test_an_unchanged_resume_continues_mid_epoch_without_a_word(data):
+    state = _stopped(data)
+    dm, said = _resumed(data, state)
+    assert said == []
+    assert len(_epoch_keys(dm)) == 8  # the rest of epoch 0: 2 of its 4 batches
+    assert dm.state_dict()["epoch"] == 1
+
+
+@pytest.mark.parametrize("change", ["added", "removed", "rewritten"])
+def test_a_resume_over_other_training_shards_starts_the_next_epoch_and_says_so(data, change):
+    """The recorded position counts raw samples of the old shard list; replayed over another one it skipped or
+    re-read clips without a word (a re-made shard of more clips moved every later sample). Now the stream starts the
+    checkpoint's next epoch on the new shards, and one warning names the change."""
+    state = _stopped(data)
+    if change == "added":
+        shutil.copy(data / "train" / "train-000000.tar", data / "train" / "train-000009.tar")
+    elif change == "removed":
+        (data / "train" / "train-000003.tar").unlink()
+    else:
+        _rewrite_with_fewer_clips(data / "train" / "train-000001.tar", keep=3)
+    dm, said = _resumed(data, state)
+    assert len(said) == 1 and f"data.train_shards: 1 {change}" in said[0], said
+    assert "starts epoch 1 on the new ones" in said[0]
+    fresh = _dm(data)
+    fresh.load_state_dict({"seed": 0, "epoch": 1})
+    fresh.setup("fit")
+    assert _epoch_keys(dm) == _epoch_keys(fresh)  # the whole of epoch 1 over the new shards
+    assert dm.state_dict()["epoch"] == 2
+
+
+def test_a_resume_names_changed_data_settings_and_the_seed_it_keeps(data):
+    state = _stopped(data)
+    dm, said = _resumed(data, state, resolution=16, batch_size=2, seed=5)
+    assert any("resolution 8 -> 16" in s and "batch_size 4 -> 2" in s for s in said), said
+    assert any("data.seed 5 is not applied" in s and "seed 0" in s for s in said), said
+    assert dm.state.resume is not None  # the same shards: the position still applies
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ("val_clips", "val_clips None -> 4"),
+    ("added", "data.val_shards: 1 added"),
+    ("frames", "frames 4 -> 3"),
+])
+def test_a_resume_with_another_validation_split_says_val_loss_is_no_longer_comparable(data, change, named):
+    state = _stopped(data)
+    kw = {"val_clips": 4} if change == "val_clips" else {"frames": 3} if change == "frames" else {}
+    if change == "added":
+        shutil.copy(data / "val" / "val-000000.tar", data / "val" / "val-000009.tar")
+    _, said = _resumed(data, state, **kw)
+    val = [s for s in said if "another validation split" in s]
+    assert len(val) == 1 and named in val[0] and "not comparable" in val[0], said
+
+
+class _Tiny(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def training_step(self, batch, batch_idx):
+        return (batch["video"].mean() - self.w) ** 2
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val", batch["video"].mean(), batch_size=batch["video"].shape[0])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _trainer(steps: int) -> L.Trainer:
+    return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                     enable_checkpointing=False, enable_model_summary=False, limit_val_batches=1,
+                     num_sanity_val_steps=0)
+
+
+def test_inside_lightning_a_fit_says_so_and_validate_does_not(data, tmp_path):
+    """Lightning restores the datamodule after its setup: the comparison runs there, once, for a fit only."""
+    trainer = _trainer(2)
+    trainer.fit(_Tiny(), datamodule=_dm(data))
+    trainer.save_checkpoint(tmp_path / "stopped.ckpt")
+    shutil.copy(data / "train" / "train-000000.tar", data / "train" / "train-000009.tar")
+    with pytest.warns(UserWarning, match=r"data.train_shards: 1 added .* starts epoch 1") as caught:
+        _trainer(3).fit(_Tiny(), datamodule=_dm(data, val_clips=2), ckpt_path=tmp_path / "stopped.ckpt")
+    said = [str(w.message) for w in caught if "than the checkpoint's" in str(w.message)]
+    assert len(said) == 2 and "val_clips None -> 2" in said[1], said
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(3).validate(_Tiny(), datamodule=_dm(data, val_clips=2), ckpt_path=tmp_path / "stopped.ckpt")
+    assert not [w for w in caught if "than the checkpoint's" in str(w.message)]
+
+
+def test_under_ddp_every_rank_compares_the_record_beside_its_own_position(data, monkeypatch):
+    """A DDP checkpoint holds each rank's position under ``ranks`` (each rank loads its own) and one data record
+    beside them: every rank must compare it and start the next epoch alike."""
+    stopped = _stopped(data)
+    own = {k: v for k, v in stopped.items() if k not in ("train_data", "data")}
+    state = {**stopped, "ranks": [own, own]}
+    monkeypatch.setattr("mardini.data.datamodule._distributed_world", lambda: (1, 2))
+    shutil.copy(data / "train" / "train-000000.tar", data / "train" / "train-000009.tar")
+    dm, said = _resumed(data, state)
+    assert len(said) == 1 and "data.train_shards: 1 added" in said[0] and dm.state.resume is None
