@@ -93,6 +93,53 @@ def test_a_resume_under_another_max_steps_says_the_lr_schedule_changes(synth, tm
     assert fit(3, decay_steps=8) == [] and fit(6, tmp_path / "3.ckpt", decay_steps=8) == []
 
 
+class _RecordLR(L.Callback):
+    """The LR each optimiser step trains with, by global step."""
+
+    def __init__(self) -> None:
+        self.lr: dict[int, float] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lr[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
+
+
+def test_a_resume_with_another_lr_peak_trains_with_it_and_says_so(synth, tmp_path):
+    """Lightning's restore put the checkpoint's peak LR back (the optimiser's initial_lr, the schedule's base_lrs): a
+    resume with another data.batch_size under blr's rule (or another model.lr) trained on at the old peak without a
+    word, while the settings warning said the run went on under the new ones. Now the resumed steps train with the
+    LR of the new peak on the run's schedule, and one warning gives both peaks; a resume of the same peak is left
+    alone."""
+    import warnings
+
+    from mardini.lit.schedules import scaled_lr, warmup_cosine
+
+    def fit(steps: int, batch_size: int, ckpt_path=None) -> tuple[dict, list[str]]:
+        module = GenerationModule(size="tiny", generator={"depth": 1}, planner_resolution=8, blr=7e-4,
+                                  warmup_steps=1, decay_steps=10)
+        data = VideoDataModule(train_shards=str(synth / "train"), val_shards=None, frames=4, fps=8, resolution=16,
+                               batch_size=batch_size, num_workers=0, shuffle_buffer=4, epoch_size=100)
+        record = _RecordLR()
+        trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[record])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        if ckpt_path is None:
+            trainer.save_checkpoint(tmp_path / f"{steps}.ckpt")
+        ratio = module.hparams.min_lr_ratio
+        want = {s: scaled_lr(7e-4, batch_size) * warmup_cosine(s, 1, 10, ratio) for s in record.lr}
+        assert record.lr == pytest.approx(want, rel=1e-12)  # this fit's peak on the run's schedule, every step
+        return record.lr, [str(w.message) for w in caught if "another LR peak" in str(w.message)]
+
+    fit(2, batch_size=2)
+    lr, said = fit(3, batch_size=4, ckpt_path=tmp_path / "2.ckpt")
+    assert sorted(lr) == [2] and len(said) == 1, said
+    assert "5.469e-06 -> 1.094e-05 (model.blr 0.0007 x this fit's global batch of 4 clips" in said[0], said
+    assert "from step 2" in said[0] and "model.init_args.lr: 5.46875e-06" in said[0], said
+    assert fit(3, batch_size=2, ckpt_path=tmp_path / "2.ckpt")[1] == []  # the same peak: nothing said or changed
+
+
 class _RecordEpochs(_Record):
     """As :class:`_Record`, each training batch with the epoch Lightning counts it in."""
 

@@ -331,6 +331,7 @@ class MarDiniBase(StartupChecks, LossReduction, Optimisation, EmaWeights, StepLo
 
     def on_train_start(self) -> None:
         self._start_train_clock()
+        self.apply_peak_lr_on_resume()
         self._warn_other_schedule_length()
         self._record_schedule_length()
 

@@ -34,9 +34,14 @@ class Optimisation:
             (decay if ndim >= 2 else no_decay).append(p)
         return decay, no_decay
 
+    def peak_lr(self) -> float:
+        """The LR schedule's peak: ``model.lr``, else ``model.blr`` scaled by this fit's global batch."""
+        hp = self.hparams
+        return hp.lr if hp.lr is not None else scaled_lr(hp.blr, self.global_batch_size())
+
     def configure_optimizers(self):
         hp = self.hparams
-        lr = hp.lr if hp.lr is not None else scaled_lr(hp.blr, self.global_batch_size())
+        lr = self.peak_lr()
         decay, no_decay = self.weight_decay_groups()
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas))
@@ -58,6 +63,33 @@ class Optimisation:
             optimizer, lambda s: warmup_cosine(s, hp.warmup_steps, total, hp.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def apply_peak_lr_on_resume(self) -> None:
+        """Give a resumed fit's LR schedule this fit's :meth:`peak_lr`. Lightning's restore puts the checkpoint's
+        optimiser and scheduler states back, peak included (``initial_lr``, ``base_lrs``), so a resume with another
+        ``model.lr``, ``model.blr`` or ``data.batch_size`` (``blr``'s rule) trained on at the old peak, while the
+        resume said it went on under the new settings. Where the peak moves, every group's LR is set from the new
+        one at the step resumed and one warning gives both peaks; a resume of the same peak changes nothing."""
+        trainer = self.trainer
+        if trainer.ckpt_path is None:
+            return
+        peak = self.peak_lr()
+        for config in trainer.lr_scheduler_configs:
+            schedule = config.scheduler
+            old = list(schedule.base_lrs)
+            if all(lr == peak for lr in old) or not isinstance(schedule, torch.optim.lr_scheduler.LambdaLR):
+                continue
+            schedule.base_lrs = [peak] * len(old)
+            for group, factor in zip(schedule.optimizer.param_groups, schedule.lr_lambdas):
+                group["initial_lr"], group["lr"] = peak, peak * factor(schedule.last_epoch)
+            schedule._last_lr = [group["lr"] for group in schedule.optimizer.param_groups]
+            hp = self.hparams
+            rule = (f"model.lr {hp.lr:g}" if hp.lr is not None else
+                    f"model.blr {hp.blr:g} x this fit's global batch of {self.global_batch_size()} clips / 256")
+            rank_zero_warn(
+                f"resuming {trainer.ckpt_path} with another LR peak than it was trained with: {old[0]:.4g} -> "
+                f"{peak:.4g} ({rule}); the run goes on from step {trainer.global_step} with the new peak, on the "
+                f"same schedule. To keep the run's, set model.init_args.lr: {old[0]:.6g}")
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Lightning's clipping, except under FSDP, whose precision plugin refuses norm clipping: there the wrapped
