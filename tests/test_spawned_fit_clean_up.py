@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 from jsonargparse import ArgumentParser, Namespace
 
-from mardini.cli_failed_fit import clean_up_after_workers
+from mardini.cli_failed_fit import SpawnedFit, clean_up_after_workers
 from mardini.cli_saved_config import KeepEarlierConfig, keep_earlier_config
 from mardini.lit.clean_up_record import CleanUpRecord, keep_in, note
 from mardini.lit.step_checkpoint import FitStarted, StepCheckpoint, earlier_logs, log_folders
@@ -46,9 +46,10 @@ def run(tmp_path) -> Path:
     return run
 
 
-def _rank_zero_trains(run: Path, record: CleanUpRecord) -> None:
+def _rank_zero_trains(run: Path, record: CleanUpRecord) -> list:
     """What rank 0 of the new run does before another rank fails and it is killed: rotate config.yaml (other
-    settings), start training (the earlier run set aside), write its own records; each step recorded, no clean-up."""
+    settings), start training (the earlier run set aside), write its own records; each step recorded, no clean-up.
+    Its callbacks."""
     callbacks = _callbacks(run)
     trainer = _trainer(callbacks)
     saved, started, checkpoint = callbacks
@@ -66,6 +67,7 @@ def _rank_zero_trains(run: Path, record: CleanUpRecord) -> None:
         (run / "hparams.yaml").write_text("lr: 2\n")
     finally:
         keep_in(None)
+    return callbacks
 
 
 def test_the_main_process_puts_back_the_earlier_run_rank_0_set_aside_when_it_was_killed_before_its_clean_up(run):
@@ -128,3 +130,51 @@ def test_only_rank_0_of_a_spawned_fit_records(run, tmp_path):
     finally:
         keep_in(None)
     assert [cb.started for cb in record.restored(_callbacks(run)) if isinstance(cb, FitStarted)] == [True]
+
+
+class _Killed(BaseException):
+    """SIGKILL, where rank 0's clean-up stands when torch's spawn launcher kills it (nothing after it runs)."""
+
+
+@pytest.mark.parametrize("killed", ["at the first move back", "at the second", "at the third", "before config.yaml",
+                                    "before marking it done"])
+def test_the_main_process_finishes_a_clean_up_rank_0_was_killed_in(run, monkeypatch, killed):
+    """Rank 0 set the earlier run aside, failed, and was killed in the middle of its clean-up (moving the earlier
+    run's three files back from checkpoints/earlier.1/, before putting config.yaml back, or before marking its
+    clean-up done): the record is not marked done, and the main process does the clean-up again from it, which puts
+    back what is left: the stage folder as the fit found it, byte for byte. Before, where the earlier run was back
+    already the main process failed on the missing checkpoints/earlier.1 (FileNotFoundError, in place of the fit's
+    error) and left config.yaml rotated to config.1.yaml."""
+    before = _files(run)
+    folders = log_folders(SimpleNamespace(loggers=[SimpleNamespace(log_dir=str(run))]))
+    record = CleanUpRecord(run.parent / "record")
+    record.folder.mkdir()
+    callbacks = _rank_zero_trains(run, record)
+    saved, _, checkpoint = callbacks
+    fs, moves = checkpoint._fs, []
+    mv = fs.mv
+
+    def moved(*args, **kwargs):
+        if len(moves) == ["at the first move back", "at the second", "at the third"].index(killed):
+            raise _Killed
+        moves.append(args)
+        return mv(*args, **kwargs)
+
+    if killed.startswith("at"):
+        monkeypatch.setattr(fs, "mv", moved)
+    elif killed == "before config.yaml":
+        monkeypatch.setattr(saved, "put_back", lambda: (_ for _ in ()).throw(_Killed()))
+    else:
+        monkeypatch.setattr(record, "mark_done", lambda: (_ for _ in ()).throw(_Killed()))
+    trainer = _trainer(callbacks)
+    monkeypatch.setattr("lightning.pytorch.trainer.Trainer._fit_impl", lambda *a, **k: (_ for _ in ()).throw(
+        RuntimeError("rank 1 failed")))
+    monkeypatch.setattr("lightning.pytorch.trainer.call._interrupt", lambda *a: None)
+    trainer._teardown = lambda: None
+    with pytest.raises(_Killed):
+        SpawnedFit(trainer, folders, record)()  # rank 0: the fit fails, its clean-up is killed part way
+    monkeypatch.undo()
+    assert not record.done()
+    assert clean_up_after_workers(record, _trainer(_callbacks(run)), folders, RuntimeError("rank 1 failed"), workers=[])
+    assert _files(run) == before
+    assert sorted(p.name for p in run.rglob("*") if p.is_dir()) == ["checkpoints"]

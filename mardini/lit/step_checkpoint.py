@@ -269,7 +269,11 @@ def put_back_earlier_run(fs, aside: str, folder: str, logs: dict[str, tuple[int,
     without saving a checkpoint: delete the records that run wrote in the log folder (``folder``'s parent; ``LOGS``
     files that were not there before, ``logs``, and those the earlier run's are coming back over), move every file of
     ``aside`` back where it was (checkpoints to ``folder``, records to the log folder; validate runs beside those in
-    ``validate/``: :func:`put_back_validates`), remove ``aside``, and say so."""
+    ``validate/``: :func:`put_back_validates`), remove ``aside``, and say so. Run again after it was stopped part way
+    (rank 0 of a ``ddp_spawn`` fit killed in its clean-up, which the main process then does again:
+    ``mardini.cli_failed_fit.clean_up_after_workers``) it puts back what is left, and nothing where ``aside`` is gone."""
+    if not fs.exists(aside):  # put back already, by a clean-up stopped before it was marked done
+        return
     log_dir = os.path.dirname(os.path.normpath(folder))
     back = [os.path.basename(p) for p in fs.ls(aside, detail=False)]
     records = {os.path.basename(p): p for p in (logs or {})}  # the earlier run's, by name
