@@ -239,7 +239,9 @@ def test_the_repeats_lightning_s_wrapper_of_a_sampler_of_one_s_own_pads_in_weigh
 def test_a_sampler_of_one_s_own_that_repeats_clips_over_the_ranks_warns_once_naming_the_fix(monkeypatch):
     """Under DDP (2 ranks, faked) a sampler of one's own, not wrapped by Lightning (use_distributed_sampler: false),
     gives each rank 2 of 3 clips: one is validated twice and counts twice, which the module cannot tell apart; it says
-    so once, naming the fix. Shares that fit the set (2 of 4 clips each) give no warning. Before, nothing said it."""
+    so once, naming what it does to the means (val/loss, the evaluation callbacks' scores) and the fix. Shares that
+    fit the set (2 of 4 clips each) give no warning. Before, nothing said it; then it said "count twice in val/loss",
+    nothing of the weighting nor of the evaluation callbacks."""
     from torch.utils.data import DataLoader
 
     module = MarDiniModule(size="tiny", frames=5, planner_resolution=16)
@@ -248,8 +250,11 @@ def test_a_sampler_of_one_s_own_that_repeats_clips_over_the_ranks_warns_once_nam
         warnings.simplefilter("always")
         _validate(module, DataLoader(_KeyedClips(4), batch_size=2, sampler=_OwnSampler(4, [1, 3])))
     assert not [w for w in fits if "more than the set holds" in str(w.message)]
-    with pytest.warns(UserWarning, match=r"each of the 2 ranks 2 clips of its 3: 1 more than the set holds.*"
-                                         r"_OwnSampler.*use Lightning's DistributedSampler") as caught:
+    with pytest.warns(UserWarning, match=r"each of the 2 ranks 2 clips of its 3 \(4 in all, 1 more than the set "
+                                         r"holds\): its sampler \(_OwnSampler\) is not split.*at least 1 validations "
+                                         r"repeat a clip, and each counts once more: val/loss.*evaluation callbacks' "
+                                         r"scores are means weighted toward the repeated clips.*"
+                                         r"use_distributed_sampler: true") as caught:
         for _ in range(2):
             _validate(module, DataLoader(_KeyedClips(3), batch_size=2, sampler=_OwnSampler(3, [1, 0])))
     assert len([w for w in caught if "more than the set holds" in str(w.message)]) == 1

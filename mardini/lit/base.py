@@ -313,7 +313,7 @@ class MarDiniBase(StartupChecks, LossReduction, Optimisation, EmaWeights, StepLo
 
     def _warn_padding(self, loader, order: ValidationOrder | None) -> None:
         """Once under DDP: a validation loader whose order cannot be read and whose ranks' shares repeat clips
-        (:func:`~mardini.lit.clip_draws.padding_warning`), which then count twice."""
+        (:func:`~mardini.lit.clip_draws.padding_warning`), each of which then counts once more."""
         if order is not None or self._world_size() < 2 or self._warned_padding:
             return
         message = padding_warning(loader, self._world_size())

@@ -15,8 +15,8 @@ loader whose order cannot be read back (an iterable dataset, a random or a batch
 clips by their position on each rank, and under DDP the ranks then draw alike: the module warns once
 (:func:`keyless_warning`); collate a ``key`` per clip (``VideoDataModule`` does) to avoid it. Such a loader counts
 every clip it yields (``VideoDataModule``'s validation stream gives each clip to exactly one rank and worker): where
-its ranks' shares hold more clips than its map-style dataset, the repeats count twice, and the module warns once,
-naming the fix (:func:`padding_warning`).
+its ranks' shares hold more clips than its map-style dataset, each repeat counts once more (the means lean toward the
+repeated clips), and the module warns once, naming the consequence and the fix (:func:`padding_warning`).
 """
 
 from __future__ import annotations
@@ -104,20 +104,26 @@ def clip_weights(order: ValidationOrder | None, first: int, rows: int) -> torch.
 def padding_warning(loader, world_size: int) -> str | None:
     """The warning for a map-style validation ``loader`` whose order :func:`validation_order` cannot read, where its
     shares over ``world_size`` ranks (each as long as this rank's: a sampler's length) hold more clips than the
-    dataset: some clips are validated twice, and count twice. None where they do not, or cannot be counted."""
+    dataset: at least that many validations repeat a clip, and each repeat counts as a clip of its own (weight 1:
+    :func:`clip_weights` cannot tell it apart; a keyed clip draws alike on every rank, so its loss counts again). None
+    where they do not, or cannot be counted (shares that overlap within the set's size are not seen)."""
     sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
     dataset = getattr(loader, "dataset", None)
     try:
         share, clips = len(sampler), len(dataset)
     except TypeError:  # no sampler or dataset length (an iterable dataset, a batch sampler of one's own)
         return None
-    if share * world_size <= clips:
+    validated = share * world_size
+    if validated <= clips:
         return None
-    return (f"the validation loader gives each of the {world_size} ranks {share} clips of its {clips}: "
-            f"{share * world_size - clips} more than the set holds, repeats its sampler ({type(sampler).__name__}) "
-            "padded the ranks' shares with, which count twice in val/loss; use Lightning's DistributedSampler "
-            "(trainer.use_distributed_sampler: true over the loader's default sampler, or a sampler of one's own, "
-            "which Lightning wraps: their repeats weigh 0), or a sampler that gives each clip to one rank only")
+    return (f"the validation loader gives each of the {world_size} ranks {share} clips of its {clips} "
+            f"({validated} in all, {validated - clips} more than the set holds): its sampler "
+            f"({type(sampler).__name__}) is not split over the ranks by Lightning, so at least {validated - clips} "
+            "validations repeat a clip, and each counts once more: val/loss (its per-template and per-part means too) "
+            "and, within their num_clips, the evaluation callbacks' scores are means weighted toward the repeated "
+            "clips, not one process's; let Lightning split it (trainer.use_distributed_sampler: true, its default: "
+            "the loader's default sampler becomes a DistributedSampler and a sampler of one's own is wrapped in its "
+            "DistributedSamplerWrapper, whose padding repeats weigh 0), or give each rank a disjoint share of the set")
 
 
 def keyless_warning(world_size: int) -> str:
