@@ -7,6 +7,7 @@ import copy
 import math
 import os
 
+import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
 from mardini.data.setup_warnings import warn_once
@@ -102,15 +103,16 @@ def check_equal_validation_batches(stream: ClipStream, workers: int, pattern: st
     reads its own shards), or a cap some share does not fill; each rank runs its batches up to ``limit``
     (``trainer.limit_val_batches``: :func:`validation_step_limit`), so batches that differ beyond it are no
     problem. Shards that are not local files cannot be counted: a warning says so. Bad samples skipped while
-    validating can still unbalance the ranks."""
+    validating can still unbalance the ranks. A collective where a process group of ``stream.world_size`` runs: call
+    it on every rank (:func:`shard_counts`)."""
     if limit == 0:  # no validation step on any rank
         return
-    if not all(os.path.isfile(shard) for shard in stream.shards):
+    counts = shard_counts(stream)
+    if counts is None:
         warn_once(f"the validation shards {pattern!r} are not local files and cannot be counted: under FSDP every "
                    "rank must stream as many validation batches; set data.val_clips to at most the clips of the "
                    "smallest (rank, loader worker) share")
         return
-    counts = {shard: count_samples(shard) for shard in stream.shards}
     batches = validation_batches(stream, workers, counts)
     if len({n if limit is None else min(n, limit) for n in batches}) == 1:  # the steps each rank runs
         return
@@ -126,3 +128,35 @@ def check_equal_validation_batches(stream: ClipStream, workers: int, pattern: st
         f"{stream.world_size} ranks {batches} validation batches of {stream.batch_size} from {pattern!r} "
         f"({sum(counts.values())} clips in {len(counts)} shards, {workers} loader worker(s) per rank); {fix}"
     )
+
+
+def shard_counts(stream: ClipStream) -> dict[str, int] | None:
+    """The samples of each of ``stream.shards`` (their tar headers: :func:`count_samples`); None where one is not a
+    local file. Where a process group of ``stream.world_size`` runs, each rank reads only its own slice (every
+    ``world_size``-th shard from its rank) and one all-gather shares the counts: each shard's headers are read once,
+    not once per rank. A process alone (or ranks without a process group) reads them all."""
+    mine = stream.shards[stream.rank::stream.world_size]
+    parts = _all_gather(_local_counts(mine), stream.world_size)
+    if parts is None:
+        return _local_counts(stream.shards)
+    if any(part is None for part in parts):
+        return None
+    counts = {shard: n for part in parts for shard, n in part.items()}
+    return {shard: counts[shard] for shard in stream.shards}
+
+
+def _local_counts(shards: list[str]) -> dict[str, int] | None:
+    """:func:`count_samples` of each of ``shards``; None where one is not a local file."""
+    if not all(os.path.isfile(shard) for shard in shards):
+        return None
+    return {shard: count_samples(shard) for shard in shards}
+
+
+def _all_gather(value, world_size: int) -> list | None:
+    """``value`` of every rank (``all_gather_object``) where a process group of ``world_size`` > 1 runs, else None."""
+    dist = torch.distributed
+    if world_size < 2 or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() != world_size:
+        return None
+    values: list = [None] * world_size
+    dist.all_gather_object(values, value)
+    return values
