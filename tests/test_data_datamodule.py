@@ -6,6 +6,7 @@ import gc
 import hashlib
 import io
 import json
+import warnings
 from contextlib import closing
 from pathlib import Path
 
@@ -239,6 +240,55 @@ def test_fsdp_runs_unequal_batches_that_trainer_limit_val_batches_evens_out(synt
         return
     steps = [min(len(list(setup(rank).val_dataloader())), limit) for rank in range(3)]
     assert steps == [limit] * 3
+
+
+def _two_clip_shards(folder: Path, bad: set[str]) -> Path:
+    """Two validation shards of two npy clips each; the clips named in ``bad`` hold junk for a video (their tar
+    headers and json are sound: setup counts them, the loader skips them at decode time)."""
+    good = S.render_clip(1, frames=12, height=16, width=16)[0]
+    meta = json.dumps({"fps": 16.0, "frames": 12}).encode()
+    folder.mkdir()
+    for shard in range(2):
+        with atomic_tar(folder / f"val-{shard:06d}.tar") as sink:
+            for clip in range(2):
+                key = f"s{shard}c{clip}"
+                sink.write({"__key__": key, "video.npy": b"junk" if key in bad else npy_bytes(good), "json": meta})
+    return folder
+
+
+def test_under_fsdp_a_rank_whose_bad_clip_is_skipped_pads_its_validation_with_batches_that_weigh_nothing(synth,
+                                                                                                         tmp_path):
+    """Under FSDP, 2 ranks with a shard of 2 clips each pass setup's count (2 batches of 1 each), but rank 1's second
+    clip is bad and skipped at decode time: its pass still runs 2 steps, the second a copy of its last batch marked
+    padding (which validation weighs 0), with a warning naming the skip. Before, rank 1 ran 1 step and rank 0 waited
+    in the all-gather of its second forward for ever. DDP (no count) pads nothing."""
+    val = _two_clip_shards(tmp_path / "val", bad={"s1c1"})
+    passes, short = [], []
+    for rank in range(2):
+        dm = _fsdp_rank(_dm(synth, val_shards=str(val), batch_size=2, val_batch_size=1), rank, 2)
+        dm.setup("validate")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            passes.append(list(dm.val_dataloader()))
+        short.append([str(w.message) for w in caught if "validation pass gave" in str(w.message)])
+    assert [len(p) for p in passes] == [2, 2] and dm.val_set.min_batches == 2
+    assert [len(messages) for messages in short] == [0, 1]
+    assert [[b.get("padding", False) for b in p] for p in passes] == [[False, False], [False, True]]
+    assert short[1][0].startswith("rank 1's validation pass gave 1 batches of the 2 every rank runs under FSDP (1 bad")
+    assert passes[1][1]["key"] == ["s1c0"] and int(passes[1][1]["skipped"]) == 0
+    dm = _dm(synth, val_shards=str(val), batch_size=2, val_batch_size=1)
+    dm.configure_ranks(1, 2)
+    dm.setup("validate")
+    assert dm.val_set.min_batches is None and len(list(dm.val_dataloader())) == 1
+
+
+def test_under_fsdp_a_rank_with_no_usable_validation_clip_names_the_problem(synth, tmp_path):
+    """Rank 1's clips are all bad: there is no batch to pad with, and the error names the rank and the fix."""
+    val = _two_clip_shards(tmp_path / "val", bad={"s1c0", "s1c1"})
+    dm = _fsdp_rank(_dm(synth, val_shards=str(val), batch_size=2, val_batch_size=1), 1, 2)
+    dm.setup("validate")
+    with pytest.raises(RuntimeError, match="rank 1's validation pass gave no usable clip .2 bad ones skipped. of the 2"):
+        list(dm.val_dataloader())
 
 
 def test_the_fsdp_count_reads_each_shard_s_headers_on_one_rank_only(synth, monkeypatch):

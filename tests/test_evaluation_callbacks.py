@@ -406,3 +406,17 @@ def test_a_batch_with_fewer_keys_than_clips_is_refused():
     with pytest.raises(ValueError, match="1 keys for 2 clips; collate one key per clip"):
         identity_seeds(0, batch, 2, None, 0)
     assert len(identity_seeds(0, batch, 1, None, 0)) == 1
+
+
+def test_a_padding_batch_is_not_scored():
+    """A rank whose validation stream ran short under FSDP runs zero-weight copies of its last batch
+    (mardini.data.batching.padding_of): the callback scores none of its clips (its results are the real batches'
+    alone). Before, it scored the copy's clips again (6 clips of 4, two of them twice)."""
+    from torch.utils.data import DataLoader
+
+    from mardini.data.batching import padding_of
+
+    batches = list(DataLoader(_MapClips(4), batch_size=2))
+    alone, _ = _run_hooks(batches, 0, 1)
+    padded, _ = _run_hooks([*batches, padding_of(batches[-1])], 0, 1)
+    assert alone["clips"] == 4 and padded == pytest.approx(alone, rel=1e-6)

@@ -258,3 +258,17 @@ def test_a_sampler_of_one_s_own_that_repeats_clips_over_the_ranks_warns_once_nam
         for _ in range(2):
             _validate(module, DataLoader(_KeyedClips(3), batch_size=2, sampler=_OwnSampler(3, [1, 0])))
     assert len([w for w in caught if "more than the set holds" in str(w.message)]) == 1
+
+
+def test_a_padding_batch_runs_but_weighs_nothing_in_val_loss(monkeypatch):
+    """A rank whose stream ran short of the steps every rank runs under FSDP runs zero-weight copies of its last
+    batch (mardini.data.batching.padding_of): val/loss and its parts are those of the real batches alone. Before,
+    the copy counted its clips again."""
+    from mardini.data.batching import padding_of
+
+    torch.manual_seed(0)
+    module = MarDiniModule(size="tiny", frames=5, planner_resolution=16, templates={"random": 1.0})
+    batches = _batches(_clips(3), 2)
+    alone = _val_loss(module, batches, monkeypatch)
+    padded = _val_loss(module, [*batches, padding_of(batches[1])], monkeypatch)
+    assert {"val/loss", "val/diffusion_loss"} <= set(alone) and padded == pytest.approx(alone, rel=1e-6)

@@ -1,5 +1,6 @@
-"""A batch from a worker's samples (:func:`collate`) and the clip-less marker that carries only its skips
-(:func:`skip_only`)."""
+"""A batch from a worker's samples (:func:`collate`), the clip-less marker that carries only its skips
+(:func:`skip_only`) and the zero-weight copy a rank's short validation pass runs in place of the batches it lacks
+(:func:`padding_of`)."""
 
 from __future__ import annotations
 
@@ -34,3 +35,15 @@ def collate(samples: list[dict], skipped: int = 0) -> dict:
 def skip_only(batch: dict) -> bool:
     """True for a finite split's skip-only marker ``{"skipped": n}`` (no clips): count it, never train on it."""
     return "key" not in batch
+
+
+def padding_of(batch: dict) -> dict:
+    """A copy of ``batch`` that weighs 0 in every validation sum (``padding``: True; no skips of its own): what a rank
+    whose finite pass ran short of the steps every rank must run (FSDP) runs in place of each missing batch
+    (:class:`~mardini.data.stream_loader.StreamLoader`)."""
+    return {**batch, "skipped": torch.tensor(0, dtype=torch.long), "padding": True}
+
+
+def is_padding(batch: dict) -> bool:
+    """True for a padding batch (:func:`padding_of`): run it (the other ranks' collectives wait on it), count nothing."""
+    return bool(batch.get("padding", False))

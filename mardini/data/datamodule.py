@@ -114,7 +114,8 @@ class VideoDataModule(L.LightningDataModule):
             forwards gather from every rank, cannot run); ``val_clips: null`` validates the same clips on any ranks,
             in batches that differ between ranks where the shards differ in size: under FSDP ``setup`` refuses
             unequal validation steps (batches up to an int ``trainer.limit_val_batches``), naming the cap every
-            rank fills (:func:`check_equal_validation_batches`).
+            rank fills (:func:`check_equal_validation_batches`), and a rank whose bad clips, skipped while
+            validating, leave it short of those steps runs zero-weight copies of its last batch in their place.
         val_batch_size: per-rank validation batch (default: the largest per-rank training batch, the same on every
             rank).
         latents: read cached latent shards (``data/cache_latents.py``) instead of pixels.
@@ -242,8 +243,8 @@ class VideoDataModule(L.LightningDataModule):
                 if message:
                     warn_once(message)
             if self.world_size > 1 and needs_equal_validation_steps(self.trainer):
-                check_equal_validation_batches(self.val_set, max(1, self.num_workers), self.val_shards,
-                                               validation_step_limit(self.trainer))
+                self.val_set.min_batches = check_equal_validation_batches(  # a short pass pads up to it
+                    self.val_set, max(1, self.num_workers), self.val_shards, validation_step_limit(self.trainer))
         if stage in (None, "fit"):
             self._compare_resumed_data()
 

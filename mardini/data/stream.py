@@ -223,6 +223,8 @@ class ClipStream(IterableDataset):
         self.crop = crop if train else "center"
         self.crop_scale = tuple(crop_scale)
         self.epoch_batches, self.max_clips = epoch_batches, max_clips
+        # a finite pass's batches at least: StreamLoader pads a short one with zero-weight copies (FSDP validation)
+        self.min_batches: int | None = None
         self.latents, self.keep_meta = latents, keep_meta
         self.state = state if state is not None else StreamState()
         self.current_epoch = self.state.epoch

@@ -1,16 +1,18 @@
 """The DataLoader over a :class:`~mardini.data.stream.ClipStream`: it takes the training epoch (and a resume's
-position) when a pass starts, sums the batches' ``skipped`` into the shared state and drops skip-only markers."""
+position) when a pass starts, sums the batches' ``skipped`` into the shared state, drops skip-only markers and pads a
+finite pass that ran short of its ``min_batches`` with zero-weight batches."""
 
 from __future__ import annotations
 
 import gc
 import logging
 import traceback
+import warnings
 from collections.abc import Iterator
 
 from torch.utils.data import DataLoader
 
-from mardini.data.batching import skip_only
+from mardini.data.batching import padding_of, skip_only
 
 log = logging.getLogger("mardini.data")
 
@@ -26,6 +28,11 @@ class StreamLoader(DataLoader):
     :attr:`pass_skipped` (this pass's), and skip-only markers (:func:`skip_only`) end there: the consumer sees clips
     only. Before it starts workers it collects the garbage of this process, which a forked worker would free without
     the threads it may hold.
+
+    A finite stream whose ``min_batches`` is set (the validation steps every rank runs under FSDP, counted at
+    ``setup`` from the tar headers) and whose pass gives fewer batches (bad clips skipped at decode time) ends with
+    copies of its last batch that weigh 0 (:func:`~mardini.data.batching.padding_of`), with a warning: every rank then
+    runs as many steps. Before, that rank's validation ended early and the others waited in an all-gather for ever.
     """
 
     pass_skipped = 0  # bad samples counted in the current (or last) pass over the loader
@@ -66,6 +73,7 @@ class StreamLoader(DataLoader):
 
     def _count(self, it: Iterator[dict]) -> Iterator[dict]:
         state = getattr(self.dataset, "state", None)
+        given, last = 0, None  # this pass's batches, and the last of them (the padding's template)
         try:
             for batch in it:
                 self.pass_skipped += int(batch.get("skipped", 0))
@@ -74,6 +82,7 @@ class StreamLoader(DataLoader):
                     if "stream" in batch:  # a training batch: in flight until trained on (StreamState.in_flight)
                         state.in_flight += int(batch.get("skipped", 0))
                 if not skip_only(batch):
+                    given, last = given + 1, batch
                     yield batch
         except Exception as err:
             # A worker's error (a data error, a timeout) leaves the iterator's frames in the traceback, holding it
@@ -83,3 +92,23 @@ class StreamLoader(DataLoader):
             traceback.clear_frames(err.__traceback__)
             del it
             raise
+        yield from self._padding(given, last)
+
+    def _padding(self, given: int, last: dict | None) -> Iterator[dict]:
+        """Zero-weight copies of ``last`` up to the dataset's ``min_batches`` after a pass that gave ``given``."""
+        wanted = getattr(self.dataset, "min_batches", None)
+        if wanted is None or given >= wanted:
+            return
+        rank = getattr(self.dataset, "rank", 0)
+        if last is None:
+            raise RuntimeError(
+                f"rank {rank}'s validation pass gave no usable clip ({self.pass_skipped} bad ones skipped) of the "
+                f"{wanted} batches every rank runs under FSDP: the other ranks wait on its steps; rebuild or leave out "
+                "the bad validation shards (the skip log names them), or set data.val_shards: null")
+        warnings.warn(
+            f"rank {rank}'s validation pass gave {given} batches of the {wanted} every rank runs under FSDP "
+            f"({self.pass_skipped} bad clips skipped at decode time): it runs {wanted - given} copies of its last "
+            "batch that weigh 0, so that the other ranks' all-gathers do not wait on it; rebuild or leave out the bad "
+            "validation shards (the skip log names them) to validate every clip", stacklevel=2)
+        for _ in range(wanted - given):
+            yield padding_of(last)

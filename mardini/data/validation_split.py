@@ -97,25 +97,28 @@ def _reader(stream: ClipStream, rank: int) -> ClipStream:
     return reader
 
 
-def check_equal_validation_batches(stream: ClipStream, workers: int, pattern: str, limit: int | None = None) -> None:
+def check_equal_validation_batches(stream: ClipStream, workers: int, pattern: str,
+                                   limit: int | None = None) -> int | None:
     """Refuse a validation split that gives the ranks unequal numbers of validation steps where every rank must run
     as many (:func:`needs_equal_validation_steps`): ``data.val_clips: null`` on shards of unequal sizes (each rank
     reads its own shards), or a cap some share does not fill; each rank runs its batches up to ``limit``
     (``trainer.limit_val_batches``: :func:`validation_step_limit`), so batches that differ beyond it are no
-    problem. Shards that are not local files cannot be counted: a warning says so. Bad samples skipped while
-    validating can still unbalance the ranks. A collective where a process group of ``stream.world_size`` runs: call
-    it on every rank (:func:`shard_counts`)."""
+    problem. The steps every rank runs, which a rank whose bad samples skipped while validating leave short pads
+    with zero-weight batches (``ClipStream.min_batches``); None where nothing is counted: no validation step
+    (``limit`` 0), or shards that are not local files (a warning says so). A collective where a process group of
+    ``stream.world_size`` runs: call it on every rank (:func:`shard_counts`)."""
     if limit == 0:  # no validation step on any rank
-        return
+        return None
     counts = shard_counts(stream)
     if counts is None:
         warn_once(f"the validation shards {pattern!r} are not local files and cannot be counted: under FSDP every "
                    "rank must stream as many validation batches; set data.val_clips to at most the clips of the "
                    "smallest (rank, loader worker) share")
-        return
+        return None
     batches = validation_batches(stream, workers, counts)
-    if len({n if limit is None else min(n, limit) for n in batches}) == 1:  # the steps each rank runs
-        return
+    steps = {n if limit is None else min(n, limit) for n in batches}  # the steps each rank runs
+    if len(steps) == 1:
+        return steps.pop()
     cap = equalising_val_clips(stream, workers, counts)
     cap_now = "null" if stream.max_clips is None else stream.max_clips
     fix = (f"set data.val_clips: {cap} (a cap per rank that every rank's share fills)" if cap is not None else

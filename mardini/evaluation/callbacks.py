@@ -8,7 +8,8 @@ depend on the world size; the model at the data's size, its outputs resized to t
 updates the metrics; at the end of the epoch every
 rank computes (torchmetrics syncs the states) and the results are logged as ``eval/<task>/<name>``. Under FSDP,
 whose forwards gather parameters from every rank, the ranks sample together: while any rank still needs clips, a
-rank past its share samples one clip of its batch and drops it (the ranks must see as many validation batches).
+rank past its share samples one clip of its batch and drops it (the ranks must see as many validation batches), as
+does a rank on a padding batch (its stream ran short: :func:`~mardini.data.batching.padding_of`).
 
 Real statistics of FVD/FID are cached in ``cache_dir`` keyed by the data (validation shards, their sizes and
 times, loader settings, world size) and the protocol; a cached file also records the digest of the clip keys it
@@ -29,6 +30,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from mardini.data.batching import is_padding
 from mardini.evaluation.protocol import EvalProtocol, EvalSuite, RealStatsCache, clip_seeds, files_id, keys_digest
 from mardini.evaluation.samplers import Sampler, ema_context, make_sampler, to_real_size
 from mardini.lit.clip_draws import ValidationOrder, clip_seed, validation_order
@@ -139,10 +141,11 @@ class _TaskEval(L.Callback):
         quota = clips_for_rank(self.protocol.num_clips, trainer.global_rank, trainer.world_size)
         if self._own is not None:  # the rest of this rank's pass repeats other ranks' clips (padding)
             quota = min(quota, self._own)
+        wants = self._seen < quota and not is_padding(batch)  # a padding batch's clips count nowhere
         root = fsdp_root(pl_module)
-        if root is not None and not trainer.strategy.reduce_boolean_decision(self._seen < quota, all=False):
+        if root is not None and not trainer.strategy.reduce_boolean_decision(wants, all=False):
             return  # no rank needs clips any more (a collective: every rank asks)
-        if self._seen >= quota:
+        if not wants:
             if root is not None:  # FSDP: every forward gathers from all ranks, so this rank samples one clip too
                 real, _, own = eval_window(batch, pl_module, self.protocol)  # (B, T, 3, R, R), (B, T, 3, H, W)
                 self._sample(trainer, pl_module, root, real[:1], self.protocol.mask(1, real.device), [0], own[:1])

@@ -20,6 +20,7 @@ from timm.utils.model_ema import ModelEmaV3
 from torch import nn
 
 from mardini.autoencoders import FrameAutoencoder, SpaceToDepthAutoencoder
+from mardini.data.batching import is_padding
 from mardini.lit.batch_weight import ElementWindow
 from mardini.lit.checkpoint_hooks import CHECKPOINT_FORMAT, RESUME_FIX, StageCheckpoints
 from mardini.lit.clip_draws import (ClipGenerators, Draws, ValidationOrder, clip_weights, draw_rows, keyless_warning,
@@ -283,7 +284,9 @@ class MarDiniBase(StartupChecks, LossReduction, Optimisation, EmaWeights, StepLo
         """Each clip's loss with its own draws (crop, mask, t, noise: :class:`ClipGenerators`, by its key, else by its
         index in the dataset: :meth:`_validation_order`), so the epoch's ``val/loss``, a mean over its clips, does not
         depend on how they are batched, nor, under DDP, on the world size: the clips a ``DistributedSampler`` repeats
-        to pad the ranks' shares weigh 0 (:attr:`_val_weights`, :func:`~mardini.lit.clip_draws.clip_weights`)."""
+        to pad the ranks' shares weigh 0 (:attr:`_val_weights`, :func:`~mardini.lit.clip_draws.clip_weights`), as do
+        the clips of a padding batch (a rank's stream short of the steps every rank runs under FSDP:
+        :func:`~mardini.data.batching.padding_of`)."""
         rows = _batch_clips(batch)
         order = self._validation_order(keyless=batch.get("key") is None)
         first = batch_idx * (order.batch_size if order is not None else rows)  # the batches before it full
@@ -291,7 +294,8 @@ class MarDiniBase(StartupChecks, LossReduction, Optimisation, EmaWeights, StepLo
                                        order=order.indices if order is not None else None)
         batch = self.crop_frames(batch, gen)
         per_sample = self.compute_loss(batch, gen, train=False)  # (B,)
-        self._val_weights = clip_weights(order, first, rows).to(per_sample.device)  # (B,) 1, or 0 for a padded repeat
+        weights = clip_weights(order, first, rows) * (not is_padding(batch))  # (B,) 1, or 0 for a padded repeat
+        self._val_weights = weights.to(per_sample.device)  # (B,)
         if self._val_template_sums is None:  # summed here, reduced over the ranks at the epoch's end
             self._val_template_sums = per_sample.new_zeros(len(self._loss_templates()), 2, dtype=torch.float32)
         loss_and_count = torch.stack([per_sample.detach().float() * self._val_weights, self._val_weights], 1)  # (B, 2)
