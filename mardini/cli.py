@@ -35,7 +35,7 @@ from mardini.lit.lr_monitor import LatestLearningRateMonitor
 from mardini.lit.preemption import TERMINATED, PreemptionSave
 from mardini.lit.resumed_logs import ResumedLogs
 from mardini.lit.run_lock import RunLock
-from mardini.lit.scored_checkpoint import ScoredOnEveryRank, read_identity
+from mardini.lit.scored_checkpoint import ScoredOnEveryRank, none_found, read_identity
 from mardini.lit.step_checkpoint import (PREEMPTION, FitStarted, StepCheckpoint,
                                          drop_empty_log_folders, earlier_logs, log_folders, preemption_checkpoints)
 from mardini.run_info import command_line
@@ -115,7 +115,7 @@ class MarDiniCLI(LightningCLI):
             torch.multiprocessing.set_sharing_strategy("file_system")
         self._scored_from = sub if self.subcommand == "validate" and ckpt == "last" else None  # found again: validate
         if self._scored_from is not None:
-            self._resume_from = scored_checkpoint(sub)
+            self._resume_from = found_or_sent(sub)
             self._resuming = True  # the weights are the checkpoint's: the starting checkpoints are not read
         if self.subcommand != "fit":
             return
@@ -267,7 +267,19 @@ class MarDiniCLI(LightningCLI):
         ``--ckpt_path`` that is gone is an error naming why and the way on. Before, a file deleted in between was
         ``train.py: error: checkpoint .../step00000002.ckpt does not exist; check the path (or the stage that
         writes it)``, though no path was given. Lightning's keywords, remote files and a CheckpointIO of one's own
-        are left to Lightning."""
+        are left to Lightning. On a rank other than global rank 0 a checkpoint not found is pinned as none found
+        (:func:`~mardini.lit.scored_checkpoint.none_found`): rank 0's read is sent to it as the ranks agree
+        (``ScoredOnEveryRank``). Before, that rank raised while rank 0 waited for it in a collective for ever."""
+        try:
+            return self._read_or_find(ckpt_path, weights_only)
+        except (FileNotFoundError, ValueError) as e:
+            if getattr(rank_zero_only, "rank", 0) == 0:
+                raise
+            self.trainer.strategy.checkpoint_io.pin(ckpt_path, None, identity=none_found(e))
+            return ckpt_path
+
+    def _read_or_find(self, ckpt_path, weights_only: bool | None):
+        """:meth:`_read_scored` on one rank: the file read and pinned, found again once where ``last``'s is gone."""
         io = self.trainer.strategy.checkpoint_io
         self._scored_step = None
         if resumed_file(ckpt_path) is None or not isinstance(io, AtomicCheckpointIO):
@@ -355,6 +367,20 @@ class MarDiniCLI(LightningCLI):
         if type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # atomic local saves unless the user chose one
         return trainer
+
+
+def found_or_sent(sub) -> str:
+    """``scored_checkpoint(sub)``: the checkpoint ``validate --ckpt_path last`` scores. On a rank other than global
+    rank 0 (which found one: it started the others), where the stage's folder holds none by now (the fit deleted it),
+    the path of its ``last.ckpt``: :meth:`MarDiniCLI._read_scored` pins it as none found, and rank 0's read is sent to
+    it as the ranks agree (``ScoredOnEveryRank``). Before, that rank raised while rank 0 waited for it for ever."""
+    try:
+        return scored_checkpoint(sub)
+    except ValueError:
+        folder = checkpoint_dir(sub)
+        if getattr(rank_zero_only, "rank", 0) == 0 or folder is None:
+            raise
+        return os.path.join(folder, "last.ckpt")
 
 
 def trainer_defaults() -> dict:

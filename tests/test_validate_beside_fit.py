@@ -490,3 +490,77 @@ def test_the_callback_agrees_on_the_pinned_read_at_setup_and_only_where_one_is_p
     assert [io.load_checkpoint(str(last))["global_step"] for io in ios] == [2, 2]
     unpinned = SimpleNamespace(checkpoint_io=AtomicCheckpointIO())  # no collectives: a call would fail
     ScoredOnEveryRank().setup(SimpleNamespace(strategy=unpinned), None, "fit")
+
+
+def _stage_config(tmp_path: Path) -> dict:
+    """The parsed config of a stage logging to ``tmp_path/stage`` (what ``scored_checkpoint`` reads)."""
+    return {"trainer": {"logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                                   "init_args": {"save_dir": str(tmp_path), "name": "stage", "version": ""}}}}
+
+
+def _read_on_rank_1(ckpt_path, config, monkeypatch) -> AtomicCheckpointIO:
+    """What validate's ``_read_scored`` pins on global rank 1 for ``ckpt_path`` (``config``: ``--ckpt_path last``'s
+    stage, found again where the file is gone; None: a path given)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    run = object.__new__(cli.MarDiniCLI)  # the CLI's state _read_scored reads, without parsing a command
+    run.trainer = SimpleNamespace(strategy=SimpleNamespace(checkpoint_io=AtomicCheckpointIO()))
+    run._scored_from = config
+    assert run._read_scored(ckpt_path, True) == ckpt_path
+    return run.trainer.strategy.checkpoint_io
+
+
+@pytest.mark.parametrize("found_again", [True, False])
+def test_a_later_rank_that_finds_no_checkpoint_scores_rank_0_s_read(tmp_path, monkeypatch, found_again):
+    """Rank 0 read last.ckpt (step 2); the fit deleted it (and left no other) before rank 1 read: rank 1 pins that it
+    found none and is sent rank 0's read as the ranks agree. Before, rank 1 raised (``validate scores the stage's
+    newest checkpoint ..., but ... holds none``, or ``does not exist`` for a path given) while rank 0 waited for it
+    in a collective for ever."""
+    last = tmp_path / "stage" / "checkpoints" / "last.ckpt"
+    atomic_torch_save({"global_step": 2, "state_dict": {"w": torch.zeros(2)}}, last)
+    ios = [AtomicCheckpointIO()]
+    ios[0].pin(last, *read_identity(ios[0], last, True))
+    last.unlink()  # the fit's doing, before rank 1 read
+    ios.append(_read_on_rank_1(str(last), _stage_config(tmp_path) if found_again else None, monkeypatch))
+    assert ios[1].pinned_read()[1][0] == "none found"
+    assert _agree(ios) == [True, True]
+    assert [io.load_checkpoint(str(last))["global_step"] for io in ios] == [2, 2]
+
+
+def test_a_later_rank_that_finds_no_stage_checkpoint_when_it_starts_goes_on_to_the_agreement(tmp_path, monkeypatch):
+    """``--ckpt_path last`` resolved on rank 1 after the fit deleted the stage's checkpoints: rank 1 goes on with the
+    stage's last.ckpt path (pinned as none found by ``_read_scored``) instead of raising; rank 0 raises as before."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    (tmp_path / "stage" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ValueError, match="holds none"):
+        cli.found_or_sent(_stage_config(tmp_path))
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    assert cli.found_or_sent(_stage_config(tmp_path)) == str(tmp_path / "stage" / "checkpoints" / "last.ckpt")
+
+
+def test_where_rank_0_found_none_every_rank_raises_the_same_error(tmp_path):
+    """No rank read a checkpoint: each raises one error naming rank 0's cause, none waits for the others."""
+    from mardini.lit.scored_checkpoint import none_found
+
+    last, ranks, errors = tmp_path / "last.ckpt", _Ranks(2), [None, None]
+    ios = [AtomicCheckpointIO(), AtomicCheckpointIO()]
+    for rank, io in enumerate(ios):
+        io.pin(last, None, identity=none_found(FileNotFoundError(f"rank {rank}: gone")))
+
+    def run(rank):
+        try:
+            agree_on_pinned(ranks.strategy(rank), ios[rank])
+        except FileNotFoundError as e:
+            errors[rank] = str(e)
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert errors[0] == errors[1] and "global rank 0 found no checkpoint to score (FileNotFoundError: rank 0: gone)" \
+        in errors[0]

@@ -76,6 +76,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
         pinned, self._pinned = self._pinned, None  # handed out once: its memory goes with the restore's
         if pinned is not None and pinned[0] == str(path):
+            if pinned[1] is None:  # a rank that found none, not given rank 0's (mardini.lit.scored_checkpoint)
+                raise FileNotFoundError(f"{path}: {pinned[2][1]}")
             return pinned[1]
         local = local_path(path)
         if weights_only is False or map_location is not None or local is None:

@@ -7,7 +7,10 @@ path holding another step, and Lightning's DDP restore does not reconcile them (
 CheckpointIO; only FSDP broadcasts rank 0's path, and then reads that path again: README, Training). Here, once the
 ranks are connected (the callback's ``setup``, before Lightning's restore), each rank compares what it read with rank
 0's (:func:`read_identity`: path, global step, the file's inode and time), and where any differs rank 0's checkpoint
-is broadcast and pinned on every rank (a rare path: the whole checkpoint goes through ``broadcast``).
+is broadcast and pinned on every rank (a rare path: the whole checkpoint goes through ``broadcast``). A rank other
+than 0 that found no checkpoint to read (the fit deleted it after rank 0's read) pins that it found none
+(:func:`none_found`) and takes rank 0's likewise; before, it raised while rank 0 waited for it in a collective for
+ever.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from lightning.pytorch.callbacks import Callback
 from mardini.lit.checkpoint_io import AtomicCheckpointIO, local_path
 
 NOT_RESTORED_BY_VALIDATE = ("optimizer_states", "lr_schedulers")
+NONE_FOUND = "none found"  # the identity's first field where a rank found no checkpoint to read
 READS = 3  # reads of a checkpoint replaced during each before its identity is given up (then rank 0's is sent)
 
 
@@ -45,13 +49,22 @@ def read_identity(io: AtomicCheckpointIO, path, weights_only: bool | None) -> tu
     return checkpoint, None
 
 
+def none_found(error: BaseException) -> tuple[str, str]:
+    """The identity a rank pins (with no checkpoint) where it found none to read, ``error`` saying why."""
+    return NONE_FOUND, f"{type(error).__name__}: {error}"
+
+
 def agree_on_pinned(strategy, io: AtomicCheckpointIO) -> bool:
     """Have every rank score the checkpoint global rank 0 pinned (a collective: every rank calls it): where any rank's
-    pinned read (:meth:`AtomicCheckpointIO.pinned_read`) is not rank 0's, rank 0's checkpoint is broadcast and pinned
-    under each rank's own path (the one its restore asks for). Whether it was sent."""
+    pinned read (:meth:`AtomicCheckpointIO.pinned_read`) is not rank 0's, or it found none (:func:`none_found`), rank
+    0's checkpoint is broadcast and pinned under each rank's own path (the one its restore asks for). Where rank 0
+    found none, every rank raises the same error. Whether it was sent."""
     path, identity = io.pinned_read()
     mine = identity if identity is not None else ("not identified", strategy.global_rank)
     chosen = strategy.broadcast(mine, src=0)
+    if chosen[0] == NONE_FOUND:
+        raise FileNotFoundError(f"global rank 0 found no checkpoint to score ({chosen[1]}): no rank validates; rerun "
+                                "validate, or score a copy of the checkpoint with --ckpt_path COPY")
     if strategy.reduce_boolean_decision(mine == chosen, all=True):
         return False
     checkpoint = strategy.broadcast(scored_part(io.pinned_checkpoint()) if strategy.global_rank == 0 else None, src=0)
