@@ -31,6 +31,7 @@ from mardini.lit.base import MarDiniBase
 from mardini.lit.checkpoint_io import AtomicCheckpointIO
 from mardini.lit.checkpoints import RESUMING, directory_message
 from mardini.lit.clean_up_record import CleanUpRecord
+from mardini.lit.fsdp import warn_unpinned_restore
 from mardini.lit.lr_monitor import LatestLearningRateMonitor
 from mardini.lit.preemption import TERMINATED, PreemptionSave
 from mardini.lit.resumed_logs import ResumedLogs
@@ -245,6 +246,9 @@ class MarDiniCLI(LightningCLI):
         try:
             kwargs["ckpt_path"] = self._read_scored(kwargs.get("ckpt_path"), kwargs.get("weights_only"))
             self._note_scored(kwargs["ckpt_path"])
+            io = self.trainer.strategy.checkpoint_io
+            if isinstance(io, AtomicCheckpointIO) and io.pinned_read()[0] is not None:  # Lightning's FSDP reads again
+                warn_unpinned_restore(self.trainer.strategy, kwargs["ckpt_path"])
             with warnings.catch_warnings():
                 # the checkpoint callback's folder follows the logger's, here validate/version_N (validation_logger);
                 # it saves nothing in a validate, so the best / last paths it does not reload do not matter

@@ -564,3 +564,39 @@ def test_where_rank_0_found_none_every_rank_raises_the_same_error(tmp_path):
         thread.join(timeout=30)
     assert errors[0] == errors[1] and "global rank 0 found no checkpoint to score (FileNotFoundError: rank 0: gone)" \
         in errors[0]
+
+
+def _validate_with(strategy, ckpt_path) -> list[str]:
+    """The warnings of ``MarDiniCLI.validate`` scoring ``ckpt_path`` under ``strategy`` (a stub Trainer: Lightning's
+    refuses FSDP without a GPU)."""
+    from types import SimpleNamespace
+
+    run = object.__new__(cli.MarDiniCLI)  # the CLI's state validate reads, without parsing a command
+    run.trainer = SimpleNamespace(strategy=strategy, callbacks=[], validate=lambda model, **kwargs: kwargs["ckpt_path"])
+    run._resume_from, run._scored_from, run._validation_locks = None, None, []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("lightning.pytorch.utilities.rank_zero.rank_zero_only.rank", 0)
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert run.validate(None, ckpt_path=ckpt_path, weights_only=True) == ckpt_path
+    return [str(w.message) for w in caught if "restores it by reading the file again" in str(w.message)]
+
+
+def test_validate_under_lightning_s_fsdp_strategy_warns_that_it_reads_the_file_again_and_names_the_fix(tmp_path):
+    """Lightning's ``FSDPStrategy`` restores by reading the file itself, not validate's pinned read: validate warns up
+    front, naming ``--trainer.strategy mardini.lit.fsdp.MarDiniFSDPStrategy``; under that strategy, and DDP, which
+    restore the read, it does not. Before, nothing said so: a fit that deleted the file failed the validate later
+    (``FileNotFoundError``), one that replaced last.ckpt had it score another step than validate.yaml named."""
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from mardini.lit.fsdp import MarDiniFSDPStrategy
+
+    last = tmp_path / "last.ckpt"
+    atomic_torch_save({"global_step": 2, "state_dict": {"w": torch.zeros(2)}}, last)
+    warned = _validate_with(FSDPStrategy(checkpoint_io=AtomicCheckpointIO()), str(last))
+    assert len(warned) == 1 and "--trainer.strategy mardini.lit.fsdp.MarDiniFSDPStrategy" in warned[0]
+    assert str(last) in warned[0] and "FileNotFoundError" in warned[0]
+    for restores_the_read in (MarDiniFSDPStrategy, DDPStrategy):
+        assert _validate_with(restores_the_read(checkpoint_io=AtomicCheckpointIO()), str(last)) == []

@@ -9,7 +9,8 @@ tensors at different offsets: it is unsharded (``summon_full_params(recurse=Fals
 EMA works, so those pairs are full tensors on every rank.
 
 :class:`MarDiniFSDPStrategy` (the YAML's strategy) sets FSDP's mixed precision as DDP trains and keeps the frozen
-autoencoder out of FSDP.
+autoencoder out of FSDP, and restores the checkpoint ``train.py validate`` read as it started (Lightning's FSDP
+strategy reads the file again: :func:`warn_unpinned_restore`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from collections.abc import Iterator
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy, Strategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from mardini.lit.checkpoint_io import AtomicCheckpointIO
@@ -104,6 +106,28 @@ class MarDiniFSDPStrategy(FSDPStrategy):
         _load_raw_module_state(checkpoint.pop("state_dict"), module=self.model, world_size=self.world_size,
                                strict=self.lightning_module.strict_loading)
         return checkpoint
+
+
+def restores_pinned_read(strategy) -> bool:
+    """Whether ``strategy`` restores a checkpoint through its CheckpointIO (Lightning's base ``Strategy``: DDP, one
+    device), which hands out the read ``train.py validate`` pinned, or as :class:`MarDiniFSDPStrategy` does; Lightning's
+    FSDP, DeepSpeed and ModelParallel strategies read the file themselves."""
+    restore = type(strategy).load_checkpoint
+    return restore is Strategy.load_checkpoint or restore is MarDiniFSDPStrategy.load_checkpoint
+
+
+def warn_unpinned_restore(strategy, path) -> None:
+    """Warn, before anything is set up, that ``strategy`` will restore the checkpoint file ``path`` by reading it
+    again (not :func:`restores_pinned_read`), naming what a fit of its folder does to it then and the fix."""
+    if restores_pinned_read(strategy):
+        return
+    fix = ("--trainer.strategy mardini.lit.fsdp.MarDiniFSDPStrategy (configs/paper/fsdp.yaml's), which restores the "
+           "read, or " if isinstance(strategy, FSDPStrategy) else "")
+    rank_zero_warn(
+        f"validate read {path} as it started, but {type(strategy).__name__} restores it by reading the file again "
+        "after the model's and the data's setup: a fit of its folder that deletes it meanwhile fails this validate "
+        "(FileNotFoundError), and one that replaces it (last.ckpt) has it score another step than validate.yaml's "
+        f"'# scored:' header names. To score what was read, pass {fix}score a copy made first (--ckpt_path COPY)")
 
 
 def attached_trainer(module: nn.Module) -> L.Trainer | None:
