@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from mardini.lit.checkpoint_io import local_path
 from mardini.lit.resumed_logs import ContinuedCSVLogger
 from mardini.lit.run_lock import RunLock
-from mardini.lit.step_checkpoint import VALIDATION_FOLDER, validate_lock
+from mardini.lit.step_checkpoint import VALIDATION_FOLDER, drop_dead_validate_locks, validate_lock
 
 
 def validation_logger(logger, entry, locks: list | None = None):
@@ -46,18 +46,21 @@ CLAIM_TRIES = 100  # validate/ made again after a fit removed it, at most
 def new_validation_run(folder: str) -> tuple[str, RunLock | None]:
     """The name (``version_N``) of a new validate run's folder in the stage's ``validate/`` ``folder``, and the lock
     this validate holds on it (``validate/version_N.lock``: :func:`~mardini.lit.step_checkpoint.validate_lock`). On
-    global rank 0 the first N from 0 whose lock it creates (``O_EXCL``: a lock there, live or a dead validate's, is
-    another run's) and then whose folder it creates (``os.mkdir``: a folder there without a lock is a finished run's),
+    global rank 0 the first N from 0 whose lock it creates (``O_EXCL``: a live validate's lock there is another
+    run's) and then whose folder it creates (``os.mkdir``: a folder there without a lock is a finished run's),
     the lock first, so that a new fit setting the finished validates aside sees the run as running from the moment
     its name is claimed (before, the folder came first and the lock only as the validate started: a fit in between
-    moved the empty folder to ``earlier.N/validate/``). On another rank (which logs nothing: Lightning broadcasts
-    rank 0's folder) and for a remote folder, the first N free, and no lock."""
+    moved the empty folder to ``earlier.N/validate/``); the locks of validates that are gone are deleted first
+    (``drop_dead_validate_locks``), so a killed validate's name is free again where it made no folder. On another
+    rank (which logs nothing: Lightning broadcasts rank 0's folder) and for a remote folder, the first N free, and no
+    lock."""
     local = local_path(folder)
     if local is None or getattr(rank_zero_only, "rank", 0) != 0:
         fs, path = url_to_fs(folder)
         return next(name for n in itertools.count() if not fs.exists(os.path.join(path, name := f"version_{n}"))), None
     for _ in range(CLAIM_TRIES):
         os.makedirs(local, exist_ok=True)
+        drop_dead_validate_locks(local)  # a killed validate's lock: its name is free again where it made no folder
         try:
             return next(claimed for n in itertools.count() if (claimed := _claim_run(local, f"version_{n}")))
         except FileNotFoundError:  # a new fit removed validate/ as it set the finished runs aside: make it again

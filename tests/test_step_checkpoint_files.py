@@ -17,8 +17,9 @@ from mardini.lit.step_checkpoint import (drop_superseded_preemption_checkpoints,
 
 
 def test_a_dead_validate_s_run_is_set_aside_as_finished_and_a_live_one_stays(tmp_path):
-    """validate/version_0's lock is a dead validate's (its pid gone): its run moves with the finished ones; version_1's
-    validate is alive and stays with its lock."""
+    """validate/version_0's lock is a dead validate's (its pid gone): its run moves with the finished ones and its lock
+    is deleted (before, it moved with them and stayed for ever); version_1's validate is alive and stays with its
+    lock."""
     folder, dest = tmp_path / "validate", tmp_path / "earlier.1" / "validate"
     for run in ("version_0", "version_1"):
         (folder / run).mkdir(parents=True)
@@ -28,7 +29,7 @@ def test_a_dead_validate_s_run_is_set_aside_as_finished_and_a_live_one_stays(tmp
     live = RunLock([folder], validate_lock(folder / "version_1").name).acquire()
     try:
         assert set_aside_finished_validates(LocalFileSystem(), str(folder), str(dest)) == ["version_1"]
-        assert sorted(os.listdir(dest)) == ["version_0", "version_0.lock"]
+        assert sorted(os.listdir(dest)) == ["version_0"]
         assert sorted(os.listdir(folder)) == ["version_1", "version_1.lock"]
     finally:
         live.release()

@@ -28,7 +28,7 @@ from mardini.lit.run_lock import RunLock, held
 from mardini.lit.scored_checkpoint import agree_on_pinned, read_identity
 from mardini.cli_loggers import new_validation_run
 from mardini.lit.step_checkpoint import earlier_logs, put_back_earlier_run, set_aside_earlier_run, validate_lock
-from test_run_lock import QUIET, _config, _dead_pid
+from test_run_lock import QUIET, _config
 
 ONE_BATCH = "--trainer.limit_val_batches=1"
 
@@ -279,24 +279,83 @@ def test_a_run_claimed_and_not_made_yet_stays_where_it_is_with_its_lock(tmp_path
         lock.release()
 
 
-def test_a_dead_validate_s_lock_is_passed_over_not_taken_over(tmp_path, monkeypatch):
-    """validate/version_0.lock of a validate that died (its pid gone) and no folder: the next validate claims
-    version_1, leaving that lock and making no takeover claim or temp file (``fit.lock.takeover-*``,
-    ``fit.lock.*.tmp``) in validate/. Before, it made version_0 and took the lock over under ``fit.lock``-named
-    files, which a new fit setting the finished runs aside would move as a finished run's."""
-    dead = tmp_path / "validate" / "version_0.lock"
-    dead.parent.mkdir()
-    dead.write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "token": "dead"}))
+def test_a_dead_validate_s_lock_is_deleted_not_taken_over(tmp_path, monkeypatch):
+    """validate/version_0.lock of a validate that died (no heartbeat for over ``STALE_AFTER_S``) and no folder: the
+    next validate deletes that lock (stale by ``RunLock``'s rules) and claims version_0, making no takeover claim or
+    temp file (``fit.lock.takeover-*``, ``fit.lock.*.tmp``) in validate/. Earlier, it took the lock over under
+    ``fit.lock``-named files, which a new fit would move as a finished run's; then, the dead lock stayed for ever."""
+    dead = _dead_lock(tmp_path / "validate", "version_0.lock")
     made: list[str] = []
     create = run_lock.create
     monkeypatch.setattr(run_lock, "create", lambda path, record: made.append(path.name) or create(path, record))
     name, lock = new_validation_run(str(tmp_path / "validate"))
     try:
-        assert name == "version_1" and held(validate_lock(tmp_path / "validate" / name))
-        assert made == ["version_0.lock", "version_1.lock"] and dead.read_text().count("dead") == 1
-        assert sorted(os.listdir(tmp_path / "validate")) == ["version_0.lock", "version_1", "version_1.lock"]
+        assert name == "version_0" and held(validate_lock(tmp_path / "validate" / name))
+        assert made == ["version_0.lock"] and "dead" not in dead.read_text()
+        assert sorted(os.listdir(tmp_path / "validate")) == ["version_0", "version_0.lock"]
     finally:
         lock.release()
+
+
+def _dead_lock(folder: Path, name: str) -> Path:
+    """A validate lock ``folder/name`` of a validate on another host whose heartbeat stopped over ``STALE_AFTER_S``
+    ago (stale by ``RunLock``'s rules; no process spawned to find a dead pid)."""
+    lock = folder / name
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": f"dead{name[8]}"}))
+    old = lock.stat().st_mtime - run_lock.STALE_AFTER_S - 60
+    os.utime(lock, (old, old))
+    return lock
+
+
+def test_dead_validates_locks_are_deleted_and_live_ones_kept(tmp_path):
+    """A new validate deletes the locks of validates that are gone (version_0: no folder; version_2: a killed run's
+    folder, which stays as a finished run), never a live one's (version_1: this process's)."""
+    folder = tmp_path / "validate"
+    _dead_lock(folder, "version_0.lock"), _dead_lock(folder, "version_2.lock")
+    (folder / "version_2").mkdir()
+    live = RunLock([folder], "version_1.lock").acquire()
+    try:
+        name, lock = new_validation_run(str(folder))
+        lock.release()
+        assert name == "version_0"
+        assert sorted(os.listdir(folder)) == ["version_0", "version_1.lock", "version_2"]
+        assert held(folder / "version_1.lock")
+    finally:
+        live.release()
+
+
+def test_a_new_run_deletes_dead_validates_locks_and_moves_only_their_runs(tmp_path):
+    """A new run sets the finished runs aside and deletes a dead validate's lock instead of moving it to
+    ``earlier.1/validate/`` (where it stayed for ever)."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    runs = _validate_runs(tmp_path, "version_0")
+    _dead_lock(tmp_path / "validate", "version_0.lock")
+    aside = set_aside_earlier_run(LocalFileSystem(), str(folder), earlier_logs(str(tmp_path)))
+    assert _files(Path(aside) / "validate") == runs and not (tmp_path / "validate").exists()
+
+
+def test_a_lock_made_again_between_the_look_and_the_delete_is_kept(tmp_path, monkeypatch):
+    """The dead lock is judged stale, then deleted by another validate, which claims the name anew: the lock now
+    there is live and stays, token and all."""
+    path = _dead_lock(tmp_path / "validate", "version_0.lock")
+    judge = run_lock.stale_reason
+    live = RunLock([path.parent], path.name)
+
+    def judged_then_claimed(found, lock):
+        why = judge(found, lock)
+        path.unlink()  # another validate's delete and claim, between this look and this delete
+        assert live.claim()
+        return why
+
+    monkeypatch.setattr(run_lock, "stale_reason", judged_then_claimed)
+    try:
+        assert run_lock.drop_stale(path) is None
+        assert json.loads(path.read_text())["token"] == live.record["token"]
+        assert sorted(os.listdir(path.parent)) == ["version_0.lock"]
+    finally:
+        live.release()
 
 
 def test_no_empty_validate_folder_is_left_in_earlier_n_when_only_a_running_validate_was_there(tmp_path):

@@ -214,6 +214,31 @@ def stale_reason(found: dict, path: Path) -> str | None:
     return None
 
 
+def drop_stale(path: Path) -> str | None:
+    """Delete the lock at ``path`` where it is a dead holder's (:func:`stale_reason`), never a live one: it is first
+    renamed to a name of its own (atomic: of two that drop it, one gets it) and deleted only where that file is the
+    lock judged stale; a lock made at ``path`` since (by a run that found the name free) is put back. Why it was
+    stale, or None where it is left (live, gone, or put back)."""
+    found = read_record(path)
+    why, stale = stale_reason(found, path), identity(found, path)
+    if why is None or stale is None:
+        return None
+    grabbed = path.with_name(f"{path.name}.stale-{uuid.uuid4().hex}")
+    try:
+        os.rename(path, grabbed)
+    except FileNotFoundError:  # another run dropped it first
+        return None
+    if identity(read_record(grabbed), grabbed) == stale:
+        grabbed.unlink()
+        return why
+    try:  # a live lock made since the look: back where its holder reads it
+        os.link(grabbed, path)
+    except FileExistsError:
+        pass
+    grabbed.unlink()
+    return None
+
+
 def held(path: Path) -> bool:
     """Whether the lock at ``path`` is there and its process may be alive (not :func:`stale_reason`)."""
     return path.is_file() and stale_reason(read_record(path), path) is None

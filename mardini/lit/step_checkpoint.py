@@ -17,7 +17,7 @@ from mardini.lit.checkpoint_io import local_path
 from mardini.lit.checkpoints import read_checkpoint
 from mardini.lit.clean_up_record import KeptForCleanUp, note
 from mardini.lit.expected_warnings import ignore, remove_filters
-from mardini.lit.run_lock import held
+from mardini.lit.run_lock import drop_stale, held
 
 CONTINUES = ("last", "hpc", "best")  # Lightning's ckpt_path keywords that resume a run of this folder
 PREEMPTION = re.compile(r"hpc_ckpt_\d+\.ckpt")  # Lightning's preemption checkpoints (mardini.lit.preemption)
@@ -237,14 +237,15 @@ def validate_lock(run: str | Path) -> Path:
 def set_aside_finished_validates(fs, folder: str, dest: str) -> list[str]:
     """Move the validate runs in ``folder`` (the log folder's ``validate/``: ``version_N`` each) to ``dest``, but for
     those a validate holds (:func:`running_validates`), which stay where they are with their locks, and those made
-    after this looked (each moved by name, never ``folder`` whole); ``dest`` is made only where a run moves, and
-    ``folder`` removed where that emptied it. The names of the runs left. Before, ``validate/`` moved whole, and a validate writing there ended with
-    ``FileNotFoundError: [Errno 2] No such file or directory: '.../validate/version_1/metrics.csv'`` (its event file
-    too), its score recorded nowhere."""
+    after this looked (each moved by name, never ``folder`` whole); the locks of validates that are gone are deleted
+    (:func:`drop_dead_validate_locks`), not moved; ``dest`` is made only where a run moves, and ``folder`` removed
+    where that emptied it. The names of the runs left. Before, ``validate/`` moved whole, and a validate writing
+    there ended with ``FileNotFoundError: [Errno 2] No such file or directory: '.../validate/version_1/metrics.csv'``
+    (its event file too), its score recorded nowhere."""
     names = os.listdir(folder)
     running = running_validates(folder, names)
-    staying = {*running, *(validate_lock(name).name for name in running)}
-    moving = sorted(set(names) - staying)
+    drop_dead_validate_locks(folder)  # a lock is no record: a dead validate's is deleted, a live one's stays
+    moving = sorted(name for name in set(names) - set(running) if not is_validate_lock(name))
     if moving:  # no empty dest where all stay
         fs.makedirs(dest, exist_ok=True)
     for name in moving:
@@ -255,12 +256,34 @@ def set_aside_finished_validates(fs, folder: str, dest: str) -> list[str]:
     return running
 
 
+def is_validate_lock(name: str) -> bool:
+    """Whether ``name`` (an entry of ``validate/``) is a validate run's lock file (:func:`validate_lock`)."""
+    return name.endswith(validate_lock("").name)
+
+
 def running_validates(folder: str, names: list[str]) -> list[str]:
     """The validate runs among ``names`` (the entries of ``validate/`` ``folder``) whose lock is held, found by their
     lock files: a run's lock comes before its folder (``mardini.cli_loggers.new_validation_run``), so a run claimed
     and not made yet is one."""
     suffix = validate_lock("").name  # ".lock"
-    return sorted(name[:-len(suffix)] for name in names if name.endswith(suffix) and held(Path(folder) / name))
+    return sorted(name[:-len(suffix)] for name in names if is_validate_lock(name) and held(Path(folder) / name))
+
+
+def drop_dead_validate_locks(folder: str | Path) -> list[str]:
+    """Delete the locks in ``validate/`` ``folder`` of validates that are gone (``run_lock.drop_stale``: the pid on
+    this host gone, the SLURM job requeued, or no heartbeat for ``STALE_AFTER_S``), saying so; a live one is never
+    deleted. Their names. Before, a killed validate's ``version_N.lock`` stayed for ever (and moved with the finished
+    runs into ``earlier.N/validate/``)."""
+    try:
+        names = sorted(os.listdir(folder))
+    except FileNotFoundError:
+        return []
+    dropped = []
+    for name in filter(is_validate_lock, names):
+        if why := drop_stale(Path(folder) / name):
+            rank_zero_info(f"{Path(folder) / name} deleted: the validate that held it is gone ({why})")
+            dropped.append(name)
+    return dropped
 
 
 def put_back_earlier_run(fs, aside: str, folder: str, logs: dict[str, tuple[int, int]] | None = None,
