@@ -659,3 +659,44 @@ def test_validate_under_lightning_s_fsdp_strategy_warns_that_it_reads_the_file_a
     assert str(last) in warned[0] and "FileNotFoundError" in warned[0]
     for restores_the_read in (MarDiniFSDPStrategy, DDPStrategy):
         assert _validate_with(restores_the_read(checkpoint_io=AtomicCheckpointIO()), str(last)) == []
+
+
+def test_a_put_back_run_does_not_take_the_name_a_running_validate_claimed(tmp_path):
+    """A validate claimed validate/version_0 (its lock taken, its folder not made yet) while the new run trained: the
+    earlier run's version_0 comes back as version_1, and version_0 stays the validate's. Before, the put-back chose by
+    folder names alone and moved the earlier run into version_0 under the validate's held lock."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    runs = _validate_runs(tmp_path, "version_0")
+    logs, fs = earlier_logs(str(tmp_path)), LocalFileSystem()
+    aside = set_aside_earlier_run(fs, str(folder), logs)
+    claimed = RunLock([tmp_path / "validate"], "version_0.lock")
+    assert claimed.claim()
+    try:
+        put_back_earlier_run(fs, aside, str(folder), logs)
+        lock = (tmp_path / "validate" / "version_0.lock").read_bytes()
+        assert _files(tmp_path / "validate") == {"version_1/hparams.yaml": runs["version_0/hparams.yaml"],
+                                                 "version_0.lock": lock}
+        assert held(tmp_path / "validate" / "version_0.lock") and not Path(aside).exists()
+    finally:
+        claimed.release()
+
+
+def test_a_run_in_earlier_n_whose_validate_holds_it_stays_there(tmp_path):
+    """earlier.1/validate/ holds a finished run and one whose lock beside it is held (a validate writing there): the
+    finished run comes back (as version_1: version_0 is taken), the held one stays where it is, lock and all, and so
+    does earlier.1. Before, both were moved from under the validate, its lock file with them."""
+    folder = tmp_path / "checkpoints"
+    aside = folder / "earlier.1"
+    (tmp_path / "validate" / "version_0").mkdir(parents=True)  # a validate of the new run, finished
+    for name in ("version_0", "version_1"):
+        (aside / "validate" / name).mkdir(parents=True)
+        (aside / "validate" / name / "hparams.yaml").write_text(f"run: {name}\n")
+    writing = RunLock([aside / "validate"], "version_1.lock").acquire()
+    try:
+        put_back_earlier_run(LocalFileSystem(), str(aside), str(folder), {})
+        assert sorted(os.listdir(tmp_path / "validate")) == ["version_0", "version_1"]
+        assert (tmp_path / "validate" / "version_1" / "hparams.yaml").read_text() == "run: version_0\n"
+        assert sorted(os.listdir(aside / "validate")) == ["version_1", "version_1.lock"]
+    finally:
+        writing.release()

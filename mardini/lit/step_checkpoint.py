@@ -5,6 +5,7 @@ checkpoints it supersedes."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 from pathlib import Path
@@ -17,7 +18,7 @@ from mardini.lit.checkpoint_io import local_path
 from mardini.lit.checkpoints import read_checkpoint
 from mardini.lit.clean_up_record import KeptForCleanUp, note
 from mardini.lit.expected_warnings import ignore, remove_filters
-from mardini.lit.run_lock import drop_stale, held
+from mardini.lit.run_lock import RunLock, drop_stale, held
 
 CONTINUES = ("last", "hpc", "best")  # Lightning's ckpt_path keywords that resume a run of this folder
 PREEMPTION = re.compile(r"hpc_ckpt_\d+\.ckpt")  # Lightning's preemption checkpoints (mardini.lit.preemption)
@@ -292,13 +293,14 @@ def put_back_earlier_run(fs, aside: str, folder: str, logs: dict[str, tuple[int,
     without saving a checkpoint: delete the records that run wrote in the log folder (``folder``'s parent; ``LOGS``
     files that were not there before, ``logs``, and those the earlier run's are coming back over), move every file of
     ``aside`` back where it was (checkpoints to ``folder``, records to the log folder; validate runs beside those in
-    ``validate/``: :func:`put_back_validates`), remove ``aside``, and say so. Run again after it was stopped part way
+    ``validate/``: :func:`put_back_validates`), remove ``aside`` (but where a validate holds a run in it), and say
+    so. Run again after it was stopped part way
     (rank 0 of a ``ddp_spawn`` fit killed in its clean-up, which the main process then does again:
     ``mardini.cli_failed_fit.clean_up_after_workers``) it puts back what is left, and nothing where ``aside`` is gone."""
     if not fs.exists(aside):  # put back already, by a clean-up stopped before it was marked done
         return
     log_dir = os.path.dirname(os.path.normpath(folder))
-    back = [os.path.basename(p) for p in fs.ls(aside, detail=False)]
+    back, held_aside = [os.path.basename(p) for p in fs.ls(aside, detail=False)], []
     records = {os.path.basename(p): p for p in (logs or {})}  # the earlier run's, by name
     local = local_path(log_dir)
     if local is not None and os.path.isdir(local):  # the failed run's own records (local folders only, as the logs)
@@ -308,29 +310,59 @@ def put_back_earlier_run(fs, aside: str, folder: str, logs: dict[str, tuple[int,
                 os.remove(path)
     for name in back:
         dest = os.path.join(folder, name) if name.endswith(".ckpt") else records.get(name, os.path.join(log_dir, name))
-        if name == VALIDATION_FOLDER and fs.isdir(dest):  # validate runs kept there, or started since: not the fit's
-            put_back_validates(fs, os.path.join(aside, name), dest)
+        if name == VALIDATION_FOLDER:  # run by run, beside those kept there or started since (not the fit's)
+            fs.makedirs(dest, exist_ok=True)
+            held_aside = put_back_validates(fs, os.path.join(aside, name), dest)
             continue
         if fs.isdir(dest):  # a folder the failed run made where the earlier run's comes back
             fs.rm(dest, recursive=True)
         fs.mv(os.path.join(aside, name), dest, recursive=True)
-    fs.rmdir(aside)
+    stay = (f"; {', '.join(held_aside)} {'stays' if len(held_aside) == 1 else 'stay'} in {aside}/{VALIDATION_FOLDER}: "
+            "a validate is writing there" if held_aside else "")
+    if not held_aside:
+        fs.rmdir(aside)
     rank_zero_info(f"The fit {ended} before saving a checkpoint: the earlier run's files ({', '.join(sorted(back))}) "
-                   f"are back from {aside} (--ckpt_path last resumes that run)")
+                   f"are back from {aside} (--ckpt_path last resumes that run){stay}")
 
 
-def put_back_validates(fs, aside: str, folder: str) -> None:
-    """Move the validate runs in ``aside`` back into ``folder`` (the log folder's ``validate/``) beside those there
-    (kept by :func:`set_aside_finished_validates`, or started since), one whose name is taken as the first free
-    ``version_N``; remove ``aside``. Before, the ``validate/`` there was deleted, with the runs in it."""
-    paths = sorted(fs.ls(aside, detail=False))
-    taken = [p for p in paths if fs.exists(os.path.join(folder, os.path.basename(p)))]
-    for path in [p for p in paths if p not in taken] + taken:  # those of a name taken: the first N then free
-        dest, n = os.path.join(folder, os.path.basename(path)), 0
-        while fs.exists(dest):
-            dest, n = os.path.join(folder, f"version_{n}"), n + 1
-        fs.mv(path, dest, recursive=True)
-    fs.rmdir(aside)
+def put_back_validates(fs, aside: str, folder: str) -> list[str]:
+    """Move the finished validate runs in ``aside`` back into ``folder`` (the log folder's ``validate/``) beside those
+    there (kept by :func:`set_aside_finished_validates`, or started since), each under a name claimed as a validate
+    claims one (:func:`claim_run_name`: its lock first, then no folder of that name), its own where free, else the
+    first free ``version_N``; remove ``aside`` where that emptied it. A run whose lock is held (a validate writing
+    there) stays where it is, with its lock; locks of validates that are gone are deleted. The names that stayed.
+    Earlier, the ``validate/`` there was deleted with the runs in it; then, runs were moved by folder names alone:
+    into the name a validate had claimed (its lock taken, its folder not made yet), and a run in ``aside`` that a
+    validate held was moved from under it (its lock file too)."""
+    drop_dead_validate_locks(aside)
+    names = sorted(os.listdir(aside))
+    running = running_validates(aside, names)
+    runs = [name for name in names if name not in running and not is_validate_lock(name)]
+    for name in sorted(runs, key=lambda name: name_taken(folder, name)):  # those of a name taken: the first N then free
+        dest, lock = claim_run_name(folder, name)
+        try:
+            fs.mv(os.path.join(aside, name), os.path.join(folder, dest), recursive=True)
+        finally:
+            lock.release()
+    if not running:
+        fs.rmdir(aside)
+    return running
+
+
+def name_taken(folder: str, name: str) -> bool:
+    """Whether ``validate/`` ``folder`` has a run ``name``, or its lock (a validate claimed the name)."""
+    return any(os.path.exists(os.path.join(folder, entry)) for entry in (name, validate_lock(name).name))
+
+
+def claim_run_name(folder: str, name: str) -> tuple[str, RunLock]:
+    """``(a run name in validate/ folder, the lock held on it)``: ``name`` where this takes its lock (``O_EXCL``, as
+    ``mardini.cli_loggers.new_validation_run`` does) and no folder has it, else the first such ``version_N``."""
+    for candidate in itertools.chain([name], (f"version_{n}" for n in itertools.count())):
+        lock = RunLock([folder], validate_lock(candidate).name)
+        if lock.claim():
+            if not os.path.exists(os.path.join(folder, candidate)):
+                return candidate, lock
+            lock.release()  # a finished run's name
 
 
 def rewritten_records(logs: dict[str, tuple[int, int]]) -> dict[str, bytes]:
