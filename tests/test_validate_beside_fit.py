@@ -700,3 +700,41 @@ def test_a_run_in_earlier_n_whose_validate_holds_it_stays_there(tmp_path):
         assert sorted(os.listdir(aside / "validate")) == ["version_1", "version_1.lock"]
     finally:
         writing.release()
+
+
+def test_a_record_rewritten_to_as_many_bytes_at_the_same_time_is_the_new_run_s(tmp_path):
+    """The new run rewrote hparams.yaml to as many bytes within the file system's time resolution (its modification
+    time the same as the earlier file's): the new run's stays, and the earlier run's bytes go to earlier.1. Before,
+    size and time alone took it for the earlier run's: the new run's was moved aside, the earlier run's was lost."""
+    from mardini.lit.step_checkpoint import rewritten_records
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "last.ckpt").write_bytes(b"the earlier run's")
+    hparams = tmp_path / "hparams.yaml"
+    hparams.write_text("lr: 0.001\n")
+    logs = earlier_logs(str(tmp_path))
+    rewritten, when = rewritten_records(logs), hparams.stat().st_mtime_ns
+    hparams.write_text("lr: 0.002\n")  # the new run's logger, as it starts
+    os.utime(hparams, ns=(when, when))  # a coarse clock: the same modification time
+    aside = set_aside_earlier_run(LocalFileSystem(), str(folder), logs, rewritten)
+    assert hparams.read_text() == "lr: 0.002\n" and (Path(aside) / "hparams.yaml").read_text() == "lr: 0.001\n"
+
+
+def test_the_finished_validates_are_set_aside_though_a_validate_claimed_a_run_since_the_fit_looked(tmp_path):
+    """A validate claimed validate/version_1 between the fit's look at its records and the set-aside (validate/'s
+    time changed): the finished version_0 still goes to earlier.1/validate/, the running one stays. Before, validate/
+    was taken for the new run's, and the earlier run's finished runs stayed in the new run's folder."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    runs = _validate_runs(tmp_path, "version_0")
+    logs = earlier_logs(str(tmp_path))
+    name, lock = new_validation_run(str(tmp_path / "validate"))
+    try:
+        when = (tmp_path / "validate").stat().st_mtime_ns + 10**9
+        os.utime(tmp_path / "validate", ns=(when, when))  # however fine the clock: validate/ changed
+        aside = set_aside_earlier_run(LocalFileSystem(), str(folder), logs)
+        assert name == "version_1" and _files(Path(aside) / "validate") == runs
+        assert sorted(os.listdir(tmp_path / "validate")) == ["version_1", "version_1.lock"]
+    finally:
+        lock.release()

@@ -5,6 +5,7 @@ checkpoints it supersedes."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import os
 import re
@@ -27,6 +28,9 @@ VALIDATION_FOLDER = "validate"
 # a run's records in its log folder: TensorBoard's event files, the loggers' hparams.yaml, a CSV logger's metrics.csv,
 # and the folder train.py validate logs in (VALIDATION_FOLDER); config.yaml is KeepEarlierConfig's
 LOGS = re.compile(rf"events\.out\.tfevents\..+|hparams\.yaml|metrics\.csv|{VALIDATION_FOLDER}")
+# the records a new run may rewrite under the same name (event files are named by time, host and pid): those judged
+# unchanged by their contents too (_stamp), not by size and modification time alone
+SAME_NAME = re.compile(r"hparams\.yaml|metrics\.csv")
 # the records a logger rewrites as the fit starts, before the earlier run is set aside (a CSV logger's hparams.yaml,
 # written by log_hyperparams): kept by their bytes (rewritten_records)
 REWRITTEN = re.compile(r"hparams\.yaml")
@@ -72,7 +76,7 @@ class StepCheckpoint(ModelCheckpoint, KeptForCleanUp):
 
     clean_up_state = ("aside", "saved_any", "dirpath", "_fs", "logs")  # what put_back_earlier_run reads
 
-    def __init__(self, *args, resume: str | None = "last", logs: dict[str, tuple[int, int]] | None = None,
+    def __init__(self, *args, resume: str | None = "last", logs: dict[str, tuple] | None = None,
                  **kwargs) -> None:
         kwargs.setdefault("enable_version_counter", False)
         super().__init__(*args, **kwargs)
@@ -192,7 +196,7 @@ def lightning_may_stop(loop) -> bool:
             "tests/test_library_internals.py first)") from None
 
 
-def set_aside_earlier_run(fs, folder: str, logs: dict[str, tuple[int, int]] | None = None,
+def set_aside_earlier_run(fs, folder: str, logs: dict[str, tuple] | None = None,
                           rewritten: dict[str, bytes] | None = None) -> str | None:
     """Move the ``*.ckpt`` files in ``folder`` (on the fsspec file system ``fs``), and the records ``logs`` names
     (:func:`earlier_logs`) that are still as they were then (of ``validate/``, the runs of validates that have
@@ -202,7 +206,7 @@ def set_aside_earlier_run(fs, folder: str, logs: dict[str, tuple[int, int]] | No
     starts), those are written into ``earlier.N`` in its place."""
     found = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".ckpt") and fs.isfile(p)) \
         if fs.isdir(folder) else []
-    records = sorted(path for path, stamp in (logs or {}).items() if _stamp(path) == stamp)
+    records = sorted(path for path, stamp in (logs or {}).items() if unchanged(path, stamp))
     copies = {path: data for path, data in (rewritten or {}).items() if path not in records}
     if not found and not records and not copies:
         return None
@@ -287,7 +291,7 @@ def drop_dead_validate_locks(folder: str | Path) -> list[str]:
     return dropped
 
 
-def put_back_earlier_run(fs, aside: str, folder: str, logs: dict[str, tuple[int, int]] | None = None,
+def put_back_earlier_run(fs, aside: str, folder: str, logs: dict[str, tuple] | None = None,
                          ended: str = "failed") -> None:
     """Undo :func:`set_aside_earlier_run` after a new run that failed (or ``ended`` otherwise: "was interrupted")
     without saving a checkpoint: delete the records that run wrote in the log folder (``folder``'s parent; ``LOGS``
@@ -365,7 +369,7 @@ def claim_run_name(folder: str, name: str) -> tuple[str, RunLock]:
             lock.release()  # a finished run's name
 
 
-def rewritten_records(logs: dict[str, tuple[int, int]]) -> dict[str, bytes]:
+def rewritten_records(logs: dict[str, tuple]) -> dict[str, bytes]:
     """The bytes of the records of :func:`earlier_logs` that a logger rewrites as the fit starts (``REWRITTEN``: a
     CSV logger's hparams.yaml), read before the fit, so that :func:`set_aside_earlier_run` sets the earlier run's aside
     and :func:`put_back_earlier_run` puts them back. Before, the new run's hparams.yaml replaced the earlier one's."""
@@ -373,10 +377,9 @@ def rewritten_records(logs: dict[str, tuple[int, int]]) -> dict[str, bytes]:
             if REWRITTEN.fullmatch(os.path.basename(path)) and os.path.isfile(path)}
 
 
-def earlier_logs(log_dir: str | None) -> dict[str, tuple[int, int]]:
+def earlier_logs(log_dir: str | None) -> dict[str, tuple]:
     """The records of a run in the local log folder ``log_dir`` (``LOGS``: event files, hparams.yaml, metrics.csv,
-    validate/), each with its size and modification time, for :func:`set_aside_earlier_run`; none for None or a
-    remote folder."""
+    validate/), each with its :func:`_stamp`, for :func:`set_aside_earlier_run`; none for None or a remote folder."""
     folder = local_path(log_dir) if log_dir is not None else None
     if folder is None or not os.path.isdir(folder):
         return {}
@@ -438,13 +441,30 @@ def drop_empty_log_folders(folders: dict[Path, tuple[set[str] | None, Path]]) ->
     return dropped
 
 
-def _stamp(path: str | Path) -> tuple[int, int] | None:
-    """``(size, modification time in ns)`` of ``path``; None where there is nothing."""
+def unchanged(path: str, stamp: tuple) -> bool:
+    """Whether the record ``path`` is still the earlier run's, as :func:`earlier_logs` found it with ``stamp``:
+    ``validate/`` always (its runs are sorted by their locks: :func:`set_aside_finished_validates`; a validate that
+    claimed a run there since changed its time, and the finished runs stayed in the new run's folder), a file where
+    its :func:`_stamp` is the same."""
+    if os.path.basename(path) == VALIDATION_FOLDER:
+        return os.path.isdir(path)
+    return _stamp(path) == stamp
+
+
+def _stamp(path: str | Path) -> tuple | None:
+    """``(size, modification time in ns, SHA-256 of the contents)`` of ``path`` (the hash for ``SAME_NAME`` files
+    only, else None); None where there is nothing. Size and time alone took a record the new run rewrote to as many
+    bytes within the file system's time resolution (a second or two on some) for the earlier run's: it was moved
+    aside, and the earlier run's lost."""
     try:
         info = os.stat(path)
+        digest = None
+        if SAME_NAME.fullmatch(os.path.basename(path)) and os.path.isfile(path):
+            with open(path, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
     except OSError:
         return None
-    return info.st_size, info.st_mtime_ns
+    return info.st_size, info.st_mtime_ns, digest
 
 
 def preemption_checkpoints(folder: str | Path | None) -> list[Path]:
