@@ -298,9 +298,9 @@ def put_back_earlier_run(fs, aside: str, folder: str, logs: dict[str, tuple] | N
     files that were not there before, ``logs``, and those the earlier run's are coming back over), move every file of
     ``aside`` back where it was (checkpoints to ``folder``, records to the log folder; validate runs beside those in
     ``validate/``: :func:`put_back_validates`), remove ``aside`` (but where a validate holds a run in it), and say
-    so. Run again after it was stopped part way
-    (rank 0 of a ``ddp_spawn`` fit killed in its clean-up, which the main process then does again:
-    ``mardini.cli_failed_fit.clean_up_after_workers``) it puts back what is left, and nothing where ``aside`` is gone."""
+    so. Run again after it was stopped part way (rank 0 of a ``ddp_spawn`` fit killed in its clean-up, which the main
+    process then does again: ``mardini.cli_failed_fit.clean_up_after_workers``) it puts back what is left, and
+    nothing where ``aside`` is gone."""
     if not fs.exists(aside):  # put back already, by a clean-up stopped before it was marked done
         return
     log_dir = os.path.dirname(os.path.normpath(folder))
