@@ -123,8 +123,8 @@ def test_a_bfloat16_cache_written_before_the_dtype_was_recorded_is_taken_as_bflo
                   progress=False)
     shard = str(sorted((tmp_path / "cache").glob("*.tar"))[0])
     stage = GenerationModule(size="tiny", frames=4, autoencoder=DiffusersAutoencoder(vae, dtype="bfloat16"))
-    with pytest.warns(UserWarning, match="written before caches recorded the VAE's dtype.* taken as encoded in "
-                                         "bfloat16"):
+    with pytest.warns(UserWarning, match="written before caches and checkpoints recorded the VAE's dtype.* taken as "
+                                         "encoded in bfloat16"):
         stage.check_latent_autoencoder(shard)
     with pytest.raises(ValueError, match="other weights or config"):
         _stage(vae).check_latent_autoencoder(shard)  # float32: other latents
@@ -147,3 +147,33 @@ def test_a_checkpoint_without_a_fingerprint_warns_that_it_is_compared_by_the_vae
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no weights at a path: nothing to warn about
         check_same_latents({"autoencoder_spec": pixels}, pixels, "old.ckpt", fingerprint=lambda: "sha256:0")
+
+
+def test_a_bfloat16_checkpoint_saved_before_the_dtype_was_recorded_is_taken_as_bfloat16(vae_ckpt, tmp_path):
+    """A checkpoint trained with a bfloat16 VAE before checkpoints recorded the dtype has no "dtype" in its spec and
+    the fingerprint of the weights' values alone; a bfloat16 stage refused it (init_from and a resume: "was trained
+    with an autoencoder of other weights or config"). Accepted now with a warning, as such a latent cache is; a
+    float32 stage of the same VAE still refuses it."""
+    from diffusers import AutoencoderKL
+
+    from mardini.autoencoders import DiffusersAutoencoder
+    from mardini.lit import GenerationModule
+
+    _, vae, ckpt = vae_ckpt  # the copy of the checkpoint's VAE (the first test changes the one at its path)
+    rounded = str(tmp_path / "rounded")
+    AutoencoderKL.from_pretrained(vae).to(torch.bfloat16).float().save_pretrained(rounded)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state["mardini"]["autoencoder_fingerprint"] = DiffusersAutoencoder(rounded).fingerprint()  # the old record
+    assert "dtype" not in state["mardini"]["autoencoder_spec"]["init_args"]
+    old = tmp_path / "old_bf16.ckpt"
+    torch.save(state, old)
+    half = lambda **kw: GenerationModule(  # noqa: E731
+        size="tiny", frames=4, autoencoder=DiffusersAutoencoder(vae, dtype="bfloat16"), **kw)
+    taken = f"{old} was written before caches and checkpoints recorded the VAE's dtype.* taken as encoded in bfloat16"
+    with pytest.warns(UserWarning, match=taken):
+        half(init_from=str(old))
+    with pytest.warns(UserWarning, match=taken):
+        half()._check_resumable(torch.load(old, map_location="cpu", weights_only=False), str(old))
+    with pytest.raises(ValueError, match="other weights or config"):
+        _stage(vae, init_from=str(old))  # float32: other latents
+

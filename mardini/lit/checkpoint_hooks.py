@@ -162,7 +162,8 @@ class StageCheckpoints:
 
         path = path or getattr(attached_trainer(self), "ckpt_path", None) or "the checkpoint to resume"
         check_same_latents(checkpoint["mardini"], self.autoencoder.spec(), path, fix=f"To go on, {RESUME_FIX}",
-                           fingerprint=self.autoencoder.fingerprint)
+                           fingerprint=self.autoencoder.fingerprint,
+                           fingerprint_before_dtypes=self.autoencoder.fingerprint_before_dtypes)
         if "generator" in self.networks:
             check_same_anchor(checkpoint.get("hyper_parameters") or {}, FrameAnchor.from_hparams(self.hparams), path,
                               fix=RESUME_FIX)
@@ -194,6 +195,7 @@ class StageCheckpoints:
                                        anchor=FrameAnchor.from_hparams(self.hparams),
                                        cross_rope_grid=self._cross_rope_grid(),
                                        autoencoder_fingerprint=self.autoencoder.fingerprint,
+                                       autoencoder_fingerprint_before_dtypes=self.autoencoder.fingerprint_before_dtypes,
                                        starts=(self.KIND, setting))
         for name, state in raw.items():
             where = f"{path}: network '{name}' (this model: size '{self.hparams.size}', {name} {self.hparams.get(name)})"

@@ -234,12 +234,16 @@ ANCHOR_FIX = ("set model.init_args.anchor and anchor_scale to the checkpoint's v
 
 
 def check_same_latents(meta: dict[str, Any], autoencoder_spec: dict[str, Any], path: str | Path,
-                       fix: str = LATENTS_FIX, fingerprint: Callable[[], str] | None = None) -> None:
+                       fix: str = LATENTS_FIX, fingerprint: Callable[[], str] | None = None,
+                       fingerprint_before_dtypes: Callable[[], str] | None = None) -> None:
     """Raise if the checkpoint's networks were trained on other latents than ``autoencoder_spec`` describes
     (:func:`latent_spec_differences`); the message ends with ``fix``. ``fingerprint``: returns this model's
     autoencoder's :meth:`~mardini.autoencoders.FrameAutoencoder.fingerprint`, called only where the checkpoint
     records one (checkpoints written before 2026-12-07 do not): another is refused, the same one accepts the VAE at
-    another path."""
+    another path. ``fingerprint_before_dtypes``: returns its
+    :meth:`~mardini.autoencoders.FrameAutoencoder.fingerprint_before_dtypes`; a checkpoint that records it and no
+    dtype (a half-precision VAE's, saved before dtypes were recorded) is accepted with a warning
+    (:func:`made_before_dtypes`)."""
     theirs = meta.get("autoencoder_spec")
     if not isinstance(theirs, dict):
         return
@@ -247,7 +251,9 @@ def check_same_latents(meta: dict[str, Any], autoencoder_spec: dict[str, Any], p
     if fingerprint is not None and recorded is None:
         warn_unfingerprinted(str(path), theirs, "a checkpoint this code saves records it (resume, or start the next "
                              "stage from this one, with the VAE it was trained with)")
-    if recorded is not None:
+    old_style = recorded is not None and fingerprint_before_dtypes is not None and made_before_dtypes(
+        str(path), recorded, theirs, autoencoder_spec, fingerprint(), fingerprint_before_dtypes, OLD_DTYPE_FIX)
+    if recorded is not None and not old_style:
         problem = other_fingerprint(meta, fingerprint(), autoencoder_spec, path)
         if problem:
             raise ValueError(f"{problem}. {fix}")
@@ -271,6 +277,28 @@ def other_fingerprint(meta: dict[str, Any], ours: str, our_spec: dict[str, Any],
     return (f"{path} was trained with an autoencoder of other weights or config (fingerprint {theirs}, from "
             f"{weights_at(meta.get('autoencoder_spec') or {})} when it was saved) than this one ({ours}, from "
             f"{weights_at(our_spec)}): its networks would see the latents of another autoencoder")
+
+
+OLD_DTYPE_FIX = "set the autoencoder's dtype to float32 to go on with the checkpoint's latents"
+
+
+def made_before_dtypes(what: str, recorded: str, their_spec: dict[str, Any], our_spec: dict[str, Any], ours: str,
+                       fingerprint_before_dtypes: Callable[[], str], fix: str) -> bool:
+    """Whether ``what`` (a latent cache, a checkpoint) was made with this VAE held in half precision before caches
+    and checkpoints recorded the weights' dtype (2026-12-07): its spec ``their_spec`` names no ``dtype`` and its
+    ``recorded`` fingerprint, other than this VAE's (``ours``), is this VAE's ``fingerprint_before_dtypes()`` (the
+    weights' values alone). Warns where it is, ending with ``fix`` (what to do had a float32 VAE whose weights are
+    exact in that dtype made it): such a record is accepted as made in this VAE's dtype."""
+    if "dtype" in (their_spec.get("init_args") or {}) or recorded == ours:
+        return False
+    if recorded != fingerprint_before_dtypes():
+        return False
+    dtype = (our_spec.get("init_args") or {}).get("dtype", "half precision")
+    warnings.warn(
+        f"{what} was written before caches and checkpoints recorded the VAE's dtype; its fingerprint {recorded} is "
+        f"that of this VAE's {dtype} weights, so its latents are taken as encoded in {dtype} (had a float32 VAE "
+        f"whose weights are exact in {dtype} encoded them, {fix})", stacklevel=3)
+    return True
 
 
 def warn_unfingerprinted(what: str, spec: dict[str, Any], fix: str) -> None:
@@ -511,7 +539,7 @@ def load_network_states(
     path: str | Path, kinds: tuple[str, ...], names: tuple[str, ...], size: str | None = None,
     autoencoder_spec: dict[str, Any] | None = None, anchor: FrameAnchor | None = None,
     cross_rope_grid: str | None = None, autoencoder_fingerprint: Callable[[], str] | None = None,
-    starts: tuple[str, str] | None = None,
+    starts: tuple[str, str] | None = None, autoencoder_fingerprint_before_dtypes: Callable[[], str] | None = None,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, torch.Tensor]]]:
     """Raw and EMA state dicts of the networks ``names`` from a checkpoint of one of ``kinds``.
 
@@ -520,6 +548,8 @@ def load_network_states(
     ``autoencoder_spec``: this model's autoencoder; a checkpoint trained on other latents is refused.
     ``autoencoder_fingerprint``: returns this model's autoencoder's fingerprint; a checkpoint that records another is
     refused, one that records the same accepts the VAE at another path (:func:`check_same_latents`).
+    ``autoencoder_fingerprint_before_dtypes``: returns its fingerprint as computed before dtypes were recorded; a
+    checkpoint of this VAE in half precision saved then is accepted with a warning (:func:`made_before_dtypes`).
     ``anchor``: this model's target (:class:`FrameAnchor`); a generator trained on another one is refused.
     ``cross_rope_grid``: this model's plan-token placement; a joint checkpoint's generator with another is refused.
     ``starts``: ``(stage kind, setting)`` for :func:`check_metadata`'s message on a checkpoint of another kind."""
@@ -528,7 +558,8 @@ def load_network_states(
                           starts=starts)  # /ST or /T alike; the sizes compared on the networks taken only
     # (MarDini-L's generator warm-up is MarDini-S's)
     if autoencoder_spec is not None:
-        check_same_latents(meta, autoencoder_spec, path, fingerprint=autoencoder_fingerprint)
+        check_same_latents(meta, autoencoder_spec, path, fingerprint=autoencoder_fingerprint,
+                           fingerprint_before_dtypes=autoencoder_fingerprint_before_dtypes)
     if anchor is not None and "generator" in names:
         check_same_anchor(ckpt.get("hyper_parameters") or {}, anchor, path)
     if "generator" in names:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 
 from mardini import cpu_kernels
 from mardini.devices import check_supported
-from mardini.lit.checkpoints import warn_unfingerprinted
+from mardini.lit.checkpoints import made_before_dtypes, warn_unfingerprinted
 from mardini.lit.fsdp import attached_trainer
 
 RECACHE = "re-cache it with data/cache_latents.py into a new folder"
@@ -78,19 +77,10 @@ class StartupChecks:
 
     def _cached_before_dtypes(self, shard: str, recorded: str, their_spec: dict) -> bool:
         """Whether the cache is one this VAE, held in half precision, encoded before caches recorded the weights'
-        dtype (2026-12-07: its spec names no ``dtype``, its fingerprint digests the weights' values alone, so it is
-        :meth:`~mardini.autoencoders.FrameAutoencoder.fingerprint_before_dtypes`); accepted with a warning."""
+        dtype (:func:`~mardini.lit.checkpoints.made_before_dtypes`); accepted with a warning."""
         ae = self.autoencoder
-        if "dtype" in (their_spec.get("init_args") or {}) or recorded == ae.fingerprint():
-            return False
-        if recorded != ae.fingerprint_before_dtypes():
-            return False
-        dtype = (ae.spec().get("init_args") or {}).get("dtype", "half precision")
-        warnings.warn(
-            f"the latent cache {shard} was written before caches recorded the VAE's dtype; its fingerprint "
-            f"{recorded} is that of this VAE's {dtype} weights, so it is taken as encoded in {dtype} (had a float32 "
-            f"VAE whose weights are exact in {dtype} encoded it, {RECACHE})", stacklevel=2)
-        return True
+        return made_before_dtypes(f"the latent cache {shard}", recorded, their_spec, ae.spec(), ae.fingerprint(),
+                                  ae.fingerprint_before_dtypes, RECACHE)
 
     @staticmethod
     def _check_cached_fingerprint(shard: str, theirs: str, ours: str, their_spec: dict, our_spec: dict) -> None:
