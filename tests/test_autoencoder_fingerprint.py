@@ -177,3 +177,21 @@ def test_a_bfloat16_checkpoint_saved_before_the_dtype_was_recorded_is_taken_as_b
     with pytest.raises(ValueError, match="other weights or config"):
         _stage(vae, init_from=str(old))  # float32: other latents
 
+
+def test_sampling_a_checkpoint_without_a_fingerprint_warns_that_its_vae_is_not_checked(vae_ckpt, tmp_path):
+    """Training warns on a checkpoint saved before fingerprints were recorded; sampling one loaded the VAE at its
+    recorded path silently. It warns now, once, naming that path as what is not checked."""
+    from mardini.pipeline import MarDiniPipeline
+
+    vae, _, ckpt = vae_ckpt
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    del state["mardini"]["autoencoder_fingerprint"]
+    old = tmp_path / "unfingerprinted.ckpt"
+    torch.save(state, old)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        MarDiniPipeline.from_checkpoint(old)
+    said = [str(w.message) for w in caught if "predates autoencoder fingerprints" in str(w.message)]
+    assert len(said) == 1 and "\n" not in said[0], said
+    assert said[0].startswith(f"{old} predates autoencoder fingerprints") and f"recorded path ({vae}) is not checked" \
+        in said[0], said[0]

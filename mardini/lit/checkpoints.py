@@ -301,16 +301,19 @@ def made_before_dtypes(what: str, recorded: str, their_spec: dict[str, Any], our
     return True
 
 
-def warn_unfingerprinted(what: str, spec: dict[str, Any], fix: str) -> None:
+COMPARED_BY_PATH = ("it is compared with this model's autoencoder by the VAE's path ({}) and arguments only, so "
+                    "other weights behind that path would pass")
+
+
+def warn_unfingerprinted(what: str, spec: dict[str, Any], fix: str, unchecked: str = COMPARED_BY_PATH) -> None:
     """Warn that ``what`` (a latent cache, a checkpoint), whose autoencoder ``spec`` loads weights from a ``path``,
-    was written before autoencoder fingerprints were recorded (2026-12-07), so it is compared by that path and the
-    arguments only, not by the weights; ``fix`` says how to get a record with one. Nothing for an autoencoder
-    without weights at a path (the pixel one: its class is all there is)."""
+    was written before autoencoder fingerprints were recorded (2026-12-07), so its weights are not checked:
+    ``unchecked`` says what is not (``{}``: the VAE's path), ``fix`` how to get a record with one. Nothing for an
+    autoencoder without weights at a path (the pixel one: its class is all there is)."""
     if "path" not in (spec.get("init_args") or {}):
         return
-    warnings.warn(f"{what} predates autoencoder fingerprints (recorded since 2026-12-07): it is compared with this "
-                  f"model's autoencoder by the VAE's path ({weights_at(spec)}) and arguments only, so other weights "
-                  f"behind that path would pass; {fix}", stacklevel=3)
+    warnings.warn(f"{what} predates autoencoder fingerprints (recorded since 2026-12-07): "
+                  f"{unchecked.format(weights_at(spec))}; {fix}", stacklevel=3)
 
 
 def weights_at(spec: dict[str, Any]) -> str:

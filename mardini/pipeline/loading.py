@@ -20,7 +20,7 @@ from mardini.autoencoders import FrameAutoencoder, build_autoencoder
 from mardini.diffusion import CosineSchedule
 from mardini.diffusion.anchor import FrameAnchor
 from mardini.lit.checkpoints import (
-    EMA_PREFIX, KINDS, check_metadata, cross_rope_grid_of, other_fingerprint, read_checkpoint,
+    EMA_PREFIX, KINDS, check_metadata, cross_rope_grid_of, other_fingerprint, read_checkpoint, warn_unfingerprinted,
 )
 from mardini.models.registry import build_generator, build_planner, generator_overrides, get_size
 
@@ -122,13 +122,20 @@ def checkpoint_autoencoder(meta: dict[str, Any], path: str | Path,
     return autoencoder
 
 
+SAMPLED_UNCHECKED = ("the VAE found at its recorded path ({}) is not checked against the one it was trained with, "
+                     "so other weights there would encode and decode its samples")
+UNFINGERPRINTED_FIX = ("keep the VAE it was trained with at that path; a checkpoint this code saves records it (resume "
+                       "the stage, or start the next one from it)")
+
+
 def warn_other_autoencoder(meta: dict[str, Any], autoencoder: FrameAutoencoder, path: str | Path) -> None:
     """Warn where the checkpoint (its ``mardini`` ``meta``) was trained with an autoencoder of another fingerprint
     than ``autoencoder`` (other weights behind the recorded path): its networks then sample in another latent
     space. A warning, not a refusal: sampling trains nothing, the checkpoint names the only VAE it can be given,
     and a VAE swapped on purpose (a fine-tuned decoder of the same encoder) is legitimate for decoding. Checkpoints
-    written before the fingerprint was recorded (2026-12-07) are not checked."""
+    written before the fingerprint was recorded (2026-12-07) cannot be checked: a warning says so, as in training."""
     if meta.get("autoencoder_fingerprint") is None:
+        warn_unfingerprinted(str(path), meta.get("autoencoder_spec") or {}, UNFINGERPRINTED_FIX, SAMPLED_UNCHECKED)
         return
     problem = other_fingerprint(meta, autoencoder.fingerprint(), autoencoder.spec(), path)
     if problem:
