@@ -3,6 +3,7 @@ the code (package version, git commit) and the libraries' versions."""
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import shlex
 import subprocess
@@ -36,7 +37,8 @@ def machine_line() -> str:
 def code_version(root: Path | None = None) -> dict[str, Any]:
     """The code that ran: the package version and, where the package is a git checkout (``root``, default the
     folder above the ``mardini`` package, is the top of its repository), ``git rev-parse HEAD`` and whether
-    ``git status`` lists changes (untracked files included); both None otherwise."""
+    ``git status`` lists changes (untracked files included); both None otherwise, and then ``source`` too
+    (:func:`source_digest`: an installed wheel or a tarball of other code has another)."""
     root = (root or Path(mardini.__file__).resolve().parents[1]).resolve()
 
     def git(*args: str) -> subprocess.CompletedProcess:
@@ -52,16 +54,32 @@ def code_version(root: Path | None = None) -> dict[str, Any]:
             dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):  # no git, or it hung
         pass
-    return {"version": mardini.__version__, "git_commit": commit, "git_dirty": dirty}
+    code = {"version": mardini.__version__, "git_commit": commit, "git_dirty": dirty}
+    return code if commit else {**code, "source": source_digest()}
+
+
+def source_digest(package: Path | None = None) -> str:
+    """``sha256:<16 hex>`` of the package's Python sources (``package``, default the ``mardini`` folder): each
+    ``.py`` file's path in it and its bytes, in path order. What tells two codes apart where no git commit is known;
+    a few milliseconds."""
+    package = package or Path(mardini.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(f"{path.relative_to(package).as_posix()}\0{path.stat().st_size}\0".encode())
+        digest.update(path.read_bytes())
+    return "sha256:" + digest.hexdigest()[:16]
 
 
 def describe_code(code: dict[str, Any] | None) -> str:
     """``mardini 0.1.0, commit 0123abcd4567`` of a :func:`code_version` dict (what a latent cache or an evaluation
-    records); what is unrecorded said so."""
+    records), ``mardini 0.1.0, no git commit (not a git checkout), source sha256:...`` outside a checkout; what is
+    unrecorded said so."""
     code = code or {}
     commit = code.get("git_commit")
-    return (f"mardini {code.get('version') or '(version unrecorded)'}, "
-            + (f"commit {commit[:12]}" if commit else "no git commit (not a git checkout)"))
+    where = f"commit {commit[:12]}" if commit else "no git commit (not a git checkout)"
+    if not commit:
+        where += f", source {code['source']}" if code.get("source") else ", source unrecorded"
+    return f"mardini {code.get('version') or '(version unrecorded)'}, {where}"
 
 
 def library_versions() -> dict[str, str | None]:

@@ -224,3 +224,36 @@ def test_a_stopped_run_of_other_code_or_state_format_is_refused_naming_it(setup,
     run_json.write_text(json.dumps({k: v for k, v in saved.items() if k != "format_version"}))  # format 0, this code
     assert cli.main(argv(shards, ckpt, out)) == 0
     assert f"resuming interpolation at clip 2 of 6 from {out / 'state' / 'interpolation.pt'}" in capsys.readouterr().err
+
+
+def test_outside_a_git_checkout_a_stopped_run_of_changed_sources_is_refused(setup, tmp_path, monkeypatch, capsys,
+                                                                           stand_in_networks):
+    """Outside a git checkout (a wheel, a tarball) the code was recorded as the package version alone, so a stopped
+    evaluation resumed with changed code, of the same version, was accepted. The sources' digest decides there now."""
+    from mardini import run_info
+
+    shards, ckpt = setup
+    monkeypatch.setattr(cli, "code_version", lambda: run_info.code_version(tmp_path))  # tmp_path: no repository
+    out = stopped_run(monkeypatch, shards, ckpt, tmp_path)
+    monkeypatch.setattr(run_info, "source_digest", lambda: "sha256:0123456789abcdef", raising=False)  # code changed
+    capsys.readouterr()
+    assert cli.main(argv(shards, ckpt, out)) == 2  # was 0: resumed
+    err = capsys.readouterr().err
+    saved = json.loads((out / "state" / "run.json").read_text())["settings"]["code"]
+    assert saved["git_commit"] is None and saved["source"].startswith("sha256:")
+    assert (f"started by mardini {saved['version']}, no git commit (not a git checkout), source {saved['source']}, "
+            "this evaluate.py is") in err and "source sha256:0123456789abcdef" in err
+    assert f"the install or copy of the package whose sources digest to {saved['source']}" in err
+
+
+def test_the_source_digest_changes_with_any_python_file_of_the_package(tmp_path):
+    from mardini.run_info import source_digest
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "sub" / "b.py").write_text("y = 2\n")
+    before = source_digest(tmp_path)
+    (tmp_path / "notes.txt").write_text("not code")
+    assert source_digest(tmp_path) == before  # Python sources only
+    (tmp_path / "sub" / "b.py").write_text("y = 3\n")
+    assert source_digest(tmp_path) != before

@@ -65,9 +65,17 @@ def run_settings(args: argparse.Namespace, report: dict[str, Any], files: list[s
         "weights_sampled": report["weights_sampled"], "sample_resolution": report["sample_resolution"],
         "steps": args.steps, "guidance": args.guidance, "eta": args.eta, "batch_size": args.batch_size,
         "device": report["device"], "dtype": report["dtype"], "torch": report["torch"],
-        "code": {k: report["code"].get(k) for k in ("version", "git_commit")},  # not git_dirty: OUT may be untracked
+        # not git_dirty (OUT may be untracked); source: the package's sources where no commit is known
+        "code": {k: report["code"][k] for k in ("version", "git_commit", "source") if k in report["code"]},
     }
     return json.loads(json.dumps(settings))  # as run.json holds them (tuples as lists)
+
+
+def _where_that_code_is(code: dict[str, Any]) -> str:
+    """How to get back the code a :func:`~mardini.run_info.code_version` dict describes, for a message."""
+    if code.get("git_commit") or not code.get("source"):
+        return f"git checkout {code.get('git_commit') or '<its commit>'}, or a git worktree of it"
+    return f"the install or copy of the package whose sources digest to {code['source']}"
 
 
 def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -231,7 +239,8 @@ class RunState:
                 "or add --fresh to start over (its report is replaced)")
 
     def _refuse_other_code(self, saved: dict[str, Any]) -> None:
-        """Refuse a stopped run that other code started (its package version or git commit differ): its finished
+        """Refuse a stopped run that other code started (its package version, git commit or, where no commit is
+        known, its sources differ: :func:`~mardini.run_info.code_version`): its finished
         tasks and saved sums would join results of this code's sampling and metrics in one report. No setting
         resumes it, so the message names the code that does instead of 'its own settings'."""
         theirs, ours = saved.get("code") or {}, self.settings.get("code") or {}
@@ -243,9 +252,8 @@ class RunState:
         raise ValueError(
             f"{self.out} holds a stopped evaluation started by {describe_code(theirs)}, this evaluate.py is "
             f"{describe_code(ours)}{also}: resuming it would join two codes' results in one report. Finish it "
-            f"with the code that started it (git checkout {theirs.get('git_commit') or '<its commit>'}, or a git "
-            "worktree of it, and rerun the same command), write to another --out, "
-            "or add --fresh to start over with this code (its report is replaced)")
+            f"with the code that started it ({_where_that_code_is(theirs)}, and rerun the same command), write to "
+            "another --out, or add --fresh to start over with this code (its report is replaced)")
 
     def report_status(self) -> str | None:
         """``status`` of ``OUT/report.json`` (None when there is none or it does not parse)."""
