@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from mardini.lit.checkpoint_io import local_path
-from mardini.lit.resumed_logs import ContinuedCSVLogger
+from mardini.lit.resumed_logs import ContinuedCSVLogger, Utf8CSVLogger
 from mardini.lit.run_lock import RunLock
 from mardini.lit.step_checkpoint import VALIDATION_FOLDER, drop_dead_validate_locks, validate_lock
 
@@ -27,7 +27,8 @@ def validation_logger(logger, entry, locks: list | None = None):
     no folder). Before, a validate added its event file to the fit's, and a CSV logger replaced the fit's
     ``metrics.csv`` and ``hparams.yaml``; later, every validate logged in ``validate/`` itself, where two at once
     mixed their records (the one's ``validate.yaml`` beside the other's ``hparams.yaml``, and TensorBoard showed both
-    runs' ``val/loss`` at step 0 of one run)."""
+    runs' ``val/loss`` at step 0 of one run). Lightning's CSVLogger is rebuilt as
+    :class:`~mardini.lit.resumed_logs.Utf8CSVLogger` (``metrics.csv`` in UTF-8 whatever the locale, as a fit's)."""
     args = entry.get("init_args") if hasattr(entry, "get") else None
     if (not isinstance(logger, (TensorBoardLogger, CSVLogger)) or args is None or not args.get("save_dir")
             or args.get("version") is None):
@@ -37,7 +38,8 @@ def validation_logger(logger, entry, locks: list | None = None):
     if lock is not None and locks is not None:
         locks.append(lock)
     given = {**args.as_dict(), **dict(entry.get("dict_kwargs") or {})}  # dict_kwargs: TensorBoard's SummaryWriter's
-    return type(logger)(**{**given, "version": os.path.join(version, VALIDATION_FOLDER, run)})
+    cls = Utf8CSVLogger if type(logger) is CSVLogger else type(logger)  # metrics.csv in UTF-8, as the fit's
+    return cls(**{**given, "version": os.path.join(version, VALIDATION_FOLDER, run)})
 
 
 CLAIM_TRIES = 100  # validate/ made again after a fit removed it, at most

@@ -106,6 +106,23 @@ def test_the_fit_s_csv_logger_writes_metrics_csv_in_utf8_in_an_ascii_locale(tmp_
     assert rows == ["loss_\u03c3,step,val/\u00e9cart", "1.5,0,", "1.5,1,1.5", ",2,2.5"]
 
 
+def test_validate_s_csv_logger_writes_metrics_csv_in_utf8_in_an_ascii_locale(tmp_path):
+    """``train.py validate`` rebuilt a configured CSVLogger as Lightning's own (validation_logger), which writes
+    metrics.csv in the locale's encoding: a metric named "val/\u00e9cart" failed in an ASCII locale ("'ascii' codec
+    can't encode character"). It logs to a UTF-8 one now, as the fit does."""
+    code = ("import sys; from jsonargparse import Namespace\n"
+            "from lightning.pytorch.loggers import CSVLogger\n"
+            "from mardini.cli_loggers import validation_logger\n"
+            "args = Namespace(save_dir=sys.argv[1], name='stage', version=0); locks = []\n"
+            "log = validation_logger(CSVLogger(**args.as_dict()), {'init_args': args}, locks)\n"
+            "log.log_metrics({'val/\\u00e9cart': 1.5}, step=0); log.save()\n"
+            "[lock.release() for lock in locks]\n")
+    done = _run_in_ascii_locale(code, str(tmp_path))
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    written = tmp_path / "stage" / "version_0" / "validate" / "version_0" / "metrics.csv"
+    assert written.read_bytes().decode("utf-8").splitlines() == ["step,val/\u00e9cart", "0,1.5"]
+
+
 def test_a_csv_logger_that_has_written_pickles_and_copies_as_lightning_s_does(tmp_path):
     """The fit's CSV logger once its writer is live (anything logged: hyper-parameters, a metric) is pickled (a
     ddp_spawn fit sends the trainer to its workers) and deep-copied as Lightning's is, and its copy goes on writing

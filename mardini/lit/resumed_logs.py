@@ -109,18 +109,35 @@ class Utf8Files:
         return getattr(self._fs, name)
 
 
-class ContinuedWriter(ExperimentWriter):
-    """Lightning's CSV writer, which deletes ``metrics.csv`` only at its first save of metrics, and then keeps the
-    rows of steps below ``continue_at`` (None: none) instead; and reads and writes it in UTF-8 whatever the locale
-    (Lightning's uses the locale's encoding: a non-ASCII metric name failed in an ASCII locale, "'ascii' codec can't
-    encode character", and came out garbled under cp1252)."""
-
-    continue_at: int | None = None
-    _started = False
+class Utf8Writer(ExperimentWriter):
+    """Lightning's CSV writer, which reads and writes ``metrics.csv`` in UTF-8 whatever the locale (Lightning's uses
+    the locale's encoding: a non-ASCII metric name failed in an ASCII locale, "'ascii' codec can't encode character",
+    and came out garbled under cp1252)."""
 
     def __init__(self, log_dir: str) -> None:
         super().__init__(log_dir)
         self._fs = Utf8Files(self._fs)  # metrics.csv in UTF-8 (hparams.yaml escapes non-ASCII itself)
+
+
+class Utf8CSVLogger(CSVLogger):
+    """Lightning's CSVLogger writing ``metrics.csv`` in UTF-8 (:class:`Utf8Writer`); ``train.py validate`` logs to one
+    in place of a configured ``lightning.pytorch.loggers.CSVLogger`` (a fit: :class:`ContinuedCSVLogger`)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> Utf8Writer:
+        if self._experiment is None:  # as CSVLogger.experiment, with the writer above
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = Utf8Writer(log_dir=self.log_dir)
+        return self._experiment
+
+
+class ContinuedWriter(Utf8Writer):
+    """:class:`Utf8Writer`, which deletes ``metrics.csv`` only at its first save of metrics, and then keeps the
+    rows of steps below ``continue_at`` (None: none) instead."""
+
+    continue_at: int | None = None
+    _started = False
 
     def _check_log_dir_exists(self) -> None:
         """Nothing: Lightning's deletes ``metrics.csv`` here, as the logger starts (see :meth:`save`)."""
