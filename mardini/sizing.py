@@ -13,7 +13,9 @@ also hold bf16 copies of the weights: all of them (``2 P``) from the forward to 
 ``HYBRID_SHARD`` the units being gathered, counted as two of the largest block (the one computing, the one
 prefetched: ``2 x 2 B``).
 
-The frozen autoencoder (a full fp32 copy on every rank) and the CUDA context are not counted.
+The frozen autoencoder (:mod:`mardini.sizing_autoencoder`): its parameters, a full copy on every rank, and where
+frames are encoded on the fly (no latent cache) the temporaries of one encoder call at the stage's resolution,
+measured and extrapolated in pixels. The CUDA context is not counted.
 
 Activations (measured, then extrapolated): the bytes autograd saves for the backward in one clip's fp32 training
 forward of the stage's networks (``torch.autograd.graph.saved_tensors_hooks``, each storage once, the weights left
@@ -42,6 +44,7 @@ from torch import nn
 from mardini.configs_table import TRAINS, _latent_channels, _load, stage_networks
 from mardini.data.batch_split import check_split, largest_rank_batch
 from mardini.models.registry import get_size
+from mardini.sizing_autoencoder import AutoencoderSize, autoencoder_size
 
 BYTES_PER_TRAINED_PARAM = {"weight": 4, "gradient": 4, "adamw": 8, "ema": 4}  # fp32 each
 STRATEGIES = ("NO_SHARD", "SHARD_GRAD_OP", "FULL_SHARD", "HYBRID_SHARD")
@@ -62,6 +65,8 @@ class StageShape:
     batch: int  # global
     checkpointing: dict  # network -> bool
     planner_head: bool = False  # a joint stage keeps the warm-up head only with plan_recon_weight
+    resolution: int = 0  # pixel side of the training frames
+    cached: bool = False  # trains on a latent cache (data.latents): the autoencoder encodes nothing
 
 
 def read_shape(path: str | Path) -> StageShape:
@@ -85,7 +90,8 @@ def read_shape(path: str | Path) -> StageShape:
                       batch=int(dargs.get("batch_size", 1)),
                       checkpointing={"planner": bool(planner.get("checkpointing")),
                                      "generator": bool(generator.get("checkpointing"))},
-                      planner_head=kind == "planner" or bool(args.get("plan_recon_weight", 0.0)))
+                      planner_head=kind == "planner" or bool(args.get("plan_recon_weight", 0.0)),
+                      resolution=int(dargs.get("resolution")), cached=bool(dargs.get("latents", False)))
 
 
 def build_trained(shape: StageShape, k: int = 1, depth: int | None = None, device: str = "meta",
@@ -256,9 +262,25 @@ def report(path: str, world: int, per_node: int, batch: int | None, k: int, m: i
         plain, ckpt = both_networks(acts)
         lines.append(f"  {'together':<10} without checkpointing {plain * clips / GB:8.2f} GB, with checkpointing"
                      f" {ckpt * clips / GB:8.2f} GB (one block recomputed at a time)")
-    lines += ["", "not counted: the frozen autoencoder (a full fp32 copy per GPU), the temporaries of one op, the "
-              "CUDA context and allocator fragmentation"]
+    lines += ["", *autoencoder_lines(shape, clips, m),
+              "", "not counted: the temporaries of one op, the CUDA context and allocator fragmentation"]
     return "\n".join(lines)
+
+
+def autoencoder_lines(shape: StageShape, clips: int, m: int) -> list[str]:
+    """The frozen autoencoder's lines of the report (:mod:`mardini.sizing_autoencoder`), for ``clips`` per GPU."""
+    ae: AutoencoderSize | None = autoencoder_size(shape.args.get("autoencoder"), shape.resolution,
+                                                  clips * shape.frames, m)
+    if ae is None:
+        return ["frozen autoencoder: none configured (the stage module's default)"]
+    lines = [f"frozen autoencoder ({ae.name}), a full copy per GPU under every strategy: {ae.params:,} parameters, "
+             f"{ae.param_bytes / GB:.2f} GB"]
+    if shape.cached:
+        return lines + ["  encodes nothing in training: the stage reads a latent cache (data.latents)"]
+    return lines + [f"  encoding frames on the fly (no latent cache): {ae.encode_bytes / GB:.2f} GB of temporaries "
+                    f"per encoder call ({ae.frames_per_call} frames at {shape.resolution} px, fp32-measured",
+                    f"  at / {int(round(math.sqrt(m)))} per side, extrapolated), freed before the networks' forward: "
+                    "part of the peak only where above their activations"]
 
 
 def main(argv: list[str] | None = None) -> str:
