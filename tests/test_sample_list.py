@@ -4,6 +4,10 @@ resumed after a kill, unreadable clips skipped and counted (mardini.pipeline.man
 from __future__ import annotations
 
 import json
+import os
+import runpy
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,3 +128,28 @@ def test_resuming_with_other_options_a_changed_list_or_impossible_slices_is_refu
         _run(env, out, clips, "--slice-index", "2", "--num-slices", "2")
     with pytest.raises(ValueError, match="give the clips as --list FILE"):
         main(["image_to_video", "--ckpt", env["ckpt"], "--images", "a.png", "--num-slices", "2"])
+
+
+def _sample_py(monkeypatch, *argv) -> int:
+    """``python sample.py ARGV``'s exit status, run in this process through the script itself."""
+    monkeypatch.setattr(sys, "argv", ["sample.py", *argv])
+    with pytest.raises(SystemExit) as ended:
+        runpy.run_path(str(Path(__file__).parents[1] / "sample.py"), run_name="__main__")
+    return ended.value.code
+
+
+def test_a_job_that_skipped_clips_exits_with_status_1_unless_max_skipped_allows_them(env, tmp_path, monkeypatch,
+                                                                                     capsys):
+    """Before, a job whose clips were all skipped exited with status 0: a cluster script could not notice."""
+    clips, out = _list(tmp_path, [env["good"][0], env["bad"][0]]), tmp_path / "out"
+    argv = ["image_to_video", "--ckpt", env["ckpt"], "--list", clips, "--steps", "1", "--no-progress", "--out",
+            str(out)]
+    assert _sample_py(monkeypatch, *argv) == 1
+    err = capsys.readouterr().err
+    assert "sample.py: error: 1 clip(s) of slice 0 of 1 were skipped, more than --max-skipped 0 allows" in err
+    assert _manifest(out / "manifest.jsonl")[1]["status"] == "skipped"  # written all the same
+    assert json.loads((out / "settings.json").read_text())["skipped"] == 1
+    assert _sample_py(monkeypatch, *argv, "--max-skipped", "1") == 0  # the bad clip is tried again, and allowed
+    assert "error" not in capsys.readouterr().err
+    assert _sample_py(monkeypatch, *argv[:3], "--images", "a.png", "--max-skipped", "1") == 2
+    assert "--max-skipped bounds the unreadable clips a --list job may skip" in capsys.readouterr().err

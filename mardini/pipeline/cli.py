@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -40,7 +41,7 @@ from mardini.pipeline.inputs import (
     read_video,
     video_fps,
 )
-from mardini.pipeline.many import sample_list
+from mardini.pipeline.many import sample_list, too_many_skipped
 from mardini.pipeline.outputs import check_out_dir, write_outputs
 from mardini.pipeline.pipeline import MarDiniPipeline, resolve_device
 from mardini.pipeline.tasks import image_to_video_guidance, window_schedule
@@ -66,7 +67,8 @@ def build_parser(prog: str = "sample.py") -> argparse.ArgumentParser:
     src.add_argument("--list", help="a text file of many clips, one per line: its --images files (in order, shell "
                      "quoting for spaces) or one video file (.mp4, .mov, ...); clip i (its line's number among the "
                      "clips) is seeded --seed + i and written as <task>_<i:06d>_<sample>.mp4/.gif, listed in "
-                     "manifest.jsonl; a rerun skips the clips done, an unreadable clip is skipped and counted")
+                     "manifest.jsonl; a rerun skips the clips done, an unreadable clip is skipped and counted (exit "
+                     "status 1 unless --max-skipped allows it)")
     src.add_argument("--clips", type=int, default=1, help="clips to read from --shards")
     src.add_argument("--keep", help="indices of the given frames among the frames read, e.g. 0,8 or 0-3 "
                      "(generate: their window positions, each once; expand, long_video: consecutive frames; "
@@ -115,6 +117,9 @@ def build_parser(prog: str = "sample.py") -> argparse.ArgumentParser:
     o.add_argument("--slice-index", type=int, default=0, help="--list: the slice this job samples, the clips "
                    "whose index is --slice-index modulo --num-slices (e.g. $SLURM_ARRAY_TASK_ID)")
     o.add_argument("--num-slices", type=int, default=1, help="--list: how many jobs share the list (one --out)")
+    o.add_argument("--max-skipped", type=int, help="--list: how many unreadable clips the job may skip and still "
+                   "exit with status 0 (default 0: any skip exits with status 1, after the manifest and settings "
+                   "are written)")
     o.add_argument("--fps", type=float, help="fps of the written videos (default: the rate a --video or the --shards "
                    "clips were read at, else the training fps, else 8)")
     return p
@@ -180,6 +185,9 @@ def check_slices(a: argparse.Namespace) -> None:
                          f"numbered 0..{a.num_slices - 1}")
     if a.num_slices > 1 and not a.list:
         raise ValueError("--num-slices splits the clips of a --list between jobs; give the clips as --list FILE")
+    if a.max_skipped is not None and not a.list:
+        raise ValueError("--max-skipped bounds the unreadable clips a --list job may skip; other inputs are never "
+                         "skipped (an unreadable one stops the command): drop --max-skipped, or give --list FILE")
 
 
 def video_stride(path: str, model_fps: float | None, stride: int | None) -> tuple[int, str, float | None]:
@@ -315,6 +323,7 @@ OPTION_RULES = {
     "seed": (lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
     "num_slices": (lambda v: v >= 1, ">= 1"),
     "slice_index": (lambda v: v >= 0, ">= 0 (and below --num-slices)"),
+    "max_skipped": (lambda v: v is None or v >= 0, ">= 0"),
 }
 
 
@@ -361,6 +370,16 @@ def warn_if_bf16_is_emulated(bf16: bool, device: torch.device) -> None:
     advice = cpu_kernels.slow_bf16_advice(what="--bf16", fix="leave --bf16 out")
     if advice is not None:
         warnings.warn(advice, stacklevel=3)
+
+
+def command(argv: list[str] | None = None, prog: str = "sample.py") -> int:
+    """``sample.py``: :func:`main`, and its exit status: 1 where a ``--list`` job skipped more clips than
+    ``--max-skipped`` allows (said on stderr; its manifest and settings are written), else 0."""
+    error = too_many_skipped(main(argv, prog))
+    if error is None:
+        return 0
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    return 1
 
 
 def main(argv: list[str] | None = None, prog: str = "sample.py") -> dict:
@@ -431,7 +450,7 @@ def main(argv: list[str] | None = None, prog: str = "sample.py") -> dict:
 
 
 if __name__ == "__main__":  # `python -m mardini.pipeline.cli ...` is `python sample.py ...`
-    from mardini.pipeline.cli import main as _main
+    from mardini.pipeline.cli import command as _command
     from mardini.user_errors import run_module as _run_module
 
-    raise SystemExit(_run_module("mardini.pipeline.cli", _main))
+    raise SystemExit(_run_module("mardini.pipeline.cli", _command))

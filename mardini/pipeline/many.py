@@ -12,7 +12,8 @@ index only, never on the batch or the slice it ran in (up to ``--batch``'s float
   in ``manifest[_I-of-N].jsonl`` (index, inputs, seed, files): a rerun with the same options skips the done items,
   so a killed job resumes where it stopped; other options are refused, naming them;
 - an input that cannot be read (a missing or corrupt file, a video too short, the wrong number of images) is skipped,
-  recorded in the manifest with its error, counted and listed at the end; the job goes on.
+  recorded in the manifest with its error, counted and listed at the end; the job goes on, and exits with status 1
+  when it skipped more clips than ``--max-skipped`` (default 0) allows (:func:`too_many_skipped`).
 
 Clips are read, sampled and written one batch at a time, so memory does not grow with the list.
 """
@@ -66,6 +67,17 @@ def slice_of(n: int, slice_index: int, num_slices: int) -> list[int]:
 def manifest_path(out: Path, slice_index: int, num_slices: int) -> Path:
     """The slice's manifest: ``manifest.jsonl`` for one slice, ``manifest_I-of-N.jsonl`` for slice I of N."""
     return out / ("manifest.jsonl" if num_slices == 1 else f"manifest_{slice_index}-of-{num_slices}.jsonl")
+
+
+def too_many_skipped(record: dict) -> str | None:
+    """The error of a ``--list`` job (its ``record``) that skipped more clips than ``--max-skipped`` allows, or
+    None (as for any other run)."""
+    skipped, allowed = record.get("skipped", 0), record.get("max_skipped", 0)
+    if skipped <= allowed:
+        return None
+    return (f"{skipped} clip(s) of slice {record['slice_index']} of {record['num_slices']} were skipped, more than "
+            f"--max-skipped {allowed} allows (their errors: {record['manifest']} and the settings file beside it); "
+            "fix their inputs and rerun the same command to sample them, or pass --max-skipped to accept skips")
 
 
 def run_settings(a: argparse.Namespace) -> dict:
@@ -206,7 +218,7 @@ def sample_list(a: argparse.Namespace, pipe, size, sampled: int, kw: dict, out: 
         sampled_now += len(batch)
     record = dict(settings, slice_index=a.slice_index, num_slices=a.num_slices, clips=len(items),
                   clips_in_slice=len(mine), done_before=len(mine) - len(todo), sampled=sampled_now,
-                  skipped=len(skipped), skipped_clips=skipped, manifest=str(manifest))
+                  skipped=len(skipped), skipped_clips=skipped, max_skipped=a.max_skipped or 0, manifest=str(manifest))
     name = "settings.json" if a.num_slices == 1 else f"settings_{a.slice_index}-of-{a.num_slices}.json"
     with replaced_when_done(out / name) as part:
         part.write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
