@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import runpy
+import socket
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -153,3 +155,26 @@ def test_a_job_that_skipped_clips_exits_with_status_1_unless_max_skipped_allows_
     assert "error" not in capsys.readouterr().err
     assert _sample_py(monkeypatch, *argv[:3], "--images", "a.png", "--max-skipped", "1") == 2
     assert "--max-skipped bounds the unreadable clips a --list job may skip" in capsys.readouterr().err
+
+
+def test_a_second_live_job_of_a_slice_is_refused_and_a_dead_job_s_lock_taken_over(env, tmp_path, monkeypatch):
+    """Before, two jobs started with the same --slice-index (a requeue while the first ran) wrote the same files."""
+    from mardini.pipeline.pipeline import MarDiniPipeline
+
+    clips, out = _list(tmp_path, env["good"][:2]), tmp_path / "out"
+    lock = out / "sample_0-of-2.lock"
+    out.mkdir()
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": "77",
+                                "started": "then", "token": "other"}))  # a live job: this process
+    with pytest.raises(ValueError, match=rf"--slice-index 0 --num-slices 2 of --out {out} is being sampled by another "
+                       rf"sample.py job \(pid {os.getpid()} on host .*, SLURM job 77, started then; lock file"):
+        _run(env, out, clips, "--slice-index", "0", "--num-slices", "2")
+    assert not list(out.glob("manifest*"))  # refused before anything was written
+    old = time.time() - 3600
+    os.utime(lock, (old, old))  # no heartbeat for an hour: that job is gone
+    seen, generate = [], MarDiniPipeline.generate
+    monkeypatch.setattr(MarDiniPipeline, "generate", lambda self, video, mask, **kw: (
+        seen.append(json.loads(lock.read_text())["pid"]), generate(self, video, mask, **kw))[1])
+    with pytest.warns(UserWarning, match="taking over the lock of a sample.py job that is gone"):
+        record = _run(env, out, clips, "--slice-index", "0", "--num-slices", "2")
+    assert record["sampled"] == 1 and seen == [os.getpid()] and not lock.exists()  # held while sampling, then freed

@@ -46,8 +46,9 @@ class FolderInUseError(ValueError):
 class RunLock:
     """The lock files of a fit's log ``folders`` (taken by :meth:`acquire`, dropped by :meth:`release`)."""
 
-    def __init__(self, folders, name: str = LOCK_NAME) -> None:
+    def __init__(self, folders, name: str = LOCK_NAME, holder: str = "fit") -> None:
         self.paths = [Path(folder) / name for folder in dict.fromkeys(map(str, folders))]
+        self.holder = holder  # what holds it, as the takeover's message names it (a sample.py job's: "job")
         self.record = holder_record()
         self._held: list[Path] = []
         self._stop = threading.Event()
@@ -57,7 +58,7 @@ class RunLock:
         """Take every folder's lock or none (a refusal releases those taken)."""
         try:
             for path in self.paths:
-                take(path, self.record)
+                take(path, self.record, self.holder)
                 self._held.append(path)
         except BaseException:
             self.release()
@@ -105,8 +106,9 @@ def holder_record() -> dict:
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "token": uuid.uuid4().hex}
 
 
-def take(path: Path, record: dict) -> None:
-    """Create the lock at ``path`` holding ``record``; a stale one is taken over (said once), a live one refused."""
+def take(path: Path, record: dict, holder: str = "fit") -> None:
+    """Create the lock at ``path`` holding ``record``; a stale one is taken over (said once, naming the ``holder``
+    that is gone), a live one refused."""
     path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(3):  # the lock may change hands between our look and our claim: look again
         if create(path, record):
@@ -117,18 +119,19 @@ def take(path: Path, record: dict) -> None:
             raise FolderInUseError(in_use_message(path, found))
         stale = identity(found, path)
         if stale is not None and take_over(path, record, stale):
-            rank_zero_warn(f"{path}: taking over the lock of a fit that is gone ({why}); this fit now holds the folder")
+            rank_zero_warn(f"{path}: taking over the lock of a {holder} that is gone ({why}); this {holder} now holds "
+                           "the folder")
             return
     raise FolderInUseError(in_use_message(path, read_record(path)))
 
 
 def take_over(path: Path, record: dict, stale: str) -> bool:
     """Replace the stale lock at ``path`` (``stale``: its :func:`identity`) by one holding ``record``, under the claim
-    file ``fit.lock.takeover-<stale>`` that only one taker creates (``O_EXCL``); the lock is replaced whole
-    (``os.replace`` of a written temp file), never moved away. False where the lock is no longer that one (taken
-    over or released meanwhile: look again). While another fit holds the claim this one is refused, as by a live
-    lock; a claim older than ``HEARTBEAT_S`` is a taker's killed mid-takeover and is removed."""
-    claim = path.with_name(f"{LOCK_NAME}.takeover-{stale}")
+    file ``<lock name>.takeover-<stale>`` (``fit.lock.takeover-<stale>``) that only one taker creates (``O_EXCL``);
+    the lock is replaced whole (``os.replace`` of a written temp file), never moved away. False where the lock is no
+    longer that one (taken over or released meanwhile: look again). While another fit holds the claim this one is
+    refused, as by a live lock; a claim older than ``HEARTBEAT_S`` is a taker's killed mid-takeover and is removed."""
+    claim = path.with_name(f"{path.name}.takeover-{stale}")
     if not create(claim, record):
         return clear_dead_claim(claim, path)
     try:
@@ -167,7 +170,7 @@ def identity(found: dict, path: Path) -> str | None:
 
 def replace(path: Path, record: dict) -> None:
     """Put a lock holding ``record`` at ``path`` over whatever is there, in one step (a temp file ``os.replace``d)."""
-    temp = path.with_name(f"{LOCK_NAME}.{record['token']}.tmp")
+    temp = path.with_name(f"{path.name}.{record['token']}.tmp")
     try:
         temp.write_text(json.dumps(record))
         os.replace(temp, path)

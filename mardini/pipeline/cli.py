@@ -41,7 +41,7 @@ from mardini.pipeline.inputs import (
     read_video,
     video_fps,
 )
-from mardini.pipeline.many import sample_list, too_many_skipped
+from mardini.pipeline.many import sample_list, slice_lock, too_many_skipped
 from mardini.pipeline.outputs import check_out_dir, write_outputs
 from mardini.pipeline.pipeline import MarDiniPipeline, resolve_device
 from mardini.pipeline.tasks import image_to_video_guidance, window_schedule
@@ -384,7 +384,8 @@ def command(argv: list[str] | None = None, prog: str = "sample.py") -> int:
 
 def main(argv: list[str] | None = None, prog: str = "sample.py") -> dict:
     """Parse ``argv``, sample, write the outputs; returns the settings record (also in settings.json). ``prog``: the
-    command the usage and errors name."""
+    command the usage and errors name. A ``--list`` job holds its slice's lock (:func:`~mardini.pipeline.many.
+    slice_lock`) from before the checkpoint loads: a second live job of the slice is refused at once."""
     parser = build_parser(prog)
     a = parser.parse_args(argv)
     check_options(a, parser)
@@ -392,6 +393,15 @@ def main(argv: list[str] | None = None, prog: str = "sample.py") -> dict:
     check_slices(a)
     out_dir = a.out or Path("outputs/samples") / a.task
     check_out_dir(out_dir)  # these before the checkpoint loads, so that no mistake waits for it (or for sampling)
+    if not a.list:
+        return sample(a, out_dir)
+    with slice_lock(out_dir, a.slice_index, a.num_slices):
+        return sample(a, out_dir)
+
+
+def sample(a: argparse.Namespace, out_dir: Path) -> dict:
+    """Load the checkpoint, sample the inputs of the checked options ``a`` and write them to ``out_dir``; returns
+    the settings record."""
     device = resolve_device(a.device)
     warn_if_bf16_is_emulated(a.bf16, device)
     started = time.perf_counter()

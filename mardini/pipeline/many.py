@@ -13,7 +13,10 @@ index only, never on the batch or the slice it ran in (up to ``--batch``'s float
   so a killed job resumes where it stopped; other options are refused, naming them;
 - an input that cannot be read (a missing or corrupt file, a video too short, the wrong number of images) is skipped,
   recorded in the manifest with its error, counted and listed at the end; the job goes on, and exits with status 1
-  when it skipped more clips than ``--max-skipped`` (default 0) allows (:func:`too_many_skipped`).
+  when it skipped more clips than ``--max-skipped`` (default 0) allows (:func:`too_many_skipped`);
+- a job holds its slice's lock (``sample[_I-of-N].lock`` in ``--out``, a :class:`~mardini.lit.run_lock.RunLock`:
+  heartbeat, a dead job's lock taken over), so a second live job of the slice (a requeue while the first runs) is
+  refused at once.
 
 Clips are read, sampled and written one batch at a time, so memory does not grow with the list.
 """
@@ -21,14 +24,17 @@ Clips are read, sampled and written one batch at a time, so memory does not grow
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from mardini.lit.run_lock import STALE_AFTER_S, FolderInUseError, RunLock, read_record
 from mardini.pipeline.outputs import replaced_when_done, save_frames
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
@@ -67,6 +73,44 @@ def slice_of(n: int, slice_index: int, num_slices: int) -> list[int]:
 def manifest_path(out: Path, slice_index: int, num_slices: int) -> Path:
     """The slice's manifest: ``manifest.jsonl`` for one slice, ``manifest_I-of-N.jsonl`` for slice I of N."""
     return out / ("manifest.jsonl" if num_slices == 1 else f"manifest_{slice_index}-of-{num_slices}.jsonl")
+
+
+def lock_path(out: Path, slice_index: int, num_slices: int) -> Path:
+    """The slice's lock: ``sample.lock`` for one slice, ``sample_I-of-N.lock`` for slice I of N."""
+    return out / ("sample.lock" if num_slices == 1 else f"sample_{slice_index}-of-{num_slices}.lock")
+
+
+@contextlib.contextmanager
+def slice_lock(out: Path, slice_index: int, num_slices: int) -> Iterator[RunLock]:
+    """Hold the slice's lock in ``out`` for the block (:class:`~mardini.lit.run_lock.RunLock`: a heartbeat; the lock
+    of a job that is gone is taken over, with a warning); a live job's lock is a :class:`SliceInUseError`."""
+    path = lock_path(out, slice_index, num_slices)
+    try:
+        lock = RunLock([out], path.name, holder="sample.py job").acquire()
+    except FolderInUseError:
+        raise SliceInUseError(slice_in_use_message(path, slice_index, num_slices)) from None
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+class SliceInUseError(FolderInUseError):
+    """Another live job samples this slice into this ``--out`` (a user error: one line, no traceback)."""
+
+
+def slice_in_use_message(path: Path, slice_index: int, num_slices: int) -> str:
+    """The refusal: which job holds the slice, why two would break it, and the fixes."""
+    found = read_record(path)
+    job = f", SLURM job {found['slurm_job_id']}" if found.get("slurm_job_id") else ""
+    holder = (f"pid {found.get('pid')} on host {found.get('host')}{job}, started {found.get('started')}" if found
+              else "a job whose lock is being written")
+    return (f"--slice-index {slice_index} --num-slices {num_slices} of --out {path.parent} is being sampled by "
+            f"another sample.py job ({holder}; lock file {path}): two jobs of one slice write the same clips' files "
+            "and manifest lines. Wait for that job to end (rerun this command then: it samples only the clips not "
+            "done), or give this job another --slice-index or --out. The lock is taken over by itself once that job "
+            f"is gone (its pid on the same host, its SLURM job requeued, or no heartbeat for {STALE_AFTER_S:.0f} "
+            f"s); delete {path} only if you know it is gone")
 
 
 def too_many_skipped(record: dict) -> str | None:
