@@ -178,3 +178,21 @@ def test_a_second_live_job_of_a_slice_is_refused_and_a_dead_job_s_lock_taken_ove
     with pytest.warns(UserWarning, match="taking over the lock of a sample.py job that is gone"):
         record = _run(env, out, clips, "--slice-index", "0", "--num-slices", "2")
     assert record["sampled"] == 1 and seen == [os.getpid()] and not lock.exists()  # held while sampling, then freed
+
+
+def test_a_killed_job_s_part_files_of_the_slice_s_clips_are_removed_never_another_slice_s(env, tmp_path, capsys):
+    """Before, a kill left ``x.part.mp4`` / ``.part.gif`` / ``frames/x.part/`` behind for a clip never rerun."""
+    clips, out = _list(tmp_path, [env["good"][0], env["good"][1], env["bad"][0]]), tmp_path / "out"
+    mine = [out / "image_to_video_000002_0.part.gif", out / "image_to_video_000002_1.part.mp4",
+            out / "frames" / "image_to_video_000002_0.part"]  # clip 2 (slice 0's) is skipped: never written again
+    others = [out / "image_to_video_000001_0.part.mp4", out / "frames" / "image_to_video_000001_0.part",  # slice 1's
+              out / "interpolate_000002_0.part.mp4", out / "image_to_video_000002_0.gif"]  # another task's; a file
+    (out / "frames" / "image_to_video_000002_0.part").mkdir(parents=True)
+    (out / "frames" / "image_to_video_000001_0.part").mkdir()
+    for path in mine + others:
+        if not path.is_dir():
+            path.write_bytes(b"half")
+    record = _run(env, out, clips, "--slice-index", "0", "--num-slices", "2", "--max-skipped", "1")
+    assert record["sampled"] == 1 and record["skipped"] == 1
+    assert not any(p.exists() for p in mine) and all(p.exists() for p in others)
+    assert f"removed {mine[0]}: a killed job's half-written file" in capsys.readouterr().out

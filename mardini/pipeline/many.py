@@ -16,7 +16,7 @@ index only, never on the batch or the slice it ran in (up to ``--batch``'s float
   when it skipped more clips than ``--max-skipped`` (default 0) allows (:func:`too_many_skipped`);
 - a job holds its slice's lock (``sample[_I-of-N].lock`` in ``--out``, a :class:`~mardini.lit.run_lock.RunLock`:
   heartbeat, a dead job's lock taken over), so a second live job of the slice (a requeue while the first runs) is
-  refused at once.
+  refused; under it, the ``.part`` files a killed job of the slice left are removed (:func:`remove_leftovers`).
 
 Clips are read, sampled and written one batch at a time, so memory does not grow with the list.
 """
@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from pathlib import Path
 import torch
 
 from mardini.lit.run_lock import STALE_AFTER_S, FolderInUseError, RunLock, read_record
-from mardini.pipeline.outputs import replaced_when_done, save_frames
+from mardini.pipeline.outputs import remove, replaced_when_done, save_frames
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 
@@ -111,6 +112,17 @@ def slice_in_use_message(path: Path, slice_index: int, num_slices: int) -> str:
             "done), or give this job another --slice-index or --out. The lock is taken over by itself once that job "
             f"is gone (its pid on the same host, its SLURM job requeued, or no heartbeat for {STALE_AFTER_S:.0f} "
             f"s); delete {path} only if you know it is gone")
+
+
+def remove_leftovers(out: Path, task: str, indices: list[int]) -> list[Path]:
+    """Remove the ``.part`` files and folders (``<task>_<index>_<sample>.part.mp4|.gif``, ``frames/..part/``) that a
+    killed job left for the clips ``indices`` (this slice's), never another slice's or task's; the paths removed."""
+    mine, name = set(indices), re.compile(rf"{re.escape(task)}_(\d{{6,}})_\d+\.part(\.mp4|\.gif)?")
+    found = [p for p in (*out.glob(f"{task}_*.part.*"), *(out / "frames").glob(f"{task}_*.part"))
+             if (m := name.fullmatch(p.name)) and int(m.group(1)) in mine]
+    for path in found:
+        remove(path)
+    return found
 
 
 def too_many_skipped(record: dict) -> str | None:
@@ -242,6 +254,8 @@ def sample_list(a: argparse.Namespace, pipe, size, sampled: int, kw: dict, out: 
         append_line(manifest, {"settings": settings})
     check_same_inputs(a.list, items, done)
     todo = [i for i in mine if i not in done]
+    for path in remove_leftovers(out, a.task, mine):
+        print(f"[sample] removed {path}: a killed job's half-written file")
     print(f"[sample] --list {a.list}: {len(items)} clip(s); slice {a.slice_index} of {a.num_slices} takes "
           f"{len(mine)}, {len(mine) - len(todo)} done already, {len(todo)} to sample")
     skipped, batch, sampled_now = [], [], 0
