@@ -109,6 +109,27 @@ def test_same_seed_same_video_and_batch_independence(pipe):
     assert torch.equal(ref, pipe.long_video(v, total_frames=8, context=2, steps=2, seed=np.int64(5), progress=False))
 
 
+def test_generate_many_samples_a_batch_at_a_time_as_read_each_clip_seeded_by_its_place(pipe):
+    videos = _video(2)  # (2, T, 3, S, S)
+    wide = torch.rand(T, 3, S, S * 3 // 2, generator=torch.Generator().manual_seed(1)) * 2 - 1  # another shape
+    clips, read = [(videos[0], MASK[0]), (videos[1], MASK[1]), (wide, MASK[0])], []
+
+    def reading():
+        for i, clip in enumerate(clips):
+            read.append(i)
+            yield clip
+
+    kw = dict(steps=STEPS, num_samples=2, progress=False)
+    many = pipe.generate_many(reading(), seed=7, batch=2, **kw)
+    first = next(many)
+    assert read == [0, 1] and first.shape == (2, T, 3, S, S)  # one batch read and sampled, not the rest
+    rest = list(many)
+    assert read == [0, 1, 2] and [r.shape[-1] for r in rest] == [S, S * 3 // 2]
+    together = pipe.generate(videos, MASK, seed=7, **kw)  # (4, T, 3, S, S): clips 0 and 1, two samples each
+    torch.testing.assert_close(torch.cat([first, rest[0]]), together, rtol=0, atol=1e-5)
+    torch.testing.assert_close(rest[1], pipe.generate(wide[None], MASK[:1], seed=9, **kw), rtol=0, atol=1e-5)
+
+
 def test_a_joint_checkpoint_samples_frames_of_another_aspect_ratio(pipe):
     from mardini.data.transforms import planner_size
 

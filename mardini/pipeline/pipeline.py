@@ -17,7 +17,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,6 +196,36 @@ class MarDiniPipeline:
         decoded = self.decode(z)  # (B*k, T, 3, H, W)
         self.last_timings["decode"] = self._now() - start
         return torch.where(frame_mask(m), decoded, x).to(video.device)  # (B*k, T, 3, H, W)
+
+    def generate_many(self, clips: Iterable[tuple[torch.Tensor, torch.Tensor]], seed: int = 0, batch: int = 4,
+                      **kw) -> Iterator[torch.Tensor]:
+        """:meth:`generate` for many clips, a batch at a time: ``clips`` yields ``(video (T, 3, H, W), mask (T,))``
+        (any iterable, read as the batches need it); clip i (its place in ``clips``) is seeded ``seed + i``, so its
+        samples depend on ``batch`` only by float rounding. Up to ``batch`` consecutive clips of one shape share a
+        call (another shape starts a new one); ``kw`` as :meth:`generate`'s. Yields each clip's samples
+        ``(num_samples, T, 3, H, W)`` in order, one batch's as that batch is done, so memory holds one batch."""
+        if not (isinstance(batch, int) and batch >= 1):
+            raise ValueError(f"batch must be an int >= 1 (clips per generate call), got {batch!r}")
+        pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        for i, (video, mask) in enumerate(clips):
+            if pending and (pending[0][1].shape != video.shape or pending[0][2].shape != mask.shape):
+                yield from self._generate_batch(pending, seed, kw)
+                pending = []
+            pending.append((i, video, mask))
+            if len(pending) == batch:
+                yield from self._generate_batch(pending, seed, kw)
+                pending = []
+        if pending:
+            yield from self._generate_batch(pending, seed, kw)
+
+    def _generate_batch(self, pending: list[tuple[int, torch.Tensor, torch.Tensor]], seed: int,
+                        kw: dict) -> Iterator[torch.Tensor]:
+        """One :meth:`generate` call for the ``(index, video, mask)`` clips ``pending``, of one shape; each clip's
+        samples."""
+        video = torch.stack([v for _, v, _ in pending])  # (B, T, 3, H, W)
+        mask = torch.stack([m for _, _, m in pending])  # (B, T)
+        out = self.generate(video, mask, seed=[seed + i for i, _, _ in pending], **kw)  # (B*k, T, 3, H, W)
+        yield from out.split(kw.get("num_samples", 1))  # (k, T, 3, H, W) per clip
 
     @torch.no_grad()
     def generate_latents(
