@@ -1,5 +1,6 @@
-"""One check of a device string for every entry point (sampling, latent caching): torch knows it, the GPU is
-there, and the code runs on it (not on Apple's MPS: :func:`check_supported`)."""
+"""One check of a device string for every entry point (sampling, evaluation, latent caching): torch knows it, the
+device is there, and the code runs on it (not on Apple's MPS, nor an Intel GPU without float64:
+:func:`check_supported`). README, "Devices other than NVIDIA's", gives the support level per device."""
 
 from __future__ import annotations
 
@@ -8,26 +9,52 @@ import torch
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``"auto"``/None = CUDA when available, else CPU. A ValueError naming the fix for a string torch does not know,
-    CUDA without a GPU, or a GPU index past the visible ones."""
+    a device type torch finds no device of here (CUDA without a GPU, ``xpu`` without an Intel GPU), an index past the
+    visible devices, or a device the code cannot run on."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device must be cpu, cuda, cuda:N (a GPU's index) or auto, got {device!r}") from e
+        raise ValueError(f"device must be cpu, cuda, cuda:N (a GPU's index), xpu, xpu:N or auto, got {device!r}") from e
     check_supported(device, "--device cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} asked for, but torch finds no CUDA GPU here (torch {torch.__version__}, "
-                         "CUDA build: " + str(torch.version.cuda) + "); use --device cpu or auto")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"device {device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible; "
-                         f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    if device.type != "cpu":
+        _check_present(device)
+    check_float64(device, "--device cpu")
     return device
 
 
+def _check_present(device: torch.device) -> None:
+    """A ValueError naming the fix unless torch finds a device of ``device``'s type here, and one of its index."""
+    if device.type not in ACCELERATORS:
+        raise ValueError(f"device {device}: the code runs on cpu, cuda (NVIDIA, or AMD under ROCm) and xpu (Intel) "
+                         f"only; use --device cpu or auto")
+    backend, name = getattr(torch, device.type), ACCELERATORS[device.type]
+    if not backend.is_available():
+        raise ValueError(f"device {device} asked for, but torch finds no {name} here (torch {torch.__version__}, "
+                         f"{_build(device.type)}); use --device cpu or auto")
+    count = backend.device_count()
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"device {device}: only {count} {name}(s) are visible; "
+                         f"use {device.type}:0 .. {device.type}:{count - 1}")
+
+
+ACCELERATORS = {"cuda": "CUDA GPU", "xpu": "Intel GPU (XPU)"}  # what --device takes beside cpu (and mps, refused)
+
+
+def _build(device_type: str) -> str:
+    """Which GPU build this torch is: ``CUDA build: 12.4``, ``ROCm build: 6.2`` (torch calls AMD GPUs ``cuda``),
+    ``XPU build: None`` (none)."""
+    if device_type == "xpu":
+        return f"XPU build: {getattr(torch.version, 'xpu', None)}"
+    if torch.version.hip:
+        return f"ROCm build: {torch.version.hip}"
+    return f"CUDA build: {torch.version.cuda}"
+
+
 # float64 on the device: the diffusion schedule's alpha and sigma, DDIM's time grid, the fixed position features
-UNSUPPORTED = {"mps": "Apple's MPS has no float64, in which the diffusion schedule, DDIM's time grid and the position "
-                      "features are computed"}
+FLOAT64_USES = "the diffusion schedule, DDIM's time grid and the position features are computed"
+UNSUPPORTED = {"mps": f"Apple's MPS has no float64, in which {FLOAT64_USES}"}
 
 
 def check_supported(device: torch.device, fix: str) -> None:
@@ -37,3 +64,12 @@ def check_supported(device: torch.device, fix: str) -> None:
     why = UNSUPPORTED.get(device.type)
     if why is not None:
         raise ValueError(f"device {device} is not supported: {why}; use {fix}")
+
+
+def check_float64(device: torch.device, fix: str) -> None:
+    """A ValueError naming ``fix`` for an Intel GPU without float64 (Arc and other client GPUs; the Data Center GPU
+    Max has it): the first float64 tensor would fail there, or be emulated where the driver is told to."""
+    if device.type == "xpu" and not torch.xpu.get_device_properties(device).has_fp64:
+        name = torch.xpu.get_device_name(device)
+        raise ValueError(f"device {device} ({name}) is not supported: it has no float64, in which {FLOAT64_USES}; "
+                         f"use {fix}")

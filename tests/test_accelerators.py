@@ -1,0 +1,53 @@
+"""What labs on accelerators other than NVIDIA's meet, faked on this CPU machine: Intel GPUs (``xpu``), AMD GPUs
+under ROCm (which torch calls ``cuda``), pre-Ampere NVIDIA GPUs. Apple's MPS: ``tests/test_platforms.py``."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+
+def _fake_xpu(monkeypatch, count: int = 1, fp64: bool = True, name: str = "Intel(R) Data Center GPU Max 1100"):
+    """torch.xpu as it answers on a machine with ``count`` Intel GPUs of ``name``, float64 or not."""
+    monkeypatch.setattr(torch.xpu, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.xpu, "device_count", lambda: count)
+    monkeypatch.setattr(torch.xpu, "get_device_properties", lambda device=None: types.SimpleNamespace(has_fp64=fp64))
+    monkeypatch.setattr(torch.xpu, "get_device_name", lambda device=None: name)
+
+
+def test_an_xpu_device_is_checked_as_a_cuda_one_is(monkeypatch):
+    """``--device xpu`` (sample.py, evaluate.py, the latent cache) was returned unchecked: without an Intel GPU it
+    failed later in ``.to()`` with torch's "Torch not compiled with XPU enabled", ``xpu:3`` past the visible GPUs and
+    ``meta`` were taken too, and an Arc GPU (no float64) failed at the diffusion schedule's first float64 tensor. Each
+    is refused now, naming the fix; an Intel GPU with float64 is taken."""
+    from mardini.devices import resolve_device
+
+    _fake_xpu(monkeypatch, count=0)
+    with pytest.raises(ValueError, match=r"^device xpu asked for, but torch finds no Intel GPU \(XPU\) here .*"
+                                         r"use --device cpu or auto"):
+        resolve_device("xpu")
+    with pytest.raises(ValueError, match=r"^device meta: the code runs on cpu, cuda .* use --device cpu or auto"):
+        resolve_device("meta")
+    _fake_xpu(monkeypatch, count=1, fp64=False, name="Intel(R) Arc(TM) A770 Graphics")
+    with pytest.raises(ValueError, match=r"^device xpu \(Intel\(R\) Arc\(TM\) A770 Graphics\) is not supported: it "
+                                         r"has no float64, .*; use --device cpu"):
+        resolve_device("xpu")
+    _fake_xpu(monkeypatch, count=1, fp64=True)
+    with pytest.raises(ValueError, match=r"^device xpu:3: only 1 Intel GPU \(XPU\)\(s\) are visible; use xpu:0 \.\. "
+                                         r"xpu:0"):
+        resolve_device("xpu:3")
+    assert resolve_device("xpu") == torch.device("xpu")
+    assert resolve_device("xpu:0") == torch.device("xpu:0")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as before
+
+
+def test_a_rocm_build_without_a_gpu_is_named_as_rocm(monkeypatch):
+    """Torch calls AMD GPUs ``cuda``; on a ROCm build without a GPU the message said "CUDA build: None"."""
+    from mardini.devices import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "hip", "6.2.41133")
+    with pytest.raises(ValueError, match=r"finds no CUDA GPU here \(torch .*, ROCm build: 6\.2\.41133\); use --device"):
+        resolve_device("cuda")
