@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -149,8 +152,15 @@ def test_forcing_flash_without_it_says_how_to_install_it(monkeypatch):
         A.select_backend(_FakeCudaHalf(), backend="flash")
 
 
+def _fake_gpu(monkeypatch, major: int, minor: int = 0) -> None:
+    """torch.cuda.get_device_properties as it answers for a GPU of compute capability ``major.minor``."""
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: types.SimpleNamespace(major=major, minor=minor))
+
+
 def test_select_backend_rules(monkeypatch):
     cpu = torch.zeros(1, 1, 1, 8)
+    _fake_gpu(monkeypatch, 9)  # an H100
     monkeypatch.setattr(A, "_flash_attn_func", None)
     assert A.select_backend(_FakeCudaHalf()) == "sdpa"  # not importable -> fallback
     with pytest.raises(RuntimeError, match="flash-attn package"):
@@ -169,6 +179,33 @@ def test_select_backend_rules(monkeypatch):
         A.select_backend(wide, backend="flash")
     with pytest.raises(ValueError, match="unknown attention backend"):
         A.select_backend(cpu, backend="xformers")
+
+
+@pytest.mark.parametrize("major, minor, picked", [(7, 0, "sdpa"), (7, 5, "sdpa"), (8, 0, "flash"), (8, 6, "flash"),
+                                                  (9, 0, "flash")], ids=["V100", "T4", "A100", "RTX3090", "H100"])
+def test_flash_attn_is_picked_only_on_gpus_it_has_kernels_for(monkeypatch, major, minor, picked):
+    """flash-attn 2 imports on a Volta or Turing GPU, then raised "FlashAttention only supports Ampere GPUs or newer"
+    at the first bf16/fp16 attention call, which ``auto`` sent it; SDPA runs there now, and ``flash`` says why."""
+    _fake_gpu(monkeypatch, major, minor)
+    monkeypatch.setattr(A, "_flash_attn_func", lambda q, k, v: q)
+    assert A.select_backend(_FakeCudaHalf()) == picked
+    if picked == "sdpa":
+        with pytest.raises(RuntimeError, match=r"compute capability 8\.0 \(Ampere\) or newer"):
+            A.select_backend(_FakeCudaHalf(), backend="flash")
+
+
+@pytest.mark.parametrize("hip, cuda, imported", [(None, "12.4", True), ("6.2.41133", None, False), (None, None, False)],
+                         ids=["cuda-build", "rocm-build", "cpu-build"])
+def test_flash_attn_is_imported_on_nvidia_cuda_builds_only(monkeypatch, hip, cuda, imported):
+    """Torch calls AMD GPUs ``cuda``, so on a ROCm build with a flash-attn installed ``auto`` sent bf16 attention to
+    it, built for other GPUs (a ROCm build runs only on the MI200/MI300 it was compiled for). It is not imported on
+    ROCm (nor CPU) builds now; SDPA, with its own flash kernels there, runs."""
+    fake = types.ModuleType("flash_attn")
+    fake.flash_attn_func = lambda q, k, v: q
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    assert (A._import_flash_attn() is fake.flash_attn_func) == imported
 
 
 def test_cpu_attention_never_calls_flash_even_when_importable(monkeypatch):

@@ -26,16 +26,28 @@ SCOPES = ("token", "frame")
 BACKENDS = ("auto", "flash", "sdpa")
 
 # --------------------------------------------------------------------------------------------------
-# Backend choice: flash-attn when importable and the inputs are CUDA fp16/bf16, torch SDPA otherwise
+# Backend choice: flash-attn when importable and the inputs are CUDA fp16/bf16 on an Ampere or newer NVIDIA GPU,
+# torch SDPA otherwise
 # --------------------------------------------------------------------------------------------------
 
-try:  # optional, GPU machines only, installed by hand after torch (README, "Installing into your own environment")
-    from flash_attn import flash_attn_func as _flash_attn_func
-except Exception:  # ImportError, or a broken CUDA build
-    _flash_attn_func = None
 
+def _import_flash_attn():
+    """flash-attn's ``flash_attn_func`` on an NVIDIA CUDA build of torch where it imports, else None. Not tried on
+    ROCm builds (``torch.version.hip``; torch calls AMD GPUs ``cuda``): a CUDA-built flash-attn fails to load there,
+    a ROCm-built one runs only on the GPUs it was built for, and torch's SDPA has its own flash kernels on ROCm."""
+    if torch.version.cuda is None or torch.version.hip:
+        return None
+    try:  # optional, GPU machines only, installed by hand after torch (README, "Installing into your own environment")
+        from flash_attn import flash_attn_func
+    except Exception:  # ImportError, or a broken CUDA build
+        return None
+    return flash_attn_func
+
+
+_flash_attn_func = _import_flash_attn()
 
 FLASH_MAX_HEAD_DIM = 256  # flash-attn 2 kernels exist for head dims up to 256
+FLASH_MIN_CAPABILITY = (8, 0)  # flash-attn 2 kernels exist for Ampere (sm80) and newer NVIDIA GPUs
 CUDA_MAX_BATCH = 65535  # CUDA grids are at most 65535 blocks along y and z, where the kernels put the batch
 
 
@@ -47,25 +59,34 @@ def flash_attn_available() -> bool:
 def select_backend(q: torch.Tensor, has_mask: bool = False, backend: str = "auto") -> str:
     """Name of the kernel :func:`attention` will run: ``"flash"`` or ``"sdpa"``.
 
-    ``auto`` picks flash-attn only if it is importable, ``q`` is a CUDA fp16/bf16 tensor with a head dim flash-attn
-    2 takes (at most 256) and no attention mask is given (flash-attn takes none); ``flash`` forces it and raises if
-    impossible.
+    ``auto`` picks flash-attn only if it is importable (NVIDIA CUDA builds only: :func:`_import_flash_attn`), ``q`` is
+    a CUDA fp16/bf16 tensor with a head dim flash-attn 2 takes (at most 256) on a GPU it has kernels for (Ampere and
+    newer) and no attention mask is given (flash-attn takes none); ``flash`` forces it and raises if impossible.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; use one of {BACKENDS}")
     usable = (flash_attn_available() and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not has_mask
-              and q.shape[-1] <= FLASH_MAX_HEAD_DIM)
+              and q.shape[-1] <= FLASH_MAX_HEAD_DIM and _flash_runs_on(q.device))
     if backend == "flash" and not usable:
         raise RuntimeError(
             "backend='flash' needs the flash-attn package (with torch installed: pip install flash-attn "
             "--no-build-isolation; it builds against that torch, compiling where no prebuilt wheel matches), CUDA "
-            f"fp16/bf16 inputs, no attention mask and a head dim of at most {FLASH_MAX_HEAD_DIM}; got "
+            "fp16/bf16 inputs on an NVIDIA GPU of compute capability 8.0 (Ampere) or newer (not a ROCm build of "
+            f"torch), no attention mask and a head dim of at most {FLASH_MAX_HEAD_DIM}; got "
             f"flash_attn={flash_attn_available()}, device={q.device}, dtype={q.dtype}, mask={has_mask}, head dim "
             f"{q.shape[-1]}. Use backend='auto' to fall back to torch SDPA"
         )
     if backend == "sdpa":
         return "sdpa"
     return "flash" if usable else "sdpa"
+
+
+def _flash_runs_on(device: torch.device) -> bool:
+    """Whether flash-attn 2 has kernels for this CUDA GPU: compute capability 8.0 (Ampere) or newer. On a Volta or
+    Turing GPU (V100, T4) it imports, then raises "FlashAttention only supports Ampere GPUs or newer" at the first
+    call; torch SDPA runs there."""
+    props = torch.cuda.get_device_properties(device)  # constant-folded under torch.compile
+    return (props.major, props.minor) >= FLASH_MIN_CAPABILITY
 
 
 def attention(
