@@ -73,3 +73,15 @@ def check_float64(device: torch.device, fix: str) -> None:
         name = torch.xpu.get_device_name(device)
         raise ValueError(f"device {device} ({name}) is not supported: it has no float64, in which {FLOAT64_USES}; "
                          f"use {fix}")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a CUDA or Intel GPU; nothing to wait for on the CPU), so that a host
+    clock read next times it."""
+    if device.type in ACCELERATORS:
+        getattr(torch, device.type).synchronize(device)
+
+
+def device_name(device: torch.device) -> str | None:
+    """The GPU's name for a CUDA (NVIDIA or AMD) or Intel GPU, else None."""
+    return getattr(torch, device.type).get_device_name(device) if device.type in ACCELERATORS else None

@@ -51,3 +51,21 @@ def test_a_rocm_build_without_a_gpu_is_named_as_rocm(monkeypatch):
     monkeypatch.setattr(torch.version, "hip", "6.2.41133")
     with pytest.raises(ValueError, match=r"finds no CUDA GPU here \(torch .*, ROCm build: 6\.2\.41133\); use --device"):
         resolve_device("cuda")
+
+
+def test_sampling_timings_wait_for_an_intel_gpu_and_reports_name_it(monkeypatch):
+    """``MarDiniPipeline.last_timings`` waited for the queued work on CUDA only: on an Intel GPU each stage's time
+    was its launches', the GPU's work landing in whichever stage read a tensor back. And ``evaluate.py``'s report
+    recorded the CPU's machine line as ``device_name`` of an XPU run. Both treat the XPU as the CUDA GPU now."""
+    from mardini.evaluation.run_setup import device_name
+    from mardini.pipeline import MarDiniPipeline
+
+    _fake_xpu(monkeypatch, name="Intel(R) Data Center GPU Max 1550")
+    waited = []
+    monkeypatch.setattr(torch.xpu, "synchronize", lambda device=None: waited.append(device))
+    MarDiniPipeline._now(types.SimpleNamespace(device=torch.device("xpu:0")))
+    assert waited == [torch.device("xpu:0")]
+    MarDiniPipeline._now(types.SimpleNamespace(device=torch.device("cpu")))
+    assert len(waited) == 1  # nothing to wait for on the CPU
+    assert device_name(torch.device("xpu:0")) == "Intel(R) Data Center GPU Max 1550"
+    assert "threads" in device_name(torch.device("cpu"))  # the machine line, as before

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mardini import run_info
+from mardini import devices, run_info
 from mardini.devices import resolve_device
 from mardini.evaluation.external import GeneratedVideos
 from mardini.evaluation.protocol import DEFAULT_METRICS, EvalProtocol, resolve_metric_weights
@@ -82,8 +82,9 @@ def device_of(args: argparse.Namespace) -> torch.device:
 
 
 def device_name(device: torch.device) -> str:
-    """The GPU's name for a CUDA device, else the machine line (architecture, threads, CPU kernels)."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else run_info.machine_line()
+    """The GPU's name for a CUDA (NVIDIA or AMD) or Intel GPU, else the machine line (architecture, threads, CPU
+    kernels)."""
+    return devices.device_name(device) or run_info.machine_line()
 
 
 def checkpoint_file(path: str | None, pipe: Any) -> dict[str, Any] | None:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from mardini.autoencoders import FrameAutoencoder
 from mardini.data.transforms import planner_copy, unsplit_input
-from mardini.devices import resolve_device
+from mardini.devices import resolve_device, synchronize
 from mardini.diffusion import CosineSchedule, DDIMSampler
 from mardini.diffusion.anchor import FrameAnchor
 from mardini.diffusion.checks import check_eta, frame_mask
@@ -465,8 +465,8 @@ class MarDiniPipeline:
         return contextlib.nullcontext()
 
     def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        """The host clock once the device's queued work is done (``last_timings``)."""
+        synchronize(self.device)
         return time.perf_counter()
 
 
