@@ -85,3 +85,17 @@ def synchronize(device: torch.device) -> None:
 def device_name(device: torch.device) -> str | None:
     """The GPU's name for a CUDA (NVIDIA or AMD) or Intel GPU, else None."""
     return getattr(torch, device.type).get_device_name(device) if device.type in ACCELERATORS else None
+
+
+def gpu_bf16_advice(device: torch.device, what: str, fix: str) -> str | None:
+    """What to set where ``device`` is an NVIDIA GPU without native bf16 arithmetic (compute capability below 8.0:
+    Volta, Turing), else None. torch runs bf16 there emulated, slower than fp32, and its SDPA and flash-attn kernels
+    take no bf16; AMD GPUs under ROCm (MI100 and newer) and Intel GPUs have bf16. ``what`` names the bf16 setting and
+    ``fix`` the other one."""
+    if device.type != "cuda" or torch.version.hip:
+        return None
+    props = torch.cuda.get_device_properties(device)
+    if props.major >= 8:
+        return None
+    return (f"{what} on {device} ({props.name}, compute capability {props.major}.{props.minor}): this GPU has no "
+            f"native bf16 arithmetic, torch emulates it, slower than fp32; {fix}")

@@ -69,3 +69,46 @@ def test_sampling_timings_wait_for_an_intel_gpu_and_reports_name_it(monkeypatch)
     assert len(waited) == 1  # nothing to wait for on the CPU
     assert device_name(torch.device("xpu:0")) == "Intel(R) Data Center GPU Max 1550"
     assert "threads" in device_name(torch.device("cpu"))  # the machine line, as before
+
+
+def _fake_nvidia_gpu(monkeypatch, major: int, minor: int, name: str) -> None:
+    """torch.cuda.get_device_properties as it answers for an NVIDIA GPU of compute capability ``major.minor``."""
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: types.SimpleNamespace(major=major, minor=minor, name=name))
+
+
+@pytest.mark.parametrize("major, minor, name, hip, warned", [
+    (7, 0, "Tesla V100-SXM2-16GB", None, True),
+    (7, 5, "Tesla T4", None, True),
+    (8, 0, "NVIDIA A100-SXM4-80GB", None, False),
+    (9, 0, "NVIDIA H100 80GB HBM3", None, False),
+    (9, 4, "AMD Instinct MI300X", "6.2.41133", False),  # ROCm: torch reports gfx942 as 9.4; it has bf16
+], ids=["V100", "T4", "A100", "H100", "MI300X"])
+def test_bf16_on_an_nvidia_gpu_older_than_ampere_warns_and_names_the_fix(monkeypatch, major, minor, name, hip,
+                                                                            warned):
+    """``sample.py --bf16`` and a ``bf16-mixed`` fit warned where a CPU emulates bf16 and said nothing on a V100 or
+    T4, which emulate it too (slower than fp32, and without SDPA's fused bf16 kernels). Both warn there now, naming
+    the fix; Ampere and newer, and AMD GPUs, get no warning."""
+    import warnings
+
+    from mardini.lit import GenerationModule
+    from mardini.pipeline.cli import warn_if_bf16_is_emulated
+
+    _fake_nvidia_gpu(monkeypatch, major, minor, name)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    module = GenerationModule(size="tiny", frames=4, generator={"depth": 1}, planner_resolution=8)
+    module._trainer = types.SimpleNamespace(precision="bf16-mixed", strategy=types.SimpleNamespace(
+        root_device=torch.device("cuda:0")), accumulate_grad_batches=1, datamodule=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_if_bf16_is_emulated(True, torch.device("cuda:0"))
+        warn_if_bf16_is_emulated(False, torch.device("cuda:0"))  # no --bf16: nothing to say
+        module.setup("fit")
+    said = [str(w.message) for w in caught if "native bf16" in str(w.message)]
+    if not warned:
+        assert said == []
+        return
+    assert len(said) == 2
+    assert said[0].startswith(f"--bf16 on cuda:0 ({name}, compute capability {major}.{minor}): this GPU has no "
+                              "native bf16") and said[0].endswith("leave --bf16 out")
+    assert said[1].startswith("bf16-mixed on cuda:0") and "--trainer.precision 32-true" in said[1]

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from mardini import cpu_kernels
-from mardini.devices import check_supported
+from mardini.devices import check_supported, gpu_bf16_advice
 from mardini.lit.checkpoints import made_before_dtypes, warn_unfingerprinted
 from mardini.lit.fsdp import attached_trainer
 
@@ -203,12 +203,16 @@ def _check_precision(precision: str) -> None:
 
 
 def _warn_if_bf16_is_emulated(precision: str, device: torch.device) -> None:
-    """A warning naming ``--trainer.precision 32-true`` for ``bf16-mixed`` on a CPU without native bf16 matrix
-    multiplies (:func:`mardini.cpu_kernels.slow_bf16_advice`): the tiny configs' precision, which on such a laptop
-    ran silently several times slower than fp32."""
-    if precision != "bf16-mixed" or device.type != "cpu":
+    """A warning naming the fix for ``bf16-mixed`` on a CPU without native bf16 matrix multiplies
+    (:func:`mardini.cpu_kernels.slow_bf16_advice`; the tiny configs' precision, which on such a laptop ran silently
+    several times slower than fp32) or on an NVIDIA GPU older than Ampere (:func:`mardini.devices.gpu_bf16_advice`)."""
+    if precision != "bf16-mixed":
         return
-    advice = cpu_kernels.slow_bf16_advice()
+    if device.type == "cpu":
+        advice = cpu_kernels.slow_bf16_advice()
+    else:
+        advice = gpu_bf16_advice(device, "bf16-mixed", "pass --trainer.precision 32-true (16-mixed, fp16 with loss "
+                                                      "scaling, is faster there but untested here)")
     if advice is not None:
         from lightning.pytorch.utilities import rank_zero_warn
 

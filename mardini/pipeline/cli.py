@@ -30,6 +30,7 @@ import torch
 from mardini import cpu_kernels
 from mardini.autoencoders.base import add_allow_autoencoder_argument
 from mardini.data.decode import frame_stride
+from mardini.devices import gpu_bf16_advice
 from mardini.masking import mask_from_given
 from mardini.pipeline.inputs import (
     RESIZE_MODES,
@@ -364,10 +365,14 @@ def sampled_window(a: argparse.Namespace, trained: int) -> int:
 
 def warn_if_bf16_is_emulated(bf16: bool, device: torch.device) -> None:
     """A warning naming the fix (leave ``--bf16`` out) for ``--bf16`` on a CPU without native bf16 matrix multiplies
-    (:func:`mardini.cpu_kernels.slow_bf16_advice`), as a ``bf16-mixed`` fit on one gets."""
-    if not bf16 or device.type != "cpu":
+    (:func:`mardini.cpu_kernels.slow_bf16_advice`) or an NVIDIA GPU older than Ampere
+    (:func:`mardini.devices.gpu_bf16_advice`), as a ``bf16-mixed`` fit on one gets."""
+    if not bf16:
         return
-    advice = cpu_kernels.slow_bf16_advice(what="--bf16", fix="leave --bf16 out")
+    if device.type == "cpu":
+        advice = cpu_kernels.slow_bf16_advice(what="--bf16", fix="leave --bf16 out")
+    else:
+        advice = gpu_bf16_advice(device, "--bf16", "leave --bf16 out")
     if advice is not None:
         warnings.warn(advice, stacklevel=3)
 
