@@ -169,3 +169,19 @@ def test_under_ddp_every_rank_compares_the_record_beside_its_own_position(data, 
     shutil.copy(data / "train" / "train-000000.tar", data / "train" / "train-000009.tar")
     dm, said = _resumed(data, state)
     assert len(said) == 1 and "data.train_shards: 1 added" in said[0] and dm.state.resume is None
+
+
+def test_under_ddp_a_shard_change_one_rank_sees_restarts_every_rank(data, monkeypatch):
+    """Each rank compares the checkpoint's record (rank 0's files) with the files it sees: where only another rank
+    saw other shards (its node's copy re-made), that rank started the next epoch while rank 0 went on mid-epoch, so
+    the ranks read different epochs from then on. Now the ranks share their finding (one all-gather) and all start
+    the next epoch; rank 0 says why."""
+    state = _stopped(data)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(torch.distributed, "all_gather_object", lambda out, value, group=None: out.__setitem__(
+        slice(None), [value, True]))  # rank 1 found its shards changed; rank 0's are as recorded
+    dm, said = _resumed(data, state)
+    assert dm.state.resume is None, "rank 0 went on mid-epoch while rank 1 started the next epoch"
+    assert len(said) == 1 and "on rank(s) [1]" in said[0] and "starts epoch 1" in said[0]

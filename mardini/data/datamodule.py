@@ -57,6 +57,7 @@ from mardini.data.sharding import first_shard_per_folder, list_shards
 from mardini.data.stream import ClipStream, StreamState
 from mardini.data.stream_loader import StreamLoader
 from mardini.data.validation_split import (
+    all_gather_ranks,
     check_equal_validation_batches,
     check_validation_split,
     equalising_val_clips,
@@ -364,8 +365,21 @@ class VideoDataModule(L.LightningDataModule):
         notes, restart = resume_notes(old, self._data_record(seed=self.hparams.seed), self.state.epoch)
         for note in notes:
             rank_zero_warn(note)
-        if restart:
+        others = self._ranks_restarting(restart)
+        if others and not restart:
+            rank_zero_warn(f"resuming with other training shards than the checkpoint's on rank(s) {others} (their "
+                           "files differ from rank 0's: node-local copies?): every rank starts epoch "
+                           f"{self.state.epoch} instead of going on mid-epoch, so that the ranks read one epoch")
+        if restart or others:
             self.state.resume = None  # StreamLoader starts epoch state.epoch, the checkpoint's next
+
+    def _ranks_restarting(self, restart: bool) -> list[int]:
+        """The ranks whose training shards changed since the checkpoint (``restart`` is this rank's), where a process
+        group runs (a collective: every rank calls it). Each rank compares the checkpoint's record (rank 0's files)
+        with the files it sees: where only some see a change, all must start the next epoch, or the ranks would read
+        different epochs (and yield different numbers of batches) from then on."""
+        flags = all_gather_ranks(restart, self.world_size)  # None: one process
+        return [rank for rank, flag in enumerate(flags or []) if flag]
 
 
 def accumulation_window(trainer: L.Trainer | None) -> int:

@@ -139,7 +139,7 @@ def shard_counts(stream: ClipStream) -> dict[str, int] | None:
     ``world_size``-th shard from its rank) and one all-gather shares the counts: each shard's headers are read once,
     not once per rank. A process alone (or ranks without a process group) reads them all."""
     mine = stream.shards[stream.rank::stream.world_size]
-    parts = _all_gather(_local_counts(mine), stream.world_size)
+    parts = all_gather_ranks(_local_counts(mine), stream.world_size)
     if parts is None:
         return _local_counts(stream.shards)
     if any(part is None for part in parts):
@@ -155,7 +155,7 @@ def _local_counts(shards: list[str]) -> dict[str, int] | None:
     return {shard: count_samples(shard) for shard in shards}
 
 
-def _all_gather(value, world_size: int) -> list | None:
+def all_gather_ranks(value, world_size: int) -> list | None:
     """``value`` of every rank (``all_gather_object``) where a process group of ``world_size`` > 1 runs, else None."""
     dist = torch.distributed
     if world_size < 2 or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() != world_size:
