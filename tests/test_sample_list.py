@@ -196,3 +196,15 @@ def test_a_killed_job_s_part_files_of_the_slice_s_clips_are_removed_never_anothe
     assert record["sampled"] == 1 and record["skipped"] == 1
     assert not any(p.exists() for p in mine) and all(p.exists() for p in others)
     assert f"removed {mine[0]}: a killed job's half-written file" in capsys.readouterr().out
+def test_a_manifest_line_cut_short_by_a_kill_does_not_swallow_the_next(tmp_path):
+    """A kill in the middle of a manifest line left it without its newline, and the next run's first line was
+    appended to it: both were one undecodable line, so that clip was counted as not done and sampled again on every
+    rerun. The cut line is ended first now."""
+    from mardini.pipeline.many import append_line, read_manifests
+
+    manifest = tmp_path / "manifest.jsonl"
+    append_line(manifest, {"settings": {"seed": 0}})
+    with open(manifest, "a", encoding="utf-8") as f:
+        f.write('{"index": 0, "input": ["a.png"], "sta')  # killed mid-line
+    append_line(manifest, {"index": 1, "input": ["b.png"], "status": "done", "files": []})
+    assert list(read_manifests(tmp_path, {"seed": 0})) == [1]

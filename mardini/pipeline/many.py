@@ -180,11 +180,22 @@ def check_same_inputs(path: str, items: list[list[str]], done: dict[int, dict]) 
 
 
 def append_line(path: Path, entry: dict) -> None:
-    """Append one JSON line to ``path`` and flush it to the disk, so that a kill after it keeps it."""
+    """Append one JSON line to ``path`` and flush it to the disk, so that a kill after it keeps it; a line cut short
+    by an earlier kill is ended first, so that it does not swallow this one."""
+    line = json.dumps(entry, default=str) + "\n"
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(entry, default=str) + "\n")
+        f.write(line if ends_a_line(path) else "\n" + line)
         f.flush()
         os.fsync(f.fileno())
+
+
+def ends_a_line(path: Path) -> bool:
+    """Whether ``path`` is empty or ends with a newline (not with a line a kill cut short)."""
+    with open(path, "rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return True
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 def write_sample(out: Path, stem: str, video: torch.Tensor, fps: float, png: bool) -> list[str]:
