@@ -103,41 +103,57 @@ class _RecordLR(L.Callback):
         self.lr[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
 
 
+def _fit_lr(synth: Path, tmp_path: Path, steps: int, batch_size: int, ckpt_path=None) -> tuple[dict, list[str]]:
+    """A fit of ``batch_size`` clips under model.blr's rule (saved as ``<steps>.ckpt`` where it starts from scratch):
+    the LR of each step, checked against this fit's peak on the run's schedule, and the 'another LR peak' warnings."""
+    import warnings
+
+    from mardini.lit.schedules import scaled_lr, warmup_cosine
+
+    module = GenerationModule(size="tiny", generator={"depth": 1}, planner_resolution=8, blr=7e-4,
+                              warmup_steps=1, decay_steps=10)
+    data = VideoDataModule(train_shards=str(synth / "train"), val_shards=None, frames=4, fps=8, resolution=16,
+                           batch_size=batch_size, num_workers=0, shuffle_buffer=4, epoch_size=100)
+    record = _RecordLR()
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[record])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    if ckpt_path is None:
+        trainer.save_checkpoint(tmp_path / f"{steps}.ckpt")
+    ratio = module.hparams.min_lr_ratio
+    want = {s: scaled_lr(7e-4, batch_size) * warmup_cosine(s, 1, 10, ratio) for s in record.lr}
+    assert record.lr == pytest.approx(want, rel=1e-12)  # this fit's peak on the run's schedule, every step
+    return record.lr, [str(w.message) for w in caught if "another LR peak" in str(w.message)]
+
+
 def test_a_resume_with_another_lr_peak_trains_with_it_and_says_so(synth, tmp_path):
     """Lightning's restore put the checkpoint's peak LR back (the optimiser's initial_lr, the schedule's base_lrs): a
     resume with another data.batch_size under blr's rule (or another model.lr) trained on at the old peak without a
     word, while the settings warning said the run went on under the new ones. Now the resumed steps train with the
     LR of the new peak on the run's schedule, and one warning gives both peaks; a resume of the same peak is left
     alone."""
-    import warnings
-
-    from mardini.lit.schedules import scaled_lr, warmup_cosine
-
-    def fit(steps: int, batch_size: int, ckpt_path=None) -> tuple[dict, list[str]]:
-        module = GenerationModule(size="tiny", generator={"depth": 1}, planner_resolution=8, blr=7e-4,
-                                  warmup_steps=1, decay_steps=10)
-        data = VideoDataModule(train_shards=str(synth / "train"), val_shards=None, frames=4, fps=8, resolution=16,
-                               batch_size=batch_size, num_workers=0, shuffle_buffer=4, epoch_size=100)
-        record = _RecordLR()
-        trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                            limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False,
-                            callbacks=[record])
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-        if ckpt_path is None:
-            trainer.save_checkpoint(tmp_path / f"{steps}.ckpt")
-        ratio = module.hparams.min_lr_ratio
-        want = {s: scaled_lr(7e-4, batch_size) * warmup_cosine(s, 1, 10, ratio) for s in record.lr}
-        assert record.lr == pytest.approx(want, rel=1e-12)  # this fit's peak on the run's schedule, every step
-        return record.lr, [str(w.message) for w in caught if "another LR peak" in str(w.message)]
-
-    fit(2, batch_size=2)
-    lr, said = fit(3, batch_size=4, ckpt_path=tmp_path / "2.ckpt")
+    _fit_lr(synth, tmp_path, 2, batch_size=2)
+    lr, said = _fit_lr(synth, tmp_path, 3, batch_size=4, ckpt_path=tmp_path / "2.ckpt")
     assert sorted(lr) == [2] and len(said) == 1, said
     assert "5.469e-06 -> 1.094e-05 (model.blr 0.0007 x this fit's global batch of 4 clips" in said[0], said
     assert "from step 2" in said[0] and "model.init_args.lr: 5.46875e-06" in said[0], said
-    assert fit(3, batch_size=2, ckpt_path=tmp_path / "2.ckpt")[1] == []  # the same peak: nothing said or changed
+    assert _fit_lr(synth, tmp_path, 3, batch_size=2, ckpt_path=tmp_path / "2.ckpt")[1] == []  # the same peak
+
+
+def test_the_lr_a_moved_peak_s_warning_names_keeps_the_run_s_peak_exactly(synth, tmp_path):
+    """The warning's way to keep the run's peak (``model.init_args.lr: X``) gave X to 6 digits: for a peak of more
+    (blr 7e-4 x 6 clips / 256 = 1.640625e-05) X was another float, so a resume with it moved the LR again and warned
+    of 'another LR peak' once more. X is the peak's exact float now."""
+    from mardini.lit.schedules import scaled_lr
+
+    _fit_lr(synth, tmp_path, 2, batch_size=6)
+    said = _fit_lr(synth, tmp_path, 3, batch_size=4, ckpt_path=tmp_path / "2.ckpt")[1]
+    assert len(said) == 1, said
+    advised = float(said[0].rsplit("model.init_args.lr: ", 1)[1].split()[0])
+    assert advised == scaled_lr(7e-4, 6), said[0]
 
 
 class _RecordEpochs(_Record):

@@ -89,7 +89,7 @@ class Optimisation:
             rank_zero_warn(
                 f"resuming {trainer.ckpt_path} with another LR peak than it was trained with: {old[0]:.4g} -> "
                 f"{peak:.4g} ({rule}); the run goes on from step {trainer.global_step} with the new peak, on the "
-                f"same schedule. To keep the run's, set model.init_args.lr: {old[0]:.6g}")
+                f"same schedule. To keep the run's, set model.init_args.lr: {old[0]!r}")  # its exact float
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Lightning's clipping, except under FSDP, whose precision plugin refuses norm clipping: there the wrapped
