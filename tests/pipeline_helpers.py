@@ -58,3 +58,18 @@ def record_sampled_and_scored(monkeypatch) -> tuple[list, list]:
     monkeypatch.setattr(MarDiniPipeline, "generate", recording_generate)
     monkeypatch.setattr(EvalSuite, "update", recording_update)
     return sampled, scored
+
+
+def killed_on_the_second_gif(save_gif):
+    """``save_gif`` (a writer ``(video, path, fps)``) killed in the middle of its second file: it writes part of a GIF
+    there and raises KeyboardInterrupt, as a kill would stop the run."""
+    calls = []
+
+    def killed_on_the_second(video, path, fps=8.0):
+        calls.append(path)
+        if len(calls) == 2:
+            path.write_bytes(b"GIF89a half")  # the kill comes mid-file
+            raise KeyboardInterrupt
+        return save_gif(video, path, fps)
+
+    return killed_on_the_second

@@ -14,7 +14,7 @@ from mardini.data.synthetic_shards import write_synthetic_split
 from mardini.data.testing import moving_frames, write_video
 from mardini.pipeline.cli import build_parser, main
 from mardini.visualize import GENERATED_COLOR, GIVEN_COLOR
-from pipeline_helpers import make_checkpoint, one_thread  # noqa: F401 (fixture)
+from pipeline_helpers import killed_on_the_second_gif, make_checkpoint, one_thread  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -417,16 +417,7 @@ def test_a_killed_run_leaves_no_half_written_sample(env, tmp_path, monkeypatch):
     name, so a kill while it was written left a broken generate_001.gif that looked like a sample."""
     import mardini.pipeline.outputs as outputs
 
-    save_gif, calls = outputs.save_gif, []
-
-    def killed_on_the_second(video, path, fps=8.0):
-        calls.append(path)
-        if len(calls) == 2:
-            path.write_bytes(b"GIF89a half")  # the kill comes mid-file
-            raise KeyboardInterrupt
-        return save_gif(video, path, fps)
-
-    monkeypatch.setattr(outputs, "save_gif", killed_on_the_second)
+    monkeypatch.setattr(outputs, "save_gif", killed_on_the_second_gif(outputs.save_gif))
     with pytest.raises(KeyboardInterrupt):
         _run(env, tmp_path, "generate", "--shards", env["shards"], "--clips", "2", "--keep", "0,3", "--png")
     assert sorted(p.name for p in tmp_path.glob("generate_*")) == ["generate_000.gif", "generate_000.mp4",

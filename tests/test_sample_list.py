@@ -17,7 +17,7 @@ from PIL import Image
 
 from mardini.data.testing import moving_frames, write_video
 from mardini.pipeline.cli import main
-from pipeline_helpers import make_checkpoint, one_thread  # noqa: F401 (fixture)
+from pipeline_helpers import killed_on_the_second_gif, make_checkpoint, one_thread  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -95,16 +95,8 @@ def test_a_killed_job_resumes_without_redoing_clips_or_leaving_half_written_file
     from mardini.pipeline.pipeline import MarDiniPipeline
 
     clips, out = _list(tmp_path, env["good"]), tmp_path / "out"
-    save_gif, calls = mardini.visualize.save_gif, []
-
-    def killed_on_the_second(video, path, fps=8.0):
-        calls.append(path)
-        if len(calls) == 2:
-            path.write_bytes(b"GIF89a half")  # the kill comes mid-file
-            raise KeyboardInterrupt
-        return save_gif(video, path, fps)
-
-    monkeypatch.setattr(mardini.visualize, "save_gif", killed_on_the_second)
+    save_gif = mardini.visualize.save_gif
+    monkeypatch.setattr(mardini.visualize, "save_gif", killed_on_the_second_gif(save_gif))
     with pytest.raises(KeyboardInterrupt):
         _run(env, out, clips, "--batch", "1")
     assert not list(out.rglob("*.part*")) and not (out / "image_to_video_000001_0.gif").exists()
