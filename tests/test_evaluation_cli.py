@@ -20,6 +20,23 @@ def shards(tmp_path_factory):
     return tiny_synthetic(tmp_path_factory.mktemp("synth"), train=2, val=6, frames=12, size=16) / "val"
 
 
+@pytest.fixture(scope="module")
+def fitted_joint(tmp_path_factory) -> Path:
+    """One 1-step tiny joint checkpoint of a 9-frame 16 px window, made once for the module (make_checkpoint is
+    seeded: every call with these arguments fits the same weights)."""
+    from mardini.testing import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("joint") / "joint.ckpt", "joint", frames=9, size=16)
+
+
+@pytest.fixture
+def joint_ckpt(fitted_joint, tmp_path) -> Path:
+    """The test's own copy of ``fitted_joint``, at ``tmp_path/joint.ckpt``."""
+    import shutil
+
+    return Path(shutil.copyfile(fitted_joint, tmp_path / "joint.ckpt"))
+
+
 def test_cli_end_to_end_on_synthetic_shards(shards, tmp_path, capsys):
     out = tmp_path / "report"
     argv = ["--data", str(shards), "--tasks", "interpolation", "image_to_video", "--frames", "9", "--resolution",
@@ -94,10 +111,8 @@ def test_run_as_a_module_its_errors_progress_and_recorded_command_name_it(shards
     assert json.loads((out / "report.json").read_text())["command"].startswith("python evaluate.py --data ")
 
 
-def test_cli_scores_a_checkpoint_with_the_chosen_eta(shards, tmp_path):
-    from mardini.testing import make_checkpoint
-
-    ckpt = make_checkpoint(tmp_path / "joint.ckpt", "joint", frames=9, size=16)
+def test_cli_scores_a_checkpoint_with_the_chosen_eta(shards, tmp_path, joint_ckpt):
+    ckpt = joint_ckpt
     results = {}
     for eta in ("0", "1"):
         out = tmp_path / f"eta{eta}"
@@ -111,10 +126,8 @@ def test_cli_scores_a_checkpoint_with_the_chosen_eta(shards, tmp_path):
     assert results["0"]["mardini"]["midf_psnr"] != results["1"]["mardini"]["midf_psnr"]  # eta reached the sampler
 
 
-def test_no_ema_samples_the_raw_weights_and_the_report_says_so(shards, tmp_path):
-    from mardini.testing import make_checkpoint
-
-    ckpt = make_checkpoint(tmp_path / "joint.ckpt", "joint", frames=9, size=16)  # raw and EMA weights differ
+def test_no_ema_samples_the_raw_weights_and_the_report_says_so(shards, tmp_path, joint_ckpt):
+    ckpt = joint_ckpt  # raw and EMA weights differ
     results, reports = {}, {}
     for flag in ([], ["--no-ema"]):
         out = tmp_path / ("raw" if flag else "ema")
@@ -128,10 +141,9 @@ def test_no_ema_samples_the_raw_weights_and_the_report_says_so(shards, tmp_path)
     assert results["ema"] != results["raw"]  # the other weights reached the sampler
 
 
-def test_a_window_longer_than_the_checkpoint_trained_on_names_the_frames_to_use(shards, tmp_path, capsys):
-    from mardini.testing import make_checkpoint
-
-    ckpt = make_checkpoint(tmp_path / "joint.ckpt", "joint", frames=9, size=16)
+def test_a_window_longer_than_the_checkpoint_trained_on_names_the_frames_to_use(shards, tmp_path, capsys,
+                                                                              joint_ckpt):
+    ckpt = joint_ckpt
     assert cli.main(["--data", str(shards), "--tasks", "interpolation", "--frames", "12", "--resolution", "16",
                      "--num-clips", "2", "--metrics", "midf", "--checkpoint", str(ckpt), "--steps", "1",
                      "--cache-dir", "", "--out", str(tmp_path / "r")]) == 2
@@ -140,12 +152,10 @@ def test_a_window_longer_than_the_checkpoint_trained_on_names_the_frames_to_use(
     assert "sample.py" not in err  # sample.py's remedy (long_video, slow_motion) is not one here
 
 
-def test_window_gives_the_trained_window_of_a_checkpoint_that_records_none(shards, tmp_path, capsys):
+def test_window_gives_the_trained_window_of_a_checkpoint_that_records_none(shards, tmp_path, capsys, joint_ckpt):
     import torch
 
-    from mardini.testing import make_checkpoint
-
-    ckpt = torch.load(make_checkpoint(tmp_path / "joint.ckpt", "joint", frames=9, size=16), weights_only=True)
+    ckpt = torch.load(joint_ckpt, weights_only=True)
     ckpt["hyper_parameters"]["frames"] = None  # a module built without frames, fitted on a dataloader
     del ckpt["datamodule_hyper_parameters"]  # (no datamodule: no data recorded)
     bare = tmp_path / "no_window.ckpt"
@@ -158,14 +168,13 @@ def test_window_gives_the_trained_window_of_a_checkpoint_that_records_none(shard
     assert cli.main([*run, "--window", "9"]) == 0
 
 
-def test_each_clip_has_its_own_seed_whatever_the_batch_size(shards, tmp_path):
+def test_each_clip_has_its_own_seed_whatever_the_batch_size(shards, tmp_path, joint_ckpt):
     from mardini.evaluation.protocol import batch_seed, clip_seeds
-    from mardini.testing import make_checkpoint
 
     # batches of 8 on one process: each clip keeps the seed its batch's seed gave it before (published figures hold)
     assert clip_seeds(3, 8, 8) == [batch_seed(3, 0, 1) + i for i in range(8)]
     assert clip_seeds(3, 0, 20)[10:13] == clip_seeds(3, 10, 3)
-    ckpt = make_checkpoint(tmp_path / "joint.ckpt", "joint", frames=9, size=16)
+    ckpt = joint_ckpt
     results = {}
     for bs in ("4", "3"):
         out = tmp_path / f"bs{bs}"
@@ -193,7 +202,7 @@ def test_the_report_states_what_ran(shards, tmp_path, capsys):
     assert shlex.split(report["command"])[2:] == argv  # quoted: '' and the space survive a copy and paste
 
 
-def test_the_report_records_what_reproduces_it(shards, tmp_path, monkeypatch):
+def test_the_report_records_what_reproduces_it(shards, tmp_path, monkeypatch, joint_ckpt):
     """Before, report.json had the checkpoint's path only (last.ckpt is overwritten), ``"i3d_weights": None`` where
     the weights came from $MARDINI_WEIGHTS, and no code version, device or dtype. Now: the checkpoint's sha256 and
     global_step, each weight file's resolved path and sha256 (the protocol block names the file too), the git
@@ -204,7 +213,6 @@ def test_the_report_records_what_reproduces_it(shards, tmp_path, monkeypatch):
     import torch
 
     from mardini import weights
-    from mardini.testing import make_checkpoint
 
     stub_networks(monkeypatch, find_weights=True)  # FVD/FID on stand-in networks; the weight files are verified
     folder = tmp_path / "weights"
@@ -215,7 +223,7 @@ def test_the_report_records_what_reproduces_it(shards, tmp_path, monkeypatch):
         monkeypatch.setitem(weights.WEIGHTS, name, weights.WeightSpec(
             name, spec.package, spec.archive, spec.member, spec.filename, hashlib.sha256(body).hexdigest(), len(body)))
     monkeypatch.setenv("MARDINI_WEIGHTS", str(folder))
-    ckpt = make_checkpoint(tmp_path / "joint.ckpt", "joint", frames=9, size=16)
+    ckpt = joint_ckpt
     out = tmp_path / "r"
     assert cli.main(["--data", str(shards), "--tasks", "interpolation", "--resolution", "16", "--num-clips", "2",
                      "--checkpoint", str(ckpt), "--steps", "1", "--device", "cpu", "--cache-dir", "",
