@@ -25,7 +25,11 @@ FAST = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=f
         "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0", "--trainer.precision=32-true",
         # an LR schedule of its own: a resume with more max_steps keeps it (unset, it followed max_steps, and
         # every such resume warned that its LR schedule had moved)
-        "--model.init_args.decay_steps=16"]
+        "--model.init_args.decay_steps=16",
+        # 16 px clips: what the runs' folders, checkpoints and resumes hold does not depend on the clip size, and a
+        # step costs half as much; the chain runs at the stages' own 32 px (SHIPPED_SIZE), the planners' resize too
+        "--data.init_args.resolution=16"]
+SHIPPED_SIZE = "--data.init_args.resolution=32"  # the tiny chain's (configs/tiny/common.yaml)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +57,7 @@ def _stage(name: str, steps: int, *extra: str) -> list[str]:
 
 def test_tiny_chain_runs_stage_after_stage(workdir, monkeypatch):
     for name, kind in zip(STAGES, KINDS):
-        cli = _fit(workdir, monkeypatch, *_stage(name, 2))
+        cli = _fit(workdir, monkeypatch, *_stage(name, 2, SHIPPED_SIZE))
         assert cli.trainer.global_step == 2
         ckpt = read_checkpoint(workdir / "outputs" / "tiny" / name / "checkpoints" / "last.ckpt")
         assert ckpt["mardini"]["kind"] == kind
@@ -67,7 +71,7 @@ def test_tiny_chain_runs_stage_after_stage(workdir, monkeypatch):
     metrics = cli.trainer.callback_metrics
     assert "curriculum/keep_ratio_min" in metrics and "train/loss" in metrics
     # re-running a finished stage resumes at its last step and trains no further
-    again = _fit(workdir, monkeypatch, *_stage(STAGES[-1], 2))
+    again = _fit(workdir, monkeypatch, *_stage(STAGES[-1], 2, SHIPPED_SIZE))
     assert again.trainer.global_step == 2
 
 
@@ -660,12 +664,13 @@ def _parity_config(tmp: Path, name: str) -> Path:
             }}],
         },
         "model": {"class_path": "mardini.lit.MarDiniModule", "init_args": {
-            "size": "tiny", "planner_resolution": 16, "generator": {"patch_size": 2}, "lr": 1e-3, "warmup_steps": 2,
+            "size": "tiny", "planner_resolution": 8, "generator": {"patch_size": 2}, "lr": 1e-3, "warmup_steps": 2,
             "decay_steps": 8, "ema_decay": 0.9, "templates": {"random": 1.0},
             "keep_ratio": [0.5, 1.0]}},  # milestone 0's (else the Curriculum warns that it replaces the model's)
         "data": {"class_path": "mardini.data.datamodule.VideoDataModule", "init_args": {
             "train_shards": "data/shards/synthetic/train", "val_shards": None, "frames": 9, "fps": 8,
-            "resolution": 32, "batch_size": 2, "num_workers": 0, "epoch_size": 10, "shuffle_buffer": 8}},
+            # 16 px: what a resume restores does not depend on the clip size, and steps are cheaper (32 px: 3x)
+            "resolution": 16, "batch_size": 2, "num_workers": 0, "epoch_size": 10, "shuffle_buffer": 8}},
     }
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -741,7 +746,7 @@ def test_impossible_settings_fail_before_training(workdir, monkeypatch, tmp_path
     save = f"--trainer.logger.init_args.save_dir={tmp_path}"
     with pytest.raises(ValueError, match=message):
         _fit(workdir, monkeypatch, *_stage("04_joint_model", 1, save, "--model.init_args.planner_ckpt=null",
-                                          "--model.init_args.generator_ckpt=null", override))
+                                          "--model.init_args.generator_ckpt=null", SHIPPED_SIZE, override))
     assert not list(tmp_path.rglob("*.ckpt"))  # nothing trained, nothing written
 
 
