@@ -404,8 +404,8 @@ def test_a_batch_with_fewer_keys_than_clips_is_refused():
 
     batch = {"video": torch.zeros(2, FRAMES, 3, SIZE, SIZE), "key": ["clip000"]}
     with pytest.raises(ValueError, match="1 keys for 2 clips; collate one key per clip"):
-        identity_seeds(0, batch, 2, None, 0)
-    assert len(identity_seeds(0, batch, 1, None, 0)) == 1
+        identity_seeds(0, batch, [0, 1], None, 0)
+    assert len(identity_seeds(0, batch, [0], None, 0)) == 1
 
 
 def test_a_padding_batch_is_not_scored():
@@ -420,3 +420,26 @@ def test_a_padding_batch_is_not_scored():
     alone, _ = _run_hooks(batches, 0, 1)
     padded, _ = _run_hooks([*batches, padding_of(batches[-1])], 0, 1)
     assert alone["clips"] == 4 and padded == pytest.approx(alone, rel=1e-6)
+
+
+@pytest.mark.parametrize("keys", [False, True])
+@pytest.mark.parametrize("clips, world, num_clips", [(8, 2, 8), (8, 2, 5), (7, 3, 6)])
+def test_a_sequential_sampler_on_every_rank_scores_each_clip_once(keys, clips, world, num_clips):
+    """``trainer.use_distributed_sampler: false`` with the loader's plain ``SequentialSampler`` under DDP: every rank
+    reads the whole set. The ranks score the clips Lightning's ``DistributedSampler`` would have given them (rank r:
+    dataset indices r, r + R, ... below ``num_clips``), so the scored set and the metrics are one process's. Before,
+    every rank scored the first clips of its pass: 8 clips on 2 ranks, clips 0-3 twice and 4-7 never."""
+    from torch.utils.data import DataLoader
+
+    data = _MapClips(clips, keys=keys)
+    one, scored, _ = _score_as_rank(data, 0, 1)
+    ranks = []
+    for rank in range(world):
+        loader = DataLoader(data, batch_size=2)  # a SequentialSampler: the whole set on every rank
+        results, updates = _run_hooks(loader, rank, world, loader, num_clips=num_clips)
+        ranks.append((results, [data.index(row) for real, _, _ in updates for row in real], updates))
+    assert sorted(i for _, s, _ in ranks for i in s) == list(range(num_clips))
+    assert [s for _, s, _ in ranks] == [list(range(r, num_clips, world)) for r in range(world)]
+    alone, _ = _run_hooks(DataLoader(data, batch_size=2), 0, 1, DataLoader(data, batch_size=2), num_clips=num_clips)
+    want = {k: v for k, v in alone.items() if k != "clips"}
+    assert _gathered([updates for _, _, updates in ranks]) == pytest.approx(want, rel=1e-6)

@@ -2,7 +2,9 @@
 
 During validation (every ``every_n_epochs`` epochs, not in the sanity check) each rank takes its first clips of
 the validation loader (``num_clips`` in all, split over the ranks; never the clips a ``DistributedSampler`` repeats to
-pad the ranks' shares of a map-style set, :attr:`~mardini.lit.clip_draws.ValidationOrder.distinct`), samples the
+pad the ranks' shares of a map-style set, :attr:`~mardini.lit.clip_draws.ValidationOrder.distinct`; where every rank
+reads the whole set in order, a ``SequentialSampler`` Lightning did not split, rank r takes the clips of index r,
+r + R, ... below ``num_clips``, those a ``DistributedSampler`` would give it: :func:`scored_positions`), samples the
 task's frames with fixed seeds (one per clip, by its identity, :func:`identity_seeds`, so a clip's noise does not
 depend on the world size; the model at the data's size, its outputs resized to the protocol's ``resolution``), and
 updates the metrics; at the end of the epoch every
@@ -103,7 +105,7 @@ class _TaskEval(L.Callback):
         self._active = False
         self._sampler: Sampler | None = None
         self._seen = 0
-        self._own: int | None = None  # this rank's clips in its pass, padding left out (ValidationOrder.distinct)
+        self._scored: set[int] | None = None  # positions in this rank's pass that it scores (scored_positions)
         self._order: ValidationOrder | None = None  # this rank's validation loader order, where it can be read
         self._warned_positional = False
         self._keys: list[str] = []
@@ -125,7 +127,8 @@ class _TaskEval(L.Callback):
         self._sampler = make_sampler(self.sampler_spec, pl_module, p.steps, p.guidance_scale, p.frames, p.eta)
         self._seen, self._keys = 0, []
         self._order = validation_order(val_loader(trainer))
-        self._own = None if self._order is None else self._order.distinct
+        self._scored = None if self._order is None else scored_positions(
+            self._order, self.protocol.num_clips, trainer.global_rank, trainer.world_size)
         self._data_id = data_identity(trainer, p)
         if self.cache is not None and self._data_id is not None and not self.suite.real_cached:
             self._cache_paths = self.suite.load_real_cache(self.cache, self._data_id)
@@ -138,10 +141,8 @@ class _TaskEval(L.Callback):
     ) -> None:
         if not self._active or dataloader_idx != 0:
             return
-        quota = clips_for_rank(self.protocol.num_clips, trainer.global_rank, trainer.world_size)
-        if self._own is not None:  # the rest of this rank's pass repeats other ranks' clips (padding)
-            quota = min(quota, self._own)
-        wants = self._seen < quota and not is_padding(batch)  # a padding batch's clips count nowhere
+        rows = self._rows_to_score(trainer, batch, batch_idx)  # the batch's clips this rank scores
+        wants = bool(rows)
         root = fsdp_root(pl_module)
         if root is not None and not trainer.strategy.reduce_boolean_decision(wants, all=False):
             return  # no rank needs clips any more (a collective: every rank asks)
@@ -151,15 +152,15 @@ class _TaskEval(L.Callback):
                 self._sample(trainer, pl_module, root, real[:1], self.protocol.mask(1, real.device), [0], own[:1])
             return
         real, positions, own = eval_window(batch, pl_module, self.protocol)  # (B, T, 3, R, R), (B, T, K, 2) | None
-        keep = min(real.shape[0], quota - self._seen)
-        real, own = real[:keep], own[:keep]  # own: (B, T, 3, H, W), the data's size
-        positions = None if positions is None else positions[:keep]
-        mask = self.protocol.mask(keep, real.device)  # (B, T)
-        seed = self._clip_seeds(trainer, batch, batch_idx, keep)  # one per clip, by its identity: any batch size
-        fake = self._sample(trainer, pl_module, root, real, mask, seed, own)  # (B, T, 3, R, R)
+        real, own = real[rows], own[rows]  # (b, T, 3, R, R); own: (b, T, 3, H, W), the data's size
+        positions = None if positions is None else positions[rows]  # (b, T, K, 2)
+        mask = self.protocol.mask(len(rows), real.device)  # (b, T)
+        seed = self._clip_seeds(trainer, batch, batch_idx, rows)  # one per clip, by its identity: any batch size
+        fake = self._sample(trainer, pl_module, root, real, mask, seed, own)  # (b, T, 3, R, R)
         self.suite.update(real, fake, mask, positions)
-        self._seen += keep
-        self._keys += [str(k) for k in batch.get("key", [])][:keep]
+        self._seen += len(rows)
+        keys = batch.get("key")
+        self._keys += [] if keys is None else [str(keys[i]) for i in rows]
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._active:
@@ -188,10 +189,23 @@ class _TaskEval(L.Callback):
         self._sampler = None
 
     # ----------------------------------------------------------------------------------------------
-    def _clip_seeds(self, trainer: L.Trainer, batch: dict, batch_idx: int, rows: int) -> list[int]:
-        """Seeds of the batch's first ``rows`` clips by their identity (:func:`identity_seeds`); where it cannot be
-        read, by the clips' positions in the rank-by-rank order (earlier ranks' shares, then this rank's), which
-        depend on the world size: warned once under DDP."""
+    def _rows_to_score(self, trainer: L.Trainer, batch: dict, batch_idx: int) -> list[int]:
+        """The rows of ``batch`` this rank scores: those at the positions of its pass that :func:`scored_positions`
+        gives (the batches before it full), or, where the loader's order cannot be read, its first clips up to its
+        share of ``num_clips``. None of a padding batch's (its clips count nowhere)."""
+        if is_padding(batch):
+            return []
+        rows = batch_rows(batch)
+        if self._scored is None:
+            quota = clips_for_rank(self.protocol.num_clips, trainer.global_rank, trainer.world_size)
+            return list(range(min(rows, max(0, quota - self._seen))))
+        first = batch_idx * self._order.batch_size
+        return [i for i in range(rows) if first + i in self._scored]
+
+    def _clip_seeds(self, trainer: L.Trainer, batch: dict, batch_idx: int, rows: list[int]) -> list[int]:
+        """Seeds of the batch's clips ``rows`` by their identity (:func:`identity_seeds`); where it cannot be
+        read, by the clips' positions in the rank-by-rank order (earlier ranks' shares, then this rank's; ``rows``
+        then the batch's first), which depend on the world size: warned once under DDP."""
         first = 0 if self._order is None else batch_idx * self._order.batch_size
         seeds = identity_seeds(self.protocol.seed, batch, rows, self._order, first)
         if seeds is not None:
@@ -200,7 +214,7 @@ class _TaskEval(L.Callback):
             self._warned_positional = True
             rank_zero_warn(positional_warning(self.prefix, trainer.world_size))
         before = sum(clips_for_rank(self.protocol.num_clips, r, trainer.world_size) for r in range(trainer.global_rank))
-        return clip_seeds(self.protocol.seed, before + self._seen, rows)
+        return clip_seeds(self.protocol.seed, before + self._seen, len(rows))
 
     def _sample(self, trainer: L.Trainer, pl_module: L.LightningModule, root: nn.Module | None, real: torch.Tensor,
                 mask: torch.Tensor, seed: list[int], own: torch.Tensor) -> torch.Tensor:
@@ -263,6 +277,28 @@ def clips_for_rank(total: int, rank: int, world_size: int) -> int:
     return total // world_size + (rank < total % world_size)
 
 
+def scored_positions(order: ValidationOrder, num_clips: int, rank: int, world_size: int) -> set[int]:
+    """The positions in this rank's validation pass (read as ``order``) whose clips it scores, ``num_clips`` over
+    all ranks, each once. A split pass (a ``DistributedSampler``'s share, or its wrapper's): its first clips, up to
+    the rank's share (:func:`clips_for_rank`) and never the padding's repeats (``order.distinct``). The whole set on
+    every rank (``order.whole_set``: a ``SequentialSampler``, which Lightning leaves unsplit under
+    ``use_distributed_sampler: false``): the clips of index ``rank, rank + world_size, ...`` below ``num_clips``, the
+    ones a ``DistributedSampler`` would give this rank. Either way each clip is scored once, and an unsplit set
+    scores the clips Lightning's split (no shuffle) does. Before, every rank of an unsplit set scored its first
+    clips: 8 clips on 2 ranks, clips 0-3 twice and 4-7 never."""
+    if order.whole_set:
+        return set(range(rank, min(num_clips, order.distinct), world_size))
+    return set(range(min(clips_for_rank(num_clips, rank, world_size), order.distinct)))
+
+
+def batch_rows(batch: dict) -> int:
+    """The number of clips of a validation batch (its ``video`` or ``z_high``)."""
+    for name in ("video", "z_high"):
+        if name in batch:
+            return int(batch[name].shape[0])
+    raise ValueError(f"an evaluation batch needs 'video' (or 'z_high' and an autoencoder), got {sorted(batch)}")
+
+
 def val_loader(trainer: L.Trainer) -> Any:
     """The trainer's (first) validation loader, None where it has none."""
     loaders = getattr(trainer, "val_dataloaders", None)
@@ -277,9 +313,11 @@ def key_seed(seed: int, key: Any) -> int:
     return clip_seed(seed, f"eval key {key}")
 
 
-def identity_seeds(seed: int, batch: dict, rows: int, order: ValidationOrder | None, first: int) -> list[int] | None:
-    """Sampling seeds of the first ``rows`` clips of ``batch`` by their identity, as the module's validation draws
-    (:class:`~mardini.lit.clip_draws.ClipGenerators`): by the batch's ``key`` where it carries one
+def identity_seeds(
+    seed: int, batch: dict, rows: list[int], order: ValidationOrder | None, first: int
+) -> list[int] | None:
+    """Sampling seeds of the clips ``rows`` of ``batch`` (row numbers) by their identity, as the module's validation
+    draws (:class:`~mardini.lit.clip_draws.ClipGenerators`): by the batch's ``key`` where it carries one
     (:func:`key_seed`; ``VideoDataModule``'s batches do), else by the clip's dataset index read from ``order``
     (:func:`~mardini.lit.clip_draws.validation_order`; ``first``: the batch's first position in this rank's pass),
     clip ``i`` getting ``evaluate.py``'s seed of clip ``i`` (``protocol.clip_seeds``). None where neither can be read.
@@ -287,12 +325,12 @@ def identity_seeds(seed: int, batch: dict, rows: int, order: ValidationOrder | N
     keys = batch.get("key")
     if keys is not None:
         keys = list(keys)
-        if len(keys) < rows:
-            raise ValueError(f"the batch has {len(keys)} keys for {rows} clips; collate one key per clip")
-        return [key_seed(seed, k) for k in keys[:rows]]
+        if rows and len(keys) <= max(rows):
+            raise ValueError(f"the batch has {len(keys)} keys for {max(rows) + 1} clips; collate one key per clip")
+        return [key_seed(seed, keys[i]) for i in rows]
     if order is None or order.indices is None:
         return None
-    return [clip_seeds(seed, index, 1)[0] for index in order.indices[first : first + rows]]
+    return [clip_seeds(seed, order.indices[first + i], 1)[0] for i in rows]
 
 
 def positional_warning(prefix: str, world_size: int) -> str:

@@ -59,6 +59,7 @@ class ValidationOrder(NamedTuple):
     batch_size: int  # the loader's batches: all full but the last
     indices: list[int] | None  # the dataset index of each clip of this rank's pass, in order (None: not readable)
     distinct: int  # the first ``distinct`` clips of the pass are the rank's own; the rest repeat the sampler's padding
+    whole_set: bool = False  # a SequentialSampler: the whole set in order (every rank's, where Lightning leaves it)
 
 
 def validation_order(loader) -> ValidationOrder | None:
@@ -66,7 +67,9 @@ def validation_order(loader) -> ValidationOrder | None:
     is a ``DistributedSampler`` (Lightning's under DDP: this rank's share of the global order, each clip by its index
     in the dataset) or a ``SequentialSampler`` (one process), batched by a plain ``BatchSampler``. None for any other
     loader (an iterable dataset, a random or wrapped sampler, a batch sampler of one's own), whose order cannot be
-    read back without drawing it anew.
+    read back without drawing it anew. A ``SequentialSampler``'s order is the whole set (``whole_set``): under DDP
+    with ``trainer.use_distributed_sampler: false`` every rank reads every clip (the evaluation callbacks then deal the
+    clips they score over the ranks by index: :func:`~mardini.evaluation.callbacks.scored_positions`).
 
     Lightning's ``DistributedSamplerWrapper`` (its sharding of a sampler of one's own under DDP) pads by position as
     the ``DistributedSampler`` does, so its ``distinct`` is read, but not its ``indices`` (None): drawing the wrapped
@@ -79,8 +82,9 @@ def validation_order(loader) -> ValidationOrder | None:
     if type(sampler) is not DistributedSampler and not isinstance(sampler, SequentialSampler):
         return None
     indices = list(sampler)
-    distinct = _distinct_share(sampler) if type(sampler) is DistributedSampler else len(indices)
-    return ValidationOrder(batches.batch_size, indices, distinct)
+    if type(sampler) is DistributedSampler:
+        return ValidationOrder(batches.batch_size, indices, _distinct_share(sampler))
+    return ValidationOrder(batches.batch_size, indices, len(indices), whole_set=True)
 
 
 def _distinct_share(sampler: DistributedSampler) -> int:
