@@ -137,9 +137,9 @@ class _Tiny(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _trainer(steps: int) -> L.Trainer:
+def _trainer(steps: int, limit_val_batches: int = 1) -> L.Trainer:
     return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-                     enable_checkpointing=False, enable_model_summary=False, limit_val_batches=1,
+                     enable_checkpointing=False, enable_model_summary=False, limit_val_batches=limit_val_batches,
                      num_sanity_val_steps=0)
 
 
@@ -185,3 +185,51 @@ def test_under_ddp_a_shard_change_one_rank_sees_restarts_every_rank(data, monkey
     dm, said = _resumed(data, state)
     assert dm.state.resume is None, "rank 0 went on mid-epoch while rank 1 started the next epoch"
     assert len(said) == 1 and "on rank(s) [1]" in said[0] and "starts epoch 1" in said[0]
+
+
+def _val_keys(root: Path, batches: int | None = None, **kw) -> list[str]:
+    """The keys of the clips a validation of the first ``batches`` batches (None: all) reads of ``root``."""
+    dm = _dm(root, **kw)
+    dm.setup("validate")
+    return [k for _, b in zip(range(batches or 10**6), dm.val_dataloader()) for k in b["key"]]
+
+
+@pytest.mark.parametrize(("stopped", "resumed", "named"), [
+    ({"val_clips": 6}, {"val_clips": 6, "num_workers": 2}, "loader workers 1 -> 2 per rank"),
+    ({"val_clips": 6}, {"val_clips": 6, "num_workers": 1}, None),  # 0 and 1 both read as one worker
+    ({}, {"num_workers": 2}, None),  # no cap: every clip validated, whatever the workers
+    ({}, {"val_batch_size": 2}, None),  # no limit_val_batches: the batch regroups the same clips
+])
+def test_a_resume_names_the_reading_changes_that_pick_other_validation_clips_and_only_those(data, stopped, resumed,
+                                                                                            named):
+    """``data.val_clips`` is a cap per rank split over its loader workers, so under it another worker count validates
+    other clips (6: one worker the split's first 6, two the first 3 of each one's shards); before, a resume under
+    other workers said nothing of the validation split. Without a cap the workers and the validation batch regroup
+    the same clips, each once: not said."""
+    before, after = sorted(_val_keys(data, **stopped)), sorted(_val_keys(data, **resumed))
+    assert (before != after) == (named is not None)  # what the comparison must say, read from the loaders
+    state = _stopped(data, **stopped)
+    _, said = _resumed(data, state, **resumed)
+    val = [s for s in said if "another validation split" in s]
+    if named is None:
+        assert val == [], said
+    else:
+        assert len(val) == 1 and named in val[0] and "under data.val_clips" in val[0], said
+
+
+def test_inside_lightning_a_resume_names_another_limit_val_batches_and_under_it_another_validation_batch(data,
+                                                                                                       tmp_path):
+    """``trainer.limit_val_batches`` caps the batches each rank validates, so another limit, or under one another
+    validation batch (``data.val_batch_size``), validates other clips (1 batch of 4: 4 clips; of 2: 2). Before, a
+    resume compared neither and said nothing."""
+    assert len(_val_keys(data, 1)) == 4 and _val_keys(data, 1, val_batch_size=2) == _val_keys(data, 1)[:2]
+    trainer = _trainer(2)
+    trainer.fit(_Tiny(), datamodule=_dm(data))
+    trainer.save_checkpoint(tmp_path / "stopped.ckpt")
+    for limit, kw, named in ((2, {}, "trainer.limit_val_batches 1 -> 2"),
+                             (1, {"val_batch_size": 2}, "validation batch 4 -> 2 clips per rank")):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _trainer(3, limit).fit(_Tiny(), datamodule=_dm(data, **kw), ckpt_path=tmp_path / "stopped.ckpt")
+        val = [str(w.message) for w in caught if "another validation split" in str(w.message)]
+        assert len(val) == 1 and named in val[0], val

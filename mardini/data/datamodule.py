@@ -40,7 +40,7 @@ from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.utilities import rank_zero_warn
 
 from mardini.data.batch_split import check_split, epoch_batches, largest_rank_batch, rank_batch
-from mardini.data.resumed_data import data_record, resume_notes, shard_sizes
+from mardini.data.resumed_data import data_record, resume_notes, shard_sizes, validation_reading
 from mardini.data.setup_warnings import warn_once
 from mardini.data.shard_checks import (
     PROBE_SHARDS,
@@ -353,7 +353,17 @@ class VideoDataModule(L.LightningDataModule):
         """What a checkpoint records of the data this module reads (:func:`~mardini.data.resumed_data.data_record`),
         with the stream's seed or ``seed`` (the one the settings ask)."""
         seed = self.state.seed if seed is None else seed
-        return data_record(dict(self.hparams), seed, self.shard_sizes["train"], self.shard_sizes["val"])
+        return data_record(dict(self.hparams), seed, self.shard_sizes["train"], self.shard_sizes["val"],
+                           self._validation_reading())
+
+    def _validation_reading(self) -> dict | None:
+        """How the validation split is read (:func:`~mardini.data.resumed_data.validation_reading`): the trainer's
+        ``limit_val_batches`` (None without a trainer), the validation batch, workers and world size. None before
+        ``setup`` read the split."""
+        if self.val_set is None:
+            return None
+        limit = getattr(self.trainer, "limit_val_batches", None) if self.trainer is not None else None
+        return validation_reading(limit, self.val_set.batch_size, self.num_workers, self.world_size)
 
     def _compare_resumed_data(self) -> None:
         """Warn (rank 0) naming what changed in the data since the checkpoint resumed, and start the training

@@ -10,8 +10,9 @@ decide what is read (:func:`data_record`). A resume compares them with its own (
 - other **training settings** (``frames``, ``resolution``, ``batch_size`` ...): the run goes on under them, said;
   ``seed`` is never taken from the command on a resume (the stream goes on with the checkpoint's), said too;
 - another **validation split** (its shards, ``val_clips``, or what a clip is: ``frames``, ``fps``, ``resolution``,
-  ``latents``): ``val/loss`` from the resume on is of other clips or another task than the earlier steps' on the same
-  curve, said with the ways to keep one curve comparable.
+  ``latents``), or, under a cap (``data.val_clips``, ``trainer.limit_val_batches``), another way of reading it that
+  picks other clips (:func:`reading_changes`): ``val/loss`` from the resume on is of other clips or another task than
+  the earlier steps' on the same curve, said with the ways to keep one curve comparable.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ TRAIN_SETTINGS = ("frames", "fps", "resolution", "latents", "crop", "crop_scale"
                   "shuffle_buffer")
 # data.* settings that change which validation clips are scored or what a clip is
 VAL_SETTINGS = ("frames", "fps", "resolution", "latents", "val_clips")
+# How the validation split is read (validation_reading): each changes which clips are validated only under a cap.
+# limit_val_batches: a cap itself (batches per rank). batch: the clips per validation batch, which limit_val_batches
+# counts in (val_clips counts clips). readers: loader workers per rank, over which val_clips is split and whose batches
+# limit_val_batches takes in turn. world_size: both caps are per rank. Without a cap every clip of the split is read
+# whatever these are, each once (val/loss draws per clip, by its key), so they are not compared then.
+VAL_READING = ("limit_val_batches", "batch", "readers", "world_size")
 
 
 def shard_sizes(shards: list[str]) -> dict[str, int | None]:
@@ -38,12 +45,24 @@ def _plain(value: Any) -> Any:
     return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
-def data_record(hparams: dict[str, Any], seed: int, train: dict | None, val: dict | None) -> dict[str, Any]:
+def data_record(hparams: dict[str, Any], seed: int, train: dict | None, val: dict | None,
+                reading: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a checkpoint records of the data read: the training and validation shards (:func:`shard_sizes`, None
-    before ``setup``), the settings of :data:`TRAIN_SETTINGS` and :data:`VAL_SETTINGS` (from ``hparams``) and the
-    stream's ``seed`` (the one drawn with: a resume's is its checkpoint's, whatever ``hparams`` say)."""
+    before ``setup``), the settings of :data:`TRAIN_SETTINGS` and :data:`VAL_SETTINGS` (from ``hparams``), the
+    stream's ``seed`` (the one drawn with: a resume's is its checkpoint's, whatever ``hparams`` say) and how the
+    validation split is read (``reading``: :func:`validation_reading`; older checkpoints lack it)."""
     settings = {k: _plain(hparams.get(k)) for k in sorted({*TRAIN_SETTINGS, *VAL_SETTINGS})}
-    return {"train_shards": train, "val_shards": val, "settings": {**settings, "seed": seed}}
+    return {"train_shards": train, "val_shards": val, "settings": {**settings, "seed": seed}, "val_reading": reading}
+
+
+def validation_reading(limit_val_batches: int | float | None, batch: int, num_workers: int,
+                       world_size: int) -> dict[str, Any]:
+    """The :data:`VAL_READING` record: the trainer's ``limit_val_batches`` (None, or 1.0, the default: every batch,
+    recorded as None), the validation batch (clips per rank), the readers per rank (``num_workers``; 0 reads as one
+    worker) and the world size."""
+    every = limit_val_batches is None or isinstance(limit_val_batches, float) and limit_val_batches == 1.0
+    return {"limit_val_batches": None if every else limit_val_batches, "batch": batch,
+            "readers": max(1, num_workers), "world_size": world_size}
 
 
 def shard_changes(old: dict[str, int | None], new: dict[str, int | None]) -> list[str]:
@@ -94,15 +113,49 @@ def resume_notes(old: dict[str, Any], new: dict[str, Any], epoch: int) -> tuple[
             f"resuming with another validation split than the checkpoint's ({'; '.join(val)}): val/loss and the "
             "evaluation scores from here on are of other clips than the earlier steps' on the same curve, so not "
             "comparable with them; to keep one curve, resume with the earlier split (data.val_shards, val_clips, "
-            "frames, fps, resolution as before), or log the new split as a new run (--ckpt_path null, or "
+            "frames, fps, resolution as before, and under a cap trainer.limit_val_batches, the validation batch, "
+            "data.num_workers and the world size), or log the new split as a new run (--ckpt_path null, or "
             "--model.init_args.init_from the checkpoint with another trainer.logger name)")
     return notes, bool(shards)
 
 
 def val_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """What differs in the validation split between two :func:`data_record` s: its shards and :data:`VAL_SETTINGS`."""
+    """What differs in the validation split between two :func:`data_record` s: its shards, :data:`VAL_SETTINGS`
+    and, under a cap, how it is read (:func:`reading_changes`)."""
     old_val, new_val = old.get("val_shards"), new.get("val_shards")
     if old_val is None or new_val is None:  # no validation before or now: no curve to keep comparable
         return []
+    old_set, new_set = old.get("settings") or {}, new.get("settings") or {}
     changes = [f"data.val_shards: {c}" for c in shard_changes(old_val, new_val)]
-    return changes + setting_changes(old.get("settings") or {}, new.get("settings") or {}, VAL_SETTINGS)
+    changes += setting_changes(old_set, new_set, VAL_SETTINGS)
+    capped = old_set.get("val_clips") is not None or new_set.get("val_clips") is not None
+    return changes + reading_changes(old.get("val_reading"), new.get("val_reading"), capped)
+
+
+def reading_changes(old: dict[str, Any] | None, new: dict[str, Any] | None, val_clips: bool) -> list[str]:
+    """What differs between two :func:`validation_reading` records that changes the validated clips: another
+    ``limit_val_batches``; under it, another validation batch; under either cap (it, or ``val_clips`` where the
+    checkpoint or the resume sets one), other readers per rank or another world size. None of them matters without a
+    cap (every clip is read, each once), nor where either record is missing (an older checkpoint)."""
+    if old is None or new is None:
+        return []
+    changes, limited = [], old["limit_val_batches"] is not None or new["limit_val_batches"] is not None
+    if old["limit_val_batches"] != new["limit_val_batches"]:
+        changes.append(f"trainer.limit_val_batches {_every(old['limit_val_batches'])} -> "
+                       f"{_every(new['limit_val_batches'])}")
+    if limited and old["batch"] != new["batch"]:
+        changes.append(f"validation batch {old['batch']} -> {new['batch']} clips per rank (data.val_batch_size, else "
+                       "data.batch_size over the ranks), in which trainer.limit_val_batches counts")
+    capped = "trainer.limit_val_batches" if limited else "data.val_clips" if val_clips else None
+    if capped and old["readers"] != new["readers"]:
+        changes.append(f"loader workers {old['readers']} -> {new['readers']} per rank (data.num_workers, 0 reading as "
+                       f"1), which split the validation stream under {capped}")
+    if capped and old["world_size"] != new["world_size"]:
+        changes.append(f"world size {old['world_size']} -> {new['world_size']}, which splits the validation stream "
+                       f"under {capped}, a cap per rank")
+    return changes
+
+
+def _every(limit: int | float | None) -> str:
+    """A recorded ``limit_val_batches`` as the trainer takes it (None: every batch)."""
+    return "1.0 (every batch)" if limit is None else repr(limit)
