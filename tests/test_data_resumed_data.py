@@ -137,10 +137,12 @@ class _Tiny(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+_TRAINER = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                enable_model_summary=False, num_sanity_val_steps=0)
+
+
 def _trainer(steps: int, limit_val_batches: int = 1) -> L.Trainer:
-    return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-                     enable_checkpointing=False, enable_model_summary=False, limit_val_batches=limit_val_batches,
-                     num_sanity_val_steps=0)
+    return L.Trainer(max_steps=steps, limit_val_batches=limit_val_batches, **_TRAINER)
 
 
 def test_inside_lightning_a_fit_says_so_and_validate_does_not(data, tmp_path):
@@ -233,3 +235,64 @@ def test_inside_lightning_a_resume_names_another_limit_val_batches_and_under_it_
             _trainer(3, limit).fit(_Tiny(), datamodule=_dm(data, **kw), ckpt_path=tmp_path / "stopped.ckpt")
         val = [str(w.message) for w in caught if "another validation split" in str(w.message)]
         assert len(val) == 1 and named in val[0], val
+
+
+def _stream_keys(root: Path, epoch: int, clips: int) -> list[str]:
+    """The first ``clips`` clips of the training stream's epoch ``epoch``, whatever the batch size (one per batch)."""
+    dm = _dm(root, batch_size=1, epoch_size=clips)
+    dm.load_state_dict({"seed": 0, "epoch": epoch})
+    dm.setup("fit")
+    return _epoch_keys(dm)
+
+
+@pytest.mark.parametrize(("old", "new", "trained", "rest", "said"), [
+    (4, 2, 1, 14, "this epoch trains 18 clips per rank instead of the 16 of an uninterrupted epoch (2 clips more"),
+    (2, 4, 3, 4, "this epoch trains 10 clips per rank instead of the 16 of an uninterrupted epoch (6 clips fewer: "
+                 "the last 6 of its stream never read)"),
+    (2, 4, 5, 0, "the epoch ends there, 10 clips instead of the 16 of an uninterrupted epoch (the last 6 clips of "
+                 "its stream never read), and epoch 1 starts whole"),
+])
+def test_a_batch_size_changed_mid_epoch_goes_on_from_the_next_clip_and_says_how_long_the_epoch_comes_out(
+        data, old, new, trained, rest, said):
+    """The position counts batches (as Lightning does): after 1 batch of 4 of a 16-clip epoch, batch_size 2 makes the
+    epoch's rest 7 of its 8 batches, 14 clips (18 in all); after 3 batches of 2, batch_size 4 leaves 1 of 4 (10 in
+    all). The stream goes on from the clip after the last one trained either way (none twice, none skipped before
+    it). Before, only "batch_size 4 -> 2" was said; and after 5 batches of 2, which already reach the 4 an epoch has
+    at batch_size 4, the stream started epoch 1 inside epoch 0. Now epoch 0 ends there and epoch 1 comes whole."""
+    state = _stopped(data, batches=trained, batch_size=old)
+    dm, warned = _resumed(data, state, batch_size=new)
+    note = [s for s in warned if "mid-way under another batch size" in s]
+    assert len(note) == 1 and said in note[0], warned
+    stream = _stream_keys(data, 0, 32)
+    assert _epoch_keys(dm) == stream[trained * old : trained * old + rest]  # this epoch's rest, from the next clip
+    assert _epoch_keys(dm) == _stream_keys(data, 1, 16)  # then epoch 1, whole at the new size
+
+
+class _Recording(_Tiny):
+    """:class:`_Tiny` recording ``(epoch, keys)`` of every batch it trains on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[int, list[str]]] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append((self.current_epoch, list(batch["key"])))
+        return super().training_step(batch, batch_idx)
+
+
+def test_inside_lightning_an_epoch_a_larger_batch_ends_is_over_and_the_next_comes_whole(data, tmp_path):
+    """Stopped at a batch's end (as StepCheckpoint and Lightning's every-N saves are) after 5 batches of 2 of a
+    16-clip epoch, resumed at batch_size 4 (4 batches an epoch): Lightning's epoch 0 ends at once and its epoch 1
+    trains the stream's epoch 1 whole. Before, the stream started epoch 1 inside Lightning's epoch 0 (whose count, 5,
+    was past the 4), which trained all of it: Lightning's epoch 0 took 26 clips, and its epochs ran one behind."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    every = ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1)
+    L.Trainer(**{**_TRAINER, "max_steps": 6, "callbacks": [every], "enable_checkpointing": True}).fit(_Tiny(), datamodule=_dm(data, batch_size=2))
+    module = _Recording()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        L.Trainer(**{**_TRAINER, "max_steps": 9}).fit(module, datamodule=_dm(data, batch_size=4),
+                                                      ckpt_path=tmp_path / "ckpt" / "epoch=0-step=5.ckpt")
+    assert [epoch for epoch, _ in module.seen] == [1, 1, 1, 1]
+    assert [k for _, keys in module.seen for k in keys] == _stream_keys(data, 1, 16)

@@ -40,7 +40,7 @@ from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.utilities import rank_zero_warn
 
 from mardini.data.batch_split import check_split, epoch_batches, largest_rank_batch, rank_batch
-from mardini.data.resumed_data import data_record, resume_notes, shard_sizes, validation_reading
+from mardini.data.resumed_data import data_record, mixed_epoch, resume_notes, shard_sizes, validation_reading
 from mardini.data.setup_warnings import warn_once
 from mardini.data.shard_checks import (
     PROBE_SHARDS,
@@ -382,6 +382,12 @@ class VideoDataModule(L.LightningDataModule):
                            f"{self.state.epoch} instead of going on mid-epoch, so that the ranks read one epoch")
         if restart or others:
             self.state.resume = None  # StreamLoader starts epoch state.epoch, the checkpoint's next
+        old_batch = (old.get("settings") or {}).get("batch_size")
+        if old_batch is not None and self.train_set is not None:
+            note = mixed_epoch(self.state.resume, rank_batch(old_batch, self.rank, self.world_size),
+                               self.per_rank_batch_size, self.train_set.epoch_batches, max(1, self.num_workers))
+            if note is not None:  # every rank marks an epoch that ended (mixed_epoch), rank 0 says it
+                rank_zero_warn(note)
 
     def _ranks_restarting(self, restart: bool) -> list[int]:
         """The ranks whose training shards changed since the checkpoint (``restart`` is this rank's), where a process

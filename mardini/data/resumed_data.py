@@ -9,6 +9,10 @@ decide what is read (:func:`data_record`). A resume compares them with its own (
   replayed over the new one it would skip or re-read clips at random; the stream starts its next epoch instead;
 - other **training settings** (``frames``, ``resolution``, ``batch_size`` ...): the run goes on under them, said;
   ``seed`` is never taken from the command on a resume (the stream goes on with the checkpoint's), said too;
+- another **batch size** in the middle of an epoch (:func:`mixed_epoch`): the stream goes on from the clip after the
+  last one trained, but the position and Lightning count the epoch's batches, so its rest is the new epoch's batches
+  less those trained, at the new size: the epoch comes out longer or shorter, said with its clip counts; where the
+  trained batches already reach the new epoch's, the epoch ends there and the next one starts whole;
 - another **validation split** (its shards, ``val_clips``, or what a clip is: ``frames``, ``fps``, ``resolution``,
   ``latents``), or, under a cap (``data.val_clips``, ``trainer.limit_val_batches``), another way of reading it that
   picks other clips (:func:`reading_changes`): ``val/loss`` from the resume on is of other clips or another task than
@@ -20,7 +24,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from mardini.data.stream import name_shards
+from mardini.data.stream import name_shards, worker_quota
 
 # data.* settings that change what the training stream reads or how (num_workers: StreamLoader says so itself)
 TRAIN_SETTINGS = ("frames", "fps", "resolution", "latents", "crop", "crop_scale", "batch_size", "epoch_size",
@@ -159,3 +163,44 @@ def reading_changes(old: dict[str, Any] | None, new: dict[str, Any] | None, val_
 def _every(limit: int | float | None) -> str:
     """A recorded ``limit_val_batches`` as the trainer takes it (None: every batch)."""
     return "1.0 (every batch)" if limit is None else repr(limit)
+
+
+def mixed_epoch(resume: dict | None, old_batch: int, new_batch: int, batches: int, workers: int) -> str | None:
+    """The warning of a resume that goes on with epoch ``resume["epoch"]`` mid-way (``resume``: the stream's
+    position, ``StreamState.resume``) under another per-rank batch, ``old_batch`` -> ``new_batch`` clips, in an epoch
+    of ``batches`` batches at the new size over ``workers`` loader workers (rank 0's figures, from rank 0). The
+    position counts the batches each worker delivered, and so does Lightning, so the stream goes on from the clip
+    after the last one trained (none read twice, none left out before it) for the new epoch's batches less those
+    trained (each worker its share less its own), at the new size. Where the trained batches reach the new epoch's,
+    ``resume["ended"]`` is set: the epoch ends there (:class:`~mardini.data.stream_loader.StreamLoader` gives Lightning
+    no batch of it) and the next one starts whole; before, the stream started the next epoch inside it, and Lightning,
+    its count past the epoch's end, trained all of it in the interrupted epoch, its epochs one behind the stream's from
+    there. None where the batch is the same or the epoch does not go on mid-way (no position; other workers)."""
+    if resume is None or old_batch == new_batch or resume["workers"] != workers:
+        return None
+    done = {int(w): int(b) for w, (_, b) in resume["progress"].items()}  # worker -> batches delivered
+    trained, full = sum(done.values()), batches * new_batch
+    ended = trained >= batches
+    rest = 0 if ended else sum(max(0, worker_quota(batches, w, workers) - done.get(w, 0)) for w in range(workers))
+    clips = trained * old_batch + rest * new_batch
+    head = (f"resuming epoch {resume['epoch']} mid-way under another batch size ({old_batch} -> {new_batch} clips per "
+            f"batch on rank 0): it trained {_batches(trained)} of {old_batch} ({trained * old_batch} clips), and its "
+            "position, as Lightning's count, is in batches")
+    if ended:
+        resume["ended"] = True
+        return (f"{head}, which already reach the {batches} of an epoch at the new size: the epoch ends there, "
+                f"{clips} clips instead of the {full} of an uninterrupted epoch (the last {full - clips} clips of its "
+                f"stream never read), and epoch {resume['epoch'] + 1} starts whole at the new size")
+    if clips > full:
+        odd = f"{clips - full} clips more: its stream goes on past the end an uninterrupted epoch's would have"
+    else:
+        odd = f"{full - clips} clips fewer: the last {full - clips} of its stream never read"
+    return (f"{head}: it goes on from the clip after the last one trained (none read twice) for the "
+            f"{_batches(rest)} of {new_batch} left of the {batches} an epoch has at the new size, so this epoch trains "
+            f"{clips} clips per rank instead of the {full} of an uninterrupted epoch ({odd}); the next epochs are of "
+            "the new size. To train the epoch exactly, resume at the old batch size and change it at an epoch's end")
+
+
+def _batches(n: int) -> str:
+    """``1 batch``, ``N batches``."""
+    return f"{n} batch" if n == 1 else f"{n} batches"

@@ -24,7 +24,9 @@ class StreamLoader(DataLoader):
     it when they start, so use ``persistent_workers=False``) when its first batch is asked for, not at ``iter()``:
     Lightning restoring a checkpoint saved in an epoch's last validation iterates that finished epoch again without
     reading it, and such an iterator must leave the epoch number and the resume position alone (taking them made
-    the resumed run skip a data epoch). Every batch's ``skipped`` is added to ``state.skipped`` and to
+    the resumed run skip a data epoch). A resume position marked ``ended`` (another batch size whose trained batches
+    fill the epoch: :func:`~mardini.data.resumed_data.mixed_epoch`) gives no batch: Lightning ends that epoch, and
+    the next iteration starts the next one. Every batch's ``skipped`` is added to ``state.skipped`` and to
     :attr:`pass_skipped` (this pass's), and skip-only markers (:func:`skip_only`) end there: the consumer sees clips
     only. Before it starts workers it collects the garbage of this process, which a forked worker would free without
     the threads it may hold.
@@ -46,6 +48,8 @@ class StreamLoader(DataLoader):
         if isinstance(ds, ClipStream) and ds.train:
             state, workers = ds.state, max(1, self.num_workers)
             resume, state.resume = state.resume, None
+            if resume is not None and resume.get("ended"):
+                return  # a resume under another batch size whose trained batches fill the epoch: it ends, no batch
             ds.current_epoch, ds.resume_progress, ds.worker_shift = state.epoch, {}, 0
             if resume is not None:
                 delivered = sum(b for _, b in resume["progress"].values())
