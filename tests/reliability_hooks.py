@@ -8,6 +8,11 @@ Not a test module (no ``test_`` prefix): ``tests/`` goes on ``PYTHONPATH`` of th
 - With ``$MARDINI_TEST_PAUSE_SAVE=N`` it also holds the N-th atomic write of ``last.ckpt`` between "temp file
   written" and ``os.replace``: it writes ``$MARDINI_TEST_PAUSE_SAVE_MARKER`` (the temp file's path) and sleeps,
   so the parent can SIGKILL the process exactly in the middle of writing a checkpoint.
+- With ``$MARDINI_TEST_PAUSE_STEP=N`` it holds the training at step N's batch start, once that row is written: it
+  writes ``$MARDINI_TEST_PAUSE_STEP_MARKER`` and sleeps, so the parent kills the run mid-run at a known step (a run
+  left to train while the parent reacts may reach ``max_steps`` first).
+
+A marker appears whole (written beside, then renamed): the parent reads it as soon as it exists.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ class StepRecorder(L.Callback):
         pause_at = int(os.environ.get("MARDINI_TEST_PAUSE_SAVE", "0"))
         if pause_at:
             _pause_replace_of_last(pause_at, Path(os.environ["MARDINI_TEST_PAUSE_SAVE_MARKER"]))
+        self.hold_at = int(os.environ.get("MARDINI_TEST_PAUSE_STEP", "-1"))
+        self.hold_marker = os.environ.get("MARDINI_TEST_PAUSE_STEP_MARKER")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if not self.path:
@@ -47,6 +54,8 @@ class StepRecorder(L.Callback):
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
+        if trainer.global_step == self.hold_at:
+            _hold(Path(self.hold_marker), str(self.hold_at))  # the parent kills us here: mid-run, at a known step
 
 
 def _pause_replace_of_last(n: int, marker: Path) -> None:
@@ -57,11 +66,19 @@ def _pause_replace_of_last(n: int, marker: Path) -> None:
         if Path(dst).name == "last.ckpt":
             seen["last"] += 1
             if seen["last"] == n:
-                marker.write_text(str(src))
-                time.sleep(3600)  # the parent kills us here: temp file complete, target not yet replaced
+                _hold(marker, str(src))  # the parent kills us here: temp file complete, target not yet replaced
         return real_replace(src, dst, *args, **kwargs)
 
     checkpoint_io.os = _OsProxy(replace)
+
+
+def _hold(marker: Path, text: str) -> None:
+    """Tell the parent where we are (``marker`` holding ``text``, renamed into place whole: the parent reads it as
+    soon as it exists, and read "" from a file seen between its creation and its write), then wait to be killed."""
+    partial = marker.with_name(marker.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, marker)
+    time.sleep(3600)
 
 
 class _OsProxy:

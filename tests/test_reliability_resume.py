@@ -23,6 +23,7 @@ from mardini.lit.curriculum import Curriculum, Milestone
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS = 10
+KILLED_AT = 7  # the second run is killed in this step, one past its checkpoint of step 6 (checkpoint_every: 2)
 MILESTONES = [
     {"step": 0, "keep_ratio": [0.3, 0.9], "frames": 4},
     {"step": 3, "keep_ratio": [0.2, 0.6]},
@@ -114,18 +115,18 @@ def test_sigkill_mid_run_and_mid_checkpoint_write_then_same_command_resumes(tmp_
     assert temp.exists()  # the torn write is still there for the next run to survive
 
     # 2) same command: resumes from step 4, the step checkpoint written in full before that last.ckpt (the highest
-    #    step saved; the older last.ckpt of step 2 is not taken); SIGKILLed mid-run soon after a newer checkpoint
-    mtime = last.stat().st_mtime_ns
-    b = _launch(config, tmp_path, "b")
-    _wait_for(b, lambda: last.stat().st_mtime_ns != mtime, "a new last.ckpt", tmp_path / "b.log")
-    step_b = _step_of(last)
-    _wait_for(b, lambda: any(r["step"] == step_b for r in _rows(tmp_path, "b")), "a step past the checkpoint",
-              tmp_path / "b.log")
+    #    step saved; the older last.ckpt of step 2 is not taken); SIGKILLed mid-run, in the step after its newer
+    #    checkpoint (held there: left to train while this process read the checkpoint and the rows, it could reach
+    #    max_steps before the kill, and the kill found it exited)
+    held = tmp_path / "held"
+    b = _launch(config, tmp_path, "b", MARDINI_TEST_PAUSE_STEP=str(KILLED_AT),
+                MARDINI_TEST_PAUSE_STEP_MARKER=str(held))
+    _wait_for(b, held.exists, f"step {KILLED_AT}", tmp_path / "b.log")
     _kill(b)  # mid-run: in the training step after the checkpoint
     rows_b, rows_a = _rows(tmp_path, "b"), _rows(tmp_path, "a")
-    assert rows_b and rows_b[0]["step"] == 4 == rows_a[-1]["step"] + 1  # no step lost, none repeated
+    assert [r["step"] for r in rows_b] == list(range(4, KILLED_AT + 1)) and rows_a[-1]["step"] == 3  # none lost
     step_b = _step_of(last)
-    assert 2 < step_b < MAX_STEPS
+    assert step_b == KILLED_AT - 1  # its checkpoint_every save, before the step it was killed in
 
     # 3) same command again: resumes from what b left, runs to the end
     c = _launch(config, tmp_path, "c")
