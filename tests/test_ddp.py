@@ -2,7 +2,8 @@
 batch of 3 on 2 ranks (2 + 1 clips, the loss weighted) trains like one process on the 3 clips, and so does the
 ``element`` loss reduction (clips of other generated-frame counts on the two ranks), also over a window of 2
 accumulated micro-batches; ``nonfinite: skip`` skips a
-step whose loss is NaN on one rank on both, changing no weight."""
+step whose loss is NaN on one rank on both, changing no weight; a spawned fit leaves no MASTER_PORT to the tests
+after it."""
 
 from __future__ import annotations
 
@@ -373,3 +374,22 @@ def test_data_skipped_is_the_sum_over_the_ranks_and_goes_on_after_a_resume(tmp_p
     assert torch.load(tmp_path / "end.ckpt", weights_only=True)["mardini"]["data_skipped"] == 6  # before: 2
     (tmp_path / "end.ckpt").rename(tmp_path / "step2.ckpt")
     assert _logged_skipped(tmp_path, 4, 2, tmp_path / "step2.ckpt") == {3: 12.0}  # before: 4 (rank 0's 2, 3, 4)
+
+
+def test_a_spawned_fit_leaves_no_master_port_to_the_tests_after_it(seed_variables_kept, monkeypatch):
+    """Lightning's ddp_spawn launcher writes the port it picked into this process's MASTER_PORT and leaves it there:
+    every later spawned fit of the test session, and each train.py subprocess started with this environment, used
+    the first fit's port instead of one the OS picks free when it starts (conftest's restore now removes it)."""
+    import os
+
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    monkeypatch.setattr(torch.multiprocessing, "_sharing_strategy", "file_system")  # fd passing fails here (above)
+    before = os.environ.get("MASTER_PORT")
+    with seed_variables_kept():  # what conftest wraps every test in
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=1, limit_val_batches=0,
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False)
+        trainer.fit(BoringModel())
+        assert "MASTER_PORT" in os.environ  # set by the launcher, in this process
+    assert os.environ.get("MASTER_PORT") == before
