@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,14 +85,39 @@ def read_shape(path: str | Path) -> StageShape:
     channels = _latent_channels(ae) or get_size(size).planner.in_channels
     planner, generator = args.get("planner") or {}, args.get("generator") or {}
     return StageShape(kind=kind, size=size, args=args, channels=channels,
-                      frames=int(args.get("frames") or dargs.get("frames")),
-                      latent=int(dargs.get("resolution")) // down,
+                      frames=int(args.get("frames") or _data_setting(dargs, "frames", path)),
+                      latent=_side(dargs, path) // down,
                       latent_low=int(args.get("planner_resolution", 16)) // down,
                       batch=int(dargs.get("batch_size", 1)),
                       checkpointing={"planner": bool(planner.get("checkpointing")),
                                      "generator": bool(generator.get("checkpointing"))},
                       planner_head=kind == "planner" or bool(args.get("plan_recon_weight", 0.0)),
-                      resolution=int(dargs.get("resolution")), cached=bool(dargs.get("latents", False)))
+                      resolution=_side(dargs, path), cached=bool(dargs.get("latents", False)))
+
+
+def _data_setting(dargs: dict, key: str, path: str | Path):
+    """``data.init_args.<key>`` of the stage, or ``VideoDataModule``'s default where the config leaves it out (what
+    the fit reads then); an explicit null is an error naming the key and the fix."""
+    from mardini.data.datamodule import VideoDataModule
+
+    if key not in dargs:
+        return inspect.signature(VideoDataModule).parameters[key].default
+    if dargs[key] is None:
+        raise ValueError(f"{path}: data.init_args.{key} is null; set it to the stage's {key} (data/README.md lists "
+                         "the DataModule's arguments)")
+    return dargs[key]
+
+
+def _side(dargs: dict, path: str | Path) -> int:
+    """The stage's square pixel side (``data.init_args.resolution``: an int or a square ``[H, W]``)."""
+    value = _data_setting(dargs, "resolution", path)
+    if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{path}: data.init_args.resolution {value!r} is not one pixel side: the sizing measures "
+                         "square frames; size the stage with a config of your own at the square side of as many "
+                         "pixels (e.g. 48 for [36, 64])")
+    return value
 
 
 def build_trained(shape: StageShape, k: int = 1, depth: int | None = None, device: str = "meta",

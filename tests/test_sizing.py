@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import yaml
@@ -126,3 +128,34 @@ def test_the_report_counts_the_frozen_vae_s_parameters_and_encode_temporaries(tm
            f"{size.params:,} parameters" in text and "encoding frames on the fly (no latent cache)" in text
     cached = "\n".join(sizing.autoencoder_lines(sizing.dataclasses.replace(shape, cached=True), 1, 4))
     assert "encodes nothing in training: the stage reads a latent cache" in cached
+
+
+def _stage_without(tmp_path, key: str, value=...):
+    """The tiny joint stage (its common.yaml merged in) as a config of its own, ``data.init_args.<key>`` left out
+    (or set to ``value``)."""
+    from mardini.configs_table import _load
+
+    cfg = _load(TINY)
+    del cfg["data"]["init_args"][key]
+    if value is not ...:
+        cfg["data"]["init_args"][key] = value
+    path = tmp_path / "stage.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_a_config_without_data_resolution_is_sized_at_the_data_module_s_default(tmp_path):
+    """read_shape raised ``TypeError: int() argument must be ... not 'NoneType'`` on a config without
+    data.init_args.resolution; the fit reads VideoDataModule's default there, and so does the sizing now."""
+    from mardini.data.datamodule import VideoDataModule
+
+    shape = sizing.read_shape(_stage_without(tmp_path, "resolution"))
+    assert shape.resolution == VideoDataModule().resolution
+    assert shape.latent == shape.resolution // 2  # tiny's space-to-depth downsample
+
+
+@pytest.mark.parametrize(("value", "says"), [(None, "data.init_args.resolution is null; set it"),
+                                             ([36, 64], "data.init_args.resolution [36, 64] is not one pixel side")])
+def test_a_null_or_non_square_resolution_is_an_error_naming_the_key_and_the_fix(tmp_path, value, says):
+    with pytest.raises(ValueError, match=re.escape(says)):
+        sizing.read_shape(_stage_without(tmp_path, "resolution", value))
