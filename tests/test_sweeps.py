@@ -102,6 +102,33 @@ def test_each_checkpoint_records_the_code_that_saved_it_and_every_commit_the_run
     assert "this fit runs commit ffffffffffff with uncommitted changes" in lines[0]
 
 
+def test_outside_a_git_checkout_the_code_a_run_and_its_checkpoints_record_holds_the_sources_digest(monkeypatch,
+                                                                                                    tmp_path):
+    """Outside a git checkout (a wheel, a copy) ``code_settings`` -- hparams.yaml's ``code``, each checkpoint's
+    ``code`` and ``code_history`` -- held the version alone (``git_commit`` and ``git_dirty`` None), so a resume with
+    changed sources of the same version added no history entry and said nothing. It holds ``source`` there now, as
+    ``evaluate.py``'s record does, and the history and the resume's line tell two sources apart."""
+    from mardini import run_info
+    from mardini.lit.code_record import entry, extended, other_code_line
+    from mardini.lit.run_settings import code_settings
+
+    real = run_info.code_version
+    monkeypatch.setattr(run_info, "code_version", lambda root=None: real(tmp_path))  # tmp_path: no repository
+    code_settings.cache_clear()
+    try:
+        code = code_settings()
+    finally:
+        code_settings.cache_clear()
+    assert code["git_commit"] is None and code["source"] == run_info.source_digest()
+    changed = {**code, "source": "sha256:0123456789abcdef"}  # the same version, other sources
+    history = extended([entry(code, 0)], changed, 5)
+    assert [(e["source"], e["from_step"]) for e in history] == [(code["source"], 0), (changed["source"], 5)]
+    line = other_code_line("last.ckpt", code, changed) or ""
+    assert f"written by the sources {code['source']} (no git commit" in line
+    assert f"this fit runs the sources {changed['source']}" in line
+    assert other_code_line("last.ckpt", code, dict(code)) is None
+
+
 VALIDATE_EACH_STEP = ["--trainer.max_steps=4", "--trainer.limit_val_batches=2", "--trainer.val_check_interval=1"]
 
 

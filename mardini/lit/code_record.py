@@ -5,8 +5,9 @@ run was trained with across its resumes.
 start's, a TensorBoard logger's the first's, which it never rewrites), and a checkpoint file said nothing of it. Each checkpoint a fit saves now holds, in its ``mardini``
 dict, ``code`` (:func:`~mardini.lit.run_settings.code_settings` of the process that saved it) and ``code_history``:
 one entry per change of code, ``{"git_commit", "git_dirty", "mardini", "from_step"}`` (the global step that code
-trained from), carried forward on resume and shown under ``code.history`` in ``hparams.yaml`` (which a resumed fit
-rewrites: ``resumed_logs.rewrite_hparams``).
+trained from; outside a git checkout also ``source``, the package sources' digest, which tells codes apart there),
+carried forward on resume and shown under ``code.history`` in ``hparams.yaml`` (which a resumed fit rewrites:
+``resumed_logs.rewrite_hparams``).
 """
 
 from __future__ import annotations
@@ -14,16 +15,21 @@ from __future__ import annotations
 from typing import Any
 
 ENTRY_KEYS = ("git_commit", "git_dirty", "mardini")  # what tells two codes apart in the history
+# and, outside a git checkout (no commit), the package sources' digest (run_info.source_digest)
+SOURCE_KEY = "source"
 
 
 def entry(code: dict[str, Any], step: int) -> dict[str, Any]:
-    """The history entry of ``code`` (``code_settings``' keys) training from global step ``step``."""
-    return {**{key: code.get(key) for key in ENTRY_KEYS}, "from_step": int(step)}
+    """The history entry of ``code`` (``code_settings``' keys) training from global step ``step``; ``source`` where
+    ``code`` holds it (outside a git checkout)."""
+    source = {SOURCE_KEY: code[SOURCE_KEY]} if code.get(SOURCE_KEY) else {}
+    return {**{key: code.get(key) for key in ENTRY_KEYS}, **source, "from_step": int(step)}
 
 
 def same_code(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether ``a`` and ``b`` (entries or ``code_settings``) name the same commit, changes flag and version."""
-    return all(a.get(key) == b.get(key) for key in ENTRY_KEYS)
+    """Whether ``a`` and ``b`` (entries or ``code_settings``) name the same commit, changes flag, version and, outside
+    a git checkout, sources digest."""
+    return all(a.get(key) == b.get(key) for key in (*ENTRY_KEYS, SOURCE_KEY))
 
 
 def earlier_history(meta: dict[str, Any]) -> list[dict[str, Any]]:
@@ -42,6 +48,8 @@ def extended(history: list[dict[str, Any]], code: dict[str, Any], step: int) -> 
 
 def describe(code: dict[str, Any] | None) -> str:
     """``commit 0123abcd4567`` (``, with uncommitted changes``), or what stands for an unknown commit."""
+    if code and not code.get("git_commit") and code.get(SOURCE_KEY):
+        return f"the sources {code[SOURCE_KEY]} (no git commit: not a git checkout)"
     if not code or not code.get("git_commit"):
         return "an unrecorded commit (not a git checkout, or a checkpoint written before 2026-12-07)"
     return f"commit {code['git_commit'][:12]}" + (" with uncommitted changes" if code.get("git_dirty") else "")

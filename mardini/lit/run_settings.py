@@ -71,12 +71,14 @@ def curriculum_settings(callbacks: list) -> dict[str, Any]:
 @functools.cache
 def code_settings() -> dict[str, Any]:
     """The code this process runs: ``mardini``'s version, the checkout's git commit and whether it had changes
-    (``git_dirty``; both None outside a git checkout), Python's and the libraries' versions (``run_info``). Read
-    once per process (git runs three times)."""
+    (``git_dirty``; both None outside a git checkout, where ``source``, the package sources' digest, tells codes
+    apart: :func:`~mardini.run_info.code_version`), Python's and the libraries' versions (``run_info``). Read once
+    per process (git runs three times)."""
     from mardini.run_info import code_version, library_versions
 
     code = code_version()
-    return {"mardini": code["version"], "git_commit": code["git_commit"], "git_dirty": code["git_dirty"],
+    source = {"source": code["source"]} if code.get("source") else {}
+    return {"mardini": code["version"], "git_commit": code["git_commit"], "git_dirty": code["git_dirty"], **source,
             **library_versions()}
 
 
