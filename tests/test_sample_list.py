@@ -172,6 +172,40 @@ def test_a_second_live_job_of_a_slice_is_refused_and_a_dead_job_s_lock_taken_ove
     assert record["sampled"] == 1 and seen == [os.getpid()] and not lock.exists()  # held while sampling, then freed
 
 
+def _live_lock(path) -> None:
+    """A lock at ``path`` of a live job (this process) that is not this run's."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": "then",
+                                "token": "other"}))
+
+
+@pytest.mark.parametrize("theirs", ["sample_0-of-4.lock", "sample.lock"])
+def test_a_job_of_another_slicing_is_refused_while_one_lives_in_the_folder_and_not_after_it(env, tmp_path, theirs):
+    """Slice 0 of 2 and slice 0 of 4 took different locks, so both ran in one --out: they share clips (0, 4, ...)
+    and one's leftovers clean-up removed the other's in-flight .part files. A live lock of another slicing now refuses
+    the job before it writes anything (naming it and the fixes); a dead one's does not."""
+    clips, out = _list(tmp_path, env["good"][:2]), tmp_path / "out"
+    other = out / theirs
+    _live_lock(other)
+    in_flight = out / "image_to_video_000000_0.part.gif"  # the other job's clip 0, being written
+    in_flight.write_bytes(b"half")
+    n = 4 if "of-4" in theirs else 1
+    with pytest.raises(ValueError, match=rf"--slice-index 0 --num-slices 2 of --out {out}: another sample.py job "
+                       rf"\(pid {os.getpid()} on host .*; lock file {other}\) samples this folder in {n} slice"):
+        _run(env, out, clips, "--slice-index", "0", "--num-slices", "2")
+    assert in_flight.exists() and not list(out.glob("manifest*")) and not (out / "sample_0-of-2.lock").exists()
+    old = time.time() - 3600
+    os.utime(other, (old, old))  # no heartbeat for an hour: that job is gone
+    record = _run(env, out, clips, "--slice-index", "0", "--num-slices", "2")
+    assert record["sampled"] == 1 and other.exists()  # the dead job's lock is left to its own slicing's takeover
+
+
+def test_jobs_of_one_slicing_run_beside_each_other(env, tmp_path):
+    clips, out = _list(tmp_path, env["good"][:2]), tmp_path / "out"
+    _live_lock(out / "sample_1-of-2.lock")
+    assert _run(env, out, clips, "--slice-index", "0", "--num-slices", "2")["sampled"] == 1
+
+
 def test_a_killed_job_s_part_files_of_the_slice_s_clips_are_removed_never_another_slice_s(env, tmp_path, capsys):
     """Before, a kill left ``x.part.mp4`` / ``.part.gif`` / ``frames/x.part/`` behind for a clip never rerun."""
     clips, out = _list(tmp_path, [env["good"][0], env["good"][1], env["bad"][0]]), tmp_path / "out"

@@ -16,7 +16,9 @@ index only, never on the batch or the slice it ran in (up to ``--batch``'s float
   when it skipped more clips than ``--max-skipped`` (default 0) allows (:func:`too_many_skipped`);
 - a job holds its slice's lock (``sample[_I-of-N].lock`` in ``--out``, a :class:`~mardini.lit.run_lock.RunLock`:
   heartbeat, a dead job's lock taken over), so a second live job of the slice (a requeue while the first runs) is
-  refused; under it, the ``.part`` files a killed job of the slice left are removed (:func:`remove_leftovers`).
+  refused, and so is a job while a live job of another slicing (``--num-slices``) holds a lock in ``--out`` (the
+  two would share clips); under it, the ``.part`` files a killed job of the slice left are removed
+  (:func:`remove_leftovers`).
 
 Clips are read, sampled and written one batch at a time, so memory does not grow with the list.
 """
@@ -35,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from mardini.lit.run_lock import STALE_AFTER_S, FolderInUseError, RunLock, read_record
+from mardini.lit.run_lock import STALE_AFTER_S, FolderInUseError, RunLock, held, read_record
 from mardini.pipeline.outputs import remove, replaced_when_done, save_frames
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
@@ -81,31 +83,64 @@ def lock_path(out: Path, slice_index: int, num_slices: int) -> Path:
     return out / ("sample.lock" if num_slices == 1 else f"sample_{slice_index}-of-{num_slices}.lock")
 
 
+LOCK_NAME = re.compile(r"sample(?:_(\d+)-of-(\d+))?\.lock")  # lock_path's names: (slice index, number of slices)
+
+
 @contextlib.contextmanager
 def slice_lock(out: Path, slice_index: int, num_slices: int) -> Iterator[RunLock]:
     """Hold the slice's lock in ``out`` for the block (:class:`~mardini.lit.run_lock.RunLock`: a heartbeat; the lock
-    of a job that is gone is taken over, with a warning); a live job's lock is a :class:`SliceInUseError`."""
+    of a job that is gone is taken over, with a warning); a live job's lock of this slice, or of any slice of another
+    slicing (:func:`other_slicings`), is a :class:`SliceInUseError`. The other slicings are looked for once this
+    lock is held, so that of two jobs of different slicings starting at once neither misses the other."""
     path = lock_path(out, slice_index, num_slices)
     try:
         lock = RunLock([out], path.name, holder="sample.py job").acquire()
     except FolderInUseError:
         raise SliceInUseError(slice_in_use_message(path, slice_index, num_slices)) from None
     try:
+        others = other_slicings(out, num_slices)
+        if others:
+            raise SliceInUseError(other_slicing_message(others[0], slice_index, num_slices))
         yield lock
     finally:
         lock.release()
+
+
+def other_slicings(out: Path, num_slices: int) -> list[Path]:
+    """The locks in ``out`` that live jobs (:func:`~mardini.lit.run_lock.held`: a dead job's lock is left alone)
+    hold for a slice of another number of slices than ``num_slices`` (``sample.lock``: one slice)."""
+    return [path for path in sorted(out.glob("sample*.lock"))
+            if (m := LOCK_NAME.fullmatch(path.name)) and int(m.group(2) or 1) != num_slices and held(path)]
 
 
 class SliceInUseError(FolderInUseError):
     """Another live job samples this slice into this ``--out`` (a user error: one line, no traceback)."""
 
 
-def slice_in_use_message(path: Path, slice_index: int, num_slices: int) -> str:
-    """The refusal: which job holds the slice, why two would break it, and the fixes."""
+def holder_line(path: Path) -> str:
+    """``pid P on host H, SLURM job J, started T`` of the job whose lock is at ``path``."""
     found = read_record(path)
     job = f", SLURM job {found['slurm_job_id']}" if found.get("slurm_job_id") else ""
-    holder = (f"pid {found.get('pid')} on host {found.get('host')}{job}, started {found.get('started')}" if found
-              else "a job whose lock is being written")
+    return (f"pid {found.get('pid')} on host {found.get('host')}{job}, started {found.get('started')}" if found
+            else "a job whose lock is being written")
+
+
+def other_slicing_message(path: Path, slice_index: int, num_slices: int) -> str:
+    """The refusal of a job of ``num_slices`` slices where a live job of another slicing holds the lock at ``path``."""
+    m = LOCK_NAME.fullmatch(path.name)
+    theirs = int(m.group(2) or 1) if m else "?"
+    return (f"--slice-index {slice_index} --num-slices {num_slices} of --out {path.parent}: another sample.py job "
+            f"({holder_line(path)}; lock file {path}) samples this folder in {theirs} slice(s): slicings of "
+            f"{num_slices} and {theirs} give some clips to both jobs, which write the same files and remove each "
+            f"other's half-written ones. Give this job its own --out, or use --num-slices {theirs} as that job does "
+            "(another --slice-index), or wait for it to end and rerun (the clips it finished are skipped). A lock "
+            f"stops counting once its job is gone (its pid on the same host, its SLURM job requeued, or no heartbeat "
+            f"for {STALE_AFTER_S:.0f} s); delete {path} only if you know it is gone")
+
+
+def slice_in_use_message(path: Path, slice_index: int, num_slices: int) -> str:
+    """The refusal: which job holds the slice, why two would break it, and the fixes."""
+    holder = holder_line(path)
     return (f"--slice-index {slice_index} --num-slices {num_slices} of --out {path.parent} is being sampled by "
             f"another sample.py job ({holder}; lock file {path}): two jobs of one slice write the same clips' files "
             "and manifest lines. Wait for that job to end (rerun this command then: it samples only the clips not "
