@@ -14,7 +14,8 @@ import torch
 import webdataset as wds
 
 from mardini.data.datamodule import VideoDataModule
-from mardini.data.sharding import atomic_tar
+from mardini.data.resumed_data import shard_sizes
+from mardini.data.sharding import atomic_tar, list_shards
 from mardini.data.testing import tiny_synthetic
 
 
@@ -183,7 +184,8 @@ def test_under_ddp_a_shard_change_one_rank_sees_restarts_every_rank(data, monkey
     monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 0)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
     monkeypatch.setattr(torch.distributed, "all_gather_object", lambda out, value, group=None: out.__setitem__(
-        slice(None), [value, True]))  # rank 1 found its shards changed; rank 0's are as recorded
+        slice(None), [value, True if isinstance(value, bool) else _rank_1_sizes(value)]))
+    # rank 1 found its shards changed; rank 0's are as recorded
     dm, said = _resumed(data, state)
     assert dm.state.resume is None, "rank 0 went on mid-epoch while rank 1 started the next epoch"
     assert len(said) == 1 and "on rank(s) [1]" in said[0] and "starts epoch 1" in said[0]
@@ -296,3 +298,58 @@ def test_inside_lightning_an_epoch_a_larger_batch_ends_is_over_and_the_next_come
                                                       ckpt_path=tmp_path / "ckpt" / "epoch=0-step=5.ckpt")
     assert [epoch for epoch, _ in module.seen] == [1, 1, 1, 1]
     assert [k for _, keys in module.seen for k in keys] == _stream_keys(data, 1, 16)
+
+
+def _rank_1_sizes(rank_0: dict[str, int | None]) -> dict[str, int | None]:
+    """What rank 1 of 2 sends to setup's all-gather of the shard sizes where rank 0 sends ``rank_0``: its slice's."""
+    return shard_sizes(list_shards(str(Path(next(iter(rank_0))).parent))[1::2])
+
+
+def test_under_ddp_each_rank_stats_its_own_slice_of_the_shards_and_one_all_gather_assembles_the_list(data,
+                                                                                                   monkeypatch):
+    """Every rank stat-ed every shard at setup (ranks x shards metadata reads on a shared file system). Now rank r of
+    W stats shards r, r + W, ... and one all-gather per split assembles the list, the same as one process's."""
+    from mardini.data import resumed_data
+
+    stat, statted = resumed_data.shard_sizes, []
+    monkeypatch.setattr(resumed_data, "shard_sizes", lambda shards: (statted.append(list(shards)), stat(shards))[1])
+    monkeypatch.setattr("mardini.data.datamodule.shard_sizes", resumed_data.shard_sizes, raising=False)  # old code's
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(torch.distributed, "all_gather_object", lambda out, value, group=None: out.__setitem__(
+        slice(None), [stat(list_shards(str(Path(next(iter(value))).parent))[0::2]), value]))  # rank 0 sends its own
+    dm = _dm(data)
+    dm.setup("fit")
+    train, val = list_shards(str(data / "train")), list_shards(str(data / "val"))
+    assert statted == [train[1::2], val[1::2]]  # rank 1's slices alone
+    assert dm.shard_sizes == {"train": stat(train), "val": stat(val)}
+    assert list(dm.shard_sizes["train"]) == train
+
+
+def test_a_checkpoint_of_many_shards_records_their_count_and_digest_and_a_resume_says_they_differ(data, monkeypatch):
+    """Each checkpoint held both splits' path -> bytes (1-2 MB for 10k shards). Above FULL_LIST_MAX shards it holds
+    their count and a digest now; an unchanged resume goes on mid-epoch, a changed one says how many shards became
+    how many."""
+    monkeypatch.setattr("mardini.data.resumed_data.FULL_LIST_MAX", 3, raising=False)  # train: 4 shards, val: 8
+    state = _stopped(data)
+    record = state["data"]["train_shards"]
+    assert set(record) == {"count", "sha256", "sizes"} and record["count"] == 4 and record["sizes"] is None
+    assert state["data"]["val_shards"]["sizes"] is None
+    dm, said = _resumed(data, state)
+    assert said == [] and dm.state.resume is not None
+    shutil.copy(data / "train" / "train-000000.tar", data / "train" / "train-000009.tar")
+    dm, said = _resumed(data, state)
+    assert len(said) == 1 and "data.train_shards: 4 shards -> 5 shards, contents differ" in said[0], said
+    assert "starts epoch 1 on the new ones" in said[0] and dm.state.resume is None
+
+
+def test_a_checkpoint_holding_the_full_shard_lists_still_names_the_shards_that_changed(data, monkeypatch):
+    """Checkpoints before the compact record hold path -> bytes; whatever their length, a resume names the change."""
+    monkeypatch.setattr("mardini.data.resumed_data.FULL_LIST_MAX", 3, raising=False)
+    state = _stopped(data)
+    train = list_shards(str(data / "train"))
+    state["data"] = {**state["data"], "train_shards": shard_sizes(train)}  # as an older checkpoint holds it
+    _rewrite_with_fewer_clips(data / "train" / "train-000001.tar", keep=3)
+    _, said = _resumed(data, state)
+    assert len(said) == 1 and f"data.train_shards: 1 rewritten ({train[1]}; {train[1]}:" in said[0], said

@@ -40,7 +40,7 @@ from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.utilities import rank_zero_warn
 
 from mardini.data.batch_split import check_split, epoch_batches, largest_rank_batch, rank_batch
-from mardini.data.resumed_data import data_record, mixed_epoch, resume_notes, shard_sizes, validation_reading
+from mardini.data.resumed_data import data_record, gathered_shard_sizes, mixed_epoch, resume_notes, validation_reading
 from mardini.data.setup_warnings import warn_once
 from mardini.data.shard_checks import (
     PROBE_SHARDS,
@@ -183,7 +183,8 @@ class VideoDataModule(L.LightningDataModule):
         self.train_set: ClipStream | None = None
         self.val_set: ClipStream | None = None
         self.train_data: dict | None = None  # the training shards' manifest settings (setup), saved in checkpoints
-        self.shard_sizes: dict[str, dict | None] = {"train": None, "val": None}  # setup's, saved in checkpoints
+        # setup's path -> bytes of each split (all ranks': gathered_shard_sizes); checkpoints keep a compact record
+        self.shard_sizes: dict[str, dict | None] = {"train": None, "val": None}
         self.resumed_data: dict | None = None  # what the checkpoint resumed recorded, until setup compares it
 
     # ----------------------------------------------------------------------------------------------
@@ -225,7 +226,7 @@ class VideoDataModule(L.LightningDataModule):
                 shards, batch_size=self.per_rank_batch_size, train=True, shuffle_buffer=self.shuffle_buffer,
                 crop=self.crop, crop_scale=self.crop_scale, epoch_batches=batches, **common,
             )
-            self.shard_sizes["train"] = shard_sizes(shards)
+            self.shard_sizes["train"] = gathered_shard_sizes(shards, self.rank, self.world_size)
         if stage in (None, "fit", "validate") and self.val_shards:
             shards = without_empty_shards(list_shards(self.val_shards), "data.val_shards")
             check_validation_split(self.val_shards, shards, self.world_size)
@@ -238,7 +239,7 @@ class VideoDataModule(L.LightningDataModule):
                 shards, batch_size=self.val_batch_size or largest_rank_batch(self.batch_size, self.world_size),
                 train=False, max_clips=self.val_clips, **common,
             )
-            self.shard_sizes["val"] = shard_sizes(shards)
+            self.shard_sizes["val"] = gathered_shard_sizes(shards, self.rank, self.world_size)
             if self.world_size > 1 and self.val_clips is not None and self.rank == 0:
                 message = val_clips_warning(self.val_set, max(1, self.num_workers))
                 if message:
@@ -313,7 +314,8 @@ class VideoDataModule(L.LightningDataModule):
         crops and order) and counts the skips of the batches it reads again once. ``train_data``: what the training
         shards' ``manifest.json`` records (:func:`shards_manifest`; the synthetic set's clip count, ...), so that a
         checkpoint says what it was trained on (read, not restored; checkpoints before 2026-12-07 lack it). ``data``:
-        the shards each split read and the ``data.*`` settings, which a resume compares with its own
+        the shards each split read (a compact record: :func:`~mardini.data.resumed_data.shard_record`) and the
+        ``data.*`` settings, which a resume compares with its own
         (:mod:`mardini.data.resumed_data`; checkpoints before 2026-12-08 lack it)."""
         s = self.state
         own = {"seed": s.seed, "epoch": s.epoch, "skipped": s.skipped_trained, "in_epoch": s.in_epoch,
@@ -349,12 +351,13 @@ class VideoDataModule(L.LightningDataModule):
         if self.train_set is not None:  # Lightning restores after setup; a caller may load before it
             self._compare_resumed_data()
 
-    def _data_record(self, seed: int | None = None) -> dict:
+    def _data_record(self, seed: int | None = None, whole: bool = False) -> dict:
         """What a checkpoint records of the data this module reads (:func:`~mardini.data.resumed_data.data_record`),
-        with the stream's seed or ``seed`` (the one the settings ask)."""
+        with the stream's seed or ``seed`` (the one the settings ask); ``whole`` keeps the shard lists whole (what a
+        resume compares with, to name the shards that changed where the checkpoint holds their list)."""
         seed = self.state.seed if seed is None else seed
         return data_record(dict(self.hparams), seed, self.shard_sizes["train"], self.shard_sizes["val"],
-                           self._validation_reading())
+                           self._validation_reading(), whole)
 
     def _validation_reading(self) -> dict | None:
         """How the validation split is read (:func:`~mardini.data.resumed_data.validation_reading`): the trainer's
@@ -372,7 +375,8 @@ class VideoDataModule(L.LightningDataModule):
         old, self.resumed_data = self.resumed_data, None
         if old is None or self.trainer is not None and self.trainer.state.fn != "fit":
             return
-        notes, restart = resume_notes(old, self._data_record(seed=self.hparams.seed), self.state.epoch)
+        new = self._data_record(seed=self.hparams.seed, whole=True)
+        notes, restart = resume_notes(old, new, self.state.epoch)
         for note in notes:
             rank_zero_warn(note)
         others = self._ranks_restarting(restart)

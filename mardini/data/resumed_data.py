@@ -1,8 +1,16 @@
 """What a resume finds changed in its data since the checkpoint: the training and validation shards (added, removed,
 rewritten) and the ``data.*`` settings, each said in one warning naming the change and what the resume does with it.
 
-A checkpoint records, beside the stream position, the shards each split read (path -> bytes) and the settings that
-decide what is read (:func:`data_record`). A resume compares them with its own (:func:`resume_notes`):
+A checkpoint records, beside the stream position, the shards each split read and the settings that decide what is
+read (:func:`data_record`). The shards are a compact record (:func:`shard_record`): their count, a digest of the
+sorted (path, bytes) pairs, and the list itself (path -> bytes) only while it is short (at most
+:data:`FULL_LIST_MAX` shards), so that a checkpoint of 10k shards does not carry a megabyte of paths; checkpoints
+that hold the full list (written before the record was made compact) are read as such. Each rank stats its own slice
+of the shards and one all-gather assembles the list (:func:`gathered_shard_sizes`): each shard's metadata is read
+once, not once per rank.
+
+A resume compares them with its own (:func:`resume_notes`), naming the shards added, removed or rewritten where the
+checkpoint holds the list, and ``N shards -> M shards, contents differ`` where it holds the digest alone:
 
 - other **training shards** (a shard added, removed, or rewritten: a corrupt one re-made, a cache rebuilt with more
   clips): the recorded position (raw samples read per worker in an epoch) counts samples of the old shard list, and
@@ -21,10 +29,13 @@ decide what is read (:func:`data_record`). A resume compares them with its own (
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Any
 
 from mardini.data.stream import name_shards, worker_quota
+from mardini.data.validation_split import all_gather_ranks
 
 # data.* settings that change what the training stream reads or how (num_workers: StreamLoader says so itself)
 TRAIN_SETTINGS = ("frames", "fps", "resolution", "latents", "crop", "crop_scale", "batch_size", "epoch_size",
@@ -37,11 +48,45 @@ VAL_SETTINGS = ("frames", "fps", "resolution", "latents", "val_clips")
 # limit_val_batches takes in turn. world_size: both caps are per rank. Without a cap every clip of the split is read
 # whatever these are, each once (val/loss draws per clip, by its key), so they are not compared then.
 VAL_READING = ("limit_val_batches", "batch", "readers", "world_size")
+FULL_LIST_MAX = 1000  # a checkpoint keeps a split's path -> bytes up to this many shards, its digest alone above
 
 
 def shard_sizes(shards: list[str]) -> dict[str, int | None]:
     """``path -> bytes`` of each shard (None: not a local file, a URL or ``pipe:``)."""
     return {shard: os.path.getsize(shard) if os.path.isfile(shard) else None for shard in shards}
+
+
+def gathered_shard_sizes(shards: list[str], rank: int, world_size: int) -> dict[str, int | None]:
+    """:func:`shard_sizes` of ``shards``, in their order. Where a process group of ``world_size`` runs, each rank
+    stats only its slice (shards ``rank``, ``rank + world_size``, ...) and one all-gather (a collective: every rank
+    calls it) assembles the rest; a shard no rank's slice held (ranks that list other shards) is statted here. A
+    process alone stats them all."""
+    if world_size < 2:
+        return shard_sizes(shards)
+    parts = all_gather_ranks(shard_sizes(shards[rank::world_size]), world_size)
+    if parts is None:  # ranks configured without a process group
+        return shard_sizes(shards)
+    known = {shard: size for part in parts for shard, size in part.items()}
+    return {shard: known[shard] if shard in known else shard_sizes([shard])[shard] for shard in shards}
+
+
+def shard_record(sizes: dict[str, int | None], whole: bool = False) -> dict[str, Any]:
+    """What a checkpoint keeps of a split's :func:`shard_sizes`: ``count``, ``sha256`` of the sorted (path, bytes)
+    pairs, and ``sizes`` (the dict itself) while it holds at most :data:`FULL_LIST_MAX` shards (or ``whole``), else
+    None."""
+    digest = hashlib.sha256(json.dumps(sorted(sizes.items())).encode()).hexdigest()
+    keep = whole or len(sizes) <= FULL_LIST_MAX
+    return {"count": len(sizes), "sha256": digest, "sizes": dict(sizes) if keep else None}
+
+
+def as_shard_record(value: dict | None) -> dict[str, Any] | None:
+    """``value`` as a :func:`shard_record`: a record as it is, a full ``path -> bytes`` dict (checkpoints written
+    before the record was made compact) made one (its list kept, whatever its length), None as None."""
+    if value is None:
+        return None
+    if isinstance(value.get("sha256"), str) and isinstance(value.get("count"), int):  # no bytes count is a str
+        return value
+    return shard_record(value, whole=True)
 
 
 def _plain(value: Any) -> Any:
@@ -50,12 +95,14 @@ def _plain(value: Any) -> Any:
 
 
 def data_record(hparams: dict[str, Any], seed: int, train: dict | None, val: dict | None,
-                reading: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What a checkpoint records of the data read: the training and validation shards (:func:`shard_sizes`, None
-    before ``setup``), the settings of :data:`TRAIN_SETTINGS` and :data:`VAL_SETTINGS` (from ``hparams``), the
-    stream's ``seed`` (the one drawn with: a resume's is its checkpoint's, whatever ``hparams`` say) and how the
-    validation split is read (``reading``: :func:`validation_reading`; older checkpoints lack it)."""
+                reading: dict[str, Any] | None = None, whole: bool = False) -> dict[str, Any]:
+    """What a checkpoint records of the data read: the training and validation shards (:func:`shard_record` of
+    their :func:`shard_sizes`, the lists kept whole where ``whole``; None before ``setup``), the settings of
+    :data:`TRAIN_SETTINGS` and :data:`VAL_SETTINGS` (from ``hparams``), the stream's ``seed`` (the one drawn with: a
+    resume's is its checkpoint's, whatever ``hparams`` say) and how the validation split is read (``reading``:
+    :func:`validation_reading`; older checkpoints lack it)."""
     settings = {k: _plain(hparams.get(k)) for k in sorted({*TRAIN_SETTINGS, *VAL_SETTINGS})}
+    train, val = (None if s is None else shard_record(s, whole) for s in (train, val))
     return {"train_shards": train, "val_shards": val, "settings": {**settings, "seed": seed}, "val_reading": reading}
 
 
@@ -69,7 +116,20 @@ def validation_reading(limit_val_batches: int | float | None, batch: int, num_wo
             "readers": max(1, num_workers), "world_size": world_size}
 
 
-def shard_changes(old: dict[str, int | None], new: dict[str, int | None]) -> list[str]:
+def shard_changes(old: dict | None, new: dict | None) -> list[str]:
+    """What changed between two splits' shards (:func:`shard_record` s, or ``path -> bytes`` dicts of older
+    checkpoints): the shards named (:func:`named_changes`) where both lists are known, else ``N shards -> M shards,
+    contents differ``; nothing where either is None or the digests agree."""
+    old, new = as_shard_record(old), as_shard_record(new)
+    if old is None or new is None or old["sha256"] == new["sha256"]:
+        return []
+    if old["sizes"] is not None and new["sizes"] is not None:
+        return named_changes(old["sizes"], new["sizes"])
+    return [f"{old['count']} shards -> {new['count']} shards, contents differ (a record of more than "
+            f"{FULL_LIST_MAX} shards holds their digest, not their list)"]
+
+
+def named_changes(old: dict[str, int | None], new: dict[str, int | None]) -> list[str]:
     """``N added (...)``, ``N removed (...)``, ``N rewritten (...: A -> B bytes)`` between two :func:`shard_sizes`."""
     added = [s for s in new if s not in old]
     removed = [s for s in old if s not in new]
@@ -96,9 +156,7 @@ def resume_notes(old: dict[str, Any], new: dict[str, Any], epoch: int) -> tuple[
     whether the training stream must start epoch ``epoch`` (the checkpoint's next) rather than go on mid-way."""
     notes: list[str] = []
     old_set, new_set = old.get("settings") or {}, new.get("settings") or {}
-    shards = []
-    if old.get("train_shards") is not None and new.get("train_shards") is not None:
-        shards = shard_changes(old["train_shards"], new["train_shards"])
+    shards = shard_changes(old.get("train_shards"), new.get("train_shards"))
     if shards:
         notes.append(
             f"resuming with other training shards than the checkpoint's (data.train_shards: {'; '.join(shards)}): "
