@@ -66,31 +66,6 @@ def set_logged_step(trainer: L.Trainer, step: int) -> None:
     loop._batches_that_stepped = step
 
 
-class ContinuedCSVLogger(CSVLogger):
-    """Lightning's CSVLogger, whose ``metrics.csv`` a resumed fit continues.
-
-    Lightning's deletes the ``metrics.csv`` of its folder when it starts ("Previous log files in this directory will
-    be deleted"), so a fit resumed in a stage's folder (a fixed version: the stage configs' layout) kept only the
-    steps logged after the resume. This one leaves the file until the fit saves its first metrics; then a fit that
-    resumes at step ``S`` (:meth:`continue_from`, which :class:`ResumedLogs` calls when training starts) keeps its
-    rows of steps below ``S`` (those from ``S`` on, logged after the checkpoint by a run that died, are logged again)
-    and goes on in it, and any other run replaces it, as Lightning's does. ``train.py fit`` logs to one in place of a
-    configured ``lightning.pytorch.loggers.CSVLogger``."""
-
-    @property
-    @rank_zero_experiment
-    def experiment(self) -> ContinuedWriter:
-        if self._experiment is None:  # as CSVLogger.experiment, with the writer below
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = ContinuedWriter(log_dir=self.log_dir)
-        return self._experiment
-
-    @rank_zero_only
-    def continue_from(self, step: int | None) -> None:
-        """Keep the earlier rows of steps below ``step`` (None: none) at the first save of metrics."""
-        self.experiment.continue_at = step
-
-
 class Utf8Files:
     """An fsspec filesystem whose text-mode ``open`` reads and writes UTF-8 unless told otherwise; everything else is
     the filesystem's."""
@@ -123,12 +98,14 @@ class Utf8CSVLogger(CSVLogger):
     """Lightning's CSVLogger writing ``metrics.csv`` in UTF-8 (:class:`Utf8Writer`); ``train.py validate`` logs to one
     in place of a configured ``lightning.pytorch.loggers.CSVLogger`` (a fit: :class:`ContinuedCSVLogger`)."""
 
+    writer_class = Utf8Writer  # the writer class experiment builds (ContinuedCSVLogger's: ContinuedWriter)
+
     @property
     @rank_zero_experiment
     def experiment(self) -> Utf8Writer:
         if self._experiment is None:  # as CSVLogger.experiment, with the writer above
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = Utf8Writer(log_dir=self.log_dir)
+            self._experiment = self.writer_class(log_dir=self.log_dir)
         return self._experiment
 
 
@@ -166,3 +143,22 @@ class ContinuedWriter(Utf8Writer):
             writer.writeheader()
             writer.writerows(rows)
         self._fs.mv(temp, path)  # a rename: a kill leaves the earlier file whole
+
+
+class ContinuedCSVLogger(Utf8CSVLogger):
+    """Lightning's CSVLogger, whose ``metrics.csv`` a resumed fit continues.
+
+    Lightning's deletes the ``metrics.csv`` of its folder when it starts ("Previous log files in this directory will
+    be deleted"), so a fit resumed in a stage's folder (a fixed version: the stage configs' layout) kept only the
+    steps logged after the resume. This one leaves the file until the fit saves its first metrics; then a fit that
+    resumes at step ``S`` (:meth:`continue_from`, which :class:`ResumedLogs` calls when training starts) keeps its
+    rows of steps below ``S`` (those from ``S`` on, logged after the checkpoint by a run that died, are logged again)
+    and goes on in it, and any other run replaces it, as Lightning's does. ``train.py fit`` logs to one in place of a
+    configured ``lightning.pytorch.loggers.CSVLogger``."""
+
+    writer_class = ContinuedWriter
+
+    @rank_zero_only
+    def continue_from(self, step: int | None) -> None:
+        """Keep the earlier rows of steps below ``step`` (None: none) at the first save of metrics."""
+        self.experiment.continue_at = step
