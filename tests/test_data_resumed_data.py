@@ -270,6 +270,34 @@ def test_a_batch_size_changed_mid_epoch_goes_on_from_the_next_clip_and_says_how_
     assert _epoch_keys(dm) == _stream_keys(data, 1, 16)  # then epoch 1, whole at the new size
 
 
+def _rank_module(root: Path, rank: int, **kw) -> VideoDataModule:
+    """A module as rank ``rank`` of 2 sets it up (no process group: each rank's part alone)."""
+    dm = _dm(root, **kw)
+    dm.configure_ranks(rank, 2)
+    return dm
+
+
+def test_a_batch_size_change_that_leaves_one_rank_its_batch_ends_the_epoch_on_every_rank(data):
+    """data.batch_size 4 -> 5 on 2 ranks: rank 0's batch 2 -> 3 (an epoch of 16 clips: 8 -> 5 batches), rank 1's
+    stays 2. After 6 trained batches the epoch is over at the new size on both ranks (they step together). Before,
+    only the rank whose own batch changed marked it ended: rank 0 gave Lightning no batch of epoch 0 while rank 1
+    started epoch 1 inside it (5 batches), the ranks one epoch apart (under DDP, collectives that never meet)."""
+    passes = []
+    for rank in (0, 1):
+        stopped = _rank_module(data, rank, batch_size=4)
+        stopped.setup("fit")
+        it = iter(stopped.train_dataloader())
+        for _ in range(6):
+            stopped.on_before_batch_transfer(next(it), 0)
+        dm = _rank_module(data, rank, batch_size=5)
+        dm.load_state_dict(stopped.state_dict())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dm.setup("fit")
+        passes.append([len(list(dm.train_dataloader())), len(list(dm.train_dataloader()))])
+    assert passes == [[0, 5], [0, 5]]  # epoch 0 ends at once on both, epoch 1 comes whole on both
+
+
 class _Recording(_Tiny):
     """:class:`_Tiny` recording ``(epoch, keys)`` of every batch it trains on."""
 

@@ -387,7 +387,7 @@ class VideoDataModule(L.LightningDataModule):
         if restart or others:
             self.state.resume = None  # StreamLoader starts epoch state.epoch, the checkpoint's next
         old_batch = (old.get("settings") or {}).get("batch_size")
-        if old_batch is not None and self.train_set is not None:
+        if old_batch not in (None, self.batch_size) and self.train_set is not None:  # the global batch: every rank
             note = mixed_epoch(self.state.resume, rank_batch(old_batch, self.rank, self.world_size),
                                self.per_rank_batch_size, self.train_set.epoch_batches, max(1, self.num_workers))
             if note is not None:  # every rank marks an epoch that ended (mixed_epoch), rank 0 says it

@@ -233,12 +233,15 @@ def mixed_epoch(resume: dict | None, old_batch: int, new_batch: int, batches: in
     ``resume["ended"]`` is set: the epoch ends there (:class:`~mardini.data.stream_loader.StreamLoader` gives Lightning
     no batch of it) and the next one starts whole; before, the stream started the next epoch inside it, and Lightning,
     its count past the epoch's end, trained all of it in the interrupted epoch, its epochs one behind the stream's from
-    there. None where the batch is the same or the epoch does not go on mid-way (no position; other workers)."""
-    if resume is None or old_batch == new_batch or resume["workers"] != workers:
+    there. Called on every rank where the global batch changed, also where this rank's own is the same (2 -> 2 of
+    ``data.batch_size`` 4 -> 5 on 2 ranks): the epoch's batch count changed for all, and the ranks, which step
+    together, must all end it. None where the epoch does not go on mid-way (no position; other workers), or goes on
+    at this rank's same batch (nothing to say)."""
+    if resume is None or resume["workers"] != workers:
         return None
     done = {int(w): int(b) for w, (_, b) in resume["progress"].items()}  # worker -> batches delivered
     trained, full = sum(done.values()), batches * new_batch
-    ended = trained >= batches
+    ended = trained >= batches  # the same on every rank: each trained as many batches, the epoch's count is shared
     rest = 0 if ended else sum(max(0, worker_quota(batches, w, workers) - done.get(w, 0)) for w in range(workers))
     clips = trained * old_batch + rest * new_batch
     head = (f"resuming epoch {resume['epoch']} mid-way under another batch size ({old_batch} -> {new_batch} clips per "
@@ -249,6 +252,8 @@ def mixed_epoch(resume: dict | None, old_batch: int, new_batch: int, batches: in
         return (f"{head}, which already reach the {batches} of an epoch at the new size: the epoch ends there, "
                 f"{clips} clips instead of the {full} of an uninterrupted epoch (the last {full - clips} clips of its "
                 f"stream never read), and epoch {resume['epoch'] + 1} starts whole at the new size")
+    if old_batch == new_batch:
+        return None
     if clips > full:
         odd = f"{clips - full} clips more: its stream goes on past the end an uninterrupted epoch's would have"
     else:
