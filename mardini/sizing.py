@@ -88,7 +88,7 @@ def read_shape(path: str | Path) -> StageShape:
                       frames=int(args.get("frames") or _data_setting(dargs, "frames", path)),
                       latent=_side(dargs, path) // down,
                       latent_low=int(args.get("planner_resolution", 16)) // down,
-                      batch=int(dargs.get("batch_size", 1)),
+                      batch=int(_data_setting(dargs, "batch_size", path)),
                       checkpointing={"planner": bool(planner.get("checkpointing")),
                                      "generator": bool(generator.get("checkpointing"))},
                       planner_head=kind == "planner" or bool(args.get("plan_recon_weight", 0.0)),

@@ -159,3 +159,12 @@ def test_a_config_without_data_resolution_is_sized_at_the_data_module_s_default(
 def test_a_null_or_non_square_resolution_is_an_error_naming_the_key_and_the_fix(tmp_path, value, says):
     with pytest.raises(ValueError, match=re.escape(says)):
         sizing.read_shape(_stage_without(tmp_path, "resolution", value))
+
+
+def test_a_config_without_data_batch_size_is_sized_at_the_data_module_s_default(tmp_path):
+    """read_shape read a missing data.init_args.batch_size as 1 clip, while the fit reads VideoDataModule's default
+    there (8): the report sized a batch the fit never trains. It reads the default now, as for resolution."""
+    from mardini.data.datamodule import VideoDataModule
+
+    shape = sizing.read_shape(_stage_without(tmp_path, "batch_size"))
+    assert shape.batch == VideoDataModule().batch_size
