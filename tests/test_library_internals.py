@@ -76,7 +76,11 @@ ATTRIBUTES = [
     ("webdataset.tariterators.tar_file_expander",
      "mardini/data/stream.py (_shard_samples: tarfile_samples' chain, the shard file closed by us)"),
     ("webdataset.tariterators.group_by_keys",
-     "mardini/data/stream.py (_shard_samples: tarfile_samples' chain, the shard file closed by us)"),
+     "mardini/data/stream.py (_shard_samples: tarfile_samples' chain, the shard file closed by us); "
+     "mardini/pipeline/shard_clips.py (_index: a shard's clips keyed as the stream keys them)"),
+    ("webdataset.tariterators.meta_prefix",
+     "mardini/pipeline/shard_clips.py (_members: the members tar_file_iterator skips, skipped alike)"),
+    ("webdataset.tariterators.meta_suffix", "mardini/pipeline/shard_clips.py (_members)"),
     ("av.sidedata.sidedata.SideDataContainer",
      "mardini/data/decode.py (display_matrix; without it frame.side_data, which keeps every frame alive)"),
     ("warnings.filters",

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mardini.data.sharding import atomic_tar, json_bytes
+from mardini.data.synthetic_shards import write_synthetic_split
 from mardini.data.testing import moving_frames, write_video
 from mardini.pipeline.cli import main
 from pipeline_helpers import killed_on_the_second_gif, make_checkpoint, one_thread  # noqa: F401 (fixture)
@@ -31,9 +33,11 @@ def env(tmp_path_factory, one_thread):
         Image.fromarray(frames[2 * i]).save(root / f"img {i}.png")  # a space: the list quotes it
     write_video(root / "clip.mp4", frames, 8)
     (root / "broken.png").write_text("not an image")
+    write_synthetic_split(root / "my shards", "val", 3, 2, frames=8, height=16, width=16, fps=8.0, progress=False)
     good = [f'"{root / "img 0.png"}"', f'"{root / "img 1.png"}"', str(root / "clip.mp4"), f'"{root / "img 2.png"}"']
     return {"root": root, "ckpt": str(make_checkpoint(root / "joint.ckpt", "joint", frames=5, size=16)),
-            "good": good, "bad": [str(root / "missing.png"), str(root / "broken.png")]}
+            "good": good, "bad": [str(root / "missing.png"), str(root / "broken.png")],
+            "shards": str(root / "my shards" / "val")}
 
 
 def _list(tmp_path, lines: list[str]) -> str:
@@ -234,3 +238,74 @@ def test_a_manifest_line_cut_short_by_a_kill_does_not_swallow_the_next(tmp_path)
         f.write('{"index": 0, "input": ["a.png"], "sta')  # killed mid-line
     append_line(manifest, {"index": 1, "input": ["b.png"], "status": "done", "files": []})
     assert list(read_manifests(tmp_path, {"seed": 0})) == [1]
+
+
+def _shard_list(env, tmp_path) -> tuple[str, list[str]]:
+    """The list ``python -m mardini.pipeline.shard_clips`` writes of the module's shards, and its clips."""
+    from mardini.pipeline.many import read_list
+    from mardini.pipeline.shard_clips import main as list_clips
+
+    path = tmp_path / "shard clips.txt"
+    assert list_clips([env["shards"], "--out", str(path)]) == 0
+    return str(path), [" ".join(paths) for paths in read_list(path)]
+
+
+def test_shard_clips_listed_by_key_are_sampled_slice_by_slice_as_shards_mode_samples_them(env, tmp_path):
+    """``--shards DIR --clips N`` held every clip and sample in memory, could not be sliced and wrote no manifest.
+    A list of ``SHARD.tar#KEY`` lines (python -m mardini.pipeline.shard_clips) samples them clip by clip, in
+    slices, each clip seeded --seed + its line's index: the frames the --shards mode gives it."""
+    clips, lines = _shard_list(env, tmp_path)
+    shards = sorted(Path(env["shards"]).glob("*.tar"))
+    assert lines == [f"{shards[0]}#val-0000000", f"{shards[0]}#val-0000001", f"{shards[1]}#val-0000002"]
+    assert "'" in Path(clips).read_text()  # the folder's space is quoted
+    sliced = tmp_path / "sliced"
+    for i in range(2):
+        _run(env, sliced, clips, "--batch", "1", "--seed", "10", "--slice-index", str(i), "--num-slices", "2")
+    entries = {**_manifest(sliced / "manifest_0-of-2.jsonl"), **_manifest(sliced / "manifest_1-of-2.jsonl")}
+    assert {i: (e["status"], e["seed"], e["input"]) for i, e in entries.items()} == {
+        i: ("done", 10 + i, [line]) for i, line in enumerate(lines)}
+    assert "clip val-0000002 of" in entries[2]["inputs"][0]
+    whole = tmp_path / "whole"
+    main(["image_to_video", "--ckpt", env["ckpt"], "--shards", env["shards"], "--clips", "3", "--batch", "1",
+          "--seed", "10", "--steps", "1", "--no-progress", "--png", "--out", str(whole)])
+    for i in range(3):
+        assert np.array_equal(_frames(sliced / "frames" / f"image_to_video_{i:06d}_0"),
+                              _frames(whole / "frames" / f"image_to_video_{i:03d}"))
+
+
+def test_unreadable_shard_clips_are_skipped_and_counted_and_a_rerun_resumes(env, tmp_path):
+    """Old code read every ``SHARD.tar#KEY`` line as an image file. Each unreadable shard clip (a key its shard does
+    not hold, a missing shard, a corrupt sample, a shard named without a clip) is skipped with its reason now; the
+    good ones are sampled once, a rerun samples nothing again."""
+    _, lines = _shard_list(env, tmp_path)
+    bad_shard = tmp_path / "bad.tar"
+    with atomic_tar(bad_shard) as sink:
+        sink.write({"__key__": "broken", "json": json_bytes({"fps": 8.0, "frames": 8}), "video.npy": b"not npy"})
+    first_shard = lines[0].split("#")[0]
+    clips = _list(tmp_path, [f'"{lines[1]}"', f'"{first_shard}#nope"', f"{tmp_path}/gone.tar#val-0000000",
+                             f"{bad_shard}#broken", f'"{first_shard}"'])
+    out = tmp_path / "out"
+    record = _run(env, out, clips, "--max-skipped", "4")
+    assert record["sampled"] == 1 and record["skipped"] == 4
+    errors = [s["error"] for s in record["skipped_clips"]]
+    assert "holds no clip 'nope'" in errors[0] and "gone.tar does not exist" in errors[1]
+    assert "clip broken of shard" in errors[2] and "is a shard, not a clip: name one of its clips" in errors[3]
+    assert _manifest(out / "manifest.jsonl")[0]["seed"] == 0
+    again = _run(env, out, clips, "--max-skipped", "4")
+    assert again["sampled"] == 0 and again["done_before"] == 1 and again["skipped"] == 4
+
+
+def test_shard_clips_are_read_as_their_batch_needs_them_not_all_first(env, tmp_path, monkeypatch):
+    """``--shards --clips N`` read all N clips before sampling the first; a list of shard clips reads a clip when its
+    batch fills (one read ahead of the batch: the read that shows the batch is full), so memory holds one batch."""
+    import mardini.pipeline.cli
+    from mardini.pipeline.pipeline import MarDiniPipeline
+
+    clips, _ = _shard_list(env, tmp_path)
+    events, read, generate = [], mardini.pipeline.cli.read_shard_clip, MarDiniPipeline.generate
+    monkeypatch.setattr(mardini.pipeline.cli, "read_shard_clip", lambda *a: (events.append("read"), read(*a))[1])
+    monkeypatch.setattr(MarDiniPipeline, "generate", lambda self, video, mask, **kw: (
+        events.append(f"sample {video.shape[0]}"), generate(self, video, mask, **kw))[1])
+    _run(env, tmp_path / "out", clips, "--batch", "1")
+    assert events == ["read", "read", "sample 1", "read", "sample 1", "sample 1"]
+

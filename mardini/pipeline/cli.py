@@ -12,7 +12,8 @@
 Writes ``<out>/<task>_NNN.mp4|.gif`` per sample (``--png``: also ``<out>/frames/<task>_NNN/frame_XX.png``,
 lossless), ``contact_sheet.png`` (given frames framed in green) and ``settings.json``. Inputs are brought to the
 checkpoint's training resolution (centre crop + resize by default, with a message saying so); ``--resolution`` /
-``--resize`` change that. ``--list FILE`` samples one clip per line of FILE, batch by batch, resumably
+``--resize`` change that. ``--list FILE`` samples one clip per line of FILE (image files, a video file, or a shard
+clip ``SHARD.tar#KEY``: :mod:`mardini.pipeline.shard_clips`), batch by batch, resumably
 (:mod:`mardini.pipeline.many`).
 """
 
@@ -38,6 +39,7 @@ from mardini.pipeline.inputs import (
     parse_indices,
     parse_size,
     read_images,
+    read_shard_clip,
     read_shard_clips,
     read_video,
     video_fps,
@@ -63,10 +65,13 @@ def build_parser(prog: str = "sample.py") -> argparse.ArgumentParser:
     src.add_argument("--images", nargs="+", help="image files: the given frames, in order")
     src.add_argument("--video", help="a video file, read from --start every --stride frames up to the last frame "
                      "--keep picks (the default --keep of expand, long_video, slow_motion: up to the window)")
-    src.add_argument("--shards", help="a shard split (directory, pattern): --clips clips of the window's length "
-                     "(longer when --keep reaches further), centred as in validation; --keep picks the given frames")
+    src.add_argument("--shards", help="a shard split (directory, pattern): its first --clips clips of the window's "
+                     "length (longer when --keep reaches further), centred as in validation, held in memory; --keep "
+                     "picks the given frames (for many clips, list them: --list)")
     src.add_argument("--list", help="a text file of many clips, one per line: its --images files (in order, shell "
-                     "quoting for spaces) or one video file (.mp4, .mov, ...); clip i (its line's number among the "
+                     "quoting for spaces), one video file (.mp4, .mov, ...) or one shard clip SHARD.tar#KEY (read "
+                     "as --shards reads it; python -m mardini.pipeline.shard_clips SHARDS lists a split's clips "
+                     "so); clip i (its line's number among the "
                      "clips) is seeded --seed + i and written as <task>_<i:06d>_<sample>.mp4/.gif, listed in "
                      "manifest.jsonl; a rerun skips the clips done, an unreadable clip is skipped and counted (exit "
                      "status 1 unless --max-skipped allows it)")
@@ -241,10 +246,7 @@ def load_inputs(a, pipe: MarDiniPipeline, size) -> tuple[torch.Tensor, list[str]
             note += (f"; the video gives {len(frames)} frame(s) from --start {a.start}, fewer than the window of "
                      f"{span}: all are given")
         return clips[:, keep], names, keep, [note], src / stride if src else None
-    if size is None:
-        raise ValueError("--shards needs a sampling size: pass --resolution (the checkpoint does not record one)")
-    keep = keep or default_keep(a.task, span)
-    read = max(span, max(keep) + 1)
+    keep, read = shard_frames(a, pipe, size)
     clips, names, rates = read_shard_clips(a.shards, a.clips, read, pipe.fps, size)  # (B, read, 3, H, W)
     rates = sorted({round(r, 6) for r in rates})
     note = (f"{len(names)} clip(s) of {read} frames from {a.shards} at {size[0]}x{size[1]} (centre crop), read at "
@@ -252,6 +254,25 @@ def load_inputs(a, pipe: MarDiniPipeline, size) -> tuple[torch.Tensor, list[str]
     if len(names) < a.clips:
         note += f"; --clips {a.clips} asked for, the split gives {len(names)}"
     return clips[:, keep], names, keep, [note], rates[0] if len(rates) == 1 else None
+
+
+def shard_frames(a, pipe: MarDiniPipeline, size) -> tuple[list[int], int]:
+    """The given frames (``--keep`` or the task's default) and how many frames a shard clip is read with: one
+    window, longer when they reach further."""
+    if size is None:
+        raise ValueError("--shards needs a sampling size: pass --resolution (the checkpoint does not record one)")
+    span = a.frames or pipe.window
+    keep = parse_indices(a.keep) or default_keep(a.task, span)
+    return keep, max(span, max(keep) + 1)
+
+
+def load_shard_clip(a, pipe: MarDiniPipeline, size, shard: str, key: str):
+    """:func:`load_inputs` of one clip of a shard, named by its key (a ``--list`` line ``SHARD.tar#KEY``): the
+    frames ``--shards`` reads for it; ``a`` passed :func:`check_inputs` with ``a.shards`` set."""
+    keep, read = shard_frames(a, pipe, size)
+    clip, fps = read_shard_clip(shard, key, read, pipe.fps, size)  # (read, 3, H, W)
+    note = f"clip {key} of {shard}: {read} frames at {size[0]}x{size[1]} (centre crop), read at {fps:g} fps"
+    return clip[None, keep], [key], keep, [note], fps
 
 
 # --------------------------------------------------------------------------------------------------

@@ -163,6 +163,22 @@ def read_shard_clips(shards: str, clips: int, frames: int, fps: float | None, si
     return torch.cat(videos)[:clips], keys[:clips], rates[:clips]
 
 
+def read_shard_clip(shard: str, key: str, frames: int, fps: float | None, size: tuple[int, int]):
+    """Clip ``key`` of the local ``shard`` as :func:`read_shard_clips` reads it (centred start, centre crop: the same
+    frames) -> ``(frames, 3, H, W)`` and the rate it was read at, reading its members alone
+    (:func:`mardini.pipeline.shard_clips.read_sample`); an unreadable clip is a ValueError or OSError naming it."""
+    from mardini.data.stream import ClipStream
+    from mardini.pipeline.shard_clips import read_sample
+
+    raw = read_sample(shard, key)
+    stream = ClipStream([shard], frames=frames, fps=fps, resolution=size, batch_size=1, train=False)
+    try:
+        out = stream.decode_pixels(raw, torch.Generator())  # a finite split's draws: none (centred)
+    except BadSample as e:
+        raise ValueError(f"clip {key} of shard {shard} could not be read: {e}") from e
+    return out["video"], float(out["fps"])
+
+
 def parse_indices(text: str | None) -> list[int] | None:
     """``"0,4,8"`` -> [0, 4, 8]; ``"0-3"`` -> [0, 1, 2, 3] (a range needs both ends); None stays None."""
     if text is None:

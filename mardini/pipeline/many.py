@@ -1,8 +1,10 @@
 """``sample.py --list FILE``: many clips in one command, for inference at scale.
 
-Each line of the list is one clip's inputs (``--images``' files, or one video file as ``--video``); the item's index
-is its line's number among the list's clips (blank and ``#`` lines do not count). What an item gives depends on that
-index only, never on the batch or the slice it ran in (up to ``--batch``'s float rounding):
+Each line of the list is one clip's inputs (``--images``' files, one video file as ``--video``, or one clip of a
+local shard as ``SHARD.tar#KEY``, read as ``--shards`` reads it: :mod:`mardini.pipeline.shard_clips` lists a split's
+clips so); the item's index is its line's number among the list's clips (blank and ``#`` lines do not count). What
+an item gives depends on that index only, never on the batch or the slice it ran in (up to ``--batch``'s float
+rounding):
 
 - its seed is ``--seed + index``; its files are ``<out>/<task>_<index:06d>_<sample>.mp4|.gif`` (``--png``: the frames
   in ``frames/<task>_<index:06d>_<sample>/``);
@@ -39,6 +41,7 @@ import torch
 
 from mardini.lit.run_lock import STALE_AFTER_S, FolderInUseError, RunLock, held, read_record
 from mardini.pipeline.outputs import remove, replaced_when_done, save_frames
+from mardini.pipeline.shard_clips import shard_clip
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 
@@ -250,16 +253,29 @@ def write_sample(out: Path, stem: str, video: torch.Tensor, fps: float, png: boo
     return files
 
 
+def one_input(a: argparse.Namespace, paths: list[str]) -> argparse.Namespace:
+    """The options of ``sample.py`` run on one line's clip alone: ``--shards`` for a shard clip (``SHARD.tar#KEY``),
+    ``--video`` for one file with a video suffix, else ``--images``."""
+    clip = shard_clip(paths)
+    video = clip is None and len(paths) == 1 and Path(paths[0]).suffix.lower() in VIDEO_SUFFIXES
+    if clip is None and len(paths) == 1 and paths[0].lower().endswith(".tar"):
+        raise ValueError(f"{paths[0]} is a shard, not a clip: name one of its clips as SHARD.tar#KEY (python -m "
+                         "mardini.pipeline.shard_clips SHARDS lists them all)")
+    return argparse.Namespace(**{**vars(a), "list": None, "images": None if video or clip else paths,
+                                 "video": paths[0] if video else None, "shards": paths[0] if clip else None})
+
+
 def read_item(a: argparse.Namespace, pipe, size, sampled: int, index: int, paths: list[str]) -> Item:
-    """Read one line's clip as ``sample.py`` reads ``--images`` or ``--video`` (one file with a video suffix);
-    a ValueError or OSError names what is wrong with it."""
+    """Read one line's clip as ``sample.py`` reads ``--images``, ``--video`` (one file with a video suffix) or a
+    ``--shards`` clip (``SHARD.tar#KEY``: :func:`~mardini.pipeline.cli.load_shard_clip`); a ValueError or OSError
+    names what is wrong with it."""
     from mardini.pipeline import cli
 
-    video = len(paths) == 1 and Path(paths[0]).suffix.lower() in VIDEO_SUFFIXES
-    one = argparse.Namespace(**{**vars(a), "list": None, "images": None if video else paths,
-                                "video": paths[0] if video else None})
+    one = one_input(a, paths)
     cli.check_inputs(one)
-    given, _, positions, notes, fps = cli.load_inputs(one, pipe, size)  # (1, n, 3, H, W)
+    clip = shard_clip(paths)
+    loaded = cli.load_shard_clip(one, pipe, size, *clip) if clip else cli.load_inputs(one, pipe, size)
+    given, _, positions, notes, fps = loaded  # (1, n, 3, H, W)
     spacing = cli.spacing_note(one, positions, sampled)
     return Item(index, paths, given, positions, notes + ([spacing] if spacing else []), fps)
 
