@@ -57,7 +57,8 @@ def build_parser(prog: str = "sample.py") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("task", choices=TASKS)
-    p.add_argument("--ckpt", required=True, help="a joint (or generation) checkpoint written by train.py")
+    p.add_argument("--ckpt", required=True, help="a joint (or generation) checkpoint written by train.py, or a folder "
+                   "written by python -m mardini.export")
     p.add_argument("--window", type=int, help="the trained window (frames) of a checkpoint that records none, e.g. "
                    "one written by trainer.fit(model, dataloader) (default: the window the checkpoint records)")
     add_allow_autoencoder_argument(p)

@@ -34,7 +34,8 @@ from mardini.diffusion.checks import check_eta, frame_mask
 from mardini.masking import validate_mask
 from mardini.pipeline import tasks
 from mardini.pipeline.denoise import make_denoise_fn
-from mardini.pipeline.loading import load_checkpoint
+from mardini.pipeline.loading import Loaded, load_checkpoint
+from mardini.pipeline.pretrained import is_pretrained, load_pretrained
 
 CPU_TOKENS_WARN = 16384  # generator tokens per window past which sampling on a CPU warns
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -148,8 +149,29 @@ class MarDiniPipeline:
         """A pipeline from a ``joint`` (or ``generation``) checkpoint written by ``train.py``; EMA weights by default.
         ``window``: the trained window of a checkpoint that records none; ``allow_autoencoders``: class paths of
         one's own autoencoders (outside ``mardini.autoencoders``) the checkpoint may name (see
-        :func:`load_checkpoint`)."""
+        :func:`load_checkpoint`). A folder written by ``python -m mardini.export`` is read by
+        :meth:`from_pretrained`; ``ema`` must then name the weights it holds, and it records its window."""
+        if is_pretrained(path):
+            if window is not None:
+                raise ValueError(f"{path} is a released model, which records its window: leave window out")
+            return cls.from_pretrained(path, device=device, dtype=dtype, allow_autoencoders=allow_autoencoders,
+                                       ema=ema)
         ld = load_checkpoint(path, ema=ema, window=window, allow_autoencoders=allow_autoencoders)
+        return cls._from_loaded(ld, device, dtype)
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | Path, device: str | torch.device | None = "cpu", dtype: torch.dtype | str = torch.float32,
+        vae_path: str | Path | None = None, allow_autoencoders: Collection[str] = (), ema: bool | None = None,
+    ) -> MarDiniPipeline:
+        """A pipeline from a released folder (``model.safetensors`` and ``config.json``, ``python -m
+        mardini.export``); ``vae_path``: where the diffusers VAE it names is, when not inside the folder; ``ema``:
+        None takes the weights it holds, True or False refuses a folder of the other ones."""
+        return cls._from_loaded(load_pretrained(folder, vae_path, allow_autoencoders, ema), device, dtype)
+
+    @classmethod
+    def _from_loaded(cls, ld: Loaded, device, dtype) -> MarDiniPipeline:
+        """A pipeline from what a loader rebuilt."""
         return cls(ld.generator, ld.autoencoder, ld.planner, ld.schedule, ld.planner_resolution, ld.window,
                    ld.resolution, ld.fps, ld.kind, device, dtype, ld.info, ld.anchor)
 
