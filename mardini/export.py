@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from mardini.lit.checkpoint_io import _umask
+from mardini.lit.checkpoint_io import current_umask
 from mardini.lit.checkpoints import read_checkpoint
 from mardini.pipeline.loading import Loaded, load_checkpoint
 from mardini.pipeline.pretrained import CONFIG, FORMAT, FORMAT_VERSION, WEIGHTS
@@ -76,7 +76,7 @@ def export_pretrained(src: str | Path, out: str | Path, ema: bool = True, vae_pa
     config = released_config(ld, read_checkpoint(src)["mardini"], vae_path)
     out.mkdir(parents=True, exist_ok=True)
     save_file(network_tensors(ld), str(out / WEIGHTS), metadata={"format": "pt"})
-    os.chmod(out / WEIGHTS, 0o666 & ~_umask())  # safetensors writes 0600: the mode config.json gets
+    os.chmod(out / WEIGHTS, 0o666 & ~current_umask())  # safetensors writes 0600: the mode config.json gets
     (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return config
 

@@ -32,7 +32,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: the mode any file written here gets
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600: the mode any file written here gets
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -41,7 +41,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         stale.unlink(missing_ok=True)
 
 
-def _umask() -> int:
+def current_umask() -> int:
     """The process's umask (read by setting it, so set back at once)."""
     mask = os.umask(0o022)
     os.umask(mask)
