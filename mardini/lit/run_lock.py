@@ -258,11 +258,17 @@ def alive(pid: int) -> bool:
     return True
 
 
+def holder_text(found: dict, what: str = "fit") -> str:
+    """``pid P on host H, SLURM job J, started T`` of a lock's record ``found`` (empty: ``a <what> whose lock is
+    being written``)."""
+    job = f", SLURM job {found['slurm_job_id']}" if found.get("slurm_job_id") else ""
+    return (f"pid {found.get('pid')} on host {found.get('host')}{job}, started {found.get('started')}" if found
+            else f"a {what} whose lock is being written")
+
+
 def in_use_message(path: Path, found: dict) -> str:
     """The refusal: who holds the folder, why two fits there break both, and the fixes."""
-    job = f", SLURM job {found['slurm_job_id']}" if found.get("slurm_job_id") else ""
-    holder = (f"pid {found.get('pid')} on host {found.get('host')}{job}, started {found.get('started')}" if found
-              else "a fit whose lock is being written")
+    holder = holder_text(found)
     return (f"{path.parent} is in use by another fit ({holder}; lock file {path}). Two fits in one log folder "
             "overwrite each other's last.ckpt, step checkpoints, config.yaml and hparams.yaml and mix their event "
             "files. Give this run its own folder: another trainer.logger.init_args.version (e.g. --trainer.logger."

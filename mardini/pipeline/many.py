@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from mardini.lit.run_lock import STALE_AFTER_S, FolderInUseError, RunLock, held, read_record
+from mardini.lit.run_lock import STALE_AFTER_S, FolderInUseError, RunLock, held, holder_text, read_record
 from mardini.pipeline.outputs import remove, replaced_when_done, save_frames
 from mardini.pipeline.shard_clips import shard_clip
 
@@ -122,10 +122,7 @@ class SliceInUseError(FolderInUseError):
 
 def holder_line(path: Path) -> str:
     """``pid P on host H, SLURM job J, started T`` of the job whose lock is at ``path``."""
-    found = read_record(path)
-    job = f", SLURM job {found['slurm_job_id']}" if found.get("slurm_job_id") else ""
-    return (f"pid {found.get('pid')} on host {found.get('host')}{job}, started {found.get('started')}" if found
-            else "a job whose lock is being written")
+    return holder_text(read_record(path), "job")
 
 
 def other_slicing_message(path: Path, slice_index: int, num_slices: int) -> str:
